@@ -1,0 +1,169 @@
+"""The `pipeline` command: run, status, estimate, reparse, export, render, serve-local."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from pipeline import __version__
+from pipeline.config import ConfigError, load_config, with_overrides
+
+EPILOG = """exit codes:
+  0  every row of the run is ok
+  1  some rows are error, blocked or partial (see `pipeline status`)
+  2  bad config or usage
+  3  stopped early (Ctrl-C, SIGTERM or the daily quota): rerun the same command to resume"""
+
+
+def _run(args: argparse.Namespace) -> int:
+    from pipeline.runner import RunOptions, run
+
+    config = with_overrides(
+        load_config(args.config),
+        base_url=args.base_url,
+        model=args.model,
+        kind=args.task,
+        rpm=args.rpm,
+        concurrency=args.concurrency,
+        paths=args.input,
+        output=args.output,
+    )
+    summary = run(
+        config,
+        RunOptions(retry_errors=args.retry_errors, limit=args.limit, progress=not args.quiet),
+    )
+    rows = dict(summary.rows)
+    print(
+        f"run {summary.run_id}: {sum(rows.values())} rows {rows}, skipped {summary.skipped} "
+        f"already done, {summary.api_calls} API calls, {summary.throttled} 429s -> "
+        f"{config.output.dir}",
+        file=sys.stderr,
+    )
+    if summary.stop_reason:
+        print(f"stopped: {summary.stop_reason}. {summary.resume_hint}", file=sys.stderr)
+    return summary.exit_code
+
+
+def _status(args: argparse.Namespace) -> int:
+    from pipeline.dataset import format_status, status
+
+    report = status(args.output_dir)
+    print(json.dumps(report, indent=2, default=str) if args.json else format_status(report))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from pipeline.export import export_coco
+
+    counts = export_coco(args.output_dir, args.out)
+    print(f"wrote {args.out}: {counts}", file=sys.stderr)
+    return 0
+
+
+def _render(args: argparse.Namespace) -> int:
+    from pipeline.render import render
+
+    report = render(args.output_dir, args.out, limit=args.limit)
+    print(f"wrote {args.out}/index.html: {report}", file=sys.stderr)
+    return 0
+
+
+def _estimate(args: argparse.Namespace) -> int:
+    from pipeline.estimate import estimate, format_estimate
+
+    config = with_overrides(load_config(args.config), paths=args.input, model=args.model)
+    report = estimate(config, limit=args.limit)
+    print(json.dumps(report, indent=2) if args.json else format_estimate(report))
+    return 0
+
+
+def _reparse(args: argparse.Namespace) -> int:
+    from pipeline.reparse import reparse
+
+    report = reparse(args.output_dir, config_path=args.config, mask_threshold=args.mask_threshold)
+    print(json.dumps(report), file=sys.stderr)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from pipeline.localserver import serve_from_args
+
+    return serve_from_args(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pipeline",
+        description="Turn folders of images into Parquet datasets with Gemini.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="process new images of a config into Parquet", epilog=EPILOG)
+    p.add_argument("config", help="TOML config file")
+    p.add_argument("--input", action="append", metavar="PATH", help="input folder (repeatable)")
+    p.add_argument("--output", metavar="DIR", help="output folder")
+    p.add_argument("--base-url", metavar="URL", help='API base URL, or "local"')
+    p.add_argument("--model")
+    p.add_argument("--task", choices=["detect", "segment", "caption", "classify", "custom"])
+    p.add_argument("--rpm", type=int)
+    p.add_argument("--concurrency", type=int)
+    p.add_argument("--limit", type=int, metavar="N", help="at most N new images")
+    p.add_argument("--retry-errors", action="store_true", help="redo rows that ended in error")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.set_defaults(func=_run)
+
+    p = sub.add_parser("status", help="counts by status, tokens and what remains")
+    p.add_argument("output_dir")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_status)
+
+    p = sub.add_parser("estimate", help="dry run: tokens, cost and time, no API call")
+    p.add_argument("config")
+    p.add_argument("--input", action="append", metavar="PATH")
+    p.add_argument("--model")
+    p.add_argument("--limit", type=int, metavar="N")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_estimate)
+
+    p = sub.add_parser("reparse", help="re-read stored raw answers with new parse settings")
+    p.add_argument("output_dir")
+    p.add_argument("--config", help="config whose [task] settings to parse with")
+    p.add_argument("--mask-threshold", type=int)
+    p.set_defaults(func=_reparse)
+
+    p = sub.add_parser("export", help="export a dataset")
+    fmt = p.add_subparsers(dest="format", required=True)
+    c = fmt.add_parser("coco", help="COCO detection / segmentation JSON")
+    c.add_argument("output_dir")
+    c.add_argument("--out", required=True, metavar="FILE.json")
+    c.set_defaults(func=_export)
+
+    p = sub.add_parser("render", help="overlays and an index.html gallery")
+    p.add_argument("output_dir")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--limit", type=int)
+    p.set_defaults(func=_render)
+
+    p = sub.add_parser("serve-local", help="the local Gemini-compatible server")
+    from pipeline.localserver import add_serve_arguments
+
+    add_serve_arguments(p)
+    p.set_defaults(func=_serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 3

@@ -1,0 +1,19 @@
+"""Protocol-only async client for the Gemini REST API (generateContent, Interactions, Files)."""
+
+from pipeline.gemini.client import (
+    DEFAULT_BASE_URL,
+    GeminiClient,
+    api_key_from_env,
+    parse_generate_content,
+)
+from pipeline.gemini.errors import GeminiError
+from pipeline.gemini.interactions import parse_interaction
+
+__all__ = [
+    "DEFAULT_BASE_URL",
+    "GeminiClient",
+    "GeminiError",
+    "api_key_from_env",
+    "parse_generate_content",
+    "parse_interaction",
+]

@@ -1,0 +1,68 @@
+"""Files API pieces that need no connection: resource JSON -> FileInfo, and upload chunking.
+
+Chunks come from disk through aiofiles in fixed sizes, so an upload never holds more than one
+chunk of the file in memory whatever the file's size.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiofiles
+import aiofiles.os
+
+from pipeline.gemini.types import FileInfo
+
+DEFAULT_CHUNK_SIZE = 8 * 1024 * 1024  # the SDK's chunk size
+
+
+def _field(obj: dict[str, Any], camel: str, snake: str) -> Any:
+    """The service writes camelCase; accept snake_case too, as the service itself does."""
+    value = obj.get(camel)
+    return obj.get(snake) if value is None else value
+
+
+def parse_file_info(obj: Any) -> FileInfo:
+    """A File resource (`{"name": "files/abc", "uri": ..., ...}`) as FileInfo."""
+    if not isinstance(obj, dict) or not obj.get("name"):
+        raise ValueError("a File resource needs a name")
+    size = _field(obj, "sizeBytes", "size_bytes")  # int64: a JSON string on the wire
+    return FileInfo(
+        name=str(obj["name"]),
+        uri=str(obj.get("uri") or ""),
+        mime_type=str(_field(obj, "mimeType", "mime_type") or ""),
+        size_bytes=int(size) if size is not None else 0,
+        state=str(obj.get("state") or "STATE_UNSPECIFIED"),
+        expiration_time=_field(obj, "expirationTime", "expiration_time"),
+        sha256_hash=_field(obj, "sha256Hash", "sha256_hash"),
+        display_name=_field(obj, "displayName", "display_name"),
+    )
+
+
+def file_id(name: str) -> str:
+    """ "files/abc" or "abc" (or a full file URI) -> "abc", for building resource paths."""
+    return name.rstrip("/").rsplit("/", 1)[-1]
+
+
+async def source_size(source: str | os.PathLike[str] | bytes) -> int:
+    if isinstance(source, bytes | bytearray | memoryview):
+        return len(source)
+    return (await aiofiles.os.stat(source)).st_size
+
+
+async def read_chunks(
+    source: str | os.PathLike[str] | bytes, chunk_size: int
+) -> AsyncIterator[bytes]:
+    """The source's bytes in chunks of `chunk_size` (the last may be shorter)."""
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    if isinstance(source, bytes | bytearray | memoryview):
+        view = memoryview(source)
+        for start in range(0, len(view), chunk_size):
+            yield bytes(view[start : start + chunk_size])
+        return
+    async with aiofiles.open(source, "rb") as handle:
+        while chunk := await handle.read(chunk_size):
+            yield chunk

@@ -1,0 +1,190 @@
+"""Staying inside the account's quotas: requests/minute, input tokens/minute, requests/day.
+
+The service counts RPM and TPM in fixed calendar-minute windows, so a client that spends a whole
+minute's quota in a burst can land twice the limit in one window. The limiter therefore paces:
+at most about `burst_seconds` of capacity at once, then a steady flow, and both minute limits are
+checked and taken together in one place. Workers queue FIFO on a lock and only the head of the
+queue waits on the clock, so hundreds of workers cost no polling.
+
+On a 429 the whole pool slows down (multiplicative decrease of the rate, and a pause for the
+server's retryDelay) and climbs back linearly while requests succeed (AIMD).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta, timezone
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from asyncio_throttle import Throttler
+
+HEADROOM = 0.985  # aim just under the limit: pacing jitter must not cross a fixed window's edge
+DECREASE = 0.7  # multiplicative decrease on a 429
+RECOVERY_PER_SECOND = 0.02  # additive increase: from half speed back to full in ~25 s
+MIN_FACTOR = 0.05
+
+
+@dataclass
+class LimiterStats:
+    throttled: int = 0  # 429s reported
+    waited_seconds: float = 0.0  # time the head of the queue spent waiting for capacity
+
+
+class TokenBucket:
+    """Input tokens per minute, refilled continuously; may go negative when billing corrects it."""
+
+    def __init__(self, per_minute: int, burst_seconds: float, now: float) -> None:
+        self.per_minute = per_minute
+        self.burst_seconds = burst_seconds
+        self.factor = 1.0
+        self.level = self.capacity
+        self.stamp = now
+
+    @property
+    def rate(self) -> float:
+        return self.per_minute * HEADROOM * self.factor / 60.0
+
+    @property
+    def capacity(self) -> float:
+        return self.per_minute * HEADROOM / 60.0 * self.burst_seconds
+
+    def refill(self, now: float) -> None:
+        self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
+        self.stamp = now
+
+    def wait_time(self, cost: float, now: float) -> float:
+        """Seconds until `cost` fits; a request larger than the burst may go when it is full."""
+        self.refill(now)
+        need = min(cost, self.capacity)
+        return 0.0 if self.level >= need else (need - self.level) / self.rate
+
+    def take(self, cost: float) -> None:
+        self.level -= cost
+
+
+class RateLimiter:
+    """RPM (through asyncio-throttle) and TPM (a token bucket), taken together, with AIMD."""
+
+    def __init__(
+        self,
+        rpm: int | None,
+        tpm: int | None,
+        *,
+        burst_seconds: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.rpm = rpm
+        self.clock = clock
+        self.burst_seconds = burst_seconds
+        self.stats = LimiterStats()
+        self.factor = 1.0  # AIMD multiplier on the configured (or discovered) rates
+        self._lock = asyncio.Lock()
+        self._pause_until = 0.0
+        self._last_decrease = -1e9
+        self._last_update = clock()
+        self._recent: deque[float] = deque()  # dispatch times over the last 10 s
+        self._tokens = TokenBucket(tpm, burst_seconds, clock()) if tpm else None
+        self._throttler: Throttler | None = None
+        if rpm:
+            self._set_rpm(rpm)
+
+    def _set_rpm(self, rpm: float) -> None:
+        """Let through `burst` requests per window of `period` s: burst / period = rpm / 60."""
+        target = max(rpm * HEADROOM * self.factor, 0.1)
+        burst = max(1, round(target / 60.0 * self.burst_seconds))
+        period = burst * 60.0 / target
+        if self._throttler is None:
+            self._throttler = Throttler(rate_limit=burst, period=period, retry_interval=0.005)
+        else:
+            self._throttler.rate_limit, self._throttler.period = burst, period
+
+    @property
+    def effective_rpm(self) -> float | None:
+        return self.rpm * HEADROOM * self.factor if self.rpm else None
+
+    async def acquire(self, cost: float) -> None:
+        """Wait for one request's slot and `cost` input tokens, then take both at once."""
+        async with self._lock:
+            started = self.clock()
+            while True:
+                now = self.clock()
+                if self._pause_until > now:
+                    await asyncio.sleep(self._pause_until - now)
+                    continue
+                self._recover(now)
+                wait = self._tokens.wait_time(cost, now) if self._tokens else 0.0
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                    continue
+                if self._throttler is not None:
+                    await self._throttler.acquire()
+                if self._tokens:
+                    self._tokens.refill(self.clock())
+                    self._tokens.take(cost)
+                break
+            now = self.clock()
+            self.stats.waited_seconds += now - started
+            self._recent.append(now)
+            while self._recent and now - self._recent[0] > 10.0:
+                self._recent.popleft()
+
+    def correct(self, estimated: float, billed: float) -> None:
+        """Charge the difference between what a request was weighed at and what was billed."""
+        if self._tokens and billed > 0:
+            self._tokens.take(billed - estimated)
+
+    def throttled(self, retry_delay: float | None) -> None:
+        """A 429: pause for the server's delay and cut the rate (once per burst window)."""
+        now = self.clock()
+        self.stats.throttled += 1
+        if retry_delay:
+            self._pause_until = max(self._pause_until, now + retry_delay)
+        if now - self._last_decrease < max(self.burst_seconds, 1.0):
+            return
+        self._last_decrease = now
+        if not self.rpm:
+            # No configured limit: adopt the rate that was just too much as a discovered one.
+            observed = len(self._recent) / 10.0 * 60.0 if self._recent else 60.0
+            self.rpm = max(1, int(observed))
+            self.factor = 1.0
+        self.factor = max(MIN_FACTOR, self.factor * DECREASE)
+        self._apply_factor()
+
+    def _recover(self, now: float) -> None:
+        elapsed, self._last_update = now - self._last_update, now
+        if self.factor < 1.0 and now - self._last_decrease > max(self.burst_seconds, 1.0):
+            self.factor = min(1.0, self.factor + RECOVERY_PER_SECOND * elapsed)
+            self._apply_factor()
+
+    def _apply_factor(self) -> None:
+        if self.rpm:
+            self._set_rpm(self.rpm)
+        if self._tokens:
+            self._tokens.factor = self.factor
+
+
+PACIFIC_FALLBACK = timezone(timedelta(hours=-8), "PST")
+
+
+def _pacific() -> timezone | ZoneInfo:
+    try:
+        return ZoneInfo("America/Los_Angeles")
+    except ZoneInfoNotFoundError:  # no tz database: standard time is close enough for a reset hint
+        return PACIFIC_FALLBACK
+
+
+def quota_day(now: datetime | None = None) -> date:
+    """The service's day: requests/day reset at midnight Pacific time."""
+    return (now or datetime.now(UTC)).astimezone(_pacific()).date()
+
+
+def next_quota_reset(now: datetime | None = None) -> datetime:
+    """When the daily quota resets (midnight Pacific), in UTC."""
+    tz = _pacific()
+    local = (now or datetime.now(UTC)).astimezone(tz)
+    midnight = datetime.combine(local.date() + timedelta(days=1), datetime.min.time(), tz)
+    return midnight.astimezone(UTC)

@@ -1,0 +1,283 @@
+"""Mask maths: Gemini's mask forms in, COCO compressed RLE out, all in numpy.
+
+This is a hot path (every segmentation object of every image passes through it), so nothing
+here loops over pixels in Python: run lengths come from `np.diff`, the COCO string codec works
+on whole arrays of run lengths at once, and a mask that lives inside a box is run-length encoded
+from the box alone instead of from a full-image array (`rle_encode_box`).
+
+COCO's compressed RLE (pycocotools `rleToString`): the binary mask is read in column-major
+order, as alternating runs starting with zeros; each run length from the fourth on is stored
+as the difference to the run two before it; every value is written as 5-bit groups, least
+significant first, each group + 48 as one character, bit 0x20 set on all but the last group and
+bit 0x10 of the last group carrying the sign.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_DATA_URL = re.compile(rb"^\s*data:[^,]{0,100}?,")
+# 12 five-bit groups hold 60 bits, far beyond any image's run length; wider shifts are unsafe.
+_MAX_GROUPS = 12
+_GROUP_INDEX = np.arange(_MAX_GROUPS, dtype=np.int64)
+_FITS_BELOW = np.int64(1) << (_GROUP_INDEX[1:] * 5 - 1)  # k groups hold |x| < 2^(5k-1)
+
+
+def decode_png_mask(data: str | bytes) -> np.ndarray:
+    """A base64 PNG probability map (optionally a `data:` URL, or raw PNG bytes) -> uint8 HxW.
+
+    Gemini sends "data:image/png;base64,..." but the prefix is sometimes missing, padding is
+    sometimes dropped and line breaks may appear; all of that is accepted. Anything that does not
+    decode to a PNG raises ValueError with the reason, so the caller can keep the object without
+    its mask and say why.
+    """
+    raw = data.encode("ascii", "replace") if isinstance(data, str) else bytes(data)
+    if not raw.startswith(PNG_SIGNATURE):
+        raw = _DATA_URL.sub(b"", raw, count=1)
+        raw = re.sub(rb"\s+", b"", raw)
+        if not raw:
+            raise ValueError("mask is empty")
+        raw = raw.replace(b"-", b"+").replace(b"_", b"/")  # URL-safe alphabet
+        raw += b"=" * (-len(raw) % 4)
+        try:
+            raw = base64.b64decode(raw, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise ValueError(f"mask is not valid base64 ({exc})") from None
+    if not raw.startswith(PNG_SIGNATURE):
+        raise ValueError("mask is not a PNG")
+    try:
+        with Image.open(io.BytesIO(raw), formats=["PNG"]) as image:
+            image.load()
+            return _probability_map(image)
+    except ValueError:
+        raise
+    except Exception as exc:  # Pillow raises many types on corrupt data (OSError, SyntaxError...)
+        raise ValueError(f"mask PNG cannot be decoded ({type(exc).__name__}: {exc})") from None
+
+
+def _probability_map(image: Image.Image) -> np.ndarray:
+    """Any PNG mode -> uint8 2-D map: grey as is, colour via luminance, 16-bit scaled to 8."""
+    if image.mode == "L":
+        return np.asarray(image, dtype=np.uint8)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        wide = np.asarray(image).astype(np.int64)
+        return np.clip(wide >> 8 if wide.max(initial=0) > 255 else wide, 0, 255).astype(np.uint8)
+    if image.mode == "LA":
+        return np.asarray(image.getchannel("L"), dtype=np.uint8)
+    return np.asarray(image.convert("L"), dtype=np.uint8)
+
+
+def box_to_pixels(box_2d: Sequence[float], width: int, height: int) -> tuple[int, int, int, int]:
+    """[ymin, xmin, ymax, xmax] in 0-1000 -> the integer pixel box (x0, y0, x1, y1) of its mask.
+
+    The seed's rule: int(value / 1000 * size), y first. Corners are sorted and values clipped
+    to 0-1000 first, so the box always lies inside the image (it may be empty).
+    """
+    ya, xa, yb, xb = (min(max(float(v), 0.0), 1000.0) for v in box_2d)
+    y0, y1 = (ya, yb) if ya <= yb else (yb, ya)
+    x0, x1 = (xa, xb) if xa <= xb else (xb, xa)
+    return (
+        int(x0 / 1000 * width),
+        int(y0 / 1000 * height),
+        int(x1 / 1000 * width),
+        int(y1 / 1000 * height),
+    )
+
+
+def box_mask(prob: np.ndarray, box_px: Sequence[int], threshold: int = 127) -> np.ndarray:
+    """The binary mask of the box alone: the map resized to the box (Pillow bilinear) > threshold.
+
+    Pillow's bilinear resize is what the guide's sample uses, so masks match its output exactly.
+    """
+    x0, y0, x1, y1 = box_px
+    box_w, box_h = x1 - x0, y1 - y0
+    if box_w <= 0 or box_h <= 0:
+        return np.zeros((max(box_h, 0), max(box_w, 0)), dtype=bool)
+    prob = np.ascontiguousarray(prob, dtype=np.uint8)
+    if prob.shape != (box_h, box_w):
+        image = Image.fromarray(prob, mode="L")
+        prob = np.asarray(image.resize((box_w, box_h), Image.Resampling.BILINEAR))
+    return prob > threshold
+
+
+def place_box_mask(
+    prob: np.ndarray, box_px: Sequence[int], width: int, height: int, threshold: int = 127
+) -> np.ndarray:
+    """Resize a probability map to its box, binarise (> threshold), place it in a full HxW mask."""
+    full = np.zeros((height, width), dtype=bool)
+    x0, y0, x1, y1 = box_px
+    inside = box_mask(prob, box_px, threshold)
+    if inside.size:
+        full[y0:y1, x0:x1] = inside
+    return full
+
+
+def polygon_to_mask(points_norm: Sequence[Sequence[float]], width: int, height: int) -> np.ndarray:
+    """[x, y] points in 0-1000 over the whole image -> bool HxW mask (filled, outline included)."""
+    mask, box_px = polygon_box_mask(points_norm, width, height)
+    full = np.zeros((height, width), dtype=bool)
+    x0, y0, x1, y1 = box_px
+    full[y0:y1, x0:x1] = mask
+    return full
+
+
+def polygon_box_mask(
+    points_norm: Sequence[Sequence[float]], width: int, height: int
+) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """A polygon drawn only over its own bounding box: (mask of that box, (x0, y0, x1, y1)).
+
+    Drawing the small box instead of the whole image keeps big images cheap; pair it with
+    `rle_encode_box`. Points are clipped to the image.
+    """
+    pts = np.asarray(points_norm, dtype=np.float64).reshape(-1, 2)
+    if len(pts) < 3 or not np.isfinite(pts).all():
+        raise ValueError("a polygon needs at least 3 finite [x, y] points")
+    xs = np.clip(pts[:, 0] / 1000 * width, 0, max(width - 1, 0))
+    ys = np.clip(pts[:, 1] / 1000 * height, 0, max(height - 1, 0))
+    x0, y0 = int(np.floor(xs.min())), int(np.floor(ys.min()))
+    x1 = min(int(np.ceil(xs.max())) + 1, width)
+    y1 = min(int(np.ceil(ys.max())) + 1, height)
+    canvas = Image.new("1", (x1 - x0, y1 - y0), 0)
+    ImageDraw.Draw(canvas).polygon(
+        list(zip((xs - x0).tolist(), (ys - y0).tolist(), strict=True)), fill=1, outline=1
+    )
+    return np.asarray(canvas, dtype=bool), (x0, y0, x1, y1)
+
+
+def rle_encode(mask: np.ndarray) -> dict:
+    """COCO compressed RLE of a 2-D mask: {"size": [h, w], "counts": str}.
+
+    Byte-identical to pycocotools.mask.encode(np.asfortranarray(mask.astype(np.uint8))), with
+    counts as str instead of bytes so it goes straight into Parquet and JSON.
+    """
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be 2-D, got shape {mask.shape}")
+    height, width = mask.shape
+    flat = np.ascontiguousarray(mask.T, dtype=bool).reshape(-1)  # column-major order
+    changes = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    if flat.size and flat[0]:
+        changes = np.concatenate(([0], changes))
+    return {"size": [height, width], "counts": _counts_string(changes, flat.size)}
+
+
+def rle_encode_box(inside: np.ndarray, box_px: Sequence[int], width: int, height: int) -> dict:
+    """COCO RLE of a full HxW mask that is empty except for `inside` at box_px, without building it.
+
+    Equal to rle_encode(full mask) but costs work in proportion to the box, not the image:
+    every change of value happens inside a box column or at its ends, and in column-major order
+    a pixel (y, x) sits at x * height + y.
+    """
+    x0, y0, x1, y1 = box_px
+    box_h, box_w = inside.shape
+    if (x1 - x0, y1 - y0) != (box_w, box_h):
+        raise ValueError(f"box {tuple(box_px)} does not match a mask of shape {inside.shape}")
+    if not (0 <= x0 <= x1 <= width and 0 <= y0 <= y1 <= height):
+        raise ValueError(f"box {tuple(box_px)} is outside a {width}x{height} image")
+    columns = np.zeros((box_w, box_h + 2), dtype=bool)
+    columns[:, 1:-1] = inside.T
+    flat = columns.reshape(-1)
+    at = np.flatnonzero(flat[1:] != flat[:-1])  # index into flat of the last pixel before a change
+    col, row = np.divmod(at, box_h + 2)
+    changes = (x0 + col) * height + y0 + row  # the full-image position where the new value starts
+    if changes.size > 1:
+        # A box spanning the whole height: a run that ends at the bottom of one column and one
+        # that starts at the top of the next are the same run; drop both change points.
+        same = changes[1:] == changes[:-1]
+        if same.any():
+            drop = np.zeros(changes.size, dtype=bool)
+            drop[1:] |= same
+            drop[:-1] |= same
+            changes = changes[~drop]
+    return {"size": [height, width], "counts": _counts_string(changes, width * height)}
+
+
+def _counts_string(changes: np.ndarray, total: int) -> str:
+    """Change positions (sorted, in [0, total]) -> COCO counts string."""
+    bounds = np.concatenate(([0], changes, [total])).astype(np.int64)
+    counts = np.diff(bounds)
+    if counts.size > 1 and counts[-1] == 0:  # the mask ends with ones: no empty closing run
+        counts = counts[:-1]
+    return _encode_counts(counts)
+
+
+def _encode_counts(counts: np.ndarray) -> str:
+    """Run lengths -> COCO's LEB128-like string, all values at once."""
+    if counts.size == 0:
+        return ""
+    deltas = counts.astype(np.int64)
+    if deltas.size > 3:
+        deltas[3:] = counts[3:] - counts[1:-2]
+    # A value takes k characters when it fits in 5k bits as a signed number: |x| < 2^(5k-1)
+    # (written ~x for negatives). Only as many group columns as the widest value needs.
+    magnitude = np.where(deltas < 0, ~deltas, deltas)
+    n_chars = np.searchsorted(_FITS_BELOW, magnitude, side="right") + 1
+    index = _GROUP_INDEX[: int(n_chars.max())]
+    groups = (deltas[:, None] >> (index * 5)) & 0x1F  # 5-bit groups, least significant first
+    cont = (index < (n_chars - 1)[:, None]) << 5  # bit 0x20: another character follows
+    chars = (groups | cont) + 48
+    return chars[index < n_chars[:, None]].astype(np.uint8).tobytes().decode("ascii")
+
+
+def _decode_counts(counts: str | bytes | Sequence[int]) -> np.ndarray:
+    """COCO counts (compressed string, or an uncompressed list) -> run lengths (int64)."""
+    if not isinstance(counts, (str, bytes)):
+        return np.asarray(counts, dtype=np.int64).reshape(-1)
+    raw = np.frombuffer(counts.encode("ascii") if isinstance(counts, str) else counts, np.uint8)
+    if raw.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    values = raw.astype(np.int64) - 48
+    if (values < 0).any() or (values > 63).any():
+        raise ValueError("RLE counts string has characters outside COCO's alphabet")
+    last = (values & 0x20) == 0
+    if not last[-1]:
+        raise ValueError("RLE counts string ends inside a value")
+    value_id = np.concatenate(([0], np.cumsum(last)[:-1]))
+    starts = np.flatnonzero(np.concatenate(([True], last[:-1])))
+    position = np.arange(values.size) - starts[value_id]
+    if position.max() >= _MAX_GROUPS:
+        raise ValueError("RLE counts string has a value too long to be a run length")
+    parts = (values & 0x1F) << (5 * position)
+    decoded = np.add.reduceat(parts, starts)
+    ends = np.flatnonzero(last)
+    negative = (values[ends] & 0x10) != 0
+    n_groups = position[ends] + 1
+    decoded = np.where(negative, decoded - (np.int64(1) << (5 * n_groups)), decoded)
+    # Undo "difference to the run two before" from the fourth run on: running sums per parity.
+    runs = decoded.copy()
+    if runs.size > 3:
+        runs[3::2] = runs[1] + np.cumsum(decoded[3::2])
+    if runs.size > 4:
+        runs[4::2] = runs[2] + np.cumsum(decoded[4::2])
+    return runs
+
+
+def _size(rle: dict) -> tuple[int, int]:
+    height, width = (int(v) for v in rle["size"])
+    if height < 0 or width < 0:
+        raise ValueError(f"RLE size must be non-negative, got {rle['size']}")
+    return height, width
+
+
+def rle_decode(rle: dict) -> np.ndarray:
+    """COCO RLE (compressed string, bytes, or uncompressed list counts) -> bool HxW mask."""
+    height, width = _size(rle)
+    runs = _decode_counts(rle["counts"])
+    if (runs < 0).any() or int(runs.sum()) != height * width:
+        raise ValueError(f"RLE runs do not add up to the {height}x{width} image")
+    values = np.zeros(runs.size, dtype=bool)
+    values[1::2] = True
+    flat = np.repeat(values, runs)
+    return flat.reshape(width, height).T
+
+
+def rle_area(rle: dict) -> int:
+    """Pixels inside the mask, from the run lengths alone."""
+    return int(_decode_counts(rle["counts"])[1::2].sum())

@@ -1,0 +1,126 @@
+"""The one currency of the pipeline: a source file -> an image item -> a parsed answer -> a row.
+
+Every stage takes and gives these types, so stages can be read, tested and replaced one by one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import pyarrow as pa
+
+SCHEMA_VERSION = "1"
+Status = Literal["ok", "error", "blocked", "partial"]
+InputMode = Literal["inline", "upload", "none"]
+
+
+@dataclass(slots=True)
+class SourceFile:
+    """A file the producer found: where it is and the cheap facts a stat gives."""
+
+    path: str  # absolute path as found (symlinks not resolved)
+    root: str  # the input root it was found under (absolute)
+    rel_path: str  # path relative to root, POSIX separators; what rows call image_path
+    size: int = 0
+    mtime_ns: int = 0
+    error: str | None = None  # why this entry cannot be used (broken link, symlink loop, ...)
+
+
+@dataclass(slots=True)
+class ImageItem:
+    """A file made ready to send: hashed, sniffed, oriented, maybe converted or downscaled.
+
+    `data` holds the bytes to send when they differ from the file (converted, EXIF-rotated,
+    downscaled); None means "send the file as it is" so large files can stream from disk.
+    `width`/`height` are the displayed size of the original: every coordinate maps to it.
+    An item that cannot be used carries `error` and becomes an error row.
+    """
+
+    source: SourceFile
+    sha256: str = ""  # of the file's bytes
+    mime_type: str = ""  # of the bytes that will be sent
+    width: int = 0
+    height: int = 0
+    sent_width: int = 0
+    sent_height: int = 0
+    data: bytes | None = None
+    send_size: int = 0  # bytes that will be sent (len(data) or the file size)
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class Parsed:
+    """A task's reading of one answer text. Objects are dicts shaped like OBJECT_TYPE."""
+
+    status: Status
+    objects: list[dict[str, Any]] = field(default_factory=list)
+    text: str | None = None
+    labels: list[str] | None = None
+    json: str | None = None  # custom task: the parsed JSON, re-serialised
+    error: str | None = None  # why status is not ok, or why objects were skipped
+
+
+MASK_TYPE = pa.struct([("size", pa.list_(pa.int32())), ("counts", pa.string())])
+OBJECT_TYPE = pa.struct(
+    [
+        ("label", pa.string()),
+        ("box_2d", pa.list_(pa.int32())),  # exactly as returned: [ymin, xmin, ymax, xmax] 0-1000
+        ("bbox", pa.list_(pa.float32())),  # [x0, y0, x1, y1] in pixels of the displayed image
+        ("mask", MASK_TYPE),  # COCO compressed RLE of the full-image binary mask, or null
+    ]
+)
+
+ROW_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("image_path", pa.string()),
+        ("image_root", pa.string()),
+        ("image_sha256", pa.string()),
+        ("file_size", pa.int64()),
+        ("file_mtime_ns", pa.int64()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("mime_type", pa.string()),
+        ("task", pa.string()),
+        ("model", pa.string()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("objects", pa.list_(OBJECT_TYPE)),
+        ("text", pa.string()),
+        ("labels", pa.list_(pa.string())),
+        ("json", pa.string()),
+        ("finish_reason", pa.string()),
+        ("raw_response", pa.string()),
+        ("est_image_tokens", pa.int32()),
+        ("est_prompt_tokens", pa.int32()),
+        ("prompt_tokens", pa.int32()),
+        ("output_tokens", pa.int32()),
+        ("thoughts_tokens", pa.int32()),
+        ("total_tokens", pa.int32()),
+        ("latency_ms", pa.float32()),
+        ("attempts", pa.int16()),
+        ("input_mode", pa.string()),
+        ("run_id", pa.string()),
+        ("completed_at", pa.timestamp("us", tz="UTC")),
+    ],
+    metadata={"gemini_vision_pipeline.schema_version": SCHEMA_VERSION},
+)
+
+
+def make_key(image_sha256: str, settings_hash: str) -> str:
+    """The unit of work and of payment: these bytes under these answer-changing settings."""
+    return f"{image_sha256}.{settings_hash}"
+
+
+def fingerprint(
+    image_root: str, image_path: str, size: int, mtime_ns: int, key_suffix: str
+) -> bytes:
+    """Identity of "this file, unchanged since, under these settings" without reading it.
+
+    Lets a nightly rerun skip committed files with a stat instead of re-hashing the whole store.
+    `key_suffix` is the settings hash (the part of the key after the dot).
+    """
+    text = f"{image_root}\0{image_path}\0{size}\0{mtime_ns}\0{key_suffix}"
+    return hashlib.blake2b(text.encode("utf-8", "surrogateescape"), digest_size=16).digest()

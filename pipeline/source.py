@@ -1,0 +1,404 @@
+"""Find the files to work on: a lazy, deterministic, depth-first walk, or a manifest.
+
+Both yield `SourceFile`s and never raise for a bad entry: a broken link, a symlink loop or an
+unreadable directory becomes a `SourceFile` with `error` set, so it becomes an error row instead
+of silently vanishing or stopping the run.
+
+Patterns (`include` / `exclude`) are globs matched against `rel_path` (POSIX, relative to the root):
+
+- `*`, `?` and `[...]` match within one path component; `**` as a whole component matches zero or
+  more components. Matching ignores case, so `*.jpg` also takes `IMG_0001.JPG`.
+- A pattern without `/` matches the file name at any depth (`*.png` is `**/*.png`); a pattern with
+  `/` is anchored at the root (`raw/**/*.tif`).
+- Hidden entries (names starting with `.`) are skipped, like the shell does: no wildcard, `**`
+  included, matches a leading dot. An include pattern names hidden entries by writing the dot in
+  that component: `.thumbs/*.jpg`, `**/.*.png`, `.*`. Excludes match hidden names freely.
+- An exclude matching a directory prunes the whole subtree; include patterns prune directories no
+  file under which could match them (`photos/*` never walks `videos/`).
+- A root that is a file is always yielded (the user named it), whatever the patterns say.
+
+Symlinks: a link to a file is always followed (its `path` stays the link's); a link to a
+directory only with `follow_symlinks`. A directory already on the current path (a loop through a
+link or a bind mount) becomes one error entry, so does a linked directory already walked through
+another link (walking it again could blow up exponentially on link-heavy trees). Real directories
+are always walked.
+"""
+
+from __future__ import annotations
+
+import csv
+import errno
+import fnmatch
+import os
+import posixpath
+import re
+import stat
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+from pipeline.records import SourceFile
+
+_GLOBSTAR = None  # a `**` component in a compiled pattern
+_PARQUET_BATCH_ROWS = 8192
+MANIFEST_SUFFIXES = (".txt", ".csv", ".parquet")
+MANIFEST_PATH_COLUMNS = ("path", "image_path")  # image_path: a pipeline output can be a manifest
+
+
+class _Glob:
+    """One pattern as a tiny automaton over path components, so a walk can carry its state down
+    the tree and test each entry with one step instead of re-matching the whole path."""
+
+    def __init__(self, pattern: str, *, dot_rule: bool) -> None:
+        text = pattern.strip()
+        while text.startswith("./"):
+            text = text[2:]
+        text = text.strip("/")
+        if not text:
+            raise ValueError(f"empty glob pattern: {pattern!r}")
+        parts = text.split("/") if "/" in text else ["**", text]
+        self.pattern = pattern
+        self.dot_rule = dot_rule
+        self.parts: list[re.Pattern[str] | None] = []
+        self.literal_dot: list[bool] = []
+        for part in parts:
+            if part == "**":
+                self.parts.append(_GLOBSTAR)
+            else:
+                self.parts.append(re.compile(fnmatch.translate(part), re.IGNORECASE))
+            self.literal_dot.append(part.startswith("."))
+
+    def start(self) -> frozenset[int]:
+        return self._closure({0})
+
+    def step(self, states: frozenset[int], name: str) -> frozenset[int]:
+        """States after consuming one more path component `name`."""
+        hidden = self.dot_rule and name.startswith(".")
+        reached: set[int] = set()
+        for index in states:
+            if index == len(self.parts):
+                continue
+            part = self.parts[index]
+            if part is _GLOBSTAR:
+                if not hidden:
+                    reached.add(index)
+            elif (not hidden or self.literal_dot[index]) and part.match(name):
+                reached.add(index + 1)
+        return self._closure(reached)
+
+    def accepts(self, states: frozenset[int]) -> bool:
+        return len(self.parts) in states
+
+    def may_match_below(self, states: frozenset[int]) -> bool:
+        """Whether some path below the directory these states describe could still match."""
+        return any(index < len(self.parts) for index in states)
+
+    def _closure(self, states: set[int]) -> frozenset[int]:
+        todo = list(states)
+        while todo:
+            index = todo.pop()
+            if (
+                index < len(self.parts)
+                and self.parts[index] is _GLOBSTAR
+                and index + 1 not in states
+            ):
+                states.add(index + 1)
+                todo.append(index + 1)
+        return frozenset(states)
+
+
+@dataclass(slots=True)
+class _Filter:
+    """Include/exclude globs and their states at one directory."""
+
+    includes: list[_Glob]
+    excludes: list[_Glob]
+    include_states: list[frozenset[int]] = field(default_factory=list)
+    exclude_states: list[frozenset[int]] = field(default_factory=list)
+
+    @classmethod
+    def at_root(cls, include: Sequence[str], exclude: Sequence[str]) -> _Filter:
+        includes = [_Glob(p, dot_rule=True) for p in include]
+        excludes = [_Glob(p, dot_rule=False) for p in exclude]
+        return cls(includes, excludes, [g.start() for g in includes], [g.start() for g in excludes])
+
+    def child(self, name: str) -> _Filter:
+        return _Filter(
+            self.includes,
+            self.excludes,
+            [g.step(s, name) for g, s in zip(self.includes, self.include_states, strict=True)],
+            [g.step(s, name) for g, s in zip(self.excludes, self.exclude_states, strict=True)],
+        )
+
+    def excluded(self) -> bool:
+        return any(g.accepts(s) for g, s in zip(self.excludes, self.exclude_states, strict=True))
+
+    def wants_file(self) -> bool:
+        return not self.excluded() and any(
+            g.accepts(s) for g, s in zip(self.includes, self.include_states, strict=True)
+        )
+
+    def wants_dir(self) -> bool:
+        return not self.excluded() and any(
+            g.may_match_below(s) for g, s in zip(self.includes, self.include_states, strict=True)
+        )
+
+
+@dataclass(slots=True)
+class _Frame:
+    """One directory being listed: its entries (sorted names) and where it sits."""
+
+    path: str
+    rel_parts: tuple[str, ...]
+    entries: Iterator[os.DirEntry[str]]
+    filter: _Filter
+    dir_id: tuple[int, int]
+
+
+def _as_roots(roots: Sequence[str | os.PathLike[str]] | str | os.PathLike[str]) -> list[str]:
+    """A lone path is a root too: iterating a str would walk its characters."""
+    if isinstance(roots, str | os.PathLike):
+        return [os.fspath(roots)]
+    return [os.fspath(r) for r in roots]
+
+
+def _reason(exc: OSError) -> str:
+    return (exc.strerror or str(exc)).lower() if exc.errno is not None else str(exc)
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in (
+        (stat.S_ISFIFO, "fifo"),
+        (stat.S_ISSOCK, "socket"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+        (stat.S_ISDIR, "directory"),
+    ):
+        if test(mode):
+            return kind
+    return "special file"
+
+
+def _stat_source(path: str, root: str, rel_path: str) -> SourceFile:
+    """A SourceFile for a path named directly (root file, manifest line): stat follows links."""
+    source = SourceFile(path=path, root=root, rel_path=rel_path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        source.error = "broken symlink" if os.path.islink(path) else "no such file"
+        return source
+    except OSError as exc:
+        source.error = "symlink loop: " + _reason(exc) if exc.errno == errno.ELOOP else _reason(exc)
+        return source
+    if not stat.S_ISREG(st.st_mode):
+        source.error = f"not a regular file ({_file_kind(st.st_mode)})"
+    source.size, source.mtime_ns = st.st_size, st.st_mtime_ns
+    return source
+
+
+def walk(
+    roots: Sequence[str | os.PathLike[str]],
+    *,
+    include: Sequence[str] = ("*",),
+    exclude: Sequence[str] = (),
+    follow_symlinks: bool = False,
+) -> Iterator[SourceFile]:
+    """Yield every file under `roots`, depth-first, entries of a directory in name order.
+
+    Lazy: only the directories on the current path are open, so the first file comes out before
+    the rest of the tree is listed and memory does not grow with the tree. Pattern, hidden-file and
+    symlink rules are in the module docstring. Never raises for a bad entry.
+    """
+    for root in _as_roots(roots):
+        root_abs = os.path.abspath(root)
+        try:
+            st = os.stat(root_abs)
+        except OSError:
+            yield _stat_source(root_abs, os.path.dirname(root_abs), os.path.basename(root_abs))
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            yield from _walk_dir(
+                root_abs,
+                (st.st_dev, st.st_ino),
+                _Filter.at_root(include, exclude),
+                follow_symlinks=follow_symlinks,
+            )
+        else:
+            yield _stat_source(root_abs, os.path.dirname(root_abs), os.path.basename(root_abs))
+
+
+def _walk_dir(
+    root: str, root_id: tuple[int, int], top_filter: _Filter, *, follow_symlinks: bool
+) -> Iterator[SourceFile]:
+    """The walk of one root directory, with an explicit stack (deep trees need no recursion)."""
+
+    def rel(parts: tuple[str, ...]) -> str:
+        return "/".join(parts) or "."
+
+    def error(path: str, parts: tuple[str, ...], message: str) -> SourceFile:
+        return SourceFile(path=path, root=root, rel_path=rel(parts), error=message)
+
+    def open_dir(
+        path: str, parts: tuple[str, ...], dir_filter: _Filter, dir_id: tuple[int, int]
+    ) -> _Frame | SourceFile:
+        try:
+            with os.scandir(path) as listing:
+                entries = sorted(listing, key=lambda e: e.name)
+        except OSError as exc:
+            return error(path, parts, f"unreadable directory: {_reason(exc)}")
+        return _Frame(path, parts, iter(entries), dir_filter, dir_id)
+
+    ancestors: dict[tuple[int, int], tuple[str, ...]] = {root_id: ()}
+    walked_links: dict[tuple[int, int], tuple[str, ...]] = {}
+    first = open_dir(root, (), top_filter, root_id)
+    if isinstance(first, SourceFile):
+        yield first
+        return
+    stack = [first]
+    while stack:
+        frame = stack[-1]
+        entry = next(frame.entries, None)
+        if entry is None:
+            stack.pop()
+            del ancestors[frame.dir_id]
+            continue
+        parts = (*frame.rel_parts, entry.name)
+        entry_filter = frame.filter.child(entry.name)
+        is_link = False
+        try:
+            is_link = entry.is_symlink()
+            if not (is_link or entry.is_dir(follow_symlinks=False) or entry_filter.wants_file()):
+                continue  # decided from the name alone: spare the stat
+            st = os.stat(entry.path) if is_link else entry.stat(follow_symlinks=False)
+        except OSError as exc:
+            if entry_filter.wants_file():
+                missing = isinstance(exc, FileNotFoundError)
+                if missing and is_link:
+                    yield error(entry.path, parts, "broken symlink")
+                elif exc.errno == errno.ELOOP:
+                    yield error(entry.path, parts, f"symlink loop: {_reason(exc)}")
+                elif not missing:  # a file deleted while we walk is simply gone
+                    yield error(entry.path, parts, _reason(exc))
+            continue
+
+        if stat.S_ISDIR(st.st_mode):
+            if (is_link and not follow_symlinks) or not entry_filter.wants_dir():
+                continue
+            dir_id = (st.st_dev, st.st_ino)
+            if dir_id in ancestors:
+                target = rel(ancestors[dir_id])
+                yield error(entry.path, parts, f"symlink loop: points back to {target}")
+                continue
+            if is_link:
+                if dir_id in walked_links:
+                    first_seen = rel(walked_links[dir_id])
+                    yield error(
+                        entry.path, parts, f"symlinked directory already walked as {first_seen}"
+                    )
+                    continue
+                walked_links[dir_id] = parts
+            child = open_dir(entry.path, parts, entry_filter, dir_id)
+            if isinstance(child, SourceFile):
+                yield child
+            else:
+                ancestors[dir_id] = parts
+                stack.append(child)
+            continue
+
+        if not entry_filter.wants_file():
+            continue
+        source = SourceFile(
+            path=entry.path,
+            root=root,
+            rel_path=rel(parts),
+            size=st.st_size,
+            mtime_ns=st.st_mtime_ns,
+        )
+        if not stat.S_ISREG(st.st_mode):
+            source.error = f"not a regular file ({_file_kind(st.st_mode)})"
+        yield source
+
+
+def read_manifest(path: str | os.PathLike[str]) -> Iterator[SourceFile]:
+    """Yield the files a manifest lists, in its order.
+
+    `.txt`: one path a line; blank lines and lines starting with `#` are skipped, surrounding
+    spaces stripped. `.csv`: the `path` (or `image_path`) column when the first row names one,
+    else the first column of every row. `.parquet`: the `path` (or `image_path`) column, else the
+    first column, read in batches. Relative paths resolve against the manifest's directory, which
+    is their root; an absolute path under that directory is relative to it too, any other absolute
+    path is its own root (root = its directory). Text is UTF-8 with surrogateescape, so non-UTF-8
+    names written by this same OS round-trip. Missing or unusable files become error entries; a
+    missing manifest or an unknown suffix raises at once (a config error, not a bad entry).
+    """
+    manifest = os.path.abspath(os.fspath(path))
+    suffix = os.path.splitext(manifest)[1].lower()
+    if suffix not in MANIFEST_SUFFIXES:
+        raise ValueError(
+            f"manifest {manifest}: unknown type {suffix!r}, expected one of "
+            f"{', '.join(MANIFEST_SUFFIXES)}"
+        )
+    if not os.path.isfile(manifest):
+        raise FileNotFoundError(errno.ENOENT, "manifest not found", manifest)
+    names = {".txt": _txt_lines, ".csv": _csv_paths, ".parquet": _parquet_paths}[suffix](manifest)
+    return _manifest_sources(os.path.dirname(manifest), names)
+
+
+def _manifest_sources(base: str, names: Iterator[str]) -> Iterator[SourceFile]:
+    for name in names:
+        if os.path.isabs(name):
+            full = os.path.normpath(name)
+            inside = os.path.commonpath([base, full]) == base
+            root = base if inside else os.path.dirname(full)
+        else:
+            full = os.path.normpath(os.path.join(base, name))
+            root = base
+        rel_path = os.path.relpath(full, root)
+        if os.sep != "/":
+            rel_path = rel_path.replace(os.sep, "/")
+        yield _stat_source(full, root, posixpath.normpath(rel_path))
+
+
+def _txt_lines(manifest: str) -> Iterator[str]:
+    with open(manifest, encoding="utf-8-sig", errors="surrogateescape", newline=None) as lines:
+        for line in lines:
+            name = line.strip()
+            if name and not name.startswith("#"):
+                yield name
+
+
+def _csv_paths(manifest: str) -> Iterator[str]:
+    with open(manifest, encoding="utf-8-sig", errors="surrogateescape", newline="") as text:
+        rows = csv.reader(text)
+        header = next(rows, None)
+        if header is None:
+            return
+        lowered = [cell.strip().lower() for cell in header]
+        column = next((lowered.index(c) for c in MANIFEST_PATH_COLUMNS if c in lowered), None)
+        if column is None:  # no header naming a path column: every row is data
+            column = 0
+            rows = _chain_row(header, rows)
+        for row in rows:
+            if len(row) > column and row[column].strip():
+                yield row[column].strip()
+
+
+def _chain_row(first: list[str], rest: Iterator[list[str]]) -> Iterator[list[str]]:
+    yield first
+    yield from rest
+
+
+def _parquet_paths(manifest: str) -> Iterator[str]:
+    import pyarrow.parquet as pq  # only manifests need it; keeps `import pipeline.source` light
+
+    with pq.ParquetFile(manifest) as table:
+        names = table.schema_arrow.names
+        if not names:
+            return
+        column = next((c for c in MANIFEST_PATH_COLUMNS if c in names), names[0])
+        for batch in table.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=[column]):
+            for value in batch.column(0).to_pylist():
+                if value is None:
+                    continue
+                name = os.fsdecode(value) if isinstance(value, bytes) else str(value)
+                if name.strip():
+                    yield name.strip()

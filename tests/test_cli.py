@@ -1,0 +1,174 @@
+"""The `pipeline` command as users run it: real processes, signals, kill -9 and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import draw_shapes, read_rows
+
+REPO = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def pipeline(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", *args],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=timeout,
+        cwd=REPO,
+    )
+    if check and result.returncode not in (0, 1):
+        raise AssertionError(f"exit {result.returncode}\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def write_config(path: Path, images: Path, out: Path, extra: str = "") -> Path:
+    path.write_text(
+        f"""
+[api]
+base_url = "local"
+model = "gemini-2.5-flash"
+[limits]
+concurrency = 4
+[input]
+paths = ["{images}"]
+[task]
+kind = "segment"
+[output]
+dir = "{out}"
+rows_per_part = 3
+flush_seconds = 0.2
+{extra}
+"""
+    )
+    return path
+
+
+def wait_for(condition, timeout: float = 60.0) -> None:
+    """Poll a condition on the file system (not a sleep standing in for a timing guess)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.05)
+
+
+def test_demo_config_writes_parquet(tmp_path: Path) -> None:
+    result = pipeline("run", "configs/demo.toml", "--output", str(tmp_path / "demo"), "--quiet")
+    assert result.returncode == 0, result.stderr
+    rows = read_rows(tmp_path / "demo")
+    truth = json.loads((REPO / "data" / "samples-truth.json").read_text())
+    assert sorted(r["image_path"] for r in rows) == sorted(truth)
+    assert {r["status"] for r in rows} == {"ok"}
+    for row in rows:
+        assert len(row["objects"]) == len(truth[row["image_path"]]["shapes"]), row["image_path"]
+    status = pipeline("status", str(tmp_path / "demo"))
+    assert "ok" in status.stdout and str(len(truth)) in status.stdout
+
+
+def test_config_errors_name_key_and_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[limits]\nrpm = "fast"\n')
+    result = pipeline("run", str(bad), check=False)
+    assert result.returncode == 2
+    assert "bad.toml" in result.stderr and "[limits] rpm" in result.stderr
+    bad.write_text("[task]\nkind = 'detect'\ncolour = 'red'\n")
+    result = pipeline("run", str(bad), check=False)
+    assert result.returncode == 2 and "[task] colour" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def _slow_run(tmp_path: Path, count: int) -> tuple[Path, Path]:
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(count):
+        draw_shapes(256, 256, seed=500 + i, count=2)[0].save(images / f"k{i:03d}.png")
+    config = write_config(
+        tmp_path / "slow.toml", images, tmp_path / "out", "[local]\nlatency_ms = 150\nseed = 3\n"
+    )
+    return config, tmp_path / "out"
+
+
+def _start(config: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "run", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+        cwd=REPO,
+    )
+
+
+def _parts(out: Path) -> list[Path]:
+    return list(out.glob("*.parquet")) if out.exists() else []
+
+
+def test_kill_9_then_rerun_loses_and_duplicates_nothing(tmp_path: Path) -> None:
+    config, out = _slow_run(tmp_path, 40)
+    proc = _start(config)
+    wait_for(lambda: len(_parts(out)) >= 2)
+    proc.kill()  # SIGKILL: no handler runs
+    proc.wait()
+    committed = read_rows(out)
+    assert 0 < len(committed) < 40
+    assert max(Counter(r["image_path"] for r in committed).values()) == 1
+
+    result = pipeline("run", str(config), "--quiet")
+    assert result.returncode == 0, result.stderr
+    rows = read_rows(out)
+    counts = Counter(r["image_path"] for r in rows)
+    assert sorted(counts) == [f"k{i:03d}.png" for i in range(40)]
+    assert set(counts.values()) == {1}, "a committed row was redone or duplicated"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_finishes_in_flight_and_says_how_to_resume(tmp_path: Path, sig: int) -> None:
+    config, out = _slow_run(tmp_path, 40)
+    proc = _start(config)
+    wait_for(lambda: len(_parts(out)) >= 1)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 3, stderr
+    assert "resume" in stderr
+    done = read_rows(out)
+    assert 0 < len(done) < 40
+    summary = json.loads(next((out / "runs").glob("*.json")).read_text())
+    assert summary["stop_reason"] == "interrupted"
+    assert sum(summary["rows"].values()) == len(done)  # everything finished was flushed
+    result = pipeline("run", str(config), "--quiet")
+    assert result.returncode == 0
+    counts = Counter(r["image_path"] for r in read_rows(out))
+    assert len(counts) == 40 and set(counts.values()) == {1}
+
+
+def test_serve_local_prints_its_url_first(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "serve-local", "--port", "0"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
+    try:
+        line = proc.stdout.readline()
+        assert "http://127.0.0.1:" in line
+        url = line[line.index("http://") :].split()[0]
+        import urllib.request
+
+        with urllib.request.urlopen(f"{url}/local/stats", timeout=10) as response:
+            assert response.status == 200
+            json.loads(response.read())
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
