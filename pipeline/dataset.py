@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import threading
 from collections import Counter
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
-from itertools import repeat
 from pathlib import Path
 from typing import Any
 
@@ -37,34 +38,44 @@ RUNS_DIR = "runs"  # the runner's JSON summary per run: runs/<run_id>.json
 VERSION_KEY = b"gemini_vision_pipeline.schema_version"
 GROUP = ("image_root", "image_path", "task")
 BATCH_ROWS = 65_536
-_DIGEST = np.dtype("V16")
 _SHA_DIGEST_BYTES = 16  # of a key's sha256: 128 bits tell a million files apart with ease
-_FILE_COLUMNS = ("completed_at", "file_size", "file_mtime_ns")
-_INDEX_COLUMNS = (*GROUP, *_FILE_COLUMNS, "key", "status")
+_INDEX_COLUMNS = (*GROUP, "completed_at", "file_size", "file_mtime_ns", "key", "status")
+_OLDEST = np.iinfo(np.int64).min  # a row without completed_at loses to any row with one
 _TOKEN_COLUMNS = ("prompt_tokens", "output_tokens", "thoughts_tokens", "total_tokens")
-_EST_COLUMNS = ("est_image_tokens", "est_prompt_tokens")
 
 
 class DigestSet:
-    """A read-only set of 16-byte digests in one sorted array: 16 bytes an entry, not ~100.
+    """A read-only set of 16-byte digests as two sorted uint64 arrays: 16 bytes an entry.
 
-    Supports `in` and `len`, which is all a resume check needs.
+    A Python set of bytes would cost ~100 bytes an entry; this supports `in` and `len`, which is
+    all a resume check needs.
     """
 
-    __slots__ = ("_sorted",)
+    __slots__ = ("_high", "_low")
 
     def __init__(self, joined: bytes = b"") -> None:
-        self._sorted = np.unique(np.frombuffer(joined, dtype=_DIGEST))
+        halves = np.frombuffer(joined, dtype="<u8").reshape(-1, 2)
+        high, low = halves[:, 0].copy(), halves[:, 1].copy()
+        order = np.argsort(high)
+        same_high = high[order][1:] == high[order][:-1]
+        if (same_high & (low[order][1:] != low[order][:-1])).any():  # 64-bit tie: rare
+            order = np.lexsort((low, high))
+        high, low = high[order], low[order]
+        distinct = np.ones(len(order), dtype=bool)
+        distinct[1:] = (high[1:] != high[:-1]) | (low[1:] != low[:-1])
+        self._high, self._low = high[distinct], low[distinct]
 
     def __len__(self) -> int:
-        return len(self._sorted)
+        return len(self._high)
 
     def __contains__(self, digest: object) -> bool:
-        if not isinstance(digest, bytes) or len(digest) != _DIGEST.itemsize:
+        if not isinstance(digest, bytes) or len(digest) != 16:
             return False
-        probe = np.frombuffer(digest, dtype=_DIGEST)
-        at = int(np.searchsorted(self._sorted, probe[0]))
-        return at < len(self._sorted) and self._sorted[at] == probe[0]
+        high = np.uint64(int.from_bytes(digest[:8], "little"))
+        low = np.uint64(int.from_bytes(digest[8:], "little"))
+        start = int(np.searchsorted(self._high, high, side="left"))
+        end = int(np.searchsorted(self._high, high, side="right"))
+        return bool((self._low[start:end] == low).any())
 
 
 class KeySet:
@@ -175,70 +186,128 @@ def _with_position(table: pa.Table, part_no: int, start: int) -> pa.Table:
 
 
 def _latest(table: pa.Table) -> np.ndarray:
-    """Indices of the rows that are current: the newest per (image_root, image_path, task)."""
+    """Indices of the current rows (the newest per image_root, image_path, task), in that order.
+
+    One multi-key sort puts each group's rows together, oldest first; the last row before the
+    group changes wins. (Cheaper in memory than a hash group-by on three string columns.)
+    """
     if table.num_rows == 0:
         return np.zeros(0, dtype=np.int64)
+    when = pc.fill_null(
+        table.column("completed_at"), pa.scalar(0, ROW_SCHEMA.field("completed_at").type)
+    )
+    keyed = table.select([*GROUP, "_part", "_row"]).append_column("_when", when)
     order = pc.sort_indices(
-        table,
-        sort_keys=[("completed_at", "ascending"), ("_part", "ascending"), ("_row", "ascending")],
-        null_placement="at_start",
-    ).to_numpy()
-    rank = np.empty(len(order), dtype=np.int64)
-    rank[order] = np.arange(len(order))
-    keys = table.select(list(GROUP)).append_column("_rank", pa.array(rank))
-    newest = keys.group_by(list(GROUP), use_threads=False).aggregate([("_rank", "max")])
-    return np.sort(order[newest.column("_rank_max").to_numpy()])
+        keyed, sort_keys=[(name, "ascending") for name in (*GROUP, "_when", "_part", "_row")]
+    )
+    last = np.zeros(len(order), dtype=bool)
+    last[-1] = True
+    for name in GROUP:
+        ordered = keyed.column(name).take(order)
+        last[:-1] |= _differs(ordered[:-1], ordered[1:])
+    return order.to_numpy()[last]
+
+
+def _differs(a: pa.ChunkedArray, b: pa.ChunkedArray) -> np.ndarray:
+    """Element-wise a != b where two nulls are equal."""
+    both_null = pc.and_(pc.is_null(a), pc.is_null(b))
+    differs = pc.and_(pc.fill_null(pc.not_equal(a, b), True), pc.invert(both_null))
+    return differs.to_numpy()
 
 
 # ------------------------------------------------------------------------------------ resume
 def load_resume_index(
     output_dir: str | os.PathLike[str], *, key_suffix: str, retry_errors: bool
 ) -> ResumeIndex:
-    """Read what is committed into a compact index for a run under settings `key_suffix`."""
-    ending = "." + key_suffix
-    reduced = []
-    ok_digests = []
-    rows_read = 0
+    """Read what is committed into a compact index for a run under settings `key_suffix`.
+
+    One pass, batch by batch, keeps ~40 bytes a row (no strings): a hash of the row's
+    (image_root, image_path, task), its fingerprint, time and position. A sort of those finds
+    each file's current row. (Python's 64-bit hash is enough within one process: two files whose
+    hashes collided would only look superseded and be redone; neither can look done wrongly.)
+    """
+    scan = _ResumeScan(key_suffix)
     for part_no, path in enumerate(part_files(output_dir)):
         start = 0
         for batch in _batches(_open_part(path), _INDEX_COLUMNS):
-            n = batch.num_rows
-            rows_read += n
-            keys = batch.column("key")
-            mine = pc.fill_null(pc.ends_with(keys, ending), False)
-            ok = pc.and_(mine, pc.fill_null(pc.equal(batch.column("status"), "ok"), False))
-            ok_digests.append(_sha_digests(pc.filter(keys, ok)))
-            kept = {name: batch.column(name) for name in (*GROUP, *_FILE_COLUMNS)}
-            kept["mine"] = mine
-            kept["redo"] = pc.fill_null(pc.equal(batch.column("status"), "error"), True)
-            reduced.append(_with_position(pa.table(kept), part_no, start))
-            start += n
-    done = b""
-    if reduced:
-        table = pa.concat_tables(reduced)
-        del reduced
-        current = table.take(pa.array(_latest(table)))
-        keep = current.column("mine")
-        if retry_errors:
-            keep = pc.and_(keep, pc.invert(current.column("redo")))
-        current = current.filter(keep)
-        done = b"".join(
-            map(
-                fingerprint,
-                current.column("image_root").to_pylist(),
-                current.column("image_path").to_pylist(),
-                current.column("file_size").to_pylist(),
-                current.column("file_mtime_ns").to_pylist(),
-                repeat(key_suffix),
-            )
-        )
-    return ResumeIndex(
+            scan.add(batch, part_no, start)
+            start += batch.num_rows
+    index = ResumeIndex(
         key_suffix=key_suffix,
         retry_errors=retry_errors,
-        done=DigestSet(done),
-        ok_keys=KeySet(key_suffix, b"".join(ok_digests)),
-        rows_read=rows_read,
+        done=DigestSet(scan.done(retry_errors)),
+        ok_keys=KeySet(key_suffix, b"".join(scan.ok_digests)),
+        rows_read=scan.rows,
     )
+    # The scratch memory is free now; hand it back rather than keep it for the whole run.
+    pa.default_memory_pool().release_unused()
+    return index
+
+
+class _ResumeScan:
+    """The per-row facts load_resume_index needs, gathered batch by batch."""
+
+    _NOT_MINE = bytes(16)
+
+    def __init__(self, key_suffix: str) -> None:
+        self.key_suffix = key_suffix
+        self.rows = 0
+        self.ok_digests: list[bytes] = []
+        self._groups: list[np.ndarray] = []
+        self._fingerprints: list[bytes] = []
+        self._arrays: dict[str, list[np.ndarray]] = {
+            name: [] for name in ("when", "part", "row", "mine", "error")
+        }
+
+    def add(self, batch: pa.RecordBatch, part_no: int, start: int) -> None:
+        n = batch.num_rows
+        self.rows += n
+        keys, status = batch.column("key"), batch.column("status")
+        mine = pc.fill_null(pc.ends_with(keys, "." + self.key_suffix), False)
+        ok = pc.and_(mine, pc.fill_null(pc.equal(status, "ok"), False))
+        self.ok_digests.append(_sha_digests(pc.filter(keys, ok)))
+        roots = batch.column("image_root").to_pylist()
+        paths = batch.column("image_path").to_pylist()
+        groups = zip(roots, paths, batch.column("task").to_pylist(), strict=True)
+        self._groups.append(np.fromiter(map(hash, groups), dtype=np.int64, count=n))
+        is_mine = mine.to_numpy(zero_copy_only=False)
+        rows = zip(
+            is_mine.tolist(),
+            roots,
+            paths,
+            batch.column("file_size").to_pylist(),
+            batch.column("file_mtime_ns").to_pylist(),
+            strict=True,
+        )
+        self._fingerprints.append(
+            b"".join(
+                fingerprint(root, path, size, mtime, self.key_suffix) if yes else self._NOT_MINE
+                for yes, root, path, size, mtime in rows
+            )
+        )
+        when = pc.fill_null(batch.column("completed_at").cast(pa.int64()), _OLDEST)
+        self._arrays["when"].append(when.to_numpy())
+        self._arrays["part"].append(np.full(n, part_no, dtype=np.int32))
+        self._arrays["row"].append(np.arange(start, start + n, dtype=np.int32))
+        self._arrays["mine"].append(is_mine)
+        error = pc.fill_null(pc.equal(status, "error"), True)
+        self._arrays["error"].append(error.to_numpy(zero_copy_only=False))
+
+    def done(self, retry_errors: bool) -> bytes:
+        """Fingerprints of the files whose current row says: skip."""
+        if not self.rows:
+            return b""
+        group = np.concatenate(self._groups)
+        column = {name: np.concatenate(parts) for name, parts in self._arrays.items()}
+        order = np.lexsort((column["row"], column["part"], column["when"], group))
+        newest = np.ones(len(order), dtype=bool)
+        newest[:-1] = group[order][1:] != group[order][:-1]
+        current = order[newest]
+        current = current[column["mine"][current]]
+        if retry_errors:
+            current = current[~column["error"][current]]
+        fingerprints = np.frombuffer(b"".join(self._fingerprints), dtype="V16")
+        return fingerprints[np.sort(current)].tobytes()
 
 
 def _sha_digests(keys: pa.Array) -> bytes:
@@ -252,28 +321,107 @@ def _sha_digests(keys: pa.Array) -> bytes:
 
 # ------------------------------------------------------------------------------------ lookup
 def lookup_rows(output_dir: str | os.PathLike[str], keys: Collection[str]) -> dict[str, dict]:
-    """The newest ok row for each of `keys` (any path), as dicts: an answer to copy, not re-pay."""
-    wanted = pa.array(sorted(set(keys)), type=pa.string())
-    best: dict[str, tuple[tuple[Any, int, int], dict]] = {}
-    if len(wanted) == 0:
-        return {}
-    for part_no, path in enumerate(part_files(output_dir)):
-        part = _open_part(path)
-        probe = pa.Table.from_batches(list(_batches(part, ("key", "status", "completed_at"))))
-        hit = pc.and_(
-            pc.is_in(probe.column("key"), value_set=wanted),
-            pc.fill_null(pc.equal(probe.column("status"), "ok"), False),
+    """The newest ok row for each of `keys` (any path), as dicts: an answer to copy, not re-pay.
+
+    Called once per file whose bytes were already answered, so it must not rescan a million
+    rows each time: an index of where ok rows sit is kept per directory and extended with new
+    parts only (committed parts never change), then only the candidate rows are read.
+    """
+    wanted = set(keys)
+    root = Path(output_dir).resolve()
+    paths = [_PartId(path, *_size_and_mtime(path)) for path in part_files(root)]
+    with _LOCATIONS_LOCK:
+        locations = _LOCATIONS.get(root)
+        if locations is None or not locations.still_valid(paths):
+            while len(_LOCATIONS) >= _LOCATIONS_KEPT:
+                del _LOCATIONS[next(iter(_LOCATIONS))]
+            locations = _LOCATIONS[root] = _OkRowLocations()
+        locations.extend(paths)
+        candidates = locations.candidates(wanted)
+    best: dict[str, tuple[tuple[Any, ...], dict]] = {}
+    for path, rows in candidates.items():
+        part = pa.Table.from_batches(
+            list(_batches(_open_part(path), ROW_SCHEMA.names)), schema=ROW_SCHEMA
         )
-        rows = np.flatnonzero(hit.to_numpy(zero_copy_only=False))
-        if rows.size == 0:
-            continue
-        full = pa.Table.from_batches(list(_batches(part, ROW_SCHEMA.names)), schema=ROW_SCHEMA)
-        for row_no, row in zip(rows.tolist(), full.take(pa.array(rows)).to_pylist(), strict=True):
+        for row_no, row in zip(rows, part.take(pa.array(rows)).to_pylist(), strict=True):
+            if row["key"] not in wanted or row["status"] != "ok":
+                continue  # same leading sha bytes, another key
             when = row["completed_at"]
-            rank = (when.timestamp() if when is not None else float("-inf"), part_no, row_no)
+            rank = (when is not None, when, path.relative_to(root).parts, row_no)
             if row["key"] not in best or rank > best[row["key"]][0]:
                 best[row["key"]] = (rank, row)
     return {key: row for key, (_, row) in best.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class _PartId:
+    """A committed part as found: a part rewritten under the same name is another part."""
+
+    path: Path
+    size: int
+    mtime_ns: int
+
+
+def _size_and_mtime(path: Path) -> tuple[int, int]:
+    info = path.stat()
+    return info.st_size, info.st_mtime_ns
+
+
+class _OkRowLocations:
+    """Where the ok rows are, by the first 8 bytes of their key's sha256 (several keys may share
+    them; the caller checks the full key)."""
+
+    def __init__(self) -> None:
+        self.parts: list[_PartId] = []
+        self._sha = np.zeros(0, dtype=np.uint64)
+        self._part = np.zeros(0, dtype=np.int32)
+        self._row = np.zeros(0, dtype=np.int32)
+
+    def still_valid(self, paths: list[_PartId]) -> bool:
+        """False when a part we indexed is gone or was rewritten (a hand-made change)."""
+        return set(self.parts) <= set(paths)
+
+    def extend(self, paths: list[_PartId]) -> None:
+        known = set(self.parts)
+        new = [path for path in paths if path not in known]
+        if not new:
+            return
+        sha, part, row = [self._sha], [self._part], [self._row]
+        for path in new:
+            part_file = _open_part(path.path)
+            table = pa.Table.from_batches(list(_batches(part_file, ("key", "status"))))
+            keys = table.column("key")
+            ok = pc.and_(
+                pc.fill_null(pc.equal(table.column("status"), "ok"), False),
+                pc.fill_null(pc.match_substring_regex(keys, r"^[0-9a-f]{64}\."), False),
+            )
+            heads = pc.utf8_slice_codeunits(pc.filter(keys, ok), 0, 16).to_pylist()
+            sha.append(np.frombuffer(bytes.fromhex("".join(heads)), dtype=">u8").astype(np.uint64))
+            row.append(np.flatnonzero(ok.to_numpy(zero_copy_only=False)).astype(np.int32))
+            part.append(np.full(len(heads), len(self.parts), dtype=np.int32))
+            self.parts.append(path)
+        order = np.argsort(np.concatenate(sha), kind="stable")
+        self._sha = np.concatenate(sha)[order]
+        self._part = np.concatenate(part)[order]
+        self._row = np.concatenate(row)[order]
+
+    def candidates(self, keys: set[str]) -> dict[Path, list[int]]:
+        """Rows (by part) that may hold one of `keys`."""
+        found: dict[Path, list[int]] = {}
+        for key in keys:
+            if not re.match(r"[0-9a-f]{64}\.", key):
+                continue
+            head = np.uint64(int(key[:16], 16))
+            start = int(np.searchsorted(self._sha, head, side="left"))
+            end = int(np.searchsorted(self._sha, head, side="right"))
+            for part, row in zip(self._part[start:end], self._row[start:end], strict=True):
+                found.setdefault(self.parts[int(part)].path, []).append(int(row))
+        return {path: sorted(set(rows)) for path, rows in found.items()}
+
+
+_LOCATIONS: dict[Path, _OkRowLocations] = {}
+_LOCATIONS_KEPT = 4  # output directories whose index stays in memory
+_LOCATIONS_LOCK = threading.Lock()
 
 
 # ----------------------------------------------------------------------------------- readers
@@ -294,7 +442,6 @@ def current_rows(
     current = table.take(pa.array(_latest(table)))
     if current.num_rows == 0:
         return schema.empty_table()
-    current = current.sort_by([(name, "ascending") for name in GROUP])
     part_of = current.column("_part").to_numpy()
     row_of = current.column("_row").to_numpy()
     pieces, placed = [], []
@@ -312,10 +459,11 @@ def status(output_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """Counts by status of the current rows, tokens of every committed row, the latest run.
 
     Tokens are summed over every committed row, superseded ones too (they were paid for); rows
-    copied from another path carry no billed tokens. The estimate is compared with the bill on
-    the rows that have both.
+    copied from another path carry no billed tokens. `est_prompt_tokens` (the estimate of the
+    whole input, image included, made before the call) is compared with the billed
+    `prompt_tokens` on the rows that have both.
     """
-    columns = (*GROUP, "completed_at", "status", "run_id", *_TOKEN_COLUMNS, *_EST_COLUMNS)
+    columns = (*GROUP, "completed_at", "status", "run_id", *_TOKEN_COLUMNS, "est_prompt_tokens")
     table, n_parts = _scan(output_dir, columns)
     current = table.take(pa.array(_latest(table)))
     by_status = Counter(
@@ -323,7 +471,7 @@ def status(output_dir: str | os.PathLike[str]) -> dict[str, Any]:
     )
     billed = {name: _sum(table.column(name)) for name in _TOKEN_COLUMNS}
     has_bill = pc.is_valid(table.column("prompt_tokens"))
-    estimate = sum(_sum(pc.filter(table.column(name), has_bill)) for name in _EST_COLUMNS)
+    estimate = _sum(pc.filter(table.column("est_prompt_tokens"), has_bill))
     billed_prompt = billed["prompt_tokens"]
     return {
         "output_dir": str(output_dir),
@@ -377,8 +525,8 @@ def format_status(report: dict[str, Any]) -> str:
     lines = [
         f"output: {report['output_dir']}",
         f"rows: {report['rows']:,} current ({report['rows_committed']:,} committed in "
-        f"{report['parts']:,} parts by {report['runs']:,} runs; {report['superseded']:,} "
-        "superseded)",
+        f"{_count(report['parts'], 'part')} by {_count(report['runs'], 'run')}; "
+        f"{report['superseded']:,} superseded)",
         "status: " + (" · ".join(f"{k} {v:,}" for k, v in by_status.items()) or "no rows yet"),
         f"tokens billed: prompt {tokens['prompt']:,} · output {tokens['output']:,} · "
         f"thoughts {tokens['thoughts']:,} · total {tokens['total']:,}",
@@ -403,3 +551,7 @@ def format_status(report: dict[str, Any]) -> str:
         if latest.get("resume_hint"):
             lines.append(f"to resume: {latest['resume_hint']}")
     return "\n".join(lines)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}" + ("" if n == 1 else "s")

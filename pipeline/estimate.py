@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import pyarrow.compute as pc
@@ -19,6 +18,7 @@ import pyarrow.dataset as ds
 
 from pipeline import images
 from pipeline.config import Config
+from pipeline.dataset import part_files
 from pipeline.gemini.tokens import (
     MEDIA_RESOLUTION_TOKENS,
     image_tokens,
@@ -66,9 +66,10 @@ def _sources(config: Config):
 
 def _output_history(output_dir: str, task: str) -> tuple[int, float] | None:
     """(rows, mean billed output+thought tokens) of earlier ok rows of this task, if any."""
-    if not Path(output_dir).is_dir() or not any(Path(output_dir).glob("*.parquet")):
+    parts = part_files(output_dir)
+    if not parts:
         return None
-    table = ds.dataset(output_dir, format="parquet").to_table(
+    table = ds.dataset([str(p) for p in parts], format="parquet").to_table(
         columns=["output_tokens", "thoughts_tokens"],
         filter=(pc.field("task") == task) & (pc.field("status") == "ok"),
     )

@@ -103,7 +103,7 @@ def box_mask(prob: np.ndarray, box_px: Sequence[int], threshold: int = 127) -> n
         return np.zeros((max(box_h, 0), max(box_w, 0)), dtype=bool)
     prob = np.ascontiguousarray(prob, dtype=np.uint8)
     if prob.shape != (box_h, box_w):
-        image = Image.fromarray(prob, mode="L")
+        image = Image.fromarray(prob)  # uint8 2-D: mode L
         prob = np.asarray(image.resize((box_w, box_h), Image.Resampling.BILINEAR))
     return prob > threshold
 
@@ -156,16 +156,20 @@ def rle_encode(mask: np.ndarray) -> dict:
     """COCO compressed RLE of a 2-D mask: {"size": [h, w], "counts": str}.
 
     Byte-identical to pycocotools.mask.encode(np.asfortranarray(mask.astype(np.uint8))), with
-    counts as str instead of bytes so it goes straight into Parquet and JSON.
+    counts as str instead of bytes so it goes straight into Parquet and JSON. Only the mask's
+    bounding rectangle is read in column order (a transposed copy of a whole large image is
+    the slow part otherwise).
     """
     if mask.ndim != 2:
         raise ValueError(f"mask must be 2-D, got shape {mask.shape}")
+    mask = np.asarray(mask, dtype=bool)
     height, width = mask.shape
-    flat = np.ascontiguousarray(mask.T, dtype=bool).reshape(-1)  # column-major order
-    changes = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    if flat.size and flat[0]:
-        changes = np.concatenate(([0], changes))
-    return {"size": [height, width], "counts": _counts_string(changes, flat.size)}
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return {"size": [height, width], "counts": _counts_string(rows, height * width)}
+    cols = np.flatnonzero(mask.any(axis=0))
+    y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    return rle_encode_box(mask[y0:y1, x0:x1], (x0, y0, x1, y1), width, height)
 
 
 def rle_encode_box(inside: np.ndarray, box_px: Sequence[int], width: int, height: int) -> dict:

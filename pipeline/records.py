@@ -122,5 +122,13 @@ def fingerprint(
     Lets a nightly rerun skip committed files with a stat instead of re-hashing the whole store.
     `key_suffix` is the settings hash (the part of the key after the dot).
     """
-    text = f"{image_root}\0{image_path}\0{size}\0{mtime_ns}\0{key_suffix}"
-    return hashlib.blake2b(text.encode("utf-8", "surrogateescape"), digest_size=16).digest()
+    text = storable(f"{image_root}\0{image_path}\0{size}\0{mtime_ns}\0{key_suffix}")
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+
+
+def storable(text: str) -> str:
+    """A path as valid UTF-8 for Parquet: undecodable bytes of a Linux file name become \\xNN.
+
+    Idempotent, so a fingerprint of a stored path equals the fingerprint of the path as found.
+    """
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")

@@ -20,7 +20,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from pipeline.gemini.tokens import image_tokens, text_tokens
 from pipeline.gemini.types import GenerateResponse, ImagePart
 from pipeline.limits import RateLimiter, next_quota_reset, quota_day
 from pipeline.progress import Progress
-from pipeline.records import ImageItem, Parsed, SourceFile, fingerprint, make_key
+from pipeline.records import ImageItem, Parsed, SourceFile, fingerprint, make_key, storable
 from pipeline.sink import ParquetSink
 from pipeline.source import read_manifest, walk
 from pipeline.state import State, Upload
@@ -95,7 +95,9 @@ class RunSummary:
     exit_code: int = EXIT_OK
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True)
+        # asdict() would rebuild the Counters from (key, value) pairs: copy them as plain dicts
+        data = {k: dict(v) if isinstance(v, Counter) else v for k, v in vars(self).items()}
+        return json.dumps(data, indent=2, sort_keys=True)
 
 
 class StopRun(Exception):
@@ -392,6 +394,11 @@ class Runner:
                 response = await self.client.generate(
                     replace(self.request, images=(part,)), flavor=self.config.api.flavor
                 )
+            except OSError as exc:  # deleted or changed since it was hashed: not the same image
+                reason = f"cannot read the file: {exc}"
+                elapsed = (time.monotonic() - started) * 1000
+                parsed = Parsed("error", error=reason)
+                return Outcome(parsed, None, attempts, elapsed, mode, est_image, est)
             except GeminiError as exc:
                 error = exc
                 if not await self._should_retry(exc, item, attempts):
@@ -508,8 +515,8 @@ class Runner:
         src = item.source
         return {
             "key": key,
-            "image_path": src.rel_path,
-            "image_root": src.root,
+            "image_path": storable(src.rel_path),
+            "image_root": storable(src.root),
             "image_sha256": item.sha256 or None,
             "file_size": src.size,
             "file_mtime_ns": src.mtime_ns,
@@ -523,7 +530,8 @@ class Runner:
         }
 
     def _error_row(self, item: ImageItem, reason: str) -> dict[str, Any]:
-        key = make_key(item.sha256, self.key_suffix) if item.sha256 else None
+        # an unreadable file still gets a key, so a rerun can skip it like any committed row
+        key = make_key(item.sha256 or "-", self.key_suffix)
         return {
             **self._base_row(item, key),
             "status": "error",

@@ -24,7 +24,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.records import ROW_SCHEMA
+from pipeline.records import ROW_SCHEMA, storable
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +74,11 @@ class ParquetSink:
         self.parts_written = 0
         self._buffer: list[dict[str, Any]] = []
         self._write_lock = asyncio.Lock()
+        self._committed = asyncio.Condition()
         self._writing: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timed_flush: asyncio.Task[None] | None = None
-        self._timer_error: BaseException | None = None
+        self._pending_error: BaseException | None = None
         self._lock_fd: int | None = None
         self._seq = 0
         self._closed = False
@@ -130,8 +131,8 @@ class ParquetSink:
             if self._lock_fd is not None:
                 os.close(self._lock_fd)  # releases the flock
                 self._lock_fd = None
-        if self._timer_error is not None:
-            error, self._timer_error = self._timer_error, None
+        if self._pending_error is not None:
+            error, self._pending_error = self._pending_error, None
             raise error
 
     # ---------------------------------------------------------------------------------- rows
@@ -153,6 +154,16 @@ class ParquetSink:
         if len(self._buffer) >= self.rows_per_part and not self._write_lock.locked():
             await self._write_buffered(full_only=True)
 
+    @property
+    def buffered(self) -> int:
+        """Rows added but not yet handed to a write."""
+        return len(self._buffer)
+
+    async def wait_written(self, rows: int) -> None:
+        """Wait until at least `rows` rows are committed (progress displays, tests)."""
+        async with self._committed:
+            await self._committed.wait_for(lambda: self.rows_written >= rows)
+
     async def flush(self) -> None:
         """Commit every buffered row now (one part) and wait until it is on disk."""
         self._check_usable()
@@ -163,8 +174,8 @@ class ParquetSink:
             raise RuntimeError("the sink is closed")
         if self._lock_fd is None:
             raise RuntimeError("use the sink as `async with ParquetSink(...)`")
-        if self._timer_error is not None:
-            error, self._timer_error = self._timer_error, None
+        if self._pending_error is not None:
+            error, self._pending_error = self._pending_error, None
             raise error
 
     # --------------------------------------------------------------------------------- writes
@@ -176,7 +187,7 @@ class ParquetSink:
         try:
             await self._write_buffered(full_only=False)
         except Exception as exc:  # nobody awaits a timer: hand the error to the next caller
-            self._timer_error = exc
+            self._pending_error = self._pending_error or exc
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -206,10 +217,10 @@ class ParquetSink:
                     self._writing = None
 
     def _settle(self, writing: asyncio.Task[None]) -> None:
-        """A write whose caller was cancelled: its rows are back in the buffer if it failed."""
+        """A write whose caller was cancelled: if it failed, the next caller hears of it."""
         self._writing = None
         if not writing.cancelled() and writing.exception() is not None:
-            log.warning("a part write failed; its rows stay buffered: %s", writing.exception())
+            self._pending_error = self._pending_error or writing.exception()
 
     async def _commit(self, batch: list[dict[str, Any]]) -> None:
         seq = self._seq
@@ -231,6 +242,8 @@ class ParquetSink:
             raise
         self.rows_written += len(batch)
         self.parts_written += 1
+        async with self._committed:
+            self._committed.notify_all()
 
     def _write_part(self, table: pa.Table, seq: int) -> None:
         name = f"part-{self.run_id}-{seq:05d}.parquet"
@@ -256,9 +269,23 @@ def _to_table(batch: list[dict[str, Any]]) -> pa.Table:
         values = [row.get(field.name) for row in batch]
         try:
             arrays.append(pa.array(values, type=field.type))
+        except UnicodeEncodeError:
+            # A lone surrogate (an undecodable file name in an error message, a "\udcff" escape
+            # in a model's JSON) must not cost the whole part: store it as \xNN text instead.
+            arrays.append(pa.array(_storable_deep(values), type=field.type))
         except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError) as exc:
             raise ValueError(f"column {field.name!r}: {exc}") from None
     return pa.Table.from_arrays(arrays, schema=ROW_SCHEMA)
+
+
+def _storable_deep(value: Any) -> Any:
+    if isinstance(value, str):
+        return storable(value)
+    if isinstance(value, dict):
+        return {key: _storable_deep(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_storable_deep(item) for item in value]
+    return value
 
 
 def _fsync_dir(path: Path) -> None:

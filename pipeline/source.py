@@ -17,11 +17,15 @@ Patterns (`include` / `exclude`) are globs matched against `rel_path` (POSIX, re
   file under which could match them (`photos/*` never walks `videos/`).
 - A root that is a file is always yielded (the user named it), whatever the patterns say.
 
+Names are str as os.scandir gives them: on Linux a non-UTF-8 name carries lone surrogates
+(surrogateescape), so it opens again as it was found; encode with "surrogateescape" (or replace)
+before writing it where only UTF-8 goes.
+
 Symlinks: a link to a file is always followed (its `path` stays the link's); a link to a
-directory only with `follow_symlinks`. A directory already on the current path (a loop through a
-link or a bind mount) becomes one error entry, so does a linked directory already walked through
-another link (walking it again could blow up exponentially on link-heavy trees). Real directories
-are always walked.
+directory only with `follow_symlinks` (a root is always followed: the user named it). A directory
+already on the current path (a loop through a link or a bind mount) becomes one error entry, so
+does a linked directory already walked through another link (walking it again could blow up
+exponentially on link-heavy trees). Real directories are always walked.
 """
 
 from __future__ import annotations
@@ -147,7 +151,6 @@ class _Filter:
 class _Frame:
     """One directory being listed: its entries (sorted names) and where it sits."""
 
-    path: str
     rel_parts: tuple[str, ...]
     entries: Iterator[os.DirEntry[str]]
     filter: _Filter
@@ -162,7 +165,7 @@ def _as_roots(roots: Sequence[str | os.PathLike[str]] | str | os.PathLike[str]) 
 
 
 def _reason(exc: OSError) -> str:
-    return (exc.strerror or str(exc)).lower() if exc.errno is not None else str(exc)
+    return (exc.strerror or str(exc)).lower()
 
 
 def _file_kind(mode: int) -> str:
@@ -245,7 +248,7 @@ def _walk_dir(
                 entries = sorted(listing, key=lambda e: e.name)
         except OSError as exc:
             return error(path, parts, f"unreadable directory: {_reason(exc)}")
-        return _Frame(path, parts, iter(entries), dir_filter, dir_id)
+        return _Frame(parts, iter(entries), dir_filter, dir_id)
 
     ancestors: dict[tuple[int, int], tuple[str, ...]] = {root_id: ()}
     walked_links: dict[tuple[int, int], tuple[str, ...]] = {}

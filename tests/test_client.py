@@ -32,6 +32,7 @@ from pipeline.gemini import (
     api_key_from_env,
     parse_generate_content,
     parse_interaction,
+    parse_response,
 )
 from pipeline.gemini.client import build_generate_content_body
 from pipeline.gemini.errors import error_from_response
@@ -94,6 +95,18 @@ async def connect(
         yield client
 
 
+@asynccontextmanager
+async def scripted_endpoint(app: web.Application) -> AsyncIterator[str]:
+    """A few fixed answers over loopback, for protocol cases the local server cannot produce."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
 @pytest.fixture
 async def server() -> AsyncIterator[LocalServer]:
     async with serve() as running:
@@ -129,13 +142,8 @@ def assert_box(box: list[int]) -> None:
 
 
 def sha256_matches(reported: str | None, data: bytes) -> bool:
-    """The Files API reports sha256Hash base64-encoded; accept the digest or its hex spelled so."""
-    digest = hashlib.sha256(data)
-    return reported in {
-        base64.b64encode(digest.digest()).decode(),
-        base64.b64encode(digest.hexdigest().encode()).decode(),
-        digest.hexdigest(),
-    }
+    """The Files API's sha256Hash is the hex digest, base64-encoded once more (a bytes field)."""
+    return reported == base64.b64encode(hashlib.sha256(data).hexdigest().encode()).decode()
 
 
 def assert_key_absent(error: GeminiError, client: GeminiClient, key: str) -> None:
@@ -217,6 +225,69 @@ async def test_interaction_with_file_uri_and_low_resolution(client: GeminiClient
     assert response.usage.prompt_by_modality["IMAGE"] == image_tokens(MODEL_3, WIDTH, HEIGHT, "low")
 
 
+async def test_interaction_thinking_step_is_skipped_and_not_stored(
+    server: LocalServer, client: GeminiClient
+) -> None:
+    request = detect_request(
+        ImagePart("image/png", rectangle_png()), model=MODEL_3, thinking_level="high"
+    )
+
+    response = await client.interact(request)
+
+    steps = json.loads(response.raw)["steps"]
+    assert [step["type"] for step in steps] == ["thought", "model_output"]
+    assert_box(only_box(response.text))
+    usage = response.usage
+    assert usage.thoughts_tokens > 0
+    assert usage.total_tokens == usage.prompt_tokens + usage.output_tokens + usage.thoughts_tokens
+    # Sent with store: false, so the service kept nothing to fetch back.
+    url = f"{server.base_url}/v1beta/interactions/{json.loads(response.raw)['id']}"
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(url, headers={"x-goog-api-key": KEY}) as answer,
+    ):
+        assert answer.status == 404
+
+
+async def test_cut_answers_finish_with_max_tokens_in_both_flavors(client: GeminiClient) -> None:
+    image = ImagePart("image/png", rectangle_png())
+    for flavor, model in (("generateContent", MODEL_25), ("interactions", MODEL_3)):
+        request = detect_request(image, model=model, max_output_tokens=3)
+        response = await client.generate(request, flavor=flavor)
+        assert response.finish_reason == "MAX_TOKENS", flavor
+        assert 0 < len(response.text) <= 12
+        assert response.usage.output_tokens <= 3
+
+
+async def test_generate_content_thinking_and_media_resolution_settings(
+    client: GeminiClient,
+) -> None:
+    png = rectangle_png()
+    thinking = await client.generate_content(detect_request(ImagePart("image/png", png)))
+    no_thinking = await client.generate_content(
+        detect_request(ImagePart("image/png", png), thinking_budget=0)
+    )
+    assert thinking.usage.thoughts_tokens > 0
+    assert no_thinking.usage.thoughts_tokens == 0
+
+    low_part = await client.generate_content(
+        detect_request(ImagePart("image/png", png, resolution="low"), model=MODEL_3)
+    )
+    medium_request = await client.generate_content(
+        detect_request(
+            ImagePart("image/png", png),
+            model=MODEL_3,
+            media_resolution="medium",
+            thinking_level="minimal",
+            response_json_schema={"type": "array", "items": {"type": "object"}},
+        )
+    )
+    assert low_part.usage.prompt_by_modality["IMAGE"] == 280
+    assert medium_request.usage.prompt_by_modality["IMAGE"] == 560
+    assert medium_request.usage.thoughts_tokens == 0
+    assert_box(only_box(medium_request.text))
+
+
 # ------------------------------------------------------------------------------- error classes
 
 
@@ -276,11 +347,27 @@ async def test_missing_key_is_refused(server: LocalServer, monkeypatch: pytest.M
     assert not caught.value.retryable
 
 
-async def test_unknown_file_is_not_found(client: GeminiClient) -> None:
+async def test_unknown_file_is_permission_denied(client: GeminiClient) -> None:
+    # The real service does not tell "missing" from "not yours": both are a 403.
     with pytest.raises(GeminiError) as caught:
         await client.get_file("files/no-such-file")
-    assert (caught.value.code, caught.value.status) == (404, "NOT_FOUND")
+    assert (caught.value.code, caught.value.status) == (403, "PERMISSION_DENIED")
     assert not caught.value.retryable
+    with pytest.raises(GeminiError) as caught:
+        await client.generate_content(
+            detect_request(ImagePart("image/png", file_uri=f"{client.base_url}/v1beta/files/nope"))
+        )
+    assert (caught.value.code, caught.value.status) == (403, "PERMISSION_DENIED")
+
+
+async def test_unknown_model_is_not_found(client: GeminiClient) -> None:
+    request = detect_request(ImagePart("image/png", rectangle_png()), model="no-such-model")
+    for flavor in ("generateContent", "interactions"):
+        with pytest.raises(GeminiError) as caught:
+            await client.generate(request, flavor=flavor)
+        assert caught.value.code == 404
+        assert caught.value.status in ("NOT_FOUND", "model_not_found")
+        assert not caught.value.retryable
 
 
 async def test_generate_with_processing_file_is_failed_precondition() -> None:
@@ -349,11 +436,17 @@ async def test_api_key_never_leaks_into_errors(server: LocalServer) -> None:
         errors.append((caught.value, client, wrong_key))
 
     async with serve(fault_rate=1.0, seed=7) as faulty, connect(faulty) as client:
-        for _ in range(40):
+        faults: list[GeminiError] = []
+        for _ in range(40):  # until both a 5xx and a hang (client timeout) have happened
             try:
-                await client.generate_content(request, timeout=0.5)
+                await client.generate_content(request, timeout=0.2)
             except GeminiError as error:
-                errors.append((error, client, KEY))
+                faults.append(error)
+            if {error.code for error in faults} & {500, 503} and any(
+                error.status == "DEADLINE_EXCEEDED" for error in faults
+            ):
+                break
+        errors.extend((error, client, KEY) for error in faults)
 
     async with serve(latency_ms=3000, seed=1) as slow, connect(slow) as client:
         with pytest.raises(GeminiError) as caught:
@@ -421,7 +514,7 @@ async def test_get_list_and_delete_files(client: GeminiClient) -> None:
     await client.delete_file(names[0])
     with pytest.raises(GeminiError) as caught:
         await client.get_file(names[0])
-    assert caught.value.code == 404
+    assert caught.value.status == "PERMISSION_DENIED"  # gone: as for any unknown file
     remaining = {info.name for info in await client.list_files(page_size=2)}
     assert names[0] not in remaining
     assert set(names[1:]) <= remaining
@@ -479,18 +572,10 @@ async def test_upload_protocol_resends_chunk_without_status_and_never_sends_key(
     app = web.Application()
     app.router.add_post("/upload/v1beta/files", start)
     app.router.add_post("/resumable/upload-123", chunk)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
-        async with GeminiClient(KEY, base_url=f"http://127.0.0.1:{port}") as client:
-            info = await client.upload_file(
-                path, "application/octet-stream", display_name="blob", chunk_size=4096
-            )
-    finally:
-        await runner.cleanup()
+    async with scripted_endpoint(app) as base_url, GeminiClient(KEY, base_url=base_url) as client:
+        info = await client.upload_file(
+            path, "application/octet-stream", display_name="blob", chunk_size=4096
+        )
 
     assert info.size_bytes == len(data)
     start_headers, start_body = received[0]
@@ -509,6 +594,43 @@ async def test_upload_protocol_resends_chunk_without_status_and_never_sends_key(
     ]
     assert all("x-goog-api-key" not in {k.lower() for k in h} for h, _ in chunks)
     assert chunks[0][1] + chunks[2][1] + chunks[3][1] == data
+
+
+async def test_answers_the_local_server_never_gives(tmp_path: Path) -> None:
+    """A FAILED file, a 200 with a cut body, an upload refused mid-way (scripted endpoint)."""
+
+    async def failed_file(request: web.Request) -> web.Response:
+        resource = {"name": "files/bad", "uri": "u", "mimeType": "image/png", "sizeBytes": "3"}
+        resource |= {"state": "FAILED", "error": {"code": 3, "message": "cannot decode image"}}
+        return web.json_response(resource)
+
+    async def cut_body(request: web.Request) -> web.Response:
+        return web.Response(text='{"candidates": [{"content": {"parts": [{"te', status=200)
+
+    async def start(request: web.Request) -> web.Response:
+        return web.Response(headers={"X-Goog-Upload-URL": f"http://{request.host}/chunks"})
+
+    async def refuse_chunk(request: web.Request) -> web.Response:
+        body = {"error": {"code": 400, "message": "offset mismatch", "status": "INVALID_ARGUMENT"}}
+        return web.json_response(body, status=400, headers={"X-Goog-Upload-Status": "active"})
+
+    app = web.Application()
+    app.router.add_get("/v1beta/files/bad", failed_file)
+    app.router.add_post("/v1beta/models/{action}", cut_body)
+    app.router.add_post("/upload/v1beta/files", start)
+    app.router.add_post("/chunks", refuse_chunk)
+    async with scripted_endpoint(app) as base_url, GeminiClient(KEY, base_url=base_url) as client:
+        with pytest.raises(GeminiError) as failed:
+            await client.wait_until_active("files/bad", poll_interval=0.01)
+        with pytest.raises(GeminiError) as cut:
+            await client.generate_content(GenerateRequest(model=MODEL_25, prompt="hi"))
+        with pytest.raises(GeminiError) as refused:
+            await client.upload_file(bytes(10), "image/png", chunk_size=4)
+
+    assert (failed.value.code, failed.value.status) == (None, "FAILED_PRECONDITION")
+    assert "cannot decode image" in failed.value.message and not failed.value.retryable
+    assert (cut.value.code, cut.value.status, cut.value.retryable) == (None, "DATA_LOSS", True)
+    assert (refused.value.code, refused.value.message) == (400, "offset mismatch")
 
 
 # -------------------------------------------------------------------------------- client basics
@@ -745,6 +867,13 @@ def test_parse_interaction_takes_last_model_output_and_maps_status() -> None:
     for status, finish_reason in expected.items():
         parsed = parse_interaction(json.dumps({"status": status, "steps": []}))
         assert (parsed.text, parsed.finish_reason) == ("", finish_reason)
+
+
+async def test_parse_response_rereads_stored_answers_of_both_flavors(client: GeminiClient) -> None:
+    png = ImagePart("image/png", rectangle_png())
+    for flavor, model in (("generateContent", MODEL_25), ("interactions", MODEL_3)):
+        live = await client.generate(detect_request(png, model=model), flavor=flavor)
+        assert parse_response(live.raw) == live, flavor
 
 
 def test_error_parsing_reads_retry_info_quota_and_reason() -> None:

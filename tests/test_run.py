@@ -178,7 +178,8 @@ async def test_resume_retry_errors_and_changed_prompt(images_dir: Path, tmp_path
     retried = await run(config, retry_errors=True)
     assert retried.api_calls == 0  # nothing left in error
 
-    changed = make_config(tmp_path, task={"kind": "segment", "prompt": "Segment every shape."})
+    prompt = "Give the segmentation masks of all shapes as a JSON list (box_2d, mask, label)."
+    changed = make_config(tmp_path, task={"kind": "segment", "prompt": prompt})
     redone = await run(changed)
     assert redone.api_calls == 6  # a changed prompt changes every key
     rows = read_rows(tmp_path / "out")

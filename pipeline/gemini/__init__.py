@@ -5,6 +5,7 @@ from pipeline.gemini.client import (
     GeminiClient,
     api_key_from_env,
     parse_generate_content,
+    parse_response,
 )
 from pipeline.gemini.errors import GeminiError
 from pipeline.gemini.interactions import parse_interaction
@@ -16,4 +17,5 @@ __all__ = [
     "api_key_from_env",
     "parse_generate_content",
     "parse_interaction",
+    "parse_response",
 ]

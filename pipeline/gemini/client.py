@@ -31,6 +31,9 @@ from pipeline.gemini.files import (
     DEFAULT_CHUNK_SIZE,
     file_id,
     parse_file_info,
+    parse_file_page,
+    parse_json_object,
+    parse_upload_answer,
     read_chunks,
     source_size,
 )
@@ -177,6 +180,17 @@ def parse_generate_content(body: str) -> GenerateResponse:
     )
 
 
+def parse_response(body: str) -> GenerateResponse:
+    """Read a stored raw answer of either flavour, telling them apart by their fields.
+
+    An Interaction always carries `status` (and `steps`); a GenerateContentResponse has neither.
+    """
+    document = json.loads(body)
+    if isinstance(document, dict) and ("steps" in document or "status" in document):
+        return parse_interaction(body)
+    return parse_generate_content(body)
+
+
 # --------------------------------------------------------------------------------- the client
 
 
@@ -314,6 +328,8 @@ class GeminiClient:
                 chunk = await anext(chunks, b"")  # an empty file still needs its finalize
                 command = "upload, finalize" if offset + len(chunk) >= size else "upload"
                 answer = await self._send_chunk(upload_url, chunk, offset, command)
+                if answer.status >= 400:
+                    raise self._error(answer)  # even when the session stays "active"
                 offset += len(chunk)
                 upload_status = answer.headers.get("X-Goog-Upload-Status")
                 if upload_status != "active":
@@ -324,20 +340,17 @@ class GeminiClient:
                         "UNKNOWN",
                         f"all {size} bytes sent but the upload is not final",
                     )
-        if answer.status >= 400:
-            raise self._error(answer)
         if upload_status != "final":
             raise GeminiError(
                 answer.status,
                 "UNKNOWN",
                 f"upload ended with X-Goog-Upload-Status {upload_status!r}",
             )
-        document = self._parse(answer, json.loads, "upload finalize")
-        resource = document.get("file", document) if isinstance(document, dict) else None
-        return parse_file_info(resource)
+        return self._parse(answer, parse_upload_answer, "upload finalize")
 
     async def get_file(self, name: str) -> FileInfo:
-        return parse_file_info(await self._file_resource(name))
+        resource = await self._file_resource(name)
+        return self._parse_value(resource, parse_file_info, "get file")
 
     async def list_files(self, *, page_size: int = 100) -> list[FileInfo]:
         """Every file of the project, following nextPageToken."""
@@ -347,12 +360,11 @@ class GeminiClient:
             answer = await self._send(
                 "GET", f"{self.base_url}/{self.version}/files", params=params, what="list files"
             )
-            document = self._parse(answer, json.loads, "list files")
-            files.extend(parse_file_info(item) for item in document.get("files") or ())
-            token = document.get("nextPageToken") or document.get("next_page_token")
+            page, token = self._parse(answer, parse_file_page, "list files")
+            files.extend(page)
             if not token:
                 return files
-            params = {"pageSize": str(page_size), "pageToken": str(token)}
+            params = {"pageSize": str(page_size), "pageToken": token}
 
     async def delete_file(self, name: str) -> None:
         answer = await self._send(
@@ -371,7 +383,7 @@ class GeminiClient:
         deadline = loop.time() + timeout
         while True:
             resource = await self._file_resource(name)
-            info = parse_file_info(resource)
+            info = self._parse_value(resource, parse_file_info, "get file")
             if info.state == "ACTIVE":
                 return info
             if info.state == "FAILED":
@@ -395,10 +407,7 @@ class GeminiClient:
             f"{self.base_url}/{self.version}/files/{file_id(name)}",
             what=f"get files/{file_id(name)}",
         )
-        document = self._parse(answer, json.loads, "get file")
-        if not isinstance(document, dict):
-            raise GeminiError(None, "DATA_LOSS", "get file: the answer is not a JSON object")
-        return document
+        return self._parse(answer, parse_json_object, "get file")
 
     async def _send_chunk(
         self, upload_url: str, chunk: bytes, offset: int, command: str
@@ -406,18 +415,19 @@ class GeminiClient:
         """POST one chunk to the upload URL (no API key); re-sent while its answer has no status."""
         headers = {"X-Goog-Upload-Command": command, "X-Goog-Upload-Offset": str(offset)}
         what = f"upload chunk at offset {offset}"  # never the URL: it is a credential too
-        for delay in (*UPLOAD_RESEND_DELAYS, None):
+        delays = iter(UPLOAD_RESEND_DELAYS)
+        while True:
             answer = await self._send(
                 "POST", upload_url, data=chunk, headers=headers, with_key=False, what=what
             )
             if answer.headers.get("X-Goog-Upload-Status"):
                 return answer
             permanent = answer.status >= 400 and answer.status not in RETRYABLE_HTTP_CODES
+            delay = next(delays, None)
             if permanent or delay is None:
                 return answer
             log.warning("%s: answer without X-Goog-Upload-Status, re-sending in %gs", what, delay)
             await asyncio.sleep(delay)
-        raise AssertionError("unreachable")  # the loop always returns on its last pass
 
     # ------------------------------------------------------------------------------ transport
 
@@ -442,13 +452,17 @@ class GeminiClient:
     def _parse(self, answer: _Answer, parse: Callable[[str], _Parsed], what: str) -> _Parsed:
         if answer.status >= 400:
             raise self._error(answer)
+        return self._parse_value(answer.text, parse, what)
+
+    def _parse_value(self, value: Any, parse: Callable[[Any], _Parsed], what: str) -> _Parsed:
         try:
-            return parse(answer.text)
-        except ValueError as exc:
-            # A 200 whose body is not the promised JSON: corrupted in transit, like a reset.
-            raise GeminiError(
-                None, "DATA_LOSS", self._redact(f"{what}: unreadable answer body ({exc})")
-            ) from None
+            return parse(value)
+        except (ValueError, TypeError, AttributeError) as exc:
+            # A success answer that is not the promised JSON: corrupted in transit, like a reset.
+            failure = GeminiError(
+                None, "DATA_LOSS", self._redact(f"{what}: unreadable answer ({exc})")
+            )
+        raise failure
 
     async def _send(
         self,

@@ -6,6 +6,7 @@ chunk of the file in memory whatever the file's size.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import AsyncIterator
 from typing import Any
@@ -39,6 +40,29 @@ def parse_file_info(obj: Any) -> FileInfo:
         sha256_hash=_field(obj, "sha256Hash", "sha256_hash"),
         display_name=_field(obj, "displayName", "display_name"),
     )
+
+
+def parse_json_object(body: str) -> dict[str, Any]:
+    document = json.loads(body)
+    if not isinstance(document, dict):
+        raise ValueError("expected a JSON object")
+    return document
+
+
+def parse_upload_answer(body: str) -> FileInfo:
+    """The finalize answer: `{"file": {...}}` (a bare File resource is taken too)."""
+    document = parse_json_object(body)
+    return parse_file_info(document.get("file", document))
+
+
+def parse_file_page(body: str) -> tuple[list[FileInfo], str | None]:
+    """One page of files.list: its files and the next page's token (None on the last page)."""
+    document = parse_json_object(body)
+    files = document.get("files") or []
+    if not isinstance(files, list):
+        raise ValueError("'files' must be a list")
+    token = document.get("nextPageToken") or document.get("next_page_token")
+    return [parse_file_info(item) for item in files], str(token) if token else None
 
 
 def file_id(name: str) -> str:

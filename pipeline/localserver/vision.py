@@ -11,6 +11,8 @@ from __future__ import annotations
 import base64
 import io
 import math
+import struct
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,6 +21,7 @@ from PIL import Image
 
 pillow_heif.register_heif_opener()
 
+MAX_PIXELS = 64_000_000  # larger images are refused rather than decoded into gigabytes
 MAX_ANALYSIS_SIDE = 1024  # larger images are looked at downscaled; answers are normalised anyway
 FOREGROUND_TOLERANCE = 48  # max channel difference from the background: above JPEG noise and
 # ringing on flat areas, below half the contrast of any shape worth naming
@@ -80,7 +83,6 @@ class Analysis:
         if isinstance(cached, str):
             return cached
         plane = region.mask.astype(np.uint8) * 255
-        image = Image.fromarray(plane)
         sx = self.width / self.analysis_width
         sy = self.height / self.analysis_height
         if sx != 1.0 or sy != 1.0:  # analysed downscaled: a soft edge at the image's own size
@@ -88,10 +90,8 @@ class Analysis:
                 max(1, round(region.x1 * sx) - round(region.x0 * sx)),
                 max(1, round(region.y1 * sy) - round(region.y0 * sy)),
             )
-            image = image.resize(size, Image.Resampling.BILINEAR)
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG", compress_level=1)
-        url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+            plane = np.asarray(Image.fromarray(plane).resize(size, Image.Resampling.BILINEAR))
+        url = "data:image/png;base64," + base64.b64encode(png_gray(plane)).decode("ascii")
         region.rendered["png"] = url
         return url
 
@@ -118,18 +118,41 @@ class Analysis:
         return [round(cy), round(cx)]
 
 
-def image_size(data: bytes) -> tuple[int, int]:
-    """Width and height from the header only (what token billing needs)."""
+def png_gray(plane: np.ndarray) -> bytes:
+    """An 8-bit greyscale PNG of a uint8 array, written directly (a fifth of Pillow's cost)."""
+    height, width = plane.shape
+    raw = np.zeros((height, width + 1), dtype=np.uint8)  # filter byte 0 ("none") per row
+    raw[:, 1:] = plane
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"".join(
+        (
+            b"\x89PNG\r\n\x1a\n",
+            _png_chunk(b"IHDR", header),
+            _png_chunk(b"IDAT", zlib.compress(raw.tobytes(), 1)),
+            _png_chunk(b"IEND", b""),
+        )
+    )
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def open_image(data: bytes) -> Image.Image:
+    """The image with only its header read: size for billing now, pixels later if needed."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            return image.size
+        image = Image.open(io.BytesIO(data))
     except Exception as exc:  # Pillow raises many types for bad data
         raise ImageDecodeError(str(exc)) from exc
+    width, height = image.size
+    if width * height > MAX_PIXELS:
+        raise ImageDecodeError(f"{width}x{height} is too many pixels")
+    return image
 
 
-def analyse(data: bytes) -> Analysis:
-    """Decode an image and find its regions."""
-    pixels, width, height = _decode(data)
+def analyse(image: Image.Image) -> Analysis:
+    """Decode an opened image and find its regions."""
+    pixels, width, height = _decode(image)
     return analyse_pixels(pixels, width, height)
 
 
@@ -151,9 +174,8 @@ def analyse_pixels(pixels: np.ndarray, width: int, height: int) -> Analysis:
     )
 
 
-def _decode(data: bytes) -> tuple[np.ndarray, int, int]:
+def _decode(image: Image.Image) -> tuple[np.ndarray, int, int]:
     try:
-        image = Image.open(io.BytesIO(data))
         width, height = image.size
         if max(width, height) > MAX_ANALYSIS_SIDE:
             scale = MAX_ANALYSIS_SIDE / max(width, height)
@@ -180,22 +202,19 @@ def _background(pixels: np.ndarray) -> tuple[int, int, int]:
     return (round(float(mean[0])), round(float(mean[1])), round(float(mean[2])))
 
 
-_LEVELS = np.arange(256, dtype=np.int16)
-
-
 def _foreground(pixels: np.ndarray, background: tuple[int, int, int]) -> np.ndarray:
     """Pixels whose largest channel difference from the background exceeds the tolerance.
 
-    One 256-entry table per channel ("is this level far from the background's?") looked up per
-    pixel: much cheaper than widening the image to compute differences.
+    Computed on rows of interleaved channels against a tiled background row, so numpy's inner
+    loops run over whole rows rather than over three channels at a time.
     """
-    foreground = None
-    for channel, level in enumerate(background):
-        far = np.abs(_LEVELS - level) > FOREGROUND_TOLERANCE
-        hit = far[pixels[:, :, channel]]
-        foreground = hit if foreground is None else foreground | hit
-    assert foreground is not None
-    return foreground
+    h, w = pixels.shape[:2]
+    flat = pixels.reshape(h, w * 3)
+    row = np.tile(np.array(background, dtype=np.uint8), w)
+    difference = np.maximum(flat, row)
+    difference -= np.minimum(flat, row)  # |pixel - background| without widening to int16
+    far = (difference > FOREGROUND_TOLERANCE).reshape(h, w, 3)
+    return far[:, :, 0] | far[:, :, 1] | far[:, :, 2]
 
 
 def _runs(foreground: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -234,7 +253,7 @@ def _regions(foreground: np.ndarray, pixels: np.ndarray) -> list[Region]:
 
 
 def _join_runs(rows: np.ndarray, starts: np.ndarray, ends: np.ndarray, width: int) -> np.ndarray:
-    """Component index of each run; runs touch (8-connected) when on adjacent rows and overlapping."""
+    """Component index of each run: runs on adjacent rows that overlap (8-connected) join."""
     n = len(rows)
     stride = width + 2
     start_key = rows * stride + starts
@@ -276,30 +295,28 @@ def _region(
     paint[rows - y0, starts - x0] = 1
     paint[rows - y0, ends - x0] = -1
     mask = np.cumsum(paint, axis=1, dtype=np.int8)[:, :bw] > 0
-    rgb = _region_colour(mask, pixels[y0:y1, x0:x1])
+    rgb = _region_colour(rows, starts, ends, pixels)
     fill = area / (bh * bw)
     shape = "rectangle" if fill > 0.9 else "circle" if fill > 0.62 else "triangle"
     return Region(y0, x0, y1, x1, area, rgb, colour_name(rgb), shape, mask)
 
 
-def _region_colour(mask: np.ndarray, box: np.ndarray) -> tuple[int, int, int]:
-    """Median colour of the region's interior: edges are anti-aliased or JPEG-smeared."""
-    inner = mask
-    for _ in range(2):
-        if inner.shape[0] < 3 or inner.shape[1] < 3:
-            break
-        eroded = np.zeros_like(inner)
-        eroded[1:-1, 1:-1] = (
-            inner[1:-1, 1:-1] & inner[:-2, 1:-1] & inner[2:, 1:-1] & inner[1:-1, :-2] & inner[1:-1, 2:]
-        )
-        if not eroded.any():
-            break
-        inner = eroded
-    chosen = box[inner]
-    if len(chosen) > 512:
-        chosen = chosen[:: len(chosen) // 512]
-    median = np.median(chosen, axis=0)
-    return (int(median[0]), int(median[1]), int(median[2]))
+def _region_colour(
+    rows: np.ndarray, starts: np.ndarray, ends: np.ndarray, pixels: np.ndarray
+) -> tuple[int, int, int]:
+    """Mean colour of the middle half of the region's runs on three inner rows.
+
+    Edges are anti-aliased or smeared by JPEG; the middle of a run well inside the region is not.
+    """
+    y0, y1 = int(rows[0]), int(rows[-1]) + 1
+    inner = {y0 + (y1 - y0) // 3, y0 + (y1 - y0) // 2, y0 + 2 * (y1 - y0) // 3}
+    samples = []
+    for i in np.nonzero(np.isin(rows, list(inner)))[0].tolist():
+        s, e = int(starts[i]), int(ends[i])
+        quarter = (e - s) // 4
+        samples.append(pixels[int(rows[i]), s + quarter : max(e - quarter, s + quarter + 1)])
+    mean = np.concatenate(samples).mean(axis=0)
+    return (round(float(mean[0])), round(float(mean[1])), round(float(mean[2])))
 
 
 def colour_name(rgb: tuple[int, int, int], *, background: bool = False) -> str:
@@ -383,9 +400,12 @@ def _simplify_open(points: np.ndarray, tolerance: float) -> np.ndarray:
         if length == 0:
             distance = np.hypot(segment[:, 0] - a[0], segment[:, 1] - a[1])
         else:
-            distance = np.abs(
-                direction[0] * (segment[:, 1] - a[1]) - direction[1] * (segment[:, 0] - a[0])
-            ) / length
+            distance = (
+                np.abs(
+                    direction[0] * (segment[:, 1] - a[1]) - direction[1] * (segment[:, 0] - a[0])
+                )
+                / length
+            )
         k = int(np.argmax(distance))
         if distance[k] > tolerance:
             split = i + 1 + k

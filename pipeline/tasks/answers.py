@@ -9,7 +9,10 @@ Models do not always answer with clean JSON. The rules here, in the order they a
 3. If no complete list of objects is found (a truncated answer, finish reason MAX_TOKENS, or
    broken JSON), the first list of objects is salvaged element by element: every complete
    element is kept, a broken one is skipped with its reason (reading resumes at the next
-   "}, {"), and the rest after a cut is lost. The result is marked "partial".
+   "}, {"), and the rest after a cut is lost. The result is marked "partial" (unless the list
+   itself closed cleanly and only a wrapper around it was cut). Scanning never goes past JSON
+   that starts but does not parse, so a complete inner object of a cut answer is never taken
+   for the whole answer.
 4. Each object is checked on its own; an object with a missing or invalid key is skipped and
    the reason is listed in Parsed.error, the others are kept (see `read_objects`).
 """
@@ -62,6 +65,7 @@ _LIST_OF_OBJECTS = re.compile(r"\[\s*(?=\{)")
 _NEXT_ELEMENT = re.compile(r"\}\s*,?\s*(?=\{)")  # where the next element of a list may start
 _AFTER_ELEMENT = re.compile(r"\s*([,\]])?\s*")
 _SPACE = re.compile(r"\s*")
+_JSON_START = re.compile(r'\{\s*["}]|\[\s*(?:[\[{"\]\d-]|true|false|null)')
 
 
 def _reject_constant(name: str) -> Any:
@@ -140,11 +144,15 @@ def find_json(text: str, accept: Callable[[Any], bool] | None = None) -> Found |
     """The first JSON value in the answer that `accept` takes (any value when None).
 
     When values are found but none is accepted, the first one is returned so the caller can
-    say what was wrong with it.
+    say what was wrong with it. Scanning stops at JSON that starts but does not parse (a cut
+    answer), so a complete inner value of a cut one is never taken for the answer; prose
+    brackets such as "[1]" or "[see below]" do not stop it.
     """
     first: Found | None = None
-    for value, _ in _scan(text):
+    for value, start in _scan(text):
         if value is _BROKEN:
+            if _JSON_START.match(text, start):
+                break  # JSON that does not parse: anything found after it may be a fragment
             continue
         if accept is None or accept(value):
             return Found(value)
@@ -213,15 +221,17 @@ def find_items(text: str) -> tuple[list[Any] | None, Found | None]:
     it, so a complete inner object there must not pass for the whole answer.
     """
     first: Found | None = None
+    broken = False
     for value, start in _scan(text):
         if value is _BROKEN:
             if _LIST_OF_OBJECTS.match(text, start):
                 salvaged = salvage_list(text, start)
                 return salvaged.value, salvaged
+            broken = broken or bool(_JSON_START.match(text, start))  # e.g. {"boxes": [ cut
             continue
         if _looks_like_items(value):
             return as_items(value), Found(value)
-        if first is None:
+        if first is None and not broken:
             first = Found(value)
     if first is not None:
         return as_items(first.value), first
@@ -250,6 +260,8 @@ def read_number(value: Any) -> float:
     """A finite JSON number (not a bool), else ValueError."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{value!r:.40} is not a number")
+    if isinstance(value, int) and abs(value) >= _INT32:
+        raise ValueError(f"{value:.3g} is out of range")
     number = float(value)
     if not math.isfinite(number) or abs(number) >= _INT32:
         raise ValueError(f"{value!r:.40} is out of range")
@@ -293,10 +305,21 @@ def read_label(item: dict[str, Any]) -> str:
         label = json.dumps(label)
     if not isinstance(label, str):
         raise ValueError("label is not a string")
-    label = label.strip()
+    label = utf8_safe(label.strip())
     if not label:
         raise ValueError("label is empty")
     return label
+
+
+def utf8_safe(text: str) -> str:
+    """The text with lone surrogates (which JSON's \\ud800 escapes allow) replaced, so it can be
+    written as UTF-8 (Parquet, JSON files) later.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace").decode("utf-8")
+    return text
 
 
 MaskReader = Callable[[dict[str, Any], list[float], int, int], tuple[dict | None, str | None]]

@@ -1,8 +1,9 @@
 """Generation settings every task kind shares: the recommended defaults per model generation.
 
 Defaults (each applies only when the user left the setting None in [task]):
-- thinking off for spatial work: thinking_budget 0 on 2.5; thinking_level "minimal" on 3 Flash
-  and "low" on 3 Pro (Pro accepts only low / high); nothing on 1.5 / 2.0 (no thinking there).
+- thinking off for spatial work: thinking_budget 0 on 2.5 Flash / Flash-Lite, 128 (the least it
+  takes: it cannot turn thinking off) on 2.5 Pro; thinking_level "minimal" on 3 Flash and "low"
+  on 3 Pro (Pro accepts only low / high); nothing on 1.5 / 2.0 (no thinking there).
 - temperature 0.5 on 1.5 / 2.0 / 2.5 (the cookbook's cure for repeated objects), left to the
   service default (1.0) on 3, whose guide warns that lower values can loop.
 - media resolution: never set by default (service default, "high" on 3).
@@ -11,6 +12,7 @@ Defaults (each applies only when the user left the setting None in [task]):
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any, Literal
 
@@ -21,6 +23,7 @@ Generation = Literal["1.5", "2.0", "2.5", "3", "unknown"]
 THINKING_LEVELS = ("minimal", "low", "medium", "high")
 MEDIA_RESOLUTIONS = ("low", "medium", "high", "ultra_high")
 SPATIAL_TEMPERATURE = 0.5
+PRO_MIN_THINKING_BUDGET = 128  # 2.5 Pro's floor: 0 (off) is refused there
 DEFAULT_MAX_OBJECTS = 25
 
 _VERSION = re.compile(r"gemini-(\d+)(?:\.(\d+))?")
@@ -42,6 +45,10 @@ def model_generation(model: str) -> Generation:
     if major == 1:
         return "1.5"
     return "unknown"
+
+
+def _is_pro(model: str) -> bool:
+    return "-pro" in model.lower()
 
 
 def supports_json_schema(model: str) -> bool:
@@ -68,9 +75,9 @@ def _thinking(settings: TaskSettings, generation: Generation) -> tuple[int | Non
     if settings.thinking_budget is not None or settings.thinking_level is not None:
         return settings.thinking_budget, settings.thinking_level
     if generation == "2.5":
-        return 0, None
+        return (PRO_MIN_THINKING_BUDGET if _is_pro(settings.model) else 0), None
     if generation == "3":
-        return None, "low" if "pro" in settings.model.lower() else "minimal"
+        return None, "low" if _is_pro(settings.model) else "minimal"
     return None, None
 
 
@@ -79,12 +86,12 @@ def build_request(
     prompt: str,
     system_lines: list[str],
     json_mode: bool,
-    response_schema: dict[str, Any] | None = None,
-    response_json_schema: dict[str, Any] | None = None,
+    default_schema: dict[str, Any] | None = None,
 ) -> GenerateRequest:
     """A GenerateRequest with the user's settings where given and the defaults elsewhere.
 
-    `system_lines` are task rules added after the user's system instruction (or alone).
+    `system_lines` are task rules added after the user's system instruction (or alone);
+    `default_schema` is the task's responseSchema, replaced by the user's schema if set.
     """
     generation = model_generation(settings.model)
     thinking_budget, thinking_level = _thinking(settings, generation)
@@ -100,6 +107,7 @@ def build_request(
         )
     parts = [settings.system_instruction.strip()] if settings.system_instruction else []
     parts += system_lines
+    response_schema, response_json_schema = schemas(settings, default_schema)
     return GenerateRequest(
         model=settings.model,
         prompt=prompt,
@@ -115,13 +123,25 @@ def build_request(
     )
 
 
-def user_schema(settings: TaskSettings, default: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The response schema to send: the user's when set ({} means none at all), else default."""
+def schemas(
+    settings: TaskSettings, default: dict[str, Any] | None
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """(response_schema, response_json_schema) to send.
+
+    A task's built-in schema uses responseSchema (the OpenAPI subset every JSON-mode model
+    takes). A user's schema (JSON Schema) goes as responseJsonSchema where the model has it
+    (2.5, 3) and as responseSchema on 1.5 / 2.0, where it must fit the OpenAPI subset.
+    An empty user schema ({}) sends no schema at all.
+    """
     if settings.response_schema is None:
-        return default
-    return settings.response_schema or None
+        return default, None
+    if not settings.response_schema:
+        return None, None
+    if supports_json_schema(settings.model):
+        return None, settings.response_schema
+    return settings.response_schema, None
 
 
 def quoted(labels: tuple[str, ...]) -> str:
-    """Labels as a prompt lists them: "cat", "dog"."""
-    return ", ".join(f'"{label}"' for label in labels)
+    """Labels as a prompt lists them: "cat", "dog" (JSON quoting, so quotes inside stay clear)."""
+    return ", ".join(json.dumps(label, ensure_ascii=False) for label in labels)

@@ -1,0 +1,113 @@
+"""COCO detection / segmentation JSON from the current rows of an output directory.
+
+Images are the current `ok` and `partial` rows that carry objects (detect, segment), one image
+per (image_root, image_path); categories are the labels, sorted, numbered from 1; each object is
+an annotation with `bbox` as [x, y, w, h] in pixels, `segmentation` the object's COCO RLE (or the
+box as a polygon when it has no mask) and `area` the mask's pixel count (else the box's area).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from pipeline.dataset import current_rows
+from pipeline.masks import rle_area
+
+EXPORTED_STATUSES = ("ok", "partial")
+_COLUMNS = ("image_root", "image_path", "width", "height", "task", "status", "objects")
+
+
+def export_coco(
+    output_dir: str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
+    *,
+    task: str | None = None,
+) -> dict[str, int]:
+    """Write the COCO file (atomically) and return its counts. `task` keeps one task's rows."""
+    rows = current_rows(output_dir, _COLUMNS).to_pylist()
+    images: dict[tuple[str, str], dict[str, Any]] = {}
+    objects: list[tuple[int, dict[str, Any]]] = []
+    skipped_rows = 0
+    for row in rows:
+        wanted = row["status"] in EXPORTED_STATUSES and (task is None or row["task"] == task)
+        if not wanted or row["objects"] is None or not row["width"] or not row["height"]:
+            skipped_rows += 1
+            continue
+        where = (row["image_root"] or "", row["image_path"] or "")
+        image = images.get(where)
+        if image is None:
+            image = {
+                "id": len(images) + 1,
+                "file_name": row["image_path"],
+                "width": row["width"],
+                "height": row["height"],
+            }
+            images[where] = image
+        objects.extend((image["id"], obj) for obj in row["objects"])
+
+    labels = sorted({_label(obj) for _, obj in objects})
+    category_id = {label: number for number, label in enumerate(labels, start=1)}
+    annotations = []
+    skipped_objects = 0
+    for image_id, obj in objects:
+        annotation = _annotation(obj)
+        if annotation is None:
+            skipped_objects += 1
+            continue
+        annotation.update(id=len(annotations) + 1, image_id=image_id)
+        annotation["category_id"] = category_id[_label(obj)]
+        annotations.append(annotation)
+
+    coco = {
+        "info": {"description": f"exported from {Path(output_dir).name}", "version": "1.0"},
+        "licenses": [],
+        "images": list(images.values()),
+        "annotations": annotations,
+        "categories": [{"id": category_id[name], "name": name} for name in labels],
+    }
+    _write_json_atomically(Path(out_path), coco)
+    return {
+        "images": len(images),
+        "annotations": len(annotations),
+        "categories": len(labels),
+        "rows_skipped": skipped_rows,
+        "objects_skipped": skipped_objects,
+    }
+
+
+def _label(obj: dict[str, Any]) -> str:
+    return obj.get("label") or "unlabelled"
+
+
+def _annotation(obj: dict[str, Any]) -> dict[str, Any] | None:
+    """One object -> the geometry part of an annotation; None when it has no usable box."""
+    bbox = obj.get("bbox")
+    if not bbox or len(bbox) != 4:
+        return None
+    x0, y0, x1, y1 = (float(v) for v in bbox)
+    w, h = max(x1 - x0, 0.0), max(y1 - y0, 0.0)
+    x0, y0, x1, y1, w, h = (round(v, 2) for v in (x0, y0, x1, y1, w, h))
+    segmentation: Any = [[x0, y0, x1, y0, x1, y1, x0, y1]]
+    area = w * h
+    mask = obj.get("mask")
+    if mask and mask.get("counts") is not None and mask.get("size"):
+        try:
+            area = float(rle_area(mask))
+        except ValueError:  # a corrupt mask string: keep the object with its box
+            pass
+        else:
+            segmentation = {"size": [int(v) for v in mask["size"]], "counts": mask["counts"]}
+    return {"bbox": [x0, y0, w, h], "area": area, "segmentation": segmentation, "iscrowd": 0}
+
+
+def _write_json_atomically(path: Path, document: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.tmp")
+    with open(temp, "w", encoding="utf-8") as file:
+        json.dump(document, file, ensure_ascii=False, separators=(",", ":"))
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temp, path)

@@ -1,0 +1,428 @@
+"""Make a found file ready to send to Gemini: hash it, sniff it, orient it, maybe convert it.
+
+Rules (why in each docstring below):
+
+- The format comes from the bytes (`sniff`), never from the file name.
+- PNG, JPEG, WEBP, HEIC and HEIF that need no rotation and no downscale are sent as they are
+  (`data` is None, the file streams from disk); everything else Pillow reads (GIF first frame,
+  BMP, TIFF, ICO, PPM, AVIF, ...) is converted to PNG.
+- EXIF orientation is applied, so `width`/`height` and every coordinate Gemini returns refer to
+  the image as displayed. `max_side` downscales what is sent; `width`/`height` stay those of the
+  original because coordinates come back normalised to 0-1000.
+- Bad input never raises and never loses the row: the item carries `error` with a short reason,
+  and `sha256` whenever the bytes could be read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import stat
+from typing import IO
+
+import pillow_heif
+from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
+
+from pipeline.records import ImageItem, SourceFile
+
+SUPPORTED_MIME = ("image/png", "image/jpeg", "image/webp", "image/heic", "image/heif")
+
+JPEG_QUALITY = 95  # re-encoded photos: visually lossless, still far smaller than PNG
+PNG_COMPRESS_LEVEL = 1  # zlib level: most of the size win at a fraction of level 6's time
+IN_MEMORY_LIMIT = 64 << 20  # files up to this size are read once and decoded from memory
+_CHUNK = 1 << 20
+_HEAD = 4096  # enough for every signature sniff() knows, SVG prologues included
+_MESSAGE_LIMIT = 160
+
+pillow_heif.register_heif_opener()
+Image.init()
+# Every reader Pillow has except EPS, which shells out to Ghostscript: not on untrusted files.
+_OPEN_FORMATS = tuple(f for f in Image.ID if f != "EPS")
+
+_HEIC_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs"}
+_HEIF_BRANDS = {b"mif1", b"msf1", b"mif2", b"heif"}
+_AVIF_BRANDS = {b"avif", b"avis"}
+_BMP_HEADER_SIZES = {12, 16, 40, 52, 56, 64, 108, 124}
+_ROTATED = {5, 6, 7, 8}  # orientations that swap width and height
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_PNG_MODES = {"1", "L", "LA", "P", "RGB", "RGBA", "I;16"}
+_MODE_FOR_PNG = {
+    "I": "I;16",
+    "I;16B": "I;16",
+    "I;16L": "I;16",
+    "I;16N": "I;16",
+    "F": "I;16",
+    "PA": "RGBA",
+    "RGBa": "RGBA",
+    "RGBX": "RGB",
+}
+_MODE_FOR_RESIZE = {"1": "L"}  # Pillow resizes "1" and "P" with NEAREST whatever you ask
+_SAME_COLOURS = {"RGB", "RGBA", "RGBX", "P", "PA"}  # an RGB ICC profile still fits after convert
+_NON_IMAGES = (
+    (b"%PDF-", "pdf"),
+    (b"PK\x03\x04", "zip archive"),
+    (b"\x1f\x8b", "gzip data"),
+    (b"ID3", "audio"),
+    (b"OggS", "audio or video"),
+    (b"\x1aE\xdf\xa3", "video"),
+)
+
+
+class SourceChangedError(OSError):
+    """The file's bytes differ from those prepare() hashed: its key would describe other bytes."""
+
+
+def sniff(head: bytes) -> str | None:
+    """The image MIME type the first bytes announce, or None. Never looks at a file name.
+
+    HEIF-family files are told apart by their `ftyp` brands: HEVC brands are `image/heic`, the
+    generic `mif1`/`msf1` ones `image/heif`, AV1 ones `image/avif` (Gemini does not take AVIF).
+    """
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "image/webp"
+    if head[4:8] == b"ftyp":
+        return _sniff_ftyp(head)
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "image/gif"
+    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return "image/tiff"
+    if head[:2] == b"BM" and len(head) >= 18 and _le32(head, 14) in _BMP_HEADER_SIZES:
+        return "image/bmp"
+    if head[:4] in (b"\x00\x00\x01\x00", b"\x00\x00\x02\x00") and head[4:6] not in (b"", b"\0\0"):
+        return "image/x-icon"
+    if re.match(rb"P[1-7][ \t\r\n#]", head[:3]):
+        return "image/x-portable-anymap"
+    if head.startswith((b"\x00\x00\x00\x0cjP  \r\n\x87\n", b"\xff\x4f\xff\x51")):
+        return "image/jp2"
+    if head.startswith((b"\xff\x0a", b"\x00\x00\x00\x0cJXL \r\n\x87\n")):
+        return "image/jxl"
+    if head[:4] == b"8BPS":
+        return "image/vnd.adobe.photoshop"
+    if head[:4] == b"qoif":
+        return "image/qoi"
+    if head[:4] == b"DDS ":
+        return "image/vnd-ms.dds"
+    if head[:4] == b"icns":
+        return "image/icns"
+    if _is_svg(head):
+        return "image/svg+xml"
+    return None
+
+
+def _le32(data: bytes, offset: int) -> int:
+    return int.from_bytes(data[offset : offset + 4], "little")
+
+
+def _sniff_ftyp(head: bytes) -> str | None:
+    box_size = int.from_bytes(head[:4], "big")
+    major = head[8:12]
+    compatible = {head[i : i + 4] for i in range(16, min(box_size, len(head)) - 3, 4)}
+    if major in _HEIC_BRANDS:
+        return "image/heic"
+    if major in _AVIF_BRANDS:
+        return "image/avif"
+    if major in _HEIF_BRANDS:
+        if compatible & _HEIC_BRANDS:
+            return "image/heic"
+        if compatible & _AVIF_BRANDS:
+            return "image/avif"
+        return "image/heif"
+    return None  # mp4, mov, 3gp...: video
+
+
+def _is_svg(head: bytes) -> bool:
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n")
+    return text.startswith(b"<svg") or (text.startswith(b"<?xml") and b"<svg" in text)
+
+
+def _looks_like_text(head: bytes) -> bool:
+    if b"\x00" in head:
+        return False
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return exc.start >= len(head) - 3 and exc.reason == "unexpected end of data"
+    return True
+
+
+def _non_image_kind(head: bytes) -> str:
+    for signature, kind in _NON_IMAGES:
+        if head.startswith(signature):
+            return kind
+    if head[4:8] == b"ftyp":
+        return "video"
+    return "text" if _looks_like_text(head) else "unknown format"
+
+
+def prepare(source: SourceFile, *, max_side: int | None = None, verify: bool = True) -> ImageItem:
+    """Hash, sniff, orient and, when needed, convert or downscale one file. Never raises for bad
+    input (only for a bad `max_side`, a caller's bug): the item carries `error` instead.
+
+    Synchronous on purpose: the runner calls it in a thread (hashlib and Pillow's decoders release
+    the GIL). `verify=True` decodes every image once, so a truncated or corrupt file becomes an
+    error row here instead of a billed request; JPEGs sent as they are verify at 1/8 scale (the
+    decoder still reads every byte of the entropy-coded data, so truncation is still caught).
+    """
+    if max_side is not None and max_side < 1:
+        raise ValueError(f"max_side must be a positive number of pixels, got {max_side}")
+    item = ImageItem(source=source)
+    if source.error:
+        item.error = source.error
+        return item
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        descriptor = os.open(source.path, flags)  # O_NONBLOCK: a FIFO cannot hang the worker
+    except OSError as exc:
+        item.error = f"unreadable file: {_os_reason(exc)}"
+        return item
+    with open(descriptor, "rb") as file:
+        try:
+            mode = os.fstat(descriptor).st_mode
+            if not stat.S_ISREG(mode):
+                item.error = "not a regular file"
+                return item
+            data, size = _read_and_hash(file, item)
+        except OSError as exc:
+            item.error = f"unreadable file: {_os_reason(exc)}"
+            return item
+        if size == 0:
+            item.error = "empty file"
+            return item
+        image_fp: IO[bytes] = io.BytesIO(data) if data is not None else file
+        image_fp.seek(0)
+        head = image_fp.read(_HEAD)
+        try:
+            _examine(item, image_fp, head, size, max_side=max_side, verify=verify)
+        except MemoryError:
+            _fail(item, "image too large to decode in memory")
+        except Image.DecompressionBombError as exc:
+            _fail(item, _too_large(image_fp, head, exc))
+        except Exception as exc:  # decoders raise anything on hostile bytes; the row must survive
+            _fail(item, _decode_failure(exc))
+    return item
+
+
+def _read_and_hash(file: IO[bytes], item: ImageItem) -> tuple[bytes | None, int]:
+    """sha256 of the bytes as stored. Small files stay in memory so they are read only once."""
+    data = file.read(IN_MEMORY_LIMIT + 1)
+    digest = hashlib.sha256(data)
+    size = len(data)
+    if size > IN_MEMORY_LIMIT:
+        data = b""
+        while chunk := file.read(_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    item.sha256 = digest.hexdigest()
+    return (data if size <= IN_MEMORY_LIMIT else None), size
+
+
+def _examine(
+    item: ImageItem,
+    image_fp: IO[bytes],
+    head: bytes,
+    size: int,
+    *,
+    max_side: int | None,
+    verify: bool,
+) -> None:
+    mime = sniff(head)
+    try:
+        image = Image.open(image_fp, formats=_OPEN_FORMATS)
+    except UnidentifiedImageError:
+        if mime is None:
+            item.error = f"not an image ({_non_image_kind(head)})"
+        elif mime in SUPPORTED_MIME or mime in {"image/gif", "image/bmp", "image/tiff"}:
+            item.error = f"corrupt or truncated image: unreadable {mime} header"
+        else:
+            item.error = f"unsupported image format: {mime}"
+        return
+    with image:
+        orientation = _orientation(image, may_decode=verify)
+        width, height = image.size
+        if orientation in _ROTATED:
+            width, height = height, width
+        item.width, item.height = width, height
+        target = _fit(width, height, max_side)
+        as_is = (
+            mime in SUPPORTED_MIME
+            and orientation == 1
+            and target is None
+            and image.mode != "CMYK"  # many decoders invert Adobe CMYK JPEGs: send RGB instead
+        )
+        if as_is:
+            if verify:
+                _decode_once_cheaply(image)
+            item.mime_type = mime or ""
+            item.sent_width, item.sent_height = width, height
+            item.send_size = size
+            return
+        item.data, item.mime_type, (item.sent_width, item.sent_height) = _reencode(
+            image, orientation, target, keep_jpeg=mime == "image/jpeg"
+        )
+        item.send_size = len(item.data)
+
+
+def _orientation(image: Image.Image, *, may_decode: bool) -> int:
+    """EXIF orientation 1-8 (1 when absent or unreadable: bad metadata must not cost the image).
+
+    A PNG's eXIf chunk may sit after the pixels, where only a decode reaches it: that decode is
+    the verify decode, so it is done only when verifying (and then not repeated).
+    pillow_heif already applies HEIF's own rotation and resets EXIF orientation to 1.
+    """
+    if image.format == "PNG" and "exif" not in image.info:
+        if not may_decode:
+            return 1
+        image.load()
+    try:
+        value = image.getexif().get(ExifTags.Base.Orientation, 1)
+    except Exception:  # corrupt EXIF raises assorted errors; treat as "no orientation"
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def _fit(width: int, height: int, max_side: int | None) -> tuple[int, int] | None:
+    """The downscaled size keeping the aspect ratio, or None when no downscale is needed."""
+    if max_side is None or max(width, height) <= max_side:
+        return None
+    scale = max_side / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def _decode_once_cheaply(image: ImageFile.ImageFile) -> None:
+    """Decode to catch truncated or corrupt data, at 1/8 scale for JPEG, then drop the pixels."""
+    if image.format in ("JPEG", "MPO"):
+        width, height = image.size
+        image.draft(image.mode, (max(1, width // 8), max(1, height // 8)))
+    image.load()
+
+
+def _reencode(
+    image: ImageFile.ImageFile,
+    orientation: int,
+    target: tuple[int, int] | None,
+    *,
+    keep_jpeg: bool,
+) -> tuple[bytes, str, tuple[int, int]]:
+    """Rotate/convert/downscale with one decode and encode what Gemini accepts.
+
+    A JPEG stays JPEG (quality 95, no EXIF, so no reader can rotate it twice): PNG would make a
+    photo several times larger for no gain. Everything else becomes PNG: lossless, and it holds
+    every mode that matters (palette, alpha, 16-bit grey). The decoded pixels are released as
+    soon as the next step has its own copy.
+    """
+    stored_target = None
+    if target is not None:
+        stored_target = (target[1], target[0]) if orientation in _ROTATED else target
+        if image.format in ("JPEG", "MPO"):  # decode at the smallest DCT scale still >= 2x target
+            image.draft(image.mode, (stored_target[0] * 2, stored_target[1] * 2))
+    image.load()
+    icc_profile = image.info.get("icc_profile")
+    frame: Image.Image = image
+    if keep_jpeg and frame.mode not in ("L", "RGB"):
+        frame, icc_profile = _replace(frame, frame.convert("RGB")), None
+    elif not keep_jpeg and frame.mode not in _PNG_MODES:
+        png_mode = _MODE_FOR_PNG.get(frame.mode) or (
+            "RGBA" if frame.has_transparency_data else "RGB"
+        )
+        if frame.mode not in _SAME_COLOURS:
+            icc_profile = None
+        frame = _replace(frame, frame.convert(png_mode))
+    if stored_target is not None and frame.size != stored_target:
+        if frame.mode == "P":
+            has_alpha = "transparency" in frame.info
+            frame = _replace(frame, frame.convert("RGBA" if has_alpha else "RGB"))
+        elif frame.mode in _MODE_FOR_RESIZE:
+            frame = _replace(frame, frame.convert(_MODE_FOR_RESIZE[frame.mode]))
+        frame = _replace(
+            frame, frame.resize(stored_target, Image.Resampling.LANCZOS, reducing_gap=3.0)
+        )
+    if orientation in _TRANSPOSE:
+        frame = _replace(frame, frame.transpose(_TRANSPOSE[orientation]))
+    out = io.BytesIO()
+    if keep_jpeg:
+        frame.save(out, "JPEG", quality=JPEG_QUALITY, icc_profile=icc_profile)
+        mime = "image/jpeg"
+    else:
+        frame.save(out, "PNG", compress_level=PNG_COMPRESS_LEVEL, icc_profile=icc_profile)
+        mime = "image/png"
+    sent_size = frame.size
+    frame.close()
+    return out.getvalue(), mime, sent_size
+
+
+def _replace(old: Image.Image, new: Image.Image) -> Image.Image:
+    """Free the previous step's pixels now rather than when the function returns."""
+    if new is not old:
+        old.close()
+    return new
+
+
+def _fail(item: ImageItem, reason: str) -> None:
+    item.error = reason
+    item.data = None
+    item.mime_type = ""
+    item.sent_width = item.sent_height = item.send_size = 0
+
+
+def _os_reason(exc: OSError) -> str:
+    return (exc.strerror or str(exc)).lower()
+
+
+def _decode_failure(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    message = (lines[0] if lines else type(exc).__name__)[:_MESSAGE_LIMIT]
+    lowered = message.lower()
+    if "truncated" in lowered or "end of file" in lowered or "premature end" in lowered:
+        return f"truncated image: {message}"
+    return f"corrupt image: {message}"
+
+
+def _too_large(image_fp: IO[bytes], head: bytes, exc: Image.DecompressionBombError) -> str:
+    """Name the dimensions: read them with the format's header parser, which (unlike
+    Image.open) does not apply the bomb check. The guard itself stays on."""
+    for name in _OPEN_FORMATS:
+        factory, accept = Image.OPEN[name]
+        accepted = accept is None or accept(head[:16])
+        if not accepted or isinstance(accepted, str):  # a str is Pillow's "almost" warning
+            continue
+        try:
+            image_fp.seek(0)
+            with factory(image_fp, "") as header:
+                width, height = header.size
+        except Exception:  # not this format after all: try the next one Pillow would try
+            continue
+        return f"image too large: {width}x{height} pixels exceeds the decompression-bomb limit"
+    pixels = re.search(r"\((\d+) pixels\)", str(exc))
+    count = f"{pixels.group(1)} pixels" if pixels else "size"
+    return f"image too large: {count} exceeds the decompression-bomb limit"
+
+
+def read_bytes(item: ImageItem) -> bytes:
+    """The bytes to send: the converted data, or the file read now.
+
+    Raises SourceChangedError (an OSError) when the file no longer has the bytes prepare()
+    hashed: sending them would file an answer under a key that describes other bytes.
+    """
+    if item.error:
+        raise ValueError(f"{item.source.rel_path}: cannot send an item with an error")
+    if item.data is not None:
+        return item.data
+    with open(item.source.path, "rb") as file:
+        data = file.read()
+    if hashlib.sha256(data).hexdigest() != item.sha256:
+        raise SourceChangedError(f"{item.source.rel_path}: file changed since it was prepared")
+    return data

@@ -1,0 +1,49 @@
+"""Settings of the local server (flags of `pipeline serve-local`, or Python arguments)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class ServerOptions:
+    host: str = "127.0.0.1"
+    port: int = 0  # 0: any free port
+    api_key: str | None = None  # None: any non-empty key is accepted; else only this one
+    rpm: int | None = None  # requests per minute, per model, fixed calendar-minute windows
+    tpm: int | None = None  # input tokens per minute, per model
+    rpd: int | None = None  # requests per day, per model (the day ends at midnight Pacific)
+    latency_ms: float = 0.0  # mean of a seeded lognormal latency
+    fault_rate: float = 0.0  # share of answers that go wrong (see faults.FAULT_KINDS)
+    seed: int = 0
+    hang_seconds: float = 300.0  # how long a "hang" fault holds the request before a 504
+    replay: str | None = None  # JSONL of recorded answers by image sha256
+    inline_limit_bytes: int = 20 * 1024 * 1024  # request bodies above this are a 400
+    file_processing_seconds: float = 0.0  # uploaded files are PROCESSING this long, then ACTIVE
+    file_ttl_seconds: float = 48 * 3600
+    polygon_models: tuple[str, ...] = ("gemini-3.1", "gemini-3.5", "gemini-4")
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be within 0-65535, got {self.port}")
+        if self.api_key is not None and not self.api_key:
+            raise ValueError("api_key must be None (accept any key) or a non-empty string")
+        for name in ("rpm", "tpm", "rpd"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be a positive integer or None, got {value}")
+        if not 0.0 <= self.fault_rate <= 1.0:
+            raise ValueError(f"fault_rate must be within [0, 1], got {self.fault_rate}")
+        for name in ("latency_ms", "hang_seconds", "file_processing_seconds"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.inline_limit_bytes <= 0 or self.file_ttl_seconds <= 0:
+            raise ValueError("inline_limit_bytes and file_ttl_seconds must be positive")
+
+    def __repr__(self) -> str:  # the key never appears in logs or reprs
+        key = "None" if self.api_key is None else "'***'"
+        shown = ", ".join(
+            f"{name}={key if name == 'api_key' else repr(getattr(self, name))}"
+            for name in self.__dataclass_fields__
+        )
+        return f"ServerOptions({shown})"

@@ -1,0 +1,104 @@
+"""The local server's command line: `pipeline serve-local`, `python -m pipeline.localserver`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+
+from pipeline.localserver.app import LocalServer
+from pipeline.localserver.options import ServerOptions
+
+_DEFAULTS = ServerOptions()
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """The server's flags, shared by `pipeline serve-local` and `python -m pipeline.localserver`."""
+    parser.add_argument("--host", default=_DEFAULTS.host, help="address to listen on")
+    parser.add_argument("--port", type=int, default=_DEFAULTS.port, help="0 picks a free port")
+    parser.add_argument(
+        "--api-key", default=None, help="accept only this key (default: any non-empty key)"
+    )
+    parser.add_argument("--rpm", type=int, default=None, help="requests per minute per model")
+    parser.add_argument("--tpm", type=int, default=None, help="input tokens per minute per model")
+    parser.add_argument("--rpd", type=int, default=None, help="requests per day per model")
+    parser.add_argument(
+        "--latency-ms", type=float, default=0.0, help="mean added latency (seeded lognormal)"
+    )
+    parser.add_argument(
+        "--fault-rate", type=float, default=0.0, help="share of requests given a fault (0-1)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of latency and fault draws")
+    parser.add_argument(
+        "--hang-seconds",
+        type=float,
+        default=_DEFAULTS.hang_seconds,
+        help="how long a hang fault holds a request",
+    )
+    parser.add_argument(
+        "--replay", default=None, help='JSONL of {"sha256", "text", "finish_reason"} answers'
+    )
+    parser.add_argument(
+        "--inline-limit-mb",
+        type=float,
+        default=_DEFAULTS.inline_limit_bytes / 2**20,
+        help="largest request body in MiB (20 as in the guide; the live service takes 100)",
+    )
+    parser.add_argument(
+        "--file-processing-seconds",
+        type=float,
+        default=0.0,
+        help="uploaded files stay PROCESSING this long",
+    )
+
+
+def serve_from_args(args: argparse.Namespace) -> int:
+    """Run until SIGINT or SIGTERM. The first stdout line names the base URL."""
+    try:
+        options = ServerOptions(
+            host=args.host,
+            port=args.port,
+            api_key=args.api_key,
+            rpm=args.rpm,
+            tpm=args.tpm,
+            rpd=args.rpd,
+            latency_ms=args.latency_ms,
+            fault_rate=args.fault_rate,
+            seed=args.seed,
+            hang_seconds=args.hang_seconds,
+            replay=args.replay,
+            inline_limit_bytes=int(args.inline_limit_mb * 2**20),
+            file_processing_seconds=args.file_processing_seconds,
+        )
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(_serve(options))
+    except OSError as exc:
+        print(f"error: cannot listen on {options.host}:{options.port}: {exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:  # e.g. a malformed replay file
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+async def _serve(options: ServerOptions) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with LocalServer(options) as server:
+        print(f"Local Gemini-compatible server listening on {server.base_url}", flush=True)
+        print(
+            f"  /v1beta and /v1; key: {'required' if options.api_key else 'any non-empty'}; "
+            f"rpm={options.rpm} tpm={options.tpm} rpd={options.rpd} "
+            f"latency={options.latency_ms}ms fault_rate={options.fault_rate} seed={options.seed}"
+            f"{' replay=' + options.replay if options.replay else ''}. Ctrl-C stops.",
+            file=sys.stderr,
+            flush=True,
+        )
+        await stop.wait()
+    print("Local server stopped.", file=sys.stderr, flush=True)
+    return 0

@@ -1,0 +1,26 @@
+"""The task kinds: what to ask Gemini about an image and how to read its answer."""
+
+from __future__ import annotations
+
+from pipeline.tasks.base import Task, TaskSettings
+from pipeline.tasks.caption import CaptionTask
+from pipeline.tasks.classify import ClassifyTask
+from pipeline.tasks.custom import CustomTask
+from pipeline.tasks.detect import DetectTask
+from pipeline.tasks.segment import SegmentTask
+
+TASKS: dict[str, Task] = {
+    task.kind: task
+    for task in (DetectTask(), SegmentTask(), CaptionTask(), ClassifyTask(), CustomTask())
+}
+
+
+def get_task(kind: str) -> Task:
+    """The task of that kind; ValueError naming the known kinds otherwise."""
+    try:
+        return TASKS[kind]
+    except KeyError:
+        raise ValueError(f"unknown task kind {kind!r}; known kinds: {', '.join(TASKS)}") from None
+
+
+__all__ = ["TASKS", "Task", "TaskSettings", "get_task"]

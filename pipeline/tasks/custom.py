@@ -1,0 +1,41 @@
+"""custom: the user's prompt, optionally a JSON Schema; the answer's JSON kept as a string."""
+
+from __future__ import annotations
+
+import json
+
+from pipeline.gemini.types import GenerateRequest
+from pipeline.records import Parsed
+from pipeline.tasks.answers import find_json, finish_status, is_truncated, never_raises, utf8_safe
+from pipeline.tasks.base import TaskSettings
+from pipeline.tasks.generation import build_request
+
+
+class CustomTask:
+    """Any JSON question about an image. The answer is found like any other (fences and prose
+    are tolerated), re-serialised compactly into Parsed.json; the schema is sent to the model,
+    not re-checked here. No JSON -> status error (the caller keeps the raw answer).
+    """
+
+    kind = "custom"
+
+    def request(self, settings: TaskSettings) -> GenerateRequest:
+        if not settings.prompt or not settings.prompt.strip():
+            raise ValueError("the custom task needs a prompt")
+        return build_request(settings, settings.prompt, [], json_mode=True, default_schema=None)
+
+    @never_raises
+    def parse(
+        self, text: str, finish_reason: str | None, width: int, height: int, settings: TaskSettings
+    ) -> Parsed:
+        blocked = finish_status(finish_reason)
+        if blocked is not None:
+            return blocked
+        found = find_json(text)
+        if found is None:
+            cut = " (cut off: MAX_TOKENS)" if is_truncated(finish_reason) else ""
+            return Parsed(status="error", error=f"answer is not valid JSON{cut}")
+        serialised = json.dumps(found.value, ensure_ascii=False, separators=(",", ":"))
+        if utf8_safe(serialised) != serialised:  # lone surrogates: keep them as \u escapes
+            serialised = json.dumps(found.value, separators=(",", ":"))
+        return Parsed(status="ok", json=serialised)

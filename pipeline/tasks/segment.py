@@ -1,0 +1,156 @@
+"""segment: boxes, labels and masks, in both answer shapes Gemini uses.
+
+Mask rules (what `read_mask` does with an item's "mask"):
+- a string: a base64 PNG probability map of the box (Gemini 2.5), with or without its
+  "data:image/png;base64," prefix -> resized to the box in pixels (Pillow bilinear, whatever
+  size it came in), inside where > mask_threshold (127), placed in the full image;
+- a list of 3 or more [x, y] points (0-1000 over the whole image; Gemini 3's
+  {"boxes": [...]} shape), or a list of such polygons -> filled polygon(s);
+- any other rectangular 2-D array, such as booleans or 0/1 values (a form models sometimes
+  emit instead; pairs of 0/1 values count as such an array, not as a polygon) -> a map of the
+  box, treated like a PNG map: all values <= 1 are probabilities (x 255), else 0-255;
+- anything else — missing, empty, `<seg_N>` tokens, bad base64, not a PNG, a corrupt PNG,
+  ragged or flat arrays, a box with no pixel area — keeps the object with mask None and puts
+  the reason in Parsed.error. The box is trusted even when the mask is not.
+Every mask ends as COCO compressed RLE of the full image.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import numpy as np
+
+from pipeline import masks
+from pipeline.gemini.types import GenerateRequest
+from pipeline.records import Parsed
+from pipeline.tasks.answers import MaskReader, label_index, never_raises, read_objects
+from pipeline.tasks.base import TaskSettings
+from pipeline.tasks.detect import object_rules
+from pipeline.tasks.generation import build_request, quoted
+
+SEED_PROMPT = (
+    "Give the segmentation masks for {what}. Output a JSON list of segmentation masks where "
+    'each entry contains the 2D bounding box in the key "box_2d", the segmentation mask in '
+    'key "mask", and the text label in the key "label". Use descriptive labels.'
+)
+DEFAULT_PROMPT = SEED_PROMPT.format(what="all of the prominent items in the image")
+_SEG_TOKEN = re.compile(r"<seg_\d+>")
+
+MaskResult = tuple[dict | None, str | None]
+
+
+def read_mask(
+    item: dict[str, Any], box_2d: Any, width: int, height: int, threshold: int
+) -> MaskResult:
+    """(COCO RLE of the item's full-image mask, None) or (None, why it is unusable)."""
+    value = item.get("mask")
+    if value is None or (isinstance(value, (str, list)) and not value):
+        return None, "no mask"
+    try:
+        if isinstance(value, str):
+            if _SEG_TOKEN.search(value):
+                return None, "mask given as <seg_N> tokens, which cannot be decoded"
+            return _box_mask_rle(masks.decode_png_mask(value), box_2d, width, height, threshold)
+        if isinstance(value, list):
+            return _list_mask(value, box_2d, width, height, threshold)
+    except (ValueError, OverflowError) as exc:  # OverflowError: integers beyond float range
+        return None, str(exc)
+    return None, f"mask is a JSON {type(value).__name__}, not a PNG string or a list"
+
+
+def _box_mask_rle(
+    prob: np.ndarray, box_2d: Any, width: int, height: int, threshold: int
+) -> MaskResult:
+    box_px = masks.box_to_pixels(box_2d, width, height)
+    inside = masks.box_mask(prob, box_px, threshold)
+    if inside.size == 0:
+        return None, "box has no pixel area for its mask"
+    return masks.rle_encode_box(inside, box_px, width, height), None
+
+
+def _is_point(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) == 2
+        and all(not isinstance(v, bool) and isinstance(v, (int, float)) for v in value)
+    )
+
+
+def _list_mask(value: list, box_2d: Any, width: int, height: int, threshold: int) -> MaskResult:
+    """A polygon, a list of polygons, or a 2-D array of the box."""
+    if all(isinstance(row, list) and row and all(_is_point(p) for p in row) for row in value):
+        polygons = value  # several polygons
+    elif len(value) >= 3 and all(_is_point(p) for p in value) and not _is_binary(value):
+        polygons = [value]
+    else:
+        return _grid_mask(value, box_2d, width, height, threshold)
+    if len(polygons) == 1:
+        shape, box_px = masks.polygon_box_mask(polygons[0], width, height)
+        return masks.rle_encode_box(shape, box_px, width, height), None
+    union = np.zeros((height, width), dtype=bool)
+    for polygon in polygons:
+        shape, (x0, y0, x1, y1) = masks.polygon_box_mask(polygon, width, height)
+        union[y0:y1, x0:x1] |= shape
+    return masks.rle_encode(union), None
+
+
+def _is_binary(rows: list) -> bool:
+    """A list of pairs whose values are all 0/1 or booleans: a 2-column array, not a polygon."""
+    return all(v in (0, 1) for row in rows for v in row)
+
+
+def _grid_mask(value: list, box_2d: Any, width: int, height: int, threshold: int) -> MaskResult:
+    if not all(isinstance(row, list) for row in value):
+        return None, "mask is a flat list, not a 2-D array or a polygon"
+    lengths = {len(row) for row in value}
+    if len(lengths) != 1 or 0 in lengths:
+        return None, "mask rows differ in length"
+    if not all(isinstance(v, (bool, int, float)) for row in value for v in row):
+        return None, "mask array holds non-numbers"
+    grid = np.asarray(value, dtype=np.float64)
+    if not np.isfinite(grid).all():
+        return None, "mask array holds non-finite numbers"
+    scale = 255.0 if grid.max(initial=0) <= 1 else 1.0
+    prob = np.clip(grid * scale, 0, 255).round().astype(np.uint8)
+    return _box_mask_rle(prob, box_2d, width, height, threshold)
+
+
+def _reader(threshold: int) -> MaskReader:
+    def read(item: dict[str, Any], box_2d: Any, width: int, height: int) -> MaskResult:
+        return read_mask(item, box_2d, width, height, threshold)
+
+    return read
+
+
+class SegmentTask:
+    """Boxes, labels and masks (labels as in detect). No response schema by default: 2.5
+    answers PNG strings and 3.x polygons in its own {"boxes": [...]} shape, and a schema would
+    force one mask form onto a model that makes the other; the parser reads both.
+    """
+
+    kind = "segment"
+
+    def request(self, settings: TaskSettings) -> GenerateRequest:
+        if settings.labels:
+            label_index(settings.labels)
+        prompt = settings.prompt or (
+            SEED_PROMPT.format(what=f"the following items: {quoted(settings.labels)}")
+            if settings.labels
+            else DEFAULT_PROMPT
+        )
+        return build_request(settings, prompt, object_rules(settings), json_mode=True)
+
+    @never_raises
+    def parse(
+        self, text: str, finish_reason: str | None, width: int, height: int, settings: TaskSettings
+    ) -> Parsed:
+        return read_objects(
+            text,
+            finish_reason,
+            width,
+            height,
+            labels=settings.labels,
+            read_mask=_reader(settings.mask_threshold),
+        )

@@ -1,0 +1,93 @@
+"""Config loading: every shipped file is valid, every mistake names its key and file."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ConfigError, load_config, parse_config, settings_hash, with_overrides
+from pipeline.tasks import get_task
+
+CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.toml"))
+
+
+def test_configs_folder_is_not_empty() -> None:
+    assert {p.name for p in CONFIGS} >= {"demo.toml", "production.toml"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_is_valid(path: Path) -> None:
+    config = load_config(path)
+    request = get_task(config.task.kind).request(config.task)
+    assert request.prompt
+    assert config.task.model == config.api.model
+    if config.api.base_url == "local":  # runnable here: its inputs exist
+        assert all(Path(p).exists() for p in config.input.paths), config.input.paths
+
+
+def test_demo_paths_resolve_against_the_file(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the working directory must not matter
+    config = load_config(Path(__file__).resolve().parent.parent / "configs" / "demo.toml")
+    assert Path(config.input.paths[0]).is_dir()
+    assert Path(config.output.dir).is_absolute()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[limits]\nrpm = 'fast'\n", "[limits] rpm must be an integer"),
+        ("[limits]\nconcurrency = 0\n", "[limits] concurrency must be a positive integer"),
+        ("[limits]\nrmp = 10\n", "unknown key [limits] rmp"),
+        ("[limts]\nrpm = 10\n", "unknown section [limts]"),
+        ("[api]\nflavor = 'grpc'\n", "[api] flavor must be one of"),
+        ("[api]\nbase_url = 'ftp://x'\n", "[api] base_url must be an http(s) URL"),
+        ("[images]\nmode = 'fax'\n", "[images] mode must be one of"),
+        ("[task]\nkind = 'classify'\n", "[task] labels is required"),
+        ("[task]\nkind = 'custom'\n", "[task] prompt is required"),
+        ("[task]\nmask_threshold = 300\n", "[task] mask_threshold must be between 0 and 255"),
+        ("[task]\nresponse_schema = '{nope'\n", "[task] response_schema must be a JSON schema"),
+        ("[local]\nfault_rate = 2\n", "[local] fault_rate must be a number between 0 and 1"),
+        ("[input]\npaths = [1, 2]\n", "[input] paths must be a list of strings"),
+        ("[task\n", "not valid TOML"),
+    ],
+)
+def test_errors_name_the_key_and_the_file(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "job.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(path) in str(info.value)
+    assert message in str(info.value)
+
+
+def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_flags_override_and_are_validated(tmp_path: Path) -> None:
+    config = parse_config({"task": {"kind": "detect"}}, "x.toml", tmp_path)
+    changed = with_overrides(config, model="gemini-3-flash-preview", rpm=50, kind="segment")
+    assert (changed.api.model, changed.task.model) == ("gemini-3-flash-preview",) * 2
+    assert (changed.limits.rpm, changed.task.kind) == (50, "segment")
+    with pytest.raises(ConfigError, match="--concurrency"):
+        with_overrides(config, concurrency=0)
+
+
+def test_settings_hash_tracks_what_changes_the_answer(tmp_path: Path) -> None:
+    config = parse_config({"task": {"kind": "segment"}}, "x.toml", tmp_path)
+
+    def digest(c) -> str:
+        return settings_hash(c, get_task(c.task.kind).request(c.task))
+
+    base = digest(config)
+    assert digest(config) == base
+    assert digest(replace(config, task=replace(config.task, prompt="Segment it."))) != base
+    assert digest(with_overrides(config, model="gemini-2.5-pro")) != base
+    assert digest(replace(config, images=replace(config.images, max_side=512))) != base
+    assert digest(replace(config, api=replace(config.api, flavor="interactions"))) != base
+    # parse-only settings are a reparse, not a new call
+    assert digest(replace(config, task=replace(config.task, mask_threshold=200))) == base
+    assert digest(replace(config, limits=replace(config.limits, rpm=5))) == base

@@ -1,0 +1,250 @@
+"""The read side on real output directories written through ParquetSink."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.dataset import (
+    DigestSet,
+    current_rows,
+    format_status,
+    load_resume_index,
+    lookup_rows,
+    status,
+)
+from pipeline.records import ROW_SCHEMA, fingerprint, make_key
+from pipeline.sink import ParquetSink
+
+T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+ROOT = "/photos"
+
+
+def sha(name: str) -> str:
+    return hashlib.sha256(name.encode()).hexdigest()
+
+
+def row(path: str, minute: int, *, suffix: str = "s1", **changes: Any) -> dict[str, Any]:
+    """A row for image `path` committed `minute` minutes after T0 under settings `suffix`."""
+    digest = sha(changes.pop("content", path))
+    base = {
+        "key": make_key(digest, suffix),
+        "image_path": path,
+        "image_root": ROOT,
+        "image_sha256": digest,
+        "file_size": 100,
+        "file_mtime_ns": 5_000,
+        "width": 64,
+        "height": 48,
+        "task": "detect",
+        "status": "ok",
+        "objects": [],
+        "completed_at": T0 + timedelta(minutes=minute),
+    }
+    return base | changes
+
+
+async def write(out: Path, run_id: str, rows: list[dict[str, Any]], per_part: int = 1000) -> None:
+    async with ParquetSink(out, run_id, rows_per_part=per_part) as sink:
+        for item in rows:
+            await sink.add(item)
+
+
+# ------------------------------------------------------------------------------ supersede
+async def test_newest_row_per_image_and_task_is_current(tmp_path: Path) -> None:
+    await write(
+        tmp_path,
+        "r1",
+        [
+            row("a.jpg", 5, status="error", error="503"),
+            row("b.jpg", 1),
+            row("a.jpg", 1, task="caption", text="a cat"),
+        ],
+    )
+    # A later part with an older completed_at does not win; the newer one does.
+    await write(tmp_path, "r2", [row("a.jpg", 9), row("b.jpg", 0, status="error")])
+    table = current_rows(tmp_path, ["image_path", "task", "status", "run_id"])
+    assert table.to_pylist() == [
+        {"image_path": "a.jpg", "task": "caption", "status": "ok", "run_id": "r1"},
+        {"image_path": "a.jpg", "task": "detect", "status": "ok", "run_id": "r2"},
+        {"image_path": "b.jpg", "task": "detect", "status": "ok", "run_id": "r1"},
+    ]
+    assert current_rows(tmp_path).schema == ROW_SCHEMA.remove_metadata()
+
+
+async def test_same_time_later_part_then_later_row_wins(tmp_path: Path) -> None:
+    await write(tmp_path, "r1", [row("a.jpg", 0, text="first"), row("a.jpg", 0, text="second")])
+    assert current_rows(tmp_path, ["text"]).column("text").to_pylist() == ["second"]
+    await write(tmp_path, "r2", [row("a.jpg", 0, text="third")])
+    assert current_rows(tmp_path, ["text"]).column("text").to_pylist() == ["third"]
+
+
+def test_empty_directory_reads_as_empty(tmp_path: Path) -> None:
+    assert current_rows(tmp_path, ["key"]).num_rows == 0
+    assert len(load_resume_index(tmp_path, key_suffix="s1", retry_errors=False).done) == 0
+    assert lookup_rows(tmp_path, ["x.s1"]) == {}
+    report = status(tmp_path)
+    assert report["rows"] == 0 and report["parts"] == 0 and report["by_status"] == {}
+    assert "no rows yet" in format_status(report)
+
+
+def test_parts_from_elsewhere_are_refused(tmp_path: Path) -> None:
+    pq.write_table(pa.table({"a": [1]}), tmp_path / "foreign.parquet")
+    with pytest.raises(ValueError, match="no schema version"):
+        current_rows(tmp_path)
+    newer = ROW_SCHEMA.with_metadata({"gemini_vision_pipeline.schema_version": "99"})
+    (tmp_path / "foreign.parquet").unlink()
+    pq.write_table(newer.empty_table(), tmp_path / "part-future.parquet")
+    with pytest.raises(ValueError, match="newer than this program"):
+        status(tmp_path)
+
+
+# --------------------------------------------------------------------------------- resume
+async def test_resume_index_semantics(tmp_path: Path) -> None:
+    await write(
+        tmp_path,
+        "r1",
+        [
+            row("ok.jpg", 0),
+            row("err.jpg", 0, status="error", error="400 INVALID_ARGUMENT"),
+            row("fixed.jpg", 0, status="error", error="503"),
+            row("fixed.jpg", 1),
+            row("blocked.jpg", 0, status="blocked", error="SAFETY"),
+            row("partial.jpg", 0, status="partial", error="MAX_TOKENS"),
+            row("other.jpg", 0, suffix="s2"),
+            row("moved.jpg", 0),
+            row("moved.jpg", 2, suffix="s2"),  # another config ran on it since
+        ],
+    )
+    keep = load_resume_index(tmp_path, key_suffix="s1", retry_errors=False)
+    retry = load_resume_index(tmp_path, key_suffix="s1", retry_errors=True)
+    assert keep.rows_read == retry.rows_read == 9
+
+    def done(index: Any, path: str, size: int = 100, mtime: int = 5_000) -> bool:
+        fp = fingerprint(ROOT, path, size, mtime, index.key_suffix)
+        assert (fp in index.done) == index.is_done(ROOT, path, size, mtime)
+        return fp in index.done
+
+    assert done(keep, "ok.jpg") and done(retry, "ok.jpg")
+    assert done(keep, "err.jpg") and not done(retry, "err.jpg")
+    assert done(keep, "fixed.jpg") and done(retry, "fixed.jpg")
+    assert done(retry, "blocked.jpg") and done(retry, "partial.jpg")
+    assert not done(keep, "ok.jpg", size=101)  # the file changed
+    assert not done(keep, "ok.jpg", mtime=5_001)
+    assert not done(keep, "new.jpg")
+    assert not done(keep, "other.jpg")  # answered under other settings only
+    assert not done(keep, "moved.jpg")  # s2 is current: running s1 again restores s1
+    assert not keep.is_done("/elsewhere", "ok.jpg", 100, 5_000)  # another root: another file
+    s2 = load_resume_index(tmp_path, key_suffix="s2", retry_errors=False)
+    assert done(s2, "other.jpg") and done(s2, "moved.jpg") and not done(s2, "ok.jpg")
+
+    # ok_keys: every ok answer under these settings, whatever its path, so it can be copied.
+    assert make_key(sha("ok.jpg"), "s1") in keep.ok_keys
+    assert make_key(sha("moved.jpg"), "s1") in keep.ok_keys
+    assert make_key(sha("fixed.jpg"), "s1") in keep.ok_keys
+    assert make_key(sha("err.jpg"), "s1") not in keep.ok_keys
+    assert make_key(sha("blocked.jpg"), "s1") not in keep.ok_keys
+    assert make_key(sha("ok.jpg"), "s2") not in keep.ok_keys
+    assert make_key(sha("other.jpg"), "s1") not in keep.ok_keys
+    assert "not-a-key" not in keep.ok_keys and len(keep.ok_keys) == 3
+
+
+async def test_retried_error_superseded_for_index_and_status(tmp_path: Path) -> None:
+    await write(tmp_path, "r1", [row("a.jpg", 0, status="error", error="500")])
+    assert status(tmp_path)["by_status"] == {"error": 1}
+    await write(tmp_path, "r2", [row("a.jpg", 1)])
+    assert status(tmp_path)["by_status"] == {"ok": 1}
+    assert load_resume_index(tmp_path, key_suffix="s1", retry_errors=True).is_done(
+        ROOT, "a.jpg", 100, 5_000
+    )
+
+
+def test_digest_set() -> None:
+    digests = [hashlib.blake2b(str(n).encode(), digest_size=16).digest() for n in range(1000)]
+    shared_head = [b"\x01" * 8 + b"\x02" * 8, b"\x01" * 8 + b"\x03" * 8]  # same first 8 bytes
+    found = DigestSet(b"".join(digests + digests[:10] + shared_head))
+    assert len(found) == 1002
+    assert all(d in found for d in digests + shared_head)
+    assert b"\x01" * 8 + b"\x04" * 8 not in found
+    assert hashlib.blake2b(b"x", digest_size=16).digest() not in found
+    assert "text" not in found and b"short" not in found
+
+
+# --------------------------------------------------------------------------------- lookup
+async def test_lookup_rows_gives_the_newest_ok_row_per_key(tmp_path: Path) -> None:
+    cat = [{"label": "cat", "box_2d": [0, 0, 500, 500], "bbox": [0.0, 0.0, 32.0, 24.0]}]
+    await write(
+        tmp_path,
+        "r1",
+        [
+            row("one.jpg", 0, content="same bytes", objects=cat, text="old"),
+            row("two.jpg", 3, content="same bytes", objects=cat, text="new"),
+            row("three.jpg", 5, content="same bytes", status="error", error="later error"),
+            row("bad.jpg", 0, status="error", error="nope"),
+        ],
+    )
+    same, bad = make_key(sha("same bytes"), "s1"), make_key(sha("bad.jpg"), "s1")
+    found = lookup_rows(tmp_path, [same, bad, "missing.s1"])
+    assert list(found) == [same]
+    assert found[same]["text"] == "new" and found[same]["image_path"] == "two.jpg"
+    assert found[same]["objects"] == [{**cat[0], "mask": None}]
+    assert set(found[same]) == set(ROW_SCHEMA.names)
+    assert lookup_rows(tmp_path, []) == {}
+
+    # Later parts are seen by later lookups (the index of where ok rows are grows with them).
+    await write(tmp_path, "r2", [row("four.jpg", 9, content="same bytes", text="newest")])
+    assert lookup_rows(tmp_path, [same])[same]["text"] == "newest"
+    await write(tmp_path, "r3", [row("bad.jpg", 10, text="fixed")])
+    assert lookup_rows(tmp_path, [bad])[bad]["text"] == "fixed"
+    for part in tmp_path.glob("part-r[23]-*.parquet"):
+        part.unlink()  # parts removed by hand: the index starts again
+    assert lookup_rows(tmp_path, [same, bad]) == {same: found[same]}
+
+
+# --------------------------------------------------------------------------------- status
+async def test_status_numbers(tmp_path: Path) -> None:
+    billed = {"prompt_tokens": 1000, "output_tokens": 50, "thoughts_tokens": 5}
+    billed |= {"total_tokens": 1055, "est_image_tokens": 900, "est_prompt_tokens": 950}
+    await write(
+        tmp_path,
+        "r1",
+        [
+            row("a.jpg", 0, status="error", error="503", **billed),
+            row("b.jpg", 0, **billed),
+            row("c.jpg", 0, status="blocked", **billed),
+        ],
+        per_part=2,
+    )
+    copied = {"est_image_tokens": 900, "est_prompt_tokens": 950, "attempts": 0}
+    await write(tmp_path, "r2", [row("a.jpg", 1, **billed), row("d.jpg", 1, **copied)])
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "r1.json").write_text(json.dumps({"run_id": "r1", "seen": 3}))
+    (runs / "r2.json").write_text(
+        json.dumps({"run_id": "r2", "seen": 9, "stop_reason": "daily quota", "resume_hint": "x"})
+    )
+    report = status(tmp_path)
+    assert report["parts"] == 3 and report["runs"] == 2
+    assert report["rows"] == 4 and report["rows_committed"] == 5 and report["superseded"] == 1
+    assert report["by_status"] == {"blocked": 1, "ok": 3}
+    assert report["tokens"] == {
+        "prompt": 4000,  # the superseded error row was paid for too; the copy was not
+        "output": 200,
+        "thoughts": 20,
+        "total": 4220,
+        "estimated_prompt": 3800,
+        "estimate_error": -0.05,
+    }
+    assert report["latest_run"]["run_id"] == "r2"
+    text = format_status(report)
+    assert "rows: 4 current (5 committed in 3 parts by 2 runs; 1 superseded)" in text
+    assert "status: blocked 1 · ok 3" in text
+    assert "estimated 3,800 vs billed 4,000 (-5.0%)" in text
+    assert "latest run r2" in text and "stopped: daily quota" in text

@@ -1,0 +1,107 @@
+"""`estimate` against the guide's token rules on images of assorted sizes, and the rules alone."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from pipeline.estimate import estimate, format_estimate, price_for, load_prices
+from pipeline.gemini.tokens import image_tokens, model_family, text_tokens
+from pipeline.tasks import get_task
+from tests.conftest import make_config
+
+# (width, height) -> tokens for 2.0/2.5, worked out by hand from the guide's rule
+GUIDE_2X = {
+    (384, 384): 258,  # both sides <= 384: flat
+    (200, 384): 258,
+    (385, 384): 258 * 2 * 2,  # unit floor(384/1.5)=256: ceil(385/256)=2 x ceil(384/256)=2
+    (960, 540): 1548,  # the guide's worked example: unit 360, 3 x 2 tiles
+    (1000, 1000): 258 * 4,  # unit 666: 2 x 2
+    (1920, 1080): 258 * 3 * 2,  # unit 720: ceil(1920/720)=3 x ceil(1080/720)=2
+    (4000, 3000): 258 * 2 * 2,  # unit 2000
+}
+
+
+@pytest.mark.parametrize(("size", "tokens"), GUIDE_2X.items())
+def test_tile_rule_of_2x(size: tuple[int, int], tokens: int) -> None:
+    assert image_tokens("gemini-2.5-flash", *size) == tokens
+    assert image_tokens("gemini-2.0-flash", *size) == tokens
+
+
+def test_rules_by_family() -> None:
+    assert model_family("gemini-1.5-pro") == "1.5"
+    assert model_family("models/gemini-2.5-flash-lite") == "2"
+    assert model_family("gemini-3-flash-preview") == "3"
+    assert model_family("gemini-3.1-pro") == "3"
+    # 1.5: the unit is held between 256 and 768 px
+    assert image_tokens("gemini-1.5-flash", 4000, 3000) == 258 * 6 * 4  # unit 768
+    assert image_tokens("gemini-1.5-flash", 390, 300) == 258 * 2 * 2  # unit 256
+    # 3: a fixed budget per image by media resolution, whatever the size
+    for level, budget in {"low": 280, "medium": 560, "high": 1120, "ultra_high": 2240}.items():
+        assert image_tokens("gemini-3-flash-preview", 4000, 3000, level) == budget
+        assert image_tokens("gemini-3-flash-preview", 100, 100, level) == budget
+    assert image_tokens("gemini-3-flash-preview", 100, 100) == 1120
+    assert text_tokens("abcd" * 10) == 10
+
+
+def test_estimate_adds_up_the_documented_rules(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, (w, h) in enumerate(GUIDE_2X):
+        Image.new("RGB", (w, h), (i * 30, 100, 200)).save(images / f"{i}.png")
+    (images / "broken.png").write_bytes(b"not an image")
+    config = make_config(tmp_path, task={"kind": "detect"})
+    report = estimate(config)
+    assert report["images"] == len(GUIDE_2X)
+    assert report["unusable_files"] == 1
+    assert report["image_tokens"] == sum(GUIDE_2X.values())
+    request = get_task("detect").request(config.task)
+    per_prompt = text_tokens((request.system_instruction or "") + request.prompt)
+    assert report["prompt_tokens"] == per_prompt * len(GUIDE_2X)
+    price = price_for("gemini-2.5-flash", load_prices())
+    expected = report["input_tokens"] * price["input"] + report["output_tokens"] * price["output"]
+    assert report["cost_usd"] == pytest.approx(expected / 1e6, abs=1e-4)
+    # downscaling to 384 px would make every image one flat 258-token tile
+    by_side = {s["max_side"]: s for s in report["savings"] if "max_side" in s}
+    assert by_side[384]["image_tokens_saved"] == sum(GUIDE_2X.values()) - 258 * len(GUIDE_2X)
+    assert "1,548" in format_estimate(
+        estimate(
+            make_config(tmp_path, input={"paths": [str(images / "3.png")]}, task={"kind": "detect"})
+        )
+    )
+
+
+def test_estimate_gemini_3_and_time_at_limits(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(6):
+        Image.new("RGB", (800, 600), (i * 40, 0, 0)).save(images / f"{i}.png")
+    config = make_config(
+        tmp_path,
+        api={"model": "gemini-3-flash-preview"},
+        task={"kind": "caption"},
+        limits={"rpm": 3, "tpm": 1_000_000, "rpd": 4},
+    )
+    report = estimate(config)
+    assert report["image_tokens"] == 6 * 1120
+    assert report["minutes_at_limits"] == 2.0  # 6 requests at 3 a minute
+    assert report["days_at_rpd"] == 2
+    levels = {s["media_resolution"]: s["image_tokens_saved"] for s in report["savings"]}
+    assert levels == {"low": 6 * 840, "medium": 6 * 560}
+    json.dumps(report)  # --json works
+
+
+def test_estimate_learns_output_tokens_from_earlier_rows(tmp_path: Path) -> None:
+    from pipeline.runner import RunOptions, Runner
+    import asyncio
+
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (300, 300), (255, 255, 255)).save(images / "a.png")
+    config = make_config(tmp_path, task={"kind": "caption"})
+    asyncio.run(Runner(config, RunOptions(progress=False)).run())
+    report = estimate(config)
+    assert report["output_tokens_from"] == "1 earlier rows"

@@ -1,0 +1,190 @@
+"""Mask maths: PNG maps, boxes, polygons and COCO RLE, checked against pycocotools."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pycocotools.mask as coco
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+from PIL import Image
+
+from pipeline import masks
+
+
+def png_bytes(array: np.ndarray, mode: str | None = None) -> bytes:
+    buffer = io.BytesIO()
+    image = Image.fromarray(array) if mode is None else Image.fromarray(array).convert(mode)
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def coco_counts(mask: np.ndarray) -> str:
+    return coco.encode(np.asfortranarray(mask.astype(np.uint8)))["counts"].decode("ascii")
+
+
+@st.composite
+def masks_2d(draw: st.DrawFn, max_side: int = 24) -> np.ndarray:
+    """Random masks of three kinds: noise, filled rectangles, and all-one / all-zero."""
+    height = draw(st.integers(1, max_side))
+    width = draw(st.integers(1, max_side))
+    kind = draw(st.sampled_from(["noise", "rect", "flat"]))
+    if kind == "noise":
+        return draw(arrays(np.bool_, (height, width)))
+    mask = np.zeros((height, width), dtype=bool)
+    if kind == "flat":
+        mask[:] = draw(st.booleans())
+        return mask
+    y0, y1 = sorted(draw(st.lists(st.integers(0, height), min_size=2, max_size=2)))
+    x0, x1 = sorted(draw(st.lists(st.integers(0, width), min_size=2, max_size=2)))
+    mask[y0:y1, x0:x1] = True
+    return mask
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pycocotools' decode on numpy 2
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(masks_2d())
+def test_rle_encode_is_byte_identical_to_pycocotools_and_round_trips(mask: np.ndarray) -> None:
+    rle = masks.rle_encode(mask)
+    assert rle["size"] == list(mask.shape)
+    assert rle["counts"] == coco_counts(mask)
+    assert np.array_equal(masks.rle_decode(rle), mask)
+    assert masks.rle_area(rle) == int(mask.sum())
+    # pycocotools reads what we write, and we read what it writes.
+    theirs = {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
+    assert np.array_equal(coco.decode(theirs).astype(bool), mask)
+    assert np.array_equal(masks.rle_decode(theirs), mask)
+
+
+def test_rle_encode_long_runs_need_several_characters() -> None:
+    # Runs far above 2^15 need four or more 5-bit groups, and differences go negative.
+    mask = np.zeros((3000, 4000), dtype=bool)
+    mask[1500, 3999] = True
+    mask[0:7, 100:2000] = True
+    mask[2999, 0] = True
+    rle = masks.rle_encode(mask)
+    assert rle["counts"] == coco_counts(mask)
+    assert masks.rle_area(rle) == int(mask.sum())
+    assert np.array_equal(masks.rle_decode(rle), mask)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(st.data())
+def test_rle_encode_box_equals_encoding_the_placed_mask(data: st.DataObject) -> None:
+    height = data.draw(st.integers(1, 30))
+    width = data.draw(st.integers(1, 30))
+    full_height = data.draw(st.booleans())  # runs that continue across column boundaries
+    y0, y1 = (
+        (0, height)
+        if full_height
+        else sorted(data.draw(st.lists(st.integers(0, height), min_size=2, max_size=2)))
+    )
+    x0, x1 = sorted(data.draw(st.lists(st.integers(0, width), min_size=2, max_size=2)))
+    inside = data.draw(arrays(np.bool_, (y1 - y0, x1 - x0)))
+    full = np.zeros((height, width), dtype=bool)
+    full[y0:y1, x0:x1] = inside
+    assert masks.rle_encode_box(inside, (x0, y0, x1, y1), width, height) == masks.rle_encode(full)
+
+
+def test_rle_encode_box_rejects_a_box_that_does_not_fit() -> None:
+    with pytest.raises(ValueError, match="does not match"):
+        masks.rle_encode_box(np.ones((2, 2), bool), (0, 0, 3, 2), 10, 10)
+    with pytest.raises(ValueError, match="outside"):
+        masks.rle_encode_box(np.ones((2, 2), bool), (9, 0, 11, 2), 10, 10)
+
+
+def test_rle_decode_rejects_runs_that_do_not_fill_the_image() -> None:
+    with pytest.raises(ValueError, match="add up"):
+        masks.rle_decode(
+            {"size": [4, 4], "counts": masks.rle_encode(np.ones((3, 4), bool))["counts"]}
+        )
+    with pytest.raises(ValueError, match="alphabet"):
+        masks.rle_decode({"size": [1, 1], "counts": "\x01"})
+    assert np.array_equal(
+        masks.rle_decode({"size": [2, 2], "counts": [1, 2, 1]}), [[False, True], [True, False]]
+    )
+
+
+def test_threshold_is_strictly_above_127_on_a_box_sized_map() -> None:
+    prob = np.array([[0, 126, 127], [128, 200, 255]], dtype=np.uint8)
+    box = (5, 1, 8, 3)  # exactly the map's size: no resampling, the rule alone decides
+    full = masks.place_box_mask(prob, box, 10, 4)
+    expected = np.zeros((4, 10), dtype=bool)
+    expected[1:3, 5:8] = [[False, False, False], [True, True, True]]
+    assert np.array_equal(full, expected)
+    assert np.array_equal(
+        masks.place_box_mask(prob, box, 10, 4, threshold=199)[2, 5:8], [False, True, True]
+    )
+
+
+def test_map_of_another_size_is_resized_to_the_box() -> None:
+    prob = np.zeros((10, 10), dtype=np.uint8)
+    prob[:, :5] = 255  # left half inside
+    full = masks.place_box_mask(prob, (10, 20, 50, 60), 64, 64)
+    assert full.shape == (64, 64)
+    assert full[20:60, 10:29].all() and not full[20:60, 31:50].any()
+    assert not full[:20].any() and not full[60:].any() and not full[:, :10].any()
+
+
+def test_box_to_pixels_follows_the_seed_rule_sorted_and_clipped() -> None:
+    # int(value / 1000 * size), y first in box_2d.
+    assert masks.box_to_pixels([100, 200, 500, 900], 640, 480) == (128, 48, 576, 240)
+    assert masks.box_to_pixels([500, 900, 100, 200], 640, 480) == (128, 48, 576, 240)
+    assert masks.box_to_pixels([-50, 200, 1200, 1000], 640, 480) == (128, 0, 640, 480)
+
+
+def test_decode_png_mask_accepts_the_forms_models_send() -> None:
+    prob = np.arange(12, dtype=np.uint8).reshape(3, 4) * 20
+    raw = png_bytes(prob)
+    text = base64.b64encode(raw).decode()
+    for form in (
+        "data:image/png;base64," + text,
+        text,
+        text.rstrip("="),
+        "\n".join(text[i : i + 10] for i in range(0, len(text), 10)),
+        raw,
+        text.encode(),
+    ):
+        assert np.array_equal(masks.decode_png_mask(form), prob)
+
+
+def test_decode_png_mask_reads_colour_and_16_bit_pngs_as_grey() -> None:
+    grey = np.array([[0, 255], [128, 64]], dtype=np.uint8)
+    for mode in ("RGB", "RGBA", "LA", "P", "1"):
+        decoded = masks.decode_png_mask(png_bytes(grey, mode))
+        assert decoded.shape == (2, 2) and decoded.dtype == np.uint8
+        assert decoded[0, 1] > 127 and decoded[0, 0] <= 127
+    wide = np.array([[0, 65535], [32768, 0]], dtype=np.uint16)
+    buffer = io.BytesIO()
+    Image.fromarray(wide).save(buffer, format="PNG")
+    assert np.array_equal(masks.decode_png_mask(buffer.getvalue()), [[0, 255], [128, 0]])
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        ("data:image/png;base64,@@not*base64!!", "base64"),
+        ("", "empty"),
+        (base64.b64encode(b"GIF89a not a png").decode(), "not a PNG"),
+        (base64.b64encode(b"\x89PNG\r\n\x1a\n truncated").decode(), "cannot be decoded"),
+    ],
+)
+def test_decode_png_mask_says_why_a_mask_is_unusable(data: str, reason: str) -> None:
+    with pytest.raises(ValueError, match=reason):
+        masks.decode_png_mask(data)
+
+
+def test_polygon_to_mask_fills_the_polygon_over_the_whole_image() -> None:
+    square = [[250, 250], [750, 250], [750, 750], [250, 750]]  # [x, y], 0-1000
+    mask = masks.polygon_to_mask(square, 100, 80)
+    ys, xs = np.nonzero(mask)
+    assert (xs.min(), xs.max(), ys.min(), ys.max()) == (25, 75, 20, 60)
+    assert mask[20:61, 25:76].all() and mask.sum() == 51 * 41
+    shape, box = masks.polygon_box_mask(square, 100, 80)
+    assert masks.rle_encode_box(shape, box, 100, 80) == masks.rle_encode(mask)
+    with pytest.raises(ValueError, match="3"):
+        masks.polygon_to_mask([[0, 0], [10, 10]], 100, 80)

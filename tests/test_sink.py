@@ -1,0 +1,268 @@
+"""ParquetSink: whole-or-absent parts, flushing by count and by time, back-pressure, kill -9."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.dataset import current_rows, part_files, status
+from pipeline.records import ROW_SCHEMA, SCHEMA_VERSION, make_key
+from pipeline.sink import OutputDirBusy, ParquetSink
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def row(n: int, **changes: Any) -> dict[str, Any]:
+    sha = hashlib.sha256(f"image {n}".encode()).hexdigest()
+    base = {
+        "key": make_key(sha, "settings1"),
+        "image_path": f"img/{n:05d}.jpg",
+        "image_root": "/data",
+        "image_sha256": sha,
+        "file_size": 1000 + n,
+        "file_mtime_ns": 1_700_000_000_000_000_000 + n,
+        "width": 640,
+        "height": 480,
+        "task": "detect",
+        "status": "ok",
+        "objects": [{"label": "cat", "box_2d": [1, 2, 3, 4], "bbox": [1.5, 2.5, 3.5, 4.5]}],
+        "prompt_tokens": 300,
+    }
+    return base | changes
+
+
+def parquet_names(directory: Path) -> list[str]:
+    return sorted(path.name for path in directory.glob("*.parquet"))
+
+
+async def test_parts_are_zstd_parquet_with_the_row_schema(tmp_path: Path) -> None:
+    async with ParquetSink(tmp_path, "run1", rows_per_part=10, flush_seconds=60) as sink:
+        for n in range(25):
+            await sink.add(row(n))
+    assert sink.rows_written == 25
+    assert parquet_names(tmp_path) == [f"part-run1-{seq:05d}.parquet" for seq in range(3)]
+    assert [pq.read_metadata(p).num_rows for p in sorted(tmp_path.glob("*.parquet"))] == [10, 10, 5]
+    part = pq.ParquetFile(tmp_path / "part-run1-00000.parquet")
+    assert part.schema_arrow == ROW_SCHEMA
+    version = part.schema_arrow.metadata[b"gemini_vision_pipeline.schema_version"]
+    assert version.decode() == SCHEMA_VERSION
+    assert part.metadata.row_group(0).column(0).compression == "ZSTD"
+    table = part.read()
+    assert table.column("image_path").to_pylist()[:2] == ["img/00000.jpg", "img/00001.jpg"]
+    assert table.column("objects")[0].as_py()[0]["bbox"] == [1.5, 2.5, 3.5, 4.5]
+    # Filled in by the sink: readers order rows by these.
+    assert set(table.column("run_id").to_pylist()) == {"run1"}
+    assert table.column("completed_at").null_count == 0
+    assert not list(tmp_path.glob(".part-*"))
+
+
+async def test_flush_by_count_happens_in_add(tmp_path: Path) -> None:
+    async with ParquetSink(tmp_path, "run1", rows_per_part=4, flush_seconds=3600) as sink:
+        for n in range(3):
+            await sink.add(row(n))
+        assert sink.rows_written == 0 and parquet_names(tmp_path) == []
+        await sink.add(row(3))
+        assert sink.rows_written == 4
+        assert parquet_names(tmp_path) == ["part-run1-00000.parquet"]
+
+
+async def test_flush_by_time_after_the_oldest_row(tmp_path: Path) -> None:
+    loop = asyncio.get_running_loop()
+    async with ParquetSink(tmp_path, "run1", rows_per_part=1000, flush_seconds=0.05) as sink:
+        started = loop.time()
+        await sink.add(row(0))
+        await sink.add(row(1))
+        await asyncio.wait_for(sink.wait_written(2), timeout=10)
+        assert loop.time() - started >= 0.05
+        assert parquet_names(tmp_path) == ["part-run1-00000.parquet"]
+        # The timer starts again with the next row, not before.
+        await sink.add(row(2))
+        await asyncio.wait_for(sink.wait_written(3), timeout=10)
+        assert sink.parts_written == 2
+
+
+async def test_writes_run_off_the_event_loop(tmp_path: Path) -> None:
+    """While a big part is written the loop keeps serving other tasks."""
+    ticks = 0
+    stop = asyncio.Event()
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not stop.is_set():
+            ticks += 1
+            await asyncio.sleep(0)
+
+    big = "x" * 2000
+    async with ParquetSink(tmp_path, "run1", rows_per_part=100_000, flush_seconds=3600) as sink:
+        for n in range(20_000):
+            await sink.add(row(n, raw_response=big + str(n)))
+        task = asyncio.create_task(ticker())
+        await asyncio.sleep(0)
+        before = ticks
+        await sink.flush()
+        stop.set()
+        await task
+    assert sink.rows_written == 20_000
+    assert ticks - before > 10
+
+
+async def test_back_pressure_bounds_the_buffer(tmp_path: Path) -> None:
+    """Many producers at once: nothing is lost, parts stay at the size asked, memory is bounded."""
+    per_part = 500
+    seen_buffered: list[int] = []
+    async with ParquetSink(tmp_path, "run1", rows_per_part=per_part, flush_seconds=3600) as sink:
+
+        async def producer(first: int) -> None:
+            for n in range(first, first + 200):
+                await sink.add(row(n, raw_response="y" * 500))
+                seen_buffered.append(sink.buffered)
+
+        await asyncio.gather(*(producer(k * 200) for k in range(40)))
+    assert max(seen_buffered) <= per_part
+    sizes = [pq.read_metadata(p).num_rows for p in tmp_path.glob("*.parquet")]
+    assert sum(sizes) == 8000 and max(sizes) == per_part
+    paths = current_rows(tmp_path, ["image_path"]).column("image_path").to_pylist()
+    assert paths == sorted(f"img/{n:05d}.jpg" for n in range(8000))
+
+
+async def test_a_cancelled_flush_still_commits_its_part_once(tmp_path: Path) -> None:
+    async with ParquetSink(tmp_path, "run1", rows_per_part=10_000, flush_seconds=3600) as sink:
+        for n in range(3000):
+            await sink.add(row(n, raw_response="w" * 1000))
+        flushing = asyncio.create_task(sink.flush())
+        await asyncio.sleep(0)  # the write has started in its own task
+        flushing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await flushing
+        await sink.add(row(3000))  # a later write waits for the orphaned one, never overlaps it
+        await asyncio.wait_for(sink.wait_written(3000), timeout=30)
+    assert sink.rows_written == 3001
+    assert [pq.read_metadata(p).num_rows for p in sorted(tmp_path.glob("*.parquet"))] == [3000, 1]
+
+
+async def test_leftover_temp_file_is_ignored_then_cleaned(tmp_path: Path) -> None:
+    async with ParquetSink(tmp_path, "run1", rows_per_part=10) as sink:
+        await sink.add(row(0))
+    leftover = tmp_path / ".part-run0-00007.parquet.tmp"
+    leftover.write_bytes(b"PAR1 half a part, the writer was killed here")
+    assert [p.name for p in part_files(tmp_path)] == ["part-run1-00000.parquet"]
+    assert status(tmp_path)["rows"] == 1
+    async with ParquetSink(tmp_path, "run2") as sink:
+        assert not leftover.exists()
+
+
+async def test_rerun_with_the_same_run_id_never_overwrites(tmp_path: Path) -> None:
+    for n in range(2):
+        async with ParquetSink(tmp_path, "same") as sink:
+            await sink.add(row(n))
+    assert parquet_names(tmp_path) == ["part-same-00000.parquet", "part-same-00001.parquet"]
+    assert status(tmp_path)["rows_committed"] == 2
+
+
+async def test_one_writer_per_directory(tmp_path: Path) -> None:
+    async with ParquetSink(tmp_path, "run1"):
+        with pytest.raises(OutputDirBusy, match="another run"):
+            async with ParquetSink(tmp_path, "run2"):
+                pass
+    async with ParquetSink(tmp_path, "run3"):  # released on close
+        pass
+
+
+async def test_bad_rows_and_names_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="file name"):
+        ParquetSink(tmp_path, "../escape")
+    async with ParquetSink(tmp_path, "run1") as sink:
+        with pytest.raises(ValueError, match="stauts"):
+            await sink.add(row(0) | {"stauts": "ok"})
+        await sink.add(row(1, width="wide"))
+        with pytest.raises(ValueError, match="'width'"):
+            await sink.flush()
+        await sink.add(row(2))
+    assert current_rows(tmp_path, ["image_path"]).column("image_path").to_pylist() == [
+        "img/00002.jpg"
+    ]
+
+
+async def test_undecodable_text_is_stored_not_fatal(tmp_path: Path) -> None:
+    hostile = [{"label": "bad \udcff label", "box_2d": [1, 2, 3, 4], "bbox": [1.0, 2.0, 3.0, 4.0]}]
+    async with ParquetSink(tmp_path, "run1") as sink:
+        await sink.add(row(0, error="cannot open caf\udce9.jpg", objects=hostile))
+        await sink.add(row(1))
+    table = current_rows(tmp_path, ["error", "objects"])
+    assert table.column("error").to_pylist()[0] == "cannot open caf\\xe9.jpg"
+    assert table.column("objects").to_pylist()[0][0]["label"] == "bad \\xff label"
+    assert table.num_rows == 2
+
+
+async def test_given_run_id_and_completed_at_are_kept(tmp_path: Path) -> None:
+    when = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    async with ParquetSink(tmp_path, "run1") as sink:
+        await sink.add(row(0, run_id="other", completed_at=when))
+    table = current_rows(tmp_path, ["run_id", "completed_at"])
+    assert table.to_pylist() == [{"run_id": "other", "completed_at": when}]
+
+
+WRITER = textwrap.dedent(
+    """
+    import asyncio, hashlib, sys
+    from pipeline.sink import ParquetSink
+
+    async def main():
+        async with ParquetSink(sys.argv[1], "victim", rows_per_part=50) as sink:
+            n = 0
+            while True:
+                await sink.add({"key": hashlib.sha256(str(n).encode()).hexdigest() + ".s",
+                                "image_path": f"{n}.jpg", "image_root": "/r", "task": "detect",
+                                "status": "ok", "raw_response": "z" * 4000})
+                n += 1
+                if n % 50 == 0:
+                    print(sink.rows_written, flush=True)
+
+    asyncio.run(main())
+    """
+)
+
+
+def test_kill_9_leaves_only_whole_parts(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    child = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(out)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    try:
+        for line in child.stdout:  # a few parts committed, more being written
+            if int(line) >= 500:
+                break
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.wait(timeout=30)
+        child.stdout.close()
+    parts = part_files(out)
+    assert len(parts) >= 10
+    for path in parts:
+        assert pq.read_metadata(path).num_rows == 50  # whole: a part is written in one go
+    table = current_rows(out, ["image_path"])
+    assert table.num_rows == 50 * len(parts)
+    assert len(set(table.column("image_path").to_pylist())) == table.num_rows
+
+    async def reopen() -> None:
+        async with ParquetSink(out, "next"):
+            pass
+
+    asyncio.run(reopen())
+    assert not list(out.glob(".part-*"))
+    assert len(part_files(out)) == len(parts)
