@@ -50,6 +50,11 @@ def _status(args: argparse.Namespace) -> int:
     from pipeline.dataset import format_status, status
 
     report = status(args.output_dir)
+    if args.config:
+        from pipeline.runner import pending
+
+        config = with_overrides(load_config(args.config), output=args.output_dir)
+        report["pending"] = pending(config, retry_errors=args.retry_errors)
     print(json.dumps(report, indent=2, default=str) if args.json else format_status(report))
     return 0
 
@@ -119,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="counts by status, tokens and what remains")
     p.add_argument("output_dir")
+    p.add_argument("--config", help="also count the files a run of this config would still do")
+    p.add_argument("--retry-errors", action="store_true", help="with --config: count errors too")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_status)
 

@@ -539,6 +539,12 @@ def format_status(report: dict[str, Any]) -> str:
     errors = by_status.get("error", 0)
     if errors:
         lines.append(f"remaining: {errors:,} error rows; rerun with --retry-errors to redo them")
+    pending = report.get("pending")
+    if pending:
+        lines.append(
+            f"remaining under {pending['config']}: {pending['remaining']:,} of "
+            f"{pending['files']:,} files ({pending['done']:,} done)"
+        )
     latest = report.get("latest_run")
     if latest:
         lines.append(

@@ -419,8 +419,10 @@ class Runner:
             if exc.quota and "PerDay" in exc.quota:
                 self._stop_for_day("the service reports the daily request quota is spent")
                 raise StopRun from exc
-        if exc.status in ("NOT_FOUND", "FAILED_PRECONDITION") and item.source.path in self.uploaded:
-            # an upload that expired or vanished: forget it and upload again, once
+        gone = ("NOT_FOUND", "FAILED_PRECONDITION", "PERMISSION_DENIED")
+        if exc.status in gone and item.source.path in self.uploaded:
+            # an upload that expired or vanished (the service says 403 for a file it no longer
+            # has): forget it and upload again
             self.state.forget_upload(self.uploaded.pop(item.source.path))
             self.summary.retries += 1
             return attempts < self.config.limits.max_attempts
@@ -609,6 +611,19 @@ def _display_name(rel_path: str) -> str:
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+def pending(config: Config, *, retry_errors: bool = False) -> dict[str, Any]:
+    """What a run of `config` would still do: its inputs walked with a stat each, no reads."""
+    task = get_task(config.task.kind)
+    key_suffix = settings_hash(config, task.request(config.task))
+    index = load_resume_index(config.output.dir, key_suffix=key_suffix, retry_errors=retry_errors)
+    producer = _Producer(config, index, key_suffix, None)
+    seen = done = 0
+    for src in producer.sources():
+        seen += 1
+        done += src.error is None and producer.is_done(src)
+    return {"config": config.source, "files": seen, "done": done, "remaining": seen - done}
 
 
 def run(config: Config, options: RunOptions | None = None) -> RunSummary:

@@ -477,28 +477,42 @@ def run_script(
 
 
 # --------------------------------------------------------------------------- subcommands
+Measured = tuple[Proc, int, int, int, float]  # process, ok, errors, objects, in-run seconds
+
+
 def cmd_throughput(ctx: Ctx) -> dict[str, Any]:
-    """Segment task, zero-latency server: pipeline vs SDK script vs the seed loop."""
+    """Segment task, zero-latency server: pipeline vs SDK script vs the seed loop.
+
+    Twice: against the server answering from pixels (it analyses every image and renders its
+    masks, ~3 ms of CPU a request on this machine's other core), then against the same server
+    replaying those very answers by image sha256 (`--replay`), which leaves the two cores to the
+    clients, as the real service would. Each contender gets a fresh server.
+    """
     sizes, work = ctx.sizes, ctx.work
     n, conc = sizes.throughput_images, sizes.concurrency
     images = ctx.images / "scenes"
     t0 = time.perf_counter()
     shapes = make_scenes(images, n)
     print(f"made {n} 384-px scenes ({shapes} shapes) in {time.perf_counter() - t0:.1f} s")
-    results: dict[str, dict[str, Any]] = {}
+    results: dict[str, dict[str, dict[str, Any]]] = {"analysing": {}, "replay": {}}
+    replay: dict[str, Any] = {}
 
-    def measure(name: str, count: int, go: Callable[[Server], tuple[Proc, int, int, int]]) -> None:
-        with Server(work / "logs" / name, seed=SEED) as server:
+    def measure(mode: str, name: str, count: int, go: Callable[[Server], Measured]) -> None:
+        with Server(work / "logs" / f"{mode}-{name}", seed=SEED, **replay) as server:
             cpu0 = server.cpu_seconds()
-            proc, ok, errors, objects = go(server)
+            proc, ok, errors, objects, run_s = go(server)
             server_cpu = server.cpu_seconds() - cpu0
-        results[name] = {
+            replayed = server.stats().get("replayed", 0)
+        results[mode][name] = {
             "images": count,
             "ok": ok,
             "errors": errors,
             "objects": objects,
+            "replayed": replayed,
             "wall_s": round(proc.wall, 3),
             "images_per_s": round(count / proc.wall, 1),
+            "in_run_s": round(run_s, 3),
+            "in_run_images_per_s": round(count / run_s, 1),
             "client_cpu_ms_per_image": round(proc.cpu_seconds / count * 1000, 3),
             "server_cpu_ms_per_image": round(server_cpu / count * 1000, 3),
             "server_cpu_utilisation": round(server_cpu / proc.wall, 3),
@@ -506,66 +520,72 @@ def cmd_throughput(ctx: Ctx) -> dict[str, Any]:
             "peak_rss_mb": round(proc.peak_rss_mb, 1),
         }
 
-    def pipeline(server: Server) -> tuple[Proc, int, int, int]:
-        out = work / "out-pipeline"
-        config = write_config(
-            work / "throughput.toml",
-            base_url=server.url,
-            inputs=[images],
-            output=out,
-            concurrency=conc,
-        )
-        proc, summary = run_pipeline(config, server.url, work / "logs", "pipeline")
-        rows = read_rows(out, ["status", "objects"])
-        objects = sum(len(o) for o in rows.column("objects").to_pylist() if o)
-        ok = summary["rows"].get("ok", 0)
-        return proc, ok, rows.num_rows - ok, objects
+    def pipeline(mode: str) -> Callable[[Server], Measured]:
+        def go(server: Server) -> Measured:
+            out = work / f"out-pipeline-{mode}"
+            config = write_config(
+                work / f"throughput-{mode}.toml",
+                base_url=server.url,
+                inputs=[images],
+                output=out,
+                concurrency=conc,
+            )
+            proc, summary = run_pipeline(config, server.url, work / "logs", f"pipeline-{mode}")
+            rows = read_rows(out, ["status", "objects"])
+            objects = sum(len(o) for o in rows.column("objects").to_pylist() if o)
+            ok = summary["rows"].get("ok", 0)
+            run_s = (
+                datetime.fromisoformat(summary["finished_at"])
+                - datetime.fromisoformat(summary["started_at"])
+            ).total_seconds()
+            return proc, ok, rows.num_rows - ok, objects, run_s
 
-    def sdk(server: Server) -> tuple[Proc, int, int, int]:
-        out = work / "sdk.parquet"
-        proc, s = run_script(
-            "baseline_sdk.py", server.url, images, out, work / "logs", "--concurrency", str(conc)
-        )
-        return proc, s["ok"], s["errors"], s["objects"]
+        return go
 
-    def seed(server: Server) -> tuple[Proc, int, int, int]:
-        out = work / "seed.parquet"
-        proc, s = run_script(
-            "baseline_seed.py",
-            server.url,
-            images,
-            out,
-            work / "logs",
-            "--limit",
-            str(sizes.seed_images),
-        )
-        return proc, s["ok"], s["errors"], s["objects"]
+    def script(mode: str, name: str, *extra: str) -> Callable[[Server], Measured]:
+        def go(server: Server) -> Measured:
+            out = work / f"{name}-{mode}.parquet"
+            logs = work / "logs" / mode
+            proc, s = run_script(f"baseline_{name}.py", server.url, images, out, logs, *extra)
+            return proc, s["ok"], s["errors"], s["objects"], s["seconds"]
 
-    measure("pipeline", n, pipeline)
-    measure("sdk", n, sdk)
-    measure("seed", sizes.seed_images, seed)
-    p, s, q = (results[k]["images_per_s"] for k in ("pipeline", "sdk", "seed"))
-    figures = {
+        return go
+
+    for mode in ("analysing", "replay"):
+        if mode == "replay":
+            replay["replay"] = _replay_file(work, images, sizes.seed_images)
+        measure(mode, "pipeline", n, pipeline(mode))
+        measure(mode, "sdk", n, script(mode, "sdk", "--concurrency", str(conc)))
+        measure(
+            mode, "seed", sizes.seed_images, script(mode, "seed", "--limit", str(sizes.seed_images))
+        )
+    figures: dict[str, Any] = {
         "images": n,
         "image_side": 384,
         "shapes_drawn": shapes,
         "concurrency": conc,
         "results": results,
-        "ratio_vs_sdk": round(p / s, 2),
-        "ratio_vs_seed": round(p / q, 2),
         "target_ratio_vs_sdk": TARGETS["throughput_vs_sdk"],
         "target_images_per_s": TARGETS["throughput_images_per_s"],
     }
+    for mode, by_name in results.items():
+        p, s, q = (by_name[k]["images_per_s"] for k in ("pipeline", "sdk", "seed"))
+        figures[f"ratio_vs_sdk_{mode}"] = round(p / s, 2)
+        figures[f"ratio_vs_seed_{mode}"] = round(p / q, 2)
+        p, s = (by_name[k]["in_run_images_per_s"] for k in ("pipeline", "sdk"))
+        figures[f"in_run_ratio_vs_sdk_{mode}"] = round(p / s, 2)
     table(
         f"throughput: segment, {n} x 384-px PNG scenes (seed loop: first {sizes.seed_images}), "
-        f"zero-latency local server, concurrency {conc}",
+        f"zero-latency local server, concurrency {conc}; wall time of the whole process",
         [
+            "server",
             "contender",
             "images",
             "ok",
             "objects",
             "wall s",
             "images/s",
+            "in-run img/s",
             "client CPU ms/img",
             "server CPU ms/img",
             "server CPU util",
@@ -573,26 +593,61 @@ def cmd_throughput(ctx: Ctx) -> dict[str, Any]:
         ],
         [
             [
+                mode,
                 k,
                 r["images"],
                 r["ok"],
                 r["objects"],
                 r["wall_s"],
                 r["images_per_s"],
+                r["in_run_images_per_s"],
                 r["client_cpu_ms_per_image"],
                 r["server_cpu_ms_per_image"],
                 r["server_cpu_utilisation"],
                 r["peak_rss_mb"],
             ]
-            for k, r in results.items()
+            for mode, by_name in results.items()
+            for k, r in by_name.items()
         ],
     )
-    print(
-        f"pipeline / SDK script = {figures['ratio_vs_sdk']}x (target >= 2x); "
-        f"pipeline / seed loop = {figures['ratio_vs_seed']}x; "
-        f"pipeline {p} images/s (target >= 300)"
-    )
+    for mode in results:
+        print(
+            f"{mode} server: pipeline / SDK script = {figures[f'ratio_vs_sdk_{mode}']}x "
+            f"(target >= 2x), {figures[f'in_run_ratio_vs_sdk_{mode}']}x in-run; "
+            f"pipeline / seed loop = {figures[f'ratio_vs_seed_{mode}']}x; "
+            f"pipeline {results[mode]['pipeline']['images_per_s']} images/s (target >= 300)"
+        )
     return figures
+
+
+def _replay_file(work: Path, images: Path, seed_count: int) -> Path:
+    """The analysing server's answers, keyed by the sha256 of the bytes each client sends.
+
+    The pipeline and the SDK script send the files as they are; the seed loop sends what the SDK
+    makes of a Pillow image (re-encoded PNG), so its first `seed_count` images get their own keys.
+    """
+    import hashlib
+
+    from google.genai import _transformers
+
+    from pipeline.gemini.client import parse_generate_content
+
+    rows = read_rows(
+        work / "out-pipeline-analysing", ["image_path", "image_sha256", "raw_response"]
+    )
+    path = work / "replay.jsonl"
+    with path.open("w") as fh:
+        for row in rows.to_pylist():
+            text = parse_generate_content(row["raw_response"]).text
+            fh.write(json.dumps({"sha256": row["image_sha256"], "text": text}) + "\n")
+            if int(row["image_path"].split("-")[1].split(".")[0]) < seed_count:
+                image = Image.open(images / row["image_path"])
+                image.thumbnail([1024, 1024], Image.Resampling.LANCZOS)
+                sent = _transformers.pil_to_blob(image).data
+                fh.write(
+                    json.dumps({"sha256": hashlib.sha256(sent).hexdigest(), "text": text}) + "\n"
+                )
+    return path
 
 
 def cmd_latency(ctx: Ctx) -> dict[str, Any]:
@@ -1247,9 +1302,13 @@ def _direct_stages(images: Path, out: Path, config: Any) -> dict[str, float]:
     held: dict[str, Any] = {}
 
     def timed(work: Callable[[], Any]) -> float:
-        started = time.process_time()
-        work()
-        return (time.process_time() - started) / n * 1e6
+        """The best of three passes: the least disturbed one."""
+        best = math.inf
+        for _ in range(3):
+            started = time.process_time()
+            work()
+            best = min(best, time.process_time() - started)
+        return best / n * 1e6
 
     out_: dict[str, float] = {}
     light = timed(lambda: [imaging.prepare(s, verify=False) for s in sources])
@@ -1483,7 +1542,7 @@ def line_chart(
 ) -> None:
     """A small line (or bar) chart drawn with Pillow: axes, ticks, legend, reference lines."""
     width, height = size
-    left, right, top, bottom = 80, 30, 50, 60
+    left, right, top, bottom = 80, 30, 64, 60
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
     font, small = _font(16), _font(13)
@@ -1511,7 +1570,7 @@ def line_chart(
             draw.line((px(x), top, px(x), height - bottom), fill=(200, 200, 200), width=1)
     draw.line((left, top, left, height - bottom, width - right, height - bottom), fill="black")
     draw.text((width / 2, height - 22), xlabel, fill="black", font=font, anchor="mm")
-    draw.text((12, top - 30), ylabel, fill="black", font=small)
+    draw.text((12, top - 22), ylabel, fill="black", font=small)
     for y, label, colour in hlines:
         draw.line((left, py(y), width - right, py(y)), fill=colour, width=2)
         draw.text((width - right - 4, py(y) - 4), label, fill=colour, font=small, anchor="rb")

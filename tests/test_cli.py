@@ -73,8 +73,9 @@ def test_demo_config_writes_parquet(tmp_path: Path) -> None:
     assert {r["status"] for r in rows} == {"ok"}
     for row in rows:
         assert len(row["objects"]) == len(truth[row["image_path"]]["shapes"]), row["image_path"]
-    status = pipeline("status", str(tmp_path / "demo"))
-    assert "ok" in status.stdout and str(len(truth)) in status.stdout
+    status = pipeline("status", str(tmp_path / "demo"), "--config", "configs/demo.toml")
+    assert f"status: ok {len(truth)}" in status.stdout
+    assert f"remaining under configs/demo.toml: 0 of {len(truth)} files" in status.stdout
 
 
 def test_config_errors_name_key_and_file(tmp_path: Path) -> None:

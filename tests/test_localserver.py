@@ -268,6 +268,42 @@ async def test_classification_from_schema_enum_and_from_prompt(server, http):
     assert answer_text(body) == "blue things"
 
 
+async def test_closed_label_sets_for_detection_and_multi_label_classification(server, http):
+    data, truth = draw_scene()
+    config = {
+        "responseMimeType": "application/json",
+        "responseSchema": {
+            "type": "ARRAY",
+            "items": {
+                "type": "OBJECT",
+                "properties": {
+                    "box_2d": {"type": "ARRAY", "items": {"type": "INTEGER"}},
+                    "label": {"type": "STRING", "enum": ["circle", "triangle"]},
+                },
+            },
+        },
+    }
+    status, body = await generate(http, server, inline_request(data, DETECT, config=config))
+    assert status == 200
+    items = json.loads(answer_text(body))  # the rectangle fits no label: left out
+    assert [item["label"] for item in items] == ["circle", "triangle"]
+    assert box_iou(pixel_box(items[1]["box_2d"], 384, 384), truth["green triangle"][0]) >= 0.95
+    body = inline_request(data, "Detect all of the following items in the image. box_2d")
+    body["systemInstruction"] = {
+        "parts": [{"text": 'Only report objects that are one of: "red things", "green things".'}]
+    }
+    _, answer = await generate(http, server, body)
+    assert answer_text(answer).count("things") == 2 and "blue" not in answer_text(answer)
+    labels_schema = {
+        "type": "ARRAY",
+        "items": {"type": "STRING", "enum": ["square", "oval", "star"]},
+    }
+    config = {"responseMimeType": "application/json", "responseSchema": labels_schema}
+    prompt = "Classify this image. Answer with a JSON list of every label that applies."
+    _, answer = await generate(http, server, inline_request(data, prompt, config=config))
+    assert json.loads(answer_text(answer)) == ["square", "oval"]
+
+
 async def test_custom_schema_is_filled_from_what_is_seen(server, http):
     data, _ = draw_scene()
     schema = {
@@ -283,6 +319,16 @@ async def test_custom_schema_is_filled_from_what_is_seen(server, http):
     status, body = await generate(http, server, inline_request(data, prompt, config=config))
     assert status == 200
     assert json.loads(answer_text(body)) == {"count": 3, "colours": ["red", "green", "blue"]}
+    # JSON mode without a schema: the shape sketched in the prompt, else a summary object
+    config = {"responseMimeType": "application/json"}
+    prompt = 'Count the shapes. Answer as JSON {"count": n, "shapes": [...]}.'
+    _, body = await generate(http, server, inline_request(data, prompt, config=config))
+    assert json.loads(answer_text(body)) == {
+        "count": 3,
+        "shapes": ["circle", "triangle", "rectangle"],
+    }
+    _, body = await generate(http, server, inline_request(data, "Describe it.", config=config))
+    assert json.loads(answer_text(body))["objects"] == [label for label, *_ in SHAPES]
 
 
 async def test_object_limit_and_colour_filter_follow_the_prompt(server, http):
@@ -881,7 +927,8 @@ async def test_faults_are_seeded_and_cover_the_mix(http):
     mixed = ServerOptions(fault_rate=0.3, seed=5, hang_seconds=0.01)
     first = await fault_outcomes(http, mixed, 30)
     assert first == await fault_outcomes(http, mixed, 30)  # same seed, same story
-    assert first != await fault_outcomes(http, ServerOptions(fault_rate=0.3, seed=6), 30)
+    reseeded = ServerOptions(fault_rate=0.3, seed=6, hang_seconds=0.01)
+    assert first != await fault_outcomes(http, reseeded, 30)
     faulty = sum(fault_kind(o) is not None for o in first[0])
     assert 3 <= faulty <= 18
 

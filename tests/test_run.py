@@ -15,6 +15,8 @@ import pytest
 from PIL import Image
 from pycocotools import mask as cocomask
 
+from pipeline.gemini import GeminiClient
+from pipeline.localserver import LocalServer, ServerOptions
 from pipeline.runner import EXIT_OK, EXIT_ROWS_NOT_OK, EXIT_STOPPED, RunOptions, Runner
 from tests.conftest import box_iou, draw_shapes, make_config, mask_iou, read_rows
 
@@ -224,20 +226,42 @@ async def test_daily_limit_stops_cleanly_and_says_when(images_dir: Path, tmp_pat
     assert json.loads(summaries[0].read_text())["exit_code"] == EXIT_STOPPED
 
 
-async def test_upload_mode_reuses_and_deletes(images_dir: Path, tmp_path: Path) -> None:
+async def test_upload_mode_reuses_and_deletes(
+    images_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GEMINI_API_KEY", "test-key")
     for i in range(3):
         draw_shapes(384, 384, seed=300 + i)[0].save(images_dir / f"u{i}.png")
-    config = make_config(tmp_path, images={"mode": "upload", "delete_uploads": False})
-    first = await run(config)
-    assert first.exit_code == EXIT_OK and first.uploads == 3
-    rows = read_rows(tmp_path / "out")
-    assert {r["input_mode"] for r in rows} == {"upload"}
-    # Another task over the same bytes reuses the living uploads.
-    detect = make_config(
-        tmp_path, task={"kind": "detect"}, images={"mode": "upload", "delete_uploads": True}
-    )
-    second = await run(detect)
-    assert (second.uploads, second.uploads_reused) == (0, 3)
+    async with LocalServer(ServerOptions(api_key="test-key")) as server:
+        api = {"base_url": server.base_url}
+        config = make_config(tmp_path, api=api, images={"mode": "upload", "delete_uploads": False})
+        first = await run(config)
+        assert first.exit_code == EXIT_OK and first.uploads == 3
+        rows = read_rows(tmp_path / "out")
+        assert {r["input_mode"] for r in rows} == {"upload"}
+        # Another task over the same bytes reuses the living uploads, then deletes them.
+        detect = make_config(
+            tmp_path,
+            api=api,
+            task={"kind": "detect"},
+            images={"mode": "upload", "delete_uploads": True},
+        )
+        second = await run(detect)
+        assert second.exit_code == EXIT_OK
+        assert (second.uploads, second.uploads_reused) == (0, 3)
+        async with GeminiClient("test-key", base_url=server.base_url) as client:
+            assert await client.list_files() == []
+        # Uploads that vanished server-side (expired, deleted elsewhere) are uploaded again.
+        keep = {"mode": "upload", "delete_uploads": False}
+        third = await run(make_config(tmp_path, api=api, task={"kind": "caption"}, images=keep))
+        assert third.uploads == 3
+        async with GeminiClient("test-key", base_url=server.base_url) as client:
+            for info in await client.list_files():
+                await client.delete_file(info.name)
+        task = {"kind": "custom", "prompt": "Count the shapes. Answer as JSON."}
+        fourth = await run(make_config(tmp_path, api=api, task=task, images=keep))
+        assert fourth.exit_code == EXIT_OK
+        assert (fourth.uploads_reused, fourth.uploads) == (3, 3)
 
 
 async def test_auto_mode_uploads_what_does_not_fit_inline(images_dir: Path, tmp_path: Path) -> None:

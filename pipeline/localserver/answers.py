@@ -21,16 +21,34 @@ SHAPE_WORDS = {
     "triangle": {"triangle", "triangles"},
 }
 COLOUR_WORDS = "red|green|blue|yellow|orange|purple|pink|magenta|cyan|brown|black|white|gray|grey"
+COLOUR_NAMES = frozenset(COLOUR_WORDS.split("|"))
 LABEL_HINTS = ("label", "name", "class", "categor", "object")
 EMPTY_WORDS = {"empty", "blank", "none", "nothing", "background", "plain"}
+SUMMARY_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "description": {"type": "string"},
+        "count": {"type": "integer"},
+        "objects": {"type": "array", "items": {"type": "string"}},
+    },
+}
 
 _LIMIT = re.compile(r"\b(?:limit to|at most|up to|no more than|maximum of|max(?:imum)?)\s+(\d+)")
 _ONLY_COLOUR = re.compile(rf"\b(?:all|only)\s+(?:the\s+)?({COLOUR_WORDS})\b")
+# "one of: a, b", "labels from this list: "a", "b"", "one of [a, b]": a colon within the same
+# sentence, or a bracket right after the keyword (so "labels as [ymin, xmin, ...]" is no list)
 _LABEL_LIST = re.compile(
-    r"\b(?:one of|labels|categories|classes|options|choices)\b[^:\n\[]*[:\[]\s*([^\n]+)", re.I
+    r"\b(?:one of|labels|categories|classes|options|choices)\b"
+    r"(?:[^:\n\[.]*:|\s*(?:\w+\s+)?\[)\s*([^\n]+)",
+    re.I,
 )
+_QUOTED_LABEL = re.compile(r'\s*(?:,|\bor\b|\band\b)?\s*"((?:[^"\\]|\\.)*)"')
 _LABEL_SPLIT = re.compile(r",|;|\||/|\bor\b")
+_LIST_END = re.compile(r"\]|\)|\.(?:\s|$)")
 _WORD = re.compile(r"[a-z]+")
+_SKETCH = re.compile(r"\{([^{}]*)\}")
+_SKETCH_KEY = re.compile(r"[\"']?([A-Za-z_][\w]*)[\"']?\s*:\s*(\[|[^,}]*)")
+_COUNT_HINTS = ("count", "number", "total", "num_", "n_")
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,37 +76,41 @@ def render(ask: Ask, analysis: Analysis | None) -> Answer:
     words = f"{ask.system}\n{ask.prompt}".lower()
     properties = _schema_property_names(ask.schema)
     json_mime = (ask.response_mime_type or "").lower() == "application/json"
+    closed = _schema_enums(ask.schema) or _labels_in_prompt(ask.prompt, ask.system)
     if "segmentation mask" in words or "mask" in properties:
-        regions = _select(words, analysis)
+        chosen = _select(words, analysis, closed)
         if ask.polygon_masks:
-            payload: Any = {"boxes": [_item(analysis, r, "polygon") for r in regions]}
+            payload: Any = {"boxes": [_item(analysis, r, label, "polygon") for r, label in chosen]}
         else:
-            payload = [_item(analysis, r, "png") for r in regions]
+            payload = [_item(analysis, r, label, "png") for r, label in chosen]
         return _json_answer("segment", payload, json_mime)
     if "box_2d" in words or "bounding box" in words or "detect" in words or "box_2d" in properties:
-        payload = [_item(analysis, r, None) for r in _select(words, analysis)]
+        payload = [_item(analysis, r, label, None) for r, label in _select(words, analysis, closed)]
         return _json_answer("detect", payload, json_mime)
     if '"point"' in words or "point to" in words or "point" in properties:
         payload = [
-            {"point": analysis.centroid(r), "label": r.label}
-            for r in _select(words, analysis)
+            {"point": analysis.centroid(r), "label": label}
+            for r, label in _select(words, analysis, closed)
             if analysis is not None
         ]
         return _json_answer("point", payload, json_mime)
-    enum = _schema_enum(ask.schema)
-    labels = enum or _labels_in_prompt(ask.prompt) or _labels_in_prompt(ask.system)
-    if labels and (enum or not isinstance(ask.schema, dict) or not properties):
-        label = best_label(labels, analysis)
+    regions = analysis.regions if analysis else []
+    if _is_label_array(ask.schema):  # multi-label classification: every label that applies
+        payload = [label for label in closed if any(region_score(label, r) for r in regions)]
+        return _json_answer("classify", payload[: _max_items(ask.schema)], json_mime)
+    top_enum = isinstance(ask.schema, dict) and isinstance(ask.schema.get("enum"), list)
+    if closed and (top_enum or not properties):
+        label = best_label(closed, analysis)
         if json_mime:
             return Answer(json.dumps(label), "classify", label)
         return Answer(label, "classify")
     if isinstance(ask.schema, dict):
         payload = _fill(ask.schema, analysis, "", None)
         return _json_answer("schema", payload, json_mime)
-    text = caption(analysis)
-    if json_mime:
-        return Answer(json.dumps(text), "caption", text)
-    return Answer(text, "caption")
+    if json_mime:  # JSON mode without a schema: the object the prompt sketches, or a summary
+        payload = _fill(_sketched_schema(ask.prompt) or SUMMARY_SCHEMA, analysis, "", None)
+        return _json_answer("schema", payload, json_mime)
+    return Answer(caption(analysis), "caption")
 
 
 def caption(analysis: Analysis | None) -> str:
@@ -106,20 +128,26 @@ def caption(analysis: Analysis | None) -> str:
     return f"An image of {len(regions)} shapes on {_article(background)}: {listed}."
 
 
+def region_score(label: str, region: Region) -> int:
+    """How many of the label's colour and shape words fit the region; 0 if any contradicts."""
+    words = {"gray" if w == "grey" else w for w in _WORD.findall(label.lower())}
+    colours = words & COLOUR_NAMES
+    shapes = {shape for shape, synonyms in SHAPE_WORDS.items() if synonyms & words}
+    if (colours and region.colour not in colours) or (shapes and region.shape not in shapes):
+        return 0
+    return (region.colour in colours) + (region.shape in shapes)
+
+
 def best_label(labels: list[str], analysis: Analysis | None) -> str:
-    """The label whose colour and shape words best match what is seen; the first on a tie."""
+    """The label that best fits what is seen (the largest region counts most); first on a tie."""
     regions = analysis.regions if analysis else []
 
     def score(label: str) -> float:
-        words = set(_WORD.findall(label.lower()))
         if not regions:
-            return 1.0 if words & EMPTY_WORDS else 0.0
-        total = 0.0
-        for rank, region in enumerate(regions):
-            weight = 2.0 if rank == 0 else 0.5
-            total += weight * (region.colour in words)
-            total += weight * bool(SHAPE_WORDS.get(region.shape, set()) & words)
-        return total
+            return float(bool(set(_WORD.findall(label.lower())) & EMPTY_WORDS))
+        return 2.0 * region_score(label, regions[0]) + 0.5 * sum(
+            region_score(label, r) for r in regions[1:]
+        )
 
     return max(labels, key=score)  # max keeps the first of equal scores
 
@@ -131,44 +159,93 @@ def _json_answer(task: str, payload: Any, json_mime: bool) -> Answer:
     return Answer(text, task, payload)
 
 
-def _item(analysis: Analysis | None, region: Region, mask: str | None) -> dict[str, Any]:
+def _item(
+    analysis: Analysis | None, region: Region, label: str, mask: str | None
+) -> dict[str, Any]:
     assert analysis is not None  # only called for regions of an analysis
     item: dict[str, Any] = {"box_2d": analysis.box_2d(region)}
     if mask == "png":
         item["mask"] = analysis.mask_png_data_url(region)
-        item["label"] = region.label
-    elif mask == "polygon":
-        item["label"] = region.label
+    item["label"] = label
+    if mask == "polygon":
         item["mask"] = analysis.polygon(region)
-    else:
-        item["label"] = region.label
     return item
 
 
-def _select(words: str, analysis: Analysis | None) -> list[Region]:
-    """The regions the prompt asks about: "all/only the <colour> ..." filters, "limit to N" caps."""
+def _select(words: str, analysis: Analysis | None, closed: list[str]) -> list[tuple[Region, str]]:
+    """The regions the prompt asks about, each with its label.
+
+    "all/only the <colour> ..." filters; with a closed label set each region takes the label that
+    fits it best and regions no label fits are left out; "limit to N" caps the count.
+    """
     if analysis is None:
         return []
     regions = analysis.regions
     wanted = {m.group(1).replace("grey", "gray") for m in _ONLY_COLOUR.finditer(words)}
     if wanted:
         regions = [r for r in regions if r.colour in wanted]
+    chosen = []
+    for region in regions:
+        if not closed:
+            chosen.append((region, region.label))
+            continue
+        label = max(closed, key=lambda candidate: region_score(candidate, region))
+        if region_score(label, region):
+            chosen.append((region, label))
     limit = _LIMIT.search(words)
     if limit:
-        regions = regions[: int(limit.group(1))]
-    return regions
+        chosen = chosen[: int(limit.group(1))]
+    return chosen
 
 
-def _labels_in_prompt(text: str) -> list[str]:
-    match = _LABEL_LIST.search(text)
-    if not match:
-        return []
-    labels = []
-    for piece in _LABEL_SPLIT.split(match.group(1)):
-        label = piece.strip().strip("[](){}\"'`*").rstrip(".").strip().strip("\"'`")
+def _labels_in_prompt(*texts: str) -> list[str]:
+    """A closed label list written in the prompt or system instruction (two labels or more)."""
+    for text in texts:
+        for match in _LABEL_LIST.finditer(text):
+            labels = _split_labels(match.group(1))
+            if len(labels) >= 2:
+                return labels
+    return []
+
+
+def _split_labels(listed: str) -> list[str]:
+    labels: list[str] = []
+    position = 0
+    while quoted := _QUOTED_LABEL.match(listed, position):  # "a", "b" (JSON-quoted)
+        labels.append(json.loads(f'"{quoted.group(1)}"'))
+        position = quoted.end()
+    if labels:
+        return labels
+    end = _LIST_END.search(listed)
+    for piece in _LABEL_SPLIT.split(listed[: end.start()] if end else listed):
+        label = piece.strip().strip("[](){}\"'`*").strip()
         if label and len(label) <= 60:
             labels.append(label)
-    return labels if len(labels) >= 2 else []
+    return labels
+
+
+def _sketched_schema(prompt: str) -> dict[str, Any] | None:
+    """A schema from a JSON shape written in the prompt, e.g. 'Answer as JSON {"count": n}'."""
+    match = _SKETCH.search(prompt)
+    if not match:
+        return None
+    properties: dict[str, Any] = {}
+    for key, value in _SKETCH_KEY.findall(match.group(1)):
+        value = value.strip().strip("\"'").lower()
+        name = key.lower()
+        if value == "[" or (name.endswith("s") and not name.endswith("ss")):
+            properties[key] = {"type": "array", "items": {"type": "string"}}
+        elif (
+            value in ("n", "int", "integer", "number")
+            or value.isdigit()
+            or name.startswith(_COUNT_HINTS)
+        ):
+            properties[key] = {"type": "integer"}
+        elif value in ("true", "false", "bool", "boolean"):
+            properties[key] = {"type": "boolean"}
+        else:
+            properties[key] = {"type": "string"}
+    return {"type": "object", "properties": properties} if properties else None
 
 
 def _schema_property_names(schema: Any) -> set[str]:
@@ -187,11 +264,31 @@ def _schema_property_names(schema: Any) -> set[str]:
     return names
 
 
-def _schema_enum(schema: Any) -> list[str]:
-    """The enum of a string schema at the top (classification), else []."""
-    if isinstance(schema, dict) and isinstance(schema.get("enum"), list):
-        return [str(v) for v in schema["enum"]]
+def _schema_enums(schema: Any) -> list[str]:
+    """The first enum anywhere in the schema (a closed label set), else []."""
+    stack = [schema]
+    while stack:
+        node = stack.pop(0)
+        if isinstance(node, dict):
+            if isinstance(node.get("enum"), list) and node["enum"]:
+                return [str(v) for v in node["enum"]]
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
     return []
+
+
+def _is_label_array(schema: Any) -> bool:
+    """An array of enum strings: "every label that applies"."""
+    if not isinstance(schema, dict) or _schema_type(schema) != "array":
+        return False
+    items = schema.get("items")
+    return isinstance(items, dict) and isinstance(items.get("enum"), list)
+
+
+def _max_items(schema: dict[str, Any]) -> int | None:
+    value = schema.get("maxItems", schema.get("max_items"))
+    return int(value) if isinstance(value, int | str) and str(value).isdigit() else None
 
 
 def _schema_type(schema: dict[str, Any]) -> str:

@@ -183,6 +183,9 @@ class Service:
         except web.HTTPException as exc:
             status = exc.status
             raise
+        except asyncio.CancelledError:
+            status = 499  # the client went away before the answer ("client closed request")
+            raise
         finally:
             if request.path != "/local/stats":  # reading the counters does not change them
                 self.stats.count(_stat_key(request), status)
@@ -377,7 +380,8 @@ class Service:
             if prompted.thinking_budget is not None and prompted.thinking_budget > 0:
                 thoughts = min(thoughts, prompted.thinking_budget)
             if prompted.include_thoughts:
-                summary = f"**Looking at the image**\n\n{caption(analysis)}"
+                seen = caption(analysis) if analysis else "Recalling what was asked."
+                summary = f"**Looking at the image**\n\n{seen}"
         outcome = Outcome(text, finish, output_tokens, thoughts, summary)
         self.stats.bill(prompted, outcome, answer.task)
         return outcome, answer.task
@@ -468,7 +472,7 @@ class Service:
         images: list[ImageInput] = []
         for i, content in enumerate(contents):
             parts = get(content, "parts")
-            if not isinstance(parts, list):
+            if not isinstance(parts, list) or not parts:
                 raise errors.invalid_argument(
                     f"* GenerateContentRequest.contents[{i}].parts: contents.parts must not be "
                     "empty.",

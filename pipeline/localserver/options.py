@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ServerOptions:
+    """Every field has a default; validated on creation."""
+
     host: str = "127.0.0.1"
     port: int = 0  # 0: any free port
     api_key: str | None = None  # None: any non-empty key is accepted; else only this one

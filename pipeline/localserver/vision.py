@@ -205,15 +205,17 @@ def _background(pixels: np.ndarray) -> tuple[int, int, int]:
 def _foreground(pixels: np.ndarray, background: tuple[int, int, int]) -> np.ndarray:
     """Pixels whose largest channel difference from the background exceeds the tolerance.
 
-    Computed on rows of interleaved channels against a tiled background row, so numpy's inner
-    loops run over whole rows rather than over three channels at a time.
+    Per channel, "outside [low, high]" is one uint8 subtraction that wraps around and one
+    comparison; done on rows of interleaved channels against tiled rows, so numpy's inner loops
+    run over whole rows rather than three channels at a time.
     """
     h, w = pixels.shape[:2]
-    flat = pixels.reshape(h, w * 3)
-    row = np.tile(np.array(background, dtype=np.uint8), w)
-    difference = np.maximum(flat, row)
-    difference -= np.minimum(flat, row)  # |pixel - background| without widening to int16
-    far = (difference > FOREGROUND_TOLERANCE).reshape(h, w, 3)
+    low = [max(level - FOREGROUND_TOLERANCE, 0) for level in background]
+    high = [min(level + FOREGROUND_TOLERANCE, 255) for level in background]
+    span = [top - bottom for top, bottom in zip(high, low, strict=True)]
+    low_row = np.tile(np.array(low, dtype=np.uint8), w)
+    span_row = np.tile(np.array(span, dtype=np.uint8), w)
+    far = ((pixels.reshape(h, w * 3) - low_row) > span_row).reshape(h, w, 3)
     return far[:, :, 0] | far[:, :, 1] | far[:, :, 2]
 
 
