@@ -1,3 +1,3 @@
-"""gemini-vision-pipeline: folders of images -> Parquet datasets via Gemini's image understanding."""
+"""gemini-vision-pipeline: folders of images -> Parquet datasets with Gemini image understanding."""
 
 __version__ = "0.1.0"

@@ -38,8 +38,12 @@ def draw_shapes(
         x0, y0 = rng.randint(5, width - w - 5), rng.randint(5, height - h - 5)
         box = (x0, y0, x0 + w, y0 + h)
         if any(
-            not (box[2] + 8 <= s.box[0] or s.box[2] + 8 <= box[0] or
-                 box[3] + 8 <= s.box[1] or s.box[3] + 8 <= box[1])
+            not (
+                box[2] + 8 <= s.box[0]
+                or s.box[2] + 8 <= box[0]
+                or box[3] + 8 <= s.box[1]
+                or s.box[3] + 8 <= box[1]
+            )
             for s in shapes
         ):
             continue

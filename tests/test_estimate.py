@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline.estimate import estimate, format_estimate, price_for, load_prices
+from pipeline.estimate import estimate, format_estimate, load_prices, price_for
 from pipeline.gemini.tokens import image_tokens, model_family, text_tokens
 from pipeline.tasks import get_task
 from tests.conftest import make_config
@@ -95,8 +95,9 @@ def test_estimate_gemini_3_and_time_at_limits(tmp_path: Path) -> None:
 
 
 def test_estimate_learns_output_tokens_from_earlier_rows(tmp_path: Path) -> None:
-    from pipeline.runner import RunOptions, Runner
     import asyncio
+
+    from pipeline.runner import Runner, RunOptions
 
     images = tmp_path / "images"
     images.mkdir()

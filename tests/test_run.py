@@ -17,7 +17,7 @@ from pycocotools import mask as cocomask
 
 from pipeline.gemini import GeminiClient
 from pipeline.localserver import LocalServer, ServerOptions
-from pipeline.runner import EXIT_OK, EXIT_ROWS_NOT_OK, EXIT_STOPPED, RunOptions, Runner
+from pipeline.runner import EXIT_OK, EXIT_ROWS_NOT_OK, EXIT_STOPPED, Runner, RunOptions
 from tests.conftest import box_iou, draw_shapes, make_config, mask_iou, read_rows
 
 pillow_heif.register_heif_opener()

@@ -19,7 +19,7 @@ from pipeline.export import export_coco
 from pipeline.gemini import parse_response
 from pipeline.render import render
 from pipeline.reparse import reparse
-from pipeline.runner import EXIT_OK, RunOptions, Runner
+from pipeline.runner import EXIT_OK, Runner, RunOptions
 from tests.conftest import draw_shapes, make_config, read_rows
 
 REPO = Path(__file__).resolve().parent.parent
