@@ -61,6 +61,17 @@ class Parsed:
     json: str | None = None  # custom task: the parsed JSON, re-serialised
     error: str | None = None  # why status is not ok, or why objects were skipped
 
+    def columns(self) -> dict[str, Any]:
+        """The row columns a parse decides (the rest come from the image and the call)."""
+        return {
+            "status": self.status,
+            "error": self.error,
+            "objects": self.objects,
+            "text": self.text,
+            "labels": self.labels,
+            "json": self.json,
+        }
+
 
 MASK_TYPE = pa.struct([("size", pa.list_(pa.int32())), ("counts", pa.string())])
 OBJECT_TYPE = pa.struct(

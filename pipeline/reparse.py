@@ -65,12 +65,7 @@ def reparse(
         new_rows.append(
             {
                 **row,
-                "status": parsed.status,
-                "error": parsed.error,
-                "objects": parsed.objects,
-                "text": parsed.text,
-                "labels": parsed.labels,
-                "json": parsed.json,
+                **parsed.columns(),
                 "run_id": run_id,
                 "completed_at": datetime.now(UTC),
             }

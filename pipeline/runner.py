@@ -554,12 +554,7 @@ class Runner:
             self.summary.tokens["est_prompt_tokens"] += outcome.est_prompt_tokens
         return {
             **self._base_row(item, key),
-            "status": parsed.status,
-            "error": parsed.error,
-            "objects": parsed.objects,
-            "text": parsed.text,
-            "labels": parsed.labels,
-            "json": parsed.json,
+            **parsed.columns(),
             "finish_reason": response.finish_reason if response else None,
             "raw_response": response.raw if response else None,
             "est_image_tokens": outcome.est_image_tokens,

@@ -39,6 +39,7 @@ from pipeline.gemini.files import (
 )
 from pipeline.gemini.interactions import build_interaction_body, parse_interaction
 from pipeline.gemini.types import FileInfo, Flavor, GenerateRequest, GenerateResponse, Usage
+from pipeline.gemini.wire import as_int, field
 
 DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com"
 API_KEY_HEADER = "x-goog-api-key"
@@ -115,32 +116,20 @@ def build_generate_content_body(request: GenerateRequest) -> dict[str, Any]:
     return body
 
 
-def _get(obj: Mapping[str, Any], camel: str, snake: str) -> Any:
-    value = obj.get(camel)
-    return obj.get(snake) if value is None else value
-
-
-def _int(value: Any) -> int:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return 0
-
-
 def _usage_metadata(meta: Any) -> Usage:
     if not isinstance(meta, dict):
         return Usage()
     by_modality: dict[str, int] = {}
-    for entry in _get(meta, "promptTokensDetails", "prompt_tokens_details") or ():
+    for entry in field(meta, "promptTokensDetails", "prompt_tokens_details") or ():
         if isinstance(entry, dict) and entry.get("modality"):
             key = str(entry["modality"]).upper()
-            count = _int(_get(entry, "tokenCount", "token_count"))
+            count = as_int(field(entry, "tokenCount", "token_count"))
             by_modality[key] = by_modality.get(key, 0) + count
     return Usage(
-        prompt_tokens=_int(_get(meta, "promptTokenCount", "prompt_token_count")),
-        output_tokens=_int(_get(meta, "candidatesTokenCount", "candidates_token_count")),
-        thoughts_tokens=_int(_get(meta, "thoughtsTokenCount", "thoughts_token_count")),
-        total_tokens=_int(_get(meta, "totalTokenCount", "total_token_count")),
+        prompt_tokens=as_int(field(meta, "promptTokenCount", "prompt_token_count")),
+        output_tokens=as_int(field(meta, "candidatesTokenCount", "candidates_token_count")),
+        thoughts_tokens=as_int(field(meta, "thoughtsTokenCount", "thoughts_token_count")),
+        total_tokens=as_int(field(meta, "totalTokenCount", "total_token_count")),
         prompt_by_modality=by_modality,
     )
 
@@ -157,7 +146,7 @@ def parse_generate_content(body: str) -> GenerateResponse:
     candidates = document.get("candidates")
     if isinstance(candidates, list) and candidates and isinstance(candidates[0], dict):
         candidate = candidates[0]
-        finish_reason = _get(candidate, "finishReason", "finish_reason")
+        finish_reason = field(candidate, "finishReason", "finish_reason")
         content = candidate.get("content")
         parts = content.get("parts") if isinstance(content, dict) else None
         text = "".join(
@@ -167,15 +156,15 @@ def parse_generate_content(body: str) -> GenerateResponse:
             and isinstance(part.get("text"), str)
             and not part.get("thought")
         )
-    feedback = _get(document, "promptFeedback", "prompt_feedback")
+    feedback = field(document, "promptFeedback", "prompt_feedback")
     block_reason = (
-        _get(feedback, "blockReason", "block_reason") if isinstance(feedback, dict) else None
+        field(feedback, "blockReason", "block_reason") if isinstance(feedback, dict) else None
     )
     return GenerateResponse(
         text=text,
         finish_reason=str(finish_reason) if finish_reason else None,
         block_reason=str(block_reason) if block_reason else None,
-        usage=_usage_metadata(_get(document, "usageMetadata", "usage_metadata")),
+        usage=_usage_metadata(field(document, "usageMetadata", "usage_metadata")),
         raw=body,
     )
 

@@ -15,30 +15,25 @@ import aiofiles
 import aiofiles.os
 
 from pipeline.gemini.types import FileInfo
+from pipeline.gemini.wire import field
 
 DEFAULT_CHUNK_SIZE = 8 * 1024 * 1024  # the SDK's chunk size
-
-
-def _field(obj: dict[str, Any], camel: str, snake: str) -> Any:
-    """The service writes camelCase; accept snake_case too, as the service itself does."""
-    value = obj.get(camel)
-    return obj.get(snake) if value is None else value
 
 
 def parse_file_info(obj: Any) -> FileInfo:
     """A File resource (`{"name": "files/abc", "uri": ..., ...}`) as FileInfo."""
     if not isinstance(obj, dict) or not obj.get("name"):
         raise ValueError("a File resource needs a name")
-    size = _field(obj, "sizeBytes", "size_bytes")  # int64: a JSON string on the wire
+    size = field(obj, "sizeBytes", "size_bytes")  # int64: a JSON string on the wire
     return FileInfo(
         name=str(obj["name"]),
         uri=str(obj.get("uri") or ""),
-        mime_type=str(_field(obj, "mimeType", "mime_type") or ""),
+        mime_type=str(field(obj, "mimeType", "mime_type") or ""),
         size_bytes=int(size) if size is not None else 0,
         state=str(obj.get("state") or "STATE_UNSPECIFIED"),
-        expiration_time=_field(obj, "expirationTime", "expiration_time"),
-        sha256_hash=_field(obj, "sha256Hash", "sha256_hash"),
-        display_name=_field(obj, "displayName", "display_name"),
+        expiration_time=field(obj, "expirationTime", "expiration_time"),
+        sha256_hash=field(obj, "sha256Hash", "sha256_hash"),
+        display_name=field(obj, "displayName", "display_name"),
     )
 
 

@@ -23,6 +23,7 @@ import json
 from typing import Any
 
 from pipeline.gemini.types import GenerateRequest, GenerateResponse, Usage
+from pipeline.gemini.wire import as_int
 
 FINISH_REASON_BY_STATUS = {
     "completed": "STOP",
@@ -78,13 +79,6 @@ def build_interaction_body(request: GenerateRequest) -> dict[str, Any]:
     return body
 
 
-def _int(value: Any) -> int:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return 0
-
-
 def _answer_text(steps: Any) -> str:
     """Text items of the last model_output step, joined; "" when the model said nothing."""
     if not isinstance(steps, list):
@@ -111,12 +105,12 @@ def _usage(usage: Any) -> Usage:
         if isinstance(entry, dict) and entry.get("modality"):
             # Upper case like generateContent's promptTokensDetails ("IMAGE", "TEXT").
             key = str(entry["modality"]).upper()
-            by_modality[key] = by_modality.get(key, 0) + _int(entry.get("tokens"))
+            by_modality[key] = by_modality.get(key, 0) + as_int(entry.get("tokens"))
     return Usage(
-        prompt_tokens=_int(usage.get("total_input_tokens")),
-        output_tokens=_int(usage.get("total_output_tokens")),
-        thoughts_tokens=_int(usage.get("total_thought_tokens")),
-        total_tokens=_int(usage.get("total_tokens")),
+        prompt_tokens=as_int(usage.get("total_input_tokens")),
+        output_tokens=as_int(usage.get("total_output_tokens")),
+        thoughts_tokens=as_int(usage.get("total_thought_tokens")),
+        total_tokens=as_int(usage.get("total_tokens")),
         prompt_by_modality=by_modality,
     )
 

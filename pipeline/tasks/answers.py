@@ -344,9 +344,6 @@ def read_objects(
     Status: "partial" for a salvaged (cut or broken) answer, "error" when nothing usable was
     found, else "ok". An empty list is a valid "ok" answer with no objects.
     """
-    blocked = finish_status(finish_reason)
-    if blocked is not None:
-        return blocked
     truncated = is_truncated(finish_reason)
     items, found = find_items(text)
     if items is None:
@@ -411,11 +408,17 @@ def summarise(reasons: Sequence[str]) -> str | None:
 
 
 def never_raises(parse: Callable[..., Parsed]) -> Callable[..., Parsed]:
-    """Last line of defence for a batch job: a parser bug becomes an error row, not a crash."""
+    """Wraps every task's parse: a withheld answer is "blocked" whatever the kind, and a parser
+    bug becomes an error row, not a crash of a batch job."""
 
-    def guarded(*args: Any, **kwargs: Any) -> Parsed:
+    def guarded(
+        task: Any, text: str, finish_reason: str | None, width: int, height: int, settings: Any
+    ) -> Parsed:
+        blocked = finish_status(finish_reason)
+        if blocked is not None:
+            return blocked
         try:
-            return parse(*args, **kwargs)
+            return parse(task, text, finish_reason, width, height, settings)
         except Exception as exc:
             reason = f"internal parse error: {type(exc).__name__}: {exc}"
             return Parsed(status="error", error=reason)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pipeline.gemini.types import GenerateRequest
 from pipeline.records import Parsed
-from pipeline.tasks.answers import finish_status, is_truncated, never_raises
+from pipeline.tasks.answers import is_truncated, never_raises
 from pipeline.tasks.base import TaskSettings
 from pipeline.tasks.generation import build_request
 
@@ -23,9 +23,6 @@ class CaptionTask:
     def parse(
         self, text: str, finish_reason: str | None, width: int, height: int, settings: TaskSettings
     ) -> Parsed:
-        blocked = finish_status(finish_reason)
-        if blocked is not None:
-            return blocked
         caption = text.strip()
         if not caption:
             return Parsed(status="error", error="empty answer")

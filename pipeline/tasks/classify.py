@@ -18,7 +18,6 @@ from pipeline.gemini.types import GenerateRequest
 from pipeline.records import Parsed
 from pipeline.tasks.answers import (
     find_json,
-    finish_status,
     is_truncated,
     label_index,
     never_raises,
@@ -75,9 +74,6 @@ class ClassifyTask:
     def parse(
         self, text: str, finish_reason: str | None, width: int, height: int, settings: TaskSettings
     ) -> Parsed:
-        blocked = finish_status(finish_reason)
-        if blocked is not None:
-            return blocked
         try:
             index = label_index(_labels(settings))
         except ValueError as exc:

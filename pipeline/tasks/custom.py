@@ -6,7 +6,7 @@ import json
 
 from pipeline.gemini.types import GenerateRequest
 from pipeline.records import Parsed
-from pipeline.tasks.answers import find_json, finish_status, is_truncated, never_raises, utf8_safe
+from pipeline.tasks.answers import find_json, is_truncated, never_raises, utf8_safe
 from pipeline.tasks.base import TaskSettings
 from pipeline.tasks.generation import build_request
 
@@ -28,9 +28,6 @@ class CustomTask:
     def parse(
         self, text: str, finish_reason: str | None, width: int, height: int, settings: TaskSettings
     ) -> Parsed:
-        blocked = finish_status(finish_reason)
-        if blocked is not None:
-            return blocked
         found = find_json(text)
         if found is None:
             cut = " (cut off: MAX_TOKENS)" if is_truncated(finish_reason) else ""
