@@ -148,8 +148,8 @@ class RateLimiter:
         self._last_decrease = now
         if not self.rpm:
             # No configured limit: adopt the rate that was just too much as a discovered one.
-            observed = len(self._recent) / 10.0 * 60.0 if self._recent else 60.0
-            self.rpm = max(1, int(observed))
+            span = max(now - self._recent[0], self.burst_seconds) if self._recent else 60.0
+            self.rpm = max(1, int(len(self._recent) / span * 60.0))
             self.factor = 1.0
         self.factor = max(MIN_FACTOR, self.factor * DECREASE)
         self._apply_factor()

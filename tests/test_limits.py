@@ -70,10 +70,18 @@ def test_aimd_cuts_once_per_window_then_recovers() -> None:
 def test_unknown_limit_is_discovered_from_the_rate_that_was_too_much() -> None:
     clock = Clock()
     limiter = RateLimiter(None, None, clock=clock)
-    limiter._recent.extend(clock.now - i * 0.1 for i in range(50))  # 50 requests in 5 s
+    limiter._recent.extend(clock.now - 4.9 + i * 0.1 for i in range(50))  # 50 requests in 5 s
     limiter.throttled(retry_delay=None)
-    assert limiter.rpm == 300  # 50 per 10 s window -> 300/min
-    assert limiter.effective_rpm == pytest.approx(300 * HEADROOM * DECREASE)
+    assert limiter.rpm == 612  # 50 requests in 4.9 s
+    assert limiter.effective_rpm == pytest.approx(612 * HEADROOM * DECREASE)
+
+
+def test_a_burst_at_start_is_not_mistaken_for_a_slow_rate() -> None:
+    clock = Clock()
+    limiter = RateLimiter(None, None, clock=clock)
+    limiter._recent.extend([clock.now] * 8)  # 8 requests sent at once, then a 429
+    limiter.throttled(retry_delay=1.0)
+    assert limiter.rpm == 480  # 8 within the one-second burst window, not 8 per 10 s
 
 
 async def test_acquire_takes_both_limits_without_waiting_when_there_is_room() -> None:

@@ -306,3 +306,29 @@ async def test_api_key_never_leaks(
     assert secret not in captured.out + captured.err
     assert secret not in repr(summary)
     assert os.environ["GEMINI_API_KEY"] == secret
+
+
+async def test_429_storm_slows_the_pool_and_loses_nothing(
+    images_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server quota far below what the pool would send, with no client limit configured:
+    the pool backs off on retryDelay, discovers the rate, and every image ends ok."""
+    monkeypatch.setenv("GEMINI_API_KEY", "test-key")
+    for i in range(24):
+        draw_shapes(128, 128, seed=700 + i, count=1)[0].save(images_dir / f"s{i:02d}.png")
+    options = ServerOptions(api_key="test-key", rpm=6, quota_window_seconds=1.0)
+    async with LocalServer(options) as server:
+        config = make_config(
+            tmp_path,
+            api={"base_url": server.base_url},
+            limits={"concurrency": 8, "max_attempts": 10},
+            task={"kind": "detect"},
+        )
+        summary = await run(config)
+        stats = server.stats()
+    assert summary.throttled > 0
+    assert summary.exit_code == EXIT_OK, summary.rows
+    rows = read_rows(tmp_path / "out")
+    assert sorted(r["image_path"] for r in rows) == [f"s{i:02d}.png" for i in range(24)]
+    assert max(r["attempts"] for r in rows) > 1
+    assert stats  # the server saw the storm too

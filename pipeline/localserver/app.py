@@ -146,7 +146,9 @@ class Service:
         self.options = options
         self.clock = clock
         self.files = FileStore(clock, options.file_processing_seconds, options.file_ttl_seconds)
-        self.quotas = Quotas(options.rpm, options.tpm, options.rpd, clock)
+        self.quotas = Quotas(
+            options.rpm, options.tpm, options.rpd, clock, options.quota_window_seconds
+        )
         self.faults = Faults(options.fault_rate, options.seed, options.latency_ms)
         self.replay = Replay(options.replay) if options.replay else None
         self.stats = Stats()

@@ -51,8 +51,10 @@ class Quotas:
         tpm: int | None,
         rpd: int | None,
         clock: Callable[[], float],
+        window: float = MINUTE,
     ) -> None:
         self.rpm, self.tpm, self.rpd = rpm, tpm, rpd
+        self.window = window  # the "minute": shorter only to test storms without waiting
         self._clock = clock
         self._usage: dict[str, _Usage] = {}
         self.rejections: dict[str, int] = {"rpm": 0, "tpm": 0, "rpd": 0}
@@ -67,13 +69,13 @@ class Quotas:
             return
         now = self._clock()
         usage = self._usage.setdefault(model, _Usage())
-        minute = math.floor(now / MINUTE)
+        minute = math.floor(now / self.window)
         if usage.minute != minute:
             usage.minute, usage.requests, usage.tokens = minute, 0, 0
         day = dt.datetime.fromtimestamp(now, PACIFIC).date() if self.rpd else None
         if usage.day != day:
             usage.day, usage.day_requests = day, 0
-        to_next_minute = (minute + 1) * MINUTE - now
+        to_next_minute = (minute + 1) * self.window - now
         if self.rpd and usage.day_requests + 1 > self.rpd:
             self._refuse("rpd", RPD_QUOTA, self.rpd, model, _to_pacific_midnight(now), daily=True)
         if self.rpm and usage.requests + 1 > self.rpm:
