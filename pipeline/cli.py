@@ -70,7 +70,9 @@ def _export(args: argparse.Namespace) -> int:
 def _render(args: argparse.Namespace) -> int:
     from pipeline.render import render
 
-    report = render(args.output_dir, args.out, limit=args.limit)
+    report = render(
+        args.output_dir, args.out, limit=args.limit, images_root_override=args.images_root
+    )
     print(f"wrote {args.out}/index.html: {report}", file=sys.stderr)
     return 0
 
@@ -153,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("render", help="overlays and an index.html gallery")
     p.add_argument("output_dir")
     p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--limit", type=int)
+    p.add_argument("--limit", type=int, help="at most N images")
+    p.add_argument("--images-root", metavar="DIR", help="where the images are now, if moved")
     p.set_defaults(func=_render)
 
     p = sub.add_parser("serve-local", help="the local Gemini-compatible server")

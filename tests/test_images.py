@@ -475,11 +475,21 @@ def png_with_corrupt_pixels() -> bytes:
     return bytes(data)
 
 
-def test_corrupt_pixel_data_is_caught_by_verify_only(tmp_path: Path) -> None:
-    path = write(tmp_path / "garbled.png", png_with_corrupt_pixels())
+def test_png_verify_checks_every_chunk_without_inflating(tmp_path: Path) -> None:
+    """verify walks the PNG's chunks (whole, CRC right, through IEND) instead of inflating the
+    pixels, twenty times cheaper: a flipped bit or a cut file is caught; garbage that a broken
+    encoder wrote under a valid CRC is not (documented), and goes to the model as it is."""
+    flipped = bytearray(encoded("PNG", seed=10))
+    at = flipped.index(b"IDAT")
+    flipped[at + 10] ^= 0xFF
+    path = write(tmp_path / "flipped.png", bytes(flipped))
     assert prepare(source_for(path), verify=True).error == (
-        "corrupt image: broken data stream when reading image file"
+        "corrupt image: broken PNG file (bad CRC in a IDAT chunk)"
     )
+    cut = write(tmp_path / "cut.png", encoded("PNG", seed=10)[:-20])
+    assert "truncated" in prepare(source_for(cut), verify=True).error
+    garbled = write(tmp_path / "garbled.png", png_with_corrupt_pixels())
+    assert prepare(source_for(garbled), verify=True).error is None
     unverified = prepare(source_for(path), verify=False)
     assert unverified.error is None and unverified.data is None
 

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as cocomask
 
+from pipeline import runner as runner_module
 from pipeline.gemini import GeminiClient
 from pipeline.localserver import LocalServer, ServerOptions
 from pipeline.runner import EXIT_OK, EXIT_ROWS_NOT_OK, EXIT_STOPPED, Runner, RunOptions
@@ -113,6 +114,25 @@ async def test_same_bytes_two_paths_one_call(images_dir: Path, tmp_path: Path) -
     rows = _current(read_rows(tmp_path / "out"))
     assert rows["c.png"]["objects"] == rows["a.png"]["objects"]
     assert rows["c.png"]["prompt_tokens"] is None  # nothing was billed for it
+
+
+async def test_same_bytes_far_apart_in_one_run_one_call(
+    images_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A duplicate met long after its twin was answered (no longer among the recent answers,
+    its row maybe still buffered) is copied from the committed row, not paid for again."""
+    monkeypatch.setattr(runner_module, "RECENT_ANSWERS", 0)
+    image, _ = draw_shapes(256, 256, seed=3)
+    image.save(images_dir / "a.png")
+    for i in range(5):
+        draw_shapes(256, 256, seed=30 + i)[0].save(images_dir / f"m{i}.png")
+    (images_dir / "z.png").write_bytes((images_dir / "a.png").read_bytes())
+    config = make_config(tmp_path, limits={"concurrency": 1})
+    summary = await run(config)
+    assert (summary.api_calls, summary.copied) == (6, 1)
+    rows = _current(read_rows(tmp_path / "out"))
+    assert rows["z.png"]["objects"] == rows["a.png"]["objects"]
+    assert rows["z.png"]["attempts"] == 0
 
 
 def _huge_png(path: Path, width: int, height: int) -> None:
