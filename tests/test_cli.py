@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -165,11 +167,43 @@ def test_serve_local_prints_its_url_first(tmp_path: Path) -> None:
         line = proc.stdout.readline()
         assert "http://127.0.0.1:" in line
         url = line[line.index("http://") :].split()[0]
-        import urllib.request
-
         with urllib.request.urlopen(f"{url}/local/stats", timeout=10) as response:
             assert response.status == 200
             json.loads(response.read())
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                if int(fields[1]) == pid:
+                    found.append(int(entry.name))
+    return found
+
+
+def test_serve_local_workers_share_the_port_and_stop_together() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "serve-local", "--port", "0", "--workers", "3"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
+    try:
+        line = proc.stdout.readline()
+        url = line[line.index("http://") :].split()[0]
+        workers = _children(proc.pid)
+        assert len(workers) == 2
+        for _ in range(12):
+            with urllib.request.urlopen(f"{url}/local/stats", timeout=10) as response:
+                assert response.status == 200
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=20) == 0
+    wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), timeout=10)
+    refused = pipeline("serve-local", "--workers", "2", "--rpm", "10", check=False)
+    assert refused.returncode == 2 and "--workers" in refused.stderr

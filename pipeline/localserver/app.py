@@ -831,6 +831,15 @@ class Service:
         return web.json_response({})
 
 
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port (0: any free port), ready to listen."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    return sock
+
+
 class LocalServer:
     """The local Gemini-compatible server, started in the running event loop.
 
@@ -844,8 +853,10 @@ class LocalServer:
         options: ServerOptions | None = None,
         *,
         clock: Callable[[], float] | None = None,
+        sock: socket.socket | None = None,
     ) -> None:
         self.options = options or ServerOptions()
+        self._sock = sock  # a listening socket shared by several worker processes
         self._service = Service(self.options, clock or time.time)
         self._runner: web.AppRunner | None = None
         self.base_url = ""
@@ -861,10 +872,7 @@ class LocalServer:
         )
         await runner.setup()
         try:
-            family = socket.AF_INET6 if ":" in self.options.host else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((self.options.host, self.options.port))
+            sock = self._sock or bind_socket(self.options.host, self.options.port)
             site = web.SockSite(runner, sock, backlog=1024)
             await site.start()
         except BaseException:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import os
 import signal
+import socket
 import sys
 
-from pipeline.localserver.app import LocalServer
+from pipeline.localserver.app import LocalServer, bind_socket
 from pipeline.localserver.options import ServerOptions
 
 _DEFAULTS = ServerOptions()
@@ -46,6 +49,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="largest request body in MiB (20 as in the guide; the live service takes 100)",
     )
     parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes sharing the port, for throughput benchmarks: quotas, uploaded files and"
+        " stats are per process, so quota flags need 1 worker",
+    )
+    parser.add_argument(
         "--file-processing-seconds",
         type=float,
         default=0.0,
@@ -74,8 +84,26 @@ def serve_from_args(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    workers = getattr(args, "workers", 1)
+    if workers < 1 or (workers > 1 and (options.rpm or options.tpm or options.rpd)):
+        print("error: --workers must be >= 1, and 1 with --rpm/--tpm/--rpd", file=sys.stderr)
+        return 2
     try:
-        return asyncio.run(_serve(options))
+        sock = bind_socket(options.host, options.port)
+        children = []
+        for _ in range(workers - 1):
+            sys.stdout.flush()
+            pid = os.fork()  # before any event loop exists
+            if pid == 0:  # a worker: serve quietly until told to stop, or orphaned
+                os._exit(asyncio.run(_serve(options, sock, announce=False)))
+            children.append(pid)
+        try:
+            return asyncio.run(_serve(options, sock, announce=True))
+        finally:
+            for pid in children:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+                os.waitpid(pid, 0)
     except OSError as exc:
         print(f"error: cannot listen on {options.host}:{options.port}: {exc}", file=sys.stderr)
         return 1
@@ -84,12 +112,18 @@ def serve_from_args(args: argparse.Namespace) -> int:
         return 2
 
 
-async def _serve(options: ServerOptions) -> int:
+async def _serve(options: ServerOptions, sock: socket.socket, *, announce: bool) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with LocalServer(options) as server:
+    async with LocalServer(options, sock=sock) as server:
+        if not announce:
+            parent = os.getppid()
+            while not stop.is_set() and os.getppid() == parent:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 1.0)
+            return 0
         print(f"Local Gemini-compatible server listening on {server.base_url}", flush=True)
         print(
             f"  /v1beta and /v1; key: {'required' if options.api_key else 'any non-empty'}; "
