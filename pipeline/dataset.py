@@ -77,6 +77,37 @@ class DigestSet:
         end = int(np.searchsorted(self._high, high, side="right"))
         return bool((self._low[start:end] == low).any())
 
+    def merged(self, more: Collection[bytes]) -> DigestSet:
+        """A new set with `more` added. It sorts the whole: add in batches, not one by one."""
+        pairs = np.empty((len(self._high), 2), dtype="<u8")
+        pairs[:, 0], pairs[:, 1] = self._high, self._low
+        return DigestSet(pairs.tobytes() + b"".join(more))
+
+
+class GrowingDigestSet:
+    """A DigestSet that takes additions: new digests wait in a small Python set, merged into the
+    compact sorted arrays every `batch` additions, so memory stays ~16 bytes an entry."""
+
+    __slots__ = ("_batch", "_fresh", "_settled")
+
+    def __init__(self, batch: int = 65_536) -> None:
+        self._batch = batch
+        self._settled = DigestSet()
+        self._fresh: set[bytes] = set()
+
+    def add(self, digest: bytes) -> None:
+        if digest in self._settled:
+            return
+        self._fresh.add(digest)
+        if len(self._fresh) >= self._batch:
+            self._settled, self._fresh = self._settled.merged(self._fresh), set()
+
+    def __contains__(self, digest: object) -> bool:
+        return digest in self._fresh or digest in self._settled
+
+    def __len__(self) -> int:
+        return len(self._settled) + len(self._fresh)
+
 
 class KeySet:
     """Keys (`<sha256>.<suffix>`) under one settings suffix, stored as digests of the sha256.

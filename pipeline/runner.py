@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 from pipeline import images
 from pipeline.config import Config, ConfigError, settings_hash
-from pipeline.dataset import load_resume_index, lookup_rows
+from pipeline.dataset import GrowingDigestSet, load_resume_index, lookup_rows
 from pipeline.gemini import GeminiClient, GeminiError, api_key_from_env
 from pipeline.gemini.tokens import image_tokens, text_tokens
 from pipeline.gemini.types import GenerateResponse, ImagePart
@@ -55,6 +55,7 @@ LOCAL_KEY = "local-key"
 # loop never stalls for long.
 SMALL_FILE = 1 << 20
 RECENT_ANSWERS = 256
+SAVE_REQUESTS_EVERY = 100
 BATCH_SIZE = 64  # files handed from the walking thread to the workers at once
 BATCH_SECONDS = 0.05
 SMALL_PIXELS = 4_000_000
@@ -193,7 +194,7 @@ class Runner:
         # Same bytes at another path later in the run: served from the last few answers, or
         # from the committed rows (a compact digest per answered file says where to look).
         self.recent: OrderedDict[str, Outcome] = OrderedDict()
-        self.answered: set[bytes] = set()
+        self.answered = GrowingDigestSet()
         self.hurry = False
         self.stopping = asyncio.Event()
         self.day = quota_day().isoformat()
@@ -213,7 +214,7 @@ class Runner:
             base_url, api_key = await self._endpoint(stack)
             self.state = State(out)
             stack.callback(self.state.close)
-            self.requests_today = self.state.requests_on(self.day)
+            self.requests_today = self.saved_requests = self.state.requests_on(self.day)
             index = await asyncio.to_thread(
                 load_resume_index,
                 out,
@@ -263,7 +264,7 @@ class Runner:
                     reporter.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await reporter
-                    self.state.add_requests(self.day, self._unsaved_requests())
+                    self._save_requests()
                     progress.finish()
             if self.config.images.delete_uploads:
                 await self._delete_uploads()
@@ -490,6 +491,8 @@ class Runner:
             raise StopRun
         self.requests_today += 1
         self.summary.api_calls += 1
+        if self.requests_today - self.saved_requests >= SAVE_REQUESTS_EVERY:
+            self._save_requests()  # so a killed run still counts against today's quota
 
     def _stop_for_day(self, why: str) -> None:
         if not self.stopping.is_set():
@@ -502,8 +505,9 @@ class Runner:
                 "rerun the same command then to resume"
             )
 
-    def _unsaved_requests(self) -> int:
-        return self.requests_today - self.state.requests_on(self.day)
+    def _save_requests(self) -> None:
+        self.state.add_requests(self.day, self.requests_today - self.saved_requests)
+        self.saved_requests = self.requests_today
 
     # ------------------------------------------------------------------------- inline/upload
     def _fits_inline(self, item: ImageItem) -> bool:
@@ -641,7 +645,7 @@ class Runner:
 
 
 def _digest(sha256_hex: str) -> bytes:
-    return bytes.fromhex(sha256_hex[:32])
+    return bytes.fromhex(sha256_hex[:32])  # 128 bits, as the resume index keeps them
 
 
 async def _offload(big: bool, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

@@ -248,3 +248,19 @@ async def test_status_numbers(tmp_path: Path) -> None:
     assert "status: blocked 1 · ok 3" in text
     assert "estimated 3,800 vs billed 4,000 (-5.0%)" in text
     assert "latest run r2" in text and "stopped: daily quota" in text
+
+
+def test_growing_digest_set_merges_batches_and_keeps_every_entry() -> None:
+    import hashlib
+
+    from pipeline.dataset import GrowingDigestSet
+
+    digests = [hashlib.blake2b(str(i).encode(), digest_size=16).digest() for i in range(1000)]
+    grown = GrowingDigestSet(batch=64)
+    for digest in digests[:700]:
+        grown.add(digest)
+    grown.add(digests[0])  # again: still one entry
+    assert len(grown) == 700
+    assert all(d in grown for d in digests[:700])
+    assert not any(d in grown for d in digests[700:])
+    assert b"short" not in grown
