@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from pipeline import __version__
 from pipeline.config import ConfigError, load_config, with_overrides
+from pipeline.sink import OutputDirBusy
 
 EPILOG = """exit codes:
   0  every row of the run is ok
@@ -173,6 +174,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OutputDirBusy as exc:
+        print(f"error: {exc}, or choose another --output", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -207,3 +207,17 @@ def test_serve_local_workers_share_the_port_and_stop_together() -> None:
     wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), timeout=10)
     refused = pipeline("serve-local", "--workers", "2", "--rpm", "10", check=False)
     assert refused.returncode == 2 and "--workers" in refused.stderr
+
+
+def test_two_runs_on_one_output_the_second_is_refused(tmp_path: Path) -> None:
+    config, out = _slow_run(tmp_path, 20)
+    first = _start(config)
+    try:
+        wait_for(lambda: (out / ".sink.lock").exists())
+        second = pipeline("run", str(config), "--quiet", check=False)
+        assert second.returncode == 2
+        assert "another run" in second.stderr or "busy" in second.stderr.lower()
+        assert "Traceback" not in second.stderr
+    finally:
+        first.terminate()
+        first.wait(timeout=60)
