@@ -18,7 +18,7 @@ import secrets
 import signal
 import threading
 import time
-from collections import Counter, OrderedDict, deque
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -247,23 +247,26 @@ class Runner:
             )
             producer = _Producer(self.config, index, self.key_suffix, self.options.limit)
             self.producer = producer
-            queue: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=2)
-            self.pending: deque[SourceFile] = deque()
+            batches: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=2)
+            items: asyncio.Queue[SourceFile | None] = asyncio.Queue(maxsize=conc)
             progress = Progress(self, enabled=self.options.progress)
             loop = asyncio.get_running_loop()
             with self._signals(loop, producer):
-                feeder = loop.run_in_executor(None, producer.run, loop, queue)
-                workers = [asyncio.create_task(self._worker(queue)) for _ in range(conc)]
+                feeder = loop.run_in_executor(None, producer.run, loop, batches)
+                dealer = asyncio.create_task(self._dispatch(batches, items))
+                workers = [asyncio.create_task(self._worker(items)) for _ in range(conc)]
                 reporter = asyncio.create_task(progress.run())
                 try:
                     await asyncio.gather(*workers)
                 finally:
                     producer.stop.set()
-                    self._drain(queue)
+                    dealer.cancel()
+                    self._drain(batches)
                     await feeder
-                    reporter.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await reporter
+                    for task in (dealer, reporter):
+                        task.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await task
                     self._save_requests()
                     progress.finish()
             if self.config.images.delete_uploads:
@@ -329,20 +332,18 @@ class Runner:
         while not queue.empty():
             queue.get_nowait()
 
-    async def _next_source(
-        self, queue: asyncio.Queue[list[SourceFile] | None]
-    ) -> SourceFile | None:
-        """The next file to do, or None at the end (the end marker is put back for the others)."""
-        while not self.pending:
-            batch = await queue.get()
-            if batch is None:
-                queue.put_nowait(None)
-                return None
-            self.pending.extend(batch)
-        return self.pending.popleft()
+    async def _dispatch(
+        self, batches: asyncio.Queue[Batch | None], items: asyncio.Queue[SourceFile | None]
+    ) -> None:
+        """Deal the walking thread's batches out to the workers one file at a time."""
+        while (batch := await batches.get()) is not None:
+            for src in batch:
+                await items.put(src)
+        for _ in range(self.config.limits.concurrency):
+            await items.put(None)
 
-    async def _worker(self, queue: asyncio.Queue[Batch | None]) -> None:
-        while (src := await self._next_source(queue)) is not None:
+    async def _worker(self, items: asyncio.Queue[SourceFile | None]) -> None:
+        while (src := await items.get()) is not None:
             if self.stopping.is_set():
                 continue  # not started: a rerun picks it up
             try:

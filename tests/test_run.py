@@ -352,3 +352,27 @@ async def test_429_storm_slows_the_pool_and_loses_nothing(
     assert sorted(r["image_path"] for r in rows) == [f"s{i:02d}.png" for i in range(24)]
     assert max(r["attempts"] for r in rows) > 1
     assert stats  # the server saw the storm too
+
+
+async def test_the_pool_keeps_its_concurrency_in_flight(
+    images_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a slow server, throughput is concurrency / latency: every worker stays busy."""
+    monkeypatch.setenv("GEMINI_API_KEY", "test-key")
+    for i in range(64):
+        Image.new("RGB", (32, 32), (i * 3, 200, 7)).save(images_dir / f"l{i:02d}.png")
+    async with LocalServer(ServerOptions(latency_ms=200, seed=1)) as server:
+        config = make_config(
+            tmp_path,
+            api={"base_url": server.base_url},
+            limits={"concurrency": 8},
+            task={"kind": "detect"},
+        )
+        await run(config)
+    rows = read_rows(tmp_path / "out")
+    assert len(rows) == 64
+    ends = [r["completed_at"].timestamp() for r in rows]
+    starts = [end - r["latency_ms"] / 1000 for end, r in zip(ends, rows, strict=True)]
+    busy = sum(r["latency_ms"] for r in rows) / 1000
+    in_flight = busy / (max(ends) - min(starts))
+    assert in_flight >= 0.6 * 8, in_flight
