@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import tomllib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -261,7 +262,9 @@ def parse_config(data: dict[str, Any], source: str, base_dir: Path | None = None
     sec = {name: _check_section(name, data.get(name, {}), source) for name in SECTIONS}
 
     def resolve(p: str) -> str:
-        return str((base_dir / p) if base_dir and not Path(p).is_absolute() else Path(p))
+        """Against the file's folder; `..` folded, symlinks kept (they may be the user's layout)."""
+        path = Path(p).expanduser()
+        return os.path.normpath(base_dir / path if base_dir and not path.is_absolute() else path)
 
     api = ApiConfig(**sec["api"])
     if api.base_url != "local" and not api.base_url.startswith(("http://", "https://")):
@@ -330,9 +333,9 @@ def with_overrides(config: Config, **overrides: Any) -> Config:
         if key in given:
             limits = replace(limits, **{key: _check_flag("limits", key, given[key], source)})
     if "paths" in given:
-        inp = replace(inp, paths=tuple(str(Path(p).resolve()) for p in given["paths"]))
+        inp = replace(inp, paths=tuple(os.path.abspath(p) for p in given["paths"]))
     if "output" in given:
-        out = replace(out, dir=str(Path(given["output"]).resolve()))
+        out = replace(out, dir=os.path.abspath(given["output"]))
     if task.kind == "classify" and not task.labels:
         raise ConfigError(f'{config.source}: [task] labels is required for kind "classify"')
     return replace(config, api=api, limits=limits, task=task, input=inp, output=out)
