@@ -11,6 +11,7 @@ from pipeline import __version__
 from pipeline.config import ConfigError, load_config, with_overrides
 from pipeline.sink import OutputDirBusy
 
+EXIT_USAGE = 2
 EPILOG = """exit codes:
   0  every row of the run is ok
   1  some rows are error, blocked or partial (see `pipeline status`)
@@ -174,10 +175,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except OutputDirBusy as exc:
         print(f"error: {exc}, or choose another --output", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 3

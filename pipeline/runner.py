@@ -43,8 +43,7 @@ T = TypeVar("T")
 Batch = list[SourceFile]
 EXIT_OK = 0
 EXIT_ROWS_NOT_OK = 1
-EXIT_CONFIG = 2
-EXIT_STOPPED = 3
+EXIT_STOPPED = 3  # (2 is the command line's: bad config or usage)
 UPLOAD_MARGIN = timedelta(hours=1)  # reuse an upload only if it outlives the run comfortably
 BACKOFF_BASE = 1.0
 BACKOFF_CAP = 60.0
@@ -54,11 +53,11 @@ LOCAL_KEY = "local-key"
 # (measured: 1.4 vs 2.3 ms of CPU an image, 682 vs 431 images/s). Big ones go to threads so the
 # loop never stalls for long.
 SMALL_FILE = 1 << 20
-RECENT_ANSWERS = 256
-SAVE_REQUESTS_EVERY = 100
+SMALL_PIXELS = 4_000_000
 BATCH_SIZE = 64  # files handed from the walking thread to the workers at once
 BATCH_SECONDS = 0.05
-SMALL_PIXELS = 4_000_000
+RECENT_ANSWERS = 256
+SAVE_REQUESTS_EVERY = 100
 
 
 @dataclass

@@ -210,7 +210,7 @@ def test_serve_local_workers_share_the_port_and_stop_together() -> None:
 
 
 def test_two_runs_on_one_output_the_second_is_refused(tmp_path: Path) -> None:
-    config, out = _slow_run(tmp_path, 20)
+    config, out = _slow_run(tmp_path, 300)  # ~10 s of work: still running when the second starts
     first = _start(config)
     try:
         wait_for(lambda: (out / ".sink.lock").exists())
@@ -221,3 +221,20 @@ def test_two_runs_on_one_output_the_second_is_refused(tmp_path: Path) -> None:
     finally:
         first.terminate()
         first.wait(timeout=60)
+
+
+def test_a_second_ctrl_c_abandons_in_flight_calls_and_loses_nothing(tmp_path: Path) -> None:
+    config, out = _slow_run(tmp_path, 40)
+    proc = _start(config)
+    wait_for(lambda: len(_parts(out)) >= 1)
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 3, stderr
+    assert "Traceback" not in stderr
+    done = Counter(r["image_path"] for r in read_rows(out))
+    assert set(done.values()) == {1}
+    result = pipeline("run", str(config), "--quiet")
+    assert result.returncode == 0
+    counts = Counter(r["image_path"] for r in read_rows(out))
+    assert len(counts) == 40 and set(counts.values()) == {1}
