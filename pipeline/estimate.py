@@ -165,7 +165,11 @@ def format_estimate(report: dict[str, Any]) -> str:
         f"image, from {report['output_tokens_from']})",
     ]
     if report["cost_usd"] is not None:
-        lines.append(f"cost: ~${report['cost_usd']:,.2f} at {report['price_per_million']} per 1M")
+        price = report["price_per_million"]
+        lines.append(
+            f"cost: ~${report['cost_usd']:,.2f} at ${price['input']:.2f} input and "
+            f"${price['output']:.2f} output per 1M tokens (pipeline/prices.json)"
+        )
     else:
         lines.append("cost: no price known for this model (pipeline/prices.json)")
     if report["minutes_at_limits"] is not None:
