@@ -13,7 +13,6 @@ import pyarrow as pa
 
 SCHEMA_VERSION = "1"
 Status = Literal["ok", "error", "blocked", "partial"]
-InputMode = Literal["inline", "upload", "none"]
 
 
 @dataclass(slots=True)

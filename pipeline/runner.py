@@ -96,6 +96,7 @@ class RunSummary:
     api_calls: int = 0
     retries: int = 0
     throttled: int = 0
+    waited_for_limits_s: float = 0.0  # time the dispatch spent waiting for RPM/TPM capacity
     copied: int = 0
     uploads: int = 0
     uploads_reused: int = 0
@@ -631,6 +632,7 @@ class Runner:
         s = self.summary
         s.finished_at = _now().isoformat()
         s.seen, s.skipped = producer.seen, producer.skipped
+        s.waited_for_limits_s = round(self.limiter.stats.waited_seconds, 3)
         if s.stop_reason:
             s.exit_code = EXIT_STOPPED
             s.resume_hint = s.resume_hint or "rerun the same command to resume where this stopped"

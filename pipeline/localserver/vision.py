@@ -63,7 +63,6 @@ class Analysis:
     height: int
     analysis_width: int  # of the (possibly downscaled) array the regions are measured in
     analysis_height: int
-    background_rgb: tuple[int, int, int]
     background: str  # colour name
     regions: list[Region]  # largest first
 
@@ -168,7 +167,6 @@ def analyse_pixels(pixels: np.ndarray, width: int, height: int) -> Analysis:
         height=height,
         analysis_width=aw,
         analysis_height=ah,
-        background_rgb=background,
         background=colour_name(background, background=True),
         regions=regions,
     )
