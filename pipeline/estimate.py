@@ -26,7 +26,7 @@ from pipeline.gemini.tokens import (
     text_tokens,
 )
 from pipeline.records import SourceFile
-from pipeline.source import read_manifest, walk
+from pipeline.source import input_sources
 from pipeline.tasks import get_task
 
 # Output tokens per image when there is no history to learn from: masks are long, labels short.
@@ -49,19 +49,6 @@ def price_for(model: str, prices: dict[str, dict[str, float]]) -> dict[str, floa
 def _scaled(width: int, height: int, max_side: int) -> tuple[int, int]:
     scale = min(1.0, max_side / max(width, height))
     return max(1, round(width * scale)), max(1, round(height * scale))
-
-
-def _sources(config: Config):
-    if config.input.manifest:
-        yield from read_manifest(config.input.manifest)
-    if config.input.paths:
-        inp = config.input
-        yield from walk(
-            inp.paths,
-            include=inp.include,
-            exclude=inp.exclude,
-            follow_symlinks=inp.follow_symlinks,
-        )
 
 
 def _output_history(output_dir: str, task: str) -> tuple[int, float] | None:
@@ -90,7 +77,7 @@ def estimate(config: Config, *, limit: int | None = None) -> dict[str, Any]:
     found = unusable = image_total = 0
     by_side = dict.fromkeys(MAX_SIDE_CHOICES, 0)
     src: SourceFile
-    for src in _sources(config):
+    for src in input_sources(config.input):
         if limit is not None and found + unusable >= limit:
             break
         item = images.prepare(src, max_side=config.images.max_side, verify=False)

@@ -27,15 +27,15 @@ from typing import Any, TypeVar
 
 from pipeline import images
 from pipeline.config import Config, ConfigError, settings_hash
-from pipeline.dataset import GrowingDigestSet, load_resume_index, lookup_rows
+from pipeline.dataset import GrowingDigestSet, ResumeIndex, load_resume_index, lookup_rows
 from pipeline.gemini import GeminiClient, GeminiError, api_key_from_env
 from pipeline.gemini.tokens import image_tokens, text_tokens
 from pipeline.gemini.types import GenerateResponse, ImagePart
 from pipeline.limits import RateLimiter, next_quota_reset, quota_day
 from pipeline.progress import Progress
-from pipeline.records import ImageItem, Parsed, SourceFile, fingerprint, make_key, storable
+from pipeline.records import ImageItem, Parsed, SourceFile, make_key, storable
 from pipeline.sink import ParquetSink
-from pipeline.source import read_manifest, walk
+from pipeline.source import input_sources
 from pipeline.state import State, Upload
 from pipeline.tasks import get_task
 
@@ -118,24 +118,12 @@ class StopRun(Exception):
 class _Producer:
     """Walks inputs in a thread and feeds a bounded queue: memory stays flat at any size."""
 
-    def __init__(self, config: Config, index: Any, key_suffix: str, limit: int | None) -> None:
-        self.config, self.index, self.key_suffix, self.limit = config, index, key_suffix, limit
+    def __init__(self, config: Config, index: ResumeIndex, limit: int | None) -> None:
+        self.config, self.index, self.limit = config, index, limit
         self.seen = 0
         self.skipped = 0
         self.done = False
         self.stop = threading.Event()
-
-    def sources(self) -> Iterator[SourceFile]:
-        if self.config.input.manifest:
-            yield from read_manifest(self.config.input.manifest)
-        inp = self.config.input
-        if inp.paths:
-            yield from walk(
-                inp.paths,
-                include=inp.include,
-                exclude=inp.exclude,
-                follow_symlinks=inp.follow_symlinks,
-            )
 
     def run(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> None:
         """Hand sources over in small batches: one cross-thread wake-up per batch, not per file.
@@ -147,7 +135,7 @@ class _Producer:
         started = time.monotonic()
         sent = 0
         try:
-            for src in self.sources():
+            for src in input_sources(self.config.input):
                 if self.stop.is_set() or (self.limit is not None and sent >= self.limit):
                     break
                 self.seen += 1
@@ -166,8 +154,7 @@ class _Producer:
             asyncio.run_coroutine_threadsafe(queue.put(None), loop).result()
 
     def is_done(self, src: SourceFile) -> bool:
-        fp = fingerprint(src.root, src.rel_path, src.size, src.mtime_ns, self.key_suffix)
-        return fp in self.index.done
+        return self.index.is_done(src.root, src.rel_path, src.size, src.mtime_ns)
 
 
 class Runner:
@@ -245,7 +232,7 @@ class Runner:
                     flush_seconds=self.config.output.flush_seconds,
                 )
             )
-            producer = _Producer(self.config, index, self.key_suffix, self.options.limit)
+            producer = _Producer(self.config, index, self.options.limit)
             self.producer = producer
             batches: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=2)
             items: asyncio.Queue[SourceFile | None] = asyncio.Queue(maxsize=conc)
@@ -677,11 +664,10 @@ def pending(config: Config, *, retry_errors: bool = False) -> dict[str, Any]:
     task = get_task(config.task.kind)
     key_suffix = settings_hash(config, task.request(config.task))
     index = load_resume_index(config.output.dir, key_suffix=key_suffix, retry_errors=retry_errors)
-    producer = _Producer(config, index, key_suffix, None)
     seen = done = 0
-    for src in producer.sources():
+    for src in input_sources(config.input):
         seen += 1
-        done += src.error is None and producer.is_done(src)
+        done += src.error is None and index.is_done(src.root, src.rel_path, src.size, src.mtime_ns)
     return {"config": config.source, "files": seen, "done": done, "remaining": seen - done}
 
 

@@ -39,8 +39,12 @@ import re
 import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pipeline.records import SourceFile
+
+if TYPE_CHECKING:
+    from pipeline.config import InputConfig
 
 _GLOBSTAR = None  # a `**` component in a compiled pattern
 _PARQUET_BATCH_ROWS = 8192
@@ -405,3 +409,13 @@ def _parquet_paths(manifest: str) -> Iterator[str]:
                 name = os.fsdecode(value) if isinstance(value, bytes) else str(value)
                 if name.strip():
                     yield name.strip()
+
+
+def input_sources(inp: InputConfig) -> Iterator[SourceFile]:
+    """Every file an `[input]` section names: its manifest's entries, then its folders walked."""
+    if inp.manifest:
+        yield from read_manifest(inp.manifest)
+    if inp.paths:
+        yield from walk(
+            inp.paths, include=inp.include, exclude=inp.exclude, follow_symlinks=inp.follow_symlinks
+        )
