@@ -21,7 +21,7 @@ from pipeline.dataset import current_rows
 from pipeline.gemini import parse_response
 from pipeline.records import Parsed
 from pipeline.sink import ParquetSink
-from pipeline.tasks import get_task
+from pipeline.tasks import read_answer
 from pipeline.tasks.base import TaskSettings
 
 
@@ -36,10 +36,7 @@ def _settings(
 
 def reparse_row(row: dict[str, Any], settings: TaskSettings) -> Parsed:
     response = parse_response(row["raw_response"])
-    if response.block_reason:
-        return Parsed("blocked", error=f"prompt blocked: {response.block_reason}")
-    task = get_task(settings.kind)
-    return task.parse(response.text, response.finish_reason, row["width"], row["height"], settings)
+    return read_answer(response, row["width"], row["height"], settings)
 
 
 async def _write(output_dir: str, run_id: str, rows: list[dict[str, Any]]) -> None:

@@ -37,7 +37,7 @@ from pipeline.records import ImageItem, Parsed, SourceFile, make_key, storable
 from pipeline.sink import ParquetSink
 from pipeline.source import input_sources
 from pipeline.state import State, Upload
-from pipeline.tasks import get_task
+from pipeline.tasks import get_task, read_answer
 
 T = TypeVar("T")
 Batch = list[SourceFile]
@@ -163,8 +163,7 @@ class Runner:
     def __init__(self, config: Config, options: RunOptions) -> None:
         self.config = config
         self.options = options
-        self.task = get_task(config.task.kind)
-        self.request = self.task.request(config.task)
+        self.request = get_task(config.task.kind).request(config.task)
         self.key_suffix = settings_hash(config, self.request)
         self.run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ-") + secrets.token_hex(3)
         self.summary = RunSummary(
@@ -442,7 +441,9 @@ class Runner:
             latency = (time.monotonic() - sent) * 1000
             self.limiter.correct(est, response.usage.prompt_tokens)
             big = item.width * item.height > SMALL_PIXELS or len(response.raw) > SMALL_FILE
-            parsed = await _offload(big, self._parse, response, item)
+            parsed = await _offload(
+                big, read_answer, response, item.width, item.height, self.config.task
+            )
             return Outcome(parsed, response, attempts, latency, mode, est_image, est)
         reason = _describe(error) if error else "stopped before an answer"
         elapsed = (time.monotonic() - started) * 1000
@@ -545,13 +546,6 @@ class Runner:
             self.state.forget_upload(name)
 
     # ---------------------------------------------------------------------------------- rows
-    def _parse(self, response: GenerateResponse, item: ImageItem) -> Parsed:
-        if response.block_reason:
-            return Parsed("blocked", error=f"prompt blocked: {response.block_reason}")
-        return self.task.parse(
-            response.text, response.finish_reason, item.width, item.height, self.config.task
-        )
-
     def _base_row(self, item: ImageItem, key: str | None) -> dict[str, Any]:
         src = item.source
         return {

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pipeline.gemini.types import GenerateResponse
+from pipeline.records import Parsed
 from pipeline.tasks.base import Task, TaskSettings
 from pipeline.tasks.caption import CaptionTask
 from pipeline.tasks.classify import ClassifyTask
@@ -23,4 +25,17 @@ def get_task(kind: str) -> Task:
         raise ValueError(f"unknown task kind {kind!r}; known kinds: {', '.join(TASKS)}") from None
 
 
-__all__ = ["TASKS", "Task", "TaskSettings", "get_task"]
+def read_answer(
+    response: GenerateResponse, width: int, height: int, settings: TaskSettings
+) -> Parsed:
+    """An answer as rows see it: a prompt the service blocked, else the task kind's parse.
+
+    One place for both a live call and a `reparse` of a stored body, so they never disagree.
+    """
+    if response.block_reason:
+        return Parsed("blocked", error=f"prompt blocked: {response.block_reason}")
+    task = get_task(settings.kind)
+    return task.parse(response.text, response.finish_reason, width, height, settings)
+
+
+__all__ = ["TASKS", "Task", "TaskSettings", "get_task", "read_answer"]
