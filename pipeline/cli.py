@@ -6,32 +6,34 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from pipeline import __version__
-from pipeline.config import ConfigError, load_config, with_overrides
+from pipeline import __version__, exits
+from pipeline.config import ConfigError, flags, load_config, require_inputs, with_overrides
 from pipeline.sink import OutputDirBusy
 
-EXIT_USAGE = 2
-EPILOG = """exit codes:
-  0  every row of the run is ok
-  1  some rows are error, blocked or partial (see `pipeline status`)
-  2  bad config or usage
-  3  stopped early (Ctrl-C, SIGTERM or the daily quota): rerun the same command to resume"""
+if TYPE_CHECKING:
+    from pipeline.config import Config
+
+EPILOG = exits.EPILOG
+
+
+def _config(args: argparse.Namespace) -> Config:
+    """The config file with the command line's setting flags applied (each checked by its
+    declaration in pipeline/config.py)."""
+    overrides = {dest: getattr(args, dest, None) for dest in _flag_dests()}
+    return with_overrides(load_config(args.config), overrides)
+
+
+def _flag_dests() -> list[str]:
+    return [f"{section}.{key}" for section, key, _ in flags()]
 
 
 def _run(args: argparse.Namespace) -> int:
     from pipeline.runner import RunOptions, run
 
-    config = with_overrides(
-        load_config(args.config),
-        base_url=args.base_url,
-        model=args.model,
-        kind=args.task,
-        rpm=args.rpm,
-        concurrency=args.concurrency,
-        paths=args.input,
-        output=args.output,
-    )
+    config = _config(args)
+    require_inputs(config)
     summary = run(
         config,
         RunOptions(retry_errors=args.retry_errors, limit=args.limit, progress=not args.quiet),
@@ -55,7 +57,7 @@ def _status(args: argparse.Namespace) -> int:
     if args.config:
         from pipeline.runner import pending
 
-        config = with_overrides(load_config(args.config), output=args.output_dir)
+        config = with_overrides(load_config(args.config), {"output.dir": args.output_dir})
         report["pending"] = pending(config, retry_errors=args.retry_errors)
     print(json.dumps(report, indent=2, default=str) if args.json else format_status(report))
     return 0
@@ -82,7 +84,8 @@ def _render(args: argparse.Namespace) -> int:
 def _estimate(args: argparse.Namespace) -> int:
     from pipeline.estimate import estimate, format_estimate
 
-    config = with_overrides(load_config(args.config), paths=args.input, model=args.model)
+    config = _config(args)
+    require_inputs(config)
     report = estimate(config, limit=args.limit)
     print(json.dumps(report, indent=2) if args.json else format_estimate(report))
     return 0
@@ -93,6 +96,14 @@ def _reparse(args: argparse.Namespace) -> int:
 
     report = reparse(args.output_dir, config_path=args.config, mask_threshold=args.mask_threshold)
     print(json.dumps(report), file=sys.stderr)
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from pipeline.models import describe_table
+
+    table = load_config(args.config).models if args.config else None
+    print("\n".join(describe_table(table)))
     return 0
 
 
@@ -114,13 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="process new images of a config into Parquet", epilog=EPILOG)
     p.add_argument("config", help="TOML config file")
-    p.add_argument("--input", action="append", metavar="PATH", help="input folder (repeatable)")
-    p.add_argument("--output", metavar="DIR", help="output folder")
-    p.add_argument("--base-url", metavar="URL", help='API base URL, or "local"')
-    p.add_argument("--model")
-    p.add_argument("--task", choices=["detect", "segment", "caption", "classify", "custom"])
-    p.add_argument("--rpm", type=int)
-    p.add_argument("--concurrency", type=int)
+    _add_setting_flags(p)
     p.add_argument("--limit", type=int, metavar="N", help="at most N new images")
     p.add_argument("--retry-errors", action="store_true", help="redo rows that ended in error")
     p.add_argument("--quiet", action="store_true", help="no progress line")
@@ -135,8 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("estimate", help="dry run: tokens, cost and time, no API call")
     p.add_argument("config")
-    p.add_argument("--input", action="append", metavar="PATH")
-    p.add_argument("--model")
+    _add_setting_flags(p)
     p.add_argument("--limit", type=int, metavar="N")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_estimate)
@@ -161,6 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images-root", metavar="DIR", help="where the images are now, if moved")
     p.set_defaults(func=_render)
 
+    p = sub.add_parser("models", help="what each model takes, bills and answers")
+    p.add_argument("--config", help="include this config's [models] entries")
+    p.set_defaults(func=_models)
+
     p = sub.add_parser("serve-local", help="the local Gemini-compatible server")
     from pipeline.localserver import add_serve_arguments
 
@@ -169,16 +177,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting declared with one (see pipeline/config.py)."""
+    for section, key, declared in flags():
+        meta = declared.metadata
+        parser.add_argument(
+            meta["flag"],
+            dest=f"{section}.{key}",
+            type=meta["type"],
+            action="append" if meta["many"] else "store",
+            help=f"[{section}] {key}: {meta['doc']}",
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return exits.USAGE
     except OutputDirBusy as exc:
         print(f"error: {exc}, or choose another --output", file=sys.stderr)
-        return EXIT_USAGE
+        return exits.USAGE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 3
+        return exits.STOPPED

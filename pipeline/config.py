@@ -1,88 +1,145 @@
 """TOML config -> typed, validated settings.
 
-Every problem is reported as `ConfigError` naming the file and the key (`[limits] rpm`), because a
-nightly job that dies on "invalid literal for int()" at 3 a.m. helps nobody. Relative paths in a
-file resolve against the file's own directory, so a scheduled job works from any working directory.
+Every setting is declared once, as a field of its section's dataclass (`settings.setting`: its
+default, its check, its documentation, its command-line flag), and every path in — the TOML file,
+the flags, `reparse` — validates through that declaration. Every problem is a `ConfigError`
+naming the file and the key (`[limits] rpm`), because a nightly job that dies on "invalid literal
+for int()" at 3 a.m. helps nobody. Relative paths in a file resolve against the file's own
+directory, so a scheduled job works from any working directory; paths given as flags resolve
+against the working directory.
+
+Settings that depend on the model (thinking, media resolution, masks, the Interactions API) are
+checked against the model table (`pipeline/models.py`, plus the config's `[models."id"]` tables)
+when the config is loaded, so a setting the service would refuse on every request stops the run
+before its first call.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import tomllib
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline import settings as s
+from pipeline.gemini.client import DEFAULT_BASE_URL
 from pipeline.gemini.types import GenerateRequest
+from pipeline.models import ModelTable, ModelTableError, default_table
+from pipeline.settings import setting
 from pipeline.tasks.base import TaskSettings
 
 FLAVORS = ("generateContent", "interactions")
+API_VERSIONS = ("v1beta", "v1", "v1alpha")
 IMAGE_MODES = ("auto", "inline", "upload")
-TASK_KINDS = ("detect", "segment", "caption", "classify", "custom")
-MEDIA_RESOLUTIONS = ("low", "medium", "high", "ultra_high")
-THINKING_LEVELS = ("minimal", "low", "medium", "high")
 
 
 class ConfigError(ValueError):
     """A config problem, always naming where it is."""
 
 
+def _base_url(v: Any) -> str:
+    if s.text(v) != "local" and not v.startswith(("http://", "https://")):
+        raise TypeError('an http(s) URL or "local"')
+    return v
+
+
 @dataclass(frozen=True, slots=True)
 class ApiConfig:
-    base_url: str = "https://generativelanguage.googleapis.com"  # or "local"
-    model: str = "gemini-2.5-flash"
-    flavor: str = "generateContent"
-    version: str = "v1beta"
-    timeout: float = 120.0  # deadline of one request, so a hung call cannot stall a run's end
-    inline_limit_mb: float = 20.0  # the seeds' figure; the live service now takes 100 MB
+    base_url: str = setting(
+        DEFAULT_BASE_URL,
+        _base_url,
+        'the endpoint; "local" starts the bundled server in-process',
+        flag="--base-url",
+    )
+    model: str = setting(
+        "gemini-2.5-flash",
+        s.text,
+        "picks thinking, schema, token rules and prices (`pipeline models`)",
+        flag="--model",
+    )
+    flavor: str = setting(
+        "generateContent", s.one_of(*FLAVORS), "or interactions (sent with store: false)"
+    )
+    version: str = setting("v1beta", s.one_of(*API_VERSIONS), "v1alpha for per-image resolution")
+    timeout: float = setting(120.0, s.positive_number, "seconds; the deadline of every request")
+    inline_limit_mb: float = setting(
+        20.0, s.positive_number, "the guide's inline request limit (the live service takes 100)"
+    )
+    allow_insecure_http: bool = setting(
+        False, s.flag, "send the key over plain http:// to a host other than this machine"
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class LimitsConfig:
-    rpm: int | None = None
-    tpm: int | None = None
-    rpd: int | None = None
-    concurrency: int = 16
-    max_attempts: int = 6
-    burst_seconds: float = 1.0  # capacity allowed at once: about a second, never a minute
+    rpm: int | None = setting(
+        None, s.count_or_none, "requests per minute (0: none)", flag="--rpm", type=int
+    )
+    tpm: int | None = setting(None, s.count_or_none, "input tokens per minute (0: none)")
+    rpd: int | None = setting(None, s.count_or_none, "requests per day (0: none)")
+    concurrency: int = setting(
+        16, s.positive_int, "requests in flight", flag="--concurrency", type=int
+    )
+    max_attempts: int = setting(
+        6, s.positive_int, "per image, for retryable errors (408, 429, 5xx, timeouts, resets)"
+    )
+    burst_seconds: float = setting(
+        1.0, s.positive_number, "capacity allowed at once: about a second, never a minute"
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class InputConfig:
-    paths: tuple[str, ...] = ()
-    include: tuple[str, ...] = ("*",)
-    exclude: tuple[str, ...] = ()
-    follow_symlinks: bool = False
-    manifest: str | None = None
+    paths: tuple[str, ...] = setting(
+        (),
+        s.texts,
+        "folders (walked lazily, in a deterministic order) or files",
+        flag="--input",
+        many=True,
+        path=True,
+    )
+    include: tuple[str, ...] = setting(("*",), s.texts, "glob patterns on the relative path")
+    exclude: tuple[str, ...] = setting((), s.texts, "glob patterns on the relative path")
+    follow_symlinks: bool = setting(False, s.flag, "follow symlinked folders (loops: error rows)")
+    manifest: str | None = setting(
+        None, s.text, "a .txt, .csv or .parquet list of files (column path)", path=True
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class ImagesConfig:
-    mode: str = "auto"
-    max_side: int | None = None
-    delete_uploads: bool = True
-    verify: bool = True
+    mode: str = setting(
+        "auto", s.one_of(*IMAGE_MODES), "auto inlines what fits the limit, else uploads"
+    )
+    max_side: int | None = setting(
+        None, s.count_or_none, "downscale before sending; coordinates still map to the original"
+    )
+    delete_uploads: bool = setting(True, s.flag, "delete this output's uploads at the end")
+    verify: bool = setting(True, s.flag, "check each image before paying for it")
 
 
 @dataclass(frozen=True, slots=True)
 class OutputConfig:
-    dir: str = "out"
-    rows_per_part: int = 5000
-    flush_seconds: float = 30.0
+    dir: str = setting("out", s.text, "the dataset folder", flag="--output", path=True)
+    rows_per_part: int = setting(5000, s.positive_int, "rows in one Parquet part at most")
+    flush_seconds: float = setting(30.0, s.positive_number, "a part is written this often")
 
 
 @dataclass(frozen=True, slots=True)
 class LocalConfig:
     """Options of the bundled local server when `[api] base_url = "local"`."""
 
-    latency_ms: float = 0.0
-    fault_rate: float = 0.0
-    seed: int = 0
-    rpm: int | None = None
-    tpm: int | None = None
-    replay: str | None = None
+    latency_ms: float = setting(0.0, s.non_negative_number, "mean of a seeded lognormal latency")
+    fault_rate: float = setting(0.0, s.between(0, 1), "share of answers that go wrong")
+    seed: int = setting(0, s.integer, "seed of latency and faults")
+    rpm: int | None = setting(None, s.count_or_none, "the server's own RPM quota")
+    tpm: int | None = setting(None, s.count_or_none, "the server's own TPM quota")
+    replay: str | None = setting(None, s.text, "JSONL of recorded answers", path=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,9 +148,10 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     input: InputConfig = field(default_factory=InputConfig)
     images: ImagesConfig = field(default_factory=ImagesConfig)
-    task: TaskSettings = field(default_factory=lambda: TaskSettings(kind="detect", model=""))
+    task: TaskSettings = field(default_factory=TaskSettings)
     output: OutputConfig = field(default_factory=OutputConfig)
     local: LocalConfig = field(default_factory=LocalConfig)
+    models: ModelTable = field(default_factory=default_table, repr=False)
     source: str = "<defaults>"  # the file this came from, for messages
 
     @property
@@ -101,206 +159,134 @@ class Config:
         return int(self.api.inline_limit_mb * 1024 * 1024)
 
 
-# Each key: (type check, converter). Types are checked strictly: TOML has real types, and a
-# string "10" where a number belongs is a mistake worth naming.
-def _int(v: Any) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise TypeError("an integer")
-    return v
-
-
-def _pos_int(v: Any) -> int:
-    if _int(v) <= 0:
-        raise TypeError("a positive integer")
-    return v
-
-
-def _opt_pos_int(v: Any) -> int | None:
-    """0 means "no limit" for quotas and sizes, which reads better in TOML than a missing key."""
-    if _int(v) < 0:
-        raise TypeError("an integer >= 0 (0 means none)")
-    return v or None
-
-
-def _number(v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, int | float):
-        raise TypeError("a number")
-    return float(v)
-
-
-def _pos_number(v: Any) -> float:
-    if _number(v) <= 0:
-        raise TypeError("a positive number")
-    return float(v)
-
-
-def _fraction(v: Any) -> float:
-    if not 0.0 <= _number(v) <= 1.0:
-        raise TypeError("a number between 0 and 1")
-    return float(v)
-
-
-def _bool(v: Any) -> bool:
-    if not isinstance(v, bool):
-        raise TypeError("true or false")
-    return v
-
-
-def _str(v: Any) -> str:
-    if not isinstance(v, str) or not v:
-        raise TypeError("a non-empty string")
-    return v
-
-
-def _strs(v: Any) -> tuple[str, ...]:
-    if isinstance(v, str):
-        return (v,)
-    if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
-        raise TypeError("a list of strings")
-    return tuple(v)
-
-
-def _one_of(*choices: str):
-    def check(v: Any) -> str:
-        if v not in choices:
-            raise TypeError("one of " + ", ".join(repr(c) for c in choices))
-        return v
-
-    return check
-
-
-def _schema(v: Any) -> dict[str, Any]:
-    """A JSON schema as a TOML table or a JSON string."""
-    if isinstance(v, str):
-        try:
-            v = json.loads(v)
-        except json.JSONDecodeError as exc:
-            raise TypeError(f"a JSON schema (invalid JSON: {exc})") from None
-    if not isinstance(v, dict):
-        raise TypeError("a JSON schema object")
-    return v
-
-
-SECTIONS: dict[str, dict[str, Any]] = {
-    "api": {
-        "base_url": _str,
-        "model": _str,
-        "flavor": _one_of(*FLAVORS),
-        "version": _str,
-        "timeout": _pos_number,
-        "inline_limit_mb": _pos_number,
-    },
-    "limits": {
-        "rpm": _opt_pos_int,
-        "tpm": _opt_pos_int,
-        "rpd": _opt_pos_int,
-        "concurrency": _pos_int,
-        "max_attempts": _pos_int,
-        "burst_seconds": _pos_number,
-    },
-    "input": {
-        "paths": _strs,
-        "include": _strs,
-        "exclude": _strs,
-        "follow_symlinks": _bool,
-        "manifest": _str,
-    },
-    "images": {
-        "mode": _one_of(*IMAGE_MODES),
-        "max_side": _opt_pos_int,
-        "delete_uploads": _bool,
-        "verify": _bool,
-    },
-    "task": {
-        "kind": _one_of(*TASK_KINDS),
-        "prompt": _str,
-        "system_instruction": _str,
-        "labels": _strs,
-        "max_objects": _pos_int,
-        "temperature": _number,
-        "max_output_tokens": _pos_int,
-        "thinking_budget": _int,
-        "thinking_level": _one_of(*THINKING_LEVELS),
-        "media_resolution": _one_of(*MEDIA_RESOLUTIONS),
-        "response_schema": _schema,
-        "mask_threshold": _int,
-    },
-    "output": {"dir": _str, "rows_per_part": _pos_int, "flush_seconds": _pos_number},
-    "local": {
-        "latency_ms": _number,
-        "fault_rate": _fraction,
-        "seed": _int,
-        "rpm": _opt_pos_int,
-        "tpm": _opt_pos_int,
-        "replay": _str,
-    },
+SECTIONS: dict[str, type] = {
+    "api": ApiConfig,
+    "limits": LimitsConfig,
+    "input": InputConfig,
+    "images": ImagesConfig,
+    "task": TaskSettings,
+    "output": OutputConfig,
+    "local": LocalConfig,
 }
+MODELS_SECTION = "models"  # [models."id"]: entries added to the model table
 
 
-def _check_section(name: str, table: Any, source: str) -> dict[str, Any]:
+def declarations(section: str) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in s.declared(SECTIONS[section])}
+
+
+def flags() -> list[tuple[str, str, dataclasses.Field]]:
+    """(section, key, field) of every setting that has a command-line flag."""
+    return [
+        (name, f.name, f)
+        for name, section in SECTIONS.items()
+        for f in s.declared(section)
+        if f.metadata["flag"]
+    ]
+
+
+def check_setting(section: str, key: str, value: Any, source: str, shown: str = "") -> Any:
+    """`value` for `[section] key` checked by its declaration; ConfigError naming it otherwise."""
+    known = declarations(section)
+    if key not in known:
+        raise ConfigError(
+            f"{source}: unknown key [{section}] {key} (known: {', '.join(sorted(known))})"
+        )
+    try:
+        return s.check_value(known[key], value)
+    except TypeError as exc:
+        name = shown or f"[{section}] {key}"
+        raise ConfigError(f"{source}: {name} must be {exc}, got {value!r}") from None
+
+
+def _resolve(path: str, base_dir: Path | None) -> str:
+    """Against the file's folder (or the working directory); `..` folded, symlinks kept."""
+    p = Path(path).expanduser()
+    if not p.is_absolute():
+        p = (base_dir or Path.cwd()) / p
+    return os.path.normpath(p)
+
+
+def _section(name: str, table: Any, source: str, base_dir: Path | None) -> dict[str, Any]:
     if not isinstance(table, dict):
         raise ConfigError(f"{source}: [{name}] must be a table")
-    known = SECTIONS[name]
-    out: dict[str, Any] = {}
-    for key, value in table.items():
-        if key not in known:
-            raise ConfigError(
-                f"{source}: unknown key [{name}] {key} (known: {', '.join(sorted(known))})"
-            )
+    values = {key: check_setting(name, key, value, source) for key, value in table.items()}
+    return _with_paths(name, values, base_dir)
+
+
+def _with_paths(name: str, values: dict[str, Any], base_dir: Path | None) -> dict[str, Any]:
+    known = declarations(name)
+    for key, value in values.items():
+        if known[key].metadata.get("path") and value is not None:
+            many = isinstance(value, tuple)
+            resolved = [_resolve(p, base_dir) for p in (value if many else (value,))]
+            values[key] = tuple(resolved) if many else resolved[0]
+    return values
+
+
+def _models(tables: Any, source: str) -> ModelTable:
+    if not isinstance(tables, dict):
+        raise ConfigError(f'{source}: [models] must hold tables such as [models."gemini-x"]')
+    for name, table in tables.items():
         try:
-            out[key] = known[key](value)
-        except TypeError as exc:
-            raise ConfigError(f"{source}: [{name}] {key} must be {exc}, got {value!r}") from None
-    return out
+            default_table().with_entries({name: table})
+        except ModelTableError as exc:
+            raise ConfigError(f"{source}: [models.{json.dumps(name)}] {exc}") from None
+    return default_table().with_entries(tables)
 
 
 def parse_config(data: dict[str, Any], source: str, base_dir: Path | None = None) -> Config:
     """Validate a parsed TOML document; paths resolve against `base_dir` (the file's folder)."""
     for name in data:
-        if name not in SECTIONS:
-            raise ConfigError(f"{source}: unknown section [{name}] (known: {', '.join(SECTIONS)})")
-    sec = {name: _check_section(name, data.get(name, {}), source) for name in SECTIONS}
+        if name not in SECTIONS and name != MODELS_SECTION:
+            known = ", ".join([*SECTIONS, MODELS_SECTION])
+            raise ConfigError(f"{source}: unknown section [{name}] (known: {known})")
+    given = {name: _section(name, data.get(name, {}), source, base_dir) for name in SECTIONS}
+    models = _models(data.get(MODELS_SECTION, {}), source)
+    return _build(given, models, source)
 
-    def resolve(p: str) -> str:
-        """Against the file's folder; `..` folded, symlinks kept (they may be the user's layout)."""
-        path = Path(p).expanduser()
-        return os.path.normpath(base_dir / path if base_dir and not path.is_absolute() else path)
 
-    api = ApiConfig(**sec["api"])
-    if api.base_url != "local" and not api.base_url.startswith(("http://", "https://")):
-        raise ConfigError(f'{source}: [api] base_url must be an http(s) URL or "local"')
-    inp = sec["input"]
-    if "paths" in inp:
-        inp["paths"] = tuple(resolve(p) for p in inp["paths"])
-    if "manifest" in inp:
-        inp["manifest"] = resolve(inp["manifest"])
-    out = sec["output"]
-    if "dir" in out:
-        out["dir"] = resolve(out["dir"])
-    local = sec["local"]
-    if "replay" in local:
-        local["replay"] = resolve(local["replay"])
-    task_table = sec["task"]
-    if "labels" in task_table:
-        task_table["labels"] = tuple(task_table["labels"])
-    mask_threshold = task_table.get("mask_threshold", 127)
-    if not 0 <= mask_threshold <= 255:
-        raise ConfigError(f"{source}: [task] mask_threshold must be between 0 and 255")
-    task = TaskSettings(**{"kind": "detect", **task_table, "model": api.model})
+def _build(given: dict[str, dict[str, Any]], models: ModelTable, source: str) -> Config:
+    api = ApiConfig(**given["api"])
+    task = TaskSettings(
+        **given["task"], model=api.model, flavor=api.flavor, version=api.version, models=models
+    )
+    config = Config(
+        api=api,
+        limits=LimitsConfig(**given["limits"]),
+        input=InputConfig(**given["input"]),
+        images=ImagesConfig(**given["images"]),
+        task=task,
+        output=OutputConfig(**given["output"]),
+        local=LocalConfig(**given["local"]),
+        models=models,
+        source=source,
+    )
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    """Checks across keys and against the model table; ConfigError naming the key."""
+    task, source, spec = config.task, config.source, config.task.spec
     if task.kind == "classify" and not task.labels:
         raise ConfigError(f'{source}: [task] labels is required when [task] kind = "classify"')
     if task.kind == "custom" and not task.prompt:
         raise ConfigError(f'{source}: [task] prompt is required when [task] kind = "custom"')
-    return Config(
-        api=api,
-        limits=LimitsConfig(**sec["limits"]),
-        input=InputConfig(**inp),
-        images=ImagesConfig(**sec["images"]),
-        task=task,
-        output=OutputConfig(**out),
-        local=LocalConfig(**local),
-        source=source,
-    )
+    if config.api.flavor == "interactions" and not spec.interactions:
+        raise ConfigError(
+            f'{source}: [api] flavor = "interactions": {spec.name} is not served by the '
+            'Interactions API; use "generateContent"'
+        )
+    from pipeline.tasks import get_task
+    from pipeline.tasks.generation import SettingError
+
+    try:
+        get_task(task.kind).request(task)
+    except SettingError as exc:
+        raise ConfigError(f"{source}: [task] {exc.key}: {exc.message}") from None
+    except ValueError as exc:
+        raise ConfigError(f"{source}: [task]: {exc}") from None
 
 
 def load_config(path: str | Path) -> Config:
@@ -311,41 +297,46 @@ def load_config(path: str | Path) -> Config:
             data = tomllib.load(fh)
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, not a config file") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     return parse_config(data, str(path), path.parent.resolve())
 
 
-def with_overrides(config: Config, **overrides: Any) -> Config:
-    """Apply command-line flags (None means "not given"), validated like the file's keys."""
-    given = {k: v for k, v in overrides.items() if v is not None}
-    source = "command line"
-    api, limits, task, out = config.api, config.limits, config.task, config.output
-    inp = config.input
-    if "base_url" in given:
-        api = replace(api, base_url=given["base_url"])
-    if "model" in given:
-        api = replace(api, model=given["model"])
-        task = replace(task, model=given["model"])
-    if "kind" in given:
-        task = replace(task, kind=_check_flag("task", "kind", given["kind"], source))
-    for key in ("rpm", "concurrency"):
-        if key in given:
-            limits = replace(limits, **{key: _check_flag("limits", key, given[key], source)})
-    if "paths" in given:
-        inp = replace(inp, paths=tuple(os.path.abspath(p) for p in given["paths"]))
-    if "output" in given:
-        out = replace(out, dir=os.path.abspath(given["output"]))
-    if task.kind == "classify" and not task.labels:
-        raise ConfigError(f'{config.source}: [task] labels is required for kind "classify"')
-    return replace(config, api=api, limits=limits, task=task, input=inp, output=out)
+def with_overrides(config: Config, overrides: Mapping[str, Any]) -> Config:
+    """Apply command-line values keyed "section.key" (None: not given), each checked by its
+    declaration; paths resolve against the working directory."""
+    given: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        section, key = dotted.split(".", 1)
+        flag = declarations(section)[key].metadata["flag"] or f"[{section}] {key}"
+        given[section][key] = check_setting(section, key, value, "command line", flag)
+    if not any(given.values()):
+        return config
+    merged = {
+        name: {**_current(config, name), **_with_paths(name, values, None)}
+        for name, values in given.items()
+    }
+    return _build(merged, config.models, config.source)
 
 
-def _check_flag(section: str, key: str, value: Any, source: str) -> Any:
-    try:
-        return SECTIONS[section][key](value)
-    except TypeError as exc:
-        raise ConfigError(f"{source}: --{key} must be {exc}, got {value!r}") from None
+def _current(config: Config, section: str) -> dict[str, Any]:
+    values = getattr(config, section)
+    return {key: getattr(values, key) for key in declarations(section)}
+
+
+def require_inputs(config: Config) -> None:
+    """Every configured input path and the manifest exist (usage error, exit 2, otherwise)."""
+    missing = [p for p in config.input.paths if not os.path.lexists(p)]
+    if config.input.manifest and not os.path.exists(config.input.manifest):
+        missing.append(config.input.manifest)
+    if missing:
+        raise ConfigError(f"{config.source}: [input] path does not exist: {missing[0]}")
+    if not config.input.paths and not config.input.manifest:
+        raise ConfigError(f"{config.source}: [input] paths (or manifest) is required to run")
 
 
 def settings_hash(config: Config, request: GenerateRequest) -> str:

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import load_config
+from pipeline.config import check_setting, load_config
 from pipeline.dataset import current_rows
 from pipeline.gemini import parse_response
 from pipeline.records import Parsed
@@ -49,6 +49,10 @@ def reparse(
     output_dir: str, *, config_path: str | None = None, mask_threshold: int | None = None
 ) -> dict[str, Any]:
     """Re-parse the current row of every image that has a stored answer."""
+    if mask_threshold is not None:  # checked by [task] mask_threshold's declaration
+        mask_threshold = check_setting(
+            "task", "mask_threshold", mask_threshold, "command line", "--mask-threshold"
+        )
     base = load_config(config_path).task if config_path else None
     table = current_rows(output_dir)
     run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ-reparse-") + secrets.token_hex(3)

@@ -25,7 +25,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pipeline import images
+from pipeline import exits, images
 from pipeline.config import Config, ConfigError, settings_hash
 from pipeline.dataset import GrowingDigestSet, ResumeIndex, load_resume_index, lookup_rows
 from pipeline.gemini import GeminiClient, GeminiError, api_key_from_env
@@ -41,9 +41,6 @@ from pipeline.tasks import get_task, read_answer
 
 T = TypeVar("T")
 Batch = list[SourceFile]
-EXIT_OK = 0
-EXIT_ROWS_NOT_OK = 1
-EXIT_STOPPED = 3  # (2 is the command line's: bad config or usage)
 UPLOAD_MARGIN = timedelta(hours=1)  # reuse an upload only if it outlives the run comfortably
 BACKOFF_BASE = 1.0
 BACKOFF_CAP = 60.0
@@ -103,7 +100,7 @@ class RunSummary:
     tokens: Counter[str] = field(default_factory=Counter)
     stop_reason: str | None = None
     resume_hint: str | None = None
-    exit_code: int = EXIT_OK
+    exit_code: int = exits.OK
 
     def to_json(self) -> str:
         # asdict() would rebuild the Counters from (key, value) pairs: copy them as plain dicts
@@ -399,9 +396,8 @@ class Runner:
 
     async def _call(self, item: ImageItem) -> Outcome:
         """Send one image with retries; every failure ends as an Outcome, never an exception."""
-        model = self.config.api.model
         est_image = image_tokens(
-            model, item.sent_width, item.sent_height, self.config.task.media_resolution
+            self.config.task.spec, item.sent_width, item.sent_height, self.request.media_resolution
         )
         est = est_image + self.est_prompt_tokens
         mode = self.config.images.mode
@@ -615,10 +611,10 @@ class Runner:
         s.seen, s.skipped = producer.seen, producer.skipped
         s.waited_for_limits_s = round(self.limiter.stats.waited_seconds, 3)
         if s.stop_reason:
-            s.exit_code = EXIT_STOPPED
+            s.exit_code = exits.STOPPED
             s.resume_hint = s.resume_hint or "rerun the same command to resume where this stopped"
         elif any(status != "ok" for status in s.rows):
-            s.exit_code = EXIT_ROWS_NOT_OK
+            s.exit_code = exits.ROWS_NOT_OK
         runs = out / "runs"
         runs.mkdir(exist_ok=True)
         tmp = runs / f".{self.run_id}.json.tmp"

@@ -46,7 +46,57 @@ def test_demo_paths_resolve_against_the_file(tmp_path: Path, monkeypatch) -> Non
         ("[images]\nmode = 'fax'\n", "[images] mode must be one of"),
         ("[task]\nkind = 'classify'\n", "[task] labels is required"),
         ("[task]\nkind = 'custom'\n", "[task] prompt is required"),
-        ("[task]\nmask_threshold = 300\n", "[task] mask_threshold must be between 0 and 255"),
+        (
+            "[task]\nmask_threshold = 300\n",
+            "[task] mask_threshold must be an integer between 0 and 255",
+        ),
+        (
+            "[task]\ntemperature = nan\n",
+            "[task] temperature must be a number between 0 and 2, got nan",
+        ),
+        ("[api]\ntimeout = inf\n", "[api] timeout must be a positive finite number"),
+        ("[output]\nflush_seconds = nan\n", "[output] flush_seconds must be a positive finite"),
+        ("[api]\nversion = 'v2'\n", "[api] version must be one of"),
+        (
+            "[api]\nmodel = 'gemini-3.8-flash'\n[task]\nthinking_level = 'minimal'\n",
+            "[task] thinking_level: 'minimal' is refused by gemini-3.8-flash: 'minimal' is not a "
+            "supported thinking level for this model. Allowed values are: medium, low, high.",
+        ),
+        (
+            "[api]\nmodel = 'gemini-2.5-pro'\n[task]\nthinking_budget = 0\n",
+            "[task] thinking_budget: 0 is refused by gemini-2.5-pro",
+        ),
+        (
+            "[api]\nmodel = 'gemini-2.5-flash'\n[task]\nthinking_level = 'low'\n",
+            "[task] thinking_level: 'low' is refused by gemini-2.5-flash",
+        ),
+        (
+            "[api]\nflavor = 'interactions'\n[task]\nthinking_budget = 0\n",
+            "[task] thinking_budget: the Interactions API has no thinking budget",
+        ),
+        (
+            "[api]\nmodel = 'gemini-3-flash-preview'\n[task]\nmedia_resolution = 'ultra_high'\n",
+            "[task] media_resolution: 'ultra_high' is set per image, which gemini-3-flash-preview "
+            "does not take on API version v1beta",
+        ),
+        (
+            "[api]\nmodel = 'gemini-1.5-flash'\n[task]\nmedia_resolution = 'low'\n",
+            "[task] media_resolution: 'low' is refused by gemini-1.5",
+        ),
+        (
+            "[api]\nmodel = 'gemini-3-pro-preview'\n[task]\nkind = 'segment'\n",
+            "[task] kind: gemini-3-pro-preview does not return segmentation masks",
+        ),
+        (
+            "[api]\nmodel = 'gemini-2.0-flash'\nflavor = 'interactions'\n",
+            '[api] flavor = "interactions": gemini-2.0-flash is not served',
+        ),
+        ('[models."gemini-9"]\ntokens = "tiles"\n', '[models."gemini-9"] generation is required'),
+        ('[models."gemini-9"]\nlike = "gemini-8"\n', '[models."gemini-9"] like must name'),
+        (
+            '[models."gemini-9"]\nlike = "gemini-3.8-flash"\nthinking = {control = "level"}\n',
+            '[models."gemini-9"] thinking: must be a list of strings',
+        ),
         ("[task]\nresponse_schema = '{nope'\n", "[task] response_schema must be a JSON schema"),
         ("[local]\nfault_rate = 2\n", "[local] fault_rate must be a number between 0 and 1"),
         ("[input]\npaths = [1, 2]\n", "[input] paths must be a list of strings"),
@@ -69,11 +119,60 @@ def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
 
 def test_flags_override_and_are_validated(tmp_path: Path) -> None:
     config = parse_config({"task": {"kind": "detect"}}, "x.toml", tmp_path)
-    changed = with_overrides(config, model="gemini-3-flash-preview", rpm=50, kind="segment")
+    changed = with_overrides(
+        config, {"api.model": "gemini-3-flash-preview", "limits.rpm": 50, "task.kind": "segment"}
+    )
     assert (changed.api.model, changed.task.model) == ("gemini-3-flash-preview",) * 2
     assert (changed.limits.rpm, changed.task.kind) == (50, "segment")
-    with pytest.raises(ConfigError, match="--concurrency"):
-        with_overrides(config, concurrency=0)
+    assert changed.task.thinking_level is None  # defaults follow the new model ...
+    assert get_task("segment").request(changed.task).thinking_level == "minimal"
+    with pytest.raises(ConfigError, match="--concurrency must be a positive integer"):
+        with_overrides(config, {"limits.concurrency": 0})
+    with pytest.raises(ConfigError, match="--base-url must be an http"):
+        with_overrides(config, {"api.base_url": "ftp://x"})
+    # ... and a flag that makes the file's settings refused is caught like the file would be
+    pinned = parse_config({"task": {"thinking_budget": 0}}, "x.toml", tmp_path)
+    with pytest.raises(ConfigError, match=r"thinking_budget: 0 is refused by gemini-3\.8-flash"):
+        with_overrides(pinned, {"api.model": "gemini-3.8-flash"})
+
+
+def test_user_model_entries_extend_the_table(tmp_path: Path) -> None:
+    config = parse_config(
+        {
+            "api": {"model": "gemini-9-flash"},
+            "task": {"kind": "segment"},
+            "models": {
+                "gemini-9-flash": {
+                    "like": "gemini-3.8-flash",
+                    "prices": {"input": 1.0, "output": 4.0},
+                }
+            },
+        },
+        "x.toml",
+        tmp_path,
+    )
+    spec = config.task.spec
+    assert (spec.name, spec.segmentation, spec.thinking.levels) == (
+        "gemini-9-flash",
+        "polygon",
+        ("low", "medium", "high"),
+    )
+    price = spec.price()
+    assert (price.input, price.batch_input) == (1.0, 0.5)
+    assert get_task("segment").request(config.task).thinking_level == "low"
+
+
+def test_every_setting_is_documented_in_the_readme() -> None:
+    from pipeline.config import SECTIONS, declarations
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    missing = [
+        f"[{section}] {key}"
+        for section in SECTIONS
+        for key in declarations(section)
+        if f"[{section}] {key}" not in readme and f"`{key}`" not in readme
+    ]
+    assert not missing, f"settings missing from the README's configuration table: {missing}"
 
 
 def test_settings_hash_tracks_what_changes_the_answer(tmp_path: Path) -> None:
@@ -85,7 +184,7 @@ def test_settings_hash_tracks_what_changes_the_answer(tmp_path: Path) -> None:
     base = digest(config)
     assert digest(config) == base
     assert digest(replace(config, task=replace(config.task, prompt="Segment it."))) != base
-    assert digest(with_overrides(config, model="gemini-2.5-pro")) != base
+    assert digest(with_overrides(config, {"api.model": "gemini-2.5-pro"})) != base
     assert digest(replace(config, images=replace(config.images, max_side=512))) != base
     assert digest(replace(config, api=replace(config.api, flavor="interactions"))) != base
     # parse-only settings are a reparse, not a new call

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline.estimate import estimate, format_estimate, load_prices, price_for
-from pipeline.gemini.tokens import image_tokens, model_family, text_tokens
+from pipeline.estimate import estimate, format_estimate
+from pipeline.gemini.tokens import image_tokens, text_tokens
+from pipeline.models import lookup
 from pipeline.tasks import get_task
 from tests.conftest import make_config
 
@@ -31,11 +32,11 @@ def test_tile_rule_of_2x(size: tuple[int, int], tokens: int) -> None:
     assert image_tokens("gemini-2.0-flash", *size) == tokens
 
 
-def test_rules_by_family() -> None:
-    assert model_family("gemini-1.5-pro") == "1.5"
-    assert model_family("models/gemini-2.5-flash-lite") == "2"
-    assert model_family("gemini-3-flash-preview") == "3"
-    assert model_family("gemini-3.1-pro") == "3"
+def test_rules_by_model() -> None:
+    assert lookup("gemini-1.5-pro").tokens == "tiles_1_5"
+    assert lookup("models/gemini-2.5-flash-lite").tokens == "tiles"
+    assert lookup("gemini-3-flash-preview").tokens == "budget"
+    assert lookup("gemini-3.1-pro-preview").tokens == "budget"
     # 1.5: the unit is held between 256 and 768 px
     assert image_tokens("gemini-1.5-flash", 4000, 3000) == 258 * 6 * 4  # unit 768
     assert image_tokens("gemini-1.5-flash", 390, 300) == 258 * 2 * 2  # unit 256
@@ -45,6 +46,14 @@ def test_rules_by_family() -> None:
         assert image_tokens("gemini-3-flash-preview", 100, 100, level) == budget
     assert image_tokens("gemini-3-flash-preview", 100, 100) == 1120
     assert text_tokens("abcd" * 10) == 10
+
+
+@pytest.mark.parametrize(("level", "tokens"), [("low", 64), ("medium", 256), ("high", 256)])
+def test_global_media_resolution_bills_a_flat_charge_on_2x(level: str, tokens: int) -> None:
+    """The notes: LOW 64 tokens an image, MEDIUM 256, HIGH 256 (zoomed reframing), whatever
+    the size — not the tile rule, which would bill a 4000x3000 photo 1,032 tokens."""
+    for size in GUIDE_2X:
+        assert image_tokens("gemini-2.5-flash", *size, level) == tokens
 
 
 def test_estimate_adds_up_the_documented_rules(tmp_path: Path) -> None:
@@ -61,9 +70,9 @@ def test_estimate_adds_up_the_documented_rules(tmp_path: Path) -> None:
     request = get_task("detect").request(config.task)
     per_prompt = text_tokens((request.system_instruction or "") + request.prompt)
     assert report["prompt_tokens"] == per_prompt * len(GUIDE_2X)
-    price = price_for("gemini-2.5-flash", load_prices())
-    expected = report["input_tokens"] * price["input"] + report["output_tokens"] * price["output"]
+    expected = report["input_tokens"] * 0.30 + report["output_tokens"] * 2.50  # the notes' prices
     assert report["cost_usd"] == pytest.approx(expected / 1e6, abs=1e-4)
+    assert report["batch_cost_usd"] == pytest.approx(expected / 2e6, abs=1e-4)  # half price
     # downscaling to 384 px would make every image one flat 258-token tile
     by_side = {s["max_side"]: s for s in report["savings"] if "max_side" in s}
     assert by_side[384]["image_tokens_saved"] == sum(GUIDE_2X.values()) - 258 * len(GUIDE_2X)
@@ -91,7 +100,27 @@ def test_estimate_gemini_3_and_time_at_limits(tmp_path: Path) -> None:
     assert report["days_at_rpd"] == 2
     levels = {s["media_resolution"]: s["image_tokens_saved"] for s in report["savings"]}
     assert levels == {"low": 6 * 840, "medium": 6 * 560}
+    assert report["image_tokens_are_maxima"]
+    text = format_estimate(report)
+    assert "images at most 6,720" in text  # Gemini 3's budgets are documented maxima
     json.dumps(report)  # --json works
+
+
+def test_estimate_reads_headers_and_exif_only(tmp_path: Path) -> None:
+    """A JPEG rotated by EXIF is counted at its displayed size, a header that lies about a huge
+    size is not decoded (the bomb guard stays on), and a truncated body does not matter."""
+    images = tmp_path / "images"
+    images.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90: stored 1000x400, displayed 400x1000
+    Image.new("RGB", (1000, 400), (9, 9, 9)).save(images / "rotated.jpg", exif=exif.tobytes())
+    whole = (images / "rotated.jpg").read_bytes()
+    (images / "cut.jpg").write_bytes(whole[: len(whole) // 2])  # header intact, pixels cut
+    config = make_config(tmp_path, task={"kind": "detect"}, images={"max_side": 500})
+    report = estimate(config)
+    assert report["images"] == 2
+    per_image = image_tokens("gemini-2.5-flash", 200, 500)  # displayed 400x1000 fit to 500
+    assert report["image_tokens"] == 2 * per_image
 
 
 def test_estimate_learns_output_tokens_from_earlier_rows(tmp_path: Path) -> None:

@@ -220,7 +220,7 @@ async def test_newer_models_answer_polygon_masks(server, http):
     data, truth = draw_scene("JPEG", (512, 384))
     config = {"responseMimeType": "application/json"}
     status, body = await generate(
-        http, server, inline_request(data, SEGMENT, "image/jpeg", config), model="gemini-3.5-flash"
+        http, server, inline_request(data, SEGMENT, "image/jpeg", config), model="gemini-3.8-flash"
     )
     assert status == 200
     boxes = json.loads(answer_text(body))["boxes"]

@@ -15,10 +15,11 @@ import pytest
 from PIL import Image
 from pycocotools import mask as cocomask
 
+from pipeline import exits
 from pipeline import runner as runner_module
 from pipeline.gemini import GeminiClient
 from pipeline.localserver import LocalServer, ServerOptions
-from pipeline.runner import EXIT_OK, EXIT_ROWS_NOT_OK, EXIT_STOPPED, Runner, RunOptions
+from pipeline.runner import Runner, RunOptions
 from tests.conftest import box_iou, draw_shapes, make_config, mask_iou, read_rows
 
 pillow_heif.register_heif_opener()
@@ -75,7 +76,7 @@ async def test_geometry_end_to_end(images_dir: Path, tmp_path: Path, kind: str) 
         truth[name] = (w, h, shapes)
 
     summary = await run(make_config(tmp_path, task={"kind": kind}))
-    assert summary.exit_code == EXIT_OK, summary
+    assert summary.exit_code == exits.OK, summary
     rows = _current(read_rows(tmp_path / "out"))
     assert set(rows) == set(truth)
     for name, (w, h, shapes) in truth.items():
@@ -165,7 +166,7 @@ async def test_bad_files_become_error_rows(images_dir: Path, tmp_path: Path) -> 
 
     config = make_config(tmp_path, input={"follow_symlinks": True})
     summary = await run(config)
-    assert summary.exit_code == EXIT_ROWS_NOT_OK
+    assert summary.exit_code == exits.ROWS_NOT_OK
     rows = _current(read_rows(tmp_path / "out"))
     assert rows["good.png"]["status"] == "ok"
     assert rows["ünïcødé 画像 name.png"]["status"] == "ok"
@@ -183,7 +184,7 @@ async def test_resume_retry_errors_and_changed_prompt(images_dir: Path, tmp_path
     (images_dir / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     config = make_config(tmp_path)
     first = await run(config)
-    assert first.api_calls == 4 and first.exit_code == EXIT_ROWS_NOT_OK
+    assert first.api_calls == 4 and first.exit_code == exits.ROWS_NOT_OK
 
     again = await run(config)  # nothing new: error rows are not redone by default
     assert (again.api_calls, again.skipped, sum(again.rows.values())) == (0, 5, 0)
@@ -235,15 +236,15 @@ async def test_daily_limit_stops_cleanly_and_says_when(images_dir: Path, tmp_pat
         draw_shapes(256, 256, seed=200 + i, count=1)[0].save(images_dir / f"d{i}.png")
     config = make_config(tmp_path, limits={"rpd": 3, "concurrency": 1})
     summary = await run(config)
-    assert summary.exit_code == EXIT_STOPPED
+    assert summary.exit_code == exits.STOPPED
     assert summary.api_calls == 3
     assert "midnight Pacific" in summary.resume_hint
     assert len(read_rows(tmp_path / "out")) == 3
     again = await run(config)  # same quota day: nothing more is sent
-    assert again.api_calls == 0 and again.exit_code == EXIT_STOPPED
+    assert again.api_calls == 0 and again.exit_code == exits.STOPPED
     summaries = list((tmp_path / "out" / "runs").glob("*.json"))
     assert len(summaries) == 2
-    assert json.loads(summaries[0].read_text())["exit_code"] == EXIT_STOPPED
+    assert json.loads(summaries[0].read_text())["exit_code"] == exits.STOPPED
 
 
 async def test_upload_mode_reuses_and_deletes(
@@ -256,7 +257,7 @@ async def test_upload_mode_reuses_and_deletes(
         api = {"base_url": server.base_url}
         config = make_config(tmp_path, api=api, images={"mode": "upload", "delete_uploads": False})
         first = await run(config)
-        assert first.exit_code == EXIT_OK and first.uploads == 3
+        assert first.exit_code == exits.OK and first.uploads == 3
         rows = read_rows(tmp_path / "out")
         assert {r["input_mode"] for r in rows} == {"upload"}
         # Another task over the same bytes reuses the living uploads, then deletes them.
@@ -267,7 +268,7 @@ async def test_upload_mode_reuses_and_deletes(
             images={"mode": "upload", "delete_uploads": True},
         )
         second = await run(detect)
-        assert second.exit_code == EXIT_OK
+        assert second.exit_code == exits.OK
         assert (second.uploads, second.uploads_reused) == (0, 3)
         async with GeminiClient("test-key", base_url=server.base_url) as client:
             assert await client.list_files() == []
@@ -280,7 +281,7 @@ async def test_upload_mode_reuses_and_deletes(
                 await client.delete_file(info.name)
         task = {"kind": "custom", "prompt": "Count the shapes. Answer as JSON."}
         fourth = await run(make_config(tmp_path, api=api, task=task, images=keep))
-        assert fourth.exit_code == EXIT_OK
+        assert fourth.exit_code == exits.OK
         assert (fourth.uploads_reused, fourth.uploads) == (3, 3)
 
 
@@ -305,7 +306,7 @@ async def test_interactions_flavor(images_dir: Path, tmp_path: Path) -> None:
         task={"kind": "detect"},
     )
     summary = await run(config)
-    assert summary.exit_code == EXIT_OK
+    assert summary.exit_code == exits.OK
     (row,) = read_rows(tmp_path / "out")
     assert row["objects"] and row["prompt_tokens"] >= 1120  # Gemini 3's default image budget
     assert row["est_image_tokens"] == 1120
@@ -318,7 +319,7 @@ async def test_api_key_never_leaks(
     monkeypatch.setenv("GEMINI_API_KEY", secret)
     draw_shapes(256, 256, seed=9)[0].save(images_dir / "k.png")
     summary = await run(make_config(tmp_path), progress=True)
-    assert summary.exit_code == EXIT_OK
+    assert summary.exit_code == exits.OK
     captured = capsys.readouterr()
     for path in (tmp_path / "out").rglob("*"):
         if path.is_file():
@@ -347,7 +348,7 @@ async def test_429_storm_slows_the_pool_and_loses_nothing(
         summary = await run(config)
         stats = server.stats()
     assert summary.throttled > 0
-    assert summary.exit_code == EXIT_OK, summary.rows
+    assert summary.exit_code == exits.OK, summary.rows
     rows = read_rows(tmp_path / "out")
     assert sorted(r["image_path"] for r in rows) == [f"s{i:02d}.png" for i in range(24)]
     assert max(r["attempts"] for r in rows) > 1

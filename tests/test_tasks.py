@@ -90,6 +90,31 @@ def test_detect_request_on_gemini_3_keeps_temperature_default_and_thinks_minimal
     assert high.media_resolution == "medium"
 
 
+@pytest.mark.parametrize(
+    ("model", "lowest"),
+    [
+        ("gemini-3-flash-preview", "minimal"),
+        ("gemini-3.1-flash-lite", "minimal"),
+        ("gemini-3-pro-preview", "low"),
+        ("gemini-3.1-pro-preview", "low"),
+        ("gemini-3.7-flash", "low"),
+        ("gemini-3.8-flash", "low"),  # a live 400 for "minimal": "Allowed values are: medium, ..."
+        ("gemini-flash-latest", "low"),  # aliases point at 3.x models, not 2.x
+    ],
+)
+def test_gemini_3_thinks_as_little_as_each_model_allows(model: str, lowest: str) -> None:
+    request = get_task("detect").request(settings("detect", model))
+    assert (request.thinking_budget, request.thinking_level) == (None, lowest)
+
+
+def test_interactions_never_carries_a_thinking_budget() -> None:
+    """The Interactions API has only thinking_level: a 2.5 model through it is sent none."""
+    request = get_task("detect").request(settings("detect", flavor="interactions"))
+    assert (request.thinking_budget, request.thinking_level) == (None, None)
+    with pytest.raises(ValueError, match="no thinking budget"):
+        get_task("detect").request(settings("detect", flavor="interactions", thinking_budget=0))
+
+
 def test_gemini_2_5_pro_gets_its_least_thinking_budget_since_it_cannot_turn_thinking_off() -> None:
     assert get_task("detect").request(settings("detect", "gemini-2.5-pro")).thinking_budget == 128
     lite = get_task("detect").request(settings("detect", "gemini-2.5-flash-lite"))
@@ -133,7 +158,9 @@ def test_every_setting_can_be_overridden() -> None:
     )
     assert request.max_output_tokens == 2048 and request.media_resolution == "low"
     assert request.response_schema["maxItems"] == 5
-    level = get_task("detect").request(settings("detect", thinking_level="high"))
+    level = get_task("detect").request(
+        settings("detect", "gemini-3.8-flash", thinking_level="high")
+    )
     assert (level.thinking_budget, level.thinking_level) == (None, "high")
     uncapped = get_task("detect").request(settings("detect", max_objects=0))
     assert "Limit to" not in uncapped.system_instruction
@@ -147,6 +174,8 @@ def test_every_setting_can_be_overridden() -> None:
     [
         ({"thinking_budget": 0, "thinking_level": "low"}, "not both"),
         ({"thinking_level": "max"}, "thinking_level"),
+        ({"thinking_level": "low"}, "'low' is refused by gemini-2.5-flash"),
+        ({"thinking_budget": 100_000}, "range \\[1, 24576\\]"),
         ({"media_resolution": "huge"}, "media_resolution"),
         ({"max_objects": -1}, "max_objects"),
         ({"labels": ("cat", " CAT ")}, "same label"),

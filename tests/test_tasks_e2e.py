@@ -14,12 +14,13 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
+from pipeline import exits
 from pipeline.dataset import current_rows
 from pipeline.export import export_coco
 from pipeline.gemini import parse_response
 from pipeline.render import render
 from pipeline.reparse import reparse
-from pipeline.runner import EXIT_OK, Runner, RunOptions
+from pipeline.runner import Runner, RunOptions
 from tests.conftest import draw_shapes, make_config, read_rows
 
 REPO = Path(__file__).resolve().parent.parent
@@ -43,7 +44,7 @@ async def run(config, **options):
 async def test_each_kind_on_the_samples(tmp_path: Path, kind: str, extra: dict) -> None:
     config = make_config(tmp_path, input={"paths": [str(SAMPLES)]}, task={"kind": kind, **extra})
     summary = await run(config)
-    assert summary.exit_code == EXIT_OK, summary.rows
+    assert summary.exit_code == exits.OK, summary.rows
     rows = read_rows(tmp_path / "out")
     truth = json.loads((REPO / "data" / "samples-truth.json").read_text())
     assert sorted(r["image_path"] for r in rows) == sorted(truth)
@@ -130,7 +131,7 @@ async def test_reparse_export_render_on_a_real_output(images_dir: Path, tmp_path
         draw_shapes(320, 240, seed=40 + i)[0].save(images_dir / f"r{i}.png")
     config = make_config(tmp_path)
     first = await run(config)
-    assert first.exit_code == EXIT_OK
+    assert first.exit_code == exits.OK
     before = {r["image_path"]: r for r in current_rows(tmp_path / "out").to_pylist()}
 
     report = await asyncio.to_thread(reparse, str(tmp_path / "out"), mask_threshold=254)

@@ -25,7 +25,7 @@ from typing import Any
 from aiohttp import web
 from PIL import Image
 
-from pipeline.gemini.tokens import image_tokens, model_family, text_tokens
+from pipeline.gemini.tokens import image_tokens, text_tokens
 from pipeline.localserver import errors
 from pipeline.localserver.answers import Answer, Ask, caption, render
 from pipeline.localserver.errors import ApiError
@@ -34,6 +34,7 @@ from pipeline.localserver.files import MAX_FILE_BYTES, FileStore, StoredFile, Up
 from pipeline.localserver.options import ServerOptions
 from pipeline.localserver.quotas import Quotas
 from pipeline.localserver.vision import Analysis, ImageDecodeError, analyse, open_image
+from pipeline.models import lookup
 
 SUPPORTED_IMAGE_TYPES = frozenset(
     {"image/png", "image/jpeg", "image/webp", "image/heic", "image/heif"}
@@ -401,7 +402,7 @@ class Service:
             await asyncio.wait_for(self.closing.wait(), self.options.hang_seconds)
 
     def _polygon_masks(self, model: str) -> bool:
-        return model.lower().startswith(self.options.polygon_models)
+        return lookup(model).segmentation == "polygon"
 
     # generateContent / countTokens
 
@@ -961,7 +962,7 @@ def _thinks(model: str, budget: Any, level: Any) -> bool:
         return _int_or_none(budget) != 0
     if level is not None:
         return str(level).lower() != "minimal"
-    return model_family(model) == "3" or "2.5" in model
+    return lookup(model).thinking.control != "none"
 
 
 def _int_or_none(value: Any) -> int | None:

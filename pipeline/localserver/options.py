@@ -24,7 +24,6 @@ class ServerOptions:
     file_processing_seconds: float = 0.0  # uploaded files are PROCESSING this long, then ACTIVE
     file_ttl_seconds: float = 48 * 3600
     quota_window_seconds: float = 60.0  # the RPM/TPM window; shorter only for tests
-    polygon_models: tuple[str, ...] = ("gemini-3.1", "gemini-3.5", "gemini-4")
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

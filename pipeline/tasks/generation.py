@@ -1,84 +1,106 @@
-"""Generation settings every task kind shares: the recommended defaults per model generation.
+"""Generation settings every task kind shares: the user's where given, else the model's defaults.
 
-Defaults (each applies only when the user left the setting None in [task]):
-- thinking off for spatial work: thinking_budget 0 on 2.5 Flash / Flash-Lite, 128 (the least it
-  takes: it cannot turn thinking off) on 2.5 Pro; thinking_level "minimal" on 3 Flash and "low"
-  on 3 Pro (Pro accepts only low / high); nothing on 1.5 / 2.0 (no thinking there).
-- temperature 0.5 on 1.5 / 2.0 / 2.5 (the cookbook's cure for repeated objects), left to the
-  service default (1.0) on 3, whose guide warns that lower values can loop.
-- media resolution: never set by default (service default, "high" on 3).
-- model names of no known generation get none of these (JSON mode and schemas still apply).
+What a model takes comes from the model table (`pipeline/models.py`); this module decides what to
+send from it. Each default applies only when the user left the setting unset in [task]:
+
+- thinking as low as the model allows, because spatial answers get no better with thought and
+  thinking tokens are billed as output: budget 0 on 2.5 Flash / Flash-Lite, 128 on 2.5 Pro (it
+  cannot turn thinking off), the lowest accepted level on 3.x (`minimal` on 3 Flash preview and
+  3.1 Flash-Lite, `low` on 3 Pro, 3.1 Pro, 3.5+), nothing on 1.5 / 2.0 or an unknown model. The
+  Interactions API has no thinking budget, so a 2.5 model called through it is sent none.
+- temperature: the table's recommendation (0.5 on 1.5-2.5, the cookbook's cure for repeated
+  objects); none on 3.x, whose guide warns that values below 1.0 can loop.
+- media resolution: never set by default. `ultra_high` exists only per image part.
+- schemas: a task's built-in schema is the OpenAPI subset (`responseSchema`); a user's schema is
+  JSON Schema and goes as `responseJsonSchema` where the model takes it.
+
+A setting the model refuses raises `SettingError` naming the [task] key, before any call: the
+service would answer 400 to every request of the run.
 """
 
 from __future__ import annotations
 
 import json
-import re
-from typing import Any, Literal
+from typing import Any
 
 from pipeline.gemini.types import GenerateRequest
+from pipeline.models import Model
 from pipeline.tasks.base import TaskSettings
 
-Generation = Literal["1.5", "2.0", "2.5", "3", "unknown"]
-THINKING_LEVELS = ("minimal", "low", "medium", "high")
-MEDIA_RESOLUTIONS = ("low", "medium", "high", "ultra_high")
-SPATIAL_TEMPERATURE = 0.5
-PRO_MIN_THINKING_BUDGET = 128  # 2.5 Pro's floor: 0 (off) is refused there
 DEFAULT_MAX_OBJECTS = 25
 
-_VERSION = re.compile(r"gemini-(\d+)(?:\.(\d+))?")
 
+class SettingError(ValueError):
+    """A [task] setting this model (or API flavour) refuses; `key` names it."""
 
-def model_generation(model: str) -> Generation:
-    """Which defaults apply to a model name: "1.5", "2.0", "2.5", "3" or "unknown".
-
-    Finer than tokens.model_family (which folds 2.0 into 2.5) because 2.0 cannot think.
-    """
-    match = _VERSION.search(model.lower().removeprefix("models/"))
-    if not match:
-        return "unknown"
-    major, minor = int(match.group(1)), int(match.group(2) or 0)
-    if major >= 3:
-        return "3"
-    if major == 2:
-        return "2.5" if minor >= 5 else "2.0"
-    if major == 1:
-        return "1.5"
-    return "unknown"
-
-
-def _is_pro(model: str) -> bool:
-    return "-pro" in model.lower()
-
-
-def supports_json_schema(model: str) -> bool:
-    """Whether responseJsonSchema (full JSON Schema) is available; else only responseSchema."""
-    return model_generation(model) in ("2.5", "3", "unknown")
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+        self.message = message
 
 
 def max_objects(settings: TaskSettings) -> int:
     """The object cap asked for: the setting, 25 by default; 0 means no cap."""
     cap = DEFAULT_MAX_OBJECTS if settings.max_objects is None else settings.max_objects
     if cap < 0:
-        raise ValueError(f"max_objects must be >= 0, got {cap}")
+        raise SettingError("max_objects", f"must be >= 0, got {cap}")
     return cap
 
 
-def _thinking(settings: TaskSettings, generation: Generation) -> tuple[int | None, str | None]:
-    if settings.thinking_budget is not None and settings.thinking_level is not None:
-        raise ValueError("set thinking_budget or thinking_level, not both")
-    if settings.thinking_level is not None and settings.thinking_level not in THINKING_LEVELS:
-        raise ValueError(
-            f"thinking_level must be one of {', '.join(THINKING_LEVELS)}, "
-            f"got {settings.thinking_level!r}"
+def thinking(settings: TaskSettings) -> tuple[int | None, str | None]:
+    """(thinking_budget, thinking_level) to send: the user's, checked, else the lowest."""
+    spec, budget, level = settings.spec, settings.thinking_budget, settings.thinking_level
+    if budget is not None and level is not None:
+        raise SettingError("thinking_budget", "set thinking_budget or thinking_level, not both")
+    if level is not None:
+        _refuse("thinking_level", level, spec, spec.thinking.level_error(level))
+        return None, level
+    if budget is not None:
+        if settings.flavor == "interactions":
+            raise SettingError(
+                "thinking_budget",
+                "the Interactions API has no thinking budget (only thinking_level); "
+                'use flavor = "generateContent" to set one',
+            )
+        _refuse("thinking_budget", budget, spec, spec.thinking.budget_error(budget))
+        return budget, None
+    lowest_budget, lowest_level = spec.thinking.lowest()
+    if settings.flavor == "interactions":
+        return None, lowest_level
+    return lowest_budget, lowest_level
+
+
+def _refuse(key: str, value: Any, spec: Model, why: str | None) -> None:
+    if why is not None:
+        raise SettingError(key, f"{value!r} is refused by {spec.name}: {why}")
+
+
+def media_resolution(settings: TaskSettings) -> str | None:
+    """The media resolution to send, checked against what the model and API version take."""
+    level, spec = settings.media_resolution, settings.spec
+    if level is None:
+        return None
+    if level == "ultra_high" or settings.flavor == "interactions":
+        # Per image part: generateContent takes it on Gemini 3 and v1alpha only; Interactions
+        # has only the per-image `resolution` (documented for Gemini 3).
+        if settings.flavor == "interactions":
+            takes, where = bool(spec.part_media_resolution), "the Interactions API"
+        else:
+            takes = spec.part_resolution_on(settings.version)
+            where = f"API version {settings.version}"
+        if not takes:
+            raise SettingError(
+                "media_resolution",
+                f"{level!r} is set per image, which {spec.name} does not take on {where} "
+                "(per-image resolution is documented for Gemini 3, on v1alpha and Interactions)",
+            )
+        return level
+    if level not in spec.media_resolution:
+        takes = ", ".join(spec.media_resolution) or "none"
+        raise SettingError(
+            "media_resolution", f"{level!r} is refused by {spec.name} (it takes: {takes})"
         )
-    if settings.thinking_budget is not None or settings.thinking_level is not None:
-        return settings.thinking_budget, settings.thinking_level
-    if generation == "2.5":
-        return (PRO_MIN_THINKING_BUDGET if _is_pro(settings.model) else 0), None
-    if generation == "3":
-        return None, "low" if _is_pro(settings.model) else "minimal"
-    return None, None
+    return level
 
 
 def build_request(
@@ -93,18 +115,10 @@ def build_request(
     `system_lines` are task rules added after the user's system instruction (or alone);
     `default_schema` is the task's responseSchema, replaced by the user's schema if set.
     """
-    generation = model_generation(settings.model)
-    thinking_budget, thinking_level = _thinking(settings, generation)
+    thinking_budget, thinking_level = thinking(settings)
     temperature = settings.temperature
-    if temperature is None and generation in ("1.5", "2.0", "2.5"):
-        temperature = SPATIAL_TEMPERATURE
-    if settings.media_resolution is not None and settings.media_resolution not in (
-        MEDIA_RESOLUTIONS
-    ):
-        raise ValueError(
-            f"media_resolution must be one of {', '.join(MEDIA_RESOLUTIONS)}, "
-            f"got {settings.media_resolution!r}"
-        )
+    if temperature is None:
+        temperature = settings.spec.temperature
     parts = [settings.system_instruction.strip()] if settings.system_instruction else []
     parts += system_lines
     response_schema, response_json_schema = schemas(settings, default_schema)
@@ -119,7 +133,7 @@ def build_request(
         max_output_tokens=settings.max_output_tokens,
         thinking_budget=thinking_budget,
         thinking_level=thinking_level,
-        media_resolution=settings.media_resolution,  # type: ignore[arg-type]
+        media_resolution=media_resolution(settings),  # type: ignore[arg-type]
     )
 
 
@@ -130,14 +144,14 @@ def schemas(
 
     A task's built-in schema uses responseSchema (the OpenAPI subset every JSON-mode model
     takes). A user's schema (JSON Schema) goes as responseJsonSchema where the model has it
-    (2.5, 3) and as responseSchema on 1.5 / 2.0, where it must fit the OpenAPI subset.
-    An empty user schema ({}) sends no schema at all.
+    and as responseSchema elsewhere, where it must fit the OpenAPI subset. An empty user
+    schema ({}) sends no schema at all.
     """
     if settings.response_schema is None:
         return default, None
     if not settings.response_schema:
         return None, None
-    if supports_json_schema(settings.model):
+    if settings.spec.json_schema:
         return None, settings.response_schema
     return settings.response_schema, None
 

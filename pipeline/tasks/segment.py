@@ -28,7 +28,7 @@ from pipeline.records import Parsed
 from pipeline.tasks.answers import MaskReader, label_index, never_raises, read_objects
 from pipeline.tasks.base import TaskSettings
 from pipeline.tasks.detect import object_rules
-from pipeline.tasks.generation import build_request, quoted
+from pipeline.tasks.generation import SettingError, build_request, quoted
 
 SEED_PROMPT = (
     "Give the segmentation masks for {what}. Output a JSON list of segmentation masks where "
@@ -133,6 +133,10 @@ class SegmentTask:
     kind = "segment"
 
     def request(self, settings: TaskSettings) -> GenerateRequest:
+        if settings.spec.segmentation is None:
+            raise SettingError(
+                "kind", f"{settings.spec.name} does not return segmentation masks; use detect"
+            )
         if settings.labels:
             label_index(settings.labels)
         prompt = settings.prompt or (

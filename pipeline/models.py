@@ -1,0 +1,432 @@
+"""What each Gemini model takes, bills and answers: the one place the pipeline knows models.
+
+The facts live in `models.json` beside this module (each entry names its source); this module
+reads them into `Model` values and answers "which entry is this model id?". Tasks (thinking,
+temperature, schema form), token rules, `estimate` (prices), the request builder (media
+resolution) and the local server (what it accepts and how it answers segmentation) all ask here,
+so a new model is one JSON entry — or, for a user, one `[models."id"]` table in a config.
+
+Matching: aliases first (`gemini-flash-latest` -> `gemini-3.8-flash`), then the entry whose
+`match` prefix is the longest prefix of the id (`gemini-2.5-flash-lite-preview-09-2025` ->
+`gemini-2.5-flash-lite`, not `gemini-2.5-flash`). An id that matches nothing gets `UNKNOWN`'s
+conservative settings — no thinking setting, no media resolution, the OpenAPI schema subset,
+no temperature — and one warning per id, because sending a setting a model refuses fails every
+request of a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from functools import cache
+from importlib import resources
+from typing import Any, Literal
+
+log = logging.getLogger(__name__)
+
+THINKING_LEVELS = ("minimal", "low", "medium", "high")  # in increasing order of thought
+MEDIA_RESOLUTIONS = ("low", "medium", "high", "ultra_high")
+GLOBAL_MEDIA_RESOLUTIONS = ("low", "medium", "high")  # ultra_high exists per image part only
+TOKEN_RULES = ("tiles_1_5", "tiles", "budget")
+MASK_SHAPES = ("png", "polygon")
+ThinkingControl = Literal["none", "budget", "level"]
+
+
+class ModelTableError(ValueError):
+    """A model entry (the data file's or a config's) that cannot be used; names the field."""
+
+
+@dataclass(frozen=True, slots=True)
+class Thinking:
+    """How a model's thinking is set: not at all, by a token budget (2.5), or by a level (3.x)."""
+
+    control: ThinkingControl = "none"
+    levels: tuple[str, ...] = ()  # level control: accepted levels, lowest first
+    min: int | None = None  # budget control: the smallest budget that turns thinking on
+    max: int | None = None
+    off: bool = False  # budget control: 0 (thinking off) is accepted
+
+    def lowest(self) -> tuple[int | None, str | None]:
+        """(budget, level) for "as little thinking as the model allows" (the spatial default)."""
+        if self.control == "budget":
+            return (0 if self.off else self.min), None
+        if self.control == "level":
+            return None, self.levels[0]
+        return None, None
+
+    def level_error(self, level: str) -> str | None:
+        """Why `level` is refused (the service's wording), or None when it is accepted."""
+        if self.control != "level":
+            return "this model takes no thinking level" + _budget_hint(self)
+        if level not in self.levels:
+            # the order of the live message ("Allowed values are: medium, low, high.")
+            shown = sorted(
+                self.levels, key=lambda name: (name != "medium", self.levels.index(name))
+            )
+            allowed = ", ".join(shown)
+            return (
+                f"'{level}' is not a supported thinking level for this model. "
+                f"Allowed values are: {allowed}."
+            )
+        return None
+
+    def budget_error(self, budget: int) -> str | None:
+        """Why `budget` is refused, or None. -1 (dynamic) is accepted wherever budgets are."""
+        if self.control != "budget":
+            return "this model takes no thinking budget" + _level_hint(self)
+        if budget == -1 or (budget == 0 and self.off):
+            return None
+        assert self.min is not None and self.max is not None
+        if not self.min <= budget <= self.max:
+            zero = "0 (off), " if self.off else ""
+            return (
+                f"The thinking budget {budget} is invalid. This model only supports thinking "
+                f"budgets in the range [{self.min}, {self.max}] ({zero}-1 for dynamic)."
+            )
+        return None
+
+    def describe(self) -> str:
+        if self.control == "level":
+            return "level " + "/".join(self.levels)
+        if self.control == "budget":
+            return f"budget {'0 or ' if self.off else ''}{self.min}-{self.max}"
+        return "none"
+
+
+def _budget_hint(thinking: Thinking) -> str:
+    return " (it takes a thinking budget)" if thinking.control == "budget" else ""
+
+
+def _level_hint(thinking: Thinking) -> str:
+    if thinking.control == "level":
+        return f" (it takes a thinking level: {', '.join(thinking.levels)})"
+    return ""
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """USD per 1M tokens for one period; output includes thinking. Batch Mode bills its own."""
+
+    input: float
+    output: float
+    batch_input: float
+    batch_output: float
+    until: date | None = None  # the last day (UTC) this price applies; None: open-ended
+
+    def cost(self, input_tokens: float, output_tokens: float, *, batch: bool = False) -> float:
+        rate_in, rate_out = (
+            (self.batch_input, self.batch_output) if batch else (self.input, self.output)
+        )
+        return (input_tokens * rate_in + output_tokens * rate_out) / 1e6
+
+
+@dataclass(frozen=True, slots=True)
+class Model:
+    """One entry of the table. `known` is False for the conservative stand-in of an unknown id."""
+
+    name: str
+    match: tuple[str, ...]
+    generation: str  # "1.5", "2.0", "2.5", "3", "3.1", ...
+    tokens: str  # one of TOKEN_RULES
+    thinking: Thinking
+    temperature: float | None  # recommended for spatial work; None: the service default
+    segmentation: str | None  # mask shape answered: "png", "polygon", or None (no masks)
+    json_schema: bool  # generationConfig.responseJsonSchema (full JSON Schema) accepted
+    media_resolution: tuple[str, ...]  # levels of the global generationConfig.mediaResolution
+    part_media_resolution: tuple[str, ...]  # API versions taking a per-image resolution
+    interactions: bool  # served by the Interactions API
+    batch: bool  # served by Batch Mode
+    prices: tuple[Price, ...] = ()
+    source: str = ""
+    known: bool = True
+
+    def price(self, on: date | None = None) -> Price | None:
+        """The price that applies on `on` (today, UTC, by default); None when none is known."""
+        day = on or datetime.now(UTC).date()
+        for period in self.prices:
+            if period.until is None or day <= period.until:
+                return period
+        return self.prices[-1] if self.prices else None
+
+    def part_resolution_on(self, version: str) -> bool:
+        """Whether a per-image media resolution is accepted on this API version."""
+        return version in self.part_media_resolution
+
+
+UNKNOWN = Model(
+    name="(unknown model)",
+    match=(),
+    generation="unknown",
+    tokens="tiles",
+    thinking=Thinking(),
+    temperature=None,
+    segmentation="png",
+    json_schema=False,
+    media_resolution=(),
+    part_media_resolution=(),
+    interactions=True,
+    batch=True,
+    source="no entry matches: conservative settings (nothing the model might refuse is sent)",
+    known=False,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelTable:
+    """The entries and aliases, with a config's additions merged in."""
+
+    models: tuple[Model, ...]
+    aliases: Mapping[str, str] = field(default_factory=dict)
+
+    def lookup(self, model_id: str) -> Model:
+        """The entry for `model_id` (aliases first, then the longest `match` prefix)."""
+        name = model_id.removeprefix("models/").strip().lower()
+        name = self.aliases.get(name, name).lower()
+        best: Model | None = None
+        best_length = -1
+        for entry in self.models:
+            for prefix in entry.match:
+                if name.startswith(prefix) and len(prefix) > best_length:
+                    best, best_length = entry, len(prefix)
+        if best is None:
+            _warn_unknown(model_id)
+            return dataclasses.replace(UNKNOWN, name=name)
+        return best
+
+    def is_known(self, model_id: str) -> bool:
+        name = model_id.removeprefix("models/").strip().lower()
+        name = self.aliases.get(name, name).lower()
+        return any(name.startswith(p) for entry in self.models for p in entry.match)
+
+    def entry(self, name: str) -> Model | None:
+        """The entry named exactly `name` (not matched by prefix)."""
+        return next((m for m in self.models if m.name == name), None)
+
+    def with_entries(self, tables: Mapping[str, Any]) -> ModelTable:
+        """This table plus user entries (`[models."id"]`): each may start `like` an entry."""
+        models = list(self.models)
+        for name, table in tables.items():
+            base = self._base_for(name, table)
+            entry = parse_entry(name, table, base)
+            models = [m for m in models if m.name != entry.name] + [entry]
+        return ModelTable(tuple(models), self.aliases)
+
+    def _base_for(self, name: str, table: Any) -> Model | None:
+        if not isinstance(table, Mapping):
+            raise ModelTableError("must be a table")
+        like = table.get("like")
+        if like is None:
+            return self.entry(name)
+        if not isinstance(like, str) or self.entry(like) is None:
+            names = ", ".join(m.name for m in self.models)
+            raise ModelTableError(f"like must name an entry of the table ({names}), got {like!r}")
+        return self.entry(like)
+
+
+_warned: set[str] = set()
+
+
+def _warn_unknown(model_id: str) -> None:
+    if model_id not in _warned:
+        _warned.add(model_id)
+        log.warning(
+            "model %r matches no entry of the model table: sending no thinking, media "
+            "resolution or temperature setting (add it under [models.%s] to say what it takes)",
+            model_id,
+            json.dumps(model_id),
+        )
+
+
+# ---------------------------------------------------------------------------- the data file
+ENTRY_FIELDS = (
+    "like",
+    "match",
+    "generation",
+    "tokens",
+    "thinking",
+    "temperature",
+    "segmentation",
+    "json_schema",
+    "media_resolution",
+    "part_media_resolution",
+    "interactions",
+    "batch",
+    "prices",
+    "source",
+)
+_REQUIRED = ("generation", "tokens", "thinking")
+
+
+def parse_entry(name: str, table: Mapping[str, Any], base: Model | None = None) -> Model:
+    """A model entry from JSON or TOML; fields missing here come from `base` (its `like`)."""
+    unknown = set(table) - set(ENTRY_FIELDS) - {"name"}
+    if unknown:
+        raise ModelTableError(
+            f"unknown field {sorted(unknown)[0]} (known: {', '.join(ENTRY_FIELDS)})"
+        )
+    if base is None:
+        missing = [key for key in _REQUIRED if key not in table]
+        if missing:
+            raise ModelTableError(f"{missing[0]} is required (or start from an entry with like)")
+    start = base or dataclasses.replace(UNKNOWN, known=True, source="")
+    values: dict[str, Any] = {"name": name, "match": (name.lower(),)}
+    for key, read in _READERS.items():
+        if key in table:
+            values[key] = _read(key, read, table[key])
+    if base is not None and "match" not in table:
+        values["match"] = (name.lower(),)
+    return dataclasses.replace(start, **values)
+
+
+def _read(key: str, read: Any, value: Any) -> Any:
+    try:
+        return read(value)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ModelTableError(f"{key}: {exc}") from None
+
+
+def _strings(value: Any, choices: Iterable[str] | None = None) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise TypeError("must be a list of strings")
+    if choices is not None:
+        allowed = tuple(choices)
+        for item in value:
+            if item not in allowed:
+                raise ValueError(f"{item!r} is not one of {', '.join(allowed)}")
+    return tuple(value)
+
+
+def _one_of(*choices: str | None) -> Any:
+    def read(value: Any) -> Any:
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(str(c) for c in choices)}")
+        return value
+
+    return read
+
+
+def _flag(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError("must be true or false")
+    return value
+
+
+def _temperature(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 2:
+        raise ValueError("must be a number between 0 and 2, or null")
+    return float(value)
+
+
+def _thinking(value: Any) -> Thinking:
+    if not isinstance(value, Mapping):
+        raise TypeError("must be a table with control = none | budget | level")
+    control = value.get("control")
+    if control == "none":
+        return Thinking()
+    if control == "level":
+        levels = _strings(value.get("levels"), THINKING_LEVELS)
+        if not levels:
+            raise ValueError("levels must not be empty")
+        return Thinking("level", levels=tuple(sorted(levels, key=THINKING_LEVELS.index)))
+    if control == "budget":
+        low, high = value.get("min"), value.get("max")
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (low, high)):
+            raise TypeError("min and max must be integers")
+        if not 0 < low <= high:
+            raise ValueError("needs 0 < min <= max")
+        return Thinking("budget", min=low, max=high, off=_flag(value.get("off", False)))
+    raise ValueError("control must be none, budget or level")
+
+
+def _prices(value: Any) -> tuple[Price, ...]:
+    if isinstance(value, Mapping):
+        value = [value]
+    if not isinstance(value, list):
+        raise TypeError("must be a list of {input, output[, until, batch_input, batch_output]}")
+    return tuple(_price(item) for item in value)
+
+
+def _price(item: Any) -> Price:
+    if not isinstance(item, Mapping):
+        raise TypeError("each price must be a table")
+    numbers = {}
+    for key in ("input", "output", "batch_input", "batch_output"):
+        number = item.get(key)
+        if number is None and key.startswith("batch_"):
+            number = numbers[key.removeprefix("batch_")] / 2  # Batch Mode: half the price
+        if isinstance(number, bool) or not isinstance(number, int | float) or number < 0:
+            raise ValueError(f"{key} must be a number >= 0")
+        numbers[key] = float(number)
+    until = item.get("until")
+    if until is not None:
+        until = date.fromisoformat(str(until))
+    return Price(**numbers, until=until)
+
+
+_READERS: dict[str, Any] = {
+    "match": lambda v: tuple(p.lower() for p in _strings(v)),
+    "generation": lambda v: str(_strings([v])[0]),
+    "tokens": _one_of(*TOKEN_RULES),
+    "thinking": _thinking,
+    "temperature": _temperature,
+    "segmentation": _one_of(*MASK_SHAPES, None),
+    "json_schema": _flag,
+    "media_resolution": lambda v: _strings(v, GLOBAL_MEDIA_RESOLUTIONS),
+    "part_media_resolution": _strings,
+    "interactions": _flag,
+    "batch": _flag,
+    "prices": _prices,
+    "source": lambda v: str(v),
+}
+
+
+@cache
+def default_table() -> ModelTable:
+    """The table in `models.json` (read once)."""
+    text = resources.files("pipeline").joinpath("models.json").read_text(encoding="utf-8")
+    document = json.loads(text)
+    models = []
+    for entry in document["models"]:
+        try:
+            models.append(parse_entry(entry["name"], entry))
+        except ModelTableError as exc:
+            raise ModelTableError(f"models.json: {entry.get('name')}: {exc}") from None
+    aliases = {k.lower(): v for k, v in document.get("aliases", {}).items()}
+    return ModelTable(tuple(models), aliases)
+
+
+def lookup(model_id: str, table: ModelTable | None = None) -> Model:
+    """The entry for `model_id` in `table` (the default table when None)."""
+    return (table or default_table()).lookup(model_id)
+
+
+def describe_table(table: ModelTable | None = None, *, on: date | None = None) -> list[str]:
+    """The table as `pipeline models` prints it: one line per entry, then the aliases."""
+    table = table or default_table()
+    header = (
+        f"{'model':<24} {'gen':<4} {'tokens':<9} {'thinking (lowest first)':<26} {'temp':<5} "
+        f"{'masks':<8} {'schema':<7} {'media res.':<16} {'API':<6} {'USD/1M in, out':<15}"
+    )
+    lines = [header]
+    for m in table.models:
+        price = m.price(on)
+        money = f"{price.input:g}, {price.output:g}" if price else "-"
+        media = "/".join(m.media_resolution) or "-"
+        if m.part_media_resolution:
+            media += f" +part({','.join(m.part_media_resolution)})"
+        api = "gc" + ("+i" if m.interactions else "") + ("+b" if m.batch else "")
+        lines.append(
+            f"{m.name:<24} {m.generation:<4} {m.tokens:<9} {m.thinking.describe():<26} "
+            f"{'-' if m.temperature is None else f'{m.temperature:g}':<5} "
+            f"{m.segmentation or '-':<8} {'json' if m.json_schema else 'openapi':<7} "
+            f"{media:<16} {api:<6} {money:<15}"
+        )
+    for alias, target in sorted(table.aliases.items()):
+        lines.append(f"alias {alias} -> {target}")
+    return lines
