@@ -142,3 +142,97 @@ def storable(text: str) -> str:
     Idempotent, so a fingerprint of a stored path equals the fingerprint of the path as found.
     """
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+# ------------------------------------------------------------------------- rows -> Arrow
+INT32_MAX = 2**31 - 1
+# Columns a row keeps when it cannot be stored as it is: who it is, what was paid, the answer.
+_KEPT_WHEN_UNSTORABLE = (
+    "key",
+    "image_path",
+    "image_root",
+    "image_sha256",
+    "file_size",
+    "file_mtime_ns",
+    "task",
+    "model",
+    "finish_reason",
+    "raw_response",
+    "input_mode",
+    "run_id",
+    "completed_at",
+)
+
+
+def int32_or_none(value: object) -> int | None:
+    """A count for an int32 column, or None when it does not fit (a hostile usageMetadata)."""
+    if (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and -INT32_MAX - 1 <= value <= INT32_MAX
+    ):
+        return value
+    return None
+
+
+def to_table(rows: list[dict[str, Any]]) -> tuple[pa.Table, list[str]]:
+    """Rows -> a ROW_SCHEMA table, column by column; never loses a row.
+
+    A row that cannot be encoded (a value beyond its column's range that slipped past the row
+    builder, a wrong type) is replaced by an error row that keeps its identity and raw answer, so
+    a rerun neither re-pays it nor loses the batch around it. Returns the reasons for those rows.
+    """
+    try:
+        return _table(rows), []
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError):
+        pass  # find the rows at fault one by one: rare, so the slow path is fine
+    kept, reasons = [], []
+    for row in rows:
+        try:
+            _table([row])
+            kept.append(row)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError) as exc:
+            reason = f"row could not be stored ({_first_line(exc)}); the raw answer is kept"
+            reasons.append(reason)
+            kept.append(unstorable_row(row, reason))
+    return _table(kept), reasons
+
+
+def unstorable_row(row: dict[str, Any], reason: str) -> dict[str, Any]:
+    kept = {name: row.get(name) for name in _KEPT_WHEN_UNSTORABLE}
+    for name, value in kept.items():
+        if not isinstance(value, str | int | type(None)) or (
+            name in ("file_size", "file_mtime_ns") and not isinstance(value, int)
+        ):
+            kept[name] = value if name == "completed_at" else None
+    return {**kept, "status": "error", "error": reason}
+
+
+def _table(rows: list[dict[str, Any]]) -> pa.Table:
+    arrays = []
+    for field_ in ROW_SCHEMA:
+        values = [row.get(field_.name) for row in rows]
+        try:
+            arrays.append(pa.array(values, type=field_.type))
+        except UnicodeEncodeError:
+            # A lone surrogate (an undecodable file name in an error message, a "\udcff" escape
+            # in a model's JSON) must not cost the row: store it as \xNN text instead.
+            arrays.append(pa.array(_storable_deep(values), type=field_.type))
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError) as exc:
+            raise ValueError(f"column {field_.name!r}: {_first_line(exc)}") from None
+    return pa.Table.from_arrays(arrays, schema=ROW_SCHEMA)
+
+
+def _storable_deep(value: Any) -> Any:
+    if isinstance(value, str):
+        return storable(value)
+    if isinstance(value, dict):
+        return {key: _storable_deep(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_storable_deep(item) for item in value]
+    return value
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]

@@ -198,6 +198,16 @@ class Runner:
             self.state = State(out)
             stack.callback(self.state.close)
             self.requests_today = self.saved_requests = self.state.requests_on(self.day)
+            # The sink first: opening it recovers a killed run's journal, which the resume
+            # index must see, or those paid answers would be bought again.
+            self.sink = await stack.enter_async_context(
+                ParquetSink(
+                    out,
+                    self.run_id,
+                    rows_per_part=self.config.output.rows_per_part,
+                    flush_seconds=self.config.output.flush_seconds,
+                )
+            )
             index = await asyncio.to_thread(
                 load_resume_index,
                 out,
@@ -219,14 +229,6 @@ class Runner:
                 self.config.limits.rpm,
                 self.config.limits.tpm,
                 burst_seconds=self.config.limits.burst_seconds,
-            )
-            self.sink = await stack.enter_async_context(
-                ParquetSink(
-                    out,
-                    self.run_id,
-                    rows_per_part=self.config.output.rows_per_part,
-                    flush_seconds=self.config.output.flush_seconds,
-                )
             )
             producer = _Producer(self.config, index, self.options.limit)
             self.producer = producer

@@ -1,37 +1,47 @@
-"""Rows -> Parquet part files that are whole or absent, written off the event loop.
+"""Rows -> a durable journal within about a second -> Parquet parts that are whole or absent.
 
-A part is written under a hidden temporary name (`.part-….parquet.tmp`, which no reader
-looks at), fsynced, renamed to `part-<run_id>-<seq>.parquet` and the directory fsynced: after
-a kill -9 at any instant a part is either complete or not there, so the committed parts are the
-run's state and a rerun redoes only what was in flight. One sink writes an output directory at a
-time (an advisory lock says so), which is what makes deleting a killed run's temporary files safe.
+One writer task owns the output: `add()` puts a row on a bounded queue (back-pressure when the
+disk is behind) and the writer appends rows to the journal (`pipeline/journal.py`) in small
+fsynced groups — at most `sync_rows` rows or `sync_seconds` after the oldest undurable row — then
+commits each journal segment as one zstd part of ROW_SCHEMA (`rows_per_part` rows, or
+`flush_seconds` after the segment's first row, or on `flush()`) and deletes the segment. Parts are
+written under a hidden temporary name, fsynced and renamed (`pipeline/fsutil.py`), so after a
+kill -9 at any instant a part is whole or absent and every acknowledged row is in a part or in a
+segment that the next writer turns into its part (`recover`) without a call.
+
+One sink writes an output directory at a time (an advisory lock says so), which is what makes
+recovering segments and deleting a killed run's temporary files safe.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import fcntl
 import logging
 import os
 import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.records import ROW_SCHEMA, storable
+from pipeline import journal
+from pipeline.fsutil import atomic_write, fsync_dir, is_temp
+from pipeline.records import ROW_SCHEMA, to_table
 
 log = logging.getLogger(__name__)
 
 LOCK_FILE = ".sink.lock"
-TEMP_PREFIX = ".part-"
-TEMP_SUFFIX = ".parquet.tmp"
 COMPRESSION = "zstd"
+SYNC_ROWS = 256  # an answer is durable after at most this many others ...
+SYNC_SECONDS = 1.0  # ... or this long, whichever comes first
+QUEUE_ROWS = 1024  # rows waiting for the writer before add() waits (back-pressure)
 _COLUMNS = frozenset(ROW_SCHEMA.names)
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -40,13 +50,29 @@ class OutputDirBusy(RuntimeError):
     """Another sink (another run) is writing the same output directory."""
 
 
-class ParquetSink:
-    """Buffers row dicts and commits them as zstd Parquet parts of ROW_SCHEMA.
+class SinkFailed(RuntimeError):
+    """The sink could not make rows durable (a full disk, a read-only folder): the run must stop.
+    Rows already in the journal are safe; the next run commits them."""
 
-    A part is written when `rows_per_part` rows are buffered, `flush_seconds` after the oldest
-    buffered row arrived, on `flush()` and on `close()`. Writes run in a thread, one at a time;
-    while one is running the next part keeps filling, and `add()` waits once that part is full
-    too, so memory holds at most about two parts however slow the disk is.
+
+@dataclass(slots=True)
+class _Flush:
+    """A request to the writer: make the journal durable now; with `part`, commit a part too."""
+
+    done: asyncio.Future[None]
+    part: bool
+
+
+@dataclass(slots=True)
+class _Pending:
+    """Rows received but not yet durable, and when the oldest of them arrived."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    since: float = 0.0
+
+
+class ParquetSink:
+    """The output's single writer. Use as `async with ParquetSink(dir, run_id) as sink`.
 
     Rows are dicts keyed by ROW_SCHEMA's column names; missing columns are null, except `run_id`
     (this sink's) and `completed_at` (the time of `add`), which readers need to order rows.
@@ -59,33 +85,45 @@ class ParquetSink:
         *,
         rows_per_part: int = 5000,
         flush_seconds: float = 30.0,
+        sync_rows: int = SYNC_ROWS,
+        sync_seconds: float = SYNC_SECONDS,
     ) -> None:
         if not _RUN_ID.fullmatch(run_id):
             raise ValueError(f"run_id {run_id!r} is not usable in a file name")
-        if rows_per_part < 1:
-            raise ValueError(f"rows_per_part must be >= 1, got {rows_per_part}")
-        if not flush_seconds > 0:
-            raise ValueError(f"flush_seconds must be > 0, got {flush_seconds}")
+        if rows_per_part < 1 or sync_rows < 1:
+            raise ValueError("rows_per_part and sync_rows must be >= 1")
+        if not flush_seconds > 0 or not sync_seconds > 0:
+            raise ValueError("flush_seconds and sync_seconds must be > 0")
         self.output_dir = Path(output_dir)
         self.run_id = run_id
         self.rows_per_part = rows_per_part
         self.flush_seconds = flush_seconds
-        self.rows_written = 0
+        self.sync_rows = sync_rows
+        self.sync_seconds = sync_seconds
+        self.rows_written = 0  # in committed parts
+        self.rows_durable = 0  # in the journal or in parts
         self.parts_written = 0
-        self._buffer: list[dict[str, Any]] = []
-        self._write_lock = asyncio.Lock()
-        self._committed = asyncio.Condition()
-        self._writing: asyncio.Task[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._timed_flush: asyncio.Task[None] | None = None
-        self._pending_error: BaseException | None = None
+        self.unstorable = 0  # rows replaced by an error row because they could not be encoded
+        self._queue: asyncio.Queue[dict[str, Any] | _Flush | None] = asyncio.Queue(QUEUE_ROWS)
+        self._pending = _Pending()
+        self._segment: journal.Segment | None = None
+        self._segment_started = 0.0
+        self._committing: asyncio.Task[None] | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self._failure: BaseException | None = None
         self._lock_fd: int | None = None
         self._seq = 0
-        self._closed = False
 
     # ----------------------------------------------------------------------------- lifecycle
     async def __aenter__(self) -> ParquetSink:
-        await asyncio.to_thread(self._open)
+        self._lock_fd = await asyncio.to_thread(_lock, self.output_dir)
+        try:
+            await asyncio.to_thread(recover_locked, self.output_dir)
+            self._seq = _next_seq(self.output_dir, self.run_id)
+        except BaseException:
+            _unlock(self._lock_fd)
+            raise
+        self._writer = asyncio.create_task(self._run(), name="gvp-sink-writer")
         return self
 
     async def __aexit__(
@@ -96,206 +134,269 @@ class ParquetSink:
     ) -> None:
         await self.close()
 
-    def _open(self) -> None:
-        """Lock the directory, remove a killed run's temporary parts, find the next sequence."""
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.output_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise OutputDirBusy(
-                f"{self.output_dir} is being written by another run; wait for it to finish"
-            ) from None
-        self._lock_fd = fd
-        taken = re.compile(rf"part-{re.escape(self.run_id)}-(\d+)\.parquet")
-        for entry in os.scandir(self.output_dir):
-            if entry.name.startswith(TEMP_PREFIX) and entry.name.endswith(TEMP_SUFFIX):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(entry.path)
-                log.info("removed an unfinished part left by a killed run: %s", entry.name)
-            elif match := taken.fullmatch(entry.name):
-                # The same run id again (a caller's choice): never overwrite a committed part.
-                self._seq = max(self._seq, int(match.group(1)) + 1)
-
     async def close(self) -> None:
-        """Write what is buffered, wait for the write, release the directory. Idempotent."""
-        if self._closed:
+        """Commit everything received, stop the writer, release the directory. Idempotent."""
+        if self._writer is None:
             return
+        writer, self._writer = self._writer, None
         try:
-            if self._lock_fd is not None:
-                await self._write_buffered(full_only=False)
+            if not writer.done():
+                await self._queue.put(None)
+            await asyncio.shield(writer)
         finally:
-            self._closed = True
-            self._cancel_timer()
-            if self._lock_fd is not None:
-                os.close(self._lock_fd)  # releases the flock
-                self._lock_fd = None
-        if self._pending_error is not None:
-            error, self._pending_error = self._pending_error, None
-            raise error
+            _unlock(self._lock_fd)
+            self._lock_fd = None
+        self._raise_failure()
 
     # ---------------------------------------------------------------------------------- rows
     async def add(self, row: dict[str, Any]) -> None:
-        """Buffer one row; waits only when a full part is already waiting behind a write."""
+        """Hand one row to the writer; waits only when the writer is a queue's length behind."""
         self._check_usable()
         unknown = row.keys() - _COLUMNS
         if unknown:
             raise ValueError(f"row has columns not in ROW_SCHEMA: {sorted(unknown)}")
-        while len(self._buffer) >= self.rows_per_part:  # back-pressure: the disk is behind
-            await self._write_buffered(full_only=True)
         if row.get("run_id") is None or row.get("completed_at") is None:
-            row = dict(row)
-            row["run_id"] = row.get("run_id") or self.run_id
+            row = {**row, "run_id": row.get("run_id") or self.run_id}
             row["completed_at"] = row.get("completed_at") or datetime.now(UTC)
-        self._buffer.append(row)
-        if len(self._buffer) == 1:
-            self._timer = asyncio.get_running_loop().call_later(self.flush_seconds, self._on_timer)
-        if len(self._buffer) >= self.rows_per_part and not self._write_lock.locked():
-            await self._write_buffered(full_only=True)
+        await self._put(row)
 
-    @property
-    def buffered(self) -> int:
-        """Rows added but not yet handed to a write."""
-        return len(self._buffer)
-
-    async def wait_written(self, rows: int) -> None:
-        """Wait until at least `rows` rows are committed (progress displays, tests)."""
-        async with self._committed:
-            await self._committed.wait_for(lambda: self.rows_written >= rows)
+    async def sync(self) -> None:
+        """Make every row added so far durable (in the journal) now."""
+        await self._request(part=False)
 
     async def flush(self) -> None:
-        """Commit every buffered row now (one part) and wait until it is on disk."""
+        """Make every row added so far durable and committed in a part now."""
+        await self._request(part=True)
+
+    async def _request(self, *, part: bool) -> None:
         self._check_usable()
-        await self._write_buffered(full_only=False)
+        done = asyncio.get_running_loop().create_future()
+        await self._put(_Flush(done, part))
+        writer = self._writer
+        assert writer is not None
+        await asyncio.wait([done, writer], return_when=asyncio.FIRST_COMPLETED)
+        if not done.done():  # the writer stopped before it got to this request
+            self._raise_failure()
+        done.result()
+
+    async def _put(self, item: dict[str, Any] | _Flush) -> None:
+        if not self._queue.full():
+            self._queue.put_nowait(item)
+            return
+        writer = self._writer
+        assert writer is not None
+        putting = asyncio.ensure_future(self._queue.put(item))
+        await asyncio.wait([putting, writer], return_when=asyncio.FIRST_COMPLETED)
+        if not putting.done():  # the writer died while we waited for room
+            putting.cancel()
+            self._raise_failure()
 
     def _check_usable(self) -> None:
-        if self._closed:
-            raise RuntimeError("the sink is closed")
-        if self._lock_fd is None:
-            raise RuntimeError("use the sink as `async with ParquetSink(...)`")
-        if self._pending_error is not None:
-            error, self._pending_error = self._pending_error, None
-            raise error
+        if self._writer is None:
+            raise RuntimeError("use the sink as `async with ParquetSink(...)`, before close()")
+        self._raise_failure()
 
-    # --------------------------------------------------------------------------------- writes
-    def _on_timer(self) -> None:
-        self._timer = None
-        self._timed_flush = asyncio.get_running_loop().create_task(self._flush_on_time())
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            raise SinkFailed(str(self._failure)) from self._failure
 
-    async def _flush_on_time(self) -> None:
+    # -------------------------------------------------------------------------------- writer
+    async def _run(self) -> None:
         try:
-            await self._write_buffered(full_only=False)
-        except Exception as exc:  # nobody awaits a timer: hand the error to the next caller
-            self._pending_error = self._pending_error or exc
+            while await self._serve_once():
+                pass
+            await self._journal_pending()
+            await self._commit_segment()
+            await self._wait_committed()
+        except BaseException as exc:
+            self._failure = self._failure or exc
+            self._fail_waiters()
+            if not isinstance(exc, Exception):
+                raise
 
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+    async def _serve_once(self) -> bool:
+        """Take what is queued (waiting at most until a deadline), act on it; False at close."""
+        items = await self._take(self._deadline())
+        flushes = [item for item in items if isinstance(item, _Flush)]
+        closing = None in items
+        for item in items:
+            if isinstance(item, dict):
+                self._receive(item)
+        now = time.monotonic()
+        if self._pending.rows and (
+            flushes
+            or closing
+            or len(self._pending.rows) >= self.sync_rows
+            or now - self._pending.since >= self.sync_seconds
+        ):
+            await self._journal_pending()
+        if self._segment is not None and (
+            any(f.part for f in flushes)
+            or len(self._segment.rows) >= self.rows_per_part
+            or now - self._segment_started >= self.flush_seconds
+        ):
+            await self._commit_segment()
+        if any(f.part for f in flushes):
+            await self._wait_committed()
+        for flush in flushes:
+            if not flush.done.done():
+                flush.done.set_result(None)
+        return not closing
 
-    async def _write_buffered(self, *, full_only: bool) -> None:
-        """Take the buffer as one part and write it; one write at a time, in order.
+    async def _take(self, deadline: float | None) -> list[Any]:
+        """Everything queued now, or wait for one item until `deadline` (monotonic)."""
+        items: list[Any] = []
+        while not self._queue.empty():
+            items.append(self._queue.get_nowait())
+        if items:
+            return items
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        with contextlib.suppress(TimeoutError):
+            items.append(await asyncio.wait_for(self._queue.get(), timeout))
+        return items
 
-        The write itself is a task of its own: if the caller is cancelled it still completes
-        (a half-counted part would be worse), and the next writer waits for it first.
-        """
-        async with self._write_lock:
-            if self._writing is not None:
-                await asyncio.wait([self._writing])
-                self._settle(self._writing)
-            if not self._buffer or (full_only and len(self._buffer) < self.rows_per_part):
-                return
-            batch, self._buffer = self._buffer, []
-            self._cancel_timer()
-            writing = asyncio.get_running_loop().create_task(self._commit(batch))
-            self._writing = writing
-            try:
-                await asyncio.shield(writing)
-            finally:
-                if writing.done():  # else the caller was cancelled: the next writer settles it
-                    self._writing = None
+    def _deadline(self) -> float | None:
+        deadlines = []
+        if self._pending.rows:
+            deadlines.append(self._pending.since + self.sync_seconds)
+        if self._segment is not None:
+            deadlines.append(self._segment_started + self.flush_seconds)
+        return min(deadlines, default=None)
 
-    def _settle(self, writing: asyncio.Task[None]) -> None:
-        """A write whose caller was cancelled: if it failed, the next caller hears of it."""
-        self._writing = None
-        if not writing.cancelled() and writing.exception() is not None:
-            self._pending_error = self._pending_error or writing.exception()
+    def _receive(self, row: dict[str, Any]) -> None:
+        if not self._pending.rows:
+            self._pending.since = time.monotonic()
+        self._pending.rows.append(row)
 
-    async def _commit(self, batch: list[dict[str, Any]]) -> None:
+    async def _journal_pending(self) -> None:
+        """Append the pending rows to segments, durably; a full segment is committed as a part
+        (so a part never holds more than `rows_per_part` rows)."""
+        rows, self._pending = self._pending.rows, _Pending()
+        while rows:
+            if self._segment is None:
+                path = self.output_dir / journal.segment_name(self.run_id, self._seq)
+                self._segment = await asyncio.to_thread(journal.Segment, path)
+                self._segment_started = time.monotonic()
+            segment = self._segment
+            group, rows = (
+                rows[: self.rows_per_part - len(segment.rows)],
+                rows[self.rows_per_part - len(segment.rows) :],
+            )
+            await asyncio.to_thread(segment.append, group, journal.encode(group))
+            self.rows_durable += len(group)
+            if len(segment.rows) >= self.rows_per_part:
+                await self._commit_segment()
+
+    async def _commit_segment(self) -> None:
+        """Close the open segment and write its part in the background (one write at a time:
+        a second waits for the first, which bounds memory to about two parts)."""
+        segment, self._segment = self._segment, None
+        if segment is None:
+            return
+        await self._wait_committed()
         seq = self._seq
         self._seq += 1
-        try:
-            table = await asyncio.to_thread(_to_table, batch)
-        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError) as exc:
-            # A malformed row would fail every retry: these rows are dropped (never committed,
-            # so a rerun redoes them) and the caller learns which column was wrong.
-            raise ValueError(f"{len(batch)} rows could not be converted: {exc}") from exc
-        try:
-            await asyncio.to_thread(self._write_part, table, seq)
-        except BaseException:
-            self._buffer[:0] = batch  # not committed: keep the rows for the next flush
-            if self._buffer and self._timer is None:
-                self._timer = asyncio.get_running_loop().call_later(
-                    self.flush_seconds, self._on_timer
-                )
-            raise
-        self.rows_written += len(batch)
+        self._committing = asyncio.create_task(self._commit(segment, seq))
+
+    async def _commit(self, segment: journal.Segment, seq: int) -> None:
+        segment.close()
+        final = self.output_dir / journal.part_name(self.run_id, seq)
+        reasons = await asyncio.to_thread(_write_part, final, segment.rows, segment.path)
+        self.unstorable += len(reasons)
+        for reason in reasons:
+            log.warning("%s: %s", final.name, reason)
+        self.rows_written += len(segment.rows)
         self.parts_written += 1
-        async with self._committed:
-            self._committed.notify_all()
 
-    def _write_part(self, table: pa.Table, seq: int) -> None:
-        name = f"part-{self.run_id}-{seq:05d}.parquet"
-        final = self.output_dir / name
-        temp = self.output_dir / f"{TEMP_PREFIX}{self.run_id}-{seq:05d}{TEMP_SUFFIX}"
-        try:
-            with open(temp, "wb") as file:
-                pq.write_table(table, file, compression=COMPRESSION)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temp, final)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temp)
-            raise
-        _fsync_dir(self.output_dir)
+    async def _wait_committed(self) -> None:
+        if self._committing is not None:
+            committing, self._committing = self._committing, None
+            await committing  # a failure propagates: _run records it and stops the writer
+
+    def _fail_waiters(self) -> None:
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if isinstance(item, _Flush) and not item.done.done():
+                item.done.set_exception(SinkFailed(str(self._failure)))
 
 
-def _to_table(batch: list[dict[str, Any]]) -> pa.Table:
-    """Row dicts -> a table, column by column (no per-row Arrow objects)."""
-    arrays = []
-    for field in ROW_SCHEMA:
-        values = [row.get(field.name) for row in batch]
-        try:
-            arrays.append(pa.array(values, type=field.type))
-        except UnicodeEncodeError:
-            # A lone surrogate (an undecodable file name in an error message, a "\udcff" escape
-            # in a model's JSON) must not cost the whole part: store it as \xNN text instead.
-            arrays.append(pa.array(_storable_deep(values), type=field.type))
-        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError) as exc:
-            raise ValueError(f"column {field.name!r}: {exc}") from None
-    return pa.Table.from_arrays(arrays, schema=ROW_SCHEMA)
+# ------------------------------------------------------------------------------ disk side
+def _write_part(final: Path, rows: list[dict[str, Any]], segment: Path | None) -> list[str]:
+    """Commit `rows` as the part `final`, then delete the journal segment they came from."""
+    table, reasons = to_table(rows)
+    atomic_write(final, lambda file: pq.write_table(table, file, compression=COMPRESSION))
+    if segment is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(segment)
+        fsync_dir(final.parent)
+    return reasons
 
 
-def _storable_deep(value: Any) -> Any:
-    if isinstance(value, str):
-        return storable(value)
-    if isinstance(value, dict):
-        return {key: _storable_deep(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_storable_deep(item) for item in value]
-    return value
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make the rename durable. The part itself is already fsynced, so a directory that cannot
-    be fsynced (some filesystems refuse) only risks losing the newest part on power loss."""
-    fd = os.open(path, os.O_RDONLY)
+def _lock(output_dir: Path) -> int:
+    """Take the directory's advisory lock (released when the descriptor closes)."""
     try:
-        os.fsync(fd)
-    except OSError as exc:
-        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
-            log.warning("could not fsync directory %s: %s", path, exc)
-    finally:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(output_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except FileExistsError:
+        raise NotADirectoryError(f"output {output_dir} exists and is not a folder") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
         os.close(fd)
+        raise OutputDirBusy(
+            f"{output_dir} is being written by another run; wait for it to finish"
+        ) from None
+    return fd
+
+
+def _unlock(fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)
+
+
+def _next_seq(output_dir: Path, run_id: str) -> int:
+    """The next free part number of `run_id` (the same run id again must not overwrite)."""
+    taken = re.compile(rf"part-{re.escape(run_id)}-(\d+)\.parquet")
+    numbers = [int(m.group(1)) for e in os.scandir(output_dir) if (m := taken.fullmatch(e.name))]
+    return max(numbers, default=-1) + 1
+
+
+def recover_locked(output_dir: Path) -> int:
+    """Turn journal segments left by a killed run into their parts; remove unfinished temporary
+    files. The caller holds the directory's lock. Returns how many rows were recovered."""
+    recovered = 0
+    for segment in journal.segments(output_dir):
+        part = journal.part_for(segment)
+        if not part.exists():
+            rows = list(journal.read(segment))
+            if rows:
+                _write_part(part, rows, None)
+                recovered += len(rows)
+                log.info("recovered %d answered rows of a killed run into %s", len(rows), part.name)
+        os.unlink(segment)
+    for name in _temp_files(output_dir):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(output_dir / name)
+        log.info("removed an unfinished part left by a killed run: %s", name)
+    fsync_dir(output_dir)
+    return recovered
+
+
+def _temp_files(output_dir: Path) -> Iterator[str]:
+    return (e.name for e in os.scandir(output_dir) if e.is_file() and is_temp(e.name))
+
+
+def recover(output_dir: str | os.PathLike[str]) -> int:
+    """Readers' entry (`status`, `export`, `render`): recover a killed run's journal into parts
+    if no run is writing the directory now (a live run's journal is its own). Returns rows."""
+    path = Path(output_dir)
+    if not path.is_dir() or not journal.segments(path):
+        return 0
+    try:
+        fd = _lock(path)
+    except OutputDirBusy:
+        return 0
+    try:
+        return recover_locked(path)
+    finally:
+        _unlock(fd)
