@@ -319,7 +319,7 @@ def _stages(stats: pstats.Stats) -> tuple[dict[str, float], float]:
         + own(lambda k: k[0].endswith("gemini/client.py") and k[2] == "_send")
         + own(lambda k: k[0] == "~" and any(lib in k[2] for lib in HTTP_BUILTINS)),
         "parse": cum("gemini/client.py", "parse_generate_content")
-        + cum("pipeline/runner.py", "_parse")
+        + cum("pipeline/tasks/__init__.py", "read_answer")
         - mask
         - rle,
         "mask": mask,
