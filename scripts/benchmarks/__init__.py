@@ -1,0 +1,34 @@
+"""The benchmarks behind scripts/bench.py: one module per subcommand, on one harness.
+
+    harness.py     Benchmark and Ctx, the local server in its own process, measured child
+                   processes, generated configs and `pipeline run`, the record, the tables
+    scenes.py      the seeded images: 384-px scenes and 32x32 tiny PNGs
+    plots.py       the chart drawn into docs/bench/*.png
+    throughput.py  latency.py  rate.py  memory.py  resume.py  profile.py   one benchmark each
+
+A benchmark is a module that ends with
+
+    BENCHMARK = Benchmark(run, quick=Sizes(...), full=Sizes(...))
+
+where `Sizes` is its own frozen dataclass and `run(ctx: Ctx[Sizes]) -> dict` measures at
+`ctx.sizes`, working under `ctx.work` (outputs, `ctx.logs`) and `ctx.images` (tmpfs), prints its
+table and returns its figures; the harness adds `bench_seconds` and appends them to
+docs/bench-results.jsonl. Adding one: write the module, add its line to BENCHMARKS below (the
+order is the order `bench.py all` runs them in).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import latency, memory, profile, rate, resume, throughput
+from .harness import Benchmark
+
+BENCHMARKS: dict[str, Benchmark[Any]] = {
+    "throughput": throughput.BENCHMARK,
+    "latency": latency.BENCHMARK,
+    "rate": rate.BENCHMARK,
+    "memory": memory.BENCHMARK,
+    "resume": resume.BENCHMARK,
+    "profile": profile.BENCHMARK,
+}
