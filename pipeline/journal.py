@@ -74,9 +74,9 @@ class Segment:
         self.rows: list[dict[str, Any]] = []  # what the part will hold
         self._file: BinaryIO = open(path, "ab")  # noqa: SIM115 - closed by close()
 
-    def append(self, rows: list[dict[str, Any]], data: bytes) -> None:
-        """Write a group (`data` = encode(rows)) and fsync: durable when this returns."""
-        self._file.write(data)
+    def append(self, rows: list[dict[str, Any]]) -> None:
+        """Write a group and fsync: durable when this returns (called off the event loop)."""
+        self._file.write(encode(rows))
         self._file.flush()
         os.fsync(self._file.fileno())
         self.rows.extend(rows)

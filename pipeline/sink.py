@@ -282,7 +282,7 @@ class ParquetSink:
                 rows[: self.rows_per_part - len(segment.rows)],
                 rows[self.rows_per_part - len(segment.rows) :],
             )
-            await asyncio.to_thread(segment.append, group, journal.encode(group))
+            await asyncio.to_thread(segment.append, group)
             self.rows_durable += len(group)
             if len(segment.rows) >= self.rows_per_part:
                 await self._commit_segment()

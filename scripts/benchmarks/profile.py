@@ -58,7 +58,7 @@ def run(ctx: Ctx[Sizes]) -> dict[str, Any]:
             path = write_config(
                 ctx, name, server.url, inputs=[images], concurrency=sizes.concurrency
             )
-            return with_overrides(load_config(path), base_url=server.url)
+            return with_overrides(load_config(path), {"api.base_url": server.url})
 
         # 1. The whole client, unprofiled, in-process (no interpreter start-up in the figure).
         config = configured("plain")

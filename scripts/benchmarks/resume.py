@@ -49,7 +49,7 @@ def run(ctx: Ctx[Sizes]) -> dict[str, Any]:
             for name in ("resume-control", "resume")
         )
         # The settings hash exactly as `pipeline run` computes it (same loader, same overrides).
-        config = with_overrides(load_config(config_path), base_url=server.url)
+        config = with_overrides(load_config(config_path), {"api.base_url": server.url})
         suffix = settings_hash(config, get_task(config.task.kind).request(config.task))
         sources = list(walk(config.input.paths))
         committed_real = sources[:3]  # these three must be skipped: proves the rows match
