@@ -11,12 +11,14 @@ import base64
 import hashlib
 import io
 import json
+import logging
 import pickle
 import random
 import socket
 import traceback
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +36,7 @@ from pipeline.gemini import (
     parse_interaction,
     parse_response,
 )
-from pipeline.gemini.client import build_generate_content_body
+from pipeline.gemini.client import _warn_both_keys_set, build_generate_content_body
 from pipeline.gemini.errors import error_from_response
 from pipeline.gemini.interactions import build_interaction_body
 from pipeline.gemini.tokens import image_tokens
@@ -53,6 +55,7 @@ DETECT_PROMPT = (
 WIDTH, HEIGHT = 400, 300
 EXPECTED_BOX = [200, 250, 700, 750]
 BOX_TOLERANCE = 15  # of 1000: the server finds the shape from pixels, edges may round
+GRANULE = 256 * 1024  # the real service's X-Goog-Upload-Chunk-Granularity
 
 
 def rectangle_png() -> bytes:
@@ -420,7 +423,7 @@ async def test_connection_refused_is_unavailable_and_retryable() -> None:
         with pytest.raises(GeminiError) as caught:
             await client.list_files()
     assert caught.value.code is None
-    assert caught.value.status == "UNAVAILABLE"
+    assert (caught.value.status, caught.value.kind) == ("UNAVAILABLE", "transport")
     assert caught.value.retryable
 
 
@@ -471,13 +474,13 @@ async def test_api_key_never_leaks_into_errors(server: LocalServer) -> None:
 async def test_multi_chunk_upload_from_disk_round_trips_bytes(
     client: GeminiClient, tmp_path: Path
 ) -> None:
-    data = noise_png(128, seed=11)  # ~49 KB: seven 8 KiB chunks, the last one short
+    data = noise_png(600, seed=11)  # ~1 MB: four chunks of the real 256 KiB granularity
     path = tmp_path / "noise.png"
     path.write_bytes(data)
 
-    uploaded = await client.upload_file(path, "image/png", display_name="noise", chunk_size=8192)
+    uploaded = await client.upload_file(path, "image/png", display_name="noise", chunk_size=GRANULE)
 
-    assert len(data) > 6 * 8192 and len(data) % 8192
+    assert len(data) > 3 * GRANULE and len(data) % GRANULE
     assert uploaded.name.startswith("files/")
     assert uploaded.size_bytes == len(data)
     assert uploaded.mime_type == "image/png"
@@ -493,13 +496,11 @@ async def test_multi_chunk_upload_from_disk_round_trips_bytes(
     assert fetched.sha256_hash == uploaded.sha256_hash
 
 
-async def test_upload_of_exact_chunk_multiple_and_single_chunk(client: GeminiClient) -> None:
+async def test_upload_in_a_single_chunk(client: GeminiClient) -> None:
     data = rectangle_png()
-    exact = await client.upload_file(data, "image/png", chunk_size=len(data) // 2 + len(data) % 2)
     single = await client.upload_file(data, "image/png")
-    for info in (exact, single):
-        assert info.size_bytes == len(data)
-        assert sha256_matches(info.sha256_hash, data)
+    assert single.size_bytes == len(data)
+    assert sha256_matches(single.sha256_hash, data)
 
 
 async def test_get_list_and_delete_files(client: GeminiClient) -> None:
@@ -545,7 +546,7 @@ async def test_upload_protocol_resends_chunk_without_status_and_never_sends_key(
     The local server always answers with X-Goog-Upload-Status, so this endpoint stands in for
     a service that once forgets it: the SDK re-sends such a chunk, and so must the client.
     """
-    data = bytes(range(256)) * 40  # 10,240 bytes: chunks of 4096, 4096, 2048
+    data = bytes(range(256)) * (GRANULE * 5 // 2 // 256)  # 2.5 granules: two chunks and a half
     path = tmp_path / "blob.bin"
     path.write_bytes(data)
     received: list[tuple[dict[str, str], bytes]] = []
@@ -554,13 +555,14 @@ async def test_upload_protocol_resends_chunk_without_status_and_never_sends_key(
     async def start(request: web.Request) -> web.Response:
         received.append((dict(request.headers), await request.read()))
         upload_url = f"http://{request.host}/resumable/upload-123?upload_id=abc"
-        return web.Response(headers={"X-Goog-Upload-URL": upload_url})
+        granularity = {"X-Goog-Upload-Chunk-Granularity": str(GRANULE)}
+        return web.Response(headers={"X-Goog-Upload-URL": upload_url} | granularity)
 
     async def chunk(request: web.Request) -> web.Response:
         nonlocal answered_without_status
         body = await request.read()
         received.append((dict(request.headers), body))
-        if not answered_without_status and request.headers["X-Goog-Upload-Offset"] == "4096":
+        if not answered_without_status and request.headers["X-Goog-Upload-Offset"] == str(GRANULE):
             answered_without_status = True
             return web.Response(status=200)  # no X-Goog-Upload-Status: the client re-sends
         if "finalize" in request.headers["X-Goog-Upload-Command"]:
@@ -574,7 +576,7 @@ async def test_upload_protocol_resends_chunk_without_status_and_never_sends_key(
     app.router.add_post("/resumable/upload-123", chunk)
     async with scripted_endpoint(app) as base_url, GeminiClient(KEY, base_url=base_url) as client:
         info = await client.upload_file(
-            path, "application/octet-stream", display_name="blob", chunk_size=4096
+            path, "application/octet-stream", display_name="blob", chunk_size=GRANULE
         )
 
     assert info.size_bytes == len(data)
@@ -588,9 +590,9 @@ async def test_upload_protocol_resends_chunk_without_status_and_never_sends_key(
     chunks = received[1:]
     assert [(h["X-Goog-Upload-Offset"], h["X-Goog-Upload-Command"]) for h, _ in chunks] == [
         ("0", "upload"),
-        ("4096", "upload"),
-        ("4096", "upload"),  # re-sent after the answer without a status
-        ("8192", "upload, finalize"),
+        (str(GRANULE), "upload"),
+        (str(GRANULE), "upload"),  # re-sent after the answer without a status
+        (str(2 * GRANULE), "upload, finalize"),
     ]
     assert all("x-goog-api-key" not in {k.lower() for k in h} for h, _ in chunks)
     assert chunks[0][1] + chunks[2][1] + chunks[3][1] == data
@@ -608,7 +610,8 @@ async def test_answers_the_local_server_never_gives(tmp_path: Path) -> None:
         return web.Response(text='{"candidates": [{"content": {"parts": [{"te', status=200)
 
     async def start(request: web.Request) -> web.Response:
-        return web.Response(headers={"X-Goog-Upload-URL": f"http://{request.host}/chunks"})
+        headers = {"X-Goog-Upload-URL": f"http://{request.host}/chunks"}
+        return web.Response(headers=headers | {"X-Goog-Upload-Chunk-Granularity": str(GRANULE)})
 
     async def refuse_chunk(request: web.Request) -> web.Response:
         body = {"error": {"code": 400, "message": "offset mismatch", "status": "INVALID_ARGUMENT"}}
@@ -625,7 +628,7 @@ async def test_answers_the_local_server_never_gives(tmp_path: Path) -> None:
         with pytest.raises(GeminiError) as cut:
             await client.generate_content(GenerateRequest(model=MODEL_25, prompt="hi"))
         with pytest.raises(GeminiError) as refused:
-            await client.upload_file(bytes(10), "image/png", chunk_size=4)
+            await client.upload_file(bytes(GRANULE + 10), "image/png")
 
     assert (failed.value.code, failed.value.status) == (None, "FAILED_PRECONDITION")
     assert "cannot decode image" in failed.value.message and not failed.value.retryable
@@ -636,13 +639,22 @@ async def test_answers_the_local_server_never_gives(tmp_path: Path) -> None:
 # -------------------------------------------------------------------------------- client basics
 
 
-def test_api_key_from_env_prefers_gemini_key(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_api_key_from_env_prefers_google_key_and_warns_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The SDK's get_env_api_key: GOOGLE_API_KEY first, a warning when both are set."""
+    _warn_both_keys_set.cache_clear()
     monkeypatch.setenv("GOOGLE_API_KEY", "google-key")
     monkeypatch.setenv("GEMINI_API_KEY", "gemini-key")
+    with caplog.at_level(logging.WARNING, logger="pipeline.gemini.client"):
+        assert api_key_from_env() == "google-key"
+        assert api_key_from_env() == "google-key"
+    warnings = [r.getMessage() for r in caplog.records if "GOOGLE_API_KEY" in r.getMessage()]
+    assert warnings == ["Both GOOGLE_API_KEY and GEMINI_API_KEY are set. Using GOOGLE_API_KEY."]
+    assert "google-key" not in caplog.text and "gemini-key" not in caplog.text
+    monkeypatch.delenv("GOOGLE_API_KEY")
     assert api_key_from_env() == "gemini-key"
     monkeypatch.delenv("GEMINI_API_KEY")
-    assert api_key_from_env() == "google-key"
-    monkeypatch.delenv("GOOGLE_API_KEY")
     assert api_key_from_env() is None
 
 
@@ -655,7 +667,7 @@ def test_client_repr_hides_key_and_defaults_to_real_endpoint() -> None:
 
 async def test_connection_pool_is_sized_to_max_connections(server: LocalServer) -> None:
     async with connect(server, max_connections=8) as client:
-        assert client._http().connector.limit == 8  # the shared session's pool
+        assert client._transport.session().connector.limit == 8  # the shared session's pool
 
 
 # ------------------------------------------------------------------------ wire mapping (pure)
@@ -719,10 +731,9 @@ def test_interaction_body_text_first_store_false_and_response_format() -> None:
         ),
         system_instruction="Be brief.",
         response_mime_type="application/json",
-        response_schema={"type": "ARRAY"},
+        response_schema={"type": "ARRAY", "items": {"type": "STRING"}},
         temperature=1.0,
         max_output_tokens=100,
-        thinking_budget=0,  # not an Interactions setting: dropped
         thinking_level="minimal",
         media_resolution="medium",
     )
@@ -753,7 +764,7 @@ def test_interaction_body_text_first_store_false_and_response_format() -> None:
         "response_format": {
             "type": "text",
             "mime_type": "application/json",
-            "schema": {"type": "ARRAY"},
+            "schema": {"type": "array", "items": {"type": "string"}},  # JSON Schema
         },
         "generation_config": {
             "temperature": 1.0,
@@ -764,6 +775,9 @@ def test_interaction_body_text_first_store_false_and_response_format() -> None:
     plain = build_interaction_body(GenerateRequest(model=MODEL_3, prompt="hi"))
     assert plain["store"] is False
     assert "response_format" not in plain and "generation_config" not in plain
+    # Interactions has no thinking budget: refused, never silently dropped.
+    with pytest.raises(ValueError, match="thinking_budget"):
+        build_interaction_body(replace(request, thinking_level=None, thinking_budget=0))
 
 
 def test_parse_generate_content_skips_thoughts_and_reads_usage() -> None:
@@ -821,7 +835,7 @@ def test_parse_generate_content_blocked_prompt_and_cut_answer() -> None:
         parse_generate_content("[]")
 
 
-def test_parse_interaction_takes_last_model_output_and_maps_status() -> None:
+def test_parse_interaction_joins_trailing_model_outputs_and_maps_status() -> None:
     body = json.dumps(
         {
             "id": "v1_abc",
@@ -849,7 +863,7 @@ def test_parse_interaction_takes_last_model_output_and_maps_status() -> None:
         }
     )
     response = parse_interaction(body)
-    assert response.text == "[] "
+    assert response.text == "draft[] "  # every trailing model_output step, thoughts skipped
     assert response.finish_reason == "STOP"
     assert response.usage.prompt_tokens == 1130
     assert response.usage.output_tokens == 3
@@ -860,6 +874,8 @@ def test_parse_interaction_takes_last_model_output_and_maps_status() -> None:
 
     expected = {
         "incomplete": "MAX_TOKENS",
+        "budget_exceeded": "MAX_TOKENS",
+        "requires_continuation": "CONTINUATION",  # only when not continued to the end
         "failed": "OTHER",
         "cancelled": "OTHER",
         "in_progress": None,
@@ -943,10 +959,22 @@ def test_error_parsing_interactions_codes_and_non_json_bodies() -> None:
 
 
 def test_gemini_error_pickles_with_all_fields() -> None:
-    error = GeminiError(429, "RESOURCE_EXHAUSTED", "slow", retry_delay=2.5, reason="R", quota="Q")
+    partial = parse_interaction('{"status": "requires_continuation", "steps": []}')
+    error = GeminiError(
+        429,
+        "RESOURCE_EXHAUSTED",
+        "slow",
+        retry_delay=2.5,
+        reason="R",
+        quotas=("PerMinute", "GenerateRequestsPerDayPerProjectPerModel"),
+        partial=partial,
+    )
     copy = pickle.loads(pickle.dumps(error))
     assert repr(copy) == repr(error)
-    assert copy.retryable
+    assert (copy.kind, copy.quotas, copy.partial) == (error.kind, error.quotas, partial)
+    assert copy.kind == "daily_quota" and not copy.retryable
     transport = GeminiError(None, "UNAVAILABLE", "reset")
+    assert transport.kind == "transport"
     assert transport.retryable and "no HTTP answer" in str(transport)
-    assert not GeminiError(None, "FAILED_PRECONDITION", "file FAILED").retryable
+    failed = GeminiError(None, "FAILED_PRECONDITION", "file FAILED", kind="failed_precondition")
+    assert not failed.retryable

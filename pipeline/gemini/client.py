@@ -1,35 +1,35 @@
 """Async REST client for the Gemini API: generateContent, Interactions and the Files API.
 
-Protocol only: it knows requests and answers, not the pipeline. One aiohttp session per client
-(its connection pool sized to the pipeline's concurrency) carries every call. The client does not
-retry; it raises `GeminiError` with enough detail (`retryable`, `retry_delay`) for the caller's
-own policy. The one exception is the SDK's behaviour on upload chunks whose answer lacks
+Protocol only: it knows requests and answers, not the pipeline. The client does not retry; it
+raises `GeminiError` whose `kind` (and `retryable`, `retry_delay`) feed the caller's own policy.
+The one exception is the SDK's behaviour on upload chunks whose answer lacks
 `X-Goog-Upload-Status`: those are re-sent a bounded number of times, as the official SDK does.
 
-The API key travels only in the `x-goog-api-key` header of requests to the API itself (never
-to the resumable upload URL, which is its own credential) and is kept out of every repr, error
-message and log line.
+An answer the service cut at its per-request decode limit is not a retry: it is continued, as
+the SDK does by default for both APIs, until it is whole; the raw answer then holds every hop
+(wire.py). How the key is kept home is in transport.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
+import functools
 import json
 import logging
 import os
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any
 
-import aiohttp
-
-from pipeline.gemini.errors import RETRYABLE_HTTP_CODES, GeminiError, error_from_response
+from pipeline.gemini import content, interactions
+from pipeline.gemini.content import build_generate_content_body, parse_generate_content
+from pipeline.gemini.errors import RETRYABLE_HTTP_CODES, GeminiError
 from pipeline.gemini.files import (
     DEFAULT_CHUNK_SIZE,
+    chunk_size_for,
     file_id,
+    granularity,
     parse_file_info,
     parse_file_page,
     parse_json_object,
@@ -38,160 +38,67 @@ from pipeline.gemini.files import (
     source_size,
 )
 from pipeline.gemini.interactions import build_interaction_body, parse_interaction
-from pipeline.gemini.types import FileInfo, Flavor, GenerateRequest, GenerateResponse, Usage
-from pipeline.gemini.wire import as_int, field
+from pipeline.gemini.transport import Answer, Transport, check_url
+from pipeline.gemini.types import FileInfo, Flavor, GenerateRequest, GenerateResponse
+from pipeline.gemini.wire import Continuation, join_hops, split_hops
 
 DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com"
-API_KEY_HEADER = "x-goog-api-key"
 # Pauses before re-sending an upload chunk whose answer lacked X-Goog-Upload-Status
 # (the SDK: 3 attempts, 1 s then 2 s).
 UPLOAD_RESEND_DELAYS = (1.0, 2.0)
+# The SDK bounds a continued call only by its deadline and by a hop handing back the token it
+# was sent with. Each hop re-sends (and bills) the whole input plus the output so far, so this
+# client also stops after this many hops and returns the answer as it stands (CONTINUATION).
+MAX_HOPS = 16
 
 log = logging.getLogger(__name__)
-_Parsed = TypeVar("_Parsed")
+
+__all__ = [
+    "DEFAULT_BASE_URL",
+    "GeminiClient",
+    "api_key_from_env",
+    "build_generate_content_body",
+    "parse_generate_content",
+    "parse_response",
+]
 
 
 def api_key_from_env() -> str | None:
-    """GEMINI_API_KEY, else GOOGLE_API_KEY (the SDK's order); None when neither is set."""
-    return os.environ.get("GEMINI_API_KEY") or os.environ.get("GOOGLE_API_KEY") or None
+    """GOOGLE_API_KEY, else GEMINI_API_KEY; None when neither is set.
 
-
-# ---------------------------------------------------------------- generateContent wire mapping
-
-
-def _media_resolution_enum(level: str) -> str:
-    return f"MEDIA_RESOLUTION_{level.upper()}"
-
-
-def build_generate_content_body(request: GenerateRequest) -> dict[str, Any]:
-    """The JSON body of a generateContent call: image parts, then the prompt's text part.
-
-    Part keys follow the seeds (`inline_data`, `file_data`, snake_case inside), which the
-    service accepts alongside camelCase. `ultra_high` media resolution exists only per part, so
-    a request-wide `ultra_high` is set on every image part instead of in generationConfig.
+    The SDK's `get_env_api_key` (`_api_client.py`): GOOGLE_API_KEY wins, with a warning when
+    both are set (here logged once per process, not on every call).
     """
-    parts: list[dict[str, Any]] = []
-    request_wide_part_level = "ultra_high" if request.media_resolution == "ultra_high" else None
-    for image in request.images:
-        if image.data is not None:
-            part: dict[str, Any] = {
-                "inline_data": {
-                    "mime_type": image.mime_type,
-                    "data": base64.b64encode(image.data).decode("ascii"),
-                }
-            }
-        else:
-            part = {"file_data": {"mime_type": image.mime_type, "file_uri": image.file_uri}}
-        level = image.resolution or request_wide_part_level
-        if level:
-            part["mediaResolution"] = {"level": _media_resolution_enum(level)}
-        parts.append(part)
-    parts.append({"text": request.prompt})
-
-    body: dict[str, Any] = {"contents": [{"role": "user", "parts": parts}]}
-    if request.system_instruction:
-        body["systemInstruction"] = {"parts": [{"text": request.system_instruction}]}
-    config: dict[str, Any] = {}
-    if request.response_mime_type:
-        config["responseMimeType"] = request.response_mime_type
-    if request.response_schema is not None:
-        config["responseSchema"] = request.response_schema
-    if request.response_json_schema is not None:
-        config["responseJsonSchema"] = request.response_json_schema
-    if request.temperature is not None:
-        config["temperature"] = request.temperature
-    if request.max_output_tokens is not None:
-        config["maxOutputTokens"] = request.max_output_tokens
-    thinking: dict[str, Any] = {}
-    if request.thinking_budget is not None:
-        thinking["thinkingBudget"] = request.thinking_budget
-    if request.thinking_level:
-        thinking["thinkingLevel"] = request.thinking_level.upper()
-    if thinking:
-        config["thinkingConfig"] = thinking
-    if request.media_resolution and request_wide_part_level is None:
-        config["mediaResolution"] = _media_resolution_enum(request.media_resolution)
-    if config:
-        body["generationConfig"] = config
-    return body
+    google, gemini = os.environ.get("GOOGLE_API_KEY"), os.environ.get("GEMINI_API_KEY")
+    if google and gemini:
+        _warn_both_keys_set()
+    return google or gemini or None
 
 
-def _usage_metadata(meta: Any) -> Usage:
-    if not isinstance(meta, dict):
-        return Usage()
-    by_modality: dict[str, int] = {}
-    for entry in field(meta, "promptTokensDetails", "prompt_tokens_details") or ():
-        if isinstance(entry, dict) and entry.get("modality"):
-            key = str(entry["modality"]).upper()
-            count = as_int(field(entry, "tokenCount", "token_count"))
-            by_modality[key] = by_modality.get(key, 0) + count
-    return Usage(
-        prompt_tokens=as_int(field(meta, "promptTokenCount", "prompt_token_count")),
-        output_tokens=as_int(field(meta, "candidatesTokenCount", "candidates_token_count")),
-        thoughts_tokens=as_int(field(meta, "thoughtsTokenCount", "thoughts_token_count")),
-        total_tokens=as_int(field(meta, "totalTokenCount", "total_token_count")),
-        prompt_by_modality=by_modality,
-    )
-
-
-def parse_generate_content(body: str) -> GenerateResponse:
-    """Read a GenerateContentResponse (JSON text); raises ValueError when it is not one.
-
-    Answer text is candidates[0]'s text parts without `thought: true`, joined.
-    """
-    document = json.loads(body)
-    if not isinstance(document, dict):
-        raise ValueError("a GenerateContentResponse must be a JSON object")
-    text, finish_reason = "", None
-    candidates = document.get("candidates")
-    if isinstance(candidates, list) and candidates and isinstance(candidates[0], dict):
-        candidate = candidates[0]
-        finish_reason = field(candidate, "finishReason", "finish_reason")
-        content = candidate.get("content")
-        parts = content.get("parts") if isinstance(content, dict) else None
-        text = "".join(
-            part["text"]
-            for part in parts or ()
-            if isinstance(part, dict)
-            and isinstance(part.get("text"), str)
-            and not part.get("thought")
-        )
-    feedback = field(document, "promptFeedback", "prompt_feedback")
-    block_reason = (
-        field(feedback, "blockReason", "block_reason") if isinstance(feedback, dict) else None
-    )
-    return GenerateResponse(
-        text=text,
-        finish_reason=str(finish_reason) if finish_reason else None,
-        block_reason=str(block_reason) if block_reason else None,
-        usage=_usage_metadata(field(document, "usageMetadata", "usage_metadata")),
-        raw=body,
-    )
+@functools.cache
+def _warn_both_keys_set() -> None:
+    log.warning("Both GOOGLE_API_KEY and GEMINI_API_KEY are set. Using GOOGLE_API_KEY.")
 
 
 def parse_response(body: str) -> GenerateResponse:
-    """Read a stored raw answer of either flavour, telling them apart by their fields.
+    """Read a stored raw answer of either flavour (one body or a continued answer's array).
 
-    An Interaction always carries `status` (and `steps`); a GenerateContentResponse has neither.
+    An Interaction always carries `status` (and `steps`, or the legacy `outputs`); a
+    GenerateContentResponse has none of them.
     """
     document = json.loads(body)
-    if isinstance(document, dict) and ("steps" in document or "status" in document):
+    first = document[0] if isinstance(document, list) and document else document
+    if isinstance(first, dict) and ({"steps", "status", "outputs"} & first.keys()):
         return parse_interaction(body)
     return parse_generate_content(body)
 
 
-# --------------------------------------------------------------------------------- the client
-
-
-@dataclass(frozen=True, slots=True)
-class _Answer:
-    status: int
-    headers: Mapping[str, str]
-    text: str
-
-
 class GeminiClient:
-    """Async client for one Gemini endpoint; use as `async with GeminiClient(...) as client`."""
+    """Async client for one Gemini endpoint; use as `async with GeminiClient(...) as client`.
+
+    `timeout` is each request's deadline in seconds. `base_url` must be https, or http to a
+    loopback host, unless `allow_insecure_http`. `max_hops` bounds a continued answer.
+    """
 
     def __init__(
         self,
@@ -201,26 +108,39 @@ class GeminiClient:
         version: str = "v1beta",
         max_connections: int = 64,
         timeout: float = 120.0,
+        allow_insecure_http: bool = False,
+        max_hops: int = MAX_HOPS,
     ) -> None:
-        if max_connections < 1:
-            raise ValueError(f"max_connections must be >= 1, got {max_connections}")
-        self.__api_key = api_key if api_key is not None else api_key_from_env()
+        check_url(base_url, allow_insecure_http=allow_insecure_http)
+        if max_hops < 1:
+            raise ValueError(f"max_hops must be >= 1, got {max_hops}")
+        self._transport = Transport(
+            api_key if api_key is not None else api_key_from_env(),
+            max_connections=max_connections,
+            timeout=timeout,
+        )
         self.base_url = base_url.rstrip("/")
         self.version = version.strip("/")
-        self.max_connections = max_connections
-        self.timeout = timeout
-        self._session: aiohttp.ClientSession | None = None
-        self._closed = False
+        self.allow_insecure_http = allow_insecure_http
+        self.max_hops = max_hops
+
+    @property
+    def max_connections(self) -> int:
+        return self._transport.max_connections
+
+    @property
+    def timeout(self) -> float:
+        return self._transport.timeout
 
     def __repr__(self) -> str:
-        key = "set" if self.__api_key else "missing"
+        key = "set" if self._transport.has_key else "missing"
         return (
             f"GeminiClient(base_url={self.base_url!r}, version={self.version!r}, "
             f"max_connections={self.max_connections}, api_key={key})"
         )
 
     async def __aenter__(self) -> GeminiClient:
-        self._http()
+        self._transport.session()
         return self
 
     async def __aexit__(
@@ -232,10 +152,7 @@ class GeminiClient:
         await self.close()
 
     async def close(self) -> None:
-        self._closed = True
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._transport.close()
 
     # ------------------------------------------------------------------------------- generate
 
@@ -245,39 +162,105 @@ class GeminiClient:
         *,
         flavor: Flavor = "generateContent",
         timeout: float | None = None,
+        resume_from: GenerateResponse | None = None,
     ) -> GenerateResponse:
         """Run `request` through the chosen API; the answer has the same shape either way."""
         if flavor == "generateContent":
-            return await self.generate_content(request, timeout=timeout)
+            return await self.generate_content(request, timeout=timeout, resume_from=resume_from)
         if flavor == "interactions":
-            return await self.interact(request, timeout=timeout)
+            return await self.interact(request, timeout=timeout, resume_from=resume_from)
         raise ValueError(f"unknown flavor {flavor!r}")
 
     async def generate_content(
-        self, request: GenerateRequest, *, timeout: float | None = None
+        self,
+        request: GenerateRequest,
+        *,
+        timeout: float | None = None,
+        resume_from: GenerateResponse | None = None,
     ) -> GenerateResponse:
+        """One generateContent answer, continued to the end (see `_continued`)."""
         model = request.model.removeprefix("models/")
-        answer = await self._send(
-            "POST",
+        return await self._continued(
             f"{self.base_url}/{self.version}/models/{model}:generateContent",
-            json_body=build_generate_content_body(request),
+            build_generate_content_body(request),
+            content.CONTINUATION,
             timeout=timeout,
             what=f"{model}:generateContent",
+            resume_from=resume_from,
         )
-        return self._parse(answer, parse_generate_content, f"{model}:generateContent")
 
     async def interact(
-        self, request: GenerateRequest, *, timeout: float | None = None
+        self,
+        request: GenerateRequest,
+        *,
+        timeout: float | None = None,
+        resume_from: GenerateResponse | None = None,
     ) -> GenerateResponse:
-        """One Interactions call, always with `store: false`."""
-        answer = await self._send(
-            "POST",
+        """One Interactions answer (`store: false`), continued to the end (see `_continued`).
+
+        ValueError for a request with a thinking budget (Interactions has thinking_level only).
+        """
+        return await self._continued(
             f"{self.base_url}/{self.version}/interactions",
-            json_body=build_interaction_body(request),
+            build_interaction_body(request),
+            interactions.CONTINUATION,
             timeout=timeout,
             what="interactions",
+            resume_from=resume_from,
         )
-        return self._parse(answer, parse_interaction, "interactions")
+
+    async def _continued(
+        self,
+        url: str,
+        body: dict[str, Any],
+        rules: Continuation,
+        *,
+        timeout: float | None,
+        what: str,
+        resume_from: GenerateResponse | None,
+    ) -> GenerateResponse:
+        """Send `body`, then continue the answer hop by hop while the service asks for it.
+
+        Follows the SDK's `continue_async_unary_interaction` (`_interactions_continuation.py`)
+        with its `CallDeadline`: a per-call `timeout` bounds the whole call, every hop is sent
+        with the time left and none starts once it has passed; without one, each hop gets the
+        client's timeout. Hops stop when the service no longer asks, when a hop hands back the
+        token it was sent with (the SDK's only bound besides the deadline), or at `max_hops`
+        (ours). A failure after answered hops raises the error with `.partial` set (the SDK's
+        `ContinuationInterruptedError`), so paid hops are never lost: pass it back as
+        `resume_from` to continue from its last token instead of buying them again.
+        """
+        clock = asyncio.get_running_loop().time
+        deadline = None if timeout is None else clock() + timeout
+        hops = split_hops(resume_from.raw) if resume_from is not None else []
+        last = json.loads(hops[-1]) if hops else None
+        sent: str | None = None
+        while True:
+            token = rules.token(last, sent) if last is not None else None
+            if hops and (token is None or len(hops) >= self.max_hops):
+                return self._transport.parse_value(join_hops(hops), rules.parse, what)
+            hop_body = rules.body(body, token) if token else body
+            limit = self.timeout if deadline is None else deadline - clock()
+            try:
+                text, last = await self._hop(url, hop_body, limit, what)
+            except GeminiError as exc:
+                if not hops:
+                    raise
+                partial = self._transport.parse_value(join_hops(hops), rules.parse, what)
+                failure = exc.with_partial(partial, len(hops))
+            else:
+                hops.append(text)
+                sent = token
+                continue
+            raise failure  # outside the except block: no chained context
+
+    async def _hop(
+        self, url: str, body: dict[str, Any], limit: float, what: str
+    ) -> tuple[str, dict[str, Any]]:
+        """One request of a (possibly continued) answer: its body as text and as JSON."""
+        answer = await self._transport.send("POST", url, json_body=body, timeout=limit, what=what)
+        document = self._transport.parse(answer, parse_json_object, what)
+        return answer.text, document
 
     # ------------------------------------------------------------------------------ Files API
 
@@ -289,9 +272,22 @@ class GeminiClient:
         display_name: str | None = None,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
     ) -> FileInfo:
-        """Resumable upload: start, then `chunk_size` pieces from disk, the last one finalizing."""
+        """Resumable upload: start, then the bytes from disk in chunks, the last one finalizing.
+
+        `chunk_size` is rounded down to the granularity the start answer announces.
+        """
         size = await source_size(source)
-        start = await self._send(
+        upload_url, granule = await self._start_upload(size, mime_type, display_name)
+        step = chunk_size_for(chunk_size, granule)
+        async with contextlib.aclosing(read_chunks(source, step)) as chunks:
+            answer = await self._send_chunks(upload_url, chunks, size)
+        return self._transport.parse(answer, parse_upload_answer, "upload finalize")
+
+    async def _start_upload(
+        self, size: int, mime_type: str, display_name: str | None
+    ) -> tuple[str, int | None]:
+        """The upload URL and chunk granularity the start answer gives."""
+        start = await self._transport.send(
             "POST",
             f"{self.base_url}/upload/{self.version}/files",
             json_body={"file": {"display_name": display_name}} if display_name else {"file": {}},
@@ -304,109 +300,53 @@ class GeminiClient:
             what="upload start",
         )
         if start.status >= 400:
-            raise self._error(start)
+            raise self._transport.error(start)
         upload_url = start.headers.get("X-Goog-Upload-URL")
         if not upload_url:
             raise GeminiError(
-                start.status, "UNKNOWN", "upload start answered without X-Goog-Upload-URL"
-            )
-
-        offset = 0
-        async with contextlib.aclosing(read_chunks(source, chunk_size)) as chunks:
-            while True:
-                chunk = await anext(chunks, b"")  # an empty file still needs its finalize
-                command = "upload, finalize" if offset + len(chunk) >= size else "upload"
-                answer = await self._send_chunk(upload_url, chunk, offset, command)
-                if answer.status >= 400:
-                    raise self._error(answer)  # even when the session stays "active"
-                offset += len(chunk)
-                upload_status = answer.headers.get("X-Goog-Upload-Status")
-                if upload_status != "active":
-                    break  # finalized, or the service stopped the upload
-                if offset >= size:
-                    raise GeminiError(
-                        answer.status,
-                        "UNKNOWN",
-                        f"all {size} bytes sent but the upload is not final",
-                    )
-        if upload_status != "final":
-            raise GeminiError(
-                answer.status,
+                start.status,
                 "UNKNOWN",
-                f"upload ended with X-Goog-Upload-Status {upload_status!r}",
+                "upload start answered without X-Goog-Upload-URL",
+                kind="data_loss",
             )
-        return self._parse(answer, parse_upload_answer, "upload finalize")
+        try:
+            check_url(upload_url, allow_insecure_http=self.allow_insecure_http)
+        except ValueError as exc:  # the service sends the bytes elsewhere: as off a redirect
+            refused = GeminiError(start.status, "REDIRECT", f"upload URL: {exc}", kind="redirect")
+        else:
+            return upload_url, granularity(start.headers)
+        raise refused
 
-    async def get_file(self, name: str) -> FileInfo:
-        resource = await self._file_resource(name)
-        return self._parse_value(resource, parse_file_info, "get file")
-
-    async def list_files(self, *, page_size: int = 100) -> list[FileInfo]:
-        """Every file of the project, following nextPageToken."""
-        files: list[FileInfo] = []
-        params = {"pageSize": str(page_size)}
+    async def _send_chunks(
+        self, upload_url: str, chunks: AsyncIterator[bytes], size: int
+    ) -> Answer:
+        """Send every chunk (an empty file still sends its finalize); the finalize answer."""
+        offset = 0
         while True:
-            answer = await self._send(
-                "GET", f"{self.base_url}/{self.version}/files", params=params, what="list files"
-            )
-            page, token = self._parse(answer, parse_file_page, "list files")
-            files.extend(page)
-            if not token:
-                return files
-            params = {"pageSize": str(page_size), "pageToken": token}
-
-    async def delete_file(self, name: str) -> None:
-        answer = await self._send(
-            "DELETE",
-            f"{self.base_url}/{self.version}/files/{file_id(name)}",
-            what=f"delete files/{file_id(name)}",
-        )
-        if answer.status >= 400:
-            raise self._error(answer)
-
-    async def wait_until_active(
-        self, name: str, *, timeout: float = 300.0, poll_interval: float = 1.0
-    ) -> FileInfo:
-        """Poll until the file is ACTIVE; FAILED, or still PROCESSING at `timeout`, raise."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            resource = await self._file_resource(name)
-            info = self._parse_value(resource, parse_file_info, "get file")
-            if info.state == "ACTIVE":
-                return info
-            if info.state == "FAILED":
-                error = resource.get("error")
-                detail = error.get("message") if isinstance(error, dict) else None
+            chunk = await anext(chunks, b"")
+            command = "upload, finalize" if offset + len(chunk) >= size else "upload"
+            answer = await self._send_chunk(upload_url, chunk, offset, command)
+            if answer.status >= 400:
+                raise self._transport.error(answer)  # even when the session stays "active"
+            offset += len(chunk)
+            upload_status = answer.headers.get("X-Goog-Upload-Status")
+            if upload_status == "final":
+                return answer
+            if upload_status != "active" or offset >= size:
                 raise GeminiError(
-                    None,
-                    "FAILED_PRECONDITION",
-                    self._redact(f"{info.name} failed processing: {detail or 'no detail given'}"),
+                    answer.status,
+                    "UNKNOWN",
+                    f"upload at {offset} of {size} bytes: X-Goog-Upload-Status {upload_status!r}",
+                    kind="data_loss",
                 )
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise GeminiError(
-                    None, "DEADLINE_EXCEEDED", f"{info.name} still {info.state} after {timeout:g}s"
-                )
-            await asyncio.sleep(min(poll_interval, remaining))
 
-    async def _file_resource(self, name: str) -> dict[str, Any]:
-        answer = await self._send(
-            "GET",
-            f"{self.base_url}/{self.version}/files/{file_id(name)}",
-            what=f"get files/{file_id(name)}",
-        )
-        return self._parse(answer, parse_json_object, "get file")
-
-    async def _send_chunk(
-        self, upload_url: str, chunk: bytes, offset: int, command: str
-    ) -> _Answer:
+    async def _send_chunk(self, upload_url: str, chunk: bytes, offset: int, command: str) -> Answer:
         """POST one chunk to the upload URL (no API key); re-sent while its answer has no status."""
         headers = {"X-Goog-Upload-Command": command, "X-Goog-Upload-Offset": str(offset)}
         what = f"upload chunk at offset {offset}"  # never the URL: it is a credential too
         delays = iter(UPLOAD_RESEND_DELAYS)
         while True:
-            answer = await self._send(
+            answer = await self._transport.send(
                 "POST", upload_url, data=chunk, headers=headers, with_key=False, what=what
             )
             if answer.headers.get("X-Goog-Upload-Status"):
@@ -418,78 +358,83 @@ class GeminiClient:
             log.warning("%s: answer without X-Goog-Upload-Status, re-sending in %gs", what, delay)
             await asyncio.sleep(delay)
 
-    # ------------------------------------------------------------------------------ transport
+    async def get_file(self, name: str) -> FileInfo:
+        resource = await self._file_resource(name)
+        return self._transport.parse_value(resource, parse_file_info, "get file")
 
-    def _http(self) -> aiohttp.ClientSession:
-        if self._closed:
-            raise RuntimeError("GeminiClient is closed")
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self.max_connections),
-                timeout=aiohttp.ClientTimeout(total=self.timeout),
+    async def list_files(self, *, page_size: int = 100) -> list[FileInfo]:
+        """Every file of the project, following nextPageToken."""
+        files: list[FileInfo] = []
+        params = {"pageSize": str(page_size)}
+        while True:
+            answer = await self._transport.send(
+                "GET", f"{self.base_url}/{self.version}/files", params=params, what="list files"
             )
-        return self._session
+            page, token = self._transport.parse(answer, parse_file_page, "list files")
+            files.extend(page)
+            if not token:
+                return files
+            params = {"pageSize": str(page_size), "pageToken": token}
 
-    def _redact(self, text: str) -> str:
-        """Remove the key from text that came from elsewhere (server bodies, library errors)."""
-        key = self.__api_key
-        return text.replace(key, "[redacted]") if key else text
-
-    def _error(self, answer: _Answer) -> GeminiError:
-        return error_from_response(answer.status, self._redact(answer.text), answer.headers)
-
-    def _parse(self, answer: _Answer, parse: Callable[[str], _Parsed], what: str) -> _Parsed:
+    async def delete_file(self, name: str) -> None:
+        answer = await self._transport.send(
+            "DELETE",
+            f"{self.base_url}/{self.version}/files/{file_id(name)}",
+            what=f"delete files/{file_id(name)}",
+        )
         if answer.status >= 400:
-            raise self._error(answer)
-        return self._parse_value(answer.text, parse, what)
+            raise self._transport.error(answer)
 
-    def _parse_value(self, value: Any, parse: Callable[[Any], _Parsed], what: str) -> _Parsed:
-        try:
-            return parse(value)
-        except (ValueError, TypeError, AttributeError) as exc:
-            # A success answer that is not the promised JSON: corrupted in transit, like a reset.
-            failure = GeminiError(
-                None, "DATA_LOSS", self._redact(f"{what}: unreadable answer ({exc})")
-            )
-        raise failure
+    async def download_file(self, name: str, *, timeout: float | None = None) -> bytes:
+        """The bytes of a downloadable file, such as a Batch Mode results file ("files/batch-…").
 
-    async def _send(
-        self,
-        method: str,
-        url: str,
-        *,
-        what: str,
-        json_body: Any = None,
-        data: bytes | None = None,
-        headers: Mapping[str, str] | None = None,
-        params: Mapping[str, str] | None = None,
-        timeout: float | None = None,
-        with_key: bool = True,
-    ) -> _Answer:
-        """One HTTP exchange, body read in full; transport failures become GeminiError."""
-        request_headers = dict(headers or {})
-        if json_body is not None:
-            data = json.dumps(json_body, separators=(",", ":")).encode()
-            request_headers["Content-Type"] = "application/json"
-        if with_key and self.__api_key:
-            request_headers[API_KEY_HEADER] = self.__api_key
-        limit = self.timeout if timeout is None else timeout
-        try:
-            async with self._http().request(
-                method,
-                url,
-                data=data,
-                headers=request_headers,
-                params=params,
-                timeout=aiohttp.ClientTimeout(total=limit),
-            ) as response:
-                body = await response.read()
-                return _Answer(response.status, response.headers, body.decode("utf-8", "replace"))
-        except TimeoutError:
-            failure = GeminiError(None, "DEADLINE_EXCEEDED", f"{what}: no answer within {limit:g}s")
-        except (aiohttp.ClientError, OSError) as exc:
-            detail = self._redact(str(exc)) or "connection failed"
-            failure = GeminiError(None, "UNAVAILABLE", f"{what}: {type(exc).__name__}: {detail}")
-        # Raised outside the except blocks, so no chained library exception (whose request
-        # info carries the headers) ends up in a formatted traceback.
-        raise failure
+        `GET {base}/download/{version}/files/{id}:download?alt=media` with the key header, the
+        documented path of Batch Mode results (the SDK's `Files.download` asks for
+        `files/{id}:download?alt=media` under `{version}`). Uploaded files cannot be downloaded:
+        the service refuses those.
+        """
+        answer = await self._transport.send(
+            "GET",
+            f"{self.base_url}/download/{self.version}/files/{file_id(name)}:download",
+            params={"alt": "media"},
+            timeout=timeout,
+            what=f"download files/{file_id(name)}",
+        )
+        if answer.status >= 400:
+            raise self._transport.error(answer)
+        return answer.body
+
+    async def wait_until_active(
+        self, name: str, *, timeout: float = 300.0, poll_interval: float = 1.0
+    ) -> FileInfo:
+        """Poll until the file is ACTIVE; FAILED, or still PROCESSING at `timeout`, raise."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            resource = await self._file_resource(name)
+            info = self._transport.parse_value(resource, parse_file_info, "get file")
+            if info.state == "ACTIVE":
+                return info
+            if info.state == "FAILED":
+                error = resource.get("error")
+                detail = error.get("message") if isinstance(error, dict) else None
+                raise GeminiError(
+                    None,
+                    "FAILED_PRECONDITION",
+                    f"{info.name} failed processing: {detail or 'no detail given'}",
+                    kind="failed_precondition",
+                )
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise GeminiError(
+                    None, "DEADLINE_EXCEEDED", f"{info.name} still {info.state} after {timeout:g}s"
+                )
+            await asyncio.sleep(min(poll_interval, remaining))
+
+    async def _file_resource(self, name: str) -> dict[str, Any]:
+        answer = await self._transport.send(
+            "GET",
+            f"{self.base_url}/{self.version}/files/{file_id(name)}",
+            what=f"get files/{file_id(name)}",
+        )
+        return self._transport.parse(answer, parse_json_object, "get file")

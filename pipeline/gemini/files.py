@@ -1,14 +1,15 @@
 """Files API pieces that need no connection: resource JSON -> FileInfo, and upload chunking.
 
 Chunks come from disk through aiofiles in fixed sizes, so an upload never holds more than one
-chunk of the file in memory whatever the file's size.
+chunk of the file in memory whatever the file's size. The size is the caller's (8 MiB, the SDK's
+CHUNK_SIZE, by default) rounded down to the granularity the upload start answer announces.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import aiofiles
@@ -85,3 +86,23 @@ async def read_chunks(
     async with aiofiles.open(source, "rb") as handle:
         while chunk := await handle.read(chunk_size):
             yield chunk
+
+
+def chunk_size_for(requested: int, granularity: int | None) -> int:
+    """The chunk size to send: `requested` rounded down to a multiple of the service's
+    X-Goog-Upload-Chunk-Granularity (256 KiB on the real service), at least one granule, since
+    every chunk but the last must be such a multiple."""
+    if requested <= 0:
+        raise ValueError(f"chunk_size must be positive, got {requested}")
+    if not granularity or granularity <= 0:
+        return requested
+    return max(granularity, requested // granularity * granularity)
+
+
+def granularity(headers: Mapping[str, str]) -> int | None:
+    """X-Goog-Upload-Chunk-Granularity of an upload start answer; None when absent or unreadable."""
+    try:
+        value = int(headers.get("X-Goog-Upload-Chunk-Granularity", ""))
+    except ValueError:
+        return None
+    return value if value > 0 else None

@@ -6,6 +6,7 @@ switches API by a setting, not by rewriting its requests.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -64,15 +65,48 @@ class Usage:
     prompt_by_modality: dict[str, int] = field(default_factory=dict)  # e.g. {"IMAGE": 258}
 
 
+def total_usage(usages: Iterable[Usage]) -> Usage:
+    """The usage of a continued answer: every hop re-sends (and is billed for) its input, so
+    each count is the sum over hops, modality by modality (the SDK's `_merge_usages`)."""
+    hops = list(usages)
+    by_modality: dict[str, int] = {}
+    for usage in hops:
+        for modality, count in usage.prompt_by_modality.items():
+            by_modality[modality] = by_modality.get(modality, 0) + count
+    return Usage(
+        prompt_tokens=sum(usage.prompt_tokens for usage in hops),
+        output_tokens=sum(usage.output_tokens for usage in hops),
+        thoughts_tokens=sum(usage.thoughts_tokens for usage in hops),
+        total_tokens=sum(usage.total_tokens for usage in hops),
+        prompt_by_modality=by_modality,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class GenerateResponse:
-    """What the pipeline needs from an answer, plus the raw JSON body for keeping."""
+    """What the pipeline needs from an answer, plus the raw JSON body for keeping.
+
+    `finish_reason` carries the service's value unchanged, known or not (LANGUAGE, NO_IMAGE,
+    IMAGE_OTHER, MALFORMED_RESPONSE, ...). Of the SDK's FinishReason enum (types.py), these mean
+    the answer was withheld (blocked): SAFETY, RECITATION, LANGUAGE, BLOCKLIST,
+    PROHIBITED_CONTENT, SPII, IMAGE_SAFETY, IMAGE_PROHIBITED_CONTENT, IMAGE_RECITATION,
+    MODEL_ARMOR (Vertex only), ESCALATION; and Interactions' CONTENT_BLOCKED (see
+    interactions.py). Cut short: MAX_TOKENS, and CONTINUATION when the service stopped at its
+    per-request decode limit and the answer was not continued to the end. Neither a block nor a
+    cut: STOP, OTHER, NO_IMAGE, IMAGE_OTHER, MALFORMED_RESPONSE, MALFORMED_FUNCTION_CALL,
+    UNEXPECTED_TOOL_CALL, TOO_MANY_TOOL_CALLS, MISSING_THOUGHT_SIGNATURE, PUP_LIMITED_DISABLED.
+    """
 
     text: str  # answer text, thought parts skipped; "" when there is none
     finish_reason: str | None  # STOP, MAX_TOKENS, SAFETY, ... (Interactions: mapped to these)
     block_reason: str | None  # promptFeedback.blockReason when the prompt itself was blocked
-    usage: Usage
-    raw: str  # the response body exactly as received (JSON text)
+    usage: Usage  # summed over the hops of a continued answer
+    # The body exactly as received (JSON text, the key redacted); for an answer continued over
+    # several requests, the JSON array of their bodies.
+    raw: str
+    # What the service said about how the answer ended: an Interactions step's or the
+    # interaction's error, generateContent's finishMessage; None when it said nothing.
+    finish_message: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

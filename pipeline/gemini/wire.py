@@ -1,10 +1,21 @@
-"""Reading the service's JSON leniently: it writes camelCase and accepts snake_case, and its
-int64 fields arrive as JSON strings."""
+"""Reading the service's JSON leniently, and the shape of continued answers.
+
+The service writes camelCase and accepts snake_case, and its int64 fields arrive as JSON strings.
+
+An answer the service cut at its per-request decode limit is continued by further requests
+("hops"). The raw answer of a continued call is a JSON array of the hop bodies exactly as
+received, so it can be read again without a call; a single hop stays a plain JSON object.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipeline.gemini.types import GenerateResponse
 
 
 def field(obj: Mapping[str, Any], camel: str, snake: str) -> Any:
@@ -19,3 +30,54 @@ def as_int(value: Any) -> int:
         return int(value)
     except (TypeError, ValueError):
         return 0
+
+
+@dataclass(frozen=True, slots=True)
+class Continuation:
+    """How one wire flavour continues a cut answer.
+
+    `token(hop, sent)` is the token to continue `hop` with, or None to stop (also when the hop
+    handed back the token it was sent with: no progress); `body(request_body, token)` is the next
+    hop's request; `parse` reads one hop or the array of them.
+    """
+
+    token: Callable[[dict[str, Any], str | None], str | None]
+    body: Callable[[dict[str, Any], str], dict[str, Any]]
+    parse: Callable[[str], GenerateResponse]
+
+
+def join_hops(hops: list[str]) -> str:
+    """The raw answer of a call: its one hop's body, or the JSON array of every hop's body."""
+    return hops[0] if len(hops) == 1 else "[" + ",".join(hops) + "]"
+
+
+def hop_documents(raw: str, what: str) -> list[dict[str, Any]]:
+    """The hops of a raw answer (one body or an array of them) as JSON objects."""
+    document = json.loads(raw)
+    hops = document if isinstance(document, list) else [document]
+    if not hops or not all(isinstance(hop, dict) for hop in hops):
+        raise ValueError(f"{what} must be a JSON object or a non-empty array of them")
+    return hops
+
+
+def split_hops(raw: str) -> list[str]:
+    """The hop bodies of a raw answer, each exactly as received."""
+    text = raw.strip()
+    if not text.startswith("["):
+        return [raw]
+    decoder, hops, position = json.JSONDecoder(), [], 1
+    while True:
+        position = _skip(text, position, " \t\r\n,")
+        if text[position] == "]":
+            return hops
+        _, end = decoder.raw_decode(text, position)
+        hops.append(text[position:end])
+        position = end
+
+
+def _skip(text: str, position: int, characters: str) -> int:
+    while position < len(text) and text[position] in characters:
+        position += 1
+    if position >= len(text):
+        raise ValueError("unterminated array of hops")
+    return position

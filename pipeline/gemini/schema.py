@@ -1,0 +1,101 @@
+"""The OpenAPI schema subset (generateContent's `responseSchema`) as JSON Schema.
+
+The Interactions API's `response_format.schema` is JSON Schema: lowercase type names, `null` as a
+type instead of `nullable`. The pipeline's built-in schemas are the uppercase OpenAPI subset that
+only `generationConfig.responseSchema` takes, so an Interactions body converts them here.
+
+Follows the SDK's `google.genai.types.Schema.json_schema`: type names lowercased
+(TYPE_UNSPECIFIED dropped), `nullable: true` adds "null" to the type, `items`, `anyOf`,
+`properties` (and `additionalProperties`, `$defs` when they hold schemas) converted recursively,
+keywords JSON Schema has kept, OpenAPI-only ones (`example`, `propertyOrdering`) dropped. Keys are
+read in either spelling (`minItems` or the SDK's `min_items`). Two deliberate differences: int64
+counts sent as JSON strings ("4") become integers, and a nullable `anyOf` gains a `{"type":
+"null"}` branch (the SDK sets `type: "null"` beside the anyOf, which no value can satisfy).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Keywords kept as they are: accepted spelling -> JSON Schema keyword.
+_KEYWORDS = {
+    "format": "format",
+    "title": "title",
+    "description": "description",
+    "default": "default",
+    "enum": "enum",
+    "required": "required",
+    "minimum": "minimum",
+    "maximum": "maximum",
+    "pattern": "pattern",
+    "uniqueItems": "uniqueItems",
+    "unique_items": "uniqueItems",
+    "$ref": "$ref",
+    "ref": "$ref",
+}
+# Counts (int64: the OpenAPI wire may send them as strings).
+_COUNTS = {
+    "minItems": "minItems",
+    "min_items": "minItems",
+    "maxItems": "maxItems",
+    "max_items": "maxItems",
+    "minLength": "minLength",
+    "min_length": "minLength",
+    "maxLength": "maxLength",
+    "max_length": "maxLength",
+    "minProperties": "minProperties",
+    "min_properties": "minProperties",
+    "maxProperties": "maxProperties",
+    "max_properties": "maxProperties",
+}
+# Keywords holding a schema, a list of schemas, or a map of them.
+_SCHEMA_KEYS = {
+    "items": "items",
+    "additionalProperties": "additionalProperties",
+    "additional_properties": "additionalProperties",
+}
+_LIST_KEYS = {"anyOf": "anyOf", "any_of": "anyOf", "oneOf": "oneOf", "one_of": "oneOf"}
+_MAP_KEYS = {"properties": "properties", "$defs": "$defs", "defs": "$defs"}
+
+
+def json_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """`schema` (OpenAPI subset, or already JSON Schema) as JSON Schema."""
+    out: dict[str, Any] = {}
+    for name, value in schema.items():
+        if value is None:
+            continue
+        if name == "type":
+            _set_type(out, value)
+        elif name in _KEYWORDS:
+            out[_KEYWORDS[name]] = value
+        elif name in _COUNTS:
+            out[_COUNTS[name]] = int(value)
+        elif name in _SCHEMA_KEYS:
+            out[_SCHEMA_KEYS[name]] = json_schema(value) if isinstance(value, dict) else value
+        elif name in _LIST_KEYS:
+            out[_LIST_KEYS[name]] = [json_schema(item) for item in value]
+        elif name in _MAP_KEYS:
+            out[_MAP_KEYS[name]] = {key: json_schema(item) for key, item in value.items()}
+    if schema.get("nullable") is True:
+        _add_null(out)
+    return out
+
+
+def _set_type(out: dict[str, Any], value: Any) -> None:
+    names = value if isinstance(value, list) else [value]
+    types = [str(name).lower() for name in names if str(name).upper() != "TYPE_UNSPECIFIED"]
+    if types:
+        out["type"] = types if isinstance(value, list) else types[0]
+
+
+def _add_null(out: dict[str, Any]) -> None:
+    if "anyOf" in out and "type" not in out:
+        out["anyOf"].append({"type": "null"})
+        return
+    kind = out.get("type")
+    if kind is None:
+        out["type"] = "null"
+    elif isinstance(kind, list):
+        out["type"] = kind if "null" in kind else [*kind, "null"]
+    elif kind != "null":
+        out["type"] = [kind, "null"]

@@ -1,0 +1,206 @@
+"""HTTP exchanges with the Gemini service, and the rules every one of them follows.
+
+One aiohttp session per client (its connection pool sized to the pipeline's concurrency) carries
+every call. The API key stays home:
+
+- it travels only in the `x-goog-api-key` header of requests to the API itself (never to the
+  resumable upload URL, which is its own credential);
+- redirects are never followed (aiohttp follows them by default, re-sending the headers): a 3xx
+  becomes `GeminiError(kind="redirect")` naming only the Location's host;
+- clear-text `http://` is refused for any host but loopback (127.0.0.0/8, ::1, localhost) unless
+  the caller allows it explicitly;
+- it is removed from every text kept from the service, successful answers included (a model can
+  echo what it was sent), and from every error message; it is never in a repr.
+
+Each request carries `X-Server-Timeout` with its deadline, as the SDK's
+`populate_server_timeout_header` (`_api_client.py`) sends it: the ceiling of the seconds.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from pipeline.gemini.errors import GeminiError, error_from_response
+
+API_KEY_HEADER = "x-goog-api-key"
+REDACTED = "[redacted]"
+_Parsed = TypeVar("_Parsed")
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """An HTTP answer read in full, the key already removed from its body."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+    @property
+    def text(self) -> str:
+        return self.body.decode("utf-8", "replace")
+
+
+def is_loopback(host: str | None) -> bool:
+    """127.0.0.0/8, ::1 or localhost: traffic that never leaves the machine."""
+    if not host:
+        return False
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_url(url: str, *, allow_insecure_http: bool) -> None:
+    """ValueError unless `url` is https, or http to loopback (or explicitly allowed)."""
+    parts = urlsplit(url)
+    if parts.scheme == "https" and parts.hostname:
+        return
+    if parts.scheme == "http" and parts.hostname:
+        if allow_insecure_http or is_loopback(parts.hostname):
+            return
+        raise ValueError(
+            f"refusing http:// to {parts.hostname}: the API key and your images would cross the "
+            "network in clear text; use https, or pass allow_insecure_http=True"
+        )
+    raise ValueError(f"not an http(s) URL with a host: {parts.scheme}://{parts.hostname or ''}")
+
+
+class Transport:
+    """The session, the key and the exchange rules of one client."""
+
+    def __init__(self, api_key: str | None, *, max_connections: int, timeout: float) -> None:
+        if max_connections < 1:
+            raise ValueError(f"max_connections must be >= 1, got {max_connections}")
+        self.__api_key = api_key
+        self.max_connections = max_connections
+        self.timeout = timeout
+        self._session: aiohttp.ClientSession | None = None
+        self._closed = False
+
+    @property
+    def has_key(self) -> bool:
+        return bool(self.__api_key)
+
+    def session(self) -> aiohttp.ClientSession:
+        if self._closed:
+            raise RuntimeError("GeminiClient is closed")
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self.max_connections),
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+            )
+        return self._session
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def redact(self, text: str) -> str:
+        """Remove the key from text that came from elsewhere (server bodies, library errors)."""
+        key = self.__api_key
+        return text.replace(key, REDACTED) if key else text
+
+    def _redact_bytes(self, body: bytes) -> bytes:
+        key = self.__api_key
+        return body.replace(key.encode(), REDACTED.encode()) if key else body
+
+    def error(self, answer: Answer) -> GeminiError:
+        return error_from_response(answer.status, answer.text, answer.headers)
+
+    def parse(self, answer: Answer, parse: Callable[[str], _Parsed], what: str) -> _Parsed:
+        if answer.status >= 400:
+            raise self.error(answer)
+        return self.parse_value(answer.text, parse, what)
+
+    def parse_value(self, value: Any, parse: Callable[[Any], _Parsed], what: str) -> _Parsed:
+        try:
+            return parse(value)
+        except (ValueError, TypeError, AttributeError) as exc:
+            # A success answer that is not the promised JSON: corrupted in transit, like a reset.
+            failure = GeminiError(
+                None, "DATA_LOSS", self.redact(f"{what}: unreadable answer ({exc})")
+            )
+        raise failure
+
+    def _headers(
+        self, headers: Mapping[str, str] | None, with_key: bool, limit: float
+    ) -> dict[str, str]:
+        request_headers = dict(headers or {})
+        if with_key and self.__api_key:
+            request_headers[API_KEY_HEADER] = self.__api_key
+        if limit > 0:
+            request_headers["X-Server-Timeout"] = str(math.ceil(limit))
+        return request_headers
+
+    async def send(
+        self,
+        method: str,
+        url: str,
+        *,
+        what: str,
+        json_body: Any = None,
+        data: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        params: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+        with_key: bool = True,
+    ) -> Answer:
+        """One HTTP exchange, body read in full; transport failures become GeminiError.
+
+        `timeout` is this exchange's deadline in seconds (the client's default when None).
+        """
+        limit = self.timeout if timeout is None else timeout
+        if limit <= 0:  # aiohttp reads 0 as "no deadline"
+            raise GeminiError(None, "DEADLINE_EXCEEDED", f"{what}: no time left to send it")
+        request_headers = self._headers(headers, with_key, limit)
+        if json_body is not None:
+            data = json.dumps(json_body, separators=(",", ":")).encode()
+            request_headers["Content-Type"] = "application/json"
+        try:
+            async with self.session().request(
+                method,
+                url,
+                data=data,
+                headers=request_headers,
+                params=params,
+                timeout=aiohttp.ClientTimeout(total=limit),
+                allow_redirects=False,
+            ) as response:
+                body = await response.read()
+                answer = Answer(response.status, response.headers, self._redact_bytes(body))
+        except TimeoutError:
+            failure = GeminiError(None, "DEADLINE_EXCEEDED", f"{what}: no answer within {limit:g}s")
+        except (aiohttp.ClientError, OSError) as exc:
+            detail = self.redact(str(exc)) or "connection failed"
+            failure = GeminiError(None, "UNAVAILABLE", f"{what}: {type(exc).__name__}: {detail}")
+        else:
+            if 300 <= answer.status < 400:
+                raise self._redirected(answer, what)
+            return answer
+        # Raised outside the except blocks, so no chained library exception (whose request
+        # info carries the headers) ends up in a formatted traceback.
+        raise failure
+
+    def _redirected(self, answer: Answer, what: str) -> GeminiError:
+        host = urlsplit(answer.headers.get("Location", "")).hostname or "no Location given"
+        return GeminiError(
+            answer.status,
+            "REDIRECT",
+            self.redact(
+                f"{what}: the service redirected to {host}; not followed, "
+                "the API key never follows a redirect"
+            ),
+            kind="redirect",
+        )
