@@ -130,11 +130,30 @@ def test_map_of_another_size_is_resized_to_the_box() -> None:
     assert not full[:20].any() and not full[60:].any() and not full[:, :10].any()
 
 
-def test_box_to_pixels_follows_the_seed_rule_sorted_and_clipped() -> None:
-    # int(value / 1000 * size), y first in box_2d.
+def test_box_to_pixels_takes_the_pixels_whose_centres_lie_in_the_box() -> None:
+    # Edges value / 1000 * size, y first in box_2d; sorted, and clipped to the image.
     assert masks.box_to_pixels([100, 200, 500, 900], 640, 480) == (128, 48, 576, 240)
     assert masks.box_to_pixels([500, 900, 100, 200], 640, 480) == (128, 48, 576, 240)
     assert masks.box_to_pixels([-50, 200, 1200, 1000], 640, 480) == (128, 0, 640, 480)
+    # Edges 128.64, 49.92, 575.36, 242.88: rounded to the nearest pixel edge, where int()
+    # would have floored the top-left ones to (128, 49).
+    assert masks.box_to_pixels([104, 201, 506, 899], 640, 480) == (129, 50, 575, 243)
+
+
+def test_pixel_span_rounds_both_edges_the_same_way() -> None:
+    assert masks.pixel_span(12.5, 20.5, 100) == (12, 20)  # centres 12.5 .. 19.5 lie in [12.5, 20.5)
+    assert masks.pixel_span(12.51, 20.49, 100) == (13, 20)
+    assert masks.pixel_span(-3.2, 5.0, 4) == (0, 4)
+    assert masks.pixel_span(7.0, 7.0, 10) == (7, 7)  # an empty box stays empty
+
+
+def test_a_box_leaving_the_image_keeps_its_map_unsqueezed() -> None:
+    prob = np.zeros((10, 100), dtype=np.uint8)
+    prob[:, :75] = 255  # the left three quarters of the box
+    # x from -50 to 50 px on a 100 px image: the map's filled part ends at x = 25.
+    inside, box_px = masks.map_box_mask(prob, [0, -500, 1000, 500], 100, 40)
+    assert box_px == (0, 0, 50, 40)
+    assert inside[:, :25].all() and not inside[:, 25:].any()  # not squeezed into 0-50 (to 37.5)
 
 
 def test_decode_png_mask_accepts_the_forms_models_send() -> None:
@@ -182,9 +201,34 @@ def test_polygon_to_mask_fills_the_polygon_over_the_whole_image() -> None:
     square = [[250, 250], [750, 250], [750, 750], [250, 750]]  # [x, y], 0-1000
     mask = masks.polygon_to_mask(square, 100, 80)
     ys, xs = np.nonzero(mask)
-    assert (xs.min(), xs.max(), ys.min(), ys.max()) == (25, 75, 20, 60)
-    assert mask[20:61, 25:76].all() and mask.sum() == 51 * 41
+    # Edges x 25-75, y 20-60: the pixels whose centres lie inside (not the outline's too).
+    assert (xs.min(), xs.max(), ys.min(), ys.max()) == (25, 74, 20, 59)
+    assert mask[20:60, 25:75].all() and mask.sum() == 50 * 40
     shape, box = masks.polygon_box_mask(square, 100, 80)
     assert masks.rle_encode_box(shape, box, 100, 80) == masks.rle_encode(mask)
     with pytest.raises(ValueError, match="3"):
         masks.polygon_to_mask([[0, 0], [10, 10]], 100, 80)
+
+
+def centres_inside(points: list[list[int]], width: int, height: int) -> np.ndarray:
+    """Pixel by pixel, in plain Python: is the centre inside? Even-odd, counting the edges that
+    cross the centre's row line (one end at or above it, the other below) at or left of it."""
+    poly = [(x / 1000 * width, y / 1000 * height) for x, y in points]
+    mask = np.zeros((height, width), dtype=bool)
+    for row in range(height):
+        cy = row + 0.5
+        for col in range(width):
+            cx, inside = col + 0.5, False
+            for (xa, ya), (xb, yb) in zip(poly, poly[1:] + poly[:1], strict=True):
+                if (ya <= cy) != (yb <= cy) and xa + (cy - ya) * (xb - xa) / (yb - ya) <= cx:
+                    inside = not inside
+            mask[row, col] = inside
+    return mask
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(st.lists(st.lists(st.integers(-200, 1200), min_size=2, max_size=2), min_size=3, max_size=9))
+def test_polygon_takes_exactly_the_pixels_whose_centres_it_encloses(points: list) -> None:
+    # Vertices beyond the image, on pixel centre lines (y = 25 -> 0.5 px) and self-crossings too.
+    mask = masks.polygon_to_mask(points, 24, 20)
+    assert np.array_equal(mask, centres_inside(points, 24, 20))

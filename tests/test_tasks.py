@@ -456,8 +456,11 @@ def test_points_become_zero_size_boxes() -> None:
 
 
 def expected_mask(prob_png: str, box_2d: list[int], width: int, height: int) -> np.ndarray:
-    box_px = masks.box_to_pixels(box_2d, width, height)
-    return masks.place_box_mask(masks.decode_png_mask(prob_png), box_px, width, height)
+    prob = masks.decode_png_mask(prob_png)
+    inside, (x0, y0, x1, y1) = masks.map_box_mask(prob, box_2d, width, height)
+    full = np.zeros((height, width), dtype=bool)
+    full[y0:y1, x0:x1] = inside
+    return full
 
 
 def test_segment_reads_gemini_2_5_png_masks_into_full_image_rle() -> None:
@@ -497,7 +500,7 @@ def test_segment_reads_gemini_3_polygons_normalised_over_the_image() -> None:
     assert (parsed.status, parsed.error) == ("ok", None)
     square, parts = (decoded(obj) for obj in parsed.objects)
     assert np.array_equal(square, masks.polygon_to_mask(answer["boxes"][0]["mask"], 100, 80))
-    assert square.sum() == 51 * 41
+    assert square.sum() == 50 * 40  # pixels 25-74 x 20-59: their centres lie in the square
     assert parts[:9, :11].any() and parts[:9, 89:].any() and not parts[:, 20:80].any()
 
 

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline import masks
 from pipeline.records import Parsed
 
 BLOCKED_REASONS = frozenset(
@@ -268,32 +269,41 @@ def read_number(value: Any) -> float:
     return number
 
 
+def pixel_box(values: Sequence[float], width: int, height: int) -> list[float]:
+    """[ymin, xmin, ymax, xmax] in 0-1000 -> [x0, y0, x1, y1] in pixel-edge coordinates of the
+    image: `masks.box_edges` (the seed's rule, y first, corners sorted) clipped to the image, so
+    a mask's pixels are the ones whose centres lie in this box."""
+    x0, y0, x1, y1 = masks.box_edges(values, width, height)
+    return [
+        min(max(x0, 0.0), width),
+        min(max(y0, 0.0), height),
+        min(max(x1, 0.0), width),
+        min(max(y1, 0.0), height),
+    ]
+
+
 def read_box(box: Any, width: int, height: int) -> tuple[list[int], list[float]]:
     """box_2d as returned -> (box_2d to store, [x0, y0, x1, y1] in pixels). ValueError if unusable.
 
-    box_2d is kept exactly as returned (fractional values rounded, since the column is int32).
-    For the pixel box, corners are sorted and values clipped to 0-1000, then x = v / 1000 *
-    width and y = v / 1000 * height (y first in box_2d, as the guide says).
+    box_2d is kept exactly as returned (fractional values rounded, since the column is int32);
+    the pixel box is `pixel_box`.
     """
     if not isinstance(box, (list, tuple)) or len(box) != 4:
         raise ValueError("box_2d is not a list of 4 numbers")
-    ya, xa, yb, xb = (min(max(n, 0.0), 1000.0) for n in (read_number(v) for v in box))
-    y0, y1 = sorted((ya, yb))
-    x0, x1 = sorted((xa, xb))
-    if y1 <= y0 or x1 <= x0:
+    bbox = pixel_box([read_number(v) for v in box], width, height)
+    if bbox[2] <= bbox[0] or bbox[3] <= bbox[1]:
         raise ValueError("box_2d is empty once clipped to the image")
     stored = [v if isinstance(v, int) else round(v) for v in box]
-    return stored, [x0 / 1000 * width, y0 / 1000 * height, x1 / 1000 * width, y1 / 1000 * height]
+    return stored, bbox
 
 
 def read_point(point: Any, width: int, height: int) -> tuple[list[int], list[float]]:
     """A point [y, x] (0-1000) -> a zero-size box [y, x, y, x] and its pixel box."""
     if not isinstance(point, (list, tuple)) or len(point) != 2:
         raise ValueError("point is not a list of 2 numbers")
-    y, x = (min(max(read_number(v), 0.0), 1000.0) for v in point)
+    y, x = (read_number(v) for v in point)
     stored = [v if isinstance(v, int) else round(v) for v in point]
-    px, py = x / 1000 * width, y / 1000 * height
-    return [stored[0], stored[1], stored[0], stored[1]], [px, py, px, py]
+    return [stored[0], stored[1], stored[0], stored[1]], pixel_box([y, x, y, x], width, height)
 
 
 def read_label(item: dict[str, Any]) -> str:

@@ -2,16 +2,18 @@
 
 Mask rules (what `read_mask` does with an item's "mask"):
 - a string: a base64 PNG probability map of the box (Gemini 2.5), with or without its
-  "data:image/png;base64," prefix -> resized to the box in pixels (Pillow bilinear, whatever
-  size it came in), inside where > mask_threshold (127), placed in the full image;
+  "data:image/png;base64," prefix -> stretched over the box as given (Pillow bilinear,
+  whatever size it came in), read at each pixel's centre, inside where > mask_threshold (127),
+  then cropped to the image (a box may leave it);
 - a list of 3 or more [x, y] points (0-1000 over the whole image; Gemini 3's
-  {"boxes": [...]} shape), or a list of such polygons -> filled polygon(s);
+  {"boxes": [...]} shape), or a list of such polygons -> the pixels whose centres the
+  polygon(s) enclose;
 - any other rectangular 2-D array, such as booleans or 0/1 values (a form models sometimes
   emit instead; pairs of 0/1 values count as such an array, not as a polygon) -> a map of the
   box, treated like a PNG map: all values <= 1 are probabilities (x 255), else 0-255;
 - anything else — missing, empty, `<seg_N>` tokens, bad base64, not a PNG, a corrupt PNG,
-  ragged or flat arrays, a box with no pixel area — keeps the object with mask None and puts
-  the reason in Parsed.error. The box is trusted even when the mask is not.
+  ragged or flat arrays, a box or polygon with no pixel area — keeps the object with mask None
+  and puts the reason in Parsed.error. The box is trusted even when the mask is not.
 Every mask ends as COCO compressed RLE of the full image.
 """
 
@@ -63,8 +65,7 @@ def read_mask(
 def _box_mask_rle(
     prob: np.ndarray, box_2d: Any, width: int, height: int, threshold: int
 ) -> MaskResult:
-    box_px = masks.box_to_pixels(box_2d, width, height)
-    inside = masks.box_mask(prob, box_px, threshold)
+    inside, box_px = masks.map_box_mask(prob, box_2d, width, height, threshold)
     if inside.size == 0:
         return None, "box has no pixel area for its mask"
     return masks.rle_encode_box(inside, box_px, width, height), None
@@ -88,6 +89,8 @@ def _list_mask(value: list, box_2d: Any, width: int, height: int, threshold: int
         return _grid_mask(value, box_2d, width, height, threshold)
     if len(polygons) == 1:
         shape, box_px = masks.polygon_box_mask(polygons[0], width, height)
+        if shape.size == 0:
+            return None, "polygon has no pixel area in the image"
         return masks.rle_encode_box(shape, box_px, width, height), None
     union = np.zeros((height, width), dtype=bool)
     for polygon in polygons:
