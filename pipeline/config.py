@@ -66,7 +66,15 @@ class ApiConfig:
         "generateContent", s.one_of(*FLAVORS), "or interactions (sent with store: false)"
     )
     version: str = setting("v1beta", s.one_of(*API_VERSIONS), "v1alpha for per-image resolution")
-    timeout: float = setting(120.0, s.positive_number, "seconds; the deadline of every request")
+    timeout: float = setting(
+        120.0, s.positive_number, "seconds; the longest deadline of a request (see min_timeout)"
+    )
+    min_timeout: float = setting(
+        1.0, s.positive_number, "the shortest: deadlines follow 4x the p99 latency in between"
+    )
+    max_retry_delay: float = setting(
+        300.0, s.positive_number, "seconds; the longest wait a retryDelay can ask for"
+    )
     inline_limit_mb: float = setting(
         20.0, s.positive_number, "the guide's inline request limit (the live service takes 100)"
     )

@@ -505,3 +505,12 @@ def read_bytes(item: ImageItem) -> bytes:
     if hashlib.sha256(data).hexdigest() != item.sha256:
         raise SourceChangedError(f"{item.source.rel_path}: file changed since it was prepared")
     return data
+
+
+def file_sha256(path: str) -> str:
+    """sha256 of a file's bytes as they are now, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -188,3 +188,44 @@ def next_quota_reset(now: datetime | None = None) -> datetime:
     local = (now or datetime.now(UTC)).astimezone(tz)
     midnight = datetime.combine(local.date() + timedelta(days=1), datetime.min.time(), tz)
     return midnight.astimezone(UTC)
+
+
+class DailyCount:
+    """Requests per day against `[limits] rpd`, carried over between runs of the same quota day.
+
+    A request is reserved before it is sent (so concurrent calls cannot overshoot the limit)
+    and counted only if the service answered it: a call refused before it was processed (a
+    wrong key, a 429, a dropped connection) does not use up the day. The count is saved every
+    `SAVE_EVERY` requests and at the end, so a kill -9 under-counts at most that many.
+    """
+
+    SAVE_EVERY = 100
+
+    def __init__(self, limit: int | None, saved: int, save: Callable[[int], None]) -> None:
+        self.limit = limit
+        self.day = quota_day()
+        self.count = saved  # answered requests today (this run and earlier ones)
+        self._reserved = 0
+        self._unsaved = 0
+        self._save = save  # save(n): add n to today's stored count
+
+    def reserve(self) -> bool:
+        """Take a slot for one request; False when the day's limit is reached."""
+        if self.limit and self.count + self._reserved >= self.limit:
+            return False
+        self._reserved += 1
+        return True
+
+    def settle(self, answered: bool) -> None:
+        """The reserved request ended: counted if the service answered it."""
+        self._reserved -= 1
+        if answered:
+            self.count += 1
+            self._unsaved += 1
+            if self._unsaved >= self.SAVE_EVERY:
+                self.save()
+
+    def save(self) -> None:
+        if self._unsaved:
+            self._save(self._unsaved)
+            self._unsaved = 0

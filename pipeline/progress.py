@@ -7,9 +7,10 @@ line every ten seconds, so scheduled jobs leave a readable trail instead of carr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import time
-from typing import Any, TextIO
+from typing import Protocol, TextIO
 
 TTY_INTERVAL = 0.25
 LOG_INTERVAL = 10.0
@@ -21,30 +22,48 @@ def _duration(seconds: float) -> str:
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
 
-class Progress:
-    """Reads the runner's counters; owns nothing but the output line."""
+class ProgressSource(Protocol):
+    """The counters a progress line reads (an engine's view of its run)."""
 
-    def __init__(self, runner: Any, *, enabled: bool = True, stream: TextIO | None = None) -> None:
-        self.runner = runner
+    @property
+    def done(self) -> int: ...  # rows written
+    @property
+    def errors(self) -> int: ...
+    @property
+    def throttled(self) -> int: ...  # 429s
+    @property
+    def seen(self) -> int: ...  # files walked
+    @property
+    def skipped(self) -> int: ...  # files already done
+    @property
+    def walked(self) -> bool: ...  # the walk is over: the total is known
+
+
+class Progress:
+    """Reads an engine's counters; owns nothing but the output line."""
+
+    def __init__(
+        self, source: ProgressSource, *, enabled: bool = True, stream: TextIO | None = None
+    ) -> None:
+        self.source = source
         self.enabled = enabled
         self.stream = stream or sys.stderr
-        self.tty = self.stream.isatty()
+        self.tty = _isatty(self.stream)
         self.started = time.monotonic()
 
     def line(self) -> str:
-        s, producer = self.runner.summary, self.runner.producer
-        done = sum(s.rows.values())
+        s = self.source
+        done = s.done
         elapsed = max(time.monotonic() - self.started, 1e-6)
         rate = done / elapsed
-        todo = producer.seen - producer.skipped
-        total = f"{todo}" if producer.done else f"{todo}+"
+        todo = s.seen - s.skipped
+        total = f"{todo}" if s.walked else f"{todo}+"
         eta = ""
-        if producer.done and rate > 0 and todo > done:
+        if s.walked and rate > 0 and todo > done:
             eta = f" eta {_duration((todo - done) / rate)}"
-        errors = s.rows.get("error", 0)
-        skipped = f" skipped {producer.skipped}" if producer.skipped else ""
+        skipped = f" skipped {s.skipped}" if s.skipped else ""
         return (
-            f"{done}/{total} {rate:.1f}/s{eta} errors {errors} 429s {s.throttled}"
+            f"{done}/{total} {rate:.1f}/s{eta} errors {s.errors} 429s {s.throttled}"
             f"{skipped} [{_duration(elapsed)}]"
         )
 
@@ -58,15 +77,23 @@ class Progress:
 
     def _write(self) -> None:
         text = self.line()
-        if self.tty:
-            self.stream.write("\r\x1b[2K" + text)
-        else:
-            self.stream.write(text + "\n")
-        self.stream.flush()
+        try:
+            self.stream.write("\r\x1b[2K" + text if self.tty else text + "\n")
+            self.stream.flush()
+        except (OSError, ValueError):
+            self.enabled = False  # a closed stderr must not turn a finished run into a failure
 
     def finish(self) -> None:
         if self.enabled:
             self._write()
-            if self.tty:
-                self.stream.write("\n")
-            self.stream.flush()
+            if self.tty and self.enabled:
+                with contextlib.suppress(OSError, ValueError):
+                    self.stream.write("\n")
+                    self.stream.flush()
+
+
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (OSError, ValueError):
+        return False

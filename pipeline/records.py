@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"  # 2: `retryable` (parts of version 1 read it as null)
 Status = Literal["ok", "error", "blocked", "partial"]
 
 
@@ -97,6 +97,7 @@ ROW_SCHEMA = pa.schema(
         ("model", pa.string()),
         ("status", pa.string()),
         ("error", pa.string()),
+        ("retryable", pa.bool_()),  # an error a later plain run tries again (transient)
         ("objects", pa.list_(OBJECT_TYPE)),
         ("text", pa.string()),
         ("labels", pa.list_(pa.string())),

@@ -104,6 +104,7 @@ class ParquetSink:
         self.rows_durable = 0  # in the journal or in parts
         self.parts_written = 0
         self.unstorable = 0  # rows replaced by an error row because they could not be encoded
+        self.rows_recovered = 0  # rows of a killed run's journal committed on opening
         self._queue: asyncio.Queue[dict[str, Any] | _Flush | None] = asyncio.Queue(QUEUE_ROWS)
         self._pending = _Pending()
         self._segment: journal.Segment | None = None
@@ -118,7 +119,7 @@ class ParquetSink:
     async def __aenter__(self) -> ParquetSink:
         self._lock_fd = await asyncio.to_thread(_lock, self.output_dir)
         try:
-            await asyncio.to_thread(recover_locked, self.output_dir)
+            self.rows_recovered = await asyncio.to_thread(recover_locked, self.output_dir)
             self._seq = _next_seq(self.output_dir, self.run_id)
         except BaseException:
             _unlock(self._lock_fd)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import csv
 import errno
 import fnmatch
+import hashlib
 import os
 import posixpath
 import re
@@ -41,6 +42,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from pipeline.dataset import GrowingDigestSet
 from pipeline.records import SourceFile
 
 if TYPE_CHECKING:
@@ -208,13 +210,16 @@ def walk(
     include: Sequence[str] = ("*",),
     exclude: Sequence[str] = (),
     follow_symlinks: bool = False,
+    skip: Sequence[str] = (),
 ) -> Iterator[SourceFile]:
     """Yield every file under `roots`, depth-first, entries of a directory in name order.
 
     Lazy: only the directories on the current path are open, so the first file comes out before
     the rest of the tree is listed and memory does not grow with the tree. Pattern, hidden-file and
-    symlink rules are in the module docstring. Never raises for a bad entry.
+    symlink rules are in the module docstring. Folders in `skip` (the run's own output, which may
+    sit inside an input folder) are never entered, by whatever path. Never raises for a bad entry.
     """
+    skip_ids = frozenset(_dir_ids(skip))
     for root in _as_roots(roots):
         root_abs = os.path.abspath(root)
         try:
@@ -223,18 +228,35 @@ def walk(
             yield _stat_source(root_abs, os.path.dirname(root_abs), os.path.basename(root_abs))
             continue
         if stat.S_ISDIR(st.st_mode):
+            if (st.st_dev, st.st_ino) in skip_ids:
+                continue
             yield from _walk_dir(
                 root_abs,
                 (st.st_dev, st.st_ino),
                 _Filter.at_root(include, exclude),
                 follow_symlinks=follow_symlinks,
+                skip=skip_ids,
             )
         else:
             yield _stat_source(root_abs, os.path.dirname(root_abs), os.path.basename(root_abs))
 
 
+def _dir_ids(paths: Sequence[str]) -> Iterator[tuple[int, int]]:
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue  # not there yet: nothing of it to walk
+        yield st.st_dev, st.st_ino
+
+
 def _walk_dir(
-    root: str, root_id: tuple[int, int], top_filter: _Filter, *, follow_symlinks: bool
+    root: str,
+    root_id: tuple[int, int],
+    top_filter: _Filter,
+    *,
+    follow_symlinks: bool,
+    skip: frozenset[tuple[int, int]] = frozenset(),
 ) -> Iterator[SourceFile]:
     """The walk of one root directory, with an explicit stack (deep trees need no recursion)."""
 
@@ -291,6 +313,8 @@ def _walk_dir(
             if (is_link and not follow_symlinks) or not entry_filter.wants_dir():
                 continue
             dir_id = (st.st_dev, st.st_ino)
+            if dir_id in skip:
+                continue
             if dir_id in ancestors:
                 target = rel(ancestors[dir_id])
                 yield error(entry.path, parts, f"symlink loop: points back to {target}")
@@ -351,14 +375,17 @@ def read_manifest(path: str | os.PathLike[str]) -> Iterator[SourceFile]:
 
 
 def _manifest_sources(base: str, names: Iterator[str]) -> Iterator[SourceFile]:
+    """Each distinct file once (a path listed twice is one file, one row), rooted at the
+    manifest's folder when it lies under it, else at its own folder (never a `..` path)."""
+    seen = GrowingDigestSet()
     for name in names:
-        if os.path.isabs(name):
-            full = os.path.normpath(name)
-            inside = os.path.commonpath([base, full]) == base
-            root = base if inside else os.path.dirname(full)
-        else:
-            full = os.path.normpath(os.path.join(base, name))
-            root = base
+        full = os.path.normpath(os.path.join(base, name))  # an absolute name stays itself
+        identity = hashlib.blake2b(os.fsencode(full), digest_size=16).digest()
+        if identity in seen:
+            continue
+        seen.add(identity)
+        inside = os.path.commonpath([base, full]) == base
+        root = base if inside else os.path.dirname(full)
         rel_path = os.path.relpath(full, root)
         if os.sep != "/":
             rel_path = rel_path.replace(os.sep, "/")
@@ -402,20 +429,29 @@ def _parquet_paths(manifest: str) -> Iterator[str]:
         if not names:
             return
         column = next((c for c in MANIFEST_PATH_COLUMNS if c in names), names[0])
-        for batch in table.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=[column]):
-            for value in batch.column(0).to_pylist():
+        # A pipeline output as a manifest: its image_path is relative to image_root.
+        rooted = column == "image_path" and "image_root" in names and "path" not in names
+        columns = [column, "image_root"] if rooted else [column]
+        for batch in table.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=columns):
+            roots = batch.column(1).to_pylist() if rooted else [None] * batch.num_rows
+            for value, root in zip(batch.column(0).to_pylist(), roots, strict=True):
                 if value is None:
                     continue
                 name = os.fsdecode(value) if isinstance(value, bytes) else str(value)
                 if name.strip():
-                    yield name.strip()
+                    yield os.path.join(root, name.strip()) if root else name.strip()
 
 
-def input_sources(inp: InputConfig) -> Iterator[SourceFile]:
-    """Every file an `[input]` section names: its manifest's entries, then its folders walked."""
+def input_sources(inp: InputConfig, *, skip: Sequence[str] = ()) -> Iterator[SourceFile]:
+    """Every file an `[input]` section names: its manifest's entries, then its folders walked
+    (never entering the folders in `skip`: the run's output)."""
     if inp.manifest:
         yield from read_manifest(inp.manifest)
     if inp.paths:
         yield from walk(
-            inp.paths, include=inp.include, exclude=inp.exclude, follow_symlinks=inp.follow_symlinks
+            inp.paths,
+            include=inp.include,
+            exclude=inp.exclude,
+            follow_symlinks=inp.follow_symlinks,
+            skip=skip,
         )

@@ -126,12 +126,12 @@ def test_estimate_reads_headers_and_exif_only(tmp_path: Path) -> None:
 def test_estimate_learns_output_tokens_from_earlier_rows(tmp_path: Path) -> None:
     import asyncio
 
-    from pipeline.runner import Runner, RunOptions
+    from pipeline.runner import RunOptions, run_async
 
     images = tmp_path / "images"
     images.mkdir()
     Image.new("RGB", (300, 300), (255, 255, 255)).save(images / "a.png")
     config = make_config(tmp_path, task={"kind": "caption"})
-    asyncio.run(Runner(config, RunOptions(progress=False)).run())
+    asyncio.run(run_async(config, RunOptions(progress=False)))
     report = estimate(config)
     assert report["output_tokens_from"] == "1 earlier rows"

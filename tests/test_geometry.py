@@ -25,8 +25,8 @@ import pytest
 from PIL import Image, ImageDraw
 from pycocotools import mask as cocomask
 
-from pipeline.localserver import ServerOptions
-from pipeline.runner import EXIT_OK, Runner, RunOptions
+from pipeline import exits
+from pipeline.runner import RunOptions, run_async
 from pipeline.tasks import TaskSettings, get_task
 from tests.conftest import COLORS, make_config, mask_iou, read_rows
 
@@ -38,9 +38,7 @@ SUBSAMPLES = 8  # per pixel side, for the area rule
 SMALL = (96, 80)  # the image; shapes a dozen pixels wide
 SEEDS = range(8)
 PNG_MODEL = "gemini-2.5-flash"
-POLYGON_MODEL = (
-    f"{ServerOptions().polygon_models[0]}-flash"  # a family the server answers in polygons
-)
+POLYGON_MODEL = "gemini-3.8-flash"  # the model table: polygon masks (pipeline/models.json)
 
 
 @dataclass(frozen=True)
@@ -294,8 +292,8 @@ async def test_small_masks_end_to_end(
         image.save(images_dir / f"s{seed}.png")
         truths[f"s{seed}.png"] = masks
     config = make_config(tmp_path, api={"model": model})
-    summary = await Runner(config, RunOptions(progress=False, seed=0)).run()
-    assert summary.exit_code == EXIT_OK, summary.rows
+    summary = await run_async(config, RunOptions(progress=False, seed=0))
+    assert summary.exit_code == exits.OK, summary.rows
     rows = {row["image_path"]: row for row in read_rows(tmp_path / "out")}
     ious, areas = [], []
     for name, masks in truths.items():

@@ -16,10 +16,10 @@ from PIL import Image
 from pycocotools import mask as cocomask
 
 from pipeline import exits
-from pipeline import runner as runner_module
+from pipeline import reuse as reuse_module
 from pipeline.gemini import GeminiClient
 from pipeline.localserver import LocalServer, ServerOptions
-from pipeline.runner import Runner, RunOptions
+from pipeline.runner import RunOptions, run_async
 from tests.conftest import box_iou, draw_shapes, make_config, mask_iou, read_rows
 
 pillow_heif.register_heif_opener()
@@ -27,7 +27,7 @@ OPTS = RunOptions(progress=False, seed=0)
 
 
 async def run(config, **options):
-    return await Runner(config, RunOptions(**{**OPTS.__dict__, **options})).run()
+    return await run_async(config, RunOptions(**{**OPTS.__dict__, **options}))
 
 
 def _current(rows: list[dict]) -> dict[str, dict]:
@@ -122,7 +122,7 @@ async def test_same_bytes_far_apart_in_one_run_one_call(
 ) -> None:
     """A duplicate met long after its twin was answered (no longer among the recent answers,
     its row maybe still buffered) is copied from the committed row, not paid for again."""
-    monkeypatch.setattr(runner_module, "RECENT_ANSWERS", 0)
+    monkeypatch.setattr(reuse_module, "RECENT_ANSWERS", 0)
     image, _ = draw_shapes(256, 256, seed=3)
     image.save(images_dir / "a.png")
     for i in range(5):

@@ -20,7 +20,7 @@ from pipeline.export import export_coco
 from pipeline.gemini import parse_response
 from pipeline.render import render
 from pipeline.reparse import reparse
-from pipeline.runner import Runner, RunOptions
+from pipeline.runner import RunOptions, run_async
 from tests.conftest import draw_shapes, make_config, read_rows
 
 REPO = Path(__file__).resolve().parent.parent
@@ -28,7 +28,7 @@ SAMPLES = REPO / "data" / "samples"
 
 
 async def run(config, **options):
-    return await Runner(config, RunOptions(progress=False, seed=0, **options)).run()
+    return await run_async(config, RunOptions(progress=False, seed=0, **options))
 
 
 @pytest.mark.parametrize(

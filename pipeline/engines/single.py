@@ -1,0 +1,391 @@
+"""The default engine: one process, a walking thread, a bounded hand-off, N async workers.
+
+    walk (thread) ─batches─► dealer ─one file each─► workers ─► ImageRunner.process ─► sink
+
+The walk skips, with a stat, every file already committed under the same settings (the resume
+index) and never enters the output folder. Memory stays flat at any input size: the hand-off
+holds two batches, the workers one file each, the sink a bounded queue.
+
+Stopping (see pipeline/stop.py): the first Ctrl-C, SIGTERM or SIGHUP makes what is answered
+durable at once (the journal), then lets the calls in flight finish; a second one abandons them.
+A run-level failure found by a call (a wrong key, the daily quota, an outage) drains the same way
+and names its cause.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import secrets
+import signal
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+from pipeline.calls import Caller, RunStopped
+from pipeline.config import Config, ConfigError
+from pipeline.dataset import ResumeIndex, load_resume_index
+from pipeline.gemini import GeminiClient, api_key_from_env
+from pipeline.limits import DailyCount, RateLimiter
+from pipeline.progress import Progress
+from pipeline.records import SourceFile
+from pipeline.reuse import Answers
+from pipeline.rows import RunFacts
+from pipeline.runner import ImageRunner, RunOptions, key_suffix
+from pipeline.sink import ParquetSink, SinkFailed
+from pipeline.source import input_sources
+from pipeline.state import State
+from pipeline.stop import Stop, Stopped
+from pipeline.summary import RunSummary
+from pipeline.tasks import get_task
+
+Batch = list[SourceFile]
+LOCAL_KEY = "local-key"
+BATCH_SIZE = 64  # files handed from the walking thread to the workers at once
+BATCH_SECONDS = 0.05
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Producer:
+    """Walks the inputs in a thread and feeds a bounded queue in small batches."""
+
+    def __init__(self, config: Config, index: ResumeIndex, limit: int | None) -> None:
+        self.config = config
+        self.index = index
+        self.limit = limit
+        self.seen = 0
+        self.skipped = 0
+        self.done = False
+        self.halt = threading.Event()  # set by the engine when the run stops
+
+    def run(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Batch | None]) -> None:
+        """One cross-thread wake-up per batch, not per file. A batch goes when it is full or
+        BATCH_SECONDS old, so a slow walk (a network share) still feeds the workers promptly."""
+        batch: Batch = []
+        started = time.monotonic()
+        try:
+            for src in self._todo():
+                batch.append(src)
+                if len(batch) >= BATCH_SIZE or time.monotonic() - started > BATCH_SECONDS:
+                    asyncio.run_coroutine_threadsafe(queue.put(batch), loop).result()
+                    batch, started = [], time.monotonic()
+        finally:
+            self.done = True
+            if batch and not self.halt.is_set():
+                asyncio.run_coroutine_threadsafe(queue.put(batch), loop).result()
+            asyncio.run_coroutine_threadsafe(queue.put(None), loop).result()
+
+    def _todo(self) -> Iterator[SourceFile]:
+        sent = 0
+        sources = input_sources(self.config.input, skip=(self.config.output.dir,))
+        for src in sources:
+            if self.halt.is_set() or (self.limit is not None and sent >= self.limit):
+                return
+            self.seen += 1
+            if src.error is None and self.index.is_done(
+                src.root, src.rel_path, src.size, src.mtime_ns
+            ):
+                self.skipped += 1
+                continue
+            sent += 1
+            yield src
+
+
+class SingleProcess:
+    """One run of a config in this process."""
+
+    def __init__(self, config: Config, options: RunOptions) -> None:
+        self.config = config
+        self.options = options
+        self.request = get_task(config.task.kind).request(config.task)
+        self.run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ-") + secrets.token_hex(3)
+        self.facts = RunFacts(self.run_id, config.task.kind, config.api.model, key_suffix(config))
+        self.summary = RunSummary(
+            run_id=self.run_id,
+            config=config.source,
+            settings_hash=self.facts.key_suffix,
+            model=config.api.model,
+            task=config.task.kind,
+        )
+        self.stop: Stop | None = None  # made in run(): it needs the event loop
+
+    async def run(self) -> RunSummary:
+        out = _output_dir(self.config)
+        self.stop = stop = Stop()
+        async with contextlib.AsyncExitStack() as stack:
+            state = _open_state(out, self.config)
+            stack.callback(state.close)
+            sink = await stack.enter_async_context(self._sink(out))
+            self.summary.recovered = sink.rows_recovered
+            index = await asyncio.to_thread(
+                load_resume_index,
+                out,
+                key_suffix=self.facts.key_suffix,
+                retry_errors=self.options.retry_errors,
+            )
+            client = await stack.enter_async_context(await self._client(stack))
+            caller = self._caller(client, state, stop)
+            answers = Answers(str(out), index.ok_keys, sink.flush)
+            runner = ImageRunner(self.config, self.facts, caller=caller, answers=answers, sink=sink)
+            producer = Producer(self.config, index, self.options.limit)
+            await self._work(producer, runner, sink, stop)
+            caller.daily.save()
+            if self.config.images.delete_uploads and stop.state != "abandoning":
+                with contextlib.suppress(Stopped):
+                    await stop.until(caller.uploads.delete_all()) if stop.running else None
+            self._summarise(producer, runner, caller, sink)
+        self.summary.write(out)
+        return self.summary
+
+    def _sink(self, out: Path) -> ParquetSink:
+        output = self.config.output
+        return ParquetSink(
+            out, self.run_id, rows_per_part=output.rows_per_part, flush_seconds=output.flush_seconds
+        )
+
+    async def _client(self, stack: contextlib.AsyncExitStack) -> GeminiClient:
+        base_url, api_key = await _endpoint(self.config, stack)
+        return GeminiClient(
+            api_key,
+            base_url=base_url,
+            version=self.config.api.version,
+            max_connections=self.config.limits.concurrency,
+            timeout=self.config.api.timeout,
+            allow_insecure_http=self.config.api.allow_insecure_http,
+        )
+
+    def _caller(self, client: GeminiClient, state: State, stop: Stop) -> Caller:
+        from pipeline.uploads import Uploads
+
+        limits = self.config.limits
+        daily = DailyCount(
+            limits.rpd,
+            state.requests_on(_day_key()),
+            lambda n: state.add_requests(_day_key(), n),
+        )
+        return Caller(
+            self.config,
+            self.request,
+            client=client,
+            limiter=RateLimiter(limits.rpm, limits.tpm, burst_seconds=limits.burst_seconds),
+            daily=daily,
+            uploads=Uploads(client, state),
+            stop=stop,
+            rng=random.Random(self.options.seed),
+        )
+
+    async def _work(
+        self, producer: Producer, runner: ImageRunner, sink: ParquetSink, stop: Stop
+    ) -> None:
+        conc = self.config.limits.concurrency
+        batches: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=2)
+        files: asyncio.Queue[SourceFile | None] = asyncio.Queue(maxsize=conc)
+        view = _ProgressView(producer, runner)
+        progress = Progress(view, enabled=self.options.progress)
+        loop = asyncio.get_running_loop()
+        with _signals(loop, stop, sink):
+            walking = loop.run_in_executor(None, producer.run, loop, batches)
+            dealer = asyncio.create_task(_deal(batches, files, conc, stop))
+            workers = [asyncio.create_task(self._worker(files, runner, stop)) for _ in range(conc)]
+            reporter = asyncio.create_task(progress.run())
+            try:
+                await asyncio.gather(*workers)
+            finally:
+                producer.halt.set()
+                dealer.cancel()
+                _drain(batches)
+                await walking
+                for task in (dealer, reporter):
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+                progress.finish()
+
+    async def _worker(
+        self, files: asyncio.Queue[SourceFile | None], runner: ImageRunner, stop: Stop
+    ) -> None:
+        while (src := await files.get()) is not None:
+            if not stop.running:
+                continue  # not started: a rerun picks it up
+            try:
+                await runner.process(src)
+            except Stopped:
+                continue
+            except RunStopped as exc:
+                verdict = exc.verdict
+                stop.drain(verdict.reason, verdict.hint, verdict.exit_code)
+            except SinkFailed as exc:
+                stop.drain(f"the output cannot be written: {exc}", _sink_hint())
+
+    def _summarise(
+        self, producer: Producer, runner: ImageRunner, caller: Caller, sink: ParquetSink
+    ) -> None:
+        s = self.summary
+        s.finished_at = datetime.now(UTC).isoformat()
+        s.seen, s.skipped = producer.seen, producer.skipped
+        s.rows, s.tokens, s.copied = runner.counts.rows, runner.counts.tokens, runner.counts.copied
+        calls = caller.counters
+        s.api_calls, s.retries, s.throttled = calls.api_calls, calls.retries, calls.throttled
+        s.uploads, s.uploads_reused = caller.uploads.made, caller.uploads.reused
+        s.waited_for_limits_s = round(caller.limiter.stats.waited_seconds, 3)
+        s.unstorable = sink.unstorable
+        stop = self.stop
+        assert stop is not None
+        if stop.reason:
+            s.stop_reason, s.resume_hint, s.exit_code = stop.reason, stop.hint, stop.exit_code
+        s.settle_exit_code()
+
+
+class _ProgressView:
+    """What the progress line reads: counters only (see progress.ProgressSource)."""
+
+    def __init__(self, producer: Producer, runner: ImageRunner) -> None:
+        self._producer, self._runner = producer, runner
+        self._caller = runner.caller
+
+    @property
+    def done(self) -> int:
+        return sum(self._runner.counts.rows.values())
+
+    @property
+    def errors(self) -> int:
+        return self._runner.counts.rows.get("error", 0)
+
+    @property
+    def throttled(self) -> int:
+        return self._caller.counters.throttled
+
+    @property
+    def seen(self) -> int:
+        return self._producer.seen
+
+    @property
+    def skipped(self) -> int:
+        return self._producer.skipped
+
+    @property
+    def walked(self) -> bool:
+        return self._producer.done
+
+
+async def _deal(
+    batches: asyncio.Queue[Batch | None],
+    files: asyncio.Queue[SourceFile | None],
+    workers: int,
+    stop: Stop,
+) -> None:
+    """Deal the walking thread's batches out to the workers one file at a time."""
+    while (batch := await batches.get()) is not None:
+        for src in batch:
+            if not stop.running:
+                break
+            await files.put(src)
+    for _ in range(workers):
+        await files.put(None)
+
+
+def _drain(queue: asyncio.Queue[Batch | None]) -> None:
+    """Unblock the walking thread if it waits on a full queue after the workers left."""
+    while not queue.empty():
+        queue.get_nowait()
+
+
+@contextlib.contextmanager
+def _signals(loop: asyncio.AbstractEventLoop, stop: Stop, sink: ParquetSink) -> Iterator[None]:
+    """Each signal: make what is answered durable now, then drain (first) or abandon (next)."""
+    pending: set[asyncio.Task[None]] = set()
+
+    def handle() -> None:
+        stop.signal()
+        task = loop.create_task(_sync_quietly(sink))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+
+    installed = []
+    for sig in SIGNALS:
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, handle)
+            installed.append(sig)
+    try:
+        yield
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+
+async def _sync_quietly(sink: ParquetSink) -> None:
+    with contextlib.suppress(Exception):
+        await sink.sync()
+
+
+async def _endpoint(config: Config, stack: contextlib.AsyncExitStack) -> tuple[str, str]:
+    """The base URL and key: the bundled local server in-process, or the configured one."""
+    if config.api.base_url == "local":
+        from pipeline.localserver import LocalServer, ServerOptions
+
+        local = config.local
+        server = await stack.enter_async_context(
+            LocalServer(
+                ServerOptions(
+                    latency_ms=local.latency_ms,
+                    fault_rate=local.fault_rate,
+                    seed=local.seed,
+                    rpm=local.rpm,
+                    tpm=local.tpm,
+                    replay=local.replay,
+                    inline_limit_bytes=config.inline_limit_bytes,
+                )
+            )
+        )
+        return server.base_url, api_key_from_env() or LOCAL_KEY
+    key = api_key_from_env()
+    if not key:
+        raise ConfigError(
+            f"{config.source}: [api] base_url is {config.api.base_url}: "
+            "set GOOGLE_API_KEY (or GEMINI_API_KEY) in the environment"
+        )
+    return config.api.base_url, key
+
+
+def _output_dir(config: Config) -> Path:
+    """The output folder, created; a path that is a file or cannot be written is a usage error."""
+    out = Path(config.output.dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ConfigError(f"{config.source}: [output] dir {out} is not a folder") from None
+    except OSError as exc:
+        raise ConfigError(f"{config.source}: [output] dir {out}: {exc.strerror}") from None
+    if not out.is_dir():
+        raise ConfigError(f"{config.source}: [output] dir {out} is not a folder")
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ConfigError(f"{config.source}: [output] dir {out} is not writable")
+    return out
+
+
+def _open_state(out: Path, config: Config) -> State:
+    try:
+        return State(out)
+    except sqlite3.DatabaseError as exc:
+        raise ConfigError(
+            f"{config.source}: {out / 'state.sqlite'} cannot be read ({exc}); move it aside "
+            "(it holds reusable uploads and today's request count) and run again"
+        ) from None
+
+
+def _day_key() -> str:
+    from pipeline.limits import quota_day
+
+    return quota_day().isoformat()
+
+
+def _sink_hint() -> str:
+    return (
+        "free the disk (or fix the folder) and rerun: answered rows are safe in the journal "
+        "and are committed by the next run without a call"
+    )

@@ -1,0 +1,110 @@
+"""How a run stops: one object, three states, a reason.
+
+    running ──drain(reason)──► draining ──abandon()──► abandoning
+
+- running: work flows.
+- draining (the first Ctrl-C, SIGTERM or SIGHUP; the daily quota; the run's own failure such as a
+  wrong key): nothing new starts — no new file, no new attempt, every wait (backoff, rate
+  limiter, retryDelay) ends at once — while the calls already sent finish and are committed.
+- abandoning (a second signal): the calls in flight are cancelled; their answers, if any, are
+  never paid for twice because they were never received (a rerun redoes them).
+
+The first reason wins (a quota stop is not renamed "interrupted" by a later Ctrl-C). Workers ask
+`stop.running`; waits go through `stop.sleep` / `stop.until`, calls through `stop.call`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import Literal, TypeVar
+
+from pipeline import exits
+
+T = TypeVar("T")
+State = Literal["running", "draining", "abandoning"]
+
+
+class Stopped(Exception):
+    """Raised out of a wait or a call that the stop cut short; the item writes no row."""
+
+
+class Stop:
+    """The run's stop state. Create inside the running event loop."""
+
+    def __init__(self) -> None:
+        self.state: State = "running"
+        self.reason: str | None = None
+        self.hint: str | None = None  # how to resume, for the summary
+        self.exit_code = exits.STOPPED
+        self._changed = asyncio.Event()
+        self._calls: set[asyncio.Task[object]] = set()
+
+    @property
+    def running(self) -> bool:
+        return self.state == "running"
+
+    def drain(self, reason: str, hint: str | None = None, exit_code: int = exits.STOPPED) -> None:
+        """Start nothing new; let the calls in flight finish."""
+        if self.reason is None:
+            self.reason, self.hint, self.exit_code = reason, hint, exit_code
+        if self.state == "running":
+            self.state = "draining"
+            self._changed.set()
+
+    def abandon(self) -> None:
+        """Cancel the calls in flight too (a second signal)."""
+        self.drain("interrupted")
+        self.state = "abandoning"
+        for task in list(self._calls):
+            task.cancel()
+
+    def signal(self) -> None:
+        """A Ctrl-C, SIGTERM or SIGHUP: the first drains, the next abandons."""
+        if self.running:
+            self.drain("interrupted")
+        else:
+            self.abandon()
+
+    async def sleep(self, seconds: float) -> None:
+        """Wait `seconds`, or raise Stopped as soon as the run stops."""
+        await self.until(asyncio.sleep(seconds))
+
+    async def until(self, waiting: Awaitable[T]) -> T:
+        """Await `waiting` (a wait, not a call: it is cancelled when the run stops)."""
+        if not self.running:
+            _close(waiting)
+            raise Stopped
+        task = asyncio.ensure_future(waiting)
+        stopped = asyncio.ensure_future(self._changed.wait())
+        try:
+            await asyncio.wait([task, stopped], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+        if task.done():
+            return task.result()
+        task.cancel()
+        raise Stopped
+
+    async def call(self, calling: Awaitable[T]) -> T:
+        """Await an API call: it survives draining and is cancelled only when abandoning."""
+        if self.state == "abandoning":
+            _close(calling)
+            raise Stopped
+        task = asyncio.ensure_future(calling)
+        self._calls.add(task)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.cancelled() and self.state == "abandoning":
+                raise Stopped from None
+            task.cancel()
+            raise
+        finally:
+            self._calls.discard(task)
+
+
+def _close(awaitable: Awaitable[object]) -> None:
+    close = getattr(awaitable, "close", None)  # a coroutine never awaited: no warning
+    if close is not None:
+        close()

@@ -1,0 +1,74 @@
+"""The run summary: what one run saw, did and paid, written to `runs/<run id>.json`."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pipeline import exits
+from pipeline.fsutil import atomic_write_bytes
+
+RUNS_DIR = "runs"
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    config: str
+    settings_hash: str
+    model: str
+    task: str
+    started_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
+    finished_at: str = ""
+    seen: int = 0
+    skipped: int = 0
+    rows: Counter[str] = field(default_factory=Counter)
+    api_calls: int = 0
+    retries: int = 0
+    throttled: int = 0
+    waited_for_limits_s: float = 0.0  # time the dispatch spent waiting for RPM/TPM capacity
+    copied: int = 0
+    uploads: int = 0
+    uploads_reused: int = 0
+    recovered: int = 0  # rows of a killed run's journal committed at the start
+    unstorable: int = 0  # rows that could not be encoded, stored as error rows with their answer
+    tokens: Counter[str] = field(default_factory=Counter)
+    stop_reason: str | None = None
+    resume_hint: str | None = None
+    exit_code: int = exits.OK
+
+    def to_json(self) -> str:
+        # asdict() would rebuild the Counters from (key, value) pairs: copy them as plain dicts
+        data = {k: dict(v) if isinstance(v, Counter) else v for k, v in vars(self).items()}
+        return json.dumps(data, indent=2, sort_keys=True)
+
+    def settle_exit_code(self) -> None:
+        """3 when the run stopped early, else 1 when some row is not ok, else 0."""
+        if self.stop_reason:
+            self.exit_code = self.exit_code if self.exit_code != exits.OK else exits.STOPPED
+            self.resume_hint = self.resume_hint or "rerun the same command to resume"
+        elif any(status != "ok" for status in self.rows):
+            self.exit_code = exits.ROWS_NOT_OK
+        else:
+            self.exit_code = exits.OK
+
+    def write(self, output_dir: str | Path) -> Path:
+        """Write runs/<run id>.json whole or not at all."""
+        runs = Path(output_dir) / RUNS_DIR
+        runs.mkdir(exist_ok=True)
+        path = runs / f"{self.run_id}.json"
+        atomic_write_bytes(path, self.to_json().encode())
+        return path
+
+
+def write_report(output_dir: str | Path, run_id: str, report: dict[str, Any]) -> Path:
+    """A summary of another command (reparse, compact) in runs/, written atomically."""
+    runs = Path(output_dir) / RUNS_DIR
+    runs.mkdir(exist_ok=True)
+    path = runs / f"{run_id}.json"
+    atomic_write_bytes(path, json.dumps(report, indent=2).encode())
+    return path
