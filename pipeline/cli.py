@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from pipeline import __version__, exits
 from pipeline.config import ConfigError, flags, load_config, require_inputs, with_overrides
+from pipeline.dataset import UnreadablePart
 from pipeline.sink import OutputDirBusy
 
 if TYPE_CHECKING:
@@ -39,20 +42,38 @@ def _run(args: argparse.Namespace) -> int:
         RunOptions(retry_errors=args.retry_errors, limit=args.limit, progress=not args.quiet),
     )
     rows = dict(summary.rows)
-    print(
+    recovered = f", {summary.recovered} recovered from a killed run" if summary.recovered else ""
+    _say(
         f"run {summary.run_id}: {sum(rows.values())} rows {rows}, skipped {summary.skipped} "
-        f"already done, {summary.api_calls} API calls, {summary.throttled} 429s -> "
-        f"{config.output.dir}",
-        file=sys.stderr,
+        f"already done{recovered}, {summary.api_calls} API calls, {summary.throttled} 429s -> "
+        f"{config.output.dir}"
     )
     if summary.stop_reason:
-        print(f"stopped: {summary.stop_reason}. {summary.resume_hint}", file=sys.stderr)
+        _say(f"stopped: {summary.stop_reason}. {summary.resume_hint}")
     return summary.exit_code
+
+
+def _say(text: str) -> None:
+    """A message on stderr; a closed stderr (a cron job's) must not change the exit code."""
+    if sys.stderr is None:  # started with fd 2 closed
+        return
+    with contextlib.suppress(OSError, ValueError):
+        print(text, file=sys.stderr, flush=True)
+
+
+def _recover(output_dir: str) -> None:
+    """Readers first commit a killed run's journal (answers already paid for) into parts."""
+    from pipeline.sink import recover
+
+    rows = recover(output_dir)
+    if rows:
+        _say(f"recovered {rows} answered rows of a killed run from its journal")
 
 
 def _status(args: argparse.Namespace) -> int:
     from pipeline.dataset import format_status, status
 
+    _recover(args.output_dir)
     report = status(args.output_dir)
     if args.config:
         from pipeline.runner import pending
@@ -66,18 +87,20 @@ def _status(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from pipeline.export import export_coco
 
+    _recover(args.output_dir)
     counts = export_coco(args.output_dir, args.out)
-    print(f"wrote {args.out}: {counts}", file=sys.stderr)
+    _say(f"wrote {args.out}: {counts}")
     return 0
 
 
 def _render(args: argparse.Namespace) -> int:
     from pipeline.render import render
 
+    _recover(args.output_dir)
     report = render(
         args.output_dir, args.out, limit=args.limit, images_root_override=args.images_root
     )
-    print(f"wrote {args.out}/index.html: {report}", file=sys.stderr)
+    _say(f"wrote {args.out}/index.html: {report}")
     return 0
 
 
@@ -95,7 +118,7 @@ def _reparse(args: argparse.Namespace) -> int:
     from pipeline.reparse import reparse
 
     report = reparse(args.output_dir, config_path=args.config, mask_threshold=args.mask_threshold)
-    print(json.dumps(report), file=sys.stderr)
+    _say(json.dumps(report))
     return 0
 
 
@@ -193,13 +216,33 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        return _dispatch(args)
+    finally:
+        _quiet_closed_streams()
+
+
+def _quiet_closed_streams() -> None:
+    """Python exits 120 when it cannot flush a closed stdout/stderr at shutdown: a finished
+    run must exit with its own code, so streams that fail to flush are swapped for devnull."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is None:
+            continue
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            setattr(sys, name, open(os.devnull, "w"))  # noqa: SIM115 - lives until exit
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    try:
         return args.func(args)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (ConfigError, UnreadablePart) as exc:
+        _say(f"error: {exc}")
         return exits.USAGE
     except OutputDirBusy as exc:
-        print(f"error: {exc}, or choose another --output", file=sys.stderr)
+        _say(f"error: {exc}, or choose another --output")
         return exits.USAGE
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        _say("interrupted")
         return exits.STOPPED

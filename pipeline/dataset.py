@@ -8,10 +8,12 @@ batch, so a directory of a million rows stays cheap to resume from.
 
 Resume rule (`load_resume_index`): a file is done, under the settings hash `key_suffix`, when
 the latest row for it and its task was made under those settings from the same file (same size
-and mtime). Any status counts, except that `retry_errors=True` redoes files whose latest row is
-an error. So a changed prompt or model (a new key suffix), a changed file, or a new file is
-done again, and a rerun after another config ran restores this config's answers (copied from
-`ok_keys`, without an API call) rather than leaving the other config's rows current.
+and mtime). Any status counts, except that an error marked `retryable` (transient, or the
+run's own failure in rows older than that column) is tried again by the next plain runs, at
+most RETRY_RUNS times, and `retry_errors=True` redoes every error. So a changed prompt or model
+(a new key suffix), a changed file, or a new file is done again, and a rerun after another
+config ran restores this config's answers (copied from `ok_keys`, without an API call) rather
+than leaving the other config's rows current.
 """
 
 from __future__ import annotations
@@ -40,7 +42,24 @@ VERSION_KEY = b"gemini_vision_pipeline.schema_version"
 GROUP = ("image_root", "image_path", "task")
 BATCH_ROWS = 65_536
 _SHA_DIGEST_BYTES = 16  # of a key's sha256: 128 bits tell a million files apart with ease
-_INDEX_COLUMNS = (*GROUP, "completed_at", "file_size", "file_mtime_ns", "key", "status")
+_INDEX_COLUMNS = (
+    *GROUP,
+    "completed_at",
+    "file_size",
+    "file_mtime_ns",
+    "key",
+    "status",
+    "retryable",
+    "error",
+)
+RETRY_RUNS = 3  # a retryable error is tried again by at most this many later plain runs
+# Error rows written before the `retryable` column (schema 1) that were transient or the run's
+# own failure (a key, an outage, a quota), recognised by their error text: retried like new ones.
+_OLD_RETRYABLE = (
+    r"^(?:\d{3} )?(?:DEADLINE_EXCEEDED|UNAVAILABLE|DATA_LOSS|INTERNAL|RESOURCE_EXHAUSTED"
+    r"|UNAUTHENTICATED|PERMISSION_DENIED|NOT_FOUND|ABORTED|UNKNOWN)\b"
+    r"|API key not valid|API_KEY_INVALID|stopped before an answer"
+)
 _OLDEST = np.iinfo(np.int64).min  # a row without completed_at loses to any row with one
 _TOKEN_COLUMNS = ("prompt_tokens", "output_tokens", "thoughts_tokens", "total_tokens")
 
@@ -175,18 +194,51 @@ def part_files(output_dir: str | os.PathLike[str]) -> list[Path]:
     return sorted(found, key=lambda path: path.relative_to(root).parts)
 
 
+class UnreadablePart(ValueError):
+    """A `*.parquet` file in the output that this program cannot read; names it and says what
+    to do. (Parts are written whole or not at all, so this is damage from outside: a disk, a
+    copy, a hand.)"""
+
+    def __init__(self, path: Path, why: str, remedy: str | None = None) -> None:
+        remedy = remedy or (
+            f"move it aside (e.g. `mv '{path}' '{path}.corrupt'`) and rerun: the files whose "
+            "rows it held are then done again"
+        )
+        super().__init__(f"{path}: {why}; {remedy}")
+        self.path = path
+
+
 def _open_part(path: Path) -> pq.ParquetFile:
     """Open a part, refusing files this version cannot read correctly."""
-    part = pq.ParquetFile(path)
+    try:
+        part = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise UnreadablePart(path, f"not a readable Parquet file ({_first_line(exc)})") from None
     version = (part.schema_arrow.metadata or {}).get(VERSION_KEY)
     if version is None:
-        raise ValueError(f"{path}: not written by this pipeline (no schema version in metadata)")
+        raise UnreadablePart(path, "not written by this pipeline (no schema version)")
     if not version.isdigit() or int(version) > int(SCHEMA_VERSION):
-        raise ValueError(
-            f"{path}: schema version {version.decode(errors='replace')} is newer than this "
-            f"program's {SCHEMA_VERSION}; upgrade the pipeline to read it"
+        raise UnreadablePart(
+            path,
+            f"schema version {version.decode(errors='replace')} is newer than this program's "
+            f"{SCHEMA_VERSION}",
+            "upgrade the pipeline to read it",
         )
     return part
+
+
+def part_batches(path: Path, columns: Sequence[str]) -> Iterator[pa.RecordBatch]:
+    """The batches of one part (see _batches); damage anywhere in it is an UnreadablePart."""
+    part = _open_part(path)
+    try:
+        yield from _batches(part, columns)
+    except (pa.ArrowException, OSError) as exc:
+        raise UnreadablePart(path, f"damaged Parquet data ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:200]
 
 
 def _batches(part: pq.ParquetFile, columns: Sequence[str]) -> Iterator[pa.RecordBatch]:
@@ -203,19 +255,30 @@ def _batches(part: pq.ParquetFile, columns: Sequence[str]) -> Iterator[pa.Record
         yield pa.RecordBatch.from_arrays(arrays, schema=schema)
 
 
-def _scan(output_dir: str | os.PathLike[str], columns: Sequence[str]) -> tuple[pa.Table, int]:
-    """All rows of every part (these columns only) plus where each sits: `_part`, `_row`."""
+def _scan(
+    output_dir: str | os.PathLike[str], columns: Sequence[str], *, skip_unreadable: bool = False
+) -> tuple[pa.Table, int, list[UnreadablePart]]:
+    """All rows of every part (these columns only) plus where each sits: `_part`, `_row`.
+    With `skip_unreadable`, unreadable parts are left out and returned instead of raised."""
     tables = []
+    unreadable: list[UnreadablePart] = []
     paths = part_files(output_dir)
     for part_no, path in enumerate(paths):
+        try:
+            batches = list(part_batches(path, columns))
+        except UnreadablePart as exc:
+            if not skip_unreadable:
+                raise
+            unreadable.append(exc)
+            continue
         start = 0
-        for batch in _batches(_open_part(path), columns):
+        for batch in batches:
             tables.append(_with_position(pa.Table.from_batches([batch]), part_no, start))
             start += batch.num_rows
     if not tables:
         empty = pa.schema([ROW_SCHEMA.field(name) for name in columns]).empty_table()
-        return _with_position(empty, 0, 0), len(paths)
-    return pa.concat_tables(tables), len(paths)
+        return _with_position(empty, 0, 0), len(paths), unreadable
+    return pa.concat_tables(tables), len(paths), unreadable
 
 
 def _with_position(table: pa.Table, part_no: int, start: int) -> pa.Table:
@@ -268,7 +331,7 @@ def load_resume_index(
     scan = _ResumeScan(key_suffix)
     for part_no, path in enumerate(part_files(output_dir)):
         start = 0
-        for batch in _batches(_open_part(path), _INDEX_COLUMNS):
+        for batch in part_batches(path, _INDEX_COLUMNS):
             scan.add(batch, part_no, start)
             start += batch.num_rows
     index = ResumeIndex(
@@ -295,7 +358,7 @@ class _ResumeScan:
         self._groups: list[np.ndarray] = []
         self._fingerprints: list[bytes] = []
         self._arrays: dict[str, list[np.ndarray]] = {
-            name: [] for name in ("when", "part", "row", "mine", "error")
+            name: [] for name in ("when", "part", "row", "mine", "error", "retryable")
         }
 
     def add(self, batch: pa.RecordBatch, part_no: int, start: int) -> None:
@@ -331,6 +394,9 @@ class _ResumeScan:
         self._arrays["mine"].append(is_mine)
         error = pc.fill_null(pc.equal(status, "error"), True)
         self._arrays["error"].append(error.to_numpy(zero_copy_only=False))
+        old = pc.fill_null(pc.match_substring_regex(batch.column("error"), _OLD_RETRYABLE), False)
+        retryable = pc.and_(error, pc.fill_null(batch.column("retryable"), old))
+        self._arrays["retryable"].append(retryable.to_numpy(zero_copy_only=False))
 
     def done(self, retry_errors: bool) -> bytes:
         """Fingerprints of the files whose current row says: skip."""
@@ -345,8 +411,24 @@ class _ResumeScan:
         current = current[column["mine"][current]]
         if retry_errors:
             current = current[~column["error"][current]]
+        else:
+            current = current[~self._retry_now(current, group, column)]
         fingerprints = np.frombuffer(b"".join(self._fingerprints), dtype="V16")
         return fingerprints[np.sort(current)].tobytes()
+
+    @staticmethod
+    def _retry_now(
+        current: np.ndarray, group: np.ndarray, column: dict[str, np.ndarray]
+    ) -> np.ndarray:
+        """For each current row: a retryable error tried fewer than 1 + RETRY_RUNS times."""
+        retryable = column["retryable"] & column["mine"]
+        retry = np.zeros(len(current), dtype=bool)
+        candidates = retryable[current]
+        if candidates.any():
+            groups, tries = np.unique(group[retryable], return_counts=True)
+            at = np.searchsorted(groups, group[current[candidates]])
+            retry[candidates] = tries[at] <= RETRY_RUNS
+        return retry
 
 
 def _sha_digests(keys: pa.Array) -> bytes:
@@ -379,9 +461,7 @@ def lookup_rows(output_dir: str | os.PathLike[str], keys: Collection[str]) -> di
         candidates = locations.candidates(wanted)
     best: dict[str, tuple[tuple[Any, ...], dict]] = {}
     for path, rows in candidates.items():
-        part = pa.Table.from_batches(
-            list(_batches(_open_part(path), ROW_SCHEMA.names)), schema=ROW_SCHEMA
-        )
+        part = pa.Table.from_batches(list(part_batches(path, ROW_SCHEMA.names)), ROW_SCHEMA)
         for row_no, row in zip(rows, part.take(pa.array(rows)).to_pylist(), strict=True):
             if row["key"] not in wanted or row["status"] != "ok":
                 continue  # same leading sha bytes, another key
@@ -427,8 +507,7 @@ class _OkRowLocations:
             return
         sha, part, row = [self._sha], [self._part], [self._row]
         for path in new:
-            part_file = _open_part(path.path)
-            table = pa.Table.from_batches(list(_batches(part_file, ("key", "status"))))
+            table = pa.Table.from_batches(list(part_batches(path.path, ("key", "status"))))
             keys = table.column("key")
             ok = pc.and_(
                 pc.fill_null(pc.equal(table.column("status"), "ok"), False),
@@ -477,7 +556,7 @@ def current_rows(
     if unknown:
         raise ValueError(f"unknown columns: {unknown}")
     schema = pa.schema([ROW_SCHEMA.field(name) for name in wanted])
-    table, _ = _scan(output_dir, (*GROUP, "completed_at"))
+    table, _, _ = _scan(output_dir, (*GROUP, "completed_at"))
     current = table.take(pa.array(_latest(table)))
     if current.num_rows == 0:
         return schema.empty_table()
@@ -487,7 +566,7 @@ def current_rows(
     paths = part_files(output_dir)
     for part_no in np.unique(part_of):
         at = np.flatnonzero(part_of == part_no)
-        part = pa.Table.from_batches(list(_batches(_open_part(paths[part_no]), wanted)), schema)
+        part = pa.Table.from_batches(list(part_batches(paths[part_no], wanted)), schema)
         pieces.append(part.take(pa.array(row_of[at])))
         placed.append(at)
     gathered = pa.concat_tables(pieces)
@@ -503,7 +582,7 @@ def status(output_dir: str | os.PathLike[str]) -> dict[str, Any]:
     `prompt_tokens` on the rows that have both.
     """
     columns = (*GROUP, "completed_at", "status", "run_id", *_TOKEN_COLUMNS, "est_prompt_tokens")
-    table, n_parts = _scan(output_dir, columns)
+    table, n_parts, unreadable = _scan(output_dir, columns, skip_unreadable=True)
     current = table.take(pa.array(_latest(table)))
     by_status = Counter(
         {str(k): int(v) for k, v in _value_counts(current.column("status")).items()}
@@ -515,6 +594,7 @@ def status(output_dir: str | os.PathLike[str]) -> dict[str, Any]:
     return {
         "output_dir": str(output_dir),
         "parts": n_parts,
+        "unreadable_parts": [str(exc) for exc in unreadable],
         "rows": current.num_rows,
         "rows_committed": table.num_rows,
         "superseded": table.num_rows - current.num_rows,
@@ -575,6 +655,8 @@ def format_status(report: dict[str, Any]) -> str:
             f"prompt tokens estimated {tokens['estimated_prompt']:,} vs billed "
             f"{tokens['prompt']:,} ({tokens['estimate_error']:+.1%})"
         )
+    for problem in report.get("unreadable_parts", []):
+        lines.append(f"UNREADABLE PART (its rows are not counted above): {problem}")
     errors = by_status.get("error", 0)
     if errors:
         lines.append(f"remaining: {errors:,} error rows; rerun with --retry-errors to redo them")

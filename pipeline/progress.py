@@ -46,9 +46,9 @@ class Progress:
         self, source: ProgressSource, *, enabled: bool = True, stream: TextIO | None = None
     ) -> None:
         self.source = source
-        self.enabled = enabled
         self.stream = stream or sys.stderr
-        self.tty = _isatty(self.stream)
+        self.enabled = enabled and self.stream is not None  # None: started with fd 2 closed
+        self.tty = self.enabled and _isatty(self.stream)
         self.started = time.monotonic()
 
     def line(self) -> str:

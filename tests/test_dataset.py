@@ -103,7 +103,15 @@ def test_parts_from_elsewhere_are_refused(tmp_path: Path) -> None:
     (tmp_path / "foreign.parquet").unlink()
     pq.write_table(newer.empty_table(), tmp_path / "part-future.parquet")
     with pytest.raises(ValueError, match="newer than this program"):
-        status(tmp_path)
+        current_rows(tmp_path)
+    # status reads what it can and names what it cannot, with what to do about it
+    (tmp_path / "part-broken.parquet").write_bytes(b"PAR1 garbage PAR1")
+    report = status(tmp_path)
+    problems = report["unreadable_parts"]
+    assert len(problems) == 2 and all("part-" in p for p in problems)
+    assert any("newer than this program" in p for p in problems)
+    assert any("mv " in p and "part-broken.parquet" in p for p in problems)
+    assert "UNREADABLE PART" in format_status(report)
 
 
 # --------------------------------------------------------------------------------- resume
