@@ -298,6 +298,11 @@ async def test_auto_mode_uploads_what_does_not_fit_inline(images_dir: Path, tmp_
     assert summary.uploads == 1
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="client fix pending: the detect schema goes to Interactions with upper-case OpenAPI "
+    "types; response_format.schema is JSON Schema (rule interactions.schema-types)",
+)
 async def test_interactions_flavor(images_dir: Path, tmp_path: Path) -> None:
     draw_shapes(384, 384, seed=8)[0].save(images_dir / "i.png")
     config = make_config(

@@ -10,8 +10,9 @@ import signal
 import socket
 import sys
 
-from pipeline.localserver.app import LocalServer, bind_socket
 from pipeline.localserver.options import ServerOptions
+from pipeline.localserver.rules import describe_rules
+from pipeline.localserver.server import LocalServer, bind_socket
 
 _DEFAULTS = ServerOptions()
 
@@ -61,10 +62,40 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.0,
         help="uploaded files stay PROCESSING this long",
     )
+    parser.add_argument(
+        "--file-ttl-seconds",
+        type=float,
+        default=_DEFAULTS.file_ttl_seconds,
+        help="uploaded files expire (then answer 403 PERMISSION_DENIED) after this long; 48 h",
+    )
+    parser.add_argument(
+        "--decode-limit",
+        type=int,
+        default=None,
+        metavar="N",
+        help="Interactions: at most N output tokens per request; longer answers come in "
+        "requires_continuation hops",
+    )
+    parser.add_argument(
+        "--credit-budget",
+        type=float,
+        default=None,
+        metavar="USD",
+        help="prepaid credits in USD, spent at the model table's prices; then every generation "
+        "answers 402 (payment_required)",
+    )
+    parser.add_argument(
+        "--rules",
+        action="store_true",
+        help="print every rule the server enforces, with its source, and exit",
+    )
 
 
 def serve_from_args(args: argparse.Namespace) -> int:
     """Run until SIGINT or SIGTERM. The first stdout line names the base URL."""
+    if getattr(args, "rules", False):
+        print("\n".join(describe_rules()))
+        return 0
     try:
         options = ServerOptions(
             host=args.host,
@@ -80,6 +111,9 @@ def serve_from_args(args: argparse.Namespace) -> int:
             replay=args.replay,
             inline_limit_bytes=int(args.inline_limit_mb * 2**20),
             file_processing_seconds=args.file_processing_seconds,
+            file_ttl_seconds=args.file_ttl_seconds,
+            decode_limit=args.decode_limit,
+            credit_budget_usd=args.credit_budget,
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -128,7 +162,8 @@ async def _serve(options: ServerOptions, sock: socket.socket, *, announce: bool)
         print(
             f"  /v1beta and /v1; key: {'required' if options.api_key else 'any non-empty'}; "
             f"rpm={options.rpm} tpm={options.tpm} rpd={options.rpd} "
-            f"latency={options.latency_ms}ms fault_rate={options.fault_rate} seed={options.seed}"
+            f"latency={options.latency_ms}ms fault_rate={options.fault_rate} seed={options.seed} "
+            f"decode_limit={options.decode_limit} credit_budget={options.credit_budget_usd}"
             f"{' replay=' + options.replay if options.replay else ''}. Ctrl-C stops.",
             file=sys.stderr,
             flush=True,
