@@ -1,9 +1,10 @@
 """The official google-genai SDK against the local server: its wire format is the truth.
 
 The SDK calls /v1/..., uploads through /upload/v1/files with the resumable protocol, sends
-`fileData` with snake_case inner keys and URL-safe base64; the server must take exactly that and
-answer what the SDK parses. The sync client runs in a worker thread while the server runs in the
-test's event loop.
+`fileData` with snake_case inner keys and URL-safe base64; the strict server must take exactly
+that (the SDK's own requests are the reference of what is valid) and answer what the SDK parses:
+per-part media resolution on v1alpha, Interactions hops it continues by itself, a 402. The sync
+client runs in a worker thread while the server runs in the test's event loop.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import secrets
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pipeline.gemini.tokens import text_tokens
 from pipeline.localserver import errors
@@ -23,16 +23,29 @@ PENDING_CAPACITY = 1024  # unanswered continuations kept (oldest dropped)
 
 
 @dataclass(frozen=True, slots=True)
-class Pending:
-    """The rest of an answer, waiting for its next hop."""
+class Turn:
+    """What one create call delivers: answer text still to send, and what it bills."""
 
-    fingerprint: bytes  # Prompted.fingerprint() of the request being continued
-    interaction_id: str  # the hop that issued the token
     model: str
+    fingerprint: bytes  # Prompted.fingerprint() of the request answered
     prompt: Usage  # input tokens, billed again by every hop (each hop re-prefills)
-    rest: str  # the answer text not yet sent
-    finish: str  # the answer's finish reason, reported by its last hop
+    text: str
+    finish: str  # STOP | MAX_TOKENS of the whole answer, reported by its last hop
+    thoughts: int
+    task: str | None  # None for a continuation hop (not a new answer)
     images: int
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """The rest of an answer, as the turn of its next hop, and the hop that issued the token."""
+
+    rest: Turn
+    interaction_id: str
+
+    @staticmethod
+    def after(turn: Turn, rest: str, interaction_id: str) -> Pending:
+        return Pending(replace(turn, text=rest, thoughts=0, task=None), interaction_id)
 
 
 class Continuations:

@@ -133,18 +133,6 @@ def payload_too_large(limit: int) -> ApiError:
     return ApiError(400, "INVALID_ARGUMENT", message, rule="body.too-large")
 
 
-def invalid_argument(
-    message: str,
-    *,
-    rule: str,
-    field: str | None = None,
-    interactions_code: str | None = None,
-) -> ApiError:
-    """400 INVALID_ARGUMENT, with a BadRequest field violation when the field is known."""
-    violations = [(field, message)] if field else []
-    return bad_request(message, violations, rule=rule, interactions_code=interactions_code)
-
-
 @dataclass(frozen=True, slots=True)
 class Violation:
     """One field violation: where (a proto path like 'contents[0].parts[1]'; None: the top)
@@ -153,22 +141,35 @@ class Violation:
     field: str | None
     description: str
 
+    def detail(self) -> dict[str, str]:
+        """A BadRequest.fieldViolations entry."""
+        if self.field is None:
+            return {"description": self.description}
+        return {"field": self.field, "description": self.description}
+
+
+def invalid_argument(
+    message: str,
+    *,
+    rule: str,
+    field: str | None = None,
+    interactions_code: str | None = None,
+) -> ApiError:
+    """400 INVALID_ARGUMENT, with a BadRequest field violation when the field is known."""
+    violations = [Violation(field, message)] if field else []
+    return bad_request(message, violations, rule=rule, interactions_code=interactions_code)
+
 
 def bad_request(
     message: str,
-    violations: Sequence[tuple[str | None, str] | Violation],
+    violations: Sequence[Violation],
     *,
     rule: str,
     interactions_code: str | None = None,
 ) -> ApiError:
     details = []
     if violations:
-        entries = []
-        for item in violations:
-            where, text = (item.field, item.description) if isinstance(item, Violation) else item
-            entries.append(
-                {"field": where, "description": text} if where else {"description": text}
-            )
+        entries = [violation.detail() for violation in violations]
         details = [{"@type": TYPE_PREFIX + "BadRequest", "fieldViolations": entries}]
     return ApiError(
         400, "INVALID_ARGUMENT", message, details, rule=rule, interactions_code=interactions_code

@@ -68,13 +68,14 @@ def parse_request(
 ) -> Prompted:
     """A GenerateContentRequest checked and reduced to a Prompted (ApiError when refused)."""
     check(body, GENERATE_CONTENT_REQUEST, version=version)
-    texts, inputs = _read_contents(get(body, "contents"), model, version, images)
     config = get(body, "generation_config", {})
     thinking = get(config, "thinking_config")
     budget = get(thinking, "thinking_budget")
     thinks = settings.check_thinking(model, thinking, budget, get(thinking, "thinking_level"))
     schema, json_schema = get(config, "response_schema"), get(config, "response_json_schema")
     settings.check_schemas(model, schema, json_schema)
+    resolution = settings.global_resolution(model, get(config, "media_resolution"))
+    texts, inputs = _read_contents(get(body, "contents"), model, version, images)
     max_tokens = get(config, "max_output_tokens")
     return Prompted(
         model=model_id,
@@ -87,7 +88,7 @@ def parse_request(
             schema=json_schema if json_schema is not None else schema,
             polygon_masks=model.segmentation == "polygon",
         ),
-        media_resolution=settings.global_resolution(model, get(config, "media_resolution")),
+        media_resolution=resolution,
         max_output_tokens=int(max_tokens) if max_tokens is not None else None,
         thinking=thinks,
         thinking_budget=int(budget) if budget is not None else None,
@@ -115,17 +116,23 @@ def _read_contents(
                 field=f"contents[{i}].parts",
             )
         for j, part in enumerate(parts):
-            where = f"contents[{i}].parts[{j}]"
-            if isinstance(get(part, "text"), str):
-                texts.append(get(part, "text"))
-            image = _read_image(part, where, images)
-            if image is not None:
-                level = get(get(part, "media_resolution"), "level")
-                image.resolution = settings.part_resolution(
-                    model, version, level, interactions=False
-                )
-                inputs.append(image)
+            text, image = _read_part(part, f"contents[{i}].parts[{j}]", model, version, images)
+            texts.extend([text] if text is not None else [])
+            inputs.extend([image] if image is not None else [])
     return texts, inputs
+
+
+def _read_part(
+    part: dict[str, Any], where: str, model: Model, version: str, images: ImageReader
+) -> tuple[str | None, ImageInput | None]:
+    """The part's text and image; its own media resolution checked against the model."""
+    text = get(part, "text")
+    image = _read_image(part, where, images)
+    level = get(get(part, "media_resolution"), "level")
+    resolution = settings.part_resolution(model, version, level, interactions=False)
+    if image is not None:
+        image.resolution = resolution
+    return (text if isinstance(text, str) else None), image
 
 
 def _read_image(part: dict[str, Any], where: str, images: ImageReader) -> ImageInput | None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import secrets
 from collections import OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -25,7 +24,7 @@ from pipeline.localserver import errors, settings
 from pipeline.localserver.answering import Prompted
 from pipeline.localserver.answers import Ask
 from pipeline.localserver.billing import Usage, prompt_usage
-from pipeline.localserver.continuation import Continuations, Pending
+from pipeline.localserver.continuation import Continuations, Pending, Turn
 from pipeline.localserver.core import Core
 from pipeline.localserver.errors import ApiError
 from pipeline.localserver.fields import CREATE_INTERACTION
@@ -36,20 +35,6 @@ from pipeline.models import Model
 
 STORED_INTERACTIONS = 256  # interactions kept for GET when store is true (oldest dropped)
 CONTEXT_STEPS = ("model_output", "thought")  # earlier turns' steps: context, not a question
-
-
-@dataclass(frozen=True, slots=True)
-class Turn:
-    """What one create call delivers: answer text still to send, and what it bills."""
-
-    model: str
-    fingerprint: bytes
-    prompt: Usage
-    text: str
-    finish: str  # STOP | MAX_TOKENS of the whole answer
-    thoughts: int
-    task: str | None  # None for a continuation hop (not a new answer)
-    images: int
 
 
 class InteractionsSurface:
@@ -136,29 +121,20 @@ class InteractionsSurface:
         pending = self.continuations.take(token)
         try:
             self._check_continues(pending, body, model, version)
-            self.core.admit(pending.model, pending.prompt)
+            self.core.admit(pending.rest.model, pending.rest.prompt)
         except ApiError:
             self.continuations.restore(token, pending)
             raise
-        return Turn(
-            pending.model,
-            pending.fingerprint,
-            pending.prompt,
-            pending.rest,
-            pending.finish,
-            0,
-            None,
-            pending.images,
-        )
+        return pending.rest
 
     def _check_continues(
         self, pending: Pending, body: dict[str, Any], model: Model, version: str
     ) -> None:
         """store: false re-sends the original body; store: true names the issuing hop."""
-        same = str(body["model"]).removeprefix("models/") == pending.model
+        same = str(body["model"]).removeprefix("models/") == pending.rest.model
         if body.get("store") is False or body.get("input") is not None:
             prompted, _ = parse_interaction(body, model, version, self.core.images)
-            same = same and prompted.fingerprint() == pending.fingerprint
+            same = same and prompted.fingerprint() == pending.rest.fingerprint
         else:
             same = same and body.get("previous_interaction_id") == pending.interaction_id
         if not same:
@@ -172,17 +148,7 @@ class InteractionsSurface:
         text, rest = self.continuations.split(turn.text)
         token = None
         if rest:
-            token = self.continuations.issue(
-                Pending(
-                    turn.fingerprint,
-                    interaction_id,
-                    turn.model,
-                    turn.prompt,
-                    rest,
-                    turn.finish,
-                    turn.images,
-                )
-            )
+            token = self.continuations.issue(Pending.after(turn, rest, interaction_id))
         usage = Usage(
             turn.prompt.text_tokens, turn.prompt.image_tokens, text_tokens(text), turn.thoughts
         )
@@ -211,22 +177,13 @@ def parse_interaction(
     body: dict[str, Any], model: Model, version: str, images: ImageReader
 ) -> tuple[Prompted, list[dict[str, Any]]]:
     """A checked create body reduced to a Prompted, and its content items (to store)."""
-    items = input_items(body.get("input"))
-    texts: list[str] = []
-    inputs: list[ImageInput] = []
-    for index, item in enumerate(items):
-        where = f"input[{index}]"
-        if item["type"] == "text":
-            texts.append(item.get("text") or "")
-        elif item["type"] == "image":
-            inputs.append(_image(item, where, model, version, images))
-        else:
-            raise errors.unsupported_here(f"'{item['type']}' content at '{where}'")
     mime, schema = response_format(body)
     config = body.get("generation_config") or {}
     level = config.get("thinking_level")
     if level is not None:
         settings.check_level(model, level)
+    items = input_items(body.get("input"))
+    texts, inputs = _read_items(items, model, version, images)
     max_tokens = config.get("max_output_tokens")
     prompted = Prompted(
         model=str(body["model"]).removeprefix("models/"),
@@ -243,6 +200,22 @@ def parse_interaction(
         thinking=settings.thinks(model, None, level),
     )
     return prompted, items
+
+
+def _read_items(
+    items: list[dict[str, Any]], model: Model, version: str, images: ImageReader
+) -> tuple[list[str], list[ImageInput]]:
+    texts: list[str] = []
+    inputs: list[ImageInput] = []
+    for index, item in enumerate(items):
+        where = f"input[{index}]"
+        if item["type"] == "text":
+            texts.append(item.get("text") or "")
+        elif item["type"] == "image":
+            inputs.append(_image(item, where, model, version, images))
+        else:
+            raise errors.unsupported_here(f"'{item['type']}' content at '{where}'")
+    return texts, inputs
 
 
 def _image(

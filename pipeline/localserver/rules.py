@@ -71,7 +71,8 @@ _RULES = (
         "400 INVALID_ARGUMENT / 400 parameter_unknown",
         "A field the API does not have, at any depth, is refused and named (camelCase or "
         "snake_case accepted on generateContent, snake_case on Interactions). The accepted "
-        "field trees are pipeline/localserver/fields.py.",
+        "field trees are pipeline/localserver/fields.py. The Interactions message text "
+        "(\"Unknown parameter: 'config'.\") is ours; its code is documented.",
         f"{ESF_UNKNOWN}; SDK _GenerateContentParameters_to_mldev, _gaos CreateModelInteraction; "
         f"{API_ERRORS} (parameter_unknown)",
     ),
@@ -79,7 +80,9 @@ _RULES = (
         "fields.value",
         "400 INVALID_ARGUMENT / invalid_request",
         "A value of the wrong JSON kind (a string for a number, an object for a string, a list "
-        "for a single field, an unknown enum name) is refused.",
+        "for a single field, an unknown enum name) is refused. Enum names are taken in any "
+        'case on generateContent (the guides send "low" and "LOW"), exactly on '
+        "Interactions (lowercase literals in the SDK).",
         f"{ESF_VALUE}; {ESF_UNKNOWN}",
     ),
     Rule(

@@ -53,8 +53,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--workers",
         type=int,
         default=1,
-        help="processes sharing the port, for throughput benchmarks: quotas, uploaded files and"
-        " stats are per process, so quota flags need 1 worker",
+        help="processes sharing the port, for throughput benchmarks: quotas, credits, "
+        "continuations, uploaded files and stats are per process, so those flags need 1 worker",
     )
     parser.add_argument(
         "--file-processing-seconds",
@@ -97,30 +97,17 @@ def serve_from_args(args: argparse.Namespace) -> int:
         print("\n".join(describe_rules()))
         return 0
     try:
-        options = ServerOptions(
-            host=args.host,
-            port=args.port,
-            api_key=args.api_key,
-            rpm=args.rpm,
-            tpm=args.tpm,
-            rpd=args.rpd,
-            latency_ms=args.latency_ms,
-            fault_rate=args.fault_rate,
-            seed=args.seed,
-            hang_seconds=args.hang_seconds,
-            replay=args.replay,
-            inline_limit_bytes=int(args.inline_limit_mb * 2**20),
-            file_processing_seconds=args.file_processing_seconds,
-            file_ttl_seconds=args.file_ttl_seconds,
-            decode_limit=args.decode_limit,
-            credit_budget_usd=args.credit_budget,
-        )
+        options = _options(args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     workers = getattr(args, "workers", 1)
-    if workers < 1 or (workers > 1 and (options.rpm or options.tpm or options.rpd)):
-        print("error: --workers must be >= 1, and 1 with --rpm/--tpm/--rpd", file=sys.stderr)
+    if workers < 1 or (workers > 1 and _per_process_state(options)):
+        print(
+            "error: --workers must be >= 1, and 1 with --rpm/--tpm/--rpd/--credit-budget/"
+            "--decode-limit (their state is per process)",
+            file=sys.stderr,
+        )
         return 2
     try:
         sock = bind_socket(options.host, options.port)
@@ -144,6 +131,34 @@ def serve_from_args(args: argparse.Namespace) -> int:
     except ValueError as exc:  # e.g. a malformed replay file
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def _per_process_state(options: ServerOptions) -> bool:
+    """Options whose counters a second process would not share (a continuation token issued by
+    one worker is unknown to the others)."""
+    limits = (options.rpm, options.tpm, options.rpd, options.decode_limit)
+    return any(limits) or options.credit_budget_usd is not None
+
+
+def _options(args: argparse.Namespace) -> ServerOptions:
+    return ServerOptions(
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        rpm=args.rpm,
+        tpm=args.tpm,
+        rpd=args.rpd,
+        latency_ms=args.latency_ms,
+        fault_rate=args.fault_rate,
+        seed=args.seed,
+        hang_seconds=args.hang_seconds,
+        replay=args.replay,
+        inline_limit_bytes=int(args.inline_limit_mb * 2**20),
+        file_processing_seconds=args.file_processing_seconds,
+        file_ttl_seconds=args.file_ttl_seconds,
+        decode_limit=args.decode_limit,
+        credit_budget_usd=args.credit_budget,
+    )
 
 
 async def _serve(options: ServerOptions, sock: socket.socket, *, announce: bool) -> int:

@@ -209,10 +209,11 @@ class _Walker:
         if not isinstance(value, dict):
             self.bad_value(value, "object", path)
             return
-        variant = spec.variants.get(value.get(spec.key))
+        kind = value.get(spec.key)
+        variant = spec.variants.get(kind) if isinstance(kind, str) else None
         if variant is None:
             where = f"{path}.{spec.key}" if path else spec.key
-            self.bad_value(value.get(spec.key), "one of " + ", ".join(spec.variants), where)
+            self.bad_value(kind, "one of " + ", ".join(spec.variants), where)
         else:
             self.value(value, variant, path, path, "")
 
