@@ -159,7 +159,7 @@ _RULES = (
     ),
     Rule(
         "thinking.level-unsupported",
-        "400 INVALID_ARGUMENT",
+        "400 INVALID_ARGUMENT / invalid_request",
         "A thinkingLevel sent to a model set by budget (2.5).",
         f"{NOTES} Models and thinking; https://github.com/RooCodeInc/Roo-Code/issues/10700",
     ),

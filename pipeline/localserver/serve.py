@@ -175,7 +175,7 @@ async def _serve(options: ServerOptions, sock: socket.socket, *, announce: bool)
             return 0
         print(f"Local Gemini-compatible server listening on {server.base_url}", flush=True)
         print(
-            f"  /v1beta and /v1; key: {'required' if options.api_key else 'any non-empty'}; "
+            f"  /v1, /v1beta, /v1alpha; key: {'required' if options.api_key else 'any'}; "
             f"rpm={options.rpm} tpm={options.tpm} rpd={options.rpd} "
             f"latency={options.latency_ms}ms fault_rate={options.fault_rate} seed={options.seed} "
             f"decode_limit={options.decode_limit} credit_budget={options.credit_budget_usd}"
