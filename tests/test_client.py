@@ -263,7 +263,7 @@ async def test_cut_answers_finish_with_max_tokens_in_both_flavors(client: Gemini
 
 
 async def test_generate_content_thinking_and_media_resolution_settings(
-    client: GeminiClient,
+    client: GeminiClient, server: LocalServer
 ) -> None:
     png = rectangle_png()
     thinking = await client.generate_content(detect_request(ImagePart("image/png", png)))
@@ -273,9 +273,14 @@ async def test_generate_content_thinking_and_media_resolution_settings(
     assert thinking.usage.thoughts_tokens > 0
     assert no_thinking.usage.thoughts_tokens == 0
 
-    low_part = await client.generate_content(
-        detect_request(ImagePart("image/png", png, resolution="low"), model=MODEL_3)
-    )
+    async with connect(server, version="v1alpha") as alpha:  # per-part: v1alpha only
+        low_part = await alpha.generate_content(
+            detect_request(ImagePart("image/png", png, resolution="low"), model=MODEL_3)
+        )
+    with pytest.raises(GeminiError, match='Unknown name "mediaResolution"'):
+        await client.generate_content(  # v1beta's Part has no such field
+            detect_request(ImagePart("image/png", png, resolution="low"), model=MODEL_3)
+        )
     medium_request = await client.generate_content(
         detect_request(
             ImagePart("image/png", png),

@@ -1,9 +1,10 @@
 """The official google-genai SDK against the local server: its wire format is the truth.
 
 The SDK calls /v1/..., uploads through /upload/v1/files with the resumable protocol, sends
-`fileData` with snake_case inner keys and URL-safe base64; the server must take exactly that and
-answer what the SDK parses. The sync client runs in a worker thread while the server runs in the
-test's event loop.
+`fileData` with snake_case inner keys and URL-safe base64; the strict server must take exactly
+that (the SDK's own requests are the reference of what is valid) and answer what the SDK parses:
+per-part media resolution on v1alpha, Interactions hops it continues by itself, a 402. The sync
+client runs in a worker thread while the server runs in the test's event loop.
 """
 
 from __future__ import annotations
@@ -143,3 +144,74 @@ async def test_sdk_interactions(server, client):
     )
     assert interaction.usage.total_input_tokens == 1120 + 5
     assert server.stats()["requests"]["POST /v1/interactions"] == {"200": 1}
+
+
+@pytest.mark.skipif(not hasattr(genai.Client, "interactions"), reason="SDK without interactions")
+async def test_sdk_continues_requires_continuation_hops_by_itself():
+    red = shapes_png((220, 40, 40), (96, 96, 288, 192))
+    prompt = DETECT + " Answer in JSON."
+
+    async def ask(options: ServerOptions):
+        async with LocalServer(options) as running:
+            sdk = genai.Client(
+                api_key="sdk-key", http_options=types.HttpOptions(base_url=running.base_url)
+            )
+            interaction = await asyncio.to_thread(
+                sdk.interactions.create,
+                model="gemini-3-flash-preview",
+                input=[
+                    {"type": "text", "text": prompt},
+                    {
+                        "type": "image",
+                        "data": base64.b64encode(red).decode(),
+                        "mime_type": "image/png",
+                    },
+                ],
+                generation_config={"thinking_level": "minimal"},
+                store=False,
+            )
+            return interaction, running.stats()
+
+    whole, _ = await ask(ServerOptions(api_key="sdk-key"))
+    hopped, stats = await ask(ServerOptions(api_key="sdk-key", decode_limit=4))
+    text = "".join(step.content[0].text for step in hopped.steps if step.type == "model_output")
+    assert text == whole.steps[-1].content[0].text  # the hops' steps, concatenated by the SDK
+    hops = stats["requests"]["POST /v1/interactions"]["200"]
+    assert hops > 1 and stats["continuations"] == {"issued": hops - 1, "waiting": 0}
+    assert hopped.usage.total_input_tokens == hops * whole.usage.total_input_tokens  # summed
+    assert hopped.status == "completed"
+
+
+async def test_sdk_per_part_media_resolution_needs_v1alpha(server):
+    red = shapes_png((220, 40, 40), (96, 96, 288, 192))
+    part = types.Part.from_bytes(
+        data=red,
+        mime_type="image/png",
+        media_resolution=types.PartMediaResolutionLevel.MEDIA_RESOLUTION_ULTRA_HIGH,
+    )
+    alpha = genai.Client(
+        api_key="sdk-key",
+        http_options=types.HttpOptions(base_url=server.base_url, api_version="v1alpha"),
+    )
+    response = await alpha.aio.models.generate_content(
+        model="gemini-3-flash-preview", contents=[part, "Describe this image."]
+    )
+    assert response.usage_metadata.prompt_tokens_details[1].token_count == 2240
+    default = genai.Client(
+        api_key="sdk-key", http_options=types.HttpOptions(base_url=server.base_url)
+    )
+    with pytest.raises(errors.ClientError) as refused:
+        await default.aio.models.generate_content(
+            model="gemini-3-flash-preview", contents=[part, "Describe this image."]
+        )
+    assert refused.value.code == 400 and "mediaResolution" in refused.value.message
+
+
+async def test_sdk_sees_402_when_credits_run_out():
+    async with LocalServer(ServerOptions(api_key="sdk-key", credit_budget_usd=0)) as running:
+        sdk = genai.Client(
+            api_key="sdk-key", http_options=types.HttpOptions(base_url=running.base_url)
+        )
+        with pytest.raises(errors.ClientError) as depleted:
+            await sdk.aio.models.generate_content(model="gemini-2.5-flash", contents="hello")
+        assert depleted.value.code == 402 and depleted.value.status == "RESOURCE_EXHAUSTED"

@@ -1,12 +1,18 @@
 """A local Gemini-compatible HTTP server: tests, the demo and the benchmarks run against it.
 
 It speaks the real API's protocol (generateContent, Interactions, Files) and answers by looking
-at the image's pixels, so flat shapes on a plain background have exact known answers. It knows
-nothing of the pipeline.
+at the image's pixels, so flat shapes on a plain background have exact known answers. It is a
+strict double: it refuses what the service refuses, with the service's errors (every rule and its
+source: rules.py). It knows nothing of the pipeline.
+
+Layout: server.py wires the surfaces (generate.py, interactions.py, files_api.py) over the shared
+core.py (transport, image_input, billing, quotas, answering, faults, stats); fields.py declares the
+accepted request bodies as data, spec.py walks them, settings.py checks settings against the model
+table; answers.py and vision.py are the local "model".
 """
 
-from pipeline.localserver.app import LocalServer
 from pipeline.localserver.options import ServerOptions
 from pipeline.localserver.serve import add_serve_arguments, serve_from_args
+from pipeline.localserver.server import LocalServer
 
 __all__ = ["LocalServer", "ServerOptions", "add_serve_arguments", "serve_from_args"]

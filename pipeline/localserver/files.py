@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import hashlib
+import re
 import secrets
 import string
 from collections.abc import Callable
@@ -19,6 +20,20 @@ MAX_FILE_BYTES = 2 * 1024**3  # the documented per-file limit
 DEFAULT_PAGE_SIZE = 10
 MAX_PAGE_SIZE = 100
 _ID_ALPHABET = string.ascii_lowercase + string.digits
+_NAME = re.compile(r"^(?:files/)?([a-z0-9][a-z0-9-]{0,39})$")  # a name a client may ask for
+_IN_URI = re.compile(r"(?:^|/)files/([a-z0-9][a-z0-9-]{0,39})$")  # files/<id> ending a URI
+
+
+def file_name_id(name: str) -> str | None:
+    """ "files/abc" or "abc" -> "abc"; None when it is no valid file name."""
+    match = _NAME.fullmatch(name)
+    return match.group(1) if match else None
+
+
+def file_id_in_uri(uri: str) -> str | None:
+    """The id of `{base}/{version}/files/abc` or `files/abc`; None when it names no file."""
+    match = _IN_URI.search(uri)
+    return match.group(1) if match else None
 
 
 @dataclass(slots=True)
@@ -64,6 +79,7 @@ class FileStore:
         self.uploads_completed = 0
         self.bytes_received = 0
         self.deleted = 0
+        self.expired = 0
 
     # uploads
 
@@ -112,7 +128,8 @@ class FileStore:
     def get(self, file_id: str) -> StoredFile | None:
         stored = self._files.get(file_id)
         if stored is not None and self._clock() >= stored.created + self.ttl_seconds:
-            del self._files[file_id]  # expired: gone, as on the real service
+            del self._files[file_id]  # expired: gone (403 from now on), as on the real service
+            self.expired += 1
             return None
         return stored
 
@@ -132,6 +149,7 @@ class FileStore:
         now = self._clock()
         for file_id in [f for f, s in self._files.items() if now >= s.created + self.ttl_seconds]:
             del self._files[file_id]
+            self.expired += 1
         files = sorted(self._files.values(), key=lambda s: (-s.created, s.id))
         start = _decode_token(page_token)
         size = min(max(page_size, 1), MAX_PAGE_SIZE) if page_size else DEFAULT_PAGE_SIZE

@@ -22,15 +22,17 @@ class ServerOptions:
     replay: str | None = None  # JSONL of recorded answers by image sha256
     inline_limit_bytes: int = 20 * 1024 * 1024  # request bodies above this are a 400
     file_processing_seconds: float = 0.0  # uploaded files are PROCESSING this long, then ACTIVE
-    file_ttl_seconds: float = 48 * 3600
+    file_ttl_seconds: float = 48 * 3600  # then the file answers 403, as an expired one does
     quota_window_seconds: float = 60.0  # the RPM/TPM window; shorter only for tests
+    decode_limit: int | None = None  # Interactions: output tokens per hop (requires_continuation)
+    credit_budget_usd: float | None = None  # prepaid credits; spent: 402 (rule credits.depleted)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be within 0-65535, got {self.port}")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must be None (accept any key) or a non-empty string")
-        for name in ("rpm", "tpm", "rpd"):
+        for name in ("rpm", "tpm", "rpd", "decode_limit"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be a positive integer or None, got {value}")
@@ -41,6 +43,10 @@ class ServerOptions:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.inline_limit_bytes <= 0 or self.file_ttl_seconds <= 0:
             raise ValueError("inline_limit_bytes and file_ttl_seconds must be positive")
+        if self.credit_budget_usd is not None and self.credit_budget_usd < 0:
+            raise ValueError(
+                f"credit_budget_usd must be >= 0 or None, got {self.credit_budget_usd}"
+            )
 
     def __repr__(self) -> str:  # the key never appears in logs or reprs
         key = "None" if self.api_key is None else "'***'"

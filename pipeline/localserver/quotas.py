@@ -2,8 +2,9 @@
 
 Minute windows are calendar minutes (they all reset at :00, so a client bursting a whole minute's
 quota at once can land twice the limit within sixty seconds); the day window resets at midnight
-Pacific time. Only admitted requests count. The clock is injectable so tests move time instead
-of sleeping.
+Pacific time. Only admitted requests count. A request that breaks several quotas at once gets one
+429 listing them all, as the service does (rule quota.exceeded). The clock is injectable so tests
+move time instead of sleeping.
 """
 
 from __future__ import annotations
@@ -64,10 +65,20 @@ class Quotas:
         return bool(self.rpm or self.tpm or self.rpd)
 
     def admit(self, model: str, input_tokens: int) -> None:
-        """Count the request, or raise a 429 ApiError without counting it."""
+        """Count the request, or raise one 429 listing every quota it would exceed (per-minute
+        ones first, the daily one last), counting nothing."""
         if not self.enabled:
             return
         now = self._clock()
+        usage = self._window(model, now)
+        hits = self._hits(usage, input_tokens, now)
+        if hits:
+            raise errors.quota_exceeded(hits, model)
+        usage.requests += 1
+        usage.tokens += input_tokens
+        usage.day_requests += 1
+
+    def _window(self, model: str, now: float) -> _Usage:
         usage = self._usage.setdefault(model, _Usage())
         minute = math.floor(now / self.window)
         if usage.minute != minute:
@@ -75,36 +86,21 @@ class Quotas:
         day = dt.datetime.fromtimestamp(now, PACIFIC).date() if self.rpd else None
         if usage.day != day:
             usage.day, usage.day_requests = day, 0
-        to_next_minute = (minute + 1) * self.window - now
-        if self.rpd and usage.day_requests + 1 > self.rpd:
-            self._refuse("rpd", RPD_QUOTA, self.rpd, model, _to_pacific_midnight(now), daily=True)
-        if self.rpm and usage.requests + 1 > self.rpm:
-            self._refuse("rpm", RPM_QUOTA, self.rpm, model, to_next_minute, daily=False)
-        if self.tpm and usage.tokens + input_tokens > self.tpm:
-            self._refuse("tpm", TPM_QUOTA, self.tpm, model, to_next_minute, daily=False)
-        usage.requests += 1
-        usage.tokens += input_tokens
-        usage.day_requests += 1
+        return usage
 
-    def _refuse(
-        self,
-        kind: str,
-        quota: tuple[str, str],
-        limit: int,
-        model: str,
-        retry_seconds: float,
-        *,
-        daily: bool,
-    ) -> None:
-        self.rejections[kind] += 1
-        raise errors.quota_exceeded(
-            metric=quota[0],
-            quota_id=quota[1],
-            limit=limit,
-            model=model,
-            retry_seconds=retry_seconds,
-            daily=daily,
+    def _hits(self, usage: _Usage, input_tokens: int, now: float) -> list[errors.QuotaHit]:
+        to_next_minute = (usage.minute + 1) * self.window - now
+        checks = (
+            ("rpm", RPM_QUOTA, self.rpm, usage.requests + 1, to_next_minute, False),
+            ("tpm", TPM_QUOTA, self.tpm, usage.tokens + input_tokens, to_next_minute, False),
+            ("rpd", RPD_QUOTA, self.rpd, usage.day_requests + 1, _to_pacific_midnight(now), True),
         )
+        hits = []
+        for kind, (metric, quota_id), limit, wanted, wait, daily in checks:
+            if limit and wanted > limit:
+                self.rejections[kind] += 1
+                hits.append(errors.QuotaHit(metric, quota_id, limit, wait, daily))
+        return hits
 
 
 def _to_pacific_midnight(now: float) -> float:

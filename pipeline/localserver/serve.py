@@ -10,8 +10,9 @@ import signal
 import socket
 import sys
 
-from pipeline.localserver.app import LocalServer, bind_socket
 from pipeline.localserver.options import ServerOptions
+from pipeline.localserver.rules import describe_rules
+from pipeline.localserver.server import LocalServer, bind_socket
 
 _DEFAULTS = ServerOptions()
 
@@ -52,8 +53,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--workers",
         type=int,
         default=1,
-        help="processes sharing the port, for throughput benchmarks: quotas, uploaded files and"
-        " stats are per process, so quota flags need 1 worker",
+        help="processes sharing the port, for throughput benchmarks: quotas, credits, "
+        "continuations, uploaded files and stats are per process, so those flags need 1 worker",
     )
     parser.add_argument(
         "--file-processing-seconds",
@@ -61,32 +62,52 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.0,
         help="uploaded files stay PROCESSING this long",
     )
+    parser.add_argument(
+        "--file-ttl-seconds",
+        type=float,
+        default=_DEFAULTS.file_ttl_seconds,
+        help="uploaded files expire (then answer 403 PERMISSION_DENIED) after this long; 48 h",
+    )
+    parser.add_argument(
+        "--decode-limit",
+        type=int,
+        default=None,
+        metavar="N",
+        help="Interactions: at most N output tokens per request; longer answers come in "
+        "requires_continuation hops",
+    )
+    parser.add_argument(
+        "--credit-budget",
+        type=float,
+        default=None,
+        metavar="USD",
+        help="prepaid credits in USD, spent at the model table's prices; then every generation "
+        "answers 402 (payment_required)",
+    )
+    parser.add_argument(
+        "--rules",
+        action="store_true",
+        help="print every rule the server enforces, with its source, and exit",
+    )
 
 
 def serve_from_args(args: argparse.Namespace) -> int:
     """Run until SIGINT or SIGTERM. The first stdout line names the base URL."""
+    if getattr(args, "rules", False):
+        print("\n".join(describe_rules()))
+        return 0
     try:
-        options = ServerOptions(
-            host=args.host,
-            port=args.port,
-            api_key=args.api_key,
-            rpm=args.rpm,
-            tpm=args.tpm,
-            rpd=args.rpd,
-            latency_ms=args.latency_ms,
-            fault_rate=args.fault_rate,
-            seed=args.seed,
-            hang_seconds=args.hang_seconds,
-            replay=args.replay,
-            inline_limit_bytes=int(args.inline_limit_mb * 2**20),
-            file_processing_seconds=args.file_processing_seconds,
-        )
+        options = _options(args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     workers = getattr(args, "workers", 1)
-    if workers < 1 or (workers > 1 and (options.rpm or options.tpm or options.rpd)):
-        print("error: --workers must be >= 1, and 1 with --rpm/--tpm/--rpd", file=sys.stderr)
+    if workers < 1 or (workers > 1 and _per_process_state(options)):
+        print(
+            "error: --workers must be >= 1, and 1 with --rpm/--tpm/--rpd/--credit-budget/"
+            "--decode-limit (their state is per process)",
+            file=sys.stderr,
+        )
         return 2
     try:
         sock = bind_socket(options.host, options.port)
@@ -112,6 +133,34 @@ def serve_from_args(args: argparse.Namespace) -> int:
         return 2
 
 
+def _per_process_state(options: ServerOptions) -> bool:
+    """Options whose counters a second process would not share (a continuation token issued by
+    one worker is unknown to the others)."""
+    limits = (options.rpm, options.tpm, options.rpd, options.decode_limit)
+    return any(limits) or options.credit_budget_usd is not None
+
+
+def _options(args: argparse.Namespace) -> ServerOptions:
+    return ServerOptions(
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        rpm=args.rpm,
+        tpm=args.tpm,
+        rpd=args.rpd,
+        latency_ms=args.latency_ms,
+        fault_rate=args.fault_rate,
+        seed=args.seed,
+        hang_seconds=args.hang_seconds,
+        replay=args.replay,
+        inline_limit_bytes=int(args.inline_limit_mb * 2**20),
+        file_processing_seconds=args.file_processing_seconds,
+        file_ttl_seconds=args.file_ttl_seconds,
+        decode_limit=args.decode_limit,
+        credit_budget_usd=args.credit_budget,
+    )
+
+
 async def _serve(options: ServerOptions, sock: socket.socket, *, announce: bool) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -126,9 +175,10 @@ async def _serve(options: ServerOptions, sock: socket.socket, *, announce: bool)
             return 0
         print(f"Local Gemini-compatible server listening on {server.base_url}", flush=True)
         print(
-            f"  /v1beta and /v1; key: {'required' if options.api_key else 'any non-empty'}; "
+            f"  /v1, /v1beta, /v1alpha; key: {'required' if options.api_key else 'any'}; "
             f"rpm={options.rpm} tpm={options.tpm} rpd={options.rpd} "
-            f"latency={options.latency_ms}ms fault_rate={options.fault_rate} seed={options.seed}"
+            f"latency={options.latency_ms}ms fault_rate={options.fault_rate} seed={options.seed} "
+            f"decode_limit={options.decode_limit} credit_budget={options.credit_budget_usd}"
             f"{' replay=' + options.replay if options.replay else ''}. Ctrl-C stops.",
             file=sys.stderr,
             flush=True,

@@ -1,0 +1,91 @@
+"""The small shared core every API surface stands on: built once per server from its options.
+
+`Core` only holds the parts and says the order in which a generation passes them — auth and body
+(transport.py), images (image_input.py), the money and the quotas (billing.py, quotas.py), the
+answer (answering.py) — plus the counters (stats.py). The surfaces (generate.py,
+interactions.py, files_api.py; a `batches` surface would sit beside them) read their own wire
+format and call `admit`, `answerer.answer` and `bill`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+
+from pipeline.localserver import transport
+from pipeline.localserver.answering import Answerer, Outcome, Prompted
+from pipeline.localserver.billing import Credits, Usage
+from pipeline.localserver.faults import Faults, Replay
+from pipeline.localserver.files import FileStore
+from pipeline.localserver.image_input import ImageReader
+from pipeline.localserver.options import ServerOptions
+from pipeline.localserver.quotas import Quotas
+from pipeline.localserver.stats import Stats
+
+API_VERSIONS = ("v1", "v1beta", "v1alpha")  # v1alpha: per-part media resolution (notes)
+
+
+class Core:
+    """The parts of one server, shared by its surfaces."""
+
+    def __init__(self, options: ServerOptions, clock: Callable[[], float]) -> None:
+        self.options = options
+        self.clock = clock
+        self.stats = Stats()
+        self.files = FileStore(clock, options.file_processing_seconds, options.file_ttl_seconds)
+        self.images = ImageReader(self.files)
+        self.quotas = Quotas(
+            options.rpm, options.tpm, options.rpd, clock, options.quota_window_seconds
+        )
+        self.credits = Credits(options.credit_budget_usd)
+        self.faults = Faults(options.fault_rate, options.seed, options.latency_ms)
+        self.replay = Replay(options.replay) if options.replay else None
+        self.answerer = Answerer(self.images, self.faults, self.replay, options.hang_seconds)
+
+    def check_key(self, request: web.Request) -> None:
+        transport.check_key(request, self.options.api_key)
+
+    async def body(self, request: web.Request, *, required: bool = True) -> dict[str, Any]:
+        return await transport.read_json(
+            request, self.options.inline_limit_bytes, required=required
+        )
+
+    def admit(self, model: str, prompt: Usage) -> None:
+        """A generation may start: credits left (402 otherwise), then the quotas (429)."""
+        self.credits.check()
+        self.quotas.admit(model, prompt.prompt_tokens)
+
+    async def answer(self, prompted: Prompted, prompt: Usage) -> Outcome:
+        self.admit(prompted.model, prompt)
+        return await self.answerer.answer(prompted)
+
+    def bill(self, model: str, usage: Usage, task: str | None, images: int) -> None:
+        """One answer (or hop) delivered: counted, and paid for from the credits."""
+        self.stats.bill(usage, task, images)
+        self.credits.charge(model, usage)
+
+    def snapshot(self) -> dict[str, Any]:
+        """What GET /local/stats returns (surfaces add their own counters)."""
+        return {
+            **self.stats.snapshot(),
+            "uploads": {
+                "started": self.files.uploads_started,
+                "completed": self.files.uploads_completed,
+                "bytes": self.files.bytes_received,
+            },
+            "files": {
+                "stored": self.files.count,
+                "deleted": self.files.deleted,
+                "expired": self.files.expired,
+            },
+            "quota_rejections": dict(self.quotas.rejections),
+            "credits": {
+                "budget_usd": self.credits.budget_usd,
+                "spent_usd": round(self.credits.spent_usd, 9),
+                "refused": self.credits.refused,
+            },
+            "faults": dict(self.faults.injected),
+            "replayed": self.replay.served if self.replay else 0,
+        }

@@ -1,0 +1,192 @@
+"""The generateContent surface: `POST /{version}/models/{model}:generateContent` and
+`:countTokens`, strict as the service is.
+
+A request passes: the key; the model (known to the table, rule model.unknown); the body against
+the GenerateContentRequest tree (fields.py: unknown names and wrong kinds at any depth); the
+settings against the model (settings.py: thinking, schemas, media resolution); the images
+(image_input.py); then credits and quotas, the answer, and the bill. `parse_request` and
+`response_body` are the pieces a Batch Mode surface would reuse for its inlined requests.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from aiohttp import web
+
+from pipeline.localserver import errors, settings
+from pipeline.localserver.answering import Outcome, Prompted
+from pipeline.localserver.answers import Ask
+from pipeline.localserver.billing import Usage, prompt_usage
+from pipeline.localserver.core import Core
+from pipeline.localserver.fields import COUNT_TOKENS_REQUEST, GENERATE_CONTENT_REQUEST
+from pipeline.localserver.image_input import ImageInput, ImageReader
+from pipeline.localserver.spec import check, get
+from pipeline.models import Model
+
+METHODS = ("generateContent", "countTokens")
+
+
+class GenerateSurface:
+    """Routes of generateContent and countTokens."""
+
+    def __init__(self, core: Core) -> None:
+        self.core = core
+
+    def routes(self, app: web.Application, version: str) -> None:
+        app.router.add_post(f"/{version}/models/{{model_action}}", self.model_method)
+
+    async def model_method(self, request: web.Request) -> web.Response:
+        version = request.match_info["version"]
+        model_id, _, method = request.match_info["model_action"].rpartition(":")
+        self.core.check_key(request)
+        if method not in METHODS or not model_id:
+            raise errors.unsupported_here(f"Method '{method}'")
+        model = settings.known_model(model_id, version, method)
+        body = await self.core.body(request)
+        model_id = model_id.removeprefix("models/")
+        if method == "countTokens":
+            return web.json_response(self._count(body, model, model_id, version))
+        prompted = parse_request(body, model, model_id, version, self.core.images)
+        prompt = prompt_usage(prompted)
+        outcome = await self.core.answer(prompted, prompt)
+        usage = _with_output(prompt, outcome)
+        self.core.bill(model_id, usage, outcome.task, len(prompted.images))
+        return web.json_response(response_body(outcome, usage, model_id))
+
+    def _count(self, body: dict[str, Any], model: Model, model_id: str, version: str) -> dict:
+        check(body, COUNT_TOKENS_REQUEST, version=version)
+        request = get(body, "generate_content_request") or {"contents": get(body, "contents")}
+        prompted = parse_request(request, model, model_id, version, self.core.images)
+        usage = prompt_usage(prompted)
+        return {"totalTokens": usage.prompt_tokens, "promptTokensDetails": modalities(usage)}
+
+
+def parse_request(
+    body: dict[str, Any], model: Model, model_id: str, version: str, images: ImageReader
+) -> Prompted:
+    """A GenerateContentRequest checked and reduced to a Prompted (ApiError when refused)."""
+    check(body, GENERATE_CONTENT_REQUEST, version=version)
+    config = get(body, "generation_config", {})
+    thinking = get(config, "thinking_config")
+    budget = get(thinking, "thinking_budget")
+    thinks = settings.check_thinking(model, thinking, budget, get(thinking, "thinking_level"))
+    schema, json_schema = get(config, "response_schema"), get(config, "response_json_schema")
+    settings.check_schemas(model, schema, json_schema)
+    resolution = settings.global_resolution(model, get(config, "media_resolution"))
+    texts, inputs = _read_contents(get(body, "contents"), model, version, images)
+    max_tokens = get(config, "max_output_tokens")
+    return Prompted(
+        model=model_id,
+        texts=texts,
+        images=inputs,
+        ask=Ask(
+            prompt="\n".join(texts),
+            system=system_text(get(body, "system_instruction")),
+            response_mime_type=get(config, "response_mime_type"),
+            schema=json_schema if json_schema is not None else schema,
+            polygon_masks=model.segmentation == "polygon",
+        ),
+        media_resolution=resolution,
+        max_output_tokens=int(max_tokens) if max_tokens is not None else None,
+        thinking=thinks,
+        thinking_budget=int(budget) if budget is not None else None,
+        include_thoughts=bool(get(thinking, "include_thoughts", False)),
+    )
+
+
+def _read_contents(
+    contents: Any, model: Model, version: str, images: ImageReader
+) -> tuple[list[str], list[ImageInput]]:
+    if not contents:
+        raise errors.invalid_argument(
+            "* GenerateContentRequest.contents: contents is not specified",
+            rule="contents.required",
+            field="contents",
+        )
+    texts: list[str] = []
+    inputs: list[ImageInput] = []
+    for i, content in enumerate(contents):
+        parts = get(content, "parts")
+        if not parts:
+            raise errors.invalid_argument(
+                f"* GenerateContentRequest.contents[{i}].parts: contents.parts must not be empty.",
+                rule="contents.required",
+                field=f"contents[{i}].parts",
+            )
+        for j, part in enumerate(parts):
+            text, image = _read_part(part, f"contents[{i}].parts[{j}]", model, version, images)
+            texts.extend([text] if text is not None else [])
+            inputs.extend([image] if image is not None else [])
+    return texts, inputs
+
+
+def _read_part(
+    part: dict[str, Any], where: str, model: Model, version: str, images: ImageReader
+) -> tuple[str | None, ImageInput | None]:
+    """The part's text and image; its own media resolution checked against the model."""
+    text = get(part, "text")
+    image = _read_image(part, where, images)
+    level = get(get(part, "media_resolution"), "level")
+    resolution = settings.part_resolution(model, version, level, interactions=False)
+    if image is not None:
+        image.resolution = resolution
+    return (text if isinstance(text, str) else None), image
+
+
+def _read_image(part: dict[str, Any], where: str, images: ImageReader) -> ImageInput | None:
+    inline = get(part, "inline_data")
+    if inline is not None:
+        return images.inline(get(inline, "mime_type"), get(inline, "data"), f"{where}.inline_data")
+    stored = get(part, "file_data")
+    if stored is not None:
+        return images.stored(
+            get(stored, "mime_type"), get(stored, "file_uri"), f"{where}.file_data"
+        )
+    return None
+
+
+def system_text(content: Any) -> str:
+    parts = get(content, "parts", [])
+    return "\n".join(text for p in parts if isinstance(text := get(p, "text"), str))
+
+
+def _with_output(prompt: Usage, outcome: Outcome) -> Usage:
+    return Usage(
+        prompt.text_tokens, prompt.image_tokens, outcome.output_tokens, outcome.thoughts_tokens
+    )
+
+
+def modalities(usage: Usage) -> list[dict[str, Any]]:
+    details: list[dict[str, Any]] = [{"modality": "TEXT", "tokenCount": usage.text_tokens}]
+    if usage.image_tokens:
+        details.append({"modality": "IMAGE", "tokenCount": usage.image_tokens})
+    return details
+
+
+def response_body(outcome: Outcome, usage: Usage, model_id: str) -> dict[str, Any]:
+    """A GenerateContentResponse (camelCase, as the service writes it)."""
+    parts: list[dict[str, Any]] = []
+    if outcome.thought_summary:
+        parts.append({"text": outcome.thought_summary, "thought": True})
+    parts.append({"text": outcome.text})
+    metadata: dict[str, Any] = {
+        "promptTokenCount": usage.prompt_tokens,
+        "candidatesTokenCount": usage.output_tokens,
+        "totalTokenCount": usage.total_tokens,
+        "promptTokensDetails": modalities(usage),
+    }
+    if usage.thoughts_tokens:
+        metadata["thoughtsTokenCount"] = usage.thoughts_tokens
+    candidate = {
+        "content": {"parts": parts, "role": "model"},
+        "finishReason": outcome.finish_reason,
+        "index": 0,
+    }
+    return {
+        "candidates": [candidate],
+        "usageMetadata": metadata,
+        "modelVersion": model_id,
+        "responseId": secrets.token_urlsafe(16),
+    }

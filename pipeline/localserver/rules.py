@@ -1,0 +1,352 @@
+"""Every rule the local server enforces or behaviour it produces, with its source: one registry.
+
+The server is a strict double of the real service: it refuses what the service refuses, with the
+service's answer. Each refusal it makes names a rule id from `RULES` (errors carry it as
+`ApiError.rule`, and `/local/stats` counts refusals by rule), so a newcomer can go from a
+refused request to the reason and its source in one look. `pipeline serve-local --rules` prints
+the table.
+
+`wording` says where the message text comes from: "service" when it is the service's own text
+(a documented answer or one seen in public reports, named in `source`), "written" when no source
+gives it and the text is ours, written to say the same thing plainly.
+
+Sources: "notes" is /work/shared/gemini-notes.md (the SDK-checked digest the project follows);
+"SDK" names a function of google-genai 3.6; URLs are public documentation or issue threads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+NOTES = "gemini-notes.md"
+API_ERRORS = "https://ai.google.dev/gemini-api/docs/api-errors"
+ESF_UNKNOWN = (
+    "https://github.com/google-gemini/gemini-cli/issues/13972 (Unknown name ... Cannot find "
+    "field), https://github.com/zed-industries/zed/issues/44875 (Proto field is not repeating)"
+)
+ESF_VALUE = "https://github.com/simonw/llm-gemini/issues/49 (Invalid value at ... (TYPE_...))"
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One rule: what is refused (or produced), the answer, where the rule comes from."""
+
+    id: str
+    answer: str  # HTTP status and status / Interactions code
+    description: str
+    source: str
+    wording: str = "service"  # "service": the service's text; "written": ours (no source)
+
+
+_RULES = (
+    # -------------------------------------------------------------------------------- auth, body
+    Rule(
+        "auth.missing-key",
+        "403 PERMISSION_DENIED / 401 authentication",
+        "A request without x-goog-api-key (or ?key=) is refused.",
+        f"{NOTES} Errors; {API_ERRORS}",
+    ),
+    Rule(
+        "auth.invalid-key",
+        "400 INVALID_ARGUMENT (ErrorInfo API_KEY_INVALID) / 401 authentication",
+        "A key other than --api-key is refused.",
+        f"{NOTES} Errors; {API_ERRORS}",
+    ),
+    Rule(
+        "body.malformed",
+        "400 INVALID_ARGUMENT / invalid_request",
+        "A body that is not a JSON object is refused.",
+        "Google JSON parsing (ESF)",
+        "written",
+    ),
+    Rule(
+        "body.too-large",
+        "400 INVALID_ARGUMENT / invalid_request",
+        "A request body above the inline limit (--inline-limit-mb, 20 MiB) is refused; no 413.",
+        f"{NOTES} Sending images, Errors",
+    ),
+    # ------------------------------------------------------------------------------ the wire
+    Rule(
+        "fields.unknown",
+        "400 INVALID_ARGUMENT / 400 parameter_unknown",
+        "A field the API does not have, at any depth, is refused and named (camelCase or "
+        "snake_case accepted on generateContent, snake_case on Interactions). The accepted "
+        "field trees are pipeline/localserver/fields.py. The Interactions message text "
+        "(\"Unknown parameter: 'config'.\") is ours; its code is documented.",
+        f"{ESF_UNKNOWN}; SDK _GenerateContentParameters_to_mldev, _gaos CreateModelInteraction; "
+        f"{API_ERRORS} (parameter_unknown)",
+    ),
+    Rule(
+        "fields.value",
+        "400 INVALID_ARGUMENT / invalid_request",
+        "A value of the wrong JSON kind (a string for a number, an object for a string, a list "
+        "for a single field, an unknown enum name) is refused. Enum names are taken in any "
+        'case on generateContent (the guides send "low" and "LOW"), exactly on '
+        "Interactions (lowercase literals in the SDK).",
+        f"{ESF_VALUE}; {ESF_UNKNOWN}",
+    ),
+    Rule(
+        "model.unknown",
+        "404 NOT_FOUND / 404 model_not_found",
+        "A model that is not in the model table (pipeline/models.json) is not found.",
+        "the service's 404 for unknown models (seen in public reports); models.json",
+    ),
+    Rule(
+        "model.no-interactions",
+        "404 NOT_FOUND / 404 model_not_found",
+        "An Interactions call to a model whose table entry says interactions: false.",
+        f"{NOTES} Interactions API; models.json `interactions`",
+        "written",
+    ),
+    Rule(
+        "contents.required",
+        "400 INVALID_ARGUMENT",
+        "generateContent needs a non-empty contents, each with non-empty parts.",
+        "the service's field violation text",
+    ),
+    # ------------------------------------------------------------------------------ images
+    Rule(
+        "image.base64",
+        "400 INVALID_ARGUMENT / invalid_request",
+        "Inline data that is not base64 (standard or URL-safe, as the SDK sends) is refused.",
+        f"{NOTES} Sending images",
+    ),
+    Rule(
+        "image.mime",
+        "400 INVALID_ARGUMENT / invalid_request",
+        "Only image/png, jpeg, webp, heic, heif are taken.",
+        f"{NOTES} Sending images",
+    ),
+    Rule(
+        "image.undecodable",
+        "400 INVALID_ARGUMENT / invalid_request",
+        "Bytes that are no image are refused.",
+        "the service's 'Unable to process input image' answer",
+    ),
+    Rule(
+        "image.required",
+        "400 INVALID_ARGUMENT / invalid_request",
+        "An image part without data (or file_uri) or without its MIME type.",
+        "ai.google.dev/api/caching#Blob (required fields)",
+        "written",
+    ),
+    Rule(
+        "file.not-found",
+        "403 PERMISSION_DENIED / 403 permission_denied",
+        "A file that does not exist, was deleted, or expired (--file-ttl-seconds, 48 h by "
+        "default) answers 403, on files.get and when used in a request.",
+        f"{NOTES} Files API",
+    ),
+    Rule(
+        "file.not-active",
+        "400 FAILED_PRECONDITION / failed_precondition",
+        "Using a file still PROCESSING (--file-processing-seconds).",
+        f"{NOTES} Files API",
+    ),
+    # ------------------------------------------------------------------------------ settings
+    Rule(
+        "thinking.unsupported",
+        "400 INVALID_ARGUMENT / invalid_request",
+        "A thinkingConfig sent to a model without thinking (models.json thinking.control none).",
+        "https://github.com/immersive-translate/immersive-translate/issues/2976",
+    ),
+    Rule(
+        "thinking.both",
+        "400 INVALID_ARGUMENT",
+        "thinkingBudget together with thinkingLevel.",
+        f"{NOTES} Models and thinking",
+        "written",
+    ),
+    Rule(
+        "thinking.level-unsupported",
+        "400 INVALID_ARGUMENT / invalid_request",
+        "A thinkingLevel sent to a model set by budget (2.5).",
+        f"{NOTES} Models and thinking; https://github.com/RooCodeInc/Roo-Code/issues/10700",
+    ),
+    Rule(
+        "thinking.level-value",
+        "400 INVALID_ARGUMENT / invalid_request",
+        "A level the model does not take (e.g. minimal on 3.7/3.8 Flash, 3 Pro): "
+        "models.Thinking.level_error's words.",
+        f"{NOTES} Models and thinking; https://github.com/fishjar/kiss-translator/issues/1048",
+    ),
+    Rule(
+        "thinking.budget-unsupported",
+        "400 INVALID_ARGUMENT",
+        "A thinkingBudget sent to a model set by level (Gemini 3): models.Thinking.budget_error.",
+        f"{NOTES} Models and thinking (Gemini 3: thinkingLevel only)",
+        "written",
+    ),
+    Rule(
+        "thinking.budget-range",
+        "400 INVALID_ARGUMENT",
+        "A budget outside the model's range (2.5 Pro refuses 0): models.Thinking.budget_error.",
+        f"{NOTES} Models and thinking; https://github.com/RooCodeInc/Roo-Code/issues/4399",
+    ),
+    Rule(
+        "schema.both",
+        "400 INVALID_ARGUMENT",
+        "responseSchema together with responseJsonSchema.",
+        "ai.google.dev/api/generate-content#GenerationConfig (responseJsonSchema: 'If this is "
+        "set, responseSchema must be omitted')",
+        "written",
+    ),
+    Rule(
+        "schema.json-unsupported",
+        "400 INVALID_ARGUMENT",
+        "responseJsonSchema sent to a model whose table entry says json_schema: false.",
+        "models.json `json_schema`",
+        "written",
+    ),
+    Rule(
+        "media.global-value",
+        "400 INVALID_ARGUMENT",
+        "generationConfig.mediaResolution takes LOW, MEDIUM, HIGH only: ULTRA_HIGH is no value "
+        "of that enum (the service's invalid-enum answer).",
+        f"{NOTES} Image tokens; SDK types.MediaResolution; {ESF_VALUE}",
+    ),
+    Rule(
+        "media.global-model",
+        "400 INVALID_ARGUMENT",
+        "A global media resolution the model does not take (models.json media_resolution).",
+        "models.json `media_resolution`",
+        "written",
+    ),
+    Rule(
+        "media.part-version",
+        "400 INVALID_ARGUMENT",
+        "A per-part mediaResolution off v1alpha: the Part of v1beta and v1 has no such field.",
+        f"{NOTES} Image tokens ('per-part resolution ... on v1alpha only')",
+    ),
+    Rule(
+        "media.part-model",
+        "400 INVALID_ARGUMENT / invalid_request",
+        "A per-part media resolution (or an Interactions image resolution) on a model whose "
+        "table entry has no part_media_resolution for this API version (2.x).",
+        f"{NOTES} Image tokens ('documented for Gemini 3 only'); models.json",
+        "written",
+    ),
+    # ------------------------------------------------------------------------------ Interactions
+    Rule(
+        "interactions.schema-types",
+        "400 invalid_request",
+        "response_format.schema is JSON Schema: upper-case type names (ARRAY, OBJECT, ...) of "
+        "the OpenAPI subset are refused.",
+        f"{NOTES} Interactions API ('The schema is JSON Schema: lowercase type names')",
+        "written",
+    ),
+    Rule(
+        "interactions.required",
+        "400 invalid_request",
+        "A create body without model, or without input (unless it continues a stored interaction).",
+        "_gaos CreateModelInteraction (model is required); ai.google.dev/api/interactions-api",
+        "written",
+    ),
+    Rule(
+        "interactions.continuation",
+        "400 invalid_request",
+        "A continuation_token the server did not issue, already used, or sent with another "
+        "request than the one it continues.",
+        f"{NOTES} Interactions API (Continuation); SDK _interactions_continuation",
+        "written",
+    ),
+    Rule(
+        "interactions.not-found",
+        "404 not_found",
+        "GET/DELETE of an interaction that was not stored (store: false) or was deleted.",
+        API_ERRORS,
+        "written",
+    ),
+    # ------------------------------------------------------------------------------ uploads
+    Rule(
+        "upload.protocol",
+        "400 INVALID_ARGUMENT",
+        "Only the resumable protocol (X-Goog-Upload-Protocol: resumable, Command: start) with "
+        "the file's size; a file name 'files/' + up to 40 of [a-z0-9-], not taken; at most "
+        "2 GB; a page token files.list issued.",
+        f"{NOTES} Files API; SDK files.upload",
+        "written",
+    ),
+    Rule(
+        "upload.chunk-granularity",
+        "400 INVALID_ARGUMENT",
+        "The start answer announces X-Goog-Upload-Chunk-Granularity: 262144; a non-final chunk "
+        "whose size is not a multiple of it is refused (the session stays active).",
+        f"{NOTES} Files API; wording after Google's upload service ('The number of bytes "
+        "uploaded is required to be ... 262144, except for the final request'), "
+        "https://github.com/googleapis/gcs-resumable-upload/issues/17",
+        "written",
+    ),
+    Rule(
+        "upload.offset",
+        "400 INVALID_ARGUMENT",
+        "X-Goog-Upload-Offset must equal the bytes received; the size must match the start.",
+        f"{NOTES} Files API",
+        "written",
+    ),
+    Rule(
+        "upload.session",
+        "404 NOT_FOUND",
+        "A chunk sent to an upload session that ended or never existed.",
+        f"{NOTES} Files API",
+        "written",
+    ),
+    # ------------------------------------------------------------------------------ limits
+    Rule(
+        "quota.exceeded",
+        "429 RESOURCE_EXHAUSTED (QuotaFailure, RetryInfo) / 429 rate_limit_exceeded or "
+        "quota_exceeded (daily), retry-after-ms and Retry-After headers",
+        "--rpm/--tpm/--rpd per model in calendar-minute windows and the Pacific day; every "
+        "limit hit at once is listed (per-minute first, per-day last); RetryInfo is the longest "
+        "wait.",
+        f"{NOTES} Errors, Rate limits; {API_ERRORS}; SDK _gaos retries (retry-after-ms)",
+    ),
+    Rule(
+        "credits.depleted",
+        "402 RESOURCE_EXHAUSTED / 402 payment_required",
+        "--credit-budget USD billed at the model table's interactive price; once spent every "
+        "generation answers 402 (uploads stay free).",
+        "https://discuss.ai.google.dev/t/api-update-depleted-prepay-credits-now-return-http-402-"
+        f"instead-of-429/183654; {API_ERRORS} (payment_required)",
+    ),
+    Rule(
+        "interactions.decode-limit",
+        "200 status requires_continuation + continuation_token",
+        "--decode-limit N: an Interactions answer longer than N output tokens comes in hops; "
+        "each hop re-bills the input, bills its own output, and counts against the quotas.",
+        f"{NOTES} Interactions API (Continuation); SDK _interactions_continuation",
+    ),
+    Rule(
+        "faults.injected",
+        "500 INTERNAL, 503 UNAVAILABLE, 504 after a hang; or a 200 cut at MAX_TOKENS, fenced "
+        "JSON, out-of-range boxes, masks without their data: prefix",
+        "--fault-rate F with --seed S: seeded faults the client must survive (faults.py).",
+        f"{NOTES} Errors, Segmentation (known failure modes)",
+    ),
+    # ------------------------------------------------------------------------------ the double
+    Rule(
+        "double.unsupported",
+        "400 INVALID_ARGUMENT / invalid_request",
+        "What the service takes but the double cannot answer: stream, background, agents, "
+        "non-image media, methods other than generateContent/countTokens.",
+        "limits of the local server (not of the service)",
+        "written",
+    ),
+)
+
+RULES: dict[str, Rule] = {rule.id: rule for rule in _RULES}
+
+
+def rule(rule_id: str) -> Rule:
+    """The rule with this id; KeyError names an id no validator may cite."""
+    return RULES[rule_id]
+
+
+def describe_rules() -> list[str]:
+    """The registry as `pipeline serve-local --rules` prints it."""
+    lines = []
+    for entry in _RULES:
+        lines.append(f"{entry.id}  [{entry.answer}]")
+        lines.append(f"    {entry.description}")
+        lines.append(f"    source: {entry.source} (wording: {entry.wording})")
+    return lines
