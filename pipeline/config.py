@@ -78,6 +78,9 @@ class ApiConfig:
     inline_limit_mb: float = setting(
         20.0, s.positive_number, "the guide's inline request limit (the live service takes 100)"
     )
+    max_response_mb: float = setting(
+        32.0, s.positive_number, "an answer bigger than this is refused unread (an error row)"
+    )
     allow_insecure_http: bool = setting(
         False, s.flag, "send the key over plain http:// to a host other than this machine"
     )
@@ -147,7 +150,16 @@ class LocalConfig:
     seed: int = setting(0, s.integer, "seed of latency and faults")
     rpm: int | None = setting(None, s.count_or_none, "the server's own RPM quota")
     tpm: int | None = setting(None, s.count_or_none, "the server's own TPM quota")
+    rpd: int | None = setting(None, s.count_or_none, "the server's own requests/day quota")
     replay: str | None = setting(None, s.text, "JSONL of recorded answers", path=True)
+    decode_limit: int | None = setting(
+        None, s.count_or_none, "Interactions output tokens per hop (requires_continuation)"
+    )
+    credit_budget_usd: float | None = setting(
+        None, s.non_negative_number, "prepaid credits; once spent, 402"
+    )
+    file_ttl_seconds: float = setting(48 * 3600.0, s.positive_number, "uploads expire after this")
+    hang_seconds: float = setting(300.0, s.non_negative_number, "a hang fault holds this long")
 
 
 @dataclass(frozen=True, slots=True)

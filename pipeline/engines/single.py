@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from pipeline.calls import Caller, RunStopped
-from pipeline.config import Config, ConfigError
+from pipeline.config import Config, ConfigError, declarations
 from pipeline.dataset import ResumeIndex, load_resume_index
 from pipeline.gemini import GeminiClient, api_key_from_env
 from pipeline.limits import DailyCount, RateLimiter
@@ -157,6 +157,7 @@ class SingleProcess:
             max_connections=self.config.limits.concurrency,
             timeout=self.config.api.timeout,
             allow_insecure_http=self.config.api.allow_insecure_http,
+            max_response_bytes=int(self.config.api.max_response_mb * 1024 * 1024),
         )
 
     def _caller(self, client: GeminiClient, state: State, stop: Stop) -> Caller:
@@ -328,20 +329,9 @@ async def _endpoint(config: Config, stack: contextlib.AsyncExitStack) -> tuple[s
     if config.api.base_url == "local":
         from pipeline.localserver import LocalServer, ServerOptions
 
-        local = config.local
-        server = await stack.enter_async_context(
-            LocalServer(
-                ServerOptions(
-                    latency_ms=local.latency_ms,
-                    fault_rate=local.fault_rate,
-                    seed=local.seed,
-                    rpm=local.rpm,
-                    tpm=local.tpm,
-                    replay=local.replay,
-                    inline_limit_bytes=config.inline_limit_bytes,
-                )
-            )
-        )
+        local = {key: getattr(config.local, key) for key in declarations("local")}
+        options = ServerOptions(**local, inline_limit_bytes=config.inline_limit_bytes)
+        server = await stack.enter_async_context(LocalServer(options))
         return server.base_url, api_key_from_env() or LOCAL_KEY
     key = api_key_from_env()
     if not key:

@@ -38,7 +38,7 @@ from pipeline.gemini.files import (
     source_size,
 )
 from pipeline.gemini.interactions import build_interaction_body, parse_interaction
-from pipeline.gemini.transport import Answer, Transport, check_url
+from pipeline.gemini.transport import MAX_RESPONSE_BYTES, Answer, Transport, check_url
 from pipeline.gemini.types import FileInfo, Flavor, GenerateRequest, GenerateResponse
 from pipeline.gemini.wire import Continuation, join_hops, split_hops
 
@@ -110,6 +110,7 @@ class GeminiClient:
         timeout: float = 120.0,
         allow_insecure_http: bool = False,
         max_hops: int = MAX_HOPS,
+        max_response_bytes: int | None = MAX_RESPONSE_BYTES,
     ) -> None:
         check_url(base_url, allow_insecure_http=allow_insecure_http)
         if max_hops < 1:
@@ -118,6 +119,7 @@ class GeminiClient:
             api_key if api_key is not None else api_key_from_env(),
             max_connections=max_connections,
             timeout=timeout,
+            max_response_bytes=max_response_bytes,
         )
         self.base_url = base_url.rstrip("/")
         self.version = version.strip("/")
@@ -399,6 +401,7 @@ class GeminiClient:
             params={"alt": "media"},
             timeout=timeout,
             what=f"download files/{file_id(name)}",
+            max_bytes=None,  # a results file may be gigabytes: no answer-size cap here
         )
         if answer.status >= 400:
             raise self._transport.error(answer)

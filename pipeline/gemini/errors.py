@@ -29,6 +29,7 @@ the Interactions API puts a lowercase string in `code` and sends no details
     transport            connection refused or reset, DNS failure, body cut mid-read  yes
     redirect             any 3xx: never followed, the key stays home                  no
     data_loss            a 2xx answer whose body does not parse                       yes
+    too_large            an answer over the client's size cap (32 MB): not read       no
 
 `retry_delay` is the service's hint in seconds: RetryInfo.retryDelay when the body has one, else
 the `retry-after-ms` header, else `Retry-After` (seconds or an HTTP date). That header order is

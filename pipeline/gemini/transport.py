@@ -75,10 +75,23 @@ def check_url(url: str, *, allow_insecure_http: bool) -> None:
     raise ValueError(f"not an http(s) URL with a host: {parts.scheme}://{parts.hostname or ''}")
 
 
+MAX_RESPONSE_BYTES = 32 << 20  # an answer bigger than this is refused unread (kind too_large)
+_READ_CHUNK = 1 << 20
+_DEFAULT = object()
+
+
 class Transport:
     """The session, the key and the exchange rules of one client."""
 
-    def __init__(self, api_key: str | None, *, max_connections: int, timeout: float) -> None:
+    def __init__(
+        self,
+        api_key: str | None,
+        *,
+        max_connections: int,
+        timeout: float,
+        max_response_bytes: int | None = MAX_RESPONSE_BYTES,
+    ) -> None:
+        self.max_response_bytes = max_response_bytes
         if max_connections < 1:
             raise ValueError(f"max_connections must be >= 1, got {max_connections}")
         self.__api_key = api_key
@@ -156,11 +169,15 @@ class Transport:
         params: Mapping[str, str] | None = None,
         timeout: float | None = None,
         with_key: bool = True,
+        max_bytes: int | object | None = _DEFAULT,
     ) -> Answer:
         """One HTTP exchange, body read in full; transport failures become GeminiError.
 
-        `timeout` is this exchange's deadline in seconds (the client's default when None).
+        `timeout` is this exchange's deadline in seconds (the client's default when None);
+        `max_bytes` caps the body (the client's `max_response_bytes` by default; None: no cap):
+        four 200 MB answers once took 3.6 GB of memory.
         """
+        cap = self.max_response_bytes if max_bytes is _DEFAULT else max_bytes
         limit = self.timeout if timeout is None else timeout
         if limit <= 0:  # aiohttp reads 0 as "no deadline"
             raise GeminiError(None, "DEADLINE_EXCEEDED", f"{what}: no time left to send it")
@@ -178,7 +195,7 @@ class Transport:
                 timeout=aiohttp.ClientTimeout(total=limit),
                 allow_redirects=False,
             ) as response:
-                body = await response.read()
+                body = await _read_capped(response, cap, what)  # type: ignore[arg-type]
                 answer = Answer(response.status, response.headers, self._redact_bytes(body))
         except TimeoutError:
             failure = GeminiError(None, "DEADLINE_EXCEEDED", f"{what}: no answer within {limit:g}s")
@@ -204,3 +221,28 @@ class Transport:
             ),
             kind="redirect",
         )
+
+
+async def _read_capped(response: aiohttp.ClientResponse, cap: int | None, what: str) -> bytes:
+    """The whole body, or GeminiError(kind too_large) as soon as it passes `cap` bytes."""
+    if cap is None:
+        return await response.read()
+    declared = response.content_length
+    if declared is not None and declared > cap:
+        raise _too_large(response.status, what, cap)
+    chunks, size = [], 0
+    while chunk := await response.content.read(_READ_CHUNK):
+        size += len(chunk)
+        if size > cap:
+            raise _too_large(response.status, what, cap)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(status: int, what: str, cap: int) -> GeminiError:
+    return GeminiError(
+        status,
+        "RESPONSE_TOO_LARGE",
+        f"{what}: the answer is larger than {cap:,} bytes (the cap); it was not read",
+        kind="too_large",
+    )

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from pipeline.gemini.types import GenerateResponse
 from pipeline.records import Parsed
+from pipeline.tasks.answers import ANSWERED, is_truncated
 from pipeline.tasks.base import Task, TaskSettings
 from pipeline.tasks.caption import CaptionTask
 from pipeline.tasks.classify import ClassifyTask
@@ -28,14 +31,24 @@ def get_task(kind: str) -> Task:
 def read_answer(
     response: GenerateResponse, width: int, height: int, settings: TaskSettings
 ) -> Parsed:
-    """An answer as rows see it: a prompt the service blocked, else the task kind's parse.
+    """An answer as rows see it: a prompt the service blocked, an answer it withheld (a blocking
+    finish reason), else the task kind's parse — which, when it fails on an answer that ended
+    for a stated reason (NO_IMAGE, IMAGE_OTHER, MALFORMED_RESPONSE, ...), says that reason.
 
     One place for both a live call and a `reparse` of a stored body, so they never disagree.
     """
+    said = f": {response.finish_message}" if response.finish_message else ""
     if response.block_reason:
-        return Parsed("blocked", error=f"prompt blocked: {response.block_reason}")
+        return Parsed("blocked", error=f"prompt blocked: {response.block_reason}{said}")
     task = get_task(settings.kind)
-    return task.parse(response.text, response.finish_reason, width, height, settings)
+    parsed = task.parse(response.text, response.finish_reason, width, height, settings)
+    if parsed.status == "blocked":  # a withheld answer (never_raises): say what the service said
+        return replace(parsed, error=f"{parsed.error}{said}")
+    reason = (response.finish_reason or "").strip().upper()
+    if parsed.status == "error" and reason not in ANSWERED and not is_truncated(reason):
+        why = f"the model ended with finish reason {reason}{said}"
+        return replace(parsed, error=f"{why}; {parsed.error}" if parsed.error else why)
+    return parsed
 
 
 __all__ = ["TASKS", "Task", "TaskSettings", "get_task", "read_answer"]

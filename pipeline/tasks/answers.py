@@ -41,9 +41,16 @@ BLOCKED_REASONS = frozenset(
         "IMAGE_RECITATION",
         "MODEL_ARMOR",
         "JAILBREAK",
+        "LANGUAGE",
+        "ESCALATION",
+        "CONTENT_BLOCKED",  # Interactions' code, upper-cased by the client
     }
 )
-TRUNCATED_REASON = "MAX_TOKENS"
+# Cut short: the output limit, or the service's per-request decode limit when the client could
+# not continue the answer to its end (pipeline/gemini: continuation).
+TRUNCATED_REASONS = frozenset({"MAX_TOKENS", "CONTINUATION"})
+# Ended without a usable answer for a reason the model states; a parse failure then says so.
+ANSWERED = frozenset({"STOP", ""})
 # Keys under which models wrap their list of objects ({"boxes": [...]} is Gemini 3's shape).
 LIST_KEYS = (
     "boxes",
@@ -57,6 +64,9 @@ LIST_KEYS = (
     "predictions",
 )
 MAX_REASONS = 8  # reasons listed in Parsed.error before "and N more"
+# A hostile answer must not hold a worker (or the event loop) for a minute: beyond this many
+# objects the rest are skipped, with a reason (2,000 polygons on a 2000x2000 image once took 66 s).
+MAX_OBJECTS = 1000
 _MAX_CANDIDATES = 64  # "[" / "{" positions tried in prose; bounds the work on garbage text
 _INT32 = 2**31
 
@@ -94,7 +104,7 @@ def finish_status(finish_reason: str | None) -> Parsed | None:
 
 
 def is_truncated(finish_reason: str | None) -> bool:
-    return (finish_reason or "").strip().upper() == TRUNCATED_REASON
+    return (finish_reason or "").strip().upper() in TRUNCATED_REASONS
 
 
 _BROKEN = object()  # marks "JSON starts here but does not parse" (None is JSON's null)
@@ -262,9 +272,10 @@ def read_number(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{value!r:.40} is not a number")
     if isinstance(value, int) and abs(value) >= _INT32:
-        raise ValueError(f"{value:.3g} is out of range")
+        raise ValueError(f"{str(value)[:12]}... is out of range")  # no float(): it may overflow
     number = float(value)
-    if not math.isfinite(number) or abs(number) >= _INT32:
+    # int32 once rounded (box_2d is stored rounded): 2147483647.5 is out, not stored as 2**31
+    if not math.isfinite(number) or not -_INT32 <= round(number) < _INT32:
         raise ValueError(f"{value!r:.40} is out of range")
     return number
 
@@ -366,6 +377,9 @@ def read_objects(
     index = label_index(labels) if labels else None
     objects: list[dict[str, Any]] = []
     reasons = list(found.skipped)
+    if len(items) > MAX_OBJECTS:
+        reasons.append(f"the answer holds {len(items)} objects: only the first {MAX_OBJECTS} read")
+        items = items[:MAX_OBJECTS]
     dropped: list[str] = []
     for position, item in enumerate(items):
         where = f"item[{position}]"

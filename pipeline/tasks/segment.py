@@ -39,6 +39,10 @@ SEED_PROMPT = (
 )
 DEFAULT_PROMPT = SEED_PROMPT.format(what="all of the prominent items in the image")
 _SEG_TOKEN = re.compile(r"<seg_\d+>")
+# Caps on the work one answer may ask for (each mask costs about its box's pixel count to draw
+# and encode): beyond them masks are skipped with a reason and the objects kept.
+MAX_VERTICES = 10_000  # per polygon
+MASK_PIXELS = 100_000_000  # per answer: about a second of drawing and encoding
 
 MaskResult = tuple[dict | None, str | None]
 
@@ -87,6 +91,8 @@ def _list_mask(value: list, box_2d: Any, width: int, height: int, threshold: int
         polygons = [value]
     else:
         return _grid_mask(value, box_2d, width, height, threshold)
+    if any(len(polygon) > MAX_VERTICES for polygon in polygons):
+        return None, f"polygon has more than {MAX_VERTICES:,} vertices (the cap)"
     if len(polygons) == 1:
         shape, box_px = masks.polygon_box_mask(polygons[0], width, height)
         if shape.size == 0:
@@ -120,11 +126,31 @@ def _grid_mask(value: list, box_2d: Any, width: int, height: int, threshold: int
     return _box_mask_rle(prob, box_2d, width, height, threshold)
 
 
-def _reader(threshold: int) -> MaskReader:
+def _reader(threshold: int, width: int, height: int) -> MaskReader:
+    """A mask reader for one answer, holding that answer's budget of mask pixels."""
+    budget = [MASK_PIXELS]
+
     def read(item: dict[str, Any], box_2d: Any, width: int, height: int) -> MaskResult:
+        cost = _mask_cost(item.get("mask"), box_2d, width, height)
+        if cost > budget[0]:
+            return None, f"mask pixel cap reached ({MASK_PIXELS:,} pixels for one answer)"
+        budget[0] -= cost
         return read_mask(item, box_2d, width, height, threshold)
 
     return read
+
+
+def _mask_cost(value: Any, box_2d: Any, width: int, height: int) -> int:
+    """Pixels a mask will be drawn over: its box's, or the image's for several polygons."""
+    several = isinstance(value, list) and value and isinstance(value[0], list) and value[0]
+    if several and isinstance(value[0][0], list):  # polygons drawn into a full-image mask
+        return width * height
+    try:
+        x0, y0, x1, y1 = masks.box_edges(box_2d, width, height)
+    except (TypeError, ValueError, OverflowError):
+        return 0
+    box_w, box_h = min(max(x1 - x0, 0.0), width), min(max(y1 - y0, 0.0), height)
+    return int(box_w * box_h) + 1
 
 
 class SegmentTask:
@@ -159,5 +185,5 @@ class SegmentTask:
             width,
             height,
             labels=settings.labels,
-            read_mask=_reader(settings.mask_threshold),
+            read_mask=_reader(settings.mask_threshold, width, height),
         )
