@@ -1,4 +1,12 @@
-"""One image's API call: inline or upload, inside the limits, with retries, parsed off the loop.
+"""One unit's API call: inline or upload, inside the limits, with retries, parsed off the loop.
+
+A unit is one image or a group's images (pipeline/records.py); the request carries the run's
+reference images first (pipeline/references.py), then the unit's, captioned when there is more
+than the one image (`request_with_images`). Before anything is sent, the request is held to
+what one request may be: at most MAX_IMAGES_PER_REQUEST images, INPUT_TOKEN_LIMIT and
+`[limits] tpm` estimated input tokens, and the inline limit for what goes inline (`[images]
+mode` auto sends the images in order inline while they fit and uploads the rest); a unit over
+a limit becomes an error row saying which, with no call.
 
 The client never retries; this is where the policy lives. Each attempt:
 
@@ -9,8 +17,9 @@ The client never retries; this is where the policy lives. Each attempt:
    `[api] timeout` (sent as `X-Server-Timeout`), so one hung request costs a few typical
    latencies, not two minutes;
 3. on failure asks `failures.judge` whose fault it is: retry (full-jitter backoff, or the
-   service's `retryDelay`, capped by `[api] max_retry_delay`), upload again, an error or blocked
-   row, or stop the run.
+   service's `retryDelay`, capped by `[api] max_retry_delay`), upload again (the unit's uploads,
+   and the reference uploads the service no longer has), an error or blocked row, or stop the
+   run.
 
 A parse that may be heavy (a big answer, a big image) runs in a worker thread so the event loop
 keeps serving the other calls (a slow parse on the loop once made their deadlines pass and had
@@ -25,7 +34,7 @@ import json
 import random
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any, TypeVar
 
@@ -34,12 +43,18 @@ from pipeline.config import Config
 from pipeline.failures import Action, Health, Verdict, daily_quota, judge
 from pipeline.gemini import GeminiClient, GeminiError
 from pipeline.gemini.tokens import image_tokens, text_tokens
-from pipeline.gemini.types import GenerateRequest, GenerateResponse, ImagePart
+from pipeline.gemini.types import (
+    MAX_IMAGES_PER_REQUEST,
+    GenerateRequest,
+    GenerateResponse,
+    ImagePart,
+)
 from pipeline.limits import DailyCount, RateLimiter
-from pipeline.records import ImageItem, Parsed
+from pipeline.records import ImageItem, Parsed, Unit
+from pipeline.references import LoadedReference, ReferenceParts, inline_size
 from pipeline.rows import Outcome
 from pipeline.stop import Stop
-from pipeline.tasks import read_answer
+from pipeline.tasks import multi, read_answer
 from pipeline.uploads import Uploads
 
 T = TypeVar("T")
@@ -53,6 +68,9 @@ LATENCY_WINDOW = 1000
 # itself (measured: 1.4 vs 2.3 ms of CPU an image, 682 vs 431 images/s). Big ones go to threads.
 SMALL_BYTES = 64 << 10
 SMALL_PIXELS = 4_000_000
+# The input context of the current Gemini models (2.5 and 3 Flash and Pro: 1,048,576 tokens,
+# ai.google.dev/gemini-api/docs/models); a request estimated above it is never sent.
+INPUT_TOKEN_LIMIT = 1_048_576
 
 
 class RunStopped(Exception):
@@ -96,8 +114,25 @@ class Counters:
         self.throttled = 0
 
 
+def request_with_images(
+    request: GenerateRequest,
+    references: Sequence[ImagePart],
+    targets: Sequence[ImagePart],
+    *,
+    captioned: bool,
+) -> GenerateRequest:
+    """The task's request with its images: the reference images (already captioned) first, then
+    the unit's, captioned "Image 0:", "Image 1:", ... when `captioned` (pipeline/tasks/multi.py).
+    The one place a request gets its images, whichever engine sends it."""
+    if captioned:
+        targets = [
+            replace(part, caption=multi.target_caption(index)) for index, part in enumerate(targets)
+        ]
+    return replace(request, images=(*references, *targets))
+
+
 class Caller:
-    """Calls the API for one image at a time; shared by all workers of a run."""
+    """Calls the API for one unit at a time; shared by all workers of a run."""
 
     def __init__(
         self,
@@ -110,6 +145,7 @@ class Caller:
         uploads: Uploads,
         stop: Stop,
         rng: random.Random,
+        references: tuple[LoadedReference, ...] = (),
     ) -> None:
         self.config = config
         self.request = request
@@ -122,35 +158,43 @@ class Caller:
         self.health = Health()
         self.counters = Counters()
         self.deadlines = Deadlines(config.api.min_timeout, config.api.timeout)
+        self.references = ReferenceParts(
+            references, config.images.mode, uploads=uploads, client=client
+        )
+        self.captioned = multi.captioned(config.task.grouped, len(references))
         prompt_text = (request.system_instruction or "") + request.prompt
-        self.est_prompt_tokens = text_tokens(prompt_text)
+        captions = [reference.caption for reference in references]
+        self.est_prompt_tokens = text_tokens(prompt_text) + sum(map(text_tokens, captions))
+        self.reference_tokens = sum(self._image_tokens(ref.item) for ref in references)
         schema = request.response_schema or request.response_json_schema
-        self.overhead = REQUEST_OVERHEAD + len(prompt_text.encode()) + len(json.dumps(schema or {}))
+        self.overhead = (
+            REQUEST_OVERHEAD
+            + len(prompt_text.encode())
+            + len(json.dumps(schema or {}))
+            + self.references.inline_bytes
+        )
 
     # ------------------------------------------------------------------------------- the call
-    async def call(self, item: ImageItem) -> Outcome:
-        """The outcome of asking about `item`. Raises Stopped (the run is stopping: nothing to
+    async def call(self, unit: Unit) -> Outcome:
+        """The outcome of asking about `unit`. Raises Stopped (the run is stopping: nothing to
         write for it) or RunStopped (this call found the run's own failure)."""
-        est_image = image_tokens(
-            self.config.task.spec, item.sent_width, item.sent_height, self.request.media_resolution
-        )
-        est = est_image + self.est_prompt_tokens
-        mode = self._mode(item)
-        if mode is None:
-            limit = f"{self.config.api.inline_limit_mb:g} MB"
-            reason = f"the request would exceed the inline limit of {limit}; use mode auto"
-            return Outcome(Parsed("error", error=reason), None, 0, 0.0, "inline", est_image, est)
+        est_image = self.reference_tokens + sum(map(self._image_tokens, unit.items))
+        est = est_image + self.est_prompt_tokens + self._caption_tokens(len(unit.items))
+        modes, why = self._plan(unit, est)
+        mode = input_mode(modes)
+        if why is not None:
+            return Outcome(Parsed("error", error=why), None, 0, 0.0, mode, est_image, est)
         started = time.monotonic()
         attempts, last = 0, "stopped before an answer"
         while attempts < self.config.limits.max_attempts:
             attempts += 1
             try:
-                response, latency = await self._attempt(item, mode, est)
+                response, latency = await self._attempt(unit, modes, est)
             except OSError as exc:  # deleted or changed since it was hashed: not the same image
                 reason = f"cannot read the file: {exc}"
                 return self._failed(reason, attempts, started, mode, est_image, est)
             except GeminiError as exc:
-                verdict = self._judge(exc, item)
+                verdict = self._judge(exc, unit)
                 if verdict.action == Action.IMAGE:
                     return self._failed(verdict.reason, attempts, started, mode, est_image, est)
                 if verdict.action == Action.BLOCKED:
@@ -158,16 +202,29 @@ class Caller:
                     return Outcome(parsed, None, attempts, _ms(started), mode, est_image, est)
                 last = verdict.reason
                 if attempts < self.config.limits.max_attempts:
-                    await self._before_retry(exc, verdict, item, attempts)
+                    await self._before_retry(exc, verdict, unit, attempts)
                 continue
-            parsed = await self._parse(response, item)
+            parsed = await self._parse(response, unit)
             return Outcome(parsed, response, attempts, latency, mode, est_image, est)
         return self._failed(last, attempts, started, mode, est_image, est, retryable=True)
 
+    def _image_tokens(self, item: ImageItem) -> int:
+        spec, resolution = self.config.task.spec, self.request.media_resolution
+        return image_tokens(spec, item.sent_width, item.sent_height, resolution)
+
+    def _caption_tokens(self, images: int) -> int:
+        if not self.captioned:
+            return 0
+        return sum(text_tokens(multi.target_caption(index)) for index in range(images))
+
     async def _attempt(
-        self, item: ImageItem, mode: str, est: int
+        self, unit: Unit, modes: tuple[str, ...], est: int
     ) -> tuple[GenerateResponse, float]:
-        part = await self._image_part(item, mode)
+        targets = [
+            await self._image_part(item, mode) for item, mode in zip(unit.items, modes, strict=True)
+        ]
+        references = await self.stop.until(self.references.parts())
+        request = request_with_images(self.request, references, targets, captioned=self.captioned)
         await self.stop.until(self.limiter.acquire(est))
         if not self.daily.reserve():
             raise RunStopped(_daily_limit(self.daily.limit))
@@ -177,7 +234,7 @@ class Caller:
             sent = time.monotonic()
             response = await self.stop.call(
                 self.client.generate(
-                    replace(self.request, images=(part,)),
+                    request,
                     flavor=self.config.api.flavor,
                     timeout=self.deadlines.current,
                 )
@@ -191,8 +248,9 @@ class Caller:
         self.limiter.correct(est, response.usage.prompt_tokens)
         return response, latency * 1000
 
-    def _judge(self, exc: GeminiError, item: ImageItem) -> Verdict:
-        verdict = judge(exc, uploaded=self.uploads.uses_upload(item))
+    def _judge(self, exc: GeminiError, unit: Unit) -> Verdict:
+        uploaded = self.references.uploaded or any(map(self.uploads.uses_upload, unit.items))
+        verdict = judge(exc, uploaded=uploaded)
         if exc.kind == "rate_limit":
             self.counters.throttled += 1
             self.limiter.throttled(self._retry_delay(exc))
@@ -202,11 +260,14 @@ class Caller:
         return verdict
 
     async def _before_retry(
-        self, exc: GeminiError, verdict: Verdict, item: ImageItem, attempts: int
+        self, exc: GeminiError, verdict: Verdict, unit: Unit, attempts: int
     ) -> None:
         self.counters.retries += 1
         if verdict.action == Action.REUPLOAD:
-            self.uploads.forget(item)
+            for item in unit.items:
+                self.uploads.forget(item)
+            if self.references.uploaded:
+                await self.stop.until(self.references.refresh())
             return
         delay = self._retry_delay(exc)
         if delay is None:
@@ -223,13 +284,43 @@ class Caller:
         return min(exc.retry_delay, self.config.api.max_retry_delay)
 
     # -------------------------------------------------------------------------- inline/upload
-    def _mode(self, item: ImageItem) -> str | None:
-        """inline or upload; None when inline is forced and the request would not fit."""
+    def _plan(self, unit: Unit, est: int) -> tuple[tuple[str, ...], str | None]:
+        """(inline or upload for each image, why the request cannot be made or None)."""
+        count = len(unit.items) + len(self.references.loaded)
+        if count > MAX_IMAGES_PER_REQUEST:
+            return (), (
+                f"the request would carry {count:,} images (reference images included); "
+                f"a request takes at most {MAX_IMAGES_PER_REQUEST:,}"
+            )
+        tpm = self.config.limits.tpm
+        for limit, what in ((INPUT_TOKEN_LIMIT, "the model's input limit"), (tpm, "[limits] tpm")):
+            if limit and est > limit:
+                return (), (
+                    f"the request is estimated at {est:,} input tokens, over {what} of "
+                    f"{limit:,}: use fewer or smaller images (max_side)"
+                )
+        return self._modes(unit)
+
+    def _modes(self, unit: Unit) -> tuple[tuple[str, ...], str | None]:
+        """auto: each image inline while the request still fits the inline limit, in order,
+        else uploaded; inline: all inline, if they fit; upload: all uploaded."""
         mode = self.config.images.mode
-        fits = (item.send_size + 2) // 3 * 4 + self.overhead <= self.config.inline_limit_bytes
-        if mode == "auto":
-            return "inline" if fits else "upload"
-        return None if mode == "inline" and not fits else mode
+        if mode == "upload":
+            return ("upload",) * len(unit.items), None
+        room = self.config.inline_limit_bytes - self.overhead
+        modes = []
+        for item in unit.items:
+            size = inline_size(item)
+            if size <= room:
+                modes.append("inline")
+                room -= size
+            elif mode == "auto":
+                modes.append("upload")
+            else:
+                limit = f"{self.config.api.inline_limit_mb:g} MB"
+                why = f"the request would exceed the inline limit of {limit}; use mode auto"
+                return ("inline",) * len(unit.items), why
+        return tuple(modes), None
 
     async def _image_part(self, item: ImageItem, mode: str) -> ImagePart:
         if mode == "inline":
@@ -238,9 +329,13 @@ class Caller:
         upload = await self.stop.until(self.uploads.get(item))
         return ImagePart(upload.mime_type, file_uri=upload.uri)
 
-    async def _parse(self, response: GenerateResponse, item: ImageItem) -> Parsed:
-        big = item.width * item.height > SMALL_PIXELS or len(response.raw) > SMALL_BYTES
-        return await _offload(big, read_answer, response, item.width, item.height, self.config.task)
+    async def _parse(self, response: GenerateResponse, unit: Unit) -> Parsed:
+        pixels = sum(item.width * item.height for item in unit.items)
+        big = pixels > SMALL_PIXELS or len(response.raw) > SMALL_BYTES
+        first = unit.items[0]
+        return await _offload(
+            big, read_answer, response, first.width, first.height, self.config.task, unit.sizes
+        )
 
     def _failed(
         self,
@@ -255,6 +350,12 @@ class Caller:
     ) -> Outcome:
         parsed = Parsed("error", error=reason)
         return Outcome(parsed, None, attempts, _ms(started), mode, est_image, est, retryable)
+
+
+def input_mode(modes: tuple[str, ...]) -> str:
+    """The row's input_mode: inline, upload, mixed (a group sent partly each way), or none."""
+    kinds = set(modes)
+    return kinds.pop() if len(kinds) == 1 else "mixed" if kinds else "none"
 
 
 def _daily_limit(limit: int | None) -> Verdict:

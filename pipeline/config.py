@@ -36,6 +36,7 @@ from pipeline.tasks.base import TaskSettings
 FLAVORS = ("generateContent", "interactions")
 API_VERSIONS = ("v1beta", "v1", "v1alpha")
 IMAGE_MODES = ("auto", "inline", "upload")
+GROUP_RULES = ("none", "folder", "manifest")
 
 
 class ConfigError(ValueError):
@@ -119,6 +120,11 @@ class InputConfig:
     follow_symlinks: bool = setting(False, s.flag, "follow symlinked folders (loops: error rows)")
     manifest: str | None = setting(
         None, s.text, "a .txt, .csv or .parquet list of files (column path)", path=True
+    )
+    group_by: str = setting(
+        "none",
+        s.one_of(*GROUP_RULES),
+        "one request per group: folder (each folder's files) or manifest (its group column)",
     )
 
 
@@ -239,9 +245,16 @@ def _with_paths(name: str, values: dict[str, Any], base_dir: Path | None) -> dic
     for key, value in values.items():
         if known[key].metadata.get("path") and value is not None:
             many = isinstance(value, tuple)
-            resolved = [_resolve(p, base_dir) for p in (value if many else (value,))]
+            resolved = [_resolved(p, base_dir) for p in (value if many else (value,))]
             values[key] = tuple(resolved) if many else resolved[0]
     return values
+
+
+def _resolved(value: Any, base_dir: Path | None) -> Any:
+    """A path resolved, or a value holding one (a reference image) with its path resolved."""
+    if isinstance(value, str):
+        return _resolve(value, base_dir)
+    return value.resolved(lambda path: _resolve(path, base_dir))
 
 
 def _models(tables: Any, source: str) -> ModelTable:
@@ -268,13 +281,19 @@ def parse_config(data: dict[str, Any], source: str, base_dir: Path | None = None
 
 def _build(given: dict[str, dict[str, Any]], models: ModelTable, source: str) -> Config:
     api = ApiConfig(**given["api"])
+    inputs = InputConfig(**given["input"])
     task = TaskSettings(
-        **given["task"], model=api.model, flavor=api.flavor, version=api.version, models=models
+        **given["task"],
+        model=api.model,
+        flavor=api.flavor,
+        version=api.version,
+        grouped=inputs.group_by != "none",
+        models=models,
     )
     config = Config(
         api=api,
         limits=LimitsConfig(**given["limits"]),
-        input=InputConfig(**given["input"]),
+        input=inputs,
         images=ImagesConfig(**given["images"]),
         task=task,
         output=OutputConfig(**given["output"]),
@@ -293,6 +312,7 @@ def validate(config: Config) -> None:
         raise ConfigError(f'{source}: [task] labels is required when [task] kind = "classify"')
     if task.kind == "custom" and not task.prompt:
         raise ConfigError(f'{source}: [task] prompt is required when [task] kind = "custom"')
+    _validate_groups(config)
     if config.api.flavor == "interactions" and not spec.interactions:
         raise ConfigError(
             f'{source}: [api] flavor = "interactions": {spec.name} is not served by the '
@@ -307,6 +327,21 @@ def validate(config: Config) -> None:
         raise ConfigError(f"{source}: [task] {exc.key}: {exc.message}") from None
     except ValueError as exc:
         raise ConfigError(f"{source}: [task]: {exc}") from None
+
+
+def _validate_groups(config: Config) -> None:
+    """A folder rule groups walked folders; a manifest's groups are its `group` column."""
+    rule, inputs, source = config.input.group_by, config.input, config.source
+    if rule == "folder" and inputs.manifest:
+        raise ConfigError(
+            f'{source}: [input] group_by = "folder" groups the folders of [input] paths; '
+            'a manifest\'s groups are its group column: use group_by = "manifest"'
+        )
+    if rule == "manifest" and (inputs.paths or not inputs.manifest):
+        raise ConfigError(
+            f'{source}: [input] group_by = "manifest" groups the rows of [input] manifest by '
+            "its group column: set manifest, and no paths"
+        )
 
 
 def load_config(path: str | Path) -> Config:
@@ -357,19 +392,32 @@ def require_inputs(config: Config) -> None:
         raise ConfigError(f"{config.source}: [input] path does not exist: {missing[0]}")
     if not config.input.paths and not config.input.manifest:
         raise ConfigError(f"{config.source}: [input] paths (or manifest) is required to run")
+    if config.input.group_by == "manifest":
+        from pipeline.source import check_manifest_groups
+
+        try:
+            check_manifest_groups(config.input.manifest)
+        except ValueError as exc:
+            raise ConfigError(f"{config.source}: [input] manifest: {exc}") from None
 
 
-def settings_hash(config: Config, request: GenerateRequest) -> str:
+def settings_hash(
+    config: Config, request: GenerateRequest, references: list[dict[str, Any]] | None = None
+) -> str:
     """Hash of everything that changes the answer: model, flavor, prompt and generation settings
-    (the whole request the task builds), and what is done to the image before sending.
+    (the whole request the task builds), what is done to the image before sending, and the
+    reference images sent with it (their bytes' sha256 and captions, in order:
+    pipeline/references.py), which only a config with references has.
 
     Parse-only settings (mask threshold) are left out on purpose: changing them is a `reparse`,
     not a new API call.
     """
-    payload = {
+    payload: dict[str, Any] = {
         "flavor": config.api.flavor,
         "request": asdict(request),
         "max_side": config.images.max_side,
     }
+    if references:
+        payload["references"] = references
     text = json.dumps(payload, sort_keys=True, default=str)
     return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()

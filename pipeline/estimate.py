@@ -3,9 +3,13 @@
 Image tokens follow the model's documented rule (the model table's `tokens`, computed by
 pipeline.gemini.tokens, the same rules the local server bills by) from each image's header and
 EXIF alone; Gemini 3's per-image figures are documented maxima, so those totals are "at most".
-Output tokens come from earlier rows of the same task in the output directory when there are
-some, else from a per-task guess. Prices come from the model table (interactive and Batch Mode
-side by side). Alongside, what downscaling (`max_side`) or a lower media resolution would save.
+A request carries the run's reference images and one image, or a group's images (`[input]
+group_by`): its input is their tokens plus the prompt's and the captions' (pipeline/tasks/
+multi.py), so reference images cost their tokens once per request. Output tokens come from
+earlier rows of the same task in the output directory (a row is a request) when there are some,
+else from a per-task guess (per image for the tasks that locate objects). Prices come from the
+model table (interactive and Batch Mode side by side). Alongside, what downscaling (`max_side`)
+or a lower media resolution would save, and how many requests a limit would refuse.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ from typing import Any
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from pipeline import images
+from pipeline import images, references
+from pipeline.calls import INPUT_TOKEN_LIMIT
 from pipeline.config import Config
 from pipeline.dataset import part_files
 from pipeline.gemini.tokens import (
@@ -25,14 +30,24 @@ from pipeline.gemini.tokens import (
     image_tokens,
     text_tokens,
 )
+from pipeline.gemini.types import MAX_IMAGES_PER_REQUEST
 from pipeline.models import Model, Price
-from pipeline.records import SourceFile
-from pipeline.source import input_sources
-from pipeline.tasks import get_task
+from pipeline.records import members_of
+from pipeline.source import work_units
+from pipeline.tasks import get_task, multi
 
 # Output tokens per image when there is no history to learn from: masks are long, labels short.
-OUTPUT_GUESS = {"detect": 250, "segment": 2500, "caption": 60, "classify": 8, "custom": 200}
+OUTPUT_GUESS = {
+    "detect": 250,
+    "segment": 2500,
+    "point": 120,
+    "caption": 60,
+    "classify": 8,
+    "custom": 200,
+}
+PER_IMAGE_OUTPUT = ("detect", "segment", "point")  # a group's answer lists each image's objects
 MAX_SIDE_CHOICES = (384, 768, 1024, 1536)
+Sizes = list[tuple[int, int]]
 
 
 def _scaled(width: int, height: int, max_side: int) -> tuple[int, int]:
@@ -56,21 +71,53 @@ def _output_history(output_dir: str, task: str) -> tuple[int, float] | None:
     return table.num_rows, (out + thought) / table.num_rows
 
 
+class _Costing:
+    """The token rules of one config: images (at a resolution or a max_side), references."""
+
+    def __init__(self, config: Config, loaded: tuple[references.LoadedReference, ...]) -> None:
+        self.spec = config.task.spec
+        self.request = get_task(config.task.kind).request(config.task)
+        self.resolution = self.request.media_resolution
+        self.captioned = multi.captioned(config.task.grouped, len(loaded))
+        self.references: Sizes = [(r.item.sent_width, r.item.sent_height) for r in loaded]
+        prompt = (self.request.system_instruction or "") + self.request.prompt
+        self.prompt_tokens = text_tokens(prompt) + sum(text_tokens(r.caption) for r in loaded)
+
+    def images(self, sizes: Sizes, resolution: str | None = None, side: int | None = None) -> int:
+        level = resolution or self.resolution
+        if side is not None:
+            sizes = [_scaled(w, h, side) for w, h in sizes]
+        return sum(image_tokens(self.spec, w, h, level) for w, h in sizes)
+
+    def captions(self, count: int) -> int:
+        if not self.captioned:
+            return 0
+        return sum(text_tokens(multi.target_caption(index)) for index in range(count))
+
+    def request_input(self, sizes: Sizes) -> int:
+        """Estimated input tokens of one request about images of `sizes`."""
+        own = self.images(sizes) + self.captions(len(sizes))
+        return own + self.images(self.references) + self.prompt_tokens
+
+
 def estimate(config: Config, *, limit: int | None = None) -> dict[str, Any]:
     """Walk the inputs like a run would (headers only) and add up the costs."""
     spec = config.task.spec
-    request = get_task(config.task.kind).request(config.task)
-    prompt_tokens = text_tokens((request.system_instruction or "") + request.prompt)
-    sizes, unusable = _sizes(config, limit)
-    resolution = request.media_resolution
-    image_total = sum(image_tokens(spec, w, h, resolution) for w, h in sizes)
-    found = len(sizes)
+    loaded = references.load(config)
+    costing = _Costing(config, loaded)
+    units, unusable = _units(config, limit)
+    sizes = [size for unit in units for size in unit]
+    found, requests = len(sizes), len(units)
+    image_total = costing.images(sizes)
+    reference_per_request = costing.images(costing.references)
+    prompt_total = costing.prompt_tokens * requests + sum(costing.captions(len(u)) for u in units)
+    input_total = image_total + reference_per_request * requests + prompt_total
     history = _output_history(config.output.dir, config.task.kind)
-    per_image_output = history[1] if history else OUTPUT_GUESS[config.task.kind]
-    input_total = image_total + prompt_tokens * found
-    output_total = round(per_image_output * found)
+    output_total = round(_outputs(config.task.kind, units, history))
     price = spec.price()
-    savings = _savings(spec, sizes, resolution, image_total)
+    savings = _savings(
+        spec, costing, sizes, requests, image_total + reference_per_request * requests
+    )
     for saving in savings:
         saving["usd_saved"] = (
             round(price.cost(saving["image_tokens_saved"], 0), 4) if price else None
@@ -82,58 +129,104 @@ def estimate(config: Config, *, limit: int | None = None) -> dict[str, Any]:
         "image_tokens_are_maxima": spec.tokens == "budget",
         "task": config.task.kind,
         "images": found,
+        "requests": requests,
+        "grouped": config.task.grouped,
         "unusable_files": unusable,
         "image_tokens": image_total,
-        "prompt_tokens": prompt_tokens * found,
+        "reference_images": len(loaded),
+        "reference_tokens_per_request": reference_per_request,
+        "reference_tokens": reference_per_request * requests,
+        "prompt_tokens": prompt_total,
         "input_tokens": input_total,
+        "input_tokens_per_request": round(input_total / requests, 1) if requests else 0,
+        "requests_over_limits": _over_limits(config, costing, units),
         "output_tokens": output_total,
-        "output_tokens_per_image": round(per_image_output, 1),
+        "output_tokens_per_image": round(
+            output_total / found if found else _guess(history, config.task.kind), 1
+        ),
+        "output_tokens_per_request": round(output_total / requests, 1) if requests else 0,
         "output_tokens_from": f"{history[0]} earlier rows" if history else "per-task guess",
         "price_per_million": _price_dict(price),
         "cost_usd": _cost(price, input_total, output_total, batch=False),
         "batch_cost_usd": _cost(price, input_total, output_total, batch=True),
-        **_time(config, found, input_total),
+        **_time(config, requests, input_total),
         "savings": savings,
     }
 
 
-def _sizes(config: Config, limit: int | None) -> tuple[list[tuple[int, int]], int]:
-    """(sent width, sent height) of every usable input, and how many files are unusable."""
-    sizes: list[tuple[int, int]] = []
+def _units(config: Config, limit: int | None) -> tuple[list[Sizes], int]:
+    """(sent sizes of each request's images, in order; how many files are unusable). A group
+    with an unusable member makes no request (its row would be an error)."""
+    units: list[Sizes] = []
     unusable = 0
-    src: SourceFile
-    for src in input_sources(config.input):
-        if limit is not None and len(sizes) + unusable >= limit:
+    for work in work_units(config.input):
+        if limit is not None and len(units) + unusable >= limit:
             break
-        item = images.measure(src, max_side=config.images.max_side)
-        if item.error:
-            unusable += 1
-        else:
-            sizes.append((item.sent_width, item.sent_height))
-    return sizes, unusable
+        measured = [
+            images.measure(src, max_side=config.images.max_side) for src in members_of(work)
+        ]
+        failed = sum(1 for item in measured if item.error)
+        unusable += failed
+        if not failed and work.error is None:
+            units.append([(item.sent_width, item.sent_height) for item in measured])
+    return units, unusable
+
+
+def _guess(history: tuple[int, float] | None, kind: str) -> float:
+    return history[1] if history else float(OUTPUT_GUESS[kind])
+
+
+def _outputs(kind: str, units: list[Sizes], history: tuple[int, float] | None) -> float:
+    """Output tokens of every request: the history's mean a row, else the per-task guess."""
+    if history is not None:
+        return history[1] * len(units)
+    if kind in PER_IMAGE_OUTPUT:
+        return float(OUTPUT_GUESS[kind] * sum(len(unit) for unit in units))
+    return float(OUTPUT_GUESS[kind] * len(units))
+
+
+def _over_limits(config: Config, costing: _Costing, units: list[Sizes]) -> int:
+    """Requests a run would refuse before sending (too many images or input tokens)."""
+    tokens = min(config.limits.tpm or INPUT_TOKEN_LIMIT, INPUT_TOKEN_LIMIT)
+    most = MAX_IMAGES_PER_REQUEST - len(costing.references)
+    return sum(1 for unit in units if len(unit) > most or costing.request_input(unit) > tokens)
 
 
 def _savings(
-    spec: Model, sizes: list[tuple[int, int]], resolution: str | None, image_total: int
+    spec: Model, costing: _Costing, sizes: Sizes, requests: int, image_total: int
 ) -> list[dict[str, Any]]:
-    """Image tokens a lower media resolution or (tile rules) a smaller max_side would save."""
+    """Image tokens (reference images' included) a lower media resolution or (tile rules) a
+    smaller max_side would save."""
+
+    def total(resolution: str | None = None, side: int | None = None) -> int:
+        refs = costing.images(costing.references, resolution, side)
+        return costing.images(sizes, resolution, side) + refs * requests
+
     savings: list[dict[str, Any]] = []
     levels = MEDIA_RESOLUTION_TOKENS if spec.tokens == "budget" else GLOBAL_RESOLUTION_TOKENS_2X
     if spec.media_resolution:
         for level in levels:
-            if level == resolution or (level == "ultra_high" and not spec.part_media_resolution):
+            if level == costing.resolution or (
+                level == "ultra_high" and not spec.part_media_resolution
+            ):
                 continue
-            total = sum(image_tokens(spec, w, h, level) for w, h in sizes)
-            if total < image_total:
-                savings.append(
-                    {"media_resolution": level, "image_tokens_saved": image_total - total}
-                )
-    if spec.tokens != "budget" and resolution is None:
+            saved = image_total - total(resolution=level)
+            if saved > 0:
+                savings.append({"media_resolution": level, "image_tokens_saved": saved})
+    if spec.tokens != "budget" and costing.resolution is None:
         for side in MAX_SIDE_CHOICES:
-            total = sum(image_tokens(spec, *_scaled(w, h, side)) for w, h in sizes)
-            if total < image_total:
-                savings.append({"max_side": side, "image_tokens_saved": image_total - total})
+            saved = image_total - total(side=side)
+            if saved > 0:
+                savings.append({"max_side": side, "image_tokens_saved": saved})
     return savings
+
+
+def _requests(report: dict[str, Any]) -> str:
+    if not report["grouped"]:
+        return ""
+    requests = report["requests"]
+    mean = report["images"] / requests if requests else 0
+    return f" in {requests:,} requests (groups of {mean:.1f} images on average)"
 
 
 def _price_dict(price: Price | None) -> dict[str, Any] | None:
@@ -154,30 +247,50 @@ def _cost(
     return round(price.cost(input_tokens, output_tokens, batch=batch), 4) if price else None
 
 
-def _time(config: Config, found: int, input_total: int) -> dict[str, Any]:
+def _time(config: Config, requests: int, input_total: int) -> dict[str, Any]:
     minutes = []
     if config.limits.rpm:
-        minutes.append(found / config.limits.rpm)
+        minutes.append(requests / config.limits.rpm)
     if config.limits.tpm:
         minutes.append(input_total / config.limits.tpm)
     rpd = config.limits.rpd
     return {
         "minutes_at_limits": round(max(minutes), 2) if minutes else None,
-        "days_at_rpd": math.ceil(found / rpd) if rpd and found else None,
+        "days_at_rpd": math.ceil(requests / rpd) if rpd and requests else None,
     }
 
 
 def format_estimate(report: dict[str, Any]) -> str:
     most = "at most " if report["image_tokens_are_maxima"] else ""
+    several = report["grouped"] or report["reference_images"]
+    refs = ""
+    if report["reference_images"]:
+        refs = (
+            f" + {report['reference_images']} reference images {most}"
+            f"{report['reference_tokens']:,} ({report['reference_tokens_per_request']:,} a request)"
+        )
     lines = [
         f"model {report['model']} (table entry {report['model_entry']}, token rule "
         f"{report['token_rule']}), task {report['task']}",
-        f"images: {report['images']:,} ({report['unusable_files']} unusable files)",
+        f"images: {report['images']:,}{_requests(report)} ({report['unusable_files']} unusable "
+        "files)",
         f"input tokens: {most}{report['input_tokens']:,} = images {most}"
-        f"{report['image_tokens']:,} + prompts {report['prompt_tokens']:,}",
-        f"output tokens: ~{report['output_tokens']:,} ({report['output_tokens_per_image']} an "
-        f"image, from {report['output_tokens_from']})",
+        f"{report['image_tokens']:,}{refs} + prompts {report['prompt_tokens']:,}",
     ]
+    if several:
+        lines.append(
+            f"tokens a request: {most}{report['input_tokens_per_request']:,} input, "
+            f"~{report['output_tokens_per_request']:,} output"
+        )
+    if report["requests_over_limits"]:
+        lines.append(
+            f"requests over a limit (images, input tokens, [limits] tpm): "
+            f"{report['requests_over_limits']:,}; they would be error rows, not calls"
+        )
+    lines.append(
+        f"output tokens: ~{report['output_tokens']:,} ({report['output_tokens_per_image']} an "
+        f"image, from {report['output_tokens_from']})"
+    )
     price = report["price_per_million"]
     if price is not None:
         until = f", until {price['until']}" if price["until"] else ""

@@ -1,17 +1,24 @@
 """The one currency of the pipeline: a source file -> an image item -> a parsed answer -> a row.
 
 Every stage takes and gives these types, so stages can be read, tested and replaced one by one.
+A request may be about several images: a `SourceGroup` (the files of a folder, or of a manifest's
+`group`) is prepared into a `Unit` of ImageItems and answered by one request into one row. A lone
+file is a unit of one whose row is the plain image row (`members` null).
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "2"  # 2: `retryable` (parts of version 1 read it as null)
+# 2: `retryable` (parts of version 1 read it as null). 3: `members` (group rows) and the object
+# fields `point_2d`, `xy` (points) and `image` (which member an object is in); older parts read
+# them as null, which is what a single image's row holds.
+SCHEMA_VERSION = "3"
 Status = Literal["ok", "error", "blocked", "partial"]
 
 
@@ -50,8 +57,85 @@ class ImageItem:
 
 
 @dataclass(slots=True)
+class SourceGroup:
+    """Files asked about together in one request, in their stated order (pipeline/source.py).
+
+    `name` is what the group's row calls image_path: the folder relative to `root`, or the
+    manifest's `group` value. `error` says why the group cannot be sent at all.
+    """
+
+    name: str
+    root: str
+    members: tuple[SourceFile, ...]
+    error: str | None = None
+
+
+Work = SourceFile | SourceGroup  # what engines hand to the runner: a lone file, or a group
+
+
+@dataclass(slots=True)
+class Unit:
+    """One request's worth of images: a group's prepared members in order, or one lone file.
+
+    `group` is None for a lone file (its row is the plain image row). `sha256` names the bytes
+    asked about: the file's, or the group's (`group_sha256` of the members' in order); "" when
+    some member could not be read. `error` says why the request cannot be made.
+    """
+
+    items: tuple[ImageItem, ...]
+    group: SourceGroup | None = None
+    sha256: str = ""
+    error: str | None = None
+
+    @property
+    def sizes(self) -> tuple[tuple[int, int], ...] | None:
+        """Displayed (width, height) of each member of a group; None for a lone file."""
+        if self.group is None:
+            return None
+        return tuple((item.width, item.height) for item in self.items)
+
+
+def as_group(work: Work) -> SourceGroup | None:
+    """The group a piece of work is, or None for a lone file."""
+    return work if isinstance(work, SourceGroup) else None
+
+
+def members_of(work: Work) -> tuple[SourceFile, ...]:
+    """The files a piece of work asks about: a group's members, or the lone file."""
+    return work.members if isinstance(work, SourceGroup) else (work,)
+
+
+def group_sha256(member_sha256s: Sequence[str]) -> str:
+    """A group's identity: the sha256 of its members' sha256s in order (the order is asked
+    about: "Image 0" is the first), so the same images in another order are another question."""
+    text = "group\0" + "\0".join(member_sha256s)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def group_stamp(members: tuple[SourceFile, ...]) -> tuple[int, int]:
+    """(file_size, file_mtime_ns) of a group's row: the members' total size and a digest of
+    their paths, sizes and mtimes in order, so a rerun's stat of every member tells whether the
+    group is unchanged (a member added, removed, reordered or touched changes it)."""
+    digest = hashlib.blake2b(digest_size=8)
+    for src in members:
+        line = f"{src.root}\0{src.rel_path}\0{src.size}\0{src.mtime_ns}\n"
+        digest.update(storable(line).encode())
+    stamp = int.from_bytes(digest.digest(), "big") >> 1  # fits the int64 column
+    return sum(src.size for src in members), stamp
+
+
+def work_identity(work: Work) -> tuple[str, str, int, int]:
+    """(image_root, image_path, file_size, file_mtime_ns) of the row this work makes: what the
+    resume index fingerprints."""
+    if isinstance(work, SourceGroup):
+        return (work.root, work.name, *group_stamp(work.members))
+    return work.root, work.rel_path, work.size, work.mtime_ns
+
+
+@dataclass(slots=True)
 class Parsed:
-    """A task's reading of one answer text. Objects are dicts shaped like OBJECT_TYPE."""
+    """A task's reading of one answer text. Objects are dicts shaped like OBJECT_TYPE (a key
+    left out is null)."""
 
     status: Status
     objects: list[dict[str, Any]] = field(default_factory=list)
@@ -79,6 +163,23 @@ OBJECT_TYPE = pa.struct(
         ("box_2d", pa.list_(pa.int32())),  # exactly as returned: [ymin, xmin, ymax, xmax] 0-1000
         ("bbox", pa.list_(pa.float32())),  # [x0, y0, x1, y1] in pixels of the displayed image
         ("mask", MASK_TYPE),  # COCO compressed RLE of the full-image binary mask, or null
+        ("point_2d", pa.list_(pa.int32())),  # a point exactly as returned: [y, x] 0-1000
+        ("xy", pa.list_(pa.float32())),  # the point in pixels of the displayed image: [x, y]
+        ("image", pa.int16()),  # a group row's objects: the member they are in (0 = first)
+    ]
+)
+# A group row's members, in the order they were sent ("Image 0" first); the same facts a single
+# image's row holds in its own columns.
+MEMBER_TYPE = pa.struct(
+    [
+        ("image_path", pa.string()),  # relative to image_root
+        ("image_root", pa.string()),
+        ("image_sha256", pa.string()),
+        ("file_size", pa.int64()),
+        ("file_mtime_ns", pa.int64()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("mime_type", pa.string()),
     ]
 )
 
@@ -115,6 +216,7 @@ ROW_SCHEMA = pa.schema(
         ("input_mode", pa.string()),
         ("run_id", pa.string()),
         ("completed_at", pa.timestamp("us", tz="UTC")),
+        ("members", pa.list_(MEMBER_TYPE)),  # a group row's images; null for a single image
     ],
     metadata={"gemini_vision_pipeline.schema_version": SCHEMA_VERSION},
 )
@@ -162,6 +264,7 @@ _KEPT_WHEN_UNSTORABLE = (
     "input_mode",
     "run_id",
     "completed_at",
+    "members",
 )
 
 
@@ -202,11 +305,21 @@ def to_table(rows: list[dict[str, Any]]) -> tuple[pa.Table, list[str]]:
 def unstorable_row(row: dict[str, Any], reason: str) -> dict[str, Any]:
     kept = {name: row.get(name) for name in _KEPT_WHEN_UNSTORABLE}
     for name, value in kept.items():
-        if not isinstance(value, str | int | type(None)) or (
+        if name == "members":
+            kept[name] = value if _encodes(value, ROW_SCHEMA.field(name).type) else None
+        elif not isinstance(value, str | int | type(None)) or (
             name in ("file_size", "file_mtime_ns") and not isinstance(value, int)
         ):
             kept[name] = value if name == "completed_at" else None
     return {**kept, "status": "error", "error": reason}
+
+
+def _encodes(value: Any, type_: pa.DataType) -> bool:
+    try:
+        pa.array([value], type=type_)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError):
+        return False
+    return True
 
 
 def _table(rows: list[dict[str, Any]]) -> pa.Table:

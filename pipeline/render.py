@@ -1,10 +1,13 @@
-"""A look at the dataset: per-image overlays (boxes, labels, translucent masks) and index.html.
+"""A look at the dataset: per-image overlays (boxes, points, labels, translucent masks) and
+index.html.
 
-Overlays are drawn at gallery size with numpy: masks are decoded from their RLE, shrunk, and
-blended into the image in one vectorised step per image (the guide's per-pixel loop is what not
-to do). Everything a model wrote (labels, text, reasons) is data: file names come from a
-counter, every string in the page is HTML-escaped, and the page's Content-Security-Policy runs
-no script but its own (pinned by hash) and loads nothing from outside the gallery folder.
+A group's row is shown as one figure per member, each with the objects placed in it (`image`)
+and captioned with the group's name. Overlays are drawn at gallery size with numpy: masks are
+decoded from their RLE, shrunk, and blended into the image in one vectorised step per image (the
+guide's per-pixel loop is what not to do). Everything a model wrote (labels, text, reasons) is
+data: file names come from a counter, every string in the page is HTML-escaped, and the page's
+Content-Security-Policy runs no script but its own (pinned by hash) and loads nothing from
+outside the gallery folder.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ _COLUMNS = (
     "text",
     "labels",
     "model",
+    "members",
 )
 # Marks each image loaded or broken once the page has loaded, so a gallery copied without its
 # images folder says so (and a headless browser can check the page).
@@ -109,7 +113,7 @@ def render(
             stale.unlink()
 
     rows = current_rows(output_dir, _COLUMNS).to_pylist()
-    shown = [row for row in rows if row["status"] in GALLERY_STATUSES]
+    shown = [view for row in rows if row["status"] in GALLERY_STATUSES for view in _views(row)]
     problems = [row for row in rows if row["status"] not in GALLERY_STATUSES]
     if limit is not None:
         shown = shown[: max(limit, 0)]
@@ -141,6 +145,27 @@ def render(
     }
 
 
+def _views(row: dict[str, Any]) -> list[dict[str, Any]]:
+    """What one figure each shows: the row, or each member of a group's row as a row of its own
+    (its path, size and objects) that still names the group."""
+    members = row.get("members")
+    if not members:
+        return [row]
+    objects = row["objects"] or []
+    return [
+        {
+            **row,
+            "image_root": member["image_root"],
+            "image_path": member["image_path"],
+            "width": member["width"],
+            "height": member["height"],
+            "objects": [obj for obj in objects if obj.get("image") == index],
+            "group": (row["image_path"], index, len(members)),
+        }
+        for index, member in enumerate(members)
+    ]
+
+
 # -------------------------------------------------------------------------------------- draw
 def _source_path(row: dict[str, Any], root_override: str | None) -> Path | None:
     """root/image_path, unless image_path climbs out of its root (then None)."""
@@ -167,6 +192,7 @@ def _draw_entry(entry: _Entry, images_dir: Path) -> bool:
     objects = row["objects"] or []
     canvas = _blend_masks(canvas, objects, width, height)
     _draw_boxes(canvas, objects, scale)
+    _draw_points(canvas, objects, scale)
     canvas.save(images_dir / f"{entry.number:06d}.jpg", quality=JPEG_QUALITY)
     return image is not None
 
@@ -243,6 +269,27 @@ def _draw_boxes(canvas: Image.Image, objects: list[dict[str, Any]], scale: float
         y = max(0.0, y0 - (bottom - top) - 4)
         draw.rectangle((x + left - 2, y + top - 2, x + right + 2, y + bottom + 2), fill=colour)
         draw.text((x, y), text, font=font, fill=_ink(colour))
+
+
+def _draw_points(canvas: Image.Image, objects: list[dict[str, Any]], scale: float) -> None:
+    """A dot in the label's colour, ringed in white, and the label beside it."""
+    draw = ImageDraw.Draw(canvas)
+    radius = max(3, round(max(canvas.size) / 120))
+    font = _font(canvas.size)
+    for obj in objects:
+        xy = obj.get("xy")
+        if not xy or len(xy) != 2:
+            continue
+        x, y = (float(v) * scale for v in xy)
+        colour = _colour(_label(obj))
+        ring = (x - radius, y - radius, x + radius, y + radius)
+        draw.ellipse(ring, fill=colour, outline=(255, 255, 255), width=max(1, radius // 3))
+        text = _label(obj)[:40]
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        tx = max(0.0, min(x + radius + 2, canvas.width - (right - left) - 2))
+        ty = max(0.0, min(y - (bottom - top) / 2, canvas.height - (bottom - top) - 2))
+        draw.rectangle((tx + left - 2, ty + top - 2, tx + right + 2, ty + bottom + 2), fill=colour)
+        draw.text((tx, ty), text, font=font, fill=_ink(colour))
 
 
 def _label(obj: dict[str, Any]) -> str:
@@ -329,6 +376,9 @@ def _figure(entry: _Entry, has_source: bool) -> str:
         f"{esc(row['task'] or '')} · {esc(row['status'] or '')} · "
         f"{len(objects)} object{'' if len(objects) == 1 else 's'}",
     ]
+    if row.get("group"):
+        name, index, count = row["group"]
+        caption.append(f"group {esc(name or '')}: image {index} of {count} (0 first)")
     if not has_source:
         why = "path outside its root" if entry.source is None else "source image not found"
         caption.append(f'<span class="note">{why}</span>')

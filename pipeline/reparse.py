@@ -36,7 +36,9 @@ def _settings(
 
 def reparse_row(row: dict[str, Any], settings: TaskSettings) -> Parsed:
     response = parse_response(row["raw_response"])
-    return read_answer(response, row["width"], row["height"], settings)
+    members = row.get("members")  # a group's row: its objects are placed in its members
+    sizes = [(m["width"], m["height"]) for m in members] if members else None
+    return read_answer(response, row["width"], row["height"], settings, sizes)
 
 
 async def _write(output_dir: str, run_id: str, rows: list[dict[str, Any]]) -> None:

@@ -1,4 +1,9 @@
-"""Rows, built by pure functions: an image and what became of it -> one dict of ROW_SCHEMA.
+"""Rows, built by pure functions: a unit of work and what became of it -> one dict of ROW_SCHEMA.
+
+A lone image's row names the image (`members` null); a group's row names the group — its path
+is the group's name, its sha256 the group's (`records.group_sha256`), its size and mtime the
+members' stamp (`records.group_stamp`), no width/height/mime of its own — and lists the members
+in order, each with the facts a lone image's row holds.
 
 Every value is checked into its column's range here, when the row is built (a count past int32
 becomes null with a reason), so a row never fails to encode later; `records.to_table` still
@@ -12,7 +17,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pipeline.gemini.types import GenerateResponse, Usage
-from pipeline.records import ImageItem, Parsed, int32_or_none, make_key, storable
+from pipeline.records import (
+    ImageItem,
+    Parsed,
+    Unit,
+    group_stamp,
+    int32_or_none,
+    make_key,
+    storable,
+)
 
 USAGE_COLUMNS = ("prompt_tokens", "output_tokens", "thoughts_tokens", "total_tokens")
 
@@ -35,16 +48,29 @@ class Outcome:
     response: GenerateResponse | None
     attempts: int
     latency_ms: float
-    input_mode: str
-    est_image_tokens: int
+    input_mode: str  # inline, upload, mixed (a group sent partly each way), or none
+    est_image_tokens: int  # every image the request carries, reference images included
     est_prompt_tokens: int
     retryable: bool = False  # an error a later run should try again (transient, exhausted)
 
 
-def base_row(item: ImageItem, key: str | None, facts: RunFacts) -> dict[str, Any]:
-    src = item.source
+def base_row(unit: Unit, key: str | None, facts: RunFacts) -> dict[str, Any]:
+    """Who the row is about (see the module docstring) and when, by which run."""
+    where = image_columns(unit.items[0]) if unit.group is None else group_columns(unit)
     return {
         "key": key,
+        **where,
+        "task": facts.task,
+        "model": facts.model,
+        "run_id": facts.run_id,
+        "completed_at": datetime.now(UTC),
+    }
+
+
+def image_columns(item: ImageItem) -> dict[str, Any]:
+    """An image's identity columns (a lone image's row, a group row's member)."""
+    src = item.source
+    return {
         "image_path": storable(src.rel_path),
         "image_root": storable(src.root),
         "image_sha256": item.sha256 or None,
@@ -53,18 +79,28 @@ def base_row(item: ImageItem, key: str | None, facts: RunFacts) -> dict[str, Any
         "width": int32_or_none(item.width) or None,
         "height": int32_or_none(item.height) or None,
         "mime_type": item.mime_type or None,
-        "task": facts.task,
-        "model": facts.model,
-        "run_id": facts.run_id,
-        "completed_at": datetime.now(UTC),
     }
 
 
-def error_row(item: ImageItem, reason: str, facts: RunFacts) -> dict[str, Any]:
-    """A file that could not be sent. It still gets a key, so a rerun skips it like any row."""
-    key = make_key(item.sha256 or "-", facts.key_suffix)
+def group_columns(unit: Unit) -> dict[str, Any]:
+    group = unit.group
+    assert group is not None
+    size, stamp = group_stamp(group.members)
     return {
-        **base_row(item, key, facts),
+        "image_path": storable(group.name),
+        "image_root": storable(group.root),
+        "image_sha256": unit.sha256 or None,
+        "file_size": size,
+        "file_mtime_ns": stamp,
+        "members": [image_columns(item) for item in unit.items],
+    }
+
+
+def error_row(unit: Unit, reason: str, facts: RunFacts) -> dict[str, Any]:
+    """Work that could not be sent. It still gets a key, so a rerun skips it like any row."""
+    key = make_key(unit.sha256 or "-", facts.key_suffix)
+    return {
+        **base_row(unit, key, facts),
         "status": "error",
         "error": reason,
         "attempts": 0,
@@ -72,15 +108,15 @@ def error_row(item: ImageItem, reason: str, facts: RunFacts) -> dict[str, Any]:
     }
 
 
-def answered_row(item: ImageItem, key: str, outcome: Outcome, facts: RunFacts) -> dict[str, Any]:
-    """The row of a call this image made (or failed to make)."""
+def answered_row(unit: Unit, key: str, outcome: Outcome, facts: RunFacts) -> dict[str, Any]:
+    """The row of a call this unit made (or failed to make)."""
     parsed, response = outcome.parsed, outcome.response
     columns = parsed.columns()
     usage, problems = checked_usage(response.usage if response else None)
     if problems:
         columns["error"] = "; ".join(filter(None, [columns["error"], *problems]))
     return {
-        **base_row(item, key, facts),
+        **base_row(unit, key, facts),
         **columns,
         "retryable": outcome.retryable if parsed.status == "error" else None,
         "finish_reason": response.finish_reason if response else None,
@@ -94,20 +130,18 @@ def answered_row(item: ImageItem, key: str, outcome: Outcome, facts: RunFacts) -
     }
 
 
-def copied_row(old: dict[str, Any], item: ImageItem, key: str, facts: RunFacts) -> dict[str, Any]:
+def copied_row(old: dict[str, Any], unit: Unit, key: str, facts: RunFacts) -> dict[str, Any]:
     """A new path with bytes already answered: the old answer, no new call, no tokens."""
-    row = {**old, **base_row(item, key, facts)}
+    row = {**old, **base_row(unit, key, facts)}
     for name in USAGE_COLUMNS:
         row[name] = None
     row.update(latency_ms=0.0, attempts=0, input_mode="none")
     return row
 
 
-def copied_outcome_row(
-    item: ImageItem, key: str, outcome: Outcome, facts: RunFacts
-) -> dict[str, Any]:
+def copied_outcome_row(unit: Unit, key: str, outcome: Outcome, facts: RunFacts) -> dict[str, Any]:
     """The same bytes answered a moment ago in this run: its answer, billed to the first row."""
-    row = answered_row(item, key, outcome, facts)
+    row = answered_row(unit, key, outcome, facts)
     for name in USAGE_COLUMNS:
         row[name] = None
     row.update(latency_ms=0.0, attempts=0, input_mode="none")

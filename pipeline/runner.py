@@ -1,11 +1,14 @@
-"""The per-image engine, the same whatever spreads the work: one file in, at most one row out.
+"""The per-request engine, the same whatever spreads the work: one unit in, at most one row out.
 
-    SourceFile ─prepare─► ImageItem ─reuse?─► answer (Answers) ─┐
-                                     └─call─► Outcome (Caller) ─┴─► row (rows.py) ─► sink
+    SourceFile | SourceGroup ─prepare─► Unit ─reuse?─► answer (Answers) ─┐
+                                          └──call──► Outcome (Caller) ─┴─► row (rows.py) ─► sink
 
-`ImageRunner.process` is what every engine runs for each file it hands out (`engines/single.py`
-in one process; Batch Mode and Ray reuse the pieces). `run()` picks the engine; the default is
-one process over local folders.
+A unit is what one request asks about: a lone file (a unit of one, whose row is the image's), or
+a group's files in their order (`[input] group_by`: pipeline/source.py), whose row is the
+group's. Both take the one path below; only the row's identity columns differ (rows.py).
+`ImageRunner.process` is what every engine runs for each piece of work it hands out
+(`engines/single.py` in one process; Batch Mode and Ray reuse the pieces). `run()` picks the
+engine; the default is one process over local folders.
 """
 
 from __future__ import annotations
@@ -16,15 +19,26 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from pipeline import images
+from pipeline import images, references
 from pipeline.calls import Caller
 from pipeline.config import Config, settings_hash
 from pipeline.dataset import load_resume_index
-from pipeline.records import ImageItem, SourceFile, make_key
+from pipeline.records import (
+    ImageItem,
+    SourceFile,
+    SourceGroup,
+    Unit,
+    Work,
+    as_group,
+    group_sha256,
+    make_key,
+    members_of,
+    work_identity,
+)
 from pipeline.reuse import Answers
 from pipeline.rows import RunFacts, answered_row, copied_outcome_row, copied_row, error_row
 from pipeline.sink import ParquetSink
-from pipeline.source import input_sources
+from pipeline.source import work_units
 from pipeline.summary import RunSummary
 from pipeline.tasks import get_task
 
@@ -37,7 +51,7 @@ SMALL_FILE = 1 << 20
 @dataclass
 class RunOptions:
     retry_errors: bool = False
-    limit: int | None = None  # at most this many new files
+    limit: int | None = None  # at most this many new files (or groups)
     progress: bool = True
     seed: int | None = None  # backoff jitter; None: from the OS
 
@@ -62,7 +76,7 @@ class RowCounts:
 
 
 class ImageRunner:
-    """Turns one source file into its row (see the module docstring) and hands it to the sink."""
+    """Turns one piece of work into its row (see the module docstring) and hands it to the sink."""
 
     def __init__(
         self,
@@ -80,39 +94,66 @@ class ImageRunner:
         self.sink = sink
         self.counts = RowCounts()
 
-    async def process(self, src: SourceFile) -> None:
-        """Raises Stopped / RunStopped when the run stops before this file has a row."""
-        row, copied = await self._row(src)
+    async def process(self, work: Work) -> None:
+        """Raises Stopped / RunStopped when the run stops before this work has a row."""
+        row, copied = await self._row(work)
         await self.sink.add(row)
         self.counts.add(row, copied=copied)
 
-    async def _row(self, src: SourceFile) -> tuple[dict[str, Any], bool]:
+    async def _row(self, work: Work) -> tuple[dict[str, Any], bool]:
+        unit = await self._prepare(work)
+        if unit.error:
+            return error_row(unit, unit.error, self.facts), False
+        key = make_key(unit.sha256, self.facts.key_suffix)
+        found = await self.answers.find(key, unit.sha256)
+        if found is not None and found.outcome is not None:
+            return copied_outcome_row(unit, key, found.outcome, self.facts), True
+        if found is not None and found.row is not None:
+            return copied_row(found.row, unit, key, self.facts), True
+        self.answers.claim(key)
+        try:
+            outcome = await self.caller.call(unit)
+        except BaseException as exc:
+            self.answers.release(key, exc)
+            raise
+        self.answers.remember(key, unit.sha256, outcome)
+        return answered_row(unit, key, outcome, self.facts), False
+
+    async def _prepare(self, work: Work) -> Unit:
+        """The unit of a lone file or a group: each member prepared, in order, until one fails
+        (the group is then an error naming that member; the rest stay unread)."""
+        group, members = as_group(work), members_of(work)
+        items = [ImageItem(source=src) for src in members]
+        if group is not None and group.error:
+            return Unit(tuple(items), group, error=group.error)
+        for index, src in enumerate(members):
+            items[index] = await self._prepared(src)
+            if items[index].error:
+                break
+        return unit_of(tuple(items), group)
+
+    async def _prepared(self, src: SourceFile) -> ImageItem:
         if src.error:
-            return error_row(ImageItem(source=src, error=src.error), src.error, self.facts), False
+            return ImageItem(source=src, error=src.error)
         images_config = self.config.images
-        item = await _offload(
+        return await _offload(
             src.size > SMALL_FILE,
             images.prepare,
             src,
             max_side=images_config.max_side,
             verify=images_config.verify,
         )
-        if item.error:
-            return error_row(item, item.error, self.facts), False
-        key = make_key(item.sha256, self.facts.key_suffix)
-        found = await self.answers.find(key, item.sha256)
-        if found is not None and found.outcome is not None:
-            return copied_outcome_row(item, key, found.outcome, self.facts), True
-        if found is not None and found.row is not None:
-            return copied_row(found.row, item, key, self.facts), True
-        self.answers.claim(key)
-        try:
-            outcome = await self.caller.call(item)
-        except BaseException as exc:
-            self.answers.release(key, exc)
-            raise
-        self.answers.remember(key, item.sha256, outcome)
-        return answered_row(item, key, outcome, self.facts), False
+
+
+def unit_of(items: tuple[ImageItem, ...], group: SourceGroup | None) -> Unit:
+    """A unit of prepared items: its sha256 (the file's, or the group's when every member was
+    read) and its error (a lone file's own, or the first failed member's, named)."""
+    failed = next((item for item in items if item.error), None)
+    if group is None:
+        return Unit(items, None, items[0].sha256, items[0].error)
+    error = f"{failed.source.rel_path}: {failed.error}" if failed is not None else None
+    shas = [item.sha256 for item in items]
+    return Unit(items, group, group_sha256(shas) if all(shas) else "", error)
 
 
 async def _offload(big: bool, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -122,19 +163,24 @@ async def _offload(big: bool, fn: Callable[..., T], *args: Any, **kwargs: Any) -
     return fn(*args, **kwargs)
 
 
-def key_suffix(config: Config) -> str:
-    return settings_hash(config, get_task(config.task.kind).request(config.task))
+def key_suffix(config: Config, loaded: tuple[references.LoadedReference, ...] | None = None) -> str:
+    """The settings hash of a run: its request, and its reference images (`loaded`, read
+    from the config when not given: their bytes are part of it)."""
+    loaded = references.load(config) if loaded is None else loaded
+    request = get_task(config.task.kind).request(config.task)
+    return settings_hash(config, request, references.identities(loaded))
 
 
 def pending(config: Config, *, retry_errors: bool = False) -> dict[str, Any]:
-    """What a run of `config` would still do: its inputs walked with a stat each, no reads."""
+    """What a run of `config` would still do: its inputs walked with a stat each, no reads.
+    (`files` counts requests: groups, when the config groups its files.)"""
     index = load_resume_index(
         config.output.dir, key_suffix=key_suffix(config), retry_errors=retry_errors
     )
     seen = done = 0
-    for src in input_sources(config.input):
+    for work in work_units(config.input):
         seen += 1
-        done += src.error is None and index.is_done(src.root, src.rel_path, src.size, src.mtime_ns)
+        done += work.error is None and index.is_done(*work_identity(work))
     return {"config": config.source, "files": seen, "done": done, "remaining": seen - done}
 
 

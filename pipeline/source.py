@@ -38,12 +38,13 @@ import os
 import posixpath
 import re
 import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from pipeline.dataset import GrowingDigestSet
-from pipeline.records import SourceFile
+from pipeline.gemini.types import MAX_IMAGES_PER_REQUEST
+from pipeline.records import SourceFile, SourceGroup, Work
 
 if TYPE_CHECKING:
     from pipeline.config import InputConfig
@@ -384,12 +385,16 @@ def _manifest_sources(base: str, names: Iterator[str]) -> Iterator[SourceFile]:
         if identity in seen:
             continue
         seen.add(identity)
-        inside = os.path.commonpath([base, full]) == base
-        root = base if inside else os.path.dirname(full)
-        rel_path = os.path.relpath(full, root)
-        if os.sep != "/":
-            rel_path = rel_path.replace(os.sep, "/")
-        yield _stat_source(full, root, posixpath.normpath(rel_path))
+        yield _manifest_entry(base, full)
+
+
+def _manifest_entry(base: str, full: str) -> SourceFile:
+    inside = os.path.commonpath([base, full]) == base
+    root = base if inside else os.path.dirname(full)
+    rel_path = os.path.relpath(full, root)
+    if os.sep != "/":
+        rel_path = rel_path.replace(os.sep, "/")
+    return _stat_source(full, root, posixpath.normpath(rel_path))
 
 
 def _txt_lines(manifest: str) -> Iterator[str]:
@@ -455,3 +460,195 @@ def input_sources(inp: InputConfig, *, skip: Sequence[str] = ()) -> Iterator[Sou
             follow_symlinks=inp.follow_symlinks,
             skip=skip,
         )
+
+
+# ------------------------------------------------------------------------------------ groups
+# [input] group_by: one request per group of files instead of per file (pipeline/runner.py).
+GROUP_COLUMN = "group"
+
+
+def work_units(inp: InputConfig, *, skip: Sequence[str] = ()) -> Iterator[Work]:
+    """What a run asks about, in order: each file alone, or the groups `[input] group_by`
+    makes of them (`folder_groups`, `manifest_groups`)."""
+    if inp.group_by == "folder":
+        yield from folder_groups(input_sources(inp, skip=skip))
+    elif inp.group_by == "manifest" and inp.manifest:
+        yield from manifest_groups(inp.manifest)
+    else:
+        yield from input_sources(inp, skip=skip)
+
+
+def folder_groups(
+    sources: Iterable[SourceFile], max_images: int = MAX_IMAGES_PER_REQUEST
+) -> Iterator[Work]:
+    """The files of each folder as one group, named by the folder relative to its root ("."
+    for the files right under it), in the walk's order (by name).
+
+    Streams: a depth-first walk leaves a folder for good, so a folder's group goes out as soon
+    as a file from outside it and its sub-folders comes; only the folders on the current path
+    are held. A walk's error entry (a broken link, an unreadable folder) is no member: it goes
+    out alone, an error row as in an ungrouped run. A folder of more than `max_images` files
+    keeps only their count: its group is an error (no request takes that many images).
+    """
+    collecting: dict[tuple[str, str], _Group] = {}
+    for src in sources:
+        if src.error:
+            yield src
+            continue
+        folder = (src.root, posixpath.dirname(src.rel_path) or ".")
+        for done in [key for key in collecting if not _contains(key, folder)]:
+            yield collecting.pop(done).group()
+        collecting.setdefault(folder, _Group(*folder, max_images)).add(src)
+    for group in collecting.values():
+        yield group.group()
+
+
+def _contains(outer: tuple[str, str], inner: tuple[str, str]) -> bool:
+    """Whether folder `inner` is `outer` or lies below it (same root)."""
+    (root, name), (inner_root, inner_name) = outer, inner
+    if root != inner_root:
+        return False
+    return name in (".", inner_name) or inner_name.startswith(name + "/")
+
+
+class _Group:
+    """A group being collected: its members in order, up to `max_images` (then only counted)."""
+
+    def __init__(self, root: str, name: str, max_images: int) -> None:
+        self.root = root
+        self.name = name
+        self.max_images = max_images
+        self.members: list[SourceFile] = []
+        self.count = 0
+
+    def add(self, src: SourceFile) -> None:
+        self.count += 1
+        if self.count <= self.max_images:
+            self.members.append(src)
+
+    def group(self) -> SourceGroup:
+        error = None
+        if self.count > self.max_images:
+            error = (
+                f"the group holds {self.count:,} images; a request takes at most "
+                f"{self.max_images:,}: split it"
+            )
+        return SourceGroup(self.name, self.root, tuple(self.members), error)
+
+
+def manifest_groups(
+    path: str | os.PathLike[str], max_images: int = MAX_IMAGES_PER_REQUEST
+) -> Iterator[SourceGroup]:
+    """The files a manifest lists, grouped by its `group` column (`.csv` or `.parquet`), each
+    group's files in the manifest's order (a path listed twice in a group is one member).
+
+    Paths resolve as in `read_manifest`; the group's root is the manifest's folder and its name
+    the group value. A group's rows must be listed together (streaming needs no memory of the
+    manifest): `check_manifest_groups` refuses a manifest that splits a group before a run
+    starts, and this raises ValueError if one gets here. A missing member stays a member: its
+    group becomes an error row naming it, since the request cannot be made as listed.
+    """
+    manifest, base = _manifest_location(path)
+    order = _GroupOrder()
+    current: _Group | None = None
+    paths: set[str] = set()  # one group's members: few, a plain set is fine
+    for row, (name, group) in enumerate(_group_rows(manifest), start=1):
+        if order.starts(row, group):
+            if current is not None:
+                yield current.group()
+            current, paths = _Group(base, str(group), max_images), set()
+        assert current is not None
+        full = os.path.normpath(os.path.join(base, name))
+        if full not in paths:
+            paths.add(full)
+            current.add(_manifest_entry(base, full))
+    if current is not None:
+        yield current.group()
+
+
+def check_manifest_groups(path: str | os.PathLike[str]) -> None:
+    """ValueError naming the first problem of a grouped manifest: no group column, a row
+    without a group, or a group whose rows are not listed together. Reads only the columns."""
+    manifest, _ = _manifest_location(path)
+    order = _GroupOrder()
+    for row, (_, group) in enumerate(_group_rows(manifest), start=1):
+        order.starts(row, group)
+
+
+class _GroupOrder:
+    """Checks that every row has a group and each group's rows come together (a digest of each
+    finished group's name is kept: 16 bytes a group)."""
+
+    def __init__(self) -> None:
+        self.current: str | None = None
+        self.closed = GrowingDigestSet()
+
+    def starts(self, row: int, group: str | None) -> bool:
+        """Whether `group` starts at this row; ValueError when the row breaks the rules."""
+        if not group:
+            raise ValueError(f"row {row} has no {GROUP_COLUMN} (every row needs one)")
+        if group == self.current:
+            return False
+        if _name_digest(group) in self.closed:
+            raise ValueError(
+                f"the rows of {GROUP_COLUMN} {group[:80]!r} are not listed together (again at "
+                f"row {row}): sort the manifest by {GROUP_COLUMN}"
+            )
+        if self.current is not None:
+            self.closed.add(_name_digest(self.current))
+        self.current = group
+        return True
+
+
+def _name_digest(name: str) -> bytes:
+    return hashlib.blake2b(name.encode("utf-8", "surrogateescape"), digest_size=16).digest()
+
+
+def _manifest_location(path: str | os.PathLike[str]) -> tuple[str, str]:
+    manifest = os.path.abspath(os.fspath(path))
+    suffix = os.path.splitext(manifest)[1].lower()
+    if suffix not in (".csv", ".parquet"):
+        raise ValueError(f"{manifest}: a manifest with a {GROUP_COLUMN} column is .csv or .parquet")
+    if not os.path.isfile(manifest):
+        raise FileNotFoundError(errno.ENOENT, "manifest not found", manifest)
+    return manifest, os.path.dirname(manifest)
+
+
+def _group_rows(manifest: str) -> Iterator[tuple[str, str | None]]:
+    """(path, group) of each row with a path, in order; ValueError without both columns."""
+    if manifest.lower().endswith(".csv"):
+        yield from _csv_group_rows(manifest)
+    else:
+        yield from _parquet_group_rows(manifest)
+
+
+def _csv_group_rows(manifest: str) -> Iterator[tuple[str, str | None]]:
+    with open(manifest, encoding="utf-8-sig", errors="surrogateescape", newline="") as text:
+        rows = csv.reader(text)
+        header = [cell.strip().lower() for cell in next(rows, [])]
+        path_at = next((header.index(c) for c in MANIFEST_PATH_COLUMNS if c in header), None)
+        if path_at is None or GROUP_COLUMN not in header:
+            raise ValueError(f"{manifest}: needs a header naming the path and group columns")
+        group_at = header.index(GROUP_COLUMN)
+        for row in rows:
+            if len(row) > path_at and row[path_at].strip():
+                group = row[group_at].strip() if len(row) > group_at else ""
+                yield row[path_at].strip(), group or None
+
+
+def _parquet_group_rows(manifest: str) -> Iterator[tuple[str, str | None]]:
+    import pyarrow.parquet as pq  # only manifests need it
+
+    with pq.ParquetFile(manifest) as table:
+        names = table.schema_arrow.names
+        column = next((c for c in MANIFEST_PATH_COLUMNS if c in names), None)
+        if column is None or GROUP_COLUMN not in names:
+            raise ValueError(f"{manifest}: needs a path (or image_path) and a group column")
+        columns = [column, GROUP_COLUMN]
+        for batch in table.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=columns):
+            paths, groups = (batch.column(i).to_pylist() for i in range(2))
+            for value, group in zip(paths, groups, strict=True):
+                name = os.fsdecode(value) if isinstance(value, bytes) else value
+                if name is not None and str(name).strip():
+                    text = None if group is None else str(group).strip()
+                    yield str(name).strip(), text or None

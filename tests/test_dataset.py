@@ -202,7 +202,8 @@ async def test_lookup_rows_gives_the_newest_ok_row_per_key(tmp_path: Path) -> No
     found = lookup_rows(tmp_path, [same, bad, "missing.s1"])
     assert list(found) == [same]
     assert found[same]["text"] == "new" and found[same]["image_path"] == "two.jpg"
-    assert found[same]["objects"] == [{**cat[0], "mask": None}]
+    unset = {"mask": None, "point_2d": None, "xy": None, "image": None}  # schema 3 added 3
+    assert found[same]["objects"] == [{**cat[0], **unset}]
     assert set(found[same]) == set(ROW_SCHEMA.names)
     assert lookup_rows(tmp_path, []) == {}
 

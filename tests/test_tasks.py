@@ -50,7 +50,7 @@ def decoded(obj: dict) -> np.ndarray:
 
 
 def test_every_kind_is_registered_and_unknown_kinds_are_named() -> None:
-    assert set(TASKS) == {"detect", "segment", "caption", "classify", "custom"}
+    assert set(TASKS) == {"detect", "segment", "point", "caption", "classify", "custom"}
     assert all(get_task(kind).kind == kind for kind in TASKS)
     with pytest.raises(ValueError, match="known kinds: detect, segment, caption, classify, custom"):
         get_task("ocr")

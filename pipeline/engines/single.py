@@ -2,7 +2,8 @@
 
     walk (thread) ─batches─► dealer ─one file each─► workers ─► ImageRunner.process ─► sink
 
-The walk skips, with a stat, every file already committed under the same settings (the resume
+The walk hands out files, or groups of files when `[input] group_by` says so (source.work_units).
+It skips, with a stat, every file (group) already committed under the same settings (the resume
 index) and never enters the output folder. Memory stays flat at any input size: the hand-off
 holds two batches, the workers one file each, the sink a bounded queue.
 
@@ -33,18 +34,19 @@ from pipeline.dataset import ResumeIndex, load_resume_index
 from pipeline.gemini import GeminiClient, api_key_from_env
 from pipeline.limits import DailyCount, RateLimiter
 from pipeline.progress import Progress
-from pipeline.records import SourceFile
+from pipeline.records import Work, work_identity
+from pipeline.references import load as load_references
 from pipeline.reuse import Answers
 from pipeline.rows import RunFacts
 from pipeline.runner import ImageRunner, RunOptions, key_suffix
 from pipeline.sink import ParquetSink, SinkFailed
-from pipeline.source import input_sources
+from pipeline.source import work_units
 from pipeline.state import State
 from pipeline.stop import Stop, Stopped
 from pipeline.summary import RunSummary
 from pipeline.tasks import get_task
 
-Batch = list[SourceFile]
+Batch = list[Work]
 LOCAL_KEY = "local-key"
 BATCH_SIZE = 64  # files handed from the walking thread to the workers at once
 BATCH_SECONDS = 0.05
@@ -80,20 +82,17 @@ class Producer:
                 asyncio.run_coroutine_threadsafe(queue.put(batch), loop).result()
             asyncio.run_coroutine_threadsafe(queue.put(None), loop).result()
 
-    def _todo(self) -> Iterator[SourceFile]:
+    def _todo(self) -> Iterator[Work]:
         sent = 0
-        sources = input_sources(self.config.input, skip=(self.config.output.dir,))
-        for src in sources:
+        for work in work_units(self.config.input, skip=(self.config.output.dir,)):
             if self.halt.is_set() or (self.limit is not None and sent >= self.limit):
                 return
             self.seen += 1
-            if src.error is None and self.index.is_done(
-                src.root, src.rel_path, src.size, src.mtime_ns
-            ):
+            if work.error is None and self.index.is_done(*work_identity(work)):
                 self.skipped += 1
                 continue
             sent += 1
-            yield src
+            yield work
 
 
 class SingleProcess:
@@ -103,8 +102,10 @@ class SingleProcess:
         self.config = config
         self.options = options
         self.request = get_task(config.task.kind).request(config.task)
+        self.references = load_references(config)  # read once: the run's every request has them
         self.run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ-") + secrets.token_hex(3)
-        self.facts = RunFacts(self.run_id, config.task.kind, config.api.model, key_suffix(config))
+        suffix = key_suffix(config, self.references)
+        self.facts = RunFacts(self.run_id, config.task.kind, config.api.model, suffix)
         self.summary = RunSummary(
             run_id=self.run_id,
             config=config.source,
@@ -178,6 +179,7 @@ class SingleProcess:
             uploads=Uploads(client, state),
             stop=stop,
             rng=random.Random(self.options.seed),
+            references=self.references,
         )
 
     async def _work(
@@ -185,7 +187,7 @@ class SingleProcess:
     ) -> None:
         conc = self.config.limits.concurrency
         batches: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=2)
-        files: asyncio.Queue[SourceFile | None] = asyncio.Queue(maxsize=conc)
+        files: asyncio.Queue[Work | None] = asyncio.Queue(maxsize=conc)
         view = _ProgressView(producer, runner)
         progress = Progress(view, enabled=self.options.progress)
         loop = asyncio.get_running_loop()
@@ -208,7 +210,7 @@ class SingleProcess:
                 progress.finish()
 
     async def _worker(
-        self, files: asyncio.Queue[SourceFile | None], runner: ImageRunner, stop: Stop
+        self, files: asyncio.Queue[Work | None], runner: ImageRunner, stop: Stop
     ) -> None:
         while (src := await files.get()) is not None:
             if not stop.running:
@@ -276,7 +278,7 @@ class _ProgressView:
 
 async def _deal(
     batches: asyncio.Queue[Batch | None],
-    files: asyncio.Queue[SourceFile | None],
+    files: asyncio.Queue[Work | None],
     workers: int,
     stop: Stop,
 ) -> None:

@@ -1,6 +1,8 @@
 """Wire mapping of generateContent (`POST {base}/{version}/models/{model}:generateContent`).
 
-Request: image parts, then the prompt's text part; settings in `generationConfig`. Answer:
+Request: image parts in the request's order, each right after its caption's text part when it
+has one, then the prompt's text part (the seeds' order for one image: image, then text); settings
+in `generationConfig`. Answer:
 candidates[0]'s text parts without `thought: true`, joined; its finishReason and finishMessage
 carried through unchanged; promptFeedback.blockReason; usageMetadata.
 
@@ -70,14 +72,19 @@ def _generation_config(request: GenerateRequest, per_part_level: bool) -> dict[s
 
 
 def build_generate_content_body(request: GenerateRequest) -> dict[str, Any]:
-    """The JSON body of a generateContent call: image parts, then the prompt's text part.
+    """The JSON body of a generateContent call: image parts (each after its caption's text part,
+    if any), then the prompt's text part.
 
     Part keys follow the seeds (`inline_data`, `file_data`, snake_case inside), which the
     service accepts alongside camelCase. `ultra_high` media resolution exists only per part, so
     a request-wide `ultra_high` is set on every image part instead of in generationConfig.
     """
     request_wide_level = "ultra_high" if request.media_resolution == "ultra_high" else None
-    parts = [_image_part(image, request_wide_level) for image in request.images]
+    parts: list[dict[str, Any]] = []
+    for image in request.images:
+        if image.caption:
+            parts.append({"text": image.caption})
+        parts.append(_image_part(image, request_wide_level))
     parts.append({"text": request.prompt})
     body: dict[str, Any] = {"contents": [{"role": "user", "parts": parts}]}
     if request.system_instruction:

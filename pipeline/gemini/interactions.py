@@ -1,7 +1,8 @@
 """Wire mapping of the Interactions API (`POST {base}/{version}/interactions`, seed 003).
 
-Request: the SDK's shape, one `user_input` step holding the text item first and then the image
-items (`data` base64 or `uri`, `mime_type`, optional `resolution`); settings in
+Request: the SDK's shape, one `user_input` step holding the prompt's text item first (seed 003)
+and then the image items in the request's order (`data` base64 or `uri`, `mime_type`, optional
+`resolution`), each right after its caption's text item when it has one; settings in
 `generation_config` (there is no thinking budget here: a request carrying one is refused with
 ValueError rather than sent without it); a `response_format` of type text carrying `mime_type`
 and a JSON Schema in `schema` (an OpenAPI-subset `response_schema` is converted, schema.py);
@@ -58,6 +59,8 @@ CONTINUE_STATUS = "requires_continuation"
 def _content(request: GenerateRequest) -> list[dict[str, Any]]:
     content: list[dict[str, Any]] = [{"type": "text", "text": request.prompt}]
     for image in request.images:
+        if image.caption:
+            content.append({"type": "text", "text": image.caption})
         item: dict[str, Any] = {"type": "image", "mime_type": image.mime_type}
         if image.data is not None:
             item["data"] = base64.b64encode(image.data).decode("ascii")

@@ -12,16 +12,24 @@ from typing import Any, Literal
 
 Flavor = Literal["generateContent", "interactions"]
 MediaResolution = Literal["low", "medium", "high", "ultra_high"]
+# Image files one request may carry (notes, "Several images in one prompt"; every seed says
+# 3,600 for Gemini 2.5, 2.0 and 1.5, and the newest says it of Gemini models in general).
+MAX_IMAGES_PER_REQUEST = 3600
 
 
 @dataclass(frozen=True, slots=True)
 class ImagePart:
-    """One image: inline bytes (`data`) or an uploaded file (`file_uri`), never both."""
+    """One image: inline bytes (`data`) or an uploaded file (`file_uri`), never both.
+
+    `caption` is a text part sent right before the image (what it is: "Reference image 1: a
+    cracked weld.", "Image 0:"), so a request with several images can say which is which.
+    """
 
     mime_type: str
     data: bytes | None = None
     file_uri: str | None = None
     resolution: MediaResolution | None = None  # per-image media resolution (Gemini 3)
+    caption: str | None = None
 
     def __post_init__(self) -> None:
         if (self.data is None) == (self.file_uri is None):
@@ -37,7 +45,8 @@ class GenerateRequest:
     """A prompt with images and the generation settings the pipeline uses.
 
     `images` go before `prompt` (seed 003 puts the text first for Interactions; both orders work,
-    the client follows each API's own guide). None means "leave it to the service's default".
+    the client follows each API's own guide), each right after its caption text, in the order
+    given. None means "leave it to the service's default".
     """
 
     model: str

@@ -1,7 +1,8 @@
 """The local "model" at work: a request reduced to a `Prompted`, answered as an `Outcome`.
 
 The text comes from a recorded replay when one matches, else from answers.render over what
-vision.py sees in the first image. Then the seeded faults (faults.py) may delay, fail, or bend
+vision.py sees in every image the request asks about (`answers.targets`: not the reference
+images). Then the seeded faults (faults.py) may delay, fail, or bend
 the answer, `max_output_tokens` may cut it (finishReason MAX_TOKENS), and a thinking model bills
 thought tokens (the local model does not think: it bills as much thought as answer, capped by the
 budget, so thinking's cost shows up in usage the way it does on the real service).
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 
 from pipeline.gemini.tokens import text_tokens
 from pipeline.localserver import errors
-from pipeline.localserver.answers import Answer, Ask, caption, render
+from pipeline.localserver.answers import Answer, Ask, caption, render, targets
 from pipeline.localserver.faults import Faults, Replay, apply_to_text
 from pipeline.localserver.image_input import ImageInput, ImageReader
 
@@ -91,8 +92,8 @@ class Answerer:
         replayed = self.replay.answer([i.sha256 for i in prompted.images]) if self.replay else None
         if replayed is not None:
             return Answer(replayed[0], "replay"), replayed[1]
-        analysis = self.images.analysis(prompted.images[0]) if prompted.images else None
-        return render(prompted.ask, analysis), "STOP"
+        seen = [self.images.analysis(image) for image in targets(prompted.images)]
+        return render(prompted.ask, seen), "STOP"
 
     async def _fault(self, kind: str, answer: Answer) -> tuple[str, str]:
         if kind == "http_500":
@@ -113,7 +114,7 @@ class Answerer:
             thoughts = min(thoughts, prompted.thinking_budget)
         summary = None
         if prompted.include_thoughts:
-            first = prompted.images[0] if prompted.images else None
+            first = next(iter(targets(prompted.images)), None)
             seen = caption(self.images.analysis(first)) if first else "Recalling what was asked."
             summary = f"**Looking at the image**\n\n{seen}"
         return thoughts, summary

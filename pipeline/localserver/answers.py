@@ -4,16 +4,26 @@ What to answer is read from the prompt and the response settings, as a model wou
 ("segmentation mask", or a schema with a `mask` property), detection ("box_2d", "bounding box",
 "detect"), points, classification (an `enum` in the schema, `text/x.enum`, or labels listed in the
 prompt), any other response schema filled from what is seen, else a one-sentence caption.
+
+A request may carry several images. Those whose caption (the text right before them) calls them
+"Reference image N" are examples, as the system instruction says, and never answered about
+(`targets`); every other image is looked at. Boxes, masks and points are given for each of them
+in order, each object carrying the key "image" (its number, 0 first) when the request asks for
+it; a caption describes each image; labels and schemas read what all of them show.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 from pipeline.localserver.vision import Analysis, Region
+
+if TYPE_CHECKING:
+    from pipeline.localserver.image_input import ImageInput
 
 SHAPE_WORDS = {
     "circle": {"circle", "circles", "round", "ellipse", "ellipses", "oval", "ovals", "disc"},
@@ -49,6 +59,8 @@ _WORD = re.compile(r"[a-z]+")
 _SKETCH = re.compile(r"\{([^{}]*)\}")
 _SKETCH_KEY = re.compile(r"[\"']?([A-Za-z_][\w]*)[\"']?\s*:\s*(\[|[^,}]*)")
 _COUNT_HINTS = ("count", "number", "total", "num_", "n_")
+_REFERENCE = re.compile(r"\s*reference image\s+\d+\b", re.I)
+IMAGE_KEY = "image"  # the key naming which image of a request an object is in
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,46 +83,81 @@ class Answer:
     payload: Any = None
 
 
-def render(ask: Ask, analysis: Analysis | None) -> Answer:
-    """The answer a model would give about the (first) image of a request."""
+def targets(images: Iterable[ImageInput]) -> list[ImageInput]:
+    """The images a request asks about: all but those captioned as reference images."""
+    return [image for image in images if not _REFERENCE.match(image.caption or "")]
+
+
+def render(ask: Ask, seen: Sequence[Analysis]) -> Answer:
+    """The answer a model would give about the images of a request (`seen`, in order)."""
     words = f"{ask.system}\n{ask.prompt}".lower()
     properties = _schema_property_names(ask.schema)
     json_mime = (ask.response_mime_type or "").lower() == "application/json"
+    merged = _merged(seen)
     closed = _schema_enums(ask.schema) or _labels_in_prompt(ask.prompt, ask.system)
+    indexed = f'"{IMAGE_KEY}"' in words or IMAGE_KEY in properties
     if "segmentation mask" in words or "mask" in properties:
-        chosen = _select(words, analysis, closed)
-        if ask.polygon_masks:
-            payload: Any = {"boxes": [_item(analysis, r, label, "polygon") for r, label in chosen]}
-        else:
-            payload = [_item(analysis, r, label, "png") for r, label in chosen]
+        form = "polygon" if ask.polygon_masks else "png"
+        items = _located(words, seen, closed, indexed, lambda a, r, label: _item(a, r, label, form))
+        payload: Any = {"boxes": items} if ask.polygon_masks else items
         return _json_answer("segment", payload, json_mime)
     if "box_2d" in words or "bounding box" in words or "detect" in words or "box_2d" in properties:
-        payload = [_item(analysis, r, label, None) for r, label in _select(words, analysis, closed)]
+        payload = _located(words, seen, closed, indexed, lambda a, r, label: _item(a, r, label))
         return _json_answer("detect", payload, json_mime)
     if '"point"' in words or "point to" in words or "point" in properties:
-        payload = [
-            {"point": analysis.centroid(r), "label": label}
-            for r, label in _select(words, analysis, closed)
-            if analysis is not None
-        ]
+        payload = _located(words, seen, closed, indexed, _point)
         return _json_answer("point", payload, json_mime)
-    regions = analysis.regions if analysis else []
+    regions = merged.regions if merged else []
     if _is_label_array(ask.schema):  # multi-label classification: every label that applies
         payload = [label for label in closed if any(region_score(label, r) for r in regions)]
         return _json_answer("classify", payload[: _max_items(ask.schema)], json_mime)
     top_enum = isinstance(ask.schema, dict) and isinstance(ask.schema.get("enum"), list)
     if closed and (top_enum or not properties):
-        label = best_label(closed, analysis)
+        label = best_label(closed, merged)
         if json_mime:
             return Answer(json.dumps(label), "classify", label)
         return Answer(label, "classify")
     if isinstance(ask.schema, dict):
-        payload = _fill(ask.schema, analysis, "", None)
+        payload = _fill(ask.schema, merged, "", None)
         return _json_answer("schema", payload, json_mime)
     if json_mime:  # JSON mode without a schema: the object the prompt sketches, or a summary
-        payload = _fill(_sketched_schema(ask.prompt) or SUMMARY_SCHEMA, analysis, "", None)
+        payload = _fill(_sketched_schema(ask.prompt) or SUMMARY_SCHEMA, merged, "", None)
         return _json_answer("schema", payload, json_mime)
-    return Answer(caption(analysis), "caption")
+    return Answer(_captions(seen), "caption")
+
+
+def _merged(seen: Sequence[Analysis]) -> Analysis | None:
+    """One analysis holding every image's regions (largest first), for answers about them all."""
+    if len(seen) <= 1:
+        return seen[0] if seen else None
+    regions = sorted((r for a in seen for r in a.regions), key=lambda r: -r.area)
+    return replace(seen[0], regions=regions)
+
+
+def _captions(seen: Sequence[Analysis]) -> str:
+    if len(seen) <= 1:
+        return caption(seen[0] if seen else None)
+    return " ".join(f"Image {index}: {caption(a)}" for index, a in enumerate(seen))
+
+
+Maker = Callable[[Analysis, Region, str], dict[str, Any]]
+
+
+def _located(
+    words: str, seen: Sequence[Analysis], closed: list[str], indexed: bool, make: Maker
+) -> list[dict[str, Any]]:
+    """The objects asked about in every image, in order; "limit to N" caps the whole answer."""
+    found = []
+    for index, analysis in enumerate(seen):
+        for region, label in _select(words, analysis, closed):
+            item = make(analysis, region, label)
+            found.append({**item, IMAGE_KEY: index} if indexed else item)
+    limit = _LIMIT.search(words)
+    return found[: int(limit.group(1))] if limit else found
+
+
+def _point(analysis: Analysis, region: Region, label: str) -> dict[str, Any]:
+    return {"point": analysis.centroid(region), "label": label}
 
 
 def caption(analysis: Analysis | None) -> str:
@@ -160,9 +207,8 @@ def _json_answer(task: str, payload: Any, json_mime: bool) -> Answer:
 
 
 def _item(
-    analysis: Analysis | None, region: Region, label: str, mask: str | None
+    analysis: Analysis, region: Region, label: str, mask: str | None = None
 ) -> dict[str, Any]:
-    assert analysis is not None  # only called for regions of an analysis
     item: dict[str, Any] = {"box_2d": analysis.box_2d(region)}
     if mask == "png":
         item["mask"] = analysis.mask_png_data_url(region)

@@ -115,10 +115,14 @@ def _read_contents(
                 rule="contents.required",
                 field=f"contents[{i}].parts",
             )
+        caption = None  # the text part right before an image says what it is
         for j, part in enumerate(parts):
             text, image = _read_part(part, f"contents[{i}].parts[{j}]", model, version, images)
             texts.extend([text] if text is not None else [])
-            inputs.extend([image] if image is not None else [])
+            if image is not None:
+                image.caption = caption
+                inputs.append(image)
+            caption = text
     return texts, inputs
 
 

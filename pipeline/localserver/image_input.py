@@ -34,6 +34,7 @@ class ImageInput:
     mime_type: str
     sha256: str
     resolution: str | None  # per-image media resolution: low | medium | high | ultra_high
+    caption: str | None = None  # the text part right before it in the request, if any
 
 
 class ImageReader:

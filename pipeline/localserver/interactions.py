@@ -207,14 +207,17 @@ def _read_items(
 ) -> tuple[list[str], list[ImageInput]]:
     texts: list[str] = []
     inputs: list[ImageInput] = []
+    caption = None  # the text item right before an image says what it is
     for index, item in enumerate(items):
         where = f"input[{index}]"
         if item["type"] == "text":
             texts.append(item.get("text") or "")
         elif item["type"] == "image":
             inputs.append(_image(item, where, model, version, images))
+            inputs[-1].caption = caption
         else:
             raise errors.unsupported_here(f"'{item['type']}' content at '{where}'")
+        caption = item.get("text") if item["type"] == "text" else None
     return texts, inputs
 
 

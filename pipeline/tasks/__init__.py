@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 
 from pipeline.gemini.types import GenerateResponse
@@ -12,11 +13,19 @@ from pipeline.tasks.caption import CaptionTask
 from pipeline.tasks.classify import ClassifyTask
 from pipeline.tasks.custom import CustomTask
 from pipeline.tasks.detect import DetectTask
+from pipeline.tasks.point import PointTask
 from pipeline.tasks.segment import SegmentTask
 
 TASKS: dict[str, Task] = {
     task.kind: task
-    for task in (DetectTask(), SegmentTask(), CaptionTask(), ClassifyTask(), CustomTask())
+    for task in (
+        DetectTask(),
+        SegmentTask(),
+        CaptionTask(),
+        ClassifyTask(),
+        CustomTask(),
+        PointTask(),
+    )
 }
 
 
@@ -29,11 +38,16 @@ def get_task(kind: str) -> Task:
 
 
 def read_answer(
-    response: GenerateResponse, width: int, height: int, settings: TaskSettings
+    response: GenerateResponse,
+    width: int,
+    height: int,
+    settings: TaskSettings,
+    sizes: Sequence[tuple[int, int]] | None = None,
 ) -> Parsed:
     """An answer as rows see it: a prompt the service blocked, an answer it withheld (a blocking
     finish reason), else the task kind's parse — which, when it fails on an answer that ended
     for a stated reason (NO_IMAGE, IMAGE_OTHER, MALFORMED_RESPONSE, ...), says that reason.
+    `sizes`: a group's member sizes in order (its objects name their image); None for one image.
 
     One place for both a live call and a `reparse` of a stored body, so they never disagree.
     """
@@ -41,7 +55,7 @@ def read_answer(
     if response.block_reason:
         return Parsed("blocked", error=f"prompt blocked: {response.block_reason}{said}")
     task = get_task(settings.kind)
-    parsed = task.parse(response.text, response.finish_reason, width, height, settings)
+    parsed = task.parse(response.text, response.finish_reason, width, height, settings, sizes)
     if parsed.status == "blocked":  # a withheld answer (never_raises): say what the service said
         return replace(parsed, error=f"{parsed.error}{said}")
     reason = (response.finish_reason or "").strip().upper()

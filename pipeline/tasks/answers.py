@@ -14,7 +14,8 @@ Models do not always answer with clean JSON. The rules here, in the order they a
    that starts but does not parse, so a complete inner object of a cut answer is never taken
    for the whole answer.
 4. Each object is checked on its own; an object with a missing or invalid key is skipped and
-   the reason is listed in Parsed.error, the others are kept (see `read_objects`).
+   the reason is listed in Parsed.error, the others are kept (see `read_list`). In a group's
+   answer each object also names the image it is in (pipeline/tasks/multi.py).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any
 
 from pipeline import masks
 from pipeline.records import Parsed
+from pipeline.tasks import multi
 
 BLOCKED_REASONS = frozenset(
     {
@@ -62,6 +64,7 @@ LIST_KEYS = (
     "masks",
     "results",
     "predictions",
+    "points",
 )
 MAX_REASONS = 8  # reasons listed in Parsed.error before "and N more"
 # A hostile answer must not hold a worker (or the event loop) for a minute: beyond this many
@@ -344,6 +347,22 @@ def utf8_safe(text: str) -> str:
 
 
 MaskReader = Callable[[dict[str, Any], list[float], int, int], tuple[dict | None, str | None]]
+Sizes = Sequence[tuple[int, int]]
+# An object's fields from one answer item ({"box_2d": ..., "bbox": ...}); ValueError when unusable.
+Placer = Callable[[dict[str, Any]], dict[str, Any]]
+# Adds what is read after the label is accepted (a mask) to an object; returns a reason or None.
+Finisher = Callable[[dict[str, Any], dict[str, Any]], str | None]
+
+
+def located(
+    item: dict[str, Any], width: int, height: int, sizes: Sizes | None
+) -> tuple[int | None, int, int]:
+    """(image index, width, height) of the image an item is in: the lone image when `sizes` is
+    None, else the group member its "image" names (multi.image_index; ValueError otherwise)."""
+    if sizes is None:
+        return None, width, height
+    index = multi.image_index(item, sizes)
+    return index, *sizes[index]
 
 
 def read_objects(
@@ -353,17 +372,92 @@ def read_objects(
     height: int,
     labels: Sequence[str] | None = None,
     read_mask: MaskReader | None = None,
+    sizes: Sizes | None = None,
 ) -> Parsed:
     """Turn a detection / segmentation answer into objects. Never raises on any text.
 
-    Rules: an item without a usable box_2d (or point), or without a label, is skipped with a
-    reason. A point [y, x] becomes a zero-size box. With a closed label list, labels are
-    matched ignoring case and spacing and replaced by the configured spelling; other labels
-    are dropped and named in Parsed.error (status stays "ok": the model was asked for these
-    labels only). `read_mask(item, box_2d, width, height)` -> (rle or None, reason or None)
-    adds masks; a mask it cannot use leaves the object with mask None and says why.
-    Status: "partial" for a salvaged (cut or broken) answer, "error" when nothing usable was
-    found, else "ok". An empty list is a valid "ok" answer with no objects.
+    Rules (and those of `read_list`): an item without a usable box_2d (or point) is skipped with
+    a reason. A point [y, x] becomes a zero-size box. `read_mask(item, box_2d, width, height)`
+    -> (rle or None, reason or None) adds masks; a mask it cannot use leaves the object with
+    mask None and says why. With `sizes` (a group), each object is placed in the member its
+    "image" names and carries that index.
+    """
+
+    def place(item: dict[str, Any]) -> dict[str, Any]:
+        image, w, h = located(item, width, height, sizes)
+        if "box_2d" in item or "point" not in item:
+            if "box_2d" not in item:
+                raise ValueError("no box_2d")
+            box_2d, bbox = read_box(item["box_2d"], w, h)
+        else:
+            box_2d, bbox = read_point(item["point"], w, h)
+        placed = {"box_2d": box_2d, "bbox": bbox, "mask": None}
+        return placed if sizes is None else {**placed, "image": image}
+
+    def add_mask(item: dict[str, Any], obj: dict[str, Any]) -> str | None:
+        if read_mask is None or "box_2d" not in item:
+            return None
+        _, w, h = located(item, width, height, sizes)
+        obj["mask"], why = read_mask(item, item["box_2d"], w, h)
+        return why
+
+    return read_list(text, finish_reason, place, labels, add_mask)
+
+
+def read_point_2d(point: Any, width: int, height: int) -> tuple[list[int], list[float]]:
+    """A point [y, x] in 0-1000 -> (point_2d to store, [x, y] in pixels of the image).
+
+    point_2d is kept as returned (fractions rounded: the column is int32); the pixel point is
+    x / 1000 * width, y / 1000 * height, in the pixel-edge coordinates boxes use. A point
+    outside 0-1000 is not in the image: ValueError.
+    """
+    if not isinstance(point, (list, tuple)) or len(point) != 2:
+        raise ValueError("point is not a list of 2 numbers [y, x]")
+    y, x = (read_number(v) for v in point)
+    if not (0 <= y <= 1000 and 0 <= x <= 1000):
+        raise ValueError(f"point [{y:g}, {x:g}] is outside 0-1000")
+    stored = [v if isinstance(v, int) else round(v) for v in point]
+    return stored, [x / 1000 * width, y / 1000 * height]
+
+
+def read_points(
+    text: str,
+    finish_reason: str | None,
+    width: int,
+    height: int,
+    labels: Sequence[str] | None = None,
+    sizes: Sizes | None = None,
+) -> Parsed:
+    """Turn a pointing answer ([{"point": [y, x], "label": ...}]) into objects with `point_2d`
+    and `xy`. Never raises. Rules as `read_list`; an item without a usable point is skipped."""
+
+    def place(item: dict[str, Any]) -> dict[str, Any]:
+        image, w, h = located(item, width, height, sizes)
+        if "point" not in item:
+            raise ValueError("no point")
+        point_2d, xy = read_point_2d(item["point"], w, h)
+        placed = {"point_2d": point_2d, "xy": xy}
+        return placed if sizes is None else {**placed, "image": image}
+
+    return read_list(text, finish_reason, place, labels)
+
+
+def read_list(
+    text: str,
+    finish_reason: str | None,
+    place: Placer,
+    labels: Sequence[str] | None = None,
+    finish: Finisher | None = None,
+) -> Parsed:
+    """An answer's list of objects, each labelled and placed by `place`. Never raises.
+
+    Rules: an item `place` refuses, or without a label, is skipped with a reason. With a closed
+    label list, labels are matched ignoring case and spacing and replaced by the configured
+    spelling; other labels are dropped and named in Parsed.error (status stays "ok": the model
+    was asked for these labels only). `finish(item, object)` then adds what costs more to read
+    (a mask), returning why it could not. Status: "partial" for a salvaged (cut or broken)
+    answer, "error" when nothing usable was found, else "ok". An empty list is a valid "ok"
+    answer with no objects.
     """
     truncated = is_truncated(finish_reason)
     items, found = find_items(text)
@@ -388,12 +482,7 @@ def read_objects(
             continue
         try:
             label = read_label(item)
-            if "box_2d" in item or "point" not in item:
-                if "box_2d" not in item:
-                    raise ValueError("no box_2d")
-                box_2d, bbox = read_box(item["box_2d"], width, height)
-            else:
-                box_2d, bbox = read_point(item["point"], width, height)
+            placed = place(item)
         except ValueError as exc:
             reasons.append(f"{where}: {exc}")
             continue
@@ -403,12 +492,11 @@ def read_objects(
                 dropped.append(label)
                 continue
             label = canonical
-        mask = None
-        if read_mask is not None and "box_2d" in item:
-            mask, why = read_mask(item, item["box_2d"], width, height)
-            if why:
-                reasons.append(f"{where} ({label[:40]!r}): {why}; kept without mask")
-        objects.append({"label": label, "box_2d": box_2d, "bbox": bbox, "mask": mask})
+        obj = {"label": label, **placed}
+        why = finish(item, obj) if finish is not None else None
+        if why:
+            reasons.append(f"{where} ({label[:40]!r}): {why}; kept without mask")
+        objects.append(obj)
     if dropped:
         shown = ", ".join(repr(label[:40]) for label in dropped[:MAX_REASONS])
         reasons.append(f"dropped {len(dropped)} object(s) with labels outside the list: {shown}")
@@ -436,13 +524,19 @@ def never_raises(parse: Callable[..., Parsed]) -> Callable[..., Parsed]:
     bug becomes an error row, not a crash of a batch job."""
 
     def guarded(
-        task: Any, text: str, finish_reason: str | None, width: int, height: int, settings: Any
+        task: Any,
+        text: str,
+        finish_reason: str | None,
+        width: int,
+        height: int,
+        settings: Any,
+        sizes: Sizes | None = None,
     ) -> Parsed:
         blocked = finish_status(finish_reason)
         if blocked is not None:
             return blocked
         try:
-            return parse(task, text, finish_reason, width, height, settings)
+            return parse(task, text, finish_reason, width, height, settings, sizes)
         except Exception as exc:
             reason = f"internal parse error: {type(exc).__name__}: {exc}"
             return Parsed(status="error", error=reason)

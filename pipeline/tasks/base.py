@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from pipeline import settings as s
-from pipeline.gemini.types import GenerateRequest
+from pipeline.gemini.types import MAX_IMAGES_PER_REQUEST, GenerateRequest
 from pipeline.models import MEDIA_RESOLUTIONS, THINKING_LEVELS, Model, ModelTable, lookup
 from pipeline.records import Parsed
 
@@ -18,13 +19,58 @@ def _task_kind(value: Any) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class Reference:
+    """A reference image sent with every request of a run (pipeline/references.py): a path or
+    an http(s) URL, and what it shows."""
+
+    image: str
+    caption: str | None = None
+
+    @property
+    def is_url(self) -> bool:
+        return self.image.startswith(("http://", "https://"))
+
+    def resolved(self, resolve: Callable[[str], str]) -> Reference:
+        """With its path resolved by `resolve` (a URL stays as it is)."""
+        return self if self.is_url else replace(self, image=resolve(self.image))
+
+
+def _reference(entry: Any) -> Reference | None:
+    if isinstance(entry, Reference):
+        return entry
+    if isinstance(entry, str):
+        return Reference(entry) if entry.strip() else None
+    if not isinstance(entry, dict) or not set(entry) <= {"image", "caption"}:
+        return None
+    image, caption = entry.get("image"), entry.get("caption")
+    if not isinstance(image, str) or not image.strip():
+        return None
+    if caption is not None and (not isinstance(caption, str) or not caption.strip()):
+        return None
+    return Reference(image, caption.strip() if caption else None)
+
+
+def references(value: Any) -> tuple[Reference, ...]:
+    """[task] reference_images: paths or URLs, or tables {image = "...", caption = "..."}."""
+    what = 'a list of image paths or URLs, or of tables {image = "...", caption = "..."}'
+    if not isinstance(value, list | tuple):
+        raise TypeError(what)
+    found = tuple(_reference(entry) for entry in value)
+    if any(ref is None for ref in found):
+        raise TypeError(what)
+    if len(found) >= MAX_IMAGES_PER_REQUEST:
+        raise TypeError(f"{what}, fewer than {MAX_IMAGES_PER_REQUEST:,} (a request's images)")
+    return found  # type: ignore[return-value]
+
+
+@dataclass(frozen=True, slots=True)
 class TaskSettings:
     """The [task] section of a config. None means "the recommended default for the model"."""
 
     kind: str = s.setting(
         "detect",
         _task_kind,
-        "what to ask: detect, segment, caption, classify, custom",
+        "what to ask: detect, segment, caption, classify, custom, point",
         flag="--task",
     )
     model: str = "gemini-2.5-flash"  # [api] model, [api] flavor and [api] version, copied here
@@ -33,7 +79,7 @@ class TaskSettings:
     prompt: str | None = s.setting(None, s.text, "the question; the guide's wording by default")
     system_instruction: str | None = s.setting(None, s.text, "added before the task's rules")
     labels: tuple[str, ...] | None = s.setting(
-        None, s.texts, "closed label set (classify: required; detect, segment: optional)"
+        None, s.texts, "closed label set (classify: required; detect, segment, point: optional)"
     )
     max_objects: int | None = s.setting(
         None, s.between(0, 1_000_000, whole=True), "cap on objects (25) or labels; 0: none"
@@ -57,6 +103,13 @@ class TaskSettings:
     mask_threshold: int = s.setting(
         127, s.between(0, 255, whole=True), "parse-only: map values above it are inside"
     )
+    reference_images: tuple[Reference, ...] = s.setting(
+        (),
+        references,
+        "images sent before every request's own, each with an optional caption",
+        path=True,
+    )
+    grouped: bool = False  # [input] group_by is set: each request is about a group's images
     models: ModelTable | None = field(default=None, repr=False)  # None: the bundled table
 
     @property
@@ -71,7 +124,7 @@ class Task(Protocol):
     kind: str
 
     def request(self, settings: TaskSettings) -> GenerateRequest:
-        """The request for one image, without the image part (the runner adds it)."""
+        """The request for one image or group, without the image parts (the runner adds them)."""
         ...
 
     def parse(
@@ -81,6 +134,9 @@ class Task(Protocol):
         width: int,
         height: int,
         settings: TaskSettings,
+        sizes: Sequence[tuple[int, int]] | None = None,
     ) -> Parsed:
-        """Read an answer text for an image of the displayed size width x height. Never raises."""
+        """Read an answer text for an image of the displayed size width x height, or, with
+        `sizes`, for a group of images of those sizes in order (objects then say which image
+        they are in: pipeline/tasks/multi.py). Never raises."""
         ...

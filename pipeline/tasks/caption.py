@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pipeline.gemini.types import GenerateRequest
 from pipeline.records import Parsed
-from pipeline.tasks.answers import is_truncated, never_raises
+from pipeline.tasks.answers import Sizes, is_truncated, never_raises
 from pipeline.tasks.base import TaskSettings
 from pipeline.tasks.generation import build_request
 
@@ -21,7 +21,13 @@ class CaptionTask:
 
     @never_raises
     def parse(
-        self, text: str, finish_reason: str | None, width: int, height: int, settings: TaskSettings
+        self,
+        text: str,
+        finish_reason: str | None,
+        width: int,
+        height: int,
+        settings: TaskSettings,
+        sizes: Sizes | None = None,
     ) -> Parsed:
         caption = text.strip()
         if not caption:

@@ -17,6 +17,7 @@ from typing import Any
 from pipeline.gemini.types import GenerateRequest
 from pipeline.records import Parsed
 from pipeline.tasks.answers import (
+    Sizes,
     find_json,
     is_truncated,
     label_index,
@@ -72,7 +73,13 @@ class ClassifyTask:
 
     @never_raises
     def parse(
-        self, text: str, finish_reason: str | None, width: int, height: int, settings: TaskSettings
+        self,
+        text: str,
+        finish_reason: str | None,
+        width: int,
+        height: int,
+        settings: TaskSettings,
+        sizes: Sizes | None = None,
     ) -> Parsed:
         try:
             index = label_index(_labels(settings))

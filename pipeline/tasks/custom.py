@@ -6,7 +6,7 @@ import json
 
 from pipeline.gemini.types import GenerateRequest
 from pipeline.records import Parsed
-from pipeline.tasks.answers import find_json, is_truncated, never_raises, utf8_safe
+from pipeline.tasks.answers import Sizes, find_json, is_truncated, never_raises, utf8_safe
 from pipeline.tasks.base import TaskSettings
 from pipeline.tasks.generation import build_request
 
@@ -26,7 +26,13 @@ class CustomTask:
 
     @never_raises
     def parse(
-        self, text: str, finish_reason: str | None, width: int, height: int, settings: TaskSettings
+        self,
+        text: str,
+        finish_reason: str | None,
+        width: int,
+        height: int,
+        settings: TaskSettings,
+        sizes: Sizes | None = None,
     ) -> Parsed:
         found = find_json(text)
         if found is None:

@@ -6,7 +6,7 @@ from typing import Any
 
 from pipeline.gemini.types import GenerateRequest
 from pipeline.records import Parsed
-from pipeline.tasks.answers import label_index, never_raises, read_objects
+from pipeline.tasks.answers import Sizes, label_index, never_raises, read_objects
 from pipeline.tasks.base import TaskSettings
 from pipeline.tasks.generation import build_request, max_objects, quoted
 
@@ -87,10 +87,17 @@ class DetectTask:
             rules + object_rules(settings),
             json_mode=True,
             default_schema=detection_schema(settings),
+            locate=True,
         )
 
     @never_raises
     def parse(
-        self, text: str, finish_reason: str | None, width: int, height: int, settings: TaskSettings
+        self,
+        text: str,
+        finish_reason: str | None,
+        width: int,
+        height: int,
+        settings: TaskSettings,
+        sizes: Sizes | None = None,
     ) -> Parsed:
-        return read_objects(text, finish_reason, width, height, labels=settings.labels)
+        return read_objects(text, finish_reason, width, height, labels=settings.labels, sizes=sizes)

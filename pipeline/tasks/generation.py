@@ -13,6 +13,9 @@ send from it. Each default applies only when the user left the setting unset in 
 - media resolution: never set by default. `ultra_high` exists only per image part.
 - schemas: a task's built-in schema is the OpenAPI subset (`responseSchema`); a user's schema is
   JSON Schema and goes as `responseJsonSchema` where the model takes it.
+- several images (groups, reference images): the prompt, system and schema additions of
+  pipeline/tasks/multi.py, only when [input] group_by or [task] reference_images is set (so a
+  single image's request, and its key, are unchanged).
 
 A setting the model refuses raises `SettingError` naming the [task] key, before any call: the
 service would answer 400 to every request of the run.
@@ -25,6 +28,7 @@ from typing import Any
 
 from pipeline.gemini.types import GenerateRequest
 from pipeline.models import Model
+from pipeline.tasks import multi
 from pipeline.tasks.base import TaskSettings
 
 DEFAULT_MAX_OBJECTS = 25
@@ -109,18 +113,27 @@ def build_request(
     system_lines: list[str],
     json_mode: bool,
     default_schema: dict[str, Any] | None = None,
+    *,
+    locate: bool = False,
 ) -> GenerateRequest:
     """A GenerateRequest with the user's settings where given and the defaults elsewhere.
 
     `system_lines` are task rules added after the user's system instruction (or alone);
     `default_schema` is the task's responseSchema, replaced by the user's schema if set.
+    `locate`: the task places objects in images, so a group's objects must say which image.
     """
     thinking_budget, thinking_level = thinking(settings)
     temperature = settings.temperature
     if temperature is None:
         temperature = settings.spec.temperature
+    if settings.grouped:
+        prompt = multi.group_prompt(prompt, locate=locate)
+        if locate and default_schema is not None:
+            default_schema = multi.with_image_key(default_schema)
     parts = [settings.system_instruction.strip()] if settings.system_instruction else []
     parts += system_lines
+    reference_rule = multi.reference_rule(len(settings.reference_images))
+    parts += [reference_rule] if reference_rule else []
     response_schema, response_json_schema = schemas(settings, default_schema)
     return GenerateRequest(
         model=settings.model,

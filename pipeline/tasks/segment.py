@@ -27,7 +27,7 @@ import numpy as np
 from pipeline import masks
 from pipeline.gemini.types import GenerateRequest
 from pipeline.records import Parsed
-from pipeline.tasks.answers import MaskReader, label_index, never_raises, read_objects
+from pipeline.tasks.answers import MaskReader, Sizes, label_index, never_raises, read_objects
 from pipeline.tasks.base import TaskSettings
 from pipeline.tasks.detect import object_rules
 from pipeline.tasks.generation import SettingError, build_request, quoted
@@ -173,11 +173,17 @@ class SegmentTask:
             if settings.labels
             else DEFAULT_PROMPT
         )
-        return build_request(settings, prompt, object_rules(settings), json_mode=True)
+        return build_request(settings, prompt, object_rules(settings), json_mode=True, locate=True)
 
     @never_raises
     def parse(
-        self, text: str, finish_reason: str | None, width: int, height: int, settings: TaskSettings
+        self,
+        text: str,
+        finish_reason: str | None,
+        width: int,
+        height: int,
+        settings: TaskSettings,
+        sizes: Sizes | None = None,
     ) -> Parsed:
         return read_objects(
             text,
@@ -186,4 +192,5 @@ class SegmentTask:
             height,
             labels=settings.labels,
             read_mask=_reader(settings.mask_threshold, width, height),
+            sizes=sizes,
         )

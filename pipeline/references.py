@@ -1,0 +1,207 @@
+"""Reference images: read once per run, sent before the images of every request.
+
+`[task] reference_images` names paths or http(s) URLs, each with an optional caption ("a
+cracked weld"). `load` reads them before the run starts — a URL is fetched once — and prepares
+each like any image (pipeline/images.py: sniffed, EXIF-oriented, converted, downscaled by
+`[images] max_side`), keeping its bytes in memory. A reference that cannot be used stops the run
+before its first call (a ConfigError naming it), because every request would carry it. Their
+sha256s and captions, in order, are part of the settings hash (`identities`), so changing a
+reference, its caption or its bytes redoes the rows.
+
+`ReferenceParts` gives the parts a request carries, each captioned "Reference image N: ..."
+(pipeline/tasks/multi.py): small references inline, bigger ones uploaded once per run through
+the Files API (pipeline/uploads.py: exactly the hashed bytes, reused from the output's state
+while they live) and uploaded again when the service says an upload is gone (`refresh`, called
+after a request failed for an upload).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import posixpath
+import tempfile
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pipeline import images
+from pipeline.gemini import GeminiError
+from pipeline.gemini.types import ImagePart
+from pipeline.records import ImageItem, SourceFile
+from pipeline.tasks import multi
+from pipeline.tasks.base import Reference
+
+if TYPE_CHECKING:
+    from pipeline.config import Config
+    from pipeline.gemini import GeminiClient
+    from pipeline.uploads import Uploads
+
+# A reference goes with every request: inline it only while re-sending it costs less than one
+# upload's two round trips (and the risk of the upload expiring mid-run); bigger ones are
+# uploaded once. 256 KiB is ~340 KiB of base64 a request, under 2% of the 20 MB inline limit.
+REFERENCE_INLINE_BYTES = 256 << 10
+FETCH_LIMIT = 64 << 20  # a reference URL larger than this is refused (it is held in memory)
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedReference:
+    """A reference image ready to send: its bytes in memory (`item.data`), its number (1-based)."""
+
+    reference: Reference
+    number: int
+    item: ImageItem
+
+    @property
+    def caption(self) -> str:
+        return multi.reference_caption(self.number, self.reference.caption)
+
+    def identity(self) -> dict[str, Any]:
+        """What the settings hash takes of it: its bytes and its caption (not where it is)."""
+        return {"sha256": self.item.sha256, "caption": self.reference.caption}
+
+
+def identities(loaded: tuple[LoadedReference, ...]) -> list[dict[str, Any]]:
+    return [reference.identity() for reference in loaded]
+
+
+def load(config: Config) -> tuple[LoadedReference, ...]:
+    """Every `[task] reference_images` entry read and prepared; ConfigError for one that cannot
+    be used (missing, not an image, a URL that does not answer)."""
+    from pipeline.config import ConfigError
+
+    loaded = []
+    for number, reference in enumerate(config.task.reference_images, start=1):
+        try:
+            item = _prepared(reference, config)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(
+                f"{config.source}: [task] reference_images: {reference.image}: {exc}"
+            ) from None
+        loaded.append(LoadedReference(reference, number, item))
+    return tuple(loaded)
+
+
+def _prepared(reference: Reference, config: Config) -> ImageItem:
+    if not reference.is_url:
+        return _prepared_file(SourceFile(reference.image, *_split(reference.image)), config)
+    data = _fetch(reference.image, config.api.timeout)
+    with tempfile.TemporaryDirectory(prefix="pipeline-reference-") as folder:
+        path = os.path.join(folder, "reference")
+        with open(path, "wb") as file:
+            file.write(data)
+        item = _prepared_file(SourceFile(path, folder, "reference", len(data)), config)
+    name = posixpath.basename(urllib.parse.urlsplit(reference.image).path) or "reference"
+    item.source = SourceFile(reference.image, "", name, len(data))
+    return item
+
+
+def _split(path: str) -> tuple[str, str, int, int]:
+    """(root, rel_path, size, mtime_ns) of a reference file (OSError when it is not there)."""
+    info = os.stat(path)
+    return os.path.dirname(path), os.path.basename(path), info.st_size, info.st_mtime_ns
+
+
+def _prepared_file(source: SourceFile, config: Config) -> ImageItem:
+    item = images.prepare(source, max_side=config.images.max_side, verify=config.images.verify)
+    if item.error:
+        raise ValueError(item.error)
+    if item.data is None:  # kept in memory: sent with every request, read once
+        item.data = images.read_bytes(item)
+    item.send_size = len(item.data)
+    return item
+
+
+def _fetch(url: str, timeout: float) -> bytes:
+    """The bytes at `url` (http or https), at most FETCH_LIMIT. No API key goes with it."""
+    request = urllib.request.Request(url, headers={"User-Agent": "gemini-vision-pipeline"})
+    with urllib.request.urlopen(request, timeout=timeout) as answer:
+        data = answer.read(FETCH_LIMIT + 1)
+    if len(data) > FETCH_LIMIT:
+        raise ValueError(f"larger than {FETCH_LIMIT >> 20} MB")
+    return data
+
+
+def inline_size(item: ImageItem) -> int:
+    """Bytes an image adds to a request body when sent inline (base64)."""
+    return (item.send_size + 2) // 3 * 4
+
+
+class ReferenceParts:
+    """The run's reference images as request parts: inline, or uploaded once (module docstring).
+
+    `mode` is `[images] mode`: "inline" and "upload" apply to references too; "auto" inlines
+    those up to REFERENCE_INLINE_BYTES.
+    """
+
+    def __init__(
+        self,
+        loaded: tuple[LoadedReference, ...],
+        mode: str,
+        *,
+        uploads: Uploads,
+        client: GeminiClient,
+    ) -> None:
+        self.loaded = loaded
+        self.uploads = uploads
+        self.client = client
+        self.inline = [_inlined(ref.item, mode) for ref in loaded]
+        self.refreshed = 0  # uploads found gone and forgotten (uploaded again when next used)
+        self._parts: list[ImagePart | None] = [
+            ImagePart(ref.item.mime_type, data=ref.item.data, caption=ref.caption)
+            if inline
+            else None
+            for ref, inline in zip(loaded, self.inline, strict=True)
+        ]
+        self._names: list[str | None] = [None] * len(loaded)
+        self._lock = asyncio.Lock()
+
+    @property
+    def inline_bytes(self) -> int:
+        """What the inline references and every caption add to each request body."""
+        pairs = zip(self.loaded, self.inline, strict=True)
+        sizes = [inline_size(ref.item) for ref, inline in pairs if inline]
+        return sum(sizes) + sum(len(ref.caption.encode()) for ref in self.loaded)
+
+    @property
+    def uploaded(self) -> bool:
+        return not all(self.inline)
+
+    async def parts(self) -> tuple[ImagePart, ...]:
+        """The parts to send now, uploading (once, whoever asks first) what is not up."""
+        if any(part is None for part in self._parts):
+            async with self._lock:
+                for index, part in enumerate(self._parts):
+                    if part is None:
+                        self._parts[index] = await self._upload(index)
+        return tuple(part for part in self._parts if part is not None)
+
+    async def _upload(self, index: int) -> ImagePart:
+        reference = self.loaded[index]
+        upload = await self.uploads.get(reference.item)
+        self._names[index] = upload.name
+        return ImagePart(upload.mime_type, file_uri=upload.uri, caption=reference.caption)
+
+    async def refresh(self) -> None:
+        """A request failed for an upload that is gone: ask the service about each reference
+        upload and forget those it no longer has, so the next `parts` uploads them again."""
+        async with self._lock:
+            for index, name in enumerate(self._names):
+                if name is not None and not await self._alive(name):
+                    self.uploads.forget(self.loaded[index].item)
+                    self._parts[index] = self._names[index] = None
+                    self.refreshed += 1
+
+    async def _alive(self, name: str) -> bool:
+        try:
+            info = await self.client.get_file(name)
+        except GeminiError:  # gone (403 / 404), or unknown: uploading again is safe and free
+            return False
+        return info.state != "FAILED"
+
+
+def _inlined(item: ImageItem, mode: str) -> bool:
+    if mode == "auto":
+        return item.send_size <= REFERENCE_INLINE_BYTES
+    return mode == "inline"

@@ -1,0 +1,85 @@
+"""point: a point on each item and its label, the guide's pointing answer.
+
+The answer is `[{"point": [y, x], "label": ...}]` with y first and both normalised to 0-1000
+(notes, "Points"; the same convention as box_2d). Rows keep `point_2d` exactly as returned and
+`xy`, the point in pixels of the displayed image ([x, y], x first like `bbox`); see
+`answers.read_points` for what is skipped.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline.gemini.types import GenerateRequest
+from pipeline.records import Parsed
+from pipeline.tasks.answers import Sizes, label_index, never_raises, read_points
+from pipeline.tasks.base import TaskSettings
+from pipeline.tasks.detect import object_rules
+from pipeline.tasks.generation import build_request, quoted
+
+# The cookbook's pointing prompt (Gemini spatial understanding), its cap left to max_objects.
+DEFAULT_PROMPT = (
+    "Point to the prominent items in the image. The label returned should be an identifying "
+    'name for the object. The answer should follow the json format: [{"point": <point>, '
+    '"label": <label1>}, ...]. The points are in [y, x] format normalized to 0-1000.'
+)
+LABELLED_PROMPT = (
+    "Point to each of the following items in the image: {labels}. The answer should follow the "
+    'json format: [{{"point": <point>, "label": <label1>}}, ...]. The points are in [y, x] '
+    "format normalized to 0-1000."
+)
+SYSTEM_RULES = (
+    "Return points as a JSON array with labels. Never return boxes, masks or code fencing."
+)
+
+
+def point_schema(settings: TaskSettings) -> dict[str, Any]:
+    """responseSchema: a list of {point: 2 integers [y, x], label}."""
+    label: dict[str, Any] = {"type": "STRING"}
+    if settings.labels:
+        label["enum"] = list(settings.labels)
+    point = {"type": "ARRAY", "items": {"type": "INTEGER"}, "minItems": 2, "maxItems": 2}
+    return {
+        "type": "ARRAY",
+        "items": {
+            "type": "OBJECT",
+            "properties": {"point": point, "label": label},
+            "required": ["point", "label"],
+        },
+    }
+
+
+class PointTask:
+    """Points and labels (labels as in detect: a closed list drops the others)."""
+
+    kind = "point"
+
+    def request(self, settings: TaskSettings) -> GenerateRequest:
+        if settings.labels:
+            label_index(settings.labels)
+        prompt = settings.prompt or (
+            LABELLED_PROMPT.format(labels=quoted(settings.labels))
+            if settings.labels
+            else DEFAULT_PROMPT
+        )
+        rules = [] if settings.system_instruction else [SYSTEM_RULES]
+        return build_request(
+            settings,
+            prompt,
+            rules + object_rules(settings),
+            json_mode=True,
+            default_schema=point_schema(settings),
+            locate=True,
+        )
+
+    @never_raises
+    def parse(
+        self,
+        text: str,
+        finish_reason: str | None,
+        width: int,
+        height: int,
+        settings: TaskSettings,
+        sizes: Sizes | None = None,
+    ) -> Parsed:
+        return read_points(text, finish_reason, width, height, settings.labels, sizes)
