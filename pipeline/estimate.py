@@ -221,6 +221,10 @@ def _savings(
     return savings
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}" + ("" if n == 1 else "s")
+
+
 def _requests(report: dict[str, Any]) -> str:
     if not report["grouped"]:
         return ""
@@ -266,7 +270,7 @@ def format_estimate(report: dict[str, Any]) -> str:
     refs = ""
     if report["reference_images"]:
         refs = (
-            f" + {report['reference_images']} reference images {most}"
+            f" + {_count(report['reference_images'], 'reference image')} {most}"
             f"{report['reference_tokens']:,} ({report['reference_tokens_per_request']:,} a request)"
         )
     lines = [

@@ -274,7 +274,7 @@ def _draw_boxes(canvas: Image.Image, objects: list[dict[str, Any]], scale: float
 def _draw_points(canvas: Image.Image, objects: list[dict[str, Any]], scale: float) -> None:
     """A dot in the label's colour, ringed in white, and the label beside it."""
     draw = ImageDraw.Draw(canvas)
-    radius = max(3, round(max(canvas.size) / 120))
+    radius = max(4, round(max(canvas.size) / 64))
     font = _font(canvas.size)
     for obj in objects:
         xy = obj.get("xy")
@@ -286,7 +286,7 @@ def _draw_points(canvas: Image.Image, objects: list[dict[str, Any]], scale: floa
         draw.ellipse(ring, fill=colour, outline=(255, 255, 255), width=max(1, radius // 3))
         text = _label(obj)[:40]
         left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-        tx = max(0.0, min(x + radius + 2, canvas.width - (right - left) - 2))
+        tx = max(0.0, min(x + radius + 4, canvas.width - (right - left) - 2))
         ty = max(0.0, min(y - (bottom - top) / 2, canvas.height - (bottom - top) - 2))
         draw.rectangle((tx + left - 2, ty + top - 2, tx + right + 2, ty + bottom + 2), fill=colour)
         draw.text((tx, ty), text, font=font, fill=_ink(colour))
