@@ -76,8 +76,11 @@ def load(config: Config) -> tuple[LoadedReference, ...]:
         try:
             item = _prepared(reference, config)
         except (OSError, ValueError) as exc:
+            why = str(exc)
+            if isinstance(exc, OSError) and exc.strerror:  # "no such file or directory"
+                why = exc.strerror.lower()
             raise ConfigError(
-                f"{config.source}: [task] reference_images: {reference.image}: {exc}"
+                f"{config.source}: [task] reference_images: {reference.image}: {why}"
             ) from None
         loaded.append(LoadedReference(reference, number, item))
     return tuple(loaded)
