@@ -35,7 +35,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from pipeline import images
@@ -114,6 +114,22 @@ class Counters:
         self.throttled = 0
 
 
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """How a unit's request is made, decided before anything is sent (`Caller.plan`)."""
+
+    modes: tuple[str, ...]  # "inline" or "upload", for each image of the unit
+    est_image_tokens: int  # every image of the request, reference images included
+    est_tokens: int  # the whole input: images, prompt, system instruction, captions
+    error: str | None = None  # why the request cannot be made (a limit it would break)
+
+    @property
+    def input_mode(self) -> str:
+        """The row's input_mode: inline, upload, mixed (a group sent partly each way), or none."""
+        kinds = set(self.modes)
+        return kinds.pop() if len(kinds) == 1 else "mixed" if kinds else "none"
+
+
 def request_with_images(
     request: GenerateRequest,
     references: Sequence[ImagePart],
@@ -178,18 +194,16 @@ class Caller:
     async def call(self, unit: Unit) -> Outcome:
         """The outcome of asking about `unit`. Raises Stopped (the run is stopping: nothing to
         write for it) or RunStopped (this call found the run's own failure)."""
-        est_image = self.reference_tokens + sum(map(self._image_tokens, unit.items))
-        est = est_image + self.est_prompt_tokens + self._caption_tokens(len(unit.items))
-        modes, why = self._plan(unit, est)
-        mode = input_mode(modes)
-        if why is not None:
-            return Outcome(Parsed("error", error=why), None, 0, 0.0, mode, est_image, est)
+        plan = self.plan(unit)
+        mode, est_image, est = plan.input_mode, plan.est_image_tokens, plan.est_tokens
+        if plan.error is not None:
+            return Outcome(Parsed("error", error=plan.error), None, 0, 0.0, mode, est_image, est)
         started = time.monotonic()
         attempts, last = 0, "stopped before an answer"
         while attempts < self.config.limits.max_attempts:
             attempts += 1
             try:
-                response, latency = await self._attempt(unit, modes, est)
+                response, latency = await self._attempt(unit, plan)
             except OSError as exc:  # deleted or changed since it was hashed: not the same image
                 reason = f"cannot read the file: {exc}"
                 return self._failed(reason, attempts, started, mode, est_image, est)
@@ -208,6 +222,27 @@ class Caller:
             return Outcome(parsed, response, attempts, latency, mode, est_image, est)
         return self._failed(last, attempts, started, mode, est_image, est, retryable=True)
 
+    def plan(self, unit: Unit) -> Plan:
+        """What the unit's request costs and how its images go, decided before anything is
+        sent; `Plan.error` says which limit a request over one would break."""
+        est_image = self.reference_tokens + sum(map(self._image_tokens, unit.items))
+        est = est_image + self.est_prompt_tokens + self._caption_tokens(len(unit.items))
+        why = self._over_limits(len(unit.items), est)
+        if why is not None:
+            return Plan((), est_image, est, why)
+        modes, why = self._modes(unit)
+        return Plan(modes, est_image, est, why)
+
+    async def request_for(self, unit: Unit, plan: Plan) -> GenerateRequest:
+        """The request about `unit`, its images inline or uploaded as planned (uploading what
+        must be, the reference images included). Any engine sends this."""
+        targets = [
+            await self._image_part(item, mode)
+            for item, mode in zip(unit.items, plan.modes, strict=True)
+        ]
+        references = await self.stop.until(self.references.parts())
+        return request_with_images(self.request, references, targets, captioned=self.captioned)
+
     def _image_tokens(self, item: ImageItem) -> int:
         spec, resolution = self.config.task.spec, self.request.media_resolution
         return image_tokens(spec, item.sent_width, item.sent_height, resolution)
@@ -217,15 +252,9 @@ class Caller:
             return 0
         return sum(text_tokens(multi.target_caption(index)) for index in range(images))
 
-    async def _attempt(
-        self, unit: Unit, modes: tuple[str, ...], est: int
-    ) -> tuple[GenerateResponse, float]:
-        targets = [
-            await self._image_part(item, mode) for item, mode in zip(unit.items, modes, strict=True)
-        ]
-        references = await self.stop.until(self.references.parts())
-        request = request_with_images(self.request, references, targets, captioned=self.captioned)
-        await self.stop.until(self.limiter.acquire(est))
+    async def _attempt(self, unit: Unit, plan: Plan) -> tuple[GenerateResponse, float]:
+        request = await self.request_for(unit, plan)
+        await self.stop.until(self.limiter.acquire(plan.est_tokens))
         if not self.daily.reserve():
             raise RunStopped(_daily_limit(self.daily.limit))
         answered = False
@@ -245,7 +274,7 @@ class Caller:
         latency = time.monotonic() - sent
         self.deadlines.observe(latency)
         self.health.success()
-        self.limiter.correct(est, response.usage.prompt_tokens)
+        self.limiter.correct(plan.est_tokens, response.usage.prompt_tokens)
         return response, latency * 1000
 
     def _judge(self, exc: GeminiError, unit: Unit) -> Verdict:
@@ -284,22 +313,23 @@ class Caller:
         return min(exc.retry_delay, self.config.api.max_retry_delay)
 
     # -------------------------------------------------------------------------- inline/upload
-    def _plan(self, unit: Unit, est: int) -> tuple[tuple[str, ...], str | None]:
-        """(inline or upload for each image, why the request cannot be made or None)."""
-        count = len(unit.items) + len(self.references.loaded)
+    def _over_limits(self, images: int, est: int) -> str | None:
+        """Why a request of this many images (the references' added) and estimated input
+        tokens cannot be sent, or None."""
+        count = images + len(self.references.loaded)
         if count > MAX_IMAGES_PER_REQUEST:
-            return (), (
+            return (
                 f"the request would carry {count:,} images (reference images included); "
                 f"a request takes at most {MAX_IMAGES_PER_REQUEST:,}"
             )
         tpm = self.config.limits.tpm
         for limit, what in ((INPUT_TOKEN_LIMIT, "the model's input limit"), (tpm, "[limits] tpm")):
             if limit and est > limit:
-                return (), (
+                return (
                     f"the request is estimated at {est:,} input tokens, over {what} of "
                     f"{limit:,}: use fewer or smaller images (max_side)"
                 )
-        return self._modes(unit)
+        return None
 
     def _modes(self, unit: Unit) -> tuple[tuple[str, ...], str | None]:
         """auto: each image inline while the request still fits the inline limit, in order,
@@ -350,12 +380,6 @@ class Caller:
     ) -> Outcome:
         parsed = Parsed("error", error=reason)
         return Outcome(parsed, None, attempts, _ms(started), mode, est_image, est, retryable)
-
-
-def input_mode(modes: tuple[str, ...]) -> str:
-    """The row's input_mode: inline, upload, mixed (a group sent partly each way), or none."""
-    kinds = set(modes)
-    return kinds.pop() if len(kinds) == 1 else "mixed" if kinds else "none"
 
 
 def _daily_limit(limit: int | None) -> Verdict:

@@ -392,13 +392,19 @@ def require_inputs(config: Config) -> None:
         raise ConfigError(f"{config.source}: [input] path does not exist: {missing[0]}")
     if not config.input.paths and not config.input.manifest:
         raise ConfigError(f"{config.source}: [input] paths (or manifest) is required to run")
-    if config.input.group_by == "manifest":
-        from pipeline.source import check_manifest_groups
 
-        try:
-            check_manifest_groups(config.input.manifest)
-        except ValueError as exc:
-            raise ConfigError(f"{config.source}: [input] manifest: {exc}") from None
+
+def check_groups(config: Config) -> None:
+    """A manifest grouped by its `group` column lists every group's rows together (the run
+    streams it), or the run does not start: ConfigError naming the row. Reads that column."""
+    if config.input.group_by != "manifest" or not config.input.manifest:
+        return
+    from pipeline.source import check_manifest_groups
+
+    try:
+        check_manifest_groups(config.input.manifest)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{config.source}: [input] manifest: {exc}") from None
 
 
 def settings_hash(

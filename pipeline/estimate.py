@@ -22,7 +22,7 @@ import pyarrow.dataset as ds
 
 from pipeline import images, references
 from pipeline.calls import INPUT_TOKEN_LIMIT
-from pipeline.config import Config
+from pipeline.config import Config, check_groups
 from pipeline.dataset import part_files
 from pipeline.gemini.tokens import (
     GLOBAL_RESOLUTION_TOKENS_2X,
@@ -103,6 +103,7 @@ class _Costing:
 def estimate(config: Config, *, limit: int | None = None) -> dict[str, Any]:
     """Walk the inputs like a run would (headers only) and add up the costs."""
     spec = config.task.spec
+    check_groups(config)
     loaded = references.load(config)
     costing = _Costing(config, loaded)
     units, unusable = _units(config, limit)

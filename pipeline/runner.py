@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 from pipeline import images, references
 from pipeline.calls import Caller
-from pipeline.config import Config, settings_hash
+from pipeline.config import Config, check_groups, settings_hash
 from pipeline.dataset import load_resume_index
 from pipeline.records import (
     ImageItem,
@@ -174,6 +174,7 @@ def key_suffix(config: Config, loaded: tuple[references.LoadedReference, ...] | 
 def pending(config: Config, *, retry_errors: bool = False) -> dict[str, Any]:
     """What a run of `config` would still do: its inputs walked with a stat each, no reads.
     (`files` counts requests: groups, when the config groups its files.)"""
+    check_groups(config)
     index = load_resume_index(
         config.output.dir, key_suffix=key_suffix(config), retry_errors=retry_errors
     )

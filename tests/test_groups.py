@@ -20,7 +20,7 @@ from pycocotools.coco import COCO
 
 from pipeline import exits
 from pipeline.calls import REQUEST_OVERHEAD
-from pipeline.config import ConfigError, parse_config, require_inputs, settings_hash
+from pipeline.config import ConfigError, check_groups, parse_config, settings_hash
 from pipeline.dataset import current_rows, load_resume_index, lookup_rows
 from pipeline.estimate import estimate, format_estimate
 from pipeline.export import export_coco
@@ -135,7 +135,6 @@ async def test_manifest_groups_follow_the_stated_order(images_dir: Path, tmp_pat
         input={"paths": [], "manifest": "groups.csv", "group_by": "manifest"},
         task={"kind": "detect"},
     )
-    require_inputs(config)
     first = await run(config)
     assert (first.api_calls, first.exit_code) == (2, exits.OK)
     rows = _current(read_rows(tmp_path / "out"))
@@ -177,13 +176,16 @@ def test_a_split_manifest_group_is_refused_before_the_run(tmp_path: Path) -> Non
     with pytest.raises(
         ConfigError, match=r"\[input\] manifest: .*'x' are not listed together.*row 3"
     ):
-        require_inputs(config)
+        check_groups(config)
+    with pytest.raises(ConfigError, match="not listed together"):  # a run checks first
+        asyncio.run(run_async(config, OPTS))
+    assert not (tmp_path / "out").exists()
     (tmp_path / "m.csv").write_text("path,group\na.png,x\nb.png,\n")
     with pytest.raises(ConfigError, match="row 2 has no group"):
-        require_inputs(config)
+        check_groups(config)
     (tmp_path / "m.csv").write_text("path\na.png\n")
     with pytest.raises(ConfigError, match="path and group columns"):
-        require_inputs(config)
+        check_groups(config)
     with pytest.raises(ConfigError, match='group_by = "manifest" groups the rows'):
         make_config(tmp_path, input={"group_by": "manifest"})
     with pytest.raises(ConfigError, match='use group_by = "manifest"'):

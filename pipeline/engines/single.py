@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from pipeline.calls import Caller, RunStopped
-from pipeline.config import Config, ConfigError, declarations
+from pipeline.config import Config, ConfigError, check_groups, declarations
 from pipeline.dataset import ResumeIndex, load_resume_index
 from pipeline.gemini import GeminiClient, api_key_from_env
 from pipeline.limits import DailyCount, RateLimiter
@@ -102,6 +102,7 @@ class SingleProcess:
         self.config = config
         self.options = options
         self.request = get_task(config.task.kind).request(config.task)
+        check_groups(config)
         self.references = load_references(config)  # read once: the run's every request has them
         self.run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ-") + secrets.token_hex(3)
         suffix = key_suffix(config, self.references)
