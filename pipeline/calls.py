@@ -142,30 +142,36 @@ class Caller:
             return Outcome(Parsed("error", error=reason), None, 0, 0.0, "inline", est_image, est)
         started = time.monotonic()
         attempts, last = 0, "stopped before an answer"
+        failure: tuple[GeminiError, Verdict] | None = None
+        paid: GenerateResponse | None = None  # hops of a continuation that broke off
         while attempts < self.config.limits.max_attempts:
             attempts += 1
             try:
-                response, latency = await self._attempt(item, mode, est)
+                response, latency = await self._attempt(item, mode, est, paid)
             except OSError as exc:  # deleted or changed since it was hashed: not the same image
                 reason = f"cannot read the file: {exc}"
                 return self._failed(reason, attempts, started, mode, est_image, est)
             except GeminiError as exc:
+                paid = exc.partial or paid  # continue from the paid hops, never buy them again
                 verdict = self._judge(exc, item)
                 if verdict.action == Action.IMAGE:
                     return self._failed(verdict.reason, attempts, started, mode, est_image, est)
                 if verdict.action == Action.BLOCKED:
                     parsed = Parsed("blocked", error=verdict.reason)
                     return Outcome(parsed, None, attempts, _ms(started), mode, est_image, est)
-                last = verdict.reason
+                last, failure = verdict.reason, (exc, verdict)
                 if attempts < self.config.limits.max_attempts:
                     await self._before_retry(exc, verdict, item, attempts)
                 continue
             parsed = await self._parse(response, item)
             return Outcome(parsed, response, attempts, latency, mode, est_image, est)
+        outage = failure and self.health.exhausted(*failure)
+        if outage:
+            raise RunStopped(outage)
         return self._failed(last, attempts, started, mode, est_image, est, retryable=True)
 
     async def _attempt(
-        self, item: ImageItem, mode: str, est: int
+        self, item: ImageItem, mode: str, est: int, paid: GenerateResponse | None
     ) -> tuple[GenerateResponse, float]:
         part = await self._image_part(item, mode)
         await self.stop.until(self.limiter.acquire(est))
@@ -180,6 +186,7 @@ class Caller:
                     replace(self.request, images=(part,)),
                     flavor=self.config.api.flavor,
                     timeout=self.deadlines.current,
+                    resume_from=paid,
                 )
             )
             answered = True

@@ -105,6 +105,14 @@ class Health:
         self.successes += 1
         self._signature, self._count = None, 0
 
+    def exhausted(self, error: GeminiError, verdict: Verdict) -> Verdict | None:
+        """An image ran out of attempts: with no success in the whole run and an outage-kind
+        failure, that is the run's fault too (a one-image run never reaches a streak)."""
+        if self.successes or error.kind not in _OUTAGE_KINDS:
+            return None
+        why = "the service is unreachable or failing (no request of this run was answered)"
+        return Verdict(Action.RUN, f"{why}: {verdict.reason}", exits.STOPPED)
+
     def failure(self, error: GeminiError, verdict: Verdict) -> Verdict | None:
         """A RUN verdict when this failure completes a streak, else None."""
         if verdict.action not in (Action.IMAGE, Action.RETRY):

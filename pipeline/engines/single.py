@@ -150,6 +150,12 @@ class SingleProcess:
 
     async def _client(self, stack: contextlib.AsyncExitStack) -> GeminiClient:
         base_url, api_key = await _endpoint(self.config, stack)
+        try:
+            return self._make_client(base_url, api_key)
+        except ValueError as exc:  # an http:// endpoint off this machine, a malformed URL
+            raise ConfigError(f"{self.config.source}: [api] base_url: {exc}") from None
+
+    def _make_client(self, base_url: str, api_key: str) -> GeminiClient:
         return GeminiClient(
             api_key,
             base_url=base_url,

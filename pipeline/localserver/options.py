@@ -26,6 +26,7 @@ class ServerOptions:
     quota_window_seconds: float = 60.0  # the RPM/TPM window; shorter only for tests
     decode_limit: int | None = None  # Interactions: output tokens per hop (requires_continuation)
     credit_budget_usd: float | None = None  # prepaid credits; spent: 402 (rule credits.depleted)
+    answer_log: str | None = None  # JSONL: one line per delivered answer (time, images' sha256)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

@@ -85,6 +85,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "answers 402 (payment_required)",
     )
     parser.add_argument(
+        "--answer-log",
+        metavar="FILE",
+        help="append one JSON line per delivered (paid) answer: time and the images' sha256, "
+        "to audit what a client paid for against what it kept",
+    )
+    parser.add_argument(
         "--rules",
         action="store_true",
         help="print every rule the server enforces, with its source, and exit",
@@ -158,6 +164,7 @@ def _options(args: argparse.Namespace) -> ServerOptions:
         file_ttl_seconds=args.file_ttl_seconds,
         decode_limit=args.decode_limit,
         credit_budget_usd=args.credit_budget,
+        answer_log=args.answer_log,
     )
 
 
