@@ -160,6 +160,9 @@ class LocalConfig:
     )
     file_ttl_seconds: float = setting(48 * 3600.0, s.positive_number, "uploads expire after this")
     hang_seconds: float = setting(300.0, s.non_negative_number, "a hang fault holds this long")
+    quota_window_seconds: float = setting(
+        60.0, s.positive_number, "the server's RPM/TPM window (a calendar minute)"
+    )
 
 
 @dataclass(frozen=True, slots=True)
