@@ -139,6 +139,10 @@ class OutputConfig:
     dir: str = setting("out", s.text, "the dataset folder", flag="--output", path=True)
     rows_per_part: int = setting(5000, s.positive_int, "rows in one Parquet part at most")
     flush_seconds: float = setting(30.0, s.positive_number, "a part is written this often")
+    journal_seconds: float = setting(
+        1.0, s.positive_number, "an answer is on disk (the journal) within this long ..."
+    )
+    journal_rows: int = setting(256, s.positive_int, "... or after this many more answers")
 
 
 @dataclass(frozen=True, slots=True)

@@ -145,7 +145,12 @@ class SingleProcess:
     def _sink(self, out: Path) -> ParquetSink:
         output = self.config.output
         return ParquetSink(
-            out, self.run_id, rows_per_part=output.rows_per_part, flush_seconds=output.flush_seconds
+            out,
+            self.run_id,
+            rows_per_part=output.rows_per_part,
+            flush_seconds=output.flush_seconds,
+            sync_seconds=output.journal_seconds,
+            sync_rows=output.journal_rows,
         )
 
     async def _client(self, stack: contextlib.AsyncExitStack) -> GeminiClient:

@@ -62,7 +62,9 @@ class Core:
             options.rpm, options.tpm, options.rpd, clock, options.quota_window_seconds
         )
         self.credits = Credits(options.credit_budget_usd)
-        self.faults = Faults(options.fault_rate, options.seed, options.latency_ms)
+        self.faults = Faults(
+            options.fault_rate, options.seed, options.latency_ms, options.fault_kinds
+        )
         self.replay = Replay(options.replay) if options.replay else None
         self.answerer = Answerer(self.images, self.faults, self.replay, options.hang_seconds)
         self.answer_log = AnswerLog(options.answer_log, clock)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pipeline.localserver.faults import FAULT_KINDS
+
 
 @dataclass(slots=True)
 class ServerOptions:
@@ -17,6 +19,7 @@ class ServerOptions:
     rpd: int | None = None  # requests per day, per model (the day ends at midnight Pacific)
     latency_ms: float = 0.0  # mean of a seeded lognormal latency
     fault_rate: float = 0.0  # share of answers that go wrong (see faults.FAULT_KINDS)
+    fault_kinds: tuple[str, ...] = FAULT_KINDS  # which faults may be injected
     seed: int = 0
     hang_seconds: float = 300.0  # how long a "hang" fault holds the request before a 504
     replay: str | None = None  # JSONL of recorded answers by image sha256

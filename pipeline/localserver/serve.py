@@ -10,6 +10,7 @@ import signal
 import socket
 import sys
 
+from pipeline.localserver.faults import FAULT_KINDS
 from pipeline.localserver.options import ServerOptions
 from pipeline.localserver.rules import describe_rules
 from pipeline.localserver.server import LocalServer, bind_socket
@@ -34,6 +35,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--fault-rate", type=float, default=0.0, help="share of requests given a fault (0-1)"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of latency and fault draws")
+    parser.add_argument(
+        "--fault-kinds",
+        default=",".join(FAULT_KINDS),
+        help=f"comma-separated faults that may be injected (default all: {','.join(FAULT_KINDS)})",
+    )
     parser.add_argument(
         "--hang-seconds",
         type=float,
@@ -156,6 +162,7 @@ def _options(args: argparse.Namespace) -> ServerOptions:
         rpd=args.rpd,
         latency_ms=args.latency_ms,
         fault_rate=args.fault_rate,
+        fault_kinds=tuple(k.strip() for k in args.fault_kinds.split(",") if k.strip()),
         seed=args.seed,
         hang_seconds=args.hang_seconds,
         replay=args.replay,
