@@ -409,24 +409,31 @@ def lookup(model_id: str, table: ModelTable | None = None) -> Model:
 def describe_table(table: ModelTable | None = None, *, on: date | None = None) -> list[str]:
     """The table as `pipeline models` prints it: one line per entry, then the aliases."""
     table = table or default_table()
-    header = (
-        f"{'model':<24} {'gen':<4} {'tokens':<9} {'thinking (lowest first)':<26} {'temp':<5} "
-        f"{'masks':<8} {'schema':<7} {'media res.':<16} {'API':<6} {'USD/1M in, out':<15}"
-    )
-    lines = [header]
-    for m in table.models:
-        price = m.price(on)
-        money = f"{price.input:g}, {price.output:g}" if price else "-"
-        media = "/".join(m.media_resolution) or "-"
-        if m.part_media_resolution:
-            media += f" +part({','.join(m.part_media_resolution)})"
-        api = "gc" + ("+i" if m.interactions else "") + ("+b" if m.batch else "")
-        lines.append(
-            f"{m.name:<24} {m.generation:<4} {m.tokens:<9} {m.thinking.describe():<26} "
-            f"{'-' if m.temperature is None else f'{m.temperature:g}':<5} "
-            f"{m.segmentation or '-':<8} {'json' if m.json_schema else 'openapi':<7} "
-            f"{media:<16} {api:<6} {money:<15}"
-        )
-    for alias, target in sorted(table.aliases.items()):
-        lines.append(f"alias {alias} -> {target}")
+    header = ["model", "gen", "tokens", "thinking (lowest first)", "temp", "masks", "schema"]
+    header += ["media resolution", "APIs", "USD/1M in, out"]
+    rows = [header] + [_describe(m, on) for m in table.models]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+             for row in rows]  # fmt: skip
+    lines += [f"alias {alias} -> {target}" for alias, target in sorted(table.aliases.items())]
+    lines.append("APIs: gc generateContent, i Interactions, b Batch Mode; +part(v): per-image")
     return lines
+
+
+def _describe(m: Model, on: date | None) -> list[str]:
+    price = m.price(on)
+    media = "/".join(m.media_resolution) or "-"
+    if m.part_media_resolution:
+        media += f" +part({','.join(m.part_media_resolution)})"
+    return [
+        m.name,
+        m.generation,
+        m.tokens,
+        m.thinking.describe(),
+        "-" if m.temperature is None else f"{m.temperature:g}",
+        m.segmentation or "-",
+        "json" if m.json_schema else "openapi",
+        media,
+        "gc" + ("+i" if m.interactions else "") + ("+b" if m.batch else ""),
+        f"{price.input:g}, {price.output:g}" if price else "-",
+    ]
