@@ -26,6 +26,8 @@ from functools import cache
 from importlib import resources
 from typing import Any, Literal
 
+from pipeline import settings as s
+
 log = logging.getLogger(__name__)
 
 THINKING_LEVELS = ("minimal", "low", "medium", "high")  # in increasing order of thought
@@ -283,86 +285,62 @@ def parse_entry(name: str, table: Mapping[str, Any], base: Model | None = None) 
 
 
 def _read(key: str, read: Any, value: Any) -> Any:
+    """Each reader raises TypeError with what the value must be (pipeline/settings.py's rule)."""
     try:
         return read(value)
-    except (TypeError, ValueError, KeyError) as exc:
-        raise ModelTableError(f"{key}: {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise ModelTableError(f"{key} must be {exc}") from None
 
 
 def _strings(value: Any, choices: Iterable[str] | None = None) -> tuple[str, ...]:
-    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise TypeError("must be a list of strings")
+    if not isinstance(value, list):  # TOML and JSON give lists; a lone string is a mistake here
+        raise TypeError("a list of strings")
+    items = s.texts(value)
     if choices is not None:
-        allowed = tuple(choices)
-        for item in value:
-            if item not in allowed:
-                raise ValueError(f"{item!r} is not one of {', '.join(allowed)}")
-    return tuple(value)
-
-
-def _one_of(*choices: str | None) -> Any:
-    def read(value: Any) -> Any:
-        if value not in choices:
-            raise ValueError(f"must be one of {', '.join(str(c) for c in choices)}")
-        return value
-
-    return read
-
-
-def _flag(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError("must be true or false")
-    return value
-
-
-def _temperature(value: Any) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 2:
-        raise ValueError("must be a number between 0 and 2, or null")
-    return float(value)
+        for item in items:
+            s.one_of(*choices)(item)
+    return items
 
 
 def _thinking(value: Any) -> Thinking:
     if not isinstance(value, Mapping):
-        raise TypeError("must be a table with control = none | budget | level")
+        raise TypeError("a table with control = none | budget | level")
     control = value.get("control")
     if control == "none":
         return Thinking()
     if control == "level":
         levels = _strings(value.get("levels"), THINKING_LEVELS)
         if not levels:
-            raise ValueError("levels must not be empty")
+            raise TypeError("a table whose levels are not empty")
         return Thinking("level", levels=tuple(sorted(levels, key=THINKING_LEVELS.index)))
     if control == "budget":
-        low, high = value.get("min"), value.get("max")
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (low, high)):
-            raise TypeError("min and max must be integers")
-        if not 0 < low <= high:
-            raise ValueError("needs 0 < min <= max")
-        return Thinking("budget", min=low, max=high, off=_flag(value.get("off", False)))
-    raise ValueError("control must be none, budget or level")
+        low, high = s.positive_int(value.get("min")), s.positive_int(value.get("max"))
+        if low > high:
+            raise TypeError("a table with min <= max")
+        return Thinking("budget", min=low, max=high, off=s.flag(value.get("off", False)))
+    raise TypeError("a table with control = none | budget | level")
 
 
 def _prices(value: Any) -> tuple[Price, ...]:
     if isinstance(value, Mapping):
         value = [value]
     if not isinstance(value, list):
-        raise TypeError("must be a list of {input, output[, until, batch_input, batch_output]}")
+        raise TypeError("a list of {input, output[, until, batch_input, batch_output]}")
     return tuple(_price(item) for item in value)
 
 
 def _price(item: Any) -> Price:
     if not isinstance(item, Mapping):
-        raise TypeError("each price must be a table")
+        raise TypeError("a list of tables")
     numbers = {}
     for key in ("input", "output", "batch_input", "batch_output"):
         number = item.get(key)
         if number is None and key.startswith("batch_"):
             number = numbers[key.removeprefix("batch_")] / 2  # Batch Mode: half the price
-        if isinstance(number, bool) or not isinstance(number, int | float) or number < 0:
-            raise ValueError(f"{key} must be a number >= 0")
-        numbers[key] = float(number)
+        try:
+            numbers[key] = s.non_negative_number(number)
+        except TypeError:
+            raise TypeError(f"prices whose {key} is a number >= 0") from None
     until = item.get("until")
     if until is not None:
         until = date.fromisoformat(str(until))
@@ -371,18 +349,18 @@ def _price(item: Any) -> Price:
 
 _READERS: dict[str, Any] = {
     "match": lambda v: tuple(p.lower() for p in _strings(v)),
-    "generation": lambda v: str(_strings([v])[0]),
-    "tokens": _one_of(*TOKEN_RULES),
+    "generation": s.text,
+    "tokens": s.one_of(*TOKEN_RULES),
     "thinking": _thinking,
-    "temperature": _temperature,
-    "segmentation": _one_of(*MASK_SHAPES, None),
-    "json_schema": _flag,
+    "temperature": s.optional(s.between(0, 2)),
+    "segmentation": s.optional(s.one_of(*MASK_SHAPES)),
+    "json_schema": s.flag,
     "media_resolution": lambda v: _strings(v, GLOBAL_MEDIA_RESOLUTIONS),
     "part_media_resolution": _strings,
-    "interactions": _flag,
-    "batch": _flag,
+    "interactions": s.flag,
+    "batch": s.flag,
     "prices": _prices,
-    "source": lambda v: str(v),
+    "source": str,
 }
 
 
