@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 
 from pipeline import images
 from pipeline.config import Config
-from pipeline.failures import Action, Health, Verdict, daily_quota, judge
+from pipeline.failures import Action, Health, Verdict, daily_quota, judge, project_refused
 from pipeline.gemini import GeminiClient, GeminiError
 from pipeline.gemini.tokens import image_tokens, text_tokens
 from pipeline.gemini.types import GenerateRequest, GenerateResponse, ImagePart
@@ -214,6 +214,10 @@ class Caller:
         self.counters.retries += 1
         if verdict.action == Action.REUPLOAD:
             self.uploads.forget(item)
+            return
+        if verdict.action == Action.CHECK_FILE:
+            if not await self.stop.until(self.uploads.settle(item)):
+                raise RunStopped(project_refused(exc))
             return
         delay = self._retry_delay(exc)
         if delay is None:

@@ -214,3 +214,29 @@ async def test_a_file_rewritten_before_upload_is_not_filed_under_the_old_hash(
         assert state.upload_names() == []  # nothing filed under the old hash
         assert await client.list_files() == []  # and nothing left on the service
         state.close()
+
+
+async def test_failed_precondition_asks_the_file_before_uploading_again(
+    images_dir: Path, tmp_path: Path
+) -> None:
+    """A 400 FAILED_PRECONDITION is the file (PROCESSING: wait; gone or FAILED: upload again)
+    or the project (billing, region: the file is ACTIVE) — never a re-upload loop."""
+    from pipeline import images
+    from pipeline.records import SourceFile
+    from pipeline.uploads import Uploads
+
+    shapes(images_dir, 1)
+    path = images_dir / "i000.png"
+    stat = path.stat()
+    src = SourceFile(str(path), str(images_dir), path.name, stat.st_size, stat.st_mtime_ns)
+    item = images.prepare(src)
+    options = ServerOptions(file_processing_seconds=0.3)
+    async with LocalServer(options) as server, GeminiClient(KEY, base_url=server.base_url) as c:
+        state = State(tmp_path / "state")
+        uploads = Uploads(c, state)
+        upload = await uploads.get(item)  # waits until ACTIVE
+        assert await uploads.settle(item) is False  # ACTIVE: the project is the cause
+        await c.delete_file(upload.name)
+        assert await uploads.settle(item) is True  # gone: forgotten, upload again
+        assert state.upload_names() == []
+        state.close()
