@@ -40,7 +40,7 @@ from typing import Any, TypeVar
 
 from pipeline import images
 from pipeline.config import Config
-from pipeline.failures import Action, Health, Verdict, daily_quota, judge
+from pipeline.failures import Action, Health, Verdict, daily_quota, judge, project_refused
 from pipeline.gemini import GeminiClient, GeminiError
 from pipeline.gemini.tokens import image_tokens, text_tokens
 from pipeline.gemini.types import (
@@ -174,9 +174,7 @@ class Caller:
         self.health = Health()
         self.counters = Counters()
         self.deadlines = Deadlines(config.api.min_timeout, config.api.timeout)
-        self.references = ReferenceParts(
-            references, config.images.mode, uploads=uploads, client=client
-        )
+        self.references = ReferenceParts(references, config.images.mode, uploads=uploads)
         self.captioned = multi.captioned(config.task.grouped, len(references))
         prompt_text = (request.system_instruction or "") + request.prompt
         captions = [reference.caption for reference in references]
@@ -200,26 +198,32 @@ class Caller:
             return Outcome(Parsed("error", error=plan.error), None, 0, 0.0, mode, est_image, est)
         started = time.monotonic()
         attempts, last = 0, "stopped before an answer"
+        failure: tuple[GeminiError, Verdict] | None = None
+        paid: GenerateResponse | None = None  # hops of a continuation that broke off
         while attempts < self.config.limits.max_attempts:
             attempts += 1
             try:
-                response, latency = await self._attempt(unit, plan)
+                response, latency = await self._attempt(unit, plan, paid)
             except OSError as exc:  # deleted or changed since it was hashed: not the same image
                 reason = f"cannot read the file: {exc}"
                 return self._failed(reason, attempts, started, mode, est_image, est)
             except GeminiError as exc:
+                paid = exc.partial or paid  # continue from the paid hops, never buy them again
                 verdict = self._judge(exc, unit)
                 if verdict.action == Action.IMAGE:
                     return self._failed(verdict.reason, attempts, started, mode, est_image, est)
                 if verdict.action == Action.BLOCKED:
                     parsed = Parsed("blocked", error=verdict.reason)
                     return Outcome(parsed, None, attempts, _ms(started), mode, est_image, est)
-                last = verdict.reason
+                last, failure = verdict.reason, (exc, verdict)
                 if attempts < self.config.limits.max_attempts:
                     await self._before_retry(exc, verdict, unit, attempts)
                 continue
             parsed = await self._parse(response, unit)
             return Outcome(parsed, response, attempts, latency, mode, est_image, est)
+        outage = failure and self.health.exhausted(*failure)
+        if outage:
+            raise RunStopped(outage)
         return self._failed(last, attempts, started, mode, est_image, est, retryable=True)
 
     def plan(self, unit: Unit) -> Plan:
@@ -252,7 +256,9 @@ class Caller:
             return 0
         return sum(text_tokens(multi.target_caption(index)) for index in range(images))
 
-    async def _attempt(self, unit: Unit, plan: Plan) -> tuple[GenerateResponse, float]:
+    async def _attempt(
+        self, unit: Unit, plan: Plan, paid: GenerateResponse | None
+    ) -> tuple[GenerateResponse, float]:
         request = await self.request_for(unit, plan)
         await self.stop.until(self.limiter.acquire(plan.est_tokens))
         if not self.daily.reserve():
@@ -266,6 +272,7 @@ class Caller:
                     request,
                     flavor=self.config.api.flavor,
                     timeout=self.deadlines.current,
+                    resume_from=paid,
                 )
             )
             answered = True
@@ -295,8 +302,11 @@ class Caller:
         if verdict.action == Action.REUPLOAD:
             for item in unit.items:
                 self.uploads.forget(item)
-            if self.references.uploaded:
-                await self.stop.until(self.references.refresh())
+            await self.stop.until(self.references.settle())  # those the service no longer has
+            return
+        if verdict.action == Action.CHECK_FILE:
+            if not await self.stop.until(self._settle(unit)):
+                raise RunStopped(project_refused(exc))
             return
         delay = self._retry_delay(exc)
         if delay is None:
@@ -305,6 +315,15 @@ class Caller:
         else:
             delay += self.rng.uniform(0, min(1.0, delay / 4 + 0.05))
         await self.stop.sleep(delay)
+
+    async def _settle(self, unit: Unit) -> bool:
+        """After a FAILED_PRECONDITION: whether one of the request's uploads (the unit's or a
+        reference's) was the cause, now waited for or forgotten (`Uploads.settle`); False when
+        all of them are ACTIVE, so the cause is the project (billing, region)."""
+        causes = [
+            await self.uploads.settle(item) for item in unit.items if self.uploads.uses_upload(item)
+        ]
+        return await self.references.settle() or any(causes)
 
     def _retry_delay(self, exc: GeminiError) -> float | None:
         """The service's hint, capped: a day-long retryDelay must not freeze a run."""

@@ -145,6 +145,10 @@ class OutputConfig:
     dir: str = setting("out", s.text, "the dataset folder", flag="--output", path=True)
     rows_per_part: int = setting(5000, s.positive_int, "rows in one Parquet part at most")
     flush_seconds: float = setting(30.0, s.positive_number, "a part is written this often")
+    journal_seconds: float = setting(
+        1.0, s.positive_number, "an answer is on disk (the journal) within this long ..."
+    )
+    journal_rows: int = setting(256, s.positive_int, "... or after this many more answers")
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +170,9 @@ class LocalConfig:
     )
     file_ttl_seconds: float = setting(48 * 3600.0, s.positive_number, "uploads expire after this")
     hang_seconds: float = setting(300.0, s.non_negative_number, "a hang fault holds this long")
+    quota_window_seconds: float = setting(
+        60.0, s.positive_number, "the server's RPM/TPM window (a calendar minute)"
+    )
 
 
 @dataclass(frozen=True, slots=True)

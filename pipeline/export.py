@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.dataset import current_rows
+from pipeline.fsutil import atomic_write_bytes
 from pipeline.masks import rle_area
 
 EXPORTED_STATUSES = ("ok", "partial")
@@ -157,9 +158,5 @@ def _keypoint(obj: dict[str, Any]) -> dict[str, Any] | None:
 
 def _write_json_atomically(path: Path, document: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.tmp")
-    with open(temp, "w", encoding="utf-8") as file:
-        json.dump(document, file, ensure_ascii=False, separators=(",", ":"))
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temp, path)
+    text = json.dumps(document, ensure_ascii=False, separators=(",", ":"))
+    atomic_write_bytes(path, text.encode("utf-8"))

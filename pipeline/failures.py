@@ -17,7 +17,10 @@ Some failures are only the run's when they repeat: the same 400 on every request
 model refuses) or an outage (every attempt failing to connect). `Health` watches the stream of
 attempts and calls it the run's fault after `STREAK` identical failures with no success between.
 
-An uploaded file that expired or was deleted answers 403 / 404 (`REUPLOAD`): upload again.
+An uploaded file that expired or was deleted answers 403 / 404 (`REUPLOAD`): upload again. A
+400 FAILED_PRECONDITION on a request with an uploaded file (`CHECK_FILE`) may be the file (not
+ACTIVE yet, or FAILED) or the project ("enable billing", "not available in your region"): the
+file's own state decides — wait for it, upload it again, or stop the run.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class Action(Enum):
     BLOCKED = "blocked"
     RETRY = "retry"
     REUPLOAD = "reupload"
+    CHECK_FILE = "check_file"
     RUN = "run"
 
 
@@ -79,12 +83,12 @@ def judge(error: GeminiError, *, uploaded: bool) -> Verdict:
     if kind in ("permission", "not_found") and uploaded:
         return Verdict(Action.REUPLOAD, text)
     if kind == "failed_precondition" and uploaded:
-        return Verdict(Action.REUPLOAD, text)  # not ACTIVE yet / gone; bounded by attempts
+        return Verdict(Action.CHECK_FILE, text)
     if kind in ("permission", "not_found"):
         why = "the key may not call this method" if kind == "permission" else "no such method"
         return Verdict(Action.RUN, f"{why} ([api] model, version, base_url?): {text}", _CONFIG)
     if kind == "failed_precondition":
-        return Verdict(Action.RUN, f"the service refuses this project: {text}", _CONFIG)
+        return project_refused(error)
     if kind == "blocked":
         return Verdict(Action.BLOCKED, f"answer blocked ({error.status}): {error.message}")
     if kind in _RETRY_KINDS:
@@ -105,6 +109,14 @@ class Health:
         self.successes += 1
         self._signature, self._count = None, 0
 
+    def exhausted(self, error: GeminiError, verdict: Verdict) -> Verdict | None:
+        """An image ran out of attempts: with no success in the whole run and an outage-kind
+        failure, that is the run's fault too (a one-image run never reaches a streak)."""
+        if self.successes or error.kind not in _OUTAGE_KINDS:
+            return None
+        why = "the service is unreachable or failing (no request of this run was answered)"
+        return Verdict(Action.RUN, f"{why}: {verdict.reason}", exits.STOPPED)
+
     def failure(self, error: GeminiError, verdict: Verdict) -> Verdict | None:
         """A RUN verdict when this failure completes a streak, else None."""
         if verdict.action not in (Action.IMAGE, Action.RETRY):
@@ -122,6 +134,12 @@ class Health:
             return Verdict(Action.RUN, f"{why}: {verdict.reason}", exits.STOPPED)
         why = f"every request is refused the same way ({self.streak} in a row, none answered)"
         return Verdict(Action.RUN, f"{why}: {verdict.reason}", _CONFIG)
+
+
+def project_refused(error: GeminiError) -> Verdict:
+    """FAILED_PRECONDITION while the file is fine: the project is the cause."""
+    why = "the service refuses this project (billing, region?)"
+    return Verdict(Action.RUN, f"{why}: {describe(error)}", _CONFIG)
 
 
 def describe(error: GeminiError) -> str:

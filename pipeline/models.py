@@ -26,6 +26,8 @@ from functools import cache
 from importlib import resources
 from typing import Any, Literal
 
+from pipeline import settings as s
+
 log = logging.getLogger(__name__)
 
 THINKING_LEVELS = ("minimal", "low", "medium", "high")  # in increasing order of thought
@@ -283,86 +285,62 @@ def parse_entry(name: str, table: Mapping[str, Any], base: Model | None = None) 
 
 
 def _read(key: str, read: Any, value: Any) -> Any:
+    """Each reader raises TypeError with what the value must be (pipeline/settings.py's rule)."""
     try:
         return read(value)
-    except (TypeError, ValueError, KeyError) as exc:
-        raise ModelTableError(f"{key}: {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise ModelTableError(f"{key} must be {exc}") from None
 
 
 def _strings(value: Any, choices: Iterable[str] | None = None) -> tuple[str, ...]:
-    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise TypeError("must be a list of strings")
+    if not isinstance(value, list):  # TOML and JSON give lists; a lone string is a mistake here
+        raise TypeError("a list of strings")
+    items = s.texts(value)
     if choices is not None:
-        allowed = tuple(choices)
-        for item in value:
-            if item not in allowed:
-                raise ValueError(f"{item!r} is not one of {', '.join(allowed)}")
-    return tuple(value)
-
-
-def _one_of(*choices: str | None) -> Any:
-    def read(value: Any) -> Any:
-        if value not in choices:
-            raise ValueError(f"must be one of {', '.join(str(c) for c in choices)}")
-        return value
-
-    return read
-
-
-def _flag(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError("must be true or false")
-    return value
-
-
-def _temperature(value: Any) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 2:
-        raise ValueError("must be a number between 0 and 2, or null")
-    return float(value)
+        for item in items:
+            s.one_of(*choices)(item)
+    return items
 
 
 def _thinking(value: Any) -> Thinking:
     if not isinstance(value, Mapping):
-        raise TypeError("must be a table with control = none | budget | level")
+        raise TypeError("a table with control = none | budget | level")
     control = value.get("control")
     if control == "none":
         return Thinking()
     if control == "level":
         levels = _strings(value.get("levels"), THINKING_LEVELS)
         if not levels:
-            raise ValueError("levels must not be empty")
+            raise TypeError("a table whose levels are not empty")
         return Thinking("level", levels=tuple(sorted(levels, key=THINKING_LEVELS.index)))
     if control == "budget":
-        low, high = value.get("min"), value.get("max")
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (low, high)):
-            raise TypeError("min and max must be integers")
-        if not 0 < low <= high:
-            raise ValueError("needs 0 < min <= max")
-        return Thinking("budget", min=low, max=high, off=_flag(value.get("off", False)))
-    raise ValueError("control must be none, budget or level")
+        low, high = s.positive_int(value.get("min")), s.positive_int(value.get("max"))
+        if low > high:
+            raise TypeError("a table with min <= max")
+        return Thinking("budget", min=low, max=high, off=s.flag(value.get("off", False)))
+    raise TypeError("a table with control = none | budget | level")
 
 
 def _prices(value: Any) -> tuple[Price, ...]:
     if isinstance(value, Mapping):
         value = [value]
     if not isinstance(value, list):
-        raise TypeError("must be a list of {input, output[, until, batch_input, batch_output]}")
+        raise TypeError("a list of {input, output[, until, batch_input, batch_output]}")
     return tuple(_price(item) for item in value)
 
 
 def _price(item: Any) -> Price:
     if not isinstance(item, Mapping):
-        raise TypeError("each price must be a table")
+        raise TypeError("a list of tables")
     numbers = {}
     for key in ("input", "output", "batch_input", "batch_output"):
         number = item.get(key)
         if number is None and key.startswith("batch_"):
             number = numbers[key.removeprefix("batch_")] / 2  # Batch Mode: half the price
-        if isinstance(number, bool) or not isinstance(number, int | float) or number < 0:
-            raise ValueError(f"{key} must be a number >= 0")
-        numbers[key] = float(number)
+        try:
+            numbers[key] = s.non_negative_number(number)
+        except TypeError:
+            raise TypeError(f"prices whose {key} is a number >= 0") from None
     until = item.get("until")
     if until is not None:
         until = date.fromisoformat(str(until))
@@ -371,18 +349,18 @@ def _price(item: Any) -> Price:
 
 _READERS: dict[str, Any] = {
     "match": lambda v: tuple(p.lower() for p in _strings(v)),
-    "generation": lambda v: str(_strings([v])[0]),
-    "tokens": _one_of(*TOKEN_RULES),
+    "generation": s.text,
+    "tokens": s.one_of(*TOKEN_RULES),
     "thinking": _thinking,
-    "temperature": _temperature,
-    "segmentation": _one_of(*MASK_SHAPES, None),
-    "json_schema": _flag,
+    "temperature": s.optional(s.between(0, 2)),
+    "segmentation": s.optional(s.one_of(*MASK_SHAPES)),
+    "json_schema": s.flag,
     "media_resolution": lambda v: _strings(v, GLOBAL_MEDIA_RESOLUTIONS),
     "part_media_resolution": _strings,
-    "interactions": _flag,
-    "batch": _flag,
+    "interactions": s.flag,
+    "batch": s.flag,
     "prices": _prices,
-    "source": lambda v: str(v),
+    "source": str,
 }
 
 
@@ -409,24 +387,31 @@ def lookup(model_id: str, table: ModelTable | None = None) -> Model:
 def describe_table(table: ModelTable | None = None, *, on: date | None = None) -> list[str]:
     """The table as `pipeline models` prints it: one line per entry, then the aliases."""
     table = table or default_table()
-    header = (
-        f"{'model':<24} {'gen':<4} {'tokens':<9} {'thinking (lowest first)':<26} {'temp':<5} "
-        f"{'masks':<8} {'schema':<7} {'media res.':<16} {'API':<6} {'USD/1M in, out':<15}"
-    )
-    lines = [header]
-    for m in table.models:
-        price = m.price(on)
-        money = f"{price.input:g}, {price.output:g}" if price else "-"
-        media = "/".join(m.media_resolution) or "-"
-        if m.part_media_resolution:
-            media += f" +part({','.join(m.part_media_resolution)})"
-        api = "gc" + ("+i" if m.interactions else "") + ("+b" if m.batch else "")
-        lines.append(
-            f"{m.name:<24} {m.generation:<4} {m.tokens:<9} {m.thinking.describe():<26} "
-            f"{'-' if m.temperature is None else f'{m.temperature:g}':<5} "
-            f"{m.segmentation or '-':<8} {'json' if m.json_schema else 'openapi':<7} "
-            f"{media:<16} {api:<6} {money:<15}"
-        )
-    for alias, target in sorted(table.aliases.items()):
-        lines.append(f"alias {alias} -> {target}")
+    header = ["model", "gen", "tokens", "thinking (lowest first)", "temp", "masks", "schema"]
+    header += ["media resolution", "APIs", "USD/1M in, out"]
+    rows = [header] + [_describe(m, on) for m in table.models]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+             for row in rows]  # fmt: skip
+    lines += [f"alias {alias} -> {target}" for alias, target in sorted(table.aliases.items())]
+    lines.append("APIs: gc generateContent, i Interactions, b Batch Mode; +part(v): per-image")
     return lines
+
+
+def _describe(m: Model, on: date | None) -> list[str]:
+    price = m.price(on)
+    media = "/".join(m.media_resolution) or "-"
+    if m.part_media_resolution:
+        media += f" +part({','.join(m.part_media_resolution)})"
+    return [
+        m.name,
+        m.generation,
+        m.tokens,
+        m.thinking.describe(),
+        "-" if m.temperature is None else f"{m.temperature:g}",
+        m.segmentation or "-",
+        "json" if m.json_schema else "openapi",
+        media,
+        "gc" + ("+i" if m.interactions else "") + ("+b" if m.batch else ""),
+        f"{price.input:g}, {price.output:g}" if price else "-",
+    ]

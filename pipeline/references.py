@@ -11,7 +11,7 @@ reference, its caption or its bytes redoes the rows.
 `ReferenceParts` gives the parts a request carries, each captioned "Reference image N: ..."
 (pipeline/tasks/multi.py): small references inline, bigger ones uploaded once per run through
 the Files API (pipeline/uploads.py: exactly the hashed bytes, reused from the output's state
-while they live) and uploaded again when the service says an upload is gone (`refresh`, called
+while they live) and uploaded again when the service says an upload is gone (`settle`, called
 after a request failed for an upload).
 """
 
@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pipeline import images
-from pipeline.gemini import GeminiError
 from pipeline.gemini.types import ImagePart
 from pipeline.records import ImageItem, SourceFile
 from pipeline.tasks import multi
@@ -35,7 +34,6 @@ from pipeline.tasks.base import Reference
 
 if TYPE_CHECKING:
     from pipeline.config import Config
-    from pipeline.gemini import GeminiClient
     from pipeline.uploads import Uploads
 
 # A reference goes with every request: inline it only while re-sending it costs less than one
@@ -144,11 +142,9 @@ class ReferenceParts:
         mode: str,
         *,
         uploads: Uploads,
-        client: GeminiClient,
     ) -> None:
         self.loaded = loaded
         self.uploads = uploads
-        self.client = client
         self.inline = [_inlined(ref.item, mode) for ref in loaded]
         self.refreshed = 0  # uploads found gone and forgotten (uploaded again when next used)
         self._parts: list[ImagePart | None] = [
@@ -186,22 +182,21 @@ class ReferenceParts:
         self._names[index] = upload.name
         return ImagePart(upload.mime_type, file_uri=upload.uri, caption=reference.caption)
 
-    async def refresh(self) -> None:
-        """A request failed for an upload that is gone: ask the service about each reference
-        upload and forget those it no longer has, so the next `parts` uploads them again."""
+    async def settle(self) -> bool:
+        """A request failed for an upload (gone, or not usable): each reference upload is
+        looked at (`Uploads.settle`), those the service no longer has (or FAILED) are
+        forgotten, so the next `parts` uploads them again. Whether one was the cause."""
+        causes = []
         async with self._lock:
             for index, name in enumerate(self._names):
-                if name is not None and not await self._alive(name):
-                    self.uploads.forget(self.loaded[index].item)
+                if name is None:
+                    continue
+                item = self.loaded[index].item
+                causes.append(await self.uploads.settle(item))
+                if not self.uploads.uses_upload(item):  # forgotten: uploaded again when next used
                     self._parts[index] = self._names[index] = None
                     self.refreshed += 1
-
-    async def _alive(self, name: str) -> bool:
-        try:
-            info = await self.client.get_file(name)
-        except GeminiError:  # gone (403 / 404), or unknown: uploading again is safe and free
-            return False
-        return info.state != "FAILED"
+        return any(causes)
 
 
 def _inlined(item: ImageItem, mode: str) -> bool:

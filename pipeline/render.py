@@ -29,6 +29,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from pillow_heif import register_heif_opener
 
 from pipeline.dataset import current_rows
+from pipeline.fsutil import atomic_write_bytes
 from pipeline.masks import rle_decode
 
 MAX_SIDE = 1024  # overlays are for looking at: gallery size, not full resolution
@@ -133,9 +134,7 @@ def render(
     statuses = Counter(row["status"] for row in rows)
     page = _page(Path(output_dir), entries, found, labels, statuses, problems)
     index = out / "index.html"
-    temp = out / ".index.html.tmp"
-    temp.write_text(page, encoding="utf-8")
-    os.replace(temp, index)
+    atomic_write_bytes(index, page.encode("utf-8"))
     return {
         "index": str(index),
         "entries": len(entries),

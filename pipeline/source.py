@@ -375,26 +375,25 @@ def read_manifest(path: str | os.PathLike[str]) -> Iterator[SourceFile]:
     return _manifest_sources(os.path.dirname(manifest), names)
 
 
-def _manifest_sources(base: str, names: Iterator[str]) -> Iterator[SourceFile]:
+def _manifest_sources(base: str, names: Iterator[str | tuple[str, str]]) -> Iterator[SourceFile]:
     """Each distinct file once (a path listed twice is one file, one row), rooted at the
-    manifest's folder when it lies under it, else at its own folder (never a `..` path)."""
+    manifest's folder when it lies under it, else at its own folder (never a `..` path); an
+    entry that names its root (a pipeline output: image_root, image_path) keeps that root."""
     seen = GrowingDigestSet()
-    for name in names:
-        full = os.path.normpath(os.path.join(base, name))  # an absolute name stays itself
+    for entry in names:
+        name, given_root = entry if isinstance(entry, tuple) else (entry, None)
+        full = os.path.normpath(os.path.join(given_root or base, name))  # absolute stays itself
         identity = hashlib.blake2b(os.fsencode(full), digest_size=16).digest()
         if identity in seen:
             continue
         seen.add(identity)
-        yield _manifest_entry(base, full)
-
-
-def _manifest_entry(base: str, full: str) -> SourceFile:
-    inside = os.path.commonpath([base, full]) == base
-    root = base if inside else os.path.dirname(full)
-    rel_path = os.path.relpath(full, root)
-    if os.sep != "/":
-        rel_path = rel_path.replace(os.sep, "/")
-    return _stat_source(full, root, posixpath.normpath(rel_path))
+        anchor = given_root or base
+        inside = os.path.commonpath([anchor, full]) == anchor
+        root = anchor if inside else os.path.dirname(full)
+        rel_path = os.path.relpath(full, root)
+        if os.sep != "/":
+            rel_path = rel_path.replace(os.sep, "/")
+        yield _stat_source(full, root, posixpath.normpath(rel_path))
 
 
 def _txt_lines(manifest: str) -> Iterator[str]:
@@ -426,7 +425,7 @@ def _chain_row(first: list[str], rest: Iterator[list[str]]) -> Iterator[list[str
     yield from rest
 
 
-def _parquet_paths(manifest: str) -> Iterator[str]:
+def _parquet_paths(manifest: str) -> Iterator[str | tuple[str, str]]:
     import pyarrow.parquet as pq  # only manifests need it; keeps `import pipeline.source` light
 
     with pq.ParquetFile(manifest) as table:
@@ -444,7 +443,7 @@ def _parquet_paths(manifest: str) -> Iterator[str]:
                     continue
                 name = os.fsdecode(value) if isinstance(value, bytes) else str(value)
                 if name.strip():
-                    yield os.path.join(root, name.strip()) if root else name.strip()
+                    yield (name.strip(), root) if root else name.strip()
 
 
 def input_sources(inp: InputConfig, *, skip: Sequence[str] = ()) -> Iterator[SourceFile]:
@@ -561,7 +560,7 @@ def manifest_groups(
         full = os.path.normpath(os.path.join(base, name))
         if full not in paths:
             paths.add(full)
-            current.add(_manifest_entry(base, full))
+            current.add(next(_manifest_sources(base, iter((full,)))))  # rooted as listed alone
     if current is not None:
         yield current.group()
 

@@ -76,6 +76,32 @@ class Uploads:
     def uses_upload(self, item: ImageItem) -> bool:
         return item.source.path in self._used
 
+    async def settle(self, item: ImageItem) -> bool:
+        """After a FAILED_PRECONDITION: make the item's upload usable if it is the cause.
+
+        PROCESSING: wait until ACTIVE; FAILED or gone: forget it (the next attempt uploads
+        again). Returns False when the file is ACTIVE: then the file is not the cause (the
+        service refuses the project: billing, region), and uploading again would only loop.
+        """
+        name = self._used.get(item.source.path)
+        if name is None:
+            return True
+        try:
+            info = await self.client.get_file(name)
+        except GeminiError:
+            self.forget(item)  # gone: upload again
+            return True
+        if info.state == "PROCESSING":
+            with contextlib.suppress(GeminiError):  # FAILED or still processing: upload again
+                await self.client.wait_until_active(name)
+                return True
+            self.forget(item)
+            return True
+        if info.state != "ACTIVE":
+            self.forget(item)
+            return True
+        return False
+
     def forget(self, item: ImageItem) -> None:
         """The upload used for this item is gone (expired, deleted): upload again next time."""
         name = self._used.pop(item.source.path, None)

@@ -95,7 +95,7 @@ def test_demo_paths_resolve_against_the_file(tmp_path: Path, monkeypatch) -> Non
         ('[models."gemini-9"]\nlike = "gemini-8"\n', '[models."gemini-9"] like must name'),
         (
             '[models."gemini-9"]\nlike = "gemini-3.8-flash"\nthinking = {control = "level"}\n',
-            '[models."gemini-9"] thinking: must be a list of strings',
+            '[models."gemini-9"] thinking must be a list of strings',
         ),
         ("[task]\nresponse_schema = '{nope'\n", "[task] response_schema must be a JSON schema"),
         ("[local]\nfault_rate = 2\n", "[local] fault_rate must be a number between 0 and 1"),

@@ -87,7 +87,7 @@ def test_thinking_rules_use_the_services_words() -> None:
 
 
 def test_a_bad_entry_names_its_field() -> None:
-    with pytest.raises(ModelTableError, match="tokens: must be one of"):
+    with pytest.raises(ModelTableError, match="tokens must be one of"):
         default_table().with_entries({"gemini-x": {"like": "gemini-2.5-flash", "tokens": "pixels"}})
     with pytest.raises(ModelTableError, match="unknown field tokenz"):
         default_table().with_entries({"gemini-x": {"like": "gemini-2.5-flash", "tokenz": "tiles"}})

@@ -119,6 +119,17 @@ class SingleProcess:
     async def run(self) -> RunSummary:
         out = _output_dir(self.config)
         self.stop = stop = Stop()
+        try:
+            sink = await self._run(out, stop)
+            self.summary.unstorable = sink.unstorable  # counted up to its last part
+        except SinkFailed as exc:  # the last part could not be written (a full disk...)
+            stop.drain(f"the output cannot be written: {exc}", _sink_hint())
+        self._settle(stop)
+        self.summary.write(out)
+        return self.summary
+
+    async def _run(self, out: Path, stop: Stop) -> ParquetSink:
+        """Everything with the output open; returns the sink, closed."""
         async with contextlib.AsyncExitStack() as stack:
             state = _open_state(out, self.config)
             stack.callback(state.close)
@@ -137,21 +148,31 @@ class SingleProcess:
             producer = Producer(self.config, index, self.options.limit)
             await self._work(producer, runner, sink, stop)
             caller.daily.save()
-            if self.config.images.delete_uploads and stop.state != "abandoning":
-                with contextlib.suppress(Stopped):
-                    await stop.until(caller.uploads.delete_all()) if stop.running else None
-            self._summarise(producer, runner, caller, sink)
-        self.summary.write(out)
-        return self.summary
+            if self.config.images.delete_uploads:  # a cleanup, not new work: it survives a
+                with contextlib.suppress(Stopped):  # drain, only a second signal cuts it short
+                    await stop.call(caller.uploads.delete_all())
+            self._summarise(producer, runner, caller)
+        return sink
 
     def _sink(self, out: Path) -> ParquetSink:
         output = self.config.output
         return ParquetSink(
-            out, self.run_id, rows_per_part=output.rows_per_part, flush_seconds=output.flush_seconds
+            out,
+            self.run_id,
+            rows_per_part=output.rows_per_part,
+            flush_seconds=output.flush_seconds,
+            sync_seconds=output.journal_seconds,
+            sync_rows=output.journal_rows,
         )
 
     async def _client(self, stack: contextlib.AsyncExitStack) -> GeminiClient:
         base_url, api_key = await _endpoint(self.config, stack)
+        try:
+            return self._make_client(base_url, api_key)
+        except ValueError as exc:  # an http:// endpoint off this machine, a malformed URL
+            raise ConfigError(f"{self.config.source}: [api] base_url: {exc}") from None
+
+    def _make_client(self, base_url: str, api_key: str) -> GeminiClient:
         return GeminiClient(
             api_key,
             base_url=base_url,
@@ -226,9 +247,7 @@ class SingleProcess:
             except SinkFailed as exc:
                 stop.drain(f"the output cannot be written: {exc}", _sink_hint())
 
-    def _summarise(
-        self, producer: Producer, runner: ImageRunner, caller: Caller, sink: ParquetSink
-    ) -> None:
+    def _summarise(self, producer: Producer, runner: ImageRunner, caller: Caller) -> None:
         s = self.summary
         s.finished_at = datetime.now(UTC).isoformat()
         s.seen, s.skipped = producer.seen, producer.skipped
@@ -237,9 +256,10 @@ class SingleProcess:
         s.api_calls, s.retries, s.throttled = calls.api_calls, calls.retries, calls.throttled
         s.uploads, s.uploads_reused = caller.uploads.made, caller.uploads.reused
         s.waited_for_limits_s = round(caller.limiter.stats.waited_seconds, 3)
-        s.unstorable = sink.unstorable
-        stop = self.stop
-        assert stop is not None
+
+    def _settle(self, stop: Stop) -> None:
+        s = self.summary
+        s.finished_at = s.finished_at or datetime.now(UTC).isoformat()
         if stop.reason:
             s.stop_reason, s.resume_hint, s.exit_code = stop.reason, stop.hint, stop.exit_code
         s.settle_exit_code()

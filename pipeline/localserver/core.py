@@ -9,6 +9,7 @@ format and call `admit`, `answerer.answer` and `bill`.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +28,27 @@ from pipeline.localserver.stats import Stats
 API_VERSIONS = ("v1", "v1beta", "v1alpha")  # v1alpha: per-part media resolution (notes)
 
 
+class AnswerLog:
+    """One JSON line per answer about to be delivered (and so paid for): when, which images.
+    Tests and benchmarks audit a client with it: was every paid answer kept, none bought twice?"""
+
+    def __init__(self, path: str | None, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self._file = open(path, "a", encoding="utf-8") if path else None  # noqa: SIM115
+
+    def write(self, prompted: Prompted) -> None:
+        if self._file is None:
+            return
+        shas = [image.sha256 for image in prompted.images]
+        self._file.write(json.dumps({"t": self.clock(), "model": prompted.model, "sha256": shas}))
+        self._file.write("\n")
+        self._file.flush()  # the server outlives the client it audits: no fsync needed
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
 class Core:
     """The parts of one server, shared by its surfaces."""
 
@@ -40,9 +62,12 @@ class Core:
             options.rpm, options.tpm, options.rpd, clock, options.quota_window_seconds
         )
         self.credits = Credits(options.credit_budget_usd)
-        self.faults = Faults(options.fault_rate, options.seed, options.latency_ms)
+        self.faults = Faults(
+            options.fault_rate, options.seed, options.latency_ms, options.fault_kinds
+        )
         self.replay = Replay(options.replay) if options.replay else None
         self.answerer = Answerer(self.images, self.faults, self.replay, options.hang_seconds)
+        self.answer_log = AnswerLog(options.answer_log, clock)
 
     def check_key(self, request: web.Request) -> None:
         transport.check_key(request, self.options.api_key)
@@ -59,7 +84,9 @@ class Core:
 
     async def answer(self, prompted: Prompted, prompt: Usage) -> Outcome:
         self.admit(prompted.model, prompt)
-        return await self.answerer.answer(prompted)
+        outcome = await self.answerer.answer(prompted)
+        self.answer_log.write(prompted)
+        return outcome
 
     def bill(self, model: str, usage: Usage, task: str | None, images: int) -> None:
         """One answer (or hop) delivered: counted, and paid for from the credits."""

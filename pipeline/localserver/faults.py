@@ -43,11 +43,17 @@ class Draw:
 class Faults:
     """Draws latency and faults for requests; counts what it injected."""
 
-    def __init__(self, rate: float, seed: int, latency_ms: float) -> None:
+    def __init__(
+        self, rate: float, seed: int, latency_ms: float, kinds: tuple[str, ...] = FAULT_KINDS
+    ) -> None:
         if not 0.0 <= rate <= 1.0:
             raise ValueError(f"fault rate must be within [0, 1], got {rate}")
         if latency_ms < 0:
             raise ValueError(f"latency must be >= 0 ms, got {latency_ms}")
+        unknown = set(kinds) - set(FAULT_KINDS)
+        if unknown or not kinds:
+            raise ValueError(f"fault kinds must be among {', '.join(FAULT_KINDS)}")
+        self.kinds = kinds  # the faults that may be injected (all by default)
         self.rate = rate
         self.seed = seed
         self.latency_ms = latency_ms
@@ -75,7 +81,7 @@ class Faults:
 
     def choose(self, draw: Draw, answer: Answer) -> str:
         """The fault for a faulty draw, among those that make sense for this answer."""
-        kinds = applicable(answer)
+        kinds = [kind for kind in applicable(answer) if kind in self.kinds] or list(self.kinds)
         kind = kinds[min(int(draw.pick * len(kinds)), len(kinds) - 1)]
         self.injected[kind] += 1
         return kind

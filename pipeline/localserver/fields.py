@@ -35,6 +35,7 @@ from pipeline.localserver.spec import (
     Union,
     Versioned,
 )
+from pipeline.models import MEDIA_RESOLUTIONS
 
 PART_RESOLUTION_VERSIONS = ("v1alpha",)  # notes, Image tokens: per-part only on v1alpha
 
@@ -244,7 +245,7 @@ CREATE_FILE_REQUEST = Message("CreateFileRequest", {"file": FILE}, sdk=("_Create
 # ---------------------------------------------------------------------------- Interactions
 
 _I = "google.genai._gaos.types.interactions."  # where the Interactions SDK types live
-RESOLUTION = Enum("MediaResolution", ("low", "medium", "high", "ultra_high"), case_sensitive=True)
+RESOLUTION = Enum("MediaResolution", MEDIA_RESOLUTIONS, case_sensitive=True)
 TEXT_CONTENT = Message(
     "TextContent",
     {"type": STRING, "text": STRING, "annotations": ListOf(ANY_OBJECT)},

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pipeline.localserver.faults import FAULT_KINDS
+
 
 @dataclass(slots=True)
 class ServerOptions:
@@ -17,6 +19,7 @@ class ServerOptions:
     rpd: int | None = None  # requests per day, per model (the day ends at midnight Pacific)
     latency_ms: float = 0.0  # mean of a seeded lognormal latency
     fault_rate: float = 0.0  # share of answers that go wrong (see faults.FAULT_KINDS)
+    fault_kinds: tuple[str, ...] = FAULT_KINDS  # which faults may be injected
     seed: int = 0
     hang_seconds: float = 300.0  # how long a "hang" fault holds the request before a 504
     replay: str | None = None  # JSONL of recorded answers by image sha256
@@ -26,6 +29,7 @@ class ServerOptions:
     quota_window_seconds: float = 60.0  # the RPM/TPM window; shorter only for tests
     decode_limit: int | None = None  # Interactions: output tokens per hop (requires_continuation)
     credit_budget_usd: float | None = None  # prepaid credits; spent: 402 (rule credits.depleted)
+    answer_log: str | None = None  # JSONL: one line per delivered answer (time, images' sha256)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

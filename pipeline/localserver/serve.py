@@ -10,6 +10,7 @@ import signal
 import socket
 import sys
 
+from pipeline.localserver.faults import FAULT_KINDS
 from pipeline.localserver.options import ServerOptions
 from pipeline.localserver.rules import describe_rules
 from pipeline.localserver.server import LocalServer, bind_socket
@@ -34,6 +35,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--fault-rate", type=float, default=0.0, help="share of requests given a fault (0-1)"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of latency and fault draws")
+    parser.add_argument(
+        "--fault-kinds",
+        default=",".join(FAULT_KINDS),
+        help=f"comma-separated faults that may be injected (default all: {','.join(FAULT_KINDS)})",
+    )
     parser.add_argument(
         "--hang-seconds",
         type=float,
@@ -83,6 +89,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="USD",
         help="prepaid credits in USD, spent at the model table's prices; then every generation "
         "answers 402 (payment_required)",
+    )
+    parser.add_argument(
+        "--answer-log",
+        metavar="FILE",
+        help="append one JSON line per delivered (paid) answer: time and the images' sha256, "
+        "to audit what a client paid for against what it kept",
     )
     parser.add_argument(
         "--rules",
@@ -150,6 +162,7 @@ def _options(args: argparse.Namespace) -> ServerOptions:
         rpd=args.rpd,
         latency_ms=args.latency_ms,
         fault_rate=args.fault_rate,
+        fault_kinds=tuple(k.strip() for k in args.fault_kinds.split(",") if k.strip()),
         seed=args.seed,
         hang_seconds=args.hang_seconds,
         replay=args.replay,
@@ -158,6 +171,7 @@ def _options(args: argparse.Namespace) -> ServerOptions:
         file_ttl_seconds=args.file_ttl_seconds,
         decode_limit=args.decode_limit,
         credit_budget_usd=args.credit_budget,
+        answer_log=args.answer_log,
     )
 
 

@@ -97,6 +97,7 @@ class LocalServer:
         self._core.answerer.closing.set()  # hung requests give up now
         runner, self._runner = self._runner, None
         await runner.cleanup()
+        self._core.answer_log.close()
 
     async def __aenter__(self) -> LocalServer:
         await self.start()

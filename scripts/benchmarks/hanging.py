@@ -1,0 +1,81 @@
+"""Hanging requests: 3% of requests never answer. How much longer does a run take?
+
+The server answers after a long-tailed 200 ms, and 3% of requests (seeded) hang for 300 s
+(`--fault-kinds hang`). The pipeline's per-attempt deadline follows the latencies it has seen
+(4 x the running p99, floored by `[api] min_timeout` = 1 s, capped by `[api] timeout` = 120 s),
+so a hung request costs about a second and is retried, not two minutes. Compared with the same
+run without faults; target: <= 1.5x its wall time. The server counts what was answered, so
+"paid twice" shows as answers above the number of images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .harness import SEED, Benchmark, Ctx, Server, run_pipeline, table, write_config
+from .scenes import make_tiny
+
+TARGET_RATIO = 1.5
+LATENCY_MS = 200
+HANG_RATE = 0.03
+
+
+@dataclass(frozen=True)
+class Sizes:
+    images: int
+    concurrency: int
+
+
+def run(ctx: Ctx[Sizes]) -> dict[str, Any]:
+    sizes = ctx.sizes
+    folders = make_tiny(ctx.images / "tiny", sizes.images)
+    results: dict[str, dict[str, Any]] = {}
+    for name, rate in (("fault-free", 0.0), ("3% hanging", HANG_RATE)):
+        options = {
+            "seed": SEED,
+            "latency_ms": LATENCY_MS,
+            "fault_rate": rate,
+            "fault_kinds": "hang",
+        }
+        with Server(ctx.logs / f"hanging-{rate}", **options) as server:
+            config = write_config(
+                ctx, f"hanging-{rate}", server.url, inputs=folders,
+                concurrency=sizes.concurrency, kind="detect",
+            )  # fmt: skip
+            proc, summary = run_pipeline(ctx, config)
+            stats = server.stats()
+        results[name] = {
+            "wall_s": round(proc.wall, 2),
+            "ok": summary["rows"].get("ok", 0),
+            "api_calls": summary["api_calls"],
+            "retries": summary["retries"],
+            "hangs_injected": stats.get("faults", {}).get("hang", 0),
+            "answers_delivered": sum(stats.get("answers_by_task", {}).values()),
+        }
+    ratio = results["3% hanging"]["wall_s"] / results["fault-free"]["wall_s"]
+    figures = {
+        "images": sizes.images,
+        "concurrency": sizes.concurrency,
+        "latency_ms": LATENCY_MS,
+        "hang_rate": HANG_RATE,
+        "results": results,
+        "wall_ratio": round(ratio, 3),
+        "target_ratio": TARGET_RATIO,
+    }
+    keys = ("wall_s", "ok", "api_calls", "retries", "hangs_injected", "answers_delivered")
+    table(
+        f"hanging: detect, {sizes.images} tiny PNGs, {LATENCY_MS} ms long-tailed latency, "
+        f"concurrency {sizes.concurrency}",
+        ["run", *keys],
+        [[name, *(r[k] for k in keys)] for name, r in results.items()],
+    )
+    print(f"3% hanging / fault-free wall time: {ratio:.2f}x (target <= {TARGET_RATIO:g}x)")
+    return figures
+
+
+BENCHMARK = Benchmark(
+    run,
+    quick=Sizes(images=1000, concurrency=16),
+    full=Sizes(images=4000, concurrency=32),
+)

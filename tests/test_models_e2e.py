@@ -1,0 +1,61 @@
+"""Runs with the current models' defaults against the strict local server: all ok, whole answers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline import exits
+from pipeline.reparse import reparse
+from pipeline.runner import RunOptions, run_async
+from tests.conftest import draw_shapes, make_config, read_rows
+
+OPTS = RunOptions(progress=False, seed=0)
+
+
+@pytest.mark.parametrize("flavor", ["generateContent", "interactions"])
+@pytest.mark.parametrize(
+    "model", ["gemini-3.8-flash", "gemini-3.7-flash", "gemini-3.5-flash", "gemini-flash-latest"]
+)
+async def test_current_models_with_their_defaults_are_all_ok(
+    images_dir: Path, tmp_path: Path, model: str, flavor: str
+) -> None:
+    """The defaults once sent thinking_level "minimal" to every 3.x model: a 400 on 3.7/3.8."""
+    truth = {}
+    for i in range(4):
+        image, shapes = draw_shapes(160, 120, seed=40 + i)
+        image.save(images_dir / f"s{i}.png")
+        truth[f"s{i}.png"] = len(shapes)
+    config = make_config(tmp_path, api={"model": model, "flavor": flavor})
+    summary = await run_async(config, OPTS)
+    assert summary.exit_code == exits.OK, summary
+    rows = read_rows(tmp_path / "out")
+    assert {r["image_path"]: len(r["objects"]) for r in rows} == truth
+    assert all(o["mask"] is not None for r in rows for o in r["objects"])
+
+
+async def test_continuation_hops_make_whole_answers_and_reparse_reads_them(
+    images_dir: Path, tmp_path: Path
+) -> None:
+    """A per-request decode limit cuts each Interactions answer into hops: the rows hold the
+    whole answer (never `partial`), the raw answer keeps every hop, and reparse agrees."""
+    for i in range(3):
+        draw_shapes(200, 160, seed=60 + i, count=3)[0].save(images_dir / f"h{i}.png")
+    config = make_config(
+        tmp_path,
+        api={"model": "gemini-3.8-flash", "flavor": "interactions"},
+        local={"decode_limit": 40},
+    )
+    summary = await run_async(config, OPTS)
+    assert summary.exit_code == exits.OK, summary
+    rows = sorted(read_rows(tmp_path / "out"), key=lambda r: r["image_path"])
+    assert {r["status"] for r in rows} == {"ok"}
+    assert all(len(r["objects"]) == 3 for r in rows)
+    for row in rows:
+        hops = json.loads(row["raw_response"])
+        assert isinstance(hops, list) and len(hops) > 1  # each hop's body, as received
+    report = await asyncio.to_thread(reparse, str(tmp_path / "out"))
+    assert report["status_changes"] == {"ok->ok": 3}

@@ -1,0 +1,173 @@
+"""Money is data: an answer the service returned is kept, and never bought twice.
+
+The local server runs in its own process and logs every answer it delivers (`--answer-log`:
+time and the images' sha256), so the audit does not trust the client: after a kill and a rerun,
+every answer delivered more than a second before the kill must be in the dataset, and the rerun
+must not have asked for any of those images again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pipeline.sink import recover
+from tests.conftest import draw_shapes, read_rows
+from tests.test_cli import ENV, REPO, wait_for
+
+LATENCY_MS = 100
+IMAGES = 200
+SEED = 20261129
+
+
+@contextlib.contextmanager
+def audited_server(log: Path, *extra: str) -> Iterator[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "serve-local", "--port", "0", "--seed", "5",
+         "--latency-ms", str(LATENCY_MS), "--answer-log", str(log), *extra],
+        stdout=subprocess.PIPE, text=True, env=ENV, cwd=REPO,
+    )  # fmt: skip
+    try:
+        line = proc.stdout.readline()
+        yield line[line.index("http://") :].split()[0]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+        proc.stdout.close()
+
+
+def job(tmp_path: Path, url: str, count: int = IMAGES) -> tuple[Path, Path]:
+    images, out = tmp_path / "images", tmp_path / "out"
+    images.mkdir(exist_ok=True)
+    for i in range(count):
+        draw_shapes(64, 48, seed=3000 + i, count=1)[0].save(images / f"p{i:04d}.png")
+    config = tmp_path / "job.toml"
+    config.write_text(
+        f'[api]\nbase_url = "{url}"\nmodel = "gemini-2.5-flash"\n'
+        f'[limits]\nconcurrency = 8\n[input]\npaths = ["{images}"]\n'
+        f'[task]\nkind = "detect"\n[output]\ndir = "{out}"\n'
+    )
+    return config, out
+
+
+def start(config: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "run", str(config), "--quiet"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env={**ENV, "GEMINI_API_KEY": "audit-key"}, cwd=REPO,
+    )  # fmt: skip
+
+
+def rerun(config: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", "run", str(config), "--quiet"],
+        capture_output=True, text=True, env={**ENV, "GEMINI_API_KEY": "audit-key"},
+        cwd=REPO, timeout=120,
+    )  # fmt: skip
+
+
+def answers(log: Path) -> list[dict]:
+    if not log.exists():
+        return []
+    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+
+
+def kept(out: Path) -> set[str]:
+    recover(out)  # what any reader (status, export) does first
+    return {row["image_sha256"] for row in read_rows(out) if row["status"] == "ok"}
+
+
+def audit(log: Path, out: Path, killed_at: float) -> None:
+    delivered = answers(log)
+    calls = Counter(sha for entry in delivered for sha in entry["sha256"])
+    early = {sha for entry in delivered if entry["t"] < killed_at - 1.0 for sha in entry["sha256"]}
+    assert early, "the kill came before any answer: nothing was tested"
+    assert early <= kept(out), "an answer delivered before the kill is missing"
+    assert all(calls[sha] == 1 for sha in early), "an answer kept before the kill was bought again"
+
+
+@pytest.mark.parametrize("instant", range(2))
+def test_kill_9_at_a_random_instant_loses_no_answer_older_than_a_second(
+    tmp_path: Path, instant: int
+) -> None:
+    rng = random.Random(SEED + instant)
+    log = tmp_path / "answers.jsonl"
+    with audited_server(log) as url:
+        config, out = job(tmp_path, url)
+        target = rng.randint(IMAGES // 2, IMAGES * 4 // 5)  # answers delivered before the kill
+        proc = start(config)
+        wait_for(lambda: len(answers(log)) >= target)
+        killed_at = time.time()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        proc.stderr.close()
+        assert rerun(config).returncode == 0
+        rows = Counter(row["image_path"] for row in read_rows(out))
+        assert len(rows) == IMAGES and set(rows.values()) == {1}
+        audit(log, out, killed_at)
+
+
+@pytest.mark.parametrize("first", [signal.SIGTERM])
+def test_a_signal_then_kill_9_two_seconds_later_loses_nothing_answered(
+    tmp_path: Path, first: int
+) -> None:
+    """A service manager's grace period: the first signal makes what is answered durable at
+    once, before waiting for the calls in flight."""
+    log = tmp_path / "answers.jsonl"
+    with audited_server(log) as url:
+        config, out = job(tmp_path, url)
+        proc = start(config)
+        wait_for(lambda: len(answers(log)) >= IMAGES // 3)
+        proc.send_signal(first)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=2)  # the grace period, not a guess at timing
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        proc.stderr.close()
+        killed_at = time.time()
+        delivered = {sha for entry in answers(log) for sha in entry["sha256"]}
+        assert delivered <= kept(out), "an answer delivered before the kill is missing"
+        assert rerun(config).returncode == 0
+        audit(log, out, killed_at)
+
+
+def test_sighup_drains_like_sigterm(tmp_path: Path) -> None:
+    log = tmp_path / "answers.jsonl"
+    with audited_server(log) as url:
+        config, out = job(tmp_path, url, count=60)
+        proc = start(config)
+        wait_for(lambda: len(answers(log)) >= 10)
+        proc.send_signal(signal.SIGHUP)
+        _, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 3, stderr
+        assert "interrupted" in stderr and "Traceback" not in stderr
+        assert {sha for e in answers(log) for sha in e["sha256"]} <= kept(out)
+
+
+def test_output_inside_the_input_folder_is_never_walked(tmp_path: Path) -> None:
+    log = tmp_path / "answers.jsonl"
+    with audited_server(log) as url:
+        config, _ = job(tmp_path, url, count=5)
+        inside = tmp_path / "images" / "dataset"
+        config.write_text(config.read_text().replace(str(tmp_path / "out"), str(inside)))
+        for _ in range(2):  # the second run would see the first's parts, state and runs/
+            result = rerun(config)
+            assert result.returncode == 0, result.stderr
+    rows = read_rows(inside)
+    assert sorted(r["image_path"] for r in rows) == [f"p{i:04d}.png" for i in range(5)]
+    assert len(answers(log)) == 5
+
+
+if os.name != "posix":  # signals and /proc: Linux only, like the pipeline's own tests
+    pytestmark = pytest.mark.skip("POSIX only")
