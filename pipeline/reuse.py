@@ -1,5 +1,8 @@
 """Answers already bought: the same bytes under the same settings are paid for once.
 
+"The same bytes" is a key's sha256: a file's, or a group's (its members' sha256s in order,
+records.group_sha256), so the same images grouped under another name are not paid twice either.
+
 `find(key, sha256)` looks in three tiers, cheapest first; `remember` / `claim` keep them fed:
 
 1. in flight — a call for this key is running now (the twin of a file being answered): wait for

@@ -96,3 +96,40 @@ async def test_the_local_server_answers_about_every_image_but_the_references(
             else:
                 x0, y0, x1, y1 = shape.box
                 assert any(x0 <= o["xy"][0] <= x1 and y0 <= o["xy"][1] <= y1 for o in placed)
+
+
+@pytest.mark.parametrize("flavor", ["generateContent", "interactions"])
+@pytest.mark.parametrize("model", ["gemini-2.5-flash", "gemini-3-flash-preview"])
+async def test_a_group_with_references_is_valid_for_the_sdk_and_the_service(
+    flavor: str, model: str
+) -> None:
+    """Captions, inline and uploaded images mixed: the SDK's own types take the body (unknown
+    fields refused), and the strict server answers it."""
+    from tests.test_wire_requests import assert_sdk_takes_generate, assert_sdk_takes_interaction
+
+    image = _png(draw_shapes(96, 64, seed=3, count=1)[0])
+    settings = TaskSettings(
+        kind="segment" if "2.5" in model else "detect",
+        model=model,
+        flavor=flavor,
+        grouped=True,
+        reference_images=(Reference("r.png", "an example"),),
+    )
+    async with (
+        LocalServer(ServerOptions()) as server,
+        GeminiClient("key", base_url=server.base_url) as client,
+    ):
+        uploaded = await client.upload_file(image, "image/png")
+        request = request_with_images(
+            get_task(settings.kind).request(settings),
+            [ImagePart("image/png", data=image, caption=reference_caption(1, "an example"))],
+            [ImagePart("image/png", file_uri=uploaded.uri), ImagePart("image/png", data=image)],
+            captioned=True,
+        )
+        if flavor == "generateContent":
+            assert_sdk_takes_generate(build_generate_content_body(request))
+        else:
+            assert_sdk_takes_interaction(build_interaction_body(request))
+        response = await client.generate(request, flavor=flavor)
+    parsed = read_answer(response, 0, 0, settings, [(96, 64), (96, 64)])
+    assert parsed.status == "ok" and {o["image"] for o in parsed.objects} == {0, 1}

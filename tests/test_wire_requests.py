@@ -46,6 +46,7 @@ KINDS = {
             "required": ["count"],
         },
     },
+    "point": {},
 }
 FLAVORS = ("generateContent", "interactions")
 # (name, [task] settings, [api] version): what users change
