@@ -39,7 +39,7 @@ from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from pipeline import images
-from pipeline.config import Config
+from pipeline.config import Config, ConfigError
 from pipeline.failures import Action, Health, Verdict, daily_quota, judge, project_refused
 from pipeline.gemini import GeminiClient, GeminiError
 from pipeline.gemini.tokens import image_tokens, text_tokens
@@ -187,6 +187,13 @@ class Caller:
             + len(json.dumps(schema or {}))
             + self.references.inline_bytes
         )
+        if self.references.inline_bytes and self.overhead > config.inline_limit_bytes:
+            # every request would be refused: a config to change, not a pile of error rows
+            raise ConfigError(
+                f"{config.source}: [task] reference_images: the prompt and the inline reference "
+                f"images take {self.overhead:,} bytes, over [api] inline_limit_mb "
+                f'({config.api.inline_limit_mb:g} MB): use [images] mode = "auto" or "upload"'
+            )
 
     # ------------------------------------------------------------------------------- the call
     async def call(self, unit: Unit) -> Outcome:

@@ -247,3 +247,19 @@ def test_the_shipped_reference_config_reads_its_references() -> None:
     (loaded,) = load(config)
     assert loaded.caption.startswith("Reference image 1: a circle")
     assert loaded.item.data and (loaded.item.width, loaded.item.height) == (128, 128)
+
+
+async def test_references_forced_inline_over_the_limit_stop_before_any_row(
+    images_dir: Path, tmp_path: Path
+) -> None:
+    _targets(images_dir, 2)
+    _big_reference(tmp_path / "big.png")
+    config = make_config(
+        tmp_path,
+        task={"kind": "detect", "reference_images": ["big.png"]},
+        images={"mode": "inline"},
+        api={"inline_limit_mb": 0.25},
+    )
+    with pytest.raises(ConfigError, match=r"inline reference images take .* use \[images\] mode"):
+        await run(config)
+    assert not read_rows(tmp_path / "out")
