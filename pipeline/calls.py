@@ -122,10 +122,8 @@ class Caller:
         self.health = Health()
         self.counters = Counters()
         self.deadlines = Deadlines(config.api.min_timeout, config.api.timeout)
-        prompt_text = (request.system_instruction or "") + request.prompt
-        self.est_prompt_tokens = text_tokens(prompt_text)
-        schema = request.response_schema or request.response_json_schema
-        self.overhead = REQUEST_OVERHEAD + len(prompt_text.encode()) + len(json.dumps(schema or {}))
+        self.est_prompt_tokens = text_tokens((request.system_instruction or "") + request.prompt)
+        self.overhead = request_overhead(request)
 
     # ------------------------------------------------------------------------------- the call
     async def call(self, item: ImageItem) -> Outcome:
@@ -137,8 +135,7 @@ class Caller:
         est = est_image + self.est_prompt_tokens
         mode = self._mode(item)
         if mode is None:
-            limit = f"{self.config.api.inline_limit_mb:g} MB"
-            reason = f"the request would exceed the inline limit of {limit}; use mode auto"
+            reason = inline_refusal(self.config)
             return Outcome(Parsed("error", error=reason), None, 0, 0.0, "inline", est_image, est)
         started = time.monotonic()
         attempts, last = 0, "stopped before an answer"
@@ -224,12 +221,7 @@ class Caller:
 
     # -------------------------------------------------------------------------- inline/upload
     def _mode(self, item: ImageItem) -> str | None:
-        """inline or upload; None when inline is forced and the request would not fit."""
-        mode = self.config.images.mode
-        fits = (item.send_size + 2) // 3 * 4 + self.overhead <= self.config.inline_limit_bytes
-        if mode == "auto":
-            return "inline" if fits else "upload"
-        return None if mode == "inline" and not fits else mode
+        return send_mode(self.config, item, self.overhead)
 
     async def _image_part(self, item: ImageItem, mode: str) -> ImagePart:
         if mode == "inline":
@@ -255,6 +247,29 @@ class Caller:
     ) -> Outcome:
         parsed = Parsed("error", error=reason)
         return Outcome(parsed, None, attempts, _ms(started), mode, est_image, est, retryable)
+
+
+def request_overhead(request: GenerateRequest) -> int:
+    """Bytes of a request besides its image (prompt, system instruction, schema, JSON)."""
+    prompt_text = (request.system_instruction or "") + request.prompt
+    schema = request.response_schema or request.response_json_schema
+    return REQUEST_OVERHEAD + len(prompt_text.encode()) + len(json.dumps(schema or {}))
+
+
+def send_mode(config: Config, item: ImageItem, overhead: int) -> str | None:
+    """inline or upload (`[images] mode`, the inline limit); None when inline is forced and the
+    request would not fit. Batch Mode decides the same way for each line of its JSONL."""
+    mode = config.images.mode
+    fits = (item.send_size + 2) // 3 * 4 + overhead <= config.inline_limit_bytes
+    if mode == "auto":
+        return "inline" if fits else "upload"
+    return None if mode == "inline" and not fits else mode
+
+
+def inline_refusal(config: Config) -> str:
+    """The error of an image that must go inline and does not fit."""
+    limit = f"{config.api.inline_limit_mb:g} MB"
+    return f"the request would exceed the inline limit of {limit}; use mode auto"
 
 
 def _daily_limit(limit: int | None) -> Verdict:

@@ -230,6 +230,7 @@ class SingleProcess:
         s.finished_at = datetime.now(UTC).isoformat()
         s.seen, s.skipped = producer.seen, producer.skipped
         s.rows, s.tokens, s.copied = runner.counts.rows, runner.counts.tokens, runner.counts.copied
+        s.cost_usd = round(runner.counts.cost_usd, 6)
         calls = caller.counters
         s.api_calls, s.retries, s.throttled = calls.api_calls, calls.retries, calls.throttled
         s.uploads, s.uploads_reused = caller.uploads.made, caller.uploads.reused
