@@ -197,6 +197,9 @@ class BatchProcess(SingleProcess):
         with --submit-only, leave them to a later run)."""
         stop = self.stop
         assert stop is not None
+        # Taken before any collection: a file of a job collected from here on is committed
+        # after the resume index was read, and must be skipped all the same.
+        in_flight = DigestSet(state.in_flight_fingerprints())
         await guarded(stop, jobs.check_all())
         submission = Submission(self, jobs, runner, state, out / FOLDER)
         walked = asyncio.Event()
@@ -204,18 +207,17 @@ class BatchProcess(SingleProcess):
             guarded(stop, jobs.follow(walked, wait_for_all=not self.options.submit_only))
         )
         try:
-            await self._walk(submission, index, state)
+            await self._walk(submission, _Skip(index, in_flight))
         finally:
             walked.set()
             await submission.interactive.wait()
             await following
 
-    async def _walk(self, submission: Submission, index: ResumeIndex, state: State) -> None:
+    async def _walk(self, submission: Submission, skip: _Skip) -> None:
         """The walking thread feeds `submission` in batches (as engines/single.py does)."""
         stop = self.stop
         assert stop is not None
-        in_flight = DigestSet(state.in_flight_fingerprints())
-        producer = Producer(self.config, _Skip(index, in_flight), self.options.limit)
+        producer = Producer(self.config, skip, self.options.limit)
         self.producer = producer
         batches: asyncio.Queue[list[SourceFile] | None] = asyncio.Queue(maxsize=2)
         loop = asyncio.get_running_loop()
