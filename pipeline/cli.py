@@ -156,17 +156,19 @@ def _batch_config(args: argparse.Namespace) -> Config | None:
 
 
 def _batch_status(args: argparse.Namespace) -> int:
-    from pipeline.engines import batch
+    from pipeline import batchjobs
 
-    report = asyncio.run(batch.status(args.output_dir, _batch_config(args)))
-    print(json.dumps(report, indent=2) if args.json else batch.format_status(report))
+    report = asyncio.run(batchjobs.status(args.output_dir, _batch_config(args)))
+    print(json.dumps(report, indent=2) if args.json else batchjobs.format_status(report))
     return 0
 
 
 def _batch_wait(args: argparse.Namespace) -> int:
-    from pipeline.engines import batch
+    from pipeline import batchjobs
 
-    summary = asyncio.run(batch.wait(args.output_dir, _batch_config(args), progress=not args.quiet))
+    summary = asyncio.run(
+        batchjobs.wait(args.output_dir, _batch_config(args), progress=not args.quiet)
+    )
     rows = dict(summary.rows)
     _say(f"{summary.run_id}: {sum(rows.values())} rows {rows}, ${summary.cost_usd:,.4f}")
     _say_batch(summary)
@@ -176,9 +178,9 @@ def _batch_wait(args: argparse.Namespace) -> int:
 
 
 def _batch_cancel(args: argparse.Namespace) -> int:
-    from pipeline.engines import batch
+    from pipeline import batchjobs
 
-    cancelled = asyncio.run(batch.cancel(args.output_dir, _batch_config(args)))
+    cancelled = asyncio.run(batchjobs.cancel(args.output_dir, _batch_config(args)))
     for job in cancelled:
         print(f"{job['name']}: {job.get('state') or job.get('error')}")
     if not cancelled:

@@ -20,10 +20,9 @@ from typing import Any
 import pytest
 from PIL.PngImagePlugin import PngInfo
 
-from pipeline import dataset, exits
+from pipeline import batchjobs, dataset, exits
 from pipeline.cli import main
 from pipeline.config import ConfigError
-from pipeline.engines import batch as batch_engine
 from pipeline.gemini import GeminiClient
 from pipeline.localserver import LocalServer, ServerOptions
 from pipeline.runner import RunOptions, run_async
@@ -286,9 +285,9 @@ async def test_cancel_then_wait_reports_the_job_and_the_next_run_sends_its_image
     tiny_images(tmp_path / "images", 5)
     config = batch_config(tmp_path, base_url=server.base_url)
     await run(config, submit_only=True)
-    cancelled = await batch_engine.cancel(str(tmp_path / "out"))
+    cancelled = await batchjobs.cancel(str(tmp_path / "out"))
     assert [job["state"] for job in cancelled] == ["JOB_STATE_CANCELLED"]
-    waited = await batch_engine.wait(str(tmp_path / "out"), progress=False)
+    waited = await batchjobs.wait(str(tmp_path / "out"), progress=False)
     assert waited.exit_code == exits.STOPPED and "CANCELLED" in waited.stop_reason
     assert waited.batch["jobs_ended"][0]["state"] == "CANCELLED" and not waited.rows
     redone = await run_through(config, server, clock, 2)
@@ -300,7 +299,7 @@ async def test_wait_collects_the_jobs_of_an_output_without_its_config(server, cl
     await run(
         batch_config(tmp_path, base_url=server.base_url, task={"kind": "detect"}), submit_only=True
     )
-    report = await batch_engine.status(str(tmp_path / "out"))
+    report = await batchjobs.status(str(tmp_path / "out"))
     (job,) = report["jobs"]
     assert (job["phase"], job["live"]["state"], job["live"]["requests"]) == (
         "submitted",
@@ -308,14 +307,12 @@ async def test_wait_collects_the_jobs_of_an_output_without_its_config(server, cl
         4,
     )
     clock.now += 61
-    waited = await batch_engine.wait(str(tmp_path / "out"), progress=False)
+    waited = await batchjobs.wait(str(tmp_path / "out"), progress=False)
     rows = current(tmp_path / "out")
     assert waited.exit_code == exits.OK and len(rows) == 4
     assert {row["task"] for row in rows.values()} == {"detect"}  # parsed as the job's task
     assert all(row["objects"] and row["objects"][0]["mask"] is None for row in rows.values())
-    assert "collected" in batch_engine.format_status(
-        await batch_engine.status(str(tmp_path / "out"))
-    )
+    assert "collected" in batchjobs.format_status(await batchjobs.status(str(tmp_path / "out")))
 
 
 # ------------------------------------------------------------------------------- what went wrong
