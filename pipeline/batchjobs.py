@@ -89,6 +89,8 @@ class Counts:
         self.result_lines = 0
         self.missing = 0  # requests of collected jobs without a result line: left for later
         self.first_job_s: float | None = None  # from the start of the run to the first create
+        self.submitted_s: float | None = None  # ... to the end of the walk (every job created)
+        self.collect_s = 0.0  # spent collecting: download, parse, rows, commit
         self.ended: list[dict[str, Any]] = []  # FAILED / CANCELLED / EXPIRED / lost jobs
         self.elsewhere = 0  # jobs in flight at another endpoint (not followed by this run)
 
@@ -104,7 +106,12 @@ class Counts:
             "jobs_in_flight": in_flight,
             "jobs_at_other_endpoints": self.elsewhere,
             "first_job_created_s": self.first_job_s,
+            "all_submitted_s": self.submitted_s,
+            "collect_s": round(self.collect_s, 3),
         }
+
+    def since_start(self) -> float:
+        return round(time.monotonic() - self.started, 3)
 
 
 @dataclasses.dataclass
@@ -344,6 +351,7 @@ class Jobs:
     # ----------------------------------------------------------------------- collecting
     async def _collect(self, job: BatchJobRecord, remote: BatchJob) -> None:
         """Rows for every result of a succeeded job, committed; then its files deleted."""
+        started = time.monotonic()
         reader = Collector(self, job, remote)
         try:
             await reader.read()
@@ -352,6 +360,7 @@ class Jobs:
         if self.stop.state == "abandoning":
             return  # not recorded: the next run collects it again (no new call, no new cost)
         await self.sink.flush()
+        self.how.batch.collect_s += time.monotonic() - started
         self.state.update_batch_job(job.id, phase="collected", service_state=remote.state)
         await self._delete_files(job.id)
         self.how.batch.collected += 1

@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -180,6 +179,7 @@ class BatchProcess(SingleProcess):
                     await guarded(stop, submission.take(src))
             if stop.running:
                 await guarded(stop, submission.finish())
+                self.counts.submitted_s = self.counts.since_start()
         finally:
             producer.halt.set()
             _drain(batches)
@@ -452,7 +452,7 @@ class Submission:
         counts.requests += job.requests
         counts.jsonl_bytes += job.bytes
         if counts.first_job_s is None:
-            counts.first_job_s = round(time.monotonic() - counts.started, 3)
+            counts.first_job_s = counts.since_start()
         self.say(f"batch job {created.name} created: {job.requests} requests ({job.display_name})")
 
 

@@ -4,7 +4,8 @@
                    processes, generated configs and `pipeline run`, the record, the tables
     scenes.py      the seeded images: 384-px scenes and 32x32 tiny PNGs
     plots.py       the chart drawn into docs/bench/*.png
-    throughput.py  latency.py  rate.py  memory.py  resume.py  profile.py   one benchmark each
+    throughput.py  latency.py  rate.py  memory.py  resume.py  profile.py  batch.py
+                   one benchmark each
 
 A benchmark is a module that ends with
 
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import latency, memory, profile, rate, resume, throughput
+from . import batch, latency, memory, profile, rate, resume, throughput
 from .harness import Benchmark
 
 BENCHMARKS: dict[str, Benchmark[Any]] = {
@@ -31,4 +32,5 @@ BENCHMARKS: dict[str, Benchmark[Any]] = {
     "memory": memory.BENCHMARK,
     "resume": resume.BENCHMARK,
     "profile": profile.BENCHMARK,
+    "batch": batch.BENCHMARK,
 }
