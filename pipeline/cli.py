@@ -47,6 +47,11 @@ def _run(args: argparse.Namespace) -> int:
     )
     if args.submit_only and config.api.mode != "batch":
         raise ConfigError('--submit-only needs Batch Mode: add --batch (or [api] mode = "batch")')
+    if args.submit_only and config.api.base_url == "local":
+        raise ConfigError(
+            f'{config.source}: [api] base_url = "local": the in-process server, and its jobs, '
+            "end with the run; for --submit-only run `pipeline serve-local` and use its URL"
+        )
     summary = run(config, options)
     rows = dict(summary.rows)
     recovered = f", {summary.recovered} recovered from a killed run" if summary.recovered else ""

@@ -398,4 +398,7 @@ def test_the_commands(tmp_path, capsys, monkeypatch):
     report = json.loads(capsys.readouterr().out)
     assert [job["phase"] for job in report["jobs"]] == ["collected"]
     assert main(["run", str(config), "--submit-only"]) == exits.USAGE  # needs --batch
+    # the in-process server's jobs end with the run: nothing could collect them later
+    assert main(["run", str(config), "--batch", "--submit-only"]) == exits.USAGE
+    assert "serve-local" in capsys.readouterr().err
     assert main(["batch", "status", str(tmp_path / "nowhere")]) == exits.USAGE
