@@ -56,7 +56,7 @@ from pipeline.tasks.base import TaskSettings
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 FOLDER = ".batch"  # in the output folder: JSONL inputs being built, results being read
-BACKOFF = 1.5  # the wait between polls grows so while nothing changes (the SDK's multiplier)
+BACKOFF = 1.5  # the poll wait grows so while idle (SDK _transformers.LRO_POLLING_MULTIPLIER)
 ATTEMPTS = 6  # tries of a job's creation refused for a passing reason (the caps, a 5xx)
 LOCAL_GONE = "created by an in-process local server (gone with its run)"
 Say = Callable[[str], None]

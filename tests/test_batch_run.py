@@ -362,6 +362,44 @@ async def test_an_expired_job_is_reported_and_its_images_left_for_the_next_run(t
     assert dict(again.rows) == {"ok": 5}
 
 
+async def test_a_job_whose_every_line_is_refused_alike_is_the_runs_failure(tmp_path):
+    tiny_images(tmp_path / "images", 10)
+    # A model entry claiming a thinking budget the model does not take (the server's table says
+    # so): every request is refused the same way. The run's fault, not the images': no rows.
+    budget = {"thinking": {"control": "budget", "min": 1, "max": 100, "off": True}}
+    refused = batch_config(
+        tmp_path,
+        api={"model": "gemini-2.0-flash"},
+        task={"kind": "detect"},
+        models={"gemini-2.0-flash": budget},
+    )
+    summary = await run(refused)
+    assert summary.exit_code == exits.USAGE and not summary.rows
+    assert "failed the same way" in summary.stop_reason
+    assert "thinking_config is not supported" in summary.stop_reason
+    assert not read_rows(tmp_path / "out")  # the files are sent again once the config is fixed
+
+
+async def test_a_job_the_service_no_longer_knows_is_reported_and_sent_again(tmp_path):
+    tiny_images(tmp_path / "images", 3)
+    slow = batch_config(tmp_path, local={"batch_seconds": 60})
+    await run(slow, submit_only=True)  # its in-process server, and the job, end with the run
+    lost = await run(batch_config(tmp_path))  # a new server: it never heard of the job
+    assert lost.exit_code == exits.STOPPED and lost.batch["jobs_ended"][0]["state"] == "LOST"
+    assert not lost.rows  # its files were in flight when this run walked: the next run sends
+    again = await run(batch_config(tmp_path))
+    assert dict(again.rows) == {"ok": 3}
+
+
+async def test_wait_reports_the_jobs_of_a_gone_in_process_server(tmp_path):
+    tiny_images(tmp_path / "images", 2)
+    await run(batch_config(tmp_path, local={"batch_seconds": 60}), submit_only=True)
+    waited = await batchjobs.wait(str(tmp_path / "out"), progress=False)
+    assert waited.exit_code == exits.STOPPED
+    assert waited.batch["jobs_ended"][0]["why"] == batchjobs.LOCAL_GONE
+    assert dict((await run(batch_config(tmp_path))).rows) == {"ok": 2}
+
+
 async def test_big_images_are_uploaded_before_the_job_and_deleted_with_its_jsonl(
     server, clock, tmp_path
 ):
