@@ -33,7 +33,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from pipeline import exits
 from pipeline.calls import SMALL_BYTES, SMALL_PIXELS, RunStopped
@@ -225,27 +225,28 @@ class Jobs:
                     )
                 )
             except GeminiError as exc:
-                if not exc.retryable or attempt == ATTEMPTS:
-                    return await self._refused(job, exc, display_name)
+                if not exc.retryable:
+                    await self._refused(job, exc)
                 try:
-                    found = await self._find(display_name)
+                    created = await self._find(display_name)
                 except GeminiError:
-                    return None
-                if found is None:
+                    return None  # cannot tell whether it exists: a later pass looks again
+                if created is None and attempt == ATTEMPTS:
+                    await self._refused(job, exc)
+                if created is None:
                     await self._wait_for_room(exc, attempt)
                     continue
-                created = found
             self.state.update_batch_job(
                 job, phase="submitted", name=created.name, service_state=created.state
             )
             return created
         raise AssertionError("unreachable")
 
-    async def _refused(self, job: int, error: GeminiError, display_name: str) -> None:
-        if error.retryable and await self._find(display_name) is not None:
-            return None  # it exists after all: a later pass adopts it
+    async def _refused(self, job: int, error: GeminiError) -> NoReturn:
+        """The job does not exist and will not: dropped (its files are sent again), and the
+        run stops saying why."""
         await self.drop(job)
-        raise RunStopped(job_verdict(error, "the service refused the batch job")) from None
+        raise RunStopped(job_verdict(error, "the service refused the batch job"))
 
     async def _find(self, display_name: str) -> BatchJob | None:
         """The project's job with this display name (raises GeminiError when it cannot tell)."""

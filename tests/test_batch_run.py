@@ -241,6 +241,29 @@ async def test_submit_only_then_a_later_run_collects_and_submits_what_is_new(
     assert len(current(tmp_path / "out")) == 8 and server.stats()["batches"]["created"] == 2
 
 
+@pytest.mark.parametrize(
+    ("ours", "services", "refusals"),
+    [(1, 100, 0), (100, 1, 1)],
+    ids=["our-cap-waits", "the-services-429-waits"],
+)
+async def test_a_new_job_waits_for_room_under_either_cap(
+    tmp_path, monkeypatch, ours, services, refusals
+):
+    monkeypatch.setenv("GEMINI_API_KEY", KEY)
+    tiny_images(tmp_path / "images", 4)
+    options = ServerOptions(batch_seconds=0.2, batch_max_jobs=services)
+    async with LocalServer(options) as server:
+        config = batch_config(
+            tmp_path,
+            base_url=server.base_url,
+            batch={"requests_per_job": 2, "max_jobs": ours, "poll_seconds": 0.05},
+        )
+        summary = await run(config)
+        refused = server.stats()["refused_by_rule"].get("batch.limit", 0)
+    assert dict(summary.rows) == {"ok": 4} and summary.batch["jobs_created"] == 2
+    assert (refused >= 1) == bool(refusals)  # the second create waited for the first job
+
+
 async def test_a_lost_create_answer_is_found_by_its_display_name(server, clock, tmp_path):
     tiny_images(tmp_path / "images", 4)
     config = batch_config(tmp_path, base_url=server.base_url)
