@@ -15,7 +15,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.models import ModelTable, lookup
+from pipeline.models import ModelTable, default_table, lookup
 
 BATCH_MODE = "batch"  # the `input_mode` of a row answered in Batch Mode
 
@@ -36,45 +36,41 @@ def row_cost(row: dict[str, Any], table: ModelTable | None = None) -> float | No
 def _cost(
     model: str, day: date | None, batch: bool, prompt: int, output: int, table: ModelTable | None
 ) -> float | None:
-    price = lookup(model, table).price(day)
+    known = (table or default_table()).is_known(model) if model else False
+    price = lookup(model, table).price(day) if known else None
     return None if price is None else price.cost(prompt, output, batch=batch)
 
 
 def table_cost(rows: pa.Table, table: ModelTable | None = None) -> dict[str, Any]:
     """The bill of every row of `rows` (columns model, input_mode, completed_at and the token
     counts), by mode: {"usd", "interactive_usd", "batch_usd", "unpriced_rows"}."""
+    bill = {"usd": 0.0, "interactive_usd": 0.0, "batch_usd": 0.0, "unpriced_rows": 0}
+    for group in _billed_groups(rows):
+        model, day, batch = group["model"], group["day"], group["batch"]
+        usd = _cost(model, day, batch, group["prompt_sum"], group["output_sum"], table)
+        if usd is None:
+            bill["unpriced_rows"] += group["prompt_count"]
+            continue
+        bill["batch_usd" if batch else "interactive_usd"] += usd
+        bill["usd"] += usd
+    return {k: round(v, 6) if isinstance(v, float) else v for k, v in bill.items()}
+
+
+def _billed_groups(rows: pa.Table) -> list[dict[str, Any]]:
+    """Billed tokens summed by model, mode and day (a row without a time: today's price)."""
     billed = rows.filter(pc.is_valid(rows.column("prompt_tokens")))
-    day = pc.cast(pc.fill_null(billed.column("completed_at"), 0), pa.date32())
     output = pc.add(
         pc.fill_null(billed.column("output_tokens"), 0),
         pc.fill_null(billed.column("thoughts_tokens"), 0),
     )
-    grouped = (
-        pa.table(
-            {
-                "model": pc.fill_null(billed.column("model"), ""),
-                "batch": pc.fill_null(pc.equal(billed.column("input_mode"), BATCH_MODE), False),
-                "day": day,
-                "prompt": pc.cast(billed.column("prompt_tokens"), pa.int64()),
-                "output": pc.cast(output, pa.int64()),
-            }
-        )
-        .group_by(["model", "batch", "day"])
-        .aggregate([("prompt", "sum"), ("output", "sum"), ("prompt", "count")])
+    keyed = pa.table(
+        {
+            "model": pc.fill_null(billed.column("model"), ""),
+            "batch": pc.fill_null(pc.equal(billed.column("input_mode"), BATCH_MODE), False),
+            "day": pc.cast(billed.column("completed_at"), pa.date32()),
+            "prompt": pc.cast(billed.column("prompt_tokens"), pa.int64()),
+            "output": pc.cast(output, pa.int64()),
+        }
     )
-    bill = {"usd": 0.0, "interactive_usd": 0.0, "batch_usd": 0.0, "unpriced_rows": 0}
-    for group in grouped.to_pylist():
-        usd = _cost(
-            group["model"],
-            group["day"],
-            group["batch"],
-            group["prompt_sum"],
-            group["output_sum"],
-            table,
-        )
-        if usd is None:
-            bill["unpriced_rows"] += group["prompt_count"]
-            continue
-        bill["batch_usd" if group["batch"] else "interactive_usd"] += usd
-        bill["usd"] += usd
-    return {k: round(v, 6) if isinstance(v, float) else v for k, v in bill.items()}
+    sums = [("prompt", "sum"), ("output", "sum"), ("prompt", "count")]
+    return keyed.group_by(["model", "batch", "day"]).aggregate(sums).to_pylist()
