@@ -113,6 +113,8 @@ class BatchProcess(SingleProcess):
             with _signals(asyncio.get_running_loop(), stop, sink):
                 await guarded(stop, jobs.recover())
                 await self._work(jobs, runner, index, state, out)
+                if self.config.images.delete_uploads and stop.running:  # interactive retries'
+                    await guarded(stop, caller.uploads.delete_all())  # (never a job's images)
             report_ended(stop, self.counts)
             assert self.producer is not None
             self._summarise(self.producer, runner, caller, sink)
