@@ -140,7 +140,7 @@ async def guarded(stop: Stop, work: Awaitable[Any]) -> None:
         pass
     except RunStopped as exc:
         stop.drain(exc.verdict.reason, exc.verdict.hint, exc.verdict.exit_code)
-    except SinkFailed as exc:
+    except (SinkFailed, OSError) as exc:  # OSError: a job's JSONL or results file on disk
         stop.drain(f"the output cannot be written: {exc}", _sink_hint())
 
 
