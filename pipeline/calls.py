@@ -180,13 +180,7 @@ class Caller:
         captions = [reference.caption for reference in references]
         self.est_prompt_tokens = text_tokens(prompt_text) + sum(map(text_tokens, captions))
         self.reference_tokens = sum(self._image_tokens(ref.item) for ref in references)
-        schema = request.response_schema or request.response_json_schema
-        self.overhead = (
-            REQUEST_OVERHEAD
-            + len(prompt_text.encode())
-            + len(json.dumps(schema or {}))
-            + self.references.inline_bytes
-        )
+        self.overhead = request_overhead(request) + self.references.inline_bytes
         if self.references.inline_bytes and self.overhead > config.inline_limit_bytes:
             # every request would be refused: a config to change, not a pile of error rows
             raise ConfigError(
@@ -373,9 +367,7 @@ class Caller:
             elif mode == "auto":
                 modes.append("upload")
             else:
-                limit = f"{self.config.api.inline_limit_mb:g} MB"
-                why = f"the request would exceed the inline limit of {limit}; use mode auto"
-                return ("inline",) * len(unit.items), why
+                return ("inline",) * len(unit.items), inline_refusal(self.config)
         return tuple(modes), None
 
     async def _image_part(self, item: ImageItem, mode: str) -> ImagePart:
@@ -406,6 +398,29 @@ class Caller:
     ) -> Outcome:
         parsed = Parsed("error", error=reason)
         return Outcome(parsed, None, attempts, _ms(started), mode, est_image, est, retryable)
+
+
+def request_overhead(request: GenerateRequest) -> int:
+    """Bytes of a request besides its image (prompt, system instruction, schema, JSON)."""
+    prompt_text = (request.system_instruction or "") + request.prompt
+    schema = request.response_schema or request.response_json_schema
+    return REQUEST_OVERHEAD + len(prompt_text.encode()) + len(json.dumps(schema or {}))
+
+
+def send_mode(config: Config, item: ImageItem, overhead: int) -> str | None:
+    """inline or upload (`[images] mode`, the inline limit); None when inline is forced and the
+    request would not fit. Batch Mode decides the same way for each line of its JSONL."""
+    mode = config.images.mode
+    fits = inline_size(item) + overhead <= config.inline_limit_bytes
+    if mode == "auto":
+        return "inline" if fits else "upload"
+    return None if mode == "inline" and not fits else mode
+
+
+def inline_refusal(config: Config) -> str:
+    """The error of an image that must go inline and does not fit."""
+    limit = f"{config.api.inline_limit_mb:g} MB"
+    return f"the request would exceed the inline limit of {limit}; use mode auto"
 
 
 def _daily_limit(limit: int | None) -> Verdict:

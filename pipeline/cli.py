@@ -1,8 +1,9 @@
-"""The `pipeline` command: run, status, estimate, reparse, export, render, serve-local."""
+"""The `pipeline` command: run, status, estimate, reparse, export, render, serve-local, batch."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import os
@@ -17,6 +18,7 @@ from pipeline.sink import OutputDirBusy
 
 if TYPE_CHECKING:
     from pipeline.config import Config
+    from pipeline.summary import RunSummary
 
 EPILOG = exits.EPILOG
 
@@ -37,20 +39,43 @@ def _run(args: argparse.Namespace) -> int:
 
     config = _config(args)
     require_inputs(config)
-    summary = run(
-        config,
-        RunOptions(retry_errors=args.retry_errors, limit=args.limit, progress=not args.quiet),
+    options = RunOptions(
+        retry_errors=args.retry_errors,
+        limit=args.limit,
+        progress=not args.quiet,
+        submit_only=args.submit_only,
     )
+    if args.submit_only and config.api.mode != "batch":
+        raise ConfigError('--submit-only needs Batch Mode: add --batch (or [api] mode = "batch")')
+    if args.submit_only and config.api.base_url == "local":
+        raise ConfigError(
+            f'{config.source}: [api] base_url = "local": the in-process server, and its jobs, '
+            "end with the run; for --submit-only run `pipeline serve-local` and use its URL"
+        )
+    summary = run(config, options)
     rows = dict(summary.rows)
     recovered = f", {summary.recovered} recovered from a killed run" if summary.recovered else ""
     _say(
         f"run {summary.run_id}: {sum(rows.values())} rows {rows}, skipped {summary.skipped} "
-        f"already done{recovered}, {summary.api_calls} API calls, {summary.throttled} 429s -> "
-        f"{config.output.dir}"
+        f"already done{recovered}, {summary.api_calls} API calls, {summary.throttled} 429s, "
+        f"${summary.cost_usd:,.4f} -> {config.output.dir}"
     )
+    _say_batch(summary)
     if summary.stop_reason:
         _say(f"stopped: {summary.stop_reason}. {summary.resume_hint}")
+    elif summary.resume_hint:
+        _say(summary.resume_hint)
     return summary.exit_code
+
+
+def _say_batch(summary: RunSummary) -> None:
+    batch = summary.batch
+    if batch:
+        _say(
+            f"batch: {batch['jobs_created']} jobs created ({batch['requests_submitted']} "
+            f"requests), {batch['jobs_collected']} collected, {len(batch['jobs_ended'])} ended "
+            f"without results, {batch['jobs_in_flight']} in flight"
+        )
 
 
 def _say(text: str) -> None:
@@ -130,6 +155,44 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _batch_config(args: argparse.Namespace) -> Config | None:
+    """`--config` of a `pipeline batch` command: its endpoint and [batch] settings, if given."""
+    return load_config(args.config) if args.config else None
+
+
+def _batch_status(args: argparse.Namespace) -> int:
+    from pipeline import batchjobs
+
+    report = asyncio.run(batchjobs.status(args.output_dir, _batch_config(args)))
+    print(json.dumps(report, indent=2) if args.json else batchjobs.format_status(report))
+    return 0
+
+
+def _batch_wait(args: argparse.Namespace) -> int:
+    from pipeline import batchjobs
+
+    summary = asyncio.run(
+        batchjobs.wait(args.output_dir, _batch_config(args), progress=not args.quiet)
+    )
+    rows = dict(summary.rows)
+    _say(f"{summary.run_id}: {sum(rows.values())} rows {rows}, ${summary.cost_usd:,.4f}")
+    _say_batch(summary)
+    if summary.stop_reason:
+        _say(f"stopped: {summary.stop_reason}. {summary.resume_hint}")
+    return summary.exit_code
+
+
+def _batch_cancel(args: argparse.Namespace) -> int:
+    from pipeline import batchjobs
+
+    cancelled = asyncio.run(batchjobs.cancel(args.output_dir, _batch_config(args)))
+    for job in cancelled:
+        print(f"{job['name']}: {job.get('state') or job.get('error')}")
+    if not cancelled:
+        print(f"{args.output_dir}: no batch job in flight")
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     from pipeline.localserver import serve_from_args
 
@@ -152,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, metavar="N", help="at most N new images")
     p.add_argument("--retry-errors", action="store_true", help="redo rows that ended in error")
     p.add_argument("--quiet", action="store_true", help="no progress line")
+    _add_batch_run_flags(p)
     p.set_defaults(func=_run)
 
     p = sub.add_parser("status", help="counts by status, tokens and what remains")
@@ -192,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="include this config's [models] entries")
     p.set_defaults(func=_models)
 
+    _add_batch_commands(sub)
+
     p = sub.add_parser("serve-local", help="the local Gemini-compatible server")
     from pipeline.localserver import add_serve_arguments
 
@@ -211,6 +277,41 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
             action="append" if meta["many"] else "store",
             help=f"[{section}] {key}: {meta['doc']}",
         )
+
+
+def _add_batch_run_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--batch",
+        action="store_const",
+        const="batch",
+        dest="api.mode",
+        help='[api] mode = "batch": Batch Mode jobs, half the price, results within 24 h',
+    )
+    parser.add_argument(
+        "--submit-only",
+        action="store_true",
+        help="Batch Mode: collect the jobs that ended, submit the new files, exit without "
+        "waiting (a later run collects)",
+    )
+
+
+def _add_batch_commands(sub: argparse._SubParsersAction) -> None:
+    """`pipeline batch status|wait|cancel OUTPUT_DIR`: the Batch Mode jobs of an output."""
+    p = sub.add_parser("batch", help="the Batch Mode jobs of an output folder")
+    commands = p.add_subparsers(dest="batch_command", required=True)
+    for name, func, text in (
+        ("status", _batch_status, "the jobs, and the state of those in flight"),
+        ("wait", _batch_wait, "follow the jobs in flight until they end; commit their rows"),
+        ("cancel", _batch_cancel, "cancel the jobs in flight (the next run sends their images)"),
+    ):
+        c = commands.add_parser(name, help=text, epilog=EPILOG if name == "wait" else None)
+        c.add_argument("output_dir")
+        c.add_argument("--config", help="its [api] endpoint and [batch] settings (optional)")
+        if name == "status":
+            c.add_argument("--json", action="store_true")
+        if name == "wait":
+            c.add_argument("--quiet", action="store_true", help="no messages while waiting")
+        c.set_defaults(func=func)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -34,6 +34,8 @@ from pipeline.settings import setting
 from pipeline.tasks.base import TaskSettings
 
 FLAVORS = ("generateContent", "interactions")
+MODES = ("interactive", "batch")
+BATCH_RETRIES = ("batch", "interactive")
 API_VERSIONS = ("v1beta", "v1", "v1alpha")
 IMAGE_MODES = ("auto", "inline", "upload")
 GROUP_RULES = ("none", "folder", "manifest")
@@ -84,6 +86,12 @@ class ApiConfig:
     )
     allow_insecure_http: bool = setting(
         False, s.flag, "send the key over plain http:// to a host other than this machine"
+    )
+    mode: str = setting(
+        "interactive",
+        s.one_of(*MODES),
+        "batch: Batch Mode jobs, half the price, within 24 h (see [batch]; or --batch)",
+        flag="--mode",
     )
 
 
@@ -173,6 +181,37 @@ class LocalConfig:
     quota_window_seconds: float = setting(
         60.0, s.positive_number, "the server's RPM/TPM window (a calendar minute)"
     )
+    batch_seconds: float = setting(10.0, s.non_negative_number, "how long a batch job runs")
+    batch_expiry_seconds: float = setting(
+        48 * 3600.0, s.positive_number, "a batch job not done by then ends EXPIRED"
+    )
+    batch_max_jobs: int = setting(100, s.positive_int, "unfinished batch jobs at once")
+    batch_enqueued_tokens: int | None = setting(
+        None, s.count_or_none, "input tokens of a model's unfinished batch jobs at most"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class BatchConfig:
+    """How `[api] mode = "batch"` cuts the work into jobs, follows them and retries."""
+
+    requests_per_job: int = setting(10_000, s.positive_int, "requests in one job at most")
+    max_job_mb: float = setting(
+        1900.0, s.positive_number, "one job's JSONL input file at most (the service takes 2 GB)"
+    )
+    max_job_tokens: int | None = setting(
+        None, s.count_or_none, "estimated input tokens of one job (the model's enqueued cap)"
+    )
+    max_jobs: int = setting(100, s.positive_int, "jobs in flight at once (the service: 100)")
+    poll_seconds: float = setting(10.0, s.positive_number, "first wait between two polls")
+    max_poll_seconds: float = setting(
+        60.0, s.positive_number, "longest wait between polls (the wait grows 1.5x while idle)"
+    )
+    retry: str = setting(
+        "batch",
+        s.one_of(*BATCH_RETRIES),
+        "how a later run retries a retryable per-request error: in a batch, or interactively",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +223,7 @@ class Config:
     task: TaskSettings = field(default_factory=TaskSettings)
     output: OutputConfig = field(default_factory=OutputConfig)
     local: LocalConfig = field(default_factory=LocalConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
     models: ModelTable = field(default_factory=default_table, repr=False)
     source: str = "<defaults>"  # the file this came from, for messages
 
@@ -200,6 +240,7 @@ SECTIONS: dict[str, type] = {
     "task": TaskSettings,
     "output": OutputConfig,
     "local": LocalConfig,
+    "batch": BatchConfig,
 }
 MODELS_SECTION = "models"  # [models."id"]: entries added to the model table
 
@@ -305,6 +346,7 @@ def _build(given: dict[str, dict[str, Any]], models: ModelTable, source: str) ->
         task=task,
         output=OutputConfig(**given["output"]),
         local=LocalConfig(**given["local"]),
+        batch=BatchConfig(**given["batch"]),
         models=models,
         source=source,
     )
@@ -325,6 +367,7 @@ def validate(config: Config) -> None:
             f'{source}: [api] flavor = "interactions": {spec.name} is not served by the '
             'Interactions API; use "generateContent"'
         )
+    _validate_batch(config)
     from pipeline.tasks import get_task
     from pipeline.tasks.generation import SettingError
 
@@ -348,6 +391,30 @@ def _validate_groups(config: Config) -> None:
         raise ConfigError(
             f'{source}: [input] group_by = "manifest" groups the rows of [input] manifest by '
             "its group column: set manifest, and no paths"
+        )
+
+
+def _validate_batch(config: Config) -> None:
+    """Batch Mode serves generateContent only, and only the models whose table entry says so."""
+    if config.api.mode != "batch":
+        return
+    source, spec = config.source, config.task.spec
+    if config.api.flavor != "generateContent":
+        raise ConfigError(
+            f'{source}: [api] mode = "batch": Batch Mode runs generateContent requests only; '
+            'set [api] flavor = "generateContent"'
+        )
+    if not spec.batch:
+        raise ConfigError(
+            f'{source}: [api] mode = "batch": {spec.name} is not served by Batch Mode'
+        )
+    if config.batch.max_poll_seconds < config.batch.poll_seconds:
+        raise ConfigError(f"{source}: [batch] max_poll_seconds must be >= poll_seconds")
+    if config.input.group_by != "none" or config.task.reference_images:
+        key = "[input] group_by" if config.input.group_by != "none" else "[task] reference_images"
+        raise ConfigError(
+            f"{source}: {key}: Batch Mode sends one image a request; run groups and reference "
+            'images with [api] mode = "interactive"'
         )
 
 

@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.cost import table_cost
 from pipeline.records import ROW_SCHEMA, SCHEMA_VERSION, fingerprint
 
 PART_SUFFIX = ".parquet"
@@ -579,9 +580,11 @@ def status(output_dir: str | os.PathLike[str]) -> dict[str, Any]:
     Tokens are summed over every committed row, superseded ones too (they were paid for); rows
     copied from another path carry no billed tokens. `est_prompt_tokens` (the estimate of the
     whole input, image included, made before the call) is compared with the billed
-    `prompt_tokens` on the rows that have both.
+    `prompt_tokens` on the rows that have both. `cost` prices those tokens (pipeline/cost.py:
+    rows bought in Batch Mode at the batch price).
     """
     columns = (*GROUP, "completed_at", "status", "run_id", *_TOKEN_COLUMNS, "est_prompt_tokens")
+    columns += ("model", "input_mode")
     table, n_parts, unreadable = _scan(output_dir, columns, skip_unreadable=True)
     current = table.take(pa.array(_latest(table)))
     by_status = Counter(
@@ -608,6 +611,7 @@ def status(output_dir: str | os.PathLike[str]) -> dict[str, Any]:
             "estimated_prompt": estimate,
             "estimate_error": (estimate - billed_prompt) / billed_prompt if billed_prompt else None,
         },
+        "cost": table_cost(table),
         "latest_run": _latest_run_summary(Path(output_dir)),
     }
 
@@ -650,6 +654,8 @@ def format_status(report: dict[str, Any]) -> str:
         f"tokens billed: prompt {tokens['prompt']:,} · output {tokens['output']:,} · "
         f"thoughts {tokens['thoughts']:,} · total {tokens['total']:,}",
     ]
+    if report.get("cost"):
+        lines.append(_cost_line(report["cost"]))
     if tokens["estimate_error"] is not None:
         lines.append(
             f"prompt tokens estimated {tokens['estimated_prompt']:,} vs billed "
@@ -678,6 +684,15 @@ def format_status(report: dict[str, Any]) -> str:
         if latest.get("resume_hint"):
             lines.append(f"to resume: {latest['resume_hint']}")
     return "\n".join(lines)
+
+
+def _cost_line(cost: dict[str, Any]) -> str:
+    unpriced = cost["unpriced_rows"]
+    return (
+        f"cost: ${cost['usd']:,.4f} (interactive ${cost['interactive_usd']:,.4f}, Batch Mode "
+        f"${cost['batch_usd']:,.4f} at the batch price; pipeline/models.json)"
+        + (f"; {unpriced:,} rows of models without a price" if unpriced else "")
+    )
 
 
 def _count(n: int, noun: str) -> str:

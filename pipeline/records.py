@@ -87,6 +87,11 @@ class Unit:
     sha256: str = ""
     error: str | None = None
 
+    @classmethod
+    def lone(cls, item: ImageItem) -> Unit:
+        """The unit of one file: its row is the plain image row."""
+        return cls((item,), None, item.sha256, item.error)
+
     @property
     def sizes(self) -> tuple[tuple[int, int], ...] | None:
         """Displayed (width, height) of each member of a group; None for a lone file."""

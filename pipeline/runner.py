@@ -8,7 +8,8 @@ a group's files in their order (`[input] group_by`: pipeline/source.py), whose r
 group's. Both take the one path below; only the row's identity columns differ (rows.py).
 `ImageRunner.process` is what every engine runs for each piece of work it hands out
 (`engines/single.py` in one process; Batch Mode and Ray reuse the pieces). `run()` picks the
-engine; the default is one process over local folders.
+engine; the default is one process over local folders, `[api] mode = "batch"` is
+`engines/batch.py`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any, TypeVar
 from pipeline import images, references
 from pipeline.calls import Caller
 from pipeline.config import Config, check_groups, settings_hash
+from pipeline.cost import row_cost
 from pipeline.dataset import load_resume_index
 from pipeline.records import (
     ImageItem,
@@ -54,21 +56,25 @@ class RunOptions:
     limit: int | None = None  # at most this many new files (or groups)
     progress: bool = True
     seed: int | None = None  # backoff jitter; None: from the OS
+    submit_only: bool = False  # Batch Mode: submit the jobs and exit; a later run collects
 
 
 class RowCounts:
-    """Rows by status, copies and billed tokens: the part of the summary rows decide."""
+    """Rows by status, copies, billed tokens and their cost (pipeline/cost.py): the part of the
+    summary rows decide."""
 
     def __init__(self) -> None:
         self.rows: Counter[str] = Counter()
         self.tokens: Counter[str] = Counter()
         self.copied = 0
+        self.cost_usd = 0.0
 
     def add(self, row: dict[str, Any], *, copied: bool) -> None:
         self.rows[row["status"]] += 1
         self.copied += copied
         if row.get("prompt_tokens") is None:
             return
+        self.cost_usd += row_cost(row) or 0.0
         for name in ("prompt_tokens", "output_tokens", "thoughts_tokens", "total_tokens"):
             self.tokens[name] += row.get(name) or 0
         self.tokens["est_image_tokens"] += row.get("est_image_tokens") or 0
@@ -150,7 +156,7 @@ def unit_of(items: tuple[ImageItem, ...], group: SourceGroup | None) -> Unit:
     read) and its error (a lone file's own, or the first failed member's, named)."""
     failed = next((item for item in items if item.error), None)
     if group is None:
-        return Unit(items, None, items[0].sha256, items[0].error)
+        return Unit.lone(items[0])
     error = f"{failed.source.rel_path}: {failed.error}" if failed is not None else None
     shas = [item.sha256 for item in items]
     return Unit(items, group, group_sha256(shas) if all(shas) else "", error)
@@ -187,6 +193,10 @@ def pending(config: Config, *, retry_errors: bool = False) -> dict[str, Any]:
 
 async def run_async(config: Config, options: RunOptions | None = None) -> RunSummary:
     """Run a config to completion (or a clean stop) and return its summary."""
+    if config.api.mode == "batch":
+        from pipeline.engines.batch import BatchProcess
+
+        return await BatchProcess(config, options or RunOptions()).run()
     from pipeline.engines.single import SingleProcess
 
     return await SingleProcess(config, options or RunOptions()).run()

@@ -37,6 +37,8 @@ class RunSummary:
     recovered: int = 0  # rows of a killed run's journal committed at the start
     unstorable: int = 0  # rows that could not be encoded, stored as error rows with their answer
     tokens: Counter[str] = field(default_factory=Counter)
+    cost_usd: float = 0.0  # the billed tokens at the model table's price (batch rows: batch price)
+    batch: dict[str, Any] | None = None  # Batch Mode: jobs created, collected, ended, in flight
     stop_reason: str | None = None
     resume_hint: str | None = None
     exit_code: int = exits.OK

@@ -25,6 +25,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -95,6 +96,19 @@ class Producer:
             yield work
 
 
+@dataclass(frozen=True)
+class Opened:
+    """What a run works with once its output is open (see SingleProcess._open)."""
+
+    state: State
+    sink: ParquetSink
+    index: ResumeIndex
+    client: GeminiClient
+    caller: Caller
+    answers: Answers
+    runner: ImageRunner
+
+
 class SingleProcess:
     """One run of a config in this process."""
 
@@ -131,28 +145,35 @@ class SingleProcess:
     async def _run(self, out: Path, stop: Stop) -> ParquetSink:
         """Everything with the output open; returns the sink, closed."""
         async with contextlib.AsyncExitStack() as stack:
-            state = _open_state(out, self.config)
-            stack.callback(state.close)
-            sink = await stack.enter_async_context(self._sink(out))
-            self.summary.recovered = sink.rows_recovered
-            index = await asyncio.to_thread(
-                load_resume_index,
-                out,
-                key_suffix=self.facts.key_suffix,
-                retry_errors=self.options.retry_errors,
-            )
-            client = await stack.enter_async_context(await self._client(stack))
-            caller = self._caller(client, state, stop)
-            answers = Answers(str(out), index.ok_keys, sink.flush)
-            runner = ImageRunner(self.config, self.facts, caller=caller, answers=answers, sink=sink)
-            producer = Producer(self.config, index, self.options.limit)
-            await self._work(producer, runner, sink, stop)
+            opened = await self._open(stack, out, stop)
+            runner, caller = opened.runner, opened.caller
+            producer = Producer(self.config, opened.index, self.options.limit)
+            await self._work(producer, runner, opened.sink, stop)
             caller.daily.save()
             if self.config.images.delete_uploads:  # a cleanup, not new work: it survives a
                 with contextlib.suppress(Stopped):  # drain, only a second signal cuts it short
                     await stop.call(caller.uploads.delete_all())
             self._summarise(producer, runner, caller)
-        return sink
+        return opened.sink
+
+    async def _open(self, stack: contextlib.AsyncExitStack, out: Path, stop: Stop) -> Opened:
+        """The output opened (its journal recovered first), the index read, the client and the
+        per-image engine made: what every engine of a run works with."""
+        state = _open_state(out, self.config)
+        stack.callback(state.close)
+        sink = await stack.enter_async_context(self._sink(out))
+        self.summary.recovered = sink.rows_recovered
+        index = await asyncio.to_thread(
+            load_resume_index,
+            out,
+            key_suffix=self.facts.key_suffix,
+            retry_errors=self.options.retry_errors,
+        )
+        client = await stack.enter_async_context(await self._client(stack))
+        caller = self._caller(client, state, stop)
+        answers = Answers(str(out), index.ok_keys, sink.flush)
+        runner = ImageRunner(self.config, self.facts, caller=caller, answers=answers, sink=sink)
+        return Opened(state, sink, index, client, caller, answers, runner)
 
     def _sink(self, out: Path) -> ParquetSink:
         output = self.config.output
@@ -252,6 +273,7 @@ class SingleProcess:
         s.finished_at = datetime.now(UTC).isoformat()
         s.seen, s.skipped = producer.seen, producer.skipped
         s.rows, s.tokens, s.copied = runner.counts.rows, runner.counts.tokens, runner.counts.copied
+        s.cost_usd = round(runner.counts.cost_usd, 6)
         calls = caller.counters
         s.api_calls, s.retries, s.throttled = calls.api_calls, calls.retries, calls.throttled
         s.uploads, s.uploads_reused = caller.uploads.made, caller.uploads.reused

@@ -1,4 +1,5 @@
-"""Async REST client for the Gemini API: generateContent, Interactions and the Files API.
+"""Async REST client for the Gemini API: generateContent, Interactions, the Files API and Batch
+Mode (`client.batches`, pipeline/gemini/batches.py).
 
 Protocol only: it knows requests and answers, not the pipeline. The client does not retry; it
 raises `GeminiError` whose `kind` (and `retryable`, `retry_delay`) feed the caller's own policy.
@@ -23,6 +24,7 @@ from types import TracebackType
 from typing import Any
 
 from pipeline.gemini import content, interactions
+from pipeline.gemini.batches import Batches
 from pipeline.gemini.content import build_generate_content_body, parse_generate_content
 from pipeline.gemini.errors import RETRYABLE_HTTP_CODES, GeminiError
 from pipeline.gemini.files import (
@@ -133,6 +135,11 @@ class GeminiClient:
     @property
     def timeout(self) -> float:
         return self._transport.timeout
+
+    @property
+    def batches(self) -> Batches:
+        """Batch Mode jobs over this client's connection and key (the SDK's `client.batches`)."""
+        return Batches(self._transport, self.base_url, self.version)
 
     def __repr__(self) -> str:
         key = "set" if self._transport.has_key else "missing"

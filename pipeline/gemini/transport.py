@@ -23,7 +23,7 @@ import json
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -170,12 +170,15 @@ class Transport:
         timeout: float | None = None,
         with_key: bool = True,
         max_bytes: int | object | None = _DEFAULT,
+        into: BinaryIO | None = None,
     ) -> Answer:
         """One HTTP exchange, body read in full; transport failures become GeminiError.
 
         `timeout` is this exchange's deadline in seconds (the client's default when None);
         `max_bytes` caps the body (the client's `max_response_bytes` by default; None: no cap):
-        four 200 MB answers once took 3.6 GB of memory.
+        four 200 MB answers once took 3.6 GB of memory. With `into`, a 2xx body is written
+        there chunk by chunk instead (the Answer's body is then empty): a Batch Mode results
+        file may be gigabytes. It is not redacted on the way: the reader redacts what it reads.
         """
         cap = self.max_response_bytes if max_bytes is _DEFAULT else max_bytes
         limit = self.timeout if timeout is None else timeout
@@ -195,7 +198,10 @@ class Transport:
                 timeout=aiohttp.ClientTimeout(total=limit),
                 allow_redirects=False,
             ) as response:
-                body = await _read_capped(response, cap, what)  # type: ignore[arg-type]
+                if into is not None and response.status < 300:
+                    body = await _stream(response, into)
+                else:
+                    body = await _read_capped(response, cap, what)  # type: ignore[arg-type]
                 answer = Answer(response.status, response.headers, self._redact_bytes(body))
         except TimeoutError:
             failure = GeminiError(None, "DEADLINE_EXCEEDED", f"{what}: no answer within {limit:g}s")
@@ -237,6 +243,13 @@ async def _read_capped(response: aiohttp.ClientResponse, cap: int | None, what: 
             raise _too_large(response.status, what, cap)
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def _stream(response: aiohttp.ClientResponse, into: BinaryIO) -> bytes:
+    """Copy the body into a file, a chunk at a time; nothing of it stays in memory."""
+    while chunk := await response.content.read(_READ_CHUNK):
+        into.write(chunk)
+    return b""
 
 
 def _too_large(status: int, what: str, cap: int) -> GeminiError:

@@ -74,15 +74,20 @@ class Answerer:
         self.hang_seconds = hang_seconds
         self.closing = asyncio.Event()  # set when the server stops: hung requests give up
 
-    async def answer(self, prompted: Prompted) -> Outcome:
+    async def answer(self, prompted: Prompted, *, queued: bool = False) -> Outcome:
+        """`queued`: a Batch Mode line. It waits for no latency (the job's time is the batch
+        surface's), and a hang is the service's own deadline passing at once."""
         draw = self.faults.draw(prompted.fingerprint()) if self.faults.active else None
         answer, finish = self._answer_text(prompted)
         text = answer.text
         if draw is not None:
-            if draw.latency_seconds:
+            if draw.latency_seconds and not queued:
                 await asyncio.sleep(draw.latency_seconds)
             if draw.faulty:
-                text, finish = await self._fault(self.faults.choose(draw, answer), answer)
+                kind = self.faults.choose(draw, answer)
+                if queued and kind == "hang":
+                    raise errors.deadline_exceeded()
+                text, finish = await self._fault(kind, answer)
         text, finish = cut(text, finish, prompted.max_output_tokens)
         output_tokens = text_tokens(text)
         thoughts, summary = self._thoughts(prompted, output_tokens)

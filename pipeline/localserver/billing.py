@@ -63,10 +63,11 @@ class Credits:
             self.refused += 1
             raise errors.credits_depleted()
 
-    def charge(self, model: str, usage: Usage) -> None:
+    def charge(self, model: str, usage: Usage, *, batch: bool = False) -> None:
+        """`batch`: a Batch Mode line, billed at the table's batch price."""
         price = lookup(model).price() or _dearest_price()
         output = usage.output_tokens + usage.thoughts_tokens  # output includes thinking
-        self.spent_usd += price.cost(usage.prompt_tokens, output)
+        self.spent_usd += price.cost(usage.prompt_tokens, output, batch=batch)
 
 
 def _dearest_price() -> Price:

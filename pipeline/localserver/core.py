@@ -3,8 +3,9 @@
 `Core` only holds the parts and says the order in which a generation passes them — auth and body
 (transport.py), images (image_input.py), the money and the quotas (billing.py, quotas.py), the
 answer (answering.py) — plus the counters (stats.py). The surfaces (generate.py,
-interactions.py, files_api.py; a `batches` surface would sit beside them) read their own wire
-format and call `admit`, `answerer.answer` and `bill`.
+interactions.py, files_api.py, batches.py) read their own wire format and call `admit`,
+`answerer.answer` and `bill` (Batch Mode: the answerer and the bill at the batch price, outside
+the quotas).
 """
 
 from __future__ import annotations

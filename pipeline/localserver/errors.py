@@ -350,3 +350,46 @@ def deadline_exceeded() -> ApiError:
     return ApiError(
         504, "DEADLINE_EXCEEDED", "The request timed out. Please try again.", rule="faults.injected"
     )
+
+
+# ---------------------------------------------------------------------------- Batch Mode
+
+BATCH_QUOTA_MESSAGE = (
+    "You exceeded your current quota, please check your plan and billing details. For more "
+    f"information on this error, head to: {RATE_LIMIT_DOCS}. To monitor your current usage, head "
+    "to: https://ai.dev/rate-limit. "
+)
+
+
+def batch_limit() -> ApiError:
+    """429 without QuotaFailure or RetryInfo: the batch answer seen in public reports."""
+    help_link = {"description": "Learn more about Gemini API quotas", "url": RATE_LIMIT_DOCS}
+    return ApiError(
+        429,
+        "RESOURCE_EXHAUSTED",
+        BATCH_QUOTA_MESSAGE,
+        [{"@type": TYPE_PREFIX + "Help", "links": [help_link]}],
+        rule="batch.limit",
+    )
+
+
+def batch_not_found(batch_id: str) -> ApiError:
+    return not_found(f"Batch batches/{batch_id} not found.", rule="batch.not-found")
+
+
+def batch_ended(batch_id: str, state: str) -> ApiError:
+    return ApiError(
+        400,
+        "FAILED_PRECONDITION",
+        f"Batch batches/{batch_id} is in state {state}; only pending or running batches can be "
+        "cancelled.",
+        rule="batch.state",
+    )
+
+
+def download_refused(file_id: str) -> ApiError:
+    return invalid_argument(
+        f"File files/{file_id} cannot be downloaded: only generated files can be downloaded "
+        "(with alt=media), uploaded files can't be downloaded.",
+        rule="file.download",
+    )

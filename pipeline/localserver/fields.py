@@ -228,6 +228,46 @@ COUNT_TOKENS_REQUEST = Message(
     sdk=("_CountTokensParameters",),
 )
 
+# ---------------------------------------------------------------------------- Batch Mode
+
+# batches.create (SDK `_CreateBatchJobParameters_to_mldev`, `_BatchJobSource_to_mldev`,
+# `_InlinedRequest_to_mldev`): {"batch": {"displayName", "inputConfig": {"fileName"} |
+# {"requests": {"requests": [{"request", "metadata"}]}}, "webhookConfig"}}
+INLINED_REQUEST = Message(
+    "InlinedRequest",
+    {"request": GENERATE_CONTENT_REQUEST, "metadata": ANY_OBJECT},  # metadata: a Struct
+    sdk=("InlinedRequest",),
+    sdk_names={"request": "contents"},  # the SDK's contents + config become `request`
+)
+BATCH_INPUT_CONFIG = Message(
+    "InputConfig",
+    {
+        "file_name": STRING,
+        "requests": Message(
+            "InlinedRequests",
+            {"requests": ListOf(INLINED_REQUEST)},
+            sdk=("BatchJobSource",),
+            sdk_names={"requests": "inlined_requests"},
+        ),
+    },
+    sdk=("BatchJobSource",),
+    sdk_names={"requests": "inlined_requests"},
+)
+GENERATE_CONTENT_BATCH = Message(
+    "GenerateContentBatch",
+    {"display_name": STRING, "input_config": BATCH_INPUT_CONFIG, "webhook_config": ANY_OBJECT},
+    sdk=("CreateBatchJobConfig", "_CreateBatchJobParameters"),
+    sdk_names={"input_config": "src"},
+)
+BATCH_GENERATE_CONTENT_REQUEST = Message(
+    "BatchGenerateContentRequest",
+    {"batch": GENERATE_CONTENT_BATCH},
+    sdk=("_CreateBatchJobParameters",),
+    sdk_names={"batch": "config"},
+)
+# One line of a JSONL input file (the batch-mode guide's format; no SDK type describes it).
+BATCH_FILE_LINE = Message("BatchFileLine", {"key": STRING, "request": GENERATE_CONTENT_REQUEST})
+
 # ---------------------------------------------------------------------------- Files API
 
 FILE = Message(

@@ -2,6 +2,7 @@
 
 A file is PROCESSING for `processing_seconds` after its upload finishes, then ACTIVE, and is gone
 `ttl_seconds` after creation (48 h on the real service). Times come from the injectable clock.
+Files the service makes itself (Batch Mode results) are GENERATED: ACTIVE at once, downloadable.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class StoredFile:
     data: bytes
     created: float
     uri: str
+    source: str = "UPLOADED"  # or GENERATED (made by the service; the only ones downloadable)
     sha256: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -123,6 +125,17 @@ class FileStore:
         self.uploads_completed += 1
         return stored
 
+    def add_generated(
+        self, file_id: str, data: bytes, mime_type: str, display_name: str, base_uri: str
+    ) -> StoredFile:
+        """A file the service made (a batch's results): ACTIVE at once, expiring as uploads do."""
+        stored = StoredFile(
+            file_id, display_name, mime_type, data, self._clock(), f"{base_uri}/files/{file_id}"
+        )
+        stored.source = "GENERATED"
+        self._files[file_id] = stored
+        return stored
+
     # files
 
     def get(self, file_id: str) -> StoredFile | None:
@@ -141,7 +154,7 @@ class FileStore:
         return True
 
     def state(self, stored: StoredFile) -> str:
-        ready = stored.created + self.processing_seconds
+        ready = stored.created + (self.processing_seconds if stored.source == "UPLOADED" else 0)
         return "ACTIVE" if self._clock() >= ready else "PROCESSING"
 
     def page(self, page_size: int, page_token: str | None) -> tuple[list[StoredFile], str | None]:
@@ -173,9 +186,14 @@ class FileStore:
                 "sha256Hash": base64.b64encode(stored.sha256.encode("ascii")).decode("ascii"),
                 "uri": stored.uri,
                 "state": self.state(stored),
-                "source": "UPLOADED",
+                "source": stored.source,
             }
         )
+        if stored.source == "GENERATED":  # base_uri is {base}/{version}
+            base, _, version = stored.uri.removesuffix(f"/files/{stored.id}").rpartition("/")
+            resource["downloadUri"] = (
+                f"{base}/download/{version}/files/{stored.id}:download?alt=media"
+            )
         return resource
 
     @property

@@ -4,8 +4,9 @@
 A request passes: the key; the model (known to the table, rule model.unknown); the body against
 the GenerateContentRequest tree (fields.py: unknown names and wrong kinds at any depth); the
 settings against the model (settings.py: thinking, schemas, media resolution); the images
-(image_input.py); then credits and quotas, the answer, and the bill. `parse_request` and
-`response_body` are the pieces a Batch Mode surface would reuse for its inlined requests.
+(image_input.py); then credits and quotas, the answer, and the bill. `parse_request`,
+`with_output` and `response_body` are the pieces the Batch Mode surface (batches.py) reuses for
+each of its requests.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class GenerateSurface:
         prompted = parse_request(body, model, model_id, version, self.core.images)
         prompt = prompt_usage(prompted)
         outcome = await self.core.answer(prompted, prompt)
-        usage = _with_output(prompt, outcome)
+        usage = with_output(prompt, outcome)
         self.core.bill(model_id, usage, outcome.task, len(prompted.images))
         return web.json_response(response_body(outcome, usage, model_id))
 
@@ -156,7 +157,7 @@ def system_text(content: Any) -> str:
     return "\n".join(text for p in parts if isinstance(text := get(p, "text"), str))
 
 
-def _with_output(prompt: Usage, outcome: Outcome) -> Usage:
+def with_output(prompt: Usage, outcome: Outcome) -> Usage:
     return Usage(
         prompt.text_tokens, prompt.image_tokens, outcome.output_tokens, outcome.thoughts_tokens
     )

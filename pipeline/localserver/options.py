@@ -30,23 +30,29 @@ class ServerOptions:
     decode_limit: int | None = None  # Interactions: output tokens per hop (requires_continuation)
     credit_budget_usd: float | None = None  # prepaid credits; spent: 402 (rule credits.depleted)
     answer_log: str | None = None  # JSONL: one line per delivered answer (time, images' sha256)
+    batch_seconds: float = 10.0  # how long a Batch Mode job takes (rule batch.lifecycle)
+    batch_expiry_seconds: float = 48 * 3600  # a job not done by then ends EXPIRED
+    batch_max_jobs: int = 100  # unfinished jobs at once (rule batch.limit)
+    batch_enqueued_tokens: int | None = None  # input tokens of a model's unfinished jobs
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be within 0-65535, got {self.port}")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must be None (accept any key) or a non-empty string")
-        for name in ("rpm", "tpm", "rpd", "decode_limit"):
+        for name in ("rpm", "tpm", "rpd", "decode_limit", "batch_enqueued_tokens"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be a positive integer or None, got {value}")
         if not 0.0 <= self.fault_rate <= 1.0:
             raise ValueError(f"fault_rate must be within [0, 1], got {self.fault_rate}")
-        for name in ("latency_ms", "hang_seconds", "file_processing_seconds"):
+        for name in ("latency_ms", "hang_seconds", "file_processing_seconds", "batch_seconds"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.inline_limit_bytes <= 0 or self.file_ttl_seconds <= 0:
             raise ValueError("inline_limit_bytes and file_ttl_seconds must be positive")
+        if self.batch_expiry_seconds <= 0 or self.batch_max_jobs <= 0:
+            raise ValueError("batch_expiry_seconds and batch_max_jobs must be positive")
         if self.credit_budget_usd is not None and self.credit_budget_usd < 0:
             raise ValueError(
                 f"credit_budget_usd must be >= 0 or None, got {self.credit_budget_usd}"

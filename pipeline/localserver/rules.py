@@ -25,6 +25,10 @@ ESF_UNKNOWN = (
     "field), https://github.com/zed-industries/zed/issues/44875 (Proto field is not repeating)"
 )
 ESF_VALUE = "https://github.com/simonw/llm-gemini/issues/49 (Invalid value at ... (TYPE_...))"
+BATCH_QUOTA = (
+    "https://github.com/langchain4j/langchain4j/pull/3942 (the 429 text and Help link of a "
+    "batch call), https://github.com/googleapis/python-genai/issues/1901 (enqueued tokens)"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,6 +326,70 @@ _RULES = (
         "JSON, out-of-range boxes, masks without their data: prefix",
         "--fault-rate F with --seed S: seeded faults the client must survive (faults.py).",
         f"{NOTES} Errors, Segmentation (known failure modes)",
+    ),
+    # ------------------------------------------------------------------------------ Batch Mode
+    Rule(
+        "batch.lifecycle",
+        "200: BATCH_STATE_PENDING -> RUNNING -> SUCCEEDED | EXPIRED | CANCELLED | FAILED",
+        "A job is PENDING for the first tenth of --batch-seconds, RUNNING while its lines are "
+        "answered (each as generateContent would answer it, faults drawn per line, no quotas: "
+        "Batch Mode has its own), SUCCEEDED once --batch-seconds have passed and every line is "
+        "answered, with its results in a generated file `files/batch-<id>` (file input) or "
+        "inline (inline input); EXPIRED, without results, when --batch-expiry-seconds (48 h) "
+        "pass first; a refused line or an injected 500/503/deadline is that line's `error` (a "
+        "google.rpc.Status with its RPC code). Billed at the batch price.",
+        f"{NOTES} Batch Mode; SDK batches.py, types.JobState",
+    ),
+    Rule(
+        "batch.limit",
+        "429 RESOURCE_EXHAUSTED (Help link)",
+        "A create beyond --batch-max-jobs unfinished jobs (100), or beyond --batch-enqueued-tokens "
+        "input tokens enqueued for the model, is refused.",
+        f"{NOTES} Batch Mode (100 concurrent jobs, per-model enqueued-token caps); {BATCH_QUOTA}",
+    ),
+    Rule(
+        "batch.input",
+        "400 INVALID_ARGUMENT",
+        "A create needs exactly one of inputConfig.fileName (an ACTIVE file of this project: "
+        "403 / 400 otherwise, as for any file) and a non-empty inputConfig.requests.requests.",
+        "SDK t_batch_job_source ('Exactly one of ... must be set')",
+        "written",
+    ),
+    Rule(
+        "batch.input-format",
+        "200: the job ends BATCH_STATE_FAILED with an error",
+        "An input file with a line that is not a JSON object fails the whole job.",
+        f"{NOTES} Batch Mode (one JSON object a line)",
+        "written",
+    ),
+    Rule(
+        "batch.not-found",
+        "404 NOT_FOUND",
+        "get, :cancel or delete of a job that does not exist (or was deleted).",
+        "SDK batches.get / cancel / delete",
+        "written",
+    ),
+    Rule(
+        "batch.state",
+        "400 FAILED_PRECONDITION",
+        ":cancel of a job that already ended.",
+        "SDK batches.cancel ('Only available for batch jobs that are running or pending')",
+        "written",
+    ),
+    Rule(
+        "model.no-batch",
+        "404 NOT_FOUND",
+        "batchGenerateContent for a model whose table entry says batch: false.",
+        f"{NOTES} Batch Mode; models.json `batch`",
+        "written",
+    ),
+    Rule(
+        "file.download",
+        "400 INVALID_ARGUMENT",
+        "files/{id}:download is for generated files (batch results) only, with alt=media.",
+        "SDK Files.download ('Only generated files can be downloaded, uploaded files can't be "
+        "downloaded')",
+        "written",
     ),
     # ------------------------------------------------------------------------------ the double
     Rule(

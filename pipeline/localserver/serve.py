@@ -60,7 +60,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=1,
         help="processes sharing the port, for throughput benchmarks: quotas, credits, "
-        "continuations, uploaded files and stats are per process, so those flags need 1 worker",
+        "continuations, uploaded files, batch jobs and stats are per process, so those flags "
+        "(and Batch Mode) need 1 worker",
     )
     parser.add_argument(
         "--file-processing-seconds",
@@ -95,6 +96,34 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="append one JSON line per delivered (paid) answer: time and the images' sha256, "
         "to audit what a client paid for against what it kept",
+    )
+    parser.add_argument(
+        "--batch-seconds",
+        type=float,
+        default=_DEFAULTS.batch_seconds,
+        metavar="S",
+        help="Batch Mode: a job is PENDING, then RUNNING, and SUCCEEDED after S seconds",
+    )
+    parser.add_argument(
+        "--batch-expiry-seconds",
+        type=float,
+        default=_DEFAULTS.batch_expiry_seconds,
+        metavar="S",
+        help="Batch Mode: a job not done after S seconds ends EXPIRED, without results (48 h)",
+    )
+    parser.add_argument(
+        "--batch-max-jobs",
+        type=int,
+        default=_DEFAULTS.batch_max_jobs,
+        metavar="N",
+        help="Batch Mode: unfinished jobs at once (100); one more is a 429",
+    )
+    parser.add_argument(
+        "--batch-enqueued-tokens",
+        type=int,
+        default=None,
+        metavar="N",
+        help="Batch Mode: input tokens of a model's unfinished jobs at most; beyond, a 429",
     )
     parser.add_argument(
         "--rules",
@@ -172,6 +201,10 @@ def _options(args: argparse.Namespace) -> ServerOptions:
         decode_limit=args.decode_limit,
         credit_budget_usd=args.credit_budget,
         answer_log=args.answer_log,
+        batch_seconds=args.batch_seconds,
+        batch_expiry_seconds=args.batch_expiry_seconds,
+        batch_max_jobs=args.batch_max_jobs,
+        batch_enqueued_tokens=args.batch_enqueued_tokens,
     )
 
 
@@ -192,7 +225,8 @@ async def _serve(options: ServerOptions, sock: socket.socket, *, announce: bool)
             f"  /v1, /v1beta, /v1alpha; key: {'required' if options.api_key else 'any'}; "
             f"rpm={options.rpm} tpm={options.tpm} rpd={options.rpd} "
             f"latency={options.latency_ms}ms fault_rate={options.fault_rate} seed={options.seed} "
-            f"decode_limit={options.decode_limit} credit_budget={options.credit_budget_usd}"
+            f"decode_limit={options.decode_limit} credit_budget={options.credit_budget_usd} "
+            f"batch_seconds={options.batch_seconds}"
             f"{' replay=' + options.replay if options.replay else ''}. Ctrl-C stops.",
             file=sys.stderr,
             flush=True,

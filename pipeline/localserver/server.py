@@ -1,9 +1,9 @@
 """The server: one aiohttp application wiring the API surfaces over the shared core.
 
 Surfaces, each a module with a class that registers its routes under every API version:
-generate.py (generateContent, countTokens), interactions.py, files_api.py. A Batch Mode surface
-(batches.py) would be one more entry of `SURFACES`, reusing generate.parse_request and
-generate.response_body for its inlined requests. GET /local/stats reads the counters.
+batches.py (Batch Mode, reusing generate.parse_request and generate.response_body for each of
+its requests), generate.py (generateContent, countTokens), interactions.py, files_api.py.
+GET /local/stats reads the counters.
 """
 
 from __future__ import annotations
@@ -16,13 +16,16 @@ from typing import Any
 from aiohttp import web
 
 from pipeline.localserver import transport
+from pipeline.localserver.batches import BatchesSurface
 from pipeline.localserver.core import API_VERSIONS, Core
 from pipeline.localserver.files_api import FilesSurface
 from pipeline.localserver.generate import GenerateSurface
 from pipeline.localserver.interactions import InteractionsSurface
 from pipeline.localserver.options import ServerOptions
 
-SURFACES = (GenerateSurface, InteractionsSurface, FilesSurface)
+# Batch Mode first: its `...:batchGenerateContent` and `files/{id}:download` routes would
+# otherwise be taken by generate.py's `models/{model_action}` and files_api.py's `files/{id}`.
+SURFACES = (BatchesSurface, GenerateSurface, InteractionsSurface, FilesSurface)
 SHUTDOWN_GRACE_SECONDS = 2.0
 
 
@@ -95,6 +98,8 @@ class LocalServer:
         if self._runner is None:
             return
         self._core.answerer.closing.set()  # hung requests give up now
+        for surface in self._surfaces:
+            getattr(surface, "close", lambda: None)()  # background work (batch jobs) stops
         runner, self._runner = self._runner, None
         await runner.cleanup()
         self._core.answer_log.close()

@@ -5,7 +5,7 @@
     scenes.py      the seeded images: 384-px scenes and 32x32 tiny PNGs
     plots.py       the chart drawn into docs/bench/*.png
     throughput.py  latency.py  rate.py  memory.py  resume.py  profile.py  journal.py
-    hanging.py     one benchmark each
+    hanging.py  batch.py     one benchmark each
 
 A benchmark is a module that ends with
 
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import hanging, journal, latency, memory, profile, rate, resume, throughput
+from . import batch, hanging, journal, latency, memory, profile, rate, resume, throughput
 from .harness import Benchmark
 
 BENCHMARKS: dict[str, Benchmark[Any]] = {
@@ -34,4 +34,5 @@ BENCHMARKS: dict[str, Benchmark[Any]] = {
     "profile": profile.BENCHMARK,
     "journal": journal.BENCHMARK,
     "hanging": hanging.BENCHMARK,
+    "batch": batch.BENCHMARK,
 }

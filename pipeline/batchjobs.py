@@ -1,0 +1,780 @@
+"""Batch Mode jobs after their creation: re-attached, polled, collected into rows, ended — for
+a run (`pipeline run --batch`, engines/batch.py) and for `pipeline batch status|wait|cancel OUT`.
+
+    Jobs.check_all, one pass over the output's jobs in flight at one endpoint (state.sqlite):
+      submitted ─get─► not done yet: the next pass (the wait between passes grows 1.5x, the
+                       SDK's LRO multiplier, from [batch] poll_seconds to max_poll_seconds)
+                   ─► SUCCEEDED: Collector — download the results file to disk (or read the
+                      inline answers), a row per file of each key (the first pays, its twins
+                      copy), through the sink; flush; phase collected; delete the job's files
+                   ─► FAILED / CANCELLED / EXPIRED, or unknown to the service: phase ended,
+                      reported, its files deleted; no rows: the next run sends its images again
+      creating (a create answer lost, not being created by this process): found among the
+                      project's jobs by its unique display name and adopted, or dropped
+
+A transient failure (a 5xx, a timeout, a dropped connection) waits for the next pass: a job may
+run for a day and a blip must not end a run. Any other failure stops the run and names it (a
+wrong key, spent credits, a job this key may not read). A per-request error in the results is
+judged like an interactive call's (`failures.judge`): the image's fault is an error row, a
+transient one a `retryable` error row, the run's own no row at all — and a job whose every line
+failed the same way is the run's failure too, as `failures.Health` judges a stream of attempts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import secrets
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+from pipeline import exits
+from pipeline.calls import SMALL_BYTES, SMALL_PIXELS, RunStopped
+from pipeline.config import Config, ConfigError
+from pipeline.engines.single import _signals, _sink_hint
+from pipeline.failures import STREAK, Action, Verdict, judge
+from pipeline.gemini import GeminiClient, GeminiError, api_key_from_env
+from pipeline.gemini.batches import BatchJob, BatchResult
+from pipeline.records import ImageItem, Parsed, SourceFile, Unit
+from pipeline.reuse import Answers
+from pipeline.rows import Outcome, RunFacts, answered_row, copied_outcome_row
+from pipeline.runner import RowCounts
+from pipeline.sink import ParquetSink, SinkFailed
+from pipeline.state import IN_FLIGHT, BatchJobRecord, BatchRequestRecord, State
+from pipeline.stop import Stop, Stopped
+from pipeline.summary import RunSummary
+from pipeline.tasks import read_answer
+from pipeline.tasks.base import TaskSettings
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+FOLDER = ".batch"  # in the output folder: JSONL inputs being built, results being read
+BACKOFF = 1.5  # the poll wait grows so while idle (SDK _transformers.LRO_POLLING_MULTIPLIER)
+ATTEMPTS = 6  # tries of a job's creation refused for a passing reason (the caps, a 5xx)
+LOCAL_GONE = "created by an in-process local server (gone with its run)"
+Say = Callable[[str], None]
+
+
+# --------------------------------------------------------------------------- what a job keeps
+def task_json(settings: TaskSettings) -> str:
+    """A job's [task] settings (all but the model table), to parse its answers later."""
+    values = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}
+    values.pop("models")
+    return json.dumps(values, sort_keys=True)
+
+
+def task_settings(text: str) -> TaskSettings:
+    values = json.loads(text)
+    if values.get("labels") is not None:
+        values["labels"] = tuple(values["labels"])
+    return TaskSettings(**values)
+
+
+class Counts:
+    """What this run did with jobs, for the summary and the messages."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.created = 0
+        self.requests = 0
+        self.jsonl_bytes = 0
+        self.collected = 0
+        self.result_lines = 0
+        self.missing = 0  # requests of collected jobs without a result line: left for later
+        self.first_job_s: float | None = None  # from the start of the run to the first create
+        self.submitted_s: float | None = None  # ... to the end of the walk (every job created)
+        self.collect_s = 0.0  # spent collecting: download, parse, rows, commit
+        self.ended: list[dict[str, Any]] = []  # FAILED / CANCELLED / EXPIRED / lost jobs
+        self.elsewhere = 0  # jobs in flight at another endpoint (not followed by this run)
+
+    def as_dict(self, in_flight: int) -> dict[str, Any]:
+        return {
+            "jobs_created": self.created,
+            "requests_submitted": self.requests,
+            "jsonl_bytes": self.jsonl_bytes,
+            "jobs_collected": self.collected,
+            "result_lines": self.result_lines,
+            "requests_without_result": self.missing,
+            "jobs_ended": self.ended,
+            "jobs_in_flight": in_flight,
+            "jobs_at_other_endpoints": self.elsewhere,
+            "first_job_created_s": self.first_job_s,
+            "all_submitted_s": self.submitted_s,
+            "collect_s": round(self.collect_s, 3),
+        }
+
+    def since_start(self) -> float:
+        return round(time.monotonic() - self.started, 3)
+
+
+@dataclasses.dataclass
+class Following:
+    """How jobs are followed: what the run (or `pipeline batch wait`) gives the follower."""
+
+    folder: Path  # the output's FOLDER
+    base_url: str  # only jobs created at this endpoint are followed
+    run_id: str
+    own: tuple[str, TaskSettings] | None  # (settings hash, [task]) of the run's own config
+    counts: RowCounts
+    batch: Counts
+    answers: Answers | None  # the run's reuse tiers, told of every answer collected
+    retry_interactively: bool  # [batch] retry = "interactive": note retryable files
+    poll: tuple[float, float]  # the first and the longest wait between polls
+    max_jobs: int
+    say: Say
+    wait_for_room: bool = True  # False (--submit-only): at the cap of jobs, stop submitting
+
+
+async def guarded(stop: Stop, work: Awaitable[Any]) -> None:
+    """Await `work`; the run's failures it finds stop the run (drain), a stop just ends it."""
+    try:
+        await work
+    except Stopped:
+        pass
+    except RunStopped as exc:
+        stop.drain(exc.verdict.reason, exc.verdict.hint, exc.verdict.exit_code)
+    except (SinkFailed, OSError) as exc:  # OSError: a job's JSONL or results file on disk
+        stop.drain(f"the output cannot be written: {exc}", _sink_hint())
+
+
+def job_verdict(error: GeminiError, what: str) -> Verdict:
+    """How a job-level failure stops the run: the run's own failure as judged, else this."""
+    verdict = judge(error, uploaded=False)
+    if verdict.action == Action.RUN:
+        return verdict
+    return Verdict(Action.RUN, f"{what}: {verdict.reason}", exits.STOPPED, "rerun later")
+
+
+def _passing(error: GeminiError, what: str) -> bool:
+    """False for a transient failure (the next pass asks again); raises RunStopped else."""
+    if error.retryable:
+        return False
+    raise RunStopped(job_verdict(error, what))
+
+
+# ------------------------------------------------------------------------------------- jobs
+class Jobs:
+    """The output's jobs in flight at one endpoint: created, re-attached, polled, collected."""
+
+    def __init__(
+        self, state: State, client: GeminiClient, sink: ParquetSink, stop: Stop, how: Following
+    ) -> None:
+        self.state = state
+        self.client = client
+        self.sink = sink
+        self.stop = stop
+        self.how = how
+        self.ended = asyncio.Event()  # set whenever a job leaves flight: room for another
+        self._creating: set[int] = set()  # jobs whose create call this process is making
+
+    def in_flight(self) -> list[BatchJobRecord]:
+        jobs = self.state.batch_jobs(IN_FLIGHT)
+        return [job for job in jobs if job.base_url == self.how.base_url]
+
+    async def recover(self) -> None:
+        """Before anything new: drop the staged jobs of a killed run (never sent: their files
+        are sent again) and delete what ended jobs left on the service."""
+        others = [j for j in self.state.batch_jobs(IN_FLIGHT) if j.base_url != self.how.base_url]
+        self.how.batch.elsewhere = len(others)
+        for job in self.state.batch_jobs(("staged",)):
+            with contextlib.suppress(OSError):
+                (self.how.folder / f"{job.display_name}.jsonl").unlink()
+            await self.drop(job.id)
+        for job in self.state.batch_jobs(("collected", "ended")):
+            await self._delete_files(job.id)
+
+    async def drop(self, job: int) -> None:
+        """A job that was never created: its files deleted, then the job forgotten (its
+        images are sent again). Files the service would not delete keep the job recorded
+        (staged) for the next run's `recover` to try again."""
+        await self._delete_files(job)
+        if not self.state.batch_files(job):
+            self.state.forget_batch_job(job)
+
+    # ------------------------------------------------------------------------- creating
+    async def create(
+        self, job: int, display_name: str, model: str, file_name: str
+    ) -> BatchJob | None:
+        """Create a job over its uploaded JSONL (the job recorded `creating` beforehand). None
+        when an answer was lost and the project's jobs could not be listed to tell whether it
+        exists: it stays `creating`, and a later pass adopts it or drops it."""
+        self._creating.add(job)
+        try:
+            return await self._create(job, display_name, model, file_name)
+        finally:
+            self._creating.discard(job)
+
+    async def _create(
+        self, job: int, display_name: str, model: str, file_name: str
+    ) -> BatchJob | None:
+        """Creation is not idempotent: after any transient failure (the answer may be lost)
+        the job is looked up by its display name before another create. A 429 (the service's
+        100-job or enqueued-token caps) waits for one of ours to end, or a growing pause."""
+        for attempt in range(1, 1 + ATTEMPTS):
+            try:
+                created = await self.stop.call(
+                    self.client.batches.create(
+                        model, file_name=file_name, display_name=display_name
+                    )
+                )
+            except GeminiError as exc:
+                if not exc.retryable:
+                    await self._refused(job, exc)
+                try:
+                    created = await self._find(display_name)
+                except GeminiError:
+                    return None  # cannot tell whether it exists: a later pass looks again
+                if created is None and attempt == ATTEMPTS:
+                    await self._refused(job, exc)
+                if created is None:
+                    await self._wait_for_room(exc, attempt)
+                    continue
+            self.state.update_batch_job(
+                job, phase="submitted", name=created.name, service_state=created.state
+            )
+            return created
+        raise AssertionError("unreachable")
+
+    async def _refused(self, job: int, error: GeminiError) -> NoReturn:
+        """The job does not exist and will not: dropped (its files are sent again), and the
+        run stops saying why."""
+        await self.drop(job)
+        raise RunStopped(job_verdict(error, "the service refused the batch job"))
+
+    async def _find(self, display_name: str) -> BatchJob | None:
+        """The project's job with this display name (raises GeminiError when it cannot tell)."""
+        for remote in await self.stop.call(self.client.batches.list()):
+            if remote.display_name == display_name:
+                return remote
+        return None
+
+    async def _wait_for_room(self, error: GeminiError, attempt: int) -> None:
+        """After a transient refusal: until one of our jobs ends, or a backed-off pause."""
+        first, longest = self.how.poll
+        delay = min(longest, first * BACKOFF ** (attempt - 1))
+        self.how.say(f"batch job creation refused ({error.status}); trying again in {delay:g}s")
+        self.ended.clear()
+        with contextlib.suppress(TimeoutError):
+            await self.stop.until(asyncio.wait_for(self.ended.wait(), delay))
+
+    async def room(self) -> None:
+        """Wait until fewer than `[batch] max_jobs` jobs are in flight here (with
+        --submit-only, stop submitting instead: the rest waits for the next run)."""
+        while True:
+            self.ended.clear()  # before counting: an end after the count still wakes us
+            if len(self.in_flight()) < self.how.max_jobs:
+                return
+            if not self.how.wait_for_room:
+                self.stop.drain(
+                    f"{self.how.max_jobs} batch jobs are in flight ([batch] max_jobs): the "
+                    "remaining files wait for a later run",
+                    "rerun once jobs have ended",
+                )
+                raise Stopped
+            await self.stop.until(self.ended.wait())
+
+    # ------------------------------------------------------------------------ following
+    async def follow(self, walked: asyncio.Event, *, wait_for_all: bool) -> None:
+        """Poll the jobs in flight, backing off while nothing changes, until the walk is over
+        and (with `wait_for_all`) every job here has ended. A stop ends it at once."""
+        first, longest = self.how.poll
+        delay = first
+        with contextlib.suppress(Stopped):
+            while True:
+                if walked.is_set() and (not wait_for_all or not self.in_flight()):
+                    return
+                await self._pause(walked, delay)
+                changed = await self.check_all()
+                delay = first if changed else min(longest, delay * BACKOFF)
+
+    async def _pause(self, walked: asyncio.Event, delay: float) -> None:
+        """`delay` seconds, ended early by the end of the walk (the last poll then comes at
+        once). Raises Stopped when the run stops."""
+        if walked.is_set():
+            return await self.stop.sleep(delay)
+        with contextlib.suppress(TimeoutError):
+            await self.stop.until(asyncio.wait_for(walked.wait(), delay))
+
+    async def check_all(self) -> bool:
+        """One pass over the jobs in flight here; True when one of them left flight."""
+        changed = False
+        for job in self.in_flight():
+            if job.phase == "submitted" and job.name:
+                changed |= await self._check(job)
+            elif job.phase == "creating" and job.id not in self._creating:
+                changed |= await self._adopt(job)
+        return changed
+
+    async def _adopt(self, job: BatchJobRecord) -> bool:
+        """A job whose create answer was lost: adopted if the service has it, else dropped."""
+        try:
+            found = await self._find(job.display_name)
+        except GeminiError as exc:
+            return _passing(exc, "the project's batch jobs cannot be listed")
+        if found is not None:
+            self.state.update_batch_job(job.id, phase="submitted", name=found.name)
+            self.how.say(f"batch job {found.name} re-attached ({job.display_name})")
+            return False
+        await self.drop(job.id)  # never created: its files are sent again
+        self.ended.set()
+        return True
+
+    async def _check(self, job: BatchJobRecord) -> bool:
+        name = job.name or ""
+        try:
+            remote = await self.stop.call(self.client.batches.get(name))
+        except GeminiError as exc:
+            if exc.kind != "not_found":
+                return _passing(exc, f"batch job {name} cannot be read")
+            await self._end(job, "LOST", "the service no longer knows this job")
+            return True
+        if remote.state != job.service_state:
+            self.state.update_batch_job(job.id, service_state=remote.state)
+        if not remote.done:
+            return False
+        if remote.state != "JOB_STATE_SUCCEEDED":
+            why = remote.error.message if remote.error else "no reason given"
+            await self._end(job, remote.state.removeprefix("JOB_STATE_"), why)
+            return True
+        try:
+            await self._collect(job, remote)
+        except GeminiError as exc:
+            return _passing(exc, f"the results of batch job {name} cannot be read")
+        return True
+
+    # ----------------------------------------------------------------------- collecting
+    async def _collect(self, job: BatchJobRecord, remote: BatchJob) -> None:
+        """Rows for every result of a succeeded job, committed; then its files deleted."""
+        started = time.monotonic()
+        reader = Collector(self, job, remote)
+        try:
+            await reader.read()
+        finally:
+            reader.clean()
+        if self.stop.state == "abandoning":
+            return  # not recorded: the next run collects it again (no new call, no new cost)
+        await self.sink.flush()
+        self.how.batch.collect_s += time.monotonic() - started
+        self.state.update_batch_job(job.id, phase="collected", service_state=remote.state)
+        await self._delete_files(job.id)
+        self.how.batch.collected += 1
+        self.how.say(f"batch job {remote.name} {remote.state}: {reader.summary()}")
+        self.ended.set()
+        if reader.run_failure is not None:
+            raise RunStopped(reader.run_failure)
+
+    async def _end(self, job: BatchJobRecord, state: str, why: str) -> None:
+        """A job that ended without results: reported; its files are sent again next time."""
+        self.state.update_batch_job(job.id, phase="ended", service_state=state, message=why)
+        await self._delete_files(job.id)
+        _ended(self.how, job, state, why)
+        self.ended.set()
+
+    async def _delete_files(self, job: int) -> None:
+        """Delete a job's Files API files (its JSONL, its images); one already gone is
+        forgotten, one the service refuses to delete stays recorded for a later try."""
+        for name in self.state.batch_files(job):
+            try:
+                await self.stop.call(self.client.delete_file(name))
+            except GeminiError as exc:
+                if exc.code not in (403, 404):
+                    continue
+            except Stopped:
+                return
+            self.state.forget_batch_file(name)
+
+
+def _ended(how: Following, job: BatchJobRecord, state: str, why: str) -> None:
+    how.batch.ended.append({"name": job.name, "state": state, "requests": job.requests, "why": why})
+    how.say(
+        f"batch job {job.name or job.display_name} ended {state} ({why}): its "
+        f"{job.requests} requests are left for the next run"
+    )
+
+
+class Collector:
+    """Reads one succeeded job's results into rows (see Jobs._collect)."""
+
+    def __init__(self, jobs: Jobs, job: BatchJobRecord, remote: BatchJob) -> None:
+        self.jobs = jobs
+        self.job = job
+        self.remote = remote
+        self.how = jobs.how
+        self.path = self.how.folder / f"{job.display_name}.results.jsonl"
+        self.settings, self.facts = self._parsing()
+        self.latency_ms = _age_ms(job.created_at)
+        self.answered: set[str] = set()
+        self.statuses: dict[str, int] = {}
+        self.run_failure: Verdict | None = None  # the run's failure found in its lines
+
+    def _parsing(self) -> tuple[TaskSettings, RunFacts]:
+        """How this job's answers are read: as the run's own config when it made the job, else
+        with the job's recorded [task] settings (an answer is paid for whoever reads it)."""
+        job, own = self.job, self.how.own
+        settings = own[1] if own is not None and own[0] == job.settings_hash else None
+        settings = settings or task_settings(job.task)
+        return settings, RunFacts(self.how.run_id, settings.kind, job.model, job.settings_hash)
+
+    async def read(self) -> None:
+        """Every result line to rows; the file is read twice when all lines failed."""
+        results: Callable[[], Iterable[BatchResult]] = lambda: self.remote.inlined  # noqa: E731
+        if self.remote.responses_file:
+            self.how.folder.mkdir(exist_ok=True)
+            batches = self.jobs.client.batches
+            await self.jobs.stop.call(batches.download(self.remote.responses_file, self.path))
+            results = lambda: batches.results(self.path)  # noqa: E731
+        self.run_failure = self._common_failure(results)
+        for result in results():
+            if self.jobs.stop.state == "abandoning":
+                return
+            await self._result(result)
+        missing = set(self.jobs.state.batch_request_keys(self.job.id)) - self.answered
+        self.how.batch.missing += len(missing)
+
+    def _common_failure(self, results: Callable[[], Iterable[BatchResult]]) -> Verdict | None:
+        """A job whose every line (STREAK at least) failed the same way for a reason not its
+        images' (the same refused setting on every line): the run's failure, as `Health` judges
+        a stream of interactive attempts; its lines become no rows. Read first — a second pass
+        over the file — only when the job's stats say nothing succeeded."""
+        stats = self.remote.stats
+        if stats.succeeded or stats.failed < STREAK:
+            return None
+        signatures, first = set(), None
+        for result in results():
+            if result.error is None:
+                return None
+            first = first or result.error
+            signatures.add((result.error.kind, result.error.status, result.error.message[:200]))
+        if first is None or len(signatures) != 1:
+            return None
+        verdict = judge(first, uploaded=True)
+        if verdict.action not in (Action.IMAGE, Action.RUN):
+            return None  # transient failures stay retryable rows
+        why = f"every request of batch job {self.remote.name} failed the same way: {verdict.reason}"
+        return Verdict(Action.RUN, why, exits.USAGE)
+
+    async def _result(self, result: BatchResult) -> None:
+        records = self.jobs.state.batch_requests(self.job.id, result.key) if result.key else []
+        if not records:
+            return  # a key this output never asked for: nothing to file it under
+        self.answered.add(records[0].key)
+        self.how.batch.result_lines += 1
+        outcome = await self._outcome(result, records[0])
+        if outcome is None:
+            return  # the run's failure: no row, the files are sent again next time
+        for number, record in enumerate(records):
+            made = answered_row if number == 0 else copied_outcome_row
+            row = made(Unit.lone(_item(record)), record.key, outcome, self.facts)
+            await self.jobs.sink.add(row)
+            self.how.counts.add(row, copied=number > 0)
+            self.statuses[row["status"]] = self.statuses.get(row["status"], 0) + 1
+        self._remember(records, outcome)
+
+    async def _outcome(self, result: BatchResult, record: BatchRequestRecord) -> Outcome | None:
+        """What became of a request, as an interactive call's Outcome (input_mode "batch")."""
+        latency, estimates = self.latency_ms, (record.est_image_tokens, record.est_prompt_tokens)
+        if result.response is not None:
+            big = (
+                record.width * record.height > SMALL_PIXELS
+                or len(result.response.raw) > SMALL_BYTES
+            )
+            width, height = record.width, record.height
+            parsed = await _offload(big, read_answer, result.response, width, height, self.settings)
+            return Outcome(parsed, result.response, 1, latency, "batch", *estimates)
+        assert result.error is not None
+        # uploaded=True: a line refused for its file (403, 404) lost an uploaded image: retry
+        verdict = judge(result.error, uploaded=True)
+        if verdict.action == Action.RUN or self.run_failure is not None:
+            self.run_failure = self.run_failure or verdict
+            return None
+        if verdict.action == Action.BLOCKED:
+            return Outcome(
+                Parsed("blocked", error=verdict.reason), None, 1, latency, "batch", *estimates
+            )
+        retryable = verdict.action in (Action.RETRY, Action.REUPLOAD)
+        parsed = Parsed("error", error=verdict.reason)
+        return Outcome(parsed, None, 1, latency, "batch", *estimates, retryable)
+
+    def _remember(self, records: list[BatchRequestRecord], outcome: Outcome) -> None:
+        if self.how.answers is not None:
+            self.how.answers.remember(records[0].key, records[0].sha256, outcome)
+        if outcome.retryable and self.how.retry_interactively:
+            self.jobs.state.add_batch_retries(record.fingerprint for record in records)
+
+    def summary(self) -> str:
+        rows = ", ".join(f"{status} {count}" for status, count in sorted(self.statuses.items()))
+        missing = self.job.requests - len(self.answered)
+        extra = f"; {missing} requests without a result, left for the next run" if missing else ""
+        return f"rows committed ({rows or 'none'}){extra}"
+
+    def clean(self) -> None:
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+
+
+def _item(record: BatchRequestRecord) -> ImageItem:
+    """The image a row is about, as recorded when its request was made."""
+    source = SourceFile("", record.root, record.path, record.size, record.mtime_ns)
+    return ImageItem(
+        source=source,
+        sha256=record.sha256,
+        mime_type=record.mime_type,
+        width=record.width,
+        height=record.height,
+    )
+
+
+def _age_ms(created_at: str) -> float:
+    """From a job's record to now: the latency of each of its answers."""
+    with contextlib.suppress(ValueError):
+        return (datetime.now(UTC) - datetime.fromisoformat(created_at)).total_seconds() * 1000
+    return 0.0
+
+
+async def _offload(big: bool, fn: Callable[..., T], *args: Any) -> T:
+    """Call `fn` in a worker thread when the job is big, else right here (calls.py's rule)."""
+    if big:
+        return await asyncio.to_thread(fn, *args)
+    return fn(*args)
+
+
+# ------------------------------------------------------------------------- the run's report
+def report_ended(stop: Stop, counts: Counts) -> None:
+    """Jobs that ended without rows leave work for the next run: the run says so (exit 3)."""
+    if counts.ended and stop.reason is None:
+        first = counts.ended[0]
+        more = f" (and {len(counts.ended) - 1} more)" if len(counts.ended) > 1 else ""
+        stop.drain(
+            f"batch job {first['name']} ended {first['state']}{more}: its images are left for "
+            "the next run",
+            "rerun the same command to send them again",
+        )
+
+
+def in_flight_hint(in_flight: int, output_dir: str | Path) -> str:
+    return (
+        f"{in_flight} batch job(s) in flight: a later run (or `pipeline batch wait {output_dir}`) "
+        "collects them"
+    )
+
+
+def say(text: str) -> None:
+    """A message on stderr (a closed stderr, a cron job's, is no failure)."""
+    if sys.stderr is not None:
+        with contextlib.suppress(OSError, ValueError):
+            print(text, file=sys.stderr, flush=True)
+
+
+def quiet(text: str) -> None:
+    log.debug(text)
+
+
+# --------------------------------------------------------------- pipeline batch ... OUT
+def _endpoints(state: State) -> Iterator[tuple[str, str, list[BatchJobRecord]]]:
+    """The jobs in flight by (base URL, version), as they were created."""
+    groups: dict[tuple[str, str], list[BatchJobRecord]] = {}
+    for job in state.batch_jobs(IN_FLIGHT):
+        groups.setdefault((job.base_url, job.version), []).append(job)
+    for (base_url, version), jobs in sorted(groups.items()):
+        yield base_url, version, jobs
+
+
+def _client(base_url: str, version: str, config: Config | None) -> GeminiClient:
+    """A client for jobs created at `base_url` (`--config` lends its [api] timeout and http
+    permission); the key comes from the environment, as for a run."""
+    key = api_key_from_env()
+    if not key:
+        raise ConfigError(
+            f"batch jobs at {base_url}: set GOOGLE_API_KEY (or GEMINI_API_KEY) in the environment"
+        )
+    api = config.api if config is not None else None
+    return GeminiClient(
+        key,
+        base_url=base_url,
+        version=version,
+        timeout=api.timeout if api else 120.0,
+        allow_insecure_http=api.allow_insecure_http if api else False,
+    )
+
+
+def _existing_state(output_dir: str | Path) -> State:
+    if not (Path(output_dir) / "state.sqlite").is_file():
+        raise ConfigError(f"{output_dir}: no state.sqlite here: not an output folder of a run")
+    return State(output_dir)
+
+
+async def status(output_dir: str, config: Config | None = None) -> dict[str, Any]:
+    """Every job of the output; those in flight as the service sees them now (no commit)."""
+    state = _existing_state(output_dir)
+    try:
+        live: dict[int, dict[str, Any]] = {}
+        for base_url, version, jobs in _endpoints(state):
+            live.update(await _live(base_url, version, jobs, config))
+        jobs = [_job_report(job, live.get(job.id)) for job in state.batch_jobs()]
+        return {"output_dir": output_dir, "jobs": jobs}
+    finally:
+        state.close()
+
+
+async def _live(
+    base_url: str, version: str, jobs: list[BatchJobRecord], config: Config | None
+) -> dict[int, dict[str, Any]]:
+    if base_url == "local":
+        return {job.id: {"error": LOCAL_GONE} for job in jobs}
+    found: dict[int, dict[str, Any]] = {}
+    async with _client(base_url, version, config) as client:
+        for job in (job for job in jobs if job.name):
+            try:
+                remote = await client.batches.get(job.name or "")
+            except GeminiError as exc:
+                found[job.id] = {"error": str(exc)}
+                continue
+            found[job.id] = {"state": remote.state, **dataclasses.asdict(remote.stats)}
+    return found
+
+
+def _job_report(job: BatchJobRecord, live: dict[str, Any] | None) -> dict[str, Any]:
+    report = {
+        "name": job.name,
+        "display_name": job.display_name,
+        "phase": job.phase,
+        "state": job.service_state,
+        "requests": job.requests,
+        "est_input_tokens": job.est_tokens,
+        "model": job.model,
+        "base_url": job.base_url,
+        "created_at": job.created_at,
+        "message": job.message,
+    }
+    return {**report, "live": live} if live is not None else report
+
+
+def format_status(report: dict[str, Any]) -> str:
+    jobs = report["jobs"]
+    if not jobs:
+        return f"{report['output_dir']}: no batch jobs"
+    lines = [f"{report['output_dir']}: {len(jobs)} batch job(s)"]
+    for job in jobs:
+        live = job.get("live") or {}
+        progress = ""
+        if live.get("requests"):
+            progress = f", {live['requests'] - live['pending']}/{live['requests']} done"
+        problem = f" ({live['error']})" if "error" in live else ""
+        message = f": {job['message']}" if job["message"] else ""
+        lines.append(
+            f"  {job['name'] or job['display_name']}  {job['phase']}  "
+            f"{live.get('state') or job['state'] or '-'}{progress}  {job['requests']} requests, "
+            f"created {job['created_at'][:19]}{message}{problem}"
+        )
+    return "\n".join(lines)
+
+
+async def cancel(output_dir: str, config: Config | None = None) -> list[dict[str, Any]]:
+    """Ask the service to cancel every job in flight; the next run (or `batch wait`) reports
+    them and sends their images again. Writes nothing: a run may be following them."""
+    state = _existing_state(output_dir)
+    done: list[dict[str, Any]] = []
+    try:
+        for base_url, version, jobs in _endpoints(state):
+            if base_url == "local":
+                continue
+            async with _client(base_url, version, config) as client:
+                for job in (job for job in jobs if job.name):
+                    done.append(await _cancel_one(client, job.name or ""))
+    finally:
+        state.close()
+    return done
+
+
+async def _cancel_one(client: GeminiClient, name: str) -> dict[str, Any]:
+    try:
+        await client.batches.cancel(name)
+        remote = await client.batches.get(name)
+    except GeminiError as exc:
+        return {"name": name, "error": str(exc)}
+    return {"name": name, "state": remote.state}
+
+
+async def wait(
+    output_dir: str, config: Config | None = None, *, progress: bool = True
+) -> RunSummary:
+    """Follow every job in flight until it ends, collecting each as it succeeds (rows through
+    the sink, as a run does; each job parsed with its own recorded [task] settings)."""
+    run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ-batch-wait-") + secrets.token_hex(3)
+    summary = RunSummary(run_id, config.source if config else "", "", "", "")
+    counts, rows, stop, out = Counts(), RowCounts(), Stop(), Path(output_dir)
+    async with contextlib.AsyncExitStack() as stack:
+        state = _existing_state(out)
+        stack.callback(state.close)
+        sink = await stack.enter_async_context(ParquetSink(out, run_id))
+        summary.recovered = sink.rows_recovered
+        with _signals(asyncio.get_running_loop(), stop, sink):
+            for base_url, version, _ in list(_endpoints(state)):
+                how = _following(out, base_url, run_id, rows, counts, config, progress)
+                await guarded(stop, _wait_at(state, sink, stop, how, version, config))
+        in_flight = len(state.batch_jobs(IN_FLIGHT))
+    summary.finished_at = datetime.now(UTC).isoformat()
+    summary.rows, summary.tokens, summary.copied = rows.rows, rows.tokens, rows.copied
+    summary.cost_usd, summary.unstorable = round(rows.cost_usd, 6), sink.unstorable
+    summary.batch = counts.as_dict(in_flight)
+    report_ended(stop, counts)
+    if stop.reason:
+        summary.stop_reason, summary.resume_hint, summary.exit_code = (
+            stop.reason,
+            stop.hint,
+            stop.exit_code,
+        )
+    summary.settle_exit_code()
+    summary.write(out)
+    return summary
+
+
+def _following(
+    out: Path,
+    base_url: str,
+    run_id: str,
+    rows: RowCounts,
+    counts: Counts,
+    config: Config | None,
+    progress: bool,
+) -> Following:
+    batch = config.batch if config is not None else None
+    return Following(
+        folder=out / FOLDER,
+        base_url=base_url,
+        run_id=run_id,
+        own=None,
+        counts=rows,
+        batch=counts,
+        answers=None,
+        retry_interactively=batch is not None and batch.retry == "interactive",
+        poll=(batch.poll_seconds, batch.max_poll_seconds) if batch else (10.0, 60.0),
+        max_jobs=batch.max_jobs if batch else 100,
+        say=say if progress else quiet,
+    )
+
+
+async def _wait_at(
+    state: State, sink: ParquetSink, stop: Stop, how: Following, version: str, config: Config | None
+) -> None:
+    """Follow the jobs of one endpoint to their end. Those of an in-process local server
+    (`base_url = "local"`) ended with the run that made them: reported as lost."""
+    if how.base_url == "local":
+        for job in (job for job in state.batch_jobs(IN_FLIGHT) if job.base_url == "local"):
+            state.update_batch_job(job.id, phase="ended", service_state="LOST", message=LOCAL_GONE)
+            _ended(how, job, "LOST", LOCAL_GONE)
+        return
+    async with _client(how.base_url, version, config) as client:
+        jobs = Jobs(state, client, sink, stop, how)
+        await jobs.recover()
+        walked = asyncio.Event()
+        walked.set()
+        await jobs.check_all()
+        await jobs.follow(walked, wait_for_all=True)

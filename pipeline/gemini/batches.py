@@ -1,0 +1,371 @@
+"""Batch Mode's wire protocol: generateContent requests run as one job, at half the price.
+
+Protocol only, as the rest of `pipeline.gemini`: it builds and reads bodies and makes the calls,
+and never retries (a `GeminiError` says what failed; the engine decides). The shapes (notes,
+"Batch Mode"; the SDK's `batches.py` where the notes are silent):
+
+- create: `POST {base}/{version}/models/{m}:batchGenerateContent` with `{"batch": {"displayName",
+  "inputConfig": {"fileName": "files/<id>"}}}` — a JSONL file uploaded through the Files API, one
+  `{"key": ..., "request": GenerateContentRequest}` a line (`request_line`, built by the same
+  `build_generate_content_body` as an interactive call) — or `"inputConfig": {"requests":
+  {"requests": [{"request": ..., "metadata": {"key": ...}}]}}` (inline, under 20 MB in total).
+  Creation is not idempotent: two creates make two jobs (the caller persists the name first).
+- a job is an Operation: `{"name": "batches/<id>", "metadata": {"state", "batchStats",
+  "displayName", "model", "output", "createTime", ...}, "done", "error"}`; states
+  `BATCH_STATE_*` are read as the SDK spells them, `JOB_STATE_*` (`t_job_state`), and either
+  spelling is accepted;
+- get / list (`operations`, paged by `nextPageToken`) / `:cancel` / delete, as `Batches.get`,
+  `_list`, `cancel` and `delete` of the SDK (`batches/{name}` under the version);
+- results: `metadata.output.responsesFile` (`files/batch-<id>`), downloaded from
+  `{base}/download/{version}/files/batch-<id>:download?alt=media` to a file, chunk by chunk, one
+  `{"key", "response" | "error"}` a line (`parse_result`); inline jobs answer in
+  `metadata.output.inlinedResponses.inlinedResponses[]` (`{"response" | "error", "metadata":
+  {"key"}}`, in input order, the SDK's `_InlinedResponse_from_mldev`).
+
+A per-request `error` is a google.rpc.Status whose `code` is the RPC code (3 INVALID_ARGUMENT,
+14 UNAVAILABLE, ...); `request_error` turns it into the `GeminiError` an interactive call with
+that outcome would have raised, so both modes judge failures by the same rules.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.gemini.content import build_generate_content_body, parse_generate_content
+from pipeline.gemini.errors import GeminiError, error_from_response
+from pipeline.gemini.files import file_id, parse_json_object
+from pipeline.gemini.transport import Transport
+from pipeline.gemini.types import GenerateRequest, GenerateResponse
+from pipeline.gemini.wire import as_int
+from pipeline.gemini.wire import field as wire_field
+
+JSONL_MIME = "jsonl"  # the input file's MIME type (notes; the SDK's batch-mode guide uploads so)
+ENDED = frozenset(
+    {"JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED", "JOB_STATE_EXPIRED"}
+)  # types.JOB_STATES_ENDED_VERTEX: the states a job leaves no more
+# google.rpc.Code: the `code` of a Status inside an answer (a per-request error, a job's error)
+RPC_CODES = {
+    "OK": 0,
+    "CANCELLED": 1,
+    "UNKNOWN": 2,
+    "INVALID_ARGUMENT": 3,
+    "DEADLINE_EXCEEDED": 4,
+    "NOT_FOUND": 5,
+    "ALREADY_EXISTS": 6,
+    "PERMISSION_DENIED": 7,
+    "RESOURCE_EXHAUSTED": 8,
+    "FAILED_PRECONDITION": 9,
+    "ABORTED": 10,
+    "OUT_OF_RANGE": 11,
+    "UNIMPLEMENTED": 12,
+    "INTERNAL": 13,
+    "UNAVAILABLE": 14,
+    "DATA_LOSS": 15,
+    "UNAUTHENTICATED": 16,
+}
+_STATUS_BY_RPC = {code: name for name, code in RPC_CODES.items()}
+# The HTTP code Google's front ends give each RPC code (google/rpc/code.proto's comments)
+_HTTP_BY_RPC = {1: 499, 2: 500, 3: 400, 4: 504, 5: 404, 6: 409, 7: 403, 8: 429, 9: 400}
+_HTTP_BY_RPC |= {10: 409, 11: 400, 12: 501, 13: 500, 14: 503, 15: 500, 16: 401}
+
+
+@dataclass(frozen=True, slots=True)
+class BatchStats:
+    """metadata.batchStats (int64 counts arrive as JSON strings)."""
+
+    requests: int = 0
+    pending: int = 0
+    succeeded: int = 0
+    failed: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    """One request's outcome: its answer, or the error the service gave it instead."""
+
+    key: str | None
+    response: GenerateResponse | None = None
+    error: GeminiError | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BatchJob:
+    """A batch job as the service describes it (the SDK's `types.BatchJob`, plus its stats)."""
+
+    name: str  # "batches/<id>"
+    state: str  # JOB_STATE_* (BATCH_STATE_* is read as the SDK reads it)
+    display_name: str | None = None
+    model: str | None = None
+    stats: BatchStats = field(default_factory=BatchStats)
+    responses_file: str | None = None  # "files/batch-<id>" once a file job succeeded
+    inlined: tuple[BatchResult, ...] = ()  # the answers of an inline job
+    error: GeminiError | None = None  # why a FAILED (or CANCELLED) job ended
+    create_time: str | None = None
+    update_time: str | None = None
+    end_time: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.state in ENDED
+
+
+def job_state(state: Any) -> str:
+    """`BATCH_STATE_X` -> `JOB_STATE_X` (the SDK's `t_job_state`); other spellings unchanged."""
+    text = str(state or "JOB_STATE_UNSPECIFIED").upper()
+    return "JOB_STATE_" + text.removeprefix("BATCH_STATE_") if text.startswith("BATCH_") else text
+
+
+def job_id(name: str) -> str:
+    """ "batches/abc" or "abc" -> "abc" (the SDK's `t_batch_job_name` for the Gemini API)."""
+    return name.rstrip("/").rsplit("/", 1)[-1]
+
+
+def parse_job(document: Any) -> BatchJob:
+    """An Operation (or a bare GenerateContentBatch) as a BatchJob (`_BatchJob_from_mldev`)."""
+    if not isinstance(document, dict):
+        raise ValueError("a batch job must be a JSON object")
+    meta = document.get("metadata")
+    meta = meta if isinstance(meta, dict) else document
+    name = document.get("name") or meta.get("name")
+    if not name:
+        raise ValueError("a batch job needs a name")
+    output = _output(document, meta)
+    error = document.get("error")
+    return BatchJob(
+        name=str(name),
+        state=job_state(meta.get("state")),
+        display_name=wire_field(meta, "displayName", "display_name"),
+        model=meta.get("model"),
+        stats=_stats(wire_field(meta, "batchStats", "batch_stats")),
+        responses_file=wire_field(output, "responsesFile", "responses_file"),
+        inlined=tuple(_inlined(output)),
+        error=request_error(error) if isinstance(error, dict) else None,
+        create_time=wire_field(meta, "createTime", "create_time"),
+        update_time=wire_field(meta, "updateTime", "update_time"),
+        end_time=wire_field(meta, "endTime", "end_time"),
+    )
+
+
+def _output(document: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+    """metadata.output, else the done Operation's `response` (notes: results sit in both)."""
+    for found in (meta.get("output"), document.get("response")):
+        if isinstance(found, dict):
+            return found
+    return {}
+
+
+def _stats(stats: Any) -> BatchStats:
+    if not isinstance(stats, dict):
+        return BatchStats()
+    return BatchStats(
+        requests=as_int(wire_field(stats, "requestCount", "request_count")),
+        pending=as_int(wire_field(stats, "pendingRequestCount", "pending_request_count")),
+        succeeded=as_int(wire_field(stats, "successfulRequestCount", "successful_request_count")),
+        failed=as_int(wire_field(stats, "failedRequestCount", "failed_request_count")),
+    )
+
+
+def _inlined(output: dict[str, Any]) -> Iterator[BatchResult]:
+    container = wire_field(output, "inlinedResponses", "inlined_responses")
+    items = wire_field(container, "inlinedResponses", "inlined_responses") if container else None
+    for item in items if isinstance(items, list) else ():
+        metadata = item.get("metadata") if isinstance(item, dict) else None
+        key = metadata.get("key") if isinstance(metadata, dict) else None
+        yield _result(item, None if key is None else str(key), json.dumps(item.get("response")))
+
+
+def parse_job_page(body: str) -> tuple[list[BatchJob], str | None]:
+    """One page of batches.list: `operations` and the next page's token (`_ListBatchJobs...`)."""
+    document = parse_json_object(body)
+    operations = document.get("operations") or document.get("batches") or []
+    if not isinstance(operations, list):
+        raise ValueError("'operations' must be a list")
+    token = wire_field(document, "nextPageToken", "next_page_token")
+    return [parse_job(item) for item in operations], str(token) if token else None
+
+
+def parse_result(line: str) -> BatchResult:
+    """One line of a results file: `{"key", "response" | "error"}`. The response keeps the
+    exact text it had in the line (rows store the answer exactly as received)."""
+    members = _members(line)
+    key = members.get("key", (None, ""))[0]
+    document = {name: value for name, (value, _) in members.items()}
+    return _result(
+        document, None if key is None else str(key), members.get("response", ("", ""))[1]
+    )
+
+
+def _result(document: dict[str, Any], key: str | None, response_text: str) -> BatchResult:
+    error = document.get("error")
+    if isinstance(error, dict):
+        return BatchResult(key, error=request_error(error))
+    if not isinstance(document.get("response"), dict):
+        raise ValueError(f"result {key!r} has neither a response nor an error")
+    return BatchResult(key, response=parse_generate_content(response_text))
+
+
+def _members(text: str) -> dict[str, tuple[Any, str]]:
+    """The members of a JSON object: each value and its exact text."""
+    decoder = json.JSONDecoder()
+    members: dict[str, tuple[Any, str]] = {}
+    at = _skip(text, 0, "{")
+    while text[at] != "}":
+        name, at = decoder.raw_decode(text, at)
+        at = _skip(text, at, ":")
+        value, end = decoder.raw_decode(text, at)
+        members[str(name)] = (value, text[at:end])
+        at = _skip(text, end, ",")
+    return members
+
+
+def _skip(text: str, at: int, punctuation: str) -> int:
+    """Past whitespace, one optional `punctuation` character and whitespace again."""
+    while at < len(text) and text[at] in " \t\r\n":
+        at += 1
+    if at < len(text) and text[at] == punctuation:
+        at += 1
+    while at < len(text) and text[at] in " \t\r\n":
+        at += 1
+    if at >= len(text):
+        raise ValueError("not a whole JSON object")
+    return at
+
+
+def request_error(status: dict[str, Any]) -> GeminiError:
+    """A google.rpc.Status (an RPC code, or an HTTP one) as the GeminiError an interactive call
+    answered so would have raised."""
+    code, name = status.get("code"), status.get("status")
+    http = 500  # a Status without a usable code: an unknown failure of the service
+    if isinstance(code, int) and not isinstance(code, bool) and 0 <= code < 100:
+        name, http = name or _STATUS_BY_RPC.get(code, "UNKNOWN"), _HTTP_BY_RPC.get(code, 500)
+    elif isinstance(code, int) and not isinstance(code, bool) and 100 <= code < 600:
+        http = code
+    message = str(status.get("message") or "no message given")
+    error = {**status, "code": http, "status": name or "UNKNOWN", "message": message}
+    return error_from_response(http, json.dumps({"error": error}))
+
+
+def request_line(key: str, request: GenerateRequest) -> bytes:
+    """One JSONL line of an input file: the same body an interactive call would send."""
+    line = {"key": key, "request": build_generate_content_body(request)}
+    return json.dumps(line, separators=(",", ":")).encode() + b"\n"
+
+
+class Batches:
+    """Batch Mode calls of one client (`GeminiClient.batches`); no retries inside."""
+
+    def __init__(self, transport: Transport, base_url: str, version: str) -> None:
+        self._transport = transport
+        self.base_url = base_url
+        self.version = version
+
+    async def create(
+        self,
+        model: str,
+        *,
+        file_name: str | None = None,
+        requests: list[tuple[str, GenerateRequest]] | None = None,
+        display_name: str | None = None,
+    ) -> BatchJob:
+        """Create a job over an uploaded JSONL file, or over inline (key, request) pairs."""
+        if (file_name is None) == (requests is None):
+            raise ValueError("give exactly one of file_name or requests")
+        source: dict[str, Any] = {"fileName": file_name} if file_name else _inline(requests or [])
+        batch: dict[str, Any] = {"inputConfig": source}
+        if display_name:
+            batch["displayName"] = display_name
+        model = model.removeprefix("models/")
+        answer = await self._transport.send(
+            "POST",
+            f"{self.base_url}/{self.version}/models/{model}:batchGenerateContent",
+            json_body={"batch": batch},
+            what=f"{model}:batchGenerateContent",
+        )
+        return self._transport.parse(answer, _parse_job_text, "create batch")
+
+    async def get(self, name: str) -> BatchJob:
+        answer = await self._transport.send(
+            "GET", self._url(name), what=f"get batches/{job_id(name)}"
+        )
+        return self._transport.parse(answer, _parse_job_text, "get batch")
+
+    async def list(self, *, page_size: int = 100) -> list[BatchJob]:
+        """Every job of the project, following nextPageToken (no results inside: `get` each)."""
+        jobs: list[BatchJob] = []
+        params = {"pageSize": str(page_size)}
+        while True:
+            answer = await self._transport.send(
+                "GET", f"{self.base_url}/{self.version}/batches", params=params, what="list batches"
+            )
+            page, token = self._transport.parse(answer, parse_job_page, "list batches")
+            jobs.extend(page)
+            if not token:
+                return jobs
+            params = {"pageSize": str(page_size), "pageToken": token}
+
+    async def cancel(self, name: str) -> None:
+        answer = await self._transport.send(
+            "POST", self._url(name) + ":cancel", json_body={}, what=f"cancel batches/{job_id(name)}"
+        )
+        if answer.status >= 400:
+            raise self._transport.error(answer)
+
+    async def delete(self, name: str) -> None:
+        answer = await self._transport.send(
+            "DELETE", self._url(name), what=f"delete batches/{job_id(name)}"
+        )
+        if answer.status >= 400:
+            raise self._transport.error(answer)
+
+    async def download(
+        self, file_name: str, destination: str | os.PathLike[str], *, timeout: float | None = None
+    ) -> int:
+        """Write a results file to `destination` chunk by chunk; its size in bytes. The path
+        is the documented one, `{base}/download/{version}/files/{id}:download?alt=media`."""
+        what = f"download files/{file_id(file_name)}"
+        with open(destination, "wb") as sink:
+            answer = await self._transport.send(
+                "GET",
+                f"{self.base_url}/download/{self.version}/files/{file_id(file_name)}:download",
+                params={"alt": "media"},
+                timeout=timeout,
+                what=what,
+                into=sink,
+            )
+            if answer.status >= 400:
+                raise self._transport.error(answer)
+            sink.flush()
+            os.fsync(sink.fileno())
+        return Path(destination).stat().st_size
+
+    def results(self, path: str | os.PathLike[str]) -> Iterator[BatchResult]:
+        """The lines of a downloaded results file, read one at a time (the key redacted from
+        every line first, as from every answer). A line that does not parse is a GeminiError
+        DATA_LOSS, as a corrupt answer is."""
+        with open(path, encoding="utf-8", errors="replace") as lines:
+            for number, line in enumerate(lines, 1):
+                if line.strip():
+                    yield self._transport.parse_value(
+                        self._transport.redact(line), parse_result, f"results line {number}"
+                    )
+
+    def _url(self, name: str) -> str:
+        return f"{self.base_url}/{self.version}/batches/{job_id(name)}"
+
+
+def _inline(requests: list[tuple[str, GenerateRequest]]) -> dict[str, Any]:
+    """inputConfig.requests: each request with its key in metadata (`_InlinedRequest_to_mldev`)."""
+    items = [
+        {"request": build_generate_content_body(request), "metadata": {"key": key}}
+        for key, request in requests
+    ]
+    return {"requests": {"requests": items}}
+
+
+def _parse_job_text(body: str) -> BatchJob:
+    return parse_job(parse_json_object(body))

@@ -1,0 +1,465 @@
+"""Batch Mode end to end: `pipeline run --batch` against the local server over loopback, real
+files, real Parquet, a real state.sqlite — and a real kill -9.
+
+Runs against `base_url = "local"` use a short `[local] batch_seconds`; runs that must outlive a
+process, or whose jobs a test moves through time, use a LocalServer in the test's event loop with
+a hand clock (tests/localserver_support.Clock).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL.PngImagePlugin import PngInfo
+
+from pipeline import batchjobs, dataset, exits
+from pipeline.cli import main
+from pipeline.config import ConfigError
+from pipeline.gemini import GeminiClient
+from pipeline.localserver import LocalServer, ServerOptions
+from pipeline.runner import RunOptions, run_async
+from pipeline.state import State
+from tests.conftest import draw_shapes, make_config, read_rows
+from tests.localserver_support import Clock
+
+OPTS = RunOptions(progress=False, seed=0)
+FAST = {"poll_seconds": 0.02, "max_poll_seconds": 0.1}  # [batch]: tests poll often
+KEY = "batch-test-key"
+
+
+def tiny_images(folder: Path, count: int, start: int = 0) -> list[str]:
+    """`count` distinct 32x32 PNGs, one flat shape each (exact answers, cheap to analyse); a
+    text chunk with its number keeps every file's bytes apart (a few seeds draw alike)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for i in range(start, start + count):
+        image, _ = draw_shapes(32, 32, seed=i, count=1)
+        number = PngInfo()
+        number.add_text("n", str(i))
+        image.save(folder / f"{i:04d}.png", compress_level=1, pnginfo=number)
+        names.append(f"{i:04d}.png")
+    return names
+
+
+def batch_config(tmp_path: Path, base_url: str = "local", **sections: dict[str, Any]):
+    sections = {name: dict(values) for name, values in sections.items()}
+    sections.setdefault("api", {}).update(base_url=base_url, mode="batch")
+    sections.setdefault("batch", {}).update({**FAST, **sections.get("batch", {})})
+    if base_url == "local":
+        sections.setdefault("local", {}).setdefault("batch_seconds", 0.1)
+    return make_config(tmp_path, **sections)
+
+
+async def run(config, **options):
+    return await run_async(config, RunOptions(**{**OPTS.__dict__, **options}))
+
+
+def current(output: Path) -> dict[str, dict[str, Any]]:
+    """The newest row per image path, as readers see it."""
+    rows: dict[str, dict[str, Any]] = {}
+    for row in sorted(read_rows(output), key=lambda r: r["completed_at"]):
+        rows[row["image_path"]] = row
+    return rows
+
+
+def jobs_in(output: Path) -> list[Any]:
+    state = State(output)
+    try:
+        return state.batch_jobs()
+    finally:
+        state.close()
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+async def server(clock, monkeypatch):
+    """A local server outliving the runs, its jobs moved through time by the test."""
+    monkeypatch.setenv("GEMINI_API_KEY", KEY)
+    monkeypatch.delenv("GOOGLE_API_KEY", raising=False)
+    async with LocalServer(ServerOptions(api_key=KEY, batch_seconds=60), clock=clock) as running:
+        yield running
+
+
+# ------------------------------------------------------------------ the same rows, half the price
+async def test_a_2000_image_segment_job_gives_the_interactive_runs_objects_and_masks(tmp_path):
+    names = tiny_images(tmp_path / "images", 2000)
+    interactive = make_config(tmp_path, output={"dir": str(tmp_path / "interactive")})
+    batch = batch_config(
+        tmp_path, batch={"requests_per_job": 700}, output={"dir": str(tmp_path / "batch")}
+    )
+    first = await run(interactive)
+    summary = await run(batch)
+
+    assert (summary.exit_code, dict(summary.rows)) == (exits.OK, {"ok": 2000})
+    assert summary.batch["jobs_created"] == summary.batch["jobs_collected"] == 3  # 700+700+600
+    assert summary.batch["requests_submitted"] == 2000 and summary.batch["jobs_in_flight"] == 0
+    live, bought = current(tmp_path / "interactive"), current(tmp_path / "batch")
+    assert sorted(live) == sorted(bought) == names
+    for name in names:
+        assert bought[name]["key"] == live[name]["key"]
+        assert bought[name]["objects"] == live[name]["objects"], name  # boxes, labels, masks RLE
+        assert bought[name]["input_mode"] == "batch" and live[name]["input_mode"] == "inline"
+    assert sum(1 for row in bought.values() if row["objects"][0]["mask"]) == 2000
+
+    # the same tokens, billed at half the price: in the summary and in `pipeline status`
+    assert summary.tokens == first.tokens
+    assert summary.cost_usd == pytest.approx(first.cost_usd / 2, rel=1e-6)
+    cost = dataset.status(tmp_path / "batch")["cost"]
+    assert cost["interactive_usd"] == 0 and cost["batch_usd"] == pytest.approx(summary.cost_usd)
+    assert not list((tmp_path / "batch" / ".batch").iterdir())  # no JSONL or results left
+
+
+@pytest.mark.parametrize(
+    "cut",
+    [{"requests_per_job": 5}, {"max_job_mb": 4000 / 2**20}, {"max_job_tokens": 1000}],
+    ids=["requests", "bytes", "tokens"],
+)
+async def test_a_job_is_cut_by_requests_bytes_or_tokens(tmp_path, cut):
+    tiny_images(tmp_path / "images", 12)
+    summary = await run(batch_config(tmp_path, batch=cut))
+    assert dict(summary.rows) == {"ok": 12}
+    jobs = jobs_in(tmp_path / "out")
+    assert len(jobs) == summary.batch["jobs_created"] == summary.batch["jobs_collected"] > 1
+    assert sum(job.requests for job in jobs) == 12 and all(job.requests for job in jobs)
+    if "requests_per_job" in cut:
+        assert [job.requests for job in jobs] == [5, 5, 2]
+    if "max_job_mb" in cut:  # no job holds more than the limit (or else one request)
+        assert len(jobs) >= summary.batch["jsonl_bytes"] / 4000
+    if "max_job_tokens" in cut:
+        assert all(job.est_tokens <= 1000 or job.requests == 1 for job in jobs)
+        assert len(jobs) >= sum(job.est_tokens for job in jobs) / 1000
+
+
+async def test_the_same_bytes_at_two_paths_are_asked_once(tmp_path):
+    tiny_images(tmp_path / "images", 3)
+    shutil.copy(tmp_path / "images" / "0000.png", tmp_path / "images" / "twin.png")
+    summary = await run(batch_config(tmp_path))
+    rows = current(tmp_path / "out")
+    assert summary.batch["requests_submitted"] == 3 and len(rows) == 4
+    assert rows["twin.png"]["objects"] == rows["0000.png"]["objects"]
+    billed = [rows[name]["prompt_tokens"] for name in ("0000.png", "twin.png")]
+    assert sorted(billed, key=lambda v: v is None)[1] is None  # paid once
+
+
+# ------------------------------------------------------------------------- resumable, paid once
+async def test_kill_9_while_polling_then_rerun_creates_no_second_job(server, clock, tmp_path):
+    tiny_images(tmp_path / "images", 30)
+    config = batch_config(tmp_path, base_url=server.base_url)
+    path = tmp_path / "batch.toml"
+    path.write_text(
+        "\n".join(
+            [
+                "[api]",
+                f'base_url = "{server.base_url}"',
+                'mode = "batch"',
+                "[input]",
+                f'paths = ["{tmp_path / "images"}"]',
+                "[task]",
+                'kind = "segment"',
+                "[output]",
+                f'dir = "{tmp_path / "out"}"',
+                "[batch]",
+                "poll_seconds = 0.02",
+                "max_poll_seconds = 0.05",
+            ]
+        )
+    )
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "pipeline", "run", str(path), "--quiet", env={**os.environ}
+    )
+    polled = "GET /v1beta/batches/{id}"
+    try:  # created, and then polled at least once (still PENDING: the clock has not moved)
+        await _until(lambda: server.stats()["requests"].get(polled), lambda: child.returncode)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        await child.wait()
+    assert child.returncode == -signal.SIGKILL
+    assert server.stats()["batches"]["created"] == 1 and not read_rows(tmp_path / "out")
+
+    clock.now += 61  # the job's time is up; the rerun re-attaches to it
+    summary = await run(config)
+    assert server.stats()["batches"]["created"] == 1  # no second job: nothing paid twice
+    assert summary.batch["jobs_created"] == 0 and summary.batch["jobs_collected"] == 1
+    assert dict(summary.rows) == {"ok": 30} and len(current(tmp_path / "out")) == 30
+    assert [job.phase for job in jobs_in(tmp_path / "out")] == ["collected"]
+
+
+async def _until(condition, exited, seconds: float = 60.0) -> None:
+    """Poll `condition` while the run it watches (a child process, a task) has not exited:
+    that run works on its own, the deadline only bounds the wait."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not condition():
+        assert exited() is None, "the run ended before the condition held"
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+def running(task: asyncio.Task) -> Any:
+    return lambda: task.result() if task.done() else None
+
+
+async def run_through(config, server: LocalServer, clock: Clock, created: int):
+    """A run against `server` whose jobs end once `created` jobs exist: the clock moves past
+    their time when the run has created them."""
+    task = asyncio.create_task(run(config))
+    await _until(lambda: server.stats()["batches"]["created"] >= created, running(task))
+    clock.now += 61
+    return await task
+
+
+async def test_submit_only_then_a_later_run_collects_and_submits_what_is_new(
+    server, clock, tmp_path
+):
+    tiny_images(tmp_path / "images", 6)
+    config = batch_config(tmp_path, base_url=server.base_url)
+    submitted = await run(config, submit_only=True)  # tonight's cron run
+    assert submitted.exit_code == exits.OK and not submitted.rows
+    assert submitted.batch["jobs_in_flight"] == 1 and "batch wait" in submitted.resume_hint
+    again = await run(config, submit_only=True)  # a second cron run before the job is done
+    assert again.batch["jobs_created"] == 0 and again.skipped == 6
+
+    tiny_images(tmp_path / "images", 2, start=6)  # new files arrive
+    clock.now += 61
+    next_night = await run(config, submit_only=True)  # collect the first job, send the new
+    assert dict(next_night.rows) == {"ok": 6}
+    assert next_night.batch["jobs_collected"] == 1 and next_night.batch["requests_submitted"] == 2
+    clock.now += 61
+    last = await run(config)  # without --submit-only: waits for the rest
+    assert dict(last.rows) == {"ok": 2} and last.batch["jobs_in_flight"] == 0
+    assert len(current(tmp_path / "out")) == 8 and server.stats()["batches"]["created"] == 2
+
+
+@pytest.mark.parametrize(
+    ("ours", "services", "refusals"),
+    [(1, 100, 0), (100, 1, 1)],
+    ids=["our-cap-waits", "the-services-429-waits"],
+)
+async def test_a_new_job_waits_for_room_under_either_cap(
+    tmp_path, monkeypatch, ours, services, refusals
+):
+    monkeypatch.setenv("GEMINI_API_KEY", KEY)
+    tiny_images(tmp_path / "images", 4)
+    options = ServerOptions(batch_seconds=0.2, batch_max_jobs=services)
+    async with LocalServer(options) as server:
+        config = batch_config(
+            tmp_path,
+            base_url=server.base_url,
+            batch={"requests_per_job": 2, "max_jobs": ours, "poll_seconds": 0.05},
+        )
+        summary = await run(config)
+        refused = server.stats()["refused_by_rule"].get("batch.limit", 0)
+    assert dict(summary.rows) == {"ok": 4} and summary.batch["jobs_created"] == 2
+    assert (refused >= 1) == bool(refusals)  # the second create waited for the first job
+
+
+async def test_a_lost_create_answer_is_found_by_its_display_name(server, clock, tmp_path):
+    tiny_images(tmp_path / "images", 4)
+    config = batch_config(tmp_path, base_url=server.base_url)
+    await run(config, submit_only=True)
+    state = State(tmp_path / "out")
+    (job,) = state.batch_jobs()
+    # as if killed after the create call left and before its answer was saved
+    state.update_batch_job(job.id, phase="creating", name=None)
+    state.close()
+    clock.now += 61
+    summary = await run(config)
+    assert server.stats()["batches"]["created"] == 1  # adopted, not created again
+    assert dict(summary.rows) == {"ok": 4}
+    assert [j.name for j in jobs_in(tmp_path / "out")] == [job.name]
+
+
+async def test_a_job_staged_by_a_killed_run_is_dropped_and_its_files_sent(server, clock, tmp_path):
+    tiny_images(tmp_path / "images", 3)
+    async with GeminiClient(KEY, base_url=server.base_url) as client:
+        orphan = await client.upload_file(b"{}\n", "jsonl")
+    state = State(tmp_path / "out")
+    staged = state.add_batch_job(
+        "gvp-killed-0001",
+        settings_hash="x",
+        task="{}",
+        model="m",
+        base_url=server.base_url,
+        version="v1beta",
+    )
+    state.add_batch_file(staged, orphan.name)
+    state.close()
+    summary = await run_through(batch_config(tmp_path, base_url=server.base_url), server, clock, 1)
+    assert dict(summary.rows) == {"ok": 3}
+    assert "gvp-killed-0001" not in [job.display_name for job in jobs_in(tmp_path / "out")]
+    async with GeminiClient(KEY, base_url=server.base_url) as client:
+        assert orphan.name not in {f.name for f in await client.list_files()}
+
+
+async def test_cancel_then_wait_reports_the_job_and_the_next_run_sends_its_images(
+    server, clock, tmp_path
+):
+    tiny_images(tmp_path / "images", 5)
+    config = batch_config(tmp_path, base_url=server.base_url)
+    await run(config, submit_only=True)
+    cancelled = await batchjobs.cancel(str(tmp_path / "out"))
+    assert [job["state"] for job in cancelled] == ["JOB_STATE_CANCELLED"]
+    waited = await batchjobs.wait(str(tmp_path / "out"), progress=False)
+    assert waited.exit_code == exits.STOPPED and "CANCELLED" in waited.stop_reason
+    assert waited.batch["jobs_ended"][0]["state"] == "CANCELLED" and not waited.rows
+    redone = await run_through(config, server, clock, 2)
+    assert dict(redone.rows) == {"ok": 5} and server.stats()["batches"]["created"] == 2
+
+
+async def test_wait_collects_the_jobs_of_an_output_without_its_config(server, clock, tmp_path):
+    tiny_images(tmp_path / "images", 4)
+    await run(
+        batch_config(tmp_path, base_url=server.base_url, task={"kind": "detect"}), submit_only=True
+    )
+    report = await batchjobs.status(str(tmp_path / "out"))
+    (job,) = report["jobs"]
+    assert (job["phase"], job["live"]["state"], job["live"]["requests"]) == (
+        "submitted",
+        "JOB_STATE_PENDING",
+        4,
+    )
+    clock.now += 61
+    waited = await batchjobs.wait(str(tmp_path / "out"), progress=False)
+    rows = current(tmp_path / "out")
+    assert waited.exit_code == exits.OK and len(rows) == 4
+    assert {row["task"] for row in rows.values()} == {"detect"}  # parsed as the job's task
+    assert all(row["objects"] and row["objects"][0]["mask"] is None for row in rows.values())
+    assert "collected" in batchjobs.format_status(await batchjobs.status(str(tmp_path / "out")))
+
+
+# ------------------------------------------------------------------------------- what went wrong
+async def test_per_request_errors_become_rows_and_the_next_run_retries_them_in_a_batch(tmp_path):
+    tiny_images(tmp_path / "images", 40)
+    faulty = batch_config(tmp_path, local={"fault_rate": 0.3, "seed": 11})
+    first = await run(faulty)
+    rows = current(tmp_path / "out")
+    failed = {name for name, row in rows.items() if row["retryable"]}  # 500, 503, deadline
+    assert first.exit_code == exits.ROWS_NOT_OK and failed and len(rows) == 40
+    assert {rows[name]["status"] for name in failed} == {"error"}
+    assert all(rows[name]["input_mode"] == "batch" for name in failed)
+    assert all(rows[name]["prompt_tokens"] is None for name in failed)  # errors are not billed
+
+    second = await run(batch_config(tmp_path))  # the fault is gone
+    assert second.batch["requests_submitted"] == len(failed) and second.api_calls == 0
+    after = current(tmp_path / "out")
+    assert all(after[name]["status"] == "ok" for name in failed)
+
+
+async def test_retryable_errors_retried_interactively_when_so_configured(tmp_path):
+    tiny_images(tmp_path / "images", 40)
+    interactive_retry = {"retry": "interactive"}
+    await run(
+        batch_config(tmp_path, batch=interactive_retry, local={"fault_rate": 0.3, "seed": 11})
+    )
+    failed = {name for name, row in current(tmp_path / "out").items() if row["retryable"]}
+    assert failed
+
+    second = await run(batch_config(tmp_path, batch=interactive_retry))
+    assert second.batch["requests_submitted"] == 0 and second.api_calls == len(failed)
+    after = current(tmp_path / "out")
+    assert {after[name]["input_mode"] for name in failed} == {"inline"}
+    assert all(after[name]["status"] == "ok" for name in failed)
+
+
+async def test_an_expired_job_is_reported_and_its_images_left_for_the_next_run(tmp_path):
+    tiny_images(tmp_path / "images", 5)
+    expiring = batch_config(tmp_path, local={"batch_seconds": 30, "batch_expiry_seconds": 0.1})
+    summary = await run(expiring)
+    assert summary.exit_code == exits.STOPPED and "EXPIRED" in summary.stop_reason
+    assert summary.batch["jobs_ended"][0]["state"] == "EXPIRED" and not summary.rows
+    assert not read_rows(tmp_path / "out")
+    assert [job.phase for job in jobs_in(tmp_path / "out")] == ["ended"]
+
+    again = await run(batch_config(tmp_path))
+    assert dict(again.rows) == {"ok": 5}
+
+
+async def test_a_job_whose_every_line_is_refused_alike_is_the_runs_failure(tmp_path):
+    tiny_images(tmp_path / "images", 10)
+    # A model entry claiming a thinking budget the model does not take (the server's table says
+    # so): every request is refused the same way. The run's fault, not the images': no rows.
+    budget = {"thinking": {"control": "budget", "min": 1, "max": 100, "off": True}}
+    refused = batch_config(
+        tmp_path,
+        api={"model": "gemini-2.0-flash"},
+        task={"kind": "detect"},
+        models={"gemini-2.0-flash": budget},
+    )
+    summary = await run(refused)
+    assert summary.exit_code == exits.USAGE and not summary.rows
+    assert "failed the same way" in summary.stop_reason
+    assert "thinking_config is not supported" in summary.stop_reason
+    assert not read_rows(tmp_path / "out")  # the files are sent again once the config is fixed
+
+
+async def test_a_job_the_service_no_longer_knows_is_reported_and_sent_again(tmp_path):
+    tiny_images(tmp_path / "images", 3)
+    slow = batch_config(tmp_path, local={"batch_seconds": 60})
+    await run(slow, submit_only=True)  # its in-process server, and the job, end with the run
+    lost = await run(batch_config(tmp_path))  # a new server: it never heard of the job
+    assert lost.exit_code == exits.STOPPED and lost.batch["jobs_ended"][0]["state"] == "LOST"
+    assert not lost.rows  # its files were in flight when this run walked: the next run sends
+    again = await run(batch_config(tmp_path))
+    assert dict(again.rows) == {"ok": 3}
+
+
+async def test_wait_reports_the_jobs_of_a_gone_in_process_server(tmp_path):
+    tiny_images(tmp_path / "images", 2)
+    await run(batch_config(tmp_path, local={"batch_seconds": 60}), submit_only=True)
+    waited = await batchjobs.wait(str(tmp_path / "out"), progress=False)
+    assert waited.exit_code == exits.STOPPED
+    assert waited.batch["jobs_ended"][0]["why"] == batchjobs.LOCAL_GONE
+    assert dict((await run(batch_config(tmp_path))).rows) == {"ok": 2}
+
+
+async def test_big_images_are_uploaded_before_the_job_and_deleted_with_its_jsonl(
+    server, clock, tmp_path
+):
+    tiny_images(tmp_path / "images", 3)
+    config = batch_config(tmp_path, base_url=server.base_url, images={"mode": "upload"})
+    task = asyncio.create_task(run(config))
+    await _until(lambda: server.stats()["batches"]["created"] == 1, running(task))
+    assert server.stats()["uploads"]["completed"] == 4  # three images, then the JSONL
+    clock.now += 61
+    summary = await task
+    assert dict(summary.rows) == {"ok": 3}
+    files = server.stats()["files"]
+    assert files["deleted"] == 4 and files["stored"] == 1  # only the results file is left
+
+
+def test_batch_mode_needs_generate_content(tmp_path):
+    with pytest.raises(ConfigError, match=r"\[api\] mode"):
+        make_config(
+            tmp_path,
+            api={"mode": "batch", "flavor": "interactions", "model": "gemini-3-flash-preview"},
+        )
+
+
+def test_the_commands(tmp_path, capsys, monkeypatch):
+    tiny_images(tmp_path / "images", 3)
+    config = tmp_path / "c.toml"
+    config.write_text(
+        '[api]\nbase_url = "local"\n[input]\npaths = ["images"]\n[output]\ndir = "out"\n'
+        "[local]\nbatch_seconds = 0.05\n[batch]\npoll_seconds = 0.02\n"
+    )
+    assert main(["run", str(config), "--batch", "--quiet"]) == exits.OK
+    assert "batch: 1 jobs created" in capsys.readouterr().err
+    assert main(["batch", "status", str(tmp_path / "out"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [job["phase"] for job in report["jobs"]] == ["collected"]
+    assert main(["run", str(config), "--submit-only"]) == exits.USAGE  # needs --batch
+    # the in-process server's jobs end with the run: nothing could collect them later
+    assert main(["run", str(config), "--batch", "--submit-only"]) == exits.USAGE
+    assert "serve-local" in capsys.readouterr().err
+    assert main(["batch", "status", str(tmp_path / "nowhere")]) == exits.USAGE
