@@ -35,7 +35,7 @@ from pipeline.failures import Action, Health, Verdict, daily_quota, judge
 from pipeline.gemini import GeminiClient, GeminiError
 from pipeline.gemini.tokens import image_tokens, text_tokens
 from pipeline.gemini.types import GenerateRequest, GenerateResponse, ImagePart
-from pipeline.limits import DailyCount, RateLimiter
+from pipeline.limits import DayCounter, Limiter
 from pipeline.records import ImageItem, Parsed
 from pipeline.rows import Outcome
 from pipeline.stop import Stop
@@ -105,8 +105,8 @@ class Caller:
         request: GenerateRequest,
         *,
         client: GeminiClient,
-        limiter: RateLimiter,
-        daily: DailyCount,
+        limiter: Limiter,
+        daily: DayCounter,
         uploads: Uploads,
         stop: Stop,
         rng: random.Random,

@@ -162,6 +162,30 @@ class LocalConfig:
     hang_seconds: float = setting(300.0, s.non_negative_number, "a hang fault holds this long")
 
 
+ENGINES = ("single", "ray")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """How the work is spread (pipeline/engines/): one process, or a Ray cluster."""
+
+    kind: str = setting(
+        "single", s.one_of(*ENGINES), "single (this process) or ray (a cluster)", flag="--engine"
+    )
+    address: str | None = setting(
+        None,
+        s.text,
+        "ray: the cluster (ray://host:10001, host:6379, auto); none: start Ray here",
+        flag="--address",
+    )
+    workers: int | None = setting(
+        None, s.count_or_none, "ray: worker actors (0: one per CPU)", flag="--workers", type=int
+    )
+    worker_cpus: float = setting(
+        1.0, s.non_negative_number, "ray: CPUs each worker reserves (it prepares images)"
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     api: ApiConfig = field(default_factory=ApiConfig)
@@ -171,6 +195,7 @@ class Config:
     task: TaskSettings = field(default_factory=TaskSettings)
     output: OutputConfig = field(default_factory=OutputConfig)
     local: LocalConfig = field(default_factory=LocalConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     models: ModelTable = field(default_factory=default_table, repr=False)
     source: str = "<defaults>"  # the file this came from, for messages
 
@@ -187,6 +212,7 @@ SECTIONS: dict[str, type] = {
     "task": TaskSettings,
     "output": OutputConfig,
     "local": LocalConfig,
+    "engine": EngineConfig,
 }
 MODELS_SECTION = "models"  # [models."id"]: entries added to the model table
 
@@ -279,6 +305,7 @@ def _build(given: dict[str, dict[str, Any]], models: ModelTable, source: str) ->
         task=task,
         output=OutputConfig(**given["output"]),
         local=LocalConfig(**given["local"]),
+        engine=EngineConfig(**given["engine"]),
         models=models,
         source=source,
     )

@@ -140,6 +140,10 @@ def pending(config: Config, *, retry_errors: bool = False) -> dict[str, Any]:
 
 async def run_async(config: Config, options: RunOptions | None = None) -> RunSummary:
     """Run a config to completion (or a clean stop) and return its summary."""
+    if config.engine.kind == "ray":  # Ray is an optional extra: imported only when asked for
+        from pipeline.engines.ray import RayEngine
+
+        return await RayEngine(config, options or RunOptions()).run()
     from pipeline.engines.single import SingleProcess
 
     return await SingleProcess(config, options or RunOptions()).run()
