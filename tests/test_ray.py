@@ -267,3 +267,19 @@ async def test_four_workers_share_one_quota_to_the_limit_without_429s(
     assert min(full) >= 0.97 * per_window, full
     assert max(full) <= per_window, full
     assert refused <= 0.005 * (n + refused), refused
+
+
+async def test_the_daily_limit_holds_across_workers_and_runs(
+    cluster: str, images_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GEMINI_API_KEY", "daily-test-key")  # its own quota actor
+    for i in range(8):
+        draw_shapes(96 + i, 96, seed=300 + i, count=1)[0].save(images_dir / f"d{i}.png")
+    config = _ray(make_config(tmp_path, limits={"rpd": 3, "concurrency": 2}), workers=2)
+    summary = await run(config)
+    assert summary.exit_code == exits.STOPPED
+    assert summary.api_calls == 3
+    assert "midnight Pacific" in summary.resume_hint
+    assert len(read_rows(tmp_path / "out")) == 3
+    again = await run(config)  # same quota day: nothing more is sent
+    assert again.api_calls == 0 and again.exit_code == exits.STOPPED

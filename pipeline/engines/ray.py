@@ -552,6 +552,8 @@ class Fleet:
         self.ray = ray
         self.config = config
         self.count = _worker_count(config.engine, pinned=setup.key is not None)
+        if setup.key is not None:  # one node, this one: what does not fit never will
+            _check_fits(config, self.count)
         options: dict[str, Any] = {
             "num_cpus": config.engine.worker_cpus,
             "max_restarts": MAX_RESTARTS,
@@ -753,8 +755,10 @@ def _signals(loop: asyncio.AbstractEventLoop, stop: Stop, fleet: Fleet) -> Itera
 def _connect(engine: EngineConfig) -> Any:
     """Join the cluster at [engine] address, or start Ray on this machine. Returns the ray
     module when this run connected (and so disconnects at the end), None when this process was
-    connected already (a notebook, a test, a `ray job` entrypoint that called ray.init)."""
-    if engine.address is None:
+    connected already (a notebook, a test). Under `ray job submit`, RAY_ADDRESS names the
+    cluster, as it does for any Ray program."""
+    local = engine.address is None and "RAY_ADDRESS" not in os.environ
+    if local:
         # A Ray started for one run serves this machine only: it listens on the loopback, not
         # on the network (Ray reads this switch when it is imported).
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -763,9 +767,9 @@ def _connect(engine: EngineConfig) -> Any:
     if ray.is_initialized():
         return None
     kwargs: dict[str, Any] = {"namespace": NAMESPACE, "logging_level": logging.WARNING}
-    if engine.address is None:
+    if local:
         kwargs["include_dashboard"] = False
-    else:
+    elif engine.address is not None:
         kwargs["address"] = engine.address
     ray.init(**kwargs)
     return ray
@@ -808,6 +812,18 @@ def _worker_count(engine: EngineConfig, *, pinned: bool) -> int:
     else:
         cpus = ray.cluster_resources().get("CPU", 1)
     return max(1, int(cpus / engine.worker_cpus) if engine.worker_cpus else int(cpus))
+
+
+def _check_fits(config: Config, count: int) -> None:
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 0)
+    if count * config.engine.worker_cpus > cpus:
+        raise ConfigError(
+            f"{config.source}: [engine] workers = {count} of worker_cpus = "
+            f"{config.engine.worker_cpus:g} need {count * config.engine.worker_cpus:g} CPUs; "
+            f"this Ray node has {cpus:g}: lower one of them (workers mostly wait on the API)"
+        )
 
 
 def _as_future(ref: Any) -> asyncio.Future[Any]:

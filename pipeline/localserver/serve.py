@@ -85,6 +85,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "answers 402 (payment_required)",
     )
     parser.add_argument(
+        "--quota-window-seconds",
+        type=float,
+        default=_DEFAULTS.quota_window_seconds,
+        help="the length of the --rpm/--tpm window: 60 as the service counts; shorter only to "
+        "test or benchmark minute-window behaviour in seconds",
+    )
+    parser.add_argument(
         "--rules",
         action="store_true",
         help="print every rule the server enforces, with its source, and exit",
@@ -158,6 +165,7 @@ def _options(args: argparse.Namespace) -> ServerOptions:
         file_ttl_seconds=args.file_ttl_seconds,
         decode_limit=args.decode_limit,
         credit_budget_usd=args.credit_budget,
+        quota_window_seconds=args.quota_window_seconds,
     )
 
 

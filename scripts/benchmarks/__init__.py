@@ -5,6 +5,7 @@
     scenes.py      the seeded images: 384-px scenes and 32x32 tiny PNGs
     plots.py       the chart drawn into docs/bench/*.png
     throughput.py  latency.py  rate.py  memory.py  resume.py  profile.py   one benchmark each
+    ray_quota.py  ray_overhead.py   the Ray engine: one shared quota; cost and start-up
 
 A benchmark is a module that ends with
 
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import latency, memory, profile, rate, resume, throughput
+from . import latency, memory, profile, rate, ray_overhead, ray_quota, resume, throughput
 from .harness import Benchmark
 
 BENCHMARKS: dict[str, Benchmark[Any]] = {
@@ -31,4 +32,6 @@ BENCHMARKS: dict[str, Benchmark[Any]] = {
     "memory": memory.BENCHMARK,
     "resume": resume.BENCHMARK,
     "profile": profile.BENCHMARK,
+    "ray-quota": ray_quota.BENCHMARK,
+    "ray-overhead": ray_overhead.BENCHMARK,
 }
