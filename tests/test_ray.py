@@ -233,12 +233,17 @@ async def test_four_workers_share_one_quota_to_the_limit_without_429s(
     cluster: str, images_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The benchmark's property (>= 97 % of an enforced RPM in full windows, <= 0.5 % 429s) in
-    seconds: the server's "minute" is WINDOW seconds, the configured limits scaled to match."""
+    seconds: the server's "minute" is `window` seconds, the configured limits scaled to match.
+
+    The pacing's headroom (1.5 %) is what absorbs sends made late by a busy machine, and it
+    shrinks with the window: 150 ms of a 10 s window (a 3 s window left 45 ms, less than a
+    loaded 2-core box's event loops sometimes lag, and a send pushed into the next window can
+    meet a 429 there)."""
     from PIL import Image
 
-    window, per_window = 3.0, 300  # 100 requests/s: 6,000 per (real) minute
+    window, per_window = 10.0, 300  # 30 requests/s: 1,800 per (real) minute
     monkeypatch.setenv("GEMINI_API_KEY", "quota-test-key")
-    n = 1500
+    n = 960  # 32 s of requests: two whole windows, wherever the run starts
     for i in range(n):
         Image.new("RGB", (8 + i % 50, 8 + i // 50), (i % 256, 40, 90)).save(
             images_dir / f"q{i}.png"
@@ -263,7 +268,7 @@ async def test_four_workers_share_one_quota_to_the_limit_without_429s(
     sent = np.sort([r["completed_at"].timestamp() - r["latency_ms"] / 1000 for r in rows])
     windows = Counter((sent // window).astype(int).tolist())
     full = [windows[w] for w in range(min(windows) + 1, max(windows))]
-    assert len(full) >= 3, windows
+    assert len(full) >= 2, windows
     assert min(full) >= 0.97 * per_window, full
     assert max(full) <= per_window, full
     assert refused <= 0.005 * (n + refused), refused
@@ -272,14 +277,18 @@ async def test_four_workers_share_one_quota_to_the_limit_without_429s(
 async def test_the_daily_limit_holds_across_workers_and_runs(
     cluster: str, images_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Two workers share rpd = 3: never more in the day, and none of it lost. (A worker told
+    the day is spent may stop the fleet while another still holds an unused slot: that slot goes
+    back to the quota, and the next run of the day uses it.)"""
     monkeypatch.setenv("GEMINI_API_KEY", "daily-test-key")  # its own quota actor
     for i in range(8):
         draw_shapes(96 + i, 96, seed=300 + i, count=1)[0].save(images_dir / f"d{i}.png")
     config = _ray(make_config(tmp_path, limits={"rpd": 3, "concurrency": 2}), workers=2)
-    summary = await run(config)
-    assert summary.exit_code == exits.STOPPED
-    assert summary.api_calls == 3
-    assert "midnight Pacific" in summary.resume_hint
+    calls = []
+    for _ in range(3):
+        summary = await run(config)
+        assert summary.exit_code == exits.STOPPED
+        assert "midnight Pacific" in summary.resume_hint
+        calls.append(summary.api_calls)
+    assert sum(calls) == 3 and calls[-1] == 0, calls
     assert len(read_rows(tmp_path / "out")) == 3
-    again = await run(config)  # same quota day: nothing more is sent
-    assert again.api_calls == 0 and again.exit_code == exits.STOPPED
