@@ -292,3 +292,33 @@ async def test_the_daily_limit_holds_across_workers_and_runs(
         calls.append(summary.api_calls)
     assert sum(calls) == 3 and calls[-1] == 0, calls
     assert len(read_rows(tmp_path / "out")) == 3
+
+
+async def test_a_lost_quota_actor_is_restarted_and_the_run_goes_on(
+    cluster: str, images_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline.engines.quota import quota_name
+
+    monkeypatch.setenv("GEMINI_API_KEY", "lost-quota-key")
+    for i in range(60):
+        draw_shapes(64 + i, 64, seed=500 + i, count=1)[0].save(images_dir / f"l{i:02d}.png")
+    async with LocalServer(ServerOptions(latency_ms=100, seed=5)) as server:
+        config = make_config(
+            tmp_path,
+            api={"base_url": server.base_url},
+            limits={"rpm": 6000, "rpd": 1000, "concurrency": 2},
+            task={"kind": "detect"},
+        )
+        running = asyncio.ensure_future(run(_ray(config, workers=2)))
+        out = tmp_path / "out"
+        await _until(lambda: _durable(out) >= 10)
+        name = quota_name("lost-quota-key", "gemini-2.5-flash")
+        actor = ray.get_actor(name, namespace=NAMESPACE)
+        before = (await actor.status.remote())["incarnation"]
+        ray.kill(actor, no_restart=False)  # as a lost node would: Ray restarts it
+        summary = await running
+        after = await ray.get_actor(name, namespace=NAMESPACE).status.remote()
+    assert summary.exit_code == exits.OK, summary
+    assert sum(summary.rows.values()) == 60
+    assert after["incarnation"] != before
+    assert after["seeded"]  # the driver told the new actor the day's count

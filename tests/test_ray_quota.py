@@ -183,3 +183,19 @@ async def test_a_429_gives_back_the_slots_held_and_tells_the_fleet() -> None:
     limiter.throttled(2.0)
     assert not limiter._slots
     assert quota.used == 1 and quota.ledger.stats.throttled == 1
+
+
+def test_ray_is_imported_only_by_a_ray_run() -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys, pipeline.cli, pipeline.runner, pipeline.engines.single, "
+        "pipeline.engines.quota; print('ray' in sys.modules)"
+    )
+    root = Path(__file__).resolve().parent.parent
+    found = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=root, check=True
+    )
+    assert found.stdout.strip() == "False"
