@@ -58,6 +58,11 @@ class Limits:
     rpd: int | None
     burst_seconds: float = 1.0
 
+    @classmethod
+    def of(cls, limits: Any) -> Limits:
+        """From a config's [limits] section (`config.LimitsConfig`)."""
+        return cls(limits.rpm, limits.tpm, limits.rpd, limits.burst_seconds)
+
 
 @dataclass(frozen=True, slots=True)
 class Report:
