@@ -322,3 +322,41 @@ async def test_a_lost_quota_actor_is_restarted_and_the_run_goes_on(
     assert sum(summary.rows.values()) == 60
     assert after["incarnation"] != before
     assert after["seeded"]  # the driver told the new actor the day's count
+
+
+async def test_sigterm_drains_the_fleet_and_says_how_to_resume(
+    cluster: str, images_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from PIL import Image
+
+    from pipeline.config import load_config
+
+    monkeypatch.setenv("GEMINI_API_KEY", "signal-test-key")
+    n = 120
+    for i in range(n):
+        Image.new("RGB", (24 + i % 40, 24 + i // 40), (i, 9, 70)).save(images_dir / f"t{i:03d}.png")
+    out = tmp_path / "out"
+    async with LocalServer(ServerOptions(latency_ms=300, seed=4)) as server:
+        config = _write_config(tmp_path, server.base_url, cluster)
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        driver = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "pipeline", "run", str(config), "--quiet"),
+            env=env,
+            cwd=REPO,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        await _until(lambda: _durable(out) >= 20)
+        driver.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(driver.communicate(), 60)
+        assert driver.returncode == exits.STOPPED, stderr.decode()
+        assert b"resume" in stderr
+        done = read_rows(out)
+        assert 20 <= len(done) < n
+        summary = json.loads(next((out / "runs").glob("*.json")).read_text())
+        assert summary["stop_reason"] == "interrupted"
+        assert sum(summary["rows"].values()) == len(done)  # all that finished was committed
+        again = await run(load_config(config))
+    assert again.exit_code == exits.OK
+    counts = Counter(row["image_path"] for row in read_rows(out))
+    assert len(counts) == n and set(counts.values()) == {1}
