@@ -152,21 +152,19 @@ class RayEngine:
         await self._seed(quota_actor(name, Limits.of(self.config.limits)))
         return name
 
-    async def _seed(self, actor: Any) -> str:
+    async def _seed(self, actor: Any) -> None:
         assert self.state is not None
         await actor.configure.remote(Limits.of(self.config.limits))
         await actor.seed.remote(_day_key(), self.state.requests_on(_day_key()))
-        return (await actor.status.remote())["incarnation"]
 
     async def _watch_quota(self, name: str) -> None:
-        """A restarted quota actor lost its count: seed it again (it lends nothing till then)."""
-        actor = quota_actor(name, Limits.of(self.config.limits))
-        known = (await actor.status.remote())["incarnation"]
+        """A restarted quota actor lost the day's count and lends nothing till told it again."""
         while True:
             await asyncio.sleep(QUOTA_WATCH)
             with contextlib.suppress(Exception):  # unreachable now: the workers pause meanwhile
-                if (await actor.status.remote())["incarnation"] != known:
-                    known = await self._seed(actor)
+                actor = quota_actor(name, Limits.of(self.config.limits))
+                if not (await actor.status.remote())["seeded"]:
+                    await self._seed(actor)
 
     async def _work(self, producer: Producer, fleet: Fleet) -> None:
         stop = self.stop
