@@ -49,7 +49,7 @@ from pipeline.gemini.types import (
     GenerateResponse,
     ImagePart,
 )
-from pipeline.limits import DailyCount, RateLimiter
+from pipeline.limits import DayCounter, Limiter
 from pipeline.records import ImageItem, Parsed, Unit
 from pipeline.references import LoadedReference, ReferenceParts, inline_size
 from pipeline.rows import Outcome
@@ -156,8 +156,8 @@ class Caller:
         request: GenerateRequest,
         *,
         client: GeminiClient,
-        limiter: RateLimiter,
-        daily: DailyCount,
+        limiter: Limiter,
+        daily: DayCounter,
         uploads: Uploads,
         stop: Stop,
         rng: random.Random,

@@ -214,6 +214,30 @@ class BatchConfig:
     )
 
 
+ENGINES = ("single", "ray")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """How the work is spread (pipeline/engines/): one process, or a Ray cluster."""
+
+    kind: str = setting(
+        "single", s.one_of(*ENGINES), "single (this process) or ray (a cluster)", flag="--engine"
+    )
+    address: str | None = setting(
+        None,
+        s.text,
+        "ray: the cluster (ray://host:10001, host:6379, auto); none: start Ray here",
+        flag="--address",
+    )
+    workers: int | None = setting(
+        None, s.count_or_none, "ray: worker actors (0: one per CPU)", flag="--workers", type=int
+    )
+    worker_cpus: float = setting(
+        1.0, s.non_negative_number, "ray: CPUs each worker reserves (it prepares images)"
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     api: ApiConfig = field(default_factory=ApiConfig)
@@ -224,6 +248,7 @@ class Config:
     output: OutputConfig = field(default_factory=OutputConfig)
     local: LocalConfig = field(default_factory=LocalConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     models: ModelTable = field(default_factory=default_table, repr=False)
     source: str = "<defaults>"  # the file this came from, for messages
 
@@ -241,6 +266,7 @@ SECTIONS: dict[str, type] = {
     "output": OutputConfig,
     "local": LocalConfig,
     "batch": BatchConfig,
+    "engine": EngineConfig,
 }
 MODELS_SECTION = "models"  # [models."id"]: entries added to the model table
 
@@ -347,6 +373,7 @@ def _build(given: dict[str, dict[str, Any]], models: ModelTable, source: str) ->
         output=OutputConfig(**given["output"]),
         local=LocalConfig(**given["local"]),
         batch=BatchConfig(**given["batch"]),
+        engine=EngineConfig(**given["engine"]),
         models=models,
         source=source,
     )
@@ -368,6 +395,7 @@ def validate(config: Config) -> None:
             'Interactions API; use "generateContent"'
         )
     _validate_batch(config)
+    _validate_engine(config)
     from pipeline.tasks import get_task
     from pipeline.tasks.generation import SettingError
 
@@ -415,6 +443,22 @@ def _validate_batch(config: Config) -> None:
         raise ConfigError(
             f"{source}: {key}: Batch Mode sends one image a request; run groups and reference "
             'images with [api] mode = "interactive"'
+        )
+
+
+def _validate_engine(config: Config) -> None:
+    """The Ray engine spreads files over workers: not Batch Mode's jobs, not groups."""
+    if config.engine.kind != "ray":
+        return
+    if config.api.mode == "batch":
+        raise ConfigError(
+            f'{config.source}: [engine] kind = "ray": Batch Mode runs on the service\'s fleet; '
+            'use [engine] kind = "single" with [api] mode = "batch"'
+        )
+    if config.input.group_by != "none":
+        raise ConfigError(
+            f"{config.source}: [input] group_by: the Ray engine sends one image a request; "
+            'run groups with [engine] kind = "single"'
         )
 
 

@@ -107,9 +107,16 @@ class DigestSet:
 
     def merged(self, more: Collection[bytes]) -> DigestSet:
         """A new set with `more` added. It sorts the whole: add in batches, not one by one."""
+        return DigestSet(self._joined() + b"".join(more))
+
+    def __reduce__(self) -> tuple[type[DigestSet], tuple[bytes]]:
+        """Pickled as its digests (the Ray engine hands a run's `ok_keys` to its workers)."""
+        return (DigestSet, (self._joined(),))
+
+    def _joined(self) -> bytes:
         pairs = np.empty((len(self._high), 2), dtype="<u8")
         pairs[:, 0], pairs[:, 1] = self._high, self._low
-        return DigestSet(pairs.tobytes() + b"".join(more))
+        return pairs.tobytes()
 
 
 class GrowingDigestSet:

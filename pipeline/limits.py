@@ -8,6 +8,10 @@ queue waits on the clock, so hundreds of workers cost no polling.
 
 On a 429 the whole pool slows down (multiplicative decrease of the rate, and a pause for the
 server's retryDelay) and climbs back linearly while requests succeed (AIMD).
+
+That policy is written once (`Pacing`) and spent two ways: `RateLimiter` makes the workers of one
+process wait their turn; `SlotLedger` hands reservations to a fleet of processes that share one
+quota (the Ray engine's quota actor, pipeline/engines/quota.py).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta, timezone
+from typing import Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from asyncio_throttle import Throttler
@@ -32,6 +37,26 @@ MIN_FACTOR = 0.05
 class LimiterStats:
     throttled: int = 0  # 429s reported
     waited_seconds: float = 0.0  # time the head of the queue spent waiting for capacity
+
+
+class Limiter(Protocol):
+    """What a Caller needs of a rate limiter (`RateLimiter`; a fleet's `quota.LeasedLimiter`)."""
+
+    stats: LimiterStats
+
+    async def acquire(self, cost: float) -> None: ...
+    def correct(self, estimated: float, billed: float) -> None: ...
+    def throttled(self, retry_delay: float | None) -> None: ...
+
+
+class DayCounter(Protocol):
+    """What a Caller needs of a daily count (`DailyCount`; a fleet's `quota.LeasedDaily`)."""
+
+    limit: int | None
+
+    def reserve(self) -> bool: ...
+    def settle(self, answered: bool) -> None: ...
+    def save(self) -> None: ...
 
 
 class TokenBucket:
@@ -66,8 +91,14 @@ class TokenBucket:
         self.level -= cost
 
 
-class RateLimiter:
-    """RPM (through asyncio-throttle) and TPM (a token bucket), taken together, with AIMD."""
+class Pacing:
+    """The pacing policy every limiter shares: rates aimed HEADROOM under the limits, capacity of
+    about `burst_seconds` at once, a pause for the server's retryDelay, and AIMD on 429s (with a
+    limit discovered from the rate that was too much when none is configured).
+
+    `RateLimiter` spends it in one process (workers wait in turn); `SlotLedger` hands it out as
+    reservations to a fleet of processes (pipeline/engines/quota.py).
+    """
 
     def __init__(
         self,
@@ -82,55 +113,15 @@ class RateLimiter:
         self.burst_seconds = burst_seconds
         self.stats = LimiterStats()
         self.factor = 1.0  # AIMD multiplier on the configured (or discovered) rates
-        self._lock = asyncio.Lock()
         self._pause_until = 0.0
         self._last_decrease = -1e9
         self._last_update = clock()
         self._recent: deque[float] = deque()  # dispatch times over the last 10 s
         self._tokens = TokenBucket(tpm, burst_seconds, clock()) if tpm else None
-        self._throttler: Throttler | None = None
-        if rpm:
-            self._set_rpm(rpm)
-
-    def _set_rpm(self, rpm: float) -> None:
-        """Let through `burst` requests per window of `period` s: burst / period = rpm / 60."""
-        target = max(rpm * HEADROOM * self.factor, 0.1)
-        burst = max(1, round(target / 60.0 * self.burst_seconds))
-        period = burst * 60.0 / target
-        if self._throttler is None:
-            self._throttler = Throttler(rate_limit=burst, period=period, retry_interval=0.005)
-        else:
-            self._throttler.rate_limit, self._throttler.period = burst, period
 
     @property
     def effective_rpm(self) -> float | None:
         return self.rpm * HEADROOM * self.factor if self.rpm else None
-
-    async def acquire(self, cost: float) -> None:
-        """Wait for one request's slot and `cost` input tokens, then take both at once."""
-        async with self._lock:
-            started = self.clock()
-            while True:
-                now = self.clock()
-                if self._pause_until > now:
-                    await asyncio.sleep(self._pause_until - now)
-                    continue
-                self._recover(now)
-                wait = self._tokens.wait_time(cost, now) if self._tokens else 0.0
-                if wait > 0:
-                    await asyncio.sleep(wait)
-                    continue
-                if self._throttler is not None:
-                    await self._throttler.acquire()
-                if self._tokens:
-                    self._tokens.refill(self.clock())
-                    self._tokens.take(cost)
-                break
-            now = self.clock()
-            self.stats.waited_seconds += now - started
-            self._recent.append(now)
-            while self._recent and now - self._recent[0] > 10.0:
-                self._recent.popleft()
 
     def correct(self, estimated: float, billed: float) -> None:
         """Charge the difference between what a request was weighed at and what was billed."""
@@ -161,10 +152,137 @@ class RateLimiter:
             self._apply_factor()
 
     def _apply_factor(self) -> None:
-        if self.rpm:
-            self._set_rpm(self.rpm)
         if self._tokens:
             self._tokens.factor = self.factor
+
+    def _dispatched(self, at: float) -> None:
+        self._recent.append(at)
+        while self._recent and at - self._recent[0] > 10.0:
+            self._recent.popleft()
+
+
+class RateLimiter(Pacing):
+    """RPM (through asyncio-throttle) and TPM (a token bucket), taken together, with AIMD."""
+
+    def __init__(
+        self,
+        rpm: int | None,
+        tpm: int | None,
+        *,
+        burst_seconds: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__(rpm, tpm, burst_seconds=burst_seconds, clock=clock)
+        self._lock = asyncio.Lock()
+        self._throttler: Throttler | None = None
+        if rpm:
+            self._set_rpm(rpm)
+
+    def _set_rpm(self, rpm: float) -> None:
+        """Let through `burst` requests per window of `period` s: burst / period = rpm / 60."""
+        target = max(rpm * HEADROOM * self.factor, 0.1)
+        burst = max(1, round(target / 60.0 * self.burst_seconds))
+        period = burst * 60.0 / target
+        if self._throttler is None:
+            self._throttler = Throttler(rate_limit=burst, period=period, retry_interval=0.005)
+        else:
+            self._throttler.rate_limit, self._throttler.period = burst, period
+
+    async def acquire(self, cost: float) -> None:
+        """Wait for one request's slot and `cost` input tokens, then take both at once."""
+        async with self._lock:
+            started = self.clock()
+            while True:
+                now = self.clock()
+                if self._pause_until > now:
+                    await asyncio.sleep(self._pause_until - now)
+                    continue
+                self._recover(now)
+                wait = self._tokens.wait_time(cost, now) if self._tokens else 0.0
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                    continue
+                if self._throttler is not None:
+                    await self._throttler.acquire()
+                if self._tokens:
+                    self._tokens.refill(self.clock())
+                    self._tokens.take(cost)
+                break
+            now = self.clock()
+            self.stats.waited_seconds += now - started
+            self._dispatched(now)
+
+    def _apply_factor(self) -> None:
+        super()._apply_factor()
+        if self.rpm:
+            self._set_rpm(self.rpm)
+
+
+class SlotLedger(Pacing):
+    """The same pacing handed out as reservations (GCRA): callers in other processes take up to
+    a burst's worth of request slots at once and are told when each may be used. It never waits,
+    so one ledger serves a fleet with one short call per group of requests.
+
+    GCRA (the generic cell rate algorithm) keeps one "theoretical arrival time": a slot may be used
+    at max(asked, TAT - tolerance), after which TAT moves on by one interval at the paced rate. A
+    tolerance of one burst less one interval allows about `burst_seconds` of capacity at once after
+    a quiet spell and a steady flow otherwise, as `RateLimiter` does. Tokens are weighed per
+    group: the group waits until the bucket holds it, and takes it.
+    """
+
+    MAX_GROUP = 64  # slots per reservation when nothing limits the size of a group
+
+    def __init__(
+        self,
+        rpm: int | None,
+        tpm: int | None,
+        *,
+        burst_seconds: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__(rpm, tpm, burst_seconds=burst_seconds, clock=clock)
+        self._tat = clock()  # GCRA: when the next slot is due at the paced rate
+
+    def reserve(self, want: int, tokens_each: float) -> list[float]:
+        """Up to `want` slots of `tokens_each` input tokens each (at least one): the delay, in
+        seconds from now, after which each may be used."""
+        now = self.clock()
+        self._recover(now)
+        count = self._group(want, tokens_each)
+        start = max(now, self._pause_until)
+        if self._tokens:
+            start = max(start, now + self._tokens.wait_time(count * tokens_each, now))
+            self._tokens.take(count * tokens_each)
+        times = self._schedule(count, start)
+        for at in times:
+            self._dispatched(at)
+        return [at - now for at in times]
+
+    def _group(self, want: int, tokens_each: float) -> int:
+        """At most a burst's worth of the fleet's requests and tokens in one reservation."""
+        count = min(max(1, want), self.MAX_GROUP)
+        if self.rpm:
+            count = min(count, max(1, int(self._rate() * self.burst_seconds)))
+        if self._tokens and tokens_each > 0:
+            count = min(count, max(1, int(self._tokens.capacity // tokens_each)))
+        return count
+
+    def _rate(self) -> float:
+        """Requests per second at the paced rate (0: no request limit)."""
+        return (self.effective_rpm or 0.0) / 60.0
+
+    def _schedule(self, count: int, start: float) -> list[float]:
+        rate = self._rate()
+        if not rate:
+            return [start] * count
+        interval = 1.0 / rate
+        tolerance = max(0.0, self.burst_seconds - interval)
+        times = []
+        for _ in range(count):
+            at = max(start, self._tat - tolerance)
+            self._tat = max(self._tat, at) + interval
+            times.append(at)
+        return times
 
 
 PACIFIC_FALLBACK = timezone(timedelta(hours=-8), "PST")

@@ -197,6 +197,10 @@ async def run_async(config: Config, options: RunOptions | None = None) -> RunSum
         from pipeline.engines.batch import BatchProcess
 
         return await BatchProcess(config, options or RunOptions()).run()
+    if config.engine.kind == "ray":  # Ray is an optional extra: imported only when asked for
+        from pipeline.engines.ray import RayEngine
+
+        return await RayEngine(config, options or RunOptions()).run()
     from pipeline.engines.single import SingleProcess
 
     return await SingleProcess(config, options or RunOptions()).run()

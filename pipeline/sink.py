@@ -10,7 +10,13 @@ kill -9 at any instant a part is whole or absent and every acknowledged row is i
 segment that the next writer turns into its part (`recover`) without a call.
 
 One sink writes an output directory at a time (an advisory lock says so), which is what makes
-recovering segments and deleting a killed run's temporary files safe.
+recovering segments and deleting a killed run's temporary files safe. A run spread over several
+processes (the Ray engine) is still one writer: its driver takes the lock as a sink does and
+recovers what a killed run left (`shared_output`), then shares the lock with the run's own sinks,
+made with `shared=True`: each writes only its own parts and journal, under its own run id, and
+recovers nothing at opening (the others' journals are alive). A sink of another run, which needs
+the lock exclusively, cannot start while any of them writes, nor can they while it does.
+`recover_writer` commits the journal of one of them known to be gone.
 """
 
 from __future__ import annotations
@@ -87,6 +93,7 @@ class ParquetSink:
         flush_seconds: float = 30.0,
         sync_rows: int = SYNC_ROWS,
         sync_seconds: float = SYNC_SECONDS,
+        shared: bool = False,
     ) -> None:
         if not _RUN_ID.fullmatch(run_id):
             raise ValueError(f"run_id {run_id!r} is not usable in a file name")
@@ -100,6 +107,7 @@ class ParquetSink:
         self.flush_seconds = flush_seconds
         self.sync_rows = sync_rows
         self.sync_seconds = sync_seconds
+        self.shared = shared  # one of a run's several writers (see the module docstring)
         self.rows_written = 0  # in committed parts
         self.rows_durable = 0  # in the journal or in parts
         self.parts_written = 0
@@ -117,9 +125,10 @@ class ParquetSink:
 
     # ----------------------------------------------------------------------------- lifecycle
     async def __aenter__(self) -> ParquetSink:
-        self._lock_fd = await asyncio.to_thread(_lock, self.output_dir)
+        self._lock_fd = await asyncio.to_thread(_lock, self.output_dir, self.shared)
         try:
-            self.rows_recovered = await asyncio.to_thread(recover_locked, self.output_dir)
+            if not self.shared:
+                self.rows_recovered = await asyncio.to_thread(recover_locked, self.output_dir)
             self._seq = _next_seq(self.output_dir, self.run_id)
         except BaseException:
             _unlock(self._lock_fd)
@@ -333,7 +342,7 @@ def _write_part(final: Path, rows: list[dict[str, Any]], segment: Path | None) -
     return reasons
 
 
-def _lock(output_dir: Path) -> int:
+def _lock(output_dir: Path, shared: bool = False) -> int:
     """Take the directory's advisory lock (released when the descriptor closes)."""
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -341,13 +350,33 @@ def _lock(output_dir: Path) -> int:
     except FileExistsError:
         raise NotADirectoryError(f"output {output_dir} exists and is not a folder") from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise OutputDirBusy(
-            f"{output_dir} is being written by another run; wait for it to finish"
-        ) from None
+        raise _busy(output_dir) from None
     return fd
+
+
+def _busy(output_dir: Path) -> OutputDirBusy:
+    return OutputDirBusy(f"{output_dir} is being written by another run; wait for it to finish")
+
+
+@contextlib.contextmanager
+def shared_output(output_dir: str | os.PathLike[str]) -> Iterator[int]:
+    """The output of a run whose rows several `shared=True` sinks write: taken as one sink takes
+    it (the lock, exclusively; a killed run's journal committed, its temporary files removed),
+    then held shared with those sinks until the end. Yields the rows recovered."""
+    path = Path(output_dir)
+    fd = _lock(path)
+    try:
+        recovered = recover_locked(path)
+        try:  # not atomic (flock(2)): another run taking it in between makes this one fail
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise _busy(path) from None
+        yield recovered
+    finally:
+        _unlock(fd)
 
 
 def _unlock(fd: int | None) -> None:
@@ -365,21 +394,34 @@ def _next_seq(output_dir: Path, run_id: str) -> int:
 def recover_locked(output_dir: Path) -> int:
     """Turn journal segments left by a killed run into their parts; remove unfinished temporary
     files. The caller holds the directory's lock. Returns how many rows were recovered."""
-    recovered = 0
-    for segment in journal.segments(output_dir):
-        part = journal.part_for(segment)
-        if not part.exists():
-            rows = list(journal.read(segment))
-            if rows:
-                _write_part(part, rows, None)
-                recovered += len(rows)
-                log.info("recovered %d answered rows of a killed run into %s", len(rows), part.name)
-        os.unlink(segment)
+    recovered = sum(_recover_segment(segment) for segment in journal.segments(output_dir))
     for name in _temp_files(output_dir):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(output_dir / name)
         log.info("removed an unfinished part left by a killed run: %s", name)
     fsync_dir(output_dir)
+    return recovered
+
+
+def _recover_segment(segment: Path) -> int:
+    part = journal.part_for(segment)
+    rows = [] if part.exists() else list(journal.read(segment))
+    if rows:
+        _write_part(part, rows, None)
+        log.info("recovered %d answered rows of a killed run into %s", len(rows), part.name)
+    os.unlink(segment)
+    return len(rows)
+
+
+def recover_writer(output_dir: str | os.PathLike[str], run_id: str) -> int:
+    """Commit the journal of one `shared=True` writer known to be gone (its process died) into
+    its parts, leaving the other writers' journals alone. Returns the rows recovered."""
+    path = Path(output_dir)
+    mine = re.compile(rf"{re.escape(journal.PREFIX + run_id)}-\d+{re.escape(journal.SUFFIX)}")
+    segments = [s for s in journal.segments(path) if mine.fullmatch(s.name)]
+    recovered = sum(_recover_segment(segment) for segment in segments)
+    if segments:
+        fsync_dir(path)
     return recovered
 
 

@@ -126,6 +126,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="Batch Mode: input tokens of a model's unfinished jobs at most; beyond, a 429",
     )
     parser.add_argument(
+        "--quota-window-seconds",
+        type=float,
+        default=_DEFAULTS.quota_window_seconds,
+        help="the length of the --rpm/--tpm window: 60 as the service counts; shorter only to "
+        "test or benchmark minute-window behaviour in seconds",
+    )
+    parser.add_argument(
         "--rules",
         action="store_true",
         help="print every rule the server enforces, with its source, and exit",
@@ -205,6 +212,7 @@ def _options(args: argparse.Namespace) -> ServerOptions:
         batch_expiry_seconds=args.batch_expiry_seconds,
         batch_max_jobs=args.batch_max_jobs,
         batch_enqueued_tokens=args.batch_enqueued_tokens,
+        quota_window_seconds=args.quota_window_seconds,
     )
 
 

@@ -6,6 +6,7 @@
     plots.py       the chart drawn into docs/bench/*.png
     throughput.py  latency.py  rate.py  memory.py  resume.py  profile.py  journal.py
     hanging.py  batch.py     one benchmark each
+    ray_quota.py  ray_overhead.py   the Ray engine: one shared quota; cost and start-up
 
 A benchmark is a module that ends with
 
@@ -22,7 +23,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import batch, hanging, journal, latency, memory, profile, rate, resume, throughput
+from . import (
+    batch,
+    hanging,
+    journal,
+    latency,
+    memory,
+    profile,
+    rate,
+    ray_overhead,
+    ray_quota,
+    resume,
+    throughput,
+)
 from .harness import Benchmark
 
 BENCHMARKS: dict[str, Benchmark[Any]] = {
@@ -35,4 +48,6 @@ BENCHMARKS: dict[str, Benchmark[Any]] = {
     "journal": journal.BENCHMARK,
     "hanging": hanging.BENCHMARK,
     "batch": batch.BENCHMARK,
+    "ray-quota": ray_quota.BENCHMARK,
+    "ray-overhead": ray_overhead.BENCHMARK,
 }

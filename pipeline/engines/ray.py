@@ -1,0 +1,500 @@
+"""The Ray engine: one run spread over a Ray cluster's worker actors, under one shared quota.
+
+    driver: walk (thread) ─► route by file size ─► blocks of files ─► Worker actors (async)
+    Worker: ImageRunner.process per file (prepare, reuse, Caller, rows) ─► its own ParquetSink
+    every Worker's Caller ─ LeasedLimiter, LeasedDaily ─► the project's quota actor (quota.py)
+
+This module is the driver (RayEngine, Fleet, Dispatch); the worker is in ray_worker.py.
+
+The driver lists the inputs and skips what the resume index says is done, as the single engine
+does (`single.Producer`), and hands the rest out in blocks of BLOCK_FILES files, at most
+BLOCKS_IN_FLIGHT per worker (Ray Data's actor pools keep two tasks per actor in flight). Each
+worker runs the single engine's per-image code with `[limits] concurrency` files in flight and
+commits its rows itself, through the same sink and journal, so an answer is durable within a
+quarter of a second wherever it was bought, and a lost worker exposes only what it had in flight.
+
+Who writes the output (see pipeline/sink.py): the driver takes it as any run does — the lock,
+exclusively, and a killed run's journal committed — then shares the lock with its workers. Each
+worker's sink writes parts and a journal under its own name, `<run id>.w<n>` (rows keep the
+run's id), so writers never touch each other's files; another run cannot start on the folder
+while any of them holds it. Rows, keys, resume and exit codes are those of the single engine;
+so is the run summary, summed from the workers' block reports.
+
+Files of the same size go to the same worker (same bytes have the same size), so the single
+engine's dedupe — a twin waits for the call in flight, or copies the answer — still sees every
+twin; only when that worker's queue is full does a file go to the least busy one instead.
+
+A lost worker (its process killed, its node gone) is restarted by Ray, and its blocks are sent to
+it again (Ray Data's defaults: restarts and task retries). The new incarnation first commits the
+journal its predecessor left and skips the files it had answered, so what is paid twice is only
+what was in flight: calls sent, and answers not yet durable (ray_worker.WORKER_SYNC_SECONDS).
+After MAX_RESTARTS losses of one worker the run stops (exit 3). The summary counts a lost
+worker's rows (from what it committed) but not the calls it made since its last report.
+
+The API key: workers read it from their own environment; the driver passes its own to them only
+where it stays on this machine (every Ray node is this one; the workers are then pinned here) or
+Ray's connections are encrypted (RAY_USE_TLS), because Ray's RPCs are otherwise clear text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import replace
+from datetime import UTC, datetime
+from typing import Any
+
+from pipeline import exits
+from pipeline.config import Config, ConfigError, EngineConfig
+from pipeline.dataset import KeySet, load_resume_index
+from pipeline.engines.quota import NAMESPACE, Limits, quota_actor, quota_name
+from pipeline.engines.ray_worker import Secret, Tally, Worker, WorkerSetup, WorkerSetupError
+from pipeline.engines.single import (
+    SIGNALS,
+    Batch,
+    Producer,
+    _day_key,
+    _endpoint,
+    _open_state,
+    _output_dir,
+    _sink_hint,
+)
+from pipeline.progress import Progress
+from pipeline.records import SourceFile
+from pipeline.rows import RunFacts
+from pipeline.runner import RunOptions, key_suffix
+from pipeline.sink import SinkFailed, shared_output
+from pipeline.state import State
+from pipeline.stop import Stop, Stopped
+from pipeline.summary import RunSummary
+
+log = logging.getLogger(__name__)
+
+BLOCK_FILES = 16  # files handed to a worker at once
+BLOCKS_IN_FLIGHT = 2  # per worker: the next block waits there while one runs (as in Ray Data)
+QUEUE_FILES = 2 * BLOCK_FILES  # routed to a worker but not yet sent; more waits (memory)
+MAX_RESTARTS = 3  # per worker; then the run stops
+START_TIMEOUT = 300.0  # seconds for the workers to be placed and started
+QUOTA_WATCH = 2.0  # seconds between looks at the quota actor (restarted: seed it again)
+_GOLDEN = 0x9E3779B97F4A7C15  # Fibonacci hashing: sizes that share factors still spread
+
+
+def _worker_class(ray: Any) -> Any:
+    return ray.remote(Worker)
+
+
+# ---------------------------------------------------------------------------------- driver
+class RayEngine:
+    """One run of a config on a Ray cluster (see the module docstring)."""
+
+    def __init__(self, config: Config, options: RunOptions) -> None:
+        self.config = config
+        self.options = options
+        self.run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ-") + secrets.token_hex(3)
+        self.facts = RunFacts(self.run_id, config.task.kind, config.api.model, key_suffix(config))
+        self.summary = RunSummary(
+            run_id=self.run_id,
+            config=config.source,
+            settings_hash=self.facts.key_suffix,
+            model=config.api.model,
+            task=config.task.kind,
+        )
+        self.tally = Tally()
+        self.stop: Stop | None = None  # made in run(): it needs the event loop
+        self.state: State | None = None
+
+    async def run(self) -> RunSummary:
+        out = _output_dir(self.config)
+        self.stop = Stop()
+        ray = _connect(self.config.engine)
+        async with contextlib.AsyncExitStack() as stack:
+            if ray is not None:
+                stack.callback(ray.shutdown)
+            self.summary.recovered = stack.enter_context(shared_output(out))
+            self.state = _open_state(out, self.config)
+            stack.callback(self.state.close)
+            index = await asyncio.to_thread(
+                load_resume_index,
+                out,
+                key_suffix=self.facts.key_suffix,
+                retry_errors=self.options.retry_errors,
+            )
+            base_url, key = await _endpoint(self.config, stack)
+            quota = await self._quota(key)
+            fleet = Fleet(self.config, self._setup(base_url, key, quota), index.ok_keys)
+            stack.push_async_callback(fleet.kill)
+            await fleet.start()
+            producer = Producer(self.config, index, self.options.limit)
+            watching = asyncio.ensure_future(self._watch_quota(quota))
+            try:
+                await self._work(producer, fleet)
+            finally:
+                watching.cancel()
+            self._account(await fleet.close())
+            self._summarise(producer)
+        self.summary.write(out)
+        return self.summary
+
+    def _setup(self, base_url: str, key: str, quota: str) -> WorkerSetup:
+        shipped = Secret(key) if _key_may_travel(self.config, base_url) else None
+        return WorkerSetup(
+            self.config, self.facts, self.run_id, self.options.seed, quota, base_url, shipped
+        )
+
+    async def _quota(self, key: str) -> str:
+        """The project's quota actor, told this run's limits and the day's count so far."""
+        name = quota_name(key, self.config.api.model)
+        await self._seed(quota_actor(name, Limits.of(self.config.limits)))
+        return name
+
+    async def _seed(self, actor: Any) -> None:
+        assert self.state is not None
+        await actor.configure.remote(Limits.of(self.config.limits))
+        await actor.seed.remote(_day_key(), self.state.requests_on(_day_key()))
+
+    async def _watch_quota(self, name: str) -> None:
+        """A restarted quota actor lost the day's count and lends nothing till told it again."""
+        while True:
+            await asyncio.sleep(QUOTA_WATCH)
+            with contextlib.suppress(Exception):  # unreachable now: the workers pause meanwhile
+                actor = quota_actor(name, Limits.of(self.config.limits))
+                if not (await actor.status.remote())["seeded"]:
+                    await self._seed(actor)
+
+    async def _work(self, producer: Producer, fleet: Fleet) -> None:
+        stop = self.stop
+        assert stop is not None
+        batches: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=2)
+        dispatch = Dispatch(fleet, stop, self._account)
+        progress = Progress(_ProgressView(producer, self.tally), enabled=self.options.progress)
+        loop = asyncio.get_running_loop()
+        with _signals(loop, stop, fleet):
+            walking = loop.run_in_executor(None, producer.run, loop, batches)
+            reporter = asyncio.ensure_future(progress.run())
+            try:
+                await dispatch.run(batches)
+            finally:
+                producer.halt.set()
+                while not batches.empty():  # unblock the walking thread
+                    batches.get_nowait()
+                await walking
+                reporter.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reporter
+                progress.finish()
+
+    def _account(self, tally: Tally) -> None:
+        """A worker's report: add it up, persist the day's count, stop the fleet if it stops."""
+        self.tally.add(tally)
+        if tally.answered and self.state is not None:
+            self.state.add_requests(_day_key(), tally.answered)
+        stop = self.stop
+        if tally.stop and stop is not None and stop.running:
+            stop.drain(*tally.stop)
+
+    def _summarise(self, producer: Producer) -> None:
+        s, t = self.summary, self.tally
+        s.finished_at = datetime.now(UTC).isoformat()
+        s.seen, s.skipped = producer.seen, producer.skipped
+        s.rows, s.tokens, s.copied = t.rows, t.tokens, t.copied
+        s.api_calls, s.retries, s.throttled = t.api_calls, t.retries, t.throttled
+        s.uploads, s.uploads_reused = t.uploads, t.uploads_reused
+        s.waited_for_limits_s = round(t.waited_s, 3)
+        s.unstorable = t.unstorable
+        stop = self.stop
+        assert stop is not None
+        if stop.reason:
+            s.stop_reason, s.resume_hint, s.exit_code = stop.reason, stop.hint, stop.exit_code
+        s.settle_exit_code()
+
+
+class Fleet:
+    """The run's worker actors: made, started, told to stop, closed."""
+
+    def __init__(self, config: Config, setup: WorkerSetup, ok_keys: KeySet) -> None:
+        import ray
+
+        self.ray = ray
+        self.config = config
+        self.count = _worker_count(config.engine, pinned=setup.key is not None)
+        if setup.key is not None:  # one node, this one: what does not fit never will
+            _check_fits(config, self.count)
+        options: dict[str, Any] = {
+            "num_cpus": config.engine.worker_cpus,
+            "max_restarts": MAX_RESTARTS,
+            "max_task_retries": -1,
+            "namespace": NAMESPACE,
+        }
+        if setup.key is not None:  # the key stays on this machine: so do the workers
+            options["scheduling_strategy"] = _this_node(ray)
+        self.ok_keys = [ray.put(ok_keys)]  # in a list: a reference, fetched by the worker
+        actor = _worker_class(ray)
+        self.workers = [
+            actor.options(name=f"worker-{setup.name}-{i}", **options).remote(
+                replace(setup, name=f"{setup.name}.w{i}", index=i)
+            )
+            for i in range(self.count)
+        ]
+
+    async def start(self) -> None:
+        started = [_as_future(w.start.remote(self.ok_keys)) for w in self.workers]
+        try:
+            await asyncio.wait_for(asyncio.gather(*started), START_TIMEOUT)
+        except TimeoutError:
+            cpus = self.config.engine.worker_cpus
+            raise ConfigError(
+                f"{self.config.source}: {self.count} Ray workers of {cpus:g} CPUs each could not "
+                "all be placed in time: lower [engine] workers or worker_cpus"
+            ) from None
+        except self.ray.exceptions.RayTaskError as exc:
+            cause = exc.as_instanceof_cause()
+            if isinstance(cause, WorkerSetupError):
+                raise ConfigError(f"{self.config.source}: {cause}") from None
+            raise
+
+    def signal(self, stop: Stop) -> None:
+        """Pass the driver's stop on (fire and forget: a restarting worker gets it later)."""
+        for worker in self.workers:
+            if stop.state == "abandoning":
+                worker.abandon.remote()
+            else:
+                worker.drain.remote(stop.reason or "interrupted", stop.hint, stop.exit_code)
+
+    async def close(self) -> Tally:
+        tally = Tally()
+        closing = [_as_future(w.close.remote()) for w in self.workers]
+        for result in await asyncio.gather(*closing, return_exceptions=True):
+            if isinstance(result, Tally):
+                tally.add(result)
+            elif isinstance(result, self.ray.exceptions.RayTaskError) and isinstance(
+                result.as_instanceof_cause(), SinkFailed
+            ):
+                why = f"the output cannot be written: {result.as_instanceof_cause()}"
+                tally.stop = (why, _sink_hint(), exits.STOPPED)
+            else:
+                log.warning("a worker could not be closed: %s", result)
+        return tally
+
+    async def kill(self) -> None:
+        for worker in self.workers:
+            with contextlib.suppress(Exception):
+                self.ray.kill(worker, no_restart=True)
+
+
+class Dispatch:
+    """Routes files to workers by size and sends them in blocks (see the module docstring)."""
+
+    def __init__(self, fleet: Fleet, stop: Stop, account: Any) -> None:
+        self.fleet = fleet
+        self.stop = stop
+        self.account = account
+        self.queues: list[deque[SourceFile]] = [deque() for _ in fleet.workers]
+        self.fed = False
+        self.changed = asyncio.Condition()
+
+    async def run(self, batches: asyncio.Queue[Batch | None]) -> None:
+        watching = asyncio.ensure_future(self._wake_on_stop())
+        senders = [
+            asyncio.ensure_future(self._send(i))
+            for i in range(len(self.queues))
+            for _ in range(BLOCKS_IN_FLIGHT)
+        ]
+        feeding = asyncio.ensure_future(self._feed(batches))
+        try:
+            await asyncio.gather(*senders)
+        finally:
+            for task in (feeding, watching):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def _wake_on_stop(self) -> None:
+        """Waiting senders and the feeder look again when the run stops."""
+        forever = asyncio.ensure_future(asyncio.Event().wait())
+        try:
+            with contextlib.suppress(Stopped):
+                await self.stop.until(forever)
+        finally:
+            forever.cancel()
+        async with self.changed:
+            self.changed.notify_all()
+
+    async def _feed(self, batches: asyncio.Queue[Batch | None]) -> None:
+        while (batch := await batches.get()) is not None:
+            async with self.changed:
+                for src in batch:
+                    await self.changed.wait_for(self._room)
+                    if not self.stop.running:
+                        break
+                    self.queues[self._route(src)].append(src)
+                    self.changed.notify_all()
+        async with self.changed:
+            self.fed = True
+            self.changed.notify_all()
+
+    def _room(self) -> bool:
+        return not self.stop.running or sum(map(len, self.queues)) < QUEUE_FILES * len(self.queues)
+
+    def _route(self, src: SourceFile) -> int:
+        lengths = [len(q) for q in self.queues]
+        preferred = ((src.size * _GOLDEN) >> 32) % len(lengths)
+        if src.error is None and lengths[preferred] < QUEUE_FILES:
+            return preferred
+        return lengths.index(min(lengths))
+
+    async def _send(self, i: int) -> None:
+        queue, worker = self.queues[i], self.fleet.workers[i]
+        while True:
+            async with self.changed:
+                await self.changed.wait_for(
+                    lambda: len(queue) >= BLOCK_FILES or self.fed or not self.stop.running
+                )
+                if not self.stop.running or not queue:
+                    return
+                block = [queue.popleft() for _ in range(min(BLOCK_FILES, len(queue)))]
+                self.changed.notify_all()
+            try:
+                tally = await _as_future(worker.process_block.remote(block, self.fleet.ok_keys))
+            except self.fleet.ray.exceptions.RayActorError as exc:
+                self.stop.drain(f"a worker was lost {MAX_RESTARTS + 1} times: {exc}")
+                self.fleet.signal(self.stop)
+                return
+            self.account(tally)
+            if not self.stop.running:
+                self.fleet.signal(self.stop)
+
+
+class _ProgressView:
+    """What the progress line reads: the producer's walk and the workers' reports."""
+
+    def __init__(self, producer: Producer, tally: Tally) -> None:
+        self._producer, self._tally = producer, tally
+
+    @property
+    def done(self) -> int:
+        return sum(self._tally.rows.values())
+
+    @property
+    def errors(self) -> int:
+        return self._tally.rows.get("error", 0)
+
+    @property
+    def throttled(self) -> int:
+        return self._tally.throttled
+
+    @property
+    def seen(self) -> int:
+        return self._producer.seen
+
+    @property
+    def skipped(self) -> int:
+        return self._producer.skipped
+
+    @property
+    def walked(self) -> bool:
+        return self._producer.done
+
+
+@contextlib.contextmanager
+def _signals(loop: asyncio.AbstractEventLoop, stop: Stop, fleet: Fleet) -> Iterator[None]:
+    """Each signal: the first drains the fleet (workers make their answers durable now), the
+    next abandons the calls in flight."""
+
+    def handle() -> None:
+        stop.signal()
+        fleet.signal(stop)
+
+    installed = []
+    for sig in SIGNALS:
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, handle)
+            installed.append(sig)
+    try:
+        yield
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+
+# ------------------------------------------------------------------------------------ Ray
+def _connect(engine: EngineConfig) -> Any:
+    """Join the cluster at [engine] address, or start Ray on this machine. Returns the ray
+    module when this run connected (and so disconnects at the end), None when this process was
+    connected already (a notebook, a test). Under `ray job submit`, RAY_ADDRESS names the
+    cluster, as it does for any Ray program."""
+    local = engine.address is None and "RAY_ADDRESS" not in os.environ
+    if local:
+        # A Ray started for one run serves this machine only: it listens on the loopback, not
+        # on the network (Ray reads this switch when it is imported).
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    if ray.is_initialized():
+        return None
+    kwargs: dict[str, Any] = {"namespace": NAMESPACE, "logging_level": logging.WARNING}
+    if local:
+        kwargs["include_dashboard"] = False
+    elif engine.address is not None:
+        kwargs["address"] = engine.address
+    ray.init(**kwargs)
+    return ray
+
+
+def _key_may_travel(config: Config, base_url: str) -> bool:
+    """Whether the driver's key may go to the workers through Ray (see the module docstring);
+    the bundled local server listens on this machine, so its workers must run here too."""
+    import ray
+
+    here = _single_node(ray)
+    if config.api.base_url == "local" and not here:
+        raise ConfigError(
+            f'{config.source}: [api] base_url = "local" serves on this machine only, and the '
+            "Ray cluster has other nodes: start `pipeline serve-local` where all can reach it"
+        )
+    return here or os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true")
+
+
+def _single_node(ray: Any) -> bool:
+    own = ray.get_runtime_context().get_node_id()
+    return {n["NodeID"] for n in ray.nodes() if n["Alive"]} == {own}
+
+
+def _this_node(ray: Any) -> Any:
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+
+
+def _worker_count(engine: EngineConfig, *, pinned: bool) -> int:
+    """[engine] workers, or one per CPU of the cluster (of this node when pinned to it)."""
+    import ray
+
+    if engine.workers:
+        return engine.workers
+    if pinned:
+        own = ray.get_runtime_context().get_node_id()
+        cpus = next(n["Resources"].get("CPU", 1) for n in ray.nodes() if n["NodeID"] == own)
+    else:
+        cpus = ray.cluster_resources().get("CPU", 1)
+    return max(1, int(cpus / engine.worker_cpus) if engine.worker_cpus else int(cpus))
+
+
+def _check_fits(config: Config, count: int) -> None:
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 0)
+    if count * config.engine.worker_cpus > cpus:
+        raise ConfigError(
+            f"{config.source}: [engine] workers = {count} of worker_cpus = "
+            f"{config.engine.worker_cpus:g} need {count * config.engine.worker_cpus:g} CPUs; "
+            f"this Ray node has {cpus:g}: lower one of them (workers mostly wait on the API)"
+        )
+
+
+def _as_future(ref: Any) -> asyncio.Future[Any]:
+    return asyncio.wrap_future(ref.future())
