@@ -1,53 +1,57 @@
 """Rows -> a durable journal within about a second -> Parquet parts that are whole or absent.
 
 One writer task owns the output: `add()` puts a row on a bounded queue (back-pressure when the
-disk is behind) and the writer appends rows to the journal (`pipeline/journal.py`) in small
-fsynced groups — at most `sync_rows` rows or `sync_seconds` after the oldest undurable row — then
+store is behind) and the writer appends rows to the journal (`pipeline/journal.py`) in small
+durable groups — at most `sync_rows` rows or `sync_seconds` after the oldest undurable row — then
 commits each journal segment as one zstd part of ROW_SCHEMA (`rows_per_part` rows, or
 `flush_seconds` after the segment's first row, or on `flush()`) and deletes the segment. Parts are
-written under a hidden temporary name, fsynced and renamed (`pipeline/fsutil.py`), so after a
-kill -9 at any instant a part is whole or absent and every acknowledged row is in a part or in a
-segment that the next writer turns into its part (`recover`) without a call.
+created whole under a unique name that is never written over (`Store.create`: on disk a fsynced
+temporary linked into place, on S3 / GCS one conditional PUT), so after a kill -9 at any instant a
+part is whole or absent and every acknowledged row is in a part or in a segment that the next
+writer turns into its part (`recover`) without a call.
 
-One sink writes an output directory at a time (an advisory lock says so), which is what makes
-recovering segments and deleting a killed run's temporary files safe.
+One sink writes an output at a time (`Store.lock`: a flock on disk, a renewed lease on an object
+store), which is what makes recovering segments and deleting a killed run's leftovers safe. On an
+object store the lease is renewed in the background every third of its TTL and checked before
+each write: a sink that lost it stops (`SinkFailed`) rather than write beside another run.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
 import os
 import re
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import pyarrow.parquet as pq
 
 from pipeline import journal
-from pipeline.fsutil import atomic_write, fsync_dir, is_temp
+from pipeline.fsutil import is_temp
 from pipeline.records import ROW_SCHEMA, to_table
+from pipeline.stores import (
+    LEASE_SECONDS,
+    LOCK_FILE,
+    OutputDirBusy,
+    Store,
+    WriterLock,
+    open_store,
+)
 
 log = logging.getLogger(__name__)
 
-LOCK_FILE = ".sink.lock"
+__all__ = ["LOCK_FILE", "OutputDirBusy", "ParquetSink", "SinkFailed", "recover"]
 COMPRESSION = "zstd"
 SYNC_ROWS = 256  # an answer is durable after at most this many others ...
 SYNC_SECONDS = 1.0  # ... or this long, whichever comes first
 QUEUE_ROWS = 1024  # rows waiting for the writer before add() waits (back-pressure)
 _COLUMNS = frozenset(ROW_SCHEMA.names)
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-
-
-class OutputDirBusy(RuntimeError):
-    """Another sink (another run) is writing the same output directory."""
 
 
 class SinkFailed(RuntimeError):
@@ -80,13 +84,14 @@ class ParquetSink:
 
     def __init__(
         self,
-        output_dir: str | os.PathLike[str],
+        output_dir: str | os.PathLike[str] | Store,
         run_id: str,
         *,
         rows_per_part: int = 5000,
         flush_seconds: float = 30.0,
         sync_rows: int = SYNC_ROWS,
         sync_seconds: float = SYNC_SECONDS,
+        lease_seconds: float = LEASE_SECONDS,
     ) -> None:
         if not _RUN_ID.fullmatch(run_id):
             raise ValueError(f"run_id {run_id!r} is not usable in a file name")
@@ -94,7 +99,9 @@ class ParquetSink:
             raise ValueError("rows_per_part and sync_rows must be >= 1")
         if not flush_seconds > 0 or not sync_seconds > 0:
             raise ValueError("flush_seconds and sync_seconds must be > 0")
-        self.output_dir = Path(output_dir)
+        self.store = open_store(output_dir)
+        self.output_dir = self.store.url
+        self.lease_seconds = lease_seconds
         self.run_id = run_id
         self.rows_per_part = rows_per_part
         self.flush_seconds = flush_seconds
@@ -112,18 +119,22 @@ class ParquetSink:
         self._committing: asyncio.Task[None] | None = None
         self._writer: asyncio.Task[None] | None = None
         self._failure: BaseException | None = None
-        self._lock_fd: int | None = None
+        self._lock: WriterLock | None = None
+        self._renewing: asyncio.Task[None] | None = None
         self._seq = 0
 
     # ----------------------------------------------------------------------------- lifecycle
     async def __aenter__(self) -> ParquetSink:
-        self._lock_fd = await asyncio.to_thread(_lock, self.output_dir)
+        await asyncio.to_thread(self.store.ensure)
+        self._lock = await asyncio.to_thread(self.store.lock, self.run_id, ttl=self.lease_seconds)
         try:
-            self.rows_recovered = await asyncio.to_thread(recover_locked, self.output_dir)
-            self._seq = _next_seq(self.output_dir, self.run_id)
+            self.rows_recovered = await asyncio.to_thread(recover_locked, self.store)
+            self._seq = await asyncio.to_thread(_next_seq, self.store, self.run_id)
         except BaseException:
-            _unlock(self._lock_fd)
+            self._release()
             raise
+        if self._lock.renew_every is not None:
+            self._renewing = asyncio.create_task(self._keep_lock(), name="gvp-sink-lease")
         self._writer = asyncio.create_task(self._run(), name="gvp-sink-writer")
         return self
 
@@ -145,9 +156,49 @@ class ParquetSink:
                 await self._queue.put(None)
             await asyncio.shield(writer)
         finally:
-            _unlock(self._lock_fd)
-            self._lock_fd = None
+            await self._stop_renewing()
+            await asyncio.to_thread(self._release)
         self._raise_failure()
+
+    async def compact_if_over(self, threshold: float) -> dict[str, Any] | None:
+        """Commit everything, then compact the output (under this sink's lock) when the share
+        of superseded rows passes `threshold` (0 never). Returns the compaction's report."""
+        if not threshold:
+            return None
+        await self.flush()
+        from pipeline.compact import compact_if_over
+
+        lock = self._lock
+        assert lock is not None
+        return await asyncio.to_thread(compact_if_over, self.store, threshold, lock)
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            lock, self._lock = self._lock, None
+            lock.release()
+
+    async def _keep_lock(self) -> None:
+        """Renew the lease every third of its TTL; a failed renewal is retried at the next
+        tick, and `check()` before each write stops the sink once the lease may have lapsed."""
+        lock = self._lock
+        assert lock is not None and lock.renew_every is not None
+        while True:
+            await asyncio.sleep(lock.renew_every)
+            try:
+                await asyncio.to_thread(lock.renew)
+            except Exception as exc:  # lost for good, or a store hiccup: check() decides
+                log.warning("%s: lease renewal failed: %s", self.output_dir, exc)
+
+    async def _stop_renewing(self) -> None:
+        if self._renewing is not None:
+            self._renewing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewing
+            self._renewing = None
+
+    def _check_lock(self) -> None:
+        if self._lock is not None:
+            self._lock.check()
 
     # ---------------------------------------------------------------------------------- rows
     async def add(self, row: dict[str, Any]) -> None:
@@ -275,14 +326,15 @@ class ParquetSink:
         rows, self._pending = self._pending.rows, _Pending()
         while rows:
             if self._segment is None:
-                path = self.output_dir / journal.segment_name(self.run_id, self._seq)
-                self._segment = await asyncio.to_thread(journal.Segment, path)
+                name = journal.segment_name(self.run_id, self._seq)
+                self._segment = await asyncio.to_thread(journal.Segment, self.store, name)
                 self._segment_started = time.monotonic()
             segment = self._segment
             group, rows = (
                 rows[: self.rows_per_part - len(segment.rows)],
                 rows[self.rows_per_part - len(segment.rows) :],
             )
+            self._check_lock()
             await asyncio.to_thread(segment.append, group)
             self.rows_durable += len(group)
             if len(segment.rows) >= self.rows_per_part:
@@ -301,11 +353,14 @@ class ParquetSink:
 
     async def _commit(self, segment: journal.Segment, seq: int) -> None:
         segment.close()
-        final = self.output_dir / journal.part_name(self.run_id, seq)
-        reasons = await asyncio.to_thread(_write_part, final, segment.rows, segment.path)
+        final = journal.part_name(self.run_id, seq)
+        self._check_lock()
+        reasons = await asyncio.to_thread(
+            _write_part, self.store, final, segment.rows, segment.name
+        )
         self.unstorable += len(reasons)
         for reason in reasons:
-            log.warning("%s: %s", final.name, reason)
+            log.warning("%s: %s", final, reason)
         self.rows_written += len(segment.rows)
         self.parts_written += 1
 
@@ -321,83 +376,67 @@ class ParquetSink:
                 item.done.set_exception(SinkFailed(str(self._failure)))
 
 
-# ------------------------------------------------------------------------------ disk side
-def _write_part(final: Path, rows: list[dict[str, Any]], segment: Path | None) -> list[str]:
-    """Commit `rows` as the part `final`, then delete the journal segment they came from."""
+# ----------------------------------------------------------------------------- store side
+def _write_part(
+    store: Store, name: str, rows: list[dict[str, Any]], segment: str | None
+) -> list[str]:
+    """Commit `rows` as the part `name`, then delete the journal segment they came from."""
     table, reasons = to_table(rows)
-    atomic_write(final, lambda file: pq.write_table(table, file, compression=COMPRESSION))
+    store.create(name, lambda file: pq.write_table(table, file, compression=COMPRESSION))
     if segment is not None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(segment)
-        fsync_dir(final.parent)
+        store.delete_appended(segment)
     return reasons
 
 
-def _lock(output_dir: Path) -> int:
-    """Take the directory's advisory lock (released when the descriptor closes)."""
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(output_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    except FileExistsError:
-        raise NotADirectoryError(f"output {output_dir} exists and is not a folder") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise OutputDirBusy(
-            f"{output_dir} is being written by another run; wait for it to finish"
-        ) from None
-    return fd
-
-
-def _unlock(fd: int | None) -> None:
-    if fd is not None:
-        os.close(fd)
-
-
-def _next_seq(output_dir: Path, run_id: str) -> int:
+def _next_seq(store: Store, run_id: str) -> int:
     """The next free part number of `run_id` (the same run id again must not overwrite)."""
     taken = re.compile(rf"part-{re.escape(run_id)}-(\d+)\.parquet")
-    numbers = [int(m.group(1)) for e in os.scandir(output_dir) if (m := taken.fullmatch(e.name))]
+    names = (e.name for e in store.list("part-"))
+    numbers = [int(m.group(1)) for name in names if (m := taken.fullmatch(name))]
     return max(numbers, default=-1) + 1
 
 
-def recover_locked(output_dir: Path) -> int:
-    """Turn journal segments left by a killed run into their parts; remove unfinished temporary
-    files. The caller holds the directory's lock. Returns how many rows were recovered."""
+def recover_locked(store: Store) -> int:
+    """Turn journal segments left by a killed run into their parts; finish or undo a killed
+    compaction; remove unfinished temporary files. The caller holds the output's lock.
+    Returns how many rows were recovered."""
+    from pipeline.compact import recover_compaction
+
+    recover_compaction(store)
     recovered = 0
-    for segment in journal.segments(output_dir):
+    for segment in journal.segments(store):
         part = journal.part_for(segment)
-        if not part.exists():
-            rows = list(journal.read(segment))
+        if store.info(part) is None:
+            rows = list(journal.read(store, segment))
             if rows:
-                _write_part(part, rows, None)
+                _write_part(store, part, rows, None)
                 recovered += len(rows)
-                log.info("recovered %d answered rows of a killed run into %s", len(rows), part.name)
-        os.unlink(segment)
-    for name in _temp_files(output_dir):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(output_dir / name)
-        log.info("removed an unfinished part left by a killed run: %s", name)
-    fsync_dir(output_dir)
+                log.info("recovered %d answered rows of a killed run into %s", len(rows), part)
+        store.delete_appended(segment)
+    if store.local:
+        temps = [e.name for e in store.list() if is_temp(e.name.rpartition("/")[2])]
+        store.delete(temps)
+        for name in temps:
+            log.info("removed an unfinished file left by a killed run: %s", name)
     return recovered
 
 
-def _temp_files(output_dir: Path) -> Iterator[str]:
-    return (e.name for e in os.scandir(output_dir) if e.is_file() and is_temp(e.name))
+def recover(output_dir: str | os.PathLike[str] | Store) -> int:
+    """Readers' entry (`status`, `export`, `render`): recover a killed run's journal (and a
+    killed compaction) if no run is writing the output now (a live run's journal is its own).
+    Returns rows."""
+    from pipeline.compact import pending_compaction
 
-
-def recover(output_dir: str | os.PathLike[str]) -> int:
-    """Readers' entry (`status`, `export`, `render`): recover a killed run's journal into parts
-    if no run is writing the directory now (a live run's journal is its own). Returns rows."""
-    path = Path(output_dir)
-    if not path.is_dir() or not journal.segments(path):
+    store = open_store(output_dir)
+    if store.local and not os.path.isdir(store.url):
+        return 0
+    if not journal.segments(store) and not pending_compaction(store):
         return 0
     try:
-        fd = _lock(path)
+        lock = store.lock("reader", wait=False)
     except OutputDirBusy:
         return 0
     try:
-        return recover_locked(path)
+        return recover_locked(store)
     finally:
-        _unlock(fd)
+        lock.release()
