@@ -7,7 +7,11 @@ where no reader looks, then one small commit record, created whole and only if a
 switch; cleaning up after it is idempotent and finished by whoever comes next.
 
 1. The current rows are written, part by part of the old set, into `.compact-<id>/part-compact-
-   <id>-<n>.parquet` (a hidden folder: no glob and no reader of ours sees it).
+   <id>-<n>.parquet` (a hidden folder: no glob and no reader of ours sees it), and the
+   superseded rows beside them into `.compact-<id>/.superseded/...`: superseded rows are paid
+   answers (the resume index reuses them when settings change back, `status` counts their
+   tokens), so they are set aside out of every glob's sight rather than lost — as Delta Lake
+   keeps the files an OPTIMIZE removed until a VACUUM.
 2. The commit record `.compact-<id>.json` (the old parts, the new parts) is created. Before it
    exists the compaction did not happen: recovery deletes the staging folder. Once it exists it
    did: recovery finishes steps 3 and 4.
@@ -45,9 +49,11 @@ import pyarrow.parquet as pq
 
 from pipeline.dataset import (
     GROUP,
+    HISTORY_DIR,
     _latest,
     _parts_batches,
     _scan,
+    is_history_part,
     is_part,
     part_entries,
 )
@@ -59,7 +65,7 @@ log = logging.getLogger(__name__)
 COMPACT_ROWS = 100_000  # rows in a compacted part, about (whole old parts are never split)
 RUNS_DIR = "runs"
 _RECORD = re.compile(r"\.compact-(?P<id>[0-9A-Za-z_-]+)\.json")
-_STAGED = re.compile(r"\.compact-(?P<id>[0-9A-Za-z_-]+)/(?P<name>[^/]+)")
+_STAGED = re.compile(r"\.compact-(?P<id>[0-9A-Za-z_-]+)/(?P<name>.+)")
 _TOKEN_COLUMNS = ("prompt_tokens", "output_tokens", "thoughts_tokens", "total_tokens")
 Step = Callable[[str], None]
 
@@ -69,9 +75,11 @@ def _no_step(step: str) -> None:
 
 
 # ------------------------------------------------------------------------------- readers
-def visible_parts(store: Store, entries: list[Entry]) -> list[Entry]:
-    """The parts a reader must see in a listing, a committed compaction applied (module doc)."""
-    parts = [entry for entry in entries if is_part(entry.name)]
+def visible_parts(store: Store, entries: list[Entry], *, history: bool = False) -> list[Entry]:
+    """The parts a reader must see in a listing, a committed compaction applied (module doc);
+    with `history`, the set-aside superseded rows' parts too."""
+    wanted = (lambda name: is_part(name) or is_history_part(name)) if history else is_part
+    parts = [entry for entry in entries if wanted(entry.name)]
     records = [entry.name for entry in entries if _RECORD.fullmatch(entry.name)]
     if not records:
         return parts
@@ -85,7 +93,7 @@ def visible_parts(store: Store, entries: list[Entry]) -> list[Entry]:
         published = {entry.name for entry in parts}
         for new in record["new"]:
             staged = by_name.get(_staged_name(record["id"], new))
-            if new not in published and staged is not None:
+            if new not in published and staged is not None and wanted(new):
                 parts.append(staged)
     return sorted(parts, key=lambda entry: entry.name)
 
@@ -154,6 +162,7 @@ def _publish(store: Store, staged: str, final: str, *, already: bool) -> None:
     if store.local:
         import os
 
+        os.makedirs(os.path.dirname(store.join(final)), exist_ok=True)
         os.replace(store.join(staged), store.join(final))
         return
     if not already:
@@ -195,14 +204,14 @@ def _compact(store: Store, step: Step) -> dict[str, Any]:
     if len(current) == table.num_rows and len(names) <= 1:
         report["parts_after"] = len(names)
         return report  # nothing superseded, nothing to merge
-    keep = _rows_by_part(table, current)
+    split = _rows_by_part(table, current)
     del table
-    new = _write_staged(store, compaction, names, keep, step)
+    new = _write_staged(store, compaction, names, split, step)
     record = {"id": compaction, "old": names, "new": new}
     store.create_bytes(_record_name(compaction), json.dumps(record).encode())
     step("recorded")
     _finish(store, record, step)
-    report["parts_after"] = len(new)
+    report["parts_after"] = sum(1 for name in new if is_part(name))
     store.replace(f"{RUNS_DIR}/{report['run_id']}.json", json.dumps(report, indent=2).encode())
     step("done")
     log.info("compacted %s: %s", store.url, report)
@@ -217,51 +226,79 @@ def _removed_tokens(table: pa.Table, current: np.ndarray) -> dict[str, int]:
     return {name: int(pc.sum(rows.column(name)).as_py() or 0) for name in _TOKEN_COLUMNS}
 
 
-def _rows_by_part(table: pa.Table, current: np.ndarray) -> dict[int, np.ndarray]:
-    part_of = table.column("_part").to_numpy()[current]
-    row_of = table.column("_row").to_numpy()[current]
-    return {int(part): np.sort(row_of[part_of == part]) for part in np.unique(part_of)}
+def _rows_by_part(table: pa.Table, current: np.ndarray) -> dict[int, tuple[np.ndarray, ...]]:
+    """For each old part: its current rows and its superseded rows (row numbers)."""
+    is_current = np.zeros(table.num_rows, dtype=bool)
+    is_current[current] = True
+    part_of = table.column("_part").to_numpy()
+    row_of = table.column("_row").to_numpy()
+    split = {}
+    for part in np.unique(part_of):
+        mine = part_of == part
+        split[int(part)] = (row_of[mine & is_current], row_of[mine & ~is_current])
+    return split
 
 
 def _write_staged(
-    store: Store, compaction: str, names: list[str], keep: dict[int, np.ndarray], step: Step
+    store: Store,
+    compaction: str,
+    names: list[str],
+    rows: dict[int, tuple[np.ndarray, ...]],
+    step: Step,
 ) -> list[str]:
-    """Step 1: the kept rows, old part by old part, into staged parts of ~COMPACT_ROWS rows."""
+    """Step 1: old part by old part, the current rows into staged parts of ~COMPACT_ROWS rows,
+    and the superseded rows beside them into `.superseded/` (paid answers are never lost: the
+    resume index still reuses them and `status` still counts their tokens)."""
     groups: list[list[int]] = [[]]
     count = 0
-    for part in sorted(keep):
+    for part in sorted(rows):
         if count >= COMPACT_ROWS:
             groups.append([])
             count = 0
         groups[-1].append(part)
-        count += len(keep[part])
+        count += len(rows[part][0])
     new = []
     for seq, parts in enumerate(group for group in groups if group):
         name = f"part-compact-{compaction}-{seq:05d}.parquet"
-
-        def write(file: Any, parts: list[int] = parts) -> None:
-            with pq.ParquetWriter(file, ROW_SCHEMA, compression="zstd") as writer:
-                used = [names[part] for part in parts]
-                for (_, batches), part in zip(
-                    _parts_batches(store, used, ROW_SCHEMA.names), parts, strict=True
-                ):
-                    rows = pa.Table.from_batches(list(batches), ROW_SCHEMA)
-                    writer.write_table(rows.take(pa.array(keep[part])))
-
-        store.create(_staged_name(compaction, name), write)
-        new.append(name)
-        step("staged")
+        for which, final in enumerate((name, f"{HISTORY_DIR}/{name}")):
+            if not any(len(rows[part][which]) for part in parts):
+                continue
+            store.create(
+                _staged_name(compaction, final),
+                _part_writer(store, [names[p] for p in parts], [rows[p][which] for p in parts]),
+            )
+            new.append(final)
+            step("staged")
     return new
 
 
+def _part_writer(store: Store, names: list[str], keep: list[np.ndarray]) -> Callable[[Any], None]:
+    """Writes the `keep` rows of each old part, read one old part at a time."""
+
+    def write(file: Any) -> None:
+        with pq.ParquetWriter(file, ROW_SCHEMA, compression="zstd") as writer:
+            for (_, batches), rows in zip(
+                _parts_batches(store, names, ROW_SCHEMA.names), keep, strict=True
+            ):
+                table = pa.Table.from_batches(list(batches), ROW_SCHEMA)
+                if len(rows):
+                    writer.write_table(table.take(pa.array(rows)))
+
+    return write
+
+
 def superseded_share(store: Store) -> float:
-    """The share of committed rows that are not current (from the index cache: cheap)."""
+    """The share of the rows a glob sees that are not current (from the index cache: cheap;
+    rows already set aside in `.superseded/` do not count)."""
     from pipeline.facts import load_facts
 
-    facts = load_facts(store, part_entries(store), write=True)
-    if not facts.rows:
+    parts = part_entries(store, history=True)
+    facts = load_facts(store, parts, write=True)
+    visible = np.array([not is_history_part(entry.name) for entry in parts], dtype=bool)
+    seen = visible[facts.place >> 32] if facts.rows else np.zeros(0, dtype=bool)
+    if not seen.any():
         return 0.0
-    return 1.0 - len(np.unique(facts.group)) / facts.rows
+    return 1.0 - len(np.unique(facts.group[seen])) / int(seen.sum())
 
 
 def compact_if_over(output: str | Store, threshold: float, lock: WriterLock) -> dict | None:

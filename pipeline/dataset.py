@@ -1,20 +1,21 @@
-"""The read side: what an output directory holds, what is done, and what readers should see.
+"""The read side: what an output holds, what is done, and what readers should see.
 
-The results are exactly the `*.parquet` files under the output, a local folder or an object-store
-prefix read through the same `Store` (the sink's unfinished parts end in `.tmp`, and hidden
-folders — the index cache, a compaction's staging — are never read). A row is superseded by a newer row for the same
-(image_root, image_path, task): newer means a later `completed_at`, then a later part (path
-order), then a later row in the part. Everything here reads only the columns it needs, batch by
-batch, so a directory of a million rows stays cheap to resume from.
+The results are exactly the `*.parquet` files under the output, a local folder or an
+object-store prefix read through the same `Store` (the sink's unfinished parts end in `.tmp`;
+hidden folders — the index cache, a compaction's staging — are never read). A row is superseded
+by a newer row for the same (image_root, image_path, task): newer means a later `completed_at`,
+then a later part (name order), then a later row in the part. Everything here reads only the
+columns it needs, batch by batch, so an output of a million rows stays cheap to resume from.
 
 Resume rule (`load_resume_index`): a file is done, under the settings hash `key_suffix`, when
 the latest row for it and its task was made under those settings from the same file (same size
-and mtime — for an object or a URL, same size and version stamp: `source.version_stamp`). Any status counts, except that an error marked `retryable` (transient, or the
-run's own failure in rows older than that column) is tried again by the next plain runs, at
-most RETRY_RUNS times, and `retry_errors=True` redoes every error. So a changed prompt or model
-(a new key suffix), a changed file, or a new file is done again, and a rerun after another
-config ran restores this config's answers (copied from `ok_keys`, without an API call) rather
-than leaving the other config's rows current.
+and mtime; for an object or a URL, same size and version stamp: `source.version_stamp`). Any
+status counts, except that an error marked `retryable` (transient, or the run's own failure in
+rows older than that column) is tried again by the next plain runs, at most RETRY_RUNS times,
+and `retry_errors=True` redoes every error. So a changed prompt or model (a new key suffix), a
+changed file, or a new file is done again, and a rerun after another config ran restores this
+config's answers (copied from `ok_keys`, without an API call) rather than leaving the other
+config's rows current.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ Output: TypeAlias = "str | os.PathLike[str] | Store"
 
 PART_SUFFIX = ".parquet"
 RUNS_DIR = "runs"  # the runner's JSON summary per run: runs/<run_id>.json
+HISTORY_DIR = ".superseded"  # rows a compaction set aside: out of every glob, still paid for
 VERSION_KEY = b"gemini_vision_pipeline.schema_version"
 GROUP = ("image_root", "image_path", "task")
 BATCH_ROWS = 65_536
@@ -180,16 +182,17 @@ def file_digest(image_root: str, image_path: str, size: object, mtime_ns: object
 
 
 # ------------------------------------------------------------------------------------- parts
-def part_entries(output: Output) -> list[Entry]:
+def part_entries(output: Output, *, history: bool = False) -> list[Entry]:
     """Every committed part as readers must see it: the `*.parquet` files under the output (no
     hidden folder), in name order, with a killed compaction resolved to exactly the old or the
-    new set (`pipeline/compact.py`)."""
+    new set (`pipeline/compact.py`). `history` adds the parts holding the superseded rows a
+    compaction set aside (`.superseded/`): paid answers, kept for reuse and accounting."""
     from pipeline.compact import visible_parts
 
     store = open_store(output)
     if store.local and not os.path.isdir(store.url):
         return []
-    return visible_parts(store, store.list())
+    return visible_parts(store, store.list(), history=history)
 
 
 def part_files(output: Output) -> list[Path] | list[str]:
@@ -203,6 +206,11 @@ def part_files(output: Output) -> list[Path] | list[str]:
 
 def is_part(name: str) -> bool:
     return name.endswith(PART_SUFFIX) and not is_hidden(name)
+
+
+def is_history_part(name: str) -> bool:
+    folder, _, rest = name.partition("/")
+    return folder == HISTORY_DIR and is_part(rest)
 
 
 class UnreadablePart(ValueError):
@@ -296,12 +304,16 @@ def _batches(part: pq.ParquetFile, columns: Sequence[str]) -> Iterator[pa.Record
 
 
 def _scan(
-    output: Output, columns: Sequence[str], *, skip_unreadable: bool = False
+    output: Output,
+    columns: Sequence[str],
+    *,
+    skip_unreadable: bool = False,
+    history: bool = False,
 ) -> tuple[pa.Table, list[str], list[UnreadablePart]]:
     """All rows of every part (these columns only) plus where each sits: `_part`, `_row`; the
     part names; with `skip_unreadable`, unreadable parts are left out and returned instead."""
     store = open_store(output)
-    names = [entry.name for entry in part_entries(store)]
+    names = [entry.name for entry in part_entries(store, history=history)]
     tables = []
     unreadable: list[UnreadablePart] = []
     for part_no, batches in _parts_batches(store, names, columns):
@@ -373,7 +385,7 @@ def load_resume_index(
     from pipeline.facts import load_facts
 
     store = open_store(output)
-    facts = load_facts(store, part_entries(store), write=write_cache)
+    facts = load_facts(store, part_entries(store, history=True), write=write_cache)
     index = ResumeIndex(
         key_suffix=key_suffix,
         retry_errors=retry_errors,
@@ -397,7 +409,7 @@ def lookup_rows(output: Output, keys: Collection[str]) -> dict[str, dict]:
     """
     wanted = set(keys)
     store = open_store(output)
-    parts = part_entries(store)
+    parts = part_entries(store, history=True)
     with _LOCATIONS_LOCK:
         home = store_key(store)
         locations = _LOCATIONS.get(home)
@@ -522,7 +534,7 @@ def status(output_dir: Output) -> dict[str, Any]:
     """
     columns = (*GROUP, "completed_at", "status", "run_id", *_TOKEN_COLUMNS, "est_prompt_tokens")
     store = open_store(output_dir)
-    table, names, unreadable = _scan(store, columns, skip_unreadable=True)
+    table, names, unreadable = _scan(store, columns, skip_unreadable=True, history=True)
     current = table.take(pa.array(_latest(table)))
     by_status = Counter(
         {str(k): int(v) for k, v in _value_counts(current.column("status")).items()}

@@ -8,12 +8,10 @@ appended with the same key and supersede the old ones for readers and for `statu
 from __future__ import annotations
 
 import asyncio
-import json
 import secrets
 from collections import Counter
 from dataclasses import replace
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from pipeline.config import check_setting, load_config
@@ -21,6 +19,7 @@ from pipeline.dataset import current_rows
 from pipeline.gemini import parse_response
 from pipeline.records import Parsed
 from pipeline.sink import ParquetSink
+from pipeline.summary import write_report
 from pipeline.tasks import read_answer
 from pipeline.tasks.base import TaskSettings
 
@@ -74,7 +73,5 @@ def reparse(
     if new_rows:
         asyncio.run(_write(output_dir, run_id, new_rows))
     report = {"run_id": run_id, "reparsed": len(new_rows), "status_changes": dict(changes)}
-    runs = Path(output_dir) / "runs"
-    runs.mkdir(exist_ok=True)
-    (runs / f"{run_id}.json").write_text(json.dumps(report, indent=2))
+    write_report(output_dir, run_id, report)
     return report

@@ -16,10 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from pipeline import images
+from pipeline import images, stores
 from pipeline.calls import Caller
 from pipeline.config import Config, settings_hash
 from pipeline.dataset import load_resume_index
+from pipeline.fetch import Fetcher, FetchError, settings_from
 from pipeline.records import ImageItem, SourceFile, make_key
 from pipeline.reuse import Answers
 from pipeline.rows import RunFacts, answered_row, copied_outcome_row, copied_row, error_row
@@ -72,12 +73,14 @@ class ImageRunner:
         caller: Caller,
         answers: Answers,
         sink: ParquetSink,
+        fetcher: Fetcher | None = None,
     ) -> None:
         self.config = config
         self.facts = facts
         self.caller = caller
         self.answers = answers
         self.sink = sink
+        self.fetcher = fetcher  # reads objects and URLs; made on first need when not given
         self.counts = RowCounts()
 
     async def process(self, src: SourceFile) -> None:
@@ -86,9 +89,20 @@ class ImageRunner:
         await self.sink.add(row)
         self.counts.add(row, copied=copied)
 
+    def _fetcher(self) -> Fetcher:
+        if self.fetcher is None:
+            self.fetcher = Fetcher(settings_from(self.config))
+        return self.fetcher
+
     async def _row(self, src: SourceFile) -> tuple[dict[str, Any], bool]:
         if src.error:
             return error_row(ImageItem(source=src, error=src.error), src.error, self.facts), False
+        data = None
+        if stores.is_url(src.path):  # an object or a URL: its bytes come through the fetcher
+            try:
+                data = await self._fetcher().read(src)
+            except FetchError as exc:
+                return error_row(ImageItem(source=src, error=str(exc)), str(exc), self.facts), False
         images_config = self.config.images
         item = await _offload(
             src.size > SMALL_FILE,
@@ -96,6 +110,7 @@ class ImageRunner:
             src,
             max_side=images_config.max_side,
             verify=images_config.verify,
+            data=data,
         )
         if item.error:
             return error_row(item, item.error, self.facts), False

@@ -418,7 +418,7 @@ class ObjectStore(Store):
         for path, info in found.items():
             name = path[start:]
             if path.startswith(self.root + "/") and name.startswith(prefix):
-                entries.append(Entry(name, int(info.get("size") or 0), _version(info)))
+                entries.append(Entry(name, int(info.get("size") or 0), object_version(info)))
         return sorted(entries, key=lambda e: e.name)
 
     def info(self, name: str) -> Entry | None:
@@ -428,7 +428,7 @@ class ObjectStore(Store):
             return None
         if info.get("type") == "directory":
             return None
-        return Entry(name, int(info.get("size") or 0), _version(info))
+        return Entry(name, int(info.get("size") or 0), object_version(info))
 
     def read(self, name: str) -> bytes:
         return self.fs.cat_file(self._path(name))
@@ -493,7 +493,7 @@ class ObjectStore(Store):
         return lease
 
 
-def _version(info: dict[str, Any]) -> str:
+def object_version(info: dict[str, Any]) -> str:
     """ETag (S3, Azure) or generation (GCS): what changes when the bytes may have."""
     for key in ("generation", "ETag", "etag"):
         if info.get(key):

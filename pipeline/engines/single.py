@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import random
 import secrets
@@ -30,6 +31,7 @@ from pathlib import Path
 from pipeline.calls import Caller, RunStopped
 from pipeline.config import Config, ConfigError, declarations
 from pipeline.dataset import ResumeIndex, load_resume_index
+from pipeline.fetch import Fetcher, settings_from
 from pipeline.gemini import GeminiClient, api_key_from_env
 from pipeline.limits import DailyCount, RateLimiter
 from pipeline.progress import Progress
@@ -41,9 +43,11 @@ from pipeline.sink import ParquetSink, SinkFailed
 from pipeline.source import input_sources
 from pipeline.state import State
 from pipeline.stop import Stop, Stopped
+from pipeline.stores import MissingExtra, Store, is_url, local_path, open_store, scheme_of
 from pipeline.summary import RunSummary
 from pipeline.tasks import get_task
 
+log = logging.getLogger(__name__)
 Batch = list[SourceFile]
 LOCAL_KEY = "local-key"
 BATCH_SIZE = 64  # files handed from the walking thread to the workers at once
@@ -54,10 +58,13 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 class Producer:
     """Walks the inputs in a thread and feeds a bounded queue in small batches."""
 
-    def __init__(self, config: Config, index: ResumeIndex, limit: int | None) -> None:
+    def __init__(
+        self, config: Config, index: ResumeIndex, limit: int | None, fetcher: Fetcher
+    ) -> None:
         self.config = config
         self.index = index
         self.limit = limit
+        self.fetcher = fetcher  # sizes and versions of manifest URLs and objects
         self.seen = 0
         self.skipped = 0
         self.done = False
@@ -82,7 +89,9 @@ class Producer:
 
     def _todo(self) -> Iterator[SourceFile]:
         sent = 0
-        sources = input_sources(self.config.input, skip=(self.config.output.dir,))
+        sources = input_sources(
+            self.config.input, skip=(self.config.output.dir,), resolve=self.fetcher.resolve
+        )
         for src in sources:
             if self.halt.is_set() or (self.limit is not None and sent >= self.limit):
                 return
@@ -118,22 +127,29 @@ class SingleProcess:
         out = _output_dir(self.config)
         self.stop = stop = Stop()
         async with contextlib.AsyncExitStack() as stack:
-            state = _open_state(out, self.config)
-            stack.callback(state.close)
+            fetcher = Fetcher(settings_from(self.config), seed=self.options.seed)
+            stack.callback(fetcher.close)
             sink = await stack.enter_async_context(self._sink(out))
+            state = _open_state(out, self.config)  # after the lock: read what the last run left
+            stack.callback(state.close)
             self.summary.recovered = sink.rows_recovered
             index = await asyncio.to_thread(
                 load_resume_index,
                 out,
                 key_suffix=self.facts.key_suffix,
                 retry_errors=self.options.retry_errors,
+                write_cache=True,
             )
             client = await stack.enter_async_context(await self._client(stack))
             caller = self._caller(client, state, stop)
             answers = Answers(str(out), index.ok_keys, sink.flush)
-            runner = ImageRunner(self.config, self.facts, caller=caller, answers=answers, sink=sink)
-            producer = Producer(self.config, index, self.options.limit)
+            runner = ImageRunner(
+                self.config, self.facts, caller=caller, answers=answers, sink=sink, fetcher=fetcher
+            )
+            producer = Producer(self.config, index, self.options.limit, fetcher)
             await self._work(producer, runner, sink, stop)
+            if stop.running:
+                await _compact_quietly(sink, self.config.output.compact_above)
             caller.daily.save()
             if self.config.images.delete_uploads and stop.state != "abandoning":
                 with contextlib.suppress(Stopped):
@@ -142,10 +158,14 @@ class SingleProcess:
         self.summary.write(out)
         return self.summary
 
-    def _sink(self, out: Path) -> ParquetSink:
+    def _sink(self, out: Path | Store) -> ParquetSink:
         output = self.config.output
         return ParquetSink(
-            out, self.run_id, rows_per_part=output.rows_per_part, flush_seconds=output.flush_seconds
+            out,
+            self.run_id,
+            rows_per_part=output.rows_per_part,
+            flush_seconds=output.flush_seconds,
+            lease_seconds=output.lease_seconds,
         )
 
     async def _client(self, stack: contextlib.AsyncExitStack) -> GeminiClient:
@@ -342,9 +362,26 @@ async def _endpoint(config: Config, stack: contextlib.AsyncExitStack) -> tuple[s
     return config.api.base_url, key
 
 
-def _output_dir(config: Config) -> Path:
-    """The output folder, created; a path that is a file or cannot be written is a usage error."""
-    out = Path(config.output.dir)
+async def _compact_quietly(sink: ParquetSink, threshold: float) -> None:
+    """Compact past the threshold; a failure leaves the output as it was (readers still see the
+    current rows), so it is a warning, not the run's failure."""
+    try:
+        await sink.compact_if_over(threshold)
+    except (OSError, ValueError, RuntimeError) as exc:
+        log.warning("compaction at the end of the run failed (the output is intact): %s", exc)
+
+
+def _output_dir(config: Config) -> Path | Store:
+    """The output folder, created; a path that is a file or cannot be written is a usage error.
+    An object-store prefix is its Store (its bucket must exist)."""
+    if is_url(config.output.dir) and scheme_of(config.output.dir) != "file":
+        try:
+            store = open_store(config.output.dir)
+            store.ensure()
+        except (ValueError, MissingExtra, FileNotFoundError, PermissionError) as exc:
+            raise ConfigError(f"{config.source}: [output] dir: {exc}") from None
+        return store
+    out = Path(local_path(config.output.dir))
     try:
         out.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
@@ -358,12 +395,13 @@ def _output_dir(config: Config) -> Path:
     return out
 
 
-def _open_state(out: Path, config: Config) -> State:
+def _open_state(out: Path | Store, config: Config) -> State:
     try:
         return State(out)
     except sqlite3.DatabaseError as exc:
+        where = out.join("state.sqlite") if isinstance(out, Store) else out / "state.sqlite"
         raise ConfigError(
-            f"{config.source}: {out / 'state.sqlite'} cannot be read ({exc}); move it aside "
+            f"{config.source}: {where} cannot be read ({exc}); move it aside "
             "(it holds reusable uploads and today's request count) and run again"
         ) from None
 

@@ -1,0 +1,331 @@
+"""The bytes of inputs that are not local files: objects (through fsspec) and http(s) URLs.
+
+One `Fetcher` per run, with its own event loop in a thread (as fsspec keeps one for its own IO),
+so the engine's workers (`read`) and the walking thread (`resolve`) both use the same aiohttp
+session and the same bounds:
+
+- at most `concurrency` reads at once, and for URLs at most `per_host` connections to one host;
+  a host that answers 429 or 503 with `Retry-After` is left alone for that long, by every read;
+- a cap on the bytes of one input (`max_bytes`): the declared size is checked first (a listing's
+  size, a Content-Length), then the body while it streams, so a huge file never fills memory;
+- retries, with jittered exponential backoff, of what is transient: HTTP 408, 429 and 5xx
+  (honouring `Retry-After` up to `max_retry_after`), timeouts and dropped connections; for
+  objects, transient store errors (throttling, 5xx, resets — s3fs and gcsfs retry their own
+  first; these are Ray Data's `retried_io_errors` in spirit). 404, 403 and the like fail at once;
+- redirects are followed for the image (up to 10), and the session never holds the API key:
+  it is another session than the Gemini client's, with no credentials at all;
+- `X-Robots-Tag: noai` / `noimageai` refuse the image, as img2dataset does by default.
+
+A failure is a `FetchError` whose text becomes the row's error ("HTTP 404 Not Found"), never an
+exception that stops the run. `resolve` asks a URL's size and version with a HEAD (an object's
+with a stat) so that a rerun skips what is done without downloading it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from pipeline import __version__, stores
+from pipeline.records import SourceFile
+from pipeline.source import version_stamp
+
+T = TypeVar("T")
+USER_AGENT = f"gemini-vision-pipeline/{__version__}"
+RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+DISALLOWED_ROBOTS = ("noai", "noimageai")  # img2dataset's default refusals that concern AI use
+_CHUNK = 1 << 16
+
+
+class FetchError(Exception):
+    """An input that could not be read; the message is the row's error."""
+
+
+@dataclass(frozen=True, slots=True)
+class FetchSettings:
+    concurrency: int = 32
+    per_host: int = 4
+    max_bytes: int = 64 << 20
+    attempts: int = 4
+    timeout: float = 60.0
+    max_retry_after: float = 60.0
+    backoff: float = 0.5  # seconds before the first retry (doubled, jittered, each time)
+
+
+class Fetcher:
+    """Reads objects and URLs for one run (see the module docstring). Use as a context manager
+    or call `close()`."""
+
+    def __init__(
+        self,
+        settings: FetchSettings | None = None,
+        *,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic,
+        seed: int | None = None,
+    ) -> None:
+        self.settings = settings or FetchSettings()
+        self.fetched = 0
+        self.retries = 0
+        self._sleep = sleep
+        self._clock = clock
+        self._rng = random.Random(seed)
+        self._paused_until: dict[str, float] = {}
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="gvp-fetch", daemon=True
+        )
+        self._thread.start()
+        self._gate: asyncio.Semaphore = self._call(self._make_gate()).result()
+        self._session: aiohttp.ClientSession | None = None
+
+    async def _make_gate(self) -> asyncio.Semaphore:
+        return asyncio.Semaphore(self.settings.concurrency)
+
+    def _call(self, coroutine: Awaitable[T]) -> Future[T]:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop)  # type: ignore[arg-type]
+
+    def __enter__(self) -> Fetcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if not self._loop.is_running():
+            return
+        self._call(self._close_session()).result()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+    async def _close_session(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    # ------------------------------------------------------------------------------- reads
+    async def read(self, src: SourceFile) -> bytes:
+        """The bytes of an object or a URL (from any event loop). Fills in `src.size` and, for
+        a URL, `src.mtime_ns` (its version stamp) from what was read. Raises FetchError."""
+        return await asyncio.wrap_future(self._call(self._read(src)))
+
+    async def _read(self, src: SourceFile) -> bytes:
+        async with self._gate:
+            if stores.is_http_url(src.path):
+                return await self._get(src)
+            return await self._read_object(src)
+
+    async def _read_object(self, src: SourceFile) -> bytes:
+        if src.size > self.settings.max_bytes:
+            raise FetchError(self._too_big(src.size))
+        fs = stores.filesystem(stores.scheme_of(src.path) or "")
+        for attempt in range(self.settings.attempts):
+            try:
+                data = await _cat(fs, src.path)
+            except FileNotFoundError:
+                raise FetchError("object not found (deleted since it was listed?)") from None
+            except PermissionError as exc:
+                raise FetchError(f"access denied: {_first_line(exc)}") from None
+            except (TimeoutError, OSError) as exc:
+                if attempt + 1 >= self.settings.attempts:
+                    raise FetchError(f"object read failed: {_first_line(exc)}") from None
+                self.retries += 1
+                await self._sleep(self._backoff(attempt))
+                continue
+            if len(data) > self.settings.max_bytes:
+                raise FetchError(self._too_big(len(data)))
+            src.size = len(data)
+            self.fetched += 1
+            return data
+        raise AssertionError("unreachable")
+
+    async def _get(self, src: SourceFile) -> bytes:
+        host = urlsplit(src.path).hostname or ""
+        reason = "no attempt made"
+        for attempt in range(self.settings.attempts):
+            await self._wait_for_host(host)
+            try:
+                outcome = await self._get_once(src)
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                reason = f"fetch failed: {_first_line(exc) or type(exc).__name__}"
+                delay = self._backoff(attempt)
+            else:
+                if isinstance(outcome, bytes):
+                    self.fetched += 1
+                    return outcome
+                reason, asked = outcome
+                delay = asked if asked is not None else self._backoff(attempt)
+                if delay > self.settings.max_retry_after:
+                    raise FetchError(
+                        f"{reason} (Retry-After {delay:.0f} s is longer than the "
+                        f"{self.settings.max_retry_after:.0f} s a fetch waits)"
+                    )
+                self._pause(host, delay)
+            if attempt + 1 < self.settings.attempts:
+                self.retries += 1
+                await self._sleep(delay)
+        raise FetchError(f"{reason} (after {self.settings.attempts} attempts)")
+
+    async def _get_once(self, src: SourceFile) -> bytes | tuple[str, float | None]:
+        """The body, or (reason, Retry-After) for a retryable answer; raises FetchError
+        otherwise."""
+        async with self._http().get(src.path, max_redirects=10) as response:
+            reason = f"HTTP {response.status} {response.reason or ''}".rstrip()
+            if response.status in RETRY_STATUSES:
+                return reason, _retry_after(response)
+            if response.status != 200:
+                raise FetchError(reason)
+            _check_robots(response)
+            declared = response.content_length
+            if declared is not None and declared > self.settings.max_bytes:
+                raise FetchError(self._too_big(declared))
+            body = await self._body(response)
+            src.size = declared if declared is not None else len(body)
+            src.mtime_ns = version_stamp(_url_version(response.headers))
+            return body
+
+    async def _body(self, response: aiohttp.ClientResponse) -> bytes:
+        chunks, total = [], 0
+        async for chunk in response.content.iter_chunked(_CHUNK):
+            total += len(chunk)
+            if total > self.settings.max_bytes:
+                raise FetchError(self._too_big(total, streamed=True))
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _http(self) -> aiohttp.ClientSession:
+        """The image session: no API key, no credentials, its own connection bounds."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(
+                    limit=self.settings.concurrency, limit_per_host=self.settings.per_host
+                ),
+                timeout=aiohttp.ClientTimeout(total=self.settings.timeout),
+                headers={"User-Agent": USER_AGENT},
+            )
+        return self._session
+
+    # ------------------------------------------------------------------------ politeness
+    def _pause(self, host: str, delay: float) -> None:
+        """Every read of `host` waits `delay` (it asked for it, or it is failing)."""
+        until = self._clock() + delay
+        self._paused_until[host] = max(self._paused_until.get(host, 0.0), until)
+
+    async def _wait_for_host(self, host: str) -> None:
+        left = self._paused_until.get(host, 0.0) - self._clock()
+        if left > 0:
+            await self._sleep(left)
+
+    def _backoff(self, attempt: int) -> float:
+        """Full jitter: a random wait up to backoff * 2**attempt."""
+        return self._rng.uniform(0, self.settings.backoff * 2**attempt)
+
+    def _too_big(self, size: int, *, streamed: bool = False) -> str:
+        cap = self.settings.max_bytes / (1 << 20)
+        got = "more than" if streamed else f"{size / (1 << 20):.1f} MB,"
+        return f"input too large: {got} the cap of {cap:g} MB ([input] max_fetch_mb)"
+
+    # --------------------------------------------------------------------------- resolve
+    def resolve(self, sources: list[SourceFile]) -> None:
+        """Fill in size and version of manifest URLs (HEAD) and objects (stat), concurrently,
+        from a thread that is not the fetcher's. What cannot be asked stays unknown (0): such a
+        file is read, not skipped."""
+        self._call(self._resolve_all(sources)).result()
+
+    async def _resolve_all(self, sources: list[SourceFile]) -> None:
+        await asyncio.gather(*(self._resolve(src) for src in sources))
+
+    async def _resolve(self, src: SourceFile) -> None:
+        async with self._gate:
+            try:
+                if stores.is_http_url(src.path):
+                    await self._head(src)
+                else:
+                    await self._stat(src)
+            except FetchError as exc:
+                src.error = str(exc)
+            except (TimeoutError, aiohttp.ClientError, OSError):
+                return  # unknown: the read will say what is wrong
+
+    async def _head(self, src: SourceFile) -> None:
+        host = urlsplit(src.path).hostname or ""
+        await self._wait_for_host(host)
+        async with self._http().head(src.path, allow_redirects=True, max_redirects=10) as answer:
+            if answer.status != 200:
+                return
+            src.size = answer.content_length or 0
+            src.mtime_ns = version_stamp(_url_version(answer.headers))
+
+    async def _stat(self, src: SourceFile) -> None:
+        fs = stores.filesystem(stores.scheme_of(src.path) or "")
+        try:
+            info = await _run_fs(fs, "info", src.path)
+        except FileNotFoundError:
+            raise FetchError("no such object") from None
+        src.size = int(info.get("size") or 0)
+        src.mtime_ns = version_stamp(stores.object_version(info))
+
+
+async def _cat(fs: Any, path: str) -> bytes:
+    return await _run_fs(fs, "cat_file", path)
+
+
+async def _run_fs(fs: Any, method: str, path: str) -> Any:
+    """An fsspec call from this loop: async filesystems run it on fsspec's own IO loop (their
+    sessions live there), others in a thread."""
+    if getattr(fs, "async_impl", False):
+        coroutine = getattr(fs, "_" + method)(path)
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coroutine, fs.loop))
+    return await asyncio.to_thread(getattr(fs, method), path)
+
+
+def _url_version(headers: Any) -> str:
+    """What identifies a URL's content without its bytes: ETag, else Last-Modified."""
+    return headers.get("ETag") or headers.get("Last-Modified") or ""
+
+
+def _retry_after(response: aiohttp.ClientResponse) -> float | None:
+    """Seconds the server asks to wait: `Retry-After` as seconds or as an HTTP date."""
+    value = response.headers.get("Retry-After", "").strip()
+    if not value:
+        return None
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _check_robots(response: aiohttp.ClientResponse) -> None:
+    for value in response.headers.getall("X-Robots-Tag", []):
+        directives = {part.strip().lower() for part in value.replace(";", ",").split(",")}
+        refused = sorted(directives & set(DISALLOWED_ROBOTS))
+        if refused:
+            raise FetchError(f"X-Robots-Tag: {refused[0]} (the site asks not to use it for AI)")
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:200]
+
+
+def settings_from(config: Any) -> FetchSettings:
+    """The fetch settings of a run's `[input]` section."""
+    inp = config.input
+    return FetchSettings(
+        concurrency=inp.fetch_concurrency,
+        per_host=inp.fetch_per_host,
+        max_bytes=int(inp.max_fetch_mb * (1 << 20)),
+    )
