@@ -538,6 +538,7 @@ def walk_objects(
     include: Sequence[str] = ("*",),
     exclude: Sequence[str] = (),
     skip: Sequence[str] = (),
+    page: int = S3_PAGE,
 ) -> Iterator[SourceFile]:
     """Every object under an object-store prefix, in key order, with `walk`'s pattern and
     hidden-name rules (an object URL naming one object yields it whatever the patterns say).
@@ -553,7 +554,7 @@ def walk_objects(
     scheme = stores.scheme_of(root) or ""
     fs = stores.filesystem(scheme)
     skipped = tuple(stores.normalise_url(p) + "/" for p in skip if stores.is_object_url(p))
-    listing = _s3_listing(fs, root) if scheme == "s3" else _fs_listing(fs, root)
+    listing = _s3_listing(fs, root, page) if scheme == "s3" else _fs_listing(fs, root)
     found = False
     for rel, size, version in _filtered(listing, _Filter.at_root(include, exclude)):
         found = True
@@ -604,14 +605,14 @@ def _filtered(
             yield rel, size, version
 
 
-def _s3_listing(fs: Any, root: str) -> Iterator[tuple[str, int, str]]:
+def _s3_listing(fs: Any, root: str, page_size: int) -> Iterator[tuple[str, int, str]]:
     """(key relative to the prefix, size, ETag) page by page, in S3's key order (UTF-8 bytes);
     each page through s3fs, which retries throttling and transient errors."""
     bucket, _, prefix = root.split("://", 1)[1].partition("/")
     prefix = f"{prefix}/" if prefix else ""
     token: str | None = None
     while True:
-        ask: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": S3_PAGE}
+        ask: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": page_size}
         if token:
             ask["ContinuationToken"] = token
         page = fs.call_s3("list_objects_v2", **ask)
