@@ -8,11 +8,9 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import io
-import json
 import os
 import signal
 import sys
-from collections import Counter
 from pathlib import Path
 
 import pytest
