@@ -48,7 +48,13 @@ _CHUNK = 1 << 16
 
 
 class FetchError(Exception):
-    """An input that could not be read; the message is the row's error."""
+    """An input that could not be read; the message is the row's error. `retryable`: the
+    failure was transient (retries ran out on 429, 5xx, timeouts), so the next plain run tries
+    the input again, as it does for a transient API error."""
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +144,8 @@ class Fetcher:
                 raise FetchError(f"access denied: {_first_line(exc)}") from None
             except (TimeoutError, OSError) as exc:
                 if attempt + 1 >= self.settings.attempts:
-                    raise FetchError(f"object read failed: {_first_line(exc)}") from None
+                    reason = f"object read failed: {_first_line(exc)}"
+                    raise FetchError(reason, retryable=True) from None
                 self.retries += 1
                 await self._sleep(self._backoff(attempt))
                 continue
@@ -153,28 +160,29 @@ class Fetcher:
         host = urlsplit(src.path).hostname or ""
         reason = "no attempt made"
         for attempt in range(self.settings.attempts):
+            if attempt:
+                self.retries += 1
             await self._wait_for_host(host)
             try:
                 outcome = await self._get_once(src)
-            except (TimeoutError, aiohttp.ClientError) as exc:
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 reason = f"fetch failed: {_first_line(exc) or type(exc).__name__}"
-                delay = self._backoff(attempt)
-            else:
-                if isinstance(outcome, bytes):
-                    self.fetched += 1
-                    return outcome
-                reason, asked = outcome
-                delay = asked if asked is not None else self._backoff(attempt)
-                if delay > self.settings.max_retry_after:
-                    raise FetchError(
-                        f"{reason} (Retry-After {delay:.0f} s is longer than the "
-                        f"{self.settings.max_retry_after:.0f} s a fetch waits)"
-                    )
-                self._pause(host, delay)
-            if attempt + 1 < self.settings.attempts:
-                self.retries += 1
-                await self._sleep(delay)
-        raise FetchError(f"{reason} (after {self.settings.attempts} attempts)")
+                if attempt + 1 < self.settings.attempts:
+                    await self._sleep(self._backoff(attempt))
+                continue
+            if isinstance(outcome, bytes):
+                self.fetched += 1
+                return outcome
+            reason, asked = outcome
+            delay = asked if asked is not None else self._backoff(attempt)
+            if delay > self.settings.max_retry_after:
+                raise FetchError(
+                    f"{reason} (Retry-After {delay:.0f} s is longer than the "
+                    f"{self.settings.max_retry_after:.0f} s a fetch waits)",
+                    retryable=True,
+                )
+            self._pause(host, delay)  # the next attempt, and every other read of host, waits
+        raise FetchError(f"{reason} (after {self.settings.attempts} attempts)", retryable=True)
 
     async def _get_once(self, src: SourceFile) -> bytes | tuple[str, float | None]:
         """The body, or (reason, Retry-After) for a retryable answer; raises FetchError
@@ -233,7 +241,7 @@ class Fetcher:
     def _too_big(self, size: int, *, streamed: bool = False) -> str:
         cap = self.settings.max_bytes / (1 << 20)
         got = "more than" if streamed else f"{size / (1 << 20):.1f} MB,"
-        return f"input too large: {got} the cap of {cap:g} MB ([input] max_fetch_mb)"
+        return f"input too large: {got} the cap of {cap:.3g} MB ([input] max_fetch_mb)"
 
     # --------------------------------------------------------------------------- resolve
     def resolve(self, sources: list[SourceFile]) -> None:

@@ -102,7 +102,8 @@ class ImageRunner:
             try:
                 data = await self._fetcher().read(src)
             except FetchError as exc:
-                return error_row(ImageItem(source=src, error=str(exc)), str(exc), self.facts), False
+                row = error_row(ImageItem(source=src, error=str(exc)), str(exc), self.facts)
+                return {**row, "retryable": exc.retryable}, False
         images_config = self.config.images
         item = await _offload(
             src.size > SMALL_FILE,
