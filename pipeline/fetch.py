@@ -165,7 +165,7 @@ class Fetcher:
             await self._wait_for_host(host)
             try:
                 outcome = await self._get_once(src)
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, aiohttp.ClientError) as exc:
                 reason = f"fetch failed: {_first_line(exc) or type(exc).__name__}"
                 if attempt + 1 < self.settings.attempts:
                     await self._sleep(self._backoff(attempt))
