@@ -38,6 +38,7 @@ import json
 import logging
 import re
 import secrets
+import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -58,7 +59,7 @@ from pipeline.dataset import (
     part_entries,
 )
 from pipeline.records import ROW_SCHEMA
-from pipeline.stores import Entry, OutputDirBusy, Store, WriterLock, open_store
+from pipeline.stores import LEASE_SECONDS, Entry, OutputDirBusy, Store, WriterLock, open_store
 
 log = logging.getLogger(__name__)
 
@@ -172,24 +173,56 @@ def _publish(store: Store, staged: str, final: str, *, already: bool) -> None:
 
 # ------------------------------------------------------------------------------- compact
 def compact(
-    output: str | Store, *, lock: WriterLock | None = None, step: Step = _no_step
+    output: str | Store,
+    *,
+    lock: WriterLock | None = None,
+    lease_seconds: float = LEASE_SECONDS,
+    step: Step = _no_step,
 ) -> dict[str, Any]:
-    """Rewrite the output's current rows into fresh parts and remove the superseded ones.
-    Takes the output's lock unless given the holder's (a run compacting at its end)."""
+    """Rewrite the output's current rows into fresh parts and set the superseded ones aside.
+    Takes the output's lock unless given the holder's (a run compacting at its end); a killed
+    writer's lease is waited out (at most its TTL), a live writer's refuses (OutputDirBusy)."""
     from pipeline.sink import recover_locked
 
     store = open_store(output)
-    held = lock or store.lock("compact", wait=False)
+    held = lock or store.lock("compact", ttl=lease_seconds)
+    renewing = _Renewal(held) if lock is None else None
     try:
         if lock is None:
             recover_locked(store)
-        return _compact(store, step)
+        return _compact(store, held, step)
     finally:
+        if renewing is not None:
+            renewing.stop()
         if lock is None:
             held.release()
 
 
-def _compact(store: Store, step: Step) -> dict[str, Any]:
+class _Renewal:
+    """Renews a lease from a thread while a compaction runs (a run's sink renews its own)."""
+
+    def __init__(self, lock: WriterLock) -> None:
+        self.lock = lock
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="gvp-compact-lease", daemon=True)
+        if lock.renew_every is not None:
+            self._thread.start()
+
+    def _run(self) -> None:
+        assert self.lock.renew_every is not None
+        while not self._done.wait(self.lock.renew_every):
+            try:
+                self.lock.renew()
+            except Exception as exc:  # lost, or a hiccup: check() before each commit decides
+                log.warning("compaction lease renewal failed: %s", exc)
+
+    def stop(self) -> None:
+        self._done.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+
+def _compact(store: Store, lock: WriterLock, step: Step) -> dict[str, Any]:
     compaction = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ-") + secrets.token_hex(3)
     table, names, _ = _scan(store, (*GROUP, "completed_at", *_TOKEN_COLUMNS))
     current = _latest(table)
@@ -208,6 +241,7 @@ def _compact(store: Store, step: Step) -> dict[str, Any]:
     del table
     new = _write_staged(store, compaction, names, split, step)
     record = {"id": compaction, "old": names, "new": new}
+    lock.check()  # the commit: only while the output is certainly ours
     store.create_bytes(_record_name(compaction), json.dumps(record).encode())
     step("recorded")
     _finish(store, record, step)
