@@ -327,12 +327,14 @@ def superseded_share(store: Store) -> float:
     from pipeline.facts import load_facts
 
     parts = part_entries(store, history=True)
-    facts = load_facts(store, parts, write=True)
+    facts = load_facts(store, parts, suffix="", write=True)
+    if not facts.rows:
+        return 0.0
     visible = np.array([not is_history_part(entry.name) for entry in parts], dtype=bool)
-    seen = visible[facts.place >> 32] if facts.rows else np.zeros(0, dtype=bool)
+    seen = visible[facts.parts_of_rows()]
     if not seen.any():
         return 0.0
-    return 1.0 - len(np.unique(facts.group[seen])) / int(seen.sum())
+    return 1.0 - len(np.unique(facts.groups()[seen])) / int(seen.sum())
 
 
 def compact_if_over(output: str | Store, threshold: float, lock: WriterLock) -> dict | None:

@@ -21,7 +21,6 @@ config's rows current.
 from __future__ import annotations
 
 import bisect
-import hashlib
 import json
 import os
 import re
@@ -37,7 +36,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.records import ROW_SCHEMA, SCHEMA_VERSION, storable
+from pipeline.facts import file_digest
+from pipeline.records import ROW_SCHEMA, SCHEMA_VERSION
 from pipeline.stores import Entry, Store, is_hidden, open_store, store_key
 
 Output: TypeAlias = "str | os.PathLike[str] | Store"
@@ -171,14 +171,6 @@ class ResumeIndex:
 
     def is_done(self, image_root: str, image_path: str, size: int, mtime_ns: int) -> bool:
         return file_digest(image_root, image_path, size, mtime_ns) in self.done
-
-
-def file_digest(image_root: str, image_path: str, size: object, mtime_ns: object) -> bytes:
-    """Identity of "this file, unchanged since" without reading it (16 bytes): a rerun compares
-    it with a stat (or a listing) instead of re-hashing the whole store. Paths are taken as
-    stored (`records.storable`), so a name with undecodable bytes matches its stored row."""
-    text = storable(f"{image_root}\0{image_path}\0{size}\0{mtime_ns}")
-    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
 
 
 # ------------------------------------------------------------------------------------- parts
@@ -376,7 +368,7 @@ def load_resume_index(
 ) -> ResumeIndex:
     """Read what is committed into a compact index for a run under settings `key_suffix`.
 
-    The facts each decision needs — ~53 bytes a row, no strings — come from the index cache
+    The facts each decision needs — ~50 bytes a row, no strings — come from the index cache
     (`pipeline/facts.py`: committed parts never change, so their facts are computed once and
     kept beside them) or, for parts it does not cover yet, from the parts' own columns.
     `write_cache` (the output's writer only) stores the new facts for the next run. A sort of
@@ -385,15 +377,17 @@ def load_resume_index(
     from pipeline.facts import load_facts
 
     store = open_store(output)
-    facts = load_facts(store, part_entries(store, history=True), write=write_cache)
+    parts = part_entries(store, history=True)
+    facts = load_facts(store, parts, suffix=key_suffix, write=write_cache)
+    done = facts.done(retry_errors, RETRY_RUNS)
     index = ResumeIndex(
         key_suffix=key_suffix,
         retry_errors=retry_errors,
-        done=DigestSet(facts.done(key_suffix, retry_errors, RETRY_RUNS)),
-        ok_keys=KeySet(key_suffix, facts.ok_digests(key_suffix)),
+        done=DigestSet(done),
+        ok_keys=KeySet(key_suffix, facts.ok_digests()),
         rows_read=facts.rows,
     )
-    del facts
+    del facts, done
     # The scratch memory is free now; hand it back rather than keep it for the whole run.
     pa.default_memory_pool().release_unused()
     return index

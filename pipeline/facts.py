@@ -1,42 +1,51 @@
 """The resume index's facts, cached beside the parts: committed parts never change.
 
 For each committed row, what the resume rule (`pipeline/dataset.py`) needs and nothing more —
-53 bytes, no strings: a digest of its (image_root, image_path, task) group, the file digest a
-rerun compares with a stat or a listing, the leading 16 bytes of its key's sha256, its settings
-suffix (dictionary-encoded), its time, and three flags (ok, error, retryable).
+about 50 bytes, no strings: a digest of its (image_root, image_path, task) group, the file digest
+a rerun compares with a stat or a listing (`file_digest`), the leading 16 bytes of its key's
+sha256, its settings suffix, its time, and three flags (ok, error, retryable).
 
-Computing them means reading five string columns of every part and hashing in Python (~2 s for
-a million rows, and on an object store a transfer of those columns); reading them back from the
-cache is one Arrow IPC file per few thousand parts, zero-copy. Layout: `.index/facts-<digest>.arrow`
-under the output (a hidden folder no reader globs), each file covering a list of parts
-(name, size, rows: in its schema metadata) with their rows in that order. Loading takes the
-largest files that cover only parts still present, computes the facts of the parts none covers
-and — for the output's writer only — stores those as one more file; once more than
-CHECKPOINT_FILES files are in use it writes one covering everything and deletes the rest, the
-way Delta Lake writes a checkpoint every 10 commits so a reader never replays a long log. A
-file naming a part that is gone (compacted away) is ignored, and deleted by the writer.
+Computing them means reading five string columns of every part and one blake2b per row (of its
+root and path, joined in Arrow and hashed from Arrow's buffer; everything else is numpy); on an
+object store it also means transferring those columns. Reading them back from the cache is a
+few Arrow IPC files. Layout:
+`.index/facts-<digest>.arrow` under the output (a hidden folder no reader globs), each file a
+series of record batches of one part each (the part's name and size, and the batch's suffix
+list, in each batch's metadata), at most FILE_ROWS rows a file. Loading takes the largest files
+that cover only parts still present, computes the facts of the parts none covers and — for the
+output's writer only — stores those as new files; once more than CHECKPOINT_FILES small files
+are in use it merges them, the way Delta Lake writes a checkpoint every 10 commits so a reader
+never replays a long log. A file naming a part that is gone (compacted away) is ignored, and
+deleted by the writer.
+
+Memory: what a load keeps is only what the index needs under one suffix (`Gathered`), copied
+batch by batch out of the cache files, so a cache file is held whole only while it is read.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.records import storable
 from pipeline.stores import Entry, Store
 
 log = logging.getLogger(__name__)
 
 FACTS_DIR = ".index"
 CHECKPOINT_FILES = 10  # Delta Lake's checkpointInterval
-OK, ERROR, RETRYABLE = 1, 2, 4
+FILE_ROWS = 250_000  # rows in one cache file at most (~13 MB; held whole only while read)
+OK, ERROR, RETRYABLE, MINE = 1, 2, 4, 8
 COLUMNS = (
     "image_root",
     "image_path",
@@ -54,12 +63,11 @@ SCHEMA = pa.schema(
         ("group", pa.uint64()),
         ("file", pa.binary(16)),
         ("sha", pa.binary(16)),
-        ("suffix", pa.dictionary(pa.int32(), pa.string())),
+        ("suffix", pa.int32()),  # index into the batch's suffix list (metadata); -1: none
         ("when", pa.int64()),
         ("flags", pa.uint8()),
     ]
 )
-_COVERS = b"gemini_vision_pipeline.covers"
 _OLDEST = np.iinfo(np.int64).min  # a row without completed_at loses to any row with one
 # Error rows written before the `retryable` column (schema 1) that were transient or the run's
 # own failure (a key, an outage, a quota), recognised by their error text: retried like new ones.
@@ -68,60 +76,143 @@ _OLD_RETRYABLE = (
     r"|UNAUTHENTICATED|PERMISSION_DENIED|NOT_FOUND|ABORTED|UNKNOWN)\b"
     r"|API key not valid|API_KEY_INVALID|stopped before an answer"
 )
-_ZERO_SHA = "0" * 32
+_NIBBLE = np.zeros(256, dtype=np.uint8)  # hex digit (ASCII) -> its value
+_NIBBLE[np.frombuffer(b"0123456789abcdef", dtype=np.uint8)] = np.arange(16, dtype=np.uint8)
+_M64 = (1 << 64) - 1
+_NONE = _M64  # a missing size or mtime
+_GOLDEN, _MUL1, _MUL2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+_SALT = 0xD6E8FEB86659FD93  # so that (size, mtime) and (mtime, size) differ
+Part = tuple[str, int]  # (name, size): a part as the cache knows it
 
 
-class Facts:
-    """The facts of every committed row, in part order (rows of a part in their order)."""
+@dataclass(slots=True)
+class Batch:
+    """One cache batch: the facts of (some rows of) one part."""
 
-    def __init__(self, tables: list[pa.Table], part_numbers: list[np.ndarray]) -> None:
-        self.rows = sum(table.num_rows for table in tables)
-        self._tables = tables
-        self.group = _concat([t.column("group").to_numpy() for t in tables], np.uint64)
-        self.when = _concat([t.column("when").to_numpy() for t in tables], np.int64)
-        self.flags = _concat([t.column("flags").to_numpy() for t in tables], np.uint8)
-        # position: part number then row number, one int64 (parts hold < 2**32 rows)
-        rows = [np.arange(t.num_rows, dtype=np.int64) for t in tables]
-        place = [(p.astype(np.int64) << 32) | r for p, r in zip(part_numbers, rows, strict=True)]
-        self.place = _concat(place, np.int64)
+    part: Part
+    suffixes: list[str]
+    facts: pa.RecordBatch
 
-    def mine(self, suffix: str) -> np.ndarray:
-        """Which rows were made under the settings `suffix`."""
-        pieces = []
-        for table in self._tables:
-            for chunk in table.column("suffix").chunks:
-                same = pc.equal(chunk.dictionary, suffix).to_numpy(zero_copy_only=False)
-                indices = chunk.indices.fill_null(-1).to_numpy()
-                pieces.append(np.where(indices >= 0, same[np.maximum(indices, 0)], False))
-        return _concat(pieces, np.bool_)
 
-    def done(self, suffix: str, retry_errors: bool, retry_runs: int) -> bytes:
+# -------------------------------------------------------------------------- the digests
+def file_digest(image_root: str, image_path: str, size: object, mtime_ns: object) -> bytes:
+    """Identity of "this file, unchanged since" without reading it (16 bytes): a rerun compares
+    it with a stat (or a listing) instead of re-hashing the whole store.
+
+    blake2b of "root NUL path" (as stored: `records.storable`), XORed with a splitmix64 mix of
+    size and mtime (or version stamp). The mix is plain integer arithmetic, so `facts_of`
+    computes it for a million stored rows with numpy, and only the path costs a hash per row.
+    """
+    text = storable(f"{image_root}\0{image_path}").encode("utf-8")
+    head = hashlib.blake2b(text, digest_size=16).digest()
+    low, high = _mixed(_word(size), _word(mtime_ns))
+    low ^= int.from_bytes(head[:8], "little")
+    high ^= int.from_bytes(head[8:], "little")
+    return low.to_bytes(8, "little") + high.to_bytes(8, "little")
+
+
+def _word(value: object) -> int:
+    return value & _M64 if isinstance(value, int) and not isinstance(value, bool) else _NONE
+
+
+def _mix(x: int) -> int:
+    """splitmix64's finaliser on a 64-bit word."""
+    x = (x + _GOLDEN) & _M64
+    x = ((x ^ (x >> 30)) * _MUL1) & _M64
+    x = ((x ^ (x >> 27)) * _MUL2) & _M64
+    return x ^ (x >> 31)
+
+
+def _mixed(size: int, mtime: int) -> tuple[int, int]:
+    a, b = _mix(size), _mix(mtime ^ _SALT)
+    return _mix(a ^ b), _mix((a + 3 * b) & _M64)
+
+
+def _mix_array(x: np.ndarray) -> np.ndarray:
+    """`_mix` over a uint64 array (numpy's uint64 arithmetic wraps like the masks above)."""
+    x = x + np.uint64(_GOLDEN)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(_MUL1)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(_MUL2)
+    return x ^ (x >> np.uint64(31))
+
+
+def _words(column: pa.Array) -> np.ndarray:
+    values = pc.fill_null(column.cast(pa.int64()), -1).to_numpy().view(np.uint64)
+    return np.where(column.is_valid().to_numpy(zero_copy_only=False), values, np.uint64(_NONE))
+
+
+class Gathered:
+    """What the index needs under one suffix, gathered batch by batch (module docstring)."""
+
+    def __init__(self, suffix: str, parts: list[Entry]) -> None:
+        self.suffix = suffix
+        self.number = {(entry.name, entry.size): at for at, entry in enumerate(parts)}
+        self.rows = 0
+        self._next_row: dict[int, int] = {}
+        self._pieces: dict[str, list[np.ndarray]] = {
+            name: [] for name in ("group", "when", "place", "flags", "file", "ok_sha")
+        }
+
+    def add(self, batch: Batch) -> None:
+        facts, n = batch.facts, batch.facts.num_rows
+        part = self.number[batch.part]
+        first = self._next_row.get(part, 0)
+        self._next_row[part] = first + n
+        self.rows += n
+        mine_of = np.array([s == self.suffix for s in batch.suffixes] + [False], dtype=bool)
+        mine = mine_of[facts.column("suffix").to_numpy()]  # -1 picks the trailing False
+        flags = facts.column("flags").to_numpy() | (mine.astype(np.uint8) * MINE)
+        pieces = self._pieces
+        pieces["group"].append(facts.column("group").to_numpy().copy())
+        pieces["when"].append(facts.column("when").to_numpy().copy())
+        pieces["flags"].append(flags)
+        place = (np.int64(part) << 32) | np.arange(first, first + n, dtype=np.int64)
+        pieces["place"].append(place)
+        pieces["file"].append(_binary16(facts.column("file")).copy())
+        ok = (flags & (OK | MINE)) == (OK | MINE)
+        pieces["ok_sha"].append(_binary16(facts.column("sha"))[ok])
+
+    def done(self, retry_errors: bool, retry_runs: int) -> bytes:
         """File digests of the files whose current row says: skip (see dataset's rule)."""
         if not self.rows:
             return b""
-        order = np.lexsort((self.place, self.when, self.group))
+        group, when, place = (self._take(name) for name in ("group", "when", "place"))
+        order = np.lexsort((place, when, group))
+        del when, place
+        ordered = group[order]
         newest = np.ones(len(order), dtype=bool)
-        newest[:-1] = self.group[order][1:] != self.group[order][:-1]
+        newest[:-1] = ordered[1:] != ordered[:-1]
         current = order[newest]
-        del order, newest
-        mine = self.mine(suffix)
+        del order, newest, ordered
+        flags = self._take("flags")
+        mine = (flags & MINE) != 0
         current = current[mine[current]]
-        error = (self.flags & ERROR) != 0
+        error = (flags & ERROR) != 0
         if retry_errors:
             current = current[~error[current]]
         else:
-            retryable = ((self.flags & RETRYABLE) != 0) & mine
-            current = current[~_retry_now(current, self.group, retryable, retry_runs)]
-        return self._fixed("file", np.sort(current))
+            retryable = ((flags & RETRYABLE) != 0) & mine
+            current = current[~_retry_now(current, group, retryable, retry_runs)]
+        return self._take("file")[np.sort(current)].tobytes()
 
-    def ok_digests(self, suffix: str) -> bytes:
-        """sha heads of every row answered ok under `suffix` (any path, current or not)."""
-        wanted = self.mine(suffix) & ((self.flags & OK) != 0)
-        return self._fixed("sha", np.flatnonzero(wanted))
+    def ok_digests(self) -> bytes:
+        """sha heads of every row answered ok under the suffix (any path, current or not)."""
+        return self._take("ok_sha", keep=False).tobytes()
 
-    def _fixed(self, column: str, rows: np.ndarray) -> bytes:
-        values = _concat([_binary16(t.column(column)) for t in self._tables], "V16")
-        return values[rows].tobytes()
+    def groups(self) -> np.ndarray:
+        return self._take("group")
+
+    def parts_of_rows(self) -> np.ndarray:
+        return self._take("place") >> 32
+
+    def _take(self, name: str, *, keep: bool = True) -> np.ndarray:
+        """One column as one array (joined once; the pieces are dropped)."""
+        pieces = self._pieces[name]
+        dtype = "V16" if name in ("file", "ok_sha") else None
+        if len(pieces) != 1:
+            joined = np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype or np.int64)
+            pieces[:] = [joined]
+        return pieces[0] if keep else pieces.pop()
 
 
 def _retry_now(
@@ -137,122 +228,116 @@ def _retry_now(
     return retry
 
 
-def _concat(pieces: list[np.ndarray], dtype: Any) -> np.ndarray:
-    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
-
-
-def _binary16(column: pa.ChunkedArray) -> np.ndarray:
-    """A fixed_size_binary(16) column as a numpy V16 array (no copy per value)."""
-    pieces = []
-    for chunk in column.chunks:
-        data = chunk.buffers()[1]
-        pieces.append(np.frombuffer(data, dtype="V16", count=len(chunk), offset=chunk.offset * 16))
-    return _concat(pieces, "V16")
+def _binary16(column: pa.Array) -> np.ndarray:
+    """A fixed_size_binary(16) array as a numpy V16 view of its buffer."""
+    data = column.buffers()[1]
+    return np.frombuffer(data, dtype="V16", count=len(column), offset=column.offset * 16)
 
 
 # ------------------------------------------------------------------------------- loading
-def load_facts(store: Store, parts: list[Entry], *, write: bool) -> Facts:
-    """The facts of `parts` (in this order), from the cache where it covers them."""
-    number = {(entry.name, entry.size): at for at, entry in enumerate(parts)}
-    used, stale = _usable_cache(store, number)
-    covered = {part for _, covers, _ in used for part in covers}
-    missing = [entry for entry in parts if (entry.name, entry.size) not in covered]
+def load_facts(store: Store, parts: list[Entry], *, suffix: str, write: bool) -> Gathered:
+    """The facts of `parts` under `suffix`, from the cache where it covers them; the parts it
+    does not cover are read (and, when `write`, their facts stored for the next run)."""
+    gathered = Gathered(suffix, parts)
+    files, stale = _usable_cache(store, set(gathered.number))
+    covered: set[Part] = set()
+    for cached in files:
+        for batch in _batches_of(cached.table):
+            gathered.add(batch)
+        covered.update(cached.parts)
+        cached.table = None  # read: let its memory go
+    missing = [e for e in parts if (e.name, e.size) not in covered]
     if missing:
-        computed = _compute(store, missing)
-        used.append(("", [(e.name, e.size) for e in missing], computed))
-        if write:
-            _store_facts(store, [(e.name, e.size) for e in missing], computed)
+        _compute(store, missing, gathered, write=write)
     if write:
-        _tidy(store, used, stale, parts)
-    tables = [table for _, _, table in used]
-    numbers = [_part_numbers(covers, table, number) for _, covers, table in used]
-    return Facts(tables, numbers)
+        _tidy(store, files, stale)
+    return gathered
 
 
-def _part_numbers(
-    covers: list[tuple[str, int]], table: pa.Table, number: dict[tuple[str, int], int]
-) -> np.ndarray:
-    counts = json.loads(table.schema.metadata[_COVERS])["rows"]
-    return np.repeat(np.array([number[part] for part in covers], dtype=np.int64), counts)
+@dataclass(slots=True)
+class _CacheFile:
+    name: str
+    parts: list[Part]
+    rows: int
+    table: Any  # the file's RecordBatchFileReader until it has been read
 
 
-def _usable_cache(
-    store: Store, number: dict[tuple[str, int], int]
-) -> tuple[list[tuple[str, list[tuple[str, int]], pa.Table]], list[str]]:
+def _usable_cache(store: Store, present: set[Part]) -> tuple[list[_CacheFile], list[str]]:
     """The cache files to use (largest first, covering only present parts, disjoint), and the
     names of those that name a part no longer there."""
-    found = []
-    stale = []
+    found, stale = [], []
     for entry in store.list(FACTS_DIR + "/"):
-        table = _read(store, entry.name)
-        if table is None:
+        cached = _open(store, entry.name)
+        if cached is None:
             continue
-        covers = [tuple(part) for part in json.loads(table.schema.metadata[_COVERS])["parts"]]
-        if all(part in number for part in covers):
-            found.append((entry.name, covers, table))
+        if set(cached.parts) <= present:
+            found.append(cached)
         else:
             stale.append(entry.name)
-    found.sort(key=lambda item: len(item[1]), reverse=True)
+    found.sort(key=lambda cached: cached.rows, reverse=True)
     used, taken = [], set()
-    for name, covers, table in found:
-        if taken.isdisjoint(covers):
-            used.append((name, covers, table))
-            taken.update(covers)
+    for cached in found:
+        if taken.isdisjoint(cached.parts):
+            used.append(cached)
+            taken.update(cached.parts)
     return used, stale
 
 
-def _read(store: Store, name: str) -> pa.Table | None:
+def _open(store: Store, name: str) -> _CacheFile | None:
     """A cache file, or None when it is unreadable or gone (then it is simply not used)."""
     try:
-        data = store.read(name)
-        table = pa.ipc.open_file(pa.py_buffer(data)).read_all()
-    except (FileNotFoundError, pa.ArrowException, OSError) as exc:
+        reader = pa.ipc.open_file(pa.py_buffer(store.read(name)))
+        if reader.schema != SCHEMA:
+            return None
+        parts: list[Part] = []
+        rows = 0
+        for at in range(reader.num_record_batches):
+            batch, meta = reader.get_batch_with_custom_metadata(at)
+            part = tuple(json.loads(meta[b"part"]))
+            if not parts or parts[-1] != part:
+                parts.append(part)  # type: ignore[arg-type]
+            rows += batch.num_rows
+    except (FileNotFoundError, pa.ArrowException, OSError, KeyError, TypeError, ValueError) as exc:
         log.info("index cache %s not used: %s", name, exc)
         return None
-    if table.schema.metadata is None or _COVERS not in table.schema.metadata:
-        return None
-    if table.schema.remove_metadata() != SCHEMA:
-        return None
-    return table
+    return _CacheFile(name, parts, rows, reader)
 
 
-def _tidy(store: Store, used: list, stale: list[str], parts: list[Entry]) -> None:
-    """Delete stale cache files; past CHECKPOINT_FILES files, write one covering everything."""
-    names = [name for name, _, _ in used if name]
-    if len(used) > CHECKPOINT_FILES and parts:
-        order = sorted(range(len(used)), key=lambda at: min(_first_part(used[at][1], parts)))
-        covers = [part for at in order for part in used[at][1]]
-        table = pa.concat_tables([used[at][2].replace_schema_metadata(None) for at in order])
-        rows = [n for at in order for n in json.loads(used[at][2].schema.metadata[_COVERS])["rows"]]
-        if _store_facts(store, covers, table, rows):
-            stale = [*stale, *names]
+def _batches_of(reader: Any) -> Iterator[Batch]:
+    for at in range(reader.num_record_batches):
+        facts, meta = reader.get_batch_with_custom_metadata(at)
+        part = json.loads(meta[b"part"])
+        yield Batch((part[0], part[1]), json.loads(meta[b"suffixes"]), facts)
+
+
+def _tidy(store: Store, used: list[_CacheFile], stale: list[str]) -> None:
+    """Delete stale cache files; past CHECKPOINT_FILES small files, merge them (a checkpoint)."""
+    small = [cached for cached in used if cached.rows < FILE_ROWS // 4]
+    if len(small) > CHECKPOINT_FILES:
+        batches = []
+        for cached in small:
+            reopened = _open(store, cached.name)
+            if reopened is not None:
+                batches.extend(_batches_of(reopened.table))
+        if _store_batches(store, batches):
+            stale = [*stale, *(cached.name for cached in small)]
     with contextlib.suppress(OSError):
         store.delete(stale)
 
 
-def _first_part(covers: list[tuple[str, int]], parts: list[Entry]) -> list[str]:
-    return [name for name, _ in covers] or [""]
-
-
-def _store_facts(
-    store: Store,
-    covers: list[tuple[str, int]],
-    table: pa.Table,
-    rows: list[int] | None = None,
-) -> bool:
+def _store_batches(store: Store, batches: list[Batch]) -> bool:
     """Write one cache file (whole, content-named: a twin written by another loader is the
     same file). A failure only costs the next run the time to compute them again."""
-    if rows is None:
-        rows = json.loads(table.schema.metadata[_COVERS])["rows"]
-    covering = json.dumps({"parts": covers, "rows": rows}).encode()
+    if not batches:
+        return True
+    covering = json.dumps([[b.part, b.facts.num_rows] for b in batches]).encode()
     name = f"{FACTS_DIR}/facts-{hashlib.blake2b(covering, digest_size=12).hexdigest()}.arrow"
-    schema = SCHEMA.with_metadata({_COVERS: covering})
-    # One dictionary for the whole file: the IPC file format takes no dictionary replacement.
-    table = table.replace_schema_metadata(None).unify_dictionaries().combine_chunks()
 
     def write(file: Any) -> None:
-        with pa.ipc.new_file(file, schema) as writer:
-            writer.write_table(table)
+        with pa.ipc.new_file(file, SCHEMA) as writer:
+            for batch in batches:
+                meta = {"part": json.dumps(batch.part), "suffixes": json.dumps(batch.suffixes)}
+                writer.write_batch(batch.facts, custom_metadata=meta)
 
     try:
         store.create(name, write)
@@ -265,69 +350,114 @@ def _store_facts(
 
 
 # ----------------------------------------------------------------------------- computing
-def _compute(store: Store, parts: Sequence[Entry]) -> pa.Table:
-    """The facts of these parts, read from their own columns (batch by batch)."""
+def _compute(store: Store, parts: Sequence[Entry], gathered: Gathered, *, write: bool) -> None:
+    """The facts of these parts, read from their own columns (batch by batch), handed to
+    `gathered` and, when `write`, stored in files of about FILE_ROWS rows."""
     from pipeline.dataset import _parts_batches
 
-    batches, rows = [], []
-    for _, part in _parts_batches(store, [entry.name for entry in parts], COLUMNS):
-        count = 0
-        for batch in part:
-            batches.append(facts_of(batch))
-            count += batch.num_rows
-        rows.append(count)
-    covering = json.dumps({"parts": [(e.name, e.size) for e in parts], "rows": rows}).encode()
-    table = pa.Table.from_batches(batches, SCHEMA) if batches else SCHEMA.empty_table()
-    return table.replace_schema_metadata({_COVERS: covering})
+    pending: list[Batch] = []
+    rows = 0
+    for at, batches in _parts_batches(store, [entry.name for entry in parts], COLUMNS):
+        part = (parts[at].name, parts[at].size)
+        for columns in batches:
+            batch = facts_of(part, columns)
+            gathered.add(batch)
+            if write:
+                pending.append(batch)
+                rows += columns.num_rows
+        if write and rows >= FILE_ROWS:
+            _store_batches(store, pending)
+            pending, rows = [], 0
+    if write:
+        _store_batches(store, pending)
 
 
-def facts_of(batch: pa.RecordBatch) -> pa.RecordBatch:
-    """The facts of one batch of COLUMNS."""
-    from pipeline.dataset import file_digest
-
-    roots = batch.column("image_root").to_pylist()
-    paths = batch.column("image_path").to_pylist()
-    groups = b"".join(_groups(roots, paths, batch.column("task").to_pylist()))
-    files = zip(
-        roots,
-        paths,
-        batch.column("file_size").to_pylist(),
-        batch.column("file_mtime_ns").to_pylist(),
-        strict=True,
-    )
-    digests = b"".join(file_digest(*facts) for facts in files)
+def facts_of(part: Part, batch: pa.RecordBatch) -> Batch:
+    """The facts of one batch of COLUMNS of a part (`file_digest` and a group digest)."""
+    roots, paths = batch.column("image_root"), batch.column("image_path")
+    heads = np.frombuffer(_digests(_joined(roots, paths), 16), dtype="<u8").reshape(-1, 2)
+    with np.errstate(over="ignore"):
+        a = _mix_array(_words(batch.column("file_size")))
+        b = _mix_array(_words(batch.column("file_mtime_ns")) ^ np.uint64(_SALT))
+        files = np.empty_like(heads)
+        files[:, 0] = heads[:, 0] ^ _mix_array(a ^ b)
+        files[:, 1] = heads[:, 1] ^ _mix_array(a + np.uint64(3) * b)
     keys = batch.column("key")
+    suffixes, indices = _suffixes(keys)
     arrays = [
-        pa.array(np.frombuffer(groups, dtype="<u8"), pa.uint64()),
-        pa.FixedSizeBinaryArray.from_buffers(
-            pa.binary(16), batch.num_rows, [None, pa.py_buffer(digests)]
-        ),
+        pa.array(heads[:, 0] ^ _task_words(batch.column("task")), pa.uint64()),
+        _fixed16(files.tobytes(), batch.num_rows),
         _sha_heads(keys),
-        _suffixes(keys),
+        indices,
         pc.fill_null(batch.column("completed_at").cast(pa.int64()), _OLDEST),
         _flags(batch),
     ]
-    return pa.RecordBatch.from_arrays(arrays, schema=SCHEMA)
+    return Batch(part, suffixes, pa.RecordBatch.from_arrays(arrays, schema=SCHEMA))
 
 
-def _groups(roots: list, paths: list, tasks: list) -> Iterator[bytes]:
-    for root, path, task in zip(roots, paths, tasks, strict=True):
-        text = f"{root}\0{path}\0{task}".encode("utf-8", "surrogatepass")
-        yield hashlib.blake2b(text, digest_size=8).digest()
+def _joined(*columns: pa.Array) -> pa.Array:
+    """The columns joined by NUL, a null spelt "None": exactly the text `file_digest` hashes
+    (stored strings are valid UTF-8, on which `records.storable` changes nothing)."""
+    return pc.binary_join_element_wise(
+        *columns, "\0", null_handling="replace", null_replacement="None"
+    )
+
+
+def _task_words(tasks: pa.Array) -> np.ndarray:
+    """A 64-bit word per row for its task (a hash of each distinct task): groups of different
+    tasks on the same file differ."""
+    encoded = pc.dictionary_encode(pc.fill_null(tasks, ""))
+    words = [
+        int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), "little")
+        for t in encoded.dictionary.to_pylist()
+    ]
+    return np.array(words, dtype=np.uint64)[encoded.indices.to_numpy()]
+
+
+def _digests(joined: pa.Array, size: int) -> bytes:
+    """blake2b of each string, hashed from Arrow's own buffer (no Python string per row)."""
+    offsets = np.frombuffer(
+        joined.buffers()[1], dtype=np.int32, count=len(joined) + 1, offset=joined.offset * 4
+    ).tolist()
+    data = memoryview(joined.buffers()[2] or b"")
+    blake2b = hashlib.blake2b
+    return b"".join(
+        blake2b(data[start:end], digest_size=size).digest()
+        for start, end in itertools.pairwise(offsets)
+    )
+
+
+def _fixed16(raw: bytes, rows: int) -> pa.Array:
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(16), rows, [None, pa.py_buffer(raw)])
 
 
 def _sha_heads(keys: pa.Array) -> pa.Array:
-    """The leading 16 bytes of each key's sha256 (zeros when the key is not `<sha>.<suffix>`)."""
+    """The leading 16 bytes of each key's sha256 (zeros when the key is not `<sha>.<suffix>`),
+    decoded from the hex in Arrow's buffer with numpy."""
     shaped = pc.fill_null(pc.match_substring_regex(keys, r"^[0-9a-f]{64}\."), False)
-    heads = pc.if_else(shaped, pc.utf8_slice_codeunits(keys, 0, 32), _ZERO_SHA)
-    raw = bytes.fromhex("".join(pc.fill_null(heads, _ZERO_SHA).to_pylist()))
-    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(16), len(keys), [None, pa.py_buffer(raw)])
+    rows = np.flatnonzero(shaped.to_numpy(zero_copy_only=False))
+    heads = np.zeros((len(keys), 16), dtype=np.uint8)
+    if len(rows):
+        offsets = np.frombuffer(
+            keys.buffers()[1], dtype=np.int32, count=len(keys) + 1, offset=keys.offset * 4
+        )
+        text = np.frombuffer(keys.buffers()[2], dtype=np.uint8)
+        nibbles = _NIBBLE[text[offsets[rows][:, None] + np.arange(32)]]
+        heads[rows] = (nibbles[:, 0::2] << 4) | nibbles[:, 1::2]
+    return _fixed16(heads.tobytes(), len(keys))
 
 
-def _suffixes(keys: pa.Array) -> pa.Array:
-    """The settings suffix of each key (after its last dot), dictionary-encoded."""
-    found = pc.extract_regex(keys, r"\.(?P<suffix>[^.]*)$").field("suffix")
-    return pc.dictionary_encode(found).cast(pa.dictionary(pa.int32(), pa.string()))
+def _suffixes(keys: pa.Array) -> tuple[list[str], pa.Array]:
+    """The distinct settings suffixes (after a key's last dot) and each row's index (-1: none).
+    Keys are `<64 hex>.<suffix>`, so the suffix starts at 65 (the regex is for the others)."""
+    usual = pc.fill_null(pc.equal(pc.utf8_slice_codeunits(keys, 64, 65), "."), False)
+    if pc.all(usual).as_py():
+        found = pc.utf8_slice_codeunits(keys, 65)
+    else:
+        found = pc.extract_regex(keys, r"\.(?P<suffix>[^.]*)$").field("suffix")
+    encoded = pc.dictionary_encode(found)
+    indices = pc.fill_null(encoded.indices.cast(pa.int32()), -1)
+    return encoded.dictionary.to_pylist(), indices
 
 
 def _flags(batch: pa.RecordBatch) -> pa.Array:

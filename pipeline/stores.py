@@ -412,7 +412,9 @@ class ObjectStore(Store):
             raise FileNotFoundError(errno.ENOENT, "no such bucket (create it first)", self.bucket)
 
     def list(self, prefix: str = "") -> list[Entry]:
-        found = self.fs.find(self.root, detail=True, withdirs=False)
+        """One listing request per page of the prefix (the store filters by `prefix`)."""
+        ask = {"prefix": prefix} if prefix and self.scheme in OUTPUT_SCHEMES else {}
+        found = self.fs.find(self.root, detail=True, withdirs=False, **ask)
         start = len(self.root) + 1
         entries = []
         for path, info in found.items():
