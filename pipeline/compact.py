@@ -327,18 +327,19 @@ def superseded_share(store: Store) -> float:
     from pipeline.facts import load_facts
 
     parts = part_entries(store, history=True)
-    facts = load_facts(store, parts, suffix="", write=True)
-    if not facts.rows:
-        return 0.0
-    visible = np.array([not is_history_part(entry.name) for entry in parts], dtype=bool)
-    seen = visible[facts.parts_of_rows()]
-    if not seen.any():
-        return 0.0
-    return 1.0 - len(np.unique(facts.groups()[seen])) / int(seen.sum())
+    facts = load_facts(store, parts, suffix=None, write=True)
+    visible, superseded = facts.superseded([is_history_part(entry.name) for entry in parts])
+    return superseded / visible if visible else 0.0
 
 
-def compact_if_over(output: str | Store, threshold: float, lock: WriterLock) -> dict | None:
-    """Compact (under the caller's lock) when the superseded share passes `threshold`."""
+def compact_if_over(
+    output: str | Store, threshold: float, lock: WriterLock, *, at_most: float = 1.0
+) -> dict | None:
+    """Compact (under the caller's lock) when the superseded share passes `threshold`.
+    `at_most`: what the caller knows the share cannot exceed (a run: what it found at its
+    start plus every row it added); when that does not pass, nothing is read."""
+    if at_most <= threshold:
+        return None
     store = open_store(output)
     share = superseded_share(store)
     if share <= threshold:

@@ -168,6 +168,8 @@ class ResumeIndex:
     done: DigestSet
     ok_keys: KeySet
     rows_read: int
+    visible_rows: int = 0  # rows a glob sees (not set aside by a compaction) ...
+    superseded_rows: int = 0  # ... and how many of them are superseded (for compact_above)
 
     def is_done(self, image_root: str, image_path: str, size: int, mtime_ns: int) -> bool:
         return file_digest(image_root, image_path, size, mtime_ns) in self.done
@@ -379,15 +381,19 @@ def load_resume_index(
     store = open_store(output)
     parts = part_entries(store, history=True)
     facts = load_facts(store, parts, suffix=key_suffix, write=write_cache)
-    done = facts.done(retry_errors, RETRY_RUNS)
+    visible, superseded = facts.superseded([is_history_part(entry.name) for entry in parts])
+    done, ok, rows = facts.done(retry_errors, RETRY_RUNS), facts.ok_digests(), facts.rows
+    del facts  # before the sorted sets are built: their scratch is the peak otherwise
     index = ResumeIndex(
         key_suffix=key_suffix,
         retry_errors=retry_errors,
         done=DigestSet(done),
-        ok_keys=KeySet(key_suffix, facts.ok_digests()),
-        rows_read=facts.rows,
+        ok_keys=KeySet(key_suffix, ok),
+        rows_read=rows,
+        visible_rows=visible,
+        superseded_rows=superseded,
     )
-    del facts, done
+    del done, ok
     # The scratch memory is free now; hand it back rather than keep it for the whole run.
     pa.default_memory_pool().release_unused()
     return index

@@ -160,9 +160,14 @@ class ParquetSink:
             await asyncio.to_thread(self._release)
         self._raise_failure()
 
-    async def compact_if_over(self, threshold: float) -> dict[str, Any] | None:
+    async def compact_if_over(
+        self, threshold: float, *, visible: int | None = None, superseded: int = 0
+    ) -> dict[str, Any] | None:
         """Commit everything, then compact the output (under this sink's lock) when the share
-        of superseded rows passes `threshold` (0 never). Returns the compaction's report."""
+        of superseded rows passes `threshold` (0 never). `visible` and `superseded`: the rows a
+        glob saw when this sink opened and how many were superseded (the resume index knows),
+        so that an output that cannot have passed the threshold is not read again. Returns
+        the compaction's report."""
         if not threshold:
             return None
         await self.flush()
@@ -170,7 +175,13 @@ class ParquetSink:
 
         lock = self._lock
         assert lock is not None
-        return await asyncio.to_thread(compact_if_over, self.store, threshold, lock)
+        at_most = 1.0
+        if visible is not None:
+            added = self.rows_written  # (recovered rows were committed before the index)
+            at_most = (superseded + added) / (visible + added) if visible + added else 0.0
+        return await asyncio.to_thread(
+            compact_if_over, self.store, threshold, lock, at_most=at_most
+        )
 
     def _release(self) -> None:
         if self._lock is not None:

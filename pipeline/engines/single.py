@@ -149,7 +149,7 @@ class SingleProcess:
             producer = Producer(self.config, index, self.options.limit, fetcher)
             await self._work(producer, runner, sink, stop)
             if stop.running:
-                await _compact_quietly(sink, self.config.output.compact_above)
+                await _compact_quietly(sink, self.config.output.compact_above, index)
             caller.daily.save()
             if self.config.images.delete_uploads and stop.state != "abandoning":
                 with contextlib.suppress(Stopped):
@@ -362,11 +362,13 @@ async def _endpoint(config: Config, stack: contextlib.AsyncExitStack) -> tuple[s
     return config.api.base_url, key
 
 
-async def _compact_quietly(sink: ParquetSink, threshold: float) -> None:
+async def _compact_quietly(sink: ParquetSink, threshold: float, index: ResumeIndex) -> None:
     """Compact past the threshold; a failure leaves the output as it was (readers still see the
     current rows), so it is a warning, not the run's failure."""
     try:
-        await sink.compact_if_over(threshold)
+        await sink.compact_if_over(
+            threshold, visible=index.visible_rows, superseded=index.superseded_rows
+        )
     except (OSError, ValueError, RuntimeError) as exc:
         log.warning("compaction at the end of the run failed (the output is intact): %s", exc)
 
