@@ -47,7 +47,7 @@ CHECKPOINT_FILES = 10  # Delta Lake's checkpointInterval
 FILE_ROWS = 250_000  # rows in one cache file at most (~13 MB; held whole only while read)
 # Arrow's allocator keeps what Parquet decoding freed; handing it back every few parts keeps a
 # first build (1M rows, no cache) from peaking ~50 MB higher than it needs (measured).
-RELEASE_EVERY = 16
+RELEASE_EVERY = 8
 OK, ERROR, RETRYABLE, MINE = 1, 2, 4, 8
 COLUMNS = (
     "image_root",

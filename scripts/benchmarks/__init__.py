@@ -5,6 +5,8 @@
     scenes.py      the seeded images: 384-px scenes and 32x32 tiny PNGs
     plots.py       the chart drawn into docs/bench/*.png
     throughput.py  latency.py  rate.py  memory.py  resume.py  profile.py   one benchmark each
+    bucket_listing.py  bucket_run.py  bucket_resume.py  compaction.py   the same, for buckets
+                   and `pipeline compact` (s3server.py: the local S3 they run against)
 
 A benchmark is a module that ends with
 
@@ -21,7 +23,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import latency, memory, profile, rate, resume, throughput
+from . import (
+    bucket_listing,
+    bucket_resume,
+    bucket_run,
+    compaction,
+    latency,
+    memory,
+    profile,
+    rate,
+    resume,
+    throughput,
+)
 from .harness import Benchmark
 
 BENCHMARKS: dict[str, Benchmark[Any]] = {
@@ -31,4 +44,8 @@ BENCHMARKS: dict[str, Benchmark[Any]] = {
     "memory": memory.BENCHMARK,
     "resume": resume.BENCHMARK,
     "profile": profile.BENCHMARK,
+    "bucket-listing": bucket_listing.BENCHMARK,
+    "bucket-run": bucket_run.BENCHMARK,
+    "bucket-resume": bucket_resume.BENCHMARK,
+    "compact": compaction.BENCHMARK,
 }

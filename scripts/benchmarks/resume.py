@@ -134,12 +134,22 @@ class _FirstRequest:
         self._stop.set()
 
 
-def _commit_rows(out: Path, root: str, suffix: str, n: int, real: Sequence[Any]) -> None:
+def _commit_rows(
+    out: Path,
+    root: str,
+    suffix: str,
+    n: int,
+    real: Sequence[Any],
+    *,
+    run_id: str = "20260101T000000Z-bench0",
+    day: int = 1,
+) -> None:
     """`n` committed ok rows as the sink writes them (parts of 5000, zstd, ROW_SCHEMA); all but
-    `len(real)` are for files that no longer exist, those are for real files, fingerprint-exact."""
+    `len(real)` are for files that no longer exist, those are for real files, fingerprint-exact.
+    The same `n` with a later `run_id` and `day` writes the same files' rows again (newer)."""
     from pipeline.records import ROW_SCHEMA
 
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(SEED)
     shas = np.frombuffer(binascii.hexlify(rng.bytes(32 * n)), dtype="S64").astype(str)
     paths = [f"gone/{i // 1000:04d}/img-{i:07d}.png" for i in range(n)]
@@ -149,8 +159,7 @@ def _commit_rows(out: Path, root: str, suffix: str, n: int, real: Sequence[Any])
         paths[i] = src.rel_path
         sizes[i], mtimes[i] = src.size, src.mtime_ns
         shas[i] = hashlib.sha256(Path(src.path).read_bytes()).hexdigest()
-    run_id = "20260101T000000Z-bench0"
-    stamp = pa.scalar(datetime(2026, 1, 1, tzinfo=UTC), ROW_SCHEMA.field("completed_at").type)
+    stamp = pa.scalar(datetime(2026, 1, day, tzinfo=UTC), ROW_SCHEMA.field("completed_at").type)
     per_part = 5000
     for seq, start in enumerate(range(0, n, per_part)):
         stop = min(start + per_part, n)
