@@ -257,3 +257,19 @@ def test_a_missing_extra_is_one_line_saying_what_to_install(tmp_path: Path) -> N
     message = str(caught.value)
     assert "\n" not in message
     assert "pip install 'gemini-vision-pipeline[cloud]'" in message and "gcsfs" in message
+
+
+async def test_an_object_gone_since_its_listing_is_an_error_row_that_names_no_signature(
+    bucket: str,
+) -> None:
+    from pipeline.fetch import Fetcher, FetchError
+    from pipeline.source import walk_objects
+
+    put_images(f"{bucket}/gone", 2)
+    first, second = walk_objects(f"{bucket}/gone")
+    filesystem("s3").rm(second.path)
+    with Fetcher() as fetcher:
+        assert (await fetcher.read(first)).startswith(b"\x89PNG")  # a presigned GET
+        with pytest.raises(FetchError) as gone:
+            await fetcher.read(second)
+    assert str(gone.value) == "HTTP 404 Not Found" and not gone.value.retryable
