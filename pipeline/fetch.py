@@ -32,6 +32,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
+from http import HTTPStatus
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -219,7 +220,7 @@ class Fetcher:
         """The body, or (reason, Retry-After) for a retryable answer; raises FetchError
         otherwise."""
         async with session.get(url, max_redirects=10) as response:
-            reason = f"HTTP {response.status} {response.reason or ''}".rstrip()
+            reason = _status_text(response.status)
             if response.status in RETRY_STATUSES:
                 return reason, _retry_after(response)
             if response.status != 200:
@@ -337,6 +338,14 @@ async def _run_fs(fs: Any, method: str, path: str) -> Any:
         coroutine = getattr(fs, "_" + method)(path)
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coroutine, fs.loop))
     return await asyncio.to_thread(getattr(fs, method), path)
+
+
+def _status_text(status: int) -> str:
+    """"HTTP 404 Not Found": the standard phrase, whatever the server's own spelling."""
+    try:
+        return f"HTTP {status} {HTTPStatus(status).phrase}"
+    except ValueError:
+        return f"HTTP {status}"
 
 
 def _url_version(headers: Any) -> str:
