@@ -222,7 +222,7 @@ class Gathered:
         hidden = np.array(set_aside, dtype=bool)
         seen = ~hidden[self._take("place") >> 32]
         visible = int(seen.sum())
-        return visible, visible - len(np.unique(self._take("group")[seen]))
+        return visible, visible - _distinct(self._take("group")[seen])
 
     def _take(self, name: str, *, keep: bool = True) -> np.ndarray:
         """One column as one array (joined once; the pieces are dropped)."""
@@ -232,6 +232,15 @@ class Gathered:
             joined = np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype or np.int64)
             pieces[:] = [joined]
         return pieces[0] if keep else pieces.pop()
+
+
+def _distinct(values: np.ndarray) -> int:
+    """How many distinct values: by a sort (numpy's hash-based `unique` takes ~1.2 s for a
+    million uint64 here, the sort 0.06 s)."""
+    if not len(values):
+        return 0
+    ordered = np.sort(values)
+    return 1 + int(np.count_nonzero(ordered[1:] != ordered[:-1]))
 
 
 def _retry_now(

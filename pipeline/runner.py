@@ -5,7 +5,8 @@
 
 `ImageRunner.process` is what every engine runs for each file it hands out (`engines/single.py`
 in one process; Batch Mode and Ray reuse the pieces). `run()` picks the engine; the default is
-one process over local folders.
+one process (inputs from folders, buckets and URLs: objects and URLs are read through
+`fetch.Fetcher`).
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ import os
 import re
 import socket
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -414,7 +414,10 @@ class ObjectStore(Store):
     def list(self, prefix: str = "") -> list[Entry]:
         """One listing request per page of the prefix (the store filters by `prefix`)."""
         ask = {"prefix": prefix} if prefix and self.scheme in OUTPUT_SCHEMES else {}
-        found = self.fs.find(self.root, detail=True, withdirs=False, **ask)
+        try:
+            found = self.fs.find(self.root, detail=True, withdirs=False, **ask)
+        except FileNotFoundError:  # no such bucket: nothing there, as for a missing folder
+            return []
         start = len(self.root) + 1
         entries = []
         for path, info in found.items():
@@ -752,16 +755,3 @@ class Lease(WriterLock):
             self.store.delete_if_version(LEASE_NAME, version)
         except (VersionMismatch, OSError) as exc:  # it expires anyway
             log.warning("%s: lease not released (%s); it expires by itself", self.store.url, exc)
-
-
-def lease_holder(store: Store) -> str | None:
-    """Who holds an object-store output's lease, for messages (None on disk or if free)."""
-    if store.local or store.info(LEASE_NAME) is None:
-        return None
-    with contextlib.suppress(FileNotFoundError, ValueError):
-        return str(json.loads(store.read(LEASE_NAME)).get("owner"))
-    return None
-
-
-def iter_names(entries: Iterable[Entry]) -> Iterator[str]:
-    return (entry.name for entry in entries)
