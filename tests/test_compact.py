@@ -132,6 +132,11 @@ async def test_duckdb_and_polars_read_the_compacted_folder_as_it_is(tmp_path: Pa
     assert count == distinct == IMAGES
     frame = pl.read_parquet(glob)
     assert dict(zip(frame["image_path"], frame["text"], strict=True)) == expected_texts()
+    # What pandas does with each file of the glob (pandas reads Parquet through pyarrow).
+    import pyarrow.dataset as ds
+
+    files = sorted(str(path) for path in out.glob("*.parquet"))
+    assert ds.dataset(files, format="parquet").count_rows() == IMAGES
 
 
 KILLER = textwrap.dedent(
