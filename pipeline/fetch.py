@@ -341,7 +341,7 @@ async def _run_fs(fs: Any, method: str, path: str) -> Any:
 
 
 def _status_text(status: int) -> str:
-    """"HTTP 404 Not Found": the standard phrase, whatever the server's own spelling."""
+    """ "HTTP 404 Not Found": the standard phrase, whatever the server's own spelling."""
     try:
         return f"HTTP {status} {HTTPStatus(status).phrase}"
     except ValueError:

@@ -273,3 +273,14 @@ async def test_an_object_gone_since_its_listing_is_an_error_row_that_names_no_si
         with pytest.raises(FetchError) as gone:
             await fetcher.read(second)
     assert str(gone.value) == "HTTP 404 Not Found" and not gone.value.retryable
+
+
+async def test_an_output_inside_the_input_prefix_is_never_read_as_input(
+    tmp_path: Path, bucket: str
+) -> None:
+    put_images(f"{bucket}/data", 3)
+    config = s3_config(tmp_path, bucket, f"{bucket}/data/out")  # the whole bucket as input
+    first = await run_async(config, OPTS)
+    assert first.rows == {"ok": 3}
+    again = await run_async(config, OPTS)  # the parts, the journal, runs/: none is an input
+    assert (again.seen, again.skipped, again.api_calls) == (3, 3, 0)
