@@ -7,7 +7,8 @@ request count carries over between runs on the same quota day.
 On an object store, which has no append, no fsync and no file locking, SQLite cannot work on the
 object itself: the run reads the `state.sqlite` object into an in-memory database, works on that,
 and puts a snapshot back (one whole PUT, under the run's lease) every SNAPSHOT_SECONDS while
-something changed, at `save()`, and at `close()`. A kill loses at most the last SNAPSHOT_SECONDS
+something changed (SQLite's `total_changes` says so, whoever wrote through `db`), at `save()`, and
+at `close()`. A kill loses at most the last SNAPSHOT_SECONDS
 of changes, which costs no money: an upload made in that window is not found for reuse and is
 made again (uploads are free), and that window's requests are missing from the daily count (the
 service's own 429 then stops the run at the quota). Callers that record something money depends
@@ -74,19 +75,20 @@ class State:
         if self._snapshots is not None:
             self._snapshots.save()
 
-    def execute(self, sql: str, params: tuple[Any, ...] = (), *, changes: bool = False) -> Any:
-        """One statement (the mutex keeps the snapshot thread out); `changes` marks the state
-        for the next snapshot."""
+    def execute(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+        """One statement and its rows (the mutex keeps the snapshot thread out). Writes through
+        `self.db` directly are snapshotted too: the snapshot follows `total_changes`."""
         with self._mutex:
-            cursor = self.db.execute(sql, params)
-            rows = cursor.fetchall()
-            if changes and self._snapshots is not None:
-                self._snapshots.dirty = True
-            return rows
+            return self.db.execute(sql, params).fetchall()
 
-    def serialize(self) -> bytes:
+    def serialize(self) -> tuple[bytes, int]:
+        """The database as bytes, and the change count it holds."""
         with self._mutex:
-            return self.db.serialize()
+            return self.db.serialize(), self.db.total_changes
+
+    def changes(self) -> int:
+        with self._mutex:
+            return self.db.total_changes
 
     def find_upload(self, sha256: str, mime_type: str, valid_until: datetime) -> Upload | None:
         """A stored upload of these bytes that still lives at `valid_until`."""
@@ -111,11 +113,10 @@ class State:
                 upload.uri,
                 upload.expires_at.astimezone(UTC).isoformat(),
             ),
-            changes=True,
         )
 
     def forget_upload(self, name: str) -> None:
-        self.execute("DELETE FROM uploads WHERE name = ?", (name,), changes=True)
+        self.execute("DELETE FROM uploads WHERE name = ?", (name,))
 
     def upload_names(self) -> list[str]:
         return [r[0] for r in self.execute("SELECT name FROM uploads ORDER BY name")]
@@ -129,7 +130,6 @@ class State:
             "INSERT INTO daily VALUES (?, ?) ON CONFLICT(day) DO UPDATE SET"
             " requests = requests + excluded.requests",
             (day, count),
-            changes=True,
         )
 
 
@@ -139,7 +139,7 @@ class _Snapshots:
     def __init__(self, store: Store, state: State) -> None:
         self.store = store
         self.state = state
-        self.dirty = False
+        self.saved = state.db.total_changes  # what the object holds (loading is no change)
         self._done = threading.Event()
         self._saving = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="gvp-state", daemon=True)
@@ -154,14 +154,11 @@ class _Snapshots:
 
     def save(self) -> None:
         with self._saving:
-            if not self.dirty:
+            if self.state.changes() == self.saved:
                 return
-            self.dirty = False
-            try:
-                self.store.replace(STATE_FILE, self.state.serialize())
-            except BaseException:
-                self.dirty = True
-                raise
+            data, changes = self.state.serialize()
+            self.store.replace(STATE_FILE, data)
+            self.saved = changes
 
     def stop(self) -> None:
         self._done.set()

@@ -685,6 +685,12 @@ class Lease(WriterLock):
         if not long_dead:
             if not wait:
                 raise OutputDirBusy(self._busy(facts))
+            log.warning(
+                "%s: run %s holds the lease; watching it for %.0f s (a live run renews it)",
+                self.store.url,
+                facts.get("owner"),
+                ttl,
+            )
             if not self._unrenewed_for(ttl, version):
                 raise OutputDirBusy(self._busy(facts))
         started = self._clock()

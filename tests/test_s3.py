@@ -242,6 +242,13 @@ def test_state_lives_in_the_bucket_as_a_snapshot(bucket: str) -> None:
     again.add_requests("2026-11-29", 2)
     again.save()
     assert State(f"{bucket}/out").requests_on("2026-11-29") == 7
+    # A table another module keeps (Batch Mode's jobs), written through `db` directly:
+    again.db.execute("CREATE TABLE IF NOT EXISTS jobs (name TEXT)")
+    again.db.execute("INSERT INTO jobs VALUES ('batches/123')")
+    again.save()
+    assert State(f"{bucket}/out").db.execute("SELECT name FROM jobs").fetchall() == [
+        ("batches/123",)
+    ]
     again.close()
 
 
