@@ -15,7 +15,9 @@ session and the same bounds:
 - S3 objects are read with a presigned GET (`_read_presigned`: a quarter of botocore's CPU);
 - redirects are followed for the image (up to 10), and the session never holds the API key:
   it is another session than the Gemini client's, with no credentials at all;
-- `X-Robots-Tag: noai` / `noimageai` refuse the image, as img2dataset does by default.
+- `X-Robots-Tag: noai` / `noimageai` refuse the image, as img2dataset does by default;
+- `prefetch` reads the files the engine has dealt but no worker has taken yet, up to
+  `ahead_bytes`, so the store's latency overlaps the API calls in flight.
 
 A failure is a `FetchError` whose text becomes the row's error ("HTTP 404 Not Found"), never an
 exception that stops the run. `resolve` asks a URL's size and version with a HEAD (an object's
@@ -68,6 +70,7 @@ class FetchSettings:
     timeout: float = 60.0
     max_retry_after: float = 60.0
     backoff: float = 0.5  # seconds before the first retry (doubled, jittered, each time)
+    ahead_bytes: int = 128 << 20  # bytes read ahead of the workers at most (`prefetch`)
 
 
 class Fetcher:
@@ -97,6 +100,8 @@ class Fetcher:
         self._gate: asyncio.Semaphore = self._call(self._make_gate()).result()
         self._session: aiohttp.ClientSession | None = None
         self._object_session: aiohttp.ClientSession | None = None
+        self._ahead: dict[str, tuple[Future[bytes], int]] = {}  # path -> (read, its bytes)
+        self._ahead_bytes = 0
 
     async def _make_gate(self) -> asyncio.Semaphore:
         return asyncio.Semaphore(self.settings.concurrency)
@@ -113,6 +118,9 @@ class Fetcher:
     def close(self) -> None:
         if not self._loop.is_running():
             return
+        for future, _ in self._ahead.values():
+            future.cancel()  # read ahead for files the run did not get to
+        self._ahead.clear()
         self._call(self._close_session()).result()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
@@ -124,10 +132,32 @@ class Fetcher:
                 await session.close()
 
     # ------------------------------------------------------------------------------- reads
+    def prefetch(self, src: SourceFile) -> None:
+        """Start reading `src` now, for a worker that will ask for it soon (the engine deals
+        files to workers through a queue): the store's latency then overlaps the calls in
+        flight instead of adding to each image's. Only inputs of known size, within
+        `ahead_bytes` in all; call from the thread that later calls `read`."""
+        size = src.size
+        if src.error or not stores.is_url(src.path) or src.path in self._ahead:
+            return
+        if size <= 0 or size > self.settings.max_bytes:
+            return
+        if self._ahead_bytes + size > self.settings.ahead_bytes:
+            return
+        self._ahead_bytes += size
+        self._ahead[src.path] = (self._call(self._read(src)), size)
+
     async def read(self, src: SourceFile) -> bytes:
         """The bytes of an object or a URL (from any event loop). Fills in `src.size` and, for
         a URL, `src.mtime_ns` (its version stamp) from what was read. Raises FetchError."""
-        return await asyncio.wrap_future(self._call(self._read(src)))
+        ahead = self._ahead.pop(src.path, None)
+        if ahead is None:
+            return await asyncio.wrap_future(self._call(self._read(src)))
+        future, size = ahead
+        try:
+            return await asyncio.wrap_future(future)
+        finally:
+            self._ahead_bytes -= size
 
     async def _read(self, src: SourceFile) -> bytes:
         async with self._gate:

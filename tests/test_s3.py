@@ -291,3 +291,20 @@ async def test_an_output_inside_the_input_prefix_is_never_read_as_input(
     assert first.rows == {"ok": 3}
     again = await run_async(config, OPTS)  # the parts, the journal, runs/: none is an input
     assert (again.seen, again.skipped, again.api_calls) == (3, 3, 0)
+
+
+async def test_reads_ahead_within_their_byte_budget(bucket: str) -> None:
+    from pipeline.fetch import Fetcher, FetchSettings
+    from pipeline.source import walk_objects
+
+    put_images(f"{bucket}/ahead", 3)
+    sources = list(walk_objects(f"{bucket}/ahead"))
+    budget = sources[0].size + sources[1].size  # room for two of the three
+    with Fetcher(FetchSettings(ahead_bytes=budget)) as fetcher:
+        for src in sources:
+            fetcher.prefetch(src)
+        assert fetcher._ahead_bytes == budget and len(fetcher._ahead) == 2
+        bodies = [await fetcher.read(src) for src in sources]  # the third read on demand
+        assert fetcher._ahead_bytes == 0 and not fetcher._ahead
+    assert [len(body) for body in bodies] == [src.size for src in sources]
+    assert fetcher.fetched == 3

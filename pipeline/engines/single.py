@@ -24,7 +24,7 @@ import signal
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -211,7 +211,8 @@ class SingleProcess:
         loop = asyncio.get_running_loop()
         with _signals(loop, stop, sink):
             walking = loop.run_in_executor(None, producer.run, loop, batches)
-            dealer = asyncio.create_task(_deal(batches, files, conc, stop))
+            prefetch = runner.fetcher.prefetch if runner.fetcher else None
+            dealer = asyncio.create_task(_deal(batches, files, conc, stop, prefetch))
             workers = [asyncio.create_task(self._worker(files, runner, stop)) for _ in range(conc)]
             reporter = asyncio.create_task(progress.run())
             try:
@@ -299,12 +300,16 @@ async def _deal(
     files: asyncio.Queue[SourceFile | None],
     workers: int,
     stop: Stop,
+    prefetch: Callable[[SourceFile], None] | None = None,
 ) -> None:
-    """Deal the walking thread's batches out to the workers one file at a time."""
+    """Deal the walking thread's batches out to the workers one file at a time (an object or a
+    URL starts being read as it is dealt: `Fetcher.prefetch`)."""
     while (batch := await batches.get()) is not None:
         for src in batch:
             if not stop.running:
                 break
+            if prefetch is not None:
+                prefetch(src)
             await files.put(src)
     for _ in range(workers):
         await files.put(None)
