@@ -132,7 +132,7 @@ async def test_two_runs_on_one_output_prefix_the_second_is_refused(
 ) -> None:
     put_images(f"{bucket}/images", 4)
     output = f"{bucket}/out"
-    slow = s3_config(tmp_path, f"{bucket}/images", output, local={"latency_ms": 400})
+    slow = s3_config(tmp_path, f"{bucket}/images", output, local={"latency_ms": 1500})
     first = asyncio.create_task(run_async(slow, OPTS))
     store = open_store(output)
     deadline = asyncio.get_running_loop().time() + 20
@@ -181,7 +181,7 @@ lease_seconds = 1
 """
     )
     store = open_store(output)
-    async with LocalServer(ServerOptions(latency_ms=250, seed=1)) as server:
+    async with LocalServer(ServerOptions(latency_ms=400, seed=1)) as server:
         child = await asyncio.create_subprocess_exec(
             sys.executable,
             "-c",
