@@ -197,7 +197,6 @@ def test_kill_9_loses_nothing_that_was_durable_on_either_store(store: Store) -> 
     finally:
         child.wait(timeout=30)
         child.stdout.close()
-    assert journal.segments(store)  # the kill left a journal to recover
     for path in part_files(store):
         import pyarrow.parquet as pq
 
