@@ -1,4 +1,5 @@
-"""The `pipeline` command: run, status, estimate, reparse, export, render, serve-local, batch."""
+"""The `pipeline` command: run, status, estimate, reparse, compact, export, render, models,
+serve-local, batch."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pipeline import __version__, exits
 from pipeline.config import ConfigError, flags, load_config, require_inputs, with_overrides
 from pipeline.dataset import UnreadablePart
 from pipeline.sink import OutputDirBusy
+from pipeline.stores import MissingExtra
 
 if TYPE_CHECKING:
     from pipeline.config import Config
@@ -147,6 +149,19 @@ def _reparse(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compact(args: argparse.Namespace) -> int:
+    from pipeline.compact import compact
+
+    _recover(args.output_dir)
+    report = compact(args.output_dir)
+    _say(
+        f"compacted {args.output_dir}: {report['rows_before']:,} rows in "
+        f"{report['parts_before']} parts -> {report['rows_after']:,} current rows in "
+        f"{report['parts_after']} parts (superseded rows set aside in .superseded/)"
+    )
+    return 0
+
+
 def _models(args: argparse.Namespace) -> int:
     from pipeline.models import describe_table
 
@@ -237,6 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="config whose [task] settings to parse with")
     p.add_argument("--mask-threshold", type=int)
     p.set_defaults(func=_reparse)
+
+    p = sub.add_parser(
+        "compact", help="rewrite the current rows into fresh parts: any reader's glob then fits"
+    )
+    p.add_argument("output_dir")
+    p.set_defaults(func=_compact)
 
     p = sub.add_parser("export", help="export a dataset")
     fmt = p.add_subparsers(dest="format", required=True)
@@ -338,7 +359,7 @@ def _quiet_closed_streams() -> None:
 def _dispatch(args: argparse.Namespace) -> int:
     try:
         return args.func(args)
-    except (ConfigError, UnreadablePart) as exc:
+    except (ConfigError, UnreadablePart, MissingExtra) as exc:
         _say(f"error: {exc}")
         return exits.USAGE
     except OutputDirBusy as exc:

@@ -134,6 +134,13 @@ class InputConfig:
         s.one_of(*GROUP_RULES),
         "one request per group: folder (each folder's files) or manifest (its group column)",
     )
+    fetch_concurrency: int = setting(
+        32, s.positive_int, "objects and URLs read at once (a run reads what its workers need)"
+    )
+    fetch_per_host: int = setting(4, s.positive_int, "connections to one URL host at once")
+    max_fetch_mb: float = setting(
+        64.0, s.positive_number, "an object or URL larger than this is an error row, unread"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +164,12 @@ class OutputConfig:
         1.0, s.positive_number, "an answer is on disk (the journal) within this long ..."
     )
     journal_rows: int = setting(256, s.positive_int, "... or after this many more answers")
+    lease_seconds: float = setting(
+        60.0, s.positive_number, "object-store outputs: a killed run's lease frees it after this"
+    )
+    compact_above: float = setting(
+        0.5, s.between(0, 1), "compact at the end of a run past this superseded share (0: never)"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,8 +313,13 @@ def check_setting(section: str, key: str, value: Any, source: str, shown: str = 
 
 
 def _resolve(path: str, base_dir: Path | None) -> str:
-    """Against the file's folder (or the working directory); `..` folded, symlinks kept."""
-    p = Path(path).expanduser()
+    """Against the file's folder (or the working directory); `..` folded, symlinks kept.
+    URLs (s3://, gs://, https://, ...) stay as they are (`file://` becomes its path)."""
+    from pipeline.stores import is_url, local_path, normalise_url, scheme_of
+
+    if is_url(path) and scheme_of(path) != "file":
+        return normalise_url(path) if scheme_of(path) not in ("http", "https") else path
+    p = Path(local_path(path)).expanduser()
     if not p.is_absolute():
         p = (base_dir or Path.cwd()) / p
     return os.path.normpath(p)
@@ -502,10 +520,20 @@ def _current(config: Config, section: str) -> dict[str, Any]:
 
 
 def require_inputs(config: Config) -> None:
-    """Every configured input path and the manifest exist (usage error, exit 2, otherwise)."""
-    missing = [p for p in config.input.paths if not os.path.lexists(p)]
-    if config.input.manifest and not os.path.exists(config.input.manifest):
-        missing.append(config.input.manifest)
+    """Every configured input path and the manifest exist (usage error, exit 2, otherwise);
+    object-store paths need their filesystem installed (the `cloud` extra)."""
+    from pipeline.stores import MissingExtra, check_available, is_url
+
+    named = [*config.input.paths, config.input.manifest or "", config.output.dir]
+    for url in (p for p in named if is_url(p)):
+        try:
+            check_available(url)
+        except (MissingExtra, ValueError) as exc:
+            raise ConfigError(f"{config.source}: {exc}") from None
+    missing = [p for p in config.input.paths if not is_url(p) and not os.path.lexists(p)]
+    manifest = config.input.manifest
+    if manifest and not is_url(manifest) and not os.path.exists(manifest):
+        missing.append(manifest)
     if missing:
         raise ConfigError(f"{config.source}: [input] path does not exist: {missing[0]}")
     if not config.input.paths and not config.input.manifest:

@@ -1,19 +1,21 @@
-"""The read side: what an output directory holds, what is done, and what readers should see.
+"""The read side: what an output holds, what is done, and what readers should see.
 
-The results are exactly the `*.parquet` files under the output directory (the sink's unfinished
-parts end in `.tmp` and are never read). A row is superseded by a newer row for the same
-(image_root, image_path, task): newer means a later `completed_at`, then a later part (path
-order), then a later row in the part. Everything here reads only the columns it needs, batch by
-batch, so a directory of a million rows stays cheap to resume from.
+The results are exactly the `*.parquet` files under the output, a local folder or an
+object-store prefix read through the same `Store` (the sink's unfinished parts end in `.tmp`;
+hidden folders — the index cache, a compaction's staging — are never read). A row is superseded
+by a newer row for the same (image_root, image_path, task): newer means a later `completed_at`,
+then a later part (name order), then a later row in the part. Everything here reads only the
+columns it needs, batch by batch, so an output of a million rows stays cheap to resume from.
 
 Resume rule (`load_resume_index`): a file is done, under the settings hash `key_suffix`, when
 the latest row for it and its task was made under those settings from the same file (same size
-and mtime). Any status counts, except that an error marked `retryable` (transient, or the
-run's own failure in rows older than that column) is tried again by the next plain runs, at
-most RETRY_RUNS times, and `retry_errors=True` redoes every error. So a changed prompt or model
-(a new key suffix), a changed file, or a new file is done again, and a rerun after another
-config ran restores this config's answers (copied from `ok_keys`, without an API call) rather
-than leaving the other config's rows current.
+and mtime; for an object or a URL, same size and version stamp: `source.version_stamp`). Any
+status counts, except that an error marked `retryable` (transient, or the run's own failure in
+rows older than that column) is tried again by the next plain runs, at most RETRY_RUNS times,
+and `retry_errors=True` redoes every error. So a changed prompt or model (a new key suffix), a
+changed file, or a new file is done again, and a rerun after another config ran restores this
+config's answers (copied from `ok_keys`, without an API call) rather than leaving the other
+config's rows current.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from collections import Counter
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 import pyarrow as pa
@@ -35,33 +37,21 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.cost import table_cost
-from pipeline.records import ROW_SCHEMA, SCHEMA_VERSION, fingerprint
+from pipeline.facts import file_digest
+from pipeline.records import ROW_SCHEMA, SCHEMA_VERSION
+from pipeline.stores import Entry, Store, is_hidden, open_store, store_key
+
+Output: TypeAlias = "str | os.PathLike[str] | Store"
 
 PART_SUFFIX = ".parquet"
 RUNS_DIR = "runs"  # the runner's JSON summary per run: runs/<run_id>.json
+HISTORY_DIR = ".superseded"  # rows a compaction set aside: out of every glob, still paid for
 VERSION_KEY = b"gemini_vision_pipeline.schema_version"
 GROUP = ("image_root", "image_path", "task")
 BATCH_ROWS = 65_536
+OPEN_TOGETHER = 8  # parts whose footers and columns are fetched together from an object store
 _SHA_DIGEST_BYTES = 16  # of a key's sha256: 128 bits tell a million files apart with ease
-_INDEX_COLUMNS = (
-    *GROUP,
-    "completed_at",
-    "file_size",
-    "file_mtime_ns",
-    "key",
-    "status",
-    "retryable",
-    "error",
-)
 RETRY_RUNS = 3  # a retryable error is tried again by at most this many later plain runs
-# Error rows written before the `retryable` column (schema 1) that were transient or the run's
-# own failure (a key, an outage, a quota), recognised by their error text: retried like new ones.
-_OLD_RETRYABLE = (
-    r"^(?:\d{3} )?(?:DEADLINE_EXCEEDED|UNAVAILABLE|DATA_LOSS|INTERNAL|RESOURCE_EXHAUSTED"
-    r"|UNAUTHENTICATED|PERMISSION_DENIED|NOT_FOUND|ABORTED|UNKNOWN)\b"
-    r"|API key not valid|API_KEY_INVALID|stopped before an answer"
-)
-_OLDEST = np.iinfo(np.int64).min  # a row without completed_at loses to any row with one
 _TOKEN_COLUMNS = ("prompt_tokens", "output_tokens", "thoughts_tokens", "total_tokens")
 
 
@@ -176,8 +166,8 @@ class KeySet:
 class ResumeIndex:
     """What a run with settings hash `key_suffix` can skip, decided with a stat of each file.
 
-    `done` holds `records.fingerprint(image_root, image_path, size, mtime_ns, key_suffix)` of
-    every file that is done (see the module docstring); `ok_keys` holds every key answered ok
+    `done` holds `file_digest(image_root, image_path, size, mtime_ns)` of every file that is
+    done under `key_suffix` (see the module docstring); `ok_keys` holds every key answered ok
     under these settings at any path, so the same bytes at a new path are copied, not re-paid.
     """
 
@@ -186,20 +176,43 @@ class ResumeIndex:
     done: DigestSet
     ok_keys: KeySet
     rows_read: int
+    visible_rows: int = 0  # rows a glob sees (not set aside by a compaction) ...
+    superseded_rows: int = 0  # ... and how many of them are superseded (for compact_above)
 
     def is_done(self, image_root: str, image_path: str, size: int, mtime_ns: int) -> bool:
-        return fingerprint(image_root, image_path, size, mtime_ns, self.key_suffix) in self.done
+        return file_digest(image_root, image_path, size, mtime_ns) in self.done
 
 
 # ------------------------------------------------------------------------------------- parts
-def part_files(output_dir: str | os.PathLike[str]) -> list[Path]:
-    """Every committed part: the `*.parquet` files under output_dir, in path order."""
-    root = Path(output_dir)
-    found = []
-    for folder, dirs, files in os.walk(root):
-        dirs.sort()
-        found.extend(Path(folder, name) for name in files if name.endswith(PART_SUFFIX))
-    return sorted(found, key=lambda path: path.relative_to(root).parts)
+def part_entries(output: Output, *, history: bool = False) -> list[Entry]:
+    """Every committed part as readers must see it: the `*.parquet` files under the output (no
+    hidden folder), in name order, with a killed compaction resolved to exactly the old or the
+    new set (`pipeline/compact.py`). `history` adds the parts holding the superseded rows a
+    compaction set aside (`.superseded/`): paid answers, kept for reuse and accounting."""
+    from pipeline.compact import visible_parts
+
+    store = open_store(output)
+    if store.local and not os.path.isdir(store.url):
+        return []
+    return visible_parts(store, store.list(), history=history)
+
+
+def part_files(output: Output) -> list[Path] | list[str]:
+    """The committed parts' paths (local folder) or URLs (object store), in name order."""
+    store = open_store(output)
+    names = [entry.name for entry in part_entries(store)]
+    if store.local:
+        return [Path(store.join(name)) for name in names]
+    return [store.join(name) for name in names]
+
+
+def is_part(name: str) -> bool:
+    return name.endswith(PART_SUFFIX) and not is_hidden(name)
+
+
+def is_history_part(name: str) -> bool:
+    folder, _, rest = name.partition("/")
+    return folder == HISTORY_DIR and is_part(rest)
 
 
 class UnreadablePart(ValueError):
@@ -207,7 +220,7 @@ class UnreadablePart(ValueError):
     to do. (Parts are written whole or not at all, so this is damage from outside: a disk, a
     copy, a hand.)"""
 
-    def __init__(self, path: Path, why: str, remedy: str | None = None) -> None:
+    def __init__(self, path: Path | str, why: str, remedy: str | None = None) -> None:
         remedy = remedy or (
             f"move it aside (e.g. `mv '{path}' '{path}.corrupt'`) and rerun: the files whose "
             "rows it held are then done again"
@@ -216,18 +229,19 @@ class UnreadablePart(ValueError):
         self.path = path
 
 
-def _open_part(path: Path) -> pq.ParquetFile:
-    """Open a part, refusing files this version cannot read correctly."""
+def _open_part(where: str | Path | Any, shown: str) -> pq.ParquetFile:
+    """Open a part (a path, or a file object from Store.open_parquet), refusing files this
+    version cannot read correctly."""
     try:
-        part = pq.ParquetFile(path)
+        part = pq.ParquetFile(where)
     except (pa.ArrowException, OSError) as exc:
-        raise UnreadablePart(path, f"not a readable Parquet file ({_first_line(exc)})") from None
+        raise UnreadablePart(shown, f"not a readable Parquet file ({_first_line(exc)})") from None
     version = (part.schema_arrow.metadata or {}).get(VERSION_KEY)
     if version is None:
-        raise UnreadablePart(path, "not written by this pipeline (no schema version)")
+        raise UnreadablePart(shown, "not written by this pipeline (no schema version)")
     if not version.isdigit() or int(version) > int(SCHEMA_VERSION):
         raise UnreadablePart(
-            path,
+            shown,
             f"schema version {version.decode(errors='replace')} is newer than this program's "
             f"{SCHEMA_VERSION}",
             "upgrade the pipeline to read it",
@@ -235,13 +249,41 @@ def _open_part(path: Path) -> pq.ParquetFile:
     return part
 
 
-def part_batches(path: Path, columns: Sequence[str]) -> Iterator[pa.RecordBatch]:
-    """The batches of one part (see _batches); damage anywhere in it is an UnreadablePart."""
-    part = _open_part(path)
+def part_batches(
+    path: Path | str, columns: Sequence[str], *, store: Store | None = None
+) -> Iterator[pa.RecordBatch]:
+    """The batches of one part (see _batches); damage anywhere in it is an UnreadablePart.
+    `path` is a local path, or a part name within `store`."""
+    if store is None:
+        yield from _part_batches(path, str(path), columns)
+        return
+    (source,) = store.open_parquet([str(path)], list(columns))
+    yield from _part_batches(source, store.join(str(path)), columns)
+
+
+def _part_batches(source: Any, shown: str, columns: Sequence[str]) -> Iterator[pa.RecordBatch]:
+    part = _open_part(source, shown)
     try:
         yield from _batches(part, columns)
     except (pa.ArrowException, OSError) as exc:
-        raise UnreadablePart(path, f"damaged Parquet data ({_first_line(exc)})") from None
+        raise UnreadablePart(shown, f"damaged Parquet data ({_first_line(exc)})") from None
+
+
+def _parts_batches(
+    store: Store, names: Sequence[str], columns: Sequence[str]
+) -> Iterator[tuple[int, Iterator[pa.RecordBatch]]]:
+    """(index, batches) of each part, opened OPEN_TOGETHER at a time: on an object store fsspec
+    fetches their footers and then their column chunks concurrently, a few requests a part."""
+    for start in range(0, len(names), OPEN_TOGETHER):
+        group = list(names[start : start + OPEN_TOGETHER])
+        try:
+            sources = store.open_parquet(group, list(columns))
+        except (pa.ArrowException, OSError, ValueError):
+            sources = [None] * len(group)  # name the bad one below, part by part
+        for offset, (name, source) in enumerate(zip(group, sources, strict=True)):
+            if source is None:
+                (source,) = store.open_parquet([name], list(columns))
+            yield start + offset, _part_batches(source, store.join(name), columns)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -264,29 +306,34 @@ def _batches(part: pq.ParquetFile, columns: Sequence[str]) -> Iterator[pa.Record
 
 
 def _scan(
-    output_dir: str | os.PathLike[str], columns: Sequence[str], *, skip_unreadable: bool = False
-) -> tuple[pa.Table, int, list[UnreadablePart]]:
-    """All rows of every part (these columns only) plus where each sits: `_part`, `_row`.
-    With `skip_unreadable`, unreadable parts are left out and returned instead of raised."""
+    output: Output,
+    columns: Sequence[str],
+    *,
+    skip_unreadable: bool = False,
+    history: bool = False,
+) -> tuple[pa.Table, list[str], list[UnreadablePart]]:
+    """All rows of every part (these columns only) plus where each sits: `_part`, `_row`; the
+    part names; with `skip_unreadable`, unreadable parts are left out and returned instead."""
+    store = open_store(output)
+    names = [entry.name for entry in part_entries(store, history=history)]
     tables = []
     unreadable: list[UnreadablePart] = []
-    paths = part_files(output_dir)
-    for part_no, path in enumerate(paths):
+    for part_no, batches in _parts_batches(store, names, columns):
         try:
-            batches = list(part_batches(path, columns))
+            read = list(batches)
         except UnreadablePart as exc:
             if not skip_unreadable:
                 raise
             unreadable.append(exc)
             continue
         start = 0
-        for batch in batches:
+        for batch in read:
             tables.append(_with_position(pa.Table.from_batches([batch]), part_no, start))
             start += batch.num_rows
     if not tables:
         empty = pa.schema([ROW_SCHEMA.field(name) for name in columns]).empty_table()
-        return _with_position(empty, 0, 0), len(paths), unreadable
-    return pa.concat_tables(tables), len(paths), unreadable
+        return _with_position(empty, 0, 0), names, unreadable
+    return pa.concat_tables(tables), names, unreadable
 
 
 def _with_position(table: pa.Table, part_no: int, start: int) -> pa.Table:
@@ -327,195 +374,98 @@ def _differs(a: pa.ChunkedArray, b: pa.ChunkedArray) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------ resume
 def load_resume_index(
-    output_dir: str | os.PathLike[str], *, key_suffix: str, retry_errors: bool
+    output: Output, *, key_suffix: str, retry_errors: bool, write_cache: bool = False
 ) -> ResumeIndex:
     """Read what is committed into a compact index for a run under settings `key_suffix`.
 
-    One pass, batch by batch, keeps ~40 bytes a row (no strings): a hash of the row's
-    (image_root, image_path, task), its fingerprint, time and position. A sort of those finds
-    each file's current row. (Python's 64-bit hash is enough within one process: two files whose
-    hashes collided would only look superseded and be redone; neither can look done wrongly.)
+    The facts each decision needs — ~50 bytes a row, no strings — come from the index cache
+    (`pipeline/facts.py`: committed parts never change, so their facts are computed once and
+    kept beside them) or, for parts it does not cover yet, from the parts' own columns.
+    `write_cache` (the output's writer only) stores the new facts for the next run. A sort of
+    those finds each file's current row.
     """
-    scan = _ResumeScan(key_suffix)
-    for part_no, path in enumerate(part_files(output_dir)):
-        start = 0
-        for batch in part_batches(path, _INDEX_COLUMNS):
-            scan.add(batch, part_no, start)
-            start += batch.num_rows
+    from pipeline.facts import load_facts
+
+    store = open_store(output)
+    parts = part_entries(store, history=True)
+    facts = load_facts(store, parts, suffix=key_suffix, write=write_cache)
+    visible, superseded = facts.superseded([is_history_part(entry.name) for entry in parts])
+    done, ok, rows = facts.done(retry_errors, RETRY_RUNS), facts.ok_digests(), facts.rows
+    del facts  # before the sorted sets are built: their scratch is the peak otherwise
     index = ResumeIndex(
         key_suffix=key_suffix,
         retry_errors=retry_errors,
-        done=DigestSet(scan.done(retry_errors)),
-        ok_keys=KeySet(key_suffix, b"".join(scan.ok_digests)),
-        rows_read=scan.rows,
+        done=DigestSet(done),
+        ok_keys=KeySet(key_suffix, ok),
+        rows_read=rows,
+        visible_rows=visible,
+        superseded_rows=superseded,
     )
+    del done, ok
     # The scratch memory is free now; hand it back rather than keep it for the whole run.
     pa.default_memory_pool().release_unused()
     return index
 
 
-class _ResumeScan:
-    """The per-row facts load_resume_index needs, gathered batch by batch."""
-
-    _NOT_MINE = bytes(16)
-
-    def __init__(self, key_suffix: str) -> None:
-        self.key_suffix = key_suffix
-        self.rows = 0
-        self.ok_digests: list[bytes] = []
-        self._groups: list[np.ndarray] = []
-        self._fingerprints: list[bytes] = []
-        self._arrays: dict[str, list[np.ndarray]] = {
-            name: [] for name in ("when", "part", "row", "mine", "error", "retryable")
-        }
-
-    def add(self, batch: pa.RecordBatch, part_no: int, start: int) -> None:
-        n = batch.num_rows
-        self.rows += n
-        keys, status = batch.column("key"), batch.column("status")
-        mine = pc.fill_null(pc.ends_with(keys, "." + self.key_suffix), False)
-        ok = pc.and_(mine, pc.fill_null(pc.equal(status, "ok"), False))
-        self.ok_digests.append(_sha_digests(pc.filter(keys, ok)))
-        roots = batch.column("image_root").to_pylist()
-        paths = batch.column("image_path").to_pylist()
-        groups = zip(roots, paths, batch.column("task").to_pylist(), strict=True)
-        self._groups.append(np.fromiter(map(hash, groups), dtype=np.int64, count=n))
-        is_mine = mine.to_numpy(zero_copy_only=False)
-        rows = zip(
-            is_mine.tolist(),
-            roots,
-            paths,
-            batch.column("file_size").to_pylist(),
-            batch.column("file_mtime_ns").to_pylist(),
-            strict=True,
-        )
-        self._fingerprints.append(
-            b"".join(
-                fingerprint(root, path, size, mtime, self.key_suffix) if yes else self._NOT_MINE
-                for yes, root, path, size, mtime in rows
-            )
-        )
-        when = pc.fill_null(batch.column("completed_at").cast(pa.int64()), _OLDEST)
-        self._arrays["when"].append(when.to_numpy())
-        self._arrays["part"].append(np.full(n, part_no, dtype=np.int32))
-        self._arrays["row"].append(np.arange(start, start + n, dtype=np.int32))
-        self._arrays["mine"].append(is_mine)
-        error = pc.fill_null(pc.equal(status, "error"), True)
-        self._arrays["error"].append(error.to_numpy(zero_copy_only=False))
-        old = pc.fill_null(pc.match_substring_regex(batch.column("error"), _OLD_RETRYABLE), False)
-        retryable = pc.and_(error, pc.fill_null(batch.column("retryable"), old))
-        self._arrays["retryable"].append(retryable.to_numpy(zero_copy_only=False))
-
-    def done(self, retry_errors: bool) -> bytes:
-        """Fingerprints of the files whose current row says: skip."""
-        if not self.rows:
-            return b""
-        group = np.concatenate(self._groups)
-        column = {name: np.concatenate(parts) for name, parts in self._arrays.items()}
-        order = np.lexsort((column["row"], column["part"], column["when"], group))
-        newest = np.ones(len(order), dtype=bool)
-        newest[:-1] = group[order][1:] != group[order][:-1]
-        current = order[newest]
-        current = current[column["mine"][current]]
-        if retry_errors:
-            current = current[~column["error"][current]]
-        else:
-            current = current[~self._retry_now(current, group, column)]
-        fingerprints = np.frombuffer(b"".join(self._fingerprints), dtype="V16")
-        return fingerprints[np.sort(current)].tobytes()
-
-    @staticmethod
-    def _retry_now(
-        current: np.ndarray, group: np.ndarray, column: dict[str, np.ndarray]
-    ) -> np.ndarray:
-        """For each current row: a retryable error tried fewer than 1 + RETRY_RUNS times."""
-        retryable = column["retryable"] & column["mine"]
-        retry = np.zeros(len(current), dtype=bool)
-        candidates = retryable[current]
-        if candidates.any():
-            groups, tries = np.unique(group[retryable], return_counts=True)
-            at = np.searchsorted(groups, group[current[candidates]])
-            retry[candidates] = tries[at] <= RETRY_RUNS
-        return retry
-
-
-def _sha_digests(keys: pa.Array) -> bytes:
-    """The leading bytes of each key's sha256 (keys whose sha part is not 64 hex are skipped)."""
-    keys = keys.filter(pc.match_substring_regex(keys, r"^[0-9a-f]{64}\."))
-    if len(keys) == 0:
-        return b""
-    heads = pc.utf8_slice_codeunits(keys, 0, 2 * _SHA_DIGEST_BYTES)
-    return bytes.fromhex("".join(heads.to_pylist()))
-
-
 # ------------------------------------------------------------------------------------ lookup
-def lookup_rows(output_dir: str | os.PathLike[str], keys: Collection[str]) -> dict[str, dict]:
+def lookup_rows(output: Output, keys: Collection[str]) -> dict[str, dict]:
     """The newest ok row for each of `keys` (any path), as dicts: an answer to copy, not re-pay.
 
     Called once per file whose bytes were already answered, so it must not rescan a million
-    rows each time: an index of where ok rows sit is kept per directory and extended with new
+    rows each time: an index of where ok rows sit is kept per output and extended with new
     parts only (committed parts never change), then only the candidate rows are read.
     """
     wanted = set(keys)
-    root = Path(output_dir).resolve()
-    paths = [_PartId(path, *_size_and_mtime(path)) for path in part_files(root)]
+    store = open_store(output)
+    parts = part_entries(store, history=True)
     with _LOCATIONS_LOCK:
-        locations = _LOCATIONS.get(root)
-        if locations is None or not locations.still_valid(paths):
+        home = store_key(store)
+        locations = _LOCATIONS.get(home)
+        if locations is None or not locations.still_valid(parts):
             while len(_LOCATIONS) >= _LOCATIONS_KEPT:
                 del _LOCATIONS[next(iter(_LOCATIONS))]
-            locations = _LOCATIONS[root] = _OkRowLocations()
-        locations.extend(paths)
+            locations = _LOCATIONS[home] = _OkRowLocations(store)
+        locations.extend(parts)
         candidates = locations.candidates(wanted)
     best: dict[str, tuple[tuple[Any, ...], dict]] = {}
-    for path, rows in candidates.items():
-        part = pa.Table.from_batches(list(part_batches(path, ROW_SCHEMA.names)), ROW_SCHEMA)
+    for name, rows in candidates.items():
+        batches = part_batches(name, ROW_SCHEMA.names, store=store)
+        part = pa.Table.from_batches(list(batches), ROW_SCHEMA)
         for row_no, row in zip(rows, part.take(pa.array(rows)).to_pylist(), strict=True):
             if row["key"] not in wanted or row["status"] != "ok":
                 continue  # same leading sha bytes, another key
             when = row["completed_at"]
-            rank = (when is not None, when, path.relative_to(root).parts, row_no)
+            rank = (when is not None, when, name.split("/"), row_no)
             if row["key"] not in best or rank > best[row["key"]][0]:
                 best[row["key"]] = (rank, row)
     return {key: row for key, (_, row) in best.items()}
 
 
-@dataclass(frozen=True, slots=True)
-class _PartId:
-    """A committed part as found: a part rewritten under the same name is another part."""
-
-    path: Path
-    size: int
-    mtime_ns: int
-
-
-def _size_and_mtime(path: Path) -> tuple[int, int]:
-    info = path.stat()
-    return info.st_size, info.st_mtime_ns
-
-
 class _OkRowLocations:
     """Where the ok rows are, by the first 8 bytes of their key's sha256 (several keys may share
-    them; the caller checks the full key)."""
+    them; the caller checks the full key). A part is known by name, size and version: a part
+    rewritten under the same name is another part."""
 
-    def __init__(self) -> None:
-        self.parts: list[_PartId] = []
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.parts: list[Entry] = []
         self._sha = np.zeros(0, dtype=np.uint64)
         self._part = np.zeros(0, dtype=np.int32)
         self._row = np.zeros(0, dtype=np.int32)
 
-    def still_valid(self, paths: list[_PartId]) -> bool:
+    def still_valid(self, parts: list[Entry]) -> bool:
         """False when a part we indexed is gone or was rewritten (a hand-made change)."""
-        return set(self.parts) <= set(paths)
+        return set(self.parts) <= set(parts)
 
-    def extend(self, paths: list[_PartId]) -> None:
+    def extend(self, parts: list[Entry]) -> None:
         known = set(self.parts)
-        new = [path for path in paths if path not in known]
+        new = [part for part in parts if part not in known]
         if not new:
             return
         sha, part, row = [self._sha], [self._part], [self._row]
-        for path in new:
-            table = pa.Table.from_batches(list(part_batches(path.path, ("key", "status"))))
+        names = [entry.name for entry in new]
+        for offset, batches in _parts_batches(self.store, names, ("key", "status")):
+            table = pa.Table.from_batches(list(batches))
             keys = table.column("key")
             ok = pc.and_(
                 pc.fill_null(pc.equal(table.column("status"), "ok"), False),
@@ -525,15 +475,15 @@ class _OkRowLocations:
             sha.append(np.frombuffer(bytes.fromhex("".join(heads)), dtype=">u8").astype(np.uint64))
             row.append(np.flatnonzero(ok.to_numpy(zero_copy_only=False)).astype(np.int32))
             part.append(np.full(len(heads), len(self.parts), dtype=np.int32))
-            self.parts.append(path)
+            self.parts.append(new[offset])
         order = np.argsort(np.concatenate(sha), kind="stable")
         self._sha = np.concatenate(sha)[order]
         self._part = np.concatenate(part)[order]
         self._row = np.concatenate(row)[order]
 
-    def candidates(self, keys: set[str]) -> dict[Path, list[int]]:
-        """Rows (by part) that may hold one of `keys`."""
-        found: dict[Path, list[int]] = {}
+    def candidates(self, keys: set[str]) -> dict[str, list[int]]:
+        """Rows (by part name) that may hold one of `keys`."""
+        found: dict[str, list[int]] = {}
         for key in keys:
             if not re.match(r"[0-9a-f]{64}\.", key):
                 continue
@@ -541,19 +491,17 @@ class _OkRowLocations:
             start = int(np.searchsorted(self._sha, head, side="left"))
             end = int(np.searchsorted(self._sha, head, side="right"))
             for part, row in zip(self._part[start:end], self._row[start:end], strict=True):
-                found.setdefault(self.parts[int(part)].path, []).append(int(row))
-        return {path: sorted(set(rows)) for path, rows in found.items()}
+                found.setdefault(self.parts[int(part)].name, []).append(int(row))
+        return {name: sorted(set(rows)) for name, rows in found.items()}
 
 
-_LOCATIONS: dict[Path, _OkRowLocations] = {}
-_LOCATIONS_KEPT = 4  # output directories whose index stays in memory
+_LOCATIONS: dict[str, _OkRowLocations] = {}
+_LOCATIONS_KEPT = 4  # outputs whose index stays in memory
 _LOCATIONS_LOCK = threading.Lock()
 
 
 # ----------------------------------------------------------------------------------- readers
-def current_rows(
-    output_dir: str | os.PathLike[str], columns: Sequence[str] | None = None
-) -> pa.Table:
+def current_rows(output_dir: Output, columns: Sequence[str] | None = None) -> pa.Table:
     """The current row per (image_root, image_path, task), sorted by those three.
 
     Two passes: the first reads only what decides which row is current, the second reads the
@@ -564,24 +512,27 @@ def current_rows(
     if unknown:
         raise ValueError(f"unknown columns: {unknown}")
     schema = pa.schema([ROW_SCHEMA.field(name) for name in wanted])
-    table, _, _ = _scan(output_dir, (*GROUP, "completed_at"))
+    store = open_store(output_dir)
+    table, names, _ = _scan(store, (*GROUP, "completed_at"))
     current = table.take(pa.array(_latest(table)))
     if current.num_rows == 0:
         return schema.empty_table()
     part_of = current.column("_part").to_numpy()
     row_of = current.column("_row").to_numpy()
     pieces, placed = [], []
-    paths = part_files(output_dir)
-    for part_no in np.unique(part_of):
+    used = [names[int(n)] for n in np.unique(part_of)]
+    for (_, batches), part_no in zip(
+        _parts_batches(store, used, wanted), np.unique(part_of), strict=True
+    ):
         at = np.flatnonzero(part_of == part_no)
-        part = pa.Table.from_batches(list(part_batches(paths[part_no], wanted)), schema)
+        part = pa.Table.from_batches(list(batches), schema)
         pieces.append(part.take(pa.array(row_of[at])))
         placed.append(at)
     gathered = pa.concat_tables(pieces)
     return gathered.take(pa.array(np.argsort(np.concatenate(placed), kind="stable")))
 
 
-def status(output_dir: str | os.PathLike[str]) -> dict[str, Any]:
+def status(output_dir: Output) -> dict[str, Any]:
     """Counts by status of the current rows, tokens of every committed row, the latest run.
 
     Tokens are summed over every committed row, superseded ones too (they were paid for); rows
@@ -592,7 +543,8 @@ def status(output_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """
     columns = (*GROUP, "completed_at", "status", "run_id", *_TOKEN_COLUMNS, "est_prompt_tokens")
     columns += ("model", "input_mode")
-    table, n_parts, unreadable = _scan(output_dir, columns, skip_unreadable=True)
+    store = open_store(output_dir)
+    table, names, unreadable = _scan(store, columns, skip_unreadable=True, history=True)
     current = table.take(pa.array(_latest(table)))
     by_status = Counter(
         {str(k): int(v) for k, v in _value_counts(current.column("status")).items()}
@@ -602,8 +554,8 @@ def status(output_dir: str | os.PathLike[str]) -> dict[str, Any]:
     estimate = _sum(pc.filter(table.column("est_prompt_tokens"), has_bill))
     billed_prompt = billed["prompt_tokens"]
     return {
-        "output_dir": str(output_dir),
-        "parts": n_parts,
+        "output_dir": store.url,
+        "parts": len(names),
         "unreadable_parts": [str(exc) for exc in unreadable],
         "rows": current.num_rows,
         "rows_committed": table.num_rows,
@@ -619,7 +571,7 @@ def status(output_dir: str | os.PathLike[str]) -> dict[str, Any]:
             "estimate_error": (estimate - billed_prompt) / billed_prompt if billed_prompt else None,
         },
         "cost": table_cost(table),
-        "latest_run": _latest_run_summary(Path(output_dir)),
+        "latest_run": _latest_run_summary(store),
     }
 
 
@@ -633,15 +585,18 @@ def _sum(column: pa.Array | pa.ChunkedArray) -> int:
     return int(total or 0)
 
 
-def _latest_run_summary(output_dir: Path) -> dict[str, Any] | None:
-    """The newest readable runs/<run_id>.json (run ids start with their UTC start time)."""
-    runs = output_dir / RUNS_DIR
-    if not runs.is_dir():
+def _latest_run_summary(store: Store) -> dict[str, Any] | None:
+    """The newest readable runs/<run_id>.json of a run (run ids start with their UTC start
+    time; reports of other commands, such as compactions, are not runs)."""
+    if store.local and not os.path.isdir(store.join(RUNS_DIR)):
         return None
-    for path in sorted(runs.glob("*.json"), reverse=True):
+    names = [e.name for e in store.list(RUNS_DIR + "/") if e.name.endswith(".json")]
+    for name in sorted(names, reverse=True):
         try:
-            summary = json.loads(path.read_text(encoding="utf-8"))
+            summary = json.loads(store.read(name).decode("utf-8"))
         except (OSError, ValueError):
+            continue
+        if isinstance(summary, dict) and "compacted" in summary:
             continue
         if isinstance(summary, dict):
             return summary

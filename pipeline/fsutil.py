@@ -1,6 +1,6 @@
-"""Files that are whole or absent: write under a hidden temporary name, fsync, rename, fsync
-the folder. One helper, so every file the pipeline commits (parts, run summaries, exports)
-survives a kill -9 or a power cut the same way.
+"""Files that are whole or absent: write under a hidden temporary name, fsync, then rename (may
+replace) or link (never replaces), fsync the folder. One helper, so every file the pipeline
+commits (parts, run summaries, exports) survives a kill -9 or a power cut the same way.
 """
 
 from __future__ import annotations
@@ -16,6 +16,13 @@ from typing import BinaryIO
 
 log = logging.getLogger(__name__)
 TEMP_SUFFIX = ".tmp"
+# link() refused by the filesystem itself (FAT, some network and FUSE mounts): fall back to a
+# rename after an existence check, which is whole-or-absent but not exclusive against a racer.
+_NO_LINKS = (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.ENOSYS)
+
+
+class AlreadyExists(FileExistsError):
+    """`create_new` found the name taken: nothing was written over it."""
 
 
 def temp_name(final: Path) -> Path:
@@ -25,19 +32,45 @@ def temp_name(final: Path) -> Path:
 
 def atomic_write(final: str | os.PathLike[str], write: Callable[[BinaryIO], None]) -> None:
     """Call `write(file)` on a temporary beside `final`, then make it `final` durably."""
-    final = Path(final)
+    _commit(Path(final), write, _replace)
+
+
+def create_new(final: str | os.PathLike[str], write: Callable[[BinaryIO], None]) -> None:
+    """Like atomic_write, but never over an existing `final` (AlreadyExists): the temporary is
+    hard-linked to its name, which fails if the name is taken, the way a conditional PUT
+    (`If-None-Match: *`) fails on an object store."""
+    _commit(Path(final), write, _link)
+
+
+def _commit(final: Path, write: Callable[[BinaryIO], None], publish: Callable) -> None:
     temp = temp_name(final)
     try:
         with open(temp, "wb") as file:
             write(file)
             file.flush()
             os.fsync(file.fileno())
-        os.replace(temp, final)
-    except BaseException:
+        publish(temp, final)
+    finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
-        raise
     fsync_dir(final.parent)
+
+
+def _replace(temp: Path, final: Path) -> None:
+    os.replace(temp, final)
+
+
+def _link(temp: Path, final: Path) -> None:
+    try:
+        os.link(temp, final)
+    except FileExistsError:
+        raise AlreadyExists(errno.EEXIST, "already exists", str(final)) from None
+    except OSError as exc:
+        if exc.errno not in _NO_LINKS:
+            raise
+        if os.path.lexists(final):
+            raise AlreadyExists(errno.EEXIST, "already exists", str(final)) from None
+        os.replace(temp, final)
 
 
 def atomic_write_bytes(final: str | os.PathLike[str], data: bytes) -> None:

@@ -170,7 +170,13 @@ def _non_image_kind(head: bytes) -> str:
     return "text" if _looks_like_text(head) else "unknown format"
 
 
-def prepare(source: SourceFile, *, max_side: int | None = None, verify: bool = True) -> ImageItem:
+def prepare(
+    source: SourceFile,
+    *,
+    max_side: int | None = None,
+    verify: bool = True,
+    data: bytes | None = None,
+) -> ImageItem:
     """Hash, sniff, orient and, when needed, convert or downscale one file. Never raises for bad
     input (only for a bad `max_side`, a caller's bug): the item carries `error` instead.
 
@@ -179,12 +185,21 @@ def prepare(source: SourceFile, *, max_side: int | None = None, verify: bool = T
     error row here instead of a billed request: PNGs by walking their chunks (whole, CRC right,
     through IEND) without inflating the pixels; JPEGs sent as they are by a decode at 1/8 scale
     (it still reads every byte of the entropy-coded data); anything re-encoded by its decode.
+
+    `data`: the bytes of an input that is not a local file (an object, a URL), already fetched;
+    they are then what is sent (`item.data`), since there is no file to read again.
     """
     if max_side is not None and max_side < 1:
         raise ValueError(f"max_side must be a positive number of pixels, got {max_side}")
     item = ImageItem(source=source)
     if source.error:
         item.error = source.error
+        return item
+    if data is not None:
+        item.sha256 = hashlib.sha256(data).hexdigest()
+        _examine_all(item, io.BytesIO(data), len(data), max_side=max_side, verify=verify)
+        if item.data is None and item.error is None:
+            item.data = data
         return item
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
@@ -202,21 +217,28 @@ def prepare(source: SourceFile, *, max_side: int | None = None, verify: bool = T
         except OSError as exc:
             item.error = f"unreadable file: {_os_reason(exc)}"
             return item
-        if size == 0:
-            item.error = "empty file"
-            return item
         image_fp: IO[bytes] = io.BytesIO(data) if data is not None else file
-        image_fp.seek(0)
-        head = image_fp.read(_HEAD)
-        try:
-            _examine(item, image_fp, head, size, max_side=max_side, verify=verify)
-        except MemoryError:
-            _fail(item, "image too large to decode in memory")
-        except Image.DecompressionBombError as exc:
-            _fail(item, _too_large(image_fp, head, exc))
-        except Exception as exc:  # decoders raise anything on hostile bytes; the row must survive
-            _fail(item, _decode_failure(exc))
+        _examine_all(item, image_fp, size, max_side=max_side, verify=verify)
     return item
+
+
+def _examine_all(
+    item: ImageItem, image_fp: IO[bytes], size: int, *, max_side: int | None, verify: bool
+) -> None:
+    """Everything after the bytes are hashed; never raises for bad input."""
+    if size == 0:
+        item.error = "empty file"
+        return
+    image_fp.seek(0)
+    head = image_fp.read(_HEAD)
+    try:
+        _examine(item, image_fp, head, size, max_side=max_side, verify=verify)
+    except MemoryError:
+        _fail(item, "image too large to decode in memory")
+    except Image.DecompressionBombError as exc:
+        _fail(item, _too_large(image_fp, head, exc))
+    except Exception as exc:  # decoders raise anything on hostile bytes; the row must survive
+        _fail(item, _decode_failure(exc))
 
 
 def measure(source: SourceFile, *, max_side: int | None = None) -> ImageItem:

@@ -3,7 +3,10 @@
 An answer the service returned is paid for. Parts are written every few thousand rows (Parquet
 wants big files), so between parts the rows live in a journal: one append-only segment per part,
 `.journal-<run id>-<seq>.jsonl` beside `part-<run id>-<seq>.parquet`, one JSON row a line,
-appended and fsynced in small groups (256 rows or 1 s, whichever comes first). When the part is
+appended durably in small groups (256 rows or 1 s, whichever comes first) through the output's
+store (`pipeline/stores.py`): on disk an fsynced append to one file; on an object store, which
+cannot append, each group is one small immutable object `<segment>.<n>` read back in order (so
+there a torn line cannot happen: a chunk is whole or absent). When the part is
 committed its segment is deleted; a segment whose part exists is therefore left over by a kill
 between the two steps and is simply deleted, and a segment without its part is turned into that
 part by the next writer (`recover`), without any API call. A torn last line (the kill landed
@@ -17,12 +20,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from collections.abc import Iterator
 from datetime import datetime
-from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
+
+from pipeline.stores import Store
 
 log = logging.getLogger(__name__)
 
@@ -40,17 +43,17 @@ def part_name(run_id: str, seq: int) -> str:
     return f"part-{run_id}-{seq:05d}.parquet"
 
 
-def part_for(segment: Path) -> Path:
-    match = _NAME.fullmatch(segment.name)
+def part_for(segment: str) -> str:
+    """The part name a segment name becomes."""
+    match = _NAME.fullmatch(segment)
     if match is None:
-        raise ValueError(f"not a journal segment: {segment.name}")
-    return segment.with_name(part_name(match["run"], int(match["seq"])))
+        raise ValueError(f"not a journal segment: {segment}")
+    return part_name(match["run"], int(match["seq"]))
 
 
-def segments(output_dir: str | os.PathLike[str]) -> list[Path]:
-    """Every journal segment in the folder, oldest name first."""
-    found = [Path(e.path) for e in os.scandir(output_dir) if _NAME.fullmatch(e.name)]
-    return sorted(found)
+def segments(store: Store) -> list[str]:
+    """Every journal segment in the output, oldest name first."""
+    return sorted(name for name in store.appended(PREFIX) if _NAME.fullmatch(name))
 
 
 def encode(rows: list[dict[str, Any]]) -> bytes:
@@ -69,34 +72,29 @@ def _default(value: Any) -> Any:
 class Segment:
     """One open segment: appended to in groups, each group made durable before it returns."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, store: Store, name: str) -> None:
+        self.name = name
         self.rows: list[dict[str, Any]] = []  # what the part will hold
-        self._file: BinaryIO = open(path, "ab")  # noqa: SIM115 - closed by close()
+        self._log = store.appender(name)
 
     def append(self, rows: list[dict[str, Any]]) -> None:
-        """Write a group and fsync: durable when this returns (called off the event loop)."""
-        self._file.write(encode(rows))
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        """Write a group durably: durable when this returns (called off the event loop)."""
+        self._log.append(encode(rows))
         self.rows.extend(rows)
 
     def close(self) -> None:
-        self._file.close()
+        self._log.close()
 
 
-def read(path: Path) -> Iterator[dict[str, Any]]:
+def read(store: Store, name: str) -> Iterator[dict[str, Any]]:
     """The rows of a segment; a torn or corrupt line ends it (nothing after it was durable
     before it)."""
-    with open(path, "rb") as file:
-        for number, line in enumerate(file, 1):
-            try:
-                row = json.loads(line)
-            except ValueError:
-                log.warning(
-                    "%s: line %d is torn (a kill mid-write); the rest is skipped", path, number
-                )
-                return
-            if isinstance(row.get("completed_at"), str):
-                row["completed_at"] = datetime.fromisoformat(row["completed_at"])
-            yield row
+    for number, line in enumerate(store.read_appended(name).splitlines(keepends=True), 1):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            log.warning("%s: line %d is torn (a kill mid-write); the rest is skipped", name, number)
+            return
+        if isinstance(row.get("completed_at"), str):
+            row["completed_at"] = datetime.fromisoformat(row["completed_at"])
+        yield row

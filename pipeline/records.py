@@ -54,6 +54,7 @@ class ImageItem:
     data: bytes | None = None
     send_size: int = 0  # bytes that will be sent (len(data) or the file size)
     error: str | None = None
+    retryable: bool = False  # the error may pass (a URL or a bucket that failed to answer)
 
 
 @dataclass(slots=True)

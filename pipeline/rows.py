@@ -103,6 +103,7 @@ def error_row(unit: Unit, reason: str, facts: RunFacts) -> dict[str, Any]:
         **base_row(unit, key, facts),
         "status": "error",
         "error": reason,
+        "retryable": any(item.retryable for item in unit.items) or None,
         "attempts": 0,
         "input_mode": "none",
     }

@@ -8,8 +8,8 @@ a group's files in their order (`[input] group_by`: pipeline/source.py), whose r
 group's. Both take the one path below; only the row's identity columns differ (rows.py).
 `ImageRunner.process` is what every engine runs for each piece of work it hands out
 (`engines/single.py` in one process; Batch Mode and Ray reuse the pieces). `run()` picks the
-engine; the default is one process over local folders, `[api] mode = "batch"` is
-`engines/batch.py`.
+engine; the default is one process (inputs from folders, buckets and URLs: objects and URLs
+are read through `fetch.Fetcher`), `[api] mode = "batch"` is `engines/batch.py`.
 """
 
 from __future__ import annotations
@@ -20,11 +20,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from pipeline import images, references
+from pipeline import images, references, stores
 from pipeline.calls import Caller
 from pipeline.config import Config, check_groups, settings_hash
 from pipeline.cost import row_cost
 from pipeline.dataset import load_resume_index
+from pipeline.fetch import Fetcher, FetchError, settings_from
 from pipeline.records import (
     ImageItem,
     SourceFile,
@@ -92,12 +93,14 @@ class ImageRunner:
         caller: Caller,
         answers: Answers,
         sink: ParquetSink,
+        fetcher: Fetcher | None = None,
     ) -> None:
         self.config = config
         self.facts = facts
         self.caller = caller
         self.answers = answers
         self.sink = sink
+        self.fetcher = fetcher  # reads objects and URLs; made on first need when not given
         self.counts = RowCounts()
 
     async def process(self, work: Work) -> None:
@@ -138,9 +141,20 @@ class ImageRunner:
                 break
         return unit_of(tuple(items), group)
 
+    def _fetcher(self) -> Fetcher:
+        if self.fetcher is None:
+            self.fetcher = Fetcher(settings_from(self.config))
+        return self.fetcher
+
     async def _prepared(self, src: SourceFile) -> ImageItem:
         if src.error:
             return ImageItem(source=src, error=src.error)
+        data = None
+        if stores.is_url(src.path):  # an object or a URL: its bytes come through the fetcher
+            try:
+                data = await self._fetcher().read(src)
+            except FetchError as exc:
+                return ImageItem(source=src, error=str(exc), retryable=exc.retryable)
         images_config = self.config.images
         return await _offload(
             src.size > SMALL_FILE,
@@ -148,6 +162,7 @@ class ImageRunner:
             src,
             max_side=images_config.max_side,
             verify=images_config.verify,
+            data=data,
         )
 
 

@@ -1,29 +1,33 @@
 """Rows -> a durable journal within about a second -> Parquet parts that are whole or absent.
 
 One writer task owns the output: `add()` puts a row on a bounded queue (back-pressure when the
-disk is behind) and the writer appends rows to the journal (`pipeline/journal.py`) in small
-fsynced groups — at most `sync_rows` rows or `sync_seconds` after the oldest undurable row — then
+store is behind) and the writer appends rows to the journal (`pipeline/journal.py`) in small
+durable groups — at most `sync_rows` rows or `sync_seconds` after the oldest undurable row — then
 commits each journal segment as one zstd part of ROW_SCHEMA (`rows_per_part` rows, or
 `flush_seconds` after the segment's first row, or on `flush()`) and deletes the segment. Parts are
-written under a hidden temporary name, fsynced and renamed (`pipeline/fsutil.py`), so after a
-kill -9 at any instant a part is whole or absent and every acknowledged row is in a part or in a
-segment that the next writer turns into its part (`recover`) without a call.
+created whole under a unique name that is never written over (`Store.create`: on disk a fsynced
+temporary linked into place, on S3 / GCS one conditional PUT), so after a kill -9 at any instant a
+part is whole or absent and every acknowledged row is in a part or in a segment that the next
+writer turns into its part (`recover`) without a call.
 
-One sink writes an output directory at a time (an advisory lock says so), which is what makes
-recovering segments and deleting a killed run's temporary files safe. A run spread over several
-processes (the Ray engine) is still one writer: its driver takes the lock as a sink does and
-recovers what a killed run left (`shared_output`), then shares the lock with the run's own sinks,
-made with `shared=True`: each writes only its own parts and journal, under its own run id, and
-recovers nothing at opening (the others' journals are alive). A sink of another run, which needs
-the lock exclusively, cannot start while any of them writes, nor can they while it does.
-`recover_writer` commits the journal of one of them known to be gone.
+One sink writes an output at a time (`Store.lock`: a flock on disk, a renewed lease on an object
+store), which is what makes recovering segments and deleting a killed run's leftovers safe. On an
+object store the lease is renewed in the background every third of its TTL and checked before
+each write: a sink that lost it stops (`SinkFailed`) rather than write beside another run.
+
+A run spread over several processes (the Ray engine, on a folder every node sees) is still one
+writer: its driver takes the lock as a sink does and recovers what a killed run left
+(`shared_output`), then shares the lock with the run's own sinks, made with `shared=True`: each
+writes only its own parts and journal, under its own run id, and recovers nothing at opening (the
+others' journals are alive). A sink of another run, which needs the lock exclusively, cannot start
+while any of them writes, nor can they while it does. `recover_writer` commits the journal of one
+of them known to be gone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
 import os
 import re
@@ -31,29 +35,40 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import pyarrow.parquet as pq
 
 from pipeline import journal
-from pipeline.fsutil import atomic_write, fsync_dir, is_temp
+from pipeline.fsutil import is_temp
 from pipeline.records import ROW_SCHEMA, to_table
+from pipeline.stores import (
+    LEASE_SECONDS,
+    LOCK_FILE,
+    OutputDirBusy,
+    Store,
+    WriterLock,
+    open_store,
+)
 
 log = logging.getLogger(__name__)
 
-LOCK_FILE = ".sink.lock"
+__all__ = [
+    "LOCK_FILE",
+    "OutputDirBusy",
+    "ParquetSink",
+    "SinkFailed",
+    "recover",
+    "recover_writer",
+    "shared_output",
+]
 COMPRESSION = "zstd"
 SYNC_ROWS = 256  # an answer is durable after at most this many others ...
 SYNC_SECONDS = 1.0  # ... or this long, whichever comes first
 QUEUE_ROWS = 1024  # rows waiting for the writer before add() waits (back-pressure)
 _COLUMNS = frozenset(ROW_SCHEMA.names)
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-
-
-class OutputDirBusy(RuntimeError):
-    """Another sink (another run) is writing the same output directory."""
 
 
 class SinkFailed(RuntimeError):
@@ -86,13 +101,14 @@ class ParquetSink:
 
     def __init__(
         self,
-        output_dir: str | os.PathLike[str],
+        output_dir: str | os.PathLike[str] | Store,
         run_id: str,
         *,
         rows_per_part: int = 5000,
         flush_seconds: float = 30.0,
         sync_rows: int = SYNC_ROWS,
         sync_seconds: float = SYNC_SECONDS,
+        lease_seconds: float = LEASE_SECONDS,
         shared: bool = False,
     ) -> None:
         if not _RUN_ID.fullmatch(run_id):
@@ -101,13 +117,15 @@ class ParquetSink:
             raise ValueError("rows_per_part and sync_rows must be >= 1")
         if not flush_seconds > 0 or not sync_seconds > 0:
             raise ValueError("flush_seconds and sync_seconds must be > 0")
-        self.output_dir = Path(output_dir)
+        self.store = open_store(output_dir)
+        self.output_dir = self.store.url
+        self.lease_seconds = lease_seconds
+        self.shared = shared  # one of a run's several writers (see the module docstring)
         self.run_id = run_id
         self.rows_per_part = rows_per_part
         self.flush_seconds = flush_seconds
         self.sync_rows = sync_rows
         self.sync_seconds = sync_seconds
-        self.shared = shared  # one of a run's several writers (see the module docstring)
         self.rows_written = 0  # in committed parts
         self.rows_durable = 0  # in the journal or in parts
         self.parts_written = 0
@@ -120,19 +138,25 @@ class ParquetSink:
         self._committing: asyncio.Task[None] | None = None
         self._writer: asyncio.Task[None] | None = None
         self._failure: BaseException | None = None
-        self._lock_fd: int | None = None
+        self._lock: WriterLock | None = None
+        self._renewing: asyncio.Task[None] | None = None
         self._seq = 0
 
     # ----------------------------------------------------------------------------- lifecycle
     async def __aenter__(self) -> ParquetSink:
-        self._lock_fd = await asyncio.to_thread(_lock, self.output_dir, self.shared)
+        await asyncio.to_thread(self.store.ensure)
+        self._lock = await asyncio.to_thread(
+            self.store.lock, self.run_id, ttl=self.lease_seconds, shared=self.shared
+        )
         try:
             if not self.shared:
-                self.rows_recovered = await asyncio.to_thread(recover_locked, self.output_dir)
-            self._seq = _next_seq(self.output_dir, self.run_id)
+                self.rows_recovered = await asyncio.to_thread(recover_locked, self.store)
+            self._seq = await asyncio.to_thread(_next_seq, self.store, self.run_id)
         except BaseException:
-            _unlock(self._lock_fd)
+            self._release()
             raise
+        if self._lock.renew_every is not None:
+            self._renewing = asyncio.create_task(self._keep_lock(), name="gvp-sink-lease")
         self._writer = asyncio.create_task(self._run(), name="gvp-sink-writer")
         return self
 
@@ -154,9 +178,60 @@ class ParquetSink:
                 await self._queue.put(None)
             await asyncio.shield(writer)
         finally:
-            _unlock(self._lock_fd)
-            self._lock_fd = None
+            await self._stop_renewing()
+            await asyncio.to_thread(self._release)
         self._raise_failure()
+
+    async def compact_if_over(
+        self, threshold: float, *, visible: int | None = None, superseded: int = 0
+    ) -> dict[str, Any] | None:
+        """Commit everything, then compact the output (under this sink's lock) when the share
+        of superseded rows passes `threshold` (0 never). `visible` and `superseded`: the rows a
+        glob saw when this sink opened and how many were superseded (the resume index knows),
+        so that an output that cannot have passed the threshold is not read again. Returns
+        the compaction's report."""
+        if not threshold:
+            return None
+        await self.flush()
+        from pipeline.compact import compact_if_over
+
+        lock = self._lock
+        assert lock is not None
+        at_most = 1.0
+        if visible is not None:
+            added = self.rows_written  # (recovered rows were committed before the index)
+            at_most = (superseded + added) / (visible + added) if visible + added else 0.0
+        return await asyncio.to_thread(
+            compact_if_over, self.store, threshold, lock, at_most=at_most
+        )
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            lock, self._lock = self._lock, None
+            lock.release()
+
+    async def _keep_lock(self) -> None:
+        """Renew the lease every third of its TTL; a failed renewal is retried at the next
+        tick, and `check()` before each write stops the sink once the lease may have lapsed."""
+        lock = self._lock
+        assert lock is not None and lock.renew_every is not None
+        while True:
+            await asyncio.sleep(lock.renew_every)
+            try:
+                await asyncio.to_thread(lock.renew)
+            except Exception as exc:  # lost for good, or a store hiccup: check() decides
+                log.warning("%s: lease renewal failed: %s", self.output_dir, exc)
+
+    async def _stop_renewing(self) -> None:
+        if self._renewing is not None:
+            self._renewing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewing
+            self._renewing = None
+
+    def _check_lock(self) -> None:
+        if self._lock is not None:
+            self._lock.check()
 
     # ---------------------------------------------------------------------------------- rows
     async def add(self, row: dict[str, Any]) -> None:
@@ -284,14 +359,15 @@ class ParquetSink:
         rows, self._pending = self._pending.rows, _Pending()
         while rows:
             if self._segment is None:
-                path = self.output_dir / journal.segment_name(self.run_id, self._seq)
-                self._segment = await asyncio.to_thread(journal.Segment, path)
+                name = journal.segment_name(self.run_id, self._seq)
+                self._segment = await asyncio.to_thread(journal.Segment, self.store, name)
                 self._segment_started = time.monotonic()
             segment = self._segment
             group, rows = (
                 rows[: self.rows_per_part - len(segment.rows)],
                 rows[self.rows_per_part - len(segment.rows) :],
             )
+            self._check_lock()
             await asyncio.to_thread(segment.append, group)
             self.rows_durable += len(group)
             if len(segment.rows) >= self.rows_per_part:
@@ -310,11 +386,14 @@ class ParquetSink:
 
     async def _commit(self, segment: journal.Segment, seq: int) -> None:
         segment.close()
-        final = self.output_dir / journal.part_name(self.run_id, seq)
-        reasons = await asyncio.to_thread(_write_part, final, segment.rows, segment.path)
+        final = journal.part_name(self.run_id, seq)
+        self._check_lock()
+        reasons = await asyncio.to_thread(
+            _write_part, self.store, final, segment.rows, segment.name
+        )
         self.unstorable += len(reasons)
         for reason in reasons:
-            log.warning("%s: %s", final.name, reason)
+            log.warning("%s: %s", final, reason)
         self.rows_written += len(segment.rows)
         self.parts_written += 1
 
@@ -330,116 +409,97 @@ class ParquetSink:
                 item.done.set_exception(SinkFailed(str(self._failure)))
 
 
-# ------------------------------------------------------------------------------ disk side
-def _write_part(final: Path, rows: list[dict[str, Any]], segment: Path | None) -> list[str]:
-    """Commit `rows` as the part `final`, then delete the journal segment they came from."""
+# ----------------------------------------------------------------------------- store side
+def _write_part(
+    store: Store, name: str, rows: list[dict[str, Any]], segment: str | None
+) -> list[str]:
+    """Commit `rows` as the part `name`, then delete the journal segment they came from."""
     table, reasons = to_table(rows)
-    atomic_write(final, lambda file: pq.write_table(table, file, compression=COMPRESSION))
+    store.create(name, lambda file: pq.write_table(table, file, compression=COMPRESSION))
     if segment is not None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(segment)
-        fsync_dir(final.parent)
+        store.delete_appended(segment)
     return reasons
 
 
-def _lock(output_dir: Path, shared: bool = False) -> int:
-    """Take the directory's advisory lock (released when the descriptor closes)."""
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(output_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    except FileExistsError:
-        raise NotADirectoryError(f"output {output_dir} exists and is not a folder") from None
-    try:
-        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise _busy(output_dir) from None
-    return fd
-
-
-def _busy(output_dir: Path) -> OutputDirBusy:
-    return OutputDirBusy(f"{output_dir} is being written by another run; wait for it to finish")
-
-
-@contextlib.contextmanager
-def shared_output(output_dir: str | os.PathLike[str]) -> Iterator[int]:
-    """The output of a run whose rows several `shared=True` sinks write: taken as one sink takes
-    it (the lock, exclusively; a killed run's journal committed, its temporary files removed),
-    then held shared with those sinks until the end. Yields the rows recovered."""
-    path = Path(output_dir)
-    fd = _lock(path)
-    try:
-        recovered = recover_locked(path)
-        try:  # not atomic (flock(2)): another run taking it in between makes this one fail
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise _busy(path) from None
-        yield recovered
-    finally:
-        _unlock(fd)
-
-
-def _unlock(fd: int | None) -> None:
-    if fd is not None:
-        os.close(fd)
-
-
-def _next_seq(output_dir: Path, run_id: str) -> int:
+def _next_seq(store: Store, run_id: str) -> int:
     """The next free part number of `run_id` (the same run id again must not overwrite)."""
     taken = re.compile(rf"part-{re.escape(run_id)}-(\d+)\.parquet")
-    numbers = [int(m.group(1)) for e in os.scandir(output_dir) if (m := taken.fullmatch(e.name))]
+    names = (e.name for e in store.list("part-"))
+    numbers = [int(m.group(1)) for name in names if (m := taken.fullmatch(name))]
     return max(numbers, default=-1) + 1
 
 
-def recover_locked(output_dir: Path) -> int:
-    """Turn journal segments left by a killed run into their parts; remove unfinished temporary
-    files. The caller holds the directory's lock. Returns how many rows were recovered."""
-    recovered = sum(_recover_segment(segment) for segment in journal.segments(output_dir))
-    for name in _temp_files(output_dir):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(output_dir / name)
-        log.info("removed an unfinished part left by a killed run: %s", name)
-    fsync_dir(output_dir)
+def recover_locked(store: Store) -> int:
+    """Turn journal segments left by a killed run into their parts; finish or undo a killed
+    compaction; remove unfinished temporary files. The caller holds the output's lock.
+    Returns how many rows were recovered."""
+    from pipeline.compact import recover_compaction
+
+    recover_compaction(store)
+    recovered = sum(_recover_segment(store, segment) for segment in journal.segments(store))
+    if store.local:
+        temps = [e.name for e in store.list() if is_temp(e.name.rpartition("/")[2])]
+        store.delete(temps)
+        for name in temps:
+            log.info("removed an unfinished file left by a killed run: %s", name)
     return recovered
 
 
-def _recover_segment(segment: Path) -> int:
+def _recover_segment(store: Store, segment: str) -> int:
+    """A left-over journal segment: turned into its part unless that part exists; removed."""
     part = journal.part_for(segment)
-    rows = [] if part.exists() else list(journal.read(segment))
+    rows = [] if store.info(part) is not None else list(journal.read(store, segment))
     if rows:
-        _write_part(part, rows, None)
-        log.info("recovered %d answered rows of a killed run into %s", len(rows), part.name)
-    os.unlink(segment)
+        _write_part(store, part, rows, None)
+        log.info("recovered %d answered rows of a killed run into %s", len(rows), part)
+    store.delete_appended(segment)
     return len(rows)
 
 
-def recover_writer(output_dir: str | os.PathLike[str], run_id: str) -> int:
+@contextlib.contextmanager
+def shared_output(output_dir: str | os.PathLike[str] | Store) -> Iterator[int]:
+    """The output of a run whose rows several `shared=True` sinks write: taken as one sink takes
+    it (the lock, exclusively; a killed run's journal committed, its leftovers removed), then
+    held shared with those sinks until the end. Yields the rows recovered."""
+    store = open_store(output_dir)
+    store.ensure()
+    lock = store.lock("driver", shared=False)
+    try:
+        recovered = recover_locked(store)
+        lock.share()  # not atomic (flock(2)): another run taking it in between fails this one
+        yield recovered
+    finally:
+        lock.release()
+
+
+def recover_writer(output_dir: str | os.PathLike[str] | Store, run_id: str) -> int:
     """Commit the journal of one `shared=True` writer known to be gone (its process died) into
     its parts, leaving the other writers' journals alone. Returns the rows recovered."""
-    path = Path(output_dir)
+    store = open_store(output_dir)
     mine = re.compile(rf"{re.escape(journal.PREFIX + run_id)}-\d+{re.escape(journal.SUFFIX)}")
-    segments = [s for s in journal.segments(path) if mine.fullmatch(s.name)]
-    recovered = sum(_recover_segment(segment) for segment in segments)
-    if segments:
-        fsync_dir(path)
-    return recovered
+    return sum(
+        _recover_segment(store, segment)
+        for segment in journal.segments(store)
+        if mine.fullmatch(segment.rpartition("/")[2])
+    )
 
 
-def _temp_files(output_dir: Path) -> Iterator[str]:
-    return (e.name for e in os.scandir(output_dir) if e.is_file() and is_temp(e.name))
+def recover(output_dir: str | os.PathLike[str] | Store) -> int:
+    """Readers' entry (`status`, `export`, `render`): recover a killed run's journal (and a
+    killed compaction) if no run is writing the output now (a live run's journal is its own).
+    Returns rows."""
+    from pipeline.compact import pending_compaction
 
-
-def recover(output_dir: str | os.PathLike[str]) -> int:
-    """Readers' entry (`status`, `export`, `render`): recover a killed run's journal into parts
-    if no run is writing the directory now (a live run's journal is its own). Returns rows."""
-    path = Path(output_dir)
-    if not path.is_dir() or not journal.segments(path):
+    store = open_store(output_dir)
+    if store.local and not os.path.isdir(store.url):
+        return 0
+    if not journal.segments(store) and not pending_compaction(store):
         return 0
     try:
-        fd = _lock(path)
+        lock = store.lock("reader", wait=False)
     except OutputDirBusy:
         return 0
     try:
-        return recover_locked(path)
+        return recover_locked(store)
     finally:
-        _unlock(fd)
+        lock.release()

@@ -1,5 +1,11 @@
 """Find the files to work on: a lazy, deterministic, depth-first walk, or a manifest.
 
+Roots may be local folders or object-store prefixes (`s3://`, `gs://`, `az://`, `file://`,
+through fsspec; see `walk_objects`), and manifest entries may be paths, object URLs or
+`http(s)://` URLs. An object's or a URL's identity for resume is its size and a version stamp
+(`version_stamp`: of its ETag or generation, or for a URL its ETag or Last-Modified) in place of
+an mtime, so a rerun skips what is done from a listing, without downloading anything.
+
 Both yield `SourceFile`s and never raise for a bad entry: a broken link, a symlink loop or an
 unreadable directory becomes a `SourceFile` with `error` set, so it becomes an error row instead
 of silently vanishing or stopping the run.
@@ -34,14 +40,17 @@ import csv
 import errno
 import fnmatch
 import hashlib
+import io
+import itertools
 import os
 import posixpath
 import re
 import stat
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any
 
+from pipeline import stores
 from pipeline.dataset import GrowingDigestSet
 from pipeline.gemini.types import MAX_IMAGES_PER_REQUEST
 from pipeline.records import SourceFile, SourceGroup, Work
@@ -53,6 +62,20 @@ _GLOBSTAR = None  # a `**` component in a compiled pattern
 _PARQUET_BATCH_ROWS = 8192
 MANIFEST_SUFFIXES = (".txt", ".csv", ".parquet")
 MANIFEST_PATH_COLUMNS = ("path", "image_path")  # image_path: a pipeline output can be a manifest
+S3_PAGE = 1000  # keys per ListObjectsV2 page (S3's maximum)
+RESOLVE_TOGETHER = 64  # manifest URLs and objects whose size and version are asked at once
+Resolver = Callable[[list[SourceFile]], None]
+
+
+def version_stamp(token: object) -> int:
+    """A 63-bit number standing for an object's version (ETag, generation, Last-Modified):
+    what `file_mtime_ns` holds for an object or a URL, so the resume rule compares it exactly
+    as it compares a local file's mtime. 0 stays 0 (nothing known)."""
+    text = str(token or "").strip().strip('"')
+    if not text:
+        return 0
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogateescape"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1 or 1
 
 
 class _Glob:
@@ -220,9 +243,12 @@ def walk(
     symlink rules are in the module docstring. Folders in `skip` (the run's own output, which may
     sit inside an input folder) are never entered, by whatever path. Never raises for a bad entry.
     """
-    skip_ids = frozenset(_dir_ids(skip))
+    skip_ids = frozenset(_dir_ids([p for p in skip if not stores.is_url(p)]))
     for root in _as_roots(roots):
-        root_abs = os.path.abspath(root)
+        if stores.is_object_url(root):
+            yield from walk_objects(root, include=include, exclude=exclude, skip=skip)
+            continue
+        root_abs = os.path.abspath(stores.local_path(root))
         try:
             st = os.stat(root_abs)
         except OSError:
@@ -362,31 +388,53 @@ def read_manifest(path: str | os.PathLike[str]) -> Iterator[SourceFile]:
     names written by this same OS round-trip. Missing or unusable files become error entries; a
     missing manifest or an unknown suffix raises at once (a config error, not a bad entry).
     """
-    manifest = os.path.abspath(os.fspath(path))
+    manifest = os.fspath(path)
+    remote = stores.is_object_url(manifest)
+    manifest = stores.normalise_url(manifest) if remote else os.path.abspath(manifest)
     suffix = os.path.splitext(manifest)[1].lower()
     if suffix not in MANIFEST_SUFFIXES:
         raise ValueError(
             f"manifest {manifest}: unknown type {suffix!r}, expected one of "
             f"{', '.join(MANIFEST_SUFFIXES)}"
         )
-    if not os.path.isfile(manifest):
+    if not (_remote_exists(manifest) if remote else os.path.isfile(manifest)):
         raise FileNotFoundError(errno.ENOENT, "manifest not found", manifest)
     names = {".txt": _txt_lines, ".csv": _csv_paths, ".parquet": _parquet_paths}[suffix](manifest)
-    return _manifest_sources(os.path.dirname(manifest), names)
+    return _manifest_sources(
+        manifest.rpartition("/")[0] if remote else os.path.dirname(manifest), names
+    )
+
+
+def _remote_exists(url: str) -> bool:
+    return stores.filesystem(stores.scheme_of(url) or "").isfile(url)
+
+
+def _open_manifest(manifest: str) -> IO[bytes]:
+    if stores.is_object_url(manifest):
+        return stores.filesystem(stores.scheme_of(manifest) or "").open(manifest, "rb")
+    return open(manifest, "rb")
 
 
 def _manifest_sources(base: str, names: Iterator[str | tuple[str, str]]) -> Iterator[SourceFile]:
     """Each distinct file once (a path listed twice is one file, one row), rooted at the
     manifest's folder when it lies under it, else at its own folder (never a `..` path); an
-    entry that names its root (a pipeline output: image_root, image_path) keeps that root."""
+    entry that names its root (a pipeline output: image_root, image_path) keeps that root. A URL
+    (or an object URL) is its own name: root "", image_path the URL; its size and version are
+    filled in later (`input_sources` resolves them in groups)."""
     seen = GrowingDigestSet()
     for entry in names:
         name, given_root = entry if isinstance(entry, tuple) else (entry, None)
-        full = os.path.normpath(os.path.join(given_root or base, name))  # absolute stays itself
+        if stores.is_http_url(name) or stores.is_object_url(name) or stores.is_url(base):
+            full = _remote_name(base, name)
+        else:
+            full = os.path.normpath(os.path.join(given_root or base, name))  # absolute stays
         identity = hashlib.blake2b(os.fsencode(full), digest_size=16).digest()
         if identity in seen:
             continue
         seen.add(identity)
+        if stores.is_url(full):
+            yield SourceFile(path=full, root="", rel_path=full)
+            continue
         anchor = given_root or base
         inside = os.path.commonpath([anchor, full]) == anchor
         root = anchor if inside else os.path.dirname(full)
@@ -396,8 +444,20 @@ def _manifest_sources(base: str, names: Iterator[str | tuple[str, str]]) -> Iter
         yield _stat_source(full, root, posixpath.normpath(rel_path))
 
 
+def _remote_name(base: str, name: str) -> str:
+    """A manifest entry as a URL: itself when it is one, else relative to a remote manifest."""
+    if stores.is_url(name):
+        return stores.normalise_url(name) if stores.is_object_url(name) else name
+    return f"{base}/{posixpath.normpath(name.lstrip('/'))}"
+
+
+def _text(manifest: str, newline: str | None) -> IO[str]:
+    raw = _open_manifest(manifest)
+    return io.TextIOWrapper(raw, encoding="utf-8-sig", errors="surrogateescape", newline=newline)
+
+
 def _txt_lines(manifest: str) -> Iterator[str]:
-    with open(manifest, encoding="utf-8-sig", errors="surrogateescape", newline=None) as lines:
+    with _text(manifest, None) as lines:
         for line in lines:
             name = line.strip()
             if name and not name.startswith("#"):
@@ -405,7 +465,7 @@ def _txt_lines(manifest: str) -> Iterator[str]:
 
 
 def _csv_paths(manifest: str) -> Iterator[str]:
-    with open(manifest, encoding="utf-8-sig", errors="surrogateescape", newline="") as text:
+    with _text(manifest, "") as text:
         rows = csv.reader(text)
         header = next(rows, None)
         if header is None:
@@ -428,7 +488,7 @@ def _chain_row(first: list[str], rest: Iterator[list[str]]) -> Iterator[list[str
 def _parquet_paths(manifest: str) -> Iterator[str | tuple[str, str]]:
     import pyarrow.parquet as pq  # only manifests need it; keeps `import pipeline.source` light
 
-    with pq.ParquetFile(manifest) as table:
+    with _open_manifest(manifest) as raw, pq.ParquetFile(raw) as table:
         names = table.schema_arrow.names
         if not names:
             return
@@ -446,11 +506,16 @@ def _parquet_paths(manifest: str) -> Iterator[str | tuple[str, str]]:
                     yield (name.strip(), root) if root else name.strip()
 
 
-def input_sources(inp: InputConfig, *, skip: Sequence[str] = ()) -> Iterator[SourceFile]:
+def input_sources(
+    inp: InputConfig, *, skip: Sequence[str] = (), resolve: Resolver | None = None
+) -> Iterator[SourceFile]:
     """Every file an `[input]` section names: its manifest's entries, then its folders walked
-    (never entering the folders in `skip`: the run's output)."""
+    (never entering the folders in `skip`: the run's output). Manifest URLs and objects get
+    their size and version from `resolve` (a HEAD each, RESOLVE_TOGETHER at a time) so the
+    resume rule can skip them without a download; without it they stay unknown (not done)."""
     if inp.manifest:
-        yield from read_manifest(inp.manifest)
+        entries = read_manifest(inp.manifest)
+        yield from (entries if resolve is None else _resolved(entries, resolve))
     if inp.paths:
         yield from walk(
             inp.paths,
@@ -466,15 +531,17 @@ def input_sources(inp: InputConfig, *, skip: Sequence[str] = ()) -> Iterator[Sou
 GROUP_COLUMN = "group"
 
 
-def work_units(inp: InputConfig, *, skip: Sequence[str] = ()) -> Iterator[Work]:
+def work_units(
+    inp: InputConfig, *, skip: Sequence[str] = (), resolve: Resolver | None = None
+) -> Iterator[Work]:
     """What a run asks about, in order: each file alone, or the groups `[input] group_by`
     makes of them (`folder_groups`, `manifest_groups`)."""
     if inp.group_by == "folder":
-        yield from folder_groups(input_sources(inp, skip=skip))
+        yield from folder_groups(input_sources(inp, skip=skip, resolve=resolve))
     elif inp.group_by == "manifest" and inp.manifest:
         yield from manifest_groups(inp.manifest)
     else:
-        yield from input_sources(inp, skip=skip)
+        yield from input_sources(inp, skip=skip, resolve=resolve)
 
 
 def folder_groups(
@@ -651,3 +718,129 @@ def _parquet_group_rows(manifest: str) -> Iterator[tuple[str, str | None]]:
                 if name is not None and str(name).strip():
                     text = None if group is None else str(group).strip()
                     yield str(name).strip(), text or None
+
+
+def _resolved(entries: Iterator[SourceFile], resolve: Resolver) -> Iterator[SourceFile]:
+    """Entries in their order, remote ones resolved in groups (the rest pass through)."""
+    while group := list(itertools.islice(entries, RESOLVE_TOGETHER)):
+        remote = [src for src in group if stores.is_url(src.path) and src.error is None]
+        if remote:
+            resolve(remote)
+        yield from group
+
+
+# --------------------------------------------------------------------------- object stores
+def walk_objects(
+    url: str,
+    *,
+    include: Sequence[str] = ("*",),
+    exclude: Sequence[str] = (),
+    skip: Sequence[str] = (),
+    page: int = S3_PAGE,
+) -> Iterator[SourceFile]:
+    """Every object under an object-store prefix, in key order, with `walk`'s pattern and
+    hidden-name rules (an object URL naming one object yields it whatever the patterns say).
+
+    S3 is listed a page of S3_PAGE keys at a time (ListObjectsV2 with its continuation token):
+    memory holds one page, whatever the bucket holds. Other stores are walked folder by folder
+    through fsspec's `ls`, so memory holds the folders on the current path (a single folder of
+    millions of objects is held whole there). Folder markers (keys ending in "/") are skipped.
+    Listing errors (no such bucket, access denied) raise: the run cannot start, as with a
+    missing input folder.
+    """
+    root = stores.normalise_url(url)
+    scheme = stores.scheme_of(root) or ""
+    fs = stores.filesystem(scheme)
+    skipped = tuple(stores.normalise_url(p) + "/" for p in skip if stores.is_object_url(p))
+    listing = _s3_listing(fs, root, page) if scheme == "s3" else _fs_listing(fs, root)
+    found = False
+    for rel, size, version in _filtered(listing, _Filter.at_root(include, exclude)):
+        found = True
+        full = f"{root}/{rel}"
+        if not full.startswith(skipped):
+            yield SourceFile(full, root, rel, size=size, mtime_ns=version_stamp(version))
+    if not found:
+        yield from _single_object(fs, root)
+
+
+def _single_object(fs: Any, url: str) -> Iterator[SourceFile]:
+    """A root naming one object yields it (the user named it); nothing there is an error."""
+    parent, _, name = url.rpartition("/")
+    try:
+        info = fs.info(url)
+    except FileNotFoundError:
+        if not fs.exists(parent.split("://", 1)[1].split("/", 1)[0]):
+            raise FileNotFoundError(errno.ENOENT, "no such bucket", url) from None
+        return
+    if info.get("type") == "file":
+        version = stores.object_version(info)
+        yield SourceFile(
+            url, parent, name, size=int(info.get("size") or 0), mtime_ns=version_stamp(version)
+        )
+
+
+def _filtered(
+    listing: Iterator[tuple[str, int, str]], top: _Filter
+) -> Iterator[tuple[str, int, str]]:
+    """Keys (relative, "/"-separated) that the patterns want, the filter state of each folder
+    computed once while consecutive keys share it."""
+    stack: list[tuple[str, _Filter]] = [("", top)]
+    for rel, size, version in listing:
+        *folders, name = rel.split("/")
+        common = 0
+        while common < len(folders) and common + 1 < len(stack):
+            if stack[common + 1][0] != folders[common]:
+                break
+            common += 1
+        del stack[common + 1 :]
+        wanted = True
+        for folder in folders[common:]:
+            state = stack[-1][1].child(folder)
+            stack.append((folder, state))
+        if not all(state.wants_dir() for _, state in stack[1:]):
+            wanted = False
+        if wanted and name and stack[-1][1].child(name).wants_file():
+            yield rel, size, version
+
+
+def _s3_listing(fs: Any, root: str, page_size: int) -> Iterator[tuple[str, int, str]]:
+    """(key relative to the prefix, size, ETag) page by page, in S3's key order (UTF-8 bytes);
+    each page through s3fs, which retries throttling and transient errors."""
+    bucket, _, prefix = root.split("://", 1)[1].partition("/")
+    prefix = f"{prefix}/" if prefix else ""
+    token: str | None = None
+    while True:
+        ask: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": page_size}
+        if token:
+            ask["ContinuationToken"] = token
+        page = fs.call_s3("list_objects_v2", **ask)
+        for item in page.get("Contents", ()):
+            if not item["Key"].endswith("/"):
+                yield item["Key"][len(prefix) :], int(item["Size"]), str(item.get("ETag", ""))
+        if not page.get("IsTruncated"):
+            return
+        token = page["NextContinuationToken"]
+
+
+def _fs_listing(fs: Any, root: str) -> Iterator[tuple[str, int, str]]:
+    """Depth-first, names in order, one folder listing per folder on the current path."""
+    top = fs._strip_protocol(root).rstrip("/")
+    stack = [iter(_ls(fs, top))]
+    while stack:
+        info = next(stack[-1], None)
+        if info is None:
+            stack.pop()
+            continue
+        path = fs._strip_protocol(info["name"]).rstrip("/")
+        if info.get("type") == "directory":
+            stack.append(iter(_ls(fs, path)))
+        elif not path.endswith("/"):
+            yield path[len(top) + 1 :], int(info.get("size") or 0), stores.object_version(info)
+
+
+def _ls(fs: Any, path: str) -> list[dict[str, Any]]:
+    try:
+        found = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return []
+    return sorted(found, key=lambda info: info["name"])

@@ -18,19 +18,36 @@ Batch tables (pipeline/engines/batch.py writes them):
   its rows are committed;
 - `batch_retries`: fingerprints of files whose batch answer was a retryable error, for a next
   run set to retry them interactively.
+
+On an object store, which has no append, no fsync and no file locking, SQLite cannot work on the
+object itself: the run reads the `state.sqlite` object into an in-memory database, works on that,
+and puts a snapshot back (one whole PUT, under the run's lease) every SNAPSHOT_SECONDS while
+something changed (SQLite's `total_changes` says so, whoever wrote through `db`), at `save()`, and
+at `close()`. A kill loses at most the last SNAPSHOT_SECONDS
+of changes, which costs no money: an upload made in that window is not found for reuse and is
+made again (uploads are free), and that window's requests are missing from the daily count (the
+service's own 429 then stops the run at the quota). Callers that record something money depends
+on call `save()` right after it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import sqlite3
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pipeline.stores import Store, open_store
+
+log = logging.getLogger(__name__)
+
 STATE_FILE = "state.sqlite"
+SNAPSHOT_SECONDS = 10.0
 IN_FLIGHT = ("creating", "submitted")  # batch job phases whose files are not to be sent again
 
 
@@ -101,12 +118,22 @@ _BATCH_SCHEMA = (
 
 
 class State:
-    """The output directory's small mutable state. One writer: the run that owns the directory."""
+    """The output's small mutable state. One writer: the run that owns the output."""
 
-    def __init__(self, output_dir: str | Path) -> None:
-        Path(output_dir).mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(Path(output_dir) / STATE_FILE, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
+    def __init__(self, output_dir: str | Path | Store) -> None:
+        store = open_store(output_dir)
+        self._mutex = threading.RLock()  # the snapshot thread reads the database too
+        self._snapshots: _Snapshots | None = None
+        if store.local:
+            Path(store.url).mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(Path(store.url) / STATE_FILE, isolation_level=None)
+            self.db.execute("PRAGMA journal_mode=WAL")
+        else:
+            self.db = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+            snapshot = store.read(STATE_FILE) if store.info(STATE_FILE) else b""
+            if snapshot:
+                self.db.deserialize(snapshot)
+            self._snapshots = _Snapshots(store, self)
         self.db.execute(
             "CREATE TABLE IF NOT EXISTS uploads"
             " (sha256 TEXT, mime_type TEXT, name TEXT PRIMARY KEY, uri TEXT, expires_at TEXT)"
@@ -116,22 +143,46 @@ class State:
             self.db.execute(statement)
 
     def close(self) -> None:
+        if self._snapshots is not None:
+            self._snapshots.stop()
         self.db.close()
+
+    def save(self) -> None:
+        """Make every change so far durable now (a snapshot on an object store; on disk SQLite
+        already has)."""
+        if self._snapshots is not None:
+            self._snapshots.save()
+
+    def execute(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+        """One statement and its rows (the mutex keeps the snapshot thread out). Writes through
+        `self.db` directly are snapshotted too: the snapshot follows `total_changes`."""
+        with self._mutex:
+            return self.db.execute(sql, params).fetchall()
+
+    def serialize(self) -> tuple[bytes, int]:
+        """The database as bytes, and the change count it holds."""
+        with self._mutex:
+            return self.db.serialize(), self.db.total_changes
+
+    def changes(self) -> int:
+        with self._mutex:
+            return self.db.total_changes
 
     def find_upload(self, sha256: str, mime_type: str, valid_until: datetime) -> Upload | None:
         """A stored upload of these bytes that still lives at `valid_until`."""
-        row = self.db.execute(
+        rows = self.execute(
             "SELECT name, uri, mime_type, expires_at FROM uploads"
             " WHERE sha256 = ? AND mime_type = ? AND expires_at > ?"
             " ORDER BY expires_at DESC LIMIT 1",
             (sha256, mime_type, valid_until.astimezone(UTC).isoformat()),
-        ).fetchone()
-        if row is None:
+        )
+        if not rows:
             return None
+        row = rows[0]
         return Upload(row[0], row[1], row[2], datetime.fromisoformat(row[3]))
 
     def add_upload(self, sha256: str, upload: Upload) -> None:
-        self.db.execute(
+        self.execute(
             "INSERT OR REPLACE INTO uploads VALUES (?, ?, ?, ?, ?)",
             (
                 sha256,
@@ -143,17 +194,17 @@ class State:
         )
 
     def forget_upload(self, name: str) -> None:
-        self.db.execute("DELETE FROM uploads WHERE name = ?", (name,))
+        self.execute("DELETE FROM uploads WHERE name = ?", (name,))
 
     def upload_names(self) -> list[str]:
-        return [r[0] for r in self.db.execute("SELECT name FROM uploads ORDER BY name")]
+        return [r[0] for r in self.execute("SELECT name FROM uploads ORDER BY name")]
 
     def requests_on(self, day: str) -> int:
-        row = self.db.execute("SELECT requests FROM daily WHERE day = ?", (day,)).fetchone()
-        return row[0] if row else 0
+        rows = self.execute("SELECT requests FROM daily WHERE day = ?", (day,))
+        return rows[0][0] if rows else 0
 
     def add_requests(self, day: str, count: int) -> None:
-        self.db.execute(
+        self.execute(
             "INSERT INTO daily VALUES (?, ?) ON CONFLICT(day) DO UPDATE SET"
             " requests = requests + excluded.requests",
             (day, count),
@@ -166,19 +217,19 @@ class State:
         row = {"phase": "staged", "requests": 0, "est_tokens": 0, **values}
         row.update(display_name=display_name, created_at=now, updated_at=now)
         names = ", ".join(row)
-        cursor = self.db.execute(
+        job = self._insert(
             f"INSERT INTO batch_jobs ({names}) VALUES ({', '.join('?' * len(row))})",
             tuple(row.values()),
         )
-        return int(cursor.lastrowid or 0)
+        self.save()  # a job's record must be durable before the job can exist
+        return job
 
     def update_batch_job(self, job: int, **values: Any) -> None:
         """Set columns of a job (committed, and so durable, when this returns)."""
         values["updated_at"] = _now()
         assignments = ", ".join(f"{name} = ?" for name in values)
-        self.db.execute(
-            f"UPDATE batch_jobs SET {assignments} WHERE id = ?", (*values.values(), job)
-        )
+        self._write(f"UPDATE batch_jobs SET {assignments} WHERE id = ?", (*values.values(), job))
+        self.save()  # its phase and name are what stops a second create
 
     def batch_jobs(self, phases: Iterable[str] | None = None) -> list[BatchJobRecord]:
         """Jobs in these phases (all when None), oldest first."""
@@ -186,14 +237,14 @@ class State:
         wanted = tuple(phases) if phases is not None else ()
         if phases is not None:
             query += f" WHERE phase IN ({', '.join('?' * len(wanted))})"
-        rows = self.db.execute(query + " ORDER BY id", wanted)
+        rows = self._write(query + " ORDER BY id", wanted)
         return [BatchJobRecord(*row) for row in rows]
 
     def forget_batch_job(self, job: int) -> None:
         """Drop a job that was never created (staged): its files are sent again by a run."""
         with self._transaction():
             for table, column in (("batch_requests", "job"), ("batch_jobs", "id")):
-                self.db.execute(f"DELETE FROM {table} WHERE {column} = ?", (job,))
+                self._write(f"DELETE FROM {table} WHERE {column} = ?", (job,))
 
     def add_batch_requests(self, records: Iterable[BatchRequestRecord]) -> None:
         """Record files of a job, in one transaction (one commit for many rows)."""
@@ -202,9 +253,7 @@ class State:
             return
         marks = ", ".join("?" * len(fields(BatchRequestRecord)))
         with self._transaction():
-            self.db.executemany(
-                f"INSERT INTO batch_requests ({_REQUEST_COLUMNS}) VALUES ({marks})", rows
-            )
+            self._many(f"INSERT INTO batch_requests ({_REQUEST_COLUMNS}) VALUES ({marks})", rows)
 
     def batch_requests(self, job: int, key: str | None = None) -> list[BatchRequestRecord]:
         """The files of a job (of one of its requests when `key` is given), in the order added."""
@@ -212,27 +261,25 @@ class State:
         args: tuple[Any, ...] = (job,)
         if key is not None:
             query, args = query + " AND key = ?", (job, key)
-        return [
-            BatchRequestRecord(*row) for row in self.db.execute(query + " ORDER BY rowid", args)
-        ]
+        return [BatchRequestRecord(*row) for row in self._write(query + " ORDER BY rowid", args)]
 
     def batch_request_keys(self, job: int) -> Iterator[str]:
         """The distinct request keys of a job."""
-        rows = self.db.execute("SELECT DISTINCT key FROM batch_requests WHERE job = ?", (job,))
+        rows = self._write("SELECT DISTINCT key FROM batch_requests WHERE job = ?", (job,))
         return (row[0] for row in rows)
 
     def in_flight_job_of(self, key: str) -> int | None:
         """The job in flight (creating or submitted) that asks for `key` already, if any."""
-        row = self.db.execute(
+        rows = self._write(
             "SELECT r.job FROM batch_requests r JOIN batch_jobs j ON j.id = r.job"
             f" WHERE r.key = ? AND j.phase IN ({', '.join('?' * len(IN_FLIGHT))}) LIMIT 1",
             (key, *IN_FLIGHT),
-        ).fetchone()
-        return None if row is None else int(row[0])
+        )
+        return int(rows[0][0]) if rows else None
 
     def in_flight_fingerprints(self) -> bytes:
         """The fingerprints of every file a job in flight answers, joined (16 bytes each)."""
-        rows = self.db.execute(
+        rows = self._write(
             "SELECT r.fingerprint FROM batch_requests r JOIN batch_jobs j ON j.id = r.job"
             f" WHERE j.phase IN ({', '.join('?' * len(IN_FLIGHT))})",
             IN_FLIGHT,
@@ -240,37 +287,86 @@ class State:
         return b"".join(row[0] for row in rows)
 
     def add_batch_file(self, job: int, name: str) -> None:
-        self.db.execute("INSERT OR REPLACE INTO batch_files VALUES (?, ?)", (job, name))
+        self._write("INSERT OR REPLACE INTO batch_files VALUES (?, ?)", (job, name))
 
     def batch_files(self, job: int) -> list[str]:
-        rows = self.db.execute("SELECT name FROM batch_files WHERE job = ? ORDER BY name", (job,))
+        rows = self._write("SELECT name FROM batch_files WHERE job = ? ORDER BY name", (job,))
         return [row[0] for row in rows]
 
     def forget_batch_file(self, name: str) -> None:
-        self.db.execute("DELETE FROM batch_files WHERE name = ?", (name,))
+        self._write("DELETE FROM batch_files WHERE name = ?", (name,))
 
     def add_batch_retries(self, fingerprints: Iterable[bytes]) -> None:
         with self._transaction():
-            self.db.executemany(
+            self._many(
                 "INSERT OR IGNORE INTO batch_retries VALUES (?)", ((f,) for f in fingerprints)
             )
 
     def batch_retries(self) -> bytes:
-        return b"".join(row[0] for row in self.db.execute("SELECT fingerprint FROM batch_retries"))
+        return b"".join(row[0] for row in self._write("SELECT fingerprint FROM batch_retries"))
 
     def forget_batch_retry(self, fingerprint: bytes) -> None:
-        self.db.execute("DELETE FROM batch_retries WHERE fingerprint = ?", (fingerprint,))
+        self._write("DELETE FROM batch_retries WHERE fingerprint = ?", (fingerprint,))
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
-        self.db.execute("BEGIN")
-        try:
-            yield
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
+        with self._mutex:
+            self.db.execute("BEGIN")
+            try:
+                yield
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+        self.save()
+
+    def _write(self, sql: str, params: Iterable[Any] = ()) -> list[Any]:
+        """One statement under the mutex (the snapshot thread reads the database too): its
+        rows, fetched at once."""
+        return self.execute(sql, tuple(params))
+
+    def _insert(self, sql: str, params: Iterable[Any]) -> int:
+        """One INSERT under the mutex: the id of its row."""
+        with self._mutex:
+            return int(self.db.execute(sql, tuple(params)).lastrowid or 0)
+
+    def _many(self, sql: str, rows: Iterable[Iterable[Any]]) -> None:
+        with self._mutex:
+            self.db.executemany(sql, rows)
 
 
 def _now() -> str:
     return datetime.now(UTC).isoformat()
+
+
+class _Snapshots:
+    """Puts the in-memory database back to the object store while it changes (module doc)."""
+
+    def __init__(self, store: Store, state: State) -> None:
+        self.store = store
+        self.state = state
+        self.saved = state.db.total_changes  # what the object holds (loading is no change)
+        self._done = threading.Event()
+        self._saving = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="gvp-state", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._done.wait(SNAPSHOT_SECONDS):
+            try:
+                self.save()
+            except OSError as exc:  # tried again at the next tick, and at close
+                log.warning("%s: state snapshot failed: %s", self.store.url, exc)
+
+    def save(self) -> None:
+        with self._saving:
+            if self.state.changes() == self.saved:
+                return
+            data, changes = self.state.serialize()
+            self.store.replace(STATE_FILE, data)
+            self.saved = changes
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+        self.save()

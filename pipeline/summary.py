@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import exits
-from pipeline.fsutil import atomic_write_bytes
+from pipeline.stores import Store, open_store
 
 RUNS_DIR = "runs"
 
@@ -58,19 +58,18 @@ class RunSummary:
         else:
             self.exit_code = exits.OK
 
-    def write(self, output_dir: str | Path) -> Path:
-        """Write runs/<run id>.json whole or not at all."""
-        runs = Path(output_dir) / RUNS_DIR
-        runs.mkdir(exist_ok=True)
-        path = runs / f"{self.run_id}.json"
-        atomic_write_bytes(path, self.to_json().encode())
-        return path
+    def write(self, output_dir: str | Path | Store) -> str:
+        """Write runs/<run id>.json whole or not at all (in a folder or an object store)."""
+        return _write(output_dir, self.run_id, self.to_json().encode())
 
 
-def write_report(output_dir: str | Path, run_id: str, report: dict[str, Any]) -> Path:
+def write_report(output_dir: str | Path | Store, run_id: str, report: dict[str, Any]) -> str:
     """A summary of another command (reparse, compact) in runs/, written atomically."""
-    runs = Path(output_dir) / RUNS_DIR
-    runs.mkdir(exist_ok=True)
-    path = runs / f"{run_id}.json"
-    atomic_write_bytes(path, json.dumps(report, indent=2).encode())
-    return path
+    return _write(output_dir, run_id, json.dumps(report, indent=2).encode())
+
+
+def _write(output_dir: str | Path | Store, run_id: str, data: bytes) -> str:
+    store = open_store(output_dir)
+    name = f"{RUNS_DIR}/{run_id}.json"
+    store.replace(name, data)
+    return store.join(name)

@@ -97,3 +97,50 @@ def images_dir(tmp_path: Path) -> Path:
     path = tmp_path / "images"
     path.mkdir()
     return path
+
+
+# ------------------------------------------------------------------ a real S3 on loopback
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Any:
+    """moto's S3 server on loopback, one for the whole session (starting it costs ~1 s), with
+    the standard AWS environment pointing at it, as a user's would point at their endpoint."""
+    import logging
+    import os
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
+    env = {
+        "AWS_ENDPOINT_URL": url,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        yield url
+    finally:
+        server.stop()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+_BUCKETS = iter(range(1_000_000))
+
+
+@pytest.fixture
+def bucket(s3_endpoint: str) -> str:
+    """A fresh, empty bucket on the session's S3 server: `s3://<name>`."""
+    from pipeline.stores import filesystem
+
+    name = f"test-bucket-{next(_BUCKETS)}"
+    filesystem("s3").mkdir(name)
+    return f"s3://{name}"

@@ -15,12 +15,13 @@ import pytest
 from pipeline.dataset import (
     DigestSet,
     current_rows,
+    file_digest,
     format_status,
     load_resume_index,
     lookup_rows,
     status,
 )
-from pipeline.records import ROW_SCHEMA, fingerprint, make_key
+from pipeline.records import ROW_SCHEMA, make_key
 from pipeline.sink import ParquetSink
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -136,7 +137,7 @@ async def test_resume_index_semantics(tmp_path: Path) -> None:
     assert keep.rows_read == retry.rows_read == 9
 
     def done(index: Any, path: str, size: int = 100, mtime: int = 5_000) -> bool:
-        fp = fingerprint(ROOT, path, size, mtime, index.key_suffix)
+        fp = file_digest(ROOT, path, size, mtime)
         assert (fp in index.done) == index.is_done(ROOT, path, size, mtime)
         return fp in index.done
 
@@ -162,6 +163,36 @@ async def test_resume_index_semantics(tmp_path: Path) -> None:
     assert make_key(sha("ok.jpg"), "s2") not in keep.ok_keys
     assert make_key(sha("other.jpg"), "s1") not in keep.ok_keys
     assert "not-a-key" not in keep.ok_keys and len(keep.ok_keys) == 3
+
+
+async def test_the_index_cache_gives_the_same_index_and_follows_new_parts(tmp_path: Path) -> None:
+    """The facts cached under .index/ answer exactly as the parts do; a new part is added to
+    them, a part that vanished (compacted away) makes its cache file unused."""
+    await write(tmp_path, "r1", [row(f"{n}.jpg", n) for n in range(30)], per_part=10)
+    await write(tmp_path, "r2", [row("3.jpg", 40, status="error", error="500", retryable=True)])
+
+    def both(suffix: str = "s1") -> tuple[Any, Any]:
+        fresh = load_resume_index(tmp_path, key_suffix=suffix, retry_errors=False)
+        cached = load_resume_index(
+            tmp_path, key_suffix=suffix, retry_errors=False, write_cache=True
+        )
+        return fresh, cached
+
+    fresh, cached = both()
+    assert list((tmp_path / ".index").glob("facts-*.arrow"))
+    again = load_resume_index(tmp_path, key_suffix="s1", retry_errors=False)  # from the cache
+    for index in (cached, again):
+        assert index.rows_read == fresh.rows_read == 31
+        assert len(index.done) == len(fresh.done) == 29  # 3.jpg is a retryable error now
+        assert all(index.is_done(ROOT, f"{n}.jpg", 100, 5_000) == (n != 3) for n in range(30))
+        assert len(index.ok_keys) == len(fresh.ok_keys) == 30
+    await write(tmp_path, "r3", [row("3.jpg", 50)])
+    fresh, cached = both()
+    assert len(cached.done) == len(fresh.done) == 30
+    assert len(list((tmp_path / ".index").glob("facts-*.arrow"))) == 2
+    (tmp_path / "part-r1-00000.parquet").unlink()  # as a compaction would
+    fresh, cached = both()
+    assert cached.rows_read == fresh.rows_read == 22 and len(cached.done) == len(fresh.done) == 21
 
 
 async def test_retried_error_superseded_for_index_and_status(tmp_path: Path) -> None:

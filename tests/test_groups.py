@@ -24,6 +24,7 @@ from pipeline.config import ConfigError, check_groups, parse_config, settings_ha
 from pipeline.dataset import current_rows, load_resume_index, lookup_rows
 from pipeline.estimate import estimate, format_estimate
 from pipeline.export import export_coco
+from pipeline.facts import file_digest
 from pipeline.gemini.content import build_generate_content_body
 from pipeline.gemini.types import GenerateResponse, ImagePart, Usage
 from pipeline.records import (
@@ -31,7 +32,6 @@ from pipeline.records import (
     ROW_SCHEMA,
     SourceFile,
     SourceGroup,
-    fingerprint,
     group_sha256,
     make_key,
     work_identity,
@@ -387,7 +387,7 @@ def test_parts_of_schema_2_are_read_as_single_image_rows(tmp_path: Path) -> None
     assert current["objects"][0]["image"] is None and current["objects"][0]["xy"] is None
     index = load_resume_index(tmp_path, key_suffix="s1", retry_errors=False)
     assert index.is_done("/r", "a.png", 3, 4) and key in index.ok_keys
-    assert fingerprint("/r", "a.png", 3, 4, "s1") in index.done
+    assert file_digest("/r", "a.png", 3, 4) in index.done
     assert lookup_rows(tmp_path, [key])[key]["objects"][0]["point_2d"] is None
 
 

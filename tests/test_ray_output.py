@@ -12,6 +12,7 @@ import pytest
 from pipeline import journal
 from pipeline.records import make_key
 from pipeline.sink import OutputDirBusy, ParquetSink, recover_writer, shared_output
+from pipeline.stores import open_store
 from tests.conftest import read_rows
 
 
@@ -55,7 +56,7 @@ async def test_a_shared_writer_cannot_start_while_another_run_writes(tmp_path: P
 
 
 def test_the_driver_commits_a_killed_runs_journal_before_sharing(tmp_path: Path) -> None:
-    segment = journal.Segment(tmp_path / journal.segment_name("killed.w3", 0))
+    segment = journal.Segment(open_store(tmp_path), journal.segment_name("killed.w3", 0))
     segment.append([row(7)])
     segment.close()
     with shared_output(tmp_path) as recovered:
@@ -65,10 +66,10 @@ def test_the_driver_commits_a_killed_runs_journal_before_sharing(tmp_path: Path)
 
 def test_a_lost_writers_journal_is_committed_alone(tmp_path: Path) -> None:
     for name, n in (("run1.w1", 1), ("run1.w10", 10), ("run1.w2", 2)):
-        segment = journal.Segment(tmp_path / journal.segment_name(name, 0))
+        segment = journal.Segment(open_store(tmp_path), journal.segment_name(name, 0))
         segment.append([row(n)])
         segment.close()
     assert recover_writer(tmp_path, "run1.w1") == 1
     assert [p.name for p in tmp_path.glob("*.parquet")] == ["part-run1.w1-00000.parquet"]
-    alive = sorted(p.name for p in journal.segments(tmp_path))
+    alive = sorted(journal.segments(open_store(tmp_path)))
     assert alive == [journal.segment_name("run1.w10", 0), journal.segment_name("run1.w2", 0)]

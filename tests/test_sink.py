@@ -100,7 +100,9 @@ async def test_rows_are_durable_within_the_sync_interval(tmp_path: Path) -> None
         await wait_until(lambda: sink.rows_durable == 1)
         assert loop.time() - started >= 0.05  # grouped, not one fsync per row
         (segment,) = tmp_path.glob(".journal-run1-*.jsonl")
-        assert [r["image_path"] for r in journal.read(segment)] == ["img/00000.jpg"]
+        assert [r["image_path"] for r in journal.read(sink.store, segment.name)] == [
+            "img/00000.jpg"
+        ]
         for n in range(1, 300):  # a full group is synced at once, without waiting
             await sink.add(row(n))
         await wait_until(lambda: sink.rows_durable >= 257)

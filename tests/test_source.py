@@ -462,3 +462,35 @@ def test_manifest_of_unknown_type_or_missing_raises_at_once(tmp_path: Path) -> N
         read_manifest(tmp_path / "list.json")
     with pytest.raises(FileNotFoundError):
         read_manifest(tmp_path / "absent.txt")
+
+
+# ------------------------------------------------------------- other fsspec stores, file://
+
+
+def test_a_store_without_paged_listing_is_walked_folder_by_folder(tmp_path: Path) -> None:
+    """fsspec's in-memory filesystem stands for az:// and the others (listed with `ls`):
+    the same files as the local walk of the same tree, same rules, in name order."""
+    from pipeline.stores import filesystem
+
+    tree = ["a.jpg", "b/c.png", "b/.hidden.png", ".cache/x.png", "raw/d.tif", "z.txt"]
+    fs = filesystem("memory")
+    touch(tmp_path / "tree", *tree)
+    for name in tree:
+        fs.pipe(f"memory://walk-test/tree/{name}", b"x")
+    for include, exclude in ((["*"], []), (["*.png"], ["raw"]), (["raw/*", "**/.*.png"], [])):
+        local = rels(list(walk([tmp_path / "tree"], include=include, exclude=exclude)))
+        remote = list(walk(["memory://walk-test/tree"], include=include, exclude=exclude))
+        assert rels(remote) == local
+        assert all(s.size == 1 and s.path.startswith("memory://walk-test/tree/") for s in remote)
+
+
+def test_file_urls_are_local_paths(tmp_path: Path) -> None:
+    touch(tmp_path, "x/a.png", "x/b.png")
+    assert rels(list(walk([f"file://{tmp_path}/x"]))) == ["a.png", "b.png"]
+
+
+def test_version_stamp_stands_for_an_etag() -> None:
+    from pipeline.source import version_stamp
+
+    assert version_stamp('"abc"') == version_stamp("abc") != version_stamp("abd")
+    assert 0 < version_stamp("abc") < 2**63 and version_stamp("") == 0

@@ -142,7 +142,8 @@ class BatchProcess(SingleProcess):
         # Read before any collection: a file of a job collected from here on is committed
         # after the resume index was read, and must be skipped all the same.
         skip = _Skip(index, DigestSet(state.in_flight_fingerprints()))
-        self.producer = Producer(self.config, skip, self.options.limit)
+        assert runner.fetcher is not None
+        self.producer = Producer(self.config, skip, self.options.limit, runner.fetcher)
         await guarded(stop, jobs.check_all())
         submission = Submission(self, jobs, runner, state, out / FOLDER)
         walked = asyncio.Event()

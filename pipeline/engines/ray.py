@@ -64,6 +64,7 @@ from pipeline.engines.single import (
     _output_dir,
     _sink_hint,
 )
+from pipeline.fetch import Fetcher, settings_from
 from pipeline.progress import Progress
 from pipeline.records import SourceFile
 from pipeline.rows import RunFacts
@@ -129,7 +130,9 @@ class RayEngine:
             fleet = Fleet(self.config, self._setup(base_url, key, quota), index.ok_keys)
             stack.push_async_callback(fleet.kill)
             await fleet.start()
-            producer = Producer(self.config, index, self.options.limit)
+            fetcher = Fetcher(settings_from(self.config), seed=self.options.seed)
+            stack.callback(fetcher.close)  # the walk asks it the size and version of URLs
+            producer = Producer(self.config, index, self.options.limit, fetcher)
             watching = asyncio.ensure_future(self._watch_quota(quota))
             try:
                 await self._work(producer, fleet)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import random
 import secrets
@@ -24,7 +25,7 @@ import signal
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,10 +33,11 @@ from pathlib import Path
 from pipeline.calls import Caller, RunStopped
 from pipeline.config import Config, ConfigError, check_groups, declarations
 from pipeline.dataset import ResumeIndex, load_resume_index
+from pipeline.fetch import Fetcher, settings_from
 from pipeline.gemini import GeminiClient, api_key_from_env
 from pipeline.limits import DailyCount, RateLimiter
 from pipeline.progress import Progress
-from pipeline.records import Work, work_identity
+from pipeline.records import SourceFile, Work, members_of, work_identity
 from pipeline.references import load as load_references
 from pipeline.reuse import Answers
 from pipeline.rows import RunFacts
@@ -44,9 +46,11 @@ from pipeline.sink import ParquetSink, SinkFailed
 from pipeline.source import work_units
 from pipeline.state import State
 from pipeline.stop import Stop, Stopped
+from pipeline.stores import MissingExtra, Store, is_url, local_path, open_store, scheme_of
 from pipeline.summary import RunSummary
 from pipeline.tasks import get_task
 
+log = logging.getLogger(__name__)
 Batch = list[Work]
 LOCAL_KEY = "local-key"
 BATCH_SIZE = 64  # files handed from the walking thread to the workers at once
@@ -57,10 +61,13 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 class Producer:
     """Walks the inputs in a thread and feeds a bounded queue in small batches."""
 
-    def __init__(self, config: Config, index: ResumeIndex, limit: int | None) -> None:
+    def __init__(
+        self, config: Config, index: ResumeIndex, limit: int | None, fetcher: Fetcher
+    ) -> None:
         self.config = config
         self.index = index
         self.limit = limit
+        self.fetcher = fetcher  # sizes and versions of manifest URLs and objects
         self.seen = 0
         self.skipped = 0
         self.done = False
@@ -85,7 +92,10 @@ class Producer:
 
     def _todo(self) -> Iterator[Work]:
         sent = 0
-        for work in work_units(self.config.input, skip=(self.config.output.dir,)):
+        units = work_units(
+            self.config.input, skip=(self.config.output.dir,), resolve=self.fetcher.resolve
+        )
+        for work in units:
             if self.halt.is_set() or (self.limit is not None and sent >= self.limit):
                 return
             self.seen += 1
@@ -107,6 +117,7 @@ class Opened:
     caller: Caller
     answers: Answers
     runner: ImageRunner
+    fetcher: Fetcher
 
 
 class SingleProcess:
@@ -142,13 +153,15 @@ class SingleProcess:
         self.summary.write(out)
         return self.summary
 
-    async def _run(self, out: Path, stop: Stop) -> ParquetSink:
+    async def _run(self, out: Path | Store, stop: Stop) -> ParquetSink:
         """Everything with the output open; returns the sink, closed."""
         async with contextlib.AsyncExitStack() as stack:
             opened = await self._open(stack, out, stop)
             runner, caller = opened.runner, opened.caller
-            producer = Producer(self.config, opened.index, self.options.limit)
+            producer = Producer(self.config, opened.index, self.options.limit, opened.fetcher)
             await self._work(producer, runner, opened.sink, stop)
+            if stop.running:
+                await _compact_quietly(opened.sink, self.config.output.compact_above, opened.index)
             caller.daily.save()
             if self.config.images.delete_uploads:  # a cleanup, not new work: it survives a
                 with contextlib.suppress(Stopped):  # drain, only a second signal cuts it short
@@ -156,26 +169,34 @@ class SingleProcess:
             self._summarise(producer, runner, caller)
         return opened.sink
 
-    async def _open(self, stack: contextlib.AsyncExitStack, out: Path, stop: Stop) -> Opened:
-        """The output opened (its journal recovered first), the index read, the client and the
-        per-image engine made: what every engine of a run works with."""
-        state = _open_state(out, self.config)
-        stack.callback(state.close)
+    async def _open(
+        self, stack: contextlib.AsyncExitStack, out: Path | Store, stop: Stop
+    ) -> Opened:
+        """The output opened (the lock taken, a killed run's journal recovered first), its
+        state and resume index read, the client and the per-unit engine made: what every engine
+        of a run works with."""
+        fetcher = Fetcher(settings_from(self.config), seed=self.options.seed)
+        stack.callback(fetcher.close)
         sink = await stack.enter_async_context(self._sink(out))
+        state = _open_state(out, self.config)  # after the lock: read what the last run left
+        stack.callback(state.close)
         self.summary.recovered = sink.rows_recovered
         index = await asyncio.to_thread(
             load_resume_index,
             out,
             key_suffix=self.facts.key_suffix,
             retry_errors=self.options.retry_errors,
+            write_cache=True,
         )
         client = await stack.enter_async_context(await self._client(stack))
         caller = self._caller(client, state, stop)
         answers = Answers(str(out), index.ok_keys, sink.flush)
-        runner = ImageRunner(self.config, self.facts, caller=caller, answers=answers, sink=sink)
-        return Opened(state, sink, index, client, caller, answers, runner)
+        runner = ImageRunner(
+            self.config, self.facts, caller=caller, answers=answers, sink=sink, fetcher=fetcher
+        )
+        return Opened(state, sink, index, client, caller, answers, runner, fetcher)
 
-    def _sink(self, out: Path) -> ParquetSink:
+    def _sink(self, out: Path | Store) -> ParquetSink:
         output = self.config.output
         return ParquetSink(
             out,
@@ -184,6 +205,7 @@ class SingleProcess:
             flush_seconds=output.flush_seconds,
             sync_seconds=output.journal_seconds,
             sync_rows=output.journal_rows,
+            lease_seconds=output.lease_seconds,
         )
 
     async def _client(self, stack: contextlib.AsyncExitStack) -> GeminiClient:
@@ -236,7 +258,8 @@ class SingleProcess:
         loop = asyncio.get_running_loop()
         with _signals(loop, stop, sink):
             walking = loop.run_in_executor(None, producer.run, loop, batches)
-            dealer = asyncio.create_task(_deal(batches, files, conc, stop))
+            prefetch = runner.fetcher.prefetch if runner.fetcher else None
+            dealer = asyncio.create_task(_deal(batches, files, conc, stop, prefetch))
             workers = [asyncio.create_task(self._worker(files, runner, stop)) for _ in range(conc)]
             reporter = asyncio.create_task(progress.run())
             try:
@@ -324,13 +347,18 @@ async def _deal(
     files: asyncio.Queue[Work | None],
     workers: int,
     stop: Stop,
+    prefetch: Callable[[SourceFile], None] | None = None,
 ) -> None:
-    """Deal the walking thread's batches out to the workers one file at a time."""
+    """Deal the walking thread's batches out to the workers one unit at a time (an object or a
+    URL starts being read as it is dealt: `Fetcher.prefetch`)."""
     while (batch := await batches.get()) is not None:
-        for src in batch:
+        for work in batch:
             if not stop.running:
                 break
-            await files.put(src)
+            if prefetch is not None:
+                for src in members_of(work):
+                    prefetch(src)
+            await files.put(work)
     for _ in range(workers):
         await files.put(None)
 
@@ -387,9 +415,28 @@ async def _endpoint(config: Config, stack: contextlib.AsyncExitStack) -> tuple[s
     return config.api.base_url, key
 
 
-def _output_dir(config: Config) -> Path:
-    """The output folder, created; a path that is a file or cannot be written is a usage error."""
-    out = Path(config.output.dir)
+async def _compact_quietly(sink: ParquetSink, threshold: float, index: ResumeIndex) -> None:
+    """Compact past the threshold; a failure leaves the output as it was (readers still see the
+    current rows), so it is a warning, not the run's failure."""
+    try:
+        await sink.compact_if_over(
+            threshold, visible=index.visible_rows, superseded=index.superseded_rows
+        )
+    except (OSError, ValueError, RuntimeError) as exc:
+        log.warning("compaction at the end of the run failed (the output is intact): %s", exc)
+
+
+def _output_dir(config: Config) -> Path | Store:
+    """The output folder, created; a path that is a file or cannot be written is a usage error.
+    An object-store prefix is its Store (its bucket must exist)."""
+    if is_url(config.output.dir) and scheme_of(config.output.dir) != "file":
+        try:
+            store = open_store(config.output.dir)
+            store.ensure()
+        except (ValueError, MissingExtra, FileNotFoundError, PermissionError) as exc:
+            raise ConfigError(f"{config.source}: [output] dir: {exc}") from None
+        return store
+    out = Path(local_path(config.output.dir))
     try:
         out.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
@@ -403,12 +450,13 @@ def _output_dir(config: Config) -> Path:
     return out
 
 
-def _open_state(out: Path, config: Config) -> State:
+def _open_state(out: Path | Store, config: Config) -> State:
     try:
         return State(out)
     except sqlite3.DatabaseError as exc:
+        where = out.join("state.sqlite") if isinstance(out, Store) else out / "state.sqlite"
         raise ConfigError(
-            f"{config.source}: {out / 'state.sqlite'} cannot be read ({exc}); move it aside "
+            f"{config.source}: {where} cannot be read ({exc}); move it aside "
             "(it holds reusable uploads and today's request count) and run again"
         ) from None
 

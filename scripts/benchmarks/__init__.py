@@ -7,6 +7,8 @@
     throughput.py  latency.py  rate.py  memory.py  resume.py  profile.py  journal.py
     hanging.py  batch.py     one benchmark each
     ray_quota.py  ray_overhead.py   the Ray engine: one shared quota; cost and start-up
+    bucket_listing.py  bucket_run.py  bucket_resume.py  compaction.py   the same, for buckets
+                   and `pipeline compact` (s3server.py: the local S3 they run against)
 
 A benchmark is a module that ends with
 
@@ -25,6 +27,10 @@ from typing import Any
 
 from . import (
     batch,
+    bucket_listing,
+    bucket_resume,
+    bucket_run,
+    compaction,
     hanging,
     journal,
     latency,
@@ -50,4 +56,8 @@ BENCHMARKS: dict[str, Benchmark[Any]] = {
     "batch": batch.BENCHMARK,
     "ray-quota": ray_quota.BENCHMARK,
     "ray-overhead": ray_overhead.BENCHMARK,
+    "bucket-listing": bucket_listing.BENCHMARK,
+    "bucket-run": bucket_run.BENCHMARK,
+    "bucket-resume": bucket_resume.BENCHMARK,
+    "compact": compaction.BENCHMARK,
 }

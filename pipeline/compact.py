@@ -1,0 +1,351 @@
+"""`pipeline compact OUT`: the current rows rewritten into fresh parts, superseded ones removed,
+so that DuckDB, Polars, pandas, Spark or `datasets` reading `OUT/*.parquet` get exactly the
+current rows (one per image and task) without knowing the "newest row wins" rule.
+
+Crash-safe at every step, the way Delta Lake commits an OPTIMIZE: the new files are written
+where no reader looks, then one small commit record, created whole and only if absent, is the
+switch; cleaning up after it is idempotent and finished by whoever comes next.
+
+1. The current rows are written, part by part of the old set, into `.compact-<id>/part-compact-
+   <id>-<n>.parquet` (a hidden folder: no glob and no reader of ours sees it), and the
+   superseded rows beside them into `.compact-<id>/.superseded/...`: superseded rows are paid
+   answers (the resume index reuses them when settings change back, `status` counts their
+   tokens), so they are set aside out of every glob's sight rather than lost — as Delta Lake
+   keeps the files an OPTIMIZE removed until a VACUUM.
+2. The commit record `.compact-<id>.json` (the old parts, the new parts) is created. Before it
+   exists the compaction did not happen: recovery deletes the staging folder. Once it exists it
+   did: recovery finishes steps 3 and 4.
+3. Each new part is published at the top level (disk: a rename; object store: a server-side
+   copy, then the staged object is deleted).
+4. The old parts are deleted, then the staging folder and the record.
+
+Readers of this project (`dataset.part_entries`, through `visible_parts`) apply a present record
+at every instant: old parts hidden, new parts read wherever they are (staged or published), so
+they see exactly the old set before step 2 and exactly the new set from then on, even after a
+kill. A plain glob sees the old set until step 3 starts and the new set once step 4 ends; during
+those two steps (renames and unlinks locally: milliseconds; copies and deletes on a bucket) it
+can see both, and a kill there leaves both for it until the next `pipeline` command on the
+output (any of them recovers first) finishes the switch. Delta Lake's readers go through its log
+for the same reason; compact while no plain reader is scanning if that window matters.
+
+Runs compact on their own, at their end and under their lock, when the share of superseded rows
+passes `[output] compact_above` (`compact_if_over`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import secrets
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.dataset import (
+    GROUP,
+    HISTORY_DIR,
+    _latest,
+    _parts_batches,
+    _scan,
+    is_history_part,
+    is_part,
+    part_entries,
+)
+from pipeline.records import ROW_SCHEMA
+from pipeline.stores import LEASE_SECONDS, Entry, OutputDirBusy, Store, WriterLock, open_store
+
+log = logging.getLogger(__name__)
+
+COMPACT_ROWS = 100_000  # rows in a compacted part, about (whole old parts are never split)
+RUNS_DIR = "runs"
+_RECORD = re.compile(r"\.compact-(?P<id>[0-9A-Za-z_-]+)\.json")
+_STAGED = re.compile(r"\.compact-(?P<id>[0-9A-Za-z_-]+)/(?P<name>.+)")
+_TOKEN_COLUMNS = ("prompt_tokens", "output_tokens", "thoughts_tokens", "total_tokens")
+Step = Callable[[str], None]
+
+
+def _no_step(step: str) -> None:
+    """Tests pass a hook here to kill the process after a given step."""
+
+
+# ------------------------------------------------------------------------------- readers
+def visible_parts(store: Store, entries: list[Entry], *, history: bool = False) -> list[Entry]:
+    """The parts a reader must see in a listing, a committed compaction applied (module doc);
+    with `history`, the set-aside superseded rows' parts too."""
+    wanted = (lambda name: is_part(name) or is_history_part(name)) if history else is_part
+    parts = [entry for entry in entries if wanted(entry.name)]
+    records = [entry.name for entry in entries if _RECORD.fullmatch(entry.name)]
+    if not records:
+        return parts
+    by_name = {entry.name: entry for entry in entries}
+    for name in records:
+        record = _read_record(store, name)
+        if record is None:
+            continue
+        old = set(record["old"])
+        parts = [entry for entry in parts if entry.name not in old]
+        published = {entry.name for entry in parts}
+        for new in record["new"]:
+            staged = by_name.get(_staged_name(record["id"], new))
+            if new not in published and staged is not None and wanted(new):
+                parts.append(staged)
+    return sorted(parts, key=lambda entry: entry.name)
+
+
+def pending_compaction(store: Store) -> bool:
+    """Whether a killed compaction left anything behind (staging or a record)."""
+    return any(name.startswith(".compact-") for name in (e.name for e in store.list(".compact-")))
+
+
+def _read_record(store: Store, name: str) -> dict[str, Any] | None:
+    try:
+        record = json.loads(store.read(name))
+    except FileNotFoundError:
+        return None  # finished by another process meanwhile
+    return record if isinstance(record, dict) else None
+
+
+def _staged_name(compaction: str, name: str) -> str:
+    return f".compact-{compaction}/{name}"
+
+
+def _record_name(compaction: str) -> str:
+    return f".compact-{compaction}.json"
+
+
+# ------------------------------------------------------------------------------ recovery
+def recover_compaction(store: Store) -> None:
+    """Finish a committed compaction, or undo one killed before its record (caller holds the
+    output's lock)."""
+    entries = store.list(".compact-")
+    committed = set()
+    for entry in entries:
+        if (match := _RECORD.fullmatch(entry.name)) is not None:
+            record = _read_record(store, entry.name)
+            if record is not None:
+                _finish(store, record, _no_step)
+            committed.add(match["id"])
+    abandoned = [
+        entry.name
+        for entry in entries
+        if (match := _STAGED.fullmatch(entry.name)) is not None and match["id"] not in committed
+    ]
+    if abandoned:
+        store.delete(abandoned)
+        log.info("removed %d parts of a compaction killed before its commit", len(abandoned))
+
+
+def _finish(store: Store, record: dict[str, Any], step: Step) -> None:
+    """Steps 3 and 4: publish the new parts, delete the old ones, the staging and the record
+    (each step idempotent: a rerun after a kill anywhere here ends the same)."""
+    compaction = record["id"]
+    present = {entry.name for entry in store.list()}
+    for name in record["new"]:
+        staged = _staged_name(compaction, name)
+        if staged in present:
+            _publish(store, staged, name, already=name in present)
+            step("published")
+    store.delete([name for name in record["old"] if name in present])
+    step("old-deleted")
+    store.delete([_record_name(compaction)])
+
+
+def _publish(store: Store, staged: str, final: str, *, already: bool) -> None:
+    """Move a staged part to its top-level name: a rename on disk, a copy then a delete on an
+    object store (whose copy of a whole object is all or nothing)."""
+    if store.local:
+        import os
+
+        os.makedirs(os.path.dirname(store.join(final)), exist_ok=True)
+        os.replace(store.join(staged), store.join(final))
+        return
+    if not already:
+        store.copy(staged, final)
+    store.delete([staged])
+
+
+# ------------------------------------------------------------------------------- compact
+def compact(
+    output: str | Store,
+    *,
+    lock: WriterLock | None = None,
+    lease_seconds: float = LEASE_SECONDS,
+    step: Step = _no_step,
+) -> dict[str, Any]:
+    """Rewrite the output's current rows into fresh parts and set the superseded ones aside.
+    Takes the output's lock unless given the holder's (a run compacting at its end); a killed
+    writer's lease is waited out (at most its TTL), a live writer's refuses (OutputDirBusy)."""
+    from pipeline.sink import recover_locked
+
+    store = open_store(output)
+    held = lock or store.lock("compact", ttl=lease_seconds)
+    renewing = _Renewal(held) if lock is None else None
+    try:
+        if lock is None:
+            recover_locked(store)
+        return _compact(store, held, step)
+    finally:
+        if renewing is not None:
+            renewing.stop()
+        if lock is None:
+            held.release()
+
+
+class _Renewal:
+    """Renews a lease from a thread while a compaction runs (a run's sink renews its own)."""
+
+    def __init__(self, lock: WriterLock) -> None:
+        self.lock = lock
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="gvp-compact-lease", daemon=True)
+        if lock.renew_every is not None:
+            self._thread.start()
+
+    def _run(self) -> None:
+        assert self.lock.renew_every is not None
+        while not self._done.wait(self.lock.renew_every):
+            try:
+                self.lock.renew()
+            except Exception as exc:  # lost, or a hiccup: check() before each commit decides
+                log.warning("compaction lease renewal failed: %s", exc)
+
+    def stop(self) -> None:
+        self._done.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+
+def _compact(store: Store, lock: WriterLock, step: Step) -> dict[str, Any]:
+    compaction = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ-") + secrets.token_hex(3)
+    table, names, _ = _scan(store, (*GROUP, "completed_at", *_TOKEN_COLUMNS))
+    current = _latest(table)
+    report = {
+        "run_id": f"{compaction}-compact",
+        "compacted": True,
+        "parts_before": len(names),
+        "rows_before": table.num_rows,
+        "rows_after": len(current),
+        "removed_tokens": _removed_tokens(table, current),
+    }
+    if len(current) == table.num_rows and len(names) <= 1:
+        report["parts_after"] = len(names)
+        return report  # nothing superseded, nothing to merge
+    split = _rows_by_part(table, current)
+    del table
+    new = _write_staged(store, compaction, names, split, step)
+    record = {"id": compaction, "old": names, "new": new}
+    lock.check()  # the commit: only while the output is certainly ours
+    store.create_bytes(_record_name(compaction), json.dumps(record).encode())
+    step("recorded")
+    _finish(store, record, step)
+    report["parts_after"] = sum(1 for name in new if is_part(name))
+    store.replace(f"{RUNS_DIR}/{report['run_id']}.json", json.dumps(report, indent=2).encode())
+    step("done")
+    log.info("compacted %s: %s", store.url, report)
+    return report
+
+
+def _removed_tokens(table: pa.Table, current: np.ndarray) -> dict[str, int]:
+    """Billed tokens of the rows a compaction removes (paid for: kept in its report)."""
+    superseded = np.ones(table.num_rows, dtype=bool)
+    superseded[current] = False
+    rows = table.filter(pa.array(superseded))
+    return {name: int(pc.sum(rows.column(name)).as_py() or 0) for name in _TOKEN_COLUMNS}
+
+
+def _rows_by_part(table: pa.Table, current: np.ndarray) -> dict[int, tuple[np.ndarray, ...]]:
+    """For each old part: its current rows and its superseded rows (row numbers)."""
+    is_current = np.zeros(table.num_rows, dtype=bool)
+    is_current[current] = True
+    part_of = table.column("_part").to_numpy()
+    row_of = table.column("_row").to_numpy()
+    split = {}
+    for part in np.unique(part_of):
+        mine = part_of == part
+        split[int(part)] = (row_of[mine & is_current], row_of[mine & ~is_current])
+    return split
+
+
+def _write_staged(
+    store: Store,
+    compaction: str,
+    names: list[str],
+    rows: dict[int, tuple[np.ndarray, ...]],
+    step: Step,
+) -> list[str]:
+    """Step 1: old part by old part, the current rows into staged parts of ~COMPACT_ROWS rows,
+    and the superseded rows beside them into `.superseded/` (paid answers are never lost: the
+    resume index still reuses them and `status` still counts their tokens)."""
+    groups: list[list[int]] = [[]]
+    count = 0
+    for part in sorted(rows):
+        if count >= COMPACT_ROWS:
+            groups.append([])
+            count = 0
+        groups[-1].append(part)
+        count += len(rows[part][0])
+    new = []
+    for seq, parts in enumerate(group for group in groups if group):
+        name = f"part-compact-{compaction}-{seq:05d}.parquet"
+        for which, final in enumerate((name, f"{HISTORY_DIR}/{name}")):
+            if not any(len(rows[part][which]) for part in parts):
+                continue
+            store.create(
+                _staged_name(compaction, final),
+                _part_writer(store, [names[p] for p in parts], [rows[p][which] for p in parts]),
+            )
+            new.append(final)
+            step("staged")
+    return new
+
+
+def _part_writer(store: Store, names: list[str], keep: list[np.ndarray]) -> Callable[[Any], None]:
+    """Writes the `keep` rows of each old part, read one old part at a time."""
+
+    def write(file: Any) -> None:
+        with pq.ParquetWriter(file, ROW_SCHEMA, compression="zstd") as writer:
+            for (_, batches), rows in zip(
+                _parts_batches(store, names, ROW_SCHEMA.names), keep, strict=True
+            ):
+                table = pa.Table.from_batches(list(batches), ROW_SCHEMA)
+                if len(rows):
+                    writer.write_table(table.take(pa.array(rows)))
+
+    return write
+
+
+def superseded_share(store: Store) -> float:
+    """The share of the rows a glob sees that are not current (from the index cache: cheap;
+    rows already set aside in `.superseded/` do not count)."""
+    from pipeline.facts import load_facts
+
+    parts = part_entries(store, history=True)
+    facts = load_facts(store, parts, suffix=None, write=True)
+    visible, superseded = facts.superseded([is_history_part(entry.name) for entry in parts])
+    return superseded / visible if visible else 0.0
+
+
+def compact_if_over(
+    output: str | Store, threshold: float, lock: WriterLock, *, at_most: float = 1.0
+) -> dict | None:
+    """Compact (under the caller's lock) when the superseded share passes `threshold`.
+    `at_most`: what the caller knows the share cannot exceed (a run: what it found at its
+    start plus every row it added); when that does not pass, nothing is read."""
+    if at_most <= threshold:
+        return None
+    store = open_store(output)
+    share = superseded_share(store)
+    if share <= threshold:
+        return None
+    log.info("%s: %.0f%% of the rows are superseded: compacting", store.url, 100 * share)
+    return compact(store, lock=lock)
+
+
+__all__ = ["OutputDirBusy", "compact", "compact_if_over", "recover_compaction", "visible_parts"]

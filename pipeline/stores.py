@@ -1,0 +1,788 @@
+"""Where a dataset lives: a local folder or an object-store prefix, behind one interface.
+
+A `Store` gives the sink, the journal, the state and the readers the same few operations with
+the same guarantees wherever the output is (`open_store(path_or_url)`):
+
+- `create(name, write)`: whole or absent, never over an existing name (`AlreadyExists`).
+  Disk: temporary, fsync, `link()` (fails if the name is taken), fsync the folder. Objects: one
+  PUT with `If-None-Match: *` (S3) or `ifGenerationMatch=0` (GCS).
+- `replace(name, data)`: whole or absent, may replace. Disk: temporary, fsync, `rename()`,
+  fsync the folder. Objects: one PUT.
+- `delete(names)`: gone when it returns. Disk: unlink, fsync the folder. Objects: DELETE.
+- `appender(name).append(data)`: durable when it returns. Disk: append + fsync to one file.
+  Objects: one small object per append, `<name>.<n:06d>`, read back in order.
+- `lock(owner)`: the single writer. Disk: `flock` on `.sink.lock` (released by the OS when the
+  process dies). Objects: a `Lease` object created only if absent, renewed by compare-and-swap,
+  taken over only after a whole TTL without renewal.
+
+Object stores have no rename, no append and no fsync: that is why parts are created whole under
+unique names, why the journal is a series of small immutable objects, and why the lock is a
+lease that expires after a crash. Which of these is atomic where is summed up in the README
+("Buckets and URLs").
+
+The cloud filesystems (s3fs, gcsfs, adlfs, all through fsspec) are the optional `cloud` extra,
+imported only when such a path is used; without them a path like `s3://...` is one line saying
+what to install (`MissingExtra`). Credentials and endpoints come from each store's own standard
+environment (`AWS_*`, `AWS_ENDPOINT_URL`, `GOOGLE_APPLICATION_CREDENTIALS`, `AZURE_STORAGE_*`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import functools
+import importlib
+import io
+import json
+import logging
+import os
+import re
+import socket
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from pipeline.fsutil import AlreadyExists, atomic_write_bytes, create_new, fsync_dir
+
+log = logging.getLogger(__name__)
+
+CLOUD_EXTRA = "pip install 'gemini-vision-pipeline[cloud]'"
+# scheme -> the fsspec implementation it needs (memory: fsspec's own, for tests of listing)
+FILESYSTEMS = {
+    "s3": "s3fs",
+    "gs": "gcsfs",
+    "gcs": "gcsfs",
+    "az": "adlfs",
+    "abfs": "adlfs",
+    "abfss": "adlfs",
+    "memory": "fsspec",
+}
+OUTPUT_SCHEMES = ("s3", "gs", "gcs")  # stores with conditional writes this module uses
+HTTP_SCHEMES = ("http", "https")
+LOCK_FILE = ".sink.lock"
+LEASE_NAME = ".sink.lease"
+LEASE_SECONDS = 60.0  # a crashed run's lease frees the output after at most this long
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+_CHUNK = re.compile(r"^(?P<base>.+)\.(?P<n>\d{6})$")
+
+
+class MissingExtra(ImportError):
+    """A path needs a filesystem package that is not installed: says what to install."""
+
+
+class OutputDirBusy(RuntimeError):
+    """Another sink (another run) is writing the same output."""
+
+
+class LeaseLost(RuntimeError):
+    """This run's lease on an object-store output was taken over or could not be renewed in
+    time: it must stop writing (another run may be the writer now)."""
+
+
+class VersionMismatch(OSError):
+    """A compare-and-swap write or delete found another version than the one it expected."""
+
+
+# ------------------------------------------------------------------------------------ names
+def scheme_of(path: str | os.PathLike[str]) -> str | None:
+    """`s3` for "s3://bucket/key", None for a plain path."""
+    match = _SCHEME.match(os.fspath(path))
+    return match.group(1).lower() if match else None
+
+
+def is_url(path: str | os.PathLike[str]) -> bool:
+    return scheme_of(path) is not None
+
+
+def is_object_url(path: str | os.PathLike[str]) -> bool:
+    return scheme_of(path) in FILESYSTEMS
+
+
+def is_http_url(path: str | os.PathLike[str]) -> bool:
+    return scheme_of(path) in HTTP_SCHEMES
+
+
+def local_path(path: str) -> str:
+    """A `file://` URL as a plain path (other paths unchanged)."""
+    return path[len("file://") :] if scheme_of(path) == "file" else path
+
+
+def normalise_url(url: str) -> str:
+    """`s3://bucket/prefix/` -> `s3://bucket/prefix`: one spelling per prefix."""
+    scheme = scheme_of(url)
+    rest = url.split("://", 1)[1].strip("/")
+    rest = re.sub(r"/{2,}", "/", rest)
+    return f"{scheme}://{rest}"
+
+
+def check_available(url: str) -> None:
+    """Raise MissingExtra (one line) unless the filesystem for `url` can be imported."""
+    filesystem(scheme_of(url) or "")
+
+
+@functools.cache
+def filesystem(scheme: str) -> Any:
+    """The fsspec filesystem for a scheme (one instance per process; listings never cached,
+    since other runs change what is there)."""
+    package = FILESYSTEMS.get(scheme)
+    if package is None:
+        raise ValueError(f"{scheme}:// is not a supported store ({', '.join(FILESYSTEMS)})")
+    try:
+        import fsspec
+
+        importlib.import_module(package)
+    except ImportError:
+        raise MissingExtra(f"{scheme}:// paths need the {package} package: {CLOUD_EXTRA}") from None
+    if scheme == "memory":
+        return fsspec.filesystem(scheme)
+    return fsspec.filesystem(scheme, use_listings_cache=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One file or object: its name relative to the store, its size and a version token that
+    changes whenever its bytes may have (an mtime on disk, an ETag or generation remotely)."""
+
+    name: str
+    size: int
+    version: str
+
+
+def is_hidden(name: str) -> bool:
+    """A name with a component starting with "." (journal, lock, lease, caches, staging)."""
+    return any(part.startswith(".") for part in name.split("/"))
+
+
+# ------------------------------------------------------------------------------ interface
+class Store:
+    """The operations every output needs (see the module docstring for what each guarantees)."""
+
+    url: str
+    local: bool
+
+    def join(self, name: str) -> str:
+        """The full path or URL of `name` (for messages and for other readers)."""
+        raise NotImplementedError
+
+    def ensure(self) -> None:
+        """Make the output usable (a folder is created; a bucket must exist)."""
+
+    def list(self, prefix: str = "") -> list[Entry]:
+        """Every file under the store whose name starts with `prefix`, sorted by name."""
+        raise NotImplementedError
+
+    def info(self, name: str) -> Entry | None:
+        raise NotImplementedError
+
+    def read(self, name: str) -> bytes:
+        raise NotImplementedError
+
+    def create(self, name: str, write: Callable[[BinaryIO], None]) -> None:
+        raise NotImplementedError
+
+    def replace(self, name: str, data: bytes) -> None:
+        raise NotImplementedError
+
+    def delete(self, names: Iterable[str]) -> None:
+        raise NotImplementedError
+
+    def open_parquet(self, names: list[str], columns: list[str] | None) -> list[Any]:
+        """Readable files (for pyarrow) of these Parquet objects, fetching only the footer and
+        the byte ranges of `columns` where that saves a transfer."""
+        raise NotImplementedError
+
+    def appender(self, name: str) -> Appender:
+        raise NotImplementedError
+
+    def appended(self, prefix: str) -> list[str]:
+        """The names of the append logs (written by `appender`) starting with `prefix`."""
+        raise NotImplementedError
+
+    def read_appended(self, name: str) -> bytes:
+        raise NotImplementedError
+
+    def delete_appended(self, name: str) -> None:
+        raise NotImplementedError
+
+    def lock(
+        self, owner: str, *, wait: bool = True, ttl: float = LEASE_SECONDS, shared: bool = False
+    ) -> WriterLock:
+        raise NotImplementedError
+
+    def create_bytes(self, name: str, data: bytes) -> None:
+        self.create(name, lambda file: file.write(data))
+
+    def __str__(self) -> str:
+        return self.url
+
+
+class Appender:
+    """A log that grows by durable appends."""
+
+    def append(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Stop appending (what was appended stays)."""
+
+
+class WriterLock:
+    """The single writer's hold on an output. `renew_every` is None when nothing needs renewing
+    (a flock lives as long as the process)."""
+
+    renew_every: float | None = None
+
+    def renew(self) -> None:
+        """Extend the hold (raises LeaseLost when it is gone)."""
+
+    def check(self) -> None:
+        """Raise LeaseLost when the hold may have lapsed: stop writing."""
+
+    def share(self) -> None:
+        """Let the run's own shared writers in beside this hold (the Ray engine's driver)."""
+        raise OutputDirBusy("this output cannot be shared by several writers of one run")
+
+    def release(self) -> None:
+        raise NotImplementedError
+
+
+def open_store(where: str | os.PathLike[str] | Store) -> Store:
+    """The store of an output: a Store as it is, an s3:// or gs:// URL, else a local folder."""
+    if isinstance(where, Store):
+        return where
+    text = os.fspath(where)
+    scheme = scheme_of(text)
+    if scheme is None or scheme == "file":
+        return DiskStore(Path(local_path(text)))
+    if scheme not in OUTPUT_SCHEMES:
+        raise ValueError(
+            f"{text}: outputs can be local folders, s3:// or gs:// prefixes "
+            f"({scheme}:// works for inputs only)"
+        )
+    return ObjectStore(text)
+
+
+def store_key(where: str | os.PathLike[str] | Store) -> str:
+    """A stable identity of an output, for in-process caches."""
+    store = open_store(where)
+    return store.url if not store.local else str(Path(store.url).resolve())
+
+
+# ----------------------------------------------------------------------------- local disk
+class DiskStore(Store):
+    """A local folder: today's files, flock and fsync, unchanged."""
+
+    local = True
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.url = str(self.root)
+
+    def join(self, name: str) -> str:
+        return str(self.root / name)
+
+    def ensure(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise NotADirectoryError(f"output {self.root} exists and is not a folder") from None
+
+    def list(self, prefix: str = "") -> list[Entry]:
+        found = []
+        top = self.root / prefix.rpartition("/")[0] if "/" in prefix else self.root
+        for folder, dirs, files in os.walk(top):
+            dirs.sort()
+            for name in files:
+                path = Path(folder, name)
+                rel = path.relative_to(self.root).as_posix()
+                if rel.startswith(prefix):
+                    entry = _disk_entry(path, rel)
+                    if entry is not None:
+                        found.append(entry)
+        return sorted(found, key=lambda e: e.name)
+
+    def info(self, name: str) -> Entry | None:
+        return _disk_entry(self.root / name, name)
+
+    def read(self, name: str) -> bytes:
+        return (self.root / name).read_bytes()
+
+    def create(self, name: str, write: Callable[[BinaryIO], None]) -> None:
+        (self.root / name).parent.mkdir(parents=True, exist_ok=True)
+        create_new(self.root / name, write)
+
+    def replace(self, name: str, data: bytes) -> None:
+        (self.root / name).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.root / name, data)
+
+    def delete(self, names: Iterable[str]) -> None:
+        folders = set()
+        for name in names:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.root / name)
+            folders.add((self.root / name).parent)
+        for folder in folders:
+            with contextlib.suppress(FileNotFoundError):
+                fsync_dir(folder)
+
+    def open_parquet(self, names: list[str], columns: list[str] | None) -> list[Any]:
+        return [str(self.root / name) for name in names]  # pyarrow reads ranges itself
+
+    def appender(self, name: str) -> Appender:
+        return _FileAppender(self.root / name)
+
+    def appended(self, prefix: str) -> list[str]:
+        return sorted(e.name for e in os.scandir(self.root) if e.name.startswith(prefix))
+
+    def read_appended(self, name: str) -> bytes:
+        return (self.root / name).read_bytes()
+
+    def delete_appended(self, name: str) -> None:
+        self.delete([name])
+
+    def lock(
+        self, owner: str, *, wait: bool = True, ttl: float = LEASE_SECONDS, shared: bool = False
+    ) -> WriterLock:
+        return _FlockLock(self.root, shared=shared)
+
+
+def _disk_entry(path: Path, name: str) -> Entry | None:
+    try:
+        st = path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return Entry(name, st.st_size, str(st.st_mtime_ns))
+
+
+class _FileAppender(Appender):
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file: BinaryIO = open(path, "ab")  # noqa: SIM115 - closed by close()
+
+    def append(self, data: bytes) -> None:
+        self._file.write(data)
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class _FlockLock(WriterLock):
+    """The folder's advisory lock (released when the descriptor closes, or the process dies):
+    exclusive for a run's single writer, shared among the writers of one run (see sink.py)."""
+
+    def __init__(self, root: Path, *, shared: bool = False) -> None:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileExistsError:
+            raise NotADirectoryError(f"output {root} exists and is not a folder") from None
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise _busy(root) from None
+        self.root = root
+        self._fd: int | None = fd
+
+    def share(self) -> None:
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise _busy(self.root) from None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _busy(root: Path) -> OutputDirBusy:
+    return OutputDirBusy(f"{root} is being written by another run; wait for it to finish")
+
+
+# ---------------------------------------------------------------------------- object store
+class ObjectStore(Store):
+    """A prefix in a bucket (s3:// or gs://), through fsspec."""
+
+    local = False
+
+    def __init__(self, url: str) -> None:
+        self.url = normalise_url(url)
+        self.scheme = scheme_of(self.url) or ""
+        self.fs = filesystem(self.scheme)
+        self.root = self.url.split("://", 1)[1]  # bucket/prefix
+        self.bucket = self.root.split("/", 1)[0]
+        self._conditional = _S3Writes(self.fs) if self.scheme == "s3" else _GcsWrites(self.fs)
+
+    def join(self, name: str) -> str:
+        return f"{self.url}/{name}"
+
+    def _path(self, name: str) -> str:
+        return f"{self.root}/{name}"
+
+    def ensure(self) -> None:
+        if not self.fs.exists(self.bucket):
+            raise FileNotFoundError(errno.ENOENT, "no such bucket (create it first)", self.bucket)
+
+    def list(self, prefix: str = "") -> list[Entry]:
+        """One listing request per page of the prefix (the store filters by `prefix`)."""
+        ask = {"prefix": prefix} if prefix and self.scheme in OUTPUT_SCHEMES else {}
+        try:
+            found = self.fs.find(self.root, detail=True, withdirs=False, **ask)
+        except FileNotFoundError:  # no such bucket: nothing there, as for a missing folder
+            return []
+        start = len(self.root) + 1
+        entries = []
+        for path, info in found.items():
+            name = path[start:]
+            if path.startswith(self.root + "/") and name.startswith(prefix):
+                entries.append(Entry(name, int(info.get("size") or 0), object_version(info)))
+        return sorted(entries, key=lambda e: e.name)
+
+    def info(self, name: str) -> Entry | None:
+        try:
+            info = self.fs.info(self._path(name))
+        except FileNotFoundError:
+            return None
+        if info.get("type") == "directory":
+            return None
+        return Entry(name, int(info.get("size") or 0), object_version(info))
+
+    def read(self, name: str) -> bytes:
+        return self.fs.cat_file(self._path(name))
+
+    def create(self, name: str, write: Callable[[BinaryIO], None]) -> None:
+        buffer = io.BytesIO()
+        write(buffer)
+        data = buffer.getvalue()
+        try:
+            self._conditional.put(self._path(name), data, if_absent=True)
+        except AlreadyExists:
+            # A retried PUT whose first attempt succeeded finds its own bytes: that is success.
+            if self.fs.cat_file(self._path(name)) != data:
+                raise
+
+    def replace(self, name: str, data: bytes) -> None:
+        self._conditional.put(self._path(name), data)
+
+    def put_if_absent(self, name: str, data: bytes) -> str:
+        return self._conditional.put(self._path(name), data, if_absent=True)
+
+    def put_if_version(self, name: str, data: bytes, version: str) -> str:
+        return self._conditional.put(self._path(name), data, if_match=version)
+
+    def delete_if_version(self, name: str, version: str) -> None:
+        self._conditional.delete(self._path(name), version)
+
+    def copy(self, source: str, target: str) -> None:
+        """A server-side copy of a whole object (all or nothing)."""
+        self.fs.copy(self._path(source), self._path(target))
+
+    def delete(self, names: Iterable[str]) -> None:
+        paths = [self._path(name) for name in names]
+        if paths:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm(paths)
+
+    def open_parquet(self, names: list[str], columns: list[str] | None) -> list[Any]:
+        """fsspec reads every footer, then exactly the column chunks wanted, concurrently."""
+        from fsspec.parquet import open_parquet_files
+
+        paths = [self._path(name) for name in names]
+        return open_parquet_files(paths, fs=self.fs, columns=columns, engine="pyarrow")
+
+    def appender(self, name: str) -> Appender:
+        return _ChunkAppender(self, name)
+
+    def appended(self, prefix: str) -> list[str]:
+        bases = {m["base"] for e in self.list(prefix) if (m := _CHUNK.fullmatch(e.name))}
+        return sorted(bases)
+
+    def read_appended(self, name: str) -> bytes:
+        chunks = [e.name for e in self.list(name + ".") if _CHUNK.fullmatch(e.name)]
+        return b"".join(self.read(chunk) for chunk in sorted(chunks))
+
+    def delete_appended(self, name: str) -> None:
+        self.delete(e.name for e in self.list(name + ".") if _CHUNK.fullmatch(e.name))
+
+    def lock(
+        self, owner: str, *, wait: bool = True, ttl: float = LEASE_SECONDS, shared: bool = False
+    ) -> WriterLock:
+        if shared:
+            raise OutputDirBusy(
+                f"{self.url}: several writers of one run (the Ray engine) need a folder every "
+                "node sees; write to a bucket with the single engine"
+            )
+        lease = Lease(self, owner, ttl)
+        lease.acquire(wait=wait)
+        return lease
+
+
+def object_version(info: dict[str, Any]) -> str:
+    """ETag (S3, Azure) or generation (GCS): what changes when the bytes may have."""
+    for key in ("generation", "ETag", "etag"):
+        if info.get(key):
+            return str(info[key]).strip('"')
+    return str(info.get("LastModified") or info.get("mtime") or "")
+
+
+class _ChunkAppender(Appender):
+    """Each append is one object `<name>.<n:06d>`, created whole (an object store cannot
+    append): a kill leaves whole chunks, read back in order."""
+
+    def __init__(self, store: ObjectStore, name: str) -> None:
+        self.store = store
+        self.name = name
+        self.count = len(store.list(name + "."))
+
+    def append(self, data: bytes) -> None:
+        self.store.create_bytes(f"{self.name}.{self.count:06d}", data)
+        self.count += 1
+
+
+class _S3Writes:
+    """Conditional PUT and DELETE on S3 (conditional writes: `If-None-Match: *`, `If-Match`)."""
+
+    def __init__(self, fs: Any) -> None:
+        self.fs = fs
+
+    def put(self, path: str, data: bytes, *, if_absent: bool = False, if_match: str = "") -> str:
+        bucket, key, _ = self.fs.split_path(path)
+        condition = {"IfNoneMatch": "*"} if if_absent else {}
+        if if_match:
+            condition = {"IfMatch": f'"{if_match}"'}
+        try:
+            out = self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **condition)
+        except FileExistsError:
+            raise AlreadyExists(errno.EEXIST, "already exists", path) from None
+        except OSError as exc:
+            if _precondition_failed(exc):
+                raise VersionMismatch(errno.EAGAIN, "changed by another writer", path) from None
+            raise
+        self.fs.invalidate_cache(path)
+        return str(out.get("ETag", "")).strip('"')
+
+    def delete(self, path: str, version: str) -> None:
+        bucket, key, _ = self.fs.split_path(path)
+        try:
+            self.fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=f'"{version}"')
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            if _precondition_failed(exc):
+                raise VersionMismatch(errno.EAGAIN, "changed by another writer", path) from None
+            raise
+
+
+class _GcsWrites:
+    """Conditional uploads and deletes on GCS (`ifGenerationMatch`: 0 means "absent").
+
+    Written from the JSON API reference and gcsfs's own `simple_upload`; not exercised by the
+    tests (no GCS double runs here), unlike `_S3Writes`.
+    """
+
+    def __init__(self, fs: Any) -> None:
+        self.fs = fs
+
+    def put(self, path: str, data: bytes, *, if_absent: bool = False, if_match: str = "") -> str:
+        from urllib.parse import quote
+
+        bucket, key, _ = self.fs.split_path(path)
+        condition = {"ifGenerationMatch": "0"} if if_absent else {}
+        if if_match:
+            condition = {"ifGenerationMatch": if_match}
+        try:
+            out = self.fs.call(
+                "POST",
+                f"{self.fs._location}/upload/storage/v1/b/{quote(bucket)}/o",
+                uploadType="media",
+                name=key,
+                data=data,
+                headers={"Content-Type": "application/octet-stream"},
+                json_out=True,
+                **condition,
+            )
+        except Exception as exc:
+            if _precondition_failed(exc):
+                error = AlreadyExists if if_absent else VersionMismatch
+                raise error(errno.EEXIST, "exists or changed", path) from None
+            raise
+        self.fs.invalidate_cache(path)
+        return str(out.get("generation", ""))
+
+    def delete(self, path: str, version: str) -> None:
+        bucket, key, _ = self.fs.split_path(path)
+        try:
+            self.fs.call("DELETE", "b/{}/o/{}", bucket, key, ifGenerationMatch=version)
+        except FileNotFoundError:
+            return
+        except Exception as exc:
+            if _precondition_failed(exc):
+                raise VersionMismatch(errno.EAGAIN, "changed by another writer", path) from None
+            raise
+
+
+def _precondition_failed(exc: BaseException) -> bool:
+    """A 412 from S3 (botocore's code) or GCS (gcsfs's HttpError code), however wrapped."""
+    for error in (exc, exc.__cause__, exc.__context__):
+        if error is None:
+            continue
+        code = getattr(error, "code", None)
+        response = getattr(error, "response", None)
+        if isinstance(response, dict):
+            code = response.get("Error", {}).get("Code", code)
+        if code in (412, "412", "PreconditionFailed", "ConditionalRequestConflict"):
+            return True
+    return False
+
+
+# ---------------------------------------------------------------------------------- lease
+class Lease(WriterLock):
+    """The single writer of an object-store output.
+
+    The lease is one object (`.sink.lease`: owner, host, pid, when renewed, TTL) created only if
+    absent. Its holder renews it every TTL/3 by a compare-and-swap on its version, so a run that
+    lost it (taken over after a pause longer than the TTL) learns so on its next renewal and
+    stops. Another run finding it held watches it for one TTL, measured on its own monotonic
+    clock (no trust in clocks across machines): renewed meanwhile means alive (refused at once);
+    untouched for a whole TTL means the holder died, and the watcher takes it over by a
+    compare-and-swap on the version it watched (two watchers: one wins). A lease whose own
+    timestamp is more than two TTLs old (a crash long ago) is taken over without the watch.
+    """
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        owner: str,
+        ttl: float = LEASE_SECONDS,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if not ttl > 0:
+            raise ValueError("a lease needs a positive TTL")
+        self.store = store
+        self.owner = owner
+        self.ttl = ttl
+        self.renew_every = ttl / 3
+        self.version = ""
+        self.confirmed = 0.0  # monotonic time of the last write the store accepted
+        self._clock, self._wall, self._sleep = clock, wall, sleep
+
+    def _body(self) -> bytes:
+        facts = {
+            "owner": self.owner,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "renewed_at": self._wall(),
+            "ttl": self.ttl,
+        }
+        return json.dumps(facts).encode()
+
+    def acquire(self, *, wait: bool = True) -> None:
+        for _ in range(3):  # the lease may vanish between our steps: start over
+            started = self._clock()
+            try:
+                self.version = self.store.put_if_absent(LEASE_NAME, self._body())
+            except AlreadyExists:
+                pass
+            else:
+                self.confirmed = started
+                return
+            if self._take_over(wait=wait):
+                return
+        raise OutputDirBusy(f"{self.store.url}: could not take the lease {LEASE_NAME}")
+
+    def _take_over(self, *, wait: bool) -> bool:
+        """Take the existing lease if its holder is dead; False when it vanished meanwhile."""
+        held = self._read()
+        if held is None:
+            return False
+        facts, version = held
+        ttl = float(facts.get("ttl") or LEASE_SECONDS)
+        long_dead = self._wall() - float(facts.get("renewed_at") or 0) > 2 * ttl
+        if not long_dead:
+            if not wait:
+                raise OutputDirBusy(self._busy(facts))
+            log.warning(
+                "%s: run %s holds the lease; watching it for %.0f s (a live run renews it)",
+                self.store.url,
+                facts.get("owner"),
+                ttl,
+            )
+            if not self._unrenewed_for(ttl, version):
+                raise OutputDirBusy(self._busy(facts))
+        started = self._clock()
+        try:
+            self.version = self.store.put_if_version(LEASE_NAME, self._body(), version)
+        except (VersionMismatch, FileNotFoundError):
+            raise OutputDirBusy(self._busy(facts)) from None
+        self.confirmed = started
+        log.warning(
+            "%s: took over the lease of run %s (not renewed for %.0f s: it died)",
+            self.store.url,
+            facts.get("owner"),
+            ttl,
+        )
+        return True
+
+    def _unrenewed_for(self, ttl: float, version: str) -> bool:
+        """Watch the lease for one TTL: True when it stayed at `version` all along."""
+        deadline = self._clock() + ttl
+        while (left := deadline - self._clock()) > 0:
+            self._sleep(min(left, max(ttl / 10, 0.05)))
+            now = self.store.info(LEASE_NAME)
+            if now is None or now.version != version:
+                return False
+        return True
+
+    def _read(self) -> tuple[dict[str, Any], str] | None:
+        entry = self.store.info(LEASE_NAME)
+        if entry is None:
+            return None
+        try:
+            facts = json.loads(self.store.read(LEASE_NAME))
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            facts = {}
+        return (facts if isinstance(facts, dict) else {}), entry.version
+
+    def _busy(self, facts: dict[str, Any]) -> str:
+        age = self._wall() - float(facts.get("renewed_at") or 0)
+        return (
+            f"{self.store.url} is being written by run {facts.get('owner', '?')} on "
+            f"{facts.get('host', '?')} (its lease was renewed {age:.0f} s ago; a killed run's "
+            f"lease frees the output {facts.get('ttl', LEASE_SECONDS):.0f} s after its last "
+            "renewal); wait for it to finish"
+        )
+
+    def renew(self) -> None:
+        started = self._clock()
+        try:
+            self.version = self.store.put_if_version(LEASE_NAME, self._body(), self.version)
+        except (VersionMismatch, FileNotFoundError):
+            raise LeaseLost(f"{self.store.url}: another run took over the lease") from None
+        self.confirmed = started
+
+    def check(self) -> None:
+        if self._clock() - self.confirmed > self.ttl * 0.9:
+            raise LeaseLost(
+                f"{self.store.url}: the lease could not be renewed for {self.ttl:.0f} s; "
+                "another run may be writing now"
+            )
+
+    def release(self) -> None:
+        if not self.version:
+            return
+        version, self.version = self.version, ""
+        try:
+            self.store.delete_if_version(LEASE_NAME, version)
+        except (VersionMismatch, OSError) as exc:  # it expires anyway
+            log.warning("%s: lease not released (%s); it expires by itself", self.store.url, exc)

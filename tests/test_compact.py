@@ -1,0 +1,224 @@
+"""`pipeline compact`: plain readers (DuckDB, Polars, a glob) get exactly the current rows after
+it; the resume index is the same before and after; a kill -9 after any step leaves readers
+the old or the new set; on a folder and on S3."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import subprocess
+import sys
+import textwrap
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.compact import compact
+from pipeline.dataset import current_rows, load_resume_index, part_entries, status
+from pipeline.records import make_key
+from pipeline.sink import ParquetSink, recover
+from pipeline.stores import Store, open_store
+
+REPO = Path(__file__).resolve().parents[1]
+T0 = datetime(2026, 3, 1, tzinfo=UTC)
+IMAGES = 24
+
+
+def row(n: int, minute: int, *, suffix: str = "s1", text: str = "") -> dict[str, Any]:
+    sha = hashlib.sha256(f"image {n}".encode()).hexdigest()
+    return {
+        "key": make_key(sha, suffix),
+        "image_path": f"img{n:03d}.png",
+        "image_root": "/photos",
+        "image_sha256": sha,
+        "file_size": 100 + n,
+        "file_mtime_ns": 7,
+        "task": "caption",
+        "status": "ok",
+        "text": text or f"first {n}",
+        "prompt_tokens": 10,
+        "completed_at": T0 + timedelta(minutes=minute),
+    }
+
+
+async def history(store: Store) -> None:
+    """Three runs: every image, then a third of them again (a prompt change), then a few again."""
+    for run_id, rows in (
+        ("r1", [row(n, 0) for n in range(IMAGES)]),
+        ("r2", [row(n, 1, suffix="s2", text=f"second {n}") for n in range(0, IMAGES, 3)]),
+        ("r3", [row(n, 2, suffix="s2", text=f"third {n}") for n in range(0, IMAGES, 6)]),
+    ):
+        async with ParquetSink(store, run_id, rows_per_part=5) as sink:
+            for item in rows:
+                await sink.add(item)
+
+
+def expected_texts() -> dict[str, str]:
+    texts = {f"img{n:03d}.png": f"first {n}" for n in range(IMAGES)}
+    texts.update({f"img{n:03d}.png": f"second {n}" for n in range(0, IMAGES, 3)})
+    texts.update({f"img{n:03d}.png": f"third {n}" for n in range(0, IMAGES, 6)})
+    return texts
+
+
+@pytest.fixture(params=["disk", "s3"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
+    if request.param == "disk":
+        return open_store(tmp_path / "out")
+    return open_store(request.getfixturevalue("bucket") + "/out")
+
+
+def glob_texts(store: Store) -> list[tuple[str, str]]:
+    """What a plain reader of OUT/*.parquet gets: every row of the top-level parts."""
+    if store.local:
+        files = [str(path) for path in Path(store.url).glob("*.parquet")]
+    else:
+        files = store.fs.glob(f"{store.root}/*.parquet")
+    rows = []
+    for path in files:
+        with open(path, "rb") if store.local else store.fs.open(path, "rb") as file:
+            table = pq.read_table(file, columns=["image_path", "text"])
+        paths, texts = table.column("image_path").to_pylist(), table.column("text").to_pylist()
+        rows.extend(zip(paths, texts, strict=True))
+    return sorted(rows)
+
+
+async def test_after_compact_a_glob_reads_exactly_the_current_rows(store: Store) -> None:
+    await history(store)
+    before = glob_texts(store)
+    assert len(before) == IMAGES + 8 + 4  # superseded rows and all: what a glob sees today
+    index_before = [
+        load_resume_index(store, key_suffix=s, retry_errors=False) for s in ("s1", "s2")
+    ]
+    report = compact(store)
+    assert (report["rows_before"], report["rows_after"]) == (IMAGES + 12, IMAGES)
+    assert report["removed_tokens"]["prompt_tokens"] == 12 * 10  # paid: kept in the report
+    assert glob_texts(store) == sorted(expected_texts().items())
+    assert dict(glob_texts(store)) == dict(
+        zip(*current_rows(store, ["image_path", "text"]).to_pydict().values(), strict=True)
+    )
+    # The resume index is the same: superseded answers are set aside, not lost.
+    for old, suffix in zip(index_before, ("s1", "s2"), strict=True):
+        new = load_resume_index(store, key_suffix=suffix, retry_errors=False)
+        assert new.rows_read == old.rows_read == IMAGES + 12
+        assert len(new.done) == len(old.done) and len(new.ok_keys) == len(old.ok_keys) == (
+            IMAGES if suffix == "s1" else 8
+        )
+        assert all(
+            new.is_done("/photos", f"img{n:03d}.png", 100 + n, 7)
+            == old.is_done("/photos", f"img{n:03d}.png", 100 + n, 7)
+            for n in range(IMAGES)
+        )
+    assert status(store)["rows"] == IMAGES and status(store)["rows_committed"] == IMAGES + 12
+    assert compact(store)["parts_after"] == 1  # again: nothing to do
+
+
+async def test_duckdb_and_polars_read_the_compacted_folder_as_it_is(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    await history(open_store(out))
+    assert duckdb.connect().execute(f"select count(*) from '{out}/*.parquet'").fetchone()[0] == 36
+    compact(out)
+    glob = f"{out}/*.parquet"
+    count, distinct = (
+        duckdb.connect()
+        .execute(f"select count(*), count(distinct image_path) from read_parquet('{glob}')")
+        .fetchone()
+    )
+    assert count == distinct == IMAGES
+    frame = pl.read_parquet(glob)
+    assert dict(zip(frame["image_path"], frame["text"], strict=True)) == expected_texts()
+    # What pandas does with each file of the glob (pandas reads Parquet through pyarrow).
+    import pyarrow.dataset as ds
+
+    files = sorted(str(path) for path in out.glob("*.parquet"))
+    assert ds.dataset(files, format="parquet").count_rows() == IMAGES
+
+
+KILLER = textwrap.dedent(
+    """
+    import os, signal, sys
+    from pipeline.compact import compact
+
+    def step(name):
+        if name == sys.argv[2]:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    compact(sys.argv[1], lease_seconds=1, step=step)
+    """
+)
+STEPS = ("staged", "recorded", "published", "old-deleted", "done")
+
+
+@pytest.mark.parametrize("killed_after", STEPS)
+async def test_compact_killed_after_any_step_leaves_the_old_or_the_new_set(
+    tmp_path: Path, killed_after: str
+) -> None:
+    out = tmp_path / "out"
+    store = open_store(out)
+    await history(store)
+    old = glob_texts(store)
+    new = sorted(expected_texts().items())
+    killed = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-c", KILLER, str(out), killed_after],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        check=False,
+    )
+    assert killed.returncode == -9
+    # Our readers: exactly the current rows at once, whatever step the kill landed after.
+    assert dict(
+        zip(*current_rows(store, ["image_path", "text"]).to_pydict().values(), strict=True)
+    ) == dict(new)
+    seen = glob_texts(store)
+    if killed_after in ("staged", "recorded"):
+        assert seen == old  # nothing published yet
+    elif killed_after in ("old-deleted", "done"):
+        assert seen == new
+    else:
+        assert set(new) <= set(seen) <= set(old) | set(new)  # mid-switch: see the module doc
+    recover(out)  # what any pipeline command does first
+    assert glob_texts(store) == (old if killed_after == "staged" else new)
+    assert not [e.name for e in store.list(".compact-")]
+    assert len(part_entries(store, history=True)) >= 1
+    compact(out)
+    assert glob_texts(store) == new
+
+
+async def test_compact_killed_on_s3_is_finished_by_the_next_command(bucket: str) -> None:
+    store = open_store(f"{bucket}/out")
+    await history(store)
+    new = sorted(expected_texts().items())
+    killed = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-c", KILLER, store.url, "published"],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        check=False,
+    )
+    assert killed.returncode == -9
+    assert dict(
+        zip(*current_rows(store, ["image_path", "text"]).to_pydict().values(), strict=True)
+    ) == dict(new)
+    compact(store, lease_seconds=1)  # waits out the killed one's lease, finishes its switch
+    assert glob_texts(store) == new
+    assert not [e.name for e in store.list(".compact-")]
+
+
+async def test_a_run_compacts_past_its_threshold_only(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    await history(open_store(out))  # 12 of 36 rows superseded: a third
+
+    async def close_with(threshold: float) -> Any:
+        async with ParquetSink(out, f"t{int(threshold * 100)}") as sink:
+            return await sink.compact_if_over(threshold)
+
+    assert await close_with(0.5) is None and len(glob_texts(open_store(out))) == 36
+    assert await close_with(0) is None  # 0: never
+    report = await close_with(0.3)
+    assert report["rows_after"] == IMAGES and len(glob_texts(open_store(out))) == IMAGES

@@ -1,0 +1,199 @@
+"""Manifests of http(s) URLs against local HTTP servers on loopback: 404, 429 with Retry-After,
+a redirect to another host, bodies over the cap, X-Robots-Tag — and the API key never sent."""
+
+from __future__ import annotations
+
+import io
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from pipeline.dataset import current_rows
+from pipeline.fetch import Fetcher, FetchError, FetchSettings
+from pipeline.records import SourceFile
+from pipeline.runner import RunOptions, run_async
+from tests.conftest import draw_shapes, make_config
+
+KEY = "secret-key-that-must-stay-home"
+OPTS = RunOptions(progress=False, seed=0)
+
+
+def png(seed: int) -> bytes:
+    buffer = io.BytesIO()
+    draw_shapes(80, 80, seed=seed, count=2)[0].save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+class Site:
+    """A tiny image host: what each path answers, and every request it saw."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str, dict[str, str]]] = []
+        self.busy_left = 1
+        self.other = ""  # the other host's URL, for the redirect
+        self.app = web.Application(middlewares=[self._record])
+        self.app.router.add_get("/img/{n}.png", self.image)
+        self.app.router.add_get("/missing.png", self.missing)
+        self.app.router.add_get("/busy.png", self.busy)
+        self.app.router.add_get("/moved.png", self.moved)
+        self.app.router.add_get("/huge.png", self.huge)
+        self.app.router.add_get("/stream.png", self.stream)
+        self.app.router.add_get("/noai.png", self.noai)
+        self.app.router.add_get("/target.png", self.target)
+        self.url = ""
+
+    @web.middleware
+    async def _record(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        self.seen.append((request.method, request.path, dict(request.headers)))
+        return await handler(request)
+
+    async def image(self, request: web.Request) -> web.Response:
+        n = int(request.match_info["n"])
+        return web.Response(body=png(n), content_type="image/png", headers={"ETag": f'"v{n}"'})
+
+    async def missing(self, request: web.Request) -> web.Response:
+        return web.Response(status=404)
+
+    async def busy(self, request: web.Request) -> web.Response:
+        if self.busy_left and request.method == "GET":
+            self.busy_left -= 1
+            return web.Response(status=429, headers={"Retry-After": "1"})
+        return web.Response(body=png(50), content_type="image/png")
+
+    async def moved(self, request: web.Request) -> web.Response:
+        raise web.HTTPFound(f"{self.other}/target.png")
+
+    async def target(self, request: web.Request) -> web.Response:
+        return web.Response(body=png(60), content_type="image/png")
+
+    async def huge(self, request: web.Request) -> web.Response:
+        return web.Response(body=b"\x89PNG" + b"0" * 200_000, content_type="image/png")
+
+    async def stream(self, request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "image/png"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        for _ in range(40):
+            await response.write(b"1" * 8192)
+        await response.write_eof()
+        return response
+
+    async def noai(self, request: web.Request) -> web.Response:
+        return web.Response(body=png(70), headers={"X-Robots-Tag": "noindex, noai"})
+
+
+async def serve(site: Site, host: str) -> web.AppRunner:
+    runner = web.AppRunner(site.app)
+    await runner.setup()
+    tcp = web.TCPSite(runner, host, 0)
+    await tcp.start()
+    port = tcp._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    site.url = f"http://{host}:{port}"
+    return runner
+
+
+@pytest.fixture
+async def sites() -> AsyncIterator[tuple[Site, Site]]:
+    """Two hosts: 127.0.0.1 and 127.0.0.2 (both loopback), the first redirecting to the second."""
+    home, other = Site(), Site()
+    runners = [await serve(home, "127.0.0.1"), await serve(other, "127.0.0.2")]
+    home.other = other.url
+    yield home, other
+    for runner in runners:
+        await runner.cleanup()
+
+
+async def test_a_manifest_of_urls_end_to_end(
+    tmp_path: Path, sites: tuple[Site, Site], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home, other = sites
+    monkeypatch.setenv("GEMINI_API_KEY", KEY)  # in the environment: must go nowhere but Gemini
+    paths = [f"/img/{n}.png" for n in range(4)]
+    paths += ["/missing.png", "/busy.png", "/moved.png", "/huge.png", "/stream.png", "/noai.png"]
+    urls = [home.url + path for path in paths]
+    manifest = tmp_path / "urls.txt"
+    manifest.write_text("# images on the web\n" + "\n".join(urls + urls[:2]) + "\n")
+    config = make_config(
+        tmp_path, input={"paths": [], "manifest": str(manifest), "max_fetch_mb": 0.1}
+    )
+    summary = await run_async(config, OPTS)
+    rows = {r["image_path"]: r for r in current_rows(tmp_path / "out").to_pylist()}
+    assert set(rows) == set(urls)  # the duplicates listed twice: one row each
+    assert all(r["image_root"] == "" for r in rows.values())
+    ok = {url for url, r in rows.items() if r["status"] == "ok"}
+    assert ok == {urls[n] for n in (0, 1, 2, 3, 5, 6)}  # busy retried, moved followed
+    assert rows[urls[4]]["error"] == "HTTP 404 Not Found"
+    assert rows[urls[7]]["error"].startswith("input too large: 0.2 MB, the cap of 0.1 MB")
+    assert rows[urls[8]]["error"].startswith("input too large: more than the cap")
+    assert rows[urls[9]]["error"].startswith("X-Robots-Tag: noai")
+    assert rows[urls[0]]["file_size"] == len(png(0)) and rows[urls[0]]["file_mtime_ns"] > 0
+    assert summary.api_calls == 6
+    # followed to the other host: by the HEAD that asks its version, then by the GET
+    assert [(m, p) for m, p, _ in other.seen] == [("HEAD", "/target.png"), ("GET", "/target.png")]
+    for _, _, headers in home.seen + other.seen:  # the image session carries no key
+        assert KEY not in str(headers) and "x-goog-api-key" not in {h.lower() for h in headers}
+
+    before = Counter((m, p) for m, p, _ in home.seen)
+    again = await run_async(config, OPTS)
+    after = Counter((m, p) for m, p, _ in home.seen) - before
+    assert again.api_calls == 0 and again.skipped == 10  # done (errors too): a HEAD only
+    assert all(after[("GET", path)] == 0 for path in paths[:4])
+    assert all(after[("HEAD", path)] == 1 for path in paths[:4])
+
+
+class HandTime:
+    """A clock that only the fetcher's (recorded) sleeps move."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.waits: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.waits.append(seconds)
+        self.now += seconds
+
+
+async def test_retry_after_is_honoured_and_capped(sites: tuple[Site, Site]) -> None:
+    home, _ = sites
+    hand = HandTime()
+    waits = hand.waits
+    settings = FetchSettings(max_retry_after=0.5)
+    with Fetcher(FetchSettings(), sleep=hand.sleep, clock=hand.clock, seed=1) as fetcher:
+        src = SourceFile(path=home.url + "/busy.png", root="", rel_path="x")
+        assert (await fetcher.read(src)).startswith(b"\x89PNG")
+        assert waits == [1.0] and fetcher.retries == 1
+    home.busy_left = 1
+    with Fetcher(settings, sleep=hand.sleep, clock=hand.clock) as fetcher:
+        src = SourceFile(path=home.url + "/busy.png", root="", rel_path="x")
+        with pytest.raises(FetchError, match=r"HTTP 429 Too Many Requests \(Retry-After 1 s"):
+            await fetcher.read(src)
+
+
+async def test_failures_that_do_not_pass_give_up_after_the_attempts(
+    sites: tuple[Site, Site],
+) -> None:
+    home, _ = sites
+    hand = HandTime()
+    waits = hand.waits
+    home.busy_left = 10  # 429 without end
+    with Fetcher(FetchSettings(attempts=3), sleep=hand.sleep, clock=hand.clock) as fetcher:
+        src = SourceFile(path=home.url + "/busy.png", root="", rel_path="x")
+        with pytest.raises(FetchError, match=r"HTTP 429 Too Many Requests \(after 3 attempts\)"):
+            await fetcher.read(src)
+        assert waits == [1.0, 1.0]  # the host's Retry-After before each new attempt, no more
+        with pytest.raises(FetchError) as missing:
+            await fetcher.read(SourceFile(path=home.url + "/missing.png", root="", rel_path="x"))
+        assert not missing.value.retryable  # a 404 is the input's own: kept, not retried
+        assert waits == [1.0, 1.0, 1.0]  # the host's last Retry-After holds for every read of it
+    with Fetcher(FetchSettings(attempts=2), sleep=hand.sleep, clock=hand.clock) as fetcher:
+        closed = SourceFile(path="http://127.0.0.1:9/nothing.png", root="", rel_path="x")
+        with pytest.raises(FetchError, match=r"fetch failed: .*\(after 2 attempts\)") as down:
+            await fetcher.read(closed)
+        assert down.value.retryable  # transient: the next plain run tries it again
