@@ -132,7 +132,8 @@ async def test_two_runs_on_one_output_prefix_the_second_is_refused(
 ) -> None:
     put_images(f"{bucket}/images", 4)
     output = f"{bucket}/out"
-    slow = s3_config(tmp_path, f"{bucket}/images", output, local={"latency_ms": 1500})
+    # long enough that the second run starts while the first still holds the output
+    slow = s3_config(tmp_path, f"{bucket}/images", output, local={"latency_ms": 6000})
     first = asyncio.create_task(run_async(slow, OPTS))
     store = open_store(output)
     deadline = asyncio.get_running_loop().time() + 20
