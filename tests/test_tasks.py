@@ -652,3 +652,20 @@ def test_custom_keeps_the_answers_json_re_serialised() -> None:
     lone = parse("custom", '["\\ud800"]', prompt="x")
     assert lone.json == '["\\ud800"]'
     lone.json.encode("utf-8")
+
+
+@pytest.mark.parametrize(
+    ("kind", "field", "length"), [("detect", "box_2d", 4), ("point", "point", 2)]
+)
+def test_object_schemas_cap_the_list_and_close_the_labels(
+    kind: str, field: str, length: int
+) -> None:
+    """The object cap asked in words is also the schema's maxItems, for points as for boxes."""
+    request = get_task(kind).request(settings(kind, labels=("cat", "dog"), max_objects=7))
+    schema = request.response_schema
+    assert schema["maxItems"] == 7
+    item = schema["items"]["properties"]
+    assert item["label"]["enum"] == ["cat", "dog"]
+    assert (item[field]["minItems"], item[field]["maxItems"]) == (length, length)
+    assert "Limit to 7 objects." in request.system_instruction
+    assert request.prompt.count('"cat"') == 1

@@ -6,9 +6,9 @@ from typing import Any
 
 from pipeline.gemini.types import GenerateRequest
 from pipeline.records import Parsed
-from pipeline.tasks.answers import Sizes, label_index, never_raises, read_objects
+from pipeline.tasks.answers import Sizes, never_raises, read_objects
 from pipeline.tasks.base import TaskSettings
-from pipeline.tasks.generation import build_request, max_objects, quoted
+from pipeline.tasks.objects import object_request, objects_schema
 
 DEFAULT_PROMPT = (
     "Detect the all of the prominent items in the image. "
@@ -24,45 +24,9 @@ SYSTEM_RULES = (
 )
 
 
-def object_rules(settings: TaskSettings) -> list[str]:
-    """System-instruction lines for object tasks: the closed label list and the object cap."""
-    lines = []
-    if settings.labels:
-        lines.append(
-            f"Only report objects that are one of: {quoted(settings.labels)}. "
-            "Use exactly these label names."
-        )
-    cap = max_objects(settings)
-    if cap:
-        lines.append(f"Limit to {cap} objects.")
-    return lines
-
-
 def detection_schema(settings: TaskSettings) -> dict[str, Any]:
-    """responseSchema: a list of {box_2d: 4 integers, label}, label from the list if one is set."""
-    label: dict[str, Any] = {"type": "STRING"}
-    if settings.labels:
-        label["enum"] = list(settings.labels)
-    schema: dict[str, Any] = {
-        "type": "ARRAY",
-        "items": {
-            "type": "OBJECT",
-            "properties": {
-                "box_2d": {
-                    "type": "ARRAY",
-                    "items": {"type": "INTEGER"},
-                    "minItems": 4,
-                    "maxItems": 4,
-                },
-                "label": label,
-            },
-            "required": ["box_2d", "label"],
-        },
-    }
-    cap = max_objects(settings)
-    if cap:
-        schema["maxItems"] = cap
-    return schema
+    """responseSchema: a list of {box_2d: 4 integers, label}."""
+    return objects_schema(settings, "box_2d", 4)
 
 
 class DetectTask:
@@ -73,22 +37,8 @@ class DetectTask:
     kind = "detect"
 
     def request(self, settings: TaskSettings) -> GenerateRequest:
-        if settings.labels:
-            label_index(settings.labels)  # reject empty or clashing labels early
-        prompt = settings.prompt or (
-            LABELLED_PROMPT.format(labels=quoted(settings.labels))
-            if settings.labels
-            else DEFAULT_PROMPT
-        )
-        rules = [] if settings.system_instruction else [SYSTEM_RULES]
-        return build_request(
-            settings,
-            prompt,
-            rules + object_rules(settings),
-            json_mode=True,
-            default_schema=detection_schema(settings),
-            locate=True,
-        )
+        prompts = (DEFAULT_PROMPT, LABELLED_PROMPT)
+        return object_request(settings, prompts, SYSTEM_RULES, detection_schema(settings))
 
     @never_raises
     def parse(

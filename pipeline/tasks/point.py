@@ -12,10 +12,9 @@ from typing import Any
 
 from pipeline.gemini.types import GenerateRequest
 from pipeline.records import Parsed
-from pipeline.tasks.answers import Sizes, label_index, never_raises, read_points
+from pipeline.tasks.answers import Sizes, never_raises, read_points
 from pipeline.tasks.base import TaskSettings
-from pipeline.tasks.detect import object_rules
-from pipeline.tasks.generation import build_request, quoted
+from pipeline.tasks.objects import object_request, objects_schema
 
 # The cookbook's pointing prompt (Gemini spatial understanding), its cap left to max_objects.
 DEFAULT_PROMPT = (
@@ -35,18 +34,7 @@ SYSTEM_RULES = (
 
 def point_schema(settings: TaskSettings) -> dict[str, Any]:
     """responseSchema: a list of {point: 2 integers [y, x], label}."""
-    label: dict[str, Any] = {"type": "STRING"}
-    if settings.labels:
-        label["enum"] = list(settings.labels)
-    point = {"type": "ARRAY", "items": {"type": "INTEGER"}, "minItems": 2, "maxItems": 2}
-    return {
-        "type": "ARRAY",
-        "items": {
-            "type": "OBJECT",
-            "properties": {"point": point, "label": label},
-            "required": ["point", "label"],
-        },
-    }
+    return objects_schema(settings, "point", 2)
 
 
 class PointTask:
@@ -55,22 +43,8 @@ class PointTask:
     kind = "point"
 
     def request(self, settings: TaskSettings) -> GenerateRequest:
-        if settings.labels:
-            label_index(settings.labels)
-        prompt = settings.prompt or (
-            LABELLED_PROMPT.format(labels=quoted(settings.labels))
-            if settings.labels
-            else DEFAULT_PROMPT
-        )
-        rules = [] if settings.system_instruction else [SYSTEM_RULES]
-        return build_request(
-            settings,
-            prompt,
-            rules + object_rules(settings),
-            json_mode=True,
-            default_schema=point_schema(settings),
-            locate=True,
-        )
+        prompts = (DEFAULT_PROMPT, LABELLED_PROMPT)
+        return object_request(settings, prompts, SYSTEM_RULES, point_schema(settings))
 
     @never_raises
     def parse(

@@ -27,10 +27,10 @@ import numpy as np
 from pipeline import masks
 from pipeline.gemini.types import GenerateRequest
 from pipeline.records import Parsed
-from pipeline.tasks.answers import MaskReader, Sizes, label_index, never_raises, read_objects
+from pipeline.tasks.answers import MaskReader, Sizes, never_raises, read_objects
 from pipeline.tasks.base import TaskSettings
-from pipeline.tasks.detect import object_rules
-from pipeline.tasks.generation import SettingError, build_request, quoted
+from pipeline.tasks.generation import SettingError
+from pipeline.tasks.objects import object_request
 
 SEED_PROMPT = (
     "Give the segmentation masks for {what}. Output a JSON list of segmentation masks where "
@@ -38,6 +38,7 @@ SEED_PROMPT = (
     'key "mask", and the text label in the key "label". Use descriptive labels.'
 )
 DEFAULT_PROMPT = SEED_PROMPT.format(what="all of the prominent items in the image")
+LABELLED_PROMPT = SEED_PROMPT.format(what="the following items: {labels}")
 _SEG_TOKEN = re.compile(r"<seg_\d+>")
 # Caps on the work one answer may ask for (each mask costs about its box's pixel count to draw
 # and encode): beyond them masks are skipped with a reason and the objects kept.
@@ -166,14 +167,7 @@ class SegmentTask:
             raise SettingError(
                 "kind", f"{settings.spec.name} does not return segmentation masks; use detect"
             )
-        if settings.labels:
-            label_index(settings.labels)
-        prompt = settings.prompt or (
-            SEED_PROMPT.format(what=f"the following items: {quoted(settings.labels)}")
-            if settings.labels
-            else DEFAULT_PROMPT
-        )
-        return build_request(settings, prompt, object_rules(settings), json_mode=True, locate=True)
+        return object_request(settings, (DEFAULT_PROMPT, LABELLED_PROMPT))
 
     @never_raises
     def parse(
