@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import sys
 import time
+from collections.abc import Callable, Mapping
 from typing import Protocol, TextIO
 
 TTY_INTERVAL = 0.25
@@ -37,6 +38,52 @@ class ProgressSource(Protocol):
     def skipped(self) -> int: ...  # files already done
     @property
     def walked(self) -> bool: ...  # the walk is over: the total is known
+
+
+class Walk(Protocol):
+    """What a producer tells about its walk."""
+
+    @property
+    def seen(self) -> int: ...
+    @property
+    def skipped(self) -> int: ...
+    @property
+    def done(self) -> bool: ...
+
+
+class EngineView:
+    """A ProgressSource from an engine's parts: the producer's walk, the rows written by kind
+    and the count of 429s (callables, since engines replace their counters as reports arrive).
+    """
+
+    def __init__(
+        self, walk: Walk, rows: Callable[[], Mapping[str, int]], throttled: Callable[[], int]
+    ) -> None:
+        self._walk, self._rows, self._throttled = walk, rows, throttled
+
+    @property
+    def done(self) -> int:
+        return sum(self._rows().values())
+
+    @property
+    def errors(self) -> int:
+        return self._rows().get("error", 0)
+
+    @property
+    def throttled(self) -> int:
+        return self._throttled()
+
+    @property
+    def seen(self) -> int:
+        return self._walk.seen
+
+    @property
+    def skipped(self) -> int:
+        return self._walk.skipped
+
+    @property
+    def walked(self) -> bool:
+        return self._walk.done
 
 
 class Progress:

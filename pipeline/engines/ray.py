@@ -65,7 +65,7 @@ from pipeline.engines.single import (
     _sink_hint,
 )
 from pipeline.fetch import Fetcher, settings_from
-from pipeline.progress import Progress
+from pipeline.progress import EngineView, Progress
 from pipeline.records import SourceFile
 from pipeline.rows import RunFacts
 from pipeline.runner import RunOptions, key_suffix
@@ -174,7 +174,8 @@ class RayEngine:
         assert stop is not None
         batches: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=2)
         dispatch = Dispatch(fleet, stop, self._account)
-        progress = Progress(_ProgressView(producer, self.tally), enabled=self.options.progress)
+        view = EngineView(producer, lambda: self.tally.rows, lambda: self.tally.throttled)
+        progress = Progress(view, enabled=self.options.progress)
         loop = asyncio.get_running_loop()
         with _signals(loop, stop, fleet):
             walking = loop.run_in_executor(None, producer.run, loop, batches)
@@ -370,37 +371,6 @@ class Dispatch:
             self.account(tally)
             if not self.stop.running:
                 self.fleet.signal(self.stop)
-
-
-class _ProgressView:
-    """What the progress line reads: the producer's walk and the workers' reports."""
-
-    def __init__(self, producer: Producer, tally: Tally) -> None:
-        self._producer, self._tally = producer, tally
-
-    @property
-    def done(self) -> int:
-        return sum(self._tally.rows.values())
-
-    @property
-    def errors(self) -> int:
-        return self._tally.rows.get("error", 0)
-
-    @property
-    def throttled(self) -> int:
-        return self._tally.throttled
-
-    @property
-    def seen(self) -> int:
-        return self._producer.seen
-
-    @property
-    def skipped(self) -> int:
-        return self._producer.skipped
-
-    @property
-    def walked(self) -> bool:
-        return self._producer.done
 
 
 @contextlib.contextmanager

@@ -31,18 +31,18 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from pipeline.calls import Caller, RunStopped
+from pipeline.calls import Caller
 from pipeline.config import Config
 from pipeline.dataset import KeySet
 from pipeline.engines.quota import ActorLink, LeasedDaily, LeasedLimiter, Limits, quota_name
-from pipeline.engines.single import _sink_hint
+from pipeline.engines.single import process_unit
 from pipeline.gemini import GeminiClient, api_key_from_env
 from pipeline.records import SourceFile, storable
 from pipeline.references import load as load_references
 from pipeline.reuse import Answers
 from pipeline.rows import RunFacts
 from pipeline.runner import ImageRunner, RowCounts
-from pipeline.sink import ParquetSink, SinkFailed, recover_writer
+from pipeline.sink import ParquetSink, recover_writer
 from pipeline.state import State
 from pipeline.stop import Stop, Stopped
 from pipeline.tasks import get_task
@@ -231,15 +231,7 @@ class Worker:
             _add_prior(tally, prior)
             return
         runner = ImageRunner(self.config, self.setup.facts, **self._runner_parts())
-        try:
-            await runner.process(src)
-        except Stopped:
-            return
-        except RunStopped as exc:
-            verdict = exc.verdict
-            stop.drain(verdict.reason, verdict.hint, verdict.exit_code)
-        except SinkFailed as exc:
-            stop.drain(f"the output cannot be written: {exc}", _sink_hint())
+        await process_unit(runner, src, stop)
         _add_counts(tally, runner.counts)
 
     def _runner_parts(self) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from pipeline.dataset import ResumeIndex, load_resume_index
 from pipeline.fetch import Fetcher, settings_from
 from pipeline.gemini import GeminiClient, api_key_from_env
 from pipeline.limits import DailyCount, RateLimiter
-from pipeline.progress import Progress
+from pipeline.progress import EngineView, Progress
 from pipeline.records import SourceFile, Work, members_of, work_identity
 from pipeline.references import load as load_references
 from pipeline.reuse import Answers
@@ -253,7 +253,8 @@ class SingleProcess:
         conc = self.config.limits.concurrency
         batches: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=2)
         files: asyncio.Queue[Work | None] = asyncio.Queue(maxsize=conc)
-        view = _ProgressView(producer, runner)
+        calls = runner.caller.counters
+        view = EngineView(producer, lambda: runner.counts.rows, lambda: calls.throttled)
         progress = Progress(view, enabled=self.options.progress)
         loop = asyncio.get_running_loop()
         with _signals(loop, stop, sink):
@@ -281,15 +282,7 @@ class SingleProcess:
         while (src := await files.get()) is not None:
             if not stop.running:
                 continue  # not started: a rerun picks it up
-            try:
-                await runner.process(src)
-            except Stopped:
-                continue
-            except RunStopped as exc:
-                verdict = exc.verdict
-                stop.drain(verdict.reason, verdict.hint, verdict.exit_code)
-            except SinkFailed as exc:
-                stop.drain(f"the output cannot be written: {exc}", _sink_hint())
+            await process_unit(runner, src, stop)
 
     def _summarise(self, producer: Producer, runner: ImageRunner, caller: Caller) -> None:
         s = self.summary
@@ -308,38 +301,6 @@ class SingleProcess:
         if stop.reason:
             s.stop_reason, s.resume_hint, s.exit_code = stop.reason, stop.hint, stop.exit_code
         s.settle_exit_code()
-
-
-class _ProgressView:
-    """What the progress line reads: counters only (see progress.ProgressSource)."""
-
-    def __init__(self, producer: Producer, runner: ImageRunner) -> None:
-        self._producer, self._runner = producer, runner
-        self._caller = runner.caller
-
-    @property
-    def done(self) -> int:
-        return sum(self._runner.counts.rows.values())
-
-    @property
-    def errors(self) -> int:
-        return self._runner.counts.rows.get("error", 0)
-
-    @property
-    def throttled(self) -> int:
-        return self._caller.counters.throttled
-
-    @property
-    def seen(self) -> int:
-        return self._producer.seen
-
-    @property
-    def skipped(self) -> int:
-        return self._producer.skipped
-
-    @property
-    def walked(self) -> bool:
-        return self._producer.done
 
 
 async def _deal(
@@ -465,6 +426,21 @@ def _day_key() -> str:
     from pipeline.limits import quota_day
 
     return quota_day().isoformat()
+
+
+async def process_unit(runner: ImageRunner, work: Work, stop: Stop) -> None:
+    """One unit through `runner`. A failure of the run itself (a verdict, an unwritable output)
+    drains the run: units already started finish, no new one starts; a unit stopped by the
+    run's end is left for a rerun. Every engine's worker loop calls this."""
+    try:
+        await runner.process(work)
+    except Stopped:
+        return
+    except RunStopped as exc:
+        verdict = exc.verdict
+        stop.drain(verdict.reason, verdict.hint, verdict.exit_code)
+    except SinkFailed as exc:
+        stop.drain(f"the output cannot be written: {exc}", _sink_hint())
 
 
 def _sink_hint() -> str:

@@ -296,17 +296,8 @@ class Batches:
 
     async def list(self, *, page_size: int = 100) -> list[BatchJob]:
         """Every job of the project, following nextPageToken (no results inside: `get` each)."""
-        jobs: list[BatchJob] = []
-        params = {"pageSize": str(page_size)}
-        while True:
-            answer = await self._transport.send(
-                "GET", f"{self.base_url}/{self.version}/batches", params=params, what="list batches"
-            )
-            page, token = self._transport.parse(answer, parse_job_page, "list batches")
-            jobs.extend(page)
-            if not token:
-                return jobs
-            params = {"pageSize": str(page_size), "pageToken": token}
+        url = f"{self.base_url}/{self.version}/batches"
+        return await self._transport.pages(url, parse_job_page, "list batches", page_size)
 
     async def cancel(self, name: str) -> None:
         answer = await self._transport.send(

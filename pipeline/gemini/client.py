@@ -373,17 +373,8 @@ class GeminiClient:
 
     async def list_files(self, *, page_size: int = 100) -> list[FileInfo]:
         """Every file of the project, following nextPageToken."""
-        files: list[FileInfo] = []
-        params = {"pageSize": str(page_size)}
-        while True:
-            answer = await self._transport.send(
-                "GET", f"{self.base_url}/{self.version}/files", params=params, what="list files"
-            )
-            page, token = self._transport.parse(answer, parse_file_page, "list files")
-            files.extend(page)
-            if not token:
-                return files
-            params = {"pageSize": str(page_size), "pageToken": token}
+        url = f"{self.base_url}/{self.version}/files"
+        return await self._transport.pages(url, parse_file_page, "list files", page_size)
 
     async def delete_file(self, name: str) -> None:
         answer = await self._transport.send(

@@ -147,6 +147,24 @@ class Transport:
             )
         raise failure
 
+    async def pages(
+        self,
+        url: str,
+        parse_page: Callable[[str], tuple[list[_Parsed], str | None]],
+        what: str,
+        page_size: int,
+    ) -> list[_Parsed]:
+        """Every item of a listing, following nextPageToken (as the SDK's `Pager` does)."""
+        items: list[_Parsed] = []
+        params = {"pageSize": str(page_size)}
+        while True:
+            answer = await self.send("GET", url, params=params, what=what)
+            page, token = self.parse(answer, parse_page, what)
+            items.extend(page)
+            if not token:
+                return items
+            params = {"pageSize": str(page_size), "pageToken": token}
+
     def _headers(
         self, headers: Mapping[str, str] | None, with_key: bool, limit: float
     ) -> dict[str, str]:
