@@ -38,7 +38,7 @@ from typing import Any, NoReturn, TypeVar
 from pipeline import exits
 from pipeline.calls import SMALL_BYTES, SMALL_PIXELS, RunStopped
 from pipeline.config import Config, ConfigError
-from pipeline.engines.single import _signals, _sink_hint
+from pipeline.engines.single import drain_on_signals, sink_hint
 from pipeline.failures import STREAK, Action, Verdict, judge
 from pipeline.gemini import GeminiClient, GeminiError, api_key_from_env
 from pipeline.gemini.batches import BatchJob, BatchResult
@@ -141,7 +141,7 @@ async def guarded(stop: Stop, work: Awaitable[Any]) -> None:
     except RunStopped as exc:
         stop.drain(exc.verdict.reason, exc.verdict.hint, exc.verdict.exit_code)
     except (SinkFailed, OSError) as exc:  # OSError: a job's JSONL or results file on disk
-        stop.drain(f"the output cannot be written: {exc}", _sink_hint())
+        stop.drain(f"the output cannot be written: {exc}", sink_hint())
 
 
 def job_verdict(error: GeminiError, what: str) -> Verdict:
@@ -715,7 +715,7 @@ async def wait(
         stack.callback(state.close)
         sink = await stack.enter_async_context(ParquetSink(out, run_id))
         summary.recovered = sink.rows_recovered
-        with _signals(asyncio.get_running_loop(), stop, sink):
+        with drain_on_signals(asyncio.get_running_loop(), stop, sink):
             for base_url, version, _ in list(_endpoints(state)):
                 how = _following(out, base_url, run_id, rows, counts, config, progress)
                 await guarded(stop, _wait_at(state, sink, stop, how, version, config))

@@ -16,13 +16,17 @@ The first reason wins (a quota stop is not renamed "interrupted" by a later Ctrl
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+import contextlib
+import signal
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Literal, TypeVar
 
 from pipeline import exits
 
 T = TypeVar("T")
 State = Literal["running", "draining", "abandoning"]
+# What stops a run from outside: Ctrl-C, a service manager's stop, a closed terminal.
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class Stopped(Exception):
@@ -108,3 +112,19 @@ def _close(awaitable: Awaitable[object]) -> None:
     close = getattr(awaitable, "close", None)  # a coroutine never awaited: no warning
     if close is not None:
         close()
+
+
+@contextlib.contextmanager
+def on_signals(loop: asyncio.AbstractEventLoop, handle: Callable[[], None]) -> Iterator[None]:
+    """`handle` runs on the loop at each of SIGNALS while the block runs (where the platform
+    lets a loop take signals: not on Windows, not off the main thread)."""
+    installed = []
+    for sig in SIGNALS:
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, handle)
+            installed.append(sig)
+    try:
+        yield
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)

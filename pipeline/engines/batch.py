@@ -57,9 +57,9 @@ from pipeline.dataset import DigestSet, ResumeIndex
 from pipeline.engines.single import (
     Producer,
     SingleProcess,
-    _drain,
-    _output_dir,
-    _signals,
+    drain_on_signals,
+    empty_queue,
+    open_output,
 )
 from pipeline.failures import Action, judge
 from pipeline.gemini import GeminiError
@@ -91,14 +91,14 @@ class BatchProcess(SingleProcess):
         self.producer: Producer | None = None  # made once the resume index is read
 
     async def run(self) -> RunSummary:
-        out = _output_dir(self.config)
+        out = open_output(self.config)
         self.stop = stop = Stop()
         async with contextlib.AsyncExitStack() as stack:
             opened = await self._open(stack, out, stop)
             state, sink, index, client = opened.state, opened.sink, opened.index, opened.client
             caller, answers, runner = opened.caller, opened.answers, opened.runner
             jobs = Jobs(state, client, sink, stop, self._following(out, runner.counts, answers))
-            with _signals(asyncio.get_running_loop(), stop, sink):
+            with drain_on_signals(asyncio.get_running_loop(), stop, sink):
                 await guarded(stop, jobs.recover())
                 await self._work(jobs, runner, index, state, out)
                 if self.config.images.delete_uploads and stop.running:  # interactive retries'
@@ -175,7 +175,7 @@ class BatchProcess(SingleProcess):
                 self.counts.submitted_s = self.counts.since_start()
         finally:
             producer.halt.set()
-            _drain(batches)
+            empty_queue(batches)
             await walking
             await submission.discard()
 

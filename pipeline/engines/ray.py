@@ -55,14 +55,13 @@ from pipeline.dataset import KeySet, load_resume_index
 from pipeline.engines.quota import NAMESPACE, Limits, quota_actor, quota_name
 from pipeline.engines.ray_worker import Secret, Tally, Worker, WorkerSetup, WorkerSetupError
 from pipeline.engines.single import (
-    SIGNALS,
     Batch,
     Producer,
-    _day_key,
-    _endpoint,
-    _open_state,
-    _output_dir,
-    _sink_hint,
+    open_output,
+    open_state,
+    quota_day_key,
+    service_endpoint,
+    sink_hint,
 )
 from pipeline.fetch import Fetcher, settings_from
 from pipeline.progress import EngineView, Progress
@@ -71,7 +70,7 @@ from pipeline.rows import RunFacts
 from pipeline.runner import RunOptions, key_suffix
 from pipeline.sink import SinkFailed, shared_output
 from pipeline.state import State
-from pipeline.stop import Stop, Stopped
+from pipeline.stop import Stop, Stopped, on_signals
 from pipeline.summary import RunSummary
 
 log = logging.getLogger(__name__)
@@ -110,14 +109,14 @@ class RayEngine:
         self.state: State | None = None
 
     async def run(self) -> RunSummary:
-        out = _output_dir(self.config)
+        out = open_output(self.config)
         self.stop = Stop()
         ray = _connect(self.config.engine)
         async with contextlib.AsyncExitStack() as stack:
             if ray is not None:
                 stack.callback(ray.shutdown)
             self.summary.recovered = stack.enter_context(shared_output(out))
-            self.state = _open_state(out, self.config)
+            self.state = open_state(out, self.config)
             stack.callback(self.state.close)
             index = await asyncio.to_thread(
                 load_resume_index,
@@ -125,7 +124,7 @@ class RayEngine:
                 key_suffix=self.facts.key_suffix,
                 retry_errors=self.options.retry_errors,
             )
-            base_url, key = await _endpoint(self.config, stack)
+            base_url, key = await service_endpoint(self.config, stack)
             quota = await self._quota(key)
             fleet = Fleet(self.config, self._setup(base_url, key, quota), index.ok_keys)
             stack.push_async_callback(fleet.kill)
@@ -158,7 +157,7 @@ class RayEngine:
     async def _seed(self, actor: Any) -> None:
         assert self.state is not None
         await actor.configure.remote(Limits.of(self.config.limits))
-        await actor.seed.remote(_day_key(), self.state.requests_on(_day_key()))
+        await actor.seed.remote(quota_day_key(), self.state.requests_on(quota_day_key()))
 
     async def _watch_quota(self, name: str) -> None:
         """A restarted quota actor lost the day's count and lends nothing till told it again."""
@@ -196,7 +195,7 @@ class RayEngine:
         """A worker's report: add it up, persist the day's count, stop the fleet if it stops."""
         self.tally.add(tally)
         if tally.answered and self.state is not None:
-            self.state.add_requests(_day_key(), tally.answered)
+            self.state.add_requests(quota_day_key(), tally.answered)
         stop = self.stop
         if tally.stop and stop is not None and stop.running:
             stop.drain(*tally.stop)
@@ -279,7 +278,7 @@ class Fleet:
                 result.as_instanceof_cause(), SinkFailed
             ):
                 why = f"the output cannot be written: {result.as_instanceof_cause()}"
-                tally.stop = (why, _sink_hint(), exits.STOPPED)
+                tally.stop = (why, sink_hint(), exits.STOPPED)
             else:
                 log.warning("a worker could not be closed: %s", result)
         return tally
@@ -382,16 +381,8 @@ def _signals(loop: asyncio.AbstractEventLoop, stop: Stop, fleet: Fleet) -> Itera
         stop.signal()
         fleet.signal(stop)
 
-    installed = []
-    for sig in SIGNALS:
-        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            loop.add_signal_handler(sig, handle)
-            installed.append(sig)
-    try:
+    with on_signals(loop, handle):
         yield
-    finally:
-        for sig in installed:
-            loop.remove_signal_handler(sig)
 
 
 # ------------------------------------------------------------------------------------ Ray

@@ -21,7 +21,6 @@ import logging
 import os
 import random
 import secrets
-import signal
 import sqlite3
 import threading
 import time
@@ -45,7 +44,7 @@ from pipeline.runner import ImageRunner, RunOptions, key_suffix
 from pipeline.sink import ParquetSink, SinkFailed
 from pipeline.source import work_units
 from pipeline.state import State
-from pipeline.stop import Stop, Stopped
+from pipeline.stop import Stop, Stopped, on_signals
 from pipeline.stores import MissingExtra, Store, is_url, local_path, open_store, scheme_of
 from pipeline.summary import RunSummary
 from pipeline.tasks import get_task
@@ -55,7 +54,6 @@ Batch = list[Work]
 LOCAL_KEY = "local-key"
 BATCH_SIZE = 64  # files handed from the walking thread to the workers at once
 BATCH_SECONDS = 0.05
-SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class Producer:
@@ -142,13 +140,13 @@ class SingleProcess:
         self.stop: Stop | None = None  # made in run(): it needs the event loop
 
     async def run(self) -> RunSummary:
-        out = _output_dir(self.config)
+        out = open_output(self.config)
         self.stop = stop = Stop()
         try:
             sink = await self._run(out, stop)
             self.summary.unstorable = sink.unstorable  # counted up to its last part
         except SinkFailed as exc:  # the last part could not be written (a full disk...)
-            stop.drain(f"the output cannot be written: {exc}", _sink_hint())
+            stop.drain(f"the output cannot be written: {exc}", sink_hint())
         self._settle(stop)
         self.summary.write(out)
         return self.summary
@@ -178,7 +176,7 @@ class SingleProcess:
         fetcher = Fetcher(settings_from(self.config), seed=self.options.seed)
         stack.callback(fetcher.close)
         sink = await stack.enter_async_context(self._sink(out))
-        state = _open_state(out, self.config)  # after the lock: read what the last run left
+        state = open_state(out, self.config)  # after the lock: read what the last run left
         stack.callback(state.close)
         self.summary.recovered = sink.rows_recovered
         index = await asyncio.to_thread(
@@ -209,7 +207,7 @@ class SingleProcess:
         )
 
     async def _client(self, stack: contextlib.AsyncExitStack) -> GeminiClient:
-        base_url, api_key = await _endpoint(self.config, stack)
+        base_url, api_key = await service_endpoint(self.config, stack)
         try:
             return self._make_client(base_url, api_key)
         except ValueError as exc:  # an http:// endpoint off this machine, a malformed URL
@@ -232,8 +230,8 @@ class SingleProcess:
         limits = self.config.limits
         daily = DailyCount(
             limits.rpd,
-            state.requests_on(_day_key()),
-            lambda n: state.add_requests(_day_key(), n),
+            state.requests_on(quota_day_key()),
+            lambda n: state.add_requests(quota_day_key(), n),
         )
         return Caller(
             self.config,
@@ -257,7 +255,7 @@ class SingleProcess:
         view = EngineView(producer, lambda: runner.counts.rows, lambda: calls.throttled)
         progress = Progress(view, enabled=self.options.progress)
         loop = asyncio.get_running_loop()
-        with _signals(loop, stop, sink):
+        with drain_on_signals(loop, stop, sink):
             walking = loop.run_in_executor(None, producer.run, loop, batches)
             prefetch = runner.fetcher.prefetch if runner.fetcher else None
             dealer = asyncio.create_task(_deal(batches, files, conc, stop, prefetch))
@@ -268,7 +266,7 @@ class SingleProcess:
             finally:
                 producer.halt.set()
                 dealer.cancel()
-                _drain(batches)
+                empty_queue(batches)
                 await walking
                 for task in (dealer, reporter):
                     task.cancel()
@@ -324,14 +322,16 @@ async def _deal(
         await files.put(None)
 
 
-def _drain(queue: asyncio.Queue[Batch | None]) -> None:
+def empty_queue(queue: asyncio.Queue[Batch | None]) -> None:
     """Unblock the walking thread if it waits on a full queue after the workers left."""
     while not queue.empty():
         queue.get_nowait()
 
 
 @contextlib.contextmanager
-def _signals(loop: asyncio.AbstractEventLoop, stop: Stop, sink: ParquetSink) -> Iterator[None]:
+def drain_on_signals(
+    loop: asyncio.AbstractEventLoop, stop: Stop, sink: ParquetSink
+) -> Iterator[None]:
     """Each signal: make what is answered durable now, then drain (first) or abandon (next)."""
     pending: set[asyncio.Task[None]] = set()
 
@@ -341,16 +341,8 @@ def _signals(loop: asyncio.AbstractEventLoop, stop: Stop, sink: ParquetSink) -> 
         pending.add(task)
         task.add_done_callback(pending.discard)
 
-    installed = []
-    for sig in SIGNALS:
-        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            loop.add_signal_handler(sig, handle)
-            installed.append(sig)
-    try:
+    with on_signals(loop, handle):
         yield
-    finally:
-        for sig in installed:
-            loop.remove_signal_handler(sig)
 
 
 async def _sync_quietly(sink: ParquetSink) -> None:
@@ -358,7 +350,7 @@ async def _sync_quietly(sink: ParquetSink) -> None:
         await sink.sync()
 
 
-async def _endpoint(config: Config, stack: contextlib.AsyncExitStack) -> tuple[str, str]:
+async def service_endpoint(config: Config, stack: contextlib.AsyncExitStack) -> tuple[str, str]:
     """The base URL and key: the bundled local server in-process, or the configured one."""
     if config.api.base_url == "local":
         from pipeline.localserver import LocalServer, ServerOptions
@@ -387,7 +379,7 @@ async def _compact_quietly(sink: ParquetSink, threshold: float, index: ResumeInd
         log.warning("compaction at the end of the run failed (the output is intact): %s", exc)
 
 
-def _output_dir(config: Config) -> Path | Store:
+def open_output(config: Config) -> Path | Store:
     """The output folder, created; a path that is a file or cannot be written is a usage error.
     An object-store prefix is its Store (its bucket must exist)."""
     if is_url(config.output.dir) and scheme_of(config.output.dir) != "file":
@@ -411,7 +403,7 @@ def _output_dir(config: Config) -> Path | Store:
     return out
 
 
-def _open_state(out: Path | Store, config: Config) -> State:
+def open_state(out: Path | Store, config: Config) -> State:
     try:
         return State(out)
     except sqlite3.DatabaseError as exc:
@@ -422,7 +414,7 @@ def _open_state(out: Path | Store, config: Config) -> State:
         ) from None
 
 
-def _day_key() -> str:
+def quota_day_key() -> str:
     from pipeline.limits import quota_day
 
     return quota_day().isoformat()
@@ -440,10 +432,10 @@ async def process_unit(runner: ImageRunner, work: Work, stop: Stop) -> None:
         verdict = exc.verdict
         stop.drain(verdict.reason, verdict.hint, verdict.exit_code)
     except SinkFailed as exc:
-        stop.drain(f"the output cannot be written: {exc}", _sink_hint())
+        stop.drain(f"the output cannot be written: {exc}", sink_hint())
 
 
-def _sink_hint() -> str:
+def sink_hint() -> str:
     return (
         "free the disk (or fix the folder) and rerun: answered rows are safe in the journal "
         "and are committed by the next run without a call"
