@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 
 from pipeline.cost import table_cost
 from pipeline.facts import file_digest
+from pipeline.memory import release_unused
 from pipeline.records import ROW_SCHEMA, SCHEMA_VERSION
 from pipeline.stores import Entry, Store, is_hidden, open_store, store_key
 
@@ -64,17 +65,24 @@ class DigestSet:
 
     __slots__ = ("_high", "_low", "_views")
 
-    def __init__(self, joined: bytes = b"") -> None:
+    def __init__(self, joined: bytes | np.ndarray = b"") -> None:
+        """`joined`: the digests end to end (bytes, or any buffer such as a V16 array).
+
+        Sorted with one scratch array beside the result (the order), not four: a million
+        digests are built in 0.05 s within ~40 MB (the resume index builds two of them)."""
         halves = np.frombuffer(joined, dtype="<u8").reshape(-1, 2)
-        high, low = halves[:, 0].copy(), halves[:, 1].copy()
-        order = np.argsort(high)
-        same_high = high[order][1:] == high[order][:-1]
-        if (same_high & (low[order][1:] != low[order][:-1])).any():  # 64-bit tie: rare
+        order = np.argsort(halves[:, 0])
+        high, low = halves[order, 0], halves[order, 1]
+        del order
+        same_high = high[1:] == high[:-1]
+        if (same_high & (low[1:] != low[:-1])).any():  # a 64-bit tie: rare; argsort is unstable
             order = np.lexsort((low, high))
-        high, low = high[order], low[order]
-        distinct = np.ones(len(order), dtype=bool)
+            high, low = high[order], low[order]
+        distinct = np.ones(len(high), dtype=bool)
         distinct[1:] = (high[1:] != high[:-1]) | (low[1:] != low[:-1])
-        self._high, self._low = high[distinct], low[distinct]
+        if not distinct.all():
+            high, low = high[distinct], low[distinct]
+        self._high, self._low = high, low
         self._views = (memoryview(self._high), memoryview(self._low))
 
     def __len__(self) -> int:
@@ -143,7 +151,7 @@ class KeySet:
 
     __slots__ = ("_digests", "suffix")
 
-    def __init__(self, suffix: str, joined: bytes = b"") -> None:
+    def __init__(self, suffix: str, joined: bytes | np.ndarray = b"") -> None:
         self.suffix = suffix
         self._digests = DigestSet(joined)
 
@@ -262,11 +270,17 @@ def part_batches(
 
 
 def _part_batches(source: Any, shown: str, columns: Sequence[str]) -> Iterator[pa.RecordBatch]:
-    part = _open_part(source, shown)
+    """`source`: a path, or a file object (from an object store) closed once read: closing it
+    drops the bytes fsspec fetched, which otherwise outlive the read (a third of a 1M-row index
+    build's reads were still held when it ended: 28 MB, found with tracemalloc)."""
     try:
+        part = _open_part(source, shown)
         yield from _batches(part, columns)
     except (pa.ArrowException, OSError) as exc:
         raise UnreadablePart(shown, f"damaged Parquet data ({_first_line(exc)})") from None
+    finally:
+        if not isinstance(source, str | Path):
+            source.close()
 
 
 def _parts_batches(
@@ -392,19 +406,21 @@ def load_resume_index(
     visible, superseded = facts.superseded([is_history_part(entry.name) for entry in parts])
     done, ok, rows = facts.done(retry_errors, RETRY_RUNS), facts.ok_digests(), facts.rows
     del facts  # before the sorted sets are built: their scratch is the peak otherwise
-    index = ResumeIndex(
+    done_set = DigestSet(done)
+    del done  # each input goes as soon as its set is built: the peak is one set's scratch
+    ok_keys = KeySet(key_suffix, ok)
+    del ok
+    # The scratch memory is free now; hand it back rather than keep it for the whole run.
+    release_unused()
+    return ResumeIndex(
         key_suffix=key_suffix,
         retry_errors=retry_errors,
-        done=DigestSet(done),
-        ok_keys=KeySet(key_suffix, ok),
+        done=done_set,
+        ok_keys=ok_keys,
         rows_read=rows,
         visible_rows=visible,
         superseded_rows=superseded,
     )
-    del done, ok
-    # The scratch memory is free now; hand it back rather than keep it for the whole run.
-    pa.default_memory_pool().release_unused()
-    return index
 
 
 # ------------------------------------------------------------------------------------ lookup

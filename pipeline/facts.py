@@ -37,6 +37,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.memory import release_unused
 from pipeline.records import storable
 from pipeline.stores import Entry, Store
 
@@ -44,7 +45,7 @@ log = logging.getLogger(__name__)
 
 FACTS_DIR = ".index"
 CHECKPOINT_FILES = 10  # Delta Lake's checkpointInterval
-FILE_ROWS = 250_000  # rows in one cache file at most (~13 MB; held whole only while read)
+FILE_ROWS = 100_000  # rows in one cache file at most (~5 MB; held whole only while read)
 # Arrow's allocator keeps what Parquet decoding freed; handing it back every few parts keeps a
 # first build (1M rows, no cache) from peaking ~50 MB higher than it needs (measured).
 RELEASE_EVERY = 8
@@ -145,7 +146,12 @@ def _words(column: pa.Array) -> np.ndarray:
 
 
 class Gathered:
-    """What the index needs under one suffix, gathered batch by batch (module docstring)."""
+    """What the index needs under one suffix, gathered batch by batch (module docstring).
+
+    Read in this order: `superseded`, then `done`, then `ok_digests`. The last two hand over
+    the columns they are the last to need instead of copying them (a million rows: 57 MB of
+    columns, and every copy the sorts would make on top counts in a resume's peak).
+    """
 
     def __init__(self, suffix: str | None, parts: list[Entry]) -> None:
         self.suffix = suffix  # None: only groups and places (what a superseded share needs)
@@ -153,8 +159,9 @@ class Gathered:
         self.rows = 0
         self._next_row: dict[int, int] = {}
         self._pieces: dict[str, list[np.ndarray]] = {
-            name: [] for name in ("group", "when", "place", "flags", "file", "ok_sha")
+            name: [] for name in ("group", "when", "flags", "file", "ok_sha")
         }
+        self._spans: list[tuple[int, int, int]] = []  # (part, first row, rows) of each batch
 
     def add(self, batch: Batch) -> None:
         facts, n = batch.facts, batch.facts.num_rows
@@ -164,8 +171,7 @@ class Gathered:
         self.rows += n
         pieces = self._pieces
         pieces["group"].append(facts.column("group").to_numpy().copy())
-        place = (np.int64(part) << 32) | np.arange(first, first + n, dtype=np.int64)
-        pieces["place"].append(place)
+        self._spans.append((part, first, n))
         if self.suffix is None:
             return
         mine_of = np.array([s == self.suffix for s in batch.suffixes] + [False], dtype=bool)
@@ -177,11 +183,12 @@ class Gathered:
         ok = (flags & (OK | MINE)) == (OK | MINE)
         pieces["ok_sha"].append(_binary16(facts.column("sha"))[ok])
 
-    def done(self, retry_errors: bool, retry_runs: int) -> bytes:
-        """File digests of the files whose current row says: skip (see dataset's rule)."""
+    def done(self, retry_errors: bool, retry_runs: int) -> np.ndarray:
+        """File digests (V16) of the files whose current row says: skip (see dataset's rule)."""
         if not self.rows:
-            return b""
-        group, when, place = (self._take(name) for name in ("group", "when", "place"))
+            return np.zeros(0, dtype="V16")
+        group, when = self._take("group", keep=False), self._take("when", keep=False)
+        place = self._places()
         order = np.lexsort((place, when, group))
         del when, place
         ordered = group[order]
@@ -189,7 +196,7 @@ class Gathered:
         newest[:-1] = ordered[1:] != ordered[:-1]
         current = order[newest]
         del order, newest, ordered
-        flags = self._take("flags")
+        flags = self._take("flags", keep=False)
         mine = (flags & MINE) != 0
         current = current[mine[current]]
         error = (flags & ERROR) != 0
@@ -200,19 +207,22 @@ class Gathered:
             current = current[~_retry_now(current, group, retryable, retry_runs)]
         return self._pick("file", np.sort(current))
 
-    def _pick(self, name: str, rows: np.ndarray) -> bytes:
-        """Rows (sorted) of one column, piece by piece: the column is never joined whole."""
-        pieces = self._pieces[name]
+    def _pick(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """Rows (sorted) of one column, piece by piece: the column is never joined whole, and
+        each piece is let go once read (the column is handed over)."""
+        pieces, self._pieces[name] = self._pieces[name], []
         starts = np.cumsum([0, *(len(piece) for piece in pieces)])
         cut = np.searchsorted(rows, starts)
-        return b"".join(
-            piece[rows[cut[at] : cut[at + 1]] - starts[at]].tobytes()
-            for at, piece in enumerate(pieces)
-        )
+        picked = np.empty(len(rows), dtype=pieces[0].dtype)
+        for at in range(len(pieces)):
+            piece, pieces[at] = pieces[at], None
+            picked[cut[at] : cut[at + 1]] = piece[rows[cut[at] : cut[at + 1]] - starts[at]]
+        return picked
 
-    def ok_digests(self) -> bytes:
-        """sha heads of every row answered ok under the suffix (any path, current or not)."""
-        return self._take("ok_sha", keep=False).tobytes()
+    def ok_digests(self) -> np.ndarray:
+        """sha heads (V16) of every row answered ok under the suffix (any path, current or
+        not). The gathered column itself, handed over: a copy would be 16 MB a million rows."""
+        return self._take("ok_sha", keep=False)
 
     def superseded(self, set_aside: list[bool]) -> tuple[int, int]:
         """(rows a glob sees, how many of them are superseded); `set_aside[n]`: part n is in
@@ -220,9 +230,22 @@ class Gathered:
         if not self.rows:
             return 0, 0
         hidden = np.array(set_aside, dtype=bool)
-        seen = ~hidden[self._take("place") >> 32]
+        group = self._take("group")
+        if not hidden.any():  # no compaction's history: every row is seen (no masks to build)
+            return self.rows, self.rows - _distinct(group)
+        seen = np.concatenate([np.full(n, not hidden[part]) for part, _, n in self._spans])
         visible = int(seen.sum())
-        return visible, visible - _distinct(self._take("group")[seen])
+        return visible, visible - _distinct(group[seen])
+
+    def _places(self) -> np.ndarray:
+        """Where each row sits, (part << 32) | row, in gathered order: built when a sort needs
+        it, from a span a batch (8 MB a million rows, not held while gathering)."""
+        places = np.empty(self.rows, dtype=np.int64)
+        at = 0
+        for part, first, n in self._spans:
+            places[at : at + n] = (part << 32) + np.arange(first, first + n, dtype=np.int64)
+            at += n
+        return places
 
     def _take(self, name: str, *, keep: bool = True) -> np.ndarray:
         """One column as one array (joined once; the pieces are dropped)."""
@@ -388,9 +411,11 @@ def _compute(store: Store, parts: Sequence[Entry], gathered: Gathered, *, write:
             _store_batches(store, pending)
             pending, rows = [], 0
         if at % RELEASE_EVERY == RELEASE_EVERY - 1:
-            pa.default_memory_pool().release_unused()
+            release_unused()
     if write:
         _store_batches(store, pending)
+    del pending
+    release_unused()  # before the sorts that follow: they take what the reads left free
 
 
 def facts_of(part: Part, batch: pa.RecordBatch) -> Batch:

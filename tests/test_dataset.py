@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -214,6 +215,8 @@ def test_digest_set() -> None:
     assert b"\x01" * 8 + b"\x04" * 8 not in found
     assert hashlib.blake2b(b"x", digest_size=16).digest() not in found
     assert "text" not in found and b"short" not in found
+    as_array = np.frombuffer(b"".join(digests + shared_head), dtype="V16")  # what the index hands
+    assert DigestSet(as_array)._joined() == found._joined()
 
 
 # --------------------------------------------------------------------------------- lookup
