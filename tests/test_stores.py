@@ -209,6 +209,8 @@ def test_kill_9_loses_nothing_that_was_durable_on_either_store(store: Store) -> 
 
     asyncio.run(reopen())
     assert not journal.segments(store)
+    if store.local:  # and no temporary file of a part left behind
+        assert not list(store.root.glob(".part-*"))
     paths = current_rows(store, ["image_path"]).column("image_path").to_pylist()
     assert len(paths) >= durable
     assert paths == [f"{n:06d}.jpg" for n in range(len(paths))]  # once each, no gaps
