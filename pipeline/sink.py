@@ -15,13 +15,14 @@ store), which is what makes recovering segments and deleting a killed run's left
 object store the lease is renewed in the background every third of its TTL and checked before
 each write: a sink that lost it stops (`SinkFailed`) rather than write beside another run.
 
-A run spread over several processes (the Ray engine, on a folder every node sees) is still one
-writer: its driver takes the lock as a sink does and recovers what a killed run left
+A run spread over several processes (the Ray engine, on a folder every node sees or a bucket)
+is still one writer: its driver takes the lock as a sink does and recovers what a killed run left
 (`shared_output`), then shares the lock with the run's own sinks, made with `shared=True`: each
-writes only its own parts and journal, under its own run id, and recovers nothing at opening (the
-others' journals are alive). A sink of another run, which needs the lock exclusively, cannot start
-while any of them writes, nor can they while it does. `recover_writer` commits the journal of one
-of them known to be gone.
+writes only its own parts and journal, under its own name (`<run id>.<suffix>`), and recovers
+nothing at opening (the others' journals are alive). A sink of another run, which needs the lock
+exclusively, cannot start while any of them writes, nor can they while it does. On a bucket the
+driver keeps renewing the lease for them and each checks it is still the run's
+(`stores.RunLease`). `recover_writer` commits the journal of one of them known to be gone.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import contextlib
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -46,6 +48,7 @@ from pipeline.records import ROW_SCHEMA, to_table
 from pipeline.stores import (
     LEASE_SECONDS,
     LOCK_FILE,
+    LeaseLost,
     OutputDirBusy,
     Store,
     WriterLock,
@@ -457,19 +460,53 @@ def _recover_segment(store: Store, segment: str) -> int:
 
 
 @contextlib.contextmanager
-def shared_output(output_dir: str | os.PathLike[str] | Store) -> Iterator[int]:
-    """The output of a run whose rows several `shared=True` sinks write: taken as one sink takes
-    it (the lock, exclusively; a killed run's journal committed, its leftovers removed), then
-    held shared with those sinks until the end. Yields the rows recovered."""
+def shared_output(
+    output_dir: str | os.PathLike[str] | Store, run_id: str, *, lease_seconds: float = LEASE_SECONDS
+) -> Iterator[int]:
+    """The output of run `run_id`, whose rows several `shared=True` sinks write (named
+    `<run_id>.<suffix>`): taken as one sink takes it (the lock, exclusively; a killed run's
+    journal committed, its leftovers removed), then held shared with those sinks until the end
+    (a lease renewed meanwhile). Yields the rows recovered."""
     store = open_store(output_dir)
     store.ensure()
-    lock = store.lock("driver", shared=False)
+    lock = store.lock(run_id, ttl=lease_seconds, shared=False)
     try:
         recovered = recover_locked(store)
         lock.share()  # not atomic (flock(2)): another run taking it in between fails this one
-        yield recovered
+        with _kept(lock, store):
+            yield recovered
     finally:
         lock.release()
+
+
+@contextlib.contextmanager
+def _kept(lock: WriterLock, store: Store) -> Iterator[None]:
+    """Renew `lock` every `renew_every` s in a thread while the block runs (a flock needs
+    nothing). The run's writers check the lease themselves: a renewal that fails for good is
+    logged here and stops them there."""
+    if lock.renew_every is None:
+        yield
+        return
+    every = lock.renew_every
+    done = threading.Event()
+
+    def renew() -> None:
+        while not done.wait(every):
+            try:
+                lock.renew()
+            except LeaseLost as exc:
+                log.error("%s: %s; the run's writers stop", store.url, exc)
+                return
+            except Exception as exc:  # a store hiccup: the next tick tries again
+                log.warning("%s: lease renewal failed: %s", store.url, exc)
+
+    thread = threading.Thread(target=renew, name="gvp-lease", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 def recover_writer(output_dir: str | os.PathLike[str] | Store, run_id: str) -> int:

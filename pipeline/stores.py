@@ -14,6 +14,10 @@ the same guarantees wherever the output is (`open_store(path_or_url)`):
 - `lock(owner)`: the single writer. Disk: `flock` on `.sink.lock` (released by the OS when the
   process dies). Objects: a `Lease` object created only if absent, renewed by compare-and-swap,
   taken over only after a whole TTL without renewal.
+- `lock(writer, shared=True)`: one of the writers of the run holding the lock (the Ray engine's
+  workers, named `<run id>.<suffix>`). Disk: a shared `flock`. Objects: `RunLease`, which
+  writes nothing and holds nothing: it checks, every third of the TTL, that the lease is still
+  the run's, so a writer stops when its run has lost the output.
 
 Object stores have no rename, no append and no fsync: that is why parts are created whole under
 unique names, why the journal is a series of small immutable objects, and why the lock is a
@@ -514,10 +518,9 @@ class ObjectStore(Store):
         self, owner: str, *, wait: bool = True, ttl: float = LEASE_SECONDS, shared: bool = False
     ) -> WriterLock:
         if shared:
-            raise OutputDirBusy(
-                f"{self.url}: several writers of one run (the Ray engine) need a folder every "
-                "node sees; write to a bucket with the single engine"
-            )
+            under = RunLease(self, owner, ttl)
+            under.renew()
+            return under
         lease = Lease(self, owner, ttl)
         lease.acquire(wait=wait)
         return lease
@@ -642,6 +645,20 @@ def _precondition_failed(exc: BaseException) -> bool:
 
 
 # ---------------------------------------------------------------------------------- lease
+def read_lease(store: Store) -> tuple[dict[str, Any], str] | None:
+    """The lease of an object-store output, as (its facts, its version); None when absent."""
+    entry = store.info(LEASE_NAME)
+    if entry is None:
+        return None
+    try:
+        facts = json.loads(store.read(LEASE_NAME))
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        facts = {}
+    return (facts if isinstance(facts, dict) else {}), entry.version
+
+
 class Lease(WriterLock):
     """The single writer of an object-store output.
 
@@ -743,16 +760,7 @@ class Lease(WriterLock):
         return True
 
     def _read(self) -> tuple[dict[str, Any], str] | None:
-        entry = self.store.info(LEASE_NAME)
-        if entry is None:
-            return None
-        try:
-            facts = json.loads(self.store.read(LEASE_NAME))
-        except FileNotFoundError:
-            return None
-        except ValueError:
-            facts = {}
-        return (facts if isinstance(facts, dict) else {}), entry.version
+        return read_lease(self.store)
 
     def _busy(self, facts: dict[str, Any]) -> str:
         age = self._wall() - float(facts.get("renewed_at") or 0)
@@ -778,6 +786,10 @@ class Lease(WriterLock):
                 "another run may be writing now"
             )
 
+    def share(self) -> None:
+        """The run's own writers may write beside its holder: they check the lease is still
+        the run's (`RunLease`); the holder keeps renewing it (`sink.shared_output`)."""
+
     def release(self) -> None:
         if not self.version:
             return
@@ -786,3 +798,59 @@ class Lease(WriterLock):
             self.store.delete_if_version(LEASE_NAME, version)
         except (VersionMismatch, OSError) as exc:  # it expires anyway
             log.warning("%s: lease not released (%s); it expires by itself", self.store.url, exc)
+
+
+class RunLease(WriterLock):
+    """A writer of the run that holds an object-store output's lease (the Ray engine's workers
+    beside their driver), as a shared `flock` is on disk.
+
+    The driver takes the `Lease` as any run does and keeps renewing it; a writer named
+    `<run id>.<suffix>` writes beside it as long as the lease names that run. It checks so when
+    it starts (refused, as `OutputDirBusy`, when the output is another run's or nobody's) and
+    every third of the TTL after; a lease gone or held by another run (the driver died and
+    another run took over) is `LeaseLost`, and a check that could not be made for most of a
+    TTL stops the writer as a lost lease does (`check`). It writes nothing itself: the lease
+    has one writer, its holder. (On disk the kernel keeps a dead run's shared locks from
+    outliving it; here a writer whose driver died stops within a TTL, and Ray ends the actors
+    of a driver that exits.)
+    """
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        writer: str,
+        ttl: float = LEASE_SECONDS,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.run = writer.split(".", 1)[0]
+        self.ttl = ttl
+        self.renew_every = ttl / 3
+        self.confirmed: float | None = None  # monotonic time the lease was last seen the run's
+        self._clock = clock
+
+    def renew(self) -> None:
+        started = self._clock()
+        held = read_lease(self.store)
+        owner = held[0].get("owner") if held is not None else None
+        if owner == self.run:
+            self.confirmed = started
+            return
+        if self.confirmed is None:  # starting: the output is not this run's to write
+            where = self.store.join(LEASE_NAME)
+            raise OutputDirBusy(
+                f"{self.store.url}: run {self.run} does not hold the output "
+                f"({where}: {'held by run ' + str(owner) if held else 'absent'})"
+            )
+        raise LeaseLost(f"{self.store.url}: run {self.run} lost the lease (now {owner or 'none'})")
+
+    def check(self) -> None:
+        if self.confirmed is None or self._clock() - self.confirmed > self.ttl * 0.9:
+            raise LeaseLost(
+                f"{self.store.url}: the lease of run {self.run} could not be confirmed for "
+                f"{self.ttl:.0f} s; another run may be writing now"
+            )
+
+    def release(self) -> None:
+        """Nothing to give back: the lease is the driver's."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,6 +132,21 @@ def s3_endpoint() -> Any:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+def put_images(prefix: str, count: int, *, start: int = 0) -> list[str]:
+    """`count` PNG scenes uploaded under `prefix` (an s3:// URL); their relative names."""
+    from pipeline.stores import filesystem
+
+    fs = filesystem("s3")
+    names = []
+    for n in range(start, start + count):
+        buffer = io.BytesIO()
+        draw_shapes(96, 96, seed=n, count=2)[0].save(buffer, "PNG")
+        name = f"batch{n % 3}/img{n:03d}.png"
+        fs.pipe(f"{prefix}/{name}", buffer.getvalue())
+        names.append(name)
+    return sorted(names)
 
 
 _BUCKETS = iter(range(1_000_000))

@@ -25,10 +25,12 @@ import pytest
 import ray
 
 from pipeline import exits
+from pipeline.dataset import current_rows
 from pipeline.engines.quota import NAMESPACE
 from pipeline.localserver import LocalServer, ServerOptions
 from pipeline.runner import RunOptions, run_async
-from tests.conftest import draw_shapes, make_config, read_rows
+from pipeline.stores import LEASE_NAME, open_store
+from tests.conftest import draw_shapes, make_config, put_images, read_rows
 
 REPO = Path(__file__).resolve().parent.parent
 OPTS = RunOptions(progress=False, seed=0)
@@ -38,9 +40,10 @@ ANSWER = ("key", "image_sha256", "status", "objects", "raw_response", "width", "
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Any:
+def cluster(s3_endpoint: str) -> Any:
     """A local Ray cluster for this module; this process is its driver (so in-process runs use
-    it), and subprocess drivers join it with --address."""
+    it), and subprocess drivers join it with --address. Started after the local S3, so that its
+    workers inherit the AWS environment pointing at it, as a node's would point at its store."""
     ray.init(
         num_cpus=8,
         include_dashboard=False,
@@ -107,6 +110,26 @@ async def test_four_workers_give_the_rows_of_one_process(
     assert {r["run_id"] for r in read_rows(tmp_path / "ray")} == {spread.run_id}
     again = await run(ray_config)  # resume: everything is done
     assert (again.api_calls, again.skipped, again.exit_code) == (0, 43, exits.OK)
+
+
+async def test_workers_read_a_bucket_and_write_another(
+    cluster: Any, tmp_path: Path, bucket: str
+) -> None:
+    """What a cluster without a shared folder uses: inputs and output in buckets. Each worker
+    writes its own parts under the driver's lease; a rerun reads everything from the bucket."""
+    inputs, out = f"{bucket}/images", f"{bucket}/dataset"
+    names = put_images(inputs, 12)
+    config = _ray(make_config(tmp_path, input={"paths": [inputs]}, output={"dir": out}), workers=2)
+    first = await run(config)
+    assert (first.exit_code, first.api_calls, first.rows) == (exits.OK, 12, {"ok": 12})
+    store = open_store(out)
+    parts = {e.name.rsplit("-", 1)[0] for e in store.list("part-")}
+    assert parts and parts <= {f"part-{first.run_id}.w{i}" for i in range(2)}
+    assert store.info(LEASE_NAME) is None  # released at the end
+    rows = current_rows(out, ["image_path", "status"]).to_pylist()
+    assert rows == [{"image_path": name, "status": "ok"} for name in names]
+    again = await run(config)
+    assert (again.exit_code, again.api_calls, again.skipped) == (exits.OK, 0, 12)
 
 
 def _durable(out: Path) -> int:

@@ -1,5 +1,6 @@
 """Who writes the output of a Ray run (pipeline/sink.py): the driver holds it, its workers' sinks
-share it, another run cannot get in, and a lost worker's journal is committed alone."""
+share it, another run cannot get in, and a lost worker's journal is committed alone — on a folder
+and on a bucket (moto's S3 server), where the workers check the driver's lease."""
 
 from __future__ import annotations
 
@@ -10,10 +11,21 @@ from typing import Any
 import pytest
 
 from pipeline import journal
+from pipeline.dataset import current_rows
 from pipeline.records import make_key
 from pipeline.sink import OutputDirBusy, ParquetSink, recover_writer, shared_output
-from pipeline.stores import open_store
-from tests.conftest import read_rows
+from pipeline.stores import LEASE_NAME, Lease, LeaseLost, RunLease, Store, open_store
+
+
+@pytest.fixture(params=["disk", "s3"])
+def out(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "disk":
+        return str(tmp_path / "out")
+    return request.getfixturevalue("bucket") + "/out"
+
+
+def parts(out: str) -> list[str]:
+    return sorted(e.name for e in open_store(out).list() if e.name.endswith(".parquet"))
 
 
 def row(n: int) -> dict[str, Any]:
@@ -29,39 +41,49 @@ def row(n: int) -> dict[str, Any]:
     }
 
 
-async def test_a_runs_writers_share_the_output_and_keep_others_out(tmp_path: Path) -> None:
-    with shared_output(tmp_path) as recovered:
+async def test_a_runs_writers_share_the_output_and_keep_others_out(out: str) -> None:
+    with shared_output(out, "run1", lease_seconds=1.0) as recovered:  # renewed every 1/3 s
         assert recovered == 0
         async with (
-            ParquetSink(tmp_path, "run1.w0", shared=True) as first,
-            ParquetSink(tmp_path, "run1.w1", shared=True) as second,
+            ParquetSink(out, "run1.w0", shared=True) as first,
+            ParquetSink(out, "run1.w1", shared=True) as second,
         ):
             await first.add(row(0))
             await second.add(row(1))
             with pytest.raises(OutputDirBusy):  # another run, as the single engine opens it
-                async with ParquetSink(tmp_path, "other"):
+                async with ParquetSink(out, "other"):  # (on a bucket: watched 1 s, renewed)
                     pass
-            with pytest.raises(OutputDirBusy), shared_output(tmp_path):  # or another Ray driver
+            if not open_store(out).local:  # a bucket tells runs apart (a shared flock cannot)
+                with pytest.raises(OutputDirBusy):
+                    async with ParquetSink(out, "run2.w0", shared=True):
+                        pass
+            with pytest.raises(OutputDirBusy), shared_output(out, "run2"):  # or another driver
                 pass
-    names = sorted(p.name for p in tmp_path.glob("*.parquet"))
-    assert names == ["part-run1.w0-00000.parquet", "part-run1.w1-00000.parquet"]
-    assert {r["run_id"] for r in read_rows(tmp_path)} == {"run1"}  # the run's id, not the name
+    assert parts(out) == ["part-run1.w0-00000.parquet", "part-run1.w1-00000.parquet"]
+    table = current_rows(out, ["run_id"])  # the run's id in the rows, not the writer's name
+    assert table.column("run_id").to_pylist() == ["run1", "run1"]
 
 
-async def test_a_shared_writer_cannot_start_while_another_run_writes(tmp_path: Path) -> None:
-    async with ParquetSink(tmp_path, "single"):
+async def test_a_shared_writer_cannot_start_while_another_run_writes(out: str) -> None:
+    async with ParquetSink(out, "single"):
         with pytest.raises(OutputDirBusy):
-            async with ParquetSink(tmp_path, "run1.w0", shared=True):
+            async with ParquetSink(out, "run1.w0", shared=True):
+                pass
+    if not open_store(out).local:  # nor, on a bucket, where no driver holds the lease
+        with pytest.raises(OutputDirBusy):
+            async with ParquetSink(out, "run1.w0", shared=True):
                 pass
 
 
-def test_the_driver_commits_a_killed_runs_journal_before_sharing(tmp_path: Path) -> None:
-    segment = journal.Segment(open_store(tmp_path), journal.segment_name("killed.w3", 0))
+def test_the_driver_commits_a_killed_runs_journal_before_sharing(out: str) -> None:
+    store = open_store(out)
+    store.ensure()
+    segment = journal.Segment(store, journal.segment_name("killed.w3", 0))
     segment.append([row(7)])
     segment.close()
-    with shared_output(tmp_path) as recovered:
+    with shared_output(out, "run1") as recovered:
         assert recovered == 1
-    assert [r["image_path"] for r in read_rows(tmp_path)] == ["00007.png"]
+    assert current_rows(out, ["image_path"]).column("image_path").to_pylist() == ["00007.png"]
 
 
 def test_a_lost_writers_journal_is_committed_alone(tmp_path: Path) -> None:
@@ -73,3 +95,35 @@ def test_a_lost_writers_journal_is_committed_alone(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.glob("*.parquet")] == ["part-run1.w1-00000.parquet"]
     alive = sorted(journal.segments(open_store(tmp_path)))
     assert alive == [journal.segment_name("run1.w10", 0), journal.segment_name("run1.w2", 0)]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_bucket_writer_stops_when_its_run_loses_the_lease(bucket: str) -> None:
+    """A worker's RunLease follows the driver's Lease: confirmed while it names the run; when
+    another run took it over (the driver died), the next renewal says so; when it could not be
+    confirmed for most of a TTL, check() stops the writer all the same."""
+    store: Store = open_store(bucket + "/out")
+    driver = Lease(store, "run1", ttl=30)
+    driver.acquire(wait=False)
+    clock = Clock()
+    worker = RunLease(store, "run1.w0", ttl=30, clock=clock)
+    worker.renew()
+    clock.now = 20
+    worker.check()  # confirmed 20 s ago, TTL 30: still writing
+    driver.renew()
+    worker.renew()
+    clock.now = 46
+    worker.check()  # 26 s since the last confirmation: within 0.9 TTL
+    clock.now = 48  # 28 s: more than 0.9 TTL without a word from the store: stop
+    with pytest.raises(LeaseLost):
+        worker.check()
+    store.put_if_version(LEASE_NAME, b'{"owner": "run2", "ttl": 30}', driver.version)
+    with pytest.raises(LeaseLost, match="run2"):  # taken over by another run
+        worker.renew()

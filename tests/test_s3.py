@@ -22,23 +22,10 @@ from pipeline.localserver import LocalServer, ServerOptions
 from pipeline.runner import RunOptions, run_async
 from pipeline.source import walk
 from pipeline.stores import LEASE_NAME, OutputDirBusy, filesystem, open_store
-from tests.conftest import draw_shapes
+from tests.conftest import draw_shapes, put_images
 
 REPO = Path(__file__).resolve().parents[1]
 OPTS = RunOptions(progress=False, seed=0)
-
-
-def put_images(prefix: str, count: int, *, start: int = 0) -> list[str]:
-    """`count` PNG scenes uploaded under `prefix` (an s3:// URL); their relative names."""
-    fs = filesystem("s3")
-    names = []
-    for n in range(start, start + count):
-        buffer = io.BytesIO()
-        draw_shapes(96, 96, seed=n, count=2)[0].save(buffer, "PNG")
-        name = f"batch{n % 3}/img{n:03d}.png"
-        fs.pipe(f"{prefix}/{name}", buffer.getvalue())
-        names.append(name)
-    return sorted(names)
 
 
 def s3_config(tmp_path: Path, inputs: str, output: str, **sections: dict) -> object:

@@ -16,9 +16,12 @@ quarter of a second wherever it was bought, and a lost worker exposes only what 
 Who writes the output (see pipeline/sink.py): the driver takes it as any run does — the lock,
 exclusively, and a killed run's journal committed — then shares the lock with its workers. Each
 worker's sink writes parts and a journal under its own name, `<run id>.w<n>` (rows keep the
-run's id), so writers never touch each other's files; another run cannot start on the folder
-while any of them holds it. Rows, keys, resume and exit codes are those of the single engine;
-so is the run summary, summed from the workers' block reports.
+run's id), so writers never touch each other's files; another run cannot start on the output
+while any of them holds it. The output is a folder every node sees at the same path (a shared
+flock) or a bucket (the driver renews its lease; each worker checks, every third of its TTL,
+that the lease is still the run's, and stops writing when it is not: `stores.RunLease`).
+Rows, keys, resume and exit codes are those of the single engine; so is the run summary, summed
+from the workers' block reports.
 
 Files of the same size go to the same worker (same bytes have the same size), so the single
 engine's dedupe — a twin waits for the call in flight, or copies the answer — still sees every
@@ -115,7 +118,9 @@ class RayEngine:
         async with contextlib.AsyncExitStack() as stack:
             if ray is not None:
                 stack.callback(ray.shutdown)
-            self.summary.recovered = stack.enter_context(shared_output(out))
+            self.summary.recovered = stack.enter_context(
+                shared_output(out, self.run_id, lease_seconds=self.config.output.lease_seconds)
+            )
             self.state = open_state(out, self.config)
             stack.callback(self.state.close)
             index = await asyncio.to_thread(

@@ -26,14 +26,11 @@ import shutil
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any
-
-import pyarrow.parquet as pq
 
 from pipeline.calls import Caller
 from pipeline.config import Config
-from pipeline.dataset import KeySet
+from pipeline.dataset import KeySet, part_batches
 from pipeline.engines.quota import ActorLink, LeasedDaily, LeasedLimiter, Limits, quota_name
 from pipeline.engines.single import process_unit
 from pipeline.gemini import GeminiClient, api_key_from_env
@@ -45,6 +42,7 @@ from pipeline.runner import ImageRunner, RowCounts
 from pipeline.sink import ParquetSink, recover_writer
 from pipeline.state import State
 from pipeline.stop import Stop, Stopped
+from pipeline.stores import Store, open_store
 from pipeline.tasks import get_task
 from pipeline.uploads import Uploads
 
@@ -151,7 +149,7 @@ class Worker:
         key = setup.key.reveal() if setup.key else api_key_from_env()
         _check_key(key, setup)
         assert key is not None
-        out = Path(config.output.dir)
+        out = open_store(config.output.dir)  # a folder every node sees, or a bucket
         # A journal or parts under this worker's name are a predecessor's (Ray restarted it).
         recovered = await asyncio.to_thread(recover_writer, out, setup.name)
         self.prior = await asyncio.to_thread(_rows_of_writer, out, setup.name)
@@ -163,12 +161,13 @@ class Worker:
                 rows_per_part=config.output.rows_per_part,
                 flush_seconds=config.output.flush_seconds,
                 sync_seconds=WORKER_SYNC_SECONDS,
+                lease_seconds=config.output.lease_seconds,
                 shared=True,
             )
         )
         client = await self._stack.enter_async_context(_client(config, setup.base_url, key))
         caller = self._caller(client, stop)
-        self._parts.update(sink=sink, caller=caller, answers=Answers(str(out), ok_keys, sink.flush))
+        self._parts.update(sink=sink, caller=caller, answers=Answers(out.url, ok_keys, sink.flush))
         self._files = asyncio.Queue()
         concurrency = config.limits.concurrency
         self._pool = [asyncio.ensure_future(self._serve()) for _ in range(concurrency)]
@@ -332,12 +331,15 @@ _PRIOR_COLUMNS = (
 )
 
 
-def _rows_of_writer(out: Path, name: str) -> dict[tuple[str, str], dict[str, Any]]:
+def _rows_of_writer(out: Store, name: str) -> dict[tuple[str, str], dict[str, Any]]:
     """The rows a worker's predecessor committed (parts named after it), by file."""
     rows: dict[tuple[str, str], dict[str, Any]] = {}
-    for part in sorted(out.glob(f"part-{name}-*.parquet")):  # w1- is no prefix of w10-
-        for row in pq.read_table(part, columns=list(_PRIOR_COLUMNS)).to_pylist():
-            rows[(row["image_root"], row["image_path"])] = row
+    for entry in out.list(f"part-{name}-"):  # w1- is no prefix of w10-
+        if "/" in entry.name or not entry.name.endswith(".parquet"):
+            continue
+        for batch in part_batches(entry.name, _PRIOR_COLUMNS, store=out):
+            for row in batch.to_pylist():
+                rows[(row["image_root"], row["image_path"])] = row
     return rows
 
 
