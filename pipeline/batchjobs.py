@@ -28,7 +28,9 @@ import dataclasses
 import json
 import logging
 import secrets
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from datetime import UTC, datetime
@@ -47,19 +49,35 @@ from pipeline.reuse import Answers
 from pipeline.rows import Outcome, RunFacts, answered_row, copied_outcome_row
 from pipeline.runner import RowCounts
 from pipeline.sink import ParquetSink, SinkFailed
-from pipeline.state import IN_FLIGHT, BatchJobRecord, BatchRequestRecord, State
+from pipeline.state import IN_FLIGHT, STATE_FILE, BatchJobRecord, BatchRequestRecord, State
 from pipeline.stop import Stop, Stopped
+from pipeline.stores import Store, open_store
 from pipeline.summary import RunSummary
 from pipeline.tasks import read_answer
 from pipeline.tasks.base import TaskSettings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-FOLDER = ".batch"  # in the output folder: JSONL inputs being built, results being read
+FOLDER = ".batch"  # in an output folder: JSONL inputs being built, results being read
 BACKOFF = 1.5  # the poll wait grows so while idle (SDK _transformers.LRO_POLLING_MULTIPLIER)
 ATTEMPTS = 6  # tries of a job's creation refused for a passing reason (the caps, a 5xx)
 LOCAL_GONE = "created by an in-process local server (gone with its run)"
 Say = Callable[[str], None]
+
+
+def scratch_folder(
+    out: Path | Store, stack: contextlib.ExitStack | contextlib.AsyncExitStack
+) -> Path:
+    """Where a run builds its JSONL inputs and reads results: FOLDER in an output folder; for an
+    object-store output, a temporary folder on this machine, removed at the end. Both are
+    scratch: a killed run's staged jobs are dropped (their images sent again, `Jobs.recover`)
+    and a job's results are downloaded again from the service, so nothing in them is paid
+    for twice when they are lost. (`TMPDIR` chooses the disk: a job's JSONL is up to 2 GB.)"""
+    if isinstance(out, Path):
+        return out / FOLDER
+    folder = Path(tempfile.mkdtemp(prefix="gvp-batch-"))
+    stack.callback(shutil.rmtree, folder, True)
+    return folder
 
 
 # --------------------------------------------------------------------------- what a job keeps
@@ -118,7 +136,7 @@ class Counts:
 class Following:
     """How jobs are followed: what the run (or `pipeline batch wait`) gives the follower."""
 
-    folder: Path  # the output's FOLDER
+    folder: Path  # scratch: JSONL inputs being built, results being read (`scratch_folder`)
     base_url: str  # only jobs created at this endpoint are followed
     run_id: str
     own: tuple[str, TaskSettings] | None  # (settings hash, [task]) of the run's own config
@@ -604,15 +622,26 @@ def _client(base_url: str, version: str, config: Config | None) -> GeminiClient:
     )
 
 
-def _existing_state(output_dir: str | Path) -> State:
-    if not (Path(output_dir) / "state.sqlite").is_file():
-        raise ConfigError(f"{output_dir}: no state.sqlite here: not an output folder of a run")
-    return State(output_dir)
+def _output(output_dir: str) -> Path | Store:
+    """OUT of a `pipeline batch` command: a folder, or an object-store prefix."""
+    store = open_store(output_dir)
+    return Path(store.url) if store.local else store
+
+
+def _existing_state(out: Path | Store) -> State:
+    _check_output(out)
+    return State(out)
+
+
+def _check_output(out: Path | Store) -> None:
+    store = open_store(out)
+    if store.info(STATE_FILE) is None:
+        raise ConfigError(f"{store.url}: no {STATE_FILE} here: not the output of a run")
 
 
 async def status(output_dir: str, config: Config | None = None) -> dict[str, Any]:
     """Every job of the output; those in flight as the service sees them now (no commit)."""
-    state = _existing_state(output_dir)
+    state = _existing_state(_output(output_dir))
     try:
         live: dict[int, dict[str, Any]] = {}
         for base_url, version, jobs in _endpoints(state):
@@ -679,7 +708,7 @@ def format_status(report: dict[str, Any]) -> str:
 async def cancel(output_dir: str, config: Config | None = None) -> list[dict[str, Any]]:
     """Ask the service to cancel every job in flight; the next run (or `batch wait`) reports
     them and sends their images again. Writes nothing: a run may be following them."""
-    state = _existing_state(output_dir)
+    state = _existing_state(_output(output_dir))
     done: list[dict[str, Any]] = []
     try:
         for base_url, version, jobs in _endpoints(state):
@@ -709,15 +738,17 @@ async def wait(
     the sink, as a run does; each job parsed with its own recorded [task] settings)."""
     run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ-batch-wait-") + secrets.token_hex(3)
     summary = RunSummary(run_id, config.source if config else "", "", "", "")
-    counts, rows, stop, out = Counts(), RowCounts(), Stop(), Path(output_dir)
+    counts, rows, stop, out = Counts(), RowCounts(), Stop(), _output(output_dir)
+    _check_output(out)
     async with contextlib.AsyncExitStack() as stack:
-        state = _existing_state(out)
-        stack.callback(state.close)
-        sink = await stack.enter_async_context(ParquetSink(out, run_id))
+        sink = await stack.enter_async_context(ParquetSink(out, run_id))  # the lock, first
         summary.recovered = sink.rows_recovered
+        state = State(out)  # (on a bucket, its snapshots are put under the sink's lease)
+        stack.callback(state.close)
+        scratch = scratch_folder(out, stack)
         with drain_on_signals(asyncio.get_running_loop(), stop, sink):
             for base_url, version, _ in list(_endpoints(state)):
-                how = _following(out, base_url, run_id, rows, counts, config, progress)
+                how = _following(scratch, base_url, run_id, rows, counts, config, progress)
                 await guarded(stop, _wait_at(state, sink, stop, how, version, config))
         in_flight = len(state.batch_jobs(IN_FLIGHT))
     summary.finished_at = datetime.now(UTC).isoformat()
@@ -737,7 +768,7 @@ async def wait(
 
 
 def _following(
-    out: Path,
+    scratch: Path,
     base_url: str,
     run_id: str,
     rows: RowCounts,
@@ -747,7 +778,7 @@ def _following(
 ) -> Following:
     batch = config.batch if config is not None else None
     return Following(
-        folder=out / FOLDER,
+        folder=scratch,
         base_url=base_url,
         run_id=run_id,
         own=None,

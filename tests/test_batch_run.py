@@ -23,10 +23,12 @@ from PIL.PngImagePlugin import PngInfo
 from pipeline import batchjobs, dataset, exits
 from pipeline.cli import main
 from pipeline.config import ConfigError
+from pipeline.dataset import current_rows
 from pipeline.gemini import GeminiClient
 from pipeline.localserver import LocalServer, ServerOptions
 from pipeline.runner import RunOptions, run_async
 from pipeline.state import State
+from pipeline.stores import open_store
 from tests.conftest import draw_shapes, make_config, read_rows
 from tests.localserver_support import Clock
 
@@ -315,6 +317,28 @@ async def test_cancel_then_wait_reports_the_job_and_the_next_run_sends_its_image
     assert waited.batch["jobs_ended"][0]["state"] == "CANCELLED" and not waited.rows
     redone = await run_through(config, server, clock, 2)
     assert dict(redone.rows) == {"ok": 5} and server.stats()["batches"]["created"] == 2
+
+
+async def test_a_cron_job_on_a_bucket_submits_then_collects(server, clock, tmp_path, bucket):
+    """Batch Mode with the output in a bucket: the job's record lives in the bucket's state, the
+    JSONL and results only in a scratch folder on this machine; `batch status` and `batch wait`
+    take the bucket's URL; a later run finds everything done."""
+    tiny_images(tmp_path / "images", 4)
+    out = f"{bucket}/dataset"
+    config = batch_config(tmp_path, base_url=server.base_url, output={"dir": out})
+    submitted = await run(config, submit_only=True)
+    assert (submitted.exit_code, submitted.batch["jobs_created"]) == (exits.OK, 1)
+    names = [entry.name for entry in open_store(out).list()]
+    assert "state.sqlite" in names and not [n for n in names if n.startswith(".batch")]
+    (job,) = (await batchjobs.status(out))["jobs"]
+    assert (job["phase"], job["live"]["state"]) == ("submitted", "JOB_STATE_PENDING")
+    clock.now += 61
+    waited = await batchjobs.wait(out, progress=False)
+    assert (waited.exit_code, dict(waited.rows)) == (exits.OK, {"ok": 4})
+    rows = current_rows(out, ["image_path", "status"]).to_pylist()
+    assert rows == [{"image_path": f"{i:04d}.png", "status": "ok"} for i in range(4)]
+    again = await run(config)
+    assert (again.skipped, again.api_calls, server.stats()["batches"]["created"]) == (4, 0, 1)
 
 
 async def test_wait_collects_the_jobs_of_an_output_without_its_config(server, clock, tmp_path):

@@ -39,7 +39,6 @@ from typing import Any, TypeVar
 
 from pipeline import images
 from pipeline.batchjobs import (
-    FOLDER,
     Counts,
     Following,
     Jobs,
@@ -49,6 +48,7 @@ from pipeline.batchjobs import (
     quiet,
     report_ended,
     say,
+    scratch_folder,
     task_json,
 )
 from pipeline.calls import SMALL_BYTES, RunStopped, inline_refusal, request_overhead, send_mode
@@ -97,10 +97,11 @@ class BatchProcess(SingleProcess):
             opened = await self._open(stack, out, stop)
             state, sink, index, client = opened.state, opened.sink, opened.index, opened.client
             caller, answers, runner = opened.caller, opened.answers, opened.runner
-            jobs = Jobs(state, client, sink, stop, self._following(out, runner.counts, answers))
+            scratch = scratch_folder(out, stack)
+            jobs = Jobs(state, client, sink, stop, self._following(scratch, runner.counts, answers))
             with drain_on_signals(asyncio.get_running_loop(), stop, sink):
                 await guarded(stop, jobs.recover())
-                await self._work(jobs, runner, index, state, out)
+                await self._work(jobs, runner, index, state, scratch)
                 if self.config.images.delete_uploads and stop.running:  # interactive retries'
                     await guarded(stop, caller.uploads.delete_all())  # (never a job's images)
             report_ended(stop, self.counts)
@@ -115,10 +116,10 @@ class BatchProcess(SingleProcess):
         self.summary.write(out)
         return self.summary
 
-    def _following(self, out: Path, counts: RowCounts, answers: Answers) -> Following:
+    def _following(self, scratch: Path, counts: RowCounts, answers: Answers) -> Following:
         batch = self.config.batch
         return Following(
-            folder=out / FOLDER,
+            folder=scratch,
             base_url=self.config.api.base_url,
             run_id=self.run_id,
             own=(self.facts.key_suffix, self.config.task),
@@ -133,7 +134,7 @@ class BatchProcess(SingleProcess):
         )
 
     async def _work(
-        self, jobs: Jobs, runner: ImageRunner, index: ResumeIndex, state: State, out: Path
+        self, jobs: Jobs, runner: ImageRunner, index: ResumeIndex, state: State, scratch: Path
     ) -> None:
         """Collect what ended, submit what is new, then follow the jobs until they end (or,
         with --submit-only, leave them to a later run)."""
@@ -145,7 +146,7 @@ class BatchProcess(SingleProcess):
         assert runner.fetcher is not None
         self.producer = Producer(self.config, skip, self.options.limit, runner.fetcher)
         await guarded(stop, jobs.check_all())
-        submission = Submission(self, jobs, runner, state, out / FOLDER)
+        submission = Submission(self, jobs, runner, state, scratch)
         walked = asyncio.Event()
         following = asyncio.create_task(
             guarded(stop, jobs.follow(walked, wait_for_all=not self.options.submit_only))
