@@ -14,16 +14,18 @@ or a lower media resolution would save, and how many requests a limit would refu
 
 from __future__ import annotations
 
+import itertools
 import math
+import os
 from typing import Any
 
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 
 from pipeline import images, references
 from pipeline.calls import INPUT_TOKEN_LIMIT
 from pipeline.config import Config, check_groups
-from pipeline.dataset import part_files
+from pipeline.dataset import current_rows
+from pipeline.fetch import Fetcher, FetchError, settings_from
 from pipeline.gemini.tokens import (
     GLOBAL_RESOLUTION_TOKENS_2X,
     MEDIA_RESOLUTION_TOKENS,
@@ -32,11 +34,13 @@ from pipeline.gemini.tokens import (
 )
 from pipeline.gemini.types import MAX_IMAGES_PER_REQUEST
 from pipeline.models import Model, Price
-from pipeline.records import members_of
+from pipeline.records import ImageItem, members_of
 from pipeline.source import work_units
+from pipeline.stores import is_url
 from pipeline.tasks import get_task, multi
 
 # Output tokens per image when there is no history to learn from: masks are long, labels short.
+WINDOW = 64  # units measured together: the remote ones among them are read concurrently
 OUTPUT_GUESS = {
     "detect": 250,
     "segment": 2500,
@@ -56,14 +60,15 @@ def _scaled(width: int, height: int, max_side: int) -> tuple[int, int]:
 
 
 def _output_history(output_dir: str, task: str) -> tuple[int, float] | None:
-    """(rows, mean billed output+thought tokens) of earlier ok rows of this task, if any."""
-    parts = part_files(output_dir)
-    if not parts:
+    """(rows, mean billed output+thought tokens) of the current ok rows of this task, if any
+    (read through the output's store: a folder or a bucket)."""
+    if not is_url(output_dir) and not os.path.isdir(output_dir):
         return None
-    table = ds.dataset([str(p) for p in parts], format="parquet").to_table(
-        columns=["output_tokens", "thoughts_tokens"],
-        filter=(pc.field("task") == task) & (pc.field("status") == "ok"),
+    table = current_rows(output_dir, ["task", "status", "output_tokens", "thoughts_tokens"])
+    mine = pc.fill_null(
+        pc.and_(pc.equal(table["task"], task), pc.equal(table["status"], "ok")), False
     )
+    table = table.filter(mine)
     if table.num_rows == 0:
         return None
     out = pc.sum(pc.fill_null(table["output_tokens"], 0)).as_py() or 0
@@ -157,20 +162,46 @@ def estimate(config: Config, *, limit: int | None = None) -> dict[str, Any]:
 
 def _units(config: Config, limit: int | None) -> tuple[list[Sizes], int]:
     """(sent sizes of each request's images, in order; how many files are unusable). A group
-    with an unusable member makes no request (its row would be an error)."""
+    with an unusable member makes no request (its row would be an error). `limit`: the first
+    units of the walk, as `run --limit`.
+
+    Objects and URLs are read whole through a `Fetcher` (the run's bounds, retries and caps; no
+    API key), WINDOW units at a time so their reads overlap; local files by their headers."""
     units: list[Sizes] = []
     unusable = 0
-    for work in work_units(config.input):
-        if limit is not None and len(units) + unusable >= limit:
-            break
-        measured = [
-            images.measure(src, max_side=config.images.max_side) for src in members_of(work)
-        ]
-        failed = sum(1 for item in measured if item.error)
-        unusable += failed
-        if not failed and work.error is None:
-            units.append([(item.sent_width, item.sent_height) for item in measured])
+    walk = work_units(config.input)
+    with Fetcher(settings_from(config)) as fetcher:
+        for window in iter(lambda: list(itertools.islice(walk, WINDOW)), []):
+            if limit is not None:
+                window = window[: max(0, limit - len(units) - unusable)]
+            for work, measured in zip(window, _measured(window, config, fetcher), strict=True):
+                failed = sum(1 for item in measured if item.error)
+                unusable += failed
+                if not failed and work.error is None:
+                    units.append([(item.sent_width, item.sent_height) for item in measured])
+            if limit is not None and len(units) + unusable >= limit:
+                break
     return units, unusable
+
+
+def _measured(window: list[Any], config: Config, fetcher: Fetcher) -> list[list[ImageItem]]:
+    """Each unit's members measured; the remote ones read together first."""
+    remote = [
+        src for work in window for src in members_of(work) if is_url(src.path) and not src.error
+    ]
+    read = dict(zip(map(id, remote), fetcher.read_all(remote), strict=True))
+    side = config.images.max_side
+    measured = []
+    for work in window:
+        items = []
+        for src in members_of(work):
+            got = read.get(id(src))
+            if isinstance(got, FetchError):
+                items.append(ImageItem(source=src, error=str(got)))
+            else:
+                items.append(images.measure(src, max_side=side, data=got))
+        measured.append(items)
+    return measured
 
 
 def _guess(history: tuple[int, float] | None, kind: str) -> float:

@@ -18,6 +18,7 @@ import pytest
 from pipeline import journal
 from pipeline.config import ConfigError, parse_config, require_inputs
 from pipeline.dataset import current_rows, part_entries, status
+from pipeline.estimate import estimate
 from pipeline.localserver import LocalServer, ServerOptions
 from pipeline.runner import RunOptions, run_async
 from pipeline.source import walk
@@ -54,6 +55,10 @@ async def test_a_run_reads_one_bucket_and_writes_another_and_a_rerun_reads_nothi
 
     first = await run_async(config, OPTS)
     assert first.api_calls == 7 and first.rows == {"ok": 7}
+    guess = estimate(config)  # objects read through the fetcher; the history from the bucket
+    assert (guess["images"], guess["unusable_files"]) == (7, 0)
+    assert guess["input_tokens"] == first.tokens["prompt_tokens"]  # the billed figure
+    assert guess["output_tokens_from"] == "7 earlier rows"
     rows = current_rows(output, ["image_root", "image_path", "status", "file_size"]).to_pylist()
     assert [r["image_path"] for r in rows] == names  # relative to the prefix, in key order
     assert {r["image_root"] for r in rows} == {inputs}

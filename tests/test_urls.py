@@ -3,6 +3,7 @@ a redirect to another host, bodies over the cap, X-Robots-Tag — and the API ke
 
 from __future__ import annotations
 
+import asyncio
 import io
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -13,6 +14,7 @@ import pytest
 from aiohttp import web
 
 from pipeline.dataset import current_rows
+from pipeline.estimate import estimate
 from pipeline.fetch import Fetcher, FetchError, FetchSettings
 from pipeline.records import SourceFile
 from pipeline.runner import RunOptions, run_async
@@ -136,6 +138,12 @@ async def test_a_manifest_of_urls_end_to_end(
     assert [(m, p) for m, p, _ in other.seen] == [("HEAD", "/target.png"), ("GET", "/target.png")]
     for _, _, headers in home.seen + other.seen:  # the image session carries no key
         assert KEY not in str(headers) and "x-goog-api-key" not in {h.lower() for h in headers}
+
+    # The same URLs read by the estimate (synchronous, as the CLI calls it: off this loop,
+    # which serves the sites).
+    guess = await asyncio.to_thread(estimate, config)
+    assert (guess["images"], guess["unusable_files"]) == (6, 4)
+    assert guess["input_tokens"] == summary.tokens["prompt_tokens"]
 
     before = Counter((m, p) for m, p, _ in home.seen)
     again = await run_async(config, OPTS)
