@@ -16,12 +16,13 @@ import base64
 import colorsys
 import hashlib
 import html
+import io
 import os
 import re
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -29,12 +30,16 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from pillow_heif import register_heif_opener
 
 from pipeline.dataset import current_rows
+from pipeline.fetch import Fetcher, FetchError
 from pipeline.fsutil import atomic_write_bytes
 from pipeline.masks import rle_decode
+from pipeline.records import SourceFile
+from pipeline.stores import is_url
 
 MAX_SIDE = 1024  # overlays are for looking at: gallery size, not full resolution
 MASK_ALPHA = 0.45
 JPEG_QUALITY = 85
+DRAWING_THREADS = 8  # Pillow releases the GIL while it decodes; remote reads overlap too
 EAGER_IMAGES = 60  # later entries load lazily so a big gallery opens fast
 LISTED_PROBLEMS = 1000  # error rows listed in the page; the counts cover them all
 IMAGES_DIR = "images"
@@ -90,7 +95,7 @@ figcaption{font-size:12px;word-break:break-all;margin-top:4px}
 class _Entry:
     number: int
     row: dict[str, Any]
-    source: Path | None  # None: the path escapes its root
+    source: Path | str | None  # a local path, an object or URL (str); None: escapes its root
 
 
 def render(
@@ -104,6 +109,8 @@ def render(
 
     Sources are read at image_root/image_path, or images_root_override/image_path when the
     images have moved; a missing source gives a grey placeholder with the overlays, not a crash.
+    Objects and URLs (a bucket's inputs, a manifest's URLs) are read through a `Fetcher`: its
+    bounds, retries and caps, and no API key.
     """
     register_heif_opener()
     out = Path(out_dir)
@@ -122,8 +129,8 @@ def render(
         _Entry(number, row, _source_path(row, images_root_override))
         for number, row in enumerate(shown, start=1)
     ]
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        found = list(pool.map(lambda entry: _draw_entry(entry, images_dir), entries))
+    with Fetcher() as fetcher, ThreadPoolExecutor(max_workers=DRAWING_THREADS) as pool:
+        found = list(pool.map(lambda entry: _draw_entry(entry, images_dir, fetcher), entries))
 
     labels = Counter(
         _label(obj)
@@ -166,19 +173,24 @@ def _views(row: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 # -------------------------------------------------------------------------------------- draw
-def _source_path(row: dict[str, Any], root_override: str | None) -> Path | None:
-    """root/image_path, unless image_path climbs out of its root (then None)."""
-    root = Path(root_override or row["image_root"] or ".")
-    relative = Path(row["image_path"] or "")
+def _source_path(row: dict[str, Any], root_override: str | None) -> Path | str | None:
+    """root/image_path (a URL when the root is a bucket's), the URL itself for a URL input,
+    None when image_path climbs out of its root."""
+    root, path = root_override or row["image_root"] or "", row["image_path"] or ""
+    if not root and is_url(path):
+        return path
+    relative = PurePosixPath(path)
     if relative.is_absolute() or ".." in relative.parts:
         return None
-    return root / relative
+    if is_url(root):
+        return f"{root.rstrip('/')}/{relative}"
+    return Path(root or ".") / relative
 
 
-def _draw_entry(entry: _Entry, images_dir: Path) -> bool:
+def _draw_entry(entry: _Entry, images_dir: Path, fetcher: Fetcher) -> bool:
     """Write the overlay of one row; False when its source image could not be read."""
     row = entry.row
-    image = _open_source(entry.source)
+    image = _open_source(entry.source, fetcher)
     width = row["width"] or (image.width if image else MAX_SIDE)
     height = row["height"] or (image.height if image else MAX_SIDE)
     scale = min(1.0, MAX_SIDE / max(width, height))
@@ -196,12 +208,18 @@ def _draw_entry(entry: _Entry, images_dir: Path) -> bool:
     return image is not None
 
 
-def _open_source(path: Path | None) -> Image.Image | None:
+def _open_source(source: Path | str | None, fetcher: Fetcher) -> Image.Image | None:
     """The source as displayed (EXIF orientation applied), RGB; None if it cannot be read."""
-    if path is None:
+    if source is None:
         return None
+    where: Path | io.BytesIO = source if isinstance(source, Path) else io.BytesIO()
+    if isinstance(source, str):
+        (read,) = fetcher.read_all([SourceFile(path=source, root="", rel_path=source)])
+        if isinstance(read, FetchError):
+            return None
+        where = io.BytesIO(read)
     try:
-        with Image.open(path) as image:
+        with Image.open(where) as image:
             image.draft("RGB", (MAX_SIDE, MAX_SIDE))  # JPEG: decode at reduced size when big
             return ImageOps.exif_transpose(image).convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError):

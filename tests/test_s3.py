@@ -20,6 +20,7 @@ from pipeline.config import ConfigError, parse_config, require_inputs
 from pipeline.dataset import current_rows, part_entries, status
 from pipeline.estimate import estimate
 from pipeline.localserver import LocalServer, ServerOptions
+from pipeline.render import render
 from pipeline.runner import RunOptions, run_async
 from pipeline.source import walk
 from pipeline.stores import LEASE_NAME, OutputDirBusy, filesystem, open_store
@@ -59,6 +60,8 @@ async def test_a_run_reads_one_bucket_and_writes_another_and_a_rerun_reads_nothi
     assert (guess["images"], guess["unusable_files"]) == (7, 0)
     assert guess["input_tokens"] == first.tokens["prompt_tokens"]  # the billed figure
     assert guess["output_tokens_from"] == "7 earlier rows"
+    gallery = render(output, tmp_path / "gallery")  # the pictures read from the input bucket
+    assert (gallery["entries"], gallery["missing_sources"]) == (7, 0)
     rows = current_rows(output, ["image_root", "image_path", "status", "file_size"]).to_pylist()
     assert [r["image_path"] for r in rows] == names  # relative to the prefix, in key order
     assert {r["image_root"] for r in rows} == {inputs}

@@ -17,6 +17,7 @@ from pipeline.dataset import current_rows
 from pipeline.estimate import estimate
 from pipeline.fetch import Fetcher, FetchError, FetchSettings
 from pipeline.records import SourceFile
+from pipeline.render import render
 from pipeline.runner import RunOptions, run_async
 from tests.conftest import draw_shapes, make_config
 
@@ -144,6 +145,8 @@ async def test_a_manifest_of_urls_end_to_end(
     guess = await asyncio.to_thread(estimate, config)
     assert (guess["images"], guess["unusable_files"]) == (6, 4)
     assert guess["input_tokens"] == summary.tokens["prompt_tokens"]
+    gallery = await asyncio.to_thread(render, tmp_path / "out", tmp_path / "gallery")
+    assert (gallery["entries"], gallery["missing_sources"]) == (6, 0)  # each read by its URL
 
     before = Counter((m, p) for m, p, _ in home.seen)
     again = await run_async(config, OPTS)
