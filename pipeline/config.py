@@ -524,7 +524,8 @@ def require_inputs(config: Config) -> None:
     object-store paths need their filesystem installed (the `cloud` extra)."""
     from pipeline.stores import MissingExtra, check_available, is_url
 
-    named = [*config.input.paths, config.input.manifest or "", config.output.dir]
+    references = [reference.image for reference in config.task.reference_images]
+    named = [*config.input.paths, config.input.manifest or "", config.output.dir, *references]
     for url in (p for p in named if is_url(p)):
         try:
             check_available(url)

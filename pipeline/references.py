@@ -1,7 +1,8 @@
 """Reference images: read once per run, sent before the images of every request.
 
-`[task] reference_images` names paths or http(s) URLs, each with an optional caption ("a
-cracked weld"). `load` reads them before the run starts — a URL is fetched once — and prepares
+`[task] reference_images` names paths, objects (s3://, gs://, ...) or http(s) URLs, each with an
+optional caption ("a cracked weld"). `load` reads them before the run starts — an object or a URL
+once, through a `Fetcher` (the run's bounds, retries and size cap; no API key) — and prepares
 each like any image (pipeline/images.py: sniffed, EXIF-oriented, converted, downscaled by
 `[images] max_side`), keeping its bytes in memory. A reference that cannot be used stops the run
 before its first call (a ConfigError naming it), because every request would carry it. Their
@@ -20,13 +21,13 @@ from __future__ import annotations
 import asyncio
 import os
 import posixpath
-import tempfile
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pipeline import images
+from pipeline.fetch import Fetcher, FetchError, settings_from
 from pipeline.gemini.types import ImagePart
 from pipeline.records import ImageItem, SourceFile
 from pipeline.tasks import multi
@@ -40,7 +41,6 @@ if TYPE_CHECKING:
 # upload's two round trips (and the risk of the upload expiring mid-run); bigger ones are
 # uploaded once. 256 KiB is ~340 KiB of base64 a request, under 2% of the 20 MB inline limit.
 REFERENCE_INLINE_BYTES = 256 << 10
-FETCH_LIMIT = 64 << 20  # a reference URL larger than this is refused (it is held in memory)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,15 +87,13 @@ def load(config: Config) -> tuple[LoadedReference, ...]:
 def _prepared(reference: Reference, config: Config) -> ImageItem:
     if not reference.is_url:
         return _prepared_file(SourceFile(reference.image, *_split(reference.image)), config)
-    data = _fetch(reference.image, config.api.timeout)
-    with tempfile.TemporaryDirectory(prefix="pipeline-reference-") as folder:
-        path = os.path.join(folder, "reference")
-        with open(path, "wb") as file:
-            file.write(data)
-        item = _prepared_file(SourceFile(path, folder, "reference", len(data)), config)
     name = posixpath.basename(urllib.parse.urlsplit(reference.image).path) or "reference"
-    item.source = SourceFile(reference.image, "", name, len(data))
-    return item
+    source = SourceFile(reference.image, "", name)
+    with Fetcher(settings_from(config)) as fetcher:
+        (read,) = fetcher.read_all([source])
+    if isinstance(read, FetchError):
+        raise ValueError(str(read))
+    return _prepared_file(source, config, data=read)
 
 
 def _split(path: str) -> tuple[str, str, int, int]:
@@ -104,24 +102,16 @@ def _split(path: str) -> tuple[str, str, int, int]:
     return os.path.dirname(path), os.path.basename(path), info.st_size, info.st_mtime_ns
 
 
-def _prepared_file(source: SourceFile, config: Config) -> ImageItem:
-    item = images.prepare(source, max_side=config.images.max_side, verify=config.images.verify)
+def _prepared_file(source: SourceFile, config: Config, data: bytes | None = None) -> ImageItem:
+    item = images.prepare(
+        source, max_side=config.images.max_side, verify=config.images.verify, data=data
+    )
     if item.error:
         raise ValueError(item.error)
     if item.data is None:  # kept in memory: sent with every request, read once
         item.data = images.read_bytes(item)
     item.send_size = len(item.data)
     return item
-
-
-def _fetch(url: str, timeout: float) -> bytes:
-    """The bytes at `url` (http or https), at most FETCH_LIMIT. No API key goes with it."""
-    request = urllib.request.Request(url, headers={"User-Agent": "gemini-vision-pipeline"})
-    with urllib.request.urlopen(request, timeout=timeout) as answer:
-        data = answer.read(FETCH_LIMIT + 1)
-    if len(data) > FETCH_LIMIT:
-        raise ValueError(f"larger than {FETCH_LIMIT >> 20} MB")
-    return data
 
 
 def inline_size(item: ImageItem) -> int:

@@ -136,7 +136,7 @@ class ImageRunner:
         if group is not None and group.error:
             return Unit(tuple(items), group, error=group.error)
         for index, src in enumerate(members):
-            items[index] = await self._prepared(src)
+            items[index] = await self.prepared(src)
             if items[index].error:
                 break
         return unit_of(tuple(items), group)
@@ -146,7 +146,9 @@ class ImageRunner:
             self.fetcher = Fetcher(settings_from(self.config))
         return self.fetcher
 
-    async def _prepared(self, src: SourceFile) -> ImageItem:
+    async def prepared(self, src: SourceFile) -> ImageItem:
+        """One file made ready to send (an object's or a URL's bytes read first); an item
+        carrying `error` when it cannot be used. Batch Mode prepares its files here too."""
         if src.error:
             return ImageItem(source=src, error=src.error)
         data = None

@@ -29,7 +29,7 @@ from pipeline.localserver import LocalServer, ServerOptions
 from pipeline.runner import RunOptions, run_async
 from pipeline.state import State
 from pipeline.stores import open_store
-from tests.conftest import draw_shapes, make_config, read_rows
+from tests.conftest import draw_shapes, make_config, put_images, read_rows
 from tests.localserver_support import Clock
 
 OPTS = RunOptions(progress=False, seed=0)
@@ -320,23 +320,29 @@ async def test_cancel_then_wait_reports_the_job_and_the_next_run_sends_its_image
 
 
 async def test_a_cron_job_on_a_bucket_submits_then_collects(server, clock, tmp_path, bucket):
-    """Batch Mode with the output in a bucket: the job's record lives in the bucket's state, the
-    JSONL and results only in a scratch folder on this machine; `batch status` and `batch wait`
-    take the bucket's URL; a later run finds everything done."""
-    tiny_images(tmp_path / "images", 4)
+    """Batch Mode with the inputs and the output in a bucket: the images read through the
+    fetcher, the job's record in the bucket's state, the JSONL and results only in a scratch
+    folder on this machine; `batch status` and `batch wait` take the bucket's URL; a later run
+    finds everything done."""
+    names = put_images(f"{bucket}/images", 4)
     out = f"{bucket}/dataset"
-    config = batch_config(tmp_path, base_url=server.base_url, output={"dir": out})
+    config = batch_config(
+        tmp_path,
+        base_url=server.base_url,
+        input={"paths": [f"{bucket}/images"]},
+        output={"dir": out},
+    )
     submitted = await run(config, submit_only=True)
     assert (submitted.exit_code, submitted.batch["jobs_created"]) == (exits.OK, 1)
-    names = [entry.name for entry in open_store(out).list()]
-    assert "state.sqlite" in names and not [n for n in names if n.startswith(".batch")]
+    stored = [entry.name for entry in open_store(out).list()]
+    assert "state.sqlite" in stored and not [n for n in stored if n.startswith(".batch")]
     (job,) = (await batchjobs.status(out))["jobs"]
     assert (job["phase"], job["live"]["state"]) == ("submitted", "JOB_STATE_PENDING")
     clock.now += 61
     waited = await batchjobs.wait(out, progress=False)
     assert (waited.exit_code, dict(waited.rows)) == (exits.OK, {"ok": 4})
     rows = current_rows(out, ["image_path", "status"]).to_pylist()
-    assert rows == [{"image_path": f"{i:04d}.png", "status": "ok"} for i in range(4)]
+    assert rows == [{"image_path": name, "status": "ok"} for name in names]
     again = await run(config)
     assert (again.skipped, again.api_calls, server.stats()["batches"]["created"]) == (4, 0, 1)
 

@@ -309,3 +309,28 @@ async def test_reads_ahead_within_their_byte_budget(bucket: str) -> None:
         assert fetcher._ahead_bytes == 0 and not fetcher._ahead
     assert [len(body) for body in bodies] == [src.size for src in sources]
     assert fetcher.fetched == 3
+
+
+async def test_a_reference_image_in_a_bucket(tmp_path: Path, bucket: str) -> None:
+    """A reference image may be an object: read once through the fetcher, sent with every
+    request; a missing one stops the run before its first call, naming it."""
+    put_images(f"{bucket}/images", 3)
+    filesystem("s3").pipe(f"{bucket}/examples/weld.png", _png(seed=40))
+    reference = {"image": f"{bucket}/examples/weld.png", "caption": "an example"}
+    config = s3_config(
+        tmp_path,
+        f"{bucket}/images",
+        f"{bucket}/out",
+        task={"kind": "detect", "reference_images": [reference]},
+    )
+    summary = await run_async(config, OPTS)
+    assert (summary.api_calls, summary.rows) == (3, {"ok": 3})
+    alone = s3_config(tmp_path, f"{bucket}/images", f"{bucket}/alone", task={"kind": "detect"})
+    plain = await run_async(alone, OPTS)
+    assert summary.tokens["prompt_tokens"] > plain.tokens["prompt_tokens"]  # it went along
+    missing = {"image": f"{bucket}/examples/gone.png"}
+    gone = s3_config(
+        tmp_path, f"{bucket}/images", f"{bucket}/gone", task={"reference_images": [missing]}
+    )
+    with pytest.raises(ConfigError, match=r"reference_images: s3://.*/gone.png: HTTP 404"):
+        await run_async(gone, OPTS)

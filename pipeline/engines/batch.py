@@ -70,7 +70,7 @@ from pipeline.images import SourceChangedError
 from pipeline.records import ImageItem, Parsed, SourceFile, Unit, fingerprint, make_key, storable
 from pipeline.reuse import Answers
 from pipeline.rows import Outcome, answered_row, copied_outcome_row, copied_row, error_row
-from pipeline.runner import SMALL_FILE, ImageRunner, RowCounts, RunOptions
+from pipeline.runner import ImageRunner, RowCounts, RunOptions
 from pipeline.state import BatchRequestRecord, State
 from pipeline.stop import Stop
 from pipeline.summary import RunSummary
@@ -293,13 +293,7 @@ class Submission:
         if digest in self.retries and self.config.batch.retry == "interactive":
             self.state.forget_batch_retry(digest)
             return await self.interactive.submit(src)
-        item = await _offload(
-            src.size > SMALL_FILE,
-            images.prepare,
-            src,
-            max_side=self.config.images.max_side,
-            verify=self.config.images.verify,
-        )
+        item = await self.runner.prepared(src)  # an object or a URL read through the fetcher
         if item.error:
             return await self._row(error_row(Unit.lone(item), item.error, self.facts))
         key = make_key(item.sha256, self.facts.key_suffix)

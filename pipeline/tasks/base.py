@@ -20,15 +20,18 @@ def _task_kind(value: Any) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Reference:
-    """A reference image sent with every request of a run (pipeline/references.py): a path or
-    an http(s) URL, and what it shows."""
+    """A reference image sent with every request of a run (pipeline/references.py): a path, an
+    object (s3://, gs://, ...) or an http(s) URL, and what it shows."""
 
     image: str
     caption: str | None = None
 
     @property
     def is_url(self) -> bool:
-        return self.image.startswith(("http://", "https://"))
+        """An object or a URL: fetched, never resolved as a path (file:// is a path)."""
+        from pipeline.stores import scheme_of
+
+        return scheme_of(self.image) not in (None, "file")
 
     def resolved(self, resolve: Callable[[str], str]) -> Reference:
         """With its path resolved by `resolve` (a URL stays as it is)."""
