@@ -191,6 +191,7 @@ class Jobs:
         self.how = how
         self.ended = asyncio.Event()  # set whenever a job leaves flight: room for another
         self._creating: set[int] = set()  # jobs whose create call this process is making
+        self._told: dict[int, tuple[str, int]] = {}  # job -> (state, requests done) last said
 
     def in_flight(self) -> list[BatchJobRecord]:
         jobs = self.state.batch_jobs(IN_FLIGHT)
@@ -355,6 +356,7 @@ class Jobs:
             return True
         if remote.state != job.service_state:
             self.state.update_batch_job(job.id, service_state=remote.state)
+        self._progress(job, remote)
         if not remote.done:
             return False
         if remote.state != "JOB_STATE_SUCCEEDED":
@@ -366,6 +368,17 @@ class Jobs:
         except GeminiError as exc:
             return _passing(exc, f"the results of batch job {name} cannot be read")
         return True
+
+    def _progress(self, job: BatchJobRecord, remote: BatchJob) -> None:
+        """A line when a job's state or its count of answered requests changed since the last
+        poll: the progress of a run that may wait hours (one line a poll at most)."""
+        stats = remote.stats
+        done = stats.requests - stats.pending if stats.requests else 0
+        if self._told.get(job.id) == (remote.state, done):
+            return
+        self._told[job.id] = (remote.state, done)
+        counted = f": {done:,}/{stats.requests:,} requests answered" if stats.requests else ""
+        self.how.say(f"batch job {remote.name} {remote.state}{counted}")
 
     # ----------------------------------------------------------------------- collecting
     async def _collect(self, job: BatchJobRecord, remote: BatchJob) -> None:

@@ -493,3 +493,20 @@ def test_the_commands(tmp_path, capsys, monkeypatch):
     assert main(["run", str(config), "--batch", "--submit-only"]) == exits.USAGE
     assert "serve-local" in capsys.readouterr().err
     assert main(["batch", "status", str(tmp_path / "nowhere")]) == exits.USAGE
+
+
+def test_a_run_says_how_its_jobs_progress(tmp_path, capsys):
+    """A run that waits for its jobs says each state change and each new count of answered
+    requests (one line a poll at most): a Batch Mode run may wait for hours."""
+    tiny_images(tmp_path / "images", 3)
+    config = tmp_path / "c.toml"
+    config.write_text(
+        '[api]\nbase_url = "local"\n[input]\npaths = ["images"]\n[output]\ndir = "out"\n'
+        "[local]\nbatch_seconds = 0.3\n[batch]\npoll_seconds = 0.02\n"
+    )
+    assert main(["run", str(config), "--batch"]) == exits.OK
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("batch job")]
+    progress = [line.split(" ", 3)[3] for line in said if line.endswith("requests answered")]
+    assert progress[0].startswith(("JOB_STATE_PENDING: ", "JOB_STATE_RUNNING: "))
+    assert progress[-1] == "JOB_STATE_SUCCEEDED: 3/3 requests answered"
+    assert len(progress) == len(set(progress))  # a line only when something changed
