@@ -519,10 +519,25 @@ def _current(config: Config, section: str) -> dict[str, Any]:
     return {key: getattr(values, key) for key in declarations(section)}
 
 
+def _check_listable(config: Config, url: str) -> None:
+    """An input prefix that cannot be listed is a usage error naming it, as a missing folder."""
+    from pipeline.stores import check_listable
+
+    where = f"{config.source}: [input] paths: {url}"
+    try:
+        check_listable(url)
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: no such bucket") from None
+    except PermissionError as exc:
+        raise ConfigError(f"{where}: access denied ({exc})") from None
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot be listed ({exc})") from None
+
+
 def require_inputs(config: Config) -> None:
     """Every configured input path and the manifest exist (usage error, exit 2, otherwise);
     object-store paths need their filesystem installed (the `cloud` extra)."""
-    from pipeline.stores import MissingExtra, check_available, is_url
+    from pipeline.stores import MissingExtra, check_available, is_object_url, is_url
 
     references = [reference.image for reference in config.task.reference_images]
     named = [*config.input.paths, config.input.manifest or "", config.output.dir, *references]
@@ -531,6 +546,8 @@ def require_inputs(config: Config) -> None:
             check_available(url)
         except (MissingExtra, ValueError) as exc:
             raise ConfigError(f"{config.source}: {exc}") from None
+    for url in (p for p in config.input.paths if is_object_url(p)):
+        _check_listable(config, url)
     missing = [p for p in config.input.paths if not is_url(p) and not os.path.lexists(p)]
     manifest = config.input.manifest
     if manifest and not is_url(manifest) and not os.path.exists(manifest):

@@ -127,6 +127,20 @@ def check_available(url: str) -> None:
     filesystem(scheme_of(url) or "")
 
 
+def check_listable(url: str) -> None:
+    """One cheap request that fails as a listing of this input prefix would: FileNotFoundError
+    (no such bucket), PermissionError (access denied), another OSError (unreachable). A run
+    asks it before it starts, as it checks that an input folder exists."""
+    root = normalise_url(url)
+    scheme = scheme_of(root) or ""
+    fs = filesystem(scheme)
+    bucket, _, prefix = root.split("://", 1)[1].partition("/")
+    if scheme == "s3":
+        fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=prefix, MaxKeys=1)
+    elif not fs.exists(bucket):
+        raise FileNotFoundError(errno.ENOENT, "no such bucket", bucket)
+
+
 @functools.cache
 def filesystem(scheme: str) -> Any:
     """The fsspec filesystem for a scheme (one instance per process; listings never cached,

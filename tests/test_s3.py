@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import journal
+from pipeline import exits, journal
+from pipeline.cli import main
 from pipeline.config import ConfigError, parse_config, require_inputs
 from pipeline.dataset import current_rows, part_entries, status
 from pipeline.estimate import estimate
@@ -265,6 +266,23 @@ def test_a_missing_extra_is_one_line_saying_what_to_install(tmp_path: Path) -> N
     message = str(caught.value)
     assert "\n" not in message
     assert "pip install 'gemini-vision-pipeline[cloud]'" in message and "gcsfs" in message
+
+
+def test_an_input_bucket_that_does_not_exist_is_a_usage_error(
+    tmp_path: Path, bucket: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As a missing input folder is: exit 2 naming it, before anything runs (it was a traceback
+    from the walking thread)."""
+    config = tmp_path / "c.toml"
+    config.write_text(
+        '[api]\nbase_url = "local"\n[input]\npaths = ["s3://no-such-bucket-here/images"]\n'
+        f'[output]\ndir = "{bucket}/out"\n'
+    )
+    assert main(["run", str(config), "--quiet"]) == exits.USAGE
+    error = capsys.readouterr().err
+    assert "[input] paths: s3://no-such-bucket-here/images: no such bucket" in error
+    assert "Traceback" not in error
+    assert main(["estimate", str(config)]) == exits.USAGE
 
 
 async def test_an_object_gone_since_its_listing_is_an_error_row_that_names_no_signature(
