@@ -89,12 +89,32 @@ def _say(text: str) -> None:
 
 
 def _recover(output_dir: str) -> None:
-    """Readers first commit a killed run's journal (answers already paid for) into parts."""
+    """Readers first check the output is there (a typo is exit 2 naming it, not an empty
+    report), then commit a killed run's journal (answers already paid for) into parts."""
     from pipeline.sink import recover
 
+    _existing_output(output_dir)
     rows = recover(output_dir)
     if rows:
         _say(f"recovered {rows} answered rows of a killed run from its journal")
+
+
+def _existing_output(output_dir: str) -> None:
+    """A folder that exists; a bucket that exists, with something under the prefix (an
+    object-store prefix exists once a run has written it)."""
+    from pipeline.stores import open_store
+
+    store = open_store(output_dir)
+    if store.local:
+        if not os.path.isdir(store.url):
+            raise ConfigError(f"{output_dir}: no such output folder")
+        return
+    try:
+        store.ensure()
+    except FileNotFoundError:
+        raise ConfigError(f"{output_dir}: no such bucket") from None
+    if not store.list():
+        raise ConfigError(f"{output_dir}: nothing there: no run has written this output")
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -144,6 +164,7 @@ def _estimate(args: argparse.Namespace) -> int:
 def _reparse(args: argparse.Namespace) -> int:
     from pipeline.reparse import reparse
 
+    _existing_output(args.output_dir)
     report = reparse(args.output_dir, config_path=args.config, mask_threshold=args.mask_threshold)
     _say(json.dumps(report))
     return 0

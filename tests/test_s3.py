@@ -285,6 +285,24 @@ def test_an_input_bucket_that_does_not_exist_is_a_usage_error(
     assert main(["estimate", str(config)]) == exits.USAGE
 
 
+@pytest.mark.parametrize(
+    "command", [["status"], ["export", "coco"], ["render"], ["reparse"], ["compact"]]
+)
+def test_readers_of_an_output_that_is_not_there_say_so(
+    tmp_path: Path, bucket: str, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    """A typo in an output's name is exit 2 naming it, not an empty report: a folder that does
+    not exist, a bucket that does not exist, a prefix nothing was written under."""
+    extra = ["--out", str(tmp_path / "x")] if command[0] in ("export", "render") else []
+    for where, why in (
+        (str(tmp_path / "typo"), "no such output folder"),
+        ("s3://no-such-bucket-here/out", "no such bucket"),
+        (f"{bucket}/never-written", "nothing there"),
+    ):
+        assert main([*command, where, *extra]) == exits.USAGE, where
+        assert f"{where}: {why}" in capsys.readouterr().err
+
+
 async def test_an_object_gone_since_its_listing_is_an_error_row_that_names_no_signature(
     bucket: str,
 ) -> None:
