@@ -537,8 +537,13 @@ def _check_listable(config: Config, url: str) -> None:
 def require_inputs(config: Config) -> None:
     """Every configured input path and the manifest exist (usage error, exit 2, otherwise);
     object-store paths need their filesystem installed (the `cloud` extra)."""
-    from pipeline.stores import MissingExtra, check_available, is_object_url, is_url
+    from pipeline.stores import MissingExtra, check_available, is_http_url, is_object_url, is_url
 
+    for url in (p for p in config.input.paths if is_http_url(p)):
+        raise ConfigError(
+            f"{config.source}: [input] paths: {url}: a URL is not a folder to walk; list URLs "
+            "in a manifest ([input] manifest, one a line)"
+        )
     references = [reference.image for reference in config.task.reference_images]
     named = [*config.input.paths, config.input.manifest or "", config.output.dir, *references]
     for url in (p for p in named if is_url(p)):

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from pipeline.config import ConfigError, require_inputs
 from pipeline.dataset import current_rows
 from pipeline.estimate import estimate
 from pipeline.fetch import Fetcher, FetchError, FetchSettings
@@ -208,3 +209,11 @@ async def test_failures_that_do_not_pass_give_up_after_the_attempts(
         with pytest.raises(FetchError, match=r"fetch failed: .*\(after 2 attempts\)") as down:
             await fetcher.read(closed)
         assert down.value.retryable  # transient: the next plain run tries it again
+
+
+def test_a_url_given_as_an_input_path_says_to_use_a_manifest(tmp_path: Path) -> None:
+    config = make_config(tmp_path, input={"paths": ["https://example.com/photos/a.png"]})
+    with pytest.raises(
+        ConfigError, match=r"a URL is not a folder to walk; list URLs in a manifest"
+    ):
+        require_inputs(config)
