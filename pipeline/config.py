@@ -465,18 +465,13 @@ def _validate_batch(config: Config) -> None:
 
 
 def _validate_engine(config: Config) -> None:
-    """The Ray engine spreads files over workers: not Batch Mode's jobs, not groups."""
+    """The Ray engine spreads requests over workers: not Batch Mode's jobs."""
     if config.engine.kind != "ray":
         return
     if config.api.mode == "batch":
         raise ConfigError(
             f'{config.source}: [engine] kind = "ray": Batch Mode runs on the service\'s fleet; '
             'use [engine] kind = "single" with [api] mode = "batch"'
-        )
-    if config.input.group_by != "none":
-        raise ConfigError(
-            f"{config.source}: [input] group_by: the Ray engine sends one image a request; "
-            'run groups with [engine] kind = "single"'
         )
 
 

@@ -132,6 +132,29 @@ async def test_workers_read_a_bucket_and_write_another(
     assert (again.exit_code, again.api_calls, again.skipped) == (exits.OK, 0, 12)
 
 
+async def test_groups_spread_over_workers_give_the_rows_of_one_process(
+    cluster: Any, images_dir: Path, tmp_path: Path
+) -> None:
+    """A group is one unit of work for a worker as for the single engine: one request, one row
+    with its members, the same answer."""
+    for g in range(6):
+        folder = images_dir / f"view{g}"
+        folder.mkdir()
+        for i in range(2 + g % 2):
+            draw_shapes(96, 96, seed=40 * g + i, count=1)[0].save(folder / f"{i}.png")
+    grouped = {"group_by": "folder"}
+    single = await run(make_config(tmp_path, input=grouped, output={"dir": str(tmp_path / "one")}))
+    config = make_config(tmp_path, input=grouped, output={"dir": str(tmp_path / "many")})
+    spread = await run(_ray(config, workers=2))
+    assert (spread.api_calls, spread.rows) == (single.api_calls, single.rows) == (6, {"ok": 6})
+    one, many = _by_path(read_rows(tmp_path / "one")), _by_path(read_rows(tmp_path / "many"))
+    assert sorted(many) == [f"view{g}" for g in range(6)]
+    for name in one:
+        assert many[name] == one[name], name
+    again = await run(_ray(config, workers=2))
+    assert (again.api_calls, again.skipped) == (0, 6)
+
+
 def _durable(out: Path) -> int:
     """Rows answered so far: in parts, or in a journal (read while the run writes)."""
     import pyarrow.parquet as pq

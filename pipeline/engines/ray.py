@@ -7,7 +7,7 @@
 This module is the driver (RayEngine, Fleet, Dispatch); the worker is in ray_worker.py.
 
 The driver lists the inputs and skips what the resume index says is done, as the single engine
-does (`single.Producer`), and hands the rest out in blocks of BLOCK_FILES files, at most
+does (`single.Producer`), and hands the rest out in blocks of BLOCK_FILES files (or groups), at most
 BLOCKS_IN_FLIGHT per worker (Ray Data's actor pools keep two tasks per actor in flight). Each
 worker runs the single engine's per-image code with `[limits] concurrency` files in flight and
 commits its rows itself, through the same sink and journal, so an answer is durable within a
@@ -68,7 +68,7 @@ from pipeline.engines.single import (
 )
 from pipeline.fetch import Fetcher, settings_from
 from pipeline.progress import EngineView, Progress
-from pipeline.records import SourceFile
+from pipeline.records import Work, members_of
 from pipeline.rows import RunFacts
 from pipeline.runner import RunOptions, key_suffix
 from pipeline.sink import SinkFailed, shared_output
@@ -301,7 +301,7 @@ class Dispatch:
         self.fleet = fleet
         self.stop = stop
         self.account = account
-        self.queues: list[deque[SourceFile]] = [deque() for _ in fleet.workers]
+        self.queues: list[deque[Work]] = [deque() for _ in fleet.workers]
         self.fed = False
         self.changed = asyncio.Condition()
 
@@ -348,10 +348,12 @@ class Dispatch:
     def _room(self) -> bool:
         return not self.stop.running or sum(map(len, self.queues)) < QUEUE_FILES * len(self.queues)
 
-    def _route(self, src: SourceFile) -> int:
+    def _route(self, work: Work) -> int:
+        """By size (a group: its members' sizes), so the same bytes meet at one worker."""
         lengths = [len(q) for q in self.queues]
-        preferred = ((src.size * _GOLDEN) >> 32) % len(lengths)
-        if src.error is None and lengths[preferred] < QUEUE_FILES:
+        size = sum(member.size for member in members_of(work))
+        preferred = ((size * _GOLDEN) >> 32) % len(lengths)
+        if work.error is None and lengths[preferred] < QUEUE_FILES:
             return preferred
         return lengths.index(min(lengths))
 

@@ -34,7 +34,7 @@ from pipeline.dataset import KeySet, part_batches
 from pipeline.engines.quota import ActorLink, LeasedDaily, LeasedLimiter, Limits, quota_name
 from pipeline.engines.single import process_unit
 from pipeline.gemini import GeminiClient, api_key_from_env
-from pipeline.records import SourceFile, storable
+from pipeline.records import Work, storable, work_identity
 from pipeline.references import load as load_references
 from pipeline.reuse import Answers
 from pipeline.rows import RunFacts
@@ -129,7 +129,7 @@ class Worker:
         self.reported = Tally()
         self.tally = Tally()  # rows of finished files, cumulative
         self._stack = contextlib.AsyncExitStack()
-        self._files: asyncio.Queue[tuple[SourceFile, asyncio.Future[Tally]]] | None = None
+        self._files: asyncio.Queue[tuple[Work, asyncio.Future[Tally]]] | None = None
         self._pool: list[asyncio.Task[None]] = []
         self._parts: dict[str, Any] = {}  # sink, caller, answers, limiter, daily, scratch
         self._started: asyncio.Task[dict[str, Any]] | None = None
@@ -196,8 +196,9 @@ class Worker:
             references=load_references(self.config),  # each worker sends them, as one process
         )
 
-    async def process_block(self, block: list[SourceFile], ok_keys: list[Any]) -> Tally:
-        """Run a block's files; report what they added to the run (and the worker's stop)."""
+    async def process_block(self, block: list[Work], ok_keys: list[Any]) -> Tally:
+        """Run a block's files (or groups); report what they added to the run (and the
+        worker's stop)."""
         await self.start(ok_keys)
         assert self._files is not None
         loop = asyncio.get_running_loop()
@@ -221,16 +222,17 @@ class Worker:
             finally:
                 future.set_result(tally)
 
-    async def _one(self, src: SourceFile, tally: Tally) -> None:
+    async def _one(self, work: Work, tally: Tally) -> None:
         stop = self.stop
         if not stop.running:
             return  # not started: a rerun picks it up
-        prior = self.prior.pop((storable(src.root), storable(src.rel_path)), None)
+        root, path, _, _ = work_identity(work)
+        prior = self.prior.pop((storable(root), storable(path)), None)
         if prior is not None:  # answered by this worker's predecessor: its row is committed
             _add_prior(tally, prior)
             return
         runner = ImageRunner(self.config, self.setup.facts, **self._runner_parts())
-        await process_unit(runner, src, stop)
+        await process_unit(runner, work, stop)
         _add_counts(tally, runner.counts)
 
     def _runner_parts(self) -> dict[str, Any]:
