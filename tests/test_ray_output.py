@@ -12,6 +12,7 @@ import pytest
 
 from pipeline import journal
 from pipeline.dataset import current_rows
+from pipeline.engines.ray_worker import rows_of_writer
 from pipeline.records import make_key
 from pipeline.sink import OutputDirBusy, ParquetSink, recover_writer, shared_output
 from pipeline.stores import LEASE_NAME, Lease, LeaseLost, RunLease, Store, open_store
@@ -86,15 +87,23 @@ def test_the_driver_commits_a_killed_runs_journal_before_sharing(out: str) -> No
     assert current_rows(out, ["image_path"]).column("image_path").to_pylist() == ["00007.png"]
 
 
-def test_a_lost_writers_journal_is_committed_alone(tmp_path: Path) -> None:
+def test_a_lost_writers_journal_is_committed_alone(out: str) -> None:
+    """What a restarted worker does first, on a folder or a bucket: its predecessor's journal
+    committed (not its neighbours'), then that predecessor's rows read back by file."""
+    store = open_store(out)
+    store.ensure()
     for name, n in (("run1.w1", 1), ("run1.w10", 10), ("run1.w2", 2)):
-        segment = journal.Segment(open_store(tmp_path), journal.segment_name(name, 0))
+        segment = journal.Segment(store, journal.segment_name(name, 0))
         segment.append([row(n)])
         segment.close()
-    assert recover_writer(tmp_path, "run1.w1") == 1
-    assert [p.name for p in tmp_path.glob("*.parquet")] == ["part-run1.w1-00000.parquet"]
-    alive = sorted(journal.segments(open_store(tmp_path)))
+    assert recover_writer(out, "run1.w1") == 1
+    assert parts(out) == ["part-run1.w1-00000.parquet"]
+    alive = sorted(journal.segments(store))
     assert alive == [journal.segment_name("run1.w10", 0), journal.segment_name("run1.w2", 0)]
+    prior = rows_of_writer(store, "run1.w1")  # not w10's, whose name starts the same
+    assert (
+        list(prior) == [("/data", "00001.png")] and prior[("/data", "00001.png")]["status"] == "ok"
+    )
 
 
 class Clock:

@@ -152,7 +152,7 @@ class Worker:
         out = open_store(config.output.dir)  # a folder every node sees, or a bucket
         # A journal or parts under this worker's name are a predecessor's (Ray restarted it).
         recovered = await asyncio.to_thread(recover_writer, out, setup.name)
-        self.prior = await asyncio.to_thread(_rows_of_writer, out, setup.name)
+        self.prior = await asyncio.to_thread(rows_of_writer, out, setup.name)
         ok_keys: KeySet = await ok_keys_ref
         sink = await self._stack.enter_async_context(
             ParquetSink(
@@ -333,7 +333,7 @@ _PRIOR_COLUMNS = (
 )
 
 
-def _rows_of_writer(out: Store, name: str) -> dict[tuple[str, str], dict[str, Any]]:
+def rows_of_writer(out: Store, name: str) -> dict[tuple[str, str], dict[str, Any]]:
     """The rows a worker's predecessor committed (parts named after it), by file."""
     rows: dict[tuple[str, str], dict[str, Any]] = {}
     for entry in out.list(f"part-{name}-"):  # w1- is no prefix of w10-
