@@ -54,7 +54,7 @@ from pipeline.stop import Stop, Stopped
 from pipeline.stores import Store, open_store
 from pipeline.summary import RunSummary
 from pipeline.tasks import read_answer
-from pipeline.tasks.base import TaskSettings
+from pipeline.tasks.base import Reference, TaskSettings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -85,6 +85,7 @@ def task_json(settings: TaskSettings) -> str:
     """A job's [task] settings (all but the model table), to parse its answers later."""
     values = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}
     values.pop("models")
+    values["reference_images"] = [dataclasses.asdict(r) for r in settings.reference_images]
     return json.dumps(values, sort_keys=True)
 
 
@@ -92,6 +93,8 @@ def task_settings(text: str) -> TaskSettings:
     values = json.loads(text)
     if values.get("labels") is not None:
         values["labels"] = tuple(values["labels"])
+    references = values.get("reference_images") or ()
+    values["reference_images"] = tuple(Reference(**reference) for reference in references)
     return TaskSettings(**values)
 
 

@@ -456,11 +456,10 @@ def _validate_batch(config: Config) -> None:
         )
     if config.batch.max_poll_seconds < config.batch.poll_seconds:
         raise ConfigError(f"{source}: [batch] max_poll_seconds must be >= poll_seconds")
-    if config.input.group_by != "none" or config.task.reference_images:
-        key = "[input] group_by" if config.input.group_by != "none" else "[task] reference_images"
+    if config.input.group_by != "none":
         raise ConfigError(
-            f"{source}: {key}: Batch Mode sends one image a request; run groups and reference "
-            'images with [api] mode = "interactive"'
+            f"{source}: [input] group_by: Batch Mode sends one file a request; run groups "
+            'with [api] mode = "interactive"'
         )
 
 

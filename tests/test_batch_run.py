@@ -17,7 +17,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from pipeline import batchjobs, dataset, exits
@@ -510,3 +512,33 @@ def test_a_run_says_how_its_jobs_progress(tmp_path, capsys):
     assert progress[0].startswith(("JOB_STATE_PENDING: ", "JOB_STATE_RUNNING: "))
     assert progress[-1] == "JOB_STATE_SUCCEEDED: 3/3 requests answered"
     assert len(progress) == len(set(progress))  # a line only when something changed
+
+
+async def test_reference_images_go_with_every_request_of_a_job(tmp_path):
+    """The same requests as the interactive run: the small reference inline in each line, the
+    big one uploaded for the job (and deleted with it); same keys, same answers, and the same
+    billed input tokens, which count the references."""
+    tiny_images(tmp_path / "images", 4)
+    small, big = tmp_path / "small.png", tmp_path / "big.png"
+    draw_shapes(32, 32, seed=90, count=1)[0].save(small)
+    noise = np.random.default_rng(7).integers(0, 256, (400, 400, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(big)  # ~480 kB: over the inline size of a reference
+    references = [
+        {"image": str(small), "caption": "a small example"},
+        {"image": str(big), "caption": "a big example"},
+    ]
+    task = {"kind": "detect", "reference_images": references}
+    one = await run(make_config(tmp_path, task=task, output={"dir": str(tmp_path / "one")}))
+    many = await run(batch_config(tmp_path, task=task, output={"dir": str(tmp_path / "many")}))
+    assert (many.exit_code, many.rows, many.batch["jobs_collected"]) == (exits.OK, {"ok": 4}, 1)
+    assert many.tokens["prompt_tokens"] == one.tokens["prompt_tokens"]
+    interactive, batch = current(tmp_path / "one"), current(tmp_path / "many")
+    for path, row in interactive.items():
+        assert (batch[path]["key"], batch[path]["objects"]) == (row["key"], row["objects"])
+    assert {row["input_mode"] for row in batch.values()} == {"batch"}
+    (job,) = jobs_in(tmp_path / "many")
+    state = State(tmp_path / "many")
+    try:
+        assert state.batch_files(job.id) == []  # the JSONL and the big reference: deleted
+    finally:
+        state.close()

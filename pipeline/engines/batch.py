@@ -51,7 +51,14 @@ from pipeline.batchjobs import (
     scratch_folder,
     task_json,
 )
-from pipeline.calls import SMALL_BYTES, RunStopped, inline_refusal, request_overhead, send_mode
+from pipeline.calls import (
+    SMALL_BYTES,
+    RunStopped,
+    inline_refusal,
+    request_overhead,
+    request_with_images,
+    send_mode,
+)
 from pipeline.config import BatchConfig, Config
 from pipeline.dataset import DigestSet, ResumeIndex
 from pipeline.engines.single import (
@@ -65,15 +72,17 @@ from pipeline.failures import Action, judge
 from pipeline.gemini import GeminiError
 from pipeline.gemini.batches import JSONL_MIME, BatchJob, request_line
 from pipeline.gemini.tokens import image_tokens, text_tokens
-from pipeline.gemini.types import ImagePart
+from pipeline.gemini.types import FileInfo, ImagePart
 from pipeline.images import SourceChangedError
 from pipeline.records import ImageItem, Parsed, SourceFile, Unit, fingerprint, make_key, storable
+from pipeline.references import ReferenceParts
 from pipeline.reuse import Answers
 from pipeline.rows import Outcome, answered_row, copied_outcome_row, copied_row, error_row
 from pipeline.runner import ImageRunner, RowCounts, RunOptions
 from pipeline.state import BatchRequestRecord, State
 from pipeline.stop import Stop
 from pipeline.summary import RunSummary
+from pipeline.tasks import multi
 from pipeline.uploads import Uploads
 
 T = TypeVar("T")
@@ -254,6 +263,20 @@ class JobFile:
             self.path.unlink()
 
 
+class _JobUploads:
+    """What `ReferenceParts` asks of its uploads (`get`), for one job: an upload made for the
+    job, recorded as its file (it must outlive the job, and is deleted with its rows)."""
+
+    def __init__(self, submission: Submission, job: int) -> None:
+        self.submission = submission
+        self.job = job
+
+    async def get(self, item: ImageItem) -> FileInfo:
+        info = await self.submission.uploads.upload_unrecorded(item)
+        self.submission.state.add_batch_file(self.job, info.name)
+        return info
+
+
 class Submission:
     """Turns the walk's files into requests of jobs, and creates each job when it is full."""
 
@@ -274,13 +297,26 @@ class Submission:
         self.uploads = Uploads(jobs.client, state)
         self.interactive = Interactive(runner, run.stop, run.config.limits.concurrency)
         self.retries = DigestSet(state.batch_retries())
-        self.overhead = request_overhead(self.request)
-        self.prompt_tokens = text_tokens(
+        # Reference images go before every request's own, as in the interactive path: inline
+        # when small, else uploaded once per job (an upload must outlive its job: 48 h + 48 h).
+        self.references = run.references
+        self.captioned = multi.captioned(False, len(self.references))
+        self._reference_parts: dict[int, ReferenceParts] = {}  # job -> its references' parts
+        mode = self.config.images.mode
+        inline_references = ReferenceParts(self.references, mode, uploads=self.uploads)
+        self.overhead = request_overhead(self.request) + inline_references.inline_bytes
+        captions = sum(text_tokens(reference.caption) for reference in self.references)
+        self.prompt_tokens = captions + text_tokens(
             (self.request.system_instruction or "") + self.request.prompt
         )
+        self.reference_tokens = sum(self._image_tokens(ref.item) for ref in self.references)
         self.job: JobFile | None = None
         self._seq = 0
         folder.mkdir(exist_ok=True)
+
+    def _image_tokens(self, item: ImageItem) -> int:
+        spec, resolution = self.config.task.spec, self.request.media_resolution
+        return image_tokens(spec, item.sent_width, item.sent_height, resolution)
 
     # -------------------------------------------------------------------------- one file
     async def take(self, src: SourceFile) -> None:
@@ -312,9 +348,7 @@ class Submission:
         return found is not None
 
     async def _request(self, item: ImageItem, key: str, digest: bytes) -> None:
-        est_image = image_tokens(
-            self.config.task.spec, item.sent_width, item.sent_height, self.request.media_resolution
-        )
+        est_image = self._image_tokens(item) + self.reference_tokens
         record = _record(0, key, digest, item, est_image, est_image + self.prompt_tokens)
         twin = self._job_asking(key)
         if twin is not None:  # the same bytes are asked already: this file joins the request
@@ -353,13 +387,25 @@ class Submission:
                 info = await self.stop.call(self.uploads.upload_unrecorded(item))
                 self.state.add_batch_file(job.job, info.name)
                 part = ImagePart(info.mime_type or item.mime_type, file_uri=info.uri)
+            references = await self.stop.call(self._references_of(job).parts())
         except (SourceChangedError, OSError) as exc:
             await self._row(error_row(Unit.lone(item), f"cannot read the file: {exc}", self.facts))
             return None
         except GeminiError as exc:
             await self._upload_failed(item, exc)
             return None
-        return request_line(key, replace(self.request, images=(part,)))
+        request = request_with_images(self.request, references, (part,), captioned=self.captioned)
+        return request_line(key, request)
+
+    def _references_of(self, job: JobFile) -> ReferenceParts:
+        """The reference parts of `job`'s requests: the inline ones, and uploads made for this
+        job (recorded as its files, deleted with them)."""
+        parts = self._reference_parts.get(job.job)
+        if parts is None:
+            uploads = _JobUploads(self, job.job)
+            parts = ReferenceParts(self.references, self.config.images.mode, uploads=uploads)
+            self._reference_parts = {job.job: parts}  # one job is built at a time
+        return parts
 
     async def _upload_failed(self, item: ImageItem, error: GeminiError) -> None:
         verdict = judge(error, uploaded=False)
