@@ -600,7 +600,10 @@ class _GcsWrites:
     """Conditional uploads and deletes on GCS (`ifGenerationMatch`: 0 means "absent").
 
     Written from the JSON API reference and gcsfs's own `simple_upload`; not exercised by the
-    tests (no GCS double runs here), unlike `_S3Writes`.
+    tests, unlike `_S3Writes`: the pip-installable double, gcp-storage-emulator (2026.7), ignores
+    `ifGenerationMatch` altogether (a second create over a name succeeded, tried 2026-11-29), so
+    it would pass these guarantees unchecked; Google's storage-testbench and fake-gcs-server are
+    not installable here.
     """
 
     def __init__(self, fs: Any) -> None:
