@@ -384,7 +384,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         _say(f"error: {exc}")
         return exits.USAGE
     except OutputDirBusy as exc:
-        _say(f"error: {exc}, or choose another --output")
+        another = ", or choose another --output" if args.command == "run" else ""
+        _say(f"error: {exc}{another}")
         return exits.USAGE
     except KeyboardInterrupt:
         _say("interrupted")

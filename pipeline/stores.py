@@ -750,7 +750,10 @@ class Lease(WriterLock):
                 facts.get("owner"),
                 ttl,
             )
-            if not self._unrenewed_for(ttl, version):
+            watched = self._watch(ttl, version)
+            if watched == "released":
+                return False  # its run ended while we watched: start over (create it)
+            if watched == "renewed":
                 raise OutputDirBusy(self._busy(facts))
         started = self._clock()
         try:
@@ -766,15 +769,18 @@ class Lease(WriterLock):
         )
         return True
 
-    def _unrenewed_for(self, ttl: float, version: str) -> bool:
-        """Watch the lease for one TTL: True when it stayed at `version` all along."""
+    def _watch(self, ttl: float, version: str) -> str:
+        """Watch the lease for one TTL: "renewed" (its holder lives), "released" (gone: its
+        run ended), or "stale" (it stayed at `version` all along: its holder died)."""
         deadline = self._clock() + ttl
         while (left := deadline - self._clock()) > 0:
             self._sleep(min(left, max(ttl / 10, 0.05)))
             now = self.store.info(LEASE_NAME)
-            if now is None or now.version != version:
-                return False
-        return True
+            if now is None:
+                return "released"
+            if now.version != version:
+                return "renewed"
+        return "stale"
 
     def _read(self) -> tuple[dict[str, Any], str] | None:
         return read_lease(self.store)

@@ -132,6 +132,21 @@ def test_a_live_lease_is_refused_as_soon_as_it_is_renewed(bucket: str) -> None:
     assert b"alive" in store.read(LEASE_NAME)
 
 
+def test_a_lease_released_while_watched_is_taken_at_once(bucket: str) -> None:
+    """The holder finished (released the lease) while another run watched it: that run takes
+    the output then, instead of calling it busy (`pipeline compact` during a short run)."""
+    store = ObjectStore(bucket + "/out")
+    hand = HandClock()
+    finishing = lease(store, "finishing", hand)
+    finishing.acquire()
+    hand.meanwhile.append(finishing.release)  # it ends while we watch
+    started = hand.now
+    waiting = lease(store, "next", hand)
+    waiting.acquire(wait=True)
+    assert hand.now - started < 60.0  # not a whole TTL: taken once it was released
+    assert b"next" in store.read(LEASE_NAME)
+
+
 def test_a_lease_not_renewed_in_time_stops_its_holder(bucket: str) -> None:
     store = ObjectStore(bucket + "/out")
     hand = HandClock()
