@@ -5,8 +5,9 @@ decoding freed, and glibc's malloc keeps what numpy and the object-store client 
 of the reads arrive on fsspec's I/O thread, whose malloc arena is never shrunk by itself). Both
 are free memory the process still holds: on a bucket output with no index cache, 1M rows left
 the run 129 MB above its imports after the reads against 52 MB for the same parts on disk
-(`scripts/bench.py bucket-resume`). Dask's workers trim glibc's heap for the same reason
-(`distributed.worker_memory`: `malloc_trim`).
+(`scripts/bench.py bucket-resume`). Dask's worker-memory guide ("Memory not released back to the
+OS") prescribes the same call, and Orthanc makes it from a housekeeping thread; here it is made
+only after such a burst (the index build), not on a timer.
 """
 
 from __future__ import annotations
