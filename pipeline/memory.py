@@ -2,7 +2,7 @@
 
 Building the resume index reads a million rows in batches: Arrow's allocator keeps what the
 decoding freed, and glibc's malloc keeps what numpy and the object-store client freed (the bodies
-of the reads arrive on fsspec's I/O thread, whose malloc arena is never shrunk by itself). Both
+of the reads arrive on fsspec's I/O thread, whose malloc arena seldom shrinks on its own). Both
 are free memory the process still holds: on a bucket output with no index cache, 1M rows left
 the run 129 MB above its imports after the reads against 52 MB for the same parts on disk
 (`scripts/bench.py bucket-resume`). Dask's worker-memory guide ("Memory not released back to the
