@@ -230,13 +230,18 @@ class Caller:
     def plan(self, unit: Unit) -> Plan:
         """What the unit's request costs and how its images go, decided before anything is
         sent; `Plan.error` says which limit a request over one would break."""
-        est_image = self.reference_tokens + sum(map(self._image_tokens, unit.items))
-        est = est_image + self.est_prompt_tokens + self._caption_tokens(len(unit.items))
+        est_image, est = self.estimates(unit)
         why = self._over_limits(len(unit.items), est)
         if why is not None:
             return Plan((), est_image, est, why)
         modes, why = self._modes(unit)
         return Plan(modes, est_image, est, why)
+
+    def estimates(self, unit: Unit) -> tuple[int, int]:
+        """(image tokens, input tokens) the unit's request is estimated at: its images and the
+        reference images, then the prompt and the captions. Batch Mode records the same."""
+        est_image = self.reference_tokens + sum(map(self._image_tokens, unit.items))
+        return est_image, est_image + self.est_prompt_tokens + self._caption_tokens(len(unit.items))
 
     async def request_for(self, unit: Unit, plan: Plan) -> GenerateRequest:
         """The request about `unit`, its images inline or uploaded as planned (uploading what

@@ -535,6 +535,8 @@ async def test_reference_images_go_with_every_request_of_a_job(tmp_path):
     interactive, batch = current(tmp_path / "one"), current(tmp_path / "many")
     for path, row in interactive.items():
         assert (batch[path]["key"], batch[path]["objects"]) == (row["key"], row["objects"])
+        estimated = ("est_image_tokens", "est_prompt_tokens")  # one estimate for both paths
+        assert [batch[path][k] for k in estimated] == [row[k] for k in estimated]
     assert {row["input_mode"] for row in batch.values()} == {"batch"}
     (job,) = jobs_in(tmp_path / "many")
     state = State(tmp_path / "many")

@@ -55,7 +55,6 @@ from pipeline.calls import (
     SMALL_BYTES,
     RunStopped,
     inline_refusal,
-    request_overhead,
     request_with_images,
     send_mode,
 )
@@ -71,18 +70,16 @@ from pipeline.engines.single import (
 from pipeline.failures import Action, judge
 from pipeline.gemini import GeminiError
 from pipeline.gemini.batches import JSONL_MIME, BatchJob, request_line
-from pipeline.gemini.tokens import image_tokens, text_tokens
 from pipeline.gemini.types import FileInfo, ImagePart
 from pipeline.images import SourceChangedError
 from pipeline.records import ImageItem, Parsed, SourceFile, Unit, fingerprint, make_key, storable
-from pipeline.references import ReferenceParts
+from pipeline.references import ReferenceParts, inline_size
 from pipeline.reuse import Answers
 from pipeline.rows import Outcome, answered_row, copied_outcome_row, copied_row, error_row
 from pipeline.runner import ImageRunner, RowCounts, RunOptions
 from pipeline.state import BatchRequestRecord, State
 from pipeline.stop import Stop
 from pipeline.summary import RunSummary
-from pipeline.tasks import multi
 from pipeline.uploads import Uploads
 
 T = TypeVar("T")
@@ -297,26 +294,16 @@ class Submission:
         self.uploads = Uploads(jobs.client, state)
         self.interactive = Interactive(runner, run.stop, run.config.limits.concurrency)
         self.retries = DigestSet(state.batch_retries())
-        # Reference images go before every request's own, as in the interactive path: inline
-        # when small, else uploaded once per job (an upload must outlive its job: 48 h + 48 h).
+        # Requests are sized, estimated and captioned as the interactive path does (its Caller:
+        # the prompt, the reference images, inline bytes); the references go before every
+        # request's own: inline when small, else uploaded once per job (an upload must outlive
+        # its job: 48 h + 48 h).
+        self.caller = runner.caller
         self.references = run.references
-        self.captioned = multi.captioned(False, len(self.references))
         self._reference_parts: dict[int, ReferenceParts] = {}  # job -> its references' parts
-        mode = self.config.images.mode
-        inline_references = ReferenceParts(self.references, mode, uploads=self.uploads)
-        self.overhead = request_overhead(self.request) + inline_references.inline_bytes
-        captions = sum(text_tokens(reference.caption) for reference in self.references)
-        self.prompt_tokens = captions + text_tokens(
-            (self.request.system_instruction or "") + self.request.prompt
-        )
-        self.reference_tokens = sum(self._image_tokens(ref.item) for ref in self.references)
         self.job: JobFile | None = None
         self._seq = 0
         folder.mkdir(exist_ok=True)
-
-    def _image_tokens(self, item: ImageItem) -> int:
-        spec, resolution = self.config.task.spec, self.request.media_resolution
-        return image_tokens(spec, item.sent_width, item.sent_height, resolution)
 
     # -------------------------------------------------------------------------- one file
     async def take(self, src: SourceFile) -> None:
@@ -348,17 +335,17 @@ class Submission:
         return found is not None
 
     async def _request(self, item: ImageItem, key: str, digest: bytes) -> None:
-        est_image = self._image_tokens(item) + self.reference_tokens
-        record = _record(0, key, digest, item, est_image, est_image + self.prompt_tokens)
+        est_image, est = self.caller.estimates(Unit.lone(item))
+        record = _record(0, key, digest, item, est_image, est)
         twin = self._job_asking(key)
         if twin is not None:  # the same bytes are asked already: this file joins the request
             return self._attach(twin, record)
-        mode = send_mode(self.config, item, self.overhead)
+        mode = send_mode(self.config, item, self.caller.overhead)
         if mode is None:
             return await self._row(
                 error_row(Unit.lone(item), inline_refusal(self.config), self.facts)
             )
-        size = self.overhead + ((item.send_size + 2) // 3 * 4 if mode == "inline" else 0)
+        size = self.caller.overhead + (inline_size(item) if mode == "inline" else 0)
         job = await self._job_for(size, record.est_prompt_tokens)
         line = await self._line(item, key, mode, job)
         if line is not None:
@@ -394,7 +381,9 @@ class Submission:
         except GeminiError as exc:
             await self._upload_failed(item, exc)
             return None
-        request = request_with_images(self.request, references, (part,), captioned=self.captioned)
+        request = request_with_images(
+            self.request, references, (part,), captioned=self.caller.captioned
+        )
         return request_line(key, request)
 
     def _references_of(self, job: JobFile) -> ReferenceParts:
