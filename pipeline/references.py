@@ -22,7 +22,6 @@ import asyncio
 import os
 import posixpath
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 

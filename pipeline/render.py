@@ -212,14 +212,13 @@ def _open_source(source: Path | str | None, fetcher: Fetcher) -> Image.Image | N
     """The source as displayed (EXIF orientation applied), RGB; None if it cannot be read."""
     if source is None:
         return None
-    where: Path | io.BytesIO = source if isinstance(source, Path) else io.BytesIO()
-    if isinstance(source, str):
+    if isinstance(source, str):  # an object or a URL
         (read,) = fetcher.read_all([SourceFile(path=source, root="", rel_path=source)])
         if isinstance(read, FetchError):
             return None
-        where = io.BytesIO(read)
+        source = io.BytesIO(read)
     try:
-        with Image.open(where) as image:
+        with Image.open(source) as image:
             image.draft("RGB", (MAX_SIDE, MAX_SIDE))  # JPEG: decode at reduced size when big
             return ImageOps.exif_transpose(image).convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError):

@@ -69,6 +69,9 @@ HTTP_SCHEMES = ("http", "https")
 LOCK_FILE = ".sink.lock"
 LEASE_NAME = ".sink.lease"
 LEASE_SECONDS = 60.0  # a crashed run's lease frees the output after at most this long
+# A writer stops once its hold has gone unconfirmed for this share of the TTL: before another
+# run could take the lease over (after a whole TTL), with a margin for the write in progress.
+LAPSE = 0.9
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _CHUNK = re.compile(r"^(?P<base>.+)\.(?P<n>\d{6})$")
 
@@ -803,7 +806,7 @@ class Lease(WriterLock):
         self.confirmed = started
 
     def check(self) -> None:
-        if self._clock() - self.confirmed > self.ttl * 0.9:
+        if self._clock() - self.confirmed > self.ttl * LAPSE:
             raise LeaseLost(
                 f"{self.store.url}: the lease could not be renewed for {self.ttl:.0f} s; "
                 "another run may be writing now"
@@ -869,7 +872,7 @@ class RunLease(WriterLock):
         raise LeaseLost(f"{self.store.url}: run {self.run} lost the lease (now {owner or 'none'})")
 
     def check(self) -> None:
-        if self.confirmed is None or self._clock() - self.confirmed > self.ttl * 0.9:
+        if self.confirmed is None or self._clock() - self.confirmed > self.ttl * LAPSE:
             raise LeaseLost(
                 f"{self.store.url}: the lease of run {self.run} could not be confirmed for "
                 f"{self.ttl:.0f} s; another run may be writing now"
