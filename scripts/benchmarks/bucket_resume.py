@@ -14,7 +14,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from .harness import MODEL, SEED, Benchmark, Ctx, Server, run_measured, table
-from .resume import TARGET_FIRST_REQUEST_S, _commit_rows, _FirstRequest
+from .resume import (
+    RUN_COLUMNS,
+    TARGET_FIRST_REQUEST_S,
+    _commit_rows,
+    _FirstRequest,
+    run_figures,
+    run_rows,
+)
 from .s3server import S3Server, aws_env, latest_summary
 from .scenes import make_tiny
 
@@ -71,22 +78,14 @@ def run(ctx: Ctx[Sizes]) -> dict[str, Any]:
                 summary = latest_summary(s3.env, OUTPUT)
                 if proc.returncode not in (0, 1):
                     raise RuntimeError(f"run exited {proc.returncode}: {proc.stderr[-2000:]}")
-                figures[name] = {
-                    "first_request_s": round(first.seconds, 3) if first.seconds else None,
-                    "wall_s": round(proc.wall, 2),
-                    "peak_rss_mb": round(proc.peak_rss_mb, 1),
-                    "seen": summary.get("seen"),
-                    "skipped": summary.get("skipped"),
-                    "api_calls": summary.get("api_calls"),
-                }
+                figures[name] = run_figures(first, proc, summary)
     figures["target_first_request_s"] = TARGET_FIRST_REQUEST_S
     figures["target_peak_rss_mb"] = TARGET_PEAK_RSS_MB
-    keys = ("first_request_s", "wall_s", "peak_rss_mb", "seen", "skipped", "api_calls")
     table(
         f"bucket resume: {n:,} committed rows in a bucket (3 for real objects); 8 objects in "
         "the input, 5 new",
-        ["run", "first request s", "wall s", "peak RSS MB", "seen", "skipped", "API calls"],
-        [[name, *(figures[name][k] for k in keys)] for name in RUNS],
+        ["run", *RUN_COLUMNS.values()],
+        run_rows(figures, RUNS),
     )
     return figures
 
