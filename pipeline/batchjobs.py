@@ -27,7 +27,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import secrets
 import shutil
 import sys
 import tempfile
@@ -52,7 +51,7 @@ from pipeline.sink import ParquetSink, SinkFailed
 from pipeline.state import IN_FLIGHT, STATE_FILE, BatchJobRecord, BatchRequestRecord, State
 from pipeline.stop import Stop, Stopped
 from pipeline.stores import Store, open_store
-from pipeline.summary import RunSummary
+from pipeline.summary import RunSummary, new_run_id
 from pipeline.tasks import read_answer
 from pipeline.tasks.base import Reference, TaskSettings
 
@@ -752,7 +751,7 @@ async def wait(
 ) -> RunSummary:
     """Follow every job in flight until it ends, collecting each as it succeeds (rows through
     the sink, as a run does; each job parsed with its own recorded [task] settings)."""
-    run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ-batch-wait-") + secrets.token_hex(3)
+    run_id = new_run_id("batch-wait")
     summary = RunSummary(run_id, config.source if config else "", "", "", "")
     counts, rows, stop, out = Counts(), RowCounts(), Stop(), _output(output_dir)
     _check_output(out)

@@ -37,10 +37,8 @@ from __future__ import annotations
 import json
 import logging
 import re
-import secrets
 import threading
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -60,6 +58,7 @@ from pipeline.dataset import (
 )
 from pipeline.records import ROW_SCHEMA
 from pipeline.stores import LEASE_SECONDS, Entry, OutputDirBusy, Store, WriterLock, open_store
+from pipeline.summary import new_run_id
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +222,7 @@ class _Renewal:
 
 
 def _compact(store: Store, lock: WriterLock, step: Step) -> dict[str, Any]:
-    compaction = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ-") + secrets.token_hex(3)
+    compaction = new_run_id()
     table, names, _ = _scan(store, (*GROUP, "completed_at", *_TOKEN_COLUMNS))
     current = _latest(table)
     report = {

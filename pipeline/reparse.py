@@ -8,7 +8,6 @@ appended with the same key and supersede the old ones for readers and for `statu
 from __future__ import annotations
 
 import asyncio
-import secrets
 from collections import Counter
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -19,7 +18,7 @@ from pipeline.dataset import current_rows
 from pipeline.gemini import parse_response
 from pipeline.records import Parsed
 from pipeline.sink import ParquetSink
-from pipeline.summary import write_report
+from pipeline.summary import new_run_id, write_report
 from pipeline.tasks import read_answer
 from pipeline.tasks.base import TaskSettings
 
@@ -56,7 +55,7 @@ def reparse(
         )
     base = load_config(config_path).task if config_path else None
     table = current_rows(output_dir)
-    run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ-reparse-") + secrets.token_hex(3)
+    run_id = new_run_id("reparse")
     changes: Counter[str] = Counter()
     new_rows: list[dict[str, Any]] = []
     for row in table.to_pylist():

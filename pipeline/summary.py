@@ -3,16 +3,27 @@
 from __future__ import annotations
 
 import json
+import secrets
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline import exits
 from pipeline.stores import Store, open_store
 
+if TYPE_CHECKING:
+    from pipeline.rows import RunFacts
+
 RUNS_DIR = "runs"
+
+
+def new_run_id(kind: str = "") -> str:
+    """A run's id: its UTC start (ids sort as runs began; rows and parts carry it) and 6 random
+    hex digits; `kind` names what another command's run is (`reparse`, `batch-wait`)."""
+    marked = f"{kind}-" if kind else ""
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ-") + marked + secrets.token_hex(3)
 
 
 @dataclass
@@ -42,6 +53,11 @@ class RunSummary:
     stop_reason: str | None = None
     resume_hint: str | None = None
     exit_code: int = exits.OK
+
+    @classmethod
+    def of_run(cls, facts: RunFacts, config_source: str) -> RunSummary:
+        """The summary of a run starting now, under these facts."""
+        return cls(facts.run_id, config_source, facts.key_suffix, facts.model, facts.task)
 
     def to_json(self) -> str:
         # asdict() would rebuild the Counters from (key, value) pairs: copy them as plain dicts

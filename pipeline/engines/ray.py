@@ -45,7 +45,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import secrets
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import replace
@@ -74,7 +73,7 @@ from pipeline.runner import RunOptions, key_suffix
 from pipeline.sink import SinkFailed, shared_output
 from pipeline.state import State
 from pipeline.stop import Stop, Stopped, on_signals
-from pipeline.summary import RunSummary
+from pipeline.summary import RunSummary, new_run_id
 
 log = logging.getLogger(__name__)
 
@@ -98,15 +97,9 @@ class RayEngine:
     def __init__(self, config: Config, options: RunOptions) -> None:
         self.config = config
         self.options = options
-        self.run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ-") + secrets.token_hex(3)
+        self.run_id = new_run_id()
         self.facts = RunFacts(self.run_id, config.task.kind, config.api.model, key_suffix(config))
-        self.summary = RunSummary(
-            run_id=self.run_id,
-            config=config.source,
-            settings_hash=self.facts.key_suffix,
-            model=config.api.model,
-            task=config.task.kind,
-        )
+        self.summary = RunSummary.of_run(self.facts, config.source)
         self.tally = Tally()
         self.stop: Stop | None = None  # made in run(): it needs the event loop
         self.state: State | None = None

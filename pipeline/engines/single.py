@@ -20,7 +20,6 @@ import contextlib
 import logging
 import os
 import random
-import secrets
 import sqlite3
 import threading
 import time
@@ -46,7 +45,7 @@ from pipeline.source import work_units
 from pipeline.state import State
 from pipeline.stop import Stop, Stopped, on_signals
 from pipeline.stores import MissingExtra, Store, is_url, local_path, open_store, scheme_of
-from pipeline.summary import RunSummary
+from pipeline.summary import RunSummary, new_run_id
 from pipeline.tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -127,16 +126,10 @@ class SingleProcess:
         self.request = get_task(config.task.kind).request(config.task)
         check_groups(config)
         self.references = load_references(config)  # read once: the run's every request has them
-        self.run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ-") + secrets.token_hex(3)
+        self.run_id = new_run_id()
         suffix = key_suffix(config, self.references)
         self.facts = RunFacts(self.run_id, config.task.kind, config.api.model, suffix)
-        self.summary = RunSummary(
-            run_id=self.run_id,
-            config=config.source,
-            settings_hash=self.facts.key_suffix,
-            model=config.api.model,
-            task=config.task.kind,
-        )
+        self.summary = RunSummary.of_run(self.facts, config.source)
         self.stop: Stop | None = None  # made in run(): it needs the event loop
 
     async def run(self) -> RunSummary:
