@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING
 
 from pipeline import __version__, exits
 from pipeline.config import ConfigError, flags, load_config, require_inputs, with_overrides
-from pipeline.dataset import UnreadablePart
-from pipeline.sink import OutputDirBusy
-from pipeline.stores import MissingExtra
+from pipeline.output.dataset import UnreadablePart
+from pipeline.output.sink import OutputDirBusy
+from pipeline.output.stores import MissingExtra
 
 if TYPE_CHECKING:
     from pipeline.config import Config
-    from pipeline.summary import RunSummary
+    from pipeline.run.summary import RunSummary
 
 EPILOG = exits.EPILOG
 
@@ -37,7 +37,7 @@ def _flag_dests() -> list[str]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from pipeline.runner import RunOptions, run
+    from pipeline.run.runner import RunOptions, run
 
     config = _config(args)
     require_inputs(config)
@@ -91,7 +91,7 @@ def _say(text: str) -> None:
 def _recover(output_dir: str) -> None:
     """Readers first check the output is there (a typo is exit 2 naming it, not an empty
     report), then commit a killed run's journal (answers already paid for) into parts."""
-    from pipeline.sink import recover
+    from pipeline.output.sink import recover
 
     _existing_output(output_dir)
     rows = recover(output_dir)
@@ -102,7 +102,7 @@ def _recover(output_dir: str) -> None:
 def _existing_output(output_dir: str) -> None:
     """A folder that exists; a bucket that exists, with something under the prefix (an
     object-store prefix exists once a run has written it)."""
-    from pipeline.stores import open_store
+    from pipeline.output.stores import open_store
 
     store = open_store(output_dir)
     if store.local:
@@ -118,12 +118,12 @@ def _existing_output(output_dir: str) -> None:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from pipeline.dataset import format_status, status
+    from pipeline.output.dataset import format_status, status
 
     _recover(args.output_dir)
     report = status(args.output_dir)
     if args.config:
-        from pipeline.runner import pending
+        from pipeline.run.runner import pending
 
         config = with_overrides(load_config(args.config), {"output.dir": args.output_dir})
         report["pending"] = pending(config, retry_errors=args.retry_errors)
@@ -132,7 +132,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from pipeline.export import export_coco
+    from pipeline.commands.export import export_coco
 
     _recover(args.output_dir)
     counts = export_coco(args.output_dir, args.out)
@@ -141,7 +141,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _render(args: argparse.Namespace) -> int:
-    from pipeline.render import render
+    from pipeline.commands.render import render
 
     _recover(args.output_dir)
     report = render(
@@ -152,7 +152,7 @@ def _render(args: argparse.Namespace) -> int:
 
 
 def _estimate(args: argparse.Namespace) -> int:
-    from pipeline.estimate import estimate, format_estimate
+    from pipeline.commands.estimate import estimate, format_estimate
 
     config = _config(args)
     require_inputs(config)
@@ -162,7 +162,7 @@ def _estimate(args: argparse.Namespace) -> int:
 
 
 def _reparse(args: argparse.Namespace) -> int:
-    from pipeline.reparse import reparse
+    from pipeline.commands.reparse import reparse
 
     _existing_output(args.output_dir)
     report = reparse(args.output_dir, config_path=args.config, mask_threshold=args.mask_threshold)
@@ -171,7 +171,7 @@ def _reparse(args: argparse.Namespace) -> int:
 
 
 def _compact(args: argparse.Namespace) -> int:
-    from pipeline.compact import compact
+    from pipeline.output.compact import compact
 
     _recover(args.output_dir)
     report = compact(args.output_dir)
@@ -197,7 +197,7 @@ def _batch_config(args: argparse.Namespace) -> Config | None:
 
 
 def _batch_status(args: argparse.Namespace) -> int:
-    from pipeline import batchjobs
+    from pipeline.engines.batch import jobs as batchjobs
 
     report = asyncio.run(batchjobs.status(args.output_dir, _batch_config(args)))
     print(json.dumps(report, indent=2) if args.json else batchjobs.format_status(report))
@@ -205,7 +205,7 @@ def _batch_status(args: argparse.Namespace) -> int:
 
 
 def _batch_wait(args: argparse.Namespace) -> int:
-    from pipeline import batchjobs
+    from pipeline.engines.batch import jobs as batchjobs
 
     summary = asyncio.run(
         batchjobs.wait(args.output_dir, _batch_config(args), progress=not args.quiet)
@@ -219,7 +219,7 @@ def _batch_wait(args: argparse.Namespace) -> int:
 
 
 def _batch_cancel(args: argparse.Namespace) -> int:
-    from pipeline import batchjobs
+    from pipeline.engines.batch import jobs as batchjobs
 
     cancelled = asyncio.run(batchjobs.cancel(args.output_dir, _batch_config(args)))
     for job in cancelled:

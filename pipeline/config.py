@@ -315,7 +315,7 @@ def check_setting(section: str, key: str, value: Any, source: str, shown: str = 
 def _resolve(path: str, base_dir: Path | None) -> str:
     """Against the file's folder (or the working directory); `..` folded, symlinks kept.
     URLs (s3://, gs://, https://, ...) stay as they are (`file://` becomes its path)."""
-    from pipeline.stores import is_url, local_path, normalise_url, scheme_of
+    from pipeline.output.stores import is_url, local_path, normalise_url, scheme_of
 
     if is_url(path) and scheme_of(path) != "file":
         return normalise_url(path) if scheme_of(path) not in ("http", "https") else path
@@ -515,7 +515,7 @@ def _current(config: Config, section: str) -> dict[str, Any]:
 
 def _check_listable(config: Config, url: str) -> None:
     """An input prefix that cannot be listed is a usage error naming it, as a missing folder."""
-    from pipeline.stores import check_listable
+    from pipeline.output.stores import check_listable
 
     where = f"{config.source}: [input] paths: {url}"
     try:
@@ -531,7 +531,13 @@ def _check_listable(config: Config, url: str) -> None:
 def require_inputs(config: Config) -> None:
     """Every configured input path and the manifest exist (usage error, exit 2, otherwise);
     object-store paths need their filesystem installed (the `cloud` extra)."""
-    from pipeline.stores import MissingExtra, check_available, is_http_url, is_object_url, is_url
+    from pipeline.output.stores import (
+        MissingExtra,
+        check_available,
+        is_http_url,
+        is_object_url,
+        is_url,
+    )
 
     for url in (p for p in config.input.paths if is_http_url(p)):
         raise ConfigError(
@@ -562,7 +568,7 @@ def check_groups(config: Config) -> None:
     streams it), or the run does not start: ConfigError naming the row. Reads that column."""
     if config.input.group_by != "manifest" or not config.input.manifest:
         return
-    from pipeline.source import check_manifest_groups
+    from pipeline.inputs.source import check_manifest_groups
 
     try:
         check_manifest_groups(config.input.manifest)
@@ -576,7 +582,7 @@ def settings_hash(
     """Hash of everything that changes the answer: model, flavor, prompt and generation settings
     (the whole request the task builds), what is done to the image before sending, and the
     reference images sent with it (their bytes' sha256 and captions, in order:
-    pipeline/references.py), which only a config with references has.
+    pipeline/inputs/references.py), which only a config with references has.
 
     Parse-only settings (mask threshold) are left out on purpose: changing them is a `reparse`,
     not a new API call.

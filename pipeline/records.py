@@ -59,7 +59,7 @@ class ImageItem:
 
 @dataclass(slots=True)
 class SourceGroup:
-    """Files asked about together in one request, in their stated order (pipeline/source.py).
+    """Files asked about together in one request, in their stated order (pipeline/inputs/source.py).
 
     `name` is what the group's row calls image_path: the folder relative to `root`, or the
     manifest's `group` value. `error` says why the group cannot be sent at all.

@@ -136,7 +136,7 @@ def s3_endpoint() -> Any:
 
 def put_images(prefix: str, count: int, *, start: int = 0) -> list[str]:
     """`count` PNG scenes uploaded under `prefix` (an s3:// URL); their relative names."""
-    from pipeline.stores import filesystem
+    from pipeline.output.stores import filesystem
 
     fs = filesystem("s3")
     names = []
@@ -155,7 +155,7 @@ _BUCKETS = iter(range(1_000_000))
 @pytest.fixture
 def bucket(s3_endpoint: str) -> str:
     """A fresh, empty bucket on the session's S3 server: `s3://<name>`."""
-    from pipeline.stores import filesystem
+    from pipeline.output.stores import filesystem
 
     name = f"test-bucket-{next(_BUCKETS)}"
     filesystem("s3").mkdir(name)

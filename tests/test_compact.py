@@ -19,11 +19,11 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.compact import compact
-from pipeline.dataset import current_rows, load_resume_index, part_entries, status
+from pipeline.output.compact import compact
+from pipeline.output.dataset import current_rows, load_resume_index, part_entries, status
+from pipeline.output.sink import ParquetSink, recover
+from pipeline.output.stores import Store, open_store
 from pipeline.records import make_key
-from pipeline.sink import ParquetSink, recover
-from pipeline.stores import Store, open_store
 
 REPO = Path(__file__).resolve().parents[1]
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
@@ -142,7 +142,7 @@ async def test_duckdb_and_polars_read_the_compacted_folder_as_it_is(tmp_path: Pa
 KILLER = textwrap.dedent(
     """
     import os, signal, sys
-    from pipeline.compact import compact
+    from pipeline.output.compact import compact
 
     def step(name):
         if name == sys.argv[2]:

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.dataset import (
+from pipeline.output.dataset import (
     DigestSet,
     current_rows,
     file_digest,
@@ -22,8 +22,8 @@ from pipeline.dataset import (
     lookup_rows,
     status,
 )
+from pipeline.output.sink import ParquetSink
 from pipeline.records import ROW_SCHEMA, make_key
-from pipeline.sink import ParquetSink
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 ROOT = "/photos"
@@ -296,7 +296,7 @@ async def test_status_numbers(tmp_path: Path) -> None:
 def test_growing_digest_set_merges_batches_and_keeps_every_entry() -> None:
     import hashlib
 
-    from pipeline.dataset import GrowingDigestSet
+    from pipeline.output.dataset import GrowingDigestSet
 
     digests = [hashlib.blake2b(str(i).encode(), digest_size=16).digest() for i in range(1000)]
     grown = GrowingDigestSet(batch=64)

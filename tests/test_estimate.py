@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline.estimate import estimate, format_estimate
+from pipeline.commands.estimate import estimate, format_estimate
 from pipeline.gemini.tokens import image_tokens, text_tokens
 from pipeline.models import lookup
 from pipeline.tasks import get_task
@@ -126,7 +126,7 @@ def test_estimate_reads_headers_and_exif_only(tmp_path: Path) -> None:
 def test_estimate_learns_output_tokens_from_earlier_rows(tmp_path: Path) -> None:
     import asyncio
 
-    from pipeline.runner import RunOptions, run_async
+    from pipeline.run.runner import RunOptions, run_async
 
     images = tmp_path / "images"
     images.mkdir()

@@ -15,10 +15,10 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from pipeline.export import export_coco
+from pipeline.commands.export import export_coco
 from pipeline.masks import rle_encode
+from pipeline.output.sink import ParquetSink
 from pipeline.records import make_key
-from pipeline.sink import ParquetSink
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 

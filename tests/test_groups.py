@@ -19,14 +19,16 @@ from pycocotools import mask as cocomask
 from pycocotools.coco import COCO
 
 from pipeline import exits
-from pipeline.calls import REQUEST_OVERHEAD
+from pipeline.commands.estimate import estimate, format_estimate
+from pipeline.commands.export import export_coco
+from pipeline.commands.render import render
+from pipeline.commands.reparse import reparse
 from pipeline.config import ConfigError, check_groups, parse_config, settings_hash
-from pipeline.dataset import current_rows, load_resume_index, lookup_rows
-from pipeline.estimate import estimate, format_estimate
-from pipeline.export import export_coco
-from pipeline.facts import file_digest
 from pipeline.gemini.content import build_generate_content_body
 from pipeline.gemini.types import GenerateResponse, ImagePart, Usage
+from pipeline.inputs.source import folder_groups, walk
+from pipeline.output.dataset import current_rows, load_resume_index, lookup_rows
+from pipeline.output.index_cache import file_digest
 from pipeline.records import (
     OBJECT_TYPE,
     ROW_SCHEMA,
@@ -36,10 +38,8 @@ from pipeline.records import (
     make_key,
     work_identity,
 )
-from pipeline.render import render
-from pipeline.reparse import reparse
-from pipeline.runner import RunOptions, run_async
-from pipeline.source import folder_groups, walk
+from pipeline.run.calls import REQUEST_OVERHEAD
+from pipeline.run.runner import RunOptions, run_async
 from pipeline.tasks import get_task, read_answer
 from pipeline.tasks.base import TaskSettings
 from tests.conftest import box_iou, draw_shapes, make_config, mask_iou, read_rows
@@ -428,7 +428,7 @@ async def test_the_estimate_counts_tokens_per_group_as_the_server_bills(
 
 def test_the_shipped_group_config_makes_a_group_per_folder() -> None:
     from pipeline.config import load_config
-    from pipeline.source import work_units
+    from pipeline.inputs.source import work_units
 
     config = load_config(Path(__file__).resolve().parent.parent / "configs" / "groups.toml")
     groups = list(work_units(config.input))

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageCms
 
-from pipeline.images import SUPPORTED_MIME, SourceChangedError, prepare, read_bytes, sniff
+from pipeline.inputs.images import SUPPORTED_MIME, SourceChangedError, prepare, read_bytes, sniff
 from pipeline.records import SourceFile
 
 RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)

@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from pipeline.limits import (
+from pipeline.run.limits import (
     DECREASE,
     HEADROOM,
     RateLimiter,

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from pipeline import exits
-from pipeline.reparse import reparse
-from pipeline.runner import RunOptions, run_async
+from pipeline.commands.reparse import reparse
+from pipeline.run.runner import RunOptions, run_async
 from tests.conftest import draw_shapes, make_config, read_rows
 
 OPTS = RunOptions(progress=False, seed=0)

@@ -12,9 +12,9 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from pipeline import exits
-from pipeline.export import export_coco
-from pipeline.render import _colour, render
-from pipeline.runner import RunOptions, run_async
+from pipeline.commands.export import export_coco
+from pipeline.commands.render import _colour, render
+from pipeline.run.runner import RunOptions, run_async
 from pipeline.tasks import get_task
 from pipeline.tasks.base import TaskSettings
 from tests.conftest import draw_shapes, make_config, read_rows

@@ -25,11 +25,11 @@ import pytest
 import ray
 
 from pipeline import exits
-from pipeline.dataset import current_rows
-from pipeline.engines.quota import NAMESPACE
+from pipeline.engines.ray.quota import NAMESPACE
 from pipeline.localserver import LocalServer, ServerOptions
-from pipeline.runner import RunOptions, run_async
-from pipeline.stores import LEASE_NAME, open_store
+from pipeline.output.dataset import current_rows
+from pipeline.output.stores import LEASE_NAME, open_store
+from pipeline.run.runner import RunOptions, run_async
 from tests.conftest import draw_shapes, make_config, put_images, read_rows
 
 REPO = Path(__file__).resolve().parent.parent
@@ -343,7 +343,7 @@ async def test_the_daily_limit_holds_across_workers_and_runs(
 async def test_a_lost_quota_actor_is_restarted_and_the_run_goes_on(
     cluster: str, images_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pipeline.engines.quota import quota_name
+    from pipeline.engines.ray.quota import quota_name
 
     monkeypatch.setenv("GEMINI_API_KEY", "lost-quota-key")
     for i in range(60):

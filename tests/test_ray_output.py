@@ -1,4 +1,4 @@
-"""Who writes the output of a Ray run (pipeline/sink.py): the driver holds it, its workers' sinks
+"""Who writes the output of a Ray run (pipeline/output/sink.py): the driver holds it, its workers' sinks
 share it, another run cannot get in, and a lost worker's journal is committed alone — on a folder
 and on a bucket (moto's S3 server), where the workers check the driver's lease."""
 
@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 
-from pipeline import journal
-from pipeline.dataset import current_rows
-from pipeline.engines.ray_worker import rows_of_writer
+from pipeline.engines.ray.worker import rows_of_writer
+from pipeline.output import journal
+from pipeline.output.dataset import current_rows
+from pipeline.output.sink import OutputDirBusy, ParquetSink, recover_writer, shared_output
+from pipeline.output.stores import LEASE_NAME, Lease, LeaseLost, RunLease, Store, open_store
 from pipeline.records import make_key
-from pipeline.sink import OutputDirBusy, ParquetSink, recover_writer, shared_output
-from pipeline.stores import LEASE_NAME, Lease, LeaseLost, RunLease, Store, open_store
 
 
 @pytest.fixture(params=["disk", "s3"])

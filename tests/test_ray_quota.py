@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.engines.quota import (
+from pipeline.engines.ray.quota import (
     FleetQuota,
     Grant,
     LeasedDaily,
@@ -20,7 +20,7 @@ from pipeline.engines.quota import (
     Report,
     quota_name,
 )
-from pipeline.limits import DECREASE, HEADROOM, SlotLedger
+from pipeline.run.limits import DECREASE, HEADROOM, SlotLedger
 
 
 class Clock:
@@ -191,8 +191,8 @@ def test_ray_is_imported_only_by_a_ray_run() -> None:
     from pathlib import Path
 
     code = (
-        "import sys, pipeline.cli, pipeline.runner, pipeline.engines.single, "
-        "pipeline.engines.quota; print('ray' in sys.modules)"
+        "import sys, pipeline.cli, pipeline.run.runner, pipeline.engines.single, "
+        "pipeline.engines.ray.quota; print('ray' in sys.modules)"
     )
     root = Path(__file__).resolve().parent.parent
     found = subprocess.run(

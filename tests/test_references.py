@@ -16,11 +16,11 @@ import pytest
 from PIL import Image
 
 from pipeline import exits
+from pipeline.commands.estimate import estimate, format_estimate
 from pipeline.config import ConfigError
-from pipeline.estimate import estimate, format_estimate
+from pipeline.inputs.references import REFERENCE_INLINE_BYTES
 from pipeline.localserver import LocalServer, ServerOptions
-from pipeline.references import REFERENCE_INLINE_BYTES
-from pipeline.runner import RunOptions, key_suffix, run_async
+from pipeline.run.runner import RunOptions, key_suffix, run_async
 from tests.conftest import box_iou, draw_shapes, make_config, read_rows
 
 OPTS = RunOptions(progress=False, seed=0)
@@ -241,7 +241,7 @@ async def test_references_with_a_group(images_dir: Path, tmp_path: Path) -> None
 
 def test_the_shipped_reference_config_reads_its_references() -> None:
     from pipeline.config import load_config
-    from pipeline.references import load
+    from pipeline.inputs.references import load
 
     config = load_config(Path(__file__).resolve().parent.parent / "configs" / "references.toml")
     (loaded,) = load(config)

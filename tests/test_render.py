@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.commands.render import MASK_ALPHA, _colour, render
 from pipeline.masks import rle_encode
+from pipeline.output.sink import ParquetSink
 from pipeline.records import make_key
-from pipeline.render import MASK_ALPHA, _colour, render
-from pipeline.sink import ParquetSink
 
 BACKGROUND = (40, 40, 40)
 HOSTILE = [

@@ -19,10 +19,10 @@ from aiohttp import web
 from pipeline import exits
 from pipeline.config import ConfigError
 from pipeline.gemini import GeminiClient
-from pipeline.limits import quota_day
 from pipeline.localserver import LocalServer, ServerOptions
-from pipeline.runner import RunOptions, run_async
-from pipeline.state import State
+from pipeline.output.state import State
+from pipeline.run.limits import quota_day
+from pipeline.run.runner import RunOptions, run_async
 from tests.conftest import draw_shapes, make_config, read_rows
 
 OPTS = RunOptions(progress=False, seed=0)
@@ -194,10 +194,10 @@ async def test_a_file_rewritten_before_upload_is_not_filed_under_the_old_hash(
     """The upload path sends exactly the bytes it hashed, or fails that image: small files are
     read once and checked; big ones (here: IN_MEMORY lowered to force the streamed path) are
     checked against the hash the service reports, and the stray upload is deleted."""
-    from pipeline import images
-    from pipeline import uploads as uploads_module
+    from pipeline.inputs import images
     from pipeline.records import SourceFile
-    from pipeline.uploads import Uploads
+    from pipeline.run import uploads as uploads_module
+    from pipeline.run.uploads import Uploads
 
     if streamed:
         monkeypatch.setattr(uploads_module, "IN_MEMORY", 0)
@@ -221,9 +221,9 @@ async def test_failed_precondition_asks_the_file_before_uploading_again(
 ) -> None:
     """A 400 FAILED_PRECONDITION is the file (PROCESSING: wait; gone or FAILED: upload again)
     or the project (billing, region: the file is ACTIVE) — never a re-upload loop."""
-    from pipeline import images
+    from pipeline.inputs import images
     from pipeline.records import SourceFile
-    from pipeline.uploads import Uploads
+    from pipeline.run.uploads import Uploads
 
     shapes(images_dir, 1)
     path = images_dir / "i000.png"

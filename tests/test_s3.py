@@ -15,16 +15,17 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import exits, journal
+from pipeline import exits
 from pipeline.cli import main
+from pipeline.commands.estimate import estimate
+from pipeline.commands.render import render
 from pipeline.config import ConfigError, parse_config, require_inputs
-from pipeline.dataset import current_rows, part_entries, status
-from pipeline.estimate import estimate
+from pipeline.inputs.source import walk
 from pipeline.localserver import LocalServer, ServerOptions
-from pipeline.render import render
-from pipeline.runner import RunOptions, run_async
-from pipeline.source import walk
-from pipeline.stores import LEASE_NAME, OutputDirBusy, filesystem, open_store
+from pipeline.output import journal
+from pipeline.output.dataset import current_rows, part_entries, status
+from pipeline.output.stores import LEASE_NAME, OutputDirBusy, filesystem, open_store
+from pipeline.run.runner import RunOptions, run_async
 from tests.conftest import draw_shapes, put_images
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,7 +113,7 @@ def test_bucket_listing_follows_the_walks_rules_page_by_page(tmp_path: Path, buc
 
 
 def test_listing_pages_through_a_big_prefix_lazily(bucket: str) -> None:
-    from pipeline.source import walk_objects
+    from pipeline.inputs.source import walk_objects
 
     fs = filesystem("s3")
     for n in range(23):
@@ -147,7 +148,7 @@ async def test_two_runs_on_one_output_prefix_the_second_is_refused(
 RUN = """
 import asyncio, sys
 from pipeline.config import load_config, with_overrides
-from pipeline.runner import RunOptions, run
+from pipeline.run.runner import RunOptions, run
 config = with_overrides(load_config(sys.argv[1]), {"api.base_url": sys.argv[2]})
 run(config, RunOptions(progress=False, seed=0))
 """
@@ -234,7 +235,7 @@ def _all_rows(store) -> list[dict]:
 
 
 def test_state_lives_in_the_bucket_as_a_snapshot(bucket: str) -> None:
-    from pipeline.state import State
+    from pipeline.output.state import State
 
     state = State(f"{bucket}/out")
     state.add_requests("2026-11-29", 5)
@@ -306,8 +307,8 @@ def test_readers_of_an_output_that_is_not_there_say_so(
 async def test_an_object_gone_since_its_listing_is_an_error_row_that_names_no_signature(
     bucket: str,
 ) -> None:
-    from pipeline.fetch import Fetcher, FetchError
-    from pipeline.source import walk_objects
+    from pipeline.inputs.fetch import Fetcher, FetchError
+    from pipeline.inputs.source import walk_objects
 
     put_images(f"{bucket}/gone", 2)
     first, second = walk_objects(f"{bucket}/gone")
@@ -331,8 +332,8 @@ async def test_an_output_inside_the_input_prefix_is_never_read_as_input(
 
 
 async def test_reads_ahead_within_their_byte_budget(bucket: str) -> None:
-    from pipeline.fetch import Fetcher, FetchSettings
-    from pipeline.source import walk_objects
+    from pipeline.inputs.fetch import Fetcher, FetchSettings
+    from pipeline.inputs.source import walk_objects
 
     put_images(f"{bucket}/ahead", 3)
     sources = list(walk_objects(f"{bucket}/ahead"))

@@ -12,10 +12,10 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import journal
-from pipeline.dataset import current_rows, part_files, status
+from pipeline.output import journal
+from pipeline.output.dataset import current_rows, part_files, status
+from pipeline.output.sink import OutputDirBusy, ParquetSink, SinkFailed
 from pipeline.records import ROW_SCHEMA, SCHEMA_VERSION, make_key
-from pipeline.sink import OutputDirBusy, ParquetSink, SinkFailed
 
 REPO = Path(__file__).resolve().parents[1]
 

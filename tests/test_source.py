@@ -12,9 +12,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.images import prepare
+from pipeline.inputs.images import prepare
+from pipeline.inputs.source import read_manifest, walk
 from pipeline.records import SourceFile
-from pipeline.source import read_manifest, walk
 
 
 def touch(root: Path, *rel_paths: str, content: bytes = b"x") -> None:
@@ -470,7 +470,7 @@ def test_manifest_of_unknown_type_or_missing_raises_at_once(tmp_path: Path) -> N
 def test_a_store_without_paged_listing_is_walked_folder_by_folder(tmp_path: Path) -> None:
     """fsspec's in-memory filesystem stands for az:// and the others (listed with `ls`):
     the same files as the local walk of the same tree, same rules, in name order."""
-    from pipeline.stores import filesystem
+    from pipeline.output.stores import filesystem
 
     tree = ["a.jpg", "b/c.png", "b/.hidden.png", ".cache/x.png", "raw/d.tif", "z.txt"]
     fs = filesystem("memory")
@@ -490,7 +490,7 @@ def test_file_urls_are_local_paths(tmp_path: Path) -> None:
 
 
 def test_version_stamp_stands_for_an_etag() -> None:
-    from pipeline.source import version_stamp
+    from pipeline.inputs.source import version_stamp
 
     assert version_stamp('"abc"') == version_stamp("abc") != version_stamp("abd")
     assert 0 < version_stamp("abc") < 2**63 and version_stamp("") == 0

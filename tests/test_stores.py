@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 
-from pipeline import journal
-from pipeline.dataset import current_rows, part_files
-from pipeline.fsutil import AlreadyExists
-from pipeline.sink import ParquetSink
-from pipeline.stores import (
+from pipeline.output import journal
+from pipeline.output.dataset import current_rows, part_files
+from pipeline.output.fsutil import AlreadyExists
+from pipeline.output.sink import ParquetSink
+from pipeline.output.stores import (
     LEASE_NAME,
     LeaseLost,
     ObjectStore,
@@ -97,7 +97,7 @@ class HandClock:
 
 
 def lease(store: ObjectStore, owner: str, hand: HandClock, ttl: float = 60.0) -> Any:
-    from pipeline.stores import Lease
+    from pipeline.output.stores import Lease
 
     return Lease(store, owner, ttl, clock=hand.clock, wall=hand.wall, sleep=hand.sleep)
 
@@ -171,7 +171,7 @@ def test_a_lease_left_long_ago_is_taken_without_waiting(bucket: str) -> None:
 WRITER = textwrap.dedent(
     """
     import asyncio, hashlib, sys
-    from pipeline.sink import ParquetSink
+    from pipeline.output.sink import ParquetSink
 
     async def main():
         async with ParquetSink(sys.argv[1], "victim", rows_per_part=50, sync_seconds=0.02,

@@ -15,12 +15,12 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from pipeline import exits
-from pipeline.dataset import current_rows
-from pipeline.export import export_coco
+from pipeline.commands.export import export_coco
+from pipeline.commands.render import render
+from pipeline.commands.reparse import reparse
 from pipeline.gemini import parse_response
-from pipeline.render import render
-from pipeline.reparse import reparse
-from pipeline.runner import RunOptions, run_async
+from pipeline.output.dataset import current_rows
+from pipeline.run.runner import RunOptions, run_async
 from tests.conftest import draw_shapes, make_config, read_rows
 
 REPO = Path(__file__).resolve().parent.parent

@@ -13,13 +13,13 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from pipeline.commands.estimate import estimate
+from pipeline.commands.render import render
 from pipeline.config import ConfigError, require_inputs
-from pipeline.dataset import current_rows
-from pipeline.estimate import estimate
-from pipeline.fetch import Fetcher, FetchError, FetchSettings
+from pipeline.inputs.fetch import Fetcher, FetchError, FetchSettings
+from pipeline.output.dataset import current_rows
 from pipeline.records import SourceFile
-from pipeline.render import render
-from pipeline.runner import RunOptions, run_async
+from pipeline.run.runner import RunOptions, run_async
 from tests.conftest import draw_shapes, make_config
 
 KEY = "secret-key-that-must-stay-home"

@@ -22,12 +22,12 @@ from google.genai import types
 from google.genai._gaos.types.interactions.createmodelinteraction import CreateModelInteraction
 from PIL import Image
 
-from pipeline import images
 from pipeline.config import ConfigError, parse_config
 from pipeline.gemini import GeminiClient
 from pipeline.gemini.content import build_generate_content_body
 from pipeline.gemini.interactions import build_interaction_body
 from pipeline.gemini.types import GenerateRequest, ImagePart
+from pipeline.inputs import images
 from pipeline.localserver import LocalServer
 from pipeline.models import default_table
 from pipeline.records import SourceFile

@@ -7,7 +7,7 @@ It skips, with a stat, every file (group) already committed under the same setti
 index) and never enters the output folder. Memory stays flat at any input size: the hand-off
 holds two batches, the workers one file each, the sink a bounded queue.
 
-Stopping (see pipeline/stop.py): the first Ctrl-C, SIGTERM or SIGHUP makes what is answered
+Stopping (see pipeline/run/stop.py): the first Ctrl-C, SIGTERM or SIGHUP makes what is answered
 durable at once (the journal), then lets the calls in flight finish; a second one abandons them.
 A run-level failure found by a call (a wrong key, the daily quota, an outage) drains the same way
 and names its cause.
@@ -28,24 +28,24 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pipeline.calls import Caller, RunStopped
 from pipeline.config import Config, ConfigError, check_groups, declarations
-from pipeline.dataset import ResumeIndex, load_resume_index
-from pipeline.fetch import Fetcher, settings_from
 from pipeline.gemini import GeminiClient, api_key_from_env
-from pipeline.limits import DailyCount, RateLimiter
-from pipeline.progress import EngineView, Progress
+from pipeline.inputs.fetch import Fetcher, settings_from
+from pipeline.inputs.references import load as load_references
+from pipeline.inputs.source import work_units
+from pipeline.output.dataset import ResumeIndex, load_resume_index
+from pipeline.output.sink import ParquetSink, SinkFailed
+from pipeline.output.state import State
+from pipeline.output.stores import MissingExtra, Store, is_url, local_path, open_store, scheme_of
 from pipeline.records import SourceFile, Work, members_of, work_identity
-from pipeline.references import load as load_references
-from pipeline.reuse import Answers
-from pipeline.rows import RunFacts
-from pipeline.runner import ImageRunner, RunOptions, key_suffix
-from pipeline.sink import ParquetSink, SinkFailed
-from pipeline.source import work_units
-from pipeline.state import State
-from pipeline.stop import Stop, Stopped, on_signals
-from pipeline.stores import MissingExtra, Store, is_url, local_path, open_store, scheme_of
-from pipeline.summary import RunSummary, new_run_id
+from pipeline.run.calls import Caller, RunStopped
+from pipeline.run.limits import DailyCount, RateLimiter
+from pipeline.run.progress import EngineView, Progress
+from pipeline.run.reuse import Answers
+from pipeline.run.rows import RunFacts
+from pipeline.run.runner import ImageRunner, RunOptions, key_suffix
+from pipeline.run.stop import Stop, Stopped, on_signals
+from pipeline.run.summary import RunSummary, new_run_id
 from pipeline.tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -218,7 +218,7 @@ class SingleProcess:
         )
 
     def _caller(self, client: GeminiClient, state: State, stop: Stop) -> Caller:
-        from pipeline.uploads import Uploads
+        from pipeline.run.uploads import Uploads
 
         limits = self.config.limits
         daily = DailyCount(
@@ -408,7 +408,7 @@ def open_state(out: Path | Store, config: Config) -> State:
 
 
 def quota_day_key() -> str:
-    from pipeline.limits import quota_day
+    from pipeline.run.limits import quota_day
 
     return quota_day().isoformat()
 

@@ -20,7 +20,7 @@ def _task_kind(value: Any) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Reference:
-    """A reference image sent with every request of a run (pipeline/references.py): a path, an
+    """A reference image sent with every request of a run (pipeline/inputs/references.py): a path, an
     object (s3://, gs://, ...) or an http(s) URL, and what it shows."""
 
     image: str
@@ -29,7 +29,7 @@ class Reference:
     @property
     def is_url(self) -> bool:
         """An object or a URL: fetched, never resolved as a path (file:// is a path)."""
-        from pipeline.stores import scheme_of
+        from pipeline.output.stores import scheme_of
 
         return scheme_of(self.image) not in (None, "file")
 

@@ -1,4 +1,4 @@
-"""Bucket listing: `pipeline.source.walk` over N objects in a local S3 (moto's server in its own
+"""Bucket listing: `pipeline.inputs.source.walk` over N objects in a local S3 (moto's server in its own
 process), objects/s and peak RSS, against s3fs's `find` (the whole listing in memory at once,
 what a plain fsspec script does). The local S3's own per-page cost (moto sorts every key of the
 bucket on each page) bounds both; the comparison is the client's memory, and its speed against
@@ -17,7 +17,7 @@ PREFIX = "list-bench/objects"
 WALK = f"""
 import sys, time
 sys.path.insert(0, {str(ROOT)!r})
-from pipeline.source import walk
+from pipeline.inputs.source import walk
 started = time.perf_counter()
 count = sum(1 for _ in walk(["s3://{PREFIX}"]))
 print(count, time.perf_counter() - started)
@@ -32,7 +32,7 @@ print(count, time.perf_counter() - started)
 IMPORTS = f"""
 import sys
 sys.path.insert(0, {str(ROOT)!r})
-import s3fs, pipeline.source
+import s3fs, pipeline.inputs.source
 print(0, 0.0)
 """
 CLIENTS = {

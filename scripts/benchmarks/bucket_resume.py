@@ -38,8 +38,8 @@ class Sizes:
 
 def run(ctx: Ctx[Sizes]) -> dict[str, Any]:
     from pipeline.config import load_config, settings_hash, with_overrides
+    from pipeline.inputs.source import version_stamp
     from pipeline.records import SourceFile
-    from pipeline.source import version_stamp
     from pipeline.tasks import get_task
 
     n = ctx.sizes.rows

@@ -44,8 +44,8 @@ LOOP_FILES = ("/asyncio/", "/concurrent/futures/", "/threading.py", "/queue.py",
 
 def run(ctx: Ctx[Sizes]) -> dict[str, Any]:
     from pipeline.config import load_config, with_overrides
-    from pipeline.runner import RunOptions
-    from pipeline.runner import run as run_in_process
+    from pipeline.run.runner import RunOptions
+    from pipeline.run.runner import run as run_in_process
 
     sizes, work = ctx.sizes, ctx.work
     n = sizes.images
@@ -137,12 +137,12 @@ def _direct_stages(images: Path, out: Path, config: Any) -> dict[str, float]:
     """µs per image of each stage's functions, called directly (single thread, no profiler)."""
     from dataclasses import replace
 
-    from pipeline import images as imaging
     from pipeline import masks
     from pipeline.gemini.client import build_generate_content_body, parse_generate_content
     from pipeline.gemini.types import ImagePart
-    from pipeline.sink import _to_table
-    from pipeline.source import walk
+    from pipeline.inputs import images as imaging
+    from pipeline.inputs.source import walk
+    from pipeline.output.sink import _to_table
     from pipeline.tasks import get_task
 
     task = get_task(config.task.kind)
@@ -226,10 +226,10 @@ def _http_only(images: Path, config: Any, url: str, concurrency: int) -> float:
     import asyncio
     from dataclasses import replace
 
-    from pipeline import images as imaging
     from pipeline.gemini import GeminiClient
     from pipeline.gemini.types import ImagePart
-    from pipeline.source import walk
+    from pipeline.inputs import images as imaging
+    from pipeline.inputs.source import walk
     from pipeline.tasks import get_task
 
     request = get_task(config.task.kind).request(config.task)
@@ -303,17 +303,17 @@ def _stages(stats: pstats.Stats) -> tuple[dict[str, float], float]:
     def own(match: Callable[[tuple[str, int, str]], bool]) -> float:
         return sum(v[2] for k, v in table_.items() if match(k))
 
-    sniff = cum("pipeline/images.py", "sniff")
+    sniff = cum("pipeline/inputs/images.py", "sniff")
     mask = sum(
         cum("pipeline/masks.py", f) for f in ("decode_png_mask", "box_mask", "box_to_pixels")
     )
     rle = cum("pipeline/masks.py", "rle_encode_box") + cum("pipeline/masks.py", "rle_encode")
     json_in_send = edge("json/__init__.py", "dumps", "gemini/client.py", "_send")
     stages = {
-        "read": cum("pipeline/images.py", "_read_and_hash")
-        + cum("pipeline/images.py", "read_bytes"),
+        "read": cum("pipeline/inputs/images.py", "_read_and_hash")
+        + cum("pipeline/inputs/images.py", "read_bytes"),
         "sniff": sniff,
-        "verify": cum("pipeline/images.py", "_examine") - sniff,
+        "verify": cum("pipeline/inputs/images.py", "_examine") - sniff,
         "encode": cum("gemini/client.py", "build_generate_content_body") + json_in_send,
         "HTTP": own(lambda k: any(lib in k[0] for lib in HTTP_LIBS))
         + own(lambda k: k[0].endswith("gemini/client.py") and k[2] == "_send")
@@ -324,7 +324,8 @@ def _stages(stats: pstats.Stats) -> tuple[dict[str, float], float]:
         - rle,
         "mask": mask,
         "RLE": rle,
-        "Parquet": cum("pipeline/sink.py", "_to_table") + cum("pipeline/sink.py", "_write_part"),
+        "Parquet": cum("pipeline/output/sink.py", "_to_table")
+        + cum("pipeline/output/sink.py", "_write_part"),
         "event loop, threads": own(lambda k: any(f in k[0] for f in LOOP_FILES))
         + own(lambda k: k[0] == "~" and any(name in k[2] for name in LOOP_BUILTINS)),
     }

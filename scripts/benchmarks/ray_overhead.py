@@ -103,7 +103,7 @@ def _startup(ctx: Ctx[Sizes], folder: Path) -> dict[str, float]:
 def _prepare_cost(ctx: Ctx[Sizes], repeats: int) -> float:
     """CPU ms of images.prepare for a 4000x3000 JPEG with camera-like detail (seeded noise over
     gradients, quality 90: ~3-4 MB, as a phone's photo)."""
-    from pipeline import images
+    from pipeline.inputs import images
     from pipeline.records import SourceFile
 
     rng = np.random.default_rng(SEED)

@@ -1,5 +1,5 @@
 """Batch Mode jobs after their creation: re-attached, polled, collected into rows, ended — for
-a run (`pipeline run --batch`, engines/batch.py) and for `pipeline batch status|wait|cancel OUT`.
+a run (`pipeline run --batch`, engines/batch/engine.py) and for `pipeline batch status|wait|cancel OUT`.
 
     Jobs.check_all, one pass over the output's jobs in flight at one endpoint (state.sqlite):
       submitted ─get─► not done yet: the next pass (the wait between passes grows 1.5x, the
@@ -37,21 +37,21 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 from pipeline import exits
-from pipeline.calls import SMALL_BYTES, SMALL_PIXELS, RunStopped
 from pipeline.config import Config, ConfigError
 from pipeline.engines.single import drain_on_signals, sink_hint
-from pipeline.failures import STREAK, Action, Verdict, judge
 from pipeline.gemini import GeminiClient, GeminiError, api_key_from_env
 from pipeline.gemini.batches import BatchJob, BatchResult
+from pipeline.output.sink import ParquetSink, SinkFailed
+from pipeline.output.state import IN_FLIGHT, STATE_FILE, BatchJobRecord, BatchRequestRecord, State
+from pipeline.output.stores import Store, open_store
 from pipeline.records import ImageItem, Parsed, SourceFile, Unit
-from pipeline.reuse import Answers
-from pipeline.rows import Outcome, RunFacts, answered_row, copied_outcome_row
-from pipeline.runner import RowCounts
-from pipeline.sink import ParquetSink, SinkFailed
-from pipeline.state import IN_FLIGHT, STATE_FILE, BatchJobRecord, BatchRequestRecord, State
-from pipeline.stop import Stop, Stopped
-from pipeline.stores import Store, open_store
-from pipeline.summary import RunSummary, new_run_id
+from pipeline.run.calls import SMALL_BYTES, SMALL_PIXELS, RunStopped
+from pipeline.run.failures import STREAK, Action, Verdict, judge
+from pipeline.run.reuse import Answers
+from pipeline.run.rows import Outcome, RunFacts, answered_row, copied_outcome_row
+from pipeline.run.runner import RowCounts
+from pipeline.run.stop import Stop, Stopped
+from pipeline.run.summary import RunSummary, new_run_id
 from pipeline.tasks import read_answer
 from pipeline.tasks.base import Reference, TaskSettings
 

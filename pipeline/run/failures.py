@@ -30,7 +30,7 @@ from enum import Enum
 
 from pipeline import exits
 from pipeline.gemini import GeminiError
-from pipeline.limits import next_quota_reset
+from pipeline.run.limits import next_quota_reset
 
 
 class Action(Enum):

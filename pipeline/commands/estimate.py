@@ -21,11 +21,7 @@ from typing import Any
 
 import pyarrow.compute as pc
 
-from pipeline import images, references
-from pipeline.calls import INPUT_TOKEN_LIMIT
 from pipeline.config import Config, check_groups
-from pipeline.dataset import current_rows
-from pipeline.fetch import Fetcher, FetchError, settings_from
 from pipeline.gemini.tokens import (
     GLOBAL_RESOLUTION_TOKENS_2X,
     MEDIA_RESOLUTION_TOKENS,
@@ -33,10 +29,14 @@ from pipeline.gemini.tokens import (
     text_tokens,
 )
 from pipeline.gemini.types import MAX_IMAGES_PER_REQUEST
+from pipeline.inputs import images, references
+from pipeline.inputs.fetch import Fetcher, FetchError, settings_from
+from pipeline.inputs.source import work_units
 from pipeline.models import Model, Price
+from pipeline.output.dataset import current_rows
+from pipeline.output.stores import is_url
 from pipeline.records import ImageItem, members_of
-from pipeline.source import work_units
-from pipeline.stores import is_url
+from pipeline.run.calls import INPUT_TOKEN_LIMIT
 from pipeline.tasks import get_task, multi
 
 # Output tokens per image when there is no history to learn from: masks are long, labels short.

@@ -21,12 +21,12 @@ import contextlib
 import hashlib
 from datetime import UTC, datetime, timedelta
 
-from pipeline import images
 from pipeline.gemini import GeminiClient, GeminiError
 from pipeline.gemini.types import FileInfo
-from pipeline.images import SourceChangedError
+from pipeline.inputs import images
+from pipeline.inputs.images import SourceChangedError
+from pipeline.output.state import State, Upload
 from pipeline.records import ImageItem
-from pipeline.state import State, Upload
 
 MARGIN = timedelta(hours=1)  # reuse an upload only if it outlives the run comfortably
 LIFETIME = timedelta(hours=47)  # assumed when the service gives no expiration time

@@ -1,4 +1,4 @@
-"""A worker of a Ray run (pipeline/engines/ray.py): the single engine's per-image code in an
+"""A worker of a Ray run (pipeline/engines/ray/driver.py): the single engine's per-image code in an
 async actor, committing its own parts, reporting to the driver what its files added to the run.
 
     process_block(files) ─► [limits] concurrency tasks ─► ImageRunner.process per file
@@ -7,7 +7,7 @@ async actor, committing its own parts, reporting to the driver what its files ad
 Everything a worker needs comes in its `WorkerSetup` (Ray keeps it to restart the worker). It
 opens, on its first block: its own ParquetSink (`shared=True`, named `<run id>.w<n>`), its own
 API client, a `calls.Caller` whose limiter and daily count lease from the project's quota actor
-(pipeline/engines/quota.py), and the reuse tiers (`reuse.Answers`) over the resume index's
+(pipeline/engines/ray/quota.py), and the reuse tiers (`reuse.Answers`) over the resume index's
 `ok_keys`. A journal or parts already under its name are a predecessor's (Ray restarted the
 worker): the journal is committed first and the files it answered are not done again.
 
@@ -28,23 +28,23 @@ from collections import Counter
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from pipeline.calls import Caller
 from pipeline.config import Config
-from pipeline.dataset import KeySet, part_batches
-from pipeline.engines.quota import ActorLink, LeasedDaily, LeasedLimiter, Limits, quota_name
+from pipeline.engines.ray.quota import ActorLink, LeasedDaily, LeasedLimiter, Limits, quota_name
 from pipeline.engines.single import process_unit
 from pipeline.gemini import GeminiClient, api_key_from_env
+from pipeline.inputs.references import load as load_references
+from pipeline.output.dataset import KeySet, part_batches
+from pipeline.output.sink import ParquetSink, recover_writer
+from pipeline.output.state import State
+from pipeline.output.stores import Store, open_store
 from pipeline.records import Work, storable, work_identity
-from pipeline.references import load as load_references
-from pipeline.reuse import Answers
-from pipeline.rows import RunFacts
-from pipeline.runner import ImageRunner, RowCounts
-from pipeline.sink import ParquetSink, recover_writer
-from pipeline.state import State
-from pipeline.stop import Stop, Stopped
-from pipeline.stores import Store, open_store
+from pipeline.run.calls import Caller
+from pipeline.run.reuse import Answers
+from pipeline.run.rows import RunFacts
+from pipeline.run.runner import ImageRunner, RowCounts
+from pipeline.run.stop import Stop, Stopped
+from pipeline.run.uploads import Uploads
 from pipeline.tasks import get_task
-from pipeline.uploads import Uploads
 
 # A worker may be lost at any moment (a preempted node): its answers are made durable within a
 # quarter of a second rather than the single engine's second, which bounds what a loss re-pays

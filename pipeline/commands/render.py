@@ -29,12 +29,12 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 from pillow_heif import register_heif_opener
 
-from pipeline.dataset import current_rows
-from pipeline.fetch import Fetcher, FetchError
-from pipeline.fsutil import atomic_write_bytes
+from pipeline.inputs.fetch import Fetcher, FetchError
 from pipeline.masks import rle_decode
+from pipeline.output.dataset import current_rows
+from pipeline.output.fsutil import atomic_write_bytes
+from pipeline.output.stores import is_url
 from pipeline.records import SourceFile
-from pipeline.stores import is_url
 
 MAX_SIDE = 1024  # overlays are for looking at: gallery size, not full resolution
 MASK_ALPHA = 0.45

@@ -4,12 +4,12 @@
                                           └──call──► Outcome (Caller) ─┴─► row (rows.py) ─► sink
 
 A unit is what one request asks about: a lone file (a unit of one, whose row is the image's), or
-a group's files in their order (`[input] group_by`: pipeline/source.py), whose row is the
+a group's files in their order (`[input] group_by`: pipeline/inputs/source.py), whose row is the
 group's. Both take the one path below; only the row's identity columns differ (rows.py).
 `ImageRunner.process` is what every engine runs for each piece of work it hands out
 (`engines/single.py` in one process; Batch Mode and Ray reuse the pieces). `run()` picks the
 engine; the default is one process (inputs from folders, buckets and URLs: objects and URLs
-are read through `fetch.Fetcher`), `[api] mode = "batch"` is `engines/batch.py`.
+are read through `fetch.Fetcher`), `[api] mode = "batch"` is `engines/batch/engine.py`.
 """
 
 from __future__ import annotations
@@ -20,12 +20,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from pipeline import images, references, stores
-from pipeline.calls import Caller
 from pipeline.config import Config, check_groups, settings_hash
 from pipeline.cost import row_cost
-from pipeline.dataset import load_resume_index
-from pipeline.fetch import Fetcher, FetchError, settings_from
+from pipeline.inputs import images, references
+from pipeline.inputs.fetch import Fetcher, FetchError, settings_from
+from pipeline.inputs.source import work_units
+from pipeline.output import stores
+from pipeline.output.dataset import load_resume_index
+from pipeline.output.sink import ParquetSink
 from pipeline.records import (
     ImageItem,
     SourceFile,
@@ -38,11 +40,10 @@ from pipeline.records import (
     members_of,
     work_identity,
 )
-from pipeline.reuse import Answers
-from pipeline.rows import RunFacts, answered_row, copied_outcome_row, copied_row, error_row
-from pipeline.sink import ParquetSink
-from pipeline.source import work_units
-from pipeline.summary import RunSummary
+from pipeline.run.calls import Caller
+from pipeline.run.reuse import Answers
+from pipeline.run.rows import RunFacts, answered_row, copied_outcome_row, copied_row, error_row
+from pipeline.run.summary import RunSummary
 from pipeline.tasks import get_task
 
 T = TypeVar("T")
@@ -211,11 +212,11 @@ def pending(config: Config, *, retry_errors: bool = False) -> dict[str, Any]:
 async def run_async(config: Config, options: RunOptions | None = None) -> RunSummary:
     """Run a config to completion (or a clean stop) and return its summary."""
     if config.api.mode == "batch":
-        from pipeline.engines.batch import BatchProcess
+        from pipeline.engines.batch.engine import BatchProcess
 
         return await BatchProcess(config, options or RunOptions()).run()
     if config.engine.kind == "ray":  # Ray is an optional extra: imported only when asked for
-        from pipeline.engines.ray import RayEngine
+        from pipeline.engines.ray.driver import RayEngine
 
         return await RayEngine(config, options or RunOptions()).run()
     from pipeline.engines.single import SingleProcess

@@ -17,9 +17,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pipeline.dataset import current_rows
-from pipeline.fsutil import atomic_write_bytes
 from pipeline.masks import rle_area
+from pipeline.output.dataset import current_rows
+from pipeline.output.fsutil import atomic_write_bytes
 
 EXPORTED_STATUSES = ("ok", "partial")
 _COLUMNS = ("image_root", "image_path", "width", "height", "task", "status", "objects", "members")

@@ -1,7 +1,7 @@
 """One unit's API call: inline or upload, inside the limits, with retries, parsed off the loop.
 
 A unit is one image or a group's images (pipeline/records.py); the request carries the run's
-reference images first (pipeline/references.py), then the unit's, captioned when there is more
+reference images first (pipeline/inputs/references.py), then the unit's, captioned when there is more
 than the one image (`request_with_images`). Before anything is sent, the request is held to
 what one request may be: at most MAX_IMAGES_PER_REQUEST images, INPUT_TOKEN_LIMIT and
 `[limits] tpm` estimated input tokens, and the inline limit for what goes inline (`[images]
@@ -38,9 +38,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
-from pipeline import images
 from pipeline.config import Config, ConfigError
-from pipeline.failures import Action, Health, Verdict, daily_quota, judge, project_refused
 from pipeline.gemini import GeminiClient, GeminiError
 from pipeline.gemini.tokens import image_tokens, text_tokens
 from pipeline.gemini.types import (
@@ -49,13 +47,15 @@ from pipeline.gemini.types import (
     GenerateResponse,
     ImagePart,
 )
-from pipeline.limits import DayCounter, Limiter
+from pipeline.inputs import images
+from pipeline.inputs.references import LoadedReference, ReferenceParts, inline_size
 from pipeline.records import ImageItem, Parsed, Unit
-from pipeline.references import LoadedReference, ReferenceParts, inline_size
-from pipeline.rows import Outcome
-from pipeline.stop import Stop
+from pipeline.run.failures import Action, Health, Verdict, daily_quota, judge, project_refused
+from pipeline.run.limits import DayCounter, Limiter
+from pipeline.run.rows import Outcome
+from pipeline.run.stop import Stop
+from pipeline.run.uploads import Uploads
 from pipeline.tasks import multi, read_answer
-from pipeline.uploads import Uploads
 
 T = TypeVar("T")
 BACKOFF_BASE = 1.0

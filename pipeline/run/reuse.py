@@ -23,8 +23,8 @@ from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.dataset import GrowingDigestSet, lookup_rows
-from pipeline.rows import Outcome
+from pipeline.output.dataset import GrowingDigestSet, lookup_rows
+from pipeline.run.rows import Outcome
 
 RECENT_ANSWERS = 256
 

@@ -5,10 +5,10 @@ Batch Mode jobs at half the price (`[api] mode = "batch"`, `pipeline run --batch
       (skips files done, or in a            builder of an interactive call), cut into jobs by
        job in flight)                       requests, bytes and tokens ─► upload it, create
                                                                                │
-    pipeline/batchjobs.py: poll with back-off ─► collect the results into rows (the sink),
+    pipeline/engines/batch/jobs.py: poll with back-off ─► collect the results into rows (the sink),
        delete the job's files; FAILED / CANCELLED / EXPIRED: reported, images left
 
-Paid once (pipeline/state.py): a job's files are recorded before the job exists (phase staged),
+Paid once (pipeline/output/state.py): a job's files are recorded before the job exists (phase staged),
 its create call is marked (creating) before it is sent, under a display name unique to it, and
 its name is saved the moment the answer comes (submitted). A rerun — or `pipeline batch wait` —
 re-attaches to every job in flight instead of creating one: a staged job (never sent) is dropped
@@ -37,8 +37,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pipeline import images
-from pipeline.batchjobs import (
+from pipeline.config import BatchConfig, Config
+from pipeline.engines.batch.jobs import (
     Counts,
     Following,
     Jobs,
@@ -51,15 +51,6 @@ from pipeline.batchjobs import (
     scratch_folder,
     task_json,
 )
-from pipeline.calls import (
-    SMALL_BYTES,
-    RunStopped,
-    inline_refusal,
-    request_with_images,
-    send_mode,
-)
-from pipeline.config import BatchConfig, Config
-from pipeline.dataset import DigestSet, ResumeIndex
 from pipeline.engines.single import (
     Producer,
     SingleProcess,
@@ -67,20 +58,29 @@ from pipeline.engines.single import (
     empty_queue,
     open_output,
 )
-from pipeline.failures import Action, judge
 from pipeline.gemini import GeminiError
 from pipeline.gemini.batches import JSONL_MIME, BatchJob, request_line
 from pipeline.gemini.types import FileInfo, ImagePart
-from pipeline.images import SourceChangedError
+from pipeline.inputs import images
+from pipeline.inputs.images import SourceChangedError
+from pipeline.inputs.references import ReferenceParts, inline_size
+from pipeline.output.dataset import DigestSet, ResumeIndex
+from pipeline.output.state import BatchRequestRecord, State
 from pipeline.records import ImageItem, Parsed, SourceFile, Unit, fingerprint, make_key, storable
-from pipeline.references import ReferenceParts, inline_size
-from pipeline.reuse import Answers
-from pipeline.rows import Outcome, answered_row, copied_outcome_row, copied_row, error_row
-from pipeline.runner import ImageRunner, RowCounts, RunOptions
-from pipeline.state import BatchRequestRecord, State
-from pipeline.stop import Stop
-from pipeline.summary import RunSummary
-from pipeline.uploads import Uploads
+from pipeline.run.calls import (
+    SMALL_BYTES,
+    RunStopped,
+    inline_refusal,
+    request_with_images,
+    send_mode,
+)
+from pipeline.run.failures import Action, judge
+from pipeline.run.reuse import Answers
+from pipeline.run.rows import Outcome, answered_row, copied_outcome_row, copied_row, error_row
+from pipeline.run.runner import ImageRunner, RowCounts, RunOptions
+from pipeline.run.stop import Stop
+from pipeline.run.summary import RunSummary
+from pipeline.run.uploads import Uploads
 
 T = TypeVar("T")
 RECORDS_AT_ONCE = 512  # request records written to state.sqlite in one transaction

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from pipeline.fsutil import AlreadyExists, atomic_write_bytes, create_new, fsync_dir
+from pipeline.output.fsutil import AlreadyExists, atomic_write_bytes, create_new, fsync_dir
 
 log = logging.getLogger(__name__)
 

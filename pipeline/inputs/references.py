@@ -3,7 +3,7 @@
 `[task] reference_images` names paths, objects (s3://, gs://, ...) or http(s) URLs, each with an
 optional caption ("a cracked weld"). `load` reads them before the run starts — an object or a URL
 once, through a `Fetcher` (the run's bounds, retries and size cap; no API key) — and prepares
-each like any image (pipeline/images.py: sniffed, EXIF-oriented, converted, downscaled by
+each like any image (pipeline/inputs/images.py: sniffed, EXIF-oriented, converted, downscaled by
 `[images] max_side`), keeping its bytes in memory. A reference that cannot be used stops the run
 before its first call (a ConfigError naming it), because every request would carry it. Their
 sha256s and captions, in order, are part of the settings hash (`identities`), so changing a
@@ -11,7 +11,7 @@ reference, its caption or its bytes redoes the rows.
 
 `ReferenceParts` gives the parts a request carries, each captioned "Reference image N: ..."
 (pipeline/tasks/multi.py): small references inline, bigger ones uploaded once per run through
-the Files API (pipeline/uploads.py: exactly the hashed bytes, reused from the output's state
+the Files API (pipeline/run/uploads.py: exactly the hashed bytes, reused from the output's state
 while they live) and uploaded again when the service says an upload is gone (`settle`, called
 after a request failed for an upload).
 """
@@ -25,16 +25,16 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pipeline import images
-from pipeline.fetch import Fetcher, FetchError, settings_from
 from pipeline.gemini.types import ImagePart
+from pipeline.inputs import images
+from pipeline.inputs.fetch import Fetcher, FetchError, settings_from
 from pipeline.records import ImageItem, SourceFile
 from pipeline.tasks import multi
 from pipeline.tasks.base import Reference
 
 if TYPE_CHECKING:
     from pipeline.config import Config
-    from pipeline.uploads import Uploads
+    from pipeline.run.uploads import Uploads
 
 # A reference goes with every request: inline it only while re-sending it costs less than one
 # upload's two round trips (and the risk of the upload expiring mid-run); bigger ones are

@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline import exits
-from pipeline.stores import Store, open_store
+from pipeline.output.stores import Store, open_store
 
 if TYPE_CHECKING:
-    from pipeline.rows import RunFacts
+    from pipeline.run.rows import RunFacts
 
 RUNS_DIR = "runs"
 

@@ -40,9 +40,10 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from pipeline import __version__, stores
+from pipeline import __version__
+from pipeline.inputs.source import version_stamp
+from pipeline.output import stores
 from pipeline.records import SourceFile
-from pipeline.source import version_stamp
 
 T = TypeVar("T")
 USER_AGENT = f"gemini-vision-pipeline/{__version__}"

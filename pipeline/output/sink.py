@@ -1,7 +1,7 @@
 """Rows -> a durable journal within about a second -> Parquet parts that are whole or absent.
 
 One writer task owns the output: `add()` puts a row on a bounded queue (back-pressure when the
-store is behind) and the writer appends rows to the journal (`pipeline/journal.py`) in small
+store is behind) and the writer appends rows to the journal (`pipeline/output/journal.py`) in small
 durable groups — at most `sync_rows` rows or `sync_seconds` after the oldest undurable row — then
 commits each journal segment as one zstd part of ROW_SCHEMA (`rows_per_part` rows, or
 `flush_seconds` after the segment's first row, or on `flush()`) and deletes the segment. Parts are
@@ -42,10 +42,9 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from pipeline import journal
-from pipeline.fsutil import is_temp
-from pipeline.records import ROW_SCHEMA, to_table
-from pipeline.stores import (
+from pipeline.output import journal
+from pipeline.output.fsutil import is_temp
+from pipeline.output.stores import (
     LEASE_SECONDS,
     LOCK_FILE,
     LeaseLost,
@@ -54,6 +53,7 @@ from pipeline.stores import (
     WriterLock,
     open_store,
 )
+from pipeline.records import ROW_SCHEMA, to_table
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ class ParquetSink:
         if not threshold:
             return None
         await self.flush()
-        from pipeline.compact import compact_if_over
+        from pipeline.output.compact import compact_if_over
 
         lock = self._lock
         assert lock is not None
@@ -436,7 +436,7 @@ def recover_locked(store: Store) -> int:
     """Turn journal segments left by a killed run into their parts; finish or undo a killed
     compaction; remove unfinished temporary files. The caller holds the output's lock.
     Returns how many rows were recovered."""
-    from pipeline.compact import recover_compaction
+    from pipeline.output.compact import recover_compaction
 
     recover_compaction(store)
     recovered = sum(_recover_segment(store, segment) for segment in journal.segments(store))
@@ -525,7 +525,7 @@ def recover(output_dir: str | os.PathLike[str] | Store) -> int:
     """Readers' entry (`status`, `export`, `render`): recover a killed run's journal (and a
     killed compaction) if no run is writing the output now (a live run's journal is its own).
     Returns rows."""
-    from pipeline.compact import pending_compaction
+    from pipeline.output.compact import pending_compaction
 
     store = open_store(output_dir)
     if store.local and not os.path.isdir(store.url):

@@ -50,9 +50,9 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any
 
-from pipeline import stores
-from pipeline.dataset import GrowingDigestSet
 from pipeline.gemini.types import MAX_IMAGES_PER_REQUEST
+from pipeline.output import stores
+from pipeline.output.dataset import GrowingDigestSet
 from pipeline.records import SourceFile, SourceGroup, Work
 
 if TYPE_CHECKING:
@@ -486,7 +486,7 @@ def _chain_row(first: list[str], rest: Iterator[list[str]]) -> Iterator[list[str
 
 
 def _parquet_paths(manifest: str) -> Iterator[str | tuple[str, str]]:
-    import pyarrow.parquet as pq  # only manifests need it; keeps `import pipeline.source` light
+    import pyarrow.parquet as pq  # only manifests need it; keeps `import pipeline.inputs.source` light
 
     with _open_manifest(manifest) as raw, pq.ParquetFile(raw) as table:
         names = table.schema_arrow.names
@@ -527,7 +527,7 @@ def input_sources(
 
 
 # ------------------------------------------------------------------------------------ groups
-# [input] group_by: one request per group of files instead of per file (pipeline/runner.py).
+# [input] group_by: one request per group of files instead of per file (pipeline/run/runner.py).
 GROUP_COLUMN = "group"
 
 

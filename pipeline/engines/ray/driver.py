@@ -13,7 +13,7 @@ worker runs the single engine's per-image code with `[limits] concurrency` files
 commits its rows itself, through the same sink and journal, so an answer is durable within a
 quarter of a second wherever it was bought, and a lost worker exposes only what it had in flight.
 
-Who writes the output (see pipeline/sink.py): the driver takes it as any run does — the lock,
+Who writes the output (see pipeline/output/sink.py): the driver takes it as any run does — the lock,
 exclusively, and a killed run's journal committed — then shares the lock with its workers. Each
 worker's sink writes parts and a journal under its own name, `<run id>.w<n>` (rows keep the
 run's id), so writers never touch each other's files; another run cannot start on the output
@@ -53,9 +53,8 @@ from typing import Any
 
 from pipeline import exits
 from pipeline.config import Config, ConfigError, EngineConfig
-from pipeline.dataset import KeySet, load_resume_index
-from pipeline.engines.quota import NAMESPACE, Limits, quota_actor, quota_name
-from pipeline.engines.ray_worker import Secret, Tally, Worker, WorkerSetup, WorkerSetupError
+from pipeline.engines.ray.quota import NAMESPACE, Limits, quota_actor, quota_name
+from pipeline.engines.ray.worker import Secret, Tally, Worker, WorkerSetup, WorkerSetupError
 from pipeline.engines.single import (
     Batch,
     Producer,
@@ -65,15 +64,16 @@ from pipeline.engines.single import (
     service_endpoint,
     sink_hint,
 )
-from pipeline.fetch import Fetcher, settings_from
-from pipeline.progress import EngineView, Progress
+from pipeline.inputs.fetch import Fetcher, settings_from
+from pipeline.output.dataset import KeySet, load_resume_index
+from pipeline.output.sink import SinkFailed, shared_output
+from pipeline.output.state import State
 from pipeline.records import Work, members_of
-from pipeline.rows import RunFacts
-from pipeline.runner import RunOptions, key_suffix
-from pipeline.sink import SinkFailed, shared_output
-from pipeline.state import State
-from pipeline.stop import Stop, Stopped, on_signals
-from pipeline.summary import RunSummary, new_run_id
+from pipeline.run.progress import EngineView, Progress
+from pipeline.run.rows import RunFacts
+from pipeline.run.runner import RunOptions, key_suffix
+from pipeline.run.stop import Stop, Stopped, on_signals
+from pipeline.run.summary import RunSummary, new_run_id
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The resume index's facts, cached beside the parts: committed parts never change.
 
-For each committed row, what the resume rule (`pipeline/dataset.py`) needs and nothing more —
+For each committed row, what the resume rule (`pipeline/output/dataset.py`) needs and nothing more —
 about 50 bytes, no strings: a digest of its (image_root, image_path, task) group, the file digest
 a rerun compares with a stat or a listing (`file_digest`), the leading 16 bytes of its key's
 sha256, its settings suffix, its time, and three flags (ok, error, retryable).
@@ -37,9 +37,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.memory import release_unused
+from pipeline.output.memory import release_unused
+from pipeline.output.stores import Entry, Store
 from pipeline.records import storable
-from pipeline.stores import Entry, Store
 
 log = logging.getLogger(__name__)
 
@@ -395,7 +395,7 @@ def _store_batches(store: Store, batches: list[Batch]) -> bool:
 def _compute(store: Store, parts: Sequence[Entry], gathered: Gathered, *, write: bool) -> None:
     """The facts of these parts, read from their own columns (batch by batch), handed to
     `gathered` and, when `write`, stored in files of about FILE_ROWS rows."""
-    from pipeline.dataset import _parts_batches
+    from pipeline.output.dataset import _parts_batches
 
     pending: list[Batch] = []
     rows = 0

@@ -46,7 +46,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.dataset import (
+from pipeline.output.dataset import (
     GROUP,
     HISTORY_DIR,
     _latest,
@@ -56,9 +56,16 @@ from pipeline.dataset import (
     is_part,
     part_entries,
 )
+from pipeline.output.stores import (
+    LEASE_SECONDS,
+    Entry,
+    OutputDirBusy,
+    Store,
+    WriterLock,
+    open_store,
+)
 from pipeline.records import ROW_SCHEMA
-from pipeline.stores import LEASE_SECONDS, Entry, OutputDirBusy, Store, WriterLock, open_store
-from pipeline.summary import new_run_id
+from pipeline.run.summary import new_run_id
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +188,7 @@ def compact(
     """Rewrite the output's current rows into fresh parts and set the superseded ones aside.
     Takes the output's lock unless given the holder's (a run compacting at its end); a killed
     writer's lease is waited out (at most its TTL), a live writer's refuses (OutputDirBusy)."""
-    from pipeline.sink import recover_locked
+    from pipeline.output.sink import recover_locked
 
     store = open_store(output)
     held = lock or store.lock("compact", ttl=lease_seconds)
@@ -323,7 +330,7 @@ def _part_writer(store: Store, names: list[str], keep: list[np.ndarray]) -> Call
 def superseded_share(store: Store) -> float:
     """The share of the rows a glob sees that are not current (from the index cache: cheap;
     rows already set aside in `.superseded/` do not count)."""
-    from pipeline.facts import load_facts
+    from pipeline.output.index_cache import load_facts
 
     parts = part_entries(store, history=True)
     facts = load_facts(store, parts, suffix=None, write=True)

@@ -40,7 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from pipeline.limits import LimiterStats, SlotLedger, quota_day
+from pipeline.run.limits import LimiterStats, SlotLedger, quota_day
 
 log = logging.getLogger(__name__)
 

@@ -37,10 +37,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.cost import table_cost
-from pipeline.facts import file_digest
-from pipeline.memory import release_unused
+from pipeline.output.index_cache import file_digest
+from pipeline.output.memory import release_unused
+from pipeline.output.stores import Entry, Store, is_hidden, open_store, store_key
 from pipeline.records import ROW_SCHEMA, SCHEMA_VERSION
-from pipeline.stores import Entry, Store, is_hidden, open_store, store_key
 
 Output: TypeAlias = "str | os.PathLike[str] | Store"
 
@@ -195,9 +195,9 @@ class ResumeIndex:
 def part_entries(output: Output, *, history: bool = False) -> list[Entry]:
     """Every committed part as readers must see it: the `*.parquet` files under the output (no
     hidden folder), in name order, with a killed compaction resolved to exactly the old or the
-    new set (`pipeline/compact.py`). `history` adds the parts holding the superseded rows a
+    new set (`pipeline/output/compact.py`). `history` adds the parts holding the superseded rows a
     compaction set aside (`.superseded/`): paid answers, kept for reuse and accounting."""
-    from pipeline.compact import visible_parts
+    from pipeline.output.compact import visible_parts
 
     store = open_store(output)
     if store.local and not os.path.isdir(store.url):
@@ -393,12 +393,12 @@ def load_resume_index(
     """Read what is committed into a compact index for a run under settings `key_suffix`.
 
     The facts each decision needs — ~50 bytes a row, no strings — come from the index cache
-    (`pipeline/facts.py`: committed parts never change, so their facts are computed once and
+    (`pipeline/output/index_cache.py`: committed parts never change, so their facts are computed once and
     kept beside them) or, for parts it does not cover yet, from the parts' own columns.
     `write_cache` (the output's writer only) stores the new facts for the next run. A sort of
     those finds each file's current row.
     """
-    from pipeline.facts import load_facts
+    from pipeline.output.index_cache import load_facts
 
     store = open_store(output)
     parts = part_entries(store, history=True)

@@ -14,11 +14,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pipeline.config import check_setting, load_config
-from pipeline.dataset import current_rows
 from pipeline.gemini import parse_response
+from pipeline.output.dataset import current_rows
+from pipeline.output.sink import ParquetSink
 from pipeline.records import Parsed
-from pipeline.sink import ParquetSink
-from pipeline.summary import new_run_id, write_report
+from pipeline.run.summary import new_run_id, write_report
 from pipeline.tasks import read_answer
 from pipeline.tasks.base import TaskSettings
 

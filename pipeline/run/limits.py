@@ -11,7 +11,7 @@ server's retryDelay) and climbs back linearly while requests succeed (AIMD).
 
 That policy is written once (`Pacing`) and spent two ways: `RateLimiter` makes the workers of one
 process wait their turn; `SlotLedger` hands reservations to a fleet of processes that share one
-quota (the Ray engine's quota actor, pipeline/engines/quota.py).
+quota (the Ray engine's quota actor, pipeline/engines/ray/quota.py).
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ class Pacing:
     limit discovered from the rate that was too much when none is configured).
 
     `RateLimiter` spends it in one process (workers wait in turn); `SlotLedger` hands it out as
-    reservations to a fleet of processes (pipeline/engines/quota.py).
+    reservations to a fleet of processes (pipeline/engines/ray/quota.py).
     """
 
     def __init__(
