@@ -13,7 +13,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from pipeline import __version__, exits
-from pipeline.config import ConfigError, flags, load_config, require_inputs, with_overrides
+from pipeline.config import ConfigError, flags, load_config, with_overrides
+from pipeline.inputs.checks import require_inputs
 from pipeline.output.dataset import UnreadablePart
 from pipeline.output.sink import OutputDirBusy
 from pipeline.output.stores import MissingExtra
@@ -37,7 +38,7 @@ def _flag_dests() -> list[str]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from pipeline.run.runner import RunOptions, run
+    from pipeline.engines import RunOptions, run
 
     config = _config(args)
     require_inputs(config)
@@ -123,7 +124,7 @@ def _status(args: argparse.Namespace) -> int:
     _recover(args.output_dir)
     report = status(args.output_dir)
     if args.config:
-        from pipeline.run.runner import pending
+        from pipeline.commands.status import pending
 
         config = with_overrides(load_config(args.config), {"output.dir": args.output_dir})
         report["pending"] = pending(config, retry_errors=args.retry_errors)

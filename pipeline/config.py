@@ -29,9 +29,12 @@ from typing import Any
 from pipeline import settings as s
 from pipeline.gemini.client import DEFAULT_BASE_URL
 from pipeline.gemini.types import GenerateRequest
+from pipeline.locations import is_url, local_path, normalise_url, scheme_of
 from pipeline.models import ModelTable, ModelTableError, default_table
 from pipeline.settings import setting
+from pipeline.tasks import get_task
 from pipeline.tasks.base import TaskSettings
+from pipeline.tasks.generation import SettingError
 
 FLAVORS = ("generateContent", "interactions")
 MODES = ("interactive", "batch")
@@ -315,8 +318,6 @@ def check_setting(section: str, key: str, value: Any, source: str, shown: str = 
 def _resolve(path: str, base_dir: Path | None) -> str:
     """Against the file's folder (or the working directory); `..` folded, symlinks kept.
     URLs (s3://, gs://, https://, ...) stay as they are (`file://` becomes its path)."""
-    from pipeline.output.stores import is_url, local_path, normalise_url, scheme_of
-
     if is_url(path) and scheme_of(path) != "file":
         return normalise_url(path) if scheme_of(path) not in ("http", "https") else path
     p = Path(local_path(path)).expanduser()
@@ -414,9 +415,6 @@ def validate(config: Config) -> None:
         )
     _validate_batch(config)
     _validate_engine(config)
-    from pipeline.tasks import get_task
-    from pipeline.tasks.generation import SettingError
-
     try:
         get_task(task.kind).request(task)
     except SettingError as exc:
@@ -511,69 +509,6 @@ def with_overrides(config: Config, overrides: Mapping[str, Any]) -> Config:
 def _current(config: Config, section: str) -> dict[str, Any]:
     values = getattr(config, section)
     return {key: getattr(values, key) for key in declarations(section)}
-
-
-def _check_listable(config: Config, url: str) -> None:
-    """An input prefix that cannot be listed is a usage error naming it, as a missing folder."""
-    from pipeline.output.stores import check_listable
-
-    where = f"{config.source}: [input] paths: {url}"
-    try:
-        check_listable(url)
-    except FileNotFoundError:
-        raise ConfigError(f"{where}: no such bucket") from None
-    except PermissionError as exc:
-        raise ConfigError(f"{where}: access denied ({exc})") from None
-    except OSError as exc:
-        raise ConfigError(f"{where}: cannot be listed ({exc})") from None
-
-
-def require_inputs(config: Config) -> None:
-    """Every configured input path and the manifest exist (usage error, exit 2, otherwise);
-    object-store paths need their filesystem installed (the `cloud` extra)."""
-    from pipeline.output.stores import (
-        MissingExtra,
-        check_available,
-        is_http_url,
-        is_object_url,
-        is_url,
-    )
-
-    for url in (p for p in config.input.paths if is_http_url(p)):
-        raise ConfigError(
-            f"{config.source}: [input] paths: {url}: a URL is not a folder to walk; list URLs "
-            "in a manifest ([input] manifest, one a line)"
-        )
-    references = [reference.image for reference in config.task.reference_images]
-    named = [*config.input.paths, config.input.manifest or "", config.output.dir, *references]
-    for url in (p for p in named if is_url(p)):
-        try:
-            check_available(url)
-        except (MissingExtra, ValueError) as exc:
-            raise ConfigError(f"{config.source}: {exc}") from None
-    for url in (p for p in config.input.paths if is_object_url(p)):
-        _check_listable(config, url)
-    missing = [p for p in config.input.paths if not is_url(p) and not os.path.lexists(p)]
-    manifest = config.input.manifest
-    if manifest and not is_url(manifest) and not os.path.exists(manifest):
-        missing.append(manifest)
-    if missing:
-        raise ConfigError(f"{config.source}: [input] path does not exist: {missing[0]}")
-    if not config.input.paths and not config.input.manifest:
-        raise ConfigError(f"{config.source}: [input] paths (or manifest) is required to run")
-
-
-def check_groups(config: Config) -> None:
-    """A manifest grouped by its `group` column lists every group's rows together (the run
-    streams it), or the run does not start: ConfigError naming the row. Reads that column."""
-    if config.input.group_by != "manifest" or not config.input.manifest:
-        return
-    from pipeline.inputs.source import check_manifest_groups
-
-    try:
-        check_manifest_groups(config.input.manifest)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{config.source}: [input] manifest: {exc}") from None
 
 
 def settings_hash(

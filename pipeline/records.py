@@ -9,8 +9,10 @@ file is a unit of one whose row is the plain image row (`members` null).
 from __future__ import annotations
 
 import hashlib
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 import pyarrow as pa
@@ -226,6 +228,13 @@ ROW_SCHEMA = pa.schema(
     ],
     metadata={"gemini_vision_pipeline.schema_version": SCHEMA_VERSION},
 )
+
+
+def new_run_id(kind: str = "") -> str:
+    """A run's id: its UTC start (ids sort as runs began; rows and parts carry it) and 6 random
+    hex digits; `kind` names what another command's run is (`reparse`, `batch-wait`)."""
+    marked = f"{kind}-" if kind else ""
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ-") + marked + secrets.token_hex(3)
 
 
 def make_key(image_sha256: str, settings_hash: str) -> str:

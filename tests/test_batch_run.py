@@ -25,6 +25,7 @@ from PIL.PngImagePlugin import PngInfo
 from pipeline import exits
 from pipeline.cli import main
 from pipeline.config import ConfigError
+from pipeline.engines import RunOptions, run_async
 from pipeline.engines.batch import jobs as batchjobs
 from pipeline.gemini import GeminiClient
 from pipeline.localserver import LocalServer, ServerOptions
@@ -32,7 +33,6 @@ from pipeline.output import dataset
 from pipeline.output.dataset import current_rows
 from pipeline.output.state import State
 from pipeline.output.stores import open_store
-from pipeline.run.runner import RunOptions, run_async
 from tests.conftest import draw_shapes, make_config, put_images, read_rows
 from tests.localserver_support import Clock
 

@@ -15,9 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import exits
+from pipeline.engines import RunOptions, run_async
 from pipeline.gemini.types import Usage
 from pipeline.run.rows import checked_usage
-from pipeline.run.runner import RunOptions, run_async
 from tests.conftest import draw_shapes, make_config, read_rows
 from tests.test_cli import ENV, REPO, pipeline, write_config
 

@@ -126,7 +126,7 @@ def test_estimate_reads_headers_and_exif_only(tmp_path: Path) -> None:
 def test_estimate_learns_output_tokens_from_earlier_rows(tmp_path: Path) -> None:
     import asyncio
 
-    from pipeline.run.runner import RunOptions, run_async
+    from pipeline.engines import RunOptions, run_async
 
     images = tmp_path / "images"
     images.mkdir()

@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw
 from pycocotools import mask as cocomask
 
 from pipeline import exits
-from pipeline.run.runner import RunOptions, run_async
+from pipeline.engines import RunOptions, run_async
 from pipeline.tasks import TaskSettings, get_task
 from tests.conftest import COLORS, make_config, mask_iou, read_rows
 

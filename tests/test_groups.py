@@ -23,9 +23,11 @@ from pipeline.commands.estimate import estimate, format_estimate
 from pipeline.commands.export import export_coco
 from pipeline.commands.render import render
 from pipeline.commands.reparse import reparse
-from pipeline.config import ConfigError, check_groups, parse_config, settings_hash
+from pipeline.config import ConfigError, parse_config, settings_hash
+from pipeline.engines import RunOptions, run_async
 from pipeline.gemini.content import build_generate_content_body
 from pipeline.gemini.types import GenerateResponse, ImagePart, Usage
+from pipeline.inputs.checks import check_groups
 from pipeline.inputs.source import folder_groups, walk
 from pipeline.output.dataset import current_rows, load_resume_index, lookup_rows
 from pipeline.output.index_cache import file_digest
@@ -39,7 +41,6 @@ from pipeline.records import (
     work_identity,
 )
 from pipeline.run.calls import REQUEST_OVERHEAD
-from pipeline.run.runner import RunOptions, run_async
 from pipeline.tasks import get_task, read_answer
 from pipeline.tasks.base import TaskSettings
 from tests.conftest import box_iou, draw_shapes, make_config, mask_iou, read_rows

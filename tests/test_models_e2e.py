@@ -10,7 +10,7 @@ import pytest
 
 from pipeline import exits
 from pipeline.commands.reparse import reparse
-from pipeline.run.runner import RunOptions, run_async
+from pipeline.engines import RunOptions, run_async
 from tests.conftest import draw_shapes, make_config, read_rows
 
 OPTS = RunOptions(progress=False, seed=0)

@@ -14,7 +14,7 @@ from pycocotools.coco import COCO
 from pipeline import exits
 from pipeline.commands.export import export_coco
 from pipeline.commands.render import _colour, render
-from pipeline.run.runner import RunOptions, run_async
+from pipeline.engines import RunOptions, run_async
 from pipeline.tasks import get_task
 from pipeline.tasks.base import TaskSettings
 from tests.conftest import draw_shapes, make_config, read_rows

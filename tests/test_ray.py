@@ -25,11 +25,11 @@ import pytest
 import ray
 
 from pipeline import exits
+from pipeline.engines import RunOptions, run_async
 from pipeline.engines.ray.quota import NAMESPACE
 from pipeline.localserver import LocalServer, ServerOptions
 from pipeline.output.dataset import current_rows
 from pipeline.output.stores import LEASE_NAME, open_store
-from pipeline.run.runner import RunOptions, run_async
 from tests.conftest import draw_shapes, make_config, put_images, read_rows
 
 REPO = Path(__file__).resolve().parent.parent

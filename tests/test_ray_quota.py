@@ -191,7 +191,7 @@ def test_ray_is_imported_only_by_a_ray_run() -> None:
     from pathlib import Path
 
     code = (
-        "import sys, pipeline.cli, pipeline.run.runner, pipeline.engines.single, "
+        "import sys, pipeline.cli, pipeline.engines, pipeline.engines.ray.driver, "
         "pipeline.engines.ray.quota; print('ray' in sys.modules)"
     )
     root = Path(__file__).resolve().parent.parent

@@ -18,9 +18,10 @@ from PIL import Image
 from pipeline import exits
 from pipeline.commands.estimate import estimate, format_estimate
 from pipeline.config import ConfigError
+from pipeline.engines import RunOptions, run_async
 from pipeline.inputs.references import REFERENCE_INLINE_BYTES
 from pipeline.localserver import LocalServer, ServerOptions
-from pipeline.run.runner import RunOptions, key_suffix, run_async
+from pipeline.run.identity import key_suffix
 from tests.conftest import box_iou, draw_shapes, make_config, read_rows
 
 OPTS = RunOptions(progress=False, seed=0)

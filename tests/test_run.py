@@ -16,10 +16,10 @@ from PIL import Image
 from pycocotools import mask as cocomask
 
 from pipeline import exits
+from pipeline.engines import RunOptions, run_async
 from pipeline.gemini import GeminiClient
 from pipeline.localserver import LocalServer, ServerOptions
 from pipeline.run import reuse as reuse_module
-from pipeline.run.runner import RunOptions, run_async
 from tests.conftest import box_iou, draw_shapes, make_config, mask_iou, read_rows
 
 pillow_heif.register_heif_opener()

@@ -18,11 +18,11 @@ from aiohttp import web
 
 from pipeline import exits
 from pipeline.config import ConfigError
+from pipeline.engines import RunOptions, run_async
 from pipeline.gemini import GeminiClient
 from pipeline.localserver import LocalServer, ServerOptions
 from pipeline.output.state import State
 from pipeline.run.limits import quota_day
-from pipeline.run.runner import RunOptions, run_async
 from tests.conftest import draw_shapes, make_config, read_rows
 
 OPTS = RunOptions(progress=False, seed=0)

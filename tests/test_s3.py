@@ -19,13 +19,14 @@ from pipeline import exits
 from pipeline.cli import main
 from pipeline.commands.estimate import estimate
 from pipeline.commands.render import render
-from pipeline.config import ConfigError, parse_config, require_inputs
+from pipeline.config import ConfigError, parse_config
+from pipeline.engines import RunOptions, run_async
+from pipeline.inputs.checks import require_inputs
 from pipeline.inputs.source import walk
 from pipeline.localserver import LocalServer, ServerOptions
 from pipeline.output import journal
 from pipeline.output.dataset import current_rows, part_entries, status
 from pipeline.output.stores import LEASE_NAME, OutputDirBusy, filesystem, open_store
-from pipeline.run.runner import RunOptions, run_async
 from tests.conftest import draw_shapes, put_images
 
 REPO = Path(__file__).resolve().parents[1]
@@ -148,7 +149,7 @@ async def test_two_runs_on_one_output_prefix_the_second_is_refused(
 RUN = """
 import asyncio, sys
 from pipeline.config import load_config, with_overrides
-from pipeline.run.runner import RunOptions, run
+from pipeline.engines import RunOptions, run
 config = with_overrides(load_config(sys.argv[1]), {"api.base_url": sys.argv[2]})
 run(config, RunOptions(progress=False, seed=0))
 """

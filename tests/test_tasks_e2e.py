@@ -18,9 +18,9 @@ from pipeline import exits
 from pipeline.commands.export import export_coco
 from pipeline.commands.render import render
 from pipeline.commands.reparse import reparse
+from pipeline.engines import RunOptions, run_async
 from pipeline.gemini import parse_response
 from pipeline.output.dataset import current_rows
-from pipeline.run.runner import RunOptions, run_async
 from tests.conftest import draw_shapes, make_config, read_rows
 
 REPO = Path(__file__).resolve().parent.parent

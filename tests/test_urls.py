@@ -15,11 +15,12 @@ from aiohttp import web
 
 from pipeline.commands.estimate import estimate
 from pipeline.commands.render import render
-from pipeline.config import ConfigError, require_inputs
+from pipeline.config import ConfigError
+from pipeline.engines import RunOptions, run_async
+from pipeline.inputs.checks import require_inputs
 from pipeline.inputs.fetch import Fetcher, FetchError, FetchSettings
 from pipeline.output.dataset import current_rows
 from pipeline.records import SourceFile
-from pipeline.run.runner import RunOptions, run_async
 from tests.conftest import draw_shapes, make_config
 
 KEY = "secret-key-that-must-stay-home"

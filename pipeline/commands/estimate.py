@@ -21,7 +21,7 @@ from typing import Any
 
 import pyarrow.compute as pc
 
-from pipeline.config import Config, check_groups
+from pipeline.config import Config
 from pipeline.gemini.tokens import (
     GLOBAL_RESOLUTION_TOKENS_2X,
     MEDIA_RESOLUTION_TOKENS,
@@ -30,11 +30,12 @@ from pipeline.gemini.tokens import (
 )
 from pipeline.gemini.types import MAX_IMAGES_PER_REQUEST
 from pipeline.inputs import images, references
+from pipeline.inputs.checks import check_groups
 from pipeline.inputs.fetch import Fetcher, FetchError, settings_from
 from pipeline.inputs.source import work_units
+from pipeline.locations import is_url
 from pipeline.models import Model, Price
 from pipeline.output.dataset import current_rows
-from pipeline.output.stores import is_url
 from pipeline.records import ImageItem, members_of
 from pipeline.run.calls import INPUT_TOKEN_LIMIT
 from pipeline.tasks import get_task, multi

@@ -17,8 +17,8 @@ from pipeline.config import check_setting, load_config
 from pipeline.gemini import parse_response
 from pipeline.output.dataset import current_rows
 from pipeline.output.sink import ParquetSink
-from pipeline.records import Parsed
-from pipeline.run.summary import new_run_id, write_report
+from pipeline.records import Parsed, new_run_id
+from pipeline.run.summary import write_report
 from pipeline.tasks import read_answer
 from pipeline.tasks.base import TaskSettings
 

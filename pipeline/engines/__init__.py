@@ -1,5 +1,40 @@
 """How the work of a run is spread: one process (the default), Batch Mode, or a Ray cluster.
 
-Every engine runs the same per-image code (`pipeline.run.runner.ImageRunner`) and commits rows
-through the same sink, so rows, keys, resume and exit codes do not depend on the engine.
+Every engine runs the same per-unit code (`pipeline.run.runner.ImageRunner`) and commits rows
+through the same sink, so rows, keys, resume and exit codes do not depend on the engine. A run's
+identity (its id and settings hash: `pipeline.run.identity`) and its reference images are made
+here, once, and handed to the engine.
 """
+
+from __future__ import annotations
+
+import asyncio
+
+from pipeline.config import Config
+from pipeline.engines.batch.engine import BatchProcess
+from pipeline.engines.ray.driver import RayEngine
+from pipeline.engines.single import SingleProcess
+from pipeline.inputs.checks import check_groups
+from pipeline.inputs.references import load as load_references
+from pipeline.run.identity import identify
+from pipeline.run.runner import RunOptions
+from pipeline.run.summary import RunSummary
+
+__all__ = ["RunOptions", "run", "run_async"]
+
+
+async def run_async(config: Config, options: RunOptions | None = None) -> RunSummary:
+    """Run a config to completion (or a clean stop) and return its summary."""
+    options = options or RunOptions()
+    check_groups(config)
+    references = load_references(config)  # read once: every request of the run has them
+    identity = identify(config, references)
+    if config.api.mode == "batch":
+        return await BatchProcess(config, identity, references, options).run()
+    if config.engine.kind == "ray":  # (its modules import Ray, an extra, only when they run)
+        return await RayEngine(config, identity, options).run()
+    return await SingleProcess(config, identity, references, options).run()
+
+
+def run(config: Config, options: RunOptions | None = None) -> RunSummary:
+    return asyncio.run(run_async(config, options))

@@ -40,7 +40,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from pipeline import __version__
+from pipeline import __version__, locations
 from pipeline.inputs.source import version_stamp
 from pipeline.output import stores
 from pipeline.records import SourceFile
@@ -139,7 +139,7 @@ class Fetcher:
         flight instead of adding to each image's. Only inputs of known size, within
         `ahead_bytes` in all; call from the thread that later calls `read`."""
         size = src.size
-        if src.error or not stores.is_url(src.path) or src.path in self._ahead:
+        if src.error or not locations.is_url(src.path) or src.path in self._ahead:
             return
         if size <= 0 or size > self.settings.max_bytes:
             return
@@ -177,14 +177,14 @@ class Fetcher:
 
     async def _read(self, src: SourceFile) -> bytes:
         async with self._gate:
-            if stores.is_http_url(src.path):
+            if locations.is_http_url(src.path):
                 return await self._get(src)
             return await self._read_object(src)
 
     async def _read_object(self, src: SourceFile) -> bytes:
         if src.size > self.settings.max_bytes:
             raise FetchError(self._too_big(src.size))
-        scheme = stores.scheme_of(src.path) or ""
+        scheme = locations.scheme_of(src.path) or ""
         fs = stores.filesystem(scheme)
         if scheme == "s3":
             return await self._read_presigned(fs, src)
@@ -345,7 +345,7 @@ class Fetcher:
     async def _resolve(self, src: SourceFile) -> None:
         async with self._gate:
             try:
-                if stores.is_http_url(src.path):
+                if locations.is_http_url(src.path):
                     await self._head(src)
                 else:
                     await self._stat(src)
@@ -364,7 +364,7 @@ class Fetcher:
             src.mtime_ns = version_stamp(_url_version(answer.headers))
 
     async def _stat(self, src: SourceFile) -> None:
-        fs = stores.filesystem(stores.scheme_of(src.path) or "")
+        fs = stores.filesystem(locations.scheme_of(src.path) or "")
         try:
             info = await _run_fs(fs, "info", src.path)
         except FileNotFoundError:

@@ -50,6 +50,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any
 
+from pipeline import locations
 from pipeline.gemini.types import MAX_IMAGES_PER_REQUEST
 from pipeline.output import stores
 from pipeline.output.dataset import GrowingDigestSet
@@ -243,12 +244,12 @@ def walk(
     symlink rules are in the module docstring. Folders in `skip` (the run's own output, which may
     sit inside an input folder) are never entered, by whatever path. Never raises for a bad entry.
     """
-    skip_ids = frozenset(_dir_ids([p for p in skip if not stores.is_url(p)]))
+    skip_ids = frozenset(_dir_ids([p for p in skip if not locations.is_url(p)]))
     for root in _as_roots(roots):
-        if stores.is_object_url(root):
+        if locations.is_object_url(root):
             yield from walk_objects(root, include=include, exclude=exclude, skip=skip)
             continue
-        root_abs = os.path.abspath(stores.local_path(root))
+        root_abs = os.path.abspath(locations.local_path(root))
         try:
             st = os.stat(root_abs)
         except OSError:
@@ -389,8 +390,8 @@ def read_manifest(path: str | os.PathLike[str]) -> Iterator[SourceFile]:
     missing manifest or an unknown suffix raises at once (a config error, not a bad entry).
     """
     manifest = os.fspath(path)
-    remote = stores.is_object_url(manifest)
-    manifest = stores.normalise_url(manifest) if remote else os.path.abspath(manifest)
+    remote = locations.is_object_url(manifest)
+    manifest = locations.normalise_url(manifest) if remote else os.path.abspath(manifest)
     suffix = os.path.splitext(manifest)[1].lower()
     if suffix not in MANIFEST_SUFFIXES:
         raise ValueError(
@@ -406,12 +407,12 @@ def read_manifest(path: str | os.PathLike[str]) -> Iterator[SourceFile]:
 
 
 def _remote_exists(url: str) -> bool:
-    return stores.filesystem(stores.scheme_of(url) or "").isfile(url)
+    return stores.filesystem(locations.scheme_of(url) or "").isfile(url)
 
 
 def _open_manifest(manifest: str) -> IO[bytes]:
-    if stores.is_object_url(manifest):
-        return stores.filesystem(stores.scheme_of(manifest) or "").open(manifest, "rb")
+    if locations.is_object_url(manifest):
+        return stores.filesystem(locations.scheme_of(manifest) or "").open(manifest, "rb")
     return open(manifest, "rb")
 
 
@@ -424,7 +425,7 @@ def _manifest_sources(base: str, names: Iterator[str | tuple[str, str]]) -> Iter
     seen = GrowingDigestSet()
     for entry in names:
         name, given_root = entry if isinstance(entry, tuple) else (entry, None)
-        if stores.is_http_url(name) or stores.is_object_url(name) or stores.is_url(base):
+        if locations.is_http_url(name) or locations.is_object_url(name) or locations.is_url(base):
             full = _remote_name(base, name)
         else:
             full = os.path.normpath(os.path.join(given_root or base, name))  # absolute stays
@@ -432,7 +433,7 @@ def _manifest_sources(base: str, names: Iterator[str | tuple[str, str]]) -> Iter
         if identity in seen:
             continue
         seen.add(identity)
-        if stores.is_url(full):
+        if locations.is_url(full):
             yield SourceFile(path=full, root="", rel_path=full)
             continue
         anchor = given_root or base
@@ -446,8 +447,8 @@ def _manifest_sources(base: str, names: Iterator[str | tuple[str, str]]) -> Iter
 
 def _remote_name(base: str, name: str) -> str:
     """A manifest entry as a URL: itself when it is one, else relative to a remote manifest."""
-    if stores.is_url(name):
-        return stores.normalise_url(name) if stores.is_object_url(name) else name
+    if locations.is_url(name):
+        return locations.normalise_url(name) if locations.is_object_url(name) else name
     return f"{base}/{posixpath.normpath(name.lstrip('/'))}"
 
 
@@ -486,7 +487,8 @@ def _chain_row(first: list[str], rest: Iterator[list[str]]) -> Iterator[list[str
 
 
 def _parquet_paths(manifest: str) -> Iterator[str | tuple[str, str]]:
-    import pyarrow.parquet as pq  # only manifests need it; keeps `import pipeline.inputs.source` light
+    # only manifests need it: keeps `import pipeline.inputs.source` light
+    import pyarrow.parquet as pq
 
     with _open_manifest(manifest) as raw, pq.ParquetFile(raw) as table:
         names = table.schema_arrow.names
@@ -723,7 +725,7 @@ def _parquet_group_rows(manifest: str) -> Iterator[tuple[str, str | None]]:
 def _resolved(entries: Iterator[SourceFile], resolve: Resolver) -> Iterator[SourceFile]:
     """Entries in their order, remote ones resolved in groups (the rest pass through)."""
     while group := list(itertools.islice(entries, RESOLVE_TOGETHER)):
-        remote = [src for src in group if stores.is_url(src.path) and src.error is None]
+        remote = [src for src in group if locations.is_url(src.path) and src.error is None]
         if remote:
             resolve(remote)
         yield from group
@@ -748,10 +750,10 @@ def walk_objects(
     Listing errors (no such bucket, access denied) raise: the run cannot start, as with a
     missing input folder.
     """
-    root = stores.normalise_url(url)
-    scheme = stores.scheme_of(root) or ""
+    root = locations.normalise_url(url)
+    scheme = locations.scheme_of(root) or ""
     fs = stores.filesystem(scheme)
-    skipped = tuple(stores.normalise_url(p) + "/" for p in skip if stores.is_object_url(p))
+    skipped = tuple(locations.normalise_url(p) + "/" for p in skip if locations.is_object_url(p))
     listing = _s3_listing(fs, root, page) if scheme == "s3" else _fs_listing(fs, root)
     found = False
     for rel, size, version in _filtered(listing, _Filter.at_root(include, exclude)):

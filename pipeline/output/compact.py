@@ -64,8 +64,7 @@ from pipeline.output.stores import (
     WriterLock,
     open_store,
 )
-from pipeline.records import ROW_SCHEMA
-from pipeline.run.summary import new_run_id
+from pipeline.records import ROW_SCHEMA, new_run_id
 
 log = logging.getLogger(__name__)
 

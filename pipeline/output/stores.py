@@ -49,30 +49,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from pipeline.locations import FILESYSTEMS, local_path, normalise_url, scheme_of
 from pipeline.output.fsutil import AlreadyExists, atomic_write_bytes, create_new, fsync_dir
 
 log = logging.getLogger(__name__)
 
 CLOUD_EXTRA = "pip install 'gemini-vision-pipeline[cloud]'"
-# scheme -> the fsspec implementation it needs (memory: fsspec's own, for tests of listing)
-FILESYSTEMS = {
-    "s3": "s3fs",
-    "gs": "gcsfs",
-    "gcs": "gcsfs",
-    "az": "adlfs",
-    "abfs": "adlfs",
-    "abfss": "adlfs",
-    "memory": "fsspec",
-}
 OUTPUT_SCHEMES = ("s3", "gs", "gcs")  # stores with conditional writes this module uses
-HTTP_SCHEMES = ("http", "https")
 LOCK_FILE = ".sink.lock"
 LEASE_NAME = ".sink.lease"
 LEASE_SECONDS = 60.0  # a crashed run's lease frees the output after at most this long
 # A writer stops once its hold has gone unconfirmed for this share of the TTL: before another
 # run could take the lease over (after a whole TTL), with a margin for the write in progress.
 LAPSE = 0.9
-_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _CHUNK = re.compile(r"^(?P<base>.+)\.(?P<n>\d{6})$")
 
 
@@ -91,38 +80,6 @@ class LeaseLost(RuntimeError):
 
 class VersionMismatch(OSError):
     """A compare-and-swap write or delete found another version than the one it expected."""
-
-
-# ------------------------------------------------------------------------------------ names
-def scheme_of(path: str | os.PathLike[str]) -> str | None:
-    """`s3` for "s3://bucket/key", None for a plain path."""
-    match = _SCHEME.match(os.fspath(path))
-    return match.group(1).lower() if match else None
-
-
-def is_url(path: str | os.PathLike[str]) -> bool:
-    return scheme_of(path) is not None
-
-
-def is_object_url(path: str | os.PathLike[str]) -> bool:
-    return scheme_of(path) in FILESYSTEMS
-
-
-def is_http_url(path: str | os.PathLike[str]) -> bool:
-    return scheme_of(path) in HTTP_SCHEMES
-
-
-def local_path(path: str) -> str:
-    """A `file://` URL as a plain path (other paths unchanged)."""
-    return path[len("file://") :] if scheme_of(path) == "file" else path
-
-
-def normalise_url(url: str) -> str:
-    """`s3://bucket/prefix/` -> `s3://bucket/prefix`: one spelling per prefix."""
-    scheme = scheme_of(url)
-    rest = url.split("://", 1)[1].strip("/")
-    rest = re.sub(r"/{2,}", "/", rest)
-    return f"{scheme}://{rest}"
 
 
 def check_available(url: str) -> None:

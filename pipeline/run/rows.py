@@ -3,7 +3,7 @@
 A lone image's row names the image (`members` null); a group's row names the group — its path
 is the group's name, its sha256 the group's (`records.group_sha256`), its size and mtime the
 members' stamp (`records.group_stamp`), no width/height/mime of its own — and lists the members
-in order, each with the facts a lone image's row holds.
+in order, each with the columns a lone image's row holds.
 
 Every value is checked into its column's range here, when the row is built (a count past int32
 becomes null with a reason), so a row never fails to encode later; `records.to_table` still
@@ -26,18 +26,9 @@ from pipeline.records import (
     make_key,
     storable,
 )
+from pipeline.run.identity import RunIdentity
 
 USAGE_COLUMNS = ("prompt_tokens", "output_tokens", "thoughts_tokens", "total_tokens")
-
-
-@dataclass(frozen=True, slots=True)
-class RunFacts:
-    """What every row of a run shares."""
-
-    run_id: str
-    task: str
-    model: str
-    key_suffix: str  # the settings hash
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,15 +45,15 @@ class Outcome:
     retryable: bool = False  # an error a later run should try again (transient, exhausted)
 
 
-def base_row(unit: Unit, key: str | None, facts: RunFacts) -> dict[str, Any]:
+def base_row(unit: Unit, key: str | None, identity: RunIdentity) -> dict[str, Any]:
     """Who the row is about (see the module docstring) and when, by which run."""
     where = image_columns(unit.items[0]) if unit.group is None else group_columns(unit)
     return {
         "key": key,
         **where,
-        "task": facts.task,
-        "model": facts.model,
-        "run_id": facts.run_id,
+        "task": identity.task,
+        "model": identity.model,
+        "run_id": identity.run_id,
         "completed_at": datetime.now(UTC),
     }
 
@@ -96,11 +87,11 @@ def group_columns(unit: Unit) -> dict[str, Any]:
     }
 
 
-def error_row(unit: Unit, reason: str, facts: RunFacts) -> dict[str, Any]:
+def error_row(unit: Unit, reason: str, identity: RunIdentity) -> dict[str, Any]:
     """Work that could not be sent. It still gets a key, so a rerun skips it like any row."""
-    key = make_key(unit.sha256 or "-", facts.key_suffix)
+    key = make_key(unit.sha256 or "-", identity.key_suffix)
     return {
-        **base_row(unit, key, facts),
+        **base_row(unit, key, identity),
         "status": "error",
         "error": reason,
         "retryable": any(item.retryable for item in unit.items) or None,
@@ -109,7 +100,7 @@ def error_row(unit: Unit, reason: str, facts: RunFacts) -> dict[str, Any]:
     }
 
 
-def answered_row(unit: Unit, key: str, outcome: Outcome, facts: RunFacts) -> dict[str, Any]:
+def answered_row(unit: Unit, key: str, outcome: Outcome, identity: RunIdentity) -> dict[str, Any]:
     """The row of a call this unit made (or failed to make)."""
     parsed, response = outcome.parsed, outcome.response
     columns = parsed.columns()
@@ -117,7 +108,7 @@ def answered_row(unit: Unit, key: str, outcome: Outcome, facts: RunFacts) -> dic
     if problems:
         columns["error"] = "; ".join(filter(None, [columns["error"], *problems]))
     return {
-        **base_row(unit, key, facts),
+        **base_row(unit, key, identity),
         **columns,
         "retryable": outcome.retryable if parsed.status == "error" else None,
         "finish_reason": response.finish_reason if response else None,
@@ -131,18 +122,20 @@ def answered_row(unit: Unit, key: str, outcome: Outcome, facts: RunFacts) -> dic
     }
 
 
-def copied_row(old: dict[str, Any], unit: Unit, key: str, facts: RunFacts) -> dict[str, Any]:
+def copied_row(old: dict[str, Any], unit: Unit, key: str, identity: RunIdentity) -> dict[str, Any]:
     """A new path with bytes already answered: the old answer, no new call, no tokens."""
-    row = {**old, **base_row(unit, key, facts)}
+    row = {**old, **base_row(unit, key, identity)}
     for name in USAGE_COLUMNS:
         row[name] = None
     row.update(latency_ms=0.0, attempts=0, input_mode="none")
     return row
 
 
-def copied_outcome_row(unit: Unit, key: str, outcome: Outcome, facts: RunFacts) -> dict[str, Any]:
+def copied_outcome_row(
+    unit: Unit, key: str, outcome: Outcome, identity: RunIdentity
+) -> dict[str, Any]:
     """The same bytes answered a moment ago in this run: its answer, billed to the first row."""
-    row = answered_row(unit, key, outcome, facts)
+    row = answered_row(unit, key, outcome, identity)
     for name in USAGE_COLUMNS:
         row[name] = None
     row.update(latency_ms=0.0, attempts=0, input_mode="none")

@@ -20,13 +20,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from pipeline.config import Config, check_groups, settings_hash
+from pipeline import locations
+from pipeline.config import Config
 from pipeline.cost import row_cost
-from pipeline.inputs import images, references
+from pipeline.inputs import images
 from pipeline.inputs.fetch import Fetcher, FetchError, settings_from
-from pipeline.inputs.source import work_units
-from pipeline.output import stores
-from pipeline.output.dataset import load_resume_index
 from pipeline.output.sink import ParquetSink
 from pipeline.records import (
     ImageItem,
@@ -38,13 +36,10 @@ from pipeline.records import (
     group_sha256,
     make_key,
     members_of,
-    work_identity,
 )
 from pipeline.run.calls import Caller
 from pipeline.run.reuse import Answers
-from pipeline.run.rows import RunFacts, answered_row, copied_outcome_row, copied_row, error_row
-from pipeline.run.summary import RunSummary
-from pipeline.tasks import get_task
+from pipeline.run.rows import RunIdentity, answered_row, copied_outcome_row, copied_row, error_row
 
 T = TypeVar("T")
 # Preparing small files runs on the event loop: a thread hop costs more than the work itself
@@ -89,7 +84,7 @@ class ImageRunner:
     def __init__(
         self,
         config: Config,
-        facts: RunFacts,
+        identity: RunIdentity,
         *,
         caller: Caller,
         answers: Answers,
@@ -97,7 +92,7 @@ class ImageRunner:
         fetcher: Fetcher | None = None,
     ) -> None:
         self.config = config
-        self.facts = facts
+        self.identity = identity
         self.caller = caller
         self.answers = answers
         self.sink = sink
@@ -113,13 +108,13 @@ class ImageRunner:
     async def _row(self, work: Work) -> tuple[dict[str, Any], bool]:
         unit = await self._prepare(work)
         if unit.error:
-            return error_row(unit, unit.error, self.facts), False
-        key = make_key(unit.sha256, self.facts.key_suffix)
+            return error_row(unit, unit.error, self.identity), False
+        key = make_key(unit.sha256, self.identity.key_suffix)
         found = await self.answers.find(key, unit.sha256)
         if found is not None and found.outcome is not None:
-            return copied_outcome_row(unit, key, found.outcome, self.facts), True
+            return copied_outcome_row(unit, key, found.outcome, self.identity), True
         if found is not None and found.row is not None:
-            return copied_row(found.row, unit, key, self.facts), True
+            return copied_row(found.row, unit, key, self.identity), True
         self.answers.claim(key)
         try:
             outcome = await self.caller.call(unit)
@@ -127,7 +122,7 @@ class ImageRunner:
             self.answers.release(key, exc)
             raise
         self.answers.remember(key, unit.sha256, outcome)
-        return answered_row(unit, key, outcome, self.facts), False
+        return answered_row(unit, key, outcome, self.identity), False
 
     async def _prepare(self, work: Work) -> Unit:
         """The unit of a lone file or a group: each member prepared, in order, until one fails
@@ -153,7 +148,7 @@ class ImageRunner:
         if src.error:
             return ImageItem(source=src, error=src.error)
         data = None
-        if stores.is_url(src.path):  # an object or a URL: its bytes come through the fetcher
+        if locations.is_url(src.path):  # an object or a URL: its bytes come through the fetcher
             try:
                 data = await self._fetcher().read(src)
             except FetchError as exc:
@@ -185,44 +180,3 @@ async def _offload(big: bool, fn: Callable[..., T], *args: Any, **kwargs: Any) -
     if big:
         return await asyncio.to_thread(fn, *args, **kwargs)
     return fn(*args, **kwargs)
-
-
-def key_suffix(config: Config, loaded: tuple[references.LoadedReference, ...] | None = None) -> str:
-    """The settings hash of a run: its request, and its reference images (`loaded`, read
-    from the config when not given: their bytes are part of it)."""
-    loaded = references.load(config) if loaded is None else loaded
-    request = get_task(config.task.kind).request(config.task)
-    return settings_hash(config, request, references.identities(loaded))
-
-
-def pending(config: Config, *, retry_errors: bool = False) -> dict[str, Any]:
-    """What a run of `config` would still do: its inputs walked with a stat each, no reads.
-    (`files` counts requests: groups, when the config groups its files.)"""
-    check_groups(config)
-    index = load_resume_index(
-        config.output.dir, key_suffix=key_suffix(config), retry_errors=retry_errors
-    )
-    seen = done = 0
-    for work in work_units(config.input):
-        seen += 1
-        done += work.error is None and index.is_done(*work_identity(work))
-    return {"config": config.source, "files": seen, "done": done, "remaining": seen - done}
-
-
-async def run_async(config: Config, options: RunOptions | None = None) -> RunSummary:
-    """Run a config to completion (or a clean stop) and return its summary."""
-    if config.api.mode == "batch":
-        from pipeline.engines.batch.engine import BatchProcess
-
-        return await BatchProcess(config, options or RunOptions()).run()
-    if config.engine.kind == "ray":  # Ray is an optional extra: imported only when asked for
-        from pipeline.engines.ray.driver import RayEngine
-
-        return await RayEngine(config, options or RunOptions()).run()
-    from pipeline.engines.single import SingleProcess
-
-    return await SingleProcess(config, options or RunOptions()).run()
-
-
-def run(config: Config, options: RunOptions | None = None) -> RunSummary:
-    return asyncio.run(run_async(config, options))

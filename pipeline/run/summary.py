@@ -3,27 +3,18 @@
 from __future__ import annotations
 
 import json
-import secrets
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pipeline import exits
 from pipeline.output.stores import Store, open_store
-
-if TYPE_CHECKING:
-    from pipeline.run.rows import RunFacts
+from pipeline.run.identity import RunIdentity
+from pipeline.run.stop import Stop
 
 RUNS_DIR = "runs"
-
-
-def new_run_id(kind: str = "") -> str:
-    """A run's id: its UTC start (ids sort as runs began; rows and parts carry it) and 6 random
-    hex digits; `kind` names what another command's run is (`reparse`, `batch-wait`)."""
-    marked = f"{kind}-" if kind else ""
-    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ-") + marked + secrets.token_hex(3)
 
 
 @dataclass
@@ -55,16 +46,27 @@ class RunSummary:
     exit_code: int = exits.OK
 
     @classmethod
-    def of_run(cls, facts: RunFacts, config_source: str) -> RunSummary:
-        """The summary of a run starting now, under these facts."""
-        return cls(facts.run_id, config_source, facts.key_suffix, facts.model, facts.task)
+    def of_run(cls, identity: RunIdentity, config_source: str) -> RunSummary:
+        """The summary of a run starting now, under this identity."""
+        return cls(
+            identity.run_id, config_source, identity.key_suffix, identity.model, identity.task
+        )
 
     def to_json(self) -> str:
         # asdict() would rebuild the Counters from (key, value) pairs: copy them as plain dicts
         data = {k: dict(v) if isinstance(v, Counter) else v for k, v in vars(self).items()}
         return json.dumps(data, indent=2, sort_keys=True)
 
-    def settle_exit_code(self) -> None:
+    def settle(self, stop: Stop) -> None:
+        """The run is over: its end time, why it stopped (if it did) and its exit code. Every
+        engine and `pipeline batch wait` finish their summary here."""
+        self.finished_at = self.finished_at or datetime.now(UTC).isoformat()
+        if stop.reason:
+            self.stop_reason, self.resume_hint = stop.reason, stop.hint
+            self.exit_code = stop.exit_code
+        self._settle_exit_code()
+
+    def _settle_exit_code(self) -> None:
         """3 when the run stopped early, else 1 when some row is not ok, else 0."""
         if self.stop_reason:
             self.exit_code = self.exit_code if self.exit_code != exits.OK else exits.STOPPED

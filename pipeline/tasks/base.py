@@ -8,6 +8,7 @@ from typing import Any, Protocol
 
 from pipeline import settings as s
 from pipeline.gemini.types import MAX_IMAGES_PER_REQUEST, GenerateRequest
+from pipeline.locations import scheme_of
 from pipeline.models import MEDIA_RESOLUTIONS, THINKING_LEVELS, Model, ModelTable, lookup
 from pipeline.records import Parsed
 
@@ -20,8 +21,8 @@ def _task_kind(value: Any) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Reference:
-    """A reference image sent with every request of a run (pipeline/inputs/references.py): a path, an
-    object (s3://, gs://, ...) or an http(s) URL, and what it shows."""
+    """A reference image sent with every request of a run (pipeline/inputs/references.py): a path,
+    an object (s3://, gs://, ...) or an http(s) URL, and what it shows."""
 
     image: str
     caption: str | None = None
@@ -29,8 +30,6 @@ class Reference:
     @property
     def is_url(self) -> bool:
         """An object or a URL: fetched, never resolved as a path (file:// is a path)."""
-        from pipeline.output.stores import scheme_of
-
         return scheme_of(self.image) not in (None, "file")
 
     def resolved(self, resolve: Callable[[str], str]) -> Reference:

@@ -44,8 +44,8 @@ LOOP_FILES = ("/asyncio/", "/concurrent/futures/", "/threading.py", "/queue.py",
 
 def run(ctx: Ctx[Sizes]) -> dict[str, Any]:
     from pipeline.config import load_config, with_overrides
-    from pipeline.run.runner import RunOptions
-    from pipeline.run.runner import run as run_in_process
+    from pipeline.engines import RunOptions
+    from pipeline.engines import run as run_in_process
 
     sizes, work = ctx.sizes, ctx.work
     n = sizes.images

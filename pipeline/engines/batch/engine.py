@@ -8,14 +8,14 @@ Batch Mode jobs at half the price (`[api] mode = "batch"`, `pipeline run --batch
     pipeline/engines/batch/jobs.py: poll with back-off ─► collect the results into rows (the sink),
        delete the job's files; FAILED / CANCELLED / EXPIRED: reported, images left
 
-Paid once (pipeline/output/state.py): a job's files are recorded before the job exists (phase staged),
-its create call is marked (creating) before it is sent, under a display name unique to it, and
-its name is saved the moment the answer comes (submitted). A rerun — or `pipeline batch wait` —
-re-attaches to every job in flight instead of creating one: a staged job (never sent) is dropped
-and its files are sent again; a creating one is looked up by its display name among the
-project's jobs and adopted if it exists. Files of jobs in flight are skipped by the walk like
-committed ones. `--submit-only` submits and exits; a later run (the next cron run) collects,
-and submits what is new.
+Paid once (pipeline/output/state.py): a job's files are recorded before the job exists (phase
+staged), its create call is marked (creating) before it is sent, under a display name unique to it,
+and its name is saved the moment the answer comes (submitted). A rerun — or `pipeline batch wait` —
+re-attaches to every job in flight instead of creating one: a staged job (never sent) is dropped and
+its files are sent again; a creating one is looked up by its display name among the project's jobs
+and adopted if it exists. Files of jobs in flight are skipped by the walk like committed ones.
+`--submit-only` submits and exits; a later run (the next cron run) collects, and submits what is
+new.
 
 Per file, the interactive pieces: `images.prepare`, the key, `Answers` (the same bytes are asked
 once: a twin joins its request, an answered one is copied), the task's request with the image
@@ -51,19 +51,14 @@ from pipeline.engines.batch.jobs import (
     scratch_folder,
     task_json,
 )
-from pipeline.engines.single import (
-    Producer,
-    SingleProcess,
-    drain_on_signals,
-    empty_queue,
-    open_output,
-)
+from pipeline.engines.common import Producer, drain_on_signals, empty_queue, open_output
+from pipeline.engines.single import SingleProcess
 from pipeline.gemini import GeminiError
 from pipeline.gemini.batches import JSONL_MIME, BatchJob, request_line
 from pipeline.gemini.types import FileInfo, ImagePart
 from pipeline.inputs import images
 from pipeline.inputs.images import SourceChangedError
-from pipeline.inputs.references import ReferenceParts, inline_size
+from pipeline.inputs.references import LoadedReference, ReferenceParts, inline_size
 from pipeline.output.dataset import DigestSet, ResumeIndex
 from pipeline.output.state import BatchRequestRecord, State
 from pipeline.records import ImageItem, Parsed, SourceFile, Unit, fingerprint, make_key, storable
@@ -75,6 +70,7 @@ from pipeline.run.calls import (
     send_mode,
 )
 from pipeline.run.failures import Action, judge
+from pipeline.run.identity import RunIdentity
 from pipeline.run.reuse import Answers
 from pipeline.run.rows import Outcome, answered_row, copied_outcome_row, copied_row, error_row
 from pipeline.run.runner import ImageRunner, RowCounts, RunOptions
@@ -90,8 +86,14 @@ RECORDS_AT_ONCE = 512  # request records written to state.sqlite in one transact
 class BatchProcess(SingleProcess):
     """One run of a config in Batch Mode (see the module docstring)."""
 
-    def __init__(self, config: Config, options: RunOptions) -> None:
-        super().__init__(config, options)
+    def __init__(
+        self,
+        config: Config,
+        identity: RunIdentity,
+        references: tuple[LoadedReference, ...],
+        options: RunOptions,
+    ) -> None:
+        super().__init__(config, identity, references, options)
         self.counts = Counts()
         self.say = say if options.progress else quiet
         self.producer: Producer | None = None  # made once the resume index is read
@@ -115,7 +117,7 @@ class BatchProcess(SingleProcess):
             self._summarise(self.producer, runner, caller)
             in_flight = len(jobs.in_flight())
         self.summary.unstorable = sink.unstorable
-        self._settle(stop)
+        self.summary.settle(stop)
         self.summary.batch = self.counts.as_dict(in_flight)
         if in_flight and not self.summary.stop_reason:
             self.summary.resume_hint = in_flight_hint(in_flight, self.config.output.dir)
@@ -128,7 +130,7 @@ class BatchProcess(SingleProcess):
             folder=scratch,
             base_url=self.config.api.base_url,
             run_id=self.run_id,
-            own=(self.facts.key_suffix, self.config.task),
+            own=(self.identity.key_suffix, self.config.task),
             counts=counts,
             batch=self.counts,
             answers=answers,
@@ -165,15 +167,15 @@ class BatchProcess(SingleProcess):
             await following
 
     async def _walk(self, producer: Producer, submission: Submission) -> None:
-        """The walking thread feeds `submission` in batches (as engines/single.py does)."""
+        """The walking thread feeds `submission` in blocks (as engines/single.py does)."""
         stop = self.stop
         assert stop is not None
-        batches: asyncio.Queue[list[SourceFile] | None] = asyncio.Queue(maxsize=2)
+        blocks: asyncio.Queue[list[SourceFile] | None] = asyncio.Queue(maxsize=2)
         loop = asyncio.get_running_loop()
-        walking = loop.run_in_executor(None, producer.run, loop, batches)
+        walking = loop.run_in_executor(None, producer.run, loop, blocks)
         try:
-            while (batch := await batches.get()) is not None:
-                for src in batch:
+            while (block := await blocks.get()) is not None:
+                for src in block:
                     if not stop.running:
                         break
                     await guarded(stop, submission.take(src))
@@ -182,7 +184,7 @@ class BatchProcess(SingleProcess):
                 self.counts.submitted_s = self.counts.since_start()
         finally:
             producer.halt.set()
-            empty_queue(batches)
+            empty_queue(blocks)
             await walking
             await submission.discard()
 
@@ -281,7 +283,7 @@ class Submission:
         self, run: BatchProcess, jobs: Jobs, runner: ImageRunner, state: State, folder: Path
     ) -> None:
         self.config = run.config
-        self.facts = run.facts
+        self.identity = run.identity
         self.request = run.request
         self.stop = run.stop
         self.counts = run.counts
@@ -311,15 +313,17 @@ class Submission:
         already asked, an interactive retry, or a new request."""
         if src.error:
             item = ImageItem(source=src, error=src.error)
-            return await self._row(error_row(Unit.lone(item), src.error, self.facts))
-        digest = fingerprint(src.root, src.rel_path, src.size, src.mtime_ns, self.facts.key_suffix)
+            return await self._row(error_row(Unit.lone(item), src.error, self.identity))
+        digest = fingerprint(
+            src.root, src.rel_path, src.size, src.mtime_ns, self.identity.key_suffix
+        )
         if digest in self.retries and self.config.batch.retry == "interactive":
             self.state.forget_batch_retry(digest)
             return await self.interactive.submit(src)
         item = await self.runner.prepared(src)  # an object or a URL read through the fetcher
         if item.error:
-            return await self._row(error_row(Unit.lone(item), item.error, self.facts))
-        key = make_key(item.sha256, self.facts.key_suffix)
+            return await self._row(error_row(Unit.lone(item), item.error, self.identity))
+        key = make_key(item.sha256, self.identity.key_suffix)
         if not await self._reused(item, key):
             await self._request(item, key, digest)
 
@@ -328,10 +332,10 @@ class Submission:
         found = await self.runner.answers.find(key, item.sha256)
         if found is not None and found.outcome is not None:
             await self._row(
-                copied_outcome_row(Unit.lone(item), key, found.outcome, self.facts), copied=True
+                copied_outcome_row(Unit.lone(item), key, found.outcome, self.identity), copied=True
             )
         elif found is not None and found.row is not None:
-            await self._row(copied_row(found.row, Unit.lone(item), key, self.facts), copied=True)
+            await self._row(copied_row(found.row, Unit.lone(item), key, self.identity), copied=True)
         return found is not None
 
     async def _request(self, item: ImageItem, key: str, digest: bytes) -> None:
@@ -343,7 +347,7 @@ class Submission:
         mode = send_mode(self.config, item, self.caller.overhead)
         if mode is None:
             return await self._row(
-                error_row(Unit.lone(item), inline_refusal(self.config), self.facts)
+                error_row(Unit.lone(item), inline_refusal(self.config), self.identity)
             )
         size = self.caller.overhead + (inline_size(item) if mode == "inline" else 0)
         job = await self._job_for(size, record.est_prompt_tokens)
@@ -376,7 +380,9 @@ class Submission:
                 part = ImagePart(info.mime_type or item.mime_type, file_uri=info.uri)
             references = await self.stop.call(self._references_of(job).parts())
         except (SourceChangedError, OSError) as exc:
-            await self._row(error_row(Unit.lone(item), f"cannot read the file: {exc}", self.facts))
+            await self._row(
+                error_row(Unit.lone(item), f"cannot read the file: {exc}", self.identity)
+            )
             return None
         except GeminiError as exc:
             await self._upload_failed(item, exc)
@@ -400,11 +406,11 @@ class Submission:
         verdict = judge(error, uploaded=False)
         if verdict.action == Action.RUN:
             raise RunStopped(verdict)
-        key = make_key(item.sha256, self.facts.key_suffix)
+        key = make_key(item.sha256, self.identity.key_suffix)
         parsed = Parsed("error", error=f"upload failed: {verdict.reason}")
         retryable = verdict.action == Action.RETRY
         outcome = Outcome(parsed, None, 1, 0.0, "upload", 0, 0, retryable)
-        await self._row(answered_row(Unit.lone(item), key, outcome, self.facts))
+        await self._row(answered_row(Unit.lone(item), key, outcome, self.identity))
 
     async def _row(self, row: dict[str, Any], *, copied: bool = False) -> None:
         await self.runner.sink.add(row)
@@ -420,10 +426,10 @@ class Submission:
             await self._create(self.job)
         await self.jobs.room()
         self._seq += 1
-        display_name = f"gvp-{self.facts.run_id}-{self._seq:04d}"
+        display_name = f"gvp-{self.identity.run_id}-{self._seq:04d}"
         job_id = self.state.add_batch_job(
             display_name,
-            settings_hash=self.facts.key_suffix,
+            settings_hash=self.identity.key_suffix,
             task=task_json(self.config.task),
             model=self.config.api.model,
             base_url=self.config.api.base_url,

@@ -1,5 +1,6 @@
 """Batch Mode jobs after their creation: re-attached, polled, collected into rows, ended — for
-a run (`pipeline run --batch`, engines/batch/engine.py) and for `pipeline batch status|wait|cancel OUT`.
+a run (`pipeline run --batch`, engines/batch/engine.py) and for
+`pipeline batch status|wait|cancel OUT`.
 
     Jobs.check_all, one pass over the output's jobs in flight at one endpoint (state.sqlite):
       submitted ─get─► not done yet: the next pass (the wait between passes grows 1.5x, the
@@ -38,20 +39,21 @@ from typing import Any, NoReturn, TypeVar
 
 from pipeline import exits
 from pipeline.config import Config, ConfigError
-from pipeline.engines.single import drain_on_signals, sink_hint
+from pipeline.engines.common import drain_on_signals, make_client, sink_hint
 from pipeline.gemini import GeminiClient, GeminiError, api_key_from_env
 from pipeline.gemini.batches import BatchJob, BatchResult
 from pipeline.output.sink import ParquetSink, SinkFailed
 from pipeline.output.state import IN_FLIGHT, STATE_FILE, BatchJobRecord, BatchRequestRecord, State
 from pipeline.output.stores import Store, open_store
-from pipeline.records import ImageItem, Parsed, SourceFile, Unit
+from pipeline.records import ImageItem, Parsed, SourceFile, Unit, new_run_id
 from pipeline.run.calls import SMALL_BYTES, SMALL_PIXELS, RunStopped
 from pipeline.run.failures import STREAK, Action, Verdict, judge
+from pipeline.run.identity import RunIdentity
 from pipeline.run.reuse import Answers
-from pipeline.run.rows import Outcome, RunFacts, answered_row, copied_outcome_row
+from pipeline.run.rows import Outcome, answered_row, copied_outcome_row
 from pipeline.run.runner import RowCounts
 from pipeline.run.stop import Stop, Stopped
-from pipeline.run.summary import RunSummary, new_run_id
+from pipeline.run.summary import RunSummary
 from pipeline.tasks import read_answer
 from pipeline.tasks.base import Reference, TaskSettings
 
@@ -441,19 +443,19 @@ class Collector:
         self.remote = remote
         self.how = jobs.how
         self.path = self.how.folder / f"{job.display_name}.results.jsonl"
-        self.settings, self.facts = self._parsing()
+        self.settings, self.identity = self._parsing()
         self.latency_ms = _age_ms(job.created_at)
         self.answered: set[str] = set()
         self.statuses: dict[str, int] = {}
         self.run_failure: Verdict | None = None  # the run's failure found in its lines
 
-    def _parsing(self) -> tuple[TaskSettings, RunFacts]:
+    def _parsing(self) -> tuple[TaskSettings, RunIdentity]:
         """How this job's answers are read: as the run's own config when it made the job, else
         with the job's recorded [task] settings (an answer is paid for whoever reads it)."""
         job, own = self.job, self.how.own
         settings = own[1] if own is not None and own[0] == job.settings_hash else None
         settings = settings or task_settings(job.task)
-        return settings, RunFacts(self.how.run_id, settings.kind, job.model, job.settings_hash)
+        return settings, RunIdentity(self.how.run_id, settings.kind, job.model, job.settings_hash)
 
     async def read(self) -> None:
         """Every result line to rows; the file is read twice when all lines failed."""
@@ -504,7 +506,7 @@ class Collector:
             return  # the run's failure: no row, the files are sent again next time
         for number, record in enumerate(records):
             made = answered_row if number == 0 else copied_outcome_row
-            row = made(Unit.lone(_item(record)), record.key, outcome, self.facts)
+            row = made(Unit.lone(_item(record)), record.key, outcome, self.identity)
             await self.jobs.sink.add(row)
             self.how.counts.add(row, copied=number > 0)
             self.statuses[row["status"]] = self.statuses.get(row["status"], 0) + 1
@@ -627,14 +629,7 @@ def _client(base_url: str, version: str, config: Config | None) -> GeminiClient:
         raise ConfigError(
             f"batch jobs at {base_url}: set GOOGLE_API_KEY (or GEMINI_API_KEY) in the environment"
         )
-    api = config.api if config is not None else None
-    return GeminiClient(
-        key,
-        base_url=base_url,
-        version=version,
-        timeout=api.timeout if api else 120.0,
-        allow_insecure_http=api.allow_insecure_http if api else False,
-    )
+    return make_client(config, base_url, key, version)
 
 
 def _output(output_dir: str) -> Path | Store:
@@ -766,18 +761,11 @@ async def wait(
                 how = _following(scratch, base_url, run_id, rows, counts, config, progress)
                 await guarded(stop, _wait_at(state, sink, stop, how, version, config))
         in_flight = len(state.batch_jobs(IN_FLIGHT))
-    summary.finished_at = datetime.now(UTC).isoformat()
     summary.rows, summary.tokens, summary.copied = rows.rows, rows.tokens, rows.copied
     summary.cost_usd, summary.unstorable = round(rows.cost_usd, 6), sink.unstorable
     summary.batch = counts.as_dict(in_flight)
     report_ended(stop, counts)
-    if stop.reason:
-        summary.stop_reason, summary.resume_hint, summary.exit_code = (
-            stop.reason,
-            stop.hint,
-            stop.exit_code,
-        )
-    summary.settle_exit_code()
+    summary.settle(stop)
     summary.write(out)
     return summary
 

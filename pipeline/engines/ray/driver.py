@@ -53,10 +53,8 @@ from typing import Any
 
 from pipeline import exits
 from pipeline.config import Config, ConfigError, EngineConfig
-from pipeline.engines.ray.quota import NAMESPACE, Limits, quota_actor, quota_name
-from pipeline.engines.ray.worker import Secret, Tally, Worker, WorkerSetup, WorkerSetupError
-from pipeline.engines.single import (
-    Batch,
+from pipeline.engines.common import (
+    Block,
     Producer,
     open_output,
     open_state,
@@ -64,16 +62,18 @@ from pipeline.engines.single import (
     service_endpoint,
     sink_hint,
 )
+from pipeline.engines.ray.quota import NAMESPACE, Limits, quota_actor, quota_name
+from pipeline.engines.ray.worker import Secret, Tally, Worker, WorkerSetup, WorkerSetupError
 from pipeline.inputs.fetch import Fetcher, settings_from
 from pipeline.output.dataset import KeySet, load_resume_index
 from pipeline.output.sink import SinkFailed, shared_output
 from pipeline.output.state import State
 from pipeline.records import Work, members_of
+from pipeline.run.identity import RunIdentity
 from pipeline.run.progress import EngineView, Progress
-from pipeline.run.rows import RunFacts
-from pipeline.run.runner import RunOptions, key_suffix
+from pipeline.run.runner import RunOptions
 from pipeline.run.stop import Stop, Stopped, on_signals
-from pipeline.run.summary import RunSummary, new_run_id
+from pipeline.run.summary import RunSummary
 
 log = logging.getLogger(__name__)
 
@@ -94,12 +94,12 @@ def _worker_class(ray: Any) -> Any:
 class RayEngine:
     """One run of a config on a Ray cluster (see the module docstring)."""
 
-    def __init__(self, config: Config, options: RunOptions) -> None:
+    def __init__(self, config: Config, identity: RunIdentity, options: RunOptions) -> None:
         self.config = config
         self.options = options
-        self.run_id = new_run_id()
-        self.facts = RunFacts(self.run_id, config.task.kind, config.api.model, key_suffix(config))
-        self.summary = RunSummary.of_run(self.facts, config.source)
+        self.run_id = identity.run_id
+        self.identity = identity
+        self.summary = RunSummary.of_run(self.identity, config.source)
         self.tally = Tally()
         self.stop: Stop | None = None  # made in run(): it needs the event loop
         self.state: State | None = None
@@ -119,7 +119,7 @@ class RayEngine:
             index = await asyncio.to_thread(
                 load_resume_index,
                 out,
-                key_suffix=self.facts.key_suffix,
+                key_suffix=self.identity.key_suffix,
                 retry_errors=self.options.retry_errors,
             )
             base_url, key = await service_endpoint(self.config, stack)
@@ -143,7 +143,7 @@ class RayEngine:
     def _setup(self, base_url: str, key: str, quota: str) -> WorkerSetup:
         shipped = Secret(key) if _key_may_travel(self.config, base_url) else None
         return WorkerSetup(
-            self.config, self.facts, self.run_id, self.options.seed, quota, base_url, shipped
+            self.config, self.identity, self.run_id, self.options.seed, quota, base_url, shipped
         )
 
     async def _quota(self, key: str) -> str:
@@ -169,20 +169,20 @@ class RayEngine:
     async def _work(self, producer: Producer, fleet: Fleet) -> None:
         stop = self.stop
         assert stop is not None
-        batches: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=2)
+        blocks: asyncio.Queue[Block | None] = asyncio.Queue(maxsize=2)
         dispatch = Dispatch(fleet, stop, self._account)
         view = EngineView(producer, lambda: self.tally.rows, lambda: self.tally.throttled)
         progress = Progress(view, enabled=self.options.progress)
         loop = asyncio.get_running_loop()
         with _signals(loop, stop, fleet):
-            walking = loop.run_in_executor(None, producer.run, loop, batches)
+            walking = loop.run_in_executor(None, producer.run, loop, blocks)
             reporter = asyncio.ensure_future(progress.run())
             try:
-                await dispatch.run(batches)
+                await dispatch.run(blocks)
             finally:
                 producer.halt.set()
-                while not batches.empty():  # unblock the walking thread
-                    batches.get_nowait()
+                while not blocks.empty():  # unblock the walking thread
+                    blocks.get_nowait()
                 await walking
                 reporter.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -207,11 +207,8 @@ class RayEngine:
         s.uploads, s.uploads_reused = t.uploads, t.uploads_reused
         s.waited_for_limits_s = round(t.waited_s, 3)
         s.unstorable = t.unstorable
-        stop = self.stop
-        assert stop is not None
-        if stop.reason:
-            s.stop_reason, s.resume_hint, s.exit_code = stop.reason, stop.hint, stop.exit_code
-        s.settle_exit_code()
+        assert self.stop is not None
+        s.settle(self.stop)
 
 
 class Fleet:
@@ -298,14 +295,14 @@ class Dispatch:
         self.fed = False
         self.changed = asyncio.Condition()
 
-    async def run(self, batches: asyncio.Queue[Batch | None]) -> None:
+    async def run(self, blocks: asyncio.Queue[Block | None]) -> None:
         watching = asyncio.ensure_future(self._wake_on_stop())
         senders = [
             asyncio.ensure_future(self._send(i))
             for i in range(len(self.queues))
             for _ in range(BLOCKS_IN_FLIGHT)
         ]
-        feeding = asyncio.ensure_future(self._feed(batches))
+        feeding = asyncio.ensure_future(self._feed(blocks))
         try:
             await asyncio.gather(*senders)
         finally:
@@ -325,10 +322,10 @@ class Dispatch:
         async with self.changed:
             self.changed.notify_all()
 
-    async def _feed(self, batches: asyncio.Queue[Batch | None]) -> None:
-        while (batch := await batches.get()) is not None:
+    async def _feed(self, blocks: asyncio.Queue[Block | None]) -> None:
+        while (block := await blocks.get()) is not None:
             async with self.changed:
-                for src in batch:
+                for src in block:
                     await self.changed.wait_for(self._room)
                     if not self.stop.running:
                         break

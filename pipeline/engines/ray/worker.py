@@ -29,8 +29,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from pipeline.config import Config
+from pipeline.engines.common import make_client, process_unit
 from pipeline.engines.ray.quota import ActorLink, LeasedDaily, LeasedLimiter, Limits, quota_name
-from pipeline.engines.single import process_unit
 from pipeline.gemini import GeminiClient, api_key_from_env
 from pipeline.inputs.references import load as load_references
 from pipeline.output.dataset import KeySet, part_batches
@@ -39,8 +39,8 @@ from pipeline.output.state import State
 from pipeline.output.stores import Store, open_store
 from pipeline.records import Work, storable, work_identity
 from pipeline.run.calls import Caller
+from pipeline.run.identity import RunIdentity
 from pipeline.run.reuse import Answers
-from pipeline.run.rows import RunFacts
 from pipeline.run.runner import ImageRunner, RowCounts
 from pipeline.run.stop import Stop, Stopped
 from pipeline.run.uploads import Uploads
@@ -104,7 +104,7 @@ class WorkerSetup:
     """Everything a worker is made with (Ray keeps it to restart the worker)."""
 
     config: Config
-    facts: RunFacts
+    identity: RunIdentity
     name: str  # its parts and journal: part-<name>-<seq>.parquet
     seed: int | None
     quota: str  # the quota actor's name
@@ -165,7 +165,7 @@ class Worker:
                 shared=True,
             )
         )
-        client = await self._stack.enter_async_context(_client(config, setup.base_url, key))
+        client = await self._stack.enter_async_context(make_client(config, setup.base_url, key))
         caller = self._caller(client, stop)
         self._parts.update(sink=sink, caller=caller, answers=Answers(out.url, ok_keys, sink.flush))
         self._files = asyncio.Queue()
@@ -231,7 +231,7 @@ class Worker:
         if prior is not None:  # answered by this worker's predecessor: its row is committed
             _add_prior(tally, prior)
             return
-        runner = ImageRunner(self.config, self.setup.facts, **self._runner_parts())
+        runner = ImageRunner(self.config, self.setup.identity, **self._runner_parts())
         await process_unit(runner, work, stop)
         _add_counts(tally, runner.counts)
 
@@ -303,18 +303,6 @@ def _check_key(key: str | None, setup: WorkerSetup) -> None:
         )
     if quota_name(key, setup.config.api.model) != setup.quota:
         raise WorkerSetupError("a worker's API key is not the driver's: give them the same key")
-
-
-def _client(config: Config, base_url: str, key: str) -> GeminiClient:
-    return GeminiClient(
-        key,
-        base_url=base_url,
-        version=config.api.version,
-        max_connections=config.limits.concurrency,
-        timeout=config.api.timeout,
-        allow_insecure_http=config.api.allow_insecure_http,
-        max_response_bytes=int(config.api.max_response_mb * 1024 * 1024),
-    )
 
 
 _PRIOR_COLUMNS = (
