@@ -15,9 +15,8 @@ from typing import TYPE_CHECKING
 from pipeline import __version__, exits
 from pipeline.config import ConfigError, flags, load_config, with_overrides
 from pipeline.inputs.checks import require_inputs
-from pipeline.output.dataset import UnreadablePart
-from pipeline.output.sink import OutputDirBusy
-from pipeline.output.stores import MissingExtra
+from pipeline.output.parts import UnreadablePart
+from pipeline.output.stores import MissingExtra, OutputDirBusy
 
 if TYPE_CHECKING:
     from pipeline.config import Config
@@ -92,7 +91,7 @@ def _say(text: str) -> None:
 def _recover(output_dir: str) -> None:
     """Readers first check the output is there (a typo is exit 2 naming it, not an empty
     report), then commit a killed run's journal (answers already paid for) into parts."""
-    from pipeline.output.sink import recover
+    from pipeline.output.recovery import recover
 
     _existing_output(output_dir)
     rows = recover(output_dir)
@@ -119,7 +118,7 @@ def _existing_output(output_dir: str) -> None:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from pipeline.output.dataset import format_status, status
+    from pipeline.commands.status import format_status, status
 
     _recover(args.output_dir)
     report = status(args.output_dir)

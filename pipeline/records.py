@@ -22,6 +22,8 @@ import pyarrow as pa
 # them as null, which is what a single image's row holds.
 SCHEMA_VERSION = "3"
 Status = Literal["ok", "error", "blocked", "partial"]
+# billed token counts of a row (the service's usageMetadata), summed for cost and status
+USAGE_COLUMNS = ("prompt_tokens", "output_tokens", "thoughts_tokens", "total_tokens")
 
 
 @dataclass(slots=True)

@@ -8,9 +8,9 @@ from datetime import UTC, date, datetime
 import pyarrow as pa
 import pytest
 
+from pipeline.commands.status import format_status
 from pipeline.cost import row_cost, table_cost
 from pipeline.models import lookup
-from pipeline.output.dataset import format_status
 from pipeline.records import ROW_SCHEMA
 
 MILLION = 1_000_000

@@ -24,13 +24,13 @@ from PIL.PngImagePlugin import PngInfo
 
 from pipeline import exits
 from pipeline.cli import main
+from pipeline.commands import status as status_command
 from pipeline.config import ConfigError
 from pipeline.engines import RunOptions, run_async
 from pipeline.engines.batch import jobs as batchjobs
 from pipeline.gemini import GeminiClient
 from pipeline.localserver import LocalServer, ServerOptions
-from pipeline.output import dataset
-from pipeline.output.dataset import current_rows
+from pipeline.output.parts import current_rows
 from pipeline.output.state import State
 from pipeline.output.stores import open_store
 from tests.conftest import draw_shapes, make_config, put_images, read_rows
@@ -122,7 +122,7 @@ async def test_a_2000_image_segment_job_gives_the_interactive_runs_objects_and_m
     # the same tokens, billed at half the price: in the summary and in `pipeline status`
     assert summary.tokens == first.tokens
     assert summary.cost_usd == pytest.approx(first.cost_usd / 2, rel=1e-6)
-    cost = dataset.status(tmp_path / "batch")["cost"]
+    cost = status_command.status(tmp_path / "batch")["cost"]
     assert cost["interactive_usd"] == 0 and cost["batch_usd"] == pytest.approx(summary.cost_usd)
     assert not list((tmp_path / "batch" / ".batch").iterdir())  # no JSONL or results left
 

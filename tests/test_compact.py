@@ -19,9 +19,12 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.commands.status import status
 from pipeline.output.compact import compact
-from pipeline.output.dataset import current_rows, load_resume_index, part_entries, status
-from pipeline.output.sink import ParquetSink, recover
+from pipeline.output.index import load_resume_index
+from pipeline.output.parts import current_rows, part_entries
+from pipeline.output.recovery import recover
+from pipeline.output.sink import ParquetSink
 from pipeline.output.stores import Store, open_store
 from pipeline.records import make_key
 

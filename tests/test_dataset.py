@@ -13,15 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.output.dataset import (
-    DigestSet,
-    current_rows,
-    file_digest,
-    format_status,
-    load_resume_index,
-    lookup_rows,
-    status,
-)
+from pipeline.commands.status import format_status, status
+from pipeline.output.index import DigestSet, load_resume_index, lookup_rows
+from pipeline.output.index_cache import file_digest
+from pipeline.output.parts import current_rows
 from pipeline.output.sink import ParquetSink
 from pipeline.records import ROW_SCHEMA, make_key
 
@@ -296,7 +291,7 @@ async def test_status_numbers(tmp_path: Path) -> None:
 def test_growing_digest_set_merges_batches_and_keeps_every_entry() -> None:
     import hashlib
 
-    from pipeline.output.dataset import GrowingDigestSet
+    from pipeline.output.index import GrowingDigestSet
 
     digests = [hashlib.blake2b(str(i).encode(), digest_size=16).digest() for i in range(1000)]
     grown = GrowingDigestSet(batch=64)

@@ -29,8 +29,9 @@ from pipeline.gemini.content import build_generate_content_body
 from pipeline.gemini.types import GenerateResponse, ImagePart, Usage
 from pipeline.inputs.checks import check_groups
 from pipeline.inputs.source import folder_groups, walk
-from pipeline.output.dataset import current_rows, load_resume_index, lookup_rows
+from pipeline.output.index import load_resume_index, lookup_rows
 from pipeline.output.index_cache import file_digest
+from pipeline.output.parts import current_rows
 from pipeline.records import (
     OBJECT_TYPE,
     ROW_SCHEMA,

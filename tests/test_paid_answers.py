@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.output.sink import recover
+from pipeline.output.recovery import recover
 from tests.conftest import draw_shapes, read_rows
 from tests.test_cli import ENV, REPO, wait_for
 

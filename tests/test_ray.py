@@ -28,7 +28,7 @@ from pipeline import exits
 from pipeline.engines import RunOptions, run_async
 from pipeline.engines.ray.quota import NAMESPACE
 from pipeline.localserver import LocalServer, ServerOptions
-from pipeline.output.dataset import current_rows
+from pipeline.output.parts import current_rows
 from pipeline.output.stores import LEASE_NAME, open_store
 from tests.conftest import draw_shapes, make_config, put_images, read_rows
 

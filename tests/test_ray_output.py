@@ -12,9 +12,18 @@ import pytest
 
 from pipeline.engines.ray.worker import rows_of_writer
 from pipeline.output import journal
-from pipeline.output.dataset import current_rows
-from pipeline.output.sink import OutputDirBusy, ParquetSink, recover_writer, shared_output
-from pipeline.output.stores import LEASE_NAME, Lease, LeaseLost, RunLease, Store, open_store
+from pipeline.output.parts import current_rows
+from pipeline.output.recovery import recover_writer
+from pipeline.output.sink import ParquetSink, shared_output
+from pipeline.output.stores import (
+    LEASE_NAME,
+    Lease,
+    LeaseLost,
+    OutputDirBusy,
+    RunLease,
+    Store,
+    open_store,
+)
 from pipeline.records import make_key
 
 

@@ -19,13 +19,14 @@ from pipeline import exits
 from pipeline.cli import main
 from pipeline.commands.estimate import estimate
 from pipeline.commands.render import render
+from pipeline.commands.status import status
 from pipeline.config import ConfigError, parse_config
 from pipeline.engines import RunOptions, run_async
 from pipeline.inputs.checks import require_inputs
 from pipeline.inputs.source import walk
 from pipeline.localserver import LocalServer, ServerOptions
 from pipeline.output import journal
-from pipeline.output.dataset import current_rows, part_entries, status
+from pipeline.output.parts import current_rows, part_entries
 from pipeline.output.stores import LEASE_NAME, OutputDirBusy, filesystem, open_store
 from tests.conftest import draw_shapes, put_images
 

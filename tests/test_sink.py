@@ -12,9 +12,11 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.commands.status import status
 from pipeline.output import journal
-from pipeline.output.dataset import current_rows, part_files, status
-from pipeline.output.sink import OutputDirBusy, ParquetSink, SinkFailed
+from pipeline.output.parts import current_rows, part_files
+from pipeline.output.sink import ParquetSink, SinkFailed
+from pipeline.output.stores import OutputDirBusy
 from pipeline.records import ROW_SCHEMA, SCHEMA_VERSION, make_key
 
 REPO = Path(__file__).resolve().parents[1]

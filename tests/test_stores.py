@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from pipeline.output import journal
-from pipeline.output.dataset import current_rows, part_files
 from pipeline.output.fsutil import AlreadyExists
+from pipeline.output.parts import current_rows, part_files
 from pipeline.output.sink import ParquetSink
 from pipeline.output.stores import (
     LEASE_NAME,

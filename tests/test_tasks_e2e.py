@@ -20,7 +20,7 @@ from pipeline.commands.render import render
 from pipeline.commands.reparse import reparse
 from pipeline.engines import RunOptions, run_async
 from pipeline.gemini import parse_response
-from pipeline.output.dataset import current_rows
+from pipeline.output.parts import current_rows
 from tests.conftest import draw_shapes, make_config, read_rows
 
 REPO = Path(__file__).resolve().parent.parent

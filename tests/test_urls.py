@@ -19,7 +19,7 @@ from pipeline.config import ConfigError
 from pipeline.engines import RunOptions, run_async
 from pipeline.inputs.checks import require_inputs
 from pipeline.inputs.fetch import Fetcher, FetchError, FetchSettings
-from pipeline.output.dataset import current_rows
+from pipeline.output.parts import current_rows
 from pipeline.records import SourceFile
 from tests.conftest import draw_shapes, make_config
 

@@ -35,7 +35,7 @@ from pipeline.inputs.fetch import Fetcher, FetchError, settings_from
 from pipeline.inputs.source import work_units
 from pipeline.locations import is_url
 from pipeline.models import Model, Price
-from pipeline.output.dataset import current_rows
+from pipeline.output.parts import current_rows
 from pipeline.records import ImageItem, members_of
 from pipeline.run.calls import INPUT_TOKEN_LIMIT
 from pipeline.tasks import get_task, multi

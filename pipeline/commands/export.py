@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.masks import rle_area
-from pipeline.output.dataset import current_rows
 from pipeline.output.fsutil import atomic_write_bytes
+from pipeline.output.parts import current_rows
 
 EXPORTED_STATUSES = ("ok", "partial")
 _COLUMNS = ("image_root", "image_path", "width", "height", "task", "status", "objects", "members")

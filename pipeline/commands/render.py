@@ -32,8 +32,8 @@ from pillow_heif import register_heif_opener
 from pipeline.inputs.fetch import Fetcher, FetchError
 from pipeline.locations import is_url
 from pipeline.masks import rle_decode
-from pipeline.output.dataset import current_rows
 from pipeline.output.fsutil import atomic_write_bytes
+from pipeline.output.parts import current_rows
 from pipeline.records import SourceFile
 
 MAX_SIDE = 1024  # overlays are for looking at: gallery size, not full resolution

@@ -15,7 +15,7 @@ from typing import Any
 
 from pipeline.config import check_setting, load_config
 from pipeline.gemini import parse_response
-from pipeline.output.dataset import current_rows
+from pipeline.output.parts import current_rows
 from pipeline.output.sink import ParquetSink
 from pipeline.records import Parsed, new_run_id
 from pipeline.run.summary import write_report

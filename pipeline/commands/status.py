@@ -1,15 +1,25 @@
-"""`pipeline status OUT [--config C]`: what an output holds (pipeline/output/dataset.py reads
-it) and, given a config, what a run of it would still do."""
+"""`pipeline status OUT [--config C]`: what an output holds (its current rows by status, the
+tokens and cost of every committed row, the latest run, unreadable parts) and, given a config,
+what a run of it would still do."""
 
 from __future__ import annotations
 
+import json
+import os
+from collections import Counter
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from pipeline.config import Config
+from pipeline.cost import table_cost
 from pipeline.inputs.checks import check_groups
 from pipeline.inputs.source import work_units
-from pipeline.output.dataset import load_resume_index
-from pipeline.records import work_identity
+from pipeline.output.index import load_resume_index
+from pipeline.output.parts import GROUP, RUNS_DIR, Output, latest_rows, scan
+from pipeline.output.stores import Store, open_store
+from pipeline.records import USAGE_COLUMNS, work_identity
 from pipeline.run.identity import key_suffix
 
 
@@ -25,3 +35,132 @@ def pending(config: Config, *, retry_errors: bool = False) -> dict[str, Any]:
         seen += 1
         done += work.error is None and index.is_done(*work_identity(work))
     return {"config": config.source, "files": seen, "done": done, "remaining": seen - done}
+
+
+def status(output_dir: Output) -> dict[str, Any]:
+    """Counts by status of the current rows, tokens of every committed row, the latest run.
+
+    Tokens are summed over every committed row, superseded ones too (they were paid for); rows
+    copied from another path carry no billed tokens. `est_prompt_tokens` (the estimate of the
+    whole input, image included, made before the call) is compared with the billed
+    `prompt_tokens` on the rows that have both. `cost` prices those tokens (pipeline/cost.py:
+    rows bought in Batch Mode at the batch price).
+    """
+    columns = (*GROUP, "completed_at", "status", "run_id", *USAGE_COLUMNS, "est_prompt_tokens")
+    columns += ("model", "input_mode")
+    store = open_store(output_dir)
+    table, names, unreadable = scan(store, columns, skip_unreadable=True, history=True)
+    current = table.take(pa.array(latest_rows(table)))
+    by_status = Counter(
+        {str(k): int(v) for k, v in _value_counts(current.column("status")).items()}
+    )
+    billed = {name: _sum(table.column(name)) for name in USAGE_COLUMNS}
+    has_bill = pc.is_valid(table.column("prompt_tokens"))
+    estimate = _sum(pc.filter(table.column("est_prompt_tokens"), has_bill))
+    billed_prompt = billed["prompt_tokens"]
+    return {
+        "output_dir": store.url,
+        "parts": len(names),
+        "unreadable_parts": [str(exc) for exc in unreadable],
+        "rows": current.num_rows,
+        "rows_committed": table.num_rows,
+        "superseded": table.num_rows - current.num_rows,
+        "runs": len(pc.unique(table.column("run_id").drop_null())),
+        "by_status": dict(sorted(by_status.items())),
+        "tokens": {
+            "prompt": billed_prompt,
+            "output": billed["output_tokens"],
+            "thoughts": billed["thoughts_tokens"],
+            "total": billed["total_tokens"],
+            "estimated_prompt": estimate,
+            "estimate_error": (estimate - billed_prompt) / billed_prompt if billed_prompt else None,
+        },
+        "cost": table_cost(table),
+        "latest_run": _latest_run_summary(store),
+    }
+
+
+def _value_counts(column: pa.ChunkedArray) -> dict[str | None, int]:
+    counts = pc.value_counts(column.combine_chunks()) if len(column) else []
+    return {item["values"].as_py(): item["counts"].as_py() for item in counts}
+
+
+def _sum(column: pa.Array | pa.ChunkedArray) -> int:
+    total = pc.sum(column).as_py() if len(column) else None
+    return int(total or 0)
+
+
+def _latest_run_summary(store: Store) -> dict[str, Any] | None:
+    """The newest readable runs/<run_id>.json of a run (run ids start with their UTC start
+    time; reports of other commands, such as compactions, are not runs)."""
+    if store.local and not os.path.isdir(store.join(RUNS_DIR)):
+        return None
+    names = [e.name for e in store.list(RUNS_DIR + "/") if e.name.endswith(".json")]
+    for name in sorted(names, reverse=True):
+        try:
+            summary = json.loads(store.read(name).decode("utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(summary, dict) and "compacted" in summary:
+            continue
+        if isinstance(summary, dict):
+            return summary
+    return None
+
+
+def format_status(report: dict[str, Any]) -> str:
+    """The status report as the few lines a person wants to read after a run."""
+    tokens = report["tokens"]
+    by_status = report["by_status"]
+    lines = [
+        f"output: {report['output_dir']}",
+        f"rows: {report['rows']:,} current ({report['rows_committed']:,} committed in "
+        f"{_count(report['parts'], 'part')} by {_count(report['runs'], 'run')}; "
+        f"{report['superseded']:,} superseded)",
+        "status: " + (" · ".join(f"{k} {v:,}" for k, v in by_status.items()) or "no rows yet"),
+        f"tokens billed: prompt {tokens['prompt']:,} · output {tokens['output']:,} · "
+        f"thoughts {tokens['thoughts']:,} · total {tokens['total']:,}",
+    ]
+    if report.get("cost"):
+        lines.append(_cost_line(report["cost"]))
+    if tokens["estimate_error"] is not None:
+        lines.append(
+            f"prompt tokens estimated {tokens['estimated_prompt']:,} vs billed "
+            f"{tokens['prompt']:,} ({tokens['estimate_error']:+.1%})"
+        )
+    for problem in report.get("unreadable_parts", []):
+        lines.append(f"UNREADABLE PART (its rows are not counted above): {problem}")
+    errors = by_status.get("error", 0)
+    if errors:
+        lines.append(f"remaining: {errors:,} error rows; rerun with --retry-errors to redo them")
+    pending = report.get("pending")
+    if pending:
+        lines.append(
+            f"remaining under {pending['config']}: {pending['remaining']:,} of "
+            f"{pending['files']:,} files ({pending['done']:,} done)"
+        )
+    latest = report.get("latest_run")
+    if latest:
+        lines.append(
+            f"latest run {latest.get('run_id', '?')}: started {latest.get('started_at', '?')}, "
+            f"finished {latest.get('finished_at') or '?'}, seen {latest.get('seen', '?')}, "
+            f"skipped {latest.get('skipped', '?')}, api calls {latest.get('api_calls', '?')}"
+        )
+        if latest.get("stop_reason"):
+            lines.append(f"stopped: {latest['stop_reason']}")
+        if latest.get("resume_hint"):
+            lines.append(f"to resume: {latest['resume_hint']}")
+    return "\n".join(lines)
+
+
+def _cost_line(cost: dict[str, Any]) -> str:
+    unpriced = cost["unpriced_rows"]
+    return (
+        f"cost: ${cost['usd']:,.4f} (interactive ${cost['interactive_usd']:,.4f}, Batch Mode "
+        f"${cost['batch_usd']:,.4f} at the batch price; pipeline/models.json)"
+        + (f"; {unpriced:,} rows of models without a price" if unpriced else "")
+    )
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}" + ("" if n == 1 else "s")

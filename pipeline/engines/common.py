@@ -23,7 +23,7 @@ from pipeline.gemini import GeminiClient, api_key_from_env
 from pipeline.inputs.fetch import Fetcher
 from pipeline.inputs.source import work_units
 from pipeline.locations import is_url, local_path, scheme_of
-from pipeline.output.dataset import ResumeIndex
+from pipeline.output.index import ResumeIndex
 from pipeline.output.sink import ParquetSink, SinkFailed
 from pipeline.output.state import State
 from pipeline.output.stores import MissingExtra, Store, open_store

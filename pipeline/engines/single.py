@@ -41,7 +41,7 @@ from pipeline.engines.common import (
 from pipeline.gemini import GeminiClient
 from pipeline.inputs.fetch import Fetcher, settings_from
 from pipeline.inputs.references import LoadedReference
-from pipeline.output.dataset import ResumeIndex, load_resume_index
+from pipeline.output.index import ResumeIndex, load_resume_index
 from pipeline.output.sink import ParquetSink, SinkFailed
 from pipeline.output.state import State
 from pipeline.output.stores import Store

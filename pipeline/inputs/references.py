@@ -23,7 +23,7 @@ import os
 import posixpath
 import urllib.parse
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pipeline.gemini.types import ImagePart
 from pipeline.inputs import images
@@ -34,7 +34,6 @@ from pipeline.tasks.base import Reference
 
 if TYPE_CHECKING:
     from pipeline.config import Config
-    from pipeline.run.uploads import Uploads
 
 # A reference goes with every request: inline it only while re-sending it costs less than one
 # upload's two round trips (and the risk of the upload expiring mid-run); bigger ones are
@@ -118,6 +117,28 @@ def inline_size(item: ImageItem) -> int:
     return (item.send_size + 2) // 3 * 4
 
 
+class Uploaded(Protocol):
+    """A file the service holds: what a request part needs of it."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def uri(self) -> str: ...
+    @property
+    def mime_type(self) -> str: ...
+
+
+class ReferenceUploads(Protocol):
+    """What `ReferenceParts` asks of the Files API side (`pipeline.run.uploads.Uploads` in a run;
+    Batch Mode's uploads made for one job)."""
+
+    async def get(self, item: ImageItem) -> Uploaded: ...
+
+    async def settle(self, item: ImageItem) -> bool: ...
+
+    def uses_upload(self, item: ImageItem) -> bool: ...
+
+
 class ReferenceParts:
     """The run's reference images as request parts: inline, or uploaded once (module docstring).
 
@@ -130,7 +151,7 @@ class ReferenceParts:
         loaded: tuple[LoadedReference, ...],
         mode: str,
         *,
-        uploads: Uploads,
+        uploads: ReferenceUploads,
     ) -> None:
         self.loaded = loaded
         self.uploads = uploads

@@ -53,7 +53,7 @@ from typing import IO, TYPE_CHECKING, Any
 from pipeline import locations
 from pipeline.gemini.types import MAX_IMAGES_PER_REQUEST
 from pipeline.output import stores
-from pipeline.output.dataset import GrowingDigestSet
+from pipeline.output.index import GrowingDigestSet
 from pipeline.records import SourceFile, SourceGroup, Work
 
 if TYPE_CHECKING:

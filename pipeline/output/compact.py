@@ -19,7 +19,7 @@ switch; cleaning up after it is idempotent and finished by whoever comes next.
    copy, then the staged object is deleted).
 4. The old parts are deleted, then the staging folder and the record.
 
-Readers of this project (`dataset.part_entries`, through `visible_parts`) apply a present record
+Readers of this project (`parts.part_entries`, through `parts.visible_parts`) apply a present record
 at every instant: old parts hidden, new parts read wherever they are (staged or published), so
 they see exactly the old set before step 2 and exactly the new set from then on, even after a
 kill. A plain glob sees the old set until step 3 starts and the new set once step 4 ends; during
@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -46,149 +45,44 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.output.dataset import (
+from pipeline.output.index_cache import load_facts
+from pipeline.output.parts import (
     GROUP,
     HISTORY_DIR,
-    _latest,
-    _parts_batches,
-    _scan,
+    RUNS_DIR,
     is_history_part,
     is_part,
+    latest_rows,
     part_entries,
+    read_parts,
+    record_name,
+    scan,
+    staged_name,
 )
+from pipeline.output.recovery import Step, finish_compaction, no_step, recover_locked
 from pipeline.output.stores import (
     LEASE_SECONDS,
-    Entry,
-    OutputDirBusy,
     Store,
     WriterLock,
     open_store,
 )
-from pipeline.records import ROW_SCHEMA, new_run_id
+from pipeline.records import ROW_SCHEMA, USAGE_COLUMNS, new_run_id
 
 log = logging.getLogger(__name__)
 
 COMPACT_ROWS = 100_000  # rows in a compacted part, about (whole old parts are never split)
-RUNS_DIR = "runs"
-_RECORD = re.compile(r"\.compact-(?P<id>[0-9A-Za-z_-]+)\.json")
-_STAGED = re.compile(r"\.compact-(?P<id>[0-9A-Za-z_-]+)/(?P<name>.+)")
-_TOKEN_COLUMNS = ("prompt_tokens", "output_tokens", "thoughts_tokens", "total_tokens")
-Step = Callable[[str], None]
 
 
-def _no_step(step: str) -> None:
-    """Tests pass a hook here to kill the process after a given step."""
-
-
-# ------------------------------------------------------------------------------- readers
-def visible_parts(store: Store, entries: list[Entry], *, history: bool = False) -> list[Entry]:
-    """The parts a reader must see in a listing, a committed compaction applied (module doc);
-    with `history`, the set-aside superseded rows' parts too."""
-    wanted = (lambda name: is_part(name) or is_history_part(name)) if history else is_part
-    parts = [entry for entry in entries if wanted(entry.name)]
-    records = [entry.name for entry in entries if _RECORD.fullmatch(entry.name)]
-    if not records:
-        return parts
-    by_name = {entry.name: entry for entry in entries}
-    for name in records:
-        record = _read_record(store, name)
-        if record is None:
-            continue
-        old = set(record["old"])
-        parts = [entry for entry in parts if entry.name not in old]
-        published = {entry.name for entry in parts}
-        for new in record["new"]:
-            staged = by_name.get(_staged_name(record["id"], new))
-            if new not in published and staged is not None and wanted(new):
-                parts.append(staged)
-    return sorted(parts, key=lambda entry: entry.name)
-
-
-def pending_compaction(store: Store) -> bool:
-    """Whether a killed compaction left anything behind (staging or a record)."""
-    return any(name.startswith(".compact-") for name in (e.name for e in store.list(".compact-")))
-
-
-def _read_record(store: Store, name: str) -> dict[str, Any] | None:
-    try:
-        record = json.loads(store.read(name))
-    except FileNotFoundError:
-        return None  # finished by another process meanwhile
-    return record if isinstance(record, dict) else None
-
-
-def _staged_name(compaction: str, name: str) -> str:
-    return f".compact-{compaction}/{name}"
-
-
-def _record_name(compaction: str) -> str:
-    return f".compact-{compaction}.json"
-
-
-# ------------------------------------------------------------------------------ recovery
-def recover_compaction(store: Store) -> None:
-    """Finish a committed compaction, or undo one killed before its record (caller holds the
-    output's lock)."""
-    entries = store.list(".compact-")
-    committed = set()
-    for entry in entries:
-        if (match := _RECORD.fullmatch(entry.name)) is not None:
-            record = _read_record(store, entry.name)
-            if record is not None:
-                _finish(store, record, _no_step)
-            committed.add(match["id"])
-    abandoned = [
-        entry.name
-        for entry in entries
-        if (match := _STAGED.fullmatch(entry.name)) is not None and match["id"] not in committed
-    ]
-    if abandoned:
-        store.delete(abandoned)
-        log.info("removed %d parts of a compaction killed before its commit", len(abandoned))
-
-
-def _finish(store: Store, record: dict[str, Any], step: Step) -> None:
-    """Steps 3 and 4: publish the new parts, delete the old ones, the staging and the record
-    (each step idempotent: a rerun after a kill anywhere here ends the same)."""
-    compaction = record["id"]
-    present = {entry.name for entry in store.list()}
-    for name in record["new"]:
-        staged = _staged_name(compaction, name)
-        if staged in present:
-            _publish(store, staged, name, already=name in present)
-            step("published")
-    store.delete([name for name in record["old"] if name in present])
-    step("old-deleted")
-    store.delete([_record_name(compaction)])
-
-
-def _publish(store: Store, staged: str, final: str, *, already: bool) -> None:
-    """Move a staged part to its top-level name: a rename on disk, a copy then a delete on an
-    object store (whose copy of a whole object is all or nothing)."""
-    if store.local:
-        import os
-
-        os.makedirs(os.path.dirname(store.join(final)), exist_ok=True)
-        os.replace(store.join(staged), store.join(final))
-        return
-    if not already:
-        store.copy(staged, final)
-    store.delete([staged])
-
-
-# ------------------------------------------------------------------------------- compact
 def compact(
     output: str | Store,
     *,
     lock: WriterLock | None = None,
     lease_seconds: float = LEASE_SECONDS,
-    step: Step = _no_step,
+    step: Step = no_step,
 ) -> dict[str, Any]:
     """Rewrite the output's current rows into fresh parts and set the superseded ones aside.
     Takes the output's lock unless given the holder's (a run compacting at its end); a killed
     writer's lease is waited out (at most its TTL), a live writer's refuses (OutputDirBusy)."""
-    from pipeline.output.sink import recover_locked
-
     store = open_store(output)
     held = lock or store.lock("compact", ttl=lease_seconds)
     renewing = _Renewal(held) if lock is None else None
@@ -229,8 +123,8 @@ class _Renewal:
 
 def _compact(store: Store, lock: WriterLock, step: Step) -> dict[str, Any]:
     compaction = new_run_id()
-    table, names, _ = _scan(store, (*GROUP, "completed_at", *_TOKEN_COLUMNS))
-    current = _latest(table)
+    table, names, _ = scan(store, (*GROUP, "completed_at", *USAGE_COLUMNS))
+    current = latest_rows(table)
     report = {
         "run_id": f"{compaction}-compact",
         "compacted": True,
@@ -247,9 +141,9 @@ def _compact(store: Store, lock: WriterLock, step: Step) -> dict[str, Any]:
     new = _write_staged(store, compaction, names, split, step)
     record = {"id": compaction, "old": names, "new": new}
     lock.check()  # the commit: only while the output is certainly ours
-    store.create_bytes(_record_name(compaction), json.dumps(record).encode())
+    store.create_bytes(record_name(compaction), json.dumps(record).encode())
     step("recorded")
-    _finish(store, record, step)
+    finish_compaction(store, record, step)
     report["parts_after"] = sum(1 for name in new if is_part(name))
     store.replace(f"{RUNS_DIR}/{report['run_id']}.json", json.dumps(report, indent=2).encode())
     step("done")
@@ -262,7 +156,7 @@ def _removed_tokens(table: pa.Table, current: np.ndarray) -> dict[str, int]:
     superseded = np.ones(table.num_rows, dtype=bool)
     superseded[current] = False
     rows = table.filter(pa.array(superseded))
-    return {name: int(pc.sum(rows.column(name)).as_py() or 0) for name in _TOKEN_COLUMNS}
+    return {name: int(pc.sum(rows.column(name)).as_py() or 0) for name in USAGE_COLUMNS}
 
 
 def _rows_by_part(table: pa.Table, current: np.ndarray) -> dict[int, tuple[np.ndarray, ...]]:
@@ -303,7 +197,7 @@ def _write_staged(
             if not any(len(rows[part][which]) for part in parts):
                 continue
             store.create(
-                _staged_name(compaction, final),
+                staged_name(compaction, final),
                 _part_writer(store, [names[p] for p in parts], [rows[p][which] for p in parts]),
             )
             new.append(final)
@@ -317,7 +211,7 @@ def _part_writer(store: Store, names: list[str], keep: list[np.ndarray]) -> Call
     def write(file: Any) -> None:
         with pq.ParquetWriter(file, ROW_SCHEMA, compression="zstd") as writer:
             for (_, batches), rows in zip(
-                _parts_batches(store, names, ROW_SCHEMA.names), keep, strict=True
+                read_parts(store, names, ROW_SCHEMA.names), keep, strict=True
             ):
                 table = pa.Table.from_batches(list(batches), ROW_SCHEMA)
                 if len(rows):
@@ -329,8 +223,6 @@ def _part_writer(store: Store, names: list[str], keep: list[np.ndarray]) -> Call
 def superseded_share(store: Store) -> float:
     """The share of the rows a glob sees that are not current (from the index cache: cheap;
     rows already set aside in `.superseded/` do not count)."""
-    from pipeline.output.index_cache import load_facts
-
     parts = part_entries(store, history=True)
     facts = load_facts(store, parts, suffix=None, write=True)
     visible, superseded = facts.superseded([is_history_part(entry.name) for entry in parts])
@@ -351,6 +243,3 @@ def compact_if_over(
         return None
     log.info("%s: %.0f%% of the rows are superseded: compacting", store.url, 100 * share)
     return compact(store, lock=lock)
-
-
-__all__ = ["OutputDirBusy", "compact", "compact_if_over", "recover_compaction", "visible_parts"]

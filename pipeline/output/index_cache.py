@@ -1,6 +1,6 @@
 """The resume index's facts, cached beside the parts: committed parts never change.
 
-For each committed row, what the resume rule (`pipeline/output/dataset.py`) needs and nothing more —
+For each committed row, what the resume rule (`pipeline/output/index.py`) needs and nothing more —
 about 50 bytes, no strings: a digest of its (image_root, image_path, task) group, the file digest
 a rerun compares with a stat or a listing (`file_digest`), the leading 16 bytes of its key's
 sha256, its settings suffix, its time, and three flags (ok, error, retryable).
@@ -38,6 +38,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.output.memory import release_unused
+from pipeline.output.parts import read_parts
 from pipeline.output.stores import Entry, Store
 from pipeline.records import storable
 
@@ -395,11 +396,9 @@ def _store_batches(store: Store, batches: list[Batch]) -> bool:
 def _compute(store: Store, parts: Sequence[Entry], gathered: Gathered, *, write: bool) -> None:
     """The facts of these parts, read from their own columns (batch by batch), handed to
     `gathered` and, when `write`, stored in files of about FILE_ROWS rows."""
-    from pipeline.output.dataset import _parts_batches
-
     pending: list[Batch] = []
     rows = 0
-    for at, batches in _parts_batches(store, [entry.name for entry in parts], COLUMNS):
+    for at, batches in read_parts(store, [entry.name for entry in parts], COLUMNS):
         part = (parts[at].name, parts[at].size)
         for columns in batches:
             batch = facts_of(part, columns)

@@ -40,33 +40,21 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
 
-import pyarrow.parquet as pq
-
 from pipeline.output import journal
-from pipeline.output.fsutil import is_temp
+from pipeline.output.compact import compact_if_over
+from pipeline.output.parts import write_part
+from pipeline.output.recovery import recover_locked
 from pipeline.output.stores import (
     LEASE_SECONDS,
-    LOCK_FILE,
     LeaseLost,
-    OutputDirBusy,
     Store,
     WriterLock,
     open_store,
 )
-from pipeline.records import ROW_SCHEMA, to_table
+from pipeline.records import ROW_SCHEMA
 
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "LOCK_FILE",
-    "OutputDirBusy",
-    "ParquetSink",
-    "SinkFailed",
-    "recover",
-    "recover_writer",
-    "shared_output",
-]
-COMPRESSION = "zstd"
 SYNC_ROWS = 256  # an answer is durable after at most this many others ...
 SYNC_SECONDS = 1.0  # ... or this long, whichever comes first
 QUEUE_ROWS = 1024  # rows waiting for the writer before add() waits (back-pressure)
@@ -196,8 +184,6 @@ class ParquetSink:
         if not threshold:
             return None
         await self.flush()
-        from pipeline.output.compact import compact_if_over
-
         lock = self._lock
         assert lock is not None
         at_most = 1.0
@@ -391,9 +377,7 @@ class ParquetSink:
         segment.close()
         final = journal.part_name(self.run_id, seq)
         self._check_lock()
-        reasons = await asyncio.to_thread(
-            _write_part, self.store, final, segment.rows, segment.name
-        )
+        reasons = await asyncio.to_thread(write_part, self.store, final, segment.rows, segment.name)
         self.unstorable += len(reasons)
         for reason in reasons:
             log.warning("%s: %s", final, reason)
@@ -412,51 +396,12 @@ class ParquetSink:
                 item.done.set_exception(SinkFailed(str(self._failure)))
 
 
-# ----------------------------------------------------------------------------- store side
-def _write_part(
-    store: Store, name: str, rows: list[dict[str, Any]], segment: str | None
-) -> list[str]:
-    """Commit `rows` as the part `name`, then delete the journal segment they came from."""
-    table, reasons = to_table(rows)
-    store.create(name, lambda file: pq.write_table(table, file, compression=COMPRESSION))
-    if segment is not None:
-        store.delete_appended(segment)
-    return reasons
-
-
 def _next_seq(store: Store, run_id: str) -> int:
     """The next free part number of `run_id` (the same run id again must not overwrite)."""
     taken = re.compile(rf"part-{re.escape(run_id)}-(\d+)\.parquet")
     names = (e.name for e in store.list("part-"))
     numbers = [int(m.group(1)) for name in names if (m := taken.fullmatch(name))]
     return max(numbers, default=-1) + 1
-
-
-def recover_locked(store: Store) -> int:
-    """Turn journal segments left by a killed run into their parts; finish or undo a killed
-    compaction; remove unfinished temporary files. The caller holds the output's lock.
-    Returns how many rows were recovered."""
-    from pipeline.output.compact import recover_compaction
-
-    recover_compaction(store)
-    recovered = sum(_recover_segment(store, segment) for segment in journal.segments(store))
-    if store.local:
-        temps = [e.name for e in store.list() if is_temp(e.name.rpartition("/")[2])]
-        store.delete(temps)
-        for name in temps:
-            log.info("removed an unfinished file left by a killed run: %s", name)
-    return recovered
-
-
-def _recover_segment(store: Store, segment: str) -> int:
-    """A left-over journal segment: turned into its part unless that part exists; removed."""
-    part = journal.part_for(segment)
-    rows = [] if store.info(part) is not None else list(journal.read(store, segment))
-    if rows:
-        _write_part(store, part, rows, None)
-        log.info("recovered %d answered rows of a killed run into %s", len(rows), part)
-    store.delete_appended(segment)
-    return len(rows)
 
 
 @contextlib.contextmanager
@@ -507,36 +452,3 @@ def _kept(lock: WriterLock, store: Store) -> Iterator[None]:
     finally:
         done.set()
         thread.join()
-
-
-def recover_writer(output_dir: str | os.PathLike[str] | Store, run_id: str) -> int:
-    """Commit the journal of one `shared=True` writer known to be gone (its process died) into
-    its parts, leaving the other writers' journals alone. Returns the rows recovered."""
-    store = open_store(output_dir)
-    mine = re.compile(rf"{re.escape(journal.PREFIX + run_id)}-\d+{re.escape(journal.SUFFIX)}")
-    return sum(
-        _recover_segment(store, segment)
-        for segment in journal.segments(store)
-        if mine.fullmatch(segment.rpartition("/")[2])
-    )
-
-
-def recover(output_dir: str | os.PathLike[str] | Store) -> int:
-    """Readers' entry (`status`, `export`, `render`): recover a killed run's journal (and a
-    killed compaction) if no run is writing the output now (a live run's journal is its own).
-    Returns rows."""
-    from pipeline.output.compact import pending_compaction
-
-    store = open_store(output_dir)
-    if store.local and not os.path.isdir(store.url):
-        return 0
-    if not journal.segments(store) and not pending_compaction(store):
-        return 0
-    try:
-        lock = store.lock("reader", wait=False)
-    except OutputDirBusy:
-        return 0
-    try:
-        return recover_locked(store)
-    finally:
-        lock.release()

@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.output.dataset import GrowingDigestSet, lookup_rows
+from pipeline.output.index import GrowingDigestSet, lookup_rows
 from pipeline.run.rows import Outcome
 
 RECENT_ANSWERS = 256

@@ -18,6 +18,7 @@ from typing import Any
 
 from pipeline.gemini.types import GenerateResponse, Usage
 from pipeline.records import (
+    USAGE_COLUMNS,
     ImageItem,
     Parsed,
     Unit,
@@ -27,8 +28,6 @@ from pipeline.records import (
     storable,
 )
 from pipeline.run.identity import RunIdentity
-
-USAGE_COLUMNS = ("prompt_tokens", "output_tokens", "thoughts_tokens", "total_tokens")
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,11 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import exits
+from pipeline.output.parts import RUNS_DIR
 from pipeline.output.stores import Store, open_store
 from pipeline.run.identity import RunIdentity
 from pipeline.run.stop import Stop
-
-RUNS_DIR = "runs"
 
 
 @dataclass

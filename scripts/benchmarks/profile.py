@@ -142,7 +142,7 @@ def _direct_stages(images: Path, out: Path, config: Any) -> dict[str, float]:
     from pipeline.gemini.types import ImagePart
     from pipeline.inputs import images as imaging
     from pipeline.inputs.source import walk
-    from pipeline.output.sink import _to_table
+    from pipeline.records import to_table
     from pipeline.tasks import get_task
 
     task = get_task(config.task.kind)
@@ -216,7 +216,7 @@ def _direct_stages(images: Path, out: Path, config: Any) -> dict[str, float]:
     out_["mask: base64 + PNG decode + resize + threshold"] = mask
     out_["RLE: COCO compressed counts"] = rle
     out_["Parquet: rows -> Arrow -> zstd (no fsync)"] = timed(
-        lambda: pq.write_table(_to_table(rows), io.BytesIO(), compression="zstd")
+        lambda: pq.write_table(to_table(rows)[0], io.BytesIO(), compression="zstd")
     )
     return out_
 
@@ -324,8 +324,8 @@ def _stages(stats: pstats.Stats) -> tuple[dict[str, float], float]:
         - rle,
         "mask": mask,
         "RLE": rle,
-        "Parquet": cum("pipeline/output/sink.py", "_to_table")
-        + cum("pipeline/output/sink.py", "_write_part"),
+        "Parquet": cum("pipeline/records.py", "to_table")
+        + cum("pipeline/output/parts.py", "write_part"),
         "event loop, threads": own(lambda k: any(f in k[0] for f in LOOP_FILES))
         + own(lambda k: k[0] == "~" and any(name in k[2] for name in LOOP_BUILTINS)),
     }

@@ -38,7 +38,7 @@ class Sizes:
 def run(ctx: Ctx[Sizes]) -> dict[str, Any]:
     from pipeline.config import load_config, settings_hash, with_overrides
     from pipeline.inputs.source import walk
-    from pipeline.output.dataset import load_resume_index
+    from pipeline.output.index import load_resume_index
     from pipeline.tasks import get_task
 
     n_rows = ctx.sizes.rows

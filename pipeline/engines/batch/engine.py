@@ -59,7 +59,7 @@ from pipeline.gemini.types import FileInfo, ImagePart
 from pipeline.inputs import images
 from pipeline.inputs.images import SourceChangedError
 from pipeline.inputs.references import LoadedReference, ReferenceParts, inline_size
-from pipeline.output.dataset import DigestSet, ResumeIndex
+from pipeline.output.index import DigestSet, ResumeIndex
 from pipeline.output.state import BatchRequestRecord, State
 from pipeline.records import ImageItem, Parsed, SourceFile, Unit, fingerprint, make_key, storable
 from pipeline.run.calls import (

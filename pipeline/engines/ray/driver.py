@@ -65,7 +65,7 @@ from pipeline.engines.common import (
 from pipeline.engines.ray.quota import NAMESPACE, Limits, quota_actor, quota_name
 from pipeline.engines.ray.worker import Secret, Tally, Worker, WorkerSetup, WorkerSetupError
 from pipeline.inputs.fetch import Fetcher, settings_from
-from pipeline.output.dataset import KeySet, load_resume_index
+from pipeline.output.index import KeySet, load_resume_index
 from pipeline.output.sink import SinkFailed, shared_output
 from pipeline.output.state import State
 from pipeline.records import Work, members_of

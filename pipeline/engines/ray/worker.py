@@ -33,8 +33,10 @@ from pipeline.engines.common import make_client, process_unit
 from pipeline.engines.ray.quota import ActorLink, LeasedDaily, LeasedLimiter, Limits, quota_name
 from pipeline.gemini import GeminiClient, api_key_from_env
 from pipeline.inputs.references import load as load_references
-from pipeline.output.dataset import KeySet, part_batches
-from pipeline.output.sink import ParquetSink, recover_writer
+from pipeline.output.index import KeySet
+from pipeline.output.parts import read_part
+from pipeline.output.recovery import recover_writer
+from pipeline.output.sink import ParquetSink
 from pipeline.output.state import State
 from pipeline.output.stores import Store, open_store
 from pipeline.records import Work, storable, work_identity
@@ -327,7 +329,7 @@ def rows_of_writer(out: Store, name: str) -> dict[tuple[str, str], dict[str, Any
     for entry in out.list(f"part-{name}-"):  # w1- is no prefix of w10-
         if "/" in entry.name or not entry.name.endswith(".parquet"):
             continue
-        for batch in part_batches(entry.name, _PRIOR_COLUMNS, store=out):
+        for batch in read_part(entry.name, _PRIOR_COLUMNS, store=out):
             for row in batch.to_pylist():
                 rows[(row["image_root"], row["image_path"])] = row
     return rows

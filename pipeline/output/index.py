@@ -1,0 +1,297 @@
+"""The resume index: which files are done under a run's settings, and where the ok answers are
+that a file with the same bytes may copy instead of paying again.
+
+Resume rule (`load_resume_index`): a file is done, under the settings hash `key_suffix`, when
+the latest row for it and its task was made under those settings from the same file (same size
+and mtime; for an object or a URL, same size and version stamp: `source.version_stamp`). Any
+status counts, except that an error marked `retryable` (transient, or the run's own failure in
+rows older than that column) is tried again by the next plain runs, at most RETRY_RUNS times,
+and `retry_errors=True` redoes every error. So a changed prompt or model (a new key suffix), a
+changed file, or a new file is done again, and a rerun after another config ran restores this
+config's answers (copied from `ok_keys`, without an API call) rather than leaving the other
+config's rows current. Which rows are current, and how parts are read: `parts.py`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import re
+import threading
+from collections.abc import Collection
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.output.index_cache import file_digest, load_facts
+from pipeline.output.memory import release_unused
+from pipeline.output.parts import Output, is_history_part, part_entries, read_part, read_parts
+from pipeline.output.stores import Entry, Store, open_store, store_key
+from pipeline.records import ROW_SCHEMA
+
+_SHA_DIGEST_BYTES = 16  # of a key's sha256: 128 bits tell a million files apart with ease
+RETRY_RUNS = 3  # a retryable error is tried again by at most this many later plain runs
+
+
+class DigestSet:
+    """A read-only set of 16-byte digests as two sorted uint64 arrays: 16 bytes an entry.
+
+    A Python set of bytes would cost ~100 bytes an entry; this supports `in` and `len`, which is
+    all a resume check needs.
+    """
+
+    __slots__ = ("_high", "_low", "_views")
+
+    def __init__(self, joined: bytes | np.ndarray = b"") -> None:
+        """`joined`: the digests end to end (bytes, or any buffer such as a V16 array).
+
+        Sorted with one scratch array beside the result (the order), not four: a million
+        digests are built in 0.05 s within ~40 MB (the resume index builds two of them)."""
+        halves = np.frombuffer(joined, dtype="<u8").reshape(-1, 2)
+        order = np.argsort(halves[:, 0])
+        high, low = halves[order, 0], halves[order, 1]
+        del order
+        same_high = high[1:] == high[:-1]
+        if (same_high & (low[1:] != low[:-1])).any():  # a 64-bit tie: rare; argsort is unstable
+            order = np.lexsort((low, high))
+            high, low = high[order], low[order]
+        distinct = np.ones(len(high), dtype=bool)
+        distinct[1:] = (high[1:] != high[:-1]) | (low[1:] != low[:-1])
+        if not distinct.all():
+            high, low = high[distinct], low[distinct]
+        self._high, self._low = high, low
+        self._views = (memoryview(self._high), memoryview(self._low))
+
+    def __len__(self) -> int:
+        return len(self._high)
+
+    def __contains__(self, digest: object) -> bool:
+        """A binary search in plain Python over memoryviews: a numpy call per lookup costs
+        about four times as much (a producer asks once per file: a million times a run)."""
+        if not isinstance(digest, bytes) or len(digest) != 16:
+            return False
+        high, low = self._views
+        wanted_high = int.from_bytes(digest[:8], "little")
+        wanted_low = int.from_bytes(digest[8:], "little")
+        at = bisect.bisect_left(high, wanted_high)
+        while at < len(high) and high[at] == wanted_high:
+            if low[at] == wanted_low:
+                return True
+            at += 1
+        return False
+
+    def merged(self, more: Collection[bytes]) -> DigestSet:
+        """A new set with `more` added. It sorts the whole: add in batches, not one by one."""
+        return DigestSet(self._joined() + b"".join(more))
+
+    def __reduce__(self) -> tuple[type[DigestSet], tuple[bytes]]:
+        """Pickled as its digests (the Ray engine hands a run's `ok_keys` to its workers)."""
+        return (DigestSet, (self._joined(),))
+
+    def _joined(self) -> bytes:
+        pairs = np.empty((len(self._high), 2), dtype="<u8")
+        pairs[:, 0], pairs[:, 1] = self._high, self._low
+        return pairs.tobytes()
+
+
+class GrowingDigestSet:
+    """A DigestSet that takes additions: new digests wait in a small Python set, merged into the
+    compact sorted arrays every `batch` additions, so memory stays ~16 bytes an entry."""
+
+    __slots__ = ("_batch", "_fresh", "_settled")
+
+    def __init__(self, batch: int = 65_536) -> None:
+        self._batch = batch
+        self._settled = DigestSet()
+        self._fresh: set[bytes] = set()
+
+    def add(self, digest: bytes) -> None:
+        if digest in self._settled:
+            return
+        self._fresh.add(digest)
+        if len(self._fresh) >= self._batch:
+            self._settled, self._fresh = self._settled.merged(self._fresh), set()
+
+    def __contains__(self, digest: object) -> bool:
+        return digest in self._fresh or digest in self._settled
+
+    def __len__(self) -> int:
+        return len(self._settled) + len(self._fresh)
+
+
+class KeySet:
+    """Keys (`<sha256>.<suffix>`) under one settings suffix, stored as digests of the sha256.
+
+    `key in ok_keys` is True for a committed ok answer for those bytes and settings; a key under
+    another suffix is never in it.
+    """
+
+    __slots__ = ("_digests", "suffix")
+
+    def __init__(self, suffix: str, joined: bytes | np.ndarray = b"") -> None:
+        self.suffix = suffix
+        self._digests = DigestSet(joined)
+
+    def __len__(self) -> int:
+        return len(self._digests)
+
+    def __contains__(self, key: object) -> bool:
+        if not isinstance(key, str):
+            return False
+        sha, dot, suffix = key.rpartition(".")
+        if not dot or suffix != self.suffix or len(sha) != 64:
+            return False
+        try:
+            return bytes.fromhex(sha)[:_SHA_DIGEST_BYTES] in self._digests
+        except ValueError:
+            return False
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeIndex:
+    """What a run with settings hash `key_suffix` can skip, decided with a stat of each file.
+
+    `done` holds `file_digest(image_root, image_path, size, mtime_ns)` of every file that is
+    done under `key_suffix` (see the module docstring); `ok_keys` holds every key answered ok
+    under these settings at any path, so the same bytes at a new path are copied, not re-paid.
+    """
+
+    key_suffix: str
+    retry_errors: bool
+    done: DigestSet
+    ok_keys: KeySet
+    rows_read: int
+    visible_rows: int = 0  # rows a glob sees (not set aside by a compaction) ...
+    superseded_rows: int = 0  # ... and how many of them are superseded (for compact_above)
+
+    def is_done(self, image_root: str, image_path: str, size: int, mtime_ns: int) -> bool:
+        return file_digest(image_root, image_path, size, mtime_ns) in self.done
+
+
+def load_resume_index(
+    output: Output, *, key_suffix: str, retry_errors: bool, write_cache: bool = False
+) -> ResumeIndex:
+    """Read what is committed into a compact index for a run under settings `key_suffix`.
+
+    The facts each decision needs — ~50 bytes a row, no strings — come from the index cache
+    (`pipeline/output/index_cache.py`: committed parts never change, so their facts are computed
+    once and kept beside them) or, for parts it does not cover yet, from the parts' own columns.
+    `write_cache` (the output's writer only) stores the new facts for the next run. A sort of
+    those finds each file's current row.
+    """
+    store = open_store(output)
+    parts = part_entries(store, history=True)
+    facts = load_facts(store, parts, suffix=key_suffix, write=write_cache)
+    visible, superseded = facts.superseded([is_history_part(entry.name) for entry in parts])
+    done, ok, rows = facts.done(retry_errors, RETRY_RUNS), facts.ok_digests(), facts.rows
+    del facts  # before the sorted sets are built: their scratch is the peak otherwise
+    done_set = DigestSet(done)
+    del done  # each input goes as soon as its set is built: the peak is one set's scratch
+    ok_keys = KeySet(key_suffix, ok)
+    del ok
+    # The scratch memory is free now; hand it back rather than keep it for the whole run.
+    release_unused()
+    return ResumeIndex(
+        key_suffix=key_suffix,
+        retry_errors=retry_errors,
+        done=done_set,
+        ok_keys=ok_keys,
+        rows_read=rows,
+        visible_rows=visible,
+        superseded_rows=superseded,
+    )
+
+
+# ------------------------------------------------------------------------------------ lookup
+def lookup_rows(output: Output, keys: Collection[str]) -> dict[str, dict]:
+    """The newest ok row for each of `keys` (any path), as dicts: an answer to copy, not re-pay.
+
+    Called once per file whose bytes were already answered, so it must not rescan a million
+    rows each time: an index of where ok rows sit is kept per output and extended with new
+    parts only (committed parts never change), then only the candidate rows are read.
+    """
+    wanted = set(keys)
+    store = open_store(output)
+    parts = part_entries(store, history=True)
+    with _LOCATIONS_LOCK:
+        home = store_key(store)
+        locations = _LOCATIONS.get(home)
+        if locations is None or not locations.still_valid(parts):
+            while len(_LOCATIONS) >= _LOCATIONS_KEPT:
+                del _LOCATIONS[next(iter(_LOCATIONS))]
+            locations = _LOCATIONS[home] = _OkRowLocations(store)
+        locations.extend(parts)
+        candidates = locations.candidates(wanted)
+    best: dict[str, tuple[tuple[Any, ...], dict]] = {}
+    for name, rows in candidates.items():
+        batches = read_part(name, ROW_SCHEMA.names, store=store)
+        part = pa.Table.from_batches(list(batches), ROW_SCHEMA)
+        for row_no, row in zip(rows, part.take(pa.array(rows)).to_pylist(), strict=True):
+            if row["key"] not in wanted or row["status"] != "ok":
+                continue  # same leading sha bytes, another key
+            when = row["completed_at"]
+            rank = (when is not None, when, name.split("/"), row_no)
+            if row["key"] not in best or rank > best[row["key"]][0]:
+                best[row["key"]] = (rank, row)
+    return {key: row for key, (_, row) in best.items()}
+
+
+class _OkRowLocations:
+    """Where the ok rows are, by the first 8 bytes of their key's sha256 (several keys may share
+    them; the caller checks the full key). A part is known by name, size and version: a part
+    rewritten under the same name is another part."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.parts: list[Entry] = []
+        self._sha = np.zeros(0, dtype=np.uint64)
+        self._part = np.zeros(0, dtype=np.int32)
+        self._row = np.zeros(0, dtype=np.int32)
+
+    def still_valid(self, parts: list[Entry]) -> bool:
+        """False when a part we indexed is gone or was rewritten (a hand-made change)."""
+        return set(self.parts) <= set(parts)
+
+    def extend(self, parts: list[Entry]) -> None:
+        known = set(self.parts)
+        new = [part for part in parts if part not in known]
+        if not new:
+            return
+        sha, part, row = [self._sha], [self._part], [self._row]
+        names = [entry.name for entry in new]
+        for offset, batches in read_parts(self.store, names, ("key", "status")):
+            table = pa.Table.from_batches(list(batches))
+            keys = table.column("key")
+            ok = pc.and_(
+                pc.fill_null(pc.equal(table.column("status"), "ok"), False),
+                pc.fill_null(pc.match_substring_regex(keys, r"^[0-9a-f]{64}\."), False),
+            )
+            heads = pc.utf8_slice_codeunits(pc.filter(keys, ok), 0, 16).to_pylist()
+            sha.append(np.frombuffer(bytes.fromhex("".join(heads)), dtype=">u8").astype(np.uint64))
+            row.append(np.flatnonzero(ok.to_numpy(zero_copy_only=False)).astype(np.int32))
+            part.append(np.full(len(heads), len(self.parts), dtype=np.int32))
+            self.parts.append(new[offset])
+        order = np.argsort(np.concatenate(sha), kind="stable")
+        self._sha = np.concatenate(sha)[order]
+        self._part = np.concatenate(part)[order]
+        self._row = np.concatenate(row)[order]
+
+    def candidates(self, keys: set[str]) -> dict[str, list[int]]:
+        """Rows (by part name) that may hold one of `keys`."""
+        found: dict[str, list[int]] = {}
+        for key in keys:
+            if not re.match(r"[0-9a-f]{64}\.", key):
+                continue
+            head = np.uint64(int(key[:16], 16))
+            start = int(np.searchsorted(self._sha, head, side="left"))
+            end = int(np.searchsorted(self._sha, head, side="right"))
+            for part, row in zip(self._part[start:end], self._row[start:end], strict=True):
+                found.setdefault(self.parts[int(part)].name, []).append(int(row))
+        return {name: sorted(set(rows)) for name, rows in found.items()}
+
+
+_LOCATIONS: dict[str, _OkRowLocations] = {}
+_LOCATIONS_KEPT = 4  # outputs whose index stays in memory
+_LOCATIONS_LOCK = threading.Lock()

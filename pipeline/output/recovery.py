@@ -1,0 +1,144 @@
+"""What a killed writer leaves, put right by the next one to hold the output's lock (a run, a
+compaction, or a reader finding nobody writing): journal segments turned into their parts
+without a call, a compaction finished (its record exists) or undone (it does not), unfinished
+temporary files removed. Every step is idempotent: a kill during recovery is recovered again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Callable
+from typing import Any
+
+from pipeline.output import journal
+from pipeline.output.fsutil import is_temp
+from pipeline.output.parts import (
+    COMPACTION_RECORD,
+    COMPACTION_STAGED,
+    pending_compaction,
+    read_record,
+    record_name,
+    staged_name,
+    write_part,
+)
+from pipeline.output.stores import OutputDirBusy, Store, open_store
+
+log = logging.getLogger(__name__)
+
+
+def recover_locked(store: Store) -> int:
+    """Turn journal segments left by a killed run into their parts; finish or undo a killed
+    compaction; remove unfinished temporary files. The caller holds the output's lock.
+    Returns how many rows were recovered."""
+    recover_compaction(store)
+    recovered = sum(_recover_segment(store, segment) for segment in journal.segments(store))
+    if store.local:
+        temps = [e.name for e in store.list() if is_temp(e.name.rpartition("/")[2])]
+        store.delete(temps)
+        for name in temps:
+            log.info("removed an unfinished file left by a killed run: %s", name)
+    return recovered
+
+
+def _recover_segment(store: Store, segment: str) -> int:
+    """A left-over journal segment: turned into its part unless that part exists; removed."""
+    part = journal.part_for(segment)
+    rows = [] if store.info(part) is not None else list(journal.read(store, segment))
+    if rows:
+        write_part(store, part, rows, None)
+        log.info("recovered %d answered rows of a killed run into %s", len(rows), part)
+    store.delete_appended(segment)
+    return len(rows)
+
+
+def recover_writer(output_dir: str | os.PathLike[str] | Store, run_id: str) -> int:
+    """Commit the journal of one `shared=True` writer known to be gone (its process died) into
+    its parts, leaving the other writers' journals alone. Returns the rows recovered."""
+    store = open_store(output_dir)
+    mine = re.compile(rf"{re.escape(journal.PREFIX + run_id)}-\d+{re.escape(journal.SUFFIX)}")
+    return sum(
+        _recover_segment(store, segment)
+        for segment in journal.segments(store)
+        if mine.fullmatch(segment.rpartition("/")[2])
+    )
+
+
+def recover(output_dir: str | os.PathLike[str] | Store) -> int:
+    """Readers' entry (`status`, `export`, `render`): recover a killed run's journal (and a
+    killed compaction) if no run is writing the output now (a live run's journal is its own).
+    Returns rows."""
+    store = open_store(output_dir)
+    if store.local and not os.path.isdir(store.url):
+        return 0
+    if not journal.segments(store) and not pending_compaction(store):
+        return 0
+    try:
+        lock = store.lock("reader", wait=False)
+    except OutputDirBusy:
+        return 0
+    try:
+        return recover_locked(store)
+    finally:
+        lock.release()
+
+
+# ------------------------------------------------------------------------- compactions
+Step = Callable[[str], None]
+
+
+def no_step(step: str) -> None:
+    """Tests pass a hook here to kill the process after a given step."""
+
+
+# ------------------------------------------------------------------------------ recovery
+def recover_compaction(store: Store) -> None:
+    """Finish a committed compaction, or undo one killed before its record (caller holds the
+    output's lock)."""
+    entries = store.list(".compact-")
+    committed = set()
+    for entry in entries:
+        if (match := COMPACTION_RECORD.fullmatch(entry.name)) is not None:
+            record = read_record(store, entry.name)
+            if record is not None:
+                finish_compaction(store, record, no_step)
+            committed.add(match["id"])
+    abandoned = [
+        entry.name
+        for entry in entries
+        if (match := COMPACTION_STAGED.fullmatch(entry.name)) is not None
+        and match["id"] not in committed
+    ]
+    if abandoned:
+        store.delete(abandoned)
+        log.info("removed %d parts of a compaction killed before its commit", len(abandoned))
+
+
+def finish_compaction(store: Store, record: dict[str, Any], step: Step) -> None:
+    """Steps 3 and 4: publish the new parts, delete the old ones, the staging and the record
+    (each step idempotent: a rerun after a kill anywhere here ends the same)."""
+    compaction = record["id"]
+    present = {entry.name for entry in store.list()}
+    for name in record["new"]:
+        staged = staged_name(compaction, name)
+        if staged in present:
+            _publish(store, staged, name, already=name in present)
+            step("published")
+    store.delete([name for name in record["old"] if name in present])
+    step("old-deleted")
+    store.delete([record_name(compaction)])
+
+
+def _publish(store: Store, staged: str, final: str, *, already: bool) -> None:
+    """Move a staged part to its top-level name: a rename on disk, a copy then a delete on an
+    object store (whose copy of a whole object is all or nothing)."""
+    if store.local:
+        import os
+
+        os.makedirs(os.path.dirname(store.join(final)), exist_ok=True)
+        os.replace(store.join(staged), store.join(final))
+        return
+    if not already:
+        store.copy(staged, final)
+    store.delete([staged])
