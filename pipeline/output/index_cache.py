@@ -91,8 +91,8 @@ Part = tuple[str, int]  # (name, size): a part as the cache knows it
 
 
 @dataclass(slots=True)
-class Batch:
-    """One cache batch: the facts of (some rows of) one part."""
+class PartFacts:
+    """The facts of (some rows of) one part: one record batch of a cache file."""
 
     part: Part
     suffixes: list[str]
@@ -164,7 +164,7 @@ class Gathered:
         }
         self._spans: list[tuple[int, int, int]] = []  # (part, first row, rows) of each batch
 
-    def add(self, batch: Batch) -> None:
+    def add(self, batch: PartFacts) -> None:
         facts, n = batch.facts, batch.facts.num_rows
         part = self.number[batch.part]
         first = self._next_row.get(part, 0)
@@ -346,11 +346,11 @@ def _open(store: Store, name: str) -> _CacheFile | None:
     return _CacheFile(name, parts, rows, reader)
 
 
-def _batches_of(reader: Any) -> Iterator[Batch]:
+def _batches_of(reader: Any) -> Iterator[PartFacts]:
     for at in range(reader.num_record_batches):
         facts, meta = reader.get_batch_with_custom_metadata(at)
         part = json.loads(meta[b"part"])
-        yield Batch((part[0], part[1]), json.loads(meta[b"suffixes"]), facts)
+        yield PartFacts((part[0], part[1]), json.loads(meta[b"suffixes"]), facts)
 
 
 def _tidy(store: Store, used: list[_CacheFile], stale: list[str]) -> None:
@@ -368,7 +368,7 @@ def _tidy(store: Store, used: list[_CacheFile], stale: list[str]) -> None:
         store.delete(stale)
 
 
-def _store_batches(store: Store, batches: list[Batch]) -> bool:
+def _store_batches(store: Store, batches: list[PartFacts]) -> bool:
     """Write one cache file (whole, content-named: a twin written by another loader is the
     same file). A failure only costs the next run the time to compute them again."""
     if not batches:
@@ -396,7 +396,7 @@ def _store_batches(store: Store, batches: list[Batch]) -> bool:
 def _compute(store: Store, parts: Sequence[Entry], gathered: Gathered, *, write: bool) -> None:
     """The facts of these parts, read from their own columns (batch by batch), handed to
     `gathered` and, when `write`, stored in files of about FILE_ROWS rows."""
-    pending: list[Batch] = []
+    pending: list[PartFacts] = []
     rows = 0
     for at, batches in read_parts(store, [entry.name for entry in parts], COLUMNS):
         part = (parts[at].name, parts[at].size)
@@ -417,7 +417,7 @@ def _compute(store: Store, parts: Sequence[Entry], gathered: Gathered, *, write:
     release_unused()  # before the sorts that follow: they take what the reads left free
 
 
-def facts_of(part: Part, batch: pa.RecordBatch) -> Batch:
+def facts_of(part: Part, batch: pa.RecordBatch) -> PartFacts:
     """The facts of one batch of COLUMNS of a part (`file_digest` and a group digest)."""
     roots, paths = batch.column("image_root"), batch.column("image_path")
     heads = np.frombuffer(_digests(_joined(roots, paths), 16), dtype="<u8").reshape(-1, 2)
@@ -437,7 +437,7 @@ def facts_of(part: Part, batch: pa.RecordBatch) -> Batch:
         pc.fill_null(batch.column("completed_at").cast(pa.int64()), _OLDEST),
         _flags(batch),
     ]
-    return Batch(part, suffixes, pa.RecordBatch.from_arrays(arrays, schema=SCHEMA))
+    return PartFacts(part, suffixes, pa.RecordBatch.from_arrays(arrays, schema=SCHEMA))
 
 
 def _joined(*columns: pa.Array) -> pa.Array:

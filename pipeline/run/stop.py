@@ -24,7 +24,7 @@ from typing import Literal, TypeVar
 from pipeline import exits
 
 T = TypeVar("T")
-State = Literal["running", "draining", "abandoning"]
+Phase = Literal["running", "draining", "abandoning"]
 # What stops a run from outside: Ctrl-C, a service manager's stop, a closed terminal.
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -37,7 +37,7 @@ class Stop:
     """The run's stop state. Create inside the running event loop."""
 
     def __init__(self) -> None:
-        self.state: State = "running"
+        self.state: Phase = "running"
         self.reason: str | None = None
         self.hint: str | None = None  # how to resume, for the summary
         self.exit_code = exits.STOPPED

@@ -4,10 +4,10 @@
     Worker: ImageRunner.process per file (prepare, reuse, Caller, rows) ─► its own ParquetSink
     every Worker's Caller ─ LeasedLimiter, LeasedDaily ─► the project's quota actor (quota.py)
 
-This module is the driver (RayEngine, Fleet, Dispatch); the worker is in ray_worker.py.
+This module is the driver (RayEngine, Fleet, Dispatch); the worker is in worker.py.
 
 The driver lists the inputs and skips what the resume index says is done, as the single engine
-does (`single.Producer`), and hands the rest out in blocks of BLOCK_FILES files (or groups), at most
+does (`common.Producer`), and hands the rest out in blocks of BLOCK_FILES files (or groups), at most
 BLOCKS_IN_FLIGHT per worker (Ray Data's actor pools keep two tasks per actor in flight). Each
 worker runs the single engine's per-image code with `[limits] concurrency` files in flight and
 commits its rows itself, through the same sink and journal, so an answer is durable within a
@@ -30,7 +30,7 @@ twin; only when that worker's queue is full does a file go to the least busy one
 A lost worker (its process killed, its node gone) is restarted by Ray, and its blocks are sent to
 it again (Ray Data's defaults: restarts and task retries). The new incarnation first commits the
 journal its predecessor left and skips the files it had answered, so what is paid twice is only
-what was in flight: calls sent, and answers not yet durable (ray_worker.WORKER_SYNC_SECONDS).
+what was in flight: calls sent, and answers not yet durable (worker.WORKER_SYNC_SECONDS).
 After MAX_RESTARTS losses of one worker the run stops (exit 3). The summary counts a lost
 worker's rows (from what it committed) but not the calls it made since its last report.
 
