@@ -464,4 +464,4 @@ def test_cli_prints_the_rules_with_their_sources():
     printed = done.stdout
     for rule_id, rule in RULES.items():
         assert f"{rule_id}  [{rule.answer}]" in printed
-    assert "source: gemini-notes.md Files API" in printed
+    assert "source: docs/gemini-api.md § Files API" in printed
