@@ -1,6 +1,6 @@
-"""Who writes the output of a Ray run (pipeline/output/sink.py): the driver holds it, its workers' sinks
-share it, another run cannot get in, and a lost worker's journal is committed alone — on a folder
-and on a bucket (moto's S3 server), where the workers check the driver's lease."""
+"""Who writes the output of a Ray run (pipeline/output/sink.py): the driver holds it, its workers'
+sinks share it, another run cannot get in, and a lost worker's journal is committed alone — on a
+folder and on a bucket (moto's S3 server), where the workers check the driver's lease."""
 
 from __future__ import annotations
 

@@ -486,7 +486,8 @@ def _chain_row(first: list[str], rest: Iterator[list[str]]) -> Iterator[list[str
 
 
 def _parquet_paths(manifest: str) -> Iterator[str | tuple[str, str]]:
-    import pyarrow.parquet as pq  # only manifests need it; keeps `import pipeline.inputs.source` light
+    # only manifests need it; keeps `import pipeline.inputs.source` light
+    import pyarrow.parquet as pq
 
     with _open_manifest(manifest) as raw, pq.ParquetFile(raw) as table:
         names = table.schema_arrow.names

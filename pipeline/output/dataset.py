@@ -393,8 +393,8 @@ def load_resume_index(
     """Read what is committed into a compact index for a run under settings `key_suffix`.
 
     The facts each decision needs — ~50 bytes a row, no strings — come from the index cache
-    (`pipeline/output/index_cache.py`: committed parts never change, so their facts are computed once and
-    kept beside them) or, for parts it does not cover yet, from the parts' own columns.
+    (`pipeline/output/index_cache.py`: committed parts never change, so their facts are computed
+    once and kept beside them) or, for parts it does not cover yet, from the parts' own columns.
     `write_cache` (the output's writer only) stores the new facts for the next run. A sort of
     those finds each file's current row.
     """

@@ -4,8 +4,8 @@ An answer the service returned is paid for. Parts are written every few thousand
 wants big files), so between parts the rows live in a journal: one append-only segment per part,
 `.journal-<run id>-<seq>.jsonl` beside `part-<run id>-<seq>.parquet`, one JSON row a line,
 appended durably in small groups (256 rows or 1 s, whichever comes first) through the output's
-store (`pipeline/output/stores.py`): on disk an fsynced append to one file; on an object store, which
-cannot append, each group is one small immutable object `<segment>.<n>` read back in order (so
+store (`pipeline/output/stores.py`): on disk an fsynced append to one file; on an object store,
+which cannot append, each group is one small immutable object `<segment>.<n>` read back in order (so
 there a torn line cannot happen: a chunk is whole or absent). When the part is
 committed its segment is deleted; a segment whose part exists is therefore left over by a kill
 between the two steps and is simply deleted, and a segment without its part is turned into that

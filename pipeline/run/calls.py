@@ -1,8 +1,8 @@
 """One unit's API call: inline or upload, inside the limits, with retries, parsed off the loop.
 
 A unit is one image or a group's images (pipeline/records.py); the request carries the run's
-reference images first (pipeline/inputs/references.py), then the unit's, captioned when there is more
-than the one image (`request_with_images`). Before anything is sent, the request is held to
+reference images first (pipeline/inputs/references.py), then the unit's, captioned when there is
+more than the one image (`request_with_images`). Before anything is sent, the request is held to
 what one request may be: at most MAX_IMAGES_PER_REQUEST images, INPUT_TOKEN_LIMIT and
 `[limits] tpm` estimated input tokens, and the inline limit for what goes inline (`[images]
 mode` auto sends the images in order inline while they fit and uploads the rest); a unit over

@@ -20,8 +20,8 @@ def _task_kind(value: Any) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Reference:
-    """A reference image sent with every request of a run (pipeline/inputs/references.py): a path, an
-    object (s3://, gs://, ...) or an http(s) URL, and what it shows."""
+    """A reference image sent with every request of a run (pipeline/inputs/references.py): a
+    path, an object (s3://, gs://, ...) or an http(s) URL, and what it shows."""
 
     image: str
     caption: str | None = None

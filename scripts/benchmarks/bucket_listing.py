@@ -1,5 +1,5 @@
-"""Bucket listing: `pipeline.inputs.source.walk` over N objects in a local S3 (moto's server in its own
-process), objects/s and peak RSS, against s3fs's `find` (the whole listing in memory at once,
+"""Bucket listing: `pipeline.inputs.source.walk` over N objects in a local S3 (moto's server in its
+own process), objects/s and peak RSS, against s3fs's `find` (the whole listing in memory at once,
 what a plain fsspec script does). The local S3's own per-page cost (moto sorts every key of the
 bucket on each page) bounds both; the comparison is the client's memory, and its speed against
 the same server."""

@@ -8,7 +8,7 @@ Batch Mode jobs at half the price (`[api] mode = "batch"`, `pipeline run --batch
     pipeline/engines/batch/jobs.py: poll with back-off ─► collect the results into rows (the sink),
        delete the job's files; FAILED / CANCELLED / EXPIRED: reported, images left
 
-Paid once (pipeline/output/state.py): a job's files are recorded before the job exists (phase staged),
+Paid once (pipeline/output/state.py): a job's files are recorded before the job exists (staged),
 its create call is marked (creating) before it is sent, under a display name unique to it, and
 its name is saved the moment the answer comes (submitted). A rerun — or `pipeline batch wait` —
 re-attaches to every job in flight instead of creating one: a staged job (never sent) is dropped

@@ -1,5 +1,6 @@
 """Batch Mode jobs after their creation: re-attached, polled, collected into rows, ended — for
-a run (`pipeline run --batch`, engines/batch/engine.py) and for `pipeline batch status|wait|cancel OUT`.
+a run (`pipeline run --batch`, engines/batch/engine.py) and for
+`pipeline batch status|wait|cancel OUT`.
 
     Jobs.check_all, one pass over the output's jobs in flight at one endpoint (state.sqlite):
       submitted ─get─► not done yet: the next pass (the wait between passes grows 1.5x, the
