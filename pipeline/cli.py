@@ -192,7 +192,8 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _batch_config(args: argparse.Namespace) -> Config | None:
-    """`--config` of a `pipeline batch` command: its endpoint and [batch] settings, if given."""
+    """`--config` of a `pipeline batch` command, if given: its [api] timeout and http permission
+    and its [batch] settings (the endpoint is each job's own)."""
     return load_config(args.config) if args.config else None
 
 
@@ -230,7 +231,7 @@ def _batch_cancel(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from pipeline.localserver import serve_from_args
+    from pipeline.localserver.serve import serve_from_args
 
     return serve_from_args(args)
 
@@ -301,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_batch_commands(sub)
 
     p = sub.add_parser("serve-local", help="the local Gemini-compatible server")
-    from pipeline.localserver import add_serve_arguments
+    from pipeline.localserver.serve import add_serve_arguments
 
     add_serve_arguments(p)
     p.set_defaults(func=_serve)
@@ -348,7 +349,9 @@ def _add_batch_commands(sub: argparse._SubParsersAction) -> None:
     ):
         c = commands.add_parser(name, help=text, epilog=EPILOG if name == "wait" else None)
         c.add_argument("output_dir")
-        c.add_argument("--config", help="its [api] endpoint and [batch] settings (optional)")
+        c.add_argument(
+            "--config", help="its [api] timeout, allow_insecure_http, [batch] settings (optional)"
+        )
         if name == "status":
             c.add_argument("--json", action="store_true")
         if name == "wait":

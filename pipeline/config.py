@@ -29,6 +29,7 @@ from typing import Any
 from pipeline import settings as s
 from pipeline.gemini.client import DEFAULT_BASE_URL
 from pipeline.gemini.types import GenerateRequest
+from pipeline.localserver.options import LocalOptions
 from pipeline.locations import is_url, local_path, normalise_url, scheme_of
 from pipeline.models import ModelTable, ModelTableError, default_table
 from pipeline.settings import setting
@@ -175,36 +176,9 @@ class OutputConfig:
     )
 
 
-@dataclass(frozen=True, slots=True)
-class LocalConfig:
-    """Options of the bundled local server when `[api] base_url = "local"`."""
-
-    latency_ms: float = setting(0.0, s.non_negative_number, "mean of a seeded lognormal latency")
-    fault_rate: float = setting(0.0, s.between(0, 1), "share of answers that go wrong")
-    seed: int = setting(0, s.integer, "seed of latency and faults")
-    rpm: int | None = setting(None, s.count_or_none, "the server's own RPM quota")
-    tpm: int | None = setting(None, s.count_or_none, "the server's own TPM quota")
-    rpd: int | None = setting(None, s.count_or_none, "the server's own requests/day quota")
-    replay: str | None = setting(None, s.text, "JSONL of recorded answers", path=True)
-    decode_limit: int | None = setting(
-        None, s.count_or_none, "Interactions output tokens per hop (requires_continuation)"
-    )
-    credit_budget_usd: float | None = setting(
-        None, s.non_negative_number, "prepaid credits; once spent, 402"
-    )
-    file_ttl_seconds: float = setting(48 * 3600.0, s.positive_number, "uploads expire after this")
-    hang_seconds: float = setting(300.0, s.non_negative_number, "a hang fault holds this long")
-    quota_window_seconds: float = setting(
-        60.0, s.positive_number, "the server's RPM/TPM window (a calendar minute)"
-    )
-    batch_seconds: float = setting(10.0, s.non_negative_number, "how long a batch job runs")
-    batch_expiry_seconds: float = setting(
-        48 * 3600.0, s.positive_number, "a batch job not done by then ends EXPIRED"
-    )
-    batch_max_jobs: int = setting(100, s.positive_int, "unfinished batch jobs at once")
-    batch_enqueued_tokens: int | None = setting(
-        None, s.count_or_none, "input tokens of a model's unfinished batch jobs at most"
-    )
+# [local]: the options of the bundled local server when `[api] base_url = "local"`, declared once
+# beside the server (pipeline/localserver/options.py), whose `serve-local` flags are made from them.
+LocalConfig = LocalOptions
 
 
 @dataclass(frozen=True, slots=True)

@@ -87,8 +87,9 @@ def box_edges(
 ) -> tuple[float, float, float, float]:
     """[ymin, xmin, ymax, xmax] in 0-1000 -> (x0, y0, x1, y1) in pixel-edge coordinates.
 
-    The seed's rule: value / 1000 * size, y first. The values are edges, not pixel indices: 0
-    is the image's left (top) edge and 1000 its right (bottom) edge, where pixel i spans [i, i+1].
+    The guide's rule (docs/gemini-api.md § Object detection): value / 1000 * size, y first. The
+    values are edges, not pixel indices: 0 is the image's left (top) edge and 1000 its right
+    (bottom) edge, where pixel i spans [i, i+1].
     Corners are sorted; nothing is clipped, so a box may reach beyond the image.
     """
     ya, xa, yb, xb = (float(v) for v in box_2d)

@@ -1,8 +1,9 @@
-"""The seed's way, as a baseline: one blocking SDK call per image, parsed as the guide does.
+"""The guide's way, as a baseline: one blocking SDK call per image, parsed as the guide does.
 
-This is the segmentation sample of Gemini's image-understanding guide (the seeds) turned into a
-loop over a folder, so the benchmark can say how much faster the pipeline is than what the guide
-teaches. Per image: open it with Pillow, `thumbnail` to 1024 px, one synchronous
+This is the segmentation sample of Gemini's image-understanding guide (its generateContent
+edition: https://ai.google.dev/gemini-api/docs/image-understanding) turned into a loop over a
+folder, so the benchmark can say how much faster the pipeline is than what the guide teaches.
+Per image: open it with Pillow, `thumbnail` to 1024 px, one synchronous
 `client.models.generate_content` with thinking off, strip the ```json fence, `json.loads`, then
 for each item: box to pixels with `int(value / 1000 * size)`, base64-decode the mask PNG, resize
 it to the box (bilinear), threshold at 127. Two deliberate departures from the guide, both in the

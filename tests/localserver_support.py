@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from pipeline.localserver import LocalServer, ServerOptions
+from pipeline.localserver.options import ServerOptions
+from pipeline.localserver.server import LocalServer
 
 KEY = "test-key"
 DETECT = (
@@ -174,7 +175,8 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def pixel_box(box_2d: list[int], width: int, height: int) -> tuple[int, int, int, int]:
-    """The seed's rule: value / 1000 x width (x) or height (y); returned as x0, y0, x1, y1."""
+    """docs/gemini-api.md § Object detection: value / 1000 x width (x) or height (y); returned
+    as x0, y0, x1, y1."""
     y0, x0, y1, x1 = box_2d
     return (
         round(x0 / 1000 * width),

@@ -23,8 +23,9 @@ from pipeline.gemini.batches import (
     request_line,
 )
 from pipeline.gemini.types import GenerateRequest, ImagePart
-from pipeline.localserver import LocalServer, ServerOptions
 from pipeline.localserver import fields as server_fields
+from pipeline.localserver.options import ServerOptions
+from pipeline.localserver.server import LocalServer
 from tests.localserver_support import DETECT, KEY, Clock, draw_scene
 from tests.test_localserver_fields import sdk_fields
 

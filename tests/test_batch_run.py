@@ -29,7 +29,8 @@ from pipeline.config import ConfigError
 from pipeline.engines import RunOptions, run_async
 from pipeline.engines.batch import jobs as batchjobs
 from pipeline.gemini import GeminiClient
-from pipeline.localserver import LocalServer, ServerOptions
+from pipeline.localserver.options import ServerOptions
+from pipeline.localserver.server import LocalServer
 from pipeline.output.parts import current_rows
 from pipeline.output.state import State
 from pipeline.output.stores import open_store

@@ -41,7 +41,8 @@ from pipeline.gemini.errors import error_from_response
 from pipeline.gemini.interactions import build_interaction_body
 from pipeline.gemini.tokens import image_tokens
 from pipeline.gemini.types import GenerateRequest, ImagePart
-from pipeline.localserver import LocalServer, ServerOptions
+from pipeline.localserver.options import ServerOptions
+from pipeline.localserver.server import LocalServer
 
 KEY = "AIzaTEST-client-secret-7f3c91d2"  # distinctive, so a leak is easy to find
 MODEL_25 = "gemini-2.5-flash"

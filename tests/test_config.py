@@ -98,7 +98,7 @@ def test_demo_paths_resolve_against_the_file(tmp_path: Path, monkeypatch) -> Non
             '[models."gemini-9"] thinking must be a list of strings',
         ),
         ("[task]\nresponse_schema = '{nope'\n", "[task] response_schema must be a JSON schema"),
-        ("[local]\nfault_rate = 2\n", "[local] fault_rate must be a number between 0 and 1"),
+        ("[local]\nfault_rate = 2\n", "[local] fault_rate must be within [0, 1], got 2"),
         ("[input]\npaths = [1, 2]\n", "[input] paths must be a list of strings"),
         ("[task\n", "not valid TOML"),
     ],

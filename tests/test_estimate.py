@@ -50,7 +50,8 @@ def test_rules_by_model() -> None:
 
 @pytest.mark.parametrize(("level", "tokens"), [("low", 64), ("medium", 256), ("high", 256)])
 def test_global_media_resolution_bills_a_flat_charge_on_2x(level: str, tokens: int) -> None:
-    """The notes: LOW 64 tokens an image, MEDIUM 256, HIGH 256 (zoomed reframing), whatever
+    """docs/gemini-api.md § Image tokens: LOW 64 tokens an image, MEDIUM 256, HIGH 256 (the
+    SDK's "zoomed reframing with 256 tokens"; the section notes pan-and-scan may add more), whatever
     the size — not the tile rule, which would bill a 4000x3000 photo 1,032 tokens."""
     for size in GUIDE_2X:
         assert image_tokens("gemini-2.5-flash", *size, level) == tokens
@@ -70,7 +71,8 @@ def test_estimate_adds_up_the_documented_rules(tmp_path: Path) -> None:
     request = get_task("detect").request(config.task)
     per_prompt = text_tokens((request.system_instruction or "") + request.prompt)
     assert report["prompt_tokens"] == per_prompt * len(GUIDE_2X)
-    expected = report["input_tokens"] * 0.30 + report["output_tokens"] * 2.50  # the notes' prices
+    # gemini-2.5-flash's prices per 1M tokens (docs/gemini-api.md § Prices)
+    expected = report["input_tokens"] * 0.30 + report["output_tokens"] * 2.50
     assert report["cost_usd"] == pytest.approx(expected / 1e6, abs=1e-4)
     assert report["batch_cost_usd"] == pytest.approx(expected / 2e6, abs=1e-4)  # half price
     # downscaling to 384 px would make every image one flat 258-token tile

@@ -26,9 +26,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.localserver import LocalServer, ServerOptions
 from pipeline.localserver.faults import FAULT_KINDS, Faults
+from pipeline.localserver.options import ServerOptions
 from pipeline.localserver.rules import RULES
+from pipeline.localserver.server import LocalServer
 from tests.localserver_support import (
     DETECT,
     SEGMENT,
@@ -450,4 +451,4 @@ def test_cli_prints_the_rules_with_their_sources():
     printed = done.stdout
     for rule_id, rule in RULES.items():
         assert f"{rule_id}  [{rule.answer}]" in printed
-    assert "source: gemini-notes.md Files API" in printed
+    assert "source: docs/gemini-api.md § Files API" in printed

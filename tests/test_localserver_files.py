@@ -11,7 +11,8 @@ import json
 
 from PIL import Image
 
-from pipeline.localserver import LocalServer, ServerOptions
+from pipeline.localserver.options import ServerOptions
+from pipeline.localserver.server import LocalServer
 from tests.localserver_support import (
     DETECT,
     GRANULARITY,

@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 from pipeline.gemini.tokens import text_tokens
-from pipeline.localserver import LocalServer, ServerOptions
+from pipeline.localserver.options import ServerOptions
+from pipeline.localserver.server import LocalServer
 from tests.localserver_support import (
     DETECT,
     KEY,

@@ -8,8 +8,9 @@ import math
 
 import pytest
 
-from pipeline.localserver import LocalServer, ServerOptions
 from pipeline.localserver.errors import PREPAY_DEPLETED
+from pipeline.localserver.options import ServerOptions
+from pipeline.localserver.server import LocalServer
 from tests.localserver_support import (
     START,
     Clock,

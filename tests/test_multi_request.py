@@ -12,7 +12,8 @@ from pipeline.gemini import GeminiClient
 from pipeline.gemini.content import build_generate_content_body
 from pipeline.gemini.interactions import build_interaction_body
 from pipeline.gemini.types import GenerateRequest, ImagePart
-from pipeline.localserver import LocalServer, ServerOptions
+from pipeline.localserver.options import ServerOptions
+from pipeline.localserver.server import LocalServer
 from pipeline.run.calls import request_with_images
 from pipeline.tasks import get_task, read_answer
 from pipeline.tasks.base import Reference, TaskSettings

@@ -27,7 +27,8 @@ import ray
 from pipeline import exits
 from pipeline.engines import RunOptions, run_async
 from pipeline.engines.ray.quota import NAMESPACE
-from pipeline.localserver import LocalServer, ServerOptions
+from pipeline.localserver.options import ServerOptions
+from pipeline.localserver.server import LocalServer
 from pipeline.output.parts import current_rows
 from pipeline.output.stores import LEASE_NAME, open_store
 from tests.conftest import draw_shapes, make_config, put_images, read_rows

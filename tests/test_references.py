@@ -20,7 +20,8 @@ from pipeline.commands.estimate import estimate, format_estimate
 from pipeline.config import ConfigError
 from pipeline.engines import RunOptions, run_async
 from pipeline.inputs.references import REFERENCE_INLINE_BYTES
-from pipeline.localserver import LocalServer, ServerOptions
+from pipeline.localserver.options import ServerOptions
+from pipeline.localserver.server import LocalServer
 from pipeline.run.identity import key_suffix
 from tests.conftest import box_iou, draw_shapes, make_config, read_rows
 

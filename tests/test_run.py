@@ -18,7 +18,8 @@ from pycocotools import mask as cocomask
 from pipeline import exits
 from pipeline.engines import RunOptions, run_async
 from pipeline.gemini import GeminiClient
-from pipeline.localserver import LocalServer, ServerOptions
+from pipeline.localserver.options import ServerOptions
+from pipeline.localserver.server import LocalServer
 from pipeline.run import reuse as reuse_module
 from tests.conftest import box_iou, draw_shapes, make_config, mask_iou, read_rows
 

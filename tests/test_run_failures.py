@@ -20,7 +20,8 @@ from pipeline import exits
 from pipeline.config import ConfigError
 from pipeline.engines import RunOptions, run_async
 from pipeline.gemini import GeminiClient
-from pipeline.localserver import LocalServer, ServerOptions
+from pipeline.localserver.options import ServerOptions
+from pipeline.localserver.server import LocalServer
 from pipeline.output.state import State
 from pipeline.run.limits import quota_day
 from tests.conftest import draw_shapes, make_config, read_rows

@@ -24,7 +24,8 @@ from pipeline.config import ConfigError, parse_config
 from pipeline.engines import RunOptions, run_async
 from pipeline.inputs.checks import require_inputs
 from pipeline.inputs.source import walk
-from pipeline.localserver import LocalServer, ServerOptions
+from pipeline.localserver.options import ServerOptions
+from pipeline.localserver.server import LocalServer
 from pipeline.output import journal
 from pipeline.output.parts import current_rows, part_entries
 from pipeline.output.stores import LEASE_NAME, OutputDirBusy, filesystem, open_store

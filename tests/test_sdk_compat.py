@@ -19,7 +19,8 @@ from google.genai import errors, types
 from PIL import Image, ImageDraw
 from pydantic import BaseModel
 
-from pipeline.localserver import LocalServer, ServerOptions
+from pipeline.localserver.options import ServerOptions
+from pipeline.localserver.server import LocalServer
 
 DETECT = (
     "Detect the all of the prominent items in the image. "

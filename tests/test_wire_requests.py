@@ -28,7 +28,7 @@ from pipeline.gemini.content import build_generate_content_body
 from pipeline.gemini.interactions import build_interaction_body
 from pipeline.gemini.types import GenerateRequest, ImagePart
 from pipeline.inputs import images
-from pipeline.localserver import LocalServer
+from pipeline.localserver.server import LocalServer
 from pipeline.models import default_table
 from pipeline.records import SourceFile
 from pipeline.tasks import get_task

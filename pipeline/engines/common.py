@@ -22,6 +22,8 @@ from pipeline.config import Config, ConfigError, declarations
 from pipeline.gemini import GeminiClient, api_key_from_env
 from pipeline.inputs.fetch import Fetcher
 from pipeline.inputs.source import work_units
+from pipeline.localserver.options import ServerOptions
+from pipeline.localserver.server import LocalServer
 from pipeline.locations import is_url, local_path, scheme_of
 from pipeline.output.index import ResumeIndex
 from pipeline.output.sink import ParquetSink, SinkFailed
@@ -118,8 +120,6 @@ async def _sync_quietly(sink: ParquetSink) -> None:
 async def service_endpoint(config: Config, stack: contextlib.AsyncExitStack) -> tuple[str, str]:
     """The base URL and key: the bundled local server in-process, or the configured one."""
     if config.api.base_url == "local":
-        from pipeline.localserver import LocalServer, ServerOptions
-
         local = {key: getattr(config.local, key) for key in declarations("local")}
         options = ServerOptions(**local, inline_limit_bytes=config.inline_limit_bytes)
         server = await stack.enter_async_context(LocalServer(options))

@@ -1,8 +1,8 @@
 """Batch Mode's wire protocol: generateContent requests run as one job, at half the price.
 
 Protocol only, as the rest of `pipeline.gemini`: it builds and reads bodies and makes the calls,
-and never retries (a `GeminiError` says what failed; the engine decides). The shapes (notes,
-"Batch Mode"; the SDK's `batches.py` where the notes are silent):
+and never retries (a `GeminiError` says what failed; the engine decides). The shapes
+(docs/gemini-api.md § Batch Mode; google-genai's `google/genai/batches.py` where it is silent):
 
 - create: `POST {base}/{version}/models/{m}:batchGenerateContent` with `{"batch": {"displayName",
   "inputConfig": {"fileName": "files/<id>"}}}` — a JSONL file uploaded through the Files API, one
@@ -44,7 +44,9 @@ from pipeline.gemini.types import GenerateRequest, GenerateResponse
 from pipeline.gemini.wire import as_int
 from pipeline.gemini.wire import field as wire_field
 
-JSONL_MIME = "jsonl"  # the input file's MIME type (notes; the SDK's batch-mode guide uploads so)
+# The input file's MIME type (docs/gemini-api.md § Batch Mode; the upload sample of
+# https://ai.google.dev/gemini-api/docs/batch-mode sets it so).
+JSONL_MIME = "jsonl"
 ENDED = frozenset(
     {"JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED", "JOB_STATE_EXPIRED"}
 )  # types.JOB_STATES_ENDED_VERTEX: the states a job leaves no more
@@ -152,7 +154,8 @@ def parse_job(document: Any) -> BatchJob:
 
 
 def _output(document: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
-    """metadata.output, else the done Operation's `response` (notes: results sit in both)."""
+    """metadata.output, else the done Operation's `response` (results sit in both:
+    docs/gemini-api.md § Batch Mode)."""
     for found in (meta.get("output"), document.get("response")):
         if isinstance(found, dict):
             return found

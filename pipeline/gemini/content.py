@@ -1,8 +1,8 @@
 """Wire mapping of generateContent (`POST {base}/{version}/models/{model}:generateContent`).
 
 Request: image parts in the request's order, each right after its caption's text part when it
-has one, then the prompt's text part (the seeds' order for one image: image, then text); settings
-in `generationConfig`. Answer:
+has one, then the prompt's text part (the guide's generateContent order for one image: image,
+then text; docs/gemini-api.md § Sending images); settings in `generationConfig`. Answer:
 candidates[0]'s text parts without `thought: true`, joined; its finishReason and finishMessage
 carried through unchanged; promptFeedback.blockReason; usageMetadata.
 
@@ -75,9 +75,10 @@ def build_generate_content_body(request: GenerateRequest) -> dict[str, Any]:
     """The JSON body of a generateContent call: image parts (each after its caption's text part,
     if any), then the prompt's text part.
 
-    Part keys follow the seeds (`inline_data`, `file_data`, snake_case inside), which the
-    service accepts alongside camelCase. `ultra_high` media resolution exists only per part, so
-    a request-wide `ultra_high` is set on every image part instead of in generationConfig.
+    Part keys follow the guide's REST samples (`inline_data`, `file_data`, snake_case inside),
+    which the service accepts alongside camelCase (docs/gemini-api.md § generateContent).
+    `ultra_high` media resolution exists only per part, so a request-wide `ultra_high` is set on
+    every image part instead of in generationConfig.
     """
     request_wide_level = "ultra_high" if request.media_resolution == "ultra_high" else None
     parts: list[dict[str, Any]] = []

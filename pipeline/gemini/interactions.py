@@ -1,13 +1,16 @@
-"""Wire mapping of the Interactions API (`POST {base}/{version}/interactions`, seed 003).
+"""Wire mapping of the Interactions API (`POST {base}/{version}/interactions`:
+docs/gemini-api.md § Interactions API).
 
-Request: the SDK's shape, one `user_input` step holding the prompt's text item first (seed 003)
-and then the image items in the request's order (`data` base64 or `uri`, `mime_type`, optional
-`resolution`), each right after its caption's text item when it has one; settings in
-`generation_config` (there is no thinking budget here: a request carrying one is refused with
-ValueError rather than sent without it); a `response_format` of type text carrying `mime_type`
-and a JSON Schema in `schema` (an OpenAPI-subset `response_schema` is converted, schema.py);
-always `"store": false`, because the service otherwise keeps every interaction for days and a
-batch tool must not leave thousands of stored prompts behind.
+Request: the SDK's shape, one `user_input` step holding the prompt's text item first (the order
+of the guide's Interactions edition, "Tips and best practices":
+https://ai.google.dev/gemini-api/docs/interactions/image-understanding) and then the image items
+in the request's order (`data` base64 or `uri`, `mime_type`, optional `resolution`), each right
+after its caption's text item when it has one; settings in `generation_config` (there is no
+thinking budget here: a request carrying one is refused with ValueError rather than sent without
+it); a `response_format` of type text carrying `mime_type` and a JSON Schema in `schema` (an
+OpenAPI-subset `response_schema` is converted, schema.py); always `"store": false`, because the
+service otherwise keeps every interaction for days and a batch tool must not leave thousands of
+stored prompts behind.
 
 Answer (the SDK's `_output_properties_from_steps` and `_normalize_interaction_shape`, in
 `_gaos/google_genai.py`): the text of all *trailing* `model_output` steps joined — walking back

@@ -12,8 +12,9 @@ from typing import Any, Literal
 
 Flavor = Literal["generateContent", "interactions"]
 MediaResolution = Literal["low", "medium", "high", "ultra_high"]
-# Image files one request may carry (notes, "Several images in one prompt"; every seed says
-# 3,600 for Gemini 2.5, 2.0 and 1.5, and the newest says it of Gemini models in general).
+# Image files one request may carry (docs/gemini-api.md § Sending images: 3,600; the guide,
+# https://ai.google.dev/gemini-api/docs/image-understanding, "Limitations", gives it for Gemini
+# 2.5, 2.0 and 1.5 in its generateContent editions, for Gemini models at large in the newest).
 MAX_IMAGES_PER_REQUEST = 3600
 
 
@@ -44,9 +45,10 @@ class ImagePart:
 class GenerateRequest:
     """A prompt with images and the generation settings the pipeline uses.
 
-    `images` go before `prompt` (seed 003 puts the text first for Interactions; both orders work,
-    the client follows each API's own guide), each right after its caption text, in the order
-    given. None means "leave it to the service's default".
+    `images` go before `prompt` (the guide's Interactions edition puts the text first; both
+    orders work, docs/gemini-api.md § Sending images; the client follows each API's own edition),
+    each right after its caption text, in the order given. None means "leave it to the
+    service's default".
     """
 
     model: str

@@ -8,11 +8,6 @@ rule and its source: rules.py). It knows nothing of the pipeline.
 Layout: server.py wires the surfaces (batches.py, generate.py, interactions.py, files_api.py)
 over the shared core.py (transport, image_input, billing, quotas, answering, faults, stats);
 fields.py declares the accepted request bodies as data, spec.py walks them, settings.py checks
-settings against the model table; answers.py and vision.py are the local "model".
+settings against the model table; answers.py and vision.py are the local "model". options.py
+declares the server's options once (a config's [local] section, serve.py's flags).
 """
-
-from pipeline.localserver.options import ServerOptions
-from pipeline.localserver.serve import add_serve_arguments, serve_from_args
-from pipeline.localserver.server import LocalServer
-
-__all__ = ["LocalServer", "ServerOptions", "add_serve_arguments", "serve_from_args"]

@@ -1,7 +1,8 @@
 """The Batch Mode surface: jobs of generateContent requests run in the background over
 `--batch-seconds`, their results a generated file (or inline), with the service's limits.
 
-Routes (notes "Batch Mode"; the SDK's batches.py and Files.download):
+Routes (docs/gemini-api.md § Batch Mode; google-genai's `google/genai/batches.py` and
+`Files.download` in `google/genai/files.py`):
 
     POST   /{v}/models/{model}:batchGenerateContent     create: inline requests or a JSONL file
     GET    /{v}/batches      GET|DELETE /{v}/batches/{id}      POST /{v}/batches/{id}:cancel

@@ -26,7 +26,8 @@ from pipeline.localserver.options import ServerOptions
 from pipeline.localserver.quotas import Quotas
 from pipeline.localserver.stats import Stats
 
-API_VERSIONS = ("v1", "v1beta", "v1alpha")  # v1alpha: per-part media resolution (notes)
+# v1alpha: where per-part media resolution was first documented (docs/gemini-api.md § Image tokens)
+API_VERSIONS = ("v1", "v1beta", "v1alpha")
 
 
 class AnswerLog:

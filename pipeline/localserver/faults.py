@@ -15,9 +15,10 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pipeline.localserver.answers import Answer
+if TYPE_CHECKING:  # annotations only: options.py imports FAULT_KINDS without the model
+    from pipeline.localserver.answers import Answer
 
 HTTP_FAULTS = ("http_500", "http_503", "hang")
 FAULT_KINDS = (

@@ -37,7 +37,9 @@ from pipeline.localserver.spec import (
 )
 from pipeline.models import MEDIA_RESOLUTIONS
 
-PART_RESOLUTION_VERSIONS = ("v1alpha",)  # notes, Image tokens: per-part only on v1alpha
+# Per-part media resolution on v1alpha only: the rule until 2026-09; docs/gemini-api.md § Image
+# tokens records v1beta as documented since 2026-09-19, which this double does not follow yet.
+PART_RESOLUTION_VERSIONS = ("v1alpha",)
 
 # ---------------------------------------------------------------------------- generateContent
 
@@ -82,7 +84,7 @@ GLOBAL_MEDIA_RESOLUTION = Enum(
         "MEDIA_RESOLUTION_LOW",
         "MEDIA_RESOLUTION_MEDIUM",
         "MEDIA_RESOLUTION_HIGH",
-    ),  # no ULTRA_HIGH: it exists per part only (notes, Image tokens; SDK MediaResolution)
+    ),  # no ULTRA_HIGH: per part only (docs/gemini-api.md § Image tokens; types.MediaResolution)
     rule="media.global-value",
 )
 PART_MEDIA_RESOLUTION = Message(
@@ -371,7 +373,7 @@ INTERACTION_GENERATION_CONFIG = Message(
         "speech_config": ANY,
         "transcription_config": ANY_OBJECT,
         "video_config": ANY_OBJECT,
-    },  # no thinking_budget: Interactions takes levels only (notes, Interactions API)
+    },  # no thinking_budget: Interactions takes levels only (docs/gemini-api.md § Interactions API)
     sdk=(_I + "generationconfig.GenerationConfig",),
 )
 CREATE_INTERACTION = Message(

@@ -22,7 +22,8 @@ from pipeline.localserver.fields import CREATE_FILE_REQUEST
 from pipeline.localserver.files import MAX_FILE_BYTES, UploadSession, file_name_id
 from pipeline.localserver.spec import check, get
 
-CHUNK_GRANULARITY = 256 * 1024  # notes, Files API: X-Goog-Upload-Chunk-Granularity
+# X-Goog-Upload-Chunk-Granularity (docs/gemini-api.md § Files API)
+CHUNK_GRANULARITY = 256 * 1024
 READ_BLOCK = 1 << 20  # how much of a chunk is read from the socket at a time
 
 

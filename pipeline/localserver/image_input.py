@@ -21,7 +21,7 @@ from pipeline.localserver.vision import Analysis, ImageDecodeError, analyse, ope
 
 SUPPORTED_IMAGE_TYPES = frozenset(
     {"image/png", "image/jpeg", "image/webp", "image/heic", "image/heif"}
-)  # notes, Sending images
+)  # docs/gemini-api.md § Sending images
 ANALYSIS_CACHE_SIZE = 256  # recent images' analyses, by sha256
 _URLSAFE = str.maketrans("-_", "+/")
 

@@ -235,8 +235,9 @@ def _image(
 
 
 def input_items(value: Any) -> list[dict[str, Any]]:
-    """Content items from a string, one item, a flat list of items (seed 003), or steps
-    (the SDK wraps items into one user_input step); earlier answers are context only."""
+    """Content items from a string, one item, a flat list of items (as the guide's Interactions
+    samples send: docs/gemini-api.md § Interactions API), or steps (the SDK wraps items into one
+    user_input step); earlier answers are context only."""
     if isinstance(value, str):
         return [{"type": "text", "text": value}]
     entries = [value] if isinstance(value, dict) else value or []

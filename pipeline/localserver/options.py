@@ -1,62 +1,211 @@
-"""Settings of the local server (flags of `pipeline serve-local`, or Python arguments)."""
+"""The local server's options, each declared once (`pipeline.settings.setting`: its default, its
+check, its documentation and the type its command-line value is parsed by).
+
+`LocalOptions` are those a run's config may set: they are its `[local]` section, the server a
+run starts in-process with `[api] base_url = "local"` (pipeline/config.py uses this class as it
+is). `ServerOptions` adds what only a server of its own has: where it listens, the key it takes,
+the faults it may inject, its request-size limit (a run passes its `[api] inline_limit_mb`), how
+long uploads stay PROCESSING, an answer log. `pipeline serve-local` makes one flag per option
+from these declarations (serve.py), and every instance checks each value by its declaration when
+it is created: a bound is written once for the flags, the config and Python callers alike.
+
+A check raises TypeError completing "must be ..." (pipeline/settings.py's convention), worded as
+the server's own messages always were ("fault_rate must be within [0, 1], got 2.0").
+"""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
+from pipeline import settings as s
 from pipeline.localserver.faults import FAULT_KINDS
+from pipeline.settings import Check, check_value, declared, setting
+
+_MIB = 1 << 20
 
 
-@dataclass(slots=True)
-class ServerOptions:
-    """Every field has a default; validated on creation."""
+def _bounded(kind: Check, within: Callable[[Any], bool], what: str) -> Check:
+    """`kind` (a type check of pipeline.settings) held to a bound; TypeError(`what`) outside."""
 
-    host: str = "127.0.0.1"
-    port: int = 0  # 0: any free port
-    api_key: str | None = None  # None: any non-empty key is accepted; else only this one
-    rpm: int | None = None  # requests per minute, per model, fixed calendar-minute windows
-    tpm: int | None = None  # input tokens per minute, per model
-    rpd: int | None = None  # requests per day, per model (the day ends at midnight Pacific)
-    latency_ms: float = 0.0  # mean of a seeded lognormal latency
-    fault_rate: float = 0.0  # share of answers that go wrong (see faults.FAULT_KINDS)
-    fault_kinds: tuple[str, ...] = FAULT_KINDS  # which faults may be injected
-    seed: int = 0
-    hang_seconds: float = 300.0  # how long a "hang" fault holds the request before a 504
-    replay: str | None = None  # JSONL of recorded answers by image sha256
-    inline_limit_bytes: int = 20 * 1024 * 1024  # request bodies above this are a 400
-    file_processing_seconds: float = 0.0  # uploaded files are PROCESSING this long, then ACTIVE
-    file_ttl_seconds: float = 48 * 3600  # then the file answers 403, as an expired one does
-    quota_window_seconds: float = 60.0  # the RPM/TPM window; shorter only for tests
-    decode_limit: int | None = None  # Interactions: output tokens per hop (requires_continuation)
-    credit_budget_usd: float | None = None  # prepaid credits; spent: 402 (rule credits.depleted)
-    answer_log: str | None = None  # JSONL: one line per delivered answer (time, images' sha256)
-    batch_seconds: float = 10.0  # how long a Batch Mode job takes (rule batch.lifecycle)
-    batch_expiry_seconds: float = 48 * 3600  # a job not done by then ends EXPIRED
-    batch_max_jobs: int = 100  # unfinished jobs at once (rule batch.limit)
-    batch_enqueued_tokens: int | None = None  # input tokens of a model's unfinished jobs
+    def check(v: Any) -> Any:
+        value = kind(v)
+        if not within(value):
+            raise TypeError(what)
+        return value
+
+    return check
+
+
+_AT_LEAST_ZERO = _bounded(s.number, lambda x: x >= 0, ">= 0")
+_POSITIVE = _bounded(s.number, lambda x: x > 0, "positive")
+_POSITIVE_COUNT = _bounded(s.integer, lambda n: n > 0, "positive")
+_SHARE = _bounded(s.number, lambda x: 0 <= x <= 1, "within [0, 1]")
+_PORT = _bounded(s.integer, lambda n: 0 <= n <= 65535, "within 0-65535")
+_BUDGET = s.optional(_bounded(s.number, lambda x: x >= 0, ">= 0 or None"))
+
+
+def _limit(v: Any) -> int | None:
+    """A positive count, or None for no limit; 0 means none too, as everywhere in a config
+    (TOML has no None), and so on the command line."""
+    if v is None:
+        return None
+    if s.integer(v) < 0:
+        raise TypeError("a positive integer or None")
+    return v or None
+
+
+def _string(v: Any) -> str:
+    """Any string: an empty host binds every interface, an empty log path writes none."""
+    if not isinstance(v, str):
+        raise TypeError("a string")
+    return v
+
+
+def _api_key(v: Any) -> str | None:
+    if v is None or (isinstance(v, str) and v):
+        return v
+    raise TypeError("None (accept any key) or a non-empty string")
+
+
+def _mebibytes(text: str) -> int:
+    """A flag's MiB as bytes (the option is in bytes, as a run passes it)."""
+    return int(float(text) * _MIB)
+
+
+def _kinds(text: str) -> tuple[str, ...]:
+    """A flag's comma-separated list."""
+    return tuple(kind.strip() for kind in text.split(",") if kind.strip())
+
+
+_SECRET = frozenset({"api_key"})  # never echoed, not even when refused
+
+
+def _checked(option: dataclasses.Field, value: Any) -> Any:
+    """`value` by its declaration; ValueError naming the option otherwise."""
+    try:
+        return check_value(option, value)
+    except TypeError as exc:
+        got = "" if option.name in _SECRET else f", got {value!r}"
+        raise ValueError(f"{option.name} must be {exc}{got}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class LocalOptions:
+    """The options a config's `[local]` section sets (every one has a default)."""
+
+    latency_ms: float = setting(
+        0.0, _AT_LEAST_ZERO, "mean added latency in ms (seeded lognormal)", type=float
+    )
+    fault_rate: float = setting(0.0, _SHARE, "share of requests given a fault (0-1)", type=float)
+    seed: int = setting(0, s.integer, "seed of latency and fault draws", type=int)
+    rpm: int | None = setting(
+        None, _limit, "requests per minute per model, calendar-minute windows (0: none)", type=int
+    )
+    tpm: int | None = setting(None, _limit, "input tokens per minute per model (0: none)", type=int)
+    rpd: int | None = setting(
+        None, _limit, "requests per day per model, to midnight Pacific (0: none)", type=int
+    )
+    replay: str | None = setting(
+        None,
+        s.optional(s.text),
+        'JSONL of {"sha256", "text", "finish_reason"} answers, by image sha256',
+        path=True,
+    )
+    decode_limit: int | None = setting(
+        None,
+        _limit,
+        "Interactions: output tokens of one request at most; longer answers come in "
+        "requires_continuation hops (0: none)",
+        type=int,
+    )
+    credit_budget_usd: float | None = setting(
+        None,
+        _BUDGET,
+        "prepaid credits in USD, spent at the model table's prices; then every generation "
+        "answers 402 (payment_required)",
+        type=float,
+    )
+    file_ttl_seconds: float = setting(
+        48 * 3600.0,
+        _POSITIVE,
+        "uploaded files expire (then answer 403 PERMISSION_DENIED) after this long; 48 h",
+        type=float,
+    )
+    hang_seconds: float = setting(
+        300.0, _AT_LEAST_ZERO, "how long a hang fault holds a request (then a 504)", type=float
+    )
+    quota_window_seconds: float = setting(
+        60.0,
+        _POSITIVE,
+        "the length of the rpm/tpm window: 60 as the service counts; shorter only to test or "
+        "benchmark minute-window behaviour in seconds",
+        type=float,
+    )
+    batch_seconds: float = setting(
+        10.0,
+        _AT_LEAST_ZERO,
+        "Batch Mode: a job is PENDING, then RUNNING, and SUCCEEDED after this many seconds",
+        type=float,
+    )
+    batch_expiry_seconds: float = setting(
+        48 * 3600.0,
+        _POSITIVE,
+        "Batch Mode: a job not done after this many seconds ends EXPIRED, without results (48 h)",
+        type=float,
+    )
+    batch_max_jobs: int = setting(
+        100,
+        _POSITIVE_COUNT,
+        "Batch Mode: unfinished jobs at once (100); one more is a 429",
+        type=int,
+    )
+    batch_enqueued_tokens: int | None = setting(
+        None,
+        _limit,
+        "Batch Mode: input tokens of a model's unfinished jobs at most; beyond, a 429",
+        type=int,
+    )
 
     def __post_init__(self) -> None:
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"port must be within 0-65535, got {self.port}")
-        if self.api_key is not None and not self.api_key:
-            raise ValueError("api_key must be None (accept any key) or a non-empty string")
-        for name in ("rpm", "tpm", "rpd", "decode_limit", "batch_enqueued_tokens"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ValueError(f"{name} must be a positive integer or None, got {value}")
-        if not 0.0 <= self.fault_rate <= 1.0:
-            raise ValueError(f"fault_rate must be within [0, 1], got {self.fault_rate}")
-        for name in ("latency_ms", "hang_seconds", "file_processing_seconds", "batch_seconds"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.inline_limit_bytes <= 0 or self.file_ttl_seconds <= 0:
-            raise ValueError("inline_limit_bytes and file_ttl_seconds must be positive")
-        if self.batch_expiry_seconds <= 0 or self.batch_max_jobs <= 0:
-            raise ValueError("batch_expiry_seconds and batch_max_jobs must be positive")
-        if self.credit_budget_usd is not None and self.credit_budget_usd < 0:
-            raise ValueError(
-                f"credit_budget_usd must be >= 0 or None, got {self.credit_budget_usd}"
-            )
+        """Every value checked, and normalised (0 for "no limit" becomes None), by its
+        declaration: the same check whether it came from a flag, a config or Python."""
+        for option in declared(type(self)):
+            object.__setattr__(self, option.name, _checked(option, getattr(self, option.name)))
+
+
+@dataclass(frozen=True, slots=True)
+class ServerOptions(LocalOptions):
+    """Everything a local server takes: the `[local]` options and those of a server of its own."""
+
+    host: str = setting("127.0.0.1", _string, "address to listen on")
+    port: int = setting(0, _PORT, "0 picks a free port", type=int)
+    api_key: str | None = setting(
+        None, _api_key, "accept only this key (default: any non-empty key)"
+    )
+    fault_kinds: tuple[str, ...] = setting(
+        FAULT_KINDS,
+        s.texts,
+        f"comma-separated faults that may be injected (default all: {','.join(FAULT_KINDS)})",
+        type=_kinds,
+    )
+    inline_limit_bytes: int = setting(
+        20 * _MIB,
+        _POSITIVE_COUNT,
+        "largest request body; the flag takes MiB (20 as in the guide; the live service takes 100)",
+        type=_mebibytes,
+    )
+    file_processing_seconds: float = setting(
+        0.0, _AT_LEAST_ZERO, "uploaded files stay PROCESSING this long", type=float
+    )
+    answer_log: str | None = setting(
+        None,
+        s.optional(_string),
+        "append one JSON line per delivered (paid) answer: time and the images' sha256, to audit "
+        "what a client paid for against what it kept",
+    )
 
     def __repr__(self) -> str:  # the key never appears in logs or reprs
         key = "None" if self.api_key is None else "'***'"

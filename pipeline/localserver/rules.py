@@ -10,15 +10,17 @@ the table.
 (a documented answer or one seen in public reports, named in `source`), "written" when no source
 gives it and the text is ours, written to say the same thing plainly.
 
-Sources: "notes" is /work/shared/gemini-notes.md (the SDK-checked digest the project follows);
-"SDK" names a function of google-genai 3.6; URLs are public documentation or issue threads.
+Sources: "docs/gemini-api.md § X" is a section of the project's digest of the Gemini API
+documentation (its Sources section names the public pages); "SDK" names a function of google-genai
+3.6 (https://github.com/googleapis/python-genai, under `google/genai/`); URLs are public
+documentation or issue threads.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-NOTES = "gemini-notes.md"
+DIGEST = "docs/gemini-api.md §"  # a section of it follows
 API_ERRORS = "https://ai.google.dev/gemini-api/docs/api-errors"
 ESF_UNKNOWN = (
     "https://github.com/google-gemini/gemini-cli/issues/13972 (Unknown name ... Cannot find "
@@ -48,13 +50,13 @@ _RULES = (
         "auth.missing-key",
         "403 PERMISSION_DENIED / 401 authentication",
         "A request without x-goog-api-key (or ?key=) is refused.",
-        f"{NOTES} Errors; {API_ERRORS}",
+        f"{DIGEST} Errors; {API_ERRORS}",
     ),
     Rule(
         "auth.invalid-key",
         "400 INVALID_ARGUMENT (ErrorInfo API_KEY_INVALID) / 401 authentication",
         "A key other than --api-key is refused.",
-        f"{NOTES} Errors; {API_ERRORS}",
+        f"{DIGEST} Errors; {API_ERRORS}",
     ),
     Rule(
         "body.malformed",
@@ -67,7 +69,7 @@ _RULES = (
         "body.too-large",
         "400 INVALID_ARGUMENT / invalid_request",
         "A request body above the inline limit (--inline-limit-mb, 20 MiB) is refused; no 413.",
-        f"{NOTES} Sending images, Errors",
+        f"{DIGEST} Sending images, § Errors",
     ),
     # ------------------------------------------------------------------------------ the wire
     Rule(
@@ -99,7 +101,7 @@ _RULES = (
         "model.no-interactions",
         "404 NOT_FOUND / 404 model_not_found",
         "An Interactions call to a model whose table entry says interactions: false.",
-        f"{NOTES} Interactions API; models.json `interactions`",
+        f"{DIGEST} Interactions API; models.json `interactions`",
         "written",
     ),
     Rule(
@@ -113,13 +115,13 @@ _RULES = (
         "image.base64",
         "400 INVALID_ARGUMENT / invalid_request",
         "Inline data that is not base64 (standard or URL-safe, as the SDK sends) is refused.",
-        f"{NOTES} Sending images",
+        f"{DIGEST} Sending images",
     ),
     Rule(
         "image.mime",
         "400 INVALID_ARGUMENT / invalid_request",
         "Only image/png, jpeg, webp, heic, heif are taken.",
-        f"{NOTES} Sending images",
+        f"{DIGEST} Sending images",
     ),
     Rule(
         "image.undecodable",
@@ -139,13 +141,13 @@ _RULES = (
         "403 PERMISSION_DENIED / 403 permission_denied",
         "A file that does not exist, was deleted, or expired (--file-ttl-seconds, 48 h by "
         "default) answers 403, on files.get and when used in a request.",
-        f"{NOTES} Files API",
+        f"{DIGEST} Files API",
     ),
     Rule(
         "file.not-active",
         "400 FAILED_PRECONDITION / failed_precondition",
         "Using a file still PROCESSING (--file-processing-seconds).",
-        f"{NOTES} Files API",
+        f"{DIGEST} Files API",
     ),
     # ------------------------------------------------------------------------------ settings
     Rule(
@@ -158,34 +160,35 @@ _RULES = (
         "thinking.both",
         "400 INVALID_ARGUMENT",
         "thinkingBudget together with thinkingLevel.",
-        f"{NOTES} Models and thinking",
+        f"{DIGEST} Models and thinking",
         "written",
     ),
     Rule(
         "thinking.level-unsupported",
         "400 INVALID_ARGUMENT / invalid_request",
         "A thinkingLevel sent to a model set by budget (2.5).",
-        f"{NOTES} Models and thinking; https://github.com/RooCodeInc/Roo-Code/issues/10700",
+        f"{DIGEST} Models and thinking; https://github.com/RooCodeInc/Roo-Code/issues/10700",
     ),
     Rule(
         "thinking.level-value",
         "400 INVALID_ARGUMENT / invalid_request",
         "A level the model does not take (e.g. minimal on 3.7/3.8 Flash, 3 Pro): "
         "models.Thinking.level_error's words.",
-        f"{NOTES} Models and thinking; https://github.com/fishjar/kiss-translator/issues/1048",
+        f"{DIGEST} Models and thinking; https://github.com/fishjar/kiss-translator/issues/1048",
     ),
     Rule(
         "thinking.budget-unsupported",
         "400 INVALID_ARGUMENT",
         "A thinkingBudget sent to a model set by level (Gemini 3): models.Thinking.budget_error.",
-        f"{NOTES} Models and thinking (Gemini 3: thinkingLevel only)",
+        f"{DIGEST} Models and thinking, which calls a budget on 3.x 'no longer recommended' "
+        "(not refused): the double is stricter than the service here",
         "written",
     ),
     Rule(
         "thinking.budget-range",
         "400 INVALID_ARGUMENT",
         "A budget outside the model's range (2.5 Pro refuses 0): models.Thinking.budget_error.",
-        f"{NOTES} Models and thinking; https://github.com/RooCodeInc/Roo-Code/issues/4399",
+        f"{DIGEST} Models and thinking; https://github.com/RooCodeInc/Roo-Code/issues/4399",
     ),
     Rule(
         "schema.both",
@@ -207,7 +210,7 @@ _RULES = (
         "400 INVALID_ARGUMENT",
         "generationConfig.mediaResolution takes LOW, MEDIUM, HIGH only: ULTRA_HIGH is no value "
         "of that enum (the service's invalid-enum answer).",
-        f"{NOTES} Image tokens; SDK types.MediaResolution; {ESF_VALUE}",
+        f"{DIGEST} Image tokens; SDK types.MediaResolution; {ESF_VALUE}",
     ),
     Rule(
         "media.global-model",
@@ -220,14 +223,15 @@ _RULES = (
         "media.part-version",
         "400 INVALID_ARGUMENT",
         "A per-part mediaResolution off v1alpha: the Part of v1beta and v1 has no such field.",
-        f"{NOTES} Image tokens ('per-part resolution ... on v1alpha only')",
+        f"{DIGEST} Image tokens ('it was v1alpha-only earlier'; v1beta, documented since "
+        "2026-09-19, is not followed here yet)",
     ),
     Rule(
         "media.part-model",
         "400 INVALID_ARGUMENT / invalid_request",
         "A per-part media resolution (or an Interactions image resolution) on a model whose "
         "table entry has no part_media_resolution for this API version (2.x).",
-        f"{NOTES} Image tokens ('documented for Gemini 3 only'); models.json",
+        f"{DIGEST} Image tokens ('documented for Gemini 3'); models.json",
         "written",
     ),
     # ------------------------------------------------------------------------------ Interactions
@@ -236,7 +240,7 @@ _RULES = (
         "400 invalid_request",
         "response_format.schema is JSON Schema: upper-case type names (ARRAY, OBJECT, ...) of "
         "the OpenAPI subset are refused.",
-        f"{NOTES} Interactions API ('The schema is JSON Schema: lowercase type names')",
+        f"{DIGEST} Interactions API ('The schema is JSON Schema: lowercase type names')",
         "written",
     ),
     Rule(
@@ -251,7 +255,7 @@ _RULES = (
         "400 invalid_request",
         "A continuation_token the server did not issue, already used, or sent with another "
         "request than the one it continues.",
-        f"{NOTES} Interactions API (Continuation); SDK _interactions_continuation",
+        f"{DIGEST} Interactions API (Continuation); SDK _interactions_continuation",
         "written",
     ),
     Rule(
@@ -268,7 +272,7 @@ _RULES = (
         "Only the resumable protocol (X-Goog-Upload-Protocol: resumable, Command: start) with "
         "the file's size; a file name 'files/' + up to 40 of [a-z0-9-], not taken; at most "
         "2 GB; a page token files.list issued.",
-        f"{NOTES} Files API; SDK files.upload",
+        f"{DIGEST} Files API; SDK files.upload",
         "written",
     ),
     Rule(
@@ -276,7 +280,7 @@ _RULES = (
         "400 INVALID_ARGUMENT",
         "The start answer announces X-Goog-Upload-Chunk-Granularity: 262144; a non-final chunk "
         "whose size is not a multiple of it is refused (the session stays active).",
-        f"{NOTES} Files API; wording after Google's upload service ('The number of bytes "
+        f"{DIGEST} Files API; wording after Google's upload service ('The number of bytes "
         "uploaded is required to be ... 262144, except for the final request'), "
         "https://github.com/googleapis/gcs-resumable-upload/issues/17",
         "written",
@@ -285,14 +289,14 @@ _RULES = (
         "upload.offset",
         "400 INVALID_ARGUMENT",
         "X-Goog-Upload-Offset must equal the bytes received; the size must match the start.",
-        f"{NOTES} Files API",
+        f"{DIGEST} Files API",
         "written",
     ),
     Rule(
         "upload.session",
         "404 NOT_FOUND",
         "A chunk sent to an upload session that ended or never existed.",
-        f"{NOTES} Files API",
+        f"{DIGEST} Files API",
         "written",
     ),
     # ------------------------------------------------------------------------------ limits
@@ -303,7 +307,7 @@ _RULES = (
         "--rpm/--tpm/--rpd per model in calendar-minute windows and the Pacific day; every "
         "limit hit at once is listed (per-minute first, per-day last); RetryInfo is the longest "
         "wait.",
-        f"{NOTES} Errors, Rate limits; {API_ERRORS}; SDK _gaos retries (retry-after-ms)",
+        f"{DIGEST} Errors, § Rate limits; {API_ERRORS}; SDK _gaos retries (retry-after-ms)",
     ),
     Rule(
         "credits.depleted",
@@ -318,14 +322,14 @@ _RULES = (
         "200 status requires_continuation + continuation_token",
         "--decode-limit N: an Interactions answer longer than N output tokens comes in hops; "
         "each hop re-bills the input, bills its own output, and counts against the quotas.",
-        f"{NOTES} Interactions API (Continuation); SDK _interactions_continuation",
+        f"{DIGEST} Interactions API (Continuation); SDK _interactions_continuation",
     ),
     Rule(
         "faults.injected",
         "500 INTERNAL, 503 UNAVAILABLE, 504 after a hang; or a 200 cut at MAX_TOKENS, fenced "
         "JSON, out-of-range boxes, masks without their data: prefix",
         "--fault-rate F with --seed S: seeded faults the client must survive (faults.py).",
-        f"{NOTES} Errors, Segmentation (known failure modes)",
+        f"{DIGEST} Errors, § Recommended settings and known failure modes",
     ),
     # ------------------------------------------------------------------------------ Batch Mode
     Rule(
@@ -338,14 +342,14 @@ _RULES = (
         "inline (inline input); EXPIRED, without results, when --batch-expiry-seconds (48 h) "
         "pass first; a refused line or an injected 500/503/deadline is that line's `error` (a "
         "google.rpc.Status with its RPC code). Billed at the batch price.",
-        f"{NOTES} Batch Mode; SDK batches.py, types.JobState",
+        f"{DIGEST} Batch Mode; SDK batches.py, types.JobState",
     ),
     Rule(
         "batch.limit",
         "429 RESOURCE_EXHAUSTED (Help link)",
         "A create beyond --batch-max-jobs unfinished jobs (100), or beyond --batch-enqueued-tokens "
         "input tokens enqueued for the model, is refused.",
-        f"{NOTES} Batch Mode (100 concurrent jobs, per-model enqueued-token caps); {BATCH_QUOTA}",
+        f"{DIGEST} Batch Mode (100 concurrent jobs, per-model enqueued-token caps); {BATCH_QUOTA}",
     ),
     Rule(
         "batch.input",
@@ -359,7 +363,7 @@ _RULES = (
         "batch.input-format",
         "200: the job ends BATCH_STATE_FAILED with an error",
         "An input file with a line that is not a JSON object fails the whole job.",
-        f"{NOTES} Batch Mode (one JSON object a line)",
+        f"{DIGEST} Batch Mode (one JSON object a line)",
         "written",
     ),
     Rule(
@@ -380,7 +384,7 @@ _RULES = (
         "model.no-batch",
         "404 NOT_FOUND",
         "batchGenerateContent for a model whose table entry says batch: false.",
-        f"{NOTES} Batch Mode; models.json `batch`",
+        f"{DIGEST} Batch Mode; models.json `batch`",
         "written",
     ),
     Rule(

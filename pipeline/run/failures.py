@@ -5,8 +5,10 @@ An error must not become data it is not. The three answers, and what the engine 
 - the image's fault (`IMAGE`): a 400 about this request's content (an image the service cannot
   process, a body over the limit) -> an `error` row; `BLOCKED` -> a `blocked` row.
 - nobody's (`RETRY`): rate limits, overload, server faults, timeouts, dropped connections, 409
-  aborted -> retried within the run (backoff, `retryDelay`); when the attempts run out the row is
-  an error marked `retryable`, which a later plain run tries again (`[limits] retry_runs` times).
+  aborted -> retried within the run (backoff, `retryDelay`, up to `[limits] max_attempts`); when
+  the attempts run out the row is an error marked `retryable`, which the next plain runs try
+  again, three runs at most (`RETRY_RUNS` in pipeline/output/index.py: a constant, not a
+  setting); `--retry-errors` redoes it, as every error, whenever it is given.
 - the run's (`RUN`): a wrong or expired key, 401 / 403 on the method, a 404 on the method
   (wrong model, base URL or version), a redirect, 402 (prepaid credits spent), the daily quota
   -> the run stops at once, exit 3 (2 when the config must change), with a message naming the

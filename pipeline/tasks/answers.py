@@ -285,8 +285,8 @@ def read_number(value: Any) -> float:
 
 def pixel_box(values: Sequence[float], width: int, height: int) -> list[float]:
     """[ymin, xmin, ymax, xmax] in 0-1000 -> [x0, y0, x1, y1] in pixel-edge coordinates of the
-    image: `masks.box_edges` (the seed's rule, y first, corners sorted) clipped to the image, so
-    a mask's pixels are the ones whose centres lie in this box."""
+    image: `masks.box_edges` (docs/gemini-api.md § Object detection: y first; corners sorted)
+    clipped to the image, so a mask's pixels are the ones whose centres lie in this box."""
     x0, y0, x1, y1 = masks.box_edges(values, width, height)
     return [
         min(max(x0, 0.0), width),

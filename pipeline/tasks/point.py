@@ -1,7 +1,8 @@
 """point: a point on each item and its label, the guide's pointing answer.
 
 The answer is `[{"point": [y, x], "label": ...}]` with y first and both normalised to 0-1000
-(notes, "Points"; the same convention as box_2d). Rows keep `point_2d` exactly as returned and
+(docs/gemini-api.md § Recommended settings and known failure modes, "Points"; the same
+convention as box_2d). Rows keep `point_2d` exactly as returned and
 `xy`, the point in pixels of the displayed image ([x, y], x first like `bbox`); see
 `answers.read_points` for what is skipped.
 """
