@@ -12,21 +12,17 @@ import json
 from PIL import Image
 
 from pipeline.localserver import LocalServer, ServerOptions
+from tests.conftest import Clock
 from tests.localserver_support import (
     DETECT,
     GRANULARITY,
     KEY,
-    Clock,
     answer_text,
     draw_scene,
     generate,
-    http,
-    server,
     start_upload,
     upload,
 )
-
-FIXTURES = (http, server)  # pytest fixtures used by name below
 
 
 def big_png() -> bytes:

@@ -20,15 +20,9 @@ from pipeline.commands.render import render
 from pipeline.commands.reparse import reparse
 from pipeline.gemini import parse_response
 from pipeline.output.dataset import current_rows
-from pipeline.run.runner import RunOptions, run_async
-from tests.conftest import draw_shapes, make_config, read_rows
+from tests.conftest import REPO, draw_shapes, make_config, read_rows, run
 
-REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "data" / "samples"
-
-
-async def run(config, **options):
-    return await run_async(config, RunOptions(progress=False, seed=0, **options))
 
 
 @pytest.mark.parametrize(
