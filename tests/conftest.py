@@ -1,20 +1,37 @@
-"""Shared helpers for the end-to-end tests: shape images with exact truth, configs, outputs."""
+"""Shared helpers of the tests: shape images with exact truth, configs, runs, rows and outputs,
+a hand clock, polling; and the shared fixtures (the local server, an HTTP session, S3 on
+loopback, an output on disk and on S3)."""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import io
+import os
 import random
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import numpy as np
 import pyarrow.dataset as ds
 import pytest
 from PIL import Image, ImageDraw
 
 from pipeline.config import Config, parse_config
+from pipeline.engines import RunOptions, run_async
+from pipeline.localserver.options import ServerOptions
+from pipeline.localserver.server import LocalServer
+from pipeline.masks import rle_encode
+from pipeline.output.sink import ParquetSink
+from pipeline.output.stores import Store, open_store
+from pipeline.records import make_key
+from pipeline.run.summary import RunSummary
 
+REPO = Path(__file__).resolve().parent.parent
 COLORS = [(220, 40, 40), (40, 170, 70), (40, 80, 220), (235, 200, 40), (140, 60, 170)]
 
 
@@ -58,6 +75,25 @@ def draw_shapes(
     return image, shapes
 
 
+def scene_png(seed: int, size: tuple[int, int] = (96, 96)) -> bytes:
+    """The PNG bytes of a scene of two shapes drawn from `seed`."""
+    buffer = io.BytesIO()
+    draw_shapes(*size, seed=seed, count=2)[0].save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def save_scenes(
+    folder: Path, count: int, *, prefix: str, seed: int, size: tuple[int, int] = (96, 80)
+) -> list[Path]:
+    """`count` PNGs of two shapes each, PREFIX000.png on, drawn from seeds `seed` on."""
+    paths = []
+    for i in range(count):
+        path = folder / f"{prefix}{i:03d}.png"
+        draw_shapes(*size, seed=seed + i, count=2)[0].save(path)
+        paths.append(path)
+    return paths
+
+
 def box_iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
     ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
@@ -93,6 +129,107 @@ def read_rows(output_dir: Path) -> list[dict[str, Any]]:
     return ds.dataset(files, format="parquet").to_table().to_pylist()
 
 
+def newest_by_path(rows: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The newest row (by completed_at) per image path, as readers see it."""
+    newest: dict[str, dict[str, Any]] = {}
+    for row in sorted(rows, key=lambda r: r["completed_at"]):
+        newest[row["image_path"]] = row
+    return newest
+
+
+def read_current(output_dir: Path) -> dict[str, dict[str, Any]]:
+    """The newest committed row per image path of an output folder."""
+    return newest_by_path(read_rows(output_dir))
+
+
+async def run(config: Config, **options: Any) -> RunSummary:
+    """A run in this event loop, quiet and with seeded backoff; `options` are RunOptions'."""
+    return await run_async(config, RunOptions(**{"progress": False, "seed": 0, **options}))
+
+
+def result_row(
+    path: str,
+    *,
+    content: str | None = None,
+    settings: str = "s1",
+    root: str = "/data",
+    task: str = "detect",
+    status: str = "ok",
+    **columns: Any,
+) -> dict[str, Any]:
+    """A row as a run commits it, for image `path` under `root`: keyed by the sha256 of `content`
+    (of the path when None) under the `settings` hash, with the other `columns` as given."""
+    digest = hashlib.sha256((path if content is None else content).encode()).hexdigest()
+    return {
+        "key": make_key(digest, settings),
+        "image_path": path,
+        "image_root": root,
+        "image_sha256": digest,
+        "task": task,
+        "status": status,
+        **columns,
+    }
+
+
+def result_object(
+    label: str, box: Iterable[float], mask: np.ndarray | None = None
+) -> dict[str, Any]:
+    """An object as rows hold it: `box` in pixels, the mask (if any) as RLE, and a box_2d of the
+    whole image (readers use the pixel box)."""
+    return {
+        "label": label,
+        "box_2d": [0, 0, 1000, 1000],
+        "bbox": [float(v) for v in box],
+        "mask": rle_encode(mask) if mask is not None else None,
+    }
+
+
+async def write_rows(
+    output: str | Path | Store, run_id: str, rows: Iterable[dict[str, Any]], **sink: Any
+) -> None:
+    """Commit `rows` through a ParquetSink of run `run_id` (`sink`: its other options)."""
+    async with ParquetSink(output, run_id, **sink) as writer:
+        for row in rows:
+            await writer.add(row)
+
+
+# ------------------------------------------------------------------ processes, time and waiting
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a child process running this checkout, as it is now (the S3 fixture
+    sets the AWS variables)."""
+    return {**os.environ, "PYTHONPATH": str(REPO), **extra}
+
+
+START = 1_800_000_000.0  # 2027-01-15 08:00:00 UTC: a minute boundary and midnight Pacific
+
+
+class Clock:
+    """A clock tests move by hand: quota windows and file lifecycles without sleeping."""
+
+    def __init__(self, now: float = START) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def until(
+    predicate: Callable[[], Any],
+    *,
+    timeout: float = 60.0,
+    interval: float = 0.05,
+    exited: Callable[[], Any] | None = None,
+) -> None:
+    """Poll `predicate` until true; the timeout only bounds a failing test. With `exited` (None
+    while the run being watched goes on, as a child's returncode), that run must not end first."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if exited is not None:
+            assert exited() is None, "the run ended before the condition held"
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(interval)
+
+
 @pytest.fixture
 def images_dir(tmp_path: Path) -> Path:
     path = tmp_path / "images"
@@ -106,7 +243,6 @@ def s3_endpoint() -> Any:
     """moto's S3 server on loopback, one for the whole session (starting it costs ~1 s), with
     the standard AWS environment pointing at it, as a user's would point at their endpoint."""
     import logging
-    import os
 
     from moto.server import ThreadedMotoServer
 
@@ -141,10 +277,8 @@ def put_images(prefix: str, count: int, *, start: int = 0) -> list[str]:
     fs = filesystem("s3")
     names = []
     for n in range(start, start + count):
-        buffer = io.BytesIO()
-        draw_shapes(96, 96, seed=n, count=2)[0].save(buffer, "PNG")
         name = f"batch{n % 3}/img{n:03d}.png"
-        fs.pipe(f"{prefix}/{name}", buffer.getvalue())
+        fs.pipe(f"{prefix}/{name}", scene_png(n))
         names.append(name)
     return sorted(names)
 
@@ -160,3 +294,51 @@ def bucket(s3_endpoint: str) -> str:
     name = f"test-bucket-{next(_BUCKETS)}"
     filesystem("s3").mkdir(name)
     return f"s3://{name}"
+
+
+@pytest.fixture(params=["disk", "s3"])
+def out(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An output's place, once a local folder and once a prefix of a bucket on the local S3."""
+    if request.param == "disk":
+        return str(tmp_path / "out")
+    return request.getfixturevalue("bucket") + "/out"
+
+
+@pytest.fixture
+def store(out: str) -> Store:
+    """The Store of `out` (on disk, then on S3)."""
+    return open_store(out)
+
+
+# ------------------------------------------------------------------ the local Gemini server
+@pytest.fixture
+def server_options() -> ServerOptions:
+    """The options of `server`; a test module overrides this fixture to start another server."""
+    return ServerOptions()
+
+
+@pytest.fixture
+def server_clock() -> Callable[[], float] | None:
+    """The clock of `server`: real time, unless a module overrides this with a hand clock."""
+    return None
+
+
+@pytest.fixture
+async def server(
+    server_options: ServerOptions, server_clock: Callable[[], float] | None
+) -> AsyncIterator[LocalServer]:
+    """The local Gemini-compatible server in the test's event loop, on a free loopback port."""
+    async with LocalServer(server_options, clock=server_clock) as running:
+        yield running
+
+
+@pytest.fixture
+def clock() -> Clock:
+    """A hand clock at START."""
+    return Clock()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session

@@ -1,8 +1,9 @@
-"""Helpers of the local server's tests: images with exact truth, raw HTTP calls, a hand clock.
+"""Helpers of the local server's tests: images with exact truth, raw HTTP calls.
 
 Images are drawn with Pillow at known coordinates, so every answer has an exact truth: boxes,
 masks (PNG probability maps and polygons), labels, captions and token counts. Calls are raw
-aiohttp requests over loopback, so the tests see exactly what the wire carries.
+aiohttp requests over loopback, so the tests see exactly what the wire carries. The `server`
+and `http` fixtures, the hand Clock, box_iou and mask_iou are in tests/conftest.py.
 """
 
 from __future__ import annotations
@@ -13,10 +14,8 @@ from typing import Any
 
 import aiohttp
 import numpy as np
-import pytest
 from PIL import Image, ImageDraw
 
-from pipeline.localserver.options import ServerOptions
 from pipeline.localserver.server import LocalServer
 
 KEY = "test-key"
@@ -35,30 +34,7 @@ SHAPES = (
     ("green triangle", "triangle", (60, 220, 300, 350), (40, 170, 70)),
     ("blue rectangle", "rectangle", (230, 50, 350, 140), (40, 80, 220)),
 )
-START = 1_800_000_000.0  # 2027-01-15 08:00:00 UTC: a minute boundary and midnight Pacific
 GRANULARITY = 256 * 1024  # X-Goog-Upload-Chunk-Granularity
-
-
-class Clock:
-    """A clock tests move by hand: quota windows and file lifecycles without sleeping."""
-
-    def __init__(self, now: float = START) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-async def server():
-    async with LocalServer(ServerOptions()) as running:
-        yield running
-
-
-@pytest.fixture
-async def http():
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 def draw_scene(
@@ -161,17 +137,6 @@ def error_of(answer: dict[str, Any]) -> tuple[Any, str]:
     """(code or status, message) of an error body of either flavour."""
     error = answer["error"]
     return error.get("status", error["code"]), error["message"]
-
-
-def box_iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
-
-
-def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
-    return float((a & b).sum() / (a | b).sum())
 
 
 def pixel_box(box_2d: list[int], width: int, height: int) -> tuple[int, int, int, int]:

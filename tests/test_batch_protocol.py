@@ -26,7 +26,8 @@ from pipeline.gemini.types import GenerateRequest, ImagePart
 from pipeline.localserver import fields as server_fields
 from pipeline.localserver.options import ServerOptions
 from pipeline.localserver.server import LocalServer
-from tests.localserver_support import DETECT, KEY, Clock, draw_scene
+from tests.conftest import Clock
+from tests.localserver_support import DETECT, KEY, draw_scene
 from tests.test_localserver_fields import sdk_fields
 
 MODEL = "gemini-2.5-flash"
@@ -55,23 +56,14 @@ async def until_done(client: GeminiClient, name: str) -> BatchJob:
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
+def server_options() -> ServerOptions:
+    """The options of the `server` fixture (tests/conftest.py) in this module."""
+    return ServerOptions(api_key=KEY, batch_seconds=60, batch_expiry_seconds=3600)
 
 
 @pytest.fixture
-async def server(clock):
-    options = ServerOptions(api_key=KEY, batch_seconds=60, batch_expiry_seconds=3600)
-    async with LocalServer(options, clock=clock) as running:
-        yield running
-
-
-@pytest.fixture
-async def http_session():
-    import aiohttp
-
-    async with aiohttp.ClientSession() as session:
-        yield session
+def server_clock(clock: Clock) -> Clock:
+    return clock  # the test moves the server's jobs through their states
 
 
 @pytest.fixture
@@ -262,10 +254,10 @@ async def test_an_inline_job_over_the_inline_limit_is_a_400(clock):
         ({"fileName": "files/x", "bogus": True}, 400, "INVALID_ARGUMENT"),
     ],
 )
-async def test_bad_inputs_are_refused_at_creation(server, http_session, source, code, status):
+async def test_bad_inputs_are_refused_at_creation(server, http, source, code, status):
     url = f"{server.base_url}/v1beta/models/{MODEL}:batchGenerateContent"
     body = {"batch": {"inputConfig": source}}
-    async with http_session.post(url, json=body, headers={"x-goog-api-key": KEY}) as answer:
+    async with http.post(url, json=body, headers={"x-goog-api-key": KEY}) as answer:
         error = (await answer.json())["error"]
     assert (answer.status, error["status"]) == (code, status)
 
@@ -276,7 +268,7 @@ async def test_an_unknown_model_is_a_404(server, client):
     assert refused.value.code == 404
 
 
-async def test_only_generated_files_download(server, client, clock, http_session):
+async def test_only_generated_files_download(server, client, clock, http):
     uploaded = await client.upload_file(PNG, "image/png")
     with pytest.raises(GeminiError) as refused:
         await client.batches.download(uploaded.name, Path("/dev/null"))
@@ -289,7 +281,7 @@ async def test_only_generated_files_download(server, client, clock, http_session
     resource = await client.get_file(done.responses_file)
     assert resource.state == "ACTIVE"
     url = f"{server.base_url}/v1beta/{done.responses_file}:download"  # without alt=media
-    async with http_session.get(url, headers={"x-goog-api-key": KEY}) as answer:
+    async with http.get(url, headers={"x-goog-api-key": KEY}) as answer:
         assert answer.status == 400
 
 

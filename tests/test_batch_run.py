@@ -3,7 +3,7 @@ files, real Parquet, a real state.sqlite — and a real kill -9.
 
 Runs against `base_url = "local"` use a short `[local] batch_seconds`; runs that must outlive a
 process, or whose jobs a test moves through time, use a LocalServer in the test's event loop with
-a hand clock (tests/localserver_support.Clock).
+a hand clock (tests/conftest.Clock).
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from pipeline import exits
 from pipeline.cli import main
 from pipeline.commands import status as status_command
 from pipeline.config import ConfigError
-from pipeline.engines import RunOptions, run_async
 from pipeline.engines.batch import jobs as batchjobs
 from pipeline.gemini import GeminiClient
 from pipeline.localserver.options import ServerOptions
@@ -34,10 +33,17 @@ from pipeline.localserver.server import LocalServer
 from pipeline.output.parts import current_rows
 from pipeline.output.state import State
 from pipeline.output.stores import open_store
-from tests.conftest import draw_shapes, make_config, put_images, read_rows
-from tests.localserver_support import Clock
+from tests.conftest import (
+    Clock,
+    draw_shapes,
+    make_config,
+    put_images,
+    read_current,
+    read_rows,
+    run,
+    until,
+)
 
-OPTS = RunOptions(progress=False, seed=0)
 FAST = {"poll_seconds": 0.02, "max_poll_seconds": 0.1}  # [batch]: tests poll often
 KEY = "batch-test-key"
 
@@ -65,18 +71,6 @@ def batch_config(tmp_path: Path, base_url: str = "local", **sections: dict[str, 
     return make_config(tmp_path, **sections)
 
 
-async def run(config, **options):
-    return await run_async(config, RunOptions(**{**OPTS.__dict__, **options}))
-
-
-def current(output: Path) -> dict[str, dict[str, Any]]:
-    """The newest row per image path, as readers see it."""
-    rows: dict[str, dict[str, Any]] = {}
-    for row in sorted(read_rows(output), key=lambda r: r["completed_at"]):
-        rows[row["image_path"]] = row
-    return rows
-
-
 def jobs_in(output: Path) -> list[Any]:
     state = State(output)
     try:
@@ -86,17 +80,17 @@ def jobs_in(output: Path) -> list[Any]:
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
+def server_options(monkeypatch: pytest.MonkeyPatch) -> ServerOptions:
+    """The options of the `server` fixture (tests/conftest.py) in this module: a server that
+    outlives the runs, which find its key in the environment."""
+    monkeypatch.setenv("GEMINI_API_KEY", KEY)
+    monkeypatch.delenv("GOOGLE_API_KEY", raising=False)
+    return ServerOptions(api_key=KEY, batch_seconds=60)
 
 
 @pytest.fixture
-async def server(clock, monkeypatch):
-    """A local server outliving the runs, its jobs moved through time by the test."""
-    monkeypatch.setenv("GEMINI_API_KEY", KEY)
-    monkeypatch.delenv("GOOGLE_API_KEY", raising=False)
-    async with LocalServer(ServerOptions(api_key=KEY, batch_seconds=60), clock=clock) as running:
-        yield running
+def server_clock(clock: Clock) -> Clock:
+    return clock  # the test moves the server's jobs through time
 
 
 # ------------------------------------------------------------------ the same rows, half the price
@@ -112,7 +106,7 @@ async def test_a_2000_image_segment_job_gives_the_interactive_runs_objects_and_m
     assert (summary.exit_code, dict(summary.rows)) == (exits.OK, {"ok": 2000})
     assert summary.batch["jobs_created"] == summary.batch["jobs_collected"] == 3  # 700+700+600
     assert summary.batch["requests_submitted"] == 2000 and summary.batch["jobs_in_flight"] == 0
-    live, bought = current(tmp_path / "interactive"), current(tmp_path / "batch")
+    live, bought = read_current(tmp_path / "interactive"), read_current(tmp_path / "batch")
     assert sorted(live) == sorted(bought) == names
     for name in names:
         assert bought[name]["key"] == live[name]["key"]
@@ -153,7 +147,7 @@ async def test_the_same_bytes_at_two_paths_are_asked_once(tmp_path):
     tiny_images(tmp_path / "images", 3)
     shutil.copy(tmp_path / "images" / "0000.png", tmp_path / "images" / "twin.png")
     summary = await run(batch_config(tmp_path))
-    rows = current(tmp_path / "out")
+    rows = read_current(tmp_path / "out")
     assert summary.batch["requests_submitted"] == 3 and len(rows) == 4
     assert rows["twin.png"]["objects"] == rows["0000.png"]["objects"]
     billed = [rows[name]["prompt_tokens"] for name in ("0000.png", "twin.png")]
@@ -188,7 +182,11 @@ async def test_kill_9_while_polling_then_rerun_creates_no_second_job(server, clo
     )
     polled = "GET /v1beta/batches/{id}"
     try:  # created, and then polled at least once (still PENDING: the clock has not moved)
-        await _until(lambda: server.stats()["requests"].get(polled), lambda: child.returncode)
+        await until(
+            lambda: server.stats()["requests"].get(polled),
+            exited=lambda: child.returncode,
+            interval=0.02,
+        )
     finally:
         child.send_signal(signal.SIGKILL)
         await child.wait()
@@ -199,18 +197,8 @@ async def test_kill_9_while_polling_then_rerun_creates_no_second_job(server, clo
     summary = await run(config)
     assert server.stats()["batches"]["created"] == 1  # no second job: nothing paid twice
     assert summary.batch["jobs_created"] == 0 and summary.batch["jobs_collected"] == 1
-    assert dict(summary.rows) == {"ok": 30} and len(current(tmp_path / "out")) == 30
+    assert dict(summary.rows) == {"ok": 30} and len(read_current(tmp_path / "out")) == 30
     assert [job.phase for job in jobs_in(tmp_path / "out")] == ["collected"]
-
-
-async def _until(condition, exited, seconds: float = 60.0) -> None:
-    """Poll `condition` while the run it watches (a child process, a task) has not exited:
-    that run works on its own, the deadline only bounds the wait."""
-    deadline = asyncio.get_running_loop().time() + seconds
-    while not condition():
-        assert exited() is None, "the run ended before the condition held"
-        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
 
 
 def running(task: asyncio.Task) -> Any:
@@ -221,7 +209,9 @@ async def run_through(config, server: LocalServer, clock: Clock, created: int):
     """A run against `server` whose jobs end once `created` jobs exist: the clock moves past
     their time when the run has created them."""
     task = asyncio.create_task(run(config))
-    await _until(lambda: server.stats()["batches"]["created"] >= created, running(task))
+    await until(
+        lambda: server.stats()["batches"]["created"] >= created, exited=running(task), interval=0.02
+    )
     clock.now += 61
     return await task
 
@@ -245,7 +235,7 @@ async def test_submit_only_then_a_later_run_collects_and_submits_what_is_new(
     clock.now += 61
     last = await run(config)  # without --submit-only: waits for the rest
     assert dict(last.rows) == {"ok": 2} and last.batch["jobs_in_flight"] == 0
-    assert len(current(tmp_path / "out")) == 8 and server.stats()["batches"]["created"] == 2
+    assert len(read_current(tmp_path / "out")) == 8 and server.stats()["batches"]["created"] == 2
 
 
 @pytest.mark.parametrize(
@@ -366,7 +356,7 @@ async def test_wait_collects_the_jobs_of_an_output_without_its_config(server, cl
     )
     clock.now += 61
     waited = await batchjobs.wait(str(tmp_path / "out"), progress=False)
-    rows = current(tmp_path / "out")
+    rows = read_current(tmp_path / "out")
     assert waited.exit_code == exits.OK and len(rows) == 4
     assert {row["task"] for row in rows.values()} == {"detect"}  # parsed as the job's task
     assert all(row["objects"] and row["objects"][0]["mask"] is None for row in rows.values())
@@ -378,7 +368,7 @@ async def test_per_request_errors_become_rows_and_the_next_run_retries_them_in_a
     tiny_images(tmp_path / "images", 40)
     faulty = batch_config(tmp_path, local={"fault_rate": 0.3, "seed": 11})
     first = await run(faulty)
-    rows = current(tmp_path / "out")
+    rows = read_current(tmp_path / "out")
     failed = {name for name, row in rows.items() if row["retryable"]}  # 500, 503, deadline
     assert first.exit_code == exits.ROWS_NOT_OK and failed and len(rows) == 40
     assert {rows[name]["status"] for name in failed} == {"error"}
@@ -387,7 +377,7 @@ async def test_per_request_errors_become_rows_and_the_next_run_retries_them_in_a
 
     second = await run(batch_config(tmp_path))  # the fault is gone
     assert second.batch["requests_submitted"] == len(failed) and second.api_calls == 0
-    after = current(tmp_path / "out")
+    after = read_current(tmp_path / "out")
     assert all(after[name]["status"] == "ok" for name in failed)
 
 
@@ -397,12 +387,12 @@ async def test_retryable_errors_retried_interactively_when_so_configured(tmp_pat
     await run(
         batch_config(tmp_path, batch=interactive_retry, local={"fault_rate": 0.3, "seed": 11})
     )
-    failed = {name for name, row in current(tmp_path / "out").items() if row["retryable"]}
+    failed = {name for name, row in read_current(tmp_path / "out").items() if row["retryable"]}
     assert failed
 
     second = await run(batch_config(tmp_path, batch=interactive_retry))
     assert second.batch["requests_submitted"] == 0 and second.api_calls == len(failed)
-    after = current(tmp_path / "out")
+    after = read_current(tmp_path / "out")
     assert {after[name]["input_mode"] for name in failed} == {"inline"}
     assert all(after[name]["status"] == "ok" for name in failed)
 
@@ -464,7 +454,9 @@ async def test_big_images_are_uploaded_before_the_job_and_deleted_with_its_jsonl
     tiny_images(tmp_path / "images", 3)
     config = batch_config(tmp_path, base_url=server.base_url, images={"mode": "upload"})
     task = asyncio.create_task(run(config))
-    await _until(lambda: server.stats()["batches"]["created"] == 1, running(task))
+    await until(
+        lambda: server.stats()["batches"]["created"] == 1, exited=running(task), interval=0.02
+    )
     assert server.stats()["uploads"]["completed"] == 4  # three images, then the JSONL
     clock.now += 61
     summary = await task
@@ -535,7 +527,7 @@ async def test_reference_images_go_with_every_request_of_a_job(tmp_path):
     many = await run(batch_config(tmp_path, task=task, output={"dir": str(tmp_path / "many")}))
     assert (many.exit_code, many.rows, many.batch["jobs_collected"]) == (exits.OK, {"ok": 4}, 1)
     assert many.tokens["prompt_tokens"] == one.tokens["prompt_tokens"]
-    interactive, batch = current(tmp_path / "one"), current(tmp_path / "many")
+    interactive, batch = read_current(tmp_path / "one"), read_current(tmp_path / "many")
     for path, row in interactive.items():
         assert (batch[path]["key"], batch[path]["objects"]) == (row["key"], row["objects"])
         estimated = ("est_image_tokens", "est_prompt_tokens")  # one estimate for both paths

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,10 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import draw_shapes, read_rows
+from tests.conftest import REPO, child_env, draw_shapes, read_rows
 
-REPO = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+ENV = child_env()
 
 
 def pipeline(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -112,9 +112,9 @@ async def scripted_endpoint(app: web.Application) -> AsyncIterator[str]:
 
 
 @pytest.fixture
-async def server() -> AsyncIterator[LocalServer]:
-    async with serve() as running:
-        yield running
+def server_options() -> ServerOptions:
+    """The options of the `server` fixture (tests/conftest.py) in this module."""
+    return ServerOptions(api_key=KEY)  # as serve() starts it: its other settings are defaults
 
 
 @pytest.fixture

@@ -1,12 +1,10 @@
 """`pipeline compact`: plain readers (DuckDB, Polars, a glob) get exactly the current rows after
 it; the resume index is the same before and after; a kill -9 after any step leaves readers
-the old or the new set; on a folder and on S3."""
+the old or the new set; on a folder and on S3 (the `store` fixture of tests/conftest.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import os
 import subprocess
 import sys
 import textwrap
@@ -26,28 +24,25 @@ from pipeline.output.parts import current_rows, part_entries
 from pipeline.output.recovery import recover
 from pipeline.output.sink import ParquetSink
 from pipeline.output.stores import Store, open_store
-from pipeline.records import make_key
+from tests.conftest import REPO, child_env, result_row, write_rows
 
-REPO = Path(__file__).resolve().parents[1]
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
 IMAGES = 24
 
 
 def row(n: int, minute: int, *, suffix: str = "s1", text: str = "") -> dict[str, Any]:
-    sha = hashlib.sha256(f"image {n}".encode()).hexdigest()
-    return {
-        "key": make_key(sha, suffix),
-        "image_path": f"img{n:03d}.png",
-        "image_root": "/photos",
-        "image_sha256": sha,
-        "file_size": 100 + n,
-        "file_mtime_ns": 7,
-        "task": "caption",
-        "status": "ok",
-        "text": text or f"first {n}",
-        "prompt_tokens": 10,
-        "completed_at": T0 + timedelta(minutes=minute),
-    }
+    return result_row(
+        f"img{n:03d}.png",
+        content=f"image {n}",
+        settings=suffix,
+        root="/photos",
+        task="caption",
+        file_size=100 + n,
+        file_mtime_ns=7,
+        text=text or f"first {n}",
+        prompt_tokens=10,
+        completed_at=T0 + timedelta(minutes=minute),
+    )
 
 
 async def history(store: Store) -> None:
@@ -57,9 +52,7 @@ async def history(store: Store) -> None:
         ("r2", [row(n, 1, suffix="s2", text=f"second {n}") for n in range(0, IMAGES, 3)]),
         ("r3", [row(n, 2, suffix="s2", text=f"third {n}") for n in range(0, IMAGES, 6)]),
     ):
-        async with ParquetSink(store, run_id, rows_per_part=5) as sink:
-            for item in rows:
-                await sink.add(item)
+        await write_rows(store, run_id, rows, rows_per_part=5)
 
 
 def expected_texts() -> dict[str, str]:
@@ -67,13 +60,6 @@ def expected_texts() -> dict[str, str]:
     texts.update({f"img{n:03d}.png": f"second {n}" for n in range(0, IMAGES, 3)})
     texts.update({f"img{n:03d}.png": f"third {n}" for n in range(0, IMAGES, 6)})
     return texts
-
-
-@pytest.fixture(params=["disk", "s3"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
-    if request.param == "disk":
-        return open_store(tmp_path / "out")
-    return open_store(request.getfixturevalue("bucket") + "/out")
 
 
 def glob_texts(store: Store) -> list[tuple[str, str]]:
@@ -91,6 +77,11 @@ def glob_texts(store: Store) -> list[tuple[str, str]]:
     return sorted(rows)
 
 
+def current_texts(store: Store) -> dict[str, str]:
+    """What our readers get: the current row's text per image."""
+    return dict(zip(*current_rows(store, ["image_path", "text"]).to_pydict().values(), strict=True))
+
+
 async def test_after_compact_a_glob_reads_exactly_the_current_rows(store: Store) -> None:
     await history(store)
     before = glob_texts(store)
@@ -102,9 +93,7 @@ async def test_after_compact_a_glob_reads_exactly_the_current_rows(store: Store)
     assert (report["rows_before"], report["rows_after"]) == (IMAGES + 12, IMAGES)
     assert report["removed_tokens"]["prompt_tokens"] == 12 * 10  # paid: kept in the report
     assert glob_texts(store) == sorted(expected_texts().items())
-    assert dict(glob_texts(store)) == dict(
-        zip(*current_rows(store, ["image_path", "text"]).to_pydict().values(), strict=True)
-    )
+    assert dict(glob_texts(store)) == current_texts(store)
     # The resume index is the same: superseded answers are set aside, not lost.
     for old, suffix in zip(index_before, ("s1", "s2"), strict=True):
         new = load_resume_index(store, key_suffix=suffix, retry_errors=False)
@@ -157,6 +146,18 @@ KILLER = textwrap.dedent(
 STEPS = ("staged", "recorded", "published", "old-deleted", "done")
 
 
+async def compact_killed(where: str, after: str) -> int:
+    """`compact` in a child process that kills itself (SIGKILL) after step `after`: its exit."""
+    killed = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-c", KILLER, where, after],
+        cwd=REPO,
+        env=child_env(),
+        check=False,
+    )
+    return killed.returncode
+
+
 @pytest.mark.parametrize("killed_after", STEPS)
 async def test_compact_killed_after_any_step_leaves_the_old_or_the_new_set(
     tmp_path: Path, killed_after: str
@@ -166,18 +167,9 @@ async def test_compact_killed_after_any_step_leaves_the_old_or_the_new_set(
     await history(store)
     old = glob_texts(store)
     new = sorted(expected_texts().items())
-    killed = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-c", KILLER, str(out), killed_after],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        check=False,
-    )
-    assert killed.returncode == -9
+    assert await compact_killed(str(out), killed_after) == -9
     # Our readers: exactly the current rows at once, whatever step the kill landed after.
-    assert dict(
-        zip(*current_rows(store, ["image_path", "text"]).to_pydict().values(), strict=True)
-    ) == dict(new)
+    assert current_texts(store) == dict(new)
     seen = glob_texts(store)
     if killed_after in ("staged", "recorded"):
         assert seen == old  # nothing published yet
@@ -197,17 +189,8 @@ async def test_compact_killed_on_s3_is_finished_by_the_next_command(bucket: str)
     store = open_store(f"{bucket}/out")
     await history(store)
     new = sorted(expected_texts().items())
-    killed = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-c", KILLER, store.url, "published"],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        check=False,
-    )
-    assert killed.returncode == -9
-    assert dict(
-        zip(*current_rows(store, ["image_path", "text"]).to_pydict().values(), strict=True)
-    ) == dict(new)
+    assert await compact_killed(store.url, "published") == -9
+    assert current_texts(store) == dict(new)
     compact(store, lease_seconds=1)  # waits out the killed one's lease, finishes its switch
     assert glob_texts(store) == new
     assert not [e.name for e in store.list(".compact-")]

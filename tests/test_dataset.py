@@ -17,8 +17,8 @@ from pipeline.commands.status import format_status, status
 from pipeline.output.index import DigestSet, load_resume_index, lookup_rows
 from pipeline.output.index_cache import file_digest
 from pipeline.output.parts import current_rows
-from pipeline.output.sink import ParquetSink
 from pipeline.records import ROW_SCHEMA, make_key
+from tests.conftest import result_row, write_rows
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 ROOT = "/photos"
@@ -30,33 +30,20 @@ def sha(name: str) -> str:
 
 def row(path: str, minute: int, *, suffix: str = "s1", **changes: Any) -> dict[str, Any]:
     """A row for image `path` committed `minute` minutes after T0 under settings `suffix`."""
-    digest = sha(changes.pop("content", path))
     base = {
-        "key": make_key(digest, suffix),
-        "image_path": path,
-        "image_root": ROOT,
-        "image_sha256": digest,
         "file_size": 100,
         "file_mtime_ns": 5_000,
         "width": 64,
         "height": 48,
-        "task": "detect",
-        "status": "ok",
         "objects": [],
         "completed_at": T0 + timedelta(minutes=minute),
     }
-    return base | changes
-
-
-async def write(out: Path, run_id: str, rows: list[dict[str, Any]], per_part: int = 1000) -> None:
-    async with ParquetSink(out, run_id, rows_per_part=per_part) as sink:
-        for item in rows:
-            await sink.add(item)
+    return result_row(path, settings=suffix, root=ROOT, **(base | changes))
 
 
 # ------------------------------------------------------------------------------ supersede
 async def test_newest_row_per_image_and_task_is_current(tmp_path: Path) -> None:
-    await write(
+    await write_rows(
         tmp_path,
         "r1",
         [
@@ -66,7 +53,7 @@ async def test_newest_row_per_image_and_task_is_current(tmp_path: Path) -> None:
         ],
     )
     # A later part with an older completed_at does not win; the newer one does.
-    await write(tmp_path, "r2", [row("a.jpg", 9), row("b.jpg", 0, status="error")])
+    await write_rows(tmp_path, "r2", [row("a.jpg", 9), row("b.jpg", 0, status="error")])
     table = current_rows(tmp_path, ["image_path", "task", "status", "run_id"])
     assert table.to_pylist() == [
         {"image_path": "a.jpg", "task": "caption", "status": "ok", "run_id": "r1"},
@@ -77,9 +64,11 @@ async def test_newest_row_per_image_and_task_is_current(tmp_path: Path) -> None:
 
 
 async def test_same_time_later_part_then_later_row_wins(tmp_path: Path) -> None:
-    await write(tmp_path, "r1", [row("a.jpg", 0, text="first"), row("a.jpg", 0, text="second")])
+    await write_rows(
+        tmp_path, "r1", [row("a.jpg", 0, text="first"), row("a.jpg", 0, text="second")]
+    )
     assert current_rows(tmp_path, ["text"]).column("text").to_pylist() == ["second"]
-    await write(tmp_path, "r2", [row("a.jpg", 0, text="third")])
+    await write_rows(tmp_path, "r2", [row("a.jpg", 0, text="third")])
     assert current_rows(tmp_path, ["text"]).column("text").to_pylist() == ["third"]
 
 
@@ -113,7 +102,7 @@ def test_parts_from_elsewhere_are_refused(tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------------- resume
 async def test_resume_index_semantics(tmp_path: Path) -> None:
-    await write(
+    await write_rows(
         tmp_path,
         "r1",
         [
@@ -164,8 +153,10 @@ async def test_resume_index_semantics(tmp_path: Path) -> None:
 async def test_the_index_cache_gives_the_same_index_and_follows_new_parts(tmp_path: Path) -> None:
     """The facts cached under .index/ answer exactly as the parts do; a new part is added to
     them, a part that vanished (compacted away) makes its cache file unused."""
-    await write(tmp_path, "r1", [row(f"{n}.jpg", n) for n in range(30)], per_part=10)
-    await write(tmp_path, "r2", [row("3.jpg", 40, status="error", error="500", retryable=True)])
+    await write_rows(tmp_path, "r1", [row(f"{n}.jpg", n) for n in range(30)], rows_per_part=10)
+    await write_rows(
+        tmp_path, "r2", [row("3.jpg", 40, status="error", error="500", retryable=True)]
+    )
 
     def both(suffix: str = "s1") -> tuple[Any, Any]:
         fresh = load_resume_index(tmp_path, key_suffix=suffix, retry_errors=False)
@@ -182,7 +173,7 @@ async def test_the_index_cache_gives_the_same_index_and_follows_new_parts(tmp_pa
         assert len(index.done) == len(fresh.done) == 29  # 3.jpg is a retryable error now
         assert all(index.is_done(ROOT, f"{n}.jpg", 100, 5_000) == (n != 3) for n in range(30))
         assert len(index.ok_keys) == len(fresh.ok_keys) == 30
-    await write(tmp_path, "r3", [row("3.jpg", 50)])
+    await write_rows(tmp_path, "r3", [row("3.jpg", 50)])
     fresh, cached = both()
     assert len(cached.done) == len(fresh.done) == 30
     assert len(list((tmp_path / ".index").glob("facts-*.arrow"))) == 2
@@ -192,9 +183,9 @@ async def test_the_index_cache_gives_the_same_index_and_follows_new_parts(tmp_pa
 
 
 async def test_retried_error_superseded_for_index_and_status(tmp_path: Path) -> None:
-    await write(tmp_path, "r1", [row("a.jpg", 0, status="error", error="500")])
+    await write_rows(tmp_path, "r1", [row("a.jpg", 0, status="error", error="500")])
     assert status(tmp_path)["by_status"] == {"error": 1}
-    await write(tmp_path, "r2", [row("a.jpg", 1)])
+    await write_rows(tmp_path, "r2", [row("a.jpg", 1)])
     assert status(tmp_path)["by_status"] == {"ok": 1}
     assert load_resume_index(tmp_path, key_suffix="s1", retry_errors=True).is_done(
         ROOT, "a.jpg", 100, 5_000
@@ -217,7 +208,7 @@ def test_digest_set() -> None:
 # --------------------------------------------------------------------------------- lookup
 async def test_lookup_rows_gives_the_newest_ok_row_per_key(tmp_path: Path) -> None:
     cat = [{"label": "cat", "box_2d": [0, 0, 500, 500], "bbox": [0.0, 0.0, 32.0, 24.0]}]
-    await write(
+    await write_rows(
         tmp_path,
         "r1",
         [
@@ -237,9 +228,9 @@ async def test_lookup_rows_gives_the_newest_ok_row_per_key(tmp_path: Path) -> No
     assert lookup_rows(tmp_path, []) == {}
 
     # Later parts are seen by later lookups (the index of where ok rows are grows with them).
-    await write(tmp_path, "r2", [row("four.jpg", 9, content="same bytes", text="newest")])
+    await write_rows(tmp_path, "r2", [row("four.jpg", 9, content="same bytes", text="newest")])
     assert lookup_rows(tmp_path, [same])[same]["text"] == "newest"
-    await write(tmp_path, "r3", [row("bad.jpg", 10, text="fixed")])
+    await write_rows(tmp_path, "r3", [row("bad.jpg", 10, text="fixed")])
     assert lookup_rows(tmp_path, [bad])[bad]["text"] == "fixed"
     for part in tmp_path.glob("part-r[23]-*.parquet"):
         part.unlink()  # parts removed by hand: the index starts again
@@ -250,7 +241,7 @@ async def test_lookup_rows_gives_the_newest_ok_row_per_key(tmp_path: Path) -> No
 async def test_status_numbers(tmp_path: Path) -> None:
     billed = {"prompt_tokens": 1000, "output_tokens": 50, "thoughts_tokens": 5}
     billed |= {"total_tokens": 1055, "est_image_tokens": 900, "est_prompt_tokens": 950}
-    await write(
+    await write_rows(
         tmp_path,
         "r1",
         [
@@ -258,10 +249,10 @@ async def test_status_numbers(tmp_path: Path) -> None:
             row("b.jpg", 0, **billed),
             row("c.jpg", 0, status="blocked", **billed),
         ],
-        per_part=2,
+        rows_per_part=2,
     )
     copied = {"est_image_tokens": 900, "est_prompt_tokens": 950, "attempts": 0}
-    await write(tmp_path, "r2", [row("a.jpg", 1, **billed), row("d.jpg", 1, **copied)])
+    await write_rows(tmp_path, "r2", [row("a.jpg", 1, **billed), row("d.jpg", 1, **copied)])
     runs = tmp_path / "runs"
     runs.mkdir()
     (runs / "r1.json").write_text(json.dumps({"run_id": "r1", "seen": 3}))

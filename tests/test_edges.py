@@ -3,6 +3,7 @@ nothing paid lost, the event loop never frozen."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import signal
@@ -15,22 +16,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import exits
-from pipeline.engines import RunOptions, run_async
 from pipeline.gemini.types import Usage
 from pipeline.run.rows import checked_usage
-from tests.conftest import draw_shapes, make_config, read_rows
-from tests.test_cli import ENV, REPO, pipeline, write_config
+from tests.conftest import REPO, draw_shapes, make_config, read_rows, run, save_scenes
+from tests.test_cli import ENV, pipeline, write_config
 
-OPTS = RunOptions(progress=False, seed=0)
-
-
-def shapes(images: Path, count: int, size=(96, 80)) -> list[Path]:
-    paths = []
-    for i in range(count):
-        path = images / f"e{i:03d}.png"
-        draw_shapes(*size, seed=900 + i, count=2)[0].save(path)
-        paths.append(path)
-    return paths
+shapes = functools.partial(save_scenes, prefix="e", seed=900)  # shapes(folder, count): paths
 
 
 def replay(tmp_path: Path, answers: dict[Path, str]) -> str:
@@ -60,13 +51,13 @@ async def test_one_value_past_int32_skips_one_object_and_nothing_else(
     config = make_config(
         tmp_path, task={"kind": "detect"}, local={"replay": replay(tmp_path, {paths[3]: hostile})}
     )
-    summary = await run_async(config, OPTS)
+    summary = await run(config)
     rows = {row["image_path"]: row for row in read_rows(tmp_path / "out")}
     assert len(rows) == 20 and {r["status"] for r in rows.values()} == {"ok"}
     odd = rows["e003.png"]
     assert [o["label"] for o in odd["objects"]] == ["fine"]
     assert "out of range" in odd["error"]
-    again = await run_async(config, OPTS)  # nothing to redo, nothing paid again
+    again = await run(config)  # nothing to redo, nothing paid again
     assert summary.api_calls == 20 and again.api_calls == 0
 
 
@@ -93,7 +84,7 @@ async def test_a_hostile_answer_does_not_freeze_the_other_calls(
         local={"replay": replay(tmp_path, {big: hostile}), "latency_ms": 50},
         limits={"concurrency": 8},
     )
-    summary = await run_async(config, OPTS)
+    summary = await run(config)
     rows = {row["image_path"]: row for row in read_rows(tmp_path / "out")}
     assert summary.api_calls == len(others) + 1  # nobody paid twice
     assert len(rows["big.png"]["objects"]) == 1000  # the cap on objects, with its reason
@@ -194,7 +185,7 @@ async def test_a_pipeline_output_used_as_a_manifest_finds_its_images(
     images_dir: Path, tmp_path: Path
 ) -> None:
     shapes(images_dir, 3)
-    await run_async(make_config(tmp_path, task={"kind": "detect"}), OPTS)
+    await run(make_config(tmp_path, task={"kind": "detect"}))
     part = next((tmp_path / "out").glob("*.parquet"))
     manifest = tmp_path / "again.parquet"
     pq.write_table(pq.read_table(part), manifest)
@@ -204,7 +195,7 @@ async def test_a_pipeline_output_used_as_a_manifest_finds_its_images(
         output={"dir": str(tmp_path / "out2")},
         task={"kind": "caption"},
     )
-    summary = await run_async(config, OPTS)
+    summary = await run(config)
     rows = read_rows(tmp_path / "out2")
     assert summary.exit_code == exits.OK and {r["status"] for r in rows} == {"ok"}
     assert sorted(r["image_path"] for r in rows) == ["e000.png", "e001.png", "e002.png"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 from pathlib import Path
@@ -16,9 +15,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from pipeline.commands.export import export_coco
-from pipeline.masks import rle_encode
-from pipeline.output.sink import ParquetSink
-from pipeline.records import make_key
+from tests.conftest import result_object, result_row, write_rows
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
@@ -37,30 +34,25 @@ def rect(x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
 
 
 def obj(label: str, mask: np.ndarray | None = None, box: tuple[float, ...] = ()) -> dict:
+    """An object with `box`, or with `mask` and the box that bounds it."""
     if mask is not None:
         ys, xs = np.nonzero(mask)
         box = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
-    return {
-        "label": label,
-        "box_2d": [0, 0, 1000, 1000],
-        "bbox": [float(v) for v in box],
-        "mask": rle_encode(mask) if mask is not None else None,
-    }
+    return result_object(label, box, mask)
 
 
 def row(path: str, task: str, status: str, objects: list | None, **extra: Any) -> dict:
-    digest = hashlib.sha256(path.encode()).hexdigest()
-    return {
-        "key": make_key(digest, task),
-        "image_path": path,
-        "image_root": "/imgs",
-        "image_sha256": digest,
-        "width": W,
-        "height": H,
-        "task": task,
-        "status": status,
-        "objects": objects,
-    } | extra
+    return result_row(
+        path,
+        settings=task,
+        root="/imgs",
+        task=task,
+        status=status,
+        width=W,
+        height=H,
+        objects=objects,
+        **extra,
+    )
 
 
 MASKS = {"ball": disc(20, 20, 9), "brick": rect(40, 30, 70, 50), "coin": disc(60, 15, 5)}
@@ -80,9 +72,7 @@ async def write_output(out: Path) -> None:
         row("e.jpg", "caption", "ok", None, text="a photo"),
         row("f.jpg", "detect", "ok", []),
     ]
-    async with ParquetSink(out, "r1") as sink:
-        for item in rows:
-            await sink.add(item)
+    await write_rows(out, "r1", rows)
 
 
 async def test_export_loads_in_pycocotools(tmp_path: Path) -> None:

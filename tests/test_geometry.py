@@ -26,9 +26,8 @@ from PIL import Image, ImageDraw
 from pycocotools import mask as cocomask
 
 from pipeline import exits
-from pipeline.engines import RunOptions, run_async
 from pipeline.tasks import TaskSettings, get_task
-from tests.conftest import COLORS, make_config, mask_iou, read_rows
+from tests.conftest import COLORS, make_config, mask_iou, read_rows, run
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # "OpenCV is not installed": its numpy fallback is enough
@@ -292,7 +291,7 @@ async def test_small_masks_end_to_end(
         image.save(images_dir / f"s{seed}.png")
         truths[f"s{seed}.png"] = masks
     config = make_config(tmp_path, api={"model": model})
-    summary = await run_async(config, RunOptions(progress=False, seed=0))
+    summary = await run(config)
     assert summary.exit_code == exits.OK, summary.rows
     rows = {row["image_path"]: row for row in read_rows(tmp_path / "out")}
     ious, areas = [], []

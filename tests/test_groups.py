@@ -24,7 +24,6 @@ from pipeline.commands.export import export_coco
 from pipeline.commands.render import render
 from pipeline.commands.reparse import reparse
 from pipeline.config import ConfigError, parse_config, settings_hash
-from pipeline.engines import RunOptions, run_async
 from pipeline.gemini.content import build_generate_content_body
 from pipeline.gemini.types import GenerateResponse, ImagePart, Usage
 from pipeline.inputs.checks import check_groups
@@ -44,20 +43,7 @@ from pipeline.records import (
 from pipeline.run.calls import REQUEST_OVERHEAD
 from pipeline.tasks import get_task, read_answer
 from pipeline.tasks.base import TaskSettings
-from tests.conftest import box_iou, draw_shapes, make_config, mask_iou, read_rows
-
-OPTS = RunOptions(progress=False, seed=0)
-
-
-async def run(config):
-    return await run_async(config, OPTS)
-
-
-def _current(rows: list[dict]) -> dict[str, dict]:
-    out: dict[str, dict] = {}
-    for row in sorted(rows, key=lambda r: r["completed_at"]):
-        out[row["image_path"]] = row
-    return out
+from tests.conftest import box_iou, draw_shapes, make_config, mask_iou, read_current, read_rows, run
 
 
 def _draw(folder: Path, name: str, size: tuple[int, int], seed: int) -> list:
@@ -105,7 +91,7 @@ async def test_folder_groups_place_every_object_in_its_image(
     summary = await run(config)
     assert summary.exit_code == exits.OK, summary
     assert summary.api_calls == 3  # ".", "g1", "g1/sub"
-    rows = _current(read_rows(tmp_path / "out"))
+    rows = read_current(tmp_path / "out")
     assert set(rows) == {".", "g1", "g1/sub"}
     group = rows["g1"]
     assert [m["image_path"] for m in group["members"]] == ["g1/a.png", "g1/b.png"]
@@ -139,7 +125,7 @@ async def test_manifest_groups_follow_the_stated_order(images_dir: Path, tmp_pat
     )
     first = await run(config)
     assert (first.api_calls, first.exit_code) == (2, exits.OK)
-    rows = _current(read_rows(tmp_path / "out"))
+    rows = read_current(tmp_path / "out")
     pair = rows["pair"]
     assert pair["image_root"] == str(tmp_path)
     assert [m["image_path"] for m in pair["members"]] == ["images/b.png", "images/a.png"]
@@ -164,7 +150,7 @@ async def test_manifest_groups_follow_the_stated_order(images_dir: Path, tmp_pat
         )
     )
     assert (second.api_calls, second.copied) == (1, 1)
-    rows = _current(read_rows(tmp_path / "out"))
+    rows = read_current(tmp_path / "out")
     assert rows["again"]["key"] == pair["key"] and rows["again"]["objects"] == pair["objects"]
     assert rows["reversed"]["key"] != pair["key"]
     flipped = {(o["label"], 1 - o["image"]) for o in rows["reversed"]["objects"]}
@@ -180,7 +166,7 @@ def test_a_split_manifest_group_is_refused_before_the_run(tmp_path: Path) -> Non
     ):
         check_groups(config)
     with pytest.raises(ConfigError, match="not listed together"):  # a run checks first
-        asyncio.run(run_async(config, OPTS))
+        asyncio.run(run(config))
     assert not (tmp_path / "out").exists()
     (tmp_path / "m.csv").write_text("path,group\na.png,x\nb.png,\n")
     with pytest.raises(ConfigError, match="row 2 has no group"):
@@ -210,7 +196,7 @@ async def test_bad_members_and_limits_are_error_rows_without_a_call(
     )
     summary = await run(config)
     assert summary.api_calls == 0 and summary.exit_code == exits.ROWS_NOT_OK
-    rows = _current(read_rows(tmp_path / "out"))
+    rows = read_current(tmp_path / "out")
     assert rows["bad"]["status"] == "error" and rows["bad"]["error"].startswith("bad/notes.png: ")
     assert rows["bad"]["members"][0]["image_sha256"]  # read before the bad one
     assert (
@@ -281,7 +267,7 @@ async def test_resume_is_per_group(images_dir: Path, tmp_path: Path) -> None:
     _draw(images_dir / "g2", "2.png", (96, 96), 77)  # a new member: another question
     grown = await run(config)
     assert (grown.api_calls, grown.skipped) == (1, 1)
-    rows = _current(read_rows(tmp_path / "out"))
+    rows = read_current(tmp_path / "out")
     assert len(rows["g2"]["members"]) == 3
 
 

@@ -14,14 +14,7 @@ from pipeline.run.limits import (
     next_quota_reset,
     quota_day,
 )
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.conftest import Clock
 
 
 def test_token_bucket_allows_about_a_second_then_paces() -> None:
@@ -41,7 +34,7 @@ def test_token_bucket_never_stalls_on_an_oversized_request() -> None:
 
 
 def test_billing_correction_charges_the_difference() -> None:
-    clock = Clock()
+    clock = Clock(1000.0)
     limiter = RateLimiter(None, 60_000, clock=clock)
     bucket = limiter._tokens
     level = bucket.level
@@ -50,7 +43,7 @@ def test_billing_correction_charges_the_difference() -> None:
 
 
 def test_aimd_cuts_once_per_window_then_recovers() -> None:
-    clock = Clock()
+    clock = Clock(1000.0)
     limiter = RateLimiter(600, 100_000, clock=clock)
     full = limiter.effective_rpm
     limiter.throttled(retry_delay=2.0)
@@ -68,7 +61,7 @@ def test_aimd_cuts_once_per_window_then_recovers() -> None:
 
 
 def test_unknown_limit_is_discovered_from_the_rate_that_was_too_much() -> None:
-    clock = Clock()
+    clock = Clock(1000.0)
     limiter = RateLimiter(None, None, clock=clock)
     limiter._recent.extend(clock.now - 4.9 + i * 0.1 for i in range(50))  # 50 requests in 5 s
     limiter.throttled(retry_delay=None)
@@ -77,7 +70,7 @@ def test_unknown_limit_is_discovered_from_the_rate_that_was_too_much() -> None:
 
 
 def test_a_burst_at_start_is_not_mistaken_for_a_slow_rate() -> None:
-    clock = Clock()
+    clock = Clock(1000.0)
     limiter = RateLimiter(None, None, clock=clock)
     limiter._recent.extend([clock.now] * 8)  # 8 requests sent at once, then a 429
     limiter.throttled(retry_delay=1.0)

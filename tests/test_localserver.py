@@ -12,14 +12,12 @@ import asyncio
 import hashlib
 import io
 import json
-import os
 import re
 import signal
 import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import aiohttp
 import numpy as np
@@ -30,26 +28,20 @@ from pipeline.localserver.faults import FAULT_KINDS, Faults
 from pipeline.localserver.options import ServerOptions
 from pipeline.localserver.rules import RULES
 from pipeline.localserver.server import LocalServer
+from tests.conftest import REPO, box_iou, child_env, mask_iou
 from tests.localserver_support import (
     DETECT,
     SEGMENT,
     SHAPES,
     answer_text,
-    box_iou,
     decode_png_mask,
     draw_scene,
     generate,
-    http,
     inline_request,
-    mask_iou,
     pixel_box,
     polygon_mask,
-    server,
     upload,
 )
-
-REPO = Path(__file__).resolve().parent.parent
-FIXTURES = (http, server)  # pytest fixtures used by name below
 
 # answers from pixels
 
@@ -375,7 +367,7 @@ async def test_local_stats_counts_requests_tokens_and_uploads(server, http):
 
 
 async def test_cli_prints_its_url_first_and_stops_on_sigterm(http):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = child_env()
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -438,7 +430,7 @@ async def test_refusals_are_counted_by_rule(server, http):
 
 
 def test_cli_prints_the_rules_with_their_sources():
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = child_env()
     done = subprocess.run(
         [sys.executable, "-m", "pipeline.localserver", "--rules"],
         cwd=REPO,

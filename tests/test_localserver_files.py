@@ -13,21 +13,17 @@ from PIL import Image
 
 from pipeline.localserver.options import ServerOptions
 from pipeline.localserver.server import LocalServer
+from tests.conftest import Clock
 from tests.localserver_support import (
     DETECT,
     GRANULARITY,
     KEY,
-    Clock,
     answer_text,
     draw_scene,
     generate,
-    http,
-    server,
     start_upload,
     upload,
 )
-
-FIXTURES = (http, server)  # pytest fixtures used by name below
 
 
 def big_png() -> bytes:

@@ -21,12 +21,8 @@ from tests.localserver_support import (
     b64,
     draw_scene,
     generate,
-    http,
     inline_request,
-    server,
 )
-
-FIXTURES = (http, server)  # pytest fixtures used by name below
 
 # wire format: spellings, versions, usage
 

@@ -17,13 +17,9 @@ from tests.localserver_support import (
     KEY,
     b64,
     draw_scene,
-    http,
     interact,
     interaction_request,
-    server,
 )
-
-FIXTURES = (http, server)  # pytest fixtures used by name below
 
 
 async def test_flat_items_and_sdk_steps_are_the_same_question(server, http):

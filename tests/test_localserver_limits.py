@@ -11,20 +11,20 @@ import pytest
 from pipeline.localserver.errors import PREPAY_DEPLETED
 from pipeline.localserver.options import ServerOptions
 from pipeline.localserver.server import LocalServer
+from tests.conftest import START, Clock
 from tests.localserver_support import (
-    START,
-    Clock,
     b64,
     draw_scene,
     generate,
-    http,
     inline_request,
     interact,
     interaction_request,
     upload,
 )
 
-FIXTURES = (http,)  # the pytest fixture used by name below
+
+def details_by_type(error: dict) -> dict[str, dict]:
+    return {d["@type"].rsplit(".", 1)[-1]: d for d in error["details"]}
 
 
 async def test_rpm_fixed_calendar_minute_windows(http):
@@ -37,7 +37,7 @@ async def test_rpm_fixed_calendar_minute_windows(http):
         assert status == 429
         error = answer["error"]
         assert error["status"] == "RESOURCE_EXHAUSTED"
-        details = {d["@type"].rsplit(".", 1)[-1]: d for d in error["details"]}
+        details = details_by_type(error)
         assert details["RetryInfo"]["retryDelay"] == "15s"  # to the next calendar minute
         violation = details["QuotaFailure"]["violations"][0]
         assert violation["quotaId"] == "GenerateRequestsPerMinutePerProjectPerModel"
@@ -84,10 +84,6 @@ async def test_rpd_resets_at_midnight_pacific_and_interactions_codes(http):
         await interact(http, server, body)
         status, answer = await interact(http, server, body)
         assert status == 429 and answer["error"]["code"] == "rate_limit_exceeded"
-
-
-def details_by_type(error: dict) -> dict[str, dict]:
-    return {d["@type"].rsplit(".", 1)[-1]: d for d in error["details"]}
 
 
 async def test_several_quotas_hit_at_once_are_listed_in_one_429(http):

@@ -10,10 +10,7 @@ import pytest
 
 from pipeline import exits
 from pipeline.commands.reparse import reparse
-from pipeline.engines import RunOptions, run_async
-from tests.conftest import draw_shapes, make_config, read_rows
-
-OPTS = RunOptions(progress=False, seed=0)
+from tests.conftest import draw_shapes, make_config, read_rows, run
 
 
 @pytest.mark.parametrize("flavor", ["generateContent", "interactions"])
@@ -30,7 +27,7 @@ async def test_current_models_with_their_defaults_are_all_ok(
         image.save(images_dir / f"s{i}.png")
         truth[f"s{i}.png"] = len(shapes)
     config = make_config(tmp_path, api={"model": model, "flavor": flavor})
-    summary = await run_async(config, OPTS)
+    summary = await run(config)
     assert summary.exit_code == exits.OK, summary
     rows = read_rows(tmp_path / "out")
     assert {r["image_path"]: len(r["objects"]) for r in rows} == truth
@@ -49,7 +46,7 @@ async def test_continuation_hops_make_whole_answers_and_reparse_reads_them(
         api={"model": "gemini-3.8-flash", "flavor": "interactions"},
         local={"decode_limit": 40},
     )
-    summary = await run_async(config, OPTS)
+    summary = await run(config)
     assert summary.exit_code == exits.OK, summary
     rows = sorted(read_rows(tmp_path / "out"), key=lambda r: r["image_path"])
     assert {r["status"] for r in rows} == {"ok"}

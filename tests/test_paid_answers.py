@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.output.recovery import recover
-from tests.conftest import draw_shapes, read_rows
-from tests.test_cli import ENV, REPO, wait_for
+from tests.conftest import REPO, draw_shapes, read_rows
+from tests.test_cli import ENV, wait_for
 
 LATENCY_MS = 100
 IMAGES = 200

@@ -14,10 +14,9 @@ from pycocotools.coco import COCO
 from pipeline import exits
 from pipeline.commands.export import export_coco
 from pipeline.commands.render import _colour, render
-from pipeline.engines import RunOptions, run_async
 from pipeline.tasks import get_task
 from pipeline.tasks.base import TaskSettings
-from tests.conftest import draw_shapes, make_config, read_rows
+from tests.conftest import draw_shapes, make_config, read_rows, run
 
 SETTINGS = TaskSettings(kind="point")
 
@@ -66,7 +65,7 @@ async def test_points_end_to_end_export_and_render(images_dir: Path, tmp_path: P
         image.save(images_dir / f"p{i}.png")
         truth[f"p{i}.png"] = shapes
     config = make_config(tmp_path, task={"kind": "point"})
-    summary = await run_async(config, RunOptions(progress=False, seed=0))
+    summary = await run(config)
     assert summary.exit_code == exits.OK
     rows = {row["image_path"]: row for row in read_rows(tmp_path / "out")}
     for name, shapes in truth.items():

@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -25,16 +24,22 @@ import pytest
 import ray
 
 from pipeline import exits
-from pipeline.engines import RunOptions, run_async
 from pipeline.engines.ray.quota import NAMESPACE
 from pipeline.localserver.options import ServerOptions
 from pipeline.localserver.server import LocalServer
 from pipeline.output.parts import current_rows
 from pipeline.output.stores import LEASE_NAME, open_store
-from tests.conftest import draw_shapes, make_config, put_images, read_rows
+from tests.conftest import (
+    REPO,
+    child_env,
+    draw_shapes,
+    make_config,
+    put_images,
+    read_rows,
+    run,
+    until,
+)
 
-REPO = Path(__file__).resolve().parent.parent
-OPTS = RunOptions(progress=False, seed=0)
 # What may differ between two runs of the same images: when, by which run, how fast.
 RUN_COLUMNS = {"run_id", "completed_at", "latency_ms"}
 ANSWER = ("key", "image_sha256", "status", "objects", "raw_response", "width", "height")
@@ -54,10 +59,6 @@ def cluster(s3_endpoint: str) -> Any:
     )
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
-
-
-async def run(config: Any, **options: Any) -> Any:
-    return await run_async(config, RunOptions(**{**OPTS.__dict__, **options}))
 
 
 def _ray(config: Any, **engine: Any) -> Any:
@@ -170,12 +171,15 @@ def _durable(out: Path) -> int:
     return total
 
 
-async def _until(predicate: Any, timeout: float = 60.0) -> None:
-    """Poll `predicate` until true; the timeout only bounds a failing test."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        await asyncio.sleep(0.05)
+async def _driver(config: Path) -> asyncio.subprocess.Process:
+    """`pipeline run CONFIG` in a child process: the driver of a run on the cluster."""
+    return await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "pipeline", "run", str(config), "--quiet"),
+        env=child_env(),
+        cwd=REPO,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
 
 
 def _unlocked(out: Path) -> bool:
@@ -236,27 +240,15 @@ async def test_kill_9_of_a_worker_and_of_the_driver_repays_only_what_was_in_flig
     out = tmp_path / "out"
     async with LocalServer(ServerOptions(latency_ms=300, seed=3)) as server:
         config = _write_config(tmp_path, server.base_url, cluster)
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
-        driver = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "pipeline",
-            "run",
-            str(config),
-            "--quiet",
-            env=env,
-            cwd=REPO,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        await _until(lambda: _durable(out) >= 20)
+        driver = await _driver(config)
+        await until(lambda: _durable(out) >= 20)
         os.kill(await _worker_pid(), signal.SIGKILL)  # Ray restarts it; its blocks are retried
         # Sent but not durable when it died: the most a kill may cost (other workers' included).
         exposed = _sent(server) - _durable(out)
-        await _until(lambda: _durable(out) >= 70)
+        await until(lambda: _durable(out) >= 70)
         driver.kill()  # SIGKILL: its workers die with it, as soon as Ray sees it gone
         await driver.wait()
-        await _until(lambda: _unlocked(out))
+        await until(lambda: _unlocked(out))
         exposed += _sent(server) - _durable(out)
         assert 70 <= _durable(out) < n
         summary = await run(load_config(config))
@@ -358,7 +350,7 @@ async def test_a_lost_quota_actor_is_restarted_and_the_run_goes_on(
         )
         running = asyncio.ensure_future(run(_ray(config, workers=2)))
         out = tmp_path / "out"
-        await _until(lambda: _durable(out) >= 10)
+        await until(lambda: _durable(out) >= 10)
         name = quota_name("lost-quota-key", "gemini-2.5-flash")
         actor = ray.get_actor(name, namespace=NAMESPACE)
         before = (await actor.status.remote())["incarnation"]
@@ -385,15 +377,8 @@ async def test_sigterm_drains_the_fleet_and_says_how_to_resume(
     out = tmp_path / "out"
     async with LocalServer(ServerOptions(latency_ms=300, seed=4)) as server:
         config = _write_config(tmp_path, server.base_url, cluster)
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
-        driver = await asyncio.create_subprocess_exec(
-            *(sys.executable, "-m", "pipeline", "run", str(config), "--quiet"),
-            env=env,
-            cwd=REPO,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        await _until(lambda: _durable(out) >= 20)
+        driver = await _driver(config)
+        await until(lambda: _durable(out) >= 20)
         driver.send_signal(signal.SIGTERM)
         _, stderr = await asyncio.wait_for(driver.communicate(), 60)
         assert driver.returncode == exits.STOPPED, stderr.decode()

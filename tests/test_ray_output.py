@@ -1,11 +1,10 @@
-"""Who writes the output of a Ray run (pipeline/output/sink.py): the driver holds it, its workers'
-sinks share it, another run cannot get in, and a lost worker's journal is committed alone — on a
-folder and on a bucket (moto's S3 server), where the workers check the driver's lease."""
+"""Who writes the output of a Ray run (pipeline/output/sink.py): the driver holds it, its
+workers' sinks share it, another run cannot get in, and a lost worker's journal is committed
+alone — on a folder and on a bucket (moto's S3 server), where the workers check the driver's
+lease. `out` (tests/conftest.py) is a folder, then a bucket prefix."""
 
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,14 +23,7 @@ from pipeline.output.stores import (
     Store,
     open_store,
 )
-from pipeline.records import make_key
-
-
-@pytest.fixture(params=["disk", "s3"])
-def out(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "disk":
-        return str(tmp_path / "out")
-    return request.getfixturevalue("bucket") + "/out"
+from tests.conftest import Clock, result_row
 
 
 def parts(out: str) -> list[str]:
@@ -39,16 +31,7 @@ def parts(out: str) -> list[str]:
 
 
 def row(n: int) -> dict[str, Any]:
-    sha = hashlib.sha256(f"image {n}".encode()).hexdigest()
-    return {
-        "key": make_key(sha, "settings1"),
-        "image_path": f"{n:05d}.png",
-        "image_root": "/data",
-        "image_sha256": sha,
-        "task": "detect",
-        "status": "ok",
-        "run_id": "run1",
-    }
+    return result_row(f"{n:05d}.png", content=f"image {n}", settings="settings1", run_id="run1")
 
 
 async def test_a_runs_writers_share_the_output_and_keep_others_out(out: str) -> None:
@@ -115,14 +98,6 @@ def test_a_lost_writers_journal_is_committed_alone(out: str) -> None:
     )
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_a_bucket_writer_stops_when_its_run_loses_the_lease(bucket: str) -> None:
     """A worker's RunLease follows the driver's Lease: confirmed while it names the run; when
     another run took it over (the driver died), the next renewal says so; when it could not be
@@ -130,7 +105,7 @@ def test_a_bucket_writer_stops_when_its_run_loses_the_lease(bucket: str) -> None
     store: Store = open_store(bucket + "/out")
     driver = Lease(store, "run1", ttl=30)
     driver.acquire(wait=False)
-    clock = Clock()
+    clock = Clock(0.0)
     worker = RunLease(store, "run1.w0", ttl=30, clock=clock)
     worker.renew()
     clock.now = 20

@@ -21,14 +21,7 @@ from pipeline.engines.ray.quota import (
     quota_name,
 )
 from pipeline.run.limits import DECREASE, HEADROOM, SlotLedger
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.conftest import Clock
 
 
 class Link:
@@ -54,7 +47,7 @@ class Link:
 
 
 def test_the_ledger_hands_out_a_burst_then_paces() -> None:
-    clock = Clock()
+    clock = Clock(1000.0)
     ledger = SlotLedger(600, None, burst_seconds=1.0, clock=clock)  # 9.85 requests/s paced
     interval = 60 / (600 * HEADROOM)
     first = ledger.reserve(50, 100.0)
@@ -69,7 +62,7 @@ def test_the_ledger_hands_out_a_burst_then_paces() -> None:
 
 
 def test_the_ledger_weighs_tokens_per_group_and_corrects_from_billing() -> None:
-    clock = Clock()
+    clock = Clock(1000.0)
     ledger = SlotLedger(None, 60_000, burst_seconds=1.0, clock=clock)  # ~985 tokens/s
     group = ledger.reserve(64, 100.0)
     assert len(group) == 9  # 9 x 100 tokens fit a burst of 985
@@ -80,7 +73,7 @@ def test_the_ledger_weighs_tokens_per_group_and_corrects_from_billing() -> None:
 
 
 def test_a_429_pauses_the_ledger_and_cuts_its_rate_once() -> None:
-    clock = Clock()
+    clock = Clock(1000.0)
     quota = FleetQuota(Limits(600, None, None), clock=clock)
     quota.lease(9, 1.0, Report())
     quota.throttled(5.0, Report())
@@ -90,7 +83,7 @@ def test_a_429_pauses_the_ledger_and_cuts_its_rate_once() -> None:
 
 
 def test_the_day_is_reserved_per_slot_and_given_back_when_unanswered() -> None:
-    clock = Clock()
+    clock = Clock(1000.0)
     quota = FleetQuota(Limits(6000, None, 10), clock=clock, day=lambda: "2026-11-29")
     assert quota.lease(5, 1.0, Report()).wait > 0  # no count for today yet: nothing lent
     quota.seed("2026-11-29", 4)  # what the output's state says was answered today
@@ -105,7 +98,7 @@ def test_the_day_is_reserved_per_slot_and_given_back_when_unanswered() -> None:
 
 def test_a_new_quota_day_starts_from_nothing() -> None:
     days = iter(["2026-11-29", "2026-11-29", "2026-11-30"])
-    quota = FleetQuota(Limits(6000, None, 3), clock=Clock(), day=lambda: next(days))
+    quota = FleetQuota(Limits(6000, None, 3), clock=Clock(1000.0), day=lambda: next(days))
     quota.seed("2026-11-29", 3)
     assert quota.lease(1, 1.0, Report()).delays == (0.0,)  # midnight Pacific passed meanwhile
 

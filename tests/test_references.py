@@ -18,18 +18,11 @@ from PIL import Image
 from pipeline import exits
 from pipeline.commands.estimate import estimate, format_estimate
 from pipeline.config import ConfigError
-from pipeline.engines import RunOptions, run_async
 from pipeline.inputs.references import REFERENCE_INLINE_BYTES
 from pipeline.localserver.options import ServerOptions
 from pipeline.localserver.server import LocalServer
 from pipeline.run.identity import key_suffix
-from tests.conftest import box_iou, draw_shapes, make_config, read_rows
-
-OPTS = RunOptions(progress=False, seed=0)
-
-
-async def run(config):
-    return await run_async(config, OPTS)
+from tests.conftest import box_iou, draw_shapes, make_config, read_current, read_rows, run
 
 
 def _targets(images_dir: Path, count: int = 2) -> dict[str, list]:
@@ -63,13 +56,6 @@ def _check_targets(rows: dict[str, dict], truth: dict[str, list]) -> None:
             assert box_iou(tuple(best["bbox"]), shape.box) >= 0.9
 
 
-def _by_path(out: Path) -> dict[str, dict]:
-    rows: dict[str, dict] = {}
-    for row in sorted(read_rows(out), key=lambda r: r["completed_at"]):
-        rows[row["image_path"]] = row
-    return rows
-
-
 async def test_references_go_with_every_request_and_are_never_answered(
     images_dir: Path, tmp_path: Path
 ) -> None:
@@ -85,7 +71,7 @@ async def test_references_go_with_every_request_and_are_never_answered(
     summary = await run(config)
     assert summary.exit_code == exits.OK, summary
     assert (summary.api_calls, summary.uploads) == (3, 1)  # the big one: uploaded once
-    rows = _by_path(tmp_path / "out")
+    rows = read_current(tmp_path / "out")
     _check_targets(rows, truth)
     per_request = 3 * 258  # small, big (360 px: one tile), the target
     for row in rows.values():
@@ -159,7 +145,7 @@ async def test_an_expired_reference_upload_is_uploaded_again_mid_run(
     assert summary.uploads == 2 and summary.retries == 1
     assert stats["files"]["expired"] >= 1
     assert stats["responses_by_status"].get("403") == 2  # the refused request and the check
-    _check_targets(_by_path(tmp_path / "out"), truth)
+    _check_targets(read_current(tmp_path / "out"), truth)
 
 
 @pytest.fixture
@@ -194,7 +180,7 @@ async def test_a_reference_by_url_is_fetched_once(
     assert by_url.task.reference_images[0].image == f"{base}/example.png"  # not a path
     assert key_suffix(by_url) == key_suffix(local)  # the same bytes: the same key
     assert (await run(by_url)).exit_code == exits.OK
-    _check_targets(_by_path(tmp_path / "out"), truth)
+    _check_targets(read_current(tmp_path / "out"), truth)
     missing = make_config(tmp_path, task={"kind": "detect", "reference_images": [f"{base}/no.png"]})
     with pytest.raises(ConfigError, match=r"\[task\] reference_images: http://.*/no.png: HTTP"):
         await run(missing)

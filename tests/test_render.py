@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 import shutil
 import subprocess
@@ -15,9 +14,7 @@ import pytest
 from PIL import Image
 
 from pipeline.commands.render import MASK_ALPHA, _colour, render
-from pipeline.masks import rle_encode
-from pipeline.output.sink import ParquetSink
-from pipeline.records import make_key
+from tests.conftest import result_object, result_row, write_rows
 
 BACKGROUND = (40, 40, 40)
 HOSTILE = [
@@ -27,28 +24,27 @@ HOSTILE = [
 ]
 
 
-def row(path: str, status: str = "ok", objects: list | None = None, **extra: Any) -> dict:
-    digest = hashlib.sha256(path.encode()).hexdigest()
-    return {
-        "key": make_key(digest, "s1"),
-        "image_path": path,
-        "image_root": extra.pop("root"),
-        "image_sha256": digest,
-        "width": extra.pop("width", 200),
-        "height": extra.pop("height", 150),
-        "task": extra.pop("task", "segment"),
-        "status": status,
-        "objects": objects,
-    } | extra
-
-
-def box_object(label: str, box: tuple[int, int, int, int], mask: np.ndarray | None = None) -> dict:
-    return {
-        "label": label,
-        "box_2d": [0, 0, 1000, 1000],
-        "bbox": [float(v) for v in box],
-        "mask": rle_encode(mask) if mask is not None else None,
-    }
+def row(
+    path: str,
+    status: str = "ok",
+    objects: list | None = None,
+    *,
+    root: str,
+    width: int = 200,
+    height: int = 150,
+    task: str = "segment",
+    **extra: Any,
+) -> dict:
+    return result_row(
+        path,
+        root=root,
+        task=task,
+        status=status,
+        width=width,
+        height=height,
+        objects=objects,
+        **extra,
+    )
 
 
 @pytest.fixture
@@ -71,36 +67,34 @@ async def output(tmp_path: Path) -> dict[str, Path]:
         row(
             "a.png",
             objects=[
-                box_object("cat", (30, 40, 91, 101), disc),
-                box_object(HOSTILE[0], (120, 20, 190, 60)),
-                box_object(HOSTILE[1], (120, 70, 190, 100)),
-                box_object(HOSTILE[2], (120, 105, 190, 140)),
+                result_object("cat", (30, 40, 91, 101), disc),
+                result_object(HOSTILE[0], (120, 20, 190, 60)),
+                result_object(HOSTILE[1], (120, 70, 190, 100)),
+                result_object(HOSTILE[2], (120, 105, 190, 140)),
             ],
             root=root,
         ),
         row(
             "rotated.jpg",
-            objects=[box_object("dog", (10, 10, 70, 60))],
+            objects=[result_object("dog", (10, 10, 70, 60))],
             root=root,
             width=80,
             height=120,
         ),
         row(
             "big.jpg",
-            objects=[box_object("sky", (0, 0, 2000, 400))],
+            objects=[result_object("sky", (0, 0, 2000, 400))],
             root=root,
             width=2000,
             height=1000,
         ),
-        row("missing.jpg", objects=[box_object("ghost", (10, 10, 50, 50))], root=root),
+        row("missing.jpg", objects=[result_object("ghost", (10, 10, 50, 50))], root=root),
         row("../outside.png", objects=[], root=root),
         row("caption.png", task="caption", text="<i>a grey square</i>", root=root),
         row("broken.jpg", "error", error='<b>400</b> "bad" & worse', root=root),
         row("unsafe.jpg", "blocked", error="SAFETY <script>", root=root),
     ]
-    async with ParquetSink(tmp_path / "out", "r1") as sink:
-        for item in rows:
-            await sink.add(item)
+    await write_rows(tmp_path / "out", "r1", rows)
     return {"out": tmp_path / "out", "gallery": tmp_path / "gallery", "images": images}
 
 

@@ -16,27 +16,22 @@ from PIL import Image
 from pycocotools import mask as cocomask
 
 from pipeline import exits
-from pipeline.engines import RunOptions, run_async
 from pipeline.gemini import GeminiClient
 from pipeline.localserver.options import ServerOptions
 from pipeline.localserver.server import LocalServer
 from pipeline.run import reuse as reuse_module
-from tests.conftest import box_iou, draw_shapes, make_config, mask_iou, read_rows
+from tests.conftest import (
+    box_iou,
+    draw_shapes,
+    make_config,
+    mask_iou,
+    newest_by_path,
+    read_current,
+    read_rows,
+    run,
+)
 
 pillow_heif.register_heif_opener()
-OPTS = RunOptions(progress=False, seed=0)
-
-
-async def run(config, **options):
-    return await run_async(config, RunOptions(**{**OPTS.__dict__, **options}))
-
-
-def _current(rows: list[dict]) -> dict[str, dict]:
-    """The newest row per image path, as readers see it."""
-    out: dict[str, dict] = {}
-    for row in sorted(rows, key=lambda r: r["completed_at"]):
-        out[row["image_path"]] = row
-    return out
 
 
 def _save(image: Image.Image, path: Path, fmt: str, orientation: int = 1) -> None:
@@ -78,7 +73,7 @@ async def test_geometry_end_to_end(images_dir: Path, tmp_path: Path, kind: str) 
 
     summary = await run(make_config(tmp_path, task={"kind": kind}))
     assert summary.exit_code == exits.OK, summary
-    rows = _current(read_rows(tmp_path / "out"))
+    rows = read_current(tmp_path / "out")
     assert set(rows) == set(truth)
     for name, (w, h, shapes) in truth.items():
         row = rows[name]
@@ -113,7 +108,7 @@ async def test_same_bytes_two_paths_one_call(images_dir: Path, tmp_path: Path) -
     (images_dir / "c.png").write_bytes((images_dir / "a.png").read_bytes())
     summary = await run(make_config(tmp_path))
     assert (summary.api_calls, summary.skipped, summary.copied) == (0, 2, 1)
-    rows = _current(read_rows(tmp_path / "out"))
+    rows = read_current(tmp_path / "out")
     assert rows["c.png"]["objects"] == rows["a.png"]["objects"]
     assert rows["c.png"]["prompt_tokens"] is None  # nothing was billed for it
 
@@ -132,7 +127,7 @@ async def test_same_bytes_far_apart_in_one_run_one_call(
     config = make_config(tmp_path, limits={"concurrency": 1})
     summary = await run(config)
     assert (summary.api_calls, summary.copied) == (6, 1)
-    rows = _current(read_rows(tmp_path / "out"))
+    rows = read_current(tmp_path / "out")
     assert rows["z.png"]["objects"] == rows["a.png"]["objects"]
     assert rows["z.png"]["attempts"] == 0
 
@@ -168,7 +163,7 @@ async def test_bad_files_become_error_rows(images_dir: Path, tmp_path: Path) -> 
     config = make_config(tmp_path, input={"follow_symlinks": True})
     summary = await run(config)
     assert summary.exit_code == exits.ROWS_NOT_OK
-    rows = _current(read_rows(tmp_path / "out"))
+    rows = read_current(tmp_path / "out")
     assert rows["good.png"]["status"] == "ok"
     assert rows["ünïcødé 画像 name.png"]["status"] == "ok"
     assert rows["full.jpg"]["status"] == "ok"
@@ -211,7 +206,7 @@ async def test_resume_retry_errors_and_changed_prompt(images_dir: Path, tmp_path
     assert Counter(r["image_path"] for r in read_rows(tmp_path / "out"))["img0.png"] == 1
     rows = read_rows(tmp_path / "out") + read_rows(tmp_path / "out" / ".superseded")
     assert Counter(r["image_path"] for r in rows)["img0.png"] == 2
-    assert all(r["status"] == "ok" for r in _current(rows).values())
+    assert all(r["status"] == "ok" for r in newest_by_path(rows).values())
 
 
 async def test_faults_and_storms_account_for_every_image(images_dir: Path, tmp_path: Path) -> None:

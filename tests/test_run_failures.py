@@ -8,6 +8,7 @@ none for images not answered), and that a plain rerun with the cause fixed finis
 
 from __future__ import annotations
 
+import functools
 import json
 from collections import Counter
 from contextlib import asynccontextmanager
@@ -18,21 +19,17 @@ from aiohttp import web
 
 from pipeline import exits
 from pipeline.config import ConfigError
-from pipeline.engines import RunOptions, run_async
 from pipeline.gemini import GeminiClient
 from pipeline.localserver.options import ServerOptions
 from pipeline.localserver.server import LocalServer
 from pipeline.output.state import State
 from pipeline.run.limits import quota_day
-from tests.conftest import draw_shapes, make_config, read_rows
+from tests.conftest import draw_shapes, make_config, read_rows, run, save_scenes
 
-OPTS = RunOptions(progress=False, seed=0)
 KEY = "the-right-key"
 
 
-def shapes(images: Path, count: int, size: tuple[int, int] = (96, 80)) -> None:
-    for i in range(count):
-        draw_shapes(*size, seed=700 + i, count=2)[0].save(images / f"i{i:03d}.png")
+shapes = functools.partial(save_scenes, prefix="i", seed=700)  # shapes(folder, count)
 
 
 def remote(tmp_path: Path, base_url: str, **sections: dict) -> object:
@@ -56,7 +53,7 @@ async def test_a_wrong_key_stops_the_run_with_no_rows_and_no_quota_used(
     async with LocalServer(ServerOptions(api_key=KEY)) as server:
         monkeypatch.setenv("GOOGLE_API_KEY", "a-wrong-key")
         config = remote(tmp_path, server.base_url, limits={"rpd": 100})
-        summary = await run_async(config, OPTS)
+        summary = await run(config)
         assert summary.exit_code == exits.USAGE, summary
         assert "API key was refused" in summary.stop_reason
         assert "a-wrong-key" not in json.dumps(summary.__dict__, default=str)
@@ -65,7 +62,7 @@ async def test_a_wrong_key_stops_the_run_with_no_rows_and_no_quota_used(
         assert state.requests_on(quota_day().isoformat()) == 0  # refused calls are not counted
         state.close()
         monkeypatch.setenv("GOOGLE_API_KEY", KEY)  # fixed: a plain rerun does everything
-        again = await run_async(config, OPTS)
+        again = await run(config)
     assert again.exit_code == exits.OK and sum(again.rows.values()) == 12
 
 
@@ -75,7 +72,7 @@ async def test_a_wrong_model_or_version_is_a_usage_stop(
     shapes(images_dir, 4)
     async with LocalServer() as server:
         config = remote(tmp_path, server.base_url + "/nothing-here")
-        summary = await run_async(config, OPTS)
+        summary = await run(config)
     assert summary.exit_code == exits.USAGE
     assert "no such method" in summary.stop_reason
     assert read_rows(tmp_path / "out") == []
@@ -87,7 +84,7 @@ async def test_an_unreachable_endpoint_is_an_outage_stop_not_error_rows(
     shapes(images_dir, 10)
     async with LocalServer() as server:
         dead = server.base_url  # nothing listens there once the server is closed
-    summary = await run_async(remote(tmp_path, dead, limits={"concurrency": 4}), OPTS)
+    summary = await run(remote(tmp_path, dead, limits={"concurrency": 4}))
     assert summary.exit_code == exits.STOPPED
     assert "unreachable" in summary.stop_reason
     assert all(row["retryable"] for row in read_rows(tmp_path / "out"))
@@ -99,7 +96,7 @@ async def test_credits_running_out_stop_the_run_and_keep_every_paid_answer(
     shapes(images_dir, 30)
     local = {"credit_budget_usd": 0.0015}  # enough for a few answers at 2.5 Flash's price
     config = make_config(tmp_path, local=local, limits={"concurrency": 2})
-    summary = await run_async(config, OPTS)
+    summary = await run(config)
     rows = read_rows(tmp_path / "out")
     assert summary.exit_code == exits.STOPPED
     assert "prepaid credits are spent" in summary.stop_reason
@@ -116,7 +113,7 @@ async def test_the_daily_quota_stops_the_run_and_says_when_it_resets(
     shapes(images_dir, 12)
     local = {"rpd": 5, "rpm": 5}  # both limits are hit together: several violations
     config = make_config(tmp_path, local=local, api={"flavor": flavor}, task={"kind": "detect"})
-    summary = await run_async(config, OPTS)
+    summary = await run(config)
     rows = read_rows(tmp_path / "out")
     assert summary.exit_code == exits.STOPPED
     assert summary.stop_reason.startswith("daily quota")
@@ -150,7 +147,7 @@ async def test_a_redirect_is_never_followed_and_stops_the_run(
 ) -> None:
     shapes(images_dir, 3)
     async with LocalServer() as elsewhere, redirecting_to(elsewhere.base_url) as endpoint:
-        summary = await run_async(remote(tmp_path, endpoint), OPTS)
+        summary = await run(remote(tmp_path, endpoint))
         stats = elsewhere.stats()
     assert summary.exit_code == exits.USAGE and "redirect" in summary.stop_reason
     assert stats["requests_total"] == 0  # neither the key nor the image went to the other host
@@ -161,12 +158,12 @@ async def test_plain_http_to_another_host_is_refused_before_anything_is_sent(
 ) -> None:
     shapes(images_dir, 1)
     with pytest.raises(ConfigError, match=r"\[api\] base_url.*allow_insecure_http"):
-        await run_async(remote(tmp_path, "http://192.0.2.10:8080"), OPTS)
+        await run(remote(tmp_path, "http://192.0.2.10:8080"))
     # allowed only when the config says so (here the host does not answer: an outage stop)
     insecure = remote(
         tmp_path, "http://192.0.2.10:8080", api={"allow_insecure_http": True, "timeout": 0.2}
     )
-    summary = await run_async(insecure, OPTS)
+    summary = await run(insecure)
     assert summary.exit_code == exits.STOPPED
 
 
@@ -177,13 +174,13 @@ async def test_an_upload_deleted_behind_our_back_is_uploaded_again(
     shapes(images_dir, 3)
     async with LocalServer() as server:
         images = {"mode": "upload", "delete_uploads": False}
-        first = await run_async(remote(tmp_path, server.base_url, images=images), OPTS)
+        first = await run(remote(tmp_path, server.base_url, images=images))
         assert first.uploads == 3
         async with GeminiClient(KEY, base_url=server.base_url) as client:
             for info in await client.list_files():  # gone from the service, not from state
                 await client.delete_file(info.name)
         changed = remote(tmp_path, server.base_url, images=images, task={"kind": "detect"})
-        second = await run_async(changed, OPTS)
+        second = await run(changed)
     assert second.exit_code == exits.OK, second
     assert second.uploads == 3 and second.retries >= 3  # 403 -> forget -> upload again
 

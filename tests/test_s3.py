@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import io
-import os
 import signal
 import sys
 from pathlib import Path
@@ -21,7 +19,6 @@ from pipeline.commands.estimate import estimate
 from pipeline.commands.render import render
 from pipeline.commands.status import status
 from pipeline.config import ConfigError, parse_config
-from pipeline.engines import RunOptions, run_async
 from pipeline.inputs.checks import require_inputs
 from pipeline.inputs.source import walk
 from pipeline.localserver.options import ServerOptions
@@ -29,10 +26,7 @@ from pipeline.localserver.server import LocalServer
 from pipeline.output import journal
 from pipeline.output.parts import current_rows, part_entries
 from pipeline.output.stores import LEASE_NAME, OutputDirBusy, filesystem, open_store
-from tests.conftest import draw_shapes, put_images
-
-REPO = Path(__file__).resolve().parents[1]
-OPTS = RunOptions(progress=False, seed=0)
+from tests.conftest import REPO, child_env, put_images, run, scene_png
 
 
 def s3_config(tmp_path: Path, inputs: str, output: str, **sections: dict) -> object:
@@ -59,7 +53,7 @@ async def test_a_run_reads_one_bucket_and_writes_another_and_a_rerun_reads_nothi
     config = s3_config(tmp_path, inputs, output, input={"include": ["*.png"]})
     require_inputs(config)
 
-    first = await run_async(config, OPTS)
+    first = await run(config)
     assert first.api_calls == 7 and first.rows == {"ok": 7}
     guess = estimate(config)  # objects read through the fetcher; the history from the bucket
     assert (guess["images"], guess["unusable_files"]) == (7, 0)
@@ -76,20 +70,14 @@ async def test_a_run_reads_one_bucket_and_writes_another_and_a_rerun_reads_nothi
     assert any(name.startswith(".index/facts-") for name in stored)
     assert not any(name.startswith((".journal-", LEASE_NAME)) for name in stored)
 
-    again = await run_async(config, OPTS)
+    again = await run(config)
     assert (again.seen, again.skipped, again.api_calls) == (7, 7, 0)  # no object was read
     assert status(output)["rows"] == 7
 
     names += put_images(inputs, 2, start=7)  # new objects, and one rewritten in place
-    filesystem("s3").pipe(f"{inputs}/{names[0]}", _png(seed=99))
-    third = await run_async(config, OPTS)
+    filesystem("s3").pipe(f"{inputs}/{names[0]}", scene_png(seed=99))
+    third = await run(config)
     assert (third.seen, third.skipped, third.api_calls) == (9, 6, 3)
-
-
-def _png(seed: int) -> bytes:
-    buffer = io.BytesIO()
-    draw_shapes(96, 96, seed=seed, count=2)[0].save(buffer, "PNG")
-    return buffer.getvalue()
 
 
 def test_bucket_listing_follows_the_walks_rules_page_by_page(tmp_path: Path, bucket: str) -> None:
@@ -134,7 +122,7 @@ async def test_two_runs_on_one_output_prefix_the_second_is_refused(
     output = f"{bucket}/out"
     # long enough that the second run starts while the first still holds the output
     slow = s3_config(tmp_path, f"{bucket}/images", output, local={"latency_ms": 6000})
-    first = asyncio.create_task(run_async(slow, OPTS))
+    first = asyncio.create_task(run(slow))
     store = open_store(output)
     deadline = asyncio.get_running_loop().time() + 20
     while store.info(LEASE_NAME) is None:  # polled only until the first run holds the output
@@ -142,7 +130,7 @@ async def test_two_runs_on_one_output_prefix_the_second_is_refused(
         await asyncio.sleep(0.02)
     second = s3_config(tmp_path, f"{bucket}/images", output)
     with pytest.raises(OutputDirBusy, match="being written by run"):
-        await run_async(second, OPTS)
+        await run(second)
     summary = await first
     assert summary.rows == {"ok": 4}
     assert store.info(LEASE_NAME) is None  # released at the end
@@ -190,7 +178,7 @@ lease_seconds = 1
             str(config_file),
             server.base_url,
             cwd=REPO,
-            env={**os.environ, "PYTHONPATH": str(REPO), "GEMINI_API_KEY": "k"},
+            env=child_env(GEMINI_API_KEY="k"),
         )
         deadline = asyncio.get_running_loop().time() + 60
         while not (journal.segments(store) and part_entries(store)):  # parts and a journal
@@ -208,7 +196,7 @@ lease_seconds = 1
 
         monkeypatch.setenv("GEMINI_API_KEY", "k")
         again = s3_config(tmp_path, f"{bucket}/images", output, api={"base_url": server.base_url})
-        rerun = await run_async(again, OPTS)
+        rerun = await run(again)
     assert rerun.recovered == journaled  # the killed run's journal, committed without a call
     # Paid again: exactly what was not durable at the kill (in flight, or answered in the last
     # sync interval: ~1 s, as on disk); what was durable was committed without a call. (The
@@ -328,9 +316,9 @@ async def test_an_output_inside_the_input_prefix_is_never_read_as_input(
 ) -> None:
     put_images(f"{bucket}/data", 3)
     config = s3_config(tmp_path, bucket, f"{bucket}/data/out")  # the whole bucket as input
-    first = await run_async(config, OPTS)
+    first = await run(config)
     assert first.rows == {"ok": 3}
-    again = await run_async(config, OPTS)  # the parts, the journal, runs/: none is an input
+    again = await run(config)  # the parts, the journal, runs/: none is an input
     assert (again.seen, again.skipped, again.api_calls) == (3, 3, 0)
 
 
@@ -355,7 +343,7 @@ async def test_a_reference_image_in_a_bucket(tmp_path: Path, bucket: str) -> Non
     """A reference image may be an object: read once through the fetcher, sent with every
     request; a missing one stops the run before its first call, naming it."""
     put_images(f"{bucket}/images", 3)
-    filesystem("s3").pipe(f"{bucket}/examples/weld.png", _png(seed=40))
+    filesystem("s3").pipe(f"{bucket}/examples/weld.png", scene_png(seed=40))
     reference = {"image": f"{bucket}/examples/weld.png", "caption": "an example"}
     config = s3_config(
         tmp_path,
@@ -363,14 +351,14 @@ async def test_a_reference_image_in_a_bucket(tmp_path: Path, bucket: str) -> Non
         f"{bucket}/out",
         task={"kind": "detect", "reference_images": [reference]},
     )
-    summary = await run_async(config, OPTS)
+    summary = await run(config)
     assert (summary.api_calls, summary.rows) == (3, {"ok": 3})
     alone = s3_config(tmp_path, f"{bucket}/images", f"{bucket}/alone", task={"kind": "detect"})
-    plain = await run_async(alone, OPTS)
+    plain = await run(alone)
     assert summary.tokens["prompt_tokens"] > plain.tokens["prompt_tokens"]  # it went along
     missing = {"image": f"{bucket}/examples/gone.png"}
     gone = s3_config(
         tmp_path, f"{bucket}/images", f"{bucket}/gone", task={"reference_images": [missing]}
     )
     with pytest.raises(ConfigError, match=r"reference_images: s3://.*/gone.png: HTTP 404"):
-        await run_async(gone, OPTS)
+        await run(gone)

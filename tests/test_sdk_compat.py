@@ -42,9 +42,9 @@ def shapes_png(colour: tuple[int, int, int], box: tuple[int, int, int, int]) -> 
 
 
 @pytest.fixture
-async def server():
-    async with LocalServer(ServerOptions(api_key="sdk-key")) as running:
-        yield running
+def server_options() -> ServerOptions:
+    """The options of the `server` fixture (tests/conftest.py) in this module."""
+    return ServerOptions(api_key="sdk-key")
 
 
 @pytest.fixture

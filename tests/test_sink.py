@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import functools
 import shutil
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,28 +17,22 @@ from pipeline.output import journal
 from pipeline.output.parts import current_rows, part_files
 from pipeline.output.sink import ParquetSink, SinkFailed
 from pipeline.output.stores import OutputDirBusy
-from pipeline.records import ROW_SCHEMA, SCHEMA_VERSION, make_key
-
-REPO = Path(__file__).resolve().parents[1]
+from pipeline.records import ROW_SCHEMA, SCHEMA_VERSION
+from tests.conftest import result_row, until
 
 
 def row(n: int, **changes: Any) -> dict[str, Any]:
-    sha = hashlib.sha256(f"image {n}".encode()).hexdigest()
     base = {
-        "key": make_key(sha, "settings1"),
-        "image_path": f"img/{n:05d}.jpg",
-        "image_root": "/data",
-        "image_sha256": sha,
         "file_size": 1000 + n,
         "file_mtime_ns": 1_700_000_000_000_000_000 + n,
         "width": 640,
         "height": 480,
-        "task": "detect",
-        "status": "ok",
         "objects": [{"label": "cat", "box_2d": [1, 2, 3, 4], "bbox": [1.5, 2.5, 3.5, 4.5]}],
         "prompt_tokens": 300,
     }
-    return base | changes
+    return result_row(
+        f"img/{n:05d}.jpg", content=f"image {n}", settings="settings1", **(base | changes)
+    )
 
 
 def parquet_names(directory: Path) -> list[str]:
@@ -66,12 +60,7 @@ async def test_parts_are_zstd_parquet_with_the_row_schema(tmp_path: Path) -> Non
     assert not list(tmp_path.glob(".part-*"))
 
 
-async def wait_until(predicate, timeout: float = 10.0) -> None:
-    """Poll `predicate` until true; the timeout only bounds a failing test."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
-        await asyncio.sleep(0.005)
+wait_until = functools.partial(until, timeout=10.0, interval=0.005)  # the sink's steps are quick
 
 
 async def test_a_full_segment_becomes_a_part_without_a_flush(tmp_path: Path) -> None:

@@ -1,15 +1,14 @@
 """One Store contract, the same tests on a local folder and on a real S3 (moto's server), plus
-the lease's takeover rules with a hand clock and the sink's kill -9 on both."""
+the lease's takeover rules with a hand clock and the sink's kill -9 on both. The `store`
+fixture (tests/conftest.py) is one, then the other."""
 
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,17 +23,8 @@ from pipeline.output.stores import (
     ObjectStore,
     OutputDirBusy,
     Store,
-    open_store,
 )
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(params=["disk", "s3"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
-    if request.param == "disk":
-        return open_store(tmp_path / "out")
-    return open_store(request.getfixturevalue("bucket") + "/out")
+from tests.conftest import REPO, child_env
 
 
 def test_create_is_whole_and_never_over_an_existing_name(store: Store) -> None:
@@ -200,7 +190,7 @@ def test_kill_9_loses_nothing_that_was_durable_on_either_store(store: Store) -> 
         cwd=REPO,
         stdout=subprocess.PIPE,
         text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env=child_env(),
     )
     durable = 0
     try:

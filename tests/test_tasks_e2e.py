@@ -18,17 +18,11 @@ from pipeline import exits
 from pipeline.commands.export import export_coco
 from pipeline.commands.render import render
 from pipeline.commands.reparse import reparse
-from pipeline.engines import RunOptions, run_async
 from pipeline.gemini import parse_response
 from pipeline.output.parts import current_rows
-from tests.conftest import draw_shapes, make_config, read_rows
+from tests.conftest import REPO, draw_shapes, make_config, read_rows, run
 
-REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "data" / "samples"
-
-
-async def run(config, **options):
-    return await run_async(config, RunOptions(progress=False, seed=0, **options))
 
 
 @pytest.mark.parametrize(

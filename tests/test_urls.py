@@ -4,7 +4,6 @@ a redirect to another host, bodies over the cap, X-Robots-Tag — and the API ke
 from __future__ import annotations
 
 import asyncio
-import io
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,21 +15,17 @@ from aiohttp import web
 from pipeline.commands.estimate import estimate
 from pipeline.commands.render import render
 from pipeline.config import ConfigError
-from pipeline.engines import RunOptions, run_async
 from pipeline.inputs.checks import require_inputs
 from pipeline.inputs.fetch import Fetcher, FetchError, FetchSettings
 from pipeline.output.parts import current_rows
 from pipeline.records import SourceFile
-from tests.conftest import draw_shapes, make_config
+from tests.conftest import make_config, run, scene_png
 
 KEY = "secret-key-that-must-stay-home"
-OPTS = RunOptions(progress=False, seed=0)
 
 
 def png(seed: int) -> bytes:
-    buffer = io.BytesIO()
-    draw_shapes(80, 80, seed=seed, count=2)[0].save(buffer, "PNG")
-    return buffer.getvalue()
+    return scene_png(seed, size=(80, 80))
 
 
 class Site:
@@ -125,7 +120,7 @@ async def test_a_manifest_of_urls_end_to_end(
     config = make_config(
         tmp_path, input={"paths": [], "manifest": str(manifest), "max_fetch_mb": 0.1}
     )
-    summary = await run_async(config, OPTS)
+    summary = await run(config)
     rows = {r["image_path"]: r for r in current_rows(tmp_path / "out").to_pylist()}
     assert set(rows) == set(urls)  # the duplicates listed twice: one row each
     assert all(r["image_root"] == "" for r in rows.values())
@@ -151,7 +146,7 @@ async def test_a_manifest_of_urls_end_to_end(
     assert (gallery["entries"], gallery["missing_sources"]) == (6, 0)  # each read by its URL
 
     before = Counter((m, p) for m, p, _ in home.seen)
-    again = await run_async(config, OPTS)
+    again = await run(config)
     after = Counter((m, p) for m, p, _ in home.seen) - before
     assert again.api_calls == 0 and again.skipped == 10  # done (errors too): a HEAD only
     assert all(after[("GET", path)] == 0 for path in paths[:4])
