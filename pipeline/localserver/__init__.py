@@ -7,7 +7,7 @@ rule and its source: rules.py). It knows nothing of the pipeline.
 
 Layout: server.py wires the surfaces (batches.py, generate.py, interactions.py, files_api.py)
 over the shared core.py (transport, image_input, billing, quotas, answering, faults, stats);
-fields.py declares the accepted request bodies as data, spec.py walks them, settings.py checks
+fields.py declares the accepted request bodies as data, spec.py walks them, model_checks.py checks
 settings against the model table; answers.py and vision.py are the local "model". options.py
 declares the server's options once (a config's [local] section, serve.py's flags).
 """

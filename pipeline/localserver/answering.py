@@ -1,4 +1,4 @@
-"""The local "model" at work: a request reduced to a `Prompted`, answered as an `Outcome`.
+"""The local "model" at work: a request reduced to a `Prompted`, answered as a `ModelOutput`.
 
 The text comes from a recorded replay when one matches, else from answers.render over what
 vision.py sees in every image the request asks about (`answers.targets`: not the reference
@@ -49,7 +49,9 @@ class Prompted:
 
 
 @dataclass(frozen=True, slots=True)
-class Outcome:
+class ModelOutput:
+    """What the local model answered a request: its text, finish reason and token counts."""
+
     text: str
     finish_reason: str  # STOP | MAX_TOKENS
     output_tokens: int
@@ -74,7 +76,7 @@ class Answerer:
         self.hang_seconds = hang_seconds
         self.closing = asyncio.Event()  # set when the server stops: hung requests give up
 
-    async def answer(self, prompted: Prompted, *, queued: bool = False) -> Outcome:
+    async def answer(self, prompted: Prompted, *, queued: bool = False) -> ModelOutput:
         """`queued`: a Batch Mode line. It waits for no latency (the job's time is the batch
         surface's), and a hang is the service's own deadline passing at once."""
         draw = self.faults.draw(prompted.fingerprint()) if self.faults.active else None
@@ -91,7 +93,7 @@ class Answerer:
         text, finish = cut(text, finish, prompted.max_output_tokens)
         output_tokens = text_tokens(text)
         thoughts, summary = self._thoughts(prompted, output_tokens)
-        return Outcome(text, finish, output_tokens, thoughts, summary, answer.task)
+        return ModelOutput(text, finish, output_tokens, thoughts, summary, answer.task)
 
     def _answer_text(self, prompted: Prompted) -> tuple[Answer, str]:
         replayed = self.replay.answer([i.sha256 for i in prompted.images]) if self.replay else None

@@ -37,7 +37,7 @@ from typing import Any
 from aiohttp import web
 
 from pipeline.gemini.batches import RPC_CODES
-from pipeline.localserver import errors, settings
+from pipeline.localserver import errors, model_checks
 from pipeline.localserver.billing import prompt_usage
 from pipeline.localserver.core import Core
 from pipeline.localserver.errors import ApiError
@@ -382,7 +382,7 @@ class BatchesSurface:
 
 
 def _batch_model(model_id: str, version: str) -> Model:
-    model = settings.known_model(model_id, version, "batchGenerateContent")
+    model = model_checks.known_model(model_id, version, "batchGenerateContent")
     if not model.batch:
         raise errors.model_not_found(
             model_id, version, "batchGenerateContent", rule="model.no-batch"

@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from pipeline.localserver import transport
-from pipeline.localserver.answering import Answerer, Outcome, Prompted
+from pipeline.localserver.answering import Answerer, ModelOutput, Prompted
 from pipeline.localserver.billing import Credits, Usage
 from pipeline.localserver.faults import Faults, Replay
 from pipeline.localserver.files import FileStore
@@ -84,7 +84,7 @@ class Core:
         self.credits.check()
         self.quotas.admit(model, prompt.prompt_tokens)
 
-    async def answer(self, prompted: Prompted, prompt: Usage) -> Outcome:
+    async def answer(self, prompted: Prompted, prompt: Usage) -> ModelOutput:
         self.admit(prompted.model, prompt)
         outcome = await self.answerer.answer(prompted)
         self.answer_log.write(prompted)

@@ -3,7 +3,7 @@
 
 A request passes: the key; the model (known to the table, rule model.unknown); the body against
 the GenerateContentRequest tree (fields.py: unknown names and wrong kinds at any depth); the
-settings against the model (settings.py: thinking, schemas, media resolution); the images
+settings against the model (model_checks.py: thinking, schemas, media resolution); the images
 (image_input.py); then credits and quotas, the answer, and the bill. `parse_request`,
 `with_output` and `response_body` are the pieces the Batch Mode surface (batches.py) reuses for
 each of its requests.
@@ -16,8 +16,8 @@ from typing import Any
 
 from aiohttp import web
 
-from pipeline.localserver import errors, settings
-from pipeline.localserver.answering import Outcome, Prompted
+from pipeline.localserver import errors, model_checks
+from pipeline.localserver.answering import ModelOutput, Prompted
 from pipeline.localserver.answers import Ask
 from pipeline.localserver.billing import Usage, prompt_usage
 from pipeline.localserver.core import Core
@@ -44,7 +44,7 @@ class GenerateSurface:
         self.core.check_key(request)
         if method not in METHODS or not model_id:
             raise errors.unsupported_here(f"Method '{method}'")
-        model = settings.known_model(model_id, version, method)
+        model = model_checks.known_model(model_id, version, method)
         body = await self.core.body(request)
         model_id = model_id.removeprefix("models/")
         if method == "countTokens":
@@ -72,10 +72,10 @@ def parse_request(
     config = get(body, "generation_config", {})
     thinking = get(config, "thinking_config")
     budget = get(thinking, "thinking_budget")
-    thinks = settings.check_thinking(model, thinking, budget, get(thinking, "thinking_level"))
+    thinks = model_checks.check_thinking(model, thinking, budget, get(thinking, "thinking_level"))
     schema, json_schema = get(config, "response_schema"), get(config, "response_json_schema")
-    settings.check_schemas(model, schema, json_schema)
-    resolution = settings.global_resolution(model, get(config, "media_resolution"))
+    model_checks.check_schemas(model, schema, json_schema)
+    resolution = model_checks.global_resolution(model, get(config, "media_resolution"))
     texts, inputs = _read_contents(get(body, "contents"), model, version, images)
     max_tokens = get(config, "max_output_tokens")
     return Prompted(
@@ -134,7 +134,7 @@ def _read_part(
     text = get(part, "text")
     image = _read_image(part, where, images)
     level = get(get(part, "media_resolution"), "level")
-    resolution = settings.part_resolution(model, version, level, interactions=False)
+    resolution = model_checks.part_resolution(model, version, level, interactions=False)
     if image is not None:
         image.resolution = resolution
     return (text if isinstance(text, str) else None), image
@@ -157,7 +157,7 @@ def system_text(content: Any) -> str:
     return "\n".join(text for p in parts if isinstance(text := get(p, "text"), str))
 
 
-def with_output(prompt: Usage, outcome: Outcome) -> Usage:
+def with_output(prompt: Usage, outcome: ModelOutput) -> Usage:
     return Usage(
         prompt.text_tokens, prompt.image_tokens, outcome.output_tokens, outcome.thoughts_tokens
     )
@@ -170,7 +170,7 @@ def modalities(usage: Usage) -> list[dict[str, Any]]:
     return details
 
 
-def response_body(outcome: Outcome, usage: Usage, model_id: str) -> dict[str, Any]:
+def response_body(outcome: ModelOutput, usage: Usage, model_id: str) -> dict[str, Any]:
     """A GenerateContentResponse (camelCase, as the service writes it)."""
     parts: list[dict[str, Any]] = []
     if outcome.thought_summary:

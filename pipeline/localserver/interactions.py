@@ -2,7 +2,7 @@
 
 A create body is held to the CreateModelInteraction tree (fields.py: snake_case only; settings in
 `generation_config`, never `config`; no `thinking_budget`), the model must serve Interactions, the
-settings must suit it (settings.py), and `response_format.schema` must be JSON Schema. Errors
+settings must suit it (model_checks.py), and `response_format.schema` must be JSON Schema. Errors
 have the Interactions shape (lowercase codes, no details; transport.py renders them).
 
 Answers are `steps` (a `thought` step when the model thinks, then `model_output`) with `usage`;
@@ -20,7 +20,7 @@ from typing import Any
 from aiohttp import web
 
 from pipeline.gemini.tokens import text_tokens
-from pipeline.localserver import errors, settings
+from pipeline.localserver import errors, model_checks
 from pipeline.localserver.answering import Prompted
 from pipeline.localserver.answers import Ask
 from pipeline.localserver.billing import Usage, prompt_usage
@@ -100,7 +100,7 @@ class InteractionsSurface:
         for flag in ("stream", "background"):
             if body.get(flag):
                 raise errors.unsupported_here(f"'{flag}: true'")
-        return settings.interactions_model(model_id, version)
+        return model_checks.interactions_model(model_id, version)
 
     async def _answered(self, prompted: Prompted) -> Turn:
         prompt = prompt_usage(prompted)
@@ -181,7 +181,7 @@ def parse_interaction(
     config = body.get("generation_config") or {}
     level = config.get("thinking_level")
     if level is not None:
-        settings.check_level(model, level)
+        model_checks.check_level(model, level)
     items = input_items(body.get("input"))
     texts, inputs = _read_items(items, model, version, images)
     max_tokens = config.get("max_output_tokens")
@@ -197,7 +197,7 @@ def parse_interaction(
             polygon_masks=model.segmentation == "polygon",
         ),
         max_output_tokens=int(max_tokens) if max_tokens is not None else None,
-        thinking=settings.thinks(model, None, level),
+        thinking=model_checks.thinks(model, None, level),
     )
     return prompted, items
 
@@ -228,7 +228,7 @@ def _image(
         image = images.stored(item.get("mime_type"), item["uri"], where)
     else:
         image = images.inline(item.get("mime_type"), item.get("data"), where)
-    image.resolution = settings.part_resolution(
+    image.resolution = model_checks.part_resolution(
         model, version, item.get("resolution"), interactions=True
     )
     return image
@@ -262,7 +262,7 @@ def response_format(body: dict[str, Any]) -> tuple[str | None, Any]:
         if entry.get("type") == "text":
             schema = entry.get("schema")
             if schema is not None:
-                settings.check_json_schema_types(schema, "response_format.schema")
+                model_checks.check_json_schema_types(schema, "response_format.schema")
             return entry.get("mime_type") or mime, schema
     return mime, None
 
