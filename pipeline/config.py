@@ -28,7 +28,7 @@ from typing import Any
 
 from pipeline import settings as s
 from pipeline.gemini.client import DEFAULT_BASE_URL
-from pipeline.gemini.types import GenerateRequest
+from pipeline.gemini.types import Flavor, GenerateRequest
 from pipeline.localserver.options import LocalOptions
 from pipeline.locations import is_url, local_path, normalise_url, scheme_of
 from pipeline.models import ModelTable, ModelTableError, default_table
@@ -37,7 +37,7 @@ from pipeline.tasks import get_task
 from pipeline.tasks.base import TaskSettings
 from pipeline.tasks.generation import SettingError
 
-FLAVORS = ("generateContent", "interactions")
+FLAVORS: tuple[Flavor, ...] = ("generateContent", "interactions")
 MODES = ("interactive", "batch")
 BATCH_RETRIES = ("batch", "interactive")
 API_VERSIONS = ("v1beta", "v1", "v1alpha")
@@ -69,7 +69,7 @@ class ApiConfig:
         "picks thinking, schema, token rules and prices (`pipeline models`)",
         flag="--model",
     )
-    flavor: str = setting(
+    flavor: Flavor = setting(  # checked: one of FLAVORS
         "generateContent", s.one_of(*FLAVORS), "or interactions (sent with store: false)"
     )
     version: str = setting("v1beta", s.one_of(*API_VERSIONS), "v1alpha for per-image resolution")

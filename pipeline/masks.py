@@ -175,7 +175,8 @@ def _resample(prob: np.ndarray, size: tuple[int, int], source: Sequence[float]) 
         prob = np.pad(prob, pad, mode="edge")
         source = tuple(v + pad for v in source)
     image = Image.fromarray(prob)  # uint8 2-D: mode L
-    return np.asarray(image.resize(size, Image.Resampling.BILINEAR, box=tuple(source)))
+    x0, y0, x1, y1 = source
+    return np.asarray(image.resize(size, Image.Resampling.BILINEAR, box=(x0, y0, x1, y1)))
 
 
 def map_box_mask(

@@ -332,7 +332,7 @@ def _prices(value: Any) -> tuple[Price, ...]:
 def _price(item: Any) -> Price:
     if not isinstance(item, Mapping):
         raise TypeError("a list of tables")
-    numbers = {}
+    numbers: dict[str, float] = {}
     for key in ("input", "output", "batch_input", "batch_output"):
         number = item.get(key)
         if number is None and key.startswith("batch_"):

@@ -52,7 +52,7 @@ def export_coco(
 
     labels = sorted({_label(obj) for _, obj in objects})
     category_id = {label: number for number, label in enumerate(labels, start=1)}
-    annotations = []
+    annotations: list[dict[str, Any]] = []
     skipped_objects = 0
     for image_id, obj in objects:
         annotation = _annotation(obj)

@@ -212,13 +212,16 @@ def _open_source(source: Path | str | None, fetcher: Fetcher) -> Image.Image | N
     """The source as displayed (EXIF orientation applied), RGB; None if it cannot be read."""
     if source is None:
         return None
+    file: Path | io.BytesIO
     if isinstance(source, str):  # an object or a URL
         (read,) = fetcher.read_all([SourceFile(path=source, root="", rel_path=source)])
         if isinstance(read, FetchError):
             return None
-        source = io.BytesIO(read)
+        file = io.BytesIO(read)
+    else:
+        file = source
     try:
-        with Image.open(source) as image:
+        with Image.open(file) as image:
             image.draft("RGB", (MAX_SIDE, MAX_SIDE))  # JPEG: decode at reduced size when big
             return ImageOps.exif_transpose(image).convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError):

@@ -46,8 +46,8 @@ def status(output_dir: Output) -> dict[str, Any]:
     `prompt_tokens` on the rows that have both. `cost` prices those tokens (pipeline/cost.py:
     rows bought in Batch Mode at the batch price).
     """
-    columns = (*GROUP, "completed_at", "status", "run_id", *USAGE_COLUMNS, "est_prompt_tokens")
-    columns += ("model", "input_mode")
+    columns: tuple[str, ...] = (*GROUP, "completed_at", "status", "run_id", *USAGE_COLUMNS)
+    columns += ("est_prompt_tokens", "model", "input_mode")
     store = open_store(output_dir)
     table, names, unreadable = scan(store, columns, skip_unreadable=True, history=True)
     current = table.take(pa.array(latest_rows(table)))

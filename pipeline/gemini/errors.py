@@ -173,7 +173,8 @@ class GeminiError(Exception):
     def quota(self) -> str | None:
         """The one quota to name: the per-day violation if there is one, else the first."""
         daily = [quota for quota in self.quotas if is_daily_quota(quota)]
-        return (daily or list(self.quotas) or [None])[0]
+        named = daily or self.quotas
+        return named[0] if named else None
 
     def with_partial(self, partial: GenerateResponse, hops: int) -> GeminiError:
         """This error, carrying the `hops` answered hops of a continuation it interrupted."""

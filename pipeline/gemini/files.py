@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
 import aiofiles
@@ -74,7 +74,7 @@ async def source_size(source: str | os.PathLike[str] | bytes) -> int:
 
 async def read_chunks(
     source: str | os.PathLike[str] | bytes, chunk_size: int
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     """The source's bytes in chunks of `chunk_size` (the last may be shorter)."""
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")

@@ -65,7 +65,8 @@ def split_hops(raw: str) -> list[str]:
     text = raw.strip()
     if not text.startswith("["):
         return [raw]
-    decoder, hops, position = json.JSONDecoder(), [], 1
+    decoder, position = json.JSONDecoder(), 1
+    hops: list[str] = []
     while True:
         position = _skip(text, position, " \t\r\n,")
         if text[position] == "]":

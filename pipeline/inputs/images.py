@@ -336,7 +336,7 @@ def _examine(
         item.send_size = len(item.data)
 
 
-def _orientation(image: Image.Image, *, verify: bool) -> tuple[int, bool]:
+def _orientation(image: ImageFile.ImageFile, *, verify: bool) -> tuple[int, bool]:
     """EXIF orientation 1-8 (1 when absent or unreadable: bad metadata must not cost the image),
     and whether the image was verified on the way.
 
@@ -373,6 +373,7 @@ def _verify_png(image: ImageFile.ImageFile) -> bytes | None:
     files without inflating the pixels, which costs twenty times as much for a small PNG.
     """
     fp = image.fp
+    assert fp is not None  # an open image, its pixels not loaded: Pillow still holds its file
     fp.seek(image.tile[0][2] - 8)
     exif = None
     while True:

@@ -467,7 +467,7 @@ def _txt_lines(manifest: str) -> Iterator[str]:
 
 def _csv_paths(manifest: str) -> Iterator[str]:
     with _text(manifest, "") as text:
-        rows = csv.reader(text)
+        rows: Iterator[list[str]] = csv.reader(text)
         header = next(rows, None)
         if header is None:
             return

@@ -292,7 +292,7 @@ def quota_exceeded(hits: Sequence[QuotaHit], model: str) -> ApiError:
         }
         for hit in hits
     ]
-    details = [
+    details: list[dict[str, Any]] = [
         {"@type": TYPE_PREFIX + "QuotaFailure", "violations": violations},
         {
             "@type": TYPE_PREFIX + "Help",

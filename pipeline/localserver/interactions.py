@@ -66,8 +66,9 @@ class InteractionsSurface:
         check(body, CREATE_INTERACTION, version=version, interactions=True)
         model = self._model(body, version)
         token = body.get("continuation_token")
+        echoed: list[dict[str, Any]] = []  # a continuation echoes no new content
         if token:
-            turn, echoed = self._resumed(body, model, version, token), []
+            turn = self._resumed(body, model, version, token)
         else:
             prompted, echoed = parse_interaction(body, model, version, self.core.images)
             turn = await self._answered(prompted)

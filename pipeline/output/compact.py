@@ -165,7 +165,7 @@ def _rows_by_part(table: pa.Table, current: np.ndarray) -> dict[int, tuple[np.nd
     is_current[current] = True
     part_of = table.column("_part").to_numpy()
     row_of = table.column("_row").to_numpy()
-    split = {}
+    split: dict[int, tuple[np.ndarray, ...]] = {}
     for part in np.unique(part_of):
         mine = part_of == part
         split[int(part)] = (row_of[mine & is_current], row_of[mine & ~is_current])

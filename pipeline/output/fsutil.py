@@ -30,19 +30,19 @@ def temp_name(final: Path) -> Path:
     return final.with_name(f".{final.name}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
 
 
-def atomic_write(final: str | os.PathLike[str], write: Callable[[BinaryIO], None]) -> None:
+def atomic_write(final: str | os.PathLike[str], write: Callable[[BinaryIO], object]) -> None:
     """Call `write(file)` on a temporary beside `final`, then make it `final` durably."""
     _commit(Path(final), write, _replace)
 
 
-def create_new(final: str | os.PathLike[str], write: Callable[[BinaryIO], None]) -> None:
+def create_new(final: str | os.PathLike[str], write: Callable[[BinaryIO], object]) -> None:
     """Like atomic_write, but never over an existing `final` (AlreadyExists): the temporary is
     hard-linked to its name, which fails if the name is taken, the way a conditional PUT
     (`If-None-Match: *`) fails on an object store."""
     _commit(Path(final), write, _link)
 
 
-def _commit(final: Path, write: Callable[[BinaryIO], None], publish: Callable) -> None:
+def _commit(final: Path, write: Callable[[BinaryIO], object], publish: Callable) -> None:
     temp = temp_name(final)
     try:
         with open(temp, "wb") as file:

@@ -215,8 +215,9 @@ class Gathered:
         starts = np.cumsum([0, *(len(piece) for piece in pieces)])
         cut = np.searchsorted(rows, starts)
         picked = np.empty(len(rows), dtype=pieces[0].dtype)
-        for at in range(len(pieces)):
-            piece, pieces[at] = pieces[at], None
+        pieces.reverse()  # popped from the end: first piece first, each let go once read
+        for at in range(len(starts) - 1):
+            piece = pieces.pop()
             picked[cut[at] : cut[at + 1]] = piece[rows[cut[at] : cut[at + 1]] - starts[at]]
         return picked
 
@@ -338,7 +339,7 @@ def _open(store: Store, name: str) -> _CacheFile | None:
             batch, meta = reader.get_batch_with_custom_metadata(at)
             part = tuple(json.loads(meta[b"part"]))
             if not parts or parts[-1] != part:
-                parts.append(part)  # type: ignore[arg-type]
+                parts.append(part)
             rows += batch.num_rows
     except (FileNotFoundError, pa.ArrowException, OSError, KeyError, TypeError, ValueError) as exc:
         log.info("index cache %s not used: %s", name, exc)
@@ -357,7 +358,7 @@ def _tidy(store: Store, used: list[_CacheFile], stale: list[str]) -> None:
     """Delete stale cache files; past CHECKPOINT_FILES small files, merge them (a checkpoint)."""
     small = [cached for cached in used if cached.rows < FILE_ROWS // 4]
     if len(small) > CHECKPOINT_FILES:
-        batches = []
+        batches: list[PartFacts] = []
         for cached in small:
             reopened = _open(store, cached.name)
             if reopened is not None:

@@ -23,7 +23,7 @@ from pipeline.output.parts import (
     staged_name,
     write_part,
 )
-from pipeline.output.stores import OutputDirBusy, Store, open_store
+from pipeline.output.stores import ObjectStore, OutputDirBusy, Store, open_store
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +139,7 @@ def _publish(store: Store, staged: str, final: str, *, already: bool) -> None:
         os.makedirs(os.path.dirname(store.join(final)), exist_ok=True)
         os.replace(store.join(staged), store.join(final))
         return
+    assert isinstance(store, ObjectStore)  # the one Store that is not local (and can copy)
     if not already:
         store.copy(staged, final)
     store.delete([staged])

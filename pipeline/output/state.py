@@ -36,7 +36,7 @@ import contextlib
 import logging
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
@@ -330,7 +330,7 @@ class State:
         with self._mutex:
             return int(self.db.execute(sql, tuple(params)).lastrowid or 0)
 
-    def _many(self, sql: str, rows: Iterable[Iterable[Any]]) -> None:
+    def _many(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         with self._mutex:
             self.db.executemany(sql, rows)
 

@@ -32,6 +32,7 @@ environment (`AWS_*`, `AWS_ENDPOINT_URL`, `GOOGLE_APPLICATION_CREDENTIALS`, `AZU
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import errno
 import fcntl
@@ -158,7 +159,7 @@ class Store:
     def read(self, name: str) -> bytes:
         raise NotImplementedError
 
-    def create(self, name: str, write: Callable[[BinaryIO], None]) -> None:
+    def create(self, name: str, write: Callable[[BinaryIO], object]) -> None:
         raise NotImplementedError
 
     def replace(self, name: str, data: bytes) -> None:
@@ -167,7 +168,9 @@ class Store:
     def delete(self, names: Iterable[str]) -> None:
         raise NotImplementedError
 
-    def open_parquet(self, names: list[str], columns: list[str] | None) -> list[Any]:
+    def open_parquet(
+        self, names: builtins.list[str], columns: builtins.list[str] | None
+    ) -> builtins.list[Any]:
         """Readable files (for pyarrow) of these Parquet objects, fetching only the footer and
         the byte ranges of `columns` where that saves a transfer."""
         raise NotImplementedError
@@ -175,7 +178,7 @@ class Store:
     def appender(self, name: str) -> Appender:
         raise NotImplementedError
 
-    def appended(self, prefix: str) -> list[str]:
+    def appended(self, prefix: str) -> builtins.list[str]:
         """The names of the append logs (written by `appender`) starting with `prefix`."""
         raise NotImplementedError
 
@@ -288,7 +291,7 @@ class DiskStore(Store):
     def read(self, name: str) -> bytes:
         return (self.root / name).read_bytes()
 
-    def create(self, name: str, write: Callable[[BinaryIO], None]) -> None:
+    def create(self, name: str, write: Callable[[BinaryIO], object]) -> None:
         (self.root / name).parent.mkdir(parents=True, exist_ok=True)
         create_new(self.root / name, write)
 
@@ -306,13 +309,15 @@ class DiskStore(Store):
             with contextlib.suppress(FileNotFoundError):
                 fsync_dir(folder)
 
-    def open_parquet(self, names: list[str], columns: list[str] | None) -> list[Any]:
+    def open_parquet(
+        self, names: builtins.list[str], columns: builtins.list[str] | None
+    ) -> builtins.list[Any]:
         return [str(self.root / name) for name in names]  # pyarrow reads ranges itself
 
     def appender(self, name: str) -> Appender:
         return _FileAppender(self.root / name)
 
-    def appended(self, prefix: str) -> list[str]:
+    def appended(self, prefix: str) -> builtins.list[str]:
         return sorted(e.name for e in os.scandir(self.root) if e.name.startswith(prefix))
 
     def read_appended(self, name: str) -> bytes:
@@ -368,6 +373,7 @@ class _FlockLock(WriterLock):
         self._fd: int | None = fd
 
     def share(self) -> None:
+        assert self._fd is not None, "share() after release()"  # only the holder shares its lock
         try:
             fcntl.flock(self._fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -434,7 +440,7 @@ class ObjectStore(Store):
     def read(self, name: str) -> bytes:
         return self.fs.cat_file(self._path(name))
 
-    def create(self, name: str, write: Callable[[BinaryIO], None]) -> None:
+    def create(self, name: str, write: Callable[[BinaryIO], object]) -> None:
         buffer = io.BytesIO()
         write(buffer)
         data = buffer.getvalue()
@@ -467,7 +473,9 @@ class ObjectStore(Store):
             with contextlib.suppress(FileNotFoundError):
                 self.fs.rm(paths)
 
-    def open_parquet(self, names: list[str], columns: list[str] | None) -> list[Any]:
+    def open_parquet(
+        self, names: builtins.list[str], columns: builtins.list[str] | None
+    ) -> builtins.list[Any]:
         """fsspec reads every footer, then exactly the column chunks wanted, concurrently."""
         from fsspec.parquet import open_parquet_files
 
@@ -477,7 +485,7 @@ class ObjectStore(Store):
     def appender(self, name: str) -> Appender:
         return _ChunkAppender(self, name)
 
-    def appended(self, prefix: str) -> list[str]:
+    def appended(self, prefix: str) -> builtins.list[str]:
         bases = {m["base"] for e in self.list(prefix) if (m := _CHUNK.fullmatch(e.name))}
         return sorted(bases)
 

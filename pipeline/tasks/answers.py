@@ -175,6 +175,14 @@ def find_json(text: str, accept: Callable[[Any], bool] | None = None) -> Found |
     return first
 
 
+def _match_at(pattern: re.Pattern[str], text: str, position: int) -> re.Match[str]:
+    """The match at `position` of a pattern whose every part is optional (_SPACE,
+    _AFTER_ELEMENT): it always matches, if only the empty string."""
+    match = pattern.match(text, position)
+    assert match is not None  # an all-optional pattern cannot fail
+    return match
+
+
 def salvage_list(text: str, start: int) -> Found:
     """The complete elements of the list of objects opening at text[start] ("[") in a cut or
     broken answer. A broken element is skipped when another one follows ("}, {"); at a cut,
@@ -183,13 +191,13 @@ def salvage_list(text: str, start: int) -> Found:
     items: list[Any] = []
     skipped: list[str] = []
     closed = False
-    position = _SPACE.match(text, start + 1).end()
+    position = _match_at(_SPACE, text, start + 1).end()
     while position < len(text):
         value, end = _decode_at(text, position)
         if value is not _BROKEN:
             items.append(value)
             position = end
-            after = _AFTER_ELEMENT.match(text, position)
+            after = _match_at(_AFTER_ELEMENT, text, position)
             if after.group(1) == "]":
                 closed = True  # the list is whole; what is broken is around it
                 break

@@ -100,9 +100,9 @@ def media_resolution(settings: TaskSettings) -> str | None:
             )
         return level
     if level not in spec.media_resolution:
-        takes = ", ".join(spec.media_resolution) or "none"
+        levels = ", ".join(spec.media_resolution) or "none"
         raise SettingError(
-            "media_resolution", f"{level!r} is refused by {spec.name} (it takes: {takes})"
+            "media_resolution", f"{level!r} is refused by {spec.name} (it takes: {levels})"
         )
     return level
 
