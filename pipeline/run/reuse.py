@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Container
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,7 +47,7 @@ class Answers:
     def __init__(
         self,
         output_dir: str,
-        ok_keys: Collection[str],
+        ok_keys: Container[str],
         commit: Callable[[], Awaitable[None]],
     ) -> None:
         self.output_dir = output_dir
