@@ -42,6 +42,7 @@ class Plan:
     est_image_tokens: int  # every image of the request, reference images included
     est_tokens: int  # the whole input: images, prompt, system instruction, captions
     error: str | None = None  # why the request cannot be made (a limit it would break)
+    body_bytes: int = 0  # about what its body weighs: the overhead and the inline images
 
     @property
     def input_mode(self) -> str:
@@ -96,16 +97,17 @@ class RequestMaker:
         why = self.costing.over_limits(len(sizes), est, tpm)
         if why is not None:
             return Plan((), est_image, est, why)
-        modes, why = self._modes(unit)
-        return Plan(modes, est_image, est, why)
+        modes, room, why = self._modes(unit)
+        return Plan(modes, est_image, est, why, self.config.inline_limit_bytes - room)
 
-    def _modes(self, unit: Unit) -> tuple[tuple[str, ...], str | None]:
+    def _modes(self, unit: Unit) -> tuple[tuple[str, ...], int, str | None]:
         """auto: each image inline while the request still fits the inline limit, in order,
-        else uploaded; inline: all inline, if they fit; upload: all uploaded."""
+        else uploaded; inline: all inline, if they fit; upload: all uploaded. With the room
+        left under the inline limit, and why the request cannot be made."""
         mode = self.config.images.mode
-        if mode == "upload":
-            return ("upload",) * len(unit.items), None
         room = self.config.inline_limit_bytes - self.overhead
+        if mode == "upload":
+            return ("upload",) * len(unit.items), room, None
         modes = []
         for item in unit.items:
             size = inline_size(item)
@@ -115,13 +117,8 @@ class RequestMaker:
             elif mode == "auto":
                 modes.append("upload")
             else:
-                return ("inline",) * len(unit.items), inline_refusal(self.config)
-        return tuple(modes), None
-
-    def body_bytes(self, unit: Unit, plan: Plan) -> int:
-        """About what the request's body weighs: the overhead and the inline images."""
-        pairs = zip(unit.items, plan.modes, strict=True)
-        return self.overhead + sum(inline_size(item) for item, mode in pairs if mode == "inline")
+                return ("inline",) * len(unit.items), room, inline_refusal(self.config)
+        return tuple(modes), room, None
 
     async def make(
         self, unit: Unit, plan: Plan, uploads: Uploads, references: ReferenceParts

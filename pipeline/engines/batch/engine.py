@@ -229,7 +229,7 @@ class InteractiveRetries:
 
     def claims(self, work: Work) -> bool:
         """Whether `work` is retried here (then no longer noted as a retry: it gets a row)."""
-        if work.error is not None:
+        if work.error is not None or len(self.pending) == 0:  # (no fingerprint to compute)
             return False
         digest = fingerprint(*work_identity(work), self.key_suffix)
         if digest not in self.pending:

@@ -204,7 +204,7 @@ class JobBuyer:
     ) -> Outcome | None:
         """The request as a line of the open job; an error's outcome when it cannot be made
         (as an interactive call's: attempted once, never sent)."""
-        job = await self._job_for(self.requests.body_bytes(unit, plan), plan.est_tokens)
+        job = await self._job_for(plan.body_bytes, plan.est_tokens)
         try:
             made = self.requests.make(unit, plan, job.uploads, job.references)
             request = await self.stop.call(made)  # a drain lets an upload finish
