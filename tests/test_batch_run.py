@@ -154,6 +154,28 @@ async def test_the_same_bytes_at_two_paths_are_asked_once(tmp_path):
     assert sorted(billed, key=lambda v: v is None)[1] is None  # paid once
 
 
+async def test_a_request_refused_before_sending_is_the_interactive_runs_row(tmp_path):
+    """A request over a limit is refused by the same plan in both modes (run/requests.py), so
+    its error row is the interactive run's: the same error, input mode, estimates and attempts
+    (Batch Mode's row used to say input_mode "none", without estimates)."""
+    names = tiny_images(tmp_path / "images", 3)
+    noise = np.random.default_rng(3).integers(0, 256, (160, 160, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "images" / "big.png")  # ~77 kB: over the inline room
+    refusing = {"images": {"mode": "inline"}, "api": {"inline_limit_mb": 0.05}}
+    await run(make_config(tmp_path, output={"dir": str(tmp_path / "interactive")}, **refusing))
+    bought = await run(batch_config(tmp_path, output={"dir": str(tmp_path / "batch")}, **refusing))
+
+    live, batch = read_current(tmp_path / "interactive"), read_current(tmp_path / "batch")
+    assert live["big.png"]["status"] == "error" and "inline limit" in live["big.png"]["error"]
+    same = ("key", "status", "error", "retryable", "attempts", "input_mode", "prompt_tokens")
+    estimated = ("est_image_tokens", "est_prompt_tokens")
+    for column in (*same, *estimated):
+        assert batch["big.png"][column] == live["big.png"][column], column
+    assert batch["big.png"]["input_mode"] == "inline" and batch["big.png"]["est_prompt_tokens"]
+    assert bought.batch["requests_submitted"] == 3  # the others went in a job
+    assert {batch[name]["status"] for name in names} == {"ok"}
+
+
 # ------------------------------------------------------------------------- resumable, paid once
 async def test_kill_9_while_polling_then_rerun_creates_no_second_job(server, clock, tmp_path):
     tiny_images(tmp_path / "images", 30)

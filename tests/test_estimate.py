@@ -9,10 +9,11 @@ import pytest
 from PIL import Image
 
 from pipeline.commands.estimate import estimate, format_estimate
+from pipeline.engines import RunOptions, run_async
 from pipeline.gemini.tokens import image_tokens, text_tokens
 from pipeline.models import lookup
 from pipeline.tasks import get_task
-from tests.conftest import make_config
+from tests.conftest import make_config, read_rows
 
 # (width, height) -> tokens for 2.0/2.5, worked out by hand from the guide's rule
 GUIDE_2X = {
@@ -137,3 +138,30 @@ def test_estimate_learns_output_tokens_from_earlier_rows(tmp_path: Path) -> None
     asyncio.run(run_async(config, RunOptions(progress=False)))
     report = estimate(config)
     assert report["output_tokens_from"] == "1 earlier rows"
+
+
+async def test_the_estimate_is_what_a_run_estimates_each_request_at(tmp_path: Path) -> None:
+    """One calculation (pipeline/run/costing.py) for `estimate`, the interactive caller and
+    Batch Mode: the estimate's input tokens are the sum of the rows' `est_prompt_tokens`, its
+    image tokens (the references' included) the sum of their `est_image_tokens`."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, (w, h) in enumerate([(200, 384), (385, 384), (960, 540)]):
+        Image.new("RGB", (w, h), (i * 60, 90, 30)).save(images / f"{i}.png")
+    Image.new("RGB", (120, 90), (9, 200, 9)).save(tmp_path / "ref.png")
+    task = {"kind": "detect", "reference_images": [{"image": "ref.png", "caption": "an example"}]}
+    report = estimate(make_config(tmp_path, task=task))
+    assert report["reference_tokens"] == 3 * 258
+    batch = {
+        "api": {"mode": "batch"},
+        "local": {"batch_seconds": 0.1},
+        "batch": {"poll_seconds": 0.02},
+    }
+    for name, mode in (("interactive", {}), ("batch", batch)):
+        config = make_config(tmp_path, task=task, output={"dir": str(tmp_path / name)}, **mode)
+        summary = await run_async(config, RunOptions(progress=False))
+        assert dict(summary.rows) == {"ok": 3}, name
+        rows = read_rows(tmp_path / name)
+        assert report["input_tokens"] == sum(row["est_prompt_tokens"] for row in rows), name
+        images_estimated = report["image_tokens"] + report["reference_tokens"]
+        assert images_estimated == sum(row["est_image_tokens"] for row in rows), name

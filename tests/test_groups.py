@@ -40,7 +40,7 @@ from pipeline.records import (
     make_key,
     work_identity,
 )
-from pipeline.run.calls import REQUEST_OVERHEAD
+from pipeline.run.requests import REQUEST_OVERHEAD
 from pipeline.tasks import get_task, read_answer
 from pipeline.tasks.base import TaskSettings
 from tests.conftest import box_iou, draw_shapes, make_config, mask_iou, read_current, read_rows, run

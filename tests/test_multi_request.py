@@ -14,7 +14,7 @@ from pipeline.gemini.interactions import build_interaction_body
 from pipeline.gemini.types import GenerateRequest, ImagePart
 from pipeline.localserver.options import ServerOptions
 from pipeline.localserver.server import LocalServer
-from pipeline.run.calls import request_with_images
+from pipeline.run.requests import request_with_images
 from pipeline.tasks import get_task, read_answer
 from pipeline.tasks.base import Reference, TaskSettings
 from pipeline.tasks.multi import reference_caption

@@ -5,7 +5,9 @@ pipeline.gemini.tokens, the same rules the local server bills by) from each imag
 EXIF alone; Gemini 3's per-image figures are documented maxima, so those totals are "at most".
 A request carries the run's reference images and one image, or a group's images (`[input]
 group_by`): its input is their tokens plus the prompt's and the captions' (pipeline/tasks/
-multi.py), so reference images cost their tokens once per request. Output tokens come from
+multi.py), so reference images cost their tokens once per request. Each request is estimated by
+the very calculation a run makes before sending it (pipeline/run/costing.py), so the estimate's
+input tokens are the sum of the run's rows' `est_prompt_tokens`. Output tokens come from
 earlier rows of the same task in the output directory (a row is a request) when there are some,
 else from a per-task guess (per image for the tasks that locate objects). Prices come from the
 model table (interactive and Batch Mode side by side). Alongside, what downscaling (`max_side`)
@@ -22,13 +24,7 @@ from typing import Any
 import pyarrow.compute as pc
 
 from pipeline.config import Config
-from pipeline.gemini.tokens import (
-    GLOBAL_RESOLUTION_TOKENS_2X,
-    MEDIA_RESOLUTION_TOKENS,
-    image_tokens,
-    text_tokens,
-)
-from pipeline.gemini.types import MAX_IMAGES_PER_REQUEST
+from pipeline.gemini.tokens import GLOBAL_RESOLUTION_TOKENS_2X, MEDIA_RESOLUTION_TOKENS
 from pipeline.inputs import images, references
 from pipeline.inputs.checks import check_groups
 from pipeline.inputs.fetch import Fetcher, FetchError, settings_from
@@ -37,8 +33,8 @@ from pipeline.locations import is_url
 from pipeline.models import Model, Price
 from pipeline.output.parts import current_rows
 from pipeline.records import ImageItem, members_of
-from pipeline.run.calls import INPUT_TOKEN_LIMIT
-from pipeline.tasks import get_task, multi
+from pipeline.run.costing import Costing, TokenEstimate
+from pipeline.tasks import get_task
 
 # Output tokens per image when there is no history to learn from: masks are long, labels short.
 WINDOW = 64  # units measured together: the remote ones among them are read concurrently
@@ -55,9 +51,15 @@ MAX_SIDE_CHOICES = (384, 768, 1024, 1536)
 Sizes = list[tuple[int, int]]
 
 
-def _scaled(width: int, height: int, max_side: int) -> tuple[int, int]:
-    scale = min(1.0, max_side / max(width, height))
-    return max(1, round(width * scale)), max(1, round(height * scale))
+def _scaled(sizes: Sizes, max_side: int | None) -> Sizes:
+    """The sizes images would be sent at under another `max_side` (None: as they are)."""
+    if max_side is None:
+        return sizes
+    scaled = []
+    for width, height in sizes:
+        scale = min(1.0, max_side / max(width, height))
+        scaled.append((max(1, round(width * scale)), max(1, round(height * scale))))
+    return scaled
 
 
 def _output_history(output_dir: str, task: str) -> tuple[int, float] | None:
@@ -77,48 +79,20 @@ def _output_history(output_dir: str, task: str) -> tuple[int, float] | None:
     return table.num_rows, (out + thought) / table.num_rows
 
 
-class _Costing:
-    """The token rules of one config: images (at a resolution or a max_side), references."""
-
-    def __init__(self, config: Config, loaded: tuple[references.LoadedReference, ...]) -> None:
-        self.spec = config.task.spec
-        self.request = get_task(config.task.kind).request(config.task)
-        self.resolution = self.request.media_resolution
-        self.captioned = multi.captioned(config.task.grouped, len(loaded))
-        self.references: Sizes = [(r.item.sent_width, r.item.sent_height) for r in loaded]
-        prompt = (self.request.system_instruction or "") + self.request.prompt
-        self.prompt_tokens = text_tokens(prompt) + sum(text_tokens(r.caption) for r in loaded)
-
-    def images(self, sizes: Sizes, resolution: str | None = None, side: int | None = None) -> int:
-        level = resolution or self.resolution
-        if side is not None:
-            sizes = [_scaled(w, h, side) for w, h in sizes]
-        return sum(image_tokens(self.spec, w, h, level) for w, h in sizes)
-
-    def captions(self, count: int) -> int:
-        if not self.captioned:
-            return 0
-        return sum(text_tokens(multi.target_caption(index)) for index in range(count))
-
-    def request_input(self, sizes: Sizes) -> int:
-        """Estimated input tokens of one request about images of `sizes`."""
-        own = self.images(sizes) + self.captions(len(sizes))
-        return own + self.images(self.references) + self.prompt_tokens
-
-
 def estimate(config: Config, *, limit: int | None = None) -> dict[str, Any]:
     """Walk the inputs like a run would (headers only) and add up the costs."""
     spec = config.task.spec
     check_groups(config)
     loaded = references.load(config)
-    costing = _Costing(config, loaded)
+    costing = Costing(config, get_task(config.task.kind).request(config.task), loaded)
     units, unusable = _units(config, limit)
+    estimates = [costing.request(unit) for unit in units]  # as a run estimates each request
     sizes = [size for unit in units for size in unit]
     found, requests = len(sizes), len(units)
     image_total = costing.images(sizes)
-    reference_per_request = costing.images(costing.references)
+    reference_per_request = costing.reference_tokens
     prompt_total = costing.prompt_tokens * requests + sum(costing.captions(len(u)) for u in units)
-    input_total = image_total + reference_per_request * requests + prompt_total
+    input_total = sum(estimate.input_tokens for estimate in estimates)
     history = _output_history(config.output.dir, config.task.kind)
     output_total = round(_outputs(config.task.kind, units, history))
     price = spec.price()
@@ -146,7 +120,7 @@ def estimate(config: Config, *, limit: int | None = None) -> dict[str, Any]:
         "prompt_tokens": prompt_total,
         "input_tokens": input_total,
         "input_tokens_per_request": round(input_total / requests, 1) if requests else 0,
-        "requests_over_limits": _over_limits(config, costing, units),
+        "requests_over_limits": _over_limits(config, costing, units, estimates),
         "output_tokens": output_total,
         "output_tokens_per_image": round(
             output_total / found if found else _guess(history, config.task.kind), 1
@@ -218,22 +192,28 @@ def _outputs(kind: str, units: list[Sizes], history: tuple[int, float] | None) -
     return float(OUTPUT_GUESS[kind] * len(units))
 
 
-def _over_limits(config: Config, costing: _Costing, units: list[Sizes]) -> int:
-    """Requests a run would refuse before sending (too many images or input tokens)."""
-    tokens = min(config.limits.tpm or INPUT_TOKEN_LIMIT, INPUT_TOKEN_LIMIT)
-    most = MAX_IMAGES_PER_REQUEST - len(costing.references)
-    return sum(1 for unit in units if len(unit) > most or costing.request_input(unit) > tokens)
+def _over_limits(
+    config: Config, costing: Costing, units: list[Sizes], estimates: list[TokenEstimate]
+) -> int:
+    """Requests an interactive run would refuse before sending (too many images or input
+    tokens), by the run's own test."""
+    tpm = config.limits.tpm
+    return sum(
+        1
+        for unit, estimate in zip(units, estimates, strict=True)
+        if costing.over_limits(len(unit), estimate.input_tokens, tpm) is not None
+    )
 
 
 def _savings(
-    spec: Model, costing: _Costing, sizes: Sizes, requests: int, image_total: int
+    spec: Model, costing: Costing, sizes: Sizes, requests: int, image_total: int
 ) -> list[dict[str, Any]]:
     """Image tokens (reference images' included) a lower media resolution or (tile rules) a
     smaller max_side would save."""
 
     def total(resolution: str | None = None, side: int | None = None) -> int:
-        refs = costing.images(costing.references, resolution, side)
-        return costing.images(sizes, resolution, side) + refs * requests
+        refs = costing.images(_scaled(costing.reference_sizes, side), resolution)
+        return costing.images(_scaled(sizes, side), resolution) + refs * requests
 
     savings: list[dict[str, Any]] = []
     levels = MEDIA_RESOLUTION_TOKENS if spec.tokens == "budget" else GLOBAL_RESOLUTION_TOKENS_2X

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 
 from pipeline.config import Config
-from pipeline.engines.batch.engine import BatchProcess
+from pipeline.engines.batch.engine import BatchEngine
 from pipeline.engines.ray.driver import RayEngine
 from pipeline.engines.single import SingleProcess
 from pipeline.inputs.checks import check_groups
@@ -30,7 +30,7 @@ async def run_async(config: Config, options: RunOptions | None = None) -> RunSum
     references = load_references(config)  # read once: every request of the run has them
     identity = identify(config, references)
     if config.api.mode == "batch":
-        return await BatchProcess(config, identity, references, options).run()
+        return await BatchEngine(config, identity, references, options).run()
     if config.engine.kind == "ray":  # (its modules import Ray, an extra, only when they run)
         return await RayEngine(config, identity, options).run()
     return await SingleProcess(config, identity, references, options).run()

@@ -1,10 +1,15 @@
 """What every engine of a run shares: the walk, the output and its state opened, the service
-endpoint and its client, one unit through the runner, and how signals and failures drain a run.
+endpoint and its client, one unit through the runner, the summary, and how signals and failures
+drain a run.
 
     Producer (a thread): walk the inputs, skip what is done ─blocks of units─► the engine's queue
+    Opener: the output opened ─► Opened: state, sink, resume index, client, Caller, Answers, and
+            the ImageRunner that buys interactively
 
 A block is a handful of units handed from the walking thread to the event loop at once (one
-cross-thread wake-up per block, not per file); engines deal them out to their workers.
+cross-thread wake-up per block, not per file); engines deal them out to their workers. One
+process (single.py) and Batch Mode (batch/engine.py) open a run with the same `Opener`, so their
+output, state, resume index, client, calls and reuse are made by the same code.
 """
 
 from __future__ import annotations
@@ -12,28 +17,39 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Protocol
 
 from pipeline.config import Config, ConfigError, declarations
 from pipeline.gemini import GeminiClient, api_key_from_env
-from pipeline.inputs.fetch import Fetcher
+from pipeline.inputs.fetch import Fetcher, settings_from
+from pipeline.inputs.references import LoadedReference
 from pipeline.inputs.source import work_units
 from pipeline.localserver.options import ServerOptions
 from pipeline.localserver.server import LocalServer
 from pipeline.locations import is_url, local_path, scheme_of
-from pipeline.output.index import ResumeIndex
+from pipeline.output.index import ResumeIndex, load_resume_index
 from pipeline.output.sink import ParquetSink, SinkFailed
 from pipeline.output.state import State
 from pipeline.output.stores import MissingExtra, Store, open_store
 from pipeline.records import Work, work_identity
-from pipeline.run.calls import RunStopped
-from pipeline.run.limits import quota_day
-from pipeline.run.runner import ImageRunner
+from pipeline.run.buyers import InteractiveBuyer
+from pipeline.run.calls import Caller, RunStopped
+from pipeline.run.identity import RunIdentity
+from pipeline.run.limits import DailyCount, RateLimiter, quota_day
+from pipeline.run.reuse import Answers
+from pipeline.run.runner import ImageRunner, RowCounts, RunOptions
 from pipeline.run.stop import Stop, Stopped, on_signals
+from pipeline.run.summary import RunSummary
+from pipeline.run.uploads import Uploads
+from pipeline.tasks import get_task
 
 Block = list[Work]
 LOCAL_KEY = "local-key"
@@ -41,14 +57,21 @@ BLOCK_SIZE = 64  # units handed from the walking thread to the workers at once
 BLOCK_SECONDS = 0.05
 
 
+class DoneTest(Protocol):
+    """What the walk asks of each unit: committed already (the resume index; in Batch Mode, or
+    in a job in flight)."""
+
+    def is_done(self, image_root: str, image_path: str, size: int, mtime_ns: int) -> bool: ...
+
+
 class Producer:
     """Walks the inputs in a thread and feeds a bounded queue in small blocks."""
 
     def __init__(
-        self, config: Config, index: ResumeIndex, limit: int | None, fetcher: Fetcher
+        self, config: Config, done_test: DoneTest, limit: int | None, fetcher: Fetcher
     ) -> None:
         self.config = config
-        self.index = index
+        self.done_test = done_test
         self.limit = limit
         self.fetcher = fetcher  # sizes and versions of manifest URLs and objects
         self.seen = 0
@@ -82,7 +105,7 @@ class Producer:
             if self.halt.is_set() or (self.limit is not None and sent >= self.limit):
                 return
             self.seen += 1
-            if work.error is None and self.index.is_done(*work_identity(work)):
+            if work.error is None and self.done_test.is_done(*work_identity(work)):
                 self.skipped += 1
                 continue
             sent += 1
@@ -93,6 +116,21 @@ def empty_queue(queue: asyncio.Queue[Block | None]) -> None:
     """Unblock the walking thread if it waits on a full queue after the workers left."""
     while not queue.empty():
         queue.get_nowait()
+
+
+@contextlib.asynccontextmanager
+async def walking(producer: Producer) -> AsyncIterator[asyncio.Queue[Block | None]]:
+    """The walk running in its thread, feeding the queue given (two blocks at most, so memory
+    stays flat); on leaving, the walk is halted and its thread joined."""
+    blocks: asyncio.Queue[Block | None] = asyncio.Queue(maxsize=2)
+    loop = asyncio.get_running_loop()
+    walker = loop.run_in_executor(None, producer.run, loop, blocks)
+    try:
+        yield blocks
+    finally:
+        producer.halt.set()
+        empty_queue(blocks)
+        await walker
 
 
 @contextlib.contextmanager
@@ -212,3 +250,114 @@ def make_client(config: Config | None, base_url: str, key: str, version: str = "
         )
     except ValueError as exc:  # an http:// endpoint off this machine, a malformed URL
         raise ConfigError(f"{config.source}: [api] base_url: {exc}") from None
+
+
+# ------------------------------------------------------------------------------ opening a run
+@dataclass(frozen=True)
+class Opened:
+    """What a run works with once its output is open (`Opener.open`)."""
+
+    state: State
+    sink: ParquetSink
+    index: ResumeIndex
+    client: GeminiClient
+    caller: Caller
+    answers: Answers
+    runner: ImageRunner  # buys interactively (Batch Mode: its interactive retries)
+    fetcher: Fetcher
+
+
+class Opener:
+    """Opens a run's output and makes what every engine in this process works with."""
+
+    def __init__(
+        self,
+        config: Config,
+        identity: RunIdentity,
+        references: tuple[LoadedReference, ...],
+        options: RunOptions,
+    ) -> None:
+        self.config = config
+        self.identity = identity
+        self.references = references  # read once: the run's every request has them
+        self.options = options
+        self.request = get_task(config.task.kind).request(config.task)
+
+    async def open(self, stack: contextlib.AsyncExitStack, out: Path | Store, stop: Stop) -> Opened:
+        """The output opened (the lock taken, a killed run's journal recovered first), its
+        state and resume index read, the client, the calls and the runner made; everything
+        closed with `stack`."""
+        fetcher = Fetcher(settings_from(self.config), seed=self.options.seed)
+        stack.callback(fetcher.close)
+        sink = await stack.enter_async_context(self._sink(out))
+        state = open_state(out, self.config)  # after the lock: read what the last run left
+        stack.callback(state.close)
+        index = await asyncio.to_thread(self._index, out)
+        client = await stack.enter_async_context(await self._client(stack))
+        caller = self._caller(client, state, stop)
+        answers = Answers(str(out), index.ok_keys, sink.flush)
+        runner = ImageRunner(
+            self.config,
+            self.identity,
+            buyer=InteractiveBuyer(caller, answers),
+            answers=answers,
+            sink=sink,
+            fetcher=fetcher,
+        )
+        return Opened(state, sink, index, client, caller, answers, runner, fetcher)
+
+    def _sink(self, out: Path | Store) -> ParquetSink:
+        output = self.config.output
+        return ParquetSink(
+            out,
+            self.identity.run_id,
+            rows_per_part=output.rows_per_part,
+            flush_seconds=output.flush_seconds,
+            sync_seconds=output.journal_seconds,
+            sync_rows=output.journal_rows,
+            lease_seconds=output.lease_seconds,
+        )
+
+    def _index(self, out: Path | Store) -> ResumeIndex:
+        return load_resume_index(
+            out,
+            key_suffix=self.identity.key_suffix,
+            retry_errors=self.options.retry_errors,
+            write_cache=True,
+        )
+
+    async def _client(self, stack: contextlib.AsyncExitStack) -> GeminiClient:
+        base_url, api_key = await service_endpoint(self.config, stack)
+        return make_client(self.config, base_url, api_key)
+
+    def _caller(self, client: GeminiClient, state: State, stop: Stop) -> Caller:
+        limits = self.config.limits
+        daily = DailyCount(
+            limits.rpd,
+            state.requests_on(quota_day_key()),
+            lambda n: state.add_requests(quota_day_key(), n),
+        )
+        return Caller(
+            self.config,
+            self.request,
+            client=client,
+            limiter=RateLimiter(limits.rpm, limits.tpm, burst_seconds=limits.burst_seconds),
+            daily=daily,
+            uploads=Uploads(client, state),
+            stop=stop,
+            rng=random.Random(self.options.seed),
+            references=self.references,
+        )
+
+
+def summarise(summary: RunSummary, producer: Producer, counts: RowCounts, caller: Caller) -> None:
+    """What the walk, the rows and the interactive calls of a run add up to."""
+    summary.finished_at = datetime.now(UTC).isoformat()
+    summary.seen, summary.skipped = producer.seen, producer.skipped
+    summary.rows, summary.tokens, summary.copied = counts.rows, counts.tokens, counts.copied
+    summary.cost_usd = round(counts.cost_usd, 6)
+    calls = caller.counters
+    summary.api_calls, summary.retries = calls.api_calls, calls.retries
+    summary.throttled = calls.throttled
+    summary.uploads, summary.uploads_reused = caller.uploads.made, caller.uploads.reused
+    summary.waited_for_limits_s = round(caller.limiter.stats.waited_seconds, 3)

@@ -1,24 +1,23 @@
 """The per-request engine, the same whatever spreads the work: one unit in, at most one row out.
 
-    SourceFile | SourceGroup ─prepare─► Unit ─reuse?─► answer (Answers) ─┐
-                                          └──call──► Outcome (Caller) ─┴─► row (rows.py) ─► sink
+    SourceFile | SourceGroup ─prepare─► Unit ─key─► reuse? (Answers) ───────► row (rows.py) ─► sink
+                                                  └──buy (Buyer)──► Outcome ─┘
+                                                                  └► None: its row comes later
 
 A unit is what one request asks about: a lone file (a unit of one, whose row is the image's), or
 a group's files in their order (`[input] group_by`: pipeline/inputs/source.py), whose row is the
 group's. Both take the one path below; only the row's identity columns differ (rows.py).
-`ImageRunner.process` is what every engine runs for each piece of work it hands out
-(`engines/single.py` in one process; Batch Mode and Ray reuse the pieces). `run()` picks the
-engine; the default is one process (inputs from folders, buckets and URLs: objects and URLs
-are read through `fetch.Fetcher`), `[api] mode = "batch"` is `engines/batch/engine.py`.
+`ImageRunner.process` is what every engine runs for each piece of work it hands out: one process
+(engines/single.py) and Ray's workers with the interactive buyer (run/buyers.py), Batch Mode
+(engines/batch/engine.py) with the buyer that puts the request in a job — so preparing, keying,
+reuse and the rows of a failure before any call are the same code whichever buys the answer.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from pipeline import locations
 from pipeline.config import Config
@@ -37,13 +36,13 @@ from pipeline.records import (
     make_key,
     members_of,
 )
-from pipeline.run.calls import Caller
+from pipeline.run.buyers import Buyer
+from pipeline.run.identity import RunIdentity
+from pipeline.run.offload import offload
 from pipeline.run.reuse import Answers
-from pipeline.run.rows import RunIdentity, answered_row, copied_outcome_row, copied_row, error_row
+from pipeline.run.rows import answered_row, copied_outcome_row, copied_row, error_row
 
-T = TypeVar("T")
-# Preparing small files runs on the event loop: a thread hop costs more than the work itself
-# (measured: 1.4 vs 2.3 ms of CPU an image, 682 vs 431 images/s). Big ones go to threads.
+# Preparing a file up to this size runs on the event loop (offload.py); bigger ones in threads.
 SMALL_FILE = 1 << 20
 
 
@@ -79,33 +78,40 @@ class RowCounts:
 
 
 class ImageRunner:
-    """Turns one piece of work into its row (see the module docstring) and hands it to the sink."""
+    """Turns one piece of work into its row (see the module docstring) and hands it to the sink.
+
+    `answers` are the run's reusable answers (looked up here, before buying); `counts` the
+    run's row counts, shared when an engine runs two runners (Batch Mode and its interactive
+    retries) whose rows make one summary."""
 
     def __init__(
         self,
         config: Config,
         identity: RunIdentity,
         *,
-        caller: Caller,
+        buyer: Buyer,
         answers: Answers,
         sink: ParquetSink,
         fetcher: Fetcher | None = None,
+        counts: RowCounts | None = None,
     ) -> None:
         self.config = config
         self.identity = identity
-        self.caller = caller
+        self.buyer = buyer
         self.answers = answers
         self.sink = sink
         self.fetcher = fetcher  # reads objects and URLs; made on first need when not given
-        self.counts = RowCounts()
+        self.counts = counts or RowCounts()
 
     async def process(self, work: Work) -> None:
         """Raises Stopped / RunStopped when the run stops before this work has a row."""
         row, copied = await self._row(work)
+        if row is None:
+            return  # bought later: the row is made when its answer comes
         await self.sink.add(row)
         self.counts.add(row, copied=copied)
 
-    async def _row(self, work: Work) -> tuple[dict[str, Any], bool]:
+    async def _row(self, work: Work) -> tuple[dict[str, Any] | None, bool]:
         unit = await self._prepare(work)
         if unit.error:
             return error_row(unit, unit.error, self.identity), False
@@ -115,13 +121,9 @@ class ImageRunner:
             return copied_outcome_row(unit, key, found.outcome, self.identity), True
         if found is not None and found.row is not None:
             return copied_row(found.row, unit, key, self.identity), True
-        self.answers.claim(key)
-        try:
-            outcome = await self.caller.call(unit)
-        except BaseException as exc:
-            self.answers.release(key, exc)
-            raise
-        self.answers.remember(key, unit.sha256, outcome)
+        outcome = await self.buyer.buy(unit, key)
+        if outcome is None:
+            return None, False
         return answered_row(unit, key, outcome, self.identity), False
 
     async def _prepare(self, work: Work) -> Unit:
@@ -132,7 +134,7 @@ class ImageRunner:
         if group is not None and group.error:
             return Unit(tuple(items), group, error=group.error)
         for index, src in enumerate(members):
-            items[index] = await self.prepared(src)
+            items[index] = await self._prepared(src)
             if items[index].error:
                 break
         return unit_of(tuple(items), group)
@@ -142,9 +144,9 @@ class ImageRunner:
             self.fetcher = Fetcher(settings_from(self.config))
         return self.fetcher
 
-    async def prepared(self, src: SourceFile) -> ImageItem:
+    async def _prepared(self, src: SourceFile) -> ImageItem:
         """One file made ready to send (an object's or a URL's bytes read first); an item
-        carrying `error` when it cannot be used. Batch Mode prepares its files here too."""
+        carrying `error` when it cannot be used."""
         if src.error:
             return ImageItem(source=src, error=src.error)
         data = None
@@ -154,7 +156,7 @@ class ImageRunner:
             except FetchError as exc:
                 return ImageItem(source=src, error=str(exc), retryable=exc.retryable)
         images_config = self.config.images
-        return await _offload(
+        return await offload(
             src.size > SMALL_FILE,
             images.prepare,
             src,
@@ -173,10 +175,3 @@ def unit_of(items: tuple[ImageItem, ...], group: SourceGroup | None) -> Unit:
     error = f"{failed.source.rel_path}: {failed.error}" if failed is not None else None
     shas = [item.sha256 for item in items]
     return Unit(items, group, group_sha256(shas) if all(shas) else "", error)
-
-
-async def _offload(big: bool, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Call `fn` in a worker thread when the job is big, else right here."""
-    if big:
-        return await asyncio.to_thread(fn, *args, **kwargs)
-    return fn(*args, **kwargs)

@@ -73,12 +73,14 @@ class Uploads:
             raise SourceChangedError(f"{item.source.path} changed while it was uploaded")
         return info
 
-    async def upload_unrecorded(self, item: ImageItem) -> FileInfo:
+    async def upload_unrecorded(self, item: ImageItem) -> Upload:
         """An ACTIVE upload of exactly the item's bytes, not kept for reuse nor deleted by
         `delete_all`: a Batch Mode job's image, which must live until its job's rows are
         committed (the job deletes it then)."""
         info = await self._upload(item, _sent_sha(item))
-        return info if info.state == "ACTIVE" else await self.client.wait_until_active(info.name)
+        if info.state != "ACTIVE":
+            info = await self.client.wait_until_active(info.name)
+        return Upload(info.name, info.uri, info.mime_type or item.mime_type, _expiry(info))
 
     def uses_upload(self, item: ImageItem) -> bool:
         return item.source.path in self._used

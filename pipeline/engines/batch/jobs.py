@@ -35,7 +35,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn
 
 from pipeline import exits
 from pipeline.config import Config, ConfigError
@@ -46,7 +46,7 @@ from pipeline.output.sink import ParquetSink, SinkFailed
 from pipeline.output.state import IN_FLIGHT, STATE_FILE, BatchJobRecord, BatchRequestRecord, State
 from pipeline.output.stores import Store, open_store
 from pipeline.records import ImageItem, Parsed, SourceFile, Unit, new_run_id
-from pipeline.run.calls import SMALL_BYTES, SMALL_PIXELS, RunStopped
+from pipeline.run.calls import RunStopped, parse_response
 from pipeline.run.failures import STREAK, Action, Verdict, judge
 from pipeline.run.identity import RunIdentity
 from pipeline.run.reuse import Answers
@@ -54,11 +54,9 @@ from pipeline.run.rows import Outcome, answered_row, copied_outcome_row
 from pipeline.run.runner import RowCounts
 from pipeline.run.stop import Stop, Stopped
 from pipeline.run.summary import RunSummary
-from pipeline.tasks import read_answer
 from pipeline.tasks.base import Reference, TaskSettings
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 FOLDER = ".batch"  # in an output folder: JSONL inputs being built, results being read
 BACKOFF = 1.5  # the poll wait grows so while idle (SDK _transformers.LRO_POLLING_MULTIPLIER)
 ATTEMPTS = 6  # tries of a job's creation refused for a passing reason (the caps, a 5xx)
@@ -99,7 +97,7 @@ def task_settings(text: str) -> TaskSettings:
     return TaskSettings(**values)
 
 
-class Counts:
+class JobCounts:
     """What this run did with jobs, for the summary and the messages."""
 
     def __init__(self) -> None:
@@ -144,8 +142,8 @@ class Following:
     base_url: str  # only jobs created at this endpoint are followed
     run_id: str
     own: tuple[str, TaskSettings] | None  # (settings hash, [task]) of the run's own config
-    counts: RowCounts
-    batch: Counts
+    rows: RowCounts  # the run's (or `batch wait`'s) row counts, for its summary
+    job_counts: JobCounts
     answers: Answers | None  # the run's reuse tiers, told of every answer collected
     retry_interactively: bool  # [batch] retry = "interactive": note retryable files
     poll: tuple[float, float]  # the first and the longest wait between polls
@@ -205,7 +203,7 @@ class Jobs:
         """Before anything new: drop the staged jobs of a killed run (never sent: their files
         are sent again) and delete what ended jobs left on the service."""
         others = [j for j in self.state.batch_jobs(IN_FLIGHT) if j.base_url != self.how.base_url]
-        self.how.batch.elsewhere = len(others)
+        self.how.job_counts.elsewhere = len(others)
         for job in self.state.batch_jobs(("staged",)):
             with contextlib.suppress(OSError):
                 (self.how.folder / f"{job.display_name}.jsonl").unlink()
@@ -240,6 +238,7 @@ class Jobs:
         """Creation is not idempotent: after any transient failure (the answer may be lost)
         the job is looked up by its display name before another create. A 429 (the service's
         100-job or enqueued-token caps) waits for one of ours to end, or a growing pause."""
+        created: BatchJob | None
         for attempt in range(1, 1 + ATTEMPTS):
             try:
                 created = await self.stop.call(
@@ -396,20 +395,20 @@ class Jobs:
         if self.stop.state == "abandoning":
             return  # not recorded: the next run collects it again (no new call, no new cost)
         await self.sink.flush()
-        self.how.batch.collect_s += time.monotonic() - started
+        self.how.job_counts.collect_s += time.monotonic() - started
         self.state.update_batch_job(job.id, phase="collected", service_state=remote.state)
         await self._delete_files(job.id)
-        self.how.batch.collected += 1
+        self.how.job_counts.collected += 1
         self.how.say(f"batch job {remote.name} {remote.state}: {reader.summary()}")
         self.ended.set()
         if reader.run_failure is not None:
             raise RunStopped(reader.run_failure)
 
-    async def _end(self, job: BatchJobRecord, state: str, why: str) -> None:
+    async def _end(self, job: BatchJobRecord, service_state: str, why: str) -> None:
         """A job that ended without results: reported; its files are sent again next time."""
-        self.state.update_batch_job(job.id, phase="ended", service_state=state, message=why)
+        self.state.update_batch_job(job.id, phase="ended", service_state=service_state, message=why)
         await self._delete_files(job.id)
-        _ended(self.how, job, state, why)
+        _ended(self.how, job, service_state, why)
         self.ended.set()
 
     async def _delete_files(self, job: int) -> None:
@@ -426,10 +425,11 @@ class Jobs:
             self.state.forget_batch_file(name)
 
 
-def _ended(how: Following, job: BatchJobRecord, state: str, why: str) -> None:
-    how.batch.ended.append({"name": job.name, "state": state, "requests": job.requests, "why": why})
+def _ended(how: Following, job: BatchJobRecord, service_state: str, why: str) -> None:
+    ended = {"name": job.name, "state": service_state, "requests": job.requests, "why": why}
+    how.job_counts.ended.append(ended)
     how.say(
-        f"batch job {job.name or job.display_name} ended {state} ({why}): its "
+        f"batch job {job.name or job.display_name} ended {service_state} ({why}): its "
         f"{job.requests} requests are left for the next run"
     )
 
@@ -471,7 +471,7 @@ class Collector:
                 return
             await self._result(result)
         missing = set(self.jobs.state.batch_request_keys(self.job.id)) - self.answered
-        self.how.batch.missing += len(missing)
+        self.how.job_counts.missing += len(missing)
 
     def _common_failure(self, results: Callable[[], Iterable[BatchResult]]) -> Verdict | None:
         """A job whose every line (STREAK at least) failed the same way for a reason not its
@@ -500,7 +500,7 @@ class Collector:
         if not records:
             return  # a key this output never asked for: nothing to file it under
         self.answered.add(records[0].key)
-        self.how.batch.result_lines += 1
+        self.how.job_counts.result_lines += 1
         outcome = await self._outcome(result, records[0])
         if outcome is None:
             return  # the run's failure: no row, the files are sent again next time
@@ -508,21 +508,17 @@ class Collector:
             made = answered_row if number == 0 else copied_outcome_row
             row = made(Unit.lone(_item(record)), record.key, outcome, self.identity)
             await self.jobs.sink.add(row)
-            self.how.counts.add(row, copied=number > 0)
+            self.how.rows.add(row, copied=number > 0)
             self.statuses[row["status"]] = self.statuses.get(row["status"], 0) + 1
         self._remember(records, outcome)
 
     async def _outcome(self, result: BatchResult, record: BatchRequestRecord) -> Outcome | None:
-        """What became of a request, as an interactive call's Outcome (input_mode "batch")."""
-        latency, estimates = self.latency_ms, (record.est_image_tokens, record.est_prompt_tokens)
+        """What became of a request, as an interactive call's Outcome (input_mode "batch"):
+        its answer read by the same parse (`calls.parse_response`), or its error judged."""
         if result.response is not None:
-            big = (
-                record.width * record.height > SMALL_PIXELS
-                or len(result.response.raw) > SMALL_BYTES
-            )
-            width, height = record.width, record.height
-            parsed = await _offload(big, read_answer, result.response, width, height, self.settings)
-            return Outcome(parsed, result.response, 1, latency, "batch", *estimates)
+            unit = Unit.lone(_item(record))
+            parsed = await parse_response(result.response, unit, self.settings)
+            return _bought(parsed, result, record, self.latency_ms)
         assert result.error is not None
         # uploaded=True: a line refused for its file (403, 404) lost an uploaded image: retry
         verdict = judge(result.error, uploaded=True)
@@ -530,12 +526,10 @@ class Collector:
             self.run_failure = self.run_failure or verdict
             return None
         if verdict.action == Action.BLOCKED:
-            return Outcome(
-                Parsed("blocked", error=verdict.reason), None, 1, latency, "batch", *estimates
-            )
+            return _bought(Parsed("blocked", error=verdict.reason), result, record, self.latency_ms)
         retryable = verdict.action in (Action.RETRY, Action.REUPLOAD)
         parsed = Parsed("error", error=verdict.reason)
-        return Outcome(parsed, None, 1, latency, "batch", *estimates, retryable)
+        return _bought(parsed, result, record, self.latency_ms, retryable)
 
     def _remember(self, records: list[BatchRequestRecord], outcome: Outcome) -> None:
         if self.how.answers is not None:
@@ -552,6 +546,19 @@ class Collector:
     def clean(self) -> None:
         with contextlib.suppress(OSError):
             self.path.unlink()
+
+
+def _bought(
+    parsed: Parsed,
+    result: BatchResult,
+    record: BatchRequestRecord,
+    latency_ms: float,
+    retryable: bool = False,
+) -> Outcome:
+    """An Outcome of a result line: one attempt, the job's age as its latency, the estimates
+    recorded when its request was made."""
+    estimates = (record.est_image_tokens, record.est_prompt_tokens)
+    return Outcome(parsed, result.response, 1, latency_ms, "batch", *estimates, retryable)
 
 
 def _item(record: BatchRequestRecord) -> ImageItem:
@@ -573,15 +580,8 @@ def _age_ms(created_at: str) -> float:
     return 0.0
 
 
-async def _offload(big: bool, fn: Callable[..., T], *args: Any) -> T:
-    """Call `fn` in a worker thread when the job is big, else right here (calls.py's rule)."""
-    if big:
-        return await asyncio.to_thread(fn, *args)
-    return fn(*args)
-
-
 # ------------------------------------------------------------------------- the run's report
-def report_ended(stop: Stop, counts: Counts) -> None:
+def report_ended(stop: Stop, counts: JobCounts) -> None:
     """Jobs that ended without rows leave work for the next run: the run says so (exit 3)."""
     if counts.ended and stop.reason is None:
         first = counts.ended[0]
@@ -656,8 +656,8 @@ async def status(output_dir: str, config: Config | None = None) -> dict[str, Any
         live: dict[int, dict[str, Any]] = {}
         for base_url, version, jobs in _endpoints(state):
             live.update(await _live(base_url, version, jobs, config))
-        jobs = [_job_report(job, live.get(job.id)) for job in state.batch_jobs()]
-        return {"output_dir": output_dir, "jobs": jobs}
+        reports = [_job_report(job, live.get(job.id)) for job in state.batch_jobs()]
+        return {"output_dir": output_dir, "jobs": reports}
     finally:
         state.close()
 
@@ -748,7 +748,7 @@ async def wait(
     the sink, as a run does; each job parsed with its own recorded [task] settings)."""
     run_id = new_run_id("batch-wait")
     summary = RunSummary(run_id, config.source if config else "", "", "", "")
-    counts, rows, stop, out = Counts(), RowCounts(), Stop(), _output(output_dir)
+    counts, rows, stop, out = JobCounts(), RowCounts(), Stop(), _output(output_dir)
     _check_output(out)
     async with contextlib.AsyncExitStack() as stack:
         sink = await stack.enter_async_context(ParquetSink(out, run_id))  # the lock, first
@@ -775,7 +775,7 @@ def _following(
     base_url: str,
     run_id: str,
     rows: RowCounts,
-    counts: Counts,
+    counts: JobCounts,
     config: Config | None,
     progress: bool,
 ) -> Following:
@@ -785,8 +785,8 @@ def _following(
         base_url=base_url,
         run_id=run_id,
         own=None,
-        counts=rows,
-        batch=counts,
+        rows=rows,
+        job_counts=counts,
         answers=None,
         retry_interactively=batch is not None and batch.retry == "interactive",
         poll=(batch.poll_seconds, batch.max_poll_seconds) if batch else (10.0, 60.0),

@@ -40,6 +40,7 @@ from pipeline.output.sink import ParquetSink
 from pipeline.output.state import State
 from pipeline.output.stores import Store, open_store
 from pipeline.records import Work, storable, work_identity
+from pipeline.run.buyers import InteractiveBuyer
 from pipeline.run.calls import Caller
 from pipeline.run.identity import RunIdentity
 from pipeline.run.reuse import Answers
@@ -169,7 +170,9 @@ class Worker:
         )
         client = await self._stack.enter_async_context(make_client(config, setup.base_url, key))
         caller = self._caller(client, stop)
-        self._parts.update(sink=sink, caller=caller, answers=Answers(out.url, ok_keys, sink.flush))
+        answers = Answers(out.url, ok_keys, sink.flush)
+        self._parts.update(sink=sink, caller=caller, answers=answers)
+        self._parts.update(buyer=InteractiveBuyer(caller, answers))
         self._files = asyncio.Queue()
         concurrency = config.limits.concurrency
         self._pool = [asyncio.ensure_future(self._serve()) for _ in range(concurrency)]
@@ -239,7 +242,7 @@ class Worker:
 
     def _runner_parts(self) -> dict[str, Any]:
         parts = self._parts
-        return {"caller": parts["caller"], "answers": parts["answers"], "sink": parts["sink"]}
+        return {"buyer": parts["buyer"], "answers": parts["answers"], "sink": parts["sink"]}
 
     def _with_calls(self, tally: Tally) -> Tally:
         """Calls are counted per worker, not per file: report what is new since last time."""

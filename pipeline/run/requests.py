@@ -1,0 +1,171 @@
+"""A unit's request, planned and then made, the same way however its answer is bought.
+
+    Unit ─plan─► Plan: token estimate (costing.py), limits, each image inline or uploaded
+         ─make─► GenerateRequest: reference images first, then the unit's images, captioned
+
+The plan is decided before anything is sent: a request over a limit (images, input tokens,
+`[limits] tpm` where calls are paced by it, the inline limit) is refused with the limit it would
+break, and `Plan.failed` turns that — or any failure before an answer — into the Outcome its row
+is made from, so every buyer (an interactive call, a Batch Mode job) refuses alike. The request
+is made with the uploads and reference parts the buyer gives: an interactive call uses the run's
+(reused while they live, deleted at the end), a Batch Mode job its own (made for the job and
+deleted with it, since an upload must outlive the job that reads it).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from pipeline.config import Config, ConfigError
+from pipeline.gemini.types import GenerateRequest, GenerateResponse, ImagePart
+from pipeline.inputs import images
+from pipeline.inputs.references import ReferenceParts, inline_size
+from pipeline.records import ImageItem, Parsed, Unit
+from pipeline.run.costing import Costing
+from pipeline.run.offload import offload
+from pipeline.run.rows import Outcome
+from pipeline.run.uploads import Uploads
+from pipeline.tasks import multi
+
+REQUEST_OVERHEAD = 2048  # JSON around the parts, counted against the inline limit
+# Reading a small image on the event loop costs less than a thread hop; big ones go to threads.
+SMALL_BYTES = 64 << 10
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """How a unit's request is made, decided before anything is sent (`RequestMaker.plan`)."""
+
+    modes: tuple[str, ...]  # "inline" or "upload", for each image of the unit
+    est_image_tokens: int  # every image of the request, reference images included
+    est_tokens: int  # the whole input: images, prompt, system instruction, captions
+    error: str | None = None  # why the request cannot be made (a limit it would break)
+    body_bytes: int = 0  # about what its body weighs: the overhead and the inline images
+
+    @property
+    def input_mode(self) -> str:
+        """The row's input_mode: inline, upload, mixed (a group sent partly each way), or none."""
+        kinds = set(self.modes)
+        return kinds.pop() if len(kinds) == 1 else "mixed" if kinds else "none"
+
+    def outcome(
+        self,
+        parsed: Parsed,
+        response: GenerateResponse | None = None,
+        attempts: int = 0,
+        latency_ms: float = 0.0,
+        retryable: bool = False,
+    ) -> Outcome:
+        """What became of this request, with the plan's input mode and estimates."""
+        mode, est_image, est = self.input_mode, self.est_image_tokens, self.est_tokens
+        return Outcome(parsed, response, attempts, latency_ms, mode, est_image, est, retryable)
+
+    def failed(
+        self, reason: str, attempts: int = 0, latency_ms: float = 0.0, retryable: bool = False
+    ) -> Outcome:
+        """An error row's outcome: refused before sending (attempts 0), or failed trying."""
+        return self.outcome(Parsed("error", error=reason), None, attempts, latency_ms, retryable)
+
+
+class RequestMaker:
+    """Plans and makes the run's requests (see the module docstring); one for the run."""
+
+    def __init__(self, config: Config, request: GenerateRequest, references: ReferenceParts):
+        self.config = config
+        self.request = request  # the task's request, without images
+        self.costing = Costing(config, request, references.loaded)
+        self.captioned = self.costing.captioned
+        self.overhead = request_overhead(request) + references.inline_bytes
+        if references.inline_bytes and self.overhead > config.inline_limit_bytes:
+            # every request would be refused: a config to change, not a pile of error rows
+            raise ConfigError(
+                f"{config.source}: [task] reference_images: the prompt and the inline reference "
+                f"images take {self.overhead:,} bytes, over [api] inline_limit_mb "
+                f'({config.api.inline_limit_mb:g} MB): use [images] mode = "auto" or "upload"'
+            )
+
+    def plan(self, unit: Unit, *, paced: bool = True) -> Plan:
+        """What the unit's request costs and how its images go; `Plan.error` says which limit
+        a request over one would break. `paced`: whether `[limits] tpm` binds the request (an
+        interactive call; a Batch Mode job has its own token cap instead)."""
+        sizes = [(item.sent_width, item.sent_height) for item in unit.items]
+        estimate = self.costing.request(sizes)
+        est_image, est = estimate.image_tokens, estimate.input_tokens
+        tpm = self.config.limits.tpm if paced else None
+        why = self.costing.over_limits(len(sizes), est, tpm)
+        if why is not None:
+            return Plan((), est_image, est, why)
+        modes, room, why = self._modes(unit)
+        return Plan(modes, est_image, est, why, self.config.inline_limit_bytes - room)
+
+    def _modes(self, unit: Unit) -> tuple[tuple[str, ...], int, str | None]:
+        """auto: each image inline while the request still fits the inline limit, in order,
+        else uploaded; inline: all inline, if they fit; upload: all uploaded. With the room
+        left under the inline limit, and why the request cannot be made."""
+        mode = self.config.images.mode
+        room = self.config.inline_limit_bytes - self.overhead
+        if mode == "upload":
+            return ("upload",) * len(unit.items), room, None
+        modes = []
+        for item in unit.items:
+            size = inline_size(item)
+            if size <= room:
+                modes.append("inline")
+                room -= size
+            elif mode == "auto":
+                modes.append("upload")
+            else:
+                return ("inline",) * len(unit.items), room, inline_refusal(self.config)
+        return tuple(modes), room, None
+
+    async def make(
+        self, unit: Unit, plan: Plan, uploads: Uploads, references: ReferenceParts
+    ) -> GenerateRequest:
+        """The request about `unit`, its images inline (read now) or uploaded through
+        `uploads` as planned, after the reference images `references` gives."""
+        targets = [
+            await _image_part(item, mode, uploads)
+            for item, mode in zip(unit.items, plan.modes, strict=True)
+        ]
+        parts = await references.parts()
+        return request_with_images(self.request, parts, targets, captioned=self.captioned)
+
+
+async def _image_part(item: ImageItem, mode: str, uploads: Uploads) -> ImagePart:
+    if mode == "inline":
+        data = await offload(item.send_size > SMALL_BYTES * 16, images.read_bytes, item)
+        return ImagePart(item.mime_type, data=data)
+    upload = await uploads.get(item)
+    return ImagePart(upload.mime_type, file_uri=upload.uri)
+
+
+def request_with_images(
+    request: GenerateRequest,
+    references: Sequence[ImagePart],
+    targets: Sequence[ImagePart],
+    *,
+    captioned: bool,
+) -> GenerateRequest:
+    """The task's request with its images: the reference images (already captioned) first, then
+    the unit's, captioned "Image 0:", "Image 1:", ... when `captioned` (pipeline/tasks/multi.py).
+    The one place a request gets its images, whichever engine sends it."""
+    if captioned:
+        targets = [
+            replace(part, caption=multi.target_caption(index)) for index, part in enumerate(targets)
+        ]
+    return replace(request, images=(*references, *targets))
+
+
+def request_overhead(request: GenerateRequest) -> int:
+    """Bytes of a request besides its image (prompt, system instruction, schema, JSON)."""
+    prompt_text = (request.system_instruction or "") + request.prompt
+    schema = request.response_schema or request.response_json_schema
+    return REQUEST_OVERHEAD + len(prompt_text.encode()) + len(json.dumps(schema or {}))
+
+
+def inline_refusal(config: Config) -> str:
+    """The error of an image that must go inline and does not fit."""
+    limit = f"{config.api.inline_limit_mb:g} MB"
+    return f"the request would exceed the inline limit of {limit}; use mode auto"
