@@ -3,7 +3,7 @@ endpoint and its client, one unit through the runner, the summary, and how signa
 drain a run.
 
     Producer (a thread): walk the inputs, skip what is done ─blocks of units─► the engine's queue
-    Opener: the output opened ─► Opened: state, sink, resume index, client, Caller, Answers, and
+    Opener: the output opened ─► Opened: state, sink, resume index, client, Caller, Bought, and
             the ImageRunner that buys interactively
 
 A block is a handful of units handed from the walking thread to the event loop at once (one
@@ -44,7 +44,7 @@ from pipeline.run.buyers import InteractiveBuyer
 from pipeline.run.calls import Caller, RunStopped
 from pipeline.run.identity import RunIdentity
 from pipeline.run.limits import DailyCount, RateLimiter, quota_day
-from pipeline.run.reuse import Answers
+from pipeline.run.reuse import Bought
 from pipeline.run.runner import ImageRunner, RowCounts, RunOptions
 from pipeline.run.stop import Stop, Stopped, on_signals
 from pipeline.run.summary import RunSummary
@@ -262,7 +262,7 @@ class Opened:
     index: ResumeIndex
     client: GeminiClient
     caller: Caller
-    answers: Answers
+    bought: Bought
     runner: ImageRunner  # buys interactively (Batch Mode: its interactive retries)
     fetcher: Fetcher
 
@@ -295,16 +295,16 @@ class Opener:
         index = await asyncio.to_thread(self._index, out)
         client = await stack.enter_async_context(await self._client(stack))
         caller = self._caller(client, state, stop)
-        answers = Answers(str(out), index.ok_keys, sink.flush)
+        bought = Bought(str(out), index.ok_keys, sink.flush)
         runner = ImageRunner(
             self.config,
             self.identity,
-            buyer=InteractiveBuyer(caller, answers),
-            answers=answers,
+            buyer=InteractiveBuyer(caller, bought),
+            bought=bought,
             sink=sink,
             fetcher=fetcher,
         )
-        return Opened(state, sink, index, client, caller, answers, runner, fetcher)
+        return Opened(state, sink, index, client, caller, bought, runner, fetcher)
 
     def _sink(self, out: Path | Store) -> ParquetSink:
         output = self.config.output

@@ -15,7 +15,7 @@ from typing import Protocol
 
 from pipeline.records import Unit
 from pipeline.run.calls import Caller
-from pipeline.run.reuse import Answers
+from pipeline.run.reuse import Bought
 from pipeline.run.rows import Outcome
 
 
@@ -29,18 +29,18 @@ class Buyer(Protocol):
 class InteractiveBuyer:
     """Buys with an interactive call now (`Caller.call`). The key is marked in flight while the
     call runs, so a twin (the same bytes at another path) waits for this answer instead of
-    paying again (reuse.Answers)."""
+    paying again (reuse.Bought)."""
 
-    def __init__(self, caller: Caller, answers: Answers) -> None:
+    def __init__(self, caller: Caller, bought: Bought) -> None:
         self.caller = caller
-        self.answers = answers
+        self.bought = bought
 
     async def buy(self, unit: Unit, key: str) -> Outcome:
-        self.answers.claim(key)
+        self.bought.claim(key)
         try:
             outcome = await self.caller.call(unit)
         except BaseException as exc:
-            self.answers.release(key, exc)
+            self.bought.release(key, exc)
             raise
-        self.answers.remember(key, unit.sha256, outcome)
+        self.bought.remember(key, unit.sha256, outcome)
         return outcome

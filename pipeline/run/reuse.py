@@ -41,7 +41,7 @@ class Found:
     row: dict[str, Any] | None = None
 
 
-class Answers:
+class Bought:
     """The three tiers of answers a run can reuse (see the module docstring)."""
 
     def __init__(

@@ -1,6 +1,6 @@
 """The per-request engine, the same whatever spreads the work: one unit in, at most one row out.
 
-    SourceFile | SourceGroup ─prepare─► Unit ─key─► reuse? (Answers) ───────► row (rows.py) ─► sink
+    SourceFile | SourceGroup ─prepare─► Unit ─key─► reuse? (Bought) ───────► row (rows.py) ─► sink
                                                   └──buy (Buyer)──► Outcome ─┘
                                                                   └► None: its row comes later
 
@@ -39,7 +39,7 @@ from pipeline.records import (
 from pipeline.run.buyers import Buyer
 from pipeline.run.identity import RunIdentity
 from pipeline.run.offload import offload
-from pipeline.run.reuse import Answers
+from pipeline.run.reuse import Bought
 from pipeline.run.rows import answered_row, copied_outcome_row, copied_row, error_row
 
 # Preparing a file up to this size runs on the event loop (offload.py); bigger ones in threads.
@@ -80,7 +80,7 @@ class RowCounts:
 class ImageRunner:
     """Turns one piece of work into its row (see the module docstring) and hands it to the sink.
 
-    `answers` are the run's reusable answers (looked up here, before buying); `counts` the
+    `bought` are the run's reusable answers (looked up here, before buying); `counts` the
     run's row counts, shared when an engine runs two runners (Batch Mode and its interactive
     retries) whose rows make one summary."""
 
@@ -90,7 +90,7 @@ class ImageRunner:
         identity: RunIdentity,
         *,
         buyer: Buyer,
-        answers: Answers,
+        bought: Bought,
         sink: ParquetSink,
         fetcher: Fetcher | None = None,
         counts: RowCounts | None = None,
@@ -98,7 +98,7 @@ class ImageRunner:
         self.config = config
         self.identity = identity
         self.buyer = buyer
-        self.answers = answers
+        self.bought = bought
         self.sink = sink
         self.fetcher = fetcher  # reads objects and URLs; made on first need when not given
         self.counts = counts or RowCounts()
@@ -116,7 +116,7 @@ class ImageRunner:
         if unit.error:
             return error_row(unit, unit.error, self.identity), False
         key = make_key(unit.sha256, self.identity.key_suffix)
-        found = await self.answers.find(key, unit.sha256)
+        found = await self.bought.find(key, unit.sha256)
         if found is not None and found.outcome is not None:
             return copied_outcome_row(unit, key, found.outcome, self.identity), True
         if found is not None and found.row is not None:

@@ -49,7 +49,7 @@ from pipeline.records import ImageItem, Parsed, SourceFile, Unit, new_run_id
 from pipeline.run.calls import RunStopped, parse_response
 from pipeline.run.failures import STREAK, Action, Verdict, judge
 from pipeline.run.identity import RunIdentity
-from pipeline.run.reuse import Answers
+from pipeline.run.reuse import Bought
 from pipeline.run.rows import Outcome, answered_row, copied_outcome_row
 from pipeline.run.runner import RowCounts
 from pipeline.run.stop import Stop, Stopped
@@ -144,7 +144,7 @@ class Following:
     own: tuple[str, TaskSettings] | None  # (settings hash, [task]) of the run's own config
     rows: RowCounts  # the run's (or `batch wait`'s) row counts, for its summary
     job_counts: JobCounts
-    answers: Answers | None  # the run's reuse tiers, told of every answer collected
+    bought: Bought | None  # the run's reuse tiers, told of every answer collected
     retry_interactively: bool  # [batch] retry = "interactive": note retryable files
     poll: tuple[float, float]  # the first and the longest wait between polls
     max_jobs: int
@@ -532,8 +532,8 @@ class Collector:
         return _bought(parsed, result, record, self.latency_ms, retryable)
 
     def _remember(self, records: list[BatchRequestRecord], outcome: Outcome) -> None:
-        if self.how.answers is not None:
-            self.how.answers.remember(records[0].key, records[0].sha256, outcome)
+        if self.how.bought is not None:
+            self.how.bought.remember(records[0].key, records[0].sha256, outcome)
         if outcome.retryable and self.how.retry_interactively:
             self.jobs.state.add_batch_retries(record.fingerprint for record in records)
 
@@ -787,7 +787,7 @@ def _following(
         own=None,
         rows=rows,
         job_counts=counts,
-        answers=None,
+        bought=None,
         retry_interactively=batch is not None and batch.retry == "interactive",
         poll=(batch.poll_seconds, batch.max_poll_seconds) if batch else (10.0, 60.0),
         max_jobs=batch.max_jobs if batch else 100,

@@ -7,7 +7,7 @@ async actor, committing its own parts, reporting to the driver what its files ad
 Everything a worker needs comes in its `WorkerSetup` (Ray keeps it to restart the worker). It
 opens, on its first block: its own ParquetSink (`shared=True`, named `<run id>.w<n>`), its own
 API client, a `calls.Caller` whose limiter and daily count lease from the project's quota actor
-(pipeline/engines/ray/quota.py), and the reuse tiers (`reuse.Answers`) over the resume index's
+(pipeline/engines/ray/quota.py), and the reuse tiers (`reuse.Bought`) over the resume index's
 `ok_keys`. A journal or parts already under its name are a predecessor's (Ray restarted the
 worker): the journal is committed first and the files it answered are not done again.
 
@@ -43,7 +43,7 @@ from pipeline.records import Work, storable, work_identity
 from pipeline.run.buyers import InteractiveBuyer
 from pipeline.run.calls import Caller
 from pipeline.run.identity import RunIdentity
-from pipeline.run.reuse import Answers
+from pipeline.run.reuse import Bought
 from pipeline.run.runner import ImageRunner, RowCounts
 from pipeline.run.stop import Stop, Stopped
 from pipeline.run.uploads import Uploads
@@ -170,9 +170,9 @@ class Worker:
         )
         client = await self._stack.enter_async_context(make_client(config, setup.base_url, key))
         caller = self._caller(client, stop)
-        answers = Answers(out.url, ok_keys, sink.flush)
-        self._parts.update(sink=sink, caller=caller, answers=answers)
-        self._parts.update(buyer=InteractiveBuyer(caller, answers))
+        bought = Bought(out.url, ok_keys, sink.flush)
+        self._parts.update(sink=sink, caller=caller, bought=bought)
+        self._parts.update(buyer=InteractiveBuyer(caller, bought))
         self._files = asyncio.Queue()
         concurrency = config.limits.concurrency
         self._pool = [asyncio.ensure_future(self._serve()) for _ in range(concurrency)]
@@ -242,7 +242,7 @@ class Worker:
 
     def _runner_parts(self) -> dict[str, Any]:
         parts = self._parts
-        return {"buyer": parts["buyer"], "answers": parts["answers"], "sink": parts["sink"]}
+        return {"buyer": parts["buyer"], "bought": parts["bought"], "sink": parts["sink"]}
 
     def _with_calls(self, tally: Tally) -> Tally:
         """Calls are counted per worker, not per file: report what is new since last time."""
