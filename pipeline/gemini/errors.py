@@ -46,10 +46,9 @@ import math
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from pipeline.gemini.types import GenerateResponse
+from pipeline.gemini.types import GenerateResponse
 
 RETRYABLE_KINDS = frozenset(
     {"rate_limit", "aborted", "server", "timeout", "transport", "data_loss"}

@@ -12,10 +12,9 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from pipeline.gemini.types import GenerateResponse
+from pipeline.gemini.types import GenerateResponse
 
 
 def field(obj: Mapping[str, Any], camel: str, snake: str) -> Any:

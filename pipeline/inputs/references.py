@@ -23,17 +23,15 @@ import os
 import posixpath
 import urllib.parse
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
+from pipeline.config import Config, ConfigError
 from pipeline.gemini.types import ImagePart
 from pipeline.inputs import images
 from pipeline.inputs.fetch import Fetcher, FetchError, settings_from
 from pipeline.records import ImageItem, SourceFile
 from pipeline.tasks import multi
 from pipeline.tasks.base import Reference
-
-if TYPE_CHECKING:
-    from pipeline.config import Config
 
 # A reference goes with every request: inline it only while re-sending it costs less than one
 # upload's two round trips (and the risk of the upload expiring mid-run); bigger ones are
@@ -65,8 +63,6 @@ def identities(loaded: tuple[LoadedReference, ...]) -> list[dict[str, Any]]:
 def load(config: Config) -> tuple[LoadedReference, ...]:
     """Every `[task] reference_images` entry read and prepared; ConfigError for one that cannot
     be used (missing, not an image, a URL that does not answer)."""
-    from pipeline.config import ConfigError
-
     loaded = []
     for number, reference in enumerate(config.task.reference_images, start=1):
         try:

@@ -48,16 +48,14 @@ import re
 import stat
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
 from pipeline import locations
+from pipeline.config import InputConfig
 from pipeline.gemini.types import MAX_IMAGES_PER_REQUEST
 from pipeline.output import stores
 from pipeline.output.index import GrowingDigestSet
 from pipeline.records import SourceFile, SourceGroup, Work
-
-if TYPE_CHECKING:
-    from pipeline.config import InputConfig
 
 _GLOBSTAR = None  # a `**` component in a compiled pattern
 _PARQUET_BATCH_ROWS = 8192

@@ -18,12 +18,10 @@ import json
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from pipeline.localserver.image_input import ImageInput
 from pipeline.localserver.vision import Analysis, Region
-
-if TYPE_CHECKING:
-    from pipeline.localserver.image_input import ImageInput
 
 SHAPE_WORDS = {
     "circle": {"circle", "circles", "round", "ellipse", "ellipses", "oval", "ovals", "disc"},

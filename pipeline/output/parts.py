@@ -47,8 +47,6 @@ def part_entries(output: Output, *, history: bool = False) -> list[Entry]:
     hidden folder), in name order, with a killed compaction resolved to exactly the old or the
     new set (`pipeline/output/compact.py`). `history` adds the parts holding the superseded rows a
     compaction set aside (`.superseded/`): paid answers, kept for reuse and accounting."""
-    from pipeline.output.parts import visible_parts
-
     store = open_store(output)
     if store.local and not os.path.isdir(store.url):
         return []

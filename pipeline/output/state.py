@@ -7,7 +7,7 @@ request count carries over between runs on the same quota day, and a batch job â
 is not idempotent â€” is recorded with the files it answers before it is created, and with its
 name as soon as it exists, so a rerun re-attaches to it instead of paying for a second one.
 
-Batch tables (pipeline/engines/batch/engine.py writes them):
+Batch tables (pipeline/engines/batch/submit.py and jobs.py write them):
 
 - `batch_jobs`: one row a job; `phase` staged (its JSONL being written) -> creating (the create
   call is out: its display name finds it if the answer was lost) -> submitted (its name known)

@@ -8,7 +8,7 @@ from dataclasses import replace
 from pipeline.gemini.types import GenerateResponse
 from pipeline.records import Parsed
 from pipeline.tasks.answers import ANSWERED, is_truncated
-from pipeline.tasks.base import Task, TaskSettings
+from pipeline.tasks.base import KINDS, Task, TaskSettings
 from pipeline.tasks.caption import CaptionTask
 from pipeline.tasks.classify import ClassifyTask
 from pipeline.tasks.custom import CustomTask
@@ -27,6 +27,7 @@ TASKS: dict[str, Task] = {
         PointTask(),
     )
 }
+assert tuple(TASKS) == KINDS, "a task kind is declared in tasks/base.py and registered here"
 
 
 def get_task(kind: str) -> Task:

@@ -12,11 +12,13 @@ from pipeline.locations import scheme_of
 from pipeline.models import MEDIA_RESOLUTIONS, THINKING_LEVELS, Model, ModelTable, lookup
 from pipeline.records import Parsed
 
+# The task kinds, in the order `pipeline models` and the README list them; the registry
+# (pipeline/tasks/__init__.py) holds one task of each, and checks it at import.
+KINDS = ("detect", "segment", "caption", "classify", "custom", "point")
+
 
 def _task_kind(value: Any) -> str:
-    from pipeline.tasks import TASKS  # the registry is the one list of kinds
-
-    return s.one_of(*TASKS)(value)
+    return s.one_of(*KINDS)(value)
 
 
 @dataclass(frozen=True, slots=True)
