@@ -33,7 +33,6 @@ from pipeline.inputs.fetch import Fetcher, settings_from
 from pipeline.inputs.references import LoadedReference
 from pipeline.inputs.source import work_units
 from pipeline.localserver.options import ServerOptions
-from pipeline.localserver.server import LocalServer
 from pipeline.locations import is_url, local_path, scheme_of
 from pipeline.output.index import ResumeIndex, load_resume_index
 from pipeline.output.sink import ParquetSink, SinkFailed
@@ -158,6 +157,11 @@ async def _sync_quietly(sink: ParquetSink) -> None:
 async def service_endpoint(config: Config, stack: contextlib.AsyncExitStack) -> tuple[str, str]:
     """The base URL and key: the bundled local server in-process, or the configured one."""
     if config.api.base_url == "local":
+        # Imported here, not at the top, for its cost and not for a cycle: the server's web
+        # stack (aiohttp.web) adds 0.13 s to every run's start (python -X importtime), and only
+        # a run against the bundled server needs it.
+        from pipeline.localserver.server import LocalServer
+
         local = {key: getattr(config.local, key) for key in declarations("local")}
         options = ServerOptions(**local, inline_limit_bytes=config.inline_limit_bytes)
         server = await stack.enter_async_context(LocalServer(options))
