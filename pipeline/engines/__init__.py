@@ -12,6 +12,7 @@ import asyncio
 
 from pipeline.config import Config
 from pipeline.engines.batch.engine import BatchEngine
+from pipeline.engines.common import RunStart
 from pipeline.engines.ray.driver import RayEngine
 from pipeline.engines.single import SingleProcess
 from pipeline.inputs.checks import check_groups
@@ -29,11 +30,12 @@ async def run_async(config: Config, options: RunOptions | None = None) -> RunSum
     check_groups(config)
     references = load_references(config)  # read once: every request of the run has them
     identity = identify(config, references)
+    start = RunStart(config, identity, references, options)
     if config.api.mode == "batch":
-        return await BatchEngine(config, identity, references, options).run()
+        return await BatchEngine(start).run()
     if config.engine.kind == "ray":  # (its modules import Ray, an extra, only when they run)
-        return await RayEngine(config, identity, options).run()
-    return await SingleProcess(config, identity, references, options).run()
+        return await RayEngine(start).run()
+    return await SingleProcess(start).run()
 
 
 def run(config: Config, options: RunOptions | None = None) -> RunSummary:

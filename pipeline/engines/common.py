@@ -271,21 +271,25 @@ class Opened:
     fetcher: Fetcher
 
 
+@dataclass(frozen=True)
+class RunStart:
+    """What a run starts from, made once by `pipeline.engines.run_async` and handed to its
+    engine: the config, the run's identity, its reference images (read once: every request of
+    the run has them) and the run's options."""
+
+    config: Config
+    identity: RunIdentity
+    references: tuple[LoadedReference, ...]
+    options: RunOptions
+
+
 class Opener:
     """Opens a run's output and makes what every engine in this process works with."""
 
-    def __init__(
-        self,
-        config: Config,
-        identity: RunIdentity,
-        references: tuple[LoadedReference, ...],
-        options: RunOptions,
-    ) -> None:
-        self.config = config
-        self.identity = identity
-        self.references = references  # read once: the run's every request has them
-        self.options = options
-        self.request = get_task(config.task.kind).request(config.task)
+    def __init__(self, start: RunStart) -> None:
+        self.config, self.identity, self.options = start.config, start.identity, start.options
+        self.references = start.references
+        self.request = get_task(start.config.task.kind).request(start.config.task)
 
     async def open(self, stack: contextlib.AsyncExitStack, out: Path | Store, stop: Stop) -> Opened:
         """The output opened (the lock taken, a killed run's journal recovered first), its

@@ -21,12 +21,12 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline.config import Config
 from pipeline.engines.common import (
     Block,
     Opened,
     Opener,
     Producer,
+    RunStart,
     drain_on_signals,
     open_output,
     process_unit,
@@ -34,14 +34,12 @@ from pipeline.engines.common import (
     summarise,
     walking,
 )
-from pipeline.inputs.references import LoadedReference
 from pipeline.output.index import ResumeIndex
 from pipeline.output.sink import ParquetSink, SinkFailed
 from pipeline.output.stores import Store
 from pipeline.records import SourceFile, Work, members_of
-from pipeline.run.identity import RunIdentity
 from pipeline.run.progress import EngineView, Progress
-from pipeline.run.runner import ImageRunner, RunOptions
+from pipeline.run.runner import ImageRunner
 from pipeline.run.stop import Stop, Stopped
 from pipeline.run.summary import RunSummary
 
@@ -51,17 +49,10 @@ log = logging.getLogger(__name__)
 class SingleProcess:
     """One run of a config in this process."""
 
-    def __init__(
-        self,
-        config: Config,
-        identity: RunIdentity,
-        references: tuple[LoadedReference, ...],
-        options: RunOptions,
-    ) -> None:
-        self.config = config
-        self.options = options
-        self.opener = Opener(config, identity, references, options)
-        self.summary = RunSummary.of_run(identity, config.source)
+    def __init__(self, start: RunStart) -> None:
+        self.config, self.options = start.config, start.options
+        self.opener = Opener(start)
+        self.summary = RunSummary.of_run(start.identity, start.config.source)
 
     async def run(self) -> RunSummary:
         out = open_output(self.config)

@@ -46,16 +46,15 @@ from pipeline.engines.common import (
     Opened,
     Opener,
     Producer,
+    RunStart,
     drain_on_signals,
     open_output,
     summarise,
     walking,
 )
-from pipeline.inputs.references import LoadedReference
 from pipeline.output.index import DigestSet, ResumeIndex
 from pipeline.records import Work, fingerprint, work_identity
-from pipeline.run.identity import RunIdentity
-from pipeline.run.runner import ImageRunner, RunOptions
+from pipeline.run.runner import ImageRunner
 from pipeline.run.stop import Stop
 from pipeline.run.summary import RunSummary
 
@@ -63,21 +62,13 @@ from pipeline.run.summary import RunSummary
 class BatchEngine:
     """One run of a config in Batch Mode (see the module docstring)."""
 
-    def __init__(
-        self,
-        config: Config,
-        identity: RunIdentity,
-        references: tuple[LoadedReference, ...],
-        options: RunOptions,
-    ) -> None:
-        self.config = config
-        self.identity = identity
-        self.references = references
-        self.options = options
-        self.opener = Opener(config, identity, references, options)
-        self.summary = RunSummary.of_run(identity, config.source)
+    def __init__(self, start: RunStart) -> None:
+        self.config, self.identity, self.options = start.config, start.identity, start.options
+        self.references = start.references
+        self.opener = Opener(start)
+        self.summary = RunSummary.of_run(start.identity, start.config.source)
         self.job_counts = JobCounts()
-        self.say = say if options.progress else quiet
+        self.say = say if start.options.progress else quiet
 
     async def run(self) -> RunSummary:
         out = open_output(self.config)

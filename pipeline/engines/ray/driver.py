@@ -56,6 +56,7 @@ from pipeline.config import Config, ConfigError, EngineConfig
 from pipeline.engines.common import (
     Block,
     Producer,
+    RunStart,
     open_output,
     open_state,
     quota_day_key,
@@ -69,9 +70,7 @@ from pipeline.output.index import KeySet, load_resume_index
 from pipeline.output.sink import SinkFailed, shared_output
 from pipeline.output.state import State
 from pipeline.records import Work, members_of
-from pipeline.run.identity import RunIdentity
 from pipeline.run.progress import EngineView, Progress
-from pipeline.run.runner import RunOptions
 from pipeline.run.stop import Stop, Stopped, on_signals
 from pipeline.run.summary import RunSummary
 
@@ -94,12 +93,11 @@ def _worker_class(ray: Any) -> Any:
 class RayEngine:
     """One run of a config on a Ray cluster (see the module docstring)."""
 
-    def __init__(self, config: Config, identity: RunIdentity, options: RunOptions) -> None:
-        self.config = config
-        self.options = options
-        self.run_id = identity.run_id
-        self.identity = identity
-        self.summary = RunSummary.of_run(self.identity, config.source)
+    def __init__(self, start: RunStart) -> None:
+        """(The workers read the reference images themselves: `start.references` stays here.)"""
+        self.config, self.identity, self.options = start.config, start.identity, start.options
+        self.run_id = start.identity.run_id
+        self.summary = RunSummary.of_run(self.identity, self.config.source)
         self.tally = Tally()
         self.stop: Stop | None = None  # made in run(): it needs the event loop
         self.state: State | None = None
