@@ -23,7 +23,7 @@ import json
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, BinaryIO, TypeVar, cast
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -198,7 +198,8 @@ class Transport:
         there chunk by chunk instead (the Answer's body is then empty): a Batch Mode results
         file may be gigabytes. It is not redacted on the way: the reader redacts what it reads.
         """
-        cap = self.max_response_bytes if max_bytes is _DEFAULT else max_bytes
+        # the _DEFAULT sentinel (an `object`) is replaced here, so `cap` is an int or None
+        cap = self.max_response_bytes if max_bytes is _DEFAULT else cast(int | None, max_bytes)
         limit = self.timeout if timeout is None else timeout
         if limit <= 0:  # aiohttp reads 0 as "no deadline"
             raise GeminiError(None, "DEADLINE_EXCEEDED", f"{what}: no time left to send it")
@@ -219,7 +220,7 @@ class Transport:
                 if into is not None and response.status < 300:
                     body = await _stream(response, into)
                 else:
-                    body = await _read_capped(response, cap, what)  # type: ignore[arg-type]
+                    body = await _read_capped(response, cap, what)
                 answer = Answer(response.status, response.headers, self._redact_bytes(body))
         except TimeoutError:
             failure = GeminiError(None, "DEADLINE_EXCEEDED", f"{what}: no answer within {limit:g}s")

@@ -30,7 +30,7 @@ import asyncio
 import random
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import Future
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
@@ -107,8 +107,8 @@ class Fetcher:
     async def _make_gate(self) -> asyncio.Semaphore:
         return asyncio.Semaphore(self.settings.concurrency)
 
-    def _call(self, coroutine: Awaitable[T]) -> Future[T]:
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop)  # type: ignore[arg-type]
+    def _call(self, coroutine: Coroutine[Any, Any, T]) -> Future[T]:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
 
     def __enter__(self) -> Fetcher:
         return self

@@ -146,6 +146,8 @@ def build_request(
         max_output_tokens=settings.max_output_tokens,
         thinking_budget=thinking_budget,
         thinking_level=thinking_level,
+        # a MediaResolution: [task] media_resolution is checked against MEDIA_RESOLUTIONS when
+        # the config is read, which the str-typed setting does not tell mypy
         media_resolution=media_resolution(settings),  # type: ignore[arg-type]
     )
 
