@@ -62,6 +62,7 @@ from pipeline.engines.common import (
     quota_day_key,
     service_endpoint,
     sink_hint,
+    walking,
 )
 from pipeline.engines.ray.quota import NAMESPACE, Limits, quota_actor, quota_name
 from pipeline.engines.ray.worker import Secret, Tally, Worker, WorkerSetup, WorkerSetupError
@@ -167,21 +168,16 @@ class RayEngine:
     async def _work(self, producer: Producer, fleet: Fleet) -> None:
         stop = self.stop
         assert stop is not None
-        blocks: asyncio.Queue[Block | None] = asyncio.Queue(maxsize=2)
         dispatch = Dispatch(fleet, stop, self._account)
         view = EngineView(producer, lambda: self.tally.rows, lambda: self.tally.throttled)
         progress = Progress(view, enabled=self.options.progress)
         loop = asyncio.get_running_loop()
         with _signals(loop, stop, fleet):
-            walking = loop.run_in_executor(None, producer.run, loop, blocks)
             reporter = asyncio.ensure_future(progress.run())
             try:
-                await dispatch.run(blocks)
+                async with walking(producer) as blocks:
+                    await dispatch.run(blocks)
             finally:
-                producer.halt.set()
-                while not blocks.empty():  # unblock the walking thread
-                    blocks.get_nowait()
-                await walking
                 reporter.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await reporter
