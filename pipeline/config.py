@@ -45,6 +45,13 @@ IMAGE_MODES = ("auto", "inline", "upload")
 GROUP_RULES = ("none", "folder", "manifest")
 
 
+# Inline request limits, MB (MiB, as the service counts: "exceeds the limit: 20971520 bytes"):
+# the live service's interactive one since 2026-01 is the most a run may set, Batch Mode's is
+# what a batch run holds each request to (docs/gemini-api.md § Sending images).
+MAX_INLINE_LIMIT_MB = 100
+BATCH_INLINE_LIMIT_MB = 20
+
+
 class ConfigError(ValueError):
     """A config problem, always naming where it is."""
 
@@ -53,6 +60,16 @@ def _base_url(v: Any) -> str:
     if s.text(v) != "local" and not v.startswith(("http://", "https://")):
         raise TypeError('an http(s) URL or "local"')
     return v
+
+
+def _inline_limit_mb(v: Any) -> float:
+    """Above 100 MB the service refuses every request that uses the room: refused here."""
+    if s.positive_number(v) > MAX_INLINE_LIMIT_MB:
+        raise TypeError(
+            f"a number of MB above 0 and at most {MAX_INLINE_LIMIT_MB} (the live service's "
+            "interactive limit)"
+        )
+    return float(v)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +89,9 @@ class ApiConfig:
     flavor: Flavor = setting(  # checked: one of FLAVORS
         "generateContent", s.one_of(*FLAVORS), "or interactions (sent with store: false)"
     )
-    version: str = setting("v1beta", s.one_of(*API_VERSIONS), "v1alpha for per-image resolution")
+    version: str = setting(
+        "v1beta", s.one_of(*API_VERSIONS), "per-image resolution: one the model table lists"
+    )
     timeout: float = setting(
         120.0, s.positive_number, "seconds; the longest deadline of a request (see min_timeout)"
     )
@@ -83,7 +102,9 @@ class ApiConfig:
         300.0, s.positive_number, "seconds; the longest wait a retryDelay can ask for"
     )
     inline_limit_mb: float = setting(
-        20.0, s.positive_number, "the guide's inline request limit (the live service takes 100)"
+        20.0,
+        _inline_limit_mb,
+        "inline request limit: 20 works everywhere, up to 100 interactively (Batch Mode: 20)",
     )
     max_response_mb: float = setting(
         32.0, s.positive_number, "an answer bigger than this is refused unread (an error row)"
@@ -245,6 +266,11 @@ class Config:
     @property
     def inline_limit_bytes(self) -> int:
         return int(self.api.inline_limit_mb * 1024 * 1024)
+
+    @property
+    def batch_inline_limit_bytes(self) -> int:
+        """What a Batch Mode request may carry inline: the setting, at most Batch Mode's 20 MB."""
+        return min(self.inline_limit_bytes, BATCH_INLINE_LIMIT_MB * 1024 * 1024)
 
 
 SECTIONS: dict[str, type] = {

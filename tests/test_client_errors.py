@@ -15,6 +15,7 @@ import pytest
 from pipeline.gemini import GeminiError
 from pipeline.gemini.errors import RETRYABLE_KINDS, error_from_response, retry_after
 from pipeline.gemini.types import GenerateRequest, ImagePart
+from pipeline.run.failures import Action, judge
 from tests.test_client import (
     KEY,
     MODEL_3,
@@ -116,6 +117,8 @@ CASES: list[tuple[int, str, str]] = [
     (404, interactions_body("not_found"), "not_found"),
     (400, interactions_body("failed_precondition"), "failed_precondition"),
     (409, interactions_body("aborted"), "aborted"),
+    (409, interactions_body("already_exists"), "already_exists"),
+    (409, status_body(409, "ALREADY_EXISTS", "File files/a already exists."), "already_exists"),
     (400, interactions_body("safety"), "blocked"),
     (400, interactions_body("recitation"), "blocked"),
     (400, interactions_body("language"), "blocked"),
@@ -142,6 +145,16 @@ def test_error_kinds(code: int, body: str, kind: str) -> None:
 def test_retryable_kinds_are_the_transient_ones() -> None:
     transient = {"rate_limit", "aborted", "server", "timeout", "transport", "data_loss"}
     assert transient == RETRYABLE_KINDS
+
+
+def test_already_exists_is_no_conflict_to_retry() -> None:
+    """The api-errors page: `already_exists` (409) "the entity you tried to create already
+    exists" is not retried (the same request collides again); `aborted` (409) is."""
+    for body in (interactions_body("already_exists"), status_body(409, "ALREADY_EXISTS", "x")):
+        error = error_from_response(409, body)
+        assert (error.kind, error.retryable) == ("already_exists", False)
+        assert judge(error, uploaded=False).action is Action.IMAGE  # an error row, not a retry
+    assert error_from_response(409, interactions_body("aborted")).retryable
 
 
 def test_every_quota_violation_is_kept_in_order() -> None:

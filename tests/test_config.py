@@ -98,6 +98,30 @@ def test_demo_paths_resolve_against_the_file(tmp_path: Path, monkeypatch) -> Non
             '[models."gemini-9"] thinking must be a list of strings',
         ),
         ("[task]\nresponse_schema = '{nope'\n", "[task] response_schema must be a JSON schema"),
+        (
+            "[api]\ninline_limit_mb = 150\n",
+            "[api] inline_limit_mb must be a number of MB above 0 and at most 100 (the live "
+            "service's interactive limit), got 150",
+        ),
+        (
+            "[task]\nkind = 'custom'\nprompt = 'Count.'\n"
+            'response_schema = \'{"type": "array", "items": {"type": "strin"}}\'\n',
+            "[task] response_schema: not a valid JSON Schema at items.type: 'strin' is not "
+            "valid under any of the given schemas",
+        ),
+        (
+            "[api]\nmodel = 'gemini-2.0-flash'\n[task]\nkind = 'custom'\nprompt = 'Count.'\n"
+            'response_schema = \'{"type": "object", "properties": {"n": {"type": "int"}}}\'\n',
+            "[task] response_schema: sent as responseSchema (gemini-2.0-flash takes no JSON "
+            "Schema), which has no type 'int' at properties.n.type (types: STRING, NUMBER, "
+            "INTEGER, BOOLEAN, ARRAY, OBJECT, NULL)",
+        ),
+        (
+            "[api]\nmodel = 'gemini-2.0-flash'\n[task]\nkind = 'custom'\nprompt = 'Count.'\n"
+            'response_schema = \'{"type": "object", "additionalProperties": false}\'\n',
+            "[task] response_schema: sent as responseSchema (gemini-2.0-flash takes no JSON "
+            "Schema), which has no field 'additionalProperties'",
+        ),
         ("[local]\nfault_rate = 2\n", "[local] fault_rate must be within [0, 1], got 2"),
         ("[input]\npaths = [1, 2]\n", "[input] paths must be a list of strings"),
         ("[task\n", "not valid TOML"),
@@ -190,3 +214,22 @@ def test_settings_hash_tracks_what_changes_the_answer(tmp_path: Path) -> None:
     # parse-only settings are a reparse, not a new call
     assert digest(replace(config, task=replace(config.task, mask_threshold=200))) == base
     assert digest(replace(config, limits=replace(config.limits, rpm=5))) == base
+
+
+def test_the_inline_limit_may_be_raised_to_the_live_services_100_mb(tmp_path: Path) -> None:
+    """20 MB works everywhere (Batch Mode too); a Developer API user may go up to 100 MB."""
+    assert parse_config({}, "x.toml", tmp_path).inline_limit_bytes == 20 * 2**20
+    config = parse_config({"api": {"inline_limit_mb": 100}}, "x.toml", tmp_path)
+    assert config.inline_limit_bytes == 100 * 2**20
+
+
+def test_a_well_formed_custom_schema_is_sent_as_the_model_takes_it(tmp_path: Path) -> None:
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    task = {"kind": "custom", "prompt": "Count.", "response_schema": schema}
+    for model, sent in (("gemini-2.5-flash", "response_json_schema"), ("gemini-2.0-flash", None)):
+        config = parse_config({"api": {"model": model}, "task": task}, "x.toml", tmp_path)
+        request = get_task("custom").request(config.task)
+        if sent:
+            assert request.response_json_schema == schema and request.response_schema is None
+        else:  # the OpenAPI subset takes these lowercase names too (enum names in any case)
+            assert request.response_schema == schema

@@ -417,6 +417,22 @@ def test_every_rule_is_cited_by_the_server_and_every_citation_is_a_rule():
         assert rule.source and rule.description and rule.wording in ("service", "written")
 
 
+# a date (2026-09, 2026-09-19) or an SDK version (google-genai 3.6): what makes a source dated
+DATED = re.compile(r"\b20\d\d-(0[1-9]|1[0-2])(-[0-3]\d)?\b|\bgoogle-genai \d+\.\d+\b")
+
+
+def test_every_rule_has_a_dated_source_or_says_it_is_an_assumption():
+    """What the service did on a date can change: each rule says when its source said so, or
+    that it is an assumption (no source found), and never both."""
+    for rule in RULES.values():
+        if rule.assumed:
+            assert not DATED.search(rule.dated), rule.id
+            continue
+        assert DATED.search(rule.dated), rule.id
+        cited = DATED.sub("", rule.dated)
+        assert len(re.findall(r"[A-Za-z]{3,}", cited)) >= 2, rule.id  # a page, file or thread
+
+
 async def test_refusals_are_counted_by_rule(server, http):
     data, _ = draw_scene()
     body = inline_request(data, "x", config={"thinkingConfig": {"thinkingLevel": "LOW"}})
@@ -443,4 +459,7 @@ def test_cli_prints_the_rules_with_their_sources():
     printed = done.stdout
     for rule_id, rule in RULES.items():
         assert f"{rule_id}  [{rule.answer}]" in printed
+        assert (f"dated: {rule.dated}" if not rule.assumed else "assumed: no dated source") in (
+            printed.split(f"{rule_id}  [", 1)[1].split("\n\n", 1)[0]
+        )
     assert "source: docs/gemini-api.md § Files API" in printed

@@ -5,11 +5,15 @@ the SDK. (That the SDK's own requests are accepted is test_sdk_compat.py.)"""
 from __future__ import annotations
 
 import importlib
+import typing
 
 import pytest
 from google.genai import types
+from google.genai._gaos.types.interactions.imagecontent import ImageContentMimeType
 
+from pipeline.gemini.schema import OPENAPI_FIELDS, OPENAPI_TYPES
 from pipeline.localserver import fields
+from pipeline.localserver.image_input import INTERACTIONS_IMAGE_TYPES
 from pipeline.localserver.spec import Message, messages
 
 ROOTS = (
@@ -61,3 +65,14 @@ def test_the_trees_cover_what_the_pipeline_and_the_sdk_send():
     }
     assert "thinking_budget" not in fields.INTERACTION_GENERATION_CONFIG.fields
     assert "ultra_high" not in str(fields.GLOBAL_MEDIA_RESOLUTION.values).lower()
+
+
+def test_the_type_names_and_image_types_are_the_sdks():
+    """responseSchema's type names are types.Type's; the Interactions image types are the SDK's
+    ImageContentMimeType literal (google-genai 3.6); the client's config check of a user's
+    OpenAPI schema knows the same fields and types as the server."""
+    assert fields.SCHEMA_TYPE.values == tuple(kind.value for kind in types.Type)
+    literal = typing.get_args(ImageContentMimeType)[0]  # Union[Literal[...], UnrecognizedStr]
+    assert set(typing.get_args(literal)) == INTERACTIONS_IMAGE_TYPES
+    assert set(OPENAPI_FIELDS) == set(fields.SCHEMA.fields)
+    assert fields.SCHEMA_TYPE.values == OPENAPI_TYPES

@@ -93,17 +93,33 @@ async def test_errors_carry_lowercase_codes_and_no_details(server, http):
     }
     status, body = await interact(http, server, good, key=None)
     assert status == 401 and body["error"]["code"] == "authentication"
-    bad_mime = {**good, "input": [{"type": "image", "data": b64(data), "mime_type": "image/bmp"}]}
-    status, body = await interact(http, server, bad_mime)
+    svg = {"type": "image", "data": b64(data), "mime_type": "image/svg+xml"}  # not in the SDK's
+    status, body = await interact(http, server, {**good, "input": [svg]})
     assert status == 400
     assert body == {
-        "error": {"code": "invalid_request", "message": "Unsupported MIME type: image/bmp"}
+        "error": {"code": "invalid_request", "message": "Unsupported MIME type: image/svg+xml"}
     }
     status, body = await interact(http, server, {**good, "input": [{"type": "audio", "data": ""}]})
     assert status == 400 and body["error"]["code"] == "invalid_request"
     missing = {**good, "input": [{"type": "image", "uri": "files/gone", "mime_type": "image/png"}]}
     status, body = await interact(http, server, missing)
     assert status == 403 and body["error"]["code"] == "permission_denied"
+
+
+JSON = "application/json"
+
+
+@pytest.mark.parametrize("kind", ["gif", "bmp", "tiff"])
+async def test_the_image_types_the_sdk_lists_are_taken(server, http, kind):
+    """The SDK's Interactions ImageContentMimeType (google-genai 3.6,
+    `_gaos/types/interactions/imagecontent.py`) lists gif, bmp and tiff besides the five of
+    generateContent (rule image.mime)."""
+    data, _ = draw_scene(kind.upper())
+    body = interaction_request(data, response_format={"type": "text", "mime_type": JSON})
+    body["input"][0]["content"][1]["mime_type"] = f"image/{kind}"
+    status, interaction = await interact(http, server, body)
+    assert status == 200, interaction
+    assert json.loads(hop_text(interaction))[0]["label"] == "red circle"
 
 
 async def test_response_format_schema_is_json_schema(server, http):
@@ -187,6 +203,20 @@ REFUSALS = [
         "invalid_request",
         "Invalid JSON schema at 'response_format.schema.type': 'ARRAY' is not a JSON Schema "
         "type (one of array, boolean, integer, null, number, object, string).",
+    ),
+    (
+        "a response_format.schema the JSON Schema meta-schema refuses",
+        sdk_body(
+            response_format={
+                "type": "text",
+                "mime_type": "application/json",
+                "schema": {"type": "array", "items": {"type": "string"}, "minItems": -1},
+            }
+        ),
+        400,
+        "invalid_request",
+        "Invalid JSON schema at 'response_format.schema.minItems': -1 is less than the minimum "
+        "of 0.",
     ),
     (
         "an image resolution on a model without per-part resolution",

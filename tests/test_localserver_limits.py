@@ -4,15 +4,19 @@ credits running out (402)."""
 
 from __future__ import annotations
 
+import io
 import math
 
 import pytest
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 from pipeline.localserver.errors import PREPAY_DEPLETED
 from pipeline.localserver.options import ServerOptions
 from pipeline.localserver.server import LocalServer
 from tests.conftest import START, Clock
 from tests.localserver_support import (
+    KEY,
     b64,
     draw_scene,
     generate,
@@ -170,3 +174,56 @@ async def test_credits_are_spent_at_the_model_tables_price(http):
         _, answer = await generate(http, server, inline_request(data, "Describe."))
         expected = flash_cost(answer["usageMetadata"])
         assert server.stats()["credits"]["spent_usd"] == pytest.approx(expected, abs=1e-9)
+
+
+# the request-size limits: the live service's interactive one, Batch Mode's own
+
+MIB = 1 << 20
+
+
+def padded_png(extra: int) -> bytes:
+    """A small scene whose PNG carries `extra` bytes of text chunk: a big body, a cheap image."""
+    image = Image.open(io.BytesIO(draw_scene()[0]))
+    padding = PngInfo()
+    padding.add_text("pad", "x" * extra)
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG", pnginfo=padding)
+    return buffer.getvalue()
+
+
+def test_the_default_limits_are_the_live_services():
+    """100 MB interactive since 2026-01, 20 MB for Batch Mode's inline requests
+    (docs/gemini-api.md § Sending images)."""
+    assert ServerOptions().inline_limit_bytes == 100 * MIB
+    assert ServerOptions().batch_inline_limit_bytes == 20 * MIB
+
+
+async def test_a_body_over_20_mib_is_taken_interactively_and_refused_inline_in_batch(http):
+    data = padded_png(16 * MIB)  # base64: a body of about 21.4 MiB
+    async with LocalServer(ServerOptions()) as server:
+        body = inline_request(data, "Describe.")
+        status, _ = await generate(http, server, body)
+        assert status == 200
+        status, _ = await interact(http, server, interaction_request(data))
+        assert status == 200
+        job = {"request": body, "metadata": {"key": "big"}}
+        create = {"batch": {"inputConfig": {"requests": {"requests": [job]}}}}
+        url = f"{server.base_url}/v1beta/models/gemini-2.5-flash:batchGenerateContent"
+        async with http.post(url, json=create, headers={"x-goog-api-key": KEY}) as answer:
+            assert answer.status == 400
+            error = (await answer.json())["error"]
+        assert error["message"] == f"Request payload size exceeds the limit: {20 * MIB} bytes."
+        assert server.stats()["refused_by_rule"] == {"body.too-large": 1}
+
+
+async def test_a_batch_create_is_held_to_the_smaller_limit(http):
+    """A server configured smaller than Batch Mode's 20 MiB holds batch creates to it too."""
+    options = ServerOptions(inline_limit_bytes=64 * 1024, batch_inline_limit_bytes=128 * 1024)
+    assert options.inline_limit_bytes == 64 * 1024
+    async with LocalServer(options) as server:
+        job = {"request": inline_request(padded_png(80 * 1024), "x"), "metadata": {"key": "a"}}
+        create = {"batch": {"inputConfig": {"requests": {"requests": [job]}}}}
+        url = f"{server.base_url}/v1beta/models/gemini-2.5-flash:batchGenerateContent"
+        async with http.post(url, json=create, headers={"x-goog-api-key": KEY}) as answer:
+            assert answer.status == 400
+            assert "65536 bytes" in (await answer.json())["error"]["message"]

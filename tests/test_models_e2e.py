@@ -56,3 +56,20 @@ async def test_continuation_hops_make_whole_answers_and_reparse_reads_them(
         assert isinstance(hops, list) and len(hops) > 1  # each hop's body, as received
     report = await asyncio.to_thread(reparse, str(tmp_path / "out"))
     assert report["status_changes"] == {"ok->ok": 3}
+
+
+async def test_a_model_the_config_adds_runs_against_the_bundled_server(
+    images_dir: Path, tmp_path: Path
+) -> None:
+    """A `[models]` entry reaches the in-process server (`base_url = "local"`): the model is
+    served, with the settings of the entry it starts from (polygon masks, as 3.8 Flash)."""
+    draw_shapes(160, 120, seed=7)[0].save(images_dir / "a.png")
+    config = make_config(
+        tmp_path,
+        api={"model": "gemini-3.9-flash"},
+        models={"gemini-3.9-flash": {"like": "gemini-3.8-flash"}},
+    )
+    summary = await run(config)
+    assert summary.exit_code == exits.OK, summary
+    (row,) = read_rows(tmp_path / "out")
+    assert row["objects"] and all(o["mask"] is not None for o in row["objects"])

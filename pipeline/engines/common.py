@@ -164,7 +164,7 @@ async def service_endpoint(config: Config, stack: contextlib.AsyncExitStack) -> 
 
         local = {key: getattr(config.local, key) for key in declarations("local")}
         options = ServerOptions(**local, inline_limit_bytes=config.inline_limit_bytes)
-        server = await stack.enter_async_context(LocalServer(options))
+        server = await stack.enter_async_context(LocalServer(options, models=config.models))
         return server.base_url, api_key_from_env() or LOCAL_KEY
     key = api_key_from_env()
     if not key:

@@ -23,6 +23,8 @@ the Interactions API puts a lowercase string in `code` and sends no details
                          language, prohibited_content, spii, blocklist, image_*,
                          content_blocked)
     invalid_request      any other 4xx (and 501)                                      no
+    already_exists       409 ALREADY_EXISTS (Interactions already_exists): what it     no
+                         creates exists, so the same request collides again
     aborted              409 ABORTED (Interactions aborted): a conflict, retry         yes
     server               500, 502, 503, 504 (and other 5xx, 499)                      yes
     timeout              no answer within the deadline, or 408                        yes
@@ -71,6 +73,9 @@ _KIND_BY_INTERACTIONS_CODE = {
     "model_not_found": "not_found",
     "failed_precondition": "failed_precondition",
     "aborted": "aborted",
+    # 409 both: the api-errors page says retry `aborted` "at a higher application level" and
+    # for `already_exists` "check whether the resource already exists before re-creating it"
+    "already_exists": "already_exists",
 }
 # Blocked generations (Interactions): these codes, and every code starting with "image_".
 BLOCKED_CODES = frozenset(
@@ -252,6 +257,8 @@ def classify(
         return "daily_quota" if any(is_daily_quota(quota) for quota in quotas) else "rate_limit"
     if code == 400 and status == "FAILED_PRECONDITION":
         return "failed_precondition"
+    if status == "ALREADY_EXISTS":  # a 409 that retrying cannot cure (not ABORTED)
+        return "already_exists"
     if code in _KIND_BY_HTTP_CODE:
         return _KIND_BY_HTTP_CODE[code]
     return "server" if code >= 500 else "invalid_request"

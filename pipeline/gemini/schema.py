@@ -99,3 +99,97 @@ def _add_null(out: dict[str, Any]) -> None:
         out["type"] = kind if "null" in kind else [*kind, "null"]
     elif kind != "null":
         out["type"] = [kind, "null"]
+
+
+# ---------------------------------------------------------------------------- checking a schema
+# What a user's schema must be before a run sends it (tasks/generation.py refuses it at config
+# time: a malformed schema is a 400 on every request). responseSchema is the OpenAPI subset:
+# these fields (snake_case; camelCase taken too) and types.Type's names, in any case as Google's
+# JSON parsing takes enum names (google-genai 3.6 types.Schema, types.Type; the local server
+# holds requests to the same, pipeline/localserver/fields.py SCHEMA).
+OPENAPI_TYPES = (
+    "TYPE_UNSPECIFIED",
+    "STRING",
+    "NUMBER",
+    "INTEGER",
+    "BOOLEAN",
+    "ARRAY",
+    "OBJECT",
+    "NULL",
+)
+OPENAPI_FIELDS = (
+    "type",
+    "format",
+    "title",
+    "description",
+    "nullable",
+    "enum",
+    "max_items",
+    "min_items",
+    "properties",
+    "required",
+    "min_properties",
+    "max_properties",
+    "min_length",
+    "max_length",
+    "pattern",
+    "example",
+    "any_of",
+    "property_ordering",
+    "default",
+    "items",
+    "minimum",
+    "maximum",
+)
+_OPENAPI_NAMES = {
+    spelling: name
+    for name in OPENAPI_FIELDS
+    for spelling in (name, name.split("_")[0] + "".join(w.title() for w in name.split("_")[1:]))
+}
+
+
+def json_schema_problem(schema: Any) -> str | None:
+    """Why `schema` is no JSON Schema (the meta-schema of its `$schema`, else draft 2020-12,
+    whose $defs and prefixItems responseJsonSchema documents), or None. The jsonschema library
+    is the reference validator; it is imported here only, when a user's schema is checked (it
+    adds about 80 ms to a start that does not need it)."""
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import best_match
+    from jsonschema.validators import validator_for
+
+    validator = validator_for(schema, default=Draft202012Validator)
+    error = best_match(validator(validator.META_SCHEMA).iter_errors(schema))
+    if error is None:
+        return None
+    where = ".".join(str(part) for part in error.absolute_path)
+    return f"not a valid JSON Schema{f' at {where}' if where else ''}: {error.message}"
+
+
+def openapi_schema_problem(schema: Any, where: str = "") -> str | None:
+    """Why `schema` is not of responseSchema's OpenAPI subset (a field it lacks, a type name
+    types.Type lacks), or None."""
+    if not isinstance(schema, dict):
+        return f"has no schema at {where or 'the top'} (an object is needed)"
+    for key, value in schema.items():
+        name = _OPENAPI_NAMES.get(key)
+        at = f"{where}.{key}" if where else key
+        if name is None:
+            return f"has no field {key!r}{f' at {where}' if where else ''}"
+        problem = _openapi_value_problem(name, value, at)
+        if problem is not None:
+            return problem
+    return None
+
+
+def _openapi_value_problem(name: str, value: Any, at: str) -> str | None:
+    if name == "type" and str(value).upper() not in OPENAPI_TYPES:
+        return f"has no type {value!r} at {at} (types: {', '.join(OPENAPI_TYPES[1:])})"
+    if name == "items":
+        return openapi_schema_problem(value, at)
+    if name == "properties" and isinstance(value, dict):
+        children = ((item, f"{at}.{key}") for key, item in value.items())
+    elif name == "any_of" and isinstance(value, list):
+        children = ((item, f"{at}.{index}") for index, item in enumerate(value))
+    else:
+        return None
+    return next((p for item, path in children if (p := openapi_schema_problem(item, path))), None)

@@ -20,6 +20,7 @@ from pipeline.localserver import errors
 from pipeline.localserver.answers import Answer, Ask, caption, render, targets
 from pipeline.localserver.faults import Faults, Replay, apply_to_text
 from pipeline.localserver.image_input import ImageInput, ImageReader
+from pipeline.models import Model
 
 BYTES_PER_TOKEN = 4  # pipeline.gemini.tokens.text_tokens counts ~4 bytes of UTF-8 a token
 
@@ -37,6 +38,7 @@ class Prompted:
     thinking: bool = False
     thinking_budget: int | None = None
     include_thoughts: bool = False
+    spec: Model | None = None  # the server's table entry (its token rule); None: looked up
 
     def fingerprint(self) -> bytes:
         """What the request asks, for seeding faults and matching continuation hops."""

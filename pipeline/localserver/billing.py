@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pipeline.gemini.tokens import image_tokens, text_tokens
 from pipeline.localserver import errors
 from pipeline.localserver.answering import Prompted
-from pipeline.models import Price, default_table, lookup
+from pipeline.models import ModelTable, Price, default_table
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +42,10 @@ def prompt_usage(prompted: Prompted) -> Usage:
     texts = [*prompted.texts, prompted.ask.system]
     counted = [
         image_tokens(
-            prompted.model, i.image.width, i.image.height, i.resolution or prompted.media_resolution
+            prompted.spec or prompted.model,
+            i.image.width,
+            i.image.height,
+            i.resolution or prompted.media_resolution,
         )
         for i in prompted.images
     ]
@@ -50,9 +53,10 @@ def prompt_usage(prompted: Prompted) -> Usage:
 
 
 class Credits:
-    """A prepaid balance in USD; None: unlimited."""
+    """A prepaid balance in USD; None: unlimited. Spent at `table`'s prices."""
 
-    def __init__(self, budget_usd: float | None) -> None:
+    def __init__(self, budget_usd: float | None, table: ModelTable | None = None) -> None:
+        self.table = table or default_table()
         self.budget_usd = budget_usd
         self.spent_usd = 0.0
         self.refused = 0
@@ -65,12 +69,12 @@ class Credits:
 
     def charge(self, model: str, usage: Usage, *, batch: bool = False) -> None:
         """`batch`: a Batch Mode line, billed at the table's batch price."""
-        price = lookup(model).price() or _dearest_price()
+        price = self.table.lookup(model).price() or _dearest_price(self.table)
         output = usage.output_tokens + usage.thoughts_tokens  # output includes thinking
         self.spent_usd += price.cost(usage.prompt_tokens, output, batch=batch)
 
 
-def _dearest_price() -> Price:
+def _dearest_price(table: ModelTable) -> Price:
     today = datetime.now(UTC).date()
-    prices = [p for p in (m.price(today) for m in default_table().models) if p is not None]
+    prices = [p for p in (m.price(today) for m in table.models) if p is not None]
     return max(prices, key=lambda p: p.input + p.output)

@@ -25,9 +25,11 @@ from pipeline.localserver.image_input import ImageReader
 from pipeline.localserver.options import ServerOptions
 from pipeline.localserver.quotas import Quotas
 from pipeline.localserver.stats import Stats
+from pipeline.models import ModelTable
 
 # v1alpha: where per-part media resolution was first documented (docs/gemini-api.md § Image tokens)
 API_VERSIONS = ("v1", "v1beta", "v1alpha")
+BATCH_CREATE = ":batchGenerateContent"  # the method whose body is Batch Mode's inline requests
 
 
 class AnswerLog:
@@ -54,16 +56,19 @@ class AnswerLog:
 class Core:
     """The parts of one server, shared by its surfaces."""
 
-    def __init__(self, options: ServerOptions, clock: Callable[[], float]) -> None:
+    def __init__(
+        self, options: ServerOptions, clock: Callable[[], float], models: ModelTable
+    ) -> None:
         self.options = options
         self.clock = clock
+        self.models = models  # what each model takes, bills and answers (model_checks.py)
         self.stats = Stats()
         self.files = FileStore(clock, options.file_processing_seconds, options.file_ttl_seconds)
         self.images = ImageReader(self.files)
         self.quotas = Quotas(
             options.rpm, options.tpm, options.rpd, clock, options.quota_window_seconds
         )
-        self.credits = Credits(options.credit_budget_usd)
+        self.credits = Credits(options.credit_budget_usd, models)
         self.faults = Faults(
             options.fault_rate, options.seed, options.latency_ms, options.fault_kinds
         )
@@ -75,9 +80,15 @@ class Core:
         transport.check_key(request, self.options.api_key)
 
     async def body(self, request: web.Request, *, required: bool = True) -> dict[str, Any]:
-        return await transport.read_json(
-            request, self.options.inline_limit_bytes, required=required
-        )
+        return await transport.read_json(request, self.body_limit(request), required=required)
+
+    def body_limit(self, request: web.Request) -> int:
+        """The interactive limit (100 MB live since 2026-01), or, for a batch create, Batch
+        Mode's own (20 MB: its inline requests), never above the interactive one
+        (docs/gemini-api.md § Sending images; rule body.too-large)."""
+        if request.path.endswith(BATCH_CREATE):
+            return min(self.options.batch_inline_limit_bytes, self.options.inline_limit_bytes)
+        return self.options.inline_limit_bytes
 
     def admit(self, model: str, prompt: Usage) -> None:
         """A generation may start: credits left (402 otherwise), then the quotas (429)."""

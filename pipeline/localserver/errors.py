@@ -33,7 +33,7 @@ INTERACTIONS_CODES = {
     "UNAUTHENTICATED": "authentication",
     "PERMISSION_DENIED": "permission_denied",
     "NOT_FOUND": "not_found",
-    "ALREADY_EXISTS": "invalid_request",
+    "ALREADY_EXISTS": "already_exists",  # 409: ai.google.dev/gemini-api/docs/api-errors
     "RESOURCE_EXHAUSTED": "rate_limit_exceeded",
     "INTERNAL": "api_error",
     "UNAVAILABLE": "service_unavailable",

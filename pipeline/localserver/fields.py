@@ -33,13 +33,8 @@ from pipeline.localserver.spec import (
     MapOf,
     Message,
     Union,
-    Versioned,
 )
 from pipeline.models import MEDIA_RESOLUTIONS
-
-# Per-part media resolution on v1alpha only: the rule until 2026-09; docs/gemini-api.md § Image
-# tokens records v1beta as documented since 2026-09-19, which this double does not follow yet.
-PART_RESOLUTION_VERSIONS = ("v1alpha",)
 
 # ---------------------------------------------------------------------------- generateContent
 
@@ -157,9 +152,8 @@ PART = Message(
         "file_data": FILE_DATA,
         "thought": BOOL,
         "thought_signature": BYTES,
-        "media_resolution": Versioned(
-            PART_RESOLUTION_VERSIONS, PART_MEDIA_RESOLUTION, "media.part-version"
-        ),
+        # on the versions the model's table entry lists: model_checks.check_part_version
+        "media_resolution": PART_MEDIA_RESOLUTION,
         "video_metadata": Message(
             "VideoMetadata",
             {"start_offset": STRING, "end_offset": STRING, "fps": DOUBLE},

@@ -44,7 +44,7 @@ class GenerateSurface:
         self.core.check_key(request)
         if method not in METHODS or not model_id:
             raise errors.unsupported_here(f"Method '{method}'")
-        model = model_checks.known_model(model_id, version, method)
+        model = model_checks.known_model(model_id, version, method, self.core.models)
         body = await self.core.body(request)
         model_id = model_id.removeprefix("models/")
         if method == "countTokens":
@@ -80,6 +80,7 @@ def parse_request(
     max_tokens = get(config, "max_output_tokens")
     return Prompted(
         model=model_id,
+        spec=model,
         texts=texts,
         images=inputs,
         ask=Ask(
@@ -133,11 +134,21 @@ def _read_part(
     """The part's text and image; its own media resolution checked against the model."""
     text = get(part, "text")
     image = _read_image(part, where, images)
-    level = get(get(part, "media_resolution"), "level")
-    resolution = model_checks.part_resolution(model, version, level, interactions=False)
+    resolution = _part_resolution(part, where, model, version)
     if image is not None:
         image.resolution = resolution
     return (text if isinstance(text, str) else None), image
+
+
+def _part_resolution(part: dict[str, Any], where: str, model: Model, version: str) -> str | None:
+    """The Part's mediaResolution.level: a model taking per-part resolution, on an API version
+    its table entry lists (model_checks.check_part_version)."""
+    setting = get(part, "media_resolution")
+    level = model_checks.part_resolution(model, get(setting, "level"))
+    if setting is not None:
+        name = "media_resolution" if "media_resolution" in part else "mediaResolution"
+        model_checks.check_part_version(model, version, where, name)
+    return level
 
 
 def _read_image(part: dict[str, Any], where: str, images: ImageReader) -> ImageInput | None:

@@ -21,7 +21,10 @@ from pipeline.localserver.vision import Analysis, ImageDecodeError, analyse, ope
 
 SUPPORTED_IMAGE_TYPES = frozenset(
     {"image/png", "image/jpeg", "image/webp", "image/heic", "image/heif"}
-)  # docs/gemini-api.md § Sending images
+)  # generateContent: docs/gemini-api.md § Sending images
+# Interactions: the SDK's ImageContentMimeType literal (google-genai 3.6,
+# `_gaos/types/interactions/imagecontent.py`) lists three more (rule image.mime)
+INTERACTIONS_IMAGE_TYPES = SUPPORTED_IMAGE_TYPES | {"image/gif", "image/bmp", "image/tiff"}
 ANALYSIS_CACHE_SIZE = 256  # recent images' analyses, by sha256
 _URLSAFE = str.maketrans("-_", "+/")
 
@@ -44,7 +47,13 @@ class ImageReader:
         self.files = files
         self._analyses: OrderedDict[str, Analysis] = OrderedDict()
 
-    def inline(self, mime_type: str | None, data: str | None, where: str) -> ImageInput:
+    def inline(
+        self,
+        mime_type: str | None,
+        data: str | None,
+        where: str,
+        types: frozenset[str] = SUPPORTED_IMAGE_TYPES,
+    ) -> ImageInput:
         if not isinstance(data, str) or not data:
             raise errors.invalid_argument(
                 f"'{where}.data' is required.", rule="image.required", field=f"{where}.data"
@@ -58,15 +67,21 @@ class ImageReader:
         raw = b64decode(data)
         if raw is None:
             raise errors.bad_base64(f"{where}.data")
-        return self._measure(raw, mime_type, hashlib.sha256(raw).hexdigest())
+        return self._measure(raw, mime_type, hashlib.sha256(raw).hexdigest(), types)
 
-    def stored(self, mime_type: str | None, uri: str | None, where: str) -> ImageInput:
+    def stored(
+        self,
+        mime_type: str | None,
+        uri: str | None,
+        where: str,
+        types: frozenset[str] = SUPPORTED_IMAGE_TYPES,
+    ) -> ImageInput:
         if not uri:
             raise errors.invalid_argument(
                 f"'{where}.file_uri' is required.", rule="image.required", field=f"{where}.file_uri"
             )
         stored = self.active_file(uri)
-        return self._measure(stored.data, mime_type or stored.mime_type, stored.sha256)
+        return self._measure(stored.data, mime_type or stored.mime_type, stored.sha256, types)
 
     def active_file(self, uri: str) -> StoredFile:
         """The ACTIVE file a `files/<id>` name or URI points at (403 / 400 otherwise)."""
@@ -92,9 +107,11 @@ class ImageReader:
             self._analyses.popitem(last=False)
         return analysis
 
-    def _measure(self, raw: bytes, mime_type: str, sha256: str) -> ImageInput:
+    def _measure(
+        self, raw: bytes, mime_type: str, sha256: str, types: frozenset[str]
+    ) -> ImageInput:
         mime = mime_type.lower()
-        if mime not in SUPPORTED_IMAGE_TYPES:
+        if mime not in types:
             raise errors.unsupported_mime(mime)
         try:
             image = open_image(raw)

@@ -29,7 +29,7 @@ from pipeline.localserver.core import Core
 from pipeline.localserver.errors import ApiError
 from pipeline.localserver.fields import CREATE_INTERACTION
 from pipeline.localserver.files import rfc3339
-from pipeline.localserver.image_input import ImageInput, ImageReader
+from pipeline.localserver.image_input import INTERACTIONS_IMAGE_TYPES, ImageInput, ImageReader
 from pipeline.localserver.spec import check
 from pipeline.models import Model
 
@@ -68,9 +68,9 @@ class InteractionsSurface:
         token = body.get("continuation_token")
         echoed: list[dict[str, Any]] = []  # a continuation echoes no new content
         if token:
-            turn = self._resumed(body, model, version, token)
+            turn = self._resumed(body, model, token)
         else:
-            prompted, echoed = parse_interaction(body, model, version, self.core.images)
+            prompted, echoed = parse_interaction(body, model, self.core.images)
             turn = await self._answered(prompted)
         return web.json_response(self._deliver(turn, body, echoed))
 
@@ -101,7 +101,7 @@ class InteractionsSurface:
         for flag in ("stream", "background"):
             if body.get(flag):
                 raise errors.unsupported_here(f"'{flag}: true'")
-        return model_checks.interactions_model(model_id, version)
+        return model_checks.interactions_model(model_id, version, self.core.models)
 
     async def _answered(self, prompted: Prompted) -> Turn:
         prompt = prompt_usage(prompted)
@@ -117,24 +117,22 @@ class InteractionsSurface:
             len(prompted.images),
         )
 
-    def _resumed(self, body: dict[str, Any], model: Model, version: str, token: str) -> Turn:
+    def _resumed(self, body: dict[str, Any], model: Model, token: str) -> Turn:
         """The next hop of a pending answer; the token stays good if this hop is refused."""
         pending = self.continuations.take(token)
         try:
-            self._check_continues(pending, body, model, version)
+            self._check_continues(pending, body, model)
             self.core.admit(pending.rest.model, pending.rest.prompt)
         except ApiError:
             self.continuations.restore(token, pending)
             raise
         return pending.rest
 
-    def _check_continues(
-        self, pending: Pending, body: dict[str, Any], model: Model, version: str
-    ) -> None:
+    def _check_continues(self, pending: Pending, body: dict[str, Any], model: Model) -> None:
         """store: false re-sends the original body; store: true names the issuing hop."""
         same = str(body["model"]).removeprefix("models/") == pending.rest.model
         if body.get("store") is False or body.get("input") is not None:
-            prompted, _ = parse_interaction(body, model, version, self.core.images)
+            prompted, _ = parse_interaction(body, model, self.core.images)
             same = same and prompted.fingerprint() == pending.rest.fingerprint
         else:
             same = same and body.get("previous_interaction_id") == pending.interaction_id
@@ -175,7 +173,7 @@ class InteractionsSurface:
 
 
 def parse_interaction(
-    body: dict[str, Any], model: Model, version: str, images: ImageReader
+    body: dict[str, Any], model: Model, images: ImageReader
 ) -> tuple[Prompted, list[dict[str, Any]]]:
     """A checked create body reduced to a Prompted, and its content items (to store)."""
     mime, schema = response_format(body)
@@ -184,10 +182,11 @@ def parse_interaction(
     if level is not None:
         model_checks.check_level(model, level)
     items = input_items(body.get("input"))
-    texts, inputs = _read_items(items, model, version, images)
+    texts, inputs = _read_items(items, model, images)
     max_tokens = config.get("max_output_tokens")
     prompted = Prompted(
         model=str(body["model"]).removeprefix("models/"),
+        spec=model,
         texts=texts,
         images=inputs,
         ask=Ask(
@@ -204,7 +203,7 @@ def parse_interaction(
 
 
 def _read_items(
-    items: list[dict[str, Any]], model: Model, version: str, images: ImageReader
+    items: list[dict[str, Any]], model: Model, images: ImageReader
 ) -> tuple[list[str], list[ImageInput]]:
     texts: list[str] = []
     inputs: list[ImageInput] = []
@@ -214,7 +213,7 @@ def _read_items(
         if item["type"] == "text":
             texts.append(item.get("text") or "")
         elif item["type"] == "image":
-            inputs.append(_image(item, where, model, version, images))
+            inputs.append(_image(item, where, model, images))
             inputs[-1].caption = caption
         else:
             raise errors.unsupported_here(f"'{item['type']}' content at '{where}'")
@@ -222,16 +221,13 @@ def _read_items(
     return texts, inputs
 
 
-def _image(
-    item: dict[str, Any], where: str, model: Model, version: str, images: ImageReader
-) -> ImageInput:
+def _image(item: dict[str, Any], where: str, model: Model, images: ImageReader) -> ImageInput:
+    mime = item.get("mime_type")
     if item.get("uri") is not None:
-        image = images.stored(item.get("mime_type"), item["uri"], where)
+        image = images.stored(mime, item["uri"], where, INTERACTIONS_IMAGE_TYPES)
     else:
-        image = images.inline(item.get("mime_type"), item.get("data"), where)
-    image.resolution = model_checks.part_resolution(
-        model, version, item.get("resolution"), interactions=True
-    )
+        image = images.inline(mime, item.get("data"), where, INTERACTIONS_IMAGE_TYPES)
+    image.resolution = model_checks.part_resolution(model, item.get("resolution"))
     return image
 
 
@@ -263,7 +259,7 @@ def response_format(body: dict[str, Any]) -> tuple[str | None, Any]:
         if entry.get("type") == "text":
             schema = entry.get("schema")
             if schema is not None:
-                model_checks.check_json_schema_types(schema, "response_format.schema")
+                model_checks.check_interactions_schema(schema, "response_format.schema")
             return entry.get("mime_type") or mime, schema
     return mime, None
 

@@ -4,10 +4,11 @@ check, its documentation and the type its command-line value is parsed by).
 `LocalOptions` are those a run's config may set: they are its `[local]` section, the server a
 run starts in-process with `[api] base_url = "local"` (pipeline/config.py uses this class as it
 is). `ServerOptions` adds what only a server of its own has: where it listens, the key it takes,
-the faults it may inject, its request-size limit (a run passes its `[api] inline_limit_mb`), how
-long uploads stay PROCESSING, an answer log. `pipeline serve-local` makes one flag per option
-from these declarations (serve.py), and every instance checks each value by its declaration when
-it is created: a bound is written once for the flags, the config and Python callers alike.
+the faults it may inject, its request-size limits (the interactive one, which a run sets to its
+`[api] inline_limit_mb`, and Batch Mode's), how long uploads stay PROCESSING, an answer log.
+`pipeline serve-local` makes one flag per option from these declarations (serve.py), and every
+instance checks each value by its declaration when it is created: a bound is written once for
+the flags, the config and Python callers alike.
 
 A check raises TypeError completing "must be ..." (pipeline/settings.py's convention), worded as
 the server's own messages always were ("fault_rate must be within [0, 1], got 2.0").
@@ -192,9 +193,17 @@ class ServerOptions(LocalOptions):
         type=_kinds,
     )
     inline_limit_bytes: int = setting(
+        100 * _MIB,
+        _POSITIVE_COUNT,
+        "largest request body of generateContent, countTokens and Interactions; the flag takes "
+        "MiB (100: the live service's interactive limit since 2026-01)",
+        type=_mebibytes,
+    )
+    batch_inline_limit_bytes: int = setting(
         20 * _MIB,
         _POSITIVE_COUNT,
-        "largest request body; the flag takes MiB (20 as in the guide; the live service takes 100)",
+        "largest batchGenerateContent body (its inline requests), and never above "
+        "--inline-limit-mb; the flag takes MiB (20: Batch Mode's inline limit)",
         type=_mebibytes,
     )
     file_processing_seconds: float = setting(

@@ -1,19 +1,25 @@
 """Every rule the local server enforces or behaviour it produces, with its source: one registry.
 
 The server is a strict double of the real service: it refuses what the service refuses, with the
-service's answer. Each refusal it makes names a rule id from `RULES` (errors carry it as
-`ApiError.rule`, and `/local/stats` counts refusals by rule), so a newcomer can go from a
-refused request to the reason and its source in one look. `pipeline serve-local --rules` prints
-the table.
+service's answer, and takes what the service takes. Each refusal it makes names a rule id from
+`RULES` (errors carry it as `ApiError.rule`, and `/local/stats` counts refusals by rule), so a
+newcomer can go from a refused request to the reason and its source in one look. `pipeline
+serve-local --rules` prints the table.
 
 `wording` says where the message text comes from: "service" when it is the service's own text
 (a documented answer or one seen in public reports, named in `source`), "written" when no source
 gives it and the text is ours, written to say the same thing plainly.
 
+What the service does changes (per-part resolution moved from v1alpha to v1beta, the inline
+limit went from 20 to 100 MB), so every rule says when its source said so: `dated` names the
+source that dates it — a documentation page with its "last updated" date, an SDK file with the
+SDK's version, a public thread with its date — or, with `assumed`, the rule is the double's
+guess, no dated source found: the first to revisit when the service is seen to differ.
+
 Sources: "docs/gemini-api.md § X" is a section of the project's digest of the Gemini API
 documentation (its Sources section names the public pages); "SDK" names a function of google-genai
 3.6 (https://github.com/googleapis/python-genai, under `google/genai/`); URLs are public
-documentation or issue threads.
+documentation or issue threads (github.com/owner/repo#N below).
 """
 
 from __future__ import annotations
@@ -31,17 +37,29 @@ BATCH_QUOTA = (
     "https://github.com/langchain4j/langchain4j/pull/3942 (the 429 text and Help link of a "
     "batch call), https://github.com/googleapis/python-genai/issues/1901 (enqueued tokens)"
 )
+# Dated sources (docs/gemini-api.md and /work/shared/gemini-notes.md give the pages' dates).
+SDK = "google-genai 3.6"
+MEDIA_PAGE = "ai.google.dev/gemini-api/docs/media-resolution (updated 2026-09-19)"
+THINKING_PAGE = "ai.google.dev/gemini-api/docs/thinking (updated 2026-09-04)"
+INLINE_LIMITS = (
+    "the live service's interactive inline limit, raised to 100 MB in 2026-01; Batch Mode's "
+    f"inline requests kept at 20 MB ({DIGEST} Sending images)"
+)
+NO_SOURCE = ""  # an assumed rule dates nothing
 
 
 @dataclass(frozen=True, slots=True)
 class Rule:
-    """One rule: what is refused (or produced), the answer, where the rule comes from."""
+    """One rule: what is refused (or produced, or taken), the answer, where the rule comes
+    from, and when that source said so (or that it is assumed)."""
 
     id: str
     answer: str  # HTTP status and status / Interactions code
     description: str
     source: str
     wording: str = "service"  # "service": the service's text; "written": ours (no source)
+    dated: str = NO_SOURCE  # the date-bearing source: a page and its date, an SDK version, ...
+    assumed: bool = False  # no dated source found: the double's guess
 
 
 _RULES = (
@@ -51,12 +69,16 @@ _RULES = (
         "403 PERMISSION_DENIED / 401 authentication",
         "A request without x-goog-api-key (or ?key=) is refused.",
         f"{DIGEST} Errors; {API_ERRORS}",
+        dated="UnityGameStudio/Gemini-Unity-Package#1 (2025-10-24: 403 \"Method doesn't allow "
+        'unregistered callers"); google-gemini/deprecated-generative-ai-python#463 (2024-07)',
     ),
     Rule(
         "auth.invalid-key",
         "400 INVALID_ARGUMENT (ErrorInfo API_KEY_INVALID) / 401 authentication",
         "A key other than --api-key is refused.",
         f"{DIGEST} Errors; {API_ERRORS}",
+        dated='can1357/oh-my-pi#449 (2026-03-16: 400 "API key not valid. Please pass a valid '
+        'API key.", ErrorInfo API_KEY_INVALID)',
     ),
     Rule(
         "body.malformed",
@@ -64,12 +86,17 @@ _RULES = (
         "A body that is not a JSON object is refused.",
         "Google JSON parsing (ESF)",
         "written",
+        assumed=True,
     ),
     Rule(
         "body.too-large",
         "400 INVALID_ARGUMENT / invalid_request",
-        "A request body above the inline limit (--inline-limit-mb, 20 MiB) is refused; no 413.",
+        "A request body above the inline limit is refused, with no 413: 100 MiB for "
+        "generateContent, countTokens and Interactions (--inline-limit-mb), 20 MiB for a batch "
+        "create carrying its requests inline (--batch-inline-limit-mb, never above the other).",
         f"{DIGEST} Sending images, § Errors",
+        dated=f"{INLINE_LIMITS}; google-gemini/deprecated-generative-ai-android#26 (2023-12-21: "
+        '"Request payload size exceeds the limit: 4194304 bytes.")',
     ),
     # ------------------------------------------------------------------------------ the wire
     Rule(
@@ -81,21 +108,28 @@ _RULES = (
         "(\"Unknown parameter: 'config'.\") is ours; its code is documented.",
         f"{ESF_UNKNOWN}; SDK _GenerateContentParameters_to_mldev, _gaos CreateModelInteraction; "
         f"{API_ERRORS} (parameter_unknown)",
+        dated=f"google-gemini/gemini-cli#13972 (2025-11-27); {SDK} "
+        "models._GenerateContentParameters_to_mldev",
     ),
     Rule(
         "fields.value",
         "400 INVALID_ARGUMENT / invalid_request",
         "A value of the wrong JSON kind (a string for a number, an object for a string, a list "
-        "for a single field, an unknown enum name) is refused. Enum names are taken in any "
-        'case on generateContent (the guides send "low" and "LOW"), exactly on '
-        "Interactions (lowercase literals in the SDK).",
+        "for a single field, an unknown enum name such as a responseSchema type outside "
+        "types.Type) is refused. Enum names are taken in any case on generateContent (the "
+        'guides send "low" and "LOW"), exactly on Interactions (lowercase literals in the SDK).',
         f"{ESF_VALUE}; {ESF_UNKNOWN}",
+        dated="zereight/gitlab-mcp#166 (2025-07-22: \"Invalid value at '...type' "
+        f'(type.googleapis.com/google.ai.generativelanguage.v1beta.Type)"); {SDK} types.Type',
     ),
     Rule(
         "model.unknown",
         "404 NOT_FOUND / 404 model_not_found",
-        "A model that is not in the model table (pipeline/models.json) is not found.",
+        "A model that is not in the server's model table (pipeline/models.json, plus a run's "
+        "[models] entries) is not found.",
         "the service's 404 for unknown models (seen in public reports); models.json",
+        dated='wwardaww/gnome-gemini-ai#21 (2025-03-06: "models/gemini-1.0-pro is not found '
+        'for API version v1beta, or is not supported for generateContent. ...")',
     ),
     Rule(
         "model.no-interactions",
@@ -103,12 +137,15 @@ _RULES = (
         "An Interactions call to a model whose table entry says interactions: false.",
         f"{DIGEST} Interactions API; models.json `interactions`",
         "written",
+        assumed=True,
     ),
     Rule(
         "contents.required",
         "400 INVALID_ARGUMENT",
         "generateContent needs a non-empty contents, each with non-empty parts.",
         "the service's field violation text",
+        dated='langchain-ai/langchain-google#1393 (2025-11-29: "contents is not specified"); '
+        'egoist/chatwise-releases#250 (2025-02-18: "contents.parts must not be empty")',
     ),
     # ------------------------------------------------------------------------------ images
     Rule(
@@ -116,18 +153,24 @@ _RULES = (
         "400 INVALID_ARGUMENT / invalid_request",
         "Inline data that is not base64 (standard or URL-safe, as the SDK sends) is refused.",
         f"{DIGEST} Sending images",
+        dated='musistudio/claude-code-router#845 (2025-09-28: "Base64 decoding failed"); '
+        f"{SDK} _common.py (bytes sent as URL-safe base64)",
     ),
     Rule(
         "image.mime",
         "400 INVALID_ARGUMENT / invalid_request",
-        "Only image/png, jpeg, webp, heic, heif are taken.",
-        f"{DIGEST} Sending images",
+        "generateContent takes image/png, jpeg, webp, heic, heif; the Interactions API also "
+        "image/gif, bmp and tiff (the SDK's ImageContentMimeType).",
+        f"{DIGEST} Sending images; SDK _gaos/types/interactions/imagecontent.py",
+        dated=f"{SDK} _gaos/types/interactions/imagecontent.py ImageContentMimeType",
     ),
     Rule(
         "image.undecodable",
         "400 INVALID_ARGUMENT / invalid_request",
         "Bytes that are no image are refused.",
         "the service's 'Unable to process input image' answer",
+        dated='google-gemini/gemini-cli#5064 (2025-07-28: "Unable to process input image. '
+        'Please retry or report in ...")',
     ),
     Rule(
         "image.required",
@@ -135,6 +178,7 @@ _RULES = (
         "An image part without data (or file_uri) or without its MIME type.",
         "ai.google.dev/api/caching#Blob (required fields)",
         "written",
+        assumed=True,
     ),
     Rule(
         "file.not-found",
@@ -142,12 +186,16 @@ _RULES = (
         "A file that does not exist, was deleted, or expired (--file-ttl-seconds, 48 h by "
         "default) answers 403, on files.get and when used in a request.",
         f"{DIGEST} Files API",
+        dated='googleapis/python-genai#1218 (2025-08-06: 403 "You do not have permission to '
+        'access the File ... or it may not exist.")',
     ),
     Rule(
         "file.not-active",
         "400 FAILED_PRECONDITION / failed_precondition",
         "Using a file still PROCESSING (--file-processing-seconds).",
         f"{DIGEST} Files API",
+        dated='expectedparrot/edsl#1907 (2025-04-24: "The File ... is not in an ACTIVE state '
+        'and usage is not allowed")',
     ),
     # ------------------------------------------------------------------------------ settings
     Rule(
@@ -155,6 +203,8 @@ _RULES = (
         "400 INVALID_ARGUMENT / invalid_request",
         "A thinkingConfig sent to a model without thinking (models.json thinking.control none).",
         "https://github.com/immersive-translate/immersive-translate/issues/2976",
+        dated='Veloera/Veloera#41 (2025-05-18: 400 "thinking_config is not supported" on '
+        "gemini-2.0-flash)",
     ),
     Rule(
         "thinking.both",
@@ -162,12 +212,15 @@ _RULES = (
         "thinkingBudget together with thinkingLevel.",
         f"{DIGEST} Models and thinking",
         "written",
+        dated=f"{THINKING_PAGE}: budget and level together are a 400",
     ),
     Rule(
         "thinking.level-unsupported",
         "400 INVALID_ARGUMENT / invalid_request",
         "A thinkingLevel sent to a model set by budget (2.5).",
         f"{DIGEST} Models and thinking; https://github.com/RooCodeInc/Roo-Code/issues/10700",
+        dated='RooCodeInc/Roo-Code#10700 (2026-01-13: "Thinking level is not supported for '
+        'this model." on gemini-2.5-flash)',
     ),
     Rule(
         "thinking.level-value",
@@ -175,20 +228,25 @@ _RULES = (
         "A level the model does not take (e.g. minimal on 3.7/3.8 Flash, 3 Pro): "
         "models.Thinking.level_error's words.",
         f"{DIGEST} Models and thinking; https://github.com/fishjar/kiss-translator/issues/1048",
+        dated=f"fishjar/kiss-translator#1048 (2026-08-21: the answer for minimal on 3.7 Flash); "
+        f"{THINKING_PAGE}",
     ),
     Rule(
-        "thinking.budget-unsupported",
-        "400 INVALID_ARGUMENT",
-        "A thinkingBudget sent to a model set by level (Gemini 3): models.Thinking.budget_error.",
-        f"{DIGEST} Models and thinking, which calls a budget on 3.x 'no longer recommended' "
-        "(not refused): the double is stricter than the service here",
-        "written",
+        "thinking.budget-on-level",
+        "200 (taken: no refusal)",
+        "A thinkingBudget sent to a model set by level (Gemini 3) is taken: 'no longer "
+        "recommended', not refused (models.Thinking.budget_error says what a model refuses). "
+        "With a thinkingLevel too it is refused (thinking.both).",
+        f"{DIGEST} Models and thinking",
+        dated=f"{THINKING_PAGE}: a numeric thinkingBudget on 3.x is 'no longer recommended'",
     ),
     Rule(
         "thinking.budget-range",
         "400 INVALID_ARGUMENT",
         "A budget outside the model's range (2.5 Pro refuses 0): models.Thinking.budget_error.",
         f"{DIGEST} Models and thinking; https://github.com/RooCodeInc/Roo-Code/issues/4399",
+        dated='ChatLunaLab/chatluna#519 (2025-07-21: "Budget 0 is invalid. This model only '
+        f'works in thinking mode." on 2.5 Pro); {THINKING_PAGE}',
     ),
     Rule(
         "schema.both",
@@ -197,6 +255,8 @@ _RULES = (
         "ai.google.dev/api/generate-content#GenerationConfig (responseJsonSchema: 'If this is "
         "set, responseSchema must be omitted')",
         "written",
+        dated=f"{SDK} types.GenerateContentConfig.response_json_schema ('If set, "
+        "response_schema must be omitted')",
     ),
     Rule(
         "schema.json-unsupported",
@@ -204,6 +264,19 @@ _RULES = (
         "responseJsonSchema sent to a model whose table entry says json_schema: false.",
         "models.json `json_schema`",
         "written",
+        assumed=True,
+    ),
+    Rule(
+        "schema.json-invalid",
+        "400 INVALID_ARGUMENT",
+        "A responseJsonSchema the JSON Schema meta-schema refuses (e.g. type 'strin'), checked "
+        "with the jsonschema library (its $schema's draft, else 2020-12). (A responseSchema is "
+        "held to the OpenAPI subset's fields and types.Type names by fields.unknown and "
+        "fields.value.)",
+        "the service's answer to a malformed JSON Schema",
+        dated='iBUHub/AIStudioToAPI#265 (2026-09-10: 400 "Request contains an invalid '
+        'argument." for a JSON Schema on gemini-3.5-flash-lite); nspady/google-calendar-mcp#134 '
+        '(2025-11-27: type "int" for "integer")',
     ),
     Rule(
         "media.global-value",
@@ -211,6 +284,7 @@ _RULES = (
         "generationConfig.mediaResolution takes LOW, MEDIUM, HIGH only: ULTRA_HIGH is no value "
         "of that enum (the service's invalid-enum answer).",
         f"{DIGEST} Image tokens; SDK types.MediaResolution; {ESF_VALUE}",
+        dated=f"{MEDIA_PAGE}; {SDK} types.MediaResolution",
     ),
     Rule(
         "media.global-model",
@@ -218,30 +292,54 @@ _RULES = (
         "A global media resolution the model does not take (models.json media_resolution).",
         "models.json `media_resolution`",
         "written",
+        assumed=True,
     ),
     Rule(
         "media.part-version",
         "400 INVALID_ARGUMENT",
-        "A per-part mediaResolution off v1alpha: the Part of v1beta and v1 has no such field.",
-        f"{DIGEST} Image tokens ('it was v1alpha-only earlier'; v1beta, documented since "
-        "2026-09-19, is not followed here yet)",
+        "A Part's mediaResolution on an API version the model's table entry does not list "
+        "(models.json part_media_resolution: v1alpha, and v1beta since the page's update) is an "
+        "unknown field there.",
+        f"{DIGEST} Image tokens ('available in the v1beta API version'; v1alpha-only earlier)",
+        dated=f"{MEDIA_PAGE}: per-part media resolution on v1beta",
+    ),
+    Rule(
+        "media.part-v1",
+        "200 (taken: no refusal)",
+        "On v1 a Part's mediaResolution is taken wherever the model's table entry lists v1beta "
+        "(model_checks.part_resolution_on).",
+        "no source shows v1 refusing it; the SDK sends it on every version "
+        "(models._Part_to_mldev), and v1 is its default (_api_client)",
+        assumed=True,
     ),
     Rule(
         "media.part-model",
         "400 INVALID_ARGUMENT / invalid_request",
         "A per-part media resolution (or an Interactions image resolution) on a model whose "
-        "table entry has no part_media_resolution for this API version (2.x).",
+        "table entry has no part_media_resolution (2.x).",
         f"{DIGEST} Image tokens ('documented for Gemini 3'); models.json",
         "written",
+        dated=f"{MEDIA_PAGE}: per-part resolution documented for Gemini 3",
     ),
     # ------------------------------------------------------------------------------ Interactions
     Rule(
         "interactions.schema-types",
         "400 invalid_request",
-        "response_format.schema is JSON Schema: upper-case type names (ARRAY, OBJECT, ...) of "
-        "the OpenAPI subset are refused.",
+        "response_format.schema is JSON Schema: a type name that is not one of its seven "
+        "(the OpenAPI subset's upper-case ARRAY, OBJECT, ..., a misspelt 'strin') is refused.",
         f"{DIGEST} Interactions API ('The schema is JSON Schema: lowercase type names')",
         "written",
+        dated=f"{SDK} _gaos/types/interactions/textresponseformat.py (schema: a JSON schema)",
+    ),
+    Rule(
+        "interactions.schema-invalid",
+        "400 invalid_request",
+        "A response_format.schema the JSON Schema meta-schema refuses otherwise (as "
+        "schema.json-invalid), named with where and why.",
+        "by analogy with generateContent's answer (schema.json-invalid); the code is the "
+        f"documented one for a malformed request ({API_ERRORS})",
+        "written",
+        assumed=True,
     ),
     Rule(
         "interactions.required",
@@ -249,6 +347,7 @@ _RULES = (
         "A create body without model, or without input (unless it continues a stored interaction).",
         "_gaos CreateModelInteraction (model is required); ai.google.dev/api/interactions-api",
         "written",
+        dated=f"{SDK} _gaos/types/interactions/createmodelinteraction.py (model required)",
     ),
     Rule(
         "interactions.continuation",
@@ -257,6 +356,7 @@ _RULES = (
         "request than the one it continues.",
         f"{DIGEST} Interactions API (Continuation); SDK _interactions_continuation",
         "written",
+        dated=f"{SDK} _interactions_continuation.py",
     ),
     Rule(
         "interactions.not-found",
@@ -264,16 +364,18 @@ _RULES = (
         "GET/DELETE of an interaction that was not stored (store: false) or was deleted.",
         API_ERRORS,
         "written",
+        assumed=True,
     ),
     # ------------------------------------------------------------------------------ uploads
     Rule(
         "upload.protocol",
-        "400 INVALID_ARGUMENT",
+        "400 INVALID_ARGUMENT (409 ALREADY_EXISTS for a name taken)",
         "Only the resumable protocol (X-Goog-Upload-Protocol: resumable, Command: start) with "
         "the file's size; a file name 'files/' + up to 40 of [a-z0-9-], not taken; at most "
         "2 GB; a page token files.list issued.",
         f"{DIGEST} Files API; SDK files.upload",
         "written",
+        dated=f"{SDK} files.upload, _api_client (the resumable start)",
     ),
     Rule(
         "upload.chunk-granularity",
@@ -284,6 +386,8 @@ _RULES = (
         "uploaded is required to be ... 262144, except for the final request'), "
         "https://github.com/googleapis/gcs-resumable-upload/issues/17",
         "written",
+        dated="googleapis/gcs-resumable-upload#17 (2016-10-18: the upload service's answer to "
+        "a chunk off the 262144 granularity)",
     ),
     Rule(
         "upload.offset",
@@ -291,6 +395,7 @@ _RULES = (
         "X-Goog-Upload-Offset must equal the bytes received; the size must match the start.",
         f"{DIGEST} Files API",
         "written",
+        dated=f"{SDK} _api_client.py (X-Goog-Upload-Offset of each chunk)",
     ),
     Rule(
         "upload.session",
@@ -298,6 +403,7 @@ _RULES = (
         "A chunk sent to an upload session that ended or never existed.",
         f"{DIGEST} Files API",
         "written",
+        assumed=True,
     ),
     # ------------------------------------------------------------------------------ limits
     Rule(
@@ -308,6 +414,8 @@ _RULES = (
         "limit hit at once is listed (per-minute first, per-day last); RetryInfo is the longest "
         "wait.",
         f"{DIGEST} Errors, § Rate limits; {API_ERRORS}; SDK _gaos retries (retry-after-ms)",
+        dated=f"{SDK} _gaos/utils/retries.py (retry-after-ms, Retry-After); "
+        "googleapis/python-genai#1901 (2025-12-31: 429 RESOURCE_EXHAUSTED)",
     ),
     Rule(
         "credits.depleted",
@@ -316,6 +424,8 @@ _RULES = (
         "generation answers 402 (uploads stay free).",
         "https://discuss.ai.google.dev/t/api-update-depleted-prepay-credits-now-return-http-402-"
         f"instead-of-429/183654; {API_ERRORS} (payment_required)",
+        dated="discuss.ai.google.dev/t/.../170539 (2026-06-09: the 'Your prepayment credits "
+        "are depleted' text, then under a 429; the 402 thread above is later and undated)",
     ),
     Rule(
         "interactions.decode-limit",
@@ -323,6 +433,7 @@ _RULES = (
         "--decode-limit N: an Interactions answer longer than N output tokens comes in hops; "
         "each hop re-bills the input, bills its own output, and counts against the quotas.",
         f"{DIGEST} Interactions API (Continuation); SDK _interactions_continuation",
+        dated=f"{SDK} _interactions_continuation.py (automatic continuation)",
     ),
     Rule(
         "faults.injected",
@@ -330,6 +441,8 @@ _RULES = (
         "JSON, out-of-range boxes, masks without their data: prefix",
         "--fault-rate F with --seed S: seeded faults the client must survive (faults.py).",
         f"{DIGEST} Errors, § Recommended settings and known failure modes",
+        dated='google-gemini/gemini-cli#4443 (2025-07-18: 503 "The model is overloaded. Please '
+        'try again later.")',
     ),
     # ------------------------------------------------------------------------------ Batch Mode
     Rule(
@@ -343,6 +456,7 @@ _RULES = (
         "pass first; a refused line or an injected 500/503/deadline is that line's `error` (a "
         "google.rpc.Status with its RPC code). Billed at the batch price.",
         f"{DIGEST} Batch Mode; SDK batches.py, types.JobState",
+        dated=f"{SDK} batches.py, types.JobState",
     ),
     Rule(
         "batch.limit",
@@ -350,6 +464,8 @@ _RULES = (
         "A create beyond --batch-max-jobs unfinished jobs (100), or beyond --batch-enqueued-tokens "
         "input tokens enqueued for the model, is refused.",
         f"{DIGEST} Batch Mode (100 concurrent jobs, per-model enqueued-token caps); {BATCH_QUOTA}",
+        dated="langchain4j/langchain4j#3942 (2026-01-12: the 429 of a batch create); "
+        "googleapis/python-genai#1901 (2025-12-31: enqueued tokens)",
     ),
     Rule(
         "batch.input",
@@ -358,6 +474,7 @@ _RULES = (
         "403 / 400 otherwise, as for any file) and a non-empty inputConfig.requests.requests.",
         "SDK t_batch_job_source ('Exactly one of ... must be set')",
         "written",
+        dated=f"{SDK} _transformers.t_batch_job_source",
     ),
     Rule(
         "batch.input-format",
@@ -365,6 +482,7 @@ _RULES = (
         "An input file with a line that is not a JSON object fails the whole job.",
         f"{DIGEST} Batch Mode (one JSON object a line)",
         "written",
+        assumed=True,
     ),
     Rule(
         "batch.not-found",
@@ -372,6 +490,7 @@ _RULES = (
         "get, :cancel or delete of a job that does not exist (or was deleted).",
         "SDK batches.get / cancel / delete",
         "written",
+        dated=f"{SDK} batches.get, cancel, delete",
     ),
     Rule(
         "batch.state",
@@ -379,6 +498,7 @@ _RULES = (
         ":cancel of a job that already ended.",
         "SDK batches.cancel ('Only available for batch jobs that are running or pending')",
         "written",
+        dated=f"{SDK} batches.cancel ('Only available for batch jobs that are running or pending')",
     ),
     Rule(
         "model.no-batch",
@@ -386,6 +506,7 @@ _RULES = (
         "batchGenerateContent for a model whose table entry says batch: false.",
         f"{DIGEST} Batch Mode; models.json `batch`",
         "written",
+        assumed=True,
     ),
     Rule(
         "file.download",
@@ -394,6 +515,7 @@ _RULES = (
         "SDK Files.download ('Only generated files can be downloaded, uploaded files can't be "
         "downloaded')",
         "written",
+        dated=f"{SDK} files.Files.download",
     ),
     # ------------------------------------------------------------------------------ the double
     Rule(
@@ -403,6 +525,7 @@ _RULES = (
         "non-image media, methods other than generateContent/countTokens.",
         "limits of the local server (not of the service)",
         "written",
+        assumed=True,
     ),
 )
 
@@ -415,10 +538,18 @@ def rule(rule_id: str) -> Rule:
 
 
 def describe_rules() -> list[str]:
-    """The registry as `pipeline serve-local --rules` prints it."""
+    """The registry as `pipeline serve-local --rules` prints it, a blank line after each."""
     lines = []
     for entry in _RULES:
         lines.append(f"{entry.id}  [{entry.answer}]")
         lines.append(f"    {entry.description}")
         lines.append(f"    source: {entry.source} (wording: {entry.wording})")
+        lines.append(f"    {_dating(entry)}")
+        lines.append("")
     return lines
+
+
+def _dating(entry: Rule) -> str:
+    if entry.assumed:
+        return "assumed: no dated source (the double's guess; revisit when the service differs)"
+    return f"dated: {entry.dated}"

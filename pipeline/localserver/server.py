@@ -22,6 +22,7 @@ from pipeline.localserver.files_api import FilesSurface
 from pipeline.localserver.generate import GenerateSurface
 from pipeline.localserver.interactions import InteractionsSurface
 from pipeline.localserver.options import ServerOptions
+from pipeline.models import ModelTable, default_table
 
 # Batch Mode first: its `...:batchGenerateContent` and `files/{id}:download` routes would
 # otherwise be taken by generate.py's `models/{model_action}` and files_api.py's `files/{id}`.
@@ -56,7 +57,8 @@ class LocalServer:
 
     `async with LocalServer(ServerOptions(...)) as server:` then point a client at
     `server.base_url`. `clock` (seconds since the epoch) drives quota windows and the files'
-    lifecycle, so tests can move time instead of sleeping.
+    lifecycle, so tests can move time instead of sleeping. `models` is the model table it
+    serves (the bundled one by default; a run passes its own, with its config's `[models]`).
     """
 
     def __init__(
@@ -65,10 +67,11 @@ class LocalServer:
         *,
         clock: Callable[[], float] | None = None,
         sock: socket.socket | None = None,
+        models: ModelTable | None = None,
     ) -> None:
         self.options = options or ServerOptions()
         self._sock = sock  # a listening socket shared by several worker processes
-        self._core = Core(self.options, clock or time.time)
+        self._core = Core(self.options, clock or time.time, models or default_table())
         self._app, self._surfaces = build_app(self._core)
         self._app.router.add_get(transport.STATS_PATH, self._stats_route)
         self._runner: web.AppRunner | None = None

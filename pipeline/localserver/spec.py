@@ -3,9 +3,9 @@
 A body is checked against a tree of specs (fields.py declares the trees): `Message` (an object
 with known fields, snake_case names), `ListOf`, `MapOf`, `Choice` (by JSON kind, for the
 Interactions API's "a string or a list" fields), `Union` (by a `type` discriminator), `Scalar`,
-`Enum`, `Opaque` (any JSON: google.protobuf.Value / Struct, or parts the double never reads) and
-`Versioned` (a field only some API versions have). `check` walks the whole body and reports every
-violation at once, worded as the service words them (rules fields.unknown, fields.value):
+`Enum` and `Opaque` (any JSON: google.protobuf.Value / Struct, or parts the double never reads).
+`check` walks the whole body and reports every violation at once, worded as the service words
+them (rules fields.unknown, fields.value):
 
     Invalid JSON payload received. Unknown name "foo" at 'generation_config': Cannot find field.
     Invalid value at 'generation_config.max_output_tokens' (TYPE_INT32), "many"
@@ -88,15 +88,6 @@ class Union:
     variants: Mapping[str, Any]
 
 
-@dataclass(frozen=True, slots=True)
-class Versioned:
-    """A field only the listed API versions have; elsewhere it is unknown (cited as `rule`)."""
-
-    versions: tuple[str, ...]
-    spec: Any
-    rule: str
-
-
 STRING = Scalar("TYPE_STRING", "string")
 BYTES = Scalar("TYPE_BYTES", "string")
 INT32 = Scalar("TYPE_INT32", "integer")
@@ -149,8 +140,6 @@ class _Walker:
     def value(self, value: Any, spec: Any, path: str, parent: str, name: str) -> None:
         if value is None:
             return  # JSON null is the field's default, as in proto3 JSON
-        if isinstance(spec, Versioned):
-            spec = spec.spec
         if isinstance(spec, Opaque):
             if spec.kind == "object" and not isinstance(value, dict):
                 self.bad_value(value, "object", path)
@@ -176,8 +165,8 @@ class _Walker:
             return
         for key, item in value.items():
             known = self.field(spec, key)
-            if known is None or self.off_version(known[1]):
-                self.unknown(key, path, known[1] if known else None)
+            if known is None:
+                self.unknown(key, path)
                 continue
             snake, child = known
             self.value(item, child, f"{path}.{snake}" if path else snake, path, key)
@@ -238,9 +227,6 @@ class _Walker:
                     return snake, child
         return None
 
-    def off_version(self, spec: Any) -> bool:
-        return isinstance(spec, Versioned) and self.version not in spec.versions
-
     def proto_type(self, name: str) -> str:
         return f"type.googleapis.com/{PROTO_PACKAGE}.{self.version}.{name}"
 
@@ -255,8 +241,8 @@ class _Walker:
 
     # ------------------------------------------------------------------------------ reports
 
-    def unknown(self, name: str, path: str, spec: Any) -> None:
-        rule = spec.rule if isinstance(spec, Versioned) else "fields.unknown"
+    def unknown(self, name: str, path: str) -> None:
+        rule = "fields.unknown"
         if self.interactions:
             where = f"{path}.{name}" if path else name
             self.add(rule, path or None, f"Unknown parameter: '{where}'.")
@@ -353,7 +339,5 @@ def messages(root: Any) -> Iterator[Message]:
             stack.append(spec.item)
         elif isinstance(spec, MapOf):
             stack.append(spec.value)
-        elif isinstance(spec, Versioned):
-            stack.append(spec.spec)
         elif isinstance(spec, Choice | Union):
             stack.extend((spec.by_kind if isinstance(spec, Choice) else spec.variants).values())

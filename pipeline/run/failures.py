@@ -3,7 +3,8 @@
 An error must not become data it is not. The three answers, and what the engine does:
 
 - the image's fault (`IMAGE`): a 400 about this request's content (an image the service cannot
-  process, a body over the limit) -> an `error` row; `BLOCKED` -> a `blocked` row.
+  process, a body over the limit), a 409 `already_exists` (the same request would collide
+  again) -> an `error` row; `BLOCKED` -> a `blocked` row.
 - nobody's (`RETRY`): rate limits, overload, server faults, timeouts, dropped connections, 409
   aborted -> retried within the run (backoff, `retryDelay`, up to `[limits] max_attempts`); when
   the attempts run out the row is an error marked `retryable`, which the next plain runs try

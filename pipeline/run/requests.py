@@ -18,7 +18,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from pipeline.config import Config, ConfigError
+from pipeline.config import BATCH_INLINE_LIMIT_MB, Config, ConfigError
 from pipeline.gemini.types import GenerateRequest, GenerateResponse, ImagePart
 from pipeline.inputs import images
 from pipeline.inputs.references import ReferenceParts, inline_size
@@ -88,8 +88,9 @@ class RequestMaker:
 
     def plan(self, unit: Unit, *, paced: bool = True) -> Plan:
         """What the unit's request costs and how its images go; `Plan.error` says which limit
-        a request over one would break. `paced`: whether `[limits] tpm` binds the request (an
-        interactive call; a Batch Mode job has its own token cap instead)."""
+        a request over one would break. `paced`: an interactive call, which `[limits] tpm`
+        binds; unpaced, a Batch Mode job's line, under the job's own token cap and Batch Mode's
+        inline limit."""
         sizes = [(item.sent_width, item.sent_height) for item in unit.items]
         estimate = self.costing.request(sizes)
         est_image, est = estimate.image_tokens, estimate.input_tokens
@@ -97,15 +98,26 @@ class RequestMaker:
         why = self.costing.over_limits(len(sizes), est, tpm)
         if why is not None:
             return Plan((), est_image, est, why)
-        modes, room, why = self._modes(unit)
-        return Plan(modes, est_image, est, why, self.config.inline_limit_bytes - room)
+        limit = self._inline_limit(paced)
+        modes, room, why = self._modes(unit, limit)
+        return Plan(modes, est_image, est, why, limit[0] - room)
 
-    def _modes(self, unit: Unit) -> tuple[tuple[str, ...], int, str | None]:
+    def _inline_limit(self, paced: bool) -> tuple[int, str]:
+        """(bytes, the refusal of an image that must go inline and does not fit): the run's
+        limit for an interactive call; for a Batch Mode job's line, Batch Mode's 20 MB at most
+        (above it a request goes through the Files API, whatever `[api] inline_limit_mb`
+        allows)."""
+        batch = self.config.batch_inline_limit_bytes
+        if paced or batch == self.config.inline_limit_bytes:
+            return self.config.inline_limit_bytes, inline_refusal(self.config)
+        return batch, inline_refusal(self.config, batch=True)
+
+    def _modes(self, unit: Unit, limit: tuple[int, str]) -> tuple[tuple[str, ...], int, str | None]:
         """auto: each image inline while the request still fits the inline limit, in order,
         else uploaded; inline: all inline, if they fit; upload: all uploaded. With the room
         left under the inline limit, and why the request cannot be made."""
         mode = self.config.images.mode
-        room = self.config.inline_limit_bytes - self.overhead
+        room = limit[0] - self.overhead
         if mode == "upload":
             return ("upload",) * len(unit.items), room, None
         modes = []
@@ -117,7 +129,7 @@ class RequestMaker:
             elif mode == "auto":
                 modes.append("upload")
             else:
-                return ("inline",) * len(unit.items), room, inline_refusal(self.config)
+                return ("inline",) * len(unit.items), room, limit[1]
         return tuple(modes), room, None
 
     async def make(
@@ -165,7 +177,11 @@ def request_overhead(request: GenerateRequest) -> int:
     return REQUEST_OVERHEAD + len(prompt_text.encode()) + len(json.dumps(schema or {}))
 
 
-def inline_refusal(config: Config) -> str:
-    """The error of an image that must go inline and does not fit."""
+def inline_refusal(config: Config, *, batch: bool = False) -> str:
+    """The error of an image that must go inline and does not fit (`batch`: Batch Mode's
+    limit bound, below the run's own)."""
+    if batch:
+        limit = f"{BATCH_INLINE_LIMIT_MB} MB"
+        return f"the request would exceed Batch Mode's inline limit of {limit}; use mode auto"
     limit = f"{config.api.inline_limit_mb:g} MB"
     return f"the request would exceed the inline limit of {limit}; use mode auto"

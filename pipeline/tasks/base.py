@@ -100,7 +100,9 @@ class TaskSettings:
         None, s.one_of(*THINKING_LEVELS), "3.x only: lowest level the model accepts"
     )
     media_resolution: str | None = s.setting(
-        None, s.one_of(*MEDIA_RESOLUTIONS), "low, medium, high; ultra_high per image (v1alpha)"
+        None,
+        s.one_of(*MEDIA_RESOLUTIONS),
+        "low, medium, high; ultra_high per image (`pipeline models`: +part)",
     )
     response_schema: dict[str, Any] | None = s.setting(
         None, s.json_schema, "JSON Schema the answer must follow (custom); {} sends none"

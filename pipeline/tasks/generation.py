@@ -12,7 +12,8 @@ send from it. Each default applies only when the user left the setting unset in 
   objects); none on 3.x, whose guide warns that values below 1.0 can loop.
 - media resolution: never set by default. `ultra_high` exists only per image part.
 - schemas: a task's built-in schema is the OpenAPI subset (`responseSchema`); a user's schema is
-  JSON Schema and goes as `responseJsonSchema` where the model takes it.
+  JSON Schema and goes as `responseJsonSchema` where the model takes it (held to the JSON
+  Schema meta-schema), else as `responseSchema` (held to the OpenAPI subset's fields and types).
 - several images (groups, reference images): the prompt, system and schema additions of
   pipeline/tasks/multi.py, only when [input] group_by or [task] reference_images is set (so a
   single image's request, and its key, are unchanged).
@@ -26,6 +27,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from pipeline.gemini.schema import json_schema_problem, openapi_schema_problem
 from pipeline.gemini.types import GenerateRequest
 from pipeline.models import Model
 from pipeline.tasks import multi
@@ -85,8 +87,9 @@ def media_resolution(settings: TaskSettings) -> str | None:
     if level is None:
         return None
     if level == "ultra_high" or settings.flavor == "interactions":
-        # Per image part: generateContent takes it on Gemini 3 and v1alpha only; Interactions
-        # has only the per-image `resolution` (documented for Gemini 3).
+        # Per image part: generateContent takes it on Gemini 3, on the API versions the model
+        # table lists (the documented ones only); Interactions has only the per-image
+        # `resolution` (documented for Gemini 3).
         if settings.flavor == "interactions":
             takes, where = bool(spec.part_media_resolution), "the Interactions API"
         else:
@@ -96,7 +99,7 @@ def media_resolution(settings: TaskSettings) -> str | None:
             raise SettingError(
                 "media_resolution",
                 f"{level!r} is set per image, which {spec.name} does not take on {where} "
-                "(per-image resolution is documented for Gemini 3, on v1alpha and Interactions)",
+                f"({_part_versions(spec)})",
             )
         return level
     if level not in spec.media_resolution:
@@ -105,6 +108,13 @@ def media_resolution(settings: TaskSettings) -> str | None:
             "media_resolution", f"{level!r} is refused by {spec.name} (it takes: {levels})"
         )
     return level
+
+
+def _part_versions(spec: Model) -> str:
+    versions = " and ".join(spec.part_media_resolution)
+    if not versions:
+        return "per-image resolution is documented for Gemini 3"
+    return f"it takes it on {versions} and through the Interactions API"
 
 
 def build_request(
@@ -162,13 +172,26 @@ def schemas(
     and as responseSchema elsewhere, where it must fit the OpenAPI subset. An empty user
     schema ({}) sends no schema at all.
     """
-    if settings.response_schema is None:
+    schema = settings.response_schema
+    if schema is None:
         return default, None
-    if not settings.response_schema:
+    if not schema:
         return None, None
     if settings.spec.json_schema:
-        return None, settings.response_schema
-    return settings.response_schema, None
+        _refuse_schema(json_schema_problem(schema))
+        return None, schema
+    problem = openapi_schema_problem(schema)
+    if problem is not None:
+        name = settings.spec.name
+        _refuse_schema(f"sent as responseSchema ({name} takes no JSON Schema), which {problem}")
+    return schema, None
+
+
+def _refuse_schema(problem: str | None) -> None:
+    """A schema the service refuses fails every request with a 400 (rules schema.json-invalid,
+    fields.value, fields.unknown of the local server): refused before any call."""
+    if problem is not None:
+        raise SettingError("response_schema", problem)
 
 
 def quoted(labels: tuple[str, ...]) -> str:
