@@ -75,9 +75,10 @@ def test_demo_paths_resolve_against_the_file(tmp_path: Path, monkeypatch) -> Non
             "[task] thinking_budget: the Interactions API has no thinking budget",
         ),
         (
-            "[api]\nmodel = 'gemini-3-flash-preview'\n[task]\nmedia_resolution = 'ultra_high'\n",
+            "[api]\nmodel = 'gemini-3-flash-preview'\nversion = 'v1'\n"
+            "[task]\nmedia_resolution = 'ultra_high'\n",
             "[task] media_resolution: 'ultra_high' is set per image, which gemini-3-flash-preview "
-            "does not take on API version v1beta",
+            "does not take on API version v1",
         ),
         (
             "[api]\nmodel = 'gemini-1.5-flash'\n[task]\nmedia_resolution = 'low'\n",
@@ -132,8 +133,8 @@ def test_flags_override_and_are_validated(tmp_path: Path) -> None:
         with_overrides(config, {"api.base_url": "ftp://x"})
     # ... and a flag that makes the file's settings refused is caught like the file would be
     pinned = parse_config({"task": {"thinking_budget": 0}}, "x.toml", tmp_path)
-    with pytest.raises(ConfigError, match=r"thinking_budget: 0 is refused by gemini-3\.8-flash"):
-        with_overrides(pinned, {"api.model": "gemini-3.8-flash"})
+    with pytest.raises(ConfigError, match=r"thinking_budget: 0 is refused by gemini-1\.5"):
+        with_overrides(pinned, {"api.model": "gemini-1.5-flash"})
 
 
 def test_user_model_entries_extend_the_table(tmp_path: Path) -> None:

@@ -31,7 +31,8 @@ def test_ids_find_their_entry(model_id: str, entry: str) -> None:
 
 
 def test_segmentation_shape_by_generation() -> None:
-    """PNG masks on 2.5 and 3.5, polygons on 3.6-3.8, none on the Pros (the issue's table)."""
+    """PNG masks on 2.5, polygons by schema on 3.6-3.8, none on 3.5 (its migration guide) and
+    the Pros (issue 18's table)."""
     shapes = {
         m: lookup(m).segmentation
         for m in (
@@ -46,7 +47,7 @@ def test_segmentation_shape_by_generation() -> None:
     }
     assert shapes == {
         "gemini-2.5-flash": "png",
-        "gemini-3.5-flash": "png",
+        "gemini-3.5-flash": None,
         "gemini-3.6-flash": "polygon",
         "gemini-3.7-flash": "polygon",
         "gemini-3.8-flash": "polygon",
