@@ -538,13 +538,28 @@ def describe_table(table: ModelTable | None = None, *, on: date | None = None) -
     """The table as `pipeline models` prints it: one line per entry, then the aliases."""
     table = table or default_table()
     header = ["model", "gen", "tokens", "thinking (lowest first)", "temp", "masks", "schema"]
-    header += ["media resolution", "APIs", "USD/1M in, out"]
+    header += ["media resolution", "APIs", "USD/1M in, out", "status"]
     rows = [header] + [_describe(m, on) for m in table.models]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
              for row in rows]  # fmt: skip
-    lines += [f"alias {alias} -> {target}" for alias, target in sorted(table.aliases.items())]
+    lines += [
+        f"alias {alias} -> {target} ({table.alias_sources.get(alias, 'from a config')})"
+        for alias, target in sorted(table.aliases.items())
+    ]
     lines.append("APIs: gc generateContent, i Interactions, b Batch Mode; +part(v): per-image")
+    lines.append("masks: png | polygon (+schema: sent as a response schema); >Nk: long-prompt tier")
+    lines.append("`pipeline models --sources`: the dated claims behind every fact")
+    return lines
+
+
+def describe_sources(table: ModelTable | None = None) -> list[str]:
+    """Every entry's facts with their claims (dated, or marked assumed), as `--sources` prints."""
+    lines = []
+    for model in (table or default_table()).models:
+        lines.append(model.name)
+        for fact, claims in model.sources.items():
+            lines += [f"  {fact}: {claim}" for claim in claims]
     return lines
 
 
@@ -559,9 +574,21 @@ def _describe(m: Model, on: date | None) -> list[str]:
         m.tokens,
         m.thinking.describe(),
         "-" if m.temperature is None else f"{m.temperature:g}",
-        m.segmentation or "-",
+        (m.segmentation or "-") + ("+schema" if m.mask_schema else ""),
         "json" if m.json_schema else "openapi",
         media,
         "gc" + ("+i" if m.interactions else "") + ("+b" if m.batch else ""),
-        f"{price.input:g}, {price.output:g}" if price else "-",
+        _describe_price(price),
+        m.status.describe(),
     ]
+
+
+def _describe_price(price: Price | None) -> str:
+    if price is None:
+        return "-"
+    text = f"{price.input:g}, {price.output:g}"
+    if price.until is not None:
+        text += f" to {price.until.isoformat()}"
+    if price.long is not None and price.long_above is not None:
+        text += f"; >{price.long_above // 1000}k {price.long.input:g}, {price.long.output:g}"
+    return text

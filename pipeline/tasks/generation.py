@@ -12,7 +12,8 @@ send from it. Each default applies only when the user left the setting unset in 
   A user's numeric budget on a 3.x model is sent as asked, with a warning: the page calls it
   "no longer recommended", not refused.
 - temperature: the table's recommendation (0.5 on 1.5-2.5, the cookbook's cure for repeated
-  objects); none on 3.x, whose guide warns that values below 1.0 can loop.
+  objects); none on 3.x, whose guide warns that values below 1.0 can loop; none by default
+  through Interactions, where the SDK marks the field deprecated.
 - media resolution: never set by default. `ultra_high` exists only per image part.
 - schemas: a task's built-in schema is the OpenAPI subset (`responseSchema`); a user's schema is
   JSON Schema and goes as `responseJsonSchema` where the model takes it.
@@ -142,7 +143,9 @@ def build_request(
     """
     thinking_budget, thinking_level = thinking(settings)
     temperature = settings.temperature
-    if temperature is None:
+    if temperature is None and settings.flavor != "interactions":
+        # the table's recommendation, not through Interactions: google-genai 3.6's Interactions
+        # types mark generation_config.temperature deprecated, so only a user's own goes there
         temperature = settings.spec.temperature
     if settings.grouped:
         prompt = multi.group_prompt(prompt, locate=locate)
