@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import ConfigError, load_config, parse_config, settings_hash, with_overrides
+from pipeline.gemini.content import build_generate_content_body
 from pipeline.tasks import get_task
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.toml"))
@@ -191,3 +192,19 @@ def test_settings_hash_tracks_what_changes_the_answer(tmp_path: Path) -> None:
     # parse-only settings are a reparse, not a new call
     assert digest(replace(config, task=replace(config.task, mask_threshold=200))) == base
     assert digest(replace(config, limits=replace(config.limits, rpm=5))) == base
+
+
+def test_xhigh_is_expressible_through_a_users_model_entry(tmp_path: Path) -> None:
+    """google-genai 3.6's ThinkingLevel has XHIGH; no page names a model taking it, so no entry
+    lists it, and a user who knows better says so in their config."""
+    plain = {"api": {"model": "gemini-3.8-flash"}, "task": {"thinking_level": "xhigh"}}
+    with pytest.raises(ConfigError, match=r"\[task\] thinking_level: 'xhigh' is refused"):
+        parse_config(plain, "x.toml", tmp_path)
+    levels = {"control": "level", "levels": ["low", "medium", "high", "xhigh"]}
+    config = parse_config(
+        {**plain, "models": {"gemini-3.8-flash": {"thinking": levels}}}, "x.toml", tmp_path
+    )
+    request = get_task("detect").request(config.task)
+    assert build_generate_content_body(request)["generationConfig"]["thinkingConfig"] == {
+        "thinkingLevel": "XHIGH"
+    }
