@@ -184,10 +184,10 @@ def _compact(args: argparse.Namespace) -> int:
 
 
 def _models(args: argparse.Namespace) -> int:
-    from pipeline.models import describe_table
+    from pipeline.models import describe_sources, describe_table
 
     table = load_config(args.config).models if args.config else None
-    print("\n".join(describe_table(table)))
+    print("\n".join(describe_sources(table) if args.sources else describe_table(table)))
     return 0
 
 
@@ -297,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="what each model takes, bills and answers")
     p.add_argument("--config", help="include this config's [models] entries")
+    p.add_argument("--sources", action="store_true", help="every fact's dated claims")
     p.set_defaults(func=_models)
 
     _add_batch_commands(sub)

@@ -19,10 +19,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,8 @@ from pipeline.settings import setting
 from pipeline.tasks import get_task
 from pipeline.tasks.base import TaskSettings
 from pipeline.tasks.generation import SettingError
+
+log = logging.getLogger(__name__)
 
 FLAVORS: tuple[Flavor, ...] = ("generateContent", "interactions")
 MODES = ("interactive", "batch")
@@ -413,6 +417,7 @@ def validate(config: Config) -> None:
             f'{source}: [api] flavor = "interactions": {spec.name} is not served by the '
             'Interactions API; use "generateContent"'
         )
+    _warn_thinking_through_interactions(config)
     _validate_batch(config)
     _validate_engine(config)
     try:
@@ -421,6 +426,38 @@ def validate(config: Config) -> None:
         raise ConfigError(f"{source}: [task] {exc.key}: {exc.message}") from None
     except ValueError as exc:
         raise ConfigError(f"{source}: [task]: {exc}") from None
+
+
+def _warn_thinking_through_interactions(config: Config) -> None:
+    """Interactions sets thinking by level only, so a budget model (2.5) cannot be told "off"
+    there: it thinks dynamically and bills thought tokens generateContent would not (the
+    model table's `interactions` sources). generateContent stays the default; an explicit
+    choice is kept, with this warning."""
+    spec = config.task.spec
+    if config.api.flavor == "interactions" and spec.thinking.control == "budget":
+        log.warning(
+            '%s: [api] flavor = "interactions": %s cannot turn thinking off there (no '
+            "thinking budget on that API): it thinks and bills thought tokens; "
+            '"generateContent" sends thinking_budget = %s',
+            config.source,
+            spec.name,
+            spec.thinking.lowest()[0],
+        )
+
+
+def require_available(config: Config, on: date | None = None) -> None:
+    """A run on a model the service has shut down fails at its first call: refuse it here,
+    naming the day and the replacement the deprecations page gives (the model table's
+    `status`). Only runs: status, reparse and export of its stored rows need no call."""
+    status = config.task.spec.status
+    if status.is_shut_down(on):
+        assert status.shut_down is not None
+        instead = f"; use {status.replacement}" if status.replacement else ""
+        raise ConfigError(
+            f'{config.source}: [api] model = "{config.api.model}": {config.task.spec.name} was '
+            f"shut down on {status.shut_down.isoformat()}{instead} (`pipeline models` lists "
+            "what is available)"
+        )
 
 
 def _validate_groups(config: Config) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import ConfigError, load_config, parse_config, settings_hash, with_overrides
+from pipeline.gemini.content import build_generate_content_body
 from pipeline.tasks import get_task
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.toml"))
@@ -75,9 +76,10 @@ def test_demo_paths_resolve_against_the_file(tmp_path: Path, monkeypatch) -> Non
             "[task] thinking_budget: the Interactions API has no thinking budget",
         ),
         (
-            "[api]\nmodel = 'gemini-3-flash-preview'\n[task]\nmedia_resolution = 'ultra_high'\n",
+            "[api]\nmodel = 'gemini-3-flash-preview'\nversion = 'v1'\n"
+            "[task]\nmedia_resolution = 'ultra_high'\n",
             "[task] media_resolution: 'ultra_high' is set per image, which gemini-3-flash-preview "
-            "does not take on API version v1beta",
+            "does not take on API version v1",
         ),
         (
             "[api]\nmodel = 'gemini-1.5-flash'\n[task]\nmedia_resolution = 'low'\n",
@@ -156,8 +158,8 @@ def test_flags_override_and_are_validated(tmp_path: Path) -> None:
         with_overrides(config, {"api.base_url": "ftp://x"})
     # ... and a flag that makes the file's settings refused is caught like the file would be
     pinned = parse_config({"task": {"thinking_budget": 0}}, "x.toml", tmp_path)
-    with pytest.raises(ConfigError, match=r"thinking_budget: 0 is refused by gemini-3\.8-flash"):
-        with_overrides(pinned, {"api.model": "gemini-3.8-flash"})
+    with pytest.raises(ConfigError, match=r"thinking_budget: 0 is refused by gemini-1\.5"):
+        with_overrides(pinned, {"api.model": "gemini-1.5-flash"})
 
 
 def test_user_model_entries_extend_the_table(tmp_path: Path) -> None:
@@ -214,6 +216,22 @@ def test_settings_hash_tracks_what_changes_the_answer(tmp_path: Path) -> None:
     # parse-only settings are a reparse, not a new call
     assert digest(replace(config, task=replace(config.task, mask_threshold=200))) == base
     assert digest(replace(config, limits=replace(config.limits, rpm=5))) == base
+
+
+def test_xhigh_is_expressible_through_a_users_model_entry(tmp_path: Path) -> None:
+    """google-genai 3.6's ThinkingLevel has XHIGH; no page names a model taking it, so no entry
+    lists it, and a user who knows better says so in their config."""
+    plain = {"api": {"model": "gemini-3.8-flash"}, "task": {"thinking_level": "xhigh"}}
+    with pytest.raises(ConfigError, match=r"\[task\] thinking_level: 'xhigh' is refused"):
+        parse_config(plain, "x.toml", tmp_path)
+    levels = {"control": "level", "levels": ["low", "medium", "high", "xhigh"]}
+    config = parse_config(
+        {**plain, "models": {"gemini-3.8-flash": {"thinking": levels}}}, "x.toml", tmp_path
+    )
+    request = get_task("detect").request(config.task)
+    assert build_generate_content_body(request)["generationConfig"]["thinkingConfig"] == {
+        "thinkingLevel": "XHIGH"
+    }
 
 
 def test_the_inline_limit_may_be_raised_to_the_live_services_100_mb(tmp_path: Path) -> None:

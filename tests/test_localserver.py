@@ -77,9 +77,30 @@ async def test_png_masks_decode_to_the_drawn_shapes(server, http, fmt):
         assert mask_iou(decode_png_mask(item, 384, 384), true_mask) >= 0.9
 
 
-async def test_newer_models_answer_polygon_masks(server, http):
+BOXES_SCHEMA = {  # the image-understanding page's 3.8 Flash sample (2026-09), as JSON Schema
+    "type": "object",
+    "properties": {
+        "boxes": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "box_2d": {"type": "array", "items": {"type": "integer"}},
+                    "label": {"type": "string"},
+                    "mask": {
+                        "type": "array",
+                        "items": {"type": "array", "items": {"type": "integer"}},
+                    },
+                },
+            },
+        }
+    },
+}
+
+
+async def test_newer_models_answer_polygon_masks_for_the_boxes_schema(server, http):
     data, truth = draw_scene("JPEG", (512, 384))
-    config = {"responseMimeType": "application/json"}
+    config = {"responseMimeType": "application/json", "responseJsonSchema": BOXES_SCHEMA}
     status, body = await generate(
         http, server, inline_request(data, SEGMENT, "image/jpeg", config), model="gemini-3.8-flash"
     )
@@ -91,6 +112,25 @@ async def test_newer_models_answer_polygon_masks(server, http):
         assert box_iou(pixel_box(item["box_2d"], 512, 384), box) >= 0.95
         assert all(0 <= x <= 1000 and 0 <= y <= 1000 for x, y in item["mask"])
         assert mask_iou(polygon_mask(item["mask"], 512, 384), true_mask) >= 0.9
+
+
+@pytest.mark.parametrize(
+    ("model", "schema"), [("gemini-3.8-flash", None), ("gemini-3.5-flash", BOXES_SCHEMA)]
+)
+async def test_masks_come_only_from_models_and_requests_that_get_them(server, http, model, schema):
+    """3.8 masks only for the boxes schema (the 2026-09 page's way); 3.5 gives none at all (its
+    migration checklist): boxes only, in both cases (what they answer instead is assumed)."""
+    data, truth = draw_scene("JPEG", (512, 384))
+    config: dict = {"responseMimeType": "application/json"}
+    if schema:
+        config["responseJsonSchema"] = schema
+    status, body = await generate(
+        http, server, inline_request(data, SEGMENT, "image/jpeg", config), model=model
+    )
+    assert status == 200
+    answer = json.loads(answer_text(body))
+    items = answer["boxes"] if isinstance(answer, dict) else answer
+    assert len(items) == len(truth) and all("mask" not in item for item in items)
 
 
 async def test_without_json_mode_json_comes_in_a_markdown_fence(server, http):

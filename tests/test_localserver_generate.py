@@ -13,7 +13,7 @@ import pytest
 from pipeline.gemini.tokens import text_tokens
 from pipeline.localserver.options import ServerOptions
 from pipeline.localserver.server import LocalServer
-from pipeline.models import ModelTable, default_table, lookup
+from pipeline.models import ModelTable, default_table
 from tests.localserver_support import (
     DETECT,
     KEY,
@@ -553,12 +553,6 @@ async def test_a_model_added_by_a_config_is_served(http):
         assert (await generate(http, server, body, model="gemini-3.9-flash"))[0] == 400
 
 
-@pytest.mark.xfail(
-    lookup(MODEL_3).thinking.budget_error(1024) is not None,
-    reason="until models.Thinking.budget_error takes a budget on a level model (the lead's "
-    "change to pipeline/models.py); the server reads it at run time",
-    strict=True,
-)
 async def test_a_budget_on_a_level_model_is_taken_not_refused(server, http):
     """The thinking page (2026-09-04): a numeric thinkingBudget on 3.x is "no longer
     recommended", not refused (rule thinking.budget-on-level); with a level it stays a 400."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from datetime import date
 
 import pytest
@@ -31,7 +32,8 @@ def test_ids_find_their_entry(model_id: str, entry: str) -> None:
 
 
 def test_segmentation_shape_by_generation() -> None:
-    """PNG masks on 2.5 and 3.5, polygons on 3.6-3.8, none on the Pros (the issue's table)."""
+    """PNG masks on 2.5, polygons by schema on 3.6-3.8, none on 3.5 (its migration guide) and
+    the Pros (issue 18's table)."""
     shapes = {
         m: lookup(m).segmentation
         for m in (
@@ -46,7 +48,7 @@ def test_segmentation_shape_by_generation() -> None:
     }
     assert shapes == {
         "gemini-2.5-flash": "png",
-        "gemini-3.5-flash": "png",
+        "gemini-3.5-flash": None,
         "gemini-3.6-flash": "polygon",
         "gemini-3.7-flash": "polygon",
         "gemini-3.8-flash": "polygon",
@@ -98,3 +100,38 @@ def test_models_command_prints_the_table(capsys) -> None:
     out = capsys.readouterr().out
     assert out.splitlines() == describe_table()
     assert "gemini-3.8-flash" in out and "alias gemini-flash-latest -> gemini-3.8-flash" in out
+
+
+DATED = re.compile(
+    r"\b20\d\d-\d\d(-\d\d)?\b|google-genai \d+\.\d+|supervision \d|\bassumed\b|\bundated\b"
+)
+
+
+@pytest.mark.parametrize("model", default_table().models, ids=lambda m: m.name)
+def test_every_fact_has_a_dated_claim_or_says_it_is_assumed(model) -> None:
+    """Issue 18: the table with dates and sources for every fact. A claim without a date, an
+    SDK version or an explicit "assumed"/"undated" is a claim no one can check later."""
+    facts = {"tokens", "prices"}
+    if model.generation != "1.5":
+        facts |= {"thinking", "segmentation"}
+    if model.status.shut_down is not None:
+        facts.add("status")
+    elif model.interactions:  # what a model is called through today
+        facts.add("interactions")
+    assert facts <= set(model.sources), f"{model.name} lacks {facts - set(model.sources)}"
+    for fact, claims in model.sources.items():
+        for claim in claims:
+            assert DATED.search(claim), f"{model.name} {fact}: {claim!r} has no date"
+
+
+def test_aliases_are_marked_as_guesses() -> None:
+    table = default_table()
+    assert table.aliases and set(table.alias_sources) == set(table.aliases)
+    assert all("assumed" in source for source in table.alias_sources.values())
+
+
+def test_where_sources_disagree_both_claims_are_kept() -> None:
+    """3.x segmentation: the 3.5 migration checklist says none; the 2026-09 page sends a schema."""
+    for name in ("gemini-3.6-flash", "gemini-3.8-flash", "gemini-3-flash-preview"):
+        claims = " ".join(lookup(name).sources["segmentation"])
+        assert "does not segment" in claims and ("schema" in claims or "PNG" in claims)

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import date
 from pathlib import Path
 
 import pytest
 
 from pipeline import exits
 from pipeline.commands.reparse import reparse
+from pipeline.config import ConfigError, require_available
+from pipeline.localserver.options import ServerOptions
+from pipeline.localserver.server import LocalServer
 from tests.conftest import draw_shapes, make_config, read_rows, run
 
 
 @pytest.mark.parametrize("flavor", ["generateContent", "interactions"])
 @pytest.mark.parametrize(
-    "model", ["gemini-3.8-flash", "gemini-3.7-flash", "gemini-3.5-flash", "gemini-flash-latest"]
+    "model", ["gemini-3.8-flash", "gemini-3.7-flash", "gemini-3.6-flash", "gemini-flash-latest"]
 )
 async def test_current_models_with_their_defaults_are_all_ok(
     images_dir: Path, tmp_path: Path, model: str, flavor: str
@@ -56,6 +60,38 @@ async def test_continuation_hops_make_whole_answers_and_reparse_reads_them(
         assert isinstance(hops, list) and len(hops) > 1  # each hop's body, as received
     report = await asyncio.to_thread(reparse, str(tmp_path / "out"))
     assert report["status_changes"] == {"ok->ok": 3}
+
+
+@pytest.mark.parametrize(
+    ("model", "replacement"),
+    [
+        ("gemini-2.5-pro", "gemini-3.1-pro-preview"),
+        ("gemini-3-pro-preview", "gemini-3.1-pro-preview"),
+        ("gemini-2.0-flash", "gemini-2.5-flash"),
+    ],
+)
+async def test_a_shut_down_model_is_refused_before_any_call(
+    images_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model: str, replacement: str
+) -> None:
+    """Issue 18: shut-down models (the deprecations page) were offered as usable and failed at
+    the first call; now the run stops at its config, naming the replacement, and sends nothing."""
+    monkeypatch.setenv("GEMINI_API_KEY", "test-key")
+    draw_shapes(96, 96, seed=1)[0].save(images_dir / "a.png")
+    async with LocalServer(ServerOptions(api_key="test-key")) as server:
+        api = {"base_url": server.base_url, "model": model}
+        config = make_config(tmp_path, api=api, task={"kind": "detect"})
+        with pytest.raises(ConfigError, match=rf"shut down on 20\d\d-\d\d-\d\d; use {replacement}"):
+            await run(config)
+        assert server.stats()["requests_total"] == 0
+    assert not (tmp_path / "out").exists() or not read_rows(tmp_path / "out")
+
+
+def test_shut_down_is_a_date_not_a_flag(tmp_path: Path) -> None:
+    """The day before its shut-down a model is still usable (estimates of old runs, tests)."""
+    config = make_config(tmp_path, api={"model": "gemini-2.5-pro"}, task={"kind": "detect"})
+    require_available(config, on=date(2026, 6, 16))
+    with pytest.raises(ConfigError, match=r'test-config.toml: \[api\] model = "gemini-2.5-pro"'):
+        require_available(config, on=date(2026, 6, 17))
 
 
 async def test_a_model_the_config_adds_runs_against_the_bundled_server(

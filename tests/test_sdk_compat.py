@@ -183,29 +183,27 @@ async def test_sdk_continues_requires_continuation_hops_by_itself():
     assert hopped.status == "completed"
 
 
-async def test_sdk_per_part_media_resolution_needs_v1alpha(server):
+async def test_sdk_per_part_media_resolution_on_the_versions_the_table_lists(server):
+    """The SDK sends a Part's media_resolution on any version (models._Part_to_mldev): it is
+    taken on v1alpha and v1beta (the media-resolution page, 2026-09-19), on v1, the SDK's
+    default, as an assumption (rule media.part-v1), and refused for a model without it."""
     red = shapes_png((220, 40, 40), (96, 96, 288, 192))
     part = types.Part.from_bytes(
         data=red,
         mime_type="image/png",
         media_resolution=types.PartMediaResolutionLevel.MEDIA_RESOLUTION_ULTRA_HIGH,
     )
-    alpha = genai.Client(
-        api_key="sdk-key",
-        http_options=types.HttpOptions(base_url=server.base_url, api_version="v1alpha"),
-    )
-    response = await alpha.aio.models.generate_content(
-        model="gemini-3-flash-preview", contents=[part, "Describe this image."]
-    )
-    assert response.usage_metadata.prompt_tokens_details[1].token_count == 2240
-    default = genai.Client(
-        api_key="sdk-key", http_options=types.HttpOptions(base_url=server.base_url)
-    )
-    with pytest.raises(errors.ClientError) as refused:
-        await default.aio.models.generate_content(
-            model="gemini-3-flash-preview", contents=[part, "Describe this image."]
+    contents = [part, "Describe this image."]
+    for version in ("v1alpha", "v1beta", None):
+        options = types.HttpOptions(base_url=server.base_url, api_version=version)
+        sdk = genai.Client(api_key="sdk-key", http_options=options)
+        response = await sdk.aio.models.generate_content(
+            model="gemini-3-flash-preview", contents=contents
         )
-    assert refused.value.code == 400 and "mediaResolution" in refused.value.message
+        assert response.usage_metadata.prompt_tokens_details[1].token_count == 2240, version
+    with pytest.raises(errors.ClientError) as refused:
+        await sdk.aio.models.generate_content(model="gemini-2.5-flash", contents=contents)
+    assert refused.value.code == 400 and "Per-part media resolution" in refused.value.message
 
 
 async def test_sdk_sees_402_when_credits_run_out():

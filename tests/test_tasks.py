@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 
 import numpy as np
 import pycocotools.mask as coco
@@ -95,6 +96,9 @@ def test_detect_request_on_gemini_3_keeps_temperature_default_and_thinks_minimal
     [
         ("gemini-3-flash-preview", "minimal"),
         ("gemini-3.1-flash-lite", "minimal"),
+        ("gemini-3.5-flash", "minimal"),  # the thinking page, 2026-09-04
+        ("gemini-3.5-flash-lite", "minimal"),
+        ("gemini-3.6-flash", "minimal"),
         ("gemini-3-pro-preview", "low"),
         ("gemini-3.1-pro-preview", "low"),
         ("gemini-3.7-flash", "low"),
@@ -669,3 +673,45 @@ def test_object_schemas_cap_the_list_and_close_the_labels(
     assert (item[field]["minItems"], item[field]["maxItems"]) == (length, length)
     assert "Limit to 7 objects." in request.system_instruction
     assert request.prompt.count('"cat"') == 1
+
+
+def test_segment_sends_the_boxes_schema_only_to_models_that_need_it() -> None:
+    """3.6+ give polygon masks for the {"boxes": [...]} schema (the image-understanding page,
+    2026-09); 2.5 answers PNG masks when asked in words, and a schema would force a form."""
+    polygon = get_task("segment").request(settings("segment", "gemini-3.8-flash"))
+    boxes = polygon.response_schema["properties"]["boxes"]
+    assert boxes["items"]["required"] == ["box_2d", "label", "mask"]
+    assert boxes["items"]["properties"]["mask"]["items"]["maxItems"] == 2  # [x, y] points
+    assert (
+        get_task("segment").request(settings("segment", "gemini-2.5-flash")).response_schema is None
+    )
+
+
+def test_segment_refuses_models_whose_guide_says_they_do_not_segment() -> None:
+    """The 3.5 migration checklist: no segmentation on 3.x (3.5 Flash has no mask source)."""
+    with pytest.raises(ValueError, match=r"gemini-3\.5-flash does not return segmentation masks"):
+        get_task("segment").request(settings("segment", "gemini-3.5-flash"))
+
+
+def test_interactions_gets_no_default_temperature_only_the_users() -> None:
+    """google-genai 3.6 marks Interactions' generation_config.temperature deprecated: the
+    table's 0.5 for 2.5 goes through generateContent only; a user's own is still sent."""
+    default = get_task("detect").request(settings("detect", flavor="interactions"))
+    assert default.temperature is None
+    own = get_task("detect").request(settings("detect", flavor="interactions", temperature=0.3))
+    assert own.temperature == 0.3
+    assert get_task("detect").request(settings("detect")).temperature == 0.5
+
+
+def test_a_thinking_budget_on_a_level_model_is_sent_with_a_warning(caplog) -> None:
+    """The thinking page (2026-09-04): a budget on 3.x is "no longer recommended", not refused."""
+    with caplog.at_level(logging.WARNING, logger="pipeline.tasks.generation"):
+        request = get_task("detect").request(
+            settings("detect", "gemini-3.8-flash", thinking_budget=512)
+        )
+    assert (request.thinking_budget, request.thinking_level) == (512, None)
+    assert any("no longer recommended" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ValueError, match="not both"):
+        get_task("detect").request(
+            settings("detect", "gemini-3.8-flash", thinking_budget=512, thinking_level="low")
+        )

@@ -179,3 +179,23 @@ def test_the_matrix_sends_something_for_every_model_and_flavour() -> None:
         (m, "interactions") for m in interactions_models
     }
     assert sent == expected
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+@pytest.mark.parametrize("model", ["gemini-3.5-flash", "gemini-3.6-flash", "gemini-3.5-flash-lite"])
+@pytest.mark.asyncio(loop_scope="module")
+async def test_models_taking_minimal_are_sent_minimal_by_default(
+    model: str, flavor: str, picture: Path, tmp_path: Path, endpoints
+) -> None:
+    """Issue 18: the table once listed low/medium/high for these, so every request paid for
+    `low`; the thinking page (2026-09-04) lists `minimal` for them, the spatial default."""
+    config = config_for(tmp_path, model, "detect", flavor, SETTINGS[0])
+    request = replace(get_task("detect").request(config.task), images=(image_part(picture, None),))
+    if flavor == "generateContent":
+        body = build_generate_content_body(request)
+        level = body["generationConfig"]["thinkingConfig"]["thinkingLevel"].lower()  # MINIMAL
+    else:
+        level = build_interaction_body(request)["generation_config"]["thinking_level"]
+    assert level == "minimal"
+    response = await endpoints["v1beta"].generate(request, flavor=flavor)
+    assert response.text

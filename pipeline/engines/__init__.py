@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 
-from pipeline.config import Config
+from pipeline.config import Config, require_available
 from pipeline.engines.batch.engine import BatchEngine
 from pipeline.engines.common import RunStart
 from pipeline.engines.ray.driver import RayEngine
@@ -27,6 +27,7 @@ __all__ = ["RunOptions", "run", "run_async"]
 async def run_async(config: Config, options: RunOptions | None = None) -> RunSummary:
     """Run a config to completion (or a clean stop) and return its summary."""
     options = options or RunOptions()
+    require_available(config)
     check_groups(config)
     references = load_references(config)  # read once: every request of the run has them
     identity = identify(config, references)

@@ -69,7 +69,8 @@ class Ask:
     system: str = ""  # system instruction text
     response_mime_type: str | None = None
     schema: Any = None  # responseSchema / responseJsonSchema / response_format.schema
-    polygon_masks: bool = False  # the model family answers {"boxes": [...]} with polygons
+    mask_shape: str | None = "png"  # the model's masks (the table's segmentation): png | polygon
+    mask_schema: bool = False  # its masks come only when the request's schema asks for "mask"
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,9 +96,10 @@ def render(ask: Ask, seen: Sequence[Analysis]) -> Answer:
     closed = _schema_enums(ask.schema) or _labels_in_prompt(ask.prompt, ask.system)
     indexed = f'"{IMAGE_KEY}"' in words or IMAGE_KEY in properties
     if "segmentation mask" in words or "mask" in properties:
-        form = "polygon" if ask.polygon_masks else "png"
+        form = _mask_form(ask, properties)
         items = _located(words, seen, closed, indexed, lambda a, r, label: _item(a, r, label, form))
-        payload: Any = {"boxes": items} if ask.polygon_masks else items
+        boxed = ask.mask_schema or "boxes" in properties  # the shape the schema asks for
+        payload: Any = {"boxes": items} if boxed else items
         return _json_answer("segment", payload, json_mime)
     if "box_2d" in words or "bounding box" in words or "detect" in words or "box_2d" in properties:
         payload = _located(words, seen, closed, indexed, lambda a, r, label: _item(a, r, label))
@@ -122,6 +124,16 @@ def render(ask: Ask, seen: Sequence[Analysis]) -> Answer:
         payload = _fill(_sketched_schema(ask.prompt) or SUMMARY_SCHEMA, merged, "", None)
         return _json_answer("schema", payload, json_mime)
     return Answer(_captions(seen), "caption")
+
+
+def _mask_form(ask: Ask, properties: set[str]) -> str | None:
+    """The masks a segmentation request gets: none from a model that does not segment (the 3.5
+    migration guide: boxes only — what it answers instead is assumed), none from a schema model
+    whose request sent no "mask" property (the image-understanding page, 2026-09, gets masks by
+    sending that schema; without it, boxes only is assumed), else the model's shape."""
+    if ask.mask_shape is None or (ask.mask_schema and "mask" not in properties):
+        return None
+    return ask.mask_shape
 
 
 def _merged(seen: Sequence[Analysis]) -> Analysis | None:

@@ -5,11 +5,15 @@ send from it. Each default applies only when the user left the setting unset in 
 
 - thinking as low as the model allows, because spatial answers get no better with thought and
   thinking tokens are billed as output: budget 0 on 2.5 Flash / Flash-Lite, 128 on 2.5 Pro (it
-  cannot turn thinking off), the lowest accepted level on 3.x (`minimal` on 3 Flash preview and
-  3.1 Flash-Lite, `low` on 3 Pro, 3.1 Pro, 3.5+), nothing on 1.5 / 2.0 or an unknown model. The
-  Interactions API has no thinking budget, so a 2.5 model called through it is sent none.
+  cannot turn thinking off), the lowest accepted level on 3.x (`minimal` on 3 Flash preview,
+  3.1 / 3.5 Flash-Lite, 3.5 and 3.6 Flash; `low` on 3.1 Pro, 3.7 and 3.8 Flash: the thinking
+  page, 2026-09-04), nothing on 1.5 / 2.0 or an unknown model. The Interactions API has no
+  thinking budget, so a 2.5 model called through it is sent none (and thinks: see config.py).
+  A user's numeric budget on a 3.x model is sent as asked, with a warning: the page calls it
+  "no longer recommended", not refused.
 - temperature: the table's recommendation (0.5 on 1.5-2.5, the cookbook's cure for repeated
-  objects); none on 3.x, whose guide warns that values below 1.0 can loop.
+  objects); none on 3.x, whose guide warns that values below 1.0 can loop; none by default
+  through Interactions, where the SDK marks the field deprecated.
 - media resolution: never set by default. `ultra_high` exists only per image part.
 - schemas: a task's built-in schema is the OpenAPI subset (`responseSchema`); a user's schema is
   JSON Schema and goes as `responseJsonSchema` where the model takes it (held to the JSON
@@ -25,6 +29,7 @@ service would answer 400 to every request of the run.
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 from pipeline.gemini.schema import json_schema_problem, openapi_schema_problem
@@ -32,6 +37,8 @@ from pipeline.gemini.types import GenerateRequest
 from pipeline.models import Model
 from pipeline.tasks import multi
 from pipeline.tasks.base import TaskSettings
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_OBJECTS = 25
 
@@ -69,11 +76,21 @@ def thinking(settings: TaskSettings) -> tuple[int | None, str | None]:
                 'use flavor = "generateContent" to set one',
             )
         _refuse("thinking_budget", budget, spec, spec.thinking.budget_error(budget))
+        _warn_once(spec.name, spec.thinking.budget_warning())
         return budget, None
     lowest_budget, lowest_level = spec.thinking.lowest()
     if settings.flavor == "interactions":
         return None, lowest_level
     return lowest_budget, lowest_level
+
+
+_warned: set[tuple[str, str]] = set()
+
+
+def _warn_once(model: str, warning: str | None) -> None:
+    if warning is not None and (model, warning) not in _warned:
+        _warned.add((model, warning))
+        log.warning("[task] thinking_budget on %s: %s", model, warning)
 
 
 def _refuse(key: str, value: Any, spec: Model, why: str | None) -> None:
@@ -87,9 +104,9 @@ def media_resolution(settings: TaskSettings) -> str | None:
     if level is None:
         return None
     if level == "ultra_high" or settings.flavor == "interactions":
-        # Per image part: generateContent takes it on Gemini 3, on the API versions the model
-        # table lists (the documented ones only); Interactions has only the per-image
-        # `resolution` (documented for Gemini 3).
+        # Per image part: generateContent takes it on Gemini 3 on the versions the table lists
+        # (v1beta and v1alpha: the media-resolution page, 2026-09-19); Interactions has only
+        # the per-image `resolution` (documented for Gemini 3).
         if settings.flavor == "interactions":
             takes, where = bool(spec.part_media_resolution), "the Interactions API"
         else:
@@ -99,7 +116,8 @@ def media_resolution(settings: TaskSettings) -> str | None:
             raise SettingError(
                 "media_resolution",
                 f"{level!r} is set per image, which {spec.name} does not take on {where} "
-                f"({_part_versions(spec)})",
+                "(per-image resolution is documented for Gemini 3, on v1beta, v1alpha and "
+                "Interactions)",
             )
         return level
     if level not in spec.media_resolution:
@@ -108,13 +126,6 @@ def media_resolution(settings: TaskSettings) -> str | None:
             "media_resolution", f"{level!r} is refused by {spec.name} (it takes: {levels})"
         )
     return level
-
-
-def _part_versions(spec: Model) -> str:
-    versions = " and ".join(spec.part_media_resolution)
-    if not versions:
-        return "per-image resolution is documented for Gemini 3"
-    return f"it takes it on {versions} and through the Interactions API"
 
 
 def build_request(
@@ -134,7 +145,9 @@ def build_request(
     """
     thinking_budget, thinking_level = thinking(settings)
     temperature = settings.temperature
-    if temperature is None:
+    if temperature is None and settings.flavor != "interactions":
+        # the table's recommendation, not through Interactions: google-genai 3.6's Interactions
+        # types mark generation_config.temperature deprecated, so only a user's own goes there
         temperature = settings.spec.temperature
     if settings.grouped:
         prompt = multi.group_prompt(prompt, locate=locate)

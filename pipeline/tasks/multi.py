@@ -71,9 +71,11 @@ def group_prompt(prompt: str, *, locate: bool) -> str:
 
 
 def with_image_key(schema: dict[str, Any]) -> dict[str, Any]:
-    """A list-of-objects schema (OpenAPI subset) whose objects also require an integer "image"."""
+    """A list-of-objects schema (OpenAPI subset) whose objects also require an integer "image";
+    the list may sit under {"boxes": ...} (the segmentation schema of 3.6+)."""
     schema = copy.deepcopy(schema)
-    items = schema.get("items")
+    listed = schema.get("properties", {}).get("boxes", schema)
+    items = listed.get("items")
     if isinstance(items, dict) and isinstance(items.get("properties"), dict):
         items["properties"][IMAGE_KEY] = {"type": "INTEGER"}
         items["required"] = [*items.get("required", []), IMAGE_KEY]

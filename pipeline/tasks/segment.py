@@ -30,7 +30,7 @@ from pipeline.records import Parsed
 from pipeline.tasks.answers import MaskReader, Sizes, never_raises, read_objects
 from pipeline.tasks.base import TaskSettings
 from pipeline.tasks.generation import SettingError
-from pipeline.tasks.objects import object_request
+from pipeline.tasks.objects import object_request, objects_schema
 
 SEED_PROMPT = (
     "Give the segmentation masks for {what}. Output a JSON list of segmentation masks where "
@@ -154,10 +154,23 @@ def _mask_cost(value: Any, box_2d: Any, width: int, height: int) -> int:
     return int(box_w * box_h) + 1
 
 
+def boxes_schema(settings: TaskSettings) -> dict[str, Any]:
+    """The response schema the image-understanding page (3.8 Flash sample, 2026-09) sends to
+    get masks from Gemini 3.6+: {"boxes": [{box_2d, label, mask: [[x, y], ...]}]}, the polygon
+    in 0-1000 of the whole image (supervision 0.31's from_google_gemini_3_6 reads it so)."""
+    listed = objects_schema(settings, "box_2d", 4)
+    item = listed["items"]
+    point = {"type": "ARRAY", "items": {"type": "INTEGER"}, "minItems": 2, "maxItems": 2}
+    item["properties"]["mask"] = {"type": "ARRAY", "items": point}
+    item["required"].append("mask")
+    return {"type": "OBJECT", "properties": {"boxes": listed}, "required": ["boxes"]}
+
+
 class SegmentTask:
-    """Boxes, labels and masks (labels as in detect). No response schema by default: 2.5
-    answers PNG strings and 3.x polygons in its own {"boxes": [...]} shape, and a schema would
-    force one mask form onto a model that makes the other; the parser reads both.
+    """Boxes, labels and masks (labels as in detect). The table says how a model gives masks:
+    2.5 (and 3 Flash preview) answer a list with PNG strings when asked in words, and no schema
+    is sent, since one would force a mask form on them; the 3.6+ models give polygons only for
+    the {"boxes": [...]} schema, which is sent (`mask_schema`). The parser reads both shapes.
     """
 
     kind = "segment"
@@ -167,7 +180,8 @@ class SegmentTask:
             raise SettingError(
                 "kind", f"{settings.spec.name} does not return segmentation masks; use detect"
             )
-        return object_request(settings, (DEFAULT_PROMPT, LABELLED_PROMPT))
+        schema = boxes_schema(settings) if settings.spec.mask_schema else None
+        return object_request(settings, (DEFAULT_PROMPT, LABELLED_PROMPT), schema=schema)
 
     @never_raises
     def parse(
