@@ -16,6 +16,9 @@ Batch tables (pipeline/engines/batch/submit.py and jobs.py write them):
   share one request: the first row pays, the others copy), with what a row needs of the file;
 - `batch_files`: the Files API files a job uses (its JSONL, its uploaded images), deleted when
   its rows are committed;
+- `batch_collected`: the request keys of a job whose rows are durable (in the journal), written
+  as a collection goes: one cut short (a stop, a failure, a kill) and made again writes none of
+  them twice;
 - `batch_retries`: fingerprints of files whose batch answer was a retryable error, for a next
   run set to retry them interactively.
 
@@ -114,6 +117,7 @@ _BATCH_SCHEMA = (
     "CREATE INDEX IF NOT EXISTS batch_requests_by_request_key ON batch_requests (key)",
     "CREATE TABLE IF NOT EXISTS batch_files (job INTEGER, name TEXT PRIMARY KEY)",
     "CREATE TABLE IF NOT EXISTS batch_retries (fingerprint BLOB PRIMARY KEY)",
+    "CREATE TABLE IF NOT EXISTS batch_collected (job INTEGER, key TEXT, PRIMARY KEY (job, key))",
 )
 
 
@@ -295,6 +299,18 @@ class State:
 
     def forget_batch_file(self, name: str) -> None:
         self._write("DELETE FROM batch_files WHERE name = ?", (name,))
+
+    def add_batch_collected(self, job: int, keys: Iterable[str]) -> None:
+        """Keys of a job whose rows are durable now, in one transaction."""
+        with self._transaction():
+            self._many(
+                "INSERT OR IGNORE INTO batch_collected VALUES (?, ?)", ((job, k) for k in keys)
+            )
+
+    def batch_collected(self, job: int) -> set[str]:
+        """The keys of a job whose rows an earlier collection made durable."""
+        rows = self._write("SELECT key FROM batch_collected WHERE job = ?", (job,))
+        return {row[0] for row in rows}
 
     def add_batch_retries(self, fingerprints: Iterable[bytes]) -> None:
         with self._transaction():
