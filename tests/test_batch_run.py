@@ -462,6 +462,8 @@ async def test_a_job_whose_output_does_not_come_in_time_is_left_in_flight_not_bo
         (job,) = jobs_in(out)
         assert job.phase == "submitted" and files_of(out, job.id)
         assert server.stats()["files"]["deleted"] == 0
+        report = batchjobs.format_status(await batchjobs.status(str(out)))
+        assert "JOB_STATE_SUCCEEDED, 30/30 done, output not attached yet" in report
 
         again = await run(config)  # the next cron run: its files are the job's, still owed
         assert (again.exit_code, again.skipped, again.batch["jobs_created"]) == (3, 30, 0)

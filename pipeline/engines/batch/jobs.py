@@ -859,7 +859,11 @@ async def _live(
             except GeminiError as exc:
                 found[job.id] = {"error": str(exc)}
                 continue
-            found[job.id] = {"state": remote.state, **dataclasses.asdict(remote.stats)}
+            found[job.id] = {
+                "state": remote.state,
+                "output_attached": remote.has_output,
+                **dataclasses.asdict(remote.stats),
+            }
     return found
 
 
@@ -886,17 +890,25 @@ def format_status(report: dict[str, Any]) -> str:
     lines = [f"{report['output_dir']}: {len(jobs)} batch job(s)"]
     for job in jobs:
         live = job.get("live") or {}
-        progress = ""
-        if live.get("requests"):
-            progress = f", {live['requests'] - live['pending']}/{live['requests']} done"
         problem = f" ({live['error']})" if "error" in live else ""
         message = f": {job['message']}" if job["message"] else ""
         lines.append(
             f"  {job['name'] or job['display_name']}  {job['phase']}  "
-            f"{live.get('state') or job['state'] or '-'}{progress}  {job['requests']} requests, "
-            f"created {job['created_at'][:19]}{message}{problem}"
+            f"{live.get('state') or job['state'] or '-'}{_live_note(live)}  {job['requests']} "
+            f"requests, created {job['created_at'][:19]}{message}{problem}"
         )
     return "\n".join(lines)
+
+
+def _live_note(live: dict[str, Any]) -> str:
+    """What a job's status line says of it as the service sees it now: its requests done, and
+    whether its output is still to come although it succeeded (tidyverse/ellmer#926)."""
+    note = ""
+    if live.get("requests"):
+        note = f", {live['requests'] - live['pending']}/{live['requests']} done"
+    if live.get("state") == SUCCEEDED and not live.get("output_attached"):
+        note += ", output not attached yet"
+    return note
 
 
 async def cancel(output_dir: str, config: Config | None = None) -> list[dict[str, Any]]:
