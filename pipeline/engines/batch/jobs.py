@@ -763,14 +763,18 @@ def report_ended(stop: Stop, counts: JobCounts, output_dir: str | Path) -> None:
             "rerun the same command to send them again",
         )
     if counts.awaiting_output and stop.reason is None:
-        owed = list(counts.awaiting_output.values())
-        stop.drain(
-            f"batch job {owed[0]['name']} succeeded but its output was still not attached after "
-            f"{_duration(owed[0]['waited_s'])} ([batch] output_wait_seconds){_more(owed)}: "
-            f"{sum(job['requests'] for job in owed)} answers are paid for and still owed",
-            f"nothing was deleted or marked unanswered: {len(owed)} job(s) stay in flight; a "
-            f"later run (or `pipeline batch wait {output_dir}`) collects them, with no new job",
-        )
+        _report_owed(stop, list(counts.awaiting_output.values()), output_dir)
+
+
+def _report_owed(stop: Stop, owed: list[dict[str, Any]], output_dir: str | Path) -> None:
+    """Jobs given up on waiting for their output: paid answers not yet collected (exit 3)."""
+    stop.drain(
+        f"batch job {owed[0]['name']} succeeded but its output was still not attached after "
+        f"{_duration(owed[0]['waited_s'])} ([batch] output_wait_seconds){_more(owed)}: "
+        f"{sum(job['requests'] for job in owed)} answers are paid for and still owed",
+        f"nothing was deleted or marked unanswered: {len(owed)} job(s) stay in flight; a "
+        f"later run (or `pipeline batch wait {output_dir}`) collects them, with no new job",
+    )
 
 
 def _more(jobs: list[dict[str, Any]]) -> str:
