@@ -301,8 +301,10 @@ class State:
         self._write("DELETE FROM batch_files WHERE name = ?", (name,))
 
     def add_batch_collected(self, job: int, keys: Iterable[str]) -> None:
-        """Keys of a job whose rows are durable now, in one transaction."""
-        with self._transaction():
+        """Keys of a job whose rows are durable now, in one transaction. On an object store
+        the next snapshot takes them, not a PUT of its own: a mark lost to a kill writes a
+        row again, which costs no money (and a big job marks keys hundreds at a time)."""
+        with self._transaction(save=False):
             self._many(
                 "INSERT OR IGNORE INTO batch_collected VALUES (?, ?)", ((job, k) for k in keys)
             )
@@ -325,7 +327,7 @@ class State:
         self._write("DELETE FROM batch_retries WHERE fingerprint = ?", (fingerprint,))
 
     @contextlib.contextmanager
-    def _transaction(self) -> Iterator[None]:
+    def _transaction(self, *, save: bool = True) -> Iterator[None]:
         with self._mutex:
             self.db.execute("BEGIN")
             try:
@@ -334,7 +336,8 @@ class State:
                 self.db.execute("ROLLBACK")
                 raise
             self.db.execute("COMMIT")
-        self.save()
+        if save:
+            self.save()
 
     def _write(self, sql: str, params: Iterable[Any] = ()) -> list[Any]:
         """One statement under the mutex (the snapshot thread reads the database too): its
