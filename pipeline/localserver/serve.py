@@ -17,7 +17,11 @@ from pipeline.localserver.server import LocalServer, bind_socket
 from pipeline.settings import declared
 
 # Flags named otherwise than their option (scripts and the README use these names).
-_RENAMED = {"credit_budget_usd": "--credit-budget", "inline_limit_bytes": "--inline-limit-mb"}
+_RENAMED = {
+    "credit_budget_usd": "--credit-budget",
+    "inline_limit_bytes": "--inline-limit-mb",
+    "batch_output_delay_seconds": "--batch-output-delay",
+}
 
 
 def _flag(option: dataclasses.Field) -> str:
