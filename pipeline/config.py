@@ -227,6 +227,12 @@ class BatchConfig:
         s.one_of(*BATCH_RETRIES),
         "how a later run retries a retryable per-request error: in a batch, or interactively",
     )
+    output_wait_seconds: float = setting(
+        1800.0,
+        s.positive_number,
+        "how long a run waits for the output of a job that says it succeeded without it (seen "
+        "live): then the run ends (exit 3), the job left in flight for a later run (30 min)",
+    )
 
 
 ENGINES = ("single", "ray")

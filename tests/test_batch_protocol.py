@@ -14,11 +14,13 @@ from google.genai import types
 
 from pipeline.gemini import GeminiClient, GeminiError
 from pipeline.gemini.batches import (
+    EXCERPT_CHARS,
     BatchJob,
     job_state,
     parse_job,
     parse_job_page,
     parse_result,
+    read_result,
     request_error,
     request_line,
 )
@@ -197,6 +199,82 @@ async def test_faults_apply_per_line_and_never_hold_the_job(clock, tmp_path):
     assert server.stats()["faults"]["hang"] >= 1
 
 
+async def test_a_job_can_say_succeeded_and_done_before_its_output_is_attached(clock, http):
+    """rule batch.output-delay (tidyverse/ellmer#926): SUCCEEDED and done, no output, for
+    --batch-output-delay seconds after the job ended; then the output as usual."""
+    options = ServerOptions(api_key=KEY, batch_seconds=10, batch_output_delay_seconds=30)
+    async with (
+        LocalServer(options, clock=clock) as server,
+        GeminiClient(KEY, base_url=server.base_url) as client,
+    ):
+        name = await upload_lines(client, request_line("a", detect()))
+        job = await client.batches.create(MODEL, file_name=name)
+        clock.now += 11
+        early = await until_done(client, job.name)
+        url = f"{server.base_url}/v1beta/{job.name}"
+        async with http.get(url, headers={"x-goog-api-key": KEY}) as answer:
+            operation = await answer.json()
+        clock.now += 30
+        attached = await client.batches.get(job.name)
+    assert (early.state, early.done, early.ended, early.has_output) == (
+        "JOB_STATE_SUCCEEDED",
+        True,
+        True,
+        False,
+    )
+    assert operation["done"] is True and "response" not in operation
+    assert "output" not in operation["metadata"]
+    assert attached.done and attached.has_output and attached.responses_file
+
+
+async def test_a_corrupt_line_spoils_only_itself_and_keeps_its_key(clock, tmp_path):
+    """rule batch.corrupt-line: the Nth line of a results file cut in half (its key first), the
+    Nth inline answer a string; the client reads every other result and says which could not
+    be read, with the key when it survived."""
+    options = ServerOptions(api_key=KEY, batch_seconds=1, batch_corrupt_line=2)
+    async with (
+        LocalServer(options, clock=clock) as server,
+        GeminiClient(KEY, base_url=server.base_url) as client,
+    ):
+        lines = [request_line(key, detect()) for key in ("a", "b", "c")]
+        from_file = await client.batches.create(MODEL, file_name=await upload_lines(client, *lines))
+        inline = await client.batches.create(MODEL, requests=[("x", detect()), ("y", detect())])
+        clock.now += 2
+        done = await until_done(client, from_file.name)
+        await client.batches.download(done.responses_file, tmp_path / "r.jsonl")
+        results = list(client.batches.results(tmp_path / "r.jsonl"))
+        answered = await until_done(client, inline.name)
+    assert [(r.key, r.response is not None) for r in results] == [
+        ("a", True),
+        ("b", False),
+        ("c", True),
+    ]
+    assert results[1].unreadable.number == 2 and results[1].error is None
+    assert [(r.key, r.unreadable is None) for r in answered.inlined] == [("x", True), ("y", False)]
+    assert "neither a response nor an error" in answered.inlined[1].unreadable.reason
+
+
+@pytest.mark.parametrize(
+    ("line", "key", "reason"),
+    [
+        ('{"key": "k1", "response": {"candidates": [{"cont', "k1", "Unterminated string"),
+        ('{"key": "k1"}', "k1", "neither a response nor an error"),
+        ('{"key": "k1", "response": "[]"}', "k1", "neither a response nor an error"),
+        ('{"response": {"candidates": []}, "ke', None, "Unterminated string"),
+        ('{"ke', None, ""),
+        ("garbage " * 40, None, ""),
+        ('["key", "k1"]', None, ""),
+    ],
+)
+def test_an_unreadable_line_keeps_its_key_when_the_key_reads(line, key, reason):
+    result = read_result(line, 7)
+    assert (result.key, result.response, result.error) == (key, None, None)
+    assert result.unreadable.number == 7 and reason in result.unreadable.reason
+    assert len(result.unreadable.excerpt) <= EXCERPT_CHARS and line.startswith(
+        result.unreadable.excerpt
+    )
+
+
 # ----------------------------------------------------------------------------- the limits
 async def test_more_unfinished_jobs_than_allowed_are_refused_with_the_services_429(clock):
     async with (
@@ -342,8 +420,21 @@ def test_a_done_operation_gives_its_results_file_from_metadata_or_response():
     meta = {"state": "BATCH_STATE_SUCCEEDED", "name": "batches/x"}
     response = {"responsesFile": "files/batch-x"}
     assert parse_job({"name": "batches/x", "metadata": meta, "response": response}).done
-    job = parse_job({"name": "batches/x", "metadata": {**meta, "output": response}})
-    assert job.responses_file == "files/batch-x"
+    job = parse_job({"name": "batches/x", "metadata": {**meta, "output": response}, "done": True})
+    assert job.responses_file == "files/batch-x" and job.done and job.has_output
+
+
+def test_done_is_the_operations_own_word_not_the_state():
+    """A job was seen SUCCEEDED before its output (tidyverse/ellmer#926): `done` and
+    `has_output` are read as the Operation gives them, apart from the state."""
+    meta = {"state": "BATCH_STATE_SUCCEEDED", "name": "batches/x"}
+    succeeded = parse_job({"name": "batches/x", "metadata": meta})  # proto3 JSON: done false
+    assert (succeeded.ended, succeeded.done, succeeded.has_output) == (True, False, False)
+    failed = {"code": 3, "message": "bad input"}
+    assert parse_job({"name": "batches/x", "metadata": meta, "error": failed}).done
+    assert parse_job(meta).done  # a bare batch (no Operation around it): its state ended
+    running = {**meta, "state": "BATCH_STATE_RUNNING"}
+    assert not parse_job(running).done and not parse_job({"name": "b", "metadata": running}).done
 
 
 def test_a_result_keeps_its_response_exactly_as_received():

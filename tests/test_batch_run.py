@@ -80,12 +80,22 @@ def jobs_in(output: Path) -> list[Any]:
 
 
 @pytest.fixture
-def server_options(monkeypatch: pytest.MonkeyPatch) -> ServerOptions:
-    """The options of the `server` fixture (tests/conftest.py) in this module: a server that
-    outlives the runs, which find its key in the environment."""
+def key_in_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs against a server of the test find its key in the environment, as a user's would."""
     monkeypatch.setenv("GEMINI_API_KEY", KEY)
     monkeypatch.delenv("GOOGLE_API_KEY", raising=False)
+
+
+@pytest.fixture
+def server_options(key_in_env: None) -> ServerOptions:
+    """The options of the `server` fixture (tests/conftest.py) in this module: a server that
+    outlives the runs."""
     return ServerOptions(api_key=KEY, batch_seconds=60)
+
+
+def stand_in(clock: Clock, **options: Any) -> LocalServer:
+    """A server like `server`'s, with other options (a Batch Mode fault), on the hand clock."""
+    return LocalServer(ServerOptions(api_key=KEY, batch_seconds=60, **options), clock=clock)
 
 
 @pytest.fixture
@@ -383,6 +393,177 @@ async def test_wait_collects_the_jobs_of_an_output_without_its_config(server, cl
     assert {row["task"] for row in rows.values()} == {"detect"}  # parsed as the job's task
     assert all(row["objects"] and row["objects"][0]["mask"] is None for row in rows.values())
     assert "collected" in batchjobs.format_status(await batchjobs.status(str(tmp_path / "out")))
+
+
+# ---------------------------------------------------- a paid answer is collected once, never lost
+POLL = "GET /v1beta/batches/{id}"
+DOWNLOAD = "GET /download/v1beta/files/{name}:download"
+
+
+def calls(server: LocalServer, route: str) -> int:
+    return sum(server.stats()["requests"].get(route, {}).values())
+
+
+def files_of(output: Path, job: int) -> list[str]:
+    state = State(output)
+    try:
+        return state.batch_files(job)
+    finally:
+        state.close()
+
+
+async def test_a_job_that_succeeds_before_its_output_is_attached_is_collected_once_it_is(
+    tmp_path, clock, key_in_env
+):
+    """Seen live (tidyverse/ellmer#926): SUCCEEDED and done, no responsesFile yet. The job is
+    still finishing: polled on, its files kept, its requests never counted unanswered; collected
+    when the output comes. One job, every row, nothing bought twice."""
+    tiny_images(tmp_path / "images", 30)
+    out = tmp_path / "out"
+    async with stand_in(clock, batch_output_delay_seconds=600) as server:
+        task = asyncio.create_task(run(batch_config(tmp_path, base_url=server.base_url)))
+        await until(
+            lambda: server.stats()["batches"]["created"] == 1, exited=running(task), interval=0.02
+        )
+        clock.now += 61  # SUCCEEDED and done; the output comes 600 s later
+        polled = calls(server, POLL)
+        await until(lambda: calls(server, POLL) >= polled + 3, exited=running(task), interval=0.02)
+        (job,) = jobs_in(out)
+        assert (job.phase, job.service_state) == ("submitted", "JOB_STATE_SUCCEEDED")
+        assert files_of(out, job.id) and server.stats()["files"]["deleted"] == 0
+        assert not read_rows(out) and calls(server, DOWNLOAD) == 0
+        clock.now += 600  # the output is attached
+        summary = await task
+        stats = server.stats()
+    assert (summary.exit_code, dict(summary.rows)) == (exits.OK, {"ok": 30})
+    assert stats["batches"]["created"] == 1 and stats["answers_by_task"] == {"segment": 30}
+    assert summary.batch["requests_without_result"] == 0 and calls(server, DOWNLOAD) == 1
+    assert len(read_rows(out)) == 30 and [j.phase for j in jobs_in(out)] == ["collected"]
+
+
+async def test_a_job_whose_output_does_not_come_in_time_is_left_in_flight_not_bought_again(
+    tmp_path, clock, key_in_env
+):
+    """Past `[batch] output_wait_seconds` the run gives the job up for now: exit 3 saying its
+    answers are owed, nothing deleted, nothing marked unanswered; a rerun creates no job for its
+    files, and `pipeline batch wait` collects it once its output is attached."""
+    tiny_images(tmp_path / "images", 30)
+    out = tmp_path / "out"
+    async with stand_in(clock, batch_output_delay_seconds=3600) as server:
+        config = batch_config(
+            tmp_path, base_url=server.base_url, batch={"output_wait_seconds": 0.3}
+        )
+        first = await run_through(config, server, clock, 1)
+        assert (first.exit_code, first.rows) == (exits.STOPPED, {})
+        assert "output" in first.stop_reason and "30 answers" in first.stop_reason
+        assert "batch wait" in first.resume_hint
+        assert first.batch["requests_without_result"] == 0
+        assert len(first.batch["jobs_awaiting_output"]) == 1
+        (job,) = jobs_in(out)
+        assert job.phase == "submitted" and files_of(out, job.id)
+        assert server.stats()["files"]["deleted"] == 0
+        report = batchjobs.format_status(await batchjobs.status(str(out)))
+        assert "JOB_STATE_SUCCEEDED, 30/30 done, output not attached yet" in report
+
+        again = await run(config)  # the next cron run: its files are the job's, still owed
+        assert (again.exit_code, again.skipped, again.batch["jobs_created"]) == (3, 30, 0)
+
+        clock.now += 3600  # the output is attached
+        waited = await batchjobs.wait(str(out), progress=False)
+        stats = server.stats()
+    assert (waited.exit_code, dict(waited.rows)) == (exits.OK, {"ok": 30})
+    assert stats["batches"]["created"] == 1 and stats["answers_by_task"] == {"segment": 30}
+    assert len(read_rows(out)) == 30 and calls(server, DOWNLOAD) == 1
+    assert [j.phase for j in jobs_in(out)] == ["collected"] and not files_of(out, job.id)
+
+
+async def test_a_collection_cut_short_is_finished_without_a_second_download_or_row(
+    server, clock, tmp_path
+):
+    """As a run killed while collecting leaves it: the results file downloaded (kept in the
+    scratch folder) and two keys' rows durable (recorded in state). The next collection reads
+    the kept file, without downloading it again, and writes the other keys' rows only."""
+    tiny_images(tmp_path / "images", 6)
+    out = tmp_path / "out"
+    await run(batch_config(tmp_path, base_url=server.base_url), submit_only=True)
+    clock.now += 61
+    (job,) = jobs_in(out)
+    async with GeminiClient(KEY, base_url=server.base_url) as client:
+        remote = await client.batches.get(job.name or "")
+        kept = out / ".batch" / f"{job.display_name}.results.jsonl"
+        await client.batches.download(remote.responses_file or "", kept)
+    state = State(out)
+    durable = sorted(state.batch_request_keys(job.id))[:2]
+    state.add_batch_collected(job.id, durable)
+    state.close()
+
+    waited = await batchjobs.wait(str(out), progress=False)
+    rows = read_rows(out)
+    assert calls(server, DOWNLOAD) == 1  # the test's own
+    assert (waited.exit_code, dict(waited.rows)) == (exits.OK, {"ok": 4})
+    assert len(rows) == 4 and not {row["key"] for row in rows} & set(durable)
+    assert waited.batch["requests_without_result"] == 0 and not kept.exists()
+
+
+def test_a_run_says_a_job_is_waiting_for_its_output(tmp_path, capsys):
+    tiny_images(tmp_path / "images", 2)
+    config = tmp_path / "c.toml"
+    config.write_text(
+        '[api]\nbase_url = "local"\n[input]\npaths = ["images"]\n[output]\ndir = "out"\n'
+        "[local]\nbatch_seconds = 0.05\nbatch_output_delay_seconds = 0.3\n"
+        "[batch]\npoll_seconds = 0.02\n"
+    )
+    assert main(["run", str(config), "--batch"]) == exits.OK
+    said = capsys.readouterr().err
+    assert "JOB_STATE_SUCCEEDED: 2/2 requests answered, output not attached yet (0 min)" in said
+
+
+async def test_an_unreadable_results_line_is_its_keys_retryable_error_row_once(
+    tmp_path, clock, key_in_env
+):
+    """A results line cut short: that key's retryable error row, the other 29 rows ok, the file
+    downloaded once and no row written twice; the next run buys that one key again."""
+    tiny_images(tmp_path / "images", 30)
+    out = tmp_path / "out"
+    async with stand_in(clock, batch_corrupt_line=3) as server:
+        config = batch_config(tmp_path, base_url=server.base_url)
+        first = await asyncio.wait_for(run_through(config, server, clock, 1), 30)
+        assert calls(server, DOWNLOAD) == 1
+        rows = read_rows(out)
+        second = await run_through(config, server, clock, 2)
+        stats = server.stats()
+    assert (first.exit_code, dict(first.rows)) == (exits.ROWS_NOT_OK, {"ok": 29, "error": 1})
+    assert len(rows) == 30 and len({row["image_path"] for row in rows}) == 30
+    (bad,) = [row for row in rows if row["status"] != "ok"]
+    assert bad["retryable"] and bad["error"].startswith("batch result line unreadable: ")
+    assert first.batch["result_lines_unreadable"] == 1
+    assert first.batch["requests_without_result"] == 0
+
+    assert second.batch["requests_submitted"] == 1 and dict(second.rows) == {"ok": 1}
+    assert stats["batches"]["created"] == 2 and stats["answers_by_task"] == {"segment": 31}
+    assert {row["status"] for row in read_current(out).values()} == {"ok"}
+
+
+async def test_a_results_line_without_its_key_is_counted_and_its_request_sent_again_once(
+    tmp_path, clock, key_in_env
+):
+    """Every line a 503 (short lines: the cut falls inside the key): the line's key is lost. It
+    is counted and reported, its request ends without a result once (the next run sends it
+    again), and the job is downloaded once."""
+    tiny_images(tmp_path / "images", 10)
+    out = tmp_path / "out"
+    faults = {"fault_rate": 1.0, "fault_kinds": ("http_503",), "batch_corrupt_line": 2}
+    async with stand_in(clock, **faults) as server:
+        config = batch_config(tmp_path, base_url=server.base_url)
+        first = await asyncio.wait_for(run_through(config, server, clock, 1), 30)
+        assert calls(server, DOWNLOAD) == 1
+        rows = read_rows(out)
+        second = await run_through(config, server, clock, 2)
+    assert first.batch["result_lines_unreadable"] == 1
+    assert first.batch["requests_without_result"] == 1 and dict(first.rows) == {"error": 9}
+    assert len(rows) == 9 and all(row["retryable"] for row in rows)
+    assert jobs_in(out)[0].phase == "collected"
+    assert second.batch["requests_submitted"] == 10  # 9 retryable errors and the one left
 
 
 # ------------------------------------------------------------------------------- what went wrong

@@ -274,13 +274,17 @@ async def test_generate_content_thinking_and_media_resolution_settings(
     assert thinking.usage.thoughts_tokens > 0
     assert no_thinking.usage.thoughts_tokens == 0
 
-    async with connect(server, version="v1alpha") as alpha:  # per-part: v1alpha only
+    async with connect(server, version="v1alpha") as alpha:  # per-part: v1alpha and v1beta
         low_part = await alpha.generate_content(
             detect_request(ImagePart("image/png", png, resolution="low"), model=MODEL_3)
         )
-    with pytest.raises(GeminiError, match='Unknown name "mediaResolution"'):
-        await client.generate_content(  # v1beta's Part has no such field
-            detect_request(ImagePart("image/png", png, resolution="low"), model=MODEL_3)
+    beta_part = await client.generate_content(  # v1beta: the media-resolution page, 2026-09-19
+        detect_request(ImagePart("image/png", png, resolution="low"), model=MODEL_3)
+    )
+    assert beta_part.usage.prompt_by_modality["IMAGE"] == 280
+    with pytest.raises(GeminiError, match="Per-part media resolution is not supported"):
+        await client.generate_content(  # 2.x takes none (its table entry lists no version)
+            detect_request(ImagePart("image/png", png, resolution="low"), model=MODEL_25)
         )
     medium_request = await client.generate_content(
         detect_request(

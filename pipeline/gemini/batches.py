@@ -13,14 +13,18 @@ and never retries (a `GeminiError` says what failed; the engine decides). The sh
 - a job is an Operation: `{"name": "batches/<id>", "metadata": {"state", "batchStats",
   "displayName", "model", "output", "createTime", ...}, "done", "error"}`; states
   `BATCH_STATE_*` are read as the SDK spells them, `JOB_STATE_*` (`t_job_state`), and either
-  spelling is accepted;
+  spelling is accepted. `done` is read as the Operation says it, apart from the state: a job
+  was seen live SUCCEEDED before its output was attached (tidyverse/ellmer#926), so whether
+  its results can be read is `done` and `has_output`, never the state alone;
 - get / list (`operations`, paged by `nextPageToken`) / `:cancel` / delete, as `Batches.get`,
   `_list`, `cancel` and `delete` of the SDK (`batches/{name}` under the version);
 - results: `metadata.output.responsesFile` (`files/batch-<id>`), downloaded from
   `{base}/download/{version}/files/batch-<id>:download?alt=media` to a file, chunk by chunk, one
   `{"key", "response" | "error"}` a line (`parse_result`); inline jobs answer in
   `metadata.output.inlinedResponses.inlinedResponses[]` (`{"response" | "error", "metadata":
-  {"key"}}`, in input order, the SDK's `_InlinedResponse_from_mldev`).
+  {"key"}}`, in input order, the SDK's `_InlinedResponse_from_mldev`). A result that cannot be
+  read (a line cut short, not JSON, neither a response nor an error) is a BatchResult with
+  `unreadable` set, its key when it could still be read: one bad line spoils only itself.
 
 A per-request `error` is a google.rpc.Status whose `code` is the RPC code (3 INVALID_ARGUMENT,
 14 UNAVAILABLE, ...); `request_error` turns it into the `GeminiError` an interactive call with
@@ -29,6 +33,7 @@ that outcome would have raised, so both modes judge failures by the same rules.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterator
@@ -86,13 +91,28 @@ class BatchStats:
     failed: int = 0
 
 
+EXCERPT_CHARS = 80  # of an unreadable result shown in a message: enough to recognise, short
+
+
+@dataclass(frozen=True, slots=True)
+class Unreadable:
+    """Why a result could not be read, where it was (a results file's line, or an inline
+    answer's place, from 1) and its first EXCERPT_CHARS characters (never the whole line)."""
+
+    number: int
+    reason: str
+    excerpt: str
+
+
 @dataclass(frozen=True, slots=True)
 class BatchResult:
-    """One request's outcome: its answer, or the error the service gave it instead."""
+    """One request's outcome: its answer, the error the service gave it instead, or neither
+    when the result could not be read (`unreadable`; `key` then None unless it was readable)."""
 
     key: str | None
     response: GenerateResponse | None = None
     error: GeminiError | None = None
+    unreadable: Unreadable | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +121,7 @@ class BatchJob:
 
     name: str  # "batches/<id>"
     state: str  # JOB_STATE_* (BATCH_STATE_* is read as the SDK reads it)
+    done: bool = False  # the Operation's own `done` (`operation_done`)
     display_name: str | None = None
     model: str | None = None
     stats: BatchStats = field(default_factory=BatchStats)
@@ -112,8 +133,14 @@ class BatchJob:
     end_time: str | None = None
 
     @property
-    def done(self) -> bool:
+    def ended(self) -> bool:
+        """The state will not change any more (what the SDK's `BatchJob.done` tells)."""
         return self.state in ENDED
+
+    @property
+    def has_output(self) -> bool:
+        """Its results are attached: a responses file, or inline answers."""
+        return self.responses_file is not None or bool(self.inlined)
 
 
 def job_state(state: Any) -> str:
@@ -138,9 +165,11 @@ def parse_job(document: Any) -> BatchJob:
         raise ValueError("a batch job needs a name")
     output = _output(document, meta)
     error = document.get("error")
+    state = job_state(meta.get("state"))
     return BatchJob(
         name=str(name),
-        state=job_state(meta.get("state")),
+        state=state,
+        done=operation_done(document, state),
         display_name=wire_field(meta, "displayName", "display_name"),
         model=meta.get("model"),
         stats=_stats(wire_field(meta, "batchStats", "batch_stats")),
@@ -151,6 +180,15 @@ def parse_job(document: Any) -> BatchJob:
         update_time=wire_field(meta, "updateTime", "update_time"),
         end_time=wire_field(meta, "endTime", "end_time"),
     )
+
+
+def operation_done(document: dict[str, Any], state: str) -> bool:
+    """An Operation's `done` (proto3 JSON leaves a false one out); one carrying its `response`
+    or `error` is done whatever it says (google.longrunning.Operation: neither is set before).
+    A bare GenerateContentBatch has no `done`: its state ended."""
+    if not isinstance(document.get("metadata"), dict):
+        return state in ENDED
+    return document.get("done") is True or "response" in document or "error" in document
 
 
 def _output(document: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
@@ -176,10 +214,20 @@ def _stats(stats: Any) -> BatchStats:
 def _inlined(output: dict[str, Any]) -> Iterator[BatchResult]:
     container = wire_field(output, "inlinedResponses", "inlined_responses")
     items = wire_field(container, "inlinedResponses", "inlined_responses") if container else None
-    for item in items if isinstance(items, list) else ():
-        metadata = item.get("metadata") if isinstance(item, dict) else None
-        key = metadata.get("key") if isinstance(metadata, dict) else None
-        yield _result(item, None if key is None else str(key), json.dumps(item.get("response")))
+    for number, item in enumerate(items if isinstance(items, list) else (), 1):
+        yield _inlined_result(item, number)
+
+
+def _inlined_result(item: Any, number: int) -> BatchResult:
+    """One inline answer (`{"response" | "error", "metadata": {"key"}}`), or its Unreadable."""
+    metadata = item.get("metadata") if isinstance(item, dict) else None
+    key = _key(metadata.get("key")) if isinstance(metadata, dict) else None
+    try:
+        if not isinstance(item, dict):
+            raise ValueError("an inline answer must be a JSON object")
+        return _result(item, key, json.dumps(item.get("response")))
+    except (ValueError, TypeError, AttributeError) as exc:
+        return unreadable(key, number, str(exc), json.dumps(item))
 
 
 def parse_job_page(body: str) -> tuple[list[BatchJob], str | None]:
@@ -203,6 +251,38 @@ def parse_result(line: str) -> BatchResult:
     )
 
 
+def read_result(line: str, number: int) -> BatchResult:
+    """Line `number` of a results file: its BatchResult, or — when it cannot be read — one
+    saying why, with its key if that much of the line reads (a key comes first in the lines
+    the service writes, so a line cut short usually keeps it)."""
+    try:
+        return parse_result(line)
+    except (ValueError, TypeError, AttributeError) as exc:
+        return unreadable(leading_key(line), number, str(exc), line)
+
+
+def unreadable(key: str | None, number: int, reason: str, text: str) -> BatchResult:
+    excerpt = text.strip()[:EXCERPT_CHARS]
+    return BatchResult(key, unreadable=Unreadable(number, reason[:200], excerpt))
+
+
+def leading_key(line: str) -> str | None:
+    """The `key` member of a JSON object line, if it comes before the line stops being JSON."""
+    members: dict[str, tuple[Any, str]] = {}
+    if not line.lstrip().startswith("{"):
+        return None
+    with contextlib.suppress(ValueError, IndexError):  # cut short: what was read is kept
+        _read_members(line, members)
+    return _key(members.get("key", (None, ""))[0])
+
+
+def _key(value: Any) -> str | None:
+    """A result's key as a string (a number too, as the service echoes what it was given)."""
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        return None
+    return str(value)
+
+
 def _result(document: dict[str, Any], key: str | None, response_text: str) -> BatchResult:
     error = document.get("error")
     if isinstance(error, dict):
@@ -214,8 +294,14 @@ def _result(document: dict[str, Any], key: str | None, response_text: str) -> Ba
 
 def _members(text: str) -> dict[str, tuple[Any, str]]:
     """The members of a JSON object: each value and its exact text."""
-    decoder = json.JSONDecoder()
     members: dict[str, tuple[Any, str]] = {}
+    _read_members(text, members)
+    return members
+
+
+def _read_members(text: str, members: dict[str, tuple[Any, str]]) -> None:
+    """Into `members`, one at a time (those read before a failure stay: `leading_key`)."""
+    decoder = json.JSONDecoder()
     at = _skip(text, 0, "{")
     while text[at] != "}":
         name, at = decoder.raw_decode(text, at)
@@ -223,7 +309,6 @@ def _members(text: str) -> dict[str, tuple[Any, str]]:
         value, end = decoder.raw_decode(text, at)
         members[str(name)] = (value, text[at:end])
         at = _skip(text, end, ",")
-    return members
 
 
 def _skip(text: str, at: int, punctuation: str) -> int:
@@ -339,14 +424,12 @@ class Batches:
 
     def results(self, path: str | os.PathLike[str]) -> Iterator[BatchResult]:
         """The lines of a downloaded results file, read one at a time (the key redacted from
-        every line first, as from every answer). A line that does not parse is a GeminiError
-        DATA_LOSS, as a corrupt answer is."""
+        every line first, as from every answer). A line that does not parse is a BatchResult
+        saying so (`read_result`): the others are read all the same."""
         with open(path, encoding="utf-8", errors="replace") as lines:
             for number, line in enumerate(lines, 1):
                 if line.strip():
-                    yield self._transport.parse_value(
-                        self._transport.redact(line), parse_result, f"results line {number}"
-                    )
+                    yield read_result(self._transport.redact(line), number)
 
     def _url(self, name: str) -> str:
         return f"{self.base_url}/{self.version}/batches/{job_id(name)}"

@@ -18,6 +18,12 @@ JSONL. A line the service would refuse, or an injected 500 / 503 / deadline, bec
 `error` (a google.rpc.Status with its RPC code). States are derived from the server's clock when
 a job is read, so tests can move time; the answering runs as fast as it can.
 
+Two faults a collector must survive: `--batch-output-delay S` (rule batch.output-delay) shows a
+SUCCEEDED, done job without its output for S seconds after it ended, as the live service was seen
+to (tidyverse/ellmer#926); `--batch-corrupt-line N` (rule batch.corrupt-line) makes the Nth result
+of every job unreadable — its results file's line cut in half (its key, which comes first, kept
+when the cut falls after it), or its inline answer a string instead of an object.
+
 This module is the surface only; the routes must be registered before generate.py's and
 files_api.py's (server.SURFACES), whose catch-all `{model_action}` and `{id}` would match first.
 """
@@ -302,6 +308,7 @@ class BatchesSurface:
         return "PENDING" if now < job.created + PENDING_SHARE * options.batch_seconds else "RUNNING"
 
     def _succeed(self, job: Job) -> None:
+        job.results = _corrupted(job.results, self.options.batch_corrupt_line)
         if job.from_file is not None:
             stored = self.core.files.add_generated(
                 f"batch-{job.id}",
@@ -343,7 +350,7 @@ class BatchesSurface:
         operation: dict[str, Any] = {"name": name, "metadata": meta}
         if state in ENDED:
             operation["done"] = True
-        if state == "SUCCEEDED" and with_output:
+        if state == "SUCCEEDED" and with_output and self._attached(job):
             output = self._output(job)
             meta["output"] = output
             operation["response"] = {"@type": TYPE + "GenerateContentBatchOutput", **output}
@@ -361,6 +368,12 @@ class BatchesSurface:
             "failedRequestCount": job.failed if state == "SUCCEEDED" else 0,
         }
         return {name: str(value) for name, value in counts.items() if value}
+
+    def _attached(self, job: Job) -> bool:
+        """Whether a succeeded job's output shows yet: `--batch-output-delay` after it ended
+        (rule batch.output-delay; the job is SUCCEEDED and done all the while)."""
+        ended = job.ended_at if job.ended_at is not None else self.core.clock()
+        return self.core.clock() >= ended + self.options.batch_output_delay_seconds
 
     def _output(self, job: Job) -> dict[str, Any]:
         if job.responses_file is not None:
@@ -395,6 +408,25 @@ def _file_lines(data: bytes) -> Iterator[bytes]:
     for line in io.BytesIO(data):
         if line.strip():
             yield line
+
+
+def _corrupted(results: list[Any], number: int | None) -> list[Any]:
+    """The results with the `number`th (from 1) made unreadable (rule batch.corrupt-line): a
+    file's line cut in half, as a truncated write leaves it; an inline answer's response
+    replaced by the first half of its JSON text (a string where an object belongs)."""
+    if number is None or number > len(results):
+        return results
+    results, index = list(results), number - 1
+    results[index] = _cut(results[index])
+    return results
+
+
+def _cut(result: Any) -> Any:
+    if isinstance(result, bytes):
+        line = result.rstrip(b"\n")
+        return line[: len(line) // 2] + b"\n"
+    text = json.dumps(result.get("response") or result.get("error"))
+    return {**{k: v for k, v in result.items() if k != "error"}, "response": text[: len(text) // 2]}
 
 
 def _status(status: str, message: str, details: list[Any] | None = None) -> dict[str, Any]:

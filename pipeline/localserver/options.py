@@ -169,6 +169,20 @@ class LocalOptions:
         "Batch Mode: input tokens of a model's unfinished jobs at most; beyond, a 429",
         type=int,
     )
+    batch_output_delay_seconds: float = setting(
+        0.0,
+        _AT_LEAST_ZERO,
+        "Batch Mode: a job reports SUCCEEDED (and done) this many seconds before its output "
+        "(results file or inline answers) is attached, as seen live (tidyverse/ellmer#926)",
+        type=float,
+    )
+    batch_corrupt_line: int | None = setting(
+        None,
+        _limit,
+        "Batch Mode fault: the Nth result of every job is unreadable (a results file's line cut "
+        "in half, an inline answer that is no object); 0: none",
+        type=int,
+    )
 
     def __post_init__(self) -> None:
         """Every value checked, and normalised (0 for "no limit" becomes None), by its

@@ -468,6 +468,28 @@ _RULES = (
         "googleapis/python-genai#1901 (2025-12-31: enqueued tokens)",
     ),
     Rule(
+        "batch.output-delay",
+        "200: BATCH_STATE_SUCCEEDED, done, without output",
+        "--batch-output-delay S: a job that succeeded reports BATCH_STATE_SUCCEEDED and done "
+        "for S seconds before its output (responsesFile, or the inline answers) is attached; a "
+        "collector must keep polling, not count its requests as unanswered.",
+        "https://github.com/tidyverse/ellmer/pull/926 (seen live with gemini-2.5-flash and "
+        "gemini-3-flash-preview: 'Keeps polling when BATCH_STATE_SUCCEEDED but output file "
+        "isn't available yet')",
+        dated="tidyverse/ellmer#926 (reviewed 2026-05-15: Gemini batch support that keeps "
+        "polling a SUCCEEDED job until its output file is there)",
+    ),
+    Rule(
+        "batch.corrupt-line",
+        "200: one result unreadable",
+        "--batch-corrupt-line N (a fault injection): the Nth result of every job is unreadable: "
+        "its results file's line cut in half (the key, first in the line, survives when the cut "
+        "falls after it), or its inline answer's response a string instead of an object.",
+        "fault injection of the local server (a truncated or damaged download)",
+        "written",
+        assumed=True,
+    ),
+    Rule(
         "batch.input",
         "400 INVALID_ARGUMENT",
         "A create needs exactly one of inputConfig.fileName (an ACTIVE file of this project: "

@@ -21,6 +21,7 @@ _RENAMED = {
     "credit_budget_usd": "--credit-budget",
     "inline_limit_bytes": "--inline-limit-mb",
     "batch_inline_limit_bytes": "--batch-inline-limit-mb",
+    "batch_output_delay_seconds": "--batch-output-delay",
 }
 
 

@@ -16,6 +16,9 @@ Batch tables (pipeline/engines/batch/submit.py and jobs.py write them):
   share one request: the first row pays, the others copy), with what a row needs of the file;
 - `batch_files`: the Files API files a job uses (its JSONL, its uploaded images), deleted when
   its rows are committed;
+- `batch_collected`: the request keys of a job whose rows are durable (in the journal), written
+  as a collection goes: one cut short (a stop, a failure, a kill) and made again writes none of
+  them twice;
 - `batch_retries`: fingerprints of files whose batch answer was a retryable error, for a next
   run set to retry them interactively.
 
@@ -114,6 +117,7 @@ _BATCH_SCHEMA = (
     "CREATE INDEX IF NOT EXISTS batch_requests_by_request_key ON batch_requests (key)",
     "CREATE TABLE IF NOT EXISTS batch_files (job INTEGER, name TEXT PRIMARY KEY)",
     "CREATE TABLE IF NOT EXISTS batch_retries (fingerprint BLOB PRIMARY KEY)",
+    "CREATE TABLE IF NOT EXISTS batch_collected (job INTEGER, key TEXT, PRIMARY KEY (job, key))",
 )
 
 
@@ -296,6 +300,20 @@ class State:
     def forget_batch_file(self, name: str) -> None:
         self._write("DELETE FROM batch_files WHERE name = ?", (name,))
 
+    def add_batch_collected(self, job: int, keys: Iterable[str]) -> None:
+        """Keys of a job whose rows are durable now, in one transaction. On an object store
+        the next snapshot takes them, not a PUT of its own: a mark lost to a kill writes a
+        row again, which costs no money (and a big job marks keys hundreds at a time)."""
+        with self._transaction(save=False):
+            self._many(
+                "INSERT OR IGNORE INTO batch_collected VALUES (?, ?)", ((job, k) for k in keys)
+            )
+
+    def batch_collected(self, job: int) -> set[str]:
+        """The keys of a job whose rows an earlier collection made durable."""
+        rows = self._write("SELECT key FROM batch_collected WHERE job = ?", (job,))
+        return {row[0] for row in rows}
+
     def add_batch_retries(self, fingerprints: Iterable[bytes]) -> None:
         with self._transaction():
             self._many(
@@ -309,7 +327,7 @@ class State:
         self._write("DELETE FROM batch_retries WHERE fingerprint = ?", (fingerprint,))
 
     @contextlib.contextmanager
-    def _transaction(self) -> Iterator[None]:
+    def _transaction(self, *, save: bool = True) -> Iterator[None]:
         with self._mutex:
             self.db.execute("BEGIN")
             try:
@@ -318,7 +336,8 @@ class State:
                 self.db.execute("ROLLBACK")
                 raise
             self.db.execute("COMMIT")
-        self.save()
+        if save:
+            self.save()
 
     def _write(self, sql: str, params: Iterable[Any] = ()) -> list[Any]:
         """One statement under the mutex (the snapshot thread reads the database too): its

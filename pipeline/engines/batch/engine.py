@@ -88,7 +88,7 @@ class BatchEngine:
                 producer = await self._work(opened, jobs, stop)
                 if self.config.images.delete_uploads and stop.running:  # interactive retries'
                     await guarded(stop, opened.caller.uploads.delete_all())  # (not a job's)
-            report_ended(stop, self.job_counts)
+            report_ended(stop, self.job_counts, self.config.output.dir)
             summarise(self.summary, producer, opened.runner.counts, opened.caller)
             in_flight = len(jobs.in_flight())
         self._settle(opened, stop, in_flight)
@@ -115,6 +115,7 @@ class BatchEngine:
             bought=opened.bought,
             retry_interactively=batch.retry == "interactive",
             poll=(batch.poll_seconds, batch.max_poll_seconds),
+            output_wait=batch.output_wait_seconds,
             max_jobs=batch.max_jobs,
             say=self.say,
             wait_for_room=not self.options.submit_only,

@@ -5,9 +5,15 @@ a run (`pipeline run --batch`, engines/batch/engine.py) and for
     Jobs.check_all, one pass over the output's jobs in flight at one endpoint (state.sqlite):
       submitted ─get─► not done yet: the next pass (the wait between passes grows 1.5x, the
                        SDK's LRO multiplier, from [batch] poll_seconds to max_poll_seconds)
-                   ─► SUCCEEDED: Collector — download the results file to disk (or read the
-                      inline answers), a row per file of each key (the first pays, its twins
-                      copy), through the sink; flush; phase collected; delete the job's files
+                   ─► done, its output attached: Collector — download the results file to disk
+                      once (or read the inline answers), a row per file of each key (the first
+                      pays, its twins copy), through the sink; flush; phase collected; delete
+                      the job's files
+                   ─► SUCCEEDED (or done) without its output: still finishing (seen live,
+                      tidyverse/ellmer#926) — polled on, its files and requests kept, said on
+                      the progress line; past [batch] output_wait_seconds the run stops waiting
+                      for it and ends saying its answers are owed (exit 3): it stays in flight
+                      for a later run or `pipeline batch wait`, which collect it, no new job
                    ─► FAILED / CANCELLED / EXPIRED, or unknown to the service: phase ended,
                       reported, its files deleted; no rows: the next run sends its images again
       creating (a create answer lost, not being created by this process): found among the
@@ -19,6 +25,13 @@ wrong key, spent credits, a job this key may not read). A per-request error in t
 judged like an interactive call's (`failures.judge`): the image's fault is an error row, a
 transient one a `retryable` error row, the run's own no row at all — and a job whose every line
 failed the same way is the run's failure too, as `failures.Health` judges a stream of attempts.
+
+A result line that cannot be read is its key's `retryable` error row ("batch result line
+unreadable: ..."), or, when not even its key reads, counted and logged (a short excerpt) and its
+request left without a result, for the next run: a bad line spoils itself, never the job.
+Collecting is done once: the results file is downloaded once (kept until the job is collected),
+and the keys whose rows are durable are recorded as they go (state `batch_collected`), so a
+collection cut short and made again writes none of them twice.
 """
 
 from __future__ import annotations
@@ -38,7 +51,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from pipeline import exits
-from pipeline.config import Config, ConfigError
+from pipeline.config import BatchConfig, Config, ConfigError
 from pipeline.engines.common import drain_on_signals, make_client, sink_hint
 from pipeline.gemini import GeminiClient, GeminiError, api_key_from_env
 from pipeline.gemini.batches import BatchJob, BatchResult
@@ -60,6 +73,9 @@ log = logging.getLogger(__name__)
 FOLDER = ".batch"  # in an output folder: JSONL inputs being built, results being read
 BACKOFF = 1.5  # the poll wait grows so while idle (SDK _transformers.LRO_POLLING_MULTIPLIER)
 ATTEMPTS = 6  # tries of a job's creation refused for a passing reason (the caps, a 5xx)
+MARK_EVERY = 512  # keys whose rows are made durable, then recorded, at once while collecting
+SAY_UNREADABLE = 5  # unreadable lines without a key logged per job (the rest only counted)
+SUCCEEDED = "JOB_STATE_SUCCEEDED"
 LOCAL_GONE = "created by an in-process local server (gone with its run)"
 Say = Callable[[str], None]
 
@@ -108,6 +124,9 @@ class JobCounts:
         self.collected = 0
         self.result_lines = 0
         self.missing = 0  # requests of collected jobs without a result line: left for later
+        self.unreadable = 0  # result lines (or inline answers) that could not be read
+        # jobs given up on (for now) waiting for their output: job id -> what the report says
+        self.awaiting_output: dict[int, dict[str, Any]] = {}
         self.first_job_s: float | None = None  # from the start of the run to the first create
         self.submitted_s: float | None = None  # ... to the end of the walk (every job created)
         self.collect_s = 0.0  # spent collecting: download, parse, rows, commit
@@ -122,7 +141,9 @@ class JobCounts:
             "jobs_collected": self.collected,
             "result_lines": self.result_lines,
             "requests_without_result": self.missing,
+            "result_lines_unreadable": self.unreadable,
             "jobs_ended": self.ended,
+            "jobs_awaiting_output": list(self.awaiting_output.values()),
             "jobs_in_flight": in_flight,
             "jobs_at_other_endpoints": self.elsewhere,
             "first_job_created_s": self.first_job_s,
@@ -147,6 +168,7 @@ class Following:
     bought: Bought | None  # the run's reuse tiers, told of every answer collected
     retry_interactively: bool  # [batch] retry = "interactive": note retryable files
     poll: tuple[float, float]  # the first and the longest wait between polls
+    output_wait: float  # [batch] output_wait_seconds: a succeeded job's output waited for
     max_jobs: int
     say: Say
     wait_for_room: bool = True  # False (--submit-only): at the cap of jobs, stop submitting
@@ -193,11 +215,17 @@ class Jobs:
         self.how = how
         self.ended = asyncio.Event()  # set whenever a job leaves flight: room for another
         self._creating: set[int] = set()  # jobs whose create call this process is making
-        self._told: dict[int, tuple[str, int]] = {}  # job -> (state, requests done) last said
+        self._told: dict[int, tuple[str, int, str]] = {}  # job -> (state, done, note) last said
+        self._finishing: dict[int, float] = {}  # job -> when first seen succeeded, no output
+        self._overdue: set[int] = set()  # jobs whose output this run no longer waits for
 
     def in_flight(self) -> list[BatchJobRecord]:
         jobs = self.state.batch_jobs(IN_FLIGHT)
         return [job for job in jobs if job.base_url == self.how.base_url]
+
+    def awaited(self) -> list[BatchJobRecord]:
+        """The jobs in flight this run still waits for (not those given up on: `_give_up`)."""
+        return [job for job in self.in_flight() if job.id not in self._overdue]
 
     async def recover(self) -> None:
         """Before anything new: drop the staged jobs of a killed run (never sent: their files
@@ -210,6 +238,16 @@ class Jobs:
             await self.drop(job.id)
         for job in self.state.batch_jobs(("collected", "ended")):
             await self._delete_files(job.id)
+        self._clear_results()
+
+    def _clear_results(self) -> None:
+        """Results files no job in flight needs: a download cut short (`.part`), or the file of
+        a job collected by a run killed before it deleted it."""
+        kept = {_results_name(job) for job in self.state.batch_jobs(IN_FLIGHT)}
+        for path in self.how.folder.glob("*.results.jsonl*"):
+            if path.name not in kept:
+                with contextlib.suppress(OSError):
+                    path.unlink()
 
     async def drop(self, job: int) -> None:
         """A job that was never created: its files deleted, then the job forgotten (its
@@ -293,7 +331,7 @@ class Jobs:
             self.ended.clear()  # before counting: an end after the count still wakes us
             if len(self.in_flight()) < self.how.max_jobs:
                 return
-            if not self.how.wait_for_room:
+            if not self.how.wait_for_room or not self.awaited():  # (none will end in this run)
                 self.stop.drain(
                     f"{self.how.max_jobs} batch jobs are in flight ([batch] max_jobs): the "
                     "remaining files wait for a later run",
@@ -310,7 +348,7 @@ class Jobs:
         delay = first
         with contextlib.suppress(Stopped):
             while True:
-                if walked.is_set() and (not wait_for_all or not self.in_flight()):
+                if walked.is_set() and (not wait_for_all or not self.awaited()):
                     return
                 await self._pause(walked, delay)
                 changed = await self.check_all()
@@ -349,6 +387,7 @@ class Jobs:
         return True
 
     async def _check(self, job: BatchJobRecord) -> bool:
+        """One poll of a submitted job; True when it left flight."""
         name = job.name or ""
         try:
             remote = await self.stop.call(self.client.batches.get(name))
@@ -359,44 +398,77 @@ class Jobs:
             return True
         if remote.state != job.service_state:
             self.state.update_batch_job(job.id, service_state=remote.state)
-        self._progress(job, remote)
-        if not remote.done:
-            return False
-        if remote.state != "JOB_STATE_SUCCEEDED":
+        self._progress(job, remote, self._finishing_note(job, remote))
+        return await self._settle(job, remote)
+
+    async def _settle(self, job: BatchJobRecord, remote: BatchJob) -> bool:
+        """What a poll found: an end without results, results to collect, or nothing yet. Only
+        `done` with the output attached is collected: a job seen SUCCEEDED (or done) without
+        it is finishing, and collecting it then would find no answers and buy them again."""
+        if remote.ended and remote.state != SUCCEEDED:
             why = remote.error.message if remote.error else "no reason given"
             await self._end(job, remote.state.removeprefix("JOB_STATE_"), why)
             return True
+        if not (remote.done and remote.has_output):
+            return False
         try:
             await self._collect(job, remote)
         except GeminiError as exc:
-            return _passing(exc, f"the results of batch job {name} cannot be read")
+            return _passing(exc, f"the results of batch job {remote.name} cannot be read")
         return True
 
-    def _progress(self, job: BatchJobRecord, remote: BatchJob) -> None:
-        """A line when a job's state or its count of answered requests changed since the last
-        poll: the progress of a run that may wait hours (one line a poll at most)."""
+    def _finishing_note(self, job: BatchJobRecord, remote: BatchJob) -> str:
+        """For a job that says it succeeded (or is done) without its output: the progress
+        line's note, how long this run has seen it so, and past [batch] output_wait_seconds
+        the end of waiting for it (`_give_up`). Else ""."""
+        if not _finishing(remote):
+            return ""
+        now = time.monotonic()
+        waited = now - self._finishing.setdefault(job.id, now)
+        if waited >= self.how.output_wait:
+            self._give_up(job, remote, waited)
+        return f", output not attached yet ({_minutes(waited)})"
+
+    def _give_up(self, job: BatchJobRecord, remote: BatchJob, waited: float) -> None:
+        """This run waits no more for the job's output. Nothing is deleted or marked
+        unanswered: the job stays in flight (its files skipped by every walk, so never bought
+        again) for a later run or `batch wait`; the run's report says its answers are owed."""
+        if job.id in self._overdue:
+            return
+        self._overdue.add(job.id)
+        owed = {"name": remote.name, "requests": job.requests, "waited_s": round(waited, 1)}
+        self.how.job_counts.awaiting_output[job.id] = owed
+        self.how.say(
+            f"batch job {remote.name} {remote.state}, output still not attached after "
+            f"{_duration(waited)}: no longer waited for; it stays in flight for a later run"
+        )
+        self.ended.set()  # `room` counts it no more
+
+    def _progress(self, job: BatchJobRecord, remote: BatchJob, note: str) -> None:
+        """A line when a job's state, its count of answered requests or its note changed since
+        the last poll: the progress of a run that may wait hours (one line a poll at most)."""
         stats = remote.stats
         done = stats.requests - stats.pending if stats.requests else 0
-        if self._told.get(job.id) == (remote.state, done):
+        if self._told.get(job.id) == (remote.state, done, note):
             return
-        self._told[job.id] = (remote.state, done)
+        self._told[job.id] = (remote.state, done, note)
         counted = f": {done:,}/{stats.requests:,} requests answered" if stats.requests else ""
-        self.how.say(f"batch job {remote.name} {remote.state}{counted}")
+        self.how.say(f"batch job {remote.name} {remote.state}{counted}{note}")
 
     # ----------------------------------------------------------------------- collecting
     async def _collect(self, job: BatchJobRecord, remote: BatchJob) -> None:
         """Rows for every result of a succeeded job, committed; then its files deleted."""
         started = time.monotonic()
         reader = Collector(self, job, remote)
-        try:
-            await reader.read()
-        finally:
-            reader.clean()
+        await reader.read()
         if self.stop.state == "abandoning":
-            return  # not recorded: the next run collects it again (no new call, no new cost)
+            return  # not recorded: the next run collects the rest (no new call, no new cost)
         await self.sink.flush()
         self.how.job_counts.collect_s += time.monotonic() - started
         self.state.update_batch_job(job.id, phase="collected", service_state=remote.state)
+        reader.clean()
+        self._overdue.discard(job.id)
+        self.how.job_counts.awaiting_output.pop(job.id, None)
         await self._delete_files(job.id)
         self.how.job_counts.collected += 1
         self.how.say(f"batch job {remote.name} {remote.state}: {reader.summary()}")
@@ -425,6 +497,25 @@ class Jobs:
             self.state.forget_batch_file(name)
 
 
+def _finishing(remote: BatchJob) -> bool:
+    """Says it succeeded (or is done), its output not attached yet (tidyverse/ellmer#926)."""
+    said_so = remote.state == SUCCEEDED or remote.done
+    return said_so and not (remote.done and remote.has_output)
+
+
+def _minutes(seconds: float) -> str:
+    """Whole minutes: a progress line changes (and is said again) once a minute at most."""
+    return f"{seconds // 60:.0f} min"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else _minutes(seconds)
+
+
+def _results_name(job: BatchJobRecord) -> str:
+    return f"{job.display_name}.results.jsonl"
+
+
 def _ended(how: Following, job: BatchJobRecord, service_state: str, why: str) -> None:
     ended = {"name": job.name, "state": service_state, "requests": job.requests, "why": why}
     how.job_counts.ended.append(ended)
@@ -435,19 +526,22 @@ def _ended(how: Following, job: BatchJobRecord, service_state: str, why: str) ->
 
 
 class Collector:
-    """Reads one succeeded job's results into rows (see Jobs._collect)."""
+    """Reads one succeeded job's results into rows, once (see Jobs._collect)."""
 
     def __init__(self, jobs: Jobs, job: BatchJobRecord, remote: BatchJob) -> None:
         self.jobs = jobs
         self.job = job
         self.remote = remote
         self.how = jobs.how
-        self.path = self.how.folder / f"{job.display_name}.results.jsonl"
+        self.path = self.how.folder / _results_name(job)
         self.settings, self.identity = self._parsing()
         self.latency_ms = _age_ms(job.created_at)
         self.answered: set[str] = set()
         self.statuses: dict[str, int] = {}
         self.run_failure: Verdict | None = None  # the run's failure found in its lines
+        self.unmarked: list[str] = []  # keys whose rows are added, not yet recorded durable
+        self.held: dict[str, BatchResult] = {}  # keys so far found only in unreadable lines
+        self.unreadable = 0
 
     def _parsing(self) -> tuple[TaskSettings, RunIdentity]:
         """How this job's answers are read: as the run's own config when it made the job, else
@@ -458,20 +552,37 @@ class Collector:
         return settings, RunIdentity(self.how.run_id, settings.kind, job.model, job.settings_hash)
 
     async def read(self) -> None:
-        """Every result line to rows; the file is read twice when all lines failed."""
-        results: Callable[[], Iterable[BatchResult]] = lambda: self.remote.inlined  # noqa: E731
-        if self.remote.responses_file:
-            self.how.folder.mkdir(exist_ok=True)
-            batches = self.jobs.client.batches
-            await self.jobs.stop.call(batches.download(self.remote.responses_file, self.path))
-            results = lambda: batches.results(self.path)  # noqa: E731
+        """Every result to rows, skipping the keys an earlier collection of this job made
+        durable; the file is read twice when all lines failed (`_common_failure`)."""
+        results = await self._results()
+        self.answered = self.jobs.state.batch_collected(self.job.id)
         self.run_failure = self._common_failure(results)
-        for result in results():
-            if self.jobs.stop.state == "abandoning":
-                return
-            await self._result(result)
+        try:
+            await self._rows(results)
+        finally:
+            await self._mark()  # even when cut short: what is durable is not written again
+        if self.jobs.stop.state == "abandoning":
+            return
         missing = set(self.jobs.state.batch_request_keys(self.job.id)) - self.answered
         self.how.job_counts.missing += len(missing)
+
+    async def _results(self) -> Callable[[], Iterable[BatchResult]]:
+        """The job's results, to read: its inline answers, or its results file — downloaded
+        once, and kept until the job is collected, so a collection cut short reads it again
+        rather than download it again."""
+        if not self.remote.responses_file:
+            return lambda: self.remote.inlined
+        if not self.path.exists():
+            await self._download(self.remote.responses_file)
+        batches = self.jobs.client.batches
+        return lambda: batches.results(self.path)
+
+    async def _download(self, file_name: str) -> None:
+        """Into a `.part` file renamed when whole: a cut download is never read as results."""
+        self.how.folder.mkdir(exist_ok=True)
+        partial = self.path.with_name(self.path.name + ".part")
+        await self.jobs.stop.call(self.jobs.client.batches.download(file_name, partial))
+        partial.replace(self.path)
 
     def _common_failure(self, results: Callable[[], Iterable[BatchResult]]) -> Verdict | None:
         """A job whose every line (STREAK at least) failed the same way for a reason not its
@@ -495,13 +606,36 @@ class Collector:
         why = f"every request of batch job {self.remote.name} failed the same way: {verdict.reason}"
         return Verdict(Action.RUN, why, exits.USAGE)
 
+    async def _rows(self, results: Callable[[], Iterable[BatchResult]]) -> None:
+        """The rows of every readable result, then those of keys found only unreadable; the
+        keys are recorded durable every MARK_EVERY. A stop that abandons ends it at once."""
+        for result in results():
+            if self.jobs.stop.state == "abandoning":
+                return
+            await self._result(result)
+            if len(self.unmarked) >= MARK_EVERY:
+                await self._mark()
+        for key, result in self.held.items():
+            if key not in self.answered:
+                records = self._records(key)
+                await self._answer(records, self._unreadable_outcome(result, records[0]))
+
     async def _result(self, result: BatchResult) -> None:
-        records = self.jobs.state.batch_requests(self.job.id, result.key) if result.key else []
-        if not records:
-            return  # a key this output never asked for: nothing to file it under
+        if result.unreadable is not None:
+            return self._hold(result)
+        records = self._records(result.key)
+        if not records or records[0].key in self.answered:
+            return  # a key this output never asked for, or one already written
+        await self._answer(records, await self._outcome(result, records[0]))
+
+    def _records(self, key: str | None) -> list[BatchRequestRecord]:
+        """The files a key of this job answers (none for a key it never asked)."""
+        return self.jobs.state.batch_requests(self.job.id, key) if key else []
+
+    async def _answer(self, records: list[BatchRequestRecord], outcome: Outcome | None) -> None:
+        """A key's rows: the first file pays, its twins copy. None: the run's failure, no row."""
         self.answered.add(records[0].key)
         self.how.job_counts.result_lines += 1
-        outcome = await self._outcome(result, records[0])
         if outcome is None:
             return  # the run's failure: no row, the files are sent again next time
         for number, record in enumerate(records):
@@ -510,7 +644,43 @@ class Collector:
             await self.jobs.sink.add(row)
             self.how.rows.add(row, copied=number > 0)
             self.statuses[row["status"]] = self.statuses.get(row["status"], 0) + 1
+        self.unmarked.append(records[0].key)
         self._remember(records, outcome)
+
+    def _hold(self, result: BatchResult) -> None:
+        """An unreadable result: kept for its key's error row (made after every line was read,
+        unless another line answers that key); without a key of this job, counted and logged —
+        its request ends without a result, for the next run."""
+        self.unreadable += 1
+        self.how.job_counts.unreadable += 1
+        if self._records(result.key):
+            self.held.setdefault(result.key or "", result)
+        elif self.unreadable <= SAY_UNREADABLE and result.unreadable is not None:
+            note = result.unreadable
+            log.warning(
+                "batch job %s: result %d unreadable and without a key of the job (%s): %r",
+                self.remote.name,
+                note.number,
+                note.reason,
+                note.excerpt,
+            )
+
+    def _unreadable_outcome(self, result: BatchResult, record: BatchRequestRecord) -> Outcome:
+        """A key whose result could not be read: a retryable error row (the answer was paid
+        for, but the next run asks again rather than keep nothing)."""
+        note = result.unreadable
+        why = f"{note.reason} (result {note.number})" if note is not None else "no reason"
+        parsed = Parsed("error", error=f"batch result line unreadable: {why}")
+        return _bought(parsed, result, record, self.latency_ms, retryable=True)
+
+    async def _mark(self) -> None:
+        """Record the keys whose rows are durable now (the journal synced first): a kill
+        between the two writes those rows again, never loses them."""
+        if not self.unmarked:
+            return
+        await self.jobs.sink.sync()
+        self.jobs.state.add_batch_collected(self.job.id, self.unmarked)
+        self.unmarked = []
 
     async def _outcome(self, result: BatchResult, record: BatchRequestRecord) -> Outcome | None:
         """What became of a request, as an interactive call's Outcome (input_mode "batch"):
@@ -541,7 +711,8 @@ class Collector:
         rows = ", ".join(f"{status} {count}" for status, count in sorted(self.statuses.items()))
         missing = self.job.requests - len(self.answered)
         extra = f"; {missing} requests without a result, left for the next run" if missing else ""
-        return f"rows committed ({rows or 'none'}){extra}"
+        bad = f"; {self.unreadable} result lines unreadable" if self.unreadable else ""
+        return f"rows committed ({rows or 'none'}){extra}{bad}"
 
     def clean(self) -> None:
         with contextlib.suppress(OSError):
@@ -581,16 +752,33 @@ def _age_ms(created_at: str) -> float:
 
 
 # ------------------------------------------------------------------------- the run's report
-def report_ended(stop: Stop, counts: JobCounts) -> None:
-    """Jobs that ended without rows leave work for the next run: the run says so (exit 3)."""
+def report_ended(stop: Stop, counts: JobCounts, output_dir: str | Path) -> None:
+    """Jobs that ended without rows leave work for the next run, and jobs whose output never
+    came in time leave answers owed: the run says so (exit 3)."""
     if counts.ended and stop.reason is None:
         first = counts.ended[0]
-        more = f" (and {len(counts.ended) - 1} more)" if len(counts.ended) > 1 else ""
         stop.drain(
-            f"batch job {first['name']} ended {first['state']}{more}: its images are left for "
-            "the next run",
+            f"batch job {first['name']} ended {first['state']}{_more(counts.ended)}: its images "
+            "are left for the next run",
             "rerun the same command to send them again",
         )
+    if counts.awaiting_output and stop.reason is None:
+        _report_owed(stop, list(counts.awaiting_output.values()), output_dir)
+
+
+def _report_owed(stop: Stop, owed: list[dict[str, Any]], output_dir: str | Path) -> None:
+    """Jobs given up on waiting for their output: paid answers not yet collected (exit 3)."""
+    stop.drain(
+        f"batch job {owed[0]['name']} succeeded but its output was still not attached after "
+        f"{_duration(owed[0]['waited_s'])} ([batch] output_wait_seconds){_more(owed)}: "
+        f"{sum(job['requests'] for job in owed)} answers are paid for and still owed",
+        f"nothing was deleted or marked unanswered: {len(owed)} job(s) stay in flight; a "
+        f"later run (or `pipeline batch wait {output_dir}`) collects them, with no new job",
+    )
+
+
+def _more(jobs: list[dict[str, Any]]) -> str:
+    return f" (and {len(jobs) - 1} more)" if len(jobs) > 1 else ""
 
 
 def in_flight_hint(in_flight: int, output_dir: str | Path) -> str:
@@ -675,7 +863,11 @@ async def _live(
             except GeminiError as exc:
                 found[job.id] = {"error": str(exc)}
                 continue
-            found[job.id] = {"state": remote.state, **dataclasses.asdict(remote.stats)}
+            found[job.id] = {
+                "state": remote.state,
+                "output_attached": remote.has_output,
+                **dataclasses.asdict(remote.stats),
+            }
     return found
 
 
@@ -702,17 +894,25 @@ def format_status(report: dict[str, Any]) -> str:
     lines = [f"{report['output_dir']}: {len(jobs)} batch job(s)"]
     for job in jobs:
         live = job.get("live") or {}
-        progress = ""
-        if live.get("requests"):
-            progress = f", {live['requests'] - live['pending']}/{live['requests']} done"
         problem = f" ({live['error']})" if "error" in live else ""
         message = f": {job['message']}" if job["message"] else ""
         lines.append(
             f"  {job['name'] or job['display_name']}  {job['phase']}  "
-            f"{live.get('state') or job['state'] or '-'}{progress}  {job['requests']} requests, "
-            f"created {job['created_at'][:19]}{message}{problem}"
+            f"{live.get('state') or job['state'] or '-'}{_live_note(live)}  {job['requests']} "
+            f"requests, created {job['created_at'][:19]}{message}{problem}"
         )
     return "\n".join(lines)
+
+
+def _live_note(live: dict[str, Any]) -> str:
+    """What a job's status line says of it as the service sees it now: its requests done, and
+    whether its output is still to come although it succeeded (tidyverse/ellmer#926)."""
+    note = ""
+    if live.get("requests"):
+        note = f", {live['requests'] - live['pending']}/{live['requests']} done"
+    if live.get("state") == SUCCEEDED and not live.get("output_attached"):
+        note += ", output not attached yet"
+    return note
 
 
 async def cancel(output_dir: str, config: Config | None = None) -> list[dict[str, Any]]:
@@ -764,7 +964,7 @@ async def wait(
     summary.rows, summary.tokens, summary.copied = rows.rows, rows.tokens, rows.copied
     summary.cost_usd, summary.unstorable = round(rows.cost_usd, 6), sink.unstorable
     summary.batch = counts.as_dict(in_flight)
-    report_ended(stop, counts)
+    report_ended(stop, counts, output_dir)
     summary.settle(stop)
     summary.write(out)
     return summary
@@ -779,7 +979,7 @@ def _following(
     config: Config | None,
     progress: bool,
 ) -> Following:
-    batch = config.batch if config is not None else None
+    batch = config.batch if config is not None else BatchConfig()
     return Following(
         folder=scratch,
         base_url=base_url,
@@ -788,9 +988,10 @@ def _following(
         rows=rows,
         job_counts=counts,
         bought=None,
-        retry_interactively=batch is not None and batch.retry == "interactive",
-        poll=(batch.poll_seconds, batch.max_poll_seconds) if batch else (10.0, 60.0),
-        max_jobs=batch.max_jobs if batch else 100,
+        retry_interactively=batch.retry == "interactive",
+        poll=(batch.poll_seconds, batch.max_poll_seconds),
+        output_wait=batch.output_wait_seconds,
+        max_jobs=batch.max_jobs,
         say=say if progress else quiet,
     )
 
