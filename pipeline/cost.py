@@ -2,22 +2,28 @@
 
 A row bought in Batch Mode says so (`input_mode` "batch") and is billed at the table's batch
 price (half the interactive one by default); every other row with billed tokens at the
-interactive price. Output includes thinking, as the service bills it. Rows copied from another
-path carry no tokens and cost nothing. A model the table gives no price is counted in
-`unpriced_rows` instead of being guessed.
+interactive price. Output includes thinking, as the service bills it. The prompt tokens an
+implicit cache served (`cached_tokens`, a part of `prompt_tokens`) cost the cached rate, the rest
+the input rate. A request whose prompt passes its price's `long_above` (the Pro models' "prompts
+longer than 200k tokens") is billed wholly at the long tier: the tier is each request's own, so
+rows are summed by tier as well as by model, mode and day (sums of one tier are linear). Rows
+copied from another path carry no tokens and cost nothing. A model the table gives no price is
+counted in `unpriced_rows` instead of being guessed.
 """
 
 from __future__ import annotations
 
-from datetime import date, datetime
+from collections.abc import Iterable
+from datetime import UTC, date, datetime
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.models import ModelTable, default_table, lookup
+from pipeline.models import ModelTable, Price, default_table, lookup
 
 BATCH_MODE = "batch"  # the `input_mode` of a row answered in Batch Mode
+NO_TIER = 2**62  # the threshold of a price without a long-prompt tier: no prompt passes it
 
 
 def row_cost(row: dict[str, Any], table: ModelTable | None = None) -> float | None:
@@ -28,49 +34,114 @@ def row_cost(row: dict[str, Any], table: ModelTable | None = None) -> float | No
     output = (row.get("output_tokens") or 0) + (row.get("thoughts_tokens") or 0)
     when = row.get("completed_at")
     day = when.date() if isinstance(when, datetime) else None
-    return _cost(
-        row.get("model") or "", day, row.get("input_mode") == BATCH_MODE, prompt, output, table
+    price = price_of(row.get("model") or "", day, table)
+    if price is None:
+        return None
+    cached = row.get("cached_tokens") or 0
+    return price.cost(
+        prompt, output, cached_tokens=cached, batch=row.get("input_mode") == BATCH_MODE
     )
 
 
-def _cost(
-    model: str, day: date | None, batch: bool, prompt: int, output: int, table: ModelTable | None
-) -> float | None:
+def price_of(model: str, day: date | None, table: ModelTable | None = None) -> Price | None:
+    """The price of `model` on `day` (today when None); None for a model the table lacks."""
     known = (table or default_table()).is_known(model) if model else False
-    price = lookup(model, table).price(day) if known else None
-    return None if price is None else price.cost(prompt, output, batch=batch)
+    return lookup(model, table).price(day) if known else None
+
+
+def tier_of(price: Price, long: bool) -> Price:
+    """The rates of a request of the long-prompt tier (`long`) or of the base one."""
+    return price.long if long and price.long is not None else price
+
+
+def requests_cost(
+    price: Price, prompts: Iterable[float], outputs: Iterable[float], *, batch: bool
+) -> float:
+    """USD of requests (each one's prompt and output tokens, none cached: what an estimate
+    knows), each at its own prompt-size tier: summed by tier, then priced."""
+    sums: dict[bool, list[float]] = {}
+    for prompt, output in zip(prompts, outputs, strict=True):
+        tier = sums.setdefault(price.tier(prompt) is not price, [0.0, 0.0])
+        tier[0] += prompt
+        tier[1] += output
+    return sum(
+        tier_of(price, long).flat_cost(prompt, output, 0, batch=batch)
+        for long, (prompt, output) in sums.items()
+    )
 
 
 def table_cost(rows: pa.Table, table: ModelTable | None = None) -> dict[str, Any]:
     """The bill of every row of `rows` (columns model, input_mode, completed_at and the token
-    counts), by mode: {"usd", "interactive_usd", "batch_usd", "unpriced_rows"}."""
+    counts; `cached_tokens` may be absent: none cached), by mode:
+    {"usd", "interactive_usd", "batch_usd", "unpriced_rows"}."""
     bill = {"usd": 0.0, "interactive_usd": 0.0, "batch_usd": 0.0, "unpriced_rows": 0}
-    for group in _billed_groups(rows):
-        model, day, batch = group["model"], group["day"], group["batch"]
-        usd = _cost(model, day, batch, group["prompt_sum"], group["output_sum"], table)
-        if usd is None:
+    for group in _billed_groups(rows, table):
+        price = price_of(group["model"], group["day"], table)
+        if price is None:
             bill["unpriced_rows"] += group["prompt_count"]
             continue
+        batch = group["batch"]
+        usd = tier_of(price, group["long"]).flat_cost(
+            group["prompt_sum"], group["output_sum"], group["cached_sum"], batch=batch
+        )
         bill["batch_usd" if batch else "interactive_usd"] += usd
         bill["usd"] += usd
     return {k: round(v, 6) if isinstance(v, float) else v for k, v in bill.items()}
 
 
-def _billed_groups(rows: pa.Table) -> list[dict[str, Any]]:
-    """Billed tokens summed by model, mode and day (a row without a time: today's price)."""
+def _billed_groups(rows: pa.Table, table: ModelTable | None) -> list[dict[str, Any]]:
+    """Billed tokens summed by model, mode, day (a row without a time: today's price) and tier."""
     billed = rows.filter(pc.is_valid(rows.column("prompt_tokens")))
-    output = pc.add(
-        pc.fill_null(billed.column("output_tokens"), 0),
-        pc.fill_null(billed.column("thoughts_tokens"), 0),
-    )
+    prompt = pc.cast(billed.column("prompt_tokens"), pa.int64())
     keyed = pa.table(
         {
             "model": pc.fill_null(billed.column("model"), ""),
             "batch": pc.fill_null(pc.equal(billed.column("input_mode"), BATCH_MODE), False),
-            "day": pc.cast(billed.column("completed_at"), pa.date32()),
-            "prompt": pc.cast(billed.column("prompt_tokens"), pa.int64()),
-            "output": pc.cast(output, pa.int64()),
+            "day": pc.fill_null(
+                pc.cast(billed.column("completed_at"), pa.date32()), datetime.now(UTC).date()
+            ),
+            "prompt": prompt,
+            "cached": _cached(billed, prompt),
+            "output": pc.cast(
+                pc.add(
+                    pc.fill_null(billed.column("output_tokens"), 0),
+                    pc.fill_null(billed.column("thoughts_tokens"), 0),
+                ),
+                pa.int64(),
+            ),
         }
     )
-    sums = [("prompt", "sum"), ("output", "sum"), ("prompt", "count")]
-    return keyed.group_by(["model", "batch", "day"]).aggregate(sums).to_pylist()
+    keyed = _with_tier(keyed, table)
+    sums = [("prompt", "sum"), ("cached", "sum"), ("output", "sum"), ("prompt", "count")]
+    return keyed.group_by(["model", "batch", "day", "long"]).aggregate(sums).to_pylist()
+
+
+def _cached(billed: pa.Table, prompt: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Each row's cached tokens, held to [0, its prompt] as Price.flat_cost holds one request's
+    (a part written before the column reads it as null: none cached)."""
+    if "cached_tokens" not in billed.column_names:
+        return pc.multiply(prompt, 0)
+    cached = pc.cast(pc.fill_null(billed.column("cached_tokens"), 0), pa.int64())
+    return pc.min_element_wise(pc.max_element_wise(cached, 0), prompt)
+
+
+def _with_tier(keyed: pa.Table, table: ModelTable | None) -> pa.Table:
+    """`keyed` with `long`: whether each row's prompt passes its own price's long-prompt
+    threshold. The thresholds are looked up once per (model, day) and joined onto the rows."""
+    pairs = keyed.group_by(["model", "day"]).aggregate([]).to_pylist()
+    above = [_threshold(price_of(p["model"], p["day"], table)) for p in pairs]
+    thresholds = pa.table(
+        {
+            "model": pa.array([p["model"] for p in pairs], pa.string()),
+            "day": pa.array([p["day"] for p in pairs], pa.date32()),
+            "above": pa.array(above, pa.int64()),
+        }
+    )
+    joined = keyed.join(thresholds, keys=["model", "day"])  # rows reordered: only summed next
+    return joined.append_column("long", pc.greater(joined.column("prompt"), joined["above"]))
+
+
+def _threshold(price: Price | None) -> int:
+    if price is None or price.long is None or price.long_above is None:
+        return NO_TIER
+    return price.long_above

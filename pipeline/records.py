@@ -19,11 +19,20 @@ import pyarrow as pa
 
 # 2: `retryable` (parts of version 1 read it as null). 3: `members` (group rows) and the object
 # fields `point_2d`, `xy` (points) and `image` (which member an object is in); older parts read
-# them as null, which is what a single image's row holds.
-SCHEMA_VERSION = "3"
+# them as null, which is what a single image's row holds. 4: `cached_tokens` (the prompt tokens an
+# implicit cache served, billed at the cached rate); older parts read it as null (none cached),
+# and an older program refuses a version-4 part rather than bill its cached tokens at full price.
+SCHEMA_VERSION = "4"
 Status = Literal["ok", "error", "blocked", "partial"]
-# billed token counts of a row (the service's usageMetadata), summed for cost and status
-USAGE_COLUMNS = ("prompt_tokens", "output_tokens", "thoughts_tokens", "total_tokens")
+# billed token counts of a row (the service's usageMetadata), summed for cost and status;
+# `cached_tokens` is the part of `prompt_tokens` billed at the cached rate
+USAGE_COLUMNS = (
+    "prompt_tokens",
+    "cached_tokens",
+    "output_tokens",
+    "thoughts_tokens",
+    "total_tokens",
+)
 
 
 @dataclass(slots=True)
@@ -218,6 +227,7 @@ ROW_SCHEMA = pa.schema(
         ("est_image_tokens", pa.int32()),
         ("est_prompt_tokens", pa.int32()),
         ("prompt_tokens", pa.int32()),
+        ("cached_tokens", pa.int32()),  # of prompt_tokens, served by an implicit cache
         ("output_tokens", pa.int32()),
         ("thoughts_tokens", pa.int32()),
         ("total_tokens", pa.int32()),

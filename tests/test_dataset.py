@@ -265,6 +265,7 @@ async def test_status_numbers(tmp_path: Path) -> None:
     assert report["by_status"] == {"blocked": 1, "ok": 3}
     assert report["tokens"] == {
         "prompt": 4000,  # the superseded error row was paid for too; the copy was not
+        "cached": 0,  # none of the prompt came from an implicit cache
         "output": 200,
         "thoughts": 20,
         "total": 4220,

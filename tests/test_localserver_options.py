@@ -40,6 +40,18 @@ def test_every_option_has_a_flag_and_its_declared_default() -> None:
     assert given.credit_budget_usd == 2.5
     assert given.inline_limit_bytes == 3 * 2**19
     assert given.fault_kinds == ("hang", "http_500")
+    assert serve_local("--implicit-cache").implicit_cache is True  # a switch, off by default
+
+
+def test_implicit_cache_is_a_switch_in_a_config_too(tmp_path: Path) -> None:
+    path = tmp_path / "job.toml"
+    path.write_text("[local]\nimplicit_cache = true\n")
+    assert load_config(path).local.implicit_cache is True
+    path.write_text('[local]\nimplicit_cache = "yes"\n')
+    with pytest.raises(
+        ConfigError, match=re.escape("[local] implicit_cache must be true or false")
+    ):
+        load_config(path)
 
 
 @pytest.mark.parametrize(

@@ -5,10 +5,13 @@ lease. `out` (tests/conftest.py) is a folder, then a bucket prefix."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from pipeline.cost import row_cost
 from pipeline.engines.ray.worker import rows_of_writer
 from pipeline.output import journal
 from pipeline.output.parts import current_rows
@@ -23,7 +26,7 @@ from pipeline.output.stores import (
     Store,
     open_store,
 )
-from tests.conftest import Clock, result_row
+from tests.conftest import Clock, result_row, write_rows
 
 
 def parts(out: str) -> list[str]:
@@ -120,3 +123,21 @@ def test_a_bucket_writer_stops_when_its_run_loses_the_lease(bucket: str) -> None
     store.put_if_version(LEASE_NAME, b'{"owner": "run2", "ttl": 30}', driver.version)
     with pytest.raises(LeaseLost, match="run2"):  # taken over by another run
         worker.renew()
+
+
+async def test_a_predecessors_rows_are_read_with_what_prices_them(tmp_path: Path) -> None:
+    """A restarted worker counts its predecessor's rows into the run's summary (RowCounts): it
+    reads what prices them — model, mode, day and cached tokens — so they cost what they cost."""
+    billed = {
+        **row(3),
+        "model": "gemini-2.5-flash",
+        "input_mode": "inline",
+        "completed_at": datetime(2026, 12, 6, tzinfo=UTC),
+        "prompt_tokens": 1_000_000,
+        "cached_tokens": 1_000_000,  # all at the cached rate, 0.03 per 1M
+        "output_tokens": 0,
+        "raw_response": "{}",
+    }
+    await write_rows(tmp_path, "run1.w1", [billed])
+    prior = rows_of_writer(open_store(str(tmp_path)), "run1.w1")[("/data", "00003.png")]
+    assert row_cost(prior) == row_cost(billed) == pytest.approx(0.03)

@@ -10,7 +10,12 @@ the very calculation a run makes before sending it (pipeline/run/costing.py), so
 input tokens are the sum of the run's rows' `est_prompt_tokens`. Output tokens come from
 earlier rows of the same task in the output directory (a row is a request) when there are some,
 else from a per-task guess (per image for the tasks that locate objects). Prices come from the
-model table (interactive and Batch Mode side by side). Alongside, what downscaling (`max_side`)
+model table (interactive and Batch Mode side by side): today's period, each request at its own
+prompt-size tier (a group or reference-image request may pass the Pro models' 200k), no token
+assumed cached (implicit caching is the service's to decide: a saving, never a promise). When
+today's price ends within PERIOD_NOTICE_DAYS, the next period's figure too (a run may cross the
+day). Where the token rule is a range (2.x at media resolution HIGH: 256 + pan-and-scan crops),
+the tokens and costs are given as that range as well. Alongside, what downscaling (`max_side`)
 or a lower media resolution would save, and how many requests a limit would refuse.
 """
 
@@ -19,12 +24,18 @@ from __future__ import annotations
 import itertools
 import math
 import os
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import pyarrow.compute as pc
 
 from pipeline.config import Config
-from pipeline.gemini.tokens import GLOBAL_RESOLUTION_TOKENS_2X, MEDIA_RESOLUTION_TOKENS
+from pipeline.cost import requests_cost
+from pipeline.gemini.tokens import (
+    GLOBAL_RESOLUTION_TOKENS_2X,
+    MEDIA_RESOLUTION_TOKENS,
+    image_token_range,
+)
 from pipeline.inputs import images, references
 from pipeline.inputs.checks import check_groups
 from pipeline.inputs.fetch import Fetcher, FetchError, settings_from
@@ -48,6 +59,9 @@ OUTPUT_GUESS = {
 }
 PER_IMAGE_OUTPUT = ("detect", "segment", "point")  # a group's answer lists each image's objects
 MAX_SIDE_CHOICES = (384, 768, 1024, 1536)
+# A price period ending within this many days: the estimate gives the next period's cost too (a
+# scheduled or Batch Mode run started now may well buy after the change).
+PERIOD_NOTICE_DAYS = 30
 Sizes = list[tuple[int, int]]
 
 
@@ -79,8 +93,9 @@ def _output_history(output_dir: str, task: str) -> tuple[int, float] | None:
     return table.num_rows, (out + thought) / table.num_rows
 
 
-def estimate(config: Config, *, limit: int | None = None) -> dict[str, Any]:
-    """Walk the inputs like a run would (headers only) and add up the costs."""
+def estimate(config: Config, *, limit: int | None = None, on: date | None = None) -> dict[str, Any]:
+    """Walk the inputs like a run would (headers only) and add up the costs, at the prices of
+    `on` (today, UTC, by default)."""
     spec = config.task.spec
     check_groups(config)
     loaded = references.load(config)
@@ -92,17 +107,17 @@ def estimate(config: Config, *, limit: int | None = None) -> dict[str, Any]:
     image_total = costing.images(sizes)
     reference_per_request = costing.reference_tokens
     prompt_total = costing.prompt_tokens * requests + sum(costing.captions(len(u)) for u in units)
-    input_total = sum(estimate.input_tokens for estimate in estimates)
+    inputs = [estimate.input_tokens for estimate in estimates]
+    input_total = sum(inputs)
     history = _output_history(config.output.dir, config.task.kind)
-    output_total = round(_outputs(config.task.kind, units, history))
-    price = spec.price()
-    savings = _savings(
-        spec, costing, sizes, requests, image_total + reference_per_request * requests
-    )
+    outputs = _request_outputs(config.task.kind, units, history)
+    output_total = round(sum(outputs))
+    day = on or datetime.now(UTC).date()
+    price = spec.price(day)
+    bounds = _input_bounds(costing, units, estimates)
+    savings = _savings(spec, costing, units, estimates)
     for saving in savings:
-        saving["usd_saved"] = (
-            round(price.cost(saving["image_tokens_saved"], 0), 4) if price else None
-        )
+        saving["usd_saved"] = _saved_usd(price, inputs, saving.pop("inputs"), outputs)
     return {
         "model": config.api.model,
         "model_entry": spec.name,
@@ -114,22 +129,26 @@ def estimate(config: Config, *, limit: int | None = None) -> dict[str, Any]:
         "grouped": config.task.grouped,
         "unusable_files": unusable,
         "image_tokens": image_total,
+        "tokens_an_image_range": _per_image_range(costing),
         "reference_images": len(loaded),
         "reference_tokens_per_request": reference_per_request,
         "reference_tokens": reference_per_request * requests,
         "prompt_tokens": prompt_total,
         "input_tokens": input_total,
+        "input_tokens_range": [sum(b) for b in bounds] if bounds else None,
         "input_tokens_per_request": round(input_total / requests, 1) if requests else 0,
         "requests_over_limits": _over_limits(config, costing, units, estimates),
+        "requests_long_prompt": _long_prompts(price, inputs),
         "output_tokens": output_total,
         "output_tokens_per_image": round(
             output_total / found if found else _guess(history, config.task.kind), 1
         ),
         "output_tokens_per_request": round(output_total / requests, 1) if requests else 0,
         "output_tokens_from": f"{history[0]} earlier rows" if history else "per-task guess",
+        "price_on": day.isoformat(),
         "price_per_million": _price_dict(price),
-        "cost_usd": _cost(price, input_total, output_total, batch=False),
-        "batch_cost_usd": _cost(price, input_total, output_total, batch=True),
+        **_costs(price, inputs, outputs, bounds),
+        "next_price": _next_period(spec, price, day, inputs, outputs, bounds),
         **_time(config, requests, input_total),
         "savings": savings,
     }
@@ -183,13 +202,38 @@ def _guess(history: tuple[int, float] | None, kind: str) -> float:
     return history[1] if history else float(OUTPUT_GUESS[kind])
 
 
-def _outputs(kind: str, units: list[Sizes], history: tuple[int, float] | None) -> float:
-    """Output tokens of every request: the history's mean a row, else the per-task guess."""
+def _request_outputs(
+    kind: str, units: list[Sizes], history: tuple[int, float] | None
+) -> list[float]:
+    """Output tokens of each request: the history's mean a row, else the per-task guess (per
+    image for the tasks that locate objects)."""
     if history is not None:
-        return history[1] * len(units)
+        return [history[1]] * len(units)
     if kind in PER_IMAGE_OUTPUT:
-        return float(OUTPUT_GUESS[kind] * sum(len(unit) for unit in units))
-    return float(OUTPUT_GUESS[kind] * len(units))
+        return [float(OUTPUT_GUESS[kind] * len(unit)) for unit in units]
+    return [float(OUTPUT_GUESS[kind])] * len(units)
+
+
+def _input_bounds(
+    costing: Costing, units: list[Sizes], estimates: list[TokenEstimate]
+) -> tuple[list[int], list[int]] | None:
+    """(fewest, most) input tokens of each request where the token rule is a range (2.x at
+    HIGH), else None: the estimate's images swapped for their bounds."""
+    if _per_image_range(costing) is None:
+        return None
+    low, high = [], []
+    for unit, estimate in zip(units, estimates, strict=True):
+        fewest, most = costing.image_bounds(unit)
+        text = estimate.input_tokens - estimate.image_tokens
+        low.append(text + fewest)
+        high.append(text + most)
+    return low, high
+
+
+def _per_image_range(costing: Costing) -> list[int] | None:
+    """[fewest, most] tokens an image where the model's rule at this resolution is a range."""
+    low, high = image_token_range(costing.spec, 1, 1, costing.resolution)
+    return [low, high] if low != high else None
 
 
 def _over_limits(
@@ -205,15 +249,31 @@ def _over_limits(
     )
 
 
+def _long_prompts(price: Price | None, inputs: list[int]) -> int:
+    """Requests estimated above the price's long-prompt threshold (billed at its long tier)."""
+    if price is None or price.long is None:
+        return 0
+    return sum(1 for tokens in inputs if price.tier(tokens) is not price)
+
+
 def _savings(
-    spec: Model, costing: Costing, sizes: Sizes, requests: int, image_total: int
+    spec: Model, costing: Costing, units: list[Sizes], estimates: list[TokenEstimate]
 ) -> list[dict[str, Any]]:
     """Image tokens (reference images' included) a lower media resolution or (tile rules) a
-    smaller max_side would save."""
+    smaller max_side would save; each with `inputs`, every request's input tokens then (to
+    price the saving request by request, each at its own tier)."""
 
-    def total(resolution: str | None = None, side: int | None = None) -> int:
+    def option(
+        what: dict[str, Any], resolution: str | None = None, side: int | None = None
+    ) -> None:
         refs = costing.images(_scaled(costing.reference_sizes, side), resolution)
-        return costing.images(_scaled(sizes, side), resolution) + refs * requests
+        inputs = [
+            e.input_tokens - e.image_tokens + refs + costing.images(_scaled(unit, side), resolution)
+            for unit, e in zip(units, estimates, strict=True)
+        ]
+        saved = sum(e.input_tokens for e in estimates) - sum(inputs)
+        if saved > 0:
+            savings.append({**what, "image_tokens_saved": saved, "inputs": inputs})
 
     savings: list[dict[str, Any]] = []
     levels = MEDIA_RESOLUTION_TOKENS if spec.tokens == "budget" else GLOBAL_RESOLUTION_TOKENS_2X
@@ -223,14 +283,10 @@ def _savings(
                 level == "ultra_high" and not spec.part_media_resolution
             ):
                 continue
-            saved = image_total - total(resolution=level)
-            if saved > 0:
-                savings.append({"media_resolution": level, "image_tokens_saved": saved})
+            option({"media_resolution": level}, resolution=level)
     if spec.tokens != "budget" and costing.resolution is None:
         for side in MAX_SIDE_CHOICES:
-            saved = image_total - total(side=side)
-            if saved > 0:
-                savings.append({"max_side": side, "image_tokens_saved": saved})
+            option({"max_side": side}, side=side)
     return savings
 
 
@@ -255,13 +311,64 @@ def _price_dict(price: Price | None) -> dict[str, Any] | None:
         "batch_input": price.batch_input,
         "batch_output": price.batch_output,
         "until": price.until.isoformat() if price.until else None,
+        "long_above": price.long_above if price.long else None,
+        "long": _price_dict(price.long) if price.long else None,
     }
 
 
-def _cost(
-    price: Price | None, input_tokens: int, output_tokens: int, *, batch: bool
+def _saved_usd(
+    price: Price | None, inputs: list[int], instead: list[int], outputs: list[float]
 ) -> float | None:
-    return round(price.cost(input_tokens, output_tokens, batch=batch), 4) if price else None
+    """What sending each request with `instead` input tokens would save, interactively."""
+    if price is None:
+        return None
+    now = requests_cost(price, inputs, outputs, batch=False)
+    return round(now - requests_cost(price, instead, outputs, batch=False), 4)
+
+
+def _costs(
+    price: Price | None,
+    inputs: list[int],
+    outputs: list[float],
+    bounds: tuple[list[int], list[int]] | None,
+) -> dict[str, Any]:
+    """The run's cost at `price`, interactive and in Batch Mode, each request at its own tier;
+    with `bounds`, the range too."""
+    if price is None:
+        return dict.fromkeys(
+            ("cost_usd", "batch_cost_usd", "cost_usd_range", "batch_cost_usd_range")
+        )
+    costs: dict[str, Any] = {}
+    for key, batch in (("cost_usd", False), ("batch_cost_usd", True)):
+        costs[key] = round(requests_cost(price, inputs, outputs, batch=batch), 4)
+        costs[f"{key}_range"] = (
+            [round(requests_cost(price, b, outputs, batch=batch), 4) for b in bounds]
+            if bounds
+            else None
+        )
+    return costs
+
+
+def _next_period(
+    spec: Model,
+    price: Price | None,
+    day: date,
+    inputs: list[int],
+    outputs: list[float],
+    bounds: tuple[list[int], list[int]] | None,
+) -> dict[str, Any] | None:
+    """The same run at the next period's price, when today's ends within PERIOD_NOTICE_DAYS."""
+    if price is None or price.until is None or (price.until - day).days >= PERIOD_NOTICE_DAYS:
+        return None
+    start = price.until + timedelta(days=1)
+    following = spec.price(start)
+    if following is None or following is price:
+        return None
+    return {
+        "from": start.isoformat(),
+        "price_per_million": _price_dict(following),
+        **_costs(following, inputs, outputs, bounds),
+    }
 
 
 def _time(config: Config, requests: int, input_total: int) -> dict[str, Any]:
@@ -291,9 +398,16 @@ def format_estimate(report: dict[str, Any]) -> str:
         f"{report['token_rule']}), task {report['task']}",
         f"images: {report['images']:,}{_requests(report)} ({report['unusable_files']} unusable "
         "files)",
-        f"input tokens: {most}{report['input_tokens']:,} = images {most}"
-        f"{report['image_tokens']:,}{refs} + prompts {report['prompt_tokens']:,}",
+        f"input tokens: {most}{report['input_tokens']:,}{_range(report['input_tokens_range'])} "
+        f"= images {most}{report['image_tokens']:,}{refs} + prompts {report['prompt_tokens']:,}",
     ]
+    if report["tokens_an_image_range"]:
+        low, high = report["tokens_an_image_range"]
+        lines.append(
+            f"  {low:,} to ~{high:,} tokens an image (2.x at media_resolution high: 256 + "
+            "pan-and-scan crops, ~2,048 more at most; media-resolution page 2026-09-19)"
+        )
+        lines.append("  the figure before the brackets counts crops by this project's assumption")
     if several:
         lines.append(
             f"tokens a request: {most}{report['input_tokens_per_request']:,} input, "
@@ -308,19 +422,7 @@ def format_estimate(report: dict[str, Any]) -> str:
         f"output tokens: ~{report['output_tokens']:,} ({report['output_tokens_per_image']} an "
         f"image, from {report['output_tokens_from']})"
     )
-    price = report["price_per_million"]
-    if price is not None:
-        until = f", until {price['until']}" if price["until"] else ""
-        lines.append(
-            f"cost: ~${report['cost_usd']:,.2f} interactive, "
-            f"~${report['batch_cost_usd']:,.2f} in Batch Mode (per 1M tokens: ${price['input']:g} "
-            f"in / ${price['output']:g} out; batch ${price['batch_input']:g} / "
-            f"${price['batch_output']:g}{until}; pipeline/models.json)"
-        )
-    else:
-        lines.append(
-            "cost: no price known for this model (add prices under [models] in the config)"
-        )
+    lines += _cost_lines(report)
     if report["minutes_at_limits"] is not None:
         lines.append(f"time at the configured RPM/TPM: ~{report['minutes_at_limits']:,} minutes")
     if report["days_at_rpd"]:
@@ -334,3 +436,50 @@ def format_estimate(report: dict[str, Any]) -> str:
         usd = f" (${s['usd_saved']:,.2f})" if s["usd_saved"] is not None else ""
         lines.append(f"  {what} would save {s['image_tokens_saved']:,} image tokens{usd}")
     return "\n".join(lines)
+
+
+def _range(bounds: list[float] | None, *, money: bool = False) -> str:
+    if not bounds:
+        return ""
+    low, high = (f"${b:,.2f}" if money else f"{b:,}" for b in bounds)
+    return f" ({low} to ~{high})"
+
+
+def _cost_lines(report: dict[str, Any]) -> list[str]:
+    """The cost at today's price (its tiers, the range when tokens are one) and, when the
+    period ends soon, at the next one."""
+    price = report["price_per_million"]
+    if price is None:
+        return ["cost: no price known for this model (add prices under [models] in the config)"]
+    lines = [f"cost: {_money(report)} (per 1M tokens: {_rates(price)}; pipeline/models.json)"]
+    if report["requests_long_prompt"]:
+        long = price["long"]
+        lines.append(
+            f"  {_count(report['requests_long_prompt'], 'request')} over {price['long_above']:,} "
+            f"prompt tokens: each billed wholly at ${long['input']:g} in / ${long['output']:g} "
+            "out (the long-prompt tier)"
+        )
+    following = report["next_price"]
+    if following:
+        lines.append(
+            f"from {following['from']} the same run costs {_money(following)} (per 1M tokens: "
+            f"{_rates(following['price_per_million'])}): what a run buys from that day is billed "
+            "at that price"
+        )
+    return lines
+
+
+def _money(costs: dict[str, Any]) -> str:
+    return (
+        f"~${costs['cost_usd']:,.2f}{_range(costs['cost_usd_range'], money=True)} interactive, "
+        f"~${costs['batch_cost_usd']:,.2f}{_range(costs['batch_cost_usd_range'], money=True)} in "
+        "Batch Mode"
+    )
+
+
+def _rates(price: dict[str, Any]) -> str:
+    until = f", until {price['until']}" if price["until"] else ""
+    return (
+        f"${price['input']:g} in / ${price['output']:g} out; batch ${price['batch_input']:g} / "
+        f"${price['batch_output']:g}{until}"
+    )

@@ -44,7 +44,8 @@ def status(output_dir: Output) -> dict[str, Any]:
     copied from another path carry no billed tokens. `est_prompt_tokens` (the estimate of the
     whole input, image included, made before the call) is compared with the billed
     `prompt_tokens` on the rows that have both. `cost` prices those tokens (pipeline/cost.py:
-    rows bought in Batch Mode at the batch price).
+    rows bought in Batch Mode at the batch price, cached prompt tokens at the cached rate, each
+    request at its own prompt-size tier).
     """
     columns: tuple[str, ...] = (*GROUP, "completed_at", "status", "run_id", *USAGE_COLUMNS)
     columns += ("est_prompt_tokens", "model", "input_mode")
@@ -69,6 +70,7 @@ def status(output_dir: Output) -> dict[str, Any]:
         "by_status": dict(sorted(by_status.items())),
         "tokens": {
             "prompt": billed_prompt,
+            "cached": billed["cached_tokens"],  # of the prompt's, billed at the cached rate
             "output": billed["output_tokens"],
             "thoughts": billed["thoughts_tokens"],
             "total": billed["total_tokens"],
@@ -118,7 +120,8 @@ def format_status(report: dict[str, Any]) -> str:
         f"{_count(report['parts'], 'part')} by {_count(report['runs'], 'run')}; "
         f"{report['superseded']:,} superseded)",
         "status: " + (" · ".join(f"{k} {v:,}" for k, v in by_status.items()) or "no rows yet"),
-        f"tokens billed: prompt {tokens['prompt']:,} · output {tokens['output']:,} · "
+        f"tokens billed: prompt {tokens['prompt']:,}{_cached(tokens)} · output "
+        f"{tokens['output']:,} · "
         f"thoughts {tokens['thoughts']:,} · total {tokens['total']:,}",
     ]
     if report.get("cost"):
@@ -151,6 +154,12 @@ def format_status(report: dict[str, Any]) -> str:
         if latest.get("resume_hint"):
             lines.append(f"to resume: {latest['resume_hint']}")
     return "\n".join(lines)
+
+
+def _cached(tokens: dict[str, Any]) -> str:
+    """The prompt tokens an implicit cache served, when any (billed at the cached rate)."""
+    cached = tokens.get("cached") or 0
+    return f" (cached {cached:,}, at the cached rate)" if cached else ""
 
 
 def _cost_line(cost: dict[str, Any]) -> str:

@@ -4,7 +4,8 @@ Request: image parts in the request's order, each right after its caption's text
 has one, then the prompt's text part (the guide's generateContent order for one image: image,
 then text; docs/gemini-api.md § Sending images); settings in `generationConfig`. Answer:
 candidates[0]'s text parts without `thought: true`, joined; its finishReason and finishMessage
-carried through unchanged; promptFeedback.blockReason; usageMetadata.
+carried through unchanged; promptFeedback.blockReason; usageMetadata (its
+cachedContentTokenCount: the prompt tokens an implicit cache served, billed at the cached rate).
 
 Continuation (the SDK's `Models._generate_content_with_continuation` with
 `_extra_utils.should_continue_generation`): an answer whose candidates[0] carries a
@@ -107,6 +108,7 @@ def _usage_metadata(meta: Any) -> Usage:
             by_modality[key] = by_modality.get(key, 0) + count
     return Usage(
         prompt_tokens=as_int(field(meta, "promptTokenCount", "prompt_token_count")),
+        cached_tokens=as_int(field(meta, "cachedContentTokenCount", "cached_content_token_count")),
         output_tokens=as_int(field(meta, "candidatesTokenCount", "candidates_token_count")),
         thoughts_tokens=as_int(field(meta, "thoughtsTokenCount", "thoughts_token_count")),
         total_tokens=as_int(field(meta, "totalTokenCount", "total_token_count")),

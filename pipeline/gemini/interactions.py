@@ -217,6 +217,9 @@ def _usage(usage: Any) -> Usage:
             by_modality[key] = by_modality.get(key, 0) + as_int(entry.get("tokens"))
     return Usage(
         prompt_tokens=as_int(usage.get("total_input_tokens")),
+        # the SDK's Interactions `Usage.total_cached_tokens` (google-genai 3.6,
+        # google/genai/_gaos/types/interactions/usage.py): "tokens in the cached part of the prompt"
+        cached_tokens=as_int(usage.get("total_cached_tokens")),
         output_tokens=as_int(usage.get("total_output_tokens")),
         thoughts_tokens=as_int(usage.get("total_thought_tokens")),
         total_tokens=as_int(usage.get("total_tokens")),

@@ -70,6 +70,9 @@ class Usage:
     """Billed token counts; zero where the service did not report a figure."""
 
     prompt_tokens: int = 0
+    # the part of `prompt_tokens` served from the implicit cache, billed at the cached rate
+    # (generateContent's usageMetadata.cachedContentTokenCount, Interactions' total_cached_tokens)
+    cached_tokens: int = 0
     output_tokens: int = 0
     thoughts_tokens: int = 0
     total_tokens: int = 0
@@ -86,6 +89,7 @@ def total_usage(usages: Iterable[Usage]) -> Usage:
             by_modality[modality] = by_modality.get(modality, 0) + count
     return Usage(
         prompt_tokens=sum(usage.prompt_tokens for usage in hops),
+        cached_tokens=sum(usage.cached_tokens for usage in hops),
         output_tokens=sum(usage.output_tokens for usage in hops),
         thoughts_tokens=sum(usage.thoughts_tokens for usage in hops),
         total_tokens=sum(usage.total_tokens for usage in hops),

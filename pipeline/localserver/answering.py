@@ -33,6 +33,9 @@ class Prompted:
     texts: list[str]  # the user's text parts
     images: list[ImageInput]
     ask: Ask
+    # the user's content in the order sent, texts and images: the prompt an implicit cache
+    # matches (caching.py)
+    parts: tuple[str | ImageInput, ...] = ()
     media_resolution: str | None = None  # request-wide (generationConfig.mediaResolution)
     max_output_tokens: int | None = None
     thinking: bool = False

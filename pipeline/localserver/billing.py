@@ -1,9 +1,12 @@
 """What a request costs: its input tokens by the documented rules, and prepaid credits in USD.
 
 Input tokens follow pipeline/gemini/tokens.py, the rules `pipeline estimate` uses, so estimates
-and "billed" usage can be compared. Credits (`--credit-budget`, rule credits.depleted) are spent
-at the model table's interactive price for the day (pipeline/models.py `Model.price`); a model the
-table gives no price is charged the table's most expensive current price, so a budget never
+and "billed" usage can be compared (2.x at HIGH: 256 + the pan-and-scan crops tokens.py assumes,
+rule billing.pan-and-scan). Credits (`--credit-budget`, rule credits.depleted) are spent at the
+model table's interactive price for the day (pipeline/models.py `Model.price`) by `Price.cost`,
+the very bill pipeline/cost.py makes of a row: cached tokens (caching.py) at the cached rate, a
+prompt over the long-prompt threshold wholly at the long tier (rule billing.long-prompt). A model
+the table gives no price is charged the table's most expensive current price, so a budget never
 lasts longer than it would on a priced model.
 """
 
@@ -26,6 +29,7 @@ class Usage:
     image_tokens: int
     output_tokens: int = 0
     thoughts_tokens: int = 0
+    cached_tokens: int = 0  # of the prompt's, served by the implicit cache (caching.py)
 
     @property
     def prompt_tokens(self) -> int:
@@ -68,10 +72,14 @@ class Credits:
             raise errors.credits_depleted()
 
     def charge(self, model: str, usage: Usage, *, batch: bool = False) -> None:
-        """`batch`: a Batch Mode line, billed at the table's batch price."""
+        """`batch`: a Batch Mode line, billed at the table's batch price. Price.cost is the
+        pipeline's own bill of a row (pipeline/cost.py): cached tokens at the cached rate, the
+        tier by the prompt's size."""
         price = self.table.lookup(model).price() or _dearest_price(self.table)
         output = usage.output_tokens + usage.thoughts_tokens  # output includes thinking
-        self.spent_usd += price.cost(usage.prompt_tokens, output, batch=batch)
+        self.spent_usd += price.cost(
+            usage.prompt_tokens, output, cached_tokens=usage.cached_tokens, batch=batch
+        )
 
 
 def _dearest_price(table: ModelTable) -> Price:

@@ -18,6 +18,7 @@ from pipeline.gemini.tokens import text_tokens
 from pipeline.localserver import errors
 from pipeline.localserver.answering import head
 from pipeline.localserver.billing import Usage
+from pipeline.localserver.caching import Prefix
 
 PENDING_CAPACITY = 1024  # unanswered continuations kept (oldest dropped)
 
@@ -34,6 +35,7 @@ class Turn:
     thoughts: int
     task: str | None  # None for a continuation hop (not a new answer)
     images: int
+    prefix: Prefix = ()  # the prompt's pieces, for the implicit cache of each hop (caching.py)
 
 
 @dataclass(frozen=True, slots=True)

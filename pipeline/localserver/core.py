@@ -2,16 +2,17 @@
 
 `Core` only holds the parts and says the order in which a generation passes them — auth and body
 (transport.py), images (image_input.py), the money and the quotas (billing.py, quotas.py), the
-answer (answering.py) — plus the counters (stats.py). The surfaces (generate.py,
-interactions.py, files_api.py, batches.py) read their own wire format and call `admit`,
-`answerer.answer` and `bill` (Batch Mode: the answerer and the bill at the batch price, outside
-the quotas).
+answer (answering.py), the implicit cache (caching.py) — plus the counters (stats.py). The
+surfaces (generate.py, interactions.py, files_api.py, batches.py) read their own wire format and
+call `admit`, `answerer.answer`, `from_cache` and `bill` (Batch Mode: the answerer and the bill
+at the batch price, outside the quotas and the implicit cache).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from aiohttp import web
@@ -19,6 +20,7 @@ from aiohttp import web
 from pipeline.localserver import transport
 from pipeline.localserver.answering import Answerer, ModelOutput, Prompted
 from pipeline.localserver.billing import Credits, Usage
+from pipeline.localserver.caching import ImplicitCache, Prefix
 from pipeline.localserver.faults import Faults, Replay
 from pipeline.localserver.files import FileStore
 from pipeline.localserver.image_input import ImageReader
@@ -69,6 +71,7 @@ class Core:
             options.rpm, options.tpm, options.rpd, clock, options.quota_window_seconds
         )
         self.credits = Credits(options.credit_budget_usd, models)
+        self.cache = ImplicitCache(options.implicit_cache, clock)
         self.faults = Faults(
             options.fault_rate, options.seed, options.latency_ms, options.fault_kinds
         )
@@ -101,6 +104,10 @@ class Core:
         self.answer_log.write(prompted)
         return outcome
 
+    def from_cache(self, model: str, prefix: Prefix, prompt: Usage) -> Usage:
+        """`prompt` of an answered request (or hop), with the tokens the implicit cache served."""
+        return replace(prompt, cached_tokens=self.cache.served(model, prefix))
+
     def bill(self, model: str, usage: Usage, task: str | None, images: int) -> None:
         """One answer (or hop) delivered: counted, and paid for from the credits."""
         self.stats.bill(usage, task, images)
@@ -126,6 +133,7 @@ class Core:
                 "spent_usd": round(self.credits.spent_usd, 9),
                 "refused": self.credits.refused,
             },
+            "implicit_cache_hits": self.cache.hits,
             "faults": dict(self.faults.injected),
             "replayed": self.replay.served if self.replay else 0,
         }

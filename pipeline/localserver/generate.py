@@ -4,7 +4,8 @@
 A request passes: the key; the model (known to the table, rule model.unknown); the body against
 the GenerateContentRequest tree (fields.py: unknown names and wrong kinds at any depth); the
 settings against the model (model_checks.py: thinking, schemas, media resolution); the images
-(image_input.py); then credits and quotas, the answer, and the bill. `parse_request`,
+(image_input.py); then credits and quotas, the answer, what an implicit cache served
+(caching.py, `--implicit-cache`), and the bill. `parse_request`,
 `with_output` and `response_body` are the pieces the Batch Mode surface (batches.py) reuses for
 each of its requests.
 """
@@ -12,6 +13,7 @@ each of its requests.
 from __future__ import annotations
 
 import secrets
+from dataclasses import replace
 from typing import Any
 
 from aiohttp import web
@@ -20,6 +22,7 @@ from pipeline.localserver import errors, model_checks
 from pipeline.localserver.answering import ModelOutput, Prompted
 from pipeline.localserver.answers import Ask
 from pipeline.localserver.billing import Usage, prompt_usage
+from pipeline.localserver.caching import prefix_of
 from pipeline.localserver.core import Core
 from pipeline.localserver.fields import COUNT_TOKENS_REQUEST, GENERATE_CONTENT_REQUEST
 from pipeline.localserver.image_input import ImageInput, ImageReader
@@ -52,6 +55,7 @@ class GenerateSurface:
         prompted = parse_request(body, model, model_id, version, self.core.images)
         prompt = prompt_usage(prompted)
         outcome = await self.core.answer(prompted, prompt)
+        prompt = self.core.from_cache(model_id, prefix_of(prompted), prompt)
         usage = with_output(prompt, outcome)
         self.core.bill(model_id, usage, outcome.task, len(prompted.images))
         return web.json_response(response_body(outcome, usage, model_id))
@@ -76,13 +80,15 @@ def parse_request(
     schema, json_schema = get(config, "response_schema"), get(config, "response_json_schema")
     model_checks.check_schemas(model, schema, json_schema)
     resolution = model_checks.global_resolution(model, get(config, "media_resolution"))
-    texts, inputs = _read_contents(get(body, "contents"), model, version, images)
+    parts = _read_contents(get(body, "contents"), model, version, images)
+    texts = [part for part in parts if isinstance(part, str)]
     max_tokens = get(config, "max_output_tokens")
     return Prompted(
         model=model_id,
         spec=model,
         texts=texts,
-        images=inputs,
+        images=[part for part in parts if isinstance(part, ImageInput)],
+        parts=tuple(parts),
         ask=Ask(
             prompt="\n".join(texts),
             system=system_text(get(body, "system_instruction")),
@@ -101,15 +107,15 @@ def parse_request(
 
 def _read_contents(
     contents: Any, model: Model, version: str, images: ImageReader
-) -> tuple[list[str], list[ImageInput]]:
+) -> list[str | ImageInput]:
+    """The text and image parts of every content, in order."""
     if not contents:
         raise errors.invalid_argument(
             "* GenerateContentRequest.contents: contents is not specified",
             rule="contents.required",
             field="contents",
         )
-    texts: list[str] = []
-    inputs: list[ImageInput] = []
+    found: list[str | ImageInput] = []
     for i, content in enumerate(contents):
         parts = get(content, "parts")
         if not parts:
@@ -121,12 +127,12 @@ def _read_contents(
         caption = None  # the text part right before an image says what it is
         for j, part in enumerate(parts):
             text, image = _read_part(part, f"contents[{i}].parts[{j}]", model, version, images)
-            texts.extend([text] if text is not None else [])
+            found.extend([text] if text is not None else [])
             if image is not None:
                 image.caption = caption
-                inputs.append(image)
+                found.append(image)
             caption = text
-    return texts, inputs
+    return found
 
 
 def _read_part(
@@ -170,8 +176,8 @@ def system_text(content: Any) -> str:
 
 
 def with_output(prompt: Usage, outcome: ModelOutput) -> Usage:
-    return Usage(
-        prompt.text_tokens, prompt.image_tokens, outcome.output_tokens, outcome.thoughts_tokens
+    return replace(
+        prompt, output_tokens=outcome.output_tokens, thoughts_tokens=outcome.thoughts_tokens
     )
 
 
@@ -194,6 +200,8 @@ def response_body(outcome: ModelOutput, usage: Usage, model_id: str) -> dict[str
         "totalTokenCount": usage.total_tokens,
         "promptTokensDetails": modalities(usage),
     }
+    if usage.cached_tokens:  # omitted when none, as the service omits zero counts
+        metadata["cachedContentTokenCount"] = usage.cached_tokens
     if usage.thoughts_tokens:
         metadata["thoughtsTokenCount"] = usage.thoughts_tokens
     candidate = {

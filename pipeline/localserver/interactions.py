@@ -15,6 +15,7 @@ from __future__ import annotations
 import secrets
 from collections import OrderedDict
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import Any
 
 from aiohttp import web
@@ -24,6 +25,7 @@ from pipeline.localserver import errors, model_checks
 from pipeline.localserver.answering import Prompted
 from pipeline.localserver.answers import Ask
 from pipeline.localserver.billing import Usage, prompt_usage
+from pipeline.localserver.caching import prefix_of
 from pipeline.localserver.continuation import Continuations, Pending, Turn
 from pipeline.localserver.core import Core
 from pipeline.localserver.errors import ApiError
@@ -115,6 +117,7 @@ class InteractionsSurface:
             outcome.thoughts_tokens,
             outcome.task,
             len(prompted.images),
+            prefix_of(prompted),
         )
 
     def _resumed(self, body: dict[str, Any], model: Model, token: str) -> Turn:
@@ -148,9 +151,8 @@ class InteractionsSurface:
         token = None
         if rest:
             token = self.continuations.issue(Pending.after(turn, rest, interaction_id))
-        usage = Usage(
-            turn.prompt.text_tokens, turn.prompt.image_tokens, text_tokens(text), turn.thoughts
-        )
+        prompt = self.core.from_cache(turn.model, turn.prefix, turn.prompt)  # each hop re-sends
+        usage = replace(prompt, output_tokens=text_tokens(text), thoughts_tokens=turn.thoughts)
         self.core.bill(turn.model, usage, turn.task, turn.images)
         interaction = resource(interaction_id, turn, text, usage, self.core.clock())
         if token:
@@ -182,13 +184,15 @@ def parse_interaction(
     if level is not None:
         model_checks.check_level(model, level)
     items = input_items(body.get("input"))
-    texts, inputs = _read_items(items, model, images)
+    parts = _read_items(items, model, images)
+    texts = [part for part in parts if isinstance(part, str)]
     max_tokens = config.get("max_output_tokens")
     prompted = Prompted(
         model=str(body["model"]).removeprefix("models/"),
         spec=model,
         texts=texts,
-        images=inputs,
+        images=[part for part in parts if isinstance(part, ImageInput)],
+        parts=tuple(parts),
         ask=Ask(
             prompt="\n".join(texts),
             system=body.get("system_instruction") or "",
@@ -205,21 +209,22 @@ def parse_interaction(
 
 def _read_items(
     items: list[dict[str, Any]], model: Model, images: ImageReader
-) -> tuple[list[str], list[ImageInput]]:
-    texts: list[str] = []
-    inputs: list[ImageInput] = []
+) -> list[str | ImageInput]:
+    """The text and image items, in order."""
+    found: list[str | ImageInput] = []
     caption = None  # the text item right before an image says what it is
     for index, item in enumerate(items):
         where = f"input[{index}]"
         if item["type"] == "text":
-            texts.append(item.get("text") or "")
+            found.append(item.get("text") or "")
         elif item["type"] == "image":
-            inputs.append(_image(item, where, model, images))
-            inputs[-1].caption = caption
+            image = _image(item, where, model, images)
+            image.caption = caption
+            found.append(image)
         else:
             raise errors.unsupported_here(f"'{item['type']}' content at '{where}'")
         caption = item.get("text") if item["type"] == "text" else None
-    return texts, inputs
+    return found
 
 
 def _image(item: dict[str, Any], where: str, model: Model, images: ImageReader) -> ImageInput:
@@ -290,7 +295,7 @@ def usage_body(usage: Usage) -> dict[str, Any]:
     by_modality = [{"modality": "text", "tokens": usage.text_tokens}]
     if usage.image_tokens:
         by_modality.append({"modality": "image", "tokens": usage.image_tokens})
-    return {
+    body: dict[str, Any] = {
         "total_input_tokens": usage.prompt_tokens,
         "input_tokens_by_modality": by_modality,
         "total_output_tokens": usage.output_tokens,
@@ -298,3 +303,6 @@ def usage_body(usage: Usage) -> dict[str, Any]:
         "total_thought_tokens": usage.thoughts_tokens,
         "total_tokens": usage.total_tokens,
     }
+    if usage.cached_tokens:  # the SDK's Usage.total_cached_tokens; left out when none
+        body["total_cached_tokens"] = usage.cached_tokens
+    return body

@@ -163,6 +163,14 @@ class LocalOptions:
         "Batch Mode: unfinished jobs at once (100); one more is a 429",
         type=int,
     )
+    implicit_cache: bool = setting(
+        False,
+        s.flag,
+        "report a prompt prefix repeated within 5 minutes (system instruction, then parts in "
+        "order; at least the model's caching minimum) as cachedContentTokenCount, billed at the "
+        "cached rate (rule billing.implicit-cache)",
+        type=bool,
+    )
     batch_enqueued_tokens: int | None = setting(
         None,
         _limit,

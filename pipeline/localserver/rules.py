@@ -435,6 +435,42 @@ _RULES = (
         f"{DIGEST} Interactions API (Continuation); SDK _interactions_continuation",
         dated=f"{SDK} _interactions_continuation.py (automatic continuation)",
     ),
+    # ------------------------------------------------------------------------------ billing
+    Rule(
+        "billing.implicit-cache",
+        "200 usageMetadata.cachedContentTokenCount / usage.total_cached_tokens",
+        "--implicit-cache: a request whose leading pieces (system instruction, then its texts "
+        "and images in the order sent) repeat those of a request of the same model answered "
+        "within 5 minutes, for at least the model's caching minimum (2,048 tokens on 2.5, "
+        "4,096 on 3.x; none before 2.5), reports those tokens as cached; credits bill them at "
+        "the model table's cached rate. Off by default; Batch Mode lines are not cached. When "
+        "the service caches is its own (caching.py: the double's rule is an assumption).",
+        "https://ai.google.dev/gemini-api/docs/pricing (read 2026-10: cached input prices); "
+        "https://ai.google.dev/gemini-api/docs/caching (read 2026-10: implicit caching on 2.5 "
+        "and newer, minimum tokens per model, usage.total_cached_tokens)",
+        "written",
+    ),
+    Rule(
+        "billing.long-prompt",
+        "200 (credits and the pipeline's bill)",
+        "A request whose prompt passes its price's long_above (200,000 on the Pro models) is "
+        "billed wholly at the long tier (2.5 Pro 2.50 / 15.00, 3.1 Pro 4.00 / 18.00 per 1M).",
+        "https://ai.google.dev/gemini-api/docs/pricing (read 2026-10); models.json `prices`",
+        "written",
+    ),
+    Rule(
+        "billing.pan-and-scan",
+        "200 usageMetadata.promptTokenCount",
+        "2.x with generationConfig.mediaResolution HIGH bills 256 tokens an image plus 256 a "
+        "pan-and-scan crop: none for an image whose long side is under 1.2 times its short "
+        "side, else round(long / short) crops along the long side, 2 to 8, none under 256 px "
+        "(so 256 to 2,304 an image). The page gives only '256 + Pan & Scan' and ~2,048 more at "
+        "most: the crop count is an assumption after Gemma 3's Pan & Scan "
+        "(pipeline/gemini/tokens.py), and `estimate` states the whole range.",
+        f"{DIGEST} Image tokens (the media-resolution page, 2026-09-19); Gemma 3 technical "
+        "report (Pan & Scan); transformers Gemma3ImageProcessor.pan_and_scan",
+        "written",
+    ),
     Rule(
         "faults.injected",
         "500 INTERNAL, 503 UNAVAILABLE, 504 after a hang; or a 200 cut at MAX_TOKENS, fenced "

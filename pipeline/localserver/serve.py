@@ -40,6 +40,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     process's own."""
     for option in declared(ServerOptions):
         meta = option.metadata
+        if meta["type"] is bool:  # a switch, off unless given (--implicit-cache)
+            parser.add_argument(_flag(option), action="store_true", help=meta["doc"])
+            continue
         parser.add_argument(
             _flag(option), type=meta["type"], default=option.default, help=meta["doc"]
         )
@@ -72,7 +75,7 @@ def serve_from_args(args: argparse.Namespace) -> int:
     if workers < 1 or (workers > 1 and _per_process_state(options)):
         print(
             "error: --workers must be >= 1, and 1 with --rpm/--tpm/--rpd/--credit-budget/"
-            "--decode-limit (their state is per process)",
+            "--decode-limit/--implicit-cache (their state is per process)",
             file=sys.stderr,
         )
         return 2
@@ -104,7 +107,7 @@ def _per_process_state(options: ServerOptions) -> bool:
     """Options whose counters a second process would not share (a continuation token issued by
     one worker is unknown to the others)."""
     limits = (options.rpm, options.tpm, options.rpd, options.decode_limit)
-    return any(limits) or options.credit_budget_usd is not None
+    return any(limits) or options.credit_budget_usd is not None or options.implicit_cache
 
 
 def _options(args: argparse.Namespace) -> ServerOptions:
@@ -129,7 +132,7 @@ async def _serve(options: ServerOptions, sock: socket.socket, *, announce: bool)
             f"rpm={options.rpm} tpm={options.tpm} rpd={options.rpd} "
             f"latency={options.latency_ms}ms fault_rate={options.fault_rate} seed={options.seed} "
             f"decode_limit={options.decode_limit} credit_budget={options.credit_budget_usd} "
-            f"batch_seconds={options.batch_seconds}"
+            f"batch_seconds={options.batch_seconds} implicit_cache={options.implicit_cache}"
             f"{' replay=' + options.replay if options.replay else ''}. Ctrl-C stops.",
             file=sys.stderr,
             flush=True,

@@ -14,7 +14,7 @@ class Stats:
         self.requests: dict[str, dict[str, int]] = {}
         self.by_status: dict[str, int] = {}
         self.refused_by_rule: dict[str, int] = {}
-        self.tokens = {"prompt": 0, "output": 0, "thoughts": 0, "total": 0}
+        self.tokens = {"prompt": 0, "cached": 0, "output": 0, "thoughts": 0, "total": 0}
         self.tokens_by_modality = {"TEXT": 0, "IMAGE": 0}
         self.images = 0
         self.answers: dict[str, int] = {}
@@ -31,6 +31,7 @@ class Stats:
     def bill(self, usage: Usage, task: str | None, images: int) -> None:
         """One answer (or hop) billed; `task` None for a continuation hop (not a new answer)."""
         self.tokens["prompt"] += usage.prompt_tokens
+        self.tokens["cached"] += usage.cached_tokens
         self.tokens["output"] += usage.output_tokens
         self.tokens["thoughts"] += usage.thoughts_tokens
         self.tokens["total"] += usage.total_tokens

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pipeline.config import Config
-from pipeline.gemini.tokens import image_tokens, text_tokens
+from pipeline.gemini.tokens import image_token_range, image_tokens, text_tokens
 from pipeline.gemini.types import MAX_IMAGES_PER_REQUEST, GenerateRequest
 from pipeline.inputs.references import LoadedReference
 from pipeline.tasks import multi
@@ -55,6 +55,15 @@ class Costing:
         """Tokens of images sent at `sizes` (at another media resolution, to price a saving)."""
         level = resolution or self.resolution
         return sum(image_tokens(self.spec, width, height, level) for width, height in sizes)
+
+    def image_bounds(self, sizes: Sizes) -> tuple[int, int]:
+        """(fewest, most) tokens a request's images may be billed, its reference images'
+        included: `images` where the rule is exact, a range where it is not (2.x at HIGH)."""
+        bounds = [
+            image_token_range(self.spec, width, height, self.resolution)
+            for width, height in [*self.reference_sizes, *sizes]
+        ]
+        return sum(low for low, _ in bounds), sum(high for _, high in bounds)
 
     def captions(self, count: int) -> int:
         """Tokens of the "Image N:" captions of a request about `count` images."""

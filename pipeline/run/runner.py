@@ -26,6 +26,7 @@ from pipeline.inputs import images
 from pipeline.inputs.fetch import Fetcher, FetchError, settings_from
 from pipeline.output.sink import ParquetSink
 from pipeline.records import (
+    USAGE_COLUMNS,
     ImageItem,
     SourceFile,
     SourceGroup,
@@ -71,7 +72,7 @@ class RowCounts:
         if row.get("prompt_tokens") is None:
             return
         self.cost_usd += row_cost(row) or 0.0
-        for name in ("prompt_tokens", "output_tokens", "thoughts_tokens", "total_tokens"):
+        for name in USAGE_COLUMNS:
             self.tokens[name] += row.get(name) or 0
         self.tokens["est_image_tokens"] += row.get("est_image_tokens") or 0
         self.tokens["est_prompt_tokens"] += row.get("est_prompt_tokens") or 0

@@ -39,7 +39,7 @@ from pipeline.output.recovery import recover_writer
 from pipeline.output.sink import ParquetSink
 from pipeline.output.state import State
 from pipeline.output.stores import Store, open_store
-from pipeline.records import Work, storable, work_identity
+from pipeline.records import USAGE_COLUMNS, Work, storable, work_identity
 from pipeline.run.buyers import InteractiveBuyer
 from pipeline.run.calls import Caller
 from pipeline.run.identity import RunIdentity
@@ -310,17 +310,18 @@ def _check_key(key: str | None, setup: WorkerSetup) -> None:
         raise WorkerSetupError("a worker's API key is not the driver's: give them the same key")
 
 
+# what RowCounts.add reads of a row: its status, tokens and, to price them (pipeline/cost.py),
+# its model, mode and day
 _PRIOR_COLUMNS = (
     "image_root",
     "image_path",
     "status",
+    "model",
     "input_mode",
+    "completed_at",
     "attempts",
     "raw_response",
-    "prompt_tokens",
-    "output_tokens",
-    "thoughts_tokens",
-    "total_tokens",
+    *USAGE_COLUMNS,
     "est_image_tokens",
     "est_prompt_tokens",
 )
