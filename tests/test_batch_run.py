@@ -613,18 +613,29 @@ async def test_an_expired_job_is_reported_and_its_images_left_for_the_next_run(t
     assert dict(again.rows) == {"ok": 5}
 
 
-async def test_a_job_whose_every_line_is_refused_alike_is_the_runs_failure(tmp_path):
+async def test_a_job_whose_every_line_is_refused_alike_is_the_runs_failure(
+    tmp_path, clock, key_in_env
+):
     tiny_images(tmp_path / "images", 10)
-    # A model entry claiming a thinking level the model does not take (the server's table says
-    # so): every request is refused the same way. The run's fault, not the images': no rows.
+    # A config's model entry claiming a thinking level the model does not take, sent to a
+    # service whose own table says otherwise (a server of its own: the bundled one would read
+    # the config's table): every line is refused the same way. The run's fault, not the
+    # images': no rows.
     minimal = {"thinking": {"control": "level", "levels": ["minimal", "low"]}}
-    refused = batch_config(
-        tmp_path,
-        api={"model": "gemini-3.8-flash"},
-        task={"kind": "detect"},
-        models={"gemini-3.8-flash": minimal},
-    )
-    summary = await run(refused)
+    async with stand_in(clock) as server:
+        refused = batch_config(
+            tmp_path,
+            base_url=server.base_url,
+            api={"model": "gemini-3.8-flash"},
+            task={"kind": "detect"},
+            models={"gemini-3.8-flash": minimal},
+        )
+        task = asyncio.create_task(run(refused))
+        await until(
+            lambda: server.stats()["batches"]["created"] == 1, exited=running(task), interval=0.02
+        )
+        clock.now += 61  # the job ends, every line refused
+        summary = await task
     assert summary.exit_code == exits.USAGE and not summary.rows
     assert "failed the same way" in summary.stop_reason
     assert "not a supported thinking level" in summary.stop_reason
@@ -742,3 +753,17 @@ async def test_reference_images_go_with_every_request_of_a_job(tmp_path):
         assert state.batch_files(job.id) == []  # the JSONL and the big reference: deleted
     finally:
         state.close()
+
+
+async def test_a_model_added_in_the_config_is_served_in_batch_mode_too(tmp_path):
+    """The bundled server reads the run's table ([models] entries too) on every surface: Batch
+    Mode's create once looked models up in the bundled table only and answered 404."""
+    tiny_images(tmp_path / "images", 2)
+    added = batch_config(
+        tmp_path,
+        api={"model": "gemini-9-flash"},
+        task={"kind": "detect"},
+        models={"gemini-9-flash": {"like": "gemini-2.5-flash"}},
+    )
+    summary = await run(added)
+    assert summary.exit_code == exits.OK and dict(summary.rows) == {"ok": 2}

@@ -449,6 +449,7 @@ _RULES = (
         "https://ai.google.dev/gemini-api/docs/caching (read 2026-10: implicit caching on 2.5 "
         "and newer, minimum tokens per model, usage.total_cached_tokens)",
         "written",
+        assumed=True,  # when the service caches is its own: the 5-minute window is ours
     ),
     Rule(
         "billing.long-prompt",
@@ -457,6 +458,7 @@ _RULES = (
         "billed wholly at the long tier (2.5 Pro 2.50 / 15.00, 3.1 Pro 4.00 / 18.00 per 1M).",
         "https://ai.google.dev/gemini-api/docs/pricing (read 2026-10); models.json `prices`",
         "written",
+        dated="ai.google.dev/gemini-api/docs/pricing (read 2026-10: 'prompts > 200k tokens')",
     ),
     Rule(
         "billing.pan-and-scan",
@@ -470,6 +472,7 @@ _RULES = (
         f"{DIGEST} Image tokens (the media-resolution page, 2026-09-19); Gemma 3 technical "
         "report (Pan & Scan); transformers Gemma3ImageProcessor.pan_and_scan",
         "written",
+        assumed=True,  # the crop count; the range is the media-resolution page's (2026-09-19)
     ),
     Rule(
         "faults.injected",
