@@ -57,6 +57,7 @@ SETTINGS = [
     ("thinking_budget", {"thinking_budget": 1024}, "v1beta"),
     ("media_low", {"media_resolution": "low"}, "v1beta"),
     ("media_ultra_high", {"media_resolution": "ultra_high"}, "v1alpha"),
+    ("media_ultra_high_v1beta", {"media_resolution": "ultra_high"}, "v1beta"),  # 2026-09-19
     ("max_side", {}, "v1"),
 ]
 GENERATE_TOP_LEVEL = {"contents", "systemInstruction", "generationConfig"}
