@@ -434,19 +434,20 @@ async def test_an_expired_job_is_reported_and_its_images_left_for_the_next_run(t
 
 async def test_a_job_whose_every_line_is_refused_alike_is_the_runs_failure(tmp_path):
     tiny_images(tmp_path / "images", 10)
-    # A model entry claiming a thinking budget the model does not take (the server's table says
+    # A model entry claiming a thinking level the model does not take (the server's table says
     # so): every request is refused the same way. The run's fault, not the images': no rows.
-    budget = {"thinking": {"control": "budget", "min": 1, "max": 100, "off": True}}
+    # (A model that is shut down would not get this far: the preflight's models.get is a 404.)
+    minimal = {"thinking": {"control": "level", "levels": ["minimal"]}}
     refused = batch_config(
         tmp_path,
-        api={"model": "gemini-2.0-flash"},
+        api={"model": "gemini-3.8-flash"},
         task={"kind": "detect"},
-        models={"gemini-2.0-flash": budget},
+        models={"gemini-3.8-flash": minimal},
     )
     summary = await run(refused)
     assert summary.exit_code == exits.USAGE and not summary.rows
     assert "failed the same way" in summary.stop_reason
-    assert "thinking_config is not supported" in summary.stop_reason
+    assert "'minimal' is not a supported thinking level" in summary.stop_reason
     assert not read_rows(tmp_path / "out")  # the files are sent again once the config is fixed
 
 

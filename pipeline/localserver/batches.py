@@ -115,7 +115,7 @@ class BatchesSurface:
         version = request.match_info["version"]
         self.core.check_key(request)
         model_id = request.match_info["model"].removeprefix("models/")
-        model = _batch_model(model_id, version)
+        model = _batch_model(model_id, version, self.core)
         body = await self.core.body(request)  # over 20 MB: 400 (rule body.too-large)
         check(body, BATCH_GENERATE_CONTENT_REQUEST, version=version)
         batch = get(body, "batch", {})
@@ -381,8 +381,10 @@ class BatchesSurface:
                 return batch_id
 
 
-def _batch_model(model_id: str, version: str) -> Model:
-    model = model_checks.known_model(model_id, version, "batchGenerateContent")
+def _batch_model(model_id: str, version: str, core: Core) -> Model:
+    model = model_checks.known_model(
+        model_id, version, "batchGenerateContent", table=core.table, on=core.today()
+    )
     if not model.batch:
         raise errors.model_not_found(
             model_id, version, "batchGenerateContent", rule="model.no-batch"

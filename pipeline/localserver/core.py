@@ -10,8 +10,10 @@ the quotas).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
+from datetime import UTC, date, datetime
 from typing import Any
 
 from aiohttp import web
@@ -25,6 +27,7 @@ from pipeline.localserver.image_input import ImageReader
 from pipeline.localserver.options import ServerOptions
 from pipeline.localserver.quotas import Quotas
 from pipeline.localserver.stats import Stats
+from pipeline.models import ModelTable, default_table
 
 # v1alpha: where per-part media resolution was first documented (docs/gemini-api.md § Image tokens)
 API_VERSIONS = ("v1", "v1beta", "v1alpha")
@@ -51,6 +54,14 @@ class AnswerLog:
             self._file.close()
 
 
+def _stated(table: ModelTable, targets: dict[str, str]) -> ModelTable:
+    """The model table with the aliases --alias-target states pointing where it says, so the
+    double answers such an alias as the model its models.get names."""
+    if not targets:
+        return table
+    return dataclasses.replace(table, aliases={**table.aliases, **targets})
+
+
 class Core:
     """The parts of one server, shared by its surfaces."""
 
@@ -70,6 +81,11 @@ class Core:
         self.replay = Replay(options.replay) if options.replay else None
         self.answerer = Answerer(self.images, self.faults, self.replay, options.hang_seconds)
         self.answer_log = AnswerLog(options.answer_log, clock)
+        self.table = _stated(default_table(), dict(options.alias_target))
+
+    def today(self) -> date:
+        """The server's day (UTC, as `models.Status` counts shut-down days), on its clock."""
+        return datetime.fromtimestamp(self.clock(), UTC).date()
 
     def check_key(self, request: web.Request) -> None:
         transport.check_key(request, self.options.api_key)

@@ -101,7 +101,9 @@ class InteractionsSurface:
         for flag in ("stream", "background"):
             if body.get(flag):
                 raise errors.unsupported_here(f"'{flag}: true'")
-        return model_checks.interactions_model(model_id, version)
+        return model_checks.interactions_model(
+            model_id, version, table=self.core.table, on=self.core.today()
+        )
 
     async def _answered(self, prompted: Prompted) -> Turn:
         prompt = prompt_usage(prompted)

@@ -6,26 +6,41 @@ Each check raises an ApiError citing its rule (rules.py) or returns the normalis
 
 from __future__ import annotations
 
+from datetime import date
 from typing import Any
 
 from pipeline.localserver import errors
-from pipeline.models import Model, default_table, lookup
+from pipeline.models import Model, ModelTable, default_table
 
 THINKING_LEVEL_UNSET = "thinking_level_unspecified"
 MEDIA_RESOLUTION_PREFIX = "media_resolution_"
 JSON_SCHEMA_TYPES = frozenset({"string", "number", "integer", "boolean", "array", "object", "null"})
 
 
-def known_model(model_id: str, version: str, method: str) -> Model:
-    """The table's entry for `model_id`; 404 for a model the table does not know."""
+def known_model(
+    model_id: str,
+    version: str,
+    method: str,
+    *,
+    table: ModelTable | None = None,
+    on: date | None = None,
+) -> Model:
+    """The table's entry for `model_id`; 404 for a model the table does not know, or one shut
+    down by the day `on` (today when None): the service answers so after the shut-down date."""
     name = model_id.removeprefix("models/")
-    if not name or not default_table().is_known(name):
+    table = table or default_table()
+    if not name or not table.is_known(name):
         raise errors.model_not_found(name, version, method)
-    return lookup(name)
+    model = table.lookup(name)
+    if model.status.is_shut_down(on):
+        raise errors.model_not_found(name, version, method, rule="model.shut-down")
+    return model
 
 
-def interactions_model(model_id: str, version: str) -> Model:
-    model = known_model(model_id, version, "interactions")
+def interactions_model(
+    model_id: str, version: str, *, table: ModelTable | None = None, on: date | None = None
+) -> Model:
+    model = known_model(model_id, version, "interactions", table=table, on=on)
     if not model.interactions:
         raise errors.model_not_found(
             model_id.removeprefix("models/"), version, "interactions", rule="model.no-interactions"
