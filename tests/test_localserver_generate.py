@@ -14,6 +14,7 @@ from pipeline.gemini.tokens import text_tokens
 from pipeline.localserver.options import ServerOptions
 from pipeline.localserver.server import LocalServer
 from pipeline.models import ModelTable, default_table
+from tests.conftest import Clock
 from tests.localserver_support import (
     DETECT,
     KEY,
@@ -26,6 +27,7 @@ from tests.localserver_support import (
 )
 
 MODEL_3 = "gemini-3-flash-preview"
+BEFORE_SHUTDOWNS = 1_748_736_000.0  # 2025-06-01 UTC: before the table's first shut-down day
 
 # wire format: spellings, versions, usage
 
@@ -419,7 +421,8 @@ REFUSALS = [
     "model,version,body,rule,message", [case[1:] for case in REFUSALS], ids=[c[0] for c in REFUSALS]
 )
 async def test_the_service_refusals_with_its_answers(http, model, version, body, rule, message):
-    async with LocalServer(ServerOptions()) as server:
+    # on a day every model of the table was served (1.5, 2.0 and 2.5 Pro are shut down since)
+    async with LocalServer(ServerOptions(), clock=Clock(BEFORE_SHUTDOWNS)) as server:
         status, answer = await generate(http, server, body, model=model, version=version)
         assert status == 400, answer
         error = answer["error"]

@@ -46,7 +46,7 @@ async def test_rpm_fixed_calendar_minute_windows(http):
         violation = details["QuotaFailure"]["violations"][0]
         assert violation["quotaId"] == "GenerateRequestsPerMinutePerProjectPerModel"
         assert violation["quotaValue"] == "2"
-        status, _ = await generate(http, server, body, model="gemini-2.5-pro")  # per model
+        status, _ = await generate(http, server, body, model="gemini-2.5-flash-lite")  # per model
         assert status == 200
         clock.now = START + 60  # a new window: two more at once, four within 15 seconds
         assert [(await generate(http, server, body))[0] for _ in range(3)] == [200, 200, 429]

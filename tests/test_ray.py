@@ -363,6 +363,55 @@ async def test_a_lost_quota_actor_is_restarted_and_the_run_goes_on(
     assert after["seeded"]  # the driver told the new actor the day's count
 
 
+async def test_the_driver_makes_the_one_preflight_and_none_when_nothing_is_left(
+    cluster: str, images_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """models.get once, from the driver (not per worker); a wrong model stops the fleet before
+    any generateContent; a rerun with nothing to do calls nothing."""
+    monkeypatch.setenv("GEMINI_API_KEY", "preflight-test-key")
+    for i in range(6):
+        draw_shapes(64, 64, seed=700 + i, count=1)[0].save(images_dir / f"p{i}.png")
+    async with LocalServer() as server:
+        wrong = make_config(tmp_path, api={"base_url": server.base_url, "model": "gemini-2.5-flsh"})
+        refused = await run(_ray(wrong, workers=2))
+        assert refused.exit_code == exits.USAGE and "did you mean gemini-2.5-flash" in str(
+            refused.stop_reason
+        )
+        assert server.stats()["requests"] == {"GET /v1beta/models/gemini-2.5-flsh": {"404": 1}}
+        config = _ray(make_config(tmp_path, api={"base_url": server.base_url}), workers=2)
+        first = await run(config)
+        assert (first.exit_code, first.api_calls) == (exits.OK, 6), first
+        assert server.stats()["requests"]["GET /v1beta/models/gemini-2.5-flash"] == {"200": 1}
+        before = server.stats()["requests_total"]
+        again = await run(config)
+        assert (again.api_calls, again.skipped) == (0, 6)
+        assert server.stats()["requests_total"] == before
+
+
+async def test_an_alias_the_service_resolves_elsewhere_restarts_the_fleet_under_it(
+    cluster: str, images_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The driver's preflight learns the alias is 2.5 Flash (not the table's 3.8 Flash): the
+    fleet is stopped before any call and the run starts again with 2.5 Flash's settings (the
+    double refuses 3.8's thinking level on it, so ok rows prove which settings were sent)."""
+    monkeypatch.setenv("GEMINI_API_KEY", "alias-test-key")
+    for i in range(4):
+        draw_shapes(64, 64, seed=720 + i, count=1)[0].save(images_dir / f"a{i}.png")
+    stated = ServerOptions(alias_target=("gemini-flash-latest=gemini-2.5-flash",))
+    async with LocalServer(stated) as server:
+        api = {"base_url": server.base_url, "model": "gemini-flash-latest"}
+        summary = await run(
+            _ray(make_config(tmp_path, api=api, task={"kind": "detect"}), workers=2)
+        )
+        requests = server.stats()["requests"]
+    assert (summary.exit_code, summary.rows) == (exits.OK, {"ok": 4}), summary
+    assert (
+        summary.model_resolution == "gemini-flash-latest → gemini-2.5-flash (the service's answer)"
+    )
+    assert requests["GET /v1beta/models/gemini-flash-latest"] == {"200": 1}
+    assert requests["POST /v1beta/models/gemini-flash-latest:generateContent"] == {"200": 4}
+
+
 async def test_sigterm_drains_the_fleet_and_says_how_to_resume(
     cluster: str, images_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -74,7 +74,10 @@ async def test_a_wrong_model_or_version_is_a_usage_stop(
         config = remote(tmp_path, server.base_url + "/nothing-here")
         summary = await run(config)
     assert summary.exit_code == exits.USAGE
-    assert "no such method" in summary.stop_reason
+    assert summary.stop_reason == (  # the preflight's models.get: no generateContent was sent
+        "model gemini-2.5-flash is not found for API version v1beta (the model table has it: "
+        "is [api] base_url or version right?)"
+    )
     assert read_rows(tmp_path / "out") == []
 
 

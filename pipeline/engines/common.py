@@ -10,25 +10,34 @@ A block is a handful of units handed from the walking thread to the event loop a
 cross-thread wake-up per block, not per file); engines deal them out to their workers. One
 process (single.py) and Batch Mode (batch/engine.py) open a run with the same `Opener`, so their
 output, state, resume index, client, calls and reuse are made by the same code.
+
+The preflight (`Preflight`, what its answer means: pipeline/run/preflight.py) is one models.get
+made by `walking` when the walk first finds work, before any block reaches the engine: a run
+with nothing to do (the nightly rerun) makes no call at all, and every engine gets it from the
+same place. An alias the service says is another entry than the table's guess starts the run
+again with that entry's settings (`AliasMoved`, caught by `pipeline.engines.run_async`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import functools
+import logging
 import os
 import random
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from pipeline.config import Config, ConfigError, declarations
-from pipeline.gemini import GeminiClient, api_key_from_env
+from pipeline.gemini import GeminiClient, GeminiError, api_key_from_env
 from pipeline.inputs.fetch import Fetcher, settings_from
 from pipeline.inputs.references import LoadedReference
 from pipeline.inputs.source import work_units
@@ -39,9 +48,10 @@ from pipeline.output.sink import ParquetSink, SinkFailed
 from pipeline.output.state import State
 from pipeline.output.stores import MissingExtra, Store, open_store
 from pipeline.records import Work, work_identity
+from pipeline.run import preflight
 from pipeline.run.buyers import InteractiveBuyer
 from pipeline.run.calls import Caller, RunStopped
-from pipeline.run.identity import RunIdentity
+from pipeline.run.identity import RunIdentity, key_suffix
 from pipeline.run.limits import DailyCount, RateLimiter, quota_day
 from pipeline.run.reuse import Bought
 from pipeline.run.runner import ImageRunner, RowCounts, RunOptions
@@ -49,6 +59,8 @@ from pipeline.run.stop import Stop, Stopped, on_signals
 from pipeline.run.summary import RunSummary
 from pipeline.run.uploads import Uploads
 from pipeline.tasks import get_task
+
+log = logging.getLogger(__name__)
 
 Block = list[Work]
 LOCAL_KEY = "local-key"
@@ -67,16 +79,23 @@ class Producer:
     """Walks the inputs in a thread and feeds a bounded queue in small blocks."""
 
     def __init__(
-        self, config: Config, done_test: DoneTest, limit: int | None, fetcher: Fetcher
+        self,
+        config: Config,
+        done_test: DoneTest,
+        limit: int | None,
+        fetcher: Fetcher,
+        preflight: Preflight | None = None,
     ) -> None:
         self.config = config
         self.done_test = done_test
         self.limit = limit
         self.fetcher = fetcher  # sizes and versions of manifest URLs and objects
+        self.preflight = preflight  # asked by `walking` once this walk finds work
         self.seen = 0
         self.skipped = 0
         self.done = False
         self.halt = threading.Event()  # set by the engine when the run stops
+        self.on_work: Callable[[], object] = lambda: None  # the first unit to do is found
 
     def run(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Block | None]) -> None:
         """One cross-thread wake-up per block, not per file. A block goes when it is full or
@@ -107,6 +126,8 @@ class Producer:
             if work.error is None and self.done_test.is_done(*work_identity(work)):
                 self.skipped += 1
                 continue
+            if sent == 0:
+                self.on_work()
             sent += 1
             yield work
 
@@ -120,11 +141,17 @@ def empty_queue(queue: asyncio.Queue[Block | None]) -> None:
 @contextlib.asynccontextmanager
 async def walking(producer: Producer) -> AsyncIterator[asyncio.Queue[Block | None]]:
     """The walk running in its thread, feeding the queue given (two blocks at most, so memory
-    stays flat); on leaving, the walk is halted and its thread joined."""
+    stays flat); on leaving, the walk is halted and its thread joined. With a preflight, the
+    queue is handed over once the walk has found work and the preflight is made, or once the
+    walk ended with nothing to do (then no call is made)."""
     blocks: asyncio.Queue[Block | None] = asyncio.Queue(maxsize=2)
     loop = asyncio.get_running_loop()
+    found = asyncio.Event()
+    producer.on_work = functools.partial(loop.call_soon_threadsafe, found.set)
     walker = loop.run_in_executor(None, producer.run, loop, blocks)
     try:
+        if producer.preflight is not None:
+            await producer.preflight.when_work(found, walker, producer)
         yield blocks
     finally:
         producer.halt.set()
@@ -258,6 +285,97 @@ def make_client(config: Config | None, base_url: str, key: str, version: str = "
 
 # ------------------------------------------------------------------------------ opening a run
 @dataclass(frozen=True)
+class RunStart:
+    """What a run starts from, made once by `pipeline.engines.run_async` and handed to its
+    engine: the config, the run's identity, its reference images (read once: every request of
+    the run has them) and the run's options; `checked`, what the preflight learned when the run
+    starts again for it (`AliasMoved`), so it is not asked twice."""
+
+    config: Config
+    identity: RunIdentity
+    references: tuple[LoadedReference, ...]
+    options: RunOptions
+    checked: preflight.Checked | None = None
+
+
+class AliasMoved(Exception):
+    """The service says the configured alias is another entry than the table's guess: the run
+    starts again from `start` (that entry's settings and settings hash; the same run id)."""
+
+    def __init__(self, start: RunStart) -> None:
+        super().__init__(preflight.resolution(start.config, start.checked))
+        self.start = start
+
+
+class Preflight:
+    """A run's one models.get on its base URL and version, made when its walk first finds work
+    (`walking`), before the first paid call; pipeline/run/preflight.py says what the answer
+    does. `stop` is the run's: a verdict drains it before any unit starts."""
+
+    def __init__(self, start: RunStart, client: GeminiClient, stop: Stop) -> None:
+        self.start, self.client, self.stop = start, client, stop
+        self.checked = start.checked
+
+    @property
+    def resolution(self) -> str | None:
+        """The summary's line on an alias (the service's answer, or the table's guess)."""
+        return preflight.resolution(self.start.config, self.checked)
+
+    async def when_work(
+        self, found: asyncio.Event, walked: asyncio.Future[None], producer: Producer
+    ) -> None:
+        """Once the walk finds work, the preflight; nothing when it ends without (or the run
+        stops first)."""
+        with contextlib.suppress(Stopped):
+            if await self.stop.until(_work_found(found, walked)):
+                await self.check(producer)
+
+    async def check(self, producer: Producer) -> None:
+        if self.checked is not None or not self.stop.running:
+            return  # asked already (before a restart), or the run is stopping
+        config = self.start.config
+        try:
+            info = await self.stop.call(self.client.get_model(config.api.model))
+        except (GeminiError, ValueError) as exc:
+            self._failed(exc, producer)
+            return
+        self.checked = preflight.Checked(preflight.stated_target(info, config))
+        if preflight.moves(config, self.checked) and self.stop.running:  # not after a Ctrl-C
+            self._restart(self.checked)
+
+    def _failed(self, error: GeminiError | ValueError, producer: Producer) -> None:
+        verdict = preflight.verdict(error, self.start.config)
+        if verdict is None:  # passing: the calls meet it too, and the runner handles it there
+            log.warning("models.get %s failed, going on: %s", self.start.config.api.model, error)
+            return
+        self.stop.drain(verdict.reason, verdict.hint, verdict.exit_code)
+        producer.halt.set()
+
+    def _restart(self, checked: preflight.Checked) -> None:
+        """Raise AliasMoved with the run's start under the stated entry (the run drained first,
+        so an engine leaves at once: Batch Mode does not wait on its jobs in flight)."""
+        self.stop.drain("the run starts again under the model the service names")
+        start = self.start
+        config = preflight.resolved(start.config, checked)  # ConfigError: a setting it refuses
+        suffix = key_suffix(config, start.references)
+        identity = dataclasses.replace(start.identity, key_suffix=suffix)
+        moved = AliasMoved(RunStart(config, identity, start.references, start.options, checked))
+        log.warning("%s: the run starts again with its settings", moved)
+        raise moved
+
+
+async def _work_found(found: asyncio.Event, walked: asyncio.Future[None]) -> bool:
+    """True once the walk found a unit to do, False once it ended without one."""
+    waiting = asyncio.ensure_future(found.wait())
+    either: list[asyncio.Future[Any]] = [waiting, walked]
+    try:
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiting.cancel()
+    return found.is_set()
+
+
+@dataclass(frozen=True)
 class Opened:
     """What a run works with once its output is open (`Opener.open`)."""
 
@@ -269,24 +387,14 @@ class Opened:
     bought: Bought
     runner: ImageRunner  # buys interactively (Batch Mode: its interactive retries)
     fetcher: Fetcher
-
-
-@dataclass(frozen=True)
-class RunStart:
-    """What a run starts from, made once by `pipeline.engines.run_async` and handed to its
-    engine: the config, the run's identity, its reference images (read once: every request of
-    the run has them) and the run's options."""
-
-    config: Config
-    identity: RunIdentity
-    references: tuple[LoadedReference, ...]
-    options: RunOptions
+    preflight: Preflight  # the walk's (`Producer(..., opened.preflight)`)
 
 
 class Opener:
     """Opens a run's output and makes what every engine in this process works with."""
 
     def __init__(self, start: RunStart) -> None:
+        self.start = start
         self.config, self.identity, self.options = start.config, start.identity, start.options
         self.references = start.references
         self.request = get_task(start.config.task.kind).request(start.config.task)
@@ -312,7 +420,8 @@ class Opener:
             sink=sink,
             fetcher=fetcher,
         )
-        return Opened(state, sink, index, client, caller, bought, runner, fetcher)
+        checking = Preflight(self.start, client, stop)
+        return Opened(state, sink, index, client, caller, bought, runner, fetcher, checking)
 
     def _sink(self, out: Path | Store) -> ParquetSink:
         output = self.config.output
@@ -369,3 +478,4 @@ def summarise(summary: RunSummary, producer: Producer, counts: RowCounts, caller
     summary.throttled = calls.throttled
     summary.uploads, summary.uploads_reused = caller.uploads.made, caller.uploads.reused
     summary.waited_for_limits_s = round(caller.limiter.stats.waited_seconds, 3)
+    summary.model_resolution = producer.preflight.resolution if producer.preflight else None

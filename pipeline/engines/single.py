@@ -71,7 +71,9 @@ class SingleProcess:
         async with contextlib.AsyncExitStack() as stack:
             opened = await self.opener.open(stack, out, stop)
             self.summary.recovered = opened.sink.rows_recovered
-            producer = Producer(self.config, opened.index, self.options.limit, opened.fetcher)
+            producer = Producer(
+                self.config, opened.index, self.options.limit, opened.fetcher, opened.preflight
+            )
             await self._work(producer, opened, stop)
             if stop.running:
                 await _compact_quietly(opened.sink, self.config.output.compact_above, opened.index)

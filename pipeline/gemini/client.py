@@ -1,5 +1,6 @@
-"""Async REST client for the Gemini API: generateContent, Interactions, the Files API and Batch
-Mode (`client.batches`, pipeline/gemini/batches.py).
+"""Async REST client for the Gemini API: generateContent, Interactions, the Files API, Batch
+Mode (`client.batches`, pipeline/gemini/batches.py) and models.get / models.list
+(pipeline/gemini/model_info.py).
 
 Protocol only: it knows requests and answers, not the pipeline. The client does not retry; it
 raises `GeminiError` whose `kind` (and `retryable`, `retry_delay`) feed the caller's own policy.
@@ -40,6 +41,13 @@ from pipeline.gemini.files import (
     source_size,
 )
 from pipeline.gemini.interactions import build_interaction_body, parse_interaction
+from pipeline.gemini.model_info import (
+    DEFAULT_PAGE_SIZE,
+    ModelInfo,
+    model_path,
+    parse_model_page,
+    parse_model_text,
+)
 from pipeline.gemini.transport import MAX_RESPONSE_BYTES, Answer, Transport, check_url
 from pipeline.gemini.types import FileInfo, Flavor, GenerateRequest, GenerateResponse
 from pipeline.gemini.wire import Continuation, join_hops, split_hops
@@ -270,6 +278,24 @@ class GeminiClient:
         answer = await self._transport.send("POST", url, json_body=body, timeout=limit, what=what)
         document = self._transport.parse(answer, parse_json_object, what)
         return answer.text, document
+
+    # --------------------------------------------------------------------------------- models
+
+    async def get_model(self, model: str, *, timeout: float | None = None) -> ModelInfo:
+        """models.get: `GET {base}/{version}/models/{model}` (the SDK's `models.get`). A model
+        the service does not serve is a GeminiError of kind not_found (404); ValueError for an
+        id that would change the URL's path or query (the SDK's `t_model`)."""
+        name = model_path(model)
+        answer = await self._transport.send(
+            "GET", f"{self.base_url}/{self.version}/{name}", timeout=timeout, what=f"get {name}"
+        )
+        return self._transport.parse(answer, parse_model_text, f"get {name}")
+
+    async def list_models(self, *, page_size: int = DEFAULT_PAGE_SIZE) -> list[ModelInfo]:
+        """models.list: every model the service lists, following nextPageToken (the SDK's
+        `models.list` pager over `models`, its `query_base` default)."""
+        url = f"{self.base_url}/{self.version}/models"
+        return await self._transport.pages(url, parse_model_page, "list models", page_size)
 
     # ------------------------------------------------------------------------------ Files API
 

@@ -51,7 +51,7 @@ from pipeline.localserver.fields import BATCH_FILE_LINE, BATCH_GENERATE_CONTENT_
 from pipeline.localserver.files import rfc3339
 from pipeline.localserver.generate import parse_request, response_body, with_output
 from pipeline.localserver.spec import check, get
-from pipeline.models import Model, ModelTable
+from pipeline.models import Model
 
 PENDING_SHARE = 0.1  # a job is PENDING for this share of --batch-seconds, then RUNNING
 TYPE = "type.googleapis.com/google.ai.generativelanguage.v1main."
@@ -121,7 +121,7 @@ class BatchesSurface:
         version = request.match_info["version"]
         self.core.check_key(request)
         model_id = request.match_info["model"].removeprefix("models/")
-        model = _batch_model(model_id, version, self.core.models)
+        model = _batch_model(model_id, version, self.core)
         body = await self.core.body(request)  # over 20 MB: 400 (rule body.too-large)
         check(body, BATCH_GENERATE_CONTENT_REQUEST, version=version)
         batch = get(body, "batch", {})
@@ -394,9 +394,10 @@ class BatchesSurface:
                 return batch_id
 
 
-def _batch_model(model_id: str, version: str, table: ModelTable) -> Model:
-    """The run's table (a config's [models] entries too), as generateContent's check reads."""
-    model = model_checks.known_model(model_id, version, "batchGenerateContent", table)
+def _batch_model(model_id: str, version: str, core: Core) -> Model:
+    model = model_checks.known_model(
+        model_id, version, "batchGenerateContent", table=core.models, on=core.today()
+    )
     if not model.batch:
         raise errors.model_not_found(
             model_id, version, "batchGenerateContent", rule="model.no-batch"

@@ -10,9 +10,11 @@ at the batch price, outside the quotas and the implicit cache).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import replace
+from datetime import UTC, date, datetime
 from typing import Any
 
 from aiohttp import web
@@ -55,6 +57,14 @@ class AnswerLog:
             self._file.close()
 
 
+def _stated(table: ModelTable, targets: dict[str, str]) -> ModelTable:
+    """The model table with the aliases --alias-target states pointing where it says, so the
+    double answers such an alias as the model its models.get names."""
+    if not targets:
+        return table
+    return dataclasses.replace(table, aliases={**table.aliases, **targets})
+
+
 class Core:
     """The parts of one server, shared by its surfaces."""
 
@@ -63,7 +73,9 @@ class Core:
     ) -> None:
         self.options = options
         self.clock = clock
-        self.models = models  # what each model takes, bills and answers (model_checks.py)
+        # what each model takes, bills and answers (model_checks.py), with the aliases
+        # --alias-target states
+        self.models = _stated(models, dict(options.alias_target))
         self.stats = Stats()
         self.files = FileStore(clock, options.file_processing_seconds, options.file_ttl_seconds)
         self.images = ImageReader(self.files)
@@ -78,6 +90,10 @@ class Core:
         self.replay = Replay(options.replay) if options.replay else None
         self.answerer = Answerer(self.images, self.faults, self.replay, options.hang_seconds)
         self.answer_log = AnswerLog(options.answer_log, clock)
+
+    def today(self) -> date:
+        """The server's day (UTC, as `models.Status` counts shut-down days), on its clock."""
+        return datetime.fromtimestamp(self.clock(), UTC).date()
 
     def check_key(self, request: web.Request) -> None:
         transport.check_key(request, self.options.api_key)

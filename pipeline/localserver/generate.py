@@ -47,7 +47,9 @@ class GenerateSurface:
         self.core.check_key(request)
         if method not in METHODS or not model_id:
             raise errors.unsupported_here(f"Method '{method}'")
-        model = model_checks.known_model(model_id, version, method, self.core.models)
+        model = model_checks.known_model(
+            model_id, version, method, table=self.core.models, on=self.core.today()
+        )
         body = await self.core.body(request)
         model_id = model_id.removeprefix("models/")
         if method == "countTokens":

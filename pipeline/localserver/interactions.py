@@ -103,7 +103,9 @@ class InteractionsSurface:
         for flag in ("stream", "background"):
             if body.get(flag):
                 raise errors.unsupported_here(f"'{flag}: true'")
-        return model_checks.interactions_model(model_id, version, self.core.models)
+        return model_checks.interactions_model(
+            model_id, version, table=self.core.models, on=self.core.today()
+        )
 
     async def _answered(self, prompted: Prompted) -> Turn:
         prompt = prompt_usage(prompted)

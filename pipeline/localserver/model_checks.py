@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+from datetime import date
 from typing import Any
 
 from jsonschema import Draft202012Validator
@@ -26,17 +27,30 @@ JSON_SCHEMA_TYPES = frozenset({"string", "number", "integer", "boolean", "array"
 SCHEMAS_CHECKED = 64  # distinct schemas whose meta-schema verdict is kept (a run sends one)
 
 
-def known_model(model_id: str, version: str, method: str, table: ModelTable | None = None) -> Model:
-    """The table's entry for `model_id`; 404 for a model the table does not know."""
+def known_model(
+    model_id: str,
+    version: str,
+    method: str,
+    *,
+    table: ModelTable | None = None,
+    on: date | None = None,
+) -> Model:
+    """The table's entry for `model_id`; 404 for a model the table does not know, or one shut
+    down by the day `on` (today when None): the service answers so after the shut-down date."""
     name = model_id.removeprefix("models/")
-    models = table or default_table()
-    if not name or not models.is_known(name):
+    table = table or default_table()
+    if not name or not table.is_known(name):
         raise errors.model_not_found(name, version, method)
-    return models.lookup(name)
+    model = table.lookup(name)
+    if model.status.is_shut_down(on):
+        raise errors.model_not_found(name, version, method, rule="model.shut-down")
+    return model
 
 
-def interactions_model(model_id: str, version: str, table: ModelTable | None = None) -> Model:
-    model = known_model(model_id, version, "interactions", table)
+def interactions_model(
+    model_id: str, version: str, *, table: ModelTable | None = None, on: date | None = None
+) -> Model:
+    model = known_model(model_id, version, "interactions", table=table, on=on)
     if not model.interactions:
         raise errors.model_not_found(
             model_id.removeprefix("models/"), version, "interactions", rule="model.no-interactions"

@@ -17,12 +17,13 @@ the server's own messages always were ("fault_rate must be within [0, 1], got 2.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from pipeline import settings as s
 from pipeline.localserver.faults import FAULT_KINDS
+from pipeline.models import default_table
 from pipeline.settings import Check, check_value, declared, setting
 
 _MIB = 1 << 20
@@ -79,6 +80,29 @@ def _mebibytes(text: str) -> int:
 def _kinds(text: str) -> tuple[str, ...]:
     """A flag's comma-separated list."""
     return tuple(kind.strip() for kind in text.split(",") if kind.strip())
+
+
+AliasTargets = tuple[tuple[str, str], ...]
+
+
+def _alias_targets(v: Any) -> AliasTargets:
+    """(alias, target) pairs from a table (TOML), or "alias=target" strings (the flag's, or
+    a list of them); each alias one of the model table's."""
+    items = v.items() if isinstance(v, Mapping) else v
+    if isinstance(items, str) or not isinstance(items, Iterable):
+        raise TypeError("a table alias = target, or alias=target strings")
+    pairs = tuple(_alias_pair(item) for item in items)
+    aliases = sorted(default_table().aliases)
+    if any(alias not in aliases for alias, _ in pairs):
+        raise TypeError(f"a table whose aliases are the model table's ({', '.join(aliases)})")
+    return pairs
+
+
+def _alias_pair(item: Any) -> tuple[str, str]:
+    alias, target = item.partition("=")[::2] if isinstance(item, str) else item
+    if not (isinstance(alias, str) and isinstance(target, str) and alias and target):
+        raise TypeError("a table alias = target, or alias=target strings")
+    return alias.strip().lower(), target.strip()
 
 
 _SECRET = frozenset({"api_key"})  # never echoed, not even when refused
@@ -190,6 +214,14 @@ class LocalOptions:
         "Batch Mode fault: the Nth result of every job is unreadable (a results file's line cut "
         "in half, an inline answer that is no object); 0: none",
         type=int,
+    )
+    alias_target: AliasTargets = setting(
+        (),
+        _alias_targets,
+        "aliases whose target models.get states (its baseModelId), comma-separated "
+        "alias=target (gemini-flash-latest=gemini-3.8-flash); the double then answers the alias "
+        "as that model. Unset, an alias's resource names only itself, as the service's do",
+        type=_kinds,
     )
 
     def __post_init__(self) -> None:

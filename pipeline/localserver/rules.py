@@ -33,6 +33,11 @@ ESF_UNKNOWN = (
     "field), https://github.com/zed-industries/zed/issues/44875 (Proto field is not repeating)"
 )
 ESF_VALUE = "https://github.com/simonw/llm-gemini/issues/49 (Invalid value at ... (TYPE_...))"
+DEPRECATIONS = (
+    "https://ai.google.dev/gemini-api/docs/deprecations (read 2026-10: each model's shut-down "
+    "date, after which requests to it fail)"
+)
+MODELS_REFERENCE = "https://ai.google.dev/api/models (read 2026-10)"
 BATCH_QUOTA = (
     "https://github.com/langchain4j/langchain4j/pull/3942 (the 429 text and Help link of a "
     "batch call), https://github.com/googleapis/python-genai/issues/1901 (enqueued tokens)"
@@ -138,6 +143,37 @@ _RULES = (
         f"{DIGEST} Interactions API; models.json `interactions`",
         "written",
         assumed=True,
+    ),
+    Rule(
+        "model.shut-down",
+        "404 NOT_FOUND / 404 model_not_found",
+        "A model whose table entry is shut down by the server's day (models.json "
+        "status.shut_down, on the server's clock) answers as an unknown model does: models.get, "
+        "generateContent, countTokens, Interactions and batch create.",
+        f"{DEPRECATIONS}; {DIGEST} Models and thinking (the shut-down days); models.json status",
+    ),
+    Rule(
+        "models.get",
+        "200 Model",
+        "GET /{version}/models/{id}: a Model resource (camelCase, name models/<id>) for each "
+        "entry not shut down and each id matching one by prefix: input 1,048,576 and output "
+        "65,536 tokens (8,192 on 1.5 and 2.0), thinking as the entry says, the methods the "
+        "double serves. An alias answers its own resource naming only itself (baseModelId is "
+        "the alias), unless --alias-target states its target. An id not served answers the "
+        "404 of model.unknown or model.shut-down, in generateContent's wording (no source "
+        "gives models.get's own).",
+        f"{MODELS_REFERENCE} (models.get, Model); SDK _Model_from_mldev; {DIGEST} Models and "
+        "thinking ('no page states their current targets')",
+        "written",
+    ),
+    Rule(
+        "models.list",
+        "200 {models, nextPageToken} / 400 INVALID_ARGUMENT",
+        "GET /{version}/models: the entries not shut down, then the aliases, as models.get "
+        "answers each; pageSize 50 when unset, 1,000 at most; a pageSize that is no integer, "
+        "or a pageToken this server did not issue, is a 400.",
+        f"{MODELS_REFERENCE} (models.list); SDK models.list (Pager); {ESF_VALUE}",
+        "written",
     ),
     Rule(
         "contents.required",

@@ -2,7 +2,8 @@
 
 Surfaces, each a module with a class that registers its routes under every API version:
 batches.py (Batch Mode, reusing generate.parse_request and generate.response_body for each of
-its requests), generate.py (generateContent, countTokens), interactions.py, files_api.py.
+its requests), generate.py (generateContent, countTokens), interactions.py, files_api.py,
+models_api.py (models.get, models.list).
 GET /local/stats reads the counters.
 """
 
@@ -21,12 +22,13 @@ from pipeline.localserver.core import API_VERSIONS, Core
 from pipeline.localserver.files_api import FilesSurface
 from pipeline.localserver.generate import GenerateSurface
 from pipeline.localserver.interactions import InteractionsSurface
+from pipeline.localserver.models_api import ModelsSurface
 from pipeline.localserver.options import ServerOptions
 from pipeline.models import ModelTable, default_table
 
 # Batch Mode first: its `...:batchGenerateContent` and `files/{id}:download` routes would
 # otherwise be taken by generate.py's `models/{model_action}` and files_api.py's `files/{id}`.
-SURFACES = (BatchesSurface, GenerateSurface, InteractionsSurface, FilesSurface)
+SURFACES = (BatchesSurface, GenerateSurface, InteractionsSurface, FilesSurface, ModelsSurface)
 SHUTDOWN_GRACE_SECONDS = 2.0
 
 

@@ -40,6 +40,9 @@ class RunSummary:
     tokens: Counter[str] = field(default_factory=Counter)
     cost_usd: float = 0.0  # the billed tokens at the model table's price (batch rows: batch price)
     batch: dict[str, Any] | None = None  # Batch Mode: jobs created, collected, ended, in flight
+    # an alias's model: "gemini-flash-latest → gemini-3.8-flash (the service's answer)", or
+    # "(the table's guess: <its source>)" (pipeline/run/preflight.py); None for a model id
+    model_resolution: str | None = None
     stop_reason: str | None = None
     resume_hint: str | None = None
     exit_code: int = exits.OK

@@ -127,7 +127,7 @@ class BatchEngine:
         # Read before any collection: a file of a job collected from here on is committed
         # after the resume index was read, and must be skipped all the same.
         skip = _Skip(opened.index, DigestSet(opened.state.in_flight_fingerprints()))
-        producer = Producer(self.config, skip, self.options.limit, opened.fetcher)
+        producer = Producer(self.config, skip, self.options.limit, opened.fetcher, opened.preflight)
         await guarded(stop, jobs.check_all())
         buyer = JobBuyer(self.config, self.identity, opened.caller.requests, self.references, jobs)
         retries = InteractiveRetries(opened, stop, self.config, self.identity.key_suffix)

@@ -54,9 +54,12 @@ from typing import Any
 from pipeline import exits
 from pipeline.config import Config, ConfigError, EngineConfig
 from pipeline.engines.common import (
+    AliasMoved,
     Block,
+    Preflight,
     Producer,
     RunStart,
+    make_client,
     open_output,
     open_state,
     quota_day_key,
@@ -96,6 +99,7 @@ class RayEngine:
 
     def __init__(self, start: RunStart) -> None:
         """(The workers read the reference images themselves: `start.references` stays here.)"""
+        self.start = start
         self.config, self.identity, self.options = start.config, start.identity, start.options
         self.run_id = start.identity.run_id
         self.summary = RunSummary.of_run(self.identity, self.config.source)
@@ -105,7 +109,7 @@ class RayEngine:
 
     async def run(self) -> RunSummary:
         out = open_output(self.config)
-        self.stop = Stop()
+        self.stop = stop = Stop()
         ray = _connect(self.config.engine)
         async with contextlib.AsyncExitStack() as stack:
             if ray is not None:
@@ -128,10 +132,15 @@ class RayEngine:
             await fleet.start()
             fetcher = Fetcher(settings_from(self.config), seed=self.options.seed)
             stack.callback(fetcher.close)  # the walk asks it the size and version of URLs
-            producer = Producer(self.config, index, self.options.limit, fetcher)
+            client = await stack.enter_async_context(make_client(self.config, base_url, key))
+            checking = Preflight(self.start, client, stop)  # the driver's one models.get
+            producer = Producer(self.config, index, self.options.limit, fetcher, checking)
             watching = asyncio.ensure_future(self._watch_quota(quota))
             try:
                 await self._work(producer, fleet)
+            except AliasMoved:  # the workers let go of the output before the run starts again
+                await fleet.close()  # (killed, one may still hold it when the next run looks)
+                raise
             finally:
                 watching.cancel()
             self._account(await fleet.close())
@@ -201,6 +210,7 @@ class RayEngine:
         s.uploads, s.uploads_reused = t.uploads, t.uploads_reused
         s.waited_for_limits_s = round(t.waited_s, 3)
         s.unstorable = t.unstorable
+        s.model_resolution = producer.preflight.resolution if producer.preflight else None
         assert self.stop is not None
         s.settle(self.stop)
 
