@@ -151,6 +151,8 @@ _RULES = (
         "status.shut_down, on the server's clock) answers as an unknown model does: models.get, "
         "generateContent, countTokens, Interactions and batch create.",
         f"{DEPRECATIONS}; {DIGEST} Models and thinking (the shut-down days); models.json status",
+        dated="ai.google.dev/gemini-api/docs/deprecations (read 2026-10: gemini-3-pro-preview "
+        "2026-03-09, gemini-2.0-flash 2026-06-01, gemini-2.5-pro 2026-06-17)",
     ),
     Rule(
         "models.get",
@@ -165,6 +167,8 @@ _RULES = (
         f"{MODELS_REFERENCE} (models.get, Model); SDK _Model_from_mldev; {DIGEST} Models and "
         "thinking ('no page states their current targets')",
         "written",
+        dated="google-genai 3.6 google/genai/models.py _Model_from_mldev; ai.google.dev/api/models "
+        "(read 2026-10)",
     ),
     Rule(
         "models.list",
@@ -174,6 +178,8 @@ _RULES = (
         "or a pageToken this server did not issue, is a 400.",
         f"{MODELS_REFERENCE} (models.list); SDK models.list (Pager); {ESF_VALUE}",
         "written",
+        dated="google-genai 3.6 google/genai/models.py Models.list (Pager); ai.google.dev/api/"
+        "models (read 2026-10)",
     ),
     Rule(
         "contents.required",
