@@ -5,6 +5,7 @@ loopback, an output on disk and on S3)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import os
@@ -19,6 +20,7 @@ import aiohttp
 import numpy as np
 import pyarrow.dataset as ds
 import pytest
+from aiohttp import web
 from PIL import Image, ImageDraw
 
 from pipeline.config import Config, parse_config
@@ -342,3 +344,18 @@ def clock() -> Clock:
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as session:
         yield session
+
+
+@contextlib.asynccontextmanager
+async def answering(handler: Callable[[web.Request], Any]) -> AsyncIterator[str]:
+    """An endpoint on a free loopback port whose every request `handler` answers: its URL."""
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    finally:
+        await runner.cleanup()

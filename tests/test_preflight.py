@@ -24,7 +24,7 @@ from pipeline.localserver.server import LocalServer
 from pipeline.run import preflight
 from pipeline.run.failures import Action
 from pipeline.run.identity import key_suffix
-from tests.conftest import REPO, child_env, make_config, read_rows, run, save_scenes
+from tests.conftest import REPO, answering, child_env, make_config, read_rows, run, save_scenes
 
 KEY = "preflight-key"
 GUESS = (  # what the run summary says of gemini-flash-latest when the service names no target
@@ -169,16 +169,8 @@ async def flaky_models(server: LocalServer) -> AsyncIterator[str]:
                 kept = {k: v for k, v in answer.headers.items() if k.lower() in KEPT_HEADERS}
                 return web.Response(body=await answer.read(), status=answer.status, headers=kept)
 
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", forward)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        try:
-            yield f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
-        finally:
-            await runner.cleanup()
+        async with answering(forward) as url:
+            yield url
 
 
 async def test_a_passing_failure_of_the_preflight_does_not_stop_the_run(

@@ -24,7 +24,7 @@ from pipeline.localserver.options import ServerOptions
 from pipeline.localserver.server import LocalServer
 from pipeline.output.state import State
 from pipeline.run.limits import quota_day
-from tests.conftest import draw_shapes, make_config, read_rows, run, save_scenes
+from tests.conftest import answering, draw_shapes, make_config, read_rows, run, save_scenes
 
 KEY = "the-right-key"
 
@@ -132,17 +132,8 @@ async def redirecting_to(target: str):
     async def redirect(request: web.Request) -> web.Response:
         raise web.HTTPTemporaryRedirect(target + request.path_qs)
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", redirect)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
+    async with answering(redirect) as url:
+        yield url
 
 
 async def test_a_redirect_is_never_followed_and_stops_the_run(
