@@ -198,15 +198,17 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _batch_config(args: argparse.Namespace) -> Config | None:
-    """`--config` of a `pipeline batch` command, if given: its [api] timeout and http permission
-    and its [batch] settings (the endpoint is each job's own)."""
+    """`--config` of a `pipeline batch` command, if given: its [api] endpoint, timeout and http
+    permission and its [batch] settings (the endpoint is never read from the output)."""
     return load_config(args.config) if args.config else None
 
 
 def _batch_status(args: argparse.Namespace) -> int:
     from pipeline.engines.batch import jobs as batchjobs
 
-    report = asyncio.run(batchjobs.status(args.output_dir, _batch_config(args)))
+    report = asyncio.run(
+        batchjobs.status(args.output_dir, _batch_config(args), base_url=args.base_url)
+    )
     print(json.dumps(report, indent=2) if args.json else batchjobs.format_status(report))
     return 0
 
@@ -215,7 +217,9 @@ def _batch_wait(args: argparse.Namespace) -> int:
     from pipeline.engines.batch import jobs as batchjobs
 
     summary = asyncio.run(
-        batchjobs.wait(args.output_dir, _batch_config(args), progress=not args.quiet)
+        batchjobs.wait(
+            args.output_dir, _batch_config(args), base_url=args.base_url, progress=not args.quiet
+        )
     )
     rows = dict(summary.rows)
     _say(f"{summary.run_id}: {sum(rows.values())} rows {rows}, ${summary.cost_usd:,.4f}")
@@ -228,7 +232,9 @@ def _batch_wait(args: argparse.Namespace) -> int:
 def _batch_cancel(args: argparse.Namespace) -> int:
     from pipeline.engines.batch import jobs as batchjobs
 
-    cancelled = asyncio.run(batchjobs.cancel(args.output_dir, _batch_config(args)))
+    cancelled = asyncio.run(
+        batchjobs.cancel(args.output_dir, _batch_config(args), base_url=args.base_url)
+    )
     for job in cancelled:
         print(f"{job['name']}: {job.get('state') or job.get('error')}")
     if not cancelled:
@@ -357,7 +363,15 @@ def _add_batch_commands(sub: argparse._SubParsersAction) -> None:
         c = commands.add_parser(name, help=text, epilog=EPILOG if name == "wait" else None)
         c.add_argument("output_dir")
         c.add_argument(
-            "--config", help="its [api] timeout, allow_insecure_http, [batch] settings (optional)"
+            "--config",
+            help="its [api] base_url, version, timeout, allow_insecure_http, [batch] settings "
+            "(optional)",
+        )
+        c.add_argument(
+            "--base-url",
+            metavar="URL",
+            help="the endpoint to ask (default: --config's [api] base_url, else the official "
+            "one); jobs recorded at another endpoint are refused, never contacted",
         )
         if name == "status":
             c.add_argument("--json", action="store_true")

@@ -131,7 +131,10 @@ async def test_list_cancel_delete_and_unknown_jobs(server, client, clock):
 
     await client.batches.cancel(first.name)
     cancelled = await client.batches.get(first.name)
-    assert cancelled.state == "JOB_STATE_CANCELLED" and cancelled.done and not cancelled.inlined
+    assert cancelled.state == "JOB_STATE_CANCELLED" and cancelled.done
+    # what it had answered stays its output (rule batch.cancel-partial), counted in its stats
+    assert [r.key for r in cancelled.inlined] in ([], ["x"])
+    assert cancelled.stats.succeeded == len(cancelled.inlined)
     with pytest.raises(GeminiError) as again:
         await client.batches.cancel(first.name)
     assert (again.value.code, again.value.status) == (400, "FAILED_PRECONDITION")
@@ -140,6 +143,20 @@ async def test_list_cancel_delete_and_unknown_jobs(server, client, clock):
     with pytest.raises(GeminiError) as gone:
         await client.batches.get(second.name)
     assert (gone.value.code, gone.value.kind) == (404, "not_found")
+
+
+async def test_a_new_job_is_listed_only_after_the_list_lag_but_got_at_once(clock):
+    """Rule batch.list-lag: the job list trails creates by --batch-list-lag (server clock)."""
+    options = ServerOptions(batch_seconds=10, batch_list_lag_seconds=3)
+    async with (
+        LocalServer(options, clock=clock) as server,
+        GeminiClient(KEY, base_url=server.base_url) as client,
+    ):
+        job = await client.batches.create(MODEL, requests=[("x", detect())], display_name="new")
+        assert (await client.batches.get(job.name)).display_name == "new"
+        assert await client.batches.list() == []
+        clock.now += 3
+        assert [j.name for j in await client.batches.list()] == [job.name]
 
 
 async def test_a_job_not_done_in_time_expires_without_results(clock):

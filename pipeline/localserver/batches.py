@@ -13,7 +13,8 @@ its lines one after another — each exactly as generateContent would (`generate
 the answerer with the seeded faults drawn per line, `generate.response_body`), but outside the
 RPM/TPM/RPD quotas and billed at the batch price — then SUCCEEDED once `--batch-seconds` have
 passed since creation and every line is answered; EXPIRED (no results) when
-`--batch-expiry-seconds` pass first; CANCELLED on `:cancel`; FAILED when the input file is not
+`--batch-expiry-seconds` pass first; CANCELLED on `:cancel` (with the lines it had answered as its
+output, rule batch.cancel-partial); FAILED when the input file is not
 JSONL. A line the service would refuse, or an injected 500 / 503 / deadline, becomes that line's
 `error` (a google.rpc.Status with its RPC code). States are derived from the server's clock when
 a job is read, so tests can move time; the answering runs as fast as it can.
@@ -23,6 +24,10 @@ SUCCEEDED, done job without its output for S seconds after it ended, as the live
 to (tidyverse/ellmer#926); `--batch-corrupt-line N` (rule batch.corrupt-line) makes the Nth result
 of every job unreadable — its results file's line cut in half (its key, which comes first, kept
 when the cut falls after it), or its inline answer a string instead of an object.
+
+Two more for a client that creates jobs: `--batch-list-lag S` (rule batch.list-lag) lists a job
+only S seconds after its create (get finds it at once), and `--batch-create-delay S` (rule
+batch.create-delay) holds a create's answer S seconds, the job already made.
 
 This module is the surface only; the routes must be registered before generate.py's and
 files_api.py's (server.SURFACES), whose catch-all `{model_action}` and `{id}` would match first.
@@ -57,6 +62,7 @@ PENDING_SHARE = 0.1  # a job is PENDING for this share of --batch-seconds, then 
 TYPE = "type.googleapis.com/google.ai.generativelanguage.v1main."
 _ID_ALPHABET = string.ascii_lowercase + string.digits
 ENDED = ("SUCCEEDED", "FAILED", "CANCELLED", "EXPIRED")
+_COUNTED = ("SUCCEEDED", "CANCELLED")  # ended states whose stats count their answered lines
 
 
 @dataclass(slots=True)
@@ -131,7 +137,14 @@ class BatchesSurface:
         self.jobs[job.id] = job
         self.created += 1
         job.task = asyncio.create_task(self._run(job, model), name=f"local-batch-{job.id}")
+        await self._hold_answer()
         return web.json_response(self._resource(job, with_output=True))
+
+    async def _hold_answer(self) -> None:
+        """--batch-create-delay S (rule batch.create-delay): the job exists, its create's answer
+        comes S seconds later (real time, as a slow answer is: a client's poll runs meanwhile)."""
+        if self.options.batch_create_delay_seconds:
+            await asyncio.sleep(self.options.batch_create_delay_seconds)
 
     async def get(self, request: web.Request) -> web.Response:
         self.core.check_key(request)
@@ -147,12 +160,18 @@ class BatchesSurface:
             raise errors.invalid_argument(
                 "Invalid page token or size.", rule="batch.input", field="page_token"
             ) from None
-        jobs = sorted(self.jobs.values(), key=lambda j: (-j.created, j.id))
+        listed = (job for job in self.jobs.values() if self._listed(job))
+        jobs = sorted(listed, key=lambda j: (-j.created, j.id))
         page = [self._resource(job, with_output=False) for job in jobs[start : start + size]]
         body: dict[str, Any] = {"operations": page} if page else {}
         if start + size < len(jobs):
             body["nextPageToken"] = str(start + size)
         return web.json_response(body)
+
+    def _listed(self, job: Job) -> bool:
+        """Whether the job list shows the job yet: --batch-list-lag S after its create, on the
+        server's clock (rule batch.list-lag); get finds it at once."""
+        return self.core.clock() >= job.created + self.options.batch_list_lag_seconds
 
     async def cancel(self, request: web.Request) -> web.Response:
         self.core.check_key(request)
@@ -308,6 +327,11 @@ class BatchesSurface:
         return "PENDING" if now < job.created + PENDING_SHARE * options.batch_seconds else "RUNNING"
 
     def _succeed(self, job: Job) -> None:
+        self._store_results(job)
+        self._end(job, "SUCCEEDED", None)
+
+    def _store_results(self, job: Job) -> None:
+        """The results as the job's output: a generated file (file input), else kept inline."""
         job.results = _corrupted(job.results, self.options.batch_corrupt_line)
         if job.from_file is not None:
             stored = self.core.files.add_generated(
@@ -319,14 +343,15 @@ class BatchesSurface:
             )
             job.responses_file = f"files/{stored.id}"
             job.results = []  # the file holds them now
-        self._end(job, "SUCCEEDED", None)
 
     def _end(self, job: Job, state: str, error: dict[str, Any] | None) -> None:
         job.ended, job.ended_at, job.error = state, self.core.clock(), error
-        if state != "SUCCEEDED":
-            job.results = []  # no results for a job that did not succeed
         if job.task is not None and not job.task.done() and state != "SUCCEEDED":
             job.task.cancel()
+        if state == "CANCELLED" and job.results:
+            self._store_results(job)  # the lines answered before the cancel (batch.cancel-partial)
+        elif state != "SUCCEEDED":
+            job.results = []  # no results for a job that failed or expired
 
     # ----------------------------------------------------------------------------- resource
     def _resource(self, job: Job, *, with_output: bool) -> dict[str, Any]:
@@ -350,7 +375,7 @@ class BatchesSurface:
         operation: dict[str, Any] = {"name": name, "metadata": meta}
         if state in ENDED:
             operation["done"] = True
-        if state == "SUCCEEDED" and with_output and self._attached(job):
+        if with_output and self._shows_output(job, state):
             output = self._output(job)
             meta["output"] = output
             operation["response"] = {"@type": TYPE + "GenerateContentBatchOutput", **output}
@@ -364,10 +389,16 @@ class BatchesSurface:
         counts = {
             "requestCount": job.requests,
             "pendingRequestCount": 0 if state in ENDED else job.requests - done,
-            "successfulRequestCount": job.answered if state == "SUCCEEDED" else 0,
-            "failedRequestCount": job.failed if state == "SUCCEEDED" else 0,
+            "successfulRequestCount": job.answered if state in _COUNTED else 0,
+            "failedRequestCount": job.failed if state in _COUNTED else 0,
         }
         return {name: str(value) for name, value in counts.items() if value}
+
+    def _shows_output(self, job: Job, state: str) -> bool:
+        """A succeeded job's output (once attached), or a cancelled job's partial one."""
+        if state == "CANCELLED":
+            return job.responses_file is not None or bool(job.results)
+        return state == "SUCCEEDED" and self._attached(job)
 
     def _attached(self, job: Job) -> bool:
         """Whether a succeeded job's output shows yet: `--batch-output-delay` after it ended

@@ -208,6 +208,20 @@ class LocalOptions:
         "(results file or inline answers) is attached, as seen live (tidyverse/ellmer#926)",
         type=float,
     )
+    batch_list_lag_seconds: float = setting(
+        0.0,
+        _AT_LEAST_ZERO,
+        "Batch Mode: a new job shows in the job list (GET batches) only this many seconds after "
+        "its create; get finds it at once (rule batch.list-lag)",
+        type=float,
+    )
+    batch_create_delay_seconds: float = setting(
+        0.0,
+        _AT_LEAST_ZERO,
+        "Batch Mode: a create's answer is held this many seconds, the job already made (rule "
+        "batch.create-delay)",
+        type=float,
+    )
     batch_corrupt_line: int | None = setting(
         None,
         _limit,

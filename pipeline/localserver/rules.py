@@ -561,6 +561,38 @@ _RULES = (
         "polling a SUCCEEDED job until its output file is there)",
     ),
     Rule(
+        "batch.list-lag",
+        "200: the job list without the newest jobs",
+        "--batch-list-lag S: a job shows in GET batches only S seconds (server clock) after its "
+        "create; GET batches/{id} finds it at once. A client that looks a job up by display name "
+        "must not take 'not listed' for 'never created'.",
+        "issue 19 (a job list seen 3 s behind creates); no documentation promises the list is "
+        "consistent with creates",
+        "written",
+        assumed=True,
+    ),
+    Rule(
+        "batch.create-delay",
+        "200, late",
+        "--batch-create-delay S: a create's answer comes S seconds (real time) after the job was "
+        "made: a create in flight while the client polls, lists and times out.",
+        "fault injection of the local server (a slow answer: the job exists before the client "
+        "knows its name)",
+        "written",
+        assumed=True,
+    ),
+    Rule(
+        "batch.cancel-partial",
+        "200: BATCH_STATE_CANCELLED, done, with the output of the lines answered before",
+        ":cancel of a job with answered lines keeps them: the cancelled job carries them as its "
+        "output (responsesFile or inline answers) and its batchStats count them; a job cancelled "
+        "before any answer has no output.",
+        "no Gemini source found (other batch services keep a cancelled job's partial results, "
+        "e.g. DigitalOcean's batch inference docs, 2026-10-27); the answers were billed",
+        "written",
+        assumed=True,
+    ),
+    Rule(
         "batch.corrupt-line",
         "200: one result unreadable",
         "--batch-corrupt-line N (a fault injection): the Nth result of every job is unreadable: "

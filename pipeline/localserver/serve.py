@@ -22,6 +22,8 @@ _RENAMED = {
     "inline_limit_bytes": "--inline-limit-mb",
     "batch_inline_limit_bytes": "--batch-inline-limit-mb",
     "batch_output_delay_seconds": "--batch-output-delay",
+    "batch_list_lag_seconds": "--batch-list-lag",
+    "batch_create_delay_seconds": "--batch-create-delay",
 }
 
 

@@ -16,8 +16,12 @@ a run (`pipeline run --batch`, engines/batch/engine.py) and for
                       for a later run or `pipeline batch wait`, which collect it, no new job
                    ─► FAILED / CANCELLED / EXPIRED, or unknown to the service: phase ended,
                       reported, its files deleted; no rows: the next run sends its images again
-      creating (a create answer lost, not being created by this process): found among the
-                      project's jobs by its unique display name and adopted, or dropped
+      creating (a create answer lost, not being created by this process; re-read first: a
+                      create of this process may have answered since the pass began): found
+                      among the project's jobs by its unique display name and adopted; not
+                      listed, kept (the list may lag behind creates) and looked up again each
+                      pass, dropped — said, and in the summary's jobs_dropped — only once
+                      CREATE_SETTLES_S have passed since its create was sent
 
 A transient failure (a 5xx, a timeout, a dropped connection) waits for the next pass: a job may
 run for a day and a blip must not end a run. Any other failure stops the run and names it (a
@@ -55,6 +59,7 @@ from pipeline.config import BatchConfig, Config, ConfigError
 from pipeline.engines.common import drain_on_signals, make_client, sink_hint
 from pipeline.gemini import GeminiClient, GeminiError, api_key_from_env
 from pipeline.gemini.batches import BatchJob, BatchResult
+from pipeline.gemini.client import DEFAULT_BASE_URL
 from pipeline.output.sink import ParquetSink, SinkFailed
 from pipeline.output.state import IN_FLIGHT, STATE_FILE, BatchJobRecord, BatchRequestRecord, State
 from pipeline.output.stores import Store, open_store
@@ -75,6 +80,12 @@ BACKOFF = 1.5  # the poll wait grows so while idle (SDK _transformers.LRO_POLLIN
 ATTEMPTS = 6  # tries of a job's creation refused for a passing reason (the caps, a 5xx)
 MARK_EVERY = 512  # keys whose rows are made durable, then recorded, at once while collecting
 SAY_UNREADABLE = 5  # unreadable lines without a key logged per job (the rest only counted)
+# A `creating` job not in the project's job list is dropped (its images sent again) only this
+# long after its create was sent. Dropping a job that exists pays for its requests twice, while
+# keeping one that never was only delays its images by a run, so the margin is wide: a create is
+# in flight at most [api] timeout (120 s by default), and the list was seen 3 s behind creates
+# (issue 19); the service documents no bound. 15 minutes covers both several times over.
+CREATE_SETTLES_S = 15 * 60.0
 SUCCEEDED = "JOB_STATE_SUCCEEDED"
 LOCAL_GONE = "created by an in-process local server (gone with its run)"
 Say = Callable[[str], None]
@@ -131,6 +142,7 @@ class JobCounts:
         self.submitted_s: float | None = None  # ... to the end of the walk (every job created)
         self.collect_s = 0.0  # spent collecting: download, parse, rows, commit
         self.ended: list[dict[str, Any]] = []  # FAILED / CANCELLED / EXPIRED / lost jobs
+        self.dropped: list[dict[str, Any]] = []  # jobs forgotten as never created (said so)
         self.elsewhere = 0  # jobs in flight at another endpoint (not followed by this run)
 
     def as_dict(self, in_flight: int) -> dict[str, Any]:
@@ -143,6 +155,7 @@ class JobCounts:
             "requests_without_result": self.missing,
             "result_lines_unreadable": self.unreadable,
             "jobs_ended": self.ended,
+            "jobs_dropped": self.dropped,
             "jobs_awaiting_output": list(self.awaiting_output.values()),
             "jobs_in_flight": in_flight,
             "jobs_at_other_endpoints": self.elsewhere,
@@ -232,13 +245,17 @@ class Jobs:
         are sent again) and delete what ended jobs left on the service."""
         others = [j for j in self.state.batch_jobs(IN_FLIGHT) if j.base_url != self.how.base_url]
         self.how.job_counts.elsewhere = len(others)
-        for job in self.state.batch_jobs(("staged",)):
+        for job in self._here(("staged",)):
             with contextlib.suppress(OSError):
                 (self.how.folder / f"{job.display_name}.jsonl").unlink()
-            await self.drop(job.id)
-        for job in self.state.batch_jobs(("collected", "ended")):
+            why = "staged by a killed run, never sent"
+            await self.drop(job.id, _dropped(job, why, later=False))  # (this run's walk sends)
+        for job in self._here(("collected", "ended")):  # (files elsewhere are not ours to ask)
             await self._delete_files(job.id)
         self._clear_results()
+
+    def _here(self, phases: tuple[str, ...]) -> list[BatchJobRecord]:
+        return [job for job in self.state.batch_jobs(phases) if job.base_url == self.how.base_url]
 
     def _clear_results(self) -> None:
         """Results files no job in flight needs: a download cut short (`.part`), or the file of
@@ -249,13 +266,25 @@ class Jobs:
                 with contextlib.suppress(OSError):
                     path.unlink()
 
-    async def drop(self, job: int) -> None:
+    async def drop(self, job: int, report: dict[str, Any] | None = None) -> None:
         """A job that was never created: its files deleted, then the job forgotten (its
         images are sent again). Files the service would not delete keep the job recorded
-        (staged) for the next run's `recover` to try again."""
+        (staged) for the next run's `recover` to try again. `report`: what the summary and a
+        message say of it (a job dropped is never silent; a create refused says so itself)."""
+        if report is not None:
+            self._say_dropped(report)
         await self._delete_files(job)
         if not self.state.batch_files(job):
             self.state.forget_batch_job(job)
+
+    def _say_dropped(self, report: dict[str, Any]) -> None:
+        self.how.job_counts.dropped.append(report)
+        text = (
+            f"batch job {report['display_name']} dropped ({report['why']}): its "
+            f"{report['requests']} requests are sent again by a later run"
+        )
+        log.warning(text)
+        self.how.say(text)
 
     # ------------------------------------------------------------------------- creating
     async def create(
@@ -274,8 +303,11 @@ class Jobs:
         self, job: int, display_name: str, model: str, file_name: str
     ) -> BatchJob | None:
         """Creation is not idempotent: after any transient failure (the answer may be lost)
-        the job is looked up by its display name before another create. A 429 (the service's
-        100-job or enqueued-token caps) waits for one of ours to end, or a growing pause."""
+        the job is looked up by its display name. A 429 (the service's 100-job or
+        enqueued-token caps: nothing was made) waits for one of ours to end, or a growing
+        pause, then creates again; any other failure (a 5xx, a timeout: the job may exist
+        though the list, which lags, does not show it yet) leaves the job `creating` for the
+        later passes to adopt — or, after CREATE_SETTLES_S, to drop (`_adopt`)."""
         created: BatchJob | None
         for attempt in range(1, 1 + ATTEMPTS):
             try:
@@ -291,6 +323,8 @@ class Jobs:
                     created = await self._find(display_name)
                 except GeminiError:
                     return None  # cannot tell whether it exists: a later pass looks again
+                if created is None and exc.kind != "rate_limit":
+                    return None  # perhaps made, not listed yet: looked up again, never remade
                 if created is None and attempt == ATTEMPTS:
                     await self._refused(job, exc)
                 if created is None:
@@ -366,14 +400,24 @@ class Jobs:
         """One pass over the jobs in flight here; True when one of them left flight."""
         changed = False
         for job in self.in_flight():
-            if job.phase == "submitted" and job.name:
-                changed |= await self._check(job)
-            elif job.phase == "creating" and job.id not in self._creating:
-                changed |= await self._adopt(job)
+            current = self._current(job)  # the pass awaits: a create may have answered since
+            if current is None:
+                continue
+            if current.phase == "submitted" and current.name:
+                changed |= await self._check(current)
+            elif current.phase == "creating" and current.id not in self._creating:
+                changed |= await self._adopt(current)
         return changed
 
+    def _current(self, job: BatchJobRecord) -> BatchJobRecord | None:
+        """A `creating` job as recorded now (None once it left flight); others as given."""
+        if job.phase != "creating":
+            return job
+        return next((now for now in self.in_flight() if now.id == job.id), None)
+
     async def _adopt(self, job: BatchJobRecord) -> bool:
-        """A job whose create answer was lost: adopted if the service has it, else dropped."""
+        """A job whose create answer was lost: adopted if the service lists it; else kept
+        while young (its create may be in flight, the list may lag), dropped when old."""
         try:
             found = await self._find(job.display_name)
         except GeminiError as exc:
@@ -382,9 +426,25 @@ class Jobs:
             self.state.update_batch_job(job.id, phase="submitted", name=found.name)
             self.how.say(f"batch job {found.name} re-attached ({job.display_name})")
             return False
-        await self.drop(job.id)  # never created: its files are sent again
+        age = _age_ms(job.updated_at) / 1000  # since it was marked creating, its create sent
+        if age < CREATE_SETTLES_S:
+            self._not_listed(job, age)
+            return False
+        why = f"not found among the project's jobs {age:.0f} s after its create was sent"
+        await self.drop(job.id, _dropped(job, why, later=True))  # its files: the next run's
         self.ended.set()
         return True
+
+    def _not_listed(self, job: BatchJobRecord, age: float) -> None:
+        """Said once a job: kept `creating`, looked up again by each later pass."""
+        if job.id in self._told:
+            return
+        self._told[job.id] = ("creating", 0, "")
+        self.how.say(
+            f"batch job {job.display_name}: its create answer was lost and it is not listed yet "
+            f"({age:.0f} s after its create); kept, and looked up again until "
+            f"{CREATE_SETTLES_S:.0f} s have passed"
+        )
 
     async def _check(self, job: BatchJobRecord) -> bool:
         """One poll of a submitted job; True when it left flight."""
@@ -405,16 +465,17 @@ class Jobs:
         """What a poll found: an end without results, results to collect, or nothing yet. Only
         `done` with the output attached is collected: a job seen SUCCEEDED (or done) without
         it is finishing, and collecting it then would find no answers and buy them again."""
-        if remote.ended and remote.state != SUCCEEDED:
-            why = remote.error.message if remote.error else "no reason given"
-            await self._end(job, remote.state.removeprefix("JOB_STATE_"), why)
+        if remote.ended and remote.state != SUCCEEDED and not remote.has_output:
+            await self._end(job, remote.state.removeprefix("JOB_STATE_"), _why(remote))
             return True
         if not (remote.done and remote.has_output):
             return False
         try:
-            await self._collect(job, remote)
+            missing = await self._collect(job, remote)
         except GeminiError as exc:
             return _passing(exc, f"the results of batch job {remote.name} cannot be read")
+        if remote.state != SUCCEEDED and missing:  # a cancelled job's partial output, collected
+            _ended(self.how, job, remote.state.removeprefix("JOB_STATE_"), _why(remote), missing)
         return True
 
     def _finishing_note(self, job: BatchJobRecord, remote: BatchJob) -> str:
@@ -456,13 +517,15 @@ class Jobs:
         self.how.say(f"batch job {remote.name} {remote.state}{counted}{note}")
 
     # ----------------------------------------------------------------------- collecting
-    async def _collect(self, job: BatchJobRecord, remote: BatchJob) -> None:
-        """Rows for every result of a succeeded job, committed; then its files deleted."""
+    async def _collect(self, job: BatchJobRecord, remote: BatchJob) -> int:
+        """Rows for every result of a job with output (a succeeded job's, or what a cancelled
+        one answered), committed; then its files deleted. Its requests left without a result
+        (for the next run)."""
         started = time.monotonic()
         reader = Collector(self, job, remote)
         await reader.read()
         if self.stop.state == "abandoning":
-            return  # not recorded: the next run collects the rest (no new call, no new cost)
+            return 0  # not recorded: the next run collects the rest (no new call, no new cost)
         await self.sink.flush()
         self.how.job_counts.collect_s += time.monotonic() - started
         self.state.update_batch_job(job.id, phase="collected", service_state=remote.state)
@@ -475,6 +538,7 @@ class Jobs:
         self.ended.set()
         if reader.run_failure is not None:
             raise RunStopped(reader.run_failure)
+        return job.requests - len(reader.answered)
 
     async def _end(self, job: BatchJobRecord, service_state: str, why: str) -> None:
         """A job that ended without results: reported; its files are sent again next time."""
@@ -516,12 +580,27 @@ def _results_name(job: BatchJobRecord) -> str:
     return f"{job.display_name}.results.jsonl"
 
 
-def _ended(how: Following, job: BatchJobRecord, service_state: str, why: str) -> None:
-    ended = {"name": job.name, "state": service_state, "requests": job.requests, "why": why}
+def _dropped(job: BatchJobRecord, why: str, *, later: bool) -> dict[str, Any]:
+    """What the summary's jobs_dropped says of a job forgotten as never created; `later`: its
+    images are left for a later run (this run's walk skipped them), which the run's exit says."""
+    report = {"display_name": job.display_name, "requests": job.requests, "why": why}
+    return {**report, "left_for_next_run": later}
+
+
+def _why(remote: BatchJob) -> str:
+    return remote.error.message if remote.error else "no reason given"
+
+
+def _ended(
+    how: Following, job: BatchJobRecord, service_state: str, why: str, left: int | None = None
+) -> None:
+    """A job ended without results for `left` of its requests (all of them by default)."""
+    left = job.requests if left is None else left
+    ended = {"name": job.name, "state": service_state, "requests": left, "why": why}
     how.job_counts.ended.append(ended)
     how.say(
-        f"batch job {job.name or job.display_name} ended {service_state} ({why}): its "
-        f"{job.requests} requests are left for the next run"
+        f"batch job {job.name or job.display_name} ended {service_state} ({why}): "
+        f"{left} of its {job.requests} requests are left for the next run"
     )
 
 
@@ -762,6 +841,13 @@ def report_ended(stop: Stop, counts: JobCounts, output_dir: str | Path) -> None:
             "are left for the next run",
             "rerun the same command to send them again",
         )
+    left = [job for job in counts.dropped if job["left_for_next_run"]]
+    if left and stop.reason is None:
+        stop.drain(
+            f"batch job {left[0]['display_name']} dropped ({left[0]['why']}){_more(left)}: its "
+            "images are left for the next run",
+            "rerun the same command to send them again",
+        )
     if counts.awaiting_output and stop.reason is None:
         _report_owed(stop, list(counts.awaiting_output.values()), output_dir)
 
@@ -800,13 +886,44 @@ def quiet(text: str) -> None:
 
 
 # --------------------------------------------------------------- pipeline batch ... OUT
-def _endpoints(state: State) -> Iterator[tuple[str, str, list[BatchJobRecord]]]:
-    """The jobs in flight by (base URL, version), as they were created."""
+class ForeignEndpoint(ConfigError):
+    """Jobs in flight recorded at an endpoint other than the configured one: never contacted.
+    An output (a shared bucket) is writable by others than whoever runs `pipeline batch`:
+    an endpoint read from it would receive that user's API key."""
+
+
+def endpoint(config: Config | None, base_url: str | None) -> str:
+    """Where `pipeline batch` commands talk: --base-url, else [api] base_url of --config, else
+    the official endpoint — never the base_url a job recorded in state.sqlite."""
+    chosen = base_url or (config.api.base_url if config is not None else DEFAULT_BASE_URL)
+    return chosen.rstrip("/")
+
+
+def _endpoints(state: State, here: str) -> Iterator[tuple[str, str, list[BatchJobRecord]]]:
+    """The jobs in flight at `here` (and those of a gone in-process server, "local", which are
+    reported without a request) by (base URL, version). Jobs recorded at any other endpoint
+    refuse the command (`ForeignEndpoint`) before a request is sent."""
+    _refuse_elsewhere(state, here)
     groups: dict[tuple[str, str], list[BatchJobRecord]] = {}
     for job in state.batch_jobs(IN_FLIGHT):
-        groups.setdefault((job.base_url, job.version), []).append(job)
+        groups.setdefault((job.base_url.rstrip("/"), job.version), []).append(job)
     for (base_url, version), jobs in sorted(groups.items()):
         yield base_url, version, jobs
+
+
+def _refuse_elsewhere(state: State, here: str) -> None:
+    recorded = {job.base_url.rstrip("/") for job in state.batch_jobs(IN_FLIGHT)}
+    others = sorted(recorded - {here, "local"})
+    if others:
+        raise ForeignEndpoint(
+            f"batch jobs in flight here were recorded at {others[0]}"
+            f"{_more_endpoints(others)}, not at the configured endpoint {here}: refused, no "
+            "request sent to it (an endpoint read from the output could collect your API key)",
+        )
+
+
+def _more_endpoints(others: list[str]) -> str:
+    return f" (and {len(others) - 1} more)" if len(others) > 1 else ""
 
 
 def _client(base_url: str, version: str, config: Config | None) -> GeminiClient:
@@ -837,13 +954,15 @@ def _check_output(out: Path | Store) -> None:
         raise ConfigError(f"{store.url}: no {STATE_FILE} here: not the output of a run")
 
 
-async def status(output_dir: str, config: Config | None = None) -> dict[str, Any]:
+async def status(
+    output_dir: str, config: Config | None = None, *, base_url: str | None = None
+) -> dict[str, Any]:
     """Every job of the output; those in flight as the service sees them now (no commit)."""
     state = _existing_state(_output(output_dir))
     try:
         live: dict[int, dict[str, Any]] = {}
-        for base_url, version, jobs in _endpoints(state):
-            live.update(await _live(base_url, version, jobs, config))
+        for at, version, jobs in _endpoints(state, endpoint(config, base_url)):
+            live.update(await _live(at, version, jobs, config))
         reports = [_job_report(job, live.get(job.id)) for job in state.batch_jobs()]
         return {"output_dir": output_dir, "jobs": reports}
     finally:
@@ -915,41 +1034,73 @@ def _live_note(live: dict[str, Any]) -> str:
     return note
 
 
-async def cancel(output_dir: str, config: Config | None = None) -> list[dict[str, Any]]:
+async def cancel(
+    output_dir: str, config: Config | None = None, *, base_url: str | None = None
+) -> list[dict[str, Any]]:
     """Ask the service to cancel every job in flight; the next run (or `batch wait`) reports
     them and sends their images again. Writes nothing: a run may be following them."""
     state = _existing_state(_output(output_dir))
     done: list[dict[str, Any]] = []
     try:
-        for base_url, version, jobs in _endpoints(state):
-            if base_url == "local":
+        for at, version, jobs in _endpoints(state, endpoint(config, base_url)):
+            if at == "local":
                 continue
-            async with _client(base_url, version, config) as client:
+            async with _client(at, version, config) as client:
                 for job in (job for job in jobs if job.name):
-                    done.append(await _cancel_one(client, job.name or ""))
+                    done.append(await _cancel_one(client, job.name or "", output_dir))
     finally:
         state.close()
     return done
 
 
-async def _cancel_one(client: GeminiClient, name: str) -> dict[str, Any]:
+async def _cancel_one(client: GeminiClient, name: str, output_dir: str) -> dict[str, Any]:
+    """Cancel a job, first saying how many of its requests it had answered (batchStats): those
+    are billed, and lost unless collected. A cancelled job may carry them as its output (rule
+    batch.cancel-partial of the local server): `batch wait` or the next run collects it."""
     try:
+        answered = _say_billed(await client.batches.get(name))
         await client.batches.cancel(name)
         remote = await client.batches.get(name)
     except GeminiError as exc:
         return {"name": name, "error": str(exc)}
-    return {"name": name, "state": remote.state}
+    if remote.has_output:
+        say(
+            f"batch job {name} {remote.state} with the output of what it answered: `pipeline "
+            f"batch wait {output_dir}` (or the next run) collects it, nothing bought again"
+        )
+    return {"name": name, "state": remote.state, "answered": answered}
+
+
+def _say_billed(remote: BatchJob) -> int:
+    """Requests the job had answered (succeeded or failed) per its batchStats, said when any."""
+    stats = remote.stats
+    answered = stats.requests - stats.pending if stats.requests else 0
+    if answered:
+        say(
+            f"batch job {remote.name} had answered {answered:,} of its {stats.requests:,} "
+            "requests: billed, and lost unless collected; cancelling"
+        )
+    return answered
 
 
 async def wait(
-    output_dir: str, config: Config | None = None, *, progress: bool = True
+    output_dir: str,
+    config: Config | None = None,
+    *,
+    base_url: str | None = None,
+    progress: bool = True,
 ) -> RunSummary:
     """Follow every job in flight until it ends, collecting each as it succeeds (rows through
     the sink, as a run does; each job parsed with its own recorded [task] settings)."""
     run_id = new_run_id("batch-wait")
     summary = RunSummary(run_id, config.source if config else "", "", "", "")
     counts, rows, stop, out = JobCounts(), RowCounts(), Stop(), _output(output_dir)
-    _check_output(out)
+    here = endpoint(config, base_url)
+    checked = _existing_state(out)  # refused before the output is locked or written
+    try:
+        _refuse_elsewhere(checked, here)
+    finally:
+        checked.close()
     async with contextlib.AsyncExitStack() as stack:
         sink = await stack.enter_async_context(ParquetSink(out, run_id))  # the lock, first
         summary.recovered = sink.rows_recovered
@@ -957,8 +1108,8 @@ async def wait(
         stack.callback(state.close)
         scratch = scratch_folder(out, stack)
         with drain_on_signals(asyncio.get_running_loop(), stop, sink):
-            for base_url, version, _ in list(_endpoints(state)):
-                how = _following(scratch, base_url, run_id, rows, counts, config, progress)
+            for at, version, _ in list(_endpoints(state, here)):
+                how = _following(scratch, at, run_id, rows, counts, config, progress)
                 await guarded(stop, _wait_at(state, sink, stop, how, version, config))
         in_flight = len(state.batch_jobs(IN_FLIGHT))
     summary.rows, summary.tokens, summary.copied = rows.rows, rows.tokens, rows.copied
