@@ -67,6 +67,23 @@ async def test_a_lagging_job_list_loses_no_job_and_a_rerun_pays_nothing(
         assert (created(server), answers(server)) == (40, 400)  # nothing paid twice
 
 
+async def test_a_create_that_times_out_unlisted_is_not_made_again(clock, tmp_path, key_in_env):
+    """A create whose answer comes after the client's deadline (the job made meanwhile) and a
+    list that does not show it yet: before, the job was created a second time (paid twice);
+    now it stays `creating`, and a later run adopts it once listed."""
+    tiny_images(tmp_path / "images", 2)
+    slow = {"batch_list_lag_seconds": 30, "batch_create_delay_seconds": 0.5}
+    async with stand_in(clock, **slow) as server:
+        fast_deadline = {"timeout": 0.2, "min_timeout": 0.1}
+        config = batch_config(tmp_path, base_url=server.base_url, api=fast_deadline)
+        first = await run(config, submit_only=True)
+        assert created(server) == 1 and [j.phase for j in jobs_in(tmp_path / "out")] == ["creating"]
+        assert first.batch["jobs_dropped"] == []
+        clock.now += 61
+        later = await run(batch_config(tmp_path, base_url=server.base_url))
+    assert (created(server), answers(server), dict(later.rows)) == (1, 2, {"ok": 2})
+
+
 def lose_create_answer(output: Path, *, age_s: float = 0) -> Any:
     """As if the run was killed after its create left and before its answer was saved, `age_s`
     seconds ago; the job's record."""

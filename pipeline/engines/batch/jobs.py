@@ -16,6 +16,8 @@ a run (`pipeline run --batch`, engines/batch/engine.py) and for
                       for a later run or `pipeline batch wait`, which collect it, no new job
                    ─► FAILED / CANCELLED / EXPIRED, or unknown to the service: phase ended,
                       reported, its files deleted; no rows: the next run sends its images again
+                      — but a CANCELLED job carrying the output of what it answered first (paid
+                      for) is collected as above, only its unanswered requests reported
       creating (a create answer lost, not being created by this process; re-read first: a
                       create of this process may have answered since the pass began): found
                       among the project's jobs by its unique display name and adopted; not
