@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import functools
 import logging
 import os
@@ -209,7 +210,7 @@ def open_output(config: Config) -> Path | Store:
         try:
             store = open_store(config.output.dir)
             store.ensure()
-        except (ValueError, MissingExtra, FileNotFoundError, PermissionError) as exc:
+        except (ValueError, MissingExtra, OSError) as exc:  # no bucket, credentials or endpoint
             raise ConfigError(f"{config.source}: [output] dir: {exc}") from None
         return store
     out = Path(local_path(config.output.dir))
@@ -231,6 +232,9 @@ def open_state(out: Path | Store, config: Config) -> State:
         return State(out)
     except sqlite3.DatabaseError as exc:
         where = out.join("state.sqlite") if isinstance(out, Store) else out / "state.sqlite"
+        if getattr(exc, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_FULL:
+            # A full disk, not a damaged file: moving it aside would lose what it holds.
+            raise OSError(errno.ENOSPC, f"{where} cannot be written ({exc})") from None
         raise ConfigError(
             f"{config.source}: {where} cannot be read ({exc}); move it aside "
             "(it holds reusable uploads and today's request count) and run again"

@@ -88,18 +88,61 @@ def check_available(url: str) -> None:
     filesystem(scheme_of(url) or "")
 
 
+class NoCredentials(PermissionError):
+    """The store's client found no credentials in its standard environment."""
+
+
+class StoreUnreachable(ConnectionError):
+    """The store's endpoint did not answer (wrong AWS_ENDPOINT_URL, no network, an outage)."""
+
+
 def check_listable(url: str) -> None:
     """One cheap request that fails as a listing of this input prefix would: FileNotFoundError
-    (no such bucket), PermissionError (access denied), another OSError (unreachable). A run
-    asks it before it starts, as it checks that an input folder exists."""
+    (no such bucket), PermissionError (access denied; `NoCredentials`), `StoreUnreachable`
+    (the endpoint does not answer), another OSError. A run asks it before it starts, as it
+    checks that an input folder exists."""
     root = normalise_url(url)
-    scheme = scheme_of(root) or ""
-    fs = filesystem(scheme)
     bucket, _, prefix = root.split("://", 1)[1].partition("/")
+    probe_bucket(scheme_of(root) or "", bucket, prefix)
+
+
+def probe_bucket(scheme: str, bucket: str, prefix: str = "") -> None:
+    """One request on `bucket`, its failure named by its real cause: "no such bucket" only when
+    the store said so (a missing credential and a dead endpoint looked like one through
+    fsspec's `exists`, which answers False to any error)."""
+    fs = filesystem(scheme)
+    try:
+        if scheme == "s3":
+            fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=prefix, MaxKeys=1)
+        elif not fs.exists(bucket):
+            raise FileNotFoundError(errno.ENOENT, "no such bucket", bucket)
+    except OSError:
+        raise
+    except Exception as exc:  # botocore's own errors are not OSErrors: name them here
+        raise _client_error(scheme, exc) from None
+
+
+def _client_error(scheme: str, exc: Exception) -> OSError:
+    """A store client's error as an OSError that says what to fix (by class name, so that
+    no client package is imported for it)."""
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    if names & {"NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError"}:
+        return NoCredentials(
+            errno.EACCES, f"no credentials for {scheme}:// ({_credential_hint(scheme)})"
+        )
+    if names & {"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError"}:
+        return StoreUnreachable(
+            errno.ECONNREFUSED, f"the {scheme}:// endpoint does not answer ({exc})"
+        )
+    return OSError(errno.EIO, f"{type(exc).__name__}: {exc}")
+
+
+def _credential_hint(scheme: str) -> str:
     if scheme == "s3":
-        fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=prefix, MaxKeys=1)
-    elif not fs.exists(bucket):
-        raise FileNotFoundError(errno.ENOENT, "no such bucket", bucket)
+        return "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"
+    if scheme in ("gs", "gcs"):
+        return "set GOOGLE_APPLICATION_CREDENTIALS, or run `gcloud auth application-default login`"
+    return "see the store's standard environment"
 
 
 @functools.cache
@@ -410,8 +453,14 @@ class ObjectStore(Store):
         return f"{self.root}/{name}"
 
     def ensure(self) -> None:
-        if not self.fs.exists(self.bucket):
-            raise FileNotFoundError(errno.ENOENT, "no such bucket (create it first)", self.bucket)
+        """The bucket answers: FileNotFoundError (no such bucket), `NoCredentials`,
+        PermissionError, `StoreUnreachable` (see `probe_bucket`)."""
+        try:
+            probe_bucket(self.scheme, self.bucket)
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                errno.ENOENT, "no such bucket (create it first)", self.bucket
+            ) from None
 
     def list(self, prefix: str = "") -> list[Entry]:
         """One listing request per page of the prefix (the store filters by `prefix`)."""
