@@ -5,6 +5,8 @@ by its real cause. Real processes, moto's S3 server, real files."""
 
 from __future__ import annotations
 
+import asyncio
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +15,11 @@ import pytest
 
 from pipeline import exits
 from pipeline.cli import main
-from pipeline.output.stores import filesystem
-from tests.conftest import REPO, child_env, put_images, save_scenes
+from pipeline.localserver.options import ServerOptions
+from pipeline.localserver.server import LocalServer
+from pipeline.output.parts import part_entries
+from pipeline.output.stores import filesystem, open_store
+from tests.conftest import REPO, child_env, put_images, save_scenes, until
 
 
 def _cli(argv: list[str], *, prelude: str = "", **env: str) -> subprocess.CompletedProcess:
@@ -153,3 +158,49 @@ def test_a_full_disk_stops_the_run_with_exit_3_and_says_free_the_disk(
     assert done.returncode == exits.STOPPED, done.stderr
     assert "Traceback" not in done.stderr and "move it aside" not in done.stderr
     assert "free the disk" in done.stderr
+
+
+# ------------------------------------------------------------------- 11: a lost lease named
+async def test_a_run_stopped_past_its_lease_says_the_lease_was_lost(
+    tmp_path: Path, bucket: str
+) -> None:
+    """SIGSTOP a run on a bucket, let another writer take its lease over (a whole TTL without
+    renewal), SIGCONT: the run stops with exit 3 naming the lost lease (it blamed a service
+    outage: its calls' deadlines had passed while it was stopped)."""
+    put_images(f"{bucket}/images", 40)
+    output = f"{bucket}/out"
+    config = _config(
+        tmp_path,
+        f"{bucket}/images",
+        output,
+        "lease_seconds = 2\nflush_seconds = 1\nrows_per_part = 4\n[limits]\nconcurrency = 2\n",
+    )
+    store = open_store(output)
+    async with LocalServer(ServerOptions(latency_ms=300, seed=1)) as server:
+        child = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "pipeline",
+            "run",
+            str(config),
+            "--quiet",
+            "--base-url",
+            server.base_url,
+            cwd=REPO,
+            env=child_env(GEMINI_API_KEY="k"),
+            stderr=asyncio.subprocess.PIPE,
+        )
+        await until(lambda: part_entries(store), exited=lambda: child.returncode)
+        child.send_signal(signal.SIGSTOP)
+        # Another run takes the output over: it watches the stopped run's lease for a TTL.
+        taken = await asyncio.to_thread(store.lock, "another-run", ttl=2)
+        child.send_signal(signal.SIGCONT)
+        _, err = await child.communicate()
+        taken.release()
+    said = err.decode()
+    assert child.returncode == exits.STOPPED, said
+    assert (
+        "stopped: the output's lease was lost: another run may have taken it. rerun (once that "
+        "run has finished)" in said
+    )
+    assert "outage" not in said and "free the disk" not in said

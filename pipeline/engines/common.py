@@ -47,7 +47,7 @@ from pipeline.locations import is_url, local_path, scheme_of
 from pipeline.output.index import ResumeIndex, load_resume_index
 from pipeline.output.sink import ParquetSink, SinkFailed
 from pipeline.output.state import State
-from pipeline.output.stores import MissingExtra, Store, open_store
+from pipeline.output.stores import LeaseLost, MissingExtra, Store, open_store
 from pipeline.records import Work, work_identity
 from pipeline.run import preflight
 from pipeline.run.buyers import InteractiveBuyer
@@ -257,7 +257,23 @@ async def process_unit(runner: ImageRunner, work: Work, stop: Stop) -> None:
         verdict = exc.verdict
         stop.drain(verdict.reason, verdict.hint, verdict.exit_code)
     except SinkFailed as exc:
-        stop.drain(f"the output cannot be written: {exc}", sink_hint())
+        sink_failed(stop, exc)
+
+
+LEASE_LOST = "the output's lease was lost: another run may have taken it"
+
+
+def sink_failed(stop: Stop, exc: SinkFailed) -> None:
+    """Stop the run for a sink that failed: a lost lease is named as such (no disk to free),
+    and wins over any earlier reason; anything else is an output that cannot be written."""
+    if isinstance(exc.__cause__, LeaseLost):
+        stop.lost_output(
+            LEASE_LOST,
+            "rerun (once that run has finished): answered rows are safe in the journal and are "
+            "committed by the next run without a call",
+        )
+        return
+    stop.drain(f"the output cannot be written: {exc}", sink_hint())
 
 
 def sink_hint() -> str:
