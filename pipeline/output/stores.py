@@ -13,7 +13,8 @@ the same guarantees wherever the output is (`open_store(path_or_url)`):
   Objects: one small object per append, `<name>.<n:06d>`, read back in order.
 - `lock(owner)`: the single writer. Disk: `flock` on `.sink.lock` (released by the OS when the
   process dies). Objects: a `Lease` object created only if absent, renewed by compare-and-swap,
-  taken over only after a whole TTL without renewal.
+  taken over only after a whole TTL without renewal, or at once when its holder ran on this
+  machine and its process is gone (`holder_gone`).
 - `lock(writer, shared=True)`: one of the writers of the run holding the lock (the Ray engine's
   workers, named `<run id>.<suffix>`). Disk: a shared `flock`. Objects: `RunLease`, which
   writes nothing and holds nothing: it checks, every third of the TTL, that the lease is still
