@@ -96,7 +96,7 @@ def test_no_bucket_no_credentials_and_a_dead_endpoint_are_each_named(
         assert said in done.stderr and "Traceback" not in done.stderr
         if env:
             assert "no such bucket" not in done.stderr
-    # A run's output and inputs say the same (the output's check ran before the inputs' here).
+    # A run says the same (its inputs' bucket is checked first, then its output's).
     config = _config(tmp_path, f"{bucket}/images", f"{bucket}/out")
     done = _cli(["run", str(config), "--quiet"], GEMINI_API_KEY="k", **no_credentials)
     assert done.returncode == exits.USAGE, done.stderr

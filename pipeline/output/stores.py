@@ -89,7 +89,7 @@ def check_available(url: str) -> None:
     filesystem(scheme_of(url) or "")
 
 
-class NoCredentials(PermissionError):
+class NoCredentials(OSError):
     """The store's client found no credentials in its standard environment."""
 
 
@@ -99,7 +99,7 @@ class StoreUnreachable(ConnectionError):
 
 def check_listable(url: str) -> None:
     """One cheap request that fails as a listing of this input prefix would: FileNotFoundError
-    (no such bucket), PermissionError (access denied; `NoCredentials`), `StoreUnreachable`
+    (no such bucket), PermissionError (access denied), `NoCredentials`, `StoreUnreachable`
     (the endpoint does not answer), another OSError. A run asks it before it starts, as it
     checks that an input folder exists."""
     root = normalise_url(url)
