@@ -43,11 +43,12 @@ def _images(tmp_path: Path, count: int) -> Path:
     return folder
 
 
-def _config(tmp_path: Path, inputs: str, output: str, *extra: str) -> Path:
+def _config(tmp_path: Path, inputs: str, output: str, *extra: str, api: str = "") -> Path:
     config = tmp_path / "run.toml"
     config.write_text(
-        f'[api]\nbase_url = "local"\nmodel = "gemini-2.5-flash"\n[input]\npaths = ["{inputs}"]\n'
-        f'[task]\nkind = "segment"\n[output]\ndir = "{output}"\n' + "".join(extra)
+        f'[api]\nbase_url = "local"\nmodel = "gemini-2.5-flash"\n{api}[input]\n'
+        f'paths = ["{inputs}"]\n[task]\nkind = "segment"\n[output]\ndir = "{output}"\n'
+        + "".join(extra)
     )
     return config
 
@@ -165,18 +166,21 @@ async def test_a_run_stopped_past_its_lease_says_the_lease_was_lost(
     tmp_path: Path, bucket: str
 ) -> None:
     """SIGSTOP a run on a bucket, let another writer take its lease over (a whole TTL without
-    renewal), SIGCONT: the run stops with exit 3 naming the lost lease (it blamed a service
-    outage: its calls' deadlines had passed while it was stopped)."""
-    put_images(f"{bucket}/images", 40)
+    renewal), SIGCONT: the run stops with exit 3 naming the lost lease. It blamed a service
+    outage: the deadlines of its calls in flight (2 s) had passed while it was stopped, eight
+    in a row."""
+    put_images(f"{bucket}/images", 60)
     output = f"{bucket}/out"
     config = _config(
         tmp_path,
         f"{bucket}/images",
         output,
-        "lease_seconds = 2\nflush_seconds = 1\nrows_per_part = 4\n[limits]\nconcurrency = 2\n",
+        "lease_seconds = 2\nflush_seconds = 1\nrows_per_part = 4\n",
+        "[limits]\nconcurrency = 8\nmax_attempts = 1\n",
+        api="timeout = 2\n",
     )
     store = open_store(output)
-    async with LocalServer(ServerOptions(latency_ms=300, seed=1)) as server:
+    async with LocalServer(ServerOptions(latency_ms=1500, seed=1)) as server:
         child = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
