@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
+import importlib
 import json
 import os
 import sys
@@ -41,6 +43,7 @@ def _run(args: argparse.Namespace) -> int:
 
     config = _config(args)
     require_inputs(config)
+    _require_engine(config)
     options = RunOptions(
         retry_errors=args.retry_errors,
         limit=args.limit,
@@ -70,6 +73,24 @@ def _run(args: argparse.Namespace) -> int:
     elif summary.resume_hint:
         _say(summary.resume_hint)
     return summary.exit_code
+
+
+RAY_EXTRA = "pip install 'gemini-vision-pipeline[ray]'"
+
+
+def _require_engine(config: Config) -> None:
+    """The Ray engine's package is an extra, imported only when a run uses it: without it the
+    run is one line saying what to install (as an s3:// path without the cloud extra), not a
+    ModuleNotFoundError from deep in the engine."""
+    if config.engine.kind != "ray":
+        return
+    try:
+        importlib.import_module("ray")
+    except ImportError:
+        raise MissingExtra(
+            f'{config.source}: [engine] kind = "ray" (--engine ray) needs the ray package: '
+            f"{RAY_EXTRA}"
+        ) from None
 
 
 def _say_batch(summary: RunSummary) -> None:
@@ -119,6 +140,8 @@ def _existing_output(output_dir: str) -> None:
         store.ensure()
     except FileNotFoundError:
         raise ConfigError(f"{output_dir}: no such bucket") from None
+    except OSError as exc:  # no credentials, access denied, an endpoint that does not answer
+        raise ConfigError(f"{output_dir}: {exc.strerror or exc}") from None
     if not store.list():
         raise ConfigError(f"{output_dir}: nothing there: no run has written this output")
 
@@ -414,3 +437,17 @@ def _dispatch(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         _say("interrupted")
         return exits.STOPPED
+    except OSError as exc:
+        if exc.errno not in NO_SPACE:
+            raise
+        _say(f"error: {exc}: {_NO_SPACE_HINT}")
+        return exits.STOPPED
+
+
+# A full disk (or quota, or a file-size limit) stops a run as Ctrl-C does: what was committed
+# stays, and a rerun resumes once there is room; the message says so instead of a traceback.
+NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_NO_SPACE_HINT = (
+    "no room to write (the disk is full, or a quota or file-size limit was reached); "
+    "free the disk and rerun the same command to resume"
+)

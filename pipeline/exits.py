@@ -4,12 +4,13 @@ from __future__ import annotations
 
 OK = 0  # every row of the run is ok
 ROWS_NOT_OK = 1  # some rows are error, blocked or partial (see `pipeline status`)
-USAGE = 2  # bad config or usage: the message names the file and the key
-STOPPED = 3  # stopped early (Ctrl-C, SIGTERM, a quota, the run's own failure): rerun to resume
+USAGE = 2  # bad config or usage (a missing extra, a damaged part, a bucket that cannot be used)
+STOPPED = 3  # stopped early (Ctrl-C, a quota, a full disk, a lost lease...): rerun to resume
 
 EPILOG = f"""exit codes:
   {OK}  every row of the run is ok
   {ROWS_NOT_OK}  some rows are error, blocked or partial (see `pipeline status`)
-  {USAGE}  bad config or usage
-  {STOPPED}  stopped early (Ctrl-C, SIGTERM, a quota or the run's own failure such as a wrong key):
+  {USAGE}  bad config or usage (a missing extra, a damaged part, a bucket that cannot be used)
+  {STOPPED}  stopped early (Ctrl-C, SIGTERM, a quota, a full disk, a lost lease on a bucket, or
+     the run's own failure such as a wrong key):
      the message says why; rerun the same command to resume"""

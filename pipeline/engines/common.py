@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import functools
 import logging
 import os
@@ -46,7 +47,7 @@ from pipeline.locations import is_url, local_path, scheme_of
 from pipeline.output.index import ResumeIndex, load_resume_index
 from pipeline.output.sink import ParquetSink, SinkFailed
 from pipeline.output.state import State
-from pipeline.output.stores import MissingExtra, Store, open_store
+from pipeline.output.stores import LeaseLost, MissingExtra, Store, open_store
 from pipeline.records import Work, work_identity
 from pipeline.run import preflight
 from pipeline.run.buyers import InteractiveBuyer
@@ -209,7 +210,7 @@ def open_output(config: Config) -> Path | Store:
         try:
             store = open_store(config.output.dir)
             store.ensure()
-        except (ValueError, MissingExtra, FileNotFoundError, PermissionError) as exc:
+        except (ValueError, MissingExtra, OSError) as exc:  # no bucket, credentials or endpoint
             raise ConfigError(f"{config.source}: [output] dir: {exc}") from None
         return store
     out = Path(local_path(config.output.dir))
@@ -231,6 +232,9 @@ def open_state(out: Path | Store, config: Config) -> State:
         return State(out)
     except sqlite3.DatabaseError as exc:
         where = out.join("state.sqlite") if isinstance(out, Store) else out / "state.sqlite"
+        if getattr(exc, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_FULL:
+            # A full disk, not a damaged file: moving it aside would lose what it holds.
+            raise OSError(errno.ENOSPC, f"{where} cannot be written ({exc})") from None
         raise ConfigError(
             f"{config.source}: {where} cannot be read ({exc}); move it aside "
             "(it holds reusable uploads and today's request count) and run again"
@@ -253,7 +257,23 @@ async def process_unit(runner: ImageRunner, work: Work, stop: Stop) -> None:
         verdict = exc.verdict
         stop.drain(verdict.reason, verdict.hint, verdict.exit_code)
     except SinkFailed as exc:
-        stop.drain(f"the output cannot be written: {exc}", sink_hint())
+        sink_failed(stop, exc)
+
+
+LEASE_LOST = "the output's lease was lost: another run may have taken it"
+
+
+def sink_failed(stop: Stop, exc: SinkFailed) -> None:
+    """Stop the run for a sink that failed: a lost lease is named as such (no disk to free),
+    and wins over any earlier reason; anything else is an output that cannot be written."""
+    if isinstance(exc.__cause__, LeaseLost):
+        stop.lost_output(
+            LEASE_LOST,
+            "rerun (once that run has finished): answered rows are safe in the journal and are "
+            "committed by the next run without a call",
+        )
+        return
+    stop.drain(f"the output cannot be written: {exc}", sink_hint())
 
 
 def sink_hint() -> str:

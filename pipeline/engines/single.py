@@ -30,7 +30,7 @@ from pipeline.engines.common import (
     drain_on_signals,
     open_output,
     process_unit,
-    sink_hint,
+    sink_failed,
     summarise,
     walking,
 )
@@ -61,7 +61,7 @@ class SingleProcess:
             sink = await self._run(out, stop)
             self.summary.unstorable = sink.unstorable  # counted up to its last part
         except SinkFailed as exc:  # the last part could not be written (a full disk...)
-            stop.drain(f"the output cannot be written: {exc}", sink_hint())
+            sink_failed(stop, exc)
         self.summary.settle(stop)
         self.summary.write(out)
         return self.summary

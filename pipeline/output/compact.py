@@ -15,18 +15,20 @@ switch; cleaning up after it is idempotent and finished by whoever comes next.
 2. The commit record `.compact-<id>.json` (the old parts, the new parts) is created. Before it
    exists the compaction did not happen: recovery deletes the staging folder. Once it exists it
    did: recovery finishes steps 3 and 4.
-3. Each new part is published at the top level (disk: a rename; object store: a server-side
-   copy, then the staged object is deleted).
-4. The old parts are deleted, then the staging folder and the record.
+3. The old parts are deleted (every one of their rows is in a staged part by now).
+4. Each new part is published at the top level (disk: a rename; object store: a server-side
+   copy, then the staged object is deleted), then the staging folder and the record go.
 
 Readers of this project (`parts.part_entries`, through `parts.visible_parts`) apply a present record
 at every instant: old parts hidden, new parts read wherever they are (staged or published), so
 they see exactly the old set before step 2 and exactly the new set from then on, even after a
-kill. A plain glob sees the old set until step 3 starts and the new set once step 4 ends; during
-those two steps (renames and unlinks locally: milliseconds; copies and deletes on a bucket) it
-can see both, and a kill there leaves both for it until the next `pipeline` command on the
-output (any of them recovers first) finishes the switch. Delta Lake's readers go through its log
-for the same reason; compact while no plain reader is scanning if that window matters.
+kill. Old before new (issue 19: the reverse order let a plain glob see both sets, three times
+the rows of a busy image, for as long as a killed compaction went unfinished): a plain glob sees
+the old set until step 3 starts, then only current rows (at most one per image and task; some
+missing until step 4 ends), then the new set. A kill in steps 3-4 is finished by the next
+`pipeline` command on the output (a reader does so at once when the killed holder's process is
+provably gone: `stores.holder_gone`). Delta Lake's readers go through its log for the same
+reason; compact while no plain reader is scanning if a partial view matters.
 
 Runs compact on their own, at their end and under their lock, when the share of superseded rows
 passes `[output] compact_above` (`compact_if_over`).

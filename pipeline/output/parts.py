@@ -78,11 +78,22 @@ class UnreadablePart(ValueError):
 
     def __init__(self, path: Path | str, why: str, remedy: str | None = None) -> None:
         remedy = remedy or (
-            f"move it aside (e.g. `mv '{path}' '{path}.corrupt'`) and rerun: the files whose "
+            f"move it aside (e.g. `{_move_command(str(path))}`) and rerun: the files whose "
             "rows it held are then done again"
         )
         super().__init__(f"{path}: {why}; {remedy}")
         self.path = path
+
+
+def _move_command(path: str) -> str:
+    """How to set a damaged part aside where it is: a name not ending in .parquet is never a
+    part. An object store has no `mv`: its own CLI copies and deletes."""
+    aside = f"'{path}' '{path}.corrupt'"
+    if path.startswith("s3://"):
+        return f"aws s3 mv {aside}"
+    if path.startswith(("gs://", "gcs://")):
+        return f"gcloud storage mv {aside}"
+    return f"mv {aside}"
 
 
 def _open_part(where: str | Path | Any, shown: str) -> pq.ParquetFile:
@@ -113,7 +124,7 @@ def read_part(
     if store is None:
         yield from _read_source(path, str(path), columns)
         return
-    (source,) = store.open_parquet([str(path)], list(columns))
+    source = _open_alone(store, str(path), columns)
     yield from _read_source(source, store.join(str(path)), columns)
 
 
@@ -144,8 +155,19 @@ def read_parts(
             sources = [None] * len(group)  # name the bad one below, part by part
         for offset, (name, source) in enumerate(zip(group, sources, strict=True)):
             if source is None:
-                (source,) = store.open_parquet([name], list(columns))
+                source = _open_alone(store, name, columns)
             yield start + offset, _read_source(source, store.join(name), columns)
+
+
+def _open_alone(store: Store, name: str, columns: Sequence[str]) -> Any:
+    """One part opened by itself, after its group failed: fsspec reads the footer while opening
+    on an object store, so a damaged part fails here, and must be named as one."""
+    try:
+        (source,) = store.open_parquet([name], list(columns))
+    except (pa.ArrowException, ValueError) as exc:
+        why = f"not a readable Parquet file ({_first_line(exc)})"
+        raise UnreadablePart(store.join(name), why) from None
+    return source
 
 
 def _first_line(exc: BaseException) -> str:

@@ -116,17 +116,21 @@ def recover_compaction(store: Store) -> None:
 
 
 def finish_compaction(store: Store, record: dict[str, Any], step: Step) -> None:
-    """Steps 3 and 4: publish the new parts, delete the old ones, the staging and the record
-    (each step idempotent: a rerun after a kill anywhere here ends the same)."""
+    """Steps 3 and 4: delete the old parts, then publish the new ones, then delete the record
+    (each step idempotent: a rerun after a kill anywhere here ends the same). Old before new,
+    so that a plain glob never sees both sets at once (three times the rows of a busy image,
+    for as long as a killed compaction stays unfinished): it sees the old set, then only
+    current rows (fewer while the new parts are being published), then the new set. Every
+    old row is already in a staged part (current or superseded), which our readers read."""
     compaction = record["id"]
     present = {entry.name for entry in store.list()}
+    store.delete([name for name in record["old"] if name in present])
+    step("old-deleted")
     for name in record["new"]:
         staged = staged_name(compaction, name)
         if staged in present:
             _publish(store, staged, name, already=name in present)
             step("published")
-    store.delete([name for name in record["old"] if name in present])
-    step("old-deleted")
     store.delete([record_name(compaction)])
 
 

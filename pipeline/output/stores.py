@@ -13,7 +13,8 @@ the same guarantees wherever the output is (`open_store(path_or_url)`):
   Objects: one small object per append, `<name>.<n:06d>`, read back in order.
 - `lock(owner)`: the single writer. Disk: `flock` on `.sink.lock` (released by the OS when the
   process dies). Objects: a `Lease` object created only if absent, renewed by compare-and-swap,
-  taken over only after a whole TTL without renewal.
+  taken over only after a whole TTL without renewal, or at once when its holder ran on this
+  machine and its process is gone (`holder_gone`).
 - `lock(writer, shared=True)`: one of the writers of the run holding the lock (the Ray engine's
   workers, named `<run id>.<suffix>`). Disk: a shared `flock`. Objects: `RunLease`, which
   writes nothing and holds nothing: it checks, every third of the TTL, that the lease is still
@@ -88,18 +89,61 @@ def check_available(url: str) -> None:
     filesystem(scheme_of(url) or "")
 
 
+class NoCredentials(OSError):
+    """The store's client found no credentials in its standard environment."""
+
+
+class StoreUnreachable(ConnectionError):
+    """The store's endpoint did not answer (wrong AWS_ENDPOINT_URL, no network, an outage)."""
+
+
 def check_listable(url: str) -> None:
     """One cheap request that fails as a listing of this input prefix would: FileNotFoundError
-    (no such bucket), PermissionError (access denied), another OSError (unreachable). A run
-    asks it before it starts, as it checks that an input folder exists."""
+    (no such bucket), PermissionError (access denied), `NoCredentials`, `StoreUnreachable`
+    (the endpoint does not answer), another OSError. A run asks it before it starts, as it
+    checks that an input folder exists."""
     root = normalise_url(url)
-    scheme = scheme_of(root) or ""
-    fs = filesystem(scheme)
     bucket, _, prefix = root.split("://", 1)[1].partition("/")
+    probe_bucket(scheme_of(root) or "", bucket, prefix)
+
+
+def probe_bucket(scheme: str, bucket: str, prefix: str = "") -> None:
+    """One request on `bucket`, its failure named by its real cause: "no such bucket" only when
+    the store said so (a missing credential and a dead endpoint looked like one through
+    fsspec's `exists`, which answers False to any error)."""
+    fs = filesystem(scheme)
+    try:
+        if scheme == "s3":
+            fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=prefix, MaxKeys=1)
+        elif not fs.exists(bucket):
+            raise FileNotFoundError(errno.ENOENT, "no such bucket", bucket)
+    except OSError:
+        raise
+    except Exception as exc:  # botocore's own errors are not OSErrors: name them here
+        raise _client_error(scheme, exc) from None
+
+
+def _client_error(scheme: str, exc: Exception) -> OSError:
+    """A store client's error as an OSError that says what to fix (by class name, so that
+    no client package is imported for it)."""
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    if names & {"NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError"}:
+        return NoCredentials(
+            errno.EACCES, f"no credentials for {scheme}:// ({_credential_hint(scheme)})"
+        )
+    if names & {"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError"}:
+        return StoreUnreachable(
+            errno.ECONNREFUSED, f"the {scheme}:// endpoint does not answer ({exc})"
+        )
+    return OSError(errno.EIO, f"{type(exc).__name__}: {exc}")
+
+
+def _credential_hint(scheme: str) -> str:
     if scheme == "s3":
-        fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=prefix, MaxKeys=1)
-    elif not fs.exists(bucket):
-        raise FileNotFoundError(errno.ENOENT, "no such bucket", bucket)
+        return "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"
+    if scheme in ("gs", "gcs"):
+        return "set GOOGLE_APPLICATION_CREDENTIALS, or run `gcloud auth application-default login`"
+    return "see the store's standard environment"
 
 
 @functools.cache
@@ -410,8 +454,14 @@ class ObjectStore(Store):
         return f"{self.root}/{name}"
 
     def ensure(self) -> None:
-        if not self.fs.exists(self.bucket):
-            raise FileNotFoundError(errno.ENOENT, "no such bucket (create it first)", self.bucket)
+        """The bucket answers: FileNotFoundError (no such bucket), `NoCredentials`,
+        PermissionError, `StoreUnreachable` (see `probe_bucket`)."""
+        try:
+            probe_bucket(self.scheme, self.bucket)
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                errno.ENOENT, "no such bucket (create it first)", self.bucket
+            ) from None
 
     def list(self, prefix: str = "") -> list[Entry]:
         """One listing request per page of the prefix (the store filters by `prefix`)."""
@@ -709,7 +759,7 @@ class Lease(WriterLock):
         facts, version = held
         ttl = float(facts.get("ttl") or LEASE_SECONDS)
         long_dead = self._wall() - float(facts.get("renewed_at") or 0) > 2 * ttl
-        if not long_dead:
+        if not long_dead and not holder_gone(facts):
             if not wait:
                 raise OutputDirBusy(self._busy(facts))
             log.warning(
@@ -730,7 +780,8 @@ class Lease(WriterLock):
             raise OutputDirBusy(self._busy(facts)) from None
         self.confirmed = started
         log.warning(
-            "%s: took over the lease of run %s (not renewed for %.0f s: it died)",
+            "%s: took over the lease of run %s (its process is gone, or its lease was not "
+            "renewed for %.0f s)",
             self.store.url,
             facts.get("owner"),
             ttl,
@@ -789,6 +840,25 @@ class Lease(WriterLock):
             self.store.delete_if_version(LEASE_NAME, version)
         except (VersionMismatch, OSError) as exc:  # it expires anyway
             log.warning("%s: lease not released (%s); it expires by itself", self.store.url, exc)
+
+
+def holder_gone(facts: dict[str, Any]) -> bool:
+    """A lease whose holder provably died: it ran on this machine (same host name) and its
+    process no longer exists. No watch is needed then, so a reader finishes a killed
+    compaction (or commits a killed run's journal) at once instead of after 2 x the TTL.
+    A holder on another machine cannot be checked: its lease is watched or waited out."""
+    if facts.get("host") != socket.gethostname():
+        return False
+    pid = facts.get("pid")
+    if not isinstance(pid, int) or pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # exists, another user's
+        return False
+    return False  # alive (or its number reused: then we only wait, as before)
 
 
 class RunLease(WriterLock):

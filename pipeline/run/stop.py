@@ -56,6 +56,13 @@ class Stop:
             self.state = "draining"
             self._changed.set()
 
+    def lost_output(self, reason: str, hint: str) -> None:
+        """The output's lease was lost (the run was paused past it, and another run may have
+        taken it): that explains whatever else failed meanwhile (calls whose deadlines passed
+        while the process was stopped look like an outage), so it replaces an earlier reason."""
+        self.reason, self.hint, self.exit_code = reason, hint, exits.STOPPED
+        self.drain(reason, hint)
+
     def abandon(self) -> None:
         """Cancel the calls in flight too (a second signal)."""
         self.drain("interrupted")
