@@ -151,7 +151,7 @@ async def test_copies_far_from_their_twins_keep_parts_full(
     config = make_config(
         tmp_path,
         task={"kind": "detect"},
-        output={"rows_per_part": 100},
+        output={"rows_per_part": 100, "flush_seconds": 3600},  # parts cut by rows, not time
         limits={"concurrency": 8},
     )
     summary = await run(config)

@@ -49,6 +49,7 @@ class Site:
         self.app.router.add_get("/target.png", self.target)
         self.app.router.add_get("/to-file.png", self.to_file)
         self.app.router.add_get("/to-metadata.png", self.to_metadata)
+        self.app.router.add_get("/loop.png", self.loop)
         self.url = ""
         self.local_file = ""  # a file on this machine, a redirect's forbidden target
 
@@ -75,6 +76,9 @@ class Site:
 
     async def to_file(self, request: web.Request) -> web.Response:
         raise web.HTTPFound(f"file://{self.local_file}")
+
+    async def loop(self, request: web.Request) -> web.Response:
+        raise web.HTTPFound("/loop.png")
 
     async def to_metadata(self, request: web.Request) -> web.Response:
         raise web.HTTPFound("http://169.254.169.254/latest/meta-data/iam/")
@@ -303,6 +307,7 @@ async def test_internal_addresses_are_refused_after_dns_and_on_every_hop(
             "/moved.png": f"address 127.0.0.2 is loopback: {hint}",  # to the other host
             "/to-metadata.png": f"address 169.254.169.254 is link-local: {hint}",
             "/to-file.png": "redirect to a file:// URL refused (hop 1)",
+            "/loop.png": "too many redirects (more than 10)",
         }
         for path, reason in cases.items():
             src = SourceFile(path=home.url + path, root="", rel_path="x")
