@@ -47,9 +47,9 @@ _SEG_TOKEN = re.compile(r"<seg_\d+>")
 # own pixel box (not the item's box_2d, which may be 1 px while the polygon spans the image),
 # plus its pixel rows x vertices (the crossing table `masks._fill_polygon` builds), plus a fixed
 # POLYGON_CELLS (~50 us of numpy calls however small it is); several polygons in one mask also
-# the box they are united in. Charging only box_2d let a 1.2 MB answer of 250 far-reaching
-# 400-vertex polygons take 45 s of CPU, and 25,000 tiny polygons in one mask 5.5 s
-# (scripts/bench.py hostile-masks --quick).
+# the box they are united in. Charging only box_2d let a 4.8 MB answer of 1,000 far-reaching
+# 400-vertex polygons with 1-pixel boxes take 171 s of CPU, and one mask of 100,000 tiny
+# polygons 18.5 s; now 2.3 s and 1.0 s (scripts/bench.py hostile-masks).
 MAX_VERTICES = 10_000  # per polygon
 MASK_PIXELS = 100_000_000  # cells per answer
 POLYGON_CELLS = 5_000
