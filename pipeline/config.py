@@ -170,6 +170,11 @@ class InputConfig:
     max_fetch_mb: float = setting(
         64.0, s.positive_number, "an object or URL larger than this is an error row, unread"
     )
+    allow_hosts: tuple[str, ...] = setting(
+        (),
+        s.texts,
+        "URL hosts (names or addresses) fetched even on loopback, private or link-local addresses",
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -216,6 +216,26 @@ def polygon_to_mask(points_norm: Sequence[Sequence[float]], width: int, height: 
     return full
 
 
+def polygon_pixel_box(
+    points_norm: Sequence[Sequence[float]], width: int, height: int
+) -> tuple[int, int, int, int]:
+    """The pixel box `polygon_box_mask` draws a polygon over, from its points alone (plain
+    Python: for a 3-point polygon ~4x cheaper than going through numpy), so that what drawing
+    it will cost is known before it is drawn."""
+    xs = [float(p[0]) / 1000 * width for p in points_norm]
+    ys = [float(p[1]) / 1000 * height for p in points_norm]
+    if not xs:
+        raise ValueError("a polygon needs at least 3 finite [x, y] points")
+    x0, x1 = _first_cell_of(min(xs), width), _first_cell_of(max(xs), width)
+    y0, y1 = _first_cell_of(min(ys), height), _first_cell_of(max(ys), height)
+    return x0, y0, x1, y1
+
+
+def _first_cell_of(x: float, size: int) -> int:
+    """`_first_cell` for one number, without numpy's per-call cost (~5 us a call)."""
+    return min(max(math.ceil(x - 0.5), 0), size)
+
+
 def polygon_box_mask(
     points_norm: Sequence[Sequence[float]], width: int, height: int
 ) -> tuple[np.ndarray, tuple[int, int, int, int]]:

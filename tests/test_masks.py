@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+import random
 
 import numpy as np
 import pycocotools.mask as coco
@@ -14,6 +16,8 @@ from hypothesis.extra.numpy import arrays
 from PIL import Image
 
 from pipeline import masks
+from pipeline.tasks import TaskSettings, get_task, segment
+from pipeline.tasks.answers import MAX_OBJECTS
 
 
 def png_bytes(array: np.ndarray, mode: str | None = None) -> bytes:
@@ -232,3 +236,66 @@ def test_polygon_takes_exactly_the_pixels_whose_centres_it_encloses(points: list
     # Vertices beyond the image, on pixel centre lines (y = 25 -> 0.5 px) and self-crossings too.
     mask = masks.polygon_to_mask(points, 24, 20)
     assert np.array_equal(mask, centres_inside(points, 24, 20))
+
+
+# ------------------------------------------------- the mask budget of one answer (issue 19, 7)
+def _ring(rng: random.Random, vertices: int) -> list[list[int]]:
+    return [[rng.randint(0, 1000), rng.randint(0, 1000)] for _ in range(vertices)]
+
+
+def test_polygons_are_charged_what_drawing_them_costs_not_their_box_2d() -> None:
+    """1x1 px boxes whose 400-vertex polygons span a 4000x4000 image: each is charged its own
+    pixel box plus rows x vertices, so the cap stops them after a few (before, each was charged
+    its 1-pixel box_2d and all were drawn: 45 s of CPU for a 1.2 MB answer)."""
+    rng = random.Random(7)
+    budget = segment.MaskBudget()
+    read = segment._reader(127, budget)
+    results = [read({"mask": _ring(rng, 400)}, [0, 0, 1, 1], 4000, 4000) for _ in range(40)]
+    drawn = [rle for rle, _ in results if rle is not None]
+    each = 4000 * 4000  # about: the polygon's box is the whole image
+    assert 0 < len(drawn) <= segment.MASK_PIXELS // each
+    assert budget.spent <= segment.MASK_PIXELS and budget.refused == 40 - len(drawn)
+    assert {why for rle, why in results if rle is None} == {segment.CAP_REACHED}
+
+
+def test_a_mask_of_100000_small_polygons_is_refused_once_its_cost_passes_the_cap() -> None:
+    rng = random.Random(8)
+    polygons = []
+    for _ in range(100_000):
+        x, y = rng.randint(0, 990), rng.randint(0, 990)
+        polygons.append([[x, y], [x + 5, y], [x, y + 5]])
+    budget = segment.MaskBudget()
+    read = segment._reader(127, budget)
+    assert read({"mask": polygons}, [0, 0, 1000, 1000], 2000, 2000) == (None, segment.CAP_REACHED)
+    looked = segment.MASK_PIXELS // segment.POLYGON_CELLS + 1  # polygons looked at, at most
+    assert budget.spent == 0 and budget.refused == 1
+    assert budget.left >= segment.MASK_PIXELS - segment.LOOK_CELLS * (looked + 1)
+    # The answer's next masks still have their budget; a few polygons in one mask are drawn
+    # over the box that encloses them, and charged it.
+    few = polygons[:3]
+    rle, why = read({"mask": few}, [0, 0, 1000, 1000], 2000, 2000)
+    assert why is None and rle is not None
+    union = np.zeros((2000, 2000), dtype=bool)
+    for polygon in few:
+        union |= masks.polygon_to_mask(polygon, 2000, 2000)
+    assert np.array_equal(masks.rle_decode(rle), union)
+    assert budget.spent > 3 * segment.POLYGON_CELLS
+
+
+def test_many_objects_with_tiny_polygons_are_bounded_by_the_object_cap() -> None:
+    rng = random.Random(9)
+    items = []
+    for _ in range(50_000):
+        x, y = rng.randint(0, 990), rng.randint(0, 990)
+        ring = [[x, y], [x + 5, y], [x, y + 5]]
+        items.append({"box_2d": [y, x, y + 5, x + 5], "label": "dot", "mask": ring})
+    parsed = get_task("segment").parse(
+        json.dumps({"boxes": items}),
+        "STOP",
+        1000,
+        1000,
+        TaskSettings(kind="segment", model="gemini-3.8-flash"),  # type: ignore[arg-type]
+    )
+    assert len(parsed.objects) == MAX_OBJECTS  # the rest skipped, with the reason
+    assert parsed.error is not None and f"only the first {MAX_OBJECTS}" in parsed.error
+    assert all(obj["mask"] is not None for obj in parsed.objects)  # 1000 x ~5,000 cells: fits

@@ -174,14 +174,19 @@ async def test_a_reference_by_url_is_fetched_once(
     local = make_config(
         tmp_path, task={"kind": "detect", "reference_images": [str(folder / "example.png")]}
     )
+    loopback = {"paths": [str(images_dir)], "allow_hosts": ["127.0.0.1"]}  # the test's host
     by_url = make_config(
-        tmp_path, task={"kind": "detect", "reference_images": [f"{base}/example.png"]}
+        tmp_path,
+        input=loopback,
+        task={"kind": "detect", "reference_images": [f"{base}/example.png"]},
     )
     assert by_url.task.reference_images[0].image == f"{base}/example.png"  # not a path
     assert key_suffix(by_url) == key_suffix(local)  # the same bytes: the same key
     assert (await run(by_url)).exit_code == exits.OK
     _check_targets(read_current(tmp_path / "out"), truth)
-    missing = make_config(tmp_path, task={"kind": "detect", "reference_images": [f"{base}/no.png"]})
+    missing = make_config(
+        tmp_path, input=loopback, task={"kind": "detect", "reference_images": [f"{base}/no.png"]}
+    )
     with pytest.raises(ConfigError, match=r"\[task\] reference_images: http://.*/no.png: HTTP"):
         await run(missing)
 

@@ -29,6 +29,7 @@ from tests.conftest import (
     read_current,
     read_rows,
     run,
+    scene_png,
 )
 
 pillow_heif.register_heif_opener()
@@ -119,17 +120,51 @@ async def test_same_bytes_far_apart_in_one_run_one_call(
     """A duplicate met long after its twin was answered (no longer among the recent answers,
     its row maybe still buffered) is copied from the committed row, not paid for again."""
     monkeypatch.setattr(reuse_module, "RECENT_ANSWERS", 0)
+    monkeypatch.setattr(reuse_module, "SINK_BACKLOG", 0)
     image, _ = draw_shapes(256, 256, seed=3)
     image.save(images_dir / "a.png")
     for i in range(5):
         draw_shapes(256, 256, seed=30 + i)[0].save(images_dir / f"m{i}.png")
     (images_dir / "z.png").write_bytes((images_dir / "a.png").read_bytes())
-    config = make_config(tmp_path, limits={"concurrency": 1})
+    # rows_per_part 1: the recent tier holds 2 answers, the twin is 5 answers back
+    config = make_config(tmp_path, limits={"concurrency": 1}, output={"rows_per_part": 1})
     summary = await run(config)
     assert (summary.api_calls, summary.copied) == (6, 1)
     rows = read_current(tmp_path / "out")
     assert rows["z.png"]["objects"] == rows["a.png"]["objects"]
     assert rows["z.png"]["attempts"] == 0
+
+
+async def test_copies_far_from_their_twins_keep_parts_full(
+    images_dir: Path, tmp_path: Path
+) -> None:
+    """Issue 19: 300 images, then a folder (walked later) with a copy of each. A copy costs a
+    stat, a hash and a row: no call, and no part of its own (each copy used to force a commit of
+    what the sink held to read its twin's row back: one tiny part a copy)."""
+    originals, copies = images_dir / "a", images_dir / "z-copies"
+    originals.mkdir()
+    copies.mkdir()
+    for i in range(300):
+        data = scene_png(i, size=(32, 32))
+        (originals / f"{i:03d}.png").write_bytes(data)
+        (copies / f"{i:03d}.png").write_bytes(data)
+    config = make_config(
+        tmp_path,
+        task={"kind": "detect"},
+        output={"rows_per_part": 100, "flush_seconds": 3600},  # parts cut by rows, not time
+        limits={"concurrency": 8},
+    )
+    summary = await run(config)
+    assert (summary.api_calls, summary.copied) == (300, 300)
+    rows = read_rows(tmp_path / "out")
+    assert len(rows) == 600
+    parts = list((tmp_path / "out").glob("*.parquet"))
+    assert len(parts) <= 600 // 100 + 1  # full parts, and what was left at the end
+    by_path = {r["image_path"]: r for r in rows}
+    assert all(
+        by_path[f"z-copies/{i:03d}.png"]["objects"] == by_path[f"a/{i:03d}.png"]["objects"]
+        for i in range(300)
+    )
 
 
 def _huge_png(path: Path, width: int, height: int) -> None:

@@ -489,6 +489,32 @@ def test_file_urls_are_local_paths(tmp_path: Path) -> None:
     assert rels(list(walk([f"file://{tmp_path}/x"]))) == ["a.png", "b.png"]
 
 
+def test_file_urls_in_a_manifest_are_local_paths(tmp_path: Path) -> None:
+    """A manifest is the user's own file: its `file://` lines are read like path lines
+    (percent-decoded); only a redirect may not lead there (tests/test_urls.py)."""
+    touch(tmp_path, "lists/imgs/a b.png", "outside/c.png")
+    manifest = tmp_path / "lists" / "files.txt"
+    spaced = (tmp_path / "lists" / "imgs" / "a b.png").as_uri()  # file:///.../a%20b.png
+    manifest.write_text(
+        f"{spaced}\n"
+        f"file://localhost{tmp_path / 'outside' / 'c.png'}\n"
+        f"file://{tmp_path / 'lists' / 'gone.png'}\n"
+        "imgs/a b.png\n"  # the same file as the first line: one row
+        "file://elsewhere/share/d.png\n",
+        encoding="utf-8",
+    )
+    found = list(read_manifest(manifest))
+    root = str(tmp_path / "lists")
+    assert [(s.root, s.rel_path, s.error) for s in found] == [
+        (root, "imgs/a b.png", None),
+        (str(tmp_path / "outside"), "c.png", None),
+        (root, "gone.png", "no such file"),
+        ("", "file://elsewhere/share/d.png", "a file:// URL on another host is not a local path"),
+    ]
+    assert found[0].path == str(tmp_path / "lists" / "imgs" / "a b.png")
+    assert found[0].size == 1
+
+
 def test_version_stamp_stands_for_an_etag() -> None:
     from pipeline.inputs.source import version_stamp
 

@@ -4,6 +4,7 @@ a redirect to another host, bodies over the cap, X-Robots-Tag — and the API ke
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,11 +18,13 @@ from pipeline.commands.render import render
 from pipeline.config import ConfigError
 from pipeline.inputs.checks import require_inputs
 from pipeline.inputs.fetch import Fetcher, FetchError, FetchSettings
+from pipeline.inputs.guard import address_kind
 from pipeline.output.parts import current_rows
 from pipeline.records import SourceFile
 from tests.conftest import make_config, run, scene_png
 
 KEY = "secret-key-that-must-stay-home"
+LOOPBACK = ("127.0.0.1", "127.0.0.2")  # the test sites: allowed by name, as a user would
 
 
 def png(seed: int) -> bytes:
@@ -44,7 +47,11 @@ class Site:
         self.app.router.add_get("/stream.png", self.stream)
         self.app.router.add_get("/noai.png", self.noai)
         self.app.router.add_get("/target.png", self.target)
+        self.app.router.add_get("/to-file.png", self.to_file)
+        self.app.router.add_get("/to-metadata.png", self.to_metadata)
+        self.app.router.add_get("/loop.png", self.loop)
         self.url = ""
+        self.local_file = ""  # a file on this machine, a redirect's forbidden target
 
     @web.middleware
     async def _record(self, request: web.Request, handler: Any) -> web.StreamResponse:
@@ -66,6 +73,15 @@ class Site:
 
     async def moved(self, request: web.Request) -> web.Response:
         raise web.HTTPFound(f"{self.other}/target.png")
+
+    async def to_file(self, request: web.Request) -> web.Response:
+        raise web.HTTPFound(f"file://{self.local_file}")
+
+    async def loop(self, request: web.Request) -> web.Response:
+        raise web.HTTPFound("/loop.png")
+
+    async def to_metadata(self, request: web.Request) -> web.Response:
+        raise web.HTTPFound("http://169.254.169.254/latest/meta-data/iam/")
 
     async def target(self, request: web.Request) -> web.Response:
         return web.Response(body=png(60), content_type="image/png")
@@ -118,7 +134,13 @@ async def test_a_manifest_of_urls_end_to_end(
     manifest = tmp_path / "urls.txt"
     manifest.write_text("# images on the web\n" + "\n".join(urls + urls[:2]) + "\n")
     config = make_config(
-        tmp_path, input={"paths": [], "manifest": str(manifest), "max_fetch_mb": 0.1}
+        tmp_path,
+        input={
+            "paths": [],
+            "manifest": str(manifest),
+            "max_fetch_mb": 0.1,
+            "allow_hosts": list(LOOPBACK),
+        },
     )
     summary = await run(config)
     rows = {r["image_path"]: r for r in current_rows(tmp_path / "out").to_pylist()}
@@ -142,7 +164,9 @@ async def test_a_manifest_of_urls_end_to_end(
     guess = await asyncio.to_thread(estimate, config)
     assert (guess["images"], guess["unusable_files"]) == (6, 4)
     assert guess["input_tokens"] == summary.tokens["prompt_tokens"]
-    gallery = await asyncio.to_thread(render, tmp_path / "out", tmp_path / "gallery")
+    gallery = await asyncio.to_thread(
+        render, tmp_path / "out", tmp_path / "gallery", allow_hosts=LOOPBACK
+    )
     assert (gallery["entries"], gallery["missing_sources"]) == (6, 0)  # each read by its URL
 
     before = Counter((m, p) for m, p, _ in home.seen)
@@ -172,8 +196,10 @@ async def test_retry_after_is_honoured_and_capped(sites: tuple[Site, Site]) -> N
     home, _ = sites
     hand = HandTime()
     waits = hand.waits
-    settings = FetchSettings(max_retry_after=0.5)
-    with Fetcher(FetchSettings(), sleep=hand.sleep, clock=hand.clock, seed=1) as fetcher:
+    settings = FetchSettings(max_retry_after=0.5, allow_hosts=LOOPBACK)
+    with Fetcher(
+        FetchSettings(allow_hosts=LOOPBACK), sleep=hand.sleep, clock=hand.clock, seed=1
+    ) as fetcher:
         src = SourceFile(path=home.url + "/busy.png", root="", rel_path="x")
         assert (await fetcher.read(src)).startswith(b"\x89PNG")
         assert waits == [1.0] and fetcher.retries == 1
@@ -191,7 +217,9 @@ async def test_failures_that_do_not_pass_give_up_after_the_attempts(
     hand = HandTime()
     waits = hand.waits
     home.busy_left = 10  # 429 without end
-    with Fetcher(FetchSettings(attempts=3), sleep=hand.sleep, clock=hand.clock) as fetcher:
+    with Fetcher(
+        FetchSettings(attempts=3, allow_hosts=LOOPBACK), sleep=hand.sleep, clock=hand.clock
+    ) as fetcher:
         src = SourceFile(path=home.url + "/busy.png", root="", rel_path="x")
         with pytest.raises(FetchError, match=r"HTTP 429 Too Many Requests \(after 3 attempts\)"):
             await fetcher.read(src)
@@ -200,7 +228,9 @@ async def test_failures_that_do_not_pass_give_up_after_the_attempts(
             await fetcher.read(SourceFile(path=home.url + "/missing.png", root="", rel_path="x"))
         assert not missing.value.retryable  # a 404 is the input's own: kept, not retried
         assert waits == [1.0, 1.0, 1.0]  # the host's last Retry-After holds for every read of it
-    with Fetcher(FetchSettings(attempts=2), sleep=hand.sleep, clock=hand.clock) as fetcher:
+    with Fetcher(
+        FetchSettings(attempts=2, allow_hosts=LOOPBACK), sleep=hand.sleep, clock=hand.clock
+    ) as fetcher:
         closed = SourceFile(path="http://127.0.0.1:9/nothing.png", root="", rel_path="x")
         with pytest.raises(FetchError, match=r"fetch failed: .*\(after 2 attempts\)") as down:
             await fetcher.read(closed)
@@ -213,3 +243,78 @@ def test_a_url_given_as_an_input_path_says_to_use_a_manifest(tmp_path: Path) -> 
         ConfigError, match=r"a URL is not a folder to walk; list URLs in a manifest"
     ):
         require_inputs(config)
+
+
+@pytest.mark.parametrize(
+    ("address", "kind"),
+    [
+        ("127.0.0.1", "loopback"),
+        ("169.254.169.254", "link-local"),
+        ("10.1.2.3", "private"),
+        ("192.168.0.7", "private"),
+        ("fd00::1", "unique-local"),
+        ("fe80::1", "link-local"),
+        ("::ffff:127.0.0.1", "loopback"),
+        ("::ffff:169.254.169.254", "link-local"),
+        ("224.0.0.1", "multicast"),
+        ("0.0.0.0", "unspecified"),
+        ("::", "unspecified"),
+        ("240.0.0.1", "reserved"),
+        ("100.64.0.1", "not a public address"),
+        ("8.8.8.8", None),
+        ("2001:4860:4860::8888", None),
+    ],
+)
+def test_which_addresses_are_internal(address: str, kind: str | None) -> None:
+    assert address_kind(ipaddress.ip_address(address)) == kind
+
+
+async def test_internal_addresses_are_refused_after_dns_and_on_every_hop(
+    tmp_path: Path, sites: tuple[Site, Site]
+) -> None:
+    home, other = sites
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(png(9))
+    home.local_file = str(secret)
+    port = home.url.rsplit(":", 1)[1]
+    urls = [
+        home.url + "/img/0.png",  # 127.0.0.1, not allowed
+        f"http://localhost:{port}/img/1.png",  # a name: refused once resolved
+        f"http://[::ffff:127.0.0.1]:{port}/img/2.png",  # IPv4-mapped IPv6
+        "http://169.254.169.254/latest/meta-data/",  # the cloud metadata service
+    ]
+    manifest = tmp_path / "urls.txt"
+    manifest.write_text("\n".join(urls) + "\n")
+    config = make_config(tmp_path, input={"paths": [], "manifest": str(manifest)})
+    summary = await run(config)
+    rows = [r for r in current_rows(tmp_path / "out").to_pylist()]
+    errors = {r["image_path"]: r["error"] for r in rows}
+    hint = "refused (set [input] allow_hosts to allow)"
+    assert len(rows) == len(urls)  # recorded once each, no crash
+    assert errors[urls[0]] == f"address 127.0.0.1 is loopback: {hint}"
+    assert errors[urls[1]].startswith("host localhost: address ")
+    assert errors[urls[1]].endswith(f"is loopback: {hint}")
+    assert errors[urls[2]] == f"address ::ffff:127.0.0.1 is loopback: {hint}"
+    assert errors[urls[3]] == f"address 169.254.169.254 is link-local: {hint}"
+    assert summary.api_calls == 0 and home.seen == [] and other.seen == []  # nothing reached
+
+    # Allowed by name, a host's own redirects are still checked hop by hop.
+    allowed = ("127.0.0.1",)
+    with Fetcher(FetchSettings(allow_hosts=allowed)) as fetcher:
+        ok = SourceFile(path=home.url + "/img/3.png", root="", rel_path="x")
+        assert await fetcher.read(ok) == png(3)
+        cases = {
+            "/moved.png": f"address 127.0.0.2 is loopback: {hint}",  # to the other host
+            "/to-metadata.png": f"address 169.254.169.254 is link-local: {hint}",
+            "/to-file.png": "redirect to a file:// URL refused (hop 1)",
+            "/loop.png": "too many redirects (more than 10)",
+        }
+        for path, reason in cases.items():
+            src = SourceFile(path=home.url + path, root="", rel_path="x")
+            with pytest.raises(FetchError) as refused:
+                await fetcher.read(src)
+            assert str(refused.value) == reason and not refused.value.retryable
+    assert other.seen == []  # the redirect to it was refused before a connection
+    with Fetcher(FetchSettings(allow_hosts=("localhost",))) as fetcher:  # a name, as resolved
+        named = SourceFile(path=f"http://localhost:{port}/img/4.png", root="", rel_path="x")
+        assert await fetcher.read(named) == png(4)

@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 from pillow_heif import register_heif_opener
 
-from pipeline.inputs.fetch import Fetcher, FetchError
+from pipeline.inputs.fetch import Fetcher, FetchError, FetchSettings
 from pipeline.locations import is_url
 from pipeline.masks import rle_decode
 from pipeline.output.fsutil import atomic_write_bytes
@@ -104,13 +104,15 @@ def render(
     *,
     limit: int | None = None,
     images_root_override: str | None = None,
+    allow_hosts: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Draw overlays for the current ok/partial rows (at most `limit`) and write index.html.
 
     Sources are read at image_root/image_path, or images_root_override/image_path when the
     images have moved; a missing source gives a grey placeholder with the overlays, not a crash.
     Objects and URLs (a bucket's inputs, a manifest's URLs) are read through a `Fetcher`: its
-    bounds, retries and caps, and no API key.
+    bounds, retries and caps, and no API key; internal addresses are refused as in a run
+    unless their hosts are in `allow_hosts`.
     """
     register_heif_opener()
     out = Path(out_dir)
@@ -129,7 +131,8 @@ def render(
         _Entry(number, row, _source_path(row, images_root_override))
         for number, row in enumerate(shown, start=1)
     ]
-    with Fetcher() as fetcher, ThreadPoolExecutor(max_workers=DRAWING_THREADS) as pool:
+    fetch = FetchSettings(allow_hosts=allow_hosts)
+    with Fetcher(fetch) as fetcher, ThreadPoolExecutor(max_workers=DRAWING_THREADS) as pool:
         found = list(pool.map(lambda entry: _draw_entry(entry, images_dir, fetcher), entries))
 
     labels = Counter(

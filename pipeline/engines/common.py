@@ -54,7 +54,7 @@ from pipeline.run.buyers import InteractiveBuyer
 from pipeline.run.calls import Caller, RunStopped
 from pipeline.run.identity import RunIdentity, key_suffix
 from pipeline.run.limits import DailyCount, RateLimiter, quota_day
-from pipeline.run.reuse import Bought
+from pipeline.run.reuse import Bought, recent_capacity
 from pipeline.run.runner import ImageRunner, RowCounts, RunOptions
 from pipeline.run.stop import Stop, Stopped, on_signals
 from pipeline.run.summary import RunSummary
@@ -431,7 +431,8 @@ class Opener:
         index = await asyncio.to_thread(self._index, out)
         client = await stack.enter_async_context(await self._client(stack))
         caller = self._caller(client, state, stop)
-        bought = Bought(str(out), index.ok_keys, sink.flush)
+        recent = recent_capacity(self.config.output.rows_per_part)
+        bought = Bought(str(out), index.ok_keys, sink.flush, recent=recent)
         runner = ImageRunner(
             self.config,
             self.identity,

@@ -13,8 +13,11 @@ session and the same bounds:
   dropped connections; for other stores' objects, transient store errors (gcsfs and adlfs retry
   their own first; Ray Data's `retried_io_errors` in spirit). 404, 403 and the like fail at once;
 - S3 objects are read with a presigned GET (`_read_presigned`: a quarter of botocore's CPU);
-- redirects are followed for the image (up to 10), and the session never holds the API key:
-  it is another session than the Gemini client's, with no credentials at all;
+- redirects are followed for the image (up to 10, one hop at a time), and the session never
+  holds the API key: it is another session than the Gemini client's, with no credentials at all;
+- a URL never reaches loopback, link-local (the cloud metadata service), private, unique-local,
+  multicast or reserved addresses, after DNS and on every hop, unless its host is in
+  `[input] allow_hosts` (`guard.py`); a redirect is never followed to `file://` or another scheme;
 - `X-Robots-Tag: noai` / `noimageai` refuse the image, as img2dataset does by default;
 - `prefetch` reads the files the engine has dealt but no worker has taken yet, up to
   `ahead_bytes`, so the store's latency overlaps the API calls in flight.
@@ -27,20 +30,22 @@ with a stat) so that a rerun skips what is done without downloading it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from concurrent.futures import Future
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from http import HTTPStatus
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 
 from pipeline import __version__, locations
+from pipeline.inputs.guard import AddressGuard, RefusedAddress
 from pipeline.inputs.source import version_stamp
 from pipeline.output import stores
 from pipeline.records import SourceFile
@@ -50,6 +55,8 @@ USER_AGENT = f"gemini-vision-pipeline/{__version__}"
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 DISALLOWED_ROBOTS = ("noai", "noimageai")  # img2dataset's default refusals that concern AI use
 _CHUNK = 1 << 16
+MAX_HOPS = 10  # redirects followed at most (aiohttp's and browsers' order of magnitude)
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 
 
 class FetchError(Exception):
@@ -72,6 +79,7 @@ class FetchSettings:
     max_retry_after: float = 60.0
     backoff: float = 0.5  # seconds before the first retry (doubled, jittered, each time)
     ahead_bytes: int = 128 << 20  # bytes read ahead of the workers at most (`prefetch`)
+    allow_hosts: tuple[str, ...] = ()  # URL hosts reached even on internal addresses
 
 
 class Fetcher:
@@ -93,6 +101,7 @@ class Fetcher:
         self._clock = clock
         self._rng = random.Random(seed)
         self._paused_until: dict[str, float] = {}
+        self._guard = AddressGuard(self.settings.allow_hosts)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="gvp-fetch", daemon=True
@@ -238,7 +247,7 @@ class Fetcher:
                 self.retries += 1
             await self._wait_for_host(host)
             try:
-                outcome = await self._get_once(src, url, session or self._http(), version)
+                outcome = await self._get_once(src, url, session, version)
             except (TimeoutError, aiohttp.ClientError) as exc:
                 # A presigned URL must not end up in a row: name the failure only.
                 shown = type(exc).__name__ if url != src.path else _first_line(exc)
@@ -261,11 +270,11 @@ class Fetcher:
         raise FetchError(f"{reason} (after {self.settings.attempts} attempts)", retryable=True)
 
     async def _get_once(
-        self, src: SourceFile, url: str, session: aiohttp.ClientSession, version: bool
+        self, src: SourceFile, url: str, session: aiohttp.ClientSession | None, version: bool
     ) -> bytes | tuple[str, float | None]:
         """The body, or (reason, Retry-After) for a retryable answer; raises FetchError
-        otherwise."""
-        async with session.get(url, max_redirects=10) as response:
+        otherwise. `session` None: the guarded image session."""
+        async with self._follow("GET", url, session) as response:
             reason = _status_text(response.status)
             if response.status in RETRY_STATUSES:
                 return reason, _retry_after(response)
@@ -281,6 +290,42 @@ class Fetcher:
                 src.mtime_ns = version_stamp(_url_version(response.headers))
             return body
 
+    @contextlib.asynccontextmanager
+    async def _follow(
+        self, method: str, url: str, session: aiohttp.ClientSession | None
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """The answer to `method url` after its redirects. A presigned object read (`session`
+        given: the user's own store endpoint) lets aiohttp follow them; a URL's are followed
+        here one hop at a time, each checked by the guard before it is asked."""
+        if session is not None:
+            async with session.request(method, url, max_redirects=MAX_HOPS) as response:
+                yield response
+            return
+        for hop in range(MAX_HOPS + 1):
+            async with self._guarded_request(method, url, hop) as response:
+                location = response.headers.get("Location", "")
+                if response.status not in REDIRECT_STATUSES or not location:
+                    yield response
+                    return
+            url = urljoin(url, location)
+        raise FetchError(f"too many redirects (more than {MAX_HOPS})")
+
+    @contextlib.asynccontextmanager
+    async def _guarded_request(
+        self, method: str, url: str, hop: int
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """One hop on the image session; a refused address is a FetchError, never retried."""
+        try:
+            self._guard.check_url(url, hop=hop)
+            async with self._http().request(method, url, allow_redirects=False) as response:
+                yield response
+        except RefusedAddress as exc:
+            raise FetchError(str(exc)) from None
+        except aiohttp.ClientConnectorError as exc:
+            if isinstance(exc.os_error, RefusedAddress):  # raised by the guarded resolver
+                raise FetchError(str(exc.os_error)) from None
+            raise
+
     async def _body(self, response: aiohttp.ClientResponse) -> bytes:
         chunks, total = [], 0
         async for chunk in response.content.iter_chunked(_CHUNK):
@@ -295,7 +340,9 @@ class Fetcher:
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(
-                    limit=self.settings.concurrency, limit_per_host=self.settings.per_host
+                    limit=self.settings.concurrency,
+                    limit_per_host=self.settings.per_host,
+                    resolver=self._guard.resolver(),  # connects only to checked addresses
                 ),
                 timeout=aiohttp.ClientTimeout(total=self.settings.timeout),
                 headers={"User-Agent": USER_AGENT},
@@ -357,7 +404,7 @@ class Fetcher:
     async def _head(self, src: SourceFile) -> None:
         host = urlsplit(src.path).hostname or ""
         await self._wait_for_host(host)
-        async with self._http().head(src.path, allow_redirects=True, max_redirects=10) as answer:
+        async with self._follow("HEAD", src.path, None) as answer:
             if answer.status != 200:
                 return
             src.size = answer.content_length or 0
@@ -433,4 +480,5 @@ def settings_from(config: Any) -> FetchSettings:
         concurrency=inp.fetch_concurrency,
         per_host=inp.fetch_per_host,
         max_bytes=int(inp.max_fetch_mb * (1 << 20)),
+        allow_hosts=inp.allow_hosts,
     )

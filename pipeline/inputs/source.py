@@ -49,6 +49,7 @@ import stat
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
+from urllib.parse import unquote, urlsplit
 
 from pipeline import locations
 from pipeline.config import InputConfig
@@ -423,6 +424,11 @@ def _manifest_sources(base: str, names: Iterator[str | tuple[str, str]]) -> Iter
     seen = GrowingDigestSet()
     for entry in names:
         name, given_root = entry if isinstance(entry, tuple) else (entry, None)
+        if locations.scheme_of(name) == "file":
+            name = _file_url_path(name)
+        if locations.scheme_of(name) == "file":  # on another host: its own error row
+            yield SourceFile(path=name, root="", rel_path=name, error=_REMOTE_FILE_URL)
+            continue
         if locations.is_http_url(name) or locations.is_object_url(name) or locations.is_url(base):
             full = _remote_name(base, name)
         else:
@@ -441,6 +447,20 @@ def _manifest_sources(base: str, names: Iterator[str | tuple[str, str]]) -> Iter
         if os.sep != "/":
             rel_path = rel_path.replace(os.sep, "/")
         yield _stat_source(full, root, posixpath.normpath(rel_path))
+
+
+_REMOTE_FILE_URL = "a file:// URL on another host is not a local path"
+
+
+def _file_url_path(url: str) -> str:
+    """`file:///abs/a%20b.png` (or `file://localhost/...`) as the local path it names,
+    percent-decoded: a manifest is the user's own file, so its `file://` lines are read like its
+    path lines (a redirect never leads to one: see inputs/guard.py). Another host's stays a
+    URL."""
+    parts = urlsplit(url)
+    if parts.netloc not in ("", "localhost"):
+        return url
+    return unquote(parts.path, errors="surrogateescape")
 
 
 def _remote_name(base: str, name: str) -> str:

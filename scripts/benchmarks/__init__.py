@@ -6,6 +6,8 @@
     plots.py       the chart drawn into docs/bench/*.png
     throughput.py  latency.py  rate.py  memory.py  resume.py  profile.py  journal.py
     hanging.py  batch.py     one benchmark each
+    duplicates.py  images present twice far apart: parts, calls and time (issue 19)
+    hostile_masks.py  the parser's CPU on ~4 MB answers of many small polygons (issue 19)
     ray_quota.py  ray_overhead.py   the Ray engine: one shared quota; cost and start-up
     bucket_listing.py  bucket_run.py  bucket_resume.py  compaction.py   the same, for buckets
                    and `pipeline compact` (s3server.py: the local S3 they run against)
@@ -31,7 +33,9 @@ from . import (
     bucket_resume,
     bucket_run,
     compaction,
+    duplicates,
     hanging,
+    hostile_masks,
     journal,
     latency,
     memory,
@@ -54,6 +58,8 @@ BENCHMARKS: dict[str, Benchmark[Any]] = {
     "journal": journal.BENCHMARK,
     "hanging": hanging.BENCHMARK,
     "batch": batch.BENCHMARK,
+    "hostile-masks": hostile_masks.BENCHMARK,
+    "duplicates": duplicates.BENCHMARK,
     "ray-quota": ray_quota.BENCHMARK,
     "ray-overhead": ray_overhead.BENCHMARK,
     "bucket-listing": bucket_listing.BENCHMARK,

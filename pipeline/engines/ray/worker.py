@@ -43,7 +43,7 @@ from pipeline.records import USAGE_COLUMNS, Work, storable, work_identity
 from pipeline.run.buyers import InteractiveBuyer
 from pipeline.run.calls import Caller
 from pipeline.run.identity import RunIdentity
-from pipeline.run.reuse import Bought
+from pipeline.run.reuse import Bought, recent_capacity
 from pipeline.run.runner import ImageRunner, RowCounts
 from pipeline.run.stop import Stop, Stopped
 from pipeline.run.uploads import Uploads
@@ -170,7 +170,8 @@ class Worker:
         )
         client = await self._stack.enter_async_context(make_client(config, setup.base_url, key))
         caller = self._caller(client, stop)
-        bought = Bought(out.url, ok_keys, sink.flush)
+        recent = recent_capacity(config.output.rows_per_part)  # copies never force a part
+        bought = Bought(out.url, ok_keys, sink.flush, recent=recent)
         self._parts.update(sink=sink, caller=caller, bought=bought)
         self._parts.update(buyer=InteractiveBuyer(caller, bought))
         self._files = asyncio.Queue()
