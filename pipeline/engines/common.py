@@ -484,6 +484,8 @@ def summarise(summary: RunSummary, producer: Producer, counts: RowCounts, caller
     calls = caller.counters
     summary.api_calls, summary.retries = calls.api_calls, calls.retries
     summary.throttled = calls.throttled
+    summary.abandoned = calls.abandoned
+    summary.abandoned_est_usd = round(calls.abandoned_usd, 6)
     summary.uploads, summary.uploads_reused = caller.uploads.made, caller.uploads.reused
     summary.waited_for_limits_s = round(caller.limiter.stats.waited_seconds, 3)
     summary.model_resolution = producer.preflight.resolution if producer.preflight else None
