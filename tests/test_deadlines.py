@@ -10,7 +10,11 @@ retried — never hedged, so no image is bought twice.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,7 +24,7 @@ from pipeline.gemini import GeminiError
 from pipeline.localserver.options import ServerOptions
 from pipeline.localserver.server import LocalServer
 from pipeline.run.calls import DEADLINE_SAMPLES, DeadlineCut, Deadlines
-from tests.conftest import draw_shapes, make_config, read_rows, run
+from tests.conftest import draw_shapes, make_config, read_rows, run, until
 
 IMAGES = 80
 HANG_RATE = 0.08
@@ -78,3 +82,36 @@ async def test_a_first_wave_of_hangs_is_cut_retried_and_bought_once(
     assert summary.abandoned_est_usd > 0
     assert summary.api_calls == IMAGES + hangs == summary.retries + IMAGES
     assert sum(r["attempts"] for r in rows) == IMAGES + hangs
+
+
+async def test_calls_abandoned_by_a_second_signal_are_counted_as_maybe_billed(
+    images_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 19, item 9: a second Ctrl-C cancels the calls in flight; they were sent, so the
+    service may bill them: the summary counts them with their estimated cost."""
+    monkeypatch.setenv("GEMINI_API_KEY", "test-key")
+    for i in range(4):
+        draw_shapes(48, 48, seed=1950 + i, count=1)[0].save(images_dir / f"a{i}.png")
+    options = ServerOptions(seed=SEED, fault_rate=1.0, fault_kinds=("hang",), hang_seconds=HOURS)
+    async with LocalServer(options) as server:
+        config = make_config(
+            tmp_path,
+            api={"base_url": server.base_url, "timeout": HOURS, "min_timeout": HOURS},
+            limits={"concurrency": 4},
+            task={"kind": "detect"},
+        )
+        running = asyncio.ensure_future(run(config))
+        await until(lambda: server.stats()["faults"].get("hang", 0) == 4, exited=_result(running))
+        os.kill(os.getpid(), signal.SIGINT)  # drain: the four hang on
+        os.kill(os.getpid(), signal.SIGINT)  # abandon them
+        summary = await running
+    assert summary.stop_reason == "interrupted" and summary.exit_code == exits.STOPPED
+    assert (summary.api_calls, summary.abandoned) == (4, 4)
+    assert summary.abandoned_est_usd > 0
+    written = json.loads((tmp_path / "out" / "runs" / f"{summary.run_id}.json").read_text())
+    assert written["abandoned"] == 4
+    assert written["abandoned_est_usd"] == summary.abandoned_est_usd
+
+
+def _result(task: asyncio.Future[object]) -> Callable[[], object]:
+    return lambda: task if task.done() else None

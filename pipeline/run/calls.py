@@ -40,7 +40,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Awaitable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from pipeline.config import Config
 from pipeline.cost import price_of
@@ -324,7 +324,7 @@ class Caller:
         return min(exc.retry_delay, self.config.api.max_retry_delay)
 
 
-def _retrieved(task: asyncio.Future[object]) -> None:
+def _retrieved(task: asyncio.Future[Any]) -> None:
     """Mark a cancelled call's outcome seen (no "exception was never retrieved")."""
     if not task.cancelled():
         task.exception()

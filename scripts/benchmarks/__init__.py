@@ -53,6 +53,7 @@ BENCHMARKS: dict[str, Benchmark[Any]] = {
     "profile": profile.BENCHMARK,
     "journal": journal.BENCHMARK,
     "hanging": hanging.BENCHMARK,
+    "hanging-first-wave": hanging.FIRST_WAVE,
     "batch": batch.BENCHMARK,
     "ray-quota": ray_quota.BENCHMARK,
     "ray-overhead": ray_overhead.BENCHMARK,
