@@ -62,7 +62,7 @@ class RunSummary:
     def abandoned_line(self) -> str:
         """The printed line about abandoned calls."""
         return (
-            f"{self.abandoned} call(s) sent, no answer (abandoned in flight): may be billed, "
+            f"{self.abandoned} call(s) sent, no answer: may be billed (abandoned in flight), "
             f"about ${self.abandoned_est_usd:,.4f} (estimated input tokens); not in the cost above"
         )
 
