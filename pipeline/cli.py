@@ -65,6 +65,8 @@ def _run(args: argparse.Namespace) -> int:
         f"already done{recovered}, {summary.api_calls} API calls, {summary.throttled} 429s, "
         f"${summary.cost_usd:,.4f} -> {config.output.dir}"
     )
+    if summary.abandoned:
+        _say(summary.abandoned_line())
     if summary.model_resolution:
         _say(f"model {summary.model_resolution}")
     _say_batch(summary)

@@ -441,3 +441,21 @@ async def test_sigterm_drains_the_fleet_and_says_how_to_resume(
     assert again.exit_code == exits.OK
     counts = Counter(row["image_path"] for row in read_rows(out))
     assert len(counts) == n and set(counts.values()) == {1}
+
+
+async def test_the_ray_summary_bills_what_status_bills(
+    cluster: Any, images_dir: Path, tmp_path: Path
+) -> None:
+    """Issue 19, item 9: the Ray run's summary billed $0 while `status` billed its rows."""
+    from pipeline.commands.status import status
+
+    for i in range(8):
+        draw_shapes(96, 96, seed=1900 + i, count=1)[0].save(images_dir / f"c{i}.png")
+    summary = await run(_ray(make_config(tmp_path), workers=2))
+    assert summary.exit_code == exits.OK
+    bill = status(tmp_path / "out")["cost"]["usd"]
+    written = json.loads((tmp_path / "out" / "runs" / f"{summary.run_id}.json").read_text())
+    assert bill > 0
+    assert summary.cost_usd == pytest.approx(bill, abs=1e-6)
+    assert written["cost_usd"] == pytest.approx(bill, abs=1e-6)
+    assert written["abandoned"] == 0

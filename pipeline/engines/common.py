@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pipeline.config import Config, ConfigError, declarations
-from pipeline.gemini import GeminiClient, GeminiError, api_key_from_env
+from pipeline.gemini import ApiKeyError, GeminiClient, GeminiError, api_key_from_env
 from pipeline.inputs.fetch import Fetcher, settings_from
 from pipeline.inputs.references import LoadedReference
 from pipeline.inputs.source import work_units
@@ -193,14 +193,22 @@ async def service_endpoint(config: Config, stack: contextlib.AsyncExitStack) -> 
         local = {key: getattr(config.local, key) for key in declarations("local")}
         options = ServerOptions(**local, inline_limit_bytes=config.inline_limit_bytes)
         server = await stack.enter_async_context(LocalServer(options, models=config.models))
-        return server.base_url, api_key_from_env() or LOCAL_KEY
-    key = api_key_from_env()
+        return server.base_url, _key_from_env(config) or LOCAL_KEY
+    key = _key_from_env(config)
     if not key:
         raise ConfigError(
             f"{config.source}: [api] base_url is {config.api.base_url}: "
             "set GOOGLE_API_KEY (or GEMINI_API_KEY) in the environment"
         )
     return config.api.base_url, key
+
+
+def _key_from_env(config: Config) -> str | None:
+    """The environment's key; one the client refuses is a usage error (exit 2)."""
+    try:
+        return api_key_from_env()
+    except ApiKeyError as exc:
+        raise ConfigError(f"{config.source}: {exc}") from None
 
 
 def open_output(config: Config) -> Path | Store:
@@ -497,6 +505,8 @@ def summarise(summary: RunSummary, producer: Producer, counts: RowCounts, caller
     calls = caller.counters
     summary.api_calls, summary.retries = calls.api_calls, calls.retries
     summary.throttled = calls.throttled
+    summary.abandoned = calls.abandoned
+    summary.abandoned_est_usd = round(calls.abandoned_usd, 6)
     summary.uploads, summary.uploads_reused = caller.uploads.made, caller.uploads.reused
     summary.waited_for_limits_s = round(caller.limiter.stats.waited_seconds, 3)
     summary.model_resolution = producer.preflight.resolution if producer.preflight else None

@@ -3,6 +3,7 @@ Batch Mode, models.get / models.list)."""
 
 from pipeline.gemini.client import (
     DEFAULT_BASE_URL,
+    ApiKeyError,
     GeminiClient,
     api_key_from_env,
     parse_generate_content,
@@ -14,6 +15,7 @@ from pipeline.gemini.model_info import ModelInfo
 
 __all__ = [
     "DEFAULT_BASE_URL",
+    "ApiKeyError",
     "GeminiClient",
     "GeminiError",
     "ModelInfo",

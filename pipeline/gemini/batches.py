@@ -37,7 +37,7 @@ import contextlib
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -423,13 +423,22 @@ class Batches:
         return Path(destination).stat().st_size
 
     def results(self, path: str | os.PathLike[str]) -> Iterator[BatchResult]:
-        """The lines of a downloaded results file, read one at a time (the key redacted from
-        every line first, as from every answer). A line that does not parse is a BatchResult
-        saying so (`read_result`): the others are read all the same."""
+        """The lines of a downloaded results file, read one at a time: each parsed as written,
+        then the key removed from what is kept (`_stored`). A line that does not parse is a
+        BatchResult saying so (`read_result`): the others are read all the same."""
         with open(path, encoding="utf-8", errors="replace") as lines:
             for number, line in enumerate(lines, 1):
                 if line.strip():
-                    yield read_result(self._transport.redact(line), number)
+                    yield self._stored(line, number)
+
+    def _stored(self, line: str, number: int) -> BatchResult:
+        """A line's result with the key only out of the kept texts: an answer is parsed as
+        written (redacting first changed what was parsed); an error or an unreadable line is
+        read from the redacted line, its message and excerpt being what is kept."""
+        result = read_result(line, number)
+        if result.response is None:
+            return read_result(self._transport.redact(line), number)
+        return replace(result, response=self._transport.stored(result.response))
 
     def _url(self, name: str) -> str:
         return f"{self.base_url}/{self.version}/batches/{job_id(name)}"

@@ -48,7 +48,14 @@ from pipeline.gemini.model_info import (
     parse_model_page,
     parse_model_text,
 )
-from pipeline.gemini.transport import MAX_RESPONSE_BYTES, Answer, Transport, check_url
+from pipeline.gemini.transport import (
+    MAX_RESPONSE_BYTES,
+    Answer,
+    ApiKeyError,
+    Transport,
+    check_key,
+    check_url,
+)
 from pipeline.gemini.types import FileInfo, Flavor, GenerateRequest, GenerateResponse
 from pipeline.gemini.wire import Continuation, join_hops, split_hops
 
@@ -65,6 +72,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_BASE_URL",
+    "ApiKeyError",
     "GeminiClient",
     "api_key_from_env",
     "build_generate_content_body",
@@ -78,11 +86,33 @@ def api_key_from_env() -> str | None:
 
     The SDK's `get_env_api_key` (`_api_client.py`): GOOGLE_API_KEY wins, with a warning when
     both are set (here logged once per process, not on every call).
+
+    Whitespace around the key is removed with a warning naming the variable (never the key): a
+    key.env saved with CRLF line ends, sourced by the README's cron recipe, gave the key a
+    trailing CR and every run failed with exit 1. A key with whitespace or control characters
+    inside, or too short to redact, raises ApiKeyError (`check_key`).
     """
     google, gemini = os.environ.get("GOOGLE_API_KEY"), os.environ.get("GEMINI_API_KEY")
     if google and gemini:
         _warn_both_keys_set()
-    return google or gemini or None
+    name = "GOOGLE_API_KEY" if google else "GEMINI_API_KEY"
+    key = google or gemini or None
+    if key is None:
+        return None
+    stripped = key.strip()
+    if stripped != key:
+        _warn_stripped(name)
+    check_key(stripped, name)
+    return stripped
+
+
+@functools.cache
+def _warn_stripped(name: str) -> None:
+    log.warning(
+        "%s has whitespace (a line end?) around the key: removed, the key is used without it; "
+        "save the file that sets it with LF line ends",
+        name,
+    )
 
 
 @functools.cache
@@ -255,7 +285,7 @@ class GeminiClient:
         while True:
             token = rules.token(last, sent) if last is not None else None
             if hops and (token is None or len(hops) >= self.max_hops):
-                return self._transport.parse_value(join_hops(hops), rules.parse, what)
+                return self._parsed(join_hops(hops), rules, what)
             hop_body = rules.body(body, token) if token else body
             limit = self.timeout if deadline is None else deadline - clock()
             try:
@@ -263,13 +293,17 @@ class GeminiClient:
             except GeminiError as exc:
                 if not hops:
                     raise
-                partial = self._transport.parse_value(join_hops(hops), rules.parse, what)
+                partial = self._parsed(join_hops(hops), rules, what)
                 failure = exc.with_partial(partial, len(hops))
             else:
                 hops.append(text)
                 sent = token
                 continue
             raise failure  # outside the except block: no chained context
+
+    def _parsed(self, body: str, rules: Continuation, what: str) -> GenerateResponse:
+        """The answer parsed as received, then the key removed from what of it is kept."""
+        return self._transport.stored(self._transport.parse_value(body, rules.parse, what))
 
     async def _hop(
         self, url: str, body: dict[str, Any], limit: float, what: str
@@ -429,7 +463,7 @@ class GeminiClient:
         )
         if answer.status >= 400:
             raise self._transport.error(answer)
-        return answer.body
+        return self._transport.redact_bytes(answer.body)  # bytes kept by the caller
 
     async def wait_until_active(
         self, name: str, *, timeout: float = 300.0, poll_interval: float = 1.0

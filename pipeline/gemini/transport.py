@@ -9,8 +9,12 @@ every call. The API key stays home:
   becomes `GeminiError(kind="redirect")` naming only the Location's host;
 - clear-text `http://` is refused for any host but loopback (127.0.0.0/8, ::1, localhost) unless
   the caller allows it explicitly;
-- it is removed from every text kept from the service, successful answers included (a model can
-  echo what it was sent), and from every error message; it is never in a repr.
+- it is removed from every text kept or shown (an answer's stored raw body — a model can echo
+  what it was sent —, every error message); it is never in a repr. An answer is parsed as
+  received and redacted only after (`stored`): redacting first once turned 'mask' into
+  'mas[redacted]' under a one-letter key and dropped the masks, the tokens and the cost;
+- a key shorter than `MIN_KEY_CHARS`, or with whitespace or control characters in it, is refused
+  (`ApiKeyError`): it could not be told from the text around it.
 
 Each request carries `X-Server-Timeout` with its deadline, as the SDK's
 `populate_server_timeout_header` (`_api_client.py`) sends it: the ceiling of the seconds.
@@ -22,22 +26,47 @@ import ipaddress
 import json
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, BinaryIO, TypeVar, cast
 from urllib.parse import urlsplit
 
 import aiohttp
 
 from pipeline.gemini.errors import GeminiError, error_from_response
+from pipeline.gemini.types import GenerateResponse
 
 API_KEY_HEADER = "x-goog-api-key"
 REDACTED = "[redacted]"
+# The shortest key accepted. Google's keys are 39 characters (`AIza` + 35 of [A-Za-z0-9_-]); a
+# random 8-character key occurs by chance in a 10 kB answer with odds of about 10^4 / 64^8, or
+# 4e-11, so redacting it mangles nothing real. 8 also keeps the local server's keys
+# ("local-key", "test-key"). A shorter key redacted stored answers into nonsense ('mask' ->
+# 'mas[redacted]' with the key "k").
+MIN_KEY_CHARS = 8
 _Parsed = TypeVar("_Parsed")
+
+
+class ApiKeyError(ValueError):
+    """An API key the client refuses (too short to redact, or with whitespace inside). The
+    message never contains the key."""
+
+
+def check_key(key: str | None, name: str = "the API key") -> None:
+    """ApiKeyError unless `key` is None or a key this client can send and redact."""
+    if key is None:
+        return
+    if any(c.isspace() or not c.isprintable() for c in key):
+        raise ApiKeyError(f"{name} contains whitespace or control characters: refused")
+    if len(key) < MIN_KEY_CHARS:
+        raise ApiKeyError(
+            f"{name} is {len(key)} character(s) long: refused, a key shorter than "
+            f"{MIN_KEY_CHARS} cannot be told from the text of an answer (Google's are 39)"
+        )
 
 
 @dataclass(frozen=True, slots=True)
 class Answer:
-    """An HTTP answer read in full, the key already removed from its body."""
+    """An HTTP answer read in full, as received (redact what of it is kept: `stored`)."""
 
     status: int
     headers: Mapping[str, str]
@@ -94,6 +123,7 @@ class Transport:
         self.max_response_bytes = max_response_bytes
         if max_connections < 1:
             raise ValueError(f"max_connections must be >= 1, got {max_connections}")
+        check_key(api_key)
         self.__api_key = api_key
         self.max_connections = max_connections
         self.timeout = timeout
@@ -125,12 +155,25 @@ class Transport:
         key = self.__api_key
         return text.replace(key, REDACTED) if key else text
 
-    def _redact_bytes(self, body: bytes) -> bytes:
+    def redact_bytes(self, body: bytes) -> bytes:
         key = self.__api_key
         return body.replace(key.encode(), REDACTED.encode()) if key else body
 
+    def stored(self, response: GenerateResponse) -> GenerateResponse:
+        """A parsed answer with the key removed from the texts that are kept or shown (its raw
+        body, the model's text, its finish message); its structure (usage, finish reason) was
+        read from the body as received. A model may echo the key in its text, so the text is
+        redacted too: a key of `MIN_KEY_CHARS` or more does not occur in it by chance."""
+        message = response.finish_message
+        return replace(
+            response,
+            raw=self.redact(response.raw),
+            text=self.redact(response.text),
+            finish_message=None if message is None else self.redact(message),
+        )
+
     def error(self, answer: Answer) -> GeminiError:
-        return error_from_response(answer.status, answer.text, answer.headers)
+        return error_from_response(answer.status, self.redact(answer.text), answer.headers)
 
     def parse(self, answer: Answer, parse: Callable[[str], _Parsed], what: str) -> _Parsed:
         if answer.status >= 400:
@@ -221,7 +264,7 @@ class Transport:
                     body = await _stream(response, into)
                 else:
                     body = await _read_capped(response, cap, what)
-                answer = Answer(response.status, response.headers, self._redact_bytes(body))
+                answer = Answer(response.status, response.headers, body)
         except TimeoutError:
             failure = GeminiError(None, "DEADLINE_EXCEEDED", f"{what}: no answer within {limit:g}s")
         except (aiohttp.ClientError, OSError) as exc:

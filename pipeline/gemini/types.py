@@ -116,8 +116,8 @@ class GenerateResponse:
     finish_reason: str | None  # STOP, MAX_TOKENS, SAFETY, ... (Interactions: mapped to these)
     block_reason: str | None  # promptFeedback.blockReason when the prompt itself was blocked
     usage: Usage  # summed over the hops of a continued answer
-    # The body exactly as received (JSON text, the key redacted); for an answer continued over
-    # several requests, the JSON array of their bodies.
+    # The body as received (JSON text), the key redacted after it was parsed; for an answer
+    # continued over several requests, the JSON array of their bodies.
     raw: str
     # What the service said about how the answer ended: an Interactions step's or the
     # interaction's error, generateContent's finishMessage; None when it said nothing.

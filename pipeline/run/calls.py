@@ -13,7 +13,14 @@ The client never retries; this is where the policy lives. Each attempt:
 2. sends with a deadline that follows the service: `Deadlines` keeps the latencies seen so far and
    gives `DEADLINE_MULTIPLE` x their p99, floored by `[api] min_timeout` and capped by
    `[api] timeout` (sent as `X-Server-Timeout`), so one hung request costs a few typical
-   latencies, not two minutes;
+   latencies, not two minutes. A request in flight follows the estimate as it tightens: its
+   deadline is its send time + the current estimate, re-read whenever the estimate drops
+   (`Deadlines.tightened`), so the first wave — sent with the full `[api] timeout` before
+   `DEADLINE_SAMPLES` latencies were known — is cut like the later ones (80 images, 8% hanging:
+   124 s before, see scripts/benchmarks/hanging.py). A call cut so is abandoned, not answered:
+   the service may bill it, so it is counted with its estimated cost (`Counters.abandoned`),
+   and retried as a timeout. No hedged second request: it would pay twice for the image;
+   tightening pays at most the abandoned attempt;
 3. on failure asks `failures.judge` whose fault it is: retry (full-jitter backoff, or the
    service's `retryDelay`, capped by `[api] max_retry_delay`), upload again (the unit's uploads,
    and the reference uploads the service no longer has), an error or blocked row, or stop the
@@ -26,12 +33,17 @@ them paid twice).
 
 from __future__ import annotations
 
+import asyncio
 import bisect
+import math
 import random
 import time
 from collections import deque
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 from pipeline.config import Config
+from pipeline.cost import price_of
 from pipeline.gemini import GeminiClient, GeminiError
 from pipeline.gemini.types import GenerateRequest, GenerateResponse
 from pipeline.inputs.references import LoadedReference, ReferenceParts
@@ -41,7 +53,7 @@ from pipeline.run.limits import DayCounter, Limiter
 from pipeline.run.offload import offload
 from pipeline.run.requests import SMALL_BYTES, Plan, RequestMaker
 from pipeline.run.rows import Outcome
-from pipeline.run.stop import Stop
+from pipeline.run.stop import Stop, Stopped
 from pipeline.run.uploads import Uploads
 from pipeline.tasks import read_answer
 from pipeline.tasks.base import TaskSettings
@@ -53,6 +65,8 @@ DEADLINE_SAMPLES = 20  # latencies needed before the deadline follows them (else
 LATENCY_WINDOW = 1000
 # A parse of an answer about fewer pixels, and shorter, runs on the event loop (offload.py).
 SMALL_PIXELS = 4_000_000
+FIRST = asyncio.FIRST_COMPLETED
+T = TypeVar("T")
 
 
 class RunStopped(Exception):
@@ -72,6 +86,7 @@ class Deadlines:
         self._recent: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self._sorted: list[float] = []
         self._current = cap
+        self._tighter = asyncio.Event()  # set, then replaced, each time the estimate drops
 
     def observe(self, seconds: float) -> None:
         if len(self._recent) == self._recent.maxlen:
@@ -80,11 +95,56 @@ class Deadlines:
         bisect.insort(self._sorted, seconds)
         if len(self._sorted) >= DEADLINE_SAMPLES:
             p99 = self._sorted[min(len(self._sorted) - 1, int(len(self._sorted) * 0.99))]
-            self._current = min(self.cap, max(self.floor, DEADLINE_MULTIPLE * p99))
+            self._set(min(self.cap, max(self.floor, DEADLINE_MULTIPLE * p99)))
+
+    def _set(self, seconds: float) -> None:
+        tighter = seconds < self._current
+        self._current = seconds
+        if tighter:  # wake the requests in flight: their deadline moved closer
+            self._tighter.set()
+            self._tighter = asyncio.Event()
 
     @property
     def current(self) -> float:
         return self._current
+
+    def tightened(self) -> Awaitable[bool]:
+        """Done the next time the estimate drops: bound to today's event now, not when first
+        awaited (a drop in between would otherwise be missed and the wait last to the cap)."""
+        return self._tighter.wait()
+
+    async def within(self, calling: Awaitable[T], sent: float) -> T:
+        """`calling`'s result, or DeadlineCut once `sent` + the current estimate has passed
+        (re-read each time it tightens); the call is then cancelled."""
+        task = asyncio.ensure_future(calling)
+        try:
+            while not task.done() and (left := sent + self._current - time.monotonic()) > 0:
+                tighter = asyncio.ensure_future(self.tightened())
+                try:
+                    await asyncio.wait([task, tighter], timeout=left, return_when=FIRST)
+                finally:
+                    tighter.cancel()
+            if task.done():  # the client's own deadline may end it at the same moment
+                return task.result()
+        finally:
+            if not task.done():
+                task.cancel()
+                # a cancel racing the client's own timeout ends it with that error instead
+                task.add_done_callback(_retrieved)
+        raise DeadlineCut(self._current, sent)
+
+
+class DeadlineCut(GeminiError):
+    """A call abandoned in flight when its (tightened) deadline passed: a timeout, retried.
+    Sent and unanswered, so the service may bill it."""
+
+    def __init__(self, seconds: float, sent: float) -> None:
+        super().__init__(
+            None,
+            "DEADLINE_EXCEEDED",
+            f"no answer within {seconds:g}s (the deadline, tightened as latencies came in)",
+        )
+        self.sent = sent  # time.monotonic() when it was sent
 
 
 class Counters:
@@ -94,6 +154,14 @@ class Counters:
         self.api_calls = 0
         self.retries = 0
         self.throttled = 0
+        # Calls sent and abandoned before an answer (a deadline cut, a second Ctrl-C): the
+        # service may bill them, and their images are bought again (a retry, the next run).
+        self.abandoned = 0
+        self.abandoned_usd = 0.0  # their estimated input tokens at the model's price
+
+    def abandon(self, est_usd: float) -> None:
+        self.abandoned += 1
+        self.abandoned_usd += est_usd
 
 
 class Caller:
@@ -122,6 +190,7 @@ class Caller:
         self.health = Health()
         self.counters = Counters()
         self.deadlines = Deadlines(config.api.min_timeout, config.api.timeout)
+        self._answered_at = -math.inf  # when the last answer came (time.monotonic())
         self.references = ReferenceParts(references, config.images.mode, uploads=uploads)
         self.requests = RequestMaker(config, request, self.references)  # Batch Mode's too
 
@@ -169,26 +238,38 @@ class Caller:
         await self.stop.until(self.limiter.acquire(plan.est_tokens))
         if not self.daily.reserve():
             raise RunStopped(_daily_limit(self.daily.limit))
-        answered = False
+        answered, sent = False, None
         try:
+            if self.stop.state == "abandoning":
+                raise Stopped  # nothing sent: nothing to count
             self.counters.api_calls += 1
             sent = time.monotonic()
-            response = await self.stop.call(
-                self.client.generate(
-                    request,
-                    flavor=self.config.api.flavor,
-                    timeout=self.deadlines.current,
-                    resume_from=paid,
-                )
+            calling = self.client.generate(
+                request,
+                flavor=self.config.api.flavor,
+                timeout=self.deadlines.current,
+                resume_from=paid,
             )
+            response = await self.stop.call(self.deadlines.within(calling, sent))
             answered = True
+        except (GeminiError, Stopped) as exc:
+            if sent is not None and _abandoned(exc):
+                self.counters.abandon(self._estimated_usd(plan))
+            raise
         finally:
             self.daily.settle(answered)
         latency = time.monotonic() - sent
         self.deadlines.observe(latency)
+        self._answered_at = time.monotonic()
         self.health.success()
         self.limiter.correct(plan.est_tokens, response.usage.prompt_tokens)
         return response, latency * 1000
+
+    def _estimated_usd(self, plan: Plan) -> float:
+        """What an abandoned call may be billed: its estimated input tokens at the model's
+        price (its output is unknown); 0 for a model without a price."""
+        price = price_of(self.config.api.model, None)
+        return price.cost(plan.est_tokens, 0) if price is not None else 0.0
 
     def _judge(self, exc: GeminiError, unit: Unit) -> Verdict:
         uploaded = self.references.uploaded or any(map(self.uploads.uses_upload, unit.items))
@@ -196,6 +277,11 @@ class Caller:
         if exc.kind == "rate_limit":
             self.counters.throttled += 1
             self.limiter.throttled(self._retry_delay(exc))
+        if isinstance(exc, DeadlineCut) and exc.sent < self._answered_at:
+            # Sent before a later call was answered: no sign of an outage. The first wave's
+            # hangs are all cut at once when the estimate forms, and counted as a streak they
+            # stopped the run (80 images, 8% hanging: 6 cut together, exit 3).
+            return verdict
         verdict = self.health.failure(exc, verdict) or verdict
         if verdict.action == Action.RUN:
             raise RunStopped(verdict)
@@ -236,6 +322,20 @@ class Caller:
         if exc.retry_delay is None:
             return None
         return min(exc.retry_delay, self.config.api.max_retry_delay)
+
+
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    """Mark a cancelled call's outcome seen (no "exception was never retrieved")."""
+    if not task.cancelled():
+        task.exception()
+
+
+def _abandoned(exc: Exception) -> bool:
+    """A call sent and left without an answer: cut in flight (the run abandoning, a deadline
+    tightened) or out of time at the client (no HTTP answer). A 408 is an answer."""
+    if isinstance(exc, Stopped | DeadlineCut):
+        return True
+    return isinstance(exc, GeminiError) and exc.kind == "timeout" and exc.code is None
 
 
 def unreadable(error: OSError) -> str:

@@ -6,8 +6,9 @@
 - draining (the first Ctrl-C, SIGTERM or SIGHUP; the daily quota; the run's own failure such as a
   wrong key): nothing new starts — no new file, no new attempt, every wait (backoff, rate
   limiter, retryDelay) ends at once — while the calls already sent finish and are committed.
-- abandoning (a second signal): the calls in flight are cancelled; their answers, if any, are
-  never paid for twice because they were never received (a rerun redoes them).
+- abandoning (a second signal): the calls in flight are cancelled; they were sent, so the
+  service may bill them, and a rerun buys their images again (the summary counts them:
+  `abandoned`, with their estimated cost).
 
 The first reason wins (a quota stop is not renamed "interrupted" by a later Ctrl-C). Workers ask
 `stop.running`; waits go through `stop.sleep` / `stop.until`, calls through `stop.call`.

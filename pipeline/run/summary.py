@@ -39,6 +39,11 @@ class RunSummary:
     unstorable: int = 0  # rows that could not be encoded, stored as error rows with their answer
     tokens: Counter[str] = field(default_factory=Counter)
     cost_usd: float = 0.0  # the billed tokens at the model table's price (batch rows: batch price)
+    # Calls sent and abandoned before their answer (a deadline cut in flight, a second Ctrl-C):
+    # the service may bill them; not in cost_usd, which bills rows. Their images are bought
+    # again (a retry, or the next run). The cost is their estimated input tokens, priced.
+    abandoned: int = 0
+    abandoned_est_usd: float = 0.0
     batch: dict[str, Any] | None = None  # Batch Mode: jobs created, collected, ended, in flight
     # an alias's model: "gemini-flash-latest → gemini-3.8-flash (the service's answer)", or
     # "(the table's guess: <its source>)" (pipeline/run/preflight.py); None for a model id
@@ -52,6 +57,13 @@ class RunSummary:
         """The summary of a run starting now, under this identity."""
         return cls(
             identity.run_id, config_source, identity.key_suffix, identity.model, identity.task
+        )
+
+    def abandoned_line(self) -> str:
+        """The printed line about abandoned calls."""
+        return (
+            f"{self.abandoned} call(s) sent, no answer: may be billed (abandoned in flight), "
+            f"about ${self.abandoned_est_usd:,.4f} (estimated input tokens); not in the cost above"
         )
 
     def to_json(self) -> str:

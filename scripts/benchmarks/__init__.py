@@ -57,6 +57,7 @@ BENCHMARKS: dict[str, Benchmark[Any]] = {
     "profile": profile.BENCHMARK,
     "journal": journal.BENCHMARK,
     "hanging": hanging.BENCHMARK,
+    "hanging-first-wave": hanging.FIRST_WAVE,
     "batch": batch.BENCHMARK,
     "hostile-masks": hostile_masks.BENCHMARK,
     "duplicates": duplicates.BENCHMARK,

@@ -210,6 +210,8 @@ class RayEngine:
         s.uploads, s.uploads_reused = t.uploads, t.uploads_reused
         s.waited_for_limits_s = round(t.waited_s, 3)
         s.unstorable = t.unstorable
+        s.cost_usd = round(t.cost_usd, 6)
+        s.abandoned, s.abandoned_est_usd = t.abandoned, round(t.abandoned_usd, 6)
         s.model_resolution = producer.preflight.resolution if producer.preflight else None
         assert self.stop is not None
         s.settle(self.stop)

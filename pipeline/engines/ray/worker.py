@@ -71,6 +71,9 @@ class Tally:
     uploads: int = 0
     uploads_reused: int = 0
     unstorable: int = 0
+    cost_usd: float = 0.0  # the rows' billed tokens, priced (RowCounts): the summary's cost
+    abandoned: int = 0  # calls sent and abandoned in flight: may be billed
+    abandoned_usd: float = 0.0  # their estimated cost
     stop: tuple[str, str | None, int] | None = None  # the worker's stop: reason, hint, code
 
     def add(self, other: Tally) -> None:
@@ -87,6 +90,7 @@ def _add_counts(tally: Tally, counts: RowCounts) -> None:
     tally.rows.update(counts.rows)
     tally.tokens.update(counts.tokens)
     tally.copied += counts.copied
+    tally.cost_usd += counts.cost_usd  # left out, the Ray run's summary billed $0
 
 
 class Secret:
@@ -257,6 +261,8 @@ class Worker:
             uploads=caller.uploads.made,
             uploads_reused=caller.uploads.reused,
             unstorable=self._parts["sink"].unstorable,
+            abandoned=caller.counters.abandoned,
+            abandoned_usd=caller.counters.abandoned_usd,
         )
         new = now.minus(self.reported)
         self.reported = now
