@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from pipeline import exits
+from pipeline.config import ConfigError
+from pipeline.engines.batch import jobs
 from pipeline.gemini import ApiKeyError, GeminiClient
 from pipeline.gemini.types import GenerateRequest, ImagePart
 from pipeline.localserver.options import ServerOptions
@@ -87,3 +89,13 @@ def test_a_key_with_inner_whitespace_or_too_short_is_a_usage_error(
     assert "GEMINI_API_KEY" in result.stderr and "refused" in result.stderr
     assert key not in result.stderr + result.stdout
     assert not (tmp_path / "out").exists() or not read_rows(tmp_path / "out")
+
+
+def test_batch_commands_read_the_key_as_a_run_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`pipeline batch status|wait|cancel` build their client through `_client`: a key with a
+    CR inside is a ConfigError (exit 2, the key not shown), not an ApiKeyError traceback."""
+    monkeypatch.delenv("GOOGLE_API_KEY", raising=False)
+    monkeypatch.setenv("GEMINI_API_KEY", "AIza-inner\r-key-012345")
+    with pytest.raises(ConfigError, match="GEMINI_API_KEY") as refused:
+        jobs._client("https://generativelanguage.googleapis.com", "v1beta", None)
+    assert "inner" not in str(refused.value)

@@ -59,7 +59,7 @@ from typing import Any, NoReturn
 from pipeline import exits
 from pipeline.config import BatchConfig, Config, ConfigError
 from pipeline.engines.common import drain_on_signals, make_client, sink_hint
-from pipeline.gemini import GeminiClient, GeminiError, api_key_from_env
+from pipeline.gemini import ApiKeyError, GeminiClient, GeminiError, api_key_from_env
 from pipeline.gemini.batches import BatchJob, BatchResult
 from pipeline.gemini.client import DEFAULT_BASE_URL
 from pipeline.output.sink import ParquetSink, SinkFailed
@@ -931,7 +931,10 @@ def _more_endpoints(others: list[str]) -> str:
 def _client(base_url: str, version: str, config: Config | None) -> GeminiClient:
     """A client for jobs created at `base_url` (`--config` lends its [api] timeout and http
     permission); the key comes from the environment, as for a run."""
-    key = api_key_from_env()
+    try:
+        key = api_key_from_env()
+    except ApiKeyError as exc:  # a key with CR/LF inside, or too short: exit 2, as for a run
+        raise ConfigError(f"batch jobs at {base_url}: {exc}") from None
     if not key:
         raise ConfigError(
             f"batch jobs at {base_url}: set GOOGLE_API_KEY (or GEMINI_API_KEY) in the environment"
