@@ -192,10 +192,13 @@ class ImagesConfig:
 @dataclass(frozen=True, slots=True)
 class OutputConfig:
     dir: str = setting("out", s.text, "the dataset folder", flag="--output", path=True)
-    rows_per_part: int = setting(5000, s.positive_int, "rows in one Parquet part at most")
+    rows_per_part: int = setting(5000, s.positive_int, "rows in one Parquet part at most ...")
+    part_mb: int = setting(
+        256, s.positive_int, "... or this many MB of answers (big answers: memory, part size)"
+    )
     flush_seconds: float = setting(30.0, s.positive_number, "a part is written this often")
     journal_seconds: float = setting(
-        1.0, s.positive_number, "an answer is on disk (the journal) within this long ..."
+        1.0, s.positive_number, "an answer is fsynced (safe from a machine crash) within this ..."
     )
     journal_rows: int = setting(256, s.positive_int, "... or after this many more answers")
     lease_seconds: float = setting(

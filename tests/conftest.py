@@ -232,6 +232,14 @@ async def until(
         await asyncio.sleep(interval)
 
 
+@pytest.fixture(autouse=True)
+def _spill_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bucket output's local spill files (journal.spill_dir) in a folder of each test's own,
+    for it and its children: not the user's cache, where a bucket name reused by another
+    session's S3 server would find them."""
+    monkeypatch.setenv("GVP_SPILL_DIR", str(tmp_path_factory.mktemp("spill")))
+
+
 @pytest.fixture
 def images_dir(tmp_path: Path) -> Path:
     path = tmp_path / "images"

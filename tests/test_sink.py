@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import shutil
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -16,9 +17,9 @@ from pipeline.commands.status import status
 from pipeline.output import journal
 from pipeline.output.parts import current_rows, part_files
 from pipeline.output.sink import ParquetSink, SinkFailed
-from pipeline.output.stores import OutputDirBusy
+from pipeline.output.stores import OutputDirBusy, open_store
 from pipeline.records import ROW_SCHEMA, SCHEMA_VERSION
-from tests.conftest import result_row, until
+from tests.conftest import REPO, child_env, result_row, until
 
 
 def row(n: int, **changes: Any) -> dict[str, Any]:
@@ -260,3 +261,123 @@ async def test_given_run_id_and_completed_at_are_kept(tmp_path: Path) -> None:
 
 
 # A writer killed with SIGKILL loses nothing durable: tests/test_stores.py, on disk and on S3.
+
+
+# ------------------------------------------------ issue 19: a kill -9, a torn line, big answers
+async def test_each_row_is_in_the_journal_file_as_it_arrives_fsync_grouped(
+    tmp_path: Path,
+) -> None:
+    """In the OS at once (a process crash cannot lose it), durable (fsync) only in groups."""
+    async with ParquetSink(tmp_path, "run1", flush_seconds=3600, sync_seconds=3600) as sink:
+        await sink.add(row(0))
+        await wait_until(lambda: sink.rows_journaled == 1)
+        (segment,) = tmp_path.glob(".journal-run1-*.jsonl")
+        assert [r["image_path"] for r in journal.read(sink.store, segment.name)] == [
+            "img/00000.jpg"
+        ]
+        assert sink.rows_durable == 0  # not fsynced: that waits for the group
+
+
+CHILD = """
+import asyncio, sys
+from pipeline.output.sink import ParquetSink
+from tests.test_sink import row
+
+async def main(out, count):
+    async with ParquetSink(out, "killed", flush_seconds=3600, sync_seconds=3600,
+                           lease_seconds=1) as sink:
+        for n in range(count):
+            await sink.add(row(n))
+        while sink.rows_journaled < count:  # the writer's turn, not a guess at timing
+            await asyncio.sleep(0.001)
+        print("written", sink.rows_durable, flush=True)
+        await asyncio.Event().wait()  # until the kill
+
+asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+"""
+
+
+async def test_kill_9_after_the_rows_were_written_loses_none(out: str) -> None:
+    """On disk the segment, on a bucket this machine's spill file: nothing fsynced or sent as a
+    chunk (sync_seconds=3600), yet every row survives a kill -9 and is committed once."""
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CHILD, out, "40",
+        stdout=asyncio.subprocess.PIPE, env=child_env(), cwd=REPO,
+    )  # fmt: skip
+    assert child.stdout is not None
+    assert (await child.stdout.readline()).split() == [b"written", b"0"]
+    child.kill()
+    await child.wait()
+    async with ParquetSink(out, "next", lease_seconds=1) as sink:  # waits out the lease
+        assert sink.rows_recovered == 40
+    paths = current_rows(out, ["image_path"]).column("image_path").to_pylist()
+    assert sorted(paths) == [f"img/{n:05d}.jpg" for n in range(40)]
+    assert not journal.segments(open_store(out))
+
+
+async def test_a_torn_line_is_skipped_and_the_rows_around_it_kept(tmp_path: Path) -> None:
+    """A kill mid-write tears the last line; a machine crash before the fsync can leave
+    garbage where unsynced lines were: each bad line is skipped, never the rest."""
+    name = journal.segment_name("killed", 0)
+    good = journal.encode([row(0)]) + b'{"image_path": "img/torn' + b"\n"
+    (tmp_path / name).write_bytes(good + journal.encode([row(2)]) + b'{"image_pa')
+    async with ParquetSink(tmp_path, "next") as sink:
+        assert sink.rows_recovered == 2
+    paths = current_rows(tmp_path, ["image_path"]).column("image_path").to_pylist()
+    assert paths == ["img/00000.jpg", "img/00002.jpg"]
+
+
+async def test_a_corrupt_chunk_in_a_bucket_is_set_aside_and_the_later_ones_recovered(
+    bucket: str,
+) -> None:
+    """Seen from another machine (no spill file): the chunk that does not decode is skipped,
+    named in a warning and in `status`, kept under .damaged-journal/; every later chunk is
+    committed, no row twice."""
+    out = bucket + "/out"
+    store = open_store(out)
+    name = journal.segment_name("killed", 0)
+    segment = journal.Segment(store, name)
+    for n in range(4):
+        segment.append([row(2 * n), row(2 * n + 1)])  # one chunk each
+    segment.close()
+    shutil.rmtree(journal.spill_dir(store))  # another machine's recovery
+    store.replace(f"{name}.000001", b'{"image_path": "img/000\x00\x00garbage\n')
+    async with ParquetSink(out, "next") as sink:
+        assert sink.rows_recovered == 6
+    paths = current_rows(out, ["image_path"]).column("image_path").to_pylist()
+    assert paths == [f"img/{n:05d}.jpg" for n in (0, 1, 4, 5, 6, 7)]
+    assert journal.damaged(store) == [f"{journal.DAMAGED}{name}.000001"]
+    assert status(out)["damaged_journal"] == [store.join(f"{journal.DAMAGED}{name}.000001")]
+
+
+MEMORY_CHILD = """
+import asyncio, random, resource, sys
+from pipeline.output.sink import ParquetSink
+from tests.test_sink import row
+
+def rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+async def main(out, count, size):
+    answer = random.Random(19).randbytes(size // 2).hex()  # 20 MB of text, incompressible
+    before = rss_mb()
+    async with ParquetSink(out, "big", flush_seconds=3600) as sink:
+        for n in range(count):
+            await sink.add(row(n, raw_response=answer[n:] + answer[:n]))
+    print(round(before), round(rss_mb()), sink.parts_written, flush=True)
+
+asyncio.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])))
+"""
+
+
+async def test_memory_stays_bounded_with_20_mb_answers(tmp_path: Path) -> None:
+    """60 answers of 20 MB (1.2 GB): the sink keeps no written row and cuts parts by bytes,
+    so the peak RSS grows by a few hundred MB, not by the part (it reached 7.36 GB)."""
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", MEMORY_CHILD, str(tmp_path), "60", str(20 << 20),
+        stdout=asyncio.subprocess.PIPE, env=child_env(), cwd=REPO,
+    )  # fmt: skip
+    output, _ = await child.communicate()
+    before, peak, parts = map(int, output.split())
+    assert parts == 5  # 256 MB of journal a part: 13 answers, 13, 13, 13, 8
+    assert peak - before < 400, f"peak RSS {peak} MB, {before} MB before the sink"

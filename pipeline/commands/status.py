@@ -16,6 +16,7 @@ from pipeline.config import Config
 from pipeline.cost import table_cost
 from pipeline.inputs.checks import check_groups
 from pipeline.inputs.source import work_units
+from pipeline.output import journal
 from pipeline.output.index import load_resume_index
 from pipeline.output.parts import GROUP, RUNS_DIR, Output, latest_rows, scan
 from pipeline.output.stores import Store, open_store
@@ -63,6 +64,7 @@ def status(output_dir: Output) -> dict[str, Any]:
         "output_dir": store.url,
         "parts": len(names),
         "unreadable_parts": [str(exc) for exc in unreadable],
+        "damaged_journal": [store.join(name) for name in journal.damaged(store)],
         "rows": current.num_rows,
         "rows_committed": table.num_rows,
         "superseded": table.num_rows - current.num_rows,
@@ -133,6 +135,8 @@ def format_status(report: dict[str, Any]) -> str:
         )
     for problem in report.get("unreadable_parts", []):
         lines.append(f"UNREADABLE PART (its rows are not counted above): {problem}")
+    for chunk in report.get("damaged_journal", []):
+        lines.append(f"DAMAGED JOURNAL CHUNK (its rows were not recovered): {chunk}")
     errors = by_status.get("error", 0)
     if errors:
         lines.append(f"remaining: {errors:,} error rows; rerun with --retry-errors to redo them")

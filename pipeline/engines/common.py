@@ -458,6 +458,7 @@ class Opener:
             out,
             self.identity.run_id,
             rows_per_part=output.rows_per_part,
+            part_bytes=output.part_mb << 20,
             flush_seconds=output.flush_seconds,
             sync_seconds=output.journal_seconds,
             sync_rows=output.journal_rows,

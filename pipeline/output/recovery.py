@@ -21,7 +21,6 @@ from pipeline.output.parts import (
     read_record,
     record_name,
     staged_name,
-    write_part,
 )
 from pipeline.output.stores import ObjectStore, OutputDirBusy, Store, open_store
 
@@ -43,13 +42,15 @@ def recover_locked(store: Store) -> int:
 
 
 def _recover_segment(store: Store, segment: str) -> int:
-    """A left-over journal segment: turned into its part unless that part exists; removed."""
+    """A left-over journal segment: turned into its part unless that part exists (then its
+    rows are there already: never twice); removed from the store and this machine's spill."""
     part = journal.part_for(segment)
-    rows = [] if store.info(part) is not None else list(journal.read(store, segment))
+    rows = [] if store.info(part) is not None else journal.recovered(store, segment).rows
     if rows:
-        write_part(store, part, rows, None)
+        for reason in journal.write_part(store, part, rows):
+            log.warning("%s: %s", part, reason)
         log.info("recovered %d answered rows of a killed run into %s", len(rows), part)
-    store.delete_appended(segment)
+    journal.discard(store, segment)
     return len(rows)
 
 

@@ -1,10 +1,13 @@
-"""Rows -> a durable journal within about a second -> Parquet parts that are whole or absent.
+"""Rows -> the journal at once (durable within about a second) -> whole-or-absent Parquet parts.
 
-One writer task owns the output: `add()` puts a row on a bounded queue (back-pressure when the
-store is behind) and the writer appends rows to the journal (`pipeline/output/journal.py`) in small
-durable groups — at most `sync_rows` rows or `sync_seconds` after the oldest undurable row — then
-commits each journal segment as one zstd part of ROW_SCHEMA (`rows_per_part` rows, or
-`flush_seconds` after the segment's first row, or on `flush()`) and deletes the segment. Parts are
+One writer task owns the output: `add()` puts a row on a queue bounded by rows and bytes
+(back-pressure when the store is behind) and the writer writes each row it takes to the journal
+(`pipeline/output/journal.py`) at once — in the OS, safe from a kill -9 — and makes them durable
+in small groups (fsync, or a chunk in a bucket) — at most `sync_rows` rows or `sync_seconds` after
+the oldest undurable row — then commits each journal segment as one zstd part of ROW_SCHEMA
+(`rows_per_part` rows or `part_bytes` of journal, or `flush_seconds` after the segment's first
+row, or on `flush()`), read back from the journal a batch at a time, and deletes the segment.
+The sink keeps no row once it is written. Parts are
 created whole under a unique name that is never written over (`Store.create`: on disk a fsynced
 temporary linked into place, on S3 / GCS one conditional PUT), so after a kill -9 at any instant a
 part is whole or absent and every acknowledged row is in a part or in a segment that the next
@@ -35,14 +38,14 @@ import re
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
 
 from pipeline.output import journal
 from pipeline.output.compact import compact_if_over
-from pipeline.output.parts import write_part
+from pipeline.output.memory import release_unused, return_big_buffers
 from pipeline.output.recovery import recover_locked
 from pipeline.output.stores import (
     LEASE_SECONDS,
@@ -55,9 +58,14 @@ from pipeline.records import ROW_SCHEMA
 
 log = logging.getLogger(__name__)
 
-SYNC_ROWS = 256  # an answer is durable after at most this many others ...
-SYNC_SECONDS = 1.0  # ... or this long, whichever comes first
-QUEUE_ROWS = 1024  # rows waiting for the writer before add() waits (back-pressure)
+SYNC_ROWS = 256  # an answer is durable (fsynced) after at most this many others ...
+SYNC_SECONDS = 1.0  # ... or this long, whichever comes first (it is in the OS at once)
+QUEUE_ROWS = 1024  # rows waiting for the writer before add() waits (back-pressure) ...
+QUEUE_BYTES = 32 << 20  # ... or this many bytes of them (one 20 MB answer waits, not a thousand)
+# A part is cut at this many bytes of journal too (besides rows_per_part): 5000 answers of 20 MB
+# would otherwise be a 100 GB part. 256 MB of JSON rows makes parts of tens of MB after zstd,
+# big enough for Parquet's reads; the sink holds a batch of rows, not the part, while writing it.
+PART_BYTES = 256 << 20
 _COLUMNS = frozenset(ROW_SCHEMA.names)
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -73,14 +81,6 @@ class _Flush:
 
     done: asyncio.Future[None]
     part: bool
-
-
-@dataclass(slots=True)
-class _Pending:
-    """Rows received but not yet durable, and when the oldest of them arrived."""
-
-    rows: list[dict[str, Any]] = field(default_factory=list)
-    since: float = 0.0
 
 
 class ParquetSink:
@@ -99,13 +99,14 @@ class ParquetSink:
         flush_seconds: float = 30.0,
         sync_rows: int = SYNC_ROWS,
         sync_seconds: float = SYNC_SECONDS,
+        part_bytes: int = PART_BYTES,
         lease_seconds: float = LEASE_SECONDS,
         shared: bool = False,
     ) -> None:
         if not _RUN_ID.fullmatch(run_id):
             raise ValueError(f"run_id {run_id!r} is not usable in a file name")
-        if rows_per_part < 1 or sync_rows < 1:
-            raise ValueError("rows_per_part and sync_rows must be >= 1")
+        if rows_per_part < 1 or sync_rows < 1 or part_bytes < 1:
+            raise ValueError("rows_per_part, sync_rows and part_bytes must be >= 1")
         if not flush_seconds > 0 or not sync_seconds > 0:
             raise ValueError("flush_seconds and sync_seconds must be > 0")
         self.store = open_store(output_dir)
@@ -117,15 +118,19 @@ class ParquetSink:
         self.flush_seconds = flush_seconds
         self.sync_rows = sync_rows
         self.sync_seconds = sync_seconds
+        self.part_bytes = part_bytes
         self.rows_written = 0  # in committed parts
-        self.rows_durable = 0  # in the journal or in parts
+        self.rows_journaled = 0  # handed to the OS (a kill -9 cannot lose them)
+        self.rows_durable = 0  # fsynced in the journal (a machine crash cannot lose them)
         self.parts_written = 0
         self.unstorable = 0  # rows replaced by an error row because they could not be encoded
         self.rows_recovered = 0  # rows of a killed run's journal committed on opening
         self._queue: asyncio.Queue[dict[str, Any] | _Flush | None] = asyncio.Queue(QUEUE_ROWS)
-        self._pending = _Pending()
+        self._queued_bytes = 0  # journal.row_bytes of the rows in the queue
+        self._room = asyncio.Event()  # set when the writer took rows off the queue
         self._segment: journal.Segment | None = None
         self._segment_started = 0.0
+        self._undurable_since = 0.0  # when the oldest written but unsynced row was written
         self._committing: asyncio.Task[None] | None = None
         self._writer: asyncio.Task[None] | None = None
         self._failure: BaseException | None = None
@@ -135,6 +140,7 @@ class ParquetSink:
 
     # ----------------------------------------------------------------------------- lifecycle
     async def __aenter__(self) -> ParquetSink:
+        return_big_buffers()  # big answers' memory returns to the system once written
         await asyncio.to_thread(self.store.ensure)
         self._lock = await asyncio.to_thread(
             self.store.lock, self.run_id, ttl=self.lease_seconds, shared=self.shared
@@ -232,7 +238,25 @@ class ParquetSink:
         if row.get("run_id") is None or row.get("completed_at") is None:
             row = {**row, "run_id": row.get("run_id") or self.run_id}
             row["completed_at"] = row.get("completed_at") or datetime.now(UTC)
+        await self._wait_room(journal.row_bytes(row))
         await self._put(row)
+
+    async def _wait_room(self, size: int) -> None:
+        """Back-pressure by bytes: wait while the queue holds QUEUE_BYTES (one row always fits),
+        so twenty 20 MB answers do not wait in memory for a slow disk or bucket."""
+        while True:
+            self._room.clear()
+            if not self._queued_bytes or self._queued_bytes + size <= QUEUE_BYTES:
+                break
+            writer = self._writer
+            assert writer is not None
+            room = asyncio.ensure_future(self._room.wait())
+            await asyncio.wait([room, writer], return_when=asyncio.FIRST_COMPLETED)
+            room.cancel()
+            self._raise_failure()
+            if writer.done():
+                raise RuntimeError("the sink was closed while a row waited for room")
+        self._queued_bytes += size
 
     async def sync(self) -> None:
         """Make every row added so far durable (in the journal) now."""
@@ -279,35 +303,41 @@ class ParquetSink:
         try:
             while await self._serve_once():
                 pass
-            await self._journal_pending()
+            await self._sync()
             await self._commit_segment()
             await self._wait_committed()
         except BaseException as exc:
             self._failure = self._failure or exc
             self._fail_waiters()
+            self._room.set()
             if not isinstance(exc, Exception):
                 raise
 
     async def _serve_once(self) -> bool:
-        """Take what is queued (waiting at most until a deadline), act on it; False at close."""
+        """Take what is queued (waiting at most until a deadline): write its rows to the
+        journal at once, sync or commit what is due; False at close."""
         items = await self._take(self._deadline())
         flushes = [item for item in items if isinstance(item, _Flush)]
         closing = None in items
-        for item in items:
-            if isinstance(item, dict):
-                self._receive(item)
+        rows = [item for item in items if isinstance(item, dict)]
+        if rows:
+            await self._write(rows)
         now = time.monotonic()
-        if self._pending.rows and (
-            flushes
-            or closing
-            or len(self._pending.rows) >= self.sync_rows
-            or now - self._pending.since >= self.sync_seconds
+        segment = self._segment
+        if (
+            segment is not None
+            and segment.undurable_rows
+            and (
+                flushes
+                or closing
+                or segment.undurable_rows >= self.sync_rows
+                or segment.undurable_bytes >= journal.SYNC_BYTES
+                or now - self._undurable_since >= self.sync_seconds
+            )
         ):
-            await self._journal_pending()
+            await self._sync()
         if self._segment is not None and (
-            any(f.part for f in flushes)
-            or len(self._segment.rows) >= self.rows_per_part
-            or now - self._segment_started >= self.flush_seconds
+            any(f.part for f in flushes) or now - self._segment_started >= self.flush_seconds
         ):
             await self._commit_segment()
         if any(f.part for f in flushes):
@@ -330,41 +360,63 @@ class ParquetSink:
         return items
 
     def _deadline(self) -> float | None:
-        deadlines = []
-        if self._pending.rows:
-            deadlines.append(self._pending.since + self.sync_seconds)
-        if self._segment is not None:
-            deadlines.append(self._segment_started + self.flush_seconds)
-        return min(deadlines, default=None)
+        segment = self._segment
+        if segment is None:
+            return None
+        deadlines = [self._segment_started + self.flush_seconds]
+        if segment.undurable_rows:
+            deadlines.append(self._undurable_since + self.sync_seconds)
+        return min(deadlines)
 
-    def _receive(self, row: dict[str, Any]) -> None:
-        if not self._pending.rows:
-            self._pending.since = time.monotonic()
-        self._pending.rows.append(row)
-
-    async def _journal_pending(self) -> None:
-        """Append the pending rows to segments, durably; a full segment is committed as a part
-        (so a part never holds more than `rows_per_part` rows)."""
-        rows, self._pending = self._pending.rows, _Pending()
+    async def _write(self, rows: list[dict[str, Any]]) -> None:
+        """Hand the rows to the OS now (a kill -9 then loses none of them); a segment full by
+        rows or bytes is committed as a part, so a part holds at most `rows_per_part` rows and
+        about `part_bytes` (one row more at most)."""
         while rows:
-            if self._segment is None:
-                name = journal.segment_name(self.run_id, self._seq)
-                self._segment = await asyncio.to_thread(journal.Segment, self.store, name)
-                self._segment_started = time.monotonic()
-            segment = self._segment
-            group, rows = (
-                rows[: self.rows_per_part - len(segment.rows)],
-                rows[self.rows_per_part - len(segment.rows) :],
-            )
+            segment = await self._open_segment()
+            group, rows = self._fitting(segment, rows)
             self._check_lock()
-            await asyncio.to_thread(segment.append, group)
-            self.rows_durable += len(group)
-            if len(segment.rows) >= self.rows_per_part:
+            if not segment.undurable_rows:
+                self._undurable_since = time.monotonic()
+            await asyncio.to_thread(segment.write, group)
+            self.rows_journaled += len(group)
+            self._queued_bytes -= sum(journal.row_bytes(row) for row in group)
+            self._room.set()
+            if segment.counts.rows >= self.rows_per_part or segment.counts.bytes >= self.part_bytes:
                 await self._commit_segment()
+
+    def _fitting(
+        self, segment: journal.Segment, rows: list[dict[str, Any]]
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """The first rows that fit in the segment (by rows and by bytes; at least one), the rest."""
+        room_rows = self.rows_per_part - segment.counts.rows
+        room_bytes = self.part_bytes - segment.counts.bytes
+        taken = 0
+        for row in rows[:room_rows]:
+            room_bytes -= journal.row_bytes(row)
+            taken += 1
+            if room_bytes <= 0:
+                break
+        return rows[:taken], rows[taken:]
+
+    async def _open_segment(self) -> journal.Segment:
+        if self._segment is None:
+            name = journal.segment_name(self.run_id, self._seq)
+            self._segment = await asyncio.to_thread(journal.Segment, self.store, name)
+            self._segment_started = time.monotonic()
+        return self._segment
+
+    async def _sync(self) -> None:
+        """Make the open segment's written rows durable (one fsync, or one chunk in a bucket)."""
+        if self._segment is not None and self._segment.undurable_rows:
+            self._check_lock()
+            self.rows_durable += await asyncio.to_thread(self._segment.sync)
 
     async def _commit_segment(self) -> None:
         """Close the open segment and write its part in the background (one write at a time:
-        a second waits for the first, which bounds memory to about two parts)."""
+        a second waits for the first; each reads its rows back from the journal a batch at a
+        time, so memory holds a batch, not a part)."""
+        await self._sync()
         segment, self._segment = self._segment, None
         if segment is None:
             return
@@ -377,11 +429,13 @@ class ParquetSink:
         segment.close()
         final = journal.part_name(self.run_id, seq)
         self._check_lock()
-        reasons = await asyncio.to_thread(write_part, self.store, final, segment.rows, segment.name)
+        reasons = await asyncio.to_thread(journal.write_part, self.store, final, segment.rows())
+        await asyncio.to_thread(journal.discard, self.store, segment.name)
+        await asyncio.to_thread(release_unused)  # the part's buffers, back to the system
         self.unstorable += len(reasons)
         for reason in reasons:
             log.warning("%s: %s", final, reason)
-        self.rows_written += len(segment.rows)
+        self.rows_written += segment.counts.rows
         self.parts_written += 1
 
     async def _wait_committed(self) -> None:

@@ -166,6 +166,7 @@ class Worker:
                 out,
                 setup.name,
                 rows_per_part=config.output.rows_per_part,
+                part_bytes=config.output.part_mb << 20,
                 flush_seconds=config.output.flush_seconds,
                 sync_seconds=WORKER_SYNC_SECONDS,
                 lease_seconds=config.output.lease_seconds,
