@@ -62,6 +62,7 @@ from pipeline.engines.common import drain_on_signals, make_client, sink_hint
 from pipeline.gemini import ApiKeyError, GeminiClient, GeminiError, api_key_from_env
 from pipeline.gemini.batches import BatchJob, BatchResult
 from pipeline.gemini.client import DEFAULT_BASE_URL
+from pipeline.output.index import lookup_rows
 from pipeline.output.sink import ParquetSink, SinkFailed
 from pipeline.output.state import IN_FLIGHT, STATE_FILE, BatchJobRecord, BatchRequestRecord, State
 from pipeline.output.stores import Store, open_store
@@ -637,6 +638,7 @@ class Collector:
         durable; the file is read twice when all lines failed (`_common_failure`)."""
         results = await self._results()
         self.answered = self.jobs.state.batch_collected(self.job.id)
+        self.answered |= await self._committed()
         self.run_failure = self._common_failure(results)
         try:
             await self._rows(results)
@@ -646,6 +648,16 @@ class Collector:
             return
         missing = set(self.jobs.state.batch_request_keys(self.job.id)) - self.answered
         self.how.job_counts.missing += len(missing)
+
+    async def _committed(self) -> set[str]:
+        """This job's keys already in a committed ok row: rows a killed collection handed to
+        the journal (a write per answer, recovered into parts when the output was opened)
+        before it recorded them in `batch_collected` (every MARK_EVERY rows). Written again,
+        they would be the same answer twice (not paid twice, but a duplicate row)."""
+        keys = set(self.jobs.state.batch_request_keys(self.job.id)) - self.answered
+        if not keys:
+            return set()
+        return set(await asyncio.to_thread(lookup_rows, self.jobs.sink.store, keys))
 
     async def _results(self) -> Callable[[], Iterable[BatchResult]]:
         """The job's results, to read: its inline answers, or its results file — downloaded
