@@ -81,7 +81,7 @@ async def test_the_local_server_answers_about_every_image_but_the_references(
     )
     async with (
         LocalServer(ServerOptions()) as server,
-        GeminiClient("key", base_url=server.base_url) as client,
+        GeminiClient("test-key", base_url=server.base_url) as client,
     ):
         response = await client.generate(request, flavor=flavor)
     sizes = [image.size for image, _ in targets]
@@ -118,7 +118,7 @@ async def test_a_group_with_references_is_valid_for_the_sdk_and_the_service(
     )
     async with (
         LocalServer(ServerOptions()) as server,
-        GeminiClient("key", base_url=server.base_url) as client,
+        GeminiClient("test-key", base_url=server.base_url) as client,
     ):
         uploaded = await client.upload_file(image, "image/png")
         request = request_with_images(

@@ -178,7 +178,7 @@ lease_seconds = 1
             str(config_file),
             server.base_url,
             cwd=REPO,
-            env=child_env(GEMINI_API_KEY="k"),
+            env=child_env(GEMINI_API_KEY="test-key"),
         )
         deadline = asyncio.get_running_loop().time() + 60
         while not (journal.segments(store) and part_entries(store)):  # parts and a journal
@@ -194,7 +194,7 @@ lease_seconds = 1
         )
         assert 0 < len(durable) < 30
 
-        monkeypatch.setenv("GEMINI_API_KEY", "k")
+        monkeypatch.setenv("GEMINI_API_KEY", "test-key")
         again = s3_config(tmp_path, f"{bucket}/images", output, api={"base_url": server.base_url})
         rerun = await run(again)
     assert rerun.recovered == journaled  # the killed run's journal, committed without a call

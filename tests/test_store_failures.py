@@ -63,7 +63,7 @@ def test_a_damaged_part_on_a_bucket_is_exit_2_naming_the_object_and_how_to_set_i
     output = f"{bucket}/out"
     damaged = f"{output}/part-x-00000.parquet"
     filesystem("s3").pipe(damaged, b"not a parquet file at all")
-    monkeypatch.setenv("GEMINI_API_KEY", "k")
+    monkeypatch.setenv("GEMINI_API_KEY", "test-key")
     config = _config(tmp_path, f"{bucket}/images", output)
     for argv in (["status", output], ["run", str(config), "--quiet"]):
         assert main(argv) == exits.USAGE, argv
@@ -99,7 +99,7 @@ def test_no_bucket_no_credentials_and_a_dead_endpoint_are_each_named(
             assert "no such bucket" not in done.stderr
     # A run says the same (its inputs' bucket is checked first, then its output's).
     config = _config(tmp_path, f"{bucket}/images", f"{bucket}/out")
-    done = _cli(["run", str(config), "--quiet"], GEMINI_API_KEY="k", **no_credentials)
+    done = _cli(["run", str(config), "--quiet"], GEMINI_API_KEY="test-key", **no_credentials)
     assert done.returncode == exits.USAGE, done.stderr
     assert "no credentials for s3://" in done.stderr and "Traceback" not in done.stderr
 
@@ -112,7 +112,7 @@ def test_engine_ray_without_ray_is_one_line_saying_what_to_install(tmp_path: Pat
     done = _cli(
         ["run", str(config), "--engine", "ray", "--quiet"],
         prelude="sys.modules['ray'] = None  # as if Ray were not installed",
-        GEMINI_API_KEY="k",
+        GEMINI_API_KEY="test-key",
     )
     assert done.returncode == exits.USAGE, done.stderr
     assert done.stderr.strip().splitlines() == [
@@ -155,7 +155,7 @@ def test_a_full_disk_stops_the_run_with_exit_3_and_says_free_the_disk(
     config = _config(
         tmp_path, str(_images(tmp_path, 40)), str(tiny_disk / "out"), "rows_per_part = 5\n"
     )
-    done = _cli(["run", str(config), "--quiet"], GEMINI_API_KEY="k")
+    done = _cli(["run", str(config), "--quiet"], GEMINI_API_KEY="test-key")
     assert done.returncode == exits.STOPPED, done.stderr
     assert "Traceback" not in done.stderr and "move it aside" not in done.stderr
     assert "free the disk" in done.stderr
@@ -191,7 +191,7 @@ async def test_a_run_stopped_past_its_lease_says_the_lease_was_lost(
             "--base-url",
             server.base_url,
             cwd=REPO,
-            env=child_env(GEMINI_API_KEY="k"),
+            env=child_env(GEMINI_API_KEY="test-key"),
             stderr=asyncio.subprocess.PIPE,
         )
         await until(lambda: part_entries(store), exited=lambda: child.returncode)
