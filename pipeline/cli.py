@@ -176,7 +176,11 @@ def _render(args: argparse.Namespace) -> int:
 
     _recover(args.output_dir)
     report = render(
-        args.output_dir, args.out, limit=args.limit, images_root_override=args.images_root
+        args.output_dir,
+        args.out,
+        limit=args.limit,
+        images_root_override=args.images_root,
+        allow_hosts=tuple(args.allow_host),
     )
     _say(f"wrote {args.out}/index.html: {report}")
     return 0
@@ -330,6 +334,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--limit", type=int, help="at most N images")
     p.add_argument("--images-root", metavar="DIR", help="where the images are now, if moved")
+    p.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="fetch URL images from this internal host too (as [input] allow_hosts); repeatable",
+    )
     p.set_defaults(func=_render)
 
     p = sub.add_parser("models", help="what each model takes, bills and answers")

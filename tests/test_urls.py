@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from pipeline.cli import main as cli_main
 from pipeline.commands.estimate import estimate
 from pipeline.commands.render import render
 from pipeline.config import ConfigError
@@ -168,6 +169,10 @@ async def test_a_manifest_of_urls_end_to_end(
         render, tmp_path / "out", tmp_path / "gallery", allow_hosts=LOOPBACK
     )
     assert (gallery["entries"], gallery["missing_sources"]) == (6, 0)  # each read by its URL
+    hosts = [arg for host in LOOPBACK for arg in ("--allow-host", host)]
+    out, flagged = str(tmp_path / "out"), str(tmp_path / "gallery-cli")
+    assert await asyncio.to_thread(cli_main, ["render", out, "--out", flagged, *hosts]) == 0
+    assert _drawn(Path(flagged)) == _drawn(tmp_path / "gallery")  # the images, not placeholders
 
     before = Counter((m, p) for m, p, _ in home.seen)
     again = await run(config)
@@ -175,6 +180,13 @@ async def test_a_manifest_of_urls_end_to_end(
     assert again.api_calls == 0 and again.skipped == 10  # done (errors too): a HEAD only
     assert all(after[("GET", path)] == 0 for path in paths[:4])
     assert all(after[("HEAD", path)] == 1 for path in paths[:4])
+
+
+def _drawn(gallery: Path) -> dict[str, bytes]:
+    """A gallery's drawn files by name (its page aside: it names its own folder)."""
+    return {
+        p.name: p.read_bytes() for p in gallery.rglob("*") if p.is_file() and p.suffix != ".html"
+    }
 
 
 class HandTime:
