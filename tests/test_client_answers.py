@@ -24,6 +24,7 @@ from pipeline.gemini.schema import json_schema
 from pipeline.gemini.types import GenerateRequest, ImagePart
 from pipeline.tasks import TaskSettings, get_task
 from pipeline.tasks.detect import detection_schema
+from tests.conftest import until
 from tests.test_client import (
     KEY,
     MODEL_3,
@@ -228,6 +229,25 @@ async def test_failed_hop_keeps_the_paid_hops_and_resumes_without_buying_them_ag
     assert (response.text, response.finish_reason) == (ANSWER, "STOP")
     assert response.raw == "[" + ",".join(service.sent) + "]"
     assert response.usage.prompt_tokens == 3030
+
+
+async def test_a_cancelled_continuation_hands_back_its_paid_hops() -> None:
+    """A caller that cuts a call in flight (the run's tightening deadline cancels it) keeps the
+    hops already answered through `hops=`, and resumes from them instead of buying them again."""
+    service = CuttingService(interaction_hop, "continuation_token", stall_at=2)
+    async with cutting(service) as client:
+        hops: list[str] = []
+        call = asyncio.ensure_future(client.interact(request_3(), hops=hops))
+        await until(lambda: len(service.bodies) == 2)  # hop 1 answered, hop 2 stalled
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        partial = client.answer_of(hops, "interactions")
+        assert partial.raw == service.sent[0]  # the one answered hop, as received
+        response = await client.interact(request_3(), resume_from=partial)
+    tokens = [body.get("continuation_token") for body in service.bodies]
+    assert tokens == [None, "tok-1", "tok-1", "tok-2"]  # hop 1 bought once
+    assert (response.text, response.finish_reason) == (ANSWER, "STOP")
 
 
 async def test_call_timeout_bounds_every_hop_together() -> None:

@@ -210,13 +210,25 @@ class GeminiClient:
         flavor: Flavor = "generateContent",
         timeout: float | None = None,
         resume_from: GenerateResponse | None = None,
+        hops: list[str] | None = None,
     ) -> GenerateResponse:
-        """Run `request` through the chosen API; the answer has the same shape either way."""
+        """Run `request` through the chosen API; the answer has the same shape either way.
+
+        `hops`, when given, receives each answered hop's body as it comes (after those of
+        `resume_from`): a caller that cancels the call keeps what was paid for (`answer_of`),
+        as `.partial` keeps it for a call that failed."""
         if flavor == "generateContent":
-            return await self.generate_content(request, timeout=timeout, resume_from=resume_from)
+            return await self.generate_content(
+                request, timeout=timeout, resume_from=resume_from, hops=hops
+            )
         if flavor == "interactions":
-            return await self.interact(request, timeout=timeout, resume_from=resume_from)
+            return await self.interact(request, timeout=timeout, resume_from=resume_from, hops=hops)
         raise ValueError(f"unknown flavor {flavor!r}")
+
+    def answer_of(self, hops: list[str], flavor: Flavor) -> GenerateResponse:
+        """The answer the hops handed to `generate(hops=...)` make, as `.partial` would hold it."""
+        rules = content.CONTINUATION if flavor == "generateContent" else interactions.CONTINUATION
+        return self._parsed(join_hops(hops), rules, flavor)
 
     async def generate_content(
         self,
@@ -224,6 +236,7 @@ class GeminiClient:
         *,
         timeout: float | None = None,
         resume_from: GenerateResponse | None = None,
+        hops: list[str] | None = None,
     ) -> GenerateResponse:
         """One generateContent answer, continued to the end (see `_continued`)."""
         model = request.model.removeprefix("models/")
@@ -234,6 +247,7 @@ class GeminiClient:
             timeout=timeout,
             what=f"{model}:generateContent",
             resume_from=resume_from,
+            hops=hops,
         )
 
     async def interact(
@@ -242,6 +256,7 @@ class GeminiClient:
         *,
         timeout: float | None = None,
         resume_from: GenerateResponse | None = None,
+        hops: list[str] | None = None,
     ) -> GenerateResponse:
         """One Interactions answer (`store: false`), continued to the end (see `_continued`).
 
@@ -254,6 +269,7 @@ class GeminiClient:
             timeout=timeout,
             what="interactions",
             resume_from=resume_from,
+            hops=hops,
         )
 
     async def _continued(
@@ -265,6 +281,7 @@ class GeminiClient:
         timeout: float | None,
         what: str,
         resume_from: GenerateResponse | None,
+        hops: list[str] | None = None,
     ) -> GenerateResponse:
         """Send `body`, then continue the answer hop by hop while the service asks for it.
 
@@ -279,7 +296,8 @@ class GeminiClient:
         """
         clock = asyncio.get_running_loop().time
         deadline = None if timeout is None else clock() + timeout
-        hops = split_hops(resume_from.raw) if resume_from is not None else []
+        hops = [] if hops is None else hops  # the caller's, when it keeps them (`generate`)
+        hops += split_hops(resume_from.raw) if resume_from is not None else []
         last = json.loads(hops[-1]) if hops else None
         sent: str | None = None
         while True:

@@ -244,13 +244,15 @@ class Caller:
                 raise Stopped  # nothing sent: nothing to count
             self.counters.api_calls += 1
             sent = time.monotonic()
+            hops: list[str] = []  # a continued answer's paid hops, kept if the call is cut
             calling = self.client.generate(
                 request,
                 flavor=self.config.api.flavor,
                 timeout=self.deadlines.current,
                 resume_from=paid,
+                hops=hops,
             )
-            response = await self.stop.call(self.deadlines.within(calling, sent))
+            response = await self.stop.call(self._within(calling, sent, hops))
             answered = True
         except (GeminiError, Stopped) as exc:
             if sent is not None and _abandoned(exc):
@@ -264,6 +266,19 @@ class Caller:
         self.health.success()
         self.limiter.correct(plan.est_tokens, response.usage.prompt_tokens)
         return response, latency * 1000
+
+    async def _within(
+        self, calling: Awaitable[GenerateResponse], sent: float, hops: list[str]
+    ) -> GenerateResponse:
+        """The call within its (tightening) deadline; cut after some hops of a continued answer
+        were answered, the cut carries them as `.partial`, so the retry continues from them
+        instead of buying them again (as for a hop that failed)."""
+        try:
+            return await self.deadlines.within(calling, sent)
+        except DeadlineCut as cut:
+            if hops:
+                cut.partial = self.client.answer_of(hops, self.config.api.flavor)
+            raise
 
     def _estimated_usd(self, plan: Plan) -> float:
         """What an abandoned call may be billed: its estimated input tokens at the model's
