@@ -235,8 +235,10 @@ def session(sid: int) -> list[int]:
     return pids
 
 
-@pytest.mark.parametrize("whole", [False, True], ids=["driver-group", "every-process"])
-@pytest.mark.parametrize("instant", range(2))
+# Two cases, not four: each starts Ray (~25 s); 18 trials were run by hand (docs, issue 19).
+@pytest.mark.parametrize(
+    ("instant", "whole"), [(0, False), (1, True)], ids=["driver-group", "every-process"]
+)
 def test_kill_9_of_a_ray_run_re_pays_at_most_the_answers_in_flight(
     tmp_path: Path, instant: int, whole: bool
 ) -> None:
