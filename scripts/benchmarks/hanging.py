@@ -36,20 +36,22 @@ class Sizes:
     concurrency: int
 
 
-def run(ctx: Ctx[Sizes]) -> dict[str, Any]:
+def _runs(ctx: Ctx[Sizes], label: str, cases: tuple[tuple[str, float], ...]) -> dict[str, Any]:
+    """One run of the pipeline a case (name, share of attempts hanging), each against a server
+    of its own: what the run and the server counted."""
     sizes = ctx.sizes
-    folders = make_tiny(ctx.images / "tiny", sizes.images)
+    folders = make_tiny(ctx.images / label, sizes.images)
     results: dict[str, dict[str, Any]] = {}
-    for name, rate in (("fault-free", 0.0), ("3% hanging", HANG_RATE)):
+    for name, rate in cases:
         options = {
             "seed": SEED,
             "latency_ms": LATENCY_MS,
             "fault_rate": rate,
             "fault_kinds": "hang",
         }
-        with Server(ctx.logs / f"hanging-{rate}", **options) as server:
+        with Server(ctx.logs / f"{label}-{rate}", **options) as server:
             config = write_config(
-                ctx, f"hanging-{rate}", server.url, inputs=folders,
+                ctx, f"{label}-{rate}", server.url, inputs=folders,
                 concurrency=sizes.concurrency, kind="detect",
             )  # fmt: skip
             proc, summary = run_pipeline(ctx, config)
@@ -59,9 +61,16 @@ def run(ctx: Ctx[Sizes]) -> dict[str, Any]:
             "ok": summary["rows"].get("ok", 0),
             "api_calls": summary["api_calls"],
             "retries": summary["retries"],
+            "abandoned": summary.get("abandoned"),  # None before issue 19 counted them
             "hangs_injected": stats.get("faults", {}).get("hang", 0),
             "answers_delivered": sum(stats.get("answers_by_task", {}).values()),
         }
+    return results
+
+
+def run(ctx: Ctx[Sizes]) -> dict[str, Any]:
+    sizes = ctx.sizes
+    results = _runs(ctx, "hanging", (("fault-free", 0.0), ("3% hanging", HANG_RATE)))
     ratio = results["3% hanging"]["wall_s"] / results["fault-free"]["wall_s"]
     figures = {
         "images": sizes.images,
@@ -89,31 +98,7 @@ FIRST_WAVE_RATE = 0.08
 def first_wave(ctx: Ctx[Sizes]) -> dict[str, Any]:
     """The first-wave case: calm against 8% hanging, on a run of `ctx.sizes.images`."""
     sizes = ctx.sizes
-    folders = make_tiny(ctx.images / "first-wave", sizes.images)
-    results: dict[str, dict[str, Any]] = {}
-    for name, rate in (("calm", 0.0), ("8% hanging", FIRST_WAVE_RATE)):
-        options = {
-            "seed": SEED,
-            "latency_ms": LATENCY_MS,
-            "fault_rate": rate,
-            "fault_kinds": "hang",
-        }
-        with Server(ctx.logs / f"first-wave-{rate}", **options) as server:
-            config = write_config(
-                ctx, f"first-wave-{rate}", server.url, inputs=folders,
-                concurrency=sizes.concurrency, kind="detect",
-            )  # fmt: skip
-            proc, summary = run_pipeline(ctx, config)
-            stats = server.stats()
-        results[name] = {
-            "wall_s": round(proc.wall, 2),
-            "ok": summary["rows"].get("ok", 0),
-            "api_calls": summary["api_calls"],
-            "retries": summary["retries"],
-            "abandoned": summary.get("abandoned"),  # None before issue 19 counted them
-            "hangs_injected": stats.get("faults", {}).get("hang", 0),
-            "answers_delivered": sum(stats.get("answers_by_task", {}).values()),
-        }
+    results = _runs(ctx, "first-wave", (("calm", 0.0), ("8% hanging", FIRST_WAVE_RATE)))
     keys = ("wall_s", "ok", "api_calls", "retries", "abandoned", "hangs_injected")
     table(
         f"first wave: detect, {sizes.images} tiny PNGs, {LATENCY_MS} ms, "
