@@ -204,9 +204,6 @@ class OutputConfig:
     lease_seconds: float = setting(
         60.0, s.positive_number, "object-store outputs: a killed run's lease frees it after this"
     )
-    compact_above: float = setting(
-        0.5, s.between(0, 1), "compact at the end of a run past this superseded share (0: never)"
-    )
 
 
 # [local]: the options of the bundled local server when `[api] base_url = "local"`, declared once
@@ -319,6 +316,14 @@ def flags() -> list[tuple[str, str, dataclasses.Field]]:
     ]
 
 
+# Keys a release retired: still accepted (a nightly job's config keeps loading), with a warning
+# saying why they no longer do anything.
+RETIRED = {
+    ("output", "compact_above"): "superseded rows are set aside at the end of every run now "
+    "(only the parts holding them are rewritten), so there is no share to compact above",
+}
+
+
 def check_setting(section: str, key: str, value: Any, source: str, shown: str = "") -> Any:
     """`value` for `[section] key` checked by its declaration; ConfigError naming it otherwise."""
     known = declarations(section)
@@ -347,8 +352,21 @@ def _resolve(path: str, base_dir: Path | None) -> str:
 def _section(name: str, table: Any, source: str, base_dir: Path | None) -> dict[str, Any]:
     if not isinstance(table, dict):
         raise ConfigError(f"{source}: [{name}] must be a table")
-    values = {key: check_setting(name, key, value, source) for key, value in table.items()}
+    values = {
+        key: check_setting(name, key, value, source)
+        for key, value in table.items()
+        if not _retired(name, key, source)
+    }
     return _with_paths(name, values, base_dir)
+
+
+def _retired(section: str, key: str, source: str) -> bool:
+    why = RETIRED.get((section, key))
+    if why is not None:
+        log.warning(
+            "%s: [%s] %s no longer does anything (%s): remove it", source, section, key, why
+        )
+    return why is not None
 
 
 def _with_paths(name: str, values: dict[str, Any], base_dir: Path | None) -> dict[str, Any]:

@@ -124,8 +124,10 @@ def make_config(tmp_path: Path, **sections: dict[str, Any]) -> Config:
 
 
 def read_rows(output_dir: Path) -> list[dict[str, Any]]:
-    """Every committed row, in no particular order (readers see only *.parquet files)."""
-    files = sorted(str(p) for p in Path(output_dir).glob("*.parquet"))
+    """Every row a plain reader sees, in no particular order: an output's `data/` folder (or
+    any folder of parts given, e.g. `.superseded`)."""
+    folder = Path(output_dir) / "data" if (Path(output_dir) / "data").is_dir() else output_dir
+    files = sorted(str(p) for p in Path(folder).glob("*.parquet"))
     if not files:
         return []
     return ds.dataset(files, format="parquet").to_table().to_pylist()
@@ -187,12 +189,22 @@ def result_object(
 
 
 async def write_rows(
-    output: str | Path | Store, run_id: str, rows: Iterable[dict[str, Any]], **sink: Any
+    output: str | Path | Store,
+    run_id: str,
+    rows: Iterable[dict[str, Any]],
+    *,
+    settle: bool = True,
+    **sink: Any,
 ) -> None:
-    """Commit `rows` through a ParquetSink of run `run_id` (`sink`: its other options)."""
-    async with ParquetSink(output, run_id, **sink) as writer:
+    """Commit `rows` through a ParquetSink of run `run_id` (`sink`: its other options).
+    `settle=False` leaves the rows they supersede where they are, as a killed run (or a release
+    before superseding existed) left them."""
+    writer = await ParquetSink(output, run_id, **sink).__aenter__()
+    try:
         for row in rows:
             await writer.add(row)
+    finally:
+        await writer.close(settle=settle)
 
 
 # ------------------------------------------------------------------ processes, time and waiting

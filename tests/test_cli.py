@@ -113,7 +113,7 @@ def _start(config: Path) -> subprocess.Popen:
 
 
 def _parts(out: Path) -> list[Path]:
-    return list(out.glob("*.parquet")) if out.exists() else []
+    return list(out.glob("data/*.parquet")) if out.exists() else []
 
 
 def _answered(out: Path) -> bool:

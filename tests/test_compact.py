@@ -47,13 +47,15 @@ def row(n: int, minute: int, *, suffix: str = "s1", text: str = "") -> dict[str,
 
 
 async def history(store: Store) -> None:
-    """Three runs: every image, then a third of them again (a prompt change), then a few again."""
+    """Three runs: every image, then a third of them again (a prompt change), then a few again;
+    each killed before it set aside the rows it superseded (or written by a release before
+    runs did), so a glob sees them all until a compaction."""
     for run_id, rows in (
         ("r1", [row(n, 0) for n in range(IMAGES)]),
         ("r2", [row(n, 1, suffix="s2", text=f"second {n}") for n in range(0, IMAGES, 3)]),
         ("r3", [row(n, 2, suffix="s2", text=f"third {n}") for n in range(0, IMAGES, 6)]),
     ):
-        await write_rows(store, run_id, rows, rows_per_part=5)
+        await write_rows(store, run_id, rows, rows_per_part=5, settle=False)
 
 
 def expected_texts() -> dict[str, str]:
@@ -64,11 +66,11 @@ def expected_texts() -> dict[str, str]:
 
 
 def glob_texts(store: Store) -> list[tuple[str, str]]:
-    """What a plain reader of OUT/*.parquet gets: every row of the top-level parts."""
+    """What a plain reader of OUT/data/*.parquet gets: every row of the parts there."""
     if store.local:
-        files = [str(path) for path in Path(store.url).glob("*.parquet")]
+        files = [str(path) for path in Path(store.url).glob("data/*.parquet")]
     else:
-        files = store.fs.glob(f"{store.root}/*.parquet")
+        files = store.fs.glob(f"{store.root}/data/*.parquet")
     rows = []
     for path in files:
         with open(path, "rb") if store.local else store.fs.open(path, "rb") as file:
@@ -114,9 +116,11 @@ async def test_after_compact_a_glob_reads_exactly_the_current_rows(store: Store)
 async def test_duckdb_and_polars_read_the_compacted_folder_as_it_is(tmp_path: Path) -> None:
     out = tmp_path / "out"
     await history(open_store(out))
-    assert duckdb.connect().execute(f"select count(*) from '{out}/*.parquet'").fetchone()[0] == 36
+    assert (
+        duckdb.connect().execute(f"select count(*) from '{out}/data/*.parquet'").fetchone()[0] == 36
+    )
     compact(out)
-    glob = f"{out}/*.parquet"
+    glob = f"{out}/data/*.parquet"
     count, distinct = (
         duckdb.connect()
         .execute(f"select count(*), count(distinct image_path) from read_parquet('{glob}')")
@@ -128,7 +132,7 @@ async def test_duckdb_and_polars_read_the_compacted_folder_as_it_is(tmp_path: Pa
     # What pandas does with each file of the glob (pandas reads Parquet through pyarrow).
     import pyarrow.dataset as ds
 
-    files = sorted(str(path) for path in out.glob("*.parquet"))
+    files = sorted(str(path) for path in out.glob("data/*.parquet"))
     assert ds.dataset(files, format="parquet").count_rows() == IMAGES
 
 
@@ -214,15 +218,25 @@ async def test_a_reader_finishes_a_killed_compaction_on_a_bucket_at_once(bucket:
     assert store.info(LEASE_NAME) is None  # the reader released what it took over
 
 
-async def test_a_run_compacts_past_its_threshold_only(tmp_path: Path) -> None:
+async def test_a_run_sets_aside_what_it_superseded_rewriting_only_those_parts(
+    tmp_path: Path,
+) -> None:
     out = tmp_path / "out"
-    await history(open_store(out))  # 12 of 36 rows superseded: a third
-
-    async def close_with(threshold: float) -> Any:
-        async with ParquetSink(out, f"t{int(threshold * 100)}") as sink:
-            return await sink.compact_if_over(threshold)
-
-    assert await close_with(0.5) is None and len(glob_texts(open_store(out))) == 36
-    assert await close_with(0) is None  # 0: never
-    report = await close_with(0.3)
-    assert report["rows_after"] == IMAGES and len(glob_texts(open_store(out))) == IMAGES
+    store = open_store(out)
+    await write_rows(store, "r1", [row(n, 0) for n in range(IMAGES)], rows_per_part=6)
+    first = [entry.name for entry in part_entries(store)]
+    assert len(first) == 4
+    # A nightly run answers two images again, both held by r1's first part.
+    async with ParquetSink(out, "r2") as sink:
+        for n in (1, 4):
+            await sink.add(row(n, 1, text=f"second {n}"))
+    assert sink.superseded["parts_rewritten"] == 1
+    assert (sink.superseded["rows_rewritten"], sink.superseded["rows_set_aside"]) == (4, 2)
+    now = [entry.name for entry in part_entries(store)]
+    assert set(first[1:]) <= set(now) and first[0] not in now  # three parts untouched
+    texts = {f"img{n:03d}.png": f"first {n}" for n in range(IMAGES)}
+    texts.update({"img001.png": "second 1", "img004.png": "second 4"})
+    assert glob_texts(store) == sorted(texts.items())
+    assert pl.scan_parquet(out / "data").collect().height == IMAGES
+    aside = pq.read_table(out / ".superseded", columns=["text"]).column("text").to_pylist()
+    assert sorted(aside) == ["first 1", "first 4"]  # paid for: kept out of every reader's sight

@@ -154,8 +154,12 @@ async def test_the_index_cache_gives_the_same_index_and_follows_new_parts(tmp_pa
     """The facts cached under .index/ answer exactly as the parts do; a new part is added to
     them, a part that vanished (compacted away) makes its cache file unused."""
     await write_rows(tmp_path, "r1", [row(f"{n}.jpg", n) for n in range(30)], rows_per_part=10)
-    await write_rows(
-        tmp_path, "r2", [row("3.jpg", 40, status="error", error="500", retryable=True)]
+    await write_rows(  # (settle=False: the superseded rows stay where they are, as a kill
+        # leaves them: this is about the cache following the parts, whichever they are)
+        tmp_path,
+        "r2",
+        [row("3.jpg", 40, status="error", error="500", retryable=True)],
+        settle=False,
     )
 
     def both(suffix: str = "s1") -> tuple[Any, Any]:
@@ -166,18 +170,19 @@ async def test_the_index_cache_gives_the_same_index_and_follows_new_parts(tmp_pa
         return fresh, cached
 
     fresh, cached = both()
-    assert list((tmp_path / ".index").glob("facts-*.arrow"))
+    files = len(list((tmp_path / ".index").glob("facts-*.arrow")))
+    assert files  # (r1's end stored its parts' facts already: it superseded from them)
     again = load_resume_index(tmp_path, key_suffix="s1", retry_errors=False)  # from the cache
     for index in (cached, again):
         assert index.rows_read == fresh.rows_read == 31
         assert len(index.done) == len(fresh.done) == 29  # 3.jpg is a retryable error now
         assert all(index.is_done(ROOT, f"{n}.jpg", 100, 5_000) == (n != 3) for n in range(30))
         assert len(index.ok_keys) == len(fresh.ok_keys) == 30
-    await write_rows(tmp_path, "r3", [row("3.jpg", 50)])
+    await write_rows(tmp_path, "r3", [row("3.jpg", 50)], settle=False)
     fresh, cached = both()
     assert len(cached.done) == len(fresh.done) == 30
-    assert len(list((tmp_path / ".index").glob("facts-*.arrow"))) == 2
-    (tmp_path / "part-r1-00000.parquet").unlink()  # as a compaction would
+    assert len(list((tmp_path / ".index").glob("facts-*.arrow"))) == files + 1  # r3's part
+    (tmp_path / "data" / "part-r1-00000.parquet").unlink()  # as a compaction would
     fresh, cached = both()
     assert cached.rows_read == fresh.rows_read == 22 and len(cached.done) == len(fresh.done) == 21
 
@@ -230,9 +235,9 @@ async def test_lookup_rows_gives_the_newest_ok_row_per_key(tmp_path: Path) -> No
     # Later parts are seen by later lookups (the index of where ok rows are grows with them).
     await write_rows(tmp_path, "r2", [row("four.jpg", 9, content="same bytes", text="newest")])
     assert lookup_rows(tmp_path, [same])[same]["text"] == "newest"
-    await write_rows(tmp_path, "r3", [row("bad.jpg", 10, text="fixed")])
+    await write_rows(tmp_path, "r3", [row("bad.jpg", 10, text="fixed")], settle=False)
     assert lookup_rows(tmp_path, [bad])[bad]["text"] == "fixed"
-    for part in tmp_path.glob("part-r[23]-*.parquet"):
+    for part in tmp_path.glob("data/part-r[23]-*.parquet"):
         part.unlink()  # parts removed by hand: the index starts again
     assert lookup_rows(tmp_path, [same, bad]) == {same: found[same]}
 
@@ -252,7 +257,8 @@ async def test_status_numbers(tmp_path: Path) -> None:
         rows_per_part=2,
     )
     copied = {"est_image_tokens": 900, "est_prompt_tokens": 950, "attempts": 0}
-    await write_rows(tmp_path, "r2", [row("a.jpg", 1, **billed), row("d.jpg", 1, **copied)])
+    rows = [row("a.jpg", 1, **billed), row("d.jpg", 1, **copied)]
+    await write_rows(tmp_path, "r2", rows, settle=False)  # a.jpg's error row still in a part
     runs = tmp_path / "runs"
     runs.mkdir()
     (runs / "r1.json").write_text(json.dumps({"run_id": "r1", "seen": 3}))

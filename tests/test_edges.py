@@ -112,7 +112,7 @@ def test_a_day_long_retry_delay_is_capped_and_ctrl_c_ends_the_wait(tmp_path: Pat
     )  # fmt: skip
     out = tmp_path / "out"
     deadline = time.monotonic() + 60
-    while not (out.exists() and list(out.glob(".journal-*")) + list(out.glob("*.parquet"))):
+    while not (out.exists() and list(out.glob(".journal-*")) + list(out.glob("data/*.parquet"))):
         assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
         time.sleep(0.05)  # poll for the first answer; the others now wait on a 429
     signalled = time.monotonic()
@@ -186,7 +186,7 @@ async def test_a_pipeline_output_used_as_a_manifest_finds_its_images(
 ) -> None:
     shapes(images_dir, 3)
     await run(make_config(tmp_path, task={"kind": "detect"}))
-    part = next((tmp_path / "out").glob("*.parquet"))
+    part = next((tmp_path / "out").glob("data/*.parquet"))
     manifest = tmp_path / "again.parquet"
     pq.write_table(pq.read_table(part), manifest)
     config = make_config(

@@ -205,7 +205,7 @@ def test_kill_9_while_batch_results_are_collected_loses_nothing_and_buys_nothing
             time.sleep(0.001)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
-        assert not any(Path(out).glob("part-*"))  # killed mid-collection: rows in the journal
+        assert not any(Path(out).glob("data/part-*"))  # killed mid-collection: rows in the journal
         proc.stderr.close()
         result = rerun(config)
         assert result.returncode == 0, result.stderr

@@ -107,7 +107,7 @@ async def test_four_workers_give_the_rows_of_one_process(
     for path in twins:  # the same answer (and key) at every path of the same bytes
         assert {k: many[path][k] for k in ANSWER} == {k: one["s00.png"][k] for k in ANSWER}
     # the parts are the workers': one writer's name each, the run's id in every row
-    names = {p.name.rsplit("-", 1)[0] for p in (tmp_path / "ray").glob("part-*.parquet")}
+    names = {p.name.rsplit("-", 1)[0] for p in (tmp_path / "ray").glob("data/part-*.parquet")}
     assert names <= {f"part-{spread.run_id}.w{i}" for i in range(4)}
     assert {r["run_id"] for r in read_rows(tmp_path / "ray")} == {spread.run_id}
     again = await run(ray_config)  # resume: everything is done
@@ -162,7 +162,7 @@ def _durable(out: Path) -> int:
     import pyarrow.parquet as pq
 
     total = 0
-    for path in out.glob("part-*.parquet"):
+    for path in out.glob("data/part-*.parquet"):
         with contextlib.suppress(OSError, ValueError):
             total += pq.read_metadata(path).num_rows
     for path in out.glob(".journal-*"):

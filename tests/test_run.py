@@ -158,7 +158,7 @@ async def test_copies_far_from_their_twins_keep_parts_full(
     assert (summary.api_calls, summary.copied) == (300, 300)
     rows = read_rows(tmp_path / "out")
     assert len(rows) == 600
-    parts = list((tmp_path / "out").glob("*.parquet"))
+    parts = list((tmp_path / "out").glob("data/*.parquet"))
     assert len(parts) <= 600 // 100 + 1  # full parts, and what was left at the end
     by_path = {r["image_path"]: r for r in rows}
     assert all(

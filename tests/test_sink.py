@@ -37,7 +37,7 @@ def row(n: int, **changes: Any) -> dict[str, Any]:
 
 
 def parquet_names(directory: Path) -> list[str]:
-    return sorted(path.name for path in directory.glob("*.parquet"))
+    return sorted(path.name for path in directory.glob("data/*.parquet"))
 
 
 async def test_parts_are_zstd_parquet_with_the_row_schema(tmp_path: Path) -> None:
@@ -46,8 +46,12 @@ async def test_parts_are_zstd_parquet_with_the_row_schema(tmp_path: Path) -> Non
             await sink.add(row(n))
     assert sink.rows_written == 25
     assert parquet_names(tmp_path) == [f"part-run1-{seq:05d}.parquet" for seq in range(3)]
-    assert [pq.read_metadata(p).num_rows for p in sorted(tmp_path.glob("*.parquet"))] == [10, 10, 5]
-    part = pq.ParquetFile(tmp_path / "part-run1-00000.parquet")
+    assert [pq.read_metadata(p).num_rows for p in sorted(tmp_path.glob("data/*.parquet"))] == [
+        10,
+        10,
+        5,
+    ]
+    part = pq.ParquetFile(tmp_path / "data" / "part-run1-00000.parquet")
     assert part.schema_arrow == ROW_SCHEMA
     version = part.schema_arrow.metadata[b"gemini_vision_pipeline.schema_version"]
     assert version.decode() == SCHEMA_VERSION
@@ -146,7 +150,7 @@ async def test_many_producers_lose_nothing_and_parts_keep_their_size(tmp_path: P
                 await sink.add(row(n, raw_response="y" * 500))
 
         await asyncio.gather(*(producer(k * 200) for k in range(40)))
-    sizes = [pq.read_metadata(p).num_rows for p in tmp_path.glob("*.parquet")]
+    sizes = [pq.read_metadata(p).num_rows for p in tmp_path.glob("data/*.parquet")]
     assert sum(sizes) == 8000 and max(sizes) == per_part
     paths = current_rows(tmp_path, ["image_path"]).column("image_path").to_pylist()
     assert paths == sorted(f"img/{n:05d}.jpg" for n in range(8000))

@@ -34,7 +34,6 @@ from pipeline.engines.common import (
     summarise,
     walking,
 )
-from pipeline.output.index import ResumeIndex
 from pipeline.output.sink import ParquetSink, SinkFailed
 from pipeline.output.stores import Store
 from pipeline.records import SourceFile, Work, members_of
@@ -75,8 +74,6 @@ class SingleProcess:
                 self.config, opened.index, self.options.limit, opened.fetcher, opened.preflight
             )
             await self._work(producer, opened, stop)
-            if stop.running:
-                await _compact_quietly(opened.sink, self.config.output.compact_above, opened.index)
             caller = opened.caller
             caller.daily.save()
             if self.config.images.delete_uploads:  # a cleanup, not new work: it survives a
@@ -135,14 +132,3 @@ async def _deal(
             await files.put(work)
     for _ in range(workers):
         await files.put(None)
-
-
-async def _compact_quietly(sink: ParquetSink, threshold: float, index: ResumeIndex) -> None:
-    """Compact past the threshold; a failure leaves the output as it was (readers still see the
-    current rows), so it is a warning, not the run's failure."""
-    try:
-        await sink.compact_if_over(
-            threshold, visible=index.visible_rows, superseded=index.superseded_rows
-        )
-    except (OSError, ValueError, RuntimeError) as exc:
-        log.warning("compaction at the end of the run failed (the output is intact): %s", exc)

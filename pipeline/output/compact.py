@@ -1,13 +1,13 @@
 """`pipeline compact OUT`: the current rows rewritten into fresh parts, superseded ones removed,
-so that DuckDB, Polars, pandas, Spark or `datasets` reading `OUT/*.parquet` get exactly the
+so that DuckDB, Polars, pandas, Spark or `datasets` reading `OUT/data` get exactly the
 current rows (one per image and task) without knowing the "newest row wins" rule.
 
 Crash-safe at every step, the way Delta Lake commits an OPTIMIZE: the new files are written
 where no reader looks, then one small commit record, created whole and only if absent, is the
 switch; cleaning up after it is idempotent and finished by whoever comes next.
 
-1. The current rows are written, part by part of the old set, into `.compact-<id>/part-compact-
-   <id>-<n>.parquet` (a hidden folder: no glob and no reader of ours sees it), and the
+1. The current rows are written, part by part of the old set, into `.compact-<id>/data/part-
+   compact-<id>-<n>.parquet` (a hidden folder: no glob and no reader of ours sees it), and the
    superseded rows beside them into `.compact-<id>/.superseded/...`: superseded rows are paid
    answers (the resume index reuses them when settings change back, `status` counts their
    tokens), so they are set aside out of every glob's sight rather than lost — as Delta Lake
@@ -30,8 +30,11 @@ missing until step 4 ends), then the new set. A kill in steps 3-4 is finished by
 provably gone: `stores.holder_gone`). Delta Lake's readers go through its log for the same
 reason; compact while no plain reader is scanning if a partial view matters.
 
-Runs compact on their own, at their end and under their lock, when the share of superseded rows
-passes `[output] compact_above` (`compact_if_over`).
+Every run and reparse ends with `supersede`: the same commit, but only the parts that hold
+superseded rows are rewritten (copy-on-write, as Delta Lake's and Iceberg's row-level updates
+rewrite only the files holding the rows), so `data/` holds exactly the current rows after every
+run without rewriting the whole output. `pipeline compact` is then only needed to merge the
+small parts many runs leave.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -50,8 +54,9 @@ import pyarrow.parquet as pq
 from pipeline.output.index_cache import load_facts
 from pipeline.output.parts import (
     GROUP,
-    HISTORY_DIR,
     RUNS_DIR,
+    data_name,
+    history_name,
     is_history_part,
     is_part,
     latest_rows,
@@ -141,16 +146,45 @@ def _compact(store: Store, lock: WriterLock, step: Step) -> dict[str, Any]:
     split = _rows_by_part(table, current)
     del table
     new = _write_staged(store, compaction, names, split, step)
-    record = {"id": compaction, "old": names, "new": new}
-    lock.check()  # the commit: only while the output is certainly ours
-    store.create_bytes(record_name(compaction), json.dumps(record).encode())
-    step("recorded")
-    finish_compaction(store, record, step)
+    _commit(store, lock, {"id": compaction, "old": names, "new": new}, step)
     report["parts_after"] = sum(1 for name in new if is_part(name))
     store.replace(f"{RUNS_DIR}/{report['run_id']}.json", json.dumps(report, indent=2).encode())
     step("done")
     log.info("compacted %s: %s", store.url, report)
     return report
+
+
+def supersede(output: str | Store, lock: WriterLock, *, step: Step = no_step) -> dict[str, Any]:
+    """Copy-on-write, at the end of every run and reparse (under the writer's lock): the parts
+    holding superseded rows are rewritten without them, those rows set aside in `.superseded/`,
+    every other part untouched, committed as a compaction is (module doc). Which rows are
+    superseded comes from the resume index's cached facts, so an output of 100k rows where 10
+    were answered again reads the facts and rewrites the few parts the 10 old rows sat in."""
+    started = time.monotonic()
+    store = open_store(output)
+    parts = part_entries(store, history=True)  # all of them: the facts cache covers all
+    facts = load_facts(store, parts, suffix=None, write=True)
+    split = facts.stale_rows([is_history_part(entry.name) for entry in parts])
+    report: dict[str, Any] = {"parts_rewritten": len(split), "rows_rewritten": 0}
+    report["rows_set_aside"] = 0
+    if split:
+        names = [entry.name for entry in parts]
+        compaction = new_run_id()
+        new = _write_staged(store, compaction, names, split, step)
+        _commit(store, lock, {"id": compaction, "old": [names[p] for p in split], "new": new}, step)
+        report["rows_rewritten"] = sum(len(keep) for keep, _ in split.values())
+        report["rows_set_aside"] = sum(len(gone) for _, gone in split.values())
+    report["seconds"] = round(time.monotonic() - started, 3)
+    return report
+
+
+def _commit(store: Store, lock: WriterLock, record: dict[str, Any], step: Step) -> None:
+    """Steps 2-4: the record created (only while the output is certainly ours), then the old
+    parts deleted and the new ones published."""
+    lock.check()
+    store.create_bytes(record_name(record["id"]), json.dumps(record).encode())
+    step("recorded")
+    finish_compaction(store, record, step)
 
 
 def _removed_tokens(table: pa.Table, current: np.ndarray) -> dict[str, int]:
@@ -161,13 +195,13 @@ def _removed_tokens(table: pa.Table, current: np.ndarray) -> dict[str, int]:
     return {name: int(pc.sum(rows.column(name)).as_py() or 0) for name in USAGE_COLUMNS}
 
 
-def _rows_by_part(table: pa.Table, current: np.ndarray) -> dict[int, tuple[np.ndarray, ...]]:
+def _rows_by_part(table: pa.Table, current: np.ndarray) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """For each old part: its current rows and its superseded rows (row numbers)."""
     is_current = np.zeros(table.num_rows, dtype=bool)
     is_current[current] = True
     part_of = table.column("_part").to_numpy()
     row_of = table.column("_row").to_numpy()
-    split: dict[int, tuple[np.ndarray, ...]] = {}
+    split: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     for part in np.unique(part_of):
         mine = part_of == part
         split[int(part)] = (row_of[mine & is_current], row_of[mine & ~is_current])
@@ -178,7 +212,7 @@ def _write_staged(
     store: Store,
     compaction: str,
     names: list[str],
-    rows: dict[int, tuple[np.ndarray, ...]],
+    rows: dict[int, tuple[np.ndarray, np.ndarray]],
     step: Step,
 ) -> list[str]:
     """Step 1: old part by old part, the current rows into staged parts of ~COMPACT_ROWS rows,
@@ -194,8 +228,8 @@ def _write_staged(
         count += len(rows[part][0])
     new = []
     for seq, parts in enumerate(group for group in groups if group):
-        name = f"part-compact-{compaction}-{seq:05d}.parquet"
-        for which, final in enumerate((name, f"{HISTORY_DIR}/{name}")):
+        name = data_name(f"part-compact-{compaction}-{seq:05d}.parquet")
+        for which, final in enumerate((name, history_name(name))):
             if not any(len(rows[part][which]) for part in parts):
                 continue
             store.create(
@@ -220,28 +254,3 @@ def _part_writer(store: Store, names: list[str], keep: list[np.ndarray]) -> Call
                     writer.write_table(table.take(pa.array(rows)))
 
     return write
-
-
-def superseded_share(store: Store) -> float:
-    """The share of the rows a glob sees that are not current (from the index cache: cheap;
-    rows already set aside in `.superseded/` do not count)."""
-    parts = part_entries(store, history=True)
-    facts = load_facts(store, parts, suffix=None, write=True)
-    visible, superseded = facts.superseded([is_history_part(entry.name) for entry in parts])
-    return superseded / visible if visible else 0.0
-
-
-def compact_if_over(
-    output: str | Store, threshold: float, lock: WriterLock, *, at_most: float = 1.0
-) -> dict | None:
-    """Compact (under the caller's lock) when the superseded share passes `threshold`.
-    `at_most`: what the caller knows the share cannot exceed (a run: what it found at its
-    start plus every row it added); when that does not pass, nothing is read."""
-    if at_most <= threshold:
-        return None
-    store = open_store(output)
-    share = superseded_share(store)
-    if share <= threshold:
-        return None
-    log.info("%s: %.0f%% of the rows are superseded: compacting", store.url, 100 * share)
-    return compact(store, lock=lock)

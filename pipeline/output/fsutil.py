@@ -25,25 +25,43 @@ class AlreadyExists(FileExistsError):
     """`create_new` found the name taken: nothing was written over it."""
 
 
-def temp_name(final: Path) -> Path:
-    """The hidden temporary beside `final` (no reader globs for dot-files ending in .tmp)."""
-    return final.with_name(f".{final.name}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
+def temp_name(final: Path, scratch: Path | None = None) -> Path:
+    """The hidden temporary for `final`: beside it, or in `scratch` (a folder on the same
+    filesystem) when `final`'s own folder must hold nothing but finished files — an output's
+    `data/`, which Polars reads whole, failing on any file that is not Parquet."""
+    folder = final.parent if scratch is None else scratch
+    return folder / f".{final.name}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
 
 
-def atomic_write(final: str | os.PathLike[str], write: Callable[[BinaryIO], object]) -> None:
-    """Call `write(file)` on a temporary beside `final`, then make it `final` durably."""
-    _commit(Path(final), write, _replace)
+def atomic_write(
+    final: str | os.PathLike[str],
+    write: Callable[[BinaryIO], object],
+    *,
+    scratch: Path | None = None,
+) -> None:
+    """Call `write(file)` on a temporary (see temp_name), then make it `final` durably."""
+    _commit(Path(final), write, _replace, scratch)
 
 
-def create_new(final: str | os.PathLike[str], write: Callable[[BinaryIO], object]) -> None:
+def create_new(
+    final: str | os.PathLike[str],
+    write: Callable[[BinaryIO], object],
+    *,
+    scratch: Path | None = None,
+) -> None:
     """Like atomic_write, but never over an existing `final` (AlreadyExists): the temporary is
     hard-linked to its name, which fails if the name is taken, the way a conditional PUT
     (`If-None-Match: *`) fails on an object store."""
-    _commit(Path(final), write, _link)
+    _commit(Path(final), write, _link, scratch)
 
 
-def _commit(final: Path, write: Callable[[BinaryIO], object], publish: Callable) -> None:
-    temp = temp_name(final)
+def _commit(
+    final: Path,
+    write: Callable[[BinaryIO], object],
+    publish: Callable,
+    scratch: Path | None,
+) -> None:
+    temp = temp_name(final, scratch)
     try:
         with open(temp, "wb") as file:
             write(file)

@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 
 from pipeline.output.index_cache import file_digest, load_facts
 from pipeline.output.memory import release_unused
-from pipeline.output.parts import Output, is_history_part, part_entries, read_part, read_parts
+from pipeline.output.parts import Output, part_entries, read_part, read_parts
 from pipeline.output.stores import Entry, Store, open_store, store_key
 from pipeline.records import ROW_SCHEMA
 
@@ -163,8 +163,6 @@ class ResumeIndex:
     done: DigestSet
     ok_keys: KeySet
     rows_read: int
-    visible_rows: int = 0  # rows a glob sees (not set aside by a compaction) ...
-    superseded_rows: int = 0  # ... and how many of them are superseded (for compact_above)
 
     def is_done(self, image_root: str, image_path: str, size: int, mtime_ns: int) -> bool:
         return file_digest(image_root, image_path, size, mtime_ns) in self.done
@@ -184,7 +182,6 @@ def load_resume_index(
     store = open_store(output)
     parts = part_entries(store, history=True)
     facts = load_facts(store, parts, suffix=key_suffix, write=write_cache)
-    visible, superseded = facts.superseded([is_history_part(entry.name) for entry in parts])
     done, ok, rows = facts.done(retry_errors, RETRY_RUNS), facts.ok_digests(), facts.rows
     del facts  # before the sorted sets are built: their scratch is the peak otherwise
     done_set = DigestSet(done)
@@ -199,8 +196,6 @@ def load_resume_index(
         done=done_set,
         ok_keys=ok_keys,
         rows_read=rows,
-        visible_rows=visible,
-        superseded_rows=superseded,
     )
 
 

@@ -149,9 +149,10 @@ def _words(column: pa.Array) -> np.ndarray:
 class Gathered:
     """What the index needs under one suffix, gathered batch by batch (module docstring).
 
-    Read in this order: `superseded`, then `done`, then `ok_digests`. The last two hand over
-    the columns they are the last to need instead of copying them (a million rows: 57 MB of
-    columns, and every copy the sorts would make on top counts in a resume's peak).
+    Read in this order: `done`, then `ok_digests` (or `stale_rows` alone, with no suffix).
+    `done` and `ok_digests` hand over the columns they are the last to need instead of copying
+    them (a million rows: 57 MB of columns, and every copy the sorts would make on top counts
+    in a resume's peak).
     """
 
     def __init__(self, suffix: str | None, parts: list[Entry]) -> None:
@@ -172,13 +173,13 @@ class Gathered:
         self.rows += n
         pieces = self._pieces
         pieces["group"].append(facts.column("group").to_numpy().copy())
+        pieces["when"].append(facts.column("when").to_numpy().copy())
         self._spans.append((part, first, n))
         if self.suffix is None:
             return
         mine_of = np.array([s == self.suffix for s in batch.suffixes] + [False], dtype=bool)
         mine = mine_of[facts.column("suffix").to_numpy()]  # -1 picks the trailing False
         flags = facts.column("flags").to_numpy() | (mine.astype(np.uint8) * MINE)
-        pieces["when"].append(facts.column("when").to_numpy().copy())
         pieces["flags"].append(flags)
         pieces["file"].append(_binary16(facts.column("file")).copy())
         ok = (flags & (OK | MINE)) == (OK | MINE)
@@ -226,18 +227,27 @@ class Gathered:
         not). The gathered column itself, handed over: a copy would be 16 MB a million rows."""
         return self._take("ok_sha", keep=False)
 
-    def superseded(self, set_aside: list[bool]) -> tuple[int, int]:
-        """(rows a glob sees, how many of them are superseded); `set_aside[n]`: part n is in
-        `.superseded/` (a compaction's history), which no glob sees."""
+    def stale_rows(self, set_aside: list[bool]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """For each part a glob sees that holds superseded rows: (its current rows, its
+        superseded rows), row numbers in order. Superseded: a newer row of the same group
+        (later `when`, then later part, then later row: `parts.latest_rows`' rule) is seen
+        too. `set_aside` as in `superseded`; rows set aside already take no part."""
         if not self.rows:
-            return 0, 0
-        hidden = np.array(set_aside, dtype=bool)
-        group = self._take("group")
-        if not hidden.any():  # no compaction's history: every row is seen (no masks to build)
-            return self.rows, self.rows - _distinct(group)
-        seen = np.concatenate([np.full(n, not hidden[part]) for part, _, n in self._spans])
-        visible = int(seen.sum())
-        return visible, visible - _distinct(group[seen])
+            return {}
+        seen = np.concatenate([np.full(n, not set_aside[part]) for part, _, n in self._spans])
+        group, when, place = self._take("group")[seen], self._take("when")[seen], self._places()
+        place = place[seen]
+        order = np.lexsort((place, when, group))
+        ordered = group[order]
+        older = np.zeros(len(order), dtype=bool)
+        older[:-1] = ordered[1:] == ordered[:-1]
+        stale = np.sort(place[order[older]])
+        split = {}
+        for part in np.unique(stale >> 32):
+            gone = stale[(stale >> 32) == part] & 0xFFFFFFFF
+            rows = np.arange(self._next_row[int(part)], dtype=np.int64)
+            split[int(part)] = (np.setdiff1d(rows, gone, assume_unique=True), gone)
+        return split
 
     def _places(self) -> np.ndarray:
         """Where each row sits, (part << 32) | row, in gathered order: built when a sort needs
@@ -257,15 +267,6 @@ class Gathered:
             joined = np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype or np.int64)
             pieces[:] = [joined]
         return pieces[0] if keep else pieces.pop()
-
-
-def _distinct(values: np.ndarray) -> int:
-    """How many distinct values: by a sort (numpy's hash-based `unique` takes ~1.2 s for a
-    million uint64 here, the sort 0.06 s)."""
-    if not len(values):
-        return 0
-    ordered = np.sort(values)
-    return 1 + int(np.count_nonzero(ordered[1:] != ordered[:-1]))
 
 
 def _retry_now(

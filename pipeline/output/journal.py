@@ -2,7 +2,8 @@
 
 An answer the service returned is paid for. Parts are written every few thousand rows (Parquet
 wants big files), so between parts the rows live in a journal: one append-only segment per part,
-`.journal-<run id>-<seq>.jsonl` beside `part-<run id>-<seq>.parquet`, one JSON row a line.
+`.journal-<run id>-<seq>.jsonl` at the top level (never in `data/`), for the part
+`data/part-<run id>-<seq>.parquet`, one JSON row a line.
 
 Two guards, against two different failures:
 
@@ -47,6 +48,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from pipeline.output.parts import data_name
 from pipeline.output.stores import Store
 from pipeline.records import ROW_SCHEMA, to_table
 
@@ -67,7 +69,7 @@ def segment_name(run_id: str, seq: int) -> str:
 
 def part_name(run_id: str, seq: int) -> str:
     """The part a segment becomes (the same run id and sequence number)."""
-    return f"part-{run_id}-{seq:05d}.parquet"
+    return data_name(f"part-{run_id}-{seq:05d}.parquet")
 
 
 def part_for(segment: str) -> str:

@@ -3,11 +3,15 @@ committed (a killed compaction resolved to exactly its old or its new set), how 
 written whole and read back batch by batch, and which rows are current.
 
 Layout of an output (a local folder or an object-store prefix, through `stores.Store`):
-`part-<run id>-<seq>.parquet` (the rows), `.superseded/` (rows a compaction set aside: paid
-answers, out of every glob), `runs/<run id>.json` (summaries), `.journal-*` (answers not yet in
-a part: `journal.py`), `.index/` (the resume index's cache: `index_cache.py`), `.compact-<id>/`
-and `.compact-<id>.json` (a compaction's staging and its commit record: `compact.py`),
-`state.sqlite` (`state.py`). Names starting with `.` are never parts.
+`data/part-<run id>-<seq>.parquet` (the current rows, and nothing else: `data/` is the folder
+every reader is pointed at, because Polars walks a folder recursively and fails on any file
+below it that is not Parquet, dot- and underscore-names included), `.superseded/` (superseded
+rows set aside: paid answers, out of every reader's sight), `runs/<run id>.json` (summaries),
+`.journal-*` (answers not yet in a part: `journal.py`), `.index/` (the resume index's cache:
+`index_cache.py`), `.compact-<id>/` and `.compact-<id>.json` (a compaction's staging and its
+commit record: `compact.py`), `state.sqlite` (`state.py`). Outputs written before `data/`
+existed hold their parts at the top level: read as parts, moved into `data/` by the next writer
+(`recovery.migrate_layout`).
 
 A row is superseded by a newer row for the same (image_root, image_path, task): newer means a
 later `completed_at`, then a later part (name order), then a later row in the part
@@ -34,6 +38,7 @@ from pipeline.records import ROW_SCHEMA, SCHEMA_VERSION, to_table
 
 Output: TypeAlias = "str | os.PathLike[str] | Store"
 PART_SUFFIX = ".parquet"
+DATA_DIR = "data"  # the parts and nothing else: what DuckDB, Polars, pandas, datasets... read
 RUNS_DIR = "runs"  # the runner's JSON summary per run: runs/<run_id>.json
 HISTORY_DIR = ".superseded"  # rows a compaction set aside: out of every glob, still paid for
 VERSION_KEY = b"gemini_vision_pipeline.schema_version"
@@ -53,6 +58,11 @@ def part_entries(output: Output, *, history: bool = False) -> list[Entry]:
     return visible_parts(store, store.list(), history=history)
 
 
+def data_name(base: str) -> str:
+    """The name of a part called `base` (`part-<run id>-<seq>.parquet`) in the output."""
+    return f"{DATA_DIR}/{base}"
+
+
 def part_files(output: Output) -> list[Path] | list[str]:
     """The committed parts' paths (local folder) or URLs (object store), in name order."""
     store = open_store(output)
@@ -63,12 +73,28 @@ def part_files(output: Output) -> list[Path] | list[str]:
 
 
 def is_part(name: str) -> bool:
-    return name.endswith(PART_SUFFIX) and not is_hidden(name)
+    """A part readers see: `data/<name>.parquet` (or, in an output written before `data/`
+    existed, `<name>.parquet` at the top level: `is_legacy_part`)."""
+    folder, _, base = name.rpartition("/")
+    return folder in (DATA_DIR, "") and _is_parquet(base)
+
+
+def is_legacy_part(name: str) -> bool:
+    return "/" not in name and _is_parquet(name)
 
 
 def is_history_part(name: str) -> bool:
-    folder, _, rest = name.partition("/")
-    return folder == HISTORY_DIR and is_part(rest)
+    folder, _, base = name.rpartition("/")
+    return folder == HISTORY_DIR and _is_parquet(base)
+
+
+def history_name(name: str) -> str:
+    """Where a part's superseded rows are set aside (flat under `.superseded/`)."""
+    return f"{HISTORY_DIR}/{name.rpartition('/')[2]}"
+
+
+def _is_parquet(base: str) -> bool:
+    return base.endswith(PART_SUFFIX) and not is_hidden(base)
 
 
 class UnreadablePart(ValueError):
@@ -298,7 +324,7 @@ def visible_parts(store: Store, entries: list[Entry], *, history: bool = False) 
     """The parts a reader must see in a listing, a committed compaction applied (module doc);
     with `history`, the set-aside superseded rows' parts too."""
     wanted = (lambda name: is_part(name) or is_history_part(name)) if history else is_part
-    parts = [entry for entry in entries if wanted(entry.name)]
+    parts = _migrated_once([entry for entry in entries if wanted(entry.name)])
     records = [entry.name for entry in entries if COMPACTION_RECORD.fullmatch(entry.name)]
     if not records:
         return parts
@@ -315,6 +341,13 @@ def visible_parts(store: Store, entries: list[Entry], *, history: bool = False) 
             if new not in published and staged is not None and wanted(new):
                 parts.append(staged)
     return sorted(parts, key=lambda entry: entry.name)
+
+
+def _migrated_once(parts: list[Entry]) -> list[Entry]:
+    """A legacy top-level part whose copy in `data/` exists already is the same part, caught
+    between a bucket's copy and delete (`recovery.migrate_layout`): read once, from `data/`."""
+    moved = {entry.name for entry in parts if entry.name.startswith(DATA_DIR + "/")}
+    return [entry for entry in parts if data_name(entry.name) not in moved]
 
 
 def pending_compaction(store: Store) -> bool:

@@ -13,10 +13,12 @@ from collections.abc import Callable
 from typing import Any
 
 from pipeline.output import journal
-from pipeline.output.fsutil import is_temp
+from pipeline.output.fsutil import fsync_dir, is_temp
 from pipeline.output.parts import (
     COMPACTION_RECORD,
     COMPACTION_STAGED,
+    data_name,
+    is_legacy_part,
     pending_compaction,
     read_record,
     record_name,
@@ -32,6 +34,7 @@ def recover_locked(store: Store) -> int:
     compaction; remove unfinished temporary files. The caller holds the output's lock.
     Returns how many rows were recovered."""
     recover_compaction(store)
+    migrate_layout(store)  # before the journal: a segment's part may be a legacy one
     recovered = sum(_recover_segment(store, segment) for segment in journal.segments(store))
     if store.local:
         temps = [e.name for e in store.list() if is_temp(e.name.rpartition("/")[2])]
@@ -39,6 +42,24 @@ def recover_locked(store: Store) -> int:
         for name in temps:
             log.info("removed an unfinished file left by a killed run: %s", name)
     return recovered
+
+
+def migrate_layout(store: Store) -> int:
+    """Move the parts of an output written before `data/` existed into `data/` (one rename
+    each on disk; a copy then a delete on a bucket, where a kill in between leaves two copies
+    that readers count once: `parts.visible_parts`). Returns how many moved."""
+    entries = store.list()
+    present = {entry.name for entry in entries}
+    legacy = [entry.name for entry in entries if is_legacy_part(entry.name)]
+    for name in legacy:
+        _publish(store, name, data_name(name), already=data_name(name) in present)
+    if legacy:
+        log.info(
+            "moved %d parts into %s (the folder readers are pointed at)",
+            len(legacy),
+            store.join(data_name("")),
+        )
+    return len(legacy)
 
 
 def _recover_segment(store: Store, segment: str) -> int:
@@ -136,13 +157,13 @@ def finish_compaction(store: Store, record: dict[str, Any], step: Step) -> None:
 
 
 def _publish(store: Store, staged: str, final: str, *, already: bool) -> None:
-    """Move a staged part to its top-level name: a rename on disk, a copy then a delete on an
-    object store (whose copy of a whole object is all or nothing)."""
+    """Move a part (staged, or of the old layout) to its final name: a rename on disk, a copy
+    then a delete on an object store (whose copy of a whole object is all or nothing)."""
     if store.local:
-        import os
-
         os.makedirs(os.path.dirname(store.join(final)), exist_ok=True)
         os.replace(store.join(staged), store.join(final))
+        for folder in {os.path.dirname(store.join(staged)), os.path.dirname(store.join(final))}:
+            fsync_dir(folder)  # a rename between folders is durable once both are
         return
     assert isinstance(store, ObjectStore)  # the one Store that is not local (and can copy)
     if not already:

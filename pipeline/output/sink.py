@@ -44,8 +44,9 @@ from types import TracebackType
 from typing import Any
 
 from pipeline.output import journal
-from pipeline.output.compact import compact_if_over
+from pipeline.output.compact import supersede
 from pipeline.output.memory import release_unused, return_big_buffers
+from pipeline.output.parts import data_name
 from pipeline.output.recovery import recover_locked
 from pipeline.output.stores import (
     LEASE_SECONDS,
@@ -125,6 +126,7 @@ class ParquetSink:
         self.parts_written = 0
         self.unstorable = 0  # rows replaced by an error row because they could not be encoded
         self.rows_recovered = 0  # rows of a killed run's journal committed on opening
+        self.superseded: dict[str, Any] = {}  # what the end of the run set aside (supersede)
         self._queue: asyncio.Queue[dict[str, Any] | _Flush | None] = asyncio.Queue(QUEUE_ROWS)
         self._queued_bytes = 0  # journal.row_bytes of the rows in the queue
         self._room = asyncio.Event()  # set when the writer took rows off the queue
@@ -163,10 +165,12 @@ class ParquetSink:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self.close()
+        await self.close(settle=exc is None)
 
-    async def close(self) -> None:
-        """Commit everything received, stop the writer, release the directory. Idempotent."""
+    async def close(self, *, settle: bool = True) -> None:
+        """Commit everything received, then (`settle`, and this sink the output's only writer)
+        set aside the rows they superseded (`compact.supersede`), stop the writer, release the
+        directory. Idempotent."""
         if self._writer is None:
             return
         writer, self._writer = self._writer, None
@@ -174,31 +178,25 @@ class ParquetSink:
             if not writer.done():
                 await self._queue.put(None)
             await asyncio.shield(writer)
+            if settle and self._failure is None and not self.shared:
+                await self._supersede()
         finally:
             await self._stop_renewing()
             await asyncio.to_thread(self._release)
         self._raise_failure()
 
-    async def compact_if_over(
-        self, threshold: float, *, visible: int | None = None, superseded: int = 0
-    ) -> dict[str, Any] | None:
-        """Commit everything, then compact the output (under this sink's lock) when the share
-        of superseded rows passes `threshold` (0 never). `visible` and `superseded`: the rows a
-        glob saw when this sink opened and how many were superseded (the resume index knows),
-        so that an output that cannot have passed the threshold is not read again. Returns
-        the compaction's report."""
-        if not threshold:
-            return None
-        await self.flush()
-        lock = self._lock
-        assert lock is not None
-        at_most = 1.0
-        if visible is not None:
-            added = self.rows_written  # (recovered rows were committed before the index)
-            at_most = (superseded + added) / (visible + added) if visible + added else 0.0
-        return await asyncio.to_thread(
-            compact_if_over, self.store, threshold, lock, at_most=at_most
-        )
+    async def _supersede(self) -> None:
+        """Readers of `data/` then see only current rows. A failure leaves the output as it
+        was (our readers still pick the current rows; the next run's end tries again), so it
+        is a warning, not the run's failure."""
+        assert self._lock is not None
+        try:
+            self.superseded = await asyncio.to_thread(supersede, self.store, self._lock)
+        except (OSError, ValueError, RuntimeError) as exc:
+            log.warning("setting superseded rows aside failed (the output is intact): %s", exc)
+        else:
+            if self.superseded["parts_rewritten"]:
+                log.info("set superseded rows aside: %s", self.superseded)
 
     def _release(self) -> None:
         if self._lock is not None:
@@ -452,8 +450,8 @@ class ParquetSink:
 
 def _next_seq(store: Store, run_id: str) -> int:
     """The next free part number of `run_id` (the same run id again must not overwrite)."""
-    taken = re.compile(rf"part-{re.escape(run_id)}-(\d+)\.parquet")
-    names = (e.name for e in store.list("part-"))
+    taken = re.compile(rf"{re.escape(data_name('part-'))}{re.escape(run_id)}-(\d+)\.parquet")
+    names = (e.name for e in store.list(data_name("part-")))
     numbers = [int(m.group(1)) for name in names if (m := taken.fullmatch(name))]
     return max(numbers, default=-1) + 1
 

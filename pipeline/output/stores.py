@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from pipeline.locations import FILESYSTEMS, local_path, normalise_url, scheme_of
-from pipeline.output.fsutil import AlreadyExists, atomic_write_bytes, create_new, fsync_dir
+from pipeline.output.fsutil import AlreadyExists, atomic_write, create_new, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -337,11 +337,11 @@ class DiskStore(Store):
 
     def create(self, name: str, write: Callable[[BinaryIO], object]) -> None:
         (self.root / name).parent.mkdir(parents=True, exist_ok=True)
-        create_new(self.root / name, write)
+        create_new(self.root / name, write, scratch=self.root)
 
     def replace(self, name: str, data: bytes) -> None:
         (self.root / name).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(self.root / name, data)
+        atomic_write(self.root / name, lambda file: file.write(data), scratch=self.root)
 
     def delete(self, names: Iterable[str]) -> None:
         folders = set()

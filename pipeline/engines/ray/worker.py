@@ -34,7 +34,7 @@ from pipeline.engines.ray.quota import ActorLink, LeasedDaily, LeasedLimiter, Li
 from pipeline.gemini import GeminiClient, api_key_from_env
 from pipeline.inputs.references import load as load_references
 from pipeline.output.index import KeySet
-from pipeline.output.parts import read_part
+from pipeline.output.parts import data_name, is_part, read_part
 from pipeline.output.recovery import recover_writer
 from pipeline.output.sink import ParquetSink
 from pipeline.output.state import State
@@ -338,8 +338,8 @@ _PRIOR_COLUMNS = (
 def rows_of_writer(out: Store, name: str) -> dict[tuple[str, str], dict[str, Any]]:
     """The rows a worker's predecessor committed (parts named after it), by file."""
     rows: dict[tuple[str, str], dict[str, Any]] = {}
-    for entry in out.list(f"part-{name}-"):  # w1- is no prefix of w10-
-        if "/" in entry.name or not entry.name.endswith(".parquet"):
+    for entry in out.list(data_name(f"part-{name}-")):  # w1- is no prefix of w10-
+        if not is_part(entry.name):
             continue
         for batch in read_part(entry.name, _PRIOR_COLUMNS, store=out):
             for row in batch.to_pylist():
