@@ -205,6 +205,16 @@ def _reparse(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prune(args: argparse.Namespace) -> int:
+    from pipeline.commands.prune import format_prune, prune
+
+    _recover(args.output_dir)
+    config = with_overrides(load_config(args.config), {"output.dir": args.output_dir})
+    report = prune(config, args.output_dir, apply=args.apply)
+    print(json.dumps(report, indent=2) if args.json else format_prune(report))
+    return 0
+
+
 def _compact(args: argparse.Namespace) -> int:
     from pipeline.output.compact import compact
 
@@ -315,6 +325,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="config whose [task] settings to parse with")
     p.add_argument("--mask-threshold", type=int)
     p.set_defaults(func=_reparse)
+
+    p = sub.add_parser("prune", help="set aside rows whose input file no longer exists")
+    p.add_argument("output_dir")
+    p.add_argument("--config", required=True, help="the config whose inputs are walked")
+    p.add_argument("--apply", action="store_true", help="do it (without: only count)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_prune)
 
     p = sub.add_parser(
         "compact", help="rewrite the current rows into fresh parts: any reader's glob then fits"

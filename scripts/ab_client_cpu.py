@@ -79,7 +79,7 @@ def replay_file(work: Path, tree: str, images: Path, count: int) -> Path:
     from pipeline.gemini.client import parse_generate_content
 
     with replay.open("w") as fh:
-        for part in glob.glob(str(out / "*.parquet")):
+        for part in glob.glob(str(out / "data" / "*.parquet")):
             table = pq.read_table(part, columns=["image_sha256", "raw_response"])
             for row in table.to_pylist():
                 text = parse_generate_content(row["raw_response"]).text

@@ -125,8 +125,8 @@ async def test_workers_read_a_bucket_and_write_another(
     first = await run(config)
     assert (first.exit_code, first.api_calls, first.rows) == (exits.OK, 12, {"ok": 12})
     store = open_store(out)
-    parts = {e.name.rsplit("-", 1)[0] for e in store.list("part-")}
-    assert parts and parts <= {f"part-{first.run_id}.w{i}" for i in range(2)}
+    parts = {e.name.rsplit("-", 1)[0] for e in store.list("data/part-")}
+    assert parts and parts <= {f"data/part-{first.run_id}.w{i}" for i in range(2)}
     assert store.info(LEASE_NAME) is None  # released at the end
     rows = current_rows(out, ["image_path", "status"]).to_pylist()
     assert rows == [{"image_path": name, "status": "ok"} for name in names]

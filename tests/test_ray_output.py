@@ -55,7 +55,7 @@ async def test_a_runs_writers_share_the_output_and_keep_others_out(out: str) -> 
                         pass
             with pytest.raises(OutputDirBusy), shared_output(out, "run2"):  # or another driver
                 pass
-    assert parts(out) == ["part-run1.w0-00000.parquet", "part-run1.w1-00000.parquet"]
+    assert parts(out) == ["data/part-run1.w0-00000.parquet", "data/part-run1.w1-00000.parquet"]
     table = current_rows(out, ["run_id"])  # the run's id in the rows, not the writer's name
     assert table.column("run_id").to_pylist() == ["run1", "run1"]
 
@@ -92,7 +92,7 @@ def test_a_lost_writers_journal_is_committed_alone(out: str) -> None:
         segment.append([row(n)])
         segment.close()
     assert recover_writer(out, "run1.w1") == 1
-    assert parts(out) == ["part-run1.w1-00000.parquet"]
+    assert parts(out) == ["data/part-run1.w1-00000.parquet"]
     alive = sorted(journal.segments(store))
     assert alive == [journal.segment_name("run1.w10", 0), journal.segment_name("run1.w2", 0)]
     prior = rows_of_writer(store, "run1.w1")  # not w10's, whose name starts the same

@@ -236,8 +236,8 @@ async def test_resume_retry_errors_and_changed_prompt(images_dir: Path, tmp_path
     changed = make_config(tmp_path, task={"kind": "segment", "prompt": prompt})
     redone = await run(changed)
     assert redone.api_calls == 6  # a changed prompt changes every key
-    # Half the rows were superseded: the run compacted ([output] compact_above), setting the
-    # old answers aside in .superseded/ (paid for: kept), so a glob sees one row per image.
+    # Every row was superseded: the run's end set the old answers aside in .superseded/ (paid
+    # for: kept), so a glob sees one row per image.
     assert Counter(r["image_path"] for r in read_rows(tmp_path / "out"))["img0.png"] == 1
     rows = read_rows(tmp_path / "out") + read_rows(tmp_path / "out" / ".superseded")
     assert Counter(r["image_path"] for r in rows)["img0.png"] == 2

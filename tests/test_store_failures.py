@@ -61,7 +61,7 @@ def test_a_damaged_part_on_a_bucket_is_exit_2_naming_the_object_and_how_to_set_i
     was a pyarrow traceback, exit 1, from `run` and from `status`)."""
     put_images(f"{bucket}/images", 2)
     output = f"{bucket}/out"
-    damaged = f"{output}/part-x-00000.parquet"
+    damaged = f"{output}/data/part-x-00000.parquet"
     filesystem("s3").pipe(damaged, b"not a parquet file at all")
     monkeypatch.setenv("GEMINI_API_KEY", "test-key")
     config = _config(tmp_path, f"{bucket}/images", output)

@@ -131,7 +131,8 @@ async def test_reparse_export_render_on_a_real_output(images_dir: Path, tmp_path
     report = await asyncio.to_thread(reparse, str(tmp_path / "out"), mask_threshold=254)
     assert report["reparsed"] == 3
     after = {r["image_path"]: r for r in current_rows(tmp_path / "out").to_pylist()}
-    assert len(read_rows(tmp_path / "out")) == 6  # appended, superseding
+    assert len(read_rows(tmp_path / "out")) == 3  # appended, the old rows set aside:
+    assert len(read_rows(tmp_path / "out" / ".superseded")) == 3  # paid for, so kept
     for path, row in after.items():
         assert row["run_id"] == report["run_id"]
         assert row["key"] == before[path]["key"]

@@ -90,13 +90,40 @@ def compact(
     """Rewrite the output's current rows into fresh parts and set the superseded ones aside.
     Takes the output's lock unless given the holder's (a run compacting at its end); a killed
     writer's lease is waited out (at most its TTL), a live writer's refuses (OutputDirBusy)."""
+    return _holding(output, lock, lease_seconds, lambda store, held: _compact(store, held, step))
+
+
+def set_aside(
+    output: str | Store,
+    select: Callable[[pa.Table], np.ndarray],
+    *,
+    lock: WriterLock | None = None,
+    lease_seconds: float = LEASE_SECONDS,
+    step: Step = no_step,
+) -> dict[str, Any]:
+    """Move the rows `select` picks (a mask over a table of the GROUP columns of every row in
+    `data/`) into `.superseded/`, rewriting only the parts that held them (`pipeline prune`:
+    rows of inputs that disappeared, paid for and so kept). The lock as for `compact`."""
+    return _holding(
+        output, lock, lease_seconds, lambda store, held: _set_aside(store, held, select, step)
+    )
+
+
+def _holding(
+    output: str | Store,
+    lock: WriterLock | None,
+    lease_seconds: float,
+    work: Callable[[Store, WriterLock], dict[str, Any]],
+) -> dict[str, Any]:
+    """`work` under the output's lock: the caller's, or taken (and renewed) here, after
+    putting right what a killed writer left."""
     store = open_store(output)
     held = lock or store.lock("compact", ttl=lease_seconds)
     renewing = _Renewal(held) if lock is None else None
     try:
         if lock is None:
             recover_locked(store)
-        return _compact(store, held, step)
+        return work(store, held)
     finally:
         if renewing is not None:
             renewing.stop()
@@ -176,6 +203,23 @@ def supersede(output: str | Store, lock: WriterLock, *, step: Step = no_step) ->
         report["rows_set_aside"] = sum(len(gone) for _, gone in split.values())
     report["seconds"] = round(time.monotonic() - started, 3)
     return report
+
+
+def _set_aside(
+    store: Store, lock: WriterLock, select: Callable[[pa.Table], np.ndarray], step: Step
+) -> dict[str, Any]:
+    table, names, _ = scan(store, GROUP)
+    chosen = np.asarray(select(table), dtype=bool)
+    split = {
+        part: rows
+        for part, rows in _rows_by_part(table, np.flatnonzero(~chosen)).items()
+        if len(rows[1])
+    }
+    if split:
+        compaction = new_run_id()
+        new = _write_staged(store, compaction, names, split, step)
+        _commit(store, lock, {"id": compaction, "old": [names[p] for p in split], "new": new}, step)
+    return {"rows_set_aside": int(chosen.sum()), "parts_rewritten": len(split)}
 
 
 def _commit(store: Store, lock: WriterLock, record: dict[str, Any], step: Step) -> None:

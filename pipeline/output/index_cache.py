@@ -30,7 +30,7 @@ import itertools
 import json
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -304,12 +304,14 @@ def load_facts(store: Store, parts: list[Entry], *, suffix: str | None, write: b
         cached = _open(store, entry.name)
         if cached is None:
             continue
-        if not set(cached.parts) <= present or not covered.isdisjoint(cached.parts):
-            stale.append(entry.name)  # names a part that is gone, or merged into another file
+        cached.kept = {part for part in cached.parts if part in present and part not in covered}
+        if not cached.kept:
+            stale.append(entry.name)  # its parts are gone, or merged into another file
             continue
         for batch in _batches_of(cached.table):
-            gathered.add(batch)
-        covered.update(cached.parts)
+            if batch.part in cached.kept:  # a part rewritten since (superseded rows set
+                gathered.add(batch)  # aside) costs its own facts, not the whole file's
+        covered.update(cached.kept)
         cached.table = None  # read: let its memory go
         used.append(cached)
     missing = [e for e in parts if (e.name, e.size) not in covered]
@@ -326,6 +328,7 @@ class _CacheFile:
     parts: list[Part]
     rows: int
     table: Any  # the file's RecordBatchFileReader until it has been read
+    kept: set[Part] = field(default_factory=set)  # its parts still present
 
 
 def _open(store: Store, name: str) -> _CacheFile | None:
@@ -356,7 +359,15 @@ def _batches_of(reader: Any) -> Iterator[PartFacts]:
 
 
 def _tidy(store: Store, used: list[_CacheFile], stale: list[str]) -> None:
-    """Delete stale cache files; past CHECKPOINT_FILES small files, merge them (a checkpoint)."""
+    """Delete stale cache files; rewrite a file some of whose parts are gone with the rest;
+    past CHECKPOINT_FILES small files, merge them (a checkpoint)."""
+    for cached in used:
+        if len(cached.kept) < len(cached.parts):
+            reopened = _open(store, cached.name)
+            kept = [] if reopened is None else list(_batches_of(reopened.table))
+            if _store_batches(store, [b for b in kept if b.part in cached.kept]):
+                stale.append(cached.name)
+    used = [cached for cached in used if cached.name not in stale]
     small = [cached for cached in used if cached.rows < FILE_ROWS // 4]
     if len(small) > CHECKPOINT_FILES:
         batches: list[PartFacts] = []

@@ -186,17 +186,8 @@ class ParquetSink:
         self._raise_failure()
 
     async def _supersede(self) -> None:
-        """Readers of `data/` then see only current rows. A failure leaves the output as it
-        was (our readers still pick the current rows; the next run's end tries again), so it
-        is a warning, not the run's failure."""
         assert self._lock is not None
-        try:
-            self.superseded = await asyncio.to_thread(supersede, self.store, self._lock)
-        except (OSError, ValueError, RuntimeError) as exc:
-            log.warning("setting superseded rows aside failed (the output is intact): %s", exc)
-        else:
-            if self.superseded["parts_rewritten"]:
-                log.info("set superseded rows aside: %s", self.superseded)
+        self.superseded = await asyncio.to_thread(settle, self.store, self._lock)
 
     def _release(self) -> None:
         if self._lock is not None:
@@ -472,8 +463,24 @@ def shared_output(
         lock.share()  # not atomic (flock(2)): another run taking it in between fails this one
         with _kept(lock, store):
             yield recovered
+            settle(store, lock)  # (not reached when the run failed: the next one settles)
     finally:
         lock.release()
+
+
+def settle(store: Store, lock: WriterLock) -> dict[str, Any]:
+    """The end of a run's writing: the rows it superseded set aside (`compact.supersede`), so
+    readers of `data/` see only current rows. A failure leaves the output as it was (our
+    readers still pick the current rows; the next run's end tries again): a warning, not the
+    run's failure. Returns what was done ({} when it failed)."""
+    try:
+        report = supersede(store, lock)
+    except (OSError, ValueError, RuntimeError) as exc:
+        log.warning("setting superseded rows aside failed (the output is intact): %s", exc)
+        return {}
+    if report["parts_rewritten"]:
+        log.info("set superseded rows aside: %s", report)
+    return report
 
 
 @contextlib.contextmanager

@@ -11,6 +11,7 @@
     ray_quota.py  ray_overhead.py   the Ray engine: one shared quota; cost and start-up
     bucket_listing.py  bucket_run.py  bucket_resume.py  compaction.py   the same, for buckets
                    and `pipeline compact` (s3server.py: the local S3 they run against)
+    supersede.py   a run's end setting aside what it superseded, copy-on-write (issue 20)
 
 A benchmark is a module that ends with
 
@@ -44,6 +45,7 @@ from . import (
     ray_overhead,
     ray_quota,
     resume,
+    supersede,
     throughput,
 )
 from .harness import Benchmark
@@ -67,4 +69,5 @@ BENCHMARKS: dict[str, Benchmark[Any]] = {
     "bucket-run": bucket_run.BENCHMARK,
     "bucket-resume": bucket_resume.BENCHMARK,
     "compact": compaction.BENCHMARK,
+    "supersede": supersede.BENCHMARK,
 }

@@ -113,7 +113,7 @@ def _config(url: str) -> str:
 def _forget_new_rows(env: dict[str, str]) -> None:
     """Remove the part the first run added (its 5 new objects), keeping the cache it stored."""
     with aws_env(env) as fs:
-        added = [p for p in fs.glob(f"{OUTPUT}/part-*.parquet") if "bench0" not in p]
+        added = [p for p in fs.glob(f"{OUTPUT}/data/part-*.parquet") if "bench0" not in p]
         fs.rm(added)
 
 

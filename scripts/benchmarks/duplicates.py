@@ -39,7 +39,7 @@ def run(ctx: Ctx[Sizes]) -> dict[str, Any]:
                 kind="detect",
             )  # fmt: skip
             proc, summary = run_pipeline(ctx, config)
-            parts = len(list(Path(ctx.output(f"dup-{name}")).glob("*.parquet")))
+            parts = len(list(Path(ctx.output(f"dup-{name}")).glob("data/*.parquet")))
             got = sum(summary["rows"].values())
             figures[name] = {
                 "wall_seconds": round(proc.wall, 2),

@@ -391,7 +391,7 @@ def run_pipeline(
 
 
 def read_rows(output: Path, columns: Sequence[str]) -> pa.Table:
-    parts = sorted(output.rglob("*.parquet"))
+    parts = sorted((output / "data").glob("*.parquet"))
     if not parts:
         raise RuntimeError(f"no Parquet parts under {output}")
     return pa.concat_tables(pq.read_table(p, columns=list(columns)) for p in parts)

@@ -149,7 +149,7 @@ def _direct_stages(images: Path, out: Path, config: Any) -> dict[str, float]:
     request = task.request(config.task)
     sources = list(walk([images]))
     n = len(sources)
-    rows = read_rows(out, [f.name for f in pq.read_schema(next(out.glob("*.parquet")))])
+    rows = read_rows(out, [f.name for f in pq.read_schema(next(out.glob("data/*.parquet")))])
     rows = rows.to_pylist()
     held: dict[str, Any] = {}
 

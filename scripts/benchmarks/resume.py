@@ -59,7 +59,7 @@ def run(ctx: Ctx[Sizes]) -> dict[str, Any]:
         t0 = time.perf_counter()
         _commit_rows(out, sources[0].root, suffix, n_rows, committed_real)
         figures["write_rows_s"] = round(time.perf_counter() - t0, 1)
-        figures["parts"] = len(list(out.glob("*.parquet")))
+        figures["parts"] = len(list(out.glob("data/*.parquet")))
         t0 = time.perf_counter()
         index = load_resume_index(out, key_suffix=suffix, retry_errors=False)
         figures["index_load_in_process_s"] = round(time.perf_counter() - t0, 2)
@@ -122,7 +122,7 @@ def _print(figures: dict[str, Any], n_rows: int) -> None:
 def _forget_new_rows(out: Path) -> None:
     """Drop the parts the previous run added (its 5 new files), so the next run has the same
     5 files to do again; the 1M committed rows and their cache stay."""
-    for part in out.glob("part-*.parquet"):
+    for part in out.glob("data/part-*.parquet"):
         if "bench0" not in part.name:
             part.unlink()
 
@@ -169,7 +169,7 @@ def _commit_rows(
     The same `n` with a later `run_id` and `day` writes the same files' rows again (newer)."""
     from pipeline.records import ROW_SCHEMA
 
-    out.mkdir(parents=True, exist_ok=True)
+    (out / "data").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(SEED)
     shas = np.frombuffer(binascii.hexlify(rng.bytes(32 * n)), dtype="S64").astype(str)
     paths = [f"gone/{i // 1000:04d}/img-{i:07d}.png" for i in range(n)]
@@ -203,7 +203,8 @@ def _commit_rows(
         }
         arrays = [columns[f.name] if f.name in columns else pa.nulls(m, f.type) for f in ROW_SCHEMA]
         table_ = pa.Table.from_arrays(arrays, schema=ROW_SCHEMA)
-        pq.write_table(table_, out / f"part-{run_id}-{seq:05d}.parquet", compression="zstd")
+        part = out / "data" / f"part-{run_id}-{seq:05d}.parquet"
+        pq.write_table(table_, part, compression="zstd")
 
 
 BENCHMARK = Benchmark(run, quick=Sizes(rows=1_000_000), full=Sizes(rows=1_000_000))
