@@ -145,17 +145,27 @@ KILLER = textwrap.dedent(
         if name == sys.argv[2]:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    compact(sys.argv[1], lease_seconds=float(sys.argv[3]), step=step)
+    if sys.argv[4] == "compact":
+        compact(sys.argv[1], lease_seconds=float(sys.argv[3]), step=step)
+    else:  # the end of a run: its lock held, only the parts with superseded rows rewritten
+        from pipeline.output.compact import supersede
+        from pipeline.output.stores import open_store
+
+        store = open_store(sys.argv[1])
+        supersede(store, store.lock("run", ttl=float(sys.argv[3])), step=step)
     """
 )
 STEPS = ("staged", "recorded", "old-deleted", "published", "done")
 
 
-async def compact_killed(where: str, after: str, lease_seconds: float = 1) -> int:
-    """`compact` in a child process that kills itself (SIGKILL) after step `after`: its exit."""
+async def compact_killed(
+    where: str, after: str, lease_seconds: float = 1, how: str = "compact"
+) -> int:
+    """`compact` (or a run's `supersede`) in a child process that kills itself (SIGKILL) after
+    step `after`: its exit."""
     killed = await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, "-c", KILLER, where, after, str(lease_seconds)],
+        [sys.executable, "-c", KILLER, where, after, str(lease_seconds), how],
         cwd=REPO,
         env=child_env(),
         check=False,
@@ -187,6 +197,24 @@ async def test_compact_killed_after_any_step_leaves_the_old_or_the_new_set(
     assert not [e.name for e in store.list(".compact-")]
     assert len(part_entries(store, history=True)) >= 1
     compact(out)
+    assert glob_texts(store) == new
+
+
+@pytest.mark.parametrize("killed_after", ["staged", "recorded", "old-deleted", "published"])
+async def test_a_runs_supersede_killed_after_any_step_is_put_right(
+    tmp_path: Path, killed_after: str
+) -> None:
+    out = tmp_path / "out"
+    store = open_store(out)
+    await history(store)
+    old, new = glob_texts(store), sorted(expected_texts().items())
+    assert await compact_killed(str(out), killed_after, how="supersede") == -9
+    assert current_texts(store) == dict(new)
+    seen = glob_texts(store)
+    assert killed_after in ("staged", "recorded") or set(seen) <= set(new)
+    recover(out)
+    assert glob_texts(store) == (old if killed_after == "staged" else new)
+    await write_rows(store, "next", [])  # the next run's end settles whatever is left
     assert glob_texts(store) == new
 
 
