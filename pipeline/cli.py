@@ -1,4 +1,4 @@
-"""The `pipeline` command: run, status, estimate, reparse, compact, export, render, models,
+"""The `pipeline` command: run, status, estimate, reparse, compact, prune, export, render, models,
 serve-local, batch."""
 
 from __future__ import annotations
@@ -334,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_prune)
 
     p = sub.add_parser(
-        "compact", help="rewrite the current rows into fresh parts: any reader's glob then fits"
+        "compact", help="merge the output's small parts into big ones (current rows only)"
     )
     p.add_argument("output_dir")
     p.set_defaults(func=_compact)
