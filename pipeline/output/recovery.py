@@ -48,9 +48,10 @@ def migrate_layout(store: Store) -> int:
     """Move the parts of an output written before `data/` existed into `data/` (one rename
     each on disk; a copy then a delete on a bucket, where a kill in between leaves two copies
     that readers count once: `parts.visible_parts`). Returns how many moved."""
-    entries = store.list()
-    present = {entry.name for entry in entries}
-    legacy = [entry.name for entry in entries if is_legacy_part(entry.name)]
+    legacy = [entry.name for entry in store.list("part-") if is_legacy_part(entry.name)]
+    if not legacy:
+        return 0  # (one listing of a prefix nothing has been written under since)
+    present = {entry.name for entry in store.list(data_name("part-"))}
     for name in legacy:
         _publish(store, name, data_name(name), already=data_name(name) in present)
     if legacy:
