@@ -56,10 +56,13 @@ def job(tmp_path: Path, url: str, count: int = IMAGES, out: str | None = None) -
     for i in range(count):
         draw_shapes(64, 48, seed=3000 + i, count=1)[0].save(images / f"p{i:04d}.png")
     config = tmp_path / "job.toml"
+    # A bucket's lease: the rerun takes a killed run's over at once (its process is provably
+    # gone), so the TTL only has to outlast renewals slowed by a busy machine (2 s did not,
+    # with moto sharing two cores with the whole suite: the rerun lost its own lease).
     config.write_text(
         f'[api]\nbase_url = "{url}"\nmodel = "gemini-2.5-flash"\n'
         f'[limits]\nconcurrency = {CONCURRENCY}\n[input]\npaths = ["{images}"]\n'
-        f'[task]\nkind = "detect"\n[output]\ndir = "{out}"\nlease_seconds = 2\n'
+        f'[task]\nkind = "detect"\n[output]\ndir = "{out}"\nlease_seconds = 10\n'
     )
     return config, out
 
