@@ -55,6 +55,7 @@ from pipeline.output.parts import (
     is_history_part,
     is_part,
     latest_rows,
+    output_answer,
     part_entries,
     read_parts,
     record_name,
@@ -68,7 +69,7 @@ from pipeline.output.stores import (
     WriterLock,
     open_store,
 )
-from pipeline.records import ROW_SCHEMA, USAGE_COLUMNS, new_run_id
+from pipeline.records import ANSWER, ROW_SCHEMA, USAGE_COLUMNS, new_run_id, row_schema
 
 log = logging.getLogger(__name__)
 
@@ -211,11 +212,14 @@ def _part_writer(store: Store, names: list[str], keep: list[np.ndarray]) -> Call
     """Writes the `keep` rows of each old part, read one old part at a time."""
 
     def write(file: Any) -> None:
-        with pq.ParquetWriter(file, ROW_SCHEMA, compression="zstd") as writer:
+        # one schema for the new parts: the parts of an older response_schema are read (and so
+        # rewritten) as the output's newest `answer` type
+        schema = row_schema(output_answer(store))
+        with pq.ParquetWriter(file, schema, compression="zstd") as writer:
             for (_, batches), rows in zip(
-                read_parts(store, names, ROW_SCHEMA.names), keep, strict=True
+                read_parts(store, names, ROW_SCHEMA.names, schema.field(ANSWER)), keep, strict=True
             ):
-                table = pa.Table.from_batches(list(batches), ROW_SCHEMA)
+                table = pa.Table.from_batches(list(batches), schema)
                 if len(rows):
                     writer.write_table(table.take(pa.array(rows)))
 

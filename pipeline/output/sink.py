@@ -43,9 +43,12 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
 
+import pyarrow as pa
+
 from pipeline.output import journal
 from pipeline.output.compact import compact_if_over
 from pipeline.output.memory import release_unused, return_big_buffers
+from pipeline.output.parts import output_answer
 from pipeline.output.recovery import recover_locked
 from pipeline.output.stores import (
     LEASE_SECONDS,
@@ -102,6 +105,7 @@ class ParquetSink:
         part_bytes: int = PART_BYTES,
         lease_seconds: float = LEASE_SECONDS,
         shared: bool = False,
+        answer: pa.Field | None = None,
     ) -> None:
         if not _RUN_ID.fullmatch(run_id):
             raise ValueError(f"run_id {run_id!r} is not usable in a file name")
@@ -113,6 +117,9 @@ class ParquetSink:
         self.output_dir = self.store.url
         self.lease_seconds = lease_seconds
         self.shared = shared  # one of a run's several writers (see the module docstring)
+        # the `answer` column's field: the run's (a custom task's response_schema), else, found
+        # on opening, the output's own, so that every part of an output has one schema
+        self.answer = answer
         self.run_id = run_id
         self.rows_per_part = rows_per_part
         self.flush_seconds = flush_seconds
@@ -149,6 +156,8 @@ class ParquetSink:
             if not self.shared:
                 self.rows_recovered = await asyncio.to_thread(recover_locked, self.store)
             self._seq = await asyncio.to_thread(_next_seq, self.store, self.run_id)
+            if self.answer is None:
+                self.answer = await asyncio.to_thread(output_answer, self.store)
         except BaseException:
             self._release()
             raise
@@ -402,7 +411,7 @@ class ParquetSink:
     async def _open_segment(self) -> journal.Segment:
         if self._segment is None:
             name = journal.segment_name(self.run_id, self._seq)
-            self._segment = await asyncio.to_thread(journal.Segment, self.store, name)
+            self._segment = await asyncio.to_thread(journal.Segment, self.store, name, self.answer)
             self._segment_started = time.monotonic()
         return self._segment
 
@@ -429,7 +438,9 @@ class ParquetSink:
         segment.close()
         final = journal.part_name(self.run_id, seq)
         self._check_lock()
-        reasons = await asyncio.to_thread(journal.write_part, self.store, final, segment.rows())
+        reasons = await asyncio.to_thread(
+            journal.write_part, self.store, final, segment.rows(), self.answer
+        )
         await asyncio.to_thread(journal.discard, self.store, segment.name)
         await asyncio.to_thread(release_unused)  # the part's buffers, back to the system
         self.unstorable += len(reasons)
