@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -139,6 +140,10 @@ async def test_polars_reads_every_part_as_one_schema_after_other_tasks_wrote(
             "extra": pl.String,
         }
     )
+    counts = duckdb.sql(
+        f"SELECT task, sum(answer.count), count(answer) FROM read_parquet({files}) GROUP BY task"
+    ).fetchall()
+    assert sorted(counts) == [("caption", None, 0), ("custom", 6, 3)]
     captions = frame.filter(pl.col("task") == "caption")
     assert captions.height == 3 and captions["answer"].null_count() == 3
     shapes = frame.filter(pl.col("task") == "custom").select(
@@ -236,6 +241,16 @@ async def test_parts_of_two_answer_types_read_as_the_newest_and_compact_into_one
     rewritten: the project's readers conform the older to the newer, and a compaction writes
     the current rows under the newest type, after which a plain glob reads them."""
     out = tmp_path / "out"
+    out.mkdir()
+    # a part of schema 4, before the column existed (written as that program wrote it)
+    v4 = pa.schema(
+        [f for f in ROW_SCHEMA if f.name != "answer"],
+        metadata={"gemini_vision_pipeline.schema_version": "4"},
+    )
+    earliest = result_row("0.png", task="custom", json="{}")
+    pq.write_table(
+        pa.Table.from_pylist([earliest], v4), out / "part-20251231T000000Z-000000-00000.parquet"
+    )
     old = [
         result_row(f"{name}.png", task="custom", answer=answer, json=json.dumps(answer))
         for name, answer in (
@@ -250,6 +265,7 @@ async def test_parts_of_two_answer_types_read_as_the_newest_and_compact_into_one
     rows = current_rows(out, ["image_path", "json", "answer"])
     assert rows.schema.field("answer").type == NEW
     assert rows.to_pylist() == [
+        {"image_path": "0.png", "json": "{}", "answer": None},
         {
             "image_path": "a.png",
             "json": old[0]["json"],
@@ -266,7 +282,7 @@ async def test_parts_of_two_answer_types_read_as_the_newest_and_compact_into_one
         pl.read_parquet([str(p) for p in part_files(out)])
     compact(str(out))
     frame = pl.read_parquet([str(p) for p in part_files(out)])
-    assert frame["answer"].struct.field("count").to_list() == [2.0, 3.0, 1.5]
+    assert frame["answer"].struct.field("count").to_list() == [None, 2.0, 3.0, 1.5]
 
 
 # -------------------------------------------------------------------- a killed run's journal
