@@ -492,3 +492,15 @@ def test_to_table_stores_an_answer_of_another_shape_as_null_not_an_error_row() -
     assert table.column("json").to_pylist()[1] == '["not","a","struct"]'
     assert table.column("status").to_pylist() == ["ok", "ok"]
     assert to_table(rows[:1])[0].schema == ROW_SCHEMA  # no typed answer: the null column
+
+
+def test_a_ref_to_elsewhere_is_an_error_row_not_a_fetch_or_a_crash() -> None:
+    schema = {"type": "object", "properties": {"a": {"$ref": "https://example.invalid/a.json"}}}
+    settings = TaskSettings(kind="custom", prompt="x", response_schema=schema)
+    assert answer_field(settings).type == pa.struct([("a", JSON_TEXT)])  # type: ignore[union-attr]
+    parsed = get_task("custom").parse('{"a": 1}', "STOP", 1, 1, settings)
+    assert parsed.status == "error" and parsed.json == '{"a":1}'
+    assert parsed.error == (
+        "answer does not fit response_schema at $: "
+        "the schema's $ref 'https://example.invalid/a.json' cannot be resolved"
+    )

@@ -228,8 +228,12 @@ def typed_answer(value: Any, field: pa.Field) -> Any:
 
 def _check(value: Any, schema_text: str) -> None:
     from jsonschema.exceptions import best_match  # (see _validator)
+    from referencing.exceptions import Unresolvable
 
-    error = best_match(_validator(schema_text).iter_errors(value))
+    try:
+        error = best_match(_validator(schema_text).iter_errors(value))
+    except Unresolvable as exc:  # a $ref to elsewhere: never fetched, so never checked
+        raise AnswerMismatch("$", f"the schema's $ref {exc.ref!r} cannot be resolved") from None
     if error is not None:
         raise AnswerMismatch(path_text(error.absolute_path), error.message)
 
