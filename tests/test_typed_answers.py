@@ -504,3 +504,36 @@ def test_a_ref_to_elsewhere_is_an_error_row_not_a_fetch_or_a_crash() -> None:
         "answer does not fit response_schema at $: "
         "the schema's $ref 'https://example.invalid/a.json' cannot be resolved"
     )
+
+
+@pytest.mark.parametrize(
+    ("schema", "problem"),
+    [
+        (
+            {"type": "OBJECT", "required": "count"},
+            "which is not a valid JSON Schema at required: 'count' is not of type 'array' "
+            "(read as JSON Schema, as answers are)",
+        ),
+        (
+            {"type": "ARRAY", "minItems": "x"},
+            "which cannot be read as JSON Schema (invalid literal for int() with base 10: 'x')",
+        ),
+    ],
+)
+def test_an_openapi_schema_is_held_to_the_meta_schema_too(
+    tmp_path: Path, schema: dict[str, Any], problem: str
+) -> None:
+    """Sent as responseSchema (no JSON Schema on gemini-2.0-flash), a schema with a field of
+    the subset but a wrong value is refused when the config is read: its answers could be
+    neither checked nor typed."""
+    path = tmp_path / "old.toml"
+    path.write_text(
+        "[api]\nmodel = 'gemini-2.0-flash'\n[task]\nkind = 'custom'\nprompt = 'Count.'\n"
+        f"response_schema = '{json.dumps(schema)}'\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert str(caught.value) == (
+        f"{path}: [task] response_schema: sent as responseSchema (gemini-2.0-flash takes no "
+        f"JSON Schema), {problem}"
+    )
