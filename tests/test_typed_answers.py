@@ -537,3 +537,14 @@ def test_an_openapi_schema_is_held_to_the_meta_schema_too(
         f"{path}: [task] response_schema: sent as responseSchema (gemini-2.0-flash takes no "
         f"JSON Schema), {problem}"
     )
+
+
+def test_a_lone_surrogate_in_a_typed_string_does_not_cost_the_row() -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "string"}, "b": {"type": "object"}}}
+    settings = TaskSettings(kind="custom", prompt="x", response_schema=schema)
+    text = '{"a": "\\ud800x", "b": {"c": "\\ud800"}}'
+    parsed = get_task("custom").parse(text, "STOP", 1, 1, settings)
+    assert parsed.answer == {"a": "?x", "b": '{"c":"?"}'}
+    table, reasons = to_table([result_row("a.png", **parsed.columns())], answer_field(settings))
+    assert reasons == [] and table.column("answer").to_pylist() == [parsed.answer]
+    assert json.loads(table.column("json")[0].as_py()) == {"a": "\ud800x", "b": {"c": "\ud800"}}

@@ -30,6 +30,7 @@ import pyarrow as pa
 
 from pipeline.gemini.schema import json_schema
 from pipeline.records import ANSWER, Parsed
+from pipeline.tasks.answers import utf8_safe
 from pipeline.tasks.base import TaskSettings
 
 RESPONSE_SCHEMA_KEY = b"gemini_vision_pipeline.response_schema"
@@ -260,7 +261,7 @@ def fit(value: Any, type_: pa.DataType, path: str) -> Any:
     if value is None:
         return None
     if type_ == JSON_TEXT:
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+        return utf8_safe(json.dumps(value, ensure_ascii=False, separators=(",", ":")))
     if pa.types.is_struct(type_):
         return dict(_fields(_expect(value, dict, "an object", path), type_, path))
     if pa.types.is_list(type_):
@@ -283,8 +284,8 @@ def _expect(value: Any, kind: type, name: str, path: str) -> Any:
 def _scalar(value: Any, type_: pa.DataType, path: str) -> Any:
     if pa.types.is_boolean(type_):
         return _expect(value, bool, "a boolean", path)
-    if pa.types.is_string(type_):
-        return _expect(value, str, "a string", path)
+    if pa.types.is_string(type_):  # a lone surrogate (JSON's "\ud800") is stored as "?"
+        return utf8_safe(_expect(value, str, "a string", path))
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise AnswerMismatch(path, f"{_shown(value)} is not a number")
     if pa.types.is_floating(type_):
