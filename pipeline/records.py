@@ -9,6 +9,7 @@ file is a unit of one whose row is the plain image row (`members` null).
 from __future__ import annotations
 
 import hashlib
+import json
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -16,13 +17,16 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 # 2: `retryable` (parts of version 1 read it as null). 3: `members` (group rows) and the object
 # fields `point_2d`, `xy` (points) and `image` (which member an object is in); older parts read
 # them as null, which is what a single image's row holds. 4: `cached_tokens` (the prompt tokens an
 # implicit cache served, billed at the cached rate); older parts read it as null (none cached),
 # and an older program refuses a version-4 part rather than bill its cached tokens at full price.
-SCHEMA_VERSION = "4"
+# 5: `answer`, the custom task's answer typed by its response_schema (a struct, a list, ...:
+# `pipeline/tasks/typed.py`); older parts read it as null, as do other tasks' rows.
+SCHEMA_VERSION = "5"
 Status = Literal["ok", "error", "blocked", "partial"]
 # billed token counts of a row (the service's usageMetadata), summed for cost and status;
 # `cached_tokens` is the part of `prompt_tokens` billed at the cached rate
@@ -162,6 +166,7 @@ class Parsed:
     labels: list[str] | None = None
     json: str | None = None  # custom task: the parsed JSON, re-serialised
     error: str | None = None  # why status is not ok, or why objects were skipped
+    answer: Any = None  # custom task with a response_schema: the JSON value shaped for `answer`
 
     def columns(self) -> dict[str, Any]:
         """The row columns a parse decides (the rest come from the image and the call)."""
@@ -172,6 +177,7 @@ class Parsed:
             "text": self.text,
             "labels": self.labels,
             "json": self.json,
+            ANSWER: self.answer,
         }
 
 
@@ -202,7 +208,14 @@ MEMBER_TYPE = pa.struct(
     ]
 )
 
-ROW_SCHEMA = pa.schema(
+# The typed answer column. Its type is the run's (derived from the response_schema), so it is
+# not fixed here: `row_schema(field)`. Without a schema it is of Arrow's null type, which every
+# other type conforms from and which Parquet stores at no cost.
+ANSWER = "answer"
+NO_ANSWER = pa.field(ANSWER, pa.null())
+_VERSION_METADATA = {"gemini_vision_pipeline.schema_version": SCHEMA_VERSION}
+
+_FIXED_FIELDS = pa.schema(
     [
         ("key", pa.string()),
         ("image_path", pa.string()),
@@ -237,9 +250,25 @@ ROW_SCHEMA = pa.schema(
         ("run_id", pa.string()),
         ("completed_at", pa.timestamp("us", tz="UTC")),
         ("members", pa.list_(MEMBER_TYPE)),  # a group row's images; null for a single image
-    ],
-    metadata={"gemini_vision_pipeline.schema_version": SCHEMA_VERSION},
+    ]
 )
+
+
+def row_schema(answer: pa.Field | None = None) -> pa.Schema:
+    """The row schema of an output whose `answer` column is `answer` (None: no typed answer).
+    Every part of one output shares it, so a plain glob reader (Polars, DuckDB) sees one schema;
+    the field goes last so the fixed columns keep their places across versions."""
+    field_ = NO_ANSWER if answer is None else answer.with_name(ANSWER)
+    return _FIXED_FIELDS.append(field_).with_metadata(_VERSION_METADATA)
+
+
+ROW_SCHEMA = row_schema()
+
+
+def answer_field(schema: pa.Schema) -> pa.Field:
+    """The `answer` field of a part's schema (a part older than version 5 has none: null)."""
+    index = schema.get_field_index(ANSWER)
+    return NO_ANSWER if index < 0 else schema.field(index)
 
 
 def new_run_id(kind: str = "") -> str:
@@ -306,27 +335,36 @@ def int32_or_none(value: object) -> int | None:
     return None
 
 
-def to_table(rows: list[dict[str, Any]]) -> tuple[pa.Table, list[str]]:
-    """Rows -> a ROW_SCHEMA table, column by column; never loses a row.
+# What pyarrow raises for a value its type cannot hold.
+_ENCODING_ERRORS = (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError)
+
+
+def to_table(
+    rows: list[dict[str, Any]], answer: pa.Field | None = None
+) -> tuple[pa.Table, list[str]]:
+    """Rows -> a table of `row_schema(answer)`, column by column; never loses a row.
 
     A row that cannot be encoded (a value beyond its column's range that slipped past the row
     builder, a wrong type) is replaced by an error row that keeps its identity and raw answer, so
     a rerun neither re-pays it nor loses the batch around it. Returns the reasons for those rows.
+    An `answer` value that does not fit the column's type is stored as null instead (the `json`
+    column still holds it): a row parsed under another schema must not cost its other columns.
     """
+    schema = row_schema(answer)
     try:
-        return _table(rows), []
-    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError):
+        return _table(rows, schema), []
+    except _ENCODING_ERRORS:
         pass  # find the rows at fault one by one: rare, so the slow path is fine
     kept, reasons = [], []
     for row in rows:
         try:
-            _table([row])
+            _table([row], schema)
             kept.append(row)
-        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError) as exc:
+        except _ENCODING_ERRORS as exc:
             reason = f"row could not be stored ({_first_line(exc)}); the raw answer is kept"
             reasons.append(reason)
             kept.append(unstorable_row(row, reason))
-    return _table(kept), reasons
+    return _table(kept, schema), reasons
 
 
 def unstorable_row(row: dict[str, Any], reason: str) -> dict[str, Any]:
@@ -344,24 +382,35 @@ def unstorable_row(row: dict[str, Any], reason: str) -> dict[str, Any]:
 def _encodes(value: Any, type_: pa.DataType) -> bool:
     try:
         pa.array([value], type=type_)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError):
+    except _ENCODING_ERRORS:
         return False
     return True
 
 
-def _table(rows: list[dict[str, Any]]) -> pa.Table:
+def _table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
     arrays = []
-    for field_ in ROW_SCHEMA:
+    for field_ in schema:
         values = [row.get(field_.name) for row in rows]
         try:
-            arrays.append(pa.array(values, type=field_.type))
+            arrays.append(_column(values, field_))
         except UnicodeEncodeError:
             # A lone surrogate (an undecodable file name in an error message, a "\udcff" escape
             # in a model's JSON) must not cost the row: store it as \xNN text instead.
-            arrays.append(pa.array(_storable_deep(values), type=field_.type))
-        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError) as exc:
+            arrays.append(_column(_storable_deep(values), field_))
+        except _ENCODING_ERRORS as exc:
             raise ValueError(f"column {field_.name!r}: {_first_line(exc)}") from None
-    return pa.Table.from_arrays(arrays, schema=ROW_SCHEMA)
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def _column(values: list[Any], field_: pa.Field) -> pa.Array:
+    if field_.name != ANSWER:
+        return pa.array(values, type=field_.type)
+    try:
+        return pa.array(values, type=field_.type)
+    except UnicodeEncodeError:
+        raise
+    except _ENCODING_ERRORS:  # one answer of another shape: null for it alone
+        return pa.array([v if _encodes(v, field_.type) else None for v in values], field_.type)
 
 
 def _storable_deep(value: Any) -> Any:
@@ -377,3 +426,89 @@ def _storable_deep(value: Any) -> Any:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return (text[0] if text else type(exc).__name__)[:200]
+
+
+# ------------------------------------------------------------------ one schema per output
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """`table` (of an older row schema) as a table of `schema`: a column or struct field it lacks
+    is null, one `schema` lacks is dropped, and a value the new type cannot hold is null (for
+    `answer`, the `json` column still holds the whole answer). Pure: for rewriting parts after
+    the response_schema changed, and for reading parts of several schemas as the newest."""
+    columns = [
+        conform_array(table.column(f.name), f.type)
+        if f.name in table.column_names
+        else pa.nulls(table.num_rows, f.type)
+        for f in schema
+    ]
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def conform_array(array: pa.Array | pa.ChunkedArray, type_: pa.DataType) -> Any:
+    """`array` as `type_`, field by field (see `conform`); a chunked array stays chunked."""
+    if isinstance(array, pa.ChunkedArray):
+        chunks = [conform_array(chunk, type_) for chunk in array.chunks]
+        return pa.chunked_array(chunks, type=type_)
+    if array.type == type_:
+        return array
+    if pa.types.is_null(type_) or pa.types.is_null(array.type):
+        return pa.nulls(len(array), type_)
+    if pa.types.is_struct(type_) and pa.types.is_struct(array.type):
+        return _conform_struct(array, type_)
+    if _is_list(type_) and _is_list(array.type):
+        return _conform_list(array, type_)
+    if pa.types.is_large_string(type_) and _is_nested(array.type):
+        # a value whose schema became free-form is kept as the JSON string such a field holds
+        return pa.array([_json_text(v) for v in array.to_pylist()], type_)
+    return _cast_each(array, type_)
+
+
+def _is_list(type_: pa.DataType) -> bool:
+    return pa.types.is_list(type_) or pa.types.is_large_list(type_)
+
+
+def _is_nested(type_: pa.DataType) -> bool:
+    return pa.types.is_struct(type_) or _is_list(type_)
+
+
+def _conform_struct(array: pa.StructArray, type_: pa.StructType) -> pa.Array:
+    names = [array.type.field(i).name for i in range(array.type.num_fields)]
+    children = [
+        conform_array(array.field(f.name), f.type)
+        if f.name in names
+        else pa.nulls(len(array), f.type)
+        for f in type_
+    ]
+    return pa.StructArray.from_arrays(children, fields=list(type_), mask=array.is_null())
+
+
+def _conform_list(array: pa.ListArray, type_: pa.ListType) -> pa.Array:
+    # .offsets keeps a slice's place in .values, which ignores the slice: take the values it
+    # spans and start the offsets at 0 (from_arrays refuses a null mask with sliced offsets)
+    offsets = array.offsets
+    first = offsets[0].as_py()
+    values = array.values.slice(first, offsets[-1].as_py() - first)
+    rebased = pc.subtract(offsets, pa.scalar(first, offsets.type))
+    conformed = conform_array(values, type_.value_type)
+    return pa.ListArray.from_arrays(rebased, conformed, type=type_, mask=array.is_null())
+
+
+def _cast_each(array: pa.Array, type_: pa.DataType) -> pa.Array:
+    """A safe cast (no silent truncation); where it fails, value by value, null for the misfits."""
+    try:
+        return array.cast(type_)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        pass
+    return pa.array([_cast_one(array[i], type_) for i in range(len(array))], type_)
+
+
+def _cast_one(value: pa.Scalar, type_: pa.DataType) -> Any:
+    try:
+        return value.cast(type_).as_py()
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        return None
+
+
+def _json_text(value: Any) -> str | None:
+    if value is None:
+        return None
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)

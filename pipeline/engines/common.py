@@ -60,6 +60,7 @@ from pipeline.run.stop import Stop, Stopped, on_signals
 from pipeline.run.summary import RunSummary
 from pipeline.run.uploads import Uploads
 from pipeline.tasks import get_task
+from pipeline.tasks.typed import answer_field
 
 log = logging.getLogger(__name__)
 
@@ -463,6 +464,7 @@ class Opener:
             sync_seconds=output.journal_seconds,
             sync_rows=output.journal_rows,
             lease_seconds=output.lease_seconds,
+            answer=answer_field(self.config.task),
         )
 
     def _index(self, out: Path | Store) -> ResumeIndex:

@@ -60,7 +60,9 @@ from pipeline.output.parts import (
     is_history_part,
     is_part,
     latest_rows,
+    output_answer,
     part_entries,
+    part_shapes,
     read_parts,
     record_name,
     scan,
@@ -73,7 +75,7 @@ from pipeline.output.stores import (
     WriterLock,
     open_store,
 )
-from pipeline.records import ROW_SCHEMA, USAGE_COLUMNS, new_run_id
+from pipeline.records import ANSWER, ROW_SCHEMA, USAGE_COLUMNS, new_run_id, row_schema
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +174,7 @@ def _compact(store: Store, lock: WriterLock, step: Step) -> dict[str, Any]:
         return report  # nothing superseded, nothing to merge
     split = _rows_by_part(table, current)
     del table
-    new = _write_staged(store, compaction, names, split, step)
+    new = _write_staged(store, compaction, names, split, output_answer(store), step)
     _commit(store, lock, {"id": compaction, "old": names, "new": new}, step)
     report["parts_after"] = sum(1 for name in new if is_part(name))
     store.replace(f"{RUNS_DIR}/{report['run_id']}.json", json.dumps(report, indent=2).encode())
@@ -181,28 +183,58 @@ def _compact(store: Store, lock: WriterLock, step: Step) -> dict[str, Any]:
     return report
 
 
-def supersede(output: str | Store, lock: WriterLock, *, step: Step = no_step) -> dict[str, Any]:
+def supersede(
+    output: str | Store,
+    lock: WriterLock,
+    *,
+    reshape: bool = False,
+    answer: pa.Field | None = None,
+    step: Step = no_step,
+) -> dict[str, Any]:
     """Copy-on-write, at the end of every run and reparse (under the writer's lock): the parts
     holding superseded rows are rewritten without them, those rows set aside in `.superseded/`,
     every other part untouched, committed as a compaction is (module doc). Which rows are
     superseded comes from the resume index's cached facts, so an output of 100k rows where 10
-    were answered again reads the facts and rewrites the few parts the 10 old rows sat in."""
+    were answered again reads the facts and rewrites the few parts the 10 old rows sat in.
+    `reshape` (the run changed the output's `answer` type: a new response_schema): every part
+    of another type than `answer` (the run's; None: the output's newest part's) is rewritten
+    too, as that type, so `data/` keeps one schema. (Given, not found from part names: two
+    runs that began in the same second order by chance there.)"""
     started = time.monotonic()
     store = open_store(output)
     parts = part_entries(store, history=True)  # all of them: the facts cache covers all
     facts = load_facts(store, parts, suffix=None, write=True)
-    split = facts.stale_rows([is_history_part(entry.name) for entry in parts])
+    hidden = [is_history_part(entry.name) for entry in parts]
+    split = facts.stale_rows(hidden)
+    answer = answer or output_answer(store)
+    if reshape and answer is not None:
+        _reshaped(store, [entry.name for entry in parts], hidden, split, answer)
     report: dict[str, Any] = {"parts_rewritten": len(split), "rows_rewritten": 0}
     report["rows_set_aside"] = 0
     if split:
         names = [entry.name for entry in parts]
         compaction = new_run_id()
-        new = _write_staged(store, compaction, names, split, step)
+        new = _write_staged(store, compaction, names, split, answer, step)
         _commit(store, lock, {"id": compaction, "old": [names[p] for p in split], "new": new}, step)
         report["rows_rewritten"] = sum(len(keep) for keep, _ in split.values())
         report["rows_set_aside"] = sum(len(gone) for _, gone in split.values())
     report["seconds"] = round(time.monotonic() - started, 3)
     return report
+
+
+def _reshaped(
+    store: Store,
+    names: list[str],
+    hidden: list[bool],
+    split: dict[int, tuple[np.ndarray, np.ndarray]],
+    newest: pa.Field,
+) -> None:
+    """Add to `split` every visible part whose `answer` type is not `newest` (all its rows
+    kept: `_part_writer` rewrites them as that type)."""
+    seen = [at for at, aside in enumerate(hidden) if not aside]
+    for at, (field, rows) in zip(seen, part_shapes(store, [names[at] for at in seen]), strict=True):
+        if at not in split and not field.equals(newest, check_metadata=True):
+            split[at] = (np.arange(rows, dtype=np.int64), np.zeros(0, dtype=np.int64))
 
 
 def _set_aside(
@@ -217,7 +249,7 @@ def _set_aside(
     }
     if split:
         compaction = new_run_id()
-        new = _write_staged(store, compaction, names, split, step)
+        new = _write_staged(store, compaction, names, split, output_answer(store), step)
         _commit(store, lock, {"id": compaction, "old": [names[p] for p in split], "new": new}, step)
     return {"rows_set_aside": int(chosen.sum()), "parts_rewritten": len(split)}
 
@@ -257,11 +289,13 @@ def _write_staged(
     compaction: str,
     names: list[str],
     rows: dict[int, tuple[np.ndarray, np.ndarray]],
+    answer: pa.Field | None,
     step: Step,
 ) -> list[str]:
     """Step 1: old part by old part, the current rows into staged parts of ~COMPACT_ROWS rows,
     and the superseded rows beside them into `.superseded/` (paid answers are never lost: the
-    resume index still reuses them and `status` still counts their tokens)."""
+    resume index still reuses them and `status` still counts their tokens); every row as the
+    `answer` type (one schema for the output's parts; older types are conformed to it)."""
     groups: list[list[int]] = [[]]
     count = 0
     for part in sorted(rows):
@@ -278,22 +312,27 @@ def _write_staged(
                 continue
             store.create(
                 staged_name(compaction, final),
-                _part_writer(store, [names[p] for p in parts], [rows[p][which] for p in parts]),
+                _part_writer(
+                    store, [names[p] for p in parts], [rows[p][which] for p in parts], answer
+                ),
             )
             new.append(final)
             step("staged")
     return new
 
 
-def _part_writer(store: Store, names: list[str], keep: list[np.ndarray]) -> Callable[[Any], None]:
-    """Writes the `keep` rows of each old part, read one old part at a time."""
+def _part_writer(
+    store: Store, names: list[str], keep: list[np.ndarray], answer: pa.Field | None
+) -> Callable[[Any], None]:
+    """Writes the `keep` rows of each old part, read one old part at a time, as `answer`."""
 
     def write(file: Any) -> None:
-        with pq.ParquetWriter(file, ROW_SCHEMA, compression="zstd") as writer:
+        schema = row_schema(answer)
+        with pq.ParquetWriter(file, schema, compression="zstd") as writer:
             for (_, batches), rows in zip(
-                read_parts(store, names, ROW_SCHEMA.names), keep, strict=True
+                read_parts(store, names, ROW_SCHEMA.names, schema.field(ANSWER)), keep, strict=True
             ):
-                table = pa.Table.from_batches(list(batches), ROW_SCHEMA)
+                table = pa.Table.from_batches(list(batches), schema)
                 if len(rows):
                     writer.write_table(table.take(pa.array(rows)))
 

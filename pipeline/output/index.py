@@ -221,8 +221,9 @@ def lookup_rows(output: Output, keys: Collection[str]) -> dict[str, dict]:
         candidates = locations.candidates(wanted)
     best: dict[str, tuple[tuple[Any, ...], dict]] = {}
     for name, rows in candidates.items():
-        batches = read_part(name, ROW_SCHEMA.names, store=store)
-        part = pa.Table.from_batches(list(batches), ROW_SCHEMA)
+        batches = list(read_part(name, ROW_SCHEMA.names, store=store))
+        # the part's own schema: its `answer` type is the one it was written with
+        part = pa.Table.from_batches(batches, batches[0].schema if batches else ROW_SCHEMA)
         for row_no, row in zip(rows, part.take(pa.array(rows)).to_pylist(), strict=True):
             if row["key"] not in wanted or row["status"] != "ok":
                 continue  # same leading sha bytes, another key

@@ -30,12 +30,16 @@ not decode (damage from outside: chunks are whole or absent) is set aside under 
 named in a warning and in `status`; the chunks after it are read as usual.
 
 Rows are the sink's dicts: strings (lone surrogates escaped by JSON), numbers, lists, dicts and
-`completed_at`, written as ISO 8601 text and read back as a datetime.
+`completed_at`, written as ISO 8601 text and read back as a datetime. A segment of a run with a
+typed `answer` column begins with a header line naming that column's Arrow field (HEADER_KEY),
+so the part a killed run's segment becomes has the run's column type, not a guess.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -46,11 +50,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.output.parts import data_name
 from pipeline.output.stores import Store
-from pipeline.records import ROW_SCHEMA, to_table
+from pipeline.records import row_schema, to_table
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +66,7 @@ SYNC_BYTES = 16 << 20  # a group also ends here: bounds a bucket chunk (one PUT)
 PART_BATCH_BYTES = 16 << 20  # rows decoded at a time when a segment becomes a part
 _NAME = re.compile(rf"{re.escape(PREFIX)}(?P<run>.+)-(?P<seq>\d+){re.escape(SUFFIX)}")
 _CHUNK = re.compile(r"\.\d{6}")
+HEADER_KEY = "_answer_field"  # the first line of a segment: its `answer` field (Arrow IPC)
 
 
 def segment_name(run_id: str, seq: int) -> str:
@@ -102,6 +108,26 @@ def segments(store: Store) -> list[str]:
     """Every journal segment of the output (in the store, or spilled on this machine)."""
     names = {name for name in store.appended(PREFIX) if _NAME.fullmatch(name)}
     return sorted(names | set(_spilled(store)))
+
+
+def header(answer: pa.Field) -> dict[str, Any]:
+    """The header line of a segment whose rows' `answer` column is `answer`."""
+    data = pa.schema([answer]).serialize().to_pybytes()
+    return {HEADER_KEY: base64.b64encode(data).decode("ascii")}
+
+
+def split_header(
+    rows: Iterable[dict[str, Any]],
+) -> tuple[pa.Field | None, Iterator[dict[str, Any]]]:
+    """(the answer field a leading header names, or None; the rows after it)."""
+    rows = iter(rows)
+    first = next(rows, None)
+    if first is None:
+        return None, rows
+    if set(first) != {HEADER_KEY}:
+        return None, itertools.chain([first], rows)
+    schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(first[HEADER_KEY])))
+    return schema.field(0), rows
 
 
 def encode(rows: Iterable[dict[str, Any]]) -> bytes:
@@ -148,9 +174,10 @@ class _Counts:
 
 class Segment:
     """One open segment: `write` per answer (to the OS), `sync` per group (durable). It keeps
-    no rows: a part is read back from the local file (`rows`)."""
+    no rows: a part is read back from the local file (`rows`). With `answer`, its first line
+    is the header naming the rows' answer field (made durable with the first rows)."""
 
-    def __init__(self, store: Store, name: str) -> None:
+    def __init__(self, store: Store, name: str, answer: pa.Field | None = None) -> None:
         self.name = name
         self.store = store
         self.counts = _Counts()
@@ -162,6 +189,10 @@ class Segment:
             self.path = spill_dir(store) / name
             self._chunks = store.appender(name)
         self._file = _LocalLog(self.path)
+        if answer is not None:
+            data = encode([header(answer)])
+            self._file.write(data)
+            self.counts.bytes += len(data)
 
     def write(self, rows: list[dict[str, Any]]) -> int:
         """Hand rows to the OS, one write each (not one joined buffer: with 20 MB answers that
@@ -244,6 +275,12 @@ class Recovered:
 
     rows: list[dict[str, Any]] = field(default_factory=list)
     damaged: list[str] = field(default_factory=list)
+    answer: pa.Field | None = None  # the rows' answer field, as the segment's header names it
+
+    def without_header(self) -> Recovered:
+        answer, rows = split_header(self.rows)
+        self.answer, self.rows = answer, list(rows)
+        return self
 
 
 def read(store: Store, name: str) -> Iterator[dict[str, Any]]:
@@ -257,14 +294,14 @@ def recovered(store: Store, name: str) -> Recovered:
     each decoded whole or set aside (DAMAGED) without losing the chunks after it."""
     if store.local:
         path = Path(store.join(name))
-        return Recovered(list(_decode_lines(path, name)) if path.exists() else [])
+        return Recovered(list(_decode_lines(path, name)) if path.exists() else []).without_header()
     found = _read_chunks(store, name)
     spill = spill_dir(store) / name
     if spill.exists():
         spilled = list(_decode_lines(spill, str(spill)))
         if len(spilled) >= len(found.rows):
             found.rows = spilled
-    return found
+    return found.without_header()
 
 
 def _read_chunks(store: Store, name: str) -> Recovered:
@@ -291,15 +328,20 @@ def damaged(store: Store) -> list[str]:
     return [entry.name for entry in store.list(DAMAGED)]
 
 
-def write_part(store: Store, part: str, rows: Iterable[dict[str, Any]]) -> list[str]:
+def write_part(
+    store: Store, part: str, rows: Iterable[dict[str, Any]], answer: pa.Field | None = None
+) -> list[str]:
     """Commit `rows` as the part, decoded and encoded PART_BATCH_BYTES at a time (one row
-    group each) so memory holds one batch, not the part. Returns the unstorable rows' reasons."""
+    group each) so memory holds one batch, not the part. Returns the unstorable rows' reasons.
+    The `answer` column is of the field a leading header names, else of `answer`."""
     reasons: list[str] = []
+    named, rows = split_header(rows)
+    answer = answer if named is None else named
 
     def write(file: Any) -> None:
-        with pq.ParquetWriter(file, ROW_SCHEMA, compression="zstd") as writer:
+        with pq.ParquetWriter(file, row_schema(answer), compression="zstd") as writer:
             for batch in _batches(rows):
-                table, why = to_table(batch)
+                table, why = to_table(batch, answer)
                 reasons.extend(why)
                 writer.write_table(table)
 

@@ -34,7 +34,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.output.stores import Entry, Store, is_hidden, open_store
-from pipeline.records import ROW_SCHEMA, SCHEMA_VERSION, to_table
+from pipeline.records import (
+    ANSWER,
+    ROW_SCHEMA,
+    SCHEMA_VERSION,
+    answer_field,
+    conform_array,
+    row_schema,
+    to_table,
+)
 
 Output: TypeAlias = "str | os.PathLike[str] | Store"
 PART_SUFFIX = ".parquet"
@@ -143,24 +151,30 @@ def _open_part(where: str | Path | Any, shown: str) -> pq.ParquetFile:
 
 
 def read_part(
-    path: Path | str, columns: Sequence[str], *, store: Store | None = None
+    path: Path | str,
+    columns: Sequence[str],
+    *,
+    store: Store | None = None,
+    answer: pa.Field | None = None,
 ) -> Iterator[pa.RecordBatch]:
     """The batches of one part (see _record_batches); damage anywhere in it is an UnreadablePart.
     `path` is a local path, or a part name within `store`."""
     if store is None:
-        yield from _read_source(path, str(path), columns)
+        yield from _read_source(path, str(path), columns, answer)
         return
     source = _open_alone(store, str(path), columns)
-    yield from _read_source(source, store.join(str(path)), columns)
+    yield from _read_source(source, store.join(str(path)), columns, answer)
 
 
-def _read_source(source: Any, shown: str, columns: Sequence[str]) -> Iterator[pa.RecordBatch]:
+def _read_source(
+    source: Any, shown: str, columns: Sequence[str], answer: pa.Field | None = None
+) -> Iterator[pa.RecordBatch]:
     """`source`: a path, or a file object (from an object store) closed once read: closing it
     drops the bytes fsspec fetched, which otherwise outlive the read (a third of a 1M-row index
     build's reads were still held when it ended: 28 MB, found with tracemalloc)."""
     try:
         part = _open_part(source, shown)
-        yield from _record_batches(part, columns)
+        yield from _record_batches(part, columns, answer)
     except (pa.ArrowException, OSError) as exc:
         raise UnreadablePart(shown, f"damaged Parquet data ({_first_line(exc)})") from None
     finally:
@@ -169,10 +183,11 @@ def _read_source(source: Any, shown: str, columns: Sequence[str]) -> Iterator[pa
 
 
 def read_parts(
-    store: Store, names: Sequence[str], columns: Sequence[str]
+    store: Store, names: Sequence[str], columns: Sequence[str], answer: pa.Field | None = None
 ) -> Iterator[tuple[int, Iterator[pa.RecordBatch]]]:
     """(index, batches) of each part, opened OPEN_TOGETHER at a time: on an object store fsspec
-    fetches their footers and then their column chunks concurrently, a few requests a part."""
+    fetches their footers and then their column chunks concurrently, a few requests a part.
+    `answer`: the type every part's `answer` column is read as (None: each part's own)."""
     for start in range(0, len(names), OPEN_TOGETHER):
         group = list(names[start : start + OPEN_TOGETHER])
         try:
@@ -182,7 +197,7 @@ def read_parts(
         for offset, (name, source) in enumerate(zip(group, sources, strict=True)):
             if source is None:
                 source = _open_alone(store, name, columns)
-            yield start + offset, _read_source(source, store.join(name), columns)
+            yield start + offset, _read_source(source, store.join(name), columns, answer)
 
 
 def _open_alone(store: Store, name: str, columns: Sequence[str]) -> Any:
@@ -201,18 +216,85 @@ def _first_line(exc: BaseException) -> str:
     return (lines[0] if lines else type(exc).__name__)[:200]
 
 
-def _record_batches(part: pq.ParquetFile, columns: Sequence[str]) -> Iterator[pa.RecordBatch]:
-    """Batches of `columns` with ROW_SCHEMA's types; a column the part lacks reads as nulls."""
-    schema = pa.schema([ROW_SCHEMA.field(name) for name in columns])
+def _record_batches(
+    part: pq.ParquetFile, columns: Sequence[str], answer: pa.Field | None = None
+) -> Iterator[pa.RecordBatch]:
+    """Batches of `columns` with the row schema's types; a column the part lacks reads as nulls.
+    `answer` is conformed to `answer` (records.conform_array), or kept as the part has it."""
+    schema = columns_schema(columns, answer_field(part.schema_arrow) if answer is None else answer)
     present = [name for name in columns if name in part.schema_arrow.names]
     for batch in part.iter_batches(batch_size=READ_ROWS, columns=present):
         arrays = [
-            batch.column(name).cast(field.type)
+            _as_field(batch.column(name), field)
             if name in present
             else pa.nulls(batch.num_rows, field.type)
             for name, field in zip(columns, schema, strict=True)
         ]
         yield pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+
+def _as_field(column: pa.Array, field: pa.Field) -> pa.Array:
+    # the fixed columns only ever widen across versions (a plain cast); `answer` changes with
+    # the response_schema, so a value the newer type cannot hold becomes null instead of failing
+    if field.name == ANSWER:
+        return conform_array(column, field.type)
+    return column.cast(field.type)
+
+
+def columns_schema(columns: Sequence[str], answer: pa.Field | None = None) -> pa.Schema:
+    """The schema of these columns of an output whose answer field is `answer`."""
+    full = row_schema(answer)
+    return pa.schema([full.field(name) for name in columns])
+
+
+def newest_answer(store: Store, names: Sequence[str]) -> pa.Field | None:
+    """The `answer` field of the newest of these parts (by `written_at`), which the others are
+    read as; None without parts. One footer read."""
+    if not names:
+        return None
+    newest = max(names, key=written_at)
+    source = _open_alone(store, newest, [ANSWER])
+    try:
+        return answer_field(_open_part(source, store.join(newest)).schema_arrow)
+    finally:
+        if not isinstance(source, str | Path):
+            source.close()
+
+
+def part_shapes(store: Store, names: Sequence[str]) -> list[tuple[pa.Field, int]]:
+    """(the `answer` field, the row count) of each of these parts, from their footers."""
+    shapes = []
+    for name in names:
+        source = _open_alone(store, name, [ANSWER])
+        try:
+            part = _open_part(source, store.join(name))
+            shapes.append((answer_field(part.schema_arrow), part.metadata.num_rows))
+        finally:
+            if not isinstance(source, str | Path):
+                source.close()
+    return shapes
+
+
+def _newest_row_answer(store: Store, table: pa.Table, names: list[str]) -> pa.Field | None:
+    if table.num_rows == 0:
+        return None
+    when = pc.fill_null(table.column("completed_at"), pa.scalar(0, table["completed_at"].type))
+    newest = int(table.column("_part")[pc.index(when, pc.max(when)).as_py()].as_py())
+    return newest_answer(store, [names[newest]])
+
+
+def written_at(name: str) -> str:
+    """A part name's sort key in time: what follows `part-` (and a compaction's `compact-`) is a
+    run or compaction id, which begins with its UTC start (records.new_run_id)."""
+    base = name.rpartition("/")[2].removeprefix("part-")
+    return base.removeprefix("compact-")
+
+
+def output_answer(output: Output) -> pa.Field | None:
+    """The `answer` field of an output as it stands (its newest part's), None when it has none:
+    what a run without a schema of its own writes, so the output keeps one schema."""
+    store = open_store(output)
+    return newest_answer(store, [entry.name for entry in part_entries(store)])
 
 
 def scan(
@@ -293,9 +375,12 @@ def current_rows(output_dir: Output, columns: Sequence[str] | None = None) -> pa
     unknown = [name for name in wanted if name not in ROW_SCHEMA.names]
     if unknown:
         raise ValueError(f"unknown columns: {unknown}")
-    schema = pa.schema([ROW_SCHEMA.field(name) for name in wanted])
     store = open_store(output_dir)
     table, names, _ = scan(store, (*GROUP, "completed_at"))
+    # parts written under another response_schema are read as the answer type of the part
+    # holding the newest row (by completed_at: a compaction's part sorts last by name)
+    answer = _newest_row_answer(store, table, names) if ANSWER in wanted else None
+    schema = columns_schema(wanted, answer)
     current = table.take(pa.array(latest_rows(table)))
     if current.num_rows == 0:
         return schema.empty_table()
@@ -304,7 +389,7 @@ def current_rows(output_dir: Output, columns: Sequence[str] | None = None) -> pa
     pieces, placed = [], []
     used = [names[int(n)] for n in np.unique(part_of)]
     for (_, batches), part_no in zip(
-        read_parts(store, used, wanted), np.unique(part_of), strict=True
+        read_parts(store, used, wanted, answer), np.unique(part_of), strict=True
     ):
         at = np.flatnonzero(part_of == part_no)
         part = pa.Table.from_batches(list(batches), schema)
@@ -377,10 +462,14 @@ COMPRESSION = "zstd"
 
 # ----------------------------------------------------------------------------- store side
 def write_part(
-    store: Store, name: str, rows: list[dict[str, Any]], segment: str | None
+    store: Store,
+    name: str,
+    rows: list[dict[str, Any]],
+    segment: str | None,
+    answer: pa.Field | None = None,
 ) -> list[str]:
     """Commit `rows` as the part `name`, then delete the journal segment they came from."""
-    table, reasons = to_table(rows)
+    table, reasons = to_table(rows, answer)
     store.create(name, lambda file: pq.write_table(table, file, compression=COMPRESSION))
     if segment is not None:
         store.delete_appended(segment)

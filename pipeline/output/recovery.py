@@ -19,6 +19,7 @@ from pipeline.output.parts import (
     COMPACTION_STAGED,
     data_name,
     is_legacy_part,
+    output_answer,
     pending_compaction,
     read_record,
     record_name,
@@ -67,9 +68,15 @@ def _recover_segment(store: Store, segment: str) -> int:
     """A left-over journal segment: turned into its part unless that part exists (then its
     rows are there already: never twice); removed from the store and this machine's spill."""
     part = journal.part_for(segment)
-    rows = [] if store.info(part) is not None else journal.recovered(store, segment).rows
+    found = (
+        journal.Recovered() if store.info(part) is not None else journal.recovered(store, segment)
+    )
+    rows = found.rows
     if rows:
-        for reason in journal.write_part(store, part, rows):
+        # a segment without a header (no typed answer) takes the output's answer column, so
+        # the output keeps one schema
+        answer = output_answer(store) if found.answer is None else found.answer
+        for reason in journal.write_part(store, part, rows, answer):
             log.warning("%s: %s", part, reason)
         log.info("recovered %d answered rows of a killed run into %s", len(rows), part)
     journal.discard(store, segment)

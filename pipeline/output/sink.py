@@ -43,10 +43,12 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
 
+import pyarrow as pa
+
 from pipeline.output import journal
 from pipeline.output.compact import supersede
 from pipeline.output.memory import release_unused, return_big_buffers
-from pipeline.output.parts import data_name
+from pipeline.output.parts import data_name, output_answer
 from pipeline.output.recovery import recover_locked
 from pipeline.output.stores import (
     LEASE_SECONDS,
@@ -103,6 +105,7 @@ class ParquetSink:
         part_bytes: int = PART_BYTES,
         lease_seconds: float = LEASE_SECONDS,
         shared: bool = False,
+        answer: pa.Field | None = None,
     ) -> None:
         if not _RUN_ID.fullmatch(run_id):
             raise ValueError(f"run_id {run_id!r} is not usable in a file name")
@@ -114,6 +117,9 @@ class ParquetSink:
         self.output_dir = self.store.url
         self.lease_seconds = lease_seconds
         self.shared = shared  # one of a run's several writers (see the module docstring)
+        # the `answer` column's field: the run's (a custom task's response_schema), else, found
+        # on opening, the output's own, so that every part of an output has one schema
+        self.answer = answer
         self.run_id = run_id
         self.rows_per_part = rows_per_part
         self.flush_seconds = flush_seconds
@@ -127,6 +133,7 @@ class ParquetSink:
         self.unstorable = 0  # rows replaced by an error row because they could not be encoded
         self.rows_recovered = 0  # rows of a killed run's journal committed on opening
         self.superseded: dict[str, Any] = {}  # what the end of the run set aside (supersede)
+        self._reshape = False  # this run changes the output's `answer` type (`reshaping`)
         self._queue: asyncio.Queue[dict[str, Any] | _Flush | None] = asyncio.Queue(QUEUE_ROWS)
         self._queued_bytes = 0  # journal.row_bytes of the rows in the queue
         self._room = asyncio.Event()  # set when the writer took rows off the queue
@@ -151,6 +158,11 @@ class ParquetSink:
             if not self.shared:
                 self.rows_recovered = await asyncio.to_thread(recover_locked, self.store)
             self._seq = await asyncio.to_thread(_next_seq, self.store, self.run_id)
+            before = await asyncio.to_thread(output_answer, self.store)
+            if self.answer is None:
+                self.answer = before
+            elif not self.shared:
+                self._reshape = await asyncio.to_thread(reshaping, self.store, self.answer, before)
         except BaseException:
             self._release()
             raise
@@ -187,7 +199,9 @@ class ParquetSink:
 
     async def _supersede(self) -> None:
         assert self._lock is not None
-        self.superseded = await asyncio.to_thread(settle, self.store, self._lock)
+        self.superseded = await asyncio.to_thread(
+            settle, self.store, self._lock, self._reshape, self.answer
+        )
 
     def _release(self) -> None:
         if self._lock is not None:
@@ -391,7 +405,7 @@ class ParquetSink:
     async def _open_segment(self) -> journal.Segment:
         if self._segment is None:
             name = journal.segment_name(self.run_id, self._seq)
-            self._segment = await asyncio.to_thread(journal.Segment, self.store, name)
+            self._segment = await asyncio.to_thread(journal.Segment, self.store, name, self.answer)
             self._segment_started = time.monotonic()
         return self._segment
 
@@ -418,7 +432,9 @@ class ParquetSink:
         segment.close()
         final = journal.part_name(self.run_id, seq)
         self._check_lock()
-        reasons = await asyncio.to_thread(journal.write_part, self.store, final, segment.rows())
+        reasons = await asyncio.to_thread(
+            journal.write_part, self.store, final, segment.rows(), self.answer
+        )
         await asyncio.to_thread(journal.discard, self.store, segment.name)
         await asyncio.to_thread(release_unused)  # the part's buffers, back to the system
         self.unstorable += len(reasons)
@@ -449,38 +465,66 @@ def _next_seq(store: Store, run_id: str) -> int:
 
 @contextlib.contextmanager
 def shared_output(
-    output_dir: str | os.PathLike[str] | Store, run_id: str, *, lease_seconds: float = LEASE_SECONDS
+    output_dir: str | os.PathLike[str] | Store,
+    run_id: str,
+    *,
+    lease_seconds: float = LEASE_SECONDS,
+    answer: pa.Field | None = None,
 ) -> Iterator[int]:
     """The output of run `run_id`, whose rows several `shared=True` sinks write (named
     `<run_id>.<suffix>`): taken as one sink takes it (the lock, exclusively; a killed run's
     journal committed, its leftovers removed), then held shared with those sinks until the end
-    (a lease renewed meanwhile). Yields the rows recovered."""
+    (a lease renewed meanwhile), then settled (`settle`; `answer`: the run's `answer` type).
+    Yields the rows recovered."""
     store = open_store(output_dir)
     store.ensure()
     lock = store.lock(run_id, ttl=lease_seconds, shared=False)
     try:
         recovered = recover_locked(store)
         lock.share()  # not atomic (flock(2)): another run taking it in between fails this one
+        reshape = reshaping(store, answer, output_answer(store))
         with _kept(lock, store):
             yield recovered
-            settle(store, lock)  # (not reached when the run failed: the next one settles)
+            settle(store, lock, reshape, answer)  # (not reached when the run failed)
     finally:
         lock.release()
 
 
-def settle(store: Store, lock: WriterLock) -> dict[str, Any]:
-    """The end of a run's writing: the rows it superseded set aside (`compact.supersede`), so
-    readers of `data/` see only current rows. A failure leaves the output as it was (our
-    readers still pick the current rows; the next run's end tries again): a warning, not the
-    run's failure. Returns what was done ({} when it failed)."""
+def settle(
+    store: Store, lock: WriterLock, reshape: bool, answer: pa.Field | None
+) -> dict[str, Any]:
+    """The end of a run's writing: the rows it superseded set aside (`compact.supersede`),
+    and with `reshape` (the run wrote another `answer` type than the output had) every part
+    made the run's type (`answer`), so readers of `data/` see only current rows under one
+    schema. A failure leaves the output as it was (our readers still pick the current rows,
+    conformed; the next run's end tries again): a warning, not the run's failure. Returns
+    what was done ({} when it failed)."""
     try:
-        report = supersede(store, lock)
+        report = supersede(store, lock, reshape=reshape, answer=answer)
+        if reshape:
+            store.delete([RESHAPE_MARK])
     except (OSError, ValueError, RuntimeError) as exc:
         log.warning("setting superseded rows aside failed (the output is intact): %s", exc)
         return {}
     if report["parts_rewritten"]:
         log.info("set superseded rows aside: %s", report)
     return report
+
+
+# Left while a run that changes the output's `answer` type (a new response_schema) is under way:
+# its end rewrites every part as the new type and removes it; a run killed before that leaves it,
+# and the next run's end does the rewrite (a plain reader meanwhile sees two schemas in `data/`).
+RESHAPE_MARK = ".reshape-pending"
+
+
+def reshaping(store: Store, answer: pa.Field | None, before: pa.Field | None) -> bool:
+    """Whether this run's end must make every part one `answer` type: it writes another type
+    than the output's newest part has (marked first, so a kill does not lose the need), or an
+    earlier such run was killed before its end."""
+    if answer is not None and before is not None and not answer.equals(before, True):
+        store.replace(RESHAPE_MARK, b"")
+        return True
+    return store.info(RESHAPE_MARK) is not None
 
 
 @contextlib.contextmanager

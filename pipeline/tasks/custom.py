@@ -1,4 +1,5 @@
-"""custom: the user's prompt, optionally a JSON Schema; the answer's JSON kept as a string."""
+"""custom: the user's prompt, optionally a JSON Schema; the answer's JSON kept as a string and,
+with a schema, as the typed `answer` column (pipeline/tasks/typed.py)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,16 @@ from pipeline.records import Parsed
 from pipeline.tasks.answers import Sizes, find_json, is_truncated, never_raises, utf8_safe
 from pipeline.tasks.base import TaskSettings
 from pipeline.tasks.generation import build_request
+from pipeline.tasks.typed import answer_field, with_answer
 
 
 class CustomTask:
     """Any JSON question about an image. The answer is found like any other (fences and prose
-    are tolerated), re-serialised compactly into Parsed.json; the schema is sent to the model,
-    not re-checked here. No JSON -> status error (the caller keeps the raw answer).
+    are tolerated), re-serialised compactly into Parsed.json. With a response_schema it is also
+    checked against it and shaped into Parsed.answer; an answer that does not fit is an error
+    naming the place (the service's constrained decoding is not trusted blindly: an OpenAPI
+    schema sent as responseSchema drops keywords it lacks). No JSON -> status error (the caller
+    keeps the raw answer).
     """
 
     kind = "custom"
@@ -41,4 +46,4 @@ class CustomTask:
         serialised = json.dumps(found.value, ensure_ascii=False, separators=(",", ":"))
         if utf8_safe(serialised) != serialised:  # lone surrogates: keep them as \u escapes
             serialised = json.dumps(found.value, separators=(",", ":"))
-        return Parsed(status="ok", json=serialised)
+        return with_answer(Parsed(status="ok", json=serialised), answer_field(settings))

@@ -32,7 +32,7 @@ import json
 import logging
 from typing import Any
 
-from pipeline.gemini.schema import json_schema_problem, openapi_schema_problem
+from pipeline.gemini.schema import json_schema, json_schema_problem, openapi_schema_problem
 from pipeline.gemini.types import GenerateRequest
 from pipeline.models import Model
 from pipeline.tasks import multi
@@ -193,11 +193,23 @@ def schemas(
     if settings.spec.json_schema:
         _refuse_schema(json_schema_problem(schema))
         return None, schema
-    problem = openapi_schema_problem(schema)
+    problem = openapi_schema_problem(schema) or _converted_problem(schema)
     if problem is not None:
         name = settings.spec.name
         _refuse_schema(f"sent as responseSchema ({name} takes no JSON Schema), which {problem}")
     return schema, None
+
+
+def _converted_problem(schema: dict[str, Any]) -> str | None:
+    """Why the OpenAPI schema, read as JSON Schema (as its answers are checked and typed:
+    tasks/typed.py), is no valid JSON Schema: a field of the right name with a wrong value
+    (`required: "a"`, `minItems: "x"`), which the subset's field check does not look at."""
+    try:
+        converted = json_schema(schema)
+    except (TypeError, ValueError, AttributeError) as exc:
+        return f"cannot be read as JSON Schema ({exc})"
+    problem = json_schema_problem(converted)
+    return None if problem is None else f"is {problem} (read as JSON Schema, as answers are)"
 
 
 def _refuse_schema(problem: str | None) -> None:

@@ -77,6 +77,7 @@ from pipeline.records import Work, members_of
 from pipeline.run.progress import EngineView, Progress
 from pipeline.run.stop import Stop, Stopped, on_signals
 from pipeline.run.summary import RunSummary
+from pipeline.tasks.typed import answer_field
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,12 @@ class RayEngine:
             if ray is not None:
                 stack.callback(ray.shutdown)
             self.summary.recovered = stack.enter_context(
-                shared_output(out, self.run_id, lease_seconds=self.config.output.lease_seconds)
+                shared_output(
+                    out,
+                    self.run_id,
+                    lease_seconds=self.config.output.lease_seconds,
+                    answer=answer_field(self.config.task),
+                )
             )
             self.state = open_state(out, self.config)
             stack.callback(self.state.close)

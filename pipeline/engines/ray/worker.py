@@ -48,6 +48,7 @@ from pipeline.run.runner import ImageRunner, RowCounts
 from pipeline.run.stop import Stop, Stopped
 from pipeline.run.uploads import Uploads
 from pipeline.tasks import get_task
+from pipeline.tasks.typed import answer_field
 
 # A worker may be lost at any moment (a preempted node): its answers are made durable within a
 # quarter of a second rather than the single engine's second, which bounds what a loss re-pays
@@ -171,6 +172,7 @@ class Worker:
                 sync_seconds=WORKER_SYNC_SECONDS,
                 lease_seconds=config.output.lease_seconds,
                 shared=True,
+                answer=answer_field(config.task),
             )
         )
         client = await self._stack.enter_async_context(make_client(config, setup.base_url, key))
