@@ -20,7 +20,7 @@ from pycocotools.coco import COCO
 
 from pipeline import exits
 from pipeline.commands.estimate import estimate, format_estimate
-from pipeline.commands.export import export_coco
+from pipeline.commands.exports.coco import export_coco
 from pipeline.commands.render import render
 from pipeline.commands.reparse import reparse
 from pipeline.config import ConfigError, parse_config, settings_hash

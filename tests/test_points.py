@@ -12,7 +12,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from pipeline import exits
-from pipeline.commands.export import export_coco
+from pipeline.commands.exports.coco import export_coco
 from pipeline.commands.render import _colour, render
 from pipeline.tasks import get_task
 from pipeline.tasks.base import TaskSettings

@@ -15,7 +15,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from pipeline import exits
-from pipeline.commands.export import export_coco
+from pipeline.commands.exports.coco import export_coco
 from pipeline.commands.render import render
 from pipeline.commands.reparse import reparse
 from pipeline.gemini import parse_response
