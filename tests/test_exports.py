@@ -4,6 +4,7 @@ pycocotools, supervision (YOLO, Pascal VOC), Hugging Face datasets, Label Studio
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import json
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 import supervision as sv
 import yaml
+from aiohttp import web
 from label_studio_brush_rle_rs import decode_rle
 from PIL import Image
 from pycocotools.coco import COCO
@@ -37,6 +39,7 @@ from pipeline.records import ROW_SCHEMA
 from tests.conftest import (
     REPO,
     Shape,
+    answering,
     child_env,
     draw_shapes,
     make_config,
@@ -342,3 +345,73 @@ async def test_flat_names_never_collide(tmp_path: Path) -> None:
     stems = [Path(image.file).stem.casefold() for image in images]
     assert len(set(stems)) == len(stems)
     assert all("/" not in image.file and not image.file.startswith(".") for image in images)
+
+
+# ------------------------------------------------------------- groups, URLs, EXIF-turned
+async def test_group_rows_export_each_member(images_dir: Path, tmp_path: Path) -> None:
+    truth = {}
+    (images_dir / "g").mkdir()
+    for seed, name in enumerate(("a.png", "b.png")):
+        image, truth[f"g/{name}"] = draw_shapes(*SIZE, seed=30 + seed)
+        image.save(images_dir / "g" / name)
+    config = make_config(tmp_path, input={"group_by": "folder"}, task={"kind": "segment"})
+    assert (await run(config)).exit_code == exits.OK
+    out = tmp_path / "yolo"
+    assert export_yolo(tmp_path / "out", out).counts["images"] == 2
+    dataset = sv.DetectionDataset.from_yolo(
+        str(out / "images"), str(out / "labels"), str(out / "data.yaml")
+    )
+    for path, _, detections in dataset:  # each member with the objects placed in it
+        assert_masks_match(list(detections.mask), truth[Path(path).name.replace("__", "/")], 0.8)
+    assert export_hf(tmp_path / "out", tmp_path / "hf").counts["images"] == 2
+
+
+async def test_url_inputs_are_downloaded(tmp_path: Path) -> None:
+    """Two URLs ending in the same file name: two images, read through the Fetcher."""
+    scenes = {
+        f"/{folder}/frame.png": draw_shapes(*SIZE, seed=n)[0] for n, folder in enumerate("ab")
+    }
+
+    async def serve(request: web.Request) -> web.Response:
+        buffer = io.BytesIO()
+        scenes[request.path].save(buffer, "PNG")
+        return web.Response(body=buffer.getvalue(), content_type="image/png")
+
+    async with answering(serve) as site:
+        manifest = tmp_path / "urls.txt"
+        manifest.write_text("".join(f"{site}{path}\n" for path in scenes))
+        inputs = {"paths": [], "manifest": str(manifest), "allow_hosts": ["127.0.0.1"]}
+        config = make_config(tmp_path, input=inputs, task={"kind": "detect"})
+        assert (await run(config)).exit_code == exits.OK
+        summary = await asyncio.to_thread(
+            export_voc, tmp_path / "out", tmp_path / "voc", copy=True, allow_hosts=("127.0.0.1",)
+        )
+    assert summary.counts["images"] == 2 and not summary.skipped
+    placed = sorted((tmp_path / "voc" / "JPEGImages").iterdir())
+    assert [p.name for p in placed] == ["a__frame.png", "b__frame.png"]
+    for path, folder in zip(placed, "ab", strict=True):
+        drawn = np.asarray(scenes[f"/{folder}/frame.png"].convert("RGB"))
+        assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), drawn)
+
+
+async def test_exif_turned_images_are_written_upright(tmp_path: Path) -> None:
+    (tmp_path / "r").mkdir()
+    stored = Image.new("RGB", (60, 40), (200, 30, 30))
+    stored.paste((30, 30, 200), (0, 0, 10, 10))  # a blue corner to follow
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape 60x40, displayed portrait 40x60
+    stored.save(tmp_path / "r" / "turned.jpg", exif=exif, quality=95)
+    Image.new("RGB", (40, 60)).save(tmp_path / "r" / "plain.png")
+    objects = [result_object("corner", (30, 0, 40, 10))]
+    rows = [
+        result_row(name, root=str(tmp_path / "r"), width=40, height=60, objects=objects)
+        for name in ("turned.jpg", "plain.png")
+    ]
+    await write_rows(tmp_path / "out", "r1", rows)
+    export_yolo(tmp_path / "out", tmp_path / "yolo")
+    turned = tmp_path / "yolo" / "images" / "turned.jpg"
+    assert not turned.is_symlink() and (tmp_path / "yolo" / "images" / "plain.png").is_symlink()
+    with Image.open(turned) as upright:
+        assert upright.size == (40, 60) and upright.getexif().get(0x0112, 1) == 1
+        red, _, blue = upright.convert("RGB").getpixel((35, 5))  # the box, as displayed
+        assert blue > 150 and red < 100

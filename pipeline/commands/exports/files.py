@@ -10,6 +10,7 @@ marker an export leaves; a folder of the user's is refused, not emptied.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import re
@@ -18,7 +19,9 @@ import shutil
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
+
+from PIL import Image, ImageOps
 
 from pipeline.commands.exports.dataset import ExportError, ExportImage
 from pipeline.inputs.fetch import Fetcher, FetchError, FetchSettings
@@ -28,6 +31,8 @@ from pipeline.records import SourceFile
 
 MARKER = ".pipeline-export.json"
 FETCH_TOGETHER = 32  # remote images held in memory at once while copying
+ORIENTATION = 0x0112  # the EXIF tag
+JPEG_QUALITY = 95  # an upright copy is re-encoded: close to the original
 # Characters XML 1.0 cannot hold even escaped (most control characters).
 _NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
@@ -96,9 +101,9 @@ def place_images(
 ) -> tuple[list[ExportImage], Counter[str]]:
     """Put each image in `folder` under its flat name: a symlink to the local source (no
     second copy of a big dataset; the links name absolute paths, so the export can move but
-    the images cannot) or, with `copy`, a copy. Objects and URLs are always downloaded, through
-    the same bounded `Fetcher` a run reads them with. Returns the images placed and why the
-    others were not."""
+    the images cannot) or, with `copy`, a copy; an EXIF-turned file is always written upright
+    (`_turned`). Objects and URLs are always downloaded, through the same bounded `Fetcher` a
+    run reads them with. Returns the images placed and why the others were not."""
     folder.mkdir(parents=True, exist_ok=True)
     missing: Counter[str] = Counter()
     local = [image for image in images if not is_url(image.source)]
@@ -115,11 +120,30 @@ def _place_local(image: ExportImage, folder: Path, copy: bool, missing: Counter[
         missing["images whose source file is missing"] += 1
         return False
     target = folder / image.file
-    if copy:
+    if _turned(source):
+        _write_upright(source, target)
+    elif copy:
         shutil.copyfile(source, target)
     else:
         target.symlink_to(source.absolute())
     return True
+
+
+def _turned(source: Path | BinaryIO) -> bool:
+    """Whether the file is displayed turned (an EXIF orientation): the rows' coordinates are
+    in the displayed image, and readers that ignore EXIF (most training loaders) would put
+    every box in the wrong place, so such a file is written upright instead of linked."""
+    try:
+        with Image.open(source) as opened:
+            return opened.getexif().get(ORIENTATION, 1) != 1
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return False  # not an image Pillow reads: placed as it is, for readers that do
+
+
+def _write_upright(source: Path | BinaryIO, target: Path) -> None:
+    with Image.open(source) as opened:
+        upright = ImageOps.exif_transpose(opened)
+        upright.save(target, format=opened.format, quality=JPEG_QUALITY)
 
 
 def _download(
@@ -136,6 +160,13 @@ def _download(
                 if isinstance(read, FetchError):
                     missing["images that could not be downloaded"] += 1
                     continue
-                (folder / image.file).write_bytes(read)
+                _write_read(read, folder / image.file)
                 placed.append(image)
     return placed
+
+
+def _write_read(data: bytes, target: Path) -> None:
+    if _turned(io.BytesIO(data)):
+        _write_upright(io.BytesIO(data), target)
+    else:
+        target.write_bytes(data)
