@@ -291,6 +291,7 @@ async def test_labelstudio_tasks_and_config(made: dict, tmp_path: Path) -> None:
     ]
     for task in tasks:
         (prediction,) = task["predictions"]
+        assert prediction["model_version"] == "gemini-2.5-flash"
         results = prediction["result"]
         kinds = sorted(result["type"] for result in results)
         assert kinds == ["brushlabels"] * 3 + ["choices", "textarea"]

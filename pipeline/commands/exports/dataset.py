@@ -79,7 +79,9 @@ class RootMap:
         return cls(moved, bare[0] if bare else None)
 
     def where(self, root: str) -> str:
-        """Where the images of `root` are now."""
+        """Where the images of `root` are now; a URL input has no root ("") and stays."""
+        if not root:
+            return root
         return dict(self.moved).get(_trimmed(root), self.everything or root)
 
     def check(self, roots: Iterable[str]) -> None:
@@ -131,23 +133,20 @@ def collect(
 ) -> Exported:
     """The images of the current exported rows, named; `columns` (COLUMNS and more) are kept
     in each image's `rows`."""
-    roots = roots or RootMap()
     rows = current_rows(output, _with_base(columns)).to_pylist()
-    skipped: Counter[str] = Counter()
-    found: dict[str, ExportImage] = {}
-    seen_roots: dict[str, str] = {}
+    gathering = _Gathering(roots or RootMap())
     for row in rows:
         if task is not None and row["task"] != task:
             continue
         if row["status"] not in EXPORTED_STATUSES:
-            skipped[f"rows with status {row['status']}"] += 1
+            gathering.skipped[f"rows with status {row['status']}"] += 1
             continue
         for view in views(row):
-            _add(found, view, roots, skipped, seen_roots)
-    roots.check(seen_roots)
-    images = list(found.values())
+            gathering.add(view)
+    gathering.roots.check(gathering.seen_roots)
+    images = list(gathering.found.values())
     parent = _name_all(images)
-    return Exported(images, _joined(parent), seen_roots, skipped)
+    return Exported(images, _joined(parent), gathering.seen_roots, gathering.skipped)
 
 
 def _with_base(columns: Sequence[str]) -> list[str]:
@@ -176,27 +175,30 @@ def views(row: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
-def _add(
-    found: dict[str, ExportImage],
-    view: dict[str, Any],
-    roots: RootMap,
-    skipped: Counter[str],
-    seen_roots: dict[str, str],
-) -> None:
-    root, path = view["image_root"] or "", view["image_path"] or ""
-    reason = _unplaceable(path, view)
-    if reason:
-        skipped[reason] += 1
-        return
-    seen_roots.setdefault(root, roots.where(root))
-    source = _joined(_parts(_join(roots.where(root), path)))
-    image = found.get(source)
-    if image is None:
-        where = roots.where(root) if root else ""
-        size = int(view["width"]), int(view["height"])
-        image = ExportImage(root, path, source, _folder(where, path), *size)
-        found[source] = image
-    _gather(image, view)
+@dataclass(slots=True)
+class _Gathering:
+    """The images found so far, by where their file is now (rows of several tasks about one
+    file meet there), and what was left out."""
+
+    roots: RootMap
+    found: dict[str, ExportImage] = field(default_factory=dict)
+    skipped: Counter[str] = field(default_factory=Counter)
+    seen_roots: dict[str, str] = field(default_factory=dict)
+
+    def add(self, view: dict[str, Any]) -> None:
+        root, path = view["image_root"] or "", view["image_path"] or ""
+        reason = _unplaceable(path, view)
+        if reason:
+            self.skipped[reason] += 1
+            return
+        where = self.seen_roots.setdefault(root, self.roots.where(root))
+        source = _joined(_parts(_join(where, path)))
+        image = self.found.get(source)
+        if image is None:
+            size = int(view["width"]), int(view["height"])
+            image = ExportImage(root, path, source, _folder(where, path), *size)
+            self.found[source] = image
+        _gather(image, view)
 
 
 def _unplaceable(path: str, view: dict[str, Any]) -> str | None:

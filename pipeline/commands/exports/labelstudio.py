@@ -65,7 +65,7 @@ def export_labelstudio(
     image_prefix: str = LOCAL_FILES,
 ) -> Summary:
     """Write the tasks file and the labelling config (each atomically)."""
-    exported = collect(output_dir, task=task, roots=roots)
+    exported = collect(output_dir, task=task, roots=roots, columns=("model",))
     summary = Summary("labelstudio", [str(out_path)], {}, exported.skipped)
     tasks = [_task(image, image_prefix, summary) for image in exported.images]
     config = config_path or Path(out_path).with_suffix(".xml")

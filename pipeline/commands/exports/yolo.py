@@ -53,9 +53,7 @@ def export_yolo(
     images = with_objects(exported)
     objects = [obj for image in images for obj in image.objects or ()]
     names = sorted({label_of(obj) for obj in objects if not obj.get("xy")})
-    segment = bool(names) and all(
-        obj.get("mask") for obj in objects if not obj.get("xy") and obj.get("bbox")
-    )
+    segment = _all_masked(objects)
     with staged_folder(out_dir, "yolo") as stage:
         placed, missing = place_images(images, stage / "images", copy=copy, allow_hosts=allow_hosts)
         summary.skipped.update(missing)
@@ -67,6 +65,12 @@ def export_yolo(
     summary.counts.update(images=len(placed), objects=written, classes=len(names))
     summary.notes.append("segmentation polygons" if segment else "boxes")
     return summary
+
+
+def _all_masked(objects: list[dict[str, Any]]) -> bool:
+    """Whether the dataset is segmentation: every object with a box has a mask."""
+    boxed = [obj for obj in objects if obj.get("bbox") and not obj.get("xy")]
+    return bool(boxed) and all(obj.get("mask") for obj in boxed)
 
 
 def _write_labels(
@@ -93,23 +97,31 @@ def _why_not(obj: dict[str, Any]) -> str:
 def _line(
     obj: dict[str, Any], image: ExportImage, classes: dict[str, int], segment: bool
 ) -> str | None:
-    if obj.get("xy"):
-        return None
-    box = pixel_box(obj, image)
+    box = None if obj.get("xy") else pixel_box(obj, image)
     if box is None:
         return None
-    number = classes[label_of(obj)]
-    mask = mask_of(obj, image) if segment else None
+    values = _outline_values(obj, image, box) if segment else _centred(box)
+    scale = [image.width, image.height] * (len(values) // 2)
+    numbers = (_number(value / side) for value, side in zip(values, scale, strict=True))
+    return " ".join([str(classes[label_of(obj)]), *numbers])
+
+
+def _centred(box: tuple[float, float, float, float]) -> list[float]:
+    x0, y0, x1, y1 = box
+    return [(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0]
+
+
+def _outline_values(
+    obj: dict[str, Any], image: ExportImage, box: tuple[float, float, float, float]
+) -> list[float]:
+    """The mask's outline as x, y, x, y, ...; a mask too small to outline (or unreadable) gives
+    its box's corners, so every line stays of the dataset's kind."""
+    mask = mask_of(obj, image)
     points = outline(mask) if mask is not None else None
     if points is None:
         x0, y0, x1, y1 = box
-        values = [(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0]
-        if segment:  # a mask too small to outline: its box as a polygon, the dataset's kind
-            values = [x0, y0, x1, y0, x1, y1, x0, y1]
-    else:
-        values = points.astype(np.float64).reshape(-1).tolist()
-    scale = [image.width, image.height] * (len(values) // 2)
-    return " ".join([str(number), *(_number(v / s) for v, s in zip(values, scale, strict=True))])
+        return [x0, y0, x1, y0, x1, y1, x0, y1]
+    return points.astype(np.float64).reshape(-1).tolist()
 
 
 def _number(value: float) -> str:
