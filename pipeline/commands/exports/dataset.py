@@ -120,7 +120,7 @@ class ExportImage:
 class Exported:
     images: list[ExportImage]
     parent: str  # the common parent of the images' roots (where they are now)
-    roots: dict[str, str]  # each root of the rows -> where its images are now
+    roots: dict[str, str]  # each root of the rows -> where its images are now (URLs: none)
     skipped: Counter[str]  # why rows or images were left out -> how many
 
 
@@ -146,7 +146,8 @@ def collect(
     gathering.roots.check(gathering.seen_roots)
     images = list(gathering.found.values())
     parent = _name_all(images)
-    return Exported(images, _joined(parent), gathering.seen_roots, gathering.skipped)
+    roots_now = {root: where for root, where in gathering.seen_roots.items() if root}
+    return Exported(images, _joined(parent), roots_now, gathering.skipped)
 
 
 def _with_base(columns: Sequence[str]) -> list[str]:
