@@ -316,10 +316,13 @@ async def test_labelstudio_boxes_are_percent(tmp_path: Path) -> None:
             width=200,
             height=100,
             objects=[result_object("cat", (20, 10, 120, 60))],
-        )
+        ),
+        result_row("a.png", root="/r", task="custom", width=200, height=100, json="{}"),
     ]
     await write_rows(tmp_path / "out", "r1", rows)
-    export_labelstudio(tmp_path / "out", tmp_path / "ls.json", image_prefix="http://h/")
+    summary = export_labelstudio(tmp_path / "out", tmp_path / "ls.json", image_prefix="http://h/")
+    assert summary.skipped == {"custom rows (Label Studio has no place for them)": 1}
+    assert summary.notes == []  # no local-files hint: the images are served elsewhere
     (task,) = json.loads((tmp_path / "ls.json").read_text())
     assert task["data"]["image"] == "http://h/a.png"
     (result,) = task["predictions"][0]["result"]

@@ -28,7 +28,9 @@ from pipeline.commands.exports.dataset import (
     RootMap,
     Summary,
     collect,
+    count_unused,
     has_objects,
+    is_caption,
     label_of,
 )
 from pipeline.commands.exports.files import write_json
@@ -60,7 +62,7 @@ def export_coco(
         path = captions_path or _captions_beside(Path(out_path))
         write_json(path, _captions(exported, captioned, ids))
         summary.wrote.append(str(path))
-    _count_unused(exported, summary)
+    count_unused(exported, lambda row: has_objects(row) or is_caption(row), "COCO")
     return summary
 
 
@@ -126,15 +128,6 @@ def _captions(exported: Exported, images: list[ExportImage], ids: dict[str, int]
         "images": [_image(image, ids) for image in images],
         "annotations": annotations,
     }
-
-
-def _count_unused(exported: Exported, summary: Summary) -> None:
-    """Rows whose answers COCO has no place for (classify labels, custom JSON) are said, not
-    silently dropped."""
-    for image in exported.images:
-        for row in image.rows:
-            if not has_objects(row) and not (row["task"] == "caption" and row["text"]):
-                summary.skipped[f"{row['task']} rows (COCO has no place for them)"] += 1
 
 
 def _category(number: int, name: str, pointed: bool) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
@@ -216,7 +216,7 @@ def _gather(image: ExportImage, view: dict[str, Any]) -> None:
     image.rows.append(view)
     if has_objects(view):
         image.objects = [*(image.objects or []), *view["objects"]]
-    if view["task"] == "caption" and view["text"]:
+    if is_caption(view):
         image.captions.append(view["text"])
     if view["task"] == "classify" and view["labels"]:
         image.labels.extend(view["labels"])
@@ -228,13 +228,25 @@ def has_objects(row: dict[str, Any]) -> bool:
     return objects is not None and (row["task"] in OBJECT_TASKS or bool(objects))
 
 
-def with_objects(exported: Exported) -> list[ExportImage]:
-    """The images that rows with objects are about (for formats of objects only); the other
-    rows read are counted as skipped, by task, so nothing goes silently."""
+def is_caption(row: dict[str, Any]) -> bool:
+    return row["task"] == "caption" and bool(row["text"])
+
+
+def count_unused(
+    exported: Exported, used: Callable[[dict[str, Any]], bool], format_name: str
+) -> None:
+    """Count the rows read whose answer a format has no place for, by task, as skipped: what
+    an export leaves out is said, never dropped silently."""
     for image in exported.images:
         for row in image.rows:
-            if not has_objects(row):
-                exported.skipped[f"{row['task']} rows (no objects)"] += 1
+            if not used(row):
+                exported.skipped[f"{row['task']} rows ({format_name} has no place for them)"] += 1
+
+
+def with_objects(exported: Exported, format_name: str) -> list[ExportImage]:
+    """The images that rows with objects are about, for formats of objects only (the other
+    rows are counted as skipped)."""
+    count_unused(exported, has_objects, format_name)
     return [image for image in exported.images if image.objects is not None]
 
 

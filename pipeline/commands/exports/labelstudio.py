@@ -34,6 +34,9 @@ from pipeline.commands.exports.dataset import (
     RootMap,
     Summary,
     collect,
+    count_unused,
+    has_objects,
+    is_caption,
     label_of,
 )
 from pipeline.commands.exports.files import write_json, write_text, xml_safe
@@ -67,6 +70,7 @@ def export_labelstudio(
     """Write the tasks file and the labelling config (each atomically)."""
     exported = collect(output_dir, task=task, roots=roots, columns=("model",))
     summary = Summary("labelstudio", [str(out_path)], {}, exported.skipped)
+    count_unused(exported, _shown, "Label Studio")
     tasks = [_task(image, image_prefix, summary) for image in exported.images]
     config = config_path or Path(out_path).with_suffix(".xml")
     write_json(out_path, tasks)
@@ -79,6 +83,12 @@ def export_labelstudio(
             f"serve the images with LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT={exported.parent}"
         )
     return summary
+
+
+def _shown(row: dict[str, Any]) -> bool:
+    return (
+        has_objects(row) or is_caption(row) or (row["task"] == "classify" and bool(row["labels"]))
+    )
 
 
 def _task(image: ExportImage, prefix: str, summary: Summary) -> dict[str, Any]:

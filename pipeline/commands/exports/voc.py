@@ -45,7 +45,7 @@ def export_voc(
     """Write the VOC folder (whole: staged, then swapped in for `out_dir`)."""
     exported = collect(output_dir, task=task, roots=roots)
     summary = Summary("voc", [str(out_dir)], {}, exported.skipped)
-    images = with_objects(exported)
+    images = with_objects(exported, "VOC")
     with staged_folder(out_dir, "voc") as stage:
         placed, missing = place_images(
             images, stage / IMAGES_DIR, copy=copy, allow_hosts=allow_hosts

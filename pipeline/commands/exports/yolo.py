@@ -50,7 +50,7 @@ def export_yolo(
     """Write the dataset folder (whole: staged, then swapped in for `out_dir`)."""
     exported = collect(output_dir, task=task, roots=roots)
     summary = Summary("yolo", [str(out_dir)], {}, exported.skipped)
-    images = with_objects(exported)
+    images = with_objects(exported, "YOLO")
     objects = [obj for image in images for obj in image.objects or ()]
     names = sorted({label_of(obj) for obj in objects if not obj.get("xy")})
     segment = _all_masked(objects)
