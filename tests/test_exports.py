@@ -35,6 +35,7 @@ from pipeline.commands.exports.yolo import export_yolo
 from pipeline.commands.render import render
 from pipeline.masks import rle_decode
 from pipeline.output.parts import current_rows
+from pipeline.output.stores import MissingExtra
 from pipeline.records import ROW_SCHEMA
 from tests.conftest import (
     REPO,
@@ -419,3 +420,13 @@ async def test_exif_turned_images_are_written_upright(tmp_path: Path) -> None:
         assert upright.size == (40, 60) and upright.getexif().get(0x0112, 1) == 1
         red, _, blue = upright.convert("RGB").getpixel((35, 5))  # the box, as displayed
         assert blue > 150 and red < 100
+
+
+async def test_mask_outlines_without_opencv_say_what_to_install(
+    made: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "cv2", None)  # as if the [exports] extra were not there
+    with pytest.raises(MissingExtra, match=r"gemini-vision-pipeline\[exports\]"):
+        export_yolo(made["out"], tmp_path / "yolo", task="segment")
+    assert not list(tmp_path.glob("*yolo*"))  # nothing half-written, no staging left
+    assert export_hf(made["out"], tmp_path / "hf").counts["images"] == 2  # needs no OpenCV

@@ -52,9 +52,9 @@ def export_coco(
     `task` keeps one task's rows; `roots` says where moved roots are now."""
     exported = collect(output_dir, task=task, roots=roots)
     ids = {image.source: number for number, image in enumerate(exported.images, start=1)}
-    with_objects = [image for image in exported.images if image.objects is not None]
+    located = [image for image in exported.images if image.objects is not None]
     summary = Summary("coco", [str(out_path)], {}, exported.skipped)
-    instances = _instances(exported, with_objects, ids, summary)
+    instances = _instances(exported, located, ids, summary)
     write_json(out_path, instances)
     captioned = [image for image in exported.images if image.captions]
     summary.counts["captions"] = sum(len(image.captions) for image in captioned)
