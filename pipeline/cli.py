@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from pipeline import __version__, exits
+from pipeline.commands.exports.dataset import ExportError, RootMap
 from pipeline.config import ConfigError, flags, load_config, with_overrides
 from pipeline.inputs.checks import require_inputs
 from pipeline.output.parts import UnreadablePart
@@ -162,12 +163,32 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _export(args: argparse.Namespace) -> int:
-    from pipeline.commands.export import export_coco
+# `export FORMAT`: the options each format takes beyond the common ones (argparse dest -> the
+# export function's keyword)
+EXPORT_OPTIONS = {
+    "coco": {"captions": "captions_path"},
+    "yolo": {"copy": "copy", "allow_host": "allow_hosts"},
+    "voc": {"copy": "copy", "allow_host": "allow_hosts"},
+    "hf": {"copy": "copy", "allow_host": "allow_hosts"},
+    "labelstudio": {"label_config": "config_path", "image_prefix": "image_prefix"},
+}
 
+
+def _export(args: argparse.Namespace) -> int:
+    export = getattr(
+        importlib.import_module(f"pipeline.commands.exports.{args.format}"),
+        f"export_{args.format}",
+    )
+    options = {kw: getattr(args, dest) for dest, kw in EXPORT_OPTIONS[args.format].items()}
+    if "allow_hosts" in options:
+        options["allow_hosts"] = tuple(options["allow_hosts"])
+    roots = RootMap.parse(args.images_root)
     _recover(args.output_dir)
-    counts = export_coco(args.output_dir, args.out)
-    _say(f"wrote {args.out}: {counts}")
+    summary = export(args.output_dir, args.out, task=args.task, roots=roots, **options)
+    if args.json:
+        print(json.dumps(summary.as_dict(), indent=2))
+    else:
+        _say(summary.line())
     return 0
 
 
@@ -179,7 +200,7 @@ def _render(args: argparse.Namespace) -> int:
         args.output_dir,
         args.out,
         limit=args.limit,
-        images_root_override=args.images_root,
+        roots=RootMap.parse(args.images_root),
         allow_hosts=tuple(args.allow_host),
     )
     _say(f"wrote {args.out}/index.html: {report}")
@@ -287,6 +308,38 @@ def _serve(args: argparse.Namespace) -> int:
     return serve_from_args(args)
 
 
+def _export_parser(
+    formats: argparse._SubParsersAction, name: str, about: str, out: str
+) -> argparse.ArgumentParser:
+    c = formats.add_parser(name, help=about)
+    c.add_argument("output_dir")
+    c.add_argument("--out", required=True, metavar=out)
+    c.add_argument("--task", help="only this task's rows (detect, segment, caption, ...)")
+    _images_root(c)
+    c.add_argument("--json", action="store_true", help="the summary as JSON on stdout")
+    c.set_defaults(func=_export)
+    return c
+
+
+def _images_root(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--images-root",
+        action="append",
+        metavar="ROOT=DIR",
+        help="the images of ROOT are now in DIR (repeatable); a bare DIR: every root's",
+    )
+
+
+def _allow_host(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="fetch URL images from this internal host too (as [input] allow_hosts); repeatable",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pipeline",
@@ -339,25 +392,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output_dir")
     p.set_defaults(func=_compact)
 
-    p = sub.add_parser("export", help="export a dataset")
+    p = sub.add_parser(
+        "export", help="export a dataset (COCO, YOLO, VOC, Hugging Face, Label Studio)"
+    )
     fmt = p.add_subparsers(dest="format", required=True)
-    c = fmt.add_parser("coco", help="COCO detection / segmentation JSON")
-    c.add_argument("output_dir")
-    c.add_argument("--out", required=True, metavar="FILE.json")
-    c.set_defaults(func=_export)
+    c = _export_parser(fmt, "coco", "COCO instances JSON (+ a COCO captions JSON)", "FILE.json")
+    c.add_argument("--captions", metavar="FILE.json", help="captions file (FILE_captions.json)")
+    for name, about in (
+        ("yolo", "a YOLO dataset folder: images, labels, data.yaml"),
+        ("voc", "a Pascal VOC folder: JPEGImages, Annotations"),
+        ("hf", "a Hugging Face image folder: images, metadata.parquet"),
+    ):
+        c = _export_parser(fmt, name, about, "DIR")
+        c.add_argument("--copy", action="store_true", help="copy the images (default: symlinks)")
+        _allow_host(c)
+    c = _export_parser(fmt, "labelstudio", "Label Studio tasks with predictions", "FILE.json")
+    c.add_argument("--label-config", metavar="FILE.xml", help="labelling config (FILE.xml)")
+    c.add_argument(
+        "--image-prefix",
+        default="/data/local-files/?d=",
+        metavar="URL",
+        help="put before each image's relative name (default: Label Studio's local files)",
+    )
 
     p = sub.add_parser("render", help="overlays and an index.html gallery")
     p.add_argument("output_dir")
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--limit", type=int, help="at most N images")
-    p.add_argument("--images-root", metavar="DIR", help="where the images are now, if moved")
-    p.add_argument(
-        "--allow-host",
-        action="append",
-        default=[],
-        metavar="HOST",
-        help="fetch URL images from this internal host too (as [input] allow_hosts); repeatable",
-    )
+    _images_root(p)
+    _allow_host(p)
     p.set_defaults(func=_render)
 
     p = sub.add_parser("models", help="what each model takes, bills and answers")
@@ -457,7 +520,7 @@ def _quiet_closed_streams() -> None:
 def _dispatch(args: argparse.Namespace) -> int:
     try:
         return args.func(args)
-    except (ConfigError, UnreadablePart, MissingExtra) as exc:
+    except (ConfigError, UnreadablePart, MissingExtra, ExportError) as exc:
         _say(f"error: {exc}")
         return exits.USAGE
     except OutputDirBusy as exc:

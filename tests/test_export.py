@@ -14,7 +14,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from pipeline.commands.export import export_coco
+from pipeline.commands.exports.coco import export_coco
 from tests.conftest import result_object, result_row, write_rows
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -78,13 +78,16 @@ async def write_output(out: Path) -> None:
 async def test_export_loads_in_pycocotools(tmp_path: Path) -> None:
     await write_output(tmp_path / "out")
     target = tmp_path / "coco" / "dataset.json"
-    counts = export_coco(tmp_path / "out", target)
-    assert counts == {
+    summary = export_coco(tmp_path / "out", target)
+    assert summary.as_dict() == {
+        "format": "coco",
+        "wrote": [str(target), str(tmp_path / "coco" / "dataset_captions.json")],
         "images": 4,
         "annotations": 5,
         "categories": 4,
-        "rows_skipped": 2,
-        "objects_skipped": 0,
+        "captions": 1,
+        "skipped": {"rows with status error": 1},
+        "notes": [],
     }
     with contextlib.redirect_stdout(io.StringIO()):
         coco = COCO(str(target))
@@ -130,8 +133,8 @@ async def test_export_loads_in_pycocotools(tmp_path: Path) -> None:
 
 async def test_export_one_task_and_ids_are_stable(tmp_path: Path) -> None:
     await write_output(tmp_path / "out")
-    first = export_coco(tmp_path / "out", tmp_path / "one.json", task="segment")
-    assert first["images"] == 2 and first["annotations"] == 3 and first["categories"] == 2
+    first = export_coco(tmp_path / "out", tmp_path / "one.json", task="segment").counts
+    assert first == {"images": 2, "annotations": 3, "categories": 2, "captions": 0}
     export_coco(tmp_path / "out", tmp_path / "again.json", task="segment")
     assert (tmp_path / "one.json").read_bytes() == (tmp_path / "again.json").read_bytes()
     assert not list(tmp_path.glob(".*.tmp"))

@@ -20,7 +20,7 @@ from pycocotools.coco import COCO
 
 from pipeline import exits
 from pipeline.commands.estimate import estimate, format_estimate
-from pipeline.commands.export import export_coco
+from pipeline.commands.exports.coco import export_coco
 from pipeline.commands.render import render
 from pipeline.commands.reparse import reparse
 from pipeline.config import ConfigError, parse_config, settings_hash
@@ -329,7 +329,7 @@ async def test_group_rows_reparse_export_and_render(images_dir: Path, tmp_path: 
     after = current_rows(out).to_pylist()[0]
     assert after["objects"] == before["objects"] and after["members"] == before["members"]
 
-    counts = export_coco(out, tmp_path / "coco.json")
+    counts = export_coco(out, tmp_path / "coco.json").counts
     assert counts["images"] == 2 and counts["annotations"] == 4
     coco = COCO(str(tmp_path / "coco.json"))
     for image in coco.dataset["images"]:

@@ -12,7 +12,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from pipeline import exits
-from pipeline.commands.export import export_coco
+from pipeline.commands.exports.coco import export_coco
 from pipeline.commands.render import _colour, render
 from pipeline.tasks import get_task
 from pipeline.tasks.base import TaskSettings
@@ -79,8 +79,9 @@ async def test_points_end_to_end_export_and_render(images_dir: Path, tmp_path: P
             centre = np.array([xs.mean() + 0.5, ys.mean() + 0.5])
             assert min(np.hypot(*(np.array(o["xy"]) - centre)) for o in row["objects"]) <= 1.5
 
-    counts = export_coco(tmp_path / "out", tmp_path / "coco.json")
-    assert (counts["images"], counts["annotations"], counts["objects_skipped"]) == (2, 4, 0)
+    summary = export_coco(tmp_path / "out", tmp_path / "coco.json")
+    assert (summary.counts["images"], summary.counts["annotations"]) == (2, 4)
+    assert not summary.skipped
     coco = COCO(str(tmp_path / "coco.json"))
     assert all(c["keypoints"] == ["point"] for c in coco.dataset["categories"])
     for image in coco.dataset["images"]:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.commands.exports.dataset import RootMap
 from pipeline.commands.render import MASK_ALPHA, _colour, render
 from tests.conftest import result_object, result_row, write_rows
 
@@ -171,7 +172,7 @@ async def test_limit_and_moved_images(output: dict[str, Path], tmp_path: Path) -
     shutil.rmtree(output["images"])
     report = render(output["out"], output["gallery"], limit=2)
     assert report["entries"] == 2 and report["missing_sources"] == 2  # outside + a.png gone
-    report = render(output["out"], output["gallery"], limit=3, images_root_override=str(moved))
+    report = render(output["out"], output["gallery"], limit=3, roots=RootMap.parse(str(moved)))
     assert report["entries"] == 3 and report["missing_sources"] == 1  # only ../outside.png
     assert len(list((output["gallery"] / "images").iterdir())) == 3  # stale overlays removed
 

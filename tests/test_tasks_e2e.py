@@ -15,7 +15,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from pipeline import exits
-from pipeline.commands.export import export_coco
+from pipeline.commands.exports.coco import export_coco
 from pipeline.commands.render import render
 from pipeline.commands.reparse import reparse
 from pipeline.gemini import parse_response
@@ -139,7 +139,7 @@ async def test_reparse_export_render_on_a_real_output(images_dir: Path, tmp_path
         assert [o["bbox"] for o in row["objects"]] == [o["bbox"] for o in before[path]["objects"]]
 
     coco_path = tmp_path / "coco.json"
-    counts = export_coco(str(tmp_path / "out"), str(coco_path))
+    counts = export_coco(str(tmp_path / "out"), str(coco_path)).counts
     coco = COCO(str(coco_path))
     assert len(coco.getImgIds()) == 3
     assert len(coco.getAnnIds()) == sum(len(r["objects"]) for r in after.values())

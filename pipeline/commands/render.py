@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 from pillow_heif import register_heif_opener
 
+from pipeline.commands.exports.dataset import RootMap, label_of, views
 from pipeline.inputs.fetch import Fetcher, FetchError, FetchSettings
 from pipeline.locations import is_url
 from pipeline.masks import rle_decode
@@ -103,13 +104,13 @@ def render(
     out_dir: str | os.PathLike[str],
     *,
     limit: int | None = None,
-    images_root_override: str | None = None,
+    roots: RootMap | None = None,
     allow_hosts: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Draw overlays for the current ok/partial rows (at most `limit`) and write index.html.
 
-    Sources are read at image_root/image_path, or images_root_override/image_path when the
-    images have moved; a missing source gives a grey placeholder with the overlays, not a crash.
+    Sources are read at image_root/image_path, the root being where `roots` says its images
+    are now; a missing source gives a grey placeholder with the overlays, not a crash.
     Objects and URLs (a bucket's inputs, a manifest's URLs) are read through a `Fetcher`: its
     bounds, retries and caps, and no API key; internal addresses are refused as in a run
     unless their hosts are in `allow_hosts`.
@@ -123,20 +124,21 @@ def render(
             stale.unlink()
 
     rows = current_rows(output_dir, _COLUMNS).to_pylist()
-    shown = [view for row in rows if row["status"] in GALLERY_STATUSES for view in _views(row)]
+    roots = roots or RootMap()
+    roots.check({row["image_root"] or "" for row in rows})
+    shown = [view for row in rows if row["status"] in GALLERY_STATUSES for view in views(row)]
     problems = [row for row in rows if row["status"] not in GALLERY_STATUSES]
     if limit is not None:
         shown = shown[: max(limit, 0)]
     entries = [
-        _Entry(number, row, _source_path(row, images_root_override))
-        for number, row in enumerate(shown, start=1)
+        _Entry(number, row, _source_path(row, roots)) for number, row in enumerate(shown, start=1)
     ]
     fetch = FetchSettings(allow_hosts=allow_hosts)
     with Fetcher(fetch) as fetcher, ThreadPoolExecutor(max_workers=DRAWING_THREADS) as pool:
         found = list(pool.map(lambda entry: _draw_entry(entry, images_dir, fetcher), entries))
 
     labels = Counter(
-        _label(obj)
+        label_of(obj)
         for row in rows
         if row["status"] in GALLERY_STATUSES
         for obj in row["objects"] or ()
@@ -154,32 +156,10 @@ def render(
     }
 
 
-def _views(row: dict[str, Any]) -> list[dict[str, Any]]:
-    """What one figure each shows: the row, or each member of a group's row as a row of its own
-    (its path, size and objects) that still names the group."""
-    members = row.get("members")
-    if not members:
-        return [row]
-    objects = row["objects"] or []
-    return [
-        {
-            **row,
-            "image_root": member["image_root"],
-            "image_path": member["image_path"],
-            "width": member["width"],
-            "height": member["height"],
-            "objects": [obj for obj in objects if obj.get("image") == index],
-            "group": (row["image_path"], index, len(members)),
-        }
-        for index, member in enumerate(members)
-    ]
-
-
-# -------------------------------------------------------------------------------------- draw
-def _source_path(row: dict[str, Any], root_override: str | None) -> Path | str | None:
-    """root/image_path (a URL when the root is a bucket's), the URL itself for a URL input,
-    None when image_path climbs out of its root."""
-    root, path = root_override or row["image_root"] or "", row["image_path"] or ""
+def _source_path(row: dict[str, Any], roots: RootMap) -> Path | str | None:
+    """root/image_path (a URL when the root is a bucket's; the root where `roots` says it is
+    now), the URL itself for a URL input, None when image_path climbs out of its root."""
+    root, path = roots.where(row["image_root"] or ""), row["image_path"] or ""
     if not root and is_url(path):
         return path
     relative = PurePosixPath(path)
@@ -261,7 +241,7 @@ def _blend_masks(
             continue
         small = Image.fromarray(full).resize(canvas.size, Image.Resampling.NEAREST)
         owner[np.asarray(small, dtype=bool)] = len(colours)
-        colours.append(_colour(_label(obj)))
+        colours.append(_colour(label_of(obj)))
     if len(colours) == 1:
         return canvas
     pixels = np.asarray(canvas, dtype=np.float32)
@@ -282,9 +262,9 @@ def _draw_boxes(canvas: Image.Image, objects: list[dict[str, Any]], scale: float
         x0, y0, x1, y1 = (float(v) * scale for v in bbox)
         if x1 < x0 or y1 < y0:
             continue
-        colour = _colour(_label(obj))
+        colour = _colour(label_of(obj))
         draw.rectangle((x0, y0, x1, y1), outline=colour, width=line)
-        text = _label(obj)[:40]
+        text = label_of(obj)[:40]
         left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
         # Above the box when there is room (else inside it), and kept inside the image.
         x = max(0.0, min(x0, canvas.width - (right - left) - 2))
@@ -303,19 +283,15 @@ def _draw_points(canvas: Image.Image, objects: list[dict[str, Any]], scale: floa
         if not xy or len(xy) != 2:
             continue
         x, y = (float(v) * scale for v in xy)
-        colour = _colour(_label(obj))
+        colour = _colour(label_of(obj))
         ring = (x - radius, y - radius, x + radius, y + radius)
         draw.ellipse(ring, fill=colour, outline=(255, 255, 255), width=max(1, radius // 3))
-        text = _label(obj)[:40]
+        text = label_of(obj)[:40]
         left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
         tx = max(0.0, min(x + radius + 4, canvas.width - (right - left) - 2))
         ty = max(0.0, min(y - (bottom - top) / 2, canvas.height - (bottom - top) - 2))
         draw.rectangle((tx + left - 2, ty + top - 2, tx + right + 2, ty + bottom + 2), fill=colour)
         draw.text((tx, ty), text, font=font, fill=_ink(colour))
-
-
-def _label(obj: dict[str, Any]) -> str:
-    return obj.get("label") or "unlabelled"
 
 
 def _colour(label: str) -> tuple[int, int, int]:
