@@ -24,9 +24,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import os
-from collections.abc import Callable, Coroutine, Mapping, Sequence
-from typing import Any, TypeAlias, TypeVar
+import signal
+import threading
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
+from typing import Any, Generic, TypeAlias, TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -174,63 +177,75 @@ def _blocking(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
         asyncio.get_running_loop()
     except RuntimeError:
         return asyncio.run(make())
-    return _in_thread(make)
+    return OwnLoop(make).result()
 
 
-def _in_thread(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    loop = asyncio.new_event_loop()
-    main: list[asyncio.Task[T]] = []  # the run's task, once the thread has started it
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pipeline-run") as pool:
-        done = pool.submit(_run_on, loop, make, main)
-        return _wait(done, loop, main)
+class OwnLoop(Generic[T]):
+    """A coroutine run on a new loop in a thread of its own while the caller waits, and what a
+    Ctrl-C (SIGINT, a notebook's interrupt) reaching the caller does to it: passed to the run's
+    stop, which drains the first and abandons on the next, as the command line does; before the
+    run takes signals (its config, its preflight) a cancel, as asyncio.run does at a Ctrl-C,
+    and the caller gets KeyboardInterrupt."""
+
+    def __init__(self, make: Callable[[], Coroutine[Any, Any, T]]) -> None:
+        self.make = make
+        self.loop = asyncio.new_event_loop()
+        self.task: asyncio.Task[T] | None = None
+        self.cancelled = False
+
+    def result(self) -> T:
+        with (
+            _sigint_to(self.signal),
+            concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pipeline-run") as pool,
+        ):
+            try:
+                return pool.submit(self._run).result()
+            except asyncio.CancelledError:
+                if self.cancelled:
+                    raise KeyboardInterrupt from None
+                raise
+
+    def _run(self) -> T:
+        """In the worker thread; asyncio.Runner closes the loop as asyncio.run would."""
+        with asyncio.Runner(loop_factory=lambda: self.loop) as runner:
+            return runner.run(self._main())
+
+    async def _main(self) -> T:
+        self.task = asyncio.current_task()
+        if self.cancelled:  # a Ctrl-C before this task existed (see _cancel)
+            raise asyncio.CancelledError
+        return await self.make()
+
+    def signal(self) -> None:
+        """A SIGINT, in the caller's thread."""
+        if interrupt(self.loop):
+            return
+        self.cancelled = True
+        with contextlib.suppress(RuntimeError):  # the loop closed: the run is over
+            self.loop.call_soon_threadsafe(self._cancel)
+
+    def _cancel(self) -> None:
+        """On the run's loop, so never between _main's first two lines: either the task is
+        there to cancel, or _main has not started and will see `cancelled`."""
+        if self.task is not None:
+            self.task.cancel()
 
 
-def _run_on(
-    loop: asyncio.AbstractEventLoop,
-    make: Callable[[], Coroutine[Any, Any, T]],
-    main: list[asyncio.Task[T]],
-) -> T:
-    """The run on `loop`, in this (worker) thread; asyncio.Runner closes it as asyncio.run
-    would (async generators, the default executor)."""
-
-    async def tracked() -> T:
-        main.append(asyncio.current_task())  # type: ignore[arg-type]  # inside a task: never None
-        return await make()
-
-    with asyncio.Runner(loop_factory=lambda: loop) as runner:
-        return runner.run(tracked())
-
-
-def _wait(
-    done: concurrent.futures.Future[T],
-    loop: asyncio.AbstractEventLoop,
-    main: list[asyncio.Task[T]],
-) -> T:
-    """The run's result. A Ctrl-C here (Python delivers it to this, the main, thread) is
-    passed on: to the run's stop, which drains the first and abandons on the next, as the
-    command line does; or, before the run takes signals, as a cancel (what asyncio.run does at
-    a Ctrl-C), ending in KeyboardInterrupt."""
-    cancelled = False
-    while True:
-        try:
-            return done.result()
-        except KeyboardInterrupt:
-            if not interrupt(loop):
-                cancelled = _cancel(loop, main) or cancelled
-        except asyncio.CancelledError:
-            if cancelled:
-                raise KeyboardInterrupt from None
-            raise
-
-
-def _cancel(loop: asyncio.AbstractEventLoop, main: list[asyncio.Task[T]]) -> bool:
-    if not main:  # not started: the Ctrl-C came before the thread ran anything
-        return False
+@contextlib.contextmanager
+def _sigint_to(handle: Callable[[], None]) -> Iterator[None]:
+    """SIGINT calls `handle` while the block runs, in place of the caller's handler (a kernel's
+    KeyboardInterrupt, which would land anywhere in the wait: in the middle of starting the
+    thread, leaving it running unowned); the caller's handler is put back after. Only the main
+    thread gets signals, and only it may set their handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, lambda *_: handle())
     try:
-        loop.call_soon_threadsafe(main[0].cancel)
-    except RuntimeError:  # the loop closed meanwhile: the run is over, its result follows
-        return False
-    return True
+        yield
+    finally:
+        if previous is not None:  # None: set outside Python, cannot be put back
+            signal.signal(signal.SIGINT, previous)
 
 
 # --------------------------------------------------------------------- estimate, read

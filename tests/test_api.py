@@ -4,7 +4,9 @@ back through `pipeline.read` and compared with the run's summary."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -84,8 +86,6 @@ async def test_run_from_a_running_loop_reads_back_what_the_summary_says(
 
 
 def asyncio_loop_running() -> bool:
-    import asyncio
-
     try:
         asyncio.get_running_loop()
     except RuntimeError:
@@ -149,6 +149,7 @@ async def test_ctrl_c_in_the_caller_drains_the_run_in_its_thread(
     try:
         watcher.start()
         stopped = pipeline.run(config, seed=0)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the kernel's, back
     finally:
         finished.set()
         watcher.join()
@@ -241,3 +242,39 @@ def test_import_pipeline_loads_no_api() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, env=child_env(), cwd=REPO
     )
     assert result.stdout.split("\n")[:2] == ["[]", "True"], result.stderr
+
+
+def test_the_stub_names_what_the_package_loads() -> None:
+    """pipeline/__init__.pyi (for type checkers) and the names __init__.py loads on use agree."""
+    stub = (REPO / "pipeline" / "__init__.pyi").read_text()
+    declared = set(re.findall(r"^from \S+ import (\w+) as \1$", stub, re.M)) | {"__version__"}
+    assert declared == set(pipeline.__all__)
+    assert all(getattr(pipeline, name) is not None for name in pipeline.__all__)
+
+
+async def test_ctrl_c_before_the_run_takes_signals_cancels_it() -> None:
+    """Before its work starts (the config, the preflight) a run takes no signal yet: a Ctrl-C
+    there cancels it, as asyncio.run does at a Ctrl-C, and the caller gets KeyboardInterrupt."""
+    started, ended = threading.Event(), threading.Event()
+
+    async def before_work() -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()  # never set: only the cancel ends it
+        finally:
+            ended.set()
+
+    def interrupt_once_started() -> None:
+        if started.wait(60):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    watcher = threading.Thread(target=interrupt_once_started)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        watcher.start()
+        with pytest.raises(KeyboardInterrupt):
+            api.OwnLoop(before_work).result()  # what pipeline.run does from a running loop
+    finally:
+        watcher.join()
+        signal.signal(signal.SIGINT, previous)
+    assert ended.is_set()  # cancelled, its cleanup run, its thread joined
