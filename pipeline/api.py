@@ -63,7 +63,8 @@ def load_config(
     (relative paths against the working directory), or a Config. `overrides`: values keyed
     "section.key" (`{"limits.concurrency": 4}`). `settings`: keywords named as the command
     line's setting flags (`model=`, `concurrency=`, `input=`, `output=`, `base_url=`, ...), or
-    as a section with a dict of its keys (`limits={"rpm": 60}`). A None value changes nothing."""
+    as a section with a dict of its keys (`limits={"rpm": 60}`), or dotted (`**{"limits.rpm":
+    60}`). A None value changes nothing."""
     return with_overrides(_loaded(config), {**_dotted(settings), **(overrides or {})}, OVERRIDES)
 
 
@@ -86,6 +87,8 @@ def _dotted(settings: Mapping[str, Any]) -> dict[str, Any]:
     for name, value in settings.items():
         if name in SECTIONS and isinstance(value, Mapping):
             dotted.update({f"{name}.{key}": item for key, item in value.items()})
+        elif "." in name:  # **{"limits.rpm": 60}: as in overrides
+            dotted[name] = value
         elif name in by_flag:
             dotted[by_flag[name]] = value
         else:

@@ -195,9 +195,10 @@ def test_load_config_from_a_dict_with_overrides(tmp_path: Path) -> None:
         model="gemini-2.5-pro",
         output=str(tmp_path / "elsewhere"),
         images={"max_side": 512},
+        **{"limits.tpm": 10_000},
     )
     assert config.api.model == config.task.model == "gemini-2.5-pro"
-    assert (config.limits.rpm, config.images.max_side) == (60, 512)
+    assert (config.limits.rpm, config.limits.tpm, config.images.max_side) == (60, 10_000, 512)
     assert config.output.dir == str(tmp_path / "elsewhere")
     assert pipeline.load_config(config) is config  # a Config as it is, no override
 
