@@ -140,7 +140,7 @@ def on_signals(loop: asyncio.AbstractEventLoop, handle: Callable[[], None]) -> I
     previous = {sig: signal.getsignal(sig) for sig in SIGNALS}
     installed = []
     for sig in SIGNALS:
-        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # Windows
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not on Windows
             loop.add_signal_handler(sig, handle)
             installed.append(sig)
     try:
