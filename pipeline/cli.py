@@ -7,7 +7,6 @@ import argparse
 import asyncio
 import contextlib
 import errno
-import importlib
 import json
 import os
 import sys
@@ -40,24 +39,16 @@ def _flag_dests() -> list[str]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from pipeline.engines import RunOptions, run
+    from pipeline.engines import RunOptions, check_run, run
 
     config = _config(args)
-    require_inputs(config)
-    _require_engine(config)
     options = RunOptions(
         retry_errors=args.retry_errors,
         limit=args.limit,
         progress=not args.quiet,
         submit_only=args.submit_only,
     )
-    if args.submit_only and config.api.mode != "batch":
-        raise ConfigError('--submit-only needs Batch Mode: add --batch (or [api] mode = "batch")')
-    if args.submit_only and config.api.base_url == "local":
-        raise ConfigError(
-            f'{config.source}: [api] base_url = "local": the in-process server, and its jobs, '
-            "end with the run; for --submit-only run `pipeline serve-local` and use its URL"
-        )
+    check_run(config, options)
     summary = run(config, options)
     rows = dict(summary.rows)
     recovered = f", {summary.recovered} recovered from a killed run" if summary.recovered else ""
@@ -76,24 +67,6 @@ def _run(args: argparse.Namespace) -> int:
     elif summary.resume_hint:
         _say(summary.resume_hint)
     return summary.exit_code
-
-
-RAY_EXTRA = "pip install 'gemini-vision-pipeline[ray]'"
-
-
-def _require_engine(config: Config) -> None:
-    """The Ray engine's package is an extra, imported only when a run uses it: without it the
-    run is one line saying what to install (as an s3:// path without the cloud extra), not a
-    ModuleNotFoundError from deep in the engine."""
-    if config.engine.kind != "ray":
-        return
-    try:
-        importlib.import_module("ray")
-    except ImportError:
-        raise MissingExtra(
-            f'{config.source}: [engine] kind = "ray" (--engine ray) needs the ray package: '
-            f"{RAY_EXTRA}"
-        ) from None
 
 
 def _say_batch(summary: RunSummary) -> None:
@@ -130,23 +103,9 @@ def _recover(output_dir: str) -> None:
 
 
 def _existing_output(output_dir: str) -> None:
-    """A folder that exists; a bucket that exists, with something under the prefix (an
-    object-store prefix exists once a run has written it)."""
-    from pipeline.output.stores import open_store
+    from pipeline.commands.outputs import require_output
 
-    store = open_store(output_dir)
-    if store.local:
-        if not os.path.isdir(store.url):
-            raise ConfigError(f"{output_dir}: no such output folder")
-        return
-    try:
-        store.ensure()
-    except FileNotFoundError:
-        raise ConfigError(f"{output_dir}: no such bucket") from None
-    except OSError as exc:  # no credentials, access denied, an endpoint that does not answer
-        raise ConfigError(f"{output_dir}: {exc.strerror or exc}") from None
-    if not store.list():
-        raise ConfigError(f"{output_dir}: nothing there: no run has written this output")
+    require_output(output_dir)
 
 
 def _status(args: argparse.Namespace) -> int:

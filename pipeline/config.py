@@ -541,7 +541,7 @@ def _validate_engine(config: Config) -> None:
         )
 
 
-def load_config(path: str | Path) -> Config:
+def load_config(path: str | os.PathLike[str]) -> Config:
     """Read and validate a TOML config file."""
     path = Path(path)
     try:
@@ -556,16 +556,23 @@ def load_config(path: str | Path) -> Config:
     return parse_config(data, str(path), path.parent.resolve())
 
 
-def with_overrides(config: Config, overrides: Mapping[str, Any]) -> Config:
-    """Apply command-line values keyed "section.key" (None: not given), each checked by its
-    declaration; paths resolve against the working directory."""
+COMMAND_LINE = "command line"
+
+
+def with_overrides(
+    config: Config, overrides: Mapping[str, Any], source: str = COMMAND_LINE
+) -> Config:
+    """Apply values keyed "section.key" (None: not given), each checked by its declaration;
+    paths resolve against the working directory. From the command line a bad value is named by
+    its flag, from elsewhere (`pipeline.run(..., overrides=...)`) by its key."""
     given: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
     for dotted, value in overrides.items():
         if value is None:
             continue
-        section, key = dotted.split(".", 1)
-        flag = declarations(section)[key].metadata["flag"] or f"[{section}] {key}"
-        given[section][key] = check_setting(section, key, value, "command line", flag)
+        section, key = _split_key(dotted, source)
+        flag = declarations(section).get(key)
+        shown = flag.metadata["flag"] if flag and source == COMMAND_LINE else ""
+        given[section][key] = check_setting(section, key, value, source, shown)
     if not any(given.values()):
         return config
     merged = {
@@ -573,6 +580,18 @@ def with_overrides(config: Config, overrides: Mapping[str, Any]) -> Config:
         for name, values in given.items()
     }
     return _build(merged, config.models, config.source)
+
+
+def _split_key(dotted: str, source: str) -> tuple[str, str]:
+    """ "section.key" -> (section, key); a ConfigError naming it when there is no such section
+    (a typo in code reaches here, where the command line's flags cannot)."""
+    section, dot, key = dotted.partition(".")
+    if not dot or section not in SECTIONS:
+        raise ConfigError(
+            f"{source}: {dotted!r} is not a setting: use section.key, with a section of "
+            f"{', '.join(SECTIONS)}"
+        )
+    return section, key
 
 
 def _current(config: Config, section: str) -> dict[str, Any]:

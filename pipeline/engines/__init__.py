@@ -10,19 +10,58 @@ the service's alias target is not the table's: engines/common.py).
 from __future__ import annotations
 
 import asyncio
+import importlib
 
-from pipeline.config import Config, require_available
+from pipeline.config import Config, ConfigError, require_available
 from pipeline.engines.batch.engine import BatchEngine
 from pipeline.engines.common import AliasMoved, RunStart
 from pipeline.engines.ray.driver import RayEngine
 from pipeline.engines.single import SingleProcess
-from pipeline.inputs.checks import check_groups
+from pipeline.inputs.checks import check_groups, require_inputs
 from pipeline.inputs.references import load as load_references
+from pipeline.output.stores import MissingExtra
 from pipeline.run.identity import identify
 from pipeline.run.runner import RunOptions
 from pipeline.run.summary import RunSummary
 
-__all__ = ["RunOptions", "run", "run_async"]
+__all__ = ["RunOptions", "check_run", "run", "run_async"]
+
+RAY_EXTRA = "pip install 'gemini-vision-pipeline[ray]'"
+
+
+def check_run(config: Config, options: RunOptions) -> None:
+    """What every front door (the `run` command, `pipeline.run()`) refuses before a run starts:
+    inputs that are not there, an engine whose extra is not installed, --submit-only outside
+    Batch Mode or against the in-process server."""
+    require_inputs(config)
+    _require_engine(config)
+    if options.submit_only:
+        _check_submit_only(config)
+
+
+def _require_engine(config: Config) -> None:
+    """The Ray engine's package is an extra, imported only when a run uses it: without it the
+    run is one line saying what to install (as an s3:// path without the cloud extra), not a
+    ModuleNotFoundError from deep in the engine."""
+    if config.engine.kind != "ray":
+        return
+    try:
+        importlib.import_module("ray")
+    except ImportError:
+        raise MissingExtra(
+            f'{config.source}: [engine] kind = "ray" (--engine ray) needs the ray package: '
+            f"{RAY_EXTRA}"
+        ) from None
+
+
+def _check_submit_only(config: Config) -> None:
+    if config.api.mode != "batch":
+        raise ConfigError('--submit-only needs Batch Mode: add --batch (or [api] mode = "batch")')
+    if config.api.base_url == "local":
+        raise ConfigError(
+            f'{config.source}: [api] base_url = "local": the in-process server, and its jobs, '
+            "end with the run; for --submit-only run `pipeline serve-local` and use its URL"
+        )
 
 
 async def run_async(config: Config, options: RunOptions | None = None) -> RunSummary:

@@ -19,8 +19,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import threading
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pipeline import exits
 
@@ -124,11 +125,22 @@ def _close(awaitable: Awaitable[object]) -> None:
 
 @contextlib.contextmanager
 def on_signals(loop: asyncio.AbstractEventLoop, handle: Callable[[], None]) -> Iterator[None]:
-    """`handle` runs on the loop at each of SIGNALS while the block runs (where the platform
-    lets a loop take signals: not on Windows, not off the main thread)."""
+    """`handle` runs on the loop at each of SIGNALS while the block runs.
+
+    Python delivers signals to the main thread only, so a loop in another thread (a run that
+    `pipeline.run()` started from a notebook's running loop) takes none: its handle is
+    registered for `interrupt(loop)` instead, which the thread that started the run calls when
+    a Ctrl-C reaches it. On the main thread the handlers the process had before (a notebook
+    kernel's, a framework's) are put back at the end: asyncio's own removal would leave the
+    defaults in their place."""
+    if threading.current_thread() is not threading.main_thread():
+        with _forwarded(loop, handle):
+            yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in SIGNALS}
     installed = []
     for sig in SIGNALS:
-        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not on Windows
             loop.add_signal_handler(sig, handle)
             installed.append(sig)
     try:
@@ -136,3 +148,37 @@ def on_signals(loop: asyncio.AbstractEventLoop, handle: Callable[[], None]) -> I
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)
+            _restore(sig, previous[sig])
+
+
+def _restore(sig: signal.Signals, handler: Any) -> None:
+    """A handler installed from Python is put back; None (one set outside Python) cannot be."""
+    if handler is not None:
+        signal.signal(sig, handler)
+
+
+# The handles of the loops running off the main thread, while their run takes signals.
+_OFF_MAIN: dict[asyncio.AbstractEventLoop, Callable[[], None]] = {}
+
+
+@contextlib.contextmanager
+def _forwarded(loop: asyncio.AbstractEventLoop, handle: Callable[[], None]) -> Iterator[None]:
+    _OFF_MAIN[loop] = handle
+    try:
+        yield
+    finally:
+        _OFF_MAIN.pop(loop, None)
+
+
+def interrupt(loop: asyncio.AbstractEventLoop) -> bool:
+    """A signal for the run on `loop` (in another thread), as a Ctrl-C is for a run on the main
+    thread: the first drains it, the next abandons its calls. False when the run takes no
+    signal now (it has not started its work, or has ended): the caller then cancels it."""
+    handle = _OFF_MAIN.get(loop)
+    if handle is None:
+        return False
+    try:
+        loop.call_soon_threadsafe(handle)
+    except RuntimeError:  # the loop closed meanwhile: the run is over
+        return False
+    return True
