@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import contextlib
 import errno
+import importlib
 import json
 import os
 import sys
