@@ -20,7 +20,7 @@ from pipeline.output import journal
 from pipeline.output.index import load_resume_index
 from pipeline.output.parts import GROUP, RUNS_DIR, Output, latest_rows, scan
 from pipeline.output.stores import Store, open_store
-from pipeline.records import USAGE_COLUMNS, work_identity
+from pipeline.records import USAGE_COLUMNS, resumable, work_identity
 from pipeline.run.identity import key_suffix
 
 
@@ -34,7 +34,7 @@ def pending(config: Config, *, retry_errors: bool = False) -> dict[str, Any]:
     seen = done = 0
     for work in work_units(config.input):
         seen += 1
-        done += work.error is None and index.is_done(*work_identity(work))
+        done += resumable(work) and index.is_done(*work_identity(work))
     return {"config": config.source, "files": seen, "done": done, "remaining": seen - done}
 
 

@@ -27,6 +27,7 @@ class RunSummary:
     finished_at: str = ""
     seen: int = 0
     skipped: int = 0
+    ignored: int = 0  # files no [input] include pattern takes: passed over, no row
     rows: Counter[str] = field(default_factory=Counter)
     api_calls: int = 0
     retries: int = 0
