@@ -7,8 +7,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 from pipeline import exits
+from pipeline.engines.batch.jobs import JobCounts, report_ended
 from pipeline.output.parts import current_rows, scan
+from pipeline.run.stop import Stop
 from tests.conftest import make_config, run, scene_png
 
 
@@ -70,3 +74,17 @@ async def test_default_include_passes_over_non_images(images_dir: Path, tmp_path
         "README": "not an image (text)",
         "sub/notes.txt": "not an image (text)",
     }
+
+
+# ------------------------------------------------------------------ a deliberate batch cancel
+@pytest.mark.parametrize(
+    ("state", "stopped"), [("CANCELLED", False), ("FAILED", True), ("EXPIRED", True)]
+)
+def test_a_cancelled_job_is_settled_not_a_stop(state: str, stopped: bool, tmp_path: Path) -> None:
+    """A job ended as `_ended` records it, 3 of its 5 requests unanswered: a cancel (only its
+    owner cancels a job) leaves the run's exit code alone; a failure or an expiry stops it."""
+    counts, stop = JobCounts(), Stop()
+    counts.ended.append({"name": "batches/j1", "state": state, "requests": 3, "why": "why"})
+    report_ended(stop, counts, tmp_path / "out")
+    assert (stop.reason is not None) == stopped
+    assert counts.as_dict(0)["jobs_ended"][0]["state"] == state  # still in the summary
