@@ -159,7 +159,8 @@ def _status(args: argparse.Namespace) -> int:
         config = with_overrides(load_config(args.config), {"output.dir": args.output_dir})
         report["pending"] = pending(config, retry_errors=args.retry_errors)
     print(json.dumps(report, indent=2, default=str) if args.json else format_status(report))
-    return 0
+    # a part that cannot be read hides its rows from every count above: a cron check must see it
+    return exits.USAGE if report["unreadable_parts"] else exits.OK
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -420,8 +421,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _dispatch(args)
+    except BrokenPipeError:
+        return _reader_left()
     finally:
         _quiet_closed_streams()
+
+
+SIGPIPE_EXIT = 141  # 128 + SIGPIPE: what a shell reports for a writer whose reader left
+
+
+def _reader_left() -> int:
+    """`pipeline status OUT | head -1`: the reader took what it wanted and closed the pipe.
+    Python's recipe: point stdout at devnull so the exit's flush cannot fail again, and exit
+    as a killed-by-SIGPIPE writer would (no traceback)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return SIGPIPE_EXIT
 
 
 def _quiet_closed_streams() -> None:

@@ -4,16 +4,23 @@ once (or passed over), a deliberate cancel is no failure, exit-2 messages say wh
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from pipeline import exits
 from pipeline.engines.batch.jobs import JobCounts, report_ended
-from pipeline.output.parts import current_rows, scan
+from pipeline.localserver.options import ServerOptions
+from pipeline.localserver.server import LocalServer
+from pipeline.output import journal
+from pipeline.output.parts import current_rows, part_entries, scan
+from pipeline.output.stores import open_store
 from pipeline.run.stop import Stop
-from tests.conftest import make_config, run, scene_png
+from tests.conftest import REPO, child_env, make_config, run, scene_png
 
 
 def _history(out: Path) -> list[tuple[str, str | None]]:
@@ -88,3 +95,99 @@ def test_a_cancelled_job_is_settled_not_a_stop(state: str, stopped: bool, tmp_pa
     report_ended(stop, counts, tmp_path / "out")
     assert (stop.reason is not None) == stopped
     assert counts.as_dict(0)["jobs_ended"][0]["state"] == state  # still in the summary
+
+
+# ------------------------------------------------------------------ exit 2 says what to fix
+async def test_a_wrong_model_says_did_you_mean_and_no_rerun(
+    images_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A typo in [api] model: the model table's warning and the stop both name the closest
+    id, and the exit-2 hint says to fix it, not to rerun the same command."""
+    (images_dir / "a.png").write_bytes(scene_png(4))
+    summary = await run(make_config(tmp_path, api={"model": "gemini-2.5-flsh"}))
+    assert summary.exit_code == exits.USAGE
+    assert "did you mean gemini-2.5-flash?" in (summary.stop_reason or "")
+    assert "did you mean gemini-2.5-flash?" in caplog.text
+    assert "rerun the same command" not in f"{summary.stop_reason} {summary.resume_hint}"
+
+
+async def test_a_wrong_key_is_exit_2_with_a_fix_hint(
+    images_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (images_dir / "a.png").write_bytes(scene_png(5))
+    monkeypatch.delenv("GOOGLE_API_KEY", raising=False)
+    monkeypatch.setenv("GEMINI_API_KEY", "a-wrong-key")
+    async with LocalServer(ServerOptions(api_key="the-right-key")) as server:
+        summary = await run(make_config(tmp_path, api={"base_url": server.base_url}))
+    assert summary.exit_code == exits.USAGE and "API key was refused" in summary.stop_reason
+    assert summary.resume_hint and "fix" in summary.resume_hint
+    assert "rerun the same command" not in summary.resume_hint
+
+
+# ------------------------------------------------------------------ pipeline status
+def _pipeline(*args: str, stdout: int | None = subprocess.PIPE) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args],
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=child_env(),
+        cwd=REPO,
+        timeout=120,
+    )
+
+
+async def _one_run(images_dir: Path, tmp_path: Path) -> Path:
+    for seed in range(3):
+        (images_dir / f"{seed}.png").write_bytes(scene_png(seed))
+    assert (await run(make_config(tmp_path))).exit_code == exits.OK
+    return tmp_path / "out"
+
+
+async def test_status_says_a_run_is_writing_and_its_journal(
+    images_dir: Path, tmp_path: Path
+) -> None:
+    """While a run holds the output (its lock), status says so and counts the answers its
+    journal holds beyond the parts; once it lets go, no such line."""
+    out = await _one_run(images_dir, tmp_path)
+    store = open_store(out)
+    assert "writing" not in _pipeline("status", str(out)).stdout
+    lock = store.lock("a-run", wait=False)
+    try:
+        segment = journal.Segment(store, journal.segment_name("20270101T000000Z-abcdef", 1))
+        segment.append([{"image_path": "x.png"}, {"image_path": "y.png"}])
+        segment.close()
+        shown = _pipeline("status", str(out))
+        report = json.loads(_pipeline("status", str(out), "--json").stdout)
+    finally:
+        lock.release()
+    assert shown.returncode == exits.OK, shown.stderr
+    assert "a run is writing it now: 2 answers in its journal" in shown.stdout.splitlines()[0]
+    assert report["writing"] == {"journal_answers": 2}
+
+
+async def test_status_exits_2_for_an_unreadable_part(images_dir: Path, tmp_path: Path) -> None:
+    out = await _one_run(images_dir, tmp_path)
+    store = open_store(out)
+    (entry,) = part_entries(store)
+    store.replace(entry.name, b"PAR1 not parquet at all PAR1")
+    shown = _pipeline("status", str(out))
+    assert shown.returncode == exits.USAGE
+    assert "UNREADABLE PART" in shown.stdout
+
+
+@pytest.mark.parametrize("json_flag", [(), ("--json",)])
+async def test_status_into_a_closed_pipe_has_no_traceback(
+    images_dir: Path, tmp_path: Path, json_flag: tuple[str, ...]
+) -> None:
+    """`pipeline status OUT | head -1`: the reader is gone before the write (its end of the
+    pipe closed first, so the write surely fails): no traceback, the exit of a SIGPIPE."""
+    out = await _one_run(images_dir, tmp_path)
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        shown = _pipeline("status", str(out), *json_flag, stdout=writer)
+    finally:
+        os.close(writer)
+    assert "Traceback" not in shown.stderr and "BrokenPipe" not in shown.stderr, shown.stderr
+    assert shown.returncode in (0, 141)

@@ -102,6 +102,14 @@ def segments(store: Store) -> list[str]:
     return sorted(names | set(_spilled(store)))
 
 
+def held_answers(store: Store) -> int:
+    """Answers in the output's journal, not yet in parts: one line each (a line still being
+    written is not counted). What a live run has received since its last part; on a bucket,
+    what it made durable there."""
+    names = [name for name in store.appended(PREFIX) if _NAME.fullmatch(name)]
+    return sum(store.read_appended(name).count(b"\n") for name in names)
+
+
 def encode(rows: Iterable[dict[str, Any]]) -> bytes:
     """Rows as JSON lines (ensure_ascii: a lone surrogate in a file name survives the trip)."""
     return "".join(json.dumps(row, default=_default) + "\n" for row in rows).encode("ascii")

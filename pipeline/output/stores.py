@@ -679,6 +679,25 @@ def _precondition_failed(exc: BaseException) -> bool:
     return False
 
 
+def writer_holds(store: Store) -> bool:
+    """Whether a run holds the output now, as a reader (`pipeline status`) can tell without
+    waiting or writing: on disk, a shared flock is refused only while a writer holds the
+    exclusive one (taken and released at once); on a bucket, the lease was renewed within its
+    TTL (a crashed run's lease ages out, and says nothing then)."""
+    if store.local:
+        try:
+            store.lock("status", wait=False, shared=True).release()
+        except OutputDirBusy:
+            return True
+        return False
+    lease = read_lease(store)
+    if lease is None:
+        return False
+    facts = lease[0]
+    age = time.time() - float(facts.get("renewed_at") or 0)
+    return age <= float(facts.get("ttl") or LEASE_SECONDS)
+
+
 # ---------------------------------------------------------------------------------- lease
 def read_lease(store: Store) -> tuple[dict[str, Any], str] | None:
     """The lease of an object-store output, as (its facts, its version); None when absent."""
