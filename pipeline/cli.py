@@ -11,7 +11,7 @@ import importlib
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from pipeline import __version__, exits
@@ -58,13 +58,9 @@ def _run(args: argparse.Namespace) -> int:
             "end with the run; for --submit-only run `pipeline serve-local` and use its URL"
         )
     summary = run(config, options)
-    rows = dict(summary.rows)
-    recovered = f", {summary.recovered} recovered from a killed run" if summary.recovered else ""
-    _say(
-        f"run {summary.run_id}: {sum(rows.values())} rows {rows}, skipped {summary.skipped} "
-        f"already done{recovered}, {summary.api_calls} API calls, {summary.throttled} 429s, "
-        f"${summary.cost_usd:,.4f} -> {config.output.dir}"
-    )
+    if args.json:
+        _print(summary.to_json())
+    _say(f"run {summary.run_id}: {_run_line(summary)} -> {config.output.dir}")
     if summary.abandoned:
         _say(summary.abandoned_line())
     if summary.model_resolution:
@@ -75,6 +71,29 @@ def _run(args: argparse.Namespace) -> int:
     elif summary.resume_hint:
         _say(summary.resume_hint)
     return summary.exit_code
+
+
+def _run_line(summary: RunSummary) -> str:
+    """What a run did, as a person reads it: rows by status, then what it passed by."""
+    recovered = f", {summary.recovered} recovered from a killed run" if summary.recovered else ""
+    ignored = f", {summary.ignored} ignored (not in [input] include)" if summary.ignored else ""
+    return (
+        f"{_rows_line(summary.rows)}, {summary.skipped} skipped (already done){ignored}"
+        f"{recovered}, {summary.api_calls} API calls, {summary.throttled} 429s, "
+        f"${summary.cost_usd:,.4f}"
+    )
+
+
+def _rows_line(rows: Mapping[str, int]) -> str:
+    """`5 rows (4 ok, 1 error)`; `0 rows`."""
+    total = sum(rows.values())
+    detail = ", ".join(f"{count} {status}" for status, count in sorted(rows.items()) if count)
+    return f"{total} rows ({detail})" if detail else f"{total} rows"
+
+
+def _print(text: str) -> None:
+    """The machine-readable report (`--json`): stdout, which a reader may close early."""
+    print(text, flush=True)
 
 
 RAY_EXTRA = "pip install 'gemini-vision-pipeline[ray]'"
@@ -183,7 +202,14 @@ def _render(args: argparse.Namespace) -> int:
         images_root_override=args.images_root,
         allow_hosts=tuple(args.allow_host),
     )
-    _say(f"wrote {args.out}/index.html: {report}")
+    if args.json:
+        _print(json.dumps(report, indent=2))
+    missing = report["missing_sources"]
+    _say(
+        f"wrote {report['index']}: {report['entries']} images, {report['labels']} labels"
+        + (f", {missing} with their source image missing" if missing else "")
+        + (f", {report['problems']} problems (listed on the page)" if report["problems"] else "")
+    )
     return 0
 
 
@@ -202,7 +228,16 @@ def _reparse(args: argparse.Namespace) -> int:
 
     _existing_output(args.output_dir)
     report = reparse(args.output_dir, config_path=args.config, mask_threshold=args.mask_threshold)
-    _say(json.dumps(report))
+    if args.json:
+        _print(json.dumps(report, indent=2))
+    changes = ", ".join(
+        f"{count} {change.replace('->', ' -> ')}"
+        for change, count in sorted(report["status_changes"].items())
+    )
+    _say(
+        f"reparse {report['run_id']}: {report['reparsed']} stored answers parsed again"
+        + (f" ({changes})" if changes else "")
+    )
     return 0
 
 
@@ -251,8 +286,7 @@ def _batch_wait(args: argparse.Namespace) -> int:
             args.output_dir, _batch_config(args), base_url=args.base_url, progress=not args.quiet
         )
     )
-    rows = dict(summary.rows)
-    _say(f"{summary.run_id}: {sum(rows.values())} rows {rows}, ${summary.cost_usd:,.4f}")
+    _say(f"{summary.run_id}: {_rows_line(summary.rows)}, ${summary.cost_usd:,.4f}")
     _say_batch(summary)
     if summary.stop_reason:
         _say(f"stopped: {summary.stop_reason}. {summary.resume_hint}")
@@ -278,6 +312,9 @@ def _serve(args: argparse.Namespace) -> int:
     return serve_from_args(args)
 
 
+_JSON_HELP = "also print the report as JSON on stdout (the human lines stay on stderr)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pipeline",
@@ -294,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, metavar="N", help="at most N new images")
     p.add_argument("--retry-errors", action="store_true", help="redo rows that ended in error")
     p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.add_argument("--json", action="store_true", help=_JSON_HELP)
     _add_batch_run_flags(p)
     p.set_defaults(func=_run)
 
@@ -315,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output_dir")
     p.add_argument("--config", help="config whose [task] settings to parse with")
     p.add_argument("--mask-threshold", type=int)
+    p.add_argument("--json", action="store_true", help=_JSON_HELP)
     p.set_defaults(func=_reparse)
 
     p = sub.add_parser(
@@ -342,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST",
         help="fetch URL images from this internal host too (as [input] allow_hosts); repeatable",
     )
+    p.add_argument("--json", action="store_true", help=_JSON_HELP)
     p.set_defaults(func=_render)
 
     p = sub.add_parser("models", help="what each model takes, bills and answers")

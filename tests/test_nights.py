@@ -4,10 +4,13 @@ once (or passed over), a deliberate cancel is no failure, exit-2 messages say wh
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -19,8 +22,10 @@ from pipeline.localserver.server import LocalServer
 from pipeline.output import journal
 from pipeline.output.parts import current_rows, part_entries, scan
 from pipeline.output.stores import open_store
+from pipeline.run.limits import RateLimiter
+from pipeline.run.progress import EngineView, Progress
 from pipeline.run.stop import Stop
-from tests.conftest import REPO, child_env, make_config, run, scene_png
+from tests.conftest import REPO, child_env, make_config, run, scene_png, until
 
 
 def _history(out: Path) -> list[tuple[str, str | None]]:
@@ -104,7 +109,7 @@ async def test_a_wrong_model_says_did_you_mean_and_no_rerun(
     """A typo in [api] model: the model table's warning and the stop both name the closest
     id, and the exit-2 hint says to fix it, not to rerun the same command."""
     (images_dir / "a.png").write_bytes(scene_png(4))
-    summary = await run(make_config(tmp_path, api={"model": "gemini-2.5-flsh"}))
+    summary = await run(make_config(tmp_path, api={"model": "gemini-2.5-flahs"}))
     assert summary.exit_code == exits.USAGE
     assert "did you mean gemini-2.5-flash?" in (summary.stop_reason or "")
     assert "did you mean gemini-2.5-flash?" in caplog.text
@@ -191,3 +196,62 @@ async def test_status_into_a_closed_pipe_has_no_traceback(
         os.close(writer)
     assert "Traceback" not in shown.stderr and "BrokenPipe" not in shown.stderr, shown.stderr
     assert shown.returncode in (0, 141)
+
+
+# ------------------------------------------------------------------ the progress line
+@dataclass
+class _Walk:
+    """A walk's counters as a producer exposes them (the Walk protocol)."""
+
+    seen: int = 4
+    skipped: int = 0
+    done: bool = False
+
+
+async def test_the_progress_line_says_it_waits_for_the_quota() -> None:
+    """A 429 with a 38 s retryDelay: the next request waits it out in the real limiter, and
+    the progress line says why it does not move."""
+    limiter = RateLimiter(rpm=None, tpm=None)
+    limiter.throttled(retry_delay=38)
+    view = EngineView(_Walk(), dict, int, limiter.stats.waiting)
+    assert "waiting" not in Progress(view, enabled=False).line()
+    waiter = asyncio.create_task(limiter.acquire(100))
+    try:
+        await until(lambda: limiter.stats.waiting() > 0)
+        line = Progress(view, enabled=False).line()
+    finally:
+        waiter.cancel()
+        await asyncio.gather(waiter, return_exceptions=True)
+    assert line.endswith(" waiting 38 s for the minute's quota"), line
+    assert limiter.stats.waiting() == 0  # the wait is over (cancelled here): no more note
+
+
+# ------------------------------------------------------------------ summaries as lines
+async def test_run_render_reparse_say_lines_and_print_json(images_dir: Path, tmp_path: Path):
+    """run, render and reparse end with a line a person reads (no Python dict on stderr);
+    `--json` adds the report on stdout for a machine."""
+    for seed in range(2):
+        (images_dir / f"{seed}.png").write_bytes(scene_png(seed))
+    (images_dir / "notes.txt").write_text("not an image\n")
+    config = tmp_path / "night.toml"
+    config.write_text(
+        f'[api]\nbase_url = "local"\nmodel = "gemini-2.5-flash"\n'
+        f'[input]\npaths = ["{images_dir}"]\n[task]\nkind = "detect"\n'
+        f'[output]\ndir = "{tmp_path / "out"}"\n'
+    )
+    done = _pipeline("run", str(config), "--quiet", "--json")
+    assert done.returncode == exits.OK, done.stderr
+    assert json.loads(done.stdout)["rows"] == {"ok": 2}
+    line = done.stderr.splitlines()[-1]
+    assert ": 2 rows (2 ok), 0 skipped (already done), 1 ignored (not in [input] include)" in line
+    assert "{" not in done.stderr
+
+    shown = _pipeline("render", str(tmp_path / "out"), "--out", str(tmp_path / "html"), "--json")
+    assert shown.returncode == exits.OK, shown.stderr
+    assert json.loads(shown.stdout)["entries"] == 2
+    assert re.search(r"/index\.html: 2 images, \d+ labels$", shown.stderr.strip()), shown.stderr
+
+    again = _pipeline("reparse", str(tmp_path / "out"))
+    assert again.returncode == exits.OK, again.stderr
+    assert again.stdout == "" and "{" not in again.stderr
+    assert ": 2 stored answers parsed again (2 ok -> ok)" in again.stderr
