@@ -142,19 +142,20 @@ def _pipeline(*args: str, stdout: int | None = subprocess.PIPE) -> subprocess.Co
     )
 
 
-async def _one_run(images_dir: Path, tmp_path: Path) -> Path:
+async def _one_run(images_dir: Path, tmp_path: Path, out: str | None = None) -> str:
     for seed in range(3):
         (images_dir / f"{seed}.png").write_bytes(scene_png(seed))
-    assert (await run(make_config(tmp_path))).exit_code == exits.OK
-    return tmp_path / "out"
+    out = out or str(tmp_path / "out")
+    assert (await run(make_config(tmp_path, output={"dir": out}))).exit_code == exits.OK
+    return out
 
 
 async def test_status_says_a_run_is_writing_and_its_journal(
-    images_dir: Path, tmp_path: Path
+    images_dir: Path, tmp_path: Path, out: str
 ) -> None:
-    """While a run holds the output (its lock), status says so and counts the answers its
-    journal holds beyond the parts; once it lets go, no such line."""
-    out = await _one_run(images_dir, tmp_path)
+    """While a run holds the output (its lock on disk, its lease on a bucket), status says so
+    and counts the answers its journal holds beyond the parts; idle, no such line."""
+    out = await _one_run(images_dir, tmp_path, out)
     store = open_store(out)
     assert "writing" not in _pipeline("status", str(out)).stdout
     lock = store.lock("a-run", wait=False)
