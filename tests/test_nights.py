@@ -16,16 +16,18 @@ from pathlib import Path
 import pytest
 
 from pipeline import exits
+from pipeline.config import IMAGE_PATTERNS
 from pipeline.engines.batch.jobs import JobCounts, report_ended
+from pipeline.inputs.source import PassedOver, walk
 from pipeline.localserver.options import ServerOptions
 from pipeline.localserver.server import LocalServer
 from pipeline.output import journal
 from pipeline.output.parts import current_rows, part_entries, scan
-from pipeline.output.stores import open_store
+from pipeline.output.stores import filesystem, open_store
 from pipeline.run.limits import RateLimiter
 from pipeline.run.progress import EngineView, Progress
 from pipeline.run.stop import Stop
-from tests.conftest import REPO, child_env, make_config, run, scene_png, until
+from tests.conftest import REPO, child_env, make_config, put_images, run, scene_png, until
 
 
 def _history(out: Path) -> list[tuple[str, str | None]]:
@@ -86,6 +88,15 @@ async def test_default_include_passes_over_non_images(images_dir: Path, tmp_path
         "README": "not an image (text)",
         "sub/notes.txt": "not an image (text)",
     }
+
+
+def test_a_bucket_walk_counts_what_include_passes_over(bucket: str) -> None:
+    """The same rule on an object store: the listing's README is counted, not yielded."""
+    names = put_images(f"{bucket}/images", 2)
+    filesystem("s3").pipe(f"{bucket}/images/README.txt", b"notes")
+    passed = PassedOver()
+    found = list(walk([f"{bucket}/images"], include=IMAGE_PATTERNS, passed=passed))
+    assert ([src.rel_path for src in found], passed.ignored) == (names, 1)
 
 
 # ------------------------------------------------------------------ a deliberate batch cancel
