@@ -17,7 +17,8 @@ a run (`pipeline run --batch`, engines/batch/engine.py) and for
                    ─► FAILED / CANCELLED / EXPIRED, or unknown to the service: phase ended,
                       reported, its files deleted; no rows: the next run sends its images again
                       — but a CANCELLED job carrying the output of what it answered first (paid
-                      for) is collected as above, only its unanswered requests reported
+                      for) is collected as above, only its unanswered requests reported; a
+                      cancel is its owner's choice, so it never stops the run (no exit 3)
       creating (a create answer lost, not being created by this process; re-read first: a
                       create of this process may have answered since the pass began): found
                       among the project's jobs by its unique display name and adopted; not
