@@ -11,7 +11,7 @@ import importlib
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from pipeline import __version__, exits
@@ -51,13 +51,9 @@ def _run(args: argparse.Namespace) -> int:
     )
     check_run(config, options)
     summary = run(config, options)
-    rows = dict(summary.rows)
-    recovered = f", {summary.recovered} recovered from a killed run" if summary.recovered else ""
-    _say(
-        f"run {summary.run_id}: {sum(rows.values())} rows {rows}, skipped {summary.skipped} "
-        f"already done{recovered}, {summary.api_calls} API calls, {summary.throttled} 429s, "
-        f"${summary.cost_usd:,.4f} -> {config.output.dir}"
-    )
+    if args.json:
+        _print(summary.to_json())
+    _say(f"run {summary.run_id}: {_run_line(summary)} -> {config.output.dir}")
     if summary.abandoned:
         _say(summary.abandoned_line())
     if summary.model_resolution:
@@ -68,6 +64,29 @@ def _run(args: argparse.Namespace) -> int:
     elif summary.resume_hint:
         _say(summary.resume_hint)
     return summary.exit_code
+
+
+def _run_line(summary: RunSummary) -> str:
+    """What a run did, as a person reads it: rows by status, then what it passed by."""
+    recovered = f", {summary.recovered} recovered from a killed run" if summary.recovered else ""
+    ignored = f", {summary.ignored} ignored (not in [input] include)" if summary.ignored else ""
+    return (
+        f"{_rows_line(summary.rows)}, {summary.skipped} skipped (already done){ignored}"
+        f"{recovered}, {summary.api_calls} API calls, {summary.throttled} 429s, "
+        f"${summary.cost_usd:,.4f}"
+    )
+
+
+def _rows_line(rows: Mapping[str, int]) -> str:
+    """`5 rows (4 ok, 1 error)`; `0 rows`."""
+    total = sum(rows.values())
+    detail = ", ".join(f"{count} {status}" for status, count in sorted(rows.items()) if count)
+    return f"{total} rows ({detail})" if detail else f"{total} rows"
+
+
+def _print(text: str) -> None:
+    """The machine-readable report (`--json`): stdout, which a reader may close early."""
+    print(text, flush=True)
 
 
 def _say_batch(summary: RunSummary) -> None:
@@ -120,7 +139,8 @@ def _status(args: argparse.Namespace) -> int:
         config = with_overrides(load_config(args.config), {"output.dir": args.output_dir})
         report["pending"] = pending(config, retry_errors=args.retry_errors)
     print(json.dumps(report, indent=2, default=str) if args.json else format_status(report))
-    return 0
+    # a part that cannot be read hides its rows from every count above: a cron check must see it
+    return exits.USAGE if report["unreadable_parts"] else exits.OK
 
 
 # `export FORMAT`: the options each format takes beyond the common ones (argparse dest -> the
@@ -163,7 +183,14 @@ def _render(args: argparse.Namespace) -> int:
         roots=RootMap.parse(args.images_root),
         allow_hosts=tuple(args.allow_host),
     )
-    _say(f"wrote {args.out}/index.html: {report}")
+    if args.json:
+        _print(json.dumps(report, indent=2))
+    missing = report["missing_sources"]
+    _say(
+        f"wrote {report['index']}: {report['entries']} images, {report['labels']} labels"
+        + (f", {missing} with their source image missing" if missing else "")
+        + (f", {report['problems']} problems (listed on the page)" if report["problems"] else "")
+    )
     return 0
 
 
@@ -182,7 +209,16 @@ def _reparse(args: argparse.Namespace) -> int:
 
     _existing_output(args.output_dir)
     report = reparse(args.output_dir, config_path=args.config, mask_threshold=args.mask_threshold)
-    _say(json.dumps(report))
+    if args.json:
+        _print(json.dumps(report, indent=2))
+    changes = ", ".join(
+        f"{count} {change.replace('->', ' -> ')}"
+        for change, count in sorted(report["status_changes"].items())
+    )
+    _say(
+        f"reparse {report['run_id']}: {report['reparsed']} stored answers parsed again"
+        + (f" ({changes})" if changes else "")
+    )
     return 0
 
 
@@ -241,8 +277,7 @@ def _batch_wait(args: argparse.Namespace) -> int:
             args.output_dir, _batch_config(args), base_url=args.base_url, progress=not args.quiet
         )
     )
-    rows = dict(summary.rows)
-    _say(f"{summary.run_id}: {sum(rows.values())} rows {rows}, ${summary.cost_usd:,.4f}")
+    _say(f"{summary.run_id}: {_rows_line(summary.rows)}, ${summary.cost_usd:,.4f}")
     _say_batch(summary)
     if summary.stop_reason:
         _say(f"stopped: {summary.stop_reason}. {summary.resume_hint}")
@@ -300,6 +335,9 @@ def _allow_host(parser: argparse.ArgumentParser) -> None:
     )
 
 
+_JSON_HELP = "also print the report as JSON on stdout (the human lines stay on stderr)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pipeline",
@@ -316,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, metavar="N", help="at most N new images")
     p.add_argument("--retry-errors", action="store_true", help="redo rows that ended in error")
     p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.add_argument("--json", action="store_true", help=_JSON_HELP)
     _add_batch_run_flags(p)
     p.set_defaults(func=_run)
 
@@ -337,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output_dir")
     p.add_argument("--config", help="config whose [task] settings to parse with")
     p.add_argument("--mask-threshold", type=int)
+    p.add_argument("--json", action="store_true", help=_JSON_HELP)
     p.set_defaults(func=_reparse)
 
     p = sub.add_parser("prune", help="set aside rows whose input file no longer exists")
@@ -381,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="at most N images")
     _images_root(p)
     _allow_host(p)
+    p.add_argument("--json", action="store_true", help=_JSON_HELP)
     p.set_defaults(func=_render)
 
     p = sub.add_parser("models", help="what each model takes, bills and answers")
@@ -460,8 +501,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _dispatch(args)
+    except BrokenPipeError:
+        return _reader_left()
     finally:
         _quiet_closed_streams()
+
+
+SIGPIPE_EXIT = 141  # 128 + SIGPIPE: what a shell reports for a writer whose reader left
+
+
+def _reader_left() -> int:
+    """`pipeline status OUT | head -1`: the reader took what it wanted and closed the pipe.
+    Python's recipe: point stdout at devnull so the exit's flush cannot fail again, and exit
+    as a killed-by-SIGPIPE writer would (no traceback)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return SIGPIPE_EXIT
 
 
 def _quiet_closed_streams() -> None:

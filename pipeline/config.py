@@ -142,6 +142,19 @@ class LimitsConfig:
     )
 
 
+# The default `[input] include`: the file kinds pipeline/inputs/images.py can send (PNG, JPEG,
+# WEBP, HEIC/HEIF as they are; GIF, BMP, TIFF, ICO, PPM/PGM/PBM, AVIF converted to PNG). A
+# folder's README or .txt is then passed over and counted "ignored" instead of becoming an error
+# row every night; `include = ["*"]` takes every file (the format is sniffed from the bytes).
+IMAGE_PATTERNS = tuple(
+    f"*.{ext}"
+    for ext in (
+        *("png", "jpg", "jpeg", "jpe", "jfif", "webp", "heic", "heif"),
+        *("gif", "bmp", "dib", "tif", "tiff", "ico", "ppm", "pgm", "pbm", "pnm", "avif"),
+    )
+)
+
+
 @dataclass(frozen=True, slots=True)
 class InputConfig:
     paths: tuple[str, ...] = setting(
@@ -152,7 +165,9 @@ class InputConfig:
         many=True,
         path=True,
     )
-    include: tuple[str, ...] = setting(("*",), s.texts, "glob patterns on the relative path")
+    include: tuple[str, ...] = setting(
+        IMAGE_PATTERNS, s.texts, "glob patterns on the relative path (default: image kinds)"
+    )
     exclude: tuple[str, ...] = setting((), s.texts, "glob patterns on the relative path")
     follow_symlinks: bool = setting(False, s.flag, "follow symlinked folders (loops: error rows)")
     manifest: str | None = setting(

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 OK = 0  # every row of the run is ok
 ROWS_NOT_OK = 1  # some rows are error, blocked or partial (see `pipeline status`)
-USAGE = 2  # bad config or usage (a missing extra, a damaged part, a bucket that cannot be used)
+USAGE = 2  # bad config, key or usage (a wrong model, a damaged part...): fix it, then run again
 STOPPED = 3  # stopped early (Ctrl-C, a quota, a full disk, a lost lease...): rerun to resume
 
 EPILOG = f"""exit codes:
   {OK}  every row of the run is ok
   {ROWS_NOT_OK}  some rows are error, blocked or partial (see `pipeline status`)
-  {USAGE}  bad config or usage (a missing extra, a damaged part, a bucket that cannot be used)
-  {STOPPED}  stopped early (Ctrl-C, SIGTERM, a quota, a full disk, a lost lease on a bucket, or
-     the run's own failure such as a wrong key):
-     the message says why; rerun the same command to resume"""
+  {USAGE}  bad config, key or usage (a wrong key or model, a missing extra, a damaged part, a
+     bucket that cannot be used): the message says what to fix; fix it, then run again
+  {STOPPED}  stopped early (Ctrl-C, SIGTERM, a quota, a full disk, a lost lease on a bucket, an
+     outage): the message says why; rerun the same command to resume"""

@@ -17,6 +17,7 @@ request of a run.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import logging
 from collections.abc import Iterable, Mapping
@@ -290,7 +291,7 @@ class ModelTable:
                 if name.startswith(prefix) and len(prefix) > best_length:
                     best, best_length = entry, len(prefix)
         if best is None:
-            _warn_unknown(model_id)
+            _warn_unknown(model_id, self.names())
             return dataclasses.replace(UNKNOWN, name=name)
         return best
 
@@ -327,13 +328,22 @@ class ModelTable:
 _warned: set[str] = set()
 
 
-def _warn_unknown(model_id: str) -> None:
+def did_you_mean(model_id: str, names: Iterable[str]) -> str:
+    """ " (did you mean X?)" for the closest of `names` to a mistyped id, else "": a typo in
+    [api] model is the likeliest reason an id matches nothing."""
+    name = model_id.removeprefix("models/").strip().lower()
+    close = difflib.get_close_matches(name, list(names), n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _warn_unknown(model_id: str, names: Iterable[str]) -> None:
     if model_id not in _warned:
         _warned.add(model_id)
         log.warning(
-            "model %r matches no entry of the model table: sending no thinking, media "
+            "model %r matches no entry of the model table%s: sending no thinking, media "
             "resolution or temperature setting (add it under [models.%s] to say what it takes)",
             model_id,
+            did_you_mean(model_id, names),
             json.dumps(model_id),
         )
 

@@ -155,6 +155,14 @@ def work_identity(work: Work) -> tuple[str, str, int, int]:
     return work.root, work.rel_path, work.size, work.mtime_ns
 
 
+def resumable(work: Work) -> bool:
+    """Whether a rerun may skip this work when a row of its identity is committed. A usable
+    file always; an error entry (a broken link, a FIFO) only with a stamp of its own (the
+    link's lstat, the FIFO's stat), so it is recorded once, not again every night; an entry
+    with no stamp (a manifest URL whose HEAD failed) could be anything next time: asked again."""
+    return work.error is None or work_identity(work)[3] != 0
+
+
 @dataclass(slots=True)
 class Parsed:
     """A task's reading of one answer text. Objects are dicts shaped like OBJECT_TYPE (a key

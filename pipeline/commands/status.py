@@ -19,8 +19,8 @@ from pipeline.inputs.source import work_units
 from pipeline.output import journal
 from pipeline.output.index import load_resume_index
 from pipeline.output.parts import GROUP, RUNS_DIR, Output, latest_rows, scan
-from pipeline.output.stores import Store, open_store
-from pipeline.records import USAGE_COLUMNS, work_identity
+from pipeline.output.stores import Store, open_store, writer_holds
+from pipeline.records import USAGE_COLUMNS, resumable, work_identity
 from pipeline.run.identity import key_suffix
 
 
@@ -34,7 +34,7 @@ def pending(config: Config, *, retry_errors: bool = False) -> dict[str, Any]:
     seen = done = 0
     for work in work_units(config.input):
         seen += 1
-        done += work.error is None and index.is_done(*work_identity(work))
+        done += resumable(work) and index.is_done(*work_identity(work))
     return {"config": config.source, "files": seen, "done": done, "remaining": seen - done}
 
 
@@ -65,6 +65,7 @@ def status(output_dir: Output) -> dict[str, Any]:
         "parts": len(names),
         "unreadable_parts": [str(exc) for exc in unreadable],
         "damaged_journal": [store.join(name) for name in journal.damaged(store)],
+        "writing": _writing(store),
         "rows": current.num_rows,
         "rows_committed": table.num_rows,
         "superseded": table.num_rows - current.num_rows,
@@ -82,6 +83,14 @@ def status(output_dir: Output) -> dict[str, Any]:
         "cost": table_cost(table),
         "latest_run": _latest_run_summary(store),
     }
+
+
+def _writing(store: Store) -> dict[str, int] | None:
+    """A run writing the output now, and the answers its journal holds beyond the parts (the
+    counts above are of parts: they grow when the run cuts its next one). None when idle."""
+    if not writer_holds(store):
+        return None
+    return {"journal_answers": journal.held_answers(store)}
 
 
 def _value_counts(column: pa.ChunkedArray) -> dict[str | None, int]:
@@ -117,7 +126,7 @@ def format_status(report: dict[str, Any]) -> str:
     tokens = report["tokens"]
     by_status = report["by_status"]
     lines = [
-        f"output: {report['output_dir']}",
+        f"output: {report['output_dir']}" + _writing_note(report.get("writing")),
         f"rows: {report['rows']:,} current ({report['rows_committed']:,} committed in "
         f"{_count(report['parts'], 'part')} by {_count(report['runs'], 'run')}; "
         f"{report['superseded']:,} superseded)",
@@ -158,6 +167,13 @@ def format_status(report: dict[str, Any]) -> str:
         if latest.get("resume_hint"):
             lines.append(f"to resume: {latest['resume_hint']}")
     return "\n".join(lines)
+
+
+def _writing_note(writing: dict[str, int] | None) -> str:
+    if writing is None:
+        return ""
+    held = writing["journal_answers"]
+    return f" (a run is writing it now: {held:,} answers in its journal, not yet in the parts)"
 
 
 def _cached(tokens: dict[str, Any]) -> str:

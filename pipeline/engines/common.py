@@ -41,14 +41,14 @@ from pipeline.config import Config, ConfigError, declarations
 from pipeline.gemini import ApiKeyError, GeminiClient, GeminiError, api_key_from_env
 from pipeline.inputs.fetch import Fetcher, settings_from
 from pipeline.inputs.references import LoadedReference
-from pipeline.inputs.source import work_units
+from pipeline.inputs.source import PassedOver, work_units
 from pipeline.localserver.options import ServerOptions
 from pipeline.locations import is_url, local_path, scheme_of
 from pipeline.output.index import ResumeIndex, load_resume_index
 from pipeline.output.sink import ParquetSink, SinkFailed
 from pipeline.output.state import State
 from pipeline.output.stores import LeaseLost, MissingExtra, Store, open_store
-from pipeline.records import Work, work_identity
+from pipeline.records import Work, resumable, work_identity
 from pipeline.run import preflight
 from pipeline.run.buyers import InteractiveBuyer
 from pipeline.run.calls import Caller, RunStopped
@@ -95,6 +95,7 @@ class Producer:
         self.preflight = preflight  # asked by `walking` once this walk finds work
         self.seen = 0
         self.skipped = 0
+        self.passed = PassedOver()  # files the include patterns pass over: the summary's "ignored"
         self.done = False
         self.halt = threading.Event()  # set by the engine when the run stops
         self.on_work: Callable[[], object] = lambda: None  # the first unit to do is found
@@ -119,13 +120,16 @@ class Producer:
     def _todo(self) -> Iterator[Work]:
         sent = 0
         units = work_units(
-            self.config.input, skip=(self.config.output.dir,), resolve=self.fetcher.resolve
+            self.config.input,
+            skip=(self.config.output.dir,),
+            resolve=self.fetcher.resolve,
+            passed=self.passed,
         )
         for work in units:
             if self.halt.is_set() or (self.limit is not None and sent >= self.limit):
                 return
             self.seen += 1
-            if work.error is None and self.done_test.is_done(*work_identity(work)):
+            if resumable(work) and self.done_test.is_done(*work_identity(work)):
                 self.skipped += 1
                 continue
             if sent == 0:
@@ -503,6 +507,7 @@ def summarise(summary: RunSummary, producer: Producer, counts: RowCounts, caller
     """What the walk, the rows and the interactive calls of a run add up to."""
     summary.finished_at = datetime.now(UTC).isoformat()
     summary.seen, summary.skipped = producer.seen, producer.skipped
+    summary.ignored = producer.passed.ignored
     summary.rows, summary.tokens, summary.copied = counts.rows, counts.tokens, counts.copied
     summary.cost_usd = round(counts.cost_usd, 6)
     calls = caller.counters

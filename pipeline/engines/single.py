@@ -86,7 +86,10 @@ class SingleProcess:
         conc = self.config.limits.concurrency
         files: asyncio.Queue[Work | None] = asyncio.Queue(maxsize=conc)
         runner, calls = opened.runner, opened.caller.counters
-        view = EngineView(producer, lambda: runner.counts.rows, lambda: calls.throttled)
+        limits = opened.caller.limiter.stats
+        view = EngineView(
+            producer, lambda: runner.counts.rows, lambda: calls.throttled, limits.waiting
+        )
         progress = Progress(view, enabled=self.options.progress)
         loop = asyncio.get_running_loop()
         with drain_on_signals(loop, stop, opened.sink):

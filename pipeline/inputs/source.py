@@ -171,10 +171,26 @@ class _Filter:
             g.accepts(s) for g, s in zip(self.includes, self.include_states, strict=True)
         )
 
+    def ignores(self, name: str) -> bool:
+        """Whether file `name` is one `include` passes over: not hidden (never taken unless
+        named) and not excluded (the user said so), just not an include's kind of file."""
+        return not (name.startswith(".") or self.excluded() or self.wants_file())
+
     def wants_dir(self) -> bool:
         return not self.excluded() and any(
             g.may_match_below(s) for g, s in zip(self.includes, self.include_states, strict=True)
         )
+
+
+@dataclass(slots=True)
+class PassedOver:
+    """Files a walk passes over because no `include` pattern takes them (a README, a .txt
+    beside the photos): counted for the run summary's "ignored", never rows or errors."""
+
+    ignored: int = 0
+
+    def count(self, name: str, where: _Filter) -> None:
+        self.ignored += where.ignores(name)
 
 
 @dataclass(slots=True)
@@ -211,17 +227,31 @@ def _file_kind(mode: int) -> str:
     return "special file"
 
 
+def _error_entry(path: str, root: str, rel_path: str, message: str) -> SourceFile:
+    """An error entry stamped with the entry's own lstat (a link's, not its target's), so its
+    error row is its identity for resume: recorded once, again only once the entry changes."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return SourceFile(path=path, root=root, rel_path=rel_path, error=message)
+    return SourceFile(path, root, rel_path, st.st_size, st.st_mtime_ns, message)
+
+
 def _stat_source(path: str, root: str, rel_path: str) -> SourceFile:
     """A SourceFile for a path named directly (root file, manifest line): stat follows links."""
     source = SourceFile(path=path, root=root, rel_path=rel_path)
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        source.error = "broken symlink" if os.path.islink(path) else "no such file"
+        if os.path.islink(path):
+            return _error_entry(path, root, rel_path, "broken symlink")
+        source.error = "no such file"
         return source
     except OSError as exc:
-        source.error = "symlink loop: " + _reason(exc) if exc.errno == errno.ELOOP else _reason(exc)
-        return source
+        loop = exc.errno == errno.ELOOP
+        return _error_entry(
+            path, root, rel_path, f"symlink loop: {_reason(exc)}" if loop else _reason(exc)
+        )
     if not stat.S_ISREG(st.st_mode):
         source.error = f"not a regular file ({_file_kind(st.st_mode)})"
     source.size, source.mtime_ns = st.st_size, st.st_mtime_ns
@@ -235,6 +265,7 @@ def walk(
     exclude: Sequence[str] = (),
     follow_symlinks: bool = False,
     skip: Sequence[str] = (),
+    passed: PassedOver | None = None,
 ) -> Iterator[SourceFile]:
     """Yield every file under `roots`, depth-first, entries of a directory in name order.
 
@@ -242,11 +273,15 @@ def walk(
     the rest of the tree is listed and memory does not grow with the tree. Pattern, hidden-file and
     symlink rules are in the module docstring. Folders in `skip` (the run's own output, which may
     sit inside an input folder) are never entered, by whatever path. Never raises for a bad entry.
+    `passed` counts the files the patterns pass over.
     """
+    passed = passed if passed is not None else PassedOver()
     skip_ids = frozenset(_dir_ids([p for p in skip if not locations.is_url(p)]))
     for root in _as_roots(roots):
         if locations.is_object_url(root):
-            yield from walk_objects(root, include=include, exclude=exclude, skip=skip)
+            yield from walk_objects(
+                root, include=include, exclude=exclude, skip=skip, passed=passed
+            )
             continue
         root_abs = os.path.abspath(locations.local_path(root))
         try:
@@ -263,6 +298,7 @@ def walk(
                 _Filter.at_root(include, exclude),
                 follow_symlinks=follow_symlinks,
                 skip=skip_ids,
+                passed=passed,
             )
         else:
             yield _stat_source(root_abs, os.path.dirname(root_abs), os.path.basename(root_abs))
@@ -284,6 +320,7 @@ def _walk_dir(
     *,
     follow_symlinks: bool,
     skip: frozenset[tuple[int, int]] = frozenset(),
+    passed: PassedOver,
 ) -> Iterator[SourceFile]:
     """The walk of one root directory, with an explicit stack (deep trees need no recursion)."""
 
@@ -291,7 +328,7 @@ def _walk_dir(
         return "/".join(parts) or "."
 
     def error(path: str, parts: tuple[str, ...], message: str) -> SourceFile:
-        return SourceFile(path=path, root=root, rel_path=rel(parts), error=message)
+        return _error_entry(path, root, rel(parts), message)
 
     def open_dir(
         path: str, parts: tuple[str, ...], dir_filter: _Filter, dir_id: tuple[int, int]
@@ -323,6 +360,7 @@ def _walk_dir(
         try:
             is_link = entry.is_symlink()
             if not (is_link or entry.is_dir(follow_symlinks=False) or entry_filter.wants_file()):
+                passed.count(entry.name, entry_filter)
                 continue  # decided from the name alone: spare the stat
             st = os.stat(entry.path) if is_link else entry.stat(follow_symlinks=False)
         except OSError as exc:
@@ -363,6 +401,7 @@ def _walk_dir(
             continue
 
         if not entry_filter.wants_file():
+            passed.count(entry.name, entry_filter)
             continue
         source = SourceFile(
             path=entry.path,
@@ -527,7 +566,11 @@ def _parquet_paths(manifest: str) -> Iterator[str | tuple[str, str]]:
 
 
 def input_sources(
-    inp: InputConfig, *, skip: Sequence[str] = (), resolve: Resolver | None = None
+    inp: InputConfig,
+    *,
+    skip: Sequence[str] = (),
+    resolve: Resolver | None = None,
+    passed: PassedOver | None = None,
 ) -> Iterator[SourceFile]:
     """Every file an `[input]` section names: its manifest's entries, then its folders walked
     (never entering the folders in `skip`: the run's output). Manifest URLs and objects get
@@ -543,6 +586,7 @@ def input_sources(
             exclude=inp.exclude,
             follow_symlinks=inp.follow_symlinks,
             skip=skip,
+            passed=passed,
         )
 
 
@@ -552,16 +596,21 @@ GROUP_COLUMN = "group"
 
 
 def work_units(
-    inp: InputConfig, *, skip: Sequence[str] = (), resolve: Resolver | None = None
+    inp: InputConfig,
+    *,
+    skip: Sequence[str] = (),
+    resolve: Resolver | None = None,
+    passed: PassedOver | None = None,
 ) -> Iterator[Work]:
     """What a run asks about, in order: each file alone, or the groups `[input] group_by`
-    makes of them (`folder_groups`, `manifest_groups`)."""
+    makes of them (`folder_groups`, `manifest_groups`); `passed` counts the files passed over."""
+    sources = input_sources(inp, skip=skip, resolve=resolve, passed=passed)
     if inp.group_by == "folder":
-        yield from folder_groups(input_sources(inp, skip=skip, resolve=resolve))
+        yield from folder_groups(sources)
     elif inp.group_by == "manifest" and inp.manifest:
         yield from manifest_groups(inp.manifest)
     else:
-        yield from input_sources(inp, skip=skip, resolve=resolve)
+        yield from sources
 
 
 def folder_groups(
@@ -757,6 +806,7 @@ def walk_objects(
     exclude: Sequence[str] = (),
     skip: Sequence[str] = (),
     page: int = S3_PAGE,
+    passed: PassedOver | None = None,
 ) -> Iterator[SourceFile]:
     """Every object under an object-store prefix, in key order, with `walk`'s pattern and
     hidden-name rules (an object URL naming one object yields it whatever the patterns say).
@@ -774,7 +824,9 @@ def walk_objects(
     skipped = tuple(locations.normalise_url(p) + "/" for p in skip if locations.is_object_url(p))
     listing = _s3_listing(fs, root, page) if scheme == "s3" else _fs_listing(fs, root)
     found = False
-    for rel, size, version in _filtered(listing, _Filter.at_root(include, exclude)):
+    for rel, size, version in _filtered(
+        listing, _Filter.at_root(include, exclude), passed or PassedOver()
+    ):
         found = True
         full = f"{root}/{rel}"
         if not full.startswith(skipped):
@@ -800,7 +852,7 @@ def _single_object(fs: Any, url: str) -> Iterator[SourceFile]:
 
 
 def _filtered(
-    listing: Iterator[tuple[str, int, str]], top: _Filter
+    listing: Iterator[tuple[str, int, str]], top: _Filter, passed: PassedOver
 ) -> Iterator[tuple[str, int, str]]:
     """Keys (relative, "/"-separated) that the patterns want, the filter state of each folder
     computed once while consecutive keys share it."""
@@ -819,8 +871,12 @@ def _filtered(
             stack.append((folder, state))
         if not all(state.wants_dir() for _, state in stack[1:]):
             wanted = False
-        if wanted and name and stack[-1][1].child(name).wants_file():
+        if not (wanted and name):
+            continue
+        if stack[-1][1].child(name).wants_file():
             yield rel, size, version
+        else:
+            passed.count(name, stack[-1][1].child(name))
 
 
 def _s3_listing(fs: Any, root: str, page_size: int) -> Iterator[tuple[str, int, str]]:

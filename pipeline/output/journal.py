@@ -130,6 +130,19 @@ def split_header(
     return schema.field(0), rows
 
 
+def held_answers(store: Store) -> int:
+    """Answers in the output's journal, not yet in parts: one line each (a line still being
+    written is not counted). What a live run has received since its last part; on a bucket,
+    what it made durable there."""
+    names = [name for name in store.appended(PREFIX) if _NAME.fullmatch(name)]
+    return sum(_answers_in(store.read_appended(name)) for name in names)
+
+
+def _answers_in(data: bytes) -> int:
+    """Complete lines, less the header line a segment may begin with (`header`)."""
+    return data.count(b"\n") - data.startswith(b'{"' + HEADER_KEY.encode() + b'"')
+
+
 def encode(rows: Iterable[dict[str, Any]]) -> bytes:
     """Rows as JSON lines (ensure_ascii: a lone surrogate in a file name survives the trip)."""
     return "".join(json.dumps(row, default=_default) + "\n" for row in rows).encode("ascii")

@@ -679,6 +679,33 @@ def _precondition_failed(exc: BaseException) -> bool:
     return False
 
 
+def writer_holds(store: Store) -> bool:
+    """Whether a run holds the output now, as a reader (`pipeline status`) can tell without
+    waiting or writing: on disk, a shared flock is refused only while a writer holds the
+    exclusive one (taken and released at once); on a bucket, the lease was renewed within its
+    TTL and its holder is not known dead (a crashed run's lease says nothing then)."""
+    if store.local:
+        return _flock_held(store)
+    lease = read_lease(store)
+    if lease is None:
+        return False
+    facts = lease[0]
+    age = time.time() - float(facts.get("renewed_at") or 0)
+    return age <= float(facts.get("ttl") or LEASE_SECONDS) and not holder_gone(facts)
+
+
+def _flock_held(store: Store) -> bool:
+    if store.info(LOCK_FILE) is None:
+        return False  # no run ever locked it (and asking must not create the file)
+    try:
+        store.lock("status", wait=False, shared=True).release()
+    except OutputDirBusy:
+        return True
+    except OSError:
+        return False  # a read-only output (an archive's copy): no run can be writing it
+    return False
+
+
 # ---------------------------------------------------------------------------------- lease
 def read_lease(store: Store) -> tuple[dict[str, Any], str] | None:
     """The lease of an object-store output, as (its facts, its version); None when absent."""

@@ -37,6 +37,13 @@ MIN_FACTOR = 0.05
 class LimiterStats:
     throttled: int = 0  # 429s reported
     waited_seconds: float = 0.0  # time the head of the queue spent waiting for capacity
+    # time.monotonic() at which the head's current wait ends (0: not waiting). Real time, not
+    # the limiter's clock: the wait is a real sleep, and the progress line counts it down.
+    wait_ends: float = 0.0
+
+    def waiting(self) -> float:
+        """Seconds left of the current wait for the minute's quota (0 when none)."""
+        return max(0.0, self.wait_ends - time.monotonic()) if self.wait_ends else 0.0
 
 
 class Limiter(Protocol):
@@ -195,12 +202,12 @@ class RateLimiter(Pacing):
             while True:
                 now = self.clock()
                 if self._pause_until > now:
-                    await asyncio.sleep(self._pause_until - now)
+                    await self._wait(self._pause_until - now)
                     continue
                 self._recover(now)
                 wait = self._tokens.wait_time(cost, now) if self._tokens else 0.0
                 if wait > 0:
-                    await asyncio.sleep(wait)
+                    await self._wait(wait)
                     continue
                 if self._throttler is not None:
                     await self._throttler.acquire()
@@ -211,6 +218,14 @@ class RateLimiter(Pacing):
             now = self.clock()
             self.stats.waited_seconds += now - started
             self._dispatched(now)
+
+    async def _wait(self, seconds: float) -> None:
+        """Sleep for capacity, marked in the stats meanwhile (the progress line says so)."""
+        self.stats.wait_ends = time.monotonic() + seconds
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            self.stats.wait_ends = 0.0
 
     def _apply_factor(self) -> None:
         super()._apply_factor()

@@ -20,13 +20,12 @@ when the walk first finds work, in `engines/common.Preflight`):
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from dataclasses import dataclass
 
 from pipeline import exits
 from pipeline.config import Config, ConfigError, validate
 from pipeline.gemini import GeminiError, ModelInfo
-from pipeline.models import ModelTable
+from pipeline.models import ModelTable, did_you_mean
 from pipeline.run.failures import Action, Verdict, judge
 
 SERVICE = "the service's answer"
@@ -76,8 +75,8 @@ def suggestion(config: Config) -> str:
         )
     if name in table.names():  # the service may have dropped it, but the endpoint is likelier
         return "the model table has it: is [api] base_url or version right?"
-    close = difflib.get_close_matches(name, served(table), n=1)
-    return f"did you mean {close[0]}?" if close else "`pipeline models` lists the model table"
+    close = did_you_mean(name, served(table)).strip(" ()")
+    return close or "`pipeline models` lists the model table"
 
 
 def served(table: ModelTable) -> list[str]:

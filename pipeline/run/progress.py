@@ -38,6 +38,8 @@ class ProgressSource(Protocol):
     def skipped(self) -> int: ...  # files already done
     @property
     def walked(self) -> bool: ...  # the walk is over: the total is known
+    @property
+    def waiting(self) -> float: ...  # seconds left of a wait for the minute's quota (0: none)
 
 
 class Walk(Protocol):
@@ -57,9 +59,14 @@ class EngineView:
     """
 
     def __init__(
-        self, walk: Walk, rows: Callable[[], Mapping[str, int]], throttled: Callable[[], int]
+        self,
+        walk: Walk,
+        rows: Callable[[], Mapping[str, int]],
+        throttled: Callable[[], int],
+        waiting: Callable[[], float] = float,  # float() is 0.0: an engine that never waits
     ) -> None:
         self._walk, self._rows, self._throttled = walk, rows, throttled
+        self._waiting = waiting
 
     @property
     def done(self) -> int:
@@ -84,6 +91,15 @@ class EngineView:
     @property
     def walked(self) -> bool:
         return self._walk.done
+
+    @property
+    def waiting(self) -> float:
+        return self._waiting()
+
+
+def _waiting(seconds: float) -> str:
+    """A wait of a second or more is said: a stalled-looking line is then no mystery."""
+    return f" waiting {seconds:.0f} s for the minute's quota" if seconds >= 1 else ""
 
 
 class Progress:
@@ -111,7 +127,7 @@ class Progress:
         skipped = f" skipped {s.skipped}" if s.skipped else ""
         return (
             f"{done}/{total} {rate:.1f}/s{eta} errors {s.errors} 429s {s.throttled}"
-            f"{skipped} [{_duration(elapsed)}]"
+            f"{skipped} [{_duration(elapsed)}]{_waiting(s.waiting)}"
         )
 
     async def run(self) -> None:

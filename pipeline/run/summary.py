@@ -15,6 +15,12 @@ from pipeline.output.stores import Store, open_store
 from pipeline.run.identity import RunIdentity
 from pipeline.run.stop import Stop
 
+RESUME = "rerun the same command to resume"
+_DEFAULT_HINTS = {
+    exits.USAGE: "fix what it names (the config, the key, the endpoint), then run again: "
+    "what is committed stays"
+}
+
 
 @dataclass
 class RunSummary:
@@ -27,6 +33,7 @@ class RunSummary:
     finished_at: str = ""
     seen: int = 0
     skipped: int = 0
+    ignored: int = 0  # files no [input] include pattern takes: passed over, no row
     rows: Counter[str] = field(default_factory=Counter)
     api_calls: int = 0
     retries: int = 0
@@ -81,10 +88,12 @@ class RunSummary:
         self._settle_exit_code()
 
     def _settle_exit_code(self) -> None:
-        """3 when the run stopped early, else 1 when some row is not ok, else 0."""
+        """3 when the run stopped early, else 1 when some row is not ok, else 0. A stop's hint
+        by default: a 3 resumes as it is; a 2 (a wrong key, model, endpoint) would stop the
+        same way again, so its hint says to fix it first."""
         if self.stop_reason:
             self.exit_code = self.exit_code if self.exit_code != exits.OK else exits.STOPPED
-            self.resume_hint = self.resume_hint or "rerun the same command to resume"
+            self.resume_hint = self.resume_hint or _DEFAULT_HINTS.get(self.exit_code, RESUME)
         elif any(status != "ok" for status in self.rows):
             self.exit_code = exits.ROWS_NOT_OK
         else:

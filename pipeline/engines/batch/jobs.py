@@ -17,7 +17,8 @@ a run (`pipeline run --batch`, engines/batch/engine.py) and for
                    ─► FAILED / CANCELLED / EXPIRED, or unknown to the service: phase ended,
                       reported, its files deleted; no rows: the next run sends its images again
                       — but a CANCELLED job carrying the output of what it answered first (paid
-                      for) is collected as above, only its unanswered requests reported
+                      for) is collected as above, only its unanswered requests reported; a
+                      cancel is its owner's choice, so it never stops the run (no exit 3)
       creating (a create answer lost, not being created by this process; re-read first: a
                       create of this process may have answered since the pass began): found
                       among the project's jobs by its unique display name and adopted; not
@@ -845,13 +846,19 @@ def _age_ms(created_at: str) -> float:
 
 
 # ------------------------------------------------------------------------- the run's report
+CANCELLED = "CANCELLED"  # a job's end as `_ended` records it (JOB_STATE_ taken off)
+
+
 def report_ended(stop: Stop, counts: JobCounts, output_dir: str | Path) -> None:
-    """Jobs that ended without rows leave work for the next run, and jobs whose output never
-    came in time leave answers owed: the run says so (exit 3)."""
-    if counts.ended and stop.reason is None:
-        first = counts.ended[0]
+    """Jobs that failed or expired leave work for the next run, and jobs whose output never
+    came in time leave answers owed: the run says so (exit 3). A cancelled job does not: only
+    its owner cancels a job (`pipeline batch cancel`), what it answered is collected and the
+    rest is simply unsent, as any new file; it stays in the summary's `jobs_ended`."""
+    failed = [job for job in counts.ended if job["state"] != CANCELLED]
+    if failed and stop.reason is None:
+        first = failed[0]
         stop.drain(
-            f"batch job {first['name']} ended {first['state']}{_more(counts.ended)}: its images "
+            f"batch job {first['name']} ended {first['state']}{_more(failed)}: its images "
             "are left for the next run",
             "rerun the same command to send them again",
         )

@@ -210,7 +210,7 @@ class RayEngine:
     def _summarise(self, producer: Producer) -> None:
         s, t = self.summary, self.tally
         s.finished_at = datetime.now(UTC).isoformat()
-        s.seen, s.skipped = producer.seen, producer.skipped
+        s.seen, s.skipped, s.ignored = producer.seen, producer.skipped, producer.passed.ignored
         s.rows, s.tokens, s.copied = t.rows, t.tokens, t.copied
         s.api_calls, s.retries, s.throttled = t.api_calls, t.retries, t.throttled
         s.uploads, s.uploads_reused = t.uploads, t.uploads_reused
