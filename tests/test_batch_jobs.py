@@ -92,7 +92,7 @@ def lose_create_answer(output: Path, *, age_s: float = 0) -> Any:
     state.update_batch_job(job.id, phase="creating", name=None)
     state.close()
     then = (datetime.now(UTC) - timedelta(seconds=age_s)).isoformat()
-    with sqlite3.connect(output / "state.sqlite") as db:
+    with sqlite3.connect(output / ".state.sqlite") as db:
         db.execute("UPDATE batch_jobs SET updated_at = ? WHERE id = ?", (then, job.id))
     return job
 
@@ -121,7 +121,7 @@ async def test_an_old_creating_job_the_service_does_not_know_is_dropped_and_said
     config = batch_config(tmp_path, base_url=server.base_url)
     await run(config, submit_only=True)
     job = lose_create_answer(tmp_path / "out", age_s=batchjobs.CREATE_SETTLES_S + 1)
-    with sqlite3.connect(tmp_path / "out" / "state.sqlite") as db:  # a name never created
+    with sqlite3.connect(tmp_path / "out" / ".state.sqlite") as db:  # a name never created
         db.execute("UPDATE batch_jobs SET display_name = 'gvp-never' WHERE id = ?", (job.id,))
     summary = await run(config, submit_only=True)
     (dropped,) = summary.batch["jobs_dropped"]

@@ -364,7 +364,7 @@ async def test_a_cron_job_on_a_bucket_submits_then_collects(server, clock, tmp_p
     submitted = await run(config, submit_only=True)
     assert (submitted.exit_code, submitted.batch["jobs_created"]) == (exits.OK, 1)
     stored = [entry.name for entry in open_store(out).list()]
-    assert "state.sqlite" in stored and not [n for n in stored if n.startswith(".batch")]
+    assert ".state.sqlite" in stored and not [n for n in stored if n.startswith(".batch")]
     (job,) = (await batchjobs.status(out, base_url=server.base_url))["jobs"]
     assert (job["phase"], job["live"]["state"]) == ("submitted", "JOB_STATE_PENDING")
     clock.now += 61

@@ -150,7 +150,7 @@ def test_signal_finishes_in_flight_and_says_how_to_resume(tmp_path: Path, sig: i
     assert "resume" in stderr
     done = read_rows(out)
     assert 0 < len(done) < 40
-    summary = json.loads(next((out / "runs").glob("*.json")).read_text())
+    summary = json.loads(next((out / ".runs").glob("*.json")).read_text())
     assert summary["stop_reason"] == "interrupted"
     assert sum(summary["rows"].values()) == len(done)  # everything finished was flushed
     result = pipeline("run", str(config), "--quiet")

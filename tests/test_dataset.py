@@ -259,7 +259,7 @@ async def test_status_numbers(tmp_path: Path) -> None:
     copied = {"est_image_tokens": 900, "est_prompt_tokens": 950, "attempts": 0}
     rows = [row("a.jpg", 1, **billed), row("d.jpg", 1, **copied)]
     await write_rows(tmp_path, "r2", rows, settle=False)  # a.jpg's error row still in a part
-    runs = tmp_path / "runs"
+    runs = tmp_path / ".runs"
     runs.mkdir()
     (runs / "r1.json").write_text(json.dumps({"run_id": "r1", "seen": 3}))
     (runs / "r2.json").write_text(

@@ -109,7 +109,7 @@ async def test_calls_abandoned_by_a_second_signal_are_counted_as_maybe_billed(
     assert (summary.api_calls, summary.abandoned) == (4, 4)
     assert summary.abandoned_est_usd > 0
     assert "4 call(s) sent, no answer: may be billed" in summary.abandoned_line()
-    written = json.loads((tmp_path / "out" / "runs" / f"{summary.run_id}.json").read_text())
+    written = json.loads((tmp_path / "out" / ".runs" / f"{summary.run_id}.json").read_text())
     assert written["abandoned"] == 4
     assert written["abandoned_est_usd"] == summary.abandoned_est_usd
 

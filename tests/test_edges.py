@@ -151,7 +151,7 @@ def test_usage_edges_exit_2_naming_the_problem(tmp_path: Path, change: str, mess
         out.write_text("not a folder")
     elif change == "corrupt-state":
         out.mkdir()
-        (out / "state.sqlite").write_bytes(b"this is not a database" * 100)
+        (out / ".state.sqlite").write_bytes(b"this is not a database" * 100)
     elif change == "corrupt-part":
         out.mkdir()
         (out / "part-old-00000.parquet").write_bytes(b"PAR1 garbage PAR1")

@@ -218,7 +218,7 @@ def test_kill_9_while_batch_results_are_collected_loses_nothing_and_buys_nothing
         assert len(rows) == IMAGES and set(rows.values()) == {1}, rows
         created = [
             json.loads(path.read_text()).get("batch", {}).get("jobs_created", 0)
-            for path in Path(out, "runs").glob("*.json")
+            for path in Path(out, ".runs").glob("*.json")
         ]
         assert created == [0], created  # the killed run's job was collected, not bought again
 

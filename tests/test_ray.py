@@ -434,7 +434,7 @@ async def test_sigterm_drains_the_fleet_and_says_how_to_resume(
         assert b"resume" in stderr
         done = read_rows(out)
         assert 20 <= len(done) < n
-        summary = json.loads(next((out / "runs").glob("*.json")).read_text())
+        summary = json.loads(next((out / ".runs").glob("*.json")).read_text())
         assert summary["stop_reason"] == "interrupted"
         assert sum(summary["rows"].values()) == len(done)  # all that finished was committed
         again = await run(load_config(config))
@@ -454,7 +454,7 @@ async def test_the_ray_summary_bills_what_status_bills(
     summary = await run(_ray(make_config(tmp_path), workers=2))
     assert summary.exit_code == exits.OK
     bill = status(tmp_path / "out")["cost"]["usd"]
-    written = json.loads((tmp_path / "out" / "runs" / f"{summary.run_id}.json").read_text())
+    written = json.loads((tmp_path / "out" / ".runs" / f"{summary.run_id}.json").read_text())
     assert bill > 0
     assert summary.cost_usd == pytest.approx(bill, abs=1e-6)
     assert written["cost_usd"] == pytest.approx(bill, abs=1e-6)

@@ -19,8 +19,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.commands.reparse import reparse
+from pipeline.commands.status import status
 from pipeline.output.compact import compact
 from pipeline.output.parts import current_rows, part_entries
+from pipeline.output.state import LEGACY_STATE_FILE, STATE_FILE, State
 from pipeline.output.stores import Store
 from tests.conftest import draw_shapes, make_config, result_row, run, save_scenes, write_rows
 
@@ -31,8 +33,9 @@ import datasets
 
 
 def every_reader(data: Path, cache: Path) -> dict[str, list[str]]:
-    """The image paths each reader gets from the folder `data` (and its `*.parquet` glob)."""
-    glob = str(data / "*.parquet")
+    """The image paths each reader gets from the folder `data` (and its `*.parquet` glob), and
+    from the output's own folder where the reader skips dot-names (all but Polars)."""
+    glob, out = str(data / "*.parquet"), data.parent
 
     def hf(*args: str, **kwargs: str) -> list[str]:
         loaded = datasets.load_dataset(*args, cache_dir=str(cache), **kwargs)["train"]
@@ -49,6 +52,10 @@ def every_reader(data: Path, cache: Path) -> dict[str, list[str]]:
         "pyarrow read_table": pq.read_table(data).column("image_path").to_pylist(),
         "datasets glob": hf("parquet", data_files=glob),
         "datasets folder": hf(str(data)),
+        "pandas output": pd.read_parquet(out)["image_path"].to_list(),
+        "pyarrow dataset output": ds.dataset(out).to_table().column("image_path").to_pylist(),
+        "pyarrow read_table output": pq.read_table(out).column("image_path").to_pylist(),
+        "datasets output": hf(str(out)),
     }
 
 
@@ -103,14 +110,34 @@ async def test_an_old_layout_is_read_then_moved_into_data(
         _copy(store, name, name.removeprefix("data/"))
         if not killed_between_copy_and_delete:
             store.delete([name])
+    store.replace("runs/r1.json", b'{"run_id": "r1", "seen": 12}')  # and its run summaries
     assert len(current_rows(store)) == 12  # read as they are (and never twice)
     assert len(part_entries(store)) == 3
+    assert status(store)["latest_run"]["run_id"] == "r1"
 
     await write_rows(store, "r2", [legacy_row(3)])  # the next writer moves them
     names = [entry.name for entry in store.list() if entry.name.endswith(".parquet")]
     assert names and all(name.startswith(("data/", ".superseded/")) for name in names)
+    assert [e.name for e in store.list() if "runs/" in e.name] == [".runs/r1.json"]
     rows = current_rows(store, ["image_path", "text"]).to_pylist()
     assert len(rows) == 12 and {"image_path": "3.jpg", "text": "row 3"} in rows
+
+
+def test_an_old_state_file_is_adopted_whole(store: Store) -> None:
+    """`state.sqlite` (the Batch Mode jobs in flight, uploads, the day's count) becomes the
+    hidden `.state.sqlite` when the output's state is next opened, its rows all there."""
+    old = State(store)
+    old.execute("INSERT INTO daily (day, requests) VALUES ('2026-12-05', 41)")
+    old.close()
+    _copy(store, STATE_FILE, LEGACY_STATE_FILE)  # where a release before issue 20 kept it
+    store.delete([STATE_FILE])
+    state = State(store)
+    try:
+        assert state.execute("SELECT requests FROM daily") == [(41,)]
+    finally:
+        state.close()
+    names = [entry.name for entry in store.list()]
+    assert STATE_FILE in names and LEGACY_STATE_FILE not in names
 
 
 def _copy(store: Store, source: str, target: str) -> None:

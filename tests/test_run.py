@@ -276,7 +276,7 @@ async def test_daily_limit_stops_cleanly_and_says_when(images_dir: Path, tmp_pat
     assert len(read_rows(tmp_path / "out")) == 3
     again = await run(config)  # same quota day: nothing more is sent
     assert again.api_calls == 0 and again.exit_code == exits.STOPPED
-    summaries = list((tmp_path / "out" / "runs").glob("*.json"))
+    summaries = list((tmp_path / "out" / ".runs").glob("*.json"))
     assert len(summaries) == 2
     assert json.loads(summaries[0].read_text())["exit_code"] == exits.STOPPED
 

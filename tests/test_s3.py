@@ -66,7 +66,7 @@ async def test_a_run_reads_one_bucket_and_writes_another_and_a_rerun_reads_nothi
     assert {r["image_root"] for r in rows} == {inputs}
     store = open_store(output)
     stored = {entry.name for entry in store.list()}
-    assert f"runs/{first.run_id}.json" in stored and "state.sqlite" in stored
+    assert f".runs/{first.run_id}.json" in stored and ".state.sqlite" in stored
     assert any(name.startswith(".index/facts-") for name in stored)
     assert not any(name.startswith((".journal-", LEASE_NAME)) for name in stored)
 

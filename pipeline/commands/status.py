@@ -18,7 +18,7 @@ from pipeline.inputs.checks import check_groups
 from pipeline.inputs.source import work_units
 from pipeline.output import journal
 from pipeline.output.index import load_resume_index
-from pipeline.output.parts import GROUP, RUNS_DIR, Output, latest_rows, scan
+from pipeline.output.parts import GROUP, LEGACY_RUNS_DIR, RUNS_DIR, Output, latest_rows, scan
 from pipeline.output.stores import Store, open_store, writer_holds
 from pipeline.records import USAGE_COLUMNS, resumable, work_identity
 from pipeline.run.identity import key_suffix
@@ -104,12 +104,17 @@ def _sum(column: pa.Array | pa.ChunkedArray) -> int:
 
 
 def _latest_run_summary(store: Store) -> dict[str, Any] | None:
-    """The newest readable runs/<run_id>.json of a run (run ids start with their UTC start
-    time; reports of other commands, such as compactions, are not runs)."""
-    if store.local and not os.path.isdir(store.join(RUNS_DIR)):
-        return None
-    names = [e.name for e in store.list(RUNS_DIR + "/") if e.name.endswith(".json")]
-    for name in sorted(names, reverse=True):
+    """The newest readable .runs/<run_id>.json of a run (run ids start with their UTC start
+    time; reports of other commands, such as compactions, are not runs); `runs/` of an output
+    no writer has moved yet too."""
+    names = [
+        e.name
+        for folder in (RUNS_DIR, LEGACY_RUNS_DIR)
+        if not store.local or os.path.isdir(store.join(folder))
+        for e in store.list(folder + "/")
+        if e.name.endswith(".json")
+    ]
+    for name in sorted(names, key=lambda name: name.rpartition("/")[2], reverse=True):
         try:
             summary = json.loads(store.read(name).decode("utf-8"))
         except (OSError, ValueError):

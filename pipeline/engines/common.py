@@ -46,7 +46,7 @@ from pipeline.localserver.options import ServerOptions
 from pipeline.locations import is_url, local_path, scheme_of
 from pipeline.output.index import ResumeIndex, load_resume_index
 from pipeline.output.sink import ParquetSink, SinkFailed
-from pipeline.output.state import State
+from pipeline.output.state import STATE_FILE, State
 from pipeline.output.stores import LeaseLost, MissingExtra, Store, open_store
 from pipeline.records import Work, resumable, work_identity
 from pipeline.run import preflight
@@ -244,7 +244,7 @@ def open_state(out: Path | Store, config: Config) -> State:
     try:
         return State(out)
     except sqlite3.DatabaseError as exc:
-        where = out.join("state.sqlite") if isinstance(out, Store) else out / "state.sqlite"
+        where = out.join(STATE_FILE) if isinstance(out, Store) else out / STATE_FILE
         if getattr(exc, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_FULL:
             # A full disk, not a damaged file: moving it aside would lose what it holds.
             raise OSError(errno.ENOSPC, f"{where} cannot be written ({exc})") from None

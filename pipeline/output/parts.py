@@ -6,12 +6,14 @@ Layout of an output (a local folder or an object-store prefix, through `stores.S
 `data/part-<run id>-<seq>.parquet` (the current rows, and nothing else: `data/` is the folder
 every reader is pointed at, because Polars walks a folder recursively and fails on any file
 below it that is not Parquet, dot- and underscore-names included), `.superseded/` (superseded
-rows set aside: paid answers, out of every reader's sight), `runs/<run id>.json` (summaries),
+rows set aside: paid answers, out of every reader's sight), `.runs/<run id>.json` (summaries),
 `.journal-*` (answers not yet in a part: `journal.py`), `.index/` (the resume index's cache:
 `index_cache.py`), `.compact-<id>/` and `.compact-<id>.json` (a compaction's staging and its
-commit record: `compact.py`), `state.sqlite` (`state.py`). Outputs written before `data/`
-existed hold their parts at the top level: read as parts, moved into `data/` by the next writer
-(`recovery.migrate_layout`).
+commit record: `compact.py`), `.state.sqlite` (`state.py`). Every sidecar's name starts with a
+dot, so pandas, pyarrow and `datasets` pointed at the output itself find `data/` alone (Polars
+must be pointed at `data/`). Outputs written before `data/` existed hold their parts at the top
+level (and `runs/`, `state.sqlite`): read as they are, moved by the next writer
+(`recovery.migrate_layout`, `state.State`).
 
 A row is superseded by a newer row for the same (image_root, image_path, task): newer means a
 later `completed_at`, then a later part (name order), then a later row in the part
@@ -47,7 +49,11 @@ from pipeline.records import (
 Output: TypeAlias = "str | os.PathLike[str] | Store"
 PART_SUFFIX = ".parquet"
 DATA_DIR = "data"  # the parts and nothing else: what DuckDB, Polars, pandas, datasets... read
-RUNS_DIR = "runs"  # the runner's JSON summary per run: runs/<run_id>.json
+# The runner's JSON summary per run: .runs/<run_id>.json. Hidden, as every sidecar is, so that
+# pandas, pyarrow and `datasets` reading the output's own folder skip it and find `data/`
+# (`runs/` before issue 20: moved by the next writer, `recovery.migrate_layout`).
+RUNS_DIR = ".runs"
+LEGACY_RUNS_DIR = "runs"
 HISTORY_DIR = ".superseded"  # rows a compaction set aside: out of every glob, still paid for
 VERSION_KEY = b"gemini_vision_pipeline.schema_version"
 GROUP = ("image_root", "image_path", "task")

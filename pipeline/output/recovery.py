@@ -17,6 +17,8 @@ from pipeline.output.fsutil import fsync_dir, is_temp
 from pipeline.output.parts import (
     COMPACTION_RECORD,
     COMPACTION_STAGED,
+    LEGACY_RUNS_DIR,
+    RUNS_DIR,
     data_name,
     is_legacy_part,
     output_answer,
@@ -46,9 +48,13 @@ def recover_locked(store: Store) -> int:
 
 
 def migrate_layout(store: Store) -> int:
-    """Move the parts of an output written before `data/` existed into `data/` (one rename
+    """Move the run summaries of an output written before issue 20 into `.runs/`, and its
+    parts into `data/` (one rename
     each on disk; a copy then a delete on a bucket, where a kill in between leaves two copies
     that readers count once: `parts.visible_parts`). Returns how many moved."""
+    summaries = [entry.name for entry in store.list(LEGACY_RUNS_DIR + "/")]
+    for name in summaries:  # (a copy and a delete each on a bucket: a kill leaves both, alike)
+        _publish(store, name, RUNS_DIR + name.removeprefix(LEGACY_RUNS_DIR), already=False)
     legacy = [entry.name for entry in store.list("part-") if is_legacy_part(entry.name)]
     if not legacy:
         return 0  # (one listing of a prefix nothing has been written under since)

@@ -1,7 +1,7 @@
 """What an output directory remembers besides its rows: uploaded files, today's request count,
 and the Batch Mode jobs in flight.
 
-Kept in SQLite (`state.sqlite` beside the Parquet parts) because all are small, updated often and
+Kept in SQLite (`.state.sqlite` beside `data/`) because all are small, updated often and
 must survive a kill: an upload that still lives is reused instead of paid for again, the daily
 request count carries over between runs on the same quota day, and a batch job — whose creation
 is not idempotent — is recorded with the files it answers before it is created, and with its
@@ -23,7 +23,7 @@ Batch tables (pipeline/engines/batch/submit.py and jobs.py write them):
   run set to retry them interactively.
 
 On an object store, which has no append, no fsync and no file locking, SQLite cannot work on the
-object itself: the run reads the `state.sqlite` object into an in-memory database, works on that,
+object itself: the run reads the `.state.sqlite` object into an in-memory database, works on that,
 and puts a snapshot back (one whole PUT, under the run's lease) every SNAPSHOT_SECONDS while
 something changed (SQLite's `total_changes` says so, whoever wrote through `db`), at `save()`, and
 at `close()`. A kill loses at most the last SNAPSHOT_SECONDS
@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -45,11 +46,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pipeline.output.fsutil import fsync_dir, temp_name
 from pipeline.output.stores import Store, open_store
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "state.sqlite"
+STATE_FILE = ".state.sqlite"  # hidden: readers of the output's folder skip it (parts.py)
+LEGACY_STATE_FILE = "state.sqlite"  # before issue 20: adopted, then removed, on opening
 SNAPSHOT_SECONDS = 10.0
 IN_FLIGHT = ("creating", "submitted")  # batch job phases whose files are not to be sent again
 
@@ -121,11 +124,41 @@ _BATCH_SCHEMA = (
 )
 
 
+def _adopt_legacy(store: Store) -> None:
+    """An output's `state.sqlite` of before issue 20 becomes its `.state.sqlite`: copied whole
+    first (SQLite's own `VACUUM INTO`, which reads what its WAL holds too; a bucket's object
+    copied), only then the old one removed, so a kill in between leaves the old one to be
+    adopted again or the new one with a stale twin, never neither (what it holds: the Batch
+    Mode jobs in flight, whose answers are paid for)."""
+    if store.info(LEGACY_STATE_FILE) is None:
+        return
+    if store.info(STATE_FILE) is None:
+        if store.local:
+            _copy_database(Path(store.url))
+        else:
+            store.replace(STATE_FILE, store.read(LEGACY_STATE_FILE))
+    old = LEGACY_STATE_FILE
+    store.delete([old, f"{old}-wal", f"{old}-shm"])
+    log.info("%s: %s is now %s", store.url, LEGACY_STATE_FILE, STATE_FILE)
+
+
+def _copy_database(root: Path) -> None:
+    temp = temp_name(root / STATE_FILE)
+    old = sqlite3.connect(root / LEGACY_STATE_FILE)
+    try:
+        old.execute("VACUUM INTO ?", (str(temp),))
+    finally:
+        old.close()
+    os.replace(temp, root / STATE_FILE)
+    fsync_dir(root)
+
+
 class State:
     """The output's small mutable state. One writer: the run that owns the output."""
 
     def __init__(self, output_dir: str | Path | Store) -> None:
         store = open_store(output_dir)
+        _adopt_legacy(store)
         self._mutex = threading.RLock()  # the snapshot thread reads the database too
         self._snapshots: _Snapshots | None = None
         if store.local:

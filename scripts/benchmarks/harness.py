@@ -381,7 +381,7 @@ def run_pipeline(
     url, output, name = settings["api"]["base_url"], Path(settings["output"]["dir"]), config.stem
     cmd = [sys.executable, "-m", "pipeline", "run", str(config), "--base-url", url, "--quiet"]
     proc = run_measured([*cmd, *extra], ctx.logs, name, **kwargs)
-    summaries = sorted((output / "runs").glob("*.json")) if (output / "runs").is_dir() else []
+    summaries = sorted((output / ".runs").glob("*.json")) if (output / ".runs").is_dir() else []
     summary = json.loads(summaries[-1].read_text()) if summaries else {}
     if proc.returncode not in (0, 1) or not summary:
         raise RuntimeError(

@@ -145,9 +145,9 @@ def bucket_names(env: dict[str, str], *buckets: str) -> None:
 
 
 def latest_summary(env: dict[str, str], output: str) -> dict[str, Any]:
-    """The newest runs/*.json of an output in the local S3 (`bucket/prefix`)."""
+    """The newest .runs/*.json of an output in the local S3 (`bucket/prefix`)."""
     with aws_env(env) as fs:
-        paths = sorted(path for path in fs.glob(f"{output}/runs/*.json") if "compact" not in path)
+        paths = sorted(path for path in fs.glob(f"{output}/.runs/*.json") if "compact" not in path)
         return json.loads(fs.cat_file(paths[-1])) if paths else {}
 
 

@@ -2,7 +2,7 @@
 a run (`pipeline run --batch`, engines/batch/engine.py) and for
 `pipeline batch status|wait|cancel OUT`.
 
-    Jobs.check_all, one pass over the output's jobs in flight at one endpoint (state.sqlite):
+    Jobs.check_all, one pass over the output's jobs in flight at one endpoint (.state.sqlite):
       submitted ─get─► not done yet: the next pass (the wait between passes grows 1.5x, the
                        SDK's LRO multiplier, from [batch] poll_seconds to max_poll_seconds)
                    ─► done, its output attached: Collector — download the results file to disk
@@ -65,7 +65,14 @@ from pipeline.gemini.batches import BatchJob, BatchResult
 from pipeline.gemini.client import DEFAULT_BASE_URL
 from pipeline.output.index import lookup_rows
 from pipeline.output.sink import ParquetSink, SinkFailed
-from pipeline.output.state import IN_FLIGHT, STATE_FILE, BatchJobRecord, BatchRequestRecord, State
+from pipeline.output.state import (
+    IN_FLIGHT,
+    LEGACY_STATE_FILE,
+    STATE_FILE,
+    BatchJobRecord,
+    BatchRequestRecord,
+    State,
+)
 from pipeline.output.stores import Store, open_store
 from pipeline.records import ImageItem, Parsed, SourceFile, Unit, new_run_id
 from pipeline.run.calls import RunStopped, parse_response
@@ -915,7 +922,7 @@ class ForeignEndpoint(ConfigError):
 
 def endpoint(config: Config | None, base_url: str | None) -> str:
     """Where `pipeline batch` commands talk: --base-url, else [api] base_url of --config, else
-    the official endpoint — never the base_url a job recorded in state.sqlite."""
+    the official endpoint — never the base_url a job recorded in .state.sqlite."""
     chosen = base_url or (config.api.base_url if config is not None else DEFAULT_BASE_URL)
     return chosen.rstrip("/")
 
@@ -974,7 +981,7 @@ def _existing_state(out: Path | Store) -> State:
 
 def _check_output(out: Path | Store) -> None:
     store = open_store(out)
-    if store.info(STATE_FILE) is None:
+    if store.info(STATE_FILE) is None and store.info(LEGACY_STATE_FILE) is None:
         raise ConfigError(f"{store.url}: no {STATE_FILE} here: not the output of a run")
 
 

@@ -41,7 +41,7 @@ from pipeline.run.requests import Plan, RequestMaker
 from pipeline.run.rows import Outcome
 from pipeline.run.uploads import Uploads
 
-RECORDS_AT_ONCE = 512  # request records written to state.sqlite in one transaction
+RECORDS_AT_ONCE = 512  # request records written to .state.sqlite in one transaction
 
 
 class JobUploads(Uploads):

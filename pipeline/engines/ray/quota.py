@@ -16,7 +16,7 @@ rides along with the next call. A 429 seen by any worker pauses and slows the wh
 
 The daily count: each slot carries a reservation of the day's requests, given back when its call
 was not answered, so concurrent workers cannot overshoot `rpd`. What was answered is persisted
-by the driver into the output's `state.sqlite` (it hears it from the workers' block reports) and
+by the driver into the output's `.state.sqlite` (it hears it from the workers' block reports) and
 seeds the actor when a run starts; an actor that was restarted (it lost its count) lends nothing
 until a driver seeds it again, so workers wait rather than run free. Workers that cannot reach
 the actor pause likewise, and retry.

@@ -12,7 +12,7 @@ API client, a `calls.Caller` whose limiter and daily count lease from the projec
 worker): the journal is committed first and the files it answered are not done again.
 
 Uploads are the worker's own (a State in a scratch folder, deleted at its end as the single
-engine deletes a run's): the output's `state.sqlite` belongs to the driver, which persists the
+engine deletes a run's): the output's `.state.sqlite` belongs to the driver, which persists the
 day's count from the workers' reports.
 """
 
