@@ -56,8 +56,10 @@ def run(tree: str, path: Path, images: int) -> tuple[float, float]:
     """(client CPU ms an image, images/s) of one `pipeline run`."""
     env = {**os.environ, "PYTHONPATH": tree, "GEMINI_API_KEY": KEY}
     started = time.perf_counter()
+    # cwd=tree too: `python -m` puts the working folder ahead of PYTHONPATH, so from another
+    # folder both sides would run that folder's code
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "run", str(path), "--quiet"], env=env
+        [sys.executable, "-m", "pipeline", "run", str(path), "--quiet"], env=env, cwd=tree
     )
     _, status, usage = os.wait4(proc.pid, 0)
     assert status == 0, f"{tree}: pipeline run failed ({status})"

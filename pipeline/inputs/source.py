@@ -101,6 +101,17 @@ class _Glob:
                 self.parts.append(re.compile(fnmatch.translate(part), re.IGNORECASE))
             self.literal_dot.append(part.startswith("."))
 
+    @classmethod
+    def any_of(cls, names: Sequence[str]) -> _Glob:
+        """One automaton for several patterns of a file name alone (`*.png`, `*.jpg`, ...: the
+        default include has 19): one regex alternation per entry instead of 19 automata
+        stepped (0.14 ms of client CPU an image, measured with `bench.py profile`)."""
+        glob = cls(names[0], dot_rule=True)
+        either = "|".join(f"(?:{fnmatch.translate(name.strip())})" for name in names)
+        glob.parts[-1] = re.compile(either, re.IGNORECASE)
+        glob.pattern = " ".join(names)
+        return glob
+
     def start(self) -> frozenset[int]:
         return self._closure({0})
 
@@ -140,6 +151,12 @@ class _Glob:
         return frozenset(states)
 
 
+def _name_only(pattern: str) -> bool:
+    """A pattern of a file name, wherever it is (no folder part, not hidden, not `**`)."""
+    text = pattern.strip()
+    return bool(text) and "/" not in text and not text.startswith(".") and text != "**"
+
+
 @dataclass(slots=True)
 class _Filter:
     """Include/exclude globs and their states at one directory."""
@@ -151,7 +168,10 @@ class _Filter:
 
     @classmethod
     def at_root(cls, include: Sequence[str], exclude: Sequence[str]) -> _Filter:
-        includes = [_Glob(p, dot_rule=True) for p in include]
+        names = [p for p in include if _name_only(p)]
+        includes = [_Glob(p, dot_rule=True) for p in include if not _name_only(p)]
+        if names:
+            includes.append(_Glob.any_of(names))
         excludes = [_Glob(p, dot_rule=False) for p in exclude]
         return cls(includes, excludes, [g.start() for g in includes], [g.start() for g in excludes])
 
