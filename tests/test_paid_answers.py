@@ -84,9 +84,12 @@ def rerun(config: Path) -> subprocess.CompletedProcess:
 
 
 def answers(log: Path) -> list[dict]:
+    """The answers the server logged, complete lines only (it may be writing the next one)."""
     if not log.exists():
         return []
-    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    text = log.read_text()
+    complete = text[: text.rfind("\n") + 1]
+    return [json.loads(line) for line in complete.splitlines() if line.strip()]
 
 
 def read_rows(out: str | Path) -> list[dict]:
