@@ -245,6 +245,7 @@ async def test_a_cancelled_continuation_hands_back_its_paid_hops() -> None:
         partial = client.answer_of(hops, "interactions")
         assert partial.raw == service.sent[0]  # the one answered hop, as received
         response = await client.interact(request_3(), resume_from=partial)
+        service.never.set()  # the cut hop's handler ends: the endpoint shuts down at once (60 s)
     tokens = [body.get("continuation_token") for body in service.bodies]
     assert tokens == [None, "tok-1", "tok-1", "tok-2"]  # hop 1 bought once
     assert (response.text, response.finish_reason) == (ANSWER, "STOP")
