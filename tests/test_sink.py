@@ -362,26 +362,27 @@ from tests.test_sink import row
 def rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-async def main(out, count, size):
+async def main(out, count, size, part_bytes):
     answer = random.Random(19).randbytes(size // 2).hex()  # 20 MB of text, incompressible
     before = rss_mb()
-    async with ParquetSink(out, "big", flush_seconds=3600) as sink:
+    async with ParquetSink(out, "big", flush_seconds=3600, part_bytes=part_bytes) as sink:
         for n in range(count):
             await sink.add(row(n, raw_response=answer[n:] + answer[:n]))
     print(round(before), round(rss_mb()), sink.parts_written, flush=True)
 
-asyncio.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])))
+asyncio.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])))
 """
 
 
 async def test_memory_stays_bounded_with_20_mb_answers(tmp_path: Path) -> None:
-    """60 answers of 20 MB (1.2 GB): the sink keeps no written row and cuts parts by bytes,
-    so the peak RSS grows by a few hundred MB, not by the part (it reached 7.36 GB)."""
+    """30 answers of 20 MB (600 MB), parts cut at 128 MB of journal: the sink keeps no written
+    row and cuts parts by bytes, so the peak RSS grows by a few hundred MB, not by what was
+    written (60 answers with 256 MB parts reached 7.36 GB before; that size took 40 s here)."""
     child = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", MEMORY_CHILD, str(tmp_path), "60", str(20 << 20),
+        sys.executable, "-c", MEMORY_CHILD, str(tmp_path), "30", str(20 << 20), str(128 << 20),
         stdout=asyncio.subprocess.PIPE, env=child_env(), cwd=REPO,
     )  # fmt: skip
     output, _ = await child.communicate()
     before, peak, parts = map(int, output.split())
-    assert parts == 5  # 256 MB of journal a part: 13 answers, 13, 13, 13, 8
+    assert parts == 5  # 128 MB of journal a part: 7 answers, 7, 7, 7, 2
     assert peak - before < 400, f"peak RSS {peak} MB, {before} MB before the sink"
