@@ -30,10 +30,12 @@ from typing import Any
 
 from pipeline import settings as s
 from pipeline.gemini.client import DEFAULT_BASE_URL
+from pipeline.gemini.tokens import DEFAULT_MEDIA_RESOLUTION
 from pipeline.gemini.types import Flavor, GenerateRequest
 from pipeline.localserver.options import LocalOptions
 from pipeline.locations import is_url, local_path, normalise_url, scheme_of
-from pipeline.models import ModelTable, ModelTableError, default_table
+from pipeline.models import Model, ModelTable, ModelTableError, default_table
+from pipeline.records import KeySuffixes
 from pipeline.settings import setting
 from pipeline.tasks import get_task
 from pipeline.tasks.base import TaskSettings
@@ -614,10 +616,56 @@ def _current(config: Config, section: str) -> dict[str, Any]:
     return {key: getattr(values, key) for key in declarations(section)}
 
 
+EFFECTIVE_RULE = "effective-1"  # names the key rule below: a later rule never collides
+
+
+def key_suffixes(
+    config: Config, request: GenerateRequest, references: list[dict[str, Any]] | None = None
+) -> KeySuffixes:
+    """The run's key suffixes (`records.KeySuffixes`), hashed from the *effective* request:
+    what is sent, not what is configured. So a media resolution equal to the one the model
+    uses anyway is left out, and `max_side` enters only the `resized` suffix (the images it
+    shrinks). The older rule's hashes (`settings_hash`) of this config, and of it without
+    `max_side`, are accepted as aliases: rows keyed by them are the same requests."""
+    base: dict[str, Any] = {
+        "rule": EFFECTIVE_RULE,
+        "flavor": config.api.flavor,
+        "request": asdict(effective_request(request, config.task.spec)),
+    }
+    if references:
+        base["references"] = references
+    max_side = config.images.max_side
+    resized = None if max_side is None else _digest({**base, "max_side": max_side})
+    legacy = settings_hash(config, request, references)
+    if max_side is None:  # the legacy hash of this config is that of an image sent as is
+        return KeySuffixes(_digest(base), as_is_aliases=(legacy,))
+    unlimited = dataclasses.replace(
+        config, images=dataclasses.replace(config.images, max_side=None)
+    )
+    as_is_alias = settings_hash(unlimited, request, references)
+    return KeySuffixes(_digest(base), resized, max_side, (legacy,), (as_is_alias,))
+
+
+def effective_request(request: GenerateRequest, model: Model) -> GenerateRequest:
+    """`request` without the settings that cannot change the answer: a media resolution equal
+    to the level a budget model (Gemini 3) applies when none is sent (the model table's token
+    rule; 2.x models bill differently with any level, so theirs always counts)."""
+    level = request.media_resolution
+    if model.tokens == "budget" and level == DEFAULT_MEDIA_RESOLUTION:
+        return dataclasses.replace(request, media_resolution=None)
+    return request
+
+
+def _digest(payload: dict[str, Any]) -> str:
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+
 def settings_hash(
     config: Config, request: GenerateRequest, references: list[dict[str, Any]] | None = None
 ) -> str:
-    """Hash of everything that changes the answer: model, flavor, prompt and generation settings
+    """The legacy key suffix (before `key_suffixes`), kept so rows keyed by it are still found:
+    hash of everything that changes the answer: model, flavor, prompt and generation settings
     (the whole request the task builds), what is done to the image before sending, and the
     reference images sent with it (their bytes' sha256 and captions, in order:
     pipeline/inputs/references.py), which only a config with references has.
@@ -632,5 +680,4 @@ def settings_hash(
     }
     if references:
         payload["references"] = references
-    text = json.dumps(payload, sort_keys=True, default=str)
-    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+    return _digest(payload)

@@ -291,6 +291,50 @@ def make_key(image_sha256: str, settings_hash: str) -> str:
     return f"{image_sha256}.{settings_hash}"
 
 
+@dataclass(frozen=True, slots=True)
+class KeySuffixes:
+    """The key suffixes of one run: which settings hash an image's key carries.
+
+    A key hashes the request an image is *actually* sent with, not the config: an image that
+    `max_side` does not shrink goes as it is, so its key must not change when `max_side` does.
+    Two suffixes therefore: `as_is` (the effective request with the image unchanged) and
+    `resized` (the same request plus "shrunk to fit `max_side`": the bytes fix the size, so the
+    sha256 and `max_side` fix the W×H sent). Aliases are what the older rule
+    (`config.settings_hash`) gave the same requests, so rows keyed by it still count as done
+    (no mass redo on upgrade): `aliases` hashed this config as it is (the very request, shrunk
+    or not), `as_is_aliases` hashed it without `max_side` (the request of an image sent as is).
+    """
+
+    as_is: str
+    resized: str | None = None  # None: no max_side, nothing is shrunk
+    max_side: int | None = None
+    aliases: tuple[str, ...] = ()
+    as_is_aliases: tuple[str, ...] = ()
+
+    def of(self, sizes: Sequence[tuple[int, int]]) -> str:
+        """The suffix of a unit whose members have these displayed (width, height): `resized`
+        when `max_side` shrinks any member (then its request differs from the as-is one)."""
+        if self.resized is None or self.max_side is None:
+            return self.as_is
+        shrunk = any(max(width, height) > self.max_side for width, height in sizes)
+        return self.resized if shrunk else self.as_is
+
+    def owns(self, suffix: str) -> bool:
+        """True for a suffix this run writes or accepts as an alias."""
+        return suffix in (self.as_is, self.resized, *self.aliases, *self.as_is_aliases)
+
+    def sent_as_is(self, suffix: str) -> bool:
+        """True for a suffix naming the request of an image sent as it is (a row under it is
+        this run's request only when `max_side` does not shrink that image)."""
+        return suffix == self.as_is or suffix in self.as_is_aliases
+
+    def alias_suffixes(self, suffix: str) -> tuple[str, ...]:
+        """The older suffixes a key with `suffix` may have been committed under: the same bytes
+        and request, where a rerun still finds its answer."""
+        extra = self.as_is_aliases if self.sent_as_is(suffix) else ()
+        return tuple(alias for alias in (*self.aliases, *extra) if alias != suffix)
+
+
 def fingerprint(
     image_root: str, image_path: str, size: int, mtime_ns: int, key_suffix: str
 ) -> bytes:

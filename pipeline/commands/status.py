@@ -21,7 +21,7 @@ from pipeline.output.index import load_resume_index
 from pipeline.output.parts import GROUP, LEGACY_RUNS_DIR, RUNS_DIR, Output, latest_rows, scan
 from pipeline.output.stores import Store, open_store, writer_holds
 from pipeline.records import USAGE_COLUMNS, resumable, work_identity
-from pipeline.run.identity import key_suffix
+from pipeline.run.identity import suffixes_of
 
 
 def pending(config: Config, *, retry_errors: bool = False) -> dict[str, Any]:
@@ -29,7 +29,7 @@ def pending(config: Config, *, retry_errors: bool = False) -> dict[str, Any]:
     (`files` counts requests: groups, when the config groups its files.)"""
     check_groups(config)
     index = load_resume_index(
-        config.output.dir, key_suffix=key_suffix(config), retry_errors=retry_errors
+        config.output.dir, key_suffix=suffixes_of(config), retry_errors=retry_errors
     )
     seen = done = 0
     for work in work_units(config.input):

@@ -52,7 +52,7 @@ from pipeline.records import Work, resumable, work_identity
 from pipeline.run import preflight
 from pipeline.run.buyers import InteractiveBuyer
 from pipeline.run.calls import Caller, RunStopped
-from pipeline.run.identity import RunIdentity, key_suffix
+from pipeline.run.identity import RunIdentity, suffixes_of
 from pipeline.run.limits import DailyCount, RateLimiter, quota_day
 from pipeline.run.reuse import Bought, recent_capacity
 from pipeline.run.runner import ImageRunner, RowCounts, RunOptions
@@ -390,8 +390,8 @@ class Preflight:
         self.stop.drain("the run starts again under the model the service names")
         start = self.start
         config = preflight.resolved(start.config, checked)  # ConfigError: a setting it refuses
-        suffix = key_suffix(config, start.references)
-        identity = dataclasses.replace(start.identity, key_suffix=suffix)
+        suffixes = suffixes_of(config, start.references)
+        identity = dataclasses.replace(start.identity, suffixes=suffixes)
         moved = AliasMoved(RunStart(config, identity, start.references, start.options, checked))
         log.warning("%s: the run starts again with its settings", moved)
         raise moved
@@ -474,7 +474,7 @@ class Opener:
     def _index(self, out: Path | Store) -> ResumeIndex:
         return load_resume_index(
             out,
-            key_suffix=self.identity.key_suffix,
+            key_suffix=self.identity.suffixes,
             retry_errors=self.options.retry_errors,
             write_cache=True,
         )

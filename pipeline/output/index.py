@@ -29,7 +29,7 @@ from pipeline.output.index_cache import file_digest, load_facts
 from pipeline.output.memory import release_unused
 from pipeline.output.parts import Output, part_entries, read_part, read_parts
 from pipeline.output.stores import Entry, Store, open_store, store_key
-from pipeline.records import ROW_SCHEMA
+from pipeline.records import ROW_SCHEMA, KeySuffixes
 
 _SHA_DIGEST_BYTES = 16  # of a key's sha256: 128 bits tell a million files apart with ease
 RETRY_RUNS = 3  # a retryable error is tried again by at most this many later plain runs
@@ -122,16 +122,19 @@ class GrowingDigestSet:
 
 
 class KeySet:
-    """Keys (`<sha256>.<suffix>`) under one settings suffix, stored as digests of the sha256.
+    """Keys (`<sha256>.<suffix>`) under one run's suffixes, stored as digests of the sha256.
 
-    `key in ok_keys` is True for a committed ok answer for those bytes and settings; a key under
-    another suffix is never in it.
+    `key in ok_keys` is True for a committed ok answer for those bytes and that request; a key
+    under a suffix the run does not own is never in it. One digest set serves every suffix the
+    run owns: which rows count is decided per row when gathered (`index_cache.Gathered`: an
+    as-is row only for an image `max_side` does not shrink), and the bytes fix which suffix an
+    image's key carries, so a sha256 never stands for two of the run's requests.
     """
 
-    __slots__ = ("_digests", "suffix")
+    __slots__ = ("_digests", "suffixes")
 
-    def __init__(self, suffix: str, joined: bytes | np.ndarray = b"") -> None:
-        self.suffix = suffix
+    def __init__(self, suffixes: KeySuffixes | str, joined: bytes | np.ndarray = b"") -> None:
+        self.suffixes = _suffixes(suffixes)
         self._digests = DigestSet(joined)
 
     def __len__(self) -> int:
@@ -141,12 +144,23 @@ class KeySet:
         if not isinstance(key, str):
             return False
         sha, dot, suffix = key.rpartition(".")
-        if not dot or suffix != self.suffix or len(sha) != 64:
+        if not dot or not self.suffixes.owns(suffix) or len(sha) != 64:
             return False
         try:
             return bytes.fromhex(sha)[:_SHA_DIGEST_BYTES] in self._digests
         except ValueError:
             return False
+
+    def spellings(self, key: str) -> list[str]:
+        """`key` and the same bytes under the run's alias suffixes (an older key rule for the
+        same request): where its committed row may be found."""
+        sha, _, suffix = key.rpartition(".")
+        return [key, *(f"{sha}.{alias}" for alias in self.suffixes.alias_suffixes(suffix))]
+
+
+def _suffixes(suffixes: KeySuffixes | str) -> KeySuffixes:
+    """A plain suffix is a run without `max_side` or aliases (what Batch Mode's jobs record)."""
+    return KeySuffixes(suffixes) if isinstance(suffixes, str) else suffixes
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,9 +183,10 @@ class ResumeIndex:
 
 
 def load_resume_index(
-    output: Output, *, key_suffix: str, retry_errors: bool, write_cache: bool = False
+    output: Output, *, key_suffix: KeySuffixes | str, retry_errors: bool, write_cache: bool = False
 ) -> ResumeIndex:
-    """Read what is committed into a compact index for a run under settings `key_suffix`.
+    """Read what is committed into a compact index for a run under settings `key_suffix` (its
+    suffixes: a row under the as-is one counts only for an image `max_side` does not shrink).
 
     The facts each decision needs — ~50 bytes a row, no strings — come from the index cache
     (`pipeline/output/index_cache.py`: committed parts never change, so their facts are computed
@@ -181,17 +196,18 @@ def load_resume_index(
     """
     store = open_store(output)
     parts = part_entries(store, history=True)
-    facts = load_facts(store, parts, suffix=key_suffix, write=write_cache)
+    suffixes = _suffixes(key_suffix)
+    facts = load_facts(store, parts, suffix=suffixes, write=write_cache)
     done, ok, rows = facts.done(retry_errors, RETRY_RUNS), facts.ok_digests(), facts.rows
     del facts  # before the sorted sets are built: their scratch is the peak otherwise
     done_set = DigestSet(done)
     del done  # each input goes as soon as its set is built: the peak is one set's scratch
-    ok_keys = KeySet(key_suffix, ok)
+    ok_keys = KeySet(suffixes, ok)
     del ok
     # The scratch memory is free now; hand it back rather than keep it for the whole run.
     release_unused()
     return ResumeIndex(
-        key_suffix=key_suffix,
+        key_suffix=suffixes.as_is,
         retry_errors=retry_errors,
         done=done_set,
         ok_keys=ok_keys,

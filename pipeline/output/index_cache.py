@@ -40,7 +40,7 @@ import pyarrow.compute as pc
 from pipeline.output.memory import release_unused
 from pipeline.output.parts import read_parts
 from pipeline.output.stores import Entry, Store
-from pipeline.records import storable
+from pipeline.records import KeySuffixes, storable
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,8 @@ COLUMNS = (
     "status",
     "retryable",
     "error",
+    "width",
+    "height",
 )
 SCHEMA = pa.schema(
     [
@@ -71,8 +73,12 @@ SCHEMA = pa.schema(
         ("suffix", pa.int32()),  # index into the batch's suffix list (metadata); -1: none
         ("when", pa.int64()),
         ("flags", pa.uint8()),
+        # the longer displayed side: whether `max_side` shrinks the image (a cache file
+        # without it fails the schema check and is computed again)
+        ("side", pa.uint32()),
     ]
 )
+_UNKNOWN_SIDE = np.iinfo(np.uint32).max  # a group's row (no size of its own): "shrunk"
 _OLDEST = np.iinfo(np.int64).min  # a row without completed_at loses to any row with one
 # Error rows written before the `retryable` column (schema 1) that were transient or the run's
 # own failure (a key, an outage, a quota), recognised by their error text: retried like new ones.
@@ -155,7 +161,7 @@ class Gathered:
     in a resume's peak).
     """
 
-    def __init__(self, suffix: str | None, parts: list[Entry]) -> None:
+    def __init__(self, suffix: KeySuffixes | None, parts: list[Entry]) -> None:
         self.suffix = suffix  # None: only groups and places (what a superseded share needs)
         self.number = {(entry.name, entry.size): at for at, entry in enumerate(parts)}
         self.rows = 0
@@ -177,8 +183,7 @@ class Gathered:
         self._spans.append((part, first, n))
         if self.suffix is None:
             return
-        mine_of = np.array([s == self.suffix for s in batch.suffixes] + [False], dtype=bool)
-        mine = mine_of[facts.column("suffix").to_numpy()]  # -1 picks the trailing False
+        mine = _mine(self.suffix, batch)
         flags = facts.column("flags").to_numpy() | (mine.astype(np.uint8) * MINE)
         pieces["flags"].append(flags)
         pieces["file"].append(_binary16(facts.column("file")).copy())
@@ -269,6 +274,23 @@ class Gathered:
         return pieces[0] if keep else pieces.pop()
 
 
+def _mine(suffixes: KeySuffixes, batch: PartFacts) -> np.ndarray:
+    """Which rows of `batch` were made by the request the run would send now: a row under the
+    run's resized suffix or an alias always; one under its as-is suffix when `max_side` does not
+    shrink that image (its recorded side fits: the bytes are unchanged, so the size is too).
+    An error row's side is never a reason to redo it: its own retry rule decides."""
+    as_is = [suffixes.sent_as_is(s) for s in batch.suffixes]
+    always = [suffixes.owns(s) and not sent for s, sent in zip(batch.suffixes, as_is, strict=True)]
+    at = batch.facts.column("suffix").to_numpy()  # -1 picks the trailing False
+    mine = np.array([*always, False], dtype=bool)[at]
+    fits = np.array([*as_is, False], dtype=bool)[at]
+    if suffixes.max_side is not None:
+        side = batch.facts.column("side").to_numpy()
+        error = (batch.facts.column("flags").to_numpy() & ERROR) != 0
+        fits &= (side <= suffixes.max_side) | error
+    return mine | fits
+
+
 def _retry_now(
     current: np.ndarray, group: np.ndarray, retryable: np.ndarray, retry_runs: int
 ) -> np.ndarray:
@@ -289,7 +311,9 @@ def _binary16(column: pa.Array) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------- loading
-def load_facts(store: Store, parts: list[Entry], *, suffix: str | None, write: bool) -> Gathered:
+def load_facts(
+    store: Store, parts: list[Entry], *, suffix: KeySuffixes | None, write: bool
+) -> Gathered:
     """The facts of `parts` under `suffix`, from the cache where it covers them; the parts it
     does not cover are read (and, when `write`, their facts stored for the next run).
 
@@ -449,8 +473,17 @@ def facts_of(part: Part, batch: pa.RecordBatch) -> PartFacts:
         indices,
         pc.fill_null(batch.column("completed_at").cast(pa.int64()), _OLDEST),
         _flags(batch),
+        _sides(batch),
     ]
     return PartFacts(part, suffixes, pa.RecordBatch.from_arrays(arrays, schema=SCHEMA))
+
+
+def _sides(batch: pa.RecordBatch) -> pa.Array:
+    """The longer displayed side of each row; unknown (no size recorded: a group) counts as
+    larger than any `max_side`, so adding one redoes it rather than keep a stale answer."""
+    width = pc.fill_null(batch.column("width").cast(pa.int64()), _UNKNOWN_SIDE)
+    height = pc.fill_null(batch.column("height").cast(pa.int64()), _UNKNOWN_SIDE)
+    return pc.max_element_wise(width, height).cast(pa.uint32())
 
 
 def _joined(*columns: pa.Array) -> pa.Array:

@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable, Container
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.output.index import GrowingDigestSet, lookup_rows
+from pipeline.output.index import GrowingDigestSet, KeySet, lookup_rows
 from pipeline.run.rows import Outcome
 
 RECENT_ANSWERS = 256
@@ -86,11 +86,17 @@ class Bought:
         answered_here = digest(sha256) in self._answered
         if not answered_here and key not in self.ok_keys:
             return None
-        rows = await asyncio.to_thread(lookup_rows, self.output_dir, [key])
-        if key not in rows and answered_here:
+        row = await self._committed(key)
+        if row is None and answered_here:
             await self.commit()  # its row is still in the sink, not yet in a part: rare
-            rows = await asyncio.to_thread(lookup_rows, self.output_dir, [key])
-        return Found(row=rows[key]) if key in rows else None
+            row = await self._committed(key)
+        return Found(row=row) if row is not None else None
+
+    async def _committed(self, key: str) -> dict | None:
+        """The committed ok row of `key`, or of the same request under an older key rule."""
+        spellings = self.ok_keys.spellings(key) if isinstance(self.ok_keys, KeySet) else [key]
+        rows = await asyncio.to_thread(lookup_rows, self.output_dir, spellings)
+        return next((rows[each] for each in spellings if each in rows), None)
 
     def claim(self, key: str) -> asyncio.Future[Outcome]:
         """Mark `key` in flight; settle the future with `remember` or `release`."""

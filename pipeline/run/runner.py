@@ -116,7 +116,8 @@ class ImageRunner:
         unit = await self._prepare(work)
         if unit.error:
             return error_row(unit, unit.error, self.identity), False
-        key = make_key(unit.sha256, self.identity.key_suffix)
+        # the image's own suffix: what `max_side` does to it is known only now it is read
+        key = make_key(unit.sha256, self.identity.suffixes.of(sizes_of(unit)))
         found = await self.bought.find(key, unit.sha256)
         if found is not None and found.outcome is not None:
             return copied_outcome_row(unit, key, found.outcome, self.identity), True
@@ -165,6 +166,11 @@ class ImageRunner:
             verify=images_config.verify,
             data=data,
         )
+
+
+def sizes_of(unit: Unit) -> list[tuple[int, int]]:
+    """Displayed (width, height) of every member of a unit (one for a lone file)."""
+    return [(item.width, item.height) for item in unit.items]
 
 
 def unit_of(items: tuple[ImageItem, ...], group: SourceGroup | None) -> Unit:

@@ -74,7 +74,7 @@ from pipeline.output.state import (
     State,
 )
 from pipeline.output.stores import Store, open_store
-from pipeline.records import ImageItem, Parsed, SourceFile, Unit, new_run_id
+from pipeline.records import ImageItem, KeySuffixes, Parsed, SourceFile, Unit, new_run_id
 from pipeline.run.calls import RunStopped, parse_response
 from pipeline.run.failures import STREAK, Action, Verdict, judge
 from pipeline.run.identity import RunIdentity
@@ -639,7 +639,9 @@ class Collector:
         job, own = self.job, self.how.own
         settings = own[1] if own is not None and own[0] == job.settings_hash else None
         settings = settings or task_settings(job.task)
-        return settings, RunIdentity(self.how.run_id, settings.kind, job.model, job.settings_hash)
+        return settings, RunIdentity(
+            self.how.run_id, settings.kind, job.model, KeySuffixes(job.settings_hash)
+        )
 
     async def read(self) -> None:
         """Every result to rows, skipping the keys an earlier collection of this job made

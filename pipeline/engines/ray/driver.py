@@ -128,7 +128,7 @@ class RayEngine:
             index = await asyncio.to_thread(
                 load_resume_index,
                 out,
-                key_suffix=self.identity.key_suffix,
+                key_suffix=self.identity.suffixes,
                 retry_errors=self.options.retry_errors,
             )
             base_url, key = await service_endpoint(self.config, stack)
