@@ -1,9 +1,12 @@
 """The resume index: which files are done under a run's settings, and where the ok answers are
 that a file with the same bytes may copy instead of paying again.
 
-Resume rule (`load_resume_index`): a file is done, under the settings hash `key_suffix`, when
-the latest row for it and its task was made under those settings from the same file (same size
-and mtime; for an object or a URL, same size and version stamp: `source.version_stamp`). Any
+Resume rule (`load_resume_index`): a file is done, under the run's key suffixes
+(`records.KeySuffixes`), when the latest row for it and its task was made by the request the run
+would send now from the same file (same size and mtime; for an object or a URL, same size and
+version stamp: `source.version_stamp`). Which request a row was made by is its key's suffix,
+read with the image's recorded size: a row "sent as is" counts only when the run's `max_side`
+does not shrink that image, so no image is read to decide (`index_cache._mine`). Any
 status counts, except that an error marked `retryable` (transient, or the run's own failure in
 rows older than that column) is tried again by the next plain runs, at most RETRY_RUNS times,
 and `retry_errors=True` redoes every error. So a changed prompt or model (a new key suffix), a

@@ -3,7 +3,8 @@
 For each committed row, what the resume rule (`pipeline/output/index.py`) needs and nothing more —
 about 50 bytes, no strings: a digest of its (image_root, image_path, task) group, the file digest
 a rerun compares with a stat or a listing (`file_digest`), the leading 16 bytes of its key's
-sha256, its settings suffix, its time, and three flags (ok, error, retryable).
+sha256, its settings suffix, its time, three flags (ok, error, retryable), and its image's longer
+side (whether a `max_side` shrinks it: `_mine`).
 
 Computing them means reading five string columns of every part and one blake2b per row (of its
 root and path, joined in Arrow and hashed from Arrow's buffer; everything else is numpy); on an
