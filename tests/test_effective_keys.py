@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from pipeline.config import Config, settings_hash
 from pipeline.inputs.references import identities
 from pipeline.inputs.references import load as load_references
@@ -19,8 +21,10 @@ def save_images(folder: Path) -> None:
         draw_shapes(width, height, seed=40 + seed)[0].save(folder / name)
 
 
-def with_images(tmp_path: Path, **images: object) -> Config:
-    return make_config(tmp_path, task={"kind": "detect"}, images=images)
+def with_images(tmp_path: Path, max_side: int | None = None, **sections: dict) -> Config:
+    """A detect config, with `max_side` when given (None: the setting left out)."""
+    images = {} if max_side is None else {"max_side": max_side}
+    return make_config(tmp_path, task={"kind": "detect"}, images=images, **sections)
 
 
 async def test_max_side_redoes_only_the_images_it_changes(images_dir: Path, tmp_path: Path) -> None:
@@ -65,11 +69,12 @@ def legacy_suffix(config: Config) -> str:
     return settings_hash(config, request, identities(load_references(config)))
 
 
+@pytest.mark.parametrize("max_side", [None, 600])
 async def test_rows_keyed_by_the_previous_rule_are_still_done(
-    images_dir: Path, tmp_path: Path
+    images_dir: Path, tmp_path: Path, max_side: int | None
 ) -> None:
     save_images(images_dir)
-    config = with_images(tmp_path)
+    config = with_images(tmp_path, max_side=max_side)
     assert (await run(config)).api_calls == 3
     # An output as the previous release wrote it: the same rows under the legacy suffix.
     old_out = tmp_path / "old-out"
@@ -79,11 +84,11 @@ async def test_rows_keyed_by_the_previous_rule_are_still_done(
         row["key"] = f"{row['image_sha256']}.{legacy}"
     await write_rows(old_out, "20260101T000000Z-legacy", rows)
 
-    upgraded = make_config(tmp_path, task={"kind": "detect"}, output={"dir": str(old_out)})
+    upgraded = with_images(tmp_path, max_side=max_side, output={"dir": str(old_out)})
     summary = await run(upgraded)
     assert (summary.api_calls, summary.skipped, summary.copied) == (0, 3, 0)
-    # A max_side above every image after the upgrade: still nothing to do.
-    bigger = make_config(
-        tmp_path, task={"kind": "detect"}, images={"max_side": 4096}, output={"dir": str(old_out)}
-    )
-    assert (await run(bigger)).api_calls == 0
+    # A max_side above every image after the upgrade: nothing to do for rows the old rule keyed
+    # without max_side. The old rule's hash of a config with one hashed that max_side into every
+    # row, shrunk or not, so those rows are known only under that very max_side (README).
+    bigger = with_images(tmp_path, max_side=4096, output={"dir": str(old_out)})
+    assert (await run(bigger)).api_calls == (0 if max_side is None else 3)
