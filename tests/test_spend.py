@@ -15,6 +15,7 @@ from pipeline.output.parts import RUNS_DIR, current_rows
 from pipeline.output.state import State
 from pipeline.run.spend import Spend
 from tests.conftest import make_config, read_rows, run, save_scenes
+from tests.test_batch_run import batch_config, jobs_in, tiny_images
 
 IMAGES = 10
 
@@ -115,3 +116,24 @@ def test_the_day_spend_is_kept_in_the_state(tmp_path: Path) -> None:
     state.add_spend("2026-12-06", 0.5)
     assert state.spent_on("2026-12-06") == 0.75 and state.spent_on("2026-12-07") == 0.0
     state.close()
+
+
+async def test_batch_mode_creates_no_job_past_the_cap(tmp_path: Path) -> None:
+    """A job estimated past max_usd (at the batch price) is never created; its files are asked
+    by the next run."""
+    names = tiny_images(tmp_path / "images", 6)
+    capped = batch_config(
+        tmp_path, task={"kind": "caption"}, batch={"requests_per_job": 3}, limits={"max_usd": 1e-7}
+    )
+
+    stopped = await run(capped)
+
+    assert stopped.exit_code == exits.STOPPED
+    assert "would pass [limits] max_usd = $0.0000001" in (stopped.stop_reason or "")
+    assert stopped.batch is not None and stopped.batch["jobs_created"] == 0
+    assert jobs_in(tmp_path / "out") == [] and read_rows(tmp_path / "out") == []
+
+    done = await run(batch_config(tmp_path, task={"kind": "caption"}, limits={"max_usd": 1.0}))
+
+    assert (done.exit_code, dict(done.rows)) == (exits.OK, {"ok": len(names)})
+    assert done.spend is not None and 0 < done.spend["spent_usd"] <= 1.0  # type: ignore[operator]

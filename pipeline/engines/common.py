@@ -505,13 +505,12 @@ class Opener:
         )
 
 
-def output_spend(config: Config, state: State, *, batch: bool = False) -> Spend:
+def output_spend(config: Config, state: State) -> Spend:
     """The run's spend against its caps, today's earlier spend in this output counted in."""
     return Spend(
         config,
         spent_today=state.spent_on(quota_day_key()),
         save=lambda usd: state.add_spend(quota_day_key(), usd),
-        batch=batch,
     )
 
 

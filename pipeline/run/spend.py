@@ -7,6 +7,10 @@ is sent, so the bill passes a cap by at most the error of the estimates in fligh
 is the request's estimated input tokens and the task's expected output tokens (`cost.OUTPUT_GUESS`)
 at the model table's price; when the answer comes its billed tokens replace it. A call abandoned
 in flight may be billed: it keeps its input's estimate, as the summary's `abandoned_est_usd` does.
+
+Batch Mode is checked before each job is created, at the job's estimate at the batch price; a
+created job counts as spent at that estimate (its results are billed later, often in another
+run, so the estimate stands for them).
 """
 
 from __future__ import annotations
@@ -53,27 +57,26 @@ class Spend:
         *,
         spent_today: float = 0.0,
         save: Callable[[float], None] = lambda usd: None,
-        batch: bool = False,
     ) -> None:
         self.caps = Caps.of(config)
         self.kind = config.task.kind
         self.max_output = config.task.max_output_tokens
         self.model = config.api.model
         self.price: Price | None = price_of(config.api.model, None)
-        self.batch = batch  # Batch Mode prices every request at the batch rate
         self.run_usd = 0.0  # billed (and abandoned at their estimate) in this run
         self.day_usd = spent_today  # the same, today, in this output: earlier runs too
         self.in_flight = 0.0
         self._save = save
 
-    def estimate(self, input_tokens: float, images: int) -> float:
-        """USD one request is expected to cost: its input and the task's expected answer."""
+    def estimate(self, input_tokens: float, images: int, *, batch: bool = False) -> float:
+        """USD one request is expected to cost: its input and the task's expected answer (at
+        the batch price for a Batch Mode job's request)."""
         if self.price is None:
             return 0.0
         output = expected_output(self.kind, images)
         if self.max_output is not None:
             output = min(output, self.max_output)
-        return self.price.cost(input_tokens, output, batch=self.batch)
+        return self.price.cost(input_tokens, output, batch=batch)
 
     def billed(self, usage: Usage) -> float:
         """USD the service bills for an answer of `usage` (output includes thinking)."""
@@ -81,11 +84,11 @@ class Spend:
             return 0.0
         output = usage.output_tokens + usage.thoughts_tokens
         cached = usage.cached_tokens
-        return self.price.cost(usage.prompt_tokens, output, cached_tokens=cached, batch=self.batch)
+        return self.price.cost(usage.prompt_tokens, output, cached_tokens=cached)
 
     def input_only(self, input_tokens: float) -> float:
         """USD of a request's input alone: what an abandoned call may be billed."""
-        return self.price.cost(input_tokens, 0, batch=self.batch) if self.price else 0.0
+        return self.price.cost(input_tokens, 0) if self.price else 0.0
 
     def reserve(self, usd: float) -> Verdict | None:
         """Admit a request estimated at `usd` (now in flight), or the verdict that stops the run
@@ -115,7 +118,6 @@ class Spend:
         self.add(spent)
 
     def add(self, usd: float) -> None:
-        """USD billed outside a reservation (Batch Mode's collected results)."""
         if usd > 0:
             self.run_usd += usd
             self.day_usd += usd
@@ -132,7 +134,7 @@ class Spend:
 
 
 def _passes(what: str, total: float, key: str, cap: float, hint: str) -> Verdict:
-    shown = f"{cap:,.4f}".rstrip("0").rstrip(".")  # $0.02 as configured, not $0.0200
+    shown = f"{cap:,.10f}".rstrip("0").rstrip(".")  # $0.02 as configured, not $0.0200
     reason = f"{what} ${total:,.4f} would pass [limits] {key} = ${shown}"
     return Verdict(Action.RUN, reason, exits.STOPPED, hint)
 
