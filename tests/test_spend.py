@@ -8,9 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pytest
 
 from pipeline import exits
+from pipeline.config import ConfigError
 from pipeline.cost import table_cost
+from pipeline.engines import RunOptions, check_run
 from pipeline.output.parts import RUNS_DIR, current_rows
 from pipeline.output.state import State
 from pipeline.run.spend import Spend
@@ -137,3 +140,11 @@ async def test_batch_mode_creates_no_job_past_the_cap(tmp_path: Path) -> None:
 
     assert (done.exit_code, dict(done.rows)) == (exits.OK, {"ok": len(names)})
     assert done.spend is not None and 0 < done.spend["spent_usd"] <= 1.0  # type: ignore[operator]
+
+
+def test_the_ray_engine_refuses_a_cap_rather_than_ignore_it(
+    images_dir: Path, tmp_path: Path
+) -> None:
+    config = make_config(tmp_path, engine={"kind": "ray"}, limits={"max_usd": 1.0})
+    with pytest.raises(ConfigError, match="not kept by the ray engine"):
+        check_run(config, RunOptions())
