@@ -19,6 +19,7 @@ from pipeline.output.state import State
 from pipeline.run.spend import Spend
 from tests.conftest import make_config, read_rows, run, save_scenes
 from tests.test_batch_run import batch_config, jobs_in, tiny_images
+from tests.test_cli import pipeline, write_config
 
 IMAGES = 10
 
@@ -148,3 +149,25 @@ def test_the_ray_engine_refuses_a_cap_rather_than_ignore_it(
     config = make_config(tmp_path, engine={"kind": "ray"}, limits={"max_usd": 1.0})
     with pytest.raises(ConfigError, match="not kept by the ray engine"):
         check_run(config, RunOptions())
+
+
+def test_the_command_takes_max_usd_and_says_spend_against_the_cap(
+    images_dir: Path, tmp_path: Path
+) -> None:
+    save_scenes(images_dir, 4, prefix="scene", seed=3)
+    config = write_config(tmp_path / "run.toml", images_dir, tmp_path / "out")
+
+    stopped = pipeline("run", str(config), "--quiet", "--max-usd", "0.0000001", check=False)
+
+    assert stopped.returncode == exits.STOPPED, stopped.stderr
+    said = stopped.stdout + stopped.stderr
+    assert "stopped: the run's spend $" in said
+    assert "would pass [limits] max_usd = $0.0000001. rerun (with a higher cap) to go on" in said
+    assert "spend: this run $0.0000 of max_usd $0.0000001" in said
+    assert read_rows(tmp_path / "out") == []
+
+    done = pipeline("run", str(config), "--quiet", "--max-usd", "1")
+
+    assert done.returncode == exits.OK, done.stderr
+    assert "of max_usd $1" in done.stdout + done.stderr
+    assert len(read_rows(tmp_path / "out")) == 4

@@ -133,9 +133,13 @@ class Spend:
         }
 
 
+def cap_text(cap: float) -> str:
+    """A cap as configured: 0.02, not 0.0200 (nor 2e-02)."""
+    return f"{cap:,.10f}".rstrip("0").rstrip(".")
+
+
 def _passes(what: str, total: float, key: str, cap: float, hint: str) -> Verdict:
-    shown = f"{cap:,.10f}".rstrip("0").rstrip(".")  # $0.02 as configured, not $0.0200
-    reason = f"{what} ${total:,.4f} would pass [limits] {key} = ${shown}"
+    reason = f"{what} ${total:,.4f} would pass [limits] {key} = ${cap_text(cap)}"
     return Verdict(Action.RUN, reason, exits.STOPPED, hint)
 
 

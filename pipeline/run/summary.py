@@ -13,6 +13,7 @@ from pipeline import exits
 from pipeline.output.parts import RUNS_DIR
 from pipeline.output.stores import Store, open_store
 from pipeline.run.identity import RunIdentity
+from pipeline.run.spend import cap_text
 from pipeline.run.stop import Stop
 
 RESUME = "rerun the same command to resume"
@@ -79,12 +80,15 @@ class RunSummary:
     def spend_line(self) -> str | None:
         """The printed line of spend against the caps, when one is set."""
         spend = self.spend or {}
-        parts = []
-        if spend.get("max_usd") is not None:
-            parts.append(f"this run ${spend['spent_usd']:,.4f} of max_usd ${spend['max_usd']:,g}")
-        if spend.get("max_usd_per_day") is not None:
-            today, cap = spend["spent_today_usd"], spend["max_usd_per_day"]
-            parts.append(f"today ${today:,.4f} of max_usd_per_day ${cap:,g}")
+        shown = (
+            ("this run", "spent_usd", "max_usd"),
+            ("today", "spent_today_usd", "max_usd_per_day"),
+        )
+        parts = [
+            f"{what} ${spend[spent] or 0:,.4f} of {key} ${cap_text(cap)}"
+            for what, spent, key in shown
+            if (cap := spend.get(key)) is not None
+        ]
         return f"spend: {'; '.join(parts)}" if parts else None
 
     def to_json(self) -> str:
