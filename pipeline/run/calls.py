@@ -8,7 +8,8 @@ which, with no call.
 
 The client never retries; this is where the policy lives. Each attempt:
 
-1. waits for the rate limiter (RPM and TPM, paced) and a daily-quota slot — every wait ends at
+1. waits for the rate limiter (RPM and TPM, paced), then is admitted by the spending caps
+   (pipeline/run/spend.py) and a daily-quota slot, or stops the run unsent — every wait ends at
    once when the run stops;
 2. sends with a deadline that follows the service: `Deadlines` keeps the latencies seen so far and
    gives `DEADLINE_MULTIPLE` x their p99, floored by `[api] min_timeout` and capped by
@@ -43,7 +44,6 @@ from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 from pipeline.config import Config
-from pipeline.cost import price_of
 from pipeline.gemini import GeminiClient, GeminiError
 from pipeline.gemini.types import GenerateRequest, GenerateResponse
 from pipeline.inputs.references import LoadedReference, ReferenceParts
@@ -259,7 +259,7 @@ class Caller:
         except (GeminiError, Stopped) as exc:
             if sent is not None and _abandoned(exc):
                 spent = self.spend.input_only(plan.est_tokens)  # the service may bill it
-                self.counters.abandon(self._estimated_usd(plan))
+                self.counters.abandon(spent)
             raise
         finally:
             self.daily.settle(answered)
@@ -296,12 +296,6 @@ class Caller:
             if hops:
                 cut.partial = self.client.answer_of(hops, self.config.api.flavor)
             raise
-
-    def _estimated_usd(self, plan: Plan) -> float:
-        """What an abandoned call may be billed: its estimated input tokens at the model's
-        price (its output is unknown); 0 for a model without a price."""
-        price = price_of(self.config.api.model, None)
-        return price.cost(plan.est_tokens, 0) if price is not None else 0.0
 
     def _judge(self, exc: GeminiError, unit: Unit) -> Verdict:
         uploaded = self.references.uploaded or any(map(self.uploads.uses_upload, unit.items))

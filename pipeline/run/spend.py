@@ -87,7 +87,8 @@ class Spend:
         return self.price.cost(usage.prompt_tokens, output, cached_tokens=cached)
 
     def input_only(self, input_tokens: float) -> float:
-        """USD of a request's input alone: what an abandoned call may be billed."""
+        """USD of a request's input alone: what an abandoned call may be billed (its output is
+        unknown); 0 for a model without a price."""
         return self.price.cost(input_tokens, 0) if self.price else 0.0
 
     def reserve(self, usd: float) -> Verdict | None:
