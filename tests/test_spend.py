@@ -64,7 +64,7 @@ async def test_max_usd_stops_before_the_cap_and_a_rerun_with_a_higher_cap_finish
     done = len(read_rows(tmp_path / "out"))
     assert 0 < done < IMAGES  # what was not done has no row
     assert stopped.spend is not None and stopped.spend["max_usd"] == cap
-    assert stopped.spend["spent_usd"] == round(billed, 6)
+    assert stopped.spend["spent_usd"] == pytest.approx(billed, abs=1e-6)
     assert (stopped.spend_line() or "").startswith("spend: this run $")
 
     finished = await run(_config(tmp_path, "out", max_usd=total * 2))
