@@ -133,6 +133,16 @@ class LimitsConfig:
     )
     tpm: int | None = setting(None, s.count_or_none, "input tokens per minute (0: none)")
     rpd: int | None = setting(None, s.count_or_none, "requests per day (0: none)")
+    max_usd: float | None = setting(
+        None,
+        s.usd_or_none,
+        "USD this run may spend, in-flight requests at their estimate (0: none)",
+        flag="--max-usd",
+        type=float,
+    )
+    max_usd_per_day: float | None = setting(
+        None, s.usd_or_none, "USD per quota day (midnight Pacific) in this output (0: none)"
+    )
     concurrency: int = setting(
         16, s.positive_int, "requests in flight", flag="--concurrency", type=int
     )

@@ -24,6 +24,17 @@ from pipeline.models import ModelTable, Price, default_table, lookup
 
 BATCH_MODE = "batch"  # the `input_mode` of a row answered in Batch Mode
 NO_TIER = 2**62  # the threshold of a price without a long-prompt tier: no prompt passes it
+# Output tokens per image when there is no history to learn from: masks are long, labels short.
+# `pipeline estimate` and the spending caps (pipeline/run/spend.py) weigh a request's answer so.
+OUTPUT_GUESS = {
+    "detect": 250,
+    "segment": 2500,
+    "point": 120,
+    "caption": 60,
+    "classify": 8,
+    "custom": 200,
+}
+PER_IMAGE_OUTPUT = ("detect", "segment", "point")  # a group's answer lists each image's objects
 
 
 def row_cost(row: dict[str, Any], table: ModelTable | None = None) -> float | None:
@@ -47,6 +58,11 @@ def price_of(model: str, day: date | None, table: ModelTable | None = None) -> P
     """The price of `model` on `day` (today when None); None for a model the table lacks."""
     known = (table or default_table()).is_known(model) if model else False
     return lookup(model, table).price(day) if known else None
+
+
+def expected_output(kind: str, images: int) -> int:
+    """Output tokens a request about `images` images is expected to be billed, with no history."""
+    return OUTPUT_GUESS[kind] * (images if kind in PER_IMAGE_OUTPUT else 1)
 
 
 def tier_of(price: Price, long: bool) -> Price:

@@ -88,6 +88,11 @@ def non_negative_number(v: Any) -> float:
     return _real(v, "a finite number >= 0", lambda x: x >= 0)
 
 
+def usd_or_none(v: Any) -> float | None:
+    """A spending cap in US dollars; 0 means none, as for the quotas."""
+    return non_negative_number(v) or None
+
+
 def between(low: float, high: float, *, whole: bool = False) -> Check:
     kind = "an integer" if whole else "a number"
 

@@ -30,7 +30,7 @@ from typing import Any
 import pyarrow.compute as pc
 
 from pipeline.config import Config
-from pipeline.cost import requests_cost
+from pipeline.cost import OUTPUT_GUESS, PER_IMAGE_OUTPUT, requests_cost
 from pipeline.gemini.tokens import (
     GLOBAL_RESOLUTION_TOKENS_2X,
     MEDIA_RESOLUTION_TOKENS,
@@ -47,17 +47,7 @@ from pipeline.records import ImageItem, members_of
 from pipeline.run.costing import Costing, TokenEstimate
 from pipeline.tasks import get_task
 
-# Output tokens per image when there is no history to learn from: masks are long, labels short.
 WINDOW = 64  # units measured together: the remote ones among them are read concurrently
-OUTPUT_GUESS = {
-    "detect": 250,
-    "segment": 2500,
-    "point": 120,
-    "caption": 60,
-    "classify": 8,
-    "custom": 200,
-}
-PER_IMAGE_OUTPUT = ("detect", "segment", "point")  # a group's answer lists each image's objects
 MAX_SIDE_CHOICES = (384, 768, 1024, 1536)
 # A price period ending within this many days: the estimate gives the next period's cost too (a
 # scheduled or Batch Mode run started now may well buy after the change).

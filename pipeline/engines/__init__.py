@@ -34,6 +34,7 @@ def check_run(config: Config, options: RunOptions) -> None:
     inputs that are not there, an engine whose extra is not installed, --submit-only outside
     Batch Mode or against the in-process server."""
     require_inputs(config)
+    _check_caps(config)
     _require_engine(config)
     if options.submit_only:
         _check_submit_only(config)
@@ -52,6 +53,17 @@ def _require_engine(config: Config) -> None:
             f'{config.source}: [engine] kind = "ray" (--engine ray) needs the ray package: '
             f"{RAY_EXTRA}"
         ) from None
+
+
+def _check_caps(config: Config) -> None:
+    """The spending caps are kept where a process admits its requests (pipeline/run/spend.py);
+    a Ray fleet's workers would each keep their own, so a cap there is refused, not ignored."""
+    limits = config.limits
+    if config.engine.kind == "ray" and (limits.max_usd or limits.max_usd_per_day):
+        raise ConfigError(
+            f"{config.source}: [limits] max_usd and max_usd_per_day are not kept by the ray "
+            'engine yet: use [engine] kind = "single" (the default), or remove the cap'
+        )
 
 
 def _check_submit_only(config: Config) -> None:

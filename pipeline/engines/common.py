@@ -56,6 +56,7 @@ from pipeline.run.identity import RunIdentity, suffixes_of
 from pipeline.run.limits import DailyCount, RateLimiter, quota_day
 from pipeline.run.reuse import Bought, recent_capacity
 from pipeline.run.runner import ImageRunner, RowCounts, RunOptions
+from pipeline.run.spend import Spend
 from pipeline.run.stop import Stop, Stopped, on_signals
 from pipeline.run.summary import RunSummary
 from pipeline.run.uploads import Uploads
@@ -500,7 +501,17 @@ class Opener:
             stop=stop,
             rng=random.Random(self.options.seed),
             references=self.references,
+            spend=output_spend(self.config, state),
         )
+
+
+def output_spend(config: Config, state: State) -> Spend:
+    """The run's spend against its caps, today's earlier spend in this output counted in."""
+    return Spend(
+        config,
+        spent_today=state.spent_on(quota_day_key()),
+        save=lambda usd: state.add_spend(quota_day_key(), usd),
+    )
 
 
 def summarise(summary: RunSummary, producer: Producer, counts: RowCounts, caller: Caller) -> None:
@@ -517,4 +528,5 @@ def summarise(summary: RunSummary, producer: Producer, counts: RowCounts, caller
     summary.abandoned_est_usd = round(calls.abandoned_usd, 6)
     summary.uploads, summary.uploads_reused = caller.uploads.made, caller.uploads.reused
     summary.waited_for_limits_s = round(caller.limiter.stats.waited_seconds, 3)
+    summary.spend = caller.spend.summary()
     summary.model_resolution = producer.preflight.resolution if producer.preflight else None

@@ -176,6 +176,8 @@ class State:
             " (sha256 TEXT, mime_type TEXT, name TEXT PRIMARY KEY, uri TEXT, expires_at TEXT)"
         )
         self.db.execute("CREATE TABLE IF NOT EXISTS daily (day TEXT PRIMARY KEY, requests INTEGER)")
+        # USD billed per quota day, for `[limits] max_usd_per_day` across the runs of one day
+        self.db.execute("CREATE TABLE IF NOT EXISTS spend (day TEXT PRIMARY KEY, usd REAL)")
         for statement in _BATCH_SCHEMA:
             self.db.execute(statement)
 
@@ -245,6 +247,17 @@ class State:
             "INSERT INTO daily VALUES (?, ?) ON CONFLICT(day) DO UPDATE SET"
             " requests = requests + excluded.requests",
             (day, count),
+        )
+
+    def spent_on(self, day: str) -> float:
+        rows = self.execute("SELECT usd FROM spend WHERE day = ?", (day,))
+        return float(rows[0][0]) if rows else 0.0
+
+    def add_spend(self, day: str, usd: float) -> None:
+        self.execute(
+            "INSERT INTO spend VALUES (?, ?) ON CONFLICT(day) DO UPDATE SET"
+            " usd = usd + excluded.usd",
+            (day, usd),
         )
 
     # ------------------------------------------------------------------------------ batch jobs

@@ -8,7 +8,8 @@ which, with no call.
 
 The client never retries; this is where the policy lives. Each attempt:
 
-1. waits for the rate limiter (RPM and TPM, paced) and a daily-quota slot — every wait ends at
+1. waits for the rate limiter (RPM and TPM, paced), then is admitted by the spending caps
+   (pipeline/run/spend.py) and a daily-quota slot, or stops the run unsent — every wait ends at
    once when the run stops;
 2. sends with a deadline that follows the service: `Deadlines` keeps the latencies seen so far and
    gives `DEADLINE_MULTIPLE` x their p99, floored by `[api] min_timeout` and capped by
@@ -43,7 +44,6 @@ from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 from pipeline.config import Config
-from pipeline.cost import price_of
 from pipeline.gemini import GeminiClient, GeminiError
 from pipeline.gemini.types import GenerateRequest, GenerateResponse
 from pipeline.inputs.references import LoadedReference, ReferenceParts
@@ -53,6 +53,7 @@ from pipeline.run.limits import DayCounter, Limiter
 from pipeline.run.offload import offload
 from pipeline.run.requests import SMALL_BYTES, Plan, RequestMaker
 from pipeline.run.rows import Outcome
+from pipeline.run.spend import Spend
 from pipeline.run.stop import Stop, Stopped
 from pipeline.run.uploads import Uploads
 from pipeline.tasks import read_answer
@@ -179,8 +180,10 @@ class Caller:
         stop: Stop,
         rng: random.Random,
         references: tuple[LoadedReference, ...] = (),
+        spend: Spend | None = None,
     ) -> None:
         self.config = config
+        self.spend = spend or Spend(config)  # uncapped when the engine keeps no count
         self.client = client
         self.limiter = limiter
         self.daily = daily
@@ -236,9 +239,8 @@ class Caller:
         made = self.requests.make(unit, plan, self.uploads, self.references)
         request = await self.stop.until(made)  # a wait (uploads): a drain ends it
         await self.stop.until(self.limiter.acquire(plan.est_tokens))
-        if not self.daily.reserve():
-            raise RunStopped(_daily_limit(self.daily.limit))
-        answered, sent = False, None
+        estimated = self._admit(unit, plan)
+        answered, sent, spent = False, None, 0.0
         try:
             if self.stop.state == "abandoning":
                 raise Stopped  # nothing sent: nothing to count
@@ -253,19 +255,34 @@ class Caller:
                 hops=hops,
             )
             response = await self.stop.call(self._within(calling, sent, hops))
-            answered = True
+            answered, spent = True, self.spend.billed(response.usage)
         except (GeminiError, Stopped) as exc:
             if sent is not None and _abandoned(exc):
-                self.counters.abandon(self._estimated_usd(plan))
+                spent = self.spend.input_only(plan.est_tokens)  # the service may bill it
+                self.counters.abandon(spent)
             raise
         finally:
             self.daily.settle(answered)
+            self.spend.settle(estimated, spent)
         latency = time.monotonic() - sent
         self.deadlines.observe(latency)
         self._answered_at = time.monotonic()
         self.health.success()
         self.limiter.correct(plan.est_tokens, response.usage.prompt_tokens)
         return response, latency * 1000
+
+    def _admit(self, unit: Unit, plan: Plan) -> float:
+        """Pass the spending caps, then the daily quota, or stop the run before the request is
+        sent; the request's estimated USD, now in flight. Every attempt (a retry too) and every
+        engine's worker is admitted here."""
+        estimated = self.spend.estimate(plan.est_tokens, len(unit.items))
+        refused = self.spend.reserve(estimated)
+        if refused is not None:
+            raise RunStopped(refused)
+        if not self.daily.reserve():
+            self.spend.settle(estimated, 0.0)
+            raise RunStopped(_daily_limit(self.daily.limit))
+        return estimated
 
     async def _within(
         self, calling: Awaitable[GenerateResponse], sent: float, hops: list[str]
@@ -279,12 +296,6 @@ class Caller:
             if hops:
                 cut.partial = self.client.answer_of(hops, self.config.api.flavor)
             raise
-
-    def _estimated_usd(self, plan: Plan) -> float:
-        """What an abandoned call may be billed: its estimated input tokens at the model's
-        price (its output is unknown); 0 for a model without a price."""
-        price = price_of(self.config.api.model, None)
-        return price.cost(plan.est_tokens, 0) if price is not None else 0.0
 
     def _judge(self, exc: GeminiError, unit: Unit) -> Verdict:
         uploaded = self.references.uploaded or any(map(self.uploads.uses_upload, unit.items))

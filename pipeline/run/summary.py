@@ -13,6 +13,7 @@ from pipeline import exits
 from pipeline.output.parts import RUNS_DIR
 from pipeline.output.stores import Store, open_store
 from pipeline.run.identity import RunIdentity
+from pipeline.run.spend import cap_text
 from pipeline.run.stop import Stop
 
 RESUME = "rerun the same command to resume"
@@ -51,6 +52,9 @@ class RunSummary:
     # again (a retry, or the next run). The cost is their estimated input tokens, priced.
     abandoned: int = 0
     abandoned_est_usd: float = 0.0
+    # [limits] max_usd / max_usd_per_day: {"spent_usd", "max_usd", "spent_today_usd",
+    # "max_usd_per_day"} (pipeline/run/spend.py); spent_usd counts abandoned calls' estimates
+    spend: dict[str, float | None] | None = None
     batch: dict[str, Any] | None = None  # Batch Mode: jobs created, collected, ended, in flight
     # an alias's model: "gemini-flash-latest → gemini-3.8-flash (the service's answer)", or
     # "(the table's guess: <its source>)" (pipeline/run/preflight.py); None for a model id
@@ -72,6 +76,20 @@ class RunSummary:
             f"{self.abandoned} call(s) sent, no answer: may be billed (abandoned in flight), "
             f"about ${self.abandoned_est_usd:,.4f} (estimated input tokens); not in the cost above"
         )
+
+    def spend_line(self) -> str | None:
+        """The printed line of spend against the caps, when one is set."""
+        spend = self.spend or {}
+        shown = (
+            ("this run", "spent_usd", "max_usd"),
+            ("today", "spent_today_usd", "max_usd_per_day"),
+        )
+        parts = [
+            f"{what} ${spend[spent] or 0:,.4f} of {key} ${cap_text(cap)}"
+            for what, spent, key in shown
+            if (cap := spend.get(key)) is not None
+        ]
+        return f"spend: {'; '.join(parts)}" if parts else None
 
     def to_json(self) -> str:
         # asdict() would rebuild the Counters from (key, value) pairs: copy them as plain dicts

@@ -129,7 +129,10 @@ class BatchEngine:
         skip = _Skip(opened.index, DigestSet(opened.state.in_flight_fingerprints()))
         producer = Producer(self.config, skip, self.options.limit, opened.fetcher, opened.preflight)
         await guarded(stop, jobs.check_all())
-        buyer = JobBuyer(self.config, self.identity, opened.caller.requests, self.references, jobs)
+        caller = opened.caller
+        buyer = JobBuyer(
+            self.config, self.identity, caller.requests, self.references, jobs, caller.spend
+        )
         retries = InteractiveRetries(opened, stop, self.config, self.identity.key_suffix)
         walked = asyncio.Event()
         wait_for_all = not self.options.submit_only

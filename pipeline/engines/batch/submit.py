@@ -39,6 +39,7 @@ from pipeline.run.failures import Action, judge
 from pipeline.run.identity import RunIdentity
 from pipeline.run.requests import Plan, RequestMaker
 from pipeline.run.rows import Outcome
+from pipeline.run.spend import Spend
 from pipeline.run.uploads import Uploads
 
 RECORDS_AT_ONCE = 512  # request records written to .state.sqlite in one transaction
@@ -81,6 +82,7 @@ class JobFile:
         self.requests = 0
         self.bytes = 0
         self.tokens = 0
+        self.est_usd = 0.0  # its requests' estimates at the batch price (the spending caps)
         self.keys: set[str] = set()
         self._records: list[BatchRequestRecord] = []
         self._file = open(self.path, "wb")  # noqa: SIM115 - closed by close()
@@ -97,11 +99,12 @@ class JobFile:
             and within_tokens
         )
 
-    def add(self, line: bytes, tokens: int, record: BatchRequestRecord) -> None:
+    def add(self, line: bytes, plan: Plan, usd: float, record: BatchRequestRecord) -> None:
         self._file.write(line)
         self.requests += 1
         self.bytes += len(line)
-        self.tokens += tokens
+        self.tokens += plan.est_tokens
+        self.est_usd += usd
         self.keys.add(record.key)
         self.attach(record)
 
@@ -140,8 +143,10 @@ class JobBuyer:
         requests: RequestMaker,
         references: tuple[LoadedReference, ...],
         jobs: Jobs,
+        spend: Spend,
     ) -> None:
         self.config = config
+        self.spend = spend  # the run's, shared with its interactive retries
         self.identity = identity
         self.requests = requests  # the interactive caller's: the same plans and requests
         self.references = references
@@ -212,7 +217,8 @@ class JobBuyer:
             return plan.failed(unreadable(exc), attempts=1)
         except GeminiError as exc:
             return _upload_failed(plan, exc)
-        job.add(request_line(key, request), plan.est_tokens, replace(record, job=job.job))
+        usd = self.spend.estimate(plan.est_tokens, len(unit.items), batch=True)
+        job.add(request_line(key, request), plan, usd, replace(record, job=job.job))
         return None
 
     # -------------------------------------------------------------------------- the jobs
@@ -260,8 +266,13 @@ class JobBuyer:
         await self.jobs.drop(job.job)
 
     async def _create(self, job: JobFile) -> None:
-        """Upload the JSONL, then create the job (its name saved the moment it comes)."""
+        """Upload the JSONL, then create the job (its name saved the moment it comes). A job
+        that would pass a spending cap is dropped uncreated, its files left for a rerun."""
         job.close()
+        refused = self.spend.reserve(job.est_usd)
+        if refused is not None:  # still self.job: the walk's `discard` drops it, files and all
+            raise RunStopped(refused)
+        self.spend.settle(job.est_usd, job.est_usd)  # created: its estimate stands for its bill
         self.job = None
         try:
             uploaded = await self._upload_jsonl(job)
