@@ -76,6 +76,7 @@ class SingleProcess:
             await self._work(producer, opened, stop)
             caller = opened.caller
             caller.daily.save()
+            caller.spend.flush()
             if self.config.images.delete_uploads:  # a cleanup, not new work: it survives a
                 with contextlib.suppress(Stopped):  # drain, only a second signal cuts it short
                     await stop.call(caller.uploads.delete_all())

@@ -48,8 +48,13 @@ class Caps:
 class Spend:
     """What a run has spent and has in flight, held against its caps (see the module docstring).
 
-    `save(usd)` adds billed USD to today's stored spend of the output (the per-day cap's count).
+    `save(usd)` adds billed USD to today's stored spend of the output (the per-day cap's count),
+    every SAVE_EVERY answers and at the end (`flush`), as the day's request count is saved: a
+    write to `.state.sqlite` per answer cost the event loop ~0.15 ms an image (the A/B in
+    docs/benchmarks.md), and a kill -9 under-counts at most that many answers' spend.
     """
+
+    SAVE_EVERY = 100
 
     def __init__(
         self,
@@ -67,6 +72,7 @@ class Spend:
         self.day_usd = spent_today  # the same, today, in this output: earlier runs too
         self.in_flight = 0.0
         self._save = save
+        self._unsaved, self._unsaved_answers = 0.0, 0
 
     def estimate(self, input_tokens: float, images: int, *, batch: bool = False) -> float:
         """USD one request is expected to cost: its input and the task's expected answer (at
@@ -122,7 +128,16 @@ class Spend:
         if usd > 0:
             self.run_usd += usd
             self.day_usd += usd
-            self._save(usd)
+            self._unsaved += usd
+            self._unsaved_answers += 1
+            if self._unsaved_answers >= self.SAVE_EVERY:
+                self.flush()
+
+    def flush(self) -> None:
+        """Store the spend not stored yet (the end of a run, and every SAVE_EVERY answers)."""
+        if self._unsaved > 0:
+            self._save(self._unsaved)
+        self._unsaved, self._unsaved_answers = 0.0, 0
 
     def summary(self) -> dict[str, float | None]:
         """Spend against the caps, for the run summary."""

@@ -89,6 +89,7 @@ class BatchEngine:
                 if self.config.images.delete_uploads and stop.running:  # interactive retries'
                     await guarded(stop, opened.caller.uploads.delete_all())  # (not a job's)
             report_ended(stop, self.job_counts, self.config.output.dir)
+            opened.caller.spend.flush()
             summarise(self.summary, producer, opened.runner.counts, opened.caller)
             in_flight = len(jobs.in_flight())
         self._settle(opened, stop, in_flight)
