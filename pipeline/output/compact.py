@@ -204,15 +204,15 @@ def supersede(
     store = open_store(output)
     parts = part_entries(store, history=True)  # all of them: the facts cache covers all
     facts = load_facts(store, parts, suffix=None, write=True)
-    hidden = [is_history_part(entry.name) for entry in parts]
+    names = [entry.name for entry in parts]
+    hidden = [is_history_part(name) for name in names]
     split = facts.stale_rows(hidden)
     answer = answer or output_answer(store)
     if reshape and answer is not None:
-        _reshaped(store, [entry.name for entry in parts], hidden, split, answer)
+        _reshaped(store, names, hidden, split, answer)
     report: dict[str, Any] = {"parts_rewritten": len(split), "rows_rewritten": 0}
     report["rows_set_aside"] = 0
     if split:
-        names = [entry.name for entry in parts]
         compaction = new_run_id()
         new = _write_staged(store, compaction, names, split, answer, step)
         _commit(store, lock, {"id": compaction, "old": [names[p] for p in split], "new": new}, step)

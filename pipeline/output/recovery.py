@@ -49,9 +49,9 @@ def recover_locked(store: Store) -> int:
 
 def migrate_layout(store: Store) -> int:
     """Move the run summaries of an output written before issue 20 into `.runs/`, and its
-    parts into `data/` (one rename
-    each on disk; a copy then a delete on a bucket, where a kill in between leaves two copies
-    that readers count once: `parts.visible_parts`). Returns how many moved."""
+    parts into `data/` (one rename each on disk; a copy then a delete on a bucket, where a kill
+    in between leaves two copies that readers count once: `parts.visible_parts`). Returns how
+    many parts moved."""
     summaries = [entry.name for entry in store.list(LEGACY_RUNS_DIR + "/")]
     for name in summaries:  # (a copy and a delete each on a bucket: a kill leaves both, alike)
         _publish(store, name, RUNS_DIR + name.removeprefix(LEGACY_RUNS_DIR), already=False)
@@ -61,12 +61,11 @@ def migrate_layout(store: Store) -> int:
     present = {entry.name for entry in store.list(data_name("part-"))}
     for name in legacy:
         _publish(store, name, data_name(name), already=data_name(name) in present)
-    if legacy:
-        log.info(
-            "moved %d parts into %s (the folder readers are pointed at)",
-            len(legacy),
-            store.join(data_name("")),
-        )
+    log.info(
+        "moved %d parts into %s (the folder readers are pointed at)",
+        len(legacy),
+        store.join(data_name("")),
+    )
     return len(legacy)
 
 
