@@ -1,5 +1,5 @@
-"""The `pipeline` command: run, status, estimate, reparse, compact, prune, export, render, models,
-serve-local, batch."""
+"""The `pipeline` command: run, status, estimate, reparse, compact, prune, export, render, compare,
+models, serve-local, batch."""
 
 from __future__ import annotations
 
@@ -178,12 +178,15 @@ def _render(args: argparse.Namespace) -> int:
     from pipeline.commands.render import render
 
     _recover(args.output_dir)
+    if args.compare:
+        _recover(args.compare)
     report = render(
         args.output_dir,
         args.out,
         limit=args.limit,
         roots=RootMap.parse(args.images_root),
         allow_hosts=tuple(args.allow_host),
+        compare=args.compare,
     )
     if args.json:
         _print(json.dumps(report, indent=2))
@@ -193,6 +196,34 @@ def _render(args: argparse.Namespace) -> int:
         + (f", {missing} with their source image missing" if missing else "")
         + (f", {report['problems']} problems (listed on the page)" if report["problems"] else "")
     )
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from pipeline.commands.compare import compare_outputs, format_report
+
+    _recover(args.output_a)
+    _recover(args.output_b)
+    report = compare_outputs(
+        args.output_a,
+        args.output_b,
+        iou=args.iou,
+        labels=args.labels,
+        radius=args.radius,
+        task=args.task,
+    )
+    print(json.dumps(report.as_dict(), indent=2) if args.json else format_report(report))
+    if args.out:
+        from pipeline.commands.render import render
+
+        gallery = render(
+            args.output_a,
+            args.out,
+            compare=report,
+            roots=RootMap.parse(args.images_root),
+            allow_hosts=tuple(args.allow_host),
+        )
+        _say(f"wrote {gallery['index']}: {gallery['entries']} images that disagree, A beside B")
     return 0
 
 
@@ -423,8 +454,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="at most N images")
     _images_root(p)
     _allow_host(p)
+    p.add_argument(
+        "--compare",
+        metavar="OTHER",
+        help="another output of the same task: each image beside "
+        "OTHER's answer, marked by agreement, worst first (see `pipeline compare`)",
+    )
     p.add_argument("--json", action="store_true", help=_JSON_HELP)
     p.set_defaults(func=_render)
+
+    _add_compare(sub)
 
     p = sub.add_parser("models", help="what each model takes, bills and answers")
     p.add_argument("--config", help="include this config's [models] entries")
@@ -439,6 +478,33 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_arguments(p)
     p.set_defaults(func=_serve)
     return parser
+
+
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    """`pipeline compare OUT_A OUT_B`: B's answers against A's, read from both outputs."""
+    p = sub.add_parser("compare", help="how far two outputs' answers agree (B against A)")
+    p.add_argument("output_a", help="the reference output")
+    p.add_argument("output_b", help="the output compared with it")
+    p.add_argument("--iou", type=float, default=0.5, help="IoU to pair objects (default 0.5)")
+    p.add_argument(
+        "--labels",
+        choices=("strict", "loose"),
+        default="strict",
+        help="labels equal as stored, or case-, spacing- and plural-insensitively",
+    )
+    p.add_argument(
+        "--radius",
+        type=float,
+        default=20.0,
+        metavar="PX",
+        help="point tasks: points within PX pixels pair (default 20)",
+    )
+    p.add_argument("--task", help="the task to compare when both outputs hold several")
+    p.add_argument("--json", action="store_true", help="the whole report, every image, as JSON")
+    p.add_argument("--out", metavar="DIR", help="a gallery of the images that disagree, A beside B")
+    _images_root(p)
+    _allow_host(p)
+    p.set_defaults(func=_compare)
 
 
 def _add_setting_flags(parser: argparse.ArgumentParser) -> None:

@@ -414,3 +414,44 @@ def rle_decode(rle: dict) -> np.ndarray:
 def rle_area(rle: dict) -> int:
     """Pixels inside the mask, from the run lengths alone."""
     return int(_decode_counts(rle["counts"])[1::2].sum())
+
+
+def rle_intervals(rle: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The mask's pixels as (starts, ends) of its runs of ones, column-major positions, in
+    order: what `rle_iou` works on instead of a full-image array."""
+    height, width = _size(rle)
+    runs = _decode_counts(rle["counts"])
+    if (runs < 0).any() or int(runs.sum()) != height * width:
+        raise ValueError(f"RLE runs do not add up to the {height}x{width} image")
+    bounds = np.concatenate(([0], np.cumsum(runs)))
+    starts, ends = bounds[1 : runs.size : 2], bounds[2 : runs.size + 1 : 2]
+    kept = ends > starts  # an empty run of ones (a run of zeros split in two) holds no pixel
+    return starts[kept], ends[kept]
+
+
+def rle_iou(a: dict, b: dict) -> float:
+    """Intersection over union of two masks of one image, from their runs alone (no HxW array:
+    the cost follows the number of runs, not the image's size); 0.0 when both are empty.
+    ValueError when the masks are of different sizes."""
+    if _size(a) != _size(b):
+        raise ValueError(f"masks of different sizes: {a['size']} and {b['size']}")
+    return intervals_iou(rle_intervals(a), rle_intervals(b))
+
+
+def intervals_iou(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> float:
+    """IoU of two masks given as `rle_intervals`: every run boundary of either cuts the line
+    into pieces, each wholly inside or outside each mask; the shared pieces are the overlap."""
+    cuts = np.unique(np.concatenate((*a, *b)))
+    if cuts.size < 2:
+        return 0.0
+    pieces = cuts[:-1]
+    inside_both = _inside(a, pieces) & _inside(b, pieces)
+    overlap = int(np.diff(cuts)[inside_both].sum())
+    union = int((a[1] - a[0]).sum() + (b[1] - b[0]).sum()) - overlap
+    return overlap / union if union else 0.0
+
+
+def _inside(intervals: tuple[np.ndarray, np.ndarray], at: np.ndarray) -> np.ndarray:
+    """Whether each position lies in one of the (sorted, disjoint) intervals."""
+    starts, ends = intervals
+    return np.searchsorted(starts, at, side="right") > np.searchsorted(ends, at, side="right")

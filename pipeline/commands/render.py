@@ -29,12 +29,13 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 from pillow_heif import register_heif_opener
 
+from pipeline.commands.compare import ImageResult, Report, compare_outputs
 from pipeline.commands.exports.dataset import RootMap, label_of, views
 from pipeline.inputs.fetch import Fetcher, FetchError, FetchSettings
 from pipeline.locations import is_url
 from pipeline.masks import rle_decode
 from pipeline.output.fsutil import atomic_write_bytes
-from pipeline.output.parts import current_rows
+from pipeline.output.parts import Output, current_rows
 from pipeline.records import SourceFile
 
 MAX_SIDE = 1024  # overlays are for looking at: gallery size, not full resolution
@@ -89,7 +90,10 @@ figure img{width:100%;height:auto;display:block;background:#eee}
 figure.missing{border-color:#c80}figure.broken{border-color:#c00}
 figcaption{font-size:12px;word-break:break-all;margin-top:4px}
 .note{color:#a40}.reason{white-space:pre-wrap;word-break:break-word;max-width:60em}
+figure.disagree{border:2px solid #c33}figure.agree{border:2px solid #3a3}
+.score{font-weight:bold}
 """
+SIDE_GAP = 8  # pixels between A's overlay and B's in a comparison
 
 
 @dataclass(slots=True)
@@ -97,6 +101,8 @@ class _Entry:
     number: int
     row: dict[str, Any]
     source: Path | str | None  # a local path, an object or URL (str); None: escapes its root
+    other: dict[str, Any] | None = None  # --compare: the other output's view of this image
+    mark: ImageResult | None = None  # --compare: how far the two answers agree
 
 
 def render(
@@ -106,8 +112,14 @@ def render(
     limit: int | None = None,
     roots: RootMap | None = None,
     allow_hosts: tuple[str, ...] = (),
+    compare: Output | Report | None = None,
 ) -> dict[str, Any]:
     """Draw overlays for the current ok/partial rows (at most `limit`) and write index.html.
+
+    `compare` (another output of the same task, or the `Report` of comparing this one with it)
+    shows each compared image with the other output's answer beside it, marked by agreement,
+    worst first, then the images not compared. Given a Report (what `pipeline compare --out`
+    passes), only the images that disagree are shown.
 
     Sources are read at image_root/image_path, the root being where `roots` says its images
     are now; a missing source gives a grey placeholder with the overlays, not a crash.
@@ -126,12 +138,14 @@ def render(
     rows = current_rows(output_dir, _COLUMNS).to_pylist()
     roots = roots or RootMap()
     roots.check({row["image_root"] or "" for row in rows})
-    shown = [view for row in rows if row["status"] in GALLERY_STATUSES for view in views(row)]
     problems = [row for row in rows if row["status"] not in GALLERY_STATUSES]
+    report = _report(output_dir, compare)
+    shown = _shown(rows, report, disagreeing_only=isinstance(compare, Report))
     if limit is not None:
         shown = shown[: max(limit, 0)]
     entries = [
-        _Entry(number, row, _source_path(row, roots)) for number, row in enumerate(shown, start=1)
+        _Entry(number, view, _source_path(view, roots), other, mark)
+        for number, (view, other, mark) in enumerate(shown, start=1)
     ]
     fetch = FetchSettings(allow_hosts=allow_hosts)
     with Fetcher(fetch) as fetcher, ThreadPoolExecutor(max_workers=DRAWING_THREADS) as pool:
@@ -144,7 +158,7 @@ def render(
         for obj in row["objects"] or ()
     )
     statuses = Counter(row["status"] for row in rows)
-    page = _page(Path(output_dir), entries, found, labels, statuses, problems)
+    page = _page(Path(output_dir), entries, found, labels, statuses, problems, report)
     index = out / "index.html"
     atomic_write_bytes(index, page.encode("utf-8"))
     return {
@@ -154,6 +168,47 @@ def render(
         "problems": len(problems),
         "labels": len(labels),
     }
+
+
+Shown = tuple[dict[str, Any], dict[str, Any] | None, ImageResult | None]
+
+
+def _report(output_dir: Output, compare: Output | Report | None) -> Report | None:
+    if compare is None or isinstance(compare, Report):
+        return compare
+    return compare_outputs(output_dir, compare)
+
+
+def _shown(
+    rows: list[dict[str, Any]], report: Report | None, *, disagreeing_only: bool
+) -> list[Shown]:
+    """The images to draw, each with the other output's view and the agreement (compared
+    images first, worst first; then, unless only the disagreeing are wanted, the rest)."""
+    answered = [row for row in rows if row["status"] in GALLERY_STATUSES]
+    if report is None:
+        return [(view, None, None) for row in answered for view in views(row)]
+    mine = {_identity(row): row for row in answered if row["task"] == report.task}
+    theirs = {_identity(r): r for r in current_rows(report.b, _COLUMNS).to_pylist()}
+    theirs = {key: row for key, row in theirs.items() if row["task"] == report.task}
+    marked = [m for m in report.images if not disagreeing_only or m.score < 1]
+    shown: list[Shown] = [
+        (view, other, mark)
+        for mark in marked
+        for view, other in zip(
+            views(mine[_identity(mark)]), views(theirs[_identity(mark)]), strict=False
+        )
+    ]
+    if not disagreeing_only:
+        compared = {_identity(mark) for mark in report.images}
+        rest = [row for key, row in mine.items() if key not in compared]
+        shown += [(view, None, None) for row in rest for view in views(row)]
+    return shown
+
+
+def _identity(row: dict[str, Any] | ImageResult) -> tuple[str, str]:
+    if isinstance(row, ImageResult):
+        return row.image_root, row.image_path
+    return row["image_root"] or "", row["image_path"] or ""
 
 
 def _source_path(row: dict[str, Any], roots: RootMap) -> Path | str | None:
@@ -171,9 +226,18 @@ def _source_path(row: dict[str, Any], roots: RootMap) -> Path | str | None:
 
 
 def _draw_entry(entry: _Entry, images_dir: Path, fetcher: Fetcher) -> bool:
-    """Write the overlay of one row; False when its source image could not be read."""
-    row = entry.row
+    """Write the overlay of one row (and the other output's beside it); False when its source
+    image could not be read."""
     image = _open_source(entry.source, fetcher)
+    canvas = _overlay(entry, entry.row, image)
+    if entry.other is not None:
+        canvas = _side_by_side(canvas, _overlay(entry, entry.other, image))
+    canvas.save(images_dir / f"{entry.number:06d}.jpg", quality=JPEG_QUALITY)
+    return image is not None
+
+
+def _overlay(entry: _Entry, row: dict[str, Any], image: Image.Image | None) -> Image.Image:
+    """The row's objects drawn on its image at gallery size (a placeholder without it)."""
     width = row["width"] or (image.width if image else MAX_SIDE)
     height = row["height"] or (image.height if image else MAX_SIDE)
     scale = min(1.0, MAX_SIDE / max(width, height))
@@ -187,8 +251,16 @@ def _draw_entry(entry: _Entry, images_dir: Path, fetcher: Fetcher) -> bool:
     canvas = _blend_masks(canvas, objects, width, height)
     _draw_boxes(canvas, objects, scale)
     _draw_points(canvas, objects, scale)
-    canvas.save(images_dir / f"{entry.number:06d}.jpg", quality=JPEG_QUALITY)
-    return image is not None
+    return canvas
+
+
+def _side_by_side(left: Image.Image, right: Image.Image) -> Image.Image:
+    """A's overlay and B's on one white canvas, A on the left."""
+    width = left.width + SIDE_GAP + right.width
+    both = Image.new("RGB", (width, max(left.height, right.height)), (255, 255, 255))
+    both.paste(left, (0, 0))
+    both.paste(right, (left.width + SIDE_GAP, 0))
+    return both
 
 
 def _open_source(source: Path | str | None, fetcher: Fetcher) -> Image.Image | None:
@@ -316,6 +388,7 @@ def _page(
     labels: Counter[str],
     statuses: Counter[str],
     problems: list[dict[str, Any]],
+    report: Report | None = None,
 ) -> str:
     esc = html.escape
     title = f"Gallery of {output_dir.name or output_dir}"
@@ -327,6 +400,7 @@ def _page(
         f"<title>{esc(title)}</title><style>{_STYLE}</style></head><body>",
         f"<h1>{esc(title)}</h1>",
         f"<p>{len(entries):,} images shown of {sum(statuses.values()):,} current rows.</p>",
+        *_comparison(report),
         '<h2>Status</h2><table id="status"><tr><th>status</th><th>rows</th></tr>',
     ]
     parts += [
@@ -363,6 +437,39 @@ def _page(
     return "\n".join(parts)
 
 
+def _comparison(report: Report | None) -> list[str]:
+    """What the marks mean, when the gallery compares two outputs."""
+    if report is None:
+        return []
+    agreement = report.agreement
+    overall = "n/a" if agreement is None else f"{agreement:.3f}"
+    return [
+        f'<p id="comparison">Compared with {html.escape(report.b)} ({html.escape(report.task)}): '
+        f"agreement {overall} over {len(report.images):,} images. Each image shows this "
+        "output's answer on the left and the other's on the right, the least agreeing first "
+        "(see <code>pipeline compare</code>).</p>"
+    ]
+
+
+def _marks(entry: _Entry) -> tuple[str, list[str]]:
+    """The figure's class and caption lines for a compared image (none otherwise)."""
+    if entry.mark is None or entry.other is None:
+        return "", []
+    esc, other = html.escape, entry.other
+    kind = "agree" if entry.mark.score >= 1 else "disagree"
+    lines = [f'<span class="score">agreement {entry.mark.score:.3f}</span> ({kind}s)']
+    lines.append(f"right: {len(other['objects'] or [])} objects")
+    slips = entry.mark.detail.get("label_slips") or []
+    if slips:
+        shown = "; ".join(f"{esc(left)} / {esc(right)}" for left, right in slips[:5])
+        lines.append(f"labels differ (left / right): {shown}")
+    if other["labels"]:
+        lines.append("right labels: " + esc(", ".join(other["labels"])))
+    if other["text"]:
+        lines.append("right: " + esc(_clip(other["text"], 500)))
+    return kind, lines
+
+
 def _figure(entry: _Entry, has_source: bool) -> str:
     esc = html.escape
     row = entry.row
@@ -375,8 +482,9 @@ def _figure(entry: _Entry, has_source: bool) -> str:
         f"{len(objects)} object{'' if len(objects) == 1 else 's'}",
     ]
     if row.get("group"):
-        name, index, count = row["group"]
-        caption.append(f"group {esc(name or '')}: image {index} of {count} (0 first)")
+        # not `name`: that is the overlay's file, which the <img> below must still point at
+        group, index, count = row["group"]
+        caption.append(f"group {esc(group or '')}: image {index} of {count} (0 first)")
     if not has_source:
         why = "path outside its root" if entry.source is None else "source image not found"
         caption.append(f'<span class="note">{why}</span>')
@@ -386,10 +494,15 @@ def _figure(entry: _Entry, has_source: bool) -> str:
         caption.append("labels: " + esc(", ".join(row["labels"])))
     if row["text"]:
         caption.append(esc(_clip(row["text"], 500)))
-    classes = "" if has_source else ' class="missing"'
+    kind, marks = _marks(entry)
+    caption += marks
+    classes = " ".join(c for c in (kind, "" if has_source else "missing") if c)
+    attributes = f' class="{classes}"' if classes else ""
+    if entry.mark is not None:
+        attributes += f' data-score="{entry.mark.score:.4f}"'
     alt = esc(f"{row['image_path'] or ''} ({row['task'] or ''})")
     return (
-        f'<figure{classes} id="e{entry.number}"><a href="{name}">'
+        f'<figure{attributes} id="e{entry.number}"><a href="{name}">'
         f'<img src="{name}" alt="{alt}"{lazy}></a>'
         f"<figcaption>{'<br>'.join(caption)}</figcaption></figure>"
     )
