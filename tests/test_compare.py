@@ -30,7 +30,7 @@ from pipeline.commands.compare.match import label_key, token_f1
 from pipeline.commands.compare.scores import cohen_kappa
 from pipeline.commands.render import render
 from pipeline.masks import rle_encode, rle_iou
-from tests.conftest import result_object, result_row, write_rows
+from tests.conftest import make_config, result_object, result_row, run, save_scenes, write_rows
 
 ROOT = "/data"
 
@@ -46,6 +46,15 @@ def point(label: str, x: float, y: float) -> dict[str, Any]:
 async def output(where: Path, rows: list[dict[str, Any]]) -> Path:
     await write_rows(where, "20260101T000000Z-" + where.name, rows)
     return where
+
+
+async def test_outputs_on_a_bucket_and_on_disk(out: str, tmp_path: Path) -> None:
+    rows_a, rows_b = detect_rows()
+    await write_rows(out, "20260101T000000Z-a", rows_a)
+    b = await output(tmp_path / "b", rows_b)
+    report = compare_outputs(out, b)
+    assert (report.summary["matched"], report.summary["f1"]) == (3, pytest.approx(6 / 8))
+    assert report.unpaired["only_in_a"] == 1
 
 
 async def pair(
@@ -327,6 +336,24 @@ async def test_cli_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert main(["compare", str(a), str(b), "--task", "caption"]) == exits.USAGE
 
 
+# ---------------------------------------------------------------------- real runs
+async def test_two_real_runs_on_the_local_server(tmp_path: Path, images_dir: Path) -> None:
+    """The same scenes run three times through the engine and the local server: at full size
+    twice (the server is deterministic: the runs agree exactly), and shrunk to 24 pixels."""
+    save_scenes(images_dir, 6, prefix="scene", seed=3)
+    full, again, small = (tmp_path / name for name in ("full", "again", "small"))
+    await run(make_config(tmp_path, output={"dir": str(full)}))
+    await run(make_config(tmp_path, output={"dir": str(again)}))
+    await run(make_config(tmp_path, output={"dir": str(small)}, images={"max_side": 24}))
+    same = compare_outputs(full, again)
+    assert (same.task, same.summary["images"], same.agreement) == ("segment", 6, 1.0)
+    assert same.summary["mean_iou"] == 1.0
+    assert {image.detail["measure"] for image in same.images} == {"mask"}
+    shrunk = compare_outputs(full, small)
+    assert shrunk.summary["images"] == 6
+    assert shrunk.summary["mean_iou"] < 1.0  # coarser masks from a 24-pixel image
+
+
 # ---------------------------------------------------------------------- the gallery
 HOSTILE = '<script>document.body.dataset.pwned = "1"</script>'
 
@@ -416,3 +443,27 @@ def test_format_report_of_nothing_compared() -> None:
         },
     )
     assert "Cohen's kappa n/a" in format_report(report)
+
+
+async def test_group_members_side_by_side(tmp_path: Path) -> None:
+    """A group's row is one figure per member, A's member beside B's; each figure's image is
+    its own overlay file (not the group's name)."""
+    images = tmp_path / "images"
+    images.mkdir()
+    members = []
+    for name in ("g/0.png", "g/1.png"):
+        (images / "g").mkdir(exist_ok=True)
+        Image.new("RGB", (32, 32), (40, 40, 40)).save(images / name)
+        members.append({"image_path": name, "image_root": str(images), "width": 32, "height": 32})
+
+    def group(objects: list[dict[str, Any]]) -> dict[str, Any]:
+        return result_row("g", root=str(images), objects=objects, members=members)
+
+    a = [group([obj("cat", (2, 2, 20, 20), image=0), obj("dog", (2, 2, 20, 20), image=1)])]
+    b = [group([obj("cat", (2, 2, 20, 20), image=0)])]
+    a_out, b_out = await pair(tmp_path, a, b)
+    index = Path(render(a_out, tmp_path / "gallery", compare=b_out)["index"])
+    page = index.read_text()
+    assert [path for _, _, path in figures(index)] == ["g/0.png", "g/1.png"]
+    assert 'src="images/000001.jpg"' in page and 'src="images/000002.jpg"' in page
+    assert Image.open(tmp_path / "gallery/images/000002.jpg").size == (32 * 2 + 8, 32)
