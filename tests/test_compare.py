@@ -301,6 +301,34 @@ async def test_points_pair_within_the_radius(tmp_path: Path) -> None:
     assert (report.summary["matched"], report.summary["mean_distance"]) == (1, pytest.approx(5.0))
     assert report.summary["f1"] == pytest.approx(2 / 4)
     assert compare_outputs(a_out, b_out, radius=4).summary["matched"] == 0
+    assert "matched 1 within 20 px, mean distance 5.0 px" in format_report(report)
+
+
+async def test_multi_label_classify_and_custom_answers(tmp_path: Path) -> None:
+    # {cat, dog} vs {cat}: Jaccard 1/2; {bird} vs {bird}: 1 -> mean 3/4, one image in two agrees
+    a = [
+        result_row("1.jpg", task="classify", labels=["cat", "dog"]),
+        result_row("2.jpg", task="classify", labels=["bird"]),
+    ]
+    b = [
+        result_row("1.jpg", task="classify", labels=["cat"]),
+        result_row("2.jpg", task="classify", labels=["bird"]),
+    ]
+    report = compare_outputs(*await pair(tmp_path, a, b))
+    assert (report.summary["agreement"], report.summary["mean_jaccard"]) == (0.5, 0.75)
+    assert report.images[0].detail["labels_b"] == ["cat"]
+    # the same JSON value whatever its key order and spacing; another value differs
+    a = [
+        result_row("1.jpg", task="custom", json='{"a": 1, "b": [2]}'),
+        result_row("2.jpg", task="custom", json='{"a": 1}'),
+    ]
+    b = [
+        result_row("1.jpg", task="custom", json='{"b":[2],"a":1}'),
+        result_row("2.jpg", task="custom", json='{"a": 2}'),
+    ]
+    custom = compare_outputs(*await pair(tmp_path / "custom", a, b))
+    assert custom.summary["agreement"] == 0.5
+    assert [i.image_path for i in custom.images] == ["2.jpg", "1.jpg"]
 
 
 async def test_outputs_of_different_tasks_are_refused(tmp_path: Path) -> None:

@@ -19,13 +19,25 @@ def max_weight_pairs(weights: np.ndarray) -> list[tuple[int, int]]:
     weights = np.asarray(weights, dtype=np.float64)
     if weights.ndim != 2 or 0 in weights.shape:
         return []
+    positive = weights > 0
+    rows, cols = np.flatnonzero(positive.any(axis=1)), np.flatnonzero(positive.any(axis=0))
+    if positive.sum() == len(rows) == len(cols):
+        # the common case (each object overlaps at most one other): nothing to choose between
+        return sorted((int(r), int(c)) for r, c in zip(*np.nonzero(positive), strict=True))
+    # rows and columns with nothing to gain take no part: a smaller matrix to solve
+    chosen = _solve(weights[np.ix_(rows, cols)])
+    return sorted((int(rows[r]), int(cols[c])) for r, c in chosen)
+
+
+def _solve(weights: np.ndarray) -> list[tuple[int, int]]:
+    """The Hungarian method on the smaller side's rows (module doc)."""
     flipped = weights.shape[0] > weights.shape[1]
     # a pair worth nothing or less is as good as no pair: at 0, a full assignment of the rows
     # is a best matching once those pairs are dropped
     gain = np.clip(weights.T if flipped else weights, 0, None)
     cost = -gain
     pairs = ((c, r) if flipped else (r, c) for r, c in _min_cost_rows(cost))
-    return sorted((r, c) for r, c in pairs if weights[r, c] > 0)
+    return [(r, c) for r, c in pairs if weights[r, c] > 0]
 
 
 def _min_cost_rows(cost: np.ndarray) -> list[tuple[int, int]]:
