@@ -424,8 +424,8 @@ def figures(index: Path) -> list[tuple[str, str, str]]:
 
 async def test_render_compare_marks_and_sorts_worst_first(tmp_path: Path) -> None:
     a, b = await gallery_outputs(tmp_path)
-    report = render(a, tmp_path / "gallery", compare=b)
-    index = Path(report["index"])
+    assert main(["render", str(a), "--out", str(tmp_path / "gallery"), "--compare", str(b)]) == 0
+    index = tmp_path / "gallery" / "index.html"
     # bad 0 (paired, another label), half 2*1/3, good 1; lone.png is not in B: after them, unmarked
     assert figures(index) == [
         ("disagree", "0.0000", "bad.png"),

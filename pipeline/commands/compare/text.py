@@ -75,8 +75,13 @@ def _custom(report: Report) -> list[str]:
     return [f"answers: {s['images_agreeing']:,} the same JSON ({_num(s['agreement'], '.1%')})"]
 
 
-OVERALL = {"objects": _objects, "point": _objects, "classify": _classify}
-OVERALL |= {"caption": _caption, "custom": _custom}
+OVERALL = {
+    "objects": _objects,
+    "point": _objects,
+    "classify": _classify,
+    "caption": _caption,
+    "custom": _custom,
+}
 
 
 def _detail(image: ImageResult) -> str:
