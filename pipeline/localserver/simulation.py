@@ -46,16 +46,17 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from pipeline.gemini.tokens import image_tokens
+from pipeline.gemini.tokens import TOKENS_PER_TILE, image_tokens
 from pipeline.localserver.vision import Analysis, Region
 from pipeline.models import Model
 
 SIMULATIONS = ("none", "settings")  # the values of --simulate / [local] simulate
-TILE_SIDE_PX = 768  # 2.x's crop, billed 258 tokens (pipeline/gemini/tokens.py)
+TILE_SIDE_PX = 768  # 2.x's crop, billed TOKENS_PER_TILE (258): one token, a 47.8-px square
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +71,7 @@ class Tier:
 class Parameters:
     """The whole simulation in one place (the module docstring says what each does)."""
 
-    patch_side_px: float = TILE_SIDE_PX / math.sqrt(258)
+    patch_side_px: float = TILE_SIDE_PX / math.sqrt(TOKENS_PER_TILE)  # 47.8 px
     edge_jitter_cells: float = 0.5  # view pixels a box edge may move before it snaps
     missed_below_px: float = 4.0  # shorter side in view pixels: always missed below ...
     seen_above_px: float = 10.0  # ... never missed for its size above
@@ -217,9 +218,9 @@ def _pick(choices: tuple[str, ...], draw: float, same: str) -> str:
     return choices[int(draw * len(choices))] if choices else same
 
 
-def _copy(region: Region, **changes: object) -> Region:
+def _copy(region: Region, **changes: Any) -> Region:
     """A new region (its own cache of rendered masks): the analysis cache's stays as it was."""
-    return replace(region, rendered={}, **changes)  # type: ignore[arg-type]
+    return replace(region, rendered={}, **changes)
 
 
 def _coarsened(
