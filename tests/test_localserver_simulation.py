@@ -33,9 +33,11 @@ from tests.localserver_support import (
     DETECT,
     SEGMENT,
     answer_text,
+    b64,
     decode_png_mask,
     generate,
     inline_request,
+    interact,
 )
 
 SAMPLES = sorted(
@@ -154,6 +156,47 @@ async def test_the_same_request_gets_the_same_answer_whatever_came_before(
         assert await answers(http, fresh, images, LITE, LOW) == first
     async with LocalServer(ServerOptions(simulate="settings", seed=7)) as other:
         assert await answers(http, other, images, LITE, LOW) != first  # another draw
+
+
+async def test_both_api_flavours_see_through_the_same_simulation(
+    servers: tuple[LocalServer, LocalServer], http: aiohttp.ClientSession
+) -> None:
+    """generateContent and Interactions, each image at LOW per part, answer alike: the
+    simulation sits below the surfaces, in the answerer (Batch Mode lines pass it too)."""
+    exact, simulated = servers
+    images = scenes()[:30]
+    part = {"media_resolution": {"level": "MEDIA_RESOLUTION_LOW"}}
+    generated = [await _generated(http, simulated, data, part) for data, _ in images]
+    interacted = [await _interacted(http, simulated, data) for data, _ in images]
+    assert generated == interacted
+    assert generated != [await _generated(http, exact, data, part) for data, _ in images]
+
+
+async def _generated(
+    http: aiohttp.ClientSession, server: LocalServer, data: bytes, part: dict[str, Any]
+) -> Any:
+    body = inline_request(data, DETECT, config={"thinkingConfig": {"thinkingLevel": "MINIMAL"}})
+    body["contents"][0]["parts"][0].update(part)
+    status, answered = await generate(http, server, body, "gemini-3.1-flash-lite")
+    assert status == 200, answered
+    return json.loads(answer_text(answered).removeprefix("```json\n").removesuffix("\n```"))
+
+
+async def _interacted(http: aiohttp.ClientSession, server: LocalServer, data: bytes) -> Any:
+    items = [
+        {"type": "image", "data": b64(data), "mime_type": "image/png", "resolution": "low"},
+        {"type": "text", "text": DETECT},
+    ]
+    body = {
+        "model": "gemini-3.1-flash-lite",
+        "input": [{"type": "user_input", "content": items}],
+        "generation_config": {"thinking_level": "minimal"},
+        "store": False,
+    }
+    status, interaction = await interact(http, server, body)
+    assert status == 200, interaction
+    text = interaction["steps"][-1]["content"][0]["text"]
+    return json.loads(text.removeprefix("```json\n").removesuffix("\n```"))
 
 
 # ---------------------------------------------------------------------- the tiers
