@@ -193,7 +193,8 @@ class Simulation:
         if draws[1] < 0.5:
             colour = _pick(COLOUR_NEIGHBOURS.get(region.colour, ()), draws[2], region.colour)
             return _copy(region, colour=colour)
-        return _copy(region, shape=_pick(SHAPE_NEIGHBOURS[region.shape], draws[2], region.shape))
+        shapes = SHAPE_NEIGHBOURS.get(region.shape, ())
+        return _copy(region, shape=_pick(shapes, draws[2], region.shape))
 
     def _jitter(self, draws: np.ndarray) -> np.ndarray:
         """Each edge's move in view pixels (y0, x0, y1, x1), within +-edge_jitter_cells."""
