@@ -2,10 +2,11 @@
 
 The text comes from a recorded replay when one matches, else from answers.render over what
 vision.py sees in every image the request asks about (`answers.targets`: not the reference
-images). Then the seeded faults (faults.py) may delay, fail, or bend
-the answer, `max_output_tokens` may cut it (finishReason MAX_TOKENS), and a thinking model bills
-thought tokens (the local model does not think: it bills as much thought as answer, capped by the
-budget, so thinking's cost shows up in usage the way it does on the real service).
+images), as the request's setting would see it under `--simulate settings` (simulation.py).
+Then the seeded faults (faults.py) may delay, fail, or bend the answer, `max_output_tokens` may
+cut it (finishReason MAX_TOKENS), and a thinking model bills thought tokens (the local model does
+not think: it bills as much thought as answer, capped by the budget, so thinking's cost shows up
+in usage the way it does on the real service).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from pipeline.localserver import errors
 from pipeline.localserver.answers import Answer, Ask, caption, render, targets
 from pipeline.localserver.faults import Faults, Replay, apply_to_text
 from pipeline.localserver.image_input import ImageInput, ImageReader
+from pipeline.localserver.simulation import Setting, Simulation
+from pipeline.localserver.vision import Analysis
 from pipeline.models import Model
 
 BYTES_PER_TOKEN = 4  # pipeline.gemini.tokens.text_tokens counts ~4 bytes of UTF-8 a token
@@ -52,6 +55,11 @@ class Prompted:
             digest.update(b"\1" + image.sha256.encode("ascii"))
         return digest.digest()
 
+    def setting(self) -> Setting:
+        """What the simulation reads of the request."""
+        spec = self.spec or self.model
+        return Setting(self.model, spec, self.media_resolution, self.thinking)
+
 
 @dataclass(frozen=True, slots=True)
 class ModelOutput:
@@ -74,8 +82,10 @@ class Answerer:
         faults: Faults,
         replay: Replay | None,
         hang_seconds: float,
+        simulation: Simulation | None = None,
     ) -> None:
         self.images = images
+        self.simulation = simulation  # None: every setting sees the image as it was sent
         self.faults = faults
         self.replay = replay
         self.hang_seconds = hang_seconds
@@ -104,8 +114,16 @@ class Answerer:
         replayed = self.replay.answer([i.sha256 for i in prompted.images]) if self.replay else None
         if replayed is not None:
             return Answer(replayed[0], "replay"), replayed[1]
-        seen = [self.images.analysis(image) for image in targets(prompted.images)]
+        seen = [self._seen(prompted, image) for image in targets(prompted.images)]
         return render(prompted.ask, seen), "STOP"
+
+    def _seen(self, prompted: Prompted, image: ImageInput) -> Analysis:
+        """What the model sees of `image`: all vision.py finds, or what its setting would."""
+        analysis = self.images.analysis(image)
+        if self.simulation is None:
+            return analysis
+        view = self.simulation.view(prompted.setting(), analysis, image.sha256, image.resolution)
+        return self.simulation.degrade(analysis, view)
 
     async def _fault(self, kind: str, answer: Answer) -> tuple[str, str]:
         if kind == "http_500":
@@ -127,7 +145,7 @@ class Answerer:
         summary = None
         if prompted.include_thoughts:
             first = next(iter(targets(prompted.images)), None)
-            seen = caption(self.images.analysis(first)) if first else "Recalling what was asked."
+            seen = caption(self._seen(prompted, first)) if first else "Recalling what was asked."
             summary = f"**Looking at the image**\n\n{seen}"
         return thoughts, summary
 

@@ -28,6 +28,7 @@ from pipeline.localserver.files import FileStore
 from pipeline.localserver.image_input import ImageReader
 from pipeline.localserver.options import ServerOptions
 from pipeline.localserver.quotas import Quotas
+from pipeline.localserver.simulation import Simulation
 from pipeline.localserver.stats import Stats
 from pipeline.models import ModelTable
 
@@ -88,7 +89,10 @@ class Core:
             options.fault_rate, options.seed, options.latency_ms, options.fault_kinds
         )
         self.replay = Replay(options.replay) if options.replay else None
-        self.answerer = Answerer(self.images, self.faults, self.replay, options.hang_seconds)
+        simulation = Simulation(options.seed) if options.simulate == "settings" else None
+        self.answerer = Answerer(
+            self.images, self.faults, self.replay, options.hang_seconds, simulation
+        )
         self.answer_log = AnswerLog(options.answer_log, clock)
 
     def today(self) -> date:

@@ -23,6 +23,7 @@ from typing import Any
 
 from pipeline import settings as s
 from pipeline.localserver.faults import FAULT_KINDS
+from pipeline.localserver.simulation import SIMULATIONS
 from pipeline.models import default_table
 from pipeline.settings import Check, check_value, declared, setting
 
@@ -236,6 +237,13 @@ class LocalOptions:
         "alias=target (gemini-flash-latest=gemini-3.8-flash); the double then answers the alias "
         "as that model. Unset, an alias's resource names only itself, as the service's do",
         type=_kinds,
+    )
+    simulate: str = setting(
+        "none",
+        s.one_of(*SIMULATIONS),
+        "settings: answers degrade, seeded, with what the request's setting would lose (a "
+        "smaller or lower-resolution view: coarser boxes and masks, small objects missed; lite "
+        "models: more misses and label slips; rule simulation.settings); none: exact answers",
     )
 
     def __post_init__(self) -> None:

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pipeline.localserver import simulation
+
 DIGEST = "docs/gemini-api.md §"  # a section of it follows
 API_ERRORS = "https://ai.google.dev/gemini-api/docs/api-errors"
 ESF_UNKNOWN = (
@@ -653,6 +655,15 @@ _RULES = (
         dated=f"{SDK} files.Files.download",
     ),
     # ------------------------------------------------------------------------------ the double
+    Rule(
+        "simulation.settings",
+        "200: the answer a poorer setting would give (a simulation)",
+        simulation.describe(),
+        "the double's own model of what a model loses with its setting "
+        "(pipeline/localserver/simulation.py, its parameters in one table); no source measures it",
+        "written",
+        assumed=True,
+    ),
     Rule(
         "double.unsupported",
         "400 INVALID_ARGUMENT / invalid_request",

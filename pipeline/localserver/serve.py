@@ -134,7 +134,8 @@ async def _serve(options: ServerOptions, sock: socket.socket, *, announce: bool)
             f"rpm={options.rpm} tpm={options.tpm} rpd={options.rpd} "
             f"latency={options.latency_ms}ms fault_rate={options.fault_rate} seed={options.seed} "
             f"decode_limit={options.decode_limit} credit_budget={options.credit_budget_usd} "
-            f"batch_seconds={options.batch_seconds} implicit_cache={options.implicit_cache}"
+            f"batch_seconds={options.batch_seconds} implicit_cache={options.implicit_cache} "
+            f"simulate={options.simulate}"
             f"{' replay=' + options.replay if options.replay else ''}. Ctrl-C stops.",
             file=sys.stderr,
             flush=True,
