@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 FLAVORS: tuple[Flavor, ...] = ("generateContent", "interactions")
 MODES = ("interactive", "batch")
+CONTEXT_CACHE = ("auto", "on", "off")  # [api] context_cache (pipeline/run/context_cache.py)
 BATCH_RETRIES = ("batch", "interactive")
 API_VERSIONS = ("v1beta", "v1", "v1alpha")
 IMAGE_MODES = ("auto", "inline", "upload")
@@ -123,6 +124,14 @@ class ApiConfig:
         s.one_of(*MODES),
         "batch: Batch Mode jobs, half the price, within 24 h (see [batch]; or --batch)",
         flag="--mode",
+    )
+    context_cache: str = setting(
+        "auto",
+        s.one_of(*CONTEXT_CACHE),
+        "reference images and system instruction cached (cachedContents): auto when it pays",
+    )
+    context_cache_ttl: float = setting(
+        600.0, s.positive_number, "seconds a cache lives unrenewed (renewed at half of it)"
     )
 
 
@@ -477,6 +486,7 @@ def validate(config: Config) -> None:
             'Interactions API; use "generateContent"'
         )
     _warn_thinking_through_interactions(config)
+    _validate_context_cache(config)
     _validate_batch(config)
     _validate_engine(config)
     try:
@@ -516,6 +526,23 @@ def require_available(config: Config, on: date | None = None) -> None:
             f'{config.source}: [api] model = "{config.api.model}": {config.task.spec.name} was '
             f"shut down on {status.shut_down.isoformat()}{instead} (`pipeline models` lists "
             "what is available)"
+        )
+
+
+def _validate_context_cache(config: Config) -> None:
+    """A cached content is named by generateContent requests only (the caching page: "The
+    Interactions API only supports implicit caching"), for a model that caches."""
+    if config.api.context_cache != "on":
+        return
+    if config.api.flavor != "generateContent":
+        raise ConfigError(
+            f'{config.source}: [api] context_cache = "on": the Interactions API takes no cached '
+            'content; set [api] flavor = "generateContent" (or context_cache = "auto")'
+        )
+    if config.task.spec.cache_min_tokens is None:
+        raise ConfigError(
+            f'{config.source}: [api] context_cache = "on": {config.task.spec.name} has no '
+            "context caching (the model table's cache_min_tokens)"
         )
 
 
