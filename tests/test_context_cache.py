@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import io
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from google import genai
+from google.genai import types
 from PIL import Image
 
 from pipeline import exits
 from pipeline.commands.estimate import estimate, format_estimate
+from pipeline.config import with_overrides
 from pipeline.cost import row_cost
 from pipeline.gemini import GeminiClient, GeminiError, parse_response
 from pipeline.gemini.caches import create_body
@@ -283,3 +287,80 @@ async def test_the_cache_is_renewed_before_it_expires_while_the_run_lasts(tmp_pa
     assert answer.usage.cached_tokens == context.cache.total_tokens  # type: ignore[union-attr]
     assert (stats["renewed"], stats["deleted"], stats["stored"]) == (3, 1, 0)
     assert context.summary()["deleted"] is True  # type: ignore[index]
+
+
+# ------------------------------------------------------------------ the SDK's own requests
+async def test_the_sdks_caches_work_against_the_server(server) -> None:
+    """google-genai's caches.create / get / update / delete and a generate_content naming the
+    cache, unchanged: the SDK's requests are the reference of what the service takes."""
+    client = genai.Client(api_key=KEY, http_options=types.HttpOptions(base_url=server.base_url))
+    config = types.CreateCachedContentConfig(
+        contents=[types.Part.from_bytes(data=png(WIDE), mime_type="image/png")],
+        system_instruction=SYSTEM,
+        ttl="300s",
+    )
+    made = await asyncio.to_thread(client.caches.create, model=MODEL, config=config)
+    assert made.usage_metadata.total_token_count == text_tokens(SYSTEM) + image_tokens(MODEL, *WIDE)
+    renewed = await asyncio.to_thread(
+        client.caches.update, name=made.name, config=types.UpdateCachedContentConfig(ttl="600s")
+    )
+    assert renewed.expire_time > made.expire_time
+    answer = await asyncio.to_thread(
+        client.models.generate_content,
+        model=MODEL,
+        contents=[types.Part.from_bytes(data=draw_scene()[0], mime_type="image/png"), "Detect."],
+        config=types.GenerateContentConfig(cached_content=made.name),
+    )
+    cached = answer.usage_metadata.cached_content_token_count
+    assert cached == made.usage_metadata.total_token_count
+    await asyncio.to_thread(client.caches.delete, name=made.name)
+    assert server.stats()["cached_contents"]["deleted"] == 1
+
+
+# ------------------------------------------------------------------ a run that loses or stops
+def _answered(server: list[LocalServer]) -> int:
+    return sum(server[0].stats()["answers_by_task"].values()) if server else 0
+
+
+async def test_a_cache_gone_mid_run_is_left_and_the_rest_sent_in_full(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server's clock passes the cache's TTL after two answers, before a renewal: the next
+    request is refused (404), sent again at once in full, and the run loses nothing."""
+    monkeypatch.setenv("GEMINI_API_KEY", KEY)
+    _scenes(tmp_path, 5)
+    start = time.time()
+    server: list[LocalServer] = []
+
+    def clock() -> float:
+        return start + (1000.0 if _answered(server) >= 2 else 0.0)
+
+    async with LocalServer(ServerOptions(api_key=KEY), clock=clock) as local:
+        server.append(local)
+        config = _config(tmp_path, "out", "on", base_url=local.base_url, context_cache_ttl=100)
+        config = with_overrides(config, {"limits.concurrency": 1})
+        summary = await run(config)
+        stats = local.stats()
+    assert summary.exit_code == exits.OK and dict(summary.rows) == {"ok": 5}
+    assert summary.retries == 0  # not a failure: the same attempt again, in full
+    cache = summary.context_cache
+    assert cache is not None and "a request found it gone" in cache["lost"]
+    assert not cache["deleted"] and stats["cached_contents"]["expired"] == 1
+    cached = sorted(row["cached_tokens"] or 0 for row in read_current(tmp_path / "out").values())
+    assert cached == [0, 0, 0, cache["tokens"], cache["tokens"]]
+
+
+async def test_a_run_stopped_by_its_cap_still_deletes_its_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GEMINI_API_KEY", KEY)
+    _scenes(tmp_path, 6)
+    async with LocalServer(ServerOptions(api_key=KEY)) as local:
+        config = _config(tmp_path, "out", "on", base_url=local.base_url)
+        config = with_overrides(config, {"limits.concurrency": 1, "limits.max_usd": 0.002})
+        summary = await run(config)
+        stats = local.stats()["cached_contents"]
+    assert summary.exit_code == exits.STOPPED, summary
+    assert 0 < sum(summary.rows.values()) < 6
+    assert summary.context_cache is not None and summary.context_cache["deleted"]
+    assert (stats["created"], stats["deleted"], stats["stored"]) == (1, 1, 0)

@@ -136,8 +136,8 @@ class Caches:
         )
         return self._transport.parse(answer, _parse_text, what)
 
-    async def delete(self, name: str) -> None:
+    async def delete(self, name: str, *, timeout: float | None = None) -> None:
         what = f"delete cachedContents/{cache_id(name)}"
-        answer = await self._transport.send("DELETE", self._url(name), what=what)
+        answer = await self._transport.send("DELETE", self._url(name), timeout=timeout, what=what)
         if answer.status >= 400:
             raise self._transport.error(answer)

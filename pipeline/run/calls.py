@@ -2,9 +2,11 @@
 
 A unit is one image or a group's images (pipeline/records.py). Its request is planned and made
 by the run's `RequestMaker` (pipeline/run/requests.py), as for Batch Mode: the reference images
-first, then the unit's; held before anything is sent to what one request may be (images, input
-tokens, `[limits] tpm`, the inline limit), a unit over a limit becoming an error row saying
-which, with no call.
+first, then the unit's — or, once the run's context cache pays, naming the cache that holds the
+references and the system instruction (pipeline/run/context_cache.py; a request that finds it
+gone is sent again at once in full, no retry counted); held before anything is sent to what
+one request may be (images, input tokens, `[limits] tpm`, the inline limit), a unit over a limit
+becoming an error row saying which, with no call.
 
 The client never retries; this is where the policy lives. Each attempt:
 

@@ -52,6 +52,11 @@ log = logging.getLogger(__name__)
 # long a cache would be stored.
 SECONDS_A_REQUEST = 4.0
 SECONDS_AN_HOUR = 3600.0
+# The delete at the end is a cleanup: on a dead network it must not hold a stopping run for
+# `[api] timeout` (the cache then expires by its TTL).
+DELETE_SECONDS = 10.0
+# After a failed renewal the next try comes sooner than half a TTL, while the cache still lives.
+RETRY_FRACTION = 8
 Sleep = Callable[[float], Awaitable[None]]
 
 
@@ -173,24 +178,28 @@ class ContextCache:
         self._renewer = asyncio.ensure_future(self._renew())
 
     async def _renew(self) -> None:
-        """Move the expiry a TTL ahead every half TTL, while the run lasts."""
+        """Move the expiry a TTL ahead every half TTL, while the run lasts (a failed renewal
+        is tried again after an eighth of it)."""
         ttl = self.config.api.context_cache_ttl
+        delay = ttl / 2
         while self.state == "cached" and self.cache is not None:
-            await self.sleep(ttl / 2)
+            await self.sleep(delay)
             try:
                 self.cache = await self.client.caches.renew(self.cache.name, ttl)
             except GeminiError as exc:
                 if gone(exc):
                     self._lose(f"renewal found it gone: {exc}")
                     return
-                log.warning("context cache renewal failed, tried again later: %s", exc)
+                log.warning("context cache renewal failed, tried again soon: %s", exc)
+                delay = ttl / RETRY_FRACTION
                 continue
-            self.renewed += 1
+            self.renewed, delay = self.renewed + 1, ttl / 2
 
     def lost(self, exc: GeminiError) -> bool:
-        """Whether a request failed because the cache it named is gone; the run then sends
-        everything in full (and the attempt is made again at once)."""
-        if self.state != "cached" or not gone(exc) or "cachedcontent" not in exc.message.lower():
+        """Whether a request failed because the cache it named is gone (also when the renewal
+        found it so first); the run then sends everything in full, the attempt made again at
+        once."""
+        if self.cache is None or not gone(exc) or "cachedcontent" not in exc.message.lower():
             return False
         self._lose(f"a request found it gone: {exc}")
         return True
@@ -214,7 +223,7 @@ class ContextCache:
         self._stored_seconds = time.monotonic() - self._created_at
         self.state = "closed"
         try:
-            await self.client.caches.delete(self.cache.name)
+            await self.client.caches.delete(self.cache.name, timeout=DELETE_SECONDS)
         except GeminiError as exc:
             log.warning(
                 "context cache %s not deleted (it expires by its TTL): %s", self.cache.name, exc
