@@ -667,7 +667,7 @@ def key_suffixes(
     base: dict[str, Any] = {
         "rule": EFFECTIVE_RULE,
         "flavor": config.api.flavor,
-        "request": asdict(effective_request(request, config.task.spec)),
+        "request": asked(effective_request(request, config.task.spec)),
     }
     if references:
         base["references"] = references
@@ -681,6 +681,20 @@ def key_suffixes(
     )
     as_is_alias = settings_hash(unlimited, request, references)
     return KeySuffixes(_digest(base), resized, max_side, (legacy,), (as_is_alias,))
+
+
+# How a request travels, never what it asks: a cached content holding its system instruction and
+# reference images (pipeline/run/context_cache.py). Left out of the hashes, so an image's key is
+# the same cached or not, and keys hashed before the field existed still match.
+TRANSPORT_FIELDS = ("cached_content",)
+
+
+def asked(request: GenerateRequest) -> dict[str, Any]:
+    """The request's fields that make the question (what the key hashes)."""
+    fields = asdict(request)
+    for name in TRANSPORT_FIELDS:
+        del fields[name]
+    return fields
 
 
 def effective_request(request: GenerateRequest, model: Model) -> GenerateRequest:
@@ -712,7 +726,7 @@ def settings_hash(
     """
     payload: dict[str, Any] = {
         "flavor": config.api.flavor,
-        "request": asdict(request),
+        "request": asked(request),
         "max_side": config.images.max_side,
     }
     if references:

@@ -7,6 +7,7 @@ renewed while the run lasts, and not made when it would not pay."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ from PIL import Image
 
 from pipeline import exits
 from pipeline.commands.estimate import estimate, format_estimate
-from pipeline.config import with_overrides
+from pipeline.config import key_suffixes, parse_config, settings_hash, with_overrides
 from pipeline.cost import row_cost
 from pipeline.gemini import GeminiClient, GeminiError, parse_response
 from pipeline.gemini.caches import create_body
@@ -364,3 +365,34 @@ async def test_a_run_stopped_by_its_cap_still_deletes_its_cache(
     assert 0 < sum(summary.rows.values()) < 6
     assert summary.context_cache is not None and summary.context_cache["deleted"]
     assert (stats["created"], stats["deleted"], stats["stored"]) == (1, 1, 0)
+
+
+# ------------------------------------------------------------------ the keys
+@pytest.mark.parametrize(
+    ("task", "extra", "as_is", "resized", "legacy"),
+    [
+        # computed by the release before context caching (commit 7b2be51)
+        ("detect", {}, "36c2d78d176f7941", None, "5837394ec4244dc9"),
+        ("segment", {"images": {"max_side": 640}}, "87817053c0366c22", "107fd47307c0ebc3",
+         "9f61e62278b761cb"),
+        ("caption", {"api": {"model": "gemini-3-flash-preview"}}, "6d35c75b31436aec", None,
+         "ab0330ed161474e3"),
+    ],
+)  # fmt: skip
+def test_keys_are_those_of_the_release_before_and_a_cache_does_not_change_them(
+    tmp_path: Path,
+    task: str,
+    extra: dict[str, Any],
+    as_is: str,
+    resized: str | None,
+    legacy: str,
+) -> None:
+    """`cached_content` is how a request travels, not what it asks: out of every hash, so the
+    keys an output holds are found after the upgrade, and a cached request keys as in full."""
+    config = parse_config({"task": {"kind": task}, **extra}, "x.toml", tmp_path)
+    request = get_task(task).request(config.task)
+    cached = dataclasses.replace(request, cached_content="cachedContents/abc")
+    for sent in (request, cached):
+        suffixes = key_suffixes(config, sent)
+        assert (suffixes.as_is, suffixes.resized) == (as_is, resized)
+        assert settings_hash(config, sent) == legacy
