@@ -101,11 +101,11 @@ class RunSummary:
         if not cache.get("name"):
             return None
         storage = cache["storage_usd"]
-        cost = "unknown" if storage is None else f"${storage:,.4f}"
+        cost = "unknown" if storage is None else f"${storage:,.6f}"
         left = "deleted" if cache["deleted"] else "left to expire by its TTL"
         return (
             f"context cache {cache['name']}: {cache['tokens']:,} tokens a request served cached; "
-            f"storage {cost} for {cache['stored_hours'] * 60:,.1f} min (not in the cost above); "
+            f"storage {cost} for {cache['stored_hours'] * 3600:,.0f} s (not in the cost above); "
             f"{left}"
         )
 
