@@ -396,3 +396,15 @@ def test_keys_are_those_of_the_release_before_and_a_cache_does_not_change_them(
         suffixes = key_suffixes(config, sent)
         assert (suffixes.as_is, suffixes.resized) == (as_is, resized)
         assert settings_hash(config, sent) == legacy
+
+
+async def test_on_says_why_it_could_not_cache(tmp_path: Path) -> None:
+    """A repeated part under the model's minimum is sent in full even with "on"; the summary
+    says why (and `auto`, with nothing worth caching, says nothing)."""
+    _scenes(tmp_path, 2)
+    Image.new("RGB", (64, 64), (9, 90, 200)).save(tmp_path / "wide.png")  # 258 tokens
+    summary = await run(_config(tmp_path, "out", "on"))
+    assert summary.exit_code == exits.OK
+    assert summary.context_cache is not None and summary.context_cache["name"] is None
+    assert "under the minimum of 2,048" in summary.context_cache["why"]
+    assert (await run(_config(tmp_path, "auto-out", "auto"))).context_cache is None

@@ -127,8 +127,9 @@ class ContextCache:
         self.walked: Callable[[], bool] = lambda: True
         self.begun = 0  # units whose request was made (a retry is not a new one)
         self.why = cacheable(config, costing)  # why it is not (or no longer) cached
-        self.worth = self.why is None  # the repeated part can be cached: the summary says how
-        self.state = "undecided" if self.worth else "uncached"
+        # the summary says what became of a cacheable part, or why "on" could not cache
+        self.worth = self.why is None or config.api.context_cache == "on"
+        self.state = "undecided" if self.why is None else "uncached"
         self.cache: CachedContent | None = None
         self.renewed = 0
         self.deleted = False
