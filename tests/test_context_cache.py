@@ -242,7 +242,10 @@ async def test_a_short_run_is_not_cached_under_auto_and_the_estimate_says_why(
 
 def test_the_estimate_prices_a_long_run_with_and_without_the_cache(tmp_path: Path) -> None:
     _scenes(tmp_path, 5)
-    report = estimate(_config(tmp_path, "out", "auto"))["context_cache"]
+    whole = estimate(_config(tmp_path, "out", "auto"))
+    report = whole["context_cache"]
+    cached_run = whole["cost_usd"] - report["without_usd"] + report["with_usd"]
+    assert f"in full, ~${cached_run:,.4f} cached" in format_estimate(whole)
     assert report["cached"] is True and report["with_usd"] < report["without_usd"]
     tokens = report["tokens"]
     config = _config(tmp_path, "out", "auto")

@@ -415,7 +415,7 @@ def format_estimate(report: dict[str, Any]) -> str:
         f"image, from {report['output_tokens_from']})"
     )
     lines += _cost_lines(report)
-    lines += context_cache.estimate_lines(report.get("context_cache"))
+    lines += context_cache.estimate_lines(report.get("context_cache"), report["cost_usd"])
     if report["minutes_at_limits"] is not None:
         lines.append(f"time at the configured RPM/TPM: ~{report['minutes_at_limits']:,} minutes")
     if report["days_at_rpd"]:

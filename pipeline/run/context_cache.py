@@ -276,15 +276,20 @@ def estimate_report(config: Config, costing: Costing, requests: int) -> dict[str
     }
 
 
-def estimate_lines(report: dict[str, Any] | None) -> list[str]:
-    """The estimate's lines about the cache (none when there is nothing to cache)."""
+def estimate_lines(report: dict[str, Any] | None, run_usd: float | None) -> list[str]:
+    """The estimate's lines about the cache (none when there is nothing to cache); `run_usd`:
+    the run's interactive cost with everything sent in full."""
     if report is None:
         return []
     if "with_usd" not in report:
         return [f"context cache: none ({report['why']})"]
     verdict = "cached" if report["cached"] else f"not cached: {report['why']}"
-    return [
+    lines = [
         f"context cache ({verdict}): the {report['tokens']:,} tokens every request repeats cost "
         f"~${report['without_usd']:,.4f} sent in full, ~${report['with_usd']:,.4f} cached "
         f"(storage ~${report['storage_usd']:,.4f} for ~{report['hours'] * 60:,.0f} min)"
     ]
+    if run_usd is not None:
+        cached = run_usd - report["without_usd"] + report["with_usd"]
+        lines.append(f"  the run interactive: ~${run_usd:,.4f} in full, ~${cached:,.4f} cached")
+    return lines
