@@ -197,11 +197,16 @@ def cache_bill(price: Price, tokens: int, requests: int, hours: float) -> CacheB
     if price.cached_input is None or price.cache_storage is None:
         return None
     storage = storage_cost(price, tokens, hours)
-    served = requests * tokens * price.cached_rate()
-    with_usd = (tokens * price.input + served) / 1e6 + storage
+    served = requests * tokens * price.cached_rate() / 1e6
+    with_usd = create_cost(price, tokens) + served + storage
     return CacheBill(
         requests, tokens, hours, requests * tokens * price.input / 1e6, with_usd, storage
     )
+
+
+def create_cost(price: Price, tokens: int) -> float:
+    """USD assumed for creating a cached content of `tokens` (see `cache_bill`)."""
+    return tokens * price.input / 1e6
 
 
 def storage_cost(price: Price, tokens: int, hours: float) -> float:

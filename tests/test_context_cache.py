@@ -361,13 +361,21 @@ async def test_a_run_stopped_by_its_cap_still_deletes_its_cache(
     _scenes(tmp_path, 6)
     async with LocalServer(ServerOptions(api_key=KEY)) as local:
         config = _config(tmp_path, "out", "on", base_url=local.base_url)
-        config = with_overrides(config, {"limits.concurrency": 1, "limits.max_usd": 0.002})
+        config = with_overrides(config, {"limits.concurrency": 1, "limits.max_usd": 0.003})
         summary = await run(config)
         stats = local.stats()["cached_contents"]
     assert summary.exit_code == exits.STOPPED, summary
     assert 0 < sum(summary.rows.values()) < 6
-    assert summary.context_cache is not None and summary.context_cache["deleted"]
+    cache = summary.context_cache
+    assert cache is not None and cache["deleted"]
     assert (stats["created"], stats["deleted"], stats["stored"]) == (1, 1, 0)
+    # the cap counted the cache too: its create (its tokens at the input rate) and storage
+    price = lookup(MODEL).price()
+    assert price is not None and summary.spend is not None
+    rows = sum(row_cost(row) or 0 for row in read_current(tmp_path / "out").values())
+    create = cache["tokens"] * price.input / 1e6
+    spent = rows + create + cache["storage_usd"]
+    assert summary.spend["spent_usd"] == pytest.approx(spent, abs=2e-6)
 
 
 # ------------------------------------------------------------------ the keys

@@ -199,7 +199,9 @@ class Caller:
         self._answered_at = -math.inf  # when the last answer came (time.monotonic())
         self.references = ReferenceParts(references, config.images.mode, uploads=uploads)
         self.requests = RequestMaker(config, request, self.references)  # Batch Mode's too
-        self.context = ContextCache(config, client, self.requests.costing, request, self.references)
+        self.context = ContextCache(
+            config, client, self.requests.costing, request, self.references, spend=self.spend
+        )
 
     # ------------------------------------------------------------------------------- the call
     async def call(self, unit: Unit) -> Outcome:

@@ -25,7 +25,8 @@ reference images, kept in one cached content (pipeline/gemini/caches.py) for the
   TTL after its last renewal, its storage billed until then.
 - **Billing**: rows bill `cachedContentTokenCount` at the cached rate (cost.py, as any cached
   tokens); the storage (tokens x hours stored x `cache_storage`) is in the run summary's
-  `context_cache`, not in the rows.
+  `context_cache`, not in the rows. The spending caps (spend.py) count the create and the
+  storage: a cache is made only while they leave room for it and one TTL of storage.
 """
 
 from __future__ import annotations
@@ -38,12 +39,13 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from pipeline.config import Config
-from pipeline.cost import CacheBill, cache_bill, storage_cost
+from pipeline.cost import CacheBill, cache_bill, create_cost, storage_cost
 from pipeline.gemini import GeminiClient, GeminiError
 from pipeline.gemini.caches import CachedContent, create_body
 from pipeline.gemini.types import GenerateRequest
 from pipeline.inputs.references import ReferenceParts
 from pipeline.run.costing import Costing
+from pipeline.run.spend import Spend
 
 log = logging.getLogger(__name__)
 
@@ -119,9 +121,11 @@ class ContextCache:
         request: GenerateRequest,
         references: ReferenceParts,
         *,
+        spend: Spend | None = None,
         sleep: Sleep = asyncio.sleep,
     ) -> None:
         self.config, self.client, self.costing = config, client, costing
+        self.spend = spend or Spend(config)  # uncapped when the run keeps no count
         self.request, self.references, self.sleep = request, references, sleep
         self.todo: Callable[[], int] = lambda: 0
         self.walked: Callable[[], bool] = lambda: True
@@ -161,6 +165,8 @@ class ContextCache:
         return False
 
     async def _create(self) -> None:
+        if not self._affordable():
+            return
         parts = await self.references.parts()
         body = create_body(
             self.config.api.model,
@@ -176,7 +182,23 @@ class ContextCache:
             log.warning("context cache not created, requests are sent in full: %s", exc)
             return
         self.state, self._created_at = "cached", time.monotonic()
+        self.spend.add(self._create_usd())
         self._renewer = asyncio.ensure_future(self._renew())
+
+    def _affordable(self) -> bool:
+        """Whether the spending caps leave room for the create and one TTL of storage; else
+        the run goes on uncached (the caps then bound what the requests spend)."""
+        price, tokens = self.config.task.spec.price(), self.costing.cacheable_tokens
+        ttl_hours = self.config.api.context_cache_ttl / SECONDS_AN_HOUR
+        usd = self._create_usd() + (storage_cost(price, tokens, ttl_hours) if price else 0.0)
+        refused = self.spend.refusal(usd)
+        if refused is not None:
+            self.state, self.why = "uncached", f"no room under the spending cap: {refused.reason}"
+        return refused is None
+
+    def _create_usd(self) -> float:
+        price = self.config.task.spec.price()
+        return create_cost(price, self.costing.cacheable_tokens) if price else 0.0
 
     async def _renew(self) -> None:
         """Move the expiry a TTL ahead every half TTL, while the run lasts (a failed renewal
@@ -209,6 +231,7 @@ class ContextCache:
         if self.state == "cached":
             self.state, self.why = "gone", why
             self._stored_seconds = time.monotonic() - self._created_at
+            self.spend.add(self._storage_usd() or 0.0)
             log.warning("context cache lost, requests are sent in full: %s", why)
 
     async def close(self) -> None:
@@ -223,6 +246,7 @@ class ContextCache:
             return
         self._stored_seconds = time.monotonic() - self._created_at
         self.state = "closed"
+        self.spend.add(self._storage_usd() or 0.0)
         try:
             await self.client.caches.delete(self.cache.name, timeout=DELETE_SECONDS)
         except GeminiError as exc:
@@ -237,19 +261,25 @@ class ContextCache:
         part that could be cached was not; None when there was nothing to cache."""
         if self.cache is None:
             return {"name": None, "why": self.why} if self.worth and self.why else None
-        price = self.config.task.spec.price()
-        hours = self._stored_seconds / SECONDS_AN_HOUR
-        tokens = self.cache.total_tokens
+        storage = self._storage_usd()
         return {
             "name": self.cache.name,
-            "tokens": tokens,
+            "tokens": self.cache.total_tokens,
             "renewed": self.renewed,
             "deleted": self.deleted,
-            "stored_hours": round(hours, 6),
+            "stored_hours": round(self._stored_seconds / SECONDS_AN_HOUR, 6),
             # a short run stores it for seconds: micro-dollars would round to 0
-            "storage_usd": round(storage_cost(price, tokens, hours), 9) if price else None,
+            "storage_usd": None if storage is None else round(storage, 9),
             "lost": self.why if self.state == "gone" else None,
         }
+
+    def _storage_usd(self) -> float | None:
+        """The storage of the cache so far; None without a price."""
+        price = self.config.task.spec.price()
+        if price is None or self.cache is None:
+            return None
+        hours = self._stored_seconds / SECONDS_AN_HOUR
+        return storage_cost(price, self.cache.total_tokens, hours)
 
 
 def gone(exc: GeminiError) -> bool:
