@@ -60,6 +60,8 @@ def _run(args: argparse.Namespace) -> int:
         _say(f"model {summary.model_resolution}")
     if line := summary.spend_line():
         _say(line)
+    if line := summary.context_cache_line():
+        _say(line)
     _say_batch(summary)
     if summary.stop_reason:
         _say(f"stopped: {summary.stop_reason}. {summary.resume_hint}")

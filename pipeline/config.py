@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 FLAVORS: tuple[Flavor, ...] = ("generateContent", "interactions")
 MODES = ("interactive", "batch")
+CONTEXT_CACHE = ("auto", "on", "off")  # [api] context_cache (pipeline/run/context_cache.py)
 BATCH_RETRIES = ("batch", "interactive")
 API_VERSIONS = ("v1beta", "v1", "v1alpha")
 IMAGE_MODES = ("auto", "inline", "upload")
@@ -123,6 +124,14 @@ class ApiConfig:
         s.one_of(*MODES),
         "batch: Batch Mode jobs, half the price, within 24 h (see [batch]; or --batch)",
         flag="--mode",
+    )
+    context_cache: str = setting(
+        "auto",
+        s.one_of(*CONTEXT_CACHE),
+        "reference images and system instruction cached (cachedContents): auto when it pays",
+    )
+    context_cache_ttl: float = setting(
+        600.0, s.positive_number, "seconds a cache lives unrenewed (renewed at half of it)"
     )
 
 
@@ -477,6 +486,7 @@ def validate(config: Config) -> None:
             'Interactions API; use "generateContent"'
         )
     _warn_thinking_through_interactions(config)
+    _validate_context_cache(config)
     _validate_batch(config)
     _validate_engine(config)
     try:
@@ -516,6 +526,23 @@ def require_available(config: Config, on: date | None = None) -> None:
             f'{config.source}: [api] model = "{config.api.model}": {config.task.spec.name} was '
             f"shut down on {status.shut_down.isoformat()}{instead} (`pipeline models` lists "
             "what is available)"
+        )
+
+
+def _validate_context_cache(config: Config) -> None:
+    """A cached content is named by generateContent requests only (the caching page: "The
+    Interactions API only supports implicit caching"), for a model that caches."""
+    if config.api.context_cache != "on":
+        return
+    if config.api.flavor != "generateContent":
+        raise ConfigError(
+            f'{config.source}: [api] context_cache = "on": the Interactions API takes no cached '
+            'content; set [api] flavor = "generateContent" (or context_cache = "auto")'
+        )
+    if config.task.spec.cache_min_tokens is None:
+        raise ConfigError(
+            f'{config.source}: [api] context_cache = "on": {config.task.spec.name} has no '
+            "context caching (the model table's cache_min_tokens)"
         )
 
 
@@ -640,7 +667,7 @@ def key_suffixes(
     base: dict[str, Any] = {
         "rule": EFFECTIVE_RULE,
         "flavor": config.api.flavor,
-        "request": asdict(effective_request(request, config.task.spec)),
+        "request": asked(effective_request(request, config.task.spec)),
     }
     if references:
         base["references"] = references
@@ -654,6 +681,20 @@ def key_suffixes(
     )
     as_is_alias = settings_hash(unlimited, request, references)
     return KeySuffixes(_digest(base), resized, max_side, (legacy,), (as_is_alias,))
+
+
+# How a request travels, never what it asks: a cached content holding its system instruction and
+# reference images (pipeline/run/context_cache.py). Left out of the hashes, so an image's key is
+# the same cached or not, and keys hashed before the field existed still match.
+TRANSPORT_FIELDS = ("cached_content",)
+
+
+def asked(request: GenerateRequest) -> dict[str, Any]:
+    """The request's fields that make the question (what the key hashes)."""
+    fields = asdict(request)
+    for name in TRANSPORT_FIELDS:
+        del fields[name]
+    return fields
 
 
 def effective_request(request: GenerateRequest, model: Model) -> GenerateRequest:
@@ -685,7 +726,7 @@ def settings_hash(
     """
     payload: dict[str, Any] = {
         "flavor": config.api.flavor,
-        "request": asdict(request),
+        "request": asked(request),
         "max_side": config.images.max_side,
     }
     if references:

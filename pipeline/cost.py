@@ -9,11 +9,16 @@ longer than 200k tokens") is billed wholly at the long tier: the tier is each re
 rows are summed by tier as well as by model, mode and day (sums of one tier are linear). Rows
 copied from another path carry no tokens and cost nothing. A model the table gives no price is
 counted in `unpriced_rows` instead of being guessed.
+
+A cached content (explicit context caching) adds what the rows do not hold: its storage, tokens
+x hours x the table's `cache_storage` rate (`storage_cost`); `cache_bill` weighs a run's
+repeated part sent in full against it served from a cache.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any
 
@@ -161,3 +166,49 @@ def _threshold(price: Price | None) -> int:
     if price is None or price.long is None or price.long_above is None:
         return NO_TIER
     return price.long_above
+
+
+# ------------------------------------------------------------------------- context caching
+
+
+@dataclass(frozen=True, slots=True)
+class CacheBill:
+    """What `requests` requests pay for the `tokens` every one of them repeats, sent in full
+    (`without_usd`) or served from a cached content stored `hours` (`with_usd`: the create,
+    the storage and the cached rate)."""
+
+    requests: int
+    tokens: int
+    hours: float
+    without_usd: float
+    with_usd: float
+    storage_usd: float
+
+    @property
+    def saves(self) -> bool:
+        return self.with_usd < self.without_usd
+
+
+def cache_bill(price: Price, tokens: int, requests: int, hours: float) -> CacheBill | None:
+    """The two bills of the repeated part; None when the table lacks the cached rate or the
+    storage price (a saving that cannot be shown). The create is counted as its tokens once at
+    the input rate: no page says what a create costs, and counting it keeps a run that cannot
+    repay it uncached."""
+    if price.cached_input is None or price.cache_storage is None:
+        return None
+    storage = storage_cost(price, tokens, hours)
+    served = requests * tokens * price.cached_rate() / 1e6
+    with_usd = create_cost(price, tokens) + served + storage
+    return CacheBill(
+        requests, tokens, hours, requests * tokens * price.input / 1e6, with_usd, storage
+    )
+
+
+def create_cost(price: Price, tokens: int) -> float:
+    """USD assumed for creating a cached content of `tokens` (see `cache_bill`)."""
+    return tokens * price.input / 1e6
+
+
+def storage_cost(price: Price, tokens: int, hours: float) -> float:
+    """USD of `tokens` stored in a cached content for `hours` (0 without a storage price)."""
+    return tokens * hours * (price.cache_storage or 0.0) / 1e6

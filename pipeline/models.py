@@ -144,6 +144,9 @@ class Price:
     until: date | None = None  # the last day (UTC) this price applies; None: open-ended
     cached_input: float | None = None  # None: billed as input (no discount assumed)
     batch_cached_input: float | None = None  # None: the interactive cached rate
+    # USD per 1M tokens a cached content (cachedContents) holds, per hour it is stored; None:
+    # no page gives it, so caching cannot be shown to pay (`[api] context_cache = "auto"`)
+    cache_storage: float | None = None
     long: Price | None = None
     long_above: int | None = None
 
@@ -220,6 +223,9 @@ class Model:
     part_media_resolution: tuple[str, ...]  # API versions taking a per-image resolution
     interactions: bool  # served by the Interactions API
     batch: bool  # served by Batch Mode
+    # the fewest tokens a cached content may hold (the caching page's minimum, which the
+    # implicit cache shares); None: the model caches nothing
+    cache_min_tokens: int | None = None
     prices: tuple[Price, ...] = ()
     status: Status = Status()
     sources: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # fact -> claims
@@ -363,6 +369,7 @@ ENTRY_FIELDS = (
     "part_media_resolution",
     "interactions",
     "batch",
+    "cache_min_tokens",
     "prices",
     "status",
     "sources",
@@ -474,7 +481,7 @@ def _rates(item: Mapping[str, Any]) -> dict[str, Any]:
         if number is None and key.startswith("batch_"):
             number = numbers[key.removeprefix("batch_")] / 2  # Batch Mode: half the price
         numbers[key] = _rate(key, number)
-    for key in ("cached_input", "batch_cached_input"):
+    for key in ("cached_input", "batch_cached_input", "cache_storage"):
         value = item.get(key)
         numbers[key] = None if value is None else _rate(key, value)
     return numbers
@@ -517,6 +524,7 @@ _READERS: dict[str, Any] = {
     "part_media_resolution": _strings,
     "interactions": s.flag,
     "batch": s.flag,
+    "cache_min_tokens": s.optional(s.positive_int),
     "prices": _prices,
     "status": _status,
     "sources": _sources,

@@ -185,7 +185,13 @@ async def test_a_run_bills_cached_tokens_at_the_cached_rate(
     async with LocalServer(options) as server:
         config = make_config(
             tmp_path,
-            api={"base_url": server.base_url, "model": model, "flavor": flavor},
+            # the implicit cache under test: no explicit one (test_context_cache.py)
+            api={
+                "base_url": server.base_url,
+                "model": model,
+                "flavor": flavor,
+                "context_cache": "off",
+            },
             task={"kind": "detect", "reference_images": refs},
         )
         summary = await run(config)

@@ -21,6 +21,8 @@ ROOTS = (
     fields.COUNT_TOKENS_REQUEST,
     fields.CREATE_FILE_REQUEST,
     fields.CREATE_INTERACTION,
+    fields.CACHED_CONTENT,
+    fields.CACHED_CONTENT_UPDATE,
 )
 ALL = {id(m): m for root in ROOTS for m in messages(root)}.values()
 

@@ -44,6 +44,7 @@ from pipeline.locations import is_url
 from pipeline.models import Model, Price
 from pipeline.output.parts import current_rows
 from pipeline.records import ImageItem, members_of
+from pipeline.run import context_cache
 from pipeline.run.costing import Costing, TokenEstimate
 from pipeline.tasks import get_task
 
@@ -141,6 +142,7 @@ def estimate(config: Config, *, limit: int | None = None, on: date | None = None
         "next_price": _next_period(spec, price, day, inputs, outputs, bounds),
         **_time(config, requests, input_total),
         "savings": savings,
+        "context_cache": context_cache.estimate_report(config, costing, requests),
     }
 
 
@@ -413,6 +415,7 @@ def format_estimate(report: dict[str, Any]) -> str:
         f"image, from {report['output_tokens_from']})"
     )
     lines += _cost_lines(report)
+    lines += context_cache.estimate_lines(report.get("context_cache"), report["cost_usd"])
     if report["minutes_at_limits"] is not None:
         lines.append(f"time at the configured RPM/TPM: ~{report['minutes_at_limits']:,} minutes")
     if report["days_at_rpd"]:

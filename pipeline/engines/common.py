@@ -445,6 +445,8 @@ class Opener:
         index = await asyncio.to_thread(self._index, out)
         client = await stack.enter_async_context(await self._client(stack))
         caller = self._caller(client, state, stop)
+        # a run that fails still deletes its context cache: before the client closes (LIFO)
+        stack.push_async_callback(caller.context.close)
         recent = recent_capacity(self.config.output.rows_per_part)
         bought = Bought(str(out), index.ok_keys, sink.flush, recent=recent)
         runner = ImageRunner(
@@ -529,4 +531,5 @@ def summarise(summary: RunSummary, producer: Producer, counts: RowCounts, caller
     summary.uploads, summary.uploads_reused = caller.uploads.made, caller.uploads.reused
     summary.waited_for_limits_s = round(caller.limiter.stats.waited_seconds, 3)
     summary.spend = caller.spend.summary()
+    summary.context_cache = caller.context.summary()
     summary.model_resolution = producer.preflight.resolution if producer.preflight else None

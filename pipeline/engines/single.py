@@ -73,8 +73,12 @@ class SingleProcess:
             producer = Producer(
                 self.config, opened.index, self.options.limit, opened.fetcher, opened.preflight
             )
+            context = opened.caller.context  # caches once the units found make it pay
+            context.todo = lambda: producer.seen - producer.skipped
+            context.walked = lambda: producer.done
             await self._work(producer, opened, stop)
             caller = opened.caller
+            await context.close()  # deleted now, so the summary has its storage
             caller.daily.save()
             caller.spend.flush()
             if self.config.images.delete_uploads:  # a cleanup, not new work: it survives a

@@ -1,5 +1,6 @@
 """Async REST client for the Gemini API: generateContent, Interactions, the Files API, Batch
-Mode (`client.batches`, pipeline/gemini/batches.py) and models.get / models.list
+Mode (`client.batches`, pipeline/gemini/batches.py), context caches (`client.caches`,
+pipeline/gemini/caches.py) and models.get / models.list
 (pipeline/gemini/model_info.py).
 
 Protocol only: it knows requests and answers, not the pipeline. The client does not retry; it
@@ -26,6 +27,7 @@ from typing import Any
 
 from pipeline.gemini import content, interactions
 from pipeline.gemini.batches import Batches
+from pipeline.gemini.caches import Caches
 from pipeline.gemini.content import build_generate_content_body, parse_generate_content
 from pipeline.gemini.errors import RETRYABLE_HTTP_CODES, GeminiError
 from pipeline.gemini.files import (
@@ -178,6 +180,11 @@ class GeminiClient:
     def batches(self) -> Batches:
         """Batch Mode jobs over this client's connection and key (the SDK's `client.batches`)."""
         return Batches(self._transport, self.base_url, self.version)
+
+    @property
+    def caches(self) -> Caches:
+        """Explicit context caches over this client's connection and key (`client.caches`)."""
+        return Caches(self._transport, self.base_url, self.version)
 
     def __repr__(self) -> str:
         key = "set" if self._transport.has_key else "missing"

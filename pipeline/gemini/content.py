@@ -2,7 +2,8 @@
 
 Request: image parts in the request's order, each right after its caption's text part when it
 has one, then the prompt's text part (the guide's generateContent order for one image: image,
-then text; docs/gemini-api.md § Sending images); settings in `generationConfig`. Answer:
+then text; docs/gemini-api.md § Sending images); settings in `generationConfig`; a request
+using a cached content (caches.py) names it in `cachedContent`. Answer:
 candidates[0]'s text parts without `thought: true`, joined; its finishReason and finishMessage
 carried through unchanged; promptFeedback.blockReason; usageMetadata (its
 cachedContentTokenCount: the prompt tokens an implicit cache served, billed at the cached rate).
@@ -20,9 +21,10 @@ rule (`_next_unary_hop_token`), so a stuck answer cannot loop.
 from __future__ import annotations
 
 import base64
+from collections.abc import Iterable
 from typing import Any
 
-from pipeline.gemini.types import GenerateRequest, GenerateResponse, Usage, total_usage
+from pipeline.gemini.types import GenerateRequest, GenerateResponse, ImagePart, Usage, total_usage
 from pipeline.gemini.wire import Continuation, as_int, field, hop_documents
 
 RESUMABLE_FINISH_REASONS = (None, "CONTINUATION")
@@ -32,7 +34,7 @@ def _media_resolution_enum(level: str) -> str:
     return f"MEDIA_RESOLUTION_{level.upper()}"
 
 
-def _image_part(image: Any, request_wide_level: str | None) -> dict[str, Any]:
+def _image_part(image: ImagePart, request_wide_level: str | None) -> dict[str, Any]:
     if image.data is not None:
         part: dict[str, Any] = {
             "inline_data": {
@@ -82,19 +84,32 @@ def build_generate_content_body(request: GenerateRequest) -> dict[str, Any]:
     every image part instead of in generationConfig.
     """
     request_wide_level = "ultra_high" if request.media_resolution == "ultra_high" else None
-    parts: list[dict[str, Any]] = []
-    for image in request.images:
-        if image.caption:
-            parts.append({"text": image.caption})
-        parts.append(_image_part(image, request_wide_level))
+    parts = image_parts(request.images, request_wide_level)
     parts.append({"text": request.prompt})
     body: dict[str, Any] = {"contents": [{"role": "user", "parts": parts}]}
     if request.system_instruction:
-        body["systemInstruction"] = {"parts": [{"text": request.system_instruction}]}
+        body["systemInstruction"] = system_instruction(request.system_instruction)
+    if request.cached_content:  # its system instruction and images are in the cache
+        body["cachedContent"] = request.cached_content
     config = _generation_config(request, per_part_level=request_wide_level is not None)
     if config:
         body["generationConfig"] = config
     return body
+
+
+def image_parts(images: Iterable[ImagePart], level: str | None = None) -> list[dict[str, Any]]:
+    """Each image's part, right after its caption's text part when it has one; `level`: the
+    media resolution of a part that sets none of its own."""
+    parts: list[dict[str, Any]] = []
+    for image in images:
+        if image.caption:
+            parts.append({"text": image.caption})
+        parts.append(_image_part(image, level))
+    return parts
+
+
+def system_instruction(text: str) -> dict[str, Any]:
+    return {"parts": [{"text": text}]}
 
 
 def _usage_metadata(meta: Any) -> Usage:

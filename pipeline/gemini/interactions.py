@@ -93,11 +93,15 @@ def _generation_config(request: GenerateRequest) -> dict[str, Any]:
 
 
 def build_interaction_body(request: GenerateRequest) -> dict[str, Any]:
-    """The JSON body of an Interactions call for `request`; ValueError for a thinking budget.
+    """The JSON body of an Interactions call for `request`; ValueError for a thinking budget,
+    or a cached content (the caching page: "The Interactions API only supports implicit
+    caching").
 
     `media_resolution` has no request-wide field here and becomes each image's `resolution`
     unless the image sets its own.
     """
+    if request.cached_content:
+        raise ValueError("Interactions takes no cached content: use generateContent")
     config = _generation_config(request)
     body: dict[str, Any] = {
         "model": request.model.removeprefix("models/"),

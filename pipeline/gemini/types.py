@@ -63,6 +63,9 @@ class GenerateRequest:
     thinking_budget: int | None = None  # Gemini 2.5
     thinking_level: str | None = None  # Gemini 3: minimal | low | medium | high
     media_resolution: MediaResolution | None = None  # Gemini 3, request-wide
+    # "cachedContents/…": a cached content holding what the request would otherwise repeat
+    # (its system instruction and leading images: caches.py); generateContent only
+    cached_content: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +73,8 @@ class Usage:
     """Billed token counts; zero where the service did not report a figure."""
 
     prompt_tokens: int = 0
-    # the part of `prompt_tokens` served from the implicit cache, billed at the cached rate
+    # the part of `prompt_tokens` served from a cache (implicit, or a cached content the request
+    # named), billed at the cached rate
     # (generateContent's usageMetadata.cachedContentTokenCount, Interactions' total_cached_tokens)
     cached_tokens: int = 0
     output_tokens: int = 0

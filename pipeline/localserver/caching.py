@@ -13,8 +13,8 @@ double's rule is ours, simple and deterministic:
   tokens by the billing rules (pipeline/gemini/tokens.py, as billing.prompt_usage counts them);
 - its cached tokens are those of the longest run of leading pieces it shares with a request of
   the same model answered within the last CACHE_SECONDS, when they reach the model's minimum
-  (the caching page's table: 2,048 for 2.5 Flash and Pro, 4,096 for the 3.x models; nothing
-  before 2.5), else 0;
+  (the model table's `cache_min_tokens`, from the caching page's table: 2,048 for 2.5 Flash and
+  Pro, 4,096 for the 3.x models; nothing before 2.5), else 0;
 - every answered request (and Interactions hop) leaves its own prefixes for the next ones; a
   refused one leaves nothing. Batch Mode lines are not cached here.
 
@@ -34,10 +34,6 @@ from pipeline.models import lookup
 
 CACHE_SECONDS = 300.0  # how long a prefix stays cached: an assumption (no page gives it)
 CAPACITY = 65_536  # prefixes kept at most (the oldest dropped first)
-# The caching page's minimum prompt a cache serves, by model generation (read 2026-10).
-MIN_TOKENS_2_5 = 2048
-MIN_TOKENS_3 = 4096
-UNCACHED_GENERATIONS = ("1.5", "2.0")  # "enabled by default for all Gemini 2.5 and newer"
 
 # (digest of a piece, its tokens), in the order the model reads them
 Prefix = tuple[tuple[bytes, int], ...]
@@ -61,11 +57,9 @@ def _text(text: str) -> tuple[bytes, int]:
 
 
 def minimum_tokens(model: str) -> int | None:
-    """The shortest prefix the model's implicit cache serves; None: no implicit caching."""
-    generation = lookup(model).generation
-    if generation in UNCACHED_GENERATIONS:
-        return None
-    return MIN_TOKENS_2_5 if generation.startswith("2.") else MIN_TOKENS_3
+    """The shortest prefix the model's implicit cache serves (the minimum the caching page
+    gives for both kinds of caching); None: no caching ("2.5 and newer")."""
+    return lookup(model).cache_min_tokens
 
 
 class ImplicitCache:

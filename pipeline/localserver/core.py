@@ -2,8 +2,9 @@
 
 `Core` only holds the parts and says the order in which a generation passes them — auth and body
 (transport.py), images (image_input.py), the money and the quotas (billing.py, quotas.py), the
-answer (answering.py), the implicit cache (caching.py) — plus the counters (stats.py). The
-surfaces (generate.py, interactions.py, files_api.py, batches.py) read their own wire format and
+answer (answering.py), the implicit cache (caching.py) and the explicit ones
+(context_cache.py) — plus the counters (stats.py). The surfaces (generate.py, interactions.py,
+files_api.py, batches.py, cached_contents.py) read their own wire format and
 call `admit`, `answerer.answer`, `from_cache` and `bill` (Batch Mode: the answerer and the bill
 at the batch price, outside the quotas and the implicit cache).
 """
@@ -23,6 +24,7 @@ from pipeline.localserver import transport
 from pipeline.localserver.answering import Answerer, ModelOutput, Prompted
 from pipeline.localserver.billing import Credits, Usage
 from pipeline.localserver.caching import ImplicitCache, Prefix
+from pipeline.localserver.context_cache import ContextCaches
 from pipeline.localserver.faults import Faults, Replay
 from pipeline.localserver.files import FileStore
 from pipeline.localserver.image_input import ImageReader
@@ -85,6 +87,7 @@ class Core:
         )
         self.credits = Credits(options.credit_budget_usd, models)
         self.cache = ImplicitCache(options.implicit_cache, clock)
+        self.contexts = ContextCaches(clock)  # explicit caches (cachedContents)
         self.faults = Faults(
             options.fault_rate, options.seed, options.latency_ms, options.fault_kinds
         )

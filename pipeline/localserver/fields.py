@@ -1,11 +1,12 @@
 """The request bodies the server accepts, declared once as data (spec.py walks them).
 
 Sources: the Gemini API reference (ai.google.dev/api/generate-content, /api/tokens, /api/files,
-/api/interactions-api) and, for exactly which fields the developer API takes, the official SDK
-(google-genai 3.6): `models._GenerateContentParameters_to_mldev`, `_GenerateContentConfig_to_mldev`,
-`_Part_to_mldev`, `_Tool_to_mldev`, `_ToolConfig_to_mldev`, `_SafetySetting_to_mldev` (fields the
-SDK refuses "in Gemini Developer API mode" are left out), `files._CreateFileParameters_to_mldev`,
-and the Interactions types `_gaos/types/interactions/*` (CreateModelInteraction and its parts).
+/api/caching, /api/interactions-api) and, for exactly which fields the developer API takes, the
+official SDK (google-genai 3.6): `models._GenerateContentParameters_to_mldev`,
+`_GenerateContentConfig_to_mldev`, `_Part_to_mldev`, `_Tool_to_mldev`, `_ToolConfig_to_mldev`,
+`_SafetySetting_to_mldev` (fields the SDK refuses "in Gemini Developer API mode" are left out),
+`files._CreateFileParameters_to_mldev`, `caches._CreateCachedContentParameters_to_mldev`, and the
+Interactions types `_gaos/types/interactions/*` (CreateModelInteraction and its parts).
 
 Every Message names the SDK types it mirrors (`sdk`); tests/test_localserver_fields.py checks that
 each accepted field exists there, so the double is never more lenient than the SDK. The few fields
@@ -222,6 +223,31 @@ COUNT_TOKENS_REQUEST = Message(
     "CountTokensRequest",
     {"contents": ListOf(CONTENT), "generate_content_request": GENERATE_CONTENT_REQUEST},
     sdk=("_CountTokensParameters",),
+)
+
+# ---------------------------------------------------------------------------- cachedContents
+
+# caches.create (SDK `_CreateCachedContentParameters_to_mldev`: the config's fields lifted to
+# the top) and caches.update (`_UpdateCachedContentConfig_to_mldev`: ttl or expire_time only).
+# Durations ("300s") and timestamps (RFC 3339) arrive as JSON strings.
+CACHED_CONTENT = Message(
+    "CachedContent",
+    {
+        "model": STRING,
+        "contents": ListOf(CONTENT),
+        "system_instruction": CONTENT,
+        "tools": ListOf(TOOL),
+        "tool_config": TOOL_CONFIG,
+        "ttl": STRING,
+        "expire_time": STRING,
+        "display_name": STRING,
+    },
+    sdk=("_CreateCachedContentParameters", "CreateCachedContentConfig"),
+)
+CACHED_CONTENT_UPDATE = Message(
+    "CachedContentUpdate",
+    {"ttl": STRING, "expire_time": STRING},
+    sdk=("UpdateCachedContentConfig",),
 )
 
 # ---------------------------------------------------------------------------- Batch Mode

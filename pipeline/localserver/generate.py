@@ -4,8 +4,9 @@
 A request passes: the key; the model (known to the table, rule model.unknown); the body against
 the GenerateContentRequest tree (fields.py: unknown names and wrong kinds at any depth); the
 settings against the model (model_checks.py: thinking, schemas, media resolution); the images
-(image_input.py); then credits and quotas, the answer, what an implicit cache served
-(caching.py, `--implicit-cache`), and the bill. `parse_request`,
+(image_input.py); a cached content it names (context_cache.py: read first, its tokens reported
+cached); then credits and quotas, the answer, what an implicit cache served (caching.py,
+`--implicit-cache`) when no cached content was named, and the bill. `parse_request`,
 `with_output` and `response_body` are the pieces the Batch Mode surface (batches.py) reuses for
 each of its requests.
 """
@@ -55,9 +56,15 @@ class GenerateSurface:
         if method == "countTokens":
             return web.json_response(self._count(body, model, model_id, version))
         prompted = parse_request(body, model, model_id, version, self.core.images)
+        cached = None
+        if get(body, "cached_content") is not None:
+            prompted, cached = self.core.contexts.resolve(body, prompted)
         prompt = prompt_usage(prompted)
         outcome = await self.core.answer(prompted, prompt)
-        prompt = self.core.from_cache(model_id, prefix_of(prompted), prompt)
+        if cached is None:
+            prompt = self.core.from_cache(model_id, prefix_of(prompted), prompt)
+        else:  # what a cached content holds is served from it, whatever the implicit cache has
+            prompt = replace(prompt, cached_tokens=cached.tokens)
         usage = with_output(prompt, outcome)
         self.core.bill(model_id, usage, outcome.task, len(prompted.images))
         return web.json_response(response_body(outcome, usage, model_id))
@@ -82,7 +89,7 @@ def parse_request(
     schema, json_schema = get(config, "response_schema"), get(config, "response_json_schema")
     model_checks.check_schemas(model, schema, json_schema)
     resolution = model_checks.global_resolution(model, get(config, "media_resolution"))
-    parts = _read_contents(get(body, "contents"), model, version, images)
+    parts = read_contents(get(body, "contents"), model, version, images)
     texts = [part for part in parts if isinstance(part, str)]
     max_tokens = get(config, "max_output_tokens")
     return Prompted(
@@ -107,7 +114,7 @@ def parse_request(
     )
 
 
-def _read_contents(
+def read_contents(
     contents: Any, model: Model, version: str, images: ImageReader
 ) -> list[str | ImageInput]:
     """The text and image parts of every content, in order."""

@@ -496,6 +496,78 @@ _RULES = (
         assumed=True,  # when the service caches is its own: the 5-minute window is ours
     ),
     Rule(
+        "billing.context-cache",
+        "200 usageMetadata.cachedContentTokenCount",
+        "A generateContent request naming a cached content (cachedContent) is read with the "
+        "cache's system instruction and contents first; its promptTokenCount counts them and "
+        "cachedContentTokenCount reports the cache's totalTokenCount, billed at the cached rate "
+        "(the implicit cache is not consulted for it). Storage is not billed by the double.",
+        "https://ai.google.dev/api/caching (CachedContent.usageMetadata); "
+        "https://ai.google.dev/gemini-api/docs/pricing (read 2026-10: cached input prices and "
+        "storage per 1M tokens per hour)",
+        "written",
+        dated="ai.google.dev/gemini-api/docs/pricing (read 2026-10)",
+    ),
+    # ------------------------------------------------------------------------------ caches
+    Rule(
+        "cache.too-small",
+        "400 INVALID_ARGUMENT",
+        "A cachedContents create whose system instruction and contents count fewer tokens "
+        "than the model's minimum (the model table's cache_min_tokens: 2,048 on 2.5, 4,096 on "
+        "3.x) is refused: 'Cached content is too small. total_token_count=N, "
+        "min_total_token_count=M'.",
+        "https://ai.google.dev/gemini-api/docs/caching (minimum input tokens per model); the "
+        "message as seen live: BerriAI/litellm#17696, zyddnys/manga-image-translator#929",
+        dated="BerriAI/litellm#17696 (2025-12-09: 'Cached content is too small. "
+        "total_token_count=896, min_total_token_count=1024' from gemini-2.5-flash)",
+    ),
+    Rule(
+        "cache.not-found",
+        "404 NOT_FOUND",
+        "get, PATCH or delete of a cached content that never existed, was deleted or has "
+        "expired (its expireTime passed on the server clock), and a generateContent request "
+        "naming one: 'CachedContent not found (or permission denied)'. The live service may "
+        "answer a request naming a gone cache with 403 PERMISSION_DENIED instead: a client "
+        "should take either.",
+        "https://ai.google.dev/api/caching (expireTime: when the resource is considered expired)",
+        "written",
+        assumed=True,  # the code (404 or 403) of a request naming a gone cache
+    ),
+    Rule(
+        "cache.model",
+        "400 INVALID_ARGUMENT (404 NOT_FOUND for a model that caches nothing)",
+        "A generateContent request must use the model its cached content was created for "
+        "('Model used by GenerateContent request (models/A) and CachedContent (models/B) has "
+        "to be the same.'); a create for a model without context caching (before 2.5) is a "
+        "404 as for any method the model does not serve.",
+        "googleapis/python-aiplatform#5271 (google-genai refuses a cache used with another "
+        "model); https://ai.google.dev/gemini-api/docs/caching (2.5 and newer)",
+        "written",
+        dated="googleapis/python-aiplatform#5271 (2025-04-28)",
+    ),
+    Rule(
+        "cache.request",
+        "400 INVALID_ARGUMENT",
+        "A generateContent request naming a cached content may not set systemInstruction, "
+        "tools or toolConfig (they belong in the cache): 'Tool config, tools and system "
+        "instruction should not be set in the request when using cached content.'",
+        "567-labs/instructor#2580 (the developer API's message); vercel/ai#3333 (the earlier "
+        "'CachedContent can not be used with GenerateContent request setting ...')",
+        dated="567-labs/instructor#2580 (2026-08-31: the 400 INVALID_ARGUMENT text)",
+    ),
+    Rule(
+        "cache.expiration",
+        "400 INVALID_ARGUMENT",
+        "A create or PATCH sets ttl (a Duration, '300s') or expireTime (RFC 3339), not both (a "
+        "create with neither lives an hour); a PATCH changes the expiration only (updateMask "
+        "ttl / expireTime) and must give it.",
+        "https://ai.google.dev/api/caching (expiration: one of expireTime, ttl; the update "
+        "method); https://ai.google.dev/gemini-api/docs/caching (TTL defaults to 1 hour); SDK "
+        "caches.update",
+        "written",
+        dated=f"{SDK} caches._UpdateCachedContentConfig_to_mldev (ttl, expire_time)",
+    ),
+    Rule(
         "billing.long-prompt",
         "200 (credits and the pipeline's bill)",
         "A request whose prompt passes its price's long_above (200,000 on the Pro models) is "

@@ -3,7 +3,7 @@
 Surfaces, each a module with a class that registers its routes under every API version:
 batches.py (Batch Mode, reusing generate.parse_request and generate.response_body for each of
 its requests), generate.py (generateContent, countTokens), interactions.py, files_api.py,
-models_api.py (models.get, models.list).
+cached_contents.py (explicit context caches), models_api.py (models.get, models.list).
 GET /local/stats reads the counters.
 """
 
@@ -18,6 +18,7 @@ from aiohttp import web
 
 from pipeline.localserver import transport
 from pipeline.localserver.batches import BatchesSurface
+from pipeline.localserver.cached_contents import CachedContentsSurface
 from pipeline.localserver.core import API_VERSIONS, Core
 from pipeline.localserver.files_api import FilesSurface
 from pipeline.localserver.generate import GenerateSurface
@@ -28,7 +29,14 @@ from pipeline.models import ModelTable, default_table
 
 # Batch Mode first: its `...:batchGenerateContent` and `files/{id}:download` routes would
 # otherwise be taken by generate.py's `models/{model_action}` and files_api.py's `files/{id}`.
-SURFACES = (BatchesSurface, GenerateSurface, InteractionsSurface, FilesSurface, ModelsSurface)
+SURFACES = (
+    BatchesSurface,
+    GenerateSurface,
+    InteractionsSurface,
+    FilesSurface,
+    CachedContentsSurface,
+    ModelsSurface,
+)
 SHUTDOWN_GRACE_SECONDS = 2.0
 
 

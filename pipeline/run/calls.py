@@ -2,9 +2,11 @@
 
 A unit is one image or a group's images (pipeline/records.py). Its request is planned and made
 by the run's `RequestMaker` (pipeline/run/requests.py), as for Batch Mode: the reference images
-first, then the unit's; held before anything is sent to what one request may be (images, input
-tokens, `[limits] tpm`, the inline limit), a unit over a limit becoming an error row saying
-which, with no call.
+first, then the unit's — or, once the run's context cache pays, naming the cache that holds the
+references and the system instruction (pipeline/run/context_cache.py; a request that finds it
+gone is sent again at once in full, no retry counted); held before anything is sent to what
+one request may be (images, input tokens, `[limits] tpm`, the inline limit), a unit over a limit
+becoming an error row saying which, with no call.
 
 The client never retries; this is where the policy lives. Each attempt:
 
@@ -48,6 +50,7 @@ from pipeline.gemini import GeminiClient, GeminiError
 from pipeline.gemini.types import GenerateRequest, GenerateResponse
 from pipeline.inputs.references import LoadedReference, ReferenceParts
 from pipeline.records import Parsed, Unit
+from pipeline.run.context_cache import ContextCache
 from pipeline.run.failures import Action, Health, Verdict, daily_quota, judge, project_refused
 from pipeline.run.limits import DayCounter, Limiter
 from pipeline.run.offload import offload
@@ -196,6 +199,9 @@ class Caller:
         self._answered_at = -math.inf  # when the last answer came (time.monotonic())
         self.references = ReferenceParts(references, config.images.mode, uploads=uploads)
         self.requests = RequestMaker(config, request, self.references)  # Batch Mode's too
+        self.context = ContextCache(
+            config, client, self.requests.costing, request, self.references, spend=self.spend
+        )
 
     # ------------------------------------------------------------------------------- the call
     async def call(self, unit: Unit) -> Outcome:
@@ -211,10 +217,12 @@ class Caller:
         while attempts < self.config.limits.max_attempts:
             attempts += 1
             try:
-                response, latency = await self._attempt(unit, plan, paid)
+                response, latency = await self._attempt(unit, plan, paid, attempts == 1)
             except OSError as exc:  # deleted or changed since it was hashed: not the same image
                 return plan.failed(unreadable(exc), attempts, _ms(started))
             except GeminiError as exc:
+                if self.context.lost(exc):  # its cache is gone: sent again in full, at once
+                    continue
                 paid = exc.partial or paid  # continue from the paid hops, never buy them again
                 verdict = self._judge(exc, unit)
                 if verdict.action == Action.IMAGE:
@@ -234,9 +242,10 @@ class Caller:
         return plan.failed(last, attempts, _ms(started), retryable=True)
 
     async def _attempt(
-        self, unit: Unit, plan: Plan, paid: GenerateResponse | None
+        self, unit: Unit, plan: Plan, paid: GenerateResponse | None, first: bool
     ) -> tuple[GenerateResponse, float]:
-        made = self.requests.make(unit, plan, self.uploads, self.references)
+        cached = await self.stop.until(self.context.name(first))  # made first when it pays
+        made = self.requests.make(unit, plan, self.uploads, self.references, cached)
         request = await self.stop.until(made)  # a wait (uploads): a drain ends it
         await self.stop.until(self.limiter.acquire(plan.est_tokens))
         estimated = self._admit(unit, plan)

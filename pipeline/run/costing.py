@@ -50,6 +50,10 @@ class Costing:
         captions = sum(text_tokens(ref.caption) for ref in references)
         self.prompt_tokens = text_tokens(prompt) + captions  # the same text in every request
         self.reference_tokens = self.images(self.reference_sizes)
+        # what a cached content would hold (run/context_cache.py): the system instruction and
+        # the captioned reference images every request starts with
+        system = text_tokens(request.system_instruction or "")
+        self.cacheable_tokens = system + captions + self.reference_tokens
 
     def images(self, sizes: Sizes, resolution: str | None = None) -> int:
         """Tokens of images sent at `sizes` (at another media resolution, to price a saving)."""

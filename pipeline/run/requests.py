@@ -133,14 +133,24 @@ class RequestMaker:
         return tuple(modes), room, None
 
     async def make(
-        self, unit: Unit, plan: Plan, uploads: Uploads, references: ReferenceParts
+        self,
+        unit: Unit,
+        plan: Plan,
+        uploads: Uploads,
+        references: ReferenceParts,
+        cached: str | None = None,
     ) -> GenerateRequest:
         """The request about `unit`, its images inline (read now) or uploaded through
-        `uploads` as planned, after the reference images `references` gives."""
+        `uploads` as planned, after the reference images `references` gives — or naming the
+        cached content `cached` that holds them and the system instruction instead
+        (run/context_cache.py)."""
         targets = [
             await _image_part(item, mode, uploads)
             for item, mode in zip(unit.items, plan.modes, strict=True)
         ]
+        if cached is not None:
+            request = replace(self.request, system_instruction=None, cached_content=cached)
+            return request_with_images(request, (), targets, captioned=self.captioned)
         parts = await references.parts()
         return request_with_images(self.request, parts, targets, captioned=self.captioned)
 

@@ -56,6 +56,10 @@ class RunSummary:
     # "max_usd_per_day"} (pipeline/run/spend.py); spent_usd counts abandoned calls' estimates
     spend: dict[str, float | None] | None = None
     batch: dict[str, Any] | None = None  # Batch Mode: jobs created, collected, ended, in flight
+    # explicit context caching (pipeline/run/context_cache.py): the cache's name, tokens,
+    # renewals, whether it was deleted, hours stored and their storage_usd (not in cost_usd,
+    # which bills rows); or {"name": None, "why": ...} when a cacheable part was not cached
+    context_cache: dict[str, Any] | None = None
     # an alias's model: "gemini-flash-latest → gemini-3.8-flash (the service's answer)", or
     # "(the table's guess: <its source>)" (pipeline/run/preflight.py); None for a model id
     model_resolution: str | None = None
@@ -90,6 +94,20 @@ class RunSummary:
             if (cap := spend.get(key)) is not None
         ]
         return f"spend: {'; '.join(parts)}" if parts else None
+
+    def context_cache_line(self) -> str | None:
+        """The printed line about the run's context cache, when it had one."""
+        cache = self.context_cache or {}
+        if not cache.get("name"):
+            return None
+        storage = cache["storage_usd"]
+        cost = "unknown" if storage is None else f"${storage:,.6f}"
+        left = "deleted" if cache["deleted"] else "left to expire by its TTL"
+        return (
+            f"context cache {cache['name']}: {cache['tokens']:,} tokens a request served cached; "
+            f"storage {cost} for {cache['stored_hours'] * 3600:,.0f} s (not in the cost above); "
+            f"{left}"
+        )
 
     def to_json(self) -> str:
         # asdict() would rebuild the Counters from (key, value) pairs: copy them as plain dicts
