@@ -160,8 +160,9 @@ def tune(config: Config, options: TuneOptions, runner: Runner) -> TuneReport:
     as `pipeline run` does and returns its summary."""
     options.check()
     folder = open_store(open_store(config.output.dir).join(TUNE_DIR))
+    planned = _plan(config, options, folder.join)  # usage errors before anything is written
     sample = sample_of(config, folder, options.sample, options.seed)
-    trials = _trials(config, options, sample, folder.join)
+    trials = [_trial(*plan, sample) for plan in planned]
     report = TuneReport(config.source, folder.url, sample, options, trials, _price(config, trials))
     if _over_cap(report):
         return report
@@ -172,26 +173,31 @@ def tune(config: Config, options: TuneOptions, runner: Runner) -> TuneReport:
 
 
 # ------------------------------------------------------------------------------ the trials
-def _trials(
-    config: Config, options: TuneOptions, sample: Sample, place: Callable[[str], str]
-) -> list[Trial]:
-    """The reference (and its repeats) first, then every other combination; every config
-    built, so a value that does not go with another (a thinking level on a 2.5 model) is a
-    ConfigError before anything is priced or run."""
+Plan = tuple[Setting, str, str, Config]  # setting, role, output, config over the whole input
+
+
+def _plan(config: Config, options: TuneOptions, place: Callable[[str], str]) -> list[Plan]:
+    """The reference (and its repeats) first, then every other combination, each config
+    built: a value that does not go with another (a thinking level on a 2.5 model) is a
+    ConfigError before anything is drawn, priced or run."""
     reference = reference_setting(options.vary, options.reference, config)
-    settings = [(reference, "reference", reference.slug)]
-    settings += [
+    named = [(reference, "reference", reference.slug)]
+    named += [
         (reference, "repeat", f"{reference.slug}.repeat{n}") for n in range(2, options.repeat + 1)
     ]
-    settings += [(s, "candidate", s.slug) for s in combinations(options.vary) if s != reference]
-    trials = []
-    for setting, role, name in settings:
+    named += [(s, "candidate", s.slug) for s in combinations(options.vary) if s != reference]
+    plans = []
+    for setting, role, name in named:
         output = place(name)
         whole = apply_overrides(setting.applied(config), {"output.dir": output}, SOURCE)
-        run_config = _on_sample(whole, sample)
-        price = _prices(estimate(run_config))
-        trials.append(Trial(setting, role, output, whole, run_config, price))
-    return trials
+        plans.append((setting, role, output, whole))
+    return plans
+
+
+def _trial(setting: Setting, role: str, output: str, whole: Config, sample: Sample) -> Trial:
+    """A planned setting over the sample, priced by the estimate."""
+    run_config = _on_sample(whole, sample)
+    return Trial(setting, role, output, whole, run_config, _prices(estimate(run_config)))
 
 
 def _on_sample(config: Config, sample: Sample) -> Config:
