@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
-from pipeline.commands.tune.core import Trial, TuneReport
+import os
 
-HEADER = ("setting", "agreement", "$ / 1,000 images", "whole input: interactive", "Batch Mode")
+from pipeline.commands.tune.core import Trial, TuneReport
+from pipeline.locations import is_url
+
+HEADER = (
+    "setting",
+    "agreement",
+    "$ / 1,000 images",
+    "whole input ({images:,} images)",
+    "in Batch Mode",
+)
 
 
 def format_tune(report: TuneReport) -> str:
@@ -24,8 +33,16 @@ def _heading(report: TuneReport) -> str:
     sample = report.sample
     return (
         f"tune {report.config}: a sample of {sample.images} images (asked {sample.size}, seed "
-        f"{sample.seed}) in {report.folder}"
+        f"{sample.seed}) in {_place(report.folder)}"
     )
+
+
+def _place(folder: str) -> str:
+    """A folder under the working directory as a relative path (what the user typed)."""
+    if is_url(folder):
+        return folder
+    relative = os.path.relpath(folder)
+    return folder if relative.startswith("..") else relative
 
 
 def _price_line(report: TuneReport) -> str:
@@ -38,7 +55,9 @@ def _price_line(report: TuneReport) -> str:
 
 
 def _table(report: TuneReport) -> list[str]:
-    rows = [HEADER, *(_row(trial) for trial in report.trials)]
+    images = (report.trials[0].projected or {}).get("images", 0)
+    header = tuple(cell.format(images=images) for cell in HEADER)
+    rows = [header, *(_row(trial) for trial in report.trials)]
     widths = [max(len(row[i]) for row in rows) for i in range(len(HEADER))]
     return [
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
