@@ -261,6 +261,11 @@ def test_options_out_of_range_and_another_draw_in_the_same_folder(
     ):
         assert main([*base, *extra]) == exits.USAGE
         assert named in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    nothing = write_config(empty, input=f'paths = ["{empty}"]')
+    assert main(["tune", str(nothing), "--sample", "2", "--vary", "images.max_side=48"]) == 2
+    assert "holds no usable image to sample" in capsys.readouterr().err
     assert main([*base, "--sample", "2"]) == exits.OK
     assert main([*base, "--sample", "3"]) == exits.USAGE
     assert "holds a sample of 2 drawn with seed 0, not --sample 3" in capsys.readouterr().err
@@ -309,3 +314,17 @@ def test_slugs_are_paths_of_one_component_and_never_collide() -> None:
     assert len(set(slugs)) == len(slugs)
     assert all("/" not in s and " " not in s and s not in (".", "..") for s in slugs)
     assert all(len(s) <= 110 for s in slugs)
+
+
+def test_an_output_on_a_bucket(tmp_path: Path, out: str) -> None:
+    """The sample's manifest and every setting's output under `OUT/_tune` of a bucket output
+    (the `out` fixture: on disk, then on the local S3)."""
+    config = write_config(tmp_path, output=f'dir = "{out}"')
+    report = pipeline.tune(config, sample=3, vary={"images.max_side": [48, None]})
+    assert report.sample.manifest == f"{out}/_tune/{SAMPLE}"
+    assert [t.output for t in report.trials] == [
+        f"{out}/_tune/images.max_side=none",
+        f"{out}/_tune/images.max_side=48",
+    ]
+    assert all(pipeline.read(t.output).num_rows == 3 for t in report.trials)
+    assert report.recommended is not None and report.trials[1].agreement is not None

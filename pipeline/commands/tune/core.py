@@ -163,7 +163,8 @@ def tune(config: Config, options: TuneOptions, runner: Runner) -> TuneReport:
     planned = _plan(config, options, folder.join)  # usage errors before anything is written
     sample = sample_of(config, folder, options.sample, options.seed)
     trials = [_trial(*plan, sample) for plan in planned]
-    report = TuneReport(config.source, folder.url, sample, options, trials, _price(config, trials))
+    price = _price(config, trials, options.max_usd)
+    report = TuneReport(config.source, folder.url, sample, options, trials, price)
     if _over_cap(report):
         return report
     _run_all(report, runner)
@@ -209,10 +210,10 @@ def _prices(report: Mapping[str, Any]) -> dict[str, float | None]:
     return {"cost_usd": report["cost_usd"], "batch_cost_usd": report["batch_cost_usd"]}
 
 
-def _price(config: Config, trials: list[Trial]) -> dict[str, Any]:
+def _price(config: Config, trials: list[Trial], cap: float | None) -> dict[str, Any]:
     """The whole experiment, every trial over the sample, at today's prices (None: a model the
-    table has no price for)."""
-    total: dict[str, Any] = {"runs": len(trials), "mode": config.api.mode}
+    table has no price for), and the cap it is held to."""
+    total: dict[str, Any] = {"runs": len(trials), "mode": config.api.mode, "max_usd": cap}
     for key in ("cost_usd", "batch_cost_usd"):
         costs = [trial.price[key] for trial in trials]
         total[key] = None if None in costs else round(sum(c or 0.0 for c in costs), 6)
@@ -224,7 +225,6 @@ def _over_cap(report: TuneReport) -> bool:
     cap = report.options.max_usd
     key = "batch_cost_usd" if report.price["mode"] == "batch" else "cost_usd"
     cost = report.price[key]
-    report.price["max_usd"] = cap
     if cap is None:
         return False
     if cost is None:

@@ -50,6 +50,8 @@ def sample_of(config: Config, store: Store, size: int, seed: int) -> Sample:
     if kept is not None:
         return kept
     drawn = draw(config, size, seed)
+    if not drawn:
+        raise ConfigError(f"{config.source}: [input] holds no usable image to sample")
     store.replace(SAMPLE, _manifest_bytes(drawn, size, seed))
     return Sample(store.join(SAMPLE), seed, size, len(drawn))
 
