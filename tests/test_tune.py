@@ -21,8 +21,9 @@ from pipeline import exits
 from pipeline.cli import main
 from pipeline.commands.compare import compare_outputs
 from pipeline.commands.tune import parse_reference, parse_vary
+from pipeline.commands.tune.core import TuneOptions, TuneReport
 from pipeline.commands.tune.grid import Setting, reference_setting, richest
-from pipeline.commands.tune.sample import SAMPLE
+from pipeline.commands.tune.sample import SAMPLE, Sample
 from pipeline.config import ConfigError, parse_config
 from pipeline.cost import row_cost
 from pipeline.localserver.server import LocalServer
@@ -112,7 +113,8 @@ def test_json_shape_and_a_rerun_pays_nothing(
         "config", "folder", "sample", "target", "noise_floor", "threshold", "price",
         "settings", "recommendation", "spent_usd", "stop_reason", "exit_code",
     }  # fmt: skip
-    assert report["sample"]["images"] == 4 and report["noise_floor"] is None
+    assert report["sample"]["images"] == 4
+    assert (report["noise_floor"], report["threshold"]) == (None, 0.95)  # no repeat: a floor of 1
     assert [s["role"] for s in report["settings"]] == ["reference", "candidate"]
     assert [s["setting"] for s in report["settings"]] == [
         {"images.max_side": None},
@@ -328,3 +330,11 @@ def test_an_output_on_a_bucket(tmp_path: Path, out: str) -> None:
     ]
     assert all(pipeline.read(t.output).num_rows == 3 for t in report.trials)
     assert report.recommended is not None and report.trials[1].agreement is not None
+
+
+def test_the_target_is_read_against_the_noise_floor() -> None:
+    """A reference that agrees with its own repeat at 0.90: a setting needs 0.95 x 0.90."""
+    options = TuneOptions(sample=4, vary={"images.max_side": (48,)}, target=0.95, repeat=2)
+    report = TuneReport("c.toml", "out/_tune", Sample("m", 0, 4, 4), options, [], {}, 0.9)
+    assert report.threshold == pytest.approx(0.855)
+    assert report.as_dict()["threshold"] == pytest.approx(0.855)

@@ -124,35 +124,39 @@ class TuneReport:
         return self.options.target * floor
 
     def as_dict(self) -> dict[str, Any]:
-        best = self.recommended
+        sample = self.sample
         return {
             "config": self.config,
             "folder": self.folder,
             "sample": {
-                "manifest": self.sample.manifest,
-                "seed": self.sample.seed,
-                "size": self.sample.size,
-                "images": self.sample.images,
+                "manifest": sample.manifest,
+                "seed": sample.seed,
+                "size": sample.size,
+                "images": sample.images,
             },
             "target": self.options.target,
             "noise_floor": self.noise_floor,
             "threshold": self.threshold,
             "price": self.price,
             "settings": [trial.as_dict() for trial in self.trials],
-            "recommendation": None
-            if best is None
-            else {
-                "setting": best.setting.as_dict(),
-                "label": best.setting.label,
-                "slug": best.setting.slug,
-                "agreement": best.agreement,
-                "cost_per_1000_usd": best.cost_per_1000,
-                "snippet": best.setting.snippet(),
-            },
+            "recommendation": _recommendation(self.recommended),
             "spent_usd": round(self.spent_usd, 6),
             "stop_reason": self.stop_reason,
             "exit_code": self.exit_code,
         }
+
+
+def _recommendation(best: Trial | None) -> dict[str, Any] | None:
+    if best is None:
+        return None
+    return {
+        "setting": best.setting.as_dict(),
+        "label": best.setting.label,
+        "slug": best.setting.slug,
+        "agreement": best.agreement,
+        "cost_per_1000_usd": best.cost_per_1000,
+        "snippet": best.setting.snippet(),
+    }
 
 
 def tune(config: Config, options: TuneOptions, runner: Runner) -> TuneReport:
@@ -223,20 +227,18 @@ def _price(config: Config, trials: list[Trial], cap: float | None) -> dict[str, 
 def _over_cap(report: TuneReport) -> bool:
     """Past `max_usd` at the price of the mode the runs will use: stop before any call."""
     cap = report.options.max_usd
-    key = "batch_cost_usd" if report.price["mode"] == "batch" else "cost_usd"
-    cost = report.price[key]
+    cost = report.price["batch_cost_usd" if report.price["mode"] == "batch" else "cost_usd"]
     if cap is None:
         return False
-    if cost is None:
-        report.stop_reason = "the experiment cannot be priced (a model without a price): no cap"
-    elif cost > cap:
-        report.stop_reason = (
-            f"the experiment is estimated at ${cost:,.4f} ({report.price['runs']} runs of "
-            f"{report.sample.images} images), over --max-usd ${cap:,.4f}: nothing was run"
-        )
-    else:
+    if cost is None:  # as `run` refuses a cap it cannot keep
+        raise TuneError("--max-usd: a model of the experiment has no price in the model table")
+    if cost <= cap:
         return False
-    report.exit_code = exits.STOPPED if cost is not None else exits.USAGE
+    report.stop_reason = (
+        f"the experiment is estimated at ${cost:,.4f} ({report.price['runs']} runs of "
+        f"{report.sample.images} images), over --max-usd ${cap:,.4f}: nothing was run"
+    )
+    report.exit_code = exits.STOPPED
     return True
 
 

@@ -57,7 +57,7 @@ def _price_line(report: TuneReport) -> str:
 def _table(report: TuneReport) -> list[str]:
     images = (report.trials[0].projected or {}).get("images", 0)
     header = tuple(cell.format(images=images) for cell in HEADER)
-    rows = [header, *(_row(trial) for trial in report.trials)]
+    rows = [header, *(_row(trial, report.sample.images) for trial in report.trials)]
     widths = [max(len(row[i]) for row in rows) for i in range(len(HEADER))]
     return [
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
@@ -65,16 +65,25 @@ def _table(report: TuneReport) -> list[str]:
     ]
 
 
-def _row(trial: Trial) -> tuple[str, str, str, str, str]:
+def _row(trial: Trial, images: int) -> tuple[str, str, str, str, str]:
     projected = trial.projected or {}
     marks = {"reference": " (reference)", "repeat": " (repeat)"}.get(trial.role, "")
     return (
         f"{trial.setting.label}{marks}",
-        "-" if trial.role == "reference" or trial.agreement is None else f"{trial.agreement:.3f}",
+        _agreement(trial, images),
         _usd(trial.cost_per_1000, 2),
         _usd(projected.get("cost_usd")) if projected else "",
         _usd(projected.get("batch_cost_usd")) if projected else "",
     )
+
+
+def _agreement(trial: Trial, images: int) -> str:
+    """The agreement, and on how many images when fewer than the sample (the others: an error
+    or a blocked answer on a side, not compared)."""
+    if trial.role == "reference" or trial.agreement is None:
+        return "-"
+    fewer = f" ({trial.compared} of {images})" if trial.compared < images else ""
+    return f"{trial.agreement:.3f}{fewer}"
 
 
 def _floor(report: TuneReport) -> list[str]:
