@@ -229,14 +229,6 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _tune(args: argparse.Namespace) -> int:
     from pipeline.commands.tune import TuneOptions, format_tune, parse_reference, parse_vary, tune
-    from pipeline.engines import RunOptions, check_run, run
-
-    def run_one(config: Config, label: str) -> RunSummary:
-        options = RunOptions(progress=not args.quiet, seed=args.seed)
-        check_run(config, options)
-        summary = run(config, options)
-        _say(f"tune {label}: {_run_line(summary)}")
-        return summary
 
     options = TuneOptions(
         sample=args.sample,
@@ -247,9 +239,20 @@ def _tune(args: argparse.Namespace) -> int:
         repeat=args.repeat,
         seed=args.seed,
     )
-    report = tune(_config(args), options, run_one)
+    report = tune(_config(args), options, lambda config, label: _tune_run(args, config, label))
     print(json.dumps(report.as_dict(), indent=2) if args.json else format_tune(report))
     return report.exit_code
+
+
+def _tune_run(args: argparse.Namespace, config: Config, label: str) -> RunSummary:
+    """One setting of a tune, as `pipeline run` runs it; its line as the run's own."""
+    from pipeline.engines import RunOptions, check_run, run
+
+    options = RunOptions(progress=not args.quiet, seed=args.seed)
+    check_run(config, options)
+    summary = run(config, options)
+    _say(f"tune {label}: {_run_line(summary)}")
+    return summary
 
 
 def _estimate(args: argparse.Namespace) -> int:
@@ -539,6 +542,7 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
         "tune",
         help="run a sample under several settings; the cheapest that agrees with the richest",
         epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("config", help="TOML config file (its inputs are sampled, OUT/_tune written)")
     p.add_argument("--sample", type=int, required=True, metavar="N", help="images to run")
@@ -559,7 +563,11 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--target", type=float, default=0.95, help="agreement to reach (0.95)")
     p.add_argument(
-        "--max-usd", type=float, metavar="USD", help="refuse if the experiment would cost more"
+        "--max-usd",
+        type=float,
+        metavar="USD",
+        help="refuse before any call if the experiment's estimate is more; each run is held to "
+        "what is left",
     )
     p.add_argument("--repeat", type=int, default=1, help="runs of the reference (2: noise floor)")
     p.add_argument("--seed", type=int, default=0, help="the sample's draw (0)")
