@@ -174,6 +174,19 @@ async def test_refuses_before_any_call_when_the_experiment_passes_max_usd(
     )
 
 
+def test_each_run_is_held_to_what_is_left_of_the_cap(tmp_path: Path) -> None:
+    """The engine keeps the cap request by request: each run's own [limits] max_usd is what
+    the runs before it left (its summary's spend says what it was held to)."""
+    cap = 1.0
+    vary = {"images.max_side": [48, 96, None]}
+    report = pipeline.tune(write_config(tmp_path), sample=3, vary=vary, max_usd=cap)
+    spent = 0.0
+    for trial in report.trials:
+        assert trial.summary.spend["max_usd"] == pytest.approx(cap - spent)
+        spent += trial.summary.cost_usd
+    assert report.spent_usd == pytest.approx(spent) and 0 < spent <= cap
+
+
 def tune_child(config: Path) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "pipeline", "tune", str(config), "--sample", "6",
