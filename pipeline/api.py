@@ -1,4 +1,5 @@
-"""The Python API: what the `run`, `estimate` commands and a reader of an output do, from code.
+"""The Python API: what the `run`, `estimate`, `tune` commands and a reader of an output do,
+from code.
 
     import pipeline
 
