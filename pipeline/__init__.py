@@ -1,6 +1,6 @@
 """gemini-vision-pipeline: folders of images -> Parquet datasets with Gemini image understanding.
 
-The Python API (README "Python API", pipeline/api.py): `run`, `arun`, `estimate`, `read`,
+The Python API (README "Python API", pipeline/api.py): `run`, `arun`, `estimate`, `tune`, `read`,
 `load_config`, and the errors they raise. They load on first use, not here: every entry point
 imports this package (`pipeline --help` too), and the API brings the engines with it (aiohttp,
 pyarrow, the Gemini client: about 1 s, `python -X importtime`), which `import pipeline` stays
@@ -24,6 +24,7 @@ _LAZY = {
     "estimate": "pipeline.api",
     "read": "pipeline.api",
     "load_config": "pipeline.api",
+    "tune": "pipeline.api",
     "Config": "pipeline.config",
     "ConfigError": "pipeline.config",
     "RunSummary": "pipeline.run.summary",

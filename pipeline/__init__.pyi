@@ -4,6 +4,7 @@ from pipeline.api import estimate as estimate
 from pipeline.api import load_config as load_config
 from pipeline.api import read as read
 from pipeline.api import run as run
+from pipeline.api import tune as tune
 from pipeline.config import Config as Config
 from pipeline.config import ConfigError as ConfigError
 from pipeline.output.parts import UnreadablePart as UnreadablePart
@@ -25,4 +26,5 @@ __all__ = [
     "load_config",
     "read",
     "run",
+    "tune",
 ]

@@ -1,4 +1,5 @@
-"""The Python API: what the `run`, `estimate` commands and a reader of an output do, from code.
+"""The Python API: what the `run`, `estimate`, `tune` commands and a reader of an output do,
+from code.
 
     import pipeline
 
@@ -36,6 +37,8 @@ import pyarrow.compute as pc
 
 from pipeline.commands.estimate import estimate as estimate_config
 from pipeline.commands.outputs import require_output
+from pipeline.commands.tune import TuneOptions, TuneReport, reference_of, vary_of
+from pipeline.commands.tune import tune as tune_config
 from pipeline.config import SECTIONS, Config, ConfigError, flags, parse_config, with_overrides
 from pipeline.config import load_config as load_toml
 from pipeline.engines import RunOptions, check_run, run_async
@@ -44,7 +47,7 @@ from pipeline.output.parts import Output, current_rows
 from pipeline.run.stop import interrupt
 from pipeline.run.summary import RunSummary
 
-__all__ = ["ConfigSource", "arun", "estimate", "load_config", "read", "run"]
+__all__ = ["ConfigSource", "arun", "estimate", "load_config", "read", "run", "tune"]
 
 T = TypeVar("T")
 # A TOML file's path, a dict shaped like the file (its sections as keys), or a loaded Config.
@@ -264,6 +267,41 @@ def estimate(
     loaded = load_config(config, overrides, **settings)
     require_inputs(loaded)
     return estimate_config(loaded, limit=limit)
+
+
+def tune(
+    config: ConfigSource,
+    /,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    sample: int,
+    vary: Mapping[str, Sequence[Any]],
+    reference: Mapping[str, Any] | None = None,
+    target: float = 0.95,
+    max_usd: float | None = None,
+    repeat: int = 1,
+    seed: int = 0,
+    progress: bool = False,
+    **settings: Any,
+) -> TuneReport:
+    """`pipeline tune`: `vary` as {"images.max_side": [48, 96, None]} (None: unset),
+    `reference` as {"api.model": "gemini-2.5-pro"}; the report's `recommended`, `trials`,
+    `exit_code` and `as_dict()` (`--json`). Each run is `run()`'s, `seed` its backoff's too."""
+    options = TuneOptions(
+        sample=sample,
+        vary=vary_of(vary),
+        reference=reference_of(reference or {}),
+        target=target,
+        max_usd=max_usd,
+        repeat=repeat,
+        seed=seed,
+    )
+    run_options = RunOptions(progress=progress, seed=seed)
+
+    def run_one(loaded: Config, _: str) -> RunSummary:
+        return _blocking(lambda: _run(loaded, None, {}, run_options))
+
+    return tune_config(load_config(config, overrides, **settings), options, run_one)
 
 
 def read(

@@ -1,5 +1,5 @@
 """The `pipeline` command: run, status, estimate, reparse, compact, prune, export, render, compare,
-models, serve-local, batch."""
+tune, models, serve-local, batch."""
 
 from __future__ import annotations
 
@@ -227,6 +227,34 @@ def _compare(args: argparse.Namespace) -> int:
         )
         _say(f"wrote {gallery['index']}: {gallery['entries']} images that disagree, A beside B")
     return 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from pipeline.commands.tune import TuneOptions, format_tune, parse_reference, parse_vary, tune
+
+    options = TuneOptions(
+        sample=args.sample,
+        vary=parse_vary(args.vary),
+        reference=parse_reference(args.reference),
+        target=args.target,
+        max_usd=args.max_usd,
+        repeat=args.repeat,
+        seed=args.seed,
+    )
+    report = tune(_config(args), options, lambda config, label: _tune_run(args, config, label))
+    print(json.dumps(report.as_dict(), indent=2) if args.json else format_tune(report))
+    return report.exit_code
+
+
+def _tune_run(args: argparse.Namespace, config: Config, label: str) -> RunSummary:
+    """One setting of a tune, as `pipeline run` runs it; its line as the run's own."""
+    from pipeline.engines import RunOptions, check_run, run
+
+    options = RunOptions(progress=not args.quiet, seed=args.seed)
+    check_run(config, options)
+    summary = run(config, options)
+    _say(f"tune {label}: {_run_line(summary)}")
+    return summary
 
 
 def _estimate(args: argparse.Namespace) -> int:
@@ -466,6 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_render)
 
     _add_compare(sub)
+    _add_tune(sub)
 
     p = sub.add_parser("models", help="what each model takes, bills and answers")
     p.add_argument("--config", help="include this config's [models] entries")
@@ -507,6 +536,46 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     _images_root(p)
     _allow_host(p)
     p.set_defaults(func=_compare)
+
+
+def _add_tune(sub: argparse._SubParsersAction) -> None:
+    """`pipeline tune CONFIG --sample N --vary KEY=V1,V2`: the cheapest setting that agrees."""
+    p = sub.add_parser(
+        "tune",
+        help="run a sample under several settings; the cheapest that agrees with the richest",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("config", help="TOML config file (its inputs are sampled, OUT/_tune written)")
+    p.add_argument("--sample", type=int, required=True, metavar="N", help="images to run")
+    p.add_argument(
+        "--vary",
+        action="append",
+        required=True,
+        metavar="KEY=V1,V2",
+        help="a config key (images.max_side, api.model, task.media_resolution, ...) and the "
+        "values to try (none: unset); repeatable: every combination is run",
+    )
+    p.add_argument(
+        "--reference",
+        action="append",
+        default=[],
+        metavar="KEY=V,...",
+        help="the setting the others are compared with (default: the richest varied values)",
+    )
+    p.add_argument("--target", type=float, default=0.95, help="agreement to reach (0.95)")
+    p.add_argument(
+        "--max-usd",
+        type=float,
+        metavar="USD",
+        help="refuse before any call if the experiment's estimate is more; each run is held to "
+        "what is left",
+    )
+    p.add_argument("--repeat", type=int, default=1, help="runs of the reference (2: noise floor)")
+    p.add_argument("--seed", type=int, default=0, help="the sample's draw (0)")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.add_argument("--json", action="store_true", help="the report as JSON on stdout")
+    p.set_defaults(func=_tune)
 
 
 def _add_setting_flags(parser: argparse.ArgumentParser) -> None:

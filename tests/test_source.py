@@ -14,6 +14,7 @@ import pytest
 
 from pipeline.inputs.images import prepare
 from pipeline.inputs.source import read_manifest, walk
+from pipeline.output.stores import filesystem
 from pipeline.records import SourceFile
 
 
@@ -520,3 +521,17 @@ def test_version_stamp_stands_for_an_etag() -> None:
 
     assert version_stamp('"abc"') == version_stamp("abc") != version_stamp("abd")
     assert 0 < version_stamp("abc") < 2**63 and version_stamp("") == 0
+
+
+def test_a_manifest_in_a_bucket_keeps_the_roots_its_rows_name(tmp_path: Path, bucket: str) -> None:
+    """A pipeline output's rows as a manifest kept in a bucket (`pipeline tune`'s sample):
+    each row's image_root, local or an object prefix, is its root, not the bucket's folder."""
+    touch(tmp_path, "a.png")
+    table = pa.table(
+        {"image_root": [str(tmp_path), "s3://photos/day1"], "image_path": ["a.png"] * 2}
+    )
+    pq.write_table(table, tmp_path / "m.parquet")
+    filesystem("s3").put(str(tmp_path / "m.parquet"), f"{bucket}/lists/m.parquet")
+    local, remote = read_manifest(f"{bucket}/lists/m.parquet")
+    assert (local.root, local.rel_path, local.error) == (str(tmp_path), "a.png", None)
+    assert remote.path == "s3://photos/day1/a.png"

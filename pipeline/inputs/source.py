@@ -488,10 +488,13 @@ def _manifest_sources(base: str, names: Iterator[str | tuple[str, str]]) -> Iter
         if locations.scheme_of(name) == "file":  # on another host: its own error row
             yield SourceFile(path=name, root="", rel_path=name, error=_REMOTE_FILE_URL)
             continue
-        if locations.is_http_url(name) or locations.is_object_url(name) or locations.is_url(base):
-            full = _remote_name(base, name)
+        # an entry's own root (a pipeline output's image_root) wins over the manifest's
+        # folder: a manifest kept in a bucket may list local files
+        anchor = given_root or base
+        if locations.is_http_url(name) or locations.is_object_url(name) or locations.is_url(anchor):
+            full = _remote_name(anchor, name)
         else:
-            full = os.path.normpath(os.path.join(given_root or base, name))  # absolute stays
+            full = os.path.normpath(os.path.join(anchor, name))  # absolute stays
         identity = hashlib.blake2b(os.fsencode(full), digest_size=16).digest()
         if identity in seen:
             continue
@@ -499,7 +502,6 @@ def _manifest_sources(base: str, names: Iterator[str | tuple[str, str]]) -> Iter
         if locations.is_url(full):
             yield SourceFile(path=full, root="", rel_path=full)
             continue
-        anchor = given_root or base
         inside = os.path.commonpath([anchor, full]) == anchor
         root = anchor if inside else os.path.dirname(full)
         rel_path = os.path.relpath(full, root)
