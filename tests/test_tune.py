@@ -242,6 +242,7 @@ def test_resumes_after_a_kill_without_re_paying(tmp_path: Path) -> None:
         ("output.dir=a,b", "--vary output.dir: tune sets [output] itself"),
         ("task.temperature=0.2,1.0", "--vary task.temperature: no richest value"),
         ("images.max_side", "write KEY=VALUE"),
+        ("api.model=gemini-2.5-flash,gemini-2.5-pro", "gemini-2.5-pro was shut down on"),
     ],
 )
 def test_a_bad_vary_names_the_key(

@@ -25,7 +25,7 @@ from pipeline.commands.compare import compare_outputs
 from pipeline.commands.estimate import estimate
 from pipeline.commands.tune.grid import Setting, combinations, reference_setting
 from pipeline.commands.tune.sample import Sample, sample_of
-from pipeline.config import Config, ConfigError
+from pipeline.config import Config, ConfigError, require_available
 from pipeline.config import with_overrides as apply_overrides
 from pipeline.cost import table_cost
 from pipeline.output.parts import current_rows
@@ -183,8 +183,8 @@ Plan = tuple[Setting, str, str, Config]  # setting, role, output, config over th
 
 def _plan(config: Config, options: TuneOptions, place: Callable[[str], str]) -> list[Plan]:
     """The reference (and its repeats) first, then every other combination, each config
-    built: a value that does not go with another (a thinking level on a 2.5 model) is a
-    ConfigError before anything is drawn, priced or run."""
+    built: a value that does not go with another (a thinking level on a 2.5 model) or a model
+    the service has shut down is a ConfigError before anything is drawn, priced or run."""
     reference = reference_setting(options.vary, options.reference, config)
     named = [(reference, "reference", reference.slug)]
     named += [
@@ -195,6 +195,7 @@ def _plan(config: Config, options: TuneOptions, place: Callable[[str], str]) -> 
     for setting, role, name in named:
         output = place(name)
         whole = apply_overrides(setting.applied(config), {"output.dir": output}, SOURCE)
+        require_available(whole)  # a shut-down model would fail at its run, after the draw
         plans.append((setting, role, output, whole))
     return plans
 
