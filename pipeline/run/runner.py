@@ -54,6 +54,7 @@ class RunOptions:
     progress: bool = True
     seed: int | None = None  # backoff jitter; None: from the OS
     submit_only: bool = False  # Batch Mode: submit the jobs and exit; a later run collects
+    yes: bool = False  # redo what a settings change redoes, past [limits] max_redo (run/plan.py)
 
 
 class RowCounts:
