@@ -422,7 +422,7 @@ def format_plan(report: dict[str, Any]) -> list[str]:
     for category, label in PLAN_LINES.items():
         entry = planned["categories"][category]
         if entry["requests"]:
-            cost = "$0" if category == COPY else _money(entry)
+            cost = "$0" if category == COPY else _plan_money(entry)
             lines.append(f"  {label}: {_count(entry['requests'], 'request')}, {cost}")
     if report["unusable_files"]:
         lines.append(f"  unusable files: {report['unusable_files']:,} (error rows, no call)")
@@ -436,7 +436,7 @@ def _in_flight_lines(entry: dict[str, Any]) -> list[str]:
     if not entry["jobs"]:
         return []
     usd = entry["batch_cost_usd"]
-    cost = f", ~${usd:,.2f} in Batch Mode" if usd is not None else ""
+    cost = f", ~{_usd(usd)} in Batch Mode" if usd is not None else ""
     return [
         f"  in flight in Batch Mode: {_count(entry['jobs'], 'job')} "
         f"({_count(entry['requests'], 'request')}){cost}: bought already, billed when collected"
@@ -530,18 +530,22 @@ def _cost_lines(report: dict[str, Any]) -> list[str]:
 
 
 def _money(costs: dict[str, Any]) -> str:
-    if costs["cost_usd"] is None:
-        return "no price known"
-    interactive = _range(costs.get("cost_usd_range"), money=True)
-    batch = _range(costs.get("batch_cost_usd_range"), money=True)
     return (
-        f"~{_usd(costs['cost_usd'])}{interactive} interactive, "
-        f"~{_usd(costs['batch_cost_usd'])}{batch} in Batch Mode"
+        f"~${costs['cost_usd']:,.2f}{_range(costs['cost_usd_range'], money=True)} interactive, "
+        f"~${costs['batch_cost_usd']:,.2f}{_range(costs['batch_cost_usd_range'], money=True)} in "
+        "Batch Mode"
     )
 
 
+def _plan_money(entry: dict[str, Any]) -> str:
+    """A category's cost: small ones to the hundredth of a cent (a nightly run's few files)."""
+    if entry["cost_usd"] is None:
+        return "no price known"
+    return f"~{_usd(entry['cost_usd'])} interactive, ~{_usd(entry['batch_cost_usd'])} in Batch Mode"
+
+
 def _usd(usd: float) -> str:
-    """Dollars and cents; a figure under a dollar to the hundredth of a cent (a small plan's)."""
+    """Dollars and cents; a figure under a dollar to the hundredth of a cent."""
     return f"${usd:,.2f}" if usd >= 1 or usd == 0 else f"${usd:,.4f}"
 
 
