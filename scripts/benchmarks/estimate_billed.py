@@ -5,7 +5,9 @@ task ($2.05 estimated, $0.60 paid). For each task, on the bundled samples (data/
 generated tiny images (one shape each), `python -m pipeline estimate CONFIG --json` on a fresh
 output (no history: the per-task prior, pipeline/cost.py), then `pipeline run`, against the
 local server: the estimate's interactive cost, the run's `cost_usd` (its billed tokens priced)
-and their ratio, and the same for output tokens alone (the part the priors decide).
+and their ratio, and the same for output tokens alone (the part the priors decide). Then, on the
+generated images again, the output's own history: a first run of a tenth (`--limit`), the
+estimate of the rest (its output tokens from those rows), and the run of the rest.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import pyarrow.compute as pc
 
 from .harness import ROOT, SEED, Benchmark, Ctx, Server, read_rows, run_pipeline, table
 from .harness import write_config as harness_config
@@ -37,6 +41,9 @@ TASK_LINES = {
 }
 
 
+BILLED_OUTPUT = ("output_tokens", "thoughts_tokens")  # the service bills both as output
+
+
 @dataclass(frozen=True)
 class Sizes:
     images: int
@@ -49,18 +56,24 @@ def run(ctx: Ctx[Sizes]) -> dict[str, Any]:
         "samples": [ROOT / "data" / "samples"],
         f"{sizes.images} tiny": make_tiny(ctx.images / "tiny", sizes.images),
     }
+    learn = sizes.images // 10
+    cases = [(name, inputs, 0) for name, inputs in sets.items()]
+    history = f"{sizes.images - learn} tiny, history of {learn}"
+    cases.append((history, sets[f"{sizes.images} tiny"], learn))
     figures: dict[str, Any] = {"images": sizes.images}
     rows = []
     with Server(ctx.logs / "estimate", seed=SEED, workers=2) as server:
-        for set_name, inputs in sets.items():
+        for number, (set_name, inputs, first) in enumerate(cases):
             for kind in TASK_LINES:
-                name = f"est-{kind}-{set_name.split()[-1]}"
+                name = f"est-{kind}-{number}"
                 config = _config(ctx, name, server.url, inputs, kind, sizes.concurrency)
+                if first:  # the output's own history: its first tenth answered
+                    run_pipeline(ctx, config, "--limit", str(first))
                 got = _compare(ctx, config)
                 figures.setdefault(set_name, {})[kind] = got
                 rows.append([set_name, kind, *got.values()])
     table(
-        "estimate vs billed: a fresh output per task, the estimate (per-task prior), then the run",
+        "estimate vs billed: the estimate (a fresh output: the per-task prior), then the run",
         ["images", "task", "est $", "billed $", "ratio", "est out tok", "billed out tok", "ratio"],
         rows,
     )
@@ -83,11 +96,9 @@ def _compare(ctx: Ctx[Sizes], config: Path) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "pipeline", "estimate", str(config), "--json"]
     report = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
     _, summary = run_pipeline(ctx, config)
-    output = Path(ctx.output(config.stem))
-    billed_tokens = read_rows(output, ["output_tokens", "thoughts_tokens"])
-    out = sum(
-        v or 0 for name in billed_tokens.column_names for v in billed_tokens[name].to_pylist()
-    )
+    rows = read_rows(Path(ctx.output(config.stem)), ["run_id", *BILLED_OUTPUT])
+    mine = rows.filter(pc.equal(rows["run_id"], summary["run_id"]))  # this run's rows
+    out = sum(value or 0 for name in BILLED_OUTPUT for value in mine[name].to_pylist())
     billed = summary["cost_usd"]
     return {
         "estimated_usd": report["cost_usd"],
