@@ -16,11 +16,12 @@ from pipeline.cli import main
 from pipeline.commands.estimate import estimate, format_estimate
 from pipeline.config import Config
 from pipeline.engines import RedoRefused, RunOptions, check_run
+from pipeline.localserver.options import ServerOptions
 from pipeline.localserver.server import LocalServer
 from pipeline.output.parts import current_rows
 from tests.conftest import REPO, make_config, run, save_scenes
 
-BOUGHT = ("new", "changed", "settings", "retry")
+KEY = "test-key"
 DETECT_PROMPT = "Find every shape. Answer with box_2d and label."
 # The priors (pipeline/cost.py) were measured on these samples: the estimate's output tokens
 # are within this factor of what the local server bills for them, task by task.
@@ -38,6 +39,15 @@ TASKS: dict[str, dict[str, Any]] = {
         '"required": ["count", "colours"]}',
     },
 }
+
+
+@pytest.fixture
+def server_options(monkeypatch: pytest.MonkeyPatch) -> ServerOptions:
+    """The `server` of this module: it takes KEY (found in the environment, as a user's key
+    is), and its Batch Mode jobs stay in flight for a minute."""
+    monkeypatch.setenv("GOOGLE_API_KEY", KEY)
+    monkeypatch.delenv("GEMINI_API_KEY", raising=False)
+    return ServerOptions(api_key=KEY, batch_seconds=60)
 
 
 def counts(report: dict[str, Any]) -> dict[str, int]:
@@ -141,11 +151,31 @@ async def test_a_raised_max_redo_lets_a_small_redo_go(tmp_path: Path, images_dir
     assert estimate(above)["plan"]["nothing_to_do"]  # larger than every image: no redo
 
 
+async def test_jobs_in_flight_in_batch_mode(
+    tmp_path: Path, images_dir: Path, server: LocalServer
+) -> None:
+    """Files in a submitted job are bought already: a Batch Mode run skips them, an interactive
+    run would buy them again; either way the plan shows the job at the batch price."""
+    save_scenes(images_dir, 3, prefix="a", seed=1)
+    api = {"base_url": server.base_url, "mode": "batch"}
+    config = make_config(tmp_path, api=api, task={"kind": "detect"})
+    submitted = await run(config, submit_only=True)
+    assert submitted.batch is not None and submitted.batch["jobs_in_flight"] == 1
+    save_scenes(images_dir, 1, prefix="b", seed=40)
+    report = estimate(config)
+    assert counts(report) == {"new": 1, "in_flight": 3}
+    job = report["plan"]["categories"]["in_flight"]
+    assert (job["jobs"], job["files"], job["cost_usd"]) == (1, 3, None)
+    assert job["batch_cost_usd"] > 0
+    assert "in flight in Batch Mode: 1 job (3 requests)" in format_estimate(report)
+    interactive = make_config(tmp_path, api={"base_url": server.base_url}, task={"kind": "detect"})
+    assert counts(estimate(interactive)) == {"new": 4, "in_flight": 3}
+
+
 async def test_run_plan_makes_no_call_and_needs_no_key(
     tmp_path: Path, images_dir: Path, server: LocalServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     save_scenes(images_dir, 3, prefix="a", seed=1)
-    monkeypatch.setenv("GOOGLE_API_KEY", "test-key")
     config = make_config(tmp_path, api={"base_url": server.base_url}, task={"kind": "detect"})
     await run(config)
     save_scenes(images_dir, 2, prefix="b", seed=30)

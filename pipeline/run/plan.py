@@ -23,6 +23,7 @@ import itertools
 import json
 import os
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,9 +108,9 @@ def plan(config: Config, *, limit: int | None = None, retry_errors: bool = False
     jobs, in_flight = _batch(config)
     done_test = DoneOrInFlight(index, DigestSet(in_flight))
     result = Plan(jobs=jobs, committed=_committed(config))
-    walk = _todo(config, done_test, result, limit)
     asked: set[str] = set()  # keys of this plan: a twin of one is copied, as in a run
     with Fetcher(settings_from(config)) as fetcher:
+        walk = _todo(config, done_test, result, limit, fetcher)
         for window in iter(lambda: list(itertools.islice(walk, WINDOW)), []):
             for work, unit in zip(window, _measured(window, config, fetcher), strict=True):
                 _place(config, index, result, asked, work, unit)
@@ -135,11 +136,15 @@ def _batch(config: Config) -> tuple[list[BatchJobRecord], bytes]:
     return jobs, fingerprints if config.api.mode == "batch" else b""
 
 
-def _todo(config: Config, done_test: DoneOrInFlight, result: Plan, limit: int | None) -> Any:
-    """The units a run would not skip, as the Producer walks (`limit`: at most that many);
-    those in a job in flight are counted in the plan as such."""
+def _todo(
+    config: Config, done_test: DoneOrInFlight, result: Plan, limit: int | None, fetcher: Fetcher
+) -> Iterator[Work]:
+    """The units a run would not skip, walked as the run's Producer walks (objects' and
+    manifest URLs' versions asked by the fetcher; `limit`: at most that many); those in a job
+    in flight are counted in the plan as such."""
     taken = 0
-    for work in work_units(config.input, skip=(config.output.dir,)):
+    walk = work_units(config.input, skip=(config.output.dir,), resolve=fetcher.resolve)
+    for work in walk:
         if limit is not None and taken >= limit:
             return
         identity = work_identity(work)
