@@ -136,7 +136,7 @@ def run(
         progress=progress,
         seed=seed,
         submit_only=submit_only,
-        yes=yes,
+        ask_before_redo=not yes,
     )
     return _blocking(lambda: _run(config, overrides, settings, options))
 
@@ -161,7 +161,7 @@ async def arun(
         progress=progress,
         seed=seed,
         submit_only=submit_only,
-        yes=yes,
+        ask_before_redo=not yes,
     )
     return await _run(config, overrides, settings, options)
 

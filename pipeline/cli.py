@@ -51,7 +51,7 @@ def _run(args: argparse.Namespace) -> int:
         limit=args.limit,
         progress=not args.quiet,
         submit_only=args.submit_only,
-        yes=args.yes,
+        ask_before_redo=not args.yes,
     )
     check_run(config, options)
     summary = run(config, options)

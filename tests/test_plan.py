@@ -15,7 +15,7 @@ from pipeline import exits
 from pipeline.cli import main
 from pipeline.commands.estimate import estimate, format_estimate
 from pipeline.config import Config
-from pipeline.engines import RedoRefused, RunOptions, check_run
+from pipeline.engines import RedoRefused
 from pipeline.localserver.options import ServerOptions
 from pipeline.localserver.server import LocalServer
 from pipeline.output.parts import current_rows
@@ -112,7 +112,7 @@ async def test_the_guard_refuses_a_mass_redo_without_yes(tmp_path: Path, images_
     await run(detect(tmp_path))
     changed = detect(tmp_path, prompt=DETECT_PROMPT)
     with pytest.raises(RedoRefused) as refused:
-        check_run(changed, RunOptions())
+        await run(changed, ask_before_redo=True)
     message = str(refused.value)
     assert "would redo 5 of the 5 committed detect rows" in message
     assert "--yes" in message
@@ -146,9 +146,12 @@ async def test_a_raised_max_redo_lets_a_small_redo_go(tmp_path: Path, images_dir
     assert counts(report) == {"settings": 1}
     (source,) = report["plan"]["settings_sources"]
     assert "max_side = 200 now shrinks" in source["why"]
-    check_run(shrunk, RunOptions())  # 1 of 10 is not more than 10%
     above = make_config(tmp_path, task={"kind": "detect"}, images={"max_side": 4096})
     assert estimate(above)["plan"]["nothing_to_do"]  # larger than every image: no redo
+    summary = await run(shrunk, ask_before_redo=True)  # 1 of 10 is not more than 10%
+    assert summary.api_calls == 1
+    summary = await run(above, ask_before_redo=True)
+    assert summary.api_calls == 0
 
 
 async def test_jobs_in_flight_in_batch_mode(

@@ -21,7 +21,7 @@ from pipeline.inputs.checks import check_groups, require_inputs
 from pipeline.inputs.references import load as load_references
 from pipeline.output.stores import MissingExtra
 from pipeline.run.identity import identify
-from pipeline.run.plan import RedoRefused, redo_guard
+from pipeline.run.plan import RedoRefused
 from pipeline.run.runner import RunOptions
 from pipeline.run.summary import RunSummary
 
@@ -33,16 +33,13 @@ RAY_EXTRA = "pip install 'gemini-vision-pipeline[ray]'"
 def check_run(config: Config, options: RunOptions) -> None:
     """What every front door (the `run` command, `pipeline.run()`) refuses before a run starts:
     inputs that are not there, an engine whose extra is not installed, --submit-only outside
-    Batch Mode or against the in-process server; and, without `options.yes`, a run that would
-    redo more committed rows than `[limits] max_redo` allows because settings changed
-    (`RedoRefused`: pipeline/run/plan.py), the same in a terminal and in cron."""
+    Batch Mode or against the in-process server. (A settings change that would redo too many
+    rows is refused once the run has read its resume index: `common.guard_redo`.)"""
     require_inputs(config)
     _check_caps(config)
     _require_engine(config)
     if options.submit_only:
         _check_submit_only(config)
-    if not options.yes:
-        redo_guard(config, limit=options.limit, retry_errors=options.retry_errors)
 
 
 def _require_engine(config: Config) -> None:

@@ -180,7 +180,8 @@ class ResumeIndex:
     done: DigestSet
     ok_keys: KeySet
     rows_read: int
-    settings_rows: int = 0  # current rows another request made (any task): redone if walked
+    current_rows: int = 0  # one a (file, task): any task's
+    settings_rows: int = 0  # of them, made by another request (another task's too)
     current: CurrentRows | None = None  # with `explain`: why a file not done is done again
 
     def is_done(self, image_root: str, image_path: str, size: int, mtime_ns: int) -> bool:
@@ -237,7 +238,7 @@ def load_resume_index(
     facts = load_facts(store, parts, suffix=suffixes, write=write_cache)
     current = CurrentRows() if explain else None
     done, ok, rows = facts.done(retry_errors, RETRY_RUNS, current), facts.ok_digests(), facts.rows
-    settings_rows = facts.settings_rows
+    current_rows, settings_rows = facts.current_rows, facts.settings_rows
     del facts  # before the sorted sets are built: their scratch is the peak otherwise
     done_set = DigestSet(done)
     del done  # each input goes as soon as its set is built: the peak is one set's scratch
@@ -251,6 +252,7 @@ def load_resume_index(
         done=done_set,
         ok_keys=ok_keys,
         rows_read=rows,
+        current_rows=current_rows,
         settings_rows=settings_rows,
         current=current,
     )

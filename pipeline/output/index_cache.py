@@ -205,7 +205,8 @@ class Gathered:
         self.suffix = suffix  # None: only groups and places (what a superseded share needs)
         self.number = {(entry.name, entry.size): at for at, entry in enumerate(parts)}
         self.rows = 0
-        self.settings_rows = 0  # current rows another request made (`done` counts them)
+        self.current_rows = 0  # one a group (`done` counts them)
+        self.settings_rows = 0  # current rows another request made (of them)
         self._next_row: dict[int, int] = {}
         self._pieces: dict[str, list[np.ndarray]] = {
             name: [] for name in ("group", "when", "flags", "file", "ok_sha")
@@ -243,6 +244,7 @@ class Gathered:
         files = self._pick("file", current)
         if explain is not None:
             explain.add(group[current], files, verdict)
+        self.current_rows = len(current)
         self.settings_rows = int(np.count_nonzero(verdict == SETTINGS))
         return files[verdict == DONE]
 

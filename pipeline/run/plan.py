@@ -291,19 +291,19 @@ def _run_config(output_dir: str, run_id: str) -> str | None:
 
 
 # ------------------------------------------------------------------------------ the guard
-def redo_guard(config: Config, *, limit: int | None = None, retry_errors: bool = False) -> None:
+def redo_guard(
+    config: Config, index: ResumeIndex, *, limit: int | None = None, retry_errors: bool = False
+) -> None:
     """Refuse (RedoRefused) a run of `config` whose plan redoes more of this task's committed
-    rows than `[limits] max_redo` allows because settings changed. Cheap when nothing changed
-    (the nightly run): the resume index counts the current rows another request made, and only
-    when there are some is the input walked for the plan (a stat a file; the files redone are
-    hashed to tell copies, which cost nothing, from purchases)."""
-    allowed = config.limits.max_redo
-    if allowed >= 1 or not _exists(config.output.dir):
-        return
-    index = load_resume_index(
-        config.output.dir, key_suffix=suffixes_of(config), retry_errors=retry_errors
-    )
-    if index.settings_rows == 0:
+    rows than `[limits] max_redo` allows because settings changed. `index`: the run's resume
+    index, which bounds the redo for free: at most its current rows another request made, out of
+    at least its other current rows (another task's rows count as made by another request, so
+    this bound cannot tell them apart). Within the bound (the nightly run) nothing more is
+    done; past it the input is walked for the plan (a stat a file; the files redone are hashed
+    to tell copies, which cost nothing, from purchases), once more a run for an output two tasks
+    share."""
+    allowed, stale = config.limits.max_redo, index.settings_rows
+    if allowed >= 1 or stale <= allowed * (index.current_rows - stale):
         return
     found = plan(config, limit=limit, retry_errors=retry_errors)
     redone = found.count(SETTINGS)
