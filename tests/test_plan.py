@@ -4,7 +4,9 @@ end: real runs against the local server, real files, real Parquet."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import shutil
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,9 @@ from pipeline.engines import RedoRefused
 from pipeline.localserver.options import ServerOptions
 from pipeline.localserver.server import LocalServer
 from pipeline.output.parts import current_rows
-from tests.conftest import REPO, make_config, run, save_scenes
+from pipeline.records import make_key
+from pipeline.run.identity import suffixes_of
+from tests.conftest import REPO, make_config, run, save_scenes, write_rows
 
 KEY = "test-key"
 DETECT_PROMPT = "Find every shape. Answer with box_2d and label."
@@ -226,3 +230,41 @@ def write_toml(tmp_path: Path, prompt: str | None, *, base_url: str = "local") -
         '[output]\ndir = "out"\nflush_seconds = 1\n'
     )
     return path
+
+
+async def test_retryable_errors_are_retried_and_others_are_done(
+    tmp_path: Path, images_dir: Path
+) -> None:
+    """An error row the next run tries again is in the plan as such; one it does not (not
+    retryable) is done, unless the run retries every error."""
+    save_scenes(images_dir, 3, prefix="a", seed=1)
+    config = detect(tmp_path)
+    await run(config)
+    failed = save_scenes(images_dir, 2, prefix="b", seed=10)  # never answered ok (no copy)
+    suffix = suffixes_of(config).as_is
+    errors = [error_row(failed[0], suffix, retryable=True), error_row(failed[1], suffix)]
+    await write_rows(tmp_path / "out", "errors", errors)
+    report = estimate(config)
+    assert counts(report) == {"retry": 1}
+    assert report["plan"]["samples"]["retry"] == ["b000.png"]
+    assert counts(estimate(config, retry_errors=True)) == {"retry": 2}
+    assert (await run(config)).api_calls == 1  # the plan's one retry
+
+
+def error_row(path: Path, suffix: str, *, retryable: bool = False) -> dict[str, Any]:
+    """An error row of `path` under the run's key suffix, as a run commits one."""
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    stat = path.stat()
+    return {
+        "key": make_key(sha, suffix),
+        "image_path": path.name,
+        "image_root": str(path.parent),
+        "image_sha256": sha,
+        "file_size": stat.st_size,
+        "file_mtime_ns": stat.st_mtime_ns,
+        "task": "detect",
+        "status": "error",
+        "error": "503 UNAVAILABLE" if retryable else "400 INVALID_ARGUMENT: this image",
+        "retryable": retryable,
+        "completed_at": datetime.now(UTC),
+    }
