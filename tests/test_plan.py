@@ -21,6 +21,7 @@ from pipeline.engines import RedoRefused
 from pipeline.localserver.options import ServerOptions
 from pipeline.localserver.server import LocalServer
 from pipeline.output.parts import current_rows
+from pipeline.output.sink import ParquetSink
 from pipeline.records import make_key
 from pipeline.run.identity import suffixes_of
 from tests.conftest import REPO, make_config, run, save_scenes, write_rows
@@ -232,6 +233,26 @@ def write_toml(tmp_path: Path, prompt: str | None, *, base_url: str = "local") -
     return path
 
 
+async def test_answers_in_a_journal_are_done(tmp_path: Path, images_dir: Path) -> None:
+    """Answers a running (or killed) run holds in its journal, not yet in a part, are done:
+    a run commits them before it walks. The plan reads them without taking the output."""
+    save_scenes(images_dir, 2, prefix="a", seed=1)
+    config = detect(tmp_path)
+    await run(config)
+    answered = save_scenes(images_dir, 3, prefix="b", seed=10)
+    suffix = suffixes_of(config).as_is
+    sink = await ParquetSink(tmp_path / "out", "running").__aenter__()
+    try:
+        for path in answered[:2]:
+            await sink.add(row_of(path, suffix))
+        await sink.sync()  # in the journal, not in a part
+        report = estimate(config)
+    finally:
+        await sink.close()
+    assert counts(report) == {"new": 1}
+    assert report["plan"]["done"] == 4
+
+
 async def test_retryable_errors_are_retried_and_others_are_done(
     tmp_path: Path, images_dir: Path
 ) -> None:
@@ -242,7 +263,7 @@ async def test_retryable_errors_are_retried_and_others_are_done(
     await run(config)
     failed = save_scenes(images_dir, 2, prefix="b", seed=10)  # never answered ok (no copy)
     suffix = suffixes_of(config).as_is
-    errors = [error_row(failed[0], suffix, retryable=True), error_row(failed[1], suffix)]
+    errors = [row_of(failed[0], suffix, retryable=True), row_of(failed[1], suffix, retryable=False)]
     await write_rows(tmp_path / "out", "errors", errors)
     report = estimate(config)
     assert counts(report) == {"retry": 1}
@@ -251,11 +272,12 @@ async def test_retryable_errors_are_retried_and_others_are_done(
     assert (await run(config)).api_calls == 1  # the plan's one retry
 
 
-def error_row(path: Path, suffix: str, *, retryable: bool = False) -> dict[str, Any]:
-    """An error row of `path` under the run's key suffix, as a run commits one."""
+def row_of(path: Path, suffix: str, *, retryable: bool | None = None) -> dict[str, Any]:
+    """A row of `path` under the run's key suffix, as a run commits one: ok, or (`retryable`
+    given) an error."""
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
     stat = path.stat()
-    return {
+    row = {
         "key": make_key(sha, suffix),
         "image_path": path.name,
         "image_root": str(path.parent),
@@ -263,8 +285,10 @@ def error_row(path: Path, suffix: str, *, retryable: bool = False) -> dict[str, 
         "file_size": stat.st_size,
         "file_mtime_ns": stat.st_mtime_ns,
         "task": "detect",
-        "status": "error",
-        "error": "503 UNAVAILABLE" if retryable else "400 INVALID_ARGUMENT: this image",
-        "retryable": retryable,
+        "status": "ok",
         "completed_at": datetime.now(UTC),
     }
+    if retryable is not None:
+        error = "503 UNAVAILABLE" if retryable else "400 INVALID_ARGUMENT: this image"
+        row.update(status="error", error=error, retryable=retryable)
+    return row

@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.output.index_cache import CurrentRows, file_digest, group_digest, load_facts
+from pipeline.output.journal import pending_rows
 from pipeline.output.memory import release_unused
 from pipeline.output.parts import Output, part_entries, read_part, read_parts
 from pipeline.output.stores import Entry, Store, open_store, store_key
@@ -221,6 +222,7 @@ def load_resume_index(
     retry_errors: bool,
     write_cache: bool = False,
     explain: bool = False,
+    journal: bool = False,
 ) -> ResumeIndex:
     """Read what is committed into a compact index for a run under settings `key_suffix` (its
     suffixes: a row under the as-is one counts only for an image `max_side` does not shrink).
@@ -230,12 +232,16 @@ def load_resume_index(
     once and kept beside them) or, for parts it does not cover yet, from the parts' own columns.
     `write_cache` (the output's writer only) stores the new facts for the next run. A sort of
     those finds each file's current row. `explain` keeps every current row's verdict too (why a
-    file is done again: `ResumeIndex.why`), for the plan of a run (pipeline/run/plan.py).
+    file is done again: `ResumeIndex.why`), and `journal` counts the rows a journal holds
+    (a killed or running run's) as committed, as the next run will have them: both for the plan
+    of a run (pipeline/run/plan.py), which takes no lock. A run recovers the journal first.
     """
     store = open_store(output)
     parts = part_entries(store, history=True)
     suffixes = _suffixes(key_suffix)
     facts = load_facts(store, parts, suffix=suffixes, write=write_cache)
+    if journal:
+        facts.add_rows("journal", pending_rows(store))
     current = CurrentRows() if explain else None
     done, ok, rows = facts.done(retry_errors, RETRY_RUNS, current), facts.ok_digests(), facts.rows
     current_rows, settings_rows = facts.current_rows, facts.settings_rows

@@ -41,7 +41,7 @@ import pyarrow.compute as pc
 from pipeline.output.memory import release_unused
 from pipeline.output.parts import read_parts
 from pipeline.output.stores import Entry, Store
-from pipeline.records import KeySuffixes, storable
+from pipeline.records import ROW_SCHEMA, KeySuffixes, storable
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,7 @@ COLUMNS = (
     "width",
     "height",
 )
+_COLUMNS_SCHEMA = pa.schema([ROW_SCHEMA.field(name) for name in COLUMNS])
 SCHEMA = pa.schema(
     [
         ("group", pa.uint64()),
@@ -212,6 +213,15 @@ class Gathered:
             name: [] for name in ("group", "when", "flags", "file", "ok_sha")
         }
         self._spans: list[tuple[int, int, int]] = []  # (part, first row, rows) of each batch
+
+    def add_rows(self, name: str, rows: list[dict[str, Any]]) -> None:
+        """Rows not in a part yet (a journal's), counted as the newest part's: the next run
+        commits them before it walks. Their facts are computed as a part's are."""
+        if not rows:
+            return
+        self.number[(name, -1)] = len(self.number)
+        batch = pa.RecordBatch.from_pylist(rows, schema=_COLUMNS_SCHEMA)
+        self.add(facts_of((name, -1), batch))
 
     def add(self, batch: PartFacts) -> None:
         facts, n = batch.facts, batch.facts.num_rows

@@ -6,7 +6,9 @@ by the run's own tests, without a call, a write or an API key.
       committed, or asked earlier in this plan: `Bought`'s test) ─► why it is bought:
       new | changed | settings | retry (`ResumeIndex.why`: the current row's verdict)
 
-Every decision is the run's: `ResumeIndex.is_done` and `DoneOrInFlight` are the walk's tests,
+Every decision is the run's: `ResumeIndex.is_done` and `DoneOrInFlight` are the walk's tests
+(the index read with the answers a killed or running run holds in its journal, which a run
+commits before it walks),
 the key is made as the runner makes it (the bytes' sha256 and the suffix of the sizes sent),
 and a key in the index's `ok_keys` is what `Bought.find` copies. Only the files the run would
 read anyway are read whole (to hash them); a finished output is walked with a stat each.
@@ -126,6 +128,7 @@ def _index(config: Config, retry_errors: bool) -> ResumeIndex:
         key_suffix=suffixes_of(config),
         retry_errors=retry_errors,
         explain=True,
+        journal=_exists(config.output.dir),  # (a folder not made yet holds no journal)
     )
 
 
