@@ -45,6 +45,7 @@ from pipeline.output.state import BatchJobRecord, peek_batch
 from pipeline.output.stores import open_store
 from pipeline.records import (
     ImageItem,
+    KeySuffixes,
     SourceFile,
     Work,
     as_group,
@@ -245,40 +246,50 @@ def _settings_sources(config: Config, result: Plan) -> list[dict[str, Any]]:
     """Who made the rows a settings change would redo (the current rows of the units in that
     category): their model, key suffix, rows and the latest run (and its config file) that made
     them, most rows first."""
+    suffixes = suffixes_of(config)
+    counted, latest = _tally(_redone_rows(config, result))
+    return [
+        {
+            "model": model,
+            "key_suffix": suffix,
+            "rows": rows,
+            "run_id": latest[(model, suffix)],
+            "config": _run_config(config.output.dir, latest[(model, suffix)]),
+            "why": _why(config, suffixes, model, suffix),
+        }
+        for (model, suffix), rows in counted.most_common()
+    ]
+
+
+def _redone_rows(config: Config, result: Plan) -> pa.Table:
+    """The current rows of this task of the units a settings change redoes."""
     columns = ["image_root", "image_path", "task", "model", "key", "run_id"]
     table = current_rows(config.output.dir, columns)
     places = pc.binary_join_element_wise(table["image_root"], table["image_path"], "\0")
     wanted = pa.array(["\0".join(place) for place in result.redone], pa.string())
     mine = pc.and_(pc.equal(table["task"], config.task.kind), pc.is_in(places, wanted))
-    table = table.filter(pc.fill_null(mine, False))
-    counted: Counter[tuple[str, str]] = Counter()
-    latest: dict[tuple[str, str], str] = {}
-    for row in table.to_pylist():
+    return table.filter(pc.fill_null(mine, False))
+
+
+Source = tuple[str, str]  # (model, key suffix) of a row
+
+
+def _tally(rows: pa.Table) -> tuple[Counter[Source], dict[Source, str]]:
+    """Rows by (model, key suffix), and the latest run id of each."""
+    counted: Counter[Source] = Counter()
+    latest: dict[Source, str] = {}
+    for row in rows.to_pylist():
         source = (row["model"] or "", row["key"].rpartition(".")[2])
         counted[source] += 1
         latest[source] = max(latest.get(source, ""), row["run_id"] or "")
-    return [
-        _source(config, model, suffix, rows, latest[(model, suffix)])
-        for (model, suffix), rows in counted.most_common()
-    ]
+    return counted, latest
 
 
-def _source(config: Config, model: str, suffix: str, rows: int, run_id: str) -> dict[str, Any]:
-    return {
-        "model": model,
-        "key_suffix": suffix,
-        "rows": rows,
-        "run_id": run_id,
-        "config": _run_config(config.output.dir, run_id),
-        "why": _why(config, model, suffix),
-    }
-
-
-def _why(config: Config, model: str, suffix: str) -> str:
+def _why(config: Config, suffixes: KeySuffixes, model: str, suffix: str) -> str:
     """What differs between the request that made a row and the run's, as far as a row says."""
     if model and model != config.api.model:
         return f"model {model} -> {config.api.model}"
-    if suffixes_of(config).owns(suffix):  # its request, had max_side not shrunk the image
+    if suffixes.owns(suffix):  # its request, had max_side not shrunk the image
         return f"[images] max_side = {config.images.max_side} now shrinks these images"
     return "the request differs (prompt, generation settings, reference images or max_side)"
 
