@@ -110,6 +110,12 @@ async def test_a_changed_file_and_a_prompt_change(tmp_path: Path, images_dir: Pa
     assert "the request differs" in source["why"]
     text = format_estimate(report)
     assert "settings changed (rows redone): 3 requests" in text
+    other = make_config(tmp_path, api={"model": "gemini-2.5-flash-lite"}, task={"kind": "detect"})
+    report = estimate(other)
+    assert counts(report) == {"changed": 1, "settings": 3}
+    (source,) = report["plan"]["settings_sources"]
+    assert source["why"] == "model gemini-2.5-flash -> gemini-2.5-flash-lite"
+    assert report["output_tokens_from"] == "per-task prior"  # no rows of that model yet
 
 
 async def test_the_guard_refuses_a_mass_redo_without_yes(tmp_path: Path, images_dir: Path) -> None:
