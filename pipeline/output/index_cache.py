@@ -251,11 +251,12 @@ class Gathered:
         if not self.rows:
             return np.zeros(0, dtype="V16")
         group, current, verdict = self._verdicts(retry_errors, retry_runs)
-        files = self._pick("file", current)
-        if explain is not None:
-            explain.add(group[current], files, verdict)
         self.current_rows = len(current)
         self.settings_rows = int(np.count_nonzero(verdict == SETTINGS))
+        if explain is None:  # a run: only the done rows' files (the resume's peak memory)
+            return self._pick("file", current[verdict == DONE])
+        files = self._pick("file", current)
+        explain.add(group[current], files, verdict)
         return files[verdict == DONE]
 
     def _verdicts(
