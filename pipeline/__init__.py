@@ -31,6 +31,7 @@ _LAZY = {
     "MissingExtra": "pipeline.output.stores",
     "OutputDirBusy": "pipeline.output.stores",
     "UnreadablePart": "pipeline.output.parts",
+    "RedoRefused": "pipeline.run.plan",
 }
 __all__ = ["__version__", *_LAZY]
 

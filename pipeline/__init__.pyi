@@ -10,6 +10,7 @@ from pipeline.config import ConfigError as ConfigError
 from pipeline.output.parts import UnreadablePart as UnreadablePart
 from pipeline.output.stores import MissingExtra as MissingExtra
 from pipeline.output.stores import OutputDirBusy as OutputDirBusy
+from pipeline.run.plan import RedoRefused as RedoRefused
 from pipeline.run.summary import RunSummary as RunSummary
 
 __version__: str
@@ -18,6 +19,7 @@ __all__ = [
     "ConfigError",
     "MissingExtra",
     "OutputDirBusy",
+    "RedoRefused",
     "RunSummary",
     "UnreadablePart",
     "__version__",

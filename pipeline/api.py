@@ -41,13 +41,13 @@ from pipeline.commands.tune import TuneOptions, TuneReport, reference_of, vary_o
 from pipeline.commands.tune import tune as tune_config
 from pipeline.config import SECTIONS, Config, ConfigError, flags, parse_config, with_overrides
 from pipeline.config import load_config as load_toml
-from pipeline.engines import RunOptions, check_run, run_async
+from pipeline.engines import RedoRefused, RunOptions, check_run, run_async
 from pipeline.inputs.checks import require_inputs
 from pipeline.output.parts import Output, current_rows
 from pipeline.run.stop import interrupt
 from pipeline.run.summary import RunSummary
 
-__all__ = ["ConfigSource", "arun", "estimate", "load_config", "read", "run", "tune"]
+__all__ = ["ConfigSource", "RedoRefused", "arun", "estimate", "load_config", "read", "run", "tune"]
 
 T = TypeVar("T")
 # A TOML file's path, a dict shaped like the file (its sections as keys), or a loaded Config.
@@ -122,21 +122,24 @@ def run(
     progress: bool = False,
     submit_only: bool = False,
     seed: int | None = None,
+    yes: bool = False,
     **settings: Any,
 ) -> RunSummary:
     """Run a config to completion (or a clean stop) and return its summary, as `pipeline run`
     does (its `exit_code` is the command's). Safe inside a running event loop (a notebook).
 
-    `limit`, `retry_errors`, `submit_only`: the command's --limit, --retry-errors,
-    --submit-only; `progress`: the progress line on stderr (off: a library call prints
-    nothing); `seed`: the retries' backoff jitter (None: from the OS). Overrides as in
-    `load_config`."""
+    `limit`, `retry_errors`, `submit_only`, `yes`: the command's --limit, --retry-errors,
+    --submit-only, --yes (a run that would redo more committed rows than `[limits] max_redo`
+    allows because settings changed raises `RedoRefused` without it); `progress`: the progress
+    line on stderr (off: a library call prints nothing); `seed`: the retries' backoff jitter
+    (None: from the OS). Overrides as in `load_config`."""
     options = RunOptions(
         retry_errors=retry_errors,
         limit=limit,
         progress=progress,
         seed=seed,
         submit_only=submit_only,
+        ask_before_redo=not yes,
     )
     return _blocking(lambda: _run(config, overrides, settings, options))
 
@@ -151,6 +154,7 @@ async def arun(
     progress: bool = False,
     submit_only: bool = False,
     seed: int | None = None,
+    yes: bool = False,
     **settings: Any,
 ) -> RunSummary:
     """`run`, awaited in the caller's event loop (see `run` for the arguments)."""
@@ -160,6 +164,7 @@ async def arun(
         progress=progress,
         seed=seed,
         submit_only=submit_only,
+        ask_before_redo=not yes,
     )
     return await _run(config, overrides, settings, options)
 
@@ -261,12 +266,14 @@ def estimate(
     overrides: Mapping[str, Any] | None = None,
     *,
     limit: int | None = None,
+    retry_errors: bool = False,
     **settings: Any,
 ) -> dict[str, Any]:
-    """`pipeline estimate --json`'s report: tokens, cost and time of a run, no API call."""
+    """`pipeline estimate --json`'s report: the plan of a run now (what it would do with each
+    file, by the run's own tests) and its tokens, cost and time, no API call."""
     loaded = load_config(config, overrides, **settings)
     require_inputs(loaded)
-    return estimate_config(loaded, limit=limit)
+    return estimate_config(loaded, limit=limit, retry_errors=retry_errors)
 
 
 def tune(

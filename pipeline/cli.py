@@ -20,6 +20,7 @@ from pipeline.config import ConfigError, flags, load_config, with_overrides
 from pipeline.inputs.checks import require_inputs
 from pipeline.output.parts import UnreadablePart
 from pipeline.output.stores import MissingExtra, OutputDirBusy
+from pipeline.run.plan import RedoRefused
 
 if TYPE_CHECKING:
     from pipeline.config import Config
@@ -43,11 +44,14 @@ def _run(args: argparse.Namespace) -> int:
     from pipeline.engines import RunOptions, check_run, run
 
     config = _config(args)
+    if args.plan:
+        return _plan(config, args)
     options = RunOptions(
         retry_errors=args.retry_errors,
         limit=args.limit,
         progress=not args.quiet,
         submit_only=args.submit_only,
+        ask_before_redo=not args.yes,
     )
     check_run(config, options)
     summary = run(config, options)
@@ -257,12 +261,24 @@ def _tune_run(args: argparse.Namespace, config: Config, label: str) -> RunSummar
     return summary
 
 
+def _plan(config: Config, args: argparse.Namespace) -> int:
+    """`run --plan`: the estimate's plan and cost of this run, printed; no call, no key."""
+    from pipeline.commands.estimate import estimate, format_estimate
+
+    require_inputs(config)
+    report = estimate(config, limit=args.limit, retry_errors=args.retry_errors)
+    if args.json:
+        _print(json.dumps(report, indent=2))
+    _say(format_estimate(report))
+    return exits.OK
+
+
 def _estimate(args: argparse.Namespace) -> int:
     from pipeline.commands.estimate import estimate, format_estimate
 
     config = _config(args)
     require_inputs(config)
-    report = estimate(config, limit=args.limit)
+    report = estimate(config, limit=args.limit, retry_errors=args.retry_errors)
     print(json.dumps(report, indent=2) if args.json else format_estimate(report))
     return 0
 
@@ -418,6 +434,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retry-errors", action="store_true", help="redo rows that ended in error")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.add_argument("--json", action="store_true", help=_JSON_HELP)
+    p.add_argument(
+        "--plan",
+        action="store_true",
+        help="print what the run would do now and its cost (as `estimate`), then exit: no call",
+    )
+    p.add_argument(
+        "--yes",
+        action="store_true",
+        help="go on when a settings change would redo more committed rows than [limits] "
+        "max_redo allows",
+    )
     _add_batch_run_flags(p)
     p.set_defaults(func=_run)
 
@@ -428,10 +455,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_status)
 
-    p = sub.add_parser("estimate", help="dry run: tokens, cost and time, no API call")
+    p = sub.add_parser(
+        "estimate", help="dry run: what a run now would do, its tokens, cost and time, no API call"
+    )
     p.add_argument("config")
     _add_setting_flags(p)
     p.add_argument("--limit", type=int, metavar="N")
+    p.add_argument("--retry-errors", action="store_true", help="as run --retry-errors")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_estimate)
 
@@ -683,6 +713,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         another = ", or choose another --output" if args.command == "run" else ""
         _say(f"error: {exc}{another}")
         return exits.USAGE
+    except RedoRefused as exc:
+        _say(f"not started: {exc}")
+        return exc.exit_code
     except KeyboardInterrupt:
         _say("interrupted")
         return exits.STOPPED

@@ -152,6 +152,14 @@ class LimitsConfig:
     max_usd_per_day: float | None = setting(
         None, s.usd_or_none, "USD per quota day (midnight Pacific) in this output (0: none)"
     )
+    # 10%: a new prompt or model (every row) is asked about, a max_side that shrinks a few
+    # huge images is not (pipeline/run/plan.py `redo_guard`)
+    max_redo: float = setting(
+        0.1,
+        s.between(0, 1),
+        "share of this task's committed rows a run may redo because settings changed before "
+        "it asks for --yes (1: never asks)",
+    )
     concurrency: int = setting(
         16, s.positive_int, "requests in flight", flag="--concurrency", type=int
     )

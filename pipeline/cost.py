@@ -25,20 +25,33 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.models import ModelTable, Price, default_table, lookup
+from pipeline.models import Model, ModelTable, Price, default_table, lookup
 
 BATCH_MODE = "batch"  # the `input_mode` of a row answered in Batch Mode
 NO_TIER = 2**62  # the threshold of a price without a long-prompt tier: no prompt passes it
-# Output tokens per image when there is no history to learn from: masks are long, labels short.
-# `pipeline estimate` and the spending caps (pipeline/run/spend.py) weigh a request's answer so.
-OUTPUT_GUESS = {
-    "detect": 250,
-    "segment": 2500,
-    "point": 120,
-    "caption": 60,
-    "classify": 8,
-    "custom": 200,
+# Output tokens (answer + thought: the service bills both as output) of one image's answer when
+# the output has no history to learn from (a history wins: `pipeline estimate` uses this
+# output's own mean a row, per task and model). `pipeline estimate`, `run --plan` and the
+# spending caps (pipeline/run/spend.py) all weigh an answer by `expected_output`: one table.
+# Measured (2026-12-06) by running each task's default prompt over the 10 bundled samples
+# (data/samples, ~3 shapes an image) against the local server, mean billed output a row:
+# detect 39.0, segment 614.7 (PNG masks), point 32.3, caption 23.7, classify 2.6, custom 12.6
+# (configs/custom.toml's prompt), on gemini-2.5-flash, -flash-lite and 3-flash-preview alike
+# (none of them thinks at the lowest setting the tasks send). The seeds' examples bill no
+# usage; the issue's real segment run (~550 an image) agrees with the segment figure, where the
+# old flat guess (2,500) made that estimate 3.4x the bill. `scripts/bench.py estimate-vs-billed`
+# re-measures the estimate against the bill (docs/benchmarks.md).
+OUTPUT_PRIOR = {
+    "detect": 40,
+    "segment": 615,
+    "point": 32,
+    "caption": 24,
+    "classify": 3,
+    "custom": 13,
 }
+# Models that answer masks as polygons (3.6+ Flash: `segmentation = "polygon"` in the table)
+# bill far less for them: 3.8 Flash's answers were 136 tokens an image (272 with thought).
+POLYGON_SEGMENT = 136
 PER_IMAGE_OUTPUT = ("detect", "segment", "point")  # a group's answer lists each image's objects
 
 
@@ -65,9 +78,29 @@ def price_of(model: str, day: date | None, table: ModelTable | None = None) -> P
     return lookup(model, table).price(day) if known else None
 
 
-def expected_output(kind: str, images: int) -> int:
-    """Output tokens a request about `images` images is expected to be billed, with no history."""
-    return OUTPUT_GUESS[kind] * (images if kind in PER_IMAGE_OUTPUT else 1)
+def expected_output(kind: str, images: int, model: Model | None = None) -> int:
+    """Output tokens (answer and thought) a request about `images` images is expected to be
+    billed with no history, on `model` (its table entry: the mask shape it answers and how
+    little it can think; None: a model that does not think, PNG masks)."""
+    answer = OUTPUT_PRIOR[kind]
+    if kind == "segment" and model is not None and model.segmentation == "polygon":
+        answer = POLYGON_SEGMENT
+    answer *= images if kind in PER_IMAGE_OUTPUT else 1
+    return answer + _thought(answer, model)
+
+
+def _thought(answer: int, model: Model | None) -> int:
+    """Thought tokens at the lowest thinking a task sends (pipeline/tasks/generation.py): none
+    where the model can turn it off (budget 0, level "minimal"), else about as much as the
+    answer, held to the budget (2.5 Pro's least is 128). Measured on the local server: 3.1 Pro
+    and 3.8 Flash (lowest level "low") billed 2.0x the answers of the models that do not think
+    (detect 78 against 39); the real service's thought is the model's own, so this is a prior."""
+    if model is None:
+        return 0
+    budget, level = model.thinking.lowest()
+    if budget == 0 or level == "minimal" or model.thinking.control == "none":
+        return 0
+    return min(answer, budget) if budget else answer
 
 
 def tier_of(price: Price, long: bool) -> Price:

@@ -6,6 +6,10 @@ OK = 0  # every row of the run is ok
 ROWS_NOT_OK = 1  # some rows are error, blocked or partial (see `pipeline status`)
 USAGE = 2  # bad config, key or usage (a wrong model, a damaged part...): fix it, then run again
 STOPPED = 3  # stopped early (Ctrl-C, a quota, a full disk, a lost lease...): rerun to resume
+# not started: the run would redo more committed rows than `[limits] max_redo` allows because
+# settings changed; rerun with --yes (or a higher max_redo) to go on. Not 2: nothing is wrong,
+# the spending needs a yes; not 3: rerunning the same command would refuse again.
+CONFIRM = 4
 
 EPILOG = f"""exit codes:
   {OK}  every row of the run is ok
@@ -13,4 +17,6 @@ EPILOG = f"""exit codes:
   {USAGE}  bad config, key or usage (a wrong key or model, a missing extra, a damaged part, a
      bucket that cannot be used): the message says what to fix; fix it, then run again
   {STOPPED}  stopped early (Ctrl-C, SIGTERM, a quota, a full disk, a lost lease on a bucket, an
-     outage): the message says why; rerun the same command to resume"""
+     outage): the message says why; rerun the same command to resume
+  {CONFIRM}  not started: a settings change would redo more committed rows than [limits]
+     max_redo allows; the message says what and why; rerun with --yes to go on"""

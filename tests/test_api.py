@@ -184,7 +184,7 @@ def test_estimate_reads_the_config_and_the_outputs_history(
         3,
         "gemini-2.5-flash-lite",
     )
-    assert before["output_tokens_from"] == "per-task guess"
+    assert before["output_tokens_from"] == "per-task prior"
     assert after["output_tokens_from"] == f"{sum(summary.rows.values())} earlier rows"
 
 

@@ -405,11 +405,12 @@ async def test_the_estimate_counts_tokens_per_group_as_the_server_bills(
     assert report["input_tokens_per_request"] == pytest.approx(report["input_tokens"] / 2)
     text = format_estimate(report)
     assert "in 2 requests (groups of 1.5 images on average)" in text and "tokens a request" in text
-    tight = make_config(
+    tight = make_config(  # a fresh output: the estimate prices what a run would do now
         tmp_path,
         input={"group_by": "folder"},
         task={"kind": "detect"},
         limits={"tpm": billed["pair"] - 10},
+        output={"dir": str(tmp_path / "fresh")},
     )
     assert estimate(tight)["requests_over_limits"] == 1
 

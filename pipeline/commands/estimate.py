@@ -1,5 +1,12 @@
 """`pipeline estimate`: what a run would cost in tokens, money and time, without one API call.
 
+It prices the run that would happen now (`run --plan` prints the same): the plan of
+pipeline/run/plan.py sorts every input unit by the run's own tests into done (skipped, $0),
+new, changed, settings (its row was made by another request), retry (an error tried again),
+copy (its answer is committed: $0) and in flight (in a Batch Mode job: billed when collected),
+and each category is priced, interactive and Batch Mode side by side. A finished output is
+"nothing to do", $0.
+
 Image tokens follow the model's documented rule (the model table's `tokens`, computed by
 pipeline.gemini.tokens, the same rules the local server bills by) from each image's header and
 EXIF alone; Gemini 3's per-image figures are documented maxima, so those totals are "at most".
@@ -8,8 +15,9 @@ group_by`): its input is their tokens plus the prompt's and the captions' (pipel
 multi.py), so reference images cost their tokens once per request. Each request is estimated by
 the very calculation a run makes before sending it (pipeline/run/costing.py), so the estimate's
 input tokens are the sum of the run's rows' `est_prompt_tokens`. Output tokens come from
-earlier rows of the same task in the output directory (a row is a request) when there are some,
-else from a per-task guess (per image for the tasks that locate objects). Prices come from the
+earlier rows of the same task and model in the output directory (a row is a request) when there
+are some, else from the per-task, per-model prior `cost.expected_output` (measured on the local
+server: see pipeline/cost.py; per image for the tasks that locate objects). Prices come from the
 model table (interactive and Batch Mode side by side): today's period, each request at its own
 prompt-size tier (a group or reference-image request may pass the Pro models' 200k), no token
 assumed cached (implicit caching is the service's to decide: a saving, never a promise). When
@@ -21,7 +29,6 @@ or a lower media resolution would save, and how many requests a limit would refu
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
 from datetime import UTC, date, datetime, timedelta
@@ -30,25 +37,22 @@ from typing import Any
 import pyarrow.compute as pc
 
 from pipeline.config import Config
-from pipeline.cost import OUTPUT_GUESS, PER_IMAGE_OUTPUT, requests_cost
+from pipeline.cost import expected_output, requests_cost
 from pipeline.gemini.tokens import (
     GLOBAL_RESOLUTION_TOKENS_2X,
     MEDIA_RESOLUTION_TOKENS,
     image_token_range,
 )
-from pipeline.inputs import images, references
+from pipeline.inputs import references
 from pipeline.inputs.checks import check_groups
-from pipeline.inputs.fetch import Fetcher, FetchError, settings_from
-from pipeline.inputs.source import work_units
 from pipeline.locations import is_url
 from pipeline.models import Model, Price
 from pipeline.output.parts import current_rows
-from pipeline.records import ImageItem, members_of
 from pipeline.run import context_cache
 from pipeline.run.costing import Costing, TokenEstimate
+from pipeline.run.plan import BOUGHT, COPY, IN_FLIGHT, Plan, plan
 from pipeline.tasks import get_task
 
-WINDOW = 64  # units measured together: the remote ones among them are read concurrently
 MAX_SIDE_CHOICES = (384, 768, 1024, 1536)
 # A price period ending within this many days: the estimate gives the next period's cost too (a
 # scheduled or Batch Mode run started now may well buy after the change).
@@ -67,16 +71,17 @@ def _scaled(sizes: Sizes, max_side: int | None) -> Sizes:
     return scaled
 
 
-def _output_history(output_dir: str, task: str) -> tuple[int, float] | None:
-    """(rows, mean billed output+thought tokens) of the current ok rows of this task, if any
-    (read through the output's store: a folder or a bucket)."""
+def _output_history(output_dir: str, task: str, model: str) -> tuple[int, float] | None:
+    """(rows, mean billed output+thought tokens) of the current ok rows of this task and model
+    that were billed (a copy bills nothing), if any (read through the output's store: a folder
+    or a bucket)."""
     if not is_url(output_dir) and not os.path.isdir(output_dir):
         return None
-    table = current_rows(output_dir, ["task", "status", "output_tokens", "thoughts_tokens"])
-    mine = pc.fill_null(
-        pc.and_(pc.equal(table["task"], task), pc.equal(table["status"], "ok")), False
-    )
-    table = table.filter(mine)
+    columns = ["task", "model", "status", "prompt_tokens", "output_tokens", "thoughts_tokens"]
+    table = current_rows(output_dir, columns)
+    mine = pc.and_(pc.equal(table["task"], task), pc.equal(table["model"], model))
+    billed = pc.and_(pc.equal(table["status"], "ok"), pc.is_valid(table["prompt_tokens"]))
+    table = table.filter(pc.fill_null(pc.and_(mine, billed), False))
     if table.num_rows == 0:
         return None
     out = pc.sum(pc.fill_null(table["output_tokens"], 0)).as_py() or 0
@@ -84,14 +89,21 @@ def _output_history(output_dir: str, task: str) -> tuple[int, float] | None:
     return table.num_rows, (out + thought) / table.num_rows
 
 
-def estimate(config: Config, *, limit: int | None = None, on: date | None = None) -> dict[str, Any]:
-    """Walk the inputs like a run would (headers only) and add up the costs, at the prices of
-    `on` (today, UTC, by default)."""
+def estimate(
+    config: Config,
+    *,
+    limit: int | None = None,
+    on: date | None = None,
+    retry_errors: bool = False,
+) -> dict[str, Any]:
+    """The plan of a run of `config` now (pipeline/run/plan.py: headers, and the bytes of the
+    files it would buy, read; no call) priced at the prices of `on` (today, UTC, by default)."""
     spec = config.task.spec
     check_groups(config)
     loaded = references.load(config)
     costing = Costing(config, get_task(config.task.kind).request(config.task), loaded)
-    units, unusable = _units(config, limit)
+    planned = plan(config, limit=limit, retry_errors=retry_errors)
+    units = planned.bought
     estimates = [costing.request(unit) for unit in units]  # as a run estimates each request
     sizes = [size for unit in units for size in unit]
     found, requests = len(sizes), len(units)
@@ -100,8 +112,8 @@ def estimate(config: Config, *, limit: int | None = None, on: date | None = None
     prompt_total = costing.prompt_tokens * requests + sum(costing.captions(len(u)) for u in units)
     inputs = [estimate.input_tokens for estimate in estimates]
     input_total = sum(inputs)
-    history = _output_history(config.output.dir, config.task.kind)
-    outputs = _request_outputs(config.task.kind, units, history)
+    history = _output_history(config.output.dir, config.task.kind, config.api.model)
+    outputs = _request_outputs(config, units, history)
     output_total = round(sum(outputs))
     day = on or datetime.now(UTC).date()
     price = spec.price(day)
@@ -118,7 +130,8 @@ def estimate(config: Config, *, limit: int | None = None, on: date | None = None
         "images": found,
         "requests": requests,
         "grouped": config.task.grouped,
-        "unusable_files": unusable,
+        "unusable_files": planned.unusable,
+        "plan": _plan_report(config, planned, costing, history, price),
         "image_tokens": image_total,
         "tokens_an_image_range": _per_image_range(costing),
         "reference_images": len(loaded),
@@ -132,10 +145,10 @@ def estimate(config: Config, *, limit: int | None = None, on: date | None = None
         "requests_long_prompt": _long_prompts(price, inputs),
         "output_tokens": output_total,
         "output_tokens_per_image": round(
-            output_total / found if found else _guess(history, config.task.kind), 1
+            output_total / found if found else _guess(history, config), 1
         ),
         "output_tokens_per_request": round(output_total / requests, 1) if requests else 0,
-        "output_tokens_from": f"{history[0]} earlier rows" if history else "per-task guess",
+        "output_tokens_from": f"{history[0]} earlier rows" if history else "per-task prior",
         "price_on": day.isoformat(),
         "price_per_million": _price_dict(price),
         **_costs(price, inputs, outputs, bounds),
@@ -146,64 +159,80 @@ def estimate(config: Config, *, limit: int | None = None, on: date | None = None
     }
 
 
-def _units(config: Config, limit: int | None) -> tuple[list[Sizes], int]:
-    """(sent sizes of each request's images, in order; how many files are unusable). A group
-    with an unusable member makes no request (its row would be an error). `limit`: the first
-    units of the walk, as `run --limit`.
-
-    Objects and URLs are read whole through a `Fetcher` (the run's bounds, retries and caps; no
-    API key), WINDOW units at a time so their reads overlap; local files by their headers."""
-    units: list[Sizes] = []
-    unusable = 0
-    walk = work_units(config.input)
-    with Fetcher(settings_from(config)) as fetcher:
-        for window in iter(lambda: list(itertools.islice(walk, WINDOW)), []):
-            if limit is not None:
-                window = window[: max(0, limit - len(units) - unusable)]
-            for work, measured in zip(window, _measured(window, config, fetcher), strict=True):
-                failed = sum(1 for item in measured if item.error)
-                unusable += failed
-                if not failed and work.error is None:
-                    units.append([(item.sent_width, item.sent_height) for item in measured])
-            if limit is not None and len(units) + unusable >= limit:
-                break
-    return units, unusable
-
-
-def _measured(window: list[Any], config: Config, fetcher: Fetcher) -> list[list[ImageItem]]:
-    """Each unit's members measured; the remote ones read together first."""
-    remote = [
-        src for work in window for src in members_of(work) if is_url(src.path) and not src.error
-    ]
-    read = dict(zip(map(id, remote), fetcher.read_all(remote), strict=True))
-    side = config.images.max_side
-    measured = []
-    for work in window:
-        items = []
-        for src in members_of(work):
-            got = read.get(id(src))
-            if isinstance(got, FetchError):
-                items.append(ImageItem(source=src, error=str(got)))
-            else:
-                items.append(images.measure(src, max_side=side, data=got))
-        measured.append(items)
-    return measured
+def _plan_report(
+    config: Config,
+    planned: Plan,
+    costing: Costing,
+    history: tuple[int, float] | None,
+    price: Price | None,
+) -> dict[str, Any]:
+    """Each category of the plan with its count and cost (interactive and Batch Mode)."""
+    categories: dict[str, Any] = {}
+    for category in BOUGHT:
+        units = planned.units[category]
+        inputs = [costing.request(unit).input_tokens for unit in units]
+        outputs = _request_outputs(config, units, history)
+        categories[category] = {**_counts(units), **_priced(price, inputs, outputs)}
+    copies = planned.units[COPY]
+    categories[COPY] = {**_counts(copies), "cost_usd": 0.0, "batch_cost_usd": 0.0}
+    categories[IN_FLIGHT] = _in_flight(config, planned, history, price)
+    return {
+        "done": planned.done,
+        "committed_rows": planned.committed,
+        "nothing_to_do": not planned.bought and not planned.unusable,
+        "categories": categories,
+        "samples": planned.samples,
+        "settings_sources": planned.settings_sources,
+    }
 
 
-def _guess(history: tuple[int, float] | None, kind: str) -> float:
-    return history[1] if history else float(OUTPUT_GUESS[kind])
+def _counts(units: list[Sizes]) -> dict[str, int]:
+    return {"requests": len(units), "images": sum(len(unit) for unit in units)}
+
+
+def _priced(price: Price | None, inputs: list[int], outputs: list[float]) -> dict[str, Any]:
+    """Tokens and cost of some requests, interactive and in Batch Mode (None: no price)."""
+    costs = _costs(price, inputs, outputs, None)
+    return {
+        "input_tokens": sum(inputs),
+        "output_tokens": round(sum(outputs)),
+        "cost_usd": costs["cost_usd"],
+        "batch_cost_usd": costs["batch_cost_usd"],
+    }
+
+
+def _in_flight(
+    config: Config, planned: Plan, history: tuple[int, float] | None, price: Price | None
+) -> dict[str, Any]:
+    """The Batch Mode jobs in flight: bought already (billed when collected, at the batch
+    price), at their recorded input estimate and the expected answers; not in the plan's total."""
+    each = history[1] if history else expected_output(config.task.kind, 1, config.task.spec)
+    inputs = [job.est_tokens for job in planned.jobs]
+    outputs = [each * job.requests for job in planned.jobs]
+    return {
+        "jobs": len(planned.jobs),
+        "requests": sum(job.requests for job in planned.jobs),
+        "files": len(planned.units[IN_FLIGHT]),
+        **_priced(price, inputs, outputs),
+        "cost_usd": None,  # bought in Batch Mode: there is no interactive figure
+    }
+
+
+def _guess(history: tuple[int, float] | None, config: Config) -> float:
+    if history:
+        return history[1]
+    return float(expected_output(config.task.kind, 1, config.task.spec))
 
 
 def _request_outputs(
-    kind: str, units: list[Sizes], history: tuple[int, float] | None
+    config: Config, units: list[Sizes], history: tuple[int, float] | None
 ) -> list[float]:
-    """Output tokens of each request: the history's mean a row, else the per-task guess (per
-    image for the tasks that locate objects)."""
+    """Output tokens of each request: the history's mean a row, else the task's prior on the
+    model (per image for the tasks that locate objects)."""
     if history is not None:
         return [history[1]] * len(units)
-    if kind in PER_IMAGE_OUTPUT:
-        return [float(OUTPUT_GUESS[kind] * len(unit)) for unit in units]
-    return [float(OUTPUT_GUESS[kind])] * len(units)
+    kind, spec = config.task.kind, config.task.spec
+    return [float(expected_output(kind, len(unit), spec)) for unit in units]
 
 
 def _input_bounds(
@@ -376,6 +405,46 @@ def _time(config: Config, requests: int, input_total: int) -> dict[str, Any]:
     }
 
 
+# How the plan's categories read (pipeline/run/plan.py), in the order they are listed.
+PLAN_LINES = {
+    "new": "new files",
+    "changed": "changed files",
+    "settings": "settings changed (rows redone)",
+    "retry": "retryable errors",
+    "copy": "copies of answers held (free)",
+}
+
+
+def format_plan(report: dict[str, Any]) -> list[str]:
+    """The plan's lines: what a run now would do, each category's count and cost."""
+    planned = report["plan"]
+    if planned["nothing_to_do"] and not planned["categories"][IN_FLIGHT]["jobs"]:
+        return [f"plan: nothing to do ({planned['done']:,} done), $0"]
+    lines = [f"plan of a run now: {planned['done']:,} done (skipped, $0)"]
+    for category, label in PLAN_LINES.items():
+        entry = planned["categories"][category]
+        if entry["requests"]:
+            cost = "$0" if category == COPY else _plan_money(entry)
+            lines.append(f"  {label}: {_count(entry['requests'], 'request')}, {cost}")
+    if report["unusable_files"]:
+        lines.append(f"  unusable files: {report['unusable_files']:,} (error rows, no call)")
+    lines += _in_flight_lines(planned["categories"][IN_FLIGHT])
+    for source in planned["settings_sources"]:
+        lines.append(f"    {source['rows']:,} rows of run {source['run_id']}: {source['why']}")
+    return lines
+
+
+def _in_flight_lines(entry: dict[str, Any]) -> list[str]:
+    if not entry["jobs"]:
+        return []
+    usd = entry["batch_cost_usd"]
+    cost = f", ~{_usd(usd)} in Batch Mode" if usd is not None else ""
+    return [
+        f"  in flight in Batch Mode: {_count(entry['jobs'], 'job')} "
+        f"({_count(entry['requests'], 'request')}){cost}: bought already, billed when collected"
+    ]
+
+
 def format_estimate(report: dict[str, Any]) -> str:
     most = "at most " if report["image_tokens_are_maxima"] else ""
     several = report["grouped"] or report["reference_images"]
@@ -388,6 +457,7 @@ def format_estimate(report: dict[str, Any]) -> str:
     lines = [
         f"model {report['model']} (table entry {report['model_entry']}, token rule "
         f"{report['token_rule']}), task {report['task']}",
+        *format_plan(report),
         f"images: {report['images']:,}{_requests(report)} ({report['unusable_files']} unusable "
         "files)",
         f"input tokens: {most}{report['input_tokens']:,}{_range(report['input_tokens_range'])} "
@@ -468,6 +538,18 @@ def _money(costs: dict[str, Any]) -> str:
         f"~${costs['batch_cost_usd']:,.2f}{_range(costs['batch_cost_usd_range'], money=True)} in "
         "Batch Mode"
     )
+
+
+def _plan_money(entry: dict[str, Any]) -> str:
+    """A category's cost: small ones to the hundredth of a cent (a nightly run's few files)."""
+    if entry["cost_usd"] is None:
+        return "no price known"
+    return f"~{_usd(entry['cost_usd'])} interactive, ~{_usd(entry['batch_cost_usd'])} in Batch Mode"
+
+
+def _usd(usd: float) -> str:
+    """Dollars and cents; a figure under a dollar to the hundredth of a cent."""
+    return f"${usd:,.2f}" if usd >= 1 or usd == 0 else f"${usd:,.4f}"
 
 
 def _rates(price: dict[str, Any]) -> str:

@@ -21,10 +21,11 @@ from pipeline.inputs.checks import check_groups, require_inputs
 from pipeline.inputs.references import load as load_references
 from pipeline.output.stores import MissingExtra
 from pipeline.run.identity import identify
+from pipeline.run.plan import RedoRefused
 from pipeline.run.runner import RunOptions
 from pipeline.run.summary import RunSummary
 
-__all__ = ["RunOptions", "check_run", "run", "run_async"]
+__all__ = ["RedoRefused", "RunOptions", "check_run", "run", "run_async"]
 
 RAY_EXTRA = "pip install 'gemini-vision-pipeline[ray]'"
 
@@ -32,7 +33,8 @@ RAY_EXTRA = "pip install 'gemini-vision-pipeline[ray]'"
 def check_run(config: Config, options: RunOptions) -> None:
     """What every front door (the `run` command, `pipeline.run()`) refuses before a run starts:
     inputs that are not there, an engine whose extra is not installed, --submit-only outside
-    Batch Mode or against the in-process server."""
+    Batch Mode or against the in-process server. (A settings change that would redo too many
+    rows is refused once the run has read its resume index: `common.guard_redo`.)"""
     require_inputs(config)
     _check_caps(config)
     _require_engine(config)

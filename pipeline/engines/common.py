@@ -54,6 +54,7 @@ from pipeline.run.buyers import InteractiveBuyer
 from pipeline.run.calls import Caller, RunStopped
 from pipeline.run.identity import RunIdentity, suffixes_of
 from pipeline.run.limits import DailyCount, RateLimiter, quota_day
+from pipeline.run.plan import redo_guard
 from pipeline.run.reuse import Bought, recent_capacity
 from pipeline.run.runner import ImageRunner, RowCounts, RunOptions
 from pipeline.run.spend import Spend
@@ -443,6 +444,7 @@ class Opener:
         state = open_state(out, self.config)  # after the lock: read what the last run left
         stack.callback(state.close)
         index = await asyncio.to_thread(self._index, out)
+        await guard_redo(self.config, self.options, index)
         client = await stack.enter_async_context(await self._client(stack))
         caller = self._caller(client, state, stop)
         # a run that fails still deletes its context cache: before the client closes (LIFO)
@@ -505,6 +507,16 @@ class Opener:
             references=self.references,
             spend=output_spend(self.config, state),
         )
+
+
+async def guard_redo(config: Config, options: RunOptions, index: ResumeIndex) -> None:
+    """Refuse (RedoRefused, before any call) a run whose plan redoes more committed rows than
+    `[limits] max_redo` allows because settings changed, when its front door asks. Here, not
+    before the run, because the run's own resume index says for free whether any current row
+    was made by another request: the nightly run pays nothing for the check."""
+    if options.ask_before_redo:
+        limit, retry_errors = options.limit, options.retry_errors
+        await asyncio.to_thread(redo_guard, config, index, limit=limit, retry_errors=retry_errors)
 
 
 def output_spend(config: Config, state: State) -> Spend:

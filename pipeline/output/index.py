@@ -28,11 +28,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.output.index_cache import file_digest, load_facts
+from pipeline.output.index_cache import CurrentRows, file_digest, group_digest, load_facts
+from pipeline.output.journal import pending_rows
 from pipeline.output.memory import release_unused
 from pipeline.output.parts import Output, part_entries, read_part, read_parts
 from pipeline.output.stores import Entry, Store, open_store, store_key
-from pipeline.records import ROW_SCHEMA, KeySuffixes
+from pipeline.records import ROW_SCHEMA, KeySuffixes, fingerprint
 
 _SHA_DIGEST_BYTES = 16  # of a key's sha256: 128 bits tell a million files apart with ease
 RETRY_RUNS = 3  # a retryable error is tried again by at most this many later plain runs
@@ -180,13 +181,48 @@ class ResumeIndex:
     done: DigestSet
     ok_keys: KeySet
     rows_read: int
+    current_rows: int = 0  # one a (file, task): any task's
+    settings_rows: int = 0  # of them, made by another request (another task's too)
+    current: CurrentRows | None = None  # with `explain`: why a file not done is done again
 
     def is_done(self, image_root: str, image_path: str, size: int, mtime_ns: int) -> bool:
         return file_digest(image_root, image_path, size, mtime_ns) in self.done
 
+    def why(self, image_root: str, image_path: str, size: int, mtime_ns: int, task: str) -> str:
+        """Why a file `is_done` does not skip is done again (`CurrentRows.why`); the index must
+        have been loaded with `explain`."""
+        if self.current is None:
+            raise ValueError("the resume index was loaded without explain=True")
+        group = group_digest(image_root, image_path, task)
+        return self.current.why(group, file_digest(image_root, image_path, size, mtime_ns))
+
+
+class DoneOrInFlight:
+    """Batch Mode's walk test: done (the resume index), or in a Batch Mode job in flight (the
+    fingerprints of their files, `State.in_flight_fingerprints`)."""
+
+    def __init__(self, index: ResumeIndex, in_flight: DigestSet) -> None:
+        self.index = index
+        self.in_flight = in_flight
+
+    def is_done(self, image_root: str, image_path: str, size: int, mtime_ns: int) -> bool:
+        if self.index.is_done(image_root, image_path, size, mtime_ns):
+            return True
+        return self.in_job(image_root, image_path, size, mtime_ns)
+
+    def in_job(self, image_root: str, image_path: str, size: int, mtime_ns: int) -> bool:
+        digest = fingerprint(image_root, image_path, size, mtime_ns, self.index.key_suffix)
+        return digest in self.in_flight
+
 
 def load_resume_index(
-    output: Output, *, key_suffix: KeySuffixes | str, retry_errors: bool, write_cache: bool = False
+    output: Output,
+    *,
+    key_suffix: KeySuffixes | str,
+    retry_errors: bool,
+    write_cache: bool = False,
+    explain: bool = False,
+    journal: bool = False,
 ) -> ResumeIndex:
     """Read what is committed into a compact index for a run under settings `key_suffix` (its
     suffixes: a row under the as-is one counts only for an image `max_side` does not shrink).
@@ -195,13 +231,20 @@ def load_resume_index(
     (`pipeline/output/index_cache.py`: committed parts never change, so their facts are computed
     once and kept beside them) or, for parts it does not cover yet, from the parts' own columns.
     `write_cache` (the output's writer only) stores the new facts for the next run. A sort of
-    those finds each file's current row.
+    those finds each file's current row. `explain` keeps every current row's verdict too (why a
+    file is done again: `ResumeIndex.why`), and `journal` counts the rows a journal holds
+    (a killed or running run's) as committed, as the next run will have them: both for the plan
+    of a run (pipeline/run/plan.py), which takes no lock. A run recovers the journal first.
     """
     store = open_store(output)
     parts = part_entries(store, history=True)
     suffixes = _suffixes(key_suffix)
     facts = load_facts(store, parts, suffix=suffixes, write=write_cache)
-    done, ok, rows = facts.done(retry_errors, RETRY_RUNS), facts.ok_digests(), facts.rows
+    if journal:
+        facts.add_rows("journal", pending_rows(store))
+    current = CurrentRows() if explain else None
+    done, ok, rows = facts.done(retry_errors, RETRY_RUNS, current), facts.ok_digests(), facts.rows
+    current_rows, settings_rows = facts.current_rows, facts.settings_rows
     del facts  # before the sorted sets are built: their scratch is the peak otherwise
     done_set = DigestSet(done)
     del done  # each input goes as soon as its set is built: the peak is one set's scratch
@@ -215,6 +258,9 @@ def load_resume_index(
         done=done_set,
         ok_keys=ok_keys,
         rows_read=rows,
+        current_rows=current_rows,
+        settings_rows=settings_rows,
+        current=current,
     )
 
 

@@ -41,7 +41,7 @@ import pyarrow.compute as pc
 from pipeline.output.memory import release_unused
 from pipeline.output.parts import read_parts
 from pipeline.output.stores import Entry, Store
-from pipeline.records import KeySuffixes, storable
+from pipeline.records import ROW_SCHEMA, KeySuffixes, storable
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,11 @@ FILE_ROWS = 100_000  # rows in one cache file at most (~5 MB; held whole only wh
 # first build (1M rows, no cache) from peaking ~50 MB higher than it needs (measured).
 RELEASE_EVERY = 8
 OK, ERROR, RETRYABLE, MINE = 1, 2, 4, 8
+# What a run does with a file whose current row it finds (`Gathered.done`, `CurrentRows`): skip
+# it, or do it again because another request made that row, or because it is an error to retry.
+DONE, SETTINGS, RETRY = 0, 1, 2
+VERDICT_NAMES = ("done", "settings", "retry")
+NEW, CHANGED = "new", "changed"  # no row of this file yet; a row of other bytes (size, mtime)
 COLUMNS = (
     "image_root",
     "image_path",
@@ -66,6 +71,7 @@ COLUMNS = (
     "width",
     "height",
 )
+_COLUMNS_SCHEMA = pa.schema([ROW_SCHEMA.field(name) for name in COLUMNS])
 SCHEMA = pa.schema(
     [
         ("group", pa.uint64()),
@@ -123,6 +129,40 @@ def file_digest(image_root: str, image_path: str, size: object, mtime_ns: object
     return low.to_bytes(8, "little") + high.to_bytes(8, "little")
 
 
+def group_digest(image_root: str, image_path: str, task: str) -> int:
+    """The 64-bit digest of a row's (image_root, image_path, task) group, as `facts_of` computes
+    it for stored rows: one file (or group of files) asked one task."""
+    text = storable(f"{image_root}\0{image_path}").encode("utf-8")
+    head = hashlib.blake2b(text, digest_size=16).digest()
+    return int.from_bytes(head[:8], "little") ^ task_word(task)
+
+
+class CurrentRows:
+    """Every current row's group, file digest and verdict (DONE, SETTINGS, RETRY), sorted by
+    group: why a file the resume index does not skip is done again (`why`). Kept only when
+    asked for (`load_resume_index(explain=True)`: `pipeline estimate`, `run --plan`): 25 bytes a
+    current row."""
+
+    def __init__(self) -> None:
+        self.groups = np.zeros(0, dtype=np.uint64)
+        self.files = np.zeros(0, dtype="V16")
+        self.verdicts = np.zeros(0, dtype=np.uint8)
+
+    def add(self, groups: np.ndarray, files: np.ndarray, verdicts: np.ndarray) -> None:
+        order = np.argsort(groups, kind="stable")
+        self.groups, self.files, self.verdicts = groups[order], files[order], verdicts[order]
+
+    def why(self, group: int, file: bytes) -> str:
+        """ "new" (no row of this group), "changed" (its row is of other bytes: another size or
+        mtime), else its current row's verdict: "settings", "retry" (or "done")."""
+        at = int(np.searchsorted(self.groups, np.uint64(group)))
+        if at >= len(self.groups) or int(self.groups[at]) != group:
+            return NEW
+        if self.files[at].tobytes() != file:
+            return CHANGED
+        return VERDICT_NAMES[int(self.verdicts[at])]
+
+
 def _word(value: object) -> int:
     return value & _M64 if isinstance(value, int) and not isinstance(value, bool) else _NONE
 
@@ -166,11 +206,22 @@ class Gathered:
         self.suffix = suffix  # None: only groups and places (what a superseded share needs)
         self.number = {(entry.name, entry.size): at for at, entry in enumerate(parts)}
         self.rows = 0
+        self.current_rows = 0  # one a group (`done` counts them)
+        self.settings_rows = 0  # current rows another request made (of them)
         self._next_row: dict[int, int] = {}
         self._pieces: dict[str, list[np.ndarray]] = {
             name: [] for name in ("group", "when", "flags", "file", "ok_sha")
         }
         self._spans: list[tuple[int, int, int]] = []  # (part, first row, rows) of each batch
+
+    def add_rows(self, name: str, rows: list[dict[str, Any]]) -> None:
+        """Rows not in a part yet (a journal's), counted as the newest part's: the next run
+        commits them before it walks. Their facts are computed as a part's are."""
+        if not rows:
+            return
+        self.number[(name, -1)] = len(self.number)
+        batch = pa.RecordBatch.from_pylist(rows, schema=_COLUMNS_SCHEMA)
+        self.add(facts_of((name, -1), batch))
 
     def add(self, batch: PartFacts) -> None:
         facts, n = batch.facts, batch.facts.num_rows
@@ -191,10 +242,29 @@ class Gathered:
         ok = (flags & (OK | MINE)) == (OK | MINE)
         pieces["ok_sha"].append(_binary16(facts.column("sha"))[ok])
 
-    def done(self, retry_errors: bool, retry_runs: int) -> np.ndarray:
-        """File digests (V16) of the files whose current row says: skip (see dataset's rule)."""
+    def done(
+        self, retry_errors: bool, retry_runs: int, explain: CurrentRows | None = None
+    ) -> np.ndarray:
+        """File digests (V16) of the files whose current row says: skip (see dataset's rule).
+        `explain` is given every current row's group, file and verdict (`verdicts`): why the
+        others are done again, as `pipeline estimate` tells."""
         if not self.rows:
             return np.zeros(0, dtype="V16")
+        group, current, verdict = self._verdicts(retry_errors, retry_runs)
+        self.current_rows = len(current)
+        self.settings_rows = int(np.count_nonzero(verdict == SETTINGS))
+        if explain is None:  # a run: only the done rows' files (the resume's peak memory)
+            return self._pick("file", current[verdict == DONE])
+        files = self._pick("file", current)
+        explain.add(group[current], files, verdict)
+        return files[verdict == DONE]
+
+    def _verdicts(
+        self, retry_errors: bool, retry_runs: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(every row's group, the current rows in order, what a run does with each): DONE,
+        SETTINGS (made by another request: the run's is not this one), or RETRY (an error
+        tried again: any with `retry_errors`, else a retryable one within `retry_runs`)."""
         group, when = self._take("group", keep=False), self._take("when", keep=False)
         place = self._places()
         order = np.lexsort((place, when, group))
@@ -202,18 +272,19 @@ class Gathered:
         ordered = group[order]
         newest = np.ones(len(order), dtype=bool)
         newest[:-1] = ordered[1:] != ordered[:-1]
-        current = order[newest]
+        current = np.sort(order[newest])
         del order, newest, ordered
         flags = self._take("flags", keep=False)
         mine = (flags & MINE) != 0
-        current = current[mine[current]]
-        error = (flags & ERROR) != 0
         if retry_errors:
-            current = current[~error[current]]
+            retry = ((flags & ERROR) != 0)[current]
         else:
             retryable = ((flags & RETRYABLE) != 0) & mine
-            current = current[~_retry_now(current, group, retryable, retry_runs)]
-        return self._pick("file", np.sort(current))
+            retry = _retry_now(current, group, retryable, retry_runs)
+        verdict = np.full(len(current), SETTINGS, dtype=np.uint8)
+        verdict[mine[current]] = DONE
+        verdict[mine[current] & retry] = RETRY
+        return group, current, verdict
 
     def _pick(self, name: str, rows: np.ndarray) -> np.ndarray:
         """Rows (sorted) of one column, piece by piece: the column is never joined whole, and
@@ -499,11 +570,12 @@ def _task_words(tasks: pa.Array) -> np.ndarray:
     """A 64-bit word per row for its task (a hash of each distinct task): groups of different
     tasks on the same file differ."""
     encoded = pc.dictionary_encode(pc.fill_null(tasks, ""))
-    words = [
-        int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), "little")
-        for t in encoded.dictionary.to_pylist()
-    ]
+    words = [task_word(t) for t in encoded.dictionary.to_pylist()]
     return np.array(words, dtype=np.uint64)[encoded.indices.to_numpy()]
+
+
+def task_word(task: str) -> int:
+    return int.from_bytes(hashlib.blake2b(task.encode(), digest_size=8).digest(), "little")
 
 
 def _digests(joined: pa.Array, size: int) -> bytes:

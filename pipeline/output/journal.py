@@ -130,6 +130,17 @@ def split_header(
     return schema.field(0), rows
 
 
+def pending_rows(store: Store) -> list[dict[str, Any]]:
+    """The rows of every segment not yet turned into its part (what recovery would commit, and
+    a live run's answers since its last part), for a look at the output that takes no lock:
+    the plan of a run (pipeline/run/plan.py)."""
+    rows: list[dict[str, Any]] = []
+    for name in segments(store):
+        if store.info(part_for(name)) is None:
+            rows.extend(recovered(store, name).rows)
+    return rows
+
+
 def held_answers(store: Store) -> int:
     """Answers in the output's journal, not yet in parts: one line each (a line still being
     written is not counted). What a live run has received since its last part; on a bucket,

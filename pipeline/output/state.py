@@ -107,6 +107,10 @@ class BatchRequestRecord:
 
 
 _JOB_COLUMNS = ", ".join(f.name for f in fields(BatchJobRecord))
+_IN_FLIGHT_FILES = (  # the fingerprints of the files of the jobs in flight
+    "SELECT r.fingerprint FROM batch_requests r JOIN batch_jobs j ON j.id = r.job"
+    f" WHERE j.phase IN ({', '.join('?' * len(IN_FLIGHT))})"
+)
 _REQUEST_COLUMNS = ", ".join(f.name for f in fields(BatchRequestRecord))
 _BATCH_SCHEMA = (
     "CREATE TABLE IF NOT EXISTS batch_jobs (id INTEGER PRIMARY KEY AUTOINCREMENT,"
@@ -329,12 +333,7 @@ class State:
 
     def in_flight_fingerprints(self) -> bytes:
         """The fingerprints of every file a job in flight answers, joined (16 bytes each)."""
-        rows = self._write(
-            "SELECT r.fingerprint FROM batch_requests r JOIN batch_jobs j ON j.id = r.job"
-            f" WHERE j.phase IN ({', '.join('?' * len(IN_FLIGHT))})",
-            IN_FLIGHT,
-        )
-        return b"".join(row[0] for row in rows)
+        return b"".join(row[0] for row in self._write(_IN_FLIGHT_FILES, IN_FLIGHT))
 
     def add_batch_file(self, job: int, name: str) -> None:
         self._write("INSERT OR REPLACE INTO batch_files VALUES (?, ?)", (job, name))
@@ -398,6 +397,36 @@ class State:
     def _many(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         with self._mutex:
             self.db.executemany(sql, rows)
+
+
+def peek_batch(output_dir: str | Path | Store) -> tuple[list[BatchJobRecord], bytes]:
+    """The Batch Mode jobs in flight of an output and their files' fingerprints (joined, 16
+    bytes each), read without taking the output: `pipeline estimate` looks while a run may own
+    it, and creates nothing (no state file where there was none)."""
+    store = open_store(output_dir)
+    if store.info(STATE_FILE) is None:
+        return [], b""
+    if store.local:
+        uri = (Path(store.url) / STATE_FILE).resolve().as_uri() + "?mode=ro"
+        db = sqlite3.connect(uri, uri=True)
+    else:
+        db = sqlite3.connect(":memory:")
+        db.deserialize(store.read(STATE_FILE))
+    try:
+        return _in_flight(db)
+    except sqlite3.OperationalError:  # a state file of an output that never used Batch Mode
+        return [], b""
+    finally:
+        db.close()
+
+
+def _in_flight(db: sqlite3.Connection) -> tuple[list[BatchJobRecord], bytes]:
+    phases = ", ".join("?" * len(IN_FLIGHT))
+    jobs = db.execute(
+        f"SELECT {_JOB_COLUMNS} FROM batch_jobs WHERE phase IN ({phases}) ORDER BY id", IN_FLIGHT
+    ).fetchall()
+    files = db.execute(_IN_FLIGHT_FILES, IN_FLIGHT).fetchall()
+    return [BatchJobRecord(*row) for row in jobs], b"".join(row[0] for row in files)
 
 
 def _now() -> str:

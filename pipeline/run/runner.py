@@ -54,6 +54,9 @@ class RunOptions:
     progress: bool = True
     seed: int | None = None  # backoff jitter; None: from the OS
     submit_only: bool = False  # Batch Mode: submit the jobs and exit; a later run collects
+    # refuse a settings change that redoes more than [limits] max_redo (run/plan.py): the front
+    # doors (cli, api) ask unless told --yes; an engine's own caller (a test) does not
+    ask_before_redo: bool = False
 
 
 class RowCounts:

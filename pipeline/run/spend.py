@@ -4,9 +4,10 @@ day, counted in its `.state.sqlite` across runs, reset at midnight Pacific as `r
 A request is admitted only if what was billed so far, plus what is in flight at its estimate,
 plus its own estimate stays within each cap; otherwise the run stops (drains, exit 3) before it
 is sent, so the bill passes a cap by at most the error of the estimates in flight. An estimate
-is the request's estimated input tokens and the task's expected output tokens (`cost.OUTPUT_GUESS`)
-at the model table's price; when the answer comes its billed tokens replace it. A call abandoned
-in flight may be billed: it keeps its input's estimate, as the summary's `abandoned_est_usd` does.
+is the request's estimated input tokens and the task's expected output tokens on the model
+(`cost.expected_output`: the priors `pipeline estimate` uses) at the model table's price; when
+the answer comes its billed tokens replace it. A call abandoned in flight may be billed: it
+keeps its input's estimate, as the summary's `abandoned_est_usd` does.
 
 Batch Mode is checked before each job is created, at the job's estimate at the batch price; a
 created job counts as spent at that estimate (its results are billed later, often in another
@@ -67,6 +68,7 @@ class Spend:
         self.kind = config.task.kind
         self.max_output = config.task.max_output_tokens
         self.model = config.api.model
+        self.spec = config.task.spec
         self.price: Price | None = price_of(config.api.model, None)
         self.run_usd = 0.0  # billed (and abandoned at their estimate) in this run
         self.day_usd = spent_today  # the same, today, in this output: earlier runs too
@@ -79,7 +81,7 @@ class Spend:
         the batch price for a Batch Mode job's request)."""
         if self.price is None:
             return 0.0
-        output = expected_output(self.kind, images)
+        output = expected_output(self.kind, images, self.spec)
         if self.max_output is not None:
             output = min(output, self.max_output)
         return self.price.cost(input_tokens, output, batch=batch)

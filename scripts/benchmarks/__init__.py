@@ -12,6 +12,7 @@
     bucket_listing.py  bucket_run.py  bucket_resume.py  compaction.py   the same, for buckets
                    and `pipeline compact` (s3server.py: the local S3 they run against)
     supersede.py   a run's end setting aside what it superseded, copy-on-write (issue 20)
+    estimate_billed.py  `pipeline estimate` against what the run then bills, per task (issue 21)
 
 A benchmark is a module that ends with
 
@@ -35,6 +36,7 @@ from . import (
     bucket_run,
     compaction,
     duplicates,
+    estimate_billed,
     hanging,
     hostile_masks,
     journal,
@@ -70,4 +72,5 @@ BENCHMARKS: dict[str, Benchmark[Any]] = {
     "bucket-resume": bucket_resume.BENCHMARK,
     "compact": compaction.BENCHMARK,
     "supersede": supersede.BENCHMARK,
+    "estimate-vs-billed": estimate_billed.BENCHMARK,
 }

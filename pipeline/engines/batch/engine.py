@@ -18,7 +18,8 @@ interactive path; only how an answer is bought differs. Rows bought here say `in
 
 Never paid twice (details in submit.py and jobs.py): a job is recorded before it is created and
 its name saved the moment it comes; a rerun — or `pipeline batch wait` — re-attaches to every job
-in flight instead of creating one, and the walk skips their files like committed ones (`_Skip`).
+in flight instead of creating one, and the walk skips their files like committed ones
+(`output.index.DoneOrInFlight`).
 `--submit-only` submits and exits; a later run (the next cron run) collects, and submits what is
 new.
 """
@@ -52,7 +53,7 @@ from pipeline.engines.common import (
     summarise,
     walking,
 )
-from pipeline.output.index import DigestSet, ResumeIndex
+from pipeline.output.index import DigestSet, DoneOrInFlight
 from pipeline.records import Work, fingerprint, work_identity
 from pipeline.run.runner import ImageRunner
 from pipeline.run.stop import Stop
@@ -127,7 +128,7 @@ class BatchEngine:
         with --submit-only, leave them to a later run). Returns the walk, for the summary."""
         # Read before any collection: a file of a job collected from here on is committed
         # after the resume index was read, and must be skipped all the same.
-        skip = _Skip(opened.index, DigestSet(opened.state.in_flight_fingerprints()))
+        skip = DoneOrInFlight(opened.index, DigestSet(opened.state.in_flight_fingerprints()))
         producer = Producer(self.config, skip, self.options.limit, opened.fetcher, opened.preflight)
         await guarded(stop, jobs.check_all())
         caller = opened.caller
@@ -192,20 +193,6 @@ class BatchEngine:
             await retries.submit(work)
         else:
             await guarded(stop, runner.process(work))
-
-
-class _Skip:
-    """The walk's test: done (the resume index), or in a Batch Mode job in flight."""
-
-    def __init__(self, index: ResumeIndex, in_flight: DigestSet) -> None:
-        self.index = index
-        self.in_flight = in_flight
-
-    def is_done(self, image_root: str, image_path: str, size: int, mtime_ns: int) -> bool:
-        if self.index.is_done(image_root, image_path, size, mtime_ns):
-            return True
-        digest = fingerprint(image_root, image_path, size, mtime_ns, self.index.key_suffix)
-        return digest in self.in_flight
 
 
 class InteractiveRetries:

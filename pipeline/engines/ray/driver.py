@@ -59,6 +59,7 @@ from pipeline.engines.common import (
     Preflight,
     Producer,
     RunStart,
+    guard_redo,
     make_client,
     open_output,
     open_state,
@@ -131,6 +132,7 @@ class RayEngine:
                 key_suffix=self.identity.suffixes,
                 retry_errors=self.options.retry_errors,
             )
+            await guard_redo(self.config, self.options, index)
             base_url, key = await service_endpoint(self.config, stack)
             quota = await self._quota(key)
             fleet = Fleet(self.config, self._setup(base_url, key, quota), index.ok_keys)

@@ -1,0 +1,349 @@
+"""The plan of a run: what a run of a config would do now with each unit of its inputs, decided
+by the run's own tests, without a call, a write or an API key.
+
+    walk (as the run's Producer) ─► done? (the resume index, and in Batch Mode the jobs in
+      flight: the walk's `DoneTest`) ─► unusable? (header) ─► copy? (the key's answer is
+      committed, or asked earlier in this plan: `Bought`'s test) ─► why it is bought:
+      new | changed | settings | retry (`ResumeIndex.why`: the current row's verdict)
+
+Every decision is the run's: `ResumeIndex.is_done` and `DoneOrInFlight` are the walk's tests
+(the index read with the answers a killed or running run holds in its journal, which a run
+commits before it walks),
+the key is made as the runner makes it (the bytes' sha256 and the suffix of the sizes sent),
+and a key in the index's `ok_keys` is what `Bought.find` copies. Only the files the run would
+read anyway are read whole (to hash them); a finished output is walked with a stat each.
+
+`pipeline estimate` prices the plan (pipeline/commands/estimate.py); `run --plan` prints it;
+`redo_guard` refuses a run whose plan redoes more committed rows because settings changed than
+`[limits] max_redo` allows, unless the user said yes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline import exits
+from pipeline.config import Config
+from pipeline.inputs import images
+from pipeline.inputs.fetch import Fetcher, FetchError, settings_from
+from pipeline.inputs.source import work_units
+from pipeline.locations import is_url
+from pipeline.output.index import DigestSet, DoneOrInFlight, ResumeIndex, load_resume_index
+from pipeline.output.index_cache import CHANGED, NEW
+from pipeline.output.parts import RUNS_DIR, current_rows
+from pipeline.output.state import BatchJobRecord, peek_batch
+from pipeline.output.stores import open_store
+from pipeline.records import (
+    ImageItem,
+    KeySuffixes,
+    SourceFile,
+    Work,
+    as_group,
+    group_sha256,
+    make_key,
+    members_of,
+    resumable,
+    work_identity,
+)
+from pipeline.run.identity import suffixes_of
+
+WINDOW = 64  # units measured together: the remote ones among them are read concurrently
+COPY, IN_FLIGHT, SETTINGS, RETRY = "copy", "in_flight", "settings", "retry"
+# The order the plan lists what a run buys, then what costs nothing more.
+BOUGHT = (NEW, CHANGED, SETTINGS, RETRY)
+CATEGORIES = (*BOUGHT, COPY, IN_FLIGHT)
+SAMPLES = 5  # paths named for each category (the guard's message, the estimate's --json)
+
+Sizes = list[tuple[int, int]]
+
+
+class RedoRefused(Exception):
+    """The run would redo more committed rows than `[limits] max_redo` allows because settings
+    changed, and the user did not say yes (exit `exits.CONFIRM`)."""
+
+    exit_code = exits.CONFIRM
+
+
+@dataclass
+class Plan:
+    """What a run would do with each unit (see the module docstring). `units` holds the sent
+    sizes of the units of each category; `committed` the current rows of this task."""
+
+    units: dict[str, list[Sizes]] = field(default_factory=lambda: {c: [] for c in CATEGORIES})
+    samples: dict[str, list[str]] = field(default_factory=dict)
+    done: int = 0
+    unusable: int = 0
+    committed: int = 0
+    jobs: list[BatchJobRecord] = field(default_factory=list)  # Batch Mode jobs in flight
+    redone: list[tuple[str, str]] = field(default_factory=list)  # (root, path): settings units
+    settings_sources: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, category: str, sizes: Sizes, name: str, root: str = "") -> None:
+        self.units[category].append(sizes)
+        if category == SETTINGS:
+            self.redone.append((root, name))
+        shown = self.samples.setdefault(category, [])
+        if len(shown) < SAMPLES:
+            shown.append(name)
+
+    def count(self, category: str) -> int:
+        return len(self.units[category])
+
+    @property
+    def bought(self) -> list[Sizes]:
+        """Every unit the run would pay for, in the order of BOUGHT."""
+        return [unit for category in BOUGHT for unit in self.units[category]]
+
+
+def plan(config: Config, *, limit: int | None = None, retry_errors: bool = False) -> Plan:
+    """The plan of a run of `config` starting now (`limit`, `retry_errors`: as the run's)."""
+    index = _index(config, retry_errors)
+    jobs, in_flight = _batch(config)
+    done_test = DoneOrInFlight(index, DigestSet(in_flight))
+    result = Plan(jobs=jobs, committed=_committed(config))
+    asked: set[str] = set()  # keys of this plan: a twin of one is copied, as in a run
+    with Fetcher(settings_from(config)) as fetcher:
+        walk = _todo(config, done_test, result, limit, fetcher)
+        for window in iter(lambda: list(itertools.islice(walk, WINDOW)), []):
+            for work, unit in zip(window, _measured(window, config, fetcher), strict=True):
+                _place(config, index, result, asked, work, unit)
+    if result.count(SETTINGS):
+        result.settings_sources = _settings_sources(config, result)
+    return result
+
+
+def _index(config: Config, retry_errors: bool) -> ResumeIndex:
+    """The run's resume index, each current row's verdict kept (`explain`)."""
+    return load_resume_index(
+        config.output.dir,
+        key_suffix=suffixes_of(config),
+        retry_errors=retry_errors,
+        explain=True,
+        journal=_exists(config.output.dir),  # (a folder not made yet holds no journal)
+    )
+
+
+def _batch(config: Config) -> tuple[list[BatchJobRecord], bytes]:
+    """The jobs in flight and their files' fingerprints; the files count as done for a Batch
+    Mode run only (an interactive run does not look at jobs: it would buy them again)."""
+    jobs, fingerprints = peek_batch(config.output.dir)
+    return jobs, fingerprints if config.api.mode == "batch" else b""
+
+
+def _todo(
+    config: Config, done_test: DoneOrInFlight, result: Plan, limit: int | None, fetcher: Fetcher
+) -> Iterator[Work]:
+    """The units a run would not skip, walked as the run's Producer walks (objects' and
+    manifest URLs' versions asked by the fetcher; `limit`: at most that many); those in a job
+    in flight are counted in the plan as such."""
+    taken = 0
+    walk = work_units(config.input, skip=(config.output.dir,), resolve=fetcher.resolve)
+    for work in walk:
+        if limit is not None and taken >= limit:
+            return
+        identity = work_identity(work)
+        if resumable(work) and done_test.is_done(*identity):
+            in_job = done_test.in_flight and done_test.in_job(*identity)
+            if in_job:
+                result.add(IN_FLIGHT, [], identity[1])
+            else:
+                result.done += 1
+            continue
+        taken += 1
+        yield work
+
+
+@dataclass
+class _Measured:
+    grouped: bool  # a group's unit (its key is the group's sha256, even of one member)
+    items: list[ImageItem]
+    data: list[bytes | None]  # an object's or a URL's bytes, read to measure it
+
+
+def _measured(window: list[Work], config: Config, fetcher: Fetcher) -> list[_Measured]:
+    """Each unit's members measured from their headers; objects and URLs read together first
+    (their bytes kept: the plan hashes them)."""
+    remote = [
+        src for work in window for src in members_of(work) if is_url(src.path) and not src.error
+    ]
+    read = dict(zip(map(id, remote), fetcher.read_all(remote), strict=True))
+    return [_measure_unit(work, read, config.images.max_side) for work in window]
+
+
+def _measure_unit(work: Work, read: dict[int, Any], max_side: int | None) -> _Measured:
+    unit = _Measured(as_group(work) is not None, [], [])
+    for src in members_of(work):
+        got = read.get(id(src))
+        if isinstance(got, FetchError):
+            unit.items.append(ImageItem(source=src, error=str(got)))
+            unit.data.append(None)
+        else:
+            unit.items.append(images.measure(src, max_side=max_side, data=got))
+            unit.data.append(got)
+    return unit
+
+
+def _place(
+    config: Config,
+    index: ResumeIndex,
+    result: Plan,
+    asked: set[str],
+    work: Work,
+    unit: _Measured,
+) -> None:
+    """Put one unit the walk did not skip in its category."""
+    root, name, size, mtime = work_identity(work)
+    if work.error is not None or any(item.error for item in unit.items):
+        result.unusable += 1  # an error row, no call
+        return
+    sizes = [(item.sent_width, item.sent_height) for item in unit.items]
+    key = make_key(_sha256(unit), index.ok_keys.suffixes.of(_displayed(unit)))
+    if key in index.ok_keys or key in asked:
+        result.add(COPY, sizes, name)
+        return
+    asked.add(key)
+    result.add(index.why(root, name, size, mtime, config.task.kind), sizes, name, root)
+
+
+def _displayed(unit: _Measured) -> Sizes:
+    """Displayed sizes: what decides whether `max_side` shrinks an image (the key's suffix)."""
+    return [(item.width, item.height) for item in unit.items]
+
+
+def _sha256(unit: _Measured) -> str:
+    """The unit's sha256 as the runner computes it: the file's, or the group's."""
+    pairs = zip(unit.items, unit.data, strict=True)
+    shas = [_file_sha256(item.source, data) for item, data in pairs]
+    return group_sha256(shas) if unit.grouped else shas[0]
+
+
+def _file_sha256(src: SourceFile, data: bytes | None) -> str:
+    if data is not None:
+        return hashlib.sha256(data).hexdigest()
+    return images.file_sha256(src.path)
+
+
+def _committed(config: Config) -> int:
+    """The current rows of this task in the output (what `max_redo` is a share of)."""
+    if not _exists(config.output.dir):
+        return 0
+    tasks = current_rows(config.output.dir, ["task"]).column("task")
+    return int(pc.sum(pc.equal(tasks, config.task.kind)).as_py() or 0)
+
+
+# ------------------------------------------------------------------ why settings redo rows
+def _settings_sources(config: Config, result: Plan) -> list[dict[str, Any]]:
+    """Who made the rows a settings change would redo (the current rows of the units in that
+    category): their model, key suffix, rows and the latest run (and its config file) that made
+    them, most rows first."""
+    suffixes = suffixes_of(config)
+    counted, latest = _tally(_redone_rows(config, result))
+    return [
+        {
+            "model": model,
+            "key_suffix": suffix,
+            "rows": rows,
+            "run_id": latest[(model, suffix)],
+            "config": _run_config(config.output.dir, latest[(model, suffix)]),
+            "why": _why(config, suffixes, model, suffix),
+        }
+        for (model, suffix), rows in counted.most_common()
+    ]
+
+
+def _redone_rows(config: Config, result: Plan) -> pa.Table:
+    """The current rows of this task of the units a settings change redoes."""
+    columns = ["image_root", "image_path", "task", "model", "key", "run_id"]
+    table = current_rows(config.output.dir, columns)
+    places = pc.binary_join_element_wise(table["image_root"], table["image_path"], "\0")
+    wanted = pa.array(["\0".join(place) for place in result.redone], pa.string())
+    mine = pc.and_(pc.equal(table["task"], config.task.kind), pc.is_in(places, wanted))
+    return table.filter(pc.fill_null(mine, False))
+
+
+Source = tuple[str, str]  # (model, key suffix) of a row
+
+
+def _tally(rows: pa.Table) -> tuple[Counter[Source], dict[Source, str]]:
+    """Rows by (model, key suffix), and the latest run id of each."""
+    counted: Counter[Source] = Counter()
+    latest: dict[Source, str] = {}
+    for row in rows.to_pylist():
+        source = (row["model"] or "", row["key"].rpartition(".")[2])
+        counted[source] += 1
+        latest[source] = max(latest.get(source, ""), row["run_id"] or "")
+    return counted, latest
+
+
+def _why(config: Config, suffixes: KeySuffixes, model: str, suffix: str) -> str:
+    """What differs between the request that made a row and the run's, as far as a row says."""
+    if model and model != config.api.model:
+        return f"model {model} -> {config.api.model}"
+    if suffixes.owns(suffix):  # its request, had max_side not shrunk the image
+        return f"[images] max_side = {config.images.max_side} now shrinks these images"
+    return "the request differs (prompt, generation settings, reference images or max_side)"
+
+
+def _run_config(output_dir: str, run_id: str) -> str | None:
+    """The config file a run was started from (its summary in `.runs/`), if recorded."""
+    store = open_store(output_dir)
+    name = f"{RUNS_DIR}/{run_id}.json"
+    try:
+        return json.loads(store.read(name)).get("config")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+# ------------------------------------------------------------------------------ the guard
+def redo_guard(
+    config: Config, index: ResumeIndex, *, limit: int | None = None, retry_errors: bool = False
+) -> None:
+    """Refuse (RedoRefused) a run of `config` whose plan redoes more of this task's committed
+    rows than `[limits] max_redo` allows because settings changed. `index`: the run's resume
+    index, which bounds the redo for free: at most its current rows another request made, out of
+    at least its other current rows (another task's rows count as made by another request, so
+    this bound cannot tell them apart). Within the bound (the nightly run) nothing more is
+    done; past it the input is walked for the plan (a stat a file; the files redone are hashed
+    to tell copies, which cost nothing, from purchases), once more a run for an output two tasks
+    share."""
+    allowed, stale = config.limits.max_redo, index.settings_rows
+    if allowed >= 1 or stale <= allowed * (index.current_rows - stale):
+        return
+    found = plan(config, limit=limit, retry_errors=retry_errors)
+    redone = found.count(SETTINGS)
+    if redone > allowed * found.committed:
+        raise RedoRefused(refusal(config, found))
+
+
+def _exists(output_dir: str) -> bool:
+    return is_url(output_dir) or os.path.isdir(output_dir)
+
+
+def refusal(config: Config, found: Plan) -> str:
+    """What would be redone and why, and how to go on."""
+    redone, committed = found.count(SETTINGS), found.committed
+    share = f"{config.limits.max_redo:.0%}"
+    lines = [
+        f"{config.source}: this run would redo {redone:,} of the {committed:,} committed "
+        f"{config.task.kind} rows because settings changed (more than [limits] max_redo = "
+        f"{share} of them):"
+    ]
+    for source in found.settings_sources:
+        made = f"run {source['run_id']}" + (f" ({source['config']})" if source["config"] else "")
+        lines.append(f"  {source['rows']:,} rows made by {made}: {source['why']}")
+    lines.append(f"  e.g. {', '.join(found.samples.get(SETTINGS, []))}")
+    lines.append(
+        "rerun with --yes to redo them (pipeline.run(..., yes=True); or raise [limits] "
+        "max_redo); `pipeline estimate` prices it"
+    )
+    return "\n".join(lines)
