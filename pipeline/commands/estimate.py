@@ -95,9 +95,11 @@ def estimate(
     limit: int | None = None,
     on: date | None = None,
     retry_errors: bool = False,
+    history_from: str | None = None,
 ) -> dict[str, Any]:
     """The plan of a run of `config` now (pipeline/run/plan.py: headers, and the bytes of the
-    files it would buy, read; no call) priced at the prices of `on` (today, UTC, by default)."""
+    files it would buy, read; no call) priced at the prices of `on` (today, UTC, by default);
+    output tokens learnt from the rows of `history_from` (default: the config's own output)."""
     spec = config.task.spec
     check_groups(config)
     loaded = references.load(config)
@@ -112,7 +114,7 @@ def estimate(
     prompt_total = costing.prompt_tokens * requests + sum(costing.captions(len(u)) for u in units)
     inputs = [estimate.input_tokens for estimate in estimates]
     input_total = sum(inputs)
-    history = _output_history(config.output.dir, config.task.kind, config.api.model)
+    history = _output_history(history_from or config.output.dir, config.task.kind, config.api.model)
     outputs = _request_outputs(config, units, history)
     output_total = round(sum(outputs))
     day = on or datetime.now(UTC).date()

@@ -31,9 +31,11 @@ from pipeline.cost import table_cost
 from pipeline.output.parts import current_rows
 from pipeline.output.stores import open_store
 from pipeline.records import USAGE_COLUMNS
+from pipeline.run.plan import COPY
 from pipeline.run.summary import RunSummary
 
 TUNE_DIR = "_tune"
+PROJECTION = ".projection"  # the empty output a setting's whole input is planned into
 SOURCE = "tune"  # where the values tune sets itself are said to come from in an error
 BILL_COLUMNS = ("model", "input_mode", "completed_at", *USAGE_COLUMNS)
 Runner = Callable[[Config, str], RunSummary]  # a config's run, and what to call it in messages
@@ -300,13 +302,17 @@ def _cost_per_1000(output: str, config: Config) -> float | None:
 
 
 def _project(report: TuneReport) -> None:
-    """The whole input at each setting, by the estimate (its output tokens learnt from the
-    sample's rows of that setting)."""
+    """The whole input at each setting as a first run would buy it, by the estimate: planned
+    into an output that holds nothing (never created: the estimate writes nothing), since the
+    setting's own output already holds the sample's rows, which a plan would count as done;
+    its output tokens learnt from those rows."""
     for trial in report.trials:
         if trial.role == "repeat":
             continue
-        found = estimate(trial.whole)
-        trial.projected = {"images": found["images"], **_prices(found)}
+        first_run = apply_overrides(trial.whole, {"output.dir": trial.output + PROJECTION}, SOURCE)
+        found = estimate(first_run, history_from=trial.output)
+        copies = found["plan"]["categories"][COPY]["images"]  # twins: in the input, free
+        trial.projected = {"images": found["images"] + copies, **_prices(found)}
 
 
 def _recommend(report: TuneReport) -> None:
