@@ -12,6 +12,7 @@
     bucket_listing.py  bucket_run.py  bucket_resume.py  compaction.py   the same, for buckets
                    and `pipeline compact` (s3server.py: the local S3 they run against)
     supersede.py   a run's end setting aside what it superseded, copy-on-write (issue 20)
+    prepare.py     images.prepare on a camera JPEG against one entropy decode; quality (issue 22)
 
 A benchmark is a module that ends with
 
@@ -40,6 +41,7 @@ from . import (
     journal,
     latency,
     memory,
+    prepare,
     profile,
     rate,
     ray_overhead,
@@ -70,4 +72,5 @@ BENCHMARKS: dict[str, Benchmark[Any]] = {
     "bucket-resume": bucket_resume.BENCHMARK,
     "compact": compaction.BENCHMARK,
     "supersede": supersede.BENCHMARK,
+    "prepare": prepare.BENCHMARK,
 }
