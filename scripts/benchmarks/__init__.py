@@ -27,7 +27,15 @@ order is the order `bench.py all` runs them in).
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Any
+
+# The benchmarks measure with the tests' own image metrics (tests/image_quality.py): the
+# repository on the path, whoever imports this package (bench.py, ab_client_cpu.py). Appended:
+# a tree given first (ab_client_cpu.py's "before") keeps its own `pipeline`.
+if (_root := str(Path(__file__).resolve().parent.parent.parent)) not in sys.path:
+    sys.path.append(_root)
 
 from . import (
     batch,
