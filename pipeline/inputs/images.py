@@ -26,6 +26,7 @@ import os
 import re
 import stat
 import struct
+import threading
 import warnings
 import zlib
 from collections.abc import Generator
@@ -256,9 +257,8 @@ class Preparation:
         self._advance()
 
     def finish(self) -> ImageItem:
-        if self.item is None:
+        while self.item is None:  # the steps pause once at most: twice through here at most
             self._advance()
-        assert self.item is not None  # prepare's steps pause once at most
         return self.item
 
     def _advance(self) -> None:
@@ -434,9 +434,9 @@ def _note_large(image: ImageFile.ImageFile) -> None:
     """Log, once a process, an image past Pillow's MAX_IMAGE_PIXELS (Pillow's own warning is off:
     see the top of this module); past twice that, Image.open has raised already."""
     limit = Image.MAX_IMAGE_PIXELS
-    if limit is None or image.size[0] * image.size[1] <= limit or _noted_large:
+    if limit is None or image.size[0] * image.size[1] <= limit or _noted_large.is_set():
         return
-    _noted_large.append(True)
+    _noted_large.set()
     log.warning(
         "an image of %dx%d pixels is past Pillow's MAX_IMAGE_PIXELS (%d): decoded all the same, "
         "under [images] decode_budget_mb (images past twice that become rows 'image too large')",
@@ -445,7 +445,7 @@ def _note_large(image: ImageFile.ImageFile) -> None:
     )
 
 
-_noted_large: list[bool] = []  # not empty once _note_large has logged
+_noted_large = threading.Event()  # set once _note_large has logged
 
 
 def _stored(target: tuple[int, int] | None, orientation: int) -> tuple[int, int] | None:
@@ -483,7 +483,7 @@ def _decode_bytes(image: ImageFile.ImageFile, *, copies: int) -> int:
 
 
 def _full_size(image: ImageFile.ImageFile) -> tuple[int, int]:
-    """The stored size before any draft (a drafted JPEG's tile names the scaled one)."""
+    """The stored size before any draft (`draft` makes `size` the scaled one)."""
     scale = image.decoderconfig[0] if image.decoderconfig else 1
     width, height = image.size
     return width * scale, height * scale
