@@ -15,6 +15,10 @@ take each way in turn (so a machine that drifts moves all alike):
 Quality: PSNR and SSIM (tests/image_quality.py, NumPy) of the image sent, and of the resize
 before its encoding, against a full-precision LANCZOS reference (the whole file decoded, then
 LANCZOS to the target).
+
+Memory (item 2): `pipeline run` (detect, concurrency 64, zero-latency local server) over camera
+JPEGs rotated by EXIF and sent without `max_side`, so each is decoded whole (12 MP: 96 MB
+admitted), under each `[images] decode_budget_mb` of `budgets_mb`: peak RSS of the run's process.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from tests.image_quality import (
     ssim,
 )
 
-from .harness import SEED, Benchmark, Ctx, table
+from .harness import SEED, Benchmark, Ctx, Server, run_pipeline, table, write_config
 
 FILTERS = ("BILINEAR", "BICUBIC", "LANCZOS")
 
@@ -53,6 +57,8 @@ class Sizes:
     height: int
     max_side: int
     repeats: int
+    photos: int  # the memory part: rotated photos in one run
+    budgets_mb: tuple[int, ...]
 
 
 def run(ctx: Ctx[Sizes]) -> dict[str, Any]:
@@ -62,6 +68,7 @@ def run(ctx: Ctx[Sizes]) -> dict[str, Any]:
         Image.fromarray(make(ctx.sizes.width, ctx.sizes.height, SEED)).save(path, quality=90)
         figures[name] = _measure(path, ctx.sizes)
         _print(name, path, figures[name], ctx.sizes)
+    figures["memory"] = _memory(ctx)
     return figures
 
 
@@ -88,6 +95,44 @@ def _measure(path: Path, sizes: Sizes) -> dict[str, Any]:
     for name in FILTERS:
         quality[f"{name} resized"] = _quality(_drafted(data, side, name), reference)
     return {"file_mb": round(len(data) / 1e6, 2), "cpu_ms": ms, "quality": quality}
+
+
+def _memory(ctx: Ctx[Sizes]) -> list[dict[str, Any]]:
+    folder = ctx.images / "rotated"
+    folder.mkdir()
+    pixels = Image.fromarray(camera(ctx.sizes.width, ctx.sizes.height, SEED))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated: decoded whole even without max_side
+    for i in range(ctx.sizes.photos):  # a comment each: no two files share their bytes
+        pixels.save(folder / f"r{i}.jpg", quality=90, exif=exif, comment=f"photo {i}")
+    figures = []
+    with Server(ctx.logs / "prepare", seed=SEED) as server:
+        for budget in ctx.sizes.budgets_mb:
+            name = f"budget-{budget}"
+            config = write_config(
+                ctx, name, server.url, inputs=[folder], concurrency=64, kind="detect"
+            )
+            config.write_text(config.read_text() + f"[images]\ndecode_budget_mb = {budget}\n")
+            proc, summary = run_pipeline(ctx, config)
+            figures.append(
+                {
+                    "decode_budget_mb": budget,
+                    "rows_ok": summary.get("rows", {}).get("ok"),
+                    "peak_rss_mb": round(proc.peak_rss_mb),
+                    "cpu_ms_per_image": round(proc.cpu_seconds / ctx.sizes.photos * 1000),
+                    "wall_s": round(proc.wall, 1),
+                }
+            )
+    _print_memory(figures, ctx.sizes)
+    return figures
+
+
+def _print_memory(figures: list[dict[str, Any]], sizes: Sizes) -> None:
+    table(
+        f"memory: {sizes.photos} rotated {sizes.width}x{sizes.height} JPEGs, concurrency 64",
+        ["decode_budget_mb", "rows ok", "peak RSS MB", "CPU ms/image", "wall s"],
+        [list(f.values()) for f in figures],
+    )
 
 
 def _floor(data: bytes) -> None:
@@ -146,6 +191,8 @@ def _print(name: str, path: Path, f: dict[str, Any], sizes: Sizes) -> None:
 
 BENCHMARK = Benchmark(
     run,
-    quick=Sizes(width=2000, height=1500, max_side=768, repeats=3),
-    full=Sizes(width=4000, height=3000, max_side=1536, repeats=15),
+    quick=Sizes(width=2000, height=1500, max_side=768, repeats=3, photos=4, budgets_mb=(32, 2048)),
+    full=Sizes(
+        width=4000, height=3000, max_side=1536, repeats=15, photos=12, budgets_mb=(128, 2048)
+    ),
 )
