@@ -231,6 +231,11 @@ class ImagesConfig:
     )
     delete_uploads: bool = setting(True, s.flag, "delete this output's uploads at the end")
     verify: bool = setting(True, s.flag, "check each image before paying for it")
+    decode_budget_mb: int | None = setting(
+        None,
+        s.count_or_none,
+        "decoded pixels in flight at once, in MB (none: a quarter of the memory, <= 512 MB a core)",
+    )
 
 
 @dataclass(frozen=True, slots=True)

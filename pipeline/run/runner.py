@@ -38,6 +38,7 @@ from pipeline.records import (
     members_of,
 )
 from pipeline.run.buyers import Buyer
+from pipeline.run.decodes import DecodeBudget, budget_bytes
 from pipeline.run.identity import RunIdentity
 from pipeline.run.offload import offload
 from pipeline.run.reuse import Bought
@@ -45,6 +46,9 @@ from pipeline.run.rows import answered_row, copied_outcome_row, copied_row, erro
 
 # Preparing a file up to this size runs on the event loop (offload.py); bigger ones in threads.
 SMALL_FILE = 1 << 20
+# ... and so does its decode while it holds no more than this (a 2-MP image: ~20 ms of CPU); a
+# small file can still decode to many pixels (a flat PNG screenshot), which would stall the loop.
+SMALL_DECODE = 16 << 20
 
 
 @dataclass
@@ -86,7 +90,8 @@ class ImageRunner:
 
     `bought` are the run's reusable answers (looked up here, before buying); `counts` the
     run's row counts, shared when an engine runs two runners (Batch Mode and its interactive
-    retries) whose rows make one summary."""
+    retries) whose rows make one summary; `decodes` the budget of decoded pixels in flight
+    (run/decodes.py), shared by the runners of one process (a new one when not given)."""
 
     def __init__(
         self,
@@ -98,6 +103,7 @@ class ImageRunner:
         sink: ParquetSink,
         fetcher: Fetcher | None = None,
         counts: RowCounts | None = None,
+        decodes: DecodeBudget | None = None,
     ) -> None:
         self.config = config
         self.identity = identity
@@ -106,6 +112,7 @@ class ImageRunner:
         self.sink = sink
         self.fetcher = fetcher  # reads objects and URLs; made on first need when not given
         self.counts = counts or RowCounts()
+        self.decodes = decodes or DecodeBudget(budget_bytes(config.images.decode_budget_mb))
 
     async def process(self, work: Work) -> None:
         """Raises Stopped / RunStopped when the run stops before this work has a row."""
@@ -161,14 +168,17 @@ class ImageRunner:
             except FetchError as exc:
                 return ImageItem(source=src, error=str(exc), retryable=exc.retryable)
         images_config = self.config.images
-        return await offload(
-            src.size > SMALL_FILE,
-            images.prepare,
-            src,
-            max_side=images_config.max_side,
-            verify=images_config.verify,
-            data=data,
+        preparation = images.Preparation(
+            src, max_side=images_config.max_side, verify=images_config.verify, data=data
         )
+        with preparation:
+            big = src.size > SMALL_FILE
+            await offload(big, preparation.start)
+            if preparation.item is not None:  # nothing to decode: sent as it is, or an error
+                return preparation.item
+            size = preparation.decode_bytes
+            async with self.decodes.admitted(size):
+                return await offload(big or size > SMALL_DECODE, preparation.finish)
 
 
 def sizes_of(unit: Unit) -> list[tuple[int, int]]:

@@ -13,6 +13,7 @@
                    and `pipeline compact` (s3server.py: the local S3 they run against)
     supersede.py   a run's end setting aside what it superseded, copy-on-write (issue 20)
     estimate_billed.py  `pipeline estimate` against what the run then bills, per task (issue 21)
+    prepare.py     images.prepare on a camera JPEG against one entropy decode; quality (issue 22)
 
 A benchmark is a module that ends with
 
@@ -27,7 +28,15 @@ order is the order `bench.py all` runs them in).
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Any
+
+# The benchmarks measure with the tests' own image metrics (tests/image_quality.py): the
+# repository on the path, whoever imports this package (bench.py, ab_client_cpu.py). Appended:
+# a tree given first (ab_client_cpu.py's "before") keeps its own `pipeline`.
+if (_root := str(Path(__file__).resolve().parent.parent.parent)) not in sys.path:
+    sys.path.append(_root)
 
 from . import (
     batch,
@@ -42,6 +51,7 @@ from . import (
     journal,
     latency,
     memory,
+    prepare,
     profile,
     rate,
     ray_overhead,
@@ -73,4 +83,5 @@ BENCHMARKS: dict[str, Benchmark[Any]] = {
     "compact": compaction.BENCHMARK,
     "supersede": supersede.BENCHMARK,
     "estimate-vs-billed": estimate_billed.BENCHMARK,
+    "prepare": prepare.BENCHMARK,
 }

@@ -151,7 +151,7 @@ class BatchEngine:
 
     def _runner(self, opened: Opened, buyer: JobBuyer) -> ImageRunner:
         """The runner of the files sent in jobs: the interactive runner's answers, sink,
-        fetcher and row counts, with the job buyer."""
+        fetcher, row counts and decode budget, with the job buyer."""
         return ImageRunner(
             self.config,
             self.identity,
@@ -160,6 +160,7 @@ class BatchEngine:
             sink=opened.sink,
             fetcher=opened.fetcher,
             counts=opened.runner.counts,
+            decodes=opened.runner.decodes,
         )
 
     async def _walk(

@@ -42,6 +42,7 @@ from pipeline.output.stores import Store, open_store
 from pipeline.records import USAGE_COLUMNS, Work, storable, work_identity
 from pipeline.run.buyers import InteractiveBuyer
 from pipeline.run.calls import Caller
+from pipeline.run.decodes import DecodeBudget, budget_bytes
 from pipeline.run.identity import RunIdentity
 from pipeline.run.reuse import Bought, recent_capacity
 from pipeline.run.runner import ImageRunner, RowCounts
@@ -181,6 +182,8 @@ class Worker:
         bought = Bought(out.url, ok_keys, sink.flush, recent=recent)
         self._parts.update(sink=sink, caller=caller, bought=bought)
         self._parts.update(buyer=InteractiveBuyer(caller, bought))
+        # one budget of decoded pixels for this worker process (a runner is made per file)
+        self._parts.update(decodes=DecodeBudget(budget_bytes(config.images.decode_budget_mb)))
         self._files = asyncio.Queue()
         concurrency = config.limits.concurrency
         self._pool = [asyncio.ensure_future(self._serve()) for _ in range(concurrency)]
@@ -250,7 +253,8 @@ class Worker:
 
     def _runner_parts(self) -> dict[str, Any]:
         parts = self._parts
-        return {"buyer": parts["buyer"], "bought": parts["bought"], "sink": parts["sink"]}
+        names = ("buyer", "bought", "sink", "decodes")
+        return {name: parts[name] for name in names}
 
     def _with_calls(self, tally: Tally) -> Tally:
         """Calls are counted per worker, not per file: report what is new since last time."""
