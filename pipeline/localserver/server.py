@@ -3,7 +3,8 @@
 Surfaces, each a module with a class that registers its routes under every API version:
 batches.py (Batch Mode, reusing generate.parse_request and generate.response_body for each of
 its requests), generate.py (generateContent, countTokens), interactions.py, files_api.py,
-models_api.py (models.get, models.list).
+models_api.py (models.get, models.list), vertex.py (the same generateContent on Vertex AI's
+paths, its bearer tokens and their /token endpoint, gs:// objects read in place).
 GET /local/stats reads the counters.
 """
 
@@ -24,11 +25,19 @@ from pipeline.localserver.generate import GenerateSurface
 from pipeline.localserver.interactions import InteractionsSurface
 from pipeline.localserver.models_api import ModelsSurface
 from pipeline.localserver.options import ServerOptions
+from pipeline.localserver.vertex import VertexSurface
 from pipeline.models import ModelTable, default_table
 
 # Batch Mode first: its `...:batchGenerateContent` and `files/{id}:download` routes would
 # otherwise be taken by generate.py's `models/{model_action}` and files_api.py's `files/{id}`.
-SURFACES = (BatchesSurface, GenerateSurface, InteractionsSurface, FilesSurface, ModelsSurface)
+SURFACES = (
+    BatchesSurface,
+    GenerateSurface,
+    InteractionsSurface,
+    FilesSurface,
+    ModelsSurface,
+    VertexSurface,
+)
 SHUTDOWN_GRACE_SECONDS = 2.0
 
 
