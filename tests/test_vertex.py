@@ -195,6 +195,8 @@ async def test_double_refuses_expired_foreign_and_forged_tokens(
 
     async with http.post(f"{server.base_url}{SCOPED}:countTokens", json=body, headers=bearer) as r:
         assert r.status == 200
+    async with http.post(f"{server.base_url}{SCOPED}:countTokens", json=body) as r:
+        assert r.status == 401  # no credential at all
     other = SCOPED.replace(PROJECT, "someone-else")
     async with http.post(f"{server.base_url}{other}:countTokens", json=body, headers=bearer) as r:
         assert r.status == 403
@@ -289,11 +291,24 @@ async def test_rows_bought_on_vertex_are_found_by_the_developer_api(
     assert summary.skipped == 2 and summary.api_calls == 0
 
 
-async def test_express_mode_key_on_the_bundled_server(tmp_path, images_dir, monkeypatch):
+async def test_express_mode_key_without_a_project(server, tmp_path, images_dir, monkeypatch):
     monkeypatch.setenv("GOOGLE_API_KEY", "test-key")
     monkeypatch.delenv("GOOGLE_CLOUD_PROJECT", raising=False)
     save_scenes(images_dir, 2, prefix="scene", seed=60)
-    summary = await run(make_config(tmp_path, api={"backend": "vertex"}))
+    api = {"backend": "vertex", "base_url": server.base_url}
+    summary = await run(make_config(tmp_path, api=api))
+    assert summary.rows["ok"] == 2
+    path = f"POST /v1/publishers/google/models/{MODEL}:generateContent"
+    assert server.stats()["requests"][path] == {"200": 2}
+    assert vertex_stats(server)["tokens_issued"] == 0
+
+
+async def test_a_vertex_run_on_the_bundled_server(tmp_path, images_dir, monkeypatch):
+    """`base_url = "local"`: the in-process server takes the run's key on the project path."""
+    monkeypatch.delenv("GOOGLE_API_KEY", raising=False)
+    monkeypatch.delenv("GEMINI_API_KEY", raising=False)
+    save_scenes(images_dir, 2, prefix="scene", seed=70)
+    summary = await run(make_config(tmp_path, api={"backend": "vertex", "project": PROJECT}))
     assert summary.rows["ok"] == 2
     assert {row["status"] for row in read_rows(tmp_path / "out")} == {"ok"}
 
@@ -316,7 +331,7 @@ async def test_gs_inputs_go_in_place_and_changed_ones_inline(server, tmp_path, k
     same object shrunk by max_side goes inline. The request carries no bytes of the first."""
     data = scene_png(7, size=(640, 480))
     (buckets / "a.png").write_bytes(data)
-    source = SourceFile(path="gs://photos/a.png", root="gs://photos", rel_path="a.png")
+    source = SourceFile("gs://photos/a.png", "gs://photos", "a.png", size=len(data))
     as_stored = images.prepare(source, data=data)
     shrunk = images.prepare(source, data=data, max_side=320)
 

@@ -7,14 +7,13 @@ only here and only then); no project but an API key in the environment means Ver
 mode (the key in `x-goog-api-key`, paths without a project); neither means ADC, with the project
 the credentials name. `[api] base_url` left at its default becomes the location's Vertex
 endpoint; set (or "local"), it is used as it is, as the SDK's `http_options.base_url` is.
+Vertex requests use its GA version, v1 (`[api] version` names the Developer API's).
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 from pipeline.config import Config, ConfigError
-from pipeline.gemini.auth import Auth, KeyAuth, TokenAuth
+from pipeline.gemini.auth import Auth, KeyAuth, TokenAuth, TokenFetch
 from pipeline.gemini.backends import (
     DEVELOPER_BASE_URL,
     Backend,
@@ -39,8 +38,10 @@ def client_backend(
     if base_url.rstrip("/") == DEVELOPER_BASE_URL:  # the default: the location's endpoint
         base_url = vertex_base_url(location)
     project = api.project or project_from_env()
-    if project is None and key:  # express mode: the key alone (the SDK's order)
-        return Vertex(base_url.rstrip("/"), None, location), KeyAuth(key)
+    if api.base_url == "local" or (project is None and key):
+        # express mode, the key alone (the SDK's order); the bundled server, started for this
+        # run with no service account, takes its key on every Vertex path
+        return Vertex(base_url.rstrip("/"), project, location), KeyAuth(key)
     fetch, adc_project = _application_default(config)
     project = project or adc_project
     if project is None:
@@ -51,7 +52,7 @@ def client_backend(
     return Vertex(base_url.rstrip("/"), project, location), TokenAuth(fetch)
 
 
-def _application_default(config: Config) -> tuple[Any, str | None]:
+def _application_default(config: Config) -> tuple[TokenFetch, str | None]:
     """google-auth's ADC; ConfigError when the extra is missing or no credentials are found."""
     try:
         # Imported here: google-auth is the optional [vertex] extra, needed by Vertex runs only.

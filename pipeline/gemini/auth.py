@@ -171,9 +171,9 @@ class TokenAuth:
         try:
             token, lifetime = await asyncio.to_thread(self._fetch)
             check_key(token, "the access token")
-        except (OSError, ValueError) as exc:  # google-auth's RefreshError is a ValueError...
-            failure = self._failed(exc)
-        except Exception as exc:  # ... its TransportError too; any other library failure
+        # Broad on purpose: google-auth raises RefreshError, TransportError, DefaultCredentials-
+        # Error, and its transport's requests exceptions; each is a token not had, the same kind.
+        except Exception as exc:
             failure = self._failed(exc)
         else:
             return token, lifetime

@@ -6,7 +6,9 @@ Routes (`{version}` is v1 or v1beta1, the SDK's default with `vertexai=True`):
   and `:countTokens` — a bearer token this server issued and that has not expired on its clock;
   401 UNAUTHENTICATED otherwise, 403 PERMISSION_DENIED for a token of another project;
 - `POST /{version}/publishers/google/models/{model}:generateContent` — express mode, the API key
-  (`x-goog-api-key`, as the SDK sends it) checked as the Developer API's is;
+  (`x-goog-api-key`, as the SDK sends it) checked as the Developer API's is; a key is taken on
+  the project paths too (Vertex API keys bound to a service account are), so a run against the
+  bundled server (`base_url = "local"`, no service account) needs no token endpoint;
 - `GET /{version}/publishers/google/models/{model}` — the publisher model (models.get);
 - `POST /token` — the OAuth2 JWT-bearer grant (RFC 7523) a service-account key file's
   `token_uri` may point at: the assertion's RS256 signature verified against the public key of
@@ -202,8 +204,7 @@ class VertexSurface:
         }
 
     def _let_in(self, request: web.Request, project: str | None) -> None:
-        """A live bearer token (of `project`, when the path names one); on express paths an
-        API key instead."""
+        """A live bearer token (of `project`, when the path names one), or an API key."""
         header = request.headers.get("Authorization", "")
         if header.startswith("Bearer "):
             grant = self.tokens.valid(header.removeprefix("Bearer "))
@@ -212,7 +213,7 @@ class VertexSurface:
             if project is not None and grant.project not in (None, project):
                 raise errors.vertex_permission_denied(project)
             return
-        if project is None and request.headers.get("x-goog-api-key"):
+        if request.headers.get("x-goog-api-key"):
             self.core.check_key(request)
             return
         raise errors.unauthenticated()

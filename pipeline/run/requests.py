@@ -163,7 +163,9 @@ def in_place(item: ImageItem) -> bool:
     prepared bytes are the object's own, which its sha256 (the row key's) says exactly."""
     if scheme_of(item.source.path) != "gs" or item.data is None:
         return False
-    return hashlib.sha256(item.data).hexdigest() == item.sha256
+    if len(item.data) != item.source.size:  # changed bytes nearly always change the size
+        return False
+    return hashlib.sha256(item.data).hexdigest() == item.sha256  # and when not, the hash says
 
 
 async def _image_part(item: ImageItem, mode: str, uploads: Uploads) -> ImagePart:
