@@ -210,6 +210,12 @@ async def test_double_refuses_expired_foreign_and_forged_tokens(
     forged = write_key_file(key_file.parent / "forged.json", f"{server.base_url}/token")
     with pytest.raises(Exception, match="invalid_grant"):  # google-auth's RefreshError
         await asyncio.to_thread(lambda: _adc_from(forged)[0]())
+    assert vertex_stats(server) == {
+        "tokens_issued": 1,
+        "grants_refused": 1,  # the forged key's assertion
+        "tokens_refused": 1,  # the expired token
+        "gs_reads": 0,
+    }
 
 
 def _adc_from(key_file: Path) -> tuple[Any, str | None]:
@@ -229,9 +235,8 @@ async def test_token_is_refreshed_in_the_background_then_when_due(server, key_fi
 
     client_clock.now = 3600.0 - 1.5 * REFRESH_MARGIN  # early: refreshed behind the request
     assert await auth.headers() == first  # the request goes on with the current token
-    assert auth._background is not None
-    await auth._background
-    assert vertex_stats(server)["tokens_issued"] == 2
+    await auth.settle()
+    assert vertex_stats(server)["tokens_issued"] == 2 and auth.refreshes == 2
     second = await auth.headers()
     assert second != first
 
@@ -273,7 +278,7 @@ async def test_run_with_a_service_account_refreshes_its_token_and_never_keeps_it
     assert calls == {"200": 4}
     # each token lives 200 s, under the 300 s margin: every call (and the models.get) refreshed
     assert vertex_stats(server)["tokens_issued"] == 5
-    assert vertex_stats(server)["token_refusals"] == 0
+    assert vertex_stats(server)["tokens_refused"] == 0
     kept = [caplog.text, json.dumps(rows, default=str)]
     kept += [p.read_bytes().decode("latin-1") for p in (tmp_path / "out").rglob("*") if p.is_file()]
     assert not any(TOKEN_PREFIX in text for text in kept)
@@ -348,8 +353,9 @@ async def test_gs_inputs_go_in_place_and_changed_ones_inline(server, tmp_path, k
         request = await maker.make(Unit.lone(as_stored), in_place, uploads, refs)
         assert request.images == (ImagePart("image/png", file_uri="gs://photos/a.png"),)
         answer = await client.generate(request)
-    assert answer.text
-    assert vertex_stats(server)["gs_reads"] == 1
+        counted = await client.count_tokens(request)
+    assert answer.text and counted == answer.usage.prompt_tokens
+    assert vertex_stats(server)["gs_reads"] == 2  # the server read it, for each of the two calls
     assert server.stats()["uploads"]["started"] == 0
 
 

@@ -125,6 +125,11 @@ class TokenAuth:
     def refreshes(self) -> int:
         return self._generation
 
+    async def settle(self) -> None:
+        """Wait for an early refresh in flight, if any (its failure was logged already)."""
+        if self._background is not None:
+            await asyncio.gather(self._background, return_exceptions=True)
+
     async def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {await self._current()}"}
 

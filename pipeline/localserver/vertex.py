@@ -68,6 +68,7 @@ class ServiceAccount:
         return cls(info["client_email"], info.get("project_id"), private.public_key())
 
     def signed(self, signing_input: bytes, signature: bytes) -> bool:
+        # cryptography imported only when a signature is checked, as in `from_key_file`
         from cryptography.exceptions import InvalidSignature
         from cryptography.hazmat.primitives import hashes
         from cryptography.hazmat.primitives.asymmetric import padding
@@ -98,55 +99,60 @@ class TokenIssuer:
         self.account = ServiceAccount.from_key_file(path) if path else None
         self._grants: dict[str, Grant] = {}
         self.issued = 0
-        self.refused = 0
+        self.grants_refused = 0  # assertions /token turned down
+        self.tokens_refused = 0  # bearer tokens unknown or expired when used
 
     def grant(self, assertion: str, audience: str) -> dict[str, Any]:
         """The token answer for a valid assertion; GrantRefused otherwise."""
-        if self.account is None:
+        account = self.account
+        if account is None:
             raise GrantRefused("no service account is registered (--service-account)")
-        claims = self._verified(assertion)
-        self._check_claims(claims, audience)
+        claims = _verified(account, assertion)
+        _check_claims(account, claims, audience, self.core.clock())
         token = "ya29.local-" + secrets.token_urlsafe(32)
         lifetime = self.core.options.token_seconds
-        self._grants[token] = Grant(self.core.clock() + lifetime, self.account.project)
+        self._grants[token] = Grant(self.core.clock() + lifetime, account.project)
         self.issued += 1
         return {"access_token": token, "expires_in": lifetime, "token_type": "Bearer"}
 
     def valid(self, token: str) -> Grant | None:
         grant = self._grants.get(token)
         if grant is None or grant.expires <= self.core.clock():
-            self.refused += 1
+            self.tokens_refused += 1
             return None
         return grant
 
-    def _verified(self, assertion: str) -> dict[str, Any]:
-        assert self.account is not None
-        try:
-            head, body, signature = assertion.split(".")
-            header, claims = _b64json(head), _b64json(body)
-            raw_signature = _b64(signature)
-        except (ValueError, binascii.Error):
-            raise GrantRefused("Invalid JWT: malformed") from None
-        if header.get("alg") != "RS256":
-            raise GrantRefused("Invalid JWT: only RS256 is accepted")
-        if not self.account.signed(f"{head}.{body}".encode(), raw_signature):
-            raise GrantRefused("Invalid JWT Signature.")
-        return claims
 
-    def _check_claims(self, claims: dict[str, Any], audience: str) -> None:
-        assert self.account is not None
-        now = self.core.clock()
-        if claims.get("iss") != self.account.email:
-            raise GrantRefused("Invalid JWT: iss is not the registered service account")
-        if claims.get("aud") not in (audience, GOOGLE_TOKEN_AUDIENCE):
-            raise GrantRefused("Invalid JWT: aud is not this token endpoint")
-        exp, iat = claims.get("exp"), claims.get("iat")
-        if not isinstance(exp, int | float) or not isinstance(iat, int | float):
-            raise GrantRefused("Invalid JWT: exp and iat are required")
-        if exp <= now or exp - iat > MAX_ASSERTION_SECONDS:
-            raise GrantRefused(
-                "Invalid JWT: Token must be a short-lived token and in a reasonable timeframe."
-            )
+def _verified(account: ServiceAccount, assertion: str) -> dict[str, Any]:
+    """The claims of an RS256 JWT `account` signed; GrantRefused otherwise."""
+    try:
+        head, body, signature = assertion.split(".")
+        header, claims = _b64json(head), _b64json(body)
+        raw_signature = _b64(signature)
+    except (ValueError, binascii.Error):
+        raise GrantRefused("Invalid JWT: malformed") from None
+    if header.get("alg") != "RS256":
+        raise GrantRefused("Invalid JWT: only RS256 is accepted")
+    if not account.signed(f"{head}.{body}".encode(), raw_signature):
+        raise GrantRefused("Invalid JWT Signature.")
+    return claims
+
+
+def _check_claims(
+    account: ServiceAccount, claims: dict[str, Any], audience: str, now: float
+) -> None:
+    """Issued by `account`, for this endpoint (or Google's), short-lived and not yet expired."""
+    if claims.get("iss") != account.email:
+        raise GrantRefused("Invalid JWT: iss is not the registered service account")
+    if claims.get("aud") not in (audience, GOOGLE_TOKEN_AUDIENCE):
+        raise GrantRefused("Invalid JWT: aud is not this token endpoint")
+    exp, iat = claims.get("exp"), claims.get("iat")
+    if not isinstance(exp, int | float) or not isinstance(iat, int | float):
+        raise GrantRefused("Invalid JWT: exp and iat are required")
+    if exp <= now or exp - iat > MAX_ASSERTION_SECONDS:
+        raise GrantRefused(
+            "Invalid JWT: Token must be a short-lived token and in a reasonable timeframe."
+        )
 
 
 class VertexSurface:
@@ -174,7 +180,7 @@ class VertexSurface:
                 raise GrantRefused(f"grant_type must be {JWT_BEARER}")
             answer = self.tokens.grant(str(form.get("assertion", "")), audience)
         except GrantRefused as exc:
-            self.tokens.refused += 1
+            self.tokens.grants_refused += 1
             refusal = {"error": "invalid_grant", "error_description": str(exc)}
             return web.json_response(refusal, status=400)
         return web.json_response(answer)
@@ -194,11 +200,12 @@ class VertexSurface:
         return web.json_response(resource)
 
     def snapshot(self) -> dict[str, Any]:
-        issued, refused = self.tokens.issued, self.tokens.refused
+        tokens = self.tokens
         return {
             "vertex": {
-                "tokens_issued": issued,
-                "token_refusals": refused,
+                "tokens_issued": tokens.issued,
+                "grants_refused": tokens.grants_refused,
+                "tokens_refused": tokens.tokens_refused,
                 "gs_reads": self.images.gs_reads,
             }
         }
