@@ -28,7 +28,7 @@ from pipeline.gemini import GeminiClient
 from pipeline.gemini.adc import SCOPES, application_default
 from pipeline.gemini.auth import REFRESH_MARGIN, TokenAuth
 from pipeline.gemini.backends import Vertex, vertex_base_url
-from pipeline.gemini.types import ImagePart
+from pipeline.gemini.types import GenerateRequest, ImagePart
 from pipeline.inputs import images
 from pipeline.inputs.references import ReferenceParts
 from pipeline.localserver.options import ServerOptions
@@ -368,6 +368,20 @@ def _vertex_client(server: LocalServer, key_file: Path) -> GeminiClient:
 def _no_references() -> ReferenceParts:
     """A run without reference images: nothing of them is ever uploaded."""
     return ReferenceParts((), "auto", uploads=None)  # type: ignore[arg-type]
+
+
+async def test_count_tokens_on_the_developer_api_matches_the_bill(server):
+    """The same client method on the other backend: the body wrapped in generateContentRequest."""
+    request = GenerateRequest(
+        model=MODEL,
+        prompt="Describe.",
+        system_instruction="Be short.",
+        images=(ImagePart("image/png", data=scene_png(1)),),
+    )
+    async with GeminiClient("test-key", base_url=server.base_url) as client:
+        counted = await client.count_tokens(request)
+        answer = await client.generate(request)
+    assert counted == answer.usage.prompt_tokens > 258
 
 
 async def test_plain_http_to_another_host_is_refused_for_tokens_too(key_file):
