@@ -16,12 +16,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from google import genai
 from google.genai import types
 from google.oauth2 import service_account
+from PIL import Image
 
 from pipeline.config import ConfigError
 from pipeline.gemini import GeminiClient
@@ -30,7 +32,7 @@ from pipeline.gemini.auth import REFRESH_MARGIN, TokenAuth
 from pipeline.gemini.backends import Vertex, vertex_base_url
 from pipeline.gemini.types import GenerateRequest, ImagePart
 from pipeline.inputs import images
-from pipeline.inputs.references import ReferenceParts
+from pipeline.inputs.references import REFERENCE_INLINE_BYTES, ReferenceParts
 from pipeline.localserver.options import ServerOptions
 from pipeline.localserver.server import LocalServer
 from pipeline.output.state import State
@@ -316,6 +318,22 @@ async def test_a_vertex_run_on_the_bundled_server(tmp_path, images_dir, monkeypa
     summary = await run(make_config(tmp_path, api={"backend": "vertex", "project": PROJECT}))
     assert summary.rows["ok"] == 2
     assert {row["status"] for row in read_rows(tmp_path / "out")} == {"ok"}
+
+
+async def test_a_big_reference_image_goes_inline_on_vertex(
+    server, tmp_path, images_dir, vertex_env
+):
+    """No Files API on Vertex: a reference too big to inline on the Developer API (where it is
+    uploaded once) is sent inline with every request instead."""
+    save_scenes(images_dir, 2, prefix="scene", seed=80)
+    noise = np.random.default_rng(7).integers(0, 256, size=(360, 360, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "big.png")
+    assert (tmp_path / "big.png").stat().st_size > REFERENCE_INLINE_BYTES
+    api = {"base_url": server.base_url, "backend": "vertex", "project": PROJECT}
+    task = {"kind": "detect", "reference_images": ["big.png"]}
+    summary = await run(make_config(tmp_path, api=api, task=task))
+    assert summary.rows["ok"] == 2 and summary.uploads == 0
+    assert server.stats()["uploads"]["started"] == 0
 
 
 def test_what_vertex_does_not_serve_is_refused_naming_the_key(tmp_path):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from pipeline.gemini.model_info import model_path
 
@@ -63,6 +63,11 @@ class Developer:
         """models.get of `model` (a tuned model's "tunedModels/<id>" kept: `model_path`)."""
         return f"{self.base_url}/{self.version}/{model_path(model)}"
 
+    def count_tokens_body(self, model: str, request: dict[str, Any]) -> dict[str, Any]:
+        """countTokens takes the request inside a `generateContentRequest` naming the model
+        (the SDK's `_CountTokensParameters_to_mldev`)."""
+        return {"generateContentRequest": {"model": f"models/{_model_id(model)}", **request}}
+
 
 @dataclass(frozen=True, slots=True)
 class Vertex:
@@ -88,6 +93,11 @@ class Vertex:
         a project (the SDK's `_build_request`: "Skip adding project and locations when getting
         Vertex AI base models")."""
         return f"{self.base_url}/{self.version}/{VERTEX_PUBLISHER}{_model_id(model)}"
+
+    def count_tokens_body(self, model: str, request: dict[str, Any]) -> dict[str, Any]:
+        """countTokens takes contents and systemInstruction at the top level (the SDK's
+        `_CountTokensParameters_to_vertex`)."""
+        return request
 
     def _scope(self) -> str:
         root = f"{self.base_url}/{self.version}/"

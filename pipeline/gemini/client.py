@@ -352,16 +352,13 @@ class GeminiClient:
 
     async def count_tokens(self, request: GenerateRequest, *, timeout: float | None = None) -> int:
         """countTokens of the request's contents and system instruction: the service's count
-        of its input (`totalTokens`). The Developer API takes them inside a
-        `generateContentRequest` (the SDK's `_CountTokensParameters_to_mldev`), Vertex at the
-        top level (`_CountTokensParameters_to_vertex`)."""
+        of its input (`totalTokens`), in the body shape of the backend."""
         model = request.model.removeprefix("models/")
         body = build_generate_content_body(request)
-        counted: dict[str, Any] = {
-            key: body[key] for key in ("contents", "systemInstruction") if key in body
+        wanted: dict[str, Any] = {
+            k: body[k] for k in ("contents", "systemInstruction") if k in body
         }
-        if self.backend.name == "developer":
-            counted = {"generateContentRequest": {"model": f"models/{model}", **counted}}
+        counted = self.backend.count_tokens_body(model, wanted)
         what = f"{model}:countTokens"
         answer = await self._transport.send(
             "POST",
