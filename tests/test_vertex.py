@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from pipeline.inputs import images
 from pipeline.inputs.references import REFERENCE_INLINE_BYTES, ReferenceParts
 from pipeline.localserver.options import ServerOptions
 from pipeline.localserver.server import LocalServer
+from pipeline.output import stores
 from pipeline.output.state import State
 from pipeline.records import SourceFile, Unit
 from pipeline.run.requests import IN_PLACE, RequestMaker
@@ -375,6 +377,49 @@ async def test_gs_inputs_go_in_place_and_changed_ones_inline(server, tmp_path, k
     assert answer.text and counted == answer.usage.prompt_tokens
     assert vertex_stats(server)["gs_reads"] == 2  # the server read it, for each of the two calls
     assert server.stats()["uploads"]["started"] == 0
+
+
+@pytest.fixture
+def gcs_double(server: LocalServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """gs:// through gcsfs to the double's storage API; the process's gs filesystem (cached
+    by the store layer and by fsspec, with this server's address) forgotten afterwards."""
+    # gcsfs (2026.10) asks a gRPC storage-control API for each bucket's type unless told not
+    # to before it is imported; an emulator (this double, Google's own) serves JSON only
+    monkeypatch.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+    gcsfs = pytest.importorskip("gcsfs")
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", server.base_url)
+    yield
+    stores.filesystem.cache_clear()
+    gcsfs.GCSFileSystem.clear_instance_cache()
+
+
+async def test_a_run_over_a_bucket_sends_its_objects_in_place(
+    server, tmp_path, buckets, vertex_env, gcs_double
+):
+    """gs:// inputs walked and read through gcsfs (the double's storage API): each object is
+    downloaded once by the pipeline (its key and check) and read by the service for the call;
+    rows say in_place. With max_side the shrunk copies go inline instead."""
+    (buckets / "day1").mkdir()
+    save_scenes(buckets / "day1", 3, prefix="scene", seed=90, size=(400, 300))
+    api = {"base_url": server.base_url, "backend": "vertex", "project": PROJECT}
+    config = make_config(tmp_path, api=api, input={"paths": ["gs://photos/day1"]})
+    summary = await run(config)
+
+    rows = read_rows(tmp_path / "out")
+    assert summary.rows["ok"] == 3 and {row["input_mode"] for row in rows} == {"in_place"}
+    assert server.stats()["storage"]["object_gets"] == 3  # the pipeline: once each, to key it
+    assert vertex_stats(server)["gs_reads"] == 3  # the service: the bytes of the calls
+
+    shrunk = make_config(
+        tmp_path,
+        api=api,
+        input={"paths": ["gs://photos/day1"]},
+        images={"max_side": 200},
+        output={"dir": str(tmp_path / "shrunk")},
+    )
+    assert (await run(shrunk)).rows["ok"] == 3
+    assert {row["input_mode"] for row in read_rows(tmp_path / "shrunk")} == {"inline"}
+    assert vertex_stats(server)["gs_reads"] == 3  # none more: sent inline
 
 
 def _vertex_client(server: LocalServer, key_file: Path) -> GeminiClient:
