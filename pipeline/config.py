@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import settings as s
+from pipeline.gemini.backends import BACKENDS
 from pipeline.gemini.client import DEFAULT_BASE_URL
 from pipeline.gemini.tokens import DEFAULT_MEDIA_RESOLUTION
 from pipeline.gemini.types import Flavor, GenerateRequest
@@ -66,6 +68,24 @@ class ConfigError(ValueError):
 def _base_url(v: Any) -> str:
     if s.text(v) != "local" and not v.startswith(("http://", "https://")):
         raise TypeError('an http(s) URL or "local"')
+    return v
+
+
+# What a Google Cloud project id (or a domain-scoped "example.com:id") and a location may hold:
+# both go into the request's path, so nothing else may ("/", "?", "..").
+_PROJECT = re.compile(r"[a-z][a-z0-9.:-]{3,62}[a-z0-9]")
+_LOCATION = re.compile(r"[a-z][a-z0-9-]{1,40}[a-z0-9]")
+
+
+def _project(v: Any) -> str:
+    if not _PROJECT.fullmatch(s.text(v)) or ".." in v:
+        raise TypeError('a Google Cloud project id such as "my-project"')
+    return v
+
+
+def _location(v: Any) -> str:
+    if not _LOCATION.fullmatch(s.text(v)):
+        raise TypeError('a Vertex AI location such as "us-central1" or "global"')
     return v
 
 
@@ -132,6 +152,20 @@ class ApiConfig:
     )
     context_cache_ttl: float = setting(
         600.0, s.positive_number, "seconds a cache lives unrenewed (renewed at half of it)"
+    )
+    backend: str = setting(
+        "developer",
+        s.one_of(*BACKENDS),
+        'or "vertex": Gemini on Vertex AI, with project and location (README: Using Vertex AI)',
+        flag="--backend",
+    )
+    project: str | None = setting(
+        None, s.optional(_project), "vertex: the project (default GOOGLE_CLOUD_PROJECT, ADC's)"
+    )
+    location: str | None = setting(
+        None,
+        s.optional(_location),
+        'vertex: "us-central1", ... or "global" (default GOOGLE_CLOUD_LOCATION, else global)',
     )
 
 
@@ -500,6 +534,7 @@ def validate(config: Config) -> None:
         )
     _warn_thinking_through_interactions(config)
     _validate_context_cache(config)
+    _validate_vertex(config)
     _validate_batch(config)
     _validate_engine(config)
     try:
@@ -552,6 +587,11 @@ def _validate_context_cache(config: Config) -> None:
             f'{config.source}: [api] context_cache = "on": the Interactions API takes no cached '
             'content; set [api] flavor = "generateContent" (or context_cache = "auto")'
         )
+    if config.api.backend == "vertex":
+        raise ConfigError(
+            f'{config.source}: [api] context_cache = "on": context caches are made on the '
+            'Developer API only (not on Vertex AI yet); set context_cache = "auto" or "off"'
+        )
     if config.task.spec.cache_min_tokens is None:
         raise ConfigError(
             f'{config.source}: [api] context_cache = "on": {config.task.spec.name} has no '
@@ -571,6 +611,29 @@ def _validate_groups(config: Config) -> None:
         raise ConfigError(
             f'{source}: [input] group_by = "manifest" groups the rows of [input] manifest by '
             "its group column: set manifest, and no paths"
+        )
+
+
+def _validate_vertex(config: Config) -> None:
+    """What Gemini on Vertex AI does not serve: Interactions, the Files API (so no uploads; a
+    gs:// input is read in place), and (for now) this pipeline's Batch Mode jobs."""
+    api, source = config.api, config.source
+    if api.backend != "vertex":
+        return
+    if api.flavor == "interactions":
+        raise ConfigError(
+            f'{source}: [api] flavor = "interactions": the Interactions API is not on Vertex AI '
+            '([api] backend = "vertex"); use flavor = "generateContent"'
+        )
+    if config.images.mode == "upload":
+        raise ConfigError(
+            f'{source}: [images] mode = "upload": Vertex AI has no Files API; use "auto" '
+            '(inline, and gs:// objects read in place) or "inline"'
+        )
+    if api.mode == "batch":
+        raise ConfigError(
+            f'{source}: [api] mode = "batch": Vertex batch prediction is not supported yet; '
+            'run with [api] mode = "interactive", or backend = "developer"'
         )
 
 
@@ -676,7 +739,13 @@ def key_suffixes(
     what is sent, not what is configured. So a media resolution equal to the one the model
     uses anyway is left out, and `max_side` enters only the `resized` suffix (the images it
     shrinks). The older rule's hashes (`settings_hash`) of this config, and of it without
-    `max_side`, are accepted as aliases: rows keyed by them are the same requests."""
+    `max_side`, are accepted as aliases: rows keyed by them are the same requests.
+
+    `[api] backend` is left out on purpose: Vertex AI and the Developer API serve the same
+    model to the same request (two doors to one model; the wire body is the same), so a row
+    bought through one is the answer the other would give — a run moved to Vertex resumes
+    where it stopped, and every key made before backends existed stays as it was. (The flavor
+    is in: Interactions thinks differently for the same model.)"""
     base: dict[str, Any] = {
         "rule": EFFECTIVE_RULE,
         "flavor": config.api.flavor,

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pipeline.config import Config, ConfigError, declarations
+from pipeline.engines.backend import client_backend
 from pipeline.gemini import ApiKeyError, GeminiClient, GeminiError, api_key_from_env
 from pipeline.inputs.fetch import Fetcher, settings_from
 from pipeline.inputs.references import LoadedReference
@@ -202,6 +203,8 @@ async def service_endpoint(config: Config, stack: contextlib.AsyncExitStack) -> 
         server = await stack.enter_async_context(LocalServer(options, models=config.models))
         return server.base_url, _key_from_env(config) or LOCAL_KEY
     key = _key_from_env(config)
+    if not key and config.api.backend == "vertex":
+        return config.api.base_url, ""  # Application Default Credentials (engines/backend.py)
     if not key:
         raise ConfigError(
             f"{config.source}: [api] base_url is {config.api.base_url}: "
@@ -304,15 +307,16 @@ def make_client(config: Config | None, base_url: str, key: str, version: str = "
     overrides [api] version (a batch job is followed at the version it was created at)."""
     config = config or Config()
     api = config.api
+    backend, auth = client_backend(config, base_url, key, version or api.version)
     try:
         return GeminiClient(
-            key,
-            base_url=base_url,
-            version=version or api.version,
+            key or None,
             max_connections=config.limits.concurrency,
             timeout=api.timeout,
             allow_insecure_http=api.allow_insecure_http,
             max_response_bytes=int(api.max_response_mb * 1024 * 1024),
+            backend=backend,
+            auth=auth,
         )
     except ValueError as exc:  # an http:// endpoint off this machine, a malformed URL
         raise ConfigError(f"{config.source}: [api] base_url: {exc}") from None

@@ -26,6 +26,8 @@ from types import TracebackType
 from typing import Any
 
 from pipeline.gemini import content, interactions
+from pipeline.gemini.auth import ApiKeyError, Auth, check_key
+from pipeline.gemini.backends import DEVELOPER_BASE_URL, Backend, Developer
 from pipeline.gemini.batches import Batches
 from pipeline.gemini.caches import Caches
 from pipeline.gemini.content import build_generate_content_body, parse_generate_content
@@ -46,22 +48,14 @@ from pipeline.gemini.interactions import build_interaction_body, parse_interacti
 from pipeline.gemini.model_info import (
     DEFAULT_PAGE_SIZE,
     ModelInfo,
-    model_path,
     parse_model_page,
     parse_model_text,
 )
-from pipeline.gemini.transport import (
-    MAX_RESPONSE_BYTES,
-    Answer,
-    ApiKeyError,
-    Transport,
-    check_key,
-    check_url,
-)
+from pipeline.gemini.transport import MAX_RESPONSE_BYTES, Answer, Transport, check_url
 from pipeline.gemini.types import FileInfo, Flavor, GenerateRequest, GenerateResponse
 from pipeline.gemini.wire import Continuation, join_hops, split_hops
 
-DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com"
+DEFAULT_BASE_URL = DEVELOPER_BASE_URL
 # Pauses before re-sending an upload chunk whose answer lacked X-Goog-Upload-Status
 # (the SDK: 3 attempts, 1 s then 2 s).
 UPLOAD_RESEND_DELAYS = (1.0, 2.0)
@@ -140,6 +134,8 @@ class GeminiClient:
 
     `timeout` is each request's deadline in seconds. `base_url` must be https, or http to a
     loopback host, unless `allow_insecure_http`. `max_hops` bounds a continued answer.
+    `backend` (backends.py: Vertex AI) replaces `base_url` and `version`, and `auth` (auth.py:
+    a Vertex access token) the API key; by default the Developer API with the key.
     """
 
     def __init__(
@@ -153,18 +149,24 @@ class GeminiClient:
         allow_insecure_http: bool = False,
         max_hops: int = MAX_HOPS,
         max_response_bytes: int | None = MAX_RESPONSE_BYTES,
+        backend: Backend | None = None,
+        auth: Auth | None = None,
     ) -> None:
-        check_url(base_url, allow_insecure_http=allow_insecure_http)
+        backend = backend or Developer(base_url.rstrip("/"), version.strip("/"))
+        check_url(backend.base_url, allow_insecure_http=allow_insecure_http)
         if max_hops < 1:
             raise ValueError(f"max_hops must be >= 1, got {max_hops}")
+        key = None if auth is not None else api_key if api_key is not None else api_key_from_env()
         self._transport = Transport(
-            api_key if api_key is not None else api_key_from_env(),
+            key,
+            auth=auth,
             max_connections=max_connections,
             timeout=timeout,
             max_response_bytes=max_response_bytes,
         )
-        self.base_url = base_url.rstrip("/")
-        self.version = version.strip("/")
+        self.backend = backend
+        self.base_url = backend.base_url.rstrip("/")
+        self.version = backend.version.strip("/")
         self.allow_insecure_http = allow_insecure_http
         self.max_hops = max_hops
 
@@ -189,7 +191,8 @@ class GeminiClient:
     def __repr__(self) -> str:
         key = "set" if self._transport.has_key else "missing"
         return (
-            f"GeminiClient(base_url={self.base_url!r}, version={self.version!r}, "
+            f"GeminiClient(backend={self.backend.name}, base_url={self.base_url!r}, "
+            f"version={self.version!r}, "
             f"max_connections={self.max_connections}, api_key={key})"
         )
 
@@ -248,7 +251,7 @@ class GeminiClient:
         """One generateContent answer, continued to the end (see `_continued`)."""
         model = request.model.removeprefix("models/")
         return await self._continued(
-            f"{self.base_url}/{self.version}/models/{model}:generateContent",
+            self.backend.model_url(model, "generateContent"),
             build_generate_content_body(request),
             content.CONTINUATION,
             timeout=timeout,
@@ -267,8 +270,13 @@ class GeminiClient:
     ) -> GenerateResponse:
         """One Interactions answer (`store: false`), continued to the end (see `_continued`).
 
-        ValueError for a request with a thinking budget (Interactions has thinking_level only).
+        ValueError for a request with a thinking budget (Interactions has thinking_level only),
+        or on a backend without Interactions (Vertex AI).
         """
+        if not self.backend.interactions:
+            raise ValueError(
+                f"the Interactions API is not served by the {self.backend.name} backend"
+            )
         return await self._continued(
             f"{self.base_url}/{self.version}/interactions",
             build_interaction_body(request),
@@ -344,11 +352,30 @@ class GeminiClient:
         """models.get: `GET {base}/{version}/models/{model}` (the SDK's `models.get`). A model
         the service does not serve is a GeminiError of kind not_found (404); ValueError for an
         id that would change the URL's path or query (the SDK's `t_model`)."""
-        name = model_path(model)
+        url = self.backend.model_resource_url(model)
+        what = f"get {url.removeprefix(self.base_url + '/')}"
+        answer = await self._transport.send("GET", url, timeout=timeout, what=what)
+        return self._transport.parse(answer, parse_model_text, what)
+
+    async def count_tokens(self, request: GenerateRequest, *, timeout: float | None = None) -> int:
+        """countTokens of the request's contents and system instruction: the service's count
+        of its input (`totalTokens`), in the body shape of the backend."""
+        model = request.model.removeprefix("models/")
+        body = build_generate_content_body(request)
+        wanted: dict[str, Any] = {
+            k: body[k] for k in ("contents", "systemInstruction") if k in body
+        }
+        counted = self.backend.count_tokens_body(model, wanted)
+        what = f"{model}:countTokens"
         answer = await self._transport.send(
-            "GET", f"{self.base_url}/{self.version}/{name}", timeout=timeout, what=f"get {name}"
+            "POST",
+            self.backend.model_url(model, "countTokens"),
+            json_body=counted,
+            timeout=timeout,
+            what=what,
         )
-        return self._transport.parse(answer, parse_model_text, f"get {name}")
+        document = self._transport.parse(answer, parse_json_object, what)
+        return int(document.get("totalTokens", 0))
 
     async def list_models(self, *, page_size: int = DEFAULT_PAGE_SIZE) -> list[ModelInfo]:
         """models.list: every model the service lists, following nextPageToken (the SDK's
@@ -381,6 +408,11 @@ class GeminiClient:
         self, size: int, mime_type: str, display_name: str | None
     ) -> tuple[str, int | None]:
         """The upload URL and chunk granularity the start answer gives."""
+        if not self.backend.files_api:
+            raise ValueError(
+                f"the Files API is not served by the {self.backend.name} backend: send images "
+                "inline, or as gs:// objects read in place"
+            )
         start = await self._transport.send(
             "POST",
             f"{self.base_url}/upload/{self.version}/files",

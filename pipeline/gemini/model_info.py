@@ -45,7 +45,8 @@ class ModelInfo:
 
     @property
     def model_id(self) -> str:
-        return self.name.removeprefix("models/")
+        # Vertex names a publisher model "publishers/google/models/<id>" (backends.py)
+        return self.name.removeprefix("publishers/google/").removeprefix("models/")
 
 
 def model_path(model: str) -> str:

@@ -1,10 +1,10 @@
 """HTTP exchanges with the Gemini service, and the rules every one of them follows.
 
 One aiohttp session per client (its connection pool sized to the pipeline's concurrency) carries
-every call. The API key stays home:
+every call. The API key (or Vertex's access token: auth.py) stays home:
 
-- it travels only in the `x-goog-api-key` header of requests to the API itself (never to the
-  resumable upload URL, which is its own credential);
+- it travels only in the `x-goog-api-key` (or `Authorization`) header of requests to the API
+  itself (never to the resumable upload URL, which is its own credential);
 - redirects are never followed (aiohttp follows them by default, re-sending the headers): a 3xx
   becomes `GeminiError(kind="redirect")` naming only the Location's host;
 - clear-text `http://` is refused for any host but loopback (127.0.0.0/8, ::1, localhost) unless
@@ -32,36 +32,11 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from pipeline.gemini.auth import REDACTED, Auth, KeyAuth
 from pipeline.gemini.errors import GeminiError, error_from_response
 from pipeline.gemini.types import GenerateResponse
 
-API_KEY_HEADER = "x-goog-api-key"
-REDACTED = "[redacted]"
-# The shortest key accepted. Google's keys are 39 characters (`AIza` + 35 of [A-Za-z0-9_-]); a
-# random 8-character key occurs by chance in a 10 kB answer with odds of about 10^4 / 64^8, or
-# 4e-11, so redacting it mangles nothing real. 8 also keeps the local server's keys
-# ("local-key", "test-key"). A shorter key redacted stored answers into nonsense ('mask' ->
-# 'mas[redacted]' with the key "k").
-MIN_KEY_CHARS = 8
 _Parsed = TypeVar("_Parsed")
-
-
-class ApiKeyError(ValueError):
-    """An API key the client refuses (too short to redact, or with whitespace inside). The
-    message never contains the key."""
-
-
-def check_key(key: str | None, name: str = "the API key") -> None:
-    """ApiKeyError unless `key` is None or a key this client can send and redact."""
-    if key is None:
-        return
-    if any(c.isspace() or not c.isprintable() for c in key):
-        raise ApiKeyError(f"{name} contains whitespace or control characters: refused")
-    if len(key) < MIN_KEY_CHARS:
-        raise ApiKeyError(
-            f"{name} is {len(key)} character(s) long: refused, a key shorter than "
-            f"{MIN_KEY_CHARS} cannot be told from the text of an answer (Google's are 39)"
-        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +91,7 @@ class Transport:
         self,
         api_key: str | None,
         *,
+        auth: Auth | None = None,
         max_connections: int,
         timeout: float,
         max_response_bytes: int | None = MAX_RESPONSE_BYTES,
@@ -123,8 +99,7 @@ class Transport:
         self.max_response_bytes = max_response_bytes
         if max_connections < 1:
             raise ValueError(f"max_connections must be >= 1, got {max_connections}")
-        check_key(api_key)
-        self.__api_key = api_key
+        self.auth: Auth = auth if auth is not None else KeyAuth(api_key)
         self.max_connections = max_connections
         self.timeout = timeout
         self._session: aiohttp.ClientSession | None = None
@@ -132,7 +107,7 @@ class Transport:
 
     @property
     def has_key(self) -> bool:
-        return bool(self.__api_key)
+        return self.auth.present
 
     def session(self) -> aiohttp.ClientSession:
         if self._closed:
@@ -146,18 +121,22 @@ class Transport:
 
     async def close(self) -> None:
         self._closed = True
+        await self.auth.close()
         if self._session is not None:
             await self._session.close()
             self._session = None
 
     def redact(self, text: str) -> str:
-        """Remove the key from text that came from elsewhere (server bodies, library errors)."""
-        key = self.__api_key
-        return text.replace(key, REDACTED) if key else text
+        """Remove the key (or every access token) from text that came from elsewhere (server
+        bodies, library errors)."""
+        for secret in self.auth.secrets():
+            text = text.replace(secret, REDACTED)
+        return text
 
     def redact_bytes(self, body: bytes) -> bytes:
-        key = self.__api_key
-        return body.replace(key.encode(), REDACTED.encode()) if key else body
+        for secret in self.auth.secrets():
+            body = body.replace(secret.encode(), REDACTED.encode())
+        return body
 
     def stored(self, response: GenerateResponse) -> GenerateResponse:
         """A parsed answer with the key removed from the texts that are kept or shown (its raw
@@ -208,12 +187,12 @@ class Transport:
                 return items
             params = {"pageSize": str(page_size), "pageToken": token}
 
-    def _headers(
+    async def _headers(
         self, headers: Mapping[str, str] | None, with_key: bool, limit: float
     ) -> dict[str, str]:
         request_headers = dict(headers or {})
-        if with_key and self.__api_key:
-            request_headers[API_KEY_HEADER] = self.__api_key
+        if with_key:
+            request_headers.update(await self.auth.headers())
         if limit > 0:
             request_headers["X-Server-Timeout"] = str(math.ceil(limit))
         return request_headers
@@ -246,7 +225,7 @@ class Transport:
         limit = self.timeout if timeout is None else timeout
         if limit <= 0:  # aiohttp reads 0 as "no deadline"
             raise GeminiError(None, "DEADLINE_EXCEEDED", f"{what}: no time left to send it")
-        request_headers = self._headers(headers, with_key, limit)
+        request_headers = await self._headers(headers, with_key, limit)
         if json_body is not None:
             data = json.dumps(json_body, separators=(",", ":")).encode()
             request_headers["Content-Type"] = "application/json"

@@ -107,6 +107,41 @@ def missing_key() -> ApiError:
     )
 
 
+def unauthenticated() -> ApiError:
+    """Vertex AI: no bearer token (or API key), or one that expired or was never issued."""
+    return ApiError(
+        401,
+        "UNAUTHENTICATED",
+        "Request had invalid authentication credentials. Expected OAuth 2 access token, login "
+        "cookie or other valid authentication credential. See "
+        "https://developers.google.com/identity/sign-in/web/devconsole-project.",
+        [{"@type": TYPE_PREFIX + "ErrorInfo", "reason": "ACCESS_TOKEN_EXPIRED"}],
+        rule="auth.vertex-unauthenticated",
+    )
+
+
+def vertex_permission_denied(project: str) -> ApiError:
+    """Vertex AI: a token for another project than the one in the path."""
+    return ApiError(
+        403,
+        "PERMISSION_DENIED",
+        f"Permission 'aiplatform.endpoints.predict' denied on resource "
+        f"'//aiplatform.googleapis.com/projects/{project}' (or it may not exist).",
+        [{"@type": TYPE_PREFIX + "ErrorInfo", "reason": "IAM_PERMISSION_DENIED"}],
+        rule="auth.vertex-permission",
+    )
+
+
+def gs_object_unreadable(uri: str) -> ApiError:
+    return ApiError(
+        400,
+        "INVALID_ARGUMENT",
+        f"Cannot fetch content from the provided URL {uri}: the object does not exist, or the "
+        "service agent may not read it.",
+        rule="vertex.gs-object",
+    )
+
+
 def invalid_key() -> ApiError:
     message = "API key not valid. Please pass a valid API key."
     return ApiError(

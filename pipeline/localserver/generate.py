@@ -43,9 +43,24 @@ class GenerateSurface:
         app.router.add_post(f"/{version}/models/{{model_action}}", self.model_method)
 
     async def model_method(self, request: web.Request) -> web.Response:
-        version = request.match_info["version"]
-        model_id, _, method = request.match_info["model_action"].rpartition(":")
         self.core.check_key(request)
+        version = request.match_info["version"]
+        return await self.serve(request, version, request.match_info["model_action"])
+
+    async def serve(
+        self,
+        request: web.Request,
+        version: str,
+        model_action: str,
+        images: ImageReader | None = None,
+        *,
+        vertex: bool = False,
+    ) -> web.Response:
+        """A caller already let in: its `model:method` answered; `images` reads its image parts
+        (the Vertex surface's own reader resolves gs:// URIs; vertex.py), and a `vertex`
+        countTokens body holds contents and systemInstruction at its top level."""
+        images = images or self.core.images
+        model_id, _, method = model_action.rpartition(":")
         if method not in METHODS or not model_id:
             raise errors.unsupported_here(f"Method '{method}'")
         model = model_checks.known_model(
@@ -54,8 +69,9 @@ class GenerateSurface:
         body = await self.core.body(request)
         model_id = model_id.removeprefix("models/")
         if method == "countTokens":
-            return web.json_response(self._count(body, model, model_id, version))
-        prompted = parse_request(body, model, model_id, version, self.core.images)
+            counted = body if vertex else _count_request(body, version)
+            return web.json_response(self._count(counted, model, model_id, version, images))
+        prompted = parse_request(body, model, model_id, version, images)
         cached = None
         if get(body, "cached_content") is not None:
             prompted, cached = self.core.contexts.resolve(body, prompted)
@@ -69,12 +85,23 @@ class GenerateSurface:
         self.core.bill(model_id, usage, outcome.task, len(prompted.images))
         return web.json_response(response_body(outcome, usage, model_id))
 
-    def _count(self, body: dict[str, Any], model: Model, model_id: str, version: str) -> dict:
-        check(body, COUNT_TOKENS_REQUEST, version=version)
-        request = get(body, "generate_content_request") or {"contents": get(body, "contents")}
-        prompted = parse_request(request, model, model_id, version, self.core.images)
+    def _count(
+        self,
+        request: dict[str, Any],
+        model: Model,
+        model_id: str,
+        version: str,
+        images: ImageReader,
+    ) -> dict:
+        prompted = parse_request(request, model, model_id, version, images)
         usage = prompt_usage(prompted)
         return {"totalTokens": usage.prompt_tokens, "promptTokensDetails": modalities(usage)}
+
+
+def _count_request(body: dict[str, Any], version: str) -> dict[str, Any]:
+    """The Developer API's CountTokensRequest: its contents, or its generateContentRequest."""
+    check(body, COUNT_TOKENS_REQUEST, version=version)
+    return get(body, "generate_content_request") or {"contents": get(body, "contents")}
 
 
 def parse_request(

@@ -1,9 +1,11 @@
 """Images of a request, from either API flavour: decoded, checked, measured, analysed.
 
 Inline bytes come as base64 (standard or URL-safe, padded or not: the SDK sends URL-safe); a file
-reference must name an ACTIVE file of this server's store. The header is read at once (size, for
-billing); pixels are decoded only when an answer needs them, and analyses are cached by sha256
-because benchmarks resend the same images.
+reference must name an ACTIVE file of this server's store, or, for a reader made with `gs_roots`
+(the Vertex surface's), a `gs://bucket/name` object, read from the folder its bucket is mapped
+to (`--gs-root bucket=DIR`) as Vertex reads Cloud Storage itself: the client sends no bytes. The
+header is read at once (size, for billing); pixels are decoded only when an answer needs them,
+and analyses are cached by sha256 because benchmarks resend the same images.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from __future__ import annotations
 import binascii
 import hashlib
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from PIL import Image
 
@@ -43,8 +47,10 @@ class ImageInput:
 class ImageReader:
     """Turns image parts into ImageInputs; keeps the recent analyses."""
 
-    def __init__(self, files: FileStore) -> None:
+    def __init__(self, files: FileStore, gs_roots: Mapping[str, str] | None = None) -> None:
         self.files = files
+        self.gs_roots = {bucket: Path(root) for bucket, root in (gs_roots or {}).items()}
+        self.gs_reads = 0  # gs:// objects this reader fetched itself (no client bytes)
         self._analyses: OrderedDict[str, Analysis] = OrderedDict()
 
     def inline(
@@ -80,8 +86,24 @@ class ImageReader:
             raise errors.invalid_argument(
                 f"'{where}.file_uri' is required.", rule="image.required", field=f"{where}.file_uri"
             )
+        if uri.startswith("gs://") and self.gs_roots:
+            raw = self.gs_object(uri)
+            mime = mime_type or "application/octet-stream"
+            return self._measure(raw, mime, hashlib.sha256(raw).hexdigest(), types)
         stored = self.active_file(uri)
         return self._measure(stored.data, mime_type or stored.mime_type, stored.sha256, types)
+
+    def gs_object(self, uri: str) -> bytes:
+        """The bytes of a gs:// object in a mapped bucket; 400 for any other (rule
+        vertex.gs-object), as for an object the service cannot read."""
+        bucket, _, name = uri.removeprefix("gs://").partition("/")
+        root = self.gs_roots.get(bucket)
+        path = (root / name).resolve() if root is not None and name else None
+        inside = root is not None and path is not None and path.is_relative_to(root.resolve())
+        if path is None or not inside or not path.is_file():
+            raise errors.gs_object_unreadable(uri)
+        self.gs_reads += 1
+        return path.read_bytes()
 
     def active_file(self, uri: str) -> StoredFile:
         """The ACTIVE file a `files/<id>` name or URI points at (403 / 400 otherwise)."""

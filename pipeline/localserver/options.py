@@ -106,6 +106,19 @@ def _alias_pair(item: Any) -> tuple[str, str]:
     return alias.strip().lower(), target.strip()
 
 
+GsRoots = tuple[tuple[str, str], ...]
+
+
+def _gs_roots(v: Any) -> GsRoots:
+    """(bucket, folder) pairs from "bucket=DIR" strings (the flag's, comma-separated) or a
+    table: where the Vertex surface reads a fileData gs:// object from."""
+    items = v.items() if isinstance(v, Mapping) else v
+    if isinstance(items, str) or not isinstance(items, Iterable):
+        raise TypeError("bucket=DIR strings, or a table bucket = DIR")
+    pairs = tuple(_alias_pair(item) for item in items)
+    return tuple((bucket, folder) for bucket, folder in pairs)
+
+
 _SECRET = frozenset({"api_key"})  # never echoed, not even when refused
 
 
@@ -284,6 +297,22 @@ class ServerOptions(LocalOptions):
     )
     file_processing_seconds: float = setting(
         0.0, _AT_LEAST_ZERO, "uploaded files stay PROCESSING this long", type=float
+    )
+    service_account: str | None = setting(
+        None,
+        s.optional(_string),
+        "Vertex: a service-account key file (JSON) whose RS256-signed JWTs POST /token "
+        "exchanges for bearer tokens (its token_uri may point there); unset, /token refuses",
+    )
+    token_seconds: int = setting(
+        3600, _POSITIVE_COUNT, "Vertex: how long a token /token issues lives", type=int
+    )
+    gs_root: GsRoots = setting(
+        (),
+        _gs_roots,
+        "Vertex: comma-separated bucket=DIR, the folders fileData gs://bucket/... objects are "
+        "read from (as Vertex reads Cloud Storage itself)",
+        type=_kinds,
     )
     answer_log: str | None = setting(
         None,

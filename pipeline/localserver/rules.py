@@ -88,6 +88,32 @@ _RULES = (
         'API key.", ErrorInfo API_KEY_INVALID)',
     ),
     Rule(
+        "auth.vertex-unauthenticated",
+        "401 UNAUTHENTICATED",
+        "Vertex paths: a request without a bearer token (or express-mode key), or with one the "
+        "token endpoint did not issue or that has expired on the server's clock.",
+        "https://cloud.google.com/vertex-ai/docs/reference/rest (google.rpc.Status); "
+        "https://cloud.google.com/docs/authentication/rest",
+        assumed=True,
+    ),
+    Rule(
+        "auth.vertex-permission",
+        "403 PERMISSION_DENIED",
+        "Vertex paths: a token issued for --vertex-project used on another project's path.",
+        "https://cloud.google.com/vertex-ai/docs/general/access-control (aiplatform.endpoints."
+        "predict, roles/aiplatform.user)",
+        "written",
+        assumed=True,
+    ),
+    Rule(
+        "vertex.gs-object",
+        "400 INVALID_ARGUMENT",
+        "Vertex paths: a fileData gs:// URI outside the buckets --gs-root maps, or no such object.",
+        "https://cloud.google.com/vertex-ai/generative-ai/docs/multimodal/image-understanding",
+        "written",
+        assumed=True,
+    ),
+    Rule(
         "body.malformed",
         "400 INVALID_ARGUMENT / invalid_request",
         "A body that is not a JSON object is refused.",

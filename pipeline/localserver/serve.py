@@ -77,7 +77,7 @@ def serve_from_args(args: argparse.Namespace) -> int:
     if workers < 1 or (workers > 1 and _per_process_state(options)):
         print(
             "error: --workers must be >= 1, and 1 with --rpm/--tpm/--rpd/--credit-budget/"
-            "--decode-limit/--implicit-cache (their state is per process)",
+            "--decode-limit/--implicit-cache/--service-account (their state is per process)",
             file=sys.stderr,
         )
         return 2
@@ -107,9 +107,10 @@ def serve_from_args(args: argparse.Namespace) -> int:
 
 def _per_process_state(options: ServerOptions) -> bool:
     """Options whose counters a second process would not share (a continuation token issued by
-    one worker is unknown to the others)."""
+    one worker is unknown to the others, and so is a Vertex bearer token)."""
     limits = (options.rpm, options.tpm, options.rpd, options.decode_limit)
-    return any(limits) or options.credit_budget_usd is not None or options.implicit_cache
+    shared = options.credit_budget_usd is not None or options.implicit_cache
+    return any(limits) or shared or options.service_account is not None
 
 
 def _options(args: argparse.Namespace) -> ServerOptions:

@@ -3,7 +3,10 @@
 Surfaces, each a module with a class that registers its routes under every API version:
 batches.py (Batch Mode, reusing generate.parse_request and generate.response_body for each of
 its requests), generate.py (generateContent, countTokens), interactions.py, files_api.py,
-cached_contents.py (explicit context caches), models_api.py (models.get, models.list).
+cached_contents.py (explicit context caches), models_api.py (models.get, models.list),
+vertex.py (the same generateContent on Vertex AI's paths, its bearer tokens and their /token
+endpoint, gs:// objects read in place), storage.py (a read-only Cloud Storage JSON API over the
+same buckets, for gcsfs).
 GET /local/stats reads the counters.
 """
 
@@ -25,6 +28,8 @@ from pipeline.localserver.generate import GenerateSurface
 from pipeline.localserver.interactions import InteractionsSurface
 from pipeline.localserver.models_api import ModelsSurface
 from pipeline.localserver.options import ServerOptions
+from pipeline.localserver.storage import StorageSurface
+from pipeline.localserver.vertex import VertexSurface
 from pipeline.models import ModelTable, default_table
 
 # Batch Mode first: its `...:batchGenerateContent` and `files/{id}:download` routes would
@@ -36,6 +41,8 @@ SURFACES = (
     FilesSurface,
     CachedContentsSurface,
     ModelsSurface,
+    VertexSurface,
+    StorageSurface,
 )
 SHUTDOWN_GRACE_SECONDS = 2.0
 

@@ -97,13 +97,13 @@ async def _rendered(request: web.Request, handler: Handler, stats: Stats) -> web
 
 
 def stat_key(request: web.Request) -> str:
-    """ "METHOD path" with the version and model (or model and method) filled in, and file or
-    interaction ids not."""
+    """ "METHOD path" with the version and model (or model and method) filled in, and Vertex's
+    project and location, and file or interaction ids not."""
     resource = request.match_info.route.resource
     if resource is None:
         return f"{request.method} (unknown path)"
     path = resource.canonical.replace("{id}", "{name}" if "/files/" in request.path else "{id}")
-    for name in ("version", "model_action", "model"):
+    for name in ("version", "model_action", "model", "project", "location"):
         if name in request.match_info:
             path = path.replace(f"{{{name}}}", request.match_info[name])
     return f"{request.method} {path}"

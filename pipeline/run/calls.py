@@ -197,7 +197,10 @@ class Caller:
         self.counters = Counters()
         self.deadlines = Deadlines(config.api.min_timeout, config.api.timeout)
         self._answered_at = -math.inf  # when the last answer came (time.monotonic())
-        self.references = ReferenceParts(references, config.images.mode, uploads=uploads)
+        # Vertex AI has no Files API: its reference images always go inline
+        vertex = config.api.backend == "vertex"
+        reference_mode = "inline" if vertex else config.images.mode
+        self.references = ReferenceParts(references, reference_mode, uploads=uploads)
         self.requests = RequestMaker(config, request, self.references)  # Batch Mode's too
         self.context = ContextCache(
             config, client, self.requests.costing, request, self.references, spend=self.spend

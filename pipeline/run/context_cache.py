@@ -91,6 +91,8 @@ def cacheable(config: Config, costing: Costing) -> str | None:
         return "cached contents serve interactive generateContent requests only"
     if config.engine.kind != "single":  # one cache per worker would be paid for many times
         return "the Ray engine sends every request in full"
+    if config.api.backend == "vertex":  # Vertex's caches are a project resource not built here
+        return "context caches are made on the Developer API only (not on Vertex AI yet)"
     if minimum is None:
         return f"{config.task.spec.name} has no context caching"
     if costing.cacheable_tokens < minimum:

@@ -3,6 +3,12 @@
     Unit ─plan─► Plan: token estimate (costing.py), limits, each image inline or uploaded
          ─make─► GenerateRequest: reference images first, then the unit's images, captioned
 
+On Vertex AI (`[api] backend = "vertex"`), a gs:// input sent as it is stored goes in place: its
+part is `fileData {fileUri: "gs://...", mimeType}` and Vertex reads the object itself, so the
+request carries none of its bytes and no inline limit binds it (mode "in_place"); one that
+`max_side`, a conversion or EXIF rotation changed is sent inline after preparing, as anywhere.
+There is no Files API there, so an image that fits neither way is refused.
+
 The plan is decided before anything is sent: a request over a limit (images, input tokens,
 `[limits] tpm` where calls are paced by it, the inline limit) is refused with the limit it would
 break, and `Plan.failed` turns that — or any failure before an answer — into the Outcome its row
@@ -14,6 +20,7 @@ deleted with it, since an upload must outlive the job that reads it).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -22,6 +29,7 @@ from pipeline.config import BATCH_INLINE_LIMIT_MB, Config, ConfigError
 from pipeline.gemini.types import GenerateRequest, GenerateResponse, ImagePart
 from pipeline.inputs import images
 from pipeline.inputs.references import ReferenceParts, inline_size
+from pipeline.locations import scheme_of
 from pipeline.records import ImageItem, Parsed, Unit
 from pipeline.run.costing import Costing
 from pipeline.run.offload import offload
@@ -32,13 +40,14 @@ from pipeline.tasks import multi
 REQUEST_OVERHEAD = 2048  # JSON around the parts, counted against the inline limit
 # Reading a small image on the event loop costs less than a thread hop; big ones go to threads.
 SMALL_BYTES = 64 << 10
+IN_PLACE = "in_place"  # a gs:// object Vertex AI reads itself (fileData.fileUri)
 
 
 @dataclass(frozen=True, slots=True)
 class Plan:
     """How a unit's request is made, decided before anything is sent (`RequestMaker.plan`)."""
 
-    modes: tuple[str, ...]  # "inline" or "upload", for each image of the unit
+    modes: tuple[str, ...]  # "inline", "upload" or "in_place", for each image of the unit
     est_image_tokens: int  # every image of the request, reference images included
     est_tokens: int  # the whole input: images, prompt, system instruction, captions
     error: str | None = None  # why the request cannot be made (a limit it would break)
@@ -46,7 +55,8 @@ class Plan:
 
     @property
     def input_mode(self) -> str:
-        """The row's input_mode: inline, upload, mixed (a group sent partly each way), or none."""
+        """The row's input_mode: inline, upload, in_place, mixed (a group sent partly each
+        way), or none."""
         kinds = set(self.modes)
         return kinds.pop() if len(kinds) == 1 else "mixed" if kinds else "none"
 
@@ -121,12 +131,15 @@ class RequestMaker:
         if mode == "upload":
             return ("upload",) * len(unit.items), room, None
         modes = []
+        vertex = self.config.api.backend == "vertex"
         for item in unit.items:
             size = inline_size(item)
-            if size <= room:
+            if mode == "auto" and vertex and in_place(item):
+                modes.append(IN_PLACE)
+            elif size <= room:
                 modes.append("inline")
                 room -= size
-            elif mode == "auto":
+            elif mode == "auto" and not vertex:  # Vertex has no Files API to upload to
                 modes.append("upload")
             else:
                 return ("inline",) * len(unit.items), room, limit[1]
@@ -155,7 +168,19 @@ class RequestMaker:
         return request_with_images(self.request, parts, targets, captioned=self.captioned)
 
 
+def in_place(item: ImageItem) -> bool:
+    """A gs:// object whose bytes are sent as stored (not converted, rotated or shrunk): the
+    prepared bytes are the object's own, which its sha256 (the row key's) says exactly."""
+    if scheme_of(item.source.path) != "gs" or item.data is None:
+        return False
+    if len(item.data) != item.source.size:  # changed bytes nearly always change the size
+        return False
+    return hashlib.sha256(item.data).hexdigest() == item.sha256  # and when not, the hash says
+
+
 async def _image_part(item: ImageItem, mode: str, uploads: Uploads) -> ImagePart:
+    if mode == IN_PLACE:
+        return ImagePart(item.mime_type, file_uri=item.source.path)
     if mode == "inline":
         data = await offload(item.send_size > SMALL_BYTES * 16, images.read_bytes, item)
         return ImagePart(item.mime_type, data=data)

@@ -1,0 +1,116 @@
+"""Where a client's requests go: the Gemini Developer API or Gemini on Vertex AI.
+
+One client (client.py) speaks to both; a backend is the small part that differs — the base URL,
+the path of a model's method and whether the Files API and Interactions exist. The request and
+answer bodies are the same GenerateContentRequest / GenerateContentResponse on both (Vertex
+requires `role` on every content, which build_generate_content_body always sends; Vertex reads
+`fileData.fileUri = "gs://..."` objects in place, where the Developer API takes Files API URIs).
+Auth (an API key, or Vertex's OAuth2 bearer token) is auth.py's.
+
+A Vertex batch-prediction seam would sit here too: `Vertex.jobs_url()` for
+`projects/{p}/locations/{l}/batchPredictionJobs`, beside the Developer API's `batches`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pipeline.gemini.model_info import model_path
+
+BackendName = Literal["developer", "vertex"]
+BACKENDS: tuple[BackendName, ...] = ("developer", "vertex")
+DEVELOPER_BASE_URL = "https://generativelanguage.googleapis.com"
+GLOBAL_LOCATION = "global"
+VERTEX_VERSION = "v1"  # the Vertex REST reference's GA version (the SDK defaults to v1beta1)
+VERTEX_PUBLISHER = "publishers/google/models/"
+
+
+def vertex_base_url(location: str) -> str:
+    """`https://{location}-aiplatform.googleapis.com`, or the global endpoint's host (the SDK's
+    `BaseApiClient.__init__`: `location == 'global'` -> `https://aiplatform.googleapis.com/`)."""
+    if location == GLOBAL_LOCATION:
+        return "https://aiplatform.googleapis.com"
+    return f"https://{location}-aiplatform.googleapis.com"
+
+
+def project_from_env() -> str | None:
+    """GOOGLE_CLOUD_PROJECT, as the SDK's `BaseApiClient.__init__` reads it (None when unset)."""
+    return os.environ.get("GOOGLE_CLOUD_PROJECT") or None
+
+
+def location_from_env() -> str:
+    """GOOGLE_CLOUD_LOCATION, else "global" (the SDK's `BaseApiClient.__init__`: no location
+    and no API key -> 'global')."""
+    return os.environ.get("GOOGLE_CLOUD_LOCATION") or GLOBAL_LOCATION
+
+
+@dataclass(frozen=True, slots=True)
+class Developer:
+    """The Gemini Developer API: `{base}/{version}/models/{model}:{method}`."""
+
+    base_url: str
+    version: str
+    name: BackendName = "developer"
+    files_api: bool = True  # Files API uploads and Interactions exist here only
+    interactions: bool = True
+
+    def model_url(self, model: str, method: str) -> str:
+        return f"{self.base_url}/{self.version}/models/{_model_id(model)}:{method}"
+
+    def model_resource_url(self, model: str) -> str:
+        """models.get of `model` (a tuned model's "tunedModels/<id>" kept: `model_path`)."""
+        return f"{self.base_url}/{self.version}/{model_path(model)}"
+
+    def count_tokens_body(self, model: str, request: dict[str, Any]) -> dict[str, Any]:
+        """countTokens takes the request inside a `generateContentRequest` naming the model
+        (the SDK's `_CountTokensParameters_to_mldev`)."""
+        return {"generateContentRequest": {"model": f"models/{_model_id(model)}", **request}}
+
+
+@dataclass(frozen=True, slots=True)
+class Vertex:
+    """Gemini on Vertex AI: `{base}/{version}/projects/{p}/locations/{l}/publishers/google/
+    models/{model}:{method}` (the SDK's `_build_request` prefixes `projects/.../locations/...`).
+
+    Without a project (express mode: an API key), the path starts at `publishers/`, as the SDK
+    builds it when only an API key is set."""
+
+    base_url: str
+    project: str | None
+    location: str = GLOBAL_LOCATION
+    version: str = VERTEX_VERSION
+    name: BackendName = "vertex"
+    files_api: bool = False
+    interactions: bool = False
+
+    def model_url(self, model: str, method: str) -> str:
+        return f"{self._scope()}{VERTEX_PUBLISHER}{_model_id(model)}:{method}"
+
+    def model_resource_url(self, model: str) -> str:
+        """A publisher model's get: `{base}/{version}/publishers/google/models/{m}`, never under
+        a project (the SDK's `_build_request`: "Skip adding project and locations when getting
+        Vertex AI base models")."""
+        return f"{self.base_url}/{self.version}/{VERTEX_PUBLISHER}{_model_id(model)}"
+
+    def count_tokens_body(self, model: str, request: dict[str, Any]) -> dict[str, Any]:
+        """countTokens takes contents and systemInstruction at the top level (the SDK's
+        `_CountTokensParameters_to_vertex`)."""
+        return request
+
+    def _scope(self) -> str:
+        root = f"{self.base_url}/{self.version}/"
+        if self.project is None:
+            return root
+        return f"{root}projects/{self.project}/locations/{self.location}/"
+
+
+Backend = Developer | Vertex
+
+
+def _model_id(model: str) -> str:
+    """The bare id: "models/x" and "publishers/google/models/x" both name x. ValueError for an
+    id that would change the URL's path or query (as `model_path` refuses it)."""
+    model_path(model)  # the same refusal of "..", "?" and "&" as models.get
+    return model.removeprefix(VERTEX_PUBLISHER).removeprefix("models/")

@@ -1,0 +1,101 @@
+"""A read-only Cloud Storage JSON API over the `--gs-root` folders: what gcsfs asks of a bucket
+when the pipeline walks and reads gs:// inputs (set `STORAGE_EMULATOR_HOST` to the server's
+URL, as for Google's own emulators).
+
+- `GET /storage/v1/b/{bucket}` — the bucket;
+- `GET /storage/v1/b/{bucket}/o?prefix=&delimiter=/` — one folder's objects and sub-prefixes;
+- `GET /storage/v1/b/{bucket}/o/{object}` — an object's metadata;
+- `GET /download/storage/v1/b/{bucket}/o/{object}?alt=media` — its bytes, counted
+  (`storage.object_gets` in /local/stats): a test can tell what the pipeline downloaded from
+  what the Vertex surface read in place (`vertex.gs_reads`).
+
+Reads only, no auth (the double's buckets are test folders); the object resource carries what
+gcsfs turns into `size`, `mtime` and `generation`.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from pipeline.localserver.core import Core
+
+STORAGE = "/storage/v1/b/{bucket}"
+
+
+class StorageSurface:
+    """The Cloud Storage routes (see the module docstring)."""
+
+    def __init__(self, core: Core) -> None:
+        self.roots = {bucket: Path(root).resolve() for bucket, root in core.options.gs_root}
+        self.object_gets = 0
+        self.lists = 0
+
+    def routes(self, app: web.Application, _versions: str) -> None:
+        app.router.add_get(STORAGE, self.bucket)
+        app.router.add_get(f"{STORAGE}/o", self.list_objects)
+        app.router.add_get(f"{STORAGE}/o/{{name:.+}}", self.get_object)
+        app.router.add_get(f"/download{STORAGE}/o/{{name:.+}}", self.download)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"storage": {"object_gets": self.object_gets, "lists": self.lists}}
+
+    async def bucket(self, request: web.Request) -> web.Response:
+        bucket = request.match_info["bucket"]
+        self._root(bucket)
+        return web.json_response({"kind": "storage#bucket", "name": bucket, "id": bucket})
+
+    async def list_objects(self, request: web.Request) -> web.Response:
+        """One level under `prefix` (gcsfs lists a folder at a time, delimiter "/")."""
+        bucket = request.match_info["bucket"]
+        root, prefix = self._root(bucket), request.query.get("prefix", "")
+        self.lists += 1
+        folder = (root / prefix).resolve()
+        inside = folder.is_relative_to(root) and folder.is_dir()
+        entries = sorted(folder.iterdir()) if inside else []
+        items = [_resource(bucket, root, p) for p in entries if p.is_file()]
+        prefixes = [f"{p.relative_to(root).as_posix()}/" for p in entries if p.is_dir()]
+        return web.json_response({"kind": "storage#objects", "items": items, "prefixes": prefixes})
+
+    async def get_object(self, request: web.Request) -> web.Response:
+        bucket = request.match_info["bucket"]
+        path = self._object(bucket, request.match_info["name"])
+        return web.json_response(_resource(bucket, self._root(bucket), path))
+
+    async def download(self, request: web.Request) -> web.Response:
+        path = self._object(request.match_info["bucket"], request.match_info["name"])
+        self.object_gets += 1
+        return web.Response(body=path.read_bytes(), content_type="application/octet-stream")
+
+    def _root(self, bucket: str) -> Path:
+        root = self.roots.get(bucket)
+        if root is None:
+            raise web.HTTPNotFound(text='{"error": {"code": 404, "message": "No such bucket"}}')
+        return root
+
+    def _object(self, bucket: str, name: str) -> Path:
+        root = self._root(bucket)
+        path = (root / name).resolve()
+        if not path.is_relative_to(root) or not path.is_file():
+            raise web.HTTPNotFound(text='{"error": {"code": 404, "message": "No such object"}}')
+        return path
+
+
+def _resource(bucket: str, root: Path, path: Path) -> dict[str, Any]:
+    """The object resource: its name, size and update time as the JSON API writes them."""
+    stat = path.stat()
+    updated = datetime.fromtimestamp(stat.st_mtime, UTC).isoformat().replace("+00:00", "Z")
+    return {
+        "kind": "storage#object",
+        "bucket": bucket,
+        "name": path.relative_to(root).as_posix(),
+        "size": str(stat.st_size),
+        "updated": updated,
+        "timeCreated": updated,
+        "generation": str(stat.st_mtime_ns),
+        "metageneration": "1",
+        "contentType": "application/octet-stream",
+    }
