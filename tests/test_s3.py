@@ -53,12 +53,14 @@ async def test_a_run_reads_one_bucket_and_writes_another_and_a_rerun_reads_nothi
     config = s3_config(tmp_path, inputs, output, input={"include": ["*.png"]})
     require_inputs(config)
 
+    guess = estimate(config)  # objects read through the fetcher
+    assert (guess["images"], guess["unusable_files"]) == (7, 0)
     first = await run(config)
     assert first.api_calls == 7 and first.rows == {"ok": 7}
-    guess = estimate(config)  # objects read through the fetcher; the history from the bucket
-    assert (guess["images"], guess["unusable_files"]) == (7, 0)
     assert guess["input_tokens"] == first.tokens["prompt_tokens"]  # the billed figure
-    assert guess["output_tokens_from"] == "7 earlier rows"
+    after = estimate(config)  # the plan read from the bucket: all done; its history too
+    assert after["plan"]["nothing_to_do"] and after["plan"]["done"] == 7
+    assert after["output_tokens_from"] == "7 earlier rows"
     gallery = render(output, tmp_path / "gallery")  # the pictures read from the input bucket
     assert (gallery["entries"], gallery["missing_sources"]) == (7, 0)
     rows = current_rows(output, ["image_root", "image_path", "status", "file_size"]).to_pylist()
