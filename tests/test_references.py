@@ -17,7 +17,7 @@ from PIL import Image
 
 from pipeline import exits
 from pipeline.commands.estimate import estimate, format_estimate
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, with_overrides
 from pipeline.inputs.references import REFERENCE_INLINE_BYTES
 from pipeline.localserver.options import ServerOptions
 from pipeline.localserver.server import LocalServer
@@ -80,9 +80,11 @@ async def test_references_go_with_every_request_and_are_never_answered(
         assert abs(row["prompt_tokens"] - row["est_prompt_tokens"]) <= 2
         assert row["input_mode"] == "inline" and row["members"] is None
 
-    # the same config again: nothing to do; the estimate prices what the server billed
+    # the same config again: nothing to do; the estimate of a first run (into an empty
+    # output) prices what the server billed
     assert (await run(config)).skipped == 3
-    report = estimate(config)
+    assert estimate(config)["plan"]["nothing_to_do"]
+    report = estimate(with_overrides(config, {"output.dir": str(tmp_path / "empty")}))
     assert report["reference_tokens_per_request"] == 2 * 258
     assert report["reference_tokens"] == 3 * 2 * 258
     billed = sum(row["prompt_tokens"] for row in rows.values())

@@ -16,7 +16,7 @@ from aiohttp import web
 from pipeline.cli import main as cli_main
 from pipeline.commands.estimate import estimate
 from pipeline.commands.render import render
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, with_overrides
 from pipeline.inputs.checks import require_inputs
 from pipeline.inputs.fetch import Fetcher, FetchError, FetchSettings
 from pipeline.inputs.guard import address_kind
@@ -161,8 +161,9 @@ async def test_a_manifest_of_urls_end_to_end(
         assert KEY not in str(headers) and "x-goog-api-key" not in {h.lower() for h in headers}
 
     # The same URLs read by the estimate (synchronous, as the CLI calls it: off this loop,
-    # which serves the sites).
-    guess = await asyncio.to_thread(estimate, config)
+    # which serves the sites), as a first run into an empty output would buy them.
+    first_run = with_overrides(config, {"output.dir": str(tmp_path / "empty")})
+    guess = await asyncio.to_thread(estimate, first_run)
     assert (guess["images"], guess["unusable_files"]) == (6, 4)
     assert guess["input_tokens"] == summary.tokens["prompt_tokens"]
     gallery = await asyncio.to_thread(
