@@ -100,4 +100,5 @@ BENCHMARK = Benchmark(
     run,
     quick=Sizes(counts=(10_000, 30_000), concurrency=32),
     full=Sizes(counts=(10_000, 100_000, 300_000), concurrency=32),
+    smoke=Sizes(counts=(30, 60), concurrency=4),
 )

@@ -361,4 +361,5 @@ BENCHMARK = Benchmark(
     run,
     quick=Sizes(images=600, concurrency=32),
     full=Sizes(images=3000, concurrency=32),
+    smoke=Sizes(images=20, concurrency=4),
 )

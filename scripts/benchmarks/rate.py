@@ -284,4 +284,5 @@ BENCHMARK = Benchmark(
     run,
     quick=Sizes(phases=(("rpm", 120.0),), rpm=600),
     full=Sizes(phases=(("rpm", 240.0), ("tpm", 240.0)), rpm=1200),
+    smoke=Sizes(phases=(("rpm", 2.0),), rpm=600),
 )
