@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 from benchmarks import BENCHMARKS  # noqa: E402
-from benchmarks.harness import run_benchmark  # noqa: E402
+from benchmarks.harness import run_benchmark, use_compiled_bytecode  # noqa: E402
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -56,6 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("a command is required (or --list)")
     names = list(BENCHMARKS) if args.command == "all" else [args.command]
     size = "smoke" if args.smoke else "quick" if args.quick else "full"
+    use_compiled_bytecode(ROOT)
     started = time.perf_counter()
     for name in names:
         run_benchmark(name, BENCHMARKS[name], size=size, keep=args.keep, save=not args.no_record)

@@ -12,6 +12,7 @@ pipeline run as users run it, the results record and the printed tables.
 
 from __future__ import annotations
 
+import compileall
 import contextlib
 import json
 import os
@@ -44,6 +45,25 @@ LOCAL_KEY = "bench-local-key"  # the local server takes any key
 SEED = 20261123
 
 S = TypeVar("S")
+# Where the measured processes' bytecode is cached (see `use_compiled_bytecode`).
+PYCACHE = Path(tempfile.gettempdir()) / "gvp-bench-pycache"
+
+
+def use_compiled_bytecode(*trees: Path) -> None:
+    """Make every process started from here on run the pipeline from compiled bytecode, as an
+    installed package does, and compile each tree's `pipeline/` now.
+
+    Under PYTHONDONTWRITEBYTECODE (set on some CI and agent machines) an editable checkout is
+    compiled from source at every start: 1.25 s of CPU for `pipeline run` (130 modules,
+    31k lines), 0.8 ms an image of a 1,500-image run, charged to the pipeline alone, since
+    site-packages (the SDK script's imports) hold their .pyc. It grew with the package and read
+    as a slip of the client (issue 22). The cache lives outside the trees (PYTHONPYCACHEPREFIX).
+    """
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    os.environ["PYTHONPYCACHEPREFIX"] = str(PYCACHE)
+    sys.pycache_prefix = str(PYCACHE)  # compileall writes where the children will look
+    for tree in trees:
+        compileall.compile_dir(str(tree / "pipeline"), quiet=1)
 
 
 @dataclass(frozen=True)
