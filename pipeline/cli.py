@@ -15,11 +15,10 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from pipeline import __version__, exits
-from pipeline.commands.exports.dataset import ExportError, RootMap
+from pipeline.commands.exports.errors import ExportError
 from pipeline.config import ConfigError, flags, load_config, with_overrides
-from pipeline.inputs.checks import require_inputs
-from pipeline.output.parts import UnreadablePart
-from pipeline.output.stores import MissingExtra, OutputDirBusy
+from pipeline.localserver.arguments import add_serve_arguments
+from pipeline.output.stores import MissingExtra, OutputDirBusy, UnreadablePart
 
 if TYPE_CHECKING:
     from pipeline.config import Config
@@ -157,6 +156,8 @@ EXPORT_OPTIONS = {
 
 
 def _export(args: argparse.Namespace) -> int:
+    from pipeline.commands.exports.dataset import RootMap
+
     export = getattr(
         importlib.import_module(f"pipeline.commands.exports.{args.format}"),
         f"export_{args.format}",
@@ -175,6 +176,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _render(args: argparse.Namespace) -> int:
+    from pipeline.commands.exports.dataset import RootMap
     from pipeline.commands.render import render
 
     _recover(args.output_dir)
@@ -198,6 +200,7 @@ def _render(args: argparse.Namespace) -> int:
 
 def _estimate(args: argparse.Namespace) -> int:
     from pipeline.commands.estimate import estimate, format_estimate
+    from pipeline.inputs.checks import require_inputs
 
     config = _config(args)
     require_inputs(config)
@@ -434,8 +437,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_batch_commands(sub)
 
     p = sub.add_parser("serve-local", help="the local Gemini-compatible server")
-    from pipeline.localserver.serve import add_serve_arguments
-
     add_serve_arguments(p)
     p.set_defaults(func=_serve)
     return parser

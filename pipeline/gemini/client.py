@@ -56,10 +56,15 @@ from pipeline.gemini.transport import (
     check_key,
     check_url,
 )
-from pipeline.gemini.types import FileInfo, Flavor, GenerateRequest, GenerateResponse
+from pipeline.gemini.types import (
+    DEFAULT_BASE_URL,
+    FileInfo,
+    Flavor,
+    GenerateRequest,
+    GenerateResponse,
+)
 from pipeline.gemini.wire import Continuation, join_hops, split_hops
 
-DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com"
 # Pauses before re-sending an upload chunk whose answer lacked X-Goog-Upload-Status
 # (the SDK: 3 attempts, 1 s then 2 s).
 UPLOAD_RESEND_DELAYS = (1.0, 2.0)

@@ -93,6 +93,12 @@ class Ctx(Generic[S]):
         return folder / f"{name}{'-quick' if self.quick else ''}.png"
 
 
+def shown(path: Path) -> str:
+    """A path as figures record it: relative to the repository when in it (a chart under
+    docs/bench), else whole (a `--smoke` run's, under its work folder)."""
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 @dataclass(frozen=True)
 class Benchmark(Generic[S]):
     """One subcommand of scripts/bench.py: `run(ctx)` measures at `ctx.sizes`, prints its table
