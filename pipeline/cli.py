@@ -15,12 +15,10 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from pipeline import __version__, exits
-from pipeline.commands.exports.dataset import ExportError, RootMap
+from pipeline.commands.exports.errors import ExportError
 from pipeline.config import ConfigError, flags, load_config, with_overrides
-from pipeline.inputs.checks import require_inputs
-from pipeline.output.parts import UnreadablePart
-from pipeline.output.stores import MissingExtra, OutputDirBusy
-from pipeline.run.plan import RedoRefused
+from pipeline.localserver.arguments import add_serve_arguments
+from pipeline.output.stores import MissingExtra, OutputDirBusy, UnreadablePart
 
 if TYPE_CHECKING:
     from pipeline.config import Config
@@ -163,6 +161,8 @@ EXPORT_OPTIONS = {
 
 
 def _export(args: argparse.Namespace) -> int:
+    from pipeline.commands.exports.dataset import RootMap
+
     export = getattr(
         importlib.import_module(f"pipeline.commands.exports.{args.format}"),
         f"export_{args.format}",
@@ -181,6 +181,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _render(args: argparse.Namespace) -> int:
+    from pipeline.commands.exports.dataset import RootMap
     from pipeline.commands.render import render
 
     _recover(args.output_dir)
@@ -220,6 +221,7 @@ def _compare(args: argparse.Namespace) -> int:
     )
     print(json.dumps(report.as_dict(), indent=2) if args.json else format_report(report))
     if args.out:
+        from pipeline.commands.exports.dataset import RootMap
         from pipeline.commands.render import render
 
         gallery = render(
@@ -264,6 +266,7 @@ def _tune_run(args: argparse.Namespace, config: Config, label: str) -> RunSummar
 def _plan(config: Config, args: argparse.Namespace) -> int:
     """`run --plan`: the estimate's plan and cost of this run, printed; no call, no key."""
     from pipeline.commands.estimate import estimate, format_estimate
+    from pipeline.inputs.checks import require_inputs
 
     require_inputs(config)
     report = estimate(config, limit=args.limit, retry_errors=args.retry_errors)
@@ -275,6 +278,7 @@ def _plan(config: Config, args: argparse.Namespace) -> int:
 
 def _estimate(args: argparse.Namespace) -> int:
     from pipeline.commands.estimate import estimate, format_estimate
+    from pipeline.inputs.checks import require_inputs
 
     config = _config(args)
     require_inputs(config)
@@ -534,8 +538,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_batch_commands(sub)
 
     p = sub.add_parser("serve-local", help="the local Gemini-compatible server")
-    from pipeline.localserver.serve import add_serve_arguments
-
     add_serve_arguments(p)
     p.set_defaults(func=_serve)
     return parser
@@ -713,7 +715,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         another = ", or choose another --output" if args.command == "run" else ""
         _say(f"error: {exc}{another}")
         return exits.USAGE
-    except RedoRefused as exc:
+    except exits.NotStarted as exc:
         _say(f"not started: {exc}")
         return exc.exit_code
     except KeyboardInterrupt:

@@ -31,13 +31,12 @@ from typing import Any
 
 from pipeline import settings as s
 from pipeline.gemini.backends import BACKENDS
-from pipeline.gemini.client import DEFAULT_BASE_URL
 from pipeline.gemini.tokens import DEFAULT_MEDIA_RESOLUTION
-from pipeline.gemini.types import Flavor, GenerateRequest
+from pipeline.gemini.types import DEFAULT_BASE_URL, Flavor, GenerateRequest
 from pipeline.localserver.options import LocalOptions
 from pipeline.locations import is_url, local_path, normalise_url, scheme_of
 from pipeline.models import Model, ModelTable, ModelTableError, default_table
-from pipeline.records import KeySuffixes
+from pipeline.rowtypes import KeySuffixes
 from pipeline.settings import setting
 from pipeline.tasks import get_task
 from pipeline.tasks.base import TaskSettings

@@ -11,6 +11,14 @@ STOPPED = 3  # stopped early (Ctrl-C, a quota, a full disk, a lost lease...): re
 # the spending needs a yes; not 3: rerunning the same command would refuse again.
 CONFIRM = 4
 
+
+class NotStarted(Exception):
+    """A run that refuses to start until the user says so (RedoRefused, pipeline/run/plan.py):
+    the command line prints "not started: " and the message and exits with `exit_code`. Here,
+    beside the codes, so that the CLI catches it without importing the plan's pyarrow."""
+
+    exit_code = CONFIRM
+
 EPILOG = f"""exit codes:
   {OK}  every row of the run is ok
   {ROWS_NOT_OK}  some rows are error, blocked or partial (see `pipeline status`)

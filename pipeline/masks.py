@@ -109,7 +109,7 @@ def pixel_span(low: float, high: float, size: int) -> tuple[int, int]:
     sample does, put every mask half a pixel up-left of its shape on average (mask IoU 0.80 for a
     15 x 12 px circle on a 96 x 80 image; tests/test_geometry.py).
     """
-    return int(_first_cell(low, size)), int(_first_cell(high, size))
+    return _first_cell_of(low, size), _first_cell_of(high, size)
 
 
 def _first_cell(x: float | np.ndarray, size: int) -> np.ndarray:
@@ -172,11 +172,24 @@ def _resample(prob: np.ndarray, size: tuple[int, int], source: Sequence[float]) 
     reach = max(0.0, -source[0], -source[1], source[2] - map_w, source[3] - map_h)
     pad = math.ceil(reach)
     if pad:
-        prob = np.pad(prob, pad, mode="edge")
+        prob = _pad_edges(prob, pad)
         source = tuple(v + pad for v in source)
     image = Image.fromarray(prob)  # uint8 2-D: mode L
     x0, y0, x1, y1 = source
     return np.asarray(image.resize(size, Image.Resampling.BILINEAR, box=(x0, y0, x1, y1)))
+
+
+def _pad_edges(prob: np.ndarray, pad: int) -> np.ndarray:
+    """`np.pad(prob, pad, mode="edge")` by slice assignments: the same array in ~5 us instead of
+    ~18 (np.pad's generic machinery ran for nearly every mask of every answer)."""
+    height, width = prob.shape
+    out = np.empty((height + 2 * pad, width + 2 * pad), dtype=prob.dtype)
+    out[pad : pad + height, pad : pad + width] = prob
+    out[:pad, pad : pad + width] = prob[0]
+    out[pad + height :, pad : pad + width] = prob[-1]
+    out[:, :pad] = out[:, pad : pad + 1]  # the corners come with the columns
+    out[:, pad + width :] = out[:, pad + width - 1 : pad + width]
+    return out
 
 
 def map_box_mask(

@@ -12,12 +12,18 @@ import hashlib
 import json
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+
+# re-exported: rows, engines and tests name them as records' (rowtypes.py says why they live there)
+from pipeline.rowtypes import ANSWER as ANSWER
+from pipeline.rowtypes import KeySuffixes as KeySuffixes
+from pipeline.rowtypes import Parsed as Parsed
+from pipeline.rowtypes import Status as Status
 
 # 2: `retryable` (parts of version 1 read it as null). 3: `members` (group rows) and the object
 # fields `point_2d`, `xy` (points) and `image` (which member an object is in); older parts read
@@ -27,7 +33,6 @@ import pyarrow.compute as pc
 # 5: `answer`, the custom task's answer typed by its response_schema (a struct, a list, ...:
 # `pipeline/tasks/typed.py`); older parts read it as null, as do other tasks' rows.
 SCHEMA_VERSION = "5"
-Status = Literal["ok", "error", "blocked", "partial"]
 # billed token counts of a row (the service's usageMetadata), summed for cost and status;
 # `cached_tokens` is the part of `prompt_tokens` billed at the cached rate
 USAGE_COLUMNS = (
@@ -163,32 +168,6 @@ def resumable(work: Work) -> bool:
     return work.error is None or work_identity(work)[3] != 0
 
 
-@dataclass(slots=True)
-class Parsed:
-    """A task's reading of one answer text. Objects are dicts shaped like OBJECT_TYPE (a key
-    left out is null)."""
-
-    status: Status
-    objects: list[dict[str, Any]] = field(default_factory=list)
-    text: str | None = None
-    labels: list[str] | None = None
-    json: str | None = None  # custom task: the parsed JSON, re-serialised
-    error: str | None = None  # why status is not ok, or why objects were skipped
-    answer: Any = None  # custom task with a response_schema: the JSON value shaped for `answer`
-
-    def columns(self) -> dict[str, Any]:
-        """The row columns a parse decides (the rest come from the image and the call)."""
-        return {
-            "status": self.status,
-            "error": self.error,
-            "objects": self.objects,
-            "text": self.text,
-            "labels": self.labels,
-            "json": self.json,
-            ANSWER: self.answer,
-        }
-
-
 MASK_TYPE = pa.struct([("size", pa.list_(pa.int32())), ("counts", pa.string())])
 OBJECT_TYPE = pa.struct(
     [
@@ -219,7 +198,6 @@ MEMBER_TYPE = pa.struct(
 # The typed answer column. Its type is the run's (derived from the response_schema), so it is
 # not fixed here: `row_schema(field)`. Without a schema it is of Arrow's null type, which every
 # other type conforms from and which Parquet stores at no cost.
-ANSWER = "answer"
 NO_ANSWER = pa.field(ANSWER, pa.null())
 _VERSION_METADATA = {"gemini_vision_pipeline.schema_version": SCHEMA_VERSION}
 
@@ -289,50 +267,6 @@ def new_run_id(kind: str = "") -> str:
 def make_key(image_sha256: str, settings_hash: str) -> str:
     """The unit of work and of payment: these bytes under these answer-changing settings."""
     return f"{image_sha256}.{settings_hash}"
-
-
-@dataclass(frozen=True, slots=True)
-class KeySuffixes:
-    """The key suffixes of one run: which settings hash an image's key carries.
-
-    A key hashes the request an image is *actually* sent with, not the config: an image that
-    `max_side` does not shrink goes as it is, so its key must not change when `max_side` does.
-    Two suffixes therefore: `as_is` (the effective request with the image unchanged) and
-    `resized` (the same request plus "shrunk to fit `max_side`": the bytes fix the size, so the
-    sha256 and `max_side` fix the W×H sent). Aliases are what the older rule
-    (`config.settings_hash`) gave the same requests, so rows keyed by it still count as done
-    (no mass redo on upgrade): `aliases` hashed this config as it is (the very request, shrunk
-    or not), `as_is_aliases` hashed it without `max_side` (the request of an image sent as is).
-    """
-
-    as_is: str
-    resized: str | None = None  # None: no max_side, nothing is shrunk
-    max_side: int | None = None
-    aliases: tuple[str, ...] = ()
-    as_is_aliases: tuple[str, ...] = ()
-
-    def of(self, sizes: Sequence[tuple[int, int]]) -> str:
-        """The suffix of a unit whose members have these displayed (width, height): `resized`
-        when `max_side` shrinks any member (then its request differs from the as-is one)."""
-        if self.resized is None or self.max_side is None:
-            return self.as_is
-        shrunk = any(max(width, height) > self.max_side for width, height in sizes)
-        return self.resized if shrunk else self.as_is
-
-    def owns(self, suffix: str) -> bool:
-        """True for a suffix this run writes or accepts as an alias."""
-        return suffix in (self.as_is, self.resized, *self.aliases, *self.as_is_aliases)
-
-    def sent_as_is(self, suffix: str) -> bool:
-        """True for a suffix naming the request of an image sent as it is (a row under it is
-        this run's request only when `max_side` does not shrink that image)."""
-        return suffix == self.as_is or suffix in self.as_is_aliases
-
-    def alias_suffixes(self, suffix: str) -> tuple[str, ...]:
-        """The older suffixes a key with `suffix` may have been committed under: the same bytes
-        and request, where a rerun still finds its answer."""
-        extra = self.as_is_aliases if self.sent_as_is(suffix) else ()
-        return tuple(alias for alias in (*self.aliases, *extra) if alias != suffix)
 
 
 def fingerprint(

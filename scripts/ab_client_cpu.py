@@ -4,12 +4,13 @@ local server, so what differs between the runs is the client's code alone.
     python scripts/ab_client_cpu.py BEFORE_TREE AFTER_TREE [--images 1500] [--pairs 10]
 
 Each tree is a checkout of this repository (e.g. `git worktree add /tmp/before <commit>`); each is
-run with PYTHONPATH pointing at it, in this venv. The replay file is made once by a run of the
-AFTER tree against the analysing server (the answers are the same bytes' answers for both). For
+run with PYTHONPATH pointing at it, in this venv, from its compiled bytecode (as an installed
+package runs; `benchmarks.harness.use_compiled_bytecode`). The replay file is made once by a run of
+the AFTER tree against the analysing server (the answers are the same bytes' answers for both). For
 each run: the client's CPU (user + sys of the `pipeline run` process, from wait4) per image, and
 images/s of wall time; then the medians. A change on the hot path is measured here side by side
-with the commit before it (docs/benchmarks.md): the runs alternate, so a machine that drifts
-faster or slower moves both sides alike.
+with the commit before it (docs/benchmarks.md): the runs alternate, so a machine that drifts faster
+or slower moves both sides alike.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmarks.harness import use_compiled_bytecode
 from benchmarks.scenes import make_scenes
 
 SIDE = 384
@@ -96,6 +98,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=1500)
     parser.add_argument("--pairs", type=int, default=10)
     args = parser.parse_args()
+    use_compiled_bytecode(Path(args.before), Path(args.after))
     with tempfile.TemporaryDirectory(prefix="gvp-ab-") as tmp:
         work = Path(tmp)
         images = work / "scenes"

@@ -1,7 +1,16 @@
 """Benchmarks of the pipeline, side by side with what users would write instead.
 
-    python scripts/bench.py {throughput,latency,rate,memory,resume,profile,all} [--quick]
-        [--keep] [--no-record]
+    python scripts/bench.py {throughput,latency,rate,memory,resume,profile,...,all}
+        [--quick | --smoke] [--keep] [--no-record]
+    python scripts/bench.py --list        the subcommands, one a line
+
+The size convention, which every subcommand follows (a new one included):
+- no flag: the full sizes, the figures docs/benchmarks.md reports;
+- `--quick`: smaller, so that `all --quick` fits in 10 minutes on a 2-core machine;
+- `--smoke`: the tiniest sizes that still run every step (a handful of images, a second of
+  load), never recorded: tests/test_benchmarks_smoke.py runs every subcommand `--list` names
+  so, so that none can rot unseen. A benchmark declares them as `Benchmark(..., smoke=Sizes(...))`
+  (scripts/benchmarks/__init__.py); one without is refused by `--smoke`, and the test fails.
 
 Every subcommand starts its own local Gemini-compatible server in a separate process
 (`python -m pipeline serve-local --port 0 ...`), generates its own seeded images under a temporary
@@ -27,22 +36,30 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 from benchmarks import BENCHMARKS  # noqa: E402
-from benchmarks.harness import run_benchmark  # noqa: E402
+from benchmarks.harness import run_benchmark, use_compiled_bytecode  # noqa: E402
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=[*BENCHMARKS, "all"])
-    parser.add_argument("--quick", action="store_true", help="small sizes, for a laptop")
+    parser.add_argument("command", nargs="?", choices=[*BENCHMARKS, "all"])
+    parser.add_argument("--list", action="store_true", help="print the subcommands and exit")
+    sizes = parser.add_mutually_exclusive_group()
+    sizes.add_argument("--quick", action="store_true", help="small sizes, for a laptop")
+    sizes.add_argument("--smoke", action="store_true", help="tiny sizes, never recorded")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     parser.add_argument("--no-record", action="store_true", help="do not append to the results")
     args = parser.parse_args(argv)
+    if args.list:
+        print("\n".join(BENCHMARKS))
+        return 0
+    if args.command is None:
+        parser.error("a command is required (or --list)")
     names = list(BENCHMARKS) if args.command == "all" else [args.command]
+    size = "smoke" if args.smoke else "quick" if args.quick else "full"
+    use_compiled_bytecode(ROOT)
     started = time.perf_counter()
     for name in names:
-        run_benchmark(
-            name, BENCHMARKS[name], quick=args.quick, keep=args.keep, save=not args.no_record
-        )
+        run_benchmark(name, BENCHMARKS[name], size=size, keep=args.keep, save=not args.no_record)
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
     return 0
 

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import ConfigError, LocalConfig, declarations, load_config
+from pipeline.localserver.arguments import add_serve_arguments
 from pipeline.localserver.options import LocalOptions, ServerOptions
-from pipeline.localserver.serve import _options, add_serve_arguments
+from pipeline.localserver.serve import _options
 from pipeline.settings import declared
 
 

@@ -299,3 +299,56 @@ def test_many_objects_with_tiny_polygons_are_bounded_by_the_object_cap() -> None
     assert len(parsed.objects) == MAX_OBJECTS  # the rest skipped, with the reason
     assert parsed.error is not None and f"only the first {MAX_OBJECTS}" in parsed.error
     assert all(obj["mask"] is not None for obj in parsed.objects)  # 1000 x ~5,000 cells: fits
+
+
+def reference_counts(full: np.ndarray) -> str:
+    """COCO compressed counts of a full mask, straight from its definition with numpy and a
+    plain loop (no code of pipeline.masks): column-major runs starting with zeros, each run from
+    the fourth on as the difference to the run two before, 5-bit groups + 48."""
+    flat = full.ravel(order="F").astype(np.int8)
+    changes = np.flatnonzero(np.diff(flat)) + 1
+    runs = np.diff(np.concatenate(([0], changes, [flat.size]))).tolist()
+    if flat.size and flat[0]:
+        runs.insert(0, 0)
+    text = []
+    for i, run in enumerate(runs):
+        value = run - runs[i - 2] if i > 2 else run
+        more = True
+        while more:
+            group = value & 0x1F
+            value >>= 5
+            more = not ((value == 0 and not group & 0x10) or (value == -1 and group & 0x10))
+            text.append(chr(group + 48 + (0x20 if more else 0)))
+    return "".join(text)
+
+
+def test_masks_on_a_12_mp_image_encode_as_the_full_array_would() -> None:
+    """Issue 22, item 3: each mask is RLE-encoded from its box region; the result equals encoding
+    the mask placed in a full 4000x3000 array (the old method), computed here with numpy alone.
+    Boxes of every size, some leaving the image and some spanning its whole height (where a run
+    crosses from one column into the next)."""
+    width, height = 4000, 3000
+    rng = random.Random(22)
+    boxes = [[rng.randint(-50, 900), rng.randint(-50, 900)] for _ in range(10)]
+    boxes = [[y, x, y + rng.randint(5, 400), x + rng.randint(5, 400)] for y, x in boxes]
+    boxes += [[0, 100, 1000, 300], [-20, 700, 1030, 1000], [0, 0, 1000, 1000]]
+    items = []
+    for box in boxes:
+        prob = np.array(Image.new("L", (rng.randint(8, 256), rng.randint(8, 256)), 0))
+        h, w = prob.shape
+        yy, xx = np.mgrid[0:h, 0:w]
+        prob[((yy - h / 2) / (h / 2)) ** 2 + ((xx - w / 2) / (w / 2)) ** 2 < 0.9] = 220
+        data = base64.b64encode(png_bytes(prob)).decode()
+        items.append({"box_2d": box, "label": "thing", "mask": data})
+    parsed = get_task("segment").parse(
+        json.dumps(items), "STOP", width, height, TaskSettings(kind="segment")
+    )
+    assert parsed.objects is not None and len(parsed.objects) == len(items)
+    for item, obj in zip(items, parsed.objects, strict=True):
+        inside, (x0, y0, x1, y1) = masks.map_box_mask(
+            masks.decode_png_mask(item["mask"]), item["box_2d"], width, height
+        )
+        full = np.zeros((height, width), dtype=bool)
+        full[y0:y1, x0:x1] = inside
+        assert obj["mask"] == {"size": [height, width], "counts": reference_counts(full)}
+        assert obj["mask"]["counts"] == coco_counts(full)

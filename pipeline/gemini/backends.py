@@ -18,10 +18,11 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from pipeline.gemini.model_info import model_path
+from pipeline.gemini.types import DEFAULT_BASE_URL
 
 BackendName = Literal["developer", "vertex"]
 BACKENDS: tuple[BackendName, ...] = ("developer", "vertex")
-DEVELOPER_BASE_URL = "https://generativelanguage.googleapis.com"
+DEVELOPER_BASE_URL = DEFAULT_BASE_URL
 GLOBAL_LOCATION = "global"
 VERTEX_VERSION = "v1"  # the Vertex REST reference's GA version (the SDK defaults to v1beta1)
 VERTEX_PUBLISHER = "publishers/google/models/"

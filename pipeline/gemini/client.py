@@ -27,7 +27,7 @@ from typing import Any
 
 from pipeline.gemini import content, interactions
 from pipeline.gemini.auth import ApiKeyError, Auth, check_key
-from pipeline.gemini.backends import DEVELOPER_BASE_URL, Backend, Developer
+from pipeline.gemini.backends import Backend, Developer
 from pipeline.gemini.batches import Batches
 from pipeline.gemini.caches import Caches
 from pipeline.gemini.content import build_generate_content_body, parse_generate_content
@@ -52,10 +52,15 @@ from pipeline.gemini.model_info import (
     parse_model_text,
 )
 from pipeline.gemini.transport import MAX_RESPONSE_BYTES, Answer, Transport, check_url
-from pipeline.gemini.types import FileInfo, Flavor, GenerateRequest, GenerateResponse
+from pipeline.gemini.types import (
+    DEFAULT_BASE_URL,
+    FileInfo,
+    Flavor,
+    GenerateRequest,
+    GenerateResponse,
+)
 from pipeline.gemini.wire import Continuation, join_hops, split_hops
 
-DEFAULT_BASE_URL = DEVELOPER_BASE_URL
 # Pauses before re-sending an upload chunk whose answer lacked X-Goog-Upload-Status
 # (the SDK: 3 attempts, 1 s then 2 s).
 UPLOAD_RESEND_DELAYS = (1.0, 2.0)

@@ -10,6 +10,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+# Here, with the other plain values, rather than in client.py: a config names it without
+# importing the HTTP client (aiohttp, ~0.2 s) — `pipeline --help` builds every command's flags.
+DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com"
+
 Flavor = Literal["generateContent", "interactions"]
 MediaResolution = Literal["low", "medium", "high", "ultra_high"]
 # Image files one request may carry (docs/gemini-api.md § Sending images: 3,600; the guide,

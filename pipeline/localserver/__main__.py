@@ -2,7 +2,8 @@
 
 import argparse
 
-from pipeline.localserver.serve import add_serve_arguments, serve_from_args
+from pipeline.localserver.arguments import add_serve_arguments
+from pipeline.localserver.serve import serve_from_args
 
 parser = argparse.ArgumentParser(
     prog="python -m pipeline.localserver", description="Run the local Gemini-compatible server."

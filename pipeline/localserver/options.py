@@ -23,9 +23,12 @@ from typing import Any
 
 from pipeline import settings as s
 from pipeline.localserver.faults import FAULT_KINDS
-from pipeline.localserver.simulation import SIMULATIONS
 from pipeline.models import default_table
 from pipeline.settings import Check, check_value, declared, setting
+
+# The values of --simulate / [local] simulate (pipeline/localserver/simulation.py): here, so a
+# config that names one does not import the simulation's numpy and Pillow.
+SIMULATIONS = ("none", "settings")
 
 _MIB = 1 << 20
 

@@ -5,62 +5,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import dataclasses
 import os
 import signal
 import socket
 import sys
 
+from pipeline.localserver.arguments import dest_of
 from pipeline.localserver.options import ServerOptions
 from pipeline.localserver.rules import describe_rules
 from pipeline.localserver.server import LocalServer, bind_socket
 from pipeline.settings import declared
-
-# Flags named otherwise than their option (scripts and the README use these names).
-_RENAMED = {
-    "credit_budget_usd": "--credit-budget",
-    "inline_limit_bytes": "--inline-limit-mb",
-    "batch_inline_limit_bytes": "--batch-inline-limit-mb",
-    "batch_output_delay_seconds": "--batch-output-delay",
-    "batch_list_lag_seconds": "--batch-list-lag",
-    "batch_create_delay_seconds": "--batch-create-delay",
-}
-
-
-def _flag(option: dataclasses.Field) -> str:
-    return _RENAMED.get(option.name, "--" + option.name.replace("_", "-"))
-
-
-def _dest(option: dataclasses.Field) -> str:
-    """Where argparse keeps the flag's value (its default `dest`, so its help shows the flag)."""
-    return _flag(option).removeprefix("--").replace("-", "_")
-
-
-def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    """The server's flags, shared by `pipeline serve-local` and `python -m pipeline.localserver`:
-    one per option declared in options.py (checked when the options are made), then the
-    process's own."""
-    for option in declared(ServerOptions):
-        meta = option.metadata
-        if meta["type"] is bool:  # a switch, off unless given (--implicit-cache)
-            parser.add_argument(_flag(option), action="store_true", help=meta["doc"])
-            continue
-        parser.add_argument(
-            _flag(option), type=meta["type"], default=option.default, help=meta["doc"]
-        )
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=1,
-        help="processes sharing the port, for throughput benchmarks: quotas, credits, "
-        "continuations, uploaded files, batch jobs and stats are per process, so those flags "
-        "(and Batch Mode) need 1 worker",
-    )
-    parser.add_argument(
-        "--rules",
-        action="store_true",
-        help="print every rule the server enforces, with its source, and exit",
-    )
 
 
 def serve_from_args(args: argparse.Namespace) -> int:
@@ -114,7 +68,7 @@ def _per_process_state(options: ServerOptions) -> bool:
 
 
 def _options(args: argparse.Namespace) -> ServerOptions:
-    return ServerOptions(**{o.name: getattr(args, _dest(o)) for o in declared(ServerOptions)})
+    return ServerOptions(**{o.name: getattr(args, dest_of(o)) for o in declared(ServerOptions)})
 
 
 async def _serve(options: ServerOptions, sock: socket.socket, *, announce: bool) -> int:

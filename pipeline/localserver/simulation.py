@@ -55,7 +55,6 @@ from pipeline.gemini.tokens import TOKENS_PER_TILE, image_tokens
 from pipeline.localserver.vision import Analysis, Region
 from pipeline.models import Model
 
-SIMULATIONS = ("none", "settings")  # the values of --simulate / [local] simulate
 TILE_SIDE_PX = 768  # 2.x's crop, billed TOKENS_PER_TILE (258): one token, a 47.8-px square
 
 

@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.output.stores import Entry, Store, is_hidden, open_store
+from pipeline.output.stores import Entry, Store, UnreadablePart, is_hidden, open_store
 from pipeline.records import (
     ANSWER,
     ROW_SCHEMA,
@@ -109,31 +109,6 @@ def history_name(name: str) -> str:
 
 def _is_parquet(base: str) -> bool:
     return base.endswith(PART_SUFFIX) and not is_hidden(base)
-
-
-class UnreadablePart(ValueError):
-    """A `*.parquet` file in the output that this program cannot read; names it and says what
-    to do. (Parts are written whole or not at all, so this is damage from outside: a disk, a
-    copy, a hand.)"""
-
-    def __init__(self, path: Path | str, why: str, remedy: str | None = None) -> None:
-        remedy = remedy or (
-            f"move it aside (e.g. `{_move_command(str(path))}`) and rerun: the files whose "
-            "rows it held are then done again"
-        )
-        super().__init__(f"{path}: {why}; {remedy}")
-        self.path = path
-
-
-def _move_command(path: str) -> str:
-    """How to set a damaged part aside where it is: a name not ending in .parquet is never a
-    part. An object store has no `mv`: its own CLI copies and deletes."""
-    aside = f"'{path}' '{path}.corrupt'"
-    if path.startswith("s3://"):
-        return f"aws s3 mv {aside}"
-    if path.startswith(("gs://", "gcs://")):
-        return f"gcloud storage mv {aside}"
-    return f"mv {aside}"
 
 
 def _open_part(where: str | Path | Any, shown: str) -> pq.ParquetFile:

@@ -71,6 +71,32 @@ class MissingExtra(ImportError):
     """A path needs a filesystem package that is not installed: says what to install."""
 
 
+class UnreadablePart(ValueError):
+    """(Here rather than in parts.py, which reads them, so that the CLI names it without loading
+    pyarrow.) A `*.parquet` file in the output that this program cannot read; names it and says what
+    to do. (Parts are written whole or not at all, so this is damage from outside: a disk, a
+    copy, a hand.)"""
+
+    def __init__(self, path: Path | str, why: str, remedy: str | None = None) -> None:
+        remedy = remedy or (
+            f"move it aside (e.g. `{_move_command(str(path))}`) and rerun: the files whose "
+            "rows it held are then done again"
+        )
+        super().__init__(f"{path}: {why}; {remedy}")
+        self.path = path
+
+
+def _move_command(path: str) -> str:
+    """How to set a damaged part aside where it is: a name not ending in .parquet is never a
+    part. An object store has no `mv`: its own CLI copies and deletes."""
+    aside = f"'{path}' '{path}.corrupt'"
+    if path.startswith("s3://"):
+        return f"aws s3 mv {aside}"
+    if path.startswith(("gs://", "gcs://")):
+        return f"gcloud storage mv {aside}"
+    return f"mv {aside}"
+
+
 class OutputDirBusy(RuntimeError):
     """Another sink (another run) is writing the same output."""
 

@@ -90,7 +90,9 @@ class Deadlines:
         self._recent: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self._sorted: list[float] = []
         self._current = cap
-        self._tighter = asyncio.Event()  # set, then replaced, each time the estimate drops
+        # resolved, then dropped, each time the estimate drops; made when first awaited (a
+        # future, not an Event: awaiting it takes no task of its own, one per call otherwise)
+        self._tighter: asyncio.Future[None] | None = None
 
     def observe(self, seconds: float) -> None:
         if len(self._recent) == self._recent.maxlen:
@@ -104,18 +106,22 @@ class Deadlines:
     def _set(self, seconds: float) -> None:
         tighter = seconds < self._current
         self._current = seconds
-        if tighter:  # wake the requests in flight: their deadline moved closer
-            self._tighter.set()
-            self._tighter = asyncio.Event()
+        if tighter and self._tighter is not None:  # wake the requests in flight: their
+            if not self._tighter.done():  # deadline moved closer
+                self._tighter.set_result(None)
+            self._tighter = None
 
     @property
     def current(self) -> float:
         return self._current
 
-    def tightened(self) -> Awaitable[bool]:
-        """Done the next time the estimate drops: bound to today's event now, not when first
-        awaited (a drop in between would otherwise be missed and the wait last to the cap)."""
-        return self._tighter.wait()
+    def tightened(self) -> asyncio.Future[None]:
+        """Done the next time the estimate drops: bound to today's estimate now, not when first
+        awaited (a drop in between would otherwise be missed and the wait last to the cap).
+        Shared by every call in flight: never cancel it."""
+        if self._tighter is None:
+            self._tighter = asyncio.get_running_loop().create_future()
+        return self._tighter
 
     async def within(self, calling: Awaitable[T], sent: float) -> T:
         """`calling`'s result, or DeadlineCut once `sent` + the current estimate has passed
@@ -123,11 +129,8 @@ class Deadlines:
         task = asyncio.ensure_future(calling)
         try:
             while not task.done() and (left := sent + self._current - time.monotonic()) > 0:
-                tighter = asyncio.ensure_future(self.tightened())
-                try:
-                    await asyncio.wait([task, tighter], timeout=left, return_when=FIRST)
-                finally:
-                    tighter.cancel()
+                waits: list[asyncio.Future[Any]] = [task, self.tightened()]
+                await asyncio.wait(waits, timeout=left, return_when=FIRST)
             if task.done():  # the client's own deadline may end it at the same moment
                 return task.result()
         finally:

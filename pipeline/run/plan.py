@@ -67,11 +67,9 @@ SAMPLES = 5  # paths named for each category (the guard's message, the estimate'
 Sizes = list[tuple[int, int]]
 
 
-class RedoRefused(Exception):
+class RedoRefused(exits.NotStarted):
     """The run would redo more committed rows than `[limits] max_redo` allows because settings
     changed, and the user did not say yes (exit `exits.CONFIRM`)."""
-
-    exit_code = exits.CONFIRM
 
 
 @dataclass

@@ -2,40 +2,44 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
 from dataclasses import replace
 
 from pipeline.gemini.types import GenerateResponse
-from pipeline.records import Parsed
-from pipeline.tasks.answers import ANSWERED, is_truncated
+from pipeline.rowtypes import Parsed
 from pipeline.tasks.base import KINDS, Task, TaskSettings
-from pipeline.tasks.caption import CaptionTask
-from pipeline.tasks.classify import ClassifyTask
-from pipeline.tasks.custom import CustomTask
-from pipeline.tasks.detect import DetectTask
-from pipeline.tasks.point import PointTask
-from pipeline.tasks.segment import SegmentTask
+from pipeline.tasks.finish import ANSWERED, is_truncated
 
-TASKS: dict[str, Task] = {
-    task.kind: task
-    for task in (
-        DetectTask(),
-        SegmentTask(),
-        CaptionTask(),
-        ClassifyTask(),
-        CustomTask(),
-        PointTask(),
-    )
+# Each kind's module and class, imported when the kind is first asked for: segment's mask maths
+# (numpy, Pillow) and the custom task's Arrow types stay out of a config's import, which every
+# `pipeline` command makes (`pipeline --help` builds the setting flags from its declarations).
+_CLASSES = {
+    "detect": ("detect", "DetectTask"),
+    "segment": ("segment", "SegmentTask"),
+    "caption": ("caption", "CaptionTask"),
+    "classify": ("classify", "ClassifyTask"),
+    "custom": ("custom", "CustomTask"),
+    "point": ("point", "PointTask"),
 }
-assert tuple(TASKS) == KINDS, "a task kind is declared in tasks/base.py and registered here"
+TASKS: tuple[str, ...] = tuple(_CLASSES)  # the kinds, in the order they are listed
+assert TASKS == KINDS, "a task kind is declared in tasks/base.py and registered here"
+_LOADED: dict[str, Task] = {}
 
 
 def get_task(kind: str) -> Task:
-    """The task of that kind; ValueError naming the known kinds otherwise."""
-    try:
-        return TASKS[kind]
-    except KeyError:
-        raise ValueError(f"unknown task kind {kind!r}; known kinds: {', '.join(TASKS)}") from None
+    """The task of that kind (one instance per kind); ValueError naming the known kinds
+    otherwise."""
+    task = _LOADED.get(kind)
+    if task is not None:
+        return task
+    if kind not in _CLASSES:
+        raise ValueError(f"unknown task kind {kind!r}; known kinds: {', '.join(TASKS)}")
+    module, name = _CLASSES[kind]
+    task = getattr(importlib.import_module(f"{__name__}.{module}"), name)()
+    assert task.kind == kind, f"{name} declares kind {task.kind!r}, registered as {kind!r}"
+    _LOADED[kind] = task
+    return task
 
 
 def read_answer(

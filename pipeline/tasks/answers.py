@@ -28,31 +28,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline import masks
-from pipeline.records import Parsed
+from pipeline.rowtypes import Parsed
 from pipeline.tasks import multi
+from pipeline.tasks.finish import finish_status, is_truncated
 
-BLOCKED_REASONS = frozenset(
-    {
-        "SAFETY",
-        "RECITATION",
-        "BLOCKLIST",
-        "PROHIBITED_CONTENT",
-        "SPII",
-        "IMAGE_SAFETY",
-        "IMAGE_PROHIBITED_CONTENT",
-        "IMAGE_RECITATION",
-        "MODEL_ARMOR",
-        "JAILBREAK",
-        "LANGUAGE",
-        "ESCALATION",
-        "CONTENT_BLOCKED",  # Interactions' code, upper-cased by the client
-    }
-)
-# Cut short: the output limit, or the service's per-request decode limit when the client could
-# not continue the answer to its end (pipeline/gemini: continuation).
-TRUNCATED_REASONS = frozenset({"MAX_TOKENS", "CONTINUATION"})
-# Ended without a usable answer for a reason the model states; a parse failure then says so.
-ANSWERED = frozenset({"STOP", ""})
 # Keys under which models wrap their list of objects ({"boxes": [...]} is Gemini 3's shape).
 LIST_KEYS = (
     "boxes",
@@ -96,18 +75,6 @@ class Found:
     value: Any
     complete: bool = True
     skipped: tuple[str, ...] = ()  # broken elements passed over while salvaging
-
-
-def finish_status(finish_reason: str | None) -> Parsed | None:
-    """A "blocked" result when the finish reason says the answer was withheld, else None."""
-    reason = (finish_reason or "").strip().upper()
-    if reason in BLOCKED_REASONS:
-        return Parsed(status="blocked", error=f"answer blocked (finish reason {reason})")
-    return None
-
-
-def is_truncated(finish_reason: str | None) -> bool:
-    return (finish_reason or "").strip().upper() in TRUNCATED_REASONS
 
 
 _BROKEN = object()  # marks "JSON starts here but does not parse" (None is JSON's null)

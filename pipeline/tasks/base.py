@@ -10,7 +10,7 @@ from pipeline import settings as s
 from pipeline.gemini.types import MAX_IMAGES_PER_REQUEST, GenerateRequest
 from pipeline.locations import scheme_of
 from pipeline.models import MEDIA_RESOLUTIONS, THINKING_LEVELS, Model, ModelTable, lookup
-from pipeline.records import Parsed
+from pipeline.rowtypes import Parsed
 
 # The task kinds, in the order `pipeline models` and the README list them; the registry
 # (pipeline/tasks/__init__.py) holds one task of each, and checks it at import.

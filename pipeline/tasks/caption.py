@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from pipeline.gemini.types import GenerateRequest
-from pipeline.records import Parsed
-from pipeline.tasks.answers import Sizes, is_truncated, never_raises
+from pipeline.rowtypes import Parsed
+from pipeline.tasks.answers import Sizes, never_raises
 from pipeline.tasks.base import TaskSettings
+from pipeline.tasks.finish import is_truncated
 from pipeline.tasks.generation import build_request
 
 DEFAULT_PROMPT = "Caption this image."

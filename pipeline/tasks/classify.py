@@ -15,16 +15,16 @@ import re
 from typing import Any
 
 from pipeline.gemini.types import GenerateRequest
-from pipeline.records import Parsed
+from pipeline.rowtypes import Parsed
 from pipeline.tasks.answers import (
     Sizes,
     find_json,
-    is_truncated,
     label_index,
     never_raises,
     normalise_label,
 )
 from pipeline.tasks.base import TaskSettings
+from pipeline.tasks.finish import is_truncated
 from pipeline.tasks.generation import build_request, quoted
 
 SINGLE_PROMPT = "Classify this image. Answer with the one label from {labels} that fits it best."

@@ -6,9 +6,10 @@ from __future__ import annotations
 import json
 
 from pipeline.gemini.types import GenerateRequest
-from pipeline.records import Parsed
-from pipeline.tasks.answers import Sizes, find_json, is_truncated, never_raises, utf8_safe
+from pipeline.rowtypes import Parsed
+from pipeline.tasks.answers import Sizes, find_json, never_raises, utf8_safe
 from pipeline.tasks.base import TaskSettings
+from pipeline.tasks.finish import is_truncated
 from pipeline.tasks.generation import build_request
 from pipeline.tasks.typed import answer_field, with_answer
 

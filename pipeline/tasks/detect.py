@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.gemini.types import GenerateRequest
-from pipeline.records import Parsed
+from pipeline.rowtypes import Parsed
 from pipeline.tasks.answers import Sizes, never_raises, read_objects
 from pipeline.tasks.base import TaskSettings
 from pipeline.tasks.objects import object_request, objects_schema

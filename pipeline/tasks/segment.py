@@ -27,7 +27,7 @@ import numpy as np
 
 from pipeline import masks
 from pipeline.gemini.types import GenerateRequest
-from pipeline.records import Parsed
+from pipeline.rowtypes import Parsed
 from pipeline.tasks.answers import MaskReader, Sizes, never_raises, read_objects
 from pipeline.tasks.base import TaskSettings
 from pipeline.tasks.generation import SettingError

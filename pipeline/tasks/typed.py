@@ -29,7 +29,7 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline.gemini.schema import json_schema
-from pipeline.records import ANSWER, Parsed
+from pipeline.rowtypes import ANSWER, Parsed
 from pipeline.tasks.answers import utf8_safe
 from pipeline.tasks.base import TaskSettings
 

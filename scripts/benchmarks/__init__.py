@@ -8,6 +8,7 @@
     hanging.py  batch.py     one benchmark each
     duplicates.py  images present twice far apart: parts, calls and time (issue 19)
     hostile_masks.py  the parser's CPU on ~4 MB answers of many small polygons (issue 19)
+    masks.py       50 PNG masks on a 12-MP image: CPU per object, peak RSS (issue 22)
     ray_quota.py  ray_overhead.py   the Ray engine: one shared quota; cost and start-up
     bucket_listing.py  bucket_run.py  bucket_resume.py  compaction.py   the same, for buckets
                    and `pipeline compact` (s3server.py: the local S3 they run against)
@@ -17,7 +18,7 @@
 
 A benchmark is a module that ends with
 
-    BENCHMARK = Benchmark(run, quick=Sizes(...), full=Sizes(...))
+    BENCHMARK = Benchmark(run, quick=Sizes(...), full=Sizes(...), smoke=Sizes(...))
 
 where `Sizes` is its own frozen dataclass and `run(ctx: Ctx[Sizes]) -> dict` measures at
 `ctx.sizes`, working under `ctx.work` (outputs, `ctx.logs`) and `ctx.images` (tmpfs), prints its
@@ -50,6 +51,7 @@ from . import (
     hostile_masks,
     journal,
     latency,
+    masks,
     memory,
     prepare,
     profile,
@@ -74,6 +76,7 @@ BENCHMARKS: dict[str, Benchmark[Any]] = {
     "hanging-first-wave": hanging.FIRST_WAVE,
     "batch": batch.BENCHMARK,
     "hostile-masks": hostile_masks.BENCHMARK,
+    "masks": masks.BENCHMARK,
     "duplicates": duplicates.BENCHMARK,
     "ray-quota": ray_quota.BENCHMARK,
     "ray-overhead": ray_overhead.BENCHMARK,

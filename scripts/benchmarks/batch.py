@@ -106,4 +106,5 @@ BENCHMARK = Benchmark(
     run,
     quick=Sizes(images=10_000, requests_per_job=2_500),
     full=Sizes(images=100_000, requests_per_job=10_000),
+    smoke=Sizes(images=40, requests_per_job=20),
 )

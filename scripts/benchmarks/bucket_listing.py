@@ -69,4 +69,9 @@ def run(ctx: Ctx[Sizes]) -> dict[str, Any]:
     return figures
 
 
-BENCHMARK = Benchmark(run, quick=Sizes(objects=20_000), full=Sizes(objects=100_000))
+BENCHMARK = Benchmark(
+    run,
+    quick=Sizes(objects=20_000),
+    full=Sizes(objects=100_000),
+    smoke=Sizes(objects=50),
+)

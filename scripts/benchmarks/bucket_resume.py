@@ -117,4 +117,9 @@ def _forget_new_rows(env: dict[str, str]) -> None:
         fs.rm(added)
 
 
-BENCHMARK = Benchmark(run, quick=Sizes(rows=1_000_000), full=Sizes(rows=1_000_000))
+BENCHMARK = Benchmark(
+    run,
+    quick=Sizes(rows=1_000_000),
+    full=Sizes(rows=1_000_000),
+    smoke=Sizes(rows=2_000),
+)

@@ -108,4 +108,9 @@ def _print(figures: dict[str, Any], n: int) -> None:
     )
 
 
-BENCHMARK = Benchmark(run, quick=Sizes(images=2_000), full=Sizes(images=10_000))
+BENCHMARK = Benchmark(
+    run,
+    quick=Sizes(images=2_000),
+    full=Sizes(images=10_000),
+    smoke=Sizes(images=20),
+)

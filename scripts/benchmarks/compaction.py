@@ -76,4 +76,9 @@ def run(ctx: Ctx[Sizes]) -> dict[str, Any]:
     return figures
 
 
-BENCHMARK = Benchmark(run, quick=Sizes(rows=200_000), full=Sizes(rows=1_000_000))
+BENCHMARK = Benchmark(
+    run,
+    quick=Sizes(rows=200_000),
+    full=Sizes(rows=1_000_000),
+    smoke=Sizes(rows=3_000),
+)

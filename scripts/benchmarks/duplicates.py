@@ -61,4 +61,5 @@ BENCHMARK = Benchmark(
     run,
     quick=Sizes(images=2000, concurrency=32),
     full=Sizes(images=5000, concurrency=32),
+    smoke=Sizes(images=20, concurrency=4),
 )

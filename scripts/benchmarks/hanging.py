@@ -113,10 +113,12 @@ FIRST_WAVE = Benchmark(
     first_wave,
     quick=Sizes(images=80, concurrency=8),
     full=Sizes(images=80, concurrency=8),
+    smoke=Sizes(images=8, concurrency=4),
 )
 
 BENCHMARK = Benchmark(
     run,
     quick=Sizes(images=1000, concurrency=16),
     full=Sizes(images=4000, concurrency=32),
+    smoke=Sizes(images=40, concurrency=4),
 )

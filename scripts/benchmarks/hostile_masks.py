@@ -81,4 +81,9 @@ def run(ctx: Ctx[Any]) -> dict[str, Any]:
     return figures
 
 
-BENCHMARK = Benchmark(run, quick=Sizes(scale=0.25), full=Sizes(scale=1.0))
+BENCHMARK = Benchmark(
+    run,
+    quick=Sizes(scale=0.25),
+    full=Sizes(scale=1.0),
+    smoke=Sizes(scale=0.01),
+)

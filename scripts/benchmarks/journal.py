@@ -154,4 +154,5 @@ BENCHMARK = Benchmark(
     run,
     quick=Sizes(images=3000, rounds=2, concurrency=32),
     full=Sizes(images=10000, rounds=3, concurrency=32),
+    smoke=Sizes(images=40, rounds=1, concurrency=4),
 )

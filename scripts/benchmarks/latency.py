@@ -116,4 +116,5 @@ BENCHMARK = Benchmark(
     run,
     quick=Sizes(concurrencies=(8, 32, 128), rounds=8),
     full=Sizes(concurrencies=(8, 32, 128), rounds=25),
+    smoke=Sizes(concurrencies=(2, 4), rounds=2),
 )

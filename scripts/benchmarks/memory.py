@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .harness import ROOT, SEED, Benchmark, Ctx, Server, run_pipeline, table, write_config
+from .harness import SEED, Benchmark, Ctx, Server, run_pipeline, shown, table, write_config
 from .plots import PALETTE, SERIES_COLOURS, line_chart
 from .scenes import make_tiny
 
@@ -70,7 +70,7 @@ def run(ctx: Ctx[Sizes]) -> dict[str, Any]:
     _plot(plot, series)
     figures = {
         "runs": runs,
-        "plot": str(plot.relative_to(ROOT)),
+        "plot": shown(plot),
         "target_peak_mb_at_300k": TARGET_PEAK_MB,
     }
     table(
@@ -78,7 +78,7 @@ def run(ctx: Ctx[Sizes]) -> dict[str, Any]:
         [header for header, _ in COLUMNS],
         [[r[key] for _, key in COLUMNS] for r in runs],
     )
-    print(f"plot: {plot.relative_to(ROOT)}")
+    print(f"plot: {shown(plot)}")
     return figures
 
 
@@ -100,4 +100,5 @@ BENCHMARK = Benchmark(
     run,
     quick=Sizes(counts=(10_000, 30_000), concurrency=32),
     full=Sizes(counts=(10_000, 100_000, 300_000), concurrency=32),
+    smoke=Sizes(counts=(30, 60), concurrency=4),
 )

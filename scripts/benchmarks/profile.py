@@ -166,7 +166,7 @@ def _direct_stages(images: Path, out: Path, config: Any) -> dict[str, float]:
     light = timed(lambda: [imaging.prepare(s, verify=False) for s in sources])
     out_["read + sha256 + sniff + header (prepare, verify=False)"] = light
     full = timed(lambda: held.update(items=[imaging.prepare(s) for s in sources]))
-    out_["verify: full decode (prepare, verify=True, minus the above)"] = full - light
+    out_["verify (prepare, verify=True, minus the above)"] = full - light
     out_["read again + sha256 again (read_bytes)"] = timed(
         lambda: held.update(data=[imaging.read_bytes(i) for i in held["items"]])
     )
@@ -308,24 +308,23 @@ def _stages(stats: pstats.Stats) -> tuple[dict[str, float], float]:
         cum("pipeline/masks.py", f) for f in ("decode_png_mask", "box_mask", "box_to_pixels")
     )
     rle = cum("pipeline/masks.py", "rle_encode_box") + cum("pipeline/masks.py", "rle_encode")
-    json_in_send = edge("json/__init__.py", "dumps", "gemini/client.py", "_send")
+    json_in_send = edge("json/__init__.py", "dumps", "gemini/transport.py", "send")
     stages = {
         "read": cum("pipeline/inputs/images.py", "_read_and_hash")
         + cum("pipeline/inputs/images.py", "read_bytes"),
         "sniff": sniff,
         "verify": cum("pipeline/inputs/images.py", "_examine") - sniff,
-        "encode": cum("gemini/client.py", "build_generate_content_body") + json_in_send,
+        "encode": cum("gemini/content.py", "build_generate_content_body") + json_in_send,
         "HTTP": own(lambda k: any(lib in k[0] for lib in HTTP_LIBS))
-        + own(lambda k: k[0].endswith("gemini/client.py") and k[2] == "_send")
+        + own(lambda k: k[0].endswith("gemini/transport.py") and k[2] == "send")
         + own(lambda k: k[0] == "~" and any(lib in k[2] for lib in HTTP_BUILTINS)),
-        "parse": cum("gemini/client.py", "parse_generate_content")
+        "parse": cum("gemini/content.py", "parse_generate_content")
         + cum("pipeline/tasks/__init__.py", "read_answer")
         - mask
         - rle,
         "mask": mask,
         "RLE": rle,
-        "Parquet": cum("pipeline/records.py", "to_table")
-        + cum("pipeline/output/parts.py", "write_part"),
+        "Parquet": cum("pipeline/output/journal.py", "write_part"),
         "event loop, threads": own(lambda k: any(f in k[0] for f in LOOP_FILES))
         + own(lambda k: k[0] == "~" and any(name in k[2] for name in LOOP_BUILTINS)),
     }
@@ -361,4 +360,5 @@ BENCHMARK = Benchmark(
     run,
     quick=Sizes(images=600, concurrency=32),
     full=Sizes(images=3000, concurrency=32),
+    smoke=Sizes(images=20, concurrency=4),
 )

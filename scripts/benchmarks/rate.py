@@ -24,7 +24,6 @@ import pyarrow.compute as pc
 from .harness import (
     LOCAL_KEY,
     MODEL,
-    ROOT,
     SEED,
     Benchmark,
     Ctx,
@@ -33,6 +32,7 @@ from .harness import (
     completed_seconds,
     read_rows,
     run_pipeline,
+    shown,
     table,
     write_config,
 )
@@ -205,7 +205,7 @@ def _phase_figures(
         "fraction_of_tpm": round(tokens_per_minute / tpm, 4),
         "full_minutes": full,
         "wall_s": round(proc.wall, 1),
-        "plot": str(plot.relative_to(ROOT)),
+        "plot": shown(plot),
     }
 
 
@@ -284,4 +284,5 @@ BENCHMARK = Benchmark(
     run,
     quick=Sizes(phases=(("rpm", 120.0),), rpm=600),
     full=Sizes(phases=(("rpm", 240.0), ("tpm", 240.0)), rpm=1200),
+    smoke=Sizes(phases=(("rpm", 2.0),), rpm=600),
 )

@@ -157,4 +157,5 @@ BENCHMARK = Benchmark(
     run,
     quick=Sizes(images=2000, concurrency=32, prepare_repeats=3),
     full=Sizes(images=10000, concurrency=32, prepare_repeats=10),
+    smoke=Sizes(images=20, concurrency=4, prepare_repeats=1),
 )

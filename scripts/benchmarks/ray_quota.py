@@ -130,4 +130,5 @@ BENCHMARK = Benchmark(
     run,
     quick=Sizes(workers=(1, 4), limit=200, window=10.0, windows=2),
     full=Sizes(workers=(1, 2, 4, 8), limit=1200, window=60.0, windows=2),
+    smoke=Sizes(workers=(1,), limit=20, window=2.0, windows=1),
 )

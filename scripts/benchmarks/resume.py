@@ -207,4 +207,9 @@ def _commit_rows(
         pq.write_table(table_, part, compression="zstd")
 
 
-BENCHMARK = Benchmark(run, quick=Sizes(rows=1_000_000), full=Sizes(rows=1_000_000))
+BENCHMARK = Benchmark(
+    run,
+    quick=Sizes(rows=1_000_000),
+    full=Sizes(rows=1_000_000),
+    smoke=Sizes(rows=2_000),
+)

@@ -85,4 +85,9 @@ async def _night(out: Path, picked: np.ndarray, night: int) -> dict[str, Any]:
     return {key: sink.superseded[key] for key in _KEYS}
 
 
-BENCHMARK = Benchmark(run, quick=Sizes(rows=20_000), full=Sizes(rows=100_000))
+BENCHMARK = Benchmark(
+    run,
+    quick=Sizes(rows=20_000),
+    full=Sizes(rows=100_000),
+    smoke=Sizes(rows=2_000),
+)

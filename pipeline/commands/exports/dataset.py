@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
+from pipeline.commands.exports.errors import ExportError
 from pipeline.locations import scheme_of
 from pipeline.output.parts import Output, current_rows
 
@@ -46,10 +47,6 @@ UNLABELLED = "unlabelled"
 OBJECT_TASKS = ("detect", "segment", "point")
 MAX_FILE_NAME = 200  # bytes-ish: most filesystems stop at 255, and a suffix may be added
 _UNSAFE = re.compile(r"[^\w.\-]+")  # anything else in a flat file name becomes "_"
-
-
-class ExportError(ValueError):
-    """An export that cannot be made as asked; the message says what to change."""
 
 
 class UnknownRoot(ExportError):
