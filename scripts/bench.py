@@ -34,6 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=[*BENCHMARKS, "all"])
     parser.add_argument("--quick", action="store_true", help="small sizes, for a laptop")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: does it still run?")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     parser.add_argument("--no-record", action="store_true", help="do not append to the results")
     args = parser.parse_args(argv)
@@ -41,7 +42,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     for name in names:
         run_benchmark(
-            name, BENCHMARKS[name], quick=args.quick, keep=args.keep, save=not args.no_record
+            name,
+            BENCHMARKS[name],
+            quick=args.quick,
+            keep=args.keep,
+            save=not args.no_record,
+            smoke=args.smoke,
         )
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
     return 0

@@ -12,6 +12,9 @@
     bucket_listing.py  bucket_run.py  bucket_resume.py  compaction.py   the same, for buckets
                    and `pipeline compact` (s3server.py: the local S3 they run against)
     supersede.py   a run's end setting aside what it superseded, copy-on-write (issue 20)
+    photos.py      detect and segment on 12-MP camera photos vs the SDK script, CPU by stage
+                   (issue 22; camera.py: the photos, cached on disk; profiling.py: cProfile in
+                   every thread and the stage arithmetic, shared with profile.py)
 
 A benchmark is a module that ends with
 
@@ -40,6 +43,7 @@ from . import (
     journal,
     latency,
     memory,
+    photos,
     profile,
     rate,
     ray_overhead,
@@ -70,4 +74,5 @@ BENCHMARKS: dict[str, Benchmark[Any]] = {
     "bucket-resume": bucket_resume.BENCHMARK,
     "compact": compaction.BENCHMARK,
     "supersede": supersede.BENCHMARK,
+    "photos": photos.BENCHMARK,
 }

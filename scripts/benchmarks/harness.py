@@ -74,27 +74,38 @@ class Ctx(Generic[S]):
 class Benchmark(Generic[S]):
     """One subcommand of scripts/bench.py: `run(ctx)` measures at `ctx.sizes`, prints its table
     and returns its figures (JSON-able, recorded as they are); `quick` and `full` are its sizes
-    (`--quick` shrinks them so that `all --quick` fits in 10 minutes on a 2-core machine)."""
+    (`--quick` shrinks them so that `all --quick` fits in 10 minutes on a 2-core machine);
+    `smoke`, the tiny size `--smoke` runs (every path once, seconds, no figure worth keeping)."""
 
     run: Callable[[Ctx[S]], dict[str, Any]]
     quick: S
     full: S
+    smoke: S | None = None
 
 
 def run_benchmark(
-    name: str, benchmark: Benchmark[Any], *, quick: bool, keep: bool, save: bool
+    name: str,
+    benchmark: Benchmark[Any],
+    *,
+    quick: bool,
+    keep: bool,
+    save: bool,
+    smoke: bool = False,
 ) -> None:
-    """Run one benchmark in fresh temporary directories; record its figures when `save`."""
+    """Run one benchmark in fresh temporary directories; record its figures when `save`.
+    `smoke`: at its smoke size, never recorded (a check that it still runs, not a measurement)."""
+    if smoke and benchmark.smoke is None:
+        raise SystemExit(f"{name} has no --smoke size")
     shm = Path("/dev/shm")
     fast = shm if shm.is_dir() and os.access(shm, os.W_OK) else None
     work = Path(tempfile.mkdtemp(prefix=f"gvp-bench-{name}-"))
     images = Path(tempfile.mkdtemp(prefix=f"gvp-bench-{name}-images-", dir=fast))
-    sizes = benchmark.quick if quick else benchmark.full
+    sizes = benchmark.smoke if smoke else benchmark.quick if quick else benchmark.full
     t0 = time.perf_counter()
     try:
-        figures = benchmark.run(Ctx(sizes, work, images, quick))
+        figures = benchmark.run(Ctx(sizes, work, images, quick or smoke))
         figures["bench_seconds"] = round(time.perf_counter() - t0, 1)
-        if save:
+        if save and not smoke:
             record(name, quick, figures)
     finally:
         if keep:
