@@ -126,7 +126,8 @@ def _pipeline(ctx: Ctx[Sizes], config: Path) -> Counted:
 
 
 def _sdk(ctx: Ctx[Sizes], url: str, folder: Path, out: Path, extra: list[str]) -> Counted:
-    proc, summary = run_script("baseline_sdk.py", url, folder, out, ctx.logs, *extra)
+    logs = ctx.logs / out.stem  # one folder a run: the script's log files are named after it
+    proc, summary = run_script("baseline_sdk.py", url, folder, out, logs, *extra)
     return proc, summary["ok"], summary["objects"]
 
 
