@@ -40,7 +40,11 @@ from .harness import (
 )
 from .profiling import Calls, thread_profile
 
+# The stages name the functions of pipeline/inputs/ that verify and read (a rewrite of prepare
+# that renames them must rename them here too, or their time shows under "other"); Pillow's
+# decodes, resizes and saves are found by being called from anywhere in pipeline/inputs/.
 IMAGES = "pipeline/inputs/images.py"
+INPUTS = "pipeline/inputs/"
 PIL_IMAGE = "PIL/Image.py"
 DECODERS = (("PIL/ImageFile.py", "load"), ("pillow_heif/as_plugin.py", "load"))
 VERIFIERS = ("_decode_once_cheaply", "_verify_png")
@@ -171,18 +175,19 @@ def _profile(config_path: Path, url: str, sample: list[Path]) -> dict[str, Any]:
 
 def stages(calls: Calls) -> dict[str, float]:
     """Thread CPU seconds of the run by stage. Pillow's work is told apart by its caller:
-    a decode called by the verify functions is verify, one called by the rest of images.py is
-    decode; resizes and saves count when images.py calls them (a mask's resize is the mask's)."""
+    a decode called by the verify functions is verify, one called by the rest of
+    pipeline/inputs/ is decode; resizes and saves count when pipeline/inputs/ calls them (a
+    mask's resize is the mask's)."""
     verify = calls.cum(IMAGES, *VERIFIERS)
-    decode = sum(calls.edge(f, name, IMAGES) for f, name in DECODERS)
-    decode -= sum(calls.edge(f, name, IMAGES, v) for f, name in DECODERS for v in VERIFIERS)
+    decode = sum(calls.edge(f, name, INPUTS) for f, name in DECODERS)
+    decode -= sum(calls.edge(f, name, INPUTS, v) for f, name in DECODERS for v in VERIFIERS)
     mask = calls.cum("pipeline/masks.py", *MASKS)
     found = {
         "read + hash": calls.cum(IMAGES, "_read_and_hash", "read_bytes"),
         "verify": verify,
         "decode": decode,
-        "resize, rotate, convert": sum(calls.edge(PIL_IMAGE, f, IMAGES) for f in RESIZERS),
-        "encode": calls.edge(PIL_IMAGE, "save", IMAGES),
+        "resize, rotate, convert": sum(calls.edge(PIL_IMAGE, f, INPUTS) for f in RESIZERS),
+        "encode": calls.edge(PIL_IMAGE, "save", INPUTS),
         "request (body, base64, JSON, HTTP)": calls.cum(
             "gemini/content.py", "build_generate_content_body"
         )

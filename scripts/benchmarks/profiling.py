@@ -71,15 +71,16 @@ class Calls:
         )
 
     def edge(
-        self, callee_file: str, callee: str, caller_file: str, caller: str | None = None
+        self, callee_file: str, callee: str, caller_in: str, caller: str | None = None
     ) -> float:
-        """Cumulative seconds of `callee` when called from `caller` (any function of
-        `caller_file` when None)."""
+        """Cumulative seconds of `callee` when called from `caller` of a file whose path holds
+        `caller_in` (a file suffix, or a folder such as "pipeline/inputs/"); from any function
+        of those files when `caller` is None."""
         found = 0.0
         for key, value in self.table.items():
             if key[0].endswith(callee_file) and key[2] == callee:
                 for ckey, cval in value[4].items():
-                    if ckey[0].endswith(caller_file) and caller in (None, ckey[2]):
+                    if caller_in in ckey[0] and caller in (None, ckey[2]):
                         found += cval[3]
         return found
 
