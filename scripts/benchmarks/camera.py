@@ -9,10 +9,11 @@
 - screenshots: PNG, 2560x1440 and 1920x1080: panels, lines of text, a few coloured buttons;
 - HEIC: 4032x3024 photos through pillow-heif, when it is importable (else none, said once).
 
-A 12-MP photo costs ~1 s of CPU to draw and encode, so a set is kept in
+A 12-MP photo costs ~0.4 s of CPU to draw and encode (a HEIC ~3 s), so a set is kept in
 TMP/gvp-bench-cache/photos-KEY (KEY: a digest of its parameters and of GENERATOR, which changes
-whenever the drawing does) and reused once its `complete` marker exists: an interrupted run never
-leaves half a set behind to be measured.
+whenever the drawing does). It is drawn in a folder of its own and renamed into place whole, so an
+interrupted run never leaves half a set to be measured, and two runs drawing the same set at once
+(the smoke test on two workers) both end with one whole set.
 """
 
 from __future__ import annotations
@@ -71,10 +72,25 @@ def heic_available() -> bool:
 def photo_set(spec: PhotoSet) -> Path:
     """The folder holding `spec`'s images (sub-folders jpeg/, png/, heic/), made if not cached."""
     folder = CACHE / f"photos-{_key(spec)}"
-    if (folder / "complete").exists():
+    if folder.is_dir():
         print(f"photos: {spec.images} images cached in {folder}")
         return folder
-    shutil.rmtree(folder, ignore_errors=True)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f"{folder.name}.drawing-", dir=CACHE))
+    try:
+        made = _draw_set(spec, staging)
+        staging.rename(folder)  # atomic: the set is whole or absent
+    except OSError:
+        if not folder.is_dir():
+            raise
+        made = 0  # another run renamed the same set into place first: use that one
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(f"photos: {f'made {made}' if made else 'another run made the'} images in {folder}")
+    return folder
+
+
+def _draw_set(spec: PhotoSet, folder: Path) -> int:
     if spec.heics and not heic_available():
         print("photos: pillow-heif is not importable, so no HEIC images")
     jobs = [("jpeg", a, b, spec.scale) for a, b in chunks(spec.jpegs, 8)]
@@ -82,11 +98,8 @@ def photo_set(spec: PhotoSet) -> Path:
     if heic_available():
         jobs += [("heic", a, b, spec.scale) for a, b in chunks(spec.heics, 1)]
     for kind in ("jpeg", "png", "heic"):
-        (folder / kind).mkdir(parents=True, exist_ok=True)
-    made = in_pool(_make_chunk, [(str(folder), *job) for job in jobs])
-    (folder / "complete").write_text(json.dumps(asdict(spec)))
-    print(f"photos: made {made} images in {folder}")
-    return folder
+        (folder / kind).mkdir(exist_ok=True)
+    return in_pool(_make_chunk, [(str(folder), *job) for job in jobs])
 
 
 def _key(spec: PhotoSet) -> str:

@@ -75,7 +75,7 @@ class Sizes:
 def run(ctx: Ctx[Sizes]) -> dict[str, Any]:
     sizes = ctx.sizes
     folder = photo_set(sizes.photos)
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "complete")
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
     runs: dict[str, dict[str, Any]] = {}
     with Server(ctx.logs / "server", seed=SEED) as server:
         for task in sizes.tasks:
