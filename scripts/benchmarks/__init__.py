@@ -15,6 +15,9 @@
     supersede.py   a run's end setting aside what it superseded, copy-on-write (issue 20)
     estimate_billed.py  `pipeline estimate` against what the run then bills, per task (issue 21)
     prepare.py     images.prepare on a camera JPEG against one entropy decode; quality (issue 22)
+    photos.py      detect and segment on 12-MP camera photos vs the SDK script, CPU by stage
+                   (issue 22; camera.py: the photos, cached on disk; profiling.py: cProfile in
+                   every thread and the stage arithmetic, shared with profile.py)
 
 A benchmark is a module that ends with
 
@@ -53,6 +56,7 @@ from . import (
     latency,
     masks,
     memory,
+    photos,
     prepare,
     profile,
     rate,
@@ -87,4 +91,5 @@ BENCHMARKS: dict[str, Benchmark[Any]] = {
     "supersede": supersede.BENCHMARK,
     "estimate-vs-billed": estimate_billed.BENCHMARK,
     "prepare": prepare.BENCHMARK,
+    "photos": photos.BENCHMARK,
 }

@@ -48,6 +48,7 @@ BILLED_OUTPUT = ("output_tokens", "thoughts_tokens")  # the service bills both a
 class Sizes:
     images: int
     concurrency: int
+    tasks: tuple[str, ...] = tuple(TASK_LINES)  # the smoke run: one task is every step
 
 
 def run(ctx: Ctx[Sizes]) -> dict[str, Any]:
@@ -64,7 +65,7 @@ def run(ctx: Ctx[Sizes]) -> dict[str, Any]:
     rows = []
     with Server(ctx.logs / "estimate", seed=SEED, workers=2) as server:
         for number, (set_name, inputs, first) in enumerate(cases):
-            for kind in TASK_LINES:
+            for kind in sizes.tasks:
                 name = f"est-{kind}-{number}"
                 config = _config(ctx, name, server.url, inputs, kind, sizes.concurrency)
                 if first:  # the output's own history: its first tenth answered
@@ -114,4 +115,5 @@ BENCHMARK = Benchmark(
     run,
     quick=Sizes(images=200, concurrency=32),
     full=Sizes(images=1000, concurrency=32),
+    smoke=Sizes(images=10, concurrency=4, tasks=("segment",)),
 )

@@ -195,4 +195,5 @@ BENCHMARK = Benchmark(
     full=Sizes(
         width=4000, height=3000, max_side=1536, repeats=15, photos=12, budgets_mb=(128, 2048)
     ),
+    smoke=Sizes(width=400, height=300, max_side=160, repeats=1, photos=2, budgets_mb=(1, 64)),
 )

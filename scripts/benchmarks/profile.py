@@ -9,15 +9,11 @@ directory (`--keep`).
 
 from __future__ import annotations
 
-import contextlib
-import cProfile
 import io
 import json
 import math
 import os
 import pstats
-import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +23,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from .harness import LOCAL_KEY, ROOT, SEED, Benchmark, Ctx, Server, read_rows, table, write_config
+from .profiling import HTTP_BUILTINS, HTTP_LIBS, LOOP_BUILTINS, LOOP_FILES, thread_profile
 from .scenes import make_scenes
 
 
@@ -34,12 +31,6 @@ from .scenes import make_scenes
 class Sizes:
     images: int
     concurrency: int
-
-
-HTTP_LIBS = ("/aiohttp/", "/yarl/", "/multidict/", "/aiohappyeyeballs/", "/propcache/")
-HTTP_BUILTINS = ("aiohttp", "_socket", "multidict", "yarl", "_ssl")
-LOOP_BUILTINS = ("epoll", "_thread.lock", "_asyncio", "_contextvars", "_queue")
-LOOP_FILES = ("/asyncio/", "/concurrent/futures/", "/threading.py", "/queue.py", "/selectors.py")
 
 
 def run(ctx: Ctx[Sizes]) -> dict[str, Any]:
@@ -73,7 +64,7 @@ def run(ctx: Ctx[Sizes]) -> dict[str, Any]:
         # 4. cProfile in every thread.
         profiled_config = configured("profiled")
         wall0 = time.perf_counter()
-        stats = _profiled(lambda: run_in_process(profiled_config, RunOptions(progress=False)))
+        stats = thread_profile(lambda: run_in_process(profiled_config, RunOptions(progress=False)))
         profiled_wall = time.perf_counter() - wall0
     stages, total = _stages(stats)
     top = _top_functions(stats, 25)
@@ -251,36 +242,6 @@ def _http_only(images: Path, config: Any, url: str, concurrency: int) -> float:
     started = time.process_time()
     asyncio.run(go())
     return (time.process_time() - started) / len(requests) * 1e6
-
-
-def _profiled(target: Callable[[], Any]) -> pstats.Stats:
-    """Run target with one cProfile per thread (threads started meanwhile included)."""
-    profilers: list[cProfile.Profile] = []
-    lock = threading.Lock()
-
-    def new_profiler() -> cProfile.Profile:
-        profiler = cProfile.Profile(time.thread_time_ns, 1e-9)
-        with lock:
-            profilers.append(profiler)
-        return profiler
-
-    def bootstrap(frame: Any, event: str, arg: Any) -> None:
-        sys.setprofile(None)
-        new_profiler().enable()
-
-    threading.setprofile(bootstrap)
-    main = new_profiler()
-    main.enable()
-    try:
-        target()
-    finally:
-        main.disable()
-        threading.setprofile(None)
-    stats = pstats.Stats(main)
-    for profiler in (p for p in profilers if p is not main):
-        with contextlib.suppress(TypeError):  # a thread that never ran profiled code
-            stats.add(profiler)
-    return stats
 
 
 def _stages(stats: pstats.Stats) -> tuple[dict[str, float], float]:

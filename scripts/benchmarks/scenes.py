@@ -25,7 +25,7 @@ from .harness import SEED
 def make_scenes(folder: Path, count: int, side: int = 384) -> int:
     """`count` PNG scenes of 2-4 shapes each (seeded); returns the number of shapes drawn."""
     folder.mkdir(parents=True, exist_ok=True)
-    return _in_pool(_scene_chunk, [(str(folder), a, b, side) for a, b in _chunks(count, 500)])
+    return in_pool(_scene_chunk, [(str(folder), a, b, side) for a, b in chunks(count, 500)])
 
 
 def _scene_chunk(args: tuple[str, int, int, int]) -> int:
@@ -42,7 +42,7 @@ def _scene_chunk(args: tuple[str, int, int, int]) -> int:
 def make_tiny(folder: Path, count: int) -> list[Path]:
     """`count` tiny PNGs in sub-folders of 1000; returns the sub-folders in walk order."""
     folder.mkdir(parents=True, exist_ok=True)
-    _in_pool(_tiny_chunk, [(str(folder), a, b) for a, b in _chunks(count, 1000)])
+    in_pool(_tiny_chunk, [(str(folder), a, b) for a, b in chunks(count, 1000)])
     return sorted(p for p in folder.iterdir() if p.is_dir())
 
 
@@ -65,10 +65,12 @@ def _tiny_chunk(args: tuple[str, int, int]) -> int:
     return stop - start
 
 
-def _chunks(count: int, size: int) -> list[tuple[int, int]]:
+def chunks(count: int, size: int) -> list[tuple[int, int]]:
+    """[start, stop) ranges of at most `size` covering range(count): one process-pool job each."""
     return [(a, min(a + size, count)) for a in range(0, count, size)]
 
 
-def _in_pool(job: Callable[[Any], int], jobs: list[Any]) -> int:
+def in_pool(job: Callable[[Any], int], jobs: list[Any]) -> int:
+    """Run `job` over `jobs` on every core this process may use; the sum of what they return."""
     with ProcessPoolExecutor(max_workers=len(os.sched_getaffinity(0))) as pool:
         return sum(pool.map(job, jobs))
