@@ -27,6 +27,7 @@ from pipeline.commands.tune.sample import SAMPLE, Sample
 from pipeline.config import ConfigError, parse_config
 from pipeline.cost import row_cost
 from pipeline.localserver.server import LocalServer
+from pipeline.localserver.simulation import PARAMETERS
 from pipeline.output.parts import current_rows
 from tests.conftest import REPO, child_env, draw_shapes
 from tests.test_cli import wait_for
@@ -352,3 +353,39 @@ def test_the_target_is_read_against_the_noise_floor() -> None:
     report = TuneReport("c.toml", "out/_tune", Sample("m", 0, 4, 4), options, [], {}, 0.9)
     assert report.threshold == pytest.approx(0.855)
     assert report.as_dict()["threshold"] == pytest.approx(0.855)
+
+
+def test_on_the_settings_simulation_tune_recommends_what_its_documented_rates_predict(
+    tmp_path: Path,
+) -> None:
+    """Under `[local] simulate = "settings"` a lite model misses and slips more than a flash
+    one, a pro one not at all (pipeline/localserver/simulation.py's PARAMETERS). Large shapes
+    on 384-px scenes keep resolution out of it, and 2.5 models at their lowest thinking (budget
+    0) do not think, so each tier's expected agreement with the pro reference follows from its
+    rates alone: B's objects are the (1 - miss) share of A's, (1 - slip) of them labelled
+    alike, so precision 1 - slip, recall (1 - miss)(1 - slip), and the F1 of the two."""
+    folder = tmp_path / "scenes"
+    folder.mkdir()
+    for i in range(40):
+        draw_shapes(384, 384, seed=500 + i, count=3)[0].save(folder / f"s{i:03d}.png")
+    config = write_config(
+        tmp_path,
+        input=f'paths = ["{folder}"]',
+        task='kind = "detect"',
+        local='simulate = "settings"',
+    )
+    models = ["gemini-2.5-flash-lite", "gemini-2.5-flash", "gemini-3.1-pro-preview"]
+    report = pipeline.tune(config, sample=40, vary={"api.model": models}, target=0.87)
+
+    def expected(tier: str) -> float:
+        rates = PARAMETERS.tiers[tier]
+        precision = 1 - rates.slip_rate
+        recall = (1 - rates.miss_rate) * precision
+        return 2 * precision * recall / (precision + recall)
+
+    by_model = {trial.setting.as_dict()["api.model"]: trial for trial in report.trials}
+    assert by_model["gemini-3.1-pro-preview"].role == "reference"  # the dearest model
+    for model, tier in (("gemini-2.5-flash-lite", "lite"), ("gemini-2.5-flash", "flash")):
+        assert by_model[model].agreement == pytest.approx(expected(tier), abs=0.06), model
+    assert expected("lite") < 0.87 < expected("flash")  # the scenario: the target between them
+    assert report.recommended is by_model["gemini-2.5-flash"]
