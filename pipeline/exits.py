@@ -19,6 +19,7 @@ class NotStarted(Exception):
 
     exit_code = CONFIRM
 
+
 EPILOG = f"""exit codes:
   {OK}  every row of the run is ok
   {ROWS_NOT_OK}  some rows are error, blocked or partial (see `pipeline status`)
