@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 
 from pipeline import masks
 from pipeline.records import Parsed
-from pipeline.tasks import TASKS, TaskSettings, get_task
+from pipeline.tasks import TASKS, TaskSettings, generation, get_task
 from pipeline.tasks.detect import DEFAULT_PROMPT as DETECT_PROMPT
 
 SEED_DETECT_PROMPT = (
@@ -703,8 +703,10 @@ def test_interactions_gets_no_default_temperature_only_the_users() -> None:
     assert get_task("detect").request(settings("detect")).temperature == 0.5
 
 
-def test_a_thinking_budget_on_a_level_model_is_sent_with_a_warning(caplog) -> None:
-    """The thinking page (2026-09-04): a budget on 3.x is "no longer recommended", not refused."""
+def test_a_thinking_budget_on_a_level_model_is_sent_with_a_warning(caplog, monkeypatch) -> None:
+    """The thinking page (2026-09-04): a budget on 3.x is "no longer recommended", not refused.
+    The warning is said once a process: another test of this worker may have said it already."""
+    monkeypatch.setattr(generation, "_warned", set())
     with caplog.at_level(logging.WARNING, logger="pipeline.tasks.generation"):
         request = get_task("detect").request(
             settings("detect", "gemini-3.8-flash", thinking_budget=512)
