@@ -34,7 +34,7 @@ pytestmark = pytest.mark.benchmarks
 TIMEOUT_S = 300
 
 
-def _bench_names() -> list[str]:
+def bench_names() -> list[str]:
     listed = subprocess.run(
         [sys.executable, str(SCRIPTS_DIR / "bench.py"), "--list"],
         capture_output=True,
@@ -68,13 +68,25 @@ def _explain(code: int | None, out: str, err: str) -> str:
 
 
 def test_bench_lists_its_subcommands() -> None:
-    names = _bench_names()
+    names = bench_names()
     assert {"throughput", "profile", "masks"} <= set(names)
     assert "all" not in names
 
 
-@pytest.mark.parametrize("name", _bench_names())
+def cluster_benchmark(name: str) -> bool:
+    """The Ray engine's benchmarks, which start a local cluster (~12 s each on a quiet machine):
+    run by tests/test_benchmarks_smoke_cluster.py, a module of their own, so that the suite's
+    workers (`--dist loadfile`: one module a worker) run them beside the others."""
+    return name.startswith("ray-")
+
+
+@pytest.mark.parametrize("name", [n for n in bench_names() if not cluster_benchmark(n)])
 def test_benchmark_runs_at_smoke_size(name: str) -> None:
+    check_smoke_run(name)
+
+
+def check_smoke_run(name: str) -> None:
+    """`bench.py NAME --smoke` exits 0, runs to its end and writes nothing into docs/."""
     before = _docs_state()
     done = _run([str(SCRIPTS_DIR / "bench.py"), name, "--smoke"])
     assert done.returncode == 0, _explain(done.returncode, done.stdout, done.stderr)
