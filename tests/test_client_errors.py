@@ -15,7 +15,7 @@ import pytest
 from pipeline.gemini import GeminiError
 from pipeline.gemini.errors import RETRYABLE_KINDS, error_from_response, retry_after
 from pipeline.gemini.types import GenerateRequest, ImagePart
-from pipeline.run.failures import Action, judge
+from pipeline.run.failures import STREAK, Action, Health, judge
 from tests.test_client import (
     KEY,
     MODEL_3,
@@ -257,3 +257,20 @@ async def test_processing_file_is_failed_precondition_and_transport_kinds() -> N
             )
     assert (late.value.kind, late.value.retryable) == ("timeout", True)
     assert KEY not in repr(late.value)
+
+
+def test_a_streak_of_429s_after_answers_is_a_tight_quota_not_the_runs_fault() -> None:
+    """Eight 429s in a row once answers have come back are a quota the pool is still finding
+    (the 429-storm run stopped with exit 2, "refused the same way", under CI's load); the same
+    streak with nothing ever answered is the run's (a quota of 0 for this model, say)."""
+    storm = GeminiError(429, "RESOURCE_EXHAUSTED", "Resource has been exhausted (rpm).")
+    verdict = judge(storm, uploaded=False)
+    assert verdict.action == Action.RETRY
+    answered = Health()
+    answered.success()
+    assert all(answered.failure(storm, verdict) is None for _ in range(3 * STREAK))
+    never = Health()
+    found = [never.failure(storm, verdict) for _ in range(STREAK)]
+    assert found[:-1] == [None] * (STREAK - 1)
+    assert found[-1] is not None and found[-1].action == Action.RUN
+    assert "none answered" in found[-1].reason

@@ -18,7 +18,9 @@ An error must not become data it is not. The three answers, and what the engine 
 
 Some failures are only the run's when they repeat: the same 400 on every request (a setting the
 model refuses) or an outage (every attempt failing to connect). `Health` watches the stream of
-attempts and calls it the run's fault after `STREAK` identical failures with no success between.
+attempts and calls it the run's fault after `STREAK` identical failures with no success between:
+an outage at any time, any other failure only while nothing of the run has been answered (once
+answers came back, the same 400 again is that image's, and 429s in a row a quota being found).
 
 An uploaded file that expired or was deleted answers 403 / 404 (`REUPLOAD`): upload again. A
 400 FAILED_PRECONDITION on a request with an uploaded file (`CHECK_FILE`) may be the file (not
@@ -126,8 +128,11 @@ class Health:
             return None
         outage = error.kind in _OUTAGE_KINDS
         signature = ("outage",) if outage else (error.kind, error.status, error.message[:200])
-        if verdict.action == Action.IMAGE and self.successes:
-            return None  # a per-image refusal after answers came back is that image's
+        if not outage and self.successes:
+            # once answers came back, the same refusal again is that image's (IMAGE) or a tight
+            # quota the pool is still finding (a 429 storm under load had 8 in a row and was
+            # stopped as the config's fault): only an outage mid-run is the run's
+            return None
         self._count = self._count + 1 if signature == self._signature else 1
         self._signature = signature
         if self._count < self.streak:
