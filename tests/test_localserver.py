@@ -28,7 +28,7 @@ from pipeline.localserver.faults import FAULT_KINDS, Faults
 from pipeline.localserver.options import ServerOptions
 from pipeline.localserver.rules import RULES
 from pipeline.localserver.server import LocalServer
-from tests.conftest import REPO, box_iou, child_env, mask_iou
+from tests.conftest import REPO, box_iou, child_env, mask_iou, until
 from tests.localserver_support import (
     DETECT,
     SEGMENT,
@@ -385,6 +385,19 @@ async def test_replay_serves_recorded_answers_by_image_hash(http, tmp_path):
 # stats and the command line
 
 
+async def test_a_request_inside_its_latency_is_counted_on_arrival(http):
+    """`requests_received` counts a request when it arrives, `requests` when it is answered: a
+    test that kills a client mid-run bounds what was in flight by the first."""
+    data, _ = draw_scene()
+    path = "POST /v1beta/models/gemini-2.5-flash:generateContent"
+    async with LocalServer(ServerOptions(latency_ms=600, seed=1)) as slow:
+        call = asyncio.create_task(generate(http, slow, inline_request(data, "Describe.")))
+        await until(lambda: slow.stats()["requests_received"].get(path) == 1)
+        assert path not in slow.stats()["requests"]  # arrived, not answered yet
+        status, _ = await call
+        assert status == 200 and slow.stats()["requests"][path] == {"200": 1}
+
+
 async def test_local_stats_counts_requests_tokens_and_uploads(server, http):
     data, _ = draw_scene()
     _, ok = await generate(http, server, inline_request(data, "Describe."))
@@ -398,6 +411,10 @@ async def test_local_stats_counts_requests_tokens_and_uploads(server, http):
         "403": 1,
     }
     assert stats["requests"]["POST /upload/v1beta/files"] == {"200": 2}
+    assert stats["requests_received"] == {  # on arrival; /local/stats itself not counted
+        "POST /v1beta/models/gemini-2.5-flash:generateContent": 2,
+        "POST /upload/v1beta/files": 2,
+    }
     assert stats["uploads"] == {"started": 1, "completed": 1, "bytes": len(data)}
     usage = ok["usageMetadata"]
     assert stats["tokens"]["prompt"] == usage["promptTokenCount"]

@@ -11,6 +11,7 @@ class Stats:
     """Requests by path and status, refusals by rule, billed tokens, answers by task."""
 
     def __init__(self) -> None:
+        self.received: dict[str, int] = {}  # by path, counted on arrival (requests: on answer)
         self.requests: dict[str, dict[str, int]] = {}
         self.by_status: dict[str, int] = {}
         self.refused_by_rule: dict[str, int] = {}
@@ -18,6 +19,11 @@ class Stats:
         self.tokens_by_modality = {"TEXT": 0, "IMAGE": 0}
         self.images = 0
         self.answers: dict[str, int] = {}
+
+    def arrived(self, key: str) -> None:
+        """A request came in: counted before it is answered, so a test that kills a client can
+        bound what was in flight (a request inside the server's latency has no status yet)."""
+        self.received[key] = self.received.get(key, 0) + 1
 
     def count(self, key: str, status: int) -> None:
         code = str(status)
@@ -43,6 +49,7 @@ class Stats:
 
     def snapshot(self) -> dict[str, Any]:
         return {
+            "requests_received": dict(self.received),
             "requests": {k: dict(v) for k, v in self.requests.items()},
             "requests_total": sum(self.by_status.values()),
             "responses_by_status": dict(self.by_status),

@@ -60,11 +60,14 @@ async def read_json(request: web.Request, limit: int, *, required: bool = True) 
 
 
 def middleware(stats: Stats) -> Any:
-    """Render ApiErrors in the route's flavour; count every answer by path and status."""
+    """Render ApiErrors in the route's flavour; count every request on arrival by path, and
+    every answer by path and status."""
 
     @web.middleware
     async def answer(request: web.Request, handler: Handler) -> web.StreamResponse:
         status = 500
+        if request.path != STATS_PATH:
+            stats.arrived(stat_key(request))
         try:
             response = await _rendered(request, handler, stats)
             status = response.status
