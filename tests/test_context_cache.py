@@ -23,7 +23,7 @@ from pipeline.commands.estimate import estimate, format_estimate
 from pipeline.config import key_suffixes, parse_config, settings_hash, with_overrides
 from pipeline.cost import row_cost
 from pipeline.gemini import GeminiClient, GeminiError, parse_response
-from pipeline.gemini.caches import create_body
+from pipeline.gemini.caches import create_body, ttl_text
 from pipeline.gemini.tokens import image_tokens, text_tokens
 from pipeline.gemini.types import GenerateRequest, ImagePart
 from pipeline.inputs.references import ReferenceParts, load
@@ -419,3 +419,14 @@ async def test_on_says_why_it_could_not_cache(tmp_path: Path) -> None:
     assert summary.context_cache is not None and summary.context_cache["name"] is None
     assert "under the minimum of 2,048" in summary.context_cache["why"]
     assert (await run(_config(tmp_path, "auto-out", "auto"))).context_cache is None
+
+
+def test_a_ttl_is_a_duration_in_plain_seconds_at_any_size() -> None:
+    """`:g` wrote 1e+06s for a TTL of 1,000,000 s, which a google.protobuf.Duration refuses."""
+    assert [ttl_text(t) for t in (600, 600.0, 0.5, 1_000_000, 86_400.25)] == [
+        "600s",
+        "600s",
+        "0.5s",
+        "1000000s",
+        "86400.25s",
+    ]

@@ -143,6 +143,10 @@ def test_vertex_paths_follow_the_location_and_the_project():
     )
     with pytest.raises(ValueError, match="invalid model"):
         regional.model_url("../../other", "generateContent")
+    # the multi-regions have hosts of their own (the SDK's _MULTI_REGIONAL_LOCATIONS); a
+    # "us-aiplatform.googleapis.com" does not resolve
+    assert vertex_base_url("us") == "https://aiplatform.us.rep.googleapis.com"
+    assert vertex_base_url("eu") == "https://aiplatform.eu.rep.googleapis.com"
 
 
 # ------------------------------------------------------------------------------- the SDK

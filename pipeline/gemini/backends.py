@@ -28,11 +28,17 @@ VERTEX_VERSION = "v1"  # the Vertex REST reference's GA version (the SDK default
 VERTEX_PUBLISHER = "publishers/google/models/"
 
 
+MULTI_REGIONAL_LOCATIONS = ("us", "eu")  # the SDK's _MULTI_REGIONAL_LOCATIONS
+
+
 def vertex_base_url(location: str) -> str:
-    """`https://{location}-aiplatform.googleapis.com`, or the global endpoint's host (the SDK's
-    `BaseApiClient.__init__`: `location == 'global'` -> `https://aiplatform.googleapis.com/`)."""
+    """`https://{location}-aiplatform.googleapis.com`, the global endpoint's host, or a
+    multi-region's (the SDK's `BaseApiClient.__init__`: `global` ->
+    `https://aiplatform.googleapis.com/`; `us` / `eu` -> `https://aiplatform.{loc}.rep.googleapis.com/`)."""
     if location == GLOBAL_LOCATION:
         return "https://aiplatform.googleapis.com"
+    if location in MULTI_REGIONAL_LOCATIONS:
+        return f"https://aiplatform.{location}.rep.googleapis.com"
     return f"https://{location}-aiplatform.googleapis.com"
 
 

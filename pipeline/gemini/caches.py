@@ -72,8 +72,9 @@ def cache_id(name: str) -> str:
 
 
 def ttl_text(seconds: float) -> str:
-    """A google.protobuf.Duration in JSON: seconds with an "s" (the SDK's "86400s")."""
-    return f"{seconds:g}s"
+    """A google.protobuf.Duration in JSON: seconds with an "s" (the SDK's "86400s"), never in
+    exponent form (`:g` wrote 1e+06s for 1,000,000 s, which a Duration parser refuses)."""
+    return f"{seconds:.9f}".rstrip("0").rstrip(".") + "s"
 
 
 def create_body(

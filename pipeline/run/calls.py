@@ -227,9 +227,10 @@ class Caller:
             except OSError as exc:  # deleted or changed since it was hashed: not the same image
                 return plan.failed(unreadable(exc), attempts, _ms(started))
             except GeminiError as exc:
-                if self.context.lost(exc):  # its cache is gone: sent again in full, at once
-                    continue
                 paid = exc.partial or paid  # continue from the paid hops, never buy them again
+                if self.context.lost(exc):  # its cache is gone: sent again in full, at once, as
+                    attempts -= 1  # the same attempt (a lost cache is never named again)
+                    continue
                 verdict = self._judge(exc, unit)
                 if verdict.action == Action.IMAGE:
                     return plan.failed(verdict.reason, attempts, _ms(started))
