@@ -22,7 +22,7 @@ from pipeline import exits
 from pipeline.cli import main
 from pipeline.config import ConfigError
 from pipeline.engines.batch import jobs as batchjobs
-from pipeline.output.state import State
+from pipeline.output.state import LEGACY_STATE_FILE, STATE_FILE, State, peek_batch
 from tests.conftest import answering, read_current, run, until
 from tests.test_batch_run import (  # the last three: fixtures of that module, used here
     batch_config,
@@ -204,3 +204,22 @@ async def test_cancel_warns_of_billed_answers_and_wait_collects_them_once(
 
 async def until_answered(server: Any, count: int) -> None:
     await until(lambda: answers(server) >= count)
+
+
+def test_the_plan_sees_the_jobs_in_flight_of_a_state_file_under_its_old_name(
+    tmp_path: Path,
+) -> None:
+    """An output from before issue 20 keeps `state.sqlite` until a writer adopts it; the plan
+    (`estimate`, `run --plan`), which writes nothing, must still see its jobs in flight, or it
+    prices their files as new purchases."""
+    out = tmp_path / "out"
+    state = State(out)
+    job = state.add_batch_job(
+        "gvp-old-0001", settings_hash="x", task="{}", model="m", base_url="b", version="v1beta"
+    )
+    state.update_batch_job(job, phase="submitted")
+    state.close()
+    (out / STATE_FILE).rename(out / LEGACY_STATE_FILE)
+    jobs, _ = peek_batch(out)
+    assert [record.id for record in jobs] == [job]
+    assert not (out / STATE_FILE).exists()  # looked at, not adopted

@@ -404,14 +404,16 @@ def peek_batch(output_dir: str | Path | Store) -> tuple[list[BatchJobRecord], by
     bytes each), read without taking the output: `pipeline estimate` looks while a run may own
     it, and creates nothing (no state file where there was none)."""
     store = open_store(output_dir)
-    if store.info(STATE_FILE) is None:
+    # an output from before issue 20 keeps it under the old name until a writer adopts it
+    name = next((n for n in (STATE_FILE, LEGACY_STATE_FILE) if store.info(n) is not None), None)
+    if name is None:
         return [], b""
     if store.local:
-        uri = (Path(store.url) / STATE_FILE).resolve().as_uri() + "?mode=ro"
+        uri = (Path(store.url) / name).resolve().as_uri() + "?mode=ro"
         db = sqlite3.connect(uri, uri=True)
     else:
         db = sqlite3.connect(":memory:")
-        db.deserialize(store.read(STATE_FILE))
+        db.deserialize(store.read(name))
     try:
         return _in_flight(db)
     except sqlite3.OperationalError:  # a state file of an output that never used Batch Mode
