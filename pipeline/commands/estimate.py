@@ -133,7 +133,7 @@ def estimate(
         "requests": requests,
         "grouped": config.task.grouped,
         "unusable_files": planned.unusable,
-        "plan": _plan_report(config, planned, costing, history, price),
+        "plan": _plan_report(config, planned, inputs, outputs, history, price),
         "image_tokens": image_total,
         "tokens_an_image_range": _per_image_range(costing),
         "reference_images": len(loaded),
@@ -164,17 +164,22 @@ def estimate(
 def _plan_report(
     config: Config,
     planned: Plan,
-    costing: Costing,
+    inputs: list[int],
+    outputs: list[float],
     history: tuple[int, float] | None,
     price: Price | None,
 ) -> dict[str, Any]:
-    """Each category of the plan with its count and cost (interactive and Batch Mode)."""
+    """Each category of the plan with its count and cost (interactive and Batch Mode);
+    `inputs` and `outputs` are the tokens of `planned.bought`'s requests, in its order (the
+    categories of BOUGHT one after another)."""
     categories: dict[str, Any] = {}
+    start = 0
     for category in BOUGHT:
         units = planned.units[category]
-        inputs = [costing.request(unit).input_tokens for unit in units]
-        outputs = _request_outputs(config, units, history)
-        categories[category] = {**_counts(units), **_priced(price, inputs, outputs)}
+        end = start + len(units)
+        priced = _priced(price, inputs[start:end], outputs[start:end])
+        categories[category] = {**_counts(units), **priced}
+        start = end
     copies = planned.units[COPY]
     categories[COPY] = {**_counts(copies), "cost_usd": 0.0, "batch_cost_usd": 0.0}
     categories[IN_FLIGHT] = _in_flight(config, planned, history, price)
@@ -208,7 +213,7 @@ def _in_flight(
 ) -> dict[str, Any]:
     """The Batch Mode jobs in flight: bought already (billed when collected, at the batch
     price), at their recorded input estimate and the expected answers; not in the plan's total."""
-    each = history[1] if history else expected_output(config.task.kind, 1, config.task.spec)
+    each = _guess(history, config)
     inputs = [job.est_tokens for job in planned.jobs]
     outputs = [each * job.requests for job in planned.jobs]
     return {
