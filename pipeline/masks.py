@@ -412,12 +412,18 @@ def _size(rle: dict) -> tuple[int, int]:
     return height, width
 
 
-def rle_decode(rle: dict) -> np.ndarray:
-    """COCO RLE (compressed string, bytes, or uncompressed list counts) -> bool HxW mask."""
+def _checked_runs(rle: dict) -> tuple[int, int, np.ndarray]:
+    """The mask's height, width and run lengths; ValueError when the runs do not fill it."""
     height, width = _size(rle)
     runs = _decode_counts(rle["counts"])
     if (runs < 0).any() or int(runs.sum()) != height * width:
         raise ValueError(f"RLE runs do not add up to the {height}x{width} image")
+    return height, width, runs
+
+
+def rle_decode(rle: dict) -> np.ndarray:
+    """COCO RLE (compressed string, bytes, or uncompressed list counts) -> bool HxW mask."""
+    height, width, runs = _checked_runs(rle)
     values = np.zeros(runs.size, dtype=bool)
     values[1::2] = True
     flat = np.repeat(values, runs)
@@ -432,10 +438,7 @@ def rle_area(rle: dict) -> int:
 def rle_intervals(rle: dict) -> tuple[np.ndarray, np.ndarray]:
     """The mask's pixels as (starts, ends) of its runs of ones, column-major positions, in
     order: what `rle_iou` works on instead of a full-image array."""
-    height, width = _size(rle)
-    runs = _decode_counts(rle["counts"])
-    if (runs < 0).any() or int(runs.sum()) != height * width:
-        raise ValueError(f"RLE runs do not add up to the {height}x{width} image")
+    _, _, runs = _checked_runs(rle)
     bounds = np.concatenate(([0], np.cumsum(runs)))
     starts, ends = bounds[1 : runs.size : 2], bounds[2 : runs.size + 1 : 2]
     kept = ends > starts  # an empty run of ones (a run of zeros split in two) holds no pixel
