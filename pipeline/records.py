@@ -54,6 +54,9 @@ class SourceFile:
     size: int = 0
     mtime_ns: int = 0
     error: str | None = None  # why this entry cannot be used (broken link, symlink loop, ...)
+    # What the store says of the bytes without reading them (a gs:// object's md5Hash, or its
+    # crc32c, size and generation: `stores.content_id`); "" when it says nothing
+    content_id: str = ""
 
 
 @dataclass(slots=True)
@@ -67,7 +70,7 @@ class ImageItem:
     """
 
     source: SourceFile
-    sha256: str = ""  # of the file's bytes
+    sha256: str = ""  # of the file's bytes (sent in place: of its content_id, in_place.py)
     mime_type: str = ""  # of the bytes that will be sent
     width: int = 0
     height: int = 0
@@ -77,6 +80,9 @@ class ImageItem:
     send_size: int = 0  # bytes that will be sent (len(data) or the file size)
     error: str | None = None
     retryable: bool = False  # the error may pass (a URL or a bucket that failed to answer)
+    # a gs:// object sent as it is stored, which Vertex AI reads itself (fileData.fileUri):
+    # decided once, where the item is prepared (pipeline/inputs/in_place.py)
+    in_place: bool = False
 
 
 @dataclass(slots=True)

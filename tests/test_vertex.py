@@ -33,6 +33,7 @@ from pipeline.gemini.auth import REFRESH_MARGIN, TokenAuth
 from pipeline.gemini.backends import Vertex, vertex_base_url
 from pipeline.gemini.types import GenerateRequest, ImagePart
 from pipeline.inputs import images
+from pipeline.inputs.in_place import sent_as_stored
 from pipeline.inputs.references import REFERENCE_INLINE_BYTES, ReferenceParts
 from pipeline.localserver.options import ServerOptions
 from pipeline.localserver.server import LocalServer
@@ -363,12 +364,12 @@ async def test_gs_inputs_go_in_place_and_changed_ones_inline(server, tmp_path, k
     data = scene_png(7, size=(640, 480))
     (buckets / "a.png").write_bytes(data)
     source = SourceFile("gs://photos/a.png", "gs://photos", "a.png", size=len(data))
-    as_stored = images.prepare(source, data=data)
-    shrunk = images.prepare(source, data=data, max_side=320)
-
     config = make_config(
         tmp_path, api={"backend": "vertex", "project": PROJECT}, task={"kind": "caption"}
     )
+    as_stored = images.prepare(source, data=data)
+    as_stored.in_place = sent_as_stored(config, as_stored, data)  # as the runner does
+    shrunk = images.prepare(source, data=data, max_side=320)
     async with _vertex_client(server, key_file) as client:
         refs = _no_references()
         maker = RequestMaker(config, get_task("caption").request(config.task), refs)
@@ -402,9 +403,9 @@ def gcs_double(server: LocalServer, monkeypatch: pytest.MonkeyPatch) -> Iterator
 async def test_a_run_over_a_bucket_sends_its_objects_in_place(
     server, tmp_path, buckets, vertex_env, gcs_double
 ):
-    """gs:// inputs walked and read through gcsfs (the double's storage API): each object is
-    downloaded once by the pipeline (its key and check) and read by the service for the call;
-    rows say in_place. With max_side the shrunk copies go inline instead."""
+    """gs:// inputs walked through gcsfs (the double's storage API): each object's header is
+    read (a range), never the object, which the service reads for the call; rows say in_place
+    (tests/test_vertex_inplace.py has the rest). With max_side the shrunk copies go inline."""
     (buckets / "day1").mkdir()
     save_scenes(buckets / "day1", 3, prefix="scene", seed=90, size=(400, 300))
     api = {"base_url": server.base_url, "backend": "vertex", "project": PROJECT}
@@ -413,7 +414,8 @@ async def test_a_run_over_a_bucket_sends_its_objects_in_place(
 
     rows = read_rows(tmp_path / "out")
     assert summary.rows["ok"] == 3 and {row["input_mode"] for row in rows} == {"in_place"}
-    assert server.stats()["storage"]["object_gets"] == 3  # the pipeline: once each, to key it
+    assert server.stats()["storage"]["object_gets"] == 0  # the pipeline: a header range each
+    assert server.stats()["storage"]["range_gets"] == 3
     assert vertex_stats(server)["gs_reads"] == 3  # the service: the bytes of the calls
 
     shrunk = make_config(

@@ -99,7 +99,7 @@ class SingleProcess:
         loop = asyncio.get_running_loop()
         with drain_on_signals(loop, stop, opened.sink):
             async with walking(producer) as blocks:
-                prefetch = opened.fetcher.prefetch
+                prefetch = runner.prefetch  # objects that go in place are not read
                 dealer = asyncio.create_task(_deal(blocks, files, conc, stop, prefetch))
                 workers = [asyncio.create_task(_worker(files, runner, stop)) for _ in range(conc)]
                 reporter = asyncio.create_task(progress.run())

@@ -179,8 +179,14 @@ class Fetcher:
             except FetchError as exc:
                 return exc
 
-        async def every() -> list[bytes | FetchError]:
-            return list(await asyncio.gather(*(one(src) for src in sources)))
+        return self.gather([one(src) for src in sources])
+
+    def gather(self, coroutines: list[Coroutine[Any, Any, T]]) -> list[T]:
+        """From synchronous code: these coroutines run together on the fetcher's loop (their
+        reads within its bounds); their results, in order."""
+
+        async def every() -> list[T]:
+            return list(await asyncio.gather(*coroutines))
 
         return self._call(every()).result()
 
@@ -197,9 +203,30 @@ class Fetcher:
         fs = stores.filesystem(scheme)
         if scheme == "s3":
             return await self._read_presigned(fs, src)
+        data = await self._object_bytes(fs, src)
+        if len(data) > self.settings.max_bytes:
+            raise FetchError(self._too_big(len(data)))
+        src.size = len(data)
+        self.fetched += 1
+        return data
+
+    async def read_head(self, src: SourceFile, size: int) -> bytes:
+        """The first `size` bytes of an object (from any event loop): one ranged GET, retried
+        as a whole read is, what an object sent in place is measured from without downloading
+        it (pipeline/inputs/in_place.py). Raises FetchError."""
+        return await asyncio.wrap_future(self._call(self._read_head(src, size)))
+
+    async def _read_head(self, src: SourceFile, size: int) -> bytes:
+        async with self._gate:
+            fs = stores.filesystem(locations.scheme_of(src.path) or "")
+            return await self._object_bytes(fs, src, start=0, end=size)
+
+    async def _object_bytes(self, fs: Any, src: SourceFile, **span: int) -> bytes:
+        """The object's bytes (`span`: fsspec's `start` and `end`, a range of them), transient
+        store errors retried with backoff."""
         for attempt in range(self.settings.attempts):
             try:
-                data = await _cat(fs, src.path)
+                return await _run_fs(fs, "cat_file", src.path, **span)
             except FileNotFoundError:
                 raise FetchError("object not found (deleted since it was listed?)") from None
             except PermissionError as exc:
@@ -210,12 +237,6 @@ class Fetcher:
                     raise FetchError(reason, retryable=True) from None
                 self.retries += 1
                 await self._sleep(self._backoff(attempt))
-                continue
-            if len(data) > self.settings.max_bytes:
-                raise FetchError(self._too_big(len(data)))
-            src.size = len(data)
-            self.fetched += 1
-            return data
         raise AssertionError("unreachable")
 
     async def _read_presigned(self, fs: Any, src: SourceFile) -> bytes:
@@ -418,19 +439,16 @@ class Fetcher:
             raise FetchError("no such object") from None
         src.size = int(info.get("size") or 0)
         src.mtime_ns = version_stamp(stores.object_version(info))
+        src.content_id = stores.content_id(info)
 
 
-async def _cat(fs: Any, path: str) -> bytes:
-    return await _run_fs(fs, "cat_file", path)
-
-
-async def _run_fs(fs: Any, method: str, path: str) -> Any:
+async def _run_fs(fs: Any, method: str, path: str, **options: Any) -> Any:
     """An fsspec call from this loop: async filesystems run it on fsspec's own IO loop (their
     sessions live there), others in a thread."""
     if getattr(fs, "async_impl", False):
-        coroutine = getattr(fs, "_" + method)(path)
+        coroutine = getattr(fs, "_" + method)(path, **options)
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coroutine, fs.loop))
-    return await asyncio.to_thread(getattr(fs, method), path)
+    return await asyncio.to_thread(getattr(fs, method), path, **options)
 
 
 def _status_text(status: int) -> str:

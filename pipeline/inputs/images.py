@@ -30,6 +30,7 @@ import threading
 import warnings
 import zlib
 from collections.abc import Generator
+from dataclasses import dataclass
 from typing import IO
 
 import pillow_heif
@@ -338,32 +339,100 @@ def measure(
 
     Nothing is hashed, decoded or re-encoded (60 photos with max_side set: 0.13 s, against 9.0 s
     for `prepare`), so a PNG whose eXIf chunk sits after the pixels counts as unrotated here.
-    `data`: the file's bytes, already read (an object or a URL); else it is opened by its path.
+    `data`: the file's bytes, already read (an object or a URL), or only their first ones (an
+    object measured from a ranged read: in_place.py); else it is opened by its path.
     Never raises for bad input: the item carries `error`.
     """
     item = ImageItem(source=source)
     if source.error:
         item.error = source.error
         return item
+    head = b""
     try:
         with io.BytesIO(data) if data is not None else open(source.path, "rb") as file:
             head = file.read(_HEAD)
-            file.seek(0)
-            with Image.open(file, formats=_OPEN_FORMATS) as image:
-                orientation, _ = _orientation(image, verify=False)
-                width, height = image.size
+            found = header(file, head)
     except Image.DecompressionBombError as exc:
         item.error = _too_large(io.BytesIO(head), head, exc)
         return item
     except Exception as exc:  # unreadable, not an image, hostile header: the estimate skips it
         item.error = _decode_failure(exc) if not isinstance(exc, OSError) else _os_reason(exc)
         return item
+    item.width, item.height = found.width, found.height
+    item.sent_width, item.sent_height = _fit(found.width, found.height, max_side) or (
+        found.width,
+        found.height,
+    )
+    item.mime_type = found.mime
+    return item
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    """What an image's header says: its format (sniffed), displayed size, EXIF orientation
+    (0: not known from the header) and Pillow mode."""
+
+    mime: str
+    width: int
+    height: int
+    orientation: int
+    mode: str
+
+    def as_is(self, max_side: int | None) -> bool:
+        """Whether `prepare` would send these bytes as they are (`sent_as_is`)."""
+        target = _fit(self.width, self.height, max_side)
+        return sent_as_is(self.mime, self.orientation, target, self.mode)
+
+
+def header(file: IO[bytes], head: bytes) -> Header:
+    """The Header of the image in `file` (`head`: its first bytes), from what Pillow reads on
+    open; raises what Image.open raises. A WebP cut short (a ranged read) is read from its
+    RIFF chunk: Pillow's WebP reader wants the whole file."""
+    file.seek(0)
+    mime = sniff(head) or ""
+    try:
+        with Image.open(file, formats=_OPEN_FORMATS) as image:
+            orientation, _ = _orientation(image, verify=False)
+            width, height, mode = *image.size, image.mode
+    except OSError:
+        if mime != "image/webp" or (found := _webp_header(head)) is None:
+            raise
+        return found
     if orientation in _ROTATED:
         width, height = height, width
-    item.width, item.height = width, height
-    item.sent_width, item.sent_height = _fit(width, height, max_side) or (width, height)
-    item.mime_type = sniff(head) or ""
-    return item
+    return Header(mime, width, height, orientation, mode)
+
+
+def _webp_header(head: bytes) -> Header | None:
+    """Size of a WebP from its first chunk (the WebP container spec): VP8X's canvas (its EXIF
+    flag, bit 3, leaves the orientation unknown: 0), VP8L's or VP8's frame; None if cut."""
+    kind, body = head[12:16], head[20:30]
+    if kind == b"VP8X" and len(body) >= 10:
+        orientation = 0 if body[0] & 0x08 else 1
+        width, height = (
+            1 + int.from_bytes(body[4:7], "little"),
+            1 + int.from_bytes(body[7:10], "little"),
+        )
+        return Header("image/webp", width, height, orientation, "RGB")
+    if kind == b"VP8L" and len(body) >= 5 and body[0] == 0x2F:
+        bits = int.from_bytes(body[1:5], "little")
+        return Header("image/webp", (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1, 1, "RGB")
+    if kind == b"VP8 " and len(body) >= 10 and body[3:6] == b"\x9d\x01\x2a":
+        width, height = _le16(body, 6) & 0x3FFF, _le16(body, 8) & 0x3FFF
+        return Header("image/webp", width, height, 1, "RGB")
+    return None
+
+
+def _le16(data: bytes, offset: int) -> int:
+    return int.from_bytes(data[offset : offset + 2], "little")
+
+
+def sent_as_is(
+    mime: str | None, orientation: int, target: tuple[int, int] | None, mode: str
+) -> bool:
+    """Bytes `prepare` sends as they are: a format Gemini takes, no EXIF rotation, no downscale,
+    not CMYK (many decoders invert Adobe CMYK JPEGs: send RGB instead)."""
+    return mime in SUPPORTED_MIME and orientation == 1 and target is None and mode != "CMYK"
 
 
 def _read_and_hash(file: IO[bytes], item: ImageItem) -> tuple[bytes | None, int]:
@@ -393,12 +462,7 @@ def _examine(
     try:
         image = Image.open(image_fp, formats=_OPEN_FORMATS)
     except UnidentifiedImageError:
-        if mime is None:
-            item.error = f"not an image ({_non_image_kind(head)})"
-        elif mime in SUPPORTED_MIME or mime in {"image/gif", "image/bmp", "image/tiff"}:
-            item.error = f"corrupt or truncated image: unreadable {mime} header"
-        else:
-            item.error = f"unsupported image format: {mime}"
+        item.error = _unidentified(head, mime)
         return
     with image:
         _note_large(image)
@@ -408,13 +472,7 @@ def _examine(
             width, height = height, width
         item.width, item.height = width, height
         target = _fit(width, height, max_side)
-        as_is = (
-            mime in SUPPORTED_MIME
-            and orientation == 1
-            and target is None
-            and image.mode != "CMYK"  # many decoders invert Adobe CMYK JPEGs: send RGB instead
-        )
-        if as_is:
+        if sent_as_is(mime, orientation, target, image.mode):
             if verify and not verified:
                 yield _scale_for_verify(image)
                 image.load()
@@ -428,6 +486,27 @@ def _examine(
             image, orientation, stored_target, keep_jpeg=mime == "image/jpeg"
         )
         item.send_size = len(item.data)
+
+
+def _unidentified(head: bytes, mime: str | None) -> str:
+    """Why no reader of Pillow's takes bytes that begin with `head` (sniffed as `mime`)."""
+    if mime is None:
+        return f"not an image ({_non_image_kind(head)})"
+    if mime in SUPPORTED_MIME or mime in {"image/gif", "image/bmp", "image/tiff"}:
+        return f"corrupt or truncated image: unreadable {mime} header"
+    return f"unsupported image format: {mime}"
+
+
+def header_failure(head: bytes, exc: Exception) -> str:
+    """The row's error of an image whose header `header` could not read (`head`: the bytes it
+    was given), worded as `prepare` words it."""
+    if isinstance(exc, UnidentifiedImageError):
+        return _unidentified(head, sniff(head))
+    if isinstance(exc, Image.DecompressionBombError):
+        return _too_large(io.BytesIO(head), head, exc)
+    if isinstance(exc, MemoryError):
+        return "image too large to decode in memory"
+    return _decode_failure(exc)
 
 
 def _note_large(image: ImageFile.ImageFile) -> None:

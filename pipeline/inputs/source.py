@@ -65,6 +65,8 @@ MANIFEST_PATH_COLUMNS = ("path", "image_path")  # image_path: a pipeline output 
 S3_PAGE = 1000  # keys per ListObjectsV2 page (S3's maximum)
 RESOLVE_TOGETHER = 64  # manifest URLs and objects whose size and version are asked at once
 Resolver = Callable[[list[SourceFile]], None]
+Listed = tuple[str, int, str, str]  # an object listed: (key under the prefix, size, version,
+# content id: `stores.content_id`)
 
 
 def version_stamp(token: object) -> int:
@@ -846,13 +848,14 @@ def walk_objects(
     skipped = tuple(locations.normalise_url(p) + "/" for p in skip if locations.is_object_url(p))
     listing = _s3_listing(fs, root, page) if scheme == "s3" else _fs_listing(fs, root)
     found = False
-    for rel, size, version in _filtered(
+    for rel, size, version, content in _filtered(
         listing, _Filter.at_root(include, exclude), passed or PassedOver()
     ):
         found = True
         full = f"{root}/{rel}"
         if not full.startswith(skipped):
-            yield SourceFile(full, root, rel, size=size, mtime_ns=version_stamp(version))
+            stamp = version_stamp(version)
+            yield SourceFile(full, root, rel, size=size, mtime_ns=stamp, content_id=content)
     if not found:
         yield from _single_object(fs, root)
 
@@ -867,20 +870,22 @@ def _single_object(fs: Any, url: str) -> Iterator[SourceFile]:
             raise FileNotFoundError(errno.ENOENT, "no such bucket", url) from None
         return
     if info.get("type") == "file":
-        version = stores.object_version(info)
-        yield SourceFile(
-            url, parent, name, size=int(info.get("size") or 0), mtime_ns=version_stamp(version)
-        )
+        yield object_source(url, parent, name, info)
 
 
-def _filtered(
-    listing: Iterator[tuple[str, int, str]], top: _Filter, passed: PassedOver
-) -> Iterator[tuple[str, int, str]]:
+def object_source(url: str, root: str, rel_path: str, info: dict[str, Any]) -> SourceFile:
+    """The SourceFile of an object from its metadata (fsspec's `info`): size, version stamp
+    and content id, nothing read."""
+    size, version = int(info.get("size") or 0), version_stamp(stores.object_version(info))
+    return SourceFile(url, root, rel_path, size, version, content_id=stores.content_id(info))
+
+
+def _filtered(listing: Iterator[Listed], top: _Filter, passed: PassedOver) -> Iterator[Listed]:
     """Keys (relative, "/"-separated) that the patterns want, the filter state of each folder
     computed once while consecutive keys share it."""
     stack: list[tuple[str, _Filter]] = [("", top)]
-    for rel, size, version in listing:
-        *folders, name = rel.split("/")
+    for listed in listing:
+        *folders, name = listed[0].split("/")
         common = 0
         while common < len(folders) and common + 1 < len(stack):
             if stack[common + 1][0] != folders[common]:
@@ -896,14 +901,14 @@ def _filtered(
         if not (wanted and name):
             continue
         if stack[-1][1].child(name).wants_file():
-            yield rel, size, version
+            yield listed
         else:
             passed.count(name, stack[-1][1].child(name))
 
 
-def _s3_listing(fs: Any, root: str, page_size: int) -> Iterator[tuple[str, int, str]]:
-    """(key relative to the prefix, size, ETag) page by page, in S3's key order (UTF-8 bytes);
-    each page through s3fs, which retries throttling and transient errors."""
+def _s3_listing(fs: Any, root: str, page_size: int) -> Iterator[Listed]:
+    """(key relative to the prefix, size, ETag, no content id) page by page, in S3's key order
+    (UTF-8 bytes); each page through s3fs, which retries throttling and transient errors."""
     bucket, _, prefix = root.split("://", 1)[1].partition("/")
     prefix = f"{prefix}/" if prefix else ""
     token: str | None = None
@@ -914,13 +919,14 @@ def _s3_listing(fs: Any, root: str, page_size: int) -> Iterator[tuple[str, int, 
         page = fs.call_s3("list_objects_v2", **ask)
         for item in page.get("Contents", ()):
             if not item["Key"].endswith("/"):
-                yield item["Key"][len(prefix) :], int(item["Size"]), str(item.get("ETag", ""))
+                key, etag = item["Key"][len(prefix) :], str(item.get("ETag", ""))
+                yield key, int(item["Size"]), etag, ""
         if not page.get("IsTruncated"):
             return
         token = page["NextContinuationToken"]
 
 
-def _fs_listing(fs: Any, root: str) -> Iterator[tuple[str, int, str]]:
+def _fs_listing(fs: Any, root: str) -> Iterator[Listed]:
     """Depth-first, names in order, one folder listing per folder on the current path."""
     top = fs._strip_protocol(root).rstrip("/")
     stack = [iter(_ls(fs, top))]
@@ -933,7 +939,8 @@ def _fs_listing(fs: Any, root: str) -> Iterator[tuple[str, int, str]]:
         if info.get("type") == "directory":
             stack.append(iter(_ls(fs, path)))
         elif not path.endswith("/"):
-            yield path[len(top) + 1 :], int(info.get("size") or 0), stores.object_version(info)
+            size, version = int(info.get("size") or 0), stores.object_version(info)
+            yield path[len(top) + 1 :], size, version, stores.content_id(info)
 
 
 def _ls(fs: Any, path: str) -> list[dict[str, Any]]:

@@ -5,16 +5,22 @@ URL, as for Google's own emulators).
 - `GET /storage/v1/b/{bucket}` — the bucket;
 - `GET /storage/v1/b/{bucket}/o?prefix=&delimiter=/` — one folder's objects and sub-prefixes;
 - `GET /storage/v1/b/{bucket}/o/{object}` — an object's metadata;
-- `GET /download/storage/v1/b/{bucket}/o/{object}?alt=media` — its bytes, counted
-  (`storage.object_gets` in /local/stats): a test can tell what the pipeline downloaded from
-  what the Vertex surface read in place (`vertex.gs_reads`).
+- `GET /download/storage/v1/b/{bucket}/o/{object}?alt=media` — its bytes, or with a `Range:
+  bytes=a-b` header those bytes (206), counted apart in /local/stats (`storage.object_gets`:
+  whole objects, `storage.range_gets`, `storage.range_bytes`): a test can tell what the pipeline
+  downloaded, and what it only read the header of, from what the Vertex surface read in place
+  (`vertex.gs_reads`).
 
 Reads only, no auth (the double's buckets are test folders); the object resource carries what
-gcsfs turns into `size`, `mtime` and `generation`.
+gcsfs turns into `size`, `mtime` and `generation`, and the object's `md5Hash` (base64, as the
+JSON API writes it). No composite objects (which have a `crc32c` and no md5Hash) are made here.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -32,6 +38,8 @@ class StorageSurface:
     def __init__(self, core: Core) -> None:
         self.roots = {bucket: Path(root).resolve() for bucket, root in core.options.gs_root}
         self.object_gets = 0
+        self.range_gets = 0
+        self.range_bytes = 0
         self.lists = 0
 
     def routes(self, app: web.Application, _versions: str) -> None:
@@ -41,7 +49,8 @@ class StorageSurface:
         app.router.add_get(f"/download{STORAGE}/o/{{name:.+}}", self.download)
 
     def snapshot(self) -> dict[str, Any]:
-        return {"storage": {"object_gets": self.object_gets, "lists": self.lists}}
+        counts = ("object_gets", "range_gets", "range_bytes", "lists")
+        return {"storage": {name: getattr(self, name) for name in counts}}
 
     async def bucket(self, request: web.Request) -> web.Response:
         bucket = request.match_info["bucket"]
@@ -67,8 +76,21 @@ class StorageSurface:
 
     async def download(self, request: web.Request) -> web.Response:
         path = self._object(request.match_info["bucket"], request.match_info["name"])
-        self.object_gets += 1
-        return web.Response(body=path.read_bytes(), content_type="application/octet-stream")
+        data = path.read_bytes()
+        span = _byte_range(request.headers.get("Range", ""), len(data))
+        if span is None:
+            self.object_gets += 1
+            return web.Response(body=data, content_type="application/octet-stream")
+        start, end = span
+        self.range_gets += 1
+        self.range_bytes += end - start
+        headers = {"Content-Range": f"bytes {start}-{end - 1}/{len(data)}"}
+        return web.Response(
+            status=206,
+            body=data[start:end],
+            headers=headers,
+            content_type="application/octet-stream",
+        )
 
     def _root(self, bucket: str) -> Path:
         root = self.roots.get(bucket)
@@ -84,9 +106,21 @@ class StorageSurface:
         return path
 
 
+def _byte_range(header: str, size: int) -> tuple[int, int] | None:
+    """[start, end) of a `Range: bytes=a-b` (or `bytes=a-`) header within `size` bytes; None
+    for no header, one the double does not read, or one that covers the whole object."""
+    found = re.fullmatch(r"bytes=(\d+)-(\d*)", header.strip())
+    if found is None:
+        return None
+    start = int(found[1])
+    end = min(size, int(found[2]) + 1) if found[2] else size
+    return None if (start, end) == (0, size) and not found[2] else (min(start, end), end)
+
+
 def _resource(bucket: str, root: Path, path: Path) -> dict[str, Any]:
-    """The object resource: its name, size and update time as the JSON API writes them."""
+    """The object resource: its name, size, update time and MD5 as the JSON API writes them."""
     stat = path.stat()
+    md5 = base64.b64encode(hashlib.md5(path.read_bytes()).digest()).decode()
     updated = datetime.fromtimestamp(stat.st_mtime, UTC).isoformat().replace("+00:00", "Z")
     return {
         "kind": "storage#object",
@@ -98,4 +132,5 @@ def _resource(bucket: str, root: Path, path: Path) -> dict[str, Any]:
         "generation": str(stat.st_mtime_ns),
         "metageneration": "1",
         "contentType": "application/octet-stream",
+        "md5Hash": md5,
     }

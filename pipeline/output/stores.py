@@ -592,6 +592,25 @@ def object_version(info: dict[str, Any]) -> str:
     return str(info.get("LastModified") or info.get("mtime") or "")
 
 
+def content_id(info: dict[str, Any]) -> str:
+    """What a Cloud Storage object's metadata says of its bytes, "" when nothing sure.
+
+    `md5Hash` first: a hash of the bytes themselves, so it names the content exactly and stays
+    the same when the same bytes are rewritten, copied or re-uploaded (a new generation): an
+    answer bought for them is found again. A composite object (`gcloud storage cp` of a big
+    file in parallel, compose) has no md5Hash, only `crc32c`: 32 bits cannot tell millions of
+    objects apart by themselves, so its id adds the size and the generation, which changes on
+    every rewrite. A rewrite of a composite object then costs one call again: the price of
+    never giving one object's answer to other bytes whose checksums collide.
+    """
+    if info.get("md5Hash"):
+        return f"md5:{info['md5Hash']}"
+    if info.get("crc32c") and info.get("generation"):
+        size = int(info.get("size") or 0)
+        return f"crc32c:{info['crc32c']}:{size}:{info['generation']}"
+    return ""
+
+
 class _ChunkAppender(Appender):
     """Each append is one object `<name>.<n:06d>`, created whole (an object store cannot
     append): a kill leaves whole chunks, read back in order."""

@@ -9,9 +9,10 @@ by the run's own tests, without a call, a write or an API key.
 Every decision is the run's: `ResumeIndex.is_done` and `DoneOrInFlight` are the walk's tests
 (the index read with the answers a killed or running run holds in its journal, which a run
 commits before it walks),
-the key is made as the runner makes it (the bytes' sha256 and the suffix of the sizes sent),
-and a key in the index's `ok_keys` is what `Bought.find` copies. Only the files the run would
-read anyway are read whole (to hash them); a finished output is walked with a stat each.
+the key is made as the runner makes it (the bytes' sha256, or the content id of a gs:// object
+Vertex reads in place, and the suffix of the sizes sent), and a key in the index's `ok_keys` is
+what `Bought.find` copies. Only the files the run would read anyway are read whole (to hash
+them), an object sent in place only its header; a finished output is walked with a stat each.
 
 `pipeline estimate` prices the plan (pipeline/commands/estimate.py); `run --plan` prints it;
 `redo_guard` refuses a run whose plan redoes more committed rows because settings changed than
@@ -34,7 +35,7 @@ import pyarrow.compute as pc
 
 from pipeline import exits
 from pipeline.config import Config
-from pipeline.inputs import images
+from pipeline.inputs import images, in_place
 from pipeline.inputs.fetch import Fetcher, FetchError, settings_from
 from pipeline.inputs.source import work_units
 from pipeline.locations import is_url
@@ -169,20 +170,36 @@ class _Measured:
 
 
 def _measured(window: list[Work], config: Config, fetcher: Fetcher) -> list[_Measured]:
-    """Each unit's members measured from their headers; objects and URLs read together first
-    (their bytes kept: the plan hashes them)."""
-    remote = [
+    """Each unit's members measured from their headers: objects that go in place from a ranged
+    read of their header, as the runner measures them; other objects and URLs read whole,
+    together (their bytes kept: the plan hashes them)."""
+    members = [
         src for work in window for src in members_of(work) if is_url(src.path) and not src.error
     ]
-    read = dict(zip(map(id, remote), fetcher.read_all(remote), strict=True))
+    placed = _in_place(members, config, fetcher)
+    remote = [src for src in members if id(src) not in placed]
+    read: dict[int, Any] = dict(zip(map(id, remote), fetcher.read_all(remote), strict=True))
+    read.update(placed)
     return [_measure_unit(work, read, config.images.max_side) for work in window]
+
+
+def _in_place(sources: list[SourceFile], config: Config, fetcher: Fetcher) -> dict[int, Any]:
+    """The items of the objects measured from their header (in_place.measured: one that goes
+    in place, or one whose header is unreadable), by id of their SourceFile."""
+    wanted = [src for src in sources if in_place.by_metadata(config, src)]
+    max_side = config.images.max_side
+    found = fetcher.gather([in_place.measured(fetcher.read_head, src, max_side) for src in wanted])
+    return {id(src): item for src, item in zip(wanted, found, strict=True) if item is not None}
 
 
 def _measure_unit(work: Work, read: dict[int, Any], max_side: int | None) -> _Measured:
     unit = _Measured(as_group(work) is not None, [], [])
     for src in members_of(work):
         got = read.get(id(src))
-        if isinstance(got, FetchError):
+        if isinstance(got, ImageItem):  # measured in place: nothing downloaded
+            unit.items.append(got)
+            unit.data.append(None)
+        elif isinstance(got, FetchError):
             unit.items.append(ImageItem(source=src, error=str(got)))
             unit.data.append(None)
         else:
@@ -221,14 +238,16 @@ def _displayed(unit: _Measured) -> Sizes:
 def _sha256(unit: _Measured) -> str:
     """The unit's sha256 as the runner computes it: the file's, or the group's."""
     pairs = zip(unit.items, unit.data, strict=True)
-    shas = [_file_sha256(item.source, data) for item, data in pairs]
+    shas = [_file_sha256(item, data) for item, data in pairs]
     return group_sha256(shas) if unit.grouped else shas[0]
 
 
-def _file_sha256(src: SourceFile, data: bytes | None) -> str:
+def _file_sha256(item: ImageItem, data: bytes | None) -> str:
+    if item.in_place:  # keyed by the object's content id, as the runner keys it
+        return item.sha256
     if data is not None:
         return hashlib.sha256(data).hexdigest()
-    return images.file_sha256(src.path)
+    return images.file_sha256(item.source.path)
 
 
 def _committed(config: Config) -> int:

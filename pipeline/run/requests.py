@@ -5,7 +5,8 @@
 
 On Vertex AI (`[api] backend = "vertex"`), a gs:// input sent as it is stored goes in place: its
 part is `fileData {fileUri: "gs://...", mimeType}` and Vertex reads the object itself, so the
-request carries none of its bytes and no inline limit binds it (mode "in_place"); one that
+request carries none of its bytes and no inline limit binds it (mode "in_place"; the item says
+so, `ImageItem.in_place`, decided where it is prepared: pipeline/inputs/in_place.py); one that
 `max_side`, a conversion or EXIF rotation changed is sent inline after preparing, as anywhere.
 There is no Files API there, so an image that fits neither way is refused.
 
@@ -20,7 +21,6 @@ deleted with it, since an upload must outlive the job that reads it).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -29,7 +29,6 @@ from pipeline.config import BATCH_INLINE_LIMIT_MB, Config, ConfigError
 from pipeline.gemini.types import GenerateRequest, GenerateResponse, ImagePart
 from pipeline.inputs import images
 from pipeline.inputs.references import ReferenceParts, inline_size
-from pipeline.locations import scheme_of
 from pipeline.records import ImageItem, Parsed, Unit
 from pipeline.run.costing import Costing
 from pipeline.run.offload import offload
@@ -134,7 +133,7 @@ class RequestMaker:
         vertex = self.config.api.backend == "vertex"
         for item in unit.items:
             size = inline_size(item)
-            if mode == "auto" and vertex and in_place(item):
+            if mode == "auto" and vertex and item.in_place:  # decided where it was prepared
                 modes.append(IN_PLACE)
             elif size <= room:
                 modes.append("inline")
@@ -166,16 +165,6 @@ class RequestMaker:
             return request_with_images(request, (), targets, captioned=self.captioned)
         parts = await references.parts()
         return request_with_images(self.request, parts, targets, captioned=self.captioned)
-
-
-def in_place(item: ImageItem) -> bool:
-    """A gs:// object whose bytes are sent as stored (not converted, rotated or shrunk): the
-    prepared bytes are the object's own, which its sha256 (the row key's) says exactly."""
-    if scheme_of(item.source.path) != "gs" or item.data is None:
-        return False
-    if len(item.data) != item.source.size:  # changed bytes nearly always change the size
-        return False
-    return hashlib.sha256(item.data).hexdigest() == item.sha256  # and when not, the hash says
 
 
 async def _image_part(item: ImageItem, mode: str, uploads: Uploads) -> ImagePart:

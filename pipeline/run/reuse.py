@@ -1,7 +1,8 @@
 """Answers already bought: the same bytes under the same settings are paid for once.
 
 "The same bytes" is a key's sha256: a file's, or a group's (its members' sha256s in order,
-records.group_sha256), so the same images grouped under another name are not paid twice either.
+records.group_sha256), so the same images grouped under another name are not paid twice either;
+a gs:// object Vertex reads in place is named by its md5Hash instead (inputs/in_place.py).
 
 `find(key, sha256)` looks in three tiers, cheapest first; `remember` / `claim` keep them fed:
 

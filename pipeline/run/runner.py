@@ -22,7 +22,7 @@ from typing import Any
 from pipeline import locations
 from pipeline.config import Config
 from pipeline.cost import row_cost
-from pipeline.inputs import images
+from pipeline.inputs import images, in_place
 from pipeline.inputs.fetch import Fetcher, FetchError, settings_from
 from pipeline.output.sink import ParquetSink
 from pipeline.records import (
@@ -156,17 +156,35 @@ class ImageRunner:
             self.fetcher = Fetcher(settings_from(self.config))
         return self.fetcher
 
+    def prefetch(self, src: SourceFile) -> None:
+        """Start reading `src` for a worker that takes it soon (Fetcher.prefetch), unless it is
+        an object measured from its header and never downloaded (in_place.py)."""
+        if not in_place.by_metadata(self.config, src):
+            self._fetcher().prefetch(src)
+
     async def _prepared(self, src: SourceFile) -> ImageItem:
-        """One file made ready to send (an object's or a URL's bytes read first); an item
-        carrying `error` when it cannot be used."""
+        """One file made ready to send (an object's or a URL's bytes read first, unless it
+        goes in place as it is stored: in_place.py); an item carrying `error` when it cannot
+        be used."""
         if src.error:
             return ImageItem(source=src, error=src.error)
+        if in_place.by_metadata(self.config, src):
+            max_side = self.config.images.max_side
+            item = await in_place.measured(self._fetcher().read_head, src, max_side)
+            if item is not None:
+                return item
+        item, data = await self._read_and_prepare(src)
+        item.in_place = in_place.sent_as_stored(self.config, item, data)
+        return item
+
+    async def _read_and_prepare(self, src: SourceFile) -> tuple[ImageItem, bytes | None]:
+        """The prepared item, and the bytes of an object or a URL it was prepared from."""
         data = None
         if locations.is_url(src.path):  # an object or a URL: its bytes come through the fetcher
             try:
                 data = await self._fetcher().read(src)
             except FetchError as exc:
-                return ImageItem(source=src, error=str(exc), retryable=exc.retryable)
+                return ImageItem(source=src, error=str(exc), retryable=exc.retryable), None
         images_config = self.config.images
         preparation = images.Preparation(
             src, max_side=images_config.max_side, verify=images_config.verify, data=data
@@ -175,10 +193,10 @@ class ImageRunner:
             big = src.size > SMALL_FILE
             await offload(big, preparation.start)
             if preparation.item is not None:  # nothing to decode: sent as it is, or an error
-                return preparation.item
+                return preparation.item, data
             size = preparation.decode_bytes
             async with self.decodes.admitted(size):
-                return await offload(big or size > SMALL_DECODE, preparation.finish)
+                return await offload(big or size > SMALL_DECODE, preparation.finish), data
 
 
 def sizes_of(unit: Unit) -> list[tuple[int, int]]:
