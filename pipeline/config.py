@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import settings as s
-from pipeline.gemini.backends import BACKENDS
+from pipeline.gemini.backends import BACKENDS, REQUEST_TYPES
 from pipeline.gemini.tokens import DEFAULT_MEDIA_RESOLUTION
 from pipeline.gemini.types import DEFAULT_BASE_URL, Flavor, GenerateRequest
 from pipeline.localserver.options import LocalOptions
@@ -165,6 +165,12 @@ class ApiConfig:
         None,
         s.optional(_location),
         'vertex: "us-central1", ... or "global" (default GOOGLE_CLOUD_LOCATION, else global)',
+    )
+    vertex_request_type: str = setting(
+        "",
+        s.one_of(*REQUEST_TYPES),
+        'vertex: "dedicated" (Provisioned Throughput only: a 429 past it) or "shared" '
+        "(pay-as-you-go only); empty: Provisioned Throughput first, the overage on demand",
     )
 
 
@@ -618,6 +624,11 @@ def _validate_vertex(config: Config) -> None:
     gs:// input is read in place), and (for now) this pipeline's Batch Mode jobs."""
     api, source = config.api, config.source
     if api.backend != "vertex":
+        if api.vertex_request_type:
+            raise ConfigError(
+                f"{source}: [api] vertex_request_type: Provisioned Throughput is Vertex AI's; "
+                'set [api] backend = "vertex", or remove vertex_request_type'
+            )
         return
     if api.flavor == "interactions":
         raise ConfigError(

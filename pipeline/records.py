@@ -32,7 +32,9 @@ from pipeline.rowtypes import Status as Status
 # and an older program refuses a version-4 part rather than bill its cached tokens at full price.
 # 5: `answer`, the custom task's answer typed by its response_schema (a struct, a list, ...:
 # `pipeline/tasks/typed.py`); older parts read it as null, as do other tasks' rows.
-SCHEMA_VERSION = "5"
+# 6: `traffic_type`, the quota Vertex AI served a row from (usageMetadata.trafficType:
+# ON_DEMAND, PROVISIONED_THROUGHPUT, ...); null on the Developer API and in older parts.
+SCHEMA_VERSION = "6"
 # billed token counts of a row (the service's usageMetadata), summed for cost and status;
 # `cached_tokens` is the part of `prompt_tokens` billed at the cached rate
 USAGE_COLUMNS = (
@@ -242,6 +244,7 @@ _FIXED_FIELDS = pa.schema(
         ("run_id", pa.string()),
         ("completed_at", pa.timestamp("us", tz="UTC")),
         ("members", pa.list_(MEMBER_TYPE)),  # a group row's images; null for a single image
+        ("traffic_type", pa.string()),  # Vertex AI's usageMetadata.trafficType; else null
     ]
 )
 
@@ -313,6 +316,7 @@ _KEPT_WHEN_UNSTORABLE = (
     "run_id",
     "completed_at",
     "members",
+    "traffic_type",
 )
 
 

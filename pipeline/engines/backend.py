@@ -1,16 +1,20 @@
 """Which backend a run's client speaks to, and how it proves who it is (`[api] backend`).
 
 The Developer API takes the key from the environment. Vertex AI follows the SDK's
-`BaseApiClient.__init__` precedence: a project (`[api] project`, else GOOGLE_CLOUD_PROJECT)
-means Application Default Credentials (google-auth, the optional `[vertex]` extra, imported
-only here and only then); no project but an API key in the environment means Vertex express
-mode (the key in `x-goog-api-key`, paths without a project); neither means ADC, with the project
-the credentials name. `[api] base_url` left at its default becomes the location's Vertex
-endpoint; set (or "local"), it is used as it is, as the SDK's `http_options.base_url` is.
-Vertex requests use its GA version, v1 (`[api] version` names the Developer API's).
+`BaseApiClient.__init__` precedence for a key from the environment (the only key this pipeline
+takes): a project or a location, set (`[api] project`, `[api] location`) or in the environment
+(GOOGLE_CLOUD_PROJECT, GOOGLE_CLOUD_LOCATION), takes precedence over it, and means Application
+Default Credentials (google-auth, the optional `[vertex]` extra, imported only here and only
+then), with the project the credentials name when none is set; only an API key with neither
+means Vertex express mode (the key in `x-goog-api-key`, paths without a project).
+`[api] base_url` left at its default becomes the location's Vertex endpoint; set (or "local"),
+it is used as it is, as the SDK's `http_options.base_url` is. Vertex requests use its GA
+version, v1 (`[api] version` names the Developer API's).
 """
 
 from __future__ import annotations
+
+import logging
 
 from pipeline.config import Config, ConfigError
 from pipeline.gemini.auth import Auth, KeyAuth, TokenAuth, TokenFetch
@@ -21,8 +25,11 @@ from pipeline.gemini.backends import (
     Vertex,
     location_from_env,
     project_from_env,
+    scope_in_env,
     vertex_base_url,
 )
+
+log = logging.getLogger(__name__)
 
 VERTEX_EXTRA = "pip install 'gemini-vision-pipeline[vertex]'"
 
@@ -38,10 +45,10 @@ def client_backend(
     if base_url.rstrip("/") == DEVELOPER_BASE_URL:  # the default: the location's endpoint
         base_url = vertex_base_url(location)
     project = api.project or project_from_env()
-    if api.base_url == "local" or (project is None and key):
+    if api.base_url == "local" or _express(config, key):
         # express mode, the key alone (the SDK's order); the bundled server, started for this
         # run with no service account, takes its key on every Vertex path
-        return Vertex(base_url.rstrip("/"), project, location), KeyAuth(key)
+        return _vertex(config, base_url, project, location), KeyAuth(key)
     fetch, adc_project = _application_default(config)
     project = project or adc_project
     if project is None:
@@ -49,7 +56,24 @@ def client_backend(
             f"{config.source}: [api] project: not set, GOOGLE_CLOUD_PROJECT is not set and the "
             'credentials name none: set [api] project = "my-project"'
         )
-    return Vertex(base_url.rstrip("/"), project, location), TokenAuth(fetch)
+    return _vertex(config, base_url, project, location), TokenAuth(fetch)
+
+
+def _vertex(config: Config, base_url: str, project: str | None, location: str) -> Vertex:
+    request_type = config.api.vertex_request_type
+    return Vertex(base_url.rstrip("/"), project, location, request_type=request_type)
+
+
+def _express(config: Config, key: str) -> bool:
+    """An API key, and no project or location set or in the environment (the SDK's
+    `BaseApiClient.__init__`: either one takes precedence over a key from the environment)."""
+    scoped = bool(config.api.project or config.api.location) or scope_in_env()
+    if key and scoped:
+        log.info(
+            "Vertex AI: the project/location take precedence over the API key from the "
+            "environment (as in the google-genai SDK): Application Default Credentials are used"
+        )
+    return bool(key) and not scoped
 
 
 def _application_default(config: Config) -> tuple[TokenFetch, str | None]:

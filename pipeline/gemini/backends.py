@@ -29,6 +29,11 @@ VERTEX_PUBLISHER = "publishers/google/models/"
 
 
 MULTI_REGIONAL_LOCATIONS = ("us", "eu")  # the SDK's _MULTI_REGIONAL_LOCATIONS
+# Which quota a Vertex request may use (the "Use Provisioned Throughput" page): "dedicated" only
+# Provisioned Throughput (a 429 past it, never pay-as-you-go), "shared" only pay-as-you-go (the
+# subscription bypassed); unset, Provisioned Throughput first and the overage on demand.
+REQUEST_TYPE_HEADER = "X-Vertex-AI-LLM-Request-Type"
+REQUEST_TYPES = ("", "shared", "dedicated")
 
 
 def vertex_base_url(location: str) -> str:
@@ -47,6 +52,13 @@ def project_from_env() -> str | None:
     return os.environ.get("GOOGLE_CLOUD_PROJECT") or None
 
 
+def scope_in_env() -> bool:
+    """GOOGLE_CLOUD_PROJECT or GOOGLE_CLOUD_LOCATION set: either one makes the SDK's
+    `BaseApiClient.__init__` drop an API key from the environment ("The project/location from
+    the environment variables will take precedence over the API key")."""
+    return bool(os.environ.get("GOOGLE_CLOUD_PROJECT") or os.environ.get("GOOGLE_CLOUD_LOCATION"))
+
+
 def location_from_env() -> str:
     """GOOGLE_CLOUD_LOCATION, else "global" (the SDK's `BaseApiClient.__init__`: no location
     and no API key -> 'global')."""
@@ -62,6 +74,11 @@ class Developer:
     name: BackendName = "developer"
     files_api: bool = True  # Files API uploads and Interactions exist here only
     interactions: bool = True
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """Headers every request to the API's own URLs carries besides auth: none here."""
+        return {}
 
     def model_url(self, model: str, method: str) -> str:
         return f"{self.base_url}/{self.version}/models/{_model_id(model)}:{method}"
@@ -91,6 +108,12 @@ class Vertex:
     name: BackendName = "vertex"
     files_api: bool = False
     interactions: bool = False
+    request_type: str = ""  # `[api] vertex_request_type`: REQUEST_TYPE_HEADER's value, or none
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The request type, when one is asked (REQUEST_TYPES)."""
+        return {REQUEST_TYPE_HEADER: self.request_type} if self.request_type else {}
 
     def model_url(self, model: str, method: str) -> str:
         return f"{self._scope()}{VERTEX_PUBLISHER}{_model_id(model)}:{method}"

@@ -168,6 +168,7 @@ class GeminiClient:
             max_connections=max_connections,
             timeout=timeout,
             max_response_bytes=max_response_bytes,
+            headers=backend.headers,
         )
         self.backend = backend
         self.base_url = backend.base_url.rstrip("/")

@@ -28,6 +28,7 @@ from pipeline.gemini.types import GenerateRequest, GenerateResponse, ImagePart, 
 from pipeline.gemini.wire import Continuation, as_int, field, hop_documents
 
 RESUMABLE_FINISH_REASONS = (None, "CONTINUATION")
+TRAFFIC_TYPE_CHARS = 64  # Vertex's enum names are ~25; a longer "trafficType" is not one
 
 
 def _media_resolution_enum(level: str) -> str:
@@ -128,7 +129,15 @@ def _usage_metadata(meta: Any) -> Usage:
         thoughts_tokens=as_int(field(meta, "thoughtsTokenCount", "thoughts_token_count")),
         total_tokens=as_int(field(meta, "totalTokenCount", "total_token_count")),
         prompt_by_modality=by_modality,
+        traffic_type=_traffic_type(field(meta, "trafficType", "traffic_type")),
     )
+
+
+def _traffic_type(value: Any) -> str:
+    """Vertex's trafficType as sent (an enum name); anything else (absent, hostile) is none."""
+    if isinstance(value, str) and value.isascii() and len(value) <= TRAFFIC_TYPE_CHARS:
+        return value
+    return ""
 
 
 def _candidate(document: dict[str, Any]) -> dict[str, Any]:

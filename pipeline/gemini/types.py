@@ -85,6 +85,9 @@ class Usage:
     thoughts_tokens: int = 0
     total_tokens: int = 0
     prompt_by_modality: dict[str, int] = field(default_factory=dict)  # e.g. {"IMAGE": 258}
+    # Vertex AI's usageMetadata.trafficType, the quota that served it: "ON_DEMAND",
+    # "PROVISIONED_THROUGHPUT", ...; "" where none is said (the Developer API)
+    traffic_type: str = ""
 
 
 def total_usage(usages: Iterable[Usage]) -> Usage:
@@ -102,7 +105,15 @@ def total_usage(usages: Iterable[Usage]) -> Usage:
         thoughts_tokens=sum(usage.thoughts_tokens for usage in hops),
         total_tokens=sum(usage.total_tokens for usage in hops),
         prompt_by_modality=by_modality,
+        traffic_type=_traffic_types(hops),
     )
+
+
+def _traffic_types(hops: list[Usage]) -> str:
+    """The hops' traffic types, each once in order ("PROVISIONED_THROUGHPUT,ON_DEMAND" for an
+    answer whose later hop spilled over to pay-as-you-go)."""
+    named = dict.fromkeys(usage.traffic_type for usage in hops if usage.traffic_type)
+    return ",".join(named)
 
 
 @dataclass(frozen=True, slots=True)

@@ -349,6 +349,20 @@ def quota_exceeded(hits: Sequence[QuotaHit], model: str) -> ApiError:
     )
 
 
+VERTEX_429_DOCS = "https://cloud.google.com/vertex-ai/generative-ai/docs/error-code-429"
+
+
+def vertex_resource_exhausted(quota: ApiError) -> ApiError:
+    """Vertex AI's 429 for `quota` (a `quota_exceeded` of this server's quotas): the bare
+    Status its dynamic shared quota and Provisioned Throughput answer with, no QuotaFailure and
+    no RetryInfo (the message as the SDK's users quote it: python-genai issue 2001)."""
+    message = (
+        "Resource exhausted. Please try again later. Please refer to "
+        f"{VERTEX_429_DOCS} for more details."
+    )
+    return ApiError(429, "RESOURCE_EXHAUSTED", message, rule=quota.rule)
+
+
 def credits_depleted() -> ApiError:
     """402: the prepaid balance is spent; the service says not to retry."""
     return ApiError(

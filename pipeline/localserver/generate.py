@@ -55,10 +55,12 @@ class GenerateSurface:
         images: ImageReader | None = None,
         *,
         vertex: bool = False,
+        traffic_type: str | None = None,
     ) -> web.Response:
         """A caller already let in: its `model:method` answered; `images` reads its image parts
         (the Vertex surface's own reader resolves gs:// URIs; vertex.py), and a `vertex`
-        countTokens body holds contents and systemInstruction at its top level."""
+        countTokens body holds contents and systemInstruction at its top level; `traffic_type`:
+        Vertex's usageMetadata.trafficType of the answer."""
         images = images or self.core.images
         model_id, _, method = model_action.rpartition(":")
         if method not in METHODS or not model_id:
@@ -83,7 +85,7 @@ class GenerateSurface:
             prompt = replace(prompt, cached_tokens=cached.tokens)
         usage = with_output(prompt, outcome)
         self.core.bill(model_id, usage, outcome.task, len(prompted.images))
-        return web.json_response(response_body(outcome, usage, model_id))
+        return web.json_response(response_body(outcome, usage, model_id, traffic_type))
 
     def _count(
         self,
@@ -224,8 +226,11 @@ def modalities(usage: Usage) -> list[dict[str, Any]]:
     return details
 
 
-def response_body(outcome: ModelOutput, usage: Usage, model_id: str) -> dict[str, Any]:
-    """A GenerateContentResponse (camelCase, as the service writes it)."""
+def response_body(
+    outcome: ModelOutput, usage: Usage, model_id: str, traffic_type: str | None = None
+) -> dict[str, Any]:
+    """A GenerateContentResponse (camelCase, as the service writes it; Vertex adds the
+    `trafficType` of its usageMetadata)."""
     parts: list[dict[str, Any]] = []
     if outcome.thought_summary:
         parts.append({"text": outcome.thought_summary, "thought": True})
@@ -240,6 +245,8 @@ def response_body(outcome: ModelOutput, usage: Usage, model_id: str) -> dict[str
         metadata["cachedContentTokenCount"] = usage.cached_tokens
     if usage.thoughts_tokens:
         metadata["thoughtsTokenCount"] = usage.thoughts_tokens
+    if traffic_type:
+        metadata["trafficType"] = traffic_type
     candidate = {
         "content": {"parts": parts, "role": "model"},
         "finishReason": outcome.finish_reason,

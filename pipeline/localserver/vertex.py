@@ -19,7 +19,11 @@ Routes (`{version}` is v1 or v1beta1, the SDK's default with `vertexai=True`):
 Bodies are the Developer API's (generate.py reads them); a `fileData.fileUri = "gs://..."` is read
 by the server itself from the folder `--gs-root bucket=DIR` maps the bucket to (the double
 cannot import the pipeline's object-store layer: it sits below it), as Vertex reads Cloud
-Storage with its service agent. `/local/stats` counts tokens issued and refused, and gs reads.
+Storage with its service agent. Answers carry `usageMetadata.trafficType`: PROVISIONED_THROUGHPUT
+for a request that asks `X-Vertex-AI-LLM-Request-Type: dedicated`, else ON_DEMAND; a quota of
+`--rpm` / `--tpm` / `--rpd` run out answers Vertex's bare 429 RESOURCE_EXHAUSTED (no QuotaFailure,
+no RetryInfo), as its dynamic shared quota does. `/local/stats` counts tokens issued and
+refused, gs reads, and the request types asked.
 """
 
 from __future__ import annotations
@@ -28,11 +32,13 @@ import base64
 import binascii
 import json
 import secrets
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
+from pipeline.gemini.backends import REQUEST_TYPE_HEADER
 from pipeline.localserver import errors, model_checks
 from pipeline.localserver.core import Core
 from pipeline.localserver.generate import GenerateSurface
@@ -46,6 +52,12 @@ MAX_ASSERTION_SECONDS = 3600  # Google refuses an assertion that lives longer (R
 # google-auth signs every service-account assertion for Google's own token endpoint, whatever
 # the key file's token_uri (`service_account._GOOGLE_OAUTH2_TOKEN_ENDPOINT`, google-auth 2.63)
 GOOGLE_TOKEN_AUDIENCE = "https://oauth2.googleapis.com/token"
+# The request type a caller may ask for, and the trafficType of its answers: the double plays a
+# project whose Provisioned Throughput serves what is asked of it ("dedicated"); everything
+# else is pay-as-you-go (its quotas, run out, answer Vertex's bare 429).
+ON_DEMAND = "ON_DEMAND"
+TRAFFIC_TYPES = {"dedicated": "PROVISIONED_THROUGHPUT", "shared": ON_DEMAND}
+QUOTA_RULE = "quota.exceeded"
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +175,7 @@ class VertexSurface:
         self.tokens = TokenIssuer(core)
         self.images = ImageReader(core.files, dict(core.options.gs_root))
         self.generate = GenerateSurface(core)
+        self.request_types: Counter[str] = Counter()  # X-Vertex-AI-LLM-Request-Type values
 
     def routes(self, app: web.Application, _developer_versions: str) -> None:
         version = "{version:" + "|".join(VERSIONS) + "}"
@@ -207,6 +220,7 @@ class VertexSurface:
                 "grants_refused": tokens.grants_refused,
                 "tokens_refused": tokens.tokens_refused,
                 "gs_reads": self.images.gs_reads,
+                "request_types": dict(self.request_types),
             }
         }
 
@@ -226,9 +240,21 @@ class VertexSurface:
         raise errors.unauthenticated()
 
     async def _serve(self, request: web.Request) -> web.Response:
+        """The Developer API's answer, with Vertex's trafficType, and Vertex's 429 for a quota
+        this server's simulation runs out of."""
         version = VERSIONS[request.match_info["version"]]
         action = request.match_info["model_action"]
-        return await self.generate.serve(request, version, action, self.images, vertex=True)
+        asked = request.headers.get(REQUEST_TYPE_HEADER, "")
+        self.request_types[asked or "unset"] += 1
+        traffic = TRAFFIC_TYPES.get(asked, ON_DEMAND)
+        try:
+            return await self.generate.serve(
+                request, version, action, self.images, vertex=True, traffic_type=traffic
+            )
+        except errors.ApiError as exc:
+            if exc.rule != QUOTA_RULE:
+                raise
+            raise errors.vertex_resource_exhausted(exc) from None
 
     def _models_resource(self, model_id: str, version: str) -> dict[str, Any]:
         """A PublisherModel: its name and launch stage (no token limits: Vertex's resource has

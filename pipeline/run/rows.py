@@ -29,6 +29,9 @@ from pipeline.records import (
 )
 from pipeline.run.identity import RunIdentity
 
+# What a copy of an answer was not billed: its token counts and the quota that served them.
+UNPAID = (*USAGE_COLUMNS, "traffic_type")
+
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
@@ -115,6 +118,7 @@ def answered_row(unit: Unit, key: str, outcome: Outcome, identity: RunIdentity) 
         "est_image_tokens": int32_or_none(outcome.est_image_tokens),
         "est_prompt_tokens": int32_or_none(outcome.est_prompt_tokens),
         **usage,
+        "traffic_type": (response.usage.traffic_type or None) if response else None,
         "latency_ms": outcome.latency_ms,
         "attempts": min(outcome.attempts, 32767),
         "input_mode": outcome.input_mode,
@@ -124,7 +128,7 @@ def answered_row(unit: Unit, key: str, outcome: Outcome, identity: RunIdentity) 
 def copied_row(old: dict[str, Any], unit: Unit, key: str, identity: RunIdentity) -> dict[str, Any]:
     """A new path with bytes already answered: the old answer, no new call, no tokens."""
     row = {**old, **base_row(unit, key, identity)}
-    for name in USAGE_COLUMNS:
+    for name in UNPAID:
         row[name] = None
     row.update(latency_ms=0.0, attempts=0, input_mode="none")
     return row
@@ -135,7 +139,7 @@ def copied_outcome_row(
 ) -> dict[str, Any]:
     """The same bytes answered a moment ago in this run: its answer, billed to the first row."""
     row = answered_row(unit, key, outcome, identity)
-    for name in USAGE_COLUMNS:
+    for name in UNPAID:
         row[name] = None
     row.update(latency_ms=0.0, attempts=0, input_mode="none")
     return row
