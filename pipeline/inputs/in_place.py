@@ -11,7 +11,9 @@ downloaded by the pipeline:
 - its key is made from what the listing said of its bytes (`stores.content_id`: the md5Hash,
   or a composite object's crc32c, size and generation) where a file's is the sha256 of its
   bytes (`content_sha256`);
-- its width and height (the token estimate, the coordinates) are its header's.
+- its width and height (the token estimate, the coordinates) are its header's;
+- the engine's read-ahead passes it by (`ImageRunner.prefetch`), and `run --plan` / `estimate`
+  measure it the same way (pipeline/run/plan.py), so they key it as the run does.
 
 Anything else (a shrink, a conversion, a rotation, a format Vertex does not take, a listing
 that gave no content id) is downloaded and prepared as anywhere, keyed by the sha256 of its
@@ -78,23 +80,30 @@ async def measured(read_head: ReadHead, src: SourceFile, max_side: int | None) -
     """The item of an object that goes in place, from its header alone (`in_place` set, keyed
     by its content id); an item carrying `error` when its header cannot be read; None when it
     must be downloaded and prepared (it changes when sent, or its header is too long)."""
+    found = await _header(read_head, src)
+    if not isinstance(found, images.Header):
+        return found
+    return _item(src, found) if found.as_is(max_side) else None
+
+
+async def _header(read_head: ReadHead, src: SourceFile) -> images.Header | ImageItem | None:
+    """The object's Header from the fewest bytes that hold it; an error item when the object
+    cannot be read or is no image `header` reads; None past MAX_HEAD_BYTES."""
     size = HEAD_BYTES
     while True:
         try:
             head = await read_head(src, size)
         except FetchError as exc:
             return ImageItem(source=src, error=str(exc), retryable=exc.retryable)
-        whole = len(head) >= src.size or len(head) < size
         try:
-            found = images.header(io.BytesIO(head), head)
+            return images.header(io.BytesIO(head), head)
         except Exception as exc:  # decoders raise anything on hostile bytes; the row survives
+            whole = len(head) >= src.size or len(head) < size
             if whole or images.sniff(head) is None:
                 return ImageItem(source=src, error=images.header_failure(head, exc))
             if size >= MAX_HEAD_BYTES:
                 return None  # a header this long is rare: the whole file says what it is
             size *= 16
-            continue
-        return _item(src, found) if found.as_is(max_side) else None
 
 
 def _item(src: SourceFile, found: images.Header) -> ImageItem:

@@ -108,13 +108,13 @@ class StorageSurface:
 
 def _byte_range(header: str, size: int) -> tuple[int, int] | None:
     """[start, end) of a `Range: bytes=a-b` (or `bytes=a-`) header within `size` bytes; None
-    for no header, one the double does not read, or one that covers the whole object."""
+    for no header, one the double does not read, or `bytes=0-` (the whole object)."""
     found = re.fullmatch(r"bytes=(\d+)-(\d*)", header.strip())
-    if found is None:
+    if found is None or found[0] == "bytes=0-":
         return None
     start = int(found[1])
     end = min(size, int(found[2]) + 1) if found[2] else size
-    return None if (start, end) == (0, size) and not found[2] else (min(start, end), end)
+    return min(start, end), end
 
 
 def _resource(bucket: str, root: Path, path: Path) -> dict[str, Any]:
