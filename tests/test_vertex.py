@@ -224,6 +224,7 @@ async def test_double_refuses_expired_foreign_and_forged_tokens(
         "grants_refused": 1,  # the forged key's assertion
         "tokens_refused": 1,  # the expired token
         "gs_reads": 0,
+        "request_types": {"unset": 1},  # the one call let in asked for no request type
     }
 
 

@@ -9,6 +9,8 @@ quota simulation answers Vertex's 429 when it runs out.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from google import genai
 
@@ -18,8 +20,9 @@ from pipeline.engines.backend import client_backend
 from pipeline.gemini import GeminiClient
 from pipeline.gemini.auth import KeyAuth, TokenAuth
 from pipeline.gemini.backends import DEVELOPER_BASE_URL, REQUEST_TYPE_HEADER, Vertex
+from pipeline.gemini.content import parse_generate_content
 from pipeline.gemini.errors import GeminiError
-from pipeline.gemini.types import GenerateRequest
+from pipeline.gemini.types import GenerateRequest, total_usage
 from pipeline.localserver.options import ServerOptions
 from pipeline.localserver.server import LocalServer
 from tests.conftest import make_config, read_rows, run, save_scenes
@@ -151,3 +154,13 @@ def test_a_key_from_the_environment_yields_to_a_project_or_location_as_in_the_sd
     if isinstance(auth, TokenAuth):  # ADC: the project the credentials name, when none is set
         assert isinstance(backend, Vertex) and backend.project == PROJECT
         assert sdk.project == PROJECT
+
+
+def test_a_continued_answer_names_each_traffic_type_once_and_hostile_ones_none():
+    hops = [
+        parse_generate_content(json.dumps({"usageMetadata": {"trafficType": kind}}))
+        for kind in ("PROVISIONED_THROUGHPUT", "ON_DEMAND", "ON_DEMAND", 7, "x" * 65)
+    ]
+    assert [hop.usage.traffic_type for hop in hops[2:]] == ["ON_DEMAND", "", ""]
+    merged = total_usage(hop.usage for hop in hops)
+    assert merged.traffic_type == "PROVISIONED_THROUGHPUT,ON_DEMAND"
