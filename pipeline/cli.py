@@ -77,10 +77,18 @@ def _run_line(summary: RunSummary) -> str:
     recovered = f", {summary.recovered} recovered from a killed run" if summary.recovered else ""
     ignored = f", {summary.ignored} ignored (not in [input] include)" if summary.ignored else ""
     return (
-        f"{_rows_line(summary.rows)}, {summary.skipped} skipped (already done){ignored}"
+        f"{_rows_line(summary.rows)}, {summary.skipped} skipped ({_skipped(summary)}){ignored}"
         f"{recovered}, {summary.api_calls} API calls, {summary.throttled} 429s, "
         f"${summary.cost_usd:,.4f}"
     )
+
+
+def _skipped(summary: RunSummary) -> str:
+    """Why the skipped files were skipped: done, or in a Batch Mode job in flight."""
+    if not summary.in_batch_jobs:
+        return "already done"
+    done = summary.skipped - summary.in_batch_jobs
+    return f"{done} already done, {summary.in_batch_jobs} in a Batch Mode job in flight"
 
 
 def _rows_line(rows: Mapping[str, int]) -> str:

@@ -168,8 +168,8 @@ async def test_a_raised_max_redo_lets_a_small_redo_go(tmp_path: Path, images_dir
 async def test_jobs_in_flight_in_batch_mode(
     tmp_path: Path, images_dir: Path, server: LocalServer
 ) -> None:
-    """Files in a submitted job are bought already: a Batch Mode run skips them, an interactive
-    run would buy them again; either way the plan shows the job at the batch price."""
+    """Files in a submitted job are bought already: a run skips them in either mode (an
+    interactive run used to buy them again), and the plan shows the job at the batch price."""
     save_scenes(images_dir, 3, prefix="a", seed=1)
     api = {"base_url": server.base_url, "mode": "batch"}
     config = make_config(tmp_path, api=api, task={"kind": "detect"})
@@ -183,7 +183,7 @@ async def test_jobs_in_flight_in_batch_mode(
     assert job["batch_cost_usd"] > 0
     assert "in flight in Batch Mode: 1 job (3 requests)" in format_estimate(report)
     interactive = make_config(tmp_path, api={"base_url": server.base_url}, task={"kind": "detect"})
-    assert counts(estimate(interactive)) == {"new": 4, "in_flight": 3}
+    assert counts(estimate(interactive)) == {"new": 1, "in_flight": 3}
 
 
 async def test_run_plan_makes_no_call_and_needs_no_key(

@@ -1,12 +1,12 @@
 """The plan of a run: what a run of a config would do now with each unit of its inputs, decided
 by the run's own tests, without a call, a write or an API key.
 
-    walk (as the run's Producer) ─► done? (the resume index, and in Batch Mode the jobs in
-      flight: the walk's `DoneTest`) ─► unusable? (header) ─► copy? (the key's answer is
+    walk (the run's own: pipeline/run/walk.py) ─► done? (the resume index) ─► in a Batch
+      Mode job in flight (either mode)? ─► unusable? (header) ─► copy? (the key's answer is
       committed, or asked earlier in this plan: `Bought`'s test) ─► why it is bought:
       new | changed | settings | retry (`ResumeIndex.why`: the current row's verdict)
 
-Every decision is the run's: `ResumeIndex.is_done` and `DoneOrInFlight` are the walk's tests
+Every decision is the run's: the walk is the run's `Walk`, `DoneOrInFlight` its test
 (the index read with the answers a killed or running run holds in its journal, which a run
 commits before it walks),
 the key is made as the runner makes it (the bytes' sha256 and the suffix of the sizes sent),
@@ -25,7 +25,7 @@ import itertools
 import json
 import os
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +36,6 @@ from pipeline import exits
 from pipeline.config import Config
 from pipeline.inputs import images
 from pipeline.inputs.fetch import Fetcher, FetchError, settings_from
-from pipeline.inputs.source import work_units
 from pipeline.locations import is_url
 from pipeline.output.index import DigestSet, DoneOrInFlight, ResumeIndex, load_resume_index
 from pipeline.output.index_cache import CHANGED, NEW
@@ -52,13 +51,13 @@ from pipeline.records import (
     group_sha256,
     make_key,
     members_of,
-    resumable,
     work_identity,
 )
 from pipeline.run.identity import suffixes_of
+from pipeline.run.walk import IN_FLIGHT, Walk
 
 WINDOW = 64  # units measured together: the remote ones among them are read concurrently
-COPY, IN_FLIGHT, SETTINGS, RETRY = "copy", "in_flight", "settings", "retry"
+COPY, SETTINGS, RETRY = "copy", "settings", "retry"
 # The order the plan lists what a run buys, then what costs nothing more.
 BOUGHT = (NEW, CHANGED, SETTINGS, RETRY)
 CATEGORIES = (*BOUGHT, COPY, IN_FLIGHT)
@@ -106,12 +105,14 @@ class Plan:
 def plan(config: Config, *, limit: int | None = None, retry_errors: bool = False) -> Plan:
     """The plan of a run of `config` starting now (`limit`, `retry_errors`: as the run's)."""
     index = _index(config, retry_errors)
-    jobs, in_flight = _batch(config)
-    done_test = DoneOrInFlight(index, DigestSet(in_flight))
+    # a job in flight is never bought again, in either mode (pipeline/run/walk.py)
+    jobs, in_flight = peek_batch(config.output.dir)
     result = Plan(jobs=jobs, committed=_committed(config))
     asked: set[str] = set()  # keys of this plan: a twin of one is copied, as in a run
     with Fetcher(settings_from(config)) as fetcher:
-        walk = _todo(config, done_test, result, limit, fetcher)
+        walker = Walk(config, DoneOrInFlight(index, DigestSet(in_flight)), fetcher, limit)
+        walker.on_skip = _skipped(result)
+        walk = walker.units()
         for window in iter(lambda: list(itertools.islice(walk, WINDOW)), []):
             for work, unit in zip(window, _measured(window, config, fetcher), strict=True):
                 _place(config, index, result, asked, work, unit)
@@ -131,34 +132,16 @@ def _index(config: Config, retry_errors: bool) -> ResumeIndex:
     )
 
 
-def _batch(config: Config) -> tuple[list[BatchJobRecord], bytes]:
-    """The jobs in flight and their files' fingerprints; the files count as done for a Batch
-    Mode run only (an interactive run does not look at jobs: it would buy them again)."""
-    jobs, fingerprints = peek_batch(config.output.dir)
-    return jobs, fingerprints if config.api.mode == "batch" else b""
+def _skipped(result: Plan) -> Callable[[str, Work], None]:
+    """The walk's skipped units counted in the plan: done, or in a job in flight."""
 
+    def count(why: str, work: Work) -> None:
+        if why == IN_FLIGHT:
+            result.add(IN_FLIGHT, [], work_identity(work)[1])
+        else:
+            result.done += 1
 
-def _todo(
-    config: Config, done_test: DoneOrInFlight, result: Plan, limit: int | None, fetcher: Fetcher
-) -> Iterator[Work]:
-    """The units a run would not skip, walked as the run's Producer walks (objects' and
-    manifest URLs' versions asked by the fetcher; `limit`: at most that many); those in a job
-    in flight are counted in the plan as such."""
-    taken = 0
-    walk = work_units(config.input, skip=(config.output.dir,), resolve=fetcher.resolve)
-    for work in walk:
-        if limit is not None and taken >= limit:
-            return
-        identity = work_identity(work)
-        if resumable(work) and done_test.is_done(*identity):
-            in_job = done_test.in_flight and done_test.in_job(*identity)
-            if in_job:
-                result.add(IN_FLIGHT, [], identity[1])
-            else:
-                result.done += 1
-            continue
-        taken += 1
-        yield work
+    return count
 
 
 @dataclass

@@ -1,0 +1,81 @@
+"""An interactive run over an output with Batch Mode jobs in flight never buys their files again
+(issue 24's leftovers): it collects the jobs that have ended, skips the files of those still
+running and says how many, and a later run collects them without a call.
+
+The local server over loopback holds its jobs RUNNING on a hand clock; real files, real Parquet,
+a real state.sqlite; what was paid for is the server's own count of answers billed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from pipeline import exits
+from pipeline.cli import main
+from pipeline.run.plan import IN_FLIGHT, plan
+from tests.conftest import make_config, read_current, run
+from tests.test_batch_jobs import answers, until_answered
+from tests.test_batch_run import (  # the last three: fixtures of that module, used here
+    batch_config,
+    key_in_env,
+    server_clock,
+    server_options,
+    tiny_images,
+)
+
+__all__ = ["key_in_env", "server_clock", "server_options"]  # pytest finds fixtures by name
+
+
+def interactive(tmp_path: Path, server: Any):
+    """The same output, inputs and settings as `batch_config`'s, bought interactively."""
+    return make_config(tmp_path, api={"base_url": server.base_url})
+
+
+async def test_an_interactive_run_skips_the_files_of_a_job_in_flight_then_collects_it(
+    server, clock, tmp_path, capsys
+):
+    """Before the fix the interactive run bought the 5 files of the RUNNING job again: 7 calls,
+    and 12 answers billed for 7 files once the job ended."""
+    tiny_images(tmp_path / "images", 5)
+    await run(batch_config(tmp_path, base_url=server.base_url), submit_only=True)
+    await until_answered(server, 5)  # the job has answered (billed), still RUNNING
+    tiny_images(tmp_path / "images", 2, start=5)  # new files arrive
+    config = interactive(tmp_path, server)
+    assert plan(config).count(IN_FLIGHT) == 5  # what the run will do, the plan says first
+    summary = await run(config)
+    assert (summary.exit_code, dict(summary.rows), summary.api_calls) == (exits.OK, {"ok": 2}, 2)
+    assert (summary.in_batch_jobs, summary.skipped) == (5, 5)
+    assert "pipeline batch cancel" in (summary.resume_hint or "")
+    clock.now += 61  # the job ends
+    later = await run(config)  # collects it: rows without a call
+    assert (dict(later.rows), later.api_calls, later.in_batch_jobs) == ({"ok": 5}, 0, 0)
+    assert len(read_current(tmp_path / "out")) == 7
+    assert answers(server) == 7  # each file paid for once
+
+
+async def test_a_job_ended_before_the_run_is_collected_first(server, clock, tmp_path):
+    tiny_images(tmp_path / "images", 4)
+    await run(batch_config(tmp_path, base_url=server.base_url), submit_only=True)
+    clock.now += 61
+    summary = await run(interactive(tmp_path, server))
+    assert (dict(summary.rows), summary.api_calls, summary.in_batch_jobs) == ({"ok": 4}, 0, 0)
+    again = await run(interactive(tmp_path, server))
+    assert (again.skipped, again.api_calls, dict(again.rows)) == (4, 0, {})
+    assert answers(server) == 4
+
+
+async def test_the_cli_says_how_many_files_a_job_in_flight_holds(server, clock, tmp_path, capsys):
+    tiny_images(tmp_path / "images", 3)
+    await run(batch_config(tmp_path, base_url=server.base_url), submit_only=True)
+    path = tmp_path / "interactive.toml"
+    path.write_text(
+        f'[api]\nbase_url = "{server.base_url}"\nmodel = "gemini-2.5-flash"\n'
+        f'[input]\npaths = ["{tmp_path / "images"}"]\n[task]\nkind = "segment"\n'
+        f'[output]\ndir = "{tmp_path / "out"}"\n'
+    )
+    assert await asyncio.to_thread(main, ["run", str(path), "--quiet"]) == exits.OK
+    err = capsys.readouterr().err
+    assert "3 skipped (0 already done, 3 in a Batch Mode job in flight)" in err
+    assert "pipeline batch cancel" in err
