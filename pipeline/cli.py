@@ -277,7 +277,7 @@ def _plan(config: Config, args: argparse.Namespace) -> int:
     from pipeline.inputs.checks import require_inputs
 
     require_inputs(config)
-    report = estimate(config, limit=args.limit, retry_errors=args.retry_errors)
+    report = estimate(config, limit=args.limit, retry_errors=args.retry_errors, exact=args.exact)
     if args.json:
         _print(json.dumps(report, indent=2))
     _say(format_estimate(report))
@@ -290,7 +290,7 @@ def _estimate(args: argparse.Namespace) -> int:
 
     config = _config(args)
     require_inputs(config)
-    report = estimate(config, limit=args.limit, retry_errors=args.retry_errors)
+    report = estimate(config, limit=args.limit, retry_errors=args.retry_errors, exact=args.exact)
     print(json.dumps(report, indent=2) if args.json else format_estimate(report))
     return 0
 
@@ -429,6 +429,10 @@ def _allow_host(parser: argparse.ArgumentParser) -> None:
 _JSON_HELP = "also print the report as JSON on stdout (the human lines stay on stderr)"
 
 
+# estimate, run --plan: a large new input is priced from its headers past the first GB read
+_EXACT_HELP = "read every file to buy whole, to tell copies (default: up to 1 GB, then a bound)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pipeline",
@@ -451,6 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print what the run would do now and its cost (as `estimate`), then exit: no call",
     )
+    p.add_argument("--exact", action="store_true", help=_EXACT_HELP)
     p.add_argument(
         "--yes",
         action="store_true",
@@ -474,6 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_setting_flags(p)
     p.add_argument("--limit", type=int, metavar="N")
     p.add_argument("--retry-errors", action="store_true", help="as run --retry-errors")
+    p.add_argument("--exact", action="store_true", help=_EXACT_HELP)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_estimate)
 

@@ -11,7 +11,8 @@ Every decision is the run's: the walk is the run's `Walk`, `DoneOrInFlight` its 
 commits before it walks),
 the key is made as the runner makes it (the bytes' sha256 and the suffix of the sizes sent),
 and a key in the index's `ok_keys` is what `Bought.find` copies. Only the files the run would
-read anyway are read whole (to hash them); a finished output is walked with a stat each.
+read anyway are read whole (to hash them), up to a budget (`Hashes`: past it, an upper bound);
+a finished output is walked with a stat each.
 
 `pipeline estimate` prices the plan (pipeline/commands/estimate.py); `run --plan` prints it;
 `redo_guard` refuses a run whose plan redoes more committed rows because settings changed than
@@ -62,6 +63,9 @@ COPY, SETTINGS, RETRY = "copy", "settings", "retry"
 BOUGHT = (NEW, CHANGED, SETTINGS, RETRY)
 CATEGORIES = (*BOUGHT, COPY, IN_FLIGHT)
 SAMPLES = 5  # paths named for each category (the guard's message, the estimate's --json)
+# Bytes a plan reads whole to hash (`Hashes`): ~2-10 s of reading, an exact answer for any input
+# below it (the samples, a nightly increment), an upper bound past it
+WHOLE_READ_MB = 1024
 
 Sizes = list[tuple[int, int]]
 
@@ -80,6 +84,7 @@ class Plan:
     samples: dict[str, list[str]] = field(default_factory=dict)
     done: int = 0
     unusable: int = 0
+    unhashed: int = 0  # units bought past the budget of whole reads: copies among them not told
     committed: int = 0
     jobs: list[BatchJobRecord] = field(default_factory=list)  # Batch Mode jobs in flight
     redone: list[tuple[str, str]] = field(default_factory=list)  # (root, path): settings units
@@ -102,8 +107,16 @@ class Plan:
         return [unit for category in BOUGHT for unit in self.units[category]]
 
 
-def plan(config: Config, *, limit: int | None = None, retry_errors: bool = False) -> Plan:
-    """The plan of a run of `config` starting now (`limit`, `retry_errors`: as the run's)."""
+def plan(
+    config: Config,
+    *,
+    limit: int | None = None,
+    retry_errors: bool = False,
+    hashes: Hashes | None = None,
+) -> Plan:
+    """The plan of a run of `config` starting now (`limit`, `retry_errors`: as the run's);
+    `hashes`: the files read whole so far (`Hashes`: a budget, and what `tune`'s plans share)."""
+    hashes = hashes if hashes is not None else Hashes()
     index = _index(config, retry_errors)
     # a job in flight is never bought again, in either mode (pipeline/run/walk.py)
     jobs, in_flight = peek_batch(config.output.dir)
@@ -115,7 +128,7 @@ def plan(config: Config, *, limit: int | None = None, retry_errors: bool = False
         walk = walker.units()
         for window in iter(lambda: list(itertools.islice(walk, WINDOW)), []):
             for work, unit in zip(window, _measured(window, config, fetcher), strict=True):
-                _place(config, index, result, asked, work, unit)
+                _place(config, index, result, (asked, hashes), work, unit)
     if result.count(SETTINGS):
         result.settings_sources = _settings_sources(config, result)
     return result
@@ -178,21 +191,27 @@ def _place(
     config: Config,
     index: ResumeIndex,
     result: Plan,
-    asked: set[str],
+    seen: tuple[set[str], Hashes],
     work: Work,
     unit: _Measured,
 ) -> None:
-    """Put one unit the walk did not skip in its category."""
+    """Put one unit the walk did not skip in its category. `seen`: the keys of this plan (a
+    twin of one is copied, as in a run) and the files read whole."""
     root, name, size, mtime = work_identity(work)
     if work.error is not None or any(item.error for item in unit.items):
         result.unusable += 1  # an error row, no call
         return
     sizes = [(item.sent_width, item.sent_height) for item in unit.items]
-    key = make_key(_sha256(unit), index.ok_keys.suffixes.of(_displayed(unit)))
-    if key in index.ok_keys or key in asked:
-        result.add(COPY, sizes, name)
-        return
-    asked.add(key)
+    asked, hashes = seen
+    sha = _sha256(unit, hashes)
+    if sha is None:  # not read whole (past the budget): bought, as far as the plan knows
+        result.unhashed += 1
+    else:
+        key = make_key(sha, index.ok_keys.suffixes.of(_displayed(unit)))
+        if key in index.ok_keys or key in asked:
+            result.add(COPY, sizes, name)
+            return
+        asked.add(key)
     result.add(index.why(root, name, size, mtime, config.task.kind), sizes, name, root)
 
 
@@ -201,17 +220,53 @@ def _displayed(unit: _Measured) -> Sizes:
     return [(item.width, item.height) for item in unit.items]
 
 
-def _sha256(unit: _Measured) -> str:
-    """The unit's sha256 as the runner computes it: the file's, or the group's."""
+def _sha256(unit: _Measured, hashes: Hashes) -> str | None:
+    """The unit's sha256 as the runner computes it (the file's, or the group's); None when a
+    member is past the budget of whole reads."""
     pairs = zip(unit.items, unit.data, strict=True)
-    shas = [_file_sha256(item.source, data) for item, data in pairs]
-    return group_sha256(shas) if unit.grouped else shas[0]
+    shas = [hashes.sha256(item.source, data) for item, data in pairs]
+    if None in shas:
+        return None
+    known = [sha for sha in shas if sha is not None]  # (all of them: for the type checker)
+    return group_sha256(known) if unit.grouped else known[0]
 
 
-def _file_sha256(src: SourceFile, data: bytes | None) -> str:
-    if data is not None:
-        return hashlib.sha256(data).hexdigest()
-    return images.file_sha256(src.path)
+class Hashes:
+    """The sha256 of the files a plan reads whole to tell copies (free) from purchases.
+
+    A file to buy that is neither in the resume index nor size+mtime-matched must be read whole
+    to know whether it is a copy, and a full read of a large new input (1M photos: terabytes)
+    takes hours where its headers take minutes. So a plan reads at most `budget` bytes whole
+    (WHOLE_READ_MB by default; None: every file, `--exact`) and counts the units past it as
+    bought: their copies are not detected, and the estimate says it is an upper bound. Copies
+    can only lower the cost, so that bound is the safe side of a price. Objects and URLs are
+    read by the plan anyway (to measure them): theirs are always hashed. Kept by (path, size,
+    mtime): plans of several settings over the same inputs (`pipeline tune`) read a file once.
+    """
+
+    def __init__(self, budget_mb: float | None = WHOLE_READ_MB, *, remember: bool = False) -> None:
+        self.budget = None if budget_mb is None else int(budget_mb * 2**20)
+        self.read = 0  # bytes read whole
+        self.past_budget = False
+        self.remember = remember  # (~200 bytes a file: kept only when plans share them)
+        self.known: dict[tuple[str, int, int], str] = {}
+
+    def sha256(self, src: SourceFile, data: bytes | None) -> str | None:
+        """`src`'s sha256 (from `data` when it was read), or None past the budget."""
+        if data is not None:
+            return hashlib.sha256(data).hexdigest()
+        place = (src.path, src.size, src.mtime_ns)
+        if (known := self.known.get(place)) is not None:
+            return known
+        if self.budget is not None and self.read + src.size > self.budget:
+            self.past_budget = True  # (from here on: a tail of the walk, not a scatter)
+        if self.past_budget:
+            return None
+        self.read += src.size
+        sha = images.file_sha256(src.path)
+        if self.remember:
+            self.known[place] = sha
+        return sha
 
 
 def _committed(config: Config) -> int:
@@ -300,7 +355,8 @@ def redo_guard(
     allowed, stale = config.limits.max_redo, index.settings_rows
     if allowed >= 1 or stale <= allowed * (index.current_rows - stale):
         return
-    found = plan(config, limit=limit, retry_errors=retry_errors)
+    # exact: a refusal on an upper bound would stop a run that redoes no more than allowed
+    found = plan(config, limit=limit, retry_errors=retry_errors, hashes=Hashes(None))
     redone = found.count(SETTINGS)
     if redone > allowed * found.committed:
         raise RedoRefused(refusal(config, found))
