@@ -216,6 +216,7 @@ def _render(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     from pipeline.commands.compare import compare_outputs, format_report
+    from pipeline.commands.render import COLUMNS, render
 
     _recover(args.output_a)
     _recover(args.output_b)
@@ -226,11 +227,11 @@ def _compare(args: argparse.Namespace) -> int:
         labels=args.labels,
         radius=args.radius,
         task=args.task,
+        columns=COLUMNS if args.out else (),  # the gallery draws from the rows read here
     )
     print(json.dumps(report.as_dict(), indent=2) if args.json else format_report(report))
     if args.out:
         from pipeline.commands.exports.dataset import RootMap
-        from pipeline.commands.render import render
 
         gallery = render(
             args.output_a,
