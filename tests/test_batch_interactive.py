@@ -79,3 +79,22 @@ async def test_the_cli_says_how_many_files_a_job_in_flight_holds(server, clock, 
     err = capsys.readouterr().err
     assert "3 skipped (0 already done, 3 in a Batch Mode job in flight)" in err
     assert "pipeline batch cancel" in err
+
+
+async def test_a_batch_mode_rerun_counts_the_files_in_flight_apart(server, clock, tmp_path):
+    """Batch Mode's walk is the same: the files of a job still running are in flight, those of
+    a job its first pass collected are done (their rows came after the index was read)."""
+    tiny_images(tmp_path / "images", 3)
+    config = batch_config(tmp_path, base_url=server.base_url)
+    await run(config, submit_only=True)
+    again = await run(config, submit_only=True)
+    assert (again.skipped, again.in_batch_jobs, again.batch["jobs_created"]) == (3, 3, 0)
+    clock.now += 61
+    collected = await run(config, submit_only=True)
+    assert dict(collected.rows) == {"ok": 3}
+    assert (collected.skipped, collected.in_batch_jobs, collected.batch["jobs_created"]) == (
+        3,
+        0,
+        0,
+    )
+    assert answers(server) == 3

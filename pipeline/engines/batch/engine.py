@@ -115,10 +115,13 @@ class BatchEngine:
         """Collect what ended, submit what is new, then follow the jobs until they end (or,
         with --submit-only, leave them to a later run). Returns the walk, for the summary."""
         # Read before any collection: a file of a job collected from here on is committed
-        # after the resume index was read, and must be skipped all the same.
-        skip = DoneOrInFlight(opened.index, DigestSet(opened.state.in_flight_fingerprints()))
-        producer = Producer(self.config, skip, self.options.limit, opened.fetcher, opened.preflight)
+        # after the resume index was read, and must be skipped all the same (those of the jobs
+        # still in flight after the first pass are counted as such: the summary's in_batch_jobs).
+        before = opened.state.in_flight_fingerprints()
         await guarded(stop, jobs.check_all())
+        still = DigestSet(opened.state.in_flight_fingerprints())
+        skip = DoneOrInFlight(opened.index, still, collected=DigestSet(before))
+        producer = Producer(self.config, skip, self.options.limit, opened.fetcher, opened.preflight)
         caller = opened.caller
         buyer = JobBuyer(
             self.config, self.identity, caller.requests, self.references, jobs, caller.spend
