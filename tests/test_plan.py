@@ -124,6 +124,7 @@ def test_estimate_and_run_plan_take_exact(tmp_path: Path, images_dir: Path) -> N
     toml = write_toml(tmp_path, None, base_url="local")
     assert main(["estimate", "--exact", "--json", str(toml)]) == exits.OK
     assert main(["run", "--plan", "--exact", str(toml)]) == exits.OK
+    assert pipeline.estimate(toml, exact=True)["plan"]["not_read_whole"] == 0
 
 
 async def test_after_adding_files_only_the_new_ones(tmp_path: Path, images_dir: Path) -> None:
