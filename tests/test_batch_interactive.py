@@ -22,6 +22,7 @@ from tests.test_batch_run import (  # the last three: fixtures of that module, u
     key_in_env,
     server_clock,
     server_options,
+    stand_in,
     tiny_images,
 )
 
@@ -61,6 +62,7 @@ async def test_a_job_ended_before_the_run_is_collected_first(server, clock, tmp_
     clock.now += 61
     summary = await run(interactive(tmp_path, server))
     assert (dict(summary.rows), summary.api_calls, summary.in_batch_jobs) == ({"ok": 4}, 0, 0)
+    assert (summary.batch["jobs_collected"], summary.batch["jobs_in_flight"]) == (1, 0)
     again = await run(interactive(tmp_path, server))
     assert (again.skipped, again.api_calls, dict(again.rows)) == (4, 0, {})
     assert answers(server) == 4
@@ -79,6 +81,10 @@ async def test_the_cli_says_how_many_files_a_job_in_flight_holds(server, clock, 
     err = capsys.readouterr().err
     assert "3 skipped (0 already done, 3 in a Batch Mode job in flight)" in err
     assert "pipeline batch cancel" in err
+    assert (
+        "batch: 0 jobs created (0 requests), 0 collected, 0 ended without results, 1 in flight"
+        in err
+    )
 
 
 async def test_a_batch_mode_rerun_counts_the_files_in_flight_apart(server, clock, tmp_path):
@@ -98,3 +104,24 @@ async def test_a_batch_mode_rerun_counts_the_files_in_flight_apart(server, clock
         0,
     )
     assert answers(server) == 3
+
+
+async def test_a_job_that_expired_leaves_its_files_to_the_next_run_which_buys_them(
+    clock, tmp_path, key_in_env
+):
+    """A job that ends without results during the first pass: its files were in flight when
+    the run read its index, so this run leaves them and says so (exit 3); the next buys them."""
+    tiny_images(tmp_path / "images", 3)
+    async with stand_in(clock, batch_expiry_seconds=5) as server:
+        await run(batch_config(tmp_path, base_url=server.base_url), submit_only=True)
+        clock.now += 6  # EXPIRED (not done in 60 s), no results
+        summary = await run(interactive(tmp_path, server))
+        assert (summary.exit_code, summary.api_calls, summary.in_batch_jobs) == (
+            exits.STOPPED,
+            0,
+            0,
+        )
+        assert "left for the next run" in (summary.stop_reason or "")
+        assert summary.batch["jobs_ended"][0]["state"] == "EXPIRED"
+        after = await run(interactive(tmp_path, server))
+        assert (after.exit_code, dict(after.rows), after.api_calls) == (exits.OK, {"ok": 3}, 3)

@@ -54,6 +54,7 @@ class SingleProcess:
         self.config, self.options, self.identity = start.config, start.options, start.identity
         self.opener = Opener(start)
         self.summary = RunSummary.of_run(start.identity, start.config.source)
+        self.jobs: tuple[batchjobs.JobCounts, int] | None = None  # Batch Mode jobs collected
 
     async def run(self) -> RunSummary:
         out = open_output(self.config)
@@ -84,12 +85,21 @@ class SingleProcess:
             return DoneOrInFlight(opened.index, DigestSet())
         say = batchjobs.say if self.options.progress else batchjobs.quiet
         scratch = batchjobs.scratch_folder(out, stack)
-        how = batchjobs.run_following(
-            self.config, self.identity, scratch, opened, batchjobs.JobCounts(), say
-        )
-        await batchjobs.collect_ended(opened, stop, how)
+        counts = batchjobs.JobCounts()
+        how = batchjobs.run_following(self.config, self.identity, scratch, opened, counts, say)
+        in_flight = await batchjobs.collect_ended(opened, stop, how)
+        self.jobs = counts, in_flight
         still = DigestSet(state.in_flight_fingerprints())
         return DoneOrInFlight(opened.index, still, collected=DigestSet(before))
+
+    def _jobs_ended(self, stop: Stop) -> None:
+        """The jobs found in flight, in the summary as a Batch Mode run's; one that ended
+        without results leaves its files to the next run, which the run says (exit 3)."""
+        if self.jobs is None:
+            return
+        counts, in_flight = self.jobs
+        batchjobs.report_ended(stop, counts, self.config.output.dir)
+        self.summary.batch = counts.as_dict(in_flight)
 
     async def _run(self, out: Path | Store, stop: Stop) -> ParquetSink:
         """Everything with the output open; returns the sink, closed."""
@@ -104,6 +114,7 @@ class SingleProcess:
             context.todo = lambda: producer.seen - producer.skipped
             context.walked = lambda: producer.done
             await self._work(producer, opened, stop)
+            self._jobs_ended(stop)
             caller = opened.caller
             await context.close()  # deleted now, so the summary has its storage
             caller.daily.save()

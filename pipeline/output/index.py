@@ -211,12 +211,6 @@ class DoneOrInFlight:
         self.in_flight = in_flight
         self.collected = collected if collected is not None else DigestSet()
 
-    def is_done(self, image_root: str, image_path: str, size: int, mtime_ns: int) -> bool:
-        identity = (image_root, image_path, size, mtime_ns)
-        if self.index.is_done(*identity) or self.collected_by_run(*identity):
-            return True
-        return self.in_job(*identity)
-
     def in_job(self, image_root: str, image_path: str, size: int, mtime_ns: int) -> bool:
         return self._among(self.in_flight, image_root, image_path, size, mtime_ns)
 

@@ -3,8 +3,8 @@ generator for the run's Producer (pipeline/engines/common.py, in its walking thr
 plan of a run (pipeline/run/plan.py), so the plan sees exactly what the run would do.
 
     work_units (the inputs, the output folder never entered) ─► at the limit or halted? end
-      ─► in a Batch Mode job in flight? IN_FLIGHT ─► committed (the resume index, or collected
-      by this run from a job)? DONE ─► else: yielded, to be bought
+      ─► committed (the resume index)? DONE ─► in a Batch Mode job in flight? IN_FLIGHT
+      ─► collected by this run from a job (after the index was read)? DONE ─► else: yielded
 
 The skipped units are counted here and handed to `on_skip` (the plan lists them).
 """
@@ -67,10 +67,15 @@ class Walk:
             return None
         identity = work_identity(work)
         test = self.done_test
+        if test.index.is_done(*identity):  # first: most files of a rerun, no fingerprint made
+            return self._done()
         if test.in_job(*identity):  # (before `collected`, which holds the jobs still running)
             self.in_flight += 1
             return IN_FLIGHT
-        if test.index.is_done(*identity) or test.collected_by_run(*identity):
-            self.done += 1
-            return DONE
+        if test.collected_by_run(*identity):
+            return self._done()
         return None
+
+    def _done(self) -> str:
+        self.done += 1
+        return DONE

@@ -226,13 +226,15 @@ def run_following(
     )
 
 
-async def collect_ended(opened: Opened, stop: Stop, how: Following) -> None:
+async def collect_ended(opened: Opened, stop: Stop, how: Following) -> int:
     """One pass over the output's jobs in flight at the run's endpoint, waiting for none: those
     that ended are collected, their rows through the run's sink. An interactive run makes it
-    before its walk (engines/single.py), so what a job bought is never bought again."""
+    before its walk (engines/single.py), so what a job bought is never bought again. Returns
+    the jobs still in flight there."""
     jobs = Jobs(opened.state, opened.client, opened.sink, stop, how)
     await guarded(stop, jobs.recover())
     await guarded(stop, jobs.check_all())
+    return len(jobs.in_flight())
 
 
 async def guarded(stop: Stop, work: Awaitable[Any]) -> None:
