@@ -225,9 +225,9 @@ def _sha256(unit: _Measured, hashes: Hashes) -> str | None:
     member is past the budget of whole reads."""
     pairs = zip(unit.items, unit.data, strict=True)
     shas = [hashes.sha256(item.source, data) for item, data in pairs]
-    if None in shas:
+    known = [sha for sha in shas if sha is not None]
+    if len(known) < len(shas):
         return None
-    known = [sha for sha in shas if sha is not None]  # (all of them: for the type checker)
     return group_sha256(known) if unit.grouped else known[0]
 
 
