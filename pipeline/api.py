@@ -267,13 +267,15 @@ def estimate(
     *,
     limit: int | None = None,
     retry_errors: bool = False,
+    exact: bool = False,
     **settings: Any,
 ) -> dict[str, Any]:
     """`pipeline estimate --json`'s report: the plan of a run now (what it would do with each
-    file, by the run's own tests) and its tokens, cost and time, no API call."""
+    file, by the run's own tests) and its tokens, cost and time, no API call. `exact`: read
+    every file to buy whole (`--exact`; by default past 1 GB the plan is an upper bound)."""
     loaded = load_config(config, overrides, **settings)
     require_inputs(loaded)
-    return estimate_config(loaded, limit=limit, retry_errors=retry_errors)
+    return estimate_config(loaded, limit=limit, retry_errors=retry_errors, exact=exact)
 
 
 def tune(

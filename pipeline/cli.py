@@ -77,10 +77,18 @@ def _run_line(summary: RunSummary) -> str:
     recovered = f", {summary.recovered} recovered from a killed run" if summary.recovered else ""
     ignored = f", {summary.ignored} ignored (not in [input] include)" if summary.ignored else ""
     return (
-        f"{_rows_line(summary.rows)}, {summary.skipped} skipped (already done){ignored}"
+        f"{_rows_line(summary.rows)}, {summary.skipped} skipped ({_skipped(summary)}){ignored}"
         f"{recovered}, {summary.api_calls} API calls, {summary.throttled} 429s, "
         f"${summary.cost_usd:,.4f}"
     )
+
+
+def _skipped(summary: RunSummary) -> str:
+    """Why the skipped files were skipped: done, or in a Batch Mode job in flight."""
+    if not summary.in_batch_jobs:
+        return "already done"
+    done = summary.skipped - summary.in_batch_jobs
+    return f"{done} already done, {summary.in_batch_jobs} in a Batch Mode job in flight"
 
 
 def _rows_line(rows: Mapping[str, int]) -> str:
@@ -208,6 +216,7 @@ def _render(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     from pipeline.commands.compare import compare_outputs, format_report
+    from pipeline.commands.render import COLUMNS, render
 
     _recover(args.output_a)
     _recover(args.output_b)
@@ -218,11 +227,11 @@ def _compare(args: argparse.Namespace) -> int:
         labels=args.labels,
         radius=args.radius,
         task=args.task,
+        columns=COLUMNS if args.out else (),  # the gallery draws from the rows read here
     )
     print(json.dumps(report.as_dict(), indent=2) if args.json else format_report(report))
     if args.out:
         from pipeline.commands.exports.dataset import RootMap
-        from pipeline.commands.render import render
 
         gallery = render(
             args.output_a,
@@ -269,7 +278,7 @@ def _plan(config: Config, args: argparse.Namespace) -> int:
     from pipeline.inputs.checks import require_inputs
 
     require_inputs(config)
-    report = estimate(config, limit=args.limit, retry_errors=args.retry_errors)
+    report = estimate(config, limit=args.limit, retry_errors=args.retry_errors, exact=args.exact)
     if args.json:
         _print(json.dumps(report, indent=2))
     _say(format_estimate(report))
@@ -282,7 +291,7 @@ def _estimate(args: argparse.Namespace) -> int:
 
     config = _config(args)
     require_inputs(config)
-    report = estimate(config, limit=args.limit, retry_errors=args.retry_errors)
+    report = estimate(config, limit=args.limit, retry_errors=args.retry_errors, exact=args.exact)
     print(json.dumps(report, indent=2) if args.json else format_estimate(report))
     return 0
 
@@ -421,6 +430,10 @@ def _allow_host(parser: argparse.ArgumentParser) -> None:
 _JSON_HELP = "also print the report as JSON on stdout (the human lines stay on stderr)"
 
 
+# estimate, run --plan: a large new input is priced from its headers past the first GB read
+_EXACT_HELP = "read every file to buy whole, to tell copies (default: up to 1 GB, then a bound)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pipeline",
@@ -443,6 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print what the run would do now and its cost (as `estimate`), then exit: no call",
     )
+    p.add_argument("--exact", action="store_true", help=_EXACT_HELP)
     p.add_argument(
         "--yes",
         action="store_true",
@@ -466,6 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_setting_flags(p)
     p.add_argument("--limit", type=int, metavar="N")
     p.add_argument("--retry-errors", action="store_true", help="as run --retry-errors")
+    p.add_argument("--exact", action="store_true", help=_EXACT_HELP)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_estimate)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from pipeline.commands.compare import (
 from pipeline.commands.compare.assign import max_weight_pairs
 from pipeline.commands.compare.match import label_key, token_f1
 from pipeline.commands.compare.scores import cohen_kappa
+from pipeline.commands.render import COLUMNS as RENDER_COLUMNS
 from pipeline.commands.render import render
 from pipeline.masks import rle_encode, rle_iou
 from tests.conftest import make_config, result_object, result_row, run, save_scenes, write_rows
@@ -449,6 +451,18 @@ async def test_compare_out_shows_only_the_disagreeing(
     assert main(["compare", str(a), str(b), "--out", str(out)]) == exits.OK
     assert [path for _, _, path in figures(out / "index.html")] == ["bad.png", "half.png"]
     assert "2 images that disagree" in capsys.readouterr().err
+
+
+async def test_the_gallery_draws_the_rows_the_comparison_read(tmp_path: Path) -> None:
+    """`compare --out` and `render --compare` read each output once: a Report made with the
+    gallery's columns draws it with neither output there any more."""
+    a, b = await gallery_outputs(tmp_path)
+    report = compare_outputs(a, b, columns=RENDER_COLUMNS)
+    for output in (a, b):
+        shutil.rmtree(output)
+    index = Path(render(a, tmp_path / "gallery", compare=report)["index"])
+    assert [path for _, _, path in figures(index)] == ["bad.png", "half.png"]
+    assert Image.open(tmp_path / "gallery/images/000001.jpg").size == (64 * 2 + 8, 48)
 
 
 def test_format_report_of_nothing_compared() -> None:

@@ -24,6 +24,7 @@ from pipeline.output.parts import current_rows
 from pipeline.output.sink import ParquetSink
 from pipeline.records import make_key
 from pipeline.run.identity import suffixes_of
+from pipeline.run.plan import Hashes
 from tests.conftest import REPO, make_config, run, save_scenes, write_rows
 
 KEY = "test-key"
@@ -78,6 +79,52 @@ async def test_a_finished_output_has_nothing_to_do(tmp_path: Path, images_dir: P
     assert counts(report) == {}
     assert (report["cost_usd"], report["batch_cost_usd"]) == (0, 0)
     assert "plan: nothing to do (4 done), $0" in format_estimate(report)
+
+
+async def test_past_the_budget_of_whole_reads_new_files_are_an_upper_bound(
+    tmp_path: Path, images_dir: Path
+) -> None:
+    """A large new input is priced from its headers past the budget: its copies are not told
+    (counted as bought), and the report says the cost is an upper bound; --exact reads all."""
+    save_scenes(images_dir, 2, prefix="a", seed=1)
+    config = detect(tmp_path)
+    await run(config)
+    save_scenes(images_dir, 2, prefix="b", seed=20)
+    for name in ("a000.png", "a001.png"):  # copies: free for a run
+        shutil.copy(images_dir / name, images_dir / f"twin-{name}")
+    exact = estimate(config, exact=True)
+    assert counts(exact) == {"new": 2, "copy": 2} and exact["plan"]["not_read_whole"] == 0
+    assert counts(estimate(config)) == counts(exact)  # under the default budget: exact
+    bounded = estimate(config, hashes=Hashes(0))  # a budget that reads nothing whole
+    assert counts(bounded) == {"new": 4} and bounded["plan"]["not_read_whole"] == 4
+    assert bounded["cost_usd"] > exact["cost_usd"]  # the safe side of a price
+    assert "an upper bound: 4 requests past the first" in format_estimate(bounded)
+    summary = await run(config)
+    assert (summary.api_calls, summary.copied) == (2, 2)  # what the exact plan said
+
+
+def test_plans_sharing_their_hashes_read_each_file_whole_once(
+    tmp_path: Path, images_dir: Path
+) -> None:
+    """`pipeline tune` plans each setting over the same inputs: a file is read whole once."""
+    save_scenes(images_dir, 3, prefix="a", seed=1)
+    shared = Hashes(remember=True)
+    first = estimate(detect(tmp_path), hashes=shared)
+    read = shared.read
+    assert read == sum(path.stat().st_size for path in images_dir.iterdir())
+    other = make_config(tmp_path, task={"kind": "detect"}, images={"max_side": 16})
+    again = estimate(other, hashes=shared)
+    assert shared.read == read  # nothing read whole again
+    assert counts(again) == counts(first) == {"new": 3}
+    assert counts(again) == counts(estimate(other, exact=True))
+
+
+def test_estimate_and_run_plan_take_exact(tmp_path: Path, images_dir: Path) -> None:
+    save_scenes(images_dir, 2, prefix="a", seed=1)
+    toml = write_toml(tmp_path, None, base_url="local")
+    assert main(["estimate", "--exact", "--json", str(toml)]) == exits.OK
+    assert main(["run", "--plan", "--exact", str(toml)]) == exits.OK
+    assert pipeline.estimate(toml, exact=True)["plan"]["not_read_whole"] == 0
 
 
 async def test_after_adding_files_only_the_new_ones(tmp_path: Path, images_dir: Path) -> None:
@@ -168,8 +215,8 @@ async def test_a_raised_max_redo_lets_a_small_redo_go(tmp_path: Path, images_dir
 async def test_jobs_in_flight_in_batch_mode(
     tmp_path: Path, images_dir: Path, server: LocalServer
 ) -> None:
-    """Files in a submitted job are bought already: a Batch Mode run skips them, an interactive
-    run would buy them again; either way the plan shows the job at the batch price."""
+    """Files in a submitted job are bought already: a run skips them in either mode (an
+    interactive run used to buy them again), and the plan shows the job at the batch price."""
     save_scenes(images_dir, 3, prefix="a", seed=1)
     api = {"base_url": server.base_url, "mode": "batch"}
     config = make_config(tmp_path, api=api, task={"kind": "detect"})
@@ -183,7 +230,7 @@ async def test_jobs_in_flight_in_batch_mode(
     assert job["batch_cost_usd"] > 0
     assert "in flight in Batch Mode: 1 job (3 requests)" in format_estimate(report)
     interactive = make_config(tmp_path, api={"base_url": server.base_url}, task={"kind": "detect"})
-    assert counts(estimate(interactive)) == {"new": 4, "in_flight": 3}
+    assert counts(estimate(interactive)) == {"new": 1, "in_flight": 3}
 
 
 async def test_run_plan_makes_no_call_and_needs_no_key(

@@ -50,7 +50,7 @@ from pipeline.models import Model, Price
 from pipeline.output.parts import current_rows
 from pipeline.run import context_cache
 from pipeline.run.costing import Costing, TokenEstimate
-from pipeline.run.plan import BOUGHT, COPY, IN_FLIGHT, Plan, plan
+from pipeline.run.plan import BOUGHT, COPY, IN_FLIGHT, WHOLE_READ_MB, Hashes, Plan, plan
 from pipeline.tasks import get_task
 
 MAX_SIDE_CHOICES = (384, 768, 1024, 1536)
@@ -96,15 +96,21 @@ def estimate(
     on: date | None = None,
     retry_errors: bool = False,
     history_from: str | None = None,
+    exact: bool = False,
+    hashes: Hashes | None = None,
 ) -> dict[str, Any]:
     """The plan of a run of `config` now (pipeline/run/plan.py: headers, and the bytes of the
-    files it would buy, read; no call) priced at the prices of `on` (today, UTC, by default);
-    output tokens learnt from the rows of `history_from` (default: the config's own output)."""
+    files it would buy, read up to a budget, every one with `exact`; no call) priced at the
+    prices of `on` (today, UTC, by default); output tokens learnt from the rows of
+    `history_from` (default: the config's own output). `hashes`: the files read whole by earlier
+    plans over the same inputs (`pipeline tune`), read again never."""
     spec = config.task.spec
     check_groups(config)
     loaded = references.load(config)
     costing = Costing(config, get_task(config.task.kind).request(config.task), loaded)
-    planned = plan(config, limit=limit, retry_errors=retry_errors)
+    if hashes is None:
+        hashes = Hashes(None if exact else WHOLE_READ_MB)
+    planned = plan(config, limit=limit, retry_errors=retry_errors, hashes=hashes)
     units = planned.bought
     estimates = [costing.request(unit) for unit in units]  # as a run estimates each request
     sizes = [size for unit in units for size in unit]
@@ -186,6 +192,8 @@ def _plan_report(
     return {
         "done": planned.done,
         "committed_rows": planned.committed,
+        # bought past the budget of whole reads: copies among them not told (an upper bound)
+        "not_read_whole": planned.unhashed,
         "nothing_to_do": not planned.bought and not planned.unusable,
         "categories": categories,
         "samples": planned.samples,
@@ -435,6 +443,12 @@ def format_plan(report: dict[str, Any]) -> list[str]:
             lines.append(f"  {label}: {_count(entry['requests'], 'request')}, {cost}")
     if report["unusable_files"]:
         lines.append(f"  unusable files: {report['unusable_files']:,} (error rows, no call)")
+    if planned["not_read_whole"]:
+        lines.append(
+            f"  an upper bound: {_count(planned['not_read_whole'], 'request')} past the first "
+            f"{WHOLE_READ_MB:,} MB read whole are counted as bought, copies among them not "
+            "detected (--exact reads every file)"
+        )
     lines += _in_flight_lines(planned["categories"][IN_FLIGHT])
     for source in planned["settings_sources"]:
         lines.append(f"    {source['rows']:,} rows of run {source['run_id']}: {source['why']}")

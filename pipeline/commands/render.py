@@ -47,7 +47,8 @@ LISTED_PROBLEMS = 1000  # error rows listed in the page; the counts cover them a
 IMAGES_DIR = "images"
 GALLERY_STATUSES = ("ok", "partial")
 _OUR_IMAGE = re.compile(r"\d{6}\.jpg")
-_COLUMNS = (
+# the columns the gallery draws from (`pipeline compare --out` reads both outputs with them)
+COLUMNS = (
     "image_root",
     "image_path",
     "task",
@@ -135,12 +136,11 @@ def render(
         if _OUR_IMAGE.fullmatch(stale.name):
             stale.unlink()
 
-    rows = current_rows(output_dir, _COLUMNS).to_pylist()
+    rows, report, theirs = _read(output_dir, compare)
     roots = roots or RootMap()
     roots.check({row["image_root"] or "" for row in rows})
     problems = [row for row in rows if row["status"] not in GALLERY_STATUSES]
-    report = _report(output_dir, compare)
-    shown = _shown(rows, report, disagreeing_only=isinstance(compare, Report))
+    shown = _shown(rows, report, theirs, disagreeing_only=isinstance(compare, Report))
     if limit is not None:
         shown = shown[: max(limit, 0)]
     entries = [
@@ -173,14 +173,28 @@ def render(
 Shown = tuple[dict[str, Any], dict[str, Any] | None, ImageResult | None]
 
 
-def _report(output_dir: Output, compare: Output | Report | None) -> Report | None:
-    if compare is None or isinstance(compare, Report):
-        return compare
-    return compare_outputs(output_dir, compare)
+Rows = list[dict[str, Any]]
+
+
+def _read(output_dir: Output, compare: Output | Report | None) -> tuple[Rows, Report | None, Rows]:
+    """This output's current rows and, with `compare`, the comparison and the other output's
+    rows: each output read once (the comparison reads them with the gallery's columns, and
+    keeps them; a Report made without them, from Python, is read again)."""
+    if compare is None:
+        return _current(output_dir), None, []
+    if not isinstance(compare, Report):
+        compare = compare_outputs(output_dir, compare, columns=COLUMNS)
+    if compare.holds(COLUMNS):
+        return compare.read[0], compare, compare.read[1]
+    return _current(output_dir), compare, _current(compare.b)
+
+
+def _current(output: Output) -> Rows:
+    return current_rows(output, COLUMNS).to_pylist()
 
 
 def _shown(
-    rows: list[dict[str, Any]], report: Report | None, *, disagreeing_only: bool
+    rows: Rows, report: Report | None, theirs_rows: Rows, *, disagreeing_only: bool
 ) -> list[Shown]:
     """The images to draw, each with the other output's view and the agreement (compared
     images first, worst first; then, unless only the disagreeing are wanted, the rest)."""
@@ -188,7 +202,7 @@ def _shown(
     if report is None:
         return [(view, None, None) for row in answered for view in views(row)]
     mine = {_identity(row): row for row in answered if row["task"] == report.task}
-    theirs = {_identity(r): r for r in current_rows(report.b, _COLUMNS).to_pylist()}
+    theirs = {_identity(r): r for r in theirs_rows}
     theirs = {key: row for key, row in theirs.items() if row["task"] == report.task}
     marked = [m for m in report.images if not disagreeing_only or m.score < 1]
     shown: list[Shown] = [

@@ -35,21 +35,21 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from pipeline.config import Config, ConfigError, declarations
 from pipeline.engines.backend import client_backend
 from pipeline.gemini import ApiKeyError, GeminiClient, GeminiError, api_key_from_env
 from pipeline.inputs.fetch import Fetcher, settings_from
 from pipeline.inputs.references import LoadedReference
-from pipeline.inputs.source import PassedOver, work_units
+from pipeline.inputs.source import PassedOver
 from pipeline.localserver.options import ServerOptions
 from pipeline.locations import is_url, local_path, scheme_of
-from pipeline.output.index import ResumeIndex, load_resume_index
+from pipeline.output.index import DoneOrInFlight, ResumeIndex, load_resume_index
 from pipeline.output.sink import ParquetSink, SinkFailed
 from pipeline.output.state import STATE_FILE, State
 from pipeline.output.stores import LeaseLost, MissingExtra, Store, open_store
-from pipeline.records import Work, resumable, work_identity
+from pipeline.records import Work
 from pipeline.run import preflight
 from pipeline.run.buyers import InteractiveBuyer
 from pipeline.run.calls import Caller, RunStopped
@@ -62,6 +62,7 @@ from pipeline.run.spend import Spend
 from pipeline.run.stop import Stop, Stopped, on_signals
 from pipeline.run.summary import RunSummary
 from pipeline.run.uploads import Uploads
+from pipeline.run.walk import Walk
 from pipeline.tasks import get_task
 from pipeline.tasks.typed import answer_field
 
@@ -73,35 +74,40 @@ BLOCK_SIZE = 64  # units handed from the walking thread to the workers at once
 BLOCK_SECONDS = 0.05
 
 
-class DoneTest(Protocol):
-    """What the walk asks of each unit: committed already (the resume index; in Batch Mode, or
-    in a job in flight)."""
-
-    def is_done(self, image_root: str, image_path: str, size: int, mtime_ns: int) -> bool: ...
-
-
 class Producer:
-    """Walks the inputs in a thread and feeds a bounded queue in small blocks."""
+    """Walks the inputs in a thread (the run's `Walk`, which the plan walks too) and feeds a
+    bounded queue in small blocks."""
 
     def __init__(
         self,
         config: Config,
-        done_test: DoneTest,
+        done_test: DoneOrInFlight,
         limit: int | None,
         fetcher: Fetcher,
         preflight: Preflight | None = None,
     ) -> None:
         self.config = config
-        self.done_test = done_test
-        self.limit = limit
         self.fetcher = fetcher  # sizes and versions of manifest URLs and objects
         self.preflight = preflight  # asked by `walking` once this walk finds work
-        self.seen = 0
-        self.skipped = 0
         self.passed = PassedOver()  # files the include patterns pass over: the summary's "ignored"
+        self.walk = Walk(config, done_test, fetcher, limit, self.passed)
         self.done = False
         self.halt = threading.Event()  # set by the engine when the run stops
+        self.walk.halted = self.halt.is_set
         self.on_work: Callable[[], object] = lambda: None  # the first unit to do is found
+
+    @property
+    def seen(self) -> int:
+        return self.walk.seen
+
+    @property
+    def skipped(self) -> int:
+        return self.walk.skipped
+
+    @property
+    def in_flight(self) -> int:
+        """Units skipped because a Batch Mode job in flight is buying them."""
+        return self.walk.in_flight
 
     def run(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Block | None]) -> None:
         """One cross-thread wake-up per block, not per file. A block goes when it is full or
@@ -121,24 +127,13 @@ class Producer:
             asyncio.run_coroutine_threadsafe(queue.put(None), loop).result()
 
     def _todo(self) -> Iterator[Work]:
-        sent = 0
-        units = work_units(
-            self.config.input,
-            skip=(self.config.output.dir,),
-            resolve=self.fetcher.resolve,
-            passed=self.passed,
-        )
-        for work in units:
-            if self.halt.is_set() or (self.limit is not None and sent >= self.limit):
-                return
-            self.seen += 1
-            if resumable(work) and self.done_test.is_done(*work_identity(work)):
-                self.skipped += 1
-                continue
-            if sent == 0:
-                self.on_work()
-            sent += 1
-            yield work
+        units = self.walk.units()
+        first = next(units, None)
+        if first is None:
+            return
+        self.on_work()
+        yield first
+        yield from units
 
 
 def empty_queue(queue: asyncio.Queue[Block | None]) -> None:
@@ -536,6 +531,7 @@ def summarise(summary: RunSummary, producer: Producer, counts: RowCounts, caller
     """What the walk, the rows and the interactive calls of a run add up to."""
     summary.finished_at = datetime.now(UTC).isoformat()
     summary.seen, summary.skipped = producer.seen, producer.skipped
+    summary.in_batch_jobs = producer.in_flight
     summary.ignored = producer.passed.ignored
     summary.rows, summary.tokens, summary.copied = counts.rows, counts.tokens, counts.copied
     summary.cost_usd = round(counts.cost_usd, 6)

@@ -21,6 +21,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+from pipeline.engines.batch import jobs as batchjobs
 from pipeline.engines.common import (
     Block,
     Opened,
@@ -34,13 +35,14 @@ from pipeline.engines.common import (
     summarise,
     walking,
 )
+from pipeline.output.index import DigestSet, DoneOrInFlight
 from pipeline.output.sink import ParquetSink, SinkFailed
 from pipeline.output.stores import Store
 from pipeline.records import SourceFile, Work, members_of
 from pipeline.run.progress import EngineView, Progress
 from pipeline.run.runner import ImageRunner
 from pipeline.run.stop import Stop, Stopped
-from pipeline.run.summary import RunSummary
+from pipeline.run.summary import RunSummary, in_batch_jobs_hint
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +51,10 @@ class SingleProcess:
     """One run of a config in this process."""
 
     def __init__(self, start: RunStart) -> None:
-        self.config, self.options = start.config, start.options
+        self.config, self.options, self.identity = start.config, start.options, start.identity
         self.opener = Opener(start)
         self.summary = RunSummary.of_run(start.identity, start.config.source)
+        self.jobs: tuple[batchjobs.JobCounts, int] | None = None  # Batch Mode jobs collected
 
     async def run(self) -> RunSummary:
         out = open_output(self.config)
@@ -62,21 +65,56 @@ class SingleProcess:
         except SinkFailed as exc:  # the last part could not be written (a full disk...)
             sink_failed(stop, exc)
         self.summary.settle(stop)
+        self.summary.resume_hint = self.summary.resume_hint or in_batch_jobs_hint(
+            self.summary.in_batch_jobs, self.config.output.dir
+        )
         self.summary.write(out)
         return self.summary
+
+    async def _jobs_first(
+        self, opened: Opened, out: Path | Store, stack: contextlib.AsyncExitStack, stop: Stop
+    ) -> DoneOrInFlight:
+        """The walk's test. With Batch Mode jobs in flight on this output (a job submitted, then
+        an interactive run; or a schedule that flips the mode), the jobs that ended are
+        collected first, and the files of those still running are skipped: a job bills every
+        request it was given, so buying them here would pay twice (`pipeline batch cancel`
+        stops that bill; see `in_batch_jobs_hint`). No job in flight costs nothing more."""
+        state = opened.state
+        before = state.in_flight_fingerprints()  # read before any collection: see DoneOrInFlight
+        if not before:
+            return DoneOrInFlight(opened.index, DigestSet())
+        say = batchjobs.say if self.options.progress else batchjobs.quiet
+        scratch = batchjobs.scratch_folder(out, stack)
+        counts = batchjobs.JobCounts()
+        how = batchjobs.run_following(self.config, self.identity, scratch, opened, counts, say)
+        in_flight = await batchjobs.collect_ended(opened, stop, how)
+        self.jobs = counts, in_flight
+        still = DigestSet(state.in_flight_fingerprints())
+        return DoneOrInFlight(opened.index, still, collected=DigestSet(before))
+
+    def _jobs_ended(self, stop: Stop) -> None:
+        """The jobs found in flight, in the summary as a Batch Mode run's; one that ended
+        without results leaves its files to the next run, which the run says (exit 3)."""
+        if self.jobs is None:
+            return
+        counts, in_flight = self.jobs
+        batchjobs.report_ended(stop, counts, self.config.output.dir)
+        self.summary.batch = counts.as_dict(in_flight)
 
     async def _run(self, out: Path | Store, stop: Stop) -> ParquetSink:
         """Everything with the output open; returns the sink, closed."""
         async with contextlib.AsyncExitStack() as stack:
             opened = await self.opener.open(stack, out, stop)
             self.summary.recovered = opened.sink.rows_recovered
+            skip = await self._jobs_first(opened, out, stack, stop)
             producer = Producer(
-                self.config, opened.index, self.options.limit, opened.fetcher, opened.preflight
+                self.config, skip, self.options.limit, opened.fetcher, opened.preflight
             )
             context = opened.caller.context  # caches once the units found make it pay
             context.todo = lambda: producer.seen - producer.skipped
             context.walked = lambda: producer.done
             await self._work(producer, opened, stop)
+            self._jobs_ended(stop)
             caller = opened.caller
             await context.close()  # deleted now, so the summary has its storage
             caller.daily.save()

@@ -198,21 +198,29 @@ class ResumeIndex:
 
 
 class DoneOrInFlight:
-    """Batch Mode's walk test: done (the resume index), or in a Batch Mode job in flight (the
-    fingerprints of their files, `State.in_flight_fingerprints`)."""
+    """The walk's test (pipeline/run/walk.py): done (the resume index), or in a Batch Mode job
+    in flight (the fingerprints of their files, `State.in_flight_fingerprints`), in every mode:
+    an interactive run does not buy again what a job is buying. `collected`: the files of the
+    jobs in flight when the run read its index, which this run collects before its walk (their
+    rows are committed after the index was read, and are done all the same)."""
 
-    def __init__(self, index: ResumeIndex, in_flight: DigestSet) -> None:
+    def __init__(
+        self, index: ResumeIndex, in_flight: DigestSet, collected: DigestSet | None = None
+    ) -> None:
         self.index = index
         self.in_flight = in_flight
-
-    def is_done(self, image_root: str, image_path: str, size: int, mtime_ns: int) -> bool:
-        if self.index.is_done(image_root, image_path, size, mtime_ns):
-            return True
-        return self.in_job(image_root, image_path, size, mtime_ns)
+        self.collected = collected if collected is not None else DigestSet()
 
     def in_job(self, image_root: str, image_path: str, size: int, mtime_ns: int) -> bool:
-        digest = fingerprint(image_root, image_path, size, mtime_ns, self.index.key_suffix)
-        return digest in self.in_flight
+        return self._among(self.in_flight, image_root, image_path, size, mtime_ns)
+
+    def collected_by_run(self, image_root: str, image_path: str, size: int, mtime_ns: int) -> bool:
+        return self._among(self.collected, image_root, image_path, size, mtime_ns)
+
+    def _among(self, digests: DigestSet, root: str, path: str, size: int, mtime_ns: int) -> bool:
+        if not len(digests):  # the common case, no job: no fingerprint computed per file
+            return False
+        return fingerprint(root, path, size, mtime_ns, self.index.key_suffix) in digests
 
 
 def load_resume_index(

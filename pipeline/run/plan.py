@@ -1,18 +1,19 @@
 """The plan of a run: what a run of a config would do now with each unit of its inputs, decided
 by the run's own tests, without a call, a write or an API key.
 
-    walk (as the run's Producer) ─► done? (the resume index, and in Batch Mode the jobs in
-      flight: the walk's `DoneTest`) ─► unusable? (header) ─► copy? (the key's answer is
+    walk (the run's own: pipeline/run/walk.py) ─► done? (the resume index) ─► in a Batch
+      Mode job in flight (either mode)? ─► unusable? (header) ─► copy? (the key's answer is
       committed, or asked earlier in this plan: `Bought`'s test) ─► why it is bought:
       new | changed | settings | retry (`ResumeIndex.why`: the current row's verdict)
 
-Every decision is the run's: `ResumeIndex.is_done` and `DoneOrInFlight` are the walk's tests
+Every decision is the run's: the walk is the run's `Walk`, `DoneOrInFlight` its test
 (the index read with the answers a killed or running run holds in its journal, which a run
 commits before it walks),
 the key is made as the runner makes it (the bytes' sha256, or the content id of a gs:// object
 Vertex reads in place, and the suffix of the sizes sent), and a key in the index's `ok_keys` is
 what `Bought.find` copies. Only the files the run would read anyway are read whole (to hash
-them), an object sent in place only its header; a finished output is walked with a stat each.
+them), up to a budget (`Hashes`: past it, an upper bound), an object sent in place only its
+header; a finished output is walked with a stat each.
 
 `pipeline estimate` prices the plan (pipeline/commands/estimate.py); `run --plan` prints it;
 `redo_guard` refuses a run whose plan redoes more committed rows because settings changed than
@@ -26,7 +27,7 @@ import itertools
 import json
 import os
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +38,6 @@ from pipeline import exits
 from pipeline.config import Config
 from pipeline.inputs import images, in_place
 from pipeline.inputs.fetch import Fetcher, FetchError, settings_from
-from pipeline.inputs.source import work_units
 from pipeline.locations import is_url
 from pipeline.output.index import DigestSet, DoneOrInFlight, ResumeIndex, load_resume_index
 from pipeline.output.index_cache import CHANGED, NEW
@@ -53,17 +53,20 @@ from pipeline.records import (
     group_sha256,
     make_key,
     members_of,
-    resumable,
     work_identity,
 )
 from pipeline.run.identity import suffixes_of
+from pipeline.run.walk import IN_FLIGHT, Walk
 
 WINDOW = 64  # units measured together: the remote ones among them are read concurrently
-COPY, IN_FLIGHT, SETTINGS, RETRY = "copy", "in_flight", "settings", "retry"
+COPY, SETTINGS, RETRY = "copy", "settings", "retry"
 # The order the plan lists what a run buys, then what costs nothing more.
 BOUGHT = (NEW, CHANGED, SETTINGS, RETRY)
 CATEGORIES = (*BOUGHT, COPY, IN_FLIGHT)
 SAMPLES = 5  # paths named for each category (the guard's message, the estimate's --json)
+# Bytes a plan reads whole to hash (`Hashes`): ~2-10 s of reading, an exact answer for any input
+# below it (the samples, a nightly increment), an upper bound past it
+WHOLE_READ_MB = 1024
 
 Sizes = list[tuple[int, int]]
 
@@ -82,6 +85,7 @@ class Plan:
     samples: dict[str, list[str]] = field(default_factory=dict)
     done: int = 0
     unusable: int = 0
+    unhashed: int = 0  # units bought past the budget of whole reads: copies among them not told
     committed: int = 0
     jobs: list[BatchJobRecord] = field(default_factory=list)  # Batch Mode jobs in flight
     redone: list[tuple[str, str]] = field(default_factory=list)  # (root, path): settings units
@@ -104,18 +108,28 @@ class Plan:
         return [unit for category in BOUGHT for unit in self.units[category]]
 
 
-def plan(config: Config, *, limit: int | None = None, retry_errors: bool = False) -> Plan:
-    """The plan of a run of `config` starting now (`limit`, `retry_errors`: as the run's)."""
+def plan(
+    config: Config,
+    *,
+    limit: int | None = None,
+    retry_errors: bool = False,
+    hashes: Hashes | None = None,
+) -> Plan:
+    """The plan of a run of `config` starting now (`limit`, `retry_errors`: as the run's);
+    `hashes`: the files read whole so far (`Hashes`: a budget, and what `tune`'s plans share)."""
+    hashes = hashes if hashes is not None else Hashes()
     index = _index(config, retry_errors)
-    jobs, in_flight = _batch(config)
-    done_test = DoneOrInFlight(index, DigestSet(in_flight))
+    # a job in flight is never bought again, in either mode (pipeline/run/walk.py)
+    jobs, in_flight = peek_batch(config.output.dir)
     result = Plan(jobs=jobs, committed=_committed(config))
     asked: set[str] = set()  # keys of this plan: a twin of one is copied, as in a run
     with Fetcher(settings_from(config)) as fetcher:
-        walk = _todo(config, done_test, result, limit, fetcher)
+        walker = Walk(config, DoneOrInFlight(index, DigestSet(in_flight)), fetcher, limit)
+        walker.on_skip = _skipped(result)
+        walk = walker.units()
         for window in iter(lambda: list(itertools.islice(walk, WINDOW)), []):
             for work, unit in zip(window, _measured(window, config, fetcher), strict=True):
-                _place(config, index, result, asked, work, unit)
+                _place(config, index, result, (asked, hashes), work, unit)
     if result.count(SETTINGS):
         result.settings_sources = _settings_sources(config, result)
     return result
@@ -132,34 +146,16 @@ def _index(config: Config, retry_errors: bool) -> ResumeIndex:
     )
 
 
-def _batch(config: Config) -> tuple[list[BatchJobRecord], bytes]:
-    """The jobs in flight and their files' fingerprints; the files count as done for a Batch
-    Mode run only (an interactive run does not look at jobs: it would buy them again)."""
-    jobs, fingerprints = peek_batch(config.output.dir)
-    return jobs, fingerprints if config.api.mode == "batch" else b""
+def _skipped(result: Plan) -> Callable[[str, Work], None]:
+    """The walk's skipped units counted in the plan: done, or in a job in flight."""
 
+    def count(why: str, work: Work) -> None:
+        if why == IN_FLIGHT:
+            result.add(IN_FLIGHT, [], work_identity(work)[1])
+        else:
+            result.done += 1
 
-def _todo(
-    config: Config, done_test: DoneOrInFlight, result: Plan, limit: int | None, fetcher: Fetcher
-) -> Iterator[Work]:
-    """The units a run would not skip, walked as the run's Producer walks (objects' and
-    manifest URLs' versions asked by the fetcher; `limit`: at most that many); those in a job
-    in flight are counted in the plan as such."""
-    taken = 0
-    walk = work_units(config.input, skip=(config.output.dir,), resolve=fetcher.resolve)
-    for work in walk:
-        if limit is not None and taken >= limit:
-            return
-        identity = work_identity(work)
-        if resumable(work) and done_test.is_done(*identity):
-            in_job = done_test.in_flight and done_test.in_job(*identity)
-            if in_job:
-                result.add(IN_FLIGHT, [], identity[1])
-            else:
-                result.done += 1
-            continue
-        taken += 1
-        yield work
+    return count
 
 
 @dataclass
@@ -212,21 +208,27 @@ def _place(
     config: Config,
     index: ResumeIndex,
     result: Plan,
-    asked: set[str],
+    seen: tuple[set[str], Hashes],
     work: Work,
     unit: _Measured,
 ) -> None:
-    """Put one unit the walk did not skip in its category."""
+    """Put one unit the walk did not skip in its category. `seen`: the keys of this plan (a
+    twin of one is copied, as in a run) and the files read whole."""
     root, name, size, mtime = work_identity(work)
     if work.error is not None or any(item.error for item in unit.items):
         result.unusable += 1  # an error row, no call
         return
     sizes = [(item.sent_width, item.sent_height) for item in unit.items]
-    key = make_key(_sha256(unit), index.ok_keys.suffixes.of(_displayed(unit)))
-    if key in index.ok_keys or key in asked:
-        result.add(COPY, sizes, name)
-        return
-    asked.add(key)
+    asked, hashes = seen
+    sha = _sha256(unit, hashes)
+    if sha is None:  # not read whole (past the budget): bought, as far as the plan knows
+        result.unhashed += 1
+    else:
+        key = make_key(sha, index.ok_keys.suffixes.of(_displayed(unit)))
+        if key in index.ok_keys or key in asked:
+            result.add(COPY, sizes, name)
+            return
+        asked.add(key)
     result.add(index.why(root, name, size, mtime, config.task.kind), sizes, name, root)
 
 
@@ -235,19 +237,59 @@ def _displayed(unit: _Measured) -> Sizes:
     return [(item.width, item.height) for item in unit.items]
 
 
-def _sha256(unit: _Measured) -> str:
-    """The unit's sha256 as the runner computes it: the file's, or the group's."""
+def _sha256(unit: _Measured, hashes: Hashes) -> str | None:
+    """The unit's sha256 as the runner computes it (the file's, or the group's); None when a
+    member is past the budget of whole reads."""
     pairs = zip(unit.items, unit.data, strict=True)
-    shas = [_file_sha256(item, data) for item, data in pairs]
-    return group_sha256(shas) if unit.grouped else shas[0]
+    shas = [_file_sha256(item, data, hashes) for item, data in pairs]
+    known = [sha for sha in shas if sha is not None]
+    if len(known) < len(shas):
+        return None
+    return group_sha256(known) if unit.grouped else known[0]
 
 
-def _file_sha256(item: ImageItem, data: bytes | None) -> str:
+def _file_sha256(item: ImageItem, data: bytes | None, hashes: Hashes) -> str | None:
     if item.in_place:  # keyed by the object's content id, as the runner keys it
         return item.sha256
-    if data is not None:
-        return hashlib.sha256(data).hexdigest()
-    return images.file_sha256(item.source.path)
+    return hashes.sha256(item.source, data)
+
+
+class Hashes:
+    """The sha256 of the files a plan reads whole to tell copies (free) from purchases.
+
+    A file to buy that is neither in the resume index nor size+mtime-matched must be read whole
+    to know whether it is a copy, and a full read of a large new input (1M photos: terabytes)
+    takes hours where its headers take minutes. So a plan reads at most `budget` bytes whole
+    (WHOLE_READ_MB by default; None: every file, `--exact`) and counts the units past it as
+    bought: their copies are not detected, and the estimate says it is an upper bound. Copies
+    can only lower the cost, so that bound is the safe side of a price. Objects and URLs are
+    read by the plan anyway (to measure them): theirs are always hashed. Kept by (path, size,
+    mtime): plans of several settings over the same inputs (`pipeline tune`) read a file once.
+    """
+
+    def __init__(self, budget_mb: float | None = WHOLE_READ_MB, *, remember: bool = False) -> None:
+        self.budget = None if budget_mb is None else int(budget_mb * 2**20)
+        self.read = 0  # bytes read whole
+        self.past_budget = False
+        self.remember = remember  # (~200 bytes a file: kept only when plans share them)
+        self.known: dict[tuple[str, int, int], str] = {}
+
+    def sha256(self, src: SourceFile, data: bytes | None) -> str | None:
+        """`src`'s sha256 (from `data` when it was read), or None past the budget."""
+        if data is not None:
+            return hashlib.sha256(data).hexdigest()
+        place = (src.path, src.size, src.mtime_ns)
+        if (known := self.known.get(place)) is not None:
+            return known
+        if self.budget is not None and self.read + src.size > self.budget:
+            self.past_budget = True  # (from here on: a tail of the walk, not a scatter)
+        if self.past_budget:
+            return None
+        self.read += src.size
+        sha = images.file_sha256(src.path)
+        if self.remember:
+            self.known[place] = sha
+        return sha
 
 
 def _committed(config: Config) -> int:
@@ -336,7 +378,8 @@ def redo_guard(
     allowed, stale = config.limits.max_redo, index.settings_rows
     if allowed >= 1 or stale <= allowed * (index.current_rows - stale):
         return
-    found = plan(config, limit=limit, retry_errors=retry_errors)
+    # exact: a refusal on an upper bound would stop a run that redoes no more than allowed
+    found = plan(config, limit=limit, retry_errors=retry_errors, hashes=Hashes(None))
     redone = found.count(SETTINGS)
     if redone > allowed * found.committed:
         raise RedoRefused(refusal(config, found))

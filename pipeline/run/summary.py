@@ -56,6 +56,8 @@ class RunSummary:
     # "max_usd_per_day"} (pipeline/run/spend.py); spent_usd counts abandoned calls' estimates
     spend: dict[str, float | None] | None = None
     batch: dict[str, Any] | None = None  # Batch Mode: jobs created, collected, ended, in flight
+    # units skipped (in `skipped`) because a Batch Mode job in flight is buying them, in any mode
+    in_batch_jobs: int = 0
     # explicit context caching (pipeline/run/context_cache.py): the cache's name, tokens,
     # renewals, whether it was deleted, hours stored and their storage_usd (not in cost_usd,
     # which bills rows); or {"name": None, "why": ...} when a cacheable part was not cached
@@ -150,3 +152,17 @@ def _write(output_dir: str | Path | Store, run_id: str, data: bytes) -> str:
     name = f"{RUNS_DIR}/{run_id}.json"
     store.replace(name, data)
     return store.join(name)
+
+
+def in_batch_jobs_hint(count: int, output_dir: str) -> str | None:
+    """What an interactive run says of the files it skipped because a Batch Mode job in flight
+    is buying them. No option buys them anyway: the job bills every request it was given, so
+    that would pay twice; cancelling the job stops its bill and keeps what it answered."""
+    if not count:
+        return None
+    return (
+        f"{count:,} files are in a Batch Mode job in flight, not bought again: a later run (or "
+        f"`pipeline batch wait {output_dir}`) collects them. To buy them interactively instead: "
+        f"`pipeline batch cancel {output_dir}`, then `pipeline batch wait {output_dir}` (collects "
+        "what the job had answered, billed already), then run again"
+    )

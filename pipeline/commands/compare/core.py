@@ -10,7 +10,7 @@ is called; the outputs are only read.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -83,6 +83,14 @@ class Report:
     images: list[ImageResult]
     summary: dict[str, Any]
     unpaired: dict[str, int] = field(default_factory=dict)
+    # the current rows of A and B it was made from, with the columns read (COLUMNS and those
+    # asked): the gallery draws them (`render --compare`) without reading either output again
+    read: tuple[list[Row], list[Row]] = field(default=([], []), repr=False)
+    columns: tuple[str, ...] = ()
+
+    def holds(self, columns: Iterable[str]) -> bool:
+        """Whether its rows were read with every one of `columns`."""
+        return set(columns) <= set(self.columns)
 
     @property
     def agreement(self) -> float | None:
@@ -109,14 +117,17 @@ def compare_outputs(
     labels: LabelRule = "strict",
     radius: float = DEFAULT_RADIUS,
     task: str | None = None,
+    columns: Sequence[str] = (),
 ) -> Report:
     """Compare output B's answers with output A's (A is the reference: precision and recall
-    are B's against A). `task` picks one when both outputs hold several."""
+    are B's against A). `task` picks one when both outputs hold several. Each output is read
+    once, with `columns` besides the comparison's (the Report keeps the rows: `Report.read`)."""
     thresholds = Thresholds(iou, labels, radius)
     thresholds.check()
     require_output(a)
     require_output(b)
-    rows_a, rows_b = _rows(a), _rows(b)
+    wanted = tuple(dict.fromkeys((*COLUMNS, *columns)))
+    rows_a, rows_b = _rows(a, wanted), _rows(b, wanted)
     chosen = _common_task(rows_a, rows_b, task, (str(a), str(b)))
     by_a, by_b = _answers(rows_a, chosen), _answers(rows_b, chosen)
     both = sorted(by_a.keys() & by_b.keys())
@@ -131,11 +142,13 @@ def compare_outputs(
         results,
         SUMMARIES[_kind(chosen)](results),
         _unpaired(by_a, by_b, both),
+        (rows_a, rows_b),
+        wanted,
     )
 
 
-def _rows(output: Output) -> list[Row]:
-    return current_rows(output, COLUMNS).to_pylist()
+def _rows(output: Output, columns: Sequence[str]) -> list[Row]:
+    return current_rows(output, columns).to_pylist()
 
 
 def _common_task(a: list[Row], b: list[Row], task: str | None, names: tuple[str, str]) -> str:

@@ -31,7 +31,7 @@ from pipeline.cost import table_cost
 from pipeline.output.parts import current_rows
 from pipeline.output.stores import open_store
 from pipeline.records import USAGE_COLUMNS
-from pipeline.run.plan import COPY
+from pipeline.run.plan import COPY, Hashes
 from pipeline.run.summary import RunSummary
 
 TUNE_DIR = "_tune"
@@ -168,14 +168,16 @@ def tune(config: Config, options: TuneOptions, runner: Runner) -> TuneReport:
     folder = open_store(open_store(config.output.dir).join(TUNE_DIR))
     planned = _plan(config, options, folder.join)  # usage errors before anything is written
     sample = sample_of(config, folder, options.sample, options.seed)
-    trials = [_trial(*plan, sample) for plan in planned]
+    # each setting's plan reads the same files: each is read whole (hashed) once, not per setting
+    hashes = Hashes(remember=True)
+    trials = [_trial(*plan, sample, hashes) for plan in planned]
     price = _price(config, trials, options.max_usd)
     report = TuneReport(config.source, folder.url, sample, options, trials, price)
     if _over_cap(report):
         return report
     _run_all(report, runner)
     if report.stop_reason is None:
-        _compare_all(report)
+        _compare_all(report, hashes)
     return report
 
 
@@ -202,10 +204,13 @@ def _plan(config: Config, options: TuneOptions, place: Callable[[str], str]) -> 
     return plans
 
 
-def _trial(setting: Setting, role: str, output: str, whole: Config, sample: Sample) -> Trial:
+def _trial(
+    setting: Setting, role: str, output: str, whole: Config, sample: Sample, hashes: Hashes
+) -> Trial:
     """A planned setting over the sample, priced by the estimate."""
     run_config = _on_sample(whole, sample)
-    return Trial(setting, role, output, whole, run_config, _prices(estimate(run_config)))
+    price = _prices(estimate(run_config, hashes=hashes))
+    return Trial(setting, role, output, whole, run_config, price)
 
 
 def _on_sample(config: Config, sample: Sample) -> Config:
@@ -277,7 +282,7 @@ def _capped(config: Config, left: float | None) -> Config:
 
 
 # -------------------------------------------------------------------- comparing, choosing
-def _compare_all(report: TuneReport) -> None:
+def _compare_all(report: TuneReport, hashes: Hashes) -> None:
     reference = report.trials[0]
     for trial in report.trials:
         trial.cost_per_1000 = _cost_per_1000(trial.output, trial.config)
@@ -288,7 +293,7 @@ def _compare_all(report: TuneReport) -> None:
     if repeats:
         report.noise_floor = sum(a or 0.0 for a in repeats) / len(repeats)
     reference.agreement, reference.compared = 1.0, report.sample.images
-    _project(report)
+    _project(report, hashes)
     _recommend(report)
 
 
@@ -301,7 +306,7 @@ def _cost_per_1000(output: str, config: Config) -> float | None:
     return round(bill["usd"] / rows.num_rows * 1000, 6)
 
 
-def _project(report: TuneReport) -> None:
+def _project(report: TuneReport, hashes: Hashes) -> None:
     """The whole input at each setting as a first run would buy it, by the estimate: planned
     into an output that holds nothing (never created: the estimate writes nothing), since the
     setting's own output already holds the sample's rows, which a plan would count as done;
@@ -310,7 +315,7 @@ def _project(report: TuneReport) -> None:
         if trial.role == "repeat":
             continue
         first_run = apply_overrides(trial.whole, {"output.dir": trial.output + PROJECTION}, SOURCE)
-        found = estimate(first_run, history_from=trial.output)
+        found = estimate(first_run, history_from=trial.output, hashes=hashes)
         copies = found["plan"]["categories"][COPY]["images"]  # twins: in the input, free
         trial.projected = {"images": found["images"] + copies, **_prices(found)}
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from pathlib import Path
 
 from pipeline.config import Config
@@ -39,6 +40,7 @@ from pipeline.engines.batch.jobs import (
     in_flight_hint,
     quiet,
     report_ended,
+    run_following,
     say,
     scratch_folder,
 )
@@ -106,31 +108,20 @@ class BatchEngine:
             self.summary.resume_hint = in_flight_hint(in_flight, self.config.output.dir)
 
     def _following(self, scratch: Path, opened: Opened) -> Following:
-        batch = self.config.batch
-        return Following(
-            folder=scratch,
-            base_url=self.config.api.base_url,
-            run_id=self.identity.run_id,
-            own=(self.identity.key_suffix, self.config.task),
-            rows=opened.runner.counts,
-            job_counts=self.job_counts,
-            bought=opened.bought,
-            retry_interactively=batch.retry == "interactive",
-            poll=(batch.poll_seconds, batch.max_poll_seconds),
-            output_wait=batch.output_wait_seconds,
-            max_jobs=batch.max_jobs,
-            say=self.say,
-            wait_for_room=not self.options.submit_only,
-        )
+        how = run_following(self.config, self.identity, scratch, opened, self.job_counts, self.say)
+        return dataclasses.replace(how, wait_for_room=not self.options.submit_only)
 
     async def _work(self, opened: Opened, jobs: Jobs, stop: Stop) -> Producer:
         """Collect what ended, submit what is new, then follow the jobs until they end (or,
         with --submit-only, leave them to a later run). Returns the walk, for the summary."""
         # Read before any collection: a file of a job collected from here on is committed
-        # after the resume index was read, and must be skipped all the same.
-        skip = DoneOrInFlight(opened.index, DigestSet(opened.state.in_flight_fingerprints()))
-        producer = Producer(self.config, skip, self.options.limit, opened.fetcher, opened.preflight)
+        # after the resume index was read, and must be skipped all the same (those of the jobs
+        # still in flight after the first pass are counted as such: the summary's in_batch_jobs).
+        before = opened.state.in_flight_fingerprints()
         await guarded(stop, jobs.check_all())
+        still = DigestSet(opened.state.in_flight_fingerprints())
+        skip = DoneOrInFlight(opened.index, still, collected=DigestSet(before))
+        producer = Producer(self.config, skip, self.options.limit, opened.fetcher, opened.preflight)
         caller = opened.caller
         buyer = JobBuyer(
             self.config, self.identity, caller.requests, self.references, jobs, caller.spend

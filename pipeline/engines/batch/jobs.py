@@ -59,7 +59,7 @@ from typing import Any, NoReturn
 
 from pipeline import exits
 from pipeline.config import BatchConfig, Config, ConfigError
-from pipeline.engines.common import drain_on_signals, make_client, sink_hint
+from pipeline.engines.common import Opened, drain_on_signals, make_client, sink_hint
 from pipeline.gemini import ApiKeyError, GeminiClient, GeminiError, api_key_from_env
 from pipeline.gemini.batches import BatchJob, BatchResult
 from pipeline.gemini.client import DEFAULT_BASE_URL
@@ -196,6 +196,45 @@ class Following:
     max_jobs: int
     say: Say
     wait_for_room: bool = True  # False (--submit-only): at the cap of jobs, stop submitting
+
+
+def run_following(
+    config: Config,
+    identity: RunIdentity,
+    scratch: Path,
+    opened: Opened,
+    counts: JobCounts,
+    say: Say,
+) -> Following:
+    """How a run of `config` follows the jobs of its endpoint: its rows, reuse tiers and row
+    counts (`opened`), its own settings to parse with (the Batch Mode run's, and an interactive
+    run's collecting the jobs it finds in flight: `collect_ended`)."""
+    batch = config.batch
+    return Following(
+        folder=scratch,
+        base_url=config.api.base_url,
+        run_id=identity.run_id,
+        own=(identity.key_suffix, config.task),
+        rows=opened.runner.counts,
+        job_counts=counts,
+        bought=opened.bought,
+        retry_interactively=batch.retry == "interactive",
+        poll=(batch.poll_seconds, batch.max_poll_seconds),
+        output_wait=batch.output_wait_seconds,
+        max_jobs=batch.max_jobs,
+        say=say,
+    )
+
+
+async def collect_ended(opened: Opened, stop: Stop, how: Following) -> int:
+    """One pass over the output's jobs in flight at the run's endpoint, waiting for none: those
+    that ended are collected, their rows through the run's sink. An interactive run makes it
+    before its walk (engines/single.py), so what a job bought is never bought again. Returns
+    the jobs still in flight there."""
+    jobs = Jobs(opened.state, opened.client, opened.sink, stop, how)
+    await guarded(stop, jobs.recover())
+    await guarded(stop, jobs.check_all())
+    return len(jobs.in_flight())
 
 
 async def guarded(stop: Stop, work: Awaitable[Any]) -> None:

@@ -71,13 +71,13 @@ from pipeline.engines.common import (
 from pipeline.engines.ray.quota import NAMESPACE, Limits, quota_actor, quota_name
 from pipeline.engines.ray.worker import Secret, Tally, Worker, WorkerSetup, WorkerSetupError
 from pipeline.inputs.fetch import Fetcher, settings_from
-from pipeline.output.index import KeySet, load_resume_index
+from pipeline.output.index import DigestSet, DoneOrInFlight, KeySet, load_resume_index
 from pipeline.output.sink import SinkFailed, shared_output
 from pipeline.output.state import State
 from pipeline.records import Work, members_of
 from pipeline.run.progress import EngineView, Progress
 from pipeline.run.stop import Stop, Stopped, on_signals
-from pipeline.run.summary import RunSummary
+from pipeline.run.summary import RunSummary, in_batch_jobs_hint
 from pipeline.tasks.typed import answer_field
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,10 @@ class RayEngine:
             stack.callback(fetcher.close)  # the walk asks it the size and version of URLs
             client = await stack.enter_async_context(make_client(self.config, base_url, key))
             checking = Preflight(self.start, client, stop)  # the driver's one models.get
-            producer = Producer(self.config, index, self.options.limit, fetcher, checking)
+            # a Batch Mode job in flight is buying its files: skipped, not bought twice (the
+            # single engine collects ended jobs first; here they wait for a later run)
+            skip = DoneOrInFlight(index, DigestSet(self.state.in_flight_fingerprints()))
+            producer = Producer(self.config, skip, self.options.limit, fetcher, checking)
             watching = asyncio.ensure_future(self._watch_quota(quota))
             try:
                 await self._work(producer, fleet)
@@ -213,6 +216,7 @@ class RayEngine:
         s, t = self.summary, self.tally
         s.finished_at = datetime.now(UTC).isoformat()
         s.seen, s.skipped, s.ignored = producer.seen, producer.skipped, producer.passed.ignored
+        s.in_batch_jobs = producer.in_flight
         s.rows, s.tokens, s.copied = t.rows, t.tokens, t.copied
         s.api_calls, s.retries, s.throttled = t.api_calls, t.retries, t.throttled
         s.uploads, s.uploads_reused = t.uploads, t.uploads_reused
@@ -223,6 +227,7 @@ class RayEngine:
         s.model_resolution = producer.preflight.resolution if producer.preflight else None
         assert self.stop is not None
         s.settle(self.stop)
+        s.resume_hint = s.resume_hint or in_batch_jobs_hint(s.in_batch_jobs, self.config.output.dir)
 
 
 class Fleet:
