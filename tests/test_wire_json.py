@@ -18,6 +18,7 @@ from PIL import Image
 
 from pipeline.config import parse_config
 from pipeline.gemini import GeminiClient
+from pipeline.gemini.batches import request_line
 from pipeline.gemini.content import build_generate_content_body
 from pipeline.gemini.interactions import build_interaction_body
 from pipeline.gemini.types import GenerateRequest, ImagePart
@@ -82,6 +83,12 @@ def test_every_body_the_pipeline_builds_is_written_byte_for_byte_as_json_dumps(
     for body in bodies:
         assert json_bytes(body) == dumped(body)
         assert json.loads(json_bytes(body)) == body
+
+
+def test_a_batch_input_line_is_the_json_dumps_line(tmp_path: Path) -> None:
+    request = request_for("detect", tmp_path)
+    line = {"key": "k-1", "request": build_generate_content_body(request)}
+    assert request_line("k-1", request) == dumped(line) + b"\n"
 
 
 def test_the_image_data_is_marked_and_is_the_standard_base64_of_the_bytes(tmp_path: Path) -> None:
