@@ -40,7 +40,9 @@ def _flag_dests() -> list[str]:
 
 def _run(args: argparse.Namespace) -> int:
     from pipeline.engines import RunOptions, check_run, run
+    from pipeline.records import skip_pandas_probe
 
+    skip_pandas_probe()
     config = _config(args)
     if args.plan:
         return _plan(config, args)

@@ -257,3 +257,28 @@ def test_help_imports_nothing_heavy() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_a_run_does_not_import_pandas_and_pandas_still_works_after(tmp_path: Path) -> None:
+    """pyarrow's first `pa.array` imports pandas (0.3-0.45 s of CPU) to ask whether a list is a
+    pandas object; `pipeline run` tells it no. Its rows are written all the same, and pyarrow's
+    pandas conversions in the same process import pandas and work."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        draw_shapes(96, 96, seed=900 + i, count=2)[0].save(images / f"p{i}.png")
+    config = write_config(tmp_path / "c.toml", images, tmp_path / "out")
+    code = (
+        "import sys\n"
+        "from pipeline.cli import main\n"
+        f"assert main(['run', {str(config)!r}, '--quiet']) == 0\n"
+        "print('pandas' in sys.modules)\n"
+        "from pipeline.output.parts import current_rows\n"
+        f"frame = current_rows({str(tmp_path / 'out')!r}).to_pandas()\n"
+        "print(type(frame).__module__.split('.')[0], len(frame))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=ENV, cwd=REPO
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "pandas", "3"]

@@ -46,7 +46,7 @@ from pipeline.gemini.errors import GeminiError, error_from_response
 from pipeline.gemini.files import file_id, parse_json_object
 from pipeline.gemini.transport import Transport
 from pipeline.gemini.types import GenerateRequest, GenerateResponse
-from pipeline.gemini.wire import as_int
+from pipeline.gemini.wire import as_int, json_bytes
 from pipeline.gemini.wire import field as wire_field
 
 # The input file's MIME type (docs/gemini-api.md § Batch Mode; the upload sample of
@@ -341,7 +341,7 @@ def request_error(status: dict[str, Any]) -> GeminiError:
 def request_line(key: str, request: GenerateRequest) -> bytes:
     """One JSONL line of an input file: the same body an interactive call would send."""
     line = {"key": key, "request": build_generate_content_body(request)}
-    return json.dumps(line, separators=(",", ":")).encode() + b"\n"
+    return json_bytes(line) + b"\n"  # the image's base64 copied in, not escaped
 
 
 class Batches:

@@ -20,12 +20,11 @@ rule (`_next_unary_hop_token`), so a stuck answer cannot loop.
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Iterable
 from typing import Any
 
 from pipeline.gemini.types import GenerateRequest, GenerateResponse, ImagePart, Usage, total_usage
-from pipeline.gemini.wire import Continuation, as_int, field, hop_documents
+from pipeline.gemini.wire import Continuation, as_int, base64_text, field, hop_documents
 
 RESUMABLE_FINISH_REASONS = (None, "CONTINUATION")
 TRAFFIC_TYPE_CHARS = 64  # Vertex's enum names are ~25; a longer "trafficType" is not one
@@ -40,7 +39,7 @@ def _image_part(image: ImagePart, request_wide_level: str | None) -> dict[str, A
         part: dict[str, Any] = {
             "inline_data": {
                 "mime_type": image.mime_type,
-                "data": base64.b64encode(image.data).decode("ascii"),
+                "data": base64_text(image.data),  # copied into the body unescaped
             }
         }
     else:

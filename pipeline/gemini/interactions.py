@@ -40,13 +40,12 @@ later hop's leading `user_input` steps dropped) and their usage summed.
 
 from __future__ import annotations
 
-import base64
 from typing import Any
 
 from pipeline.gemini.errors import is_blocked_code
 from pipeline.gemini.schema import json_schema
 from pipeline.gemini.types import GenerateRequest, GenerateResponse, Usage, total_usage
-from pipeline.gemini.wire import Continuation, as_int, hop_documents
+from pipeline.gemini.wire import Continuation, as_int, base64_text, hop_documents
 
 FINISH_REASON_BY_STATUS = {
     "completed": "STOP",
@@ -66,7 +65,7 @@ def _content(request: GenerateRequest) -> list[dict[str, Any]]:
             content.append({"type": "text", "text": image.caption})
         item: dict[str, Any] = {"type": "image", "mime_type": image.mime_type}
         if image.data is not None:
-            item["data"] = base64.b64encode(image.data).decode("ascii")
+            item["data"] = base64_text(image.data)
         else:
             item["uri"] = image.file_uri
         resolution = image.resolution or request.media_resolution

@@ -23,7 +23,6 @@ Each request carries `X-Server-Timeout` with its deadline, as the SDK's
 from __future__ import annotations
 
 import ipaddress
-import json
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -35,6 +34,7 @@ import aiohttp
 from pipeline.gemini.auth import REDACTED, Auth, KeyAuth
 from pipeline.gemini.errors import GeminiError, error_from_response
 from pipeline.gemini.types import GenerateResponse
+from pipeline.gemini.wire import json_bytes
 
 _Parsed = TypeVar("_Parsed")
 
@@ -230,7 +230,7 @@ class Transport:
             raise GeminiError(None, "DEADLINE_EXCEEDED", f"{what}: no time left to send it")
         request_headers = await self._headers(headers, with_key, limit)
         if json_body is not None:
-            data = json.dumps(json_body, separators=(",", ":")).encode()
+            data = json_bytes(json_body)
             request_headers["Content-Type"] = "application/json"
         try:
             async with self.session().request(
