@@ -290,6 +290,11 @@ class BatchesSurface:
             result = {"response": outcome}
         if job.from_file is None:
             return {**result, "metadata": label} if label is not None else result
+        return self._file_line(label, result)
+
+    def _file_line(self, label: Any, result: dict[str, Any]) -> bytes:
+        """A results file's line: `{"key", "response" | "error"}` (vertex_batches.py writes
+        Vertex's predictions instead)."""
         key = label.get("key") if isinstance(label, dict) else None
         line = {"key": key, **result} if key is not None else result
         return json.dumps(line, separators=(",", ":")).encode() + b"\n"

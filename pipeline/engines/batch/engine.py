@@ -121,6 +121,8 @@ class BatchEngine:
             max_jobs=batch.max_jobs,
             say=self.say,
             wait_for_room=not self.options.submit_only,
+            staging=self.config.api.batch_staging,
+            source=self.config.source,
         )
 
     async def _work(self, opened: Opened, jobs: Jobs, stop: Stop) -> Producer:
