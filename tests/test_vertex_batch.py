@@ -25,6 +25,7 @@ from google.genai import types
 
 from pipeline import exits
 from pipeline.config import ConfigError, load_config
+from pipeline.gemini.vertex_batches import parse_vertex_job, read_prediction
 from pipeline.localserver.options import ServerOptions
 from pipeline.localserver.server import LocalServer
 from pipeline.output.state import State
@@ -232,7 +233,7 @@ def test_vertex_batch_without_a_staging_prefix_names_the_key(tmp_path):
 
 
 # ----------------------------------------------------------------------------- the official SDK
-async def test_the_sdks_vertex_batches_create_get_list_and_cancel(
+async def test_the_sdks_vertex_batches_create_get_list_cancel_and_delete(
     server, server_clock, key_file, staging
 ):
     line = {"request": {"contents": [{"role": "user", "parts": [{"text": "Describe a cat."}]}]}}
@@ -254,3 +255,47 @@ async def test_the_sdks_vertex_batches_create_get_list_and_cancel(
     assert listed == [job.name]
     await client.aio.batches.delete(name=job.name)
     assert isinstance(client, genai.Client)
+
+    second = await client.aio.batches.create(model=MODEL, src="gs://staging/in.jsonl")
+    await client.aio.batches.cancel(name=second.name)
+    cancelled = await client.aio.batches.get(name=second.name)
+    assert cancelled.state == types.JobState.JOB_STATE_CANCELLED
+    assert server.stats()["vertex_batches"]["created"] == 2
+
+
+# ------------------------------------------------------------------------- the wire, no server
+def test_a_prediction_line_is_its_answer_or_the_error_its_status_names():
+    answer = {"candidates": [{"content": {"role": "model", "parts": [{"text": "[]"}]}}]}
+    ok = read_prediction(json.dumps({"key": "k1", "request": {}, "response": answer}), 1)
+    assert ok.key == "k1" and ok.response is not None and ok.response.text == "[]"
+    error = {
+        "error": {"code": 400, "message": "Please use a valid role", "status": "INVALID_ARGUMENT"}
+    }
+    refused = read_prediction(
+        json.dumps({"key": "k2", "status": f"Bad Request: {json.dumps(error)}"}), 2
+    )
+    assert refused.key == "k2" and refused.error is not None
+    assert (refused.error.code, refused.error.retryable) == (400, False)
+    busy = read_prediction(json.dumps({"key": "k3", "status": {"code": 14, "message": "busy"}}), 3)
+    assert busy.error is not None and (busy.error.code, busy.error.retryable) == (503, True)
+    unknown = read_prediction(json.dumps({"key": "k4", "status": "Internal error occurred"}), 4)
+    assert unknown.error is not None and unknown.error.code == 500
+    cut = read_prediction('{"key": "k5", "request": {"contents": [', 5)
+    assert cut.key == "k5" and cut.unreadable is not None and cut.unreadable.number == 5
+
+
+def test_a_batch_prediction_job_reads_as_a_batch_job():
+    job = parse_vertex_job(
+        {
+            "name": f"projects/{PROJECT}/locations/{LOCATION}/batchPredictionJobs/123",
+            "displayName": "gvp-x-0001",
+            "state": "JOB_STATE_SUCCEEDED",
+            "completionStats": {"successfulCount": "7", "failedCount": "2"},
+            "outputInfo": {"gcsOutputDirectory": "gs://b/p/prediction-model-1/"},
+        }
+    )
+    assert (job.done, job.ended, job.has_output) == (True, True, True)
+    assert job.output_dir == "gs://b/p/prediction-model-1" and job.display_name == "gvp-x-0001"
+    assert (job.stats.succeeded, job.stats.failed, job.stats.pending) == (7, 2, 0)
+    running = parse_vertex_job({"name": "n", "state": "JOB_STATE_RUNNING"})
+    assert (running.done, running.has_output) == (False, False)

@@ -575,14 +575,18 @@ class Jobs:
         self.ended.set()
 
     async def _delete_files(self, job: int) -> None:
-        """Delete a job's Files API files (its JSONL, its images); one already gone is
-        forgotten, one the service refuses to delete stays recorded for a later try."""
+        """Delete a job's files (Files API files: its JSONL, its images; on Vertex its staged
+        input and output, service.py); one already gone is forgotten, one the service (or the
+        bucket) refuses to delete stays recorded for a later try."""
         for name in self.state.batch_files(job):
             try:
                 await self.stop.call(self.service.delete_file(name))
             except GeminiError as exc:
                 if exc.code not in (403, 404):
                     continue
+            except OSError as exc:  # a staged gs:// object the store would not delete: kept
+                log.warning("batch file %s not deleted (kept for a later try): %s", name, exc)
+                continue
             except Stopped:
                 return
             self.state.forget_batch_file(name)
