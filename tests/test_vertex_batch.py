@@ -25,6 +25,7 @@ from google.genai import types
 
 from pipeline import exits
 from pipeline.config import ConfigError, load_config
+from pipeline.engines.batch import jobs as batchjobs
 from pipeline.gemini.vertex_batches import parse_vertex_job, read_prediction
 from pipeline.localserver.options import ServerOptions
 from pipeline.localserver.server import LocalServer
@@ -185,6 +186,24 @@ async def test_kill_9_while_polling_then_rerun_reattaches_to_the_same_job(
     assert server.stats()["answers_by_task"] == {"detect": 8}  # each answer bought once
     assert summary.batch["jobs_created"] == 0 and summary.batch["jobs_collected"] == 1
     assert dict(summary.rows) == {"ok": 8} and len(read_current(tmp_path / "out")) == 8
+
+
+async def test_submit_only_then_batch_status_and_wait_collect_on_vertex(
+    server, server_clock, tmp_path, images_dir, vertex_env, gcs_double
+):
+    """A cron run submits and exits; `pipeline batch status` and `wait` with the Vertex config
+    (service-account credentials, no API key) read and collect the job: no second job."""
+    save_scenes(images_dir, 4, prefix="scene", seed=51)
+    config = vertex_batch(tmp_path, server)
+    submitted = await run(config, submit_only=True)
+    assert submitted.batch["jobs_created"] == 1 and not read_current(tmp_path / "out")
+    report = await batchjobs.status(str(tmp_path / "out"), config)
+    (job,) = report["jobs"]
+    assert job["live"]["state"] == "JOB_STATE_PENDING" and job["live"]["requests"] == 4
+    server_clock.now += 61
+    waited = await batchjobs.wait(str(tmp_path / "out"), config, progress=False)
+    assert waited.rows == {"ok": 4} and waited.batch["jobs_collected"] == 1
+    assert created(server) == 1 and len(read_current(tmp_path / "out")) == 4
 
 
 @pytest.mark.faults(batch_output_delay_seconds=600)

@@ -62,8 +62,9 @@ from pipeline.config import BatchConfig, Config, ConfigError
 from pipeline.engines.batch.service import job_service
 from pipeline.engines.common import drain_on_signals, make_client, sink_hint
 from pipeline.gemini import ApiKeyError, GeminiClient, GeminiError, api_key_from_env
-from pipeline.gemini.batches import BatchJob, BatchResult
+from pipeline.gemini.batches import Batches, BatchJob, BatchResult
 from pipeline.gemini.client import DEFAULT_BASE_URL
+from pipeline.gemini.vertex_batches import VertexBatches
 from pipeline.output.index import lookup_rows
 from pipeline.output.sink import ParquetSink, SinkFailed
 from pipeline.output.state import (
@@ -969,16 +970,24 @@ def _more_endpoints(others: list[str]) -> str:
 
 def _client(base_url: str, version: str, config: Config | None) -> GeminiClient:
     """A client for jobs created at `base_url` (`--config` lends its [api] timeout and http
-    permission); the key comes from the environment, as for a run."""
+    permission, and its backend); the key comes from the environment, as for a run — a Vertex
+    config's credentials too (Application Default Credentials, or an express-mode key)."""
     try:
         key = api_key_from_env()
     except ApiKeyError as exc:  # a key with CR/LF inside, or too short: exit 2, as for a run
         raise ConfigError(f"batch jobs at {base_url}: {exc}") from None
-    if not key:
+    vertex = config is not None and config.api.backend == "vertex"
+    if not key and not vertex:
         raise ConfigError(
             f"batch jobs at {base_url}: set GOOGLE_API_KEY (or GEMINI_API_KEY) in the environment"
         )
-    return make_client(config, base_url, key, version)
+    return make_client(config, base_url, key or "", version)
+
+
+def _batches(client: GeminiClient, config: Config | None) -> Batches | VertexBatches:
+    """The job calls of the client's backend (a Vertex config's batch prediction jobs)."""
+    staging = config.api.batch_staging if config is not None else None
+    return job_service(client, staging, config.source if config else "").batches
 
 
 def _output(output_dir: str) -> Path | Store:
@@ -1022,7 +1031,7 @@ async def _live(
     async with _client(base_url, version, config) as client:
         for job in (job for job in jobs if job.name):
             try:
-                remote = await client.batches.get(job.name or "")
+                remote = await _batches(client, config).get(job.name or "")
             except GeminiError as exc:
                 found[job.id] = {"error": str(exc)}
                 continue
@@ -1090,21 +1099,24 @@ async def cancel(
             if at == "local":
                 continue
             async with _client(at, version, config) as client:
+                batches = _batches(client, config)
                 for job in (job for job in jobs if job.name):
-                    done.append(await _cancel_one(client, job.name or "", output_dir))
+                    done.append(await _cancel_one(batches, job.name or "", output_dir))
     finally:
         state.close()
     return done
 
 
-async def _cancel_one(client: GeminiClient, name: str, output_dir: str) -> dict[str, Any]:
+async def _cancel_one(
+    batches: Batches | VertexBatches, name: str, output_dir: str
+) -> dict[str, Any]:
     """Cancel a job, first saying how many of its requests it had answered (batchStats): those
     are billed, and lost unless collected. A cancelled job may carry them as its output (rule
     batch.cancel-partial of the local server): `batch wait` or the next run collects it."""
     try:
-        answered = _say_billed(await client.batches.get(name))
-        await client.batches.cancel(name)
-        remote = await client.batches.get(name)
+        answered = _say_billed(await batches.get(name))
+        await batches.cancel(name)
+        remote = await batches.get(name)
     except GeminiError as exc:
         return {"name": name, "error": str(exc)}
     if remote.has_output:
