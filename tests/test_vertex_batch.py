@@ -64,8 +64,7 @@ def options(key_path: Path, buckets: Path, staging: Path, **faults: Any) -> Serv
         service_account=str(key_path),
         token_seconds=3600,
         gs_root=(f"photos={buckets}", f"staging={staging}"),
-        batch_seconds=60,
-        **faults,
+        **{"batch_seconds": 60, **faults},
     )
 
 
@@ -241,6 +240,39 @@ async def test_lines_that_failed_become_rows_naming_the_reason(
     assert summary.exit_code == exits.ROWS_NOT_OK and failed and len(rows) == 30
     assert all(rows[name]["retryable"] and rows[name]["error"] for name in failed)
     assert all(rows[name]["input_mode"] == "batch" for name in failed)
+
+
+@pytest.mark.faults(batch_corrupt_line=2)
+async def test_a_cut_prediction_line_is_its_keys_retryable_row_the_rest_ok(
+    server, server_clock, tmp_path, images_dir, vertex_env, gcs_double
+):
+    save_scenes(images_dir, 6, prefix="scene", seed=61)
+    summary = await run_through(vertex_batch(tmp_path, server), server, server_clock)
+    assert (summary.exit_code, dict(summary.rows)) == (exits.ROWS_NOT_OK, {"ok": 5, "error": 1})
+    (bad,) = [row for row in read_current(tmp_path / "out").values() if row["status"] != "ok"]
+    assert bad["retryable"] and bad["error"].startswith("batch result line unreadable: ")
+    assert summary.batch["requests_without_result"] == 0
+
+
+@pytest.mark.faults(batch_seconds=30, batch_expiry_seconds=10)
+async def test_an_expired_job_is_reported_and_its_images_left_for_the_next_run(
+    server, server_clock, tmp_path, images_dir, vertex_env, gcs_double
+):
+    """EXPIRED with its output folder named but empty: ended, no rows, its images sent again."""
+    save_scenes(images_dir, 3, prefix="scene", seed=71)
+    summary = await run_through(vertex_batch(tmp_path, server), server, server_clock)
+    assert summary.exit_code == exits.STOPPED and "EXPIRED" in summary.stop_reason
+    assert not summary.rows and [j.phase for j in jobs_in(tmp_path / "out")] == ["ended"]
+
+
+async def test_a_staging_bucket_that_cannot_be_written_stops_the_run_naming_the_key(
+    server, tmp_path, images_dir, vertex_env, gcs_double
+):
+    save_scenes(images_dir, 2, prefix="scene", seed=81)
+    summary = await run(vertex_batch(tmp_path, server, batch_staging="gs://nosuch/gvp"))
+    assert summary.exit_code == exits.STOPPED and "batch_staging" in summary.resume_hint
+    assert "gs://nosuch/gvp/" in summary.stop_reason and created(server) == 0
+    assert not summary.rows and jobs_in(tmp_path / "out") == []  # dropped: sent again next time
 
 
 def test_vertex_batch_without_a_staging_prefix_names_the_key(tmp_path):

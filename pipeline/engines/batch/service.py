@@ -173,10 +173,17 @@ class VertexJobs:
         await asyncio.to_thread(self._delete, name)
 
     def _delete(self, name: str) -> None:
-        paths = self.fs.find(_path(name), withdirs=False) if name.endswith("/") else [_path(name)]
+        paths = self._under(name) if name.endswith("/") else [_path(name)]
         for path in paths:  # one DELETE each (gcsfs's rm of many uses the batch endpoint)
             with contextlib.suppress(FileNotFoundError):
                 self.fs.rm_file(path)
+
+    def _under(self, prefix: str) -> list[str]:
+        """The objects under a prefix (none when its bucket is gone: nothing to delete)."""
+        try:
+            return list(self.fs.find(_path(prefix), withdirs=False))
+        except FileNotFoundError:
+            return []
 
 
 def _path(uri: str) -> str:
