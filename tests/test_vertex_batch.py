@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from google import genai
 from google.genai import types
@@ -30,6 +31,7 @@ from pipeline.gemini.vertex_batches import parse_vertex_job, read_prediction
 from pipeline.localserver.options import ServerOptions
 from pipeline.localserver.server import LocalServer
 from pipeline.output.state import State
+from pipeline.output.stores import filesystem as gcsfs_filesystem
 from tests.conftest import Clock, make_config, read_current, run, save_scenes, until
 from tests.test_vertex import (  # and that module's fixtures, reused (__all__)
     LOCATION,
@@ -350,3 +352,21 @@ def test_a_batch_prediction_job_reads_as_a_batch_job():
     assert (job.stats.succeeded, job.stats.failed, job.stats.pending) == (7, 2, 0)
     running = parse_vertex_job({"name": "n", "state": "JOB_STATE_RUNNING"})
     assert (running.done, running.has_output) == (False, False)
+
+
+async def test_the_storage_double_takes_gcsfs_uploads_and_deletes(server, staging, gcs_double):
+    """What the staging prefix needs of the double: gcsfs's multipart upload (small), its
+    resumable upload (5 MB and more), its listing and its single DELETE. (gcsfs blocks on its
+    own loop: called from a thread, as the pipeline calls it, while the server runs here.)"""
+    fs = gcsfs_filesystem("gs")  # the store layer's, as the staging writes use it
+    await asyncio.to_thread(fs.pipe_file, "staging/a/small.jsonl", b'{"key": "1"}\n')
+    big = np.random.default_rng(3).integers(0, 256, size=6 * 2**20, dtype=np.uint8).tobytes()
+    (staging / "local.bin").write_bytes(big)
+    await asyncio.to_thread(fs.put_file, str(staging / "local.bin"), "staging/a/b/big.bin")
+    assert (staging / "a" / "small.jsonl").read_bytes() == b'{"key": "1"}\n'
+    assert (staging / "a" / "b" / "big.bin").read_bytes() == big
+    found = await asyncio.to_thread(fs.find, "staging/a/")
+    assert sorted(found) == ["staging/a/b/big.bin", "staging/a/small.jsonl"]
+    await asyncio.to_thread(fs.rm_file, "staging/a/b/big.bin")
+    assert not (staging / "a" / "b" / "big.bin").exists()
+    assert server.stats()["storage"]["object_puts"] == 2

@@ -42,7 +42,8 @@ from pipeline.localserver.batches import (
     Job,
     _batch_model,
     _file_lines,
-    _status,
+    _listing,
+    _page,
 )
 from pipeline.localserver.core import Core
 from pipeline.localserver.files import rfc3339
@@ -106,32 +107,22 @@ class VertexBatchesSurface(BatchesSurface):
         """Newest first, filtered by display name when asked, paged by pageToken."""
         self.let_in(request, request.match_info["project"])
         wanted = _display_filter(request.query.get("filter"))
-        size = int(request.query.get("pageSize") or 50)
-        start = int(request.query.get("pageToken") or 0)
         listed = [j for j in self.jobs.values() if self._listed(j) and _named(j, wanted)]
-        listed.sort(key=lambda j: (-j.created, j.id))
-        page = [self._job_resource(job) for job in listed[start : start + size]]
-        answer: dict[str, Any] = {JOBS: page} if page else {}
-        if start + size < len(listed):
-            answer["nextPageToken"] = str(start + size)
-        return web.json_response(answer)
+        page, token = _page(request, listed)
+        body: dict[str, Any] = {JOBS: [self._job_resource(job) for job in page]}
+        return web.json_response(_listing(body, token))
 
     async def cancel_job(self, request: web.Request) -> web.Response:
         """As Batch Mode's cancel (rules batch.state, batch.cancel-partial)."""
         self.let_in(request, request.match_info["project"])
-        job = self._job(request)
-        state = self._state(job)
-        if state in ENDED:
-            raise errors.batch_ended(job.id, f"JOB_STATE_{state}")
-        self._end(job, "CANCELLED", _status("CANCELLED", "The job was cancelled."))
+        self._cancel(self._job(request), "JOB_STATE_")
         return web.json_response({})
 
     async def delete_job(self, request: web.Request) -> web.Response:
         """Gone; the answer is the delete's long-running Operation, done."""
         self.let_in(request, request.match_info["project"])
-        job = self.jobs.pop(self._job(request).id)
-        if job.task is not None:
-            job.task.cancel()
+        job = self._job(request)
+        self._delete(job)
         operation = f"{_parent(request)}/operations/delete-{job.id}"
         return web.json_response({"name": operation, "done": True})
 

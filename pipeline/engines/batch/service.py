@@ -30,7 +30,7 @@ from pipeline.gemini.backends import Vertex
 from pipeline.gemini.batches import JSONL_MIME, Batches, BatchJob
 from pipeline.gemini.vertex_batches import VertexBatches
 from pipeline.output.state import State
-from pipeline.output.stores import filesystem
+from pipeline.output.stores import MissingExtra, filesystem
 from pipeline.run.calls import RunStopped
 from pipeline.run.failures import Action, Verdict
 
@@ -68,6 +68,8 @@ def job_service(client: GeminiClient, staging: str | None, source: str = "") -> 
         return VertexJobs(client.batch_predictions, staging)
     except ValueError as exc:  # express mode: no project
         raise ConfigError(f"{source}: [api] project: {exc}") from None
+    except MissingExtra as exc:  # no gcsfs to write the staging prefix with
+        raise ConfigError(f"{source}: {STAGING_KEY}: {exc}") from None
 
 
 STAGING_KEY = '[api] batch_staging ("gs://bucket/prefix")'
