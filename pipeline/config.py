@@ -88,6 +88,14 @@ def _location(v: Any) -> str:
     return v
 
 
+def _gs_prefix(v: Any) -> str:
+    """A Cloud Storage prefix: Vertex batch prediction reads its input and writes its output
+    only there (the REST reference: gcsSource, gcsDestination)."""
+    if not s.text(v).startswith("gs://") or len(v.rstrip("/")) <= len("gs://") or ".." in v:
+        raise TypeError('a Cloud Storage prefix such as "gs://my-bucket/gvp-batch"')
+    return v.rstrip("/")
+
+
 def _inline_limit_mb(v: Any) -> float:
     """Above 100 MB the service refuses every request that uses the room: refused here."""
     if s.positive_number(v) > MAX_INLINE_LIMIT_MB:
@@ -171,6 +179,11 @@ class ApiConfig:
         s.one_of(*REQUEST_TYPES),
         'vertex: "dedicated" (Provisioned Throughput only: a 429 past it) or "shared" '
         "(pay-as-you-go only); empty: Provisioned Throughput first, the overage on demand",
+    )
+    batch_staging: str | None = setting(
+        None,
+        s.optional(_gs_prefix),
+        'vertex batch: "gs://bucket/prefix" where job inputs are written and outputs read',
     )
 
 
@@ -620,8 +633,8 @@ def _validate_groups(config: Config) -> None:
 
 
 def _validate_vertex(config: Config) -> None:
-    """What Gemini on Vertex AI does not serve: Interactions, the Files API (so no uploads; a
-    gs:// input is read in place), and (for now) this pipeline's Batch Mode jobs."""
+    """What Gemini on Vertex AI does not serve: Interactions and the Files API (so no uploads; a
+    gs:// input is read in place); batch prediction needs a gs:// staging prefix."""
     api, source = config.api, config.source
     if api.backend != "vertex":
         if api.vertex_request_type:
@@ -640,10 +653,11 @@ def _validate_vertex(config: Config) -> None:
             f'{source}: [images] mode = "upload": Vertex AI has no Files API; use "auto" '
             '(inline, and gs:// objects read in place) or "inline"'
         )
-    if api.mode == "batch":
+    if api.mode == "batch" and api.batch_staging is None:
         raise ConfigError(
-            f'{source}: [api] mode = "batch": Vertex batch prediction is not supported yet; '
-            'run with [api] mode = "interactive", or backend = "developer"'
+            f'{source}: [api] batch_staging: required with [api] mode = "batch" on Vertex AI '
+            "(batch prediction reads its input and writes its output in Cloud Storage): set "
+            'batch_staging = "gs://my-bucket/gvp-batch"'
         )
 
 

@@ -7,8 +7,8 @@ requires `role` on every content, which build_generate_content_body always sends
 `fileData.fileUri = "gs://..."` objects in place, where the Developer API takes Files API URIs).
 Auth (an API key, or Vertex's OAuth2 bearer token) is auth.py's.
 
-A Vertex batch-prediction seam would sit here too: `Vertex.jobs_url()` for
-`projects/{p}/locations/{l}/batchPredictionJobs`, beside the Developer API's `batches`.
+Vertex batch prediction (`projects/{p}/locations/{l}/batchPredictionJobs`) is vertex_batches.py's,
+beside the Developer API's Batch Mode in batches.py (`GeminiClient.batch_predictions`).
 """
 
 from __future__ import annotations

@@ -126,6 +126,7 @@ class BatchJob:
     model: str | None = None
     stats: BatchStats = field(default_factory=BatchStats)
     responses_file: str | None = None  # "files/batch-<id>" once a file job succeeded
+    output_dir: str | None = None  # Vertex: outputInfo.gcsOutputDirectory (vertex_batches.py)
     inlined: tuple[BatchResult, ...] = ()  # the answers of an inline job
     error: GeminiError | None = None  # why a FAILED (or CANCELLED) job ended
     create_time: str | None = None
@@ -139,8 +140,9 @@ class BatchJob:
 
     @property
     def has_output(self) -> bool:
-        """Its results are attached: a responses file, or inline answers."""
-        return self.responses_file is not None or bool(self.inlined)
+        """Its results are attached: a responses file, inline answers, or (Vertex) the folder
+        its predictions are written to — whether they are all there is read from the folder."""
+        return self.responses_file is not None or bool(self.inlined) or bool(self.output_dir)
 
 
 def job_state(state: Any) -> str:
@@ -344,13 +346,55 @@ def request_line(key: str, request: GenerateRequest) -> bytes:
     return json_bytes(line) + b"\n"  # the image's base64 copied in, not escaped
 
 
-class Batches:
-    """Batch Mode calls of one client (`GeminiClient.batches`); no retries inside."""
+class JobCalls:
+    """What the job calls of both backends share (`Batches` here, `VertexBatches` of
+    vertex_batches.py): cancel, delete, and the reading of a results file line by line."""
+
+    read_line = staticmethod(read_result)  # a results line's reader (Vertex: its predictions')
 
     def __init__(self, transport: Transport, base_url: str, version: str) -> None:
         self._transport = transport
         self.base_url = base_url
         self.version = version
+
+    async def cancel(self, name: str) -> None:
+        answer = await self._transport.send(
+            "POST", self._url(name) + ":cancel", json_body={}, what=f"cancel batches/{job_id(name)}"
+        )
+        if answer.status >= 400:
+            raise self._transport.error(answer)
+
+    async def delete(self, name: str) -> None:
+        answer = await self._transport.send(
+            "DELETE", self._url(name), what=f"delete batches/{job_id(name)}"
+        )
+        if answer.status >= 400:
+            raise self._transport.error(answer)
+
+    def results(self, path: str | os.PathLike[str]) -> Iterator[BatchResult]:
+        """The lines of a downloaded results file, read one at a time: each parsed as written,
+        then the key removed from what is kept (`_stored`). A line that does not parse is a
+        BatchResult saying so (`read_result`): the others are read all the same."""
+        with open(path, encoding="utf-8", errors="replace") as lines:
+            for number, line in enumerate(lines, 1):
+                if line.strip():
+                    yield self._stored(line, number)
+
+    def _stored(self, line: str, number: int) -> BatchResult:
+        """A line's result with the key only out of the kept texts: an answer is parsed as
+        written (redacting first changed what was parsed); an error or an unreadable line is
+        read from the redacted line, its message and excerpt being what is kept."""
+        result = self.read_line(line, number)
+        if result.response is None:
+            return self.read_line(self._transport.redact(line), number)
+        return replace(result, response=self._transport.stored(result.response))
+
+    def _url(self, name: str) -> str:
+        raise NotImplementedError
+
+
+class Batches(JobCalls):
+    """Batch Mode calls of one client (`GeminiClient.batches`); no retries inside."""
 
     async def create(
         self,
@@ -387,20 +431,6 @@ class Batches:
         url = f"{self.base_url}/{self.version}/batches"
         return await self._transport.pages(url, parse_job_page, "list batches", page_size)
 
-    async def cancel(self, name: str) -> None:
-        answer = await self._transport.send(
-            "POST", self._url(name) + ":cancel", json_body={}, what=f"cancel batches/{job_id(name)}"
-        )
-        if answer.status >= 400:
-            raise self._transport.error(answer)
-
-    async def delete(self, name: str) -> None:
-        answer = await self._transport.send(
-            "DELETE", self._url(name), what=f"delete batches/{job_id(name)}"
-        )
-        if answer.status >= 400:
-            raise self._transport.error(answer)
-
     async def download(
         self, file_name: str, destination: str | os.PathLike[str], *, timeout: float | None = None
     ) -> int:
@@ -421,24 +451,6 @@ class Batches:
             sink.flush()
             os.fsync(sink.fileno())
         return Path(destination).stat().st_size
-
-    def results(self, path: str | os.PathLike[str]) -> Iterator[BatchResult]:
-        """The lines of a downloaded results file, read one at a time: each parsed as written,
-        then the key removed from what is kept (`_stored`). A line that does not parse is a
-        BatchResult saying so (`read_result`): the others are read all the same."""
-        with open(path, encoding="utf-8", errors="replace") as lines:
-            for number, line in enumerate(lines, 1):
-                if line.strip():
-                    yield self._stored(line, number)
-
-    def _stored(self, line: str, number: int) -> BatchResult:
-        """A line's result with the key only out of the kept texts: an answer is parsed as
-        written (redacting first changed what was parsed); an error or an unreadable line is
-        read from the redacted line, its message and excerpt being what is kept."""
-        result = read_result(line, number)
-        if result.response is None:
-            return read_result(self._transport.redact(line), number)
-        return replace(result, response=self._transport.stored(result.response))
 
     def _url(self, name: str) -> str:
         return f"{self.base_url}/{self.version}/batches/{job_id(name)}"

@@ -27,7 +27,7 @@ from typing import Any
 
 from pipeline.gemini import content, interactions
 from pipeline.gemini.auth import ApiKeyError, Auth, check_key
-from pipeline.gemini.backends import Backend, Developer
+from pipeline.gemini.backends import Backend, Developer, Vertex
 from pipeline.gemini.batches import Batches
 from pipeline.gemini.caches import Caches
 from pipeline.gemini.content import build_generate_content_body, parse_generate_content
@@ -59,6 +59,7 @@ from pipeline.gemini.types import (
     GenerateRequest,
     GenerateResponse,
 )
+from pipeline.gemini.vertex_batches import VertexBatches
 from pipeline.gemini.wire import Continuation, join_hops, split_hops
 
 # Pauses before re-sending an upload chunk whose answer lacked X-Goog-Upload-Status
@@ -188,6 +189,15 @@ class GeminiClient:
     def batches(self) -> Batches:
         """Batch Mode jobs over this client's connection and key (the SDK's `client.batches`)."""
         return Batches(self._transport, self.base_url, self.version)
+
+    @property
+    def batch_predictions(self) -> VertexBatches:
+        """Vertex AI batch prediction jobs over this client's connection and token (the SDK's
+        `client.batches` with `vertexai=True`); ValueError on the Developer API, or without a
+        project (express mode)."""
+        if not isinstance(self.backend, Vertex):
+            raise ValueError('batch prediction jobs are Vertex AI\'s (backend = "vertex")')
+        return VertexBatches(self._transport, self.backend)
 
     @property
     def caches(self) -> Caches:

@@ -177,17 +177,19 @@ class Transport:
         parse_page: Callable[[str], tuple[list[_Parsed], str | None]],
         what: str,
         page_size: int,
+        query: Mapping[str, str] | None = None,
     ) -> list[_Parsed]:
-        """Every item of a listing, following nextPageToken (as the SDK's `Pager` does)."""
+        """Every item of a listing, following nextPageToken (as the SDK's `Pager` does);
+        `query`: more parameters of every page (a Vertex list's `filter`)."""
         items: list[_Parsed] = []
-        params = {"pageSize": str(page_size)}
+        params = {**(query or {}), "pageSize": str(page_size)}
         while True:
             answer = await self.send("GET", url, params=params, what=what)
             page, token = self.parse(answer, parse_page, what)
             items.extend(page)
             if not token:
                 return items
-            params = {"pageSize": str(page_size), "pageToken": token}
+            params = {**(query or {}), "pageSize": str(page_size), "pageToken": token}
 
     async def _headers(
         self, headers: Mapping[str, str] | None, with_key: bool, limit: float

@@ -152,21 +152,10 @@ class BatchesSurface:
 
     async def list(self, request: web.Request) -> web.Response:
         self.core.check_key(request)
-        query = request.query
-        try:
-            size = int(query.get("pageSize") or query.get("page_size") or 0) or 50
-            start = int(query.get("pageToken") or query.get("page_token") or 0)
-        except ValueError:
-            raise errors.invalid_argument(
-                "Invalid page token or size.", rule="batch.input", field="page_token"
-            ) from None
-        listed = (job for job in self.jobs.values() if self._listed(job))
-        jobs = sorted(listed, key=lambda j: (-j.created, j.id))
-        page = [self._resource(job, with_output=False) for job in jobs[start : start + size]]
-        body: dict[str, Any] = {"operations": page} if page else {}
-        if start + size < len(jobs):
-            body["nextPageToken"] = str(start + size)
-        return web.json_response(body)
+        listed = [job for job in self.jobs.values() if self._listed(job)]
+        page, token = _page(request, listed)
+        body: dict[str, Any] = {"operations": [self._resource(j, with_output=False) for j in page]}
+        return web.json_response(_listing(body, token))
 
     def _listed(self, job: Job) -> bool:
         """Whether the job list shows the job yet: --batch-list-lag S after its create, on the
@@ -175,19 +164,25 @@ class BatchesSurface:
 
     async def cancel(self, request: web.Request) -> web.Response:
         self.core.check_key(request)
-        job = self._job(request)
+        self._cancel(self._job(request), "BATCH_STATE_")
+        return web.json_response({})
+
+    def _cancel(self, job: Job, spelling: str) -> None:
+        """A running job ended CANCELLED (rule batch.state: 400 once it ended)."""
         state = self._state(job)
         if state in ENDED:
-            raise errors.batch_ended(job.id, f"BATCH_STATE_{state}")
+            raise errors.batch_ended(job.id, f"{spelling}{state}")
         self._end(job, "CANCELLED", _status("CANCELLED", "The batch was cancelled."))
-        return web.json_response({})
 
     async def delete(self, request: web.Request) -> web.Response:
         self.core.check_key(request)
-        job = self.jobs.pop(self._job(request).id)
+        self._delete(self._job(request))
+        return web.json_response({})
+
+    def _delete(self, job: Job) -> None:
+        del self.jobs[job.id]
         if job.task is not None:
             job.task.cancel()
-        return web.json_response({})
 
     async def download(self, request: web.Request) -> web.Response:
         self.core.check_key(request)
@@ -290,6 +285,11 @@ class BatchesSurface:
             result = {"response": outcome}
         if job.from_file is None:
             return {**result, "metadata": label} if label is not None else result
+        return self._file_line(label, result)
+
+    def _file_line(self, label: Any, result: dict[str, Any]) -> bytes:
+        """A results file's line: `{"key", "response" | "error"}` (vertex_batches.py writes
+        Vertex's predictions instead)."""
         key = label.get("key") if isinstance(label, dict) else None
         line = {"key": key, **result} if key is not None else result
         return json.dumps(line, separators=(",", ":")).encode() + b"\n"
@@ -423,6 +423,27 @@ class BatchesSurface:
             batch_id = "".join(secrets.choice(_ID_ALPHABET) for _ in range(24))
             if batch_id not in self.jobs:
                 return batch_id
+
+
+def _page(request: web.Request, jobs: list[Job]) -> tuple[list[Job], str | None]:
+    """One page of `jobs`, newest first, and the next page's token (pageSize, pageToken)."""
+    query = request.query
+    try:
+        size = int(query.get("pageSize") or query.get("page_size") or 0) or 50
+        start = int(query.get("pageToken") or query.get("page_token") or 0)
+    except ValueError:
+        raise errors.invalid_argument(
+            "Invalid page token or size.", rule="batch.input", field="page_token"
+        ) from None
+    jobs = sorted(jobs, key=lambda j: (-j.created, j.id))
+    token = str(start + size) if start + size < len(jobs) else None
+    return jobs[start : start + size], token
+
+
+def _listing(body: dict[str, Any], token: str | None) -> dict[str, Any]:
+    """A list answer as proto3 JSON writes it: an empty list left out, the token when more."""
+    body = {name: items for name, items in body.items() if items}
+    return {**body, "nextPageToken": token} if token else body
 
 
 def _batch_model(model_id: str, version: str, core: Core) -> Model:

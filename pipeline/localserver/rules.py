@@ -114,6 +114,22 @@ _RULES = (
         assumed=True,
     ),
     Rule(
+        "vertex.batch",
+        "200: JOB_STATE_PENDING -> RUNNING -> SUCCEEDED, predictions.jsonl in the bucket; "
+        "400 INVALID_ARGUMENT",
+        "batchPredictionJobs: a create takes one JSONL in a mapped gs:// bucket (instancesFormat "
+        "jsonl) and a gs:// outputUriPrefix in a mapped bucket (400 otherwise); the job runs as "
+        "a Batch Mode job (batch.lifecycle) and writes prediction-model-<id>/predictions.jsonl "
+        "under the prefix, a line per request: its input's fields with `response`, or `status` "
+        '(`<STATUS>: {"error": {...}}`) when it failed. outputInfo.gcsOutputDirectory is '
+        "named from the create on; list takes a display_name filter only.",
+        "https://cloud.google.com/vertex-ai/generative-ai/docs/multimodal/batch-prediction-from-"
+        "cloud-storage; SDK batches.py (_CreateBatchJobParameters_to_vertex, "
+        "_BatchJob_from_vertex)",
+        "written",
+        assumed=True,
+    ),
+    Rule(
         "body.malformed",
         "400 INVALID_ARGUMENT / invalid_request",
         "A body that is not a JSON object is refused.",

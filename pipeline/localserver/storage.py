@@ -1,6 +1,6 @@
-"""A read-only Cloud Storage JSON API over the `--gs-root` folders: what gcsfs asks of a bucket
-when the pipeline walks and reads gs:// inputs (set `STORAGE_EMULATOR_HOST` to the server's
-URL, as for Google's own emulators).
+"""A Cloud Storage JSON API over the `--gs-root` folders: what gcsfs asks of a bucket when the
+pipeline walks and reads gs:// inputs, and writes and deletes a batch job's staged objects (set
+`STORAGE_EMULATOR_HOST` to the server's URL, as for Google's own emulators).
 
 - `GET /storage/v1/b/{bucket}` — the bucket;
 - `GET /storage/v1/b/{bucket}/o?prefix=&delimiter=/` — one folder's objects and sub-prefixes;
@@ -9,18 +9,27 @@ URL, as for Google's own emulators).
   bytes=a-b` header those bytes (206), counted apart in /local/stats (`storage.object_gets`:
   whole objects, `storage.range_gets`, `storage.range_bytes`): a test can tell what the pipeline
   downloaded, and what it only read the header of, from what the Vertex surface read in place
-  (`vertex.gs_reads`).
+  (`vertex.gs_reads`);
+- `POST /upload/storage/v1/b/{bucket}/o?uploadType=media&name=` (the body is the object),
+  `=multipart` (a JSON part naming it, then its bytes: gcsfs's `simple_upload`) and `=resumable`
+  (a session URL in `Location`, then the bytes in `Content-Range` chunks POSTed or PUT to it:
+  gcsfs's `initiate_upload` / `upload_chunk`), counted (`storage.object_puts`); an object is
+  written whole (a temporary file renamed) when its last byte came;
+- `DELETE /storage/v1/b/{bucket}/o/{object}` (gcsfs's `_rm_file`).
 
-Reads only, no auth (the double's buckets are test folders); the object resource carries what
-gcsfs turns into `size`, `mtime` and `generation`, and the object's `md5Hash` (base64, as the
-JSON API writes it). No composite objects (which have a `crc32c` and no md5Hash) are made here.
+No auth (the double's buckets are test folders); the object resource carries what gcsfs turns
+into `size`, `mtime` and `generation`, and the object's `md5Hash` (base64, as the JSON API
+writes it). No composite objects (which have a `crc32c` and no md5Hash) are made here.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import json
+import os
 import re
+import secrets
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -30,6 +39,8 @@ from aiohttp import web
 from pipeline.localserver.core import Core
 
 STORAGE = "/storage/v1/b/{bucket}"
+UPLOAD = "/upload/storage/v1/b/{bucket}/o"
+_RANGE = re.compile(r"bytes (?:(?P<first>\d+)-(?P<last>\d+)|\*)/(?P<total>\d+|\*)")
 
 
 class StorageSurface:
@@ -40,17 +51,76 @@ class StorageSurface:
         self.object_gets = 0
         self.range_gets = 0
         self.range_bytes = 0
+        self.object_puts = 0
         self.lists = 0
+        self.sessions: dict[str, tuple[str, str, bytearray]] = {}  # resumable: bucket, name, data
 
     def routes(self, app: web.Application, _versions: str) -> None:
         app.router.add_get(STORAGE, self.bucket)
         app.router.add_get(f"{STORAGE}/o", self.list_objects)
         app.router.add_get(f"{STORAGE}/o/{{name:.+}}", self.get_object)
         app.router.add_get(f"/download{STORAGE}/o/{{name:.+}}", self.download)
+        app.router.add_post(UPLOAD, self.upload)
+        app.router.add_put(UPLOAD, self.upload)
+        app.router.add_delete(f"{STORAGE}/o/{{name:.+}}", self.delete)
 
     def snapshot(self) -> dict[str, Any]:
-        counts = ("object_gets", "range_gets", "range_bytes", "lists")
+        counts = ("object_gets", "range_gets", "range_bytes", "object_puts", "lists")
         return {"storage": {name: getattr(self, name) for name in counts}}
+
+    async def upload(self, request: web.Request) -> web.Response:
+        """media, multipart, a resumable session's start, or one of its chunks."""
+        bucket, query = request.match_info["bucket"], request.query
+        self._root(bucket)
+        if "upload_id" in query:
+            return await self._chunk(request, query["upload_id"])
+        kind = query.get("uploadType", "media")
+        if kind == "resumable":
+            return await self._start(request, bucket)
+        data = await request.read()
+        name = query.get("name", "")
+        if kind == "multipart":
+            name, data = _multipart(request.headers, data)
+        return self._put(bucket, name, data)
+
+    async def _start(self, request: web.Request, bucket: str) -> web.Response:
+        body = await request.read()
+        meta = json.loads(body) if body else {}
+        name = request.query.get("name") or meta.get("name", "")
+        upload_id = secrets.token_hex(8)
+        self.sessions[upload_id] = (bucket, name, bytearray())
+        where = request.url.with_query({"uploadType": "resumable", "upload_id": upload_id})
+        return web.Response(headers={"Location": str(where)})
+
+    async def _chunk(self, request: web.Request, upload_id: str) -> web.Response:
+        """A chunk at its offset; 308 with the Range held until the last byte came."""
+        bucket, name, data = self.sessions[upload_id]
+        found = _RANGE.fullmatch(request.headers.get("Content-Range", ""))
+        chunk = await request.read()
+        if found and found["first"] is not None:
+            data[int(found["first"]) :] = chunk
+        total = found["total"] if found else "*"
+        if total == "*" or len(data) < int(total):
+            return web.Response(status=308, headers={"Range": f"bytes=0-{len(data) - 1}"})
+        del self.sessions[upload_id]
+        return self._put(bucket, name, bytes(data))
+
+    def _put(self, bucket: str, name: str, data: bytes) -> web.Response:
+        root = self._root(bucket)
+        path = (root / name).resolve()
+        if not name or not path.is_relative_to(root) or path == root:
+            raise web.HTTPBadRequest(text='{"error": {"code": 400, "message": "Bad name"}}')
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.{secrets.token_hex(4)}.part")
+        partial.write_bytes(data)
+        os.replace(partial, path)
+        self.object_puts += 1
+        return web.json_response(_resource(bucket, root, path))
+
+    async def delete(self, request: web.Request) -> web.Response:
+        path = self._object(request.match_info["bucket"], request.match_info["name"])
+        path.unlink()
+        return web.Response(status=204)
 
     async def bucket(self, request: web.Request) -> web.Response:
         bucket = request.match_info["bucket"]
@@ -58,10 +128,16 @@ class StorageSurface:
         return web.json_response({"kind": "storage#bucket", "name": bucket, "id": bucket})
 
     async def list_objects(self, request: web.Request) -> web.Response:
-        """One level under `prefix` (gcsfs lists a folder at a time, delimiter "/")."""
+        """One level under `prefix` (gcsfs lists a folder at a time, delimiter "/"), or every
+        object whose name starts with it (no delimiter: gcsfs's `find`)."""
         bucket = request.match_info["bucket"]
         root, prefix = self._root(bucket), request.query.get("prefix", "")
         self.lists += 1
+        if not request.query.get("delimiter"):
+            found = sorted(p for p in root.rglob("*") if p.is_file())
+            items = [_resource(bucket, root, p) for p in found]
+            items = [item for item in items if item["name"].startswith(prefix)]
+            return web.json_response({"kind": "storage#objects", "items": items})
         folder = (root / prefix).resolve()
         inside = folder.is_relative_to(root) and folder.is_dir()
         entries = sorted(folder.iterdir()) if inside else []
@@ -115,6 +191,23 @@ def _byte_range(header: str, size: int) -> tuple[int, int] | None:
     start = int(found[1])
     end = min(size, int(found[2]) + 1) if found[2] else size
     return min(start, end), end
+
+
+def _multipart(headers: Any, data: bytes) -> tuple[str, bytes]:
+    """(name, bytes) of a multipart/related upload: its JSON part, then the object's part."""
+    boundary = headers.get("Content-Type", "").partition("boundary=")[2].strip('"') or "==0=="
+    marker = f"--{boundary}".encode()
+    parts = [p for p in data.split(marker) if p.strip() not in (b"", b"--")]
+    if len(parts) < 2:
+        raise web.HTTPBadRequest(text='{"error": {"code": 400, "message": "Bad multipart"}}')
+    meta = json.loads(_part_body(parts[0]))
+    return str(meta.get("name", "")), _part_body(parts[1])
+
+
+def _part_body(part: bytes) -> bytes:
+    """A part without its headers and the line break before the next boundary."""
+    body = re.split(rb"\r?\n\r?\n", part.lstrip(b"\r\n"), maxsplit=1)[-1]
+    return body[:-2] if body.endswith(b"\r\n") else body[:-1] if body.endswith(b"\n") else body
 
 
 def _resource(bucket: str, root: Path, path: Path) -> dict[str, Any]:

@@ -43,6 +43,7 @@ from pipeline.localserver import errors, model_checks
 from pipeline.localserver.core import Core
 from pipeline.localserver.generate import GenerateSurface
 from pipeline.localserver.image_input import ImageReader
+from pipeline.localserver.vertex_batches import VertexBatchesSurface
 
 VERSIONS = {"v1": "v1", "v1beta1": "v1beta"}  # Vertex's version -> the model table's
 PUBLISHER = "publishers/google/models"
@@ -176,6 +177,8 @@ class VertexSurface:
         self.images = ImageReader(core.files, dict(core.options.gs_root))
         self.generate = GenerateSurface(core)
         self.request_types: Counter[str] = Counter()  # X-Vertex-AI-LLM-Request-Type values
+        # batch prediction: its own jobs, this surface's auth, its input read as Vertex reads
+        self.batches = VertexBatchesSurface(core, self._let_in, self.images.gs_object)
 
     def routes(self, app: web.Application, _developer_versions: str) -> None:
         version = "{version:" + "|".join(VERSIONS) + "}"
@@ -184,6 +187,10 @@ class VertexSurface:
         app.router.add_post(f"{scoped}/{{model_action}}", self.scoped_method)
         app.router.add_post(f"/{version}/{PUBLISHER}/{{model_action}}", self.express_method)
         app.router.add_get(f"/{version}/{PUBLISHER}/{{model}}", self.get_model)
+        self.batches.add_routes(app, version)
+
+    def close(self) -> None:
+        self.batches.close()
 
     async def token(self, request: web.Request) -> web.Response:
         form = await request.post()
@@ -221,7 +228,8 @@ class VertexSurface:
                 "tokens_refused": tokens.tokens_refused,
                 "gs_reads": self.images.gs_reads,
                 "request_types": dict(self.request_types),
-            }
+            },
+            **self.batches.snapshot(),
         }
 
     def _let_in(self, request: web.Request, project: str | None) -> None:

@@ -59,10 +59,12 @@ from typing import Any, NoReturn
 
 from pipeline import exits
 from pipeline.config import BatchConfig, Config, ConfigError
+from pipeline.engines.batch.service import job_service
 from pipeline.engines.common import Opened, drain_on_signals, make_client, sink_hint
 from pipeline.gemini import ApiKeyError, GeminiClient, GeminiError, api_key_from_env
-from pipeline.gemini.batches import BatchJob, BatchResult
+from pipeline.gemini.batches import Batches, BatchJob, BatchResult
 from pipeline.gemini.client import DEFAULT_BASE_URL
+from pipeline.gemini.vertex_batches import VertexBatches
 from pipeline.output.index import lookup_rows
 from pipeline.output.sink import ParquetSink, SinkFailed
 from pipeline.output.state import (
@@ -196,6 +198,8 @@ class Following:
     max_jobs: int
     say: Say
     wait_for_room: bool = True  # False (--submit-only): at the cap of jobs, stop submitting
+    staging: str | None = None  # [api] batch_staging: a Vertex job's input and output (gs://)
+    source: str = ""  # the config file, for messages
 
 
 def run_following(
@@ -223,6 +227,8 @@ def run_following(
         output_wait=batch.output_wait_seconds,
         max_jobs=batch.max_jobs,
         say=say,
+        staging=config.api.batch_staging,
+        source=config.source,
     )
 
 
@@ -273,6 +279,7 @@ class Jobs:
     ) -> None:
         self.state = state
         self.client = client
+        self.service = job_service(client, how.staging, how.source)  # the backend's side
         self.sink = sink
         self.stop = stop
         self.how = how
@@ -361,11 +368,7 @@ class Jobs:
         created: BatchJob | None
         for attempt in range(1, 1 + ATTEMPTS):
             try:
-                created = await self.stop.call(
-                    self.client.batches.create(
-                        model, file_name=file_name, display_name=display_name
-                    )
-                )
+                created = await self.stop.call(self.service.create(model, file_name, display_name))
             except GeminiError as exc:
                 if not exc.retryable:
                     await self._refused(job, exc)
@@ -394,10 +397,7 @@ class Jobs:
 
     async def _find(self, display_name: str) -> BatchJob | None:
         """The project's job with this display name (raises GeminiError when it cannot tell)."""
-        for remote in await self.stop.call(self.client.batches.list()):
-            if remote.display_name == display_name:
-                return remote
-        return None
+        return await self.stop.call(self.service.find(display_name))
 
     async def _wait_for_room(self, error: GeminiError, attempt: int) -> None:
         """After a transient refusal: until one of our jobs ends, or a backed-off pause."""
@@ -500,7 +500,7 @@ class Jobs:
         """One poll of a submitted job; True when it left flight."""
         name = job.name or ""
         try:
-            remote = await self.stop.call(self.client.batches.get(name))
+            remote = await self.stop.call(self.service.batches.get(name))
         except GeminiError as exc:
             if exc.kind != "not_found":
                 return _passing(exc, f"batch job {name} cannot be read")
@@ -508,17 +508,36 @@ class Jobs:
             return True
         if remote.state != job.service_state:
             self.state.update_batch_job(job.id, service_state=remote.state)
-        self._progress(job, remote, self._finishing_note(job, remote))
-        return await self._settle(job, remote)
+        try:
+            ready = remote.done and remote.has_output and await self._fetched(job, remote)
+        except GeminiError as exc:
+            return _passing(exc, f"the results of batch job {remote.name} cannot be read")
+        self._progress(job, remote, self._finishing_note(job, remote, ready))
+        return await self._settle(job, remote, ready)
 
-    async def _settle(self, job: BatchJobRecord, remote: BatchJob) -> bool:
+    async def _fetched(self, job: BatchJobRecord, remote: BatchJob) -> bool:
+        """Whether the job's results are here to read: downloaded once into a `.part` file
+        renamed when whole (a cut download is never read as results), kept until the job is
+        collected. False while a Vertex job's predictions are not all written yet."""
+        path = self.how.folder / _results_name(job)
+        if path.exists():
+            return True
+        self.how.folder.mkdir(exist_ok=True)
+        partial = path.with_name(path.name + ".part")
+        if not await self.stop.call(self.service.fetch(remote, partial)):
+            return False
+        if partial.exists():  # (an inline job's answers came with the job)
+            partial.replace(path)
+        return True
+
+    async def _settle(self, job: BatchJobRecord, remote: BatchJob, ready: bool) -> bool:
         """What a poll found: an end without results, results to collect, or nothing yet. Only
-        `done` with the output attached is collected: a job seen SUCCEEDED (or done) without
+        `done` with the output `ready` is collected: a job seen SUCCEEDED (or done) without
         it is finishing, and collecting it then would find no answers and buy them again."""
-        if remote.ended and remote.state != SUCCEEDED and not remote.has_output:
+        if remote.ended and remote.state != SUCCEEDED and not ready:
             await self._end(job, remote.state.removeprefix("JOB_STATE_"), _why(remote))
             return True
-        if not (remote.done and remote.has_output):
+        if not ready:
             return False
         try:
             missing = await self._collect(job, remote)
@@ -528,11 +547,11 @@ class Jobs:
             _ended(self.how, job, remote.state.removeprefix("JOB_STATE_"), _why(remote), missing)
         return True
 
-    def _finishing_note(self, job: BatchJobRecord, remote: BatchJob) -> str:
+    def _finishing_note(self, job: BatchJobRecord, remote: BatchJob, ready: bool) -> str:
         """For a job that says it succeeded (or is done) without its output: the progress
         line's note, how long this run has seen it so, and past [batch] output_wait_seconds
         the end of waiting for it (`_give_up`). Else ""."""
-        if not _finishing(remote):
+        if not _finishing(remote, ready):
             return ""
         now = time.monotonic()
         waited = now - self._finishing.setdefault(job.id, now)
@@ -598,23 +617,27 @@ class Jobs:
         self.ended.set()
 
     async def _delete_files(self, job: int) -> None:
-        """Delete a job's Files API files (its JSONL, its images); one already gone is
-        forgotten, one the service refuses to delete stays recorded for a later try."""
+        """Delete a job's files (Files API files: its JSONL, its images; on Vertex its staged
+        input and output, service.py); one already gone is forgotten, one the service (or the
+        bucket) refuses to delete stays recorded for a later try."""
         for name in self.state.batch_files(job):
             try:
-                await self.stop.call(self.client.delete_file(name))
+                await self.stop.call(self.service.delete_file(name))
             except GeminiError as exc:
                 if exc.code not in (403, 404):
                     continue
+            except OSError as exc:  # a staged gs:// object the store would not delete: kept
+                log.warning("batch file %s not deleted (kept for a later try): %s", name, exc)
+                continue
             except Stopped:
                 return
             self.state.forget_batch_file(name)
 
 
-def _finishing(remote: BatchJob) -> bool:
-    """Says it succeeded (or is done), its output not attached yet (tidyverse/ellmer#926)."""
-    said_so = remote.state == SUCCEEDED or remote.done
-    return said_so and not (remote.done and remote.has_output)
+def _finishing(remote: BatchJob, ready: bool) -> bool:
+    """Says it succeeded (or is done), its output not attached — or not all written — yet
+    (tidyverse/ellmer#926)."""
+    return (remote.state == SUCCEEDED or remote.done) and not ready
 
 
 def _minutes(seconds: float) -> str:
@@ -709,22 +732,13 @@ class Collector:
         return set(await asyncio.to_thread(lookup_rows, self.jobs.sink.store, keys))
 
     async def _results(self) -> Callable[[], Iterable[BatchResult]]:
-        """The job's results, to read: its inline answers, or its results file — downloaded
-        once, and kept until the job is collected, so a collection cut short reads it again
-        rather than download it again."""
-        if not self.remote.responses_file:
-            return lambda: self.remote.inlined
+        """The job's results, to read: its results file (fetched once by `Jobs._fetched`, and
+        kept until the job is collected, so a collection cut short reads it again rather than
+        download it again), else its inline answers."""
         if not self.path.exists():
-            await self._download(self.remote.responses_file)
-        batches = self.jobs.client.batches
+            return lambda: self.remote.inlined
+        batches = self.jobs.service.batches
         return lambda: batches.results(self.path)
-
-    async def _download(self, file_name: str) -> None:
-        """Into a `.part` file renamed when whole: a cut download is never read as results."""
-        self.how.folder.mkdir(exist_ok=True)
-        partial = self.path.with_name(self.path.name + ".part")
-        await self.jobs.stop.call(self.jobs.client.batches.download(file_name, partial))
-        partial.replace(self.path)
 
     def _common_failure(self, results: Callable[[], Iterable[BatchResult]]) -> Verdict | None:
         """A job whose every line (STREAK at least) failed the same way for a reason not its
@@ -997,16 +1011,24 @@ def _more_endpoints(others: list[str]) -> str:
 
 def _client(base_url: str, version: str, config: Config | None) -> GeminiClient:
     """A client for jobs created at `base_url` (`--config` lends its [api] timeout and http
-    permission); the key comes from the environment, as for a run."""
+    permission, and its backend); the key comes from the environment, as for a run — a Vertex
+    config's credentials too (Application Default Credentials, or an express-mode key)."""
     try:
         key = api_key_from_env()
     except ApiKeyError as exc:  # a key with CR/LF inside, or too short: exit 2, as for a run
         raise ConfigError(f"batch jobs at {base_url}: {exc}") from None
-    if not key:
+    vertex = config is not None and config.api.backend == "vertex"
+    if not key and not vertex:
         raise ConfigError(
             f"batch jobs at {base_url}: set GOOGLE_API_KEY (or GEMINI_API_KEY) in the environment"
         )
-    return make_client(config, base_url, key, version)
+    return make_client(config, base_url, key or "", version)
+
+
+def _batches(client: GeminiClient, config: Config | None) -> Batches | VertexBatches:
+    """The job calls of the client's backend (a Vertex config's batch prediction jobs)."""
+    staging = config.api.batch_staging if config is not None else None
+    return job_service(client, staging, config.source if config else "").batches
 
 
 def _output(output_dir: str) -> Path | Store:
@@ -1050,7 +1072,7 @@ async def _live(
     async with _client(base_url, version, config) as client:
         for job in (job for job in jobs if job.name):
             try:
-                remote = await client.batches.get(job.name or "")
+                remote = await _batches(client, config).get(job.name or "")
             except GeminiError as exc:
                 found[job.id] = {"error": str(exc)}
                 continue
@@ -1118,21 +1140,24 @@ async def cancel(
             if at == "local":
                 continue
             async with _client(at, version, config) as client:
+                batches = _batches(client, config)
                 for job in (job for job in jobs if job.name):
-                    done.append(await _cancel_one(client, job.name or "", output_dir))
+                    done.append(await _cancel_one(batches, job.name or "", output_dir))
     finally:
         state.close()
     return done
 
 
-async def _cancel_one(client: GeminiClient, name: str, output_dir: str) -> dict[str, Any]:
+async def _cancel_one(
+    batches: Batches | VertexBatches, name: str, output_dir: str
+) -> dict[str, Any]:
     """Cancel a job, first saying how many of its requests it had answered (batchStats): those
     are billed, and lost unless collected. A cancelled job may carry them as its output (rule
     batch.cancel-partial of the local server): `batch wait` or the next run collects it."""
     try:
-        answered = _say_billed(await client.batches.get(name))
-        await client.batches.cancel(name)
-        remote = await client.batches.get(name)
+        answered = _say_billed(await batches.get(name))
+        await batches.cancel(name)
+        remote = await batches.get(name)
     except GeminiError as exc:
         return {"name": name, "error": str(exc)}
     if remote.has_output:
@@ -1216,6 +1241,7 @@ def _following(
         output_wait=batch.output_wait_seconds,
         max_jobs=batch.max_jobs,
         say=say if progress else quiet,
+        staging=config.api.batch_staging if config is not None else None,
     )
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from pipeline.config import BatchConfig, Config
 from pipeline.engines.batch.jobs import Jobs, job_verdict, task_json
 from pipeline.gemini import GeminiClient, GeminiError
-from pipeline.gemini.batches import JSONL_MIME, BatchJob, request_line
+from pipeline.gemini.batches import BatchJob, request_line
 from pipeline.inputs.references import LoadedReference, ReferenceParts
 from pipeline.output.state import BatchRequestRecord, State, Upload
 from pipeline.records import ImageItem, Unit, fingerprint, storable
@@ -285,21 +285,19 @@ class JobBuyer:
         self._created(created, job)
 
     async def _upload_jsonl(self, job: JobFile) -> str:
-        """The job's JSONL as an ACTIVE file of the service (recorded as the job's); its name.
+        """The job's JSONL where the backend's job reads it (service.py: a Files API file, or
+        an object under [api] batch_staging), recorded as the job's; what the create names.
         A failure drops the job (its files are sent again) and stops the run."""
-        client = self.jobs.client
+        put = self.jobs.service.put_input(job.path, job.display_name, job.job, self.state)
         try:
-            info = await self.stop.call(
-                client.upload_file(job.path, JSONL_MIME, display_name=job.display_name)
-            )
-            self.state.add_batch_file(job.job, info.name)
-            if info.state != "ACTIVE":
-                info = await self.stop.call(client.wait_until_active(info.name))
+            return await self.stop.call(put)
         except GeminiError as exc:
             await self.jobs.drop(job.job)
             verdict = job_verdict(exc, "the batch input file could not be uploaded")
             raise RunStopped(verdict) from None
-        return info.name
+        except RunStopped:
+            await self.jobs.drop(job.job)
+            raise
 
     def _created(self, created: BatchJob | None, job: JobFile) -> None:
         say = self.jobs.how.say

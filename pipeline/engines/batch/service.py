@@ -1,0 +1,216 @@
+"""Where a batch job's input goes, how the job is made and found, and how its output is read:
+the one part of the Batch Mode flow (submit.py, jobs.py) that differs between the backends.
+
+    Developer API (Batch Mode)           Vertex AI (batch prediction)
+    input:  a Files API upload           a JSONL written under [api] batch_staging (gs://)
+    create: batches:batchGenerateContent projects.locations.batchPredictionJobs.create
+    find:   every job listed, matched    the list filtered by display name
+    output: the responses file (or the   predictions*.jsonl under the job's
+            inline answers)              outputInfo.gcsOutputDirectory
+    files:  Files API deletes            the staged input and the output folder deleted
+
+Both read the same lines (`{"key", "request"}` in, the key back in each result) into the same
+rows. A Vertex job is ready to collect only once its predictions are all there: the folder is
+named while the job runs, so a job SUCCEEDED whose files are not all written yet (fewer lines
+than its completionStats count) is not ready — polled again, never read as empty.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any, Protocol
+
+from pipeline import exits
+from pipeline.config import ConfigError
+from pipeline.gemini import GeminiClient
+from pipeline.gemini.backends import Vertex
+from pipeline.gemini.batches import JSONL_MIME, Batches, BatchJob
+from pipeline.gemini.vertex_batches import VertexBatches
+from pipeline.output.state import State
+from pipeline.output.stores import MissingExtra, filesystem
+from pipeline.run.calls import RunStopped
+from pipeline.run.failures import Action, Verdict
+
+log = logging.getLogger(__name__)
+INPUT = "input.jsonl"  # a Vertex job's staged input: {batch_staging}/{display name}/input.jsonl
+OUTPUT = "output/"  # ... and the prefix its predictions are written under
+PREDICTIONS = "predictions"  # the service's output files: predictions*.jsonl
+CHUNK = 1024 * 1024  # bytes copied at once from a predictions file to the local results file
+
+
+class JobService(Protocol):
+    """A backend's side of a batch job (see the module docstring)."""
+
+    @property
+    def batches(self) -> Batches | VertexBatches: ...  # get, cancel, results
+
+    async def put_input(self, path: Path, display_name: str, job: int, state: State) -> str: ...
+
+    async def create(self, model: str, source: str, display_name: str) -> BatchJob: ...
+
+    async def find(self, display_name: str) -> BatchJob | None: ...
+
+    async def fetch(self, remote: BatchJob, destination: Path) -> bool: ...
+
+    async def delete_file(self, name: str) -> None: ...
+
+
+def job_service(client: GeminiClient, staging: str | None, source: str = "") -> JobService:
+    """The backend's service; ConfigError when a Vertex run has no staging prefix."""
+    if not isinstance(client.backend, Vertex):
+        return DeveloperJobs(client)
+    if not staging:
+        raise ConfigError(f"{source}: {STAGING_KEY} is required for Vertex batch prediction")
+    try:
+        return VertexJobs(client.batch_predictions, staging)
+    except ValueError as exc:  # express mode: no project
+        raise ConfigError(f"{source}: [api] project: {exc}") from None
+    except MissingExtra as exc:  # no gcsfs to write the staging prefix with
+        raise ConfigError(f"{source}: {STAGING_KEY}: {exc}") from None
+
+
+STAGING_KEY = '[api] batch_staging ("gs://bucket/prefix")'
+
+
+class DeveloperJobs:
+    """Batch Mode on the Developer API: the input uploaded through the Files API."""
+
+    def __init__(self, client: GeminiClient) -> None:
+        self.client = client
+        self.batches = client.batches
+
+    async def put_input(self, path: Path, display_name: str, job: int, state: State) -> str:
+        """The JSONL as an ACTIVE file of the service, recorded as the job's; its name."""
+        info = await self.client.upload_file(path, JSONL_MIME, display_name=display_name)
+        state.add_batch_file(job, info.name)
+        if info.state != "ACTIVE":
+            info = await self.client.wait_until_active(info.name)
+        return info.name
+
+    async def create(self, model: str, source: str, display_name: str) -> BatchJob:
+        return await self.batches.create(model, file_name=source, display_name=display_name)
+
+    async def find(self, display_name: str) -> BatchJob | None:
+        jobs = await self.batches.list()
+        return next((job for job in jobs if job.display_name == display_name), None)
+
+    async def fetch(self, remote: BatchJob, destination: Path) -> bool:
+        """The responses file to `destination` (an inline job's answers need none)."""
+        if remote.responses_file:
+            await self.batches.download(remote.responses_file, destination)
+        return True
+
+    async def delete_file(self, name: str) -> None:
+        await self.client.delete_file(name)
+
+
+class VertexJobs:
+    """Batch prediction on Vertex AI: input and output in Cloud Storage, through the project's
+    object-store layer (gcsfs, the `[vertex]` / `[cloud]` extras)."""
+
+    def __init__(self, batches: VertexBatches, staging: str) -> None:
+        self.batches = batches
+        self.staging = staging.rstrip("/")
+        self.fs = filesystem("gs")
+
+    def _uri(self, display_name: str, name: str) -> str:
+        return f"{self.staging}/{display_name}/{name}"
+
+    async def put_input(self, path: Path, display_name: str, job: int, state: State) -> str:
+        """The JSONL written to the staging prefix; the input and the output prefix recorded
+        as the job's files first (a kill after the write still finds them to delete)."""
+        uri = self._uri(display_name, INPUT)
+        state.add_batch_file(job, uri)
+        state.add_batch_file(job, self._uri(display_name, OUTPUT))
+        try:
+            await asyncio.to_thread(self.fs.put_file, str(path), _path(uri))
+        except OSError as exc:
+            raise RunStopped(_staging_failed(uri, exc)) from None
+        return uri
+
+    async def create(self, model: str, source: str, display_name: str) -> BatchJob:
+        output = self._uri(display_name, OUTPUT).rstrip("/")
+        return await self.batches.create_job(
+            model, source_uri=source, output_prefix=output, display_name=display_name
+        )
+
+    async def find(self, display_name: str) -> BatchJob | None:
+        jobs = await self.batches.list(display_name=display_name)
+        return next((job for job in jobs if job.display_name == display_name), None)
+
+    async def fetch(self, remote: BatchJob, destination: Path) -> bool:
+        """Every predictions file of the job into `destination`; False (nothing kept) while
+        they hold fewer lines than the job says it answered, or none is there yet."""
+        if not remote.output_dir:
+            return False
+        try:
+            return await asyncio.to_thread(self._copy, remote, destination)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise RunStopped(_staging_failed(remote.output_dir, exc)) from None
+
+    def _copy(self, remote: BatchJob, destination: Path) -> bool:
+        files = self._predictions(remote.output_dir or "")
+        lines = 0
+        with open(destination, "wb") as sink:
+            for name in files:
+                lines += _append(self.fs, name, sink)
+        expected = remote.stats.succeeded + remote.stats.failed
+        if not files or lines < expected:
+            destination.unlink()
+            log.info("%s: %d of %d predictions written so far", remote.name, lines, expected)
+            return False
+        return True
+
+    def _predictions(self, folder: str) -> list[str]:
+        found = self.fs.find(_path(folder), withdirs=False)
+        return sorted(p for p in found if p.rsplit("/", 1)[-1].startswith(PREDICTIONS))
+
+    async def delete_file(self, name: str) -> None:
+        """A staged input, or (a name ending in "/") everything under the output prefix."""
+        await asyncio.to_thread(self._delete, name)
+
+    def _delete(self, name: str) -> None:
+        paths = self._under(name) if name.endswith("/") else [_path(name)]
+        for path in paths:  # one DELETE each (gcsfs's rm of many uses the batch endpoint)
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm_file(path)
+
+    def _under(self, prefix: str) -> list[str]:
+        """The objects under a prefix (none when its bucket is gone: nothing to delete)."""
+        try:
+            return list(self.fs.find(_path(prefix), withdirs=False))
+        except FileNotFoundError:
+            return []
+
+
+def _path(uri: str) -> str:
+    """gs://bucket/key -> bucket/key, as gcsfs names objects."""
+    return uri.split("://", 1)[-1]
+
+
+def _append(fs: Any, path: str, sink: Any) -> int:
+    """Copy one predictions file to `sink`, ending it with a newline; its non-blank lines."""
+    lines, last = 0, b"\n"
+    with fs.open(path, "rb") as source:
+        while chunk := source.read(CHUNK):
+            sink.write(chunk)
+            lines += chunk.count(b"\n")
+            last = chunk[-1:]
+    if last != b"\n":
+        sink.write(b"\n")
+        lines += 1
+    return lines
+
+
+def _staging_failed(where: str, exc: OSError) -> Verdict:
+    return Verdict(
+        Action.RUN,
+        f"the batch staging prefix cannot be used ({where}): {exc}",
+        exits.STOPPED,
+        f"check {STAGING_KEY} and that the credentials may read and write objects there",
+    )
