@@ -87,7 +87,9 @@ def server_clock() -> Clock:
 def vertex_batch(tmp_path: Path, server: LocalServer, out: str = "out", **api: Any):
     settings = {"backend": "vertex", "project": PROJECT, "location": LOCATION}
     settings |= {"base_url": server.base_url, "mode": "batch", "batch_staging": STAGING, **api}
-    return make_config(tmp_path, api=settings, batch=FAST, output={"dir": str(tmp_path / out)})
+    inputs = {"input": {"paths": [api_input]}} if (api_input := settings.pop("paths", None)) else {}
+    output = {"dir": str(tmp_path / out)}
+    return make_config(tmp_path, api=settings, batch=FAST, output=output, **inputs)
 
 
 def created(server: LocalServer) -> int:
@@ -140,6 +142,26 @@ async def test_batch_prediction_gives_the_interactive_runs_rows_at_half_the_pric
     # the staged input and the predictions are deleted once collected
     assert not [p for p in staging.rglob("*") if p.is_file()]
     assert [job.phase for job in jobs_in(tmp_path / "out")] == ["collected"]
+
+
+async def test_gs_inputs_go_in_place_in_the_job_and_are_never_downloaded(
+    server, server_clock, tmp_path, buckets, staging, vertex_env, gcs_double
+):
+    """A job over gs:// inputs: its lines carry each object's URI (fileData), which the service
+    reads; the pipeline reads a header range of each and never the object, as interactively."""
+    (buckets / "day1").mkdir()
+    save_scenes(buckets / "day1", 3, prefix="scene", seed=12, size=(300, 200))
+    config = vertex_batch(tmp_path, server, paths="gs://photos/day1")
+    summary = await run_through(config, server, server_clock)
+
+    assert (summary.exit_code, dict(summary.rows)) == (exits.OK, {"ok": 3})
+    rows = read_current(tmp_path / "out")
+    assert {row["input_mode"] for row in rows.values()} == {"batch"}
+    # the pipeline read a header range of each image and never a whole one (gcsfs reads the
+    # predictions file by ranges too: range_gets is not the images' alone)
+    assert server.stats()["storage"]["object_gets"] == 0
+    assert server.stats()["storage"]["range_gets"] >= 3
+    assert server.stats()["vertex"]["gs_reads"] == 3 + 1  # the service: the images, the JSONL
 
 
 # ------------------------------------------------------------------------ resumable, paid once

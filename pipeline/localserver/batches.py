@@ -55,6 +55,7 @@ from pipeline.localserver.errors import ApiError
 from pipeline.localserver.fields import BATCH_FILE_LINE, BATCH_GENERATE_CONTENT_REQUEST
 from pipeline.localserver.files import rfc3339
 from pipeline.localserver.generate import parse_request, response_body, with_output
+from pipeline.localserver.image_input import ImageReader
 from pipeline.localserver.spec import check, get
 from pipeline.models import Model
 
@@ -93,9 +94,12 @@ class Job:
 class BatchesSurface:
     """Routes of Batch Mode over the server's core (answerer, files, stats, credits)."""
 
-    def __init__(self, core: Core) -> None:
+    def __init__(self, core: Core, images: ImageReader | None = None) -> None:
         self.core = core
         self.options = core.options
+        # what a line's image parts are read through: the Files API's store, or on Vertex its
+        # reader, which also reads a gs:// fileUri in place (vertex_batches.py)
+        self.images = images or core.images
         self.jobs: dict[str, Job] = {}
         self.created = 0
 
@@ -302,7 +306,7 @@ class BatchesSurface:
             raise errors.invalid_argument(
                 "request is required.", rule="contents.required", field="request"
             )
-        prompted = parse_request(document, model, job.model, job.version, self.core.images)
+        prompted = parse_request(document, model, job.model, job.version, self.images)
         prompt = prompt_usage(prompted)
         outcome = await self.core.answerer.answer(prompted, queued=True)
         usage = with_output(prompt, outcome)

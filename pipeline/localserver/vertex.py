@@ -178,7 +178,7 @@ class VertexSurface:
         self.generate = GenerateSurface(core)
         self.request_types: Counter[str] = Counter()  # X-Vertex-AI-LLM-Request-Type values
         # batch prediction: its own jobs, this surface's auth, its input read as Vertex reads
-        self.batches = VertexBatchesSurface(core, self._let_in, self.images.gs_object)
+        self.batches = VertexBatchesSurface(core, self._let_in, self.images)
 
     def routes(self, app: web.Application, _developer_versions: str) -> None:
         version = "{version:" + "|".join(VERSIONS) + "}"

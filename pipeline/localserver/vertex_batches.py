@@ -47,6 +47,7 @@ from pipeline.localserver.batches import (
 )
 from pipeline.localserver.core import Core
 from pipeline.localserver.files import rfc3339
+from pipeline.localserver.image_input import ImageReader
 from pipeline.localserver.spec import get
 
 JOBS = "batchPredictionJobs"
@@ -68,10 +69,9 @@ class VertexJob(Job):
 class VertexBatchesSurface(BatchesSurface):
     """batchPredictionJobs over Batch Mode's jobs (see the module docstring)."""
 
-    def __init__(self, core: Core, let_in: Admit, gs_object: Callable[[str], bytes]) -> None:
-        super().__init__(core)
+    def __init__(self, core: Core, let_in: Admit, images: ImageReader) -> None:
+        super().__init__(core, images)  # lines' gs:// fileUris read in place, as the service does
         self.let_in = let_in  # the Vertex surface's token / key check
-        self.gs_object = gs_object  # a mapped gs:// object's bytes (400 otherwise)
         self.roots = {bucket: Path(root).resolve() for bucket, root in core.options.gs_root}
 
     def add_routes(self, app: web.Application, version: str) -> None:
@@ -137,7 +137,7 @@ class VertexBatchesSurface(BatchesSurface):
         )
         _require(get(source, "instances_format") == "jsonl" and len(uris) == 1, "inputConfig")
         _require(isinstance(prefix, str) and self._mapped(prefix), "outputConfig")
-        data = self.gs_object(str(uris[0]))
+        data = self.images.gs_object(str(uris[0]))
         job_id = self._new_id()
         return VertexJob(
             id=job_id,
