@@ -63,7 +63,10 @@ def opencv() -> ModuleType | None:
 
 def downscale(frame: Image.Image, size: tuple[int, int], orientation: int) -> Image.Image | None:
     """`frame` (mode L or RGB) resized to `size` (before rotation) and rotated as displayed; None
-    when OpenCV is not installed (the caller then resizes with Pillow)."""
+    when OpenCV is not installed (the caller then resizes with Pillow).
+
+    An RGB frame comes back in mode RGBX, Pillow's own layout of RGB, mapped onto OpenCV's
+    array without a copy; the JPEG encoder takes it as it takes RGB."""
     cv2 = opencv()
     if cv2 is None:
         return None
@@ -72,8 +75,8 @@ def downscale(frame: Image.Image, size: tuple[int, int], orientation: int) -> Im
     pixels = cv2.sepFilter2D(pixels, -1, across, down, borderType=cv2.BORDER_REFLECT)
     pixels = orient(cv2, cv2.resize(pixels, size, interpolation=cv2.INTER_CUBIC), orientation)
     height, width = pixels.shape[:2]
-    raw = "RGBX" if frame.mode == "RGB" else "L"  # what _pixels exported
-    return Image.frombuffer(frame.mode, (width, height), pixels, "raw", raw, 0, 1)
+    mode = "RGBX" if frame.mode == "RGB" else "L"  # what _pixels exported
+    return Image.frombuffer(mode, (width, height), pixels, "raw", mode, 0, 1)
 
 
 def _low_pass(scale: float) -> np.ndarray:
