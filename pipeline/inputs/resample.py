@@ -92,14 +92,20 @@ def _pixels(frame: Image.Image) -> np.ndarray:
     shares the image's memory (RGB as RGBX, 4 bytes a pixel), where `np.asarray` packs a copy
     through `tobytes` (~5 ms for 2000x1500 on a quiet machine, 15 under load). An image larger
     than one of Pillow's memory blocks (16 MB) cannot be shared: it is copied, as RGBX too."""
-    height, width = frame.height, frame.width
+    if not hasattr(frame, "__arrow_c_array__"):  # Pillow before 11.2 exports no Arrow
+        return _copied(frame)
     try:
         exported = pa.array(frame)
     except ValueError:  # "Image rows are not contiguous in memory": several blocks
-        raw = frame.tobytes("raw", "RGBX") if frame.mode == "RGB" else frame.tobytes()
-        return np.frombuffer(raw, np.uint8).reshape(height, width, -1)
+        return _copied(frame)
     values = exported.values if pa.types.is_fixed_size_list(exported.type) else exported
-    return np.frombuffer(values.buffers()[1], np.uint8).reshape(height, width, -1)
+    return np.frombuffer(values.buffers()[1], np.uint8).reshape(frame.height, frame.width, -1)
+
+
+def _copied(frame: Image.Image) -> np.ndarray:
+    """The pixels copied out, in the layout `_pixels` shares (RGBX for RGB)."""
+    raw = frame.tobytes("raw", "RGBX") if frame.mode == "RGB" else frame.tobytes()
+    return np.frombuffer(raw, np.uint8).reshape(frame.height, frame.width, -1)
 
 
 def orient(cv2: ModuleType, pixels: np.ndarray, orientation: int) -> np.ndarray:
