@@ -6,6 +6,7 @@ where the path did not change."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import sys
 from pathlib import Path
@@ -14,8 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageCms
 
-from pipeline.inputs import resample
+from pipeline.inputs import images, resample
 from pipeline.inputs.images import Preparation, prepare
+from pipeline.records import ImageItem
 from tests.image_quality import (
     BLUE,
     GREEN,
@@ -260,3 +262,17 @@ def test_a_decode_past_one_pillow_memory_block_is_copied_and_resized_alike(
     sent, reference = rgb(item.data), lanczos_reference(path, 1536)
     assert psnr(sent, reference) >= 38 and ssim(sent, reference) >= 0.95
     assert_corners(sent)
+
+
+@pytest.mark.parametrize("stated", [0, 1000, 10**9])
+def test_the_read_sized_by_fstat_still_reads_a_file_that_grew_or_shrank(
+    tmp_path: Path, stated: int
+) -> None:
+    """The first read asks for the size fstat gave; a file whose size changed in between (here:
+    a stated size below, then above the real one) is still read and hashed whole."""
+    path = save_jpeg(tmp_path / "p.jpg", photo(200, 150, seed=13))
+    item = ImageItem(source=source_for(path))
+    with open(path, "rb") as file:
+        data, size = images._read_and_hash(file, item, stated)
+    assert data == path.read_bytes() and size == path.stat().st_size
+    assert item.sha256 == hashlib.sha256(data).hexdigest()
