@@ -1,7 +1,7 @@
 """Benchmarks of the pipeline, side by side with what users would write instead.
 
     python scripts/bench.py {throughput,latency,rate,memory,resume,profile,...,all}
-        [--quick | --smoke] [--keep] [--no-record]
+        [--quick | --smoke] [--keep] [--no-record] [--photos N]
     python scripts/bench.py --list        the subcommands, one a line
 
 The size convention, which every subcommand follows (a new one included):
@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
-from benchmarks import BENCHMARKS  # noqa: E402
+from benchmarks import BENCHMARKS, photos  # noqa: E402
 from benchmarks.harness import run_benchmark, use_compiled_bytecode  # noqa: E402
 
 
@@ -48,6 +48,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     sizes.add_argument("--smoke", action="store_true", help="tiny sizes, never recorded")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     parser.add_argument("--no-record", action="store_true", help="do not append to the results")
+    parser.add_argument(
+        "--photos", type=int, metavar="N", help="photos only: N camera JPEGs (full 300, quick 40)"
+    )
     args = parser.parse_args(argv)
     if args.list:
         print("\n".join(BENCHMARKS))
@@ -55,6 +58,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.error("a command is required (or --list)")
     names = list(BENCHMARKS) if args.command == "all" else [args.command]
+    if args.photos is not None:
+        if args.command != "photos" or args.photos < 1:
+            parser.error("--photos N (N >= 1) goes with the photos command only")
+        BENCHMARKS["photos"] = photos.with_jpegs(BENCHMARKS["photos"], args.photos)
     size = "smoke" if args.smoke else "quick" if args.quick else "full"
     use_compiled_bytecode(ROOT)
     started = time.perf_counter()

@@ -36,6 +36,7 @@ from typing import IO
 import pillow_heif
 from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
 
+from pipeline.inputs import resample
 from pipeline.records import ImageItem, SourceFile
 
 SUPPORTED_MIME = ("image/png", "image/jpeg", "image/webp", "image/heic", "image/heif")
@@ -84,10 +85,12 @@ _MODE_FOR_PNG = {
     "RGBX": "RGB",
 }
 # A JPEG reaches the resize already scaled by its DCT (a clean low-pass to within 2x of the
-# target), and BICUBIC, as Image.thumbnail does, finishes it: on a 12-MP photo-like JPEG to 1536
-# px it is within 44 dB PSNR / 0.989 SSIM of a full-precision LANCZOS reference, for 13 ms less
-# than LANCZOS (48.6 dB, 0.997) and 13 ms more than BILINEAR (39.5 dB, 0.962, visibly softer).
-# Measured by `scripts/bench.py prepare` (docs/benchmarks.md). Other formats keep LANCZOS.
+# target). With the `[photos]` extra OpenCV finishes it (pipeline/inputs/resample.py: a quarter
+# of the CPU, about the same quality); without it BICUBIC does, as Image.thumbnail does: on a
+# 12-MP photo-like JPEG to 1536 px it is within 44 dB PSNR / 0.989 SSIM of a full-precision
+# LANCZOS reference, for 13 ms less than LANCZOS (48.6 dB, 0.997) and 13 ms more than BILINEAR
+# (39.5 dB, 0.962, visibly softer). Measured by `scripts/bench.py prepare` (docs/benchmarks.md).
+# Other formats keep LANCZOS.
 _JPEG_RESIZE = (Image.Resampling.BICUBIC, 2.0)
 _OTHER_RESIZE = (Image.Resampling.LANCZOS, 3.0)
 # Decode memory, for the budget: Pillow keeps RGB, RGBA, CMYK and 32-bit modes in 4 bytes a
@@ -300,11 +303,11 @@ def _prepare_steps(
         return item
     with open(descriptor, "rb") as file:
         try:
-            mode = os.fstat(descriptor).st_mode
-            if not stat.S_ISREG(mode):
+            stats = os.fstat(descriptor)
+            if not stat.S_ISREG(stats.st_mode):
                 item.error = "not a regular file"
                 return item
-            data, size = _read_and_hash(file, item)
+            data, size = _read_and_hash(file, item, stats.st_size)
         except OSError as exc:
             item.error = f"unreadable file: {_os_reason(exc)}"
             return item
@@ -435,9 +438,15 @@ def sent_as_is(
     return mime in SUPPORTED_MIME and orientation == 1 and target is None and mode != "CMYK"
 
 
-def _read_and_hash(file: IO[bytes], item: ImageItem) -> tuple[bytes | None, int]:
-    """sha256 of the bytes as stored. Small files stay in memory so they are read only once."""
-    data = file.read(IN_MEMORY_LIMIT + 1)
+def _read_and_hash(file: IO[bytes], item: ImageItem, expected: int) -> tuple[bytes | None, int]:
+    """sha256 of the bytes as stored. Small files stay in memory so they are read only once.
+
+    `expected`: the size fstat gave. The first read asks for that, not for IN_MEMORY_LIMIT: a
+    read of 64 MB reserves it all and copies the bytes again as it shrinks (~2.5 ms of CPU for a
+    5 MB photo). A file that grew since is read on, up to the limit."""
+    data = file.read(min(expected, IN_MEMORY_LIMIT) + 1)
+    if len(data) > expected:
+        data += file.read(IN_MEMORY_LIMIT + 1 - len(data))
     digest = hashlib.sha256(data)
     size = len(data)
     if size > IN_MEMORY_LIMIT:
@@ -658,7 +667,7 @@ def _reencode(
     image.load()
     frame, icc_profile = _convert(image, keep_jpeg=keep_jpeg)
     if stored_target is not None and frame.size != stored_target:
-        frame = _downscale(frame, stored_target, resize)
+        frame, orientation = _downscale_oriented(frame, stored_target, orientation, resize)
     if orientation in _TRANSPOSE:
         frame = _replace(frame, frame.transpose(_TRANSPOSE[orientation]))
     out = io.BytesIO()
@@ -686,6 +695,22 @@ def _convert(image: Image.Image, *, keep_jpeg: bool) -> tuple[Image.Image, bytes
             icc_profile = None
         return _replace(image, image.convert(png_mode)), icc_profile
     return image, icc_profile
+
+
+def _downscale_oriented(
+    frame: Image.Image,
+    size: tuple[int, int],
+    orientation: int,
+    resize: tuple[Image.Resampling, float],
+) -> tuple[Image.Image, int]:
+    """`frame` downscaled to `size`, and the orientation still to apply: through OpenCV (resized
+    and already rotated, orientation 1) for a JPEG when the `[photos]` extra is installed, else
+    through Pillow (rotated by the caller)."""
+    if resize is _JPEG_RESIZE and frame.mode in ("L", "RGB"):
+        done = resample.downscale(frame, size, orientation)
+        if done is not None:
+            return _replace(frame, done), 1
+    return _downscale(frame, size, resize), orientation
 
 
 def _downscale(

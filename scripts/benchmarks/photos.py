@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +42,14 @@ from .profiling import Calls, thread_profile
 
 # The stages name the functions of pipeline/inputs/ that verify and read (a rewrite of prepare
 # that renames them must rename them here too, or their time shows under "other"); Pillow's
-# decodes, resizes and saves are found by being called from anywhere in pipeline/inputs/.
+# decodes, resizes and saves are found by being called from anywhere in pipeline/inputs/. The
+# verify decode is the one `_examine` calls itself (a re-encode's decode is `_reencode`'s).
 IMAGES = "pipeline/inputs/images.py"
 INPUTS = "pipeline/inputs/"
+RESAMPLE = "pipeline/inputs/resample.py"  # the OpenCV resize and rotation ([photos] extra)
 PIL_IMAGE = "PIL/Image.py"
 DECODERS = (("PIL/ImageFile.py", "load"), ("pillow_heif/as_plugin.py", "load"))
-VERIFIERS = ("_decode_once_cheaply", "_verify_png")
+VERIFY_CALLER = "_examine"
 RESIZERS = ("resize", "reduce", "thumbnail", "transpose", "convert")
 MASKS = ("decode_png_mask", "box_mask", "box_to_pixels", "rle_encode_box", "rle_encode")
 COLUMNS = (  # (table header, figure key)
@@ -178,15 +180,17 @@ def stages(calls: Calls) -> dict[str, float]:
     a decode called by the verify functions is verify, one called by the rest of
     pipeline/inputs/ is decode; resizes and saves count when pipeline/inputs/ calls them (a
     mask's resize is the mask's)."""
-    verify = calls.cum(IMAGES, *VERIFIERS)
+    verify = calls.cum(IMAGES, "_verify_png")
+    verify += sum(calls.edge(f, name, IMAGES, VERIFY_CALLER) for f, name in DECODERS)
     decode = sum(calls.edge(f, name, INPUTS) for f, name in DECODERS)
-    decode -= sum(calls.edge(f, name, INPUTS, v) for f, name in DECODERS for v in VERIFIERS)
+    decode -= sum(calls.edge(f, name, IMAGES, VERIFY_CALLER) for f, name in DECODERS)
     mask = calls.cum("pipeline/masks.py", *MASKS)
     found = {
         "read + hash": calls.cum(IMAGES, "_read_and_hash", "read_bytes"),
         "verify": verify,
         "decode": decode,
-        "resize, rotate, convert": sum(calls.edge(PIL_IMAGE, f, INPUTS) for f in RESIZERS),
+        "resize, rotate, convert": sum(calls.edge(PIL_IMAGE, f, INPUTS) for f in RESIZERS)
+        + calls.cum(RESAMPLE, "downscale"),
         "encode": calls.edge(PIL_IMAGE, "save", INPUTS),
         "request (body, base64, JSON, HTTP)": calls.cum(
             "gemini/content.py", "build_generate_content_body"
@@ -246,6 +250,18 @@ def _kinds(images: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     return [(k, v) for k, v in images.items() if isinstance(v, dict)]
 
 
+FULL_JPEGS = 300  # "a few hundred" (issue 22); `bench.py photos --photos N` sets another count
+
+
+def with_jpegs(benchmark: Benchmark[Sizes], jpegs: int) -> Benchmark[Sizes]:
+    """`benchmark` with `jpegs` camera JPEGs at its full and quick sizes (`--photos N`)."""
+
+    def sized(sizes: Sizes) -> Sizes:
+        return replace(sizes, photos=replace(sizes.photos, jpegs=jpegs))
+
+    return replace(benchmark, quick=sized(benchmark.quick), full=sized(benchmark.full))
+
+
 BENCHMARK = Benchmark(
     run,
     quick=Sizes(
@@ -256,7 +272,7 @@ BENCHMARK = Benchmark(
         profiled=12,
     ),
     full=Sizes(
-        photos=PhotoSet(jpegs=160, pngs=8, heics=4),
+        photos=PhotoSet(jpegs=FULL_JPEGS, pngs=8, heics=4),
         tasks=("detect", "segment"),
         max_sides=(None, 1536),
         concurrency=8,

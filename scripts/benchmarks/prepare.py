@@ -49,6 +49,7 @@ from tests.image_quality import (
 from .harness import SEED, Benchmark, Ctx, Server, run_pipeline, table, write_config
 
 FILTERS = ("BILINEAR", "BICUBIC", "LANCZOS")
+OPENCV = "OpenCV"  # pipeline/inputs/resample.py: low-pass, then cubic (the [photos] extra)
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ def run(ctx: Ctx[Sizes]) -> dict[str, Any]:
 
 
 def _measure(path: Path, sizes: Sizes) -> dict[str, Any]:
-    from pipeline.inputs import images
+    from pipeline.inputs import images, resample  # the tree measured (a "before" may lack it)
     from pipeline.records import SourceFile
 
     data, side = path.read_bytes(), sizes.max_side
@@ -83,7 +84,8 @@ def _measure(path: Path, sizes: Sizes) -> dict[str, Any]:
         "before": lambda: (hashlib.sha256(data).digest(), old_prepare_jpeg(path, side)),
         "now": lambda: images.prepare(source, max_side=side),
     }
-    ways.update({name: _drafted_way(data, side, name) for name in FILTERS})
+    filters = (*FILTERS, *((OPENCV,) if resample.opencv() else ()))
+    ways.update({name: _drafted_way(data, side, name) for name in filters})
     ms = _median_cpu_ms(ways, sizes.repeats)
     reference = lanczos_reference(path, side)
     now = images.prepare(source, max_side=side)
@@ -92,8 +94,8 @@ def _measure(path: Path, sizes: Sizes) -> dict[str, Any]:
         "before": _quality(rgb(old_prepare_jpeg(path, side)), reference),
         "now": _quality(rgb(now.data), reference),
     }
-    for name in FILTERS:
-        quality[f"{name} resized"] = _quality(_drafted(data, side, name), reference)
+    for name in filters:
+        quality[f"{name} resized"] = _quality(np.asarray(_drafted(data, side, name)), reference)
     return {"file_mb": round(len(data) / 1e6, 2), "cpu_ms": ms, "quality": quality}
 
 
@@ -141,20 +143,27 @@ def _floor(data: bytes) -> None:
         image.load()
 
 
-def _drafted(data: bytes, side: int, name: str) -> np.ndarray:
-    """Decoded at the smallest DCT scale not below the target, then resized with `name`."""
+def _drafted(data: bytes, side: int, name: str) -> Image.Image:
+    """Decoded at the smallest DCT scale not below the target, then resized with `name` (a
+    Pillow filter, or OPENCV: what prepare does with the [photos] extra)."""
     with Image.open(io.BytesIO(data)) as image:
         scale = side / max(image.size)
         target = round(image.width * scale), round(image.height * scale)
         image.draft(image.mode, target)
         image.load()
-        return np.asarray(image.resize(target, Image.Resampling[name], reducing_gap=2.0))
+        if name == OPENCV:
+            from pipeline.inputs import resample  # only where _measure found it
+
+            resized = resample.downscale(image, target, orientation=1)
+            assert resized is not None, "OpenCV is not installed (the [photos] extra)"
+            return resized.convert("RGB")  # RGBX, shared with OpenCV: as the other ways give
+        return image.resize(target, Image.Resampling[name], reducing_gap=2.0)
 
 
 def _drafted_way(data: bytes, side: int, name: str) -> Callable[[], object]:
     def way() -> object:
         out = io.BytesIO()
-        Image.fromarray(_drafted(data, side, name)).save(out, "JPEG", quality=95)
+        _drafted(data, side, name).save(out, "JPEG", quality=95)
         return out
 
     return way
@@ -179,7 +188,8 @@ def _quality(sent: np.ndarray, reference: np.ndarray) -> dict[str, float]:
 def _print(name: str, path: Path, f: dict[str, Any], sizes: Sizes) -> None:
     ms, quality, floor = f["cpu_ms"], f["quality"], f["cpu_ms"]["floor"]
     rows = [[way, ms[way], round(ms[way] / floor, 2)] for way in ("floor", "before", "now")]
-    rows += [[f"decode + {n} + encode", ms[n], round(ms[n] / floor, 2)] for n in FILTERS]
+    filters = [n for n in ms if n not in ("floor", "before", "now")]
+    rows += [[f"decode + {n} + encode", ms[n], round(ms[n] / floor, 2)] for n in filters]
     title = f"prepare: {name} {sizes.width}x{sizes.height} JPEG ({f['file_mb']} MB)"
     table(f"{title} to max_side {sizes.max_side}", ["way", "CPU ms", "x floor"], rows)
     table(
