@@ -257,7 +257,7 @@ LONGEST_FIRST = (
     "test_ray.py",  # 455 s
     "test_benchmarks_smoke.py",  # 355 s
     "test_benchmarks_smoke_second.py",  # 266 s
-    "test_nights.py",  # 131 s
+    "test_nights.py",  # 131 s (about half since its status runs in-process)
     "test_paid_answers.py",  # 284 s
     "test_benchmarks_smoke_cluster.py",  # 127 s
     "test_compact.py",  # 126 s
@@ -265,7 +265,7 @@ LONGEST_FIRST = (
     "test_batch_run.py",  # 112 s
     "test_cli.py",  # 101 s
     "test_s3.py",  # 76 s
-    "test_edges.py",  # 73 s
+    "test_edges.py",  # 73 s (about a third since its usage edges run in-process)
     "test_tune.py",  # 66 s
 )
 
