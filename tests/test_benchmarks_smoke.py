@@ -6,23 +6,21 @@ user runs it, with `--smoke` (the size convention at the top of scripts/bench.py
 process; the subcommands come from `bench.py --list`, so one added later is run too. Nothing is
 timed or compared: a benchmark passes when it exits 0 having written nothing into docs/ (a smoke
 run is never recorded and draws its charts in its own temporary folder). The other scripts run
-against the local server on a few generated images; SCRIPTS must name every script in scripts/.
+against the local server on a few generated images, in tests/test_benchmarks_smoke_second.py.
 """
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import hashlib
 import os
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from pipeline.localserver.server import LocalServer
-from tests.conftest import REPO, save_scenes
+from tests.conftest import REPO
 
 SCRIPTS_DIR = REPO / "scripts"
 DOCS = REPO / "docs"
@@ -34,7 +32,9 @@ pytestmark = pytest.mark.benchmarks
 TIMEOUT_S = 300
 
 
+@functools.cache
 def bench_names() -> list[str]:
+    """What `bench.py --list` names (once a process: each smoke module's collection asks)."""
     listed = subprocess.run(
         [sys.executable, str(SCRIPTS_DIR / "bench.py"), "--list"],
         capture_output=True,
@@ -80,7 +80,18 @@ def cluster_benchmark(name: str) -> bool:
     return name.startswith("ray-")
 
 
-@pytest.mark.parametrize("name", [n for n in bench_names() if not cluster_benchmark(n)])
+# The other benchmarks are dealt in turn, in `--list` order, between this module (share 0) and
+# tests/test_benchmarks_smoke_second.py (share 1, with the scripts): together they were the
+# suite's longest file (a fifth of its test time), which one worker ran alone to the end.
+SHARES = 2
+
+
+def smoke_share(share: int) -> list[str]:
+    """The benchmarks, cluster ones aside, that smoke module `share` runs."""
+    return [n for n in bench_names() if not cluster_benchmark(n)][share::SHARES]
+
+
+@pytest.mark.parametrize("name", smoke_share(0))
 def test_benchmark_runs_at_smoke_size(name: str) -> None:
     check_smoke_run(name)
 
@@ -92,71 +103,3 @@ def check_smoke_run(name: str) -> None:
     assert done.returncode == 0, _explain(done.returncode, done.stdout, done.stderr)
     assert f"[{name}:" in done.stdout  # the harness's closing line: the benchmark ran to its end
     assert _docs_state() == before, "a --smoke run wrote into docs/"
-
-
-def _ab_client_cpu(url: str, images: Path, work: Path) -> list[str]:
-    # both sides this checkout: what is under test is that the script runs, not a difference
-    return [
-        str(SCRIPTS_DIR / "ab_client_cpu.py"),
-        str(REPO),
-        str(REPO),
-        "--images",
-        "4",
-        "--pairs",
-        "1",
-    ]
-
-
-def _baseline(script: str) -> Callable[[str, Path, Path], list[str]]:
-    def argv(url: str, images: Path, work: Path) -> list[str]:
-        out = work / f"{script}.parquet"
-        return [
-            str(SCRIPTS_DIR / script),
-            "--base-url",
-            url,
-            "--input",
-            str(images),
-            "--output",
-            str(out),
-        ]
-
-    return argv
-
-
-def _make_samples(url: str, images: Path, work: Path) -> list[str]:
-    return [str(SCRIPTS_DIR / "make_samples.py"), "--out", str(work / "samples")]
-
-
-# Every script in scripts/ (bench.py aside, run above) and its tiny invocation.
-SCRIPTS: dict[str, Callable[[str, Path, Path], list[str]]] = {
-    "ab_client_cpu.py": _ab_client_cpu,
-    "baseline_sdk.py": _baseline("baseline_sdk.py"),
-    "baseline_seed.py": _baseline("baseline_seed.py"),
-    "make_samples.py": _make_samples,
-}
-
-
-def test_every_script_has_a_smoke_run() -> None:
-    present = {path.name for path in SCRIPTS_DIR.glob("*.py")} - {"bench.py"}
-    assert present == set(SCRIPTS), "declare each script's tiny run in SCRIPTS"
-
-
-@pytest.mark.parametrize("script", sorted(SCRIPTS))
-async def test_script_runs_at_smoke_size(script: str, server: LocalServer, tmp_path: Path) -> None:
-    images = tmp_path / "images"
-    images.mkdir()
-    save_scenes(images, 3, prefix="scene", seed=1)
-    before = _docs_state()
-    argv = SCRIPTS[script](server.base_url, images, tmp_path)
-    # the server answers on this test's event loop: the script runs beside it, not blocking it
-    child = await asyncio.create_subprocess_exec(
-        sys.executable,
-        *argv,
-        cwd=tmp_path,
-        env={**os.environ, "GEMINI_API_KEY": KEY},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(child.communicate(), TIMEOUT_S)
-    assert child.returncode == 0, _explain(child.returncode, out.decode(), err.decode())
-    assert _docs_state() == before, f"{script} wrote into docs/"

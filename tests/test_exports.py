@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import io
 import json
-import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -25,6 +24,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from pipeline import exits
+from pipeline.cli import main
 from pipeline.commands.exports.coco import export_coco
 from pipeline.commands.exports.dataset import RootMap, UnknownRoot, collect
 from pipeline.commands.exports.files import MARKER, NotAnExport
@@ -38,10 +38,8 @@ from pipeline.output.parts import current_rows
 from pipeline.output.stores import MissingExtra
 from pipeline.records import ROW_SCHEMA
 from tests.conftest import (
-    REPO,
     Shape,
     answering,
-    child_env,
     draw_shapes,
     make_config,
     mask_iou,
@@ -134,23 +132,31 @@ async def test_coco_names_each_root_and_writes_captions(made: dict, tmp_path: Pa
     assert "2 classify rows (COCO has no place for them)" in summary.line()
 
 
-async def test_cli_export_json_and_unknown_root(made: dict, tmp_path: Path) -> None:
-    def export(*args: str) -> subprocess.CompletedProcess:
-        command = [sys.executable, "-m", "pipeline", "export", *args]
-        return subprocess.run(
-            command, capture_output=True, text=True, env=child_env(), cwd=REPO, timeout=120
-        )
+async def test_cli_export_json_and_unknown_root(
+    made: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`pipeline export` through the CLI's `main` in this process: its arguments, messages and
+    exit codes are under test, not a start-up (three processes took ~29 s of a busy machine)."""
 
-    done = export("yolo", str(made["out"]), "--out", str(tmp_path / "y"), "--task", "segment")
-    assert done.returncode == 0, done.stderr
-    assert "export yolo: wrote" in done.stderr and "2 images, 6 objects" in done.stderr
-    done = export("coco", str(made["out"]), "--out", str(tmp_path / "c.json"), "--json")
-    assert done.returncode == 0, done.stderr
-    report = json.loads(done.stdout)
+    def export(*args: str) -> tuple[int, str, str]:
+        code = main(["export", *args])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    code, _, err = export(
+        "yolo", str(made["out"]), "--out", str(tmp_path / "y"), "--task", "segment"
+    )
+    assert code == 0, err
+    assert "export yolo: wrote" in err and "2 images, 6 objects" in err
+    code, out, err = export("coco", str(made["out"]), "--out", str(tmp_path / "c.json"), "--json")
+    assert code == 0, err
+    report = json.loads(out)
     assert report["images"] == 2 and report["captions"] == 2
     assert report["wrote"] == [str(tmp_path / "c.json"), str(tmp_path / "c_captions.json")]
-    wrong = export("voc", str(made["out"]), "--out", str(tmp_path / "v"), "--images-root", "/no=/x")
-    assert wrong.returncode == exits.USAGE and "/no" in wrong.stderr
+    code, _, err = export(
+        "voc", str(made["out"]), "--out", str(tmp_path / "v"), "--images-root", "/no=/x"
+    )
+    assert code == exits.USAGE and "/no" in err
     assert not (tmp_path / "v").exists()
 
 

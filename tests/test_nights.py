@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import exits
+from pipeline.cli import main
 from pipeline.config import IMAGE_PATTERNS
 from pipeline.engines.batch.jobs import JobCounts, report_ended
 from pipeline.inputs.source import PassedOver, walk
@@ -161,36 +162,47 @@ async def _one_run(images_dir: Path, tmp_path: Path, out: str | None = None) -> 
     return out
 
 
+def _status(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    """`pipeline status ARGS` in this process, its exit code and stdout: what is under test is
+    the report, not a start-up (a process costs ~1.3 s of CPU, mostly imports); a lock or lease
+    held here is another writer's to it all the same (a flock is per open file, a lease an
+    object). The closed pipe below needs a process of its own."""
+    code = main(["status", *args])
+    return code, capsys.readouterr().out
+
+
 async def test_status_says_a_run_is_writing_and_its_journal(
-    images_dir: Path, tmp_path: Path, out: str
+    images_dir: Path, tmp_path: Path, out: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """While a run holds the output (its lock on disk, its lease on a bucket), status says so
     and counts the answers its journal holds beyond the parts; idle, no such line."""
     out = await _one_run(images_dir, tmp_path, out)
     store = open_store(out)
-    assert "writing" not in _pipeline("status", str(out)).stdout
+    assert "writing" not in _status(capsys, str(out))[1]
     lock = store.lock("a-run", wait=False)
     try:
         segment = journal.Segment(store, journal.segment_name("20270101T000000Z-abcdef", 1))
         segment.append([{"image_path": "x.png"}, {"image_path": "y.png"}])
         segment.close()
-        shown = _pipeline("status", str(out))
-        report = json.loads(_pipeline("status", str(out), "--json").stdout)
+        code, shown = _status(capsys, str(out))
+        report = json.loads(_status(capsys, str(out), "--json")[1])
     finally:
         lock.release()
-    assert shown.returncode == exits.OK, shown.stderr
-    assert "a run is writing it now: 2 answers in its journal" in shown.stdout.splitlines()[0]
+    assert code == exits.OK
+    assert "a run is writing it now: 2 answers in its journal" in shown.splitlines()[0]
     assert report["writing"] == {"journal_answers": 2}
 
 
-async def test_status_exits_2_for_an_unreadable_part(images_dir: Path, tmp_path: Path) -> None:
+async def test_status_exits_2_for_an_unreadable_part(
+    images_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = await _one_run(images_dir, tmp_path)
     store = open_store(out)
     (entry,) = part_entries(store)
     store.replace(entry.name, b"PAR1 not parquet at all PAR1")
-    shown = _pipeline("status", str(out))
-    assert shown.returncode == exits.USAGE
-    assert "UNREADABLE PART" in shown.stdout
+    code, shown = _status(capsys, str(out))
+    assert code == exits.USAGE
+    assert "UNREADABLE PART" in shown
 
 
 @pytest.mark.parametrize("json_flag", [(), ("--json",)])
