@@ -244,39 +244,6 @@ async def until(
         await asyncio.sleep(interval)
 
 
-# ------------------------------------------------------------------ the order workers take files
-# The longest files (seconds of test time, summed per file over a whole run on this 2-core
-# machine, 10ca349), first. `--dist loadfile` makes a file one worker's unit and hands the units
-# out in collection order (`--no-loadscope-reorder`: xdist's own order, by test count, started
-# the Ray files, 11 and 3 tests, last, so the suite ended with one or two workers busy on them).
-# Longest first leaves the short files to even out the workers' ends (one exception: the Ray
-# kill tests of test_paid_answers.py wait for a worker after test_ray.py's start, not beside it:
-# both are timed on a cluster, and it still ends long before test_ray.py). Not listed: after
-# these, in file order.
-LONGEST_FIRST = (
-    "test_ray.py",  # 455 s
-    "test_benchmarks_smoke.py",  # 355 s
-    "test_benchmarks_smoke_second.py",  # 266 s
-    "test_nights.py",  # 131 s (about half since its status runs in-process)
-    "test_paid_answers.py",  # 284 s
-    "test_benchmarks_smoke_cluster.py",  # 127 s
-    "test_compact.py",  # 126 s
-    "test_sink.py",  # 126 s
-    "test_batch_run.py",  # 112 s
-    "test_cli.py",  # 101 s
-    "test_s3.py",  # 76 s
-    "test_edges.py",  # 73 s (about a third since its usage edges run in-process)
-    "test_tune.py",  # 66 s
-)
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The items of LONGEST_FIRST's files first, in its order (a stable sort: the rest keep
-    theirs); run in each worker, whose collection order the xdist scheduler follows."""
-    rank = {name: n for n, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
-
-
 @pytest.fixture(autouse=True)
 def _spill_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """A bucket output's local spill files (journal.spill_dir) in a folder of each test's own,
