@@ -30,9 +30,9 @@ from pipeline.engines.batch import jobs as batchjobs
 from pipeline.gemini.vertex_batches import parse_vertex_job, read_prediction
 from pipeline.localserver.options import ServerOptions
 from pipeline.localserver.server import LocalServer
-from pipeline.output.state import State
 from pipeline.output.stores import filesystem as gcsfs_filesystem
 from tests.conftest import Clock, make_config, read_current, run, save_scenes, until
+from tests.test_batch_run import jobs_in
 from tests.test_vertex import (  # and that module's fixtures, reused (__all__)
     LOCATION,
     MODEL,
@@ -110,14 +110,6 @@ async def run_through(config, server: LocalServer, clock: Clock):
     await until(lambda: created(server) >= 1, exited=running(task), interval=0.02)
     clock.now += 61
     return await task
-
-
-def jobs_in(output: Path) -> list[Any]:
-    state = State(output)
-    try:
-        return state.batch_jobs()
-    finally:
-        state.close()
 
 
 # ---------------------------------------------------------------------------- the same rows
