@@ -356,6 +356,9 @@ def test_what_vertex_does_not_serve_is_refused_naming_the_key(tmp_path):
         make_config(tmp_path, api={"backend": "vertex", "project": "../x"})
     with pytest.raises(ConfigError, match=r'context_cache = "on".*not on Vertex AI'):
         make_config(tmp_path, api={"backend": "vertex", "context_cache": "on"})
+    # a Ray worker takes an API key and the fleet's quota is named by it: not Vertex's yet
+    with pytest.raises(ConfigError, match=r'\[engine\] kind = "ray".*backend = "vertex"'):
+        make_config(tmp_path, api={"backend": "vertex"}, engine={"kind": "ray"})
 
 
 # ----------------------------------------------------------------------------- gs:// in place
