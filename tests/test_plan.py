@@ -23,6 +23,7 @@ from pipeline.localserver.server import LocalServer
 from pipeline.output.parts import current_rows
 from pipeline.output.sink import ParquetSink
 from pipeline.records import make_key
+from pipeline.run import plan as plans
 from pipeline.run.identity import suffixes_of
 from pipeline.run.plan import Hashes
 from tests.conftest import REPO, make_config, run, save_scenes, write_rows
@@ -117,6 +118,24 @@ def test_plans_sharing_their_hashes_read_each_file_whole_once(
     assert shared.read == read  # nothing read whole again
     assert counts(again) == counts(first) == {"new": 3}
     assert counts(again) == counts(estimate(other, exact=True))
+
+
+def test_a_file_gone_before_it_is_read_whole_does_not_crash_the_plan(
+    tmp_path: Path, images_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file measured, then deleted (or made unreadable) before the plan reads it whole, is
+    priced as bought (the safe side), not a traceback out of `estimate` / `run --plan`."""
+    save_scenes(images_dir, 2, prefix="a", seed=1)
+    measure = plans.images.measure
+
+    def measured_then_deleted(source: Any, **options: Any) -> Any:
+        item = measure(source, **options)
+        Path(source.path).unlink()  # gone between the header and the whole read
+        return item
+
+    monkeypatch.setattr(plans.images, "measure", measured_then_deleted)
+    report = estimate(detect(tmp_path))
+    assert counts(report) == {"new": 2} and report["plan"]["not_read_whole"] == 2
 
 
 def test_estimate_and_run_plan_take_exact(tmp_path: Path, images_dir: Path) -> None:
