@@ -275,7 +275,8 @@ class Hashes:
         self.known: dict[tuple[str, int, int], str] = {}
 
     def sha256(self, src: SourceFile, data: bytes | None) -> str | None:
-        """`src`'s sha256 (from `data` when it was read), or None past the budget."""
+        """`src`'s sha256 (from `data` when it was read), or None past the budget or when the
+        file can no longer be read (deleted since it was measured): bought, as far as it knows."""
         if data is not None:
             return hashlib.sha256(data).hexdigest()
         place = (src.path, src.size, src.mtime_ns)
@@ -286,7 +287,10 @@ class Hashes:
         if self.past_budget:
             return None
         self.read += src.size
-        sha = images.file_sha256(src.path)
+        try:
+            sha = images.file_sha256(src.path)
+        except OSError:
+            return None
         if self.remember:
             self.known[place] = sha
         return sha
