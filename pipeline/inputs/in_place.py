@@ -20,7 +20,10 @@ that gave no content id) is downloaded and prepared as anywhere, keyed by the sh
 bytes; if the prepared bytes are the object's own it still goes in place (`sent_as_stored`).
 
 Not downloaded also means not verified: a file corrupt past its header is Vertex's to refuse
-(its 400 becomes the row's error), where a downloaded one is checked by `prepare` first.
+(its 400 becomes the row's error), where a downloaded one is checked by `prepare` first. Nor is
+a PNG's eXIf chunk seen when it sits after the pixels (the header holds only those before them):
+such a PNG goes in place unrotated, where `prepare` with `[images] verify` finds the chunk and
+turns the image (as `images.measure`, which counts it as unrotated too).
 """
 
 from __future__ import annotations
