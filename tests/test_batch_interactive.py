@@ -14,10 +14,12 @@ from typing import Any
 
 from pipeline import exits
 from pipeline.cli import main
+from pipeline.output.state import State
 from pipeline.run.plan import IN_FLIGHT, plan
 from tests.conftest import make_config, read_current, run
 from tests.test_batch_jobs import answers, until_answered
 from tests.test_batch_run import (  # the last three: fixtures of that module, used here
+    KEY,
     batch_config,
     key_in_env,
     server_clock,
@@ -125,3 +127,29 @@ async def test_a_job_that_expired_leaves_its_files_to_the_next_run_which_buys_th
         assert summary.batch["jobs_ended"][0]["state"] == "EXPIRED"
         after = await run(interactive(tmp_path, server))
         assert (after.exit_code, dict(after.rows), after.api_calls) == (exits.OK, {"ok": 3}, 3)
+
+
+async def test_a_vertex_run_over_a_job_of_another_endpoint_skips_its_files(
+    server, clock, tmp_path, monkeypatch
+):
+    """A Developer API job in flight, then an interactive run on Vertex AI (express mode: no
+    project, no [api] batch_staging) over the same output: that job is not this endpoint's to
+    collect, so the run needs no batch prediction settings; it skips the job's files and buys
+    the new ones."""
+    tiny_images(tmp_path / "images", 3)
+    await run(batch_config(tmp_path, base_url=server.base_url), submit_only=True)
+    state = State(tmp_path / "out")
+    try:
+        for job in state.batch_jobs():
+            state.update_batch_job(job.id, base_url="https://generativelanguage.example")
+        state.save()
+    finally:
+        state.close()
+    tiny_images(tmp_path / "images", 2, start=3)
+    monkeypatch.setenv("GOOGLE_API_KEY", KEY)
+    for name in ("GOOGLE_CLOUD_PROJECT", "GOOGLE_CLOUD_LOCATION"):
+        monkeypatch.delenv(name, raising=False)
+    config = make_config(tmp_path, api={"base_url": server.base_url, "backend": "vertex"})
+    summary = await run(config)
+    assert (summary.exit_code, dict(summary.rows), summary.api_calls) == (exits.OK, {"ok": 2}, 2)
+    assert (summary.in_batch_jobs, summary.skipped) == (3, 3)
