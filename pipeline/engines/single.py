@@ -37,6 +37,7 @@ from pipeline.engines.common import (
 )
 from pipeline.output.index import DigestSet, DoneOrInFlight
 from pipeline.output.sink import ParquetSink, SinkFailed
+from pipeline.output.state import IN_FLIGHT
 from pipeline.output.stores import Store
 from pipeline.records import SourceFile, Work, members_of
 from pipeline.run.progress import EngineView, Progress
@@ -78,11 +79,16 @@ class SingleProcess:
         an interactive run; or a schedule that flips the mode), the jobs that ended are
         collected first, and the files of those still running are skipped: a job bills every
         request it was given, so buying them here would pay twice (`pipeline batch cancel`
-        stops that bill; see `in_batch_jobs_hint`). No job in flight costs nothing more."""
+        stops that bill; see `in_batch_jobs_hint`). No job in flight costs nothing more; jobs
+        of other endpoints only are skipped, not collected (nor is their service asked for:
+        a Vertex run needs no batch prediction settings for a Developer API job)."""
         state = opened.state
         before = state.in_flight_fingerprints()  # read before any collection: see DoneOrInFlight
-        if not before:
-            return DoneOrInFlight(opened.index, DigestSet())
+        here = [
+            job for job in state.batch_jobs(IN_FLIGHT) if job.base_url == self.config.api.base_url
+        ]
+        if not before or not here:
+            return DoneOrInFlight(opened.index, DigestSet(before))
         say = batchjobs.say if self.options.progress else batchjobs.quiet
         scratch = batchjobs.scratch_folder(out, stack)
         counts = batchjobs.JobCounts()
