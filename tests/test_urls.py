@@ -331,3 +331,29 @@ async def test_internal_addresses_are_refused_after_dns_and_on_every_hop(
     with Fetcher(FetchSettings(allow_hosts=("localhost",))) as fetcher:  # a name, as resolved
         named = SourceFile(path=f"http://localhost:{port}/img/4.png", root="", rel_path="x")
         assert await fetcher.read(named) == png(4)
+
+
+@pytest.mark.parametrize(
+    ("code", "retryable", "tries"), [(503, True, 3), (429, True, 3), (403, False, 1)]
+)
+async def test_a_store_error_past_its_own_retries_is_the_objects_fetch_error(
+    monkeypatch: pytest.MonkeyPatch, code: int, retryable: bool, tries: int
+) -> None:
+    """gcsfs raises its HttpError (not an OSError) once its own retries are spent: the object
+    is a FetchError (a row naming it), retried first when transient, never a crash of the run."""
+    gcs_retry = pytest.importorskip("gcsfs.retry")
+    fsspec = pytest.importorskip("fsspec")
+    memory = type(fsspec.filesystem("memory"))
+    asked: list[str] = []
+
+    def failing(self: Any, path: str, **span: Any) -> bytes:
+        asked.append(path)
+        raise gcs_retry.HttpError({"code": code, "message": "Backend Error"})
+
+    monkeypatch.setattr(memory, "cat_file", failing)
+    hand = HandTime()
+    with Fetcher(FetchSettings(attempts=3), sleep=hand.sleep, clock=hand.clock) as fetcher:
+        src = SourceFile(path="memory://flaky/a.png", root="memory://flaky", rel_path="a.png")
+        with pytest.raises(FetchError, match=f"{code}") as failed:
+            await fetcher.read(src)
+    assert failed.value.retryable is retryable and len(asked) == tries

@@ -231,10 +231,13 @@ class Fetcher:
                 raise FetchError("object not found (deleted since it was listed?)") from None
             except PermissionError as exc:
                 raise FetchError(f"access denied: {_first_line(exc)}") from None
-            except (TimeoutError, OSError) as exc:
-                if attempt + 1 >= self.settings.attempts:
+            except Exception as exc:
+                transient = _transient(exc)
+                if transient is None:  # neither an I/O error nor a store's refusal: a defect
+                    raise
+                if not transient or attempt + 1 >= self.settings.attempts:
                     reason = f"object read failed: {_first_line(exc)}"
-                    raise FetchError(reason, retryable=True) from None
+                    raise FetchError(reason, retryable=transient) from None
                 self.retries += 1
                 await self._sleep(self._backoff(attempt))
         raise AssertionError("unreachable")
@@ -440,6 +443,20 @@ class Fetcher:
         src.size = int(info.get("size") or 0)
         src.mtime_ns = version_stamp(stores.object_version(info))
         src.content_id = stores.content_id(info)
+
+
+def _transient(exc: BaseException) -> bool | None:
+    """Whether a store's failure to read an object may pass: an I/O error or timeout may, and so
+    may a store's own HTTP error that is not an OSError — gcsfs's HttpError (`code`) once its
+    retries are spent, adlfs's azure HttpResponseError (`status_code`) — when its status is
+    408, 429 or 5xx. None: neither (a defect, not the object's)."""
+    if isinstance(exc, TimeoutError | OSError):
+        return True
+    for name in ("code", "status_code"):
+        status = getattr(exc, name, None)
+        if isinstance(status, int) and 400 <= status <= 599:
+            return status in RETRY_STATUSES
+    return None
 
 
 async def _run_fs(fs: Any, method: str, path: str, **options: Any) -> Any:
