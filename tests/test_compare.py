@@ -465,6 +465,16 @@ async def test_the_gallery_draws_the_rows_the_comparison_read(tmp_path: Path) ->
     assert Image.open(tmp_path / "gallery/images/000001.jpg").size == (64 * 2 + 8, 48)
 
 
+async def test_a_report_is_rendered_from_its_own_output_a_only(tmp_path: Path) -> None:
+    """A Report holds A's rows: asked to draw another output beside it, render refuses rather
+    than draw A's rows under that output's name."""
+    a, b = await gallery_outputs(tmp_path)
+    report = compare_outputs(a, b, columns=RENDER_COLUMNS)
+    with pytest.raises(ValueError, match=r"a comparison of .* render it from"):
+        render(b, tmp_path / "gallery", compare=report)
+    assert not (tmp_path / "gallery").exists()
+
+
 def test_format_report_of_nothing_compared() -> None:
     report = Report(
         "A",

@@ -129,6 +129,7 @@ def render(
     unless their hosts are in `allow_hosts`.
     """
     register_heif_opener()
+    rows, report, theirs = _read(output_dir, compare)  # first: nothing written on a refusal
     out = Path(out_dir)
     images_dir = out / IMAGES_DIR
     images_dir.mkdir(parents=True, exist_ok=True)
@@ -136,7 +137,6 @@ def render(
         if _OUR_IMAGE.fullmatch(stale.name):
             stale.unlink()
 
-    rows, report, theirs = _read(output_dir, compare)
     roots = roots or RootMap()
     roots.check({row["image_root"] or "" for row in rows})
     problems = [row for row in rows if row["status"] not in GALLERY_STATUSES]
@@ -184,6 +184,8 @@ def _read(output_dir: Output, compare: Output | Report | None) -> tuple[Rows, Re
         return _current(output_dir), None, []
     if not isinstance(compare, Report):
         compare = compare_outputs(output_dir, compare, columns=COLUMNS)
+    elif str(compare.a) != str(output_dir):  # its images, verdicts and held rows are A's
+        raise ValueError(f"compare: a comparison of {compare.a}; render it from {compare.a}")
     if compare.holds(COLUMNS):
         return compare.read[0], compare, compare.read[1]
     return _current(output_dir), compare, _current(compare.b)
