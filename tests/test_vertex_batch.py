@@ -384,3 +384,18 @@ async def test_the_storage_double_takes_gcsfs_uploads_and_deletes(server, stagin
     await asyncio.to_thread(fs.rm_file, "staging/a/b/big.bin")
     assert not (staging / "a" / "b" / "big.bin").exists()
     assert server.stats()["storage"]["object_puts"] == 2
+
+
+async def test_batch_wait_with_a_vertex_config_without_staging_names_the_config_file(
+    server, tmp_path, images_dir, vertex_env, gcs_double
+):
+    """`pipeline batch wait --config` with a Vertex config that has no batch_staging (an
+    interactive run's) refuses naming the key and the config file, as status and cancel do."""
+    save_scenes(images_dir, 2, prefix="scene", seed=53)
+    submitted = await run(vertex_batch(tmp_path, server), submit_only=True)
+    assert submitted.batch["jobs_created"] == 1
+    api = {"backend": "vertex", "project": PROJECT, "location": LOCATION}
+    api |= {"base_url": server.base_url, "mode": "interactive"}
+    interactive = make_config(tmp_path, api=api, output={"dir": str(tmp_path / "out")})
+    with pytest.raises(ConfigError, match=r"^test-config\.toml: \[api\] batch_staging"):
+        await batchjobs.wait(str(tmp_path / "out"), interactive, progress=False)
