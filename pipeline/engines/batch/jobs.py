@@ -1242,6 +1242,7 @@ def _following(
         max_jobs=batch.max_jobs,
         say=say if progress else quiet,
         staging=config.api.batch_staging if config is not None else None,
+        source=config.source if config is not None else "",
     )
 
 
