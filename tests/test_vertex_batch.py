@@ -399,3 +399,32 @@ async def test_batch_wait_with_a_vertex_config_without_staging_names_the_config_
     interactive = make_config(tmp_path, api=api, output={"dir": str(tmp_path / "out")})
     with pytest.raises(ConfigError, match=r"^test-config\.toml: \[api\] batch_staging"):
         await batchjobs.wait(str(tmp_path / "out"), interactive, progress=False)
+
+
+def test_a_blank_line_in_a_predictions_file_is_not_counted_as_a_prediction(tmp_path):
+    """The copy counts the predictions written (the non-blank lines the reader reads): a blank
+    line does not stand in for one still to come, so the job is not collected short of it."""
+    from pipeline.engines.batch.service import VertexJobs
+    from pipeline.gemini.batches import BatchJob, BatchStats
+
+    jobs = VertexJobs.__new__(VertexJobs)
+    jobs.fs = gcsfs_filesystem("memory")
+    folder = f"/t{os.getpid()}-{time.monotonic_ns()}/output/prediction-model-1"
+    jobs.fs.pipe(f"{folder}/predictions_0001.jsonl", b'{"key":"a"}\n\n{"key":"b"}\n')
+    stats = BatchStats(requests=3, succeeded=3)
+    remote = BatchJob("j", "JOB_STATE_SUCCEEDED", True, stats=stats, output_dir=f"memory:/{folder}")
+    destination = tmp_path / "results.jsonl.part"
+    assert jobs._copy(remote, destination) is False  # two of three written so far
+    assert not destination.exists()
+    jobs.fs.pipe(f"{folder}/predictions_0002.jsonl", b'{"key":"c"}')  # the third, unterminated
+    try:
+        assert jobs._copy(remote, destination) is True
+        assert destination.read_bytes().split(b"\n") == [
+            b'{"key":"a"}',
+            b"",
+            b'{"key":"b"}',
+            b'{"key":"c"}',
+            b"",
+        ]
+    finally:
+        jobs.fs.rm(folder.rsplit("/output", 1)[0], recursive=True)
