@@ -428,3 +428,27 @@ def test_a_blank_line_in_a_predictions_file_is_not_counted_as_a_prediction(tmp_p
         ]
     finally:
         jobs.fs.rm(folder.rsplit("/output", 1)[0], recursive=True)
+
+
+async def test_a_cancelled_job_short_of_the_predictions_it_answered_is_not_dropped(
+    server, tmp_path, images_dir, staging, vertex_env, gcs_double
+):
+    """A job ended CANCELLED whose folder holds fewer lines than its completionStats say it
+    answered (still being written): its paid answers are waited for, never deleted with its
+    output and bought again."""
+    import dataclasses
+
+    save_scenes(images_dir, 4, prefix="scene", seed=57)
+    config = vertex_batch(tmp_path, server)
+    config = dataclasses.replace(
+        config, batch=dataclasses.replace(config.batch, output_wait_seconds=0.3)
+    )
+    assert (await run(config, submit_only=True)).batch["jobs_created"] == 1
+    (cancelled,) = await batchjobs.cancel(str(tmp_path / "out"), config)
+    (written,) = staging.rglob("predictions.jsonl")
+    lines = written.read_bytes().splitlines(keepends=True)
+    assert len(lines) == 4
+    written.write_bytes(b"".join(lines[:3]))  # the fourth not written yet
+    await batchjobs.wait(str(tmp_path / "out"), config, progress=False)
+    (job,) = jobs_in(tmp_path / "out")
+    assert job.phase not in ("ended", "collected") and written.exists()
