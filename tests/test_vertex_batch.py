@@ -444,7 +444,7 @@ async def test_a_cancelled_job_short_of_the_predictions_it_answered_is_not_dropp
         config, batch=dataclasses.replace(config.batch, output_wait_seconds=0.3)
     )
     assert (await run(config, submit_only=True)).batch["jobs_created"] == 1
-    (cancelled,) = await batchjobs.cancel(str(tmp_path / "out"), config)
+    (_cancelled,) = await batchjobs.cancel(str(tmp_path / "out"), config)
     (written,) = staging.rglob("predictions.jsonl")
     lines = written.read_bytes().splitlines(keepends=True)
     assert len(lines) == 4
