@@ -384,3 +384,71 @@ async def test_the_storage_double_takes_gcsfs_uploads_and_deletes(server, stagin
     await asyncio.to_thread(fs.rm_file, "staging/a/b/big.bin")
     assert not (staging / "a" / "b" / "big.bin").exists()
     assert server.stats()["storage"]["object_puts"] == 2
+
+
+async def test_batch_wait_with_a_vertex_config_without_staging_names_the_config_file(
+    server, tmp_path, images_dir, vertex_env, gcs_double
+):
+    """`pipeline batch wait --config` with a Vertex config that has no batch_staging (an
+    interactive run's) refuses naming the key and the config file, as status and cancel do."""
+    save_scenes(images_dir, 2, prefix="scene", seed=53)
+    submitted = await run(vertex_batch(tmp_path, server), submit_only=True)
+    assert submitted.batch["jobs_created"] == 1
+    api = {"backend": "vertex", "project": PROJECT, "location": LOCATION}
+    api |= {"base_url": server.base_url, "mode": "interactive"}
+    interactive = make_config(tmp_path, api=api, output={"dir": str(tmp_path / "out")})
+    with pytest.raises(ConfigError, match=r"^test-config\.toml: \[api\] batch_staging"):
+        await batchjobs.wait(str(tmp_path / "out"), interactive, progress=False)
+
+
+def test_a_blank_line_in_a_predictions_file_is_not_counted_as_a_prediction(tmp_path):
+    """The copy counts the predictions written (the non-blank lines the reader reads): a blank
+    line does not stand in for one still to come, so the job is not collected short of it."""
+    from pipeline.engines.batch.service import VertexJobs
+    from pipeline.gemini.batches import BatchJob, BatchStats
+
+    jobs = VertexJobs.__new__(VertexJobs)
+    jobs.fs = gcsfs_filesystem("memory")
+    folder = f"/t{os.getpid()}-{time.monotonic_ns()}/output/prediction-model-1"
+    jobs.fs.pipe(f"{folder}/predictions_0001.jsonl", b'{"key":"a"}\n\n{"key":"b"}\n')
+    stats = BatchStats(requests=3, succeeded=3)
+    remote = BatchJob("j", "JOB_STATE_SUCCEEDED", True, stats=stats, output_dir=f"memory:/{folder}")
+    destination = tmp_path / "results.jsonl.part"
+    assert jobs._copy(remote, destination) is False  # two of three written so far
+    assert not destination.exists()
+    jobs.fs.pipe(f"{folder}/predictions_0002.jsonl", b'{"key":"c"}')  # the third, unterminated
+    try:
+        assert jobs._copy(remote, destination) is True
+        assert destination.read_bytes().split(b"\n") == [
+            b'{"key":"a"}',
+            b"",
+            b'{"key":"b"}',
+            b'{"key":"c"}',
+            b"",
+        ]
+    finally:
+        jobs.fs.rm(folder.rsplit("/output", 1)[0], recursive=True)
+
+
+async def test_a_cancelled_job_short_of_the_predictions_it_answered_is_not_dropped(
+    server, tmp_path, images_dir, staging, vertex_env, gcs_double
+):
+    """A job ended CANCELLED whose folder holds fewer lines than its completionStats say it
+    answered (still being written): its paid answers are waited for, never deleted with its
+    output and bought again."""
+    import dataclasses
+
+    save_scenes(images_dir, 4, prefix="scene", seed=57)
+    config = vertex_batch(tmp_path, server)
+    config = dataclasses.replace(
+        config, batch=dataclasses.replace(config.batch, output_wait_seconds=0.3)
+    )
+    assert (await run(config, submit_only=True)).batch["jobs_created"] == 1
+    (_cancelled,) = await batchjobs.cancel(str(tmp_path / "out"), config)
+    (written,) = staging.rglob("predictions.jsonl")
+    lines = written.read_bytes().splitlines(keepends=True)
+    assert len(lines) == 4
+    written.write_bytes(b"".join(lines[:3]))  # the fourth not written yet
+    await batchjobs.wait(str(tmp_path / "out"), config, progress=False)
+    (job,) = jobs_in(tmp_path / "out")
+    assert job.phase not in ("ended", "collected") and written.exists()

@@ -533,8 +533,15 @@ class Jobs:
     async def _settle(self, job: BatchJobRecord, remote: BatchJob, ready: bool) -> bool:
         """What a poll found: an end without results, results to collect, or nothing yet. Only
         `done` with the output `ready` is collected: a job seen SUCCEEDED (or done) without
-        it is finishing, and collecting it then would find no answers and buy them again."""
-        if remote.ended and remote.state != SUCCEEDED and not ready:
+        it is finishing, and collecting it then would find no answers and buy them again. So is
+        a Vertex job ended CANCELLED whose stats say it answered requests its folder does not
+        hold yet: ending it would delete those paid answers and send their images again."""
+        owed = (
+            remote.state == "JOB_STATE_CANCELLED"
+            and bool(remote.output_dir)
+            and remote.stats.succeeded > 0
+        )
+        if remote.ended and remote.state != SUCCEEDED and not ready and not owed:
             await self._end(job, remote.state.removeprefix("JOB_STATE_"), _why(remote))
             return True
         if not ready:
@@ -1242,6 +1249,7 @@ def _following(
         max_jobs=batch.max_jobs,
         say=say if progress else quiet,
         staging=config.api.batch_staging if config is not None else None,
+        source=config.source if config is not None else "",
     )
 
 

@@ -195,16 +195,19 @@ def _path(uri: str) -> str:
 
 def _append(fs: Any, path: str, sink: Any) -> int:
     """Copy one predictions file to `sink`, ending it with a newline; its non-blank lines."""
-    lines, last = 0, b"\n"
+    lines, last, open_line = 0, b"\n", False  # open_line: the line being read is not blank
     with fs.open(path, "rb") as source:
         while chunk := source.read(CHUNK):
             sink.write(chunk)
-            lines += chunk.count(b"\n")
+            *ended, rest = chunk.split(b"\n")
+            for part in ended:
+                lines += open_line or bool(part.strip())
+                open_line = False
+            open_line = open_line or bool(rest.strip())
             last = chunk[-1:]
     if last != b"\n":
         sink.write(b"\n")
-        lines += 1
-    return lines
+    return lines + open_line
 
 
 def _staging_failed(where: str, exc: OSError) -> Verdict:
