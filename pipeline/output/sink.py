@@ -427,6 +427,10 @@ class ParquetSink:
         seq = self._seq
         self._seq += 1
         self._committing = asyncio.create_task(self._commit(segment, seq))
+        # its failure is raised where it is awaited (_wait_committed); when the writer fails
+        # first (the journal's write on a full disk) it never is, and asyncio would print the
+        # commit's traceback at exit ("never retrieved"); its rows stay in the journal
+        self._committing.add_done_callback(_retrieved)
 
     async def _commit(self, segment: journal.Segment, seq: int) -> None:
         segment.close()
@@ -453,6 +457,12 @@ class ParquetSink:
             item = self._queue.get_nowait()
             if isinstance(item, _Flush) and not item.done.done():
                 item.done.set_exception(SinkFailed(str(self._failure)))
+
+
+def _retrieved(task: asyncio.Task[None]) -> None:
+    """Mark a finished task's exception seen (awaiting it still raises it)."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _next_seq(store: Store, run_id: str) -> int:
