@@ -196,12 +196,6 @@ class VertexBatches(JobCalls):
         return f"{self.collection}/{job_id(name)}"
 
 
-def _bare(model: str) -> str:
-    """The model id a publisher path ends in ("models/x" and "publishers/google/models/x": x),
-    as `t_model` turns it into `publishers/google/models/x` on Vertex."""
-    return model.removeprefix(VERTEX_PUBLISHER).removeprefix("models/")
-
-
 def _short(name: str) -> str:
     return f"{JOBS}/{job_id(name)}"
 

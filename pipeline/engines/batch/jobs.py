@@ -213,7 +213,6 @@ def run_following(
     """How a run of `config` follows the jobs of its endpoint: its rows, reuse tiers and row
     counts (`opened`), its own settings to parse with (the Batch Mode run's, and an interactive
     run's collecting the jobs it finds in flight: `collect_ended`)."""
-    batch = config.batch
     return Following(
         folder=scratch,
         base_url=config.api.base_url,
@@ -222,14 +221,24 @@ def run_following(
         rows=opened.runner.counts,
         job_counts=counts,
         bought=opened.bought,
-        retry_interactively=batch.retry == "interactive",
-        poll=(batch.poll_seconds, batch.max_poll_seconds),
-        output_wait=batch.output_wait_seconds,
-        max_jobs=batch.max_jobs,
         say=say,
-        staging=config.api.batch_staging,
-        source=config.source,
+        **_configured(config),
     )
+
+
+def _configured(config: Config | None) -> dict[str, Any]:
+    """What of a Following its config decides: [batch]'s polling and retries, the Vertex
+    staging prefix, the file named in errors (Batch Mode's defaults without a config:
+    `pipeline batch` commands given no --config)."""
+    batch = config.batch if config is not None else BatchConfig()
+    return {
+        "retry_interactively": batch.retry == "interactive",
+        "poll": (batch.poll_seconds, batch.max_poll_seconds),
+        "output_wait": batch.output_wait_seconds,
+        "max_jobs": batch.max_jobs,
+        "staging": config.api.batch_staging if config is not None else None,
+        "source": config.source if config is not None else "",
+    }
 
 
 async def collect_ended(opened: Opened, stop: Stop, how: Following) -> int:
@@ -1234,7 +1243,6 @@ def _following(
     config: Config | None,
     progress: bool,
 ) -> Following:
-    batch = config.batch if config is not None else BatchConfig()
     return Following(
         folder=scratch,
         base_url=base_url,
@@ -1243,13 +1251,8 @@ def _following(
         rows=rows,
         job_counts=counts,
         bought=None,
-        retry_interactively=batch.retry == "interactive",
-        poll=(batch.poll_seconds, batch.max_poll_seconds),
-        output_wait=batch.output_wait_seconds,
-        max_jobs=batch.max_jobs,
         say=say if progress else quiet,
-        staging=config.api.batch_staging if config is not None else None,
-        source=config.source if config is not None else "",
+        **_configured(config),
     )
 
 
