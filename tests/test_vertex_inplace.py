@@ -33,6 +33,7 @@ from pipeline.records import SourceFile
 from pipeline.run import plan as plans
 from pipeline.run.identity import key_suffix
 from tests.conftest import make_config, read_current, run, scene_png
+from tests.png_support import noise_png
 
 MODEL = "gemini-2.5-flash"
 
@@ -217,6 +218,54 @@ async def test_max_side_and_inline_mode_download_and_send_inline(server, tmp_pat
         inline
     )
     assert {row["input_mode"] for row in rows.values()} == {"inline", "none"}
+
+
+@pytest.fixture
+def late(bucket: Path) -> dict[str, bytes]:
+    """PNGs past a head and a tail range: one turned by an eXIf chunk after its pixels, one
+    whose late eXIf says "upright" (its pixels in libpng's 8 KiB chunks), one with none (its
+    pixels in one chunk)."""
+    folder = bucket / "day1"
+    folder.mkdir()
+    objects = {
+        "turned.png": noise_png(7, 6),
+        "upright.png": noise_png(8, 1, idat=8192),
+        "plain.png": noise_png(9, idat=1 << 20),
+    }
+    for name, data in objects.items():
+        (folder / name).write_bytes(data)
+    return objects
+
+
+async def test_a_png_turned_by_an_exif_chunk_after_its_pixels_is_sent_turned(
+    server, tmp_path, gcs, late
+):
+    """The same image gives the same answer read in place or from a local file: an eXIf chunk
+    after the pixels (found in a second range, from the object's end) turns it as `prepare`
+    turns the local file, so it is downloaded and sent turned; the others go in place."""
+    config = vertex_config(tmp_path, server, task={"kind": "detect"})
+    assert (await run(config)).rows["ok"] == 3
+    rows = read_current(tmp_path / "out")
+    assert rows["turned.png"]["input_mode"] == "inline"
+    assert (rows["turned.png"]["width"], rows["turned.png"]["height"]) == (300, 240)
+    assert rows["upright.png"]["input_mode"] == rows["plain.png"]["input_mode"] == "in_place"
+    assert (rows["plain.png"]["width"], rows["plain.png"]["height"]) == (240, 300)
+    # a head range and a tail range each; one whole GET: the turned one, to turn it
+    assert storage(server)["object_gets"] == 1 and storage(server)["range_gets"] == 6
+
+    local = tmp_path / "images"
+    local.mkdir()
+    (local / "turned.png").write_bytes(late["turned.png"])
+    here = make_config(
+        tmp_path,
+        api={"base_url": server.base_url},
+        task={"kind": "detect"},
+        output={"dir": str(tmp_path / "here")},
+    )
+    await run(here)
+    mine = read_current(tmp_path / "here")["turned.png"]
+    for column in ("key", "width", "height", "objects"):
+        assert rows["turned.png"][column] == mine[column], column
 
 
 # ------------------------------------------------------------------------------ no server

@@ -210,16 +210,16 @@ class Fetcher:
         self.fetched += 1
         return data
 
-    async def read_head(self, src: SourceFile, size: int) -> bytes:
-        """The first `size` bytes of an object (from any event loop): one ranged GET, retried
-        as a whole read is, what an object sent in place is measured from without downloading
-        it (pipeline/inputs/in_place.py). Raises FetchError."""
-        return await asyncio.wrap_future(self._call(self._read_head(src, size)))
+    async def read_range(self, src: SourceFile, start: int, end: int) -> bytes:
+        """Bytes [start, end) of an object (from any event loop): one ranged GET, retried as a
+        whole read is, what an object sent in place is measured from without downloading it
+        (its head, a PNG's tail: pipeline/inputs/in_place.py). Raises FetchError."""
+        return await asyncio.wrap_future(self._call(self._read_range(src, start, end)))
 
-    async def _read_head(self, src: SourceFile, size: int) -> bytes:
+    async def _read_range(self, src: SourceFile, start: int, end: int) -> bytes:
         async with self._gate:
             fs = stores.filesystem(locations.scheme_of(src.path) or "")
-            return await self._object_bytes(fs, src, start=0, end=size)
+            return await self._object_bytes(fs, src, start=start, end=end)
 
     async def _object_bytes(self, fs: Any, src: SourceFile, **span: int) -> bytes:
         """The object's bytes (`span`: fsspec's `start` and `end`, a range of them), transient

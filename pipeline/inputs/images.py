@@ -585,25 +585,35 @@ def _orientation(image: ImageFile.ImageFile, *, verify: bool) -> tuple[int, bool
     it finds it there, so it is read only when verifying (and the check is not repeated).
     pillow_heif already applies HEIF's own rotation and resets EXIF orientation to 1.
     """
-    exif = Image.Exif()
-    verified = False
+    if image.format == "PNG" and "exif" not in image.info:
+        if not verify:
+            return 1, False
+        # (OSError, SyntaxError: a broken PNG, which the caller turns into an error row)
+        return exif_orientation(_verify_png(image)), True
     try:
-        if image.format == "PNG" and "exif" not in image.info:
-            if not verify:
-                return 1, False
-            late = _verify_png(image)
-            verified = True
-            if late is None:
-                return 1, True
-            exif.load(late)
-        else:
-            exif = image.getexif()
-        value = exif.get(ExifTags.Base.Orientation, 1)
+        value = image.getexif().get(ExifTags.Base.Orientation, 1)
     except (SyntaxError, OSError):
         raise  # a broken PNG: the caller turns it into an error row
     except Exception:  # corrupt EXIF raises assorted errors; treat as "no orientation"
-        return 1, verified
-    return (value if isinstance(value, int) and 1 <= value <= 8 else 1), verified
+        return 1, False
+    return _valid(value), False
+
+
+def exif_orientation(payload: bytes | None) -> int:
+    """The orientation an EXIF payload (a PNG's eXIf chunk) gives: 1 when it has none, or none
+    is readable (bad metadata must not cost the image)."""
+    if payload is None:
+        return 1
+    exif = Image.Exif()
+    try:
+        exif.load(payload)
+        return _valid(exif.get(ExifTags.Base.Orientation, 1))
+    except Exception:  # corrupt EXIF raises assorted errors; treat as "no orientation"
+        return 1
+
+
+def _valid(value: object) -> int:
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
 def _verify_png(image: ImageFile.ImageFile) -> bytes | None:

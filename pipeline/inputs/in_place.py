@@ -19,11 +19,16 @@ Anything else (a shrink, a conversion, a rotation, a format Vertex does not take
 that gave no content id) is downloaded and prepared as anywhere, keyed by the sha256 of its
 bytes; if the prepared bytes are the object's own it still goes in place (`sent_as_stored`).
 
+A PNG may carry its eXIf chunk after its pixels (the PNG 1.2 extension let it), where its
+header does not: `prepare` with `[images] verify` finds it there and turns the image, so with
+`verify` a PNG past the first range has a second range read from its end (TAIL_BYTES, more up
+to MAX_TAIL_BYTES when its chunks after the pixels are not told by it: pipeline/inputs/
+pngtail.py, each chunk's CRC checked). One turned by such a chunk, or whose ranges do not tell,
+is downloaded and prepared like a file, so the same image gets the same answer read in place
+or from a local copy. (`images.measure`, the estimate's, still counts it as unrotated.)
+
 Not downloaded also means not verified: a file corrupt past its header is Vertex's to refuse
-(its 400 becomes the row's error), where a downloaded one is checked by `prepare` first. Nor is
-a PNG's eXIf chunk seen when it sits after the pixels (the header holds only those before them):
-such a PNG goes in place unrotated, where `prepare` with `[images] verify` finds the chunk and
-turns the image (as `images.measure`, which counts it as unrotated too).
+(its 400 becomes the row's error), where a downloaded one is checked by `prepare` first.
 """
 
 from __future__ import annotations
@@ -32,8 +37,8 @@ import hashlib
 import io
 from collections.abc import Awaitable, Callable
 
-from pipeline.config import Config
-from pipeline.inputs import images
+from pipeline.config import Config, ImagesConfig
+from pipeline.inputs import images, pngtail
 from pipeline.inputs.fetch import FetchError
 from pipeline.locations import scheme_of
 from pipeline.records import ImageItem, SourceFile
@@ -43,13 +48,17 @@ from pipeline.records import ImageItem, SourceFile
 # box follows its pixels) is read again 16 times longer, and past MAX_HEAD_BYTES downloaded.
 HEAD_BYTES = 64 << 10
 MAX_HEAD_BYTES = HEAD_BYTES * 16
+# Chunks after a PNG's pixels are few and small (IEND, often an eXIf or a tEXt): the last 64 KiB
+# hold them and, mostly, the last IDAT chunk's header to walk from; past it, 16 times longer.
+TAIL_BYTES = 64 << 10
+MAX_TAIL_BYTES = TAIL_BYTES * 16
 # Vertex reads an image of at most 30 MB from Cloud Storage (the image-understanding page's
 # "Maximum file size per file from Google Cloud Storage"); counted in decimal MB, to be safe.
 IN_PLACE_LIMIT = 30_000_000
 # Tags an object's content id before it is hashed, so an object's identity is never a file's.
 _TAG = b"gemini-vision-pipeline gs object\0"
 
-ReadHead = Callable[[SourceFile, int], Awaitable[bytes]]
+ReadRange = Callable[[SourceFile, int, int], Awaitable[bytes]]  # bytes [start, end) of an object
 
 
 def wanted(config: Config, src: SourceFile) -> bool:
@@ -79,27 +88,35 @@ def sent_as_stored(config: Config, item: ImageItem, data: bytes | None) -> bool:
     return wanted(config, item.source) and len(data) <= IN_PLACE_LIMIT
 
 
-async def measured(read_head: ReadHead, src: SourceFile, max_side: int | None) -> ImageItem | None:
-    """The item of an object that goes in place, from its header alone (`in_place` set, keyed
-    by its content id); an item carrying `error` when its header cannot be read; None when it
-    must be downloaded and prepared (it changes when sent, or its header is too long)."""
-    found = await _header(read_head, src)
-    if not isinstance(found, images.Header):
+async def measured(read: ReadRange, src: SourceFile, options: ImagesConfig) -> ImageItem | None:
+    """The item of an object that goes in place, from its header (and a PNG's tail) alone
+    (`in_place` set, keyed by its content id); an item carrying `error` when its header cannot
+    be read; None when it must be downloaded and prepared (it changes when sent, or its header
+    is too long, or its chunks after the pixels are not told by a range)."""
+    found = await _header(read, src)
+    if not isinstance(found, tuple):
         return found
-    return _item(src, found) if found.as_is(max_side) else None
+    header, head = found
+    if not header.as_is(options.max_side):
+        return None
+    if options.verify and header.mime == "image/png":
+        return await _unturned_png(read, src, header, head)
+    return _item(src, header)
 
 
-async def _header(read_head: ReadHead, src: SourceFile) -> images.Header | ImageItem | None:
-    """The object's Header from the fewest bytes that hold it; an error item when the object
-    cannot be read or is no image `header` reads; None past MAX_HEAD_BYTES."""
+async def _header(
+    read: ReadRange, src: SourceFile
+) -> tuple[images.Header, bytes] | ImageItem | None:
+    """The object's Header and the fewest first bytes that hold it; an error item when the
+    object cannot be read or is no image `header` reads; None past MAX_HEAD_BYTES."""
     size = HEAD_BYTES
     while True:
         try:
-            head = await read_head(src, size)
+            head = await read(src, 0, size)
         except FetchError as exc:
-            return ImageItem(source=src, error=str(exc), retryable=exc.retryable)
+            return _unread(src, exc)
         try:
-            return images.header(io.BytesIO(head), head)
+            return images.header(io.BytesIO(head), head), head
         except Exception as exc:  # decoders raise anything on hostile bytes; the row survives
             whole = len(head) >= src.size or len(head) < size
             if whole or images.sniff(head) is None:
@@ -107,6 +124,35 @@ async def _header(read_head: ReadHead, src: SourceFile) -> images.Header | Image
             if size >= MAX_HEAD_BYTES:
                 return None  # a header this long is rare: the whole file says what it is
             size *= 16
+
+
+async def _unturned_png(
+    read: ReadRange, src: SourceFile, header: images.Header, head: bytes
+) -> ImageItem | None:
+    """A PNG's item when no eXIf chunk after its pixels turns it (read from the object's end
+    unless `head` is the whole object); None when one does, or its ranges do not tell."""
+    size = TAIL_BYTES
+    while True:
+        start = max(len(head), src.size - size)
+        try:
+            tail = await read(src, start, src.size) if start < src.size else b""
+        except FetchError as exc:
+            return _unread(src, exc)
+        whole = start == len(head)  # the tail meets the head: one range, the whole object
+        try:
+            late = pngtail.late_exif(
+                head + tail if whole else head, b"" if whole else tail, src.size
+            )
+        except pngtail.NotTold:
+            if whole or size >= MAX_TAIL_BYTES:
+                return None  # rare: the whole file, prepared, says what it is
+            size *= 16
+            continue
+        return _item(src, header) if images.exif_orientation(late) == 1 else None
+
+
+def _unread(src: SourceFile, exc: FetchError) -> ImageItem:
+    return ImageItem(source=src, error=str(exc), retryable=exc.retryable)
 
 
 def _item(src: SourceFile, found: images.Header) -> ImageItem:

@@ -183,8 +183,8 @@ def _in_place(sources: list[SourceFile], config: Config, fetcher: Fetcher) -> di
     """The items of the objects measured from their header (in_place.measured: one that goes
     in place, or one whose header is unreadable), by id of their SourceFile."""
     wanted = [src for src in sources if in_place.by_metadata(config, src)]
-    max_side = config.images.max_side
-    found = fetcher.gather([in_place.measured(fetcher.read_head, src, max_side) for src in wanted])
+    options = config.images
+    found = fetcher.gather([in_place.measured(fetcher.read_range, src, options) for src in wanted])
     return {id(src): item for src, item in zip(wanted, found, strict=True) if item is not None}
 
 

@@ -169,8 +169,7 @@ class ImageRunner:
         if src.error:
             return ImageItem(source=src, error=src.error)
         if in_place.by_metadata(self.config, src):
-            max_side = self.config.images.max_side
-            item = await in_place.measured(self._fetcher().read_head, src, max_side)
+            item = await in_place.measured(self._fetcher().read_range, src, self.config.images)
             if item is not None:
                 return item
         item, data = await self._read_and_prepare(src)

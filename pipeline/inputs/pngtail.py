@@ -1,0 +1,113 @@
+"""A PNG's chunks after its pixels, told from two ranges of its bytes (its head and its tail)
+without the whole file: whether an eXIf chunk sits there.
+
+The PNG 1.2 extension let an eXIf chunk follow the IDAT chunks; Pillow reads such a chunk only
+when it loads the pixels, and `prepare` finds it when it verifies the file (images._verify_png),
+so an object sent in place must have its tail read for it (pipeline/inputs/in_place.py).
+
+The chunks are walked from a place known to start one, with their CRCs checked wherever their
+bytes are in the ranges:
+
+- the first IDAT, found by walking the head's chunks from the signature; IDAT chunks are then
+  skipped by their lengths (their bodies are the decoder's to check) as long as each next
+  chunk header lies in one of the ranges;
+- else an IDAT chunk header in the tail (where the last of them usually is): only a walk from
+  it that is whole and CRC-right to an IEND ending the file counts, so a stray "IDAT" among
+  compressed bytes is no start.
+
+When neither walk can be made (a chunk header between the ranges, a CRC wrong, no IEND at the
+end) the ranges do not tell (`NotTold`): the whole file must.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+class NotTold(Exception):
+    """The two ranges do not tell the chunks after the pixels."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Ranges:
+    """The first bytes of a file of `size` bytes and its last ones (b"" when `head` is whole)."""
+
+    head: bytes
+    tail: bytes
+    size: int
+
+    def span(self, start: int, end: int) -> bytes:
+        """Bytes [start, end) of the file; NotTold when they are not all in one range."""
+        if end <= len(self.head):
+            return self.head[start:end]
+        offset = self.size - len(self.tail)
+        if offset <= start and end <= self.size:
+            return self.tail[start - offset : end - offset]
+        raise NotTold(f"bytes {start}-{end} are not in the ranges read")
+
+    def holds(self, start: int, end: int) -> bool:
+        return end <= len(self.head) or self.size - len(self.tail) <= start <= end <= self.size
+
+
+def late_exif(head: bytes, tail: bytes, size: int) -> bytes | None:
+    """The payload of the eXIf chunks from the first IDAT to IEND (joined, as `prepare` reads
+    them), None when there is none; raises NotTold (the module docstring)."""
+    ranges = _Ranges(head, tail, size)
+    for start, strict in _starts(ranges):
+        try:
+            return _walk(ranges, start, strict=strict)
+        except NotTold:
+            continue
+    raise NotTold("no walk from the pixels to IEND in the ranges read")
+
+
+def _starts(ranges: _Ranges) -> Iterator[tuple[int, bool]]:
+    """Places to walk from, and whether the walk must be strict: the first IDAT (a place
+    known to start a chunk), then each candidate IDAT header in the tail (found by search)."""
+    first = _first_idat(ranges.head)
+    if first is not None:
+        yield first, False
+    offset, at = ranges.size - len(ranges.tail), ranges.tail.find(b"IDAT", 4)
+    while at >= 0:
+        yield offset + at - 4, True
+        at = ranges.tail.find(b"IDAT", at + 1)
+
+
+def _first_idat(head: bytes) -> int | None:
+    """Where the head's first IDAT chunk starts (the chunks before it are whole in the head:
+    Pillow read them to open the image)."""
+    at = len(SIGNATURE)
+    while at + 8 <= len(head):
+        length, kind = struct.unpack(">I4s", head[at : at + 8])
+        if kind == b"IDAT":
+            return at
+        at += 12 + length
+    return None
+
+
+def _walk(ranges: _Ranges, at: int, *, strict: bool) -> bytes | None:
+    """The eXIf payload walking chunks from `at` to IEND; `strict`: every chunk must be whole
+    in the ranges (a start found by search, not by walking), else IDAT chunks out of them are
+    skipped by their length."""
+    exif = None
+    while True:
+        length, kind = struct.unpack(">I4s", ranges.span(at, at + 8))
+        end = at + 12 + length
+        if kind == b"IDAT" and not strict and not ranges.holds(at, end):
+            at = end
+            continue
+        body = ranges.span(at + 8, end - 4)
+        if zlib.crc32(kind + body) != int.from_bytes(ranges.span(end - 4, end), "big"):
+            raise NotTold(f"bad CRC in a {kind.decode('latin-1')} chunk")
+        if kind == b"eXIf":
+            exif = (exif or b"") + body
+        if kind == b"IEND":
+            if end != ranges.size:
+                raise NotTold("bytes after IEND")
+            return exif
+        at = end

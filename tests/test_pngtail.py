@@ -1,0 +1,74 @@
+"""A PNG's chunks after its pixels told from its head and tail ranges (pipeline/inputs/pngtail.py):
+the eXIf chunk `prepare` finds there when it verifies the whole file, or "not told"."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from PIL import Image
+
+from pipeline.inputs import images, pngtail
+from pipeline.records import SourceFile
+from tests.png_support import noise_png, png_chunk
+
+RANGE = 64 << 10
+
+
+def told(data: bytes, tail: int = RANGE) -> bytes | None:
+    """What the walk tells from the first RANGE bytes and the last `tail` ones."""
+    return pngtail.late_exif(data[:RANGE], data[-tail:], len(data))
+
+
+def prepared_orientation(data: bytes) -> int:
+    """The orientation `prepare` reads in the whole file (its displayed size is turned)."""
+    item = images.prepare(SourceFile("x.png", "", "x.png", size=len(data)), data=data)
+    assert item.error is None
+    return 6 if (item.width, item.height) == (300, 240) else 1
+
+
+@pytest.mark.parametrize("idat", [None, 8192, 1 << 20], ids=["pillow", "libpng", "one-chunk"])
+@pytest.mark.parametrize("orientation", [None, 1, 6])
+def test_the_ranges_tell_what_the_whole_file_does(idat: int | None, orientation: int | None):
+    data = noise_png(3, orientation, idat=idat)
+    assert len(data) > 3 * RANGE
+    late = told(data)
+    assert (late is None) is (orientation is None)
+    assert images.exif_orientation(late) == prepared_orientation(data) == (orientation or 1)
+
+
+def test_a_whole_head_needs_no_tail():
+    small = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(small, "PNG")
+    data = small.getvalue()
+    iend = data.rindex(b"IEND") - 4
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    data = data[:iend] + png_chunk(b"eXIf", exif.tobytes()) + data[iend:]
+    assert images.exif_orientation(pngtail.late_exif(data, b"", len(data))) == 8
+
+
+def test_chunks_after_the_pixels_longer_than_the_tail_are_told_by_a_longer_one():
+    """An eXIf chunk, then 100 kB of text: the last 64 KiB hold neither it nor an IDAT header."""
+    data = noise_png(4, 6, after=png_chunk(b"tEXt", b"note\0" + b"x" * 100_000))
+    with pytest.raises(pngtail.NotTold):
+        told(data)
+    assert images.exif_orientation(told(data, tail=16 * RANGE)) == 6
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["exif-crc", "no-iend", "bytes-after-iend"],
+)
+def test_a_damaged_tail_is_not_told(damage: str):
+    """The whole file is then read and prepared: `prepare` says what a verify says of it."""
+    data = bytearray(noise_png(5, 6))
+    if damage == "exif-crc":
+        at = data.rindex(b"eXIf")
+        data[at + 6] ^= 0xFF
+    elif damage == "no-iend":
+        data = data[:-12]
+    else:
+        data += b"\0" * 16
+    with pytest.raises(pngtail.NotTold):
+        told(bytes(data))
