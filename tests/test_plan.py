@@ -16,6 +16,7 @@ import pipeline
 from pipeline import exits
 from pipeline.cli import main
 from pipeline.commands.estimate import estimate, format_estimate
+from pipeline.commands.status import format_status, pending, status
 from pipeline.config import Config
 from pipeline.engines import RedoRefused
 from pipeline.localserver.options import ServerOptions
@@ -364,3 +365,55 @@ def row_of(path: Path, suffix: str, *, retryable: bool | None = None) -> dict[st
         error = "503 UNAVAILABLE" if retryable else "400 INVALID_ARGUMENT: this image"
         row.update(status="error", error=error, retryable=retryable)
     return row
+
+
+# ------------------------------------------------------------ status --config: the plan's counts
+async def test_status_does_not_count_the_files_of_a_job_in_flight_as_to_do(
+    tmp_path: Path, images_dir: Path, server: LocalServer
+) -> None:
+    """A run skips the files a Batch Mode job in flight is buying; `status --config` counted
+    them as remaining (its own walk, not the run's)."""
+    save_scenes(images_dir, 3, prefix="a", seed=1)
+    config = make_config(tmp_path, api={"base_url": server.base_url, "mode": "batch"})
+    await run(config, submit_only=True)
+    save_scenes(images_dir, 1, prefix="b", seed=40)
+    left = {"files": 4, "done": 0, "to_do": 1, "retry": 0, "in_flight": 3}
+    assert pending(config) == {"config": config.source, **left}
+    assert estimate(config)["plan"]["left"] == left
+
+
+async def test_status_and_the_plan_count_a_mixed_output_alike(
+    tmp_path: Path, images_dir: Path, server: LocalServer
+) -> None:
+    """Done, to do (a changed file, an error to retry, a new file, a file that is no image), in
+    a Batch Mode job in flight: the same numbers from `status --config` and the plan."""
+    save_scenes(images_dir, 2, prefix="d", seed=60)
+    api = {"base_url": server.base_url}
+    await run(
+        make_config(tmp_path, api={**api, "mode": "batch"}, task={"kind": "detect"}),
+        submit_only=True,
+    )
+    config = make_config(tmp_path, api=api, task={"kind": "detect"})
+    answered = save_scenes(images_dir, 3, prefix="a", seed=1)
+    assert (await run(config)).api_calls == 3  # the job's two files are skipped
+    failed = save_scenes(images_dir, 2, prefix="b", seed=10)
+    suffix = suffixes_of(config).as_is
+    errors = [row_of(failed[0], suffix, retryable=True), row_of(failed[1], suffix, retryable=False)]
+    await write_rows(tmp_path / "out", "errors", errors)
+    save_scenes(images_dir, 1, prefix="a", seed=30)  # a000.png, changed
+    save_scenes(images_dir, 1, prefix="c", seed=50)
+    (images_dir / "notes.png").write_text("not an image")
+    assert answered[0].name == "a000.png"
+
+    left = {"files": 9, "done": 3, "to_do": 4, "retry": 1, "in_flight": 2}
+    shown = pending(config)
+    assert shown == {"config": config.source, **left}
+    report = estimate(config)
+    assert report["plan"]["left"] == left
+    assert counts(report) == {"new": 1, "changed": 1, "retry": 1, "in_flight": 2}
+    assert report["unusable_files"] == 1
+    assert "plan of a run now: 3 done (skipped, $0), 4 to do" in format_estimate(report)
+    line = f"remaining under {config.source}: 4 of 9 files to do (1 an error to retry), 3 done, "
+    assert line + "2 in Batch Mode jobs in flight" in format_status(
+        {**status(tmp_path / "out"), "pending": shown}
+    )

@@ -191,6 +191,7 @@ def _plan_report(
     categories[IN_FLIGHT] = _in_flight(config, planned, history, price)
     return {
         "done": planned.done,
+        "left": planned.left.report(),  # as `status --config` counts it
         "committed_rows": planned.committed,
         # bought past the budget of whole reads: copies among them not told (an upper bound)
         "not_read_whole": planned.unhashed,
@@ -435,7 +436,8 @@ def format_plan(report: dict[str, Any]) -> list[str]:
     planned = report["plan"]
     if planned["nothing_to_do"] and not planned["categories"][IN_FLIGHT]["jobs"]:
         return [f"plan: nothing to do ({planned['done']:,} done), $0"]
-    lines = [f"plan of a run now: {planned['done']:,} done (skipped, $0)"]
+    to_do = planned["left"]["to_do"]
+    lines = [f"plan of a run now: {planned['done']:,} done (skipped, $0), {to_do:,} to do"]
     for category, label in PLAN_LINES.items():
         entry = planned["categories"][category]
         if entry["requests"]:

@@ -15,27 +15,19 @@ import pyarrow.compute as pc
 from pipeline.config import Config
 from pipeline.cost import table_cost
 from pipeline.inputs.checks import check_groups
-from pipeline.inputs.source import work_units
 from pipeline.output import journal
-from pipeline.output.index import load_resume_index
 from pipeline.output.parts import GROUP, LEGACY_RUNS_DIR, RUNS_DIR, Output, latest_rows, scan
 from pipeline.output.stores import Store, open_store, writer_holds
-from pipeline.records import USAGE_COLUMNS, resumable, work_identity
-from pipeline.run.identity import suffixes_of
+from pipeline.records import USAGE_COLUMNS
+from pipeline.run.plan import left
 
 
 def pending(config: Config, *, retry_errors: bool = False) -> dict[str, Any]:
-    """What a run of `config` would still do: its inputs walked with a stat each, no reads.
-    (`files` counts requests: groups, when the config groups its files.)"""
+    """What a run of `config` would still do, counted as its plan counts it (pipeline/run/
+    plan.py's `left`: the run's walk and resume index, a job in flight's files not to do; a stat
+    a unit, no reads). `files` counts units: groups, when the config groups its files."""
     check_groups(config)
-    index = load_resume_index(
-        config.output.dir, key_suffix=suffixes_of(config), retry_errors=retry_errors
-    )
-    seen = done = 0
-    for work in work_units(config.input):
-        seen += 1
-        done += resumable(work) and index.is_done(*work_identity(work))
-    return {"config": config.source, "files": seen, "done": done, "remaining": seen - done}
+    return {"config": config.source, **left(config, retry_errors=retry_errors).report()}
 
 
 def status(output_dir: Output) -> dict[str, Any]:
@@ -154,12 +146,8 @@ def format_status(report: dict[str, Any]) -> str:
     errors = by_status.get("error", 0)
     if errors:
         lines.append(f"remaining: {errors:,} error rows; rerun with --retry-errors to redo them")
-    pending = report.get("pending")
-    if pending:
-        lines.append(
-            f"remaining under {pending['config']}: {pending['remaining']:,} of "
-            f"{pending['files']:,} files ({pending['done']:,} done)"
-        )
+    if report.get("pending"):
+        lines.append(_pending_line(report["pending"]))
     latest = report.get("latest_run")
     if latest:
         lines.append(
@@ -172,6 +160,18 @@ def format_status(report: dict[str, Any]) -> str:
         if latest.get("resume_hint"):
             lines.append(f"to resume: {latest['resume_hint']}")
     return "\n".join(lines)
+
+
+def _pending_line(pending: dict[str, Any]) -> str:
+    """What a run of the config would still do: the counts of its plan (`run --plan`)."""
+    retry = pending["retry"]
+    errors = f" ({retry:,} {'an error' if retry == 1 else 'errors'} to retry)" if retry else ""
+    in_flight = pending["in_flight"]
+    jobs = f", {in_flight:,} in Batch Mode jobs in flight" if in_flight else ""
+    return (
+        f"remaining under {pending['config']}: {pending['to_do']:,} of {pending['files']:,} "
+        f"files to do{errors}, {pending['done']:,} done{jobs}"
+    )
 
 
 def _writing_note(writing: dict[str, int] | None) -> str:

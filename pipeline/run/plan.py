@@ -16,8 +16,10 @@ them), up to a budget (`Hashes`: past it, an upper bound), an object sent in pla
 header; a finished output is walked with a stat each.
 
 `pipeline estimate` prices the plan (pipeline/commands/estimate.py); `run --plan` prints it;
-`redo_guard` refuses a run whose plan redoes more committed rows because settings changed than
-`[limits] max_redo` allows, unless the user said yes.
+`left` counts what the walk leaves to do without measuring anything (a stat a unit), the counts
+the plan starts from (`Plan.left`): what `pipeline status --config` reports; `redo_guard`
+refuses a run whose plan redoes more committed rows because settings changed than `[limits]
+max_redo` allows, unless the user said yes.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import itertools
 import json
 import os
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,13 +79,37 @@ class RedoRefused(exits.NotStarted):
 
 
 @dataclass
+class Left:
+    """What the walk leaves a run to do, before anything is measured: the units walked, those
+    done, those in a Batch Mode job in flight, and the others (to do) by the resume index's
+    verdict (NEW, CHANGED, SETTINGS, RETRY; a copy or an unusable file is counted by its verdict
+    here, the plan then sets it apart)."""
+
+    files: int = 0  # units: groups, when the config groups its files
+    done: int = 0
+    in_flight: int = 0
+    to_do: Counter[str] = field(default_factory=Counter)
+
+    def report(self) -> dict[str, int]:
+        """The counts `status --config`, `estimate` and `run --plan` report alike."""
+        return {
+            "files": self.files,
+            "done": self.done,
+            "to_do": self.to_do.total(),
+            "retry": self.to_do[RETRY],
+            "in_flight": self.in_flight,
+        }
+
+
+@dataclass
 class Plan:
     """What a run would do with each unit (see the module docstring). `units` holds the sent
-    sizes of the units of each category; `committed` the current rows of this task."""
+    sizes of the units of each category; `committed` the current rows of this task; `left` the
+    walk's counts it was made from."""
 
     units: dict[str, list[Sizes]] = field(default_factory=lambda: {c: [] for c in CATEGORIES})
     samples: dict[str, list[str]] = field(default_factory=dict)
-    done: int = 0
+    left: Left = field(default_factory=Left)
     unusable: int = 0
     unhashed: int = 0  # units bought past the budget of whole reads: copies among them not told
     committed: int = 0
@@ -103,6 +129,10 @@ class Plan:
         return len(self.units[category])
 
     @property
+    def done(self) -> int:
+        return self.left.done
+
+    @property
     def bought(self) -> list[Sizes]:
         """Every unit the run would pay for, in the order of BOUGHT."""
         return [unit for category in BOUGHT for unit in self.units[category]]
@@ -119,20 +149,53 @@ def plan(
     `hashes`: the files read whole so far (`Hashes`: a budget, and what `tune`'s plans share)."""
     hashes = hashes if hashes is not None else Hashes()
     index = _index(config, retry_errors)
-    # a job in flight is never bought again, in either mode (pipeline/run/walk.py)
-    jobs, in_flight = peek_batch(config.output.dir)
-    result = Plan(jobs=jobs, committed=_committed(config))
+    result = Plan(committed=_committed(config))
     asked: set[str] = set()  # keys of this plan: a twin of one is copied, as in a run
     with Fetcher(settings_from(config)) as fetcher:
-        walker = Walk(config, DoneOrInFlight(index, DigestSet(in_flight)), fetcher, limit)
+        walker, result.jobs = _walker(config, index, fetcher, limit)
         walker.on_skip = _skipped(result)
-        walk = walker.units()
+        walk = _tallied(walker, index, config.task.kind, result.left)
         for window in iter(lambda: list(itertools.islice(walk, WINDOW)), []):
-            for work, unit in zip(window, _measured(window, config, fetcher), strict=True):
-                _place(config, index, result, (asked, hashes), work, unit)
+            units = _measured([work for work, _ in window], config, fetcher)
+            for (work, why), unit in zip(window, units, strict=True):
+                _place(index, result, (asked, hashes), work, why, unit)
     if result.count(SETTINGS):
         result.settings_sources = _settings_sources(config, result)
     return result
+
+
+def left(config: Config, *, retry_errors: bool = False) -> Left:
+    """What a run of `config` starting now would still do, by the plan's own walk and verdicts
+    (`Left`), with nothing measured or read: a stat a unit (objects' and manifest URLs' versions
+    asked, as the run asks them)."""
+    index = _index(config, retry_errors)
+    counted = Left()
+    with Fetcher(settings_from(config)) as fetcher:
+        walker, _ = _walker(config, index, fetcher, None)
+        for _ in _tallied(walker, index, config.task.kind, counted):
+            pass
+    return counted
+
+
+def _walker(
+    config: Config, index: ResumeIndex, fetcher: Fetcher, limit: int | None
+) -> tuple[Walk, list[BatchJobRecord]]:
+    """The run's walk over `config`'s inputs, and the Batch Mode jobs in flight whose files it
+    skips: a job in flight is never bought again, in either mode (pipeline/run/walk.py)."""
+    jobs, in_flight = peek_batch(config.output.dir)
+    return Walk(config, DoneOrInFlight(index, DigestSet(in_flight)), fetcher, limit), jobs
+
+
+def _tallied(
+    walker: Walk, index: ResumeIndex, task: str, counted: Left
+) -> Iterator[tuple[Work, str]]:
+    """Each unit the walk yields with the resume index's verdict on it, counted in `counted`
+    with the walk's own counts (done, in flight) once it ends."""
+    for work in walker.units():
+        why = index.why(*work_identity(work), task)
+        counted.to_do[why] += 1
+        yield work, why
+    counted.files, counted.done, counted.in_flight = walker.seen, walker.done, walker.in_flight
 
 
 def _index(config: Config, retry_errors: bool) -> ResumeIndex:
@@ -147,15 +210,14 @@ def _index(config: Config, retry_errors: bool) -> ResumeIndex:
 
 
 def _skipped(result: Plan) -> Callable[[str, Work], None]:
-    """The walk's skipped units counted in the plan: done, or in a job in flight."""
+    """The walk's units in a job in flight listed in the plan (its samples; the walk counts
+    them, and the units done)."""
 
-    def count(why: str, work: Work) -> None:
+    def listed(why: str, work: Work) -> None:
         if why == IN_FLIGHT:
             result.add(IN_FLIGHT, [], work_identity(work)[1])
-        else:
-            result.done += 1
 
-    return count
+    return listed
 
 
 @dataclass
@@ -205,16 +267,17 @@ def _measure_unit(work: Work, read: dict[int, Any], max_side: int | None) -> _Me
 
 
 def _place(
-    config: Config,
     index: ResumeIndex,
     result: Plan,
     seen: tuple[set[str], Hashes],
     work: Work,
+    why: str,
     unit: _Measured,
 ) -> None:
-    """Put one unit the walk did not skip in its category. `seen`: the keys of this plan (a
-    twin of one is copied, as in a run) and the files read whole."""
-    root, name, size, mtime = work_identity(work)
+    """Put one unit the walk did not skip in its category (`why`: the index's verdict, its
+    category when it is bought). `seen`: the keys of this plan (a twin of one is copied, as in
+    a run) and the files read whole."""
+    root, name = work_identity(work)[:2]
     if work.error is not None or any(item.error for item in unit.items):
         result.unusable += 1  # an error row, no call
         return
@@ -229,7 +292,7 @@ def _place(
             result.add(COPY, sizes, name)
             return
         asked.add(key)
-    result.add(index.why(root, name, size, mtime, config.task.kind), sizes, name, root)
+    result.add(why, sizes, name, root)
 
 
 def _displayed(unit: _Measured) -> Sizes:
