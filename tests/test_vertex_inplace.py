@@ -268,6 +268,21 @@ async def test_a_png_turned_by_an_exif_chunk_after_its_pixels_is_sent_turned(
         assert rows["turned.png"][column] == mine[column], column
 
 
+async def test_without_verify_no_tail_is_read_as_no_local_file_is_turned_by_it(
+    server, tmp_path, gcs, late
+):
+    """`[images] verify = false`: `prepare` does not walk a local PNG's chunks, so a late eXIf
+    chunk turns nothing there, nor in place (no second range)."""
+    config = vertex_config(tmp_path, server, images={"verify": False})
+    assert (await run(config)).rows["ok"] == 3
+    row = read_current(tmp_path / "out")["turned.png"]
+    assert (row["input_mode"], row["width"], row["height"]) == ("in_place", 240, 300)
+    src = SourceFile("turned.png", "", "turned.png", size=len(late["turned.png"]))
+    local = images.prepare(src, data=late["turned.png"], verify=False)
+    assert (local.width, local.height) == (240, 300)
+    assert storage(server)["object_gets"] == 0 and storage(server)["range_gets"] == 3
+
+
 # ------------------------------------------------------------------------------ no server
 def test_content_id_prefers_the_md5_and_pins_a_composite_object_to_its_generation():
     plain = {"md5Hash": "XrY7u+Ae7tCTyyK7j1rNww==", "crc32c": "yZRlqg==", "generation": "7"}

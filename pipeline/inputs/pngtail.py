@@ -5,15 +5,15 @@ The PNG 1.2 extension let an eXIf chunk follow the IDAT chunks; Pillow reads suc
 when it loads the pixels, and `prepare` finds it when it verifies the file (images._verify_png),
 so an object sent in place must have its tail read for it (pipeline/inputs/in_place.py).
 
-The chunks are walked from a place known to start one, with their CRCs checked wherever their
-bytes are in the ranges:
+The chunks are walked to an IEND ending the file, every chunk after the pixels whole in the
+ranges and its CRC checked, from a place known to start one:
 
 - the first IDAT, found by walking the head's chunks from the signature; IDAT chunks are then
   skipped by their lengths (their bodies are the decoder's to check) as long as each next
-  chunk header lies in one of the ranges;
-- else an IDAT chunk header in the tail (where the last of them usually is): only a walk from
-  it that is whole and CRC-right to an IEND ending the file counts, so a stray "IDAT" among
-  compressed bytes is no start.
+  chunk header lies in one of the ranges (one IDAT chunk, or all of them in the head);
+- else an IDAT chunk header in the tail (the last one first: libpng's and Pillow's pixels come
+  in chunks of 8 or 64 KiB): only a walk from it whose every chunk, IDAT too, is whole and
+  CRC-right counts, so a stray "IDAT" among compressed bytes is no start.
 
 When neither walk can be made (a chunk header between the ranges, a CRC wrong, no IEND at the
 end) the ranges do not tell (`NotTold`): the whole file must.
@@ -50,9 +50,6 @@ class _Ranges:
             return self.tail[start - offset : end - offset]
         raise NotTold(f"bytes {start}-{end} are not in the ranges read")
 
-    def holds(self, start: int, end: int) -> bool:
-        return end <= len(self.head) or self.size - len(self.tail) <= start <= end <= self.size
-
 
 def late_exif(head: bytes, tail: bytes, size: int) -> bytes | None:
     """The payload of the eXIf chunks from the first IDAT to IEND (joined, as `prepare` reads
@@ -68,14 +65,15 @@ def late_exif(head: bytes, tail: bytes, size: int) -> bytes | None:
 
 def _starts(ranges: _Ranges) -> Iterator[tuple[int, bool]]:
     """Places to walk from, and whether the walk must be strict: the first IDAT (a place
-    known to start a chunk), then each candidate IDAT header in the tail (found by search)."""
+    known to start a chunk), then each candidate IDAT header in the tail (found by search), the
+    last first (the fewest bytes to check)."""
     first = _first_idat(ranges.head)
     if first is not None:
         yield first, False
-    offset, at = ranges.size - len(ranges.tail), ranges.tail.find(b"IDAT", 4)
-    while at >= 0:
+    offset, at = ranges.size - len(ranges.tail), ranges.tail.rfind(b"IDAT")
+    while at >= 4:
         yield offset + at - 4, True
-        at = ranges.tail.find(b"IDAT", at + 1)
+        at = ranges.tail.rfind(b"IDAT", 0, at)
 
 
 def _first_idat(head: bytes) -> int | None:
@@ -92,13 +90,13 @@ def _first_idat(head: bytes) -> int | None:
 
 def _walk(ranges: _Ranges, at: int, *, strict: bool) -> bytes | None:
     """The eXIf payload walking chunks from `at` to IEND; `strict`: every chunk must be whole
-    in the ranges (a start found by search, not by walking), else IDAT chunks out of them are
-    skipped by their length."""
+    in the ranges and CRC-right (a start found by search, not by walking), else IDAT chunks are
+    skipped by their length (their bodies are the decoder's to check, and mostly not read)."""
     exif = None
     while True:
         length, kind = struct.unpack(">I4s", ranges.span(at, at + 8))
         end = at + 12 + length
-        if kind == b"IDAT" and not strict and not ranges.holds(at, end):
+        if kind == b"IDAT" and not strict:
             at = end
             continue
         body = ranges.span(at + 8, end - 4)
