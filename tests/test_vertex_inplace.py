@@ -33,7 +33,7 @@ from pipeline.records import SourceFile
 from pipeline.run import plan as plans
 from pipeline.run.identity import key_suffix
 from tests.conftest import make_config, read_current, run, scene_png
-from tests.png_support import noise_png
+from tests.png_support import noise_png, png_chunk
 
 MODEL = "gemini-2.5-flash"
 
@@ -224,13 +224,14 @@ async def test_max_side_and_inline_mode_download_and_send_inline(server, tmp_pat
 def late(bucket: Path) -> dict[str, bytes]:
     """PNGs past a head and a tail range: one turned by an eXIf chunk after its pixels, one
     whose late eXIf says "upright" (its pixels in libpng's 8 KiB chunks), one with none (its
-    pixels in one chunk)."""
+    pixels in one chunk), one turned whose eXIf 100 kB of text follow (past the first tail)."""
     folder = bucket / "day1"
     folder.mkdir()
     objects = {
         "turned.png": noise_png(7, 6),
         "upright.png": noise_png(8, 1, idat=8192),
         "plain.png": noise_png(9, idat=1 << 20),
+        "noted.png": noise_png(10, 6, after=png_chunk(b"tEXt", b"note\0" + b"x" * 100_000)),
     }
     for name, data in objects.items():
         (folder / name).write_bytes(data)
@@ -244,14 +245,19 @@ async def test_a_png_turned_by_an_exif_chunk_after_its_pixels_is_sent_turned(
     after the pixels (found in a second range, from the object's end) turns it as `prepare`
     turns the local file, so it is downloaded and sent turned; the others go in place."""
     config = vertex_config(tmp_path, server, task={"kind": "detect"})
-    assert (await run(config)).rows["ok"] == 3
+    assert (await run(config)).rows["ok"] == 4
     rows = read_current(tmp_path / "out")
-    assert rows["turned.png"]["input_mode"] == "inline"
-    assert (rows["turned.png"]["width"], rows["turned.png"]["height"]) == (300, 240)
+    for name in ("turned.png", "noted.png"):
+        row = rows[name]
+        assert (row["input_mode"], row["width"], row["height"]) == ("inline", 300, 240), name
     assert rows["upright.png"]["input_mode"] == rows["plain.png"]["input_mode"] == "in_place"
     assert (rows["plain.png"]["width"], rows["plain.png"]["height"]) == (240, 300)
-    # a head range and a tail range each; one whole GET: the turned one, to turn it
-    assert storage(server)["object_gets"] == 1 and storage(server)["range_gets"] == 6
+    # a head range and a tail range each, noted.png a longer tail too; whole GETs: the turned
+    # ones, to turn them
+    assert storage(server)["object_gets"] == 2 and storage(server)["range_gets"] == 9
+    again = await run(config)  # each bought once: a rerun asks and reads nothing
+    assert again.skipped == 4 and again.api_calls == 0
+    assert storage(server)["object_gets"] == 2 and storage(server)["range_gets"] == 9
 
     local = tmp_path / "images"
     local.mkdir()
@@ -274,13 +280,13 @@ async def test_without_verify_no_tail_is_read_as_no_local_file_is_turned_by_it(
     """`[images] verify = false`: `prepare` does not walk a local PNG's chunks, so a late eXIf
     chunk turns nothing there, nor in place (no second range)."""
     config = vertex_config(tmp_path, server, images={"verify": False})
-    assert (await run(config)).rows["ok"] == 3
+    assert (await run(config)).rows["ok"] == 4
     row = read_current(tmp_path / "out")["turned.png"]
     assert (row["input_mode"], row["width"], row["height"]) == ("in_place", 240, 300)
     src = SourceFile("turned.png", "", "turned.png", size=len(late["turned.png"]))
     local = images.prepare(src, data=late["turned.png"], verify=False)
     assert (local.width, local.height) == (240, 300)
-    assert storage(server)["object_gets"] == 0 and storage(server)["range_gets"] == 3
+    assert storage(server)["object_gets"] == 0 and storage(server)["range_gets"] == 4
 
 
 # ------------------------------------------------------------------------------ no server

@@ -129,26 +129,28 @@ async def _header(
 async def _unturned_png(
     read: ReadRange, src: SourceFile, header: images.Header, head: bytes
 ) -> ImageItem | None:
-    """A PNG's item when no eXIf chunk after its pixels turns it (read from the object's end
-    unless `head` is the whole object); None when one does, or its ranges do not tell."""
+    """A PNG's item when no eXIf chunk after its pixels turns it; None when one does, or its
+    ranges do not tell (a longer tail is read first, up to MAX_TAIL_BYTES)."""
     size = TAIL_BYTES
     while True:
-        start = max(len(head), src.size - size)
         try:
-            tail = await read(src, start, src.size) if start < src.size else b""
+            return _item(src, header) if await _upright(read, src, head, size) else None
         except FetchError as exc:
             return _unread(src, exc)
-        whole = start == len(head)  # the tail meets the head: one range, the whole object
-        try:
-            late = pngtail.late_exif(
-                head + tail if whole else head, b"" if whole else tail, src.size
-            )
         except pngtail.NotTold:
-            if whole or size >= MAX_TAIL_BYTES:
+            if src.size - size <= len(head) or size >= MAX_TAIL_BYTES:
                 return None  # rare: the whole file, prepared, says what it is
             size *= 16
-            continue
-        return _item(src, header) if images.exif_orientation(late) == 1 else None
+
+
+async def _upright(read: ReadRange, src: SourceFile, head: bytes, size: int) -> bool:
+    """Whether no eXIf chunk after the PNG's pixels turns it, told from `head` and its last
+    `size` bytes (none read when `head` is the whole object); raises NotTold, FetchError."""
+    start = max(len(head), src.size - size)
+    tail = await read(src, start, src.size) if start < src.size else b""
+    if start == len(head):  # the tail meets the head: one range, the whole object
+        head, tail = head + tail, b""
+    return images.exif_orientation(pngtail.late_exif(head, tail, src.size)) == 1
 
 
 def _unread(src: SourceFile, exc: FetchError) -> ImageItem:
