@@ -24,7 +24,7 @@ from PIL import Image
 
 from pipeline.commands.estimate import estimate
 from pipeline.commands.reparse import reparse
-from pipeline.commands.status import status
+from pipeline.commands.status import pending, status
 from pipeline.inputs import images, in_place
 from pipeline.localserver.options import ServerOptions
 from pipeline.localserver.server import LocalServer
@@ -165,6 +165,10 @@ async def test_status_and_reparse_read_rows_sent_in_place(server, tmp_path, gcs,
     config = vertex_config(tmp_path, server, task={"kind": "detect"})
     await run(config)
     assert status(tmp_path / "out")["by_status"] == {"ok": 4}
+    gets = storage(server)["object_gets"], storage(server)["range_gets"]
+    left = await asyncio.to_thread(pending, config)  # the plan's walk: a listing, no read
+    assert (left["to_do"], left["done"]) == (0, 4)
+    assert (storage(server)["object_gets"], storage(server)["range_gets"]) == gets
     report = await asyncio.to_thread(reparse, str(tmp_path / "out"))
     assert report["reparsed"] == 4 and report["status_changes"] == {"ok->ok": 4}
     modes = {row["input_mode"] for row in read_current(tmp_path / "out").values()}
