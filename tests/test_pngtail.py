@@ -72,3 +72,17 @@ def test_a_damaged_tail_is_not_told(damage: str):
         data += b"\0" * 16
     with pytest.raises(pngtail.NotTold):
         told(bytes(data))
+
+
+def test_an_exif_chunk_before_the_pixels_is_the_one_prepare_reads():
+    """Pillow reads an eXIf chunk before the pixels on open and `prepare` takes it alone: the
+    in-place decision then reads no tail (a later chunk's "turn" is not the local file's)."""
+    early = Image.Exif()
+    early[0x0112] = 1
+    data = noise_png(6, 6)
+    at = data.index(b"IDAT") - 4
+    data = data[:at] + png_chunk(b"eXIf", early.tobytes()) + data[at:]
+    assert pngtail.exif_before_pixels(data[:RANGE])
+    assert not pngtail.exif_before_pixels(noise_png(6, 6)[:RANGE])
+    assert images.exif_orientation(told(data)) == 6  # there, but not what prepare reads:
+    assert prepared_orientation(data) == 1

@@ -20,12 +20,14 @@ that gave no content id) is downloaded and prepared as anywhere, keyed by the sh
 bytes; if the prepared bytes are the object's own it still goes in place (`sent_as_stored`).
 
 A PNG may carry its eXIf chunk after its pixels (the PNG 1.2 extension let it), where its
-header does not: `prepare` with `[images] verify` finds it there and turns the image, so with
-`verify` a PNG past the first range has a second range read from its end (TAIL_BYTES, more up
-to MAX_TAIL_BYTES when its chunks after the pixels are not told by it: pipeline/inputs/
-pngtail.py, each chunk's CRC checked). One turned by such a chunk, or whose ranges do not tell,
-is downloaded and prepared like a file, so the same image gets the same answer read in place
-or from a local copy. (`images.measure`, the estimate's, still counts it as unrotated.)
+header does not: `prepare` with `[images] verify` finds it there and turns the image. So with
+`verify`, a PNG with no eXIf chunk before its pixels (`prepare` reads that one alone) has its
+chunks after the pixels walked (pipeline/inputs/pngtail.py, each one's CRC checked): in the
+first range when that holds the whole object, else in a second one read from its end
+(TAIL_BYTES; up to MAX_TAIL_BYTES when that does not tell them). One turned by such a chunk, or
+whose ranges do not tell, is downloaded and prepared like a file, so the same image gets the
+same answer read in place or from a local copy. (`images.measure`, the estimate's, still
+counts it as unrotated.)
 
 Not downloaded also means not verified: a file corrupt past its header is Vertex's to refuse
 (its 400 becomes the row's error), where a downloaded one is checked by `prepare` first.
@@ -99,7 +101,7 @@ async def measured(read: ReadRange, src: SourceFile, options: ImagesConfig) -> I
     header, head = found
     if not header.as_is(options.max_side):
         return None
-    if options.verify and header.mime == "image/png":
+    if options.verify and header.mime == "image/png" and not pngtail.exif_before_pixels(head):
         return await _unturned_png(read, src, header, head)
     return _item(src, header)
 

@@ -76,16 +76,27 @@ def _starts(ranges: _Ranges) -> Iterator[tuple[int, bool]]:
         at = ranges.tail.rfind(b"IDAT", 0, at)
 
 
+def exif_before_pixels(head: bytes) -> bool:
+    """Whether an eXIf chunk precedes the pixels: Pillow reads it on open, and `prepare` then
+    takes the orientation from it alone (one after the pixels is not looked for)."""
+    return any(kind == b"eXIf" for _, kind in _head_chunks(head))
+
+
 def _first_idat(head: bytes) -> int | None:
     """Where the head's first IDAT chunk starts (the chunks before it are whole in the head:
     Pillow read them to open the image)."""
+    return next((at for at, kind in _head_chunks(head) if kind == b"IDAT"), None)
+
+
+def _head_chunks(head: bytes) -> Iterator[tuple[int, bytes]]:
+    """Each chunk's start and type in `head`, from the signature to the first IDAT."""
     at = len(SIGNATURE)
     while at + 8 <= len(head):
         length, kind = struct.unpack(">I4s", head[at : at + 8])
+        yield at, kind
         if kind == b"IDAT":
-            return at
+            return
         at += 12 + length
-    return None
 
 
 def _walk(ranges: _Ranges, at: int, *, strict: bool) -> bytes | None:
