@@ -140,8 +140,8 @@ def group_digest(image_root: str, image_path: str, task: str) -> int:
 class CurrentRows:
     """Every current row's group, file digest and verdict (DONE, SETTINGS, RETRY), sorted by
     group: why a file the resume index does not skip is done again (`why`). Kept only when
-    asked for (`load_resume_index(explain=True)`: `pipeline estimate`, `run --plan`): 25 bytes a
-    current row."""
+    asked for (`load_resume_index(explain=True)`: `pipeline estimate`, `run --plan`, `status
+    --config`): 25 bytes a current row."""
 
     def __init__(self) -> None:
         self.groups = np.zeros(0, dtype=np.uint64)
