@@ -69,8 +69,8 @@ def _container(
     """An object's or array's pieces (`keys`: each item's key and colon, for an object)."""
     inner: list[list[bytes] | None] = []
     for item in items:
-        pieces: list[bytes] = []
-        inner.append(pieces if _pieces(item, pieces) else None)
+        found: list[bytes] = []
+        inner.append(found if _pieces(item, found) else None)
     if not any(inner):
         return False
     out.append(opening)
