@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import signal
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.cli import main
 from tests.conftest import REPO, child_env, draw_shapes, read_rows
 
 ENV = child_env()
@@ -282,3 +284,18 @@ def test_a_run_does_not_import_pandas_and_pandas_still_works_after(tmp_path: Pat
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "pandas", "3"]
+
+
+def test_an_in_process_run_leaves_the_callers_garbage_collector_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`pipeline run` freezes the collector's view and collects less while it runs
+    (cli._collecting_less); a caller of main() — a notebook, this test — gets its own back."""
+    monkeypatch.chdir(REPO)
+    before = gc.get_threshold()
+    code = main(["run", "configs/demo.toml", "--output", str(tmp_path / "demo"), "--quiet"])
+    assert code == 0
+    assert (gc.get_threshold(), gc.get_freeze_count()) == (before, 0)
+    assert len(read_rows(tmp_path / "demo")) == len(
+        json.loads((REPO / "data" / "samples-truth.json").read_text())
+    )
