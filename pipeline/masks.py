@@ -40,9 +40,8 @@ _DATA_URL = re.compile(rb"^\s*data:[^,]{0,100}?,")
 _MAX_GROUPS = 12
 _CHUNK_HEAD = struct.Struct(">I4s")  # a PNG chunk: data length, type; then data, then CRC-32
 _CRC = struct.Struct(">I")
-_IHDR = struct.Struct(
-    ">IIBBBBB"
-)  # width, height, bit depth, colour type, compression, filter, interlace
+# IHDR: width, height, bit depth, colour type, compression, filter method, interlace
+_IHDR = struct.Struct(">IIBBBBB")
 _PLAIN_GREY = (8, 0, 0, 0, 0)  # 8-bit grey, deflate, adaptive filtering, not interlaced
 _UP = 2  # PNG row filters: 0 None, 1 Sub, 2 Up (3 Average and 4 Paeth are left to Pillow)
 
@@ -102,11 +101,12 @@ def _pillow_png(raw: bytes) -> np.ndarray:
 
 
 def _plain_grey_png(raw: bytes) -> np.ndarray | None:
-    """The pixels of the PNG form masks come in (8-bit grey, not interlaced, rows filtered with
-    None, Sub or Up, just IHDR, IDAT and IEND chunks with good CRCs), decoded without Pillow,
-    whose PNG plugin cost ~50 us of a ~70 us decode of a 300-byte map; None for any other PNG,
-    so that Pillow decodes it, or says why it cannot, exactly as before (tests/test_masks.py
-    compares both on seeded maps of every filter).
+    """The pixels of the PNG form masks come in, decoded without Pillow, whose PNG plugin cost
+    ~50 us of a ~70 us decode of a 300-byte map: 8-bit grey, not interlaced, rows filtered with
+    None, Sub or Up, just IHDR, IDAT and IEND with good CRCs. A Gemini 2.5 mask seen in a public
+    repository is exactly that (256 x 256, every row filtered None), as are the local server's.
+    None for any other PNG, so that Pillow decodes it, or says why it cannot, exactly as before
+    (tests/test_masks_reference.py compares both on seeded PNGs of every filter, and damaged).
     """
     chunks = _png_chunks(raw)
     size = _plain_grey_size(chunks)
@@ -170,7 +170,8 @@ def _unfilter(rows: np.ndarray) -> np.ndarray | None:
     sub = kinds == 1
     # Sub adds the decoded byte on the left: a running sum along the row, modulo 256 (uint8).
     pixels[sub] = np.cumsum(pixels[sub], axis=1, dtype=np.uint8)
-    return _undo_up(pixels, kinds == _UP) if (kinds == _UP).any() else pixels
+    up = kinds == _UP
+    return _undo_up(pixels, up) if up.any() else pixels
 
 
 def _undo_up(pixels: np.ndarray, up: np.ndarray) -> np.ndarray:
