@@ -189,10 +189,12 @@ def _direct_stages(images: Path, out: Path, config: Any) -> dict[str, float]:
     ]
 
     def decode_masks() -> None:
-        held["inside"] = []
-        for item, w, h in objects:
-            box = masks.box_to_pixels(item["box_2d"], w, h)
-            held["inside"].append((masks.box_mask(masks.decode_png_mask(item["mask"]), box), box))
+        # As segment reads them: the map stretched over box_2d's exact edges (a map over the
+        # box rounded to pixels often skipped the resize, and its cost went to "parse").
+        held["inside"] = [
+            masks.map_box_mask(masks.decode_png_mask(item["mask"]), item["box_2d"], w, h)
+            for item, w, h in objects
+        ]
 
     mask = timed(decode_masks)
     rle = timed(
