@@ -13,7 +13,10 @@ ranges and its CRC checked, from a place known to start one:
   chunk header lies in one of the ranges (one IDAT chunk, or all of them in the head);
 - else an IDAT chunk header in the tail (the last one first: libpng's and Pillow's pixels come
   in chunks of 8 or 64 KiB): only a walk from it whose every chunk, IDAT too, is whole and
-  CRC-right counts, so a stray "IDAT" among compressed bytes is no start.
+  CRC-right counts, so a stray "IDAT" among compressed bytes is no start. Such a walk does not
+  see the chunks before its start: an eXIf chunk between two IDAT chunks, which the PNG spec
+  forbids (they are consecutive) and encoders do not write, is missed there where `prepare` finds
+  it (an eXIf chunk, then an empty IDAT chunk, then IEND: turned by `prepare`, not in place).
 
 When neither walk can be made (a chunk header between the ranges, a CRC wrong, no IEND at the
 end) the ranges do not tell (`NotTold`): the whole file must.
