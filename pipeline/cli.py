@@ -47,15 +47,19 @@ def _collecting_less() -> Iterator[None]:
     frees them by reference counting; the collector's passes over them and over the import-time
     objects took ~0.18 s of a 1,500-image segment run's ~4.5 s of CPU, ~0.09 s with this
     (`gc.callbacks` timing, the throughput benchmark's replay run). Undone afterwards: a caller
-    of `main()` (a test, a notebook) keeps its own collector."""
+    of `main()` (a test, a notebook) keeps its own collector; one that froze objects itself is
+    left its frozen set (`gc.unfreeze` would thaw them all), nothing more frozen."""
     thresholds = gc.get_threshold()
-    gc.freeze()
+    freeze = gc.get_freeze_count() == 0
+    if freeze:
+        gc.freeze()
     gc.set_threshold(10_000, *thresholds[1:])
     try:
         yield
     finally:
         gc.set_threshold(*thresholds)
-        gc.unfreeze()
+        if freeze:
+            gc.unfreeze()
 
 
 def _run(args: argparse.Namespace) -> int:

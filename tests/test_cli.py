@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli import main
+from pipeline.cli import _collecting_less, main
 from tests.conftest import REPO, child_env, draw_shapes, read_rows
 
 ENV = child_env()
@@ -299,3 +299,17 @@ def test_an_in_process_run_leaves_the_callers_garbage_collector_as_it_was(
     assert len(read_rows(tmp_path / "demo")) == len(
         json.loads((REPO / "data" / "samples-truth.json").read_text())
     )
+
+
+def test_a_callers_frozen_objects_stay_frozen_after_a_run() -> None:
+    """A caller that froze its own objects (`gc.freeze`, as a forking server does) still has
+    them frozen after `pipeline run` in process: `gc.unfreeze` thawed every frozen object."""
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        with _collecting_less():
+            pass
+        # (a frozen object freed meanwhile leaves the count: not all of them are still there)
+        assert gc.get_freeze_count() > frozen // 2
+    finally:
+        gc.unfreeze()

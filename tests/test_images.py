@@ -14,7 +14,14 @@ import numpy as np
 import pytest
 from PIL import Image, ImageCms
 
-from pipeline.inputs.images import SUPPORTED_MIME, SourceChangedError, prepare, read_bytes, sniff
+from pipeline.inputs.images import (
+    SUPPORTED_MIME,
+    SourceChangedError,
+    header,
+    prepare,
+    read_bytes,
+    sniff,
+)
 from pipeline.records import SourceFile
 
 RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
@@ -222,6 +229,28 @@ def test_png_orientation_without_verify_still_applies_when_exif_precedes_pixels(
     item = prepare(source_for(path), verify=False)
     assert (item.width, item.height) == (60, 40)
     assert_corners(pixels(item.data), 0)
+
+
+@pytest.mark.parametrize("where", ["before the pixels", "after the pixels"])
+def test_an_exif_chunk_holding_no_exif_costs_a_png_nothing(tmp_path: Path, where: str) -> None:
+    """Unreadable EXIF is no orientation (`_orientation`: bad metadata must not cost the image),
+    wherever the PNG's eXIf chunk sits; the header an object sent in place is measured from says
+    the same (pipeline/inputs/in_place.py)."""
+    data = encoded("PNG")
+    at = data.index(b"IDAT") - 4 if where == "before the pixels" else data.rindex(b"IEND") - 4
+    junk = b"garbage!garbage!"  # no TIFF header: Pillow's Exif.load raises SyntaxError
+    chunk = (
+        struct.pack(">I", len(junk))
+        + b"eXIf"
+        + junk
+        + struct.pack(">I", zlib.crc32(b"eXIf" + junk))
+    )
+    data = data[:at] + chunk + data[at:]
+    item = prepare(source_for(write(tmp_path / "junk-exif.png", data)))
+    assert item.error is None
+    assert (item.mime_type, item.data) == ("image/png", None)  # sent as it is, unturned
+    found = header(io.BytesIO(data), data)
+    assert (found.orientation, found.as_is(None)) == (1, True)
 
 
 def test_rotated_and_downscaled_jpeg_keeps_original_displayed_size(tmp_path: Path) -> None:

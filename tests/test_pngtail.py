@@ -4,6 +4,9 @@ the eXIf chunk `prepare` finds there when it verifies the whole file, or "not to
 from __future__ import annotations
 
 import io
+import struct
+import zlib
+from types import SimpleNamespace
 
 import pytest
 from PIL import Image
@@ -86,3 +89,23 @@ def test_an_exif_chunk_before_the_pixels_is_the_one_prepare_reads():
     assert not pngtail.exif_before_pixels(noise_png(6, 6)[:RANGE])
     assert images.exif_orientation(told(data)) == 6  # there, but not what prepare reads:
     assert prepared_orientation(data) == 1
+
+
+def test_a_tail_full_of_idat_lookalikes_costs_a_bounded_walk(monkeypatch: pytest.MonkeyPatch):
+    """A hostile PNG whose last MiB is "IDAT" headers each claiming 512 KiB (inside a text chunk:
+    the file well-formed) had every one tried as a start, a CRC of 512 KiB each: ~35 s of CPU
+    on the event loop for one object. A few starts are tried, then the ranges do not tell (the
+    whole file is read and prepared)."""
+    lookalike = struct.pack(">I", 1 << 19) + b"IDAT"
+    data = noise_png(11, after=png_chunk(b"tEXt", b"note\0" + lookalike * (1 << 17)))
+    checked = 0
+
+    def crc32(data: bytes, value: int = 0) -> int:
+        nonlocal checked
+        checked += len(data)
+        assert checked <= 64 << 20, "more than 64 MiB CRC-checked for a tail of 1 MiB"
+        return zlib.crc32(data, value)
+
+    monkeypatch.setattr(pngtail, "zlib", SimpleNamespace(crc32=crc32))
+    with pytest.raises(pngtail.NotTold):
+        told(data, tail=16 * RANGE)

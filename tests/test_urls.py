@@ -17,6 +17,7 @@ from pipeline.cli import main as cli_main
 from pipeline.commands.estimate import estimate
 from pipeline.commands.render import render
 from pipeline.config import ConfigError, with_overrides
+from pipeline.engines import RedoRefused
 from pipeline.inputs.checks import require_inputs
 from pipeline.inputs.fetch import Fetcher, FetchError, FetchSettings
 from pipeline.inputs.guard import address_kind
@@ -41,6 +42,7 @@ class Site:
         self.other = ""  # the other host's URL, for the redirect
         self.app = web.Application(middlewares=[self._record])
         self.app.router.add_get("/img/{n}.png", self.image)
+        self.app.router.add_get("/nohead/{n}.png", self.image, allow_head=False)  # HEAD: 405
         self.app.router.add_get("/missing.png", self.missing)
         self.app.router.add_get("/busy.png", self.busy)
         self.app.router.add_get("/moved.png", self.moved)
@@ -181,6 +183,28 @@ async def test_a_manifest_of_urls_end_to_end(
     assert again.api_calls == 0 and again.skipped == 10  # done (errors too): a HEAD only
     assert all(after[("GET", path)] == 0 for path in paths[:4])
     assert all(after[("HEAD", path)] == 1 for path in paths[:4])
+
+
+async def test_a_model_change_over_urls_whose_head_is_refused_is_a_settings_redo(
+    tmp_path: Path, sites: tuple[Site, Site]
+) -> None:
+    """A URL whose HEAD is refused has no size or version until its GET: the plan must ask the
+    resume index's verdict after that read, or the rows a model change redoes count as changed
+    files, not as settings, and the `[limits] max_redo` guard lets the run buy them all again
+    without a question."""
+    home, _ = sites
+    manifest = tmp_path / "urls.txt"
+    manifest.write_text("".join(f"{home.url}/nohead/{n}.png\n" for n in range(3)))
+    inputs = {"paths": [], "manifest": str(manifest), "allow_hosts": list(LOOPBACK)}
+    assert (await run(make_config(tmp_path, input=inputs))).api_calls == 3
+    other = make_config(tmp_path, input=inputs, api={"model": "gemini-2.5-flash-lite"})
+    report = await asyncio.to_thread(estimate, other)
+    categories = report["plan"]["categories"]
+    assert {name: entry["requests"] for name, entry in categories.items() if entry["requests"]} == {
+        "settings": 3
+    }
+    with pytest.raises(RedoRefused):
+        await run(other, ask_before_redo=True)
 
 
 def _drawn(gallery: Path) -> dict[str, bytes]:

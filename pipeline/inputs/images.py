@@ -592,9 +592,9 @@ def _orientation(image: ImageFile.ImageFile, *, verify: bool) -> tuple[int, bool
         return exif_orientation(_verify_png(image)), True
     try:
         value = image.getexif().get(ExifTags.Base.Orientation, 1)
-    except (SyntaxError, OSError):
-        raise  # a broken PNG: the caller turns it into an error row
-    except Exception:  # corrupt EXIF raises assorted errors; treat as "no orientation"
+    except OSError:
+        raise  # a file cut short (a ranged read's head is read further): the caller's to judge
+    except Exception:  # corrupt EXIF raises assorted errors (SyntaxError: no TIFF header): 1
         return 1, False
     return _valid(value), False
 

@@ -26,8 +26,9 @@ chunks after the pixels walked (pipeline/inputs/pngtail.py, each one's CRC check
 first range when that holds the whole object, else in a second one read from its end
 (TAIL_BYTES; up to MAX_TAIL_BYTES when that does not tell them). One turned by such a chunk, or
 whose ranges do not tell, is downloaded and prepared like a file, so the same image gets the
-same answer read in place or from a local copy. (`images.measure`, the estimate's, still
-counts it as unrotated.)
+same answer read in place or from a local copy (but for an eXIf chunk between IDAT chunks,
+which the PNG spec forbids: pngtail.py). (`images.measure`, the estimate's, still counts it as
+unrotated.)
 
 Not downloaded also means not verified: a file corrupt past its header is Vertex's to refuse
 (its 400 becomes the row's error), where a downloaded one is checked by `prepare` first.

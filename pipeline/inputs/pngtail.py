@@ -12,8 +12,12 @@ ranges and its CRC checked, from a place known to start one:
   skipped by their lengths (their bodies are the decoder's to check) as long as each next
   chunk header lies in one of the ranges (one IDAT chunk, or all of them in the head);
 - else an IDAT chunk header in the tail (the last one first: libpng's and Pillow's pixels come
-  in chunks of 8 or 64 KiB): only a walk from it whose every chunk, IDAT too, is whole and
-  CRC-right counts, so a stray "IDAT" among compressed bytes is no start.
+  in chunks of 8 or 64 KiB; TAIL_STARTS at most): only a walk from it whose every chunk, IDAT
+  too, is whole and CRC-right counts, so a stray "IDAT" among compressed bytes is no start.
+  Such a walk does not see the chunks before its start: an eXIf chunk between two IDAT chunks,
+  which the PNG spec forbids (they are consecutive) and encoders do not write, is missed there
+  where `prepare` finds it (an eXIf chunk, an empty IDAT chunk, IEND: turned by `prepare`, not
+  in place).
 
 When neither walk can be made (a chunk header between the ranges, a CRC wrong, no IEND at the
 end) the ranges do not tell (`NotTold`): the whole file must.
@@ -27,6 +31,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Candidate starts tried in a tail: the last IDAT header is the last "IDAT" there but for one in
+# a chunk after the pixels (text); a hostile tail of lookalikes, each start a CRC of up to the
+# tail, is not told (the whole file is read) rather than cost seconds of the event loop each.
+TAIL_STARTS = 8
 
 
 class NotTold(Exception):
@@ -65,13 +73,15 @@ def late_exif(head: bytes, tail: bytes, size: int) -> bytes | None:
 
 def _starts(ranges: _Ranges) -> Iterator[tuple[int, bool]]:
     """Places to walk from, and whether the walk must be strict: the first IDAT (a place
-    known to start a chunk), then each candidate IDAT header in the tail (found by search), the
-    last first (the fewest bytes to check)."""
+    known to start a chunk), then the candidate IDAT headers in the tail (found by search), the
+    last first (the fewest bytes to check), at most TAIL_STARTS of them."""
     first = _first_idat(ranges.head)
     if first is not None:
         yield first, False
     offset, at = ranges.size - len(ranges.tail), ranges.tail.rfind(b"IDAT")
-    while at >= 4:
+    for _ in range(TAIL_STARTS):
+        if at < 4:
+            return
         yield offset + at - 4, True
         at = ranges.tail.rfind(b"IDAT", 0, at)
 

@@ -83,7 +83,8 @@ class Left:
     """What the walk leaves a run to do, before anything is measured: the units walked, those
     done, those in a Batch Mode job in flight, and the others (to do) by the resume index's
     verdict (NEW, CHANGED, SETTINGS, RETRY; a copy or an unusable file is counted by its verdict
-    here, the plan then sets it apart)."""
+    here, the plan then sets it apart; a URL whose HEAD gave no version, CHANGED here if it has
+    a row, the plan asks again once its GET gave one)."""
 
     files: int = 0  # units: groups, when the config groups its files
     done: int = 0
@@ -157,7 +158,9 @@ def plan(
         walk = _tallied(walker, index, config.task.kind, result.left)
         for window in iter(lambda: list(itertools.islice(walk, WINDOW)), []):
             units = _measured([work for work, _ in window], config, fetcher)
-            for (work, why), unit in zip(window, units, strict=True):
+            for (work, _), unit in zip(window, units, strict=True):
+                # asked again: a URL's GET fills in the size and version its HEAD did not give
+                why = index.why(*work_identity(work), config.task.kind)
                 _place(index, result, (asked, hashes), work, why, unit)
     if result.count(SETTINGS):
         result.settings_sources = _settings_sources(config, result)
@@ -274,9 +277,9 @@ def _place(
     why: str,
     unit: _Measured,
 ) -> None:
-    """Put one unit the walk did not skip in its category (`why`: the index's verdict, its
-    category when it is bought). `seen`: the keys of this plan (a twin of one is copied, as in
-    a run) and the files read whole."""
+    """Put one unit the walk did not skip in its category (`why`: the index's verdict once the
+    unit is measured, its category when it is bought). `seen`: the keys of this plan (a twin of
+    one is copied, as in a run) and the files read whole."""
     root, name = work_identity(work)[:2]
     if work.error is not None or any(item.error for item in unit.items):
         result.unusable += 1  # an error row, no call
