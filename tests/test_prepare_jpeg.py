@@ -80,17 +80,32 @@ def test_every_exif_orientation_downscales_to_the_displayed_image(
 
 def test_the_decode_is_at_the_smallest_dct_scale_not_below_the_target(tmp_path: Path) -> None:
     """4000x3000 to 1536: 1/2 scale (2000x1500) is the smallest not below 1536x1152; before, a
-    2x target (3072x2304) made Pillow decode all 12 MP. The bytes admitted say which scale."""
+    2x target (3072x2304) made Pillow decode all 12 MP. The bytes admitted say which scale
+    (and the copy of the file that is fed to libjpeg whole: `fed`)."""
     path = save_jpeg(tmp_path / "camera.jpg", photo(4000, 3000, seed=1))
+    fed = path.stat().st_size
     with Preparation(source_for(path), max_side=1536) as preparation:
         preparation.start()
-        assert preparation.decode_bytes == 2000 * 1500 * 4 * 2  # RGB in 4 bytes, two copies
+        assert preparation.decode_bytes == 2000 * 1500 * 4 * 2 + fed  # RGB in 4 bytes, 2 copies
         item = preparation.finish()
     assert (item.sent_width, item.sent_height) == (1536, 1152)
     with Preparation(source_for(path), max_side=400) as preparation:
         preparation.start()
-        assert preparation.decode_bytes == 500 * 375 * 4 * 2  # 1/8: as small as a DCT goes
+        assert preparation.decode_bytes == 500 * 375 * 4 * 2 + fed  # 1/8: the smallest DCT
         assert preparation.finish().sent_width == 400
+
+
+def test_a_jpeg_sent_as_it_is_is_verified_in_one_piece_and_counted(tmp_path: Path) -> None:
+    """The verify decode (1/8 scale) of a JPEG held in memory is fed to libjpeg whole: the bytes
+    admitted count the copy of the file Pillow reads out; the bytes sent stay the file's."""
+    path = save_jpeg(tmp_path / "p.jpg", photo(800, 600, seed=13))
+    for data in (None, path.read_bytes()):  # a local file, or an object already fetched
+        with Preparation(source_for(path), data=data) as preparation:
+            preparation.start()
+            assert preparation.decode_bytes == 100 * 75 * 4 + path.stat().st_size
+            item = preparation.finish()
+        assert (item.error, item.mime_type) == (None, "image/jpeg")
+        assert images.read_bytes(item) == path.read_bytes()
 
 
 def test_a_detailed_camera_image_stays_within_the_stated_error_of_full_lanczos(
@@ -102,7 +117,7 @@ def test_a_detailed_camera_image_stays_within_the_stated_error_of_full_lanczos(
     Image.fromarray(camera(2000, 1500, seed=20261123)).save(path, "JPEG", quality=90)
     with Preparation(source_for(path), max_side=768) as preparation:
         preparation.start()
-        assert preparation.decode_bytes == 1000 * 750 * 8
+        assert preparation.decode_bytes == 1000 * 750 * 8 + path.stat().st_size
         sent = rgb(preparation.finish().data)
     reference = lanczos_reference(path, 768)
     assert psnr(sent, reference) >= REFERENCE_PSNR
@@ -133,10 +148,11 @@ def test_cmyk_and_grey_jpegs_downscale_as_before(tmp_path: Path) -> None:
 
 def test_progressive_jpegs_downscale_and_verify_as_before(tmp_path: Path) -> None:
     path = save_jpeg(tmp_path / "p.jpg", photo(800, 600, seed=5), progressive=True)
+    size = path.stat().st_size
     with Preparation(source_for(path), max_side=300) as preparation:
         preparation.start()
         # its coefficients are held whole until the last scan: 3 bands, 16 bits each
-        assert preparation.decode_bytes == 400 * 300 * 8 + 800 * 600 * 3 * 2
+        assert preparation.decode_bytes == 400 * 300 * 8 + 800 * 600 * 3 * 2 + size
         item = preparation.finish()
     assert_close(item.data, old_prepare_jpeg(path, 300))
     as_is = prepare(source_for(path))
@@ -256,7 +272,7 @@ def test_a_decode_past_one_pillow_memory_block_is_copied_and_resized_alike(
     path = save_jpeg(tmp_path / "big.jpg", photo(2400, 1800, seed=12))
     with Preparation(source_for(path), max_side=1536) as preparation:
         preparation.start()
-        assert preparation.decode_bytes == 2400 * 1800 * 4 * 2
+        assert preparation.decode_bytes == 2400 * 1800 * 4 * 2 + path.stat().st_size
         item = preparation.finish()
     assert (item.sent_width, item.sent_height) == (1536, 1152)
     sent, reference = rgb(item.data), lanczos_reference(path, 1536)

@@ -10,7 +10,10 @@ take each way in turn (so a machine that drifts moves all alike):
 - before: prepare() before issue 22 (tests/image_quality.py `old_prepare_jpeg`: `draft` at
   twice the target, a full decode here, LANCZOS, JPEG), plus the sha256 prepare takes;
 - now: `images.prepare(max_side=1536)` as a run calls it (hash, header, decode, resize, encode);
-- filters: the decode at the DCT scale now used, then each resize filter and the encode.
+- filters: the decode at the DCT scale now used, then each resize filter and the encode;
+- bounds: that decode alone, with libjpeg's fast flag (JDCT_FASTEST, no fancy upsampling:
+  Pillow's `decoderconfig` draft flag), and followed by a crop to the target (a copy in place
+  of the resize) and the encode: how near the floor prepare could get with a free resize.
 
 Quality: PSNR and SSIM (tests/image_quality.py, NumPy) of the image sent, and of the resize
 before its encoding, against a full-precision LANCZOS reference (the whole file decoded, then
@@ -50,6 +53,7 @@ from .harness import SEED, Benchmark, Ctx, Server, run_pipeline, table, write_co
 
 FILTERS = ("BILINEAR", "BICUBIC", "LANCZOS")
 OPENCV = "OpenCV"  # pipeline/inputs/resample.py: low-pass, then cubic (the [photos] extra)
+BOUNDS = ("decode alone", "decode, fast flag", "decode + crop + encode")
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,7 @@ def _measure(path: Path, sizes: Sizes) -> dict[str, Any]:
     }
     filters = (*FILTERS, *((OPENCV,) if resample.opencv() else ()))
     ways.update({name: _drafted_way(data, side, name) for name in filters})
+    ways.update(_bounds(data, side))
     ms = _median_cpu_ms(ways, sizes.repeats)
     reference = lanczos_reference(path, side)
     now = images.prepare(source, max_side=side)
@@ -160,6 +165,32 @@ def _drafted(data: bytes, side: int, name: str) -> Image.Image:
         return image.resize(target, Image.Resampling[name], reducing_gap=2.0)
 
 
+def _decoded(data: bytes, side: int, *, fast: bool = False, encode: bool = False) -> object:
+    """Decoded at the smallest DCT scale not below the target, then (`encode`) cropped to the
+    target, a plain copy in place of the resize, and encoded as prepare encodes. `fast`:
+    libjpeg's fast IDCT and plain upsampling (the draft flag of Pillow's JPEG decoder, the second
+    of its `decoderconfig`)."""
+    with Image.open(io.BytesIO(data)) as image:
+        scale = side / max(image.size)
+        target = round(image.width * scale), round(image.height * scale)
+        image.draft(image.mode, target)
+        if fast:
+            image.decoderconfig = (image.decoderconfig[0], 1)
+        image.load()
+        out = io.BytesIO()
+        if encode:
+            image.crop((0, 0, *target)).save(out, "JPEG", quality=95)
+        return out
+
+
+def _bounds(data: bytes, side: int) -> dict[str, Callable[[], object]]:
+    return {
+        BOUNDS[0]: lambda: _decoded(data, side),
+        BOUNDS[1]: lambda: _decoded(data, side, fast=True),
+        BOUNDS[2]: lambda: _decoded(data, side, encode=True),
+    }
+
+
 def _drafted_way(data: bytes, side: int, name: str) -> Callable[[], object]:
     def way() -> object:
         out = io.BytesIO()
@@ -188,8 +219,9 @@ def _quality(sent: np.ndarray, reference: np.ndarray) -> dict[str, float]:
 def _print(name: str, path: Path, f: dict[str, Any], sizes: Sizes) -> None:
     ms, quality, floor = f["cpu_ms"], f["quality"], f["cpu_ms"]["floor"]
     rows = [[way, ms[way], round(ms[way] / floor, 2)] for way in ("floor", "before", "now")]
-    filters = [n for n in ms if n not in ("floor", "before", "now")]
+    filters = [n for n in ms if n not in ("floor", "before", "now", *BOUNDS)]
     rows += [[f"decode + {n} + encode", ms[n], round(ms[n] / floor, 2)] for n in filters]
+    rows += [[f"bound: {n}", ms[n], round(ms[n] / floor, 2)] for n in BOUNDS]
     title = f"prepare: {name} {sizes.width}x{sizes.height} JPEG ({f['file_mb']} MB)"
     table(f"{title} to max_side {sizes.max_side}", ["way", "CPU ms", "x floor"], rows)
     table(
