@@ -332,6 +332,21 @@ def store(out: str) -> Store:
     return open_store(out)
 
 
+# ------------------------------------------------------------------ a local Ray cluster
+@pytest.fixture(scope="session")
+def cluster(s3_endpoint: str) -> Any:
+    """A local Ray cluster (tests/ray_support.py), one per pytest process: a start costs
+    seconds, and the tests of the Ray engine are spread over several files (tests/test_ray*.py)
+    so that xdist's workers run them side by side. No test stops it or changes it for the
+    others: a run's workers are the run's own, and a test that counts calls against a quota
+    (an actor per API key) sets a key of its own. Started after the local S3, so its workers
+    inherit the AWS environment pointing at it."""
+    from tests.ray_support import start_cluster  # Ray is imported only where it is used
+
+    with start_cluster() as address:
+        yield address
+
+
 # ------------------------------------------------------------------ the local Gemini server
 @pytest.fixture
 def server_options() -> ServerOptions:

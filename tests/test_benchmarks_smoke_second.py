@@ -14,7 +14,11 @@ from pathlib import Path
 import pytest
 
 from pipeline.localserver.server import LocalServer
-from tests import test_benchmarks_smoke, test_benchmarks_smoke_cluster
+from tests import (
+    test_benchmarks_smoke,
+    test_benchmarks_smoke_cluster,
+    test_benchmarks_smoke_third,
+)
 from tests.conftest import REPO, save_scenes
 from tests.test_benchmarks_smoke import (
     KEY,
@@ -45,6 +49,7 @@ def test_the_smoke_modules_run_every_benchmark_once() -> None:
     collected = [
         *_parameters(test_benchmarks_smoke.test_benchmark_runs_at_smoke_size),
         *_parameters(test_second_share_runs_at_smoke_size),
+        *_parameters(test_benchmarks_smoke_third.test_third_share_runs_at_smoke_size),
         *_parameters(test_benchmarks_smoke_cluster.test_cluster_benchmark_runs_at_smoke_size),
     ]
     assert sorted(collected) == sorted(bench_names())

@@ -1,7 +1,8 @@
 """Who writes the output of a Ray run (pipeline/output/sink.py): the driver holds it, its
 workers' sinks share it, another run cannot get in, and a lost worker's journal is committed
 alone — on a folder and on a bucket (moto's S3 server), where the workers check the driver's
-lease. `out` (tests/conftest.py) is a folder, then a bucket prefix."""
+lease. `out` (tests/conftest.py) is a folder, then a bucket prefix. Last, a whole run on a local
+Ray cluster (tests/conftest.py's `cluster`) with its inputs and output in buckets."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from pipeline import exits
 from pipeline.cost import row_cost
 from pipeline.engines.ray.worker import rows_of_writer
 from pipeline.output import journal
@@ -26,7 +28,8 @@ from pipeline.output.stores import (
     Store,
     open_store,
 )
-from tests.conftest import Clock, result_row, write_rows
+from tests.conftest import Clock, make_config, put_images, result_row, run, write_rows
+from tests.ray_support import on_ray
 
 
 def parts(out: str) -> list[str]:
@@ -141,3 +144,24 @@ async def test_a_predecessors_rows_are_read_with_what_prices_them(tmp_path: Path
     await write_rows(tmp_path, "run1.w1", [billed])
     prior = rows_of_writer(open_store(str(tmp_path)), "run1.w1")[("/data", "00003.png")]
     assert row_cost(prior) == row_cost(billed) == pytest.approx(0.03)
+
+
+async def test_workers_read_a_bucket_and_write_another(
+    cluster: Any, tmp_path: Path, bucket: str
+) -> None:
+    """What a cluster without a shared folder uses: inputs and output in buckets. Each worker
+    writes its own parts under the driver's lease; a rerun reads everything from the bucket."""
+    inputs, out = f"{bucket}/images", f"{bucket}/dataset"
+    names = put_images(inputs, 12)
+    config = make_config(tmp_path, input={"paths": [inputs]}, output={"dir": out})
+    config = on_ray(config, workers=2)
+    first = await run(config)
+    assert (first.exit_code, first.api_calls, first.rows) == (exits.OK, 12, {"ok": 12})
+    store = open_store(out)
+    parts = {e.name.rsplit("-", 1)[0] for e in store.list("data/part-")}
+    assert parts and parts <= {f"data/part-{first.run_id}.w{i}" for i in range(2)}
+    assert store.info(LEASE_NAME) is None  # released at the end
+    rows = current_rows(out, ["image_path", "status"]).to_pylist()
+    assert rows == [{"image_path": name, "status": "ok"} for name in names]
+    again = await run(config)
+    assert (again.exit_code, again.api_calls, again.skipped) == (exits.OK, 0, 12)
