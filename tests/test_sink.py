@@ -282,6 +282,34 @@ async def test_each_row_is_in_the_journal_file_as_it_arrives_fsync_grouped(
         assert sink.rows_durable == 0  # not fsynced: that waits for the group
 
 
+async def test_a_journaled_add_returns_with_the_row_in_the_journal(tmp_path: Path) -> None:
+    """What a worker hands over with `journaled=True` is in the journal file (in the OS, safe
+    from a kill -9) when `add` returns, before the worker buys again; a plain add only queues
+    it (a kill -9 then loses what waits behind a fsync or a part's commit)."""
+    async with ParquetSink(tmp_path, "run1", flush_seconds=3600, sync_seconds=3600) as sink:
+        await sink.add(row(0))
+        assert sink.rows_journaled == 0  # queued: the writer has not had its turn
+        for n in (1, 2):
+            await sink.add(row(n), journaled=True)
+            (segment,) = tmp_path.glob(".journal-run1-*.jsonl")
+            paths = [r["image_path"] for r in journal.read(sink.store, segment.name)]
+            assert paths == [f"img/{k:05d}.jpg" for k in range(n + 1)]  # in order, at once
+        assert sink.rows_durable == 0  # not fsynced: that still waits for the group
+
+
+async def test_a_journaled_add_fails_with_the_writer(tmp_path: Path) -> None:
+    """A writer that cannot write fails the row waiting on it instead of leaving it hung."""
+    out = tmp_path / "out"
+    sink = ParquetSink(out, "run1", rows_per_part=10)
+    await sink.__aenter__()
+    shutil.rmtree(out)
+    out.write_text("the output folder became a file")
+    with pytest.raises(SinkFailed):
+        await asyncio.wait_for(sink.add(row(0), journaled=True), 30)
+    with pytest.raises(SinkFailed):
+        await sink.close()
+
+
 CHILD = """
 import asyncio, sys
 from pipeline.output.sink import ParquetSink

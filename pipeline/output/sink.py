@@ -79,6 +79,15 @@ class SinkFailed(RuntimeError):
 
 
 @dataclass(slots=True)
+class _Row:
+    """A row whose `add()` waits until it is in the journal: `written` is set then (or fails
+    with the writer)."""
+
+    row: dict[str, Any]
+    written: asyncio.Future[None]
+
+
+@dataclass(slots=True)
 class _Flush:
     """A request to the writer: make the journal durable now; with `part`, commit a part too."""
 
@@ -134,7 +143,9 @@ class ParquetSink:
         self.rows_recovered = 0  # rows of a killed run's journal committed on opening
         self.superseded: dict[str, Any] = {}  # what the end of the run set aside (supersede)
         self._reshape = False  # this run changes the output's `answer` type (`reshaping`)
-        self._queue: asyncio.Queue[dict[str, Any] | _Flush | None] = asyncio.Queue(QUEUE_ROWS)
+        self._queue: asyncio.Queue[dict[str, Any] | _Row | _Flush | None] = asyncio.Queue(
+            QUEUE_ROWS
+        )
         self._queued_bytes = 0  # journal.row_bytes of the rows in the queue
         self._room = asyncio.Event()  # set when the writer took rows off the queue
         self._segment: journal.Segment | None = None
@@ -232,8 +243,16 @@ class ParquetSink:
             self._lock.check()
 
     # ---------------------------------------------------------------------------------- rows
-    async def add(self, row: dict[str, Any]) -> None:
-        """Hand one row to the writer; waits only when the writer is a queue's length behind."""
+    async def add(self, row: dict[str, Any], *, journaled: bool = False) -> None:
+        """Hand one row to the writer; waits only when the writer is a queue's length behind.
+
+        `journaled`: return only once the row is in the journal (handed to the OS), for an
+        answer just bought: its worker then moves on to the next call knowing a kill -9 cannot
+        lose it, so a kill loses at most the workers' own (one each: in flight or being
+        written), as README promises. Queued only, a fsync or a part's commit in progress let
+        answered rows pile up behind the writer while the workers bought more (a kill -9 at
+        load ~15 re-paid 9 answers of a concurrency of 8: tests/test_paid_answers.py). A Batch
+        job's results or a reparse need no wait: they can be read again."""
         self._check_usable()
         unknown = row.keys() - _COLUMNS
         if unknown:
@@ -242,7 +261,12 @@ class ParquetSink:
             row = {**row, "run_id": row.get("run_id") or self.run_id}
             row["completed_at"] = row.get("completed_at") or datetime.now(UTC)
         await self._wait_room(journal.row_bytes(row))
-        await self._put(row)
+        if not journaled:
+            await self._put(row)
+            return
+        written = asyncio.get_running_loop().create_future()
+        await self._put(_Row(row, written))
+        await written
 
     async def _wait_room(self, size: int) -> None:
         """Back-pressure by bytes: wait while the queue holds QUEUE_BYTES (one row always fits),
@@ -280,7 +304,7 @@ class ParquetSink:
             self._raise_failure()
         done.result()
 
-    async def _put(self, item: dict[str, Any] | _Flush) -> None:
+    async def _put(self, item: dict[str, Any] | _Row | _Flush) -> None:
         if not self._queue.full():
             self._queue.put_nowait(item)
             return
@@ -322,9 +346,15 @@ class ParquetSink:
         items = await self._take(self._deadline())
         flushes = [item for item in items if isinstance(item, _Flush)]
         closing = None in items
-        rows = [item for item in items if isinstance(item, dict)]
+        rows = [item.row if isinstance(item, _Row) else item for item in items if _is_row(item)]
+        waiting = [item.written for item in items if isinstance(item, _Row)]
         if rows:
-            await self._write(rows)
+            try:
+                await self._write(rows)
+            except BaseException as exc:
+                _settle(waiting, SinkFailed(str(exc)))
+                raise
+            _settle(waiting)
         now = time.monotonic()
         segment = self._segment
         if (
@@ -455,8 +485,26 @@ class ParquetSink:
     def _fail_waiters(self) -> None:
         while not self._queue.empty():
             item = self._queue.get_nowait()
-            if isinstance(item, _Flush) and not item.done.done():
-                item.done.set_exception(SinkFailed(str(self._failure)))
+            if isinstance(item, _Flush):
+                _settle([item.done], SinkFailed(str(self._failure)))
+            elif isinstance(item, _Row):
+                _settle([item.written], SinkFailed(str(self._failure)))
+
+
+def _is_row(item: object) -> bool:
+    return isinstance(item, dict | _Row)
+
+
+def _settle(waiting: list[asyncio.Future[None]], failure: BaseException | None = None) -> None:
+    """Wake the waiters (with `failure`, marked seen: a cancelled waiter never reads it)."""
+    for future in waiting:
+        if future.done():
+            continue
+        if failure is None:
+            future.set_result(None)
+        else:
+            future.set_exception(failure)
+            future.exception()
 
 
 def _retrieved(task: asyncio.Task[None]) -> None:

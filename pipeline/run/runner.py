@@ -119,7 +119,7 @@ class ImageRunner:
         row, copied = await self._row(work)
         if row is None:
             return  # bought later: the row is made when its answer comes
-        await self.sink.add(row)
+        await self.sink.add(row, journaled=True)  # in the OS before this worker buys again
         self.counts.add(row, copied=copied)
 
     async def _row(self, work: Work) -> tuple[dict[str, Any] | None, bool]:
