@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from pipeline import exits
+from pipeline.engines.batch import jobs as batchjobs
 from pipeline.engines.batch import service
 from pipeline.gemini import GeminiClient
 from pipeline.gemini.backends import Vertex
@@ -23,19 +24,22 @@ from pipeline.gemini.types import GenerateRequest
 from pipeline.output.state import State
 from pipeline.output.stores import filesystem
 from pipeline.run.calls import RunStopped
-from tests.conftest import read_current, run, save_scenes
+from tests.conftest import read_current, run, save_scenes, until
 from tests.test_batch_run import jobs_in
 from tests.test_vertex_batch import (  # and that module's fixtures, reused (__all__)
     LOCATION,
     MODEL,
+    POLL,
     PROJECT,
     STAGING,
     buckets,
+    calls,
     created,
     gcs_double,
     key_file,
     key_path,
     run_through,
+    running,
     server_clock,
     server_options,
     staging,
@@ -195,3 +199,80 @@ async def test_a_transient_staging_failure_is_tried_again_then_stops_the_run(
     # recorded before the write: a failed or killed run's next run deletes them
     assert state.batch_files(job) == [f"gs://b/p/{name}/input.jsonl", f"gs://b/p/{name}/output/"]
     state.close()
+
+
+# --------------------------------------------------- ended short of the lines it answered
+HOUR = 3600.0  # the server's clock set back this much: a job that ended an hour ago
+
+
+def ending(state: str, delay: float) -> Any:
+    """A parameter: jobs end `state`, their predictions written `delay` s after the end."""
+    marks = pytest.mark.faults(vertex_batch_end=state, batch_output_delay_seconds=delay)
+    return pytest.param(state, marks=marks, id=state)
+
+
+@pytest.mark.parametrize("state", [ending("FAILED", 600), ending("PARTIALLY_SUCCEEDED", 600)])
+async def test_a_job_ended_short_of_its_lines_keeps_its_output_until_they_come(
+    server, server_clock, tmp_path, images_dir, staging, vertex_env, gcs_double, state
+):
+    """A job ended FAILED / PARTIALLY_SUCCEEDED whose completionStats count lines its folder
+    does not hold yet: nothing is deleted and nothing is ended while its grace lasts (from its
+    endTime); the lines written late are collected — one job, each answer bought once."""
+    save_scenes(images_dir, 4, prefix="scene", seed=86)
+    task = asyncio.create_task(run(vertex_batch(tmp_path, server)))
+    await until(lambda: created(server) == 1, exited=running(task), interval=0.02)
+    server_clock.now += 61  # ended, its 4 answers counted; its predictions written 600 s later
+    polled = calls(server, POLL)
+    await until(lambda: calls(server, POLL) >= polled + 3, exited=running(task), interval=0.02)
+    (job,) = jobs_in(tmp_path / "out")
+    assert (job.phase, job.service_state) == ("submitted", f"JOB_STATE_{state}")
+    assert [p.name for p in staging.rglob("input.jsonl")] == ["input.jsonl"]  # nothing deleted
+    server_clock.now += 600
+    summary = await task
+    assert (summary.exit_code, dict(summary.rows)) == (exits.OK, {"ok": 4})
+    assert created(server) == 1 and server.stats()["answers_by_task"] == {"segment": 4}
+    assert summary.batch["prediction_lines_never_arrived"] == 0
+
+
+@pytest.mark.parametrize("state", [ending("FAILED", 10**7), ending("PARTIALLY_SUCCEEDED", 10**7)])
+async def test_lines_that_never_come_are_waited_for_then_counted_in_the_summary(
+    server, server_clock, tmp_path, images_dir, staging, vertex_env, gcs_double, state
+):
+    """Past [batch] ended_output_grace_seconds after its endTime (an hour ago here), a job whose
+    lines never came is ended: the summary says how many never arrived, its images are left
+    for the next run (exit 3: it failed), its staged files deleted."""
+    server_clock.now -= HOUR
+    save_scenes(images_dir, 3, prefix="scene", seed=87)
+    summary = await run_through(vertex_batch(tmp_path, server), server, server_clock)
+    assert summary.exit_code == exits.STOPPED and not summary.rows
+    (ended,) = summary.batch["jobs_ended"]
+    assert (ended["state"], ended["requests"], ended["lines_never_arrived"]) == (state, 3, 3)
+    assert summary.batch["prediction_lines_never_arrived"] == 3
+    assert [job.phase for job in jobs_in(tmp_path / "out")] == ["ended"]
+    assert not [p for p in staging.rglob("*") if p.is_file()]
+
+
+async def test_past_its_grace_a_cancelled_job_gives_the_lines_that_came(
+    server, server_clock, tmp_path, images_dir, staging, vertex_env, gcs_double
+):
+    """A job cancelled an hour ago whose folder holds 3 of the 4 lines it answered: what is
+    there is collected (3 rows, none bought again), the fourth counted as never arrived and its
+    image left for the next run; a cancel never stops the run."""
+    server_clock.now -= HOUR
+    save_scenes(images_dir, 4, prefix="scene", seed=88)
+    config = vertex_batch(tmp_path, server)
+    assert (await run(config, submit_only=True)).batch["jobs_created"] == 1
+    await batchjobs.cancel(str(tmp_path / "out"), config)
+    (written,) = staging.rglob("predictions.jsonl")
+    written.write_bytes(b"".join(written.read_bytes().splitlines(keepends=True)[:3]))
+    summary = await run(config)
+    assert (summary.exit_code, dict(summary.rows)) == (exits.OK, {"ok": 3})
+    (ended,) = summary.batch["jobs_ended"]
+    assert (ended["state"], ended["requests"], ended["lines_never_arrived"]) == ("CANCELLED", 1, 1)
+    assert summary.batch["prediction_lines_never_arrived"] == 1
+    task = asyncio.create_task(run(config))  # the lost one, bought again in a second job
+    await until(lambda: created(server) == 2, exited=running(task), interval=0.02)
+    server_clock.now += 61
+    again = await task
+    assert dict(again.rows) == {"ok": 1} and len(read_current(tmp_path / "out")) == 4
+    assert server.stats()["answers_by_task"] == {"segment": 4 + 1}

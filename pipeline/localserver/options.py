@@ -338,6 +338,14 @@ class ServerOptions(LocalOptions):
         "read from (as Vertex reads Cloud Storage itself)",
         type=_kinds,
     )
+    vertex_batch_end: str | None = setting(
+        None,
+        s.optional(s.one_of("FAILED", "PARTIALLY_SUCCEEDED")),
+        "Vertex batch fault: a job whose lines are all answered ends in this state instead of "
+        "SUCCEEDED, its answers written as its predictions (after --batch-output-delay, as a "
+        "succeeded job's)",
+        type=str,
+    )
     storage_fault: StorageFaults = setting(
         (),
         _storage_faults,

@@ -18,7 +18,10 @@ the request) with `response`, or `status` (`"<STATUS>: {"error": {...}}"`) when 
 
 `outputInfo.gcsOutputDirectory` is named from the create on, before any file is there; with
 `--batch-output-delay S` (rule batch.output-delay) a SUCCEEDED job's predictions file is written
-only S seconds after it ended: a collector must not read the folder as empty.
+only S seconds after it ended: a collector must not read the folder as empty. With
+`--vertex-batch-end FAILED|PARTIALLY_SUCCEEDED` a job ends in that state instead of SUCCEEDED, its
+completionStats counting every line answered and its predictions written as a succeeded job's
+(late too, with --batch-output-delay): what a client must not delete before it is read.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from pipeline.localserver.batches import (
     _file_lines,
     _listing,
     _page,
+    _status,
 )
 from pipeline.localserver.core import Core
 from pipeline.localserver.files import rfc3339
@@ -178,6 +182,22 @@ class VertexBatchesSurface(BatchesSurface):
         else:
             line["response"] = result["response"]
         return json.dumps(line, separators=(",", ":")).encode() + b"\n"
+
+    def _succeed(self, job: Job) -> str:
+        """SUCCEEDED, or the state --vertex-batch-end asks for with the same output."""
+        ending = self.core.options.vertex_batch_end
+        if ending is None:
+            return super()._succeed(job)
+        self._store_results(job)
+        job.ended, job.ended_at = ending, self.core.clock()
+        job.error = _status("INTERNAL", f"Injected end: {ending}") if ending == "FAILED" else None
+        return ending
+
+    def _shows_output(self, job: Job, state: str) -> bool:
+        """As Batch Mode's, and a job ended by --vertex-batch-end as a succeeded one."""
+        if state == self.core.options.vertex_batch_end:
+            return self._attached(job)
+        return super()._shows_output(job, state)
 
     def _store_results(self, job: Job) -> None:
         """The results kept for the predictions file, written once the output shows

@@ -65,7 +65,7 @@ class JobService(Protocol):
 
     async def find(self, display_name: str) -> BatchJob | None: ...
 
-    async def fetch(self, remote: BatchJob, destination: Path) -> bool: ...
+    async def fetch(self, remote: BatchJob, destination: Path, *, whole: bool = True) -> bool: ...
 
     async def delete_file(self, name: str) -> None: ...
 
@@ -109,7 +109,7 @@ class DeveloperJobs:
         jobs = await self.batches.list()
         return next((job for job in jobs if job.display_name == display_name), None)
 
-    async def fetch(self, remote: BatchJob, destination: Path) -> bool:
+    async def fetch(self, remote: BatchJob, destination: Path, *, whole: bool = True) -> bool:
         """The responses file to `destination` (an inline job's answers need none)."""
         if remote.responses_file:
             await self.batches.download(remote.responses_file, destination)
@@ -186,31 +186,33 @@ class VertexJobs:
         jobs = await self.batches.list(display_name=display_name)
         return next((job for job in jobs if job.display_name == display_name), None)
 
-    async def fetch(self, remote: BatchJob, destination: Path) -> bool:
+    async def fetch(self, remote: BatchJob, destination: Path, *, whole: bool = True) -> bool:
         """Every predictions file of the job into `destination`; False (nothing kept) while
-        they hold fewer lines than the job says it answered, or none is there yet."""
+        they hold fewer lines than the job says it answered (`whole`; else while none is there
+        yet), or none is there yet."""
         folder = remote.output_dir
         if not folder:
             return False
         try:
-            return await self._store(folder, lambda: self._copy(remote, destination))
+            return await self._store(folder, lambda: self._copy(remote, destination, whole))
         except StagingFailed as exc:
             raise RunStopped(_staging_failed(exc)) from None
 
-    def _copy(self, remote: BatchJob, destination: Path) -> bool:
+    def _copy(self, remote: BatchJob, destination: Path, whole: bool = True) -> bool:
         try:
-            return self._copied(remote, destination)
+            return self._copied(remote, destination, whole)
         except FileNotFoundError:  # a folder or file not there yet: not ready
             return False
 
-    def _copied(self, remote: BatchJob, destination: Path) -> bool:
+    def _copied(self, remote: BatchJob, destination: Path, whole: bool) -> bool:
         files = self._predictions(remote.output_dir or "")
         lines = 0
         with open(destination, "wb") as sink:
             for name in files:
                 lines += _append(self.fs, name, sink)
         expected = remote.stats.succeeded + remote.stats.failed
-        if not files or lines < expected:
+        short = lines < expected if whole else not lines
+        if not files or short:
             destination.unlink()
             log.info("%s: %d of %d predictions written so far", remote.name, lines, expected)
             return False
