@@ -721,6 +721,7 @@ class _GcsWrites:
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 # An OSError that says what is there (or may not be), not that the store stumbled.
 _DEFINITE = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError)
+GCSFS_FORBIDDEN = "Forbidden: "
 
 
 def transient(exc: BaseException) -> bool | None:
@@ -732,18 +733,21 @@ def transient(exc: BaseException) -> bool | None:
     (engines/batch/service.py) both judge by it."""
     if isinstance(exc, _DEFINITE):
         return False
-    if isinstance(exc, TimeoutError | OSError):
-        return True
     status = http_status(exc)
-    return None if status is None else status in RETRY_STATUSES
+    if status is not None:
+        return status in RETRY_STATUSES
+    return True if isinstance(exc, TimeoutError | OSError) else None
 
 
 def http_status(exc: BaseException) -> int | None:
-    """The HTTP status a store's error carries (`code`, `status_code`), when it carries one."""
+    """The HTTP status a store's error carries (`code`, `status_code`), when it carries one;
+    gcsfs answers a 403 with a bare OSError("Forbidden: <path>...") (`validate_response`)."""
     for name in ("code", "status_code"):
         status = getattr(exc, name, None)
         if isinstance(status, int) and 400 <= status <= 599:
             return status
+    if type(exc) is OSError and str(exc).startswith(GCSFS_FORBIDDEN):
+        return 403
     return None
 
 
