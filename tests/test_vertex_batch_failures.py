@@ -104,15 +104,23 @@ async def test_a_staging_upload_the_store_refuses_stops_the_run_cleanly(
     assert created(server) == 0 and jobs_in(tmp_path / "out") == []
 
 
-@pytest.mark.faults(storage_fault=("upload=403",))
-async def test_a_staging_prefix_the_credentials_may_not_write_stops_at_once(
-    server, tmp_path, images_dir, vertex_env, gcs_double
+def refused(status: str, shown: str) -> Any:
+    marks = pytest.mark.faults(storage_fault=(f"upload={status}",))
+    return pytest.param(shown, marks=marks, id=status)
+
+
+@pytest.mark.parametrize(
+    "shown", [refused("403", "HTTP 403 Forbidden"), refused("400", "HTTP 400 Bad Request")]
+)
+async def test_a_staging_write_the_store_refuses_stops_at_once(
+    server, tmp_path, images_dir, vertex_env, gcs_double, shown
 ):
-    """gcsfs answers a 403 with a bare OSError ("Forbidden: ..."): read as the 403 it is, not
-    tried again, and named with its status."""
+    """gcsfs answers a 403 with a bare OSError ("Forbidden: ...") and a 400 "invalid" with a
+    ValueError ("Bad Request: ..."): each read as the refusal it is, not tried again, and named
+    with its status (never a crash)."""
     save_scenes(images_dir, 2, prefix="scene", seed=89)
     summary = await run(vertex_batch(tmp_path, server))
-    assert summary.exit_code == exits.STOPPED and "HTTP 403 Forbidden" in summary.stop_reason
+    assert summary.exit_code == exits.STOPPED and shown in summary.stop_reason
     assert f"{STAGING}/" in summary.stop_reason and "batch_staging" in summary.resume_hint
     assert server.stats()["storage"]["faults"] == 1 and created(server) == 0
 

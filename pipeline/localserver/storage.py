@@ -190,7 +190,10 @@ class StorageSurface:
             return None
         self.failing[operation] = (status, None if left is None else left - 1)
         self.faults += 1
-        body = {"error": {"code": status, "message": f"Injected storage fault ({operation})"}}
+        message = f"Injected storage fault ({operation})"
+        if status == 400:  # as GCS words a bad request (gcsfs raises a ValueError for it)
+            message += ": invalid argument"
+        body = {"error": {"code": status, "message": message}}
         return web.json_response(body, status=status)
 
     def _root(self, bucket: str) -> Path:

@@ -721,7 +721,7 @@ class _GcsWrites:
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 # An OSError that says what is there (or may not be), not that the store stumbled.
 _DEFINITE = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError)
-GCSFS_FORBIDDEN = "Forbidden: "
+GCSFS_BARE_ERRORS = ((OSError, "Forbidden: ", 403), (ValueError, "Bad Request: ", 400))
 
 
 def transient(exc: BaseException) -> bool | None:
@@ -741,13 +741,15 @@ def transient(exc: BaseException) -> bool | None:
 
 def http_status(exc: BaseException) -> int | None:
     """The HTTP status a store's error carries (`code`, `status_code`), when it carries one;
-    gcsfs answers a 403 with a bare OSError("Forbidden: <path>...") (`validate_response`)."""
+    gcsfs answers a 403 with a bare OSError("Forbidden: <path>...") and a 400 whose message
+    says "invalid" with a ValueError("Bad Request: <path>...") (`validate_response`)."""
     for name in ("code", "status_code"):
         status = getattr(exc, name, None)
         if isinstance(status, int) and 400 <= status <= 599:
             return status
-    if type(exc) is OSError and str(exc).startswith(GCSFS_FORBIDDEN):
-        return 403
+    for kind, start, status in GCSFS_BARE_ERRORS:
+        if type(exc) is kind and str(exc).startswith(start):
+            return status
     return None
 
 
