@@ -135,12 +135,14 @@ def _say_batch(summary: RunSummary) -> None:
     if batch:
         owed = len(batch.get("jobs_awaiting_output") or ())
         unreadable = batch.get("result_lines_unreadable") or 0
+        lost = batch.get("prediction_lines_never_arrived") or 0
         _say(
             f"batch: {batch['jobs_created']} jobs created ({batch['requests_submitted']} "
             f"requests), {batch['jobs_collected']} collected, {len(batch['jobs_ended'])} ended "
             f"without results, {batch['jobs_in_flight']} in flight"
             + (f" ({owed} succeeded, output not attached yet)" if owed else "")
             + (f"; {unreadable} result lines unreadable" if unreadable else "")
+            + (f"; {lost} prediction lines answered never arrived" if lost else "")
         )
 
 

@@ -339,6 +339,12 @@ class BatchConfig:
         "how long a run waits for the output of a job that says it succeeded without it (seen "
         "live): then the run ends (exit 3), the job left in flight for a later run (30 min)",
     )
+    ended_output_grace_seconds: float = setting(
+        1800.0,
+        s.non_negative_number,
+        "Vertex: how long after a job ended FAILED, PARTIALLY_SUCCEEDED or CANCELLED (its endTime) "
+        "the prediction lines it answered are waited for; then what is there is collected (30 min)",
+    )
 
 
 ENGINES = ("single", "ray")

@@ -33,6 +33,10 @@ from pipeline.output.stores import Store, open_store
 from pipeline.records import make_key
 from pipeline.run.summary import RunSummary
 
+# gcsfs (2026.10) reads this once, when first imported, and without it asks a gRPC storage-
+# control API for each bucket: any test may import gcsfs first (`gcsfs.retry`), and the storage
+# double serves the JSON API only (tests/test_vertex.py's gcs_double sets it too, too late then)
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 REPO = Path(__file__).resolve().parent.parent
 COLORS = [(220, 40, 40), (40, 170, 70), (40, 80, 220), (235, 200, 40), (140, 60, 170)]
 

@@ -381,3 +381,24 @@ async def test_a_store_error_past_its_own_retries_is_the_objects_fetch_error(
         with pytest.raises(FetchError, match=f"{code}") as failed:
             await fetcher.read(src)
     assert failed.value.retryable is retryable and len(asked) == tries
+
+
+async def test_an_objects_403_as_gcsfs_raises_it_is_not_tried_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """gcsfs answers a 403 with a bare OSError("Forbidden: <path>..."), not its HttpError: read
+    as the refusal it is (stores.http_status), the object's row at once, not retryable."""
+    fsspec = pytest.importorskip("fsspec")
+    memory = type(fsspec.filesystem("memory"))
+    asked: list[str] = []
+
+    def forbidden(self: Any, path: str, **span: Any) -> bytes:
+        asked.append(path)
+        raise OSError(f"Forbidden: {path}\nno storage.objects.get access")
+
+    monkeypatch.setattr(memory, "cat_file", forbidden)
+    with Fetcher(FetchSettings(attempts=3)) as fetcher:
+        src = SourceFile(path="memory://shut/a.png", root="memory://shut", rel_path="a.png")
+        with pytest.raises(FetchError, match="Forbidden") as failed:
+            await fetcher.read(src)
+    assert failed.value.retryable is False and len(asked) == 1

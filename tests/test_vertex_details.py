@@ -84,10 +84,10 @@ def test_a_request_type_is_vertex_only_and_one_of_three(tmp_path):
         make_config(tmp_path, api={"vertex_request_type": "dedicated"})
     with pytest.raises(ConfigError, match=r"\[api\] vertex_request_type"):
         make_config(tmp_path, api={"backend": "vertex", "vertex_request_type": "priority"})
-    assert Vertex("https://x", None, request_type="shared").headers == {
+    assert Vertex("https://x", None, request_type="shared").generate_headers == {
         REQUEST_TYPE_HEADER: "shared"
     }
-    assert Vertex("https://x", None).headers == {}
+    assert Vertex("https://x", None).generate_headers == {}
 
 
 # ---------------------------------------------------------------------------------- 429s

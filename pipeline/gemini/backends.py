@@ -31,7 +31,11 @@ VERTEX_PUBLISHER = "publishers/google/models/"
 MULTI_REGIONAL_LOCATIONS = ("us", "eu")  # the SDK's _MULTI_REGIONAL_LOCATIONS
 # Which quota a Vertex request may use (the "Use Provisioned Throughput" page): "dedicated" only
 # Provisioned Throughput (a 429 past it, never pay-as-you-go), "shared" only pay-as-you-go (the
-# subscription bypassed); unset, Provisioned Throughput first and the overage on demand.
+# subscription bypassed); unset, Provisioned Throughput first and the overage on demand. Sent on
+# generateContent only (`generate_headers`): the page sets it per online request, to choose the
+# quota that serves that model call. A batch prediction job's calls (create, get, list, cancel,
+# delete) are no model call — their lines are served by batch prediction at the batch price, not
+# from the online quota — and countTokens and models.get consume no throughput.
 REQUEST_TYPE_HEADER = "X-Vertex-AI-LLM-Request-Type"
 REQUEST_TYPES = ("", "shared", "dedicated")
 
@@ -76,8 +80,8 @@ class Developer:
     interactions: bool = True
 
     @property
-    def headers(self) -> dict[str, str]:
-        """Headers every request to the API's own URLs carries besides auth: none here."""
+    def generate_headers(self) -> dict[str, str]:
+        """Headers of a generateContent call besides auth: none here."""
         return {}
 
     def model_url(self, model: str, method: str) -> str:
@@ -111,8 +115,9 @@ class Vertex:
     request_type: str = ""  # `[api] vertex_request_type`: REQUEST_TYPE_HEADER's value, or none
 
     @property
-    def headers(self) -> dict[str, str]:
-        """The request type, when one is asked (REQUEST_TYPES)."""
+    def generate_headers(self) -> dict[str, str]:
+        """Headers of a generateContent call besides auth: the request type, when one is asked
+        (REQUEST_TYPES; on that call only, REQUEST_TYPE_HEADER says why)."""
         return {REQUEST_TYPE_HEADER: self.request_type} if self.request_type else {}
 
     def model_url(self, model: str, method: str) -> str:

@@ -54,6 +54,7 @@ from pipeline.gemini.wire import field as wire_field
 JSONL_MIME = "jsonl"
 ENDED = frozenset(
     {"JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED", "JOB_STATE_EXPIRED"}
+    | {"JOB_STATE_PARTIALLY_SUCCEEDED"}  # Vertex's JobState; not in the SDK's list, ended too
 )  # types.JOB_STATES_ENDED_VERTEX: the states a job leaves no more
 # google.rpc.Code: the `code` of a Status inside an answer (a per-request error, a job's error)
 RPC_CODES = {

@@ -21,7 +21,7 @@ import functools
 import json
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -169,7 +169,6 @@ class GeminiClient:
             max_connections=max_connections,
             timeout=timeout,
             max_response_bytes=max_response_bytes,
-            headers=backend.headers,
         )
         self.backend = backend
         self.base_url = backend.base_url.rstrip("/")
@@ -274,6 +273,7 @@ class GeminiClient:
             what=f"{model}:generateContent",
             resume_from=resume_from,
             hops=hops,
+            headers=self.backend.generate_headers,  # Vertex's request type: this call's alone
         )
 
     async def interact(
@@ -313,8 +313,10 @@ class GeminiClient:
         what: str,
         resume_from: GenerateResponse | None,
         hops: list[str] | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> GenerateResponse:
-        """Send `body`, then continue the answer hop by hop while the service asks for it.
+        """Send `body` (with `headers` besides auth), then continue the answer hop by hop while
+        the service asks for it.
 
         Follows the SDK's `continue_async_unary_interaction` (`_interactions_continuation.py`)
         with its `CallDeadline`: a per-call `timeout` bounds the whole call, every hop is sent
@@ -338,7 +340,7 @@ class GeminiClient:
             hop_body = rules.body(body, token) if token else body
             limit = self.timeout if deadline is None else deadline - clock()
             try:
-                text, last = await self._hop(url, hop_body, limit, what)
+                text, last = await self._hop(url, hop_body, limit, what, headers)
             except GeminiError as exc:
                 if not hops:
                     raise
@@ -355,10 +357,17 @@ class GeminiClient:
         return self._transport.stored(self._transport.parse_value(body, rules.parse, what))
 
     async def _hop(
-        self, url: str, body: dict[str, Any], limit: float, what: str
+        self,
+        url: str,
+        body: dict[str, Any],
+        limit: float,
+        what: str,
+        headers: Mapping[str, str] | None,
     ) -> tuple[str, dict[str, Any]]:
         """One request of a (possibly continued) answer: its body as text and as JSON."""
-        answer = await self._transport.send("POST", url, json_body=body, timeout=limit, what=what)
+        answer = await self._transport.send(
+            "POST", url, json_body=body, timeout=limit, what=what, headers=headers
+        )
         document = self._transport.parse(answer, parse_json_object, what)
         return answer.text, document
 

@@ -95,10 +95,8 @@ class Transport:
         max_connections: int,
         timeout: float,
         max_response_bytes: int | None = MAX_RESPONSE_BYTES,
-        headers: Mapping[str, str] | None = None,
     ) -> None:
         self.max_response_bytes = max_response_bytes
-        self.fixed_headers = dict(headers or {})  # sent with auth, to the API's own URLs only
         if max_connections < 1:
             raise ValueError(f"max_connections must be >= 1, got {max_connections}")
         self.auth: Auth = auth if auth is not None else KeyAuth(api_key)
@@ -196,7 +194,6 @@ class Transport:
     ) -> dict[str, str]:
         request_headers = dict(headers or {})
         if with_key:
-            request_headers.update(self.fixed_headers)
             request_headers.update(await self.auth.headers())
         if limit > 0:
             request_headers["X-Server-Timeout"] = str(math.ceil(limit))

@@ -32,6 +32,7 @@ from typing import Any
 
 from pipeline.gemini.backends import VERTEX_PUBLISHER, Vertex
 from pipeline.gemini.batches import (
+    ENDED,
     BatchJob,
     BatchResult,
     BatchStats,
@@ -52,10 +53,6 @@ from pipeline.gemini.wire import field as wire_field
 
 JSONL = "jsonl"  # instancesFormat and predictionsFormat of Gemini batch prediction
 JOBS = "batchPredictionJobs"
-ENDED_STATES = frozenset(
-    {"JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED", "JOB_STATE_EXPIRED"}
-    | {"JOB_STATE_PARTIALLY_SUCCEEDED"}  # Vertex's JobState has it (types.JOB_STATES_ENDED_VERTEX)
-)
 
 
 def parse_vertex_job(document: Any) -> BatchJob:
@@ -68,7 +65,7 @@ def parse_vertex_job(document: Any) -> BatchJob:
     return BatchJob(
         name=str(document["name"]),
         state=state,
-        done=state in ENDED_STATES,
+        done=state in ENDED,
         display_name=wire_field(document, "displayName", "display_name"),
         model=document.get("model"),
         stats=_completion(wire_field(document, "completionStats", "completion_stats")),

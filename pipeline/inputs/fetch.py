@@ -38,7 +38,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from concurrent.futures import Future
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from http import HTTPStatus
 from typing import Any, TypeVar
 from urllib.parse import urljoin, urlsplit
 
@@ -52,7 +51,7 @@ from pipeline.records import SourceFile
 
 T = TypeVar("T")
 USER_AGENT = f"gemini-vision-pipeline/{__version__}"
-RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+RETRY_STATUSES = stores.RETRY_STATUSES
 DISALLOWED_ROBOTS = ("noai", "noimageai")  # img2dataset's default refusals that concern AI use
 _CHUNK = 1 << 16
 MAX_HOPS = 10  # redirects followed at most (aiohttp's and browsers' order of magnitude)
@@ -232,7 +231,7 @@ class Fetcher:
             except PermissionError as exc:
                 raise FetchError(f"access denied: {_first_line(exc)}") from None
             except Exception as exc:
-                transient = _transient(exc)
+                transient = stores.transient(exc)
                 if transient is None:  # neither an I/O error nor a store's refusal: a defect
                     raise
                 if not transient or attempt + 1 >= self.settings.attempts:
@@ -299,7 +298,7 @@ class Fetcher:
         """The body, or (reason, Retry-After) for a retryable answer; raises FetchError
         otherwise. `session` None: the guarded image session."""
         async with self._follow("GET", url, session) as response:
-            reason = _status_text(response.status)
+            reason = stores.status_text(response.status)
             if response.status in RETRY_STATUSES:
                 return reason, _retry_after(response)
             if response.status != 200:
@@ -445,20 +444,6 @@ class Fetcher:
         src.content_id = stores.content_id(info)
 
 
-def _transient(exc: BaseException) -> bool | None:
-    """Whether a store's failure to read an object may pass: an I/O error or timeout may, and so
-    may a store's own HTTP error that is not an OSError — gcsfs's HttpError (`code`) once its
-    retries are spent, adlfs's azure HttpResponseError (`status_code`) — when its status is
-    408, 429 or 5xx. None: neither (a defect, not the object's)."""
-    if isinstance(exc, TimeoutError | OSError):
-        return True
-    for name in ("code", "status_code"):
-        status = getattr(exc, name, None)
-        if isinstance(status, int) and 400 <= status <= 599:
-            return status in RETRY_STATUSES
-    return None
-
-
 async def _run_fs(fs: Any, method: str, path: str, **options: Any) -> Any:
     """An fsspec call from this loop: async filesystems run it on fsspec's own IO loop (their
     sessions live there), others in a thread."""
@@ -466,14 +451,6 @@ async def _run_fs(fs: Any, method: str, path: str, **options: Any) -> Any:
         coroutine = getattr(fs, "_" + method)(path, **options)
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coroutine, fs.loop))
     return await asyncio.to_thread(getattr(fs, method), path, **options)
-
-
-def _status_text(status: int) -> str:
-    """ "HTTP 404 Not Found": the standard phrase, whatever the server's own spelling."""
-    try:
-        return f"HTTP {status} {HTTPStatus(status).phrase}"
-    except ValueError:
-        return f"HTTP {status}"
 
 
 def _url_version(headers: Any) -> str:

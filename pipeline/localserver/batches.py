@@ -323,16 +323,17 @@ class BatchesSurface:
         expires = job.created + options.batch_expiry_seconds
         due = job.created + options.batch_seconds
         if job.finished_at is not None and max(due, job.finished_at) < expires and now >= due:
-            self._succeed(job)
-            return "SUCCEEDED"
+            return self._succeed(job)
         if now >= expires:
             self._end(job, "EXPIRED", None)
             return "EXPIRED"
         return "PENDING" if now < job.created + PENDING_SHARE * options.batch_seconds else "RUNNING"
 
-    def _succeed(self, job: Job) -> None:
+    def _succeed(self, job: Job) -> str:
+        """A job whose lines are all answered and whose time is up, ended; its end state."""
         self._store_results(job)
         self._end(job, "SUCCEEDED", None)
+        return "SUCCEEDED"
 
     def _store_results(self, job: Job) -> None:
         """The results as the job's output: a generated file (file input), else kept inline."""

@@ -17,6 +17,7 @@ the server's own messages always were ("fault_rate must be within [0, 1], got 2.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -120,6 +121,26 @@ def _gs_roots(v: Any) -> GsRoots:
         raise TypeError("bucket=DIR strings, or a table bucket = DIR")
     pairs = tuple(_alias_pair(item) for item in items)
     return tuple((bucket, folder) for bucket, folder in pairs)
+
+
+StorageFaults = tuple[tuple[str, int, int], ...]
+STORAGE_OPERATIONS = ("upload", "download", "list", "delete")
+
+
+def _storage_faults(v: Any) -> StorageFaults:
+    """(operation, HTTP status, how many) from "OP=STATUS" or "OP=STATUSxN" strings: the first
+    N requests of that kind answer the status (0: every one)."""
+    items = [v] if isinstance(v, str) else v
+    if not isinstance(items, Iterable):
+        raise TypeError("OP=STATUS[xN] strings")
+    return tuple(_storage_fault(item) for item in items)
+
+
+def _storage_fault(item: Any) -> tuple[str, int, int]:
+    found = re.fullmatch(r"(\w+)=([1-5]\d\d)(?:x(\d+))?", str(item).strip())
+    if found is None or found[1] not in STORAGE_OPERATIONS:
+        raise TypeError(f"OP=STATUS[xN] strings, OP one of {', '.join(STORAGE_OPERATIONS)}")
+    return found[1], int(found[2]), int(found[3] or 0)
 
 
 _SECRET = frozenset({"api_key"})  # never echoed, not even when refused
@@ -315,6 +336,21 @@ class ServerOptions(LocalOptions):
         _gs_roots,
         "Vertex: comma-separated bucket=DIR, the folders fileData gs://bucket/... objects are "
         "read from (as Vertex reads Cloud Storage itself)",
+        type=_kinds,
+    )
+    vertex_batch_end: str | None = setting(
+        None,
+        s.optional(s.one_of("FAILED", "PARTIALLY_SUCCEEDED")),
+        "Vertex batch fault: a job whose lines are all answered ends in this state instead of "
+        "SUCCEEDED, its answers written as its predictions (after --batch-output-delay, as a "
+        "succeeded job's)",
+        type=str,
+    )
+    storage_fault: StorageFaults = setting(
+        (),
+        _storage_faults,
+        "Cloud Storage fault: comma-separated OP=STATUS[xN] (OP upload, download, list or "
+        "delete): the first N such requests (every one without xN) answer that HTTP status",
         type=_kinds,
     )
     answer_log: str | None = setting(

@@ -17,6 +17,10 @@ pipeline walks and reads gs:// inputs, and writes and deletes a batch job's stag
   written whole (a temporary file renamed) when its last byte came;
 - `DELETE /storage/v1/b/{bucket}/o/{object}` (gcsfs's `_rm_file`).
 
+`--storage-fault OP=STATUS[xN]` makes the first N uploads, downloads, listings or deletes (all of
+them without xN) answer that HTTP status with a JSON API error body, counted
+(`storage.faults`): what a staging prefix whose store refuses or fails looks like to gcsfs.
+
 No auth (the double's buckets are test folders); the object resource carries what gcsfs turns
 into `size`, `mtime` and `generation`, and the object's `md5Hash` (base64, as the JSON API
 writes it). No composite objects (which have a `crc32c` and no md5Hash) are made here.
@@ -54,6 +58,9 @@ class StorageSurface:
         self.object_puts = 0
         self.lists = 0
         self.sessions: dict[str, tuple[str, str, bytearray]] = {}  # resumable: bucket, name, data
+        # --storage-fault: operation -> (status, failures left; None: every request)
+        self.failing = {op: (status, n or None) for op, status, n in core.options.storage_fault}
+        self.faults = 0
 
     def routes(self, app: web.Application, _versions: str) -> None:
         app.router.add_get(STORAGE, self.bucket)
@@ -65,12 +72,14 @@ class StorageSurface:
         app.router.add_delete(f"{STORAGE}/o/{{name:.+}}", self.delete)
 
     def snapshot(self) -> dict[str, Any]:
-        counts = ("object_gets", "range_gets", "range_bytes", "object_puts", "lists")
+        counts = ("object_gets", "range_gets", "range_bytes", "object_puts", "lists", "faults")
         return {"storage": {name: getattr(self, name) for name in counts}}
 
     async def upload(self, request: web.Request) -> web.Response:
         """media, multipart, a resumable session's start, or one of its chunks."""
         bucket, query = request.match_info["bucket"], request.query
+        if (failed := self._failed("upload")) is not None:
+            return failed
         self._root(bucket)
         if "upload_id" in query:
             return await self._chunk(request, query["upload_id"])
@@ -118,6 +127,8 @@ class StorageSurface:
         return web.json_response(_resource(bucket, root, path))
 
     async def delete(self, request: web.Request) -> web.Response:
+        if (failed := self._failed("delete")) is not None:
+            return failed
         path = self._object(request.match_info["bucket"], request.match_info["name"])
         path.unlink()
         return web.Response(status=204)
@@ -131,6 +142,8 @@ class StorageSurface:
         """One level under `prefix` (gcsfs lists a folder at a time, delimiter "/"), or every
         object whose name starts with it (no delimiter: gcsfs's `find`)."""
         bucket = request.match_info["bucket"]
+        if (failed := self._failed("list")) is not None:
+            return failed
         root, prefix = self._root(bucket), request.query.get("prefix", "")
         self.lists += 1
         if not request.query.get("delimiter"):
@@ -151,6 +164,8 @@ class StorageSurface:
         return web.json_response(_resource(bucket, self._root(bucket), path))
 
     async def download(self, request: web.Request) -> web.Response:
+        if (failed := self._failed("download")) is not None:
+            return failed
         path = self._object(request.match_info["bucket"], request.match_info["name"])
         data = path.read_bytes()
         span = _byte_range(request.headers.get("Range", ""), len(data))
@@ -167,6 +182,19 @@ class StorageSurface:
             headers=headers,
             content_type="application/octet-stream",
         )
+
+    def _failed(self, operation: str) -> web.Response | None:
+        """The injected answer of `operation`, while its failures last (--storage-fault)."""
+        status, left = self.failing.get(operation, (0, 0))
+        if left == 0:
+            return None
+        self.failing[operation] = (status, None if left is None else left - 1)
+        self.faults += 1
+        message = f"Injected storage fault ({operation})"
+        if status == 400:  # as GCS words a bad request (gcsfs raises a ValueError for it)
+            message += ": invalid argument"
+        body = {"error": {"code": status, "message": message}}
+        return web.json_response(body, status=status)
 
     def _root(self, bucket: str) -> Path:
         root = self.roots.get(bucket)

@@ -18,7 +18,10 @@ the request) with `response`, or `status` (`"<STATUS>: {"error": {...}}"`) when 
 
 `outputInfo.gcsOutputDirectory` is named from the create on, before any file is there; with
 `--batch-output-delay S` (rule batch.output-delay) a SUCCEEDED job's predictions file is written
-only S seconds after it ended: a collector must not read the folder as empty.
+only S seconds after it ended: a collector must not read the folder as empty. With
+`--vertex-batch-end FAILED|PARTIALLY_SUCCEEDED` a job ends in that state instead of SUCCEEDED, its
+completionStats counting every line answered and its predictions written as a succeeded job's
+(late too, with --batch-output-delay): what a client must not delete before it is read.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import asyncio
 import json
 import os
 import re
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +38,7 @@ from typing import Any
 
 from aiohttp import web
 
+from pipeline.gemini.backends import REQUEST_TYPE_HEADER
 from pipeline.gemini.batches import RPC_CODES
 from pipeline.localserver import errors
 from pipeline.localserver.batches import (
@@ -44,6 +49,7 @@ from pipeline.localserver.batches import (
     _file_lines,
     _listing,
     _page,
+    _status,
 )
 from pipeline.localserver.core import Core
 from pipeline.localserver.files import rfc3339
@@ -73,6 +79,7 @@ class VertexBatchesSurface(BatchesSurface):
         super().__init__(core, images)  # lines' gs:// fileUris read in place, as the service does
         self.let_in = let_in  # the Vertex surface's token / key check
         self.roots = {bucket: Path(root).resolve() for bucket, root in core.options.gs_root}
+        self.request_types: Counter[str] = Counter()  # X-Vertex-AI-LLM-Request-Type of job calls
 
     def add_routes(self, app: web.Application, version: str) -> None:
         base = f"/{version}/projects/{{project}}/locations/{{location}}/{JOBS}"
@@ -83,11 +90,18 @@ class VertexBatchesSurface(BatchesSurface):
         app.router.add_post(f"{base}/{{id}}:cancel", self.cancel_job)
 
     def snapshot(self) -> dict[str, Any]:
-        return {"vertex_batches": super().snapshot()["batches"]}
+        jobs = super().snapshot()["batches"]
+        return {"vertex_batches": {**jobs, "request_types": dict(self.request_types)}}
+
+    def _admit_call(self, request: web.Request) -> None:
+        """The Vertex surface's auth, and the request type the call asked (counted: a client
+        should ask it of model calls only, backends.REQUEST_TYPE_HEADER)."""
+        self.let_in(request, request.match_info["project"])
+        self.request_types[request.headers.get(REQUEST_TYPE_HEADER) or "unset"] += 1
 
     # ------------------------------------------------------------------------------ routes
     async def create_job(self, request: web.Request) -> web.Response:
-        self.let_in(request, request.match_info["project"])
+        self._admit_call(request)
         body = await self.core.body(request)
         job = self._vertex_job(request, body if isinstance(body, dict) else {})
         model = _batch_model(job.model, job.version, self.core)
@@ -100,12 +114,12 @@ class VertexBatchesSurface(BatchesSurface):
         return web.json_response(self._job_resource(job))
 
     async def get_job(self, request: web.Request) -> web.Response:
-        self.let_in(request, request.match_info["project"])
+        self._admit_call(request)
         return web.json_response(self._job_resource(self._job(request)))
 
     async def list_jobs(self, request: web.Request) -> web.Response:
         """Newest first, filtered by display name when asked, paged by pageToken."""
-        self.let_in(request, request.match_info["project"])
+        self._admit_call(request)
         wanted = _display_filter(request.query.get("filter"))
         listed = [j for j in self.jobs.values() if self._listed(j) and _named(j, wanted)]
         page, token = _page(request, listed)
@@ -114,13 +128,13 @@ class VertexBatchesSurface(BatchesSurface):
 
     async def cancel_job(self, request: web.Request) -> web.Response:
         """As Batch Mode's cancel (rules batch.state, batch.cancel-partial)."""
-        self.let_in(request, request.match_info["project"])
+        self._admit_call(request)
         self._cancel(self._job(request), "JOB_STATE_")
         return web.json_response({})
 
     async def delete_job(self, request: web.Request) -> web.Response:
         """Gone; the answer is the delete's long-running Operation, done."""
-        self.let_in(request, request.match_info["project"])
+        self._admit_call(request)
         job = self._job(request)
         self._delete(job)
         operation = f"{_parent(request)}/operations/delete-{job.id}"
@@ -168,6 +182,22 @@ class VertexBatchesSurface(BatchesSurface):
         else:
             line["response"] = result["response"]
         return json.dumps(line, separators=(",", ":")).encode() + b"\n"
+
+    def _succeed(self, job: Job) -> str:
+        """SUCCEEDED, or the state --vertex-batch-end asks for with the same output."""
+        ending = self.core.options.vertex_batch_end
+        if ending is None:
+            return super()._succeed(job)
+        self._store_results(job)
+        job.ended, job.ended_at = ending, self.core.clock()
+        job.error = _status("INTERNAL", f"Injected end: {ending}") if ending == "FAILED" else None
+        return ending
+
+    def _shows_output(self, job: Job, state: str) -> bool:
+        """As Batch Mode's, and a job ended by --vertex-batch-end as a succeeded one."""
+        if state == self.core.options.vertex_batch_end:
+            return self._attached(job)
+        return super()._shows_output(job, state)
 
     def _store_results(self, job: Job) -> None:
         """The results kept for the predictions file, written once the output shows

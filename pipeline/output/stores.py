@@ -48,6 +48,7 @@ import socket
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -56,6 +57,7 @@ from pipeline.output.fsutil import AlreadyExists, atomic_write, create_new, fsyn
 
 log = logging.getLogger(__name__)
 
+_SILENT = logging.NullHandler()  # one instance: added to a logger twice, it is there once
 CLOUD_EXTRA = "pip install 'gemini-vision-pipeline[cloud]'"
 OUTPUT_SCHEMES = ("s3", "gs", "gcs")  # stores with conditional writes this module uses
 LOCK_FILE = ".sink.lock"
@@ -185,6 +187,11 @@ def filesystem(scheme: str) -> Any:
         importlib.import_module(package)
     except ImportError:
         raise MissingExtra(f"{scheme}:// paths need the {package} package: {CLOUD_EXTRA}") from None
+    # gcsfs logs each failure it gives up on with its traceback (`logger.exception`), which an
+    # application that configured no logging prints through logging's last resort; the failure
+    # itself reaches the caller, which names it (a row, the run's stop): the library's records
+    # go only where logging was configured
+    logging.getLogger(package).addHandler(_SILENT)
     if scheme == "memory":
         return fsspec.filesystem(scheme)
     return fsspec.filesystem(scheme, use_listings_cache=False)
@@ -708,6 +715,59 @@ class _GcsWrites:
             if _precondition_failed(exc):
                 raise VersionMismatch(errno.EAGAIN, "changed by another writer", path) from None
             raise
+
+
+# ---------------------------------------------------------------------- a store's failures
+RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+# An OSError that says what is there (or may not be), not that the store stumbled.
+_DEFINITE = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError)
+GCSFS_BARE_ERRORS = ((OSError, "Forbidden: ", 403), (ValueError, "Bad Request: ", 400))
+
+
+def transient(exc: BaseException) -> bool | None:
+    """Whether a store's failure may pass if the call is made again: an I/O error or a timeout
+    may (not one that names what is there: missing, taken, refused), and so may a store's own
+    HTTP error that is not an OSError — gcsfs's HttpError (`code`) once its retries are spent,
+    adlfs's azure HttpResponseError (`status_code`) — when its status is 408, 429 or 5xx.
+    None: neither (a defect, not the store's). inputs/fetch.py and the Vertex batch staging
+    (engines/batch/service.py) both judge by it."""
+    if isinstance(exc, _DEFINITE):
+        return False
+    status = http_status(exc)
+    if status is not None:
+        return status in RETRY_STATUSES
+    return True if isinstance(exc, TimeoutError | OSError) else None
+
+
+def http_status(exc: BaseException) -> int | None:
+    """The HTTP status a store's error carries (`code`, `status_code`), when it carries one;
+    gcsfs answers a 403 with a bare OSError("Forbidden: <path>...") and a 400 whose message
+    says "invalid" with a ValueError("Bad Request: <path>...") (`validate_response`)."""
+    for name in ("code", "status_code"):
+        status = getattr(exc, name, None)
+        if isinstance(status, int) and 400 <= status <= 599:
+            return status
+    for kind, start, status in GCSFS_BARE_ERRORS:
+        if type(exc) is kind and str(exc).startswith(start):
+            return status
+    return None
+
+
+def status_text(status: int) -> str:
+    """ "HTTP 404 Not Found": the standard phrase, whatever the server's own spelling."""
+    try:
+        return f"HTTP {status} {HTTPStatus(status).phrase}"
+    except ValueError:
+        return f"HTTP {status}"
+
+
+def failure_text(exc: BaseException) -> str:
+    """A store failure in one line: its HTTP status when it has one, then the first line of
+    its message (gcsfs and adlfs messages name the object, never a credential)."""
+    lines = str(exc).strip().splitlines()
+    first = (lines[0] if lines else type(exc).__name__)[:200]
+    status = http_status(exc)
+    return first if status is None else f"{status_text(status)}: {first}"
 
 
 def _precondition_failed(exc: BaseException) -> bool:

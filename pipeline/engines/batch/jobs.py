@@ -19,6 +19,11 @@ a run (`pipeline run --batch`, engines/batch/engine.py) and for
                       — but a CANCELLED job carrying the output of what it answered first (paid
                       for) is collected as above, only its unanswered requests reported; a
                       cancel is its owner's choice, so it never stops the run (no exit 3)
+                   ─► Vertex: FAILED / PARTIALLY_SUCCEEDED / CANCELLED whose completionStats
+                      count lines its folder does not hold (yet): the service exports what a
+                      job completed when it ends, so nothing is deleted; polled again until
+                      [batch] ended_output_grace_seconds after its endTime, then what is there
+                      is collected and the lines that never arrived are counted and said
       creating (a create answer lost, not being created by this process; re-read first: a
                       create of this process may have answered since the pass began): found
                       among the project's jobs by its unique display name and adopted; not
@@ -155,6 +160,7 @@ class JobCounts:
         self.submitted_s: float | None = None  # ... to the end of the walk (every job created)
         self.collect_s = 0.0  # spent collecting: download, parse, rows, commit
         self.ended: list[dict[str, Any]] = []  # FAILED / CANCELLED / EXPIRED / lost jobs
+        self.never_arrived = 0  # prediction lines ended Vertex jobs answered, never written
         self.dropped: list[dict[str, Any]] = []  # jobs forgotten as never created (said so)
         self.elsewhere = 0  # jobs in flight at another endpoint (not followed by this run)
 
@@ -168,6 +174,7 @@ class JobCounts:
             "requests_without_result": self.missing,
             "result_lines_unreadable": self.unreadable,
             "jobs_ended": self.ended,
+            "prediction_lines_never_arrived": self.never_arrived,
             "jobs_dropped": self.dropped,
             "jobs_awaiting_output": list(self.awaiting_output.values()),
             "jobs_in_flight": in_flight,
@@ -195,6 +202,7 @@ class Following:
     retry_interactively: bool  # [batch] retry = "interactive": note retryable files
     poll: tuple[float, float]  # the first and the longest wait between polls
     output_wait: float  # [batch] output_wait_seconds: a succeeded job's output waited for
+    output_grace: float  # [batch] ended_output_grace_seconds: an ended Vertex job's late lines
     max_jobs: int
     say: Say
     wait_for_room: bool = True  # False (--submit-only): at the cap of jobs, stop submitting
@@ -235,6 +243,7 @@ def _configured(config: Config | None) -> dict[str, Any]:
         "retry_interactively": batch.retry == "interactive",
         "poll": (batch.poll_seconds, batch.max_poll_seconds),
         "output_wait": batch.output_wait_seconds,
+        "output_grace": batch.ended_output_grace_seconds,
         "max_jobs": batch.max_jobs,
         "staging": config.api.batch_staging if config is not None else None,
         "source": config.source if config is not None else "",
@@ -524,16 +533,17 @@ class Jobs:
         self._progress(job, remote, self._finishing_note(job, remote, ready))
         return await self._settle(job, remote, ready)
 
-    async def _fetched(self, job: BatchJobRecord, remote: BatchJob) -> bool:
+    async def _fetched(self, job: BatchJobRecord, remote: BatchJob, *, whole: bool = True) -> bool:
         """Whether the job's results are here to read: downloaded once into a `.part` file
         renamed when whole (a cut download is never read as results), kept until the job is
-        collected. False while a Vertex job's predictions are not all written yet."""
+        collected. False while a Vertex job's predictions are not all written yet (`whole`;
+        else while none is)."""
         path = self.how.folder / _results_name(job)
         if path.exists():
             return True
         self.how.folder.mkdir(exist_ok=True)
         partial = path.with_name(path.name + ".part")
-        if not await self.stop.call(self.service.fetch(remote, partial)):
+        if not await self.stop.call(self.service.fetch(remote, partial, whole=whole)):
             return False
         if partial.exists():  # (an inline job's answers came with the job)
             partial.replace(path)
@@ -542,26 +552,39 @@ class Jobs:
     async def _settle(self, job: BatchJobRecord, remote: BatchJob, ready: bool) -> bool:
         """What a poll found: an end without results, results to collect, or nothing yet. Only
         `done` with the output `ready` is collected: a job seen SUCCEEDED (or done) without
-        it is finishing, and collecting it then would find no answers and buy them again. So is
-        a Vertex job ended CANCELLED whose stats say it answered requests its folder does not
-        hold yet: ending it would delete those paid answers and send their images again."""
-        owed = (
-            remote.state == "JOB_STATE_CANCELLED"
-            and bool(remote.output_dir)
-            and remote.stats.succeeded > 0
-        )
-        if remote.ended and remote.state != SUCCEEDED and not ready and not owed:
-            await self._end(job, remote.state.removeprefix("JOB_STATE_"), _why(remote))
-            return True
-        if not ready:
+        it is finishing, and collecting it then would find no answers and buy them again. A
+        Vertex job that ended otherwise short of the lines it answered (`_lines_owed`) waits out
+        its grace (`_in_grace`), then gives what is there, if anything."""
+        state = remote.state.removeprefix("JOB_STATE_")
+        if remote.ended and remote.state != SUCCEEDED and not ready:
+            owed = _lines_owed(remote)
+            if owed and self._in_grace(job, remote):
+                return False
+            if not (owed and await self._fetched(job, remote, whole=False)):
+                never = _lines_answered(remote) if owed else 0
+                await self._end(job, state, _why(remote), never=never)
+                return True
+        elif not ready:
             return False
         try:
             missing = await self._collect(job, remote)
         except GeminiError as exc:
             return _passing(exc, f"the results of batch job {remote.name} cannot be read")
-        if remote.state != SUCCEEDED and missing:  # a cancelled job's partial output, collected
-            _ended(self.how, job, remote.state.removeprefix("JOB_STATE_"), _why(remote), missing)
+        if remote.state != SUCCEEDED and missing:  # a partial output, collected
+            never = max(0, _lines_answered(remote) - (job.requests - missing))
+            _ended(self.how, job, state, _why(remote), missing, never)
         return True
+
+    def _in_grace(self, job: BatchJobRecord, remote: BatchJob) -> bool:
+        """Whether an ended job's missing lines are still waited for: Vertex exports what a job
+        completed when it ends (its batch prediction docs) and a cancel deletes no output, so
+        ending it at once would delete paid answers on their way. They are waited for until
+        [batch] ended_output_grace_seconds after its endTime (when this run first saw it
+        ended, without one); nothing of the job is deleted meanwhile."""
+        since = _seconds_since(remote.end_time or remote.update_time)
+        if since is None:  # no end time given: from when this run first saw it ended
+            since = time.monotonic() - self._finishing.get(job.id, time.monotonic())
+        return since < self.how.output_grace
 
     def _finishing_note(self, job: BatchJobRecord, remote: BatchJob, ready: bool) -> str:
         """For a job that says it succeeded (or is done) without its output: the progress
@@ -625,11 +648,12 @@ class Jobs:
             raise RunStopped(reader.run_failure)
         return job.requests - len(reader.answered)
 
-    async def _end(self, job: BatchJobRecord, service_state: str, why: str) -> None:
-        """A job that ended without results: reported; its files are sent again next time."""
+    async def _end(self, job: BatchJobRecord, service_state: str, why: str, never: int = 0) -> None:
+        """A job that ended without results: reported; its files are sent again next time.
+        `never`: the prediction lines it answered that never arrived."""
         self.state.update_batch_job(job.id, phase="ended", service_state=service_state, message=why)
         await self._delete_files(job.id)
-        _ended(self.how, job, service_state, why)
+        _ended(self.how, job, service_state, why, never=never)
         self.ended.set()
 
     async def _delete_files(self, job: int) -> None:
@@ -654,6 +678,33 @@ def _finishing(remote: BatchJob, ready: bool) -> bool:
     """Says it succeeded (or is done), its output not attached — or not all written — yet
     (tidyverse/ellmer#926)."""
     return (remote.state == SUCCEEDED or remote.done) and not ready
+
+
+LATE_LINE_STATES = frozenset(
+    {"JOB_STATE_FAILED", "JOB_STATE_PARTIALLY_SUCCEEDED", "JOB_STATE_CANCELLED"}
+)  # Vertex ends after which completed lines may still be exported (EXPIRED: none are)
+
+
+def _lines_answered(remote: BatchJob) -> int:
+    """The lines a job's stats say it answered: each is written to its output."""
+    return remote.stats.succeeded + remote.stats.failed
+
+
+def _lines_owed(remote: BatchJob) -> bool:
+    """A Vertex job (its output a folder) ended in LATE_LINE_STATES having answered lines (its
+    folder, read first, holds fewer)."""
+    return (
+        remote.state in LATE_LINE_STATES and bool(remote.output_dir) and _lines_answered(remote) > 0
+    )
+
+
+def _seconds_since(text: str | None) -> float | None:
+    """Seconds from an RFC 3339 time of the service's (an endTime) to now; None without one."""
+    if not text:
+        return None
+    with contextlib.suppress(ValueError):
+        return time.time() - datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    return None
 
 
 def _minutes(seconds: float) -> str:
@@ -681,15 +732,28 @@ def _why(remote: BatchJob) -> str:
 
 
 def _ended(
-    how: Following, job: BatchJobRecord, service_state: str, why: str, left: int | None = None
+    how: Following,
+    job: BatchJobRecord,
+    service_state: str,
+    why: str,
+    left: int | None = None,
+    never: int = 0,
 ) -> None:
-    """A job ended without results for `left` of its requests (all of them by default)."""
+    """A job ended without results for `left` of its requests (all of them by default), of
+    which `never` were answered by the service but their prediction lines never arrived."""
     left = job.requests if left is None else left
     ended = {"name": job.name, "state": service_state, "requests": left, "why": why}
-    how.job_counts.ended.append(ended)
+    how.job_counts.ended.append({**ended, "lines_never_arrived": never})
+    how.job_counts.never_arrived += never
+    lost = (
+        f"; {never} prediction lines it answered never arrived "
+        f"({_duration(how.output_grace)} after its end, [batch] ended_output_grace_seconds)"
+        if never
+        else ""
+    )
     how.say(
         f"batch job {job.name or job.display_name} ended {service_state} ({why}): "
-        f"{left} of its {job.requests} requests are left for the next run"
+        f"{left} of its {job.requests} requests are left for the next run{lost}"
     )
 
 

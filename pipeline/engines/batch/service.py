@@ -13,6 +13,13 @@ Both read the same lines (`{"key", "request"}` in, the key back in each result) 
 rows. A Vertex job is ready to collect only once its predictions are all there: the folder is
 named while the job runs, so a job SUCCEEDED whose files are not all written yet (fewer lines
 than its completionStats count) is not ready — polled again, never read as empty.
+
+The staging prefix is used through gcsfs, which retries a transient HTTP failure itself and then
+raises its HttpError (not an OSError). Each staging call is tried again on a failure
+`stores.transient` calls passing (I/O errors, HTTP 408, 429, 5xx: the rule inputs/fetch.py reads
+objects by), up to STAGING_ATTEMPTS; any other, or one that outlasts them, is `StagingFailed`:
+the run stops naming the URI and the store's HTTP status (a job already created stays in flight
+and the next run re-attaches to it), a delete keeps the name for a later try.
 """
 
 from __future__ import annotations
@@ -20,8 +27,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from pipeline import exits
 from pipeline.config import ConfigError
@@ -29,6 +37,7 @@ from pipeline.gemini import GeminiClient
 from pipeline.gemini.backends import Vertex
 from pipeline.gemini.batches import JSONL_MIME, Batches, BatchJob
 from pipeline.gemini.vertex_batches import VertexBatches
+from pipeline.output import stores
 from pipeline.output.state import State
 from pipeline.output.stores import MissingExtra, filesystem
 from pipeline.run.calls import RunStopped
@@ -39,6 +48,9 @@ INPUT = "input.jsonl"  # a Vertex job's staged input: {batch_staging}/{display n
 OUTPUT = "output/"  # ... and the prefix its predictions are written under
 PREDICTIONS = "predictions"  # the service's output files: predictions*.jsonl
 CHUNK = 1024 * 1024  # bytes copied at once from a predictions file to the local results file
+STAGING_ATTEMPTS = 3  # tries of a staging call failing transiently (gcsfs retried each ~30 s)
+STAGING_BACKOFF_S = 2.0  # the pause before the second try, doubled before each later one
+T = TypeVar("T")
 
 
 class JobService(Protocol):
@@ -53,7 +65,7 @@ class JobService(Protocol):
 
     async def find(self, display_name: str) -> BatchJob | None: ...
 
-    async def fetch(self, remote: BatchJob, destination: Path) -> bool: ...
+    async def fetch(self, remote: BatchJob, destination: Path, *, whole: bool = True) -> bool: ...
 
     async def delete_file(self, name: str) -> None: ...
 
@@ -97,7 +109,7 @@ class DeveloperJobs:
         jobs = await self.batches.list()
         return next((job for job in jobs if job.display_name == display_name), None)
 
-    async def fetch(self, remote: BatchJob, destination: Path) -> bool:
+    async def fetch(self, remote: BatchJob, destination: Path, *, whole: bool = True) -> bool:
         """The responses file to `destination` (an inline job's answers need none)."""
         if remote.responses_file:
             await self.batches.download(remote.responses_file, destination)
@@ -107,14 +119,47 @@ class DeveloperJobs:
         await self.client.delete_file(name)
 
 
+class StagingFailed(OSError):
+    """A staging call the store refused, or that failed transiently past every try: the URI
+    and the store's failure (`stores.failure_text`: its HTTP status, never a credential)."""
+
+    def __init__(self, where: str, exc: BaseException) -> None:
+        super().__init__(f"{where}: {stores.failure_text(exc)}")
+
+
 class VertexJobs:
     """Batch prediction on Vertex AI: input and output in Cloud Storage, through the project's
-    object-store layer (gcsfs, the `[vertex]` / `[cloud]` extras)."""
+    object-store layer (gcsfs, the `[vertex]` / `[cloud]` extras). `fs` and `sleep`: another
+    fsspec filesystem, and the pause between tries (tests)."""
 
-    def __init__(self, batches: VertexBatches, staging: str) -> None:
+    def __init__(
+        self,
+        batches: VertexBatches,
+        staging: str,
+        *,
+        fs: Any = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
         self.batches = batches
         self.staging = staging.rstrip("/")
-        self.fs = filesystem("gs")
+        self.fs = fs if fs is not None else filesystem("gs")
+        self._sleep = sleep
+
+    async def _store(self, where: str, call: Callable[[], T]) -> T:
+        """`call` (gcsfs blocks) in a thread, tried again while its failure is transient;
+        StagingFailed naming `where` when it is not, or when the tries ran out."""
+        for attempt in range(STAGING_ATTEMPTS):
+            try:
+                return await asyncio.to_thread(call)
+            except Exception as exc:
+                passing = stores.transient(exc)
+                if passing is None:  # neither an I/O error nor the store's answer: a defect
+                    raise
+                if not passing or attempt + 1 == STAGING_ATTEMPTS:
+                    raise StagingFailed(where, exc) from None
+                log.info("%s: %s; trying again", where, stores.failure_text(exc))
+            await self._sleep(STAGING_BACKOFF_S * 2**attempt)
+        raise AssertionError("unreachable")
 
     def _uri(self, display_name: str, name: str) -> str:
         return f"{self.staging}/{display_name}/{name}"
@@ -126,9 +171,9 @@ class VertexJobs:
         state.add_batch_file(job, uri)
         state.add_batch_file(job, self._uri(display_name, OUTPUT))
         try:
-            await asyncio.to_thread(self.fs.put_file, str(path), _path(uri))
-        except OSError as exc:
-            raise RunStopped(_staging_failed(uri, exc)) from None
+            await self._store(uri, lambda: self.fs.put_file(str(path), _path(uri)))
+        except StagingFailed as exc:
+            raise RunStopped(_staging_failed(exc)) from None
         return uri
 
     async def create(self, model: str, source: str, display_name: str) -> BatchJob:
@@ -141,26 +186,33 @@ class VertexJobs:
         jobs = await self.batches.list(display_name=display_name)
         return next((job for job in jobs if job.display_name == display_name), None)
 
-    async def fetch(self, remote: BatchJob, destination: Path) -> bool:
+    async def fetch(self, remote: BatchJob, destination: Path, *, whole: bool = True) -> bool:
         """Every predictions file of the job into `destination`; False (nothing kept) while
-        they hold fewer lines than the job says it answered, or none is there yet."""
-        if not remote.output_dir:
+        they hold fewer lines than the job says it answered (`whole`; else while none is there
+        yet), or none is there yet."""
+        folder = remote.output_dir
+        if not folder:
             return False
         try:
-            return await asyncio.to_thread(self._copy, remote, destination)
-        except FileNotFoundError:
-            return False
-        except OSError as exc:
-            raise RunStopped(_staging_failed(remote.output_dir, exc)) from None
+            return await self._store(folder, lambda: self._copy(remote, destination, whole))
+        except StagingFailed as exc:
+            raise RunStopped(_staging_failed(exc)) from None
 
-    def _copy(self, remote: BatchJob, destination: Path) -> bool:
+    def _copy(self, remote: BatchJob, destination: Path, whole: bool = True) -> bool:
+        try:
+            return self._copied(remote, destination, whole)
+        except FileNotFoundError:  # a folder or file not there yet: not ready
+            return False
+
+    def _copied(self, remote: BatchJob, destination: Path, whole: bool) -> bool:
         files = self._predictions(remote.output_dir or "")
         lines = 0
         with open(destination, "wb") as sink:
             for name in files:
                 lines += _append(self.fs, name, sink)
         expected = remote.stats.succeeded + remote.stats.failed
-        if not files or lines < expected:
+        short = lines < expected if whole else not lines
+        if not files or short:
             destination.unlink()
             log.info("%s: %d of %d predictions written so far", remote.name, lines, expected)
             return False
@@ -171,8 +223,9 @@ class VertexJobs:
         return sorted(p for p in found if p.rsplit("/", 1)[-1].startswith(PREDICTIONS))
 
     async def delete_file(self, name: str) -> None:
-        """A staged input, or (a name ending in "/") everything under the output prefix."""
-        await asyncio.to_thread(self._delete, name)
+        """A staged input, or (a name ending in "/") everything under the output prefix;
+        StagingFailed (an OSError: the name is kept for a later try) when the store fails."""
+        await self._store(name, lambda: self._delete(name))
 
     def _delete(self, name: str) -> None:
         paths = self._under(name) if name.endswith("/") else [_path(name)]
@@ -210,10 +263,10 @@ def _append(fs: Any, path: str, sink: Any) -> int:
     return lines + open_line
 
 
-def _staging_failed(where: str, exc: OSError) -> Verdict:
+def _staging_failed(exc: StagingFailed) -> Verdict:
     return Verdict(
         Action.RUN,
-        f"the batch staging prefix cannot be used ({where}): {exc}",
+        f"the batch staging prefix cannot be used: {exc}",
         exits.STOPPED,
         f"check {STAGING_KEY} and that the credentials may read and write objects there",
     )

@@ -1,0 +1,299 @@
+"""Vertex batch prediction when things go wrong around the job: the staging store failing (the
+double's `storage_fault`), the request-type header kept off the batch-job calls, and jobs that
+end FAILED / PARTIALLY_SUCCEEDED / CANCELLED before all their prediction lines are written.
+
+Reuses tests/test_vertex_batch.py's server (its `faults` mark), hand clock and helpers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline import exits
+from pipeline.engines.batch import jobs as batchjobs
+from pipeline.engines.batch import service
+from pipeline.gemini import GeminiClient
+from pipeline.gemini.backends import Vertex
+from pipeline.gemini.types import GenerateRequest
+from pipeline.output.state import State
+from pipeline.output.stores import filesystem
+from pipeline.run.calls import RunStopped
+from tests.conftest import read_current, run, save_scenes, until
+from tests.test_batch_run import jobs_in
+from tests.test_vertex_batch import (  # and that module's fixtures, reused (__all__)
+    LOCATION,
+    MODEL,
+    POLL,
+    PROJECT,
+    STAGING,
+    buckets,
+    calls,
+    created,
+    gcs_double,
+    key_file,
+    key_path,
+    run_through,
+    running,
+    server_clock,
+    server_options,
+    staging,
+    vertex_batch,
+    vertex_env,
+)
+
+__all__ = [
+    "buckets",
+    "gcs_double",
+    "key_file",
+    "key_path",
+    "server_clock",
+    "server_options",
+    "staging",
+    "vertex_env",
+]
+SECRET_MARKS = ("Bearer", "ya29.", "private_key", "test-key")  # what must never be shown
+
+
+def config_file(tmp_path: Path, config: Any) -> Path:
+    """The run's config as a file, for a `pipeline run` process (the same settings)."""
+    path = tmp_path / "batch.toml"
+    lines = [
+        "[api]",
+        f'base_url = "{config.api.base_url}"',
+        'backend = "vertex"',
+        f'project = "{PROJECT}"',
+        f'location = "{LOCATION}"',
+        'mode = "batch"',
+        f'batch_staging = "{STAGING}"',
+        "[input]",
+        f'paths = ["{config.input.paths[0]}"]',
+        "[task]",
+        'kind = "detect"',
+        "[output]",
+        f'dir = "{config.output.dir}"',
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# ------------------------------------------------------------------------------ staging store
+@pytest.mark.faults(storage_fault=("upload=401",))
+async def test_a_staging_upload_the_store_refuses_stops_the_run_cleanly(
+    server, tmp_path, images_dir, vertex_env, gcs_double
+):
+    """gcsfs raises its HttpError (not an OSError) for a 401: the run stops with its exit code
+    and one message naming the staging URI and the status — no traceback, no credential — and
+    no job is made (its images are sent again by the next run)."""
+    save_scenes(images_dir, 2, prefix="scene", seed=83)
+    path = config_file(tmp_path, vertex_batch(tmp_path, server))
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "pipeline", "run", str(path), "--quiet",
+        env={**os.environ}, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await child.communicate()
+    stderr = err.decode()
+    assert child.returncode == exits.STOPPED, stderr
+    assert f"{STAGING}/" in stderr and "HTTP 401 Unauthorized" in stderr
+    assert "Traceback" not in stderr and not any(mark in stderr for mark in SECRET_MARKS)
+    assert created(server) == 0 and jobs_in(tmp_path / "out") == []
+
+
+def refused(status: str, shown: str) -> Any:
+    marks = pytest.mark.faults(storage_fault=(f"upload={status}",))
+    return pytest.param(shown, marks=marks, id=status)
+
+
+@pytest.mark.parametrize(
+    "shown", [refused("403", "HTTP 403 Forbidden"), refused("400", "HTTP 400 Bad Request")]
+)
+async def test_a_staging_write_the_store_refuses_stops_at_once(
+    server, tmp_path, images_dir, vertex_env, gcs_double, shown
+):
+    """gcsfs answers a 403 with a bare OSError ("Forbidden: ...") and a 400 "invalid" with a
+    ValueError ("Bad Request: ..."): each read as the refusal it is, not tried again, and named
+    with its status (never a crash)."""
+    save_scenes(images_dir, 2, prefix="scene", seed=89)
+    summary = await run(vertex_batch(tmp_path, server))
+    assert summary.exit_code == exits.STOPPED and shown in summary.stop_reason
+    assert f"{STAGING}/" in summary.stop_reason and "batch_staging" in summary.resume_hint
+    assert server.stats()["storage"]["faults"] == 1 and created(server) == 0
+
+
+@pytest.mark.faults(storage_fault=("download=401x1",))
+async def test_predictions_the_store_will_not_read_stop_the_run_and_the_next_reattaches(
+    server, server_clock, tmp_path, images_dir, vertex_env, gcs_double
+):
+    """The job was created and answered: a store failure reading its predictions stops the run
+    (naming the output folder and the status) with the job kept in flight; the next run
+    collects it — one job, each answer bought once."""
+    save_scenes(images_dir, 3, prefix="scene", seed=84)
+    config = vertex_batch(tmp_path, server)
+    stopped = await run_through(config, server, server_clock)
+    assert stopped.exit_code == exits.STOPPED and "HTTP 401 Unauthorized" in stopped.stop_reason
+    assert f"{STAGING}/" in stopped.stop_reason and "prediction-model-" in stopped.stop_reason
+    assert [job.phase for job in jobs_in(tmp_path / "out")] == ["submitted"]
+    assert not read_current(tmp_path / "out")
+
+    again = await run(config)
+    assert (again.exit_code, dict(again.rows)) == (exits.OK, {"ok": 3})
+    assert created(server) == 1 and server.stats()["answers_by_task"] == {"segment": 3}
+
+
+# ------------------------------------------------------------------------------ request type
+async def test_the_request_type_goes_on_generate_calls_only(
+    server, server_clock, tmp_path, images_dir, vertex_env, gcs_double
+):
+    """`[api] vertex_request_type` picks the quota an online model call is served from: a batch
+    run's job calls (create, get, list, cancel, delete) never carry it; an interactive run's
+    generateContent calls do, and a countTokens call does not."""
+    save_scenes(images_dir, 2, prefix="scene", seed=85)
+    batch = vertex_batch(tmp_path, server, vertex_request_type="dedicated")
+    summary = await run_through(batch, server, server_clock)
+    assert dict(summary.rows) == {"ok": 2}
+    job_calls = server.stats()["vertex_batches"]["request_types"]
+    assert set(job_calls) == {"unset"} and job_calls["unset"] >= 2  # a create and its polls
+
+    live = vertex_batch(
+        tmp_path, server, "live", mode="interactive", vertex_request_type="dedicated"
+    )
+    assert dict((await run(live)).rows) == {"ok": 2}
+    assert server.stats()["vertex"]["request_types"] == {"dedicated": 2}
+    backend = Vertex(server.base_url, None, LOCATION, request_type="dedicated")
+    async with GeminiClient(
+        api_key="test-key", backend=backend, allow_insecure_http=True
+    ) as client:
+        assert await client.count_tokens(GenerateRequest(model=MODEL, prompt="Hi.")) > 0
+    assert server.stats()["vertex"]["request_types"] == {"dedicated": 2, "unset": 1}
+
+
+class Flaky:
+    """A memory filesystem whose first `failures` uploads fail as gcsfs fails once its own
+    retries are spent (its HttpError, which is not an OSError)."""
+
+    def __init__(self, code: int, failures: int) -> None:
+        self.memory = filesystem("memory")
+        self.code, self.failures, self.tries = code, failures, 0
+
+    def put_file(self, local: str, remote: str) -> None:
+        self.tries += 1
+        if self.tries <= self.failures:
+            gcs_retry = pytest.importorskip("gcsfs.retry")
+            raise gcs_retry.HttpError({"code": self.code, "message": "Backend Error"})
+        self.memory.put_file(local, remote)
+
+
+@pytest.mark.parametrize(
+    ("code", "failures", "tries", "stops"),
+    [(503, 2, 3, False), (429, 3, 3, True), (408, 1, 2, False), (400, 1, 1, True)],
+)
+async def test_a_transient_staging_failure_is_tried_again_then_stops_the_run(
+    tmp_path, code, failures, tries, stops
+):
+    """408, 429 and 5xx (the rule object reads follow) are tried again after a pause, up to
+    STAGING_ATTEMPTS; a 400, or a transient failure that outlasts them, stops the run."""
+    flaky, pauses = Flaky(code, failures), []
+
+    async def pause(seconds: float) -> None:
+        pauses.append(seconds)
+
+    backend = Vertex("https://localhost:1", PROJECT, LOCATION)
+    client = GeminiClient(api_key="test-key", backend=backend)
+    jobs = service.VertexJobs(client.batch_predictions, "gs://b/p", fs=flaky, sleep=pause)
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"key": "k"}\n')
+    state = State(tmp_path / "out")
+    job = state.add_batch_job(name := f"t{os.getpid()}-{code}")
+    if stops:
+        with pytest.raises(RunStopped, match=rf"gs://b/p/{name}/input.jsonl: HTTP {code} "):
+            await jobs.put_input(source, name, job, state)
+    else:
+        assert await jobs.put_input(source, name, job, state) == f"gs://b/p/{name}/input.jsonl"
+        assert flaky.memory.cat_file(f"b/p/{name}/input.jsonl") == b'{"key": "k"}\n'
+        flaky.memory.rm(f"b/p/{name}", recursive=True)
+    assert flaky.tries == tries and pauses == [2.0, 4.0][: tries - 1]
+    # recorded before the write: a failed or killed run's next run deletes them
+    assert state.batch_files(job) == [f"gs://b/p/{name}/input.jsonl", f"gs://b/p/{name}/output/"]
+    state.close()
+
+
+# --------------------------------------------------- ended short of the lines it answered
+HOUR = 3600.0  # the server's clock set back this much: a job that ended an hour ago
+
+
+def ending(state: str, delay: float) -> Any:
+    """A parameter: jobs end `state`, their predictions written `delay` s after the end."""
+    marks = pytest.mark.faults(vertex_batch_end=state, batch_output_delay_seconds=delay)
+    return pytest.param(state, marks=marks, id=state)
+
+
+@pytest.mark.parametrize("state", [ending("FAILED", 600), ending("PARTIALLY_SUCCEEDED", 600)])
+async def test_a_job_ended_short_of_its_lines_keeps_its_output_until_they_come(
+    server, server_clock, tmp_path, images_dir, staging, vertex_env, gcs_double, state
+):
+    """A job ended FAILED / PARTIALLY_SUCCEEDED whose completionStats count lines its folder
+    does not hold yet: nothing is deleted and nothing is ended while its grace lasts (from its
+    endTime); the lines written late are collected — one job, each answer bought once."""
+    save_scenes(images_dir, 4, prefix="scene", seed=86)
+    task = asyncio.create_task(run(vertex_batch(tmp_path, server)))
+    await until(lambda: created(server) == 1, exited=running(task), interval=0.02)
+    server_clock.now += 61  # ended, its 4 answers counted; its predictions written 600 s later
+    polled = calls(server, POLL)
+    await until(lambda: calls(server, POLL) >= polled + 3, exited=running(task), interval=0.02)
+    (job,) = jobs_in(tmp_path / "out")
+    assert (job.phase, job.service_state) == ("submitted", f"JOB_STATE_{state}")
+    assert [p.name for p in staging.rglob("input.jsonl")] == ["input.jsonl"]  # nothing deleted
+    server_clock.now += 600
+    summary = await task
+    assert (summary.exit_code, dict(summary.rows)) == (exits.OK, {"ok": 4})
+    assert created(server) == 1 and server.stats()["answers_by_task"] == {"segment": 4}
+    assert summary.batch["prediction_lines_never_arrived"] == 0
+
+
+@pytest.mark.parametrize("state", [ending("FAILED", 10**7), ending("PARTIALLY_SUCCEEDED", 10**7)])
+async def test_lines_that_never_come_are_waited_for_then_counted_in_the_summary(
+    server, server_clock, tmp_path, images_dir, staging, vertex_env, gcs_double, state
+):
+    """Past [batch] ended_output_grace_seconds after its endTime (an hour ago here), a job whose
+    lines never came is ended: the summary says how many never arrived, its images are left
+    for the next run (exit 3: it failed), its staged files deleted."""
+    server_clock.now -= HOUR
+    save_scenes(images_dir, 3, prefix="scene", seed=87)
+    summary = await run_through(vertex_batch(tmp_path, server), server, server_clock)
+    assert summary.exit_code == exits.STOPPED and not summary.rows
+    (ended,) = summary.batch["jobs_ended"]
+    assert (ended["state"], ended["requests"], ended["lines_never_arrived"]) == (state, 3, 3)
+    assert summary.batch["prediction_lines_never_arrived"] == 3
+    assert [job.phase for job in jobs_in(tmp_path / "out")] == ["ended"]
+    assert not [p for p in staging.rglob("*") if p.is_file()]
+
+
+async def test_past_its_grace_a_cancelled_job_gives_the_lines_that_came(
+    server, server_clock, tmp_path, images_dir, staging, vertex_env, gcs_double
+):
+    """A job cancelled an hour ago whose folder holds 3 of the 4 lines it answered: what is
+    there is collected (3 rows, none bought again), the fourth counted as never arrived and its
+    image left for the next run; a cancel never stops the run."""
+    server_clock.now -= HOUR
+    save_scenes(images_dir, 4, prefix="scene", seed=88)
+    config = vertex_batch(tmp_path, server)
+    assert (await run(config, submit_only=True)).batch["jobs_created"] == 1
+    await batchjobs.cancel(str(tmp_path / "out"), config)
+    (written,) = staging.rglob("predictions.jsonl")
+    written.write_bytes(b"".join(written.read_bytes().splitlines(keepends=True)[:3]))
+    summary = await run(config)
+    assert (summary.exit_code, dict(summary.rows)) == (exits.OK, {"ok": 3})
+    (ended,) = summary.batch["jobs_ended"]
+    assert (ended["state"], ended["requests"], ended["lines_never_arrived"]) == ("CANCELLED", 1, 1)
+    assert summary.batch["prediction_lines_never_arrived"] == 1
+    task = asyncio.create_task(run(config))  # the lost one, bought again in a second job
+    await until(lambda: created(server) == 2, exited=running(task), interval=0.02)
+    server_clock.now += 61
+    again = await task
+    assert dict(again.rows) == {"ok": 1} and len(read_current(tmp_path / "out")) == 4
+    assert server.stats()["answers_by_task"] == {"segment": 4 + 1}
