@@ -229,9 +229,13 @@ async def test_a_row_that_cannot_be_encoded_becomes_an_error_row_and_costs_nothi
     assert sum(r["status"] == "ok" for r in rows.values()) == 19
 
 
-async def test_a_writer_that_cannot_write_stops_the_run_with_a_clear_error(tmp_path: Path) -> None:
+@pytest.mark.parametrize("journaled", [False, True])
+async def test_a_writer_that_cannot_write_stops_the_run_with_a_clear_error(
+    tmp_path: Path, journaled: bool
+) -> None:
     """A full disk or a vanished folder is the run's failure: add/flush/close raise SinkFailed
-    (the run stops and says why), never a traceback from a background task."""
+    (the run stops and says why), never a traceback from a background task; a journaled add
+    (a runner's answer) fails with the writer instead of waiting on it forever."""
     out = tmp_path / "out"
     sink = ParquetSink(out, "run1", rows_per_part=10)
     await sink.__aenter__()
@@ -239,7 +243,7 @@ async def test_a_writer_that_cannot_write_stops_the_run_with_a_clear_error(tmp_p
     out.write_text("the output folder became a file")
     with pytest.raises(SinkFailed):
         for n in range(100):
-            await sink.add(row(n))
+            await asyncio.wait_for(sink.add(row(n), journaled=journaled), 30)
         await sink.flush()
     with pytest.raises(SinkFailed):
         await sink.close()
@@ -295,19 +299,6 @@ async def test_a_journaled_add_returns_with_the_row_in_the_journal(tmp_path: Pat
             paths = [r["image_path"] for r in journal.read(sink.store, segment.name)]
             assert paths == [f"img/{k:05d}.jpg" for k in range(n + 1)]  # in order, at once
         assert sink.rows_durable == 0  # not fsynced: that still waits for the group
-
-
-async def test_a_journaled_add_fails_with_the_writer(tmp_path: Path) -> None:
-    """A writer that cannot write fails the row waiting on it instead of leaving it hung."""
-    out = tmp_path / "out"
-    sink = ParquetSink(out, "run1", rows_per_part=10)
-    await sink.__aenter__()
-    shutil.rmtree(out)
-    out.write_text("the output folder became a file")
-    with pytest.raises(SinkFailed):
-        await asyncio.wait_for(sink.add(row(0), journaled=True), 30)
-    with pytest.raises(SinkFailed):
-        await sink.close()
 
 
 CHILD = """
