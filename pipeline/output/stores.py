@@ -722,6 +722,7 @@ RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 # An OSError that says what is there (or may not be), not that the store stumbled.
 _DEFINITE = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError)
 GCSFS_FORBIDDEN = "Forbidden: "
+GCSFS_BAD_REQUEST = "Bad Request: "  # gcsfs's ValueError for a 400 whose message says "invalid"
 
 
 def transient(exc: BaseException) -> bool | None:
@@ -741,13 +742,20 @@ def transient(exc: BaseException) -> bool | None:
 
 def http_status(exc: BaseException) -> int | None:
     """The HTTP status a store's error carries (`code`, `status_code`), when it carries one;
-    gcsfs answers a 403 with a bare OSError("Forbidden: <path>...") (`validate_response`)."""
+    gcsfs answers a 403 with a bare OSError("Forbidden: <path>...") and a 400 whose message
+    says "invalid" with a ValueError("Bad Request: <path>...") (`validate_response`), and a
+    requester-pays bucket's 400 with a ValueError raised from its HttpError (`retry_request`)."""
     for name in ("code", "status_code"):
         status = getattr(exc, name, None)
         if isinstance(status, int) and 400 <= status <= 599:
             return status
     if type(exc) is OSError and str(exc).startswith(GCSFS_FORBIDDEN):
         return 403
+    if type(exc) is ValueError:
+        if str(exc).startswith(GCSFS_BAD_REQUEST):
+            return 400
+        if exc.__cause__ is not None:
+            return http_status(exc.__cause__)
     return None
 
 
