@@ -25,9 +25,10 @@ from pipeline.gemini.types import GenerateRequest
 from pipeline.output.state import State
 from pipeline.output.stores import filesystem
 from pipeline.run.calls import RunStopped
-from tests.conftest import read_current, run, save_scenes, until
+from tests.conftest import make_config, read_current, run, save_scenes, until
 from tests.test_batch_run import jobs_in
 from tests.test_vertex_batch import (  # and that module's fixtures, reused (__all__)
+    FAST,
     LOCATION,
     MODEL,
     POLL,
@@ -334,3 +335,31 @@ async def test_a_staging_400_gcsfs_raises_as_a_value_error_stops_the_run_cleanly
         await jobs.put_input(source, name, job, state)
     assert refusing.tries == 1
     state.close()
+
+
+@pytest.mark.faults(vertex_batch_end="FAILED", batch_output_delay_seconds=600)
+async def test_output_wait_does_not_cut_an_ended_jobs_grace(
+    server, server_clock, tmp_path, images_dir, staging, vertex_env, gcs_double
+):
+    """[batch] output_wait_seconds is how long a job that says it SUCCEEDED is waited for; a
+    job ended FAILED short of its lines is waited for by its own grace: a short output_wait
+    does not end the run early saying the job "succeeded but its output was still not
+    attached" — its late lines are collected in the same run, each bought once."""
+    save_scenes(images_dir, 4, prefix="scene", seed=90)
+    base = vertex_batch(tmp_path, server)
+    config = make_config(
+        tmp_path,
+        api={f: getattr(base.api, f) for f in ("backend", "project", "location", "base_url")}
+        | {"mode": "batch", "batch_staging": STAGING},
+        batch={**FAST, "output_wait_seconds": 0.05},
+        output={"dir": str(tmp_path / "out")},
+    )
+    task = asyncio.create_task(run(config))
+    await until(lambda: created(server) == 1, exited=running(task), interval=0.02)
+    server_clock.now += 61  # ended FAILED, its 4 answers counted; written 600 s later
+    polled = calls(server, POLL)
+    await until(lambda: calls(server, POLL) >= polled + 5, exited=running(task), interval=0.02)
+    server_clock.now += 600
+    summary = await task
+    assert (summary.exit_code, dict(summary.rows)) == (exits.OK, {"ok": 4}), summary.stop_reason
+    assert summary.batch["jobs_awaiting_output"] == [] and created(server) == 1
