@@ -589,12 +589,13 @@ class Jobs:
     def _finishing_note(self, job: BatchJobRecord, remote: BatchJob, ready: bool) -> str:
         """For a job that says it succeeded (or is done) without its output: the progress
         line's note, how long this run has seen it so, and past [batch] output_wait_seconds
-        the end of waiting for it (`_give_up`). Else ""."""
+        the end of waiting for it (`_give_up`) — not for a job that ended otherwise, which
+        `_settle` ends or waits for by its own grace. Else ""."""
         if not _finishing(remote, ready):
             return ""
         now = time.monotonic()
         waited = now - self._finishing.setdefault(job.id, now)
-        if waited >= self.how.output_wait:
+        if waited >= self.how.output_wait and not (remote.ended and remote.state != SUCCEEDED):
             self._give_up(job, remote, waited)
         return f", output not attached yet ({_minutes(waited)})"
 
