@@ -579,8 +579,8 @@ class Jobs:
         """Whether an ended job's missing lines are still waited for: Vertex exports what a job
         completed when it ends (its batch prediction docs) and a cancel deletes no output, so
         ending it at once would delete paid answers on their way. They are waited for until
-        [batch] ended_output_grace_seconds after its endTime (when this run first saw it
-        ended, without one); nothing of the job is deleted meanwhile."""
+        [batch] ended_output_grace_seconds after its endTime (its updateTime without one; when
+        this run first saw it ended, without either); nothing of the job is deleted meanwhile."""
         since = _seconds_since(remote.end_time or remote.update_time)
         if since is None:  # no end time given: from when this run first saw it ended
             since = time.monotonic() - self._finishing.get(job.id, time.monotonic())
