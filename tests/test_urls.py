@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -400,5 +401,43 @@ async def test_an_objects_403_as_gcsfs_raises_it_is_not_tried_again(
     with Fetcher(FetchSettings(attempts=3)) as fetcher:
         src = SourceFile(path="memory://shut/a.png", root="memory://shut", rel_path="a.png")
         with pytest.raises(FetchError, match="Forbidden") as failed:
+            await fetcher.read(src)
+    assert failed.value.retryable is False and len(asked) == 1
+
+
+# A 400's message, which gcsfs turns into a ValueError (not its HttpError)
+GCS_400 = {
+    "invalid": "Invalid argument: the object name is invalid",  # "Bad Request: <path>"
+    "requester pays": "Bucket is a requester pays bucket but no user project provided.",
+}
+
+
+@pytest.mark.parametrize("answer", list(GCS_400))
+async def test_an_objects_400_as_gcsfs_raises_it_is_its_row_not_a_crash(
+    monkeypatch: pytest.MonkeyPatch, answer: str
+) -> None:
+    """gcsfs turns a 400 whose message says "invalid" into ValueError("Bad Request: ...") and
+    one of a requester-pays bucket into ValueError("Bucket is requester pays...") from its
+    HttpError: the store's refusal of that object, its row at once (not retryable) — not an
+    exception that ends the run."""
+    fsspec = pytest.importorskip("fsspec")
+    gcs_retry = pytest.importorskip("gcsfs.retry")
+    memory = type(fsspec.filesystem("memory"))
+    asked: list[str] = []
+    body = json.dumps({"error": {"code": 400, "message": GCS_400[answer]}}).encode()
+
+    @gcs_retry.retry_request
+    async def get(path: str) -> None:  # as gcsfs's _call sends a request and reads its answer
+        gcs_retry.validate_response(400, body, path)
+
+    def refused(self: Any, path: str, **span: Any) -> bytes:
+        asked.append(path)
+        asyncio.run(get(path))
+        raise AssertionError("a 400 answered")
+
+    monkeypatch.setattr(memory, "cat_file", refused)
+    with Fetcher(FetchSettings(attempts=3)) as fetcher:
+        src = SourceFile(path="memory://paid/a.png", root="memory://paid", rel_path="a.png")
+        with pytest.raises(FetchError, match="object read failed: B") as failed:
             await fetcher.read(src)
     assert failed.value.retryable is False and len(asked) == 1

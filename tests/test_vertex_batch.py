@@ -435,20 +435,23 @@ async def test_a_cancelled_job_short_of_the_predictions_it_answered_is_not_dropp
 ):
     """A job ended CANCELLED whose folder holds fewer lines than its completionStats say it
     answered (still being written): its paid answers are waited for, never deleted with its
-    output and bought again."""
+    output and bought again — past [batch] ended_output_grace_seconds, the lines there are
+    collected. ([batch] output_wait_seconds, a succeeded job's, does not bound that wait.)"""
     import dataclasses
 
     save_scenes(images_dir, 4, prefix="scene", seed=57)
     config = vertex_batch(tmp_path, server)
-    config = dataclasses.replace(
-        config, batch=dataclasses.replace(config.batch, output_wait_seconds=0.3)
+    batch = dataclasses.replace(
+        config.batch, output_wait_seconds=0.05, ended_output_grace_seconds=1.0
     )
+    config = dataclasses.replace(config, batch=batch)
     assert (await run(config, submit_only=True)).batch["jobs_created"] == 1
     (_cancelled,) = await batchjobs.cancel(str(tmp_path / "out"), config)
     (written,) = staging.rglob("predictions.jsonl")
     lines = written.read_bytes().splitlines(keepends=True)
     assert len(lines) == 4
     written.write_bytes(b"".join(lines[:3]))  # the fourth not written yet
-    await batchjobs.wait(str(tmp_path / "out"), config, progress=False)
+    summary = await batchjobs.wait(str(tmp_path / "out"), config, progress=False)
     (job,) = jobs_in(tmp_path / "out")
-    assert job.phase not in ("ended", "collected") and written.exists()
+    assert job.phase == "collected" and dict(summary.rows) == {"ok": 3}
+    assert summary.batch["prediction_lines_never_arrived"] == 1

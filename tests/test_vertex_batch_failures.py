@@ -8,6 +8,7 @@ Reuses tests/test_vertex_batch.py's server (its `faults` mark), hand clock and h
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sys
 from pathlib import Path
@@ -24,9 +25,10 @@ from pipeline.gemini.types import GenerateRequest
 from pipeline.output.state import State
 from pipeline.output.stores import filesystem
 from pipeline.run.calls import RunStopped
-from tests.conftest import read_current, run, save_scenes, until
+from tests.conftest import make_config, read_current, run, save_scenes, until
 from tests.test_batch_run import jobs_in
 from tests.test_vertex_batch import (  # and that module's fixtures, reused (__all__)
+    FAST,
     LOCATION,
     MODEL,
     POLL,
@@ -297,3 +299,75 @@ async def test_past_its_grace_a_cancelled_job_gives_the_lines_that_came(
     again = await task
     assert dict(again.rows) == {"ok": 1} and len(read_current(tmp_path / "out")) == 4
     assert server.stats()["answers_by_task"] == {"segment": 4 + 1}
+
+
+class Refusing:
+    """A filesystem whose uploads the store answers with a 400 that gcsfs turns into a
+    ValueError (its validate_response, its retry_request), as a real bucket would."""
+
+    def __init__(self, message: str) -> None:
+        self.message, self.tries = message, 0
+
+    def put_file(self, local: str, remote: str) -> None:
+        self.tries += 1
+        gcs_retry = pytest.importorskip("gcsfs.retry")
+        body = json.dumps({"error": {"code": 400, "message": self.message}}).encode()
+
+        @gcs_retry.retry_request
+        async def upload() -> None:
+            gcs_retry.validate_response(400, body, remote)
+
+        asyncio.run(upload())
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "Invalid argument: the object name is invalid",
+        "Bucket is a requester pays bucket but no user project provided.",
+    ],
+)
+async def test_a_staging_400_gcsfs_raises_as_a_value_error_stops_the_run_cleanly(tmp_path, message):
+    """A 400 gcsfs raises as a ValueError (a message saying "invalid", a requester-pays
+    bucket) is the store's refusal: the run stops naming the URI and the status, tried once —
+    not an exception with its traceback."""
+    refusing = Refusing(message)
+    backend = Vertex("https://localhost:1", PROJECT, LOCATION)
+    client = GeminiClient(api_key="test-key", backend=backend)
+    jobs = service.VertexJobs(client.batch_predictions, "gs://b/p", fs=refusing)
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"key": "k"}\n')
+    state = State(tmp_path / "out")
+    job = state.add_batch_job(name := f"t{os.getpid()}-400")
+    with pytest.raises(RunStopped, match=rf"gs://b/p/{name}/input.jsonl: HTTP 400 "):
+        await jobs.put_input(source, name, job, state)
+    assert refusing.tries == 1
+    state.close()
+
+
+@pytest.mark.faults(vertex_batch_end="FAILED", batch_output_delay_seconds=600)
+async def test_output_wait_does_not_cut_an_ended_jobs_grace(
+    server, server_clock, tmp_path, images_dir, staging, vertex_env, gcs_double
+):
+    """[batch] output_wait_seconds is how long a job that says it SUCCEEDED is waited for; a
+    job ended FAILED short of its lines is waited for by its own grace: a short output_wait
+    does not end the run early saying the job "succeeded but its output was still not
+    attached" — its late lines are collected in the same run, each bought once."""
+    save_scenes(images_dir, 4, prefix="scene", seed=90)
+    base = vertex_batch(tmp_path, server)
+    config = make_config(
+        tmp_path,
+        api={f: getattr(base.api, f) for f in ("backend", "project", "location", "base_url")}
+        | {"mode": "batch", "batch_staging": STAGING},
+        batch={**FAST, "output_wait_seconds": 0.05},
+        output={"dir": str(tmp_path / "out")},
+    )
+    task = asyncio.create_task(run(config))
+    await until(lambda: created(server) == 1, exited=running(task), interval=0.02)
+    server_clock.now += 61  # ended FAILED, its 4 answers counted; written 600 s later
+    polled = calls(server, POLL)
+    await until(lambda: calls(server, POLL) >= polled + 5, exited=running(task), interval=0.02)
+    server_clock.now += 600
+    summary = await task
+    assert (summary.exit_code, dict(summary.rows)) == (exits.OK, {"ok": 4}), summary.stop_reason
+    assert summary.batch["jobs_awaiting_output"] == [] and created(server) == 1

@@ -742,7 +742,8 @@ def transient(exc: BaseException) -> bool | None:
 def http_status(exc: BaseException) -> int | None:
     """The HTTP status a store's error carries (`code`, `status_code`), when it carries one;
     gcsfs answers a 403 with a bare OSError("Forbidden: <path>...") and a 400 whose message
-    says "invalid" with a ValueError("Bad Request: <path>...") (`validate_response`)."""
+    says "invalid" with a ValueError("Bad Request: <path>...") (`validate_response`), and a
+    requester-pays bucket's 400 with a ValueError raised from its HttpError (`retry_request`)."""
     for name in ("code", "status_code"):
         status = getattr(exc, name, None)
         if isinstance(status, int) and 400 <= status <= 599:
@@ -750,6 +751,8 @@ def http_status(exc: BaseException) -> int | None:
     for kind, start, status in GCSFS_BARE_ERRORS:
         if type(exc) is kind and str(exc).startswith(start):
             return status
+    if type(exc) is ValueError and exc.__cause__ is not None:  # requester-pays: from HttpError
+        return http_status(exc.__cause__)
     return None
 
 

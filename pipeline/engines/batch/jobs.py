@@ -579,8 +579,8 @@ class Jobs:
         """Whether an ended job's missing lines are still waited for: Vertex exports what a job
         completed when it ends (its batch prediction docs) and a cancel deletes no output, so
         ending it at once would delete paid answers on their way. They are waited for until
-        [batch] ended_output_grace_seconds after its endTime (when this run first saw it
-        ended, without one); nothing of the job is deleted meanwhile."""
+        [batch] ended_output_grace_seconds after its endTime (its updateTime without one; when
+        this run first saw it ended, without either); nothing of the job is deleted meanwhile."""
         since = _seconds_since(remote.end_time or remote.update_time)
         if since is None:  # no end time given: from when this run first saw it ended
             since = time.monotonic() - self._finishing.get(job.id, time.monotonic())
@@ -589,12 +589,13 @@ class Jobs:
     def _finishing_note(self, job: BatchJobRecord, remote: BatchJob, ready: bool) -> str:
         """For a job that says it succeeded (or is done) without its output: the progress
         line's note, how long this run has seen it so, and past [batch] output_wait_seconds
-        the end of waiting for it (`_give_up`). Else ""."""
+        the end of waiting for it (`_give_up`) — not for a job that ended otherwise, which
+        `_settle` ends or waits for by its own grace. Else ""."""
         if not _finishing(remote, ready):
             return ""
         now = time.monotonic()
         waited = now - self._finishing.setdefault(job.id, now)
-        if waited >= self.how.output_wait:
+        if waited >= self.how.output_wait and not (remote.ended and remote.state != SUCCEEDED):
             self._give_up(job, remote, waited)
         return f", output not attached yet ({_minutes(waited)})"
 
