@@ -51,7 +51,6 @@ from pipeline.records import SourceFile
 
 T = TypeVar("T")
 USER_AGENT = f"gemini-vision-pipeline/{__version__}"
-RETRY_STATUSES = stores.RETRY_STATUSES
 DISALLOWED_ROBOTS = ("noai", "noimageai")  # img2dataset's default refusals that concern AI use
 _CHUNK = 1 << 16
 MAX_HOPS = 10  # redirects followed at most (aiohttp's and browsers' order of magnitude)
@@ -223,23 +222,27 @@ class Fetcher:
     async def _object_bytes(self, fs: Any, src: SourceFile, **span: int) -> bytes:
         """The object's bytes (`span`: fsspec's `start` and `end`, a range of them), transient
         store errors retried with backoff."""
-        for attempt in range(self.settings.attempts):
-            try:
-                return await _run_fs(fs, "cat_file", src.path, **span)
-            except FileNotFoundError:
-                raise FetchError("object not found (deleted since it was listed?)") from None
-            except PermissionError as exc:
-                raise FetchError(f"access denied: {_first_line(exc)}") from None
-            except Exception as exc:
-                transient = stores.transient(exc)
-                if transient is None:  # neither an I/O error nor a store's refusal: a defect
-                    raise
-                if not transient or attempt + 1 >= self.settings.attempts:
-                    reason = f"object read failed: {_first_line(exc)}"
-                    raise FetchError(reason, retryable=transient) from None
-                self.retries += 1
-                await self._sleep(self._backoff(attempt))
-        raise AssertionError("unreachable")
+        try:
+            return await stores.retried(
+                lambda: _run_fs(fs, "cat_file", src.path, **span),
+                self.settings.attempts,
+                self._backoff,
+                self._sleep,
+                on_retry=self._count_retry,
+            )
+        except FileNotFoundError:
+            raise FetchError("object not found (deleted since it was listed?)") from None
+        except PermissionError as exc:
+            raise FetchError(f"access denied: {_first_line(exc)}") from None
+        except Exception as exc:
+            transient = stores.transient(exc)
+            if transient is None:  # neither an I/O error nor a store's refusal: a defect
+                raise
+            reason = f"object read failed: {_first_line(exc)}"
+            raise FetchError(reason, retryable=transient) from None
+
+    def _count_retry(self, exc: BaseException) -> None:
+        self.retries += 1
 
     async def _read_presigned(self, fs: Any, src: SourceFile) -> bytes:
         """An S3 object through a presigned GET URL on this fetcher's own object session.
@@ -299,7 +302,7 @@ class Fetcher:
         otherwise. `session` None: the guarded image session."""
         async with self._follow("GET", url, session) as response:
             reason = stores.status_text(response.status)
-            if response.status in RETRY_STATUSES:
+            if response.status in stores.RETRY_STATUSES:
                 return reason, _retry_after(response)
             if response.status != 200:
                 raise FetchError(reason)

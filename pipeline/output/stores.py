@@ -46,11 +46,11 @@ import os
 import re
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 from pipeline.locations import FILESYSTEMS, local_path, normalise_url, scheme_of
 from pipeline.output.fsutil import AlreadyExists, atomic_write, create_new, fsync_dir
@@ -762,6 +762,31 @@ def status_text(status: int) -> str:
         return f"HTTP {status} {HTTPStatus(status).phrase}"
     except ValueError:
         return f"HTTP {status}"
+
+
+T = TypeVar("T")
+
+
+async def retried(
+    call: Callable[[], Awaitable[T]],
+    attempts: int,
+    pause: Callable[[int], float],
+    sleep: Callable[[float], Awaitable[None]],
+    on_retry: Callable[[BaseException], None] = lambda exc: None,
+) -> T:
+    """`call()`, made again while its failure is `transient`, `attempts` times in all, after
+    `pause(attempt)` seconds each time (`on_retry` told first). A failure that is not transient,
+    a defect (`transient` None) or the last one is raised as it is: the caller says what it
+    means (an object's read: its row; the Vertex batch staging: the run's stop)."""
+    for attempt in range(attempts):
+        try:
+            return await call()
+        except Exception as exc:
+            if not transient(exc) or attempt + 1 >= attempts:
+                raise
+            on_retry(exc)
+        await sleep(pause(attempt))
+    raise AssertionError("unreachable")
 
 
 def failure_text(exc: BaseException) -> str:

@@ -148,18 +148,20 @@ class VertexJobs:
     async def _store(self, where: str, call: Callable[[], T]) -> T:
         """`call` (gcsfs blocks) in a thread, tried again while its failure is transient;
         StagingFailed naming `where` when it is not, or when the tries ran out."""
-        for attempt in range(STAGING_ATTEMPTS):
-            try:
-                return await asyncio.to_thread(call)
-            except Exception as exc:
-                passing = stores.transient(exc)
-                if passing is None:  # neither an I/O error nor the store's answer: a defect
-                    raise
-                if not passing or attempt + 1 == STAGING_ATTEMPTS:
-                    raise StagingFailed(where, exc) from None
-                log.info("%s: %s; trying again", where, stores.failure_text(exc))
-            await self._sleep(STAGING_BACKOFF_S * 2**attempt)
-        raise AssertionError("unreachable")
+        try:
+            return await stores.retried(
+                lambda: asyncio.to_thread(call),
+                STAGING_ATTEMPTS,
+                lambda attempt: STAGING_BACKOFF_S * 2**attempt,
+                self._sleep,
+                on_retry=lambda exc: log.info(
+                    "%s: %s; trying again", where, stores.failure_text(exc)
+                ),
+            )
+        except Exception as exc:
+            if stores.transient(exc) is None:  # neither an I/O error nor the store's answer
+                raise
+            raise StagingFailed(where, exc) from None
 
     def _uri(self, display_name: str, name: str) -> str:
         return f"{self.staging}/{display_name}/{name}"
