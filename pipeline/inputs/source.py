@@ -314,14 +314,10 @@ def walk(
         if stat.S_ISDIR(st.st_mode):
             if (st.st_dev, st.st_ino) in skip_ids:
                 continue
-            yield from _walk_dir(
-                root_abs,
-                (st.st_dev, st.st_ino),
-                _Filter.at_root(include, exclude),
-                follow_symlinks=follow_symlinks,
-                skip=skip_ids,
-                passed=passed,
+            walk_one = _DirWalk(
+                root_abs, follow_symlinks=follow_symlinks, skip=skip_ids, passed=passed
             )
+            yield from walk_one.files(_Filter.at_root(include, exclude), (st.st_dev, st.st_ino))
         else:
             yield _stat_source(root_abs, os.path.dirname(root_abs), os.path.basename(root_abs))
 
@@ -335,106 +331,132 @@ def _dir_ids(paths: Sequence[str]) -> Iterator[tuple[int, int]]:
         yield st.st_dev, st.st_ino
 
 
-def _walk_dir(
-    root: str,
-    root_id: tuple[int, int],
-    top_filter: _Filter,
-    *,
-    follow_symlinks: bool,
-    skip: frozenset[tuple[int, int]] = frozenset(),
-    passed: PassedOver,
-) -> Iterator[SourceFile]:
-    """The walk of one root directory, with an explicit stack (deep trees need no recursion)."""
+class _DirWalk:
+    """The walk of one root directory, with an explicit stack (deep trees need no recursion):
+    the directories on the current path are open, each a `_Frame` listing its entries."""
 
-    def rel(parts: tuple[str, ...]) -> str:
-        return "/".join(parts) or "."
+    def __init__(
+        self,
+        root: str,
+        *,
+        follow_symlinks: bool,
+        skip: frozenset[tuple[int, int]],
+        passed: PassedOver,
+    ) -> None:
+        self.root = root
+        self.follow_symlinks = follow_symlinks
+        self.skip = skip  # directories never entered, by (device, inode): the run's own output
+        self.passed = passed
+        self.stack: list[_Frame] = []
+        # (device, inode) -> relative parts: the directories on the current path (a link to one
+        # of them is a loop) and the symlinked directories walked already (walked only once)
+        self.ancestors: dict[tuple[int, int], tuple[str, ...]] = {}
+        self.walked_links: dict[tuple[int, int], tuple[str, ...]] = {}
 
-    def error(path: str, parts: tuple[str, ...], message: str) -> SourceFile:
-        return _error_entry(path, root, rel(parts), message)
+    def files(self, top_filter: _Filter, root_id: tuple[int, int]) -> Iterator[SourceFile]:
+        """Every file and error entry under the root, depth-first, each directory in name order."""
+        unreadable = self._enter(self.root, (), top_filter, root_id)
+        if unreadable is not None:
+            yield unreadable
+        while self.stack:
+            frame = self.stack[-1]
+            entry = next(frame.entries, None)
+            if entry is None:
+                self.stack.pop()
+                del self.ancestors[frame.dir_id]
+                continue
+            found = self._entry(frame, entry)
+            if found is not None:
+                yield found
 
-    def open_dir(
-        path: str, parts: tuple[str, ...], dir_filter: _Filter, dir_id: tuple[int, int]
-    ) -> _Frame | SourceFile:
+    def _entry(self, frame: _Frame, entry: os.DirEntry[str]) -> SourceFile | None:
+        """What one directory entry gives: a file, an error entry, or nothing (passed over, or a
+        directory now on the stack)."""
+        parts = (*frame.rel_parts, entry.name)
+        wanted = frame.filter.child(entry.name)
+        is_link = False
+        try:
+            is_link = entry.is_symlink()
+            if not (is_link or entry.is_dir(follow_symlinks=False) or wanted.wants_file()):
+                self.passed.count(entry.name, wanted)
+                return None  # decided from the name alone: spare the stat
+            st = os.stat(entry.path) if is_link else entry.stat(follow_symlinks=False)
+        except OSError as exc:
+            return self._unstatable(entry.path, parts, wanted, is_link, exc)
+        if stat.S_ISDIR(st.st_mode):
+            return self._directory(entry.path, parts, wanted, is_link, (st.st_dev, st.st_ino))
+        return self._file(entry, parts, wanted, st)
+
+    def _unstatable(
+        self, path: str, parts: tuple[str, ...], wanted: _Filter, is_link: bool, exc: OSError
+    ) -> SourceFile | None:
+        if not wanted.wants_file():
+            return None
+        missing = isinstance(exc, FileNotFoundError)
+        if missing and is_link:
+            return self._error(path, parts, "broken symlink")
+        if exc.errno == errno.ELOOP:
+            return self._error(path, parts, f"symlink loop: {_reason(exc)}")
+        return None if missing else self._error(path, parts, _reason(exc))  # deleted: gone
+
+    def _directory(
+        self,
+        path: str,
+        parts: tuple[str, ...],
+        wanted: _Filter,
+        is_link: bool,
+        dir_id: tuple[int, int],
+    ) -> SourceFile | None:
+        if (is_link and not self.follow_symlinks) or not wanted.wants_dir() or dir_id in self.skip:
+            return None
+        if dir_id in self.ancestors:
+            target = _rel(self.ancestors[dir_id])
+            return self._error(path, parts, f"symlink loop: points back to {target}")
+        if is_link:
+            if dir_id in self.walked_links:
+                first_seen = _rel(self.walked_links[dir_id])
+                return self._error(
+                    path, parts, f"symlinked directory already walked as {first_seen}"
+                )
+            self.walked_links[dir_id] = parts
+        return self._enter(path, parts, wanted, dir_id)
+
+    def _enter(
+        self, path: str, parts: tuple[str, ...], wanted: _Filter, dir_id: tuple[int, int]
+    ) -> SourceFile | None:
+        """The directory's listing pushed on the stack; an error entry when it cannot be listed."""
         try:
             with os.scandir(path) as listing:
                 entries = sorted(listing, key=lambda e: e.name)
         except OSError as exc:
-            return error(path, parts, f"unreadable directory: {_reason(exc)}")
-        return _Frame(parts, iter(entries), dir_filter, dir_id)
+            return self._error(path, parts, f"unreadable directory: {_reason(exc)}")
+        self.ancestors[dir_id] = parts
+        self.stack.append(_Frame(parts, iter(entries), wanted, dir_id))
+        return None
 
-    ancestors: dict[tuple[int, int], tuple[str, ...]] = {root_id: ()}
-    walked_links: dict[tuple[int, int], tuple[str, ...]] = {}
-    first = open_dir(root, (), top_filter, root_id)
-    if isinstance(first, SourceFile):
-        yield first
-        return
-    stack = [first]
-    while stack:
-        frame = stack[-1]
-        entry = next(frame.entries, None)
-        if entry is None:
-            stack.pop()
-            del ancestors[frame.dir_id]
-            continue
-        parts = (*frame.rel_parts, entry.name)
-        entry_filter = frame.filter.child(entry.name)
-        is_link = False
-        try:
-            is_link = entry.is_symlink()
-            if not (is_link or entry.is_dir(follow_symlinks=False) or entry_filter.wants_file()):
-                passed.count(entry.name, entry_filter)
-                continue  # decided from the name alone: spare the stat
-            st = os.stat(entry.path) if is_link else entry.stat(follow_symlinks=False)
-        except OSError as exc:
-            if entry_filter.wants_file():
-                missing = isinstance(exc, FileNotFoundError)
-                if missing and is_link:
-                    yield error(entry.path, parts, "broken symlink")
-                elif exc.errno == errno.ELOOP:
-                    yield error(entry.path, parts, f"symlink loop: {_reason(exc)}")
-                elif not missing:  # a file deleted while we walk is simply gone
-                    yield error(entry.path, parts, _reason(exc))
-            continue
-
-        if stat.S_ISDIR(st.st_mode):
-            if (is_link and not follow_symlinks) or not entry_filter.wants_dir():
-                continue
-            dir_id = (st.st_dev, st.st_ino)
-            if dir_id in skip:
-                continue
-            if dir_id in ancestors:
-                target = rel(ancestors[dir_id])
-                yield error(entry.path, parts, f"symlink loop: points back to {target}")
-                continue
-            if is_link:
-                if dir_id in walked_links:
-                    first_seen = rel(walked_links[dir_id])
-                    yield error(
-                        entry.path, parts, f"symlinked directory already walked as {first_seen}"
-                    )
-                    continue
-                walked_links[dir_id] = parts
-            child = open_dir(entry.path, parts, entry_filter, dir_id)
-            if isinstance(child, SourceFile):
-                yield child
-            else:
-                ancestors[dir_id] = parts
-                stack.append(child)
-            continue
-
-        if not entry_filter.wants_file():
-            passed.count(entry.name, entry_filter)
-            continue
+    def _file(
+        self, entry: os.DirEntry[str], parts: tuple[str, ...], wanted: _Filter, st: os.stat_result
+    ) -> SourceFile | None:
+        if not wanted.wants_file():
+            self.passed.count(entry.name, wanted)
+            return None
         source = SourceFile(
             path=entry.path,
-            root=root,
-            rel_path=rel(parts),
+            root=self.root,
+            rel_path=_rel(parts),
             size=st.st_size,
             mtime_ns=st.st_mtime_ns,
         )
         if not stat.S_ISREG(st.st_mode):
             source.error = f"not a regular file ({_file_kind(st.st_mode)})"
-        yield source
+        return source
+
+    def _error(self, path: str, parts: tuple[str, ...], message: str) -> SourceFile:
+        return _error_entry(path, self.root, _rel(parts), message)
+
+
+def _rel(parts: tuple[str, ...]) -> str:
+    return "/".join(parts) or "."
 
 
 def read_manifest(path: str | os.PathLike[str]) -> Iterator[SourceFile]:
