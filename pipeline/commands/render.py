@@ -131,12 +131,7 @@ def render(
     register_heif_opener()
     rows, report, theirs = _read(output_dir, compare)  # first: nothing written on a refusal
     out = Path(out_dir)
-    images_dir = out / IMAGES_DIR
-    images_dir.mkdir(parents=True, exist_ok=True)
-    for stale in images_dir.iterdir():  # only files this function names; nothing else is touched
-        if _OUR_IMAGE.fullmatch(stale.name):
-            stale.unlink()
-
+    images_dir = _fresh_images_dir(out)
     roots = roots or RootMap()
     roots.check({row["image_root"] or "" for row in rows})
     problems = [row for row in rows if row["status"] not in GALLERY_STATUSES]
@@ -147,10 +142,7 @@ def render(
         _Entry(number, view, _source_path(view, roots), other, mark)
         for number, (view, other, mark) in enumerate(shown, start=1)
     ]
-    fetch = FetchSettings(allow_hosts=allow_hosts)
-    with Fetcher(fetch) as fetcher, ThreadPoolExecutor(max_workers=DRAWING_THREADS) as pool:
-        found = list(pool.map(lambda entry: _draw_entry(entry, images_dir, fetcher), entries))
-
+    found = _draw_all(entries, images_dir, FetchSettings(allow_hosts=allow_hosts))
     labels = Counter(
         label_of(obj)
         for row in rows
@@ -174,6 +166,23 @@ Shown = tuple[dict[str, Any], dict[str, Any] | None, ImageResult | None]
 
 
 Rows = list[dict[str, Any]]
+
+
+def _fresh_images_dir(out: Path) -> Path:
+    """The gallery's image folder, emptied of the images an earlier render drew (only files this
+    module names: nothing else there is touched)."""
+    images_dir = out / IMAGES_DIR
+    images_dir.mkdir(parents=True, exist_ok=True)
+    for stale in images_dir.iterdir():
+        if _OUR_IMAGE.fullmatch(stale.name):
+            stale.unlink()
+    return images_dir
+
+
+def _draw_all(entries: list[_Entry], images_dir: Path, fetch: FetchSettings) -> list[bool]:
+    """Each entry drawn, in threads (DRAWING_THREADS); for each, whether its source was found."""
+    with Fetcher(fetch) as fetcher, ThreadPoolExecutor(max_workers=DRAWING_THREADS) as pool:
+        return list(pool.map(lambda entry: _draw_entry(entry, images_dir, fetcher), entries))
 
 
 def _read(output_dir: Output, compare: Output | Report | None) -> tuple[Rows, Report | None, Rows]:
