@@ -154,7 +154,8 @@ class JobCounts:
         self.result_lines = 0
         self.missing = 0  # requests of collected jobs without a result line: left for later
         self.unreadable = 0  # result lines (or inline answers) that could not be read
-        # jobs given up on (for now) waiting for their output: job id -> what the report says
+        # jobs given up on (for now) waiting for their output, while in flight (`_left_flight`):
+        # job id -> what the report says
         self.awaiting_output: dict[int, dict[str, Any]] = {}
         self.first_job_s: float | None = None  # from the start of the run to the first create
         self.submitted_s: float | None = None  # ... to the end of the walk (every job created)
@@ -500,7 +501,7 @@ class Jobs:
             return False
         why = f"not found among the project's jobs {age:.0f} s after its create was sent"
         await self.drop(job.id, _dropped(job, why, later=True))  # its files: the next run's
-        self.ended.set()
+        self._left_flight(job.id)
         return True
 
     def _not_listed(self, job: BatchJobRecord, age: float) -> None:
@@ -639,12 +640,10 @@ class Jobs:
         self.how.job_counts.collect_s += time.monotonic() - started
         self.state.update_batch_job(job.id, phase="collected", service_state=remote.state)
         reader.clean()
-        self._overdue.discard(job.id)
-        self.how.job_counts.awaiting_output.pop(job.id, None)
+        self._left_flight(job.id)
         await self._delete_files(job.id)
         self.how.job_counts.collected += 1
         self.how.say(f"batch job {remote.name} {remote.state}: {reader.summary()}")
-        self.ended.set()
         if reader.run_failure is not None:
             raise RunStopped(reader.run_failure)
         return job.requests - len(reader.answered)
@@ -653,8 +652,18 @@ class Jobs:
         """A job that ended without results: reported; its files are sent again next time.
         `never`: the prediction lines it answered that never arrived."""
         self.state.update_batch_job(job.id, phase="ended", service_state=service_state, message=why)
+        self._left_flight(job.id)
         await self._delete_files(job.id)
         _ended(self.how, job, service_state, why, never=never)
+
+    def _left_flight(self, job: int) -> None:
+        """A job is over — collected, ended or dropped, whichever path it took: this run no
+        longer waits for it nor says its answers are owed (a job given up on by `_give_up` and
+        then lost or ended would be reported both over and still owed), and `room` counts it
+        no more."""
+        self._overdue.discard(job)
+        self._finishing.pop(job, None)
+        self.how.job_counts.awaiting_output.pop(job, None)
         self.ended.set()
 
     async def _delete_files(self, job: int) -> None:
