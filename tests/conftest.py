@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import hashlib
 import io
 import os
 import random
+import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import numpy as np
@@ -246,6 +248,26 @@ async def until(
             assert exited() is None, "the run ended before the condition held"
         assert time.monotonic() < deadline, "condition not reached"
         await asyncio.sleep(interval)
+
+
+T = TypeVar("T")
+
+
+async def bounded(work: Awaitable[T], what: str, seconds: float = 300.0) -> T:
+    """`work`'s result; the test fails naming `what` when it has not finished in `seconds`. A
+    run or `pipeline batch wait` follows its jobs until they end, with no bound of its own (a
+    job may run a day): a test bounds it rather than hang the suite. The stacks of every task
+    and thread go to stderr first (a hang inside a thread, as a store call's, shows there), and
+    `work` is cancelled without waiting for it (what ignores a cancel would hang the wait)."""
+    task = asyncio.ensure_future(work)
+    done, _ = await asyncio.wait({task}, timeout=seconds)
+    if not done:
+        for each in asyncio.all_tasks():
+            each.print_stack(file=sys.stderr)
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        task.cancel()
+        pytest.fail(f"{what}: not finished after {seconds:g} s (stacks on stderr)", pytrace=False)
+    return task.result()
 
 
 @pytest.fixture(autouse=True)

@@ -31,7 +31,7 @@ from pipeline.gemini.types import GenerateRequest
 from pipeline.output.state import State
 from pipeline.output.stores import filesystem
 from pipeline.run.calls import RunStopped
-from tests.conftest import make_config, read_current, run, save_scenes, until
+from tests.conftest import bounded, make_config, read_current, run, save_scenes, until
 from tests.test_batch_run import jobs_in
 from tests.test_store_failures import tiny_disk
 from tests.test_vertex_batch import (  # and that module's fixtures, reused (__all__)
@@ -260,7 +260,7 @@ async def test_a_job_ended_short_of_its_lines_keeps_its_output_until_they_come(
     assert (job.phase, job.service_state) == ("submitted", f"JOB_STATE_{state}")
     assert [p.name for p in staging.rglob("input.jsonl")] == ["input.jsonl"]  # nothing deleted
     server_clock.now += 600
-    summary = await task
+    summary = await bounded(task, "the run")
     assert (summary.exit_code, dict(summary.rows)) == (exits.OK, {"ok": 4})
     assert created(server) == 1 and server.stats()["answers_by_task"] == {"segment": 4}
     assert summary.batch["prediction_lines_never_arrived"] == 0
@@ -305,7 +305,7 @@ async def test_past_its_grace_a_cancelled_job_gives_the_lines_that_came(
     task = asyncio.create_task(run(config))  # the lost one, bought again in a second job
     await until(lambda: created(server) == 2, exited=running(task), interval=0.02)
     server_clock.now += 61
-    again = await task
+    again = await bounded(task, "the run")
     assert dict(again.rows) == {"ok": 1} and len(read_current(tmp_path / "out")) == 4
     assert server.stats()["answers_by_task"] == {"segment": 4 + 1}
 
@@ -377,7 +377,7 @@ async def test_output_wait_does_not_cut_an_ended_jobs_grace(
     polled = calls(server, POLL)
     await until(lambda: calls(server, POLL) >= polled + 5, exited=running(task), interval=0.02)
     server_clock.now += 600
-    summary = await task
+    summary = await bounded(task, "the run")
     assert (summary.exit_code, dict(summary.rows)) == (exits.OK, {"ok": 4}), summary.stop_reason
     assert summary.batch["jobs_awaiting_output"] == [] and created(server) == 1
 
@@ -409,7 +409,7 @@ async def test_a_job_given_up_on_then_lost_is_reported_ended_not_owed(
     phases = lambda: [(job.phase, job.service_state) for job in jobs_in(out)]  # noqa: E731
     await until(lambda: phases()[0][0] == "ended", exited=running(task), interval=0.02)
     server_clock.now += 61  # the second job SUCCEEDED, its predictions all written
-    summary = await task
+    summary = await bounded(task, "the run")
     assert summary.exit_code == exits.STOPPED and "ended LOST" in summary.stop_reason
     assert [job["state"] for job in summary.batch["jobs_ended"]] == ["LOST"]
     assert summary.batch["jobs_awaiting_output"] == [] and summary.batch["jobs_in_flight"] == 0
@@ -475,7 +475,7 @@ async def test_predictions_that_cannot_be_written_here_stop_naming_the_local_fil
     mend = unwritable(out / ".batch", how, request)
     server_clock.now += 61
     with caplog.at_level(logging.INFO, logger=service.__name__):
-        stopped = await batchjobs.wait(str(out), config, progress=False)
+        stopped = await bounded(batchjobs.wait(str(out), config, progress=False), "wait")
     assert stopped.exit_code == exits.STOPPED and f"{said}" in stopped.stop_reason
     assert f"{out / '.batch'}/" in stopped.stop_reason and ".part" in stopped.stop_reason
     assert "gs://" not in stopped.stop_reason and "batch_staging" not in stopped.resume_hint
@@ -483,6 +483,6 @@ async def test_predictions_that_cannot_be_written_here_stop_naming_the_local_fil
     assert [job.phase for job in jobs_in(out)] == ["submitted"]
     assert len(list(staging.rglob("predictions.jsonl"))) == 1  # nothing deleted
     mend()
-    again = await batchjobs.wait(str(out), config, progress=False)
+    again = await bounded(batchjobs.wait(str(out), config, progress=False), "wait")
     assert (again.exit_code, dict(again.rows)) == (exits.OK, {"ok": 3})
     assert created(server) == 1 and server.stats()["answers_by_task"] == {"segment": 3}
