@@ -8,15 +8,11 @@ Reuses tests/test_vertex_batch.py's server (its `faults` mark), hand clock and h
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import json
 import logging
 import os
-import shutil
-import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +27,16 @@ from pipeline.gemini.types import GenerateRequest
 from pipeline.output.state import State
 from pipeline.output.stores import filesystem
 from pipeline.run.calls import RunStopped
-from tests.conftest import bounded, make_config, read_current, run, save_scenes, until
+from tests.conftest import (
+    UNWRITABLE,
+    bounded,
+    make_config,
+    read_current,
+    run,
+    save_scenes,
+    until,
+    unwritable,
+)
 from tests.test_batch_run import jobs_in
 from tests.test_store_failures import tiny_disk
 from tests.test_vertex_batch import (  # and that module's fixtures, reused (__all__)
@@ -418,39 +423,7 @@ async def test_a_job_given_up_on_then_lost_is_reported_ended_not_owed(
 
 
 # ------------------------------------------------ predictions that cannot be written here
-def unwritable(folder: Path, how: str, request: pytest.FixtureRequest) -> Callable[[], None]:
-    """`folder` made unwritable for real, and the mend: its mode (`no permission`; not for root,
-    whom no mode stops), or the tiny_disk tmpfs in its place, filled (`full`) or remounted
-    read-only (`read-only`)."""
-    if how == "no permission":
-        if os.geteuid() == 0:
-            pytest.skip("root writes into a folder of any mode")
-        folder.chmod(0o555)
-        return lambda: folder.chmod(0o755)
-    disk = request.getfixturevalue("tiny_disk")
-    shutil.rmtree(folder)
-    folder.symlink_to(disk)
-    if how == "read-only":
-        remount(disk, "ro")
-        return lambda: remount(disk, "rw")
-    filler = disk / "filler"
-    with contextlib.suppress(OSError):  # (it fills the disk to its last page, or past it)
-        filler.write_bytes(bytes(256 * 1024))
-    return filler.unlink
-
-
-def remount(disk: Path, mode: str) -> None:
-    subprocess.run(["mount", "-o", f"remount,{mode}", str(disk)], check=True)
-
-
-@pytest.mark.parametrize(
-    ("how", "said"),
-    [
-        ("full", "No space left on device"),
-        ("read-only", "Read-only file system"),
-        ("no permission", "Permission denied"),
-    ],
-)
+@pytest.mark.parametrize(("how", "said"), UNWRITABLE)
 async def test_predictions_that_cannot_be_written_here_stop_naming_the_local_file(
     request,
     server,

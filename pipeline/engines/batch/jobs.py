@@ -67,7 +67,7 @@ from pipeline.config import BatchConfig, Config, ConfigError
 from pipeline.engines.batch.service import job_service
 from pipeline.engines.common import Opened, drain_on_signals, make_client, sink_hint
 from pipeline.gemini import ApiKeyError, GeminiClient, GeminiError, api_key_from_env
-from pipeline.gemini.batches import Batches, BatchJob, BatchResult
+from pipeline.gemini.batches import Batches, BatchJob, BatchResult, LocalWriteFailed
 from pipeline.gemini.client import DEFAULT_BASE_URL
 from pipeline.gemini.vertex_batches import VertexBatches
 from pipeline.output.index import lookup_rows
@@ -544,8 +544,11 @@ class Jobs:
             return True
         self.how.folder.mkdir(exist_ok=True)
         partial = path.with_name(path.name + ".part")
-        if not await self.stop.call(self.service.fetch(remote, partial, whole=whole)):
-            return False
+        try:
+            if not await self.stop.call(self.service.fetch(remote, partial, whole=whole)):
+                return False
+        except LocalWriteFailed as exc:  # this machine's disk: said as such, the job kept
+            raise RunStopped(_not_written(remote, exc)) from None
         if partial.exists():  # (an inline job's answers came with the job)
             partial.replace(path)
         return True
@@ -735,6 +738,18 @@ def _dropped(job: BatchJobRecord, why: str, *, later: bool) -> dict[str, Any]:
     images are left for a later run (this run's walk skipped them), which the run's exit says."""
     report = {"display_name": job.display_name, "requests": job.requests, "why": why}
     return {**report, "left_for_next_run": later}
+
+
+def _not_written(remote: BatchJob, exc: LocalWriteFailed) -> Verdict:
+    """The run stops on a results file this machine could not write, naming it (not the
+    service nor the bucket: not theirs to fix); the job stays in flight with its output."""
+    return Verdict(
+        Action.RUN,
+        f"the results of batch job {remote.name} cannot be written on this machine: {exc}",
+        exits.STOPPED,
+        "free the disk (or make the folder writable) and rerun: the job stays in flight, and "
+        "the next run (or `pipeline batch wait`) collects it, nothing bought again",
+    )
 
 
 def _why(remote: BatchJob) -> str:

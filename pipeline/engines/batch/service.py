@@ -21,8 +21,8 @@ objects by), up to STAGING_ATTEMPTS; any other, or one that outlasts them, is `S
 the run stops naming the URI and the store's HTTP status (a job already created stays in flight
 and the next run re-attaches to it), a delete keeps the name for a later try. Writing the local
 copy of a job's predictions is this machine's part, not the store's: its failure (a full disk, a
-folder this user may not write) is `LocalWriteFailed`, never tried again nor blamed on the
-bucket — the run stops naming the local file and the OS error, the job kept in flight.
+folder this user may not write) is `LocalWriteFailed` (gemini/batches.py's ResultsFile), never
+tried again here nor blamed on the bucket (jobs.py stops the run naming the local file).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -38,7 +38,7 @@ from pipeline import exits
 from pipeline.config import ConfigError
 from pipeline.gemini import GeminiClient
 from pipeline.gemini.backends import Vertex
-from pipeline.gemini.batches import JSONL_MIME, Batches, BatchJob
+from pipeline.gemini.batches import JSONL_MIME, Batches, BatchJob, ResultsFile
 from pipeline.gemini.vertex_batches import VertexBatches
 from pipeline.output import stores
 from pipeline.output.state import State
@@ -202,8 +202,6 @@ class VertexJobs:
             return await self._store(folder, lambda: self._copy(remote, destination, whole))
         except StagingFailed as exc:
             raise RunStopped(_staging_failed(exc)) from None
-        except LocalWriteFailed as exc:
-            raise RunStopped(_local_failed(remote, exc)) from None
 
     def _copy(self, remote: BatchJob, destination: Path, whole: bool = True) -> bool:
         try:
@@ -214,7 +212,7 @@ class VertexJobs:
     def _copied(self, remote: BatchJob, destination: Path, whole: bool) -> bool:
         files = self._predictions(remote.output_dir or "")
         lines = 0
-        with _ResultsFile(destination) as sink:
+        with ResultsFile(destination) as sink:
             for name in files:
                 lines += _append(self.fs, name, sink)
         expected = remote.stats.succeeded + remote.stats.failed
@@ -248,58 +246,6 @@ class VertexJobs:
             return []
 
 
-class LocalWriteFailed(Exception):
-    """The local file a job's predictions are copied into could not be written (a full disk,
-    a folder this user may not write): this machine's failure, not the store's. Not an OSError
-    on purpose: `stores.retried` would try it again as the store's I/O error, and the run's
-    message would blame the staging bucket."""
-
-    def __init__(self, path: Path, exc: OSError) -> None:
-        reason = f"[Errno {exc.errno}] {exc.strerror}" if exc.strerror else str(exc)
-        super().__init__(f"{path}: {reason}")
-
-
-class _ResultsFile:
-    """The local copy of a job's predictions, being written: each of its OSErrors (open, write,
-    close) is LocalWriteFailed."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        with self._blamed():
-            self.file = open(path, "wb")  # noqa: SIM115 (closed by __exit__)
-
-    @contextlib.contextmanager
-    def _blamed(self) -> Iterator[None]:
-        try:
-            yield
-        except OSError as exc:
-            raise LocalWriteFailed(self.path, exc) from None
-
-    def write(self, data: bytes) -> None:
-        with self._blamed():
-            self.file.write(data)
-
-    def __enter__(self) -> _ResultsFile:
-        return self
-
-    def __exit__(self, kind: object, error: BaseException | None, trace: object) -> None:
-        """Closed, its last buffered bytes written (where a full disk may fail first); after
-        any failure, its own or the store's, removed: a cut copy is never read, and on a full
-        disk it holds room the rerun needs."""
-        try:
-            with self._blamed():
-                self.file.close()
-        except LocalWriteFailed:
-            self._remove()
-            raise
-        if error is not None:
-            self._remove()
-
-    def _remove(self) -> None:
-        with contextlib.suppress(OSError):
-            self.path.unlink()
-
-
 def _path(uri: str) -> str:
     """gs://bucket/key -> bucket/key, as gcsfs names objects."""
     return uri.split("://", 1)[-1]
@@ -320,17 +266,6 @@ def _append(fs: Any, path: str, sink: Any) -> int:
     if last != b"\n":
         sink.write(b"\n")
     return lines + open_line
-
-
-def _local_failed(remote: BatchJob, exc: LocalWriteFailed) -> Verdict:
-    """The run stops on this machine's failure, naming its file; the job stays in flight."""
-    return Verdict(
-        Action.RUN,
-        f"the predictions of batch job {remote.name} cannot be written on this machine: {exc}",
-        exits.STOPPED,
-        "free the disk (or make the folder writable) and rerun: the job stays in flight, and "
-        "the next run (or `pipeline batch wait`) collects it, nothing bought again",
-    )
 
 
 def _staging_failed(exc: StagingFailed) -> Verdict:
