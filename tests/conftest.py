@@ -6,15 +6,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import hashlib
 import io
 import os
 import random
+import shutil
+import subprocess
+import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import numpy as np
@@ -246,6 +250,60 @@ async def until(
             assert exited() is None, "the run ended before the condition held"
         assert time.monotonic() < deadline, "condition not reached"
         await asyncio.sleep(interval)
+
+
+T = TypeVar("T")
+
+
+async def bounded(work: Awaitable[T], what: str, seconds: float = 300.0) -> T:
+    """`work`'s result; the test fails naming `what` when it has not finished in `seconds`. A
+    run or `pipeline batch wait` follows its jobs until they end, with no bound of its own (a
+    job may run a day): a test bounds it rather than hang the suite. The stacks of every task
+    and thread go to stderr first (a hang inside a thread, as a store call's, shows there), and
+    `work` is cancelled without waiting for it (what ignores a cancel would hang the wait)."""
+    task = asyncio.ensure_future(work)
+    done, _ = await asyncio.wait({task}, timeout=seconds)
+    if not done:
+        for each in asyncio.all_tasks():
+            each.print_stack(file=sys.stderr)
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        task.cancel()
+        pytest.fail(f"{what}: not finished after {seconds:g} s (stacks on stderr)", pytrace=False)
+    return task.result()
+
+
+# A folder made unwritable for real (`unwritable`), and the OS error each way says.
+UNWRITABLE = [
+    ("full", "No space left on device"),
+    ("read-only", "Read-only file system"),
+    ("no permission", "Permission denied"),
+]
+
+
+def unwritable(folder: Path, how: str, request: pytest.FixtureRequest) -> Callable[[], None]:
+    """`folder` made unwritable for real, and the mend: its mode (`no permission`; not for root,
+    whom no mode stops), or a tmpfs in its place (the `tiny_disk` fixture of
+    tests/test_store_failures.py, which the calling module imports), filled (`full`) or
+    remounted read-only (`read-only`)."""
+    if how == "no permission":
+        if os.geteuid() == 0:
+            pytest.skip("root writes into a folder of any mode")
+        folder.chmod(0o555)
+        return lambda: folder.chmod(0o755)
+    disk = request.getfixturevalue("tiny_disk")
+    shutil.rmtree(folder)
+    folder.symlink_to(disk)
+    if how == "read-only":
+        remount(disk, "ro")
+        return lambda: remount(disk, "rw")
+    filler = disk / "filler"
+    with contextlib.suppress(OSError):  # (it fills the disk to its last page, or past it)
+        filler.write_bytes(bytes(256 * 1024))
+    return filler.unlink
+
+
+def remount(disk: Path, mode: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,{mode}", str(disk)], check=True)
 
 
 @pytest.fixture(autouse=True)

@@ -34,7 +34,9 @@ from pipeline.output.parts import current_rows
 from pipeline.output.state import State
 from pipeline.output.stores import open_store
 from tests.conftest import (
+    UNWRITABLE,
     Clock,
+    bounded,
     draw_shapes,
     make_config,
     put_images,
@@ -42,7 +44,9 @@ from tests.conftest import (
     read_rows,
     run,
     until,
+    unwritable,
 )
+from tests.test_store_failures import tiny_disk  # noqa: F401 (a fixture `unwritable` asks for)
 
 FAST = {"poll_seconds": 0.02, "max_poll_seconds": 0.1}  # [batch]: tests poll often
 KEY = "batch-test-key"
@@ -507,6 +511,35 @@ async def test_a_collection_cut_short_is_finished_without_a_second_download_or_r
     assert (waited.exit_code, dict(waited.rows)) == (exits.OK, {"ok": 4})
     assert len(rows) == 4 and not {row["key"] for row in rows} & set(durable)
     assert waited.batch["requests_without_result"] == 0 and not kept.exists()
+
+
+@pytest.mark.parametrize(("how", "said"), UNWRITABLE)
+async def test_a_results_file_that_cannot_be_written_here_stops_naming_the_local_file(
+    request, server, clock, tmp_path, how, said
+):
+    """Writing a job's downloaded results file on this machine fails (a full disk, a read-only
+    folder): the machine's failure, not the service's — it was read as a dropped connection
+    (retryable) and the job polled and downloaded again for as long as the disk stayed full.
+    The run stops (exit 3) naming the local file and the OS error, the job kept in flight with
+    its results: once the disk is mended, `batch wait` collects it, none bought again. (40
+    images: a results file larger than a write buffer, so the disk fails inside the download.)"""
+    tiny_images(tmp_path / "images", 40)
+    out = tmp_path / "out"
+    await run(batch_config(tmp_path, base_url=server.base_url), submit_only=True)
+    mend = unwritable(out / ".batch", how, request)
+    clock.now += 61
+    wait = batchjobs.wait(str(out), base_url=server.base_url, progress=False)
+    stopped = await bounded(wait, "wait", seconds=60)
+    assert stopped.exit_code == exits.STOPPED and said in stopped.stop_reason
+    assert f"{out / '.batch'}/" in stopped.stop_reason and ".part" in stopped.stop_reason
+    assert "cannot be written on this machine" in stopped.stop_reason
+    downloads = calls(server, DOWNLOAD)  # (none when the file could not even be made)
+    assert downloads <= 1 and [job.phase for job in jobs_in(out)] == ["submitted"]
+    mend()
+    wait = batchjobs.wait(str(out), base_url=server.base_url, progress=False)
+    again = await bounded(wait, "wait", seconds=60)
+    assert (again.exit_code, dict(again.rows)) == (exits.OK, {"ok": 40})
+    assert server.stats()["batches"]["created"] == 1 and calls(server, DOWNLOAD) == downloads + 1
 
 
 def test_a_run_says_a_job_is_waiting_for_its_output(tmp_path, capsys):

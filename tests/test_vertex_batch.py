@@ -31,7 +31,7 @@ from pipeline.gemini.vertex_batches import parse_vertex_job, read_prediction
 from pipeline.localserver.options import ServerOptions
 from pipeline.localserver.server import LocalServer
 from pipeline.output.stores import filesystem as gcsfs_filesystem
-from tests.conftest import Clock, make_config, read_current, run, save_scenes, until
+from tests.conftest import Clock, bounded, make_config, read_current, run, save_scenes, until
 from tests.test_batch_run import jobs_in
 from tests.test_vertex import (  # and that module's fixtures, reused (__all__)
     LOCATION,
@@ -109,7 +109,7 @@ async def run_through(config, server: LocalServer, clock: Clock):
     task = asyncio.create_task(run(config))
     await until(lambda: created(server) >= 1, exited=running(task), interval=0.02)
     clock.now += 61
-    return await task
+    return await bounded(task, "the run")
 
 
 # ---------------------------------------------------------------------------- the same rows
@@ -210,13 +210,13 @@ async def test_submit_only_then_batch_status_and_wait_collect_on_vertex(
     (service-account credentials, no API key) read and collect the job: no second job."""
     save_scenes(images_dir, 4, prefix="scene", seed=51)
     config = vertex_batch(tmp_path, server)
-    submitted = await run(config, submit_only=True)
+    submitted = await bounded(run(config, submit_only=True), "the --submit-only run")
     assert submitted.batch["jobs_created"] == 1 and not read_current(tmp_path / "out")
-    report = await batchjobs.status(str(tmp_path / "out"), config)
+    report = await bounded(batchjobs.status(str(tmp_path / "out"), config), "batch status")
     (job,) = report["jobs"]
     assert job["live"]["state"] == "JOB_STATE_PENDING" and job["live"]["requests"] == 4
     server_clock.now += 61
-    waited = await batchjobs.wait(str(tmp_path / "out"), config, progress=False)
+    waited = await bounded(batchjobs.wait(str(tmp_path / "out"), config, progress=False), "wait")
     assert waited.rows == {"ok": 4} and waited.batch["jobs_collected"] == 1
     assert created(server) == 1 and len(read_current(tmp_path / "out")) == 4
 
@@ -237,7 +237,7 @@ async def test_a_job_whose_predictions_come_late_is_polled_then_collected(
     assert (job.phase, job.service_state) == ("submitted", "JOB_STATE_SUCCEEDED")
     assert not read_current(tmp_path / "out") and not list(staging.rglob("predictions.jsonl"))
     server_clock.now += 600
-    summary = await task
+    summary = await bounded(task, "the run")
     stats = server.stats()
     assert (summary.exit_code, dict(summary.rows)) == (exits.OK, {"ok": 5})
     assert stats["vertex_batches"]["created"] == 1 and stats["answers_by_task"] == {"segment": 5}
@@ -451,7 +451,7 @@ async def test_a_cancelled_job_short_of_the_predictions_it_answered_is_not_dropp
     lines = written.read_bytes().splitlines(keepends=True)
     assert len(lines) == 4
     written.write_bytes(b"".join(lines[:3]))  # the fourth not written yet
-    summary = await batchjobs.wait(str(tmp_path / "out"), config, progress=False)
+    summary = await bounded(batchjobs.wait(str(tmp_path / "out"), config, progress=False), "wait")
     (job,) = jobs_in(tmp_path / "out")
     assert job.phase == "collected" and dict(summary.rows) == {"ok": 3}
     assert summary.batch["prediction_lines_never_arrived"] == 1

@@ -8,7 +8,9 @@ Reuses tests/test_vertex_batch.py's server (its `faults` mark), hand clock and h
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -25,8 +27,18 @@ from pipeline.gemini.types import GenerateRequest
 from pipeline.output.state import State
 from pipeline.output.stores import filesystem
 from pipeline.run.calls import RunStopped
-from tests.conftest import make_config, read_current, run, save_scenes, until
+from tests.conftest import (
+    UNWRITABLE,
+    bounded,
+    make_config,
+    read_current,
+    run,
+    save_scenes,
+    until,
+    unwritable,
+)
 from tests.test_batch_run import jobs_in
+from tests.test_store_failures import tiny_disk
 from tests.test_vertex_batch import (  # and that module's fixtures, reused (__all__)
     FAST,
     LOCATION,
@@ -42,6 +54,7 @@ from tests.test_vertex_batch import (  # and that module's fixtures, reused (__a
     key_path,
     run_through,
     running,
+    sdk_client,
     server_clock,
     server_options,
     staging,
@@ -57,6 +70,7 @@ __all__ = [
     "server_clock",
     "server_options",
     "staging",
+    "tiny_disk",
     "vertex_env",
 ]
 SECRET_MARKS = ("Bearer", "ya29.", "private_key", "test-key")  # what must never be shown
@@ -251,7 +265,7 @@ async def test_a_job_ended_short_of_its_lines_keeps_its_output_until_they_come(
     assert (job.phase, job.service_state) == ("submitted", f"JOB_STATE_{state}")
     assert [p.name for p in staging.rglob("input.jsonl")] == ["input.jsonl"]  # nothing deleted
     server_clock.now += 600
-    summary = await task
+    summary = await bounded(task, "the run")
     assert (summary.exit_code, dict(summary.rows)) == (exits.OK, {"ok": 4})
     assert created(server) == 1 and server.stats()["answers_by_task"] == {"segment": 4}
     assert summary.batch["prediction_lines_never_arrived"] == 0
@@ -296,7 +310,7 @@ async def test_past_its_grace_a_cancelled_job_gives_the_lines_that_came(
     task = asyncio.create_task(run(config))  # the lost one, bought again in a second job
     await until(lambda: created(server) == 2, exited=running(task), interval=0.02)
     server_clock.now += 61
-    again = await task
+    again = await bounded(task, "the run")
     assert dict(again.rows) == {"ok": 1} and len(read_current(tmp_path / "out")) == 4
     assert server.stats()["answers_by_task"] == {"segment": 4 + 1}
 
@@ -368,6 +382,80 @@ async def test_output_wait_does_not_cut_an_ended_jobs_grace(
     polled = calls(server, POLL)
     await until(lambda: calls(server, POLL) >= polled + 5, exited=running(task), interval=0.02)
     server_clock.now += 600
-    summary = await task
+    summary = await bounded(task, "the run")
     assert (summary.exit_code, dict(summary.rows)) == (exits.OK, {"ok": 4}), summary.stop_reason
     assert summary.batch["jobs_awaiting_output"] == [] and created(server) == 1
+
+
+# ------------------------------------------------------- a job given up on, then ended otherwise
+async def test_a_job_given_up_on_then_lost_is_reported_ended_not_owed(
+    server, server_clock, tmp_path, images_dir, staging, key_file, vertex_env, gcs_double
+):
+    """A job that SUCCEEDED short of its predictions (1 of 2 written) is given up on ([batch]
+    output_wait_seconds) while the run follows another; then the service forgets it (deleted):
+    it is over. The summary says it ended LOST, its images left for the next run (exit 3) —
+    and no longer that its answers are still owed, as if it were in flight."""
+    save_scenes(images_dir, 2, prefix="first", seed=91)
+    config, out = vertex_batch(tmp_path, server), tmp_path / "out"
+    batch = dataclasses.replace(config.batch, output_wait_seconds=1e-6)
+    config = dataclasses.replace(config, batch=batch)
+    assert (await run(config, submit_only=True)).batch["jobs_created"] == 1
+    server_clock.now += 61  # SUCCEEDED: its predictions are written when it is next read
+    (given_up,) = (await batchjobs.status(str(out), config))["jobs"]
+    (written,) = staging.rglob("predictions.jsonl")
+    written.write_bytes(written.read_bytes().splitlines(keepends=True)[0])  # 1 of its 2 lines
+    save_scenes(images_dir, 3, prefix="second", seed=95)  # the next run's own job
+    polled = calls(server, POLL)
+    task = asyncio.create_task(run(config))
+    await until(lambda: created(server) == 2, exited=running(task), interval=0.02)
+    # a pass before the walk polls the first job, each later one both: seen short 4 times
+    await until(lambda: calls(server, POLL) >= polled + 7, exited=running(task), interval=0.02)
+    await sdk_client(server, key_file).aio.batches.delete(name=given_up["name"])
+    phases = lambda: [(job.phase, job.service_state) for job in jobs_in(out)]  # noqa: E731
+    await until(lambda: phases()[0][0] == "ended", exited=running(task), interval=0.02)
+    server_clock.now += 61  # the second job SUCCEEDED, its predictions all written
+    summary = await bounded(task, "the run")
+    assert summary.exit_code == exits.STOPPED and "ended LOST" in summary.stop_reason
+    assert [job["state"] for job in summary.batch["jobs_ended"]] == ["LOST"]
+    assert summary.batch["jobs_awaiting_output"] == [] and summary.batch["jobs_in_flight"] == 0
+    assert dict(summary.rows) == {"ok": 3}
+    assert phases() == [("ended", "LOST"), ("collected", "JOB_STATE_SUCCEEDED")]
+
+
+# ------------------------------------------------ predictions that cannot be written here
+@pytest.mark.parametrize(("how", "said"), UNWRITABLE)
+async def test_predictions_that_cannot_be_written_here_stop_naming_the_local_file(
+    request,
+    server,
+    server_clock,
+    tmp_path,
+    images_dir,
+    staging,
+    vertex_env,
+    gcs_double,
+    caplog,
+    how,
+    said,
+):
+    """Writing a job's downloaded predictions on this machine fails (a full disk, a folder this
+    user may not write): the machine's failure, not the store's — not tried again, and the run
+    stops (exit 3) naming the local file and the OS error, not the bucket. The job stays in
+    flight with its output: once the disk is mended, `batch wait` collects it, none bought
+    again."""
+    save_scenes(images_dir, 3, prefix="scene", seed=93)
+    config, out = vertex_batch(tmp_path, server), tmp_path / "out"
+    assert (await run(config, submit_only=True)).batch["jobs_created"] == 1
+    mend = unwritable(out / ".batch", how, request)
+    server_clock.now += 61
+    with caplog.at_level(logging.INFO, logger=service.__name__):
+        stopped = await bounded(batchjobs.wait(str(out), config, progress=False), "wait")
+    assert stopped.exit_code == exits.STOPPED and f"{said}" in stopped.stop_reason
+    assert f"{out / '.batch'}/" in stopped.stop_reason and ".part" in stopped.stop_reason
+    assert "gs://" not in stopped.stop_reason and "batch_staging" not in stopped.resume_hint
+    assert "trying again" not in caplog.text  # (as the store's passing failures are)
+    assert [job.phase for job in jobs_in(out)] == ["submitted"]
+    assert len(list(staging.rglob("predictions.jsonl"))) == 1  # nothing deleted
+    mend()
+    again = await bounded(batchjobs.wait(str(out), config, progress=False), "wait")
+    assert (again.exit_code, dict(again.rows)) == (exits.OK, {"ok": 3})
+    assert created(server) == 1 and server.stats()["answers_by_task"] == {"segment": 3}

@@ -438,7 +438,7 @@ class Batches(JobCalls):
         """Write a results file to `destination` chunk by chunk; its size in bytes. The path
         is the documented one, `{base}/download/{version}/files/{id}:download?alt=media`."""
         what = f"download files/{file_id(file_name)}"
-        with open(destination, "wb") as sink:
+        with ResultsFile(Path(destination)) as sink:
             answer = await self._transport.send(
                 "GET",
                 f"{self.base_url}/download/{self.version}/files/{file_id(file_name)}:download",
@@ -449,12 +449,71 @@ class Batches(JobCalls):
             )
             if answer.status >= 400:
                 raise self._transport.error(answer)
-            sink.flush()
-            os.fsync(sink.fileno())
+            sink.sync()
         return Path(destination).stat().st_size
 
     def _url(self, name: str) -> str:
         return f"{self.base_url}/{self.version}/batches/{job_id(name)}"
+
+
+class LocalWriteFailed(Exception):
+    """A local results file could not be written (a full disk, a folder this user may not
+    write): this machine's failure, not the service's nor the store's. Not an OSError on
+    purpose: the transport reads an OSError as a dropped connection (a retryable UNAVAILABLE,
+    polled again for ever while the disk stays full) and `stores.retried` as the store's I/O
+    error, and either message would blame the far side."""
+
+    def __init__(self, path: Path, exc: OSError) -> None:
+        reason = f"[Errno {exc.errno}] {exc.strerror}" if exc.strerror else str(exc)
+        super().__init__(f"{path}: {reason}")
+
+
+class ResultsFile:
+    """A job's results file being written on this machine (a Developer API download, a Vertex
+    job's predictions copied): each of its OSErrors (open, write, sync, close) is
+    LocalWriteFailed."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        with self._blamed():
+            self.file = open(path, "wb")  # noqa: SIM115 (closed by __exit__)
+
+    @contextlib.contextmanager
+    def _blamed(self) -> Iterator[None]:
+        try:
+            yield
+        except OSError as exc:
+            raise LocalWriteFailed(self.path, exc) from None
+
+    def write(self, data: bytes) -> None:
+        with self._blamed():
+            self.file.write(data)
+
+    def sync(self) -> None:
+        """Its bytes on the disk (flushed, fsynced)."""
+        with self._blamed():
+            self.file.flush()
+            os.fsync(self.file.fileno())
+
+    def __enter__(self) -> ResultsFile:
+        return self
+
+    def __exit__(self, kind: object, error: BaseException | None, trace: object) -> None:
+        """Closed, its last buffered bytes written (where a full disk may fail first); after
+        any failure, its own or the far side's, removed: a cut file is never read, and on a
+        full disk it holds room the rerun needs."""
+        try:
+            with self._blamed():
+                self.file.close()
+        except LocalWriteFailed:
+            self._remove()
+            raise
+        if error is not None:
+            self._remove()
+
+    def _remove(self) -> None:
+        with contextlib.suppress(OSError):
+            self.path.unlink()
 
 
 def _inline(requests: list[tuple[str, GenerateRequest]]) -> dict[str, Any]:

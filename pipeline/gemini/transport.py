@@ -26,7 +26,7 @@ import ipaddress
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any, BinaryIO, TypeVar, cast
+from typing import Any, Protocol, TypeVar, cast
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -212,7 +212,7 @@ class Transport:
         timeout: float | None = None,
         with_key: bool = True,
         max_bytes: int | object | None = _DEFAULT,
-        into: BinaryIO | None = None,
+        into: Writable | None = None,
     ) -> Answer:
         """One HTTP exchange, body read in full; transport failures become GeminiError.
 
@@ -272,6 +272,13 @@ class Transport:
         )
 
 
+class Writable(Protocol):
+    """Where `send(into=...)` copies a body: a file, or batches.ResultsFile (whose failure to
+    write is its own exception, not an OSError this module would read as the connection's)."""
+
+    def write(self, data: bytes, /) -> object: ...
+
+
 async def _read_capped(response: aiohttp.ClientResponse, cap: int | None, what: str) -> bytes:
     """The whole body, or GeminiError(kind too_large) as soon as it passes `cap` bytes."""
     if cap is None:
@@ -288,7 +295,7 @@ async def _read_capped(response: aiohttp.ClientResponse, cap: int | None, what: 
     return b"".join(chunks)
 
 
-async def _stream(response: aiohttp.ClientResponse, into: BinaryIO) -> bytes:
+async def _stream(response: aiohttp.ClientResponse, into: Writable) -> bytes:
     """Copy the body into a file, a chunk at a time; nothing of it stays in memory."""
     while chunk := await response.content.read(_READ_CHUNK):
         into.write(chunk)

@@ -67,7 +67,7 @@ from pipeline.config import BatchConfig, Config, ConfigError
 from pipeline.engines.batch.service import job_service
 from pipeline.engines.common import Opened, drain_on_signals, make_client, sink_hint
 from pipeline.gemini import ApiKeyError, GeminiClient, GeminiError, api_key_from_env
-from pipeline.gemini.batches import Batches, BatchJob, BatchResult
+from pipeline.gemini.batches import Batches, BatchJob, BatchResult, LocalWriteFailed
 from pipeline.gemini.client import DEFAULT_BASE_URL
 from pipeline.gemini.vertex_batches import VertexBatches
 from pipeline.output.index import lookup_rows
@@ -154,7 +154,8 @@ class JobCounts:
         self.result_lines = 0
         self.missing = 0  # requests of collected jobs without a result line: left for later
         self.unreadable = 0  # result lines (or inline answers) that could not be read
-        # jobs given up on (for now) waiting for their output: job id -> what the report says
+        # jobs given up on (for now) waiting for their output, while in flight (`_left_flight`):
+        # job id -> what the report says
         self.awaiting_output: dict[int, dict[str, Any]] = {}
         self.first_job_s: float | None = None  # from the start of the run to the first create
         self.submitted_s: float | None = None  # ... to the end of the walk (every job created)
@@ -500,7 +501,7 @@ class Jobs:
             return False
         why = f"not found among the project's jobs {age:.0f} s after its create was sent"
         await self.drop(job.id, _dropped(job, why, later=True))  # its files: the next run's
-        self.ended.set()
+        self._left_flight(job.id)
         return True
 
     def _not_listed(self, job: BatchJobRecord, age: float) -> None:
@@ -543,8 +544,11 @@ class Jobs:
             return True
         self.how.folder.mkdir(exist_ok=True)
         partial = path.with_name(path.name + ".part")
-        if not await self.stop.call(self.service.fetch(remote, partial, whole=whole)):
-            return False
+        try:
+            if not await self.stop.call(self.service.fetch(remote, partial, whole=whole)):
+                return False
+        except LocalWriteFailed as exc:  # this machine's disk: said as such, the job kept
+            raise RunStopped(_not_written(remote, exc)) from None
         if partial.exists():  # (an inline job's answers came with the job)
             partial.replace(path)
         return True
@@ -639,12 +643,10 @@ class Jobs:
         self.how.job_counts.collect_s += time.monotonic() - started
         self.state.update_batch_job(job.id, phase="collected", service_state=remote.state)
         reader.clean()
-        self._overdue.discard(job.id)
-        self.how.job_counts.awaiting_output.pop(job.id, None)
+        self._left_flight(job.id)
         await self._delete_files(job.id)
         self.how.job_counts.collected += 1
         self.how.say(f"batch job {remote.name} {remote.state}: {reader.summary()}")
-        self.ended.set()
         if reader.run_failure is not None:
             raise RunStopped(reader.run_failure)
         return job.requests - len(reader.answered)
@@ -653,8 +655,18 @@ class Jobs:
         """A job that ended without results: reported; its files are sent again next time.
         `never`: the prediction lines it answered that never arrived."""
         self.state.update_batch_job(job.id, phase="ended", service_state=service_state, message=why)
+        self._left_flight(job.id)
         await self._delete_files(job.id)
         _ended(self.how, job, service_state, why, never=never)
+
+    def _left_flight(self, job: int) -> None:
+        """A job is over — collected, ended or dropped, whichever path it took: this run no
+        longer waits for it nor says its answers are owed (a job given up on by `_give_up` and
+        then lost or ended would be reported both over and still owed), and `room` counts it
+        no more."""
+        self._overdue.discard(job)
+        self._finishing.pop(job, None)
+        self.how.job_counts.awaiting_output.pop(job, None)
         self.ended.set()
 
     async def _delete_files(self, job: int) -> None:
@@ -726,6 +738,18 @@ def _dropped(job: BatchJobRecord, why: str, *, later: bool) -> dict[str, Any]:
     images are left for a later run (this run's walk skipped them), which the run's exit says."""
     report = {"display_name": job.display_name, "requests": job.requests, "why": why}
     return {**report, "left_for_next_run": later}
+
+
+def _not_written(remote: BatchJob, exc: LocalWriteFailed) -> Verdict:
+    """The run stops on a results file this machine could not write, naming it (not the
+    service nor the bucket: not theirs to fix); the job stays in flight with its output."""
+    return Verdict(
+        Action.RUN,
+        f"the results of batch job {remote.name} cannot be written on this machine: {exc}",
+        exits.STOPPED,
+        "free the disk (or make the folder writable) and rerun: the job stays in flight, and "
+        "the next run (or `pipeline batch wait`) collects it, nothing bought again",
+    )
 
 
 def _why(remote: BatchJob) -> str:

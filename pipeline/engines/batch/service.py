@@ -19,7 +19,10 @@ raises its HttpError (not an OSError). Each staging call is tried again on a fai
 `stores.transient` calls passing (I/O errors, HTTP 408, 429, 5xx: the rule inputs/fetch.py reads
 objects by), up to STAGING_ATTEMPTS; any other, or one that outlasts them, is `StagingFailed`:
 the run stops naming the URI and the store's HTTP status (a job already created stays in flight
-and the next run re-attaches to it), a delete keeps the name for a later try.
+and the next run re-attaches to it), a delete keeps the name for a later try. Writing the local
+copy of a job's predictions is this machine's part, not the store's: its failure (a full disk, a
+folder this user may not write) is `LocalWriteFailed` (gemini/batches.py's ResultsFile), never
+tried again here nor blamed on the bucket (jobs.py stops the run naming the local file).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from pipeline import exits
 from pipeline.config import ConfigError
 from pipeline.gemini import GeminiClient
 from pipeline.gemini.backends import Vertex
-from pipeline.gemini.batches import JSONL_MIME, Batches, BatchJob
+from pipeline.gemini.batches import JSONL_MIME, Batches, BatchJob, ResultsFile
 from pipeline.gemini.vertex_batches import VertexBatches
 from pipeline.output import stores
 from pipeline.output.state import State
@@ -209,7 +212,7 @@ class VertexJobs:
     def _copied(self, remote: BatchJob, destination: Path, whole: bool) -> bool:
         files = self._predictions(remote.output_dir or "")
         lines = 0
-        with open(destination, "wb") as sink:
+        with ResultsFile(destination) as sink:
             for name in files:
                 lines += _append(self.fs, name, sink)
         expected = remote.stats.succeeded + remote.stats.failed
