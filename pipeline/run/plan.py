@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import exits
-from pipeline.config import Config
+from pipeline.config import Config, ImagesConfig
 from pipeline.inputs import images, in_place
 from pipeline.inputs.fetch import Fetcher, FetchError, settings_from
 from pipeline.locations import is_url
@@ -241,7 +241,7 @@ def _measured(window: list[Work], config: Config, fetcher: Fetcher) -> list[_Mea
     remote = [src for src in members if id(src) not in placed]
     read: dict[int, Any] = dict(zip(map(id, remote), fetcher.read_all(remote), strict=True))
     read.update(placed)
-    return [_measure_unit(work, read, config.images.max_side) for work in window]
+    return [_measure_unit(work, read, config.images) for work in window]
 
 
 def _in_place(sources: list[SourceFile], config: Config, fetcher: Fetcher) -> dict[int, Any]:
@@ -253,7 +253,9 @@ def _in_place(sources: list[SourceFile], config: Config, fetcher: Fetcher) -> di
     return {id(src): item for src, item in zip(wanted, found, strict=True) if item is not None}
 
 
-def _measure_unit(work: Work, read: dict[int, Any], max_side: int | None) -> _Measured:
+def _measure_unit(work: Work, read: dict[int, Any], options: ImagesConfig) -> _Measured:
+    """A unit's members measured as the run prepares them (`options`: its max_side, and its
+    verify, which turns a PNG by an eXIf chunk after its pixels)."""
     unit = _Measured(as_group(work) is not None, [], [])
     for src in members_of(work):
         got = read.get(id(src))
@@ -264,7 +266,8 @@ def _measure_unit(work: Work, read: dict[int, Any], max_side: int | None) -> _Me
             unit.items.append(ImageItem(source=src, error=str(got)))
             unit.data.append(None)
         else:
-            unit.items.append(images.measure(src, max_side=max_side, data=got))
+            item = images.measure(src, max_side=options.max_side, data=got, verify=options.verify)
+            unit.items.append(item)
             unit.data.append(got)
     return unit
 
