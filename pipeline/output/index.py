@@ -30,9 +30,9 @@ import pyarrow.compute as pc
 
 from pipeline.output.index_cache import (
     RETRY,
+    RETRY_NAME,
     SETTINGS,
     TO_DO,
-    VERDICT_NAMES,
     CurrentRows,
     file_digest,
     group_digest,
@@ -191,16 +191,14 @@ class RetryRows:
         return verdicts != SETTINGS
 
     def add(self, groups: np.ndarray, files: np.ndarray, verdicts: np.ndarray) -> None:
-        del groups  # a row a run retries is of its own task: its file digest tells it
+        del groups  # a row to retry was made under the run's own suffix (its task's), so
+        # its file digest alone tells it, as the run's own `done` set tells a file done
         self.files = DigestSet(np.ascontiguousarray(files[verdicts == RETRY]))
 
     def why(self, group: int, file: bytes) -> str:
         """RETRY, else TO_DO: new, changed or made by other settings, not told apart."""
         del group
-        return _RETRY if file in self.files else TO_DO
-
-
-_RETRY = VERDICT_NAMES[RETRY]
+        return RETRY_NAME if file in self.files else TO_DO
 
 
 @dataclass(frozen=True, slots=True)
