@@ -19,12 +19,17 @@ def png_chunk(kind: bytes, body: bytes) -> bytes:
 
 
 def noise_png(
-    seed: int, orientation: int | None = None, *, idat: int | None = None, after: bytes = b""
+    seed: int,
+    orientation: int | None = None,
+    *,
+    idat: int | None = None,
+    after: bytes = b"",
+    size: tuple[int, int] = SIZE,
 ) -> bytes:
-    """A PNG of noise (SIZE, width x height) with, after its pixels, an eXIf chunk when
-    `orientation` is given, then the chunks `after`; `idat`: its pixels in chunks of that size
-    (None: Pillow's, of 64 KiB)."""
-    width, height = SIZE
+    """A PNG of noise (`size`, width x height, as stored) with, after its pixels, an eXIf chunk
+    when `orientation` is given, then the chunks `after`; `idat`: its pixels in chunks of that
+    size (None: Pillow's, of 64 KiB)."""
+    width, height = size
     pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
     out = io.BytesIO()
     Image.fromarray(pixels).save(out, "PNG")

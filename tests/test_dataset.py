@@ -300,3 +300,18 @@ def test_growing_digest_set_merges_batches_and_keeps_every_entry() -> None:
     assert all(d in grown for d in digests[:700])
     assert not any(d in grown for d in digests[700:])
     assert b"short" not in grown
+
+
+def test_a_merge_inserts_the_new_digests_where_a_whole_sort_puts_them() -> None:
+    """`merged` inserts the sorted batch into the held arrays: the same set, entry for entry,
+    as sorting everything again; a digest held already, or one sharing its first 64 bits with
+    one held, is kept once (the whole sort)."""
+    import hashlib
+
+    digests = [hashlib.blake2b(str(i).encode(), digest_size=16).digest() for i in range(3000)]
+    held = DigestSet(b"".join(digests[:2000]))
+    twin = digests[5][:8] + bytes(8)  # the first half of one held, another second half
+    for more in (digests[2000:], [*digests[1990:2100], twin], [digests[0]]):
+        merged = held.merged(more)
+        assert merged._joined() == DigestSet(held._joined() + b"".join(more))._joined()
+        assert all(d in merged for d in more) and len(merged) == len(set(digests[:2000] + more))

@@ -21,6 +21,7 @@ from pipeline.config import Config
 from pipeline.engines import RedoRefused
 from pipeline.localserver.options import ServerOptions
 from pipeline.localserver.server import LocalServer
+from pipeline.output.index import RetryRows
 from pipeline.output.parts import current_rows
 from pipeline.output.sink import ParquetSink
 from pipeline.records import make_key
@@ -420,3 +421,37 @@ async def test_status_and_the_plan_count_a_mixed_output_alike(
     assert (summary.api_calls, summary.rows) == (3, {"ok": 3, "error": 1})
     after = {"files": 9, "done": 7, "to_do": 0, "retry": 0, "in_flight": 2}
     assert pending(config) == {"config": config.source, **after}
+
+
+async def test_status_counts_a_manifest_mix_as_the_plan_does_keeping_only_rows_to_retry(
+    tmp_path: Path, images_dir: Path
+) -> None:
+    """A manifest of files done, failed (an error to retry, one not), made under another prompt,
+    new, and missing (one deleted after its answer, one never there): `status --config` counts
+    them as the plan does with every current row's verdict, while its index keeps the digest of
+    the one row to retry and no other verdict, and no ok key (it copies nothing)."""
+    config = detect(tmp_path)
+    done = save_scenes(images_dir, 3, prefix="a", seed=1)
+    deleted = save_scenes(images_dir, 1, prefix="gone", seed=5)
+    await run(config)
+    failed = save_scenes(images_dir, 2, prefix="b", seed=10)
+    reprompted = save_scenes(images_dir, 2, prefix="p", seed=20)
+    suffix, other = suffixes_of(config).as_is, suffixes_of(detect(tmp_path, prompt="Other.")).as_is
+    rows = [row_of(failed[0], suffix, retryable=True), row_of(failed[1], suffix, retryable=False)]
+    await write_rows(tmp_path / "out", "mix", [*rows, *(row_of(p, other) for p in reprompted)])
+    new = save_scenes(images_dir, 2, prefix="c", seed=30)
+    deleted[0].unlink()
+    listed = [*done, *failed, *reprompted, *new, *deleted, images_dir / "never.png"]
+    manifest = images_dir / "manifest.txt"  # its entries rooted as the folder run rooted them
+    manifest.write_text("".join(f"{path}\n" for path in listed))
+    config = make_config(
+        tmp_path, task={"kind": "detect"}, input={"paths": [], "manifest": str(manifest)}
+    )
+
+    left = {"files": 11, "done": 4, "to_do": 7, "retry": 1, "in_flight": 0}
+    assert pending(config) == {"config": config.source, **left}
+    assert estimate(config)["plan"]["left"] == left
+    index = plans._index(config, False, RetryRows, copies=False)
+    assert isinstance(index.current, RetryRows) and len(index.current.files) == 1
+    assert len(index.ok_keys) == 0
+    assert len(index.done) == 5  # the run's own done set: the deleted file's row is one

@@ -36,7 +36,7 @@ from typing import IO
 import pillow_heif
 from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
 
-from pipeline.inputs import resample
+from pipeline.inputs import pngtail, resample
 from pipeline.records import ImageItem, SourceFile
 
 SUPPORTED_MIME = ("image/png", "image/jpeg", "image/webp", "image/heic", "image/heif")
@@ -336,14 +336,19 @@ def _examine_all(
 
 
 def measure(
-    source: SourceFile, *, max_side: int | None = None, data: bytes | None = None
+    source: SourceFile,
+    *,
+    max_side: int | None = None,
+    data: bytes | None = None,
+    verify: bool = True,
 ) -> ImageItem:
     """Displayed and sent size from the header and EXIF alone: what `estimate` needs.
 
     Nothing is hashed, decoded or re-encoded (60 photos with max_side set: 0.13 s, against 9.0 s
-    for `prepare`), so a PNG whose eXIf chunk sits after the pixels counts as unrotated here.
-    `data`: the file's bytes, already read (an object or a URL), or only their first ones (an
-    object measured from a ranged read: in_place.py); else it is opened by its path.
+    for `prepare`). With `verify`, `prepare` turns a PNG by an eXIf chunk after its pixels, so
+    the sizes of a PNG with none before them are told from its last bytes too (`_turned_late`:
+    one read of 64 KiB for most PNGs; the whole file only when no tail up to 1 MiB tells).
+    `data`: the file's bytes, already read (an object or a URL); else it is opened by its path.
     Never raises for bad input: the item carries `error`.
     """
     item = ImageItem(source=source)
@@ -355,6 +360,8 @@ def measure(
         with io.BytesIO(data) if data is not None else open(source.path, "rb") as file:
             head = file.read(_HEAD)
             found = header(file, head)
+            if verify and found.tail_may_turn:
+                found = _turned_late(found, file, head)
     except Image.DecompressionBombError as exc:
         item.error = _too_large(io.BytesIO(head), head, exc)
         return item
@@ -370,16 +377,45 @@ def measure(
     return item
 
 
+def _turned_late(found: Header, file: IO[bytes], head: bytes) -> Header:
+    """`found` (a PNG's header) turned as an eXIf chunk after its pixels turns it, told from
+    `head` and a tail read after a seek (pngtail.py: the ranges an object in place is read in);
+    when no tail tells, from the whole file (rare: a chunk after the pixels past 1 MiB). A file
+    whose chunks are broken stays as its header says: `prepare` makes it an error row."""
+    size = file.seek(0, io.SEEK_END)
+    for tail in dict.fromkeys([*pngtail.tail_sizes(len(head), size), size - len(head)]):
+        file.seek(size - tail)
+        try:
+            return found.turned(exif_orientation(pngtail.late_exif(head, file.read(), size)))
+        except pngtail.NotTold:
+            continue
+    return found
+
+
 @dataclass(frozen=True, slots=True)
 class Header:
     """What an image's header says: its format (sniffed), displayed size, EXIF orientation
-    (0: not known from the header) and Pillow mode."""
+    (0: not known from the header), Pillow mode, and whether it is a PNG with no eXIf chunk
+    before its pixels, whose orientation (1 here) one after them may still turn (`prepare`
+    finds it when it verifies)."""
 
     mime: str
     width: int
     height: int
     orientation: int
     mode: str
+    tail_may_turn: bool = False
+
+    def turned(self, orientation: int) -> Header:
+        """This header with the orientation a late eXIf chunk gives (1: as it was)."""
+        if orientation == 1:
+            return self
+        width, height = (self.height, self.width) if orientation in _ROTATED else self.size
+        return Header(self.mime, width, height, orientation, self.mode)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.width, self.height
 
     def as_is(self, max_side: int | None) -> bool:
         """Whether `prepare` would send these bytes as they are (`sent_as_is`)."""
@@ -397,13 +433,14 @@ def header(file: IO[bytes], head: bytes) -> Header:
         with Image.open(file, formats=_OPEN_FORMATS) as image:
             orientation, _ = _orientation(image, verify=False)
             width, height, mode = *image.size, image.mode
+            late = _exif_may_follow(image)
     except OSError:
         if mime != "image/webp" or (found := _webp_header(head)) is None:
             raise
         return found
     if orientation in _ROTATED:
         width, height = height, width
-    return Header(mime, width, height, orientation, mode)
+    return Header(mime, width, height, orientation, mode, late)
 
 
 def _webp_header(head: bytes) -> Header | None:
@@ -601,7 +638,7 @@ def _orientation(image: ImageFile.ImageFile, *, verify: bool) -> tuple[int, bool
     it finds it there, so it is read only when verifying (and the check is not repeated).
     pillow_heif already applies HEIF's own rotation and resets EXIF orientation to 1.
     """
-    if image.format == "PNG" and "exif" not in image.info:
+    if _exif_may_follow(image):
         if not verify:
             return 1, False
         # (OSError, SyntaxError: a broken PNG, which the caller turns into an error row)
@@ -613,6 +650,12 @@ def _orientation(image: ImageFile.ImageFile, *, verify: bool) -> tuple[int, bool
     except Exception:  # corrupt EXIF raises assorted errors (SyntaxError: no TIFF header): 1
         return 1, False
     return _valid(value), False
+
+
+def _exif_may_follow(image: ImageFile.ImageFile) -> bool:
+    """A PNG with no eXIf chunk before its pixels (Pillow reads one there on open): one after
+    them is the orientation `prepare` applies."""
+    return image.format == "PNG" and "exif" not in image.info
 
 
 def exif_orientation(payload: bytes | None) -> int:

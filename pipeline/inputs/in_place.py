@@ -24,11 +24,11 @@ header does not: `prepare` with `[images] verify` finds it there and turns the i
 `verify`, a PNG with no eXIf chunk before its pixels (`prepare` reads that one alone) has its
 chunks after the pixels walked (pipeline/inputs/pngtail.py, each one's CRC checked): in the
 first range when that holds the whole object, else in a second one read from its end
-(TAIL_BYTES; up to MAX_TAIL_BYTES when that does not tell them). One turned by such a chunk, or
-whose ranges do not tell, is downloaded and prepared like a file, so the same image gets the
-same answer read in place or from a local copy (but for an eXIf chunk between IDAT chunks,
-which the PNG spec forbids: pngtail.py). (`images.measure`, the estimate's, still counts it as
-unrotated.)
+(pngtail.TAIL_BYTES; up to MAX_TAIL_BYTES when that does not tell them). One turned by such a
+chunk, or whose ranges do not tell, is downloaded and prepared like a file, so the same image
+gets the same answer read in place or from a local copy (but for an eXIf chunk between IDAT
+chunks, which the PNG spec forbids: pngtail.py). `images.measure` (the plan's, the estimate's)
+reads the same ranges of a file, so it sizes such a PNG turned too.
 
 Not downloaded also means not verified: a file corrupt past its header is Vertex's to refuse
 (its 400 becomes the row's error), where a downloaded one is checked by `prepare` first.
@@ -51,10 +51,6 @@ from pipeline.records import ImageItem, SourceFile
 # box follows its pixels) is read again 16 times longer, and past MAX_HEAD_BYTES downloaded.
 HEAD_BYTES = 64 << 10
 MAX_HEAD_BYTES = HEAD_BYTES * 16
-# Chunks after a PNG's pixels are few and small (IEND, often an eXIf or a tEXt): the last 64 KiB
-# hold them and, mostly, the last IDAT chunk's header to walk from; past it, 16 times longer.
-TAIL_BYTES = 64 << 10
-MAX_TAIL_BYTES = TAIL_BYTES * 16
 # Vertex reads an image of at most 30 MB from Cloud Storage (the image-understanding page's
 # "Maximum file size per file from Google Cloud Storage"); counted in decimal MB, to be safe.
 IN_PLACE_LIMIT = 30_000_000
@@ -102,7 +98,7 @@ async def measured(read: ReadRange, src: SourceFile, options: ImagesConfig) -> I
     header, head = found
     if not header.as_is(options.max_side):
         return None
-    if options.verify and header.mime == "image/png" and not pngtail.exif_before_pixels(head):
+    if options.verify and header.tail_may_turn:
         return await _unturned_png(read, src, header, head)
     return _item(src, header)
 
@@ -133,26 +129,21 @@ async def _unturned_png(
     read: ReadRange, src: SourceFile, header: images.Header, head: bytes
 ) -> ImageItem | None:
     """A PNG's item when no eXIf chunk after its pixels turns it; None when one does, or its
-    ranges do not tell (a longer tail is read first, up to MAX_TAIL_BYTES)."""
-    size = TAIL_BYTES
-    while True:
+    ranges do not tell (a longer tail is read first: pngtail.tail_sizes)."""
+    for size in pngtail.tail_sizes(len(head), src.size):
         try:
             return _item(src, header) if await _upright(read, src, head, size) else None
         except FetchError as exc:
             return _unread(src, exc)
         except pngtail.NotTold:
-            if src.size - size <= len(head) or size >= MAX_TAIL_BYTES:
-                return None  # rare: the whole file, prepared, says what it is
-            size *= 16
+            continue
+    return None  # rare: the whole file, prepared, says what it is
 
 
 async def _upright(read: ReadRange, src: SourceFile, head: bytes, size: int) -> bool:
     """Whether no eXIf chunk after the PNG's pixels turns it, told from `head` and its last
     `size` bytes (none read when `head` is the whole object); raises NotTold, FetchError."""
-    start = max(len(head), src.size - size)
-    tail = await read(src, start, src.size) if start < src.size else b""
-    if start == len(head):  # the tail meets the head: one range, the whole object
-        head, tail = head + tail, b""
+    tail = await read(src, src.size - size, src.size) if size else b""
     return images.exif_orientation(pngtail.late_exif(head, tail, src.size)) == 1
 
 

@@ -20,7 +20,13 @@ ranges and its CRC checked, from a place known to start one:
   in place).
 
 When neither walk can be made (a chunk header between the ranges, a CRC wrong, no IEND at the
-end) the ranges do not tell (`NotTold`): the whole file must.
+end) the ranges do not tell (`NotTold`): a longer tail may (`tail_sizes`), else the whole file
+must.
+
+Two readers ask: an object sent in place (pipeline/inputs/in_place.py: ranged GETs) and
+`images.measure` (the plan's and `estimate`'s sizes: a file's head and a seek to its tail), so
+that both size such a PNG as `prepare` turns it, at the cost of one tail read for a PNG without
+one.
 """
 
 from __future__ import annotations
@@ -35,19 +41,42 @@ SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # a chunk after the pixels (text); a hostile tail of lookalikes, each start a CRC of up to the
 # tail, is not told (the whole file is read) rather than cost seconds of the event loop each.
 TAIL_STARTS = 8
+# Chunks after a PNG's pixels are few and small (IEND, often an eXIf or a tEXt): the last 64 KiB
+# hold them and, mostly, the last IDAT chunk's header to walk from; past it, 16 times longer.
+TAIL_BYTES = 64 << 10
+MAX_TAIL_BYTES = TAIL_BYTES * 16
 
 
 class NotTold(Exception):
     """The two ranges do not tell the chunks after the pixels."""
 
 
+def tail_sizes(head: int, size: int) -> Iterator[int]:
+    """The tails to read, in turn, of a PNG of `size` bytes whose first `head` are read, until
+    one tells (TAIL_BYTES, then MAX_TAIL_BYTES), none longer than what lies past the head (an
+    empty one, once, when the head is the whole file)."""
+    for tail in (TAIL_BYTES, MAX_TAIL_BYTES):
+        yield min(tail, size - head)
+        if size - tail <= head:
+            return
+
+
 @dataclass(frozen=True, slots=True)
 class _Ranges:
-    """The first bytes of a file of `size` bytes and its last ones (b"" when `head` is whole)."""
+    """The first bytes of a file of `size` bytes and its last ones (b"" when `head` is whole);
+    a tail that meets or overlaps the head is joined to it: one range, the chunks across the
+    seam readable."""
 
     head: bytes
     tail: bytes
     size: int
+
+    @classmethod
+    def of(cls, head: bytes, tail: bytes, size: int) -> _Ranges:
+        seam = size - len(tail)
+        if seam <= len(head):
+            return cls(head + tail[len(head) - seam :], b"", size)
+        return cls(head, tail, size)
 
     def span(self, start: int, end: int) -> bytes:
         """Bytes [start, end) of the file; NotTold when they are not all in one range."""
@@ -62,7 +91,7 @@ class _Ranges:
 def late_exif(head: bytes, tail: bytes, size: int) -> bytes | None:
     """The payload of the eXIf chunks from the first IDAT to IEND (joined, as `prepare` reads
     them), None when there is none; raises NotTold (the module docstring)."""
-    ranges = _Ranges(head, tail, size)
+    ranges = _Ranges.of(head, tail, size)
     for start, strict in _starts(ranges):
         try:
             return _walk(ranges, start, strict=strict)
@@ -84,12 +113,6 @@ def _starts(ranges: _Ranges) -> Iterator[tuple[int, bool]]:
             return
         yield offset + at - 4, True
         at = ranges.tail.rfind(b"IDAT", 0, at)
-
-
-def exif_before_pixels(head: bytes) -> bool:
-    """Whether an eXIf chunk precedes the pixels: Pillow reads it on open, and `prepare` then
-    takes the orientation from it alone (one after the pixels is not looked for)."""
-    return any(kind == b"eXIf" for _, kind in _head_chunks(head))
 
 
 def _first_idat(head: bytes) -> int | None:

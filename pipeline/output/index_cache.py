@@ -32,7 +32,7 @@ import json
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -56,7 +56,9 @@ OK, ERROR, RETRYABLE, MINE = 1, 2, 4, 8
 # it, or do it again because another request made that row, or because it is an error to retry.
 DONE, SETTINGS, RETRY = 0, 1, 2
 VERDICT_NAMES = ("done", "settings", "retry")
+RETRY_NAME = VERDICT_NAMES[RETRY]
 NEW, CHANGED = "new", "changed"  # no row of this file yet; a row of other bytes (size, mtime)
+TO_DO = "to do"  # new, changed or settings, where only RETRY is told apart (`index.RetryRows`)
 COLUMNS = (
     "image_root",
     "image_path",
@@ -140,13 +142,18 @@ def group_digest(image_root: str, image_path: str, task: str) -> int:
 class CurrentRows:
     """Every current row's group, file digest and verdict (DONE, SETTINGS, RETRY), sorted by
     group: why a file the resume index does not skip is done again (`why`). Kept only when
-    asked for (`load_resume_index(explain=True)`: `pipeline estimate`, `run --plan`, `status
-    --config`): 25 bytes a current row."""
+    asked for (`load_resume_index(explain=CurrentRows)`: `pipeline estimate`, `run --plan`):
+    25 bytes a current row."""
 
     def __init__(self) -> None:
         self.groups = np.zeros(0, dtype=np.uint64)
         self.files = np.zeros(0, dtype="V16")
         self.verdicts = np.zeros(0, dtype=np.uint8)
+
+    @staticmethod
+    def kept(verdicts: np.ndarray) -> np.ndarray:
+        """Which current rows (by verdict) `add` is to be given: all of them."""
+        return np.ones(len(verdicts), dtype=bool)
 
     def add(self, groups: np.ndarray, files: np.ndarray, verdicts: np.ndarray) -> None:
         order = np.argsort(groups, kind="stable")
@@ -161,6 +168,17 @@ class CurrentRows:
         if self.files[at].tobytes() != file:
             return CHANGED
         return VERDICT_NAMES[int(self.verdicts[at])]
+
+
+class Verdicts(Protocol):
+    """What `Gathered.done` hands the current rows' verdicts to: `CurrentRows` (every one), or
+    `index.RetryRows` (the files of the rows to retry alone)."""
+
+    def kept(self, verdicts: np.ndarray) -> np.ndarray:
+        """Which current rows (by verdict) `add` is to be given."""
+        ...
+
+    def add(self, groups: np.ndarray, files: np.ndarray, verdicts: np.ndarray) -> None: ...
 
 
 def _word(value: object) -> int:
@@ -202,8 +220,11 @@ class Gathered:
     in a resume's peak).
     """
 
-    def __init__(self, suffix: KeySuffixes | None, parts: list[Entry]) -> None:
+    def __init__(
+        self, suffix: KeySuffixes | None, parts: list[Entry], *, copies: bool = True
+    ) -> None:
         self.suffix = suffix  # None: only groups and places (what a superseded share needs)
+        self.copies = copies  # False: no ok digests (a count, which copies nothing)
         self.number = {(entry.name, entry.size): at for at, entry in enumerate(parts)}
         self.rows = 0
         self.current_rows = 0  # one a group (`done` counts them)
@@ -239,15 +260,15 @@ class Gathered:
         flags = facts.column("flags").to_numpy() | (mine.astype(np.uint8) * MINE)
         pieces["flags"].append(flags)
         pieces["file"].append(_binary16(facts.column("file")).copy())
-        ok = (flags & (OK | MINE)) == (OK | MINE)
+        ok = (flags & (OK | MINE)) == (OK | MINE) if self.copies else np.zeros(n, dtype=bool)
         pieces["ok_sha"].append(_binary16(facts.column("sha"))[ok])
 
     def done(
-        self, retry_errors: bool, retry_runs: int, explain: CurrentRows | None = None
+        self, retry_errors: bool, retry_runs: int, explain: Verdicts | None = None
     ) -> np.ndarray:
         """File digests (V16) of the files whose current row says: skip (see dataset's rule).
-        `explain` is given every current row's group, file and verdict (`verdicts`): why the
-        others are done again, as `pipeline estimate` tells."""
+        `explain` is given the group, file and verdict of the current rows it keeps (`kept`):
+        why the others are done again, as `pipeline estimate` tells."""
         if not self.rows:
             return np.zeros(0, dtype="V16")
         group, current, verdict = self._verdicts(retry_errors, retry_runs)
@@ -255,8 +276,9 @@ class Gathered:
         self.settings_rows = int(np.count_nonzero(verdict == SETTINGS))
         if explain is None:  # a run: only the done rows' files (the resume's peak memory)
             return self._pick("file", current[verdict == DONE])
-        files = self._pick("file", current)
-        explain.add(group[current], files, verdict)
+        kept = explain.kept(verdict)
+        files, verdict = self._pick("file", current[kept]), verdict[kept]
+        explain.add(group[current[kept]], files, verdict)
         return files[verdict == DONE]
 
     def _verdicts(
@@ -384,14 +406,20 @@ def _binary16(column: pa.Array) -> np.ndarray:
 
 # ------------------------------------------------------------------------------- loading
 def load_facts(
-    store: Store, parts: list[Entry], *, suffix: KeySuffixes | None, write: bool
+    store: Store,
+    parts: list[Entry],
+    *,
+    suffix: KeySuffixes | None,
+    write: bool,
+    copies: bool = True,
 ) -> Gathered:
     """The facts of `parts` under `suffix`, from the cache where it covers them; the parts it
     does not cover are read (and, when `write`, their facts stored for the next run).
+    `copies`: the ok rows' digests gathered too (`Gathered.ok_digests`).
 
     Cache files are read one at a time, biggest first (a merged file before the small ones it
     replaced, should a kill have left both), each dropped once gathered."""
-    gathered = Gathered(suffix, parts)
+    gathered = Gathered(suffix, parts, copies=copies)
     present = set(gathered.number)
     used: list[_CacheFile] = []
     stale: list[str] = []

@@ -37,12 +37,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import exits
-from pipeline.config import Config
+from pipeline.config import Config, ImagesConfig
 from pipeline.inputs import images, in_place
 from pipeline.inputs.fetch import Fetcher, FetchError, settings_from
 from pipeline.locations import is_url
-from pipeline.output.index import DigestSet, DoneOrInFlight, ResumeIndex, load_resume_index
-from pipeline.output.index_cache import CHANGED, NEW
+from pipeline.output.index import (
+    DigestSet,
+    DoneOrInFlight,
+    ResumeIndex,
+    RetryRows,
+    load_resume_index,
+)
+from pipeline.output.index_cache import CHANGED, NEW, CurrentRows
 from pipeline.output.parts import RUNS_DIR, current_rows
 from pipeline.output.state import BatchJobRecord, peek_batch
 from pipeline.output.stores import open_store
@@ -84,7 +90,8 @@ class Left:
     done, those in a Batch Mode job in flight, and the others (to do) by the resume index's
     verdict (NEW, CHANGED, SETTINGS, RETRY; a copy or an unusable file is counted by its verdict
     here, the plan then sets it apart; a URL whose HEAD gave no version, CHANGED here if it has
-    a row, the plan asks again once its GET gave one)."""
+    a row, the plan asks again once its GET gave one). `left` tells RETRY alone apart (TO_DO:
+    the others), which is all `report` says."""
 
     files: int = 0  # units: groups, when the config groups its files
     done: int = 0
@@ -149,7 +156,7 @@ def plan(
     """The plan of a run of `config` starting now (`limit`, `retry_errors`: as the run's);
     `hashes`: the files read whole so far (`Hashes`: a budget, and what `tune`'s plans share)."""
     hashes = hashes if hashes is not None else Hashes()
-    index = _index(config, retry_errors)
+    index = _index(config, retry_errors, CurrentRows)
     result = Plan(committed=_committed(config))
     asked: set[str] = set()  # keys of this plan: a twin of one is copied, as in a run
     with Fetcher(settings_from(config)) as fetcher:
@@ -170,8 +177,10 @@ def plan(
 def left(config: Config, *, retry_errors: bool = False) -> Left:
     """What a run of `config` starting now would still do, by the plan's own walk and verdicts
     (`Left`), with nothing measured or read: a stat a unit (objects' and manifest URLs' versions
-    asked, as the run asks them)."""
-    index = _index(config, retry_errors)
+    asked, as the run asks them). Its memory is the run's own resume index (the done files), and
+    of the other current rows only those to retry (`RetryRows`): the units are counted as they
+    are walked, the new, changed and settings ones not told apart (one count, `to_do`)."""
+    index = _index(config, retry_errors, RetryRows, copies=False)
     counted = Left()
     with Fetcher(settings_from(config)) as fetcher:
         walker, _ = _walker(config, index, fetcher, None)
@@ -201,14 +210,22 @@ def _tallied(
     counted.files, counted.done, counted.in_flight = walker.seen, walker.done, walker.in_flight
 
 
-def _index(config: Config, retry_errors: bool) -> ResumeIndex:
-    """The run's resume index, each current row's verdict kept (`explain`)."""
+def _index(
+    config: Config,
+    retry_errors: bool,
+    explain: type[CurrentRows] | type[RetryRows],
+    *,
+    copies: bool = True,
+) -> ResumeIndex:
+    """The run's resume index, the current rows' verdicts kept (`explain`: every one, or those
+    to retry); `copies`: the ok keys a plan copies from."""
     return load_resume_index(
         config.output.dir,
         key_suffix=suffixes_of(config),
         retry_errors=retry_errors,
-        explain=True,
+        explain=explain,
         journal=_exists(config.output.dir),  # (a folder not made yet holds no journal)
+        copies=copies,
     )
 
 
@@ -241,7 +258,7 @@ def _measured(window: list[Work], config: Config, fetcher: Fetcher) -> list[_Mea
     remote = [src for src in members if id(src) not in placed]
     read: dict[int, Any] = dict(zip(map(id, remote), fetcher.read_all(remote), strict=True))
     read.update(placed)
-    return [_measure_unit(work, read, config.images.max_side) for work in window]
+    return [_measure_unit(work, read, config.images) for work in window]
 
 
 def _in_place(sources: list[SourceFile], config: Config, fetcher: Fetcher) -> dict[int, Any]:
@@ -253,7 +270,9 @@ def _in_place(sources: list[SourceFile], config: Config, fetcher: Fetcher) -> di
     return {id(src): item for src, item in zip(wanted, found, strict=True) if item is not None}
 
 
-def _measure_unit(work: Work, read: dict[int, Any], max_side: int | None) -> _Measured:
+def _measure_unit(work: Work, read: dict[int, Any], options: ImagesConfig) -> _Measured:
+    """A unit's members measured as the run prepares them (`options`: its max_side, and its
+    verify, which turns a PNG by an eXIf chunk after its pixels)."""
     unit = _Measured(as_group(work) is not None, [], [])
     for src in members_of(work):
         got = read.get(id(src))
@@ -264,7 +283,8 @@ def _measure_unit(work: Work, read: dict[int, Any], max_side: int | None) -> _Me
             unit.items.append(ImageItem(source=src, error=str(got)))
             unit.data.append(None)
         else:
-            unit.items.append(images.measure(src, max_side=max_side, data=got))
+            item = images.measure(src, max_side=options.max_side, data=got, verify=options.verify)
+            unit.items.append(item)
             unit.data.append(got)
     return unit
 
