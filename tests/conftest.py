@@ -338,7 +338,14 @@ def store(out: str) -> Store:
 
 # ------------------------------------------------------------------ a local Ray cluster
 @pytest.fixture(scope="session")
-def cluster(s3_endpoint: str) -> Any:
+def node_credentials(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the nodes of `cluster` look for Application Default Credentials (a key file, as a
+    node's service account would be found): absent unless a test writes one there."""
+    return tmp_path_factory.mktemp("node-adc") / "sa.json"
+
+
+@pytest.fixture(scope="session")
+def cluster(s3_endpoint: str, node_credentials: Path) -> Any:
     """A local Ray cluster (tests/ray_support.py), one per pytest process: a start costs
     seconds, and the tests of the Ray engine are spread over several files (tests/test_ray*.py)
     so that xdist's workers run them side by side. No test stops it or changes it for the
@@ -347,7 +354,7 @@ def cluster(s3_endpoint: str) -> Any:
     inherit the AWS environment pointing at it."""
     from tests.ray_support import start_cluster  # Ray is imported only where it is used
 
-    with start_cluster() as address:
+    with start_cluster(node_credentials) as address:
         yield address
 
 

@@ -24,6 +24,7 @@ from typing import Any
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import pyarrow.parquet as pq
+import pytest
 import ray
 
 from pipeline.config import Config
@@ -37,18 +38,22 @@ ANSWER = ("key", "image_sha256", "status", "objects", "raw_response", "width", "
 
 
 @contextlib.contextmanager
-def start_cluster() -> Iterator[str]:
+def start_cluster(node_credentials: Path) -> Iterator[str]:
     """A local Ray cluster whose driver is this process (so in-process runs use it; subprocess
     drivers join it with --address): its address. Its workers inherit this process's
     environment as it is now (the AWS variables of the local S3, as a node's would point at
-    its store)."""
-    ray.init(
-        num_cpus=8,
-        include_dashboard=False,
-        namespace=NAMESPACE,
-        logging_level="WARNING",
-        log_to_driver=False,
-    )
+    its store), and find Application Default Credentials at `node_credentials`, as a node's
+    own (GOOGLE_APPLICATION_CREDENTIALS, set for the cluster alone: this process's runs keep
+    theirs)."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(node_credentials))
+        ray.init(
+            num_cpus=8,
+            include_dashboard=False,
+            namespace=NAMESPACE,
+            logging_level="WARNING",
+            log_to_driver=False,
+        )
     try:
         yield ray.get_runtime_context().gcs_address
     finally:
