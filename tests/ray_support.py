@@ -14,6 +14,7 @@ import contextlib
 import fcntl
 import json
 import os
+import socket
 import sys
 from collections.abc import Iterator
 from dataclasses import replace
@@ -38,15 +39,17 @@ ANSWER = ("key", "image_sha256", "status", "objects", "raw_response", "width", "
 
 
 @contextlib.contextmanager
-def start_cluster(node_credentials: Path) -> Iterator[str]:
+def start_cluster(node_credentials: Path, node_storage: socket.socket) -> Iterator[str]:
     """A local Ray cluster whose driver is this process (so in-process runs use it; subprocess
     drivers join it with --address): its address. Its workers inherit this process's
     environment as it is now (the AWS variables of the local S3, as a node's would point at
-    its store), and find Application Default Credentials at `node_credentials`, as a node's
-    own (GOOGLE_APPLICATION_CREDENTIALS, set for the cluster alone: this process's runs keep
-    theirs)."""
+    its store), and, as a node's own (set for the cluster alone: this process's runs keep
+    theirs), find Application Default Credentials at `node_credentials` and Cloud Storage at
+    the loopback port `node_storage` is bound to (a local server given that socket serves it)."""
+    storage = f"http://127.0.0.1:{node_storage.getsockname()[1]}"
     with pytest.MonkeyPatch.context() as env:
         env.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(node_credentials))
+        env.setenv("STORAGE_EMULATOR_HOST", storage)
         ray.init(
             num_cpus=8,
             include_dashboard=False,
