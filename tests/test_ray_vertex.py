@@ -10,7 +10,11 @@ shipped to its workers would be one used both by the driver's models.get and by 
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
 import socket
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +22,7 @@ from typing import Any
 import gcsfs
 import pytest
 import ray
+from PIL import Image
 from ray._private.serialization import SerializationContext
 from ray.cloudpickle import dumps
 
@@ -28,8 +33,8 @@ from pipeline.engines.ray.worker import WorkerSetup
 from pipeline.localserver.options import ServerOptions
 from pipeline.localserver.server import LocalServer
 from pipeline.output import stores
-from tests.conftest import make_config, read_rows, run, save_scenes
-from tests.ray_support import by_path, on_ray
+from tests.conftest import make_config, read_rows, run, save_scenes, until
+from tests.ray_support import by_path, durable, on_ray, sent, worker_pid
 from tests.test_vertex import PROJECT, TOKEN_PREFIX, point_token_uri, write_key_file
 
 MODEL = "gemini-2.5-flash"
@@ -181,6 +186,34 @@ async def test_a_429_storm_slows_the_fleet_and_the_run_completes(
     assert status["effective_rpm"] is not None  # no rate configured: the storm's, adopted
 
 
+async def test_a_worker_killed_mid_run_comes_back_with_a_token_of_its_own(
+    cluster: Any, adc: Path, images_dir: Path, tmp_path: Path
+) -> None:
+    """kill -9 of a worker: Ray restarts it, the new one fetches its own token on its node,
+    commits its predecessor's journal and goes on; what is paid twice is only what was in
+    flight, and every image has one row."""
+    n = 32
+    for i in range(n):  # every file its own size: no twin, no copy
+        Image.new("RGB", (24 + i, 24), (i, 90, 7)).save(images_dir / f"k{i:02d}.png")
+    options = ServerOptions(service_account=str(adc), latency_ms=300, seed=3)
+    out = tmp_path / "out"
+    async with LocalServer(options) as slow:
+        point_token_uri(adc, slow)
+        config = make_config(tmp_path, **vertex(slow, "us-west1", limits={"concurrency": 2}))
+        running = asyncio.ensure_future(run(on_ray(config, workers=2)))
+        await until(lambda: durable(out) >= 6, exited=lambda: running.done() or None)
+        os.kill(await worker_pid(), signal.SIGKILL)
+        exposed = sent(slow) - durable(out)  # sent, not durable: the most the kill may cost
+        summary = await running
+        paid, issued = sent(slow), slow.stats()["vertex"]["tokens_issued"]
+
+    assert summary.exit_code == exits.OK and sum(summary.rows.values()) == n
+    counts = Counter(row["image_path"] for row in read_rows(out))
+    assert len(counts) == n and set(counts.values()) == {1}
+    assert n <= paid <= n + exposed, (paid, exposed)
+    assert issued == 4  # the driver's, the two workers', and the restarted worker's own
+
+
 @pytest.fixture
 def gcs() -> Iterator[None]:
     """gs:// through gcsfs to the local server `node_storage` serves; this process's cached
@@ -233,7 +266,7 @@ async def test_a_worker_without_credentials_stops_the_run_at_its_start(
 ) -> None:
     """The driver has credentials; the nodes have none, or a key the token endpoint refuses.
     The run stops before any file is handed out, naming the node and the cause, with no
-    token; a rerun once the nodes have them buys every image."""
+    token; a rerun once the nodes have them buys every image (once: one case is enough)."""
     save_scenes(images_dir, 4, prefix="bare", seed=330)
     driver_key = tmp_path / "driver-sa.json"
     driver_key.write_bytes(adc.read_bytes())
@@ -242,7 +275,7 @@ async def test_a_worker_without_credentials_stops_the_run_at_its_start(
         node_credentials.unlink()
     else:
         point_token_uri(write_key_file(node_credentials, ""), server)
-    config = on_ray(make_config(tmp_path, **vertex(server, "asia-east1")), workers=2)
+    config = on_ray(make_config(tmp_path, **vertex(server, "asia-east1")), workers=1)
     with pytest.raises(ConfigError) as stopped:
         await run(config)
 
@@ -255,6 +288,8 @@ async def test_a_worker_without_credentials_stops_the_run_at_its_start(
     assert f"POST {_scoped('asia-east1')}:generateContent" not in server.stats()["requests"]
     assert read_rows(tmp_path / "out") == []
 
+    if credentials != "missing":
+        return
     node_credentials.write_bytes(driver_key.read_bytes())  # the nodes get the key: resume
     summary = await run(config)
     assert (summary.exit_code, summary.rows, summary.api_calls) == (exits.OK, {"ok": 4}, 4)
