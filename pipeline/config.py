@@ -699,14 +699,6 @@ def _validate_engine(config: Config) -> None:
             f'{config.source}: [engine] kind = "ray": Batch Mode runs on the service\'s fleet; '
             'use [engine] kind = "single" with [api] mode = "batch"'
         )
-    if config.api.backend == "vertex":
-        # a worker takes the driver's API key or its own environment's, and the fleet's shared
-        # quota is named by that key: neither is built for Vertex's credentials (a token per
-        # service account, quotas per project and region) yet, so refused rather than half-run
-        raise ConfigError(
-            f'{config.source}: [engine] kind = "ray": not available with [api] backend = '
-            '"vertex" yet; use [engine] kind = "single" (or [api] mode = "batch" on Vertex)'
-        )
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:

@@ -12,10 +12,11 @@ import io
 import os
 import random
 import shutil
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -30,7 +31,7 @@ from PIL import Image, ImageDraw
 from pipeline.config import Config, parse_config
 from pipeline.engines import RunOptions, run_async
 from pipeline.localserver.options import ServerOptions
-from pipeline.localserver.server import LocalServer
+from pipeline.localserver.server import LocalServer, bind_socket
 from pipeline.masks import rle_encode
 from pipeline.output.sink import ParquetSink
 from pipeline.output.stores import Store, open_store
@@ -396,7 +397,23 @@ def store(out: str) -> Store:
 
 # ------------------------------------------------------------------ a local Ray cluster
 @pytest.fixture(scope="session")
-def cluster(s3_endpoint: str) -> Any:
+def node_credentials(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the nodes of `cluster` look for Application Default Credentials (a key file, as a
+    node's service account would be found): absent unless a test writes one there."""
+    return tmp_path_factory.mktemp("node-adc") / "sa.json"
+
+
+@pytest.fixture(scope="session")
+def node_storage() -> Iterator[socket.socket]:
+    """A loopback socket whose port the nodes of `cluster` take for Cloud Storage's
+    (STORAGE_EMULATOR_HOST): the one test that hands it to a LocalServer serves them gs://."""
+    sock = bind_socket("127.0.0.1", 0)
+    yield sock
+    sock.close()
+
+
+@pytest.fixture(scope="session")
+def cluster(s3_endpoint: str, node_credentials: Path, node_storage: socket.socket) -> Any:
     """A local Ray cluster (tests/ray_support.py), one per pytest process: a start costs
     seconds, and the tests of the Ray engine are spread over several files (tests/test_ray*.py)
     so that xdist's workers run them side by side. No test stops it or changes it for the
@@ -405,7 +422,7 @@ def cluster(s3_endpoint: str) -> Any:
     inherit the AWS environment pointing at it."""
     from tests.ray_support import start_cluster  # Ray is imported only where it is used
 
-    with start_cluster() as address:
+    with start_cluster(node_credentials, node_storage) as address:
         yield address
 
 

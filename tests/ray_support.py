@@ -14,6 +14,7 @@ import contextlib
 import fcntl
 import json
 import os
+import socket
 import sys
 from collections.abc import Iterator
 from dataclasses import replace
@@ -24,6 +25,7 @@ from typing import Any
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import pyarrow.parquet as pq
+import pytest
 import ray
 
 from pipeline.config import Config
@@ -37,18 +39,24 @@ ANSWER = ("key", "image_sha256", "status", "objects", "raw_response", "width", "
 
 
 @contextlib.contextmanager
-def start_cluster() -> Iterator[str]:
+def start_cluster(node_credentials: Path, node_storage: socket.socket) -> Iterator[str]:
     """A local Ray cluster whose driver is this process (so in-process runs use it; subprocess
     drivers join it with --address): its address. Its workers inherit this process's
     environment as it is now (the AWS variables of the local S3, as a node's would point at
-    its store)."""
-    ray.init(
-        num_cpus=8,
-        include_dashboard=False,
-        namespace=NAMESPACE,
-        logging_level="WARNING",
-        log_to_driver=False,
-    )
+    its store), and, as a node's own (set for the cluster alone: this process's runs keep
+    theirs), find Application Default Credentials at `node_credentials` and Cloud Storage at
+    the loopback port `node_storage` is bound to (a local server given that socket serves it)."""
+    storage = f"http://127.0.0.1:{node_storage.getsockname()[1]}"
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(node_credentials))
+        env.setenv("STORAGE_EMULATOR_HOST", storage)
+        ray.init(
+            num_cpus=8,
+            include_dashboard=False,
+            namespace=NAMESPACE,
+            logging_level="WARNING",
+            log_to_driver=False,
+        )
     try:
         yield ray.get_runtime_context().gcs_address
     finally:

@@ -19,7 +19,9 @@ from pipeline.engines.ray.quota import (
     QuotaUnavailable,
     Report,
     quota_name,
+    quota_of,
 )
+from pipeline.gemini.backends import Developer, Vertex
 from pipeline.run.limits import DECREASE, HEADROOM, SlotLedger
 from tests.conftest import Clock
 
@@ -108,6 +110,20 @@ def test_the_quota_name_hides_the_key() -> None:
     assert "secret" not in name and name.endswith("-gemini-2.5-flash")
     assert name == quota_name("AIzaSy-secret-key", "gemini-2.5-flash")
     assert name != quota_name("AIzaSy-other-key", "gemini-2.5-flash")
+
+
+def test_a_vertex_projects_quota_is_named_by_project_location_and_model_not_a_key() -> None:
+    """Vertex's dynamic shared quota is counted per project, location and model: every fleet
+    of the project there shares one actor, whoever's credentials; express mode (no project)
+    and the Developer API share the key's."""
+    here = Vertex("https://x", "p1", "us-central1")
+    name = quota_of(here, "", "gemini-2.5-flash")
+    assert name == "quota-vertex-p1-us-central1-gemini-2.5-flash"
+    assert quota_of(here, "AIzaSy-secret-key", "gemini-2.5-flash") == name
+    assert quota_of(Vertex("https://x", "p1", "europe-west4"), "", "gemini-2.5-flash") != name
+    express = quota_of(Vertex("https://x", None), "AIzaSy-secret-key", "gemini-2.5-flash")
+    developer = quota_of(Developer("https://y", "v1beta"), "AIzaSy-secret-key", "gemini-2.5-flash")
+    assert express == developer == quota_name("AIzaSy-secret-key", "gemini-2.5-flash")
 
 
 async def test_workers_share_the_rate_in_groups() -> None:

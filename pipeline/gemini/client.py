@@ -26,7 +26,7 @@ from types import TracebackType
 from typing import Any
 
 from pipeline.gemini import content, interactions
-from pipeline.gemini.auth import ApiKeyError, Auth, check_key
+from pipeline.gemini.auth import ApiKeyError, Auth, TokenAuth, check_key
 from pipeline.gemini.backends import Backend, Developer, Vertex
 from pipeline.gemini.batches import Batches
 from pipeline.gemini.caches import Caches
@@ -183,6 +183,17 @@ class GeminiClient:
     @property
     def timeout(self) -> float:
         return self._transport.timeout
+
+    @property
+    def bearer(self) -> bool:
+        """Whether requests carry an OAuth2 access token (Vertex's ADC), not an API key."""
+        return isinstance(self._transport.auth, TokenAuth)
+
+    async def authenticate(self) -> None:
+        """Have the credential now: a token is fetched (an API key is at hand), so that one
+        that cannot be had fails here, before any work (a Ray worker's start). GeminiError
+        (kind "auth") when the fetch fails; its message holds no secret (auth.TokenAuth)."""
+        await self._transport.auth.headers()
 
     @property
     def batches(self) -> Batches:

@@ -111,6 +111,8 @@ class TokenIssuer:
         path = core.options.service_account
         self.account = ServiceAccount.from_key_file(path) if path else None
         self._grants: dict[str, Grant] = {}
+        self._order: dict[str, int] = {}  # token -> its place in `uses`
+        self.uses: list[Counter[str]] = []  # per token issued, in order: the calls it made
         self.issued = 0
         self.grants_refused = 0  # assertions /token turned down
         self.tokens_refused = 0  # bearer tokens unknown or expired when used
@@ -125,14 +127,18 @@ class TokenIssuer:
         token = "ya29.local-" + secrets.token_urlsafe(32)
         lifetime = self.core.options.token_seconds
         self._grants[token] = Grant(self.core.clock() + lifetime, account.project)
+        self._order[token] = len(self.uses)
+        self.uses.append(Counter())
         self.issued += 1
         return {"access_token": token, "expires_in": lifetime, "token_type": "Bearer"}
 
-    def valid(self, token: str) -> Grant | None:
+    def valid(self, token: str, use: str) -> Grant | None:
+        """The token's grant if it is live, its `use` (the call it made) counted; else None."""
         grant = self._grants.get(token)
         if grant is None or grant.expires <= self.core.clock():
             self.tokens_refused += 1
             return None
+        self.uses[self._order[token]][use] += 1
         return grant
 
 
@@ -226,6 +232,8 @@ class VertexSurface:
                 "tokens_issued": tokens.issued,
                 "grants_refused": tokens.grants_refused,
                 "tokens_refused": tokens.tokens_refused,
+                # which calls each token issued made (no token in it): who shared a token
+                "token_uses": [dict(uses) for uses in tokens.uses],
                 "gs_reads": self.images.gs_reads,
                 "request_types": dict(self.request_types),
             },
@@ -236,7 +244,7 @@ class VertexSurface:
         """A live bearer token (of `project`, when the path names one), or an API key."""
         header = request.headers.get("Authorization", "")
         if header.startswith("Bearer "):
-            grant = self.tokens.valid(header.removeprefix("Bearer "))
+            grant = self.tokens.valid(header.removeprefix("Bearer "), _use(request))
             if grant is None:
                 raise errors.unauthenticated()
             if project is not None and grant.project not in (None, project):
@@ -271,6 +279,12 @@ class VertexSurface:
             model_id, version, "generateContent", table=self.core.models, on=self.core.today()
         )
         return {"name": f"{PUBLISHER}/{model_id}", "versionId": "001", "launchStage": "GA"}
+
+
+def _use(request: web.Request) -> str:
+    """What a call does, for `token_uses`: its method ("generateContent"), else its HTTP verb."""
+    action = request.match_info.get("model_action", "")
+    return action.rpartition(":")[2] if ":" in action else request.method
 
 
 def _b64(text: str) -> bytes:

@@ -37,6 +37,13 @@ worker's rows (from what it committed) but not the calls it made since its last 
 The API key: workers read it from their own environment; the driver passes its own to them only
 where it stays on this machine (every Ray node is this one; the workers are then pinned here) or
 Ray's connections are encrypted (RAY_USE_TLS), because Ray's RPCs are otherwise clear text.
+On Vertex AI with Application Default Credentials no credential travels at all: each worker
+gets its own bearer token from its node's ADC (the node's service account, a key file) with the
+single engine's code (`make_client`: engines/backend.py, gemini/auth.TokenAuth refreshing it),
+fetching the first at its start, so a node without credentials stops the run before any work.
+The fleet's quota is then the project's in its location, per model (`quota.quota_of`), as
+Vertex's dynamic shared quota is counted; its bare 429s slow the fleet and never stop it
+(gemini/errors.py: a rate limit, not a day's quota).
 """
 
 from __future__ import annotations
@@ -68,8 +75,10 @@ from pipeline.engines.common import (
     sink_hint,
     walking,
 )
-from pipeline.engines.ray.quota import NAMESPACE, Limits, quota_actor, quota_name
+from pipeline.engines.ray.quota import NAMESPACE, Limits, quota_actor, quota_of
 from pipeline.engines.ray.worker import Secret, Tally, Worker, WorkerSetup, WorkerSetupError
+from pipeline.gemini import GeminiClient
+from pipeline.gemini.backends import Backend, Vertex
 from pipeline.inputs.fetch import Fetcher, settings_from
 from pipeline.output.index import DigestSet, DoneOrInFlight, KeySet, load_resume_index
 from pipeline.output.sink import SinkFailed, shared_output
@@ -134,13 +143,13 @@ class RayEngine:
             )
             await guard_redo(self.config, self.options, index)
             base_url, key = await service_endpoint(self.config, stack)
-            quota = await self._quota(key)
-            fleet = Fleet(self.config, self._setup(base_url, key, quota), index.ok_keys)
+            client = await stack.enter_async_context(make_client(self.config, base_url, key))
+            quota = await self._quota(quota_of(client.backend, key, self.config.api.model))
+            fleet = Fleet(self.config, self._setup(client, base_url, key, quota), index.ok_keys)
             stack.push_async_callback(fleet.kill)
             await fleet.start()
             fetcher = Fetcher(settings_from(self.config), seed=self.options.seed)
             stack.callback(fetcher.close)  # the walk asks it the size and version of URLs
-            client = await stack.enter_async_context(make_client(self.config, base_url, key))
             checking = Preflight(self.start, client, stop)  # the driver's one models.get
             # a Batch Mode job in flight is buying its files: skipped, not bought twice (the
             # single engine collects ended jobs first; here they wait for a later run)
@@ -159,15 +168,21 @@ class RayEngine:
         self.summary.write(out)
         return self.summary
 
-    def _setup(self, base_url: str, key: str, quota: str) -> WorkerSetup:
-        shipped = Secret(key) if _key_may_travel(self.config, base_url) else None
-        return WorkerSetup(
-            self.config, self.identity, self.run_id, self.options.seed, quota, base_url, shipped
-        )
+    def _setup(self, client: GeminiClient, base_url: str, key: str, quota: str) -> WorkerSetup:
+        """What the workers are made with. On Vertex with ADC: no credential at all (each
+        worker has its node's own) and the project and location the driver resolved, so a
+        worker's environment cannot send its calls to another project."""
+        config, seed = self.config, self.options.seed
+        if client.bearer:
+            config = _pinned(config, client.backend)
+            return WorkerSetup(
+                config, self.identity, self.run_id, seed, quota, base_url, None, adc=True
+            )
+        shipped = Secret(key) if _key_may_travel(config, base_url) else None
+        return WorkerSetup(config, self.identity, self.run_id, seed, quota, base_url, shipped)
 
-    async def _quota(self, key: str) -> str:
-        """The project's quota actor, told this run's limits and the day's count so far."""
-        name = quota_name(key, self.config.api.model)
+    async def _quota(self, name: str) -> str:
+        """The quota actor `name` (`quota_of`), told this run's limits and the day's count."""
         await self._seed(quota_actor(name, Limits.of(self.config.limits)))
         return name
 
@@ -269,9 +284,8 @@ class Fleet:
                 "all be placed in time: lower [engine] workers or worker_cpus"
             ) from None
         except self.ray.exceptions.RayTaskError as exc:
-            cause = exc.as_instanceof_cause()
-            if isinstance(cause, WorkerSetupError):
-                raise ConfigError(f"{self.config.source}: {cause}") from None
+            if isinstance(exc.cause, WorkerSetupError):
+                raise ConfigError(f"{self.config.source}: {_said(exc)}") from None
             raise
 
     def signal(self, stop: Stop) -> None:
@@ -289,9 +303,9 @@ class Fleet:
             if isinstance(result, Tally):
                 tally.add(result)
             elif isinstance(result, self.ray.exceptions.RayTaskError) and isinstance(
-                result.as_instanceof_cause(), SinkFailed
+                result.cause, SinkFailed
             ):
-                why = f"the output cannot be written: {result.as_instanceof_cause()}"
+                why = f"the output cannot be written: {_said(result)}"
                 tally.stop = (why, sink_hint(), exits.STOPPED)
             else:
                 log.warning("a worker could not be closed: %s", result)
@@ -439,6 +453,13 @@ def _key_may_travel(config: Config, base_url: str) -> bool:
     return here or os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true")
 
 
+def _pinned(config: Config, backend: Backend) -> Config:
+    """`config` with the Vertex project and location the driver's credentials resolved."""
+    assert isinstance(backend, Vertex)
+    api = replace(config.api, project=backend.project, location=backend.location)
+    return replace(config, api=api)
+
+
 def _single_node(ray: Any) -> bool:
     own = ray.get_runtime_context().get_node_id()
     return {n["NodeID"] for n in ray.nodes() if n["Alive"]} == {own}
@@ -474,6 +495,12 @@ def _check_fits(config: Config, count: int) -> None:
             f"{config.engine.worker_cpus:g} need {count * config.engine.worker_cpus:g} CPUs; "
             f"this Ray node has {cpus:g}: lower one of them (workers mostly wait on the API)"
         )
+
+
+def _said(error: Any) -> str:
+    """What a worker's exception says, without the worker's traceback (a RayTaskError's own
+    text, and `as_instanceof_cause`'s, is Ray's rendering of it: a wall on the user's screen)."""
+    return str(error.cause)
 
 
 def _as_future(ref: Any) -> asyncio.Future[Any]:

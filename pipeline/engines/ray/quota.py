@@ -1,7 +1,7 @@
 """One quota for a fleet: the project's RPM, TPM and RPD held in one place, leased in groups.
 
     worker ─ LeasedLimiter.acquire ─► lease(want, tokens) ─► FleetQuota (one Ray actor per
-                                      ◄─ slot delays ──────       key hash and model)
+                                      ◄─ slot delays ──────       quota shared: `quota_of`)
 
 Every worker of a Ray run (and of every run of the same project and model on the cluster) draws
 its requests from one `FleetQuota`: the pacing of `limits.Pacing` (headroom, ~1 s bursts, AIMD,
@@ -40,6 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from pipeline.gemini.backends import Backend, Vertex
 from pipeline.run.limits import LimiterStats, SlotLedger, quota_day
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,21 @@ def quota_name(api_key: str, model: str) -> str:
     process in a name) and the model, whose quotas the service counts separately."""
     digest = hashlib.sha256(b"gemini-vision-pipeline quota\0" + api_key.encode()).hexdigest()
     return f"quota-{digest[:16]}-{model}"
+
+
+def vertex_quota_name(project: str, location: str, model: str) -> str:
+    """The actor's name on Vertex AI: its dynamic shared quota is counted per project, location
+    and model (no key is in it; a project id is no secret)."""
+    return f"quota-vertex-{project}-{location}-{model}"
+
+
+def quota_of(backend: Backend, key: str, model: str) -> str:
+    """The name of the quota a fleet shares: what the service counts together. Vertex with a
+    project (Application Default Credentials) shares the project's, in its location; the
+    Developer API and Vertex express mode (no project, the key alone) share the key's."""
+    if isinstance(backend, Vertex) and backend.project is not None:
+        return vertex_quota_name(backend.project, backend.location, model)
+    return quota_name(key, model)
 
 
 class FleetQuota:

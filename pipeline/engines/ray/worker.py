@@ -5,11 +5,13 @@ async actor, committing its own parts, reporting to the driver what its files ad
                          ◄─ Tally: rows and tokens of those files; calls since the last report
 
 Everything a worker needs comes in its `WorkerSetup` (Ray keeps it to restart the worker). It
-opens, on its first block: its own ParquetSink (`shared=True`, named `<run id>.w<n>`), its own
-API client, a `calls.Caller` whose limiter and daily count lease from the project's quota actor
-(pipeline/engines/ray/quota.py), and the reuse tiers (`reuse.Bought`) over the resume index's
-`ok_keys`. A journal or parts already under its name are a predecessor's (Ray restarted the
-worker): the journal is committed first and the files it answered are not done again.
+opens, at its start: its own API client (on Vertex with Application Default Credentials, its
+first bearer token fetched from its node's own credentials: none travels through Ray), its own
+ParquetSink (`shared=True`, named `<run id>.w<n>`), a `calls.Caller` whose limiter and daily
+count lease from the project's quota actor (pipeline/engines/ray/quota.py), and the reuse
+tiers (`reuse.Bought`) over the resume index's `ok_keys`. A journal or parts already under
+its name are a predecessor's (Ray restarted the worker): the journal is committed first and
+the files it answered are not done again.
 
 Uploads are the worker's own (a State in a scratch folder, deleted at its end as the single
 engine deletes a run's): the output's `.state.sqlite` belongs to the driver, which persists the
@@ -28,10 +30,10 @@ from collections import Counter
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from pipeline.config import Config
+from pipeline.config import Config, ConfigError
 from pipeline.engines.common import make_client, process_unit
-from pipeline.engines.ray.quota import ActorLink, LeasedDaily, LeasedLimiter, Limits, quota_name
-from pipeline.gemini import GeminiClient, api_key_from_env
+from pipeline.engines.ray.quota import ActorLink, LeasedDaily, LeasedLimiter, Limits, quota_of
+from pipeline.gemini import GeminiClient, GeminiError, api_key_from_env
 from pipeline.inputs.references import load as load_references
 from pipeline.output.index import KeySet
 from pipeline.output.parts import data_name, is_part, read_part
@@ -118,12 +120,14 @@ class WorkerSetup:
     seed: int | None
     quota: str  # the quota actor's name
     base_url: str
-    key: Secret | None  # None: the worker's own environment has it
+    key: Secret | None  # None: the worker's own environment has it (or `adc`)
     index: int = 0  # of the worker in the fleet
+    adc: bool = False  # Vertex: a bearer token from the node's own ADC, no key at all
 
 
 class WorkerSetupError(Exception):
-    """A worker cannot start (no API key, another key): a usage error of the run."""
+    """A worker cannot start (no API key, another key, no Application Default Credentials on its
+    node): a usage error of the run."""
 
 
 class Worker:
@@ -155,9 +159,9 @@ class Worker:
         import ray
 
         setup, config, stop = self.setup, self.config, self.stop
-        key = setup.key.reveal() if setup.key else api_key_from_env()
-        _check_key(key, setup)
-        assert key is not None
+        key = _key(setup)
+        client = await self._stack.enter_async_context(_client(setup, key))
+        await _authenticated(client, setup)
         out = open_store(config.output.dir)  # a folder every node sees, or a bucket
         # A journal or parts under this worker's name are a predecessor's (Ray restarted it).
         recovered = await asyncio.to_thread(recover_writer, out, setup.name)
@@ -176,7 +180,6 @@ class Worker:
                 answer=answer_field(config.task),
             )
         )
-        client = await self._stack.enter_async_context(make_client(config, setup.base_url, key))
         caller = self._caller(client, stop)
         recent = recent_capacity(config.output.rows_per_part)  # copies never force a part
         bought = Bought(out.url, ok_keys, sink.flush, recent=recent)
@@ -313,15 +316,54 @@ class Worker:
         return tally
 
 
-def _check_key(key: str | None, setup: WorkerSetup) -> None:
+def _key(setup: WorkerSetup) -> str:
+    """The API key: none on Vertex with ADC; else the driver's, or the worker's environment's."""
+    if setup.adc:
+        return ""
+    key = setup.key.reveal() if setup.key else api_key_from_env()
     if not key:
         raise WorkerSetupError(
             "a worker has no API key: set GOOGLE_API_KEY (or GEMINI_API_KEY) in the workers' "
             "environment. The driver passes its own only over encrypted connections "
             "(RAY_USE_TLS=1) or when every Ray node is its own machine"
         )
-    if quota_name(key, setup.config.api.model) != setup.quota:
+    return key
+
+
+def _client(setup: WorkerSetup, key: str) -> GeminiClient:
+    """The worker's client, made as the single engine's is (`make_client`: on Vertex with ADC,
+    the node's own credentials are found here), and drawing on the driver's quota."""
+    config = setup.config
+    try:
+        client = make_client(config, setup.base_url, key)
+    except ConfigError as exc:  # no google-auth, no ADC on this node: its message names which
+        raise WorkerSetupError(f"{_node()}: {_without_source(exc, config)}") from None
+    if quota_of(client.backend, key, config.api.model) != setup.quota:
         raise WorkerSetupError("a worker's API key is not the driver's: give them the same key")
+    return client
+
+
+async def _authenticated(client: GeminiClient, setup: WorkerSetup) -> None:
+    """A worker on Vertex fetches its first token now: credentials its node cannot turn into
+    one (a revoked account, no metadata server) stop the run at its start, naming why."""
+    if not setup.adc:
+        return
+    try:
+        await client.authenticate()
+    except GeminiError as exc:  # its message is redacted of every token (auth.TokenAuth)
+        raise WorkerSetupError(f"{_node()}: {exc.message}") from None
+
+
+def _node() -> str:
+    """Which worker, on which node: where the operator looks for the node's credentials."""
+    import ray
+
+    return f"a worker on the Ray node at {ray.util.get_node_ip_address()}"
+
+
+def _without_source(exc: ConfigError, config: Config) -> str:
+    """The driver names the config file itself (driver.Fleet.start)."""
+    return str(exc).removeprefix(f"{config.source}: ")
 
 
 # what RowCounts.add reads of a row: its status, tokens and, to price them (pipeline/cost.py),
