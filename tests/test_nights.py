@@ -136,7 +136,7 @@ async def test_a_wrong_key_is_exit_2_with_a_fix_hint(
     monkeypatch.setenv("GEMINI_API_KEY", "a-wrong-key")
     async with LocalServer(ServerOptions(api_key="the-right-key")) as server:
         summary = await run(make_config(tmp_path, api={"base_url": server.base_url}))
-    assert summary.exit_code == exits.USAGE and "API key was refused" in summary.stop_reason
+    assert summary.exit_code == exits.USAGE and "refused the credentials" in summary.stop_reason
     assert summary.resume_hint and "fix" in summary.resume_hint
     assert "rerun the same command" not in summary.resume_hint
 

@@ -55,7 +55,7 @@ async def test_a_wrong_key_stops_the_run_with_no_rows_and_no_quota_used(
         config = remote(tmp_path, server.base_url, limits={"rpd": 100})
         summary = await run(config)
         assert summary.exit_code == exits.USAGE, summary
-        assert "API key was refused" in summary.stop_reason
+        assert "refused the credentials" in summary.stop_reason
         assert "a-wrong-key" not in json.dumps(summary.__dict__, default=str)
         assert read_rows(tmp_path / "out") == []  # no error row for an image: not its fault
         state = State(tmp_path / "out")

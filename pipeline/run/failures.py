@@ -69,7 +69,10 @@ STREAK = 8  # identical failed attempts in a row, no success between: the run's 
 _CONFIG = exits.USAGE
 # kinds that stop the run at once, and whether fixing them means changing the config
 _RUN_KINDS = {
-    "auth": ("the API key was refused", _CONFIG),
+    "auth": (
+        "the service refused the credentials (the API key, or a Vertex access token)",
+        _CONFIG,
+    ),
     "credits": ("the project's prepaid credits are spent", exits.STOPPED),
     "redirect": ("the endpoint answered with a redirect (is [api] base_url right?)", _CONFIG),
 }
