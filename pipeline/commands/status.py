@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +18,8 @@ from pipeline.config import Config
 from pipeline.cost import BillSums, billed_groups
 from pipeline.inputs.checks import check_groups
 from pipeline.output import journal
-from pipeline.output.index_cache import group_keys
+from pipeline.output.index_cache import RELEASE_EVERY, cached_groups, group_words
+from pipeline.output.memory import release_unused
 from pipeline.output.parts import (
     GROUP,
     LEGACY_RUNS_DIR,
@@ -26,7 +28,7 @@ from pipeline.output.parts import (
     part_entries,
     read_parts,
 )
-from pipeline.output.stores import Store, UnreadablePart, open_store, writer_holds
+from pipeline.output.stores import Entry, Store, UnreadablePart, open_store, writer_holds
 from pipeline.records import USAGE_COLUMNS
 from pipeline.run.plan import left
 
@@ -50,15 +52,15 @@ def status(output_dir: Output) -> dict[str, Any]:
     request at its own prompt-size tier).
     """
     store = open_store(output_dir)
-    names = [entry.name for entry in part_entries(store, history=True)]
-    tally, unreadable = _tally(store, names)
+    parts = part_entries(store, history=True)
+    tally, unreadable = _tally(store, parts)
     billed = tally.billed
     billed_prompt = billed["prompt_tokens"]
     by_status = tally.by_status()
     rows = sum(by_status.values())
     return {
         "output_dir": store.url,
-        "parts": len(names),
+        "parts": len(parts),
         "unreadable_parts": [str(exc) for exc in unreadable],
         "damaged_journal": [store.join(name) for name in journal.damaged(store)],
         "writing": _writing(store),
@@ -78,40 +80,66 @@ def status(output_dir: Output) -> dict[str, Any]:
                 (tally.estimate - billed_prompt) / billed_prompt if billed_prompt else None
             ),
         },
-        "cost": tally.bill.bill(),
+        "cost": tally.cost(),
         "latest_run": _latest_run_summary(store),
     }
 
 
-def _tally(store: Store, names: list[str]) -> tuple[Tally, list[UnreadablePart]]:
+def _tally(store: Store, parts: list[Entry]) -> tuple[Tally, list[UnreadablePart]]:
     """Every readable part folded into one Tally, part by part; a part whose reading fails
-    anywhere counts not at all (its batches read before the failure are dropped with it)."""
+    anywhere counts not at all (its batches read before the failure are dropped with it).
+    Each row's group digest comes from the resume index's cache where it covers the part (the
+    run that wrote it stored them), else is computed: a blake2b a row, 1.2 of the 2.8 s of CPU
+    1M rows took with none cached (measured under load)."""
     tally, unreadable = Tally(), []
-    for _, batches in read_parts(store, names, COLUMNS):
+    cached = cached_groups(store, parts)
+    names = [entry.name for entry in parts]
+    for at, batches in read_parts(store, names, COLUMNS):
+        groups = cached.pop((parts[at].name, parts[at].size), None)
         try:
-            folded = [tally.fold(batch) for batch in batches]
+            folded = [tally.fold(batch, words) for batch, words in _grouped(batches, groups)]
         except UnreadablePart as exc:
             unreadable.append(exc)
             continue
         for batch in folded:
             tally.add(batch)
+        if at % RELEASE_EVERY == RELEASE_EVERY - 1:
+            release_unused()
+    release_unused()  # before the sort: it takes what the reads left free
     return tally, unreadable
+
+
+def _grouped(
+    batches: Iterator[pa.RecordBatch], cached: np.ndarray | None
+) -> Iterator[tuple[pa.RecordBatch, np.ndarray]]:
+    """Each batch of a part with its rows' group digests: the part's cached ones in row order,
+    else computed (`index_cache.group_words`, the function the cache was filled with)."""
+    start = 0
+    for batch in batches:
+        end = start + batch.num_rows
+        fits = cached is not None and len(cached) >= end
+        yield batch, cached[start:end] if cached is not None and fits else group_words(batch)
+        start = end
 
 
 COLUMNS: tuple[str, ...] = (*GROUP, "completed_at", "status", "run_id", *USAGE_COLUMNS)
 COLUMNS += ("est_prompt_tokens", "model", "input_mode")
+BILLING = ("model", "input_mode", "completed_at", *USAGE_COLUMNS)  # what `billed_groups` reads
+# Billed rows priced together: `billed_groups` (two group-bys and a join) once a batch cost
+# 0.7 s of CPU over 1M rows in parts of 5,000; at most ~5 MB of these columns wait to be priced.
+BILL_ROWS = 65_536
 
 
 @dataclass(slots=True)
 class Folded:
-    """What one batch of a part adds to a Tally: its sums, and 28 bytes a row (`Tally`)."""
+    """What one batch of a part adds to a Tally: its sums, and 20 bytes a row (`Tally`)."""
 
     rows: int
     billed: dict[str, int]
     estimate: int
     runs: set[str]
-    bill: list[dict[str, Any]]
-    keys: np.ndarray
+    bill: pa.Table  # the billed rows' BILLING columns
+    groups: np.ndarray
     when: np.ndarray
     codes: np.ndarray
 
@@ -119,33 +147,35 @@ class Folded:
 class Tally:
     """`status` over every committed row without holding the rows: the sums (tokens, the bill
     by model, mode, day and tier, the run ids) folded batch by batch, and for the current rows'
-    counts a 16-byte key of each row's group (`index_cache.group_keys`), its completed_at and a
-    status code: 28 bytes a row where the table of strings it replaces held ~850 (measured:
-    1M rows peaked at ~850 MB), and which row is current is decided as `parts.latest_rows`
-    decides it (the newest completed_at, a null as 0, then the later part, then the later row:
-    here, the later row read, as parts are read in name order and their rows in order)."""
+    counts the 64-bit digest of each row's group (the resume index's: `index_cache.group_words`;
+    two of 10M groups share one in about one output in 370,000, n²/2⁶⁵, and a count is then one
+    row short), its completed_at and a status code: 20 bytes a row, where the table of strings it
+    replaces peaked at ~800 MB over 1M rows (~650 bytes a row, measured). Which row is current
+    is decided as `parts.latest_rows` decides it: the newest completed_at (a null as 0), then
+    the later part, then the later row; here, the later row read, as parts are read in name
+    order and their rows in order."""
 
     def __init__(self) -> None:
         self.rows = 0
         self.billed = dict.fromkeys(USAGE_COLUMNS, 0)
         self.estimate = 0
         self.runs: set[str] = set()
-        self.bill = BillSums()
         self.statuses: dict[str | None, int] = {}  # status value -> its code
-        # each batch's keys, times and codes, in the order read
+        self._bill = BillSums()
+        self._unbilled: list[pa.Table] = []
+        # each batch's groups, times and codes, in the order read
         self._pieces: tuple[list[np.ndarray], ...] = ([], [], [])
 
-    def fold(self, batch: pa.RecordBatch) -> Folded:
+    def fold(self, batch: pa.RecordBatch, groups: np.ndarray) -> Folded:
         """What `batch` adds, not yet added: its part may still prove unreadable."""
-        rows = pa.Table.from_batches([batch])
         has_bill = pc.is_valid(batch.column("prompt_tokens"))
         return Folded(
             rows=batch.num_rows,
             billed={name: _sum(batch.column(name)) for name in USAGE_COLUMNS},
             estimate=_sum(pc.filter(batch.column("est_prompt_tokens"), has_bill)),
             runs=set(pc.unique(batch.column("run_id").drop_null()).to_pylist()),
-            bill=billed_groups(rows, None),
-            keys=group_keys(batch),
+            bill=pa.Table.from_batches([batch.select(list(BILLING)).filter(has_bill)]),
+            groups=groups,
             when=_when(batch.column("completed_at")),
             codes=self._codes(batch.column("status")),
         )
@@ -156,11 +186,21 @@ class Tally:
             self.billed[name] += value
         self.estimate += folded.estimate
         self.runs |= folded.runs
-        self.bill.add(folded.bill)
-        for pieces, piece in zip(
-            self._pieces, (folded.keys, folded.when, folded.codes), strict=True
-        ):
+        self._unbilled.append(folded.bill)
+        if sum(table.num_rows for table in self._unbilled) >= BILL_ROWS:
+            self._price()
+        columns = (folded.groups, folded.when, folded.codes)
+        for pieces, piece in zip(self._pieces, columns, strict=True):
             pieces.append(piece)
+
+    def cost(self) -> dict[str, Any]:
+        self._price()
+        return self._bill.bill()
+
+    def _price(self) -> None:
+        if self._unbilled:
+            self._bill.add(billed_groups(pa.concat_tables(self._unbilled), None))
+            self._unbilled = []
 
     def by_status(self) -> dict[str, int]:
         """The current rows' counts by status, sorted by status (a null one as "None")."""
@@ -171,21 +211,19 @@ class Tally:
 
     def _codes(self, status: pa.Array) -> np.ndarray:
         encoded = pc.dictionary_encode(status, null_encoding="encode")
-        codes = [
-            self.statuses.setdefault(v, len(self.statuses)) for v in encoded.dictionary.to_pylist()
-        ]
+        values = encoded.dictionary.to_pylist()
+        codes = [self.statuses.setdefault(v, len(self.statuses)) for v in values]
         return np.array(codes, dtype=np.uint32)[encoded.indices.to_numpy()]
 
     def _joined(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The keys, times and codes end to end, each column's pieces dropped once joined (the
-        peak is one column twice, not all three)."""
-        empty = (np.zeros((0, 2), np.uint64), np.zeros(0, np.int64), np.zeros(0, np.uint32))
-        keys, when, codes = (_joined(p, e) for p, e in zip(self._pieces, empty, strict=True))
-        return keys, when, codes
+        """The groups, times and codes end to end, each column's pieces dropped once joined
+        (the peak is one column twice, not all three)."""
+        groups, when, codes = self._pieces
+        return _joined(groups, np.uint64), _joined(when, np.int64), _joined(codes, np.uint32)
 
 
-def _joined(pieces: list[np.ndarray], empty: np.ndarray) -> np.ndarray:
-    joined = np.concatenate(pieces) if pieces else empty
+def _joined(pieces: list[np.ndarray], dtype: type[np.generic]) -> np.ndarray:
+    joined = np.concatenate(pieces) if pieces else np.zeros(0, dtype)
     pieces.clear()
     return joined
 
@@ -197,18 +235,16 @@ def _when(completed_at: pa.Array) -> np.ndarray:
 
 
 def _current_counts(
-    keys: np.ndarray, when: np.ndarray, codes: np.ndarray, statuses: int
+    groups: np.ndarray, when: np.ndarray, codes: np.ndarray, statuses: int
 ) -> np.ndarray:
-    """How many current rows have each status code: one stable sort by group key then time
-    (rows tied on both stay in the order read: the later wins), the last row of each group."""
+    """How many current rows have each status code: one stable sort by group then time (rows
+    tied on both stay in the order read: the later wins), the last row of each group."""
     if not len(codes):
         return np.zeros(statuses, dtype=np.int64)
-    order = np.lexsort((when, keys[:, 1], keys[:, 0]))
-    last = np.zeros(len(order), dtype=bool)
-    last[-1] = True
-    for word in range(2):  # a word at a time: 8 bytes a row of scratch, not 16
-        ordered = keys[order, word]
-        last[:-1] |= ordered[1:] != ordered[:-1]
+    order = np.lexsort((when, groups))
+    ordered = groups[order]
+    last = np.ones(len(order), dtype=bool)
+    last[:-1] = ordered[1:] != ordered[:-1]
     return np.bincount(codes[order[last]], minlength=statuses)
 
 
