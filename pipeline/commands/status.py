@@ -56,8 +56,7 @@ def status(output_dir: Output) -> dict[str, Any]:
     tally, unreadable = _tally(store, parts)
     billed = tally.billed
     billed_prompt = billed["prompt_tokens"]
-    by_status = tally.by_status()
-    rows = sum(by_status.values())
+    rows, by_status = tally.current()
     return {
         "output_dir": store.url,
         "parts": len(parts),
@@ -89,8 +88,9 @@ def _tally(store: Store, parts: list[Entry]) -> tuple[Tally, list[UnreadablePart
     """Every readable part folded into one Tally, part by part; a part whose reading fails
     anywhere counts not at all (its batches read before the failure are dropped with it).
     Each row's group digest comes from the resume index's cache where it covers the part (the
-    run that wrote it stored them), else is computed: a blake2b a row, 1.2 of the 2.8 s of CPU
-    1M rows took with none cached (measured under load)."""
+    next run stores them), else is computed: a blake2b a row. 1M rows took 1.4 s of CPU all
+    cached, 2.1 s none cached, where the whole-table reading took 1.45 s (measured under load,
+    scripts/status_memory.py status)."""
     tally, unreadable = Tally(), []
     cached = cached_groups(store, parts)
     names = [entry.name for entry in parts]
@@ -117,7 +117,7 @@ def _grouped(
     start = 0
     for batch in batches:
         end = start + batch.num_rows
-        fits = cached is not None and len(cached) >= end
+        fits = cached is not None and len(cached) >= end  # a cache of this part's name and size
         yield batch, cached[start:end] if cached is not None and fits else group_words(batch)
         start = end
 
@@ -149,8 +149,9 @@ class Tally:
     by model, mode, day and tier, the run ids) folded batch by batch, and for the current rows'
     counts the 64-bit digest of each row's group (the resume index's: `index_cache.group_words`;
     two of 10M groups share one in about one output in 370,000, n²/2⁶⁵, and a count is then one
-    row short), its completed_at and a status code: 20 bytes a row, where the table of strings it
-    replaces peaked at ~800 MB over 1M rows (~650 bytes a row, measured). Which row is current
+    row short), its completed_at and a status code: 20 bytes a row. The table of strings it
+    replaces peaked at 800 MB over 1M rows (605 bytes a row from 200k up); this, at 240 MB (49
+    bytes a row, the sort's scratch included; measured under load). Which row is current
     is decided as `parts.latest_rows` decides it: the newest completed_at (a null as 0), then
     the later part, then the later row; here, the later row read, as parts are read in name
     order and their rows in order."""
@@ -202,12 +203,13 @@ class Tally:
             self._bill.add(billed_groups(pa.concat_tables(self._unbilled), None))
             self._unbilled = []
 
-    def by_status(self) -> dict[str, int]:
-        """The current rows' counts by status, sorted by status (a null one as "None")."""
+    def current(self) -> tuple[int, dict[str, int]]:
+        """The current rows: how many, and their counts by status, sorted by status (a null
+        one as "None")."""
         counts = _current_counts(*self._joined(), len(self.statuses))
         values = sorted(self.statuses, key=self.statuses.__getitem__)
         by_status = {str(v): int(n) for v, n in zip(values, counts, strict=True) if n}
-        return dict(sorted(by_status.items()))
+        return int(counts.sum()), dict(sorted(by_status.items()))
 
     def _codes(self, status: pa.Array) -> np.ndarray:
         encoded = pc.dictionary_encode(status, null_encoding="encode")
