@@ -128,8 +128,47 @@ def table_cost(rows: pa.Table, table: ModelTable | None = None) -> dict[str, Any
     """The bill of every row of `rows` (columns model, input_mode, completed_at and the token
     counts; `cached_tokens` may be absent: none cached), by mode:
     {"usd", "interactive_usd", "batch_usd", "unpriced_rows"}."""
+    return bill_of(billed_groups(rows, table), table)
+
+
+class BillSums:
+    """The billed tokens of rows seen batch by batch, summed by model, mode, day and tier (the
+    groups `table_cost` prices): a few entries, however many rows, so `pipeline status` prices
+    every committed row without holding them. `bill()` equals `table_cost` of all the rows."""
+
+    def __init__(self, table: ModelTable | None = None) -> None:
+        self.table = table
+        self.sums: dict[tuple[Any, ...], list[int]] = {}
+
+    def add(self, groups: list[dict[str, Any]]) -> None:
+        """Fold `billed_groups` of some rows in."""
+        for group in groups:
+            key = (group["model"], group["batch"], group["day"], group["long"])
+            sums = self.sums.setdefault(key, [0, 0, 0, 0])
+            for at, name in enumerate(_SUMS):
+                sums[at] += group[name]
+
+    def bill(self) -> dict[str, Any]:
+        groups = [
+            {
+                "model": k[0],
+                "batch": k[1],
+                "day": k[2],
+                "long": k[3],
+                **dict(zip(_SUMS, v, strict=True)),
+            }
+            for k, v in self.sums.items()
+        ]
+        return bill_of(groups, self.table)
+
+
+_SUMS = ("prompt_sum", "cached_sum", "output_sum", "prompt_count")
+
+
+def bill_of(groups: Iterable[dict[str, Any]], table: ModelTable | None) -> dict[str, Any]:
+    """The bill of billed-token groups (`billed_groups`), by mode (see `table_cost`)."""
     bill = {"usd": 0.0, "interactive_usd": 0.0, "batch_usd": 0.0, "unpriced_rows": 0}
-    for group in _billed_groups(rows, table):
+    for group in groups:
         price = price_of(group["model"], group["day"], table)
         if price is None:
             bill["unpriced_rows"] += group["prompt_count"]
@@ -143,7 +182,7 @@ def table_cost(rows: pa.Table, table: ModelTable | None = None) -> dict[str, Any
     return {k: round(v, 6) if isinstance(v, float) else v for k, v in bill.items()}
 
 
-def _billed_groups(rows: pa.Table, table: ModelTable | None) -> list[dict[str, Any]]:
+def billed_groups(rows: pa.Table, table: ModelTable | None) -> list[dict[str, Any]]:
     """Billed tokens summed by model, mode, day (a row without a time: today's price) and tier."""
     billed = rows.filter(pc.is_valid(rows.column("prompt_tokens")))
     prompt = pc.cast(billed.column("prompt_tokens"), pa.int64())

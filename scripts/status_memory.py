@@ -1,15 +1,16 @@
-"""Peak memory of `pipeline status --config` (its `pending` counts) over a synthetic output.
+"""Peak memory of `pipeline status` (and of `--config`'s `pending` counts) over a synthetic output.
 
     PYTHONPATH=. python scripts/status_memory.py build DIR [--rows N]  # files, manifest, rows
     PYTHONPATH=. python scripts/status_memory.py measure DIR  # peak RSS and CPU of `pending`
+    PYTHONPATH=. python scripts/status_memory.py status DIR  # peak RSS and CPU of `status`
 
 `build` makes N files (hard links to one small PNG a folder of 1000: no disk blocks; a file
 takes at most 65,000 links), a manifest listing them, and an output of N committed rows for
 them under the config's settings, in parts of 5,000 as a sink writes them: 18 of 20 ok (done),
 1 an error to retry, 1 made under another prompt. It then stores the output's index cache, as
 the run that wrote the rows would have. `measure` runs `pending` (what `status --config` adds)
-in this process: the pipeline imported from the current directory (PYTHONPATH=.), so the same
-command in two worktrees compares two commits.
+in this process, `status` the report of the output alone: the pipeline imported from the
+current directory (PYTHONPATH=.), so the same command in two worktrees compares two commits.
 """
 
 from __future__ import annotations
@@ -141,15 +142,29 @@ def measure(base: Path) -> None:
     print(f"peak RSS {peak} MB, CPU of pending {cpu:.2f} s")
 
 
+def measure_status(base: Path) -> None:
+    """`status` of the output (what `pipeline status OUT` computes), as `measure` does."""
+    from pipeline.commands.status import status
+
+    cpu = time.process_time()
+    report = status(base / "out")
+    cpu = time.process_time() - cpu
+    print({key: report[key] for key in ("rows", "rows_committed", "by_status", "cost")})
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10
+    print(f"peak RSS {peak} MB, CPU of status {cpu:.2f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=["build", "measure"])
+    parser.add_argument("action", choices=["build", "measure", "status"])
     parser.add_argument("dir", type=Path)
     parser.add_argument("--rows", type=int, default=200_000)
     args = parser.parse_args()
     if args.action == "build":
         args.dir.mkdir(parents=True, exist_ok=True)
         build(args.dir.resolve(), args.rows)
+    elif args.action == "status":
+        measure_status(args.dir.resolve())
     else:
         measure(args.dir.resolve())
 

@@ -177,8 +177,19 @@ def read_parts(
             sources = [None] * len(group)  # name the bad one below, part by part
         for offset, (name, source) in enumerate(zip(group, sources, strict=True)):
             if source is None:
-                source = _open_alone(store, name, columns)
+                yield start + offset, _read_alone(store, name, columns, answer)
+                continue
             yield start + offset, _read_source(source, store.join(name), columns, answer)
+
+
+def _read_alone(
+    store: Store, name: str, columns: Sequence[str], answer: pa.Field | None
+) -> Iterator[pa.RecordBatch]:
+    """A part of a group that failed to open, opened when its batches are read: a damaged part
+    then fails where the caller reads it, as on disk (`scan` skipping unreadable parts caught
+    it only there, so one unreadable part on an object store failed `pipeline status`)."""
+    source = _open_alone(store, name, columns)
+    yield from _read_source(source, store.join(name), columns, answer)
 
 
 def _open_alone(store: Store, name: str, columns: Sequence[str]) -> Any:
