@@ -90,7 +90,7 @@ def _tally(store: Store, parts: list[Entry]) -> tuple[Tally, list[UnreadablePart
     Each row's group digest comes from the resume index's cache where it covers the part (the
     next run stores them), else is computed: a blake2b a row. 1M rows took 1.4 s of CPU all
     cached, 2.1 s none cached, where the whole-table reading took 1.45 s (measured under load,
-    scripts/status_memory.py status)."""
+    `python scripts/bench.py status`)."""
     tally, unreadable = Tally(), []
     cached = cached_groups(store, parts)
     names = [entry.name for entry in parts]

@@ -14,6 +14,7 @@
                    and `pipeline compact` (s3server.py: the local S3 they run against)
     supersede.py   a run's end setting aside what it superseded, copy-on-write (issue 20)
     estimate_billed.py  `pipeline estimate` against what the run then bills, per task (issue 21)
+    status.py      `pipeline status` (and `--config`) over 1M synthetic committed rows: peak RSS
     prepare.py     images.prepare on a camera JPEG against one entropy decode; quality (issue 22)
     photos.py      detect and segment on 12-MP camera photos vs the SDK script, CPU by stage
                    (issue 22; camera.py: the photos, cached on disk; profiling.py: cProfile in
@@ -63,6 +64,7 @@ from . import (
     ray_overhead,
     ray_quota,
     resume,
+    status,
     supersede,
     throughput,
 )
@@ -90,6 +92,7 @@ BENCHMARKS: dict[str, Benchmark[Any]] = {
     "compact": compaction.BENCHMARK,
     "supersede": supersede.BENCHMARK,
     "estimate-vs-billed": estimate_billed.BENCHMARK,
+    "status": status.BENCHMARK,
     "prepare": prepare.BENCHMARK,
     "photos": photos.BENCHMARK,
 }

@@ -1,25 +1,21 @@
-"""Peak memory of `pipeline status` (and of `--config`'s `pending` counts) over a synthetic output.
+"""Status: peak memory and CPU of `pipeline status OUT` and `pipeline status OUT --config C`
+over synthetic outputs of N committed rows (`rows` sizes), each command a measured child process.
 
-    PYTHONPATH=. python scripts/status_memory.py build DIR [--rows N]  # files, manifest, rows
-    PYTHONPATH=. python scripts/status_memory.py measure DIR  # peak RSS and CPU of `pending`
-    PYTHONPATH=. python scripts/status_memory.py status DIR  # peak RSS and CPU of `status`
-
-`build` makes N files (hard links to one small PNG a folder of 1000: no disk blocks; a file
-takes at most 65,000 links), a manifest listing them, and an output of N committed rows for
-them under the config's settings, in parts of 5,000 as a sink writes them: 18 of 20 ok (done),
-1 an error to retry, 1 made under another prompt. It then stores the output's index cache, as
-the run that wrote the rows would have. `measure` runs `pending` (what `status --config` adds)
-in this process, `status` the report of the output alone: the pipeline imported from the
-current directory (PYTHONPATH=.), so the same command in two worktrees compares two commits.
+`_build` makes N files (hard links to one small PNG a folder of 1000: no disk blocks; a file
+takes at most 65,000 links), a manifest listing them, and an output of N committed rows for them
+under the config's settings, in parts of 5,000 as a sink writes them: 18 of 20 ok (done), 1 an
+error to retry, 1 made under another prompt. It then stores the output's index cache, as the
+next run after the one that wrote the rows would have. The peak RSS includes the imports
+(~140 MB): the figure that matters is the slope between two sizes, in bytes a committed row.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
+import json
 import os
-import resource
-import time
+import sys
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -32,6 +28,8 @@ from pipeline.config import Config, load_config
 from pipeline.output.index import load_resume_index
 from pipeline.records import ROW_SCHEMA, make_key
 from pipeline.run.identity import suffixes_of
+
+from .harness import Benchmark, Ctx, run_measured, table
 
 FOLDER = 1000  # files a folder, each folder's files links to one source
 PART_ROWS = 5000
@@ -48,7 +46,62 @@ dir = "{out}"
 """
 
 
-def build(base: Path, rows: int) -> None:
+@dataclass(frozen=True)
+class Sizes:
+    rows: tuple[int, ...]  # committed rows of each output measured
+
+
+def run(ctx: Ctx[Sizes]) -> dict[str, Any]:
+    figures = [_measure(ctx, rows) for rows in ctx.sizes.rows]
+    table(
+        "pipeline status over N committed rows (peak RSS includes the imports)",
+        ["rows", "status MB", "status CPU s", "--config MB", "--config CPU s"],
+        [list(f.values()) for f in figures],
+    )
+    slopes = _slopes(figures)
+    if slopes:
+        print(f"bytes a committed row between the sizes: {slopes}")
+    return {"sizes": figures, "bytes_per_row": slopes}
+
+
+def _measure(ctx: Ctx[Sizes], rows: int) -> dict[str, Any]:
+    base = ctx.work / f"rows-{rows}"
+    base.mkdir()
+    _build(base, rows)
+    out, config = str(base / "out"), str(base / "c.toml")
+    command = [sys.executable, "-m", "pipeline", "status", out, "--json"]
+    plain = _checked(run_measured(command, ctx.logs, f"status-{rows}"))
+    with_config = _checked(
+        run_measured([*command, "--config", config], ctx.logs, f"status-config-{rows}")
+    )
+    assert json.loads(plain.stdout)["rows"] == rows, plain.stdout[-500:]
+    return {
+        "rows": rows,
+        "status_mb": round(plain.peak_rss_mb),
+        "status_cpu_s": round(plain.cpu_seconds, 2),
+        "config_mb": round(with_config.peak_rss_mb),
+        "config_cpu_s": round(with_config.cpu_seconds, 2),
+    }
+
+
+def _checked(proc: Any) -> Any:
+    if proc.returncode != 0:
+        raise RuntimeError(f"pipeline status exited {proc.returncode}: {proc.stderr[-2000:]}")
+    return proc
+
+
+def _slopes(figures: list[dict[str, Any]]) -> dict[str, int]:
+    """Bytes a row from the first size to the last: the growth, without the imports."""
+    if len(figures) < 2 or figures[-1]["rows"] == figures[0]["rows"]:
+        return {}
+    rows = figures[-1]["rows"] - figures[0]["rows"]
+    return {
+        name: round((figures[-1][name] - figures[0][name]) * 2**20 / rows)
+        for name in ("status_mb", "config_mb")
+    }
+
+
+def _build(base: Path, rows: int) -> None:
     paths = [f"d{i // FOLDER:04d}/img-{i:07d}.png" for i in range(rows)]
     images = base / "images"
     stats = _link_files(base, images, paths)
@@ -128,46 +181,9 @@ def _row(
     return row
 
 
-def measure(base: Path) -> None:
-    """The process's peak RSS, imports included (~140 MB at 2,000 rows): compare the slope
-    between two sizes, and two commits at one size."""
-    from pipeline.commands.status import pending
-
-    config = load_config(base / "c.toml")
-    cpu = time.process_time()
-    counts = pending(config)
-    cpu = time.process_time() - cpu
-    print(counts)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10
-    print(f"peak RSS {peak} MB, CPU of pending {cpu:.2f} s")
-
-
-def measure_status(base: Path) -> None:
-    """`status` of the output (what `pipeline status OUT` computes), as `measure` does."""
-    from pipeline.commands.status import status
-
-    cpu = time.process_time()
-    report = status(base / "out")
-    cpu = time.process_time() - cpu
-    print({key: report[key] for key in ("rows", "rows_committed", "by_status", "cost")})
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10
-    print(f"peak RSS {peak} MB, CPU of status {cpu:.2f} s")
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=["build", "measure", "status"])
-    parser.add_argument("dir", type=Path)
-    parser.add_argument("--rows", type=int, default=200_000)
-    args = parser.parse_args()
-    if args.action == "build":
-        args.dir.mkdir(parents=True, exist_ok=True)
-        build(args.dir.resolve(), args.rows)
-    elif args.action == "status":
-        measure_status(args.dir.resolve())
-    else:
-        measure(args.dir.resolve())
-
-
-if __name__ == "__main__":
-    main()
+BENCHMARK = Benchmark(
+    run,
+    quick=Sizes(rows=(20_000, 200_000)),
+    full=Sizes(rows=(200_000, 1_000_000)),
+    smoke=Sizes(rows=(100,)),
+)
