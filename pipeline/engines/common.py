@@ -48,7 +48,14 @@ from pipeline.locations import is_url, local_path, scheme_of
 from pipeline.output.index import DoneOrInFlight, ResumeIndex, load_resume_index
 from pipeline.output.sink import ParquetSink, SinkFailed
 from pipeline.output.state import STATE_FILE, State
-from pipeline.output.stores import LeaseLost, MissingExtra, Store, open_store
+from pipeline.output.stores import (
+    LeaseLost,
+    MissingExtra,
+    Store,
+    Timeouts,
+    open_store,
+    use_timeouts,
+)
 from pipeline.records import Work
 from pipeline.run import preflight
 from pipeline.run.buyers import InteractiveBuyer
@@ -214,6 +221,13 @@ def _key_from_env(config: Config) -> str | None:
         return api_key_from_env()
     except ApiKeyError as exc:
         raise ConfigError(f"{config.source}: {exc}") from None
+
+
+def bound_store_requests(config: Config) -> None:
+    """This process's store requests bounded by the config's `[storage]` (a run's, a Ray
+    worker's: each process makes its own filesystems)."""
+    storage = config.storage
+    use_timeouts(Timeouts(storage.connect_seconds, storage.read_seconds))
 
 
 def open_output(config: Config) -> Path | Store:

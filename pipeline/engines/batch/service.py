@@ -38,7 +38,7 @@ from pipeline import exits
 from pipeline.config import ConfigError
 from pipeline.gemini import GeminiClient
 from pipeline.gemini.backends import Vertex
-from pipeline.gemini.batches import JSONL_MIME, Batches, BatchJob, ResultsFile
+from pipeline.gemini.batches import JSONL_MIME, Batches, BatchJob, ResultsFile, os_reason
 from pipeline.gemini.vertex_batches import VertexBatches
 from pipeline.output import stores
 from pipeline.output.state import State
@@ -173,6 +173,10 @@ class VertexJobs:
         """The JSONL written to the staging prefix; the input and the output prefix recorded
         as the job's files first (a kill after the write still finds them to delete)."""
         uri = self._uri(display_name, INPUT)
+        try:
+            await asyncio.to_thread(_read_through, path)
+        except LocalReadFailed as exc:
+            raise RunStopped(_not_read(exc)) from None
         state.add_batch_file(job, uri)
         state.add_batch_file(job, self._uri(display_name, OUTPUT))
         try:
@@ -244,6 +248,37 @@ class VertexJobs:
             return list(self.fs.find(_path(prefix), withdirs=False))
         except FileNotFoundError:
             return []
+
+
+class LocalReadFailed(Exception):
+    """The batch input could not be read on this machine (a disk error, a file this user may
+    not read): its failure, not the store's. Not an OSError on purpose: `stores.retried` would
+    read it as the store's I/O error, and the stop would blame the staging prefix."""
+
+    def __init__(self, path: Path, exc: OSError) -> None:
+        super().__init__(f"{path}: {os_reason(exc)}")
+
+
+def _read_through(path: Path) -> None:
+    """Read the JSONL once, all of it, before gcsfs does (it opens and reads it inside the
+    upload, where a local error reads as the store's): the extra local read costs little beside
+    the upload, and the page cache serves gcsfs's. A disk that fails between the two reads is
+    still blamed on the staging prefix."""
+    try:
+        with open(path, "rb") as source:
+            while source.read(CHUNK):
+                pass
+    except OSError as exc:
+        raise LocalReadFailed(path, exc) from None
+
+
+def _not_read(exc: LocalReadFailed) -> Verdict:
+    return Verdict(
+        Action.RUN,
+        f"the batch input cannot be read on this machine: {exc}",
+        exits.STOPPED,
+        "check the disk (or the file's permissions) and rerun: nothing was sent or bought",
+    )
 
 
 def _path(uri: str) -> str:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from pipeline.config import Config
-from pipeline.engines.common import make_client, process_unit
+from pipeline.engines.common import bound_store_requests, make_client, process_unit
 from pipeline.engines.ray.quota import ActorLink, LeasedDaily, LeasedLimiter, Limits, quota_name
 from pipeline.gemini import GeminiClient, api_key_from_env
 from pipeline.inputs.references import load as load_references
@@ -158,6 +158,7 @@ class Worker:
         key = setup.key.reveal() if setup.key else api_key_from_env()
         _check_key(key, setup)
         assert key is not None
+        bound_store_requests(config)  # this worker's own filesystems
         out = open_store(config.output.dir)  # a folder every node sees, or a bucket
         # A journal or parts under this worker's name are a predecessor's (Ray restarted it).
         recovered = await asyncio.to_thread(recover_writer, out, setup.name)

@@ -1,0 +1,140 @@
+"""gs:// requests that stall: gcsfs, through the local server's storage API, given a bounded
+connect and idle-read timeout (`[storage] connect_seconds`, `read_seconds`); a request that
+times out is retried as a store's transient failure is, and when the tries run out the run
+stops naming the URI and "timed out". The double's `storage_stall` takes a request and never
+answers it (a download: half its bytes), until the client gives up or the server stops.
+
+Reuses tests/test_vertex_batch.py's server (its `faults` mark adds the double's options).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import types
+
+import pytest
+
+from pipeline import exits
+from pipeline.config import ConfigError
+from pipeline.engines.batch import service
+from pipeline.gemini import GeminiClient
+from pipeline.gemini.backends import Vertex
+from pipeline.output.state import State
+from pipeline.output.stores import filesystem
+from pipeline.run.calls import RunStopped
+from tests.conftest import bounded, make_config, read_rows, run, save_scenes
+from tests.test_batch_run import jobs_in
+from tests.test_vertex_batch import (  # and that module's fixtures, reused (__all__)
+    FAST,
+    LOCATION,
+    PROJECT,
+    STAGING,
+    buckets,
+    created,
+    gcs_double,
+    key_file,
+    key_path,
+    server_clock,
+    server_options,
+    staging,
+    vertex_env,
+)
+
+__all__ = [
+    "buckets",
+    "gcs_double",
+    "key_file",
+    "key_path",
+    "server_clock",
+    "server_options",
+    "staging",
+    "vertex_env",
+]
+SECRET_MARKS = ("Bearer", "ya29.", "private_key", "test-key")  # what must never be shown
+
+
+@pytest.fixture
+def gcsfs_no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    """gcsfs retries a timed-out request 6 times, pausing 1, 2, 4, 8, 16 s (+ jitter) between
+    (`retry_request`, its count fixed when the class is made): no setting shortens it, so a
+    test whose request stalls every time takes gcsfs's pauses away (its tries stay)."""
+    gcs_retry = pytest.importorskip("gcsfs.retry")
+
+    async def at_once(_seconds: float) -> None:
+        await asyncio.sleep(0)
+
+    monkeypatch.setattr(gcs_retry, "asyncio", types.SimpleNamespace(sleep=at_once))
+
+
+@pytest.mark.faults(storage_stall=("downloadx1",))
+async def test_a_stalled_gs_read_is_given_up_and_read_again(
+    server, tmp_path, buckets, gcs_double, monkeypatch
+):
+    """The first object read stops after half its bytes and the server sends nothing more:
+    the read gives up after `[storage] read_seconds` and is made again (by gcsfs's own retry,
+    the fetcher's `stores.retried` behind it), and every image is answered — no error row."""
+    monkeypatch.setenv("GEMINI_API_KEY", "test-key")
+    (buckets / "day1").mkdir()
+    save_scenes(buckets / "day1", 2, prefix="scene", seed=91)
+    config = make_config(
+        tmp_path,
+        api={"base_url": server.base_url},
+        input={"paths": ["gs://photos/day1"]},
+        storage={"read_seconds": 0.5},
+    )
+    summary = await bounded(run(config), "the run over a stalling bucket", seconds=60)
+
+    assert summary.rows["ok"] == 2 and summary.exit_code == exits.OK
+    assert {row["status"] for row in read_rows(tmp_path / "out")} == {"ok"}
+    assert server.stats()["storage"]["stalls"] == 1
+
+
+@pytest.mark.faults(storage_stall=("upload",))
+async def test_a_staging_write_that_always_stalls_stops_the_run_naming_it_timed_out(
+    server, tmp_path, images_dir, vertex_env, gcs_double, gcsfs_no_backoff
+):
+    """Every upload of the batch input is taken and never answered: each try gives up after
+    `read_seconds`, gcsfs's 6 tries and the staging's STAGING_ATTEMPTS are spent, and the run
+    stops (exit 3) naming the staging URI and "timed out" — no job made, nothing paid, and no
+    traceback or credential in what it says."""
+    save_scenes(images_dir, 2, prefix="scene", seed=92)
+    api = {"base_url": server.base_url, "backend": "vertex", "project": PROJECT}
+    api |= {"location": LOCATION, "mode": "batch", "batch_staging": STAGING}
+    config = make_config(tmp_path, api=api, batch=FAST, storage={"read_seconds": 0.2})
+    summary = await bounded(run(config), "the run whose staging stalls", seconds=90)
+
+    assert summary.exit_code == exits.STOPPED, summary.stop_reason
+    reason = summary.stop_reason or ""
+    assert f"{STAGING}/" in reason and "input.jsonl: timed out" in reason
+    assert "[storage] read_seconds" in reason and "Traceback" not in reason
+    assert not any(mark in reason for mark in SECRET_MARKS)
+    tries = service.STAGING_ATTEMPTS * 6  # each staging try: gcsfs's 6
+    assert server.stats()["storage"]["stalls"] == tries
+    assert created(server) == 0 and jobs_in(tmp_path / "out") == []  # nothing sent, nothing owed
+
+
+async def test_a_batch_input_this_machine_cannot_read_is_named_as_local(tmp_path):
+    """The JSONL is read here before it goes to the staging prefix: a local read failure stops
+    the run naming the local file, not the bucket, and nothing is written there."""
+    memory = filesystem("memory")
+    backend = Vertex("https://localhost:1", PROJECT, LOCATION)
+    client = GeminiClient(api_key="test-key", backend=backend)
+    jobs = service.VertexJobs(client.batch_predictions, "gs://b/unread", fs=memory)
+    unreadable = tmp_path / "input.jsonl"
+    unreadable.mkdir()  # opening it for reading fails for every user, root too
+    state = State(tmp_path / "out")
+    job = state.add_batch_job("unread")
+    with pytest.raises(RunStopped) as stopped:
+        await jobs.put_input(unreadable, "unread", job, state)
+    verdict = stopped.value.verdict
+    assert f"{unreadable}: [Errno 21] Is a directory" in verdict.reason
+    assert "on this machine" in verdict.reason and "gs://b/unread" not in verdict.reason
+    assert verdict.exit_code == exits.STOPPED
+    assert not memory.exists("b/unread")
+    state.close()
+
+
+@pytest.mark.parametrize("key", ["connect_seconds", "read_seconds"])
+def test_a_storage_timeout_must_be_a_positive_number_naming_key_and_file(tmp_path, key):
+    with pytest.raises(ConfigError, match=rf"test-config.toml: \[storage\] {key}"):
+        make_config(tmp_path, storage={key: 0})
