@@ -10,6 +10,7 @@ Reuses tests/test_vertex_batch.py's server (its `faults` mark adds the double's 
 from __future__ import annotations
 
 import asyncio
+import sys
 import types
 
 import pytest
@@ -19,10 +20,11 @@ from pipeline.config import ConfigError
 from pipeline.engines.batch import service
 from pipeline.gemini import GeminiClient
 from pipeline.gemini.backends import Vertex
+from pipeline.output.fsutil import AlreadyExists
 from pipeline.output.state import State
-from pipeline.output.stores import filesystem
+from pipeline.output.stores import VersionMismatch, filesystem, open_store
 from pipeline.run.calls import RunStopped
-from tests.conftest import bounded, make_config, read_rows, run, save_scenes
+from tests.conftest import bounded, child_env, make_config, read_rows, run, save_scenes
 from tests.test_batch_run import jobs_in
 from tests.test_vertex_batch import (  # and that module's fixtures, reused (__all__)
     FAST,
@@ -111,6 +113,89 @@ async def test_a_staging_write_that_always_stalls_stops_the_run_naming_it_timed_
     tries = service.STAGING_ATTEMPTS * 6  # each staging try: gcsfs's 6
     assert server.stats()["storage"]["stalls"] == tries
     assert created(server) == 0 and jobs_in(tmp_path / "out") == []  # nothing sent, nothing owed
+
+
+# ------------------------------------------------------------------- a gs:// output stalls
+# The pipeline runs in a child process: the double answers from this test's event loop, which
+# an in-process run's blocking store calls (fsspec's `sync`) would hold.
+NO_BACKOFF = (  # gcsfs_no_backoff's, in the child
+    "import asyncio, types\nimport gcsfs.retry\n"
+    "async def at_once(_seconds):\n    await asyncio.sleep(0)\n"
+    "gcsfs.retry.asyncio = types.SimpleNamespace(sleep=at_once)\n"
+)
+
+
+async def run_child(server, tmp_path, *, prelude: str = "") -> tuple[int, str]:
+    """`pipeline run` over two local images into gs://staging/out, store reads bounded to
+    0.3 s: its exit code and stderr."""
+    save_scenes(tmp_path / "images", 2, prefix="scene", seed=93)
+    config = tmp_path / "run.toml"
+    config.write_text(
+        f'[api]\nbase_url = "{server.base_url}"\n[input]\npaths = ["{tmp_path / "images"}"]\n'
+        '[task]\nkind = "detect"\n[output]\ndir = "gs://staging/out"\n'
+        "[storage]\nread_seconds = 0.3\n"
+    )
+    code = f"import sys\n{prelude}from pipeline.cli import main\nsys.exit(main(sys.argv[1:]))"
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", code, "run", str(config), "--quiet",
+        env=child_env(GEMINI_API_KEY="test-key"), stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await bounded(child.communicate(), "pipeline run on a stalling bucket", 120)
+    return child.returncode or 0, err.decode()
+
+
+@pytest.mark.faults(storage_stall=("uploadx1",))
+async def test_a_stalled_write_to_a_gs_output_is_made_again(
+    server, tmp_path, images_dir, staging, gcs_double
+):
+    """The output's first write (its lease) is taken and never answered: it is given up after
+    `read_seconds` and made again, and the run writes its rows as usual."""
+    status, stderr = await run_child(server, tmp_path)
+
+    assert status == exits.OK, stderr
+    assert server.stats()["storage"]["stalls"] == 1
+    assert {row["status"] for row in read_rows(staging / "out")} == {"ok"}
+    assert len(read_rows(staging / "out")) == 2
+
+
+@pytest.mark.faults(storage_stall=("upload",))
+async def test_a_gs_output_that_never_answers_a_write_stops_the_run_before_any_call(
+    server, tmp_path, images_dir, staging, gcs_double
+):
+    """Every write is taken and never answered: the lease cannot be taken, gcsfs's 6 tries
+    time out, and the run does not start (exit 3) naming the output and "timed out" — no
+    traceback, no image bought."""
+    status, stderr = await run_child(server, tmp_path, prelude=NO_BACKOFF)
+
+    assert status == exits.STOPPED, stderr
+    assert "not started: gs://staging/out: timed out" in stderr and "Traceback" not in stderr
+    assert server.stats()["storage"]["stalls"] == 6
+    assert server.stats()["answers_by_task"] == {}
+
+
+async def test_gs_conditional_writes_refuse_a_taken_name_and_a_changed_version(
+    server, staging, gcs_double
+):
+    """What a gs:// output's lease and parts rely on, against the double's `ifGenerationMatch`:
+    gcsfs raises its 412 as a bare FileExistsError, read as AlreadyExists / VersionMismatch
+    (it escaped as a FileExistsError before, and a lease renewal crashed on it)."""
+
+    def conditional_writes() -> None:
+        store = open_store("gs://staging/out")
+        store.create_bytes("a.txt", b"1")
+        with pytest.raises(AlreadyExists):
+            store.create_bytes("a.txt", b"2")
+        version = store.put_if_absent(".lease", b"mine")
+        with pytest.raises(VersionMismatch):
+            store.put_if_version(".lease", b"theirs", "12345")
+        renewed = store.put_if_version(".lease", b"mine again", version)
+        with pytest.raises(VersionMismatch):
+            store.delete_if_version(".lease", version)
+        store.delete_if_version(".lease", renewed)
+
+    await asyncio.to_thread(conditional_writes)
+    assert (staging / "out" / "a.txt").read_bytes() == b"1"
+    assert not (staging / "out" / ".lease").exists()
 
 
 async def test_a_batch_input_this_machine_cannot_read_is_named_as_local(tmp_path):

@@ -15,7 +15,10 @@ pipeline walks and reads gs:// inputs, and writes and deletes a batch job's stag
   (a session URL in `Location`, then the bytes in `Content-Range` chunks POSTed or PUT to it:
   gcsfs's `initiate_upload` / `upload_chunk`), counted (`storage.object_puts`); an object is
   written whole (a temporary file renamed) when its last byte came;
-- `DELETE /storage/v1/b/{bucket}/o/{object}` (gcsfs's `_rm_file`).
+- `DELETE /storage/v1/b/{bucket}/o/{object}` (gcsfs's `_rm_file`);
+- `ifGenerationMatch` on a media or multipart upload and on a delete: 412 unless the object's
+  generation is that one (`0`: no such object), what the project's gs:// outputs create and
+  compare-and-swap by (pipeline/output/stores.py `_GcsWrites`).
 
 `--storage-fault OP=STATUS[xN]` makes the first N uploads, downloads, listings or deletes (all of
 them without xN) answer that HTTP status with a JSON API error body, counted
@@ -104,6 +107,7 @@ class StorageSurface:
         name = query.get("name", "")
         if kind == "multipart":
             name, data = _multipart(request.headers, data)
+        self._precondition(bucket, name, query)
         return self._put(bucket, name, data)
 
     async def _start(self, request: web.Request, bucket: str) -> web.Response:
@@ -145,7 +149,9 @@ class StorageSurface:
             return failed
         if self._stalled("delete"):
             return await self._silence()
-        path = self._object(request.match_info["bucket"], request.match_info["name"])
+        bucket, name = request.match_info["bucket"], request.match_info["name"]
+        path = self._object(bucket, name)
+        self._precondition(bucket, name, request.query)
         path.unlink()
         return web.Response(status=204)
 
@@ -239,6 +245,18 @@ class StorageSurface:
         await response.write(data[: len(data) // 2])
         await self.closing.wait()
         return response
+
+    def _precondition(self, bucket: str, name: str, query: Any) -> None:
+        """`ifGenerationMatch`: 412 unless the object's generation is that one ("0": absent),
+        checked and acted on with no await between (one request at a time)."""
+        wanted = query.get("ifGenerationMatch")
+        if wanted is None:
+            return
+        path = self._root(bucket) / name
+        generation = str(path.stat().st_mtime_ns) if path.is_file() else "0"
+        if generation != wanted:
+            body = '{"error": {"code": 412, "message": "Precondition Failed"}}'
+            raise web.HTTPPreconditionFailed(text=body, content_type="application/json")
 
     def _root(self, bucket: str) -> Path:
         root = self.roots.get(bucket)

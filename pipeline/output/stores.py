@@ -716,11 +716,11 @@ class _S3Writes:
 class _GcsWrites:
     """Conditional uploads and deletes on GCS (`ifGenerationMatch`: 0 means "absent").
 
-    Written from the JSON API reference and gcsfs's own `simple_upload`; not exercised by the
-    tests, unlike `_S3Writes`: the pip-installable double, gcp-storage-emulator (2026.7), ignores
-    `ifGenerationMatch` altogether (a second create over a name succeeded, tried 2026-11-29), so
-    it would pass these guarantees unchecked; Google's storage-testbench and fake-gcs-server are
-    not installable here.
+    Written from the JSON API reference and gcsfs's own `simple_upload`, whose `validate_response`
+    raises a 412 as a bare FileExistsError (no code): that is the precondition failing. Tested
+    against the local server's storage API, which checks `ifGenerationMatch` (the pip-installable
+    gcp-storage-emulator (2026.7) ignores it: a second create over a name succeeded, tried
+    2026-11-29).
     """
 
     def __init__(self, fs: Any) -> None:
@@ -745,7 +745,7 @@ class _GcsWrites:
                 **condition,
             )
         except Exception as exc:
-            if _precondition_failed(exc):
+            if isinstance(exc, FileExistsError) or _precondition_failed(exc):
                 error = AlreadyExists if if_absent else VersionMismatch
                 raise error(errno.EEXIST, "exists or changed", path) from None
             raise
@@ -759,7 +759,7 @@ class _GcsWrites:
         except FileNotFoundError:
             return
         except Exception as exc:
-            if _precondition_failed(exc):
+            if isinstance(exc, FileExistsError) or _precondition_failed(exc):
                 raise VersionMismatch(errno.EAGAIN, "changed by another writer", path) from None
             raise
 
