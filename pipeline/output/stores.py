@@ -29,6 +29,9 @@ The cloud filesystems (s3fs, gcsfs, adlfs, all through fsspec) are the optional 
 imported only when such a path is used; without them a path like `s3://...` is one line saying
 what to install (`MissingExtra`). Credentials and endpoints come from each store's own standard
 environment (`AWS_*`, `AWS_ENDPOINT_URL`, `GOOGLE_APPLICATION_CREDENTIALS`, `AZURE_STORAGE_*`).
+Every gs:// and s3:// request is bounded (`Timeouts`: a connect and an idle-read timeout, the
+run's `[storage]` settings); one that times out is a transient failure (`transient`), named as
+a timeout (`timeout_text`).
 """
 
 from __future__ import annotations
