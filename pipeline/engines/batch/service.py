@@ -17,9 +17,10 @@ than its completionStats count) is not ready — polled again, never read as emp
 The staging prefix is used through gcsfs, which retries a transient HTTP failure itself and then
 raises its HttpError (not an OSError). Each staging call is tried again on a failure
 `stores.transient` calls passing (I/O errors, HTTP 408, 429, 5xx, a request that timed out under
-`[storage]`'s bounds: the rule inputs/fetch.py reads objects by), up to STAGING_ATTEMPTS; any other, or one that outlasts them, is `StagingFailed`:
-the run stops naming the URI and the store's HTTP status (a job already created stays in flight
-and the next run re-attaches to it), a delete keeps the name for a later try. Writing the local
+`[storage]`'s bounds: the rule inputs/fetch.py reads objects by), up to STAGING_ATTEMPTS; any
+other, or one that outlasts them, is `StagingFailed`: the run stops naming the URI and the
+store's HTTP status or "timed out" (a job already created stays in flight and the next run
+re-attaches to it), a delete keeps the name for a later try. Writing the local
 copy of a job's predictions is this machine's part, not the store's: its failure (a full disk, a
 folder this user may not write) is `LocalWriteFailed` (gemini/batches.py's ResultsFile), never
 tried again here nor blamed on the bucket (jobs.py stops the run naming the local file). So is
