@@ -125,14 +125,17 @@ NO_BACKOFF = (  # gcsfs_no_backoff's, in the child
 )
 
 
-async def run_child(server, tmp_path, *, prelude: str = "") -> tuple[int, str]:
-    """`pipeline run` over two local images into gs://staging/out, store reads bounded to
-    0.3 s: its exit code and stderr."""
+async def run_child(
+    server, tmp_path, *, prelude: str = "", inputs: str = "", output: str = "gs://staging/out"
+) -> tuple[int, str]:
+    """`pipeline run` over two images (local unless `inputs`) into `output`, store reads
+    bounded to 0.3 s: its exit code and stderr."""
     save_scenes(tmp_path / "images", 2, prefix="scene", seed=93)
     config = tmp_path / "run.toml"
     config.write_text(
-        f'[api]\nbase_url = "{server.base_url}"\n[input]\npaths = ["{tmp_path / "images"}"]\n'
-        '[task]\nkind = "detect"\n[output]\ndir = "gs://staging/out"\n'
+        f'[api]\nbase_url = "{server.base_url}"\n'
+        f'[input]\npaths = ["{inputs or tmp_path / "images"}"]\n'
+        f'[task]\nkind = "detect"\n[output]\ndir = "{output}"\n'
         "[storage]\nread_seconds = 0.3\n"
     )
     code = f"import sys\n{prelude}from pipeline.cli import main\nsys.exit(main(sys.argv[1:]))"
@@ -171,6 +174,27 @@ async def test_a_gs_output_that_never_answers_a_write_stops_the_run_before_any_c
     assert "not started: gs://staging/out: timed out" in stderr and "Traceback" not in stderr
     assert server.stats()["storage"]["stalls"] == 6
     assert server.stats()["answers_by_task"] == {}
+
+
+@pytest.mark.faults(storage_stall=("list",))
+async def test_an_input_folder_whose_listing_never_comes_stops_the_run_naming_it(
+    server, tmp_path, buckets, images_dir, gcs_double
+):
+    """Every listing of the gs:// inputs is taken and never answered: the walk cannot go on,
+    and the run stops (exit 3) naming the folder and "timed out", no traceback."""
+    (buckets / "day1").mkdir()
+    save_scenes(buckets / "day1", 2, prefix="scene", seed=94)
+    status, stderr = await run_child(
+        server,
+        tmp_path,
+        prelude=NO_BACKOFF,
+        inputs="gs://photos/day1",
+        output=str(tmp_path / "out"),
+    )
+
+    assert status == exits.STOPPED, stderr
+    assert "stopped: gs://photos/day1: listing failed: timed out" in stderr
+    assert "Traceback" not in stderr and server.stats()["storage"]["stalls"] == 6
 
 
 async def test_gs_conditional_writes_refuse_a_taken_name_and_a_changed_version(
