@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import types
+from collections.abc import Iterator
 
 import pytest
 
@@ -22,7 +23,13 @@ from pipeline.gemini import GeminiClient
 from pipeline.gemini.backends import Vertex
 from pipeline.output.fsutil import AlreadyExists
 from pipeline.output.state import State
-from pipeline.output.stores import VersionMismatch, filesystem, open_store
+from pipeline.output.stores import (
+    Timeouts,
+    VersionMismatch,
+    filesystem,
+    open_store,
+    use_timeouts,
+)
 from pipeline.run.calls import RunStopped
 from tests.conftest import bounded, child_env, make_config, read_rows, run, save_scenes
 from tests.test_batch_run import jobs_in
@@ -55,6 +62,14 @@ __all__ = [
 SECRET_MARKS = ("Bearer", "ya29.", "private_key", "test-key")  # what must never be shown
 
 
+@pytest.fixture(autouse=True)
+def default_timeouts() -> Iterator[None]:
+    """A run here sets this process's store bounds from its config (tiny ones): the next test
+    in this worker gets the defaults back."""
+    yield
+    use_timeouts(Timeouts())
+
+
 @pytest.fixture
 def gcsfs_no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
     """gcsfs retries a timed-out request 6 times, pausing 1, 2, 4, 8, 16 s (+ jitter) between
@@ -82,7 +97,7 @@ async def test_a_stalled_gs_read_is_given_up_and_read_again(
         tmp_path,
         api={"base_url": server.base_url},
         input={"paths": ["gs://photos/day1"]},
-        storage={"read_seconds": 0.5},
+        storage={"read_seconds": 1.0},  # the stalled read's; others answer well within it
     )
     summary = await bounded(run(config), "the run over a stalling bucket", seconds=60)
 
@@ -126,17 +141,23 @@ NO_BACKOFF = (  # gcsfs_no_backoff's, in the child
 
 
 async def run_child(
-    server, tmp_path, *, prelude: str = "", inputs: str = "", output: str = "gs://staging/out"
+    server,
+    tmp_path,
+    *,
+    prelude: str = "",
+    inputs: str = "",
+    output: str = "gs://staging/out",
+    read_seconds: float = 0.3,
 ) -> tuple[int, str]:
     """`pipeline run` over two images (local unless `inputs`) into `output`, store reads
-    bounded to 0.3 s: its exit code and stderr."""
+    bounded to `read_seconds`: its exit code and stderr."""
     save_scenes(tmp_path / "images", 2, prefix="scene", seed=93)
     config = tmp_path / "run.toml"
     config.write_text(
         f'[api]\nbase_url = "{server.base_url}"\n'
         f'[input]\npaths = ["{inputs or tmp_path / "images"}"]\n'
         f'[task]\nkind = "detect"\n[output]\ndir = "{output}"\n'
-        "[storage]\nread_seconds = 0.3\n"
+        f"[storage]\nread_seconds = {read_seconds}\n"
     )
     code = f"import sys\n{prelude}from pipeline.cli import main\nsys.exit(main(sys.argv[1:]))"
     child = await asyncio.create_subprocess_exec(
@@ -153,7 +174,7 @@ async def test_a_stalled_write_to_a_gs_output_is_made_again(
 ):
     """The output's first write (its lease) is taken and never answered: it is given up after
     `read_seconds` and made again, and the run writes its rows as usual."""
-    status, stderr = await run_child(server, tmp_path)
+    status, stderr = await run_child(server, tmp_path, read_seconds=1.0)  # (a loaded machine)
 
     assert status == exits.OK, stderr
     assert server.stats()["storage"]["stalls"] == 1
