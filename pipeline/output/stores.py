@@ -211,7 +211,8 @@ def _bounds(scheme: str) -> dict[str, Any]:
     """The filesystem's arguments that bound its requests. gcsfs hands `requests_timeout` to
     every aiohttp request it makes (an `aiohttp.ClientTimeout`: no `total`); s3fs to botocore's
     Config (its own defaults, 5 s and 15 s, replaced so that one setting means one thing).
-    adlfs: the Azure SDK's own bounds (a connection and a read timeout by default)."""
+    adlfs gets none (not installed here to check its arguments): its Azure SDK bounds the
+    connection (20 s), and a read by a default that is 80,000 s in some of its versions."""
     limits = _timeouts[0]
     if scheme in ("gs", "gcs"):
         timeout = aiohttp.ClientTimeout(
