@@ -26,8 +26,11 @@ from pipeline.output.state import State
 from pipeline.output.stores import (
     Timeouts,
     VersionMismatch,
+    failure_text,
     filesystem,
     open_store,
+    timeout_text,
+    transient,
     use_timeouts,
 )
 from pipeline.run.calls import RunStopped
@@ -262,6 +265,30 @@ async def test_a_batch_input_this_machine_cannot_read_is_named_as_local(tmp_path
     assert verdict.exit_code == exits.STOPPED
     assert not memory.exists("b/unread")
     state.close()
+
+
+def test_s3_filesystems_get_the_same_bounds_through_botocore():
+    """s3fs hands `config_kwargs` to botocore's Config (no request made here)."""
+    pytest.importorskip("s3fs")
+    use_timeouts(Timeouts(connect_seconds=3, read_seconds=7))
+    assert filesystem("s3").config_kwargs == {"connect_timeout": 3, "read_timeout": 7}
+
+
+def test_a_timeout_is_named_with_the_bound_it_met():
+    """aiohttp's own words say neither that a request timed out nor which bound it met."""
+    aiohttp = pytest.importorskip("aiohttp")
+    use_timeouts(Timeouts(connect_seconds=4, read_seconds=9))
+    connect = aiohttp.ConnectionTimeoutError("Connection timeout to host http://x")
+    read = aiohttp.SocketTimeoutError("Timeout on reading data from socket")
+    assert (
+        timeout_text(connect)
+        == "timed out connecting to the store (4 s, [storage] connect_seconds)"
+    )
+    assert (
+        failure_text(read) == "timed out: the store sent nothing for 9 s ([storage] read_seconds)"
+    )
+    assert transient(connect) and transient(read)
+    assert timeout_text(OSError("Connection reset by peer")) is None
 
 
 @pytest.mark.parametrize("key", ["connect_seconds", "read_seconds"])
