@@ -55,8 +55,6 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
-import aiohttp
-
 from pipeline.locations import (
     FILESYSTEMS,
     STORE_CONNECT_SECONDS,
@@ -215,6 +213,8 @@ def _bounds(scheme: str) -> dict[str, Any]:
     connection (20 s), and a read by a default that is 80,000 s in some of its versions."""
     limits = _timeouts[0]
     if scheme in ("gs", "gcs"):
+        import aiohttp  # here: gcsfs's own client, loaded with it (the CLI starts without it)
+
         timeout = aiohttp.ClientTimeout(
             sock_connect=limits.connect_seconds, sock_read=limits.read_seconds
         )
