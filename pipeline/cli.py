@@ -763,6 +763,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     except exits.NotStarted as exc:
         _say(f"not started: {exc}")
         return exc.exit_code
+    except exits.StoppedEarly as exc:
+        _say(f"stopped: {exc}")
+        return exc.exit_code
     except KeyboardInterrupt:
         _say("interrupted")
         return exits.STOPPED

@@ -34,7 +34,14 @@ from pipeline.gemini.backends import BACKENDS, REQUEST_TYPES
 from pipeline.gemini.tokens import DEFAULT_MEDIA_RESOLUTION
 from pipeline.gemini.types import DEFAULT_BASE_URL, Flavor, GenerateRequest
 from pipeline.localserver.options import LocalOptions
-from pipeline.locations import is_url, local_path, normalise_url, scheme_of
+from pipeline.locations import (
+    STORE_CONNECT_SECONDS,
+    STORE_READ_SECONDS,
+    is_url,
+    local_path,
+    normalise_url,
+    scheme_of,
+)
 from pipeline.models import Model, ModelTable, ModelTableError, default_table
 from pipeline.rowtypes import KeySuffixes
 from pipeline.settings import setting
@@ -307,6 +314,24 @@ class OutputConfig:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class StorageConfig:
+    """Object stores (s3://, gs://): inputs, outputs and the Vertex batch staging prefix (the
+    defaults' reasons: pipeline/locations.py)."""
+
+    connect_seconds: float = setting(
+        STORE_CONNECT_SECONDS,
+        s.positive_number,
+        "a store request's connection is given up after this long",
+    )
+    read_seconds: float = setting(
+        STORE_READ_SECONDS,
+        s.positive_number,
+        "... and its answer once nothing of it came for this long (an idle bound: a slow big "
+        "transfer that keeps coming is never cut); then it is retried as a store's failure is",
+    )
+
+
 # [local]: the options of the bundled local server when `[api] base_url = "local"`, declared once
 # beside the server (pipeline/localserver/options.py), whose `serve-local` flags are made from them.
 LocalConfig = LocalOptions
@@ -382,6 +407,7 @@ class Config:
     local: LocalConfig = field(default_factory=LocalConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
     models: ModelTable = field(default_factory=default_table, repr=False)
     source: str = "<defaults>"  # the file this came from, for messages
 
@@ -405,6 +431,7 @@ SECTIONS: dict[str, type] = {
     "local": LocalConfig,
     "batch": BatchConfig,
     "engine": EngineConfig,
+    "storage": StorageConfig,
 }
 MODELS_SECTION = "models"  # [models."id"]: entries added to the model table
 
@@ -536,6 +563,7 @@ def _build(given: dict[str, dict[str, Any]], models: ModelTable, source: str) ->
         local=LocalConfig(**given["local"]),
         batch=BatchConfig(**given["batch"]),
         engine=EngineConfig(**given["engine"]),
+        storage=StorageConfig(**given["storage"]),
         models=models,
         source=source,
     )

@@ -20,6 +20,14 @@ class NotStarted(Exception):
     exit_code = CONFIRM
 
 
+class StoppedEarly(Exception):
+    """A run stopped by a failure outside it that a rerun may get past (the inputs' store timed
+    out while they were listed): the command line prints "stopped: " and the message and exits
+    with `exit_code`; what was answered before it is committed, as for any stop."""
+
+    exit_code = STOPPED
+
+
 EPILOG = f"""exit codes:
   {OK}  every row of the run is ok
   {ROWS_NOT_OK}  some rows are error, blocked or partial (see `pipeline status`)

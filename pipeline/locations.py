@@ -17,6 +17,14 @@ FILESYSTEMS = {
     "memory": "fsspec",
 }
 
+# The bounds of a store request ([storage] connect_seconds, read_seconds; used by
+# pipeline/output/stores.py). Connect: a TCP and TLS handshake takes well under a second; 10 s
+# leaves room for the kernel's SYN retries (after 1, 2, 4 s) on a lossy network. Read: an idle
+# bound (aiohttp's `sock_read`, started once the request is sent and restarted by every byte
+# that comes), never a total one, which would cut a slow big transfer; 60 s is
+# google-cloud-storage's and botocore's own default request timeout.
+STORE_CONNECT_SECONDS = 10.0
+STORE_READ_SECONDS = 60.0
 
 HTTP_SCHEMES = ("http", "https")
 

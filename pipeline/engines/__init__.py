@@ -14,7 +14,7 @@ import importlib
 
 from pipeline.config import Config, ConfigError, require_available
 from pipeline.engines.batch.engine import BatchEngine
-from pipeline.engines.common import AliasMoved, RunStart
+from pipeline.engines.common import AliasMoved, RunStart, bound_store_requests
 from pipeline.engines.ray.driver import RayEngine
 from pipeline.engines.single import SingleProcess
 from pipeline.inputs.checks import check_groups, require_inputs
@@ -35,6 +35,7 @@ def check_run(config: Config, options: RunOptions) -> None:
     inputs that are not there, an engine whose extra is not installed, --submit-only outside
     Batch Mode or against the in-process server. (A settings change that would redo too many
     rows is refused once the run has read its resume index: `common.guard_redo`.)"""
+    bound_store_requests(config)  # the inputs' bucket is asked first
     require_inputs(config)
     _check_caps(config)
     _require_engine(config)
@@ -83,6 +84,7 @@ async def run_async(config: Config, options: RunOptions | None = None) -> RunSum
     the service says is another entry than the table's guess starts once more, under that
     entry (`AliasMoved`: its preflight is not asked again)."""
     options = options or RunOptions()
+    bound_store_requests(config)
     require_available(config)
     check_groups(config)
     references = load_references(config)  # read once: every request of the run has them

@@ -37,6 +37,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pipeline import exits
 from pipeline.config import Config, ConfigError, declarations
 from pipeline.engines.backend import client_backend
 from pipeline.gemini import ApiKeyError, GeminiClient, GeminiError, api_key_from_env
@@ -48,7 +49,16 @@ from pipeline.locations import is_url, local_path, scheme_of
 from pipeline.output.index import DoneOrInFlight, ResumeIndex, load_resume_index
 from pipeline.output.sink import ParquetSink, SinkFailed
 from pipeline.output.state import STATE_FILE, State
-from pipeline.output.stores import LeaseLost, MissingExtra, Store, open_store
+from pipeline.output.stores import (
+    LeaseLost,
+    MissingExtra,
+    Store,
+    Timeouts,
+    failure_text,
+    open_store,
+    transient,
+    use_timeouts,
+)
 from pipeline.records import Work
 from pipeline.run import preflight
 from pipeline.run.buyers import InteractiveBuyer
@@ -214,6 +224,13 @@ def _key_from_env(config: Config) -> str | None:
         return api_key_from_env()
     except ApiKeyError as exc:
         raise ConfigError(f"{config.source}: {exc}") from None
+
+
+def bound_store_requests(config: Config) -> None:
+    """This process's store requests bounded by the config's `[storage]` (a run's, a Ray
+    worker's: each process makes its own filesystems)."""
+    storage = config.storage
+    use_timeouts(Timeouts(storage.connect_seconds, storage.read_seconds))
 
 
 def open_output(config: Config) -> Path | Store:
@@ -424,6 +441,13 @@ class Opened:
     preflight: Preflight  # the walk's (`Producer(..., opened.preflight)`)
 
 
+class OutputUnavailable(exits.NotStarted):
+    """A bucket output that failed transiently while the run opened it (its lease, the last
+    run's journal): no call was made; exit 3, the same command resumes once it answers."""
+
+    exit_code = exits.STOPPED
+
+
 class Opener:
     """Opens a run's output and makes what every engine in this process works with."""
 
@@ -439,7 +463,7 @@ class Opener:
         closed with `stack`."""
         fetcher = Fetcher(settings_from(self.config), seed=self.options.seed)
         stack.callback(fetcher.close)
-        sink = await stack.enter_async_context(self._sink(out))
+        sink = await self._open_sink(stack, out)
         state = open_state(out, self.config)  # after the lock: read what the last run left
         stack.callback(state.close)
         index = await asyncio.to_thread(self._index, out)
@@ -460,6 +484,16 @@ class Opener:
         )
         checking = Preflight(self.start, client, stop)
         return Opened(state, sink, index, client, caller, bought, runner, fetcher, checking)
+
+    async def _open_sink(self, stack: contextlib.AsyncExitStack, out: Path | Store) -> ParquetSink:
+        """The sink open (its lock taken, a killed run's journal committed); a bucket that fails
+        transiently meanwhile (a timeout, an outage) is `OutputUnavailable`: nothing bought."""
+        try:
+            return await stack.enter_async_context(self._sink(out))
+        except Exception as exc:
+            if isinstance(out, Path) or not transient(exc):
+                raise
+            raise OutputUnavailable(f"{out}: {failure_text(exc)}") from None
 
     def _sink(self, out: Path | Store) -> ParquetSink:
         output = self.config.output

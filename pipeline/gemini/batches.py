@@ -464,8 +464,12 @@ class LocalWriteFailed(Exception):
     error, and either message would blame the far side."""
 
     def __init__(self, path: Path, exc: OSError) -> None:
-        reason = f"[Errno {exc.errno}] {exc.strerror}" if exc.strerror else str(exc)
-        super().__init__(f"{path}: {reason}")
+        super().__init__(f"{path}: {os_reason(exc)}")
+
+
+def os_reason(exc: OSError) -> str:
+    """An OSError's errno and words, without the file name the caller names its own way."""
+    return f"[Errno {exc.errno}] {exc.strerror}" if exc.strerror else str(exc)
 
 
 class ResultsFile:

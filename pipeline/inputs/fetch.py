@@ -238,7 +238,7 @@ class Fetcher:
             transient = stores.transient(exc)
             if transient is None:  # neither an I/O error nor a store's refusal: a defect
                 raise
-            reason = f"object read failed: {_first_line(exc)}"
+            reason = f"object read failed: {stores.timeout_text(exc) or _first_line(exc)}"
             raise FetchError(reason, retryable=transient) from None
 
     def _count_retry(self, exc: BaseException) -> None:

@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 from urllib.parse import unquote, urlsplit
 
-from pipeline import locations
+from pipeline import exits, locations
 from pipeline.config import InputConfig
 from pipeline.gemini.types import MAX_IMAGES_PER_REQUEST
 from pipeline.output import stores
@@ -965,9 +965,20 @@ def _fs_listing(fs: Any, root: str) -> Iterator[Listed]:
             yield path[len(top) + 1 :], size, version, stores.content_id(info)
 
 
+class ListingFailed(exits.StoppedEarly):
+    """A folder of the inputs' store that could not be listed for a transient reason (a timeout,
+    an outage) once the store client's retries were spent: the walk cannot go on, so the run
+    stops (exit 3) naming the folder; a rerun resumes."""
+
+
 def _ls(fs: Any, path: str) -> list[dict[str, Any]]:
     try:
         found = fs.ls(path, detail=True)
     except FileNotFoundError:
         return []
+    except Exception as exc:
+        if not stores.transient(exc):
+            raise
+        where = fs.unstrip_protocol(path)
+        raise ListingFailed(f"{where}: listing failed: {stores.failure_text(exc)}") from None
     return sorted(found, key=lambda info: info["name"])

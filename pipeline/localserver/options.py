@@ -143,6 +143,25 @@ def _storage_fault(item: Any) -> tuple[str, int, int]:
     return found[1], int(found[2]), int(found[3] or 0)
 
 
+StorageStalls = tuple[tuple[str, int], ...]
+
+
+def _storage_stalls(v: Any) -> StorageStalls:
+    """(operation, how many) from "OP" or "OPxN" strings: the first N requests of that kind
+    stall (0: every one)."""
+    items = [v] if isinstance(v, str) else v
+    if not isinstance(items, Iterable):
+        raise TypeError("OP[xN] strings")
+    return tuple(_storage_stall(item) for item in items)
+
+
+def _storage_stall(item: Any) -> tuple[str, int]:
+    found = re.fullmatch(r"(\w+?)(?:x(\d+))?", str(item).strip())
+    if found is None or found[1] not in STORAGE_OPERATIONS:
+        raise TypeError(f"OP[xN] strings, OP one of {', '.join(STORAGE_OPERATIONS)}")
+    return found[1], int(found[2] or 0)
+
+
 _SECRET = frozenset({"api_key"})  # never echoed, not even when refused
 
 
@@ -351,6 +370,14 @@ class ServerOptions(LocalOptions):
         _storage_faults,
         "Cloud Storage fault: comma-separated OP=STATUS[xN] (OP upload, download, list or "
         "delete): the first N such requests (every one without xN) answer that HTTP status",
+        type=_kinds,
+    )
+    storage_stall: StorageStalls = setting(
+        (),
+        _storage_stalls,
+        "Cloud Storage stall: comma-separated OP[xN] (OP upload, download, list or delete): the "
+        "first N such requests (every one without xN) are taken and never answered (a download "
+        "stops after half its bytes) until the client gives up or the server stops",
         type=_kinds,
     )
     answer_log: str | None = setting(

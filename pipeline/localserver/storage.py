@@ -15,11 +15,20 @@ pipeline walks and reads gs:// inputs, and writes and deletes a batch job's stag
   (a session URL in `Location`, then the bytes in `Content-Range` chunks POSTed or PUT to it:
   gcsfs's `initiate_upload` / `upload_chunk`), counted (`storage.object_puts`); an object is
   written whole (a temporary file renamed) when its last byte came;
-- `DELETE /storage/v1/b/{bucket}/o/{object}` (gcsfs's `_rm_file`).
+- `DELETE /storage/v1/b/{bucket}/o/{object}` (gcsfs's `_rm_file`);
+- `ifGenerationMatch` on a media or multipart upload and on a delete: 412 unless the object's
+  generation is that one (`0`: no such object), what the project's gs:// outputs create and
+  compare-and-swap by (pipeline/output/stores.py `_GcsWrites`).
 
 `--storage-fault OP=STATUS[xN]` makes the first N uploads, downloads, listings or deletes (all of
 them without xN) answer that HTTP status with a JSON API error body, counted
 (`storage.faults`): what a staging prefix whose store refuses or fails looks like to gcsfs.
+
+`--storage-stall OP[xN]` makes the first N such requests (all of them without xN) stall, counted
+(`storage.stalls`): an upload's body is taken and no answer sent, a download's headers and half
+its bytes are sent and then nothing, a listing or delete is never answered — until the client
+gives up (closing the connection ends the handler) or the server stops: what a connection that
+hangs looks like to gcsfs.
 
 No auth (the double's buckets are test folders); the object resource carries what gcsfs turns
 into `size`, `mtime` and `generation`, and the object's `md5Hash` (base64, as the JSON API
@@ -61,6 +70,10 @@ class StorageSurface:
         # --storage-fault: operation -> (status, failures left; None: every request)
         self.failing = {op: (status, n or None) for op, status, n in core.options.storage_fault}
         self.faults = 0
+        # --storage-stall: operation -> stalls left (None: every request)
+        self.stalling = {op: n or None for op, n in core.options.storage_stall}
+        self.stalls = 0
+        self.closing = core.answerer.closing  # set when the server stops: a stall ends
 
     def routes(self, app: web.Application, _versions: str) -> None:
         app.router.add_get(STORAGE, self.bucket)
@@ -72,7 +85,8 @@ class StorageSurface:
         app.router.add_delete(f"{STORAGE}/o/{{name:.+}}", self.delete)
 
     def snapshot(self) -> dict[str, Any]:
-        counts = ("object_gets", "range_gets", "range_bytes", "object_puts", "lists", "faults")
+        counts: tuple[str, ...] = ("object_gets", "range_gets", "range_bytes", "object_puts")
+        counts += ("lists", "faults", "stalls")
         return {"storage": {name: getattr(self, name) for name in counts}}
 
     async def upload(self, request: web.Request) -> web.Response:
@@ -80,6 +94,9 @@ class StorageSurface:
         bucket, query = request.match_info["bucket"], request.query
         if (failed := self._failed("upload")) is not None:
             return failed
+        if self._stalled("upload"):
+            await request.read()  # the whole body taken, then no answer
+            return await self._silence()
         self._root(bucket)
         if "upload_id" in query:
             return await self._chunk(request, query["upload_id"])
@@ -90,6 +107,7 @@ class StorageSurface:
         name = query.get("name", "")
         if kind == "multipart":
             name, data = _multipart(request.headers, data)
+        self._precondition(bucket, name, query)
         return self._put(bucket, name, data)
 
     async def _start(self, request: web.Request, bucket: str) -> web.Response:
@@ -129,7 +147,11 @@ class StorageSurface:
     async def delete(self, request: web.Request) -> web.Response:
         if (failed := self._failed("delete")) is not None:
             return failed
-        path = self._object(request.match_info["bucket"], request.match_info["name"])
+        if self._stalled("delete"):
+            return await self._silence()
+        bucket, name = request.match_info["bucket"], request.match_info["name"]
+        path = self._object(bucket, name)
+        self._precondition(bucket, name, request.query)
         path.unlink()
         return web.Response(status=204)
 
@@ -144,6 +166,8 @@ class StorageSurface:
         bucket = request.match_info["bucket"]
         if (failed := self._failed("list")) is not None:
             return failed
+        if self._stalled("list"):
+            return await self._silence()
         root, prefix = self._root(bucket), request.query.get("prefix", "")
         self.lists += 1
         if not request.query.get("delimiter"):
@@ -163,11 +187,13 @@ class StorageSurface:
         path = self._object(bucket, request.match_info["name"])
         return web.json_response(_resource(bucket, self._root(bucket), path))
 
-    async def download(self, request: web.Request) -> web.Response:
+    async def download(self, request: web.Request) -> web.StreamResponse:
         if (failed := self._failed("download")) is not None:
             return failed
         path = self._object(request.match_info["bucket"], request.match_info["name"])
         data = path.read_bytes()
+        if self._stalled("download"):
+            return await self._cut_short(request, data)
         span = _byte_range(request.headers.get("Range", ""), len(data))
         if span is None:
             self.object_gets += 1
@@ -195,6 +221,42 @@ class StorageSurface:
             message += ": invalid argument"
         body = {"error": {"code": status, "message": message}}
         return web.json_response(body, status=status)
+
+    def _stalled(self, operation: str) -> bool:
+        """Whether this request of `operation` stalls (--storage-stall), counted."""
+        if operation not in self.stalling or self.stalling[operation] == 0:
+            return False
+        left = self.stalling[operation]
+        self.stalling[operation] = None if left is None else left - 1
+        self.stalls += 1
+        return True
+
+    async def _silence(self) -> web.Response:
+        """No answer until the server stops (a client that gives up first closes the
+        connection, which ends this handler: the server runs with handler_cancellation)."""
+        await self.closing.wait()
+        raise web.HTTPServiceUnavailable()
+
+    async def _cut_short(self, request: web.Request, data: bytes) -> web.StreamResponse:
+        """The headers of the whole object and half of its bytes, then nothing more."""
+        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        response.content_length = len(data)
+        await response.prepare(request)
+        await response.write(data[: len(data) // 2])
+        await self.closing.wait()
+        return response
+
+    def _precondition(self, bucket: str, name: str, query: Any) -> None:
+        """`ifGenerationMatch`: 412 unless the object's generation is that one ("0": absent),
+        checked and acted on with no await between (one request at a time)."""
+        wanted = query.get("ifGenerationMatch")
+        if wanted is None:
+            return
+        path = self._root(bucket) / name
+        generation = str(path.stat().st_mtime_ns) if path.is_file() else "0"
+        if generation != wanted:
+            body = '{"error": {"code": 412, "message": "Precondition Failed"}}'
+            raise web.HTTPPreconditionFailed(text=body, content_type="application/json")
 
     def _root(self, bucket: str) -> Path:
         root = self.roots.get(bucket)

@@ -56,6 +56,7 @@ from pipeline.output.stores import (
     Store,
     WriterLock,
     open_store,
+    timeout_text,
 )
 from pipeline.records import ROW_SCHEMA
 
@@ -323,7 +324,7 @@ class ParquetSink:
 
     def _raise_failure(self) -> None:
         if self._failure is not None:
-            raise SinkFailed(str(self._failure)) from self._failure
+            raise SinkFailed(_why(self._failure)) from self._failure
 
     # -------------------------------------------------------------------------------- writer
     async def _run(self) -> None:
@@ -352,7 +353,7 @@ class ParquetSink:
             try:
                 await self._write(rows)
             except BaseException as exc:
-                _settle(waiting, SinkFailed(str(exc)))
+                _settle(waiting, SinkFailed(_why(exc)))
                 raise
             _settle(waiting)
         now = time.monotonic()
@@ -486,9 +487,15 @@ class ParquetSink:
         while not self._queue.empty():
             item = self._queue.get_nowait()
             if isinstance(item, _Flush):
-                _settle([item.done], SinkFailed(str(self._failure)))
+                _settle([item.done], SinkFailed(_why(self._failure)))
             elif isinstance(item, _Row):
-                _settle([item.written], SinkFailed(str(self._failure)))
+                _settle([item.written], SinkFailed(_why(self._failure)))
+
+
+def _why(exc: BaseException | None) -> str:
+    """A write's failure in words: a store request that timed out says so, and which bound it
+    met (aiohttp's own words do not); any other as it is."""
+    return (timeout_text(exc) if exc is not None else None) or str(exc)
 
 
 def _is_row(item: object) -> bool:

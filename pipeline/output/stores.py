@@ -29,6 +29,9 @@ The cloud filesystems (s3fs, gcsfs, adlfs, all through fsspec) are the optional 
 imported only when such a path is used; without them a path like `s3://...` is one line saying
 what to install (`MissingExtra`). Credentials and endpoints come from each store's own standard
 environment (`AWS_*`, `AWS_ENDPOINT_URL`, `GOOGLE_APPLICATION_CREDENTIALS`, `AZURE_STORAGE_*`).
+Every gs:// and s3:// request is bounded (`Timeouts`: a connect and an idle-read timeout, the
+run's `[storage]` settings); one that times out is a transient failure (`transient`), named as
+a timeout (`timeout_text`).
 """
 
 from __future__ import annotations
@@ -52,7 +55,14 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
-from pipeline.locations import FILESYSTEMS, local_path, normalise_url, scheme_of
+from pipeline.locations import (
+    FILESYSTEMS,
+    STORE_CONNECT_SECONDS,
+    STORE_READ_SECONDS,
+    local_path,
+    normalise_url,
+    scheme_of,
+)
 from pipeline.output.fsutil import AlreadyExists, atomic_write, create_new, fsync_dir
 
 log = logging.getLogger(__name__)
@@ -174,10 +184,51 @@ def _credential_hint(scheme: str) -> str:
     return "see the store's standard environment"
 
 
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """How long a store request may wait to connect, and for its next byte once sent. gcsfs
+    passes aiohttp no timeout at all (`requests_timeout=None`) and fsspec's `sync` waits for
+    ever: one stalled connection held a run, and the answers it had paid for, indefinitely."""
+
+    connect_seconds: float = STORE_CONNECT_SECONDS  # (the defaults' reasons: locations.py)
+    read_seconds: float = STORE_READ_SECONDS
+
+
+_timeouts = [Timeouts()]  # this process's bounds: one per process, as the filesystems are
+
+
+def use_timeouts(timeouts: Timeouts) -> None:
+    """Bound every store request this process makes from now on (a run's `[storage]`
+    settings); the filesystems made under other bounds are forgotten."""
+    if timeouts != _timeouts[0]:
+        _timeouts[0] = timeouts
+        filesystem.cache_clear()
+
+
+def _bounds(scheme: str) -> dict[str, Any]:
+    """The filesystem's arguments that bound its requests. gcsfs hands `requests_timeout` to
+    every aiohttp request it makes (an `aiohttp.ClientTimeout`: no `total`); s3fs to botocore's
+    Config (its own defaults, 5 s and 15 s, replaced so that one setting means one thing).
+    adlfs gets none (not installed here to check its arguments): its Azure SDK bounds the
+    connection (20 s), and a read by a default that is 80,000 s in some of its versions."""
+    limits = _timeouts[0]
+    if scheme in ("gs", "gcs"):
+        import aiohttp  # here: gcsfs's own client, loaded with it (the CLI starts without it)
+
+        timeout = aiohttp.ClientTimeout(
+            sock_connect=limits.connect_seconds, sock_read=limits.read_seconds
+        )
+        return {"requests_timeout": timeout}
+    if scheme == "s3":
+        bounds = {"connect_timeout": limits.connect_seconds, "read_timeout": limits.read_seconds}
+        return {"config_kwargs": bounds}
+    return {}
+
+
 @functools.cache
 def filesystem(scheme: str) -> Any:
-    """The fsspec filesystem for a scheme (one instance per process; listings never cached,
-    since other runs change what is there)."""
+    """The fsspec filesystem for a scheme (one instance per process and `Timeouts`; listings
+    never cached, since other runs change what is there)."""
     package = FILESYSTEMS.get(scheme)
     if package is None:
         raise ValueError(f"{scheme}:// is not a supported store ({', '.join(FILESYSTEMS)})")
@@ -194,7 +245,7 @@ def filesystem(scheme: str) -> Any:
     logging.getLogger(package).addHandler(_SILENT)
     if scheme == "memory":
         return fsspec.filesystem(scheme)
-    return fsspec.filesystem(scheme, use_listings_cache=False)
+    return fsspec.filesystem(scheme, use_listings_cache=False, **_bounds(scheme))
 
 
 @dataclass(frozen=True, slots=True)
@@ -669,11 +720,11 @@ class _S3Writes:
 class _GcsWrites:
     """Conditional uploads and deletes on GCS (`ifGenerationMatch`: 0 means "absent").
 
-    Written from the JSON API reference and gcsfs's own `simple_upload`; not exercised by the
-    tests, unlike `_S3Writes`: the pip-installable double, gcp-storage-emulator (2026.7), ignores
-    `ifGenerationMatch` altogether (a second create over a name succeeded, tried 2026-11-29), so
-    it would pass these guarantees unchecked; Google's storage-testbench and fake-gcs-server are
-    not installable here.
+    Written from the JSON API reference and gcsfs's own `simple_upload`, whose `validate_response`
+    raises a 412 as a bare FileExistsError (no code): that is the precondition failing. Tested
+    against the local server's storage API, which checks `ifGenerationMatch` (the pip-installable
+    gcp-storage-emulator (2026.7) ignores it: a second create over a name succeeded, tried
+    2026-11-29).
     """
 
     def __init__(self, fs: Any) -> None:
@@ -698,7 +749,7 @@ class _GcsWrites:
                 **condition,
             )
         except Exception as exc:
-            if _precondition_failed(exc):
+            if isinstance(exc, FileExistsError) or _precondition_failed(exc):
                 error = AlreadyExists if if_absent else VersionMismatch
                 raise error(errno.EEXIST, "exists or changed", path) from None
             raise
@@ -712,7 +763,7 @@ class _GcsWrites:
         except FileNotFoundError:
             return
         except Exception as exc:
-            if _precondition_failed(exc):
+            if isinstance(exc, FileExistsError) or _precondition_failed(exc):
                 raise VersionMismatch(errno.EAGAIN, "changed by another writer", path) from None
             raise
 
@@ -790,12 +841,38 @@ async def retried(
 
 
 def failure_text(exc: BaseException) -> str:
-    """A store failure in one line: its HTTP status when it has one, then the first line of
-    its message (gcsfs and adlfs messages name the object, never a credential)."""
+    """A store failure in one line: a timeout named as one (`timeout_text`), else its HTTP
+    status when it has one, then the first line of its message (gcsfs and adlfs messages name
+    the object, never a credential)."""
+    timed_out = timeout_text(exc)
+    if timed_out is not None:
+        return timed_out
     lines = str(exc).strip().splitlines()
     first = (lines[0] if lines else type(exc).__name__)[:200]
     status = http_status(exc)
     return first if status is None else f"{status_text(status)}: {first}"
+
+
+# Timeouts by class name (no client package imported for them): aiohttp's connect timeout (a
+# TimeoutError too), botocore's connect and read timeouts (OSErrors through requests, not
+# TimeoutErrors).
+_CONNECT_TIMEOUTS = frozenset({"ConnectionTimeoutError", "ConnectTimeoutError"})
+_READ_TIMEOUTS = frozenset({"ReadTimeoutError"})
+
+
+def timeout_text(exc: BaseException) -> str | None:
+    """A store request that timed out, in one line naming the bound it met and its setting;
+    None for any other failure. (aiohttp's own words, "Timeout on reading data from socket",
+    say neither.)"""
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    limits = _timeouts[0]
+    if names & _CONNECT_TIMEOUTS:
+        seconds, key = limits.connect_seconds, "connect_seconds"
+        return f"timed out connecting to the store ({seconds:g} s, [storage] {key})"
+    if isinstance(exc, TimeoutError) or names & _READ_TIMEOUTS:
+        seconds, key = limits.read_seconds, "read_seconds"
+        return f"timed out: the store sent nothing for {seconds:g} s ([storage] {key})"
+    return None
 
 
 def _precondition_failed(exc: BaseException) -> bool:

@@ -65,7 +65,13 @@ from typing import Any, NoReturn
 from pipeline import exits
 from pipeline.config import BatchConfig, Config, ConfigError
 from pipeline.engines.batch.service import job_service
-from pipeline.engines.common import Opened, drain_on_signals, make_client, sink_hint
+from pipeline.engines.common import (
+    Opened,
+    bound_store_requests,
+    drain_on_signals,
+    make_client,
+    sink_hint,
+)
 from pipeline.gemini import ApiKeyError, GeminiClient, GeminiError, api_key_from_env
 from pipeline.gemini.batches import Batches, BatchJob, BatchResult, LocalWriteFailed
 from pipeline.gemini.client import DEFAULT_BASE_URL
@@ -1295,6 +1301,8 @@ async def wait(
     """Follow every job in flight until it ends, collecting each as it succeeds (rows through
     the sink, as a run does; each job parsed with its own recorded [task] settings)."""
     run_id = new_run_id("batch-wait")
+    if config is not None:  # without one, the store bounds' defaults
+        bound_store_requests(config)
     summary = RunSummary(run_id, config.source if config else "", "", "", "")
     counts, rows, stop, out = JobCounts(), RowCounts(), Stop(), _output(output_dir)
     here = endpoint(config, base_url)

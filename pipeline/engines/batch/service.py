@@ -16,13 +16,15 @@ than its completionStats count) is not ready — polled again, never read as emp
 
 The staging prefix is used through gcsfs, which retries a transient HTTP failure itself and then
 raises its HttpError (not an OSError). Each staging call is tried again on a failure
-`stores.transient` calls passing (I/O errors, HTTP 408, 429, 5xx: the rule inputs/fetch.py reads
-objects by), up to STAGING_ATTEMPTS; any other, or one that outlasts them, is `StagingFailed`:
-the run stops naming the URI and the store's HTTP status (a job already created stays in flight
-and the next run re-attaches to it), a delete keeps the name for a later try. Writing the local
+`stores.transient` calls passing (I/O errors, HTTP 408, 429, 5xx, a request that timed out under
+`[storage]`'s bounds: the rule inputs/fetch.py reads objects by), up to STAGING_ATTEMPTS; any
+other, or one that outlasts them, is `StagingFailed`: the run stops naming the URI and the
+store's HTTP status or "timed out" (a job already created stays in flight and the next run
+re-attaches to it), a delete keeps the name for a later try. Writing the local
 copy of a job's predictions is this machine's part, not the store's: its failure (a full disk, a
 folder this user may not write) is `LocalWriteFailed` (gemini/batches.py's ResultsFile), never
-tried again here nor blamed on the bucket (jobs.py stops the run naming the local file).
+tried again here nor blamed on the bucket (jobs.py stops the run naming the local file). So is
+reading the batch input before it is staged: `LocalReadFailed`, the run stopped naming the file.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from pipeline import exits
 from pipeline.config import ConfigError
 from pipeline.gemini import GeminiClient
 from pipeline.gemini.backends import Vertex
-from pipeline.gemini.batches import JSONL_MIME, Batches, BatchJob, ResultsFile
+from pipeline.gemini.batches import JSONL_MIME, Batches, BatchJob, ResultsFile, os_reason
 from pipeline.gemini.vertex_batches import VertexBatches
 from pipeline.output import stores
 from pipeline.output.state import State
@@ -173,6 +175,10 @@ class VertexJobs:
         """The JSONL written to the staging prefix; the input and the output prefix recorded
         as the job's files first (a kill after the write still finds them to delete)."""
         uri = self._uri(display_name, INPUT)
+        try:
+            await asyncio.to_thread(_read_through, path)
+        except LocalReadFailed as exc:
+            raise RunStopped(_not_read(exc)) from None
         state.add_batch_file(job, uri)
         state.add_batch_file(job, self._uri(display_name, OUTPUT))
         try:
@@ -244,6 +250,37 @@ class VertexJobs:
             return list(self.fs.find(_path(prefix), withdirs=False))
         except FileNotFoundError:
             return []
+
+
+class LocalReadFailed(Exception):
+    """The batch input could not be read on this machine (a disk error, a file this user may
+    not read): its failure, not the store's. Not an OSError on purpose: `stores.retried` would
+    read it as the store's I/O error, and the stop would blame the staging prefix."""
+
+    def __init__(self, path: Path, exc: OSError) -> None:
+        super().__init__(f"{path}: {os_reason(exc)}")
+
+
+def _read_through(path: Path) -> None:
+    """Read the JSONL once, all of it, before gcsfs does (it opens and reads it inside the
+    upload, where a local error reads as the store's): the extra local read costs little beside
+    the upload, and the page cache serves gcsfs's. A disk that fails between the two reads is
+    still blamed on the staging prefix."""
+    try:
+        with open(path, "rb") as source:
+            while source.read(CHUNK):
+                pass
+    except OSError as exc:
+        raise LocalReadFailed(path, exc) from None
+
+
+def _not_read(exc: LocalReadFailed) -> Verdict:
+    return Verdict(
+        Action.RUN,
+        f"the batch input cannot be read on this machine: {exc}",
+        exits.STOPPED,
+        "check the disk (or the file's permissions) and rerun: nothing was sent or bought",
+    )
 
 
 def _path(uri: str) -> str:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from pipeline.config import Config, ConfigError
-from pipeline.engines.common import make_client, process_unit
+from pipeline.engines.common import bound_store_requests, make_client, process_unit
 from pipeline.engines.ray.quota import ActorLink, LeasedDaily, LeasedLimiter, Limits, quota_of
 from pipeline.gemini import GeminiClient, GeminiError, api_key_from_env
 from pipeline.inputs.references import load as load_references
@@ -160,6 +160,7 @@ class Worker:
 
         setup, config, stop = self.setup, self.config, self.stop
         key = _key(setup)
+        bound_store_requests(config)  # this worker's own filesystems
         client = await self._stack.enter_async_context(_client(setup, key))
         await _authenticated(client, setup)
         out = open_store(config.output.dir)  # a folder every node sees, or a bucket
