@@ -21,6 +21,7 @@ import aiohttp
 import numpy as np
 import pyarrow.dataset as ds
 import pytest
+from _pytest.assertion import rewrite as pytest_rewrite
 from aiohttp import web
 from PIL import Image, ImageDraw
 
@@ -261,6 +262,32 @@ def pytest_configure(config: pytest.Config) -> None:
     if not hasattr(config, "workerinput"):
         for tree in ("pipeline", "scripts", "tests"):
             compileall.compile_dir(str(REPO / tree), quiet=1)
+        _rewrite_ahead(config)
+
+
+def _rewrite_ahead(config: pytest.Config) -> None:
+    """Write pytest's assert-rewritten bytecode of the test modules once, for the workers.
+
+    A worker reads that cache whatever PYTHONDONTWRITEBYTECODE says, but under it never writes
+    it, so each of the four rewrote all 91 modules (~6 s of CPU each: half of a worker's
+    collection). pytest has no public call for this: its own steps are taken (the module
+    loader's `exec_module`), and where pytest has changed them the workers rewrite as before;
+    what they read is checked against the source's hash either way."""
+    try:
+        for path in sorted((REPO / "tests").glob("*.py")):
+            if path.name == "conftest.py" or path.name.startswith("test_"):
+                _rewrite_once(config, path)
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return  # --assert=plain (no state), or another pytest: the workers rewrite
+
+
+def _rewrite_once(config: pytest.Config, path: Path) -> None:
+    """The rewritten bytecode of test module `path`, where pytest's loader looks for it."""
+    state = config.stash[pytest_rewrite.assertstate_key]
+    pyc = pytest_rewrite.get_cache_dir(path) / (path.name[:-3] + pytest_rewrite.PYC_TAIL)
+    if pytest_rewrite._read_pyc(path, pyc) is None and pytest_rewrite.try_makedirs(pyc.parent):
+        source_hash, code = pytest_rewrite._rewrite_test(path, config)
+        pytest_rewrite._write_pyc(state, code, source_hash, pyc)
 
 
 @pytest.fixture(autouse=True)
