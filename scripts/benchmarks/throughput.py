@@ -217,5 +217,5 @@ BENCHMARK = Benchmark(
     run,
     quick=Sizes(images=1500, seed_images=300, concurrency=32),
     full=Sizes(images=6000, seed_images=1000, concurrency=32),
-    smoke=Sizes(images=20, seed_images=4, concurrency=4),
+    smoke=Sizes(images=8, seed_images=2, concurrency=4),
 )
