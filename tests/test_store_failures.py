@@ -58,19 +58,24 @@ def test_a_damaged_part_on_a_bucket_is_exit_2_naming_the_object_and_how_to_set_i
     tmp_path: Path, bucket: str, capsys: pytest.CaptureFixture[str], monkeypatch
 ) -> None:
     """As on disk: exit 2, the object's URL, and the store's own command to move it aside (it
-    was a pyarrow traceback, exit 1, from `run` and from `status`)."""
+    was a pyarrow traceback, exit 1, from `run` and from `status`). `run` refuses to start, an
+    error; `status` counts the readable parts and names the damaged one in its report."""
     put_images(f"{bucket}/images", 2)
     output = f"{bucket}/out"
     damaged = f"{output}/data/part-x-00000.parquet"
     filesystem("s3").pipe(damaged, b"not a parquet file at all")
     monkeypatch.setenv("GEMINI_API_KEY", "test-key")
     config = _config(tmp_path, f"{bucket}/images", output)
-    for argv in (["status", output], ["run", str(config), "--quiet"]):
+    for argv, prefix in (
+        (["status", output], "UNREADABLE PART (its rows are not counted above): "),
+        (["run", str(config), "--quiet"], "error: "),
+    ):
         assert main(argv) == exits.USAGE, argv
-        error = capsys.readouterr().err
-        assert "Traceback" not in error
-        assert f"error: {damaged}: not a readable Parquet file" in error
-        assert f"aws s3 mv '{damaged}' '{damaged}.corrupt'" in error
+        out, error = capsys.readouterr()
+        said = out if argv[0] == "status" else error
+        assert "Traceback" not in out + error
+        assert f"{prefix}{damaged}: not a readable Parquet file" in said
+        assert f"aws s3 mv '{damaged}' '{damaged}.corrupt'" in said
 
 
 # --------------------------------------------------------------------- 11: why no bucket

@@ -49,6 +49,7 @@ import os
 import re
 import socket
 import time
+import warnings
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -66,6 +67,14 @@ from pipeline.locations import (
 from pipeline.output.fsutil import AlreadyExists, atomic_write, create_new, fsync_dir
 
 log = logging.getLogger(__name__)
+
+# fsspec warns when a part's footer length is nonsense ("Not enough data was used to sample the
+# parquet footer. Try setting footer_sample_size >= ..."): only a damaged part has one, and the
+# reading then fails as UnreadablePart, which names the object and what to do. The warning
+# would add a line of advice about fsspec's internals on the user's screen: not shown.
+warnings.filterwarnings(
+    "ignore", message="Not enough data was used to sample the parquet footer", module="fsspec"
+)
 
 _SILENT = logging.NullHandler()  # one instance: added to a logger twice, it is there once
 CLOUD_EXTRA = "pip install 'gemini-vision-pipeline[cloud]'"
