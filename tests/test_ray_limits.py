@@ -109,7 +109,9 @@ async def test_four_workers_share_one_quota_to_the_limit_without_429s(
 
     window, per_window = 10.0, 300  # 30 requests/s: 1,800 per (real) minute
     monkeypatch.setenv("GEMINI_API_KEY", "quota-test-key")
-    n = 960  # 32 s of requests: two whole windows, wherever the run starts
+    # 22 s of requests: one whole window at least, wherever the run starts (two took 32 s, the
+    # suite's longest test; the virtual clock's test holds every whole window to >= 97 %)
+    n = 660
     for i in range(n):
         Image.new("RGB", (8 + i % 50, 8 + i // 50), (i % 256, 40, 90)).save(
             images_dir / f"q{i}.png"
@@ -134,7 +136,7 @@ async def test_four_workers_share_one_quota_to_the_limit_without_429s(
     sent = np.sort([r["completed_at"].timestamp() - r["latency_ms"] / 1000 for r in rows])
     windows = Counter((sent // window).astype(int).tolist())
     full = [windows[w] for w in range(min(windows) + 1, max(windows))]
-    assert len(full) >= 2, windows
+    assert len(full) >= 1, windows
     assert min(full) >= 0.5 * per_window, full
     assert max(full) <= per_window, full
     assert refused <= 0.005 * (n + refused), refused
