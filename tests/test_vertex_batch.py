@@ -92,6 +92,30 @@ def vertex_batch(tmp_path: Path, server: LocalServer, out: str = "out", **api: A
     return make_config(tmp_path, api=settings, batch=FAST, output=output, **inputs)
 
 
+def config_file(tmp_path: Path, base_url: str, images: str, out: str, *extra: str) -> Path:
+    """A Vertex batch run's config as a file, for a `pipeline run` process (`extra`: lines of
+    further sections)."""
+    path = tmp_path / "batch.toml"
+    lines = [
+        "[api]",
+        f'base_url = "{base_url}"',
+        'backend = "vertex"',
+        f'project = "{PROJECT}"',
+        f'location = "{LOCATION}"',
+        'mode = "batch"',
+        f'batch_staging = "{STAGING}"',
+        "[input]",
+        f'paths = ["{images}"]',
+        "[task]",
+        'kind = "detect"',
+        "[output]",
+        f'dir = "{out}"',
+        *extra,
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def created(server: LocalServer) -> int:
     return server.stats()["vertex_batches"]["created"]
 
@@ -161,29 +185,10 @@ async def test_kill_9_while_polling_then_rerun_reattaches_to_the_same_job(
     server, server_clock, tmp_path, images_dir, vertex_env, gcs_double
 ):
     save_scenes(images_dir, 8, prefix="scene", seed=21)
-    path = tmp_path / "batch.toml"
-    path.write_text(
-        "\n".join(
-            [
-                "[api]",
-                f'base_url = "{server.base_url}"',
-                'backend = "vertex"',
-                f'project = "{PROJECT}"',
-                f'location = "{LOCATION}"',
-                'mode = "batch"',
-                f'batch_staging = "{STAGING}"',
-                "[input]",
-                f'paths = ["{images_dir}"]',
-                "[task]",
-                'kind = "detect"',
-                "[output]",
-                f'dir = "{tmp_path / "out"}"',
-                "[batch]",
-                "poll_seconds = 0.02",
-                "max_poll_seconds = 0.05",
-            ]
-        )
-    )
+    path = config_file(
+        tmp_path, server.base_url, str(images_dir), str(tmp_path / "out"),
+        "[batch]", "poll_seconds = 0.02", "max_poll_seconds = 0.05",
+    )  # fmt: skip
     child = await asyncio.create_subprocess_exec(  # (vertex_env's credentials, gcs_double's)
         sys.executable, "-m", "pipeline", "run", str(path), "--quiet", env={**os.environ}
     )

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -48,6 +47,7 @@ from tests.test_vertex_batch import (  # and that module's fixtures, reused (__a
     STAGING,
     buckets,
     calls,
+    config_file,
     created,
     gcs_double,
     key_file,
@@ -76,28 +76,6 @@ __all__ = [
 SECRET_MARKS = ("Bearer", "ya29.", "private_key", "test-key")  # what must never be shown
 
 
-def config_file(tmp_path: Path, config: Any) -> Path:
-    """The run's config as a file, for a `pipeline run` process (the same settings)."""
-    path = tmp_path / "batch.toml"
-    lines = [
-        "[api]",
-        f'base_url = "{config.api.base_url}"',
-        'backend = "vertex"',
-        f'project = "{PROJECT}"',
-        f'location = "{LOCATION}"',
-        'mode = "batch"',
-        f'batch_staging = "{STAGING}"',
-        "[input]",
-        f'paths = ["{config.input.paths[0]}"]',
-        "[task]",
-        'kind = "detect"',
-        "[output]",
-        f'dir = "{config.output.dir}"',
-    ]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 # ------------------------------------------------------------------------------ staging store
 @pytest.mark.faults(storage_fault=("upload=401",))
 async def test_a_staging_upload_the_store_refuses_stops_the_run_cleanly(
@@ -107,7 +85,8 @@ async def test_a_staging_upload_the_store_refuses_stops_the_run_cleanly(
     and one message naming the staging URI and the status — no traceback, no credential — and
     no job is made (its images are sent again by the next run)."""
     save_scenes(images_dir, 2, prefix="scene", seed=83)
-    path = config_file(tmp_path, vertex_batch(tmp_path, server))
+    config = vertex_batch(tmp_path, server)
+    path = config_file(tmp_path, server.base_url, config.input.paths[0], config.output.dir)
     child = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "pipeline", "run", str(path), "--quiet",
         env={**os.environ}, stderr=asyncio.subprocess.PIPE,
